@@ -1,0 +1,53 @@
+# SLM Fleet Operator: the two commands a newcomer needs are `make setup` and `make test`
+# (`make demo` runs the end-to-end demo once it lands). Everything runs on 127.0.0.1.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= operator,trainer,dev
+
+.PHONY: setup venv binaries system-deps test unit integration lint typecheck cluster-up cluster-down cluster-status clean
+
+setup: system-deps venv binaries ## Install Python deps into .venv and build the control plane into ~/.cache/slm-fleet
+
+venv:
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+
+binaries:
+	bash e2e/build-binaries.sh
+
+# Debian packages the tests start as real servers (Prometheus). Needs root or sudo; skipped
+# with a note when neither is available and the binary is already present.
+system-deps:
+	@bash e2e/install-system-deps.sh
+
+test: ## Unit, integration and e2e tests against the real local servers
+	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
+
+unit:
+	$(PY) -m pytest -m 'not integration and not e2e' $(PYTEST_ARGS)
+
+integration:
+	$(PY) -m pytest -m integration $(PYTEST_ARGS)
+
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck:
+	$(VENV)/bin/mypy
+
+cluster-up:
+	$(PY) -m slm_e2e up
+
+cluster-down:
+	$(PY) -m slm_e2e down
+
+cluster-status:
+	$(PY) -m slm_e2e status
+
+clean:
+	-$(PY) -m slm_e2e down
+	rm -rf .cluster .pytest_cache .mypy_cache .ruff_cache

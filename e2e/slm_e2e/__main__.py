@@ -1,0 +1,5 @@
+import sys
+
+from slm_e2e.cluster import main
+
+sys.exit(main())

@@ -1,0 +1,630 @@
+"""A real local Kubernetes control plane on 127.0.0.1: ``up``, ``down`` and ``status``.
+
+Why this exists: every part of SLM Fleet Operator is tested against a real kube-apiserver,
+and the machines we develop and run CI on have no container engine. So we run the real
+binaries (etcd, kube-apiserver, kube-controller-manager, kube-scheduler) as plain processes
+and let kwok play the kubelets of fake nodes, some of them GPU nodes. Pods are scheduled for
+real (resources, taints, node selectors) and kwok moves them to Running; generic Job pods
+complete on their own. Trainer pods (label ``slmfleet.dev/component=trainer``) are left
+Running, because in a real cluster they run the trainer for minutes to hours: a test or the
+demo finishes them with the trainer's real result, exactly as the kubelet would report it.
+
+All state of one cluster (certificates, etcd data, logs, pid files, kubeconfig) lives in one
+directory; every port is a free port on 127.0.0.1, so several clusters can run side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from slm_e2e import pki as pkimod
+from slm_e2e.binaries import Binaries, BinariesMissing, locate
+
+CONTEXT = "slm-fleet-local"
+TRAINER_LABEL = "slmfleet.dev/component"
+GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
+COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+
+
+class ClusterError(RuntimeError):
+    """The control plane could not be brought up; the message names the component and log."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+@dataclass
+class State:
+    """What ``up`` started; persisted as ``state.json`` so ``down`` and ``status`` can find it."""
+
+    dir: str
+    ports: dict[str, int] = field(default_factory=dict)
+    pids: dict[str, int] = field(default_factory=dict)
+    binaries: dict[str, str] = field(default_factory=dict)
+    kubeconfig: str = ""
+    started_at: float = 0.0
+    ready_seconds: float = 0.0
+
+    @classmethod
+    def load(cls, directory: Path) -> State | None:
+        p = directory / "state.json"
+        if not p.is_file():
+            return None
+        return cls(**json.loads(p.read_text()))
+
+    def save(self) -> None:
+        p = Path(self.dir) / "state.json"
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.replace(p)
+
+
+def _pid_alive(pid: int, binary: str | None = None) -> bool:
+    """True when pid runs and (if given) is still our binary, not a recycled pid."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+        return False
+    return binary is None or (bool(cmdline) and cmdline[0].decode(errors="replace") == binary)
+
+
+class LocalCluster:
+    """Drives one control plane in ``directory``. Use :meth:`up`, :meth:`down`, :meth:`status`."""
+
+    def __init__(
+        self,
+        directory: Path,
+        gpu_nodes: int = 2,
+        cpu_nodes: int = 2,
+        gpus_per_node: int = 8,
+        timeout: float = 90.0,
+    ) -> None:
+        self.dir = directory.resolve()
+        self.gpu_nodes = gpu_nodes
+        self.cpu_nodes = cpu_nodes
+        self.gpus_per_node = gpus_per_node
+        self.timeout = timeout
+        self.logs = self.dir / "logs"
+        self.kubeconfig = self.dir / "kubeconfig"
+        self.state = State(dir=str(self.dir))
+        self._bins: Binaries | None = None
+
+    # ---------------------------------------------------------------- helpers
+    @property
+    def bins(self) -> Binaries:
+        if self._bins is None:
+            self._bins = locate()
+        return self._bins
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        p = pkimod.Pki(self.dir / "pki")
+        ctx = ssl.create_default_context(cafile=str(p.ca_crt))
+        ctx.load_cert_chain(str(p.admin_crt), str(p.admin_key))
+        return ctx
+
+    def _get(self, url: str, tls: bool = False) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(
+                url, timeout=3, context=self._ssl_context() if tls else None
+            ) as r:
+                return int(r.status), r.read().decode()
+        except urllib.error.HTTPError as e:
+            return int(e.code), e.read().decode(errors="replace")
+        except (urllib.error.URLError, OSError) as e:
+            return 0, str(e)
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
+        proc = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=self.dir,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
+        log.close()
+        self.state.pids[name] = proc.pid
+        self.state.binaries[name] = argv[0]
+        self.state.save()
+        return proc.pid
+
+    def _log_tail(self, name: str, lines: int = 15) -> str:
+        p = self.logs / f"{name}.log"
+        if not p.is_file():
+            return "(no log)"
+        return "\n".join(p.read_text(errors="replace").splitlines()[-lines:])
+
+    def _wait(self, name: str, check: Any, what: str, timeout: float | None = None) -> None:
+        deadline = time.monotonic() + (timeout or self.timeout)
+        pid = self.state.pids.get(name)
+        while time.monotonic() < deadline:
+            if check():
+                return
+            if pid is not None and not _pid_alive(pid):
+                raise ClusterError(
+                    f"{name} exited while waiting for {what}; log {self.logs}/{name}.log:\n"
+                    + self._log_tail(name)
+                )
+            time.sleep(0.1)
+        raise ClusterError(
+            f"timed out after {timeout or self.timeout:.0f}s waiting for {what}; "
+            f"log {self.logs}/{name}.log:\n" + self._log_tail(name)
+        )
+
+    def _start_with_ports(
+        self, name: str, port_names: list[str], argv_for: Any, ready: Any, what: str
+    ) -> None:
+        """Start a component on fresh free ports; if a port was taken meanwhile, try others."""
+        for attempt in range(4):
+            for pn in port_names:
+                p = free_port()
+                while not port_is_free(p):
+                    p = free_port()
+                self.state.ports[pn] = p
+            self._spawn(name, argv_for())
+            try:
+                self._wait(name, ready, what)
+                return
+            except ClusterError:
+                log = (self.logs / f"{name}.log").read_text(errors="replace")
+                if "address already in use" in log.lower() and attempt < 3:
+                    self._stop_one(name)
+                    (self.logs / f"{name}.log").rename(
+                        self.logs / f"{name}.port-clash-{attempt}.log"
+                    )
+                    continue
+                raise
+
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        cp = subprocess.run(
+            [str(self.bins.kubectl), f"--kubeconfig={self.kubeconfig}", *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if check and cp.returncode != 0:
+            raise ClusterError(f"kubectl {' '.join(args)} failed: {cp.stderr.strip()}")
+        return cp
+
+    # ---------------------------------------------------------------- up
+    def up(self) -> State:
+        """Start everything and wait until nodes are Ready; idempotent if already running."""
+        existing = State.load(self.dir)
+        if existing and self._all_running(existing):
+            self.state = existing
+            return existing
+        if existing:
+            self.down(quiet=True)
+        bins = self.bins
+        t0 = time.monotonic()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.state = State(dir=str(self.dir), started_at=time.time())
+        p = pkimod.generate(self.dir / "pki")
+
+        etcd_dir = self.dir / "etcd"
+        # A fresh PKI invalidates everything stored before (tokens, secrets): start clean.
+        shutil.rmtree(etcd_dir, ignore_errors=True)
+        self._start_with_ports(
+            "etcd",
+            ["etcd", "etcd-peer"],
+            lambda: [
+                str(bins.etcd),
+                "--name=default",
+                f"--data-dir={etcd_dir}",
+                f"--listen-client-urls=http://127.0.0.1:{self.state.ports['etcd']}",
+                f"--advertise-client-urls=http://127.0.0.1:{self.state.ports['etcd']}",
+                f"--listen-peer-urls=http://127.0.0.1:{self.state.ports['etcd-peer']}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{self.state.ports['etcd-peer']}",
+                f"--initial-cluster=default=http://127.0.0.1:{self.state.ports['etcd-peer']}",
+                "--unsafe-no-fsync",
+                "--quota-backend-bytes=2147483648",
+                "--log-level=warn",
+            ],
+            lambda: self._get(f"http://127.0.0.1:{self.state.ports['etcd']}/health")[0] == 200,
+            "etcd /health",
+        )
+
+        self._start_with_ports(
+            "kube-apiserver",
+            ["apiserver"],
+            lambda: [
+                str(bins.kube_apiserver),
+                f"--etcd-servers=http://127.0.0.1:{self.state.ports['etcd']}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={self.state.ports['apiserver']}",
+                f"--tls-cert-file={p.serving_crt}",
+                f"--tls-private-key-file={p.serving_key}",
+                f"--client-ca-file={p.ca_crt}",
+                f"--service-account-key-file={p.sa_pub}",
+                f"--service-account-signing-key-file={p.sa_key}",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                "--service-cluster-ip-range=10.0.0.0/24",
+                "--authorization-mode=RBAC",
+                "--endpoint-reconciler-type=none",
+                "--allow-privileged=true",
+                "--storage-media-type=application/vnd.kubernetes.protobuf",
+                "--v=1",
+            ],
+            lambda: (
+                self._get(f"https://127.0.0.1:{self.state.ports['apiserver']}/readyz", tls=True)[0]
+                == 200
+            ),
+            "kube-apiserver /readyz",
+        )
+        self._write_kubeconfig(p)
+        self.state.kubeconfig = str(self.kubeconfig)
+        self.state.save()
+
+        kc = str(self.kubeconfig)
+        self._start_with_ports(
+            "kube-controller-manager",
+            ["controller-manager"],
+            lambda: [
+                str(bins.kube_controller_manager),
+                f"--kubeconfig={kc}",
+                f"--authentication-kubeconfig={kc}",
+                f"--authorization-kubeconfig={kc}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={self.state.ports['controller-manager']}",
+                f"--tls-cert-file={p.serving_crt}",
+                f"--tls-private-key-file={p.serving_key}",
+                f"--service-account-private-key-file={p.sa_key}",
+                f"--root-ca-file={p.ca_crt}",
+                f"--cluster-signing-cert-file={p.ca_crt}",
+                f"--cluster-signing-key-file={p.ca_key}",
+                "--use-service-account-credentials=true",
+                "--leader-elect=false",
+                "--controllers=*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller",
+                "--node-monitor-grace-period=60s",
+                "--v=1",
+            ],
+            lambda: True,
+            "kube-controller-manager start",
+        )
+        self._start_with_ports(
+            "kube-scheduler",
+            ["scheduler"],
+            lambda: [
+                str(bins.kube_scheduler),
+                f"--kubeconfig={kc}",
+                f"--authentication-kubeconfig={kc}",
+                f"--authorization-kubeconfig={kc}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={self.state.ports['scheduler']}",
+                f"--tls-cert-file={p.serving_crt}",
+                f"--tls-private-key-file={p.serving_key}",
+                "--leader-elect=false",
+                "--v=1",
+            ],
+            lambda: True,
+            "kube-scheduler start",
+        )
+        stages = self._kwok_stages()
+        self._start_with_ports(
+            "kwok",
+            ["kwok"],
+            lambda: [
+                str(bins.kwok),
+                f"--kubeconfig={kc}",
+                f"--server-address=127.0.0.1:{self.state.ports['kwok']}",
+                "--manage-all-nodes=false",
+                "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+                "--cidr=10.244.0.1/16",
+                "--node-ip=10.0.0.1",
+                "--node-lease-duration-seconds=40",
+                *[f"--config={s}" for s in stages],
+            ],
+            lambda: True,
+            "kwok start",
+        )
+        self.kubectl(
+            "apply",
+            "--server-side",
+            "--field-manager=slm-fleet-e2e",
+            "-f",
+            "-",
+            input=yaml.safe_dump_all(self._nodes()),
+        )
+        self._wait(
+            "kube-controller-manager",
+            self._controller_manager_ready,
+            "kube-controller-manager /healthz and the default ServiceAccount",
+        )
+        self._wait(
+            "kube-scheduler",
+            lambda: (
+                self._get(f"https://127.0.0.1:{self.state.ports['scheduler']}/healthz", tls=True)[0]
+                == 200
+            ),
+            "kube-scheduler /healthz",
+        )
+        self._wait("kwok", self._nodes_ready, "all fake nodes Ready")
+        self.state.ready_seconds = round(time.monotonic() - t0, 2)
+        self.state.save()
+        return self.state
+
+    def _controller_manager_ready(self) -> bool:
+        code, _ = self._get(
+            f"https://127.0.0.1:{self.state.ports['controller-manager']}/healthz", tls=True
+        )
+        if code != 200:
+            return False
+        return (
+            self.kubectl(
+                "get", "serviceaccount", "default", "-n", "default", check=False
+            ).returncode
+            == 0
+        )
+
+    def _nodes_ready(self) -> bool:
+        cp = self.kubectl("get", "nodes", "-o", "json", check=False)
+        if cp.returncode != 0:
+            return False
+        items = json.loads(cp.stdout)["items"]
+        if len(items) < self.gpu_nodes + self.cpu_nodes:
+            return False
+        for n in items:
+            conds = {c["type"]: c["status"] for c in n.get("status", {}).get("conditions", [])}
+            if conds.get("Ready") != "True":
+                return False
+        return True
+
+    def _write_kubeconfig(self, p: pkimod.Pki) -> None:
+        import base64
+
+        def b64(path: Path) -> str:
+            return base64.b64encode(path.read_bytes()).decode()
+
+        cfg = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "current-context": CONTEXT,
+            "clusters": [
+                {
+                    "name": CONTEXT,
+                    "cluster": {
+                        "server": f"https://127.0.0.1:{self.state.ports['apiserver']}",
+                        "certificate-authority-data": b64(p.ca_crt),
+                    },
+                }
+            ],
+            "users": [
+                {
+                    "name": "slm-fleet-admin",
+                    "user": {
+                        "client-certificate-data": b64(p.admin_crt),
+                        "client-key-data": b64(p.admin_key),
+                    },
+                }
+            ],
+            "contexts": [
+                {
+                    "name": CONTEXT,
+                    "context": {
+                        "cluster": CONTEXT,
+                        "user": "slm-fleet-admin",
+                        "namespace": "default",
+                    },
+                }
+            ],
+        }
+        self.kubeconfig.write_text(yaml.safe_dump(cfg))
+        self.kubeconfig.chmod(0o600)
+
+    def _kwok_stages(self) -> list[Path]:
+        """kwok's own fast stages; pod-complete skips trainer pods (see module docstring)."""
+        src = self.bins.kwok_stages
+        out = self.dir / "stages"
+        out.mkdir(exist_ok=True)
+        paths = []
+        for f in sorted(src.glob("*.yaml")):
+            doc = yaml.safe_load(f.read_text())
+            if doc["metadata"]["name"] == "pod-complete":
+                doc["spec"]["selector"]["matchExpressions"].append(
+                    {
+                        "key": f'.metadata.labels["{TRAINER_LABEL}"]',
+                        "operator": "NotIn",
+                        "values": ["trainer"],
+                    }
+                )
+            dst = out / f.name
+            dst.write_text(yaml.safe_dump(doc, sort_keys=False))
+            paths.append(dst)
+        return paths
+
+    def _nodes(self) -> list[dict[str, Any]]:
+        nodes = []
+        for i in range(self.gpu_nodes + self.cpu_nodes):
+            gpu = i < self.gpu_nodes
+            name = f"kwok-gpu-{i}" if gpu else f"kwok-cpu-{i - self.gpu_nodes}"
+            labels = {
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+                "type": "kwok",
+                "node.kubernetes.io/instance-type": "p5.48xlarge" if gpu else "m7i.8xlarge",
+            }
+            alloc: dict[str, str] = {
+                "cpu": "32",
+                "memory": "256Gi",
+                "pods": "110",
+                "ephemeral-storage": "1Ti",
+            }
+            taints = []
+            if gpu:
+                labels |= {
+                    "nvidia.com/gpu.present": "true",
+                    "nvidia.com/gpu.product": GPU_PRODUCT,
+                    "nvidia.com/gpu.count": str(self.gpus_per_node),
+                }
+                alloc["nvidia.com/gpu"] = str(self.gpus_per_node)
+                taints.append({"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"})
+            nodes.append(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Node",
+                    "metadata": {
+                        "name": name,
+                        "labels": labels,
+                        "annotations": {
+                            "kwok.x-k8s.io/node": "fake",
+                            "node.alpha.kubernetes.io/ttl": "0",
+                        },
+                    },
+                    "spec": {"taints": taints},
+                    "status": {"allocatable": alloc, "capacity": alloc},
+                }
+            )
+        return nodes
+
+    # ---------------------------------------------------------------- down / status
+    def _all_running(self, st: State) -> bool:
+        return all(_pid_alive(st.pids.get(c, -1), st.binaries.get(c)) for c in COMPONENTS)
+
+    def _stop_one(self, name: str, grace: float = 10.0) -> None:
+        pid = self.state.pids.get(name)
+        binary = self.state.binaries.get(name)
+        if pid is None:
+            return
+        if _pid_alive(pid, binary):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and _pid_alive(pid, binary):
+                time.sleep(0.05)
+            if _pid_alive(pid, binary):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        self.state.pids.pop(name, None)
+        self.state.save()
+
+    def down(self, quiet: bool = False) -> list[str]:
+        """Stop every component by pid (stale pids are just forgotten); keeps logs."""
+        st = State.load(self.dir)
+        if st is None:
+            return []
+        self.state = st
+        stopped = []
+        for name in reversed(COMPONENTS):
+            if name in st.pids:
+                if _pid_alive(st.pids[name], st.binaries.get(name)):
+                    stopped.append(name)
+                self._stop_one(name)
+        self.state.pids = {}
+        self.state.save()
+        return stopped
+
+    def status(self) -> dict[str, Any]:
+        st = State.load(self.dir)
+        if st is None:
+            return {"dir": str(self.dir), "running": False, "components": {}}
+        self.state = st
+        comps = {
+            c: {
+                "pid": st.pids.get(c),
+                "running": _pid_alive(st.pids.get(c, -1), st.binaries.get(c)),
+            }
+            for c in COMPONENTS
+        }
+        ready = False
+        if st.ports.get("apiserver") and comps["kube-apiserver"]["running"]:
+            ready = (
+                self._get(f"https://127.0.0.1:{st.ports['apiserver']}/readyz", tls=True)[0] == 200
+            )
+        return {
+            "dir": str(self.dir),
+            "kubeconfig": st.kubeconfig,
+            "ports": st.ports,
+            "running": all(c["running"] for c in comps.values()),
+            "apiserverReady": ready,
+            "components": comps,
+            "readySeconds": st.ready_seconds,
+        }
+
+
+def default_dir() -> Path:
+    return Path(os.environ.get("SLM_FLEET_CLUSTER_DIR", Path.cwd() / ".cluster"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="slm-fleet-cluster",
+        description="Run a real local Kubernetes control plane (etcd, kube-apiserver, "
+        "kube-controller-manager, kube-scheduler, kwok fake nodes) on 127.0.0.1.",
+    )
+    ap.add_argument("command", choices=["up", "down", "status"])
+    ap.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="state directory (default: $SLM_FLEET_CLUSTER_DIR or ./.cluster)",
+    )
+    ap.add_argument("--gpu-nodes", type=int, default=2)
+    ap.add_argument("--cpu-nodes", type=int, default=2)
+    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--timeout", type=float, default=90.0, help="seconds to wait per component")
+    a = ap.parse_args(argv)
+    c = LocalCluster(a.dir or default_dir(), a.gpu_nodes, a.cpu_nodes, a.gpus_per_node, a.timeout)
+    try:
+        if a.command == "up":
+            st = c.up()
+            print(f"control plane ready in {st.ready_seconds}s", file=sys.stderr)
+            print(f"export KUBECONFIG={st.kubeconfig}")
+        elif a.command == "down":
+            stopped = c.down()
+            print(
+                "stopped: " + (", ".join(stopped) if stopped else "nothing was running"),
+                file=sys.stderr,
+            )
+        else:
+            print(json.dumps(c.status(), indent=2))
+    except (BinariesMissing, ClusterError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        if a.command == "up":
+            c.down(quiet=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

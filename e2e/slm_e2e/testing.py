@@ -1,0 +1,80 @@
+"""Test helpers shared by the test suite, benchmarks and the demo: a kubectl handle and polling."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from slm_e2e.cluster import LocalCluster
+
+
+@dataclass
+class ClusterHandle:
+    """What tests get: the kubeconfig, the built binaries and a kubectl helper."""
+
+    kubeconfig: str
+    bin_dir: Path
+    kubectl_path: Path
+    local: LocalCluster | None
+
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        cp = subprocess.run(
+            [str(self.kubectl_path), f"--kubeconfig={self.kubeconfig}", *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and cp.returncode != 0:
+            raise AssertionError(
+                f"kubectl {' '.join(args)} exited {cp.returncode}:\n{cp.stderr}{cp.stdout}"
+            )
+        return cp
+
+    def apply(
+        self,
+        objs: dict[str, Any] | list[dict[str, Any]],
+        namespace: str | None = None,
+        check: bool = True,
+    ) -> subprocess.CompletedProcess[str]:
+        docs = objs if isinstance(objs, list) else [objs]
+        ns = ["-n", namespace] if namespace else []
+        return self.kubectl(
+            "apply",
+            "--server-side",
+            "--field-manager=slm-fleet-tests",
+            *ns,
+            "-f",
+            "-",
+            input=yaml.safe_dump_all(docs),
+            check=check,
+        )
+
+    def get_json(self, *args: str) -> Any:
+        return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
+
+
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 60,
+    interval: float = 0.25,
+    what: str = "condition",
+) -> Any:
+    """Poll until predicate returns a truthy value; fail with `what` on timeout."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")

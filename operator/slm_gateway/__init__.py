@@ -1,0 +1,1 @@
+"""Data plane of SLM Fleet Operator: the OpenAI-compatible agent gateway."""

@@ -1,0 +1,1 @@
+"""Control loop of SLM Fleet Operator: reconciles AgentTask objects."""

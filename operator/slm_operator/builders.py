@@ -1,0 +1,404 @@
+"""Pure builders of every child object of an AgentTask.
+
+Each function takes the AgentTask (a plain dict, as the apiserver returns it with defaults
+applied) and returns the full desired object for server-side apply. No I/O happens here, so
+the shapes are unit-tested without a cluster and the reconcile stays short.
+
+The Job containers run ``slm-trainer <stage>``; each writes its result (the
+:class:`slm_contract.TrainerResult` JSON) to ``/dev/termination-log``, which the kubelet turns
+into the pod's termination message that the operator reads back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final
+
+from slm_operator import naming as n
+
+WORKSPACE: Final = "/workspace"
+DATASET_MOUNT: Final = "/mnt/dataset"
+TERMINATION_LOG: Final = "/dev/termination-log"
+GPU_RESOURCE: Final = "nvidia.com/gpu"
+TRITON_HTTP, TRITON_GRPC, TRITON_METRICS = 8000, 8001, 8002
+
+Obj = dict[str, Any]
+
+
+def _meta(task: Mapping[str, Any]) -> tuple[str, str]:
+    return task["metadata"]["name"], task["metadata"]["namespace"]
+
+
+def owner_reference(task: Mapping[str, Any]) -> Obj:
+    """Controller reference: deleting the task garbage-collects every child."""
+    return {
+        "apiVersion": f"{n.GROUP}/{n.VERSION}",
+        "kind": n.KIND,
+        "name": task["metadata"]["name"],
+        "uid": task["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def revision_dir(task: Mapping[str, Any], revision: str) -> str:
+    return f"{WORKSPACE}/{task['metadata']['name']}/{revision}"
+
+
+def _restricted_security() -> Obj:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "runAsGroup": 1000,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _resources(section: Mapping[str, Any], gpus: int) -> Obj:
+    res = {k: dict(v) for k, v in (section.get("resources") or {}).items() if v}
+    if gpus > 0:
+        res.setdefault("limits", {})[GPU_RESOURCE] = str(gpus)
+    return res
+
+
+def _tolerations(section: Mapping[str, Any], gpus: int) -> list[Obj]:
+    tols = [dict(t) for t in section.get("tolerations") or []]
+    gpu_tol = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+    if gpus > 0 and gpu_tol not in tols:
+        tols.append(gpu_tol)  # GPU nodes are conventionally tainted nvidia.com/gpu:NoSchedule
+    return tols
+
+
+def dataset_location(uri: str) -> tuple[str, Obj | None]:
+    """Where the trainer reads the call log, and the PVC volume to mount for it, if any."""
+    if uri.startswith("pvc://"):
+        claim, _, path = uri[len("pvc://") :].partition("/")
+        return f"{DATASET_MOUNT}/{path}", {
+            "name": "dataset",
+            "persistentVolumeClaim": {"claimName": claim, "readOnly": True},
+        }
+    if uri.startswith("file://"):
+        return uri[len("file://") :], None
+    return uri, None  # s3:// and other fsspec URIs are read directly
+
+
+def _trainer_job(
+    task: Mapping[str, Any],
+    revision: str,
+    stage: str,
+    name: str,
+    args: list[str],
+    gpus: int,
+    candidate: str | None = None,
+    extra_volumes: list[Obj] | None = None,
+    extra_mounts: list[Obj] | None = None,
+) -> Obj:
+    task_name, ns = _meta(task)
+    spec = task["spec"]
+    training = spec.get("training") or {}
+    labels = n.labels(task_name, stage, revision, candidate)
+    volumes = [
+        {"name": "workspace", "persistentVolumeClaim": {"claimName": spec["storage"]["claimName"]}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        *(extra_volumes or []),
+    ]
+    mounts = [
+        {"name": "workspace", "mountPath": WORKSPACE},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        *(extra_mounts or []),
+    ]
+    container: Obj = {
+        "name": "trainer",
+        "image": training.get("image", "ghcr.io/slm-fleet/trainer:0.1.0"),
+        "command": ["slm-trainer", stage],
+        "args": [*args, f"--result-path={TERMINATION_LOG}"],
+        "env": [
+            {"name": "HF_HOME", "value": f"{WORKSPACE}/.cache/huggingface"},
+            {"name": "SLM_TASK", "value": task_name},
+            {"name": "SLM_REVISION", "value": revision},
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {
+                "name": "POD_NAMESPACE",
+                "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+            },
+        ],
+        "resources": _resources(training, gpus),
+        "volumeMounts": mounts,
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": _restricted_security(),
+    }
+    pod_spec: Obj = {
+        "restartPolicy": "Never",
+        "containers": [container],
+        "volumes": volumes,
+        "securityContext": {"fsGroup": 1000},
+    }
+    if training.get("nodeSelector"):
+        pod_spec["nodeSelector"] = dict(training["nodeSelector"])
+    tolerations = _tolerations(training, gpus)
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    if training.get("serviceAccountName"):
+        pod_spec["serviceAccountName"] = training["serviceAccountName"]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "labels": labels,
+            "ownerReferences": [owner_reference(task)],
+        },
+        "spec": {
+            "backoffLimit": int(training.get("backoffLimit", 2)),
+            "activeDeadlineSeconds": int(training.get("activeDeadlineSeconds", 21600)),
+            "podReplacementPolicy": "Failed",
+            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        },
+    }
+
+
+def data_prep_job(task: Mapping[str, Any], revision: str) -> Obj:
+    """S2: curate (PII scrubbing, de-duplication) and split the logged calls. CPU only."""
+    spec = task["spec"]
+    ds = spec["dataset"]
+    path, volume = dataset_location(ds["uri"])
+    args = [
+        f"--input={path}",
+        f"--output={revision_dir(task, revision)}/data",
+        f"--task-type={spec.get('taskType', 'tool-call')}",
+        f"--eval-fraction={ds.get('evalFraction', 0.2)}",
+        f"--min-examples={ds.get('minExamples', 200)}",
+        f"--pii-scrubbing={'true' if ds.get('piiScrubbing', True) else 'false'}",
+    ]
+    mounts = [{"name": "dataset", "mountPath": DATASET_MOUNT, "readOnly": True}] if volume else []
+    return _trainer_job(
+        task,
+        revision,
+        n.STAGE_PREPARE,
+        n.data_job_name(task["metadata"]["name"], revision),
+        args,
+        gpus=0,
+        extra_volumes=[volume] if volume else [],
+        extra_mounts=mounts,
+    )
+
+
+def finetune_job(task: Mapping[str, Any], revision: str, candidate: Mapping[str, Any]) -> Obj:
+    """S5: fine-tune one candidate and score it on the held-out split against the LLM."""
+    spec = task["spec"]
+    lora = candidate.get("lora") or {}
+    rdir = revision_dir(task, revision)
+    ev = spec["evaluation"]
+    args = [
+        f"--candidate={candidate['name']}",
+        f"--model={candidate['model']}",
+        f"--data={rdir}/data",
+        f"--output={rdir}/candidates/{candidate['name']}",
+        f"--task-type={spec.get('taskType', 'tool-call')}",
+        f"--method={candidate.get('method', 'lora')}",
+        f"--lora-r={lora.get('r', 16)}",
+        f"--lora-alpha={lora.get('alpha', 32)}",
+        f"--lora-dropout={lora.get('dropout', 0.05)}",
+        f"--epochs={candidate.get('epochs', 3)}",
+        f"--learning-rate={candidate.get('learningRate', 0.0002)}",
+        f"--max-seq-length={candidate.get('maxSeqLength', 1024)}",
+        f"--metric={ev['metric']}",
+        f"--checkpoint-dir={rdir}/checkpoints/{candidate['name']}",
+    ]
+    gpus = int((spec.get("training") or {}).get("gpus", 1))
+    return _trainer_job(
+        task,
+        revision,
+        n.STAGE_FINETUNE,
+        n.finetune_job_name(task["metadata"]["name"], candidate["name"], revision),
+        args,
+        gpus=gpus,
+        candidate=candidate["name"],
+    )
+
+
+def export_job(
+    task: Mapping[str, Any],
+    revision: str,
+    candidate: Mapping[str, Any],
+    candidate_artifact: str,
+    threshold: float | None,
+) -> Obj:
+    """Write the Triton model repository (config.pbtxt + Python backend) for the winner."""
+    spec = task["spec"]
+    task_name = task["metadata"]["name"]
+    args = [
+        f"--candidate={candidate['name']}",
+        f"--model={candidate['model']}",
+        f"--artifact={candidate_artifact}",
+        f"--output={revision_dir(task, revision)}/model_repository",
+        f"--model-name={task_name}",
+        f"--task-type={spec.get('taskType', 'tool-call')}",
+        f"--storage-claim={spec['storage']['claimName']}",
+    ]
+    if threshold is not None:
+        args.append(f"--threshold={threshold}")
+    return _trainer_job(
+        task,
+        revision,
+        n.STAGE_EXPORT,
+        n.export_job_name(task_name, revision),
+        args,
+        gpus=0,
+        candidate=candidate["name"],
+    )
+
+
+def model_repository_source(uri: str, claim: str) -> tuple[str, bool]:
+    """Triton's ``--model-repository`` value for an artifact URI, and whether the PVC is needed.
+
+    ``pvc://<claim>/<path>`` becomes the mounted path; object-store URIs (s3://, gs://) are
+    handed to Triton as they are, since it reads them natively.
+    """
+    if uri.startswith("pvc://"):
+        got_claim, _, path = uri[len("pvc://") :].partition("/")
+        if got_claim != claim:
+            raise ValueError(f"model repository {uri} is not on the storage claim {claim}")
+        return f"{WORKSPACE}/{path}", True
+    return uri, False
+
+
+def triton_deployment(
+    task: Mapping[str, Any], revision: str, model_repository: str, candidate: str, replicas: int
+) -> Obj:
+    """Triton serving the promoted revision's model repository."""
+    task_name, ns = _meta(task)
+    spec = task["spec"]
+    serving = spec.get("serving") or {}
+    gpus = int(serving.get("gpus", 1))
+    repo, needs_pvc = model_repository_source(model_repository, spec["storage"]["claimName"])
+    name = n.serving_name(task_name)
+    selector = {n.LABEL_TASK: task_name, n.LABEL_STAGE: n.STAGE_SERVING}
+    pod_labels = n.labels(task_name, n.STAGE_SERVING, revision, candidate)
+    volumes: list[Obj] = [{"name": "tmp", "emptyDir": {}}]
+    mounts: list[Obj] = [{"name": "tmp", "mountPath": "/tmp"}]
+    if needs_pvc:
+        volumes.append(
+            {
+                "name": "workspace",
+                "persistentVolumeClaim": {
+                    "claimName": spec["storage"]["claimName"],
+                    "readOnly": True,
+                },
+            }
+        )
+        mounts.append({"name": "workspace", "mountPath": WORKSPACE, "readOnly": True})
+    container: Obj = {
+        "name": "triton",
+        "image": serving.get("image", "nvcr.io/nvidia/tritonserver:25.01-py3"),
+        "command": ["tritonserver"],
+        "args": [
+            f"--model-repository={repo}",
+            f"--http-port={TRITON_HTTP}",
+            f"--grpc-port={TRITON_GRPC}",
+            f"--metrics-port={TRITON_METRICS}",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+        ],
+        "ports": [
+            {"name": "http", "containerPort": TRITON_HTTP},
+            {"name": "grpc", "containerPort": TRITON_GRPC},
+            {"name": "metrics", "containerPort": TRITON_METRICS},
+        ],
+        "readinessProbe": {
+            "httpGet": {"path": "/v2/health/ready", "port": "http"},
+            "periodSeconds": 5,
+            "failureThreshold": 3,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/v2/health/live", "port": "http"},
+            "periodSeconds": 10,
+            "failureThreshold": 6,
+        },
+        "startupProbe": {
+            "httpGet": {"path": "/v2/health/ready", "port": "http"},
+            "periodSeconds": 10,
+            "failureThreshold": 60,
+        },
+        "resources": _resources(serving, gpus),
+        "volumeMounts": mounts,
+        "securityContext": _restricted_security(),
+    }
+    pod_spec: Obj = {
+        "containers": [container],
+        "volumes": volumes,
+        "securityContext": {"fsGroup": 1000},
+    }
+    if serving.get("nodeSelector"):
+        pod_spec["nodeSelector"] = dict(serving["nodeSelector"])
+    tolerations = _tolerations(serving, gpus)
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    annotations = {
+        n.ANNOTATION_ARTIFACT: model_repository,
+        n.ANNOTATION_CANDIDATE: candidate,
+        n.LABEL_REVISION: revision,
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "labels": n.labels(task_name, n.STAGE_SERVING, revision, candidate),
+            "annotations": annotations,
+            "ownerReferences": [owner_reference(task)],
+        },
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": selector},
+            # Surge first: the old revision keeps serving until the new pods are ready.
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+            },
+            "template": {
+                "metadata": {
+                    "labels": pod_labels,
+                    "annotations": {n.ANNOTATION_ARTIFACT: model_repository},
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def triton_service(task: Mapping[str, Any]) -> Obj:
+    task_name, ns = _meta(task)
+    name = n.serving_name(task_name)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "labels": n.labels(task_name, n.STAGE_SERVING),
+            "ownerReferences": [owner_reference(task)],
+        },
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {n.LABEL_TASK: task_name, n.LABEL_STAGE: n.STAGE_SERVING},
+            "ports": [
+                {"name": "http", "port": TRITON_HTTP, "targetPort": "http"},
+                {"name": "grpc", "port": TRITON_GRPC, "targetPort": "grpc"},
+                {"name": "metrics", "port": TRITON_METRICS, "targetPort": "metrics"},
+            ],
+        },
+    }
+
+
+def service_endpoint(task: Mapping[str, Any]) -> str:
+    task_name, ns = _meta(task)
+    return f"http://{n.serving_name(task_name)}.{ns}.svc:{TRITON_HTTP}"

@@ -1,0 +1,122 @@
+"""Condition types, reasons and the one helper that sets a condition.
+
+Every condition the operator owns is listed here with what it means, so that a platform
+engineer reading ``kubectl describe agenttask`` (or an Argo CD health check) can rely on a
+closed vocabulary. Conditions follow the Kubernetes API conventions: ``type``, ``status``
+(True/False/Unknown), a CamelCase ``reason``, a human ``message``, ``lastTransitionTime``
+(moves only when ``status`` flips) and ``observedGeneration``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
+
+# ---- condition types -------------------------------------------------------------------
+#: The curated, PII-scrubbed, split dataset of the revision being trained exists.
+DATA_READY: Final = "DataReady"
+#: Every candidate's fine-tune Job of the revision being trained finished (at least one well).
+TRAINED: Final = "Trained"
+#: The evaluation gate selected a candidate (True) or rejected all of them (False, GateNotMet).
+EVALUATED: Final = "Evaluated"
+#: A promoted model is served by Triton with at least one ready replica.
+SERVING: Final = "Serving"
+#: Live latency and error rate are within the SLO (filled by live control from Prometheus).
+SLO_MET: Final = "SLOMet"
+#: Calls for this task go to the LLM instead of the SLM (no model yet, or SLO at risk).
+FALLBACK_ACTIVE: Final = "FallbackActive"
+#: Summary: a model serves the task's calls within its SLO.
+READY: Final = "Ready"
+
+ALL_TYPES: Final = (DATA_READY, TRAINED, EVALUATED, SERVING, SLO_MET, FALLBACK_ACTIVE, READY)
+
+TRUE: Final = "True"
+FALSE: Final = "False"
+UNKNOWN: Final = "Unknown"
+
+# ---- reasons ----------------------------------------------------------------------------
+INVALID_SPEC: Final = "InvalidSpec"  # the spec breaks a rule CEL cannot express
+PENDING: Final = "Pending"  # waiting for an earlier step
+JOB_PENDING: Final = "JobPending"  # Job created, pod not running yet
+JOB_RUNNING: Final = "JobRunning"
+JOB_FAILED: Final = "JobFailed"  # message carries the pod's termination message
+AWAITING_RESULT: Final = "AwaitingResult"  # Job succeeded, result not visible yet
+RESULT_MISSING: Final = "ResultMissing"  # Job succeeded but never reported a valid result
+DATA_PREPARED: Final = "DataPrepared"
+TRAINING_SUCCEEDED: Final = "TrainingSucceeded"
+PARTIALLY_TRAINED: Final = "PartiallyTrained"  # some candidates failed, others can be judged
+GATE_PASSED: Final = "GatePassed"
+GATE_NOT_MET: Final = "GateNotMet"
+EXPORTING: Final = "Exporting"
+NO_MODEL: Final = "NoModel"  # nothing has passed the gate yet
+DEPLOYMENT_PROGRESSING: Final = "DeploymentProgressing"
+DEPLOYMENT_AVAILABLE: Final = "DeploymentAvailable"
+METRICS_UNAVAILABLE: Final = "MetricsUnavailable"
+NOT_SERVING: Final = "NotServing"
+SLM_SERVING: Final = "SLMServing"
+NO_SERVING_MODEL: Final = "NoServingModel"
+READY_REASON: Final = "Ready"
+
+#: Reasons that deserve a Warning event rather than a Normal one.
+WARNING_REASONS: Final = frozenset({INVALID_SPEC, JOB_FAILED, RESULT_MISSING, GATE_NOT_MET})
+
+
+def condition(
+    type_: str, status: str, reason: str, message: str, generation: int, now: str
+) -> dict[str, Any]:
+    return {
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": now,
+        "observedGeneration": generation,
+    }
+
+
+def merge_conditions(
+    previous: Iterable[Mapping[str, Any]], desired: Iterable[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """Return ``desired`` with ``lastTransitionTime`` carried over where status did not flip.
+
+    The result is ordered like :data:`ALL_TYPES` so that a write-if-changed comparison is not
+    fooled by ordering, and conditions the operator does not own are kept untouched.
+    """
+    prev = {c["type"]: c for c in previous if "type" in c}
+    out: dict[str, dict[str, Any]] = {}
+    for c in desired:
+        c = dict(c)
+        old = prev.get(c["type"])
+        if old is not None and old.get("status") == c["status"] and old.get("lastTransitionTime"):
+            c["lastTransitionTime"] = old["lastTransitionTime"]
+        out[c["type"]] = c
+    for t, c in prev.items():
+        if t not in out:
+            out[t] = dict(c)
+    order = {t: i for i, t in enumerate(ALL_TYPES)}
+    return sorted(out.values(), key=lambda c: (order.get(c["type"], len(order)), c["type"]))
+
+
+def find(conditions: Iterable[Mapping[str, Any]], type_: str) -> Mapping[str, Any] | None:
+    for c in conditions:
+        if c.get("type") == type_:
+            return c
+    return None
+
+
+def transitions(
+    previous: Iterable[Mapping[str, Any]], current: Iterable[Mapping[str, Any]]
+) -> list[tuple[str, str, str]]:
+    """Events to post: ``(event_type, reason, message)`` for every condition whose status or
+    reason changed since the last written status."""
+    prev = {c["type"]: c for c in previous if "type" in c}
+    events = []
+    for c in current:
+        old = prev.get(c["type"])
+        if old is not None and (old.get("status"), old.get("reason")) == (c["status"], c["reason"]):
+            continue
+        if old is None and c["status"] == UNKNOWN:
+            continue  # first visit: every condition starts Unknown, not news
+        kind = "Warning" if c["reason"] in WARNING_REASONS else "Normal"
+        events.append((kind, c["reason"], f"{c['type']}={c['status']}: {c['message']}"))
+    return events

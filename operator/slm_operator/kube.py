@@ -1,0 +1,193 @@
+"""Thin adapter over the Kubernetes API: get, list, server-side apply, delete, status, events.
+
+Why not the typed client classes: the operator handles five kinds as plain dicts (that is what
+the pure builders produce and the planner reads), and one generic request path keeps retries,
+error mapping and server-side apply in one place. Authentication, TLS and proxies still come
+from the official ``kubernetes`` client's configuration.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+from kubernetes import client, config
+
+from slm_operator import naming as n
+
+log = logging.getLogger(__name__)
+
+PLURALS = {
+    ("batch/v1", "Job"): "jobs",
+    ("apps/v1", "Deployment"): "deployments",
+    ("v1", "Service"): "services",
+    ("v1", "Pod"): "pods",
+    ("v1", "Event"): "events",
+    (f"{n.GROUP}/{n.VERSION}", n.KIND): n.PLURAL,
+}
+TASK_API = f"{n.GROUP}/{n.VERSION}"
+
+
+class KubeError(Exception):
+    """An API call failed. ``retryable`` says whether backing off and retrying can help."""
+
+    def __init__(self, status: int, message: str, reason: str = "") -> None:
+        super().__init__(f"HTTP {status} {reason}: {message}".strip())
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+    @property
+    def retryable(self) -> bool:
+        return self.status in (0, 409, 429) or self.status >= 500
+
+
+def load_api_client() -> client.ApiClient:
+    """In-cluster credentials when running in a pod, else the local kubeconfig."""
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+def _collection(api_version: str, plural: str, namespace: str | None) -> str:
+    root = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    return f"{root}/namespaces/{namespace}/{plural}" if namespace else f"{root}/{plural}"
+
+
+class Kube:
+    def __init__(self, api: client.ApiClient, field_manager: str = n.FIELD_MANAGER) -> None:
+        self.api = api
+        self.field_manager = field_manager
+        self.instance = socket.gethostname()
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: list[tuple[str, str]] | None = None,
+        content_type: str = "application/json",
+    ) -> Any:
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        payload = body
+        if body is not None and not isinstance(body, str):
+            payload = json.dumps(body)
+        params = self.api.param_serialize(
+            method=method,
+            resource_path=path,
+            query_params=query or [],
+            header_params=headers,
+            body=payload,
+            auth_settings=["BearerToken"],
+        )
+        try:
+            resp = self.api.call_api(*params, _request_timeout=30)
+            resp.read()
+        except Exception as exc:  # connection refused, TLS, timeouts
+            raise KubeError(0, str(exc), "ConnectionError") from exc
+        raw = resp.data.decode() if isinstance(resp.data, bytes) else (resp.data or "")
+        if resp.status >= 400:
+            try:
+                st = json.loads(raw)
+                raise KubeError(resp.status, st.get("message", raw), st.get("reason", ""))
+            except ValueError:
+                raise KubeError(resp.status, raw) from None
+        return json.loads(raw) if raw else None
+
+    # ---------------------------------------------------------------- reads
+    def get(self, api_version: str, plural: str, namespace: str, name: str) -> Any | None:
+        try:
+            return self.request("GET", f"{_collection(api_version, plural, namespace)}/{name}")
+        except KubeError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def list(
+        self, api_version: str, plural: str, namespace: str | None, selector: str | None = None
+    ) -> list[dict[str, Any]]:
+        query = [("labelSelector", selector)] if selector else []
+        data = self.request("GET", _collection(api_version, plural, namespace), query=query)
+        items: list[dict[str, Any]] = data.get("items") or []
+        return items
+
+    def get_task(self, namespace: str, name: str) -> dict[str, Any] | None:
+        result: dict[str, Any] | None = self.get(TASK_API, n.PLURAL, namespace, name)
+        return result
+
+    # ---------------------------------------------------------------- writes
+    def apply(self, obj: Mapping[str, Any]) -> Any:
+        """Server-side apply with the operator's single field manager (force: we own these)."""
+        plural = PLURALS[(obj["apiVersion"], obj["kind"])]
+        meta = obj["metadata"]
+        path = f"{_collection(obj['apiVersion'], plural, meta['namespace'])}/{meta['name']}"
+        return self.request(
+            "PATCH",
+            path,
+            body=obj,
+            content_type="application/apply-patch+yaml",
+            query=[("fieldManager", self.field_manager), ("force", "true")],
+        )
+
+    def delete(self, api_version: str, plural: str, namespace: str, name: str) -> None:
+        try:
+            self.request(
+                "DELETE",
+                f"{_collection(api_version, plural, namespace)}/{name}",
+                body={
+                    "kind": "DeleteOptions",
+                    "apiVersion": "v1",
+                    "propagationPolicy": "Background",
+                },
+            )
+        except KubeError as e:
+            if e.status != 404:
+                raise
+
+    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> Any:
+        path = f"{_collection(TASK_API, n.PLURAL, namespace)}/{name}/status"
+        return self.request(
+            "PATCH",
+            path,
+            body={"status": status},
+            content_type="application/merge-patch+json",
+            query=[("fieldManager", self.field_manager)],
+        )
+
+    def event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        """Post a core/v1 Event about ``obj``; failures are logged, never raised."""
+        meta = obj["metadata"]
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": obj["apiVersion"],
+                "kind": obj["kind"],
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+            },
+            "reason": reason,
+            "message": message[:1024],
+            "type": type_,
+            "source": {"component": self.field_manager},
+            "reportingComponent": self.field_manager,
+            "reportingInstance": self.instance,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            self.request("POST", _collection("v1", "events", meta["namespace"]), body=body)
+        except KubeError as e:
+            log.warning(
+                "could not post event %s for %s/%s: %s", reason, meta["namespace"], meta["name"], e
+            )

@@ -1,0 +1,198 @@
+"""kopf wiring: which events wake the reconcile, and the settings that keep kopf out of the way.
+
+Run it as ``slm-fleet-operator --namespace NS`` (or ``--all-namespaces``), which is
+``kopf run -m slm_operator.main --standalone`` underneath.
+
+Design choices:
+- Only ``@kopf.on.event`` handlers: they need no finalizer and store no handler progress or
+  diff-base on the object, so kopf never writes to an AgentTask. All state lives in status,
+  written by the reconcile.
+- Events on the AgentTask and on its Jobs, pods and Deployment trigger a reconcile of the
+  task; a periodic resync covers anything missed (level-triggered: no event is essential).
+- Per task, at most one reconcile runs at a time; triggers that arrive meanwhile coalesce
+  into one more pass. Retryable API errors (conflicts, 429, 5xx) back off exponentially.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+
+from slm_operator import naming as n
+from slm_operator.kube import Kube, KubeError, load_api_client
+from slm_operator.reconcile import reconcile
+
+log = logging.getLogger("slm_operator")
+
+RESYNC_SECONDS = float(os.environ.get("SLM_FLEET_RESYNC_SECONDS", "30"))
+MAX_BACKOFF = 60.0
+CHILD_FILTER = {n.MANAGED_BY: n.FIELD_MANAGER}
+
+Key = tuple[str, str]
+
+
+@dataclass
+class _KeyState:
+    running: bool = False
+    dirty: bool = False
+    failures: int = 0
+
+
+@dataclass
+class Runtime:
+    kube: Kube
+    known: set[Key] = field(default_factory=set)
+    states: dict[Key, _KeyState] = field(default_factory=dict)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def spawn(self, coro: Any) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(t)
+        t.add_done_callback(self.tasks.discard)
+
+
+_runtime: Runtime | None = None
+
+
+async def trigger(key: Key) -> None:
+    """Reconcile ``key`` now, or once more after the reconcile already running for it."""
+    rt = _runtime
+    if rt is None:
+        return
+    st = rt.states.setdefault(key, _KeyState())
+    if st.running:
+        st.dirty = True
+        return
+    st.running = True
+    try:
+        while True:
+            st.dirty = False
+            try:
+                await asyncio.to_thread(reconcile, rt.kube, key[0], key[1])
+                st.failures = 0
+            except KubeError as e:
+                st.failures += 1
+                delay = min(MAX_BACKOFF, 0.5 * 2 ** min(st.failures, 8))
+                level = logging.INFO if e.retryable else logging.ERROR
+                log.log(
+                    level,
+                    "reconcile %s/%s failed (%s); retrying in %.1fs",
+                    key[0],
+                    key[1],
+                    e,
+                    delay,
+                )
+                rt.spawn(_retry_later(key, delay))
+            except Exception:
+                st.failures += 1
+                log.exception(
+                    "reconcile %s/%s crashed; the periodic resync will retry", key[0], key[1]
+                )
+            if not st.dirty:
+                break
+    finally:
+        st.running = False
+
+
+async def _retry_later(key: Key, delay: float) -> None:
+    await asyncio.sleep(delay)
+    await trigger(key)
+
+
+async def _resync_loop() -> None:
+    while True:
+        await asyncio.sleep(RESYNC_SECONDS)
+        rt = _runtime
+        if rt is None:
+            return
+        for key in sorted(rt.known):
+            rt.spawn(trigger(key))
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    global _runtime
+    settings.persistence.finalizer = f"{n.GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=n.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=n.GROUP, key="last-handled-configuration"
+    )
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 270
+    settings.watching.client_timeout = 300
+    settings.networking.request_timeout = 60
+    _runtime = Runtime(kube=Kube(load_api_client()))
+    _runtime.spawn(_resync_loop())
+    log.info("slm-fleet-operator started; resync every %.0fs", RESYNC_SECONDS)
+
+
+@kopf.on.cleanup()
+async def cleanup(**_: Any) -> None:
+    global _runtime
+    if _runtime is not None:
+        for t in list(_runtime.tasks):
+            t.cancel()
+        _runtime = None
+
+
+@kopf.on.event(n.GROUP, n.VERSION, n.PLURAL)
+async def on_task(type: str, namespace: str | None, name: str, **_: Any) -> None:
+    rt = _runtime
+    if rt is None or namespace is None:
+        return
+    key = (namespace, name)
+    if type == "DELETED":
+        rt.known.discard(key)
+        rt.states.pop(key, None)
+        return
+    rt.known.add(key)
+    await trigger(key)
+
+
+async def _on_child(labels: Mapping[str, str], namespace: str | None) -> None:
+    task = labels.get(n.LABEL_TASK)
+    if task and namespace and _runtime is not None and (namespace, task) in _runtime.known:
+        await trigger((namespace, task))
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=CHILD_FILTER)
+async def on_job(labels: Mapping[str, str], namespace: str | None, **_: Any) -> None:
+    await _on_child(labels, namespace)
+
+
+@kopf.on.event("", "v1", "pods", labels={n.LABEL_COMPONENT: "trainer"})
+async def on_pod(labels: Mapping[str, str], namespace: str | None, **_: Any) -> None:
+    await _on_child(labels, namespace)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=CHILD_FILTER)
+async def on_deployment(labels: Mapping[str, str], namespace: str | None, **_: Any) -> None:
+    await _on_child(labels, namespace)
+
+
+def cli() -> None:
+    """Console entry point: ``kopf run --standalone -m slm_operator.main`` plus your flags."""
+    from kopf.cli import main as kopf_main
+
+    args = sys.argv[1:]
+    if not any(
+        a in ("-n", "--namespace", "-A", "--all-namespaces") or a.startswith("--namespace=")
+        for a in args
+    ):
+        sys.stderr.write(
+            "slm-fleet-operator: pass --namespace NS (repeatable) or --all-namespaces\n"
+        )
+        raise SystemExit(2)
+    sys.argv = ["kopf", "run", "--standalone", "-m", "slm_operator.main", *args]
+    kopf_main()
+
+
+if __name__ == "__main__":
+    cli()

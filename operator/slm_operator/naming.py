@@ -1,0 +1,112 @@
+"""Deterministic names, labels and the training revision of an AgentTask.
+
+Why deterministic: the operator may be killed at any moment and restarted; recomputing the
+same name for the same intent is what makes a second create a no-op instead of a duplicate.
+Jobs are immutable, so anything that changes what a Job would do must change its name: that
+is the revision, a short hash of exactly the spec fields that affect training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from typing import Any, Final
+
+GROUP: Final = "slmfleet.dev"
+VERSION: Final = "v1alpha1"
+PLURAL: Final = "agenttasks"
+KIND: Final = "AgentTask"
+FIELD_MANAGER: Final = "slm-fleet-operator"
+
+LABEL_TASK: Final = f"{GROUP}/agenttask"
+LABEL_REVISION: Final = f"{GROUP}/revision"
+LABEL_STAGE: Final = f"{GROUP}/stage"
+LABEL_CANDIDATE: Final = f"{GROUP}/candidate"
+LABEL_COMPONENT: Final = f"{GROUP}/component"
+ANNOTATION_PROGRESS: Final = f"{GROUP}/progress"
+ANNOTATION_ARTIFACT: Final = f"{GROUP}/artifact-uri"
+ANNOTATION_CANDIDATE: Final = f"{GROUP}/candidate"
+MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+
+STAGE_PREPARE: Final = "prepare"
+STAGE_FINETUNE: Final = "finetune"
+STAGE_EXPORT: Final = "export"
+STAGE_SERVING: Final = "serving"
+
+#: Spec fields whose change means "train again". Serving, fallback and retraining settings
+#: are applied live without retraining.
+TRAINING_FIELDS: Final = ("taskType", "dataset", "candidates", "training", "evaluation", "storage")
+
+MAX_TASK_NAME: Final = 50
+_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def revision_of(spec: Mapping[str, Any], retrain_epoch: int = 0) -> str:
+    """Ten hex digits identifying what would be trained; stable across key order."""
+    relevant = {k: spec.get(k) for k in TRAINING_FIELDS if spec.get(k) is not None}
+    if retrain_epoch:
+        relevant["retrainEpoch"] = retrain_epoch
+    blob = json.dumps(relevant, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def child_name(*parts: str, limit: int = 63) -> str:
+    """Join parts with '-' into a DNS-1123 label of at most ``limit`` characters.
+
+    Over-long names keep their head and get a hash suffix, so two long names never collide.
+    """
+    name = "-".join(p.strip("-") for p in parts if p)
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[: limit - 9].rstrip('-')}-{digest}"
+
+
+def data_job_name(task: str, revision: str) -> str:
+    return child_name(task, "data", revision)
+
+
+def finetune_job_name(task: str, candidate: str, revision: str) -> str:
+    return child_name(task, "ft", candidate, revision)
+
+
+def export_job_name(task: str, revision: str) -> str:
+    return child_name(task, "export", revision)
+
+
+def serving_name(task: str) -> str:
+    return child_name(task, "slm")
+
+
+def task_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name an AgentTask's children, or None when it can.
+
+    The Service and the labels derived from it need a DNS-1035 label, which is stricter than
+    the DNS subdomain the apiserver accepts for custom objects.
+    """
+    if len(name) > MAX_TASK_NAME or not _DNS_LABEL.match(name):
+        return (
+            f"AgentTask name {name!r} must be a DNS-1035 label (lower-case letters, digits and "
+            f"'-', starting with a letter) of at most {MAX_TASK_NAME} characters, because it "
+            "names the task's Service, Jobs and labels"
+        )
+    return None
+
+
+def labels(
+    task: str, stage: str, revision: str | None = None, candidate: str | None = None
+) -> dict[str, str]:
+    out = {
+        "app.kubernetes.io/name": "slm-fleet",
+        MANAGED_BY: FIELD_MANAGER,
+        LABEL_TASK: task,
+        LABEL_STAGE: stage,
+        LABEL_COMPONENT: "triton" if stage == STAGE_SERVING else "trainer",
+    }
+    if revision:
+        out[LABEL_REVISION] = revision
+    if candidate:
+        out[LABEL_CANDIDATE] = candidate
+    return out

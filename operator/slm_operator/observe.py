@@ -1,0 +1,149 @@
+"""Pure views of observed children: what a Job and its pods say, in the operator's terms.
+
+The Kubernetes adapter lists raw Jobs, pods and the Deployment; this module turns them into
+small immutable records that the planner reasons about. Keeping the parsing here (and pure)
+means the tricky parts (Job conditions, termination messages, progress annotations) are unit
+tested on plain dicts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from slm_contract import ContractError, TrainerResult
+from slm_operator import naming as n
+
+PENDING, RUNNING, SUCCEEDED, FAILED = "Pending", "Running", "Succeeded", "Failed"
+MAX_MESSAGE = 512
+
+
+def parse_time(value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _short(text: str, limit: int = MAX_MESSAGE) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass(frozen=True)
+class JobView:
+    name: str
+    stage: str
+    revision: str
+    candidate: str | None
+    state: str
+    result: TrainerResult | None = None
+    result_error: str | None = None
+    message: str = ""
+    progress: int | None = None
+    seconds: float | None = None
+    finished_at: dt.datetime | None = None
+
+
+def _conditions(job: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    return {
+        c["type"]: c
+        for c in (job.get("status") or {}).get("conditions") or []
+        if c.get("status") == "True"
+    }
+
+
+def _terminated(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        if cs.get("name") == "trainer":
+            term = (cs.get("state") or {}).get("terminated")
+            if term:
+                return term  # type: ignore[no-any-return]
+    return None
+
+
+def job_view(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]]) -> JobView:
+    """Summarise a trainer Job and its pods (pods of other Jobs are ignored)."""
+    meta = job["metadata"]
+    labels = meta.get("labels") or {}
+    status = job.get("status") or {}
+    conds = _conditions(job)
+    own = [
+        p
+        for p in pods
+        if (p["metadata"].get("labels") or {}).get("job-name") == meta["name"]
+        or (p["metadata"].get("labels") or {}).get("batch.kubernetes.io/job-name") == meta["name"]
+    ]
+    own.sort(key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True)
+
+    if "Complete" in conds or "SuccessCriteriaMet" in conds:
+        state = SUCCEEDED
+    elif "Failed" in conds or "FailureTarget" in conds:
+        state = FAILED
+    elif any((p.get("status") or {}).get("phase") == "Running" for p in own):
+        state = RUNNING
+    else:
+        state = PENDING
+
+    result: TrainerResult | None = None
+    result_error: str | None = None
+    raw = ""
+    want_exit_zero = state == SUCCEEDED
+    for pod in own:
+        term = _terminated(pod)
+        if not term or not term.get("message"):
+            continue
+        if want_exit_zero != (term.get("exitCode") == 0) and state in (SUCCEEDED, FAILED):
+            continue
+        raw = str(term["message"])
+        try:
+            result = TrainerResult.from_json(raw)
+        except ContractError as exc:
+            result_error = str(exc)
+        break
+
+    message = ""
+    if state == FAILED:
+        if result is not None and result.message:
+            message = result.message
+        elif raw:
+            message = raw
+        else:
+            c = conds.get("Failed") or conds.get("FailureTarget") or {}
+            message = f"{c.get('reason', 'Failed')}: {c.get('message', 'the Job failed')}"
+    progress = None
+    for pod in own:
+        value = (pod["metadata"].get("annotations") or {}).get(n.ANNOTATION_PROGRESS)
+        if value is not None:
+            try:
+                progress = max(progress or 0, min(100, max(0, int(float(value)))))
+            except ValueError:
+                continue
+    started, finished = (
+        parse_time(status.get("startTime")),
+        parse_time(status.get("completionTime")),
+    )
+    if finished is None and state in (SUCCEEDED, FAILED):
+        c = (
+            conds.get("Complete")
+            or conds.get("Failed")
+            or conds.get("SuccessCriteriaMet")
+            or conds.get("FailureTarget")
+            or {}
+        )
+        finished = parse_time(c.get("lastTransitionTime"))
+    seconds = (finished - started).total_seconds() if started and finished else None
+    return JobView(
+        name=meta["name"],
+        stage=labels.get(n.LABEL_STAGE, ""),
+        revision=labels.get(n.LABEL_REVISION, ""),
+        candidate=labels.get(n.LABEL_CANDIDATE),
+        state=state,
+        result=result,
+        result_error=result_error,
+        message=_short(message),
+        progress=progress,
+        seconds=seconds,
+        finished_at=finished,
+    )

@@ -1,0 +1,584 @@
+"""The reconcile decision, as a pure function: observed state in, desired children and status out.
+
+``plan(observed)`` answers three questions for one AgentTask: which children should exist
+(built by :mod:`slm_operator.builders`), which stale Jobs should go, and what the status
+should say. Nothing here talks to the API server, so every phase of the task's life (data
+prep, training, the gate, export, serving, a new revision beside a serving one) is unit-tested
+on plain dicts.
+
+The life of a revision: data-prep Job → one fine-tune Job per candidate → the gate picks a
+candidate → export Job writes the Triton model repository → the Triton Deployment is pointed
+at it. The Deployment's annotations record which revision it serves; that observed fact, not
+memory, tells the planner what is active. A new revision trains beside the active one and
+replaces it only after passing the gate and exporting.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from slm_contract import TrainerResult
+from slm_operator import builders as b
+from slm_operator import conditions as c
+from slm_operator import naming as n
+from slm_operator.observe import FAILED, PENDING, RUNNING, SUCCEEDED, JobView
+
+#: How long a succeeded Job may lack a readable result before we call it ResultMissing; the
+#: Job controller can mark a Job complete a moment before the pod's message is visible.
+RESULT_GRACE = dt.timedelta(seconds=120)
+
+PHASE_PENDING = "Pending"
+PHASE_PREPARING = "PreparingData"
+PHASE_TRAINING = "Training"
+PHASE_EVALUATING = "Evaluating"
+PHASE_EXPORTING = "Exporting"
+PHASE_DEPLOYING = "Deploying"
+PHASE_SERVING = "Serving"
+PHASE_FAILED = "Failed"
+
+Obj = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Observed:
+    task: Mapping[str, Any]
+    jobs: Mapping[str, JobView]
+    deployment: Mapping[str, Any] | None
+    service: Mapping[str, Any] | None
+    now: dt.datetime
+
+
+@dataclass
+class Plan:
+    apply: list[Obj] = field(default_factory=list)
+    delete_jobs: list[str] = field(default_factory=list)
+    status: Obj = field(default_factory=dict)
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+    invalid: str | None = None
+
+
+@dataclass
+class _Step:
+    """Outcome of the training pipeline of one revision."""
+
+    data: tuple[str, str, str]
+    trained: tuple[str, str, str]
+    evaluated: tuple[str, str, str]
+    phase: str
+    candidates: list[Obj]
+    terminal_failure: bool = False
+    selected: Obj | None = None
+    exported_uri: str | None = None
+
+
+def _ts(now: dt.datetime) -> str:
+    return now.astimezone(dt.UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def validate(task: Mapping[str, Any]) -> str | None:
+    """Rules the CRD's schema and CEL cannot express; None when the spec is usable."""
+    problem = n.task_name_problem(task["metadata"]["name"])
+    if problem:
+        return problem
+    spec = task["spec"]
+    claim = spec["storage"]["claimName"]
+    for cand in spec["candidates"]:
+        model = cand["model"]
+        if model.startswith("pvc://") and not model.startswith(f"pvc://{claim}/"):
+            return (
+                f"candidate {cand['name']}: model {model} is on another PVC than "
+                f"storage.claimName {claim}; trainer pods mount only the storage claim"
+            )
+    return None
+
+
+def gate_verdict(result: TrainerResult, gate: Mapping[str, Any]) -> tuple[bool, str]:
+    """Does a candidate pass the gate? Returns the verdict and a one-line reason."""
+    score = result.score
+    if score is None:
+        return False, "reported no score"
+    parts = []
+    ok = True
+    if gate.get("minScore") is not None:
+        good = score >= float(gate["minScore"]) - 1e-12
+        ok &= good
+        parts.append(f"score {_fmt(score)} {'>=' if good else '<'} minScore {gate['minScore']}")
+    if gate.get("maxDropVsLLM") is not None:
+        llm = result.llm_score if result.llm_score is not None else 1.0
+        drop = llm - score
+        good = drop <= float(gate["maxDropVsLLM"]) + 1e-12
+        ok &= good
+        parts.append(
+            f"drop vs LLM {_fmt(drop)} {'<=' if good else '>'} maxDropVsLLM {gate['maxDropVsLLM']}"
+        )
+    return ok, "; ".join(parts)
+
+
+def select(
+    passing: Sequence[tuple[Mapping[str, Any], TrainerResult]], policy: str
+) -> tuple[Mapping[str, Any], TrainerResult] | None:
+    """Pick the candidate to promote among those that passed the gate.
+
+    ``smallest-passing`` (default) prefers fewer parameters, the paper's point being that the
+    smallest adequate model is the cheapest to serve; ties go to the higher score.
+    ``best-score`` prefers the higher score; ties go to the smaller model.
+    """
+    if not passing:
+        return None
+
+    def params(r: TrainerResult) -> float:
+        return float(r.parameters) if r.parameters is not None else math.inf
+
+    def score(r: TrainerResult) -> float:
+        return r.score or 0.0
+
+    if policy == "best-score":
+        return min(passing, key=lambda p: (-score(p[1]), params(p[1]), p[0]["name"]))
+    return min(passing, key=lambda p: (params(p[1]), -score(p[1]), p[0]["name"]))
+
+
+def _job_outcome(view: JobView | None, now: dt.datetime) -> tuple[str, str, str]:
+    """(status, reason, message) of one trainer Job in condition terms."""
+    if view is None or view.state == PENDING:
+        return c.UNKNOWN, c.JOB_PENDING, "Job created, waiting for its pod to run"
+    if view.state == RUNNING:
+        pct = f" ({view.progress}%)" if view.progress is not None else ""
+        return c.UNKNOWN, c.JOB_RUNNING, f"Job {view.name} is running{pct}"
+    if view.state == FAILED:
+        return c.FALSE, c.JOB_FAILED, f"Job {view.name} failed: {view.message}"
+    if view.result_error:
+        return (
+            c.FALSE,
+            c.RESULT_MISSING,
+            f"Job {view.name} reported an invalid result: {view.result_error}",
+        )
+    if view.result is None:
+        if view.finished_at is None or now - view.finished_at < RESULT_GRACE:
+            return c.UNKNOWN, c.AWAITING_RESULT, f"Job {view.name} succeeded; reading its result"
+        return (
+            c.FALSE,
+            c.RESULT_MISSING,
+            (
+                f"Job {view.name} succeeded but its pod reported no result in its termination "
+                "message"
+            ),
+        )
+    if not view.result.ok:
+        return c.FALSE, c.JOB_FAILED, f"Job {view.name} reported failure: {view.result.message}"
+    return c.TRUE, "", ""
+
+
+def _candidate_entry(
+    cand: Mapping[str, Any], revision: str, job: str, view: JobView | None, passed: bool | None
+) -> Obj:
+    state = PENDING if view is None else view.state
+    r = view.result if view is not None else None
+    entry: Obj = {"name": cand["name"], "revision": revision, "job": job, "state": state}
+    if view is not None and view.state == SUCCEEDED and (r is None or not r.ok):
+        entry["state"] = FAILED if (r is not None or view.result_error) else SUCCEEDED
+    if r is not None:
+        for key, value in (
+            ("score", r.score),
+            ("llmScore", r.llm_score),
+            ("parameters", r.parameters),
+            ("trainingSeconds", r.train_seconds),
+        ):
+            if value is not None:
+                entry[key] = round(value, 4) if isinstance(value, float) else value
+    if "trainingSeconds" not in entry and view is not None and view.seconds is not None:
+        entry["trainingSeconds"] = round(view.seconds, 1)
+    if passed is not None:
+        entry["passedGate"] = passed
+    if state == SUCCEEDED:
+        entry["progress"] = 100
+    elif view is not None and view.progress is not None:
+        entry["progress"] = view.progress
+    else:
+        entry["progress"] = 0
+    msg = (
+        view.message
+        if view is not None and view.state == FAILED
+        else (view.result_error or "")
+        if view is not None
+        else ""
+    )
+    if msg:
+        entry["message"] = msg
+    return entry
+
+
+def _pipeline(
+    task: Mapping[str, Any],
+    rev: str,
+    jobs: Mapping[str, JobView],
+    now: dt.datetime,
+    apply: list[Obj] | None,
+) -> _Step:
+    """Walk one revision's pipeline; append the Jobs it needs to ``apply`` when given."""
+    spec = task["spec"]
+    name = task["metadata"]["name"]
+    unknown = (c.UNKNOWN, c.PENDING, "waiting for an earlier step")
+    step = _Step(
+        data=unknown,
+        trained=unknown,
+        evaluated=unknown,
+        phase=PHASE_PREPARING,
+        candidates=[
+            _candidate_entry(cd, rev, n.finetune_job_name(name, cd["name"], rev), None, None)
+            for cd in spec["candidates"]
+        ],
+    )
+
+    data_name = n.data_job_name(name, rev)
+    if apply is not None:
+        apply.append(b.data_prep_job(task, rev))
+    dv = jobs.get(data_name)
+    status, reason, msg = _job_outcome(dv, now)
+    if status != c.TRUE:
+        step.data = (status, reason, f"revision {rev}: {msg}")
+        step.terminal_failure = status == c.FALSE
+        return step
+    r = dv.result if dv else None
+    step.data = (
+        c.TRUE,
+        c.DATA_PREPARED,
+        f"revision {rev}: {r.examples if r else '?'} examples after curation "
+        f"({r.train_examples if r else '?'} train, {r.eval_examples if r else '?'} eval)",
+    )
+
+    step.phase = PHASE_TRAINING
+    gate = spec["evaluation"]["gate"]
+    finished: list[tuple[Mapping[str, Any], JobView | None, tuple[str, str, str]]] = []
+    running = 0
+    entries = []
+    passing: list[tuple[Mapping[str, Any], TrainerResult]] = []
+    for cand in spec["candidates"]:
+        jname = n.finetune_job_name(name, cand["name"], rev)
+        if apply is not None:
+            apply.append(b.finetune_job(task, rev, cand))
+        view = jobs.get(jname)
+        outcome = _job_outcome(view, now)
+        passed: bool | None = None
+        if outcome[0] == c.UNKNOWN:
+            running += 1
+        else:
+            finished.append((cand, view, outcome))
+            if outcome[0] == c.TRUE and view is not None and view.result is not None:
+                passed, _ = gate_verdict(view.result, gate)
+                if passed:
+                    passing.append((cand, view.result))
+        entries.append(_candidate_entry(cand, rev, jname, view, passed))
+    step.candidates = entries
+    total = len(spec["candidates"])
+    if running:
+        step.trained = (
+            c.UNKNOWN,
+            c.JOB_RUNNING,
+            f"revision {rev}: {total - running}/{total} candidates finished",
+        )
+        return step
+    failures = [(cd, o) for cd, _, o in finished if o[0] == c.FALSE]
+    succeeded = [(cd, v) for cd, v, o in finished if o[0] == c.TRUE and v is not None]
+    fail_text = "; ".join(f"{cd['name']}: {o[2]}" for cd, o in failures)
+    if not succeeded:
+        step.trained = (
+            c.FALSE,
+            c.JOB_FAILED,
+            f"revision {rev}: every candidate failed: {fail_text}",
+        )
+        step.terminal_failure = True
+        return step
+    if failures:
+        step.trained = (
+            c.TRUE,
+            c.PARTIALLY_TRAINED,
+            f"revision {rev}: {len(succeeded)}/{total} candidates trained; {fail_text}",
+        )
+    else:
+        step.trained = (
+            c.TRUE,
+            c.TRAINING_SUCCEEDED,
+            f"revision {rev}: {total}/{total} candidates trained",
+        )
+
+    step.phase = PHASE_EVALUATING
+    policy = spec["evaluation"].get("selectionPolicy", "smallest-passing")
+    chosen = select(passing, policy)
+    if chosen is None:
+        scores = ", ".join(
+            f"{cd['name']} {gate_verdict(v.result, gate)[1]}"
+            for cd, v in succeeded
+            if v.result is not None
+        )
+        step.evaluated = (
+            c.FALSE,
+            c.GATE_NOT_MET,
+            f"revision {rev}: no candidate passed the gate: {scores}",
+        )
+        step.terminal_failure = True
+        return step
+    cand, res = chosen
+    step.selected = {
+        "candidate": cand["name"],
+        "model": cand["model"],
+        "revision": rev,
+        **({"score": round(res.score, 4)} if res.score is not None else {}),
+        **({"parameters": res.parameters} if res.parameters is not None else {}),
+        **({"threshold": res.threshold} if res.threshold is not None else {}),
+    }
+    verdict = gate_verdict(res, gate)[1]
+    step.evaluated = (
+        c.TRUE,
+        c.GATE_PASSED,
+        f"revision {rev}: {cand['name']} selected ({policy}): {verdict}",
+    )
+
+    step.phase = PHASE_EXPORTING
+    export_name = n.export_job_name(name, rev)
+    if apply is not None:
+        if not res.artifact_uri:
+            step.evaluated = (
+                c.FALSE,
+                c.RESULT_MISSING,
+                f"revision {rev}: {cand['name']} reported no artifactURI",
+            )
+            step.terminal_failure = True
+            return step
+        apply.append(b.export_job(task, rev, cand, res.artifact_uri, res.threshold))
+    ev = jobs.get(export_name)
+    status, reason, msg = _job_outcome(ev, now)
+    if status == c.FALSE:
+        step.evaluated = (c.FALSE, reason, f"revision {rev}: export {msg}")
+        step.terminal_failure = True
+        return step
+    if status == c.TRUE and ev is not None and ev.result is not None:
+        if not ev.result.artifact_uri:
+            step.evaluated = (
+                c.FALSE,
+                c.RESULT_MISSING,
+                f"revision {rev}: export Job {ev.name} reported no artifactURI",
+            )
+            step.terminal_failure = True
+            return step
+        step.exported_uri = ev.result.artifact_uri
+        step.selected["artifactURI"] = ev.result.artifact_uri
+    return step
+
+
+def _deployment_facts(dep: Mapping[str, Any] | None) -> tuple[str, str, str, int, int, bool]:
+    """(revision, artifact, candidate, replicas, ready, available) of the Triton Deployment."""
+    if not dep:
+        return "", "", "", 0, 0, False
+    ann = dep["metadata"].get("annotations") or {}
+    st = dep.get("status") or {}
+    available = any(
+        cd.get("type") == "Available" and cd.get("status") == "True"
+        for cd in st.get("conditions") or []
+    )
+    return (
+        ann.get(n.LABEL_REVISION, ""),
+        ann.get(n.ANNOTATION_ARTIFACT, ""),
+        ann.get(n.ANNOTATION_CANDIDATE, ""),
+        int((dep.get("spec") or {}).get("replicas", 0)),
+        int(st.get("readyReplicas") or 0),
+        available,
+    )
+
+
+def _rolling_out(dep: Mapping[str, Any] | None) -> bool:
+    if not dep:
+        return False
+    st = dep.get("status") or {}
+    want = int((dep.get("spec") or {}).get("replicas", 0))
+    return bool(
+        int(st.get("observedGeneration") or 0) < int(dep["metadata"].get("generation") or 0)
+        or int(st.get("updatedReplicas") or 0) < want
+        or int(st.get("replicas") or 0) > want
+    )
+
+
+def desired_replicas(spec: Mapping[str, Any], previous: Mapping[str, Any]) -> int:
+    serving = spec.get("serving") or {}
+    lo, hi = int(serving.get("minReplicas", 1)), int(serving.get("maxReplicas", 4))
+    want = (previous.get("serving") or {}).get("desiredReplicas")
+    if want is None:
+        want = max(lo, 1)
+    return max(lo, min(hi, int(want)))
+
+
+def plan(obs: Observed) -> Plan:
+    task = obs.task
+    meta, spec = task["metadata"], task["spec"]
+    gen = int(meta.get("generation") or 0)
+    prev: Mapping[str, Any] = task.get("status") or {}
+    prev_conds = prev.get("conditions") or []
+    now = _ts(obs.now)
+    out = Plan()
+
+    def cond(t: str, triple: tuple[str, str, str]) -> Obj:
+        return c.condition(t, triple[0], triple[1], triple[2], gen, now)
+
+    problem = validate(task)
+    if problem:
+        out.invalid = problem
+        unknown = (c.UNKNOWN, c.INVALID_SPEC, "the spec is invalid; see Ready")
+        conds = [cond(t, unknown) for t in c.ALL_TYPES if t != c.READY]
+        conds.append(cond(c.READY, (c.FALSE, c.INVALID_SPEC, problem)))
+        out.status = {
+            **dict(prev),
+            "observedGeneration": gen,
+            "phase": PHASE_FAILED,
+            "message": problem,
+            "conditions": c.merge_conditions(prev_conds, conds),
+        }
+        out.events = c.transitions(prev_conds, out.status["conditions"])
+        return out
+
+    rev = n.revision_of(spec)
+    active_rev, active_uri, active_cand, replicas, ready, available = _deployment_facts(
+        obs.deployment
+    )
+    training_needed = rev != active_rev
+    step = _pipeline(
+        task,
+        rev if training_needed else active_rev,
+        obs.jobs,
+        obs.now,
+        out.apply if training_needed else None,
+    )
+
+    prev_selected = prev.get("selectedModel") or {}
+    selected: Obj | None = prev_selected if prev_selected.get("revision") == active_rev else None
+    if not training_needed and step.selected is not None:
+        selected = {**step.selected, **({"artifactURI": active_uri} if active_uri else {})}
+    if training_needed and step.exported_uri:  # promote the new revision
+        active_rev, active_uri, active_cand = (
+            rev,
+            step.exported_uri,
+            step.selected["candidate"] if step.selected else "",
+        )
+        selected = step.selected
+        training_needed = False
+
+    endpoint = b.service_endpoint(task)
+    serving_status: Obj = {}
+    if active_rev and active_uri:
+        want = desired_replicas(spec, prev)
+        out.apply.append(b.triton_deployment(task, active_rev, active_uri, active_cand, want))
+        out.apply.append(b.triton_service(task))
+        # maxUnavailable=0: while a new revision rolls out, the old pods keep serving.
+        if available and ready > 0 and obs.service is not None:
+            rolling = _rolling_out(obs.deployment)
+            serving = (
+                c.TRUE,
+                c.DEPLOYMENT_AVAILABLE,
+                f"{ready}/{replicas} Triton replicas ready"
+                + (
+                    f"; rolling out {active_cand} (revision {active_rev})"
+                    if rolling
+                    else f" serving {active_cand} (revision {active_rev})"
+                ),
+            )
+        else:
+            serving = (
+                c.FALSE,
+                c.DEPLOYMENT_PROGRESSING,
+                f"waiting for Triton replicas of revision {active_rev} to become ready "
+                f"({ready}/{want})",
+            )
+        serving_status = {
+            "endpoint": endpoint,
+            "deployment": n.serving_name(meta["name"]),
+            "replicas": replicas,
+            "readyReplicas": ready,
+            "desiredReplicas": want,
+        }
+    else:
+        serving = (c.FALSE, c.NO_MODEL, "no model has passed the evaluation gate yet")
+    is_serving = serving[0] == c.TRUE
+
+    slo = (
+        (c.UNKNOWN, c.METRICS_UNAVAILABLE, "live metrics have not been evaluated yet")
+        if is_serving
+        else (c.UNKNOWN, c.NOT_SERVING, "no SLM is serving")
+    )
+    fallback = (
+        (c.FALSE, c.SLM_SERVING, "calls for this task are served by the SLM")
+        if is_serving
+        else (
+            c.TRUE,
+            c.NO_SERVING_MODEL,
+            "all calls for this task go to the LLM until an SLM is served",
+        )
+    )
+    pipeline = [(c.DATA_READY, step.data), (c.TRAINED, step.trained), (c.EVALUATED, step.evaluated)]
+    if is_serving:
+        ready_c = (
+            c.TRUE,
+            c.READY_REASON,
+            f"{active_cand} (revision {active_rev}) serves the task's calls",
+        )
+    else:
+        blocking = next((t for _, t in pipeline if t[0] != c.TRUE), serving)
+        ready_c = (c.FALSE, blocking[1], blocking[2])
+
+    conds = [cond(t, v) for t, v in pipeline]
+    conds += [
+        cond(c.SERVING, serving),
+        cond(c.SLO_MET, slo),
+        cond(c.FALLBACK_ACTIVE, fallback),
+        cond(c.READY, ready_c),
+    ]
+
+    if training_needed and not step.terminal_failure:
+        phase = step.phase
+    elif is_serving:
+        phase = PHASE_SERVING
+    elif active_rev and active_uri:
+        phase = PHASE_DEPLOYING
+    elif step.terminal_failure:
+        phase = PHASE_FAILED
+    else:
+        phase = step.phase
+
+    status: Obj = {
+        "observedGeneration": gen,
+        "phase": phase,
+        "message": ready_c[2],
+        "conditions": c.merge_conditions(prev_conds, conds),
+        "revision": {"active": active_rev, "training": rev if training_needed else ""},
+        "candidates": step.candidates,
+        "route": {
+            "mode": "slm" if is_serving else "llm",
+            "llmBaseURL": spec["fallback"]["llm"]["baseURL"],
+            "llmModel": spec["fallback"]["llm"]["model"],
+            "reason": fallback[2],
+            **({"slmEndpoint": endpoint} if is_serving else {}),
+            **(
+                {"confidenceThreshold": selected["threshold"]}
+                if is_serving and selected and "threshold" in selected
+                else {}
+            ),
+        },
+    }
+    if selected:
+        status["selectedModel"] = selected
+    if serving_status:
+        status["serving"] = serving_status
+    for key in ("usage",):  # owned by live control; carried over untouched
+        if key in prev:
+            status[key] = prev[key]
+    out.status = status
+    out.events = c.transitions(prev_conds, status["conditions"])
+
+    keep = {active_rev, rev} if training_needed else {active_rev}
+    out.delete_jobs = sorted(name for name, v in obs.jobs.items() if v.revision not in keep)
+    return out

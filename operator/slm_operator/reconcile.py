@@ -1,0 +1,80 @@
+"""One reconcile of one AgentTask: observe → plan (pure) → apply → write status if changed.
+
+This is the whole life of an AgentTask from the operator's side; every decision is in
+:func:`slm_operator.plan.plan`. The function is level-triggered and idempotent: it can run at
+any time, any number of times, after a crash at any point, and converges on the same children
+because their names are deterministic and they are written with server-side apply.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Any
+
+from slm_operator import naming as n
+from slm_operator.kube import Kube, KubeError
+from slm_operator.observe import job_view
+from slm_operator.plan import Observed, Plan, plan
+
+log = logging.getLogger(__name__)
+
+
+def _owned(obj: dict[str, Any] | None, uid: str) -> bool:
+    return bool(obj) and any(
+        ref.get("uid") == uid
+        for ref in (obj or {}).get("metadata", {}).get("ownerReferences") or []
+    )
+
+
+def observe(kube: Kube, namespace: str, name: str, now: dt.datetime) -> Observed | None:
+    task = kube.get_task(namespace, name)
+    if task is None or task["metadata"].get("deletionTimestamp"):
+        return None  # ownerReferences let the garbage collector remove the children
+    uid = task["metadata"]["uid"]
+    selector = f"{n.LABEL_TASK}={name}"
+    pods = kube.list("v1", "pods", namespace, selector)
+    jobs = {
+        j["metadata"]["name"]: job_view(j, pods)
+        for j in kube.list("batch/v1", "jobs", namespace, selector)
+        if _owned(j, uid)
+    }
+    dep = kube.get("apps/v1", "deployments", namespace, n.serving_name(name))
+    svc = kube.get("v1", "services", namespace, n.serving_name(name))
+    return Observed(
+        task=task,
+        jobs=jobs,
+        deployment=dep if _owned(dep, uid) else None,
+        service=svc if _owned(svc, uid) else None,
+        now=now,
+    )
+
+
+def reconcile(kube: Kube, namespace: str, name: str, now: dt.datetime | None = None) -> Plan | None:
+    obs = observe(kube, namespace, name, now or dt.datetime.now(dt.UTC))
+    if obs is None:
+        return None
+    p = plan(obs)
+    for obj in p.apply:
+        try:
+            kube.apply(obj)
+        except KubeError as e:
+            # A Job built by an older operator version for the same revision: Jobs are
+            # immutable and the existing one does the same work, so keep it.
+            if obj["kind"] == "Job" and e.status == 422 and "immutable" in e.message:
+                log.info("keeping existing Job %s: %s", obj["metadata"]["name"], e.message)
+                continue
+            raise
+    for job in p.delete_jobs:
+        kube.delete("batch/v1", "jobs", namespace, job)
+    previous = obs.task.get("status") or {}
+    if p.status != previous:
+        patch = dict(p.status)
+        for key in previous:
+            patch.setdefault(key, None)  # merge patch: null removes what we no longer report
+        kube.patch_status(namespace, name, patch)
+        for type_, reason, message in p.events:
+            kube.event(obs.task, type_, reason, message)
+    if p.invalid and p.status != previous:
+        log.error("AgentTask %s/%s has an invalid spec: %s", namespace, name, p.invalid)
+    return p

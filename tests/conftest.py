@@ -1,0 +1,93 @@
+"""Shared fixtures: one real local control plane per test session, on demand.
+
+The control plane comes up only when a test asks for ``cluster`` (unit tests never pay for
+it). ``KUBECONFIG`` may name a running cluster made by ``e2e`` (``slm-fleet-cluster up``) to
+skip the start-up; any other cluster is refused, because these tests create and delete
+namespaces, CRDs and nodes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from slm_e2e.binaries import BUILD_SCRIPT, BinariesMissing, go_available, locate
+from slm_e2e.cluster import CONTEXT, LocalCluster
+from slm_e2e.testing import ClusterHandle, wait_for
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _binaries_or_skip() -> Any:
+    try:
+        return locate()
+    except BinariesMissing as exc:
+        if not go_available():
+            pytest.skip(
+                "integration tests need the local control plane, built from source with the Go "
+                f"toolchain (>= 1.26), which is not installed: {exc}"
+            )
+        subprocess.run(["bash", str(BUILD_SCRIPT)], check=True)
+        return locate()
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterHandle]:
+    bins = _binaries_or_skip()
+    kc = os.environ.get("KUBECONFIG")
+    if kc:
+        cfg = yaml.safe_load(Path(kc).read_text())
+        if cfg.get("current-context") != CONTEXT and not os.environ.get(
+            "SLM_FLEET_ALLOW_FOREIGN_CLUSTER"
+        ):
+            pytest.exit(
+                f"KUBECONFIG={kc} is not a local slm-fleet cluster (context {CONTEXT!r}); "
+                "unset it, or set SLM_FLEET_ALLOW_FOREIGN_CLUSTER=1 if you really mean it",
+                returncode=2,
+            )
+        yield ClusterHandle(kc, bins.kubectl.parent, bins.kubectl, None)
+        return
+    local = LocalCluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        state = local.up()
+    except Exception:
+        local.down()
+        raise
+    print(f"\nlocal control plane ready in {state.ready_seconds}s at {local.dir}")
+    try:
+        yield ClusterHandle(str(local.kubeconfig), bins.kubectl.parent, bins.kubectl, local)
+    finally:
+        local.down()
+
+
+@pytest.fixture
+def namespace(cluster: ClusterHandle) -> Iterator[str]:
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", name)
+    wait_for(
+        lambda: (
+            cluster.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode
+            == 0
+        ),
+        timeout=30,
+        what=f"default ServiceAccount in {name}",
+    )
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def agenttask_crd(cluster: ClusterHandle) -> Path:
+    crds = REPO / "crds"
+    cluster.kubectl("apply", "--server-side", "--field-manager=slm-fleet-tests", "-f", str(crds))
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s", "crd/agenttasks.slmfleet.dev"
+    )
+    return crds

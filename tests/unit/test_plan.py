@@ -1,0 +1,335 @@
+"""The reconcile decision on plain data: every phase of an AgentTask's life, no cluster."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+from typing import Any
+
+import pytest
+
+from slm_contract import TrainerResult
+from slm_operator import conditions as c
+from slm_operator import naming as n
+from slm_operator.observe import FAILED, RUNNING, SUCCEEDED, JobView
+from slm_operator.plan import Observed, gate_verdict, plan, select
+
+NOW = dt.datetime(2026, 11, 23, 12, 0, 0, tzinfo=dt.UTC)
+
+
+def make_task(**overrides: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "taskType": "tool-call",
+        "dataset": {"uri": "pvc://calls/agent/weather.jsonl", "minExamples": 200,
+                    "evalFraction": 0.2, "piiScrubbing": True},
+        "candidates": [
+            {"name": "small", "model": "HuggingFaceTB/SmolLM2-135M-Instruct", "method": "lora"},
+            {"name": "big", "model": "Qwen/Qwen2.5-1.5B-Instruct", "method": "lora"},
+        ],
+        "training": {"gpus": 1, "backoffLimit": 2, "activeDeadlineSeconds": 3600},
+        "storage": {"claimName": "slm-work"},
+        "evaluation": {"metric": "tool-call-ast", "gate": {"minScore": 0.8,
+                                                           "maxDropVsLLM": 0.05}},
+        "serving": {"minReplicas": 1, "maxReplicas": 3, "gpus": 1},
+        "fallback": {"llm": {"baseURL": "https://llm.example.com/v1", "model": "gpt-4o",
+                             "apiKeySecretRef": {"name": "llm", "key": "api-key"}}},
+    }
+    spec.update(overrides)
+    return {
+        "apiVersion": "slmfleet.dev/v1alpha1", "kind": "AgentTask",
+        "metadata": {"name": "weather", "namespace": "agents", "uid": "uid-1", "generation": 1},
+        "spec": spec,
+    }
+
+
+def result(stage: str, **kw: Any) -> TrainerResult:
+    return TrainerResult(stage=stage, ok=kw.pop("ok", True), **kw)
+
+
+def view(name: str, stage: str, rev: str, state: str, res: TrainerResult | None = None,
+         candidate: str | None = None, message: str = "",
+         finished: dt.datetime | None = None) -> JobView:
+    return JobView(name=name, stage=stage, revision=rev, candidate=candidate, state=state,
+                   result=res, message=message,
+                   finished_at=finished or (NOW - dt.timedelta(seconds=5)))
+
+
+def jobs_through(task: dict[str, Any], upto: str, scores: tuple[float, float] = (0.9, 0.95)
+                 ) -> dict[str, JobView]:
+    rev = n.revision_of(task["spec"])
+    name = task["metadata"]["name"]
+    out = {}
+    dn = n.data_job_name(name, rev)
+    out[dn] = view(dn, "prepare", rev, SUCCEEDED,
+                   result("prepare", examples=1000, train_examples=800, eval_examples=200))
+    if upto == "data":
+        return out
+    for cand, score, params in (("small", scores[0], 135_000_000),
+                                ("big", scores[1], 1_500_000_000)):
+        jn = n.finetune_job_name(name, cand, rev)
+        out[jn] = view(jn, "finetune", rev, SUCCEEDED, result(
+            "finetune", candidate=cand, score=score, llm_score=0.93, parameters=params,
+            artifact_uri=f"pvc://slm-work/weather/{rev}/candidates/{cand}", threshold=0.7,
+            train_seconds=120.0), candidate=cand)
+    if upto == "train":
+        return out
+    en = n.export_job_name(name, rev)
+    out[en] = view(en, "export", rev, SUCCEEDED, result(
+        "export", artifact_uri=f"pvc://slm-work/weather/{rev}/model_repository"))
+    return out
+
+
+def deployment(rev: str, candidate: str = "small", available: bool = True,
+               ready: int = 1) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "weather-slm", "generation": 1, "annotations": {
+            n.LABEL_REVISION: rev, n.ANNOTATION_CANDIDATE: candidate,
+            n.ANNOTATION_ARTIFACT: f"pvc://slm-work/weather/{rev}/model_repository"}},
+        "spec": {"replicas": 1},
+        "status": {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1,
+                   "readyReplicas": ready, "availableReplicas": ready,
+                   "conditions": [{"type": "Available",
+                                   "status": "True" if available else "False"}]},
+    }
+
+
+def conds(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {x["type"]: (x["status"], x["reason"]) for x in status["conditions"]}
+
+
+def kinds(p: Any) -> list[tuple[str, str]]:
+    return [(o["kind"], o["metadata"]["name"]) for o in p.apply]
+
+
+def test_fresh_task_starts_data_prep_and_sets_every_condition() -> None:
+    task = make_task()
+    p = plan(Observed(task, {}, None, None, NOW))
+    rev = n.revision_of(task["spec"])
+    assert kinds(p) == [("Job", f"weather-data-{rev}")]
+    cs = conds(p.status)
+    assert set(cs) == set(c.ALL_TYPES)
+    assert cs[c.DATA_READY] == (c.UNKNOWN, c.JOB_PENDING)
+    assert cs[c.FALLBACK_ACTIVE] == (c.TRUE, c.NO_SERVING_MODEL)
+    assert cs[c.READY][0] == c.FALSE
+    assert p.status["phase"] == "PreparingData"
+    assert p.status["route"]["mode"] == "llm"
+    assert p.status["revision"] == {"active": "", "training": rev}
+    assert all(x["observedGeneration"] == 1 for x in p.status["conditions"])
+
+
+def test_after_data_prep_one_gpu_job_per_candidate() -> None:
+    task = make_task()
+    p = plan(Observed(task, jobs_through(task, "data"), None, None, NOW))
+    ft = [o for o in p.apply if o["metadata"]["labels"][n.LABEL_STAGE] == "finetune"]
+    assert len(ft) == 2
+    for job in ft:
+        pod = job["spec"]["template"]["spec"]
+        assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert {"key": "nvidia.com/gpu", "operator": "Exists",
+                "effect": "NoSchedule"} in pod["tolerations"]
+    assert conds(p.status)[c.DATA_READY] == (c.TRUE, c.DATA_PREPARED)
+    assert "1000 examples" in p.status["conditions"][0]["message"]
+    assert p.status["phase"] == "Training"
+    assert [x["state"] for x in p.status["candidates"]] == ["Pending", "Pending"]
+
+
+def test_running_candidate_reports_progress() -> None:
+    task = make_task()
+    jobs = jobs_through(task, "data")
+    rev = n.revision_of(task["spec"])
+    jn = n.finetune_job_name("weather", "small", rev)
+    jobs[jn] = JobView(jn, "finetune", rev, "small", RUNNING, progress=42)
+    p = plan(Observed(task, jobs, None, None, NOW))
+    small = next(x for x in p.status["candidates"] if x["name"] == "small")
+    assert small["state"] == "Running" and small["progress"] == 42
+    assert conds(p.status)[c.TRAINED] == (c.UNKNOWN, c.JOB_RUNNING)
+
+
+def test_smallest_passing_candidate_is_selected_and_exported() -> None:
+    task = make_task()
+    p = plan(Observed(task, jobs_through(task, "train"), None, None, NOW))
+    assert conds(p.status)[c.EVALUATED] == (c.TRUE, c.GATE_PASSED)
+    export = [o for o in p.apply if o["metadata"]["labels"][n.LABEL_STAGE] == "export"]
+    assert len(export) == 1
+    assert "--candidate=small" in export[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert p.status["phase"] == "Exporting"
+    assert all(x["passedGate"] for x in p.status["candidates"])
+
+
+def test_best_score_policy_prefers_the_better_candidate() -> None:
+    task = make_task()
+    task["spec"]["evaluation"]["selectionPolicy"] = "best-score"
+    p = plan(Observed(task, jobs_through(task, "train"), None, None, NOW))
+    assert "big selected (best-score)" in next(
+        x["message"] for x in p.status["conditions"] if x["type"] == c.EVALUATED)
+
+
+def test_candidate_below_gate_is_reported_not_served() -> None:
+    task = make_task()
+    p = plan(Observed(task, jobs_through(task, "train", scores=(0.5, 0.95)), None, None, NOW))
+    by_name = {x["name"]: x for x in p.status["candidates"]}
+    assert by_name["small"]["passedGate"] is False and by_name["small"]["score"] == 0.5
+    assert by_name["big"]["passedGate"] is True
+    export = [o for o in p.apply if o["metadata"]["labels"][n.LABEL_STAGE] == "export"]
+    assert "--candidate=big" in export[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_no_candidate_passes_gate_not_met_and_nothing_exported() -> None:
+    task = make_task()
+    p = plan(Observed(task, jobs_through(task, "train", scores=(0.5, 0.6)), None, None, NOW))
+    assert conds(p.status)[c.EVALUATED] == (c.FALSE, c.GATE_NOT_MET)
+    assert conds(p.status)[c.READY] == (c.FALSE, c.GATE_NOT_MET)
+    assert p.status["phase"] == "Failed"
+    assert not [o for o in p.apply if o["metadata"]["labels"][n.LABEL_STAGE] == "export"]
+    msg = next(x["message"] for x in p.status["conditions"] if x["type"] == c.EVALUATED)
+    assert "score 0.500 < minScore 0.8" in msg
+    assert ("Warning", c.GATE_NOT_MET) in [(e[0], e[1]) for e in p.events]
+
+
+def test_failed_job_sets_trained_false_with_termination_message() -> None:
+    task = make_task(candidates=[{"name": "small", "model": "m"}])
+    jobs = jobs_through(task, "data")
+    rev = n.revision_of(task["spec"])
+    jn = n.finetune_job_name("weather", "small", rev)
+    jobs[jn] = view(jn, "finetune", rev, FAILED, candidate="small",
+                    message="CUDA out of memory while loading the model")
+    p = plan(Observed(task, jobs, None, None, NOW))
+    status, reason = conds(p.status)[c.TRAINED]
+    assert (status, reason) == (c.FALSE, c.JOB_FAILED)
+    msg = next(x["message"] for x in p.status["conditions"] if x["type"] == c.TRAINED)
+    assert "CUDA out of memory" in msg
+    assert p.status["candidates"][0]["state"] == "Failed"
+    assert p.status["phase"] == "Failed"
+
+
+def test_succeeded_job_without_result_waits_then_reports_missing() -> None:
+    task = make_task()
+    rev = n.revision_of(task["spec"])
+    dn = n.data_job_name("weather", rev)
+    fresh = {dn: view(dn, "prepare", rev, SUCCEEDED, None, finished=NOW)}
+    assert conds(plan(Observed(task, fresh, None, None, NOW)).status)[c.DATA_READY] == (
+        c.UNKNOWN, c.AWAITING_RESULT)
+    old = {dn: view(dn, "prepare", rev, SUCCEEDED, None,
+                    finished=NOW - dt.timedelta(minutes=10))}
+    assert conds(plan(Observed(task, old, None, None, NOW)).status)[c.DATA_READY] == (
+        c.FALSE, c.RESULT_MISSING)
+
+
+def test_export_done_deploys_then_ready_when_available() -> None:
+    task = make_task()
+    rev = n.revision_of(task["spec"])
+    p = plan(Observed(task, jobs_through(task, "export"), None, None, NOW))
+    assert ("Deployment", "weather-slm") in kinds(p) and ("Service", "weather-slm") in kinds(p)
+    dep = next(o for o in p.apply if o["kind"] == "Deployment")
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert f"--model-repository=/workspace/weather/{rev}/model_repository" in args
+    assert p.status["phase"] == "Deploying"
+    assert p.status["revision"] == {"active": rev, "training": ""}
+    assert p.status["selectedModel"]["candidate"] == "small"
+
+    task["status"] = p.status
+    svc = {"metadata": {"name": "weather-slm"}}
+    p2 = plan(Observed(task, jobs_through(task, "export"), deployment(rev), svc, NOW))
+    cs = conds(p2.status)
+    assert cs[c.SERVING] == (c.TRUE, c.DEPLOYMENT_AVAILABLE)
+    assert cs[c.READY] == (c.TRUE, c.READY_REASON)
+    assert cs[c.FALLBACK_ACTIVE] == (c.FALSE, c.SLM_SERVING)
+    assert p2.status["phase"] == "Serving"
+    assert p2.status["route"]["mode"] == "slm"
+    assert p2.status["route"]["slmEndpoint"] == "http://weather-slm.agents.svc:8000"
+    assert p2.status["selectedModel"]["artifactURI"].endswith("model_repository")
+    assert not [o for o in p2.apply if o["kind"] == "Job"]  # nothing to re-run
+
+    # Level-triggered and stable: the same observation yields the same status, no events.
+    task["status"] = p2.status
+    later = NOW + dt.timedelta(minutes=5)
+    p3 = plan(Observed(task, jobs_through(task, "export"), deployment(rev), svc, later))
+    assert p3.status == p2.status
+    assert p3.events == []
+
+
+def test_spec_change_trains_new_revision_while_old_keeps_serving() -> None:
+    task = make_task()
+    old_rev = n.revision_of(task["spec"])
+    old_jobs = jobs_through(task, "export")
+    svc = {"metadata": {"name": "weather-slm"}}
+    task["status"] = plan(Observed(task, old_jobs, deployment(old_rev), svc, NOW)).status
+
+    changed = copy.deepcopy(task)
+    changed["metadata"]["generation"] = 2
+    changed["spec"]["candidates"][0]["epochs"] = 5
+    new_rev = n.revision_of(changed["spec"])
+    assert new_rev != old_rev
+    p = plan(Observed(changed, old_jobs, deployment(old_rev), svc, NOW))
+    names = dict(kinds(p))
+    assert f"weather-data-{new_rev}" in [nm for k, nm in kinds(p) if k == "Job"]
+    dep = next(o for o in p.apply if o["kind"] == "Deployment")
+    assert dep["metadata"]["annotations"][n.LABEL_REVISION] == old_rev
+    assert names["Service"] == "weather-slm"
+    assert conds(p.status)[c.READY] == (c.TRUE, c.READY_REASON)
+    assert p.status["revision"] == {"active": old_rev, "training": new_rev}
+    assert p.status["selectedModel"]["revision"] == old_rev
+    assert p.status["phase"] == "PreparingData"
+    assert p.delete_jobs == []  # the active revision's Jobs are kept
+
+    # The new revision passes and exports: the Deployment moves to it.
+    new_jobs = {**old_jobs, **jobs_through(changed, "export")}
+    p2 = plan(Observed(changed, new_jobs, deployment(old_rev), svc, NOW))
+    dep = next(o for o in p2.apply if o["kind"] == "Deployment")
+    assert dep["metadata"]["annotations"][n.LABEL_REVISION] == new_rev
+    assert p2.status["revision"] == {"active": new_rev, "training": ""}
+    # Once the Deployment reports the new revision, the old revision's Jobs are removed.
+    p3 = plan(Observed(changed, new_jobs, deployment(new_rev), svc, NOW))
+    assert sorted(p3.delete_jobs) == sorted(old_jobs)
+
+
+def test_new_revision_failing_gate_keeps_old_model_serving() -> None:
+    task = make_task()
+    old_rev = n.revision_of(task["spec"])
+    old_jobs = jobs_through(task, "export")
+    svc = {"metadata": {"name": "weather-slm"}}
+    task["status"] = plan(Observed(task, old_jobs, deployment(old_rev), svc, NOW)).status
+    changed = copy.deepcopy(task)
+    changed["spec"]["dataset"]["minExamples"] = 300
+    jobs = {**old_jobs, **jobs_through(changed, "train", scores=(0.1, 0.2))}
+    p = plan(Observed(changed, jobs, deployment(old_rev), svc, NOW))
+    cs = conds(p.status)
+    assert cs[c.EVALUATED] == (c.FALSE, c.GATE_NOT_MET)
+    assert cs[c.SERVING][0] == c.TRUE and cs[c.READY][0] == c.TRUE
+    assert p.status["phase"] == "Serving"
+
+
+def test_invalid_name_is_invalid_spec_without_children() -> None:
+    task = make_task()
+    task["metadata"]["name"] = "Weather.v2"
+    p = plan(Observed(task, {}, None, None, NOW))
+    assert p.invalid and "DNS-1035" in p.invalid
+    assert p.apply == []
+    assert conds(p.status)[c.READY] == (c.FALSE, c.INVALID_SPEC)
+    assert p.status["phase"] == "Failed"
+
+
+def test_candidate_model_on_foreign_pvc_is_invalid() -> None:
+    task = make_task(candidates=[{"name": "a", "model": "pvc://other/models/a"}])
+    assert "another PVC" in (plan(Observed(task, {}, None, None, NOW)).invalid or "")
+
+
+@pytest.mark.parametrize(
+    ("gate", "score", "llm", "ok"),
+    [
+        ({"minScore": 0.8}, 0.8, None, True),
+        ({"minScore": 0.8}, 0.79, None, False),
+        ({"maxDropVsLLM": 0.05}, 0.91, 0.95, True),
+        ({"maxDropVsLLM": 0.05}, 0.89, 0.95, False),
+        ({"minScore": 0.5, "maxDropVsLLM": 0.01}, 0.9, 0.95, False),
+    ],
+)
+def test_gate_verdict(gate: dict[str, float], score: float, llm: float | None, ok: bool) -> None:
+    assert gate_verdict(result("finetune", score=score, llm_score=llm), gate)[0] is ok
+
+
+def test_select_ties_are_deterministic() -> None:
+    a = ({"name": "a"}, result("finetune", score=0.9, parameters=100))
+    b = ({"name": "b"}, result("finetune", score=0.9, parameters=100))
+    assert select([b, a], "smallest-passing")[0]["name"] == "a"  # type: ignore[index]
+    assert select([], "best-score") is None

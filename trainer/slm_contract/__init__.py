@@ -1,0 +1,195 @@
+"""The operator <-> trainer <-> gateway contract, in the standard library only.
+
+Why a separate package: the operator must never import torch, transformers or peft, yet it has
+to read what a trainer pod reports, and the gateway has to write call-log records that the
+trainer reads. Both records are defined once here and imported by every side.
+
+- :class:`TrainerResult` is what a finished trainer container writes to its termination message
+  path (``/dev/termination-log``). The kubelet copies that file, at most 4096 bytes, into
+  ``pod.status.containerStatuses[].state.terminated.message``, where the operator reads it.
+- :class:`CallRecord` is one captured agent call (S1 of the conversion loop): a JSON line in a
+  call-log shard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+#: The kubelet truncates termination messages above this many bytes.
+TERMINATION_MESSAGE_LIMIT = 4096
+
+RESULT_SCHEMA = "slmfleet.dev/trainer-result/v1"
+CALL_RECORD_SCHEMA = "slmfleet.dev/call-record/v1"
+
+STAGES = ("prepare", "finetune", "export")
+
+
+class ContractError(ValueError):
+    """A record does not follow the contract; the message says which field and why."""
+
+
+def _finite_or_none(value: Any, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ContractError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ContractError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class TrainerResult:
+    """What one trainer stage reports when it ends, successfully or not.
+
+    ``score`` and ``llm_score`` are in [0, 1] on the held-out split, measured with the
+    AgentTask's evaluation metric against the same references; the operator applies the gate.
+    """
+
+    stage: str
+    ok: bool
+    candidate: str | None = None
+    score: float | None = None
+    llm_score: float | None = None
+    parameters: int | None = None
+    trainable_parameters: int | None = None
+    artifact_uri: str | None = None
+    threshold: float | None = None
+    examples: int | None = None
+    train_examples: int | None = None
+    eval_examples: int | None = None
+    train_seconds: float | None = None
+    eval_seconds: float | None = None
+    message: str = ""
+    schema: str = field(default=RESULT_SCHEMA)
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ContractError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        for name in ("score", "llm_score", "threshold"):
+            v = _finite_or_none(getattr(self, name), name)
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise ContractError(f"{name} must be within [0, 1], got {v}")
+        for name in ("train_seconds", "eval_seconds"):
+            v = _finite_or_none(getattr(self, name), name)
+            if v is not None and v < 0:
+                raise ContractError(f"{name} must be >= 0, got {v}")
+        for name in (
+            "parameters",
+            "trainable_parameters",
+            "examples",
+            "train_examples",
+            "eval_examples",
+        ):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ContractError(f"{name} must be a non-negative integer, got {v!r}")
+
+    def to_json(self) -> str:
+        """Compact JSON that always fits the kubelet's 4 KiB limit (the message is cut first)."""
+        data = {k: v for k, v in asdict(self).items() if v is not None and v != ""}
+        text = json.dumps(data, separators=(",", ":"), sort_keys=True)
+        if len(text.encode()) <= TERMINATION_MESSAGE_LIMIT:
+            return text
+        overflow = len(text.encode()) - TERMINATION_MESSAGE_LIMIT + len(" [truncated]") + 8
+        msg = self.message.encode()[: max(0, len(self.message.encode()) - overflow)]
+        data["message"] = msg.decode(errors="ignore") + " [truncated]"
+        text = json.dumps(data, separators=(",", ":"), sort_keys=True)
+        if len(text.encode()) > TERMINATION_MESSAGE_LIMIT:
+            raise ContractError("result does not fit the 4096-byte termination message")
+        return text
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainerResult:
+        """Parse a termination message; raises ContractError with a readable reason."""
+        try:
+            data = json.loads(text)
+        except (TypeError, ValueError) as exc:
+            raise ContractError(f"termination message is not JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ContractError("termination message must be a JSON object")
+        schema = data.get("schema", RESULT_SCHEMA)
+        if schema != RESULT_SCHEMA:
+            raise ContractError(f"unsupported result schema {schema!r}, expected {RESULT_SCHEMA}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ContractError(f"unknown result fields: {', '.join(unknown)}")
+        if "stage" not in data or "ok" not in data:
+            raise ContractError("result needs 'stage' and 'ok'")
+        if not isinstance(data["ok"], bool):
+            raise ContractError("'ok' must be true or false")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ContractError(str(exc)) from exc
+
+    def write(self, path: str) -> None:
+        """Write to the container's termination message path."""
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(self.to_json())
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """One captured agent call, as the gateway appends it to a task's call log (JSON lines).
+
+    ``messages`` and ``tools`` are the OpenAI chat-completions request fields; ``response`` is
+    the assistant message that was returned (``content`` and/or ``tool_calls``). ``backend`` is
+    ``slm`` or ``llm``. Secrets never appear: the gateway drops auth headers and redacts PII
+    before writing.
+    """
+
+    task: str
+    messages: list[dict[str, Any]]
+    response: dict[str, Any]
+    backend: str
+    model: str = ""
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    latency_ms: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    timestamp: float = 0.0
+    request_id: str = ""
+    fallback_reason: str = ""
+    redactions: dict[str, int] = field(default_factory=dict)
+    schema: str = field(default=CALL_RECORD_SCHEMA)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"), ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> CallRecord:
+        """Validate one decoded JSON line; raises ContractError naming the bad field."""
+        if not isinstance(data, dict):
+            raise ContractError("a call record must be a JSON object")
+        schema = data.get("schema", CALL_RECORD_SCHEMA)
+        if schema != CALL_RECORD_SCHEMA:
+            raise ContractError(f"unsupported call record schema {schema!r}")
+        for name in ("task", "backend"):
+            if not isinstance(data.get(name), str) or not data[name]:
+                raise ContractError(f"{name} must be a non-empty string")
+        msgs = data.get("messages")
+        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
+            raise ContractError("messages must be a non-empty list of objects")
+        if not isinstance(data.get("response"), dict):
+            raise ContractError("response must be an object")
+        tools = data.get("tools", [])
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise ContractError("tools must be a list of objects")
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise ContractError(str(exc)) from exc
+
+    @classmethod
+    def from_json(cls, line: str) -> CallRecord:
+        try:
+            data = json.loads(line)
+        except ValueError as exc:
+            raise ContractError(f"not JSON: {exc}") from exc
+        return cls.from_dict(data)
