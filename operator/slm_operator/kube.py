@@ -75,15 +75,14 @@ class Kube:
         content_type: str = "application/json",
     ) -> Any:
         headers = {"Accept": "application/json", "Content-Type": content_type}
-        payload = body
-        if body is not None and not isinstance(body, str):
-            payload = json.dumps(body)
+        # Bodies stay dicts: the client's REST layer serialises JSON (and JSON-as-YAML for
+        # server-side apply) itself; a pre-serialised string would be encoded twice.
         params = self.api.param_serialize(
             method=method,
             resource_path=path,
             query_params=query or [],
             header_params=headers,
-            body=payload,
+            body=body,
             auth_settings=["BearerToken"],
         )
         try:

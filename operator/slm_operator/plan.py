@@ -538,10 +538,10 @@ def plan(obs: Observed) -> Plan:
         cond(c.READY, ready_c),
     ]
 
-    if training_needed and not step.terminal_failure:
-        phase = step.phase
-    elif is_serving:
+    if is_serving:  # a retraining beside a served model shows in revision.training
         phase = PHASE_SERVING
+    elif training_needed and not step.terminal_failure:
+        phase = step.phase
     elif active_rev and active_uri:
         phase = PHASE_DEPLOYING
     elif step.terminal_failure:

@@ -269,7 +269,7 @@ def test_spec_change_trains_new_revision_while_old_keeps_serving() -> None:
     assert conds(p.status)[c.READY] == (c.TRUE, c.READY_REASON)
     assert p.status["revision"] == {"active": old_rev, "training": new_rev}
     assert p.status["selectedModel"]["revision"] == old_rev
-    assert p.status["phase"] == "PreparingData"
+    assert p.status["phase"] == "Serving"
     assert p.delete_jobs == []  # the active revision's Jobs are kept
 
     # The new revision passes and exports: the Deployment moves to it.

@@ -1,0 +1,374 @@
+"""Admission of AgentTask manifests by a real kube-apiserver.
+
+The CRD's schema and CEL rules are the first thing a platform engineer meets: a bad manifest
+must fail at `kubectl apply` (or Argo CD sync) with a message that says what to fix, and a
+good one must come back with every default filled in, so the operator reads a complete spec.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("agenttask_crd")]
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
+
+DELETE = object()
+"""Sentinel for `mutated`: remove the key instead of setting it."""
+
+
+def valid_agenttask(name: str = "tool-selection") -> dict[str, Any]:
+    """A minimal valid AgentTask: only required fields, so the server must fill the rest."""
+    return {
+        "apiVersion": "slmfleet.dev/v1alpha1",
+        "kind": "AgentTask",
+        "metadata": {"name": name},
+        "spec": {
+            "dataset": {"uri": "pvc://call-logs/support-agent/tool-selection.jsonl"},
+            "candidates": [
+                {"name": "smollm2-135m", "model": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+                {"name": "qwen25-05b", "model": "Qwen/Qwen2.5-0.5B-Instruct", "method": "lora"},
+            ],
+            "storage": {"claimName": "slm-fleet-artifacts"},
+            "evaluation": {"metric": "tool-call-ast", "gate": {"maxDropVsLLM": 0.03}},
+            "fallback": {
+                "llm": {"baseURL": "https://api.openai.com/v1", "model": "gpt-4o"},
+            },
+        },
+    }
+
+
+def mutated(manifest: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """Deep-copy `manifest` and apply `changes`, keyed by dotted paths ("spec.candidates.0.name").
+
+    A value of DELETE removes the key; integer path parts index lists; missing objects on the
+    way are created.
+    """
+    result = copy.deepcopy(manifest)
+    for dotted, value in changes.items():
+        *parents, last = dotted.split(".")
+        node: Any = result
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+        if isinstance(node, list):
+            node[int(last)] = value
+        elif value is DELETE:
+            del node[last]
+        else:
+            node[last] = value
+    return result
+
+
+def apply(cluster: Any, namespace: str, manifest: dict[str, Any], *extra: str) -> Any:
+    return cluster.kubectl(
+        "apply",
+        "--server-side",
+        "-n",
+        namespace,
+        *extra,
+        "-f",
+        "-",
+        input=yaml.safe_dump(manifest),
+        check=False,
+    )
+
+
+BASE = valid_agenttask()
+DATASET_URI_MESSAGE = (
+    "dataset.uri must be pvc://<claim>/<path>, s3://<bucket>/<key> or file:///<absolute path>"
+)
+CRON_MESSAGE = "retraining.schedule must be a 5-field cron expression"
+REPLICAS_MESSAGE = "serving.minReplicas must be less than or equal to serving.maxReplicas"
+BASE_URL_MESSAGE = "fallback.llm.baseURL must be an http:// or https:// URL"
+
+
+def case(case_id: str, changes: dict[str, Any], *fragments: str) -> Any:
+    """One invalid manifest: BASE with `changes`, and what kubectl's stderr must contain."""
+    return pytest.param(mutated(BASE, changes), fragments, id=case_id)
+
+
+NINE_CANDIDATES = [
+    {"name": f"c{i}", "model": "HuggingFaceTB/SmolLM2-135M-Instruct"} for i in range(9)
+]
+
+INVALID = [
+    case(
+        "min-replicas-above-max",
+        {"spec.serving": {"minReplicas": 5, "maxReplicas": 2}},
+        REPLICAS_MESSAGE,
+    ),
+    case("min-replicas-above-default-max", {"spec.serving": {"minReplicas": 5}}, REPLICAS_MESSAGE),
+    case(
+        "empty-gate",
+        {"spec.evaluation.gate": {}},
+        "evaluation.gate needs minScore, maxDropVsLLM or both",
+    ),
+    case(
+        "no-candidates", {"spec.candidates": []}, "spec.candidates", "should have at least 1 items"
+    ),
+    case(
+        "too-many-candidates",
+        {"spec.candidates": NINE_CANDIDATES},
+        "spec.candidates",
+        "must have at most 8 items",
+    ),
+    case(
+        "qlora-without-gpu",
+        {"spec.candidates.1.method": "qlora", "spec.training": {"gpus": 0}},
+        "qlora needs a GPU: set training.gpus >= 1, or use method lora or full",
+    ),
+    case(
+        "dataset-uri-https",
+        {"spec.dataset.uri": "https://logs.example.com/calls.jsonl"},
+        DATASET_URI_MESSAGE,
+    ),
+    case(
+        "dataset-uri-pvc-without-path", {"spec.dataset.uri": "pvc://call-logs"}, DATASET_URI_MESSAGE
+    ),
+    case(
+        "base-url-ftp", {"spec.fallback.llm.baseURL": "ftp://llm.example.com/v1"}, BASE_URL_MESSAGE
+    ),
+    case(
+        "base-url-without-scheme",
+        {"spec.fallback.llm.baseURL": "api.openai.com/v1"},
+        BASE_URL_MESSAGE,
+    ),
+    case(
+        "unknown-task-type",
+        {"spec.taskType": "summarisation"},
+        "spec.taskType",
+        'Unsupported value: "summarisation"',
+    ),
+    case(
+        "unknown-metric",
+        {"spec.evaluation.metric": "bleu"},
+        "spec.evaluation.metric",
+        'Unsupported value: "bleu"',
+    ),
+    case(
+        "tool-call-ast-for-classification",
+        {"spec.taskType": "classification"},
+        "evaluation.metric tool-call-ast only applies to taskType tool-call",
+    ),
+    case(
+        "label-accuracy-for-extraction",
+        {"spec.taskType": "extraction", "spec.evaluation.metric": "label-accuracy"},
+        "evaluation.metric label-accuracy only applies to taskType classification or tool-call",
+    ),
+    case(
+        "duplicate-candidate-names",
+        {"spec.candidates.1.name": "smollm2-135m"},
+        "spec.candidates",
+        "smollm2-135m",
+        "duplicate entries for key",
+    ),
+    case(
+        "candidate-name-uppercase",
+        {"spec.candidates.0.name": "SmolLM2"},
+        "spec.candidates[0].name",
+        "should match",
+    ),
+    case(
+        "candidate-name-too-long",
+        {"spec.candidates.0.name": "smollm2-135m-instruct-v2"},
+        "spec.candidates[0].name",
+        "Too long",
+    ),
+    case(
+        "eval-fraction-too-high",
+        {"spec.dataset.evalFraction": 0.9},
+        "spec.dataset.evalFraction",
+        "should be less than or equal to 0.5",
+    ),
+    case(
+        "negative-training-gpus",
+        {"spec.training": {"gpus": -1}},
+        "spec.training.gpus",
+        "should be greater than or equal to 0",
+    ),
+    case(
+        "zero-learning-rate",
+        {"spec.candidates.0.learningRate": 0},
+        "spec.candidates[0].learningRate",
+        "should be greater than 0",
+    ),
+    case(
+        "zero-lora-rank",
+        {"spec.candidates.0.lora": {"r": 0}},
+        "spec.candidates[0].lora.r",
+        "should be greater than or equal to 1",
+    ),
+    case(
+        "gate-drop-above-one",
+        {"spec.evaluation.gate.maxDropVsLLM": 1.5},
+        "spec.evaluation.gate.maxDropVsLLM",
+        "should be less than or equal to 1",
+    ),
+    case("missing-storage", {"spec.storage": DELETE}, "spec.storage: Required value"),
+    case(
+        "missing-fallback-llm-model",
+        {"spec.fallback.llm.model": DELETE},
+        "spec.fallback.llm.model: Required value",
+    ),
+    case("cron-schedule-four-fields", {"spec.retraining": {"schedule": "0 3 * *"}}, CRON_MESSAGE),
+    case(
+        "cron-schedule-words", {"spec.retraining": {"schedule": "every sunday at 3"}}, CRON_MESSAGE
+    ),
+    case(
+        "unknown-toleration-operator",
+        {"spec.serving.tolerations": [{"key": "nvidia.com/gpu", "operator": "In"}]},
+        "spec.serving.tolerations[0].operator",
+        'Unsupported value: "In"',
+    ),
+]
+
+
+@pytest.mark.parametrize(("manifest", "fragments"), INVALID)
+def test_invalid_agenttask_is_rejected_with_a_readable_message(
+    cluster: Any, namespace: str, manifest: dict[str, Any], fragments: tuple[str, ...]
+) -> None:
+    result = apply(cluster, namespace, manifest)
+
+    assert result.returncode != 0, f"apiserver accepted an invalid AgentTask:\n{result.stdout}"
+    for fragment in fragments:
+        assert fragment in result.stderr
+
+
+def test_valid_agenttask_is_stored_with_defaults(cluster: Any, namespace: str) -> None:
+    result = apply(cluster, namespace, BASE)
+    assert result.returncode == 0, result.stderr
+
+    stored = json.loads(
+        cluster.kubectl("get", "agenttask", "tool-selection", "-n", namespace, "-o", "json").stdout
+    )
+    spec = stored["spec"]
+    assert spec["taskType"] == "tool-call"
+    assert spec["dataset"]["minExamples"] == 200
+    assert spec["dataset"]["evalFraction"] == 0.2
+    assert spec["dataset"]["piiScrubbing"] is True
+    assert spec["candidates"][0]["method"] == "lora"
+    assert spec["candidates"][0]["epochs"] == 3
+    assert spec["candidates"][0]["learningRate"] == 0.0002
+    assert spec["candidates"][0]["maxSeqLength"] == 1024
+    assert spec["training"]["gpus"] == 1
+    assert spec["training"]["image"] == "ghcr.io/slm-fleet/trainer:0.1.0"
+    assert spec["training"]["activeDeadlineSeconds"] == 21600
+    assert spec["training"]["backoffLimit"] == 2
+    assert spec["evaluation"]["selectionPolicy"] == "smallest-passing"
+    assert spec["serving"]["image"] == "nvcr.io/nvidia/tritonserver:25.01-py3"
+    assert (spec["serving"]["minReplicas"], spec["serving"]["maxReplicas"]) == (1, 4)
+    assert spec["serving"]["gpus"] == 1
+    assert spec["serving"]["slo"] == {
+        "p95LatencyMs": 500,
+        "maxErrorRate": 0.01,
+        "targetQpsPerReplica": 10,
+    }
+    assert spec["fallback"]["policy"] == {
+        "windowSeconds": 30,
+        "breachWindows": 3,
+        "recoveryWindows": 5,
+    }
+    assert "retraining" not in spec
+
+
+def test_lora_block_and_secret_ref_get_their_defaults(cluster: Any, namespace: str) -> None:
+    manifest = mutated(
+        BASE,
+        {
+            "spec.candidates.0.lora": {},
+            "spec.fallback.llm.apiKeySecretRef": {"name": "openai-api-key"},
+            "spec.retraining": {"schedule": "0 3 * * 0"},
+        },
+    )
+    result = apply(cluster, namespace, manifest)
+    assert result.returncode == 0, result.stderr
+
+    spec = json.loads(
+        cluster.kubectl("get", "agenttask", "tool-selection", "-n", namespace, "-o", "json").stdout
+    )["spec"]
+    assert spec["candidates"][0]["lora"] == {"r": 16, "alpha": 32, "dropout": 0.05}
+    assert spec["fallback"]["llm"]["apiKeySecretRef"] == {
+        "name": "openai-api-key",
+        "key": "api-key",
+    }
+    assert spec["retraining"] == {
+        "schedule": "0 3 * * 0",
+        "enabled": True,
+        "minNewExamples": 1000,
+    }
+
+
+def test_task_type_cannot_change_after_creation(cluster: Any, namespace: str) -> None:
+    created = apply(cluster, namespace, BASE)
+    assert created.returncode == 0, created.stderr
+
+    # label-accuracy is valid for classification, so only the immutability rule can object.
+    changed = mutated(
+        BASE, {"spec.taskType": "classification", "spec.evaluation.metric": "label-accuracy"}
+    )
+    result = apply(cluster, namespace, changed)
+
+    assert result.returncode != 0
+    assert "taskType is immutable: create a new AgentTask for a different kind of task" in (
+        result.stderr
+    )
+    stored = cluster.kubectl(
+        "get",
+        "agenttask",
+        "tool-selection",
+        "-n",
+        namespace,
+        "-o",
+        "jsonpath={.spec.taskType}",
+    ).stdout
+    assert stored == "tool-call"
+
+
+def test_other_fields_stay_mutable(cluster: Any, namespace: str) -> None:
+    assert apply(cluster, namespace, BASE).returncode == 0
+
+    result = apply(cluster, namespace, mutated(BASE, {"spec.serving": {"maxReplicas": 8}}))
+
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "pvc://call-logs/support-agent/",
+        "s3://agent-call-logs/triage/2026-01.jsonl",
+        "file:///data/calls.jsonl",
+    ],
+)
+def test_every_dataset_scheme_is_accepted(cluster: Any, namespace: str, uri: str) -> None:
+    result = apply(cluster, namespace, mutated(BASE, {"spec.dataset.uri": uri}), "--dry-run=server")
+
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_is_accepted(cluster: Any, namespace: str, path: Path) -> None:
+    result = cluster.kubectl(
+        "apply",
+        "--server-side",
+        "--dry-run=server",
+        "-n",
+        namespace,
+        "-f",
+        str(path),
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stderr
+
+
+def test_examples_cover_every_task_type() -> None:
+    task_types = {yaml.safe_load(p.read_text())["spec"]["taskType"] for p in EXAMPLES}
+
+    assert task_types == {"tool-call", "classification", "extraction", "generation"}

@@ -1,0 +1,469 @@
+"""The operator against the real control plane: from an AgentTask to a served SLM.
+
+The operator runs as a real process (kopf, ``--standalone``, one namespace). kwok schedules
+and runs the pods on fake GPU and CPU nodes; the tests play the kubelet for trainer pods by
+writing the termination message the real trainer writes (:mod:`slm_e2e.kubelet`).
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from slm_contract import TrainerResult
+from slm_e2e.kubelet import complete_job, running_pod
+from slm_e2e.testing import ClusterHandle, OperatorProcess, wait_for
+from slm_operator import naming as n
+
+pytestmark = pytest.mark.integration
+
+CLAIM = "slm-work"
+
+
+@pytest.fixture
+def storage(cluster: ClusterHandle, namespace: str, tmp_path: Path) -> Iterator[str]:
+    """A PVC bound to a hostPath PV, as the trainer and Triton pods mount one."""
+    pv = f"pv-{namespace}"
+    cluster.apply(
+        [
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolume",
+                "metadata": {"name": pv},
+                "spec": {
+                    "capacity": {"storage": "10Gi"},
+                    "accessModes": ["ReadWriteMany"],
+                    "storageClassName": "manual",
+                    "hostPath": {"path": str(tmp_path / "pv")},
+                    "claimRef": {"namespace": namespace, "name": CLAIM},
+                },
+            },
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": CLAIM, "namespace": namespace},
+                "spec": {
+                    "accessModes": ["ReadWriteMany"],
+                    "storageClassName": "manual",
+                    "volumeName": pv,
+                    "resources": {"requests": {"storage": "10Gi"}},
+                },
+            },
+        ]
+    )
+    wait_for(
+        lambda: cluster.get_json("pvc", CLAIM, "-n", namespace)["status"].get("phase") == "Bound",
+        timeout=30,
+        what="the PVC to bind",
+    )
+    yield CLAIM
+    cluster.kubectl("delete", "pv", pv, "--wait=false", check=False)
+
+
+@pytest.fixture
+def operator(
+    cluster: ClusterHandle, namespace: str, tmp_path: Path, agenttask_crd: Path
+) -> Iterator[OperatorProcess]:
+    op = OperatorProcess(cluster.kubeconfig, namespace, tmp_path / "operator.log").start()
+    yield op
+    # Delete tasks while the operator still runs (kopf's advice), then stop it.
+    cluster.kubectl("delete", "agenttasks", "--all", "-n", namespace, "--wait=false", check=False)
+    op.stop()
+    print(op.log()[-4000:])
+
+
+def agenttask(
+    name: str = "weather", candidates: list[dict[str, Any]] | None = None, **spec: Any
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "description": "Pick the weather tool and fill its arguments",
+        "taskType": "tool-call",
+        "dataset": {"uri": f"pvc://{CLAIM}/calls/weather.jsonl", "minExamples": 100},
+        "candidates": candidates
+        or [
+            {"name": "small", "model": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+            {"name": "big", "model": "Qwen/Qwen2.5-0.5B-Instruct", "method": "qlora"},
+        ],
+        "training": {"gpus": 1, "backoffLimit": 0},
+        "storage": {"claimName": CLAIM},
+        "evaluation": {"metric": "tool-call-ast", "gate": {"minScore": 0.8, "maxDropVsLLM": 0.05}},
+        "serving": {"minReplicas": 2, "maxReplicas": 4, "gpus": 1},
+        "fallback": {
+            "llm": {
+                "baseURL": "http://127.0.0.1:9/v1",
+                "model": "gpt-4o-mini",
+                "apiKeySecretRef": {"name": "llm-key"},
+            }
+        },
+    }
+    body.update(spec)
+    return {
+        "apiVersion": "slmfleet.dev/v1alpha1",
+        "kind": "AgentTask",
+        "metadata": {"name": name},
+        "spec": body,
+    }
+
+
+def get_task(cluster: ClusterHandle, ns: str, name: str = "weather") -> dict[str, Any]:
+    task: dict[str, Any] = cluster.get_json("agenttask", name, "-n", ns)
+    return task
+
+
+def condition(task: dict[str, Any], type_: str) -> dict[str, Any]:
+    for c in (task.get("status") or {}).get("conditions") or []:
+        if c["type"] == type_:
+            return dict(c)
+    return {}
+
+
+def revision(cluster: ClusterHandle, ns: str, name: str = "weather") -> str:
+    return str(
+        wait_for(
+            lambda: (
+                (get_task(cluster, ns, name).get("status") or {})
+                .get("revision", {})
+                .get("training")
+            ),
+            timeout=30,
+            what="a training revision in status",
+        )
+    )
+
+
+def jobs(cluster: ClusterHandle, ns: str, name: str = "weather") -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = cluster.get_json(
+        "jobs", "-n", ns, "-l", f"{n.LABEL_TASK}={name}"
+    )["items"]
+    return items
+
+
+def ok(stage: str, **kw: Any) -> str:
+    return TrainerResult(stage=stage, ok=True, **kw).to_json()
+
+
+def finetune_result(cand: str, score: float, params: int, rev: str) -> str:
+    return ok(
+        "finetune",
+        candidate=cand,
+        score=score,
+        llm_score=0.95,
+        parameters=params,
+        artifact_uri=f"pvc://{CLAIM}/weather/{rev}/candidates/{cand}",
+        threshold=0.72,
+        train_seconds=321.5,
+        eval_seconds=12.0,
+    )
+
+
+def run_revision(
+    cluster: ClusterHandle,
+    ns: str,
+    rev: str,
+    small: float = 0.62,
+    big: float = 0.93,
+    name: str = "weather",
+) -> None:
+    """Play every trainer pod of one revision through to export."""
+    complete_job(
+        cluster,
+        ns,
+        n.data_job_name(name, rev),
+        ok("prepare", examples=1200, train_examples=960, eval_examples=240),
+    )
+    for cand, score, params in (("small", small, 135_000_000), ("big", big, 494_000_000)):
+        complete_job(
+            cluster,
+            ns,
+            n.finetune_job_name(name, cand, rev),
+            finetune_result(cand, score, params, rev),
+        )
+    complete_job(
+        cluster,
+        ns,
+        n.export_job_name(name, rev),
+        ok("export", candidate="big", artifact_uri=f"pvc://{CLAIM}/{name}/{rev}/model_repository"),
+    )
+
+
+def test_agenttask_trains_selects_serves_updates_and_cleans_up(
+    cluster: ClusterHandle, namespace: str, storage: str, operator: OperatorProcess
+) -> None:
+    ns = namespace
+    cluster.apply(agenttask(), ns)
+    rev = revision(cluster, ns)
+
+    # Data prep runs first, CPU only: no GPU request, so it lands on a CPU node.
+    data_pod = running_pod(cluster, ns, n.data_job_name("weather", rev))
+    assert data_pod["spec"]["nodeName"].startswith("kwok-cpu-")
+    assert get_task(cluster, ns)["status"]["phase"] == "PreparingData"
+    complete_job(
+        cluster,
+        ns,
+        n.data_job_name("weather", rev),
+        ok("prepare", examples=1200, train_examples=960, eval_examples=240),
+    )
+
+    # One fine-tune Job per candidate, on GPU nodes, with the GPU request.
+    for cand in ("small", "big"):
+        pod = running_pod(cluster, ns, n.finetune_job_name("weather", cand, rev))
+        assert pod["spec"]["nodeName"].startswith("kwok-gpu-")
+        limits = pod["spec"]["containers"][0]["resources"]["limits"]
+        assert limits["nvidia.com/gpu"] == "1"
+        assert pod["metadata"]["labels"][n.LABEL_CANDIDATE] == cand
+    wait_for(
+        lambda: get_task(cluster, ns)["status"]["phase"] == "Training",
+        timeout=20,
+        what="phase Training",
+    )
+    for cand, score, params in (("small", 0.62, 135_000_000), ("big", 0.93, 494_000_000)):
+        complete_job(
+            cluster,
+            ns,
+            n.finetune_job_name("weather", cand, rev),
+            finetune_result(cand, score, params, rev),
+        )
+
+    # The gate: small (0.62 < 0.8) is reported, big passes and is exported.
+    complete_job(
+        cluster,
+        ns,
+        n.export_job_name("weather", rev),
+        ok("export", candidate="big", artifact_uri=f"pvc://{CLAIM}/weather/{rev}/model_repository"),
+    )
+    cluster.kubectl("wait", "-n", ns, "--for=condition=Ready", "--timeout=60s", "agenttask/weather")
+
+    task = get_task(cluster, ns)
+    st = task["status"]
+    assert st["phase"] == "Serving"
+    assert st["selectedModel"]["candidate"] == "big"
+    assert st["selectedModel"]["score"] == 0.93
+    by_name = {c["name"]: c for c in st["candidates"]}
+    assert by_name["small"]["passedGate"] is False and by_name["small"]["score"] == 0.62
+    assert by_name["big"]["passedGate"] is True and by_name["big"]["parameters"] == 494_000_000
+    assert by_name["big"]["progress"] == 100
+    assert condition(task, "Evaluated")["reason"] == "GatePassed"
+    assert "small score 0.620 < minScore 0.8" not in condition(task, "Evaluated")["message"]
+    assert condition(task, "FallbackActive")["status"] == "False"
+    assert st["serving"]["readyReplicas"] == 2
+    assert st["route"]["mode"] == "slm"
+    assert st["observedGeneration"] == task["metadata"]["generation"]
+
+    dep = cluster.get_json("deployment", "weather-slm", "-n", ns)
+    assert dep["metadata"]["ownerReferences"][0]["uid"] == task["metadata"]["uid"]
+    tpl = dep["spec"]["template"]["spec"]
+    assert (
+        f"--model-repository=/workspace/weather/{rev}/model_repository"
+        in tpl["containers"][0]["args"]
+    )
+    pods = cluster.get_json("pods", "-n", ns, "-l", "slmfleet.dev/stage=serving")["items"]
+    assert len(pods) == 2 and all(p["spec"]["nodeName"].startswith("kwok-gpu-") for p in pods)
+    svc = cluster.get_json("service", "weather-slm", "-n", ns)
+    assert {p["port"] for p in svc["spec"]["ports"]} == {8000, 8001, 8002}
+
+    table = cluster.kubectl("get", "agenttasks", "-n", ns).stdout
+    header = table.splitlines()[0].split()
+    assert header == ["NAME", "PHASE", "MODEL", "SCORE", "REPLICAS", "FALLBACK", "AGE"]
+    assert table.splitlines()[1].split()[:6] == ["weather", "Serving", "big", "0.93", "2", "False"]
+    events = cluster.get_json(
+        "events", "-n", ns, "--field-selector", "involvedObject.name=weather"
+    )["items"]
+    reasons = {e["reason"] for e in events}
+    assert {"DataPrepared", "GatePassed", "DeploymentAvailable", "Ready"} <= reasons
+
+    # Status is written only on change: a quiet period leaves resourceVersion alone.
+    rv = get_task(cluster, ns)["metadata"]["resourceVersion"]
+    import time
+
+    time.sleep(5)  # > 2 resync periods of the operator under test
+    assert get_task(cluster, ns)["metadata"]["resourceVersion"] == rv
+
+    # A spec change trains a new revision while the old one keeps serving.
+    changed = agenttask()
+    changed["spec"]["candidates"][0]["epochs"] = 5
+    cluster.apply(changed, ns)
+    new_rev = wait_for(
+        lambda: (
+            (r := get_task(cluster, ns)["status"]["revision"].get("training")) and r != rev and r
+        ),
+        timeout=30,
+        what="a new training revision",
+    )
+    running_pod(cluster, ns, n.data_job_name("weather", new_rev))
+    task = get_task(cluster, ns)
+    assert condition(task, "Ready")["status"] == "True"
+    assert task["status"]["revision"]["active"] == rev
+    dep = cluster.get_json("deployment", "weather-slm", "-n", ns)
+    assert dep["metadata"]["annotations"][n.LABEL_REVISION] == rev
+
+    run_revision(cluster, ns, new_rev)
+    wait_for(
+        lambda: get_task(cluster, ns)["status"]["revision"] == {"active": new_rev, "training": ""},
+        timeout=30,
+        what="the new revision to be active",
+    )
+    dep = cluster.get_json("deployment", "weather-slm", "-n", ns)
+    assert dep["metadata"]["annotations"][n.LABEL_REVISION] == new_rev
+    wait_for(
+        lambda: {j["metadata"]["labels"][n.LABEL_REVISION] for j in jobs(cluster, ns)} == {new_rev},
+        timeout=30,
+        what="the old revision's Jobs to be removed",
+    )
+    cluster.kubectl("wait", "-n", ns, "--for=condition=Ready", "--timeout=60s", "agenttask/weather")
+
+    # Deleting the task removes every child through ownerReferences.
+    cluster.kubectl("delete", "agenttask", "weather", "-n", ns, "--timeout=60s")
+    wait_for(
+        lambda: (
+            not jobs(cluster, ns)
+            and not cluster.get_json(
+                "deployments,services", "-n", ns, "-l", f"{n.LABEL_TASK}=weather"
+            )["items"]
+        ),
+        timeout=60,
+        what="garbage collection of every child",
+    )
+
+
+def test_gate_not_met_is_reported_and_nothing_is_served(
+    cluster: ClusterHandle, namespace: str, storage: str, operator: OperatorProcess
+) -> None:
+    ns = namespace
+    cluster.apply(agenttask(), ns)
+    rev = revision(cluster, ns)
+    complete_job(
+        cluster,
+        ns,
+        n.data_job_name("weather", rev),
+        ok("prepare", examples=500, train_examples=400, eval_examples=100),
+    )
+    for cand, score in (("small", 0.41), ("big", 0.7)):
+        complete_job(
+            cluster,
+            ns,
+            n.finetune_job_name("weather", cand, rev),
+            finetune_result(cand, score, 1000, rev),
+        )
+    cluster.kubectl(
+        "wait", "-n", ns, "--for=condition=Evaluated=False", "--timeout=60s", "agenttask/weather"
+    )
+    task = get_task(cluster, ns)
+    ev = condition(task, "Evaluated")
+    assert ev["reason"] == "GateNotMet"
+    assert "big score 0.700 < minScore 0.8" in ev["message"]
+    assert task["status"]["phase"] == "Failed"
+    assert condition(task, "FallbackActive")["status"] == "True"
+    assert not cluster.get_json("deployments", "-n", ns)["items"]
+    assert not [j for j in jobs(cluster, ns) if j["metadata"]["labels"][n.LABEL_STAGE] == "export"]
+
+
+def test_failed_job_shows_its_termination_message(
+    cluster: ClusterHandle, namespace: str, storage: str, operator: OperatorProcess
+) -> None:
+    ns = namespace
+    cluster.apply(agenttask(candidates=[{"name": "small", "model": "org/tiny"}]), ns)
+    rev = revision(cluster, ns)
+    complete_job(
+        cluster,
+        ns,
+        n.data_job_name("weather", rev),
+        ok("prepare", examples=500, train_examples=400, eval_examples=100),
+    )
+    failure = TrainerResult(
+        stage="finetune",
+        ok=False,
+        candidate="small",
+        message="CUDA out of memory: tried to allocate 2.00 GiB",
+    ).to_json()
+    complete_job(cluster, ns, n.finetune_job_name("weather", "small", rev), failure, exit_code=1)
+    cluster.kubectl(
+        "wait", "-n", ns, "--for=condition=Trained=False", "--timeout=60s", "agenttask/weather"
+    )
+    task = get_task(cluster, ns)
+    trained = condition(task, "Trained")
+    assert trained["reason"] == "JobFailed"
+    assert "CUDA out of memory: tried to allocate 2.00 GiB" in trained["message"]
+    assert task["status"]["candidates"][0]["state"] == "Failed"
+    warnings = cluster.get_json("events", "-n", ns, "--field-selector", "type=Warning")["items"]
+    assert any(e["reason"] == "JobFailed" for e in warnings)
+
+
+def test_operator_killed_mid_flow_converges_without_duplicates(
+    cluster: ClusterHandle, namespace: str, storage: str, operator: OperatorProcess
+) -> None:
+    ns = namespace
+    cluster.apply(agenttask(), ns)
+    rev = revision(cluster, ns)
+    complete_job(
+        cluster,
+        ns,
+        n.data_job_name("weather", rev),
+        ok("prepare", examples=1200, train_examples=960, eval_examples=240),
+    )
+    running_pod(cluster, ns, n.finetune_job_name("weather", "small", rev))
+    assert operator.proc is not None
+    operator.proc.send_signal(signal.SIGKILL)
+    operator.proc.wait(timeout=10)
+
+    # While the operator is down, training finishes.
+    for cand, score, params in (("small", 0.62, 135_000_000), ("big", 0.93, 494_000_000)):
+        complete_job(
+            cluster,
+            ns,
+            n.finetune_job_name("weather", cand, rev),
+            finetune_result(cand, score, params, rev),
+        )
+    operator.start()
+    complete_job(
+        cluster,
+        ns,
+        n.export_job_name("weather", rev),
+        ok("export", candidate="big", artifact_uri=f"pvc://{CLAIM}/weather/{rev}/model_repository"),
+    )
+    cluster.kubectl("wait", "-n", ns, "--for=condition=Ready", "--timeout=60s", "agenttask/weather")
+    names = sorted(j["metadata"]["name"] for j in jobs(cluster, ns))
+    assert names == sorted(
+        [
+            n.data_job_name("weather", rev),
+            n.export_job_name("weather", rev),
+            n.finetune_job_name("weather", "small", rev),
+            n.finetune_job_name("weather", "big", rev),
+        ]
+    )
+    assert all(j["status"].get("succeeded") == 1 for j in jobs(cluster, ns))
+    assert len(cluster.get_json("deployments", "-n", ns)["items"]) == 1
+    assert get_task(cluster, ns)["status"]["selectedModel"]["candidate"] == "big"
+
+
+def test_invalid_combination_sets_invalid_spec_without_crash_loop(
+    cluster: ClusterHandle, namespace: str, storage: str, operator: OperatorProcess
+) -> None:
+    ns = namespace
+    # Schema-valid, but trainer pods mount only storage.claimName: a model on another PVC
+    # could never be read. The operator reports it instead of creating Jobs that would fail.
+    bad = agenttask(name="misplaced", candidates=[
+        {"name": "small", "model": "pvc://other-claim/models/smollm2"}])
+    cluster.apply(bad, ns)
+    cluster.kubectl("wait", "-n", ns, "--for=condition=Ready=False", "--timeout=60s",
+                    "agenttask/misplaced")
+    task = get_task(cluster, ns, "misplaced")
+    ready = condition(task, "Ready")
+    assert ready["reason"] == "InvalidSpec"
+    assert "another PVC than storage.claimName slm-work" in ready["message"]
+    assert task["status"]["phase"] == "Failed"
+    assert not jobs(cluster, ns, "misplaced")
+    warnings = cluster.get_json("events", "-n", ns, "--field-selector", "type=Warning")["items"]
+    assert any(e["reason"] == "InvalidSpec" for e in warnings)
+    # The operator stays up and keeps serving other tasks.
+    cluster.apply(agenttask(), ns)
+    revision(cluster, ns)
+    assert operator.proc is not None and operator.proc.poll() is None
+    # ...and fixing the spec clears the condition.
+    bad["spec"]["candidates"][0]["model"] = "pvc://slm-work/models/smollm2"
+    cluster.apply(bad, ns)
+    wait_for(lambda: condition(get_task(cluster, ns, "misplaced"), "Ready").get("reason")
+             != "InvalidSpec", timeout=30, what="InvalidSpec to clear after the fix")
