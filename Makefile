@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= operator,trainer,dev
+EXTRAS ?= operator,gateway,trainer,dev
 
 .PHONY: setup venv binaries system-deps test unit integration lint typecheck cluster-up cluster-down cluster-status clean
 
@@ -14,6 +14,9 @@ venv:
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	# BFCL's data and AST checker only: its own pins (numpy==1.26.4, vllm...) would
+	# downgrade the trainer's stack, so it is installed without dependencies.
+	$(PY) -m pip install -q --no-deps 'bfcl-eval==2026.3.23'
 
 binaries:
 	bash e2e/build-binaries.sh

@@ -24,6 +24,13 @@ TRITON_HTTP, TRITON_GRPC, TRITON_METRICS = 8000, 8001, 8002
 
 Obj = dict[str, Any]
 
+#: The ``slm-trainer`` sub-command each Job stage runs.
+TRAINER_COMMANDS: Final = {
+    n.STAGE_PREPARE: "curate",
+    n.STAGE_FINETUNE: "finetune",
+    n.STAGE_EXPORT: "export",
+}
+
 
 def _meta(task: Mapping[str, Any]) -> tuple[str, str]:
     return task["metadata"]["name"], task["metadata"]["namespace"]
@@ -115,7 +122,7 @@ def _trainer_job(
     container: Obj = {
         "name": "trainer",
         "image": training.get("image", "ghcr.io/slm-fleet/trainer:0.1.0"),
-        "command": ["slm-trainer", stage],
+        "command": ["slm-trainer", TRAINER_COMMANDS[stage]],
         "args": [*args, f"--result-path={TERMINATION_LOG}"],
         "env": [
             {"name": "HF_HOME", "value": f"{WORKSPACE}/.cache/huggingface"},
@@ -169,13 +176,16 @@ def data_prep_job(task: Mapping[str, Any], revision: str) -> Obj:
     spec = task["spec"]
     ds = spec["dataset"]
     path, volume = dataset_location(ds["uri"])
+    stratify = {"tool-call": "tool", "classification": "content"}.get(
+        spec.get("taskType", "tool-call"), "auto"
+    )
     args = [
         f"--input={path}",
-        f"--output={revision_dir(task, revision)}/data",
-        f"--task-type={spec.get('taskType', 'tool-call')}",
+        f"--output-dir={revision_dir(task, revision)}/data",
         f"--eval-fraction={ds.get('evalFraction', 0.2)}",
         f"--min-examples={ds.get('minExamples', 200)}",
-        f"--pii-scrubbing={'true' if ds.get('piiScrubbing', True) else 'false'}",
+        "--scrub-pii" if ds.get("piiScrubbing", True) else "--no-scrub-pii",
+        f"--stratify-by={stratify}",
     ]
     mounts = [{"name": "dataset", "mountPath": DATASET_MOUNT, "readOnly": True}] if volume else []
     return _trainer_job(
@@ -201,6 +211,7 @@ def finetune_job(task: Mapping[str, Any], revision: str, candidate: Mapping[str,
         f"--model={candidate['model']}",
         f"--data={rdir}/data",
         f"--output={rdir}/candidates/{candidate['name']}",
+        f"--artifact-uri={artifact_uri(task, revision, 'candidates', candidate['name'])}",
         f"--task-type={spec.get('taskType', 'tool-call')}",
         f"--method={candidate.get('method', 'lora')}",
         f"--lora-r={lora.get('r', 16)}",
@@ -224,6 +235,12 @@ def finetune_job(task: Mapping[str, Any], revision: str, candidate: Mapping[str,
     )
 
 
+def artifact_uri(task: Mapping[str, Any], revision: str, *parts: str) -> str:
+    """The storage URI of a path under the revision's workspace folder, as results report it."""
+    tail = "/".join((task["metadata"]["name"], revision, *parts))
+    return f"pvc://{task['spec']['storage']['claimName']}/{tail}"
+
+
 def export_job(
     task: Mapping[str, Any],
     revision: str,
@@ -234,14 +251,15 @@ def export_job(
     """Write the Triton model repository (config.pbtxt + Python backend) for the winner."""
     spec = task["spec"]
     task_name = task["metadata"]["name"]
+    source, _ = model_repository_source(candidate_artifact, spec["storage"]["claimName"])
     args = [
         f"--candidate={candidate['name']}",
         f"--model={candidate['model']}",
-        f"--artifact={candidate_artifact}",
+        f"--candidate-dir={source}",
         f"--output={revision_dir(task, revision)}/model_repository",
+        f"--artifact-uri={artifact_uri(task, revision, 'model_repository')}",
         f"--model-name={task_name}",
         f"--task-type={spec.get('taskType', 'tool-call')}",
-        f"--storage-claim={spec['storage']['claimName']}",
     ]
     if threshold is not None:
         args.append(f"--threshold={threshold}")

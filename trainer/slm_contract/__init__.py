@@ -193,3 +193,15 @@ class CallRecord:
         except ValueError as exc:
             raise ContractError(f"not JSON: {exc}") from exc
         return cls.from_dict(data)
+
+
+# ---- the served model's interface --------------------------------------------------------
+# The export stage writes a Triton model with exactly these tensors, and the gateway calls it
+# with them. Both are BYTES tensors of shape [1] holding UTF-8 JSON, plus an FP32 confidence.
+#: Input: ``{"messages": [...], "tools": [...]}`` as in an OpenAI chat-completions request.
+TRITON_INPUT = "REQUEST"
+#: Output: the assistant message ``{"role": "assistant", "content": ..., "tool_calls": [...]}``;
+#: ``{"defer": true}`` when the model hands the call back to the LLM.
+TRITON_OUTPUT = "RESPONSE"
+#: Output: calibrated confidence in [0, 1]; below the task's threshold the gateway falls back.
+TRITON_CONFIDENCE = "CONFIDENCE"

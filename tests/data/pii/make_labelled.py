@@ -1,0 +1,800 @@
+"""Generate ``labelled.jsonl``: strings an agent might send to an LLM, with the PII in each.
+
+Why generated: real call logs with real PII cannot be committed, and hand-typed examples drift
+towards whatever the detector already finds. This script writes agent-style text (requests,
+tool-call argument JSON, log lines, config snippets) around values built the way the real ones
+are: card numbers with a valid Luhn digit for each brand's prefix, IBANs with correct ISO 7064
+check digits in each country's layout, phone numbers in national and international formats,
+keys in each vendor's format with random bodies. About a third of the lines are negatives that
+look like PII (versions, dates, order ids, UUIDs, hashes, prices, paths, invalid-Luhn cards,
+IBANs with a wrong checksum) and must be left alone.
+
+Each line: ``{"text": ..., "entities": [{"kind": ..., "value": ...}]}`` where ``value`` is the
+exact substring a detector should report. Deterministic: ``python make_labelled.py`` rewrites
+the same file byte for byte.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import string
+from collections.abc import Callable
+from pathlib import Path
+
+SEED = 20250611
+OUT = Path(__file__).with_name("labelled.jsonl")
+
+ALNUM = string.ascii_letters + string.digits
+UPPER_DIGITS = string.ascii_uppercase + string.digits
+
+Example = tuple[str, list[tuple[str, str]]]
+
+
+def rand(rng: random.Random, alphabet: str, n: int) -> str:
+    return "".join(rng.choice(alphabet) for _ in range(n))
+
+
+# ---------------------------------------------------------------- values
+
+
+def luhn_check_digit(partial: str) -> str:
+    total = 0
+    for i, ch in enumerate(reversed(partial)):
+        d = int(ch)
+        if i % 2 == 0:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return str((10 - total % 10) % 10)
+
+
+CARD_BRANDS: list[tuple[str, Callable[[random.Random], str], int]] = [
+    ("Visa", lambda r: "4" + rand(r, string.digits, 5), 16),
+    ("Mastercard", lambda r: str(r.randint(51, 55)) + rand(r, string.digits, 4), 16),
+    ("Mastercard", lambda r: str(r.randint(2221, 2720)) + rand(r, string.digits, 2), 16),
+    ("Amex", lambda r: r.choice(["34", "37"]) + rand(r, string.digits, 4), 15),
+    ("Discover", lambda r: "6011" + rand(r, string.digits, 2), 16),
+    ("Discover", lambda r: "65" + rand(r, string.digits, 4), 16),
+    ("JCB", lambda r: str(r.randint(3528, 3589)) + rand(r, string.digits, 2), 16),
+    ("Diners Club", lambda r: "36" + rand(r, string.digits, 4), 14),
+    ("UnionPay", lambda r: "62" + rand(r, string.digits, 4), 16),
+]
+
+
+def card_number(rng: random.Random, brand_index: int | None = None) -> tuple[str, str]:
+    brand, prefix, length = CARD_BRANDS[
+        rng.randrange(len(CARD_BRANDS)) if brand_index is None else brand_index
+    ]
+    body = prefix(rng)
+    body += rand(rng, string.digits, length - 1 - len(body))
+    return brand, body + luhn_check_digit(body)
+
+
+def format_card(rng: random.Random, digits: str) -> str:
+    style = rng.choice(["space", "dash", "plain", "space"])
+    if style == "plain":
+        return digits
+    sep = " " if style == "space" else "-"
+    if len(digits) == 15 or len(digits) == 14:
+        groups = [digits[:4], digits[4:10], digits[10:]]
+    else:
+        groups = [digits[i : i + 4] for i in range(0, len(digits), 4)]
+    return sep.join(groups)
+
+
+def break_luhn(digits: str) -> str:
+    last = int(digits[-1])
+    return digits[:-1] + str((last + 1 + (last % 3)) % 10)
+
+
+# country: (BBAN generator, group output in 4s?)
+IBAN_LAYOUTS: dict[str, Callable[[random.Random], str]] = {
+    "DE": lambda r: rand(r, string.digits, 18),
+    "GB": lambda r: rand(r, string.ascii_uppercase, 4) + rand(r, string.digits, 14),
+    "FR": lambda r: (
+        rand(r, string.digits, 10) + rand(r, UPPER_DIGITS, 11) + rand(r, string.digits, 2)
+    ),
+    "ES": lambda r: rand(r, string.digits, 20),
+    "IT": lambda r: (
+        rand(r, string.ascii_uppercase, 1) + rand(r, string.digits, 10) + rand(r, string.digits, 12)
+    ),
+    "NL": lambda r: rand(r, string.ascii_uppercase, 4) + rand(r, string.digits, 10),
+    "CH": lambda r: rand(r, string.digits, 5) + rand(r, string.digits, 12),
+    "BE": lambda r: rand(r, string.digits, 12),
+    "AT": lambda r: rand(r, string.digits, 16),
+    "PL": lambda r: rand(r, string.digits, 24),
+    "IE": lambda r: rand(r, string.ascii_uppercase, 4) + rand(r, string.digits, 14),
+}
+
+
+def iban_check_digits(country: str, bban: str) -> str:
+    rearranged = bban + country + "00"
+    numeric = "".join(str(int(c, 36)) for c in rearranged)
+    return f"{98 - int(numeric) % 97:02d}"
+
+
+def iban(rng: random.Random, country: str, grouped: bool, valid: bool = True) -> str:
+    bban = IBAN_LAYOUTS[country](rng)
+    check = iban_check_digits(country, bban)
+    if not valid:
+        check = f"{(int(check) + 37) % 97 + 2:02d}"
+    compact = country + check + bban
+    if not grouped:
+        return compact
+    return " ".join(compact[i : i + 4] for i in range(0, len(compact), 4))
+
+
+FIRST = [
+    "jane",
+    "marc",
+    "priya",
+    "oliver",
+    "sofia",
+    "chen",
+    "amir",
+    "lena",
+    "tom",
+    "fatima",
+    "lucas",
+    "yuki",
+    "maria",
+    "david",
+    "ingrid",
+    "kwame",
+    "elena",
+    "raj",
+    "noah",
+    "zoe",
+]
+LAST = [
+    "doe",
+    "schulz",
+    "sharma",
+    "bennett",
+    "rossi",
+    "wei",
+    "haddad",
+    "fischer",
+    "nguyen",
+    "okafor",
+    "silva",
+    "tanaka",
+    "garcia",
+    "kowalski",
+    "larsen",
+    "mensah",
+    "petrova",
+]
+DOMAINS = [
+    "acme.io",
+    "example.com",
+    "firma.de",
+    "shop.example.co.uk",
+    "mail.co.in",
+    "university.edu",
+    "startup.dev",
+    "gmail.com",
+    "outlook.com",
+    "corp.internal",
+    "contoso.org",
+    "agency.fr",
+    "bank-online.nl",
+    "cloud.example.net",
+    "proton.me",
+]
+
+
+def email(rng: random.Random) -> str:
+    f, last = rng.choice(FIRST), rng.choice(LAST)
+    local = rng.choice(
+        [
+            f"{f}.{last}",
+            f"{f[0]}.{last}",
+            f"{f}_{last[0]}",
+            f"{f}{rng.randint(1, 99)}",
+            f"{f}+{rng.choice(['billing', 'test', 'news'])}",
+            f"{last}-{f}",
+            rng.choice(["support", "billing", "ops-team", "no-reply", "hr"]),
+        ]
+    )
+    if rng.random() < 0.15:
+        local = local.capitalize()
+    return f"{local}@{rng.choice(DOMAINS)}"
+
+
+US_AREA = ["212", "415", "312", "617", "206", "512", "303", "646", "718", "305", "404", "213"]
+
+
+def us_digits(rng: random.Random) -> tuple[str, str, str]:
+    exch = rng.choice(["555", str(rng.randint(201, 989))])
+    line = f"01{rng.randint(0, 99):02d}" if exch == "555" else f"{rng.randint(0, 9999):04d}"
+    return rng.choice(US_AREA), exch, line
+
+
+def phone(rng: random.Random, style: str) -> str:
+    d = lambda n: rand(rng, string.digits, n)  # noqa: E731
+    if style == "us_paren":
+        a, e, n = us_digits(rng)
+        return f"({a}) {e}-{n}"
+    if style == "us_dash":
+        a, e, n = us_digits(rng)
+        return f"{a}-{e}-{n}"
+    if style == "us_dot":
+        a, e, n = us_digits(rng)
+        return f"{a}.{e}.{n}"
+    if style == "us_intl":
+        a, e, n = us_digits(rng)
+        return rng.choice(
+            [f"+1 {a} {e} {n}", f"+1-{a}-{e}-{n}", f"+1 ({a}) {e}-{n}", f"+1{a}{e}{n}"]
+        )
+    if style == "us_555":
+        return f"(555) {rng.randint(200, 999)}-{d(4)}"
+    if style == "us_tollfree":
+        return f"1-{rng.choice(['800', '888', '877'])}-555-01{d(2)}"
+    if style == "uk_intl":
+        return rng.choice(
+            [
+                f"+44 20 7946 0{d(3)}",
+                f"+44 7700 900{d(3)}",
+                f"+44 161 496 0{d(3)}",
+                f"+44 (0)20 7946 0{d(3)}",
+            ]
+        )
+    if style == "uk_nat":
+        return rng.choice([f"020 7946 0{d(3)}", f"07700 900{d(3)}", f"0161 496 0{d(3)}"])
+    if style == "de_intl":
+        return rng.choice(
+            [
+                f"+49 30 {rng.randint(2, 9)}{d(6)}",
+                f"+49 (0)89 {rng.randint(2, 9)}{d(6)}",
+                f"+49 170 {d(7)}",
+                f"+49 40 {rng.randint(2, 9)}{d(5)}",
+                f"+49-69-{rng.randint(2, 9)}{d(6)}",
+            ]
+        )
+    if style == "de_nat":
+        return rng.choice(
+            [f"030 {rng.randint(2, 9)}{d(6)}", f"0171 {d(7)}", f"089/{rng.randint(2, 9)}{d(6)}"]
+        )
+    if style == "fr":
+        return rng.choice(
+            [
+                f"+33 1 {d(2)} {d(2)} {d(2)} {d(2)}",
+                f"+33 6 {d(2)} {d(2)} {d(2)} {d(2)}",
+                f"01 {d(2)} {d(2)} {d(2)} {d(2)}",
+            ]
+        )
+    if style == "in":
+        return f"+91 {rng.choice('6789')}{d(4)} {d(5)}"
+    if style == "au":
+        return rng.choice([f"+61 2 {rng.randint(8, 9)}{d(3)} {d(4)}", f"+61 4{d(2)} {d(3)} {d(3)}"])
+    if style == "other_intl":
+        return rng.choice(
+            [
+                f"+31 20 {rng.randint(2, 9)}{d(2)} {d(4)}",
+                f"+34 6{d(2)} {d(2)} {d(2)} {d(2)}",
+                f"+39 06 {rng.randint(2, 9)}{d(3)} {d(4)}",
+                f"+65 6{d(3)} {d(4)}",
+                f"+353 1 {rng.randint(2, 9)}{d(2)} {d(4)}",
+                f"+81 3-{d(4)}-{d(4)}",
+            ]
+        )
+    raise ValueError(style)
+
+
+PHONE_STYLES = [
+    "us_paren",
+    "us_dash",
+    "us_dot",
+    "us_intl",
+    "us_555",
+    "us_tollfree",
+    "uk_intl",
+    "uk_nat",
+    "de_intl",
+    "de_nat",
+    "fr",
+    "in",
+    "au",
+    "other_intl",
+]
+
+
+def ipv4(rng: random.Random) -> str:
+    kind = rng.choice(["10", "192", "172", "public", "doc"])
+    if kind == "10":
+        return f"10.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
+    if kind == "192":
+        return f"192.168.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
+    if kind == "172":
+        return f"172.{rng.randint(16, 31)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
+    if kind == "doc":
+        return f"{rng.choice(['203.0.113', '198.51.100'])}.{rng.randint(1, 254)}"
+    return (
+        f"{rng.randint(11, 223)}.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
+    )
+
+
+def ipv6(rng: random.Random) -> str:
+    h = lambda: f"{rng.randint(0, 0xFFFF):x}"  # noqa: E731
+    return rng.choice(
+        [
+            f"2001:db8:{h()}:{h()}::{h()}",
+            f"fe80::{h()}:{h()}:{h()}:{h()}",
+            f"2a01:4f8:{h()}:{h()}:{h()}:{h()}:{h()}:{h()}",
+            f"2606:4700:{h()}::{h()}",
+        ]
+    )
+
+
+def b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def jwt(rng: random.Random) -> str:
+    header = {"alg": rng.choice(["HS256", "RS256", "ES256"]), "typ": "JWT"}
+    if rng.random() < 0.4:
+        header["kid"] = rand(rng, ALNUM, 12)
+    payload = {
+        "sub": str(rng.randint(10**6, 10**9)),
+        "iat": 1_700_000_000 + rng.randint(0, 10**7),
+        "exp": 1_710_000_000 + rng.randint(0, 10**7),
+        "scope": rng.choice(["read:orders", "openid profile", "admin", "calendar.write"]),
+    }
+    sig_len = {"HS256": 32, "RS256": 256, "ES256": 64}[header["alg"]]
+    sig = bytes(rng.randrange(256) for _ in range(sig_len))
+    return ".".join(
+        [b64url(json.dumps(header).encode()), b64url(json.dumps(payload).encode()), b64url(sig)]
+    )
+
+
+def pem(rng: random.Random) -> str:
+    label = rng.choice(
+        [
+            "RSA PRIVATE KEY",
+            "PRIVATE KEY",
+            "EC PRIVATE KEY",
+            "OPENSSH PRIVATE KEY",
+            "ENCRYPTED PRIVATE KEY",
+        ]
+    )
+    body = base64.b64encode(bytes(rng.randrange(256) for _ in range(rng.randint(90, 400)))).decode()
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+    return f"-----BEGIN {label}-----\n" + "\n".join(lines) + f"\n-----END {label}-----"
+
+
+def api_key(rng: random.Random, style: str) -> str:
+    tail = lambda n: rand(rng, ALNUM, n)  # noqa: E731
+    if style == "openai_proj":
+        return "sk-proj-" + rand(rng, ALNUM + "-_", 124) + "A"
+    if style == "openai_legacy":
+        return "sk-" + tail(20) + "T3BlbkFJ" + tail(20)
+    if style == "openai_svc":
+        return "sk-svcacct-" + rand(rng, ALNUM + "-_", 70) + "9"
+    if style == "anthropic":
+        return "sk-ant-api03-" + rand(rng, ALNUM + "-_", 93) + "AA"
+    if style == "github_classic":
+        return rng.choice(["ghp_", "gho_", "ghs_"]) + tail(36)
+    if style == "github_pat":
+        return "github_pat_11" + rand(rng, UPPER_DIGITS, 20) + "_" + tail(59)
+    if style == "gitlab":
+        return "glpat-" + rand(rng, ALNUM + "-_", 19) + "x"
+    if style == "aws":
+        return rng.choice(["AKIA", "ASIA"]) + rand(rng, UPPER_DIGITS, 16)
+    if style == "slack":
+        return (
+            f"{rng.choice(['xoxb', 'xoxp'])}-{rng.randint(10**10, 10**12)}-"
+            f"{rng.randint(10**10, 10**12)}-{tail(24)}"
+        )
+    if style == "slack_webhook":
+        return (
+            f"https://hooks.slack.com/services/T{rand(rng, UPPER_DIGITS, 8)}/"
+            f"B{rand(rng, UPPER_DIGITS, 10)}/{tail(24)}"
+        )
+    if style == "google":
+        return "AIza" + rand(rng, ALNUM + "-_", 34) + "Q"
+    if style == "stripe":
+        return f"{rng.choice(['sk', 'rk'])}_{rng.choice(['live', 'test'])}_" + tail(
+            rng.choice([24, 99])
+        )
+    if style == "hf":
+        return "hf_" + tail(34)
+    if style == "sendgrid":
+        return "SG." + rand(rng, ALNUM + "-_", 22) + "." + rand(rng, ALNUM + "-_", 43)
+    if style == "npm":
+        return "npm_" + tail(36)
+    if style == "hex32":
+        return rand(rng, "0123456789abcdef", 32)
+    if style == "b64_40":
+        return rand(rng, ALNUM + "/+", 40)
+    if style == "random_mixed":
+        return rand(rng, ALNUM, rng.randint(24, 48))
+    raise ValueError(style)
+
+
+# ---------------------------------------------------------------- positive templates
+
+
+def email_examples(rng: random.Random, n: int) -> list[Example]:
+    templates = [
+        "Send the signed contract to {v} before Friday.",
+        "Please reply to {v} with the tracking number.",
+        "Draft an email to {v} saying the deploy is delayed.",
+        "cc: {v}",
+        "The customer ({v}) asked for a refund on order ORD-2024-{n}.",
+        'Call send_email with to="{v}" and subject "Q3 report".',
+        "From: Support Team <{v}>",
+        "Add {v} as a reviewer on the pull request.",
+        "Is {v} subscribed to the weekly newsletter?",
+        "user={v} action=login status=failed",
+        "Forward the invoice to {v}; they handle accounts payable.",
+        "My email is {v}, can you reset my password?",
+        "Schedule a meeting with {v} and {w} next Tuesday at 10am.",
+        '{{"recipient": "{v}", "template": "welcome_v2"}}',
+        "Notify on-call ({v}) if the error rate stays above 2%.",
+        "Unsubscribe {v} from all marketing lists.",
+    ]
+    out: list[Example] = []
+    for i in range(n):
+        t = templates[i % len(templates)]
+        v, w = email(rng), email(rng)
+        text = t.format(v=v, w=w, n=rng.randint(10000, 99999))
+        ents = [("EMAIL_ADDRESS", v)] + ([("EMAIL_ADDRESS", w)] if "{w}" in t else [])
+        out.append((text, ents))
+    return out
+
+
+def phone_examples(rng: random.Random, n: int) -> list[Example]:
+    templates = [
+        "Call the customer back at {v} about the damaged parcel.",
+        "My phone number is {v}.",
+        "Text {v} when the driver is 10 minutes away.",
+        "Contact: Dr. Weber, tel. {v}",
+        "The hotel's front desk can be reached on {v}.",
+        'create_contact(name="Dispatch", phone="{v}")',
+        "Reschedule the appointment and confirm by SMS to {v}",
+        "If nobody answers, try the mobile: {v}",
+        "Caller ID showed {v} at 14:32.",
+        "Support hotline ({region}): {v}",
+        '{{"customer_id": "C-{n}", "phone": "{v}"}}',
+        "Please dial {v} and ask for extension 204.",
+    ]
+    regions = {"us": "US", "uk": "UK", "de": "DE", "fr": "FR", "in": "IN", "au": "AU", "ot": "EU"}
+    out: list[Example] = []
+    for i in range(n):
+        style = PHONE_STYLES[i % len(PHONE_STYLES)]
+        v = phone(rng, style)
+        t = templates[(i * 5 + 3) % len(templates)]
+        text = t.format(v=v, n=rng.randint(1000, 9999), region=regions[style[:2]])
+        out.append((text, [("PHONE_NUMBER", v)]))
+    return out
+
+
+def card_examples(rng: random.Random, n: int) -> list[Example]:
+    templates = [
+        "Charge {v} for the annual plan.",
+        "Customer says card {v} was declined twice.",
+        "Payment method: {brand} ending {last4}, full number {v}, exp 09/27.",
+        'process_payment(card_number="{v}", amount=129.99, currency="EUR")',
+        "Refund the order to the {brand} {v}.",
+        "Card on file: {v} (CVV 412)",
+        '{{"card": "{v}", "exp_month": 11, "exp_year": 2028}}',
+        "Why was {v} flagged for fraud?",
+        "Update billing: new card {v}",
+    ]
+    out: list[Example] = []
+    for i in range(n):
+        brand, digits = card_number(rng, i % len(CARD_BRANDS))
+        v = format_card(rng, digits)
+        t = templates[i % len(templates)]
+        out.append((t.format(v=v, brand=brand, last4=digits[-4:]), [("CREDIT_CARD", v)]))
+    return out
+
+
+def ip_examples(rng: random.Random, n: int) -> list[Example]:
+    templates = [
+        "Block traffic from {v} on the edge firewall.",
+        "ssh deploy@{v} -p 2222 failed with timeout",
+        "Connection refused: {v}:5432 (postgres)",
+        "The client IP was {v} according to the access log.",
+        "Add {v} to the allow-list for the admin API.",
+        '{{"source_ip": "{v}", "action": "deny"}}',
+        "GET /api/v1/orders 200 from {v} in 38ms",
+        "Why is {v} sending so many requests?",
+    ]
+    out: list[Example] = []
+    for i in range(n):
+        v = ipv6(rng) if i % 3 == 2 else ipv4(rng)
+        t = templates[i % len(templates)]
+        if v.count(":") and "{v}:5432" in t:
+            t = "Connection refused: [{v}]:5432 (postgres)"
+        out.append((t.format(v=v), [("IP_ADDRESS", v)]))
+    return out
+
+
+def iban_examples(rng: random.Random, n: int) -> list[Example]:
+    templates = [
+        "Transfer EUR 1,250.00 to IBAN {v} (reference INV-{n}).",
+        "Please update my bank details: {v}",
+        'create_payout(iban="{v}", amount=300)',
+        "The supplier's account is {v}, BIC {bic}.",
+        "Is {v} a valid IBAN?",
+        "Refund to account {v} please.",
+    ]
+    countries = list(IBAN_LAYOUTS)
+    out: list[Example] = []
+    for i in range(n):
+        v = iban(rng, countries[i % len(countries)], grouped=rng.random() < 0.6)
+        t = templates[i % len(templates)]
+        bic = rand(rng, string.ascii_uppercase, 6) + rand(rng, UPPER_DIGITS, 2)
+        out.append((t.format(v=v, n=rng.randint(1000, 9999), bic=bic), [("IBAN_CODE", v)]))
+    return out
+
+
+KEY_STYLES = [
+    "openai_proj",
+    "openai_legacy",
+    "openai_svc",
+    "anthropic",
+    "github_classic",
+    "github_pat",
+    "gitlab",
+    "aws",
+    "slack",
+    "slack_webhook",
+    "google",
+    "stripe",
+    "hf",
+    "sendgrid",
+    "npm",
+]
+
+
+def api_key_examples(rng: random.Random, n: int) -> list[Example]:
+    prefixed = [
+        "Here is my key {v}, why does the API return 401?",
+        "export OPENAI_API_KEY={v}",
+        "The CI job leaked {v} in its logs, rotate it.",
+        "Use this token to authenticate: {v}",
+        "curl -H 'x-api-key: {v}' https://api.example.com/v1/items",
+        '{{"name": "deploy-bot", "credential": "{v}"}}',
+        "config.yaml has `key: {v}` under the provider block",
+        "git clone https://oauth2:{v}@gitlab.example.com/group/repo.git",
+    ]
+    generic = [
+        ("api_key={v}", "hex32"),
+        ("Set API_KEY: {v} in the .env file", "random_mixed"),
+        ('headers = {{"Authorization": "Bearer {v}"}}', "random_mixed"),
+        ("aws_secret_access_key = {v}", "b64_40"),
+        ("token: {v}", "random_mixed"),
+        ('client_secret="{v}"', "hex32"),
+        ("DB_PASSWORD={v}", "random_mixed"),
+        ("Authorization: Bearer {v}", "hex32"),
+    ]
+    out: list[Example] = []
+    for i in range(n):
+        if i % 3 == 2:
+            t, style = generic[(i // 3) % len(generic)]
+        else:
+            style = KEY_STYLES[i % len(KEY_STYLES)]
+            t = prefixed[i % len(prefixed)]
+            if style == "slack_webhook":
+                t = "POST the alert to {v}"
+        v = api_key(rng, style)
+        out.append((t.format(v=v), [("API_KEY", v)]))
+    return out
+
+
+def jwt_examples(rng: random.Random, n: int) -> list[Example]:
+    templates = [
+        "Authorization: Bearer {v}",
+        "Decode this token and tell me when it expires: {v}",
+        '{{"access_token": "{v}", "token_type": "Bearer", "expires_in": 3600}}',
+        "Cookie: session={v}; Path=/; HttpOnly",
+        "The webhook sent id_token={v}",
+        "Why does the gateway reject {v} with invalid signature?",
+    ]
+    return [
+        (templates[i % len(templates)].format(v=(v := jwt(rng))), [("JWT", v)]) for i in range(n)
+    ]
+
+
+def pem_examples(rng: random.Random, n: int) -> list[Example]:
+    templates = [
+        "Here is the deploy key, add it to the server:\n{v}\nThanks!",
+        "{v}",
+        "Why does ssh say 'invalid format' for this key?\n\n{v}\n",
+        "tls.key: |\n{v}",
+        "The old signing key was\n{v}\nplease revoke it.",
+    ]
+    return [
+        (templates[i % len(templates)].format(v=(v := pem(rng))), [("PRIVATE_KEY", v)])
+        for i in range(n)
+    ]
+
+
+def mixed_examples(rng: random.Random, n: int) -> list[Example]:
+    out: list[Example] = []
+    for i in range(n):
+        e, p = email(rng), phone(rng, PHONE_STYLES[i % len(PHONE_STYLES)])
+        _, digits = card_number(rng)
+        c = format_card(rng, digits)
+        ip = ipv4(rng)
+        k = api_key(rng, KEY_STYLES[(i * 7) % len(KEY_STYLES)])
+        variant = i % 5
+        if variant == 0:
+            text = f"New signup: {e}, phone {p}, paid with {c}."
+            ents = [("EMAIL_ADDRESS", e), ("PHONE_NUMBER", p), ("CREDIT_CARD", c)]
+        elif variant == 1:
+            text = f"[{ip}] user {e} authenticated with key {k}"
+            ents = [("IP_ADDRESS", ip), ("EMAIL_ADDRESS", e), ("API_KEY", k)]
+        elif variant == 2:
+            text = json.dumps({"name": "Lena", "email": e, "phone": p, "notes": "VIP since 2019"})
+            ents = [("EMAIL_ADDRESS", e), ("PHONE_NUMBER", p)]
+        elif variant == 3:
+            b = iban(rng, rng.choice(list(IBAN_LAYOUTS)), grouped=True)
+            text = f"Invoice for {e}: pay to {b} or by card {c}. Questions? Call {p}."
+            ents = [("EMAIL_ADDRESS", e), ("IBAN_CODE", b), ("CREDIT_CARD", c), ("PHONE_NUMBER", p)]
+        else:
+            text = (
+                f"Summarise this log line: 2024-06-11T08:14:55Z WARN auth failed for {e} "
+                f"from {ip} (attempt 3/5), request_id=7f3c9a2e-1b4d-4e8a-9c0f-2d6b8e1a5f73"
+            )
+            ents = [("EMAIL_ADDRESS", e), ("IP_ADDRESS", ip)]
+        out.append((text, ents))
+    return out
+
+
+# ---------------------------------------------------------------- negatives
+
+
+def negative_examples(rng: random.Random) -> list[Example]:
+    hexs = lambda n: rand(rng, "0123456789abcdef", n)  # noqa: E731
+    uuid = lambda: f"{hexs(8)}-{hexs(4)}-4{hexs(3)}-{rng.choice('89ab')}{hexs(3)}-{hexs(12)}"  # noqa: E731
+    texts = [
+        "Upgrade numpy from 1.26.4 to 2.0.1 and pin scipy<1.14.",
+        "We are on Python 3.11.7; the image is python:3.11-slim.",
+        "Release v2.14.3 fixes the memory leak introduced in v2.13.0.",
+        "Chrome 126.0.6478.127 crashes when opening the dashboard.",
+        "npm install lodash@4.17.21 react@18.3.1 --save",
+        "The meeting is on 2024-06-11 at 14:30 CET.",
+        "Invoice dated 11/06/2024, due 11.07.2024.",
+        "Book a table for 4 on June 14, 2025 at 7:30 pm.",
+        "Timestamp 1718304000123 is in milliseconds.",
+        "Unix time 1718304000 corresponds to 2024-06-13.",
+        "Order ORD-2024-118833 shipped; ETA 3-5 business days.",
+        "Ticket JIRA-48213 is blocked by JIRA-48207.",
+        "SKU 00012345-B is out of stock in warehouse W-07.",
+        "Invoice INV-2024-000123 total $1,299.00 incl. VAT.",
+        "Tracking number 1Z999AA10123456784 (UPS Ground).",
+        "Your order #100234567 has been delivered.",
+        f"request_id={uuid()} took 245 ms",
+        f"Delete the resource with id {uuid()}.",
+        f"trace {hexs(32)} span {hexs(16)}",
+        f"commit {hexs(40)} reverted the config change",
+        f"sha256:{hexs(64)} is the image digest",
+        f"md5 checksum {hexs(32)} matches the release artifact",
+        f"docker pull ghcr.io/acme/api@sha256:{hexs(64)}",
+        "The price dropped from $1,499.99 to $1,199.00.",
+        "Total: EUR 49.90 + EUR 4.99 shipping = EUR 54.89",
+        "Budget is 12,500,000 JPY for FY2025.",
+        "Revenue grew 14.2% to 3,284,110.55 USD.",
+        "Open /var/log/nginx/access.log and count 5xx responses.",
+        "The file is at C:\\Users\\build\\AppData\\Local\\Temp\\setup_2024.exe",
+        "Error in src/utils/date_parser.py:128 (function parse_iso)",
+        "Read s3://ml-datasets/2024/06/11/part-00017.parquet",
+        "Mount the volume at /mnt/data/run-0042/checkpoints/step-12000",
+        "Set max_tokens: 4096 and temperature=0.7 for the summariser.",
+        "The prompt used 1,532 tokens and the completion 287 tokens.",
+        "OPENAI_API_KEY=${OPENAI_API_KEY} is read from the environment.",
+        "api_key: <your-api-key-here>",
+        "Keys look like sk-... and must never be logged.",
+        "Store the token in vault at secret/data/prod/payments.",
+        "token_count=12345 and input_tokens=987",
+        "Coordinates 52.5200, 13.4050 (Berlin).",
+        "Resize the image to 1920x1080 at 72 dpi.",
+        "The server listens on localhost:8080 and the metrics on :9090.",
+        "ISBN 978-3-16-148410-0 is the second edition.",
+        "Use colour #ff8800 for warnings and #2e7d32 for success.",
+        "HTTP 404 on /api/v2/users/4821/orders?page=3&limit=50",
+        "Kubernetes resource requests: cpu 500m, memory 2Gi, nvidia.com/gpu: 1",
+        "Batch 7 of 12: processed 48,213 rows in 00:03:41.",
+        "Model checkpoint step 120000, loss 0.0123, lr 3e-5.",
+        "The flight LH 2024 departs at 06:45 from gate B17.",
+        "Postcode SW1A 1AA and ZIP 94105 are both in scope.",
+        "Run pytest -k 'test_redact and not slow' -x -q",
+        "Temperature sensor reads 21.5 C at 2024-06-11T08:00:00Z.",
+        "Firmware 4.2.1.10 is required for the new controller.",
+        "Product code 4006381333931 (EAN-13) is a highlighter pen.",
+        "Call the get_weather tool for Berlin and Paris.",
+        "Summarise the attached quarterly report in 3 bullet points.",
+        "Translate 'the order has shipped' into German and French.",
+        "What is 4111 + 1111? Show your working.",
+        "Matrix dims are 1024 x 4096 x 128.",
+        "Use the sk-learn compatible wrapper for the classifier.",
+        "Branch name: feature/sk-pipeline-refactor-for-long-running-jobs",
+        "Account number on the statement is masked as ****1234.",
+        "Card ending in 4242 was charged EUR 19.00.",
+        "The password must be at least 12 characters long.",
+        "The regex ^[a-z0-9._%+-]+@[a-z0-9.-]+\\.[a-z]{2,}$ validates emails.",
+        "Placeholder values like <EMAIL_ADDRESS_1> and <PHONE_NUMBER_2> were already redacted.",
+        "Reference: RFC 5322 section 3.4.1 (addr-spec).",
+        "Version string 1.0.0-rc.1+build.5 follows semver.",
+        "Python 3.12.4 (main, Jun  6 2024, 18:26:44) [GCC 11.4.0]",
+        "Prices: 19.99, 24.99, 129.00, 1299.00",
+        "Set the replica count to 3 and the HPA max to 12.",
+        "The dataset has 10,000 train and 1,000 eval examples.",
+        "Tool call get_stock_price(symbol='NVDA', date='2024-06-11')",
+        "Meet at 10.30 on 12.06.2024 in room 4.12.",
+        "Serial 1234 5678 9012 is printed under the battery.",
+        "GUID {3F2504E0-4F89-11D3-9A0C-0305E82C3301} identifies the COM class.",
+        "Loss went from +0.12 to -0.34 after the LR change.",
+        "Aspect ratios 16:9, 4:3 and 21:9; time 09:15:30.",
+        "Emergency numbers: call 911 (US) or 112 (EU).",
+        "Latency p50 12.4 ms, p99 87.1 ms, error rate 0.03%.",
+    ]
+    out: list[Example] = [(t, []) for t in texts]
+    for i in range(10):
+        _, digits = card_number(rng, i % len(CARD_BRANDS))
+        bad = format_card(rng, break_luhn(digits))
+        out.append(
+            (
+                rng.choice(
+                    [
+                        "Customer typed {v} but the form rejected it.",
+                        "Charge {v} for the annual plan.",
+                        "Card number {v} failed validation.",
+                    ]
+                ).format(v=bad),
+                [],
+            )
+        )
+    for i, country in enumerate(["DE", "GB", "FR", "NL", "ES"]):
+        bad = iban(rng, country, grouped=i % 2 == 0, valid=False)
+        out.append((f"The IBAN {bad} has a wrong checksum, ask the customer again.", []))
+    return out
+
+
+def main() -> None:
+    rng = random.Random(SEED)
+    examples: list[Example] = []
+    examples += email_examples(rng, 32)
+    examples += phone_examples(rng, 42)
+    examples += card_examples(rng, 30)
+    examples += ip_examples(rng, 20)
+    examples += iban_examples(rng, 22)
+    examples += api_key_examples(rng, 48)
+    examples += jwt_examples(rng, 12)
+    examples += pem_examples(rng, 8)
+    examples += mixed_examples(rng, 20)
+    examples += negative_examples(rng)
+    rng_extra = random.Random(SEED + 1)
+    pw = rand(rng_extra, ALNUM, 10) + "&" + rand(rng_extra, ALNUM, 5) + "!"
+    examples += [
+        (f"DB_PASSWORD={pw}", [("API_KEY", pw)]),
+        ("My phone: 4155550132, call after 6pm.", [("PHONE_NUMBER", "4155550132")]),
+        (
+            "Reach me on +1 (415) 555-0132 ext. 12 tomorrow.",
+            [("PHONE_NUMBER", "+1 (415) 555-0132 ext. 12")],
+        ),
+        (
+            "ssh admin@10.20.30.40 and ping 2001:db8::42",
+            [("IP_ADDRESS", "10.20.30.40"), ("IP_ADDRESS", "2001:db8::42")],
+        ),
+    ]
+    for text, ents in examples:
+        for _, value in ents:
+            assert value in text, (value, text)
+    with OUT.open("w", encoding="utf-8") as fh:
+        for text, ents in examples:
+            row = {"text": text, "entities": [{"kind": k, "value": v} for k, v in ents]}
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    negatives = sum(1 for _, ents in examples if not ents)
+    print(f"wrote {len(examples)} examples ({negatives} negatives) to {OUT}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Child objects of an AgentTask: names, ownership, scheduling and the trainer command line."""
+
+from __future__ import annotations
+
+import pytest
+from test_plan import make_task
+
+from slm_contract import ContractError, TrainerResult
+from slm_operator import builders as b
+from slm_operator import conditions as c
+from slm_operator import naming as n
+from slm_operator.observe import FAILED, PENDING, RUNNING, SUCCEEDED, job_view
+
+
+def test_child_names_are_deterministic_valid_and_bounded() -> None:
+    long_task = "t" * 50
+    name = n.finetune_job_name(long_task, "c" * 20, "abcdef0123")
+    assert len(name) <= 63 and name == n.finetune_job_name(long_task, "c" * 20, "abcdef0123")
+    assert name != n.finetune_job_name(long_task, "c" * 19 + "d", "abcdef0123")
+    assert n.child_name("a", "b") == "a-b"
+
+
+def test_revision_ignores_serving_and_key_order() -> None:
+    spec = make_task()["spec"]
+    same = dict(reversed(list(spec.items())))
+    assert n.revision_of(spec) == n.revision_of(same)
+    scaled = {**spec, "serving": {"minReplicas": 3, "maxReplicas": 9}}
+    assert n.revision_of(scaled) == n.revision_of(spec)
+    retrained = {**spec, "candidates": [{"name": "small", "model": "other"}]}
+    assert n.revision_of(retrained) != n.revision_of(spec)
+    assert n.revision_of(spec, retrain_epoch=1) != n.revision_of(spec)
+
+
+def test_jobs_are_owned_labelled_and_restricted() -> None:
+    task = make_task()
+    job = b.finetune_job(task, "rev1", task["spec"]["candidates"][0])
+    ref = job["metadata"]["ownerReferences"][0]
+    assert ref["controller"] is True and ref["uid"] == "uid-1" and ref["kind"] == "AgentTask"
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    assert labels[n.LABEL_COMPONENT] == "trainer" and labels[n.LABEL_REVISION] == "rev1"
+    pod = job["spec"]["template"]["spec"]
+    ctr = pod["containers"][0]
+    assert ctr["securityContext"]["runAsNonRoot"] is True
+    assert ctr["securityContext"]["allowPrivilegeEscalation"] is False
+    assert ctr["terminationMessagePath"] == "/dev/termination-log"
+    assert pod["restartPolicy"] == "Never"
+    assert job["spec"]["backoffLimit"] == 2 and job["spec"]["activeDeadlineSeconds"] == 3600
+
+
+def test_user_scheduling_constraints_are_kept() -> None:
+    task = make_task(training={"gpus": 2, "nodeSelector": {"pool": "a100"},
+                               "tolerations": [{"key": "spot", "operator": "Exists"}],
+                               "resources": {"requests": {"memory": "32Gi"}}})
+    pod = b.finetune_job(task, "r", task["spec"]["candidates"][0])["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"pool": "a100"}
+    assert {"key": "spot", "operator": "Exists"} in pod["tolerations"]
+    res = pod["containers"][0]["resources"]
+    assert res == {"requests": {"memory": "32Gi"}, "limits": {"nvidia.com/gpu": "2"}}
+
+
+def test_cpu_only_training_requests_no_gpu_and_no_toleration() -> None:
+    task = make_task(training={"gpus": 0})
+    pod = b.finetune_job(task, "r", task["spec"]["candidates"][0])["spec"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in str(pod)
+
+
+def test_dataset_on_pvc_is_mounted_read_only() -> None:
+    job = b.data_prep_job(make_task(), "r")
+    pod = job["spec"]["template"]["spec"]
+    assert {"name": "dataset", "persistentVolumeClaim": {"claimName": "calls",
+                                                         "readOnly": True}} in pod["volumes"]
+    args = pod["containers"][0]["args"]
+    assert "--input=/mnt/dataset/agent/weather.jsonl" in args
+    assert "--scrub-pii" in args and "--stratify-by=tool" in args
+
+
+def test_pii_scrubbing_can_be_turned_off() -> None:
+    task = make_task()
+    task["spec"]["dataset"]["piiScrubbing"] = False
+    args = b.data_prep_job(task, "r")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--no-scrub-pii" in args
+
+
+def test_triton_deployment_serves_the_revision_repository() -> None:
+    task = make_task()
+    dep = b.triton_deployment(task, "r1", "pvc://slm-work/weather/r1/model_repository", "small", 2)
+    assert dep["spec"]["replicas"] == 2
+    assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    ctr = dep["spec"]["template"]["spec"]["containers"][0]
+    assert "--model-repository=/workspace/weather/r1/model_repository" in ctr["args"]
+    assert ctr["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert dep["spec"]["selector"]["matchLabels"] == b.triton_service(task)["spec"]["selector"]
+    s3 = b.triton_deployment(task, "r1", "s3://bucket/repo", "small", 1)
+    s3ctr = s3["spec"]["template"]["spec"]["containers"][0]
+    assert "--model-repository=s3://bucket/repo" in s3ctr["args"]
+    assert all(v["name"] != "workspace" for v in s3["spec"]["template"]["spec"]["volumes"])
+    with pytest.raises(ValueError, match="not on the storage claim"):
+        b.triton_deployment(task, "r1", "pvc://elsewhere/repo", "small", 1)
+
+
+def test_trainer_cli_accepts_every_command_line_the_operator_builds() -> None:
+    """The Job's command and args must parse with the real trainer CLI, stage by stage."""
+    from slm_trainer.cli import build_parser
+
+    task = make_task()
+    cand = task["spec"]["candidates"][0]
+    jobs = [
+        b.data_prep_job(task, "r"),
+        b.finetune_job(task, "r", cand),
+        b.export_job(task, "r", cand, "pvc://slm-work/weather/r/candidates/small", 0.7),
+    ]
+    parser = build_parser()
+    for job in jobs:
+        ctr = job["spec"]["template"]["spec"]["containers"][0]
+        assert ctr["command"][0] == "slm-trainer"
+        ns = parser.parse_args([*ctr["command"][1:], *ctr["args"]])
+        assert ns.result_path == "/dev/termination-log"
+
+
+def _job(name: str, conds: list[dict[str, str]] | None = None, **status: object) -> dict:
+    return {"metadata": {"name": name, "labels": {n.LABEL_STAGE: "finetune",
+                                                  n.LABEL_REVISION: "r", n.LABEL_CANDIDATE: "a"}},
+            "status": {"conditions": conds or [], **status}}
+
+
+def _pod(job: str, phase: str, message: str | None = None, exit_code: int = 0,
+         progress: str | None = None) -> dict:
+    cs: dict = {"name": "trainer", "state": {"running": {}}}
+    if message is not None:
+        cs["state"] = {"terminated": {"exitCode": exit_code, "message": message}}
+    ann = {n.ANNOTATION_PROGRESS: progress} if progress is not None else {}
+    return {"metadata": {"name": f"{job}-x", "labels": {"job-name": job}, "annotations": ann,
+                         "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "status": {"phase": phase, "containerStatuses": [cs]}}
+
+
+def test_job_view_reads_state_result_and_progress() -> None:
+    assert job_view(_job("j"), []).state == PENDING
+    running = job_view(_job("j"), [_pod("j", "Running", progress="37")])
+    assert running.state == RUNNING and running.progress == 37
+    done = job_view(_job("j", [{"type": "Complete", "status": "True"}]),
+                    [_pod("j", "Succeeded", TrainerResult(stage="finetune", ok=True,
+                                                          score=0.9).to_json())])
+    assert done.state == SUCCEEDED and done.result is not None and done.result.score == 0.9
+    garbage = job_view(_job("j", [{"type": "Complete", "status": "True"}]),
+                       [_pod("j", "Succeeded", "Traceback (most recent call last): ...")])
+    assert garbage.result is None and "not JSON" in (garbage.result_error or "")
+    failed = job_view(_job("j", [{"type": "Failed", "status": "True",
+                                  "reason": "BackoffLimitExceeded"}]),
+                      [_pod("j", "Failed", "killed: OOM", exit_code=137)])
+    assert failed.state == FAILED and failed.message == "killed: OOM"
+    no_msg = job_view(_job("j", [{"type": "Failed", "status": "True",
+                                  "reason": "DeadlineExceeded", "message": "too slow"}]), [])
+    assert no_msg.message == "DeadlineExceeded: too slow"
+    other = job_view(_job("j"), [_pod("other", "Running", progress="99")])
+    assert other.progress is None
+
+
+def test_conditions_keep_transition_time_until_status_flips() -> None:
+    first = c.merge_conditions([], [c.condition(c.READY, c.FALSE, "A", "m", 1, "t1")])
+    same = c.merge_conditions(first, [c.condition(c.READY, c.FALSE, "B", "m2", 2, "t2")])
+    assert same[0]["lastTransitionTime"] == "t1" and same[0]["reason"] == "B"
+    flipped = c.merge_conditions(same, [c.condition(c.READY, c.TRUE, "C", "m3", 2, "t3")])
+    assert flipped[0]["lastTransitionTime"] == "t3"
+    assert c.transitions(same, flipped) == [("Normal", "C", "Ready=True: m3")]
+    assert c.transitions(flipped, flipped) == []
+    foreign = {"type": "Custom", "status": "True", "reason": "X", "message": "",
+               "lastTransitionTime": "t0"}
+    assert foreign in c.merge_conditions([foreign], [])
+
+
+def test_trainer_result_fits_the_termination_message_and_rejects_nonsense() -> None:
+    big = TrainerResult(stage="export", ok=False, message="x" * 10_000)
+    text = big.to_json()
+    assert len(text.encode()) <= 4096 and text.endswith('[truncated]"}') is False
+    assert TrainerResult.from_json(text).message.endswith("[truncated]")
+    with pytest.raises(ContractError, match="score must be within"):
+        TrainerResult(stage="finetune", ok=True, score=1.5)
+    with pytest.raises(ContractError, match="unknown result fields"):
+        TrainerResult.from_json('{"stage": "finetune", "ok": true, "acc": 1}')
+    with pytest.raises(ContractError, match="stage must be one of"):
+        TrainerResult.from_json('{"stage": "train", "ok": true}')

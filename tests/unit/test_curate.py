@@ -1,0 +1,373 @@
+"""The curate stage: what a platform engineer sees in train/eval files and curate_report.json."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from slm_contract import CallRecord
+from slm_trainer.curate import Args, assign_split, exact_key, run, shingles, stratum
+
+CITIES = [
+    "Paris",
+    "Berlin",
+    "Rome",
+    "Tokyo",
+    "Lima",
+    "Oslo",
+    "Cairo",
+    "Delhi",
+    "Austin",
+    "Quito",
+    "Seoul",
+    "Perth",
+    "Lagos",
+    "Hanoi",
+    "Dublin",
+    "Prague",
+    "Nairobi",
+    "Zurich",
+]
+
+
+def call(
+    user: str,
+    tool: str | None = None,
+    args: dict[str, Any] | None = None,
+    content: str = "",
+    call_id: str = "call_0",
+    task: str = "assistant",
+) -> dict[str, Any]:
+    response: dict[str, Any] = {"role": "assistant", "content": content}
+    if tool:
+        response["tool_calls"] = [
+            {
+                "id": call_id,
+                "type": "function",
+                "function": {"name": tool, "arguments": json.dumps(args or {})},
+            }
+        ]
+    return {
+        "task": task,
+        "backend": "llm",
+        "model": "gpt-4o",
+        "messages": [
+            {"role": "system", "content": "You are a travel agent."},
+            {"role": "user", "content": user},
+        ],
+        "tools": [
+            {"type": "function", "function": {"name": n}}
+            for n in ("get_weather", "book_table", "send_email")
+        ],
+        "response": response,
+    }
+
+
+def tool_calls(n_weather: int = 20, n_booking: int = 6, n_email: int = 2) -> list[dict[str, Any]]:
+    """Distinct tool-calling records: prompts differ in several words, not just one."""
+    out = []
+    for i in range(n_weather):
+        c = CITIES[i % len(CITIES)]
+        out.append(
+            call(
+                f"Will it rain in {c} on day {i} of the trip? Answer in {i % 3 + 1} lines",
+                "get_weather",
+                {"city": c, "day": i},
+                call_id=f"w{i}",
+            )
+        )
+    for i in range(n_booking):
+        c = CITIES[-1 - i]
+        out.append(
+            call(
+                f"Book {i + 2} seats at a quiet {c} bistro for the evening of the {i}th",
+                "book_table",
+                {"city": c, "people": i + 2},
+                call_id=f"b{i}",
+            )
+        )
+    for i in range(n_email):
+        out.append(
+            call(
+                f"Tell team {i} by email that the offsite is cancelled, sorry about {i}",
+                "send_email",
+                {"to": f"team{i}@corp.example.com"},
+                call_id=f"e{i}",
+            )
+        )
+    return out
+
+
+def write_log(path: Path, lines: list[Any]) -> Path:
+    with path.open("wb") as fh:
+        for line in lines:
+            if isinstance(line, bytes):
+                fh.write(line + b"\n")
+            elif isinstance(line, str):
+                fh.write(line.encode() + b"\n")
+            else:
+                fh.write(json.dumps(line).encode() + b"\n")
+    return path
+
+
+def curate(tmp_path: Path, lines: list[Any], **kwargs: Any) -> tuple[Any, dict[str, Any], Path]:
+    log = write_log(tmp_path / "calls.jsonl", lines)
+    out = tmp_path / kwargs.pop("out", "out")
+    result = run(Args(input=log, output_dir=out, **kwargs))
+    report = json.loads((out / "curate_report.json").read_text())
+    return result, report, out
+
+
+def read(path: Path) -> list[CallRecord]:
+    return [CallRecord.from_json(line) for line in path.read_text().splitlines()]
+
+
+def test_malformed_lines_are_counted_by_reason_and_skipped(tmp_path: Path) -> None:
+    good = tool_calls(12, 0, 0)
+    bad = [
+        "{not json",
+        "[1, 2, 3]",
+        {**good[0], "task": ""},
+        {**good[0], "messages": []},
+        {**good[0], "response": "text"},
+        {**good[0], "tools": "all"},
+        {**good[0], "schema": "slmfleet.dev/call-record/v0"},
+        b'{"task": "\xff\xfe"}',
+        call("no answer at all"),
+        "",
+    ]
+    result, report, out = curate(tmp_path, good[:6] + bad + good[6:], min_examples=5)
+    assert result.ok, result.message
+    assert report["malformed"] == {
+        "empty_response": 1,
+        "invalid_json": 1,
+        "invalid_messages": 1,
+        "invalid_response": 1,
+        "invalid_task": 1,
+        "invalid_tools": 1,
+        "invalid_utf8": 1,
+        "not_an_object": 1,
+        "unsupported_schema": 1,
+    }
+    assert report["malformed_total"] == 9
+    assert report["blank"] == 1
+    assert report["read"] == 12 + 9
+    assert report["examples"] == 12
+    samples = report["error_samples"]
+    assert len(samples) == 5  # max_error_samples
+    assert [s["line"] for s in samples] == [7, 8, 9, 10, 11]
+    assert samples[0]["reason"] == "invalid_json"
+    assert samples[0]["file"] == "calls.jsonl"
+    assert len(read(out / "train.jsonl")) + len(read(out / "eval.jsonl")) == 12
+
+
+def test_exact_and_near_duplicates_are_dropped(tmp_path: Path) -> None:
+    base = tool_calls(12, 0, 0)
+    dupes = [
+        # Same call, another tool-call id and different whitespace: an exact duplicate.
+        {
+            **base[0],
+            "response": {
+                **base[0]["response"],
+                "tool_calls": [{**base[0]["response"]["tool_calls"][0], "id": "call_retry"}],
+            },
+            "messages": [
+                base[0]["messages"][0],
+                {"role": "user", "content": "  " + base[0]["messages"][1]["content"]},
+            ],
+        },
+        # Same prompt up to case and punctuation, and a different answer: a near duplicate.
+        call(base[1]["messages"][1]["content"].upper() + "!!", "get_weather", {"city": "X"}),
+        base[2],
+    ]
+    result, report, out = curate(tmp_path, base + dupes, min_examples=5)
+    assert result.ok
+    assert report["exact_duplicates"] == 2
+    assert report["near_duplicates"] == 1
+    assert report["examples"] == 12
+    kept = read(out / "train.jsonl") + read(out / "eval.jsonl")
+    assert all(r.response["tool_calls"][0]["id"] != "call_retry" for r in kept)
+
+    _, report_off, _ = curate(
+        tmp_path, base + dupes, min_examples=5, near_dup_threshold=1.0, out="out_off"
+    )
+    assert report_off["near_duplicates"] == 0
+    assert report_off["examples"] == 13
+
+
+def test_odd_but_valid_shapes_never_crash(tmp_path: Path) -> None:
+    odd = [
+        "[" * 100_000,  # too deep for the JSON decoder
+        {**call("a"), "response": {"role": "assistant", "tool_calls": [{"function": "oops"}]}},
+        {**call("b"), "response": {"role": "assistant", "tool_calls": ["x", None]}},
+        {**call("c", content="ok"), "messages": [{"role": "user", "content": 42}]},
+        {**call("d", content="fine"), "messages": [{"role": "user", "content": [1, {"text": 2}]}]},
+    ]
+    result, report, _ = curate(tmp_path, odd, min_examples=1)
+    assert result.ok, result.message
+    assert report["malformed"] == {"invalid_json": 1}
+    assert report["examples"] == 4
+    assert report["strata"]["tool:?"] == {"train": 1, "eval": 1}
+
+
+def test_records_equal_once_pii_is_gone_are_duplicates(tmp_path: Path) -> None:
+    lines = [
+        call(
+            f"Email {name}@corp.example.com the weekly report",
+            "send_email",
+            {"to": f"{name}@corp.example.com"},
+        )
+        for name in ("ann", "bob", "cyd")
+    ]
+    _, report, _ = curate(tmp_path, lines + tool_calls(10, 0, 0), min_examples=1)
+    assert report["exact_duplicates"] == 2
+    assert report["redactions"] == {"EMAIL_ADDRESS": 6}
+
+
+def test_pii_is_removed_from_outputs(tmp_path: Path) -> None:
+    lines = [
+        *tool_calls(10, 0, 0),
+        call(
+            "Email priya.sharma@example.com and call her on +44 20 7946 0018",
+            "send_email",
+            {"to": "priya.sharma@example.com", "body": "Card 4111 1111 1111 1111 expired"},
+        ),
+        call(
+            "Use key sk-proj-4f9Kx2LmQ7rT1vB8nZ3yW6cD0eH5jU9pA2sF to fetch 10.1.2.3 stats",
+            content="Fetched.",
+        ),
+    ]
+    result, report, out = curate(tmp_path, lines, min_examples=5)
+    assert result.ok
+    text = (out / "train.jsonl").read_text() + (out / "eval.jsonl").read_text()
+    for secret in ("priya.sharma", "7946 0018", "4111 1111", "sk-proj-4f9K", "10.1.2.3"):
+        assert secret not in text
+    assert "<EMAIL_ADDRESS_1>" in text and "<API_KEY_1>" in text
+    assert report["redactions"] == {
+        "API_KEY": 1,
+        "CREDIT_CARD": 1,
+        "EMAIL_ADDRESS": 2,
+        "IP_ADDRESS": 1,
+        "PHONE_NUMBER": 1,
+    }
+    assert report["records_redacted"] == 2
+    redacted = [r for r in read(out / "train.jsonl") + read(out / "eval.jsonl") if r.redactions]
+    assert sorted(sum(r.redactions.values()) for r in redacted) == [2, 4]
+
+    _, raw_report, raw_out = curate(tmp_path, lines, min_examples=5, scrub_pii=False, out="raw")
+    assert raw_report["redactions"] == {}
+    assert (
+        "priya.sharma"
+        in (raw_out / "train.jsonl").read_text() + (raw_out / "eval.jsonl").read_text()
+    )
+
+
+def test_split_is_deterministic_order_independent_and_stratified(tmp_path: Path) -> None:
+    lines = tool_calls(20, 6, 2)
+    r1, rep1, out1 = curate(tmp_path, lines, out="a")
+    r2, _, out2 = curate(tmp_path, lines, out="b")
+    shuffled = list(lines)
+    random.Random(7).shuffle(shuffled)
+    _, _, out3 = curate(tmp_path, shuffled, out="c")
+
+    assert (out1 / "train.jsonl").read_bytes() == (out2 / "train.jsonl").read_bytes()
+    assert (out1 / "eval.jsonl").read_bytes() == (out2 / "eval.jsonl").read_bytes()
+    assert r1 == r2
+    keys = {exact_key(r) for r in read(out1 / "eval.jsonl")}
+    assert keys == {exact_key(r) for r in read(out3 / "eval.jsonl")}
+
+    assert rep1["strata"] == {
+        "tool:book_table": {"train": 5, "eval": 1},
+        "tool:get_weather": {"train": 18, "eval": 2},
+        "tool:send_email": {"train": 1, "eval": 1},
+    }
+    assert (r1.examples, r1.train_examples, r1.eval_examples) == (28, 24, 4)
+
+    _, rep_seed, _ = curate(tmp_path, lines, out="d", seed=1)
+    other = {exact_key(r) for r in read(tmp_path / "d" / "eval.jsonl")}
+    assert other != keys and rep_seed["eval"] == 4
+
+
+def test_classification_answers_are_strata(tmp_path: Path) -> None:
+    labels = ["positive"] * 10 + ["negative"] * 6 + ["neutral"] * 4
+    lines = [
+        call(f"Review {i}: the {CITIES[i % 18]} tour guide was {i} minutes late", content=lab)
+        for i, lab in enumerate(labels)
+    ]
+    _, report, _ = curate(tmp_path, lines, eval_fraction=0.25)
+    assert report["strata"] == {
+        "label:negative": {"train": 4, "eval": 2},
+        "label:neutral": {"train": 3, "eval": 1},
+        "label:positive": {"train": 7, "eval": 3},
+    }
+
+
+def test_too_few_examples_fail_with_a_clear_message(tmp_path: Path) -> None:
+    result, report, out = curate(tmp_path, [*tool_calls(3, 0, 0), "{oops"], min_examples=10)
+    assert not result.ok
+    assert result.stage == "prepare"
+    assert "3 < min_examples 10" in result.message
+    assert "1 malformed" in result.message
+    assert result.examples == 3
+    assert report["examples"] == 3  # the report is still written, to see why
+    assert (out / "train.jsonl").exists()
+
+
+def test_missing_input_is_a_failed_result(tmp_path: Path) -> None:
+    result = run(Args(input=tmp_path / "nope.jsonl", output_dir=tmp_path / "out"))
+    assert not result.ok
+    assert "no call log" in result.message
+
+
+def test_directory_of_shards_and_task_filter(tmp_path: Path) -> None:
+    shards = tmp_path / "log"
+    shards.mkdir()
+    lines = tool_calls(12, 0, 0)
+    write_log(shards / "000.jsonl", lines[:6])
+    write_log(shards / "001.jsonl", [*lines[6:], call("other", "x", task="billing")])
+    (shards / "notes.txt").write_text("ignored")
+    result = run(Args(input=shards, output_dir=tmp_path / "out", task="assistant"))
+    report = json.loads((tmp_path / "out" / "curate_report.json").read_text())
+    assert result.ok
+    assert report["other_task"] == 1
+    assert report["examples"] == 12
+    assert [Path(f).name for f in report["files"]] == ["000.jsonl", "001.jsonl"]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"near_dup_threshold": 0.0},
+        {"eval_fraction": 1.0},
+        {"min_examples": 0},
+        {"stratify_by": "random"},
+    ],
+)
+def test_invalid_arguments_are_rejected(tmp_path: Path, bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        Args(input=tmp_path, output_dir=tmp_path, **bad)
+
+
+def test_assign_split_pools_singletons_and_keeps_both_sides() -> None:
+    strata = ["a", "a", "b", "b", "b", "b", "b", "b", "b", "b", "b", "b", "u1", "u2", "u3"]
+    keys = [f"k{i}" for i in range(len(strata))]
+    is_eval = assign_split(strata, keys, 0.1, seed=0)
+    by = {s: [e for t, e in zip(strata, is_eval, strict=True) if t == s] for s in set(strata)}
+    assert sorted(by["a"]) == [False, True]
+    assert sum(by["b"]) == 1
+    assert sum(by["u1"] + by["u2"] + by["u3"]) == 1  # the pooled "rare" stratum
+    assert assign_split(strata, keys, 0.0, seed=0) == [False] * len(strata)
+
+
+def test_shingles_and_stratum() -> None:
+    assert shingles("Hello, WORLD!") == {"hello", "world"}
+    assert shingles("a b c d") == {"a b c", "b c d"}
+    assert shingles("mail <EMAIL_ADDRESS_1> now") == {"mail <email_address_1> now"}
+    rec = CallRecord.from_dict(call("q", content="A long free-text answer " * 5))
+    assert stratum(rec, "auto") == "text"
+    assert stratum(rec, "none") == "all"
+    assert stratum(CallRecord.from_dict(call("q", "get_weather")), "auto") == "tool:get_weather"

@@ -1,0 +1,329 @@
+"""The PII/secret redactor: measured quality on the labelled set, and the behaviour curate and
+the gateway rely on (consistent placeholders, valid JSON, no network, no torch)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from slm_contract import CallRecord
+from slm_trainer.redact import (
+    RedactionState,
+    Redactor,
+    default_redactor,
+    looks_random,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+LABELLED = REPO / "tests" / "data" / "pii" / "labelled.jsonl"
+
+VISA = "4111 1111 1111 1111"
+VISA_BAD_LUHN = "4111 1111 1111 1112"
+PEM = (
+    "-----BEGIN RSA PRIVATE KEY-----\n"
+    "MIIEpAIBAAKCAQEAvNq2c8Ue7Yb1M3s6Q0lS9pQy3bT0n8sYk2Xy7D1fG4hJ5kLm\n"
+    "Np0QrStUvWxYz1234567890abcdefghijABCDEFGHIJ==\n"
+    "-----END RSA PRIVATE KEY-----"
+)
+
+
+@pytest.fixture(scope="module")
+def redactor() -> Redactor:
+    return default_redactor()
+
+
+def _load_bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("pii_report", REPO / "bench" / "pii_report.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["pii_report"] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_labelled_set_is_big_and_varied() -> None:
+    rows = [json.loads(line) for line in LABELLED.read_text().splitlines() if line.strip()]
+    kinds = {e["kind"] for r in rows for e in r["entities"]}
+    assert len(rows) >= 200
+    assert sum(1 for r in rows if not r["entities"]) >= 60
+    assert kinds >= {
+        "EMAIL_ADDRESS",
+        "PHONE_NUMBER",
+        "CREDIT_CARD",
+        "IP_ADDRESS",
+        "IBAN_CODE",
+        "API_KEY",
+        "JWT",
+        "PRIVATE_KEY",
+    }
+    for r in rows:
+        for e in r["entities"]:
+            assert e["value"] in r["text"]
+
+
+def test_precision_and_recall_on_labelled_set() -> None:
+    bench = _load_bench()
+    examples = bench.load_labelled(LABELLED)
+    ours = bench.redactor_report(examples)
+    baseline = bench.baseline_report(examples)
+    print("\nPII redactor on tests/data/pii/labelled.jsonl (baseline: stock Presidio recognizers)")
+    print(bench.format_table(ours, baseline))
+    for what, kind, value, text in ours.errors:
+        print(f"  {what} {kind} {value[:50]!r} in {text[:80]!r}")
+
+    for kind in ("EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "API_KEY"):
+        assert ours.per_kind[kind].recall >= 0.95, (kind, ours.per_kind[kind])
+    assert ours.overall.precision >= 0.9, ours.overall
+
+
+def test_scoring_counts_each_label_once() -> None:
+    bench = _load_bench()
+    ex = [bench.Example("a b a", (("K", "a"), ("K", "a")))]
+    per_kind, overall, _ = bench.score(
+        ex, [[("K", "a"), ("K", "a"), ("K", "a"), ("J", "b")]], ["K", "J"]
+    )
+    assert (per_kind["K"].tp, per_kind["K"].fp, per_kind["K"].fn) == (2, 1, 0)
+    assert (per_kind["J"].tp, per_kind["J"].fp) == (0, 1)
+    assert overall.precision == pytest.approx(0.5)
+
+
+def _record(user: str, args: dict[str, object], answer: str = "") -> CallRecord:
+    return CallRecord(
+        task="crm",
+        backend="llm",
+        messages=[
+            {"role": "system", "content": "You are a CRM agent."},
+            {"role": "user", "content": user},
+        ],
+        tools=[
+            {
+                "type": "function",
+                "function": {"name": "send_email", "description": "e.g. to=jane@example.com"},
+            }
+        ],
+        response={
+            "role": "assistant",
+            "content": answer,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "send_email", "arguments": json.dumps(args)},
+                }
+            ],
+        },
+    )
+
+
+def test_same_value_gets_same_placeholder_across_the_record(redactor: Redactor) -> None:
+    rec = _record(
+        "Email Jane.Doe@Acme.io and bob@acme.io, then call +44 20 7946 0018.",
+        {"to": "jane.doe@acme.io", "cc": ["bob@acme.io"], "phone": "+44 20 7946 0018"},
+        answer="Done, wrote to jane.doe@acme.io.",
+    )
+    new, counts = redactor.redact_record(rec)
+    user = new.messages[1]["content"]
+    args = json.loads(new.response["tool_calls"][0]["function"]["arguments"])
+    assert user == ("Email <EMAIL_ADDRESS_1> and <EMAIL_ADDRESS_2>, then call <PHONE_NUMBER_1>.")
+    assert args == {
+        "to": "<EMAIL_ADDRESS_1>",
+        "cc": ["<EMAIL_ADDRESS_2>"],
+        "phone": "<PHONE_NUMBER_1>",
+    }
+    assert new.response["content"] == "Done, wrote to <EMAIL_ADDRESS_1>."
+    assert counts == {"EMAIL_ADDRESS": 5, "PHONE_NUMBER": 2}
+    assert new.redactions == counts
+    assert new.tools == rec.tools  # schemas are the developer's code, never rewritten
+    assert new.messages[0] == rec.messages[0]
+
+
+def test_distinct_values_get_distinct_numbers(redactor: Redactor) -> None:
+    state = RedactionState()
+    text = redactor.redact_text("a@x.io b@x.io a@x.io c@x.io", state)
+    assert text == "<EMAIL_ADDRESS_1> <EMAIL_ADDRESS_2> <EMAIL_ADDRESS_1> <EMAIL_ADDRESS_3>"
+    assert state.counts["EMAIL_ADDRESS"] == 4
+
+
+def test_tool_arguments_stay_valid_json(redactor: Redactor) -> None:
+    args = {
+        "customer": {
+            "email": "priya.k@mail.co.in",
+            "card": 4111111111111111,
+            "notes": ["call 415-555-0132 after 6pm", "VIP"],
+        },
+        "api_key": "hunter2-Correct-Horse",
+        "private_key": PEM,
+        "amount": 129.99,
+        "quoted": 'she said "hi" \\ bye',
+    }
+    state = RedactionState()
+    out = redactor.redact_json_text(json.dumps(args, indent=2), state)
+    doc = json.loads(out)
+    assert doc["customer"] == {
+        "email": "<EMAIL_ADDRESS_1>",
+        "card": "<CREDIT_CARD_1>",
+        "notes": ["call <PHONE_NUMBER_1> after 6pm", "VIP"],
+    }
+    assert doc["api_key"] == "<API_KEY_1>"
+    assert doc["private_key"] == "<PRIVATE_KEY_1>"
+    assert doc["amount"] == 129.99
+    assert doc["quoted"] == args["quoted"]
+
+
+def test_json_without_pii_is_returned_byte_for_byte(redactor: Redactor) -> None:
+    text = '{ "city":"Paris",  "unit": "celsius", "days": 3 }'
+    assert redactor.redact_json_text(text, RedactionState()) == text
+
+
+def test_invalid_luhn_card_is_not_redacted(redactor: Redactor) -> None:
+    assert (
+        redactor.redact_text(f"card {VISA_BAD_LUHN} declined") == f"card {VISA_BAD_LUHN} declined"
+    )
+    assert redactor.redact_text(f"card {VISA} declined") == "card <CREDIT_CARD_1> declined"
+
+
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        ("export OPENAI_API_KEY=sk-proj-4f9Kx2LmQ7rT1vB8nZ3yW6cD0eH5jU9pA2sF", "API_KEY"),
+        ("token ghp_16C7e42F292c6912E7710c838347Ae178B4a used", "API_KEY"),
+        ("aws AKIAIOSFODNN7EXAMPLE key id", "API_KEY"),
+        ("slack xoxb-17653672481-19874698323-pdFZKVeTuE8sk7oOcBrzbqgy", "API_KEY"),
+        ("maps AIzaSyA-1234567890abcdefghijklmnopqrstu", "API_KEY"),
+        ("Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.abcdefghijKLMNOP", "JWT"),
+        (f"key:\n{PEM}\nend", "PRIVATE_KEY"),
+        ("IBAN DE89 3704 0044 0532 0130 00 please", "IBAN_CODE"),
+        ("from 2001:db8:85a3::8a2e:370:7334 and", "IP_ADDRESS"),
+    ],
+)
+def test_secret_and_identifier_kinds(redactor: Redactor, text: str, kind: str) -> None:
+    assert [s.kind for s in redactor.find(text)] == [kind]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Upgrade to version 10.2.1.3 tonight",
+        "order 20240611 and id 1234567890",
+        "Invoice INV-2024-000123 total $1,299.00",
+        "max_tokens: 4096, token_count=123456789",
+        "branch sk-my-very-long-branch-name-here",
+        "commit 3f786850e387550fdab836ed7e6dc881de23001b",
+        "request 123e4567-e89b-12d3-a456-426614174000",
+        "Placeholders <EMAIL_ADDRESS_1> and <API_KEY_2> stay as they are",
+    ],
+)
+def test_look_alikes_are_left_alone(redactor: Redactor, text: str) -> None:
+    assert redactor.find(text) == []
+
+
+def test_redacting_twice_keeps_numbers_unique(redactor: Redactor) -> None:
+    once, _ = redactor.redact_record(_record("write to a@x.io", {"to": "a@x.io"}))
+    # A second pass (curate after the gateway) finds a new address next to the placeholder.
+    again = CallRecord.from_dict(
+        {
+            **json.loads(once.to_json()),
+            "messages": [*once.messages, {"role": "user", "content": "also b@x.io"}],
+        }
+    )
+    twice, counts = redactor.redact_record(again)
+    assert twice.messages[-1]["content"] == "also <EMAIL_ADDRESS_2>"
+    assert counts == {"EMAIL_ADDRESS": 1}
+    assert twice.redactions == {"EMAIL_ADDRESS": 3}
+    assert redactor.redact_record(twice) == (twice, {})
+
+
+def test_content_parts_and_history_tool_calls_are_redacted(redactor: Redactor) -> None:
+    rec = CallRecord(
+        task="t",
+        backend="llm",
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "mail x@y.io"},
+                    {"type": "image_url", "image_url": {"url": "u"}},
+                ],
+            },
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {
+                        "id": "c",
+                        "type": "function",
+                        "function": {"name": "lookup", "arguments": '{"email": "x@y.io"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "c", "content": '{"phone": "+49 30 901820"}'},
+        ],
+        response={"role": "assistant", "content": "ok", "reasoning_content": "x@y.io asked"},
+    )
+    new, counts = redactor.redact_record(rec)
+    assert new.response["reasoning_content"] == "<EMAIL_ADDRESS_1> asked"
+    assert new.messages[0]["content"][0]["text"] == "mail <EMAIL_ADDRESS_1>"
+    assert new.messages[0]["content"][1] == rec.messages[0]["content"][1]
+    args = new.messages[1]["tool_calls"][0]["function"]["arguments"]
+    assert json.loads(args) == {"email": "<EMAIL_ADDRESS_1>"}
+    assert json.loads(new.messages[2]["content"]) == {"phone": "<PHONE_NUMBER_1>"}
+    assert counts == {"EMAIL_ADDRESS": 3, "PHONE_NUMBER": 1}
+
+
+def test_looks_random() -> None:
+    assert looks_random("a8f5f167f44f4964e6c998dee827110c")
+    assert not looks_random("my-very-long-branch-name")
+    assert not looks_random("12345678901234567890")
+
+
+def test_no_network_and_no_torch_at_import_build_or_run(tmp_path: Path) -> None:
+    """In a fresh interpreter whose sockets refuse to connect: import, build, redact.
+
+    The stock tldextract call at the end shows the guard would catch a real download attempt.
+    """
+    script = textwrap.dedent(
+        """
+        import json, socket, sys
+        attempts = []
+        def refuse(*args, **kwargs):
+            attempts.append(repr(args)[:80])
+            raise OSError("network disabled in this test")
+        socket.socket.connect = refuse
+        socket.socket.connect_ex = refuse
+        socket.create_connection = refuse
+        socket.getaddrinfo = refuse
+
+        from slm_trainer.redact import Redactor
+        r = Redactor()
+        out = r.redact_text("mail jane@example.co.uk, see https://docs.example.com/x?a=1")
+        ours = list(attempts)
+        heavy = sorted(m for m in ("torch", "transformers") if m in sys.modules)
+
+        import tldextract
+        tldextract.TLDExtract(cache_dir=sys.argv[1])("www.example.com")
+        print(json.dumps({"out": out, "ours": ours, "stock": len(attempts) - len(ours),
+                          "heavy": heavy}))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO / "trainer")}
+    env.pop("TLDEXTRACT_CACHE", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "tld-cache")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=True,
+    )
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["out"].startswith("mail <EMAIL_ADDRESS_1>, see")
+    assert result["ours"] == []
+    assert result["stock"] > 0
+    assert result["heavy"] == []

@@ -1,0 +1,218 @@
+"""``python -m slm_trainer``: cheap help, exit codes, JSON lines and the result file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from slm_contract import TrainerResult
+from slm_trainer import cli
+
+REPO = Path(__file__).resolve().parents[2]
+HEAVY = ("torch", "transformers", "presidio_analyzer", "spacy", "datasketch", "peft")
+
+
+def run_cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "trainer")}
+    return subprocess.run(
+        [sys.executable, "-m", "slm_trainer", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def write_log(path: Path, n: int = 12) -> Path:
+    cities = [
+        "Paris",
+        "Berlin",
+        "Rome",
+        "Tokyo",
+        "Lima",
+        "Oslo",
+        "Cairo",
+        "Delhi",
+        "Austin",
+        "Quito",
+        "Seoul",
+        "Perth",
+        "Lagos",
+        "Hanoi",
+    ]
+    with path.open("w") as fh:
+        for i in range(n):
+            rec = {
+                "task": "weather",
+                "backend": "llm",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": f"Forecast for {cities[i]} on day {i}? reply to u{i}@x.io",
+                    }
+                ],
+                "response": {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {
+                            "id": f"c{i}",
+                            "type": "function",
+                            "function": {
+                                "name": "get_weather",
+                                "arguments": json.dumps({"city": cities[i]}),
+                            },
+                        }
+                    ],
+                },
+            }
+            fh.write(json.dumps(rec) + "\n")
+        fh.write("{broken\n")
+    return path
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["curate", "--help"]])
+def test_help_imports_nothing_heavy(argv: list[str]) -> None:
+    code = (
+        "import json, sys\n"
+        "from slm_trainer.__main__ import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit as exc:\n"
+        "    code = exc.code\n"
+        f"heavy = [m for m in {HEAVY!r} if m in sys.modules]\n"
+        "print(json.dumps({'code': code, 'heavy': heavy}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO / "trainer")}
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=True,
+    )
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert last == {"code": 0, "heavy": []}
+    assert "curate" in proc.stdout
+
+
+def test_python_dash_m_help_lists_stages() -> None:
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    assert "curate" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["nope"],
+        ["curate"],
+        ["curate", "--input", "x", "--output-dir", "y", "--eval-fraction", "1.5"],
+        ["curate", "--input", "x", "--output-dir", "y", "--stratify-by", "random"],
+        ["curate", "--input", "x", "--output-dir", "y", "--seed", "one"],
+    ],
+)
+def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_curate_end_to_end_writes_a_result_the_operator_can_read(tmp_path: Path) -> None:
+    log = write_log(tmp_path / "calls.jsonl")
+    result_path = tmp_path / "termination-log"
+    proc = run_cli(
+        "curate",
+        "--input",
+        str(log),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--min-examples",
+        "5",
+        "--result-path",
+        str(result_path),
+    )
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert events[0]["event"] == "start"
+    assert any(e["event"] == "progress" and e["stage"] == "curate" for e in events)
+    assert events[-1]["event"] == "result"
+
+    result = TrainerResult.from_json(result_path.read_text())
+    assert result.ok and result.stage == "prepare"
+    assert (result.examples, result.train_examples, result.eval_examples) == (12, 11, 1)
+    assert {k: v for k, v in events[-1].items() if k != "event"} == json.loads(result.to_json())
+    report = json.loads((tmp_path / "out" / "curate_report.json").read_text())
+    assert report["malformed"] == {"invalid_json": 1}
+    assert report["redactions"] == {"EMAIL_ADDRESS": 12}
+
+
+def test_failed_result_exits_1_and_is_still_written(tmp_path: Path) -> None:
+    log = write_log(tmp_path / "calls.jsonl", n=3)
+    result_path = tmp_path / "result.json"
+    proc = run_cli(
+        "--result-path",
+        str(result_path),
+        "curate",
+        "--input",
+        str(log),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--no-scrub-pii",
+    )
+    assert proc.returncode == 1
+    result = TrainerResult.from_json(result_path.read_text())
+    assert not result.ok
+    assert "min_examples" in result.message
+
+
+def test_a_crashing_stage_reports_a_failed_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Also shows what registering a stage takes: a module with Args, run, CONTRACT_STAGE."""
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class Args:
+        """Always crashes."""
+
+        steps: int = field(default=1, metadata={"help": "how many"})
+
+    def run(args: Any, progress: Any) -> TrainerResult:
+        progress({"event": "progress", "stage": "boom", "steps": args.steps})
+        raise RuntimeError("disk full")
+
+    module = types.ModuleType("fake_stage")
+    module.Args = Args  # type: ignore[attr-defined]
+    module.run = run  # type: ignore[attr-defined]
+    module.CONTRACT_STAGE = "finetune"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "fake_stage", module)
+    monkeypatch.setitem(cli.STAGES, "boom", "fake_stage")
+
+    result_path = tmp_path / "result.json"
+    assert cli.main(["boom", "--steps", "3", "--result-path", str(result_path)]) == 1
+    result = TrainerResult.from_json(result_path.read_text())
+    assert result.stage == "finetune" and not result.ok
+    assert result.message == "boom crashed: RuntimeError: disk full"
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[1] == {"event": "progress", "stage": "boom", "steps": 3}
+
+
+def test_result_path_defaults_to_termination_log_only_when_writable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    target = tmp_path / "termination-log"
+    monkeypatch.setattr(cli, "TERMINATION_LOG", str(target))
+    assert cli.default_result_path() == ""
+    target.write_text("")
+    assert cli.default_result_path() == str(target)

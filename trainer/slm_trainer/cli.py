@@ -1,0 +1,153 @@
+"""``python -m slm_trainer <stage> [args]``: the command line that the operator's Jobs run.
+
+Why it looks like this: a trainer pod is judged by three things the operator can see, so each
+is fixed here once for every stage:
+
+- JSON lines on stdout (``{"event": "progress", "stage": ...}``) for logs and humans;
+- the :class:`slm_contract.TrainerResult` written to ``--result-path`` (by default the
+  kubelet's ``/dev/termination-log`` when it is writable), where the operator reads it back,
+  and echoed as a final ``{"event": "result", ...}`` line;
+- the exit code: 0 when the result is ok, 1 when it is not (or the stage crashed), 2 for bad
+  arguments (argparse's convention).
+
+A stage is a module with an ``Args`` dataclass (its fields become ``--flags``; the field's
+``metadata["help"]`` is the help text; the class docstring is the stage's description) and a
+``run(args, progress) -> TrainerResult`` function. Adding one is one line in :data:`STAGES`.
+Stage modules keep torch, Presidio and the like inside ``run`` so that ``--help`` and argument
+errors never pay for them (checked by tests/unit/test_trainer_cli.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import sys
+import traceback
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from slm_contract import TrainerResult
+
+#: CLI stage name -> module implementing it. The contract stage it reports is the module's
+#: ``CONTRACT_STAGE``.
+STAGES: dict[str, str] = {
+    "curate": "slm_trainer.curate",
+}
+
+TERMINATION_LOG = "/dev/termination-log"
+
+
+def default_result_path() -> str:
+    """The kubelet's termination message file when we can write it, else nothing."""
+    return TERMINATION_LOG if os.access(TERMINATION_LOG, os.W_OK) else ""
+
+
+def emit(event: dict[str, Any]) -> None:
+    """One JSON line on stdout, flushed so that ``kubectl logs -f`` shows it at once."""
+    print(json.dumps(event, ensure_ascii=False, default=str), flush=True)
+
+
+def _flag_type(tp: Any) -> tuple[Any, dict[str, Any]]:
+    """argparse keywords for a dataclass field type (str, int, float, Path, bool, Literal)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _flag_type(args[0])
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        return type(choices[0]), {"choices": choices}
+    if tp is bool:
+        return bool, {"action": argparse.BooleanOptionalAction}
+    return tp, {}
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--kebab-case`` option per field of ``cls``; fields without a default are required."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, extra = _flag_type(hints[f.name])
+        kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata.get("help", ""), **extra}
+        if "action" not in kwargs:
+            kwargs["type"] = tp
+            kwargs["metavar"] = f.name.upper()
+        if f.default is not dataclasses.MISSING:
+            kwargs["default"] = f.default
+            if isinstance(f.default, bool):
+                kwargs["help"] += f" (default: {'on' if f.default else 'off'})"
+            elif f.default not in ("", None):
+                kwargs["help"] += " (default: %(default)s)"
+        elif f.default_factory is not dataclasses.MISSING:
+            kwargs["default"] = f.default_factory()
+        else:
+            kwargs["required"] = True
+        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slm-trainer",
+        description="SLM Fleet trainer: the stages of the LLM-to-SLM conversion loop.",
+    )
+    parser.add_argument(
+        "--result-path",
+        default=None,
+        help=f"where to write the TrainerResult JSON (default: {TERMINATION_LOG} if writable; "
+        "'' to skip)",
+    )
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name, module_name in STAGES.items():
+        module = importlib.import_module(module_name)
+        doc = (module.Args.__doc__ or "").strip()
+        stage_parser = sub.add_parser(name, help=doc.split("\n")[0], description=doc)
+        add_dataclass_arguments(stage_parser, module.Args)
+        stage_parser.add_argument(
+            "--result-path", default=argparse.SUPPRESS, help="as above; may follow the stage"
+        )
+    return parser
+
+
+def write_result(result: TrainerResult, path: str) -> None:
+    if not path:
+        return
+    try:
+        result.write(path)
+    except OSError as exc:
+        emit({"event": "warning", "message": f"could not write result to {path}: {exc}"})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    module = importlib.import_module(STAGES[ns.stage])
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(module.Args)}
+    try:
+        args = module.Args(**values)
+    except (TypeError, ValueError) as exc:
+        parser.error(f"{ns.stage}: {exc}")  # exits 2
+    result_path = default_result_path() if ns.result_path is None else ns.result_path
+
+    emit(
+        {
+            "event": "start",
+            "stage": ns.stage,
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in values.items()},
+        }
+    )
+    try:
+        result = module.run(args, emit)
+    except Exception as exc:
+        traceback.print_exc(file=sys.stderr)
+        result = TrainerResult(
+            stage=module.CONTRACT_STAGE,
+            ok=False,
+            message=f"{ns.stage} crashed: {type(exc).__name__}: {exc}",
+        )
+    write_result(result, result_path)
+    emit({"event": "result", **json.loads(result.to_json())})
+    return 0 if result.ok else 1

@@ -1,0 +1,502 @@
+"""The ``curate`` stage (S2 of the conversion loop): turn a raw call log into train/eval sets.
+
+Why a stage of its own: what a small model learns is bounded by what it is shown. A call log
+holds broken lines, PII and secrets, and the same call repeated thousands of times (agents
+retry and loop). Training on that leaks data into weights and over-fits the few calls that
+repeat most. This stage, in order:
+
+1. parses each JSON line into a :class:`slm_contract.CallRecord`; a malformed line is counted
+   by reason and skipped, never fatal, and the first few are kept with their line numbers;
+2. scrubs PII and secrets (:mod:`slm_trainer.redact`; on by default);
+3. drops exact duplicates (same normalised messages, tools and response; tool-call ids and
+   whitespace don't count) and near duplicates (MinHash LSH over the user prompt's word
+   3-grams, Jaccard >= ``near_dup_threshold``), keeping the first occurrence;
+4. splits train/eval, stratified by label (the first tool call's name, a short classification
+   answer, or one stratum for free text), so every tool with two or more examples is in both
+   splits. Within a stratum the eval examples are those with the smallest seeded hash of their
+   content: the split does not depend on the log's order and, as the log grows between
+   retrainings, an example rarely moves from eval to train (which would contaminate the eval
+   of the next candidate).
+
+Outputs in ``output_dir``: ``train.jsonl`` and ``eval.jsonl`` (call records, input order) and
+``curate_report.json`` (every count). Heavy imports (Presidio, datasketch) happen inside the
+functions that need them, so ``slm-trainer curate --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from slm_contract import CallRecord, ContractError, TrainerResult
+
+#: The contract's name for this stage in TrainerResult.
+CONTRACT_STAGE = "prepare"
+
+Progress = Callable[[dict[str, Any]], None]
+StratifyBy = Literal["auto", "tool", "content", "none"]
+
+_WORD_RE = re.compile(r"<[A-Z_]+_\d+>|\w+", re.UNICODE)
+_WS_RE = re.compile(r"\s+")
+
+
+@dataclass
+class Args:
+    """Curate a call log into train.jsonl, eval.jsonl and curate_report.json."""
+
+    input: Path = field(
+        metadata={"help": "call-log JSONL file, or a directory whose *.jsonl shards are read"}
+    )
+    output_dir: Path = field(metadata={"help": "where train.jsonl, eval.jsonl and the report go"})
+    task: str = field(
+        default="", metadata={"help": "keep only records of this task (default: all)"}
+    )
+    scrub_pii: bool = field(default=True, metadata={"help": "redact PII and secrets"})
+    near_dup_threshold: float = field(
+        default=0.9,
+        metadata={
+            "help": "Jaccard similarity of user prompts above which a record is a near "
+            "duplicate; 1.0 turns near-duplicate removal off"
+        },
+    )
+    eval_fraction: float = field(default=0.1, metadata={"help": "share of each stratum for eval"})
+    stratify_by: StratifyBy = field(
+        default="auto",
+        metadata={"help": "auto: tool name, else short answer; tool; content; none"},
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the split and of MinHash"})
+    min_examples: int = field(
+        default=10, metadata={"help": "fail when fewer examples remain after curation"}
+    )
+    num_perm: int = field(default=128, metadata={"help": "MinHash permutations"})
+    max_error_samples: int = field(
+        default=5, metadata={"help": "malformed lines quoted in the report"}
+    )
+
+    def __post_init__(self) -> None:
+        self.input = Path(self.input)
+        self.output_dir = Path(self.output_dir)
+        if not 0.0 < self.near_dup_threshold <= 1.0:
+            raise ValueError("near_dup_threshold must be in (0, 1]")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError("eval_fraction must be in [0, 1)")
+        if self.min_examples < 1:
+            raise ValueError("min_examples must be >= 1")
+        if self.num_perm < 16:
+            raise ValueError("num_perm must be >= 16")
+        if self.stratify_by not in ("auto", "tool", "content", "none"):
+            raise ValueError("stratify_by must be auto, tool, content or none")
+
+
+@dataclass
+class ParseStats:
+    """What reading the log found; ``errors`` holds the first few malformed lines."""
+
+    lines: int = 0
+    blank: int = 0
+    malformed: Counter[str] = field(default_factory=Counter)
+    other_task: int = 0
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------ parsing
+
+
+def input_files(path: Path) -> list[Path]:
+    """The shards to read: the file itself, or a directory's ``*.jsonl`` in name order."""
+    if path.is_dir():
+        return sorted(p for p in path.glob("*.jsonl") if p.is_file())
+    return [path]
+
+
+def malformed_reason(exc: ContractError) -> str:
+    """A stable, countable reason for a record the contract rejected.
+
+    The contract raises one exception type whose message names the field first; the reason
+    is ``invalid_<field>`` for those, so new fields need no change here.
+    """
+    msg = str(exc)
+    if msg.startswith("not JSON"):
+        return "invalid_json"
+    if "must be a JSON object" in msg:
+        return "not_an_object"
+    if msg.startswith("unsupported call record schema"):
+        return "unsupported_schema"
+    first = msg.split(" ", 1)[0]
+    known = {f.name for f in fields(CallRecord)}
+    return f"invalid_{first}" if first in known else "invalid_record"
+
+
+def has_answer(response: dict[str, Any]) -> bool:
+    """A response teaches something only with text or at least one tool call."""
+    content = response.get("content")
+    if isinstance(content, str) and content.strip():
+        return True
+    if isinstance(content, list) and content:
+        return True
+    calls = response.get("tool_calls")
+    return isinstance(calls, list) and len(calls) > 0
+
+
+def parse_lines(
+    lines: Iterable[tuple[str, int, bytes]],
+    stats: ParseStats,
+    task: str = "",
+    max_error_samples: int = 5,
+) -> Iterator[CallRecord]:
+    """Valid records from ``(source, line number, raw bytes)``; everything else goes to stats."""
+    for source, lineno, raw in lines:
+        stats.lines += 1
+        if not raw.strip():
+            stats.blank += 1
+            continue
+        reason, error = "", ""
+        try:
+            record = CallRecord.from_json(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            reason, error = "invalid_utf8", str(exc)
+        except ContractError as exc:
+            reason, error = malformed_reason(exc), str(exc)
+        except (ValueError, RecursionError) as exc:  # e.g. JSON nested too deep to decode
+            reason, error = "invalid_json", f"{type(exc).__name__}: {exc}"
+        else:
+            if task and record.task != task:
+                stats.other_task += 1
+                continue
+            if not has_answer(record.response):
+                reason, error = "empty_response", "response has no content and no tool_calls"
+            else:
+                yield record
+                continue
+        stats.malformed[reason] += 1
+        if len(stats.errors) < max_error_samples:
+            stats.errors.append(
+                {"file": source, "line": lineno, "reason": reason, "error": error[:200]}
+            )
+
+
+def read_lines(files: Sequence[Path]) -> Iterator[tuple[str, int, bytes]]:
+    for path in files:
+        with path.open("rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                yield path.name, lineno, raw
+
+
+# ------------------------------------------------------------------------------ keys
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(
+            p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+        )
+    return ""
+
+
+def _function_of(call: Any) -> dict[str, Any]:
+    """The ``function`` object of a tool call, or {} when the call is not shaped like one."""
+    function = call.get("function") if isinstance(call, dict) else None
+    return function if isinstance(function, dict) else {}
+
+
+def _canonical_args(arguments: Any) -> Any:
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except ValueError:
+            return _WS_RE.sub(" ", arguments).strip()
+    return arguments
+
+
+def _normal_message(message: dict[str, Any]) -> dict[str, Any]:
+    """Only what the model sees and must produce: no ids, no whitespace differences."""
+    out: dict[str, Any] = {
+        "role": message.get("role", ""),
+        "content": _WS_RE.sub(" ", _text_of(message.get("content"))).strip(),
+    }
+    if message.get("name"):
+        out["name"] = message["name"]
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):
+        out["tool_calls"] = [
+            [_function_of(c).get("name"), _canonical_args(_function_of(c).get("arguments"))]
+            for c in calls
+        ]
+    return out
+
+
+def exact_key(record: CallRecord) -> str:
+    """Hash of normalised messages, tools and response: equal for calls that teach the same."""
+    doc = [
+        [_normal_message(m) for m in record.messages],
+        record.tools,
+        _normal_message(record.response),
+    ]
+    blob = json.dumps(doc, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def user_text(record: CallRecord) -> str:
+    """What the agent's user asked: all user turns, which is where near duplicates differ."""
+    return "\n".join(_text_of(m.get("content")) for m in record.messages if m.get("role") == "user")
+
+
+def shingles(text: str, n: int = 3) -> set[str]:
+    """Lower-cased word n-grams (the words themselves when the text is shorter than n)."""
+    words = [w.lower() for w in _WORD_RE.findall(text)]
+    if len(words) < n:
+        return set(words)
+    return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def stratum(record: CallRecord, by: StratifyBy) -> str:
+    """The label a record is stratified by (see module docstring)."""
+    if by == "none":
+        return "all"
+    response = record.response
+    calls = response.get("tool_calls")
+    if by in ("auto", "tool") and isinstance(calls, list) and calls:
+        return f"tool:{_function_of(calls[0]).get('name') or '?'}"
+    if by in ("auto", "content"):
+        content = _WS_RE.sub(" ", _text_of(response.get("content"))).strip()
+        # A classification answer is a short label; long free text gets one shared stratum.
+        if by == "content" or (content and len(content) <= 64 and len(content.split()) <= 6):
+            return f"label:{content}"
+    return "text"
+
+
+def split_rank(seed: int, key: str) -> str:
+    """Seeded order of a record within its stratum; smallest ranks go to eval."""
+    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+
+
+def assign_split(
+    strata: Sequence[str], keys: Sequence[str], eval_fraction: float, seed: int
+) -> list[bool]:
+    """For each record, True when it goes to eval. Pure and order-independent.
+
+    Strata with a single member are pooled into one ``rare`` stratum first so that a set of
+    unique short answers still yields an eval split. A stratum of n >= 2 gives
+    ``n * eval_fraction`` eval examples (halves round up), at least 1 and at most n - 1 (when
+    ``eval_fraction`` > 0).
+    """
+    sizes = Counter(strata)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, s in enumerate(strata):
+        groups["rare" if sizes[s] < 2 else s].append(i)
+    is_eval = [False] * len(strata)
+    if eval_fraction <= 0:
+        return is_eval
+    for _, members in sorted(groups.items()):
+        n = len(members)
+        if n < 2:
+            continue
+        n_eval = min(n - 1, max(1, math.floor(n * eval_fraction + 0.5)))  # half rounds up
+        ranked = sorted(members, key=lambda i: split_rank(seed, keys[i]))
+        for i in ranked[:n_eval]:
+            is_eval[i] = True
+    return is_eval
+
+
+# ------------------------------------------------------------------------------ the stage
+
+
+class _NearDuplicateFilter:
+    """MinHash LSH index of kept prompts; candidates are verified on the estimated Jaccard."""
+
+    def __init__(self, threshold: float, num_perm: int, seed: int) -> None:
+        from datasketch import MinHash, MinHashLSH
+
+        self._minhash = MinHash
+        # The scheme is pinned so that a datasketch upgrade cannot change which records count
+        # as near duplicates.
+        self._template = MinHash(num_perm=num_perm, seed=seed, scheme="affine32")
+        self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        self._kept: dict[str, Any] = {}
+        self.threshold = threshold
+
+    def is_duplicate(self, key: str, text: str) -> bool:
+        """True if ``text`` is a near duplicate of one already kept; otherwise keep it."""
+        grams = shingles(text)
+        if not grams:
+            return False
+        mh = self._minhash(
+            num_perm=len(self._template.hashvalues),
+            seed=self._template.seed,
+            permutations=self._template.permutations,
+            scheme="affine32",
+        )
+        mh.update_batch([g.encode() for g in grams])
+        for other in self._lsh.query(mh):
+            if mh.jaccard(self._kept[other]) >= self.threshold:
+                return True
+        self._lsh.insert(key, mh)
+        self._kept[key] = mh
+        return False
+
+
+def _emit(progress: Progress | None, **event: Any) -> None:
+    if progress is not None:
+        progress({"event": "progress", "stage": "curate", **event})
+
+
+def run(args: Args, progress: Progress | None = None) -> TrainerResult:
+    """Run the stage; every outcome, including a missing input, is a TrainerResult."""
+    started = time.monotonic()
+    files = input_files(args.input)
+    missing = [str(p) for p in files if not p.is_file()]
+    if not files or missing:
+        return TrainerResult(
+            stage=CONTRACT_STAGE,
+            ok=False,
+            message=f"no call log at {args.input}"
+            + (f" ({', '.join(missing)})" if missing else ""),
+        )
+
+    stats = ParseStats()
+    redactions: Counter[str] = Counter()
+    records_redacted = 0
+    exact_dupes = 0
+    near_dupes = 0
+    seen: set[str] = set()
+    kept: list[tuple[CallRecord, str]] = []
+
+    redactor = None
+    if args.scrub_pii:
+        from slm_trainer.redact import default_redactor
+
+        redactor = default_redactor()
+    near = (
+        _NearDuplicateFilter(args.near_dup_threshold, args.num_perm, args.seed)
+        if args.near_dup_threshold < 1.0
+        else None
+    )
+
+    records = parse_lines(read_lines(files), stats, args.task, args.max_error_samples)
+    for n, record in enumerate(records, start=1):
+        if n % 1000 == 0:
+            _emit(progress, phase="dedup", records=n, kept=len(kept))
+        # Identical calls are the bulk of a log: drop them before paying for redaction.
+        raw_key = exact_key(record)
+        if raw_key in seen:
+            exact_dupes += 1
+            continue
+        seen.add(raw_key)
+        if redactor is not None:
+            record, counts = redactor.redact_record(record)
+            if counts:
+                records_redacted += 1
+                redactions.update(counts)
+            key = exact_key(record)
+            if key != raw_key:
+                if key in seen:  # equal once the PII is gone, e.g. one template, two users
+                    exact_dupes += 1
+                    continue
+                seen.add(key)
+        else:
+            key = raw_key
+        if near is not None and near.is_duplicate(key, user_text(record)):
+            near_dupes += 1
+            continue
+        kept.append((record, key))
+
+    strata = [stratum(r, args.stratify_by) for r, _ in kept]
+    is_eval = assign_split(strata, [k for _, k in kept], args.eval_fraction, args.seed)
+    train = [r for (r, _), e in zip(kept, is_eval, strict=True) if not e]
+    evals = [r for (r, _), e in zip(kept, is_eval, strict=True) if e]
+    _emit(progress, phase="split", train=len(train), eval=len(evals))
+
+    per_stratum: dict[str, Counter[str]] = defaultdict(Counter)
+    for s, e in zip(strata, is_eval, strict=True):
+        per_stratum[s]["eval" if e else "train"] += 1
+
+    report = {
+        "input": str(args.input),
+        "files": [str(p) for p in files],
+        "settings": {
+            "task": args.task,
+            "scrub_pii": args.scrub_pii,
+            "near_dup_threshold": args.near_dup_threshold,
+            "eval_fraction": args.eval_fraction,
+            "stratify_by": args.stratify_by,
+            "seed": args.seed,
+            "min_examples": args.min_examples,
+            "num_perm": args.num_perm,
+        },
+        "lines": stats.lines,
+        "blank": stats.blank,
+        "read": stats.lines - stats.blank,
+        "other_task": stats.other_task,
+        "malformed": dict(sorted(stats.malformed.items())),
+        "malformed_total": sum(stats.malformed.values()),
+        "error_samples": stats.errors,
+        "redactions": dict(sorted(redactions.items())),
+        "records_redacted": records_redacted,
+        "exact_duplicates": exact_dupes,
+        "near_duplicates": near_dupes,
+        "examples": len(kept),
+        "train": len(train),
+        "eval": len(evals),
+        "strata": {
+            s: {"train": c["train"], "eval": c["eval"]} for s, c in sorted(per_stratum.items())
+        },
+        "seconds": round(time.monotonic() - started, 3),
+    }
+    _write_outputs(args.output_dir, train, evals, report)
+
+    summary = (
+        f"{len(kept)} examples ({len(train)} train / {len(evals)} eval, {len(per_stratum)} strata) "
+        f"from {report['read']} records: {report['malformed_total']} malformed, "
+        f"{exact_dupes} exact and {near_dupes} near duplicates dropped, "
+        f"{sum(redactions.values())} redactions"
+    )
+    if len(kept) < args.min_examples:
+        return TrainerResult(
+            stage=CONTRACT_STAGE,
+            ok=False,
+            examples=len(kept),
+            train_examples=len(train),
+            eval_examples=len(evals),
+            message=f"too few examples after curation: {len(kept)} < min_examples "
+            f"{args.min_examples}; {summary}",
+        )
+    return TrainerResult(
+        stage=CONTRACT_STAGE,
+        ok=True,
+        examples=len(kept),
+        train_examples=len(train),
+        eval_examples=len(evals),
+        message=f"curated {summary}",
+    )
+
+
+def _write_outputs(
+    out_dir: Path,
+    train: Sequence[CallRecord],
+    evals: Sequence[CallRecord],
+    report: dict[str, Any],
+) -> None:
+    """Write each file to a temporary name and rename it, so readers never see half a file."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def write(name: str, text_lines: Iterable[str]) -> None:
+        tmp = out_dir / f".{name}.tmp"
+        with tmp.open("w", encoding="utf-8") as fh:
+            for line in text_lines:
+                fh.write(line)
+        os.replace(tmp, out_dir / name)
+
+    write("train.jsonl", (r.to_json() + "\n" for r in train))
+    write("eval.jsonl", (r.to_json() + "\n" for r in evals))
+    write("curate_report.json", [json.dumps(report, indent=2, ensure_ascii=False) + "\n"])

@@ -1,0 +1,666 @@
+"""Remove PII and secrets from captured agent calls before anyone trains on them (S2 "Curate").
+
+Why this module exists: a fine-tuned SLM memorises what it is trained on, so an e-mail address,
+a card number or an API key that reached the training set can come back out of the model. The
+same redactor runs in two places: the gateway's capture path (S1, before a call is written to
+the log) and the trainer's curate stage (S2, again, in case a log came from elsewhere). It must
+therefore stay light: no torch, one analyzer built once per process and reused (see
+:func:`default_redactor`), and nothing that touches the network.
+
+How: Microsoft Presidio's analyzer with a blank spaCy pipeline (tokens only; no model is
+downloaded) and these recognizers:
+
+- Presidio's own pattern recognizers for ``EMAIL_ADDRESS`` (its top-level-domain check is
+  pointed at tldextract's bundled suffix snapshot, never the network), ``PHONE_NUMBER``
+  (python-phonenumbers, several regions, plus a pattern for formatted North American numbers
+  such as ``(555) 123-4567`` that libphonenumber rejects as unassigned), ``CREDIT_CARD`` (Luhn
+  checked), ``IP_ADDRESS`` (v4 and v6, parsed by :mod:`ipaddress`) and ``IBAN_CODE`` (ISO 7064
+  checksum and per-country format);
+- our own recognizers for secrets, which Presidio does not ship: ``API_KEY`` (OpenAI,
+  Anthropic, GitHub, GitLab, AWS key ids, Slack tokens and webhooks, Google, Stripe, Hugging
+  Face, SendGrid, npm, and generic ``api_key=...`` / ``token: ...`` / ``Bearer ...``
+  assignments whose value is long and random-looking), ``JWT`` (three base64url segments whose
+  header decodes to a JSON object) and ``PRIVATE_KEY`` (PEM ``-----BEGIN ... PRIVATE KEY-----``
+  blocks, also when cut off before their END line).
+
+A few plausibility filters then drop the matches that most often turn out not to be PII in
+agent traffic: bare digit runs taken for phone numbers with no phone word nearby (order ids,
+timestamps), numbers glued to identifiers (``INV-2024-000123``) and four-part version numbers
+read as IPv4 addresses (``version 10.2.1.3``).
+
+Replacement is consistent within one record: the same value always becomes the same
+placeholder (``<EMAIL_ADDRESS_1>``), a second distinct value gets the next number
+(``<EMAIL_ADDRESS_2>``), so a fine-tuned model still learns that "the address in the question
+is the one passed to the tool". Placeholders already present (from an earlier pass, e.g. the
+gateway's) are respected, so running the redactor twice is harmless.
+
+What is NOT detected: names of people, organisations and places. That needs a named-entity
+model and none can be downloaded in this project's environments; a blank spaCy pipeline only
+tokenises. Postal addresses, dates of birth, national ID numbers, and passwords that are short
+or lack a ``password:``-style label are not detected either. Treat the output as "known
+identifiers and secrets removed", not as anonymised.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import functools
+import ipaddress
+import json
+import math
+import re
+import sys
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from slm_contract import CallRecord
+
+# spaCy's thinc and Presidio's optional Hugging Face engine import torch and transformers
+# whenever they are installed (as in the trainer image). We only use spaCy's tokenizer, and
+# paying ~6 s and hundreds of MB for torch in the gateway's capture path is not acceptable,
+# so both are hidden while these packages load; later `import torch` elsewhere still works.
+_HIDDEN = [m for m in ("torch", "transformers") if m not in sys.modules]
+for _name in _HIDDEN:
+    sys.modules[_name] = None  # type: ignore[assignment]  # makes `import` raise ImportError
+try:
+    import spacy
+    import tldextract
+    from presidio_analyzer import (
+        AnalyzerEngine,
+        EntityRecognizer,
+        Pattern,
+        PatternRecognizer,
+        RecognizerRegistry,
+        RecognizerResult,
+    )
+    from presidio_analyzer.nlp_engine import NlpArtifacts, SpacyNlpEngine
+    from presidio_analyzer.predefined_recognizers import (
+        CreditCardRecognizer,
+        EmailRecognizer,
+        IbanRecognizer,
+        IpRecognizer,
+        PhoneRecognizer,
+    )
+    from spacy.tokens import Doc
+finally:
+    for _name in _HIDDEN:
+        if sys.modules.get(_name, "") is None:
+            del sys.modules[_name]
+
+EMAIL_ADDRESS = "EMAIL_ADDRESS"
+PHONE_NUMBER = "PHONE_NUMBER"
+CREDIT_CARD = "CREDIT_CARD"
+IP_ADDRESS = "IP_ADDRESS"
+IBAN_CODE = "IBAN_CODE"
+API_KEY = "API_KEY"
+JWT = "JWT"
+PRIVATE_KEY = "PRIVATE_KEY"
+
+#: Every kind the redactor can find, in the order used to break ties between overlapping
+#: matches of equal score and length (the more specific kind first).
+KINDS: tuple[str, ...] = (
+    PRIVATE_KEY,
+    JWT,
+    API_KEY,
+    CREDIT_CARD,
+    IBAN_CODE,
+    EMAIL_ADDRESS,
+    IP_ADDRESS,
+    PHONE_NUMBER,
+)
+
+#: Regions whose national formats (no ``+country`` prefix) are recognised as phone numbers.
+#: Each region is one more pass of libphonenumber's matcher, so the list is kept short.
+DEFAULT_PHONE_REGIONS: tuple[str, ...] = ("US", "GB", "DE", "FR", "IN", "AU")
+
+SECRET_KINDS = frozenset({PRIVATE_KEY, JWT, API_KEY})
+
+PLACEHOLDER_RE = re.compile(r"<(" + "|".join(KINDS) + r")_(\d+)>")
+
+# Regex flags for our own recognizers: case matters for key prefixes (AKIA, ghp_, sk-).
+_CASE_SENSITIVE = re.DOTALL | re.MULTILINE
+
+# Suffixes that tldextract's public list lacks but that do carry real mailboxes.
+_PRIVATE_EMAIL_SUFFIXES = ("internal", "local", "corp", "lan", "intranet", "localdomain")
+
+# Words that make a bare digit run ("4155550132") a phone number rather than an id. Not
+# "number": "order number 4155550132" is far more common in agent traffic than the phone kind.
+_PHONE_CONTEXT_RE = re.compile(
+    r"\b(?:phone|call|tel\b|telephone|mobile|cell|fax|sms|text me|whatsapp|dial|contact"
+    r"|reach me|hotline)",
+    re.IGNORECASE,
+)
+_VERSION_CONTEXT_RE = re.compile(
+    r"(?:\bv|\bversion|\bver\.?|\bbuild|\brelease|\bfirmware|\bfw|\bchrome)\s*[:=]?\s*$",
+    re.IGNORECASE,
+)
+# Dotted phone formats in use: 415.555.0199 (North America), 01.42.68.53.00 (France).
+_DOTTED_PHONE_RE = re.compile(r"(?:\(?\d{3}\)?\.)?\d{3}\.\d{4}|0\d(?:\.\d{2}){4}")
+_SECRET_KEY_NAME_RE = re.compile(
+    r"[\w.-]*?(?:api[_-]?key|apikey|secret|token|password|passwd|credentials?"
+    r"|access[_-]?key|private[_-]?key|auth)",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True)
+class Span:
+    """One detected entity: ``text[start:end]`` is of ``kind``."""
+
+    kind: str
+    start: int
+    end: int
+    score: float
+    value: str
+
+
+@dataclass
+class RedactionState:
+    """Placeholder numbering and counts shared by every string of one record.
+
+    Keep one per record (or per conversation): sharing it is what makes the same e-mail in the
+    prompt and in the tool-call arguments become the same ``<EMAIL_ADDRESS_1>``.
+    """
+
+    placeholders: dict[tuple[str, str], str] = field(default_factory=dict)
+    last_index: Counter[str] = field(default_factory=Counter)
+    counts: Counter[str] = field(default_factory=Counter)
+
+    def seed(self, text: str) -> None:
+        """Reserve the numbers of placeholders already in ``text`` so new ones don't collide."""
+        for m in PLACEHOLDER_RE.finditer(text):
+            kind, index = m.group(1), int(m.group(2))
+            self.last_index[kind] = max(self.last_index[kind], index)
+
+    def placeholder(self, kind: str, value: str) -> str:
+        """The placeholder for ``value``: the same one each time, a new number for a new value."""
+        key = (kind, normalize_value(kind, value))
+        found = self.placeholders.get(key)
+        if found is None:
+            self.last_index[kind] += 1
+            found = f"<{kind}_{self.last_index[kind]}>"
+            self.placeholders[key] = found
+        self.counts[kind] += 1
+        return found
+
+
+def normalize_value(kind: str, value: str) -> str:
+    """The identity of a value for numbering: formatting differences don't make a new entity."""
+    if kind == EMAIL_ADDRESS:
+        return value.strip().lower()
+    if kind in (PHONE_NUMBER, CREDIT_CARD):
+        return re.sub(r"[^0-9+]", "", value)
+    if kind == IBAN_CODE:
+        return re.sub(r"[^0-9A-Za-z]", "", value).upper()
+    if kind == IP_ADDRESS:
+        try:
+            return str(ipaddress.ip_interface(value))
+        except ValueError:
+            return value
+    return value
+
+
+def shannon_entropy(value: str) -> float:
+    """Bits per character; random keys score above ~3.5, words and repeated digits below 3."""
+    if not value:
+        return 0.0
+    n = len(value)
+    return -sum(c / n * math.log2(c / n) for c in Counter(value).values())
+
+
+def looks_random(value: str, min_length: int = 16, min_entropy: float = 3.0) -> bool:
+    """Whether a labelled value looks like a generated credential rather than a word or number."""
+    core = value.strip("\"'=")
+    return (
+        len(core) >= min_length
+        and any(c.isdigit() for c in core)
+        and any(c.isalpha() for c in core)
+        and shannon_entropy(core) >= min_entropy
+        and not PLACEHOLDER_RE.search(core)
+    )
+
+
+def _jwt_header_ok(token: str) -> bool:
+    header = token.split(".", 1)[0]
+    try:
+        decoded = base64.urlsafe_b64decode(header + "=" * (-len(header) % 4))
+        return isinstance(json.loads(decoded), dict)
+    except (binascii.Error, ValueError):
+        return False
+
+
+class BlankSpacyNlpEngine(SpacyNlpEngine):
+    """spaCy's rule-based English tokenizer and nothing else: no model, so nothing to download.
+
+    A blank pipeline has no lemmatizer; lower-cased token text stands in for lemmas so that
+    Presidio's context words ("phone", "card", "iban") still raise scores next to a match.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(models=[{"lang_code": "en", "model_name": "blank:en"}])
+
+    def load(self) -> None:
+        self.nlp = {"en": spacy.blank("en")}  # type: ignore[assignment]  # base declares None
+
+    def _doc_to_nlp_artifact(self, doc: Doc, language: str) -> NlpArtifacts:
+        return NlpArtifacts(
+            entities=[],
+            tokens=doc,
+            tokens_indices=[t.idx for t in doc],
+            lemmas=[t.lower_ for t in doc],
+            nlp_engine=self,
+            language=language,
+            scores=[],
+        )
+
+
+class OfflineEmailRecognizer(EmailRecognizer):
+    """Presidio's e-mail recognizer with its domain check on tldextract's bundled snapshot.
+
+    The stock recognizer calls ``tldextract.extract``, whose first use downloads the public
+    suffix list; in a pod without egress that hangs until a timeout. ``suffix_list_urls=()``
+    and no cache directory make tldextract read only the snapshot shipped in its wheel.
+    """
+
+    _extract = tldextract.TLDExtract(
+        suffix_list_urls=(),
+        cache_dir=None,
+        fallback_to_snapshot=True,
+        extra_suffixes=_PRIVATE_EMAIL_SUFFIXES,
+    )
+
+    def validate_result(self, pattern_text: str) -> bool:
+        return bool(self._extract(pattern_text.rsplit("@", 1)[-1]).fqdn)
+
+
+class _SecretRecognizer(PatternRecognizer):
+    """Case-sensitive patterns whose matches must also pass a plausibility check."""
+
+    def __init__(
+        self,
+        entity: str,
+        patterns: Sequence[Pattern],
+        context: list[str],
+        name: str,
+        min_length: int = 16,
+    ) -> None:
+        super().__init__(
+            supported_entity=entity,
+            patterns=list(patterns),
+            context=context,
+            supported_language="en",
+            name=name,
+            global_regex_flags=_CASE_SENSITIVE,
+        )
+        self.min_length = min_length
+
+    def invalidate_result(self, pattern_text: str) -> bool:
+        if self.supported_entities[0] == JWT:
+            return not _jwt_header_ok(pattern_text)
+        if self.supported_entities[0] == API_KEY:
+            # Generated keys mix letters and digits; slugs such as "sk-my-long-branch-name" don't.
+            return not looks_random(pattern_text.rstrip(".,:"), min_length=self.min_length)
+        return False
+
+
+# The name may carry any prefix (OPENAI_API_KEY, x-api-key, github_token) but must end right
+# before the separator, so "max_tokens: 1024" or "password_hint=..." do not count.
+_SECRET_NAMES = r"(?i:api[_-]?key|apikey|secret|token|password|passwd|access[_-]?key)"
+
+API_KEY_PATTERNS: tuple[Pattern, ...] = (
+    # OpenAI (sk-, sk-proj-, sk-svcacct-), Anthropic (sk-ant-api03-), DeepSeek and similar.
+    Pattern("sk-style key", r"(?<![\w-])sk-[A-Za-z0-9_-]{20,}", 0.95),
+    Pattern("GitHub token", r"\b(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{36,255}\b", 0.95),
+    Pattern("GitHub fine-grained PAT", r"\bgithub_pat_[A-Za-z0-9_]{22,255}\b", 0.95),
+    Pattern("GitLab PAT", r"\bglpat-[A-Za-z0-9_-]{20,}\b", 0.95),
+    Pattern("AWS access key id", r"\b(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}\b", 0.95),
+    Pattern("Slack token", r"\bxox[abposr]-(?:[A-Za-z0-9]+-?){2,}[A-Za-z0-9]+\b", 0.95),
+    Pattern(
+        "Slack webhook",
+        r"https://hooks\.slack\.com/services/T[A-Z0-9]+/B[A-Z0-9]+/[A-Za-z0-9]{16,}",
+        0.95,
+    ),
+    Pattern("Google API key", r"\bAIza[0-9A-Za-z_-]{35}(?![0-9A-Za-z_-])", 0.95),
+    Pattern("Stripe key", r"\b(?:sk|rk|pk)_(?:live|test)_[0-9A-Za-z]{16,}\b", 0.95),
+    Pattern("Hugging Face token", r"\bhf_[A-Za-z0-9]{30,}\b", 0.95),
+    Pattern("SendGrid key", r"\bSG\.[A-Za-z0-9_-]{16,}\.[A-Za-z0-9_-]{20,}", 0.95),
+    Pattern("npm token", r"\bnpm_[A-Za-z0-9]{36}\b", 0.95),
+)
+
+# A value whose only hint is its label. Lower score: a vendor pattern or a JWT covering the
+# same value wins. Passwords may hold any printable character except quotes and brackets.
+ASSIGNED_SECRET_PATTERNS: tuple[Pattern, ...] = (
+    Pattern(
+        "assigned secret",
+        r"(?<=" + _SECRET_NAMES + r"[\"']?\s*[:=]\s*[\"']?)[^\s\"'`,;<>(){}\[\]]{12,}",
+        0.6,
+    ),
+    Pattern("bearer token", r"(?<=\b(?i:bearer)\s+)[A-Za-z0-9_\-.~+/]{20,}=*", 0.6),
+)
+
+JWT_PATTERNS: tuple[Pattern, ...] = (
+    Pattern(
+        "JWT",
+        r"(?<![\w-])eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.(?:[A-Za-z0-9_-]{8,})?(?![\w-])",
+        0.9,
+    ),
+)
+
+_PEM_LABEL = r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----"
+PRIVATE_KEY_PATTERNS: tuple[Pattern, ...] = (
+    Pattern(
+        "PEM private key",
+        _PEM_LABEL + r".*?-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----",
+        1.0,
+    ),
+    # A key cut off by truncation or a max-length log field: the header and base64 lines.
+    Pattern(
+        "truncated PEM private key",
+        _PEM_LABEL + r"(?:(?:\s|\\n|\\r)*[A-Za-z0-9+/=:,-]{16,})*",
+        0.9,
+    ),
+)
+
+# libphonenumber only accepts numbers in assigned ranges, so it misses the (555) 123-4567 of
+# examples and tests, reserved ranges, and numbers assigned after its metadata was cut. A
+# clearly formatted number is a phone number whoever owns the range; these patterns score
+# below libphonenumber's 0.4 so that its (more exact) span wins where both match.
+PHONE_PATTERNS: tuple[Pattern, ...] = (
+    Pattern(
+        "formatted North American number",
+        r"(?<![\w+\-.])(?:\+?1[\s.-]?)?\(\d{3}\)\s?\d{3}[\s.-]\d{4}(?![\w-])"
+        r"|(?<![\w+\-.])(?:\+?1[\s.-])?\d{3}-\d{3}-\d{4}(?![\w-])",
+        0.35,
+    ),
+    Pattern(
+        "international format",
+        r"(?<![\w+])\+[1-9]\d{0,2}(?:\s?\(0\))?(?:[\s.-]\(?\d{1,8}\)?){2,5}(?![\w-]|[.,]\d)",
+        0.3,
+    ),
+)
+
+
+# Presidio's card pattern predates Mastercard's 2221-2720 range (issued since 2017).
+CARD_PATTERNS: tuple[Pattern, ...] = (
+    Pattern(
+        "Mastercard 2-series",
+        r"\b2(?:22[1-9]|2[3-9]\d|[3-6]\d{2}|7[01]\d|720)[- ]?\d{4}[- ]?\d{4}[- ]?\d{4}\b",
+        0.3,
+    ),
+)
+
+
+class _FormattedPhoneRecognizer(PatternRecognizer):
+    """:data:`PHONE_PATTERNS`, keeping only matches with a plausible count of digits (E.164)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            supported_entity=PHONE_NUMBER,
+            patterns=list(PHONE_PATTERNS),
+            context=["phone", "call", "mobile", "cell", "tel"],
+            supported_language="en",
+            name="SlmFormattedPhoneRecognizer",
+            global_regex_flags=_CASE_SENSITIVE,
+        )
+
+    def invalidate_result(self, pattern_text: str) -> bool:
+        return not 8 <= sum(c.isdigit() for c in pattern_text) <= 15
+
+
+def _build_analyzer(phone_regions: Sequence[str]) -> AnalyzerEngine:
+    recognizers: list[EntityRecognizer] = [
+        OfflineEmailRecognizer(),
+        PhoneRecognizer(supported_regions=tuple(phone_regions)),
+        _FormattedPhoneRecognizer(),
+        CreditCardRecognizer(patterns=[*CreditCardRecognizer.PATTERNS, *CARD_PATTERNS]),
+        IpRecognizer(),
+        IbanRecognizer(),
+        _SecretRecognizer(API_KEY, API_KEY_PATTERNS, ["key", "token"], "SlmApiKeyRecognizer"),
+        _SecretRecognizer(
+            API_KEY, ASSIGNED_SECRET_PATTERNS, [], "SlmAssignedSecretRecognizer", min_length=12
+        ),
+        _SecretRecognizer(JWT, JWT_PATTERNS, ["jwt", "bearer"], "SlmJwtRecognizer"),
+        _SecretRecognizer(PRIVATE_KEY, PRIVATE_KEY_PATTERNS, ["key"], "SlmPrivateKeyRecognizer"),
+    ]
+    registry = RecognizerRegistry(recognizers=recognizers, supported_languages=["en"])
+    return AnalyzerEngine(
+        registry=registry, nlp_engine=BlankSpacyNlpEngine(), supported_languages=["en"]
+    )
+
+
+def _refine(span: Span, text: str, context: str) -> Span | None:
+    """Trim or drop the look-alikes common in agent traffic (see the module docstring)."""
+    before = text[max(0, span.start - 40) : span.start]
+    after = text[span.end : span.end + 2]
+    if span.kind == EMAIL_ADDRESS:
+        # RFC 5322 allows "=" in the local part, so "user=jane@x.io" in a log line matches
+        # whole; no real mailbox uses "=", the key does.
+        local = span.value.rsplit("@", 1)[0]
+        cut = local.rfind("=") + 1
+        if cut:
+            return dataclasses.replace(span, start=span.start + cut, value=span.value[cut:])
+        return span
+    if span.kind == PHONE_NUMBER:
+        prev = before[-1:]
+        if prev and (prev.isalnum() or prev in "-_/#.@"):
+            return None
+        if after[:1] and (after[:1].isalnum() or after[:1] in "-_/"):
+            return None
+        if re.match(r"[.,]\d", after) or re.search(r"\d[.,]$", before):
+            return None
+        if (
+            "." in span.value
+            and "+" not in span.value
+            and not _DOTTED_PHONE_RE.fullmatch(span.value)
+        ):
+            return None  # "126.0.6478.127", "13.4050": versions and coordinates
+        bare = re.fullmatch(r"\d+", span.value) is not None
+        key_words = re.sub(r"[_\W]+", " ", context)  # "customer_phone" -> "customer phone"
+        if bare and not _PHONE_CONTEXT_RE.search(before + " " + key_words):
+            return None
+        return span
+    if span.kind == API_KEY and span.value[-1] in ".,:":
+        value = span.value.rstrip(".,:")  # the end of the sentence, not of the key
+        return dataclasses.replace(span, end=span.start + len(value), value=value)
+    if span.kind == IP_ADDRESS and "." in span.value and ":" not in span.value:
+        return None if _VERSION_CONTEXT_RE.search(before) else span
+    return span
+
+
+def _resolve_overlaps(spans: Iterable[Span]) -> list[Span]:
+    """Keep the best of overlapping matches.
+
+    Secrets first: their patterns are the most specific, and a key glued to a host
+    (``https://oauth2:glpat-...@gitlab.example.com``) also reads as an e-mail address. Then
+    the highest score, the longest match, and the order of :data:`KINDS`.
+    """
+    priority = {kind: i for i, kind in enumerate(KINDS)}
+    ranked = sorted(
+        spans,
+        key=lambda s: (s.kind not in SECRET_KINDS, -s.score, s.start - s.end, priority[s.kind]),
+    )
+    kept: list[Span] = []
+    for span in ranked:
+        if all(span.end <= k.start or span.start >= k.end for k in kept):
+            kept.append(span)
+    return sorted(kept, key=lambda s: s.start)
+
+
+def replace_spans(text: str, spans: Sequence[Span], state: RedactionState) -> str:
+    """Splice placeholders into ``text``; ``spans`` must not overlap and be sorted by start."""
+    out: list[str] = []
+    pos = 0
+    for span in spans:
+        out.append(text[pos : span.start])
+        out.append(state.placeholder(span.kind, span.value))
+        pos = span.end
+    out.append(text[pos:])
+    return "".join(out)
+
+
+class Redactor:
+    """Finds and replaces PII and secrets; build once (about a second), reuse for every call.
+
+    Meant to be shared (see :func:`default_redactor`): per-record numbering lives in the
+    :class:`RedactionState` passed in, not on the instance.
+    """
+
+    def __init__(
+        self,
+        kinds: Iterable[str] = KINDS,
+        phone_regions: Sequence[str] = DEFAULT_PHONE_REGIONS,
+        cache_size: int = 4096,
+    ) -> None:
+        self.kinds: tuple[str, ...] = tuple(kinds)
+        unknown = set(self.kinds) - set(KINDS)
+        if unknown:
+            raise ValueError(f"unknown kinds: {', '.join(sorted(unknown))}")
+        self._analyzer = _build_analyzer(phone_regions)
+        # Agent calls repeat the same system prompt and tool results thousands of times; the
+        # spans of a string don't depend on the record, only their placeholders do.
+        self._find_cached = functools.lru_cache(maxsize=cache_size)(self._find)
+
+    def find(self, text: str, context: str = "") -> list[Span]:
+        """Non-overlapping spans in ``text``; ``context`` (e.g. a JSON key) helps bare numbers."""
+        if not text or not text.strip():
+            return []
+        return list(self._find_cached(text, context))
+
+    def _find(self, text: str, context: str) -> tuple[Span, ...]:
+        results: list[RecognizerResult] = self._analyzer.analyze(
+            text=text, language="en", entities=list(self.kinds)
+        )
+        spans = [
+            Span(r.entity_type, r.start, r.end, r.score, text[r.start : r.end])
+            for r in results
+            if r.score > 0 and not PLACEHOLDER_RE.fullmatch(text[r.start : r.end])
+        ]
+        refined = (_refine(s, text, context) for s in spans)
+        return tuple(_resolve_overlaps(s for s in refined if s is not None))
+
+    def redact_text(self, text: str, state: RedactionState | None = None, context: str = "") -> str:
+        """``text`` with every finding replaced by its placeholder (numbered through ``state``)."""
+        state = state if state is not None else RedactionState()
+        spans = self.find(text, context)
+        return replace_spans(text, spans, state) if spans else text
+
+    def redact_json_text(self, text: str, state: RedactionState | None = None) -> str:
+        """Redact inside a JSON document's values and keep it valid JSON.
+
+        Tool-call arguments and tool results are JSON strings; redacting them as flat text
+        could cut through quotes or escapes (a PEM key's ``\\n``), and would miss a card number
+        stored as a JSON number or a token whose only hint is its key (``{"api_key": "..."}``).
+        Text that is not a JSON object or array is redacted as plain text. The original string
+        is returned unchanged (formatting included) when nothing was found.
+        """
+        state = state if state is not None else RedactionState()
+        stripped = text.lstrip()
+        if not stripped.startswith(("{", "[")):
+            return self.redact_text(text, state)
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            return self.redact_text(text, state)
+        before = sum(state.counts.values())
+        redacted = self.redact_json_value(doc, state)
+        if sum(state.counts.values()) == before:
+            return text
+        return json.dumps(redacted, ensure_ascii=False)
+
+    def redact_json_value(self, value: Any, state: RedactionState, key: str = "") -> Any:
+        """Walk decoded JSON and redact string values (and long numbers); keys are kept."""
+        if isinstance(value, dict):
+            return {k: self.redact_json_value(v, state, str(k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.redact_json_value(v, state, key) for v in value]
+        if isinstance(value, str):
+            redacted = self.redact_text(value, state, context=key)
+            if redacted == value and _SECRET_KEY_NAME_RE.fullmatch(key) and _secret_value(value):
+                return state.placeholder(API_KEY, value)
+            return redacted
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**6:
+            as_text = str(value)
+            redacted = self.redact_text(as_text, state, context=key)
+            return value if redacted == as_text else redacted
+        return value
+
+    def redact_record(self, record: CallRecord) -> tuple[CallRecord, dict[str, int]]:
+        """A copy of ``record`` with messages, tool calls and the response redacted.
+
+        Returns the new record, whose ``redactions`` adds these counts to any it already had,
+        and the counts of this pass per kind. Tool schemas (``tools``) are left alone: they
+        are the developer's code, the same in every call, and the model must see them verbatim.
+        """
+        state = RedactionState()
+        state.seed(json.dumps([record.messages, record.response], ensure_ascii=False))
+        messages = [self._redact_message(m, state) for m in record.messages]
+        response = self._redact_message(record.response, state)
+        counts = {k: state.counts[k] for k in KINDS if state.counts[k]}
+        if not counts:
+            return record, {}
+        total = Counter(record.redactions)
+        total.update(counts)
+        new = dataclasses.replace(
+            record, messages=messages, response=response, redactions=dict(sorted(total.items()))
+        )
+        return new, counts
+
+    def _redact_message(self, message: dict[str, Any], state: RedactionState) -> dict[str, Any]:
+        """Redact every field except the structural ones (role, ids, names).
+
+        Walking all fields also covers ``refusal``, ``reasoning_content`` and whatever free-text
+        field a provider adds next.
+        """
+        out: dict[str, Any] = {}
+        for key, value in message.items():
+            if key in _STRUCTURAL_MESSAGE_KEYS:
+                out[key] = value
+            elif key == "content" and isinstance(value, list):
+                out[key] = [self._redact_part(p, state) for p in value]
+            elif key == "tool_calls" and isinstance(value, list):
+                out[key] = [self._redact_tool_call(c, state) for c in value]
+            elif key == "function_call" and isinstance(value, dict):
+                out[key] = self._redact_function(value, state)
+            elif isinstance(value, str):
+                out[key] = self.redact_json_text(value, state)
+            else:
+                out[key] = self.redact_json_value(value, state, key)
+        return out
+
+    def _redact_part(self, part: Any, state: RedactionState) -> Any:
+        if isinstance(part, dict) and isinstance(part.get("text"), str):
+            return {**part, "text": self.redact_text(part["text"], state)}
+        return part
+
+    def _redact_tool_call(self, call: Any, state: RedactionState) -> Any:
+        if isinstance(call, dict) and isinstance(call.get("function"), dict):
+            return {**call, "function": self._redact_function(call["function"], state)}
+        return call
+
+    def _redact_function(self, function: dict[str, Any], state: RedactionState) -> dict[str, Any]:
+        args = function.get("arguments")
+        if isinstance(args, str):
+            return {**function, "arguments": self.redact_json_text(args, state)}
+        if isinstance(args, dict | list):
+            return {**function, "arguments": self.redact_json_value(args, state)}
+        return function
+
+
+# Message fields that hold identifiers chosen by the agent framework, not user data.
+_STRUCTURAL_MESSAGE_KEYS = frozenset({"role", "name", "tool_call_id", "id", "type"})
+
+
+def _secret_value(value: str) -> bool:
+    """A value stored under a key named like a secret: anything password-like counts."""
+    v = value.strip()
+    return len(v) >= 6 and not any(c.isspace() for c in v) and not PLACEHOLDER_RE.search(v)
+
+
+@functools.cache
+def default_redactor() -> Redactor:
+    """The process-wide redactor with default settings, built on first use."""
+    return Redactor()
