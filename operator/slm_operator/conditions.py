@@ -115,6 +115,8 @@ def transitions(
         old = prev.get(c["type"])
         if old is not None and (old.get("status"), old.get("reason")) == (c["status"], c["reason"]):
             continue
+        if c["type"] == READY and old is not None and old.get("status") == c["status"]:
+            continue  # Ready echoes other conditions; only its flips are news
         if old is None and c["status"] == UNKNOWN:
             continue  # first visit: every condition starts Unknown, not news
         kind = "Warning" if c["reason"] in WARNING_REASONS else "Normal"

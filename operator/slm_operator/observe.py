@@ -81,8 +81,10 @@ def job_view(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]]) -> JobVi
         state = SUCCEEDED
     elif "Failed" in conds or "FailureTarget" in conds:
         state = FAILED
-    elif any((p.get("status") or {}).get("phase") == "Running" for p in own):
-        state = RUNNING
+    elif any(
+        (p.get("status") or {}).get("phase") in ("Running", "Succeeded", "Failed") for p in own
+    ):
+        state = RUNNING  # started; a finished pod counts until the Job controller concludes
     else:
         state = PENDING
 

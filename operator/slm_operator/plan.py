@@ -501,6 +501,12 @@ def plan(obs: Observed) -> Plan:
             "readyReplicas": ready,
             "desiredReplicas": want,
         }
+    elif step.selected is not None and step.evaluated[0] == c.TRUE:
+        serving = (
+            c.FALSE,
+            c.EXPORTING,
+            f"exporting {step.selected['candidate']} as a Triton model repository",
+        )
     else:
         serving = (c.FALSE, c.NO_MODEL, "no model has passed the evaluation gate yet")
     is_serving = serving[0] == c.TRUE

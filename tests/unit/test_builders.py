@@ -48,9 +48,14 @@ def test_jobs_are_owned_labelled_and_restricted() -> None:
 
 
 def test_user_scheduling_constraints_are_kept() -> None:
-    task = make_task(training={"gpus": 2, "nodeSelector": {"pool": "a100"},
-                               "tolerations": [{"key": "spot", "operator": "Exists"}],
-                               "resources": {"requests": {"memory": "32Gi"}}})
+    task = make_task(
+        training={
+            "gpus": 2,
+            "nodeSelector": {"pool": "a100"},
+            "tolerations": [{"key": "spot", "operator": "Exists"}],
+            "resources": {"requests": {"memory": "32Gi"}},
+        }
+    )
     pod = b.finetune_job(task, "r", task["spec"]["candidates"][0])["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"pool": "a100"}
     assert {"key": "spot", "operator": "Exists"} in pod["tolerations"]
@@ -67,8 +72,10 @@ def test_cpu_only_training_requests_no_gpu_and_no_toleration() -> None:
 def test_dataset_on_pvc_is_mounted_read_only() -> None:
     job = b.data_prep_job(make_task(), "r")
     pod = job["spec"]["template"]["spec"]
-    assert {"name": "dataset", "persistentVolumeClaim": {"claimName": "calls",
-                                                         "readOnly": True}} in pod["volumes"]
+    assert {
+        "name": "dataset",
+        "persistentVolumeClaim": {"claimName": "calls", "readOnly": True},
+    } in pod["volumes"]
     args = pod["containers"][0]["args"]
     assert "--input=/mnt/dataset/agent/weather.jsonl" in args
     assert "--scrub-pii" in args and "--stratify-by=tool" in args
@@ -118,39 +125,70 @@ def test_trainer_cli_accepts_every_command_line_the_operator_builds() -> None:
 
 
 def _job(name: str, conds: list[dict[str, str]] | None = None, **status: object) -> dict:
-    return {"metadata": {"name": name, "labels": {n.LABEL_STAGE: "finetune",
-                                                  n.LABEL_REVISION: "r", n.LABEL_CANDIDATE: "a"}},
-            "status": {"conditions": conds or [], **status}}
+    return {
+        "metadata": {
+            "name": name,
+            "labels": {n.LABEL_STAGE: "finetune", n.LABEL_REVISION: "r", n.LABEL_CANDIDATE: "a"},
+        },
+        "status": {"conditions": conds or [], **status},
+    }
 
 
-def _pod(job: str, phase: str, message: str | None = None, exit_code: int = 0,
-         progress: str | None = None) -> dict:
+def _pod(
+    job: str,
+    phase: str,
+    message: str | None = None,
+    exit_code: int = 0,
+    progress: str | None = None,
+) -> dict:
     cs: dict = {"name": "trainer", "state": {"running": {}}}
     if message is not None:
         cs["state"] = {"terminated": {"exitCode": exit_code, "message": message}}
     ann = {n.ANNOTATION_PROGRESS: progress} if progress is not None else {}
-    return {"metadata": {"name": f"{job}-x", "labels": {"job-name": job}, "annotations": ann,
-                         "creationTimestamp": "2026-01-01T00:00:00Z"},
-            "status": {"phase": phase, "containerStatuses": [cs]}}
+    return {
+        "metadata": {
+            "name": f"{job}-x",
+            "labels": {"job-name": job},
+            "annotations": ann,
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+        },
+        "status": {"phase": phase, "containerStatuses": [cs]},
+    }
 
 
 def test_job_view_reads_state_result_and_progress() -> None:
     assert job_view(_job("j"), []).state == PENDING
     running = job_view(_job("j"), [_pod("j", "Running", progress="37")])
     assert running.state == RUNNING and running.progress == 37
-    done = job_view(_job("j", [{"type": "Complete", "status": "True"}]),
-                    [_pod("j", "Succeeded", TrainerResult(stage="finetune", ok=True,
-                                                          score=0.9).to_json())])
+    done = job_view(
+        _job("j", [{"type": "Complete", "status": "True"}]),
+        [_pod("j", "Succeeded", TrainerResult(stage="finetune", ok=True, score=0.9).to_json())],
+    )
     assert done.state == SUCCEEDED and done.result is not None and done.result.score == 0.9
-    garbage = job_view(_job("j", [{"type": "Complete", "status": "True"}]),
-                       [_pod("j", "Succeeded", "Traceback (most recent call last): ...")])
+    garbage = job_view(
+        _job("j", [{"type": "Complete", "status": "True"}]),
+        [_pod("j", "Succeeded", "Traceback (most recent call last): ...")],
+    )
     assert garbage.result is None and "not JSON" in (garbage.result_error or "")
-    failed = job_view(_job("j", [{"type": "Failed", "status": "True",
-                                  "reason": "BackoffLimitExceeded"}]),
-                      [_pod("j", "Failed", "killed: OOM", exit_code=137)])
+    failed = job_view(
+        _job("j", [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]),
+        [_pod("j", "Failed", "killed: OOM", exit_code=137)],
+    )
     assert failed.state == FAILED and failed.message == "killed: OOM"
-    no_msg = job_view(_job("j", [{"type": "Failed", "status": "True",
-                                  "reason": "DeadlineExceeded", "message": "too slow"}]), [])
+    no_msg = job_view(
+        _job(
+            "j",
+            [
+                {
+                    "type": "Failed",
+                    "status": "True",
+                    "reason": "DeadlineExceeded",
+                    "message": "too slow",
+                }
+            ],
+        ),
+        [],
+    )
     assert no_msg.message == "DeadlineExceeded: too slow"
     other = job_view(_job("j"), [_pod("other", "Running", progress="99")])
     assert other.progress is None
@@ -164,8 +202,13 @@ def test_conditions_keep_transition_time_until_status_flips() -> None:
     assert flipped[0]["lastTransitionTime"] == "t3"
     assert c.transitions(same, flipped) == [("Normal", "C", "Ready=True: m3")]
     assert c.transitions(flipped, flipped) == []
-    foreign = {"type": "Custom", "status": "True", "reason": "X", "message": "",
-               "lastTransitionTime": "t0"}
+    foreign = {
+        "type": "Custom",
+        "status": "True",
+        "reason": "X",
+        "message": "",
+        "lastTransitionTime": "t0",
+    }
     assert foreign in c.merge_conditions([foreign], [])
 
 

@@ -1,0 +1,222 @@
+"""Per-request decisions as pure functions: which backend, whether to fall back, do they agree.
+
+Why pure: these few lines decide whether an agent gets a fast SLM answer, a slower LLM answer
+or an error, so every branch is unit-tested on plain values with no server, clock or network.
+The HTTP layer (:mod:`slm_gateway.app`) asks, then acts.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from slm_gateway.routes import MODE_CANARY, MODE_LLM, MODE_SHADOW, MODE_SLM
+
+SLM = "slm"
+LLM = "llm"
+
+# Why a call that was meant for the SLM went to the LLM (the ``fallback_reason`` of a call
+# record and the ``reason`` label of the fallback counter).
+REASON_ERROR = "slm_error"
+REASON_TIMEOUT = "slm_timeout"
+REASON_LOW_CONFIDENCE = "low_confidence"
+REASON_DEFER = "defer"
+REASON_BAD_OUTPUT = "slm_bad_output"
+REASON_CIRCUIT_OPEN = "circuit_open"
+FALLBACK_REASONS = (
+    REASON_ERROR,
+    REASON_TIMEOUT,
+    REASON_LOW_CONFIDENCE,
+    REASON_DEFER,
+    REASON_BAD_OUTPUT,
+    REASON_CIRCUIT_OPEN,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What to do with one request.
+
+    ``primary`` answers first; when it is the SLM, ``fallback`` says the LLM takes over if the
+    SLM fails or is unsure. ``shadow`` asks for an asynchronous SLM copy whose answer is only
+    compared. ``reason`` is set when the route wanted the SLM but it was skipped.
+    """
+
+    primary: str
+    fallback: bool = False
+    shadow: bool = False
+    reason: str = ""
+
+
+PLAN_LLM = Plan(LLM)
+PLAN_SLM = Plan(SLM, fallback=True)
+PLAN_SHADOW = Plan(LLM, shadow=True)
+PLAN_SKIPPED = Plan(LLM, reason=REASON_CIRCUIT_OPEN)
+
+
+def canary_bucket(request_id: str) -> int:
+    """A stable bucket in 0..99 for a request id: the same id always lands in the same bucket,
+    so a retried request takes the same path and a canary split is reproducible."""
+    return zlib.crc32(request_id.encode()) % 100
+
+
+def plan_request(
+    mode: str,
+    canary_percent: int,
+    bucket: int,
+    *,
+    has_slm: bool,
+    slm_allowed: bool,
+    llm_allowed: bool = True,
+) -> Plan:
+    """Choose the backend for one request from the route and the breakers' states.
+
+    - ``llm``: the LLM, always.
+    - ``shadow``: the LLM answers; the SLM gets a copy if its breaker lets it.
+    - ``canary``: buckets below ``canary_percent`` go to the SLM; while the LLM's breaker is
+      open and the SLM's is not, every request goes to the SLM, which beats failing fast.
+    - ``slm``: the SLM with per-request fallback, or straight to the LLM while the SLM's
+      breaker is open (reason ``circuit_open``).
+    """
+    if mode == MODE_LLM or not has_slm:
+        return PLAN_LLM
+    if mode == MODE_SHADOW:
+        return PLAN_SHADOW if slm_allowed else PLAN_LLM
+    if mode == MODE_CANARY:
+        wants_slm = bucket < canary_percent or not llm_allowed
+        if not wants_slm:
+            return PLAN_LLM
+        return PLAN_SLM if slm_allowed else PLAN_SKIPPED
+    if mode == MODE_SLM:
+        return PLAN_SLM if slm_allowed else PLAN_SKIPPED
+    return PLAN_LLM
+
+
+def slm_verdict(answer: Any, confidence: Any, threshold: float) -> str:
+    """Empty when the SLM's answer may be served, else the fallback reason.
+
+    A ``{"defer": true}`` answer is the model handing the call back; a confidence that is
+    missing, not finite or below the threshold is not trusted; an answer that is not an
+    assistant message with content or tool calls cannot be served.
+    """
+    if not isinstance(answer, dict):
+        return REASON_BAD_OUTPUT
+    if answer.get("defer") is True:
+        return REASON_DEFER
+    if (
+        isinstance(confidence, bool)
+        or not isinstance(confidence, int | float)
+        or not math.isfinite(confidence)
+    ):
+        return REASON_BAD_OUTPUT
+    if confidence < threshold:
+        return REASON_LOW_CONFIDENCE
+    calls = answer.get("tool_calls")
+    content = answer.get("content")
+    if calls:
+        if not isinstance(calls, list):
+            return REASON_BAD_OUTPUT
+        for call in calls:
+            fn = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                return REASON_BAD_OUTPUT
+        return ""
+    if isinstance(content, str):
+        return ""
+    return REASON_BAD_OUTPUT
+
+
+def normalize_message(answer: Mapping[str, Any], request_id: str) -> dict[str, Any]:
+    """An SLM answer as an OpenAI assistant message: ids on tool calls, arguments as JSON text.
+
+    Models emit ``arguments`` as an object more often than as the string the API specifies,
+    and seldom emit call ids; agents' SDKs need both.
+    """
+    calls = answer.get("tool_calls")
+    msg: dict[str, Any] = {"role": "assistant", "content": answer.get("content")}
+    if calls:
+        out = []
+        for i, call in enumerate(calls):
+            fn = call["function"]
+            args = fn.get("arguments", "{}")
+            if not isinstance(args, str):
+                args = orjson.dumps(args).decode()
+            out.append(
+                {
+                    "id": call.get("id") or f"call_{request_id[:16]}_{i}",
+                    "type": "function",
+                    "function": {"name": fn["name"], "arguments": args},
+                }
+            )
+        msg["tool_calls"] = out
+    return msg
+
+
+def _canonical_args(args: Any) -> bytes:
+    if isinstance(args, str):
+        try:
+            args = orjson.loads(args) if args.strip() else {}
+        except orjson.JSONDecodeError:
+            return args.strip().encode()
+    return orjson.dumps(args, option=orjson.OPT_SORT_KEYS)
+
+
+def _calls(message: Mapping[str, Any]) -> list[tuple[str, bytes]]:
+    out = []
+    for call in message.get("tool_calls") or []:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if isinstance(fn, dict):
+            out.append((str(fn.get("name")), _canonical_args(fn.get("arguments", "{}"))))
+    return sorted(out)
+
+
+def _text(message: Mapping[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, list):
+        content = " ".join(
+            str(p.get("text", "")) for p in content if isinstance(p, dict)
+        )
+    return " ".join(str(content or "").split())
+
+
+def agree(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Do two assistant messages say the same thing, as the gate and the shadow measure it?
+
+    With tool calls: the same multiset of (function name, arguments), arguments compared as
+    parsed JSON so key order and spacing don't count. Without: the same text up to whitespace.
+    """
+    ca, cb = _calls(a), _calls(b)
+    if ca or cb:
+        return ca == cb
+    return _text(a) == _text(b)
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """US dollars per 1,000 tokens for one backend."""
+
+    prompt: float
+    completion: float
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.prompt + completion_tokens * self.completion) / 1000.0
+
+
+#: Documented defaults, overridable with ``--price``. LLM: GPT-4o's list price (USD 2.50 and
+#: 10.00 per million input and output tokens). SLM: a rough self-hosted 7B figure, about 25x
+#: cheaper as the paper estimates (10-30x); set your own GPU cost per token.
+DEFAULT_PRICES: Mapping[str, Price] = {
+    LLM: Price(prompt=0.0025, completion=0.01),
+    SLM: Price(prompt=0.0001, completion=0.0004),
+}
+
+
+def estimate_tokens(n_bytes: int) -> int:
+    """Tokens of a text of ``n_bytes`` UTF-8 bytes, at the usual ~4 bytes per token, for
+    backends that report no usage (the Triton SLM does not)."""
+    return max(1, (n_bytes + 3) // 4)

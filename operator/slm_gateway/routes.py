@@ -1,0 +1,348 @@
+"""Where each task's calls go: routes built from AgentTask objects or a static file.
+
+Why a route is derived here rather than read verbatim from ``status.route``: a task that has
+no status yet (just applied, nothing trained) must already be served by its LLM and captured,
+since capture is what produces its training data. So the spec's ``fallback.llm`` is the
+default, and ``status.route`` (written by the operator) overrides it as the task progresses.
+
+:func:`route_from_task` is pure: the Kubernetes adapter (:mod:`slm_gateway.kube`) feeds it
+watched objects and the API key it read from the task's Secret. :class:`RouteTable` is the
+live map the request path reads; it is replaced copy-on-write so the event loop never takes a
+lock.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+MODE_LLM = "llm"
+MODE_SHADOW = "shadow"
+MODE_CANARY = "canary"
+MODE_SLM = "slm"
+MODES = (MODE_LLM, MODE_SHADOW, MODE_CANARY, MODE_SLM)
+
+#: The SLM's time budget per call when neither the route nor the task says otherwise.
+DEFAULT_SLM_TIMEOUT_S = 2.0
+#: A slow LLM is still the last resort, so its budget is generous.
+DEFAULT_LLM_TIMEOUT_S = 120.0
+#: Annotation that sets a task's SLM budget until the CRD has a field for it.
+SLM_TIMEOUT_ANNOTATION = "slmfleet.dev/slm-timeout-ms"
+
+
+class RouteError(ValueError):
+    """A route cannot be built from what was given; the message says which field."""
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """How one task's calls are served. Derived request constants are precomputed once here,
+    when the route changes, so the request path allocates nothing to build URLs or headers."""
+
+    task: str
+    mode: str
+    llm_base_url: str
+    llm_model: str
+    namespace: str = ""
+    slm_endpoint: str = ""
+    slm_model: str = ""
+    canary_percent: int = 0
+    confidence_threshold: float = 0.0
+    slm_timeout_s: float = DEFAULT_SLM_TIMEOUT_S
+    llm_timeout_s: float = DEFAULT_LLM_TIMEOUT_S
+    reason: str = ""
+    llm_api_key: str = field(default="", repr=False)
+    llm_url: str = field(init=False, default="")
+    slm_url: str = field(init=False, default="")
+    llm_headers: Mapping[str, str] = field(init=False, repr=False, default_factory=dict)
+    llm_timeout: aiohttp.ClientTimeout = field(init=False, repr=False, compare=False)
+    slm_timeout: aiohttp.ClientTimeout = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise RouteError(f"task {self.task}: mode must be one of {', '.join(MODES)}")
+        if not self.llm_base_url.startswith(("http://", "https://")):
+            raise RouteError(f"task {self.task}: llmBaseURL must be an http(s) URL")
+        if self.slm_endpoint and not self.slm_endpoint.startswith(("http://", "https://")):
+            raise RouteError(f"task {self.task}: slmEndpoint must be an http(s) URL")
+        if not 0 <= self.canary_percent <= 100:
+            raise RouteError(f"task {self.task}: canaryPercent must be within 0..100")
+        s = object.__setattr__
+        s(self, "llm_url", self.llm_base_url.rstrip("/") + "/chat/completions")
+        model = self.slm_model or self.task
+        s(self, "slm_model", model)
+        if self.slm_endpoint:
+            s(self, "slm_url", f"{self.slm_endpoint.rstrip('/')}/v2/models/{model}/infer")
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.llm_api_key:
+            headers["Authorization"] = f"Bearer {self.llm_api_key}"
+        s(self, "llm_headers", headers)
+        s(self, "llm_timeout", aiohttp.ClientTimeout(total=self.llm_timeout_s, connect=10.0))
+        s(self, "slm_timeout", aiohttp.ClientTimeout(total=self.slm_timeout_s))
+
+    @property
+    def key(self) -> str:
+        """``namespace/task`` when the task came from a namespace, else the task name."""
+        return f"{self.namespace}/{self.task}" if self.namespace else self.task
+
+    @property
+    def has_slm(self) -> bool:
+        return bool(self.slm_url)
+
+    def public(self) -> dict[str, Any]:
+        """What ``/v1/models`` shows: never the key."""
+        out: dict[str, Any] = {"mode": self.mode, "llm_model": self.llm_model}
+        if self.slm_endpoint:
+            out["slm_endpoint"] = self.slm_endpoint
+        if self.mode == MODE_CANARY:
+            out["canary_percent"] = self.canary_percent
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+
+def _num(value: Any, name: str, task: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RouteError(f"task {task}: {name} must be a number")
+    return float(value)
+
+
+def secret_ref(task: Mapping[str, Any]) -> tuple[str, str, str] | None:
+    """(namespace, secret name, key) of the task's LLM API key, or None when it needs none."""
+    ref = (((task.get("spec") or {}).get("fallback") or {}).get("llm") or {}).get(
+        "apiKeySecretRef"
+    )
+    if not isinstance(ref, Mapping) or not ref.get("name"):
+        return None
+    ns = (task.get("metadata") or {}).get("namespace", "")
+    return ns, str(ref["name"]), str(ref.get("key") or "api-key")
+
+
+def route_from_task(
+    task: Mapping[str, Any],
+    *,
+    api_key: str = "",
+    default_slm_timeout_s: float = DEFAULT_SLM_TIMEOUT_S,
+    llm_timeout_s: float = DEFAULT_LLM_TIMEOUT_S,
+) -> Route:
+    """The route of one AgentTask: ``status.route`` over the spec's LLM, pure.
+
+    A mode other than ``llm`` without an SLM endpoint cannot be served as asked, so it degrades
+    to ``llm`` (and says so in ``reason``) rather than failing every call.
+    """
+    meta = task.get("metadata") or {}
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        raise RouteError("AgentTask has no metadata.name")
+    spec = task.get("spec") or {}
+    llm = (spec.get("fallback") or {}).get("llm") or {}
+    status = task.get("status") or {}
+    route = status.get("route") or {}
+    mode = route.get("mode") or MODE_LLM
+    base = route.get("llmBaseURL") or llm.get("baseURL")
+    model = route.get("llmModel") or llm.get("model")
+    if not isinstance(base, str) or not isinstance(model, str) or not model:
+        raise RouteError(f"task {name}: no LLM (spec.fallback.llm.baseURL and model)")
+    endpoint = route.get("slmEndpoint") or ""
+    reason = str(route.get("reason") or "")
+    if mode != MODE_LLM and not endpoint:
+        mode, reason = MODE_LLM, f"mode {route.get('mode')} has no slmEndpoint yet"
+    threshold = route.get("confidenceThreshold")
+    if threshold is None:
+        threshold = (status.get("selectedModel") or {}).get("threshold", 0.0)
+    timeout_s = default_slm_timeout_s
+    if route.get("slmTimeoutMs") is not None:
+        timeout_s = _num(route["slmTimeoutMs"], "slmTimeoutMs", name) / 1000.0
+    else:
+        annotated = (meta.get("annotations") or {}).get(SLM_TIMEOUT_ANNOTATION)
+        if annotated:
+            try:
+                timeout_s = float(annotated) / 1000.0
+            except ValueError:
+                raise RouteError(
+                    f"task {name}: annotation {SLM_TIMEOUT_ANNOTATION} must be milliseconds"
+                ) from None
+    return Route(
+        task=name,
+        namespace=str(meta.get("namespace") or ""),
+        mode=str(mode),
+        llm_base_url=base,
+        llm_model=model,
+        slm_endpoint=str(endpoint),
+        canary_percent=int(_num(route.get("canaryPercent", 0), "canaryPercent", name)),
+        confidence_threshold=_num(threshold, "confidenceThreshold", name),
+        slm_timeout_s=timeout_s,
+        llm_timeout_s=llm_timeout_s,
+        reason=reason,
+        llm_api_key=api_key,
+    )
+
+
+def route_from_entry(
+    name: str,
+    entry: Mapping[str, Any],
+    *,
+    default_api_key: str = "",
+    default_slm_timeout_s: float = DEFAULT_SLM_TIMEOUT_S,
+    llm_timeout_s: float = DEFAULT_LLM_TIMEOUT_S,
+    environ: Mapping[str, str] | None = None,
+) -> Route:
+    """A route from a static file's ``tasks.<name>`` entry (same keys as ``status.route``,
+    plus ``slmModel``, ``slmTimeoutMs``, and ``apiKeyEnv`` / ``apiKeyFile`` for the key)."""
+    env = os.environ if environ is None else environ
+    key = default_api_key
+    if entry.get("apiKeyEnv"):
+        key = env.get(str(entry["apiKeyEnv"]), "")
+    elif entry.get("apiKeyFile"):
+        key = Path(str(entry["apiKeyFile"])).read_text().strip()
+    timeout_s = default_slm_timeout_s
+    if entry.get("slmTimeoutMs") is not None:
+        timeout_s = _num(entry["slmTimeoutMs"], "slmTimeoutMs", name) / 1000.0
+    mode = str(entry.get("mode") or MODE_LLM)
+    endpoint = str(entry.get("slmEndpoint") or "")
+    reason = str(entry.get("reason") or "")
+    if mode != MODE_LLM and not endpoint:
+        mode, reason = MODE_LLM, f"mode {entry.get('mode')} has no slmEndpoint"
+    base, model = entry.get("llmBaseURL"), entry.get("llmModel")
+    if not isinstance(base, str) or not isinstance(model, str) or not model:
+        raise RouteError(f"task {name}: llmBaseURL and llmModel are required")
+    return Route(
+        task=name,
+        mode=mode,
+        llm_base_url=base,
+        llm_model=model,
+        slm_endpoint=endpoint,
+        slm_model=str(entry.get("slmModel") or ""),
+        canary_percent=int(_num(entry.get("canaryPercent", 0), "canaryPercent", name)),
+        confidence_threshold=_num(
+            entry.get("confidenceThreshold", 0.0), "confidenceThreshold", name
+        ),
+        slm_timeout_s=timeout_s,
+        llm_timeout_s=llm_timeout_s,
+        reason=reason,
+        llm_api_key=key,
+    )
+
+
+def load_routes_file(
+    path: str | Path,
+    *,
+    default_api_key: str = "",
+    default_slm_timeout_s: float = DEFAULT_SLM_TIMEOUT_S,
+    llm_timeout_s: float = DEFAULT_LLM_TIMEOUT_S,
+    environ: Mapping[str, str] | None = None,
+) -> list[Route]:
+    """Routes from a YAML or JSON file, for local use without a cluster.
+
+    Two shapes are accepted: ``{"tasks": {name: {mode, llmBaseURL, llmModel, ...}}}``, or
+    AgentTask manifests (one or more YAML documents, or a ``List``), whose spec and status
+    are read exactly as the cluster watch reads them. In the second shape the API key comes
+    from ``default_api_key`` (the gateway's ``--llm-api-key-env`` / ``--llm-api-key-file``).
+    """
+    routes: list[Route] = []
+    docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d]
+    for doc in docs:
+        if not isinstance(doc, dict):
+            raise RouteError(f"{path}: every document must be a mapping")
+        if doc.get("kind") == "List":
+            items = doc.get("items") or []
+        elif doc.get("kind") == "AgentTask":
+            items = [doc]
+        else:
+            items = []
+        for item in items:
+            routes.append(
+                route_from_task(
+                    item,
+                    api_key=default_api_key,
+                    default_slm_timeout_s=default_slm_timeout_s,
+                    llm_timeout_s=llm_timeout_s,
+                )
+            )
+        tasks = doc.get("tasks")
+        if tasks is not None:
+            if not isinstance(tasks, dict):
+                raise RouteError(f"{path}: 'tasks' must map task names to routes")
+            for name, entry in tasks.items():
+                if not isinstance(entry, dict):
+                    raise RouteError(f"{path}: tasks.{name} must be a mapping")
+                routes.append(
+                    route_from_entry(
+                        str(name),
+                        entry,
+                        default_api_key=default_api_key,
+                        default_slm_timeout_s=default_slm_timeout_s,
+                        llm_timeout_s=llm_timeout_s,
+                        environ=environ,
+                    )
+                )
+    return routes
+
+
+class RouteTable:
+    """The live routes, looked up by task name (or ``namespace/name``) on every request.
+
+    Writers (the watch thread, the file reloader) build a new index and swap it in; readers
+    on the event loop do one dict lookup and never block. A bare task name resolves only when
+    it is unique across the watched namespaces.
+    """
+
+    def __init__(self) -> None:
+        self._routes: dict[str, Route] = {}
+        self._index: dict[str, Route] = {}
+        self._lock = threading.Lock()
+        self.ready = False
+        self.version = 0
+
+    def get(self, name: str) -> Route | None:
+        return self._index.get(name)
+
+    def routes(self) -> list[Route]:
+        return sorted(self._routes.values(), key=lambda r: r.key)
+
+    def __len__(self) -> int:
+        return len(self._routes)
+
+    def replace_all(self, routes: Iterable[Route]) -> None:
+        """Set the whole table (a list, a resync, a file load) and mark it ready."""
+        with self._lock:
+            self._routes = {r.key: r for r in routes}
+            self._reindex()
+            self.ready = True
+
+    def upsert(self, route: Route) -> None:
+        with self._lock:
+            if self._routes.get(route.key) == route:
+                return
+            routes = dict(self._routes)
+            routes[route.key] = route
+            self._routes = routes
+            self._reindex()
+
+    def remove(self, key: str) -> None:
+        with self._lock:
+            if key not in self._routes:
+                return
+            routes = dict(self._routes)
+            del routes[key]
+            self._routes = routes
+            self._reindex()
+
+    def _reindex(self) -> None:
+        index: dict[str, Route] = {}
+        names: dict[str, int] = {}
+        for route in self._routes.values():
+            names[route.task] = names.get(route.task, 0) + 1
+        for key, route in self._routes.items():
+            index[key] = route
+            if names[route.task] == 1:
+                index[route.task] = route
+        self._index = index
+        self.version += 1

@@ -1,0 +1,426 @@
+"""Validation of OpenAI chat-completions requests, before anything is sent upstream.
+
+Why validate at all, when the LLM would reject a bad request anyway: the SLM would not. A
+request with a broken tool schema must not reach Triton (where it becomes a 500, a timeout, or
+worse a confident wrong answer), nor the call log (where it becomes training data). And an agent
+deserves the same 400 with the same explanation whichever backend its task is routed to today.
+
+The checks are the ones OpenAI's API applies to the fields it documents, kept cheap because
+they run on every request; fields the gateway does not know are passed through untouched
+(LLM servers have extensions). Every failure is a :class:`~slm_gateway.errors.GatewayError`
+with status 400 and the offending parameter's path in ``param``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from slm_gateway.errors import (
+    CODE_INVALID_JSON,
+    CODE_INVALID_TYPE,
+    CODE_MISSING,
+    CODE_STREAM_UNSUPPORTED,
+    GatewayError,
+    invalid,
+)
+
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+MAX_MESSAGES = 4096
+MAX_TOOLS = 128
+MAX_STOP = 4
+# OpenAI allows [a-zA-Z0-9_-]{1,64}; BFCL and vLLM use dotted names (``math.factorial``), so
+# dots and colons are accepted too. Whitespace and quotes never are: they break tool parsers.
+TOOL_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+JSON_SCHEMA_TYPES = frozenset(
+    {"object", "array", "string", "number", "integer", "boolean", "null"}
+)
+_CONTENT_PART_TYPES = frozenset({"text", "image_url", "input_audio", "file", "refusal"})
+
+
+@dataclass(slots=True)
+class ChatRequest:
+    """A validated request: the decoded body plus the fields the gateway acts on."""
+
+    body: dict[str, Any]
+    model: str | None
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]]
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _wrong_type(param: str, expected: str, value: Any) -> GatewayError:
+    return invalid(
+        f"Invalid type for '{param}': expected {expected}, but got {_type_name(value)}.",
+        param,
+        CODE_INVALID_TYPE,
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
+
+
+def _number(body: dict[str, Any], name: str, lo: float, hi: float) -> None:
+    value = body.get(name)
+    if value is None:
+        return
+    if not _is_number(value):
+        raise _wrong_type(name, "a number", value)
+    if not lo <= value <= hi:
+        raise invalid(f"'{name}' must be between {lo:g} and {hi:g}, got {value}.", name)
+
+
+def _integer(body: dict[str, Any], name: str, lo: int, hi: int | None = None) -> None:
+    value = body.get(name)
+    if value is None:
+        return
+    if not _is_int(value):
+        raise _wrong_type(name, "an integer", value)
+    if value < lo or (hi is not None and value > hi):
+        bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+        raise invalid(f"'{name}' must be {bound}, got {value}.", name)
+
+
+def _boolean(body: dict[str, Any], name: str) -> None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise _wrong_type(name, "a boolean", value)
+
+
+def parse_chat_request(raw: bytes) -> ChatRequest:
+    """Decode and validate a request body; raises GatewayError (400) naming the bad field."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise invalid(
+            f"We could not parse the JSON body of your request: {exc}.",
+            None,
+            CODE_INVALID_JSON,
+        ) from None
+    if not isinstance(body, dict):
+        raise invalid(
+            f"The request body must be a JSON object, got {_type_name(body)}.",
+            None,
+            CODE_INVALID_TYPE,
+        )
+    return validate_body(body)
+
+
+def validate_body(body: dict[str, Any]) -> ChatRequest:
+    """Validate a decoded request body (see :func:`parse_chat_request`)."""
+    model = body.get("model")
+    if model is not None and (not isinstance(model, str) or not model):
+        if isinstance(model, str):
+            raise invalid("'model' must not be empty.", "model")
+        raise _wrong_type("model", "a string", model)
+
+    if "messages" not in body:
+        raise invalid("Missing required parameter: 'messages'.", "messages", CODE_MISSING)
+    messages = body["messages"]
+    if not isinstance(messages, list):
+        raise _wrong_type("messages", "an array", messages)
+    if not messages:
+        raise invalid("'messages' must contain at least one message.", "messages")
+    if len(messages) > MAX_MESSAGES:
+        raise invalid(f"'messages' has more than {MAX_MESSAGES} entries.", "messages")
+    tool_call_ids: set[str] = set()
+    for i, message in enumerate(messages):
+        _validate_message(message, i, tool_call_ids)
+
+    tools = body.get("tools")
+    names: set[str] = set()
+    if tools is None:
+        tools = []
+    elif not isinstance(tools, list):
+        raise _wrong_type("tools", "an array", tools)
+    else:
+        if len(tools) > MAX_TOOLS:
+            raise invalid(f"'tools' has more than {MAX_TOOLS} entries.", "tools")
+        for i, tool in enumerate(tools):
+            names.add(_validate_tool(tool, i, names))
+
+    _validate_tool_choice(body.get("tool_choice"), names)
+
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise _wrong_type("stream", "a boolean", stream)
+    if stream:
+        raise invalid(
+            "Streaming ('stream': true) is not supported by this gateway yet; "
+            "send the request without 'stream'.",
+            "stream",
+            CODE_STREAM_UNSUPPORTED,
+        )
+    _number(body, "temperature", 0.0, 2.0)
+    _number(body, "top_p", 0.0, 1.0)
+    _number(body, "presence_penalty", -2.0, 2.0)
+    _number(body, "frequency_penalty", -2.0, 2.0)
+    _integer(body, "n", 1, 128)
+    _integer(body, "max_tokens", 1)
+    _integer(body, "max_completion_tokens", 1)
+    _integer(body, "seed", -(2**63), 2**63 - 1)
+    _integer(body, "top_logprobs", 0, 20)
+    for flag in ("parallel_tool_calls", "logprobs", "store"):
+        _boolean(body, flag)
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise _wrong_type("user", "a string", user)
+    _validate_stop(body.get("stop"))
+    fmt = body.get("response_format")
+    if fmt is not None:
+        if not isinstance(fmt, dict):
+            raise _wrong_type("response_format", "an object", fmt)
+        if not isinstance(fmt.get("type"), str):
+            raise _wrong_type("response_format.type", "a string", fmt.get("type"))
+    for name in ("metadata", "logit_bias", "stream_options"):
+        value = body.get(name)
+        if value is not None and not isinstance(value, dict):
+            raise _wrong_type(name, "an object", value)
+    return ChatRequest(body, model, messages, tools)
+
+
+def _validate_stop(stop: Any) -> None:
+    if stop is None or isinstance(stop, str):
+        return
+    if not isinstance(stop, list):
+        raise _wrong_type("stop", "a string or an array of strings", stop)
+    if len(stop) > MAX_STOP:
+        raise invalid(f"'stop' may hold at most {MAX_STOP} sequences.", "stop")
+    for i, s in enumerate(stop):
+        if not isinstance(s, str):
+            raise _wrong_type(f"stop[{i}]", "a string", s)
+
+
+def _validate_content(content: Any, param: str, *, required: bool) -> None:
+    if content is None:
+        if required:
+            raise invalid(f"Missing required parameter: '{param}'.", param, CODE_MISSING)
+        return
+    if isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise _wrong_type(param, "a string or an array of content parts", content)
+    for j, part in enumerate(content):
+        p = f"{param}[{j}]"
+        if not isinstance(part, dict):
+            raise _wrong_type(p, "an object", part)
+        kind = part.get("type")
+        if not isinstance(kind, str):
+            raise _wrong_type(f"{p}.type", "a string", kind)
+        if kind not in _CONTENT_PART_TYPES:
+            raise invalid(f"Invalid value for '{p}.type': {kind!r}.", f"{p}.type")
+        if kind == "text" and not isinstance(part.get("text"), str):
+            raise _wrong_type(f"{p}.text", "a string", part.get("text"))
+
+
+def _validate_message(message: Any, i: int, tool_call_ids: set[str]) -> None:
+    p = f"messages[{i}]"
+    if not isinstance(message, dict):
+        raise _wrong_type(p, "an object", message)
+    role = message.get("role")
+    if not isinstance(role, str):
+        if role is None:
+            raise invalid(f"Missing required parameter: '{p}.role'.", f"{p}.role", CODE_MISSING)
+        raise _wrong_type(f"{p}.role", "a string", role)
+    if role not in ROLES:
+        raise invalid(
+            f"Invalid value for '{p}.role': {role!r}; supported roles are "
+            f"{', '.join(sorted(ROLES))}.",
+            f"{p}.role",
+        )
+    name = message.get("name")
+    if name is not None and not isinstance(name, str):
+        raise _wrong_type(f"{p}.name", "a string", name)
+    content = message.get("content")
+    if role == "assistant":
+        calls = message.get("tool_calls")
+        if calls is not None:
+            _validate_tool_calls(calls, f"{p}.tool_calls", tool_call_ids)
+        has_call = bool(calls) or message.get("function_call") is not None
+        _validate_content(content, f"{p}.content", required=not has_call)
+    elif role == "tool":
+        _validate_content(content, f"{p}.content", required=True)
+        tcid = message.get("tool_call_id")
+        if not isinstance(tcid, str):
+            if tcid is None:
+                raise invalid(
+                    f"Missing required parameter: '{p}.tool_call_id'.",
+                    f"{p}.tool_call_id",
+                    CODE_MISSING,
+                )
+            raise _wrong_type(f"{p}.tool_call_id", "a string", tcid)
+    else:
+        _validate_content(content, f"{p}.content", required=True)
+
+
+def _validate_tool_calls(calls: Any, p: str, ids: set[str]) -> None:
+    if not isinstance(calls, list):
+        raise _wrong_type(p, "an array", calls)
+    for k, call in enumerate(calls):
+        q = f"{p}[{k}]"
+        if not isinstance(call, dict):
+            raise _wrong_type(q, "an object", call)
+        cid = call.get("id")
+        if not isinstance(cid, str):
+            raise _wrong_type(f"{q}.id", "a string", cid)
+        ids.add(cid)
+        kind = call.get("type", "function")
+        if kind != "function":
+            raise invalid(f"Invalid value for '{q}.type': {kind!r}.", f"{q}.type")
+        fn = call.get("function")
+        if not isinstance(fn, dict):
+            raise _wrong_type(f"{q}.function", "an object", fn)
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise _wrong_type(f"{q}.function.name", "a non-empty string", fn.get("name"))
+        if not isinstance(fn.get("arguments"), str):
+            raise _wrong_type(f"{q}.function.arguments", "a string", fn.get("arguments"))
+
+
+def _validate_tool(tool: Any, i: int, seen: set[str]) -> str:
+    p = f"tools[{i}]"
+    if not isinstance(tool, dict):
+        raise _wrong_type(p, "an object", tool)
+    kind = tool.get("type")
+    if kind != "function":
+        if kind is None:
+            raise invalid(f"Missing required parameter: '{p}.type'.", f"{p}.type", CODE_MISSING)
+        raise invalid(
+            f"Invalid value for '{p}.type': {kind!r}; only 'function' is supported.",
+            f"{p}.type",
+        )
+    fn = tool.get("function")
+    if not isinstance(fn, dict):
+        if fn is None:
+            raise invalid(
+                f"Missing required parameter: '{p}.function'.", f"{p}.function", CODE_MISSING
+            )
+        raise _wrong_type(f"{p}.function", "an object", fn)
+    name = fn.get("name")
+    if not isinstance(name, str):
+        if name is None:
+            raise invalid(
+                f"Missing required parameter: '{p}.function.name'.",
+                f"{p}.function.name",
+                CODE_MISSING,
+            )
+        raise _wrong_type(f"{p}.function.name", "a string", name)
+    if not TOOL_NAME_RE.match(name):
+        raise invalid(
+            f"Invalid '{p}.function.name': {name[:80]!r} must be 1-64 letters, digits, "
+            "underscores, dashes, dots or colons.",
+            f"{p}.function.name",
+        )
+    if name in seen:
+        raise invalid(f"Duplicate tool name {name!r} in '{p}'.", f"{p}.function.name")
+    desc = fn.get("description")
+    if desc is not None and not isinstance(desc, str):
+        raise _wrong_type(f"{p}.function.description", "a string", desc)
+    strict = fn.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise _wrong_type(f"{p}.function.strict", "a boolean", strict)
+    params = fn.get("parameters")
+    if params is not None:
+        _validate_schema(params, f"{p}.function.parameters", depth=0)
+    return name
+
+
+def _validate_schema(schema: Any, p: str, depth: int) -> None:
+    """The structural sanity of a JSON Schema: not a full meta-schema check, only what breaks
+    tool-call parsers and constrained decoding (wrong container types, unknown type names)."""
+    if depth > 32:
+        raise invalid(f"'{p}' is nested too deeply.", p)
+    if not isinstance(schema, dict):
+        raise _wrong_type(p, "a JSON Schema object", schema)
+    kind = schema.get("type")
+    if kind is not None:
+        kinds = kind if isinstance(kind, list) else [kind]
+        for k in kinds:
+            if not isinstance(k, str):
+                raise _wrong_type(f"{p}.type", "a string or an array of strings", k)
+            if k not in JSON_SCHEMA_TYPES:
+                raise invalid(f"Invalid JSON Schema type {k!r} in '{p}.type'.", f"{p}.type")
+    props = schema.get("properties")
+    if props is not None:
+        if not isinstance(props, dict):
+            raise _wrong_type(f"{p}.properties", "an object", props)
+        for key, sub in props.items():
+            _validate_schema(sub, f"{p}.properties.{key}", depth + 1)
+    required = schema.get("required")
+    if required is not None:
+        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+            raise _wrong_type(f"{p}.required", "an array of strings", required)
+    items = schema.get("items")
+    if items is not None and not isinstance(items, bool):
+        _validate_schema(items, f"{p}.items", depth + 1)
+    enum = schema.get("enum")
+    if enum is not None and not isinstance(enum, list):
+        raise _wrong_type(f"{p}.enum", "an array", enum)
+    for key in ("anyOf", "oneOf", "allOf"):
+        subs = schema.get(key)
+        if subs is not None:
+            if not isinstance(subs, list):
+                raise _wrong_type(f"{p}.{key}", "an array", subs)
+            for j, sub in enumerate(subs):
+                _validate_schema(sub, f"{p}.{key}[{j}]", depth + 1)
+
+
+def _validate_tool_choice(choice: Any, names: set[str]) -> None:
+    if choice is None:
+        return
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            raise invalid(
+                f"Invalid value for 'tool_choice': {choice!r}; use none, auto, required or "
+                "an object naming a function.",
+                "tool_choice",
+            )
+        if choice == "required" and not names:
+            raise invalid("'tool_choice' is 'required' but no 'tools' were given.", "tool_choice")
+        return
+    if not isinstance(choice, dict):
+        raise _wrong_type("tool_choice", "a string or an object", choice)
+    fn = choice.get("function")
+    if choice.get("type") != "function" or not isinstance(fn, dict):
+        raise invalid(
+            "'tool_choice' must be {'type': 'function', 'function': {'name': ...}}.",
+            "tool_choice",
+        )
+    name = fn.get("name")
+    if not isinstance(name, str):
+        raise _wrong_type("tool_choice.function.name", "a string", name)
+    if name not in names:
+        raise invalid(
+            f"'tool_choice' names {name[:80]!r}, which is not among 'tools'.",
+            "tool_choice.function.name",
+        )
+
+
+__all__ = ["ChatRequest", "GatewayError", "parse_chat_request", "validate_body"]
