@@ -51,14 +51,20 @@ EXPORTING: Final = "Exporting"
 NO_MODEL: Final = "NoModel"  # nothing has passed the gate yet
 DEPLOYMENT_PROGRESSING: Final = "DeploymentProgressing"
 DEPLOYMENT_AVAILABLE: Final = "DeploymentAvailable"
-METRICS_UNAVAILABLE: Final = "MetricsUnavailable"
+METRICS_UNAVAILABLE: Final = "MetricsUnavailable"  # no metrics: the last decision is kept
+SLO_BREACHED: Final = "SLOBreached"  # p95 latency or error rate over the SLO
+WITHIN_SLO: Final = "WithinSLO"
+RECOVERING: Final = "Recovering"  # fallback on, SLO healthy again, waiting out the hysteresis
+NO_READY_REPLICAS: Final = "NoReadyReplicas"
 NOT_SERVING: Final = "NotServing"
 SLM_SERVING: Final = "SLMServing"
 NO_SERVING_MODEL: Final = "NoServingModel"
 READY_REASON: Final = "Ready"
 
 #: Reasons that deserve a Warning event rather than a Normal one.
-WARNING_REASONS: Final = frozenset({INVALID_SPEC, JOB_FAILED, RESULT_MISSING, GATE_NOT_MET})
+WARNING_REASONS: Final = frozenset(
+    {INVALID_SPEC, JOB_FAILED, RESULT_MISSING, GATE_NOT_MET, SLO_BREACHED, NO_READY_REPLICAS}
+)
 
 
 def condition(

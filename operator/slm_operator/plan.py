@@ -24,8 +24,10 @@ from typing import Any
 from slm_contract import TrainerResult
 from slm_operator import builders as b
 from slm_operator import conditions as c
+from slm_operator import live as lv
 from slm_operator import naming as n
-from slm_operator.observe import FAILED, PENDING, RUNNING, SUCCEEDED, JobView
+from slm_operator.live import FallbackState, Metrics, Rollout
+from slm_operator.observe import FAILED, PENDING, RUNNING, SUCCEEDED, JobView, parse_time
 
 #: How long a succeeded Job may lack a readable result before we call it ResultMissing; the
 #: Job controller can mark a Job complete a moment before the pod's message is visible.
@@ -50,6 +52,8 @@ class Observed:
     deployment: Mapping[str, Any] | None
     service: Mapping[str, Any] | None
     now: dt.datetime
+    #: This window's live metrics; None when Prometheus is not configured or did not answer.
+    metrics: Metrics | None = None
 
 
 @dataclass
@@ -414,6 +418,132 @@ def desired_replicas(spec: Mapping[str, Any], previous: Mapping[str, Any]) -> in
     return max(lo, min(hi, int(want)))
 
 
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _live_control(
+    spec: Mapping[str, Any],
+    is_serving: bool,
+    ready: int,
+    m: Metrics | None,
+    due: bool,
+    prev: Mapping[str, Any],
+    live: Obj,
+    now: str,
+) -> tuple[tuple[str, str, str], tuple[str, str, str], str, int]:
+    """SLOMet and FallbackActive conditions plus the route mode; fills ``live`` (status.live).
+
+    Streaks only advance once per window (``due``), so re-running the reconcile within a
+    window changes nothing: the decision stays level-triggered and restart-safe.
+    """
+    if not is_serving:
+        return (
+            (c.UNKNOWN, c.NOT_SERVING, "no SLM is serving"),
+            (
+                c.TRUE,
+                c.NO_SERVING_MODEL,
+                "all calls for this task go to the LLM until an SLM is served",
+            ),
+            lv.MODE_LLM,
+            0,
+        )
+    slo_spec = (spec.get("serving") or {}).get("slo") or {}
+    policy = spec["fallback"].get("policy") or {}
+    fb = FallbackState(
+        bool(prev.get("fallback", False)),
+        int(prev.get("breachStreak", 0)),
+        int(prev.get("healthyStreak", 0)),
+        str(prev.get("fallbackReason", "")),
+    )
+    ro = Rollout(
+        str(prev.get("rolloutMode", "")),
+        int(prev.get("canaryPercent", 0)),
+        str(prev.get("rolloutReason", "")),
+    )
+    breached: bool | None = prev.get("sloBreached")
+    if due and m is not None:
+        breached = lv.slo_breached(m, slo_spec)
+        fb = lv.fallback_step(
+            breached,
+            ready,
+            fb,
+            int(policy.get("breachWindows", 3)),
+            int(policy.get("recoveryWindows", 5)),
+        )
+        ro = lv.rollout_step(
+            ro if ro.mode else Rollout(lv.MODE_LLM, 0, ""), m, breached, spec.get("rollout") or {}
+        )
+        live["lastEvaluated"] = now
+        live["observed"] = {
+            k: round(v, 4) if isinstance(v, float) else v
+            for k, v in (
+                ("p95LatencyMs", m.p95_latency_ms),
+                ("errorRate", m.error_rate),
+                ("requestRate", m.request_rate),
+                ("queueMs", m.queue_ms),
+                ("agreement", m.agreement),
+                ("shadowSamples", m.shadow_samples),
+            )
+            if v is not None
+        }
+    else:
+        for key in ("lastEvaluated", "observed"):
+            if key in prev:
+                live[key] = prev[key]
+        if not ro.mode:
+            ro = lv.rollout_step(
+                Rollout(lv.MODE_LLM, 0, ""), Metrics(), None, spec.get("rollout") or {}
+            )
+    for key in ("lastScaleTime", "scaleReason"):
+        if key not in live and key in prev:
+            live[key] = prev[key]
+    live.update(
+        {
+            "fallback": fb.active,
+            "fallbackReason": fb.reason or "SLOMet",
+            "breachStreak": fb.breach_streak,
+            "healthyStreak": fb.healthy_streak,
+            "rolloutMode": ro.mode,
+            "rolloutReason": ro.reason,
+            "canaryPercent": ro.canary_percent,
+        }
+    )
+    if breached is not None:
+        live["sloBreached"] = breached
+    obs_m = live.get("observed") or {}
+    p95_lim = float(slo_spec.get("p95LatencyMs", 500))
+    err_lim = float(slo_spec.get("maxErrorRate", 0.01))
+    detail = (
+        f"p95 {obs_m.get('p95LatencyMs', float('nan')):.0f} ms (SLO {p95_lim:.0f} ms), "
+        f"error rate {_pct(obs_m.get('errorRate', 0.0))} (SLO {_pct(err_lim)})"
+    )
+    if breached is None or (m is None and not obs_m):
+        slo = (c.UNKNOWN, c.METRICS_UNAVAILABLE, "no live metrics for this task's SLM yet")
+    elif breached:
+        slo = (c.FALSE, c.SLO_BREACHED, f"SLO breached: {detail}")
+    else:
+        slo = (c.TRUE, c.WITHIN_SLO, f"within SLO: {detail}")
+    if m is None and breached is not None:
+        slo = (
+            c.UNKNOWN,
+            c.METRICS_UNAVAILABLE,
+            f"Prometheus did not answer; keeping the last decision ({detail})",
+        )
+    if fb.active:
+        windows = int(policy.get("recoveryWindows", 5))
+        fallback = (
+            c.TRUE,
+            fb.reason or c.SLO_BREACHED,
+            f"calls go to the LLM: {fb.reason}; recovery after {windows} healthy "
+            f"windows ({fb.healthy_streak} so far)",
+        )
+    else:
+        fallback = (c.FALSE, c.SLM_SERVING, f"the SLM serves this task (rollout {ro.mode})")
+    mode, pct = lv.route_mode(ro, fb)
+    return slo, fallback, mode, pct
+
+
 def plan(obs: Observed) -> Plan:
     task = obs.task
     meta, spec = task["metadata"], task["spec"]
@@ -470,8 +600,35 @@ def plan(obs: Observed) -> Plan:
 
     endpoint = b.service_endpoint(task)
     serving_status: Obj = {}
+    live_prev: Mapping[str, Any] = prev.get("live") or {}
+    policy = spec["fallback"].get("policy") or {}
+    window = float(policy.get("windowSeconds", 30))
+    last_eval = parse_time(live_prev.get("lastEvaluated"))
+    m = obs.metrics
+    due = m is not None and (
+        last_eval is None or (obs.now - last_eval).total_seconds() >= window - 0.05
+    )
+    live: Obj = {}
     if active_rev and active_uri:
         want = desired_replicas(spec, prev)
+        if due and m is not None and ready > 0:
+            sv = spec.get("serving") or {}
+            scaling = sv.get("scaling") or {}
+            last_scale = parse_time(live_prev.get("lastScaleTime"))
+            decision = lv.decide_replicas(
+                m.request_rate,
+                float((sv.get("slo") or {}).get("targetQpsPerReplica", 10)),
+                want,
+                int(sv.get("minReplicas", 1)),
+                int(sv.get("maxReplicas", 4)),
+                max_step=int(scaling.get("maxStep", 2)),
+                cooldown_s=float(scaling.get("scaleDownCooldownSeconds", 60)),
+                seconds_since_scale=(obs.now - last_scale).total_seconds() if last_scale else None,
+            )
+            live["scaleReason"] = decision.reason
+            if decision.replicas != want:
+                live["lastScaleTime"] = now
+                want = decision.replicas
         out.apply.append(b.triton_deployment(task, active_rev, active_uri, active_cand, want))
         out.apply.append(b.triton_service(task))
         # maxUnavailable=0: while a new revision rolls out, the old pods keep serving.
@@ -511,27 +668,18 @@ def plan(obs: Observed) -> Plan:
         serving = (c.FALSE, c.NO_MODEL, "no model has passed the evaluation gate yet")
     is_serving = serving[0] == c.TRUE
 
-    slo = (
-        (c.UNKNOWN, c.METRICS_UNAVAILABLE, "live metrics have not been evaluated yet")
-        if is_serving
-        else (c.UNKNOWN, c.NOT_SERVING, "no SLM is serving")
-    )
-    fallback = (
-        (c.FALSE, c.SLM_SERVING, "calls for this task are served by the SLM")
-        if is_serving
-        else (
-            c.TRUE,
-            c.NO_SERVING_MODEL,
-            "all calls for this task go to the LLM until an SLM is served",
-        )
+    slo, fallback, route_mode, canary = _live_control(
+        spec, is_serving, ready, m, due, live_prev, live, now
     )
     pipeline = [(c.DATA_READY, step.data), (c.TRAINED, step.trained), (c.EVALUATED, step.evaluated)]
-    if is_serving:
+    if is_serving and fallback[0] == c.FALSE:
         ready_c = (
             c.TRUE,
             c.READY_REASON,
             f"{active_cand} (revision {active_rev}) serves the task's calls",
         )
+    elif is_serving:
+        ready_c = (c.FALSE, fallback[1], fallback[2])
     else:
         blocking = next((t for _, t in pipeline if t[0] != c.TRUE), serving)
         ready_c = (c.FALSE, blocking[1], blocking[2])
@@ -563,14 +711,15 @@ def plan(obs: Observed) -> Plan:
         "revision": {"active": active_rev, "training": rev if training_needed else ""},
         "candidates": step.candidates,
         "route": {
-            "mode": "slm" if is_serving else "llm",
+            "mode": route_mode,
+            **({"canaryPercent": canary} if route_mode == lv.MODE_CANARY else {}),
             "llmBaseURL": spec["fallback"]["llm"]["baseURL"],
             "llmModel": spec["fallback"]["llm"]["model"],
             "reason": fallback[2],
-            **({"slmEndpoint": endpoint} if is_serving else {}),
+            **({"slmEndpoint": endpoint} if route_mode != lv.MODE_LLM else {}),
             **(
                 {"confidenceThreshold": selected["threshold"]}
-                if is_serving and selected and "threshold" in selected
+                if route_mode != lv.MODE_LLM and selected and "threshold" in selected
                 else {}
             ),
         },
@@ -579,9 +728,17 @@ def plan(obs: Observed) -> Plan:
         status["selectedModel"] = selected
     if serving_status:
         status["serving"] = serving_status
-    for key in ("usage",):  # owned by live control; carried over untouched
-        if key in prev:
-            status[key] = prev[key]
+    if is_serving:
+        status["live"] = live
+        usage = dict(prev.get("usage") or {})
+        if due and m is not None:
+            if m.slm_share is not None:
+                usage["slmShare"] = round(m.slm_share, 4)
+            if m.cost_saved_usd is not None:
+                usage["costSavedUSD"] = round(m.cost_saved_usd, 4)
+            usage["windowSeconds"] = int(window)
+        if usage:
+            status["usage"] = usage
     out.status = status
     out.events = c.transitions(prev_conds, status["conditions"])
 

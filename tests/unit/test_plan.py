@@ -11,6 +11,7 @@ import pytest
 from slm_contract import TrainerResult
 from slm_operator import conditions as c
 from slm_operator import naming as n
+from slm_operator.live import Metrics
 from slm_operator.observe import FAILED, RUNNING, SUCCEEDED, JobView
 from slm_operator.plan import Observed, gate_verdict, plan, select
 
@@ -235,7 +236,7 @@ def test_export_done_deploys_then_ready_when_available() -> None:
     assert cs[c.READY] == (c.TRUE, c.READY_REASON)
     assert cs[c.FALLBACK_ACTIVE] == (c.FALSE, c.SLM_SERVING)
     assert p2.status["phase"] == "Serving"
-    assert p2.status["route"]["mode"] == "slm"
+    assert p2.status["route"]["mode"] == "shadow"  # progressive rollout starts in shadow
     assert p2.status["route"]["slmEndpoint"] == "http://weather-slm.agents.svc:8000"
     assert p2.status["selectedModel"]["artifactURI"].endswith("model_repository")
     assert not [o for o in p2.apply if o["kind"] == "Job"]  # nothing to re-run
@@ -333,3 +334,103 @@ def test_select_ties_are_deterministic() -> None:
     b = ({"name": "b"}, result("finetune", score=0.9, parameters=100))
     assert select([b, a], "smallest-passing")[0]["name"] == "a"  # type: ignore[index]
     assert select([], "best-score") is None
+
+
+def _serving_task() -> tuple[dict[str, Any], dict[str, JobView], dict[str, Any], dict[str, Any]]:
+    task = make_task()
+    task["spec"]["fallback"]["policy"] = {"windowSeconds": 10, "breachWindows": 2,
+                                          "recoveryWindows": 3}
+    task["spec"]["rollout"] = {"shadowMinSamples": 20, "minAgreement": 0.9, "canaryPercent": 25}
+    rev = n.revision_of(task["spec"])
+    jobs = jobs_through(task, "export")
+    dep, svc = deployment(rev), {"metadata": {"name": "weather-slm"}}
+    task["status"] = plan(Observed(task, jobs, dep, svc, NOW)).status
+    return task, jobs, dep, svc
+
+
+def _step(task: dict[str, Any], jobs: dict[str, JobView], dep: dict[str, Any],
+          svc: dict[str, Any], at: dt.datetime, m: Metrics | None) -> Any:
+    p = plan(Observed(task, jobs, dep, svc, at, m))
+    task["status"] = p.status
+    return p
+
+
+HEALTHY = Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=5, agreement=0.97,
+                  shadow_samples=40, slm_share=0.0, cost_saved_usd=0.0)
+SLOW = Metrics(p95_latency_ms=900, error_rate=0.0, request_rate=5, agreement=0.97,
+               shadow_samples=40)
+
+
+def test_fallback_needs_consecutive_breaches_and_recovers_with_hysteresis() -> None:
+    task, jobs, dep, svc = _serving_task()
+    t = NOW
+    _step(task, jobs, dep, svc, t, HEALTHY)
+    assert conds(task["status"])[c.SLO_MET] == (c.TRUE, c.WITHIN_SLO)
+    t += dt.timedelta(seconds=10)
+    _step(task, jobs, dep, svc, t, SLOW)
+    assert conds(task["status"])[c.FALLBACK_ACTIVE][0] == c.FALSE  # 1 of 2 windows
+    assert conds(task["status"])[c.SLO_MET] == (c.FALSE, c.SLO_BREACHED)
+    # Within the same window nothing advances, however often we reconcile.
+    _step(task, jobs, dep, svc, t + dt.timedelta(seconds=3), SLOW)
+    assert conds(task["status"])[c.FALLBACK_ACTIVE][0] == c.FALSE
+    t += dt.timedelta(seconds=10)
+    p = _step(task, jobs, dep, svc, t, SLOW)
+    assert conds(task["status"])[c.FALLBACK_ACTIVE] == (c.TRUE, c.SLO_BREACHED)
+    assert conds(task["status"])[c.READY][0] == c.FALSE
+    assert task["status"]["route"]["mode"] == "shadow"  # LLM answers, SLM still measured
+    assert ("Warning", c.SLO_BREACHED) in [(e[0], e[1]) for e in p.events]
+    for i in range(2):
+        t += dt.timedelta(seconds=10)
+        _step(task, jobs, dep, svc, t, HEALTHY)
+        assert conds(task["status"])[c.FALLBACK_ACTIVE] == (c.TRUE, c.RECOVERING), i
+    t += dt.timedelta(seconds=10)
+    _step(task, jobs, dep, svc, t, HEALTHY)
+    assert conds(task["status"])[c.FALLBACK_ACTIVE][0] == c.FALSE
+    assert conds(task["status"])[c.READY][0] == c.TRUE
+
+
+def test_missing_metrics_keep_the_last_decision() -> None:
+    task, jobs, dep, svc = _serving_task()
+    t = NOW
+    for _ in range(2):
+        t += dt.timedelta(seconds=10)
+        _step(task, jobs, dep, svc, t, SLOW)
+    assert conds(task["status"])[c.FALLBACK_ACTIVE][0] == c.TRUE
+    t += dt.timedelta(seconds=10)
+    _step(task, jobs, dep, svc, t, None)
+    assert conds(task["status"])[c.FALLBACK_ACTIVE][0] == c.TRUE
+    assert conds(task["status"])[c.SLO_MET] == (c.UNKNOWN, c.METRICS_UNAVAILABLE)
+
+
+def test_rollout_goes_shadow_canary_slm_on_agreement() -> None:
+    task, jobs, dep, svc = _serving_task()
+    t = NOW
+    modes = []
+    for _ in range(4):
+        _step(task, jobs, dep, svc, t, HEALTHY)
+        modes.append((task["status"]["route"]["mode"],
+                      task["status"]["route"].get("canaryPercent")))
+        t += dt.timedelta(seconds=10)
+    assert modes[0] == ("canary", 25)
+    assert modes[1] == ("slm", None) and modes[-1] == ("slm", None)
+    disagree = Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=5, agreement=0.5,
+                       shadow_samples=40)
+    task2, jobs2, dep2, svc2 = _serving_task()
+    _step(task2, jobs2, dep2, svc2, NOW, disagree)
+    assert task2["status"]["route"]["mode"] == "shadow"
+    assert task2["status"]["live"]["rolloutReason"] == "ShadowMeasuring"
+
+
+def test_replicas_follow_request_rate_within_bounds() -> None:
+    task, jobs, dep, svc = _serving_task()
+    busy = Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=35)
+    p = _step(task, jobs, dep, svc, NOW, busy)
+    d = next(o for o in p.apply if o["kind"] == "Deployment")
+    assert d["spec"]["replicas"] == 3  # ceil(35/10)=4, clamped to maxReplicas 3
+    assert task["status"]["serving"]["desiredReplicas"] == 3
+    quiet = Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=0.5)
+    p = _step(task, jobs, dep, svc, NOW + dt.timedelta(seconds=10), quiet)
+    assert next(o for o in p.apply if o["kind"] == "Deployment")["spec"]["replicas"] == 3
+    assert task["status"]["live"]["scaleReason"] == "ScaleDownCoolingDown"
+    p = _step(task, jobs, dep, svc, NOW + dt.timedelta(seconds=70), quiet)
+    assert next(o for o in p.apply if o["kind"] == "Deployment")["spec"]["replicas"] == 1

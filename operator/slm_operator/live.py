@@ -1,0 +1,162 @@
+"""Live control decisions as pure functions: replicas, SLO fallback with hysteresis, rollout.
+
+The operator evaluates a serving task once per ``fallback.policy.windowSeconds`` from a
+:class:`Metrics` snapshot (queried from Prometheus by :mod:`slm_operator.prom`). Everything it
+must remember between windows (streaks, the rollout mode, when it last scaled) lives in
+``status.live`` and ``status.route``, so a restarted operator continues where it stopped.
+
+Missing metrics never cause a change: the last decision is kept and the SLOMet condition says
+``MetricsUnavailable``. Scaling up is immediate, scaling down waits for a cool-down, and each
+step is bounded, as in the usual autoscaler designs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+MODE_LLM: Final = "llm"
+MODE_SHADOW: Final = "shadow"
+MODE_CANARY: Final = "canary"
+MODE_SLM: Final = "slm"
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """One window of live measurements for one task; None means "not measured"."""
+
+    p95_latency_ms: float | None = None
+    error_rate: float | None = None  # SLM failures / SLM attempts
+    request_rate: float | None = None  # all calls for the task, per second
+    queue_ms: float | None = None  # Triton queue time per request
+    agreement: float | None = None  # shadow/canary agreement with the LLM, 0..1
+    shadow_samples: int | None = None  # SLM answers compared with the LLM so far
+    slm_share: float | None = None  # fraction of calls answered by the SLM
+    cost_saved_usd: float | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.p95_latency_ms is None and self.error_rate is None
+
+
+@dataclass(frozen=True)
+class ScaleDecision:
+    replicas: int
+    reason: str
+
+
+def decide_replicas(
+    rate_qps: float | None,
+    target_qps: float,
+    current: int,
+    lo: int,
+    hi: int,
+    *,
+    max_step: int,
+    cooldown_s: float,
+    seconds_since_scale: float | None,
+) -> ScaleDecision:
+    """replicas = clamp(ceil(rate / target), min, max), at most ``max_step`` per decision;
+    a scale-down waits ``cooldown_s`` after the previous change."""
+    current = max(lo, min(hi, current))
+    if rate_qps is None:
+        return ScaleDecision(current, "MetricsUnavailable")
+    want = math.ceil(rate_qps / target_qps - 1e-9) if rate_qps > 0 else 0
+    want = max(lo, min(hi, max(want, 1 if lo > 0 else 0)))
+    if want > current:
+        return ScaleDecision(min(want, current + max_step), "ScaleUp")
+    if want < current:
+        if seconds_since_scale is not None and seconds_since_scale < cooldown_s:
+            return ScaleDecision(current, "ScaleDownCoolingDown")
+        return ScaleDecision(max(want, current - max_step), "ScaleDown")
+    return ScaleDecision(current, "Steady")
+
+
+def slo_breached(m: Metrics, slo: Mapping[str, Any]) -> bool | None:
+    """True when p95 latency or the error rate is over the SLO; None when unmeasured."""
+    if m.empty:
+        return None
+    p95 = m.p95_latency_ms is not None and m.p95_latency_ms > float(slo.get("p95LatencyMs", 500))
+    err = m.error_rate is not None and m.error_rate > float(slo.get("maxErrorRate", 0.01))
+    return p95 or err
+
+
+@dataclass(frozen=True)
+class FallbackState:
+    active: bool
+    breach_streak: int = 0
+    healthy_streak: int = 0
+    reason: str = ""
+
+
+def fallback_step(
+    breached: bool | None,
+    ready_replicas: int,
+    prev: FallbackState,
+    breach_windows: int,
+    recovery_windows: int,
+) -> FallbackState:
+    """Hysteresis: on after ``breach_windows`` consecutive breached windows (or at once when no
+    replica is ready), off after ``recovery_windows`` consecutive healthy ones."""
+    if ready_replicas <= 0:
+        return FallbackState(True, prev.breach_streak, 0, "NoReadyReplicas")
+    if breached is None:
+        return FallbackState(
+            prev.active, prev.breach_streak, prev.healthy_streak, "MetricsUnavailable"
+        )
+    if breached:
+        streak = prev.breach_streak + 1
+        active = prev.active or streak >= breach_windows
+        return FallbackState(active, streak, 0, "SLOBreached" if active else "SLOAtRisk")
+    healthy = prev.healthy_streak + 1
+    if prev.active and prev.reason != "NoReadyReplicas" and healthy < recovery_windows:
+        return FallbackState(True, 0, healthy, "Recovering")
+    return FallbackState(False, 0, healthy, "SLOMet")
+
+
+@dataclass(frozen=True)
+class Rollout:
+    mode: str
+    canary_percent: int
+    reason: str
+
+
+def rollout_step(
+    prev: Rollout, m: Metrics, breached: bool | None, cfg: Mapping[str, Any]
+) -> Rollout:
+    """shadow → canary → slm, each step only while live agreement and the SLO hold; a breach
+    during canary goes back to shadow. ``strategy: direct`` serves the SLM at once."""
+    if cfg.get("strategy", "progressive") == "direct":
+        return Rollout(MODE_SLM, 100, "DirectRollout")
+    min_agree = float(cfg.get("minAgreement", 0.9))
+    min_samples = int(cfg.get("shadowMinSamples", 50))
+    canary = int(cfg.get("canaryPercent", 10))
+    agree_ok = m.agreement is not None and m.agreement >= min_agree
+    if prev.mode in (MODE_LLM, ""):
+        return Rollout(MODE_SHADOW, 0, "ShadowStarted")
+    if prev.mode == MODE_SHADOW:
+        if (
+            breached is False
+            and agree_ok
+            and m.shadow_samples is not None
+            and m.shadow_samples >= min_samples
+        ):
+            return Rollout(MODE_CANARY, canary, "ShadowAgreementMet")
+        return Rollout(MODE_SHADOW, 0, "ShadowMeasuring")
+    if prev.mode == MODE_CANARY:
+        if breached or (m.agreement is not None and not agree_ok):
+            return Rollout(MODE_SHADOW, 0, "CanaryRolledBack")
+        if breached is False and agree_ok:
+            return Rollout(MODE_SLM, 100, "CanaryPromoted")
+        return Rollout(MODE_CANARY, prev.canary_percent or canary, "CanaryMeasuring")
+    return Rollout(MODE_SLM, 100, "Promoted")
+
+
+def route_mode(rollout: Rollout, fallback: FallbackState) -> tuple[str, int]:
+    """What the gateway does now. Under fallback the LLM answers every call; while replicas are
+    ready the SLM still gets shadow copies, so its recovery can be measured."""
+    if fallback.active:
+        return (MODE_LLM, 0) if fallback.reason == "NoReadyReplicas" else (MODE_SHADOW, 0)
+    return rollout.mode, rollout.canary_percent
