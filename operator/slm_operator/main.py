@@ -27,11 +27,16 @@ import kopf
 
 from slm_operator import naming as n
 from slm_operator.kube import Kube, KubeError, load_api_client
+from slm_operator.prom import PromMetrics
 from slm_operator.reconcile import reconcile
 
 log = logging.getLogger("slm_operator")
 
 RESYNC_SECONDS = float(os.environ.get("SLM_FLEET_RESYNC_SECONDS", "30"))
+#: Prometheus that scrapes the gateway and Triton; unset disables live control (SLOMet stays
+#: Unknown with reason MetricsUnavailable, and the rollout does not advance past shadow).
+PROMETHEUS_URL = os.environ.get("SLM_FLEET_PROMETHEUS_URL", "")
+SCRAPE_SECONDS = float(os.environ.get("SLM_FLEET_PROMETHEUS_SCRAPE_SECONDS", "15"))
 MAX_BACKOFF = 60.0
 CHILD_FILTER = {n.MANAGED_BY: n.FIELD_MANAGER}
 
@@ -48,6 +53,7 @@ class _KeyState:
 @dataclass
 class Runtime:
     kube: Kube
+    prom: PromMetrics | None = None
     known: set[Key] = field(default_factory=set)
     states: dict[Key, _KeyState] = field(default_factory=dict)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -75,7 +81,7 @@ async def trigger(key: Key) -> None:
         while True:
             st.dirty = False
             try:
-                await asyncio.to_thread(reconcile, rt.kube, key[0], key[1])
+                await asyncio.to_thread(reconcile, rt.kube, key[0], key[1], None, rt.prom)
                 st.failures = 0
             except KubeError as e:
                 st.failures += 1
@@ -128,7 +134,8 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 270
     settings.watching.client_timeout = 300
     settings.networking.request_timeout = 60
-    _runtime = Runtime(kube=Kube(load_api_client()))
+    prom = PromMetrics(PROMETHEUS_URL, SCRAPE_SECONDS) if PROMETHEUS_URL else None
+    _runtime = Runtime(kube=Kube(load_api_client()), prom=prom)
     _runtime.spawn(_resync_loop())
     log.info("slm-fleet-operator started; resync every %.0fs", RESYNC_SECONDS)
 

@@ -16,6 +16,7 @@ from slm_operator import naming as n
 from slm_operator.kube import Kube, KubeError
 from slm_operator.observe import job_view
 from slm_operator.plan import Observed, Plan, plan
+from slm_operator.prom import PromMetrics
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,9 @@ def _owned(obj: dict[str, Any] | None, uid: str) -> bool:
     )
 
 
-def observe(kube: Kube, namespace: str, name: str, now: dt.datetime) -> Observed | None:
+def observe(
+    kube: Kube, namespace: str, name: str, now: dt.datetime, prom: PromMetrics | None = None
+) -> Observed | None:
     task = kube.get_task(namespace, name)
     if task is None or task["metadata"].get("deletionTimestamp"):
         return None  # ownerReferences let the garbage collector remove the children
@@ -41,17 +44,30 @@ def observe(kube: Kube, namespace: str, name: str, now: dt.datetime) -> Observed
     }
     dep = kube.get("apps/v1", "deployments", namespace, n.serving_name(name))
     svc = kube.get("v1", "services", namespace, n.serving_name(name))
+    metrics = None
+    if prom is not None and _owned(dep, uid):
+        window = float(
+            ((task["spec"].get("fallback") or {}).get("policy") or {}).get("windowSeconds", 30)
+        )
+        metrics = prom.task_metrics(name, window)
     return Observed(
         task=task,
         jobs=jobs,
         deployment=dep if _owned(dep, uid) else None,
         service=svc if _owned(svc, uid) else None,
         now=now,
+        metrics=metrics,
     )
 
 
-def reconcile(kube: Kube, namespace: str, name: str, now: dt.datetime | None = None) -> Plan | None:
-    obs = observe(kube, namespace, name, now or dt.datetime.now(dt.UTC))
+def reconcile(
+    kube: Kube,
+    namespace: str,
+    name: str,
+    now: dt.datetime | None = None,
+    prom: PromMetrics | None = None,
+) -> Plan | None:
+    obs = observe(kube, namespace, name, now or dt.datetime.now(dt.UTC), prom)
     if obs is None:
         return None
     p = plan(obs)

@@ -1,0 +1,102 @@
+"""Every PromQL query the operator runs, and the thin adapter that runs them.
+
+The queries read what the gateway exports (``slm_gateway_*``, see ``slm_gateway.metrics``) and
+what Triton exports (``nv_inference_*``). Each returns one number for one task over one
+window; an empty result, NaN or an unreachable Prometheus becomes None, which the decision
+functions treat as "unmeasured" (keep the last decision).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from slm_operator.live import Metrics
+
+log = logging.getLogger(__name__)
+
+ERROR_RESULTS = "error|timeout|bad_output"
+
+
+def _sel(task: str, **labels: str) -> str:
+    parts = [f'task="{task}"'] + [
+        f'{k}=~"{v}"' if any(ch in v for ch in "|*") else f'{k}="{v}"' for k, v in labels.items()
+    ]
+    return "{" + ",".join(parts) + "}"
+
+
+def queries(task: str, window: str, agreement_window: str) -> dict[str, str]:
+    """name -> PromQL; ``window`` like ``"30s"`` (at least two scrape intervals)."""
+    slm = _sel(task, backend="slm")
+    return {
+        "p95_latency_ms": (
+            "1000 * histogram_quantile(0.95, sum by (le) "
+            f"(rate(slm_gateway_backend_duration_seconds_bucket{slm}[{window}])))"
+        ),
+        "error_rate": (
+            "sum(rate(slm_gateway_backend_calls_total"
+            f"{_sel(task, backend='slm', result=ERROR_RESULTS)}[{window}])) / "
+            f"sum(rate(slm_gateway_backend_calls_total{slm}[{window}]))"
+        ),
+        "request_rate": f"sum(rate(slm_gateway_requests_total{_sel(task)}[{window}]))",
+        "queue_ms": (
+            f'sum(rate(nv_inference_queue_duration_us{{model="{task}"}}[{window}])) / '
+            f'sum(rate(nv_inference_request_success{{model="{task}"}}[{window}])) / 1000'
+        ),
+        "agreement": (
+            "sum(increase(slm_gateway_shadow_total"
+            f"{_sel(task, result='agree')}[{agreement_window}])) / "
+            "sum(increase(slm_gateway_shadow_total"
+            f"{_sel(task, result='agree|disagree')}[{agreement_window}]))"
+        ),
+        "shadow_samples": (
+            "sum(increase(slm_gateway_shadow_total"
+            f"{_sel(task, result='agree|disagree')}[{agreement_window}]))"
+        ),
+        "slm_share": (
+            f"sum(rate(slm_gateway_requests_total{slm}[{window}])) / "
+            f"sum(rate(slm_gateway_requests_total{_sel(task)}[{window}]))"
+        ),
+        "cost_saved_usd": (
+            f"sum(increase(slm_gateway_llm_equivalent_cost_usd_total{_sel(task)}[{window}])) - "
+            f"sum(increase(slm_gateway_cost_usd_total{_sel(task)}[{window}]))"
+        ),
+    }
+
+
+def _scalar(result: Any) -> float | None:
+    if not result:
+        return None
+    try:
+        value = float(result[0]["value"][1])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+    return None if math.isnan(value) or math.isinf(value) else value
+
+
+class PromMetrics:
+    """Reads one task's live metrics from Prometheus (prometheus-api-client)."""
+
+    def __init__(self, url: str, scrape_interval_s: float = 15.0, timeout_s: float = 5.0) -> None:
+        from prometheus_api_client import PrometheusConnect
+
+        self.url = url
+        self.scrape = scrape_interval_s
+        self.client = PrometheusConnect(url=url, disable_ssl=True, timeout=timeout_s)
+
+    def window(self, window_seconds: float) -> str:
+        return f"{max(math.ceil(window_seconds), math.ceil(2 * self.scrape))}s"
+
+    def task_metrics(self, task: str, window_seconds: float) -> Metrics | None:
+        w = self.window(window_seconds)
+        agreement_w = f"{max(int(w[:-1]), 60)}s"
+        values: dict[str, float | None] = {}
+        try:
+            for name, q in queries(task, w, agreement_w).items():
+                values[name] = _scalar(self.client.custom_query(q))
+        except Exception as exc:  # connection errors, HTTP errors, bad JSON
+            log.warning("Prometheus at %s did not answer for task %s: %s", self.url, task, exc)
+            return None
+        samples = values.pop("shadow_samples")
+        return Metrics(**values, shadow_samples=int(samples) if samples is not None else None)
