@@ -47,6 +47,7 @@ TRAINING_SUCCEEDED: Final = "TrainingSucceeded"
 PARTIALLY_TRAINED: Final = "PartiallyTrained"  # some candidates failed, others can be judged
 GATE_PASSED: Final = "GatePassed"
 GATE_NOT_MET: Final = "GateNotMet"
+NOT_BETTER: Final = "NotBetterThanServing"  # a retrained model passed the gate but is no better
 EXPORTING: Final = "Exporting"
 NO_MODEL: Final = "NoModel"  # nothing has passed the gate yet
 DEPLOYMENT_PROGRESSING: Final = "DeploymentProgressing"

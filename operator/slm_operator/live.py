@@ -12,6 +12,7 @@ step is bounded, as in the usual autoscaler designs.
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class Metrics:
     shadow_samples: int | None = None  # SLM answers compared with the LLM so far
     slm_share: float | None = None  # fraction of calls answered by the SLM
     cost_saved_usd: float | None = None
+    captured_records: int | None = None  # call records the gateway has written for the task
 
     @property
     def empty(self) -> bool:
@@ -160,3 +162,90 @@ def route_mode(rollout: Rollout, fallback: FallbackState) -> tuple[str, int]:
     if fallback.active:
         return (MODE_LLM, 0) if fallback.reason == "NoReadyReplicas" else (MODE_SHADOW, 0)
     return rollout.mode, rollout.canary_percent
+
+
+def _cron_field(spec: str, value: int, lo: int, hi: int) -> bool:
+    for part in spec.split(","):
+        rng, _, step_s = part.partition("/")
+        step = int(step_s) if step_s else 1
+        if rng in ("*", "?"):
+            start, end = lo, hi
+        elif "-" in rng:
+            a, b = rng.split("-", 1)
+            start, end = int(a), int(b)
+        else:
+            start = int(rng)
+            end = hi if step_s else start
+        if start <= value <= end and (value - start) % step == 0:
+            return True
+    return False
+
+
+def cron_matches(expr: str, when: dt.datetime) -> bool:
+    """Whether a 5-field cron expression (UTC; numbers, *, ranges, lists, steps) matches the
+    minute ``when`` falls in. Day-of-month and day-of-week combine with OR when both are
+    restricted, as in cron."""
+    minute, hour, dom, month, dow = expr.split()
+    w = when.astimezone(dt.UTC)
+    cron_dow = (w.weekday() + 1) % 7  # cron: 0 = Sunday
+    day_ok_dom = _cron_field(dom, w.day, 1, 31)
+    day_ok_dow = _cron_field(dow, cron_dow, 0, 7) or (cron_dow == 0 and _cron_field(dow, 7, 0, 7))
+    if dom not in ("*", "?") and dow not in ("*", "?"):
+        day_ok = day_ok_dom or day_ok_dow
+    else:
+        day_ok = day_ok_dom and day_ok_dow
+    return (
+        _cron_field(minute, w.minute, 0, 59)
+        and _cron_field(hour, w.hour, 0, 23)
+        and _cron_field(month, w.month, 1, 12)
+        and day_ok
+    )
+
+
+def cron_fired(expr: str, since: dt.datetime | None, now: dt.datetime) -> bool:
+    """Whether the schedule matched a minute after ``since`` up to ``now`` (the current minute
+    alone when ``since`` is None; at most the last hour is scanned)."""
+    t = now.replace(second=0, microsecond=0)
+    oldest = (
+        t
+        if since is None
+        else max(
+            since.replace(second=0, microsecond=0) + dt.timedelta(minutes=1),
+            t - dt.timedelta(hours=1),
+        )
+    )
+    while t >= oldest:
+        if cron_matches(expr, t):
+            return True
+        t -= dt.timedelta(minutes=1)
+    return False
+
+
+@dataclass(frozen=True)
+class Retrain:
+    epoch: int
+    baseline: int | None
+    triggered: bool
+    reason: str
+
+
+def retrain_step(
+    cfg: Mapping[str, Any] | None,
+    epoch: int,
+    baseline: int | None,
+    captured: int | None,
+    schedule_fired: bool,
+) -> Retrain:
+    """S6: start a new revision once ``minNewExamples`` new calls were captured since the last
+    training (and, with a schedule, only when it fires). A gateway restart resets its counters,
+    which restarts the count rather than triggering."""
+    if not cfg or not cfg.get("enabled", True) or captured is None:
+        return Retrain(epoch, baseline, False, "RetrainingIdle")
+    if baseline is None or captured < baseline:
+        return Retrain(epoch, captured, False, "CountingNewExamples")
+    new = captured - baseline
+    if new < int(cfg.get("minNewExamples", 1000)):
+        return Retrain(epoch, baseline, False, "CountingNewExamples")
+    if cfg.get("schedule") and not schedule_fired:
+        return Retrain(epoch, baseline, False, "WaitingForSchedule")
+    return Retrain(epoch + 1, captured, True, "EnoughNewExamples")

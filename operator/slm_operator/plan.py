@@ -225,8 +225,13 @@ def _pipeline(
     jobs: Mapping[str, JobView],
     now: dt.datetime,
     apply: list[Obj] | None,
+    must_beat: float | None = None,
 ) -> _Step:
-    """Walk one revision's pipeline; append the Jobs it needs to ``apply`` when given."""
+    """Walk one revision's pipeline; append the Jobs it needs to ``apply`` when given.
+
+    ``must_beat``: for a retraining on new data, the served model's score; a candidate is
+    promoted only if it passes the gate *and* scores higher.
+    """
     spec = task["spec"]
     name = task["metadata"]["name"]
     unknown = (c.UNKNOWN, c.PENDING, "waiting for an earlier step")
@@ -315,6 +320,19 @@ def _pipeline(
 
     step.phase = PHASE_EVALUATING
     policy = spec["evaluation"].get("selectionPolicy", "smallest-passing")
+    if must_beat is not None and passing:
+        better = [(cd, r) for cd, r in passing if (r.score or 0.0) > must_beat + 1e-9]
+        if not better:
+            best = max((r.score or 0.0) for _, r in passing)
+            step.evaluated = (
+                c.FALSE,
+                c.NOT_BETTER,
+                f"revision {rev}: best retrained candidate scored {best:.3f}, not better than "
+                f"the served model's {must_beat:.3f}; the served model stays",
+            )
+            step.terminal_failure = True
+            return step
+        passing = better
     chosen = select(passing, policy)
     if chosen is None:
         scores = ", ".join(
@@ -572,20 +590,31 @@ def plan(obs: Observed) -> Plan:
         out.events = c.transitions(prev_conds, out.status["conditions"])
         return out
 
-    rev = n.revision_of(spec)
+    retrain_prev: Mapping[str, Any] = prev.get("retraining") or {}
+    epoch = int(retrain_prev.get("epoch", 0))
+    rev = n.revision_of(spec, epoch)
     active_rev, active_uri, active_cand, replicas, ready, available = _deployment_facts(
         obs.deployment
     )
     training_needed = rev != active_rev
+    prev_selected = prev.get("selectedModel") or {}
+    must_beat = None
+    if (
+        training_needed
+        and epoch > 0
+        and active_rev == n.revision_of(spec, epoch - 1)
+        and prev_selected.get("revision") == active_rev
+    ):
+        must_beat = prev_selected.get("score")
     step = _pipeline(
         task,
         rev if training_needed else active_rev,
         obs.jobs,
         obs.now,
         out.apply if training_needed else None,
+        must_beat,
     )
 
-    prev_selected = prev.get("selectedModel") or {}
     selected: Obj | None = prev_selected if prev_selected.get("revision") == active_rev else None
     if not training_needed and step.selected is not None:
         selected = {**step.selected, **({"artifactURI": active_uri} if active_uri else {})}
@@ -728,6 +757,31 @@ def plan(obs: Observed) -> Plan:
         status["selectedModel"] = selected
     if serving_status:
         status["serving"] = serving_status
+    retraining = dict(retrain_prev)
+    if is_serving and not training_needed and due and m is not None:
+        rcfg = spec.get("retraining")
+        fired = bool(rcfg and rcfg.get("schedule")) and lv.cron_fired(
+            str(rcfg["schedule"]), last_eval, obs.now
+        )
+        raw_baseline = retrain_prev.get("baselineRecords")
+        r = lv.retrain_step(
+            rcfg,
+            epoch,
+            None if raw_baseline is None else int(raw_baseline),
+            m.captured_records,
+            fired,
+        )
+        retraining = {"epoch": r.epoch, "reason": r.reason}
+        if r.baseline is not None:
+            retraining["baselineRecords"] = r.baseline
+        if m.captured_records is not None:
+            retraining["capturedRecords"] = m.captured_records
+        if r.triggered:
+            retraining["lastTriggered"] = now
+        elif "lastTriggered" in retrain_prev:
+            retraining["lastTriggered"] = retrain_prev["lastTriggered"]
+    if retraining:
+        status["retraining"] = retraining
     if is_serving:
         status["live"] = live
         usage = dict(prev.get("usage") or {})

@@ -58,6 +58,9 @@ def queries(task: str, window: str, agreement_window: str) -> dict[str, str]:
             f"sum(rate(slm_gateway_requests_total{slm}[{window}])) / "
             f"sum(rate(slm_gateway_requests_total{_sel(task)}[{window}]))"
         ),
+        "captured_records": (
+            f"sum(slm_gateway_capture_records_total{_sel(task, result='written')})"
+        ),
         "cost_saved_usd": (
             f"sum(increase(slm_gateway_llm_equivalent_cost_usd_total{_sel(task)}[{window}])) - "
             f"sum(increase(slm_gateway_cost_usd_total{_sel(task)}[{window}]))"
@@ -99,4 +102,9 @@ class PromMetrics:
             log.warning("Prometheus at %s did not answer for task %s: %s", self.url, task, exc)
             return None
         samples = values.pop("shadow_samples")
-        return Metrics(**values, shadow_samples=int(samples) if samples is not None else None)
+        captured = values.pop("captured_records")
+        return Metrics(
+            **values,
+            shadow_samples=int(samples) if samples is not None else None,
+            captured_records=int(captured) if captured is not None else None,
+        )

@@ -434,3 +434,54 @@ def test_replicas_follow_request_rate_within_bounds() -> None:
     assert task["status"]["live"]["scaleReason"] == "ScaleDownCoolingDown"
     p = _step(task, jobs, dep, svc, NOW + dt.timedelta(seconds=70), quiet)
     assert next(o for o in p.apply if o["kind"] == "Deployment")["spec"]["replicas"] == 1
+
+
+def test_retraining_starts_after_enough_new_calls_and_promotes_only_if_better() -> None:
+    task, jobs, dep, svc = _serving_task()
+    task["spec"]["retraining"] = {"minNewExamples": 100, "enabled": True}
+    rev0 = n.revision_of(task["spec"])
+    t = NOW
+
+    def m(captured: int) -> Metrics:
+        return Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=5,
+                       captured_records=captured)
+
+    _step(task, jobs, dep, svc, t, m(1000))  # baseline
+    assert task["status"]["retraining"]["baselineRecords"] == 1000
+    t += dt.timedelta(seconds=10)
+    _step(task, jobs, dep, svc, t, m(1050))
+    assert task["status"]["retraining"]["epoch"] == 0
+    t += dt.timedelta(seconds=10)
+    _step(task, jobs, dep, svc, t, m(1120))
+    assert task["status"]["retraining"]["epoch"] == 1
+    rev1 = n.revision_of(task["spec"], 1)
+    p = _step(task, jobs, dep, svc, t + dt.timedelta(seconds=1), m(1120))
+    assert task["status"]["revision"] == {"active": rev0, "training": rev1}
+    assert f"weather-data-{rev1}" in [o["metadata"]["name"] for o in p.apply]
+
+    # The retrained candidates pass the gate but are not better than the served 0.9: no swap.
+    same = {}
+    for name, v in jobs_through(task, "train", scores=(0.9, 0.85)).items():
+        same[name.replace(rev0, rev1)] = JobView(name.replace(rev0, rev1), v.stage, rev1,
+                                                 v.candidate, v.state, v.result,
+                                                 finished_at=v.finished_at)
+    p = _step(task, {**jobs, **same}, dep, svc, t + dt.timedelta(seconds=2), m(1120))
+    assert conds(task["status"])[c.EVALUATED] == (c.FALSE, c.NOT_BETTER)
+    assert not [o for o in p.apply if o["metadata"]["labels"].get(n.LABEL_STAGE) == "export"]
+    assert conds(task["status"])[c.READY][0] == c.TRUE
+
+
+@pytest.mark.parametrize(
+    ("expr", "when", "ok"),
+    [
+        ("0 3 * * 0", dt.datetime(2026, 11, 22, 3, 0, tzinfo=dt.UTC), True),  # a Sunday
+        ("0 3 * * 0", dt.datetime(2026, 11, 23, 3, 0, tzinfo=dt.UTC), False),
+        ("*/15 * * * *", dt.datetime(2026, 11, 23, 3, 45, tzinfo=dt.UTC), True),
+        ("*/15 * * * *", dt.datetime(2026, 11, 23, 3, 46, tzinfo=dt.UTC), False),
+        ("0 9-17 * * 1-5", dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC), True),
+    ],
+)
+def test_cron_matching(expr: str, when: dt.datetime, ok: bool) -> None:
+    from slm_operator.live import cron_matches
+
+    assert cron_matches(expr, when) is ok

@@ -1,0 +1,105 @@
+"""A real Prometheus (Debian's package) scraping local targets, for tests and the demo.
+
+It listens on a free 127.0.0.1 port, keeps its TSDB in a temporary directory, scrapes the
+given ``host:port`` targets every ``scrape_interval`` seconds, and is stopped by pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from slm_e2e.cluster import free_port
+
+
+class PrometheusError(RuntimeError):
+    pass
+
+
+def prometheus_binary() -> str:
+    path = shutil.which("prometheus")
+    if path is None:
+        raise PrometheusError(
+            "the prometheus binary is missing: run 'make setup' (Debian package 'prometheus')"
+        )
+    return path
+
+
+class LocalPrometheus:
+    def __init__(self, workdir: Path, targets: dict[str, list[str]],
+                 scrape_interval: float = 1.0) -> None:
+        self.dir = workdir
+        self.targets = targets  # job name -> ["127.0.0.1:port", ...]
+        self.interval = scrape_interval
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _config(self) -> dict[str, object]:
+        iv = f"{int(self.interval * 1000)}ms"
+        return {
+            "global": {"scrape_interval": iv, "evaluation_interval": iv, "scrape_timeout": iv},
+            "scrape_configs": [
+                {"job_name": job, "static_configs": [{"targets": list(t)}]}
+                for job, t in self.targets.items()
+            ],
+        }
+
+    def start(self, timeout: float = 30) -> LocalPrometheus:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        cfg = self.dir / "prometheus.yml"
+        cfg.write_text(yaml.safe_dump(self._config()))
+        self.port = free_port()
+        log = open(self.dir / "prometheus.log", "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(
+            [prometheus_binary(), f"--config.file={cfg}",
+             f"--storage.tsdb.path={self.dir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}",
+             "--storage.tsdb.retention.time=1h", "--web.enable-lifecycle"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.dir,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise PrometheusError(
+                    f"prometheus exited: {(self.dir / 'prometheus.log').read_text()[-2000:]}")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            time.sleep(0.1)
+        raise PrometheusError("prometheus did not become ready")
+
+    def targets_up(self) -> dict[str, bool]:
+        with urllib.request.urlopen(f"{self.url}/api/v1/targets", timeout=3) as r:
+            data = json.load(r)
+        return {t["scrapeUrl"]: t["health"] == "up" for t in data["data"]["activeTargets"]}
+
+    def reload(self, targets: dict[str, list[str]]) -> None:
+        self.targets = targets
+        (self.dir / "prometheus.yml").write_text(yaml.safe_dump(self._config()))
+        req = urllib.request.Request(f"{self.url}/-/reload", method="POST")
+        urllib.request.urlopen(req, timeout=5).close()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=5)
