@@ -28,6 +28,8 @@ LABEL_COMPONENT: Final = f"{GROUP}/component"
 ANNOTATION_PROGRESS: Final = f"{GROUP}/progress"
 ANNOTATION_ARTIFACT: Final = f"{GROUP}/artifact-uri"
 ANNOTATION_CANDIDATE: Final = f"{GROUP}/candidate"
+#: On an AgentTask: the Triton base URL the gateway should use instead of the task's Service.
+ANNOTATION_ENDPOINT: Final = f"{GROUP}/serving-endpoint"
 MANAGED_BY: Final = "app.kubernetes.io/managed-by"
 
 STAGE_PREPARE: Final = "prepare"

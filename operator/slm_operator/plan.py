@@ -395,23 +395,18 @@ def _pipeline(
     return step
 
 
-def _deployment_facts(dep: Mapping[str, Any] | None) -> tuple[str, str, str, int, int, bool]:
-    """(revision, artifact, candidate, replicas, ready, available) of the Triton Deployment."""
+def _deployment_facts(dep: Mapping[str, Any] | None) -> tuple[str, str, str, int, int]:
+    """(revision, artifact, candidate, replicas, ready replicas) of the Triton Deployment."""
     if not dep:
-        return "", "", "", 0, 0, False
+        return "", "", "", 0, 0
     ann = dep["metadata"].get("annotations") or {}
     st = dep.get("status") or {}
-    available = any(
-        cd.get("type") == "Available" and cd.get("status") == "True"
-        for cd in st.get("conditions") or []
-    )
     return (
         ann.get(n.LABEL_REVISION, ""),
         ann.get(n.ANNOTATION_ARTIFACT, ""),
         ann.get(n.ANNOTATION_CANDIDATE, ""),
         int((dep.get("spec") or {}).get("replicas", 0)),
         int(st.get("readyReplicas") or 0),
-        available,
     )
 
 
@@ -593,7 +588,7 @@ def plan(obs: Observed) -> Plan:
     retrain_prev: Mapping[str, Any] = prev.get("retraining") or {}
     epoch = int(retrain_prev.get("epoch", 0))
     rev = n.revision_of(spec, epoch)
-    active_rev, active_uri, active_cand, replicas, ready, available = _deployment_facts(
+    active_rev, active_uri, active_cand, replicas, ready = _deployment_facts(
         obs.deployment
     )
     training_needed = rev != active_rev
@@ -627,7 +622,11 @@ def plan(obs: Observed) -> Plan:
         selected = step.selected
         training_needed = False
 
-    endpoint = b.service_endpoint(task)
+    # The Service URL, unless an annotation points the gateway elsewhere (an external Triton,
+    # a mesh ingress, or the local demo's tritonserver).
+    endpoint = (meta.get("annotations") or {}).get(n.ANNOTATION_ENDPOINT) or b.service_endpoint(
+        task
+    )
     serving_status: Obj = {}
     live_prev: Mapping[str, Any] = prev.get("live") or {}
     policy = spec["fallback"].get("policy") or {}
@@ -661,7 +660,9 @@ def plan(obs: Observed) -> Plan:
         out.apply.append(b.triton_deployment(task, active_rev, active_uri, active_cand, want))
         out.apply.append(b.triton_service(task))
         # maxUnavailable=0: while a new revision rolls out, the old pods keep serving.
-        if available and ready > 0 and obs.service is not None:
+        # Ready replicas, not the Available condition: with maxUnavailable=0 a scale-up makes
+        # the Deployment briefly un-Available although its ready pods serve.
+        if ready > 0 and obs.service is not None:
             rolling = _rolling_out(obs.deployment)
             serving = (
                 c.TRUE,

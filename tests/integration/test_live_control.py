@@ -1,0 +1,406 @@
+"""Live control with every real part on 127.0.0.1: operator, kube-apiserver, gateway, a real
+tritonserver, a real Prometheus scraping both every second, and the LLM stand-in.
+
+The SLM is a Triton Python-backend model that answers like an exported SLM and sleeps or fails
+while a flag file says so (``tests/data/triton_faulty``). The tests inject faults and watch the
+operator switch the task to the LLM, scale the Deployment, and walk shadow → canary → slm,
+while every agent call still succeeds.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_operator import CLAIM, agenttask, get_task, storage  # noqa: F401
+
+from slm_contract import TrainerResult
+from slm_e2e.kubelet import complete_job
+from slm_e2e.prometheus import LocalPrometheus
+from slm_e2e.testing import ClusterHandle, OperatorProcess, wait_for
+from slm_operator import naming as n
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+
+REPO = Path(__file__).resolve().parents[2]
+TASK = "faulty"  # the Triton model's name is the task's name
+SCRAPE = 1.0
+
+
+@dataclass
+class Stack:
+    ns: str
+    gateway_url: str
+    triton_url: str
+    fault_file: Path
+    llm_base_url: str
+    prom: LocalPrometheus
+    operator: OperatorProcess
+
+
+@pytest.fixture
+def stack(
+    cluster: ClusterHandle,
+    namespace: str,
+    storage: str,  # noqa: F811
+    agenttask_crd: Path,
+    tmp_path: Path,
+) -> Iterator[Stack]:
+    from slm_e2e import llm_standin
+    from slm_e2e.triton import start_triton
+    from slm_gateway.testing import start_gateway
+
+    fault = tmp_path / "fault"
+    fault.write_text("")
+    standin = llm_standin.start(log_path=tmp_path / "standin.log")
+    triton = start_triton(
+        REPO / "tests/data/triton_faulty",
+        workdir=tmp_path / "triton",
+        env={"SLM_FAULT_FILE": str(fault)},
+    )
+    cluster.kubectl(
+        "create",
+        "secret",
+        "generic",
+        "llm-key",
+        "-n",
+        namespace,
+        "--from-literal=api-key=sk-test-not-a-real-key-000000000000",
+    )
+    gateway = start_gateway(
+        [
+            "--namespace",
+            namespace,
+            "--kubeconfig",
+            cluster.kubeconfig,
+            "--capture",
+            str(tmp_path / "capture"),
+            "--capture-spool",
+            str(tmp_path / "spool"),
+            "--slm-timeout-ms",
+            "1500",
+            "--breaker-failures",
+            "1000",
+        ],
+        log_path=tmp_path / "gateway.log",
+    )
+    host = lambda url: url.split("//", 1)[1].rstrip("/")  # noqa: E731
+    prom = LocalPrometheus(
+        tmp_path / "prom",
+        {
+            "gateway": [host(gateway.url)],
+            "triton": [f"127.0.0.1:{triton.metrics_port}"],
+        },
+        scrape_interval=SCRAPE,
+    ).start()
+    op = OperatorProcess(
+        cluster.kubeconfig,
+        namespace,
+        tmp_path / "operator.log",
+        resync_seconds=0.5,
+        extra_env={
+            "SLM_FLEET_PROMETHEUS_URL": prom.url,
+            "SLM_FLEET_PROMETHEUS_SCRAPE_SECONDS": str(SCRAPE),
+        },
+    ).start()
+    try:
+        yield Stack(namespace, gateway.url, f"http://127.0.0.1:{triton.http_port}", fault, standin.llm_base_url, prom, op)
+    finally:
+        cluster.kubectl(
+            "delete", "agenttasks", "--all", "-n", namespace, "--wait=false", check=False
+        )
+        op.stop()
+        print("---- operator log tail\n" + op.log()[-3000:])
+        gateway.stop()
+        print("---- gateway log tail\n" + gateway.log()[-2000:])
+        prom.stop()
+        triton.stop()
+        standin.stop()
+
+
+def serve_task(cluster: ClusterHandle, s: Stack, **spec: Any) -> None:
+    """Apply the task, play its trainer pods, and point it at the local tritonserver."""
+    task = agenttask(name=TASK, candidates=[{"name": "small", "model": "org/tiny"}], **spec)
+    task["metadata"]["annotations"] = {n.ANNOTATION_ENDPOINT: s.triton_url}
+    task["spec"]["fallback"]["llm"]["baseURL"] = s.llm_base_url
+    cluster.apply(task, s.ns)
+    rev = wait_for(
+        lambda: (
+            (get_task(cluster, s.ns, TASK).get("status") or {}).get("revision", {}).get("training")
+        ),
+        timeout=30,
+        what="a training revision",
+    )
+    ok = lambda stage, **kw: TrainerResult(stage=stage, ok=True, **kw).to_json()  # noqa: E731
+    complete_job(
+        cluster,
+        s.ns,
+        n.data_job_name(TASK, rev),
+        ok("prepare", examples=500, train_examples=400, eval_examples=100),
+    )
+    complete_job(
+        cluster,
+        s.ns,
+        n.finetune_job_name(TASK, "small", rev),
+        ok(
+            "finetune",
+            candidate="small",
+            score=0.95,
+            llm_score=0.96,
+            parameters=22_000_000,
+            artifact_uri=f"pvc://{CLAIM}/{TASK}/{rev}/candidates/small",
+            threshold=0.5,
+        ),
+    )
+    complete_job(
+        cluster,
+        s.ns,
+        n.export_job_name(TASK, rev),
+        ok(
+            "export", candidate="small", artifact_uri=f"pvc://{CLAIM}/{TASK}/{rev}/model_repository"
+        ),
+    )
+    wait_for(
+        lambda: (
+            n.LABEL_REVISION
+            in str(
+                cluster.kubectl(
+                    "get", "deployment", n.serving_name(TASK), "-n", s.ns, "-o", "json", check=False
+                ).stdout
+            )
+        ),
+        timeout=30,
+        what="the Triton Deployment",
+    )
+
+
+@dataclass
+class Traffic:
+    """Agent calls at a steady rate through the gateway, recording who answered each."""
+
+    url: str
+    rate: float
+    backends: Counter[str] = field(default_factory=Counter)
+    failures: list[str] = field(default_factory=list)
+    log: list[tuple[float, str]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def _one(self, i: int) -> None:
+        body = {
+            "model": TASK,
+            "messages": [{"role": "user", "content": f"weather in {i}?"}],
+            "tools": [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": "get_weather",
+                        "description": "Current weather",
+                        "parameters": {"type": "object", "properties": {}},
+                    },
+                }
+            ],
+        }
+        req = urllib.request.Request(
+            f"{self.url}/v1/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", "Authorization": "Bearer agent-key"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=20) as r:
+                backend = r.headers.get("x-slm-backend", "?")
+                json.loads(r.read())
+            self.backends[backend] += 1
+            self.log.append((time.monotonic(), backend))
+        except (urllib.error.URLError, OSError) as exc:
+            self.failures.append(repr(exc))
+
+    def _loop(self, offset: int, workers: int) -> None:
+        i = offset
+        period = workers / self.rate
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            self._one(i)
+            i += workers
+            self._stop.wait(max(0.0, period - (time.monotonic() - t0)))
+
+    def __enter__(self) -> Traffic:
+        workers = 6
+        for k in range(workers):
+            t = threading.Thread(target=self._loop, args=(k, workers), daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=30)
+
+    def since(self, t: float) -> Counter[str]:
+        return Counter(b for ts, b in self.log if ts >= t)
+
+
+def condition(cluster: ClusterHandle, ns: str, type_: str) -> dict[str, Any]:
+    for c in (get_task(cluster, ns, TASK).get("status") or {}).get("conditions") or []:
+        if c["type"] == type_:
+            return dict(c)
+    return {}
+
+
+def test_slo_breach_falls_back_to_llm_and_recovers(cluster: ClusterHandle, stack: Stack) -> None:
+    s = stack
+    serve_task(
+        cluster,
+        s,
+        rollout={"strategy": "direct"},
+        serving={
+            "minReplicas": 1,
+            "maxReplicas": 4,
+            "gpus": 1,
+            "slo": {"p95LatencyMs": 300, "maxErrorRate": 0.05, "targetQpsPerReplica": 100},
+        },
+        fallback={
+            "llm": {
+                "baseURL": "http://127.0.0.1:9/v1",
+                "model": "gpt-4o-mini",
+                "apiKeySecretRef": {"name": "llm-key"},
+            },
+            "policy": {"windowSeconds": 1, "breachWindows": 1, "recoveryWindows": 3},
+        },
+    )
+    with Traffic(s.gateway_url, rate=12) as traffic:
+        wait_for(
+            lambda: condition(cluster, s.ns, "SLOMet").get("status") == "True",
+            timeout=60,
+            what="SLOMet=True on healthy traffic",
+        )
+        assert get_task(cluster, s.ns, TASK)["status"]["route"]["mode"] == "slm"
+        wait_for(
+            lambda: traffic.since(time.monotonic() - 2)["slm"] > 5,
+            timeout=20,
+            what="the SLM to answer calls",
+        )
+
+        s.fault_file.write_text("error")
+        t_fault = time.monotonic()
+        first_llm = wait_for(
+            lambda: next((ts for ts, b in traffic.log if ts > t_fault and b == "llm"), None),
+            timeout=10,
+            what="the first call answered by the LLM",
+        )
+        wait_for(
+            lambda: condition(cluster, s.ns, "FallbackActive").get("status") == "True",
+            timeout=30,
+            interval=0.1,
+            what="FallbackActive=True after the fault",
+        )
+        engaged = time.monotonic() - t_fault
+        fb = condition(cluster, s.ns, "FallbackActive")
+        assert fb["reason"] == "SLOBreached"
+        assert condition(cluster, s.ns, "SLOMet")["reason"] == "SLOBreached"
+        route = get_task(cluster, s.ns, TASK)["status"]["route"]
+        assert route["mode"] == "shadow"  # the LLM answers; the SLM keeps getting copies
+        print(
+            f"fault -> first LLM answer {first_llm - t_fault:.2f}s; "
+            f"fault -> FallbackActive {engaged:.2f}s"
+        )
+        # Task-wide fallback within two scrape intervals, one SLO window and one resync.
+        assert engaged <= 2 * SCRAPE + 1 + 1 + 1.5, engaged
+
+        s.fault_file.write_text("")
+        wait_for(
+            lambda: condition(cluster, s.ns, "FallbackActive").get("status") == "False",
+            timeout=60,
+            what="recovery after the fault clears",
+        )
+        assert condition(cluster, s.ns, "Ready")["status"] == "True"
+        time.sleep(1.5)
+        wait_for(
+            lambda: traffic.since(time.monotonic() - 1.5)["slm"] > 3,
+            timeout=20,
+            what="the SLM to answer again",
+        )
+    assert traffic.failures == [], traffic.failures[:5]  # no agent call ever failed
+    assert traffic.backends["llm"] > 0 and traffic.backends["slm"] > 0
+
+
+def test_replicas_follow_load_and_shadow_agreement_drives_promotion(
+    cluster: ClusterHandle, stack: Stack
+) -> None:
+    s = stack
+    serve_task(
+        cluster,
+        s,
+        rollout={
+            "strategy": "progressive",
+            "shadowMinSamples": 20,
+            "minAgreement": 0.9,
+            "canaryPercent": 30,
+        },
+        serving={
+            "minReplicas": 1,
+            "maxReplicas": 4,
+            "gpus": 1,
+            "scaling": {"maxStep": 1, "scaleDownCooldownSeconds": 2},
+            "slo": {"p95LatencyMs": 1000, "maxErrorRate": 0.05, "targetQpsPerReplica": 4},
+        },
+        fallback={
+            "llm": {
+                "baseURL": "http://127.0.0.1:9/v1",
+                "model": "gpt-4o-mini",
+                "apiKeySecretRef": {"name": "llm-key"},
+            },
+            "policy": {"windowSeconds": 2, "breachWindows": 2, "recoveryWindows": 2},
+        },
+    )
+    modes: list[str] = []
+
+    def mode() -> str:
+        m = (get_task(cluster, s.ns, TASK).get("status") or {}).get("route", {}).get("mode", "")
+        if not modes or modes[-1] != m:
+            modes.append(m)
+        return str(m)
+
+    with Traffic(s.gateway_url, rate=12) as traffic:
+        wait_for(
+            lambda: mode() == "slm",
+            timeout=120,
+            interval=0.3,
+            what="promotion shadow -> canary -> slm",
+        )
+        assert modes[-3:] == ["shadow", "canary", "slm"], modes
+        st = get_task(cluster, s.ns, TASK)["status"]
+        assert "live" in st, json.dumps(st, indent=1)
+        live = st["live"]
+        assert live["observed"]["agreement"] >= 0.9
+        # 12 calls/s at 4 per replica: scale out to 3, one step per window.
+        wait_for(
+            lambda: (
+                cluster.get_json("deployment", n.serving_name(TASK), "-n", s.ns)["spec"]["replicas"]
+                >= 3
+            ),
+            timeout=60,
+            what="scale-up to 3 replicas",
+        )
+    assert traffic.failures == []
+    # Traffic stopped: rate 0 -> back to minReplicas after the cool-down.
+    wait_for(
+        lambda: (
+            cluster.get_json("deployment", n.serving_name(TASK), "-n", s.ns)["spec"]["replicas"]
+            == 1
+        ),
+        timeout=90,
+        what="scale-down to minReplicas",
+    )
+    st = get_task(cluster, s.ns, TASK)["status"]
+    assert st["usage"]["slmShare"] <= 1.0
