@@ -6,7 +6,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= operator,gateway,trainer,dev
 
-.PHONY: setup venv binaries system-deps test unit integration lint typecheck cluster-up cluster-down cluster-status clean
+demo: ## The whole loop on this machine: capture, train on CPU, gate, Triton, rollout, fallback
+	$(PY) -m slm_e2e.demo
+
+.PHONY: demo setup venv binaries system-deps test unit integration lint typecheck cluster-up cluster-down cluster-status clean
 
 setup: system-deps venv binaries ## Install Python deps into .venv and build the control plane into ~/.cache/slm-fleet
 

@@ -166,6 +166,11 @@ def _trainer_job(
             "backoffLimit": int(training.get("backoffLimit", 2)),
             "activeDeadlineSeconds": int(training.get("activeDeadlineSeconds", 21600)),
             "podReplacementPolicy": "Failed",
+            # A preempted trainer checkpoints on SIGTERM and its next pod resumes; eviction
+            # or node drain must not use up backoffLimit.
+            "podFailurePolicy": {
+                "rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]
+            },
             "template": {"metadata": {"labels": labels}, "spec": pod_spec},
         },
     }
@@ -315,7 +320,7 @@ def triton_deployment(
         mounts.append({"name": "workspace", "mountPath": WORKSPACE, "readOnly": True})
     container: Obj = {
         "name": "triton",
-        "image": serving.get("image", "nvcr.io/nvidia/tritonserver:25.01-py3"),
+        "image": serving.get("image", "ghcr.io/slm-fleet/triton:0.1.0"),
         "command": ["tritonserver"],
         "args": [
             f"--model-repository={repo}",

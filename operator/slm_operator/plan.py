@@ -588,9 +588,7 @@ def plan(obs: Observed) -> Plan:
     retrain_prev: Mapping[str, Any] = prev.get("retraining") or {}
     epoch = int(retrain_prev.get("epoch", 0))
     rev = n.revision_of(spec, epoch)
-    active_rev, active_uri, active_cand, replicas, ready = _deployment_facts(
-        obs.deployment
-    )
+    active_rev, active_uri, active_cand, replicas, ready = _deployment_facts(obs.deployment)
     training_needed = rev != active_rev
     prev_selected = prev.get("selectedModel") or {}
     must_beat = None
@@ -671,7 +669,7 @@ def plan(obs: Observed) -> Plan:
                 + (
                     f"; rolling out {active_cand} (revision {active_rev})"
                     if rolling
-                    else f" serving {active_cand} (revision {active_rev})"
+                    else f", serving {active_cand} (revision {active_rev})"
                 ),
             )
         else:

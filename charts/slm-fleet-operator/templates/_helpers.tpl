@@ -21,3 +21,52 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- .Release.Namespace -}}
 {{- end -}}
 {{- end -}}
+
+{{- /* ---- added for the Deployments, the gateway and monitoring ---- */ -}}
+
+{{- define "slm-fleet.gatewayServiceAccount" -}}
+{{- default (printf "%s-gateway" (include "slm-fleet.fullname" .)) .Values.gateway.serviceAccount.name -}}
+{{- end -}}
+
+{{- /* Selector labels of one component; call with (dict "root" $ "component" "gateway"). */ -}}
+{{- define "slm-fleet.selectorLabels" -}}
+app.kubernetes.io/name: slm-fleet-operator
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- /* Image reference; call with (dict "root" $ "image" .Values.operator.image). */ -}}
+{{- define "slm-fleet.image" -}}
+{{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) -}}
+{{- end -}}
+
+{{- /* The restricted Pod Security Standard, for every container the chart runs. */ -}}
+{{- define "slm-fleet.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+capabilities:
+  drop: [ALL]
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{- define "slm-fleet.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+fsGroup: 10001
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{- /*
+Where the gateway watches AgentTasks: one namespace when exactly one is watched and RBAC is
+namespaced, else every namespace ("" here, --all-namespaces on the command line).
+*/ -}}
+{{- define "slm-fleet.gatewayNamespace" -}}
+{{- $ns := splitList "," (include "slm-fleet.watchNamespaces" .) -}}
+{{- if and (not .Values.rbac.clusterWide) (eq (len $ns) 1) -}}
+{{- first $ns -}}
+{{- end -}}
+{{- end -}}

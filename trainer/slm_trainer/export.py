@@ -1,0 +1,251 @@
+"""The ``export`` stage: turn the promoted candidate into a versioned Triton model repository.
+
+Why a stage of its own: serving must not depend on the training pod's file layout, and a
+repository must be complete before Triton sees it (Triton loads what it finds, half-written or
+not). This stage writes, into a temporary folder that is renamed into place at the end:
+
+- ``<output>/<model-name>/config.pbtxt``: Python backend, BYTES request in, BYTES response
+  and FP32 confidence out, dynamic batching (:func:`slm_trainer.triton_model.render_config`);
+- ``<output>/<model-name>/<version>/model.py`` with its sibling ``chatformat.py`` and
+  ``runtime.py`` (the same prompt rendering and confidence code the trainer evaluated with)
+  and ``artifacts/`` (tokenizer + LoRA adapter, or merged weights with ``--merge``);
+- ``<output>/<model-name>/metadata.json``: base model, parameters, adapter sha256, eval score,
+  threshold, creation time: what the operator and humans check before promoting.
+
+A LoRA adapter is served on top of its base model, named by the ``base_model`` parameter: a
+local folder when the base is in the trainer's Hugging Face cache on the shared volume (the
+serving pod mounts the same volume), else the hub id. ``--merge`` writes merged weights
+instead, for a repository that needs nothing else.
+
+A candidate folder may instead hold a closed-label selector (``selector.json`` and its
+sub-folders, written by the selector path of ``finetune``); it is copied to ``selector/`` and
+the backend answers (or defers) with the selector's calibrated confidence, loading it through
+:func:`slm_trainer.selector.load_selector` (so the serving image needs this package). Without
+``--threshold`` the selector's own calibrated threshold is recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slm_contract import TrainerResult
+
+CONTRACT_STAGE = "export"
+METADATA_SCHEMA = "slmfleet.dev/triton-model/v1"
+#: Files of a candidate folder that are training records, not serving artifacts.
+NOT_SERVED = {"predictions.jsonl", "trainer_state.json", "checkpoint.pt"}
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class Args:
+    """Write the Triton model repository (config.pbtxt, Python backend, metadata)."""
+
+    candidate: str = field(metadata={"help": "name of the promoted candidate"})
+    model: str = field(metadata={"help": "base model (hub id or path) it was trained from"})
+    candidate_dir: Path = field(metadata={"help": "the finetune stage's output folder"})
+    output: Path = field(metadata={"help": "model repository root to write into"})
+    model_name: str = field(metadata={"help": "Triton model name (the AgentTask's name)"})
+    artifact_uri: str = field(default="", metadata={"help": "URI of --output, for the result"})
+    task_type: str = field(default="tool-call", metadata={"help": "the AgentTask's taskType"})
+    threshold: float | None = field(
+        default=None, metadata={"help": "confidence threshold chosen by the evaluation gate"}
+    )
+    version: int = field(default=1, metadata={"help": "model version folder"})
+    merge: bool = field(
+        default=False, metadata={"help": "merge a LoRA adapter into the base weights"}
+    )
+    max_batch_size: int = field(default=8, metadata={"help": "Triton dynamic batch size"})
+    instances: int = field(default=1, metadata={"help": "model instances per server"})
+    cpu_threads: int = field(
+        default=0, metadata={"help": "torch threads per instance on CPU (0: torch's default)"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.version < 1:
+            raise ValueError("--version must be >= 1")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError("--threshold must be within [0, 1]")
+
+
+def resolve_base(model: str) -> tuple[str, str]:
+    """(what the backend loads, how it was found) for a base model id or path.
+
+    A local folder is used as it is. A hub id is looked up in the local Hugging Face cache
+    only (``HF_HOME`` on the shared volume in a Job): serving pods mount that volume read-only
+    and have no hub access. If it is not cached the id is kept and the serving image must
+    reach the hub.
+    """
+    path = Path(model)
+    if path.is_dir():
+        return str(path.resolve()), "path"
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model, local_files_only=True), "hf-cache"
+    except Exception:
+        return model, "hub-id"
+
+
+def _copy_artifacts(candidate_dir: Path, dest: Path) -> list[str]:
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for item in sorted(candidate_dir.iterdir()):
+        if item.is_file() and item.name not in NOT_SERVED and not item.name.endswith(".tmp"):
+            shutil.copy2(item, dest / item.name)
+            copied.append(item.name)
+    return copied
+
+
+def _merge_adapter(candidate_dir: Path, base: str, dest: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model = PeftModel.from_pretrained(model, str(candidate_dir)).merge_and_unload()
+    model.save_pretrained(str(dest))
+    AutoTokenizer.from_pretrained(str(candidate_dir)).save_pretrained(str(dest))
+
+
+def run(args: Args, emit: Emit) -> TrainerResult:
+    from slm_trainer.generative import MANIFEST, weights_sha256
+    from slm_trainer.triton_model import BACKEND_FILES, HERE, render_config
+
+    cand = Path(args.candidate_dir)
+    manifest_path = cand / MANIFEST
+    has_selector = (cand / "selector.json").is_file()
+    manifest: dict[str, Any] = {}
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+    selector: dict[str, Any] = {}
+    if has_selector:
+        selector = json.loads((cand / "selector.json").read_text())
+    if not manifest and not has_selector:
+        return TrainerResult(
+            stage=CONTRACT_STAGE,
+            ok=False,
+            candidate=args.candidate,
+            message=f"{cand} holds neither {MANIFEST} nor selector.json: "
+            "was it written by the finetune stage?",
+        )
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / f".{args.model_name}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    version_dir = staging / str(args.version)
+    version_dir.mkdir(parents=True)
+    for name in BACKEND_FILES:
+        shutil.copy2(HERE / name, version_dir / name)
+
+    params: dict[str, str] = {"task_type": args.task_type}
+    kinds = []
+    base_model, base_found = "", ""
+    merged = False
+    if manifest:
+        kinds.append("generative")
+        adapter = manifest.get("weights") == "adapter"
+        if adapter:
+            base_model, base_found = resolve_base(str(manifest.get("base_model") or args.model))
+        artifacts = version_dir / "artifacts"
+        if adapter and args.merge:
+            emit({"event": "merge", "base_model": base_model})
+            _merge_adapter(cand, base_model, artifacts)
+            merged = True
+            (artifacts / MANIFEST).write_text(manifest_path.read_text())
+        else:
+            _copy_artifacts(cand, artifacts)
+        params["artifacts"] = "artifacts"
+        if adapter and not merged:
+            params["base_model"] = base_model
+        params["max_new_tokens"] = str(manifest.get("max_new_tokens", 256))
+        params["tools_in_template"] = "true" if manifest.get("tools_in_template") else "false"
+    if has_selector:
+        kinds.append("selector")
+        shutil.copytree(
+            cand,
+            version_dir / "selector",
+            ignore=shutil.ignore_patterns(*NOT_SERVED, "eval_report.json", "*.tmp", ".*"),
+        )
+        params["selector"] = "selector"
+    params["kind"] = "+".join(sorted(kinds, reverse=True))  # "selector+generative"
+    threshold = args.threshold
+    if threshold is None and isinstance(selector.get("threshold"), int | float):
+        threshold = float(selector["threshold"])  # the selector's own calibrated threshold
+    if threshold is not None:
+        params["threshold"] = str(threshold)
+    if args.cpu_threads > 0:
+        params["cpu_threads"] = str(args.cpu_threads)
+
+    config = render_config(
+        args.model_name,
+        parameters=params,
+        max_batch_size=args.max_batch_size,
+        instance_count=args.instances,
+    )
+    (staging / "config.pbtxt").write_text(config)
+    info = manifest or selector  # what describes the served model
+    score = info.get("score")
+    metadata = {
+        "schema": METADATA_SCHEMA,
+        "model_name": args.model_name,
+        "version": args.version,
+        "candidate": args.candidate,
+        "kind": params["kind"],
+        "task_type": args.task_type,
+        "base_model": str(info.get("base_model") or args.model),
+        "base_model_source": base_model or None,
+        "base_model_found_as": base_found or None,
+        "method": info.get("method"),
+        "merged": merged,
+        "parameters": info.get("parameters"),
+        "trainable_parameters": info.get("trainable_parameters"),
+        "adapter_sha256": weights_sha256(cand),
+        "eval_score": score,
+        "llm_score": info.get("llm_score", 1.0),
+        "metric": info.get("metric"),
+        "threshold": threshold,
+        "format": info.get("format"),
+        "artifact_uri": args.artifact_uri or None,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (staging / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+
+    final = out / args.model_name
+    if final.exists():
+        old = out / f".{args.model_name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+    emit(
+        {
+            "event": "exported",
+            "candidate": args.candidate,
+            "model_name": args.model_name,
+            "path": str(final),
+            "kind": params["kind"],
+        }
+    )
+    return TrainerResult(
+        stage=CONTRACT_STAGE,
+        ok=True,
+        candidate=args.candidate,
+        artifact_uri=args.artifact_uri or None,
+        threshold=threshold,
+        score=float(score) if isinstance(score, int | float) else None,
+        parameters=info.get("parameters"),
+        trainable_parameters=info.get("trainable_parameters"),
+        message=f"Triton model {args.model_name!r} version {args.version} ({params['kind']}) "
+        f"written to {final}",
+    )

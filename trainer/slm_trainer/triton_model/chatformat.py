@@ -1,0 +1,228 @@
+"""How a logged call becomes a prompt and an answer for a causal LM, and back.
+
+Why one stdlib-only module: the trainer renders training examples with it and the Triton
+Python backend renders live requests and parses generated text with it. If the two sides
+formatted prompts even slightly differently, the served model would see inputs it was never
+trained on. So the export stage copies this very file next to ``model.py`` in the model
+repository, and both import the same functions. It needs only a tokenizer object with
+``apply_chat_template`` (transformers), passed in by the caller.
+
+The answer format is the model's chat template with the assistant's turn holding either the
+plain ``content`` or, for tool calls, one compact JSON list ``[{"name": ..., "arguments":
+{...}}]``. A JSON list is what small models learn most reliably, it parses back without a
+model-specific tool-call grammar, and it covers parallel calls.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+FORMAT = "slmfleet.dev/chat-format/v1"
+
+#: Prepended to the system message when the chat template cannot render tools itself.
+TOOLS_PREAMBLE = (
+    "You can call these tools. To call tools, answer only with a JSON list of "
+    '{"name": <tool name>, "arguments": <object>} items.\nTools: '
+)
+
+
+def template_supports_tools(tokenizer: Any) -> bool:
+    """Whether the chat template renders a ``tools`` argument (Qwen2.5, SmolLM3, Llama 3.1...)."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if isinstance(template, dict):  # named templates: the default one is what we render with
+        template = template.get("default") or template.get("tool_use") or ""
+    return "tools" in template
+
+
+def _text(content: Any) -> str:
+    """OpenAI content may be null, a string, or a list of typed parts; templates want text."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, dict):
+                parts.append(str(part.get("text", "")))
+            else:
+                parts.append(str(part))
+        return "".join(parts)
+    return str(content)
+
+
+def _arguments(raw: Any) -> Any:
+    """OpenAI sends arguments as a JSON string; compare and serialise them as objects."""
+    if isinstance(raw, str):
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return raw
+    return {} if raw is None else raw
+
+
+def calls_of(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """``[{"name", "arguments"}]`` from an assistant message's OpenAI ``tool_calls``."""
+    calls = []
+    for call in message.get("tool_calls") or []:
+        if not isinstance(call, dict):
+            continue
+        fn = call.get("function") if isinstance(call.get("function"), dict) else call
+        calls.append(
+            {"name": str(fn.get("name", "")), "arguments": _arguments(fn.get("arguments"))}
+        )
+    return calls
+
+
+def target_text(response: dict[str, Any]) -> str:
+    """The assistant turn the model learns to write for a logged LLM response."""
+    calls = calls_of(response)
+    if calls:
+        return json.dumps(calls, ensure_ascii=False, separators=(", ", ": "))
+    return _text(response.get("content")).strip()
+
+
+def _plain_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages with text content only; earlier assistant tool calls become their JSON text."""
+    out = []
+    for m in messages:
+        role = str(m.get("role", "user"))
+        if role == "assistant" and m.get("tool_calls"):
+            content = target_text(m)
+        else:
+            content = _text(m.get("content"))
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _tools_in_system(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict]:
+    preamble = TOOLS_PREAMBLE + json.dumps(tools, ensure_ascii=False, separators=(",", ":"))
+    if messages and messages[0]["role"] == "system":
+        first = {"role": "system", "content": preamble + "\n\n" + messages[0]["content"]}
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": preamble}, *messages]
+
+
+def _without_tool_role(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For templates that reject the ``tool`` role: tool results become user turns."""
+    return [
+        {"role": "user", "content": "Tool result: " + m["content"]} if m["role"] == "tool" else m
+        for m in messages
+    ]
+
+
+def render(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    tools_in_template: bool,
+    answer: str | None = None,
+) -> str:
+    """The chat-template text of the request, ending where the assistant's answer starts.
+
+    With ``answer`` the assistant turn is included: the text is the full training example.
+    """
+    msgs = _plain_messages(messages)
+    kwargs: dict[str, Any] = {"tokenize": False}
+    if tools and tools_in_template:
+        kwargs["tools"] = tools
+    elif tools:
+        msgs = _tools_in_system(msgs, tools)
+    if answer is None:
+        kwargs["add_generation_prompt"] = True
+    else:
+        msgs = [*msgs, {"role": "assistant", "content": answer}]
+    try:
+        return str(tokenizer.apply_chat_template(msgs, **kwargs))
+    except Exception:
+        if not any(m["role"] == "tool" for m in msgs):
+            raise
+        return str(tokenizer.apply_chat_template(_without_tool_role(msgs), **kwargs))
+
+
+def split_example(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    response: dict[str, Any],
+    tools_in_template: bool,
+) -> tuple[str, str]:
+    """(prompt text, completion text) of one logged call.
+
+    The completion is what the template writes for the assistant turn, cut right after the
+    end-of-sequence token so the model learns to stop there. Templates whose full rendering
+    does not start with the generation prompt (rare) fall back to answer + EOS.
+    """
+    prompt = render(tokenizer, messages, tools, tools_in_template)
+    answer = target_text(response)
+    eos = getattr(tokenizer, "eos_token", None) or ""
+    full = render(tokenizer, messages, tools, tools_in_template, answer=answer)
+    if full.startswith(prompt) and answer in full[len(prompt) :]:
+        completion = full[len(prompt) :]
+        if eos and eos in completion:
+            completion = completion[: completion.index(eos) + len(eos)]
+        elif eos:
+            completion = completion.rstrip() + eos
+    else:
+        completion = answer + eos
+    return prompt, completion
+
+
+def parse_answer(text: str) -> dict[str, Any]:
+    """An OpenAI assistant message from generated text: tool calls if it is our JSON list."""
+    stripped = text.strip()
+    calls: list[dict[str, Any]] | None = None
+    if stripped[:1] in ("[", "{"):
+        try:
+            value = json.loads(stripped)
+        except ValueError:
+            value = None
+        items = [value] if isinstance(value, dict) else value
+        if (
+            isinstance(items, list)
+            and items
+            and all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in items)
+        ):
+            calls = items
+    if calls is None:
+        return {"role": "assistant", "content": stripped}
+    return {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": f"call_{i}",
+                "type": "function",
+                "function": {
+                    "name": c["name"],
+                    "arguments": json.dumps(c.get("arguments", {}), ensure_ascii=False),
+                },
+            }
+            for i, c in enumerate(calls)
+        ],
+    }
+
+
+def parse_request(raw: bytes | str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(messages, tools) of a serving request: an OpenAI chat-completions body as JSON.
+
+    Raises ValueError with a message a client can act on.
+    """
+    try:
+        body = json.loads(raw)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"request is not JSON: {exc}") from exc
+    if isinstance(body, list):
+        body = {"messages": body}
+    if not isinstance(body, dict):
+        raise ValueError("request must be a JSON object with 'messages' (and optional 'tools')")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' must be a non-empty list")
+    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+        raise ValueError("every message must be an object with a 'role'")
+    tools = body.get("tools") or []
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise ValueError("'tools' must be a list of objects")
+    return messages, tools

@@ -1,0 +1,167 @@
+"""Triton Python backend serving one fine-tuned SLM candidate (copied into the repository).
+
+Why it is written this way: Triton loads this file from ``<repo>/<model>/<version>/model.py``
+in its own stub process, so it imports only its sibling files (``chatformat.py``,
+``runtime.py``) plus torch/transformers/peft from the serving image (and, for a selector,
+``slm_trainer.selector``). Everything it needs to know comes from ``config.pbtxt`` parameters:
+
+- ``artifacts``: folder (relative to this file) with the tokenizer and the adapter or the
+  merged weights; ``base_model``: base model path or hub id for an adapter;
+- ``kind``: ``generative``, ``selector`` or ``selector+generative``;
+- ``max_new_tokens``, ``tools_in_template``, optional ``cpu_threads``.
+
+One ``execute`` call answers every row of every request it is given in one padded batch
+(dynamic batching gathers them). A request that is not a valid chat-completions JSON gets a
+Triton error of its own; the other requests of the batch are still answered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import chatformat  # noqa: E402
+import numpy as np  # noqa: E402
+import runtime  # noqa: E402
+
+try:
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # imported outside Triton (unit tests of the helpers below)
+    pb_utils = None
+
+
+def _params(model_config: dict[str, Any]) -> dict[str, str]:
+    return {
+        k: str(v.get("string_value", ""))
+        for k, v in (model_config.get("parameters") or {}).items()
+        if isinstance(v, dict)
+    }
+
+
+def _load_selector(path: str, device: str, threads: int) -> Any:
+    from slm_trainer.selector import load_selector  # the trainer package, in the serving image
+
+    return load_selector(path, device=device, num_threads=threads)
+
+
+def selector_answer(label: str | None, confidence: float, task_type: str) -> dict[str, Any]:
+    """The response for a closed-label prediction: a deferral, a label, or a tool choice."""
+    if label is None:
+        return {"role": "assistant", "content": None, "defer": True, "confidence": confidence}
+    if task_type == "classification":
+        return {"role": "assistant", "content": label, "label": label}
+    return {
+        "role": "assistant",
+        "content": None,
+        "label": label,
+        "tool_calls": [
+            {"id": "call_0", "type": "function", "function": {"name": label, "arguments": "{}"}}
+        ],
+    }
+
+
+class TritonPythonModel:
+    """Generative answers with mean-token-probability confidence, or a selector's decision."""
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        config = json.loads(args["model_config"])
+        params = _params(config)
+        self.kind = params.get("kind", "generative")
+        self.task_type = params.get("task_type", "tool-call")
+        self.max_new_tokens = int(params.get("max_new_tokens", "256"))
+        self.batch_size = max(1, int(config.get("max_batch_size") or 1))
+        self.tools_in_template = params.get("tools_in_template", "true") == "true"
+        threads = int(params.get("cpu_threads", "0") or 0)
+        import torch
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        device = runtime.pick_device(
+            args.get("model_instance_kind", "MODEL"), int(args.get("model_instance_device_id", 0))
+        )
+        artifacts = os.path.join(HERE, params.get("artifacts", "artifacts"))
+        self.model = self.tokenizer = self.selector = None
+        if "generative" in self.kind:
+            self.model, self.tokenizer = runtime.load_model(
+                artifacts, params.get("base_model") or None, device=device
+            )
+        if "selector" in self.kind:
+            self.selector = _load_selector(
+                os.path.join(HERE, params.get("selector", "selector")), device, threads
+            )
+
+    def _answer(self, rows: list[tuple[list[dict], list[dict]]]) -> list[tuple[dict, float]]:
+        results: list[tuple[dict, float] | None] = [None] * len(rows)
+        to_generate: list[int] = []
+        for i, (messages, tools) in enumerate(rows):
+            if self.selector is not None:
+                label, conf = self.selector.predict(messages, tools)
+                conf = float(min(1.0, max(0.0, conf)))
+                results[i] = (selector_answer(label, conf, self.task_type), conf)
+                if label is None or self.model is None:
+                    continue
+            to_generate.append(i)
+        if to_generate:
+            prompts = [
+                chatformat.render(self.tokenizer, rows[i][0], rows[i][1], self.tools_in_template)
+                for i in to_generate
+            ]
+            answers = runtime.generate(
+                self.model, self.tokenizer, prompts, self.max_new_tokens, self.batch_size
+            )
+            for i, ans in zip(to_generate, answers, strict=True):
+                message = chatformat.parse_answer(ans.text)
+                message["finish_reason"] = ans.finish_reason
+                # with a selector, its calibrated confidence is the one the threshold applies to
+                conf = results[i][1] if results[i] is not None else ans.confidence
+                results[i] = (message, conf)
+        return [r for r in results if r is not None]
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        parsed: list[list[tuple[list[dict], list[dict]]] | str] = []
+        for request in requests:
+            try:
+                tensor = pb_utils.get_input_tensor_by_name(request, "REQUEST")
+                if tensor is None:
+                    raise ValueError("missing input REQUEST")
+                raws = tensor.as_numpy().reshape(-1)
+                parsed.append([chatformat.parse_request(raw) for raw in raws])
+            except Exception as exc:
+                parsed.append(str(exc))
+        flat = [row for p in parsed if not isinstance(p, str) for row in p]
+        try:
+            answers = self._answer(flat)
+            failure = None
+        except Exception as exc:  # a model failure fails this batch, not the server
+            answers, failure = [], f"{type(exc).__name__}: {exc}"
+        responses = []
+        at = 0
+        for p in parsed:
+            if isinstance(p, str) or failure is not None:
+                error = pb_utils.TritonError(p if isinstance(p, str) else failure)
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
+                continue
+            mine = answers[at : at + len(p)]
+            at += len(p)
+            out = np.array(
+                [[json.dumps(m, ensure_ascii=False).encode()] for m, _ in mine], dtype=np.object_
+            )
+            conf = np.array([[c] for _, c in mine], dtype=np.float32)
+            responses.append(
+                pb_utils.InferenceResponse(
+                    output_tensors=[
+                        pb_utils.Tensor("RESPONSE", out),
+                        pb_utils.Tensor("CONFIDENCE", conf),
+                    ]
+                )
+            )
+        return responses
+
+    def finalize(self) -> None:
+        self.model = self.tokenizer = self.selector = None

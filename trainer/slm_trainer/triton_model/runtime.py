@@ -1,0 +1,143 @@
+"""Loading a fine-tuned causal LM and answering with a confidence: shared by eval and serving.
+
+Why shared: the confidence the gateway compares with the AgentTask's threshold is computed
+here, and the threshold was chosen on the held-out split from confidences computed by the
+trainer's evaluation. Both must be the same function of the same model, so the export stage
+copies this file next to ``model.py`` and the trainer imports it from its package. It must not
+import anything from ``slm_trainer``; torch, transformers and peft are imported lazily.
+
+The confidence of a generated answer is the mean probability the model gave to each token it
+chose (greedy decoding), end-of-sequence token included: low when the model hesitated anywhere
+in the answer, e.g. on a tool name or an argument value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    confidence: float
+    finish_reason: str  # "stop" (end-of-sequence generated) or "length" (cut at max tokens)
+    tokens: int
+
+
+def pick_device(kind: str = "AUTO", device_id: int = 0) -> str:
+    """Triton's instance kind to a torch device: GPU instances use their GPU, AUTO/MODEL any."""
+    import torch
+
+    if kind.upper() == "CPU" or not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{device_id}"
+
+
+def load_model(
+    model_dir: str | os.PathLike[str],
+    base_model: str | None = None,
+    device: str = "cpu",
+) -> tuple[Any, Any]:
+    """(model, tokenizer) from a candidate artifact: merged weights, or base + LoRA adapter.
+
+    ``model_dir`` holds the tokenizer and either full weights or ``adapter_config.json``; for
+    an adapter the base comes from ``base_model`` (a local path or hub id), else from the
+    adapter's own ``base_model_name_or_path``. bf16 on GPU, fp32 on CPU.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model_dir)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    adapter_cfg = path / "adapter_config.json"
+    if adapter_cfg.is_file():
+        from peft import PeftModel
+
+        base = base_model or json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+        model = PeftModel.from_pretrained(model, str(path))
+        model = model.merge_and_unload()  # serving needs no LoRA indirection per layer
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model.to(device)
+    model.eval()
+    model.config.use_cache = True
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int = 8,
+) -> list[Answer]:
+    """Greedy answers for rendered prompts, batched by length, in the order given."""
+    import torch
+
+    if not prompts:
+        return []
+    device = next(model.parameters()).device
+    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    answers: list[Answer | None] = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):  # left padding: every prompt ends where generation starts
+            seq = encoded[i]
+            ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                output_logits=True,
+                return_dict_in_generate=True,
+                pad_token_id=pad_id,
+                eos_token_id=eos_ids,
+            )
+        new = out.sequences[:, width:]
+        logits = torch.stack(out.logits, dim=1).float()  # (batch, generated, vocab)
+        chosen = torch.softmax(logits, dim=-1).gather(-1, new[:, : logits.shape[1], None])[..., 0]
+        for row, i in enumerate(idx):
+            toks = new[row].tolist()
+            end = next((k for k, t in enumerate(toks) if t in eos_ids), None)
+            n = len(toks) if end is None else end + 1
+            n = min(n, chosen.shape[1])
+            conf = float(chosen[row, :n].mean()) if n else 0.0
+            body = toks if end is None else toks[:end]
+            text = tokenizer.decode(body, skip_special_tokens=True)
+            answers[i] = Answer(
+                text=text,
+                confidence=min(1.0, max(0.0, conf)),
+                finish_reason="length" if end is None else "stop",
+                tokens=n,
+            )
+    return [a for a in answers if a is not None]
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids: list[int] = []
+    cfg = getattr(model, "generation_config", None)
+    for value in (getattr(cfg, "eos_token_id", None), tokenizer.eos_token_id):
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, int) and v not in ids:
+                ids.append(v)
+    if not ids:
+        raise ValueError("the tokenizer has no end-of-sequence token; generation could not stop")
+    return ids
