@@ -159,10 +159,11 @@ def normalize_message(answer: Mapping[str, Any], request_id: str) -> dict[str, A
 
 def _canonical_args(args: Any) -> bytes:
     if isinstance(args, str):
+        text = args.strip()
         try:
-            args = orjson.loads(args) if args.strip() else {}
+            args = orjson.loads(text) if text else {}
         except orjson.JSONDecodeError:
-            return args.strip().encode()
+            return text.encode()
     return orjson.dumps(args, option=orjson.OPT_SORT_KEYS)
 
 
@@ -178,9 +179,7 @@ def _calls(message: Mapping[str, Any]) -> list[tuple[str, bytes]]:
 def _text(message: Mapping[str, Any]) -> str:
     content = message.get("content")
     if isinstance(content, list):
-        content = " ".join(
-            str(p.get("text", "")) for p in content if isinstance(p, dict)
-        )
+        content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
     return " ".join(str(content or "").split())
 
 

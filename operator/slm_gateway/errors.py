@@ -66,9 +66,7 @@ def error_body(
     code: str | None = None,
 ) -> bytes:
     """The JSON bytes of an OpenAI-style error."""
-    return orjson.dumps(
-        {"error": {"message": message, "type": type, "param": param, "code": code}}
-    )
+    return orjson.dumps({"error": {"message": message, "type": type, "param": param, "code": code}})
 
 
 def invalid(message: str, param: str | None = None, code: str = CODE_INVALID_VALUE) -> GatewayError:

@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 import yaml
+from yarl import URL
 
 MODE_LLM = "llm"
 MODE_SHADOW = "shadow"
@@ -62,6 +63,8 @@ class Route:
     llm_url: str = field(init=False, default="")
     slm_url: str = field(init=False, default="")
     llm_headers: Mapping[str, str] = field(init=False, repr=False, default_factory=dict)
+    llm_target: URL = field(init=False, repr=False, compare=False)
+    slm_target: URL = field(init=False, repr=False, compare=False)
     llm_timeout: aiohttp.ClientTimeout = field(init=False, repr=False, compare=False)
     slm_timeout: aiohttp.ClientTimeout = field(init=False, repr=False, compare=False)
 
@@ -80,6 +83,9 @@ class Route:
         s(self, "slm_model", model)
         if self.slm_endpoint:
             s(self, "slm_url", f"{self.slm_endpoint.rstrip('/')}/v2/models/{model}/infer")
+        # Parsed once: aiohttp would otherwise parse the URL string on every call.
+        s(self, "llm_target", URL(self.llm_url))
+        s(self, "slm_target", URL(self.slm_url or "http://unset.invalid/"))
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.llm_api_key:
             headers["Authorization"] = f"Bearer {self.llm_api_key}"
@@ -116,9 +122,7 @@ def _num(value: Any, name: str, task: str) -> float:
 
 def secret_ref(task: Mapping[str, Any]) -> tuple[str, str, str] | None:
     """(namespace, secret name, key) of the task's LLM API key, or None when it needs none."""
-    ref = (((task.get("spec") or {}).get("fallback") or {}).get("llm") or {}).get(
-        "apiKeySecretRef"
-    )
+    ref = (((task.get("spec") or {}).get("fallback") or {}).get("llm") or {}).get("apiKeySecretRef")
     if not isinstance(ref, Mapping) or not ref.get("name"):
         return None
     ns = (task.get("metadata") or {}).get("namespace", "")
@@ -152,6 +156,8 @@ def route_from_task(
         raise RouteError(f"task {name}: no LLM (spec.fallback.llm.baseURL and model)")
     endpoint = route.get("slmEndpoint") or ""
     reason = str(route.get("reason") or "")
+    if mode not in MODES:
+        raise RouteError(f"task {name}: mode must be one of {', '.join(MODES)}")
     if mode != MODE_LLM and not endpoint:
         mode, reason = MODE_LLM, f"mode {route.get('mode')} has no slmEndpoint yet"
     threshold = route.get("confidenceThreshold")
@@ -208,6 +214,8 @@ def route_from_entry(
     mode = str(entry.get("mode") or MODE_LLM)
     endpoint = str(entry.get("slmEndpoint") or "")
     reason = str(entry.get("reason") or "")
+    if mode not in MODES:
+        raise RouteError(f"task {name}: mode must be one of {', '.join(MODES)}")
     if mode != MODE_LLM and not endpoint:
         mode, reason = MODE_LLM, f"mode {entry.get('mode')} has no slmEndpoint"
     base, model = entry.get("llmBaseURL"), entry.get("llmModel")

@@ -36,9 +36,7 @@ MAX_STOP = 4
 # OpenAI allows [a-zA-Z0-9_-]{1,64}; BFCL and vLLM use dotted names (``math.factorial``), so
 # dots and colons are accepted too. Whitespace and quotes never are: they break tool parsers.
 TOOL_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-JSON_SCHEMA_TYPES = frozenset(
-    {"object", "array", "string", "number", "integer", "boolean", "null"}
-)
+JSON_SCHEMA_TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
 _CONTENT_PART_TYPES = frozenset({"text", "image_url", "input_audio", "file", "refusal"})
 
 
@@ -81,11 +79,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-    )
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _number(body: dict[str, Any], name: str, lo: float, hi: float) -> None:
@@ -156,16 +150,13 @@ def validate_body(body: dict[str, Any]) -> ChatRequest:
         _validate_message(message, i, tool_call_ids)
 
     tools = body.get("tools")
-    names: set[str] = set()
+    names: frozenset[str] = frozenset()
     if tools is None:
         tools = []
     elif not isinstance(tools, list):
         raise _wrong_type("tools", "an array", tools)
-    else:
-        if len(tools) > MAX_TOOLS:
-            raise invalid(f"'tools' has more than {MAX_TOOLS} entries.", "tools")
-        for i, tool in enumerate(tools):
-            names.add(_validate_tool(tool, i, names))
+    elif tools:
+        names = _validated_tools(tools)
 
     _validate_tool_choice(body.get("tool_choice"), names)
 
@@ -304,6 +295,30 @@ def _validate_tool_calls(calls: Any, p: str, ids: set[str]) -> None:
             raise _wrong_type(f"{q}.function.arguments", "a string", fn.get("arguments"))
 
 
+#: Tool lists already validated, by their exact JSON: an agent sends the same tools on every
+#: call, and walking their schemas was the largest part of validating a BFCL request.
+_TOOLS_SEEN: dict[bytes, frozenset[str]] = {}
+_TOOLS_SEEN_MAX = 1024
+
+
+def _validated_tools(tools: list[Any]) -> frozenset[str]:
+    """The tool names of a valid tool list; raises GatewayError for the first broken tool."""
+    if len(tools) > MAX_TOOLS:
+        raise invalid(f"'tools' has more than {MAX_TOOLS} entries.", "tools")
+    key = orjson.dumps(tools)
+    found = _TOOLS_SEEN.get(key)
+    if found is not None:
+        return found
+    seen: set[str] = set()
+    for i, tool in enumerate(tools):
+        seen.add(_validate_tool(tool, i, seen))
+    names = frozenset(seen)
+    if len(_TOOLS_SEEN) >= _TOOLS_SEEN_MAX:
+        _TOOLS_SEEN.clear()
+    _TOOLS_SEEN[key] = names
+    return names
+
+
 def _validate_tool(tool: Any, i: int, seen: set[str]) -> str:
     p = f"tools[{i}]"
     if not isinstance(tool, dict):
@@ -374,9 +389,10 @@ def _validate_schema(schema: Any, p: str, depth: int) -> None:
         for key, sub in props.items():
             _validate_schema(sub, f"{p}.properties.{key}", depth + 1)
     required = schema.get("required")
-    if required is not None:
-        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
-            raise _wrong_type(f"{p}.required", "an array of strings", required)
+    if required is not None and (
+        not isinstance(required, list) or not all(isinstance(r, str) for r in required)
+    ):
+        raise _wrong_type(f"{p}.required", "an array of strings", required)
     items = schema.get("items")
     if items is not None and not isinstance(items, bool):
         _validate_schema(items, f"{p}.items", depth + 1)
@@ -392,7 +408,7 @@ def _validate_schema(schema: Any, p: str, depth: int) -> None:
                 _validate_schema(sub, f"{p}.{key}[{j}]", depth + 1)
 
 
-def _validate_tool_choice(choice: Any, names: set[str]) -> None:
+def _validate_tool_choice(choice: Any, names: frozenset[str]) -> None:
     if choice is None:
         return
     if isinstance(choice, str):

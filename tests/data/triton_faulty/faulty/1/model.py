@@ -34,7 +34,7 @@ class TritonPythonModel:
                 out.append(pb_utils.InferenceResponse(
                     error=pb_utils.TritonError("injected fault")))
                 continue
-            raw = pb_utils.get_input_tensor_by_name(request, "REQUEST").as_numpy()[0]
+            raw = pb_utils.get_input_tensor_by_name(request, "REQUEST").as_numpy().reshape(-1)[0]
             body = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
             tools = body.get("tools") or []
             if tools:
@@ -45,8 +45,8 @@ class TritonPythonModel:
             else:
                 answer = {"role": "assistant", "content": "ok"}
             out.append(pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor("RESPONSE", np.array([json.dumps(answer).encode()],
+                pb_utils.Tensor("RESPONSE", np.array([[json.dumps(answer).encode()]],
                                                      dtype=np.object_)),
-                pb_utils.Tensor("CONFIDENCE", np.array([0.99], dtype=np.float32)),
+                pb_utils.Tensor("CONFIDENCE", np.array([[0.99]], dtype=np.float32)),
             ]))
         return out

@@ -1,0 +1,787 @@
+"""The gateway's HTTP surface: an ASGI app on Starlette, served by uvicorn (uvloop, httptools).
+
+``POST /v1/chat/completions`` is the hot path and is a bare ASGI callable mounted in the
+Starlette router: it reads headers straight from the ASGI scope, sends precomputed header
+lists, and passes the LLM's response body through as received, so a call allocates little
+beyond decoding the request once. Everything it decides comes from pure functions
+(:mod:`slm_gateway.decide`, :mod:`slm_gateway.breaker`, :mod:`slm_gateway.validate`); the
+upstream calls go through :mod:`slm_gateway.backends`.
+
+The other endpoints (``/v1/models``, ``/healthz``, ``/readyz``, ``/metrics``) are ordinary
+Starlette routes. Every error, including unknown paths and methods, has an OpenAI-style
+body; an unexpected exception becomes a 500 with such a body and a log line without request
+data, never a traceback page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route as HTTPRoute
+
+from slm_gateway import errors as e
+from slm_gateway.backends import (
+    BAD_OUTPUT,
+    TIMEOUT,
+    UpstreamError,
+    Upstreams,
+    infer_body,
+    new_session,
+)
+from slm_gateway.breaker import STATE_VALUES, CircuitBreaker
+from slm_gateway.capture import Captured, CaptureSink
+from slm_gateway.config import GatewayConfig
+from slm_gateway.decide import (
+    LLM,
+    REASON_BAD_OUTPUT,
+    REASON_CIRCUIT_OPEN,
+    REASON_DEFER,
+    REASON_ERROR,
+    REASON_LOW_CONFIDENCE,
+    REASON_TIMEOUT,
+    SLM,
+    agree,
+    canary_bucket,
+    estimate_tokens,
+    normalize_message,
+    plan_request,
+    slm_verdict,
+)
+from slm_gateway.errors import GatewayError
+from slm_gateway.metrics import GatewayMetrics
+from slm_gateway.routes import MODE_CANARY, Route, RouteTable, load_routes_file
+from slm_gateway.validate import ChatRequest, parse_chat_request
+
+log = logging.getLogger("slm_gateway")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_CT_JSON = (b"content-type", b"application/json")
+_BACKEND_LLM = (b"x-slm-backend", b"llm")
+_BACKEND_SLM = (b"x-slm-backend", b"slm")
+_MAX_REQUEST_ID = 128
+
+
+class _ClientGone(Exception):
+    """The agent disconnected before its body arrived; there is no one to answer."""
+
+
+class Breakers:
+    """One circuit breaker per upstream endpoint, with its state mirrored to a gauge."""
+
+    def __init__(self, failures: int, cooldown_s: float, metrics: GatewayMetrics) -> None:
+        self.failures = failures
+        self.cooldown_s = cooldown_s
+        self.metrics = metrics
+        self._by_url: dict[str, CircuitBreaker] = {}
+
+    def get(self, backend: str, url: str) -> CircuitBreaker:
+        found = self._by_url.get(url)
+        if found is None:
+            found = CircuitBreaker(self.failures, self.cooldown_s)
+            self._by_url[url] = found
+            self.metrics.circuit.labels(backend, url).set(0)
+        return found
+
+    def allow(self, backend: str, url: str, b: CircuitBreaker, now: float) -> bool:
+        before = b.state
+        ok = b.allow(now)
+        if b.state != before:
+            self.metrics.circuit.labels(backend, url).set(STATE_VALUES[b.state])
+        return ok
+
+    def record(self, backend: str, url: str, b: CircuitBreaker, ok: bool) -> None:
+        before = b.state
+        now = time.monotonic()
+        if ok:
+            b.success(now)
+        else:
+            b.failure(now)
+        if b.state != before:
+            self.metrics.circuit.labels(backend, url).set(STATE_VALUES[b.state])
+            if not ok:
+                log.warning("circuit for %s backend %s is now %s", backend, url, b.state)
+            else:
+                log.info("circuit for %s backend %s is now %s", backend, url, b.state)
+
+
+class Gateway:
+    """State shared by the request path: routes, breakers, metrics, capture, HTTP session."""
+
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        table: RouteTable,
+        *,
+        metrics: GatewayMetrics | None = None,
+        capture: CaptureSink | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.table = table
+        self.metrics = metrics or GatewayMetrics()
+        self.capture = capture
+        self.breakers = Breakers(cfg.breaker_failures, cfg.breaker_cooldown_s, self.metrics)
+        self.upstreams: Upstreams | None = None
+        self.prices = cfg.prices
+        self._llm_price = cfg.prices[LLM]
+        self._shadows: set[asyncio.Task[None]] = set()
+        self._models_cache: tuple[int, bytes] = (-1, b"")
+        # Request ids: a random per-process prefix and a counter. uuid4() reads the kernel's
+        # random source on every call, which showed up in profiles of the hot path.
+        self._id_prefix = uuid.uuid4().hex[:12]
+        self._id_counter = itertools.count(1)
+        self.started = False
+
+    # ---- the hot path: POST /v1/chat/completions -------------------------------------------
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        t0 = time.perf_counter()
+        task_hdr = request_id = None
+        length: bytes | None = None
+        for k, v in scope["headers"]:
+            if k == b"content-length":
+                length = v
+            elif k == b"x-agent-task":
+                task_hdr = v.decode("latin-1")
+            elif k == b"x-request-id":
+                request_id = v.decode("latin-1")
+        try:
+            raw = await self._read_body(receive, length)
+            req = parse_chat_request(raw)
+            name = task_hdr or req.model
+            if not name:
+                raise e.invalid(
+                    "Missing required parameter: 'model' (the AgentTask name); or send the "
+                    "X-Agent-Task header.",
+                    "model",
+                    e.CODE_MISSING,
+                )
+            route = self.table.get(name)
+            if route is None:
+                raise GatewayError(
+                    404,
+                    f"The model {name[:200]!r} does not exist: no AgentTask of that name is "
+                    "routed by this gateway.",
+                    param="model",
+                    code=e.CODE_MODEL_NOT_FOUND,
+                )
+            if (
+                not request_id
+                or len(request_id) > _MAX_REQUEST_ID
+                or not (request_id.isascii() and request_id.isprintable())
+            ):
+                request_id = self._next_id()
+            status, headers, body = await self._serve(route, req, raw, request_id, t0)
+        except GatewayError as err:
+            status, body = err.status, err.body()
+            headers = [_CT_JSON, *((k.encode(), v.encode()) for k, v in err.headers.items())]
+            if status < 500:
+                self.metrics.invalid.labels(err.code or str(status)).inc()
+        except _ClientGone:
+            return
+        except Exception:
+            log.exception("internal error while serving a chat completion")
+            status = 500
+            body = e.error_body(
+                "The gateway failed to handle the request.",
+                type=e.SERVER_ERROR,
+                code=e.CODE_INTERNAL,
+            )
+            headers = [_CT_JSON]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def _next_id(self) -> str:
+        return f"{self._id_prefix}{next(self._id_counter):012x}"
+
+    async def _read_body(self, receive: Receive, length: bytes | None) -> bytes:
+        limit = self.cfg.max_body_bytes
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                raise e.invalid("Invalid Content-Length header.", None) from None
+            if declared > limit:
+                raise _too_large(limit)
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise _ClientGone()
+        body: bytes = msg.get("body", b"")
+        if not msg.get("more_body", False):
+            if len(body) > limit:
+                raise _too_large(limit)
+            return body
+        chunks = [body]
+        size = len(body)
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                raise _ClientGone()
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _serve(
+        self, route: Route, req: ChatRequest, raw: bytes, rid: str, t0: float
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        now = time.monotonic()
+        breakers = self.breakers
+        slm_b = breakers.get(SLM, route.slm_url) if route.has_slm else None
+        llm_b = breakers.get(LLM, route.llm_url)
+        plan = plan_request(
+            route.mode,
+            route.canary_percent,
+            canary_bucket(rid) if route.mode == MODE_CANARY else 0,
+            has_slm=slm_b is not None,
+            slm_allowed=slm_b is not None and slm_b.available(now),
+            llm_allowed=llm_b.available(now),
+        )
+        reason = plan.reason
+        if plan.primary == SLM and slm_b is not None:
+            if breakers.allow(SLM, route.slm_url, slm_b, now):
+                answer = await self._slm(route, req, rid, raw, slm_b)
+                if isinstance(answer, tuple):
+                    body, ptok, ctok = answer
+                    self._served(route, SLM, route.slm_model, raw, body, t0, ptok, ctok, rid, "")
+                    return 200, [_CT_JSON, _BACKEND_SLM, (b"x-request-id", rid.encode())], body
+                reason = answer
+            else:
+                reason = REASON_CIRCUIT_OPEN
+        if reason:
+            self.metrics.fallbacks.labels(route.task, reason).inc()
+        return await self._llm(route, req, raw, rid, t0, reason, plan.shadow, slm_b, llm_b, now)
+
+    async def _llm(
+        self,
+        route: Route,
+        req: ChatRequest,
+        raw: bytes,
+        rid: str,
+        t0: float,
+        reason: str,
+        shadow: bool,
+        slm_b: CircuitBreaker | None,
+        llm_b: CircuitBreaker,
+        now: float,
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        assert self.upstreams is not None
+        if not self.breakers.allow(LLM, route.llm_url, llm_b, now):
+            self.metrics.errors.labels(route.task, LLM, e.CODE_UPSTREAM_UNAVAILABLE).inc()
+            raise GatewayError(
+                503,
+                "The LLM backend is failing and its circuit is open; retry shortly.",
+                type=e.SERVER_ERROR,
+                code=e.CODE_UPSTREAM_UNAVAILABLE,
+                headers={"Retry-After": str(max(1, round(self.cfg.breaker_cooldown_s)))},
+            )
+        body = req.body
+        if req.model != route.llm_model:
+            body["model"] = route.llm_model
+            payload = orjson.dumps(body)
+        else:
+            payload = raw
+        t = time.perf_counter()
+        try:
+            reply = await self.upstreams.llm(route, payload)
+        except UpstreamError as err:
+            self.metrics.attempt(route.task, LLM, err.kind, time.perf_counter() - t)
+            self.breakers.record(LLM, route.llm_url, llm_b, False)
+            timeout = err.kind == TIMEOUT
+            code = e.CODE_UPSTREAM_TIMEOUT if timeout else e.CODE_UPSTREAM
+            self.metrics.errors.labels(route.task, LLM, code).inc()
+            raise GatewayError(
+                504 if timeout else 502,
+                f"The LLM backend did not answer ({err.detail}).",
+                type=e.SERVER_ERROR,
+                code=code,
+            ) from None
+        spent = time.perf_counter() - t
+        status = reply.status
+        if status != 200:
+            return self._llm_failure(
+                route, reply.status, reply.body, reply.retry_after, spent, llm_b
+            )
+        try:
+            doc = orjson.loads(reply.body)
+            message = doc["choices"][0]["message"]
+            usage = doc.get("usage") or {}
+            ptok = int(usage.get("prompt_tokens") or 0)
+            ctok = int(usage.get("completion_tokens") or 0)
+            if not isinstance(message, dict):
+                raise TypeError("message")
+        except (
+            orjson.JSONDecodeError,
+            KeyError,
+            IndexError,
+            TypeError,
+            ValueError,
+            AttributeError,
+        ):
+            self.metrics.attempt(route.task, LLM, BAD_OUTPUT, spent)
+            self.breakers.record(LLM, route.llm_url, llm_b, False)
+            self.metrics.errors.labels(route.task, LLM, e.CODE_UPSTREAM).inc()
+            raise GatewayError(
+                502,
+                "The LLM backend answered with an unreadable chat completion.",
+                type=e.SERVER_ERROR,
+                code=e.CODE_UPSTREAM,
+            ) from None
+        self.metrics.attempt(route.task, LLM, "ok", spent)
+        if llm_b.state != "closed":
+            self.breakers.record(LLM, route.llm_url, llm_b, True)
+        else:
+            llm_b.success(now)
+        if shadow and slm_b is not None:
+            self._start_shadow(route, req, message, rid, slm_b)
+        self._served(route, LLM, route.llm_model, raw, reply.body, t0, ptok, ctok, rid, reason)
+        headers = [_CT_JSON, _BACKEND_LLM, (b"x-request-id", rid.encode())]
+        if reason:
+            headers.append((b"x-slm-fallback-reason", reason.encode()))
+        return 200, headers, reply.body
+
+    def _llm_failure(
+        self,
+        route: Route,
+        status: int,
+        body: bytes,
+        retry_after: str | None,
+        spent: float,
+        llm_b: CircuitBreaker,
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """A non-200 from the LLM: 5xx becomes a 502 with our error body; 4xx (the agent's
+        request, or rate limits) is passed on as the LLM said it, with an error body."""
+        if status >= 500:
+            self.metrics.attempt(route.task, LLM, "error", spent)
+            self.breakers.record(LLM, route.llm_url, llm_b, False)
+            self.metrics.errors.labels(route.task, LLM, e.CODE_UPSTREAM).inc()
+            raise GatewayError(
+                502,
+                f"The LLM backend failed with HTTP {status}.",
+                type=e.SERVER_ERROR,
+                code=e.CODE_UPSTREAM,
+            )
+        self.metrics.attempt(route.task, LLM, "status_4xx", spent)
+        self.breakers.record(LLM, route.llm_url, llm_b, True)
+        self.metrics.errors.labels(route.task, LLM, "llm_4xx").inc()
+        try:
+            doc = orjson.loads(body)
+            ok_body = isinstance(doc, dict) and isinstance(doc.get("error"), dict)
+        except orjson.JSONDecodeError:
+            ok_body = False
+        if not ok_body:
+            body = e.error_body(
+                f"The LLM backend rejected the request with HTTP {status}.",
+                type=e.RATE_LIMIT if status == 429 else e.INVALID_REQUEST,
+                code=e.CODE_UPSTREAM,
+            )
+        headers = [_CT_JSON, _BACKEND_LLM]
+        if retry_after:
+            headers.append((b"retry-after", retry_after.encode("latin-1", "replace")))
+        return status, headers, body
+
+    async def _slm(
+        self, route: Route, req: ChatRequest, rid: str, raw: bytes, slm_b: CircuitBreaker
+    ) -> tuple[bytes, int, int] | str:
+        """The SLM's answer as a chat-completion body with token counts, or a fallback reason."""
+        assert self.upstreams is not None
+        t = time.perf_counter()
+        try:
+            body = infer_body(req.messages, req.tools)
+            answer, confidence = await self.upstreams.slm(route, body)
+        except UpstreamError as err:
+            self.metrics.attempt(route.task, SLM, _result(err), time.perf_counter() - t)
+            self.breakers.record(SLM, route.slm_url, slm_b, False)
+            if err.kind == TIMEOUT:
+                return REASON_TIMEOUT
+            return REASON_BAD_OUTPUT if err.kind == BAD_OUTPUT else REASON_ERROR
+        spent = time.perf_counter() - t
+        verdict = slm_verdict(answer, confidence, route.confidence_threshold)
+        if verdict == REASON_BAD_OUTPUT:
+            self.metrics.attempt(route.task, SLM, BAD_OUTPUT, spent)
+            self.breakers.record(SLM, route.slm_url, slm_b, False)
+            return verdict
+        self.breakers.record(SLM, route.slm_url, slm_b, True)
+        if verdict:
+            self.metrics.attempt(route.task, SLM, verdict, spent)
+            return verdict
+        self.metrics.attempt(route.task, SLM, "ok", spent)
+        message = normalize_message(answer, rid)
+        ctok = estimate_tokens(len(orjson.dumps(message)))
+        ptok = estimate_tokens(len(raw))
+        body = orjson.dumps(
+            {
+                "id": f"chatcmpl-{rid}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": route.task,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": message,
+                        "finish_reason": "tool_calls" if message.get("tool_calls") else "stop",
+                        "logprobs": None,
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": ptok,
+                    "completion_tokens": ctok,
+                    "total_tokens": ptok + ctok,
+                },
+            }
+        )
+        return body, ptok, ctok
+
+    def _start_shadow(
+        self,
+        route: Route,
+        req: ChatRequest,
+        llm_message: dict[str, Any],
+        rid: str,
+        slm_b: CircuitBreaker,
+    ) -> None:
+        if len(self._shadows) >= self.cfg.max_shadow_inflight:
+            self.metrics.shadow.labels(route.task, "skipped").inc()
+            return
+        if not self.breakers.allow(SLM, route.slm_url, slm_b, time.monotonic()):
+            self.metrics.shadow.labels(route.task, "skipped").inc()
+            return
+        task = asyncio.create_task(self._shadow(route, req, llm_message, slm_b))
+        self._shadows.add(task)
+        task.add_done_callback(self._shadows.discard)
+
+    async def _shadow(
+        self, route: Route, req: ChatRequest, llm_message: dict[str, Any], slm_b: CircuitBreaker
+    ) -> None:
+        """Ask the SLM the same question and count whether it agrees with the LLM's answer."""
+        assert self.upstreams is not None
+        t = time.perf_counter()
+        try:
+            body = infer_body(req.messages, req.tools)
+            answer, confidence = await self.upstreams.slm(route, body)
+        except UpstreamError as err:
+            self.metrics.attempt(route.task, SLM, _result(err), time.perf_counter() - t)
+            self.breakers.record(SLM, route.slm_url, slm_b, False)
+            self.metrics.shadow.labels(route.task, "error").inc()
+            return
+        except Exception:
+            log.exception("shadow call failed")
+            self.metrics.shadow.labels(route.task, "error").inc()
+            return
+        spent = time.perf_counter() - t
+        verdict = slm_verdict(answer, confidence, route.confidence_threshold)
+        self.breakers.record(SLM, route.slm_url, slm_b, verdict != REASON_BAD_OUTPUT)
+        self.metrics.attempt(route.task, SLM, verdict or "ok", spent)
+        if verdict == REASON_BAD_OUTPUT:
+            result = "error"
+        elif verdict in (REASON_DEFER, REASON_LOW_CONFIDENCE):
+            result = "defer"
+        else:
+            result = "agree" if agree(answer, llm_message) else "disagree"
+        self.metrics.shadow.labels(route.task, result).inc()
+
+    def _served(
+        self,
+        route: Route,
+        backend: str,
+        model: str,
+        raw: bytes,
+        body: bytes,
+        t0: float,
+        ptok: int,
+        ctok: int,
+        rid: str,
+        reason: str,
+    ) -> None:
+        """Count an answered call and hand it to capture."""
+        latency = time.perf_counter() - t0
+        m = self.metrics.served(route.task, backend)
+        m.requests.inc()
+        m.duration.observe(latency)
+        if ptok:
+            m.prompt_tokens.inc(ptok)
+        if ctok:
+            m.completion_tokens.inc(ctok)
+        price = self.prices.get(backend)
+        if price is not None:
+            m.cost.inc(price.cost(ptok, ctok))
+        m.llm_equivalent.inc(self._llm_price.cost(ptok, ctok))
+        if self.capture is not None:
+            self.capture.submit(
+                Captured(
+                    route.key,
+                    route.task,
+                    model,
+                    backend,
+                    raw,
+                    body,
+                    latency * 1000.0,
+                    ptok,
+                    ctok,
+                    time.time(),
+                    rid,
+                    reason,
+                )
+            )
+
+    # ---- the other endpoints --------------------------------------------------------------
+    async def models(self, request: Request) -> Response:
+        version, cached = self._models_cache
+        if version != self.table.version:
+            data = [
+                {
+                    "id": r.task if self.table.get(r.task) is r else r.key,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "slm-fleet",
+                    "route": r.public(),
+                }
+                for r in self.table.routes()
+            ]
+            cached = orjson.dumps({"object": "list", "data": data})
+            self._models_cache = (self.table.version, cached)
+        return Response(cached, media_type="application/json")
+
+    async def healthz(self, request: Request) -> Response:
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    async def readyz(self, request: Request) -> Response:
+        if self.started and self.table.ready:
+            return Response(
+                orjson.dumps({"status": "ready", "tasks": len(self.table)}),
+                media_type="application/json",
+            )
+        return Response(
+            e.error_body("Routes are not loaded yet.", type=e.SERVER_ERROR, code=e.CODE_NOT_READY),
+            status_code=503,
+            media_type="application/json",
+        )
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        m = self.metrics
+        m.routes.set(len(self.table))
+        m.route_mode.clear()
+        for r in self.table.routes():
+            m.route_mode.labels(r.task, r.mode).set(1)
+        if self.capture is not None:
+            m.capture_queue.set(self.capture.depth())
+        return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    async def drain_shadows(self, timeout: float) -> None:
+        if self._shadows:
+            await asyncio.wait(list(self._shadows), timeout=timeout)
+
+
+def _task(key: str) -> str:
+    return key.rpartition("/")[2]
+
+
+def _result(err: UpstreamError) -> str:
+    """The ``result`` label of a failed SLM attempt."""
+    return err.kind if err.kind in (TIMEOUT, BAD_OUTPUT) else "error"
+
+
+def _too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        413,
+        f"The request body is larger than this gateway's limit of {limit} bytes.",
+        code=e.CODE_TOO_LARGE,
+    )
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    status = getattr(exc, "status_code", 500)
+    if status == 404:
+        msg, code = f"Unknown path {request.url.path[:200]!r}.", e.CODE_NOT_FOUND
+    elif status == 405:
+        msg, code = f"Method {request.method} is not allowed on this path.", e.CODE_METHOD
+    else:
+        msg, code = str(getattr(exc, "detail", "") or "Request failed."), None
+    kind = e.INVALID_REQUEST if status < 500 else e.SERVER_ERROR
+    headers = dict(getattr(exc, "headers", None) or {})
+    return Response(
+        e.error_body(msg, type=kind, code=code),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.error("internal error on %s: %s", request.url.path[:200], type(exc).__name__)
+    return Response(
+        e.error_body(
+            "The gateway failed to handle the request.", type=e.SERVER_ERROR, code=e.CODE_INTERNAL
+        ),
+        status_code=500,
+        media_type="application/json",
+    )
+
+
+def create_app(
+    cfg: GatewayConfig,
+    table: RouteTable | None = None,
+    *,
+    metrics: GatewayMetrics | None = None,
+    watch: bool = True,
+) -> FastPath:
+    """Build the ASGI app. Routes come from ``table`` if given, else from ``cfg`` (a file, or
+    a namespace watch unless ``watch`` is False). Capture starts with the app's lifespan."""
+    table = table if table is not None else RouteTable()
+    metrics = metrics or GatewayMetrics()
+    capture = None
+    if cfg.capture is not None:
+        m = metrics
+
+        def redactions(kinds: dict[str, int]) -> None:
+            for kind, n in kinds.items():
+                m.capture_redactions.labels(kind).inc(n)
+
+        # Capture counts by route key (its directory, ``namespace/task``); metrics carry the
+        # bare task name like every other gateway metric.
+        capture = CaptureSink(
+            cfg.capture,
+            on_written=lambda k, n: m.capture_records.labels(_task(k), "written").inc(n),
+            on_dropped=lambda k, n: m.capture_records.labels(_task(k), "dropped").inc(n),
+            on_redacted=lambda k, n: m.capture_redacted.labels(_task(k)).inc(n),
+            on_redactions=redactions,
+        )
+    gw = Gateway(cfg, table, metrics=metrics, capture=capture)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        session = new_session(cfg.pool_size)
+        gw.upstreams = Upstreams(session)
+        watcher = None
+        reloader = None
+        try:
+            if capture is not None:
+                await asyncio.to_thread(capture.start)
+            if cfg.routes_file:
+                reloader = asyncio.create_task(_reload_routes(cfg, table))
+                await _load_routes_once(cfg, table)
+            elif watch and (cfg.namespace or cfg.all_namespaces):
+                from slm_gateway.kube import AgentTaskWatcher
+
+                watcher = AgentTaskWatcher(
+                    table,
+                    None if cfg.all_namespaces else cfg.namespace,
+                    kubeconfig=cfg.kubeconfig,
+                    default_slm_timeout_s=cfg.slm_timeout_s,
+                    llm_timeout_s=cfg.llm_timeout_s,
+                    resync_s=cfg.resync_s,
+                )
+                watcher.start()
+            gw.started = True
+            yield
+        finally:
+            gw.started = False
+            if watcher is not None:
+                watcher.stop()
+            if reloader is not None:
+                reloader.cancel()
+            await gw.drain_shadows(timeout=min(5.0, cfg.graceful_timeout_s))
+            await session.close()
+            if capture is not None:
+                stats = await asyncio.to_thread(capture.close)
+                log.info(
+                    "capture flushed: %d written, %d dropped, %d redacted",
+                    stats.written,
+                    stats.dropped,
+                    stats.redacted,
+                )
+
+    routes = [
+        HTTPRoute("/v1/chat/completions", gw, methods=["POST"]),
+        HTTPRoute("/chat/completions", gw, methods=["POST"]),
+        HTTPRoute("/v1/models", gw.models, methods=["GET"]),
+        HTTPRoute("/models", gw.models, methods=["GET"]),
+        HTTPRoute("/healthz", gw.healthz, methods=["GET"]),
+        HTTPRoute("/readyz", gw.readyz, methods=["GET"]),
+        HTTPRoute("/metrics", gw.metrics_endpoint, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: _http_error, Exception: _internal_error},
+    )
+    app.state.gateway = gw
+    return FastPath(app, gw)
+
+
+class FastPath:
+    """Sends chat completions straight to the gateway, everything else through Starlette.
+
+    Starlette's error and exception middlewares and its router cost about a fifth of a
+    pass-through call in profiles; the chat path handles its own errors, so it skips them.
+    Lifespan, the other endpoints, unknown paths and wrong methods still go to Starlette.
+    """
+
+    def __init__(self, app: Starlette, gateway: Gateway) -> None:
+        self.app = app
+        self.gateway = gateway
+        self.state = app.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in _CHAT_PATHS:
+            await self.gateway(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+_CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
+
+
+async def _load_routes_once(cfg: GatewayConfig, table: RouteTable) -> None:
+    routes = await asyncio.to_thread(
+        load_routes_file,
+        cfg.routes_file,
+        default_api_key=cfg.llm_api_key,
+        default_slm_timeout_s=cfg.slm_timeout_s,
+        llm_timeout_s=cfg.llm_timeout_s,
+    )
+    table.replace_all(routes)
+    log.info("routes loaded from %s: %d task(s)", cfg.routes_file, len(routes))
+
+
+async def _reload_routes(cfg: GatewayConfig, table: RouteTable) -> None:
+    """Reload the static file when it changes, so local demos can switch modes live too."""
+    path = Path(cfg.routes_file)
+    last = path.stat().st_mtime_ns if path.exists() else 0
+    while True:
+        await asyncio.sleep(cfg.routes_reload_s)
+        try:
+            mtime = path.stat().st_mtime_ns
+        except OSError:
+            continue
+        if mtime == last:
+            continue
+        last = mtime
+        try:
+            await _load_routes_once(cfg, table)
+        except Exception as exc:
+            log.warning("routes file %s not reloaded: %s", path, exc)
+
+
+__all__ = ["Gateway", "create_app"]

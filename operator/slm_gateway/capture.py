@@ -1,0 +1,525 @@
+"""Capture (S1): every answered call, PII-redacted, appended to its task's call log.
+
+Why it is built this way:
+
+- **Redaction runs in worker processes, not threads.** The trainer's Presidio redactor costs
+  milliseconds of pure-Python CPU per new record. In a thread it would hold the GIL against
+  the event loop and show up as added latency on every call; in a separate process the OS
+  schedules it and the loop never waits.
+- **The event loop only enqueues.** :meth:`CaptureSink.submit` puts a tuple of already
+  existing objects (the raw request and response bytes) on a bounded queue and returns; a
+  pump thread batches the queue into the workers' pipes. When the queue is full the record
+  is dropped and counted: the agent's call is never slowed down to save its log record.
+- **Nothing unredacted is ever written.** A record the redactor fails on is dropped and
+  counted; only ``messages``, ``tools`` and the assistant message are taken from the bodies,
+  so a key an agent put in some other request field never reaches the log, and headers are
+  not captured at all.
+- **Shards are complete or invisible.** Each worker appends to ``<task>/<name>.jsonl.part``
+  and renames it to ``.jsonl`` when it rotates (by size or age) or shuts down, so the
+  trainer, which reads ``*.jsonl``, never sees a half-written shard. With an fsspec URI
+  (``s3://...``) shards are spooled locally and uploaded on rotation.
+- **Shutdown flushes everything.** :meth:`CaptureSink.close` (called on SIGTERM through the
+  ASGI lifespan) drains the queue, lets the workers finish and rename their shards, and only
+  then returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import multiprocessing as mp
+import os
+import signal
+import socket
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import orjson
+
+log = logging.getLogger(__name__)
+
+SHARD_SUFFIX = ".jsonl"
+PART_SUFFIX = ".jsonl.part"
+
+
+class Captured(NamedTuple):
+    """One answered call as the request path hands it over: cheap to build, cheap to pickle.
+
+    ``request`` is the agent's raw request body and ``response`` the raw OpenAI response body
+    it received; the worker takes ``messages``, ``tools`` and the assistant message out of
+    them. ``key`` is the task's route key, which is also its directory under the capture root.
+    """
+
+    key: str
+    task: str
+    model: str
+    backend: str
+    request: bytes
+    response: bytes
+    latency_ms: float
+    prompt_tokens: int
+    completion_tokens: int
+    timestamp: float
+    request_id: str
+    fallback_reason: str
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """Where and how call logs are written.
+
+    ``target`` is a directory, or an fsspec URI (``s3://bucket/prefix``) when fsspec and the
+    filesystem's driver are installed; ``spool`` is the local directory used for the URI case.
+    """
+
+    target: str
+    max_shard_bytes: int = 64 * 1024 * 1024
+    max_shard_seconds: float = 300.0
+    queue_size: int = 50_000
+    batch_size: int = 256
+    linger_s: float = 0.02
+    workers: int = 1
+    spool: str = ""
+    start_timeout_s: float = 120.0
+
+
+@dataclass
+class CaptureStats:
+    """Totals since start; ``pending`` is submitted but neither written nor dropped yet."""
+
+    submitted: int = 0
+    written: int = 0
+    dropped: int = 0
+    redacted: int = 0
+    redactions: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def pending(self) -> int:
+        return self.submitted - self.written - self.dropped
+
+
+# ---- the worker process ---------------------------------------------------------------------
+
+
+def shard_name(host: str, pid: int, index: int, seq: int, now: float) -> str:
+    """Shard names sort by time, and never collide across replicas, restarts and workers."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    return f"calls-{stamp}-{host}-{pid}-w{index}-{seq:06d}"
+
+
+class ShardWriter:
+    """Appends JSON lines to one open shard per task and rotates by size and age.
+
+    ``publish`` is called with each finished shard's final local path (the fsspec upload);
+    without it the rename from ``.part`` to ``.jsonl`` is the publication.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        index: int,
+        max_bytes: int,
+        max_seconds: float,
+        publish: Callable[[Path, str], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.root = root
+        self.index = index
+        self.max_bytes = max_bytes
+        self.max_seconds = max_seconds
+        self.publish = publish
+        self.clock = clock
+        self.host = (socket.gethostname() or "gateway").replace("/", "_").replace(".", "_")
+        self.pid = os.getpid()
+        self._seq = 0
+        self._open: dict[str, tuple[Any, Path, float, int]] = {}
+
+    def write(self, key: str, lines: list[bytes]) -> None:
+        fh, path, opened, size = self._shard(key)
+        data = b"".join(lines)
+        fh.write(data)
+        size += len(data)
+        self._open[key] = (fh, path, opened, size)
+        if size >= self.max_bytes:
+            self._close(key)
+
+    def flush(self) -> None:
+        for fh, _, _, _ in self._open.values():
+            fh.flush()
+
+    def rotate_expired(self) -> None:
+        now = self.clock()
+        for key in [k for k, v in self._open.items() if now - v[2] >= self.max_seconds]:
+            self._close(key)
+
+    def next_deadline(self) -> float:
+        """Seconds until the oldest open shard must rotate (or ``max_seconds`` if none)."""
+        if not self._open:
+            return self.max_seconds
+        oldest = min(v[2] for v in self._open.values())
+        return max(0.0, oldest + self.max_seconds - self.clock())
+
+    def close_all(self) -> None:
+        for key in list(self._open):
+            self._close(key)
+
+    def _shard(self, key: str) -> tuple[Any, Path, float, int]:
+        found = self._open.get(key)
+        if found is not None:
+            return found
+        directory = self.root / key
+        directory.mkdir(parents=True, exist_ok=True)
+        self._seq += 1
+        now = self.clock()
+        path = directory / (
+            shard_name(self.host, self.pid, self.index, self._seq, now) + PART_SUFFIX
+        )
+        fh = open(path, "ab")  # noqa: SIM115 - kept open across batches, closed on rotation
+        found = (fh, path, now, 0)
+        self._open[key] = found
+        return found
+
+    def _close(self, key: str) -> None:
+        fh, path, _, size = self._open.pop(key)
+        fh.close()
+        if size == 0:
+            path.unlink(missing_ok=True)
+            return
+        final = path.with_name(path.name[: -len(PART_SUFFIX)] + SHARD_SUFFIX)
+        os.replace(path, final)
+        if self.publish is not None:
+            self.publish(final, f"{key}/{final.name}")
+
+
+def _fsspec_publisher(target: str) -> Callable[[Path, str], None]:
+    import fsspec  # optional dependency, only for URI targets
+
+    fs, root = fsspec.core.url_to_fs(target)
+
+    def publish(local: Path, relative: str) -> None:
+        remote = f"{root.rstrip('/')}/{relative}"
+        fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
+        fs.put_file(str(local), remote)
+        local.unlink()
+
+    return publish
+
+
+def to_record(item: Captured) -> Any:
+    """The CallRecord of one captured call (not yet redacted)."""
+    from slm_contract import CallRecord
+
+    req = orjson.loads(item.request)
+    resp = orjson.loads(item.response)
+    message = resp["choices"][0]["message"]
+    return CallRecord(
+        task=item.task,
+        messages=req["messages"],
+        response=message,
+        backend=item.backend,
+        model=item.model,
+        tools=req.get("tools") or [],
+        latency_ms=round(item.latency_ms, 3),
+        prompt_tokens=item.prompt_tokens,
+        completion_tokens=item.completion_tokens,
+        timestamp=item.timestamp,
+        request_id=item.request_id,
+        fallback_reason=item.fallback_reason,
+    )
+
+
+def record_line(record: Any) -> bytes:
+    """One JSON line for a CallRecord, as ``CallRecord.to_json`` writes it but without
+    ``dataclasses.asdict``'s deep copy, which was 70% of a worker's time per record."""
+    global _RECORD_FIELDS
+    if _RECORD_FIELDS is None:
+        _RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(record))
+    return orjson.dumps({name: getattr(record, name) for name in _RECORD_FIELDS}) + b"\n"
+
+
+_RECORD_FIELDS: tuple[str, ...] | None = None
+
+
+def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, index: int) -> None:
+    """Redact and write batches until the parent sends None or goes away."""
+    # The parent decides when to stop: a SIGTERM or Ctrl-C sent to the process group must
+    # not kill a worker that still holds unflushed records.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from slm_trainer.redact import default_redactor
+
+    redactor = default_redactor()
+    redactor.redact_text("warm-up: jane@example.com")
+    publish = None
+    if "://" in cfg.target and not cfg.target.startswith("file://"):
+        root = Path(cfg.spool)
+        publish = _fsspec_publisher(cfg.target)
+    else:
+        root = Path(cfg.target.removeprefix("file://"))
+    writer = ShardWriter(root, index, cfg.max_shard_bytes, cfg.max_shard_seconds, publish)
+    outbox.send(("ready", os.getpid()))
+    while True:
+        try:
+            if not inbox.poll(min(1.0, writer.next_deadline())):
+                writer.rotate_expired()
+                continue
+            batch = inbox.recv()
+        except (EOFError, OSError):
+            break
+        if batch is None:
+            break
+        written: Counter[str] = Counter()
+        dropped: Counter[str] = Counter()
+        redacted: Counter[str] = Counter()
+        kinds: Counter[str] = Counter()
+        by_key: dict[str, list[bytes]] = {}
+        for item in batch:
+            try:
+                record, counts = redactor.redact_record(to_record(item))
+                line = record_line(record)
+            except Exception as exc:  # never write what could not be redacted
+                dropped[item.key] += 1
+                log.warning("capture: dropped a record of %s: %s", item.key, type(exc).__name__)
+                continue
+            by_key.setdefault(item.key, []).append(line)
+            written[item.key] += 1
+            if counts:
+                redacted[item.key] += 1
+                kinds.update(counts)
+        try:
+            for key, lines in by_key.items():
+                writer.write(key, lines)
+            writer.flush()
+            writer.rotate_expired()
+        except OSError as exc:
+            log.error("capture: cannot write shards: %s", exc)
+            dropped.update(written)
+            written.clear()
+        outbox.send(("ack", dict(written), dict(dropped), dict(redacted), dict(kinds)))
+    try:
+        writer.close_all()
+    finally:
+        with contextlib.suppress(OSError):
+            outbox.send(("closed", os.getpid()))
+
+
+# ---- the gateway side -----------------------------------------------------------------------
+
+
+class _Worker:
+    def __init__(self, ctx: Any, cfg: CaptureConfig, index: int) -> None:
+        inbox_r, inbox_w = ctx.Pipe(duplex=False)
+        outbox_r, outbox_w = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(
+            target=_worker_main,
+            args=(inbox_r, outbox_w, cfg, index),
+            name=f"slm-capture-{index}",
+            daemon=True,
+        )
+        self.proc.start()
+        inbox_r.close()
+        outbox_w.close()
+        self.send_conn: Connection = inbox_w
+        self.recv_conn: Connection = outbox_r
+        self.closed = threading.Event()
+        self.alive = True
+
+
+class CaptureSink:
+    """The request path's handle on capture: :meth:`submit` from the loop, :meth:`close` once.
+
+    The queue is a ``collections.deque``, whose ``append`` is atomic and never wakes another
+    thread; the pump thread polls it every ``linger_s`` and ships everything waiting as one
+    batch. A thread woken per record (``queue.Queue``) cost more CPU than the rest of the
+    request path in profiles: each wake is a futex round trip and a GIL hand-over.
+
+    ``on_written``, ``on_dropped`` and ``on_redacted`` (per task key) and ``on_redactions``
+    (entities per kind) feed metrics; they run on helper threads.
+    """
+
+    def __init__(
+        self,
+        cfg: CaptureConfig,
+        *,
+        on_written: Callable[[str, int], None] | None = None,
+        on_dropped: Callable[[str, int], None] | None = None,
+        on_redacted: Callable[[str, int], None] | None = None,
+        on_redactions: Callable[[dict[str, int]], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.stats = CaptureStats()
+        self._queue: deque[Captured] = deque()
+        self._on_written = on_written
+        self._on_dropped = on_dropped
+        self._on_redacted = on_redacted
+        self._on_redactions = on_redactions
+        self._lock = threading.Lock()
+        self._workers: list[_Worker] = []
+        self._threads: list[threading.Thread] = []
+        self._pump_thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._ctx = mp.get_context("spawn")
+        self._started = False
+        self._closing = False
+
+    # -- lifecycle --
+    def start(self) -> None:
+        """Start the workers and wait until each has built its redactor (a few seconds)."""
+        if self._started:
+            return
+        if "://" not in self.cfg.target or self.cfg.target.startswith("file://"):
+            Path(self.cfg.target.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+        for i in range(max(1, self.cfg.workers)):
+            self._workers.append(self._spawn(i))
+        self._pump_thread = threading.Thread(
+            target=self._pump, name="slm-capture-pump", daemon=True
+        )
+        self._pump_thread.start()
+        self._started = True
+
+    def _spawn(self, index: int) -> _Worker:
+        worker = _Worker(self._ctx, self.cfg, index)
+        if not worker.recv_conn.poll(self.cfg.start_timeout_s):
+            worker.proc.kill()
+            raise RuntimeError("capture worker did not start (redactor import too slow?)")
+        try:
+            msg = worker.recv_conn.recv()
+        except EOFError:
+            worker.proc.join(5)
+            raise RuntimeError(
+                f"capture worker exited with code {worker.proc.exitcode} before it was ready; "
+                "is the trainer's redactor (presidio-analyzer, spacy) installed?"
+            ) from None
+        if msg[0] != "ready":
+            raise RuntimeError(f"capture worker sent {msg!r} instead of ready")
+        t = threading.Thread(
+            target=self._acks, args=(worker,), name=f"slm-capture-ack-{index}", daemon=True
+        )
+        t.start()
+        self._threads.append(t)
+        return worker
+
+    def submit(self, item: Captured) -> bool:
+        """Queue one record; False (and counted as dropped) when the queue is full or closed.
+
+        Called from one thread (the event loop): it only appends, it never blocks.
+        """
+        self.stats.submitted += 1
+        if not self._closing and len(self._queue) < self.cfg.queue_size:
+            self._queue.append(item)
+            return True
+        self._count_dropped({item.key: 1})
+        return False
+
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def close(self, timeout: float = 60.0) -> CaptureStats:
+        """Flush every queued record to its shard and stop the workers; blocking."""
+        if not self._started or self._closing:
+            return self.stats
+        self._closing = True
+        deadline = time.monotonic() + timeout
+        self._stop.set()
+        if self._pump_thread is not None:
+            self._pump_thread.join(max(0.0, deadline - time.monotonic()))
+        for w in self._workers:
+            if w.alive:
+                with contextlib.suppress(OSError, ValueError):
+                    w.send_conn.send(None)
+        for w in self._workers:
+            w.closed.wait(max(0.0, deadline - time.monotonic()))
+            w.proc.join(max(0.0, deadline - time.monotonic()))
+            if w.proc.is_alive():
+                log.error("capture worker %s did not stop in time; killing it", w.proc.pid)
+                w.proc.kill()
+                w.proc.join(5)
+        lost = self.stats.pending
+        if lost > 0:
+            log.error("capture: %d records were not written before shutdown", lost)
+            self._count_dropped({"_shutdown": lost})
+        return self.stats
+
+    # -- helper threads --
+    def _pump(self) -> None:
+        """Every ``linger_s``, ship what is queued in batches; after stop, ship the rest."""
+        batch_size = self.cfg.batch_size
+        q = self._queue
+        rr = 0
+        while True:
+            stopping = self._stop.wait(self.cfg.linger_s)
+            while q:
+                batch: list[Captured] = []
+                with contextlib.suppress(IndexError):
+                    while len(batch) < batch_size:
+                        batch.append(q.popleft())
+                rr = self._send(batch, rr)
+            if stopping:
+                return
+
+    def _send(self, batch: list[Captured], rr: int) -> int:
+        for _ in range(len(self._workers)):
+            w = self._workers[rr % len(self._workers)]
+            rr += 1
+            if not w.alive:
+                continue
+            try:
+                w.send_conn.send(batch)
+                return rr
+            except (OSError, ValueError):
+                w.alive = False
+                log.error("capture worker %s is gone", w.proc.pid)
+        self._respawn_dead()
+        self._count_dropped(Counter(i.key for i in batch))
+        return rr
+
+    def _respawn_dead(self) -> None:
+        if self._closing:
+            return
+        for i, w in enumerate(self._workers):
+            if not w.alive:
+                try:
+                    self._workers[i] = self._spawn(i)
+                    log.warning("capture worker %d restarted", i)
+                except RuntimeError as exc:
+                    log.error("capture worker %d cannot restart: %s", i, exc)
+
+    def _acks(self, worker: _Worker) -> None:
+        while True:
+            try:
+                msg = worker.recv_conn.recv()
+            except (EOFError, OSError):
+                worker.alive = False
+                break
+            if msg[0] == "closed":
+                break
+            _, written, dropped, redacted, kinds = msg
+            with self._lock:
+                self.stats.written += sum(written.values())
+                self.stats.redacted += sum(redacted.values())
+                self.stats.redactions.update(kinds)
+            if self._on_written:
+                for key, n in written.items():
+                    self._on_written(key, n)
+            if self._on_redacted:
+                for key, n in redacted.items():
+                    self._on_redacted(key, n)
+            if self._on_redactions and kinds:
+                self._on_redactions(kinds)
+            if dropped:
+                self._count_dropped(dropped)
+        worker.closed.set()
+
+    def _count_dropped(self, by_key: dict[str, int] | Counter[str]) -> None:
+        with self._lock:
+            self.stats.dropped += sum(by_key.values())
+        if self._on_dropped:
+            for key, n in by_key.items():
+                self._on_dropped(key, n)

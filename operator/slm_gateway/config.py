@@ -1,0 +1,195 @@
+"""The gateway's settings, from flags with environment-variable defaults (``SLM_GATEWAY_*``).
+
+Why environment defaults: in a Deployment the chart sets env vars, on a laptop people type
+flags, and the two must mean the same thing. Secrets are never settings: the LLM key comes
+from the task's Secret (cluster), or from the env var / file *named* here (local use), and is
+read once, never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from slm_gateway.capture import CaptureConfig
+from slm_gateway.decide import DEFAULT_PRICES, Price
+from slm_gateway.routes import DEFAULT_LLM_TIMEOUT_S, DEFAULT_SLM_TIMEOUT_S
+
+ENV_PREFIX = "SLM_GATEWAY_"
+DEFAULT_MAX_BODY = 1024 * 1024
+DEFAULT_KEY_ENV = "SLM_GATEWAY_LLM_API_KEY"
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Everything the app needs; built by :func:`parse_args` or directly in tests."""
+
+    routes_file: str = ""
+    namespace: str | None = None
+    all_namespaces: bool = False
+    kubeconfig: str | None = None
+    resync_s: int = 300
+    routes_reload_s: float = 1.0
+    capture: CaptureConfig | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    slm_timeout_s: float = DEFAULT_SLM_TIMEOUT_S
+    llm_timeout_s: float = DEFAULT_LLM_TIMEOUT_S
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 5.0
+    max_shadow_inflight: int = 64
+    prices: Mapping[str, Price] = field(default_factory=lambda: dict(DEFAULT_PRICES))
+    llm_api_key: str = field(default="", repr=False)
+    host: str = "127.0.0.1"
+    port: int = 8080
+    port_file: str = ""
+    log_level: str = "info"
+    graceful_timeout_s: float = 30.0
+    pool_size: int = 1024
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(ENV_PREFIX + name, default)
+
+
+def parse_price(text: str) -> tuple[str, Price]:
+    """``llm=0.0025:0.01`` → ("llm", Price(0.0025, 0.01)); USD per 1k prompt:completion tokens."""
+    backend, sep, value = text.partition("=")
+    prompt, sep2, completion = value.partition(":")
+    if not sep or backend not in ("llm", "slm"):
+        raise argparse.ArgumentTypeError(f"--price {text!r}: expected llm=P:C or slm=P:C")
+    try:
+        return backend, Price(float(prompt), float(completion if sep2 else prompt))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--price {text!r}: prices must be numbers") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="slm-gateway",
+        description=(
+            "OpenAI-compatible agent gateway: routes each AgentTask's calls to its SLM "
+            "(Triton) or its LLM, falls back per request, captures every call (PII-redacted)."
+        ),
+    )
+    src = p.add_argument_group("routes (one source)")
+    src.add_argument("--routes", default=_env("ROUTES", ""), help="static YAML/JSON routes file")
+    src.add_argument("--namespace", default=_env("NAMESPACE", ""), help="watch AgentTasks here")
+    src.add_argument(
+        "--all-namespaces",
+        action="store_true",
+        default=_env("ALL_NAMESPACES", "") == "1",
+        help="watch AgentTasks in every namespace",
+    )
+    src.add_argument("--kubeconfig", default=_env("KUBECONFIG", "") or None)
+    src.add_argument("--resync-seconds", type=int, default=int(_env("RESYNC_SECONDS", "300")))
+
+    cap = p.add_argument_group("capture")
+    cap.add_argument(
+        "--capture",
+        default=_env("CAPTURE", ""),
+        help="call-log directory or fsspec URI; empty disables capture",
+    )
+    cap.add_argument("--capture-spool", default=_env("CAPTURE_SPOOL", "/tmp/slm-capture-spool"))
+    cap.add_argument(
+        "--capture-shard-mb", type=float, default=float(_env("CAPTURE_SHARD_MB", "64"))
+    )
+    cap.add_argument(
+        "--capture-shard-seconds", type=float, default=float(_env("CAPTURE_SHARD_SECONDS", "300"))
+    )
+    cap.add_argument("--capture-queue", type=int, default=int(_env("CAPTURE_QUEUE", "50000")))
+    cap.add_argument("--capture-workers", type=int, default=int(_env("CAPTURE_WORKERS", "1")))
+
+    up = p.add_argument_group("upstreams")
+    up.add_argument(
+        "--slm-timeout-ms",
+        type=float,
+        default=float(_env("SLM_TIMEOUT_MS", str(DEFAULT_SLM_TIMEOUT_S * 1000))),
+        help="SLM budget per call unless the task sets one (default 2000)",
+    )
+    up.add_argument(
+        "--llm-timeout-s",
+        type=float,
+        default=float(_env("LLM_TIMEOUT_S", str(DEFAULT_LLM_TIMEOUT_S))),
+    )
+    up.add_argument("--breaker-failures", type=int, default=int(_env("BREAKER_FAILURES", "5")))
+    up.add_argument(
+        "--breaker-cooldown-s", type=float, default=float(_env("BREAKER_COOLDOWN_S", "5"))
+    )
+    up.add_argument(
+        "--max-shadow-inflight", type=int, default=int(_env("MAX_SHADOW_INFLIGHT", "64"))
+    )
+    up.add_argument(
+        "--llm-api-key-env",
+        default=_env("LLM_API_KEY_ENV", DEFAULT_KEY_ENV),
+        help="name of the env var holding the LLM key for routes without a Secret",
+    )
+    up.add_argument("--llm-api-key-file", default=_env("LLM_API_KEY_FILE", ""))
+    up.add_argument(
+        "--price",
+        action="append",
+        type=parse_price,
+        default=[],
+        help="USD per 1k tokens, BACKEND=PROMPT:COMPLETION (repeatable); defaults "
+        "llm=0.0025:0.01, slm=0.0001:0.0004",
+    )
+
+    srv = p.add_argument_group("server")
+    srv.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+    srv.add_argument("--port", type=int, default=int(_env("PORT", "8080")), help="0 picks one")
+    srv.add_argument("--port-file", default="", help="write the bound port here once listening")
+    srv.add_argument(
+        "--max-body-bytes", type=int, default=int(_env("MAX_BODY_BYTES", str(DEFAULT_MAX_BODY)))
+    )
+    srv.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
+    srv.add_argument(
+        "--graceful-timeout-s", type=float, default=float(_env("GRACEFUL_TIMEOUT_S", "30"))
+    )
+    return p
+
+
+def config_from_args(argv: Sequence[str] | None = None) -> GatewayConfig:
+    args = build_parser().parse_args(argv)
+    sources = sum(bool(x) for x in (args.routes, args.namespace, args.all_namespaces))
+    if sources != 1:
+        build_parser().error("give exactly one of --routes, --namespace, --all-namespaces")
+    key = ""
+    if args.llm_api_key_file:
+        key = Path(args.llm_api_key_file).read_text().strip()
+    elif args.llm_api_key_env:
+        key = os.environ.get(args.llm_api_key_env, "")
+    capture = None
+    if args.capture:
+        capture = CaptureConfig(
+            target=args.capture,
+            max_shard_bytes=int(args.capture_shard_mb * 1024 * 1024),
+            max_shard_seconds=args.capture_shard_seconds,
+            queue_size=args.capture_queue,
+            workers=args.capture_workers,
+            spool=args.capture_spool,
+        )
+    prices = dict(DEFAULT_PRICES)
+    prices.update(dict(args.price))
+    return GatewayConfig(
+        routes_file=args.routes,
+        namespace=args.namespace or None,
+        all_namespaces=args.all_namespaces,
+        kubeconfig=args.kubeconfig,
+        resync_s=args.resync_seconds,
+        capture=capture,
+        max_body_bytes=args.max_body_bytes,
+        slm_timeout_s=args.slm_timeout_ms / 1000.0,
+        llm_timeout_s=args.llm_timeout_s,
+        breaker_failures=args.breaker_failures,
+        breaker_cooldown_s=args.breaker_cooldown_s,
+        max_shadow_inflight=args.max_shadow_inflight,
+        prices=prices,
+        llm_api_key=key,
+        host=args.host,
+        port=args.port,
+        port_file=args.port_file,
+        log_level=args.log_level,
+        graceful_timeout_s=args.graceful_timeout_s,
+    )

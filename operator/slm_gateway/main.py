@@ -1,0 +1,79 @@
+"""Entry point: ``python -m slm_gateway`` (or the ``slm-gateway`` console script).
+
+Why the socket is bound here rather than by uvicorn: ``--port 0`` lets tests and benchmarks
+run many gateways side by side, and the bound port is written to ``--port-file`` before the
+server starts, so a caller never guesses a free port and races another process for it.
+uvicorn runs with uvloop and httptools, without its access log (one log line per call costs
+more than the rest of the request path, and would be a place for request data to leak).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import socket
+import sys
+from collections.abc import Sequence
+
+from slm_gateway.config import GatewayConfig, config_from_args
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(cfg: GatewayConfig) -> None:
+    """Run the gateway until SIGTERM/SIGINT; capture is flushed before this returns."""
+    import uvicorn
+
+    from slm_gateway.app import create_app
+
+    logging.basicConfig(
+        level=cfg.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    app = create_app(cfg)
+    sock = bind(cfg.host, cfg.port)
+    port = sock.getsockname()[1]
+    if cfg.port_file:
+        tmp = cfg.port_file + ".tmp"
+        with open(tmp, "w") as fh:
+            fh.write(str(port))
+        os.replace(tmp, cfg.port_file)
+    logging.getLogger("slm_gateway").info("listening on %s:%d", cfg.host, port)
+    config = uvicorn.Config(
+        app,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_level=cfg.log_level.lower(),
+        server_header=False,
+        proxy_headers=False,
+        timeout_graceful_shutdown=int(cfg.graceful_timeout_s),
+        backlog=2048,
+    )
+    # Everything imported at startup is long-lived: freeze it out of the collector's scans, and
+    # collect the young generation less often (a request makes a few hundred short-lived
+    # containers). In an interleaved A/B on the benchmark's BFCL load this cut the gateway's
+    # CPU per request by about a tenth.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 100)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    serve(config_from_args(argv))
+
+
+if __name__ == "__main__":
+    main()

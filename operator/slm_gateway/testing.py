@@ -1,0 +1,123 @@
+"""Run the real gateway as a child process, for tests, benchmarks and the demo.
+
+Why a process and not an in-process server: capture starts worker processes and flushes on
+SIGTERM, and the only faithful test of that is a real signal to a real process. The port is
+chosen by the gateway (``--port 0``) and read back from ``--port-file``, so parallel runs
+never race for a port.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+_SOURCE_ROOTS = ("operator", "trainer", "e2e")
+
+
+@dataclass
+class GatewayProcess:
+    """A running gateway; ``url`` is its base URL (``http://127.0.0.1:PORT``)."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def get(self, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM and wait: the gateway drains requests and flushes capture, then exits.
+
+        Returns the exit status: ``-SIGTERM`` after a clean shutdown, because uvicorn
+        re-raises the signal it caught once its graceful shutdown is done.
+        """
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        return self.proc.returncode
+
+    def __enter__(self) -> GatewayProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _pythonpath(env: Mapping[str, str]) -> str:
+    repo = Path(__file__).resolve().parents[2]
+    roots = [str(repo / r) for r in _SOURCE_ROOTS if (repo / r).is_dir()]
+    return os.pathsep.join([*roots, *(p for p in [env.get("PYTHONPATH", "")] if p)])
+
+
+def start_gateway(
+    args: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    log_path: str | Path | None = None,
+    timeout: float = 90.0,
+    python: str | None = None,
+) -> GatewayProcess:
+    """Start ``python -m slm_gateway ARGS --port 0`` and wait until ``/readyz`` says ready."""
+    workdir = Path(tempfile.mkdtemp(prefix="slm-gateway-"))
+    port_file = workdir / "port"
+    log = Path(log_path) if log_path else workdir / "gateway.log"
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = _pythonpath(full_env)
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    cmd = [
+        python or sys.executable,
+        "-m",
+        "slm_gateway",
+        *args,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--port-file",
+        str(port_file),
+    ]
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(
+            cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
+        )
+    deadline = time.monotonic() + timeout
+    handle: GatewayProcess | None = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gateway exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        if handle is None and port_file.exists():
+            handle = GatewayProcess(proc, int(port_file.read_text()), log)
+        if handle is not None:
+            try:
+                status, _ = handle.get("/readyz", timeout=5)
+                if status == 200:
+                    return handle
+            except OSError:
+                pass
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"gateway not ready within {timeout}s:\n{log.read_text()[-3000:]}")

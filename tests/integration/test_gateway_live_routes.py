@@ -1,0 +1,219 @@
+"""The gateway follows an AgentTask's status on the real control plane, live, with no restart.
+
+Real servers on 127.0.0.1: the local kube-apiserver (``cluster``), the real ``tritonserver``
+from nvidia-pytriton serving the fault-injecting test model under the task's name, the LLM
+stand-in, and the gateway as a child process watching the test namespace. The test plays the
+operator by patching ``status.route`` (``kubectl patch --subresource=status``), and checks
+what an agent sees: served by the LLM with the key from the task's Secret, then by the SLM on
+Triton once the route says ``slm``, back on the LLM with no failed call when Triton fails,
+and a 404 once the task is deleted; all from the same gateway process.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from slm_contract import CallRecord
+from slm_e2e import llm_standin
+from slm_e2e.testing import ClusterHandle, wait_for
+from slm_gateway.testing import GatewayProcess, start_gateway
+
+pytestmark = pytest.mark.integration
+
+TASK = "weather"
+LLM_KEY = "sk-live-FROMTHESECRET-0123456789abcdef"
+FAULTY = Path(__file__).resolve().parents[1] / "data" / "triton_faulty" / "faulty"
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+]
+
+
+def agenttask(llm_base_url: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "slmfleet.dev/v1alpha1",
+        "kind": "AgentTask",
+        "metadata": {"name": TASK},
+        "spec": {
+            "description": "Pick the weather tool",
+            "taskType": "tool-call",
+            "dataset": {"uri": "pvc://slm-work/calls/weather"},
+            "candidates": [{"name": "small", "model": "HuggingFaceTB/SmolLM2-135M-Instruct"}],
+            "storage": {"claimName": "slm-work"},
+            "evaluation": {"metric": "tool-call-ast", "gate": {"minScore": 0.8}},
+            "fallback": {
+                "llm": {
+                    "baseURL": llm_base_url,
+                    "model": "gpt-4o",
+                    "apiKeySecretRef": {"name": "llm-key"},
+                }
+            },
+        },
+    }
+
+
+@pytest.fixture
+def triton(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """Real tritonserver serving the fault-injecting model as the task's model."""
+    pytest.importorskip("pytriton")
+    from slm_e2e.triton import start_triton
+
+    repo = tmp_path / "repo"
+    shutil.copytree(FAULTY, repo / TASK)
+    config = repo / TASK / "config.pbtxt"
+    config.write_text(config.read_text().replace('name: "faulty"', f'name: "{TASK}"'))
+    flag = tmp_path / "fault"
+    flag.write_text("")
+    with start_triton(repo, env={"SLM_FAULT_FILE": str(flag)}) as server:
+        yield f"http://127.0.0.1:{server.http_port}", flag
+
+
+def chat(gw: GatewayProcess) -> tuple[int, dict[str, str], dict[str, Any]]:
+    body = {
+        "model": TASK,
+        "messages": [{"role": "user", "content": "Weather in Oslo?"}],
+        "tools": TOOLS,
+    }
+    req = urllib.request.Request(
+        gw.url + "/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Authorization": "Bearer agent-token"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, dict(resp.headers), json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), json.loads(exc.read())
+
+
+def patch_route(cluster: ClusterHandle, ns: str, route: dict[str, Any]) -> None:
+    cluster.kubectl(
+        "patch",
+        "agenttask",
+        TASK,
+        "-n",
+        ns,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps({"status": {"route": route}}),
+    )
+
+
+def test_route_changes_apply_live_from_agenttask_status(
+    cluster: ClusterHandle,
+    agenttask_crd: Path,
+    namespace: str,
+    triton: tuple[str, Path],
+    tmp_path: Path,
+) -> None:
+    slm_endpoint, fault = triton
+    standin = llm_standin.start(expect_key=LLM_KEY)
+    gw: GatewayProcess | None = None
+    try:
+        cluster.kubectl(
+            "create",
+            "secret",
+            "generic",
+            "llm-key",
+            "-n",
+            namespace,
+            f"--from-literal=api-key={LLM_KEY}",
+        )
+        cluster.apply(agenttask(standin.llm_base_url), namespace)
+        gw = start_gateway(
+            [
+                "--namespace",
+                namespace,
+                "--kubeconfig",
+                cluster.kubeconfig,
+                "--capture",
+                str(tmp_path / "calls"),
+                "--breaker-failures",
+                "100",
+            ],
+            log_path=tmp_path / "gateway.log",
+        )
+        pid = gw.proc.pid
+
+        # 1. No status yet: the spec's LLM answers, with the key read from the Secret.
+        status, headers, _ = wait_for(
+            lambda: (r := chat(gw)) and r[0] == 200 and r, timeout=30, what="the task's route"
+        )
+        assert headers["x-slm-backend"] == "llm"
+        assert standin.stats()["auth_expected"] >= 1 and standin.stats()["auth_other"] == 0
+
+        # 2. The operator promotes the SLM: the next calls go to Triton, no restart.
+        patch_route(
+            cluster,
+            namespace,
+            {
+                "mode": "slm",
+                "slmEndpoint": slm_endpoint,
+                "confidenceThreshold": 0.5,
+                "reason": "Promoted",
+            },
+        )
+        t0 = time.monotonic()
+        wait_for(
+            lambda: chat(gw)[1].get("x-slm-backend") == "slm", timeout=30, what="the SLM route"
+        )
+        switch_s = time.monotonic() - t0
+        status, headers, body = chat(gw)
+        assert status == 200 and headers["x-slm-backend"] == "slm"
+        call = body["choices"][0]["message"]["tool_calls"][0]
+        assert call["function"]["name"] == "get_weather"
+        models = json.loads(gw.get("/v1/models")[1])["data"]
+        assert models[0]["id"] == TASK and models[0]["route"]["mode"] == "slm"
+
+        # 3. Triton fails: every call is still answered, by the LLM, saying why.
+        fault.write_text("error")
+        results = [chat(gw) for _ in range(5)]
+        assert [r[0] for r in results] == [200] * 5
+        assert {r[1]["x-slm-backend"] for r in results} == {"llm"}
+        assert {r[1]["x-slm-fallback-reason"] for r in results} == {"slm_error"}
+        fault.write_text("")
+
+        # 4. Fallback turned on task-wide: back to the LLM without a fallback reason.
+        patch_route(cluster, namespace, {"mode": "llm", "reason": "SLOBreached"})
+        wait_for(
+            lambda: (
+                (r := chat(gw))[1].get("x-slm-backend") == "llm"
+                and "x-slm-fallback-reason" not in r[1]
+            ),
+            timeout=30,
+            what="the LLM route",
+        )
+
+        # 5. The task is deleted: its model is gone.
+        cluster.kubectl("delete", "agenttask", TASK, "-n", namespace)
+        status, _, body = wait_for(
+            lambda: (r := chat(gw))[0] == 404 and r, timeout=30, what="the route to disappear"
+        )
+        assert body["error"]["code"] == "model_not_found"
+        assert gw.proc.pid == pid and gw.proc.poll() is None
+        print(f"\nroute switch llm -> slm seen by the gateway after {switch_s * 1000:.0f} ms")
+    finally:
+        if gw is not None:
+            gw.stop()
+        standin.stop()
+
+    log = (tmp_path / "gateway.log").read_text()
+    assert LLM_KEY not in log and "agent-token" not in log
+    lines = [
+        line
+        for shard in sorted((tmp_path / "calls").rglob("*.jsonl"))
+        for line in shard.read_text().splitlines()
+    ]
+    records = [CallRecord.from_json(line) for line in lines]
+    assert {r.backend for r in records} == {"llm", "slm"}
+    assert {r.fallback_reason for r in records} >= {"", "slm_error"}
+    assert all(LLM_KEY not in line and "agent-token" not in line for line in lines)

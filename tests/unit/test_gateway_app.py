@@ -1,0 +1,295 @@
+"""The gateway app against a real upstream process (the LLM/Triton stand-in on 127.0.0.1).
+
+Requests go through Starlette's TestClient into the real ASGI app; the app's own aiohttp
+session calls the stand-in over real HTTP. Each test states one behaviour an agent or an
+operator would notice: who answered, why it fell back, what error body came back.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+from starlette.testclient import TestClient
+
+from slm_e2e import llm_standin
+from slm_gateway.app import create_app
+from slm_gateway.config import GatewayConfig
+from slm_gateway.decide import canary_bucket
+from slm_gateway.routes import Route, RouteTable
+
+KEY = "sk-test-0123456789abcdef"
+AGENT_TOKEN = "Bearer agent-own-token-should-never-travel"
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+]
+
+
+@pytest.fixture(scope="module")
+def standin() -> Iterator[llm_standin.StandIn]:
+    with llm_standin.start(expect_key=KEY) as s:
+        yield s
+
+
+@pytest.fixture(autouse=True)
+def reset(standin: llm_standin.StandIn) -> None:
+    standin.control(**llm_standin.SETTINGS, reset_stats=True)
+
+
+def route(standin: llm_standin.StandIn, task: str = "weather", **kw: Any) -> Route:
+    fields: dict[str, Any] = {
+        "task": task,
+        "mode": "llm",
+        "llm_base_url": standin.llm_base_url,
+        "llm_model": "gpt-4o",
+        "llm_api_key": KEY,
+    }
+    if kw.get("mode", "llm") != "llm":
+        fields["slm_endpoint"] = standin.slm_endpoint
+    fields.update(kw)
+    return Route(**fields)
+
+
+def client(*routes: Route, **cfg: Any) -> TestClient:
+    table = RouteTable()
+    table.replace_all(routes)
+    config = GatewayConfig(**{"breaker_failures": 3, "breaker_cooldown_s": 0.3, **cfg})
+    return TestClient(create_app(config, table), raise_server_exceptions=False)
+
+
+def chat(c: TestClient, model: str = "weather", **extra: Any) -> Any:
+    headers = {"Authorization": AGENT_TOKEN, **extra.pop("headers", {})}
+    body = {"model": model, "messages": [{"role": "user", "content": "Weather in Paris?"}]}
+    body.update(extra)
+    return c.post("/v1/chat/completions", content=orjson.dumps(body), headers=headers)
+
+
+def metric(c: TestClient, name: str, **labels: str) -> float:
+    text = c.get("/metrics").text
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line.split(" ")[0]))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def is_error_body(resp: Any, code: str | None = None) -> bool:
+    err = resp.json()["error"]
+    return set(err) == {"message", "type", "param", "code"} and (
+        code is None or err["code"] == code
+    )
+
+
+def test_llm_mode_uses_the_tasks_key_and_never_the_agents(standin: llm_standin.StandIn) -> None:
+    with client(route(standin)) as c:
+        r = chat(c, tools=TOOLS)
+    assert r.status_code == 200
+    assert r.headers["x-slm-backend"] == "llm"
+    body = r.json()
+    assert body["model"] == "gpt-4o"  # the LLM got its own model name, not the task's
+    assert body["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+    stats = standin.stats()
+    assert (stats["auth_expected"], stats["auth_other"], stats["auth_missing"]) == (1, 0, 0)
+
+
+def test_x_agent_task_header_picks_the_task(standin: llm_standin.StandIn) -> None:
+    with client(route(standin, "extract")) as c:
+        r = chat(c, model="gpt-4o", headers={"X-Agent-Task": "extract"})
+        assert r.status_code == 200
+        assert metric(c, "slm_gateway_requests_total", task="extract") == 1
+
+
+def test_slm_mode_is_served_by_triton_without_credentials(standin: llm_standin.StandIn) -> None:
+    with client(route(standin, mode="slm")) as c:
+        r = chat(c, tools=TOOLS)
+    assert r.status_code == 200 and r.headers["x-slm-backend"] == "slm"
+    msg = r.json()["choices"][0]["message"]
+    assert msg["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": "{}"}
+    assert r.json()["choices"][0]["finish_reason"] == "tool_calls"
+    stats = standin.stats()
+    assert (stats["slm_calls"], stats["llm_calls"], stats["slm_auth_seen"]) == (1, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("settings", "reason"),
+    [
+        ({"slm_fail": True}, "slm_error"),
+        ({"slm_latency_ms": 3000}, "slm_timeout"),
+        ({"slm_confidence": 0.2}, "low_confidence"),
+        ({"slm_defer": True}, "defer"),
+    ],
+)
+def test_per_request_fallback_to_the_llm(
+    standin: llm_standin.StandIn, settings: dict[str, Any], reason: str
+) -> None:
+    standin.control(**settings)
+    with client(route(standin, mode="slm", confidence_threshold=0.5, slm_timeout_s=0.1)) as c:
+        t = time.monotonic()
+        r = chat(c)
+        elapsed = time.monotonic() - t
+        assert r.status_code == 200
+        assert r.headers["x-slm-backend"] == "llm"
+        assert r.headers["x-slm-fallback-reason"] == reason
+        assert metric(c, "slm_gateway_fallbacks_total", task="weather", reason=reason) == 1
+    assert elapsed < 1.5  # the SLM's 0.1 s budget, never its 3 s latency
+    assert standin.stats()["llm_calls"] == 1
+
+
+def test_circuit_opens_skips_the_slm_then_probes_and_recovers(
+    standin: llm_standin.StandIn,
+) -> None:
+    standin.control(slm_fail=True)
+    with client(route(standin, mode="slm")) as c:
+        reasons = [chat(c).headers["x-slm-fallback-reason"] for _ in range(6)]
+        assert reasons == ["slm_error"] * 3 + ["circuit_open"] * 3
+        assert standin.stats()["slm_calls"] == 3  # skipped while open
+        assert metric(c, "slm_gateway_circuit_state", backend="slm") == 2
+        standin.control(slm_fail=False)
+        time.sleep(0.35)
+        r = chat(c)  # the half-open probe succeeds
+        assert r.headers["x-slm-backend"] == "slm"
+        assert metric(c, "slm_gateway_circuit_state", backend="slm") == 0
+        assert chat(c).headers["x-slm-backend"] == "slm"
+
+
+def test_shadow_mode_answers_from_llm_and_measures_agreement(
+    standin: llm_standin.StandIn,
+) -> None:
+    with client(route(standin, mode="shadow")) as c:
+        for _ in range(4):
+            r = chat(c, tools=TOOLS)
+            assert r.headers["x-slm-backend"] == "llm"
+        standin.control(slm_different=True)
+        for _ in range(2):
+            chat(c, tools=TOOLS)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            agree = metric(c, "slm_gateway_shadow_total", result="agree")
+            disagree = metric(c, "slm_gateway_shadow_total", result="disagree")
+            if agree + disagree == 6:
+                break
+            time.sleep(0.02)
+        assert (agree, disagree) == (4, 2)
+        assert metric(c, "slm_gateway_requests_total", backend="slm") == 0
+
+
+def test_canary_split_follows_the_request_id(standin: llm_standin.StandIn) -> None:
+    ids = [f"agent-req-{i}" for i in range(200)]
+    with client(route(standin, mode="canary", canary_percent=30)) as c:
+        backends = [chat(c, headers={"X-Request-Id": i}).headers["x-slm-backend"] for i in ids]
+    expected = ["slm" if canary_bucket(i) < 30 else "llm" for i in ids]
+    assert backends == expected
+    assert 40 <= backends.count("slm") <= 80
+
+
+def test_llm_failures_map_to_502_504_and_pass_4xx_through(
+    standin: llm_standin.StandIn,
+) -> None:
+    with client(route(standin, llm_timeout_s=0.2), breaker_failures=100) as c:
+        standin.control(llm_error_every=1, llm_error_status=500)
+        r = chat(c)
+        assert r.status_code == 502 and is_error_body(r, "upstream_error")
+        standin.control(llm_error_status=429)
+        r = chat(c)
+        assert r.status_code == 429 and r.json()["error"]["message"] == "injected failure"
+        standin.control(llm_error_every=0, llm_latency_ms=500)
+        r = chat(c)
+        assert r.status_code == 504 and is_error_body(r, "upstream_timeout")
+
+
+def test_unreachable_llm_is_a_502_and_its_circuit_opens(standin: llm_standin.StandIn) -> None:
+    dead = replace(route(standin), llm_base_url="http://127.0.0.1:9/v1")
+    with client(dead) as c:
+        codes = [chat(c).status_code for _ in range(4)]
+        r = chat(c)
+    assert codes == [502, 502, 502, 503]
+    assert r.status_code == 503 and r.headers["retry-after"] == "1" and is_error_body(r)
+
+
+def test_slm_failure_with_llm_up_never_reaches_the_agent(standin: llm_standin.StandIn) -> None:
+    standin.control(slm_fail=True, slm_error_status=503)
+    with client(route(standin, mode="slm")) as c:
+        assert {chat(c).status_code for _ in range(20)} == {200}
+
+
+def test_service_endpoints(standin: llm_standin.StandIn) -> None:
+    with client(route(standin), route(standin, "extract", mode="canary", canary_percent=5)) as c:
+        models = c.get("/v1/models").json()
+        assert [m["id"] for m in models["data"]] == ["extract", "weather"]
+        assert models["data"][0]["route"] == {
+            "mode": "canary",
+            "llm_model": "gpt-4o",
+            "slm_endpoint": standin.slm_endpoint,
+            "canary_percent": 5,
+        }
+        assert KEY not in c.get("/v1/models").text
+        assert c.get("/healthz").status_code == 200
+        assert c.get("/readyz").json() == {"status": "ready", "tasks": 2}
+        r = chat(c, model="nope")
+        assert r.status_code == 404 and is_error_body(r, "model_not_found")
+        r = c.get("/v1/chat/completions")
+        assert r.status_code == 405 and is_error_body(r, "method_not_allowed")
+        assert c.get("/v2/anything").status_code == 404
+        assert "slm_gateway_route_mode" in c.get("/metrics").text
+
+
+def test_costs_and_tokens_are_counted(standin: llm_standin.StandIn) -> None:
+    with client(route(standin)) as c:
+        usage = chat(c).json()["usage"]
+        p, q = usage["prompt_tokens"], usage["completion_tokens"]
+        assert metric(c, "slm_gateway_tokens_total", kind="prompt") == p
+        expected = (p * 0.0025 + q * 0.01) / 1000
+        assert metric(c, "slm_gateway_cost_usd_total", backend="llm") == pytest.approx(expected)
+        assert metric(c, "slm_gateway_llm_equivalent_cost_usd_total") == pytest.approx(expected)
+
+
+def test_static_routes_file_reloads_live(standin: llm_standin.StandIn, tmp_path: Path) -> None:
+    routes = tmp_path / "routes.yaml"
+
+    def write(mode: str) -> None:
+        entry = {
+            "mode": mode,
+            "llmBaseURL": standin.llm_base_url,
+            "llmModel": "gpt-4o",
+            "slmEndpoint": standin.slm_endpoint,
+        }
+        routes.write_text(yaml.safe_dump({"tasks": {"weather": entry}}))
+
+    write("llm")
+    cfg = GatewayConfig(routes_file=str(routes), routes_reload_s=0.05)
+    with TestClient(create_app(cfg)) as c:
+        assert chat(c).headers["x-slm-backend"] == "llm"
+        time.sleep(0.02)  # a new mtime
+        write("slm")
+        deadline = time.monotonic() + 5
+        while chat(c).headers["x-slm-backend"] != "slm":
+            assert time.monotonic() < deadline, "route file change not applied"
+            time.sleep(0.05)
+
+
+def test_the_gateway_never_imports_the_training_stack() -> None:
+    """The gateway image has no torch; only the capture worker imports the (light) redactor."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    code = (
+        "import sys, slm_gateway.main, slm_gateway.app, slm_gateway.kube;"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'presidio_analyzer')"
+        " if m in sys.modules))"
+    )
+    env = {"PYTHONPATH": f"{repo / 'operator'}:{repo / 'trainer'}:{repo / 'e2e'}"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True
+    ).stdout.strip()
+    assert out == "[]"

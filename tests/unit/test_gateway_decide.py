@@ -1,0 +1,216 @@
+"""Per-request decisions of the gateway: backend choice, canary split, SLM verdict, agreement."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from slm_gateway.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from slm_gateway.decide import (
+    LLM,
+    REASON_BAD_OUTPUT,
+    REASON_CIRCUIT_OPEN,
+    REASON_DEFER,
+    REASON_LOW_CONFIDENCE,
+    SLM,
+    Plan,
+    Price,
+    agree,
+    canary_bucket,
+    estimate_tokens,
+    normalize_message,
+    plan_request,
+    slm_verdict,
+)
+
+
+def plan(
+    mode: str,
+    pct: int = 0,
+    bucket: int = 0,
+    *,
+    has_slm: bool = True,
+    slm_allowed: bool = True,
+    llm_allowed: bool = True,
+) -> Plan:
+    return plan_request(
+        mode, pct, bucket, has_slm=has_slm, slm_allowed=slm_allowed, llm_allowed=llm_allowed
+    )
+
+
+class TestPlan:
+    def test_llm_mode_never_touches_the_slm(self) -> None:
+        p = plan("llm")
+        assert (p.primary, p.fallback, p.shadow) == (LLM, False, False)
+
+    def test_slm_mode_uses_the_slm_with_llm_fallback(self) -> None:
+        p = plan("slm")
+        assert (p.primary, p.fallback, p.reason) == (SLM, True, "")
+
+    def test_slm_mode_with_open_breaker_goes_to_llm_and_says_why(self) -> None:
+        p = plan("slm", slm_allowed=False)
+        assert (p.primary, p.reason) == (LLM, REASON_CIRCUIT_OPEN)
+
+    def test_modes_without_an_slm_endpoint_degrade_to_llm(self) -> None:
+        for mode in ("shadow", "canary", "slm"):
+            p = plan(mode, 100, has_slm=False)
+            assert (p.primary, p.shadow, p.reason) == (LLM, False, "")
+
+    def test_shadow_answers_from_llm_and_copies_to_slm(self) -> None:
+        p = plan("shadow")
+        assert (p.primary, p.shadow) == (LLM, True)
+        assert plan("shadow", slm_allowed=False).shadow is False
+
+    @pytest.mark.parametrize(
+        ("pct", "bucket", "primary"),
+        [(0, 0, LLM), (10, 9, SLM), (10, 10, LLM), (100, 99, SLM), (50, 49, SLM), (50, 50, LLM)],
+    )
+    def test_canary_split_by_bucket(self, pct: int, bucket: int, primary: str) -> None:
+        assert plan("canary", pct, bucket).primary == primary
+
+    def test_canary_prefers_slm_while_llm_circuit_is_open(self) -> None:
+        assert plan("canary", 0, 99, llm_allowed=False).primary == SLM
+
+    def test_canary_slm_bucket_with_open_slm_breaker_goes_to_llm(self) -> None:
+        p = plan("canary", 100, 0, slm_allowed=False)
+        assert (p.primary, p.reason) == (LLM, REASON_CIRCUIT_OPEN)
+
+
+class TestCanaryBucket:
+    def test_same_request_id_same_bucket(self) -> None:
+        assert canary_bucket("req-42") == canary_bucket("req-42")
+        assert 0 <= canary_bucket("req-42") < 100
+
+    def test_split_is_close_to_the_percentage(self) -> None:
+        ids = [f"{i:08x}-agent" for i in range(20000)]
+        share = sum(canary_bucket(i) < 20 for i in ids) / len(ids)
+        assert 0.18 < share < 0.22
+
+
+class TestVerdict:
+    msg = {"role": "assistant", "content": "ok"}
+    call = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}],
+    }
+
+    def test_confident_answers_are_served(self) -> None:
+        assert slm_verdict(self.msg, 0.9, 0.5) == ""
+        assert slm_verdict(self.call, 0.5, 0.5) == ""
+
+    def test_low_confidence_falls_back(self) -> None:
+        assert slm_verdict(self.msg, 0.49, 0.5) == REASON_LOW_CONFIDENCE
+
+    def test_defer_falls_back_even_when_confident(self) -> None:
+        assert slm_verdict({"defer": True}, 1.0, 0.0) == REASON_DEFER
+
+    @pytest.mark.parametrize(
+        ("answer", "confidence"),
+        [
+            ("text", 0.9),
+            ({"role": "assistant"}, 0.9),
+            ({"content": 5}, 0.9),
+            ({"tool_calls": "f()"}, 0.9),
+            ({"tool_calls": [{"function": {"arguments": "{}"}}]}, 0.9),
+            ({"content": "ok"}, None),
+            ({"content": "ok"}, math.nan),
+            ({"content": "ok"}, True),
+        ],
+    )
+    def test_unusable_outputs_are_bad_output(self, answer: object, confidence: object) -> None:
+        assert slm_verdict(answer, confidence, 0.0) == REASON_BAD_OUTPUT
+
+
+class TestNormalize:
+    def test_tool_calls_get_ids_and_string_arguments(self) -> None:
+        out = normalize_message(
+            {"tool_calls": [{"function": {"name": "get", "arguments": {"b": 1, "a": 2}}}]},
+            "abcdef",
+        )
+        call = out["tool_calls"][0]
+        assert call["id"].startswith("call_abcdef")
+        assert call["type"] == "function"
+        assert call["function"] == {"name": "get", "arguments": '{"b":1,"a":2}'}
+        assert out["role"] == "assistant" and out["content"] is None
+
+
+class TestAgree:
+    def call(self, name: str, args: object) -> dict[str, object]:
+        return {"tool_calls": [{"function": {"name": name, "arguments": args}}]}
+
+    def test_same_call_with_reordered_or_respaced_arguments(self) -> None:
+        assert agree(self.call("f", '{"a": 1, "b": [1,2]}'), self.call("f", '{"b":[1, 2],"a":1}'))
+        assert agree(self.call("f", {"a": 1}), self.call("f", '{"a": 1}'))
+
+    def test_different_arguments_or_names_disagree(self) -> None:
+        assert not agree(self.call("f", '{"a": 1}'), self.call("f", '{"a": 2}'))
+        assert not agree(self.call("f", "{}"), self.call("g", "{}"))
+
+    def test_call_against_text_disagrees(self) -> None:
+        assert not agree(self.call("f", "{}"), {"content": "f()"})
+
+    def test_text_up_to_whitespace(self) -> None:
+        assert agree({"content": " Paris,  France\n"}, {"content": "Paris, France"})
+        assert not agree({"content": "Paris"}, {"content": "Lyon"})
+
+    def test_parallel_calls_compare_as_a_multiset(self) -> None:
+        f = {"function": {"name": "f", "arguments": "{}"}}
+        g = {"function": {"name": "g", "arguments": '{"x": 1}'}}
+        assert agree({"tool_calls": [f, g]}, {"tool_calls": [g, f]})
+        assert not agree({"tool_calls": [f, g]}, {"tool_calls": [f]})
+
+
+class TestCost:
+    def test_price_per_thousand_tokens(self) -> None:
+        assert Price(0.0025, 0.01).cost(1000, 500) == pytest.approx(0.0075)
+
+    def test_token_estimate(self) -> None:
+        assert estimate_tokens(0) == 1
+        assert estimate_tokens(400) == 100
+
+
+class TestBreaker:
+    def test_opens_after_consecutive_failures_only(self) -> None:
+        b = CircuitBreaker(failure_threshold=3, cooldown_s=10)
+        b.failure(0)
+        b.failure(0)
+        b.success(0)
+        b.failure(0)
+        b.failure(0)
+        assert b.state == CLOSED
+        b.failure(1)
+        assert b.state == OPEN
+        assert not b.allow(5)
+
+    def test_half_open_lets_one_probe_through_after_cooldown(self) -> None:
+        b = CircuitBreaker(failure_threshold=1, cooldown_s=10)
+        b.failure(0)
+        assert not b.available(9.9)
+        assert b.available(10)
+        assert b.allow(10)
+        assert b.state == HALF_OPEN
+        assert not b.allow(10.5)  # the probe is in flight
+        b.success(11)
+        assert b.state == CLOSED and b.allow(11)
+
+    def test_failed_probe_reopens_for_another_cooldown(self) -> None:
+        b = CircuitBreaker(failure_threshold=1, cooldown_s=10)
+        b.failure(0)
+        assert b.allow(10)
+        b.failure(12)
+        assert b.state == OPEN
+        assert not b.allow(21)
+        assert b.allow(22)
+
+    def test_lost_probe_expires(self) -> None:
+        b = CircuitBreaker(failure_threshold=1, cooldown_s=10)
+        b.failure(0)
+        assert b.allow(10)
+        assert not b.allow(19)
+        assert b.allow(20)
+
+    def test_rejects_bad_settings(self) -> None:
+        with pytest.raises(ValueError):
+            CircuitBreaker(failure_threshold=0)

@@ -1,0 +1,179 @@
+"""Routes from AgentTasks and static files, and the live route table."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from slm_gateway.routes import (
+    SLM_TIMEOUT_ANNOTATION,
+    Route,
+    RouteError,
+    RouteTable,
+    load_routes_file,
+    route_from_task,
+    secret_ref,
+)
+
+TASK: dict[str, Any] = {
+    "apiVersion": "slmfleet.dev/v1alpha1",
+    "kind": "AgentTask",
+    "metadata": {"name": "weather", "namespace": "agents"},
+    "spec": {
+        "fallback": {
+            "llm": {
+                "baseURL": "http://llm.example:8000/v1/",
+                "model": "gpt-4o",
+                "apiKeySecretRef": {"name": "llm-key"},
+            }
+        }
+    },
+}
+
+
+def with_status(route: dict[str, Any], **status: Any) -> dict[str, Any]:
+    task = copy.deepcopy(TASK)
+    task["status"] = {"route": route, **status}
+    return task
+
+
+def test_a_new_task_is_served_by_its_llm() -> None:
+    r = route_from_task(TASK)
+    assert (r.mode, r.task, r.namespace, r.key) == ("llm", "weather", "agents", "agents/weather")
+    assert r.llm_url == "http://llm.example:8000/v1/chat/completions"
+    assert r.llm_model == "gpt-4o"
+    assert not r.has_slm
+
+
+def test_status_route_overrides_the_spec() -> None:
+    r = route_from_task(
+        with_status(
+            {
+                "mode": "canary",
+                "canaryPercent": 25,
+                "slmEndpoint": "http://weather-slm.agents.svc:8000",
+                "llmBaseURL": "http://other:9000/v1",
+                "llmModel": "gpt-4.1",
+                "confidenceThreshold": 0.7,
+            }
+        )
+    )
+    assert (r.mode, r.canary_percent, r.confidence_threshold) == ("canary", 25, 0.7)
+    assert r.slm_url == "http://weather-slm.agents.svc:8000/v2/models/weather/infer"
+    assert r.llm_url == "http://other:9000/v1/chat/completions"
+    assert r.llm_model == "gpt-4.1"
+
+
+def test_threshold_falls_back_to_the_selected_models() -> None:
+    r = route_from_task(
+        with_status(
+            {"mode": "slm", "slmEndpoint": "http://s:8000"}, selectedModel={"threshold": 0.4}
+        )
+    )
+    assert r.confidence_threshold == 0.4
+
+
+def test_slm_mode_without_endpoint_degrades_to_llm_with_a_reason() -> None:
+    r = route_from_task(with_status({"mode": "slm"}))
+    assert r.mode == "llm"
+    assert "slmEndpoint" in r.reason
+
+
+def test_slm_budget_from_route_then_annotation_then_default() -> None:
+    assert route_from_task(TASK, default_slm_timeout_s=1.5).slm_timeout_s == 1.5
+    annotated = copy.deepcopy(TASK)
+    annotated["metadata"]["annotations"] = {SLM_TIMEOUT_ANNOTATION: "250"}
+    assert route_from_task(annotated).slm_timeout_s == 0.25
+    r = route_from_task(with_status({"mode": "llm", "slmTimeoutMs": 800}))
+    assert r.slm_timeout_s == 0.8
+
+
+def test_api_key_is_sent_but_never_shown() -> None:
+    r = route_from_task(TASK, api_key="sk-live-secret")
+    assert r.llm_headers["Authorization"] == "Bearer sk-live-secret"
+    assert "sk-live-secret" not in repr(r)
+    assert "sk-live-secret" not in str(r.public())
+    assert "Authorization" not in route_from_task(TASK).llm_headers
+
+
+def test_secret_ref_defaults_the_key_name() -> None:
+    assert secret_ref(TASK) == ("agents", "llm-key", "api-key")
+    bare = copy.deepcopy(TASK)
+    del bare["spec"]["fallback"]["llm"]["apiKeySecretRef"]
+    assert secret_ref(bare) is None
+
+
+@pytest.mark.parametrize(
+    "route",
+    [
+        {"mode": "turbo"},
+        {"mode": "canary", "slmEndpoint": "http://s:8000", "canaryPercent": 101},
+        {"mode": "slm", "slmEndpoint": "ftp://s"},
+        {"mode": "slm", "slmEndpoint": "http://s:8000", "confidenceThreshold": "high"},
+    ],
+)
+def test_invalid_routes_are_refused(route: dict[str, Any]) -> None:
+    with pytest.raises(RouteError):
+        route_from_task(with_status(route))
+
+
+def test_static_file_with_tasks_and_manifests(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        yaml.safe_dump_all(
+            [
+                {
+                    "tasks": {
+                        "extract": {
+                            "mode": "slm",
+                            "llmBaseURL": "http://127.0.0.1:1/v1",
+                            "llmModel": "m",
+                            "slmEndpoint": "http://127.0.0.1:2",
+                            "slmModel": "extract-v2",
+                            "slmTimeoutMs": 300,
+                            "apiKeyEnv": "MY_KEY",
+                        }
+                    }
+                },
+                TASK,
+            ]
+        )
+    )
+    routes = {r.key: r for r in load_routes_file(path, environ={"MY_KEY": "k1"})}
+    assert set(routes) == {"extract", "agents/weather"}
+    extract = routes["extract"]
+    assert extract.slm_url == "http://127.0.0.1:2/v2/models/extract-v2/infer"
+    assert extract.slm_timeout_s == 0.3
+    assert extract.llm_headers["Authorization"] == "Bearer k1"
+
+
+def route(task: str, ns: str = "", mode: str = "llm") -> Route:
+    return Route(task=task, namespace=ns, mode=mode, llm_base_url="http://x/v1", llm_model="m")
+
+
+class TestTable:
+    def test_lookup_by_name_and_by_namespace(self) -> None:
+        t = RouteTable()
+        assert not t.ready
+        t.replace_all([route("a", "ns1"), route("b", "ns1"), route("b", "ns2")])
+        assert t.ready
+        assert t.get("a") is t.get("ns1/a")
+        assert t.get("b") is None  # ambiguous across namespaces
+        assert t.get("ns2/b") is not None
+
+    def test_upsert_and_remove_swap_the_index(self) -> None:
+        t = RouteTable()
+        t.replace_all([route("a")])
+        v = t.version
+        t.upsert(route("a", mode="llm"))
+        assert t.version == v  # unchanged route, no new index
+        t.upsert(route("c"))
+        assert t.get("c") is not None and t.version == v + 1
+        t.remove("c")
+        assert t.get("c") is None
+        t.remove("nope")
+        assert [r.key for r in t.routes()] == ["a"]

@@ -1,0 +1,184 @@
+"""Request validation and OpenAI-style error bodies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from slm_gateway.errors import GatewayError, error_body
+from slm_gateway.validate import parse_chat_request
+
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": ["integer", "null"]}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+def body(**fields: Any) -> bytes:
+    base: dict[str, Any] = {
+        "model": "weather",
+        "messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "tools": [TOOL],
+    }
+    base.update(fields)
+    return orjson.dumps({k: v for k, v in base.items() if v is not ...})
+
+
+def test_a_valid_request_keeps_every_field() -> None:
+    raw = body(
+        temperature=0.2,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        vendor_extension={"x": 1},
+    )
+    req = parse_chat_request(raw)
+    assert req.model == "weather"
+    assert req.tools == [TOOL]
+    assert req.body["vendor_extension"] == {"x": 1}
+
+
+def test_a_full_tool_conversation_is_valid() -> None:
+    messages = [
+        {"role": "system", "content": "Pick tools."},
+        {"role": "user", "content": [{"type": "text", "text": "Weather?"}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": "{}"},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": '{"temp": 21}'},
+    ]
+    assert len(parse_chat_request(body(messages=messages)).messages) == 4
+
+
+@pytest.mark.parametrize(
+    ("raw", "param", "code"),
+    [
+        (b'{"model": "weather", "messages": [', None, "invalid_json"),
+        (b"[1, 2]", None, "invalid_type"),
+        (body(messages=...), "messages", "missing_required_parameter"),
+        (body(messages="hi"), "messages", "invalid_type"),
+        (body(messages=[]), "messages", "invalid_value"),
+        (body(messages=[5]), "messages[0]", "invalid_type"),
+        (body(messages=[{"content": "x"}]), "messages[0].role", "missing_required_parameter"),
+        (body(messages=[{"role": "boss", "content": "x"}]), "messages[0].role", "invalid_value"),
+        (body(messages=[{"role": "user", "content": 7}]), "messages[0].content", "invalid_type"),
+        (body(messages=[{"role": "user"}]), "messages[0].content", "missing_required_parameter"),
+        (
+            body(messages=[{"role": "tool", "content": "x"}]),
+            "messages[0].tool_call_id",
+            "missing_required_parameter",
+        ),
+        (
+            body(messages=[{"role": "user", "content": [{"type": "text", "text": 1}]}]),
+            "messages[0].content[0].text",
+            "invalid_type",
+        ),
+        (body(model=5), "model", "invalid_type"),
+        (body(tools={"a": 1}), "tools", "invalid_type"),
+        (body(tools=["get_weather"]), "tools[0]", "invalid_type"),
+        (body(tools=[{"type": "retrieval"}]), "tools[0].type", "invalid_value"),
+        (body(tools=[{"type": "function"}]), "tools[0].function", "missing_required_parameter"),
+        (
+            body(tools=[{"type": "function", "function": {"name": "get weather"}}]),
+            "tools[0].function.name",
+            "invalid_value",
+        ),
+        (
+            body(tools=[{"type": "function", "function": {"name": "f", "parameters": []}}]),
+            "tools[0].function.parameters",
+            "invalid_type",
+        ),
+        (
+            body(
+                tools=[
+                    {"type": "function", "function": {"name": "f", "parameters": {"type": "map"}}}
+                ]
+            ),
+            "tools[0].function.parameters.type",
+            "invalid_value",
+        ),
+        (
+            body(
+                tools=[
+                    {
+                        "type": "function",
+                        "function": {"name": "f", "parameters": {"properties": {"a": "string"}}},
+                    }
+                ]
+            ),
+            "tools[0].function.parameters.properties.a",
+            "invalid_type",
+        ),
+        (
+            body(
+                tools=[
+                    {
+                        "type": "function",
+                        "function": {"name": "f", "parameters": {"required": "a"}},
+                    }
+                ]
+            ),
+            "tools[0].function.parameters.required",
+            "invalid_type",
+        ),
+        (body(tools=[TOOL, TOOL]), "tools[1].function.name", "invalid_value"),
+        (body(tool_choice="always"), "tool_choice", "invalid_value"),
+        (
+            body(tool_choice={"type": "function", "function": {"name": "nope"}}),
+            "tool_choice.function.name",
+            "invalid_value",
+        ),
+        (body(stream=True), "stream", "stream_unsupported"),
+        (body(stream="yes"), "stream", "invalid_type"),
+        (body(temperature="hot"), "temperature", "invalid_type"),
+        (body(temperature=3), "temperature", "invalid_value"),
+        (body(max_tokens=0), "max_tokens", "invalid_value"),
+        (body(max_tokens=True), "max_tokens", "invalid_type"),
+        (body(n=1.5), "n", "invalid_type"),
+        (body(stop=["a", "b", "c", "d", "e"]), "stop", "invalid_value"),
+        (body(response_format="json"), "response_format", "invalid_type"),
+    ],
+)
+def test_bad_requests_name_the_parameter(raw: bytes, param: str | None, code: str) -> None:
+    with pytest.raises(GatewayError) as info:
+        parse_chat_request(raw)
+    err = info.value
+    assert err.status == 400
+    assert (err.param, err.code) == (param, code)
+    doc = orjson.loads(err.body())
+    assert doc == {
+        "error": {
+            "message": err.message,
+            "type": "invalid_request_error",
+            "param": param,
+            "code": code,
+        }
+    }
+
+
+def test_error_body_shape() -> None:
+    doc = orjson.loads(error_body("boom", type="server_error", code="upstream_error"))
+    assert doc == {
+        "error": {
+            "message": "boom",
+            "type": "server_error",
+            "param": None,
+            "code": "upstream_error",
+        }
+    }
