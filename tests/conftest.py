@@ -87,7 +87,15 @@ def namespace(cluster: ClusterHandle) -> Iterator[str]:
 def agenttask_crd(cluster: ClusterHandle) -> Path:
     crds = REPO / "crds"
     cluster.kubectl("apply", "--server-side", "--field-manager=slm-fleet-tests", "-f", str(crds))
-    cluster.kubectl(
-        "wait", "--for=condition=Established", "--timeout=60s", "crd/agenttasks.slmfleet.dev"
+    # Poll rather than `kubectl wait`: a CRD created a moment ago may have no status yet,
+    # which `kubectl wait` reports as an error instead of waiting.
+    wait_for(
+        lambda: any(
+            c.get("type") == "Established" and c.get("status") == "True"
+            for c in (cluster.get_json("crd", "agenttasks.slmfleet.dev").get("status") or {})
+            .get("conditions", [])
+        ),
+        timeout=60,
+        what="the AgentTask CRD to be Established",
     )
     return crds
