@@ -250,21 +250,21 @@ def manifest(llm_base_url: str, model: str) -> dict[str, Any]:
                     "name": "minilm-r8",
                     "model": model,
                     "lora": {"r": 8, "alpha": 16},
-                    "epochs": 4,
+                    "epochs": 2,
                     "learningRate": 0.001,
                 },
             ],
             "training": {"gpus": 1, "backoffLimit": 0},
             "storage": {"claimName": CLAIM},
             "evaluation": {
-                "metric": "tool-call-ast",
+                "metric": "label-accuracy",
                 "gate": {"minScore": 0.5, "maxDropVsLLM": 0.5},
             },
             "serving": {
                 "minReplicas": 1,
                 "maxReplicas": 3,
                 "gpus": 1,
-                "slo": {"p95LatencyMs": 400, "maxErrorRate": 0.05, "targetQpsPerReplica": 4},
+                "slo": {"p95LatencyMs": 2500, "maxErrorRate": 0.05, "targetQpsPerReplica": 4},
             },
             "rollout": {
                 "strategy": "progressive",
@@ -395,7 +395,7 @@ def run(work: Path, n_relevant: int, n_irrelevant: int) -> int:
                 "--capture-shard-seconds",
                 "5",
                 "--slm-timeout-ms",
-                "800",
+                "3000",
             ],
             log_path=work / "logs/gateway.log",
         )
@@ -598,11 +598,20 @@ def run(work: Path, n_relevant: int, n_irrelevant: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="slm-fleet-demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", type=Path, default=REPO / ".demo")
-    ap.add_argument("--relevant", type=int, default=400, help="live_multiple calls to capture")
-    ap.add_argument("--irrelevant", type=int, default=200, help="live_irrelevance calls")
+    ap.add_argument("--relevant", type=int, default=300, help="live_multiple calls to capture")
+    ap.add_argument("--irrelevant", type=int, default=150, help="live_irrelevance calls")
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return run(a.dir, a.relevant, a.irrelevant)
+
+    def _interrupt(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _interrupt)  # so that `finally` stops every server
+    try:
+        return run(a.dir, a.relevant, a.irrelevant)
+    except KeyboardInterrupt:
+        say("interrupted; everything started by the demo was stopped")
+        return 130
 
 
 if __name__ == "__main__":

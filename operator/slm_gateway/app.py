@@ -497,7 +497,7 @@ class Gateway:
         elif verdict in (REASON_DEFER, REASON_LOW_CONFIDENCE):
             result = "defer"
         else:
-            result = "agree" if agree(answer, llm_message) else "disagree"
+            result = "agree" if agree(answer, llm_message, route.metric) else "disagree"
         self.metrics.shadow.labels(route.task, result).inc()
 
     def _served(

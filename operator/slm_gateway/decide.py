@@ -183,13 +183,20 @@ def _text(message: Mapping[str, Any]) -> str:
     return " ".join(str(content or "").split())
 
 
-def agree(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+def agree(a: Mapping[str, Any], b: Mapping[str, Any], metric: str = "") -> bool:
     """Do two assistant messages say the same thing, as the gate and the shadow measure it?
 
     With tool calls: the same multiset of (function name, arguments), arguments compared as
     parsed JSON so key order and spacing don't count. Without: the same text up to whitespace.
+    With the task's metric ``label-accuracy`` (tool *selection* and classification tasks, whose
+    SLM picks a label rather than writing arguments) only the labels must match: the called
+    function names, or the text when neither calls a tool.
     """
     ca, cb = _calls(a), _calls(b)
+    if metric == "label-accuracy":
+        if ca or cb:
+            return sorted(n for n, _ in ca) == sorted(n for n, _ in cb)
+        return _text(a) == _text(b)
     if ca or cb:
         return ca == cb
     return _text(a) == _text(b)

@@ -56,6 +56,8 @@ class Route:
     slm_model: str = ""
     canary_percent: int = 0
     confidence_threshold: float = 0.0
+    #: The task's evaluation metric; shadow agreement is measured with it.
+    metric: str = ""
     slm_timeout_s: float = DEFAULT_SLM_TIMEOUT_S
     llm_timeout_s: float = DEFAULT_LLM_TIMEOUT_S
     reason: str = ""
@@ -184,6 +186,7 @@ def route_from_task(
         slm_endpoint=str(endpoint),
         canary_percent=int(_num(route.get("canaryPercent", 0), "canaryPercent", name)),
         confidence_threshold=_num(threshold, "confidenceThreshold", name),
+        metric=str(route.get("metric") or (spec.get("evaluation") or {}).get("metric") or ""),
         slm_timeout_s=timeout_s,
         llm_timeout_s=llm_timeout_s,
         reason=reason,

@@ -743,6 +743,7 @@ def plan(obs: Observed) -> Plan:
             **({"canaryPercent": canary} if route_mode == lv.MODE_CANARY else {}),
             "llmBaseURL": spec["fallback"]["llm"]["baseURL"],
             "llmModel": spec["fallback"]["llm"]["model"],
+            "metric": spec["evaluation"]["metric"],
             "reason": fallback[2],
             **({"slmEndpoint": endpoint} if route_mode != lv.MODE_LLM else {}),
             **(

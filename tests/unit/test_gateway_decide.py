@@ -214,3 +214,17 @@ class TestBreaker:
     def test_rejects_bad_settings(self) -> None:
         with pytest.raises(ValueError):
             CircuitBreaker(failure_threshold=0)
+
+
+def test_label_accuracy_agreement_compares_only_the_selected_tool() -> None:
+    from slm_gateway.decide import agree
+
+    def call(name: str, args: str) -> dict:
+        return {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": name, "arguments": args}}]}
+
+    slm, llm = call("get_weather", "{}"), call("get_weather", '{"city": "Paris"}')
+    assert not agree(slm, llm)  # full comparison: arguments differ
+    assert agree(slm, llm, "label-accuracy")  # tool selection: same tool
+    assert not agree(call("get_time", "{}"), llm, "label-accuracy")
+    assert not agree({"role": "assistant", "content": "no tool"}, llm, "label-accuracy")
