@@ -92,8 +92,9 @@ def agenttask_crd(cluster: ClusterHandle) -> Path:
     wait_for(
         lambda: any(
             c.get("type") == "Established" and c.get("status") == "True"
-            for c in (cluster.get_json("crd", "agenttasks.slmfleet.dev").get("status") or {})
-            .get("conditions", [])
+            for c in (cluster.get_json("crd", "agenttasks.slmfleet.dev").get("status") or {}).get(
+                "conditions", []
+            )
         ),
         timeout=60,
         what="the AgentTask CRD to be Established",

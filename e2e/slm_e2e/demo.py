@@ -461,7 +461,10 @@ def run(work: Path, n_relevant: int, n_irrelevant: int) -> int:
                     f"tritonserver locally ({repo})"
                 )
                 triton = start_triton(
-                    repo, workdir=work / "triton", extra_pythonpath=[str(REPO / "trainer")]
+                    repo,
+                    workdir=work / "triton",
+                    extra_pythonpath=[str(REPO / "trainer")],
+                    env={"OMP_NUM_THREADS": "1"},  # one core per instance; 2 cores here
                 )
                 stack.append(triton)
                 c.kubectl(
@@ -487,10 +490,10 @@ def run(work: Path, n_relevant: int, n_irrelevant: int) -> int:
             return 1
 
         say(
-            "live traffic: replaying fresh BFCL calls at ~10/s; the operator moves the route "
+            "live traffic: replaying fresh BFCL calls at ~4/s; the operator moves the route "
             "shadow -> canary -> slm as live agreement and the SLO hold"
         )
-        live = Replay(gateway.url, live_recs, rate=10, workers=6).start()
+        live = Replay(gateway.url, live_recs, rate=4, workers=4).start()
         last_mode = ""
         t_end = time.monotonic() + 150
         while time.monotonic() < t_end:
@@ -588,6 +591,8 @@ def run(work: Path, n_relevant: int, n_irrelevant: int) -> int:
         print("=========================================================")
         return 0 if not live.failures else 1
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut cleanup
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         for thing in reversed(stack):
             try:
                 thing.stop() if not isinstance(thing, LocalCluster) else thing.down()

@@ -35,8 +35,9 @@ def prometheus_binary() -> str:
 
 
 class LocalPrometheus:
-    def __init__(self, workdir: Path, targets: dict[str, list[str]],
-                 scrape_interval: float = 1.0) -> None:
+    def __init__(
+        self, workdir: Path, targets: dict[str, list[str]], scrape_interval: float = 1.0
+    ) -> None:
         self.dir = workdir
         self.targets = targets  # job name -> ["127.0.0.1:port", ...]
         self.interval = scrape_interval
@@ -64,22 +65,32 @@ class LocalPrometheus:
         self.port = free_port()
         log = open(self.dir / "prometheus.log", "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
-            [prometheus_binary(), f"--config.file={cfg}",
-             f"--storage.tsdb.path={self.dir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}",
-             "--storage.tsdb.retention.time=1h", "--web.enable-lifecycle"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.dir,
+            [
+                prometheus_binary(),
+                f"--config.file={cfg}",
+                f"--storage.tsdb.path={self.dir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--storage.tsdb.retention.time=1h",
+                "--web.enable-lifecycle",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=self.dir,
         )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise PrometheusError(
-                    f"prometheus exited: {(self.dir / 'prometheus.log').read_text()[-2000:]}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as r:
-                    if r.status == 200:
-                        return self
+                    f"prometheus exited: {(self.dir / 'prometheus.log').read_text()[-2000:]}"
+                )
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as r,
+            ):
+                if r.status == 200:
+                    return self
             time.sleep(0.1)
         raise PrometheusError("prometheus did not become ready")
 

@@ -113,7 +113,15 @@ def stack(
         },
     ).start()
     try:
-        yield Stack(namespace, gateway.url, f"http://127.0.0.1:{triton.http_port}", fault, standin.llm_base_url, prom, op)
+        yield Stack(
+            namespace,
+            gateway.url,
+            f"http://127.0.0.1:{triton.http_port}",
+            fault,
+            standin.llm_base_url,
+            prom,
+            op,
+        )
     finally:
         cluster.kubectl(
             "delete", "agenttasks", "--all", "-n", namespace, "--wait=false", check=False

@@ -445,11 +445,14 @@ def test_invalid_combination_sets_invalid_spec_without_crash_loop(
     ns = namespace
     # Schema-valid, but trainer pods mount only storage.claimName: a model on another PVC
     # could never be read. The operator reports it instead of creating Jobs that would fail.
-    bad = agenttask(name="misplaced", candidates=[
-        {"name": "small", "model": "pvc://other-claim/models/smollm2"}])
+    bad = agenttask(
+        name="misplaced",
+        candidates=[{"name": "small", "model": "pvc://other-claim/models/smollm2"}],
+    )
     cluster.apply(bad, ns)
-    cluster.kubectl("wait", "-n", ns, "--for=condition=Ready=False", "--timeout=60s",
-                    "agenttask/misplaced")
+    cluster.kubectl(
+        "wait", "-n", ns, "--for=condition=Ready=False", "--timeout=60s", "agenttask/misplaced"
+    )
     task = get_task(cluster, ns, "misplaced")
     ready = condition(task, "Ready")
     assert ready["reason"] == "InvalidSpec"
@@ -465,5 +468,10 @@ def test_invalid_combination_sets_invalid_spec_without_crash_loop(
     # ...and fixing the spec clears the condition.
     bad["spec"]["candidates"][0]["model"] = "pvc://slm-work/models/smollm2"
     cluster.apply(bad, ns)
-    wait_for(lambda: condition(get_task(cluster, ns, "misplaced"), "Ready").get("reason")
-             != "InvalidSpec", timeout=30, what="InvalidSpec to clear after the fix")
+    wait_for(
+        lambda: (
+            condition(get_task(cluster, ns, "misplaced"), "Ready").get("reason") != "InvalidSpec"
+        ),
+        timeout=30,
+        what="InvalidSpec to clear after the fix",
+    )

@@ -56,8 +56,11 @@ def operator_sa(
         in ("ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")
     ]
     cluster.apply(docs)
-    sa = next(d["metadata"]["name"] for d in docs
-              if d["kind"] == "ServiceAccount" and d["metadata"]["name"].endswith("-operator"))
+    sa = next(
+        d["metadata"]["name"]
+        for d in docs
+        if d["kind"] == "ServiceAccount" and d["metadata"]["name"].endswith("-operator")
+    )
     token = cluster.kubectl("create", "token", sa, "-n", namespace, "--duration=1h").stdout.strip()
     admin = yaml.safe_load(Path(cluster.kubeconfig).read_text())
     kc = {

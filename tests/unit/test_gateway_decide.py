@@ -220,8 +220,13 @@ def test_label_accuracy_agreement_compares_only_the_selected_tool() -> None:
     from slm_gateway.decide import agree
 
     def call(name: str, args: str) -> dict:
-        return {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "c", "type": "function", "function": {"name": name, "arguments": args}}]}
+        return {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c", "type": "function", "function": {"name": name, "arguments": args}}
+            ],
+        }
 
     slm, llm = call("get_weather", "{}"), call("get_weather", '{"city": "Paris"}')
     assert not agree(slm, llm)  # full comparison: arguments differ

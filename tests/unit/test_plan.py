@@ -21,23 +21,32 @@ NOW = dt.datetime(2026, 11, 23, 12, 0, 0, tzinfo=dt.UTC)
 def make_task(**overrides: Any) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "taskType": "tool-call",
-        "dataset": {"uri": "pvc://calls/agent/weather.jsonl", "minExamples": 200,
-                    "evalFraction": 0.2, "piiScrubbing": True},
+        "dataset": {
+            "uri": "pvc://calls/agent/weather.jsonl",
+            "minExamples": 200,
+            "evalFraction": 0.2,
+            "piiScrubbing": True,
+        },
         "candidates": [
             {"name": "small", "model": "HuggingFaceTB/SmolLM2-135M-Instruct", "method": "lora"},
             {"name": "big", "model": "Qwen/Qwen2.5-1.5B-Instruct", "method": "lora"},
         ],
         "training": {"gpus": 1, "backoffLimit": 2, "activeDeadlineSeconds": 3600},
         "storage": {"claimName": "slm-work"},
-        "evaluation": {"metric": "tool-call-ast", "gate": {"minScore": 0.8,
-                                                           "maxDropVsLLM": 0.05}},
+        "evaluation": {"metric": "tool-call-ast", "gate": {"minScore": 0.8, "maxDropVsLLM": 0.05}},
         "serving": {"minReplicas": 1, "maxReplicas": 3, "gpus": 1},
-        "fallback": {"llm": {"baseURL": "https://llm.example.com/v1", "model": "gpt-4o",
-                             "apiKeySecretRef": {"name": "llm", "key": "api-key"}}},
+        "fallback": {
+            "llm": {
+                "baseURL": "https://llm.example.com/v1",
+                "model": "gpt-4o",
+                "apiKeySecretRef": {"name": "llm", "key": "api-key"},
+            }
+        },
     }
     spec.update(overrides)
     return {
-        "apiVersion": "slmfleet.dev/v1alpha1", "kind": "AgentTask",
+        "apiVersion": "slmfleet.dev/v1alpha1",
+        "kind": "AgentTask",
         "metadata": {"name": "weather", "namespace": "agents", "uid": "uid-1", "generation": 1},
         "spec": spec,
     }
@@ -47,50 +56,101 @@ def result(stage: str, **kw: Any) -> TrainerResult:
     return TrainerResult(stage=stage, ok=kw.pop("ok", True), **kw)
 
 
-def view(name: str, stage: str, rev: str, state: str, res: TrainerResult | None = None,
-         candidate: str | None = None, message: str = "",
-         finished: dt.datetime | None = None) -> JobView:
-    return JobView(name=name, stage=stage, revision=rev, candidate=candidate, state=state,
-                   result=res, message=message,
-                   finished_at=finished or (NOW - dt.timedelta(seconds=5)))
+def view(
+    name: str,
+    stage: str,
+    rev: str,
+    state: str,
+    res: TrainerResult | None = None,
+    candidate: str | None = None,
+    message: str = "",
+    finished: dt.datetime | None = None,
+) -> JobView:
+    return JobView(
+        name=name,
+        stage=stage,
+        revision=rev,
+        candidate=candidate,
+        state=state,
+        result=res,
+        message=message,
+        finished_at=finished or (NOW - dt.timedelta(seconds=5)),
+    )
 
 
-def jobs_through(task: dict[str, Any], upto: str, scores: tuple[float, float] = (0.9, 0.95)
-                 ) -> dict[str, JobView]:
+def jobs_through(
+    task: dict[str, Any], upto: str, scores: tuple[float, float] = (0.9, 0.95)
+) -> dict[str, JobView]:
     rev = n.revision_of(task["spec"])
     name = task["metadata"]["name"]
     out = {}
     dn = n.data_job_name(name, rev)
-    out[dn] = view(dn, "prepare", rev, SUCCEEDED,
-                   result("prepare", examples=1000, train_examples=800, eval_examples=200))
+    out[dn] = view(
+        dn,
+        "prepare",
+        rev,
+        SUCCEEDED,
+        result("prepare", examples=1000, train_examples=800, eval_examples=200),
+    )
     if upto == "data":
         return out
-    for cand, score, params in (("small", scores[0], 135_000_000),
-                                ("big", scores[1], 1_500_000_000)):
+    for cand, score, params in (
+        ("small", scores[0], 135_000_000),
+        ("big", scores[1], 1_500_000_000),
+    ):
         jn = n.finetune_job_name(name, cand, rev)
-        out[jn] = view(jn, "finetune", rev, SUCCEEDED, result(
-            "finetune", candidate=cand, score=score, llm_score=0.93, parameters=params,
-            artifact_uri=f"pvc://slm-work/weather/{rev}/candidates/{cand}", threshold=0.7,
-            train_seconds=120.0), candidate=cand)
+        out[jn] = view(
+            jn,
+            "finetune",
+            rev,
+            SUCCEEDED,
+            result(
+                "finetune",
+                candidate=cand,
+                score=score,
+                llm_score=0.93,
+                parameters=params,
+                artifact_uri=f"pvc://slm-work/weather/{rev}/candidates/{cand}",
+                threshold=0.7,
+                train_seconds=120.0,
+            ),
+            candidate=cand,
+        )
     if upto == "train":
         return out
     en = n.export_job_name(name, rev)
-    out[en] = view(en, "export", rev, SUCCEEDED, result(
-        "export", artifact_uri=f"pvc://slm-work/weather/{rev}/model_repository"))
+    out[en] = view(
+        en,
+        "export",
+        rev,
+        SUCCEEDED,
+        result("export", artifact_uri=f"pvc://slm-work/weather/{rev}/model_repository"),
+    )
     return out
 
 
-def deployment(rev: str, candidate: str = "small", available: bool = True,
-               ready: int = 1) -> dict[str, Any]:
+def deployment(
+    rev: str, candidate: str = "small", available: bool = True, ready: int = 1
+) -> dict[str, Any]:
     return {
-        "metadata": {"name": "weather-slm", "generation": 1, "annotations": {
-            n.LABEL_REVISION: rev, n.ANNOTATION_CANDIDATE: candidate,
-            n.ANNOTATION_ARTIFACT: f"pvc://slm-work/weather/{rev}/model_repository"}},
+        "metadata": {
+            "name": "weather-slm",
+            "generation": 1,
+            "annotations": {
+                n.LABEL_REVISION: rev,
+                n.ANNOTATION_CANDIDATE: candidate,
+                n.ANNOTATION_ARTIFACT: f"pvc://slm-work/weather/{rev}/model_repository",
+            },
+        },
         "spec": {"replicas": 1},
-        "status": {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1,
-                   "readyReplicas": ready, "availableReplicas": ready,
-                   "conditions": [{"type": "Available",
-                                   "status": "True" if available else "False"}]},
+        "status": {
+            "observedGeneration": 1,
+            "replicas": 1,
+            "updatedReplicas": 1,
+            "readyReplicas": ready,
+            "availableReplicas": ready,
+            "conditions": [{"type": "Available", "status": "True" if available else "False"}],
+        },
     }
 
 
@@ -126,8 +186,9 @@ def test_after_data_prep_one_gpu_job_per_candidate() -> None:
     for job in ft:
         pod = job["spec"]["template"]["spec"]
         assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
-        assert {"key": "nvidia.com/gpu", "operator": "Exists",
-                "effect": "NoSchedule"} in pod["tolerations"]
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+            "tolerations"
+        ]
     assert conds(p.status)[c.DATA_READY] == (c.TRUE, c.DATA_PREPARED)
     assert "1000 examples" in p.status["conditions"][0]["message"]
     assert p.status["phase"] == "Training"
@@ -162,7 +223,8 @@ def test_best_score_policy_prefers_the_better_candidate() -> None:
     task["spec"]["evaluation"]["selectionPolicy"] = "best-score"
     p = plan(Observed(task, jobs_through(task, "train"), None, None, NOW))
     assert "big selected (best-score)" in next(
-        x["message"] for x in p.status["conditions"] if x["type"] == c.EVALUATED)
+        x["message"] for x in p.status["conditions"] if x["type"] == c.EVALUATED
+    )
 
 
 def test_candidate_below_gate_is_reported_not_served() -> None:
@@ -192,8 +254,14 @@ def test_failed_job_sets_trained_false_with_termination_message() -> None:
     jobs = jobs_through(task, "data")
     rev = n.revision_of(task["spec"])
     jn = n.finetune_job_name("weather", "small", rev)
-    jobs[jn] = view(jn, "finetune", rev, FAILED, candidate="small",
-                    message="CUDA out of memory while loading the model")
+    jobs[jn] = view(
+        jn,
+        "finetune",
+        rev,
+        FAILED,
+        candidate="small",
+        message="CUDA out of memory while loading the model",
+    )
     p = plan(Observed(task, jobs, None, None, NOW))
     status, reason = conds(p.status)[c.TRAINED]
     assert (status, reason) == (c.FALSE, c.JOB_FAILED)
@@ -209,11 +277,14 @@ def test_succeeded_job_without_result_waits_then_reports_missing() -> None:
     dn = n.data_job_name("weather", rev)
     fresh = {dn: view(dn, "prepare", rev, SUCCEEDED, None, finished=NOW)}
     assert conds(plan(Observed(task, fresh, None, None, NOW)).status)[c.DATA_READY] == (
-        c.UNKNOWN, c.AWAITING_RESULT)
-    old = {dn: view(dn, "prepare", rev, SUCCEEDED, None,
-                    finished=NOW - dt.timedelta(minutes=10))}
+        c.UNKNOWN,
+        c.AWAITING_RESULT,
+    )
+    old = {dn: view(dn, "prepare", rev, SUCCEEDED, None, finished=NOW - dt.timedelta(minutes=10))}
     assert conds(plan(Observed(task, old, None, None, NOW)).status)[c.DATA_READY] == (
-        c.FALSE, c.RESULT_MISSING)
+        c.FALSE,
+        c.RESULT_MISSING,
+    )
 
 
 def test_export_done_deploys_then_ready_when_available() -> None:
@@ -338,8 +409,11 @@ def test_select_ties_are_deterministic() -> None:
 
 def _serving_task() -> tuple[dict[str, Any], dict[str, JobView], dict[str, Any], dict[str, Any]]:
     task = make_task()
-    task["spec"]["fallback"]["policy"] = {"windowSeconds": 10, "breachWindows": 2,
-                                          "recoveryWindows": 3}
+    task["spec"]["fallback"]["policy"] = {
+        "windowSeconds": 10,
+        "breachWindows": 2,
+        "recoveryWindows": 3,
+    }
     task["spec"]["rollout"] = {"shadowMinSamples": 20, "minAgreement": 0.9, "canaryPercent": 25}
     rev = n.revision_of(task["spec"])
     jobs = jobs_through(task, "export")
@@ -348,17 +422,31 @@ def _serving_task() -> tuple[dict[str, Any], dict[str, JobView], dict[str, Any],
     return task, jobs, dep, svc
 
 
-def _step(task: dict[str, Any], jobs: dict[str, JobView], dep: dict[str, Any],
-          svc: dict[str, Any], at: dt.datetime, m: Metrics | None) -> Any:
+def _step(
+    task: dict[str, Any],
+    jobs: dict[str, JobView],
+    dep: dict[str, Any],
+    svc: dict[str, Any],
+    at: dt.datetime,
+    m: Metrics | None,
+) -> Any:
     p = plan(Observed(task, jobs, dep, svc, at, m))
     task["status"] = p.status
     return p
 
 
-HEALTHY = Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=5, agreement=0.97,
-                  shadow_samples=40, slm_share=0.0, cost_saved_usd=0.0)
-SLOW = Metrics(p95_latency_ms=900, error_rate=0.0, request_rate=5, agreement=0.97,
-               shadow_samples=40)
+HEALTHY = Metrics(
+    p95_latency_ms=80,
+    error_rate=0.0,
+    request_rate=5,
+    agreement=0.97,
+    shadow_samples=40,
+    slm_share=0.0,
+    cost_saved_usd=0.0,
+)
+SLOW = Metrics(
+    p95_latency_ms=900, error_rate=0.0, request_rate=5, agreement=0.97, shadow_samples=40
+)
 
 
 def test_fallback_needs_consecutive_breaches_and_recovers_with_hysteresis() -> None:
@@ -408,13 +496,15 @@ def test_rollout_goes_shadow_canary_slm_on_agreement() -> None:
     modes = []
     for _ in range(4):
         _step(task, jobs, dep, svc, t, HEALTHY)
-        modes.append((task["status"]["route"]["mode"],
-                      task["status"]["route"].get("canaryPercent")))
+        modes.append(
+            (task["status"]["route"]["mode"], task["status"]["route"].get("canaryPercent"))
+        )
         t += dt.timedelta(seconds=10)
     assert modes[0] == ("canary", 25)
     assert modes[1] == ("slm", None) and modes[-1] == ("slm", None)
-    disagree = Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=5, agreement=0.5,
-                       shadow_samples=40)
+    disagree = Metrics(
+        p95_latency_ms=80, error_rate=0.0, request_rate=5, agreement=0.5, shadow_samples=40
+    )
     task2, jobs2, dep2, svc2 = _serving_task()
     _step(task2, jobs2, dep2, svc2, NOW, disagree)
     assert task2["status"]["route"]["mode"] == "shadow"
@@ -443,8 +533,7 @@ def test_retraining_starts_after_enough_new_calls_and_promotes_only_if_better() 
     t = NOW
 
     def m(captured: int) -> Metrics:
-        return Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=5,
-                       captured_records=captured)
+        return Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=5, captured_records=captured)
 
     _step(task, jobs, dep, svc, t, m(1000))  # baseline
     assert task["status"]["retraining"]["baselineRecords"] == 1000
@@ -462,9 +551,15 @@ def test_retraining_starts_after_enough_new_calls_and_promotes_only_if_better() 
     # The retrained candidates pass the gate but are not better than the served 0.9: no swap.
     same = {}
     for name, v in jobs_through(task, "train", scores=(0.9, 0.85)).items():
-        same[name.replace(rev0, rev1)] = JobView(name.replace(rev0, rev1), v.stage, rev1,
-                                                 v.candidate, v.state, v.result,
-                                                 finished_at=v.finished_at)
+        same[name.replace(rev0, rev1)] = JobView(
+            name.replace(rev0, rev1),
+            v.stage,
+            rev1,
+            v.candidate,
+            v.state,
+            v.result,
+            finished_at=v.finished_at,
+        )
     p = _step(task, {**jobs, **same}, dep, svc, t + dt.timedelta(seconds=2), m(1120))
     assert conds(task["status"])[c.EVALUATED] == (c.FALSE, c.NOT_BETTER)
     assert not [o for o in p.apply if o["metadata"]["labels"].get(n.LABEL_STAGE) == "export"]

@@ -54,11 +54,16 @@ def render_config(
     instance_count: int = 1,
     instance_kind: str = "KIND_MODEL",
     max_queue_delay_us: int = 2000,
+    queue_timeout_us: int = 5_000_000,
+    max_queue_size: int = 256,
 ) -> str:
     """``config.pbtxt`` for the Python-backend model ``name``.
 
     Dynamic batching gathers concurrent requests into one ``execute`` call, which generates
     for all of them in one padded batch. ``parameters`` reach ``model.py`` as strings.
+    Requests that waited longer than ``queue_timeout_us`` (the gateway has long fallen back to
+    the LLM by then), or that find ``max_queue_size`` ahead of them, are rejected rather than
+    computed late: under overload the queue stays short and the latency SLO stays meaningful.
     """
     if not name or any(c in name for c in '/\\"\n') or name in (".", ".."):
         raise ValueError(f"invalid Triton model name {name!r}")
@@ -100,6 +105,12 @@ def render_config(
         lines += [
             "dynamic_batching {",
             f"  max_queue_delay_microseconds: {max_queue_delay_us}",
+            "  default_queue_policy {",
+            "    timeout_action: REJECT",
+            f"    default_timeout_microseconds: {queue_timeout_us}",
+            "    allow_timeout_override: true",
+            f"    max_queue_size: {max_queue_size}",
+            "  }",
             "}",
         ]
     lines += ["version_policy: { latest: { num_versions: 1 } }"]

@@ -31,22 +31,34 @@ class TritonPythonModel:
         out = []
         for request in requests:
             if fault == "error":
-                out.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError("injected fault")))
+                out.append(pb_utils.InferenceResponse(error=pb_utils.TritonError("injected fault")))
                 continue
             raw = pb_utils.get_input_tensor_by_name(request, "REQUEST").as_numpy().reshape(-1)[0]
             body = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
             tools = body.get("tools") or []
             if tools:
                 name = tools[0].get("function", {}).get("name", "unknown")
-                answer = {"role": "assistant", "content": None, "tool_calls": [{
-                    "id": "call_0", "type": "function",
-                    "function": {"name": name, "arguments": "{}"}}]}
+                answer = {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "call_0",
+                            "type": "function",
+                            "function": {"name": name, "arguments": "{}"},
+                        }
+                    ],
+                }
             else:
                 answer = {"role": "assistant", "content": "ok"}
-            out.append(pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor("RESPONSE", np.array([[json.dumps(answer).encode()]],
-                                                     dtype=np.object_)),
-                pb_utils.Tensor("CONFIDENCE", np.array([[0.99]], dtype=np.float32)),
-            ]))
+            out.append(
+                pb_utils.InferenceResponse(
+                    output_tensors=[
+                        pb_utils.Tensor(
+                            "RESPONSE", np.array([[json.dumps(answer).encode()]], dtype=np.object_)
+                        ),
+                        pb_utils.Tensor("CONFIDENCE", np.array([[0.99]], dtype=np.float32)),
+                    ]
+                )
+            )
         return out
