@@ -268,7 +268,7 @@ def manifest(llm_base_url: str, model: str) -> dict[str, Any]:
             },
             "rollout": {
                 "strategy": "progressive",
-                "shadowMinSamples": 40,
+                "shadowMinSamples": 20,
                 "minAgreement": 0.6,
                 "canaryPercent": 30,
             },
@@ -510,7 +510,11 @@ def run(work: Path, n_relevant: int, n_irrelevant: int) -> int:
             if mode == "slm":
                 break
             time.sleep(0.5)
-        time.sleep(5)
+        else:
+            say(f"the rollout stayed at {last_mode} (not enough agreeing shadow samples yet)")
+        say("serving: calls the selector is confident about are answered by the SLM; the rest "
+            "(low confidence, or no fitting tool) fall back to the LLM per request")
+        time.sleep(25)
         show_table(c)
 
         say(
