@@ -261,7 +261,7 @@ def test_valid_agenttask_is_stored_with_defaults(cluster: Any, namespace: str) -
     assert spec["training"]["activeDeadlineSeconds"] == 21600
     assert spec["training"]["backoffLimit"] == 2
     assert spec["evaluation"]["selectionPolicy"] == "smallest-passing"
-    assert spec["serving"]["image"] == "nvcr.io/nvidia/tritonserver:25.01-py3"
+    assert spec["serving"]["image"] == "ghcr.io/slm-fleet/triton:0.1.0"
     assert (spec["serving"]["minReplicas"], spec["serving"]["maxReplicas"]) == (1, 4)
     assert spec["serving"]["gpus"] == 1
     assert spec["serving"]["slo"] == {
