@@ -38,6 +38,10 @@ from slm_contract import TrainerResult
 #: ``CONTRACT_STAGE``.
 STAGES: dict[str, str] = {
     "curate": "slm_trainer.curate",
+    "export": "slm_trainer.export",
+    "finetune": "slm_trainer.finetune",
+    "evaluate": "slm_trainer.evaluate",
+    "discover": "slm_trainer.discover",
 }
 
 TERMINATION_LOG = "/dev/termination-log"

@@ -1,0 +1,302 @@
+"""Tool-selection quality on real BFCL traffic: the fine-tuned selector vs zero-shot MiniLM.
+
+Why: the product's headline claim is the share of agent calls a small model takes over
+without losing quality against the LLM. This benchmark measures it on the Berkeley Function
+Calling Leaderboard and runs the trainer's own stages end to end
+(bfcl_data -> curate -> finetune (selector) -> evaluate). It tunes only on ``live_multiple``,
+``simple_python`` and ``live_irrelevance``.
+
+Traffic: the held-out (eval) split of ``live_multiple`` mixed with the held-out split of
+``live_irrelevance``. A model either answers, naming the function, or defers the call to the
+LLM. The target (issue 4):
+
+- accept >= 80% of the relevant calls (those the LLM answered with a tool);
+- be right on >= 97% of the calls it accepts (the correct function; accepting an irrelevant
+  call counts as wrong);
+- defer >= 90% of the irrelevant calls.
+
+The fine-tuned selector's threshold is the one its finetune stage picked on the calibration
+split carved from the training data, so no choice is made on the traffic. The baseline,
+from the same run, is untuned all-MiniLM-L6-v2 cosine ranking over the same texts, with the
+similarity threshold set on the traffic itself so that it defers 90% of the irrelevant calls.
+That choice favours the baseline.
+
+Usage::
+
+    python bench/selector_quality.py [--work /tmp/slm-bench-selector] [--epochs 4]
+        [--threads 2] [--tool-tower frozen|shared] [--reuse-data]
+
+Writes ``bench/results/selector_quality.json`` and ``bench/results/selector_coverage.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "trainer"))
+sys.path.insert(0, str(ROOT / "bench"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import bfcl_data  # noqa: E402
+
+from slm_trainer import metrics  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+TRAFFIC = ("live_multiple", "live_irrelevance")
+TARGET = {"relevant_accepted": 0.80, "precision": 0.97, "irrelevant_deferred": 0.90}
+
+
+def quiet_emit(event: dict[str, Any]) -> None:
+    """Progress on stderr, sparsely: the table on stdout stays readable."""
+    if event.get("phase") in ("train", "resume", "preempted") and (
+        event.get("percent", 0) % 10 < 0.5 or event.get("phase") != "train"
+    ):
+        print(json.dumps(event), file=sys.stderr, flush=True)
+
+
+def baseline_threshold(conf: Sequence[float], refs: Sequence[str | None], defer: float) -> float:
+    """The lowest similarity threshold that defers at least ``defer`` of irrelevant calls."""
+    irrelevant = sorted(c for c, r in zip(conf, refs, strict=True) if r is None)
+    if not irrelevant:
+        return 0.0
+    k = min(len(irrelevant) - 1, int(defer * len(irrelevant) + 0.999999) - 1)
+    # Accept iff cos >= t: t just above the k-th smallest defers irrelevant[0..k].
+    import math
+
+    return math.nextafter(irrelevant[k], math.inf)
+
+
+def row(name: str, point: metrics.CurvePoint, top1: float) -> dict[str, Any]:
+    return {
+        "model": name,
+        "threshold": round(point.threshold, 4),
+        "relevant_accepted": round(point.relevant_coverage, 4),
+        "precision": round(point.precision, 4),
+        "irrelevant_deferred": round(point.irrelevant_deferral, 4),
+        "top1_relevant": round(top1, 4),
+        "accepted": point.accepted,
+        "correct": point.correct,
+        "meets_target": point.relevant_coverage >= TARGET["relevant_accepted"]
+        and point.precision >= TARGET["precision"]
+        and point.irrelevant_deferral >= TARGET["irrelevant_deferred"],
+    }
+
+
+def print_table(rows: Sequence[dict[str, Any]], n_rel: int, n_irr: int) -> None:
+    print(f"\nTraffic: held-out live_multiple ({n_rel} calls) + live_irrelevance ({n_irr} calls)")
+    head = (
+        f"{'model':44} {'thresh':>7} {'relevant accepted':>18} {'precision':>10} "
+        f"{'irrelevant deferred':>20} {'top-1':>6} {'target':>7}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(
+            f"{r['model']:44} {r['threshold']:>7.3f} {r['relevant_accepted']:>18.1%} "
+            f"{r['precision']:>10.1%} {r['irrelevant_deferred']:>20.1%} "
+            f"{r['top1_relevant']:>6.1%} {'MET' if r['meets_target'] else 'missed':>7}"
+        )
+    print(
+        f"{'target':44} {'':>7} {'>= 80.0%':>18} {'>= 97.0%':>10} {'>= 90.0%':>20} {'':>6} {'':>7}"
+    )
+
+
+def plot(
+    curves: dict[str, list[metrics.CurvePoint]], marks: dict[str, dict[str, Any]], path: Path
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, curve in curves.items():
+        pts = [p for p in curve if p.accepted]
+        ax.plot([p.relevant_coverage for p in pts], [p.precision for p in pts], label=name)
+        m = marks.get(name)
+        if m:
+            ax.scatter([m["relevant_accepted"]], [m["precision"]], zorder=3)
+    ax.axhline(TARGET["precision"], color="grey", linestyle="--", linewidth=0.8)
+    ax.axvline(TARGET["relevant_accepted"], color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("relevant calls accepted (coverage)")
+    ax.set_ylabel("precision on accepted calls")
+    ax.set_title("BFCL live_multiple + live_irrelevance (held out)")
+    ax.set_ylim(0.5, 1.005)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/slm-bench-selector"))
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--learning-rate", type=float, default=5e-4)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-fraction", type=float, default=0.2)
+    parser.add_argument("--tool-tower", choices=("frozen", "shared"), default="frozen")
+    parser.add_argument("--missing-tool-weight", type=float, default=0.5)
+    parser.add_argument("--calibration-fraction", type=float, default=0.15)
+    parser.add_argument("--reuse-data", action="store_true", help="keep work/data if present")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    ns = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(ns.threads)
+    from slm_trainer import curate, finetune, selector
+
+    work: Path = ns.work
+    data = work / "data"
+    timings: dict[str, float] = {}
+    t0 = time.monotonic()
+    if not (ns.reuse_data and (data / "eval.jsonl").is_file()):
+        n = bfcl_data.write_call_log(work / "calls.jsonl")
+        res = curate.run(
+            curate.Args(
+                input=work / "calls.jsonl",
+                output_dir=data,
+                eval_fraction=ns.eval_fraction,
+                seed=ns.seed,
+            ),
+            quiet_emit,
+        )
+        print(f"curate: {n} BFCL records -> {res.message}", file=sys.stderr)
+        if not res.ok:
+            return 1
+    timings["data_seconds"] = round(time.monotonic() - t0, 1)
+
+    cand = work / "candidates" / "minilm-selector"
+    if cand.exists():
+        import shutil
+
+        shutil.rmtree(cand)
+    args = finetune.Args(
+        candidate="minilm-selector",
+        model="sentence-transformers/all-MiniLM-L6-v2",
+        data=data,
+        output=cand,
+        task_type="tool-call",
+        method="lora",
+        lora_r=ns.lora_r,
+        lora_alpha=2 * ns.lora_r,
+        epochs=ns.epochs,
+        learning_rate=ns.learning_rate,
+        max_seq_length=128,
+        metric="label-accuracy",
+        checkpoint_dir=work / "checkpoints" / "minilm-selector",
+        seed=ns.seed,
+        batch_size=ns.batch_size,
+        num_threads=ns.threads,
+        tool_tower=ns.tool_tower,
+        missing_tool_weight=ns.missing_tool_weight,
+        calibration_fraction=ns.calibration_fraction,
+    )
+    t1 = time.monotonic()
+    result = finetune.run(args, quiet_emit)
+    timings["finetune_seconds"] = round(time.monotonic() - t1, 1)
+    print(f"finetune: {result.message}", file=sys.stderr)
+    if not result.ok:
+        return 1
+
+    # The evaluate stage on the whole held-out split (all three categories), as a Job runs it.
+    from slm_trainer import evaluate
+
+    ev = evaluate.run(
+        evaluate.Args(
+            data=data,
+            output=ns.results / "evaluate",
+            candidates=str(cand),
+            task_type="tool-call",
+            metric="label-accuracy",
+            target_precision=TARGET["precision"],
+        )
+    )
+    print(f"evaluate: {ev.message}", file=sys.stderr)
+
+    eval_records = selector.read_records(data / "eval.jsonl")
+    examples = selector.examples_from_records(eval_records, "tool-call")
+    preds = [json.loads(line) for line in (cand / selector.PREDICTIONS).open()]
+    keep = [i for i, r in enumerate(eval_records) if bfcl_data.category_of(r.request_id) in TRAFFIC]
+    refs = [examples[i].ref_label for i in keep]
+    n_rel = sum(r is not None for r in refs)
+    n_irr = len(refs) - n_rel
+
+    tuned_labels = [preds[i]["label"] for i in keep]
+    tuned_conf = [float(preds[i]["confidence"]) for i in keep]
+    manifest = json.loads((cand / selector.MANIFEST).read_text())
+    tuned_th = float(manifest["threshold"])
+    tuned_curve = metrics.coverage_curve(tuned_labels, tuned_conf, refs)
+    tuned_at = metrics.selective_point(tuned_labels, tuned_conf, refs, tuned_th)
+    oracle = metrics.pick_threshold(tuned_curve, TARGET["precision"])
+
+    t2 = time.monotonic()
+    zs = selector.zero_shot_predictions([examples[i] for i in keep], args.model)
+    timings["zero_shot_seconds"] = round(time.monotonic() - t2, 1)
+    zs_labels = [p[0] for p in zs]
+    zs_conf = [p[1] for p in zs]
+    zs_th = baseline_threshold(zs_conf, refs, TARGET["irrelevant_deferred"])
+    zs_at = metrics.selective_point(zs_labels, zs_conf, refs, zs_th)
+    zs_curve = metrics.coverage_curve(zs_labels, zs_conf, refs)
+
+    def top1(labels: Sequence[str | None]) -> float:
+        pairs = [(p, r) for p, r in zip(labels, refs, strict=True) if r is not None]
+        return sum(p == r for p, r in pairs) / max(1, len(pairs))
+
+    rows = [
+        row("zero-shot MiniLM cosine (thr. on traffic)", zs_at, top1(zs_labels)),
+        row("fine-tuned selector (thr. from calibration)", tuned_at, top1(tuned_labels)),
+    ]
+    if oracle is not None:
+        rows.append(row("fine-tuned, thr. picked on traffic (info)", oracle, top1(tuned_labels)))
+    print_table(rows, n_rel, n_irr)
+    timings["total_seconds"] = round(time.monotonic() - t0, 1)
+    print(
+        f"\nfine-tune: {result.train_seconds:.0f} s train, {result.eval_seconds:.0f} s eval, "
+        f"{result.trainable_parameters:,} trainable of {result.parameters:,} parameters, "
+        f"{torch.get_num_threads()} CPU threads; eval latency (1 call): "
+        f"{manifest['eval']['latency_ms']}"
+    )
+
+    out = {
+        "target": TARGET,
+        "traffic": {"relevant": n_rel, "irrelevant": n_irr},
+        "rows": rows,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(ns).items()},
+        "finetune_result": json.loads(result.to_json()),
+        "timings": timings,
+        "curves": {
+            "zero_shot": metrics.curve_as_dicts(zs_curve, 100),
+            "selector": metrics.curve_as_dicts(tuned_curve, 100),
+        },
+        "tuned_point": asdict(tuned_at),
+    }
+    ns.results.mkdir(parents=True, exist_ok=True)
+    (ns.results / "selector_quality.json").write_text(json.dumps(out, indent=2) + "\n")
+    plot(
+        {"zero-shot MiniLM cosine": zs_curve, "fine-tuned selector": tuned_curve},
+        {"zero-shot MiniLM cosine": rows[0], "fine-tuned selector": rows[1]},
+        ns.results / "selector_coverage.png",
+    )
+    print(f"wrote {ns.results / 'selector_quality.json'} and selector_coverage.png")
+    return 0 if rows[1]["meets_target"] else 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,171 @@
+"""Task discovery: pure naming/purity/manifest rules, and real clustering of BFCL traffic."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from slm_contract import CallRecord
+from slm_trainer import discover
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def rec(prompt: str, tool: str | None, task: str = "t", answer: str = "ok") -> CallRecord:
+    response: dict[str, Any] = (
+        {"tool_calls": [{"type": "function", "function": {"name": tool, "arguments": "{}"}}]}
+        if tool
+        else {"content": answer}
+    )
+    tools = [{"type": "function", "function": {"name": tool}}] if tool else []
+    return CallRecord(
+        task=task,
+        backend="llm",
+        messages=[{"role": "user", "content": prompt}],
+        tools=tools,
+        response=response,
+    )
+
+
+def test_purity_ignores_noise_and_weighs_by_size() -> None:
+    assert discover.purity([0, 0, 1, 1], ["a", "a", "b", "b"]) == 1.0
+    assert discover.purity([0, 0, 0, 1], ["a", "a", "b", "b"]) == 0.75
+    assert discover.purity([-1, 0], ["a", "b"]) == 1.0
+    assert discover.purity([], []) == 0.0
+
+
+def test_names_are_unique_dns_labels() -> None:
+    taken: set[str] = set()
+    a = discover.cluster_name(["Weather_1_GetWeather"], [], taken)
+    b = discover.cluster_name(["Weather_1_GetWeather"], [], taken)
+    c = discover.cluster_name([], ["Refund", "order", "money"], taken, prefix="shop-")
+    d = discover.cluster_name(["3d.render"], [], taken)
+    assert (a, b, c) == (
+        "weather-1-get-weather",
+        "weather-1-get-weather-2",
+        "shop-refund-order-money",
+    )
+    assert d.startswith("task-3d")
+    assert all(DNS_1035.match(n) and len(n) <= 50 for n in taken)
+
+
+def test_task_types_and_embedding_text() -> None:
+    assert discover.task_type_of(rec("x", "get_weather")) == "tool-call"
+    assert discover.task_type_of(rec("x", None, answer="billing")) == "classification"
+    assert discover.task_type_of(rec("x", None, answer='{"name": "Ann", "age": 3}')) == "extraction"
+    assert discover.task_type_of(rec("x", None, answer="A long free text answer " * 5)) == (
+        "generation"
+    )
+    text = discover.embedding_text(rec("Weather in Oslo?", "get_weather"))
+    assert text == "Weather in Oslo?\nTools: get weather\nAction: get weather"
+
+
+def test_manifest_follows_the_crd(tmp_path: Path) -> None:
+    args = discover.Args(input=tmp_path, output_dir=tmp_path, namespace="agents", llm_secret="k")
+    m = discover.agent_task_manifest(
+        "get-weather", "tool-call", "d", "pvc://logs/w.jsonl", args, "gpt-4o", 120
+    )
+    crd = yaml.safe_load((REPO / "crds" / "slmfleet.dev_agenttasks.yaml").read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    spec_schema = schema["properties"]["spec"]
+    assert m["apiVersion"] == f"{crd['spec']['group']}/{crd['spec']['versions'][0]['name']}"
+    assert m["kind"] == crd["spec"]["names"]["kind"]
+    assert set(spec_schema["required"]) <= set(m["spec"])
+    assert set(m["spec"]) <= set(spec_schema["properties"])
+    props = spec_schema["properties"]
+    assert m["spec"]["evaluation"]["metric"] in props["evaluation"]["properties"]["metric"]["enum"]
+    assert m["spec"]["taskType"] in props["taskType"]["enum"]
+    cand_props = props["candidates"]["items"]["properties"]
+    for cand in m["spec"]["candidates"]:
+        assert set(cand) <= set(cand_props) and re.match(
+            cand_props["name"]["pattern"], cand["name"]
+        )
+    assert re.match(
+        r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.+|s3://[^/]+/.+|file:///.+)$",
+        m["spec"]["dataset"]["uri"],
+    )
+    assert m["spec"]["fallback"]["llm"]["apiKeySecretRef"] == {"name": "k"}
+    cls = discover.agent_task_manifest("t", "classification", "d", "file:///x", args, "m", 9)
+    assert cls["spec"]["evaluation"]["metric"] == "label-accuracy"
+    assert cls["spec"]["candidates"][0]["model"] == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+# ------------------------------------------------------------------ real clustering
+
+#: Five BFCL live_multiple function sets whose tools do not overlap: five agent tasks.
+FUNCTION_SETS = ("145", "161", "191", "164", "4")
+
+
+def bfcl_tasks(per_set: int = 24) -> list[CallRecord]:
+    pytest.importorskip("bfcl_eval")
+    import bfcl_data
+
+    out, seen = [], {s: 0 for s in FUNCTION_SETS}
+    for r in bfcl_data.records(["live_multiple"]):
+        fs = r.request_id.split("-")[1]
+        if fs in seen and seen[fs] < per_set:
+            seen[fs] += 1
+            out.append(CallRecord(**{**json.loads(r.to_json()), "task": f"bfcl-set-{fs}"}))
+    return out
+
+
+@pytest.mark.slow
+def test_discover_recovers_bfcl_tasks_and_writes_manifests(tmp_path: Path) -> None:
+    records = bfcl_tasks()
+    log = tmp_path / "calls.jsonl"
+    log.write_text("".join(r.to_json() + "\n" for r in records) + "{broken\n")
+    events: list[dict[str, Any]] = []
+    args = discover.Args(
+        input=log,
+        output_dir=tmp_path / "out",
+        max_clusters=8,
+        min_cluster_size=12,
+        num_threads=2,
+        dataset_uri_prefix="pvc://agent-call-logs/discovered",
+    )
+    result = discover.run(args, events.append)
+    assert result.ok, result.message
+    report = json.loads((tmp_path / "out" / "discover_report.json").read_text())
+    print(
+        f"\ndiscover on BFCL: k={report['clusters_found']}, purity {report['purity']}, "
+        f"silhouettes {report['silhouette_by_k']}"
+    )
+    assert report["label_by"] == "task"
+    assert report["purity"] >= 0.9
+    assert 4 <= report["clusters_found"] <= 8
+    assert report["records"] == len(records)
+    sizes = [c["size"] for c in report["clusters"]]
+    assert sizes == sorted(sizes, reverse=True) and sum(sizes) == len(records)
+    first = report["clusters"][0]
+    assert first["top_tools"] and first["keywords"] and first["examples"]
+    assert first["task_type"] == "tool-call"
+
+    manifests = sorted((tmp_path / "out" / "manifests").glob("*.yaml"))
+    assert len(manifests) == len(report["manifests"]) >= 4
+    for path in manifests:
+        doc = yaml.safe_load(path.read_text())
+        assert doc["kind"] == "AgentTask" and DNS_1035.match(doc["metadata"]["name"])
+        name = doc["metadata"]["name"]
+        assert doc["spec"]["dataset"]["uri"] == f"pvc://agent-call-logs/discovered/{name}.jsonl"
+        lines = (tmp_path / "out" / "clusters" / f"{name}.jsonl").read_text().splitlines()
+        assert len(lines) >= 12
+        assert all(CallRecord.from_json(line) for line in lines)
+    assert any(e.get("phase") == "cluster" for e in events)
+
+
+def test_discover_refuses_too_little_data(tmp_path: Path) -> None:
+    log = tmp_path / "calls.jsonl"
+    log.write_text(rec("hi", None).to_json() + "\n")
+    result = discover.run(discover.Args(input=log, output_dir=tmp_path / "o"))
+    assert not result.ok and "too few" in result.message

@@ -1,0 +1,196 @@
+"""The evaluate stage: the same rules for every candidate, the gate, and its report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from slm_contract import CallRecord, TrainerResult
+from slm_trainer import evaluate
+
+REPO = Path(__file__).resolve().parents[2]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "required": ["city"],
+                "properties": {"city": {"type": "string"}},
+            },
+        },
+    },
+    {"type": "function", "function": {"name": "set_alarm", "parameters": {"type": "object"}}},
+]
+
+
+def tool_call(name: str, args: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "role": "assistant",
+        "tool_calls": [
+            {"type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
+        ],
+    }
+
+
+def records() -> list[CallRecord]:
+    """Four calls: three with a tool (weather x2, alarm), one the LLM answered in text."""
+    refs = [
+        tool_call("get_weather", {"city": "Oslo"}),
+        tool_call("get_weather", {"city": "Lima"}),
+        tool_call("set_alarm", {}),
+        {"role": "assistant", "content": "I can't do that with these tools."},
+    ]
+    return [
+        CallRecord(
+            task="t",
+            backend="llm",
+            messages=[{"role": "user", "content": f"q{i}"}],
+            tools=TOOLS,
+            response=r,
+        )
+        for i, r in enumerate(refs)
+    ]
+
+
+SELECTOR = [
+    evaluate.Prediction(label="get_weather", confidence=0.95, latency_ms=3.0),
+    evaluate.Prediction(label="get_weather", confidence=0.70, latency_ms=5.0),
+    evaluate.Prediction(label="get_weather", confidence=0.60, latency_ms=4.0),  # wrong
+    evaluate.Prediction(label=None, confidence=0.90, latency_ms=3.0),  # defers: right
+]
+GENERATOR = [
+    evaluate.Prediction(response=tool_call("get_weather", {"city": "oslo"}), confidence=0.9),
+    evaluate.Prediction(response=tool_call("get_weather", {"city": "Paris"}), confidence=0.8),
+    evaluate.Prediction(response={"defer": True}, confidence=0.1),
+    evaluate.Prediction(
+        response={"role": "assistant", "content": "I can't do that with these  tools."},
+        confidence=0.3,
+    ),
+]
+
+
+def test_a_selector_is_scored_by_its_labels_over_thresholds() -> None:
+    s = evaluate.score_candidate("sel", records(), SELECTOR, "tool-call", "label-accuracy", 0.99)
+    assert s.kind == "selector"
+    assert s.metrics["label_accuracy"] == 0.75  # 3 of 4 decisions, the deferral included
+    assert s.metrics["exact_match"] is None and s.metrics["tool_call_ast"] is None
+    assert s.threshold == 0.7 and s.score == 1.0 and s.coverage == 0.5
+    assert s.metrics["latency_ms"]["p50"] == 3.0
+    assert [p["accepted"] for p in s.curve] == [3, 2, 1, 0]
+
+
+def test_a_generator_is_scored_by_ast_exact_match_and_json() -> None:
+    s = evaluate.score_candidate("gen", records(), GENERATOR, "tool-call", "tool-call-ast", 0.9)
+    assert s.kind == "generative"
+    assert s.metrics["tool_call_ast"] == 0.5  # "oslo" ~ "Oslo" and the text answer
+    assert s.metrics["exact_match"] == 0.25  # only the text answer is exact
+    assert s.metrics["json_validity"] == 1.0
+    # At 0.9 only the Oslo call is answered, and it is right.
+    assert s.threshold == 0.9 and s.score == 1.0 and s.coverage == 0.25
+
+
+def test_without_confidences_the_score_is_the_metric_on_every_call() -> None:
+    preds = [evaluate.Prediction(response=p.response) for p in GENERATOR]
+    s = evaluate.score_candidate("gen", records(), preds, "tool-call", "exact-match", 0.9)
+    assert s.threshold is None and s.coverage == 1.0 and s.score == 0.25
+
+
+def test_gate_and_selection_policies() -> None:
+    def cand(name: str, score: float, params: int, coverage: float = 0.5) -> Any:
+        return evaluate.CandidateScore(
+            name=name, kind="selector", path="", parameters=params, score=score, coverage=coverage
+        )
+
+    pool = [cand("big", 0.99, 500), cand("small", 0.96, 20), cand("bad", 0.80, 5)]
+    win = evaluate.apply_gate(pool, 1.0, 0.9, 0.05, "smallest-passing")
+    assert win is not None and win.name == "small"
+    assert [c.passes for c in pool] == [True, True, False]
+    assert any("minScore" in r for r in pool[2].reasons)
+    pool = [cand("big", 0.99, 500), cand("small", 0.96, 20)]
+    assert evaluate.apply_gate(pool, 1.0, None, None, "best-score").name == "big"  # type: ignore[union-attr]
+    pool = [cand("idle", 1.0, 1, coverage=0.0)]
+    assert evaluate.apply_gate(pool, 1.0, None, None, "best-score") is None
+    assert pool[0].reasons == ["answers no call"]
+
+
+def write_candidate(folder: Path, preds: list[evaluate.Prediction], params: int) -> None:
+    folder.mkdir(parents=True)
+    with (folder / "predictions.jsonl").open("w") as fh:
+        for i, p in enumerate(preds):
+            row = {"index": i, "label": p.label, "confidence": p.confidence}
+            if p.response is not None:
+                row["response"] = p.response
+            fh.write(json.dumps(row) + "\n")
+    (folder / "result.json").write_text(
+        TrainerResult(
+            stage="finetune", ok=True, parameters=params, artifact_uri=f"pvc://x/{params}"
+        ).to_json()
+    )
+
+
+def test_the_stage_writes_report_and_plot_and_reports_the_winner(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "eval.jsonl").write_text("".join(r.to_json() + "\n" for r in records()))
+    write_candidate(tmp_path / "cands" / "selector", SELECTOR, 22_000_000)
+    write_candidate(tmp_path / "cands" / "generator", GENERATOR, 135_000_000)
+    (tmp_path / "cands" / "broken").mkdir()
+    result_path = tmp_path / "result.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "trainer")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "slm_trainer",
+            "evaluate",
+            f"--data={data}",
+            f"--output={tmp_path / 'report'}",
+            f"--candidates-dir={tmp_path / 'cands'}",
+            "--metric=label-accuracy",
+            "--min-score=0.9",
+            "--max-drop-vs-llm=0.05",
+            "--target-precision=0.95",
+            f"--result-path={result_path}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = TrainerResult.from_json(result_path.read_text())
+    assert result.ok and result.candidate == "selector"  # smallest passing
+    assert result.artifact_uri == "pvc://x/22000000" and result.threshold == 0.7
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["winner"] == "selector"
+    by_name = {c["name"]: c for c in report["candidates"]}
+    assert by_name["broken"]["error"] and not by_name["broken"]["passes"]
+    assert by_name["generator"]["passes"]
+    assert (tmp_path / "report" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_predictions_for_other_calls_are_refused(tmp_path: Path) -> None:
+    recs = records()
+    path = tmp_path / "predictions.jsonl"
+    path.write_text(json.dumps({"index": 0, "key": "not-this-call", "label": "x"}) + "\n")
+    with pytest.raises(ValueError, match="predictions for 4 eval calls"):
+        evaluate.read_predictions(path, recs)
+    path.write_text("".join(json.dumps({"index": i, "key": "nope"}) + "\n" for i in range(4)))
+    with pytest.raises(ValueError, match="another call"):
+        evaluate.read_predictions(path, recs)
+
+
+def test_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="candidates"):
+        evaluate.Args(data=Path("d"), output=Path("o"))
+    with pytest.raises(ValueError, match="target_precision"):
+        evaluate.Args(data=Path("d"), output=Path("o"), candidates="a", target_precision=0)

@@ -1,0 +1,280 @@
+"""The scoring rules the gate relies on, on hand-made cases whose answers are known."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+from typing import Any
+
+import pytest
+
+from slm_trainer import metrics as m
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather for a city.",
+        "parameters": {
+            "type": "object",
+            "required": ["city"],
+            "properties": {
+                "city": {"type": "string"},
+                "unit": {"type": "string", "enum": ["C", "F"], "default": "C"},
+                "days": {"type": "integer", "default": 1},
+                "lat": {"type": "number", "format": "float"},
+                "tags": {"type": "array", "items": {"type": "string"}},
+                "filters": {
+                    "type": "object",
+                    "properties": {"wind": {"type": "boolean"}, "rain": {"type": "boolean"}},
+                },
+            },
+        },
+    },
+}
+ALARM_TOOL = {
+    "type": "function",
+    "function": {"name": "set_alarm", "parameters": {"type": "object", "properties": {}}},
+}
+TOOLS = [WEATHER_TOOL, ALARM_TOOL]
+
+
+def call(name: str, args: Any, as_string: bool = True) -> dict[str, Any]:
+    return {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "x",
+                "type": "function",
+                "function": {"name": name, "arguments": json.dumps(args) if as_string else args},
+            }
+        ],
+    }
+
+
+REF = call("get_weather", {"city": "New York, NY", "lat": 40.7, "filters": {"wind": True}})
+
+
+# ------------------------------------------------------------------ labels and exact match
+
+
+def test_labels_of_responses() -> None:
+    assert m.tool_label(REF) == "get_weather"
+    assert m.label_of({"role": "assistant", "content": "I can't do that."}, "tool-call") is None
+    assert m.label_of({"content": "  Billing "}, "classification") == "billing"
+    assert m.label_of({"defer": True}, "tool-call") is None
+    assert m.is_deferral({"defer": True}) and not m.is_deferral(REF)
+
+
+def test_exact_match_compares_parsed_arguments_not_their_spelling() -> None:
+    same = call("get_weather", {"filters": {"wind": True}, "lat": 40.7, "city": "New York, NY"})
+    assert m.exact_match(same, REF)
+    as_dict = call("get_weather", json.loads(REF["tool_calls"][0]["function"]["arguments"]), False)
+    assert m.exact_match(as_dict, REF)
+    assert not m.exact_match(call("get_weather", {"city": "Boston"}), REF)
+    assert m.exact_match({"content": "Billing  issue"}, {"content": "billing issue"})
+    assert not m.exact_match({"defer": True}, {"defer": True})
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        (REF, True),
+        (call("get_weather", "{not json"), False),
+        (call("get_weather", "[1, 2]"), False),  # arguments must be an object
+        ({"content": '{"a": 1}'}, True),
+        ({"content": "plain text"}, False),
+        ({"content": ""}, None),
+    ],
+)
+def test_json_validity(response: dict[str, Any], expected: bool | None) -> None:
+    assert m.json_valid(response) is expected
+
+
+# ------------------------------------------------------------------ AST match
+
+AST_CASES = [
+    ("identical", REF, True),
+    (
+        "strings compare without case, spaces or punctuation",
+        call("get_weather", {"city": "new york ny", "lat": 40.7, "filters": {"wind": True}}),
+        True,
+    ),
+    (
+        "an int is accepted for a float",
+        call(
+            "get_weather",
+            {"city": "New York, NY", "lat": 40.7, "filters": {"wind": True}, "days": 1},
+        ),
+        True,
+    ),
+    (
+        "optional parameter sent with its default",
+        call(
+            "get_weather",
+            {"city": "New York, NY", "lat": 40.7, "filters": {"wind": True}, "unit": "C"},
+        ),
+        True,
+    ),
+    (
+        "optional parameter with another value",
+        call(
+            "get_weather",
+            {"city": "New York, NY", "lat": 40.7, "filters": {"wind": True}, "unit": "F"},
+        ),
+        False,
+    ),
+    (
+        "a parameter the reference sent is missing",
+        call("get_weather", {"city": "New York, NY", "filters": {"wind": True}}),
+        False,
+    ),
+    (
+        "required parameter missing",
+        call("get_weather", {"lat": 40.7, "filters": {"wind": True}}),
+        False,
+    ),
+    (
+        "unknown parameter",
+        call(
+            "get_weather",
+            {"city": "New York, NY", "lat": 40.7, "filters": {"wind": True}, "zip": "10001"},
+        ),
+        False,
+    ),
+    (
+        "wrong type",
+        call("get_weather", {"city": "New York, NY", "lat": "40.7", "filters": {"wind": True}}),
+        False,
+    ),
+    (
+        "nested dict value differs",
+        call("get_weather", {"city": "New York, NY", "lat": 40.7, "filters": {"wind": False}}),
+        False,
+    ),
+    ("another function", call("set_alarm", {}), False),
+    ("a deferral", {"defer": True}, False),
+    ("no call at all", {"content": "It is sunny."}, False),
+]
+
+
+@pytest.mark.parametrize("use_bfcl", [True, False], ids=["bfcl", "builtin"])
+@pytest.mark.parametrize(("case", "pred", "expected"), AST_CASES, ids=[c[0] for c in AST_CASES])
+def test_ast_match(case: str, pred: dict[str, Any], expected: bool, use_bfcl: bool) -> None:
+    if use_bfcl and m.load_bfcl_checker() is None:
+        pytest.skip("bfcl-eval is not installed")
+    result = m.ast_match(pred, REF, TOOLS, use_bfcl=use_bfcl)
+    assert result.match is expected, result
+
+
+def test_bfcl_checker_is_used_without_leaving_its_stub_behind() -> None:
+    if m.load_bfcl_checker() is None:
+        pytest.skip("bfcl-eval is not installed")
+    assert m.ast_match(REF, REF, TOOLS).checker == "bfcl"
+    assert "bfcl_eval.constants.model_config" not in sys.modules or hasattr(
+        sys.modules["bfcl_eval.constants.model_config"], "MODEL_CONFIG_MAPPING"
+    )
+
+
+def test_ast_lists_compare_in_order() -> None:
+    ref = call("get_weather", {"city": "Oslo", "tags": ["a", "b"]})
+    assert m.ast_match(call("get_weather", {"city": "Oslo", "tags": ["A", "b"]}), ref, TOOLS).match
+    assert not m.ast_match(
+        call("get_weather", {"city": "Oslo", "tags": ["b", "a"]}), ref, TOOLS
+    ).match
+
+
+def test_a_reference_without_tool_call_matches_only_a_prediction_without_one() -> None:
+    text = {"role": "assistant", "content": "No tool fits."}
+    assert m.ast_match({"content": "Sorry."}, text, TOOLS).match
+    assert not m.ast_match(REF, text, TOOLS).match
+
+
+def test_possible_answer_follows_bfcl_conventions() -> None:
+    function = m.gorilla_function(WEATHER_TOOL)
+    assert function["parameters"]["properties"]["lat"]["type"] == "float"
+    assert function["parameters"]["properties"]["filters"]["type"] == "dict"
+    answer = m.possible_answer("get_weather", {"city": "Oslo", "filters": {"wind": True}}, function)
+    assert answer["get_weather"]["city"] == ["Oslo"]
+    assert answer["get_weather"]["filters"] == [{"wind": [True]}]
+    assert answer["get_weather"]["unit"] == ["", "C"]
+    assert answer["get_weather"]["tags"] == [""]
+
+
+# ------------------------------------------------------------------ coverage / precision
+
+# Five calls: three need a tool, two (None) must go back to the LLM.
+PRED = ["a", "b", "c", "a", None]
+CONF = [0.95, 0.90, 0.60, 0.80, 0.99]
+REFS = ["a", "b", "x", None, None]
+
+
+def test_selective_point_counts_an_accepted_irrelevant_call_as_wrong() -> None:
+    p = m.selective_point(PRED, CONF, REFS, 0.7)
+    assert (p.accepted, p.correct) == (3, 2)  # a, b right; the 4th call (ref None) wrong
+    assert p.precision == pytest.approx(2 / 3)
+    assert p.relevant_coverage == pytest.approx(2 / 3)
+    assert p.irrelevant_deferral == pytest.approx(0.5)
+    assert p.coverage == pytest.approx(3 / 5)
+
+
+def test_coverage_curve_has_one_point_per_confidence_and_closes_at_zero() -> None:
+    curve = m.coverage_curve(PRED, CONF, REFS)
+    assert [p.threshold for p in curve[:-1]] == [0.6, 0.8, 0.9, 0.95]
+    assert [p.accepted for p in curve] == [4, 3, 2, 1, 0]
+    assert [p.correct for p in curve] == [2, 2, 2, 1, 0]
+    assert curve[-1].precision == 1.0 and curve[-1].threshold > 0.95
+
+
+def test_pick_threshold_keeps_the_most_coverage_that_meets_the_target() -> None:
+    curve = m.coverage_curve(PRED, CONF, REFS)
+    best = m.pick_threshold(curve, 0.99)
+    assert best is not None and best.threshold == 0.9 and best.accepted == 2
+    assert m.pick_threshold(curve, 0.6).threshold == 0.8  # type: ignore[union-attr]
+    assert m.pick_threshold(m.coverage_curve(["a"], [0.9], ["b"]), 0.5) is None
+
+
+def test_custom_verdicts_override_label_equality() -> None:
+    p = m.selective_point(["a", "a"], [0.9, 0.9], ["a", "a"], 0.5, correct=[True, False])
+    assert p.correct == 1
+
+
+def test_curve_as_dicts_thins_but_keeps_both_ends() -> None:
+    curve = m.coverage_curve(
+        [f"l{i}" for i in range(500)], [i / 500 for i in range(500)], ["l0"] * 500
+    )
+    thin = m.curve_as_dicts(curve, max_points=50)
+    assert len(thin) == 50
+    assert thin[0]["threshold"] == 0.0 and thin[-1]["accepted"] == 0
+
+
+# ------------------------------------------------------------------ calibration
+
+
+def test_fit_temperature_recovers_the_temperature_that_generated_the_labels() -> None:
+    rng = random.Random(7)
+    rows, targets = [], []
+    for _ in range(3000):
+        logits = [rng.gauss(0, 3) for _ in range(4)]
+        probs = m.softmax(logits, 2.5)
+        targets.append(rng.choices(range(4), probs)[0])
+        rows.append(logits)
+    assert m.fit_temperature(rows, targets) == pytest.approx(2.5, rel=0.12)
+    assert m.fit_temperature([], []) == 1.0
+
+
+def test_temperature_above_one_softens_overconfidence() -> None:
+    assert max(m.softmax([4.0, 0.0], 2.0)) < max(m.softmax([4.0, 0.0]))
+    assert sum(m.softmax([1.0, 2.0, 3.0])) == pytest.approx(1.0)
+
+
+def test_expected_calibration_error_and_latency_summary() -> None:
+    assert m.expected_calibration_error([1.0, 1.0], [True, True]) == 0.0
+    assert m.expected_calibration_error([0.9] * 10, [True] * 5 + [False] * 5) == pytest.approx(0.4)
+    lat = m.latency_summary([float(x) for x in range(1, 101)])
+    assert lat == {"mean": 50.5, "p50": 50.0, "p95": 95.0}
+    assert m.latency_summary([]) == {"mean": 0.0, "p50": 0.0, "p95": 0.0}
+    assert math.isfinite(m.nll([[0.0, 1.0]], [1], 1.0))

@@ -1,0 +1,422 @@
+"""The closed-label selector: pure helpers, learning, determinism, preemption and the CLI.
+
+The training tests use the real all-MiniLM-L6-v2 (offline, from its PyPI package) on a
+small slice of real BFCL traffic plus a synthetic support agent, on 2 CPU threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from slm_contract import CallRecord, TrainerResult
+from slm_trainer import finetune, metrics
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SUPPORT_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": desc,
+            "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}}},
+        },
+    }
+    for name, desc in [
+        ("search_orders", "Find a customer's orders by id or date."),
+        ("refund_order", "Refund an order that was paid."),
+        ("update_address", "Change the delivery address of an order."),
+        ("escalate_to_human", "Hand the conversation to a human support agent."),
+    ]
+]
+SUPPORT_PROMPTS = {
+    "search_orders": ["where is my order {n}", "show me order {n}", "find my orders from May {n}"],
+    "refund_order": ["I want my money back for order {n}", "refund order {n} please"],
+    "update_address": ["ship order {n} to 5 Elm Street instead", "change my address for {n}"],
+    "escalate_to_human": ["let me talk to a real person about {n}", "I need a human now {n}"],
+    None: ["tell me a joke {n}", "what is the capital of France {n}", "thanks, that's all {n}"],
+}
+
+
+def support_records(per_prompt: int = 4) -> list[CallRecord]:
+    out = []
+    for tool, prompts in SUPPORT_PROMPTS.items():
+        for p in prompts:
+            for n in range(per_prompt):
+                response: dict[str, Any] = (
+                    {"role": "assistant", "content": "Happy to help with that directly."}
+                    if tool is None
+                    else {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {"type": "function", "function": {"name": tool, "arguments": "{}"}}
+                        ],
+                    }
+                )
+                out.append(
+                    CallRecord(
+                        task="support",
+                        backend="llm",
+                        messages=[{"role": "user", "content": p.format(n=100 + 7 * n)}],
+                        tools=SUPPORT_TOOLS,
+                        response=response,
+                        request_id=f"support-{tool}-{n}",
+                    )
+                )
+    return out
+
+
+def bfcl_slice(per_set: int = 12, irrelevant: int = 70) -> list[CallRecord]:
+    pytest.importorskip("bfcl_eval")
+    import bfcl_data
+
+    wanted = {"164", "145", "161", "191", "178", "132", "141"}
+    seen: dict[str, int] = {}
+    out = []
+    for r in bfcl_data.records(["live_multiple"]):
+        fs = r.request_id.split("-")[1]
+        if fs in wanted and seen.get(fs, 0) < per_set:
+            seen[fs] = seen.get(fs, 0) + 1
+            out.append(r)
+    out += list(bfcl_data.records(["live_irrelevance"]))[:irrelevant]
+    return out
+
+
+def write_split(records: list[CallRecord], folder: Path, eval_every: int = 4) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "train.jsonl").open("w") as tr, (folder / "eval.jsonl").open("w") as ev:
+        for r in records:
+            h = int(hashlib.sha256(r.to_json().encode()).hexdigest(), 16)
+            (ev if h % eval_every == 0 else tr).write(r.to_json() + "\n")
+    return folder
+
+
+def fine_args(data: Path, out: Path, **kw: Any) -> finetune.Args:
+    base = {
+        "candidate": "minilm",
+        "model": "sentence-transformers/all-MiniLM-L6-v2",
+        "data": data,
+        "output": out / "artifact",
+        "checkpoint_dir": out / "ckpt",
+        "metric": "label-accuracy",
+        "learning_rate": 5e-4,
+        "num_threads": 2,
+        "latency_samples": 4,
+        "bundle_base": False,
+    }
+    base.update(kw)
+    return finetune.Args(**base)
+
+
+# ------------------------------------------------------------------ pure helpers
+
+
+def test_text_views_of_tools_and_prompts() -> None:
+    from slm_trainer.finetune import split_identifier
+
+    assert split_identifier("ChaDri.change_drink") == "Cha Dri change drink"
+    assert split_identifier("Flights_4_SearchOnewayFlight") == "Flights 4 Search Oneway Flight"
+    assert split_identifier("getHTTPResponse") == "get HTTP Response"
+    sel = pytest.importorskip("slm_trainer.selector")
+    text = sel.option_text(SUPPORT_TOOLS[1])
+    assert text == "refund order: Refund an order that was paid. Parameters: order id"
+    msgs = [
+        {"role": "system", "content": "be nice"},
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "second"},
+    ]
+    assert sel.query_text(msgs) == "second\nfirst"
+
+
+def test_examples_index_none_first_and_skip_unknown_labels() -> None:
+    sel = pytest.importorskip("slm_trainer.selector")
+    recs = support_records(1)
+    by_tool = {metrics.tool_label(r.response): r for r in recs}
+    ex = sel.examples_from_records([by_tool["refund_order"], by_tool[None]], "tool-call")
+    assert ex[0].labels[ex[0].target - 1] == "refund_order"  # type: ignore[operator]
+    assert ex[1].target == 0 and ex[1].ref_label is None
+    stray = CallRecord(
+        task="t",
+        backend="llm",
+        messages=[{"role": "user", "content": "x"}],
+        tools=SUPPORT_TOOLS,
+        response={"tool_calls": [{"function": {"name": "not_offered", "arguments": "{}"}}]},
+    )
+    assert sel.examples_from_records([stray], "tool-call")[0].target is None
+    cls = sel.example_for(
+        [{"role": "user", "content": "card declined"}],
+        [],
+        "classification",
+        ["billing", "shipping"],
+        response={"content": "Billing"},
+    )
+    assert cls.labels == ("billing", "shipping") and cls.target == 1
+
+
+def test_calibration_split_is_stratified_and_deterministic() -> None:
+    sel = pytest.importorskip("slm_trainer.selector")
+    ex = sel.examples_from_records(support_records(4), "tool-call")
+    fit, calib = sel.calibration_split(ex, 0.25, seed=0)
+    assert sorted(fit + calib) == list(range(len(ex)))
+    assert (fit, calib) == sel.calibration_split(ex, 0.25, seed=0)
+    assert calib != sel.calibration_split(ex, 0.25, seed=1)[1]
+    deferred = [i for i in range(len(ex)) if ex[i].ref_label is None]
+    in_calib = [i for i in calib if ex[i].ref_label is None]
+    assert len(in_calib) == round(len(deferred) * 0.25)  # the training mix is kept
+    assert len(calib) - len(in_calib) == round((len(ex) - len(deferred)) * 0.25)
+
+
+def test_batch_order_is_a_pure_function_of_seed_and_epoch() -> None:
+    sel = pytest.importorskip("slm_trainer.selector")
+    lengths = [(i * 37) % 23 for i in range(101)]
+    a = sel.batch_order(lengths, 8, seed=3, epoch=1, group=4)
+    assert a == sel.batch_order(lengths, 8, seed=3, epoch=1, group=4)
+    assert a != sel.batch_order(lengths, 8, seed=3, epoch=2, group=4)
+    assert sorted(i for b in a for i in b) == list(range(101))
+    assert len(a) == 13 and all(len(b) <= 8 for b in a)
+    assert sel.lr_factor(0, 100, 10) == pytest.approx(0.1)
+    assert sel.lr_factor(100, 100, 10) == 0.0
+
+
+def test_dispatch_sends_encoders_and_classification_to_the_selector(tmp_path: Path) -> None:
+    llama = tmp_path / "tiny-llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
+
+    def args(model: str, task: str = "tool-call") -> finetune.Args:
+        return finetune.Args(
+            candidate="c", model=model, data=tmp_path, output=tmp_path, task_type=task
+        )  # type: ignore[arg-type]
+
+    assert finetune.uses_selector(args("sentence-transformers/all-MiniLM-L6-v2"))
+    assert finetune.uses_selector(args(finetune.minilm_path() or "all-MiniLM-L6-v2"))
+    assert not finetune.uses_selector(args(str(llama)))
+    assert not finetune.uses_selector(args("HuggingFaceTB/SmolLM2-135M-Instruct"))
+    assert finetune.uses_selector(args(str(llama), "classification"))
+
+
+# ------------------------------------------------------------------ training
+
+
+@pytest.fixture(scope="module")
+def mixed_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    records = support_records(3) + bfcl_slice()
+    return write_split(records, tmp_path_factory.mktemp("mixed"))
+
+
+@pytest.mark.slow
+def test_selector_learns_and_beats_zero_shot(mixed_data: Path, tmp_path: Path) -> None:
+    """On held-out calls the tuned selector's decision (a tool, or hand back) beats the
+    untuned encoder even when the untuned one gets its best similarity threshold."""
+    sel = pytest.importorskip("slm_trainer.selector")
+    events: list[dict[str, Any]] = []
+    result = finetune.run(fine_args(mixed_data, tmp_path, epochs=3), events.append)
+    assert result.ok, result.message
+    assert 0.0 <= result.threshold <= 1.0  # type: ignore[operator]
+    progress = [e for e in events if e.get("event") == "progress" and "step" in e]
+    assert progress and {"step", "loss", "percent", "eta_seconds"} <= set(progress[-1])
+    assert progress[-1]["percent"] == 100.0
+
+    records = sel.read_records(mixed_data / "eval.jsonl")
+    examples = sel.examples_from_records(records, "tool-call")
+    preds = [json.loads(line) for line in (tmp_path / "artifact" / sel.PREDICTIONS).open()]
+    tuned = sum(p["label"] == ex.ref_label for p, ex in zip(preds, examples, strict=True))
+
+    zero = sel.zero_shot_predictions(examples)
+    refs = [ex.ref_label for ex in examples]
+    best_zero = max(
+        sum(
+            (lab if conf >= t else None) == ref for (lab, conf), ref in zip(zero, refs, strict=True)
+        )
+        for t in sorted({c for _, c in zero} | {2.0})
+    )
+    assert tuned > best_zero, (tuned, best_zero, len(examples))
+    assert tuned / len(examples) >= 0.8
+
+    # The artifact loads on its own and answers like the run that wrote it.
+    loaded = sel.load_selector(tmp_path / "artifact", num_threads=2)
+    for r, p in list(zip(records, preds, strict=True))[:8]:
+        label, conf = loaded.predict(r.messages, r.tools)
+        assert label == p["label"] and conf == pytest.approx(p["confidence"], abs=1e-5)
+    assert loaded.predict([{"role": "user", "content": "hi"}], []) == (None, 1.0)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_split(support_records(3), tmp_path_factory.mktemp("small"))
+
+
+def _run(data: Path, out: Path, hook: Any = None) -> tuple[TrainerResult, list[dict[str, Any]]]:
+    events: list[dict[str, Any]] = []
+    # Two epochs so that max_steps (8) is reached whatever the calibration split keeps back.
+    args = fine_args(data, out, epochs=2, batch_size=8, max_steps=8, checkpoint_every=3)
+    return finetune.run(args, events.append, step_hook=hook), events
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_a_rerun_resumes_to_the_same_result(
+    small_data: Path, tmp_path: Path
+) -> None:
+    straight, _ = _run(small_data, tmp_path / "straight")
+    assert straight.ok, straight.message
+
+    def preempt(step: int) -> None:
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)  # what the kubelet sends on preemption
+
+    stopped, events = _run(small_data, tmp_path / "resumed", preempt)
+    assert not stopped.ok and stopped.message.startswith("preempted; resumable")
+    assert not (tmp_path / "resumed" / "artifact" / "selector.json").exists()
+    state = (tmp_path / "resumed" / "ckpt" / "selector-state.pt").stat()
+    assert state.st_size > 0
+
+    resumed, events = _run(small_data, tmp_path / "resumed")
+    assert resumed.ok, resumed.message
+    assert any(e.get("phase") == "resume" and e.get("step") == 5 for e in events)
+    assert "resumed at step 5" in resumed.message
+    for field in ("score", "threshold", "parameters", "trainable_parameters"):
+        assert getattr(resumed, field) == getattr(straight, field), field
+    a = (tmp_path / "straight" / "artifact" / "predictions.jsonl").read_text()
+    b = (tmp_path / "resumed" / "artifact" / "predictions.jsonl").read_text()
+    assert a == b
+    ma = json.loads((tmp_path / "straight" / "artifact" / "selector.json").read_text())
+    mb = json.loads((tmp_path / "resumed" / "artifact" / "selector.json").read_text())
+    assert ma["temperature"] == mb["temperature"] and ma["final_loss"] == mb["final_loss"]
+
+
+# ------------------------------------------------------------------ the CLI
+
+
+HEAVY = ("torch", "transformers", "peft", "sentence_transformers", "sklearn")
+
+
+@pytest.mark.parametrize("stage", ["finetune", "evaluate", "discover"])
+def test_stage_help_imports_nothing_heavy(stage: str) -> None:
+    code = (
+        "import json, sys\n"
+        "from slm_trainer.__main__ import main\n"
+        "try:\n"
+        f"    main([{stage!r}, '--help'])\n"
+        "except SystemExit as exc:\n"
+        "    code = exc.code\n"
+        f"heavy = [m for m in {HEAVY!r} if m in sys.modules]\n"
+        "print(json.dumps({'code': code, 'heavy': heavy}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO / "trainer")}
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=True,
+    )
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"code": 0, "heavy": []}
+    assert "--" in proc.stdout
+
+
+def operator_finetune_args(workspace: Path) -> list[str]:
+    """The exact flags the operator's Job passes, with the workspace moved to tmp."""
+    builders = pytest.importorskip("slm_operator.builders")
+    task = yaml.safe_load((REPO / "examples" / "tool-selection.yaml").read_text())
+    task["metadata"].update({"namespace": "default", "uid": "u-1"})
+    candidate = {
+        "name": "minilm",
+        "model": "sentence-transformers/all-MiniLM-L6-v2",
+        "method": "lora",
+        "lora": {"r": 8, "alpha": 16},
+        "epochs": 2,  # with 16 per batch, 2 epochs reach --max-steps=4
+        "learningRate": 0.0005,
+        "maxSeqLength": 128,
+    }
+    job = builders.finetune_job(task, "r1", candidate)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][-1] == "finetune"
+    return [a.replace("/workspace", str(workspace)) for a in container["args"]]
+
+
+def test_cli_finetune_with_the_operators_flags_writes_a_result_it_can_read(
+    small_data: Path, tmp_path: Path
+) -> None:
+    workspace = tmp_path / "workspace"
+    argv = operator_finetune_args(workspace)
+    data_flag = next(a for a in argv if a.startswith("--data="))
+    data_dir = Path(data_flag.split("=", 1)[1])
+    data_dir.mkdir(parents=True)
+    for name in ("train.jsonl", "eval.jsonl"):
+        (data_dir / name).write_text((small_data / name).read_text())
+    result_path = tmp_path / "termination-log"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "trainer")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "slm_trainer",
+            "finetune",
+            *argv,
+            "--max-steps=4",
+            "--num-threads=2",
+            "--latency-samples=2",
+            "--no-bundle-base",
+            f"--result-path={result_path}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = TrainerResult.from_json(result_path.read_text())
+    assert result.stage == "finetune" and result.ok and result.candidate == "minilm"
+    for field in (
+        "score",
+        "llm_score",
+        "parameters",
+        "trainable_parameters",
+        "artifact_uri",
+        "threshold",
+        "train_seconds",
+        "eval_seconds",
+    ):
+        assert getattr(result, field) is not None, field
+    assert result.artifact_uri.startswith("pvc://slm-fleet-artifacts/tool-selection/r1/")  # type: ignore[union-attr]
+    assert 0 < result.trainable_parameters < result.parameters  # type: ignore[operator]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert any(e.get("event") == "progress" and e.get("step") == 4 for e in lines)
+    out = Path(next(a for a in argv if a.startswith("--output=")).split("=", 1)[1])
+    assert {"selector.json", "head.safetensors", "predictions.jsonl", "adapter"} <= {
+        p.name for p in out.iterdir()
+    }
+
+    # The evaluate stage reads that candidate (predictions.jsonl) and applies a gate.
+    from slm_trainer import evaluate
+
+    ev = evaluate.run(
+        evaluate.Args(
+            data=data_dir,
+            output=tmp_path / "report",
+            candidates_dir=out.parent,
+            task_type="tool-call",
+            metric="label-accuracy",
+            min_score=0.0,
+        )
+    )
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["candidates"][0]["name"] == "minilm"
+    assert (tmp_path / "report" / "report.png").stat().st_size > 1000
+    assert ev.candidate in (None, "minilm")

