@@ -391,6 +391,19 @@ def test_replicas_follow_load_and_shadow_agreement_drives_promotion(
         assert "live" in st, json.dumps(st, indent=1)
         live = st["live"]
         assert live["observed"]["agreement"] >= 0.9
+        # In slm mode the SLM answers: the task's usage reports a non-zero SLM share.
+        wait_for(
+            lambda: (
+                0
+                < (
+                    (get_task(cluster, s.ns, TASK)["status"].get("usage") or {}).get("slmShare")
+                    or 0
+                )
+                <= 1
+            ),
+            timeout=30,
+            what="status.usage.slmShare > 0 while the SLM serves",
+        )
         # 12 calls/s at 4 per replica: scale out to 3, one step per window.
         wait_for(
             lambda: (
@@ -410,5 +423,3 @@ def test_replicas_follow_load_and_shadow_agreement_drives_promotion(
         timeout=90,
         what="scale-down to minReplicas",
     )
-    st = get_task(cluster, s.ns, TASK)["status"]
-    assert st["usage"]["slmShare"] <= 1.0
