@@ -29,15 +29,24 @@ def _sel(task: str, **labels: str) -> str:
 def queries(task: str, window: str, agreement_window: str) -> dict[str, str]:
     """name -> PromQL; ``window`` like ``"30s"`` (at least two scrape intervals)."""
     slm = _sel(task, backend="slm")
+    open_rate = (
+        f"(sum(rate(slm_gateway_fallbacks_total{_sel(task, reason='circuit_open')}[{window}])) "
+        "or vector(0))"
+    )
     return {
         "p95_latency_ms": (
             "1000 * histogram_quantile(0.95, sum by (le) "
             f"(rate(slm_gateway_backend_duration_seconds_bucket{slm}[{window}])))"
         ),
+        # Calls the gateway kept from the SLM because its circuit breaker is open count as
+        # failed SLM calls: otherwise an SLM that is down would show no attempts at all, hence
+        # no measurable error rate, and fallback would never turn on.
         "error_rate": (
-            "sum(rate(slm_gateway_backend_calls_total"
-            f"{_sel(task, backend='slm', result=ERROR_RESULTS)}[{window}])) / "
-            f"sum(rate(slm_gateway_backend_calls_total{slm}[{window}]))"
+            "((sum(rate(slm_gateway_backend_calls_total"
+            f"{_sel(task, backend='slm', result=ERROR_RESULTS)}[{window}])) or vector(0)) + "
+            f"{open_rate}) / "
+            f"((sum(rate(slm_gateway_backend_calls_total{slm}[{window}])) or vector(0)) + "
+            f"{open_rate})"
         ),
         "request_rate": f"sum(rate(slm_gateway_requests_total{_sel(task)}[{window}]))",
         "queue_ms": (
