@@ -420,3 +420,31 @@ def test_cli_finetune_with_the_operators_flags_writes_a_result_it_can_read(
     assert report["candidates"][0]["name"] == "minilm"
     assert (tmp_path / "report" / "report.png").stat().st_size > 1000
     assert ev.candidate in (None, "minilm")
+
+
+def test_causal_lms_go_to_the_generative_trainer_and_evaluate_reads_them(
+    small_data: Path, tmp_path: Path
+) -> None:
+    """The dispatch end to end with a tiny Llama built from a config (no download)."""
+    generative = pytest.importorskip("slm_trainer.generative")
+    model = generative.build_tiny_causal_lm(tmp_path / "tiny-llama")
+    args = fine_args(small_data, tmp_path, model=str(model), max_steps=2, max_eval_examples=3)
+    assert not finetune.uses_selector(args)
+    result = finetune.run(args, lambda e: None)
+    assert result.ok and result.stage == "finetune", result.message
+    saved = TrainerResult.from_json((tmp_path / "artifact" / "result.json").read_text())
+    assert saved == result
+
+    from slm_trainer import evaluate
+
+    scored = evaluate.score_candidate(
+        "tiny",
+        evaluate.read_eval(small_data)[:3],
+        evaluate.read_predictions(
+            tmp_path / "artifact" / "predictions.jsonl", evaluate.read_eval(small_data)[:3]
+        ),
+        "tool-call",
+        "tool-call-ast",
+        0.97,
+    )
+    assert scored.kind == "generative" and scored.metrics["tool_call_ast"] is not None

@@ -8,8 +8,9 @@ What it reads per candidate directory (the finetune stage's ``--output``):
 
 - ``predictions.jsonl``: one line per eval call, in ``eval.jsonl`` order, with ``index``
   and optionally ``key`` (a content hash checked against the eval record). Then either
-  ``label`` (a selector's choice, ``null`` = defer) or ``response`` (a generated assistant
-  message, ``{"defer": true}`` = defer), plus ``confidence`` and ``latency_ms`` when known.
+  ``label`` (a selector's choice, ``null`` = defer) or ``response`` (alias ``prediction``: a
+  generated assistant message, ``{"defer": true}`` = defer), plus ``confidence`` and
+  ``latency_ms`` when known.
 - when there are no predictions and a ``selector.json`` is present, the selector is loaded
   and run here, which also measures per-call latency; ``--rescore`` forces this;
 - ``result.json`` (the candidate's :class:`TrainerResult`) or ``selector.json`` for its
@@ -280,8 +281,6 @@ def candidate_dirs(args: Args) -> list[tuple[str, Path]]:
 
 def read_predictions(path: Path, records: Sequence[CallRecord]) -> list[Prediction]:
     """predictions.jsonl aligned to the eval records; raises ValueError when it does not fit."""
-    from slm_trainer.metrics import text_of  # noqa: F401  (keeps the import light)
-
     rows = [json.loads(line) for line in path.open(encoding="utf-8") if line.strip()]
     if len(rows) != len(records):
         raise ValueError(f"{path} has {len(rows)} predictions for {len(records)} eval calls")
@@ -294,7 +293,7 @@ def read_predictions(path: Path, records: Sequence[CallRecord]) -> list[Predicti
         preds.append(
             Prediction(
                 label=row.get("label"),
-                response=row.get("response"),
+                response=row.get("response", row.get("prediction")),
                 confidence=row.get("confidence"),
                 latency_ms=row.get("latency_ms"),
             )
@@ -361,9 +360,11 @@ def plot_report(report: Mapping[str, Any], path: Path) -> None:
     ax1.set_title("candidates (green: passes the gate)")
     ax1.legend(fontsize=8)
     ax1.tick_params(axis="x", labelrotation=20)
+    plotted = False
     for c in cands:
         pts = [p for p in c["curve"] if p["accepted"]]
         if pts:
+            plotted = True
             ax2.plot([p["coverage"] for p in pts], [p["precision"] for p in pts], label=c["name"])
             at = c["metrics"].get("at_threshold")
             if at:
@@ -373,7 +374,7 @@ def plot_report(report: Mapping[str, Any], path: Path) -> None:
     ax2.set_ylabel("precision on answered calls")
     ax2.set_title("coverage / precision over confidence thresholds")
     ax2.grid(alpha=0.3)
-    if any(c["curve"] for c in cands):
+    if plotted:
         ax2.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
