@@ -271,6 +271,7 @@ def manifest(llm_base_url: str, model: str) -> dict[str, Any]:
                 "shadowMinSamples": 20,
                 "minAgreement": 0.6,
                 "canaryPercent": 30,
+                "canaryWindows": 3,
             },
             "fallback": {
                 "llm": {
@@ -491,7 +492,8 @@ def run(work: Path, n_relevant: int, n_irrelevant: int) -> int:
 
         say(
             "live traffic: replaying fresh BFCL calls at ~4/s; the operator moves the route "
-            "shadow -> canary -> slm as live agreement and the SLO hold"
+            "shadow -> canary -> slm as live agreement and the SLO hold (the canary must "
+            "pass 3 healthy 2-second windows in a row)"
         )
         live = Replay(gateway.url, live_recs, rate=4, workers=4).start()
         last_mode = ""
@@ -512,8 +514,10 @@ def run(work: Path, n_relevant: int, n_irrelevant: int) -> int:
             time.sleep(0.5)
         else:
             say(f"the rollout stayed at {last_mode} (not enough agreeing shadow samples yet)")
-        say("serving: calls the selector is confident about are answered by the SLM; the rest "
-            "(low confidence, or no fitting tool) fall back to the LLM per request")
+        say(
+            "serving: calls the selector is confident about are answered by the SLM; the rest "
+            "(low confidence, or no fitting tool) fall back to the LLM per request"
+        )
         time.sleep(25)
         show_table(c)
 

@@ -123,18 +123,28 @@ class Rollout:
     mode: str
     canary_percent: int
     reason: str
+    #: Consecutive healthy windows the current canary has passed; 0 outside a canary.
+    canary_healthy: int = 0
 
 
 def rollout_step(
     prev: Rollout, m: Metrics, breached: bool | None, cfg: Mapping[str, Any]
 ) -> Rollout:
-    """shadow → canary → slm, each step only while live agreement and the SLO hold; a breach
-    during canary goes back to shadow. ``strategy: direct`` serves the SLM at once."""
+    """shadow → canary → slm, each step only while live agreement and the SLO hold.
+
+    A canary is promoted after ``canaryWindows`` consecutive healthy windows (SLO met and
+    agreement at least ``minAgreement``), so one lucky window is not enough. Any window that
+    breaches the SLO or measures too little agreement sends it back to shadow, and a later
+    canary counts from zero again. A window that measures neither (no canary calls, metrics
+    missing) neither counts nor resets, like the fallback streaks. ``strategy: direct`` serves
+    the SLM at once.
+    """
     if cfg.get("strategy", "progressive") == "direct":
         return Rollout(MODE_SLM, 100, "DirectRollout")
     min_agree = float(cfg.get("minAgreement", 0.9))
     min_samples = int(cfg.get("shadowMinSamples", 50))
     canary = int(cfg.get("canaryPercent", 10))
+    windows = max(1, int(cfg.get("canaryWindows", 3)))
     agree_ok = m.agreement is not None and m.agreement >= min_agree
     if prev.mode in (MODE_LLM, ""):
         return Rollout(MODE_SHADOW, 0, "ShadowStarted")
@@ -148,11 +158,15 @@ def rollout_step(
             return Rollout(MODE_CANARY, canary, "ShadowAgreementMet")
         return Rollout(MODE_SHADOW, 0, "ShadowMeasuring")
     if prev.mode == MODE_CANARY:
+        pct = prev.canary_percent or canary
         if breached or (m.agreement is not None and not agree_ok):
             return Rollout(MODE_SHADOW, 0, "CanaryRolledBack")
         if breached is False and agree_ok:
-            return Rollout(MODE_SLM, 100, "CanaryPromoted")
-        return Rollout(MODE_CANARY, prev.canary_percent or canary, "CanaryMeasuring")
+            healthy = prev.canary_healthy + 1
+            if healthy >= windows:
+                return Rollout(MODE_SLM, 100, "CanaryPromoted")
+            return Rollout(MODE_CANARY, pct, "CanaryHealthy", healthy)
+        return Rollout(MODE_CANARY, pct, "CanaryMeasuring", prev.canary_healthy)
     return Rollout(MODE_SLM, 100, "Promoted")
 
 

@@ -473,6 +473,7 @@ def _live_control(
         str(prev.get("rolloutMode", "")),
         int(prev.get("canaryPercent", 0)),
         str(prev.get("rolloutReason", "")),
+        int(prev.get("canaryHealthyWindows", 0)),
     )
     breached: bool | None = prev.get("sloBreached")
     if due and m is not None:
@@ -520,6 +521,7 @@ def _live_control(
             "rolloutMode": ro.mode,
             "rolloutReason": ro.reason,
             "canaryPercent": ro.canary_percent,
+            "canaryHealthyWindows": ro.canary_healthy,
         }
     )
     if breached is not None:
@@ -552,7 +554,11 @@ def _live_control(
             f"windows ({fb.healthy_streak} so far)",
         )
     else:
-        fallback = (c.FALSE, c.SLM_SERVING, f"the SLM serves this task (rollout {ro.mode})")
+        rollout = ro.mode
+        if ro.mode == lv.MODE_CANARY:
+            windows = int((spec.get("rollout") or {}).get("canaryWindows", 3))
+            rollout += f", {ro.canary_healthy} of {windows} healthy windows before promotion"
+        fallback = (c.FALSE, c.SLM_SERVING, f"the SLM serves this task (rollout {rollout})")
     mode, pct = lv.route_mode(ro, fb)
     return slo, fallback, mode, pct
 

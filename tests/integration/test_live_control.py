@@ -354,6 +354,7 @@ def test_replicas_follow_load_and_shadow_agreement_drives_promotion(
             "shadowMinSamples": 20,
             "minAgreement": 0.9,
             "canaryPercent": 30,
+            "canaryWindows": 2,
         },
         serving={
             "minReplicas": 1,
@@ -372,11 +373,13 @@ def test_replicas_follow_load_and_shadow_agreement_drives_promotion(
         },
     )
     modes: list[str] = []
+    since: dict[str, float] = {}
 
     def mode() -> str:
         m = (get_task(cluster, s.ns, TASK).get("status") or {}).get("route", {}).get("mode", "")
         if not modes or modes[-1] != m:
             modes.append(m)
+            since[m] = time.monotonic()
         return str(m)
 
     with Traffic(s.gateway_url, rate=12) as traffic:
@@ -387,6 +390,10 @@ def test_replicas_follow_load_and_shadow_agreement_drives_promotion(
             what="promotion shadow -> canary -> slm",
         )
         assert modes[-3:] == ["shadow", "canary", "slm"], modes
+        # canaryWindows 2 at 2 s windows: the canary must pass two healthy windows, not one
+        # (less a second for the status polling and write latency).
+        canary_s = since["slm"] - since["canary"]
+        assert canary_s >= 2 * 2 - 1, canary_s
         st = get_task(cluster, s.ns, TASK)["status"]
         assert "live" in st, json.dumps(st, indent=1)
         live = st["live"]

@@ -494,14 +494,16 @@ def test_rollout_goes_shadow_canary_slm_on_agreement() -> None:
     task, jobs, dep, svc = _serving_task()
     t = NOW
     modes = []
-    for _ in range(4):
+    for _ in range(6):
         _step(task, jobs, dep, svc, t, HEALTHY)
         modes.append(
             (task["status"]["route"]["mode"], task["status"]["route"].get("canaryPercent"))
         )
         t += dt.timedelta(seconds=10)
-    assert modes[0] == ("canary", 25)
-    assert modes[1] == ("slm", None) and modes[-1] == ("slm", None)
+    # The canary starts on the first healthy window and must then pass canaryWindows (default
+    # 3) more healthy windows before every call goes to the SLM.
+    assert modes[:3] == [("canary", 25)] * 3
+    assert modes[3] == ("slm", None) and modes[-1] == ("slm", None)
     disagree = Metrics(
         p95_latency_ms=80, error_rate=0.0, request_rate=5, agreement=0.5, shadow_samples=40
     )
@@ -509,6 +511,39 @@ def test_rollout_goes_shadow_canary_slm_on_agreement() -> None:
     _step(task2, jobs2, dep2, svc2, NOW, disagree)
     assert task2["status"]["route"]["mode"] == "shadow"
     assert task2["status"]["live"]["rolloutReason"] == "ShadowMeasuring"
+
+
+def test_canary_count_lives_in_status_and_resets_on_a_bad_window() -> None:
+    task, jobs, dep, svc = _serving_task()
+    task["spec"]["rollout"]["canaryWindows"] = 2
+    t = NOW
+    _step(task, jobs, dep, svc, t, HEALTHY)  # shadow -> canary
+    assert task["status"]["live"]["canaryHealthyWindows"] == 0
+    t += dt.timedelta(seconds=10)
+    _step(task, jobs, dep, svc, t, HEALTHY)
+    live = task["status"]["live"]
+    assert (live["rolloutMode"], live["canaryHealthyWindows"]) == ("canary", 1)
+    fb = next(x for x in task["status"]["conditions"] if x["type"] == c.FALLBACK_ACTIVE)
+    assert "1 of 2 healthy windows" in fb["message"]
+    # Reconciles within the window (or by a restarted operator) do not count it again.
+    _step(task, jobs, dep, svc, t + dt.timedelta(seconds=3), HEALTHY)
+    assert task["status"]["live"]["canaryHealthyWindows"] == 1
+    # A window without canary measurements neither counts nor resets.
+    t += dt.timedelta(seconds=10)
+    _step(task, jobs, dep, svc, t, Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=5))
+    live = task["status"]["live"]
+    assert (live["rolloutMode"], live["canaryHealthyWindows"]) == ("canary", 1)
+    # One slow window sends the rollout back to shadow; the next canary counts from zero.
+    t += dt.timedelta(seconds=10)
+    _step(task, jobs, dep, svc, t, SLOW)
+    live = task["status"]["live"]
+    assert (live["rolloutMode"], live["rolloutReason"]) == ("shadow", "CanaryRolledBack")
+    assert live["canaryHealthyWindows"] == 0
+    for want in (("canary", 0), ("canary", 1), ("slm", 0)):
+        t += dt.timedelta(seconds=10)
+        _step(task, jobs, dep, svc, t, HEALTHY)
+        live = task["status"]["live"]
+        assert (live["rolloutMode"], live["canaryHealthyWindows"]) == want
 
 
 def test_replicas_follow_request_rate_within_bounds() -> None:

@@ -1,0 +1,67 @@
+"""The rollout decision alone: how many healthy windows a canary needs before promotion."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from slm_operator.live import MODE_CANARY, MODE_SHADOW, MODE_SLM, Metrics, Rollout, rollout_step
+
+GOOD = Metrics(p95_latency_ms=80, error_rate=0.0, agreement=0.95, shadow_samples=100)
+DISAGREE = Metrics(p95_latency_ms=80, error_rate=0.0, agreement=0.5, shadow_samples=100)
+NO_CANARY_CALLS = Metrics(p95_latency_ms=80, error_rate=0.0)
+CFG: dict[str, Any] = {"minAgreement": 0.9, "shadowMinSamples": 50, "canaryPercent": 20}
+
+
+def walk(
+    windows: list[tuple[Metrics, bool | None]], cfg: dict[str, Any], start: Rollout
+) -> list[Rollout]:
+    out, ro = [], start
+    for m, breached in windows:
+        ro = rollout_step(ro, m, breached, cfg)
+        out.append(ro)
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_canary_promotes_after_exactly_canary_windows_healthy_windows(n: int) -> None:
+    cfg = {**CFG, "canaryWindows": n}
+    steps = walk([(GOOD, False)] * (n + 1), cfg, Rollout(MODE_SHADOW, 0, ""))
+    assert steps[0] == Rollout(MODE_CANARY, 20, "ShadowAgreementMet", 0)
+    assert [s.mode for s in steps[1:n]] == [MODE_CANARY] * (n - 1)
+    assert [s.canary_healthy for s in steps[1:n]] == list(range(1, n))
+    assert steps[n] == Rollout(MODE_SLM, 100, "CanaryPromoted")
+
+
+def test_default_is_three_windows() -> None:
+    steps = walk([(GOOD, False)] * 3, CFG, Rollout(MODE_CANARY, 20, "ShadowAgreementMet"))
+    assert [s.mode for s in steps] == [MODE_CANARY, MODE_CANARY, MODE_SLM]
+
+
+@pytest.mark.parametrize(
+    ("m", "breached"), [(GOOD, True), (DISAGREE, False), (DISAGREE, None)], ids=str
+)
+def test_an_unhealthy_window_rolls_back_to_shadow_and_forgets_the_count(
+    m: Metrics, breached: bool | None
+) -> None:
+    ro = rollout_step(Rollout(MODE_CANARY, 20, "CanaryHealthy", 2), m, breached, CFG)
+    assert ro == Rollout(MODE_SHADOW, 0, "CanaryRolledBack", 0)
+
+
+@pytest.mark.parametrize(("m", "breached"), [(NO_CANARY_CALLS, False), (GOOD, None)], ids=str)
+def test_an_unmeasured_window_keeps_the_count(m: Metrics, breached: bool | None) -> None:
+    prev = Rollout(MODE_CANARY, 20, "CanaryHealthy", 2)
+    assert rollout_step(prev, m, breached, CFG) == Rollout(MODE_CANARY, 20, "CanaryMeasuring", 2)
+
+
+def test_the_count_resumes_from_the_persisted_value() -> None:
+    """A restarted operator rebuilds the Rollout from status.live and carries on counting."""
+    cfg = {**CFG, "canaryWindows": 4}
+    ro = rollout_step(Rollout(MODE_CANARY, 20, "CanaryHealthy", 3), GOOD, False, cfg)
+    assert ro.mode == MODE_SLM
+
+
+def test_direct_strategy_ignores_canary_windows() -> None:
+    cfg = {"strategy": "direct", "canaryWindows": 10}
+    assert rollout_step(Rollout("", 0, ""), Metrics(), None, cfg).mode == MODE_SLM
