@@ -102,7 +102,11 @@ def _trainer_job(
     candidate: str | None = None,
     extra_volumes: list[Obj] | None = None,
     extra_mounts: list[Obj] | None = None,
+    service_account: str = "",
 ) -> Obj:
+    """One trainer Job. ``service_account`` is the operator's default trainer ServiceAccount
+    (allowed to patch its own pod's progress annotation); ``spec.training.serviceAccountName``
+    overrides it, and with neither the pods run as the namespace's default ServiceAccount."""
     task_name, ns = _meta(task)
     spec = task["spec"]
     training = spec.get("training") or {}
@@ -151,8 +155,9 @@ def _trainer_job(
     tolerations = _tolerations(training, gpus)
     if tolerations:
         pod_spec["tolerations"] = tolerations
-    if training.get("serviceAccountName"):
-        pod_spec["serviceAccountName"] = training["serviceAccountName"]
+    account = training.get("serviceAccountName") or service_account
+    if account:
+        pod_spec["serviceAccountName"] = account
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -176,7 +181,7 @@ def _trainer_job(
     }
 
 
-def data_prep_job(task: Mapping[str, Any], revision: str) -> Obj:
+def data_prep_job(task: Mapping[str, Any], revision: str, service_account: str = "") -> Obj:
     """S2: curate (PII scrubbing, de-duplication) and split the logged calls. CPU only."""
     spec = task["spec"]
     ds = spec["dataset"]
@@ -202,10 +207,16 @@ def data_prep_job(task: Mapping[str, Any], revision: str) -> Obj:
         gpus=0,
         extra_volumes=[volume] if volume else [],
         extra_mounts=mounts,
+        service_account=service_account,
     )
 
 
-def finetune_job(task: Mapping[str, Any], revision: str, candidate: Mapping[str, Any]) -> Obj:
+def finetune_job(
+    task: Mapping[str, Any],
+    revision: str,
+    candidate: Mapping[str, Any],
+    service_account: str = "",
+) -> Obj:
     """S5: fine-tune one candidate and score it on the held-out split against the LLM."""
     spec = task["spec"]
     lora = candidate.get("lora") or {}
@@ -237,6 +248,7 @@ def finetune_job(task: Mapping[str, Any], revision: str, candidate: Mapping[str,
         args,
         gpus=gpus,
         candidate=candidate["name"],
+        service_account=service_account,
     )
 
 
@@ -252,6 +264,7 @@ def export_job(
     candidate: Mapping[str, Any],
     candidate_artifact: str,
     threshold: float | None,
+    service_account: str = "",
 ) -> Obj:
     """Write the Triton model repository (config.pbtxt + Python backend) for the winner."""
     spec = task["spec"]
@@ -276,6 +289,7 @@ def export_job(
         args,
         gpus=0,
         candidate=candidate["name"],
+        service_account=service_account,
     )
 
 

@@ -37,6 +37,10 @@ RESYNC_SECONDS = float(os.environ.get("SLM_FLEET_RESYNC_SECONDS", "30"))
 #: Unknown with reason MetricsUnavailable, and the rollout does not advance past shadow).
 PROMETHEUS_URL = os.environ.get("SLM_FLEET_PROMETHEUS_URL", "")
 SCRAPE_SECONDS = float(os.environ.get("SLM_FLEET_PROMETHEUS_SCRAPE_SECONDS", "15"))
+#: ServiceAccount the trainer Jobs' pods run as (unless a task sets
+#: spec.training.serviceAccountName), in the task's namespace: the chart creates it with
+#: `patch` on pods so the trainer can report progress. Empty: the namespace's default account.
+TRAINER_SERVICE_ACCOUNT = os.environ.get("SLM_FLEET_TRAINER_SERVICE_ACCOUNT", "")
 MAX_BACKOFF = 60.0
 CHILD_FILTER = {n.MANAGED_BY: n.FIELD_MANAGER}
 
@@ -81,7 +85,9 @@ async def trigger(key: Key) -> None:
         while True:
             st.dirty = False
             try:
-                await asyncio.to_thread(reconcile, rt.kube, key[0], key[1], None, rt.prom)
+                await asyncio.to_thread(
+                    reconcile, rt.kube, key[0], key[1], None, rt.prom, TRAINER_SERVICE_ACCOUNT
+                )
                 st.failures = 0
             except KubeError as e:
                 st.failures += 1
@@ -137,7 +143,11 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     prom = PromMetrics(PROMETHEUS_URL, SCRAPE_SECONDS) if PROMETHEUS_URL else None
     _runtime = Runtime(kube=Kube(load_api_client()), prom=prom)
     _runtime.spawn(_resync_loop())
-    log.info("slm-fleet-operator started; resync every %.0fs", RESYNC_SECONDS)
+    log.info(
+        "slm-fleet-operator started; resync every %.0fs; trainer ServiceAccount %s",
+        RESYNC_SECONDS,
+        TRAINER_SERVICE_ACCOUNT or "(namespace default)",
+    )
 
 
 @kopf.on.cleanup()

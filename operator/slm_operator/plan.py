@@ -54,6 +54,9 @@ class Observed:
     now: dt.datetime
     #: This window's live metrics; None when Prometheus is not configured or did not answer.
     metrics: Metrics | None = None
+    #: The ServiceAccount trainer pods run as unless the task names its own; empty when the
+    #: operator has none configured or it does not exist in the task's namespace.
+    trainer_service_account: str = ""
 
 
 @dataclass
@@ -226,6 +229,7 @@ def _pipeline(
     now: dt.datetime,
     apply: list[Obj] | None,
     must_beat: float | None = None,
+    service_account: str = "",
 ) -> _Step:
     """Walk one revision's pipeline; append the Jobs it needs to ``apply`` when given.
 
@@ -248,7 +252,7 @@ def _pipeline(
 
     data_name = n.data_job_name(name, rev)
     if apply is not None:
-        apply.append(b.data_prep_job(task, rev))
+        apply.append(b.data_prep_job(task, rev, service_account))
     dv = jobs.get(data_name)
     status, reason, msg = _job_outcome(dv, now)
     if status != c.TRUE:
@@ -272,7 +276,7 @@ def _pipeline(
     for cand in spec["candidates"]:
         jname = n.finetune_job_name(name, cand["name"], rev)
         if apply is not None:
-            apply.append(b.finetune_job(task, rev, cand))
+            apply.append(b.finetune_job(task, rev, cand, service_account))
         view = jobs.get(jname)
         outcome = _job_outcome(view, now)
         passed: bool | None = None
@@ -374,7 +378,9 @@ def _pipeline(
             )
             step.terminal_failure = True
             return step
-        apply.append(b.export_job(task, rev, cand, res.artifact_uri, res.threshold))
+        apply.append(
+            b.export_job(task, rev, cand, res.artifact_uri, res.threshold, service_account)
+        )
     ev = jobs.get(export_name)
     status, reason, msg = _job_outcome(ev, now)
     if status == c.FALSE:
@@ -612,6 +618,7 @@ def plan(obs: Observed) -> Plan:
         obs.now,
         out.apply if training_needed else None,
         must_beat,
+        obs.trainer_service_account,
     )
 
     selected: Obj | None = prev_selected if prev_selected.get("revision") == active_rev else None

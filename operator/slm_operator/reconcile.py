@@ -20,6 +20,9 @@ from slm_operator.prom import PromMetrics
 
 log = logging.getLogger(__name__)
 
+#: Namespaces already told (in the log) that the default trainer ServiceAccount is missing.
+_missing_account_logged: set[tuple[str, str]] = set()
+
 
 def _owned(obj: dict[str, Any] | None, uid: str) -> bool:
     return bool(obj) and any(
@@ -28,8 +31,45 @@ def _owned(obj: dict[str, Any] | None, uid: str) -> bool:
     )
 
 
+def trainer_account(kube: Kube, task: dict[str, Any], default: str) -> str:
+    """The operator's default trainer ServiceAccount if it exists in the task's namespace.
+
+    Why check: a pod naming a ServiceAccount that does not exist is rejected at admission, so
+    a Job would sit with no pod and training would never start. Without the account the
+    trainer pods run as the namespace's default ServiceAccount; training works the same and
+    only the progress annotation is not written (the trainer logs a warning). A task that
+    names its own ``spec.training.serviceAccountName`` is not checked: that is its choice.
+    """
+    if not default or (task["spec"].get("training") or {}).get("serviceAccountName"):
+        return ""
+    namespace = task["metadata"]["namespace"]
+    try:
+        found = kube.get("v1", "serviceaccounts", namespace, default) is not None
+    except KubeError as e:
+        if e.status != 403:
+            raise
+        found = True  # not allowed to look: trust the configuration
+    if not found and (namespace, default) not in _missing_account_logged:
+        _missing_account_logged.add((namespace, default))
+        log.warning(
+            "trainer ServiceAccount %s/%s does not exist: trainer pods there run as the "
+            "default ServiceAccount and cannot report progress (the chart creates it in the "
+            "namespaces of trainer.serviceAccount.namespaces or watchNamespaces)",
+            namespace,
+            default,
+        )
+    elif found:
+        _missing_account_logged.discard((namespace, default))
+    return default if found else ""
+
+
 def observe(
-    kube: Kube, namespace: str, name: str, now: dt.datetime, prom: PromMetrics | None = None
+    kube: Kube,
+    namespace: str,
+    name: str,
+    now: dt.datetime,
+    prom: PromMetrics | None = None,
+    trainer_service_account: str = "",
 ) -> Observed | None:
     task = kube.get_task(namespace, name)
     if task is None or task["metadata"].get("deletionTimestamp"):
@@ -57,6 +97,7 @@ def observe(
         service=svc if _owned(svc, uid) else None,
         now=now,
         metrics=metrics,
+        trainer_service_account=trainer_account(kube, task, trainer_service_account),
     )
 
 
@@ -66,8 +107,11 @@ def reconcile(
     name: str,
     now: dt.datetime | None = None,
     prom: PromMetrics | None = None,
+    trainer_service_account: str = "",
 ) -> Plan | None:
-    obs = observe(kube, namespace, name, now or dt.datetime.now(dt.UTC), prom)
+    obs = observe(
+        kube, namespace, name, now or dt.datetime.now(dt.UTC), prom, trainer_service_account
+    )
     if obs is None:
         return None
     p = plan(obs)

@@ -37,6 +37,7 @@ VARIANTS: dict[str, list[str]] = {
     "monitoring": ["monitoring.serviceMonitor.enabled=true", "monitoring.podMonitor.enabled=true"],
     "dashboard": ["dashboard.enabled=true"],
     "several-namespaces": ["watchNamespaces={team-a,team-b}"],
+    "no-trainer-account": ["trainer.serviceAccount.create=false"],
 }
 
 
@@ -157,7 +158,10 @@ def test_cluster_wide_render() -> None:
     docs = render("rbac.clusterWide=true", f"gateway.llmApiKeySecrets={{{KEY_SECRET}}}")
     assert "--all-namespaces" in container(docs, "slm-operator")["args"]
     assert "--all-namespaces" in container(docs, "slm-gateway")["args"]
-    assert not by_kind(docs, "Role") and not by_kind(docs, "RoleBinding")
+    # Only the trainer's ServiceAccount is namespaced: a pod runs as an account of its own
+    # namespace. With no namespaces listed, the release namespace gets one.
+    assert set(by_kind(docs, "Role")) == set(by_kind(docs, "RoleBinding")) == {"slm-trainer"}
+    assert by_kind(docs, "Role")["slm-trainer"]["metadata"]["namespace"] == "slm"
     gw_rules = by_kind(docs, "ClusterRole")["slm-gateway"]["rules"]
     assert {
         "apiGroups": [""],
@@ -183,6 +187,57 @@ def test_several_namespaces_get_a_role_each() -> None:
     assert "--all-namespaces" in container(docs, "slm-gateway")["args"]
     cluster_rules = by_kind(docs, "ClusterRole")["slm-gateway"]["rules"]
     assert [r["resources"] for r in cluster_rules] == [["agenttasks"]]
+
+
+def _trainer_objects(docs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {
+        (d["kind"], d["metadata"]["namespace"]): d
+        for d in docs
+        if d["metadata"]["name"] == "slm-trainer"
+        and d["kind"] in ("ServiceAccount", "Role", "RoleBinding")
+    }
+
+
+def test_trainer_service_account_in_each_namespace_where_tasks_live() -> None:
+    docs = render("watchNamespaces={team-a,team-b}")
+    got = _trainer_objects(docs)
+    assert set(got) == {
+        (kind, ns)
+        for kind in ("ServiceAccount", "Role", "RoleBinding")
+        for ns in ("team-a", "team-b")
+    }
+    for ns in ("team-a", "team-b"):
+        # patch on pods (the progress annotation on its own pod) and nothing else
+        assert got[("Role", ns)]["rules"] == [
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]}
+        ]
+        assert got[("RoleBinding", ns)]["subjects"] == [
+            {"kind": "ServiceAccount", "name": "slm-trainer", "namespace": ns}
+        ]
+    env = container(docs, "slm-operator")["env"]
+    assert {"name": "SLM_FLEET_TRAINER_SERVICE_ACCOUNT", "value": "slm-trainer"} in env
+    op_rules = by_kind(docs, "Role")["slm-operator"]["rules"]
+    assert {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get"]} in op_rules
+
+    wide = _trainer_objects(
+        render("rbac.clusterWide=true", "trainer.serviceAccount.namespaces={agents,research}")
+    )
+    assert {ns for _, ns in wide} == {"agents", "research"}
+
+
+def test_trainer_service_account_can_be_brought_or_turned_off() -> None:
+    docs = render("trainer.serviceAccount.create=false", "trainer.serviceAccount.name=ci-trainer")
+    kinds = {d["kind"] for d in docs if d["metadata"]["name"] == "slm-trainer"}
+    assert kinds == {"Role", "RoleBinding"}, "an existing account gets the Role, not a new one"
+    binding = by_kind(docs, "RoleBinding")["slm-trainer"]
+    assert binding["subjects"][0]["name"] == "ci-trainer"
+    env = container(docs, "slm-operator")["env"]
+    assert {"name": "SLM_FLEET_TRAINER_SERVICE_ACCOUNT", "value": "ci-trainer"} in env
+
+    off = render("trainer.serviceAccount.create=false")
+    assert not [d for d in off if "trainer" in d["metadata"]["name"]]
+    env = container(off, "slm-operator")["env"]
+    assert {"name": "SLM_FLEET_TRAINER_SERVICE_ACCOUNT", "value": ""} in env
 
 
 def test_monitoring_objects() -> None:
@@ -354,6 +409,9 @@ def test_install_creates_everything_and_uninstall_cleans_up(
         ("Role", f"{release}-gateway"),
         ("RoleBinding", f"{release}-operator"),
         ("RoleBinding", f"{release}-gateway"),
+        ("ServiceAccount", f"{release}-trainer"),
+        ("Role", f"{release}-trainer"),
+        ("RoleBinding", f"{release}-trainer"),
         ("ConfigMap", f"{release}-dashboard"),
     }
     cluster_scoped = {
@@ -397,8 +455,20 @@ def test_install_creates_everything_and_uninstall_cleans_up(
         ("list", "secrets", "--all-namespaces"),
         ("get", f"secret/{KEY_SECRET}", "-n", ns),
         ("create", "jobs.batch", "-n", "default"),
+        ("patch", "pods", "-n", ns),
     ):
         assert not can_i(cluster, ns, op, *args), f"operator may {args}"
+    # The trainer may patch pods (its progress annotation) in its namespace, and nothing else.
+    tr = f"{release}-trainer"
+    assert can_i(cluster, ns, tr, "patch", "pods", "-n", ns)
+    for args in (
+        ("get", "pods", "-n", ns),
+        ("create", "pods", "-n", ns),
+        ("patch", "pods", "-n", "default"),
+        ("get", f"secret/{KEY_SECRET}", "-n", ns),
+        ("list", "agenttasks.slmfleet.dev", "-n", ns),
+    ):
+        assert not can_i(cluster, ns, tr, *args), f"trainer may {args}"
 
     # helm uninstall removes everything it created (the CRD stays, as Helm keeps CRDs).
     helm("uninstall", release, "--kubeconfig", cluster.kubeconfig, "-n", ns, "--wait")

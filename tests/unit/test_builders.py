@@ -47,6 +47,30 @@ def test_jobs_are_owned_labelled_and_restricted() -> None:
     assert job["spec"]["backoffLimit"] == 2 and job["spec"]["activeDeadlineSeconds"] == 3600
 
 
+def _trainer_pods(task: dict, account: str = "") -> list[dict]:
+    cand = task["spec"]["candidates"][0]
+    jobs = [
+        b.data_prep_job(task, "r", account),
+        b.finetune_job(task, "r", cand, account),
+        b.export_job(task, "r", cand, "pvc://slm-work/weather/r/candidates/small", 0.5, account),
+    ]
+    return [j["spec"]["template"]["spec"] for j in jobs]
+
+
+def test_trainer_pods_run_as_the_trainer_service_account() -> None:
+    """The trainer patches its own pod's progress annotation: it needs its pod's name and
+    namespace (downward API) and a ServiceAccount allowed to patch pods."""
+    for pod in _trainer_pods(make_task(), "slm-trainer"):
+        assert pod["serviceAccountName"] == "slm-trainer"
+        env = {e["name"]: e.get("valueFrom") for e in pod["containers"][0]["env"]}
+        assert env["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+        assert env["POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    # The task's own account wins; with neither, the namespace's default account is used.
+    own = make_task(training={"gpus": 1, "serviceAccountName": "s3-reader"})
+    assert {p["serviceAccountName"] for p in _trainer_pods(own, "slm-trainer")} == {"s3-reader"}
+    assert all("serviceAccountName" not in p for p in _trainer_pods(make_task()))
+
+
 def test_user_scheduling_constraints_are_kept() -> None:
     task = make_task(
         training={

@@ -70,3 +70,27 @@ namespaced, else every namespace ("" here, --all-namespaces on the command line)
 {{- first $ns -}}
 {{- end -}}
 {{- end -}}
+
+{{- /* The trainer pods' ServiceAccount; empty when none is created or named. */ -}}
+{{- define "slm-fleet.trainerServiceAccount" -}}
+{{- $sa := .Values.trainer.serviceAccount -}}
+{{- if $sa.create -}}
+{{- default (printf "%s-trainer" (include "slm-fleet.fullname" .)) $sa.name -}}
+{{- else -}}
+{{- $sa.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- /*
+Where the trainer ServiceAccount and its Role go, comma-separated: trainer.serviceAccount.namespaces,
+else the watched namespaces (the release namespace when rbac.clusterWide watches them all).
+*/ -}}
+{{- define "slm-fleet.trainerNamespaces" -}}
+{{- if .Values.trainer.serviceAccount.namespaces -}}
+{{- join "," .Values.trainer.serviceAccount.namespaces -}}
+{{- else if .Values.rbac.clusterWide -}}
+{{- .Release.Namespace -}}
+{{- else -}}
+{{- include "slm-fleet.watchNamespaces" . -}}
+{{- end -}}
+{{- end -}}
