@@ -269,7 +269,7 @@ class Gateway:
             else:
                 reason = REASON_CIRCUIT_OPEN
         if reason:
-            self.metrics.fallbacks.labels(route.task, reason).inc()
+            self.metrics.fallbacks.labels(route.namespace, route.task, reason).inc()
         return await self._llm(route, req, raw, rid, t0, reason, plan.shadow, slm_b, llm_b, now)
 
     async def _llm(
@@ -287,7 +287,9 @@ class Gateway:
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         assert self.upstreams is not None
         if not self.breakers.allow(LLM, route.llm_url, llm_b, now):
-            self.metrics.errors.labels(route.task, LLM, e.CODE_UPSTREAM_UNAVAILABLE).inc()
+            self.metrics.errors.labels(
+                route.namespace, route.task, LLM, e.CODE_UPSTREAM_UNAVAILABLE
+            ).inc()
             raise GatewayError(
                 503,
                 "The LLM backend is failing and its circuit is open; retry shortly.",
@@ -305,11 +307,13 @@ class Gateway:
         try:
             reply = await self.upstreams.llm(route, payload)
         except UpstreamError as err:
-            self.metrics.attempt(route.task, LLM, err.kind, time.perf_counter() - t)
+            self.metrics.attempt(
+                route.namespace, route.task, LLM, err.kind, time.perf_counter() - t
+            )
             self.breakers.record(LLM, route.llm_url, llm_b, False)
             timeout = err.kind == TIMEOUT
             code = e.CODE_UPSTREAM_TIMEOUT if timeout else e.CODE_UPSTREAM
-            self.metrics.errors.labels(route.task, LLM, code).inc()
+            self.metrics.errors.labels(route.namespace, route.task, LLM, code).inc()
             raise GatewayError(
                 504 if timeout else 502,
                 f"The LLM backend did not answer ({err.detail}).",
@@ -338,16 +342,16 @@ class Gateway:
             ValueError,
             AttributeError,
         ):
-            self.metrics.attempt(route.task, LLM, BAD_OUTPUT, spent)
+            self.metrics.attempt(route.namespace, route.task, LLM, BAD_OUTPUT, spent)
             self.breakers.record(LLM, route.llm_url, llm_b, False)
-            self.metrics.errors.labels(route.task, LLM, e.CODE_UPSTREAM).inc()
+            self.metrics.errors.labels(route.namespace, route.task, LLM, e.CODE_UPSTREAM).inc()
             raise GatewayError(
                 502,
                 "The LLM backend answered with an unreadable chat completion.",
                 type=e.SERVER_ERROR,
                 code=e.CODE_UPSTREAM,
             ) from None
-        self.metrics.attempt(route.task, LLM, "ok", spent)
+        self.metrics.attempt(route.namespace, route.task, LLM, "ok", spent)
         if llm_b.state != "closed":
             self.breakers.record(LLM, route.llm_url, llm_b, True)
         else:
@@ -372,18 +376,18 @@ class Gateway:
         """A non-200 from the LLM: 5xx becomes a 502 with our error body; 4xx (the agent's
         request, or rate limits) is passed on as the LLM said it, with an error body."""
         if status >= 500:
-            self.metrics.attempt(route.task, LLM, "error", spent)
+            self.metrics.attempt(route.namespace, route.task, LLM, "error", spent)
             self.breakers.record(LLM, route.llm_url, llm_b, False)
-            self.metrics.errors.labels(route.task, LLM, e.CODE_UPSTREAM).inc()
+            self.metrics.errors.labels(route.namespace, route.task, LLM, e.CODE_UPSTREAM).inc()
             raise GatewayError(
                 502,
                 f"The LLM backend failed with HTTP {status}.",
                 type=e.SERVER_ERROR,
                 code=e.CODE_UPSTREAM,
             )
-        self.metrics.attempt(route.task, LLM, "status_4xx", spent)
+        self.metrics.attempt(route.namespace, route.task, LLM, "status_4xx", spent)
         self.breakers.record(LLM, route.llm_url, llm_b, True)
-        self.metrics.errors.labels(route.task, LLM, "llm_4xx").inc()
+        self.metrics.errors.labels(route.namespace, route.task, LLM, "llm_4xx").inc()
         try:
             doc = orjson.loads(body)
             ok_body = isinstance(doc, dict) and isinstance(doc.get("error"), dict)
@@ -410,7 +414,9 @@ class Gateway:
             body = infer_body(req.messages, req.tools)
             answer, confidence = await self.upstreams.slm(route, body)
         except UpstreamError as err:
-            self.metrics.attempt(route.task, SLM, _result(err), time.perf_counter() - t)
+            self.metrics.attempt(
+                route.namespace, route.task, SLM, _result(err), time.perf_counter() - t
+            )
             self.breakers.record(SLM, route.slm_url, slm_b, False)
             if err.kind == TIMEOUT:
                 return REASON_TIMEOUT
@@ -418,14 +424,14 @@ class Gateway:
         spent = time.perf_counter() - t
         verdict = slm_verdict(answer, confidence, route.confidence_threshold)
         if verdict == REASON_BAD_OUTPUT:
-            self.metrics.attempt(route.task, SLM, BAD_OUTPUT, spent)
+            self.metrics.attempt(route.namespace, route.task, SLM, BAD_OUTPUT, spent)
             self.breakers.record(SLM, route.slm_url, slm_b, False)
             return verdict
         self.breakers.record(SLM, route.slm_url, slm_b, True)
         if verdict:
-            self.metrics.attempt(route.task, SLM, verdict, spent)
+            self.metrics.attempt(route.namespace, route.task, SLM, verdict, spent)
             return verdict
-        self.metrics.attempt(route.task, SLM, "ok", spent)
+        self.metrics.attempt(route.namespace, route.task, SLM, "ok", spent)
         message = normalize_message(answer, rid)
         ctok = estimate_tokens(len(orjson.dumps(message)))
         ptok = estimate_tokens(len(raw))
@@ -461,10 +467,10 @@ class Gateway:
         slm_b: CircuitBreaker,
     ) -> None:
         if len(self._shadows) >= self.cfg.max_shadow_inflight:
-            self.metrics.shadow.labels(route.task, "skipped").inc()
+            self.metrics.shadow.labels(route.namespace, route.task, "skipped").inc()
             return
         if not self.breakers.allow(SLM, route.slm_url, slm_b, time.monotonic()):
-            self.metrics.shadow.labels(route.task, "skipped").inc()
+            self.metrics.shadow.labels(route.namespace, route.task, "skipped").inc()
             return
         task = asyncio.create_task(self._shadow(route, req, llm_message, slm_b))
         self._shadows.add(task)
@@ -480,25 +486,27 @@ class Gateway:
             body = infer_body(req.messages, req.tools)
             answer, confidence = await self.upstreams.slm(route, body)
         except UpstreamError as err:
-            self.metrics.attempt(route.task, SLM, _result(err), time.perf_counter() - t)
+            self.metrics.attempt(
+                route.namespace, route.task, SLM, _result(err), time.perf_counter() - t
+            )
             self.breakers.record(SLM, route.slm_url, slm_b, False)
-            self.metrics.shadow.labels(route.task, "error").inc()
+            self.metrics.shadow.labels(route.namespace, route.task, "error").inc()
             return
         except Exception:
             log.exception("shadow call failed")
-            self.metrics.shadow.labels(route.task, "error").inc()
+            self.metrics.shadow.labels(route.namespace, route.task, "error").inc()
             return
         spent = time.perf_counter() - t
         verdict = slm_verdict(answer, confidence, route.confidence_threshold)
         self.breakers.record(SLM, route.slm_url, slm_b, verdict != REASON_BAD_OUTPUT)
-        self.metrics.attempt(route.task, SLM, verdict or "ok", spent)
+        self.metrics.attempt(route.namespace, route.task, SLM, verdict or "ok", spent)
         if verdict == REASON_BAD_OUTPUT:
             result = "error"
         elif verdict in (REASON_DEFER, REASON_LOW_CONFIDENCE):
             result = "defer"
         else:
             result = "agree" if agree(answer, llm_message, route.metric) else "disagree"
-        self.metrics.shadow.labels(route.task, result).inc()
+        self.metrics.shadow.labels(route.namespace, route.task, result).inc()
 
     def _served(
         self,
@@ -515,17 +523,14 @@ class Gateway:
     ) -> None:
         """Count an answered call and hand it to capture."""
         latency = time.perf_counter() - t0
-        m = self.metrics.served(route.task, backend)
-        m.requests.inc()
-        m.duration.observe(latency)
-        if ptok:
-            m.prompt_tokens.inc(ptok)
-        if ctok:
-            m.completion_tokens.inc(ctok)
         price = self.prices.get(backend)
-        if price is not None:
-            m.cost.inc(price.cost(ptok, ctok))
-        m.llm_equivalent.inc(self._llm_price.cost(ptok, ctok))
+        self.metrics.served(route.namespace, route.task, backend).observe(
+            latency,
+            ptok,
+            ctok,
+            price.cost(ptok, ctok) if price is not None else 0.0,
+            self._llm_price.cost(ptok, ctok),
+        )
         if self.capture is not None:
             self.capture.submit(
                 Captured(
@@ -582,7 +587,7 @@ class Gateway:
         m.routes.set(len(self.table))
         m.route_mode.clear()
         for r in self.table.routes():
-            m.route_mode.labels(r.task, r.mode).set(1)
+            m.route_mode.labels(r.namespace, r.task, r.mode).set(1)
         if self.capture is not None:
             m.capture_queue.set(self.capture.depth())
         return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
@@ -593,8 +598,10 @@ class Gateway:
             await asyncio.wait(list(self._shadows), timeout=timeout)
 
 
-def _task(key: str) -> str:
-    return key.rpartition("/")[2]
+def _split_key(key: str) -> tuple[str, str]:
+    """(namespace, task) of a route key (``namespace/task``, or ``task`` alone)."""
+    namespace, _, task = key.rpartition("/")
+    return namespace, task
 
 
 def _result(err: UpstreamError) -> str:
@@ -659,12 +666,12 @@ def create_app(
                 m.capture_redactions.labels(kind).inc(n)
 
         # Capture counts by route key (its directory, ``namespace/task``); metrics carry the
-        # bare task name like every other gateway metric.
+        # namespace and the task name as two labels like every other gateway metric.
         capture = CaptureSink(
             cfg.capture,
-            on_written=lambda k, n: m.capture_records.labels(_task(k), "written").inc(n),
-            on_dropped=lambda k, n: m.capture_records.labels(_task(k), "dropped").inc(n),
-            on_redacted=lambda k, n: m.capture_redacted.labels(_task(k)).inc(n),
+            on_written=lambda k, n: m.capture_records.labels(*_split_key(k), "written").inc(n),
+            on_dropped=lambda k, n: m.capture_records.labels(*_split_key(k), "dropped").inc(n),
+            on_redacted=lambda k, n: m.capture_redacted.labels(*_split_key(k)).inc(n),
             on_redactions=redactions,
         )
     gw = Gateway(cfg, table, metrics=metrics, capture=capture)

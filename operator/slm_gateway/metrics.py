@@ -1,48 +1,64 @@
 """The gateway's Prometheus metrics: what the operator's live control reads and what the
 per-task savings report is computed from.
 
-Names and labels (``task`` is the AgentTask name, ``backend`` is ``slm`` or ``llm``):
+Names and labels (``namespace`` and ``task`` are the AgentTask's namespace and name, the
+namespace empty for routes from a static file; ``backend`` is ``slm`` or ``llm``):
 
-- ``slm_gateway_requests_total{task,backend}``: calls answered (HTTP 200), by who answered.
-- ``slm_gateway_request_duration_seconds{task,backend}``: histogram of the agent-visible
-  latency of answered calls, fallback time included.
-- ``slm_gateway_backend_duration_seconds{task,backend}``: histogram of each upstream attempt,
-  failed and shadow SLM attempts included; the SLO's SLM p95 is read from here.
-- ``slm_gateway_backend_calls_total{task,backend,result}``: every upstream attempt by result:
-  ``ok``, ``error``, ``timeout``, ``bad_output``, ``low_confidence``, ``defer``; an SLM
+- ``slm_gateway_requests_total{namespace,task,backend}``: calls answered (HTTP 200), by who
+  answered.
+- ``slm_gateway_request_duration_seconds{namespace,task,backend}``: histogram of the
+  agent-visible latency of answered calls, fallback time included.
+- ``slm_gateway_backend_duration_seconds{namespace,task,backend}``: histogram of each upstream
+  attempt, failed and shadow SLM attempts included; the SLO's SLM p95 is read from here.
+- ``slm_gateway_backend_calls_total{namespace,task,backend,result}``: every upstream attempt by
+  result: ``ok``, ``error``, ``timeout``, ``bad_output``, ``low_confidence``, ``defer``; an SLM
   error rate is ``result=~"error|timeout|bad_output"`` over the total.
-- ``slm_gateway_errors_total{task,backend,code}``: calls answered with an error, by code
-  (``upstream_error``, ``upstream_timeout``, ``upstream_unavailable``, ``llm_4xx``).
+- ``slm_gateway_errors_total{namespace,task,backend,code}``: calls answered with an error, by
+  code (``upstream_error``, ``upstream_timeout``, ``upstream_unavailable``, ``llm_4xx``).
 - ``slm_gateway_invalid_requests_total{code}``: requests rejected before routing (4xx).
-- ``slm_gateway_fallbacks_total{task,reason}``: calls meant for the SLM that the LLM answered.
-- ``slm_gateway_tokens_total{task,backend,kind}``: prompt and completion tokens (SLM counts
-  are estimated from bytes, see :func:`slm_gateway.decide.estimate_tokens`).
-- ``slm_gateway_cost_usd_total{task,backend}``: estimated spend at the configured prices.
-- ``slm_gateway_llm_equivalent_cost_usd_total{task}``: what the same tokens would have cost
-  on the LLM; savings = this minus the sum of the cost counter.
-- ``slm_gateway_shadow_total{task,result}``: shadow comparisons, ``agree``, ``disagree``,
-  ``error`` (SLM failed) or ``skipped`` (too many in flight); agreement rate =
+- ``slm_gateway_fallbacks_total{namespace,task,reason}``: calls meant for the SLM that the LLM
+  answered.
+- ``slm_gateway_tokens_total{namespace,task,backend,kind}``: prompt and completion tokens (SLM
+  counts are estimated from bytes, see :func:`slm_gateway.decide.estimate_tokens`).
+- ``slm_gateway_cost_usd_total{namespace,task,backend}``: estimated spend at the configured
+  prices.
+- ``slm_gateway_llm_equivalent_cost_usd_total{namespace,task}``: what the same tokens would
+  have cost on the LLM; savings = this minus the sum of the cost counter.
+- ``slm_gateway_shadow_total{namespace,task,result}``: shadow comparisons, ``agree``,
+  ``disagree``, ``error`` (SLM failed) or ``skipped`` (too many in flight); agreement rate =
   agree / (agree + disagree).
 - ``slm_gateway_circuit_state{backend,endpoint}``: 0 closed, 1 half-open, 2 open.
-- ``slm_gateway_routes``: tasks known; ``slm_gateway_route_mode{task,mode}``: 1 for the
-  current mode of each task.
-- ``slm_gateway_capture_records_total{task,result}``: ``written`` or ``dropped`` (queue full,
-  or a record the redactor could not process, which is never written unredacted).
-- ``slm_gateway_capture_redacted_records_total{task}`` and
+- ``slm_gateway_routes``: tasks known; ``slm_gateway_route_mode{namespace,task,mode}``: 1 for
+  the current mode of each task.
+- ``slm_gateway_capture_records_total{namespace,task,result}``: ``written`` or ``dropped``
+  (queue full, or a record the redactor could not process, which is never written
+  unredacted).
+- ``slm_gateway_capture_redacted_records_total{namespace,task}`` and
   ``slm_gateway_capture_redactions_total{kind}``: records with at least one redaction and the
   entities replaced, by kind (EMAIL_ADDRESS, API_KEY, ...).
 - ``slm_gateway_capture_queue_depth``: records waiting to be redacted and written.
 
 A registry per gateway instance (not the global one), so tests can build many apps in one
-process. Children for a (task, backend) pair are resolved once and cached: ``labels()`` costs
-a few microseconds and a lock, which adds up on the request path.
+process.
+
+The series touched on every answered call (requests, request and backend durations, backend
+calls, tokens, cost) are plain numbers in :class:`ServedStats` and :class:`AttemptStats`,
+updated by the event loop and turned into metric families only when ``/metrics`` is
+scraped. A prometheus_client child takes a lock on every ``inc`` and ``observe``; the nine
+updates of a call cost more than the rest of its routing decision.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from bisect import bisect_left
+from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS = (
     0.001,
@@ -61,52 +77,198 @@ LATENCY_BUCKETS = (
     30.0,
     60.0,
 )
+_BOUNDS = (*LATENCY_BUCKETS, float("inf"))
+_LE = tuple(floatToGoString(b) for b in _BOUNDS)
+
+_P = "slm_gateway_"
 
 
-@dataclass(slots=True)
-class ServedChildren:
-    """The metric children touched for every answered call of one (task, backend)."""
+class LatencyHistogram:
+    """A histogram over :data:`LATENCY_BUCKETS` without a lock: per-bucket (not cumulative)
+    counts, made cumulative when exported."""
 
-    requests: Counter
-    duration: Histogram
-    prompt_tokens: Counter
-    completion_tokens: Counter
-    cost: Counter
-    llm_equivalent: Counter
+    __slots__ = ("counts", "created", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(_BOUNDS)
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, seconds: float) -> None:
+        # Prometheus buckets are "less than or equal": the first bound >= the value.
+        self.counts[bisect_left(_BOUNDS, seconds)] += 1
+        self.sum += seconds
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out = []
+        total = 0
+        for le, n in zip(_LE, self.counts, strict=True):
+            total += n
+            out.append((le, float(total)))
+        return out
+
+
+class ServedStats:
+    """Everything counted for an answered call of one (namespace, task, backend)."""
+
+    __slots__ = (
+        "completion_tokens",
+        "cost",
+        "created",
+        "duration",
+        "llm_equivalent",
+        "prompt_tokens",
+        "requests",
+    )
+
+    def __init__(self, llm_equivalent: LlmEquivalent) -> None:
+        self.requests = 0
+        self.duration = LatencyHistogram()
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.cost = 0.0
+        self.llm_equivalent = llm_equivalent
+        self.created = self.duration.created
+
+    def observe(
+        self, seconds: float, prompt_tokens: int, completion_tokens: int, cost: float, llm: float
+    ) -> None:
+        self.requests += 1
+        self.duration.observe(seconds)
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+        self.cost += cost
+        self.llm_equivalent.value += llm
+
+
+class LlmEquivalent:
+    """What a task's calls would have cost on the LLM, shared by its two backends."""
+
+    __slots__ = ("created", "value")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.created = time.time()
+
+
+class AttemptStats:
+    """Upstream attempts of one (namespace, task, backend, result), and their latencies, which
+    are shared by every result of that backend."""
+
+    __slots__ = ("count", "created", "duration")
+
+    def __init__(self, duration: LatencyHistogram) -> None:
+        self.count = 0
+        self.duration = duration
+        self.created = time.time()
+
+    def observe(self, seconds: float) -> None:
+        self.count += 1
+        self.duration.observe(seconds)
+
+
+class _HotCollector(Collector):
+    """Exports :class:`ServedStats` and :class:`AttemptStats` as Prometheus metric families,
+    with the same names, labels and samples the equivalent prometheus_client metrics have."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self.m = metrics
+
+    def describe(self) -> list[Metric]:
+        return list(self._families({}, {}, {}, {}))
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.m
+        # list(): a scrape from another thread must not see the dicts change size under it.
+        return self._families(
+            dict(list(m._served.items())),
+            dict(list(m._llm_equivalent.items())),
+            dict(list(m._attempts.items())),
+            dict(list(m._backend_duration.items())),
+        )
+
+    @staticmethod
+    def _families(
+        served: dict[tuple[str, str, str], ServedStats],
+        equivalent: dict[tuple[str, str], LlmEquivalent],
+        attempts: dict[tuple[str, str, str, str], AttemptStats],
+        durations: dict[tuple[str, str, str], LatencyHistogram],
+    ) -> Iterator[Metric]:
+        labels = ["namespace", "task", "backend"]
+        requests = CounterMetricFamily(
+            _P + "requests", "Calls answered, by backend.", labels=labels
+        )
+        duration = HistogramMetricFamily(
+            _P + "request_duration_seconds",
+            "Agent-visible latency of answered calls.",
+            labels=labels,
+        )
+        tokens = CounterMetricFamily(_P + "tokens", "Tokens by kind.", labels=[*labels, "kind"])
+        cost = CounterMetricFamily(
+            _P + "cost_usd", "Estimated spend at the configured prices.", labels=labels
+        )
+        for key, st in served.items():
+            requests.add_metric(key, st.requests, created=st.created)
+            _add_histogram(duration, key, st.duration)
+            tokens.add_metric((*key, "prompt"), st.prompt_tokens, created=st.created)
+            tokens.add_metric((*key, "completion"), st.completion_tokens, created=st.created)
+            cost.add_metric(key, st.cost, created=st.created)
+        llm_equivalent = CounterMetricFamily(
+            _P + "llm_equivalent_cost_usd",
+            "Estimated spend had the LLM answered every call.",
+            labels=["namespace", "task"],
+        )
+        for task_key, eq in equivalent.items():
+            llm_equivalent.add_metric(task_key, eq.value, created=eq.created)
+        backend_duration = HistogramMetricFamily(
+            _P + "backend_duration_seconds",
+            "Latency of each upstream attempt, failures and shadow calls included.",
+            labels=labels,
+        )
+        for key, hist in durations.items():
+            _add_histogram(backend_duration, key, hist)
+        backend_calls = CounterMetricFamily(
+            _P + "backend_calls", "Upstream attempts by result.", labels=[*labels, "result"]
+        )
+        for attempt_key, at in attempts.items():
+            backend_calls.add_metric(attempt_key, at.count, created=at.created)
+        yield requests
+        yield duration
+        yield backend_duration
+        yield backend_calls
+        yield tokens
+        yield cost
+        yield llm_equivalent
+
+
+def _add_histogram(
+    family: HistogramMetricFamily, key: tuple[str, ...], hist: LatencyHistogram
+) -> None:
+    family.add_metric(list(key), hist.buckets(), hist.sum)
+    family.samples.append(
+        Sample(
+            family.name + "_created", dict(zip(family._labelnames, key, strict=True)), hist.created
+        )
+    )
 
 
 class GatewayMetrics:
-    """All gateway metrics on one registry, with cached label children for the hot path."""
+    """All gateway metrics on one registry; the per-call ones as lock-free plain numbers."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
-        p = "slm_gateway_"
-        self.requests = Counter(
-            p + "requests", "Calls answered, by backend.", ["task", "backend"], registry=r
-        )
-        self.duration = Histogram(
-            p + "request_duration_seconds",
-            "Agent-visible latency of answered calls.",
-            ["task", "backend"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.backend_duration = Histogram(
-            p + "backend_duration_seconds",
-            "Latency of each upstream attempt, failures and shadow calls included.",
-            ["task", "backend"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.backend_calls = Counter(
-            p + "backend_calls",
-            "Upstream attempts by result.",
-            ["task", "backend", "result"],
-            registry=r,
-        )
+        p = _P
+        self._served: dict[tuple[str, str, str], ServedStats] = {}
+        self._llm_equivalent: dict[tuple[str, str], LlmEquivalent] = {}
+        self._attempts: dict[tuple[str, str, str, str], AttemptStats] = {}
+        self._backend_duration: dict[tuple[str, str, str], LatencyHistogram] = {}
+        r.register(_HotCollector(self))
         self.errors = Counter(
-            p + "errors", "Calls answered with an error.", ["task", "backend", "code"], registry=r
+            p + "errors",
+            "Calls answered with an error.",
+            ["namespace", "task", "backend", "code"],
+            registry=r,
         )
         self.invalid = Counter(
             p + "invalid_requests", "Requests rejected before routing.", ["code"], registry=r
@@ -114,26 +276,14 @@ class GatewayMetrics:
         self.fallbacks = Counter(
             p + "fallbacks",
             "Calls meant for the SLM answered by the LLM.",
-            ["task", "reason"],
-            registry=r,
-        )
-        self.tokens = Counter(
-            p + "tokens", "Tokens by kind.", ["task", "backend", "kind"], registry=r
-        )
-        self.cost = Counter(
-            p + "cost_usd",
-            "Estimated spend at the configured prices.",
-            ["task", "backend"],
-            registry=r,
-        )
-        self.llm_equivalent = Counter(
-            p + "llm_equivalent_cost_usd",
-            "Estimated spend had the LLM answered every call.",
-            ["task"],
+            ["namespace", "task", "reason"],
             registry=r,
         )
         self.shadow = Counter(
-            p + "shadow", "Shadow comparisons by result.", ["task", "result"], registry=r
+            p + "shadow",
+            "Shadow comparisons by result.",
+            ["namespace", "task", "result"],
+            registry=r,
         )
         self.circuit = Gauge(
             p + "circuit_state",
@@ -143,15 +293,21 @@ class GatewayMetrics:
         )
         self.routes = Gauge(p + "routes", "Tasks known to the gateway.", registry=r)
         self.route_mode = Gauge(
-            p + "route_mode", "1 for the current mode of each task.", ["task", "mode"], registry=r
+            p + "route_mode",
+            "1 for the current mode of each task.",
+            ["namespace", "task", "mode"],
+            registry=r,
         )
         self.capture_records = Counter(
-            p + "capture_records", "Call records by result.", ["task", "result"], registry=r
+            p + "capture_records",
+            "Call records by result.",
+            ["namespace", "task", "result"],
+            registry=r,
         )
         self.capture_redacted = Counter(
             p + "capture_redacted_records",
             "Records with at least one redaction.",
-            ["task"],
+            ["namespace", "task"],
             registry=r,
         )
         self.capture_redactions = Counter(
@@ -160,33 +316,25 @@ class GatewayMetrics:
         self.capture_queue = Gauge(
             p + "capture_queue_depth", "Records waiting to be written.", registry=r
         )
-        self._served: dict[tuple[str, str], ServedChildren] = {}
-        self._attempts: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
 
-    def served(self, task: str, backend: str) -> ServedChildren:
-        key = (task, backend)
+    def served(self, namespace: str, task: str, backend: str) -> ServedStats:
+        """The stats of answered calls of one (namespace, task, backend); event loop only."""
+        key = (namespace, task, backend)
         found = self._served.get(key)
         if found is None:
-            found = ServedChildren(
-                requests=self.requests.labels(task, backend),
-                duration=self.duration.labels(task, backend),
-                prompt_tokens=self.tokens.labels(task, backend, "prompt"),
-                completion_tokens=self.tokens.labels(task, backend, "completion"),
-                cost=self.cost.labels(task, backend),
-                llm_equivalent=self.llm_equivalent.labels(task),
-            )
-            self._served[key] = found
+            equivalent = self._llm_equivalent.get((namespace, task))
+            if equivalent is None:
+                equivalent = self._llm_equivalent[(namespace, task)] = LlmEquivalent()
+            found = self._served[key] = ServedStats(equivalent)
         return found
 
-    def attempt(self, task: str, backend: str, result: str, seconds: float) -> None:
-        """Count one upstream attempt and its latency."""
-        key = (task, backend, result)
+    def attempt(self, namespace: str, task: str, backend: str, result: str, seconds: float) -> None:
+        """Count one upstream attempt and its latency; event loop only."""
+        key = (namespace, task, backend, result)
         found = self._attempts.get(key)
         if found is None:
-            found = (
-                self.backend_calls.labels(task, backend, result),
-                self.backend_duration.labels(task, backend),
-            )
-            self._attempts[key] = found
-        found[0].inc()
-        found[1].observe(seconds)
+            duration = self._backend_duration.get(key[:3])
+            if duration is None:
+                duration = self._backend_duration[key[:3]] = LatencyHistogram()
+            found = self._attempts[key] = AttemptStats(duration)
+        found.observe(seconds)

@@ -293,3 +293,18 @@ def test_the_gateway_never_imports_the_training_stack() -> None:
         [sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True
     ).stdout.strip()
     assert out == "[]"
+
+
+def test_same_named_tasks_of_two_namespaces_have_their_own_series(
+    standin: llm_standin.StandIn,
+) -> None:
+    a = route(standin, namespace="team-a")
+    b = route(standin, namespace="team-b")
+    with client(a, b) as c:
+        for model in ("team-a/weather", "team-a/weather", "team-b/weather"):
+            assert chat(c, model=model).status_code == 200
+        count = "slm_gateway_requests_total"
+        assert metric(c, count, namespace="team-a", task="weather", backend="llm") == 2
+        assert metric(c, count, namespace="team-b", task="weather", backend="llm") == 1
+        tokens = "slm_gateway_tokens_total"
+        assert metric(c, tokens, namespace="team-b", task="weather", kind="prompt") > 0
