@@ -4,6 +4,11 @@ The queries read what the gateway exports (``slm_gateway_*``, see ``slm_gateway.
 what Triton exports (``nv_inference_*``). Each returns one number for one task over one
 window; an empty result, NaN or an unreachable Prometheus becomes None, which the decision
 functions treat as "unmeasured" (keep the last decision).
+
+Gateway series carry ``namespace`` and ``task`` labels, so two AgentTasks of the same name in
+different namespaces are told apart when the caller passes the task's namespace. Triton's
+series are selected by ``model`` (the task name) only: the labels a scrape adds to them
+depend on how Prometheus discovers the Triton pods.
 """
 
 from __future__ import annotations
@@ -19,18 +24,27 @@ log = logging.getLogger(__name__)
 ERROR_RESULTS = "error|timeout|bad_output"
 
 
-def _sel(task: str, **labels: str) -> str:
-    parts = [f'task="{task}"'] + [
+def _sel(task: str, namespace: str | None = None, **labels: str) -> str:
+    """A label selector for one task's gateway series (``namespace`` None: any namespace)."""
+    scope = [f'namespace="{namespace}"'] if namespace is not None else []
+    parts = [*scope, f'task="{task}"'] + [
         f'{k}=~"{v}"' if any(ch in v for ch in "|*") else f'{k}="{v}"' for k, v in labels.items()
     ]
     return "{" + ",".join(parts) + "}"
 
 
-def queries(task: str, window: str, agreement_window: str) -> dict[str, str]:
-    """name -> PromQL; ``window`` like ``"30s"`` (at least two scrape intervals)."""
-    slm = _sel(task, backend="slm")
+def queries(
+    task: str, window: str, agreement_window: str, namespace: str | None = None
+) -> dict[str, str]:
+    """name -> PromQL; ``window`` like ``"30s"`` (at least two scrape intervals); with a
+    ``namespace``, only that namespace's task of this name is measured."""
+
+    def sel(**labels: str) -> str:
+        return _sel(task, namespace, **labels)
+
+    slm = sel(backend="slm")
     open_rate = (
-        f"(sum(rate(slm_gateway_fallbacks_total{_sel(task, reason='circuit_open')}[{window}])) "
+        f"(sum(rate(slm_gateway_fallbacks_total{sel(reason='circuit_open')}[{window}])) "
         "or vector(0))"
     )
     return {
@@ -43,36 +57,34 @@ def queries(task: str, window: str, agreement_window: str) -> dict[str, str]:
         # no measurable error rate, and fallback would never turn on.
         "error_rate": (
             "((sum(rate(slm_gateway_backend_calls_total"
-            f"{_sel(task, backend='slm', result=ERROR_RESULTS)}[{window}])) or vector(0)) + "
+            f"{sel(backend='slm', result=ERROR_RESULTS)}[{window}])) or vector(0)) + "
             f"{open_rate}) / "
             f"((sum(rate(slm_gateway_backend_calls_total{slm}[{window}])) or vector(0)) + "
             f"{open_rate})"
         ),
-        "request_rate": f"sum(rate(slm_gateway_requests_total{_sel(task)}[{window}]))",
+        "request_rate": f"sum(rate(slm_gateway_requests_total{sel()}[{window}]))",
         "queue_ms": (
             f'sum(rate(nv_inference_queue_duration_us{{model="{task}"}}[{window}])) / '
             f'sum(rate(nv_inference_request_success{{model="{task}"}}[{window}])) / 1000'
         ),
         "agreement": (
             "sum(increase(slm_gateway_shadow_total"
-            f"{_sel(task, result='agree')}[{agreement_window}])) / "
+            f"{sel(result='agree')}[{agreement_window}])) / "
             "sum(increase(slm_gateway_shadow_total"
-            f"{_sel(task, result='agree|disagree')}[{agreement_window}]))"
+            f"{sel(result='agree|disagree')}[{agreement_window}]))"
         ),
         "shadow_samples": (
             "sum(increase(slm_gateway_shadow_total"
-            f"{_sel(task, result='agree|disagree')}[{agreement_window}]))"
+            f"{sel(result='agree|disagree')}[{agreement_window}]))"
         ),
         "slm_share": (
             f"sum(rate(slm_gateway_requests_total{slm}[{window}])) / "
-            f"sum(rate(slm_gateway_requests_total{_sel(task)}[{window}]))"
+            f"sum(rate(slm_gateway_requests_total{sel()}[{window}]))"
         ),
-        "captured_records": (
-            f"sum(slm_gateway_capture_records_total{_sel(task, result='written')})"
-        ),
+        "captured_records": (f"sum(slm_gateway_capture_records_total{sel(result='written')})"),
         "cost_saved_usd": (
-            f"sum(increase(slm_gateway_llm_equivalent_cost_usd_total{_sel(task)}[{window}])) - "
-            f"sum(increase(slm_gateway_cost_usd_total{_sel(task)}[{window}]))"
+            f"sum(increase(slm_gateway_llm_equivalent_cost_usd_total{sel()}[{window}])) - "
+            f"sum(increase(slm_gateway_cost_usd_total{sel()}[{window}]))"
         ),
     }
 
@@ -100,12 +112,15 @@ class PromMetrics:
     def window(self, window_seconds: float) -> str:
         return f"{max(math.ceil(window_seconds), math.ceil(2 * self.scrape))}s"
 
-    def task_metrics(self, task: str, window_seconds: float) -> Metrics | None:
+    def task_metrics(
+        self, task: str, window_seconds: float, namespace: str | None = None
+    ) -> Metrics | None:
+        """One task's metrics; pass its ``namespace`` to leave out same-named tasks elsewhere."""
         w = self.window(window_seconds)
         agreement_w = f"{max(int(w[:-1]), 60)}s"
         values: dict[str, float | None] = {}
         try:
-            for name, q in queries(task, w, agreement_w).items():
+            for name, q in queries(task, w, agreement_w, namespace).items():
                 values[name] = _scalar(self.client.custom_query(q))
         except Exception as exc:  # connection errors, HTTP errors, bad JSON
             log.warning("Prometheus at %s did not answer for task %s: %s", self.url, task, exc)
