@@ -58,16 +58,27 @@ class LLMReply:
     retry_after: str | None
 
 
+#: Headers every upstream call carries: both upstreams take and return JSON. Set once on the
+#: session, so a call passes only what differs per route (the LLM's Authorization). A
+#: User-Agent of our own, rather than ``skip_auto_headers``: any skip list sends aiohttp
+#: down a slow path that copies the headers and builds a multidict on every request.
+SESSION_HEADERS = {
+    "Content-Type": "application/json",
+    "Accept": "application/json",
+    "User-Agent": "slm-gateway",
+}
+
+
 def new_session(limit: int = 1024) -> aiohttp.ClientSession:
-    """The process-wide client session: a large keep-alive pool, no cookie jar, no default
-    headers beyond what aiohttp must send."""
+    """The process-wide client session: a large keep-alive pool, no cookie jar, the JSON
+    headers of :data:`SESSION_HEADERS`."""
     connector = aiohttp.TCPConnector(
         limit=limit, limit_per_host=limit, ttl_dns_cache=300, keepalive_timeout=60
     )
     return aiohttp.ClientSession(
         connector=connector,
         cookie_jar=aiohttp.DummyCookieJar(),
-        skip_auto_headers=("User-Agent",),
+        headers=SESSION_HEADERS,
         raise_for_status=False,
     )
 
@@ -122,10 +133,7 @@ class Upstreams:
         """Run the SLM's Triton model on an infer body (see :func:`infer_body`)."""
         try:
             async with self.session.post(
-                route.slm_target,
-                data=body,
-                headers=_JSON_HEADERS,
-                timeout=route.slm_timeout,
+                route.slm_target, data=body, timeout=route.slm_timeout
             ) as resp:
                 raw = await resp.read()
                 if resp.status != 200:
@@ -136,8 +144,6 @@ class Upstreams:
             raise UpstreamError(CONNECT, type(exc).__name__) from None
         return parse_infer_response(raw)
 
-
-_JSON_HEADERS = {"Content-Type": "application/json"}
 
 __all__ = [
     "LLMReply",

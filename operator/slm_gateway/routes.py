@@ -88,10 +88,12 @@ class Route:
         # Parsed once: aiohttp would otherwise parse the URL string on every call.
         s(self, "llm_target", URL(self.llm_url))
         s(self, "slm_target", URL(self.slm_url or "http://unset.invalid/"))
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.llm_api_key:
-            headers["Authorization"] = f"Bearer {self.llm_api_key}"
-        s(self, "llm_headers", headers)
+        # Only what differs per route: the session sends the JSON headers on every call.
+        s(
+            self,
+            "llm_headers",
+            {"Authorization": f"Bearer {self.llm_api_key}"} if self.llm_api_key else {},
+        )
         s(self, "llm_timeout", aiohttp.ClientTimeout(total=self.llm_timeout_s, connect=10.0))
         s(self, "slm_timeout", aiohttp.ClientTimeout(total=self.slm_timeout_s))
 

@@ -159,7 +159,39 @@ def validate_body(body: dict[str, Any]) -> ChatRequest:
         names = _validated_tools(tools)
 
     _validate_tool_choice(body.get("tool_choice"), names)
+    if body.keys() & _OPTIONAL_FIELDS:
+        _validate_options(body)
+    return ChatRequest(body, model, messages, tools)
 
+
+#: The optional fields :func:`_validate_options` checks; most agent requests carry none of
+#: them, and one set intersection is cheaper than looking each of them up.
+_OPTIONAL_FIELDS = frozenset(
+    {
+        "stream",
+        "temperature",
+        "top_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "n",
+        "max_tokens",
+        "max_completion_tokens",
+        "seed",
+        "top_logprobs",
+        "parallel_tool_calls",
+        "logprobs",
+        "store",
+        "user",
+        "stop",
+        "response_format",
+        "metadata",
+        "logit_bias",
+        "stream_options",
+    }
+)
+
+
+def _validate_options(body: dict[str, Any]) -> None:
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise _wrong_type("stream", "a boolean", stream)
@@ -195,7 +227,6 @@ def validate_body(body: dict[str, Any]) -> ChatRequest:
         value = body.get(name)
         if value is not None and not isinstance(value, dict):
             raise _wrong_type(name, "an object", value)
-    return ChatRequest(body, model, messages, tools)
 
 
 def _validate_stop(stop: Any) -> None:
@@ -210,12 +241,16 @@ def _validate_stop(stop: Any) -> None:
             raise _wrong_type(f"stop[{i}]", "a string", s)
 
 
-def _validate_content(content: Any, param: str, *, required: bool) -> None:
+def _validate_content(content: Any, param: str | int, *, required: bool) -> None:
+    """``param`` is the parameter's path, or the index of the message whose ``content`` this
+    is (the path is only built when there is something to report)."""
+    if isinstance(content, str):
+        return
+    if isinstance(param, int):
+        param = f"messages[{param}].content"
     if content is None:
         if required:
             raise invalid(f"Missing required parameter: '{param}'.", param, CODE_MISSING)
-        return
-    if isinstance(content, str):
         return
     if not isinstance(content, list):
         raise _wrong_type(param, "a string or an array of content parts", content)
@@ -233,15 +268,15 @@ def _validate_content(content: Any, param: str, *, required: bool) -> None:
 
 
 def _validate_message(message: Any, i: int, tool_call_ids: set[str]) -> None:
-    p = f"messages[{i}]"
     if not isinstance(message, dict):
-        raise _wrong_type(p, "an object", message)
+        raise _wrong_type(f"messages[{i}]", "an object", message)
     role = message.get("role")
-    if not isinstance(role, str):
+    if not isinstance(role, str) or role not in ROLES:
+        p = f"messages[{i}]"
         if role is None:
             raise invalid(f"Missing required parameter: '{p}.role'.", f"{p}.role", CODE_MISSING)
-        raise _wrong_type(f"{p}.role", "a string", role)
-    if role not in ROLES:
+        if not isinstance(role, str):
+            raise _wrong_type(f"{p}.role", "a string", role)
         raise invalid(
             f"Invalid value for '{p}.role': {role!r}; supported roles are "
             f"{', '.join(sorted(ROLES))}.",
@@ -249,27 +284,24 @@ def _validate_message(message: Any, i: int, tool_call_ids: set[str]) -> None:
         )
     name = message.get("name")
     if name is not None and not isinstance(name, str):
-        raise _wrong_type(f"{p}.name", "a string", name)
+        raise _wrong_type(f"messages[{i}].name", "a string", name)
     content = message.get("content")
     if role == "assistant":
         calls = message.get("tool_calls")
         if calls is not None:
-            _validate_tool_calls(calls, f"{p}.tool_calls", tool_call_ids)
+            _validate_tool_calls(calls, f"messages[{i}].tool_calls", tool_call_ids)
         has_call = bool(calls) or message.get("function_call") is not None
-        _validate_content(content, f"{p}.content", required=not has_call)
+        _validate_content(content, i, required=not has_call)
     elif role == "tool":
-        _validate_content(content, f"{p}.content", required=True)
+        _validate_content(content, i, required=True)
         tcid = message.get("tool_call_id")
         if not isinstance(tcid, str):
+            p = f"messages[{i}].tool_call_id"
             if tcid is None:
-                raise invalid(
-                    f"Missing required parameter: '{p}.tool_call_id'.",
-                    f"{p}.tool_call_id",
-                    CODE_MISSING,
-                )
-            raise _wrong_type(f"{p}.tool_call_id", "a string", tcid)
+                raise invalid(f"Missing required parameter: '{p}'.", p, CODE_MISSING)
+            raise _wrong_type(p, "a string", tcid)
     else:
-        _validate_content(content, f"{p}.content", required=True)
+        _validate_content(content, i, required=True)
 
 
 def _validate_tool_calls(calls: Any, p: str, ids: set[str]) -> None:

@@ -182,3 +182,13 @@ def test_error_body_shape() -> None:
             "code": "upstream_error",
         }
     }
+
+
+def test_every_optional_field_is_checked_when_present() -> None:
+    from slm_gateway.validate import _OPTIONAL_FIELDS
+
+    for name in sorted(_OPTIONAL_FIELDS):
+        with pytest.raises(GatewayError) as err:
+            parse_chat_request(body(**{name: [[1]]}))
+        assert err.value.status == 400
+        assert (err.value.param or "").startswith(name), name
