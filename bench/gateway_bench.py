@@ -26,6 +26,12 @@ What runs (all on 127.0.0.1):
 
 The gateway's capture is checked at the end: records written must equal calls served.
 
+Beside each wall-clock figure the script prints the CPU time each target's processes (threads
+and child processes included, e.g. the gateway's capture worker) spent per request, read from
+``/proc`` around every load run. On a shared machine req/s and p99 move with the other jobs;
+CPU per request moves much less, so it is the figure to compare the gateway with the bare
+pass-through by.
+
 Usage (from the repository root)::
 
     .venv/bin/python bench/gateway_bench.py [--duration 8] [--rounds 2] [--skip-litellm]
@@ -173,6 +179,28 @@ class Load:
     requests: int
     errors: int
     note: str = ""
+    cpu_us: float = float("nan")  # the target's CPU time per request, children included
+
+
+def tree_cpu_s(pid: int | None) -> float:
+    """CPU seconds spent so far by a process, its threads and its descendants (Linux /proc;
+    NaN elsewhere). Per-thread ``schedstat`` counts nanoseconds, not 10 ms ticks."""
+    if pid is None or not Path(f"/proc/{pid}/task").is_dir():
+        return float("nan")
+    total = 0.0
+    stack = [pid]
+    while stack:
+        try:
+            tasks = list(Path(f"/proc/{stack.pop()}/task").iterdir())
+        except OSError:
+            continue  # exited meanwhile
+        for task in tasks:
+            try:
+                total += int((task / "schedstat").read_text().split()[0]) / 1e9
+                stack.extend(int(c) for c in (task / "children").read_text().split())
+            except (OSError, ValueError):
+                continue
+    return total
 
 
 def ensure_wrk() -> str | None:
@@ -272,6 +300,7 @@ class Target:
     name: str
     url: str
     stop: Any
+    pid: int | None = None  # whose CPU time (with its children's) is counted per request
     results: dict[int, list[Load]] = field(default_factory=dict)
 
 
@@ -632,6 +661,7 @@ def median_load(loads: list[Load]) -> Load:
         sum(x.requests for x in loads),
         sum(x.errors for x in loads),
         loads[0].note,
+        statistics.median(x.cpu_us for x in loads),
     )
 
 
@@ -710,15 +740,25 @@ def main(argv: list[str] | None = None) -> int:
             log_path=workdir / "gateway-nocapture.log",
         )
         targets = [
-            Target("direct (stand-in)", standin.llm_base_url + "/chat/completions", None),
-            Target("slm-gateway (llm mode)", gw.url + "/v1/chat/completions", None),
-            Target("  same, capture off (diag.)", gw_nocap.url + "/v1/chat/completions", None),
+            Target(
+                "direct (stand-in)",
+                standin.llm_base_url + "/chat/completions",
+                None,
+                standin.proc.pid,
+            ),
+            Target("slm-gateway (llm mode)", gw.url + "/v1/chat/completions", None, gw.proc.pid),
+            Target(
+                "  same, capture off (diag.)",
+                gw_nocap.url + "/v1/chat/completions",
+                None,
+                gw_nocap.proc.pid,
+            ),
         ]
         if not args.skip_passthrough:
             proc, url = start_passthrough(standin.llm_base_url + "/chat/completions", workdir)
             procs.append(proc)
             wait_port(url, 30)
-            targets.append(Target("bare pass-through (floor)", url + "/", proc))
+            targets.append(Target("bare pass-through (floor)", url + "/", proc, proc.pid))
         if not args.skip_litellm:
             exe = ensure_litellm(workdir / "litellm-install.log")
             if exe is None:
@@ -726,12 +766,20 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 proc, url = start_litellm(exe, standin.llm_base_url, token, workdir)
                 procs.append(proc)
-                targets.append(Target("LiteLLM proxy", url + "/v1/chat/completions", proc))
+                targets.append(
+                    Target("LiteLLM proxy", url + "/v1/chat/completions", proc, proc.pid)
+                )
 
         def load(t: Target, c: int, duration: float) -> Load:
+            cpu = tree_cpu_s(t.pid)
             if wrk:
-                return run_wrk(wrk, t.url, lua, wrk_env, c, duration)
-            return asyncio.run(_aio_load(t.url, bodies, token, c, duration))
+                result = run_wrk(wrk, t.url, lua, wrk_env, c, duration)
+            else:
+                result = asyncio.run(_aio_load(t.url, bodies, token, c, duration))
+            time.sleep(0.2)  # the capture worker finishes the run's last batch
+            if result.requests:
+                result.cpu_us = (tree_cpu_s(t.pid) - cpu) / result.requests * 1e6
+            return result
 
         for t in targets:  # warm-up: connections, caches, the redactor's first pass
             load(t, 8, 2.0)
@@ -745,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
                     r = t.results[c][-1]
                     print(
                         f"  c={c:<3} {t.name:<28} {r.rps:9.0f} req/s  p50 {r.p50_ms:7.2f} ms"
-                        f"  p99 {r.p99_ms:7.2f} ms  errors {r.errors}",
+                        f"  p99 {r.p99_ms:7.2f} ms  CPU {r.cpu_us:5.0f} us/req  errors {r.errors}",
                         flush=True,
                     )
 
@@ -844,9 +892,11 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"requests: {results['requests']}; load: {results['load_generator']}")
     print(f"median of {args.rounds} runs; capture and metrics on in the gateway")
     print()
+    floor = t.get("bare pass-through (floor)")
+    floor_cpu = Load(**floor["64"]).cpu_us if floor else float("nan")
     head = (
         f"{'target':<28} {'c=1 p50':>9} {'c=1 p99':>9} {'+p50':>8} {'+p99':>8}"
-        f" {'c=64 req/s':>11} {'% direct':>9} {'errors':>7}"
+        f" {'c=64 req/s':>11} {'% direct':>9} {'CPU us/req':>11} {'x floor':>8} {'errors':>7}"
     )
     print(head)
     print("-" * len(head))
@@ -856,8 +906,13 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
         added99 = "" if name.startswith("direct") else f"{a.p99_ms - d1.p99_ms:+8.2f}"
         print(
             f"{name:<28} {a.p50_ms:8.2f}ms {a.p99_ms:8.2f}ms {added:>8} {added99:>8}"
-            f" {b.rps:11.0f} {100 * b.rps / d64.rps:8.1f}% {a.errors + b.errors:7d}"
+            f" {b.rps:11.0f} {100 * b.rps / d64.rps:8.1f}% {b.cpu_us:11.0f}"
+            f" {b.cpu_us / floor_cpu:7.2f}x {a.errors + b.errors:7d}"
         )
+    print(
+        "CPU us/req: CPU time of the target's processes (capture worker included) per request "
+        "at c=64, median of the runs; x floor: over the bare pass-through's"
+    )
     gw1 = Load(**t["slm-gateway (llm mode)"]["1"])
     gw64 = Load(**t["slm-gateway (llm mode)"]["64"])
     print()
