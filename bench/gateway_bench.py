@@ -544,15 +544,16 @@ async def slm_client_compare(endpoint: str, model: str, n: int) -> dict[str, dic
         await ours.slm(route, infer_body(messages, tools))
 
     async def call_theirs() -> None:
-        inp = thttp.InferInput("REQUEST", [1], "BYTES")
-        inp.set_data_from_numpy(np.array([payload], dtype=np.object_), binary_data=False)
+        # The model batches (max_batch_size > 0): a batch of one, like the gateway's [1, 1].
+        inp = thttp.InferInput("REQUEST", [1, 1], "BYTES")
+        inp.set_data_from_numpy(np.array([[payload]], dtype=np.object_), binary_data=False)
         outs = [
             thttp.InferRequestedOutput("RESPONSE", binary_data=False),
             thttp.InferRequestedOutput("CONFIDENCE", binary_data=False),
         ]
         res = await asyncio.wait_for(theirs.infer(model, [inp], outputs=outs), 2.0)
-        orjson.loads(res.as_numpy("RESPONSE")[0])
-        float(res.as_numpy("CONFIDENCE")[0])
+        orjson.loads(res.as_numpy("RESPONSE").reshape(-1)[0])
+        float(res.as_numpy("CONFIDENCE").reshape(-1)[0])
 
     samples: dict[str, tuple[list[float], list[float]]] = {
         "aiohttp, v2 JSON (gateway)": ([], []),
