@@ -86,6 +86,16 @@ def _ts(now: dt.datetime) -> str:
     return now.astimezone(dt.UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _micro_ts(now: dt.datetime) -> str:
+    """RFC 3339 with microseconds (like metav1.MicroTime), for ``status.live.lastEvaluated``.
+
+    Why: windows are judged when at least ``windowSeconds`` have passed since the last one.
+    A time truncated to whole seconds makes a window look up to a second longer than it was,
+    so with short windows two evaluations could land barely more than a second apart.
+    """
+    return now.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
@@ -710,7 +720,7 @@ def plan(obs: Observed) -> Plan:
     is_serving = serving[0] == c.TRUE
 
     slo, fallback, route_mode, canary = _live_control(
-        spec, is_serving, ready, m, due, live_prev, live, now
+        spec, is_serving, ready, m, due, live_prev, live, _micro_ts(obs.now)
     )
     pipeline = [(c.DATA_READY, step.data), (c.TRAINED, step.trained), (c.EVALUATED, step.evaluated)]
     if is_serving and fallback[0] == c.FALSE:

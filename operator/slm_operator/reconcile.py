@@ -89,7 +89,7 @@ def observe(
         window = float(
             ((task["spec"].get("fallback") or {}).get("policy") or {}).get("windowSeconds", 30)
         )
-        metrics = prom.task_metrics(name, window)
+        metrics = prom.task_metrics(name, window, namespace=namespace)
     return Observed(
         task=task,
         jobs=jobs,

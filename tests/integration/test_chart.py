@@ -247,6 +247,9 @@ def test_monitoring_objects() -> None:
     svc = by_kind(docs, "Service")["slm-gateway"]
     assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
     assert sm["spec"]["endpoints"][0]["port"] == svc["spec"]["ports"][0]["name"]
+    # The gateway's own `namespace` label (the AgentTask's) must survive the scrape: the
+    # operator selects a task's series by it.
+    assert sm["spec"]["endpoints"][0]["honorLabels"] is True
     pm = by_kind(docs, "PodMonitor")["slm-triton"]
     assert pm["spec"]["selector"]["matchLabels"]["slmfleet.dev/component"] == "triton"
     assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
