@@ -37,10 +37,7 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import random
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
@@ -48,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from slm_contract import CallRecord, ContractError, TrainerResult
+from slm_trainer.preemption import SigtermFlag, save_atomically
 from slm_trainer.progress import Progress
 from slm_trainer.triton_model import chatformat
 
@@ -403,11 +401,7 @@ def save_checkpoint(
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         },
     }
-    tmp = directory / (CHECKPOINT_FILE + ".tmp")
-    torch.save(payload, tmp)
-    final = directory / CHECKPOINT_FILE
-    os.replace(tmp, final)
-    return final
+    return save_atomically(payload, directory / CHECKPOINT_FILE)
 
 
 def load_checkpoint(directory: Path | None, expected: str) -> dict[str, Any] | None:
@@ -438,28 +432,6 @@ def restore(payload: dict[str, Any], model: Any, opt: Any, sched: Any) -> None:
     torch.set_rng_state(rng["torch"])
     if rng.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-class _SigtermFlag:
-    """Turns SIGTERM into a flag the loop checks after each step (the handler does no I/O)."""
-
-    def __init__(self) -> None:
-        self.received = False
-        self._previous: Any = None
-        self._installed = False
-
-    def __enter__(self) -> _SigtermFlag:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-            self._installed = True
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = True
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._installed:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 # --------------------------------------------------------------------------- scoring
@@ -645,7 +617,7 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
     samples = tokens = 0
     t_loop = time.monotonic()
     try:
-        with _SigtermFlag() as sigterm:
+        with SigtermFlag() as sigterm:
             model.train()
             step = start
             for step, group in _iterate(examples, opts, per_epoch, total, start):
@@ -768,7 +740,7 @@ def evaluate(
     args: Any,
     opts: Options,
     train_examples: Sequence[Example],
-    sigterm: _SigtermFlag | None = None,
+    sigterm: SigtermFlag | None = None,
 ) -> tuple[float | None, list[dict[str, Any]]]:
     """Greedy answers to the held-out calls, scored against the LLM's; (score, predictions)."""
     from slm_trainer.triton_model import runtime

@@ -72,7 +72,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -86,6 +85,7 @@ from torch import nn
 from slm_contract import CallRecord, TrainerResult
 from slm_trainer import metrics
 from slm_trainer.finetune import resolve_model_path, split_identifier
+from slm_trainer.preemption import SigtermFlag, save_atomically
 from slm_trainer.progress import Progress
 
 FORMAT = "slmfleet.dev/selector/v1"
@@ -721,9 +721,7 @@ def _save_checkpoint(
         "torch_rng": torch.get_rng_state(),
         "losses": losses,
     }
-    tmp = path / f".{CHECKPOINT}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path / CHECKPOINT)
+    save_atomically(state, path / CHECKPOINT)
 
 
 def _load_checkpoint(path: Path, fp: str) -> dict[str, Any] | None:
@@ -735,30 +733,6 @@ def _load_checkpoint(path: Path, fp: str) -> dict[str, Any] | None:
     except Exception:  # a torn or foreign file: start over rather than crash
         return None
     return state if state.get("fingerprint") == fp else None
-
-
-class _SigtermFlag:
-    """Turns SIGTERM into a flag the training loop polls (only in the main thread)."""
-
-    def __init__(self) -> None:
-        self.raised = False
-        self._previous: Any = None
-        self._installed = False
-
-    def __enter__(self) -> _SigtermFlag:
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-            self._installed = True
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.raised = True
-
-    def __exit__(self, *exc: object) -> None:
-        if self._installed:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 def train_selector(
@@ -835,7 +809,7 @@ def train_selector(
     candidate = str((progress_fields or {}).get("candidate", ""))
     progress = Progress(emit or (lambda e: None), candidate, total, start_step=start)
     try:
-        with _SigtermFlag() as sigterm:
+        with SigtermFlag() as sigterm:
             while step < total:
                 epoch, pos = divmod(step, per_epoch)
                 order = batch_order(lengths, config.batch_size, config.seed, epoch)
@@ -856,10 +830,10 @@ def train_selector(
                 if step_hook is not None:
                     step_hook(step)
                 if checkpoint_dir is not None and (
-                    sigterm.raised or step % checkpoint_every == 0 or step == total
+                    sigterm.received or step % checkpoint_every == 0 or step == total
                 ):
                     _save_checkpoint(checkpoint_dir, net, optimizer, scheduler, step, fp, losses)
-                if sigterm.raised and step < total:
+                if sigterm.received and step < total:
                     raise Preempted(f"preempted at step {step}/{total}; resumable")
     finally:
         progress.close()
