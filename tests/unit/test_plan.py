@@ -546,6 +546,23 @@ def test_canary_count_lives_in_status_and_resets_on_a_bad_window() -> None:
         assert (live["rolloutMode"], live["canaryHealthyWindows"]) == want
 
 
+def test_a_window_is_judged_only_after_its_full_length() -> None:
+    """Sub-second clocks: a reconcile 9.5 s after the last judged window (of 10 s) waits,
+    even when the last one ran late in its second; a truncated timestamp would count it."""
+    task, jobs, dep, svc = _serving_task()
+    task["spec"]["rollout"]["canaryWindows"] = 2
+    t = NOW + dt.timedelta(seconds=0.9)
+    _step(task, jobs, dep, svc, t, HEALTHY)  # shadow -> canary
+    t += dt.timedelta(seconds=10)
+    _step(task, jobs, dep, svc, t, HEALTHY)
+    assert task["status"]["live"]["canaryHealthyWindows"] == 1
+    _step(task, jobs, dep, svc, t + dt.timedelta(seconds=9.5), HEALTHY)
+    live = task["status"]["live"]
+    assert (live["rolloutMode"], live["canaryHealthyWindows"]) == ("canary", 1)
+    _step(task, jobs, dep, svc, t + dt.timedelta(seconds=10), HEALTHY)
+    assert task["status"]["live"]["rolloutMode"] == "slm"
+
+
 def test_replicas_follow_request_rate_within_bounds() -> None:
     task, jobs, dep, svc = _serving_task()
     busy = Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=35)
