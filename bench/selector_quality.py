@@ -24,7 +24,8 @@ That choice favours the baseline.
 Usage::
 
     python bench/selector_quality.py [--work /tmp/slm-bench-selector] [--epochs 4]
-        [--threads 2] [--tool-tower frozen|shared] [--reuse-data]
+        [--threads 2] [--tool-tower frozen|shared] [--defer-head constant|query]
+        [--reuse-data]
 
 Writes ``bench/results/selector_quality.json`` and ``bench/results/selector_coverage.png``.
 """
@@ -151,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-fraction", type=float, default=0.2)
     parser.add_argument("--tool-tower", choices=("frozen", "shared"), default="frozen")
+    parser.add_argument("--defer-head", choices=("constant", "query"), default="constant")
     parser.add_argument("--missing-tool-weight", type=float, default=0.5)
     parser.add_argument("--calibration-fraction", type=float, default=0.15)
     parser.add_argument("--reuse-data", action="store_true", help="keep work/data if present")
@@ -206,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         num_threads=ns.threads,
         tool_tower=ns.tool_tower,
         missing_tool_weight=ns.missing_tool_weight,
+        defer_head=ns.defer_head,
         calibration_fraction=ns.calibration_fraction,
     )
     t1 = time.monotonic()

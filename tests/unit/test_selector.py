@@ -254,6 +254,17 @@ def test_selector_learns_and_beats_zero_shot(mixed_data: Path, tmp_path: Path) -
         assert label == p["label"] and conf == pytest.approx(p["confidence"], abs=1e-5)
     assert loaded.predict([{"role": "user", "content": "hi"}], []) == (None, 1.0)
 
+    # The default defer score is a learned constant: whether a call is handed back depends
+    # on how well its best tool fits, not on the question alone.
+    assert loaded.config.defer_head == "constant"
+    asks = ["What is the weather in Paris?", "Book a table for two at eight."]
+    views = [
+        sel.example_for([{"role": "user", "content": a}], records[0].tools, "tool-call")
+        for a in asks
+    ]
+    none_a, none_b = (row[0] for row in loaded.raw_logits(views))
+    assert none_a == pytest.approx(none_b) and none_a != 0.0
+
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:

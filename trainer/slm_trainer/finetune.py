@@ -38,6 +38,7 @@ Method = Literal["lora", "qlora", "full"]
 Metric = Literal["exact-match", "tool-call-ast", "label-accuracy"]
 Path_ = Literal["auto", "selector", "generative"]
 ToolTower = Literal["frozen", "shared"]
+DeferHead = Literal["constant", "query"]
 
 
 @dataclass
@@ -97,6 +98,10 @@ class Args:
     missing_tool_weight: float = field(
         default=0.5,
         metadata={"help": "selector: weight of 'chosen tool removed -> defer' augmentation"},
+    )
+    defer_head: DeferHead = field(
+        default="constant",
+        metadata={"help": "selector: defer score is a learned constant, or depends on the query"},
     )
     latency_samples: int = field(
         default=64, metadata={"help": "eval calls timed one at a time for latency"}
