@@ -136,6 +136,7 @@ def test_discover_recovers_bfcl_tasks_and_writes_manifests(tmp_path: Path) -> No
     )
     result = discover.run(args, events.append)
     assert result.ok, result.message
+    assert result.stage == "discover"
     report = json.loads((tmp_path / "out" / "discover_report.json").read_text())
     print(
         f"\ndiscover on BFCL: k={report['clusters_found']}, purity {report['purity']}, "

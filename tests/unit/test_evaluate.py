@@ -168,7 +168,8 @@ def test_the_stage_writes_report_and_plot_and_reports_the_winner(tmp_path: Path)
     )
     assert proc.returncode == 0, proc.stderr
     result = TrainerResult.from_json(result_path.read_text())
-    assert result.ok and result.candidate == "selector"  # smallest passing
+    assert result.ok and result.stage == "evaluate"
+    assert result.candidate == "selector"  # smallest passing
     assert result.artifact_uri == "pvc://x/22000000" and result.threshold == 0.7
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["winner"] == "selector"

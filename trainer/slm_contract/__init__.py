@@ -24,7 +24,9 @@ TERMINATION_MESSAGE_LIMIT = 4096
 RESULT_SCHEMA = "slmfleet.dev/trainer-result/v1"
 CALL_RECORD_SCHEMA = "slmfleet.dev/call-record/v1"
 
-STAGES = ("prepare", "finetune", "export")
+#: What `slm-trainer <stage>` reports: prepare is curate (S2), then discover (S3), finetune
+#: (S5), evaluate and export.
+STAGES = ("prepare", "discover", "finetune", "evaluate", "export")
 
 
 class ContractError(ValueError):

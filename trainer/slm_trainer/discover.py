@@ -41,7 +41,7 @@ from slm_contract import CallRecord, ContractError, TrainerResult
 from slm_trainer import metrics
 
 #: The contract has no discover stage; discovery prepares data, like curate.
-CONTRACT_STAGE = "prepare"
+CONTRACT_STAGE = "discover"
 
 Method = Literal["auto", "kmeans", "hdbscan"]
 LabelBy = Literal["auto", "task", "tool", "none"]

@@ -40,7 +40,7 @@ from slm_contract import CallRecord, ContractError, TrainerResult
 from slm_trainer import metrics
 
 #: The contract has no evaluate stage; this one reports a candidate's score like finetune.
-CONTRACT_STAGE = "finetune"
+CONTRACT_STAGE = "evaluate"
 
 Metric = Literal["exact-match", "tool-call-ast", "label-accuracy"]
 TaskType = Literal["tool-call", "classification", "extraction", "generation"]
