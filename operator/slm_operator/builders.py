@@ -237,6 +237,7 @@ def finetune_job(
         f"--learning-rate={candidate.get('learningRate', 0.0002)}",
         f"--max-seq-length={candidate.get('maxSeqLength', 1024)}",
         f"--metric={ev['metric']}",
+        f"--target-precision={float(ev.get('targetPrecision', 0.97)):g}",
         f"--checkpoint-dir={rdir}/checkpoints/{candidate['name']}",
     ]
     gpus = int((spec.get("training") or {}).get("gpus", 1))

@@ -210,6 +210,12 @@ INVALID = [
         "spec.evaluation.gate.maxDropVsLLM",
         "should be less than or equal to 1",
     ),
+    case(
+        "target-precision-below-half",
+        {"spec.evaluation.targetPrecision": 0.3},
+        "spec.evaluation.targetPrecision",
+        "should be greater than or equal to 0.5",
+    ),
     case("missing-storage", {"spec.storage": DELETE}, "spec.storage: Required value"),
     case(
         "missing-fallback-llm-model",

@@ -47,6 +47,21 @@ def test_jobs_are_owned_labelled_and_restricted() -> None:
     assert job["spec"]["backoffLimit"] == 2 and job["spec"]["activeDeadlineSeconds"] == 3600
 
 
+def test_selector_threshold_follows_the_tasks_target_precision() -> None:
+    """The finetune Job calibrates a selector to spec.evaluation.targetPrecision (0.97 when
+    absent), so lowering it lets the SLM answer more calls."""
+    task = make_task()
+
+    def flag(job: dict) -> list[str]:
+        args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+        return [a for a in args if a.startswith("--target-precision=")]
+
+    cand = task["spec"]["candidates"][0]
+    assert flag(b.finetune_job(task, "r", cand)) == ["--target-precision=0.97"]
+    task["spec"]["evaluation"]["targetPrecision"] = 0.9
+    assert flag(b.finetune_job(task, "r", cand)) == ["--target-precision=0.9"]
+
+
 def _trainer_pods(task: dict, account: str = "") -> list[dict]:
     cand = task["spec"]["candidates"][0]
     jobs = [
