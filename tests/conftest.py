@@ -9,7 +9,9 @@ namespaces, CRDs and nodes.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +25,18 @@ from slm_e2e.cluster import CONTEXT, LocalCluster
 from slm_e2e.testing import ClusterHandle, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A CI timeout or a Ctrl-C in another terminal sends SIGTERM. Python's default would end
+    the run at once and leave etcd, the apiserver, Prometheus and tritonserver running; as a
+    KeyboardInterrupt pytest stops the test and still runs every fixture's teardown."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
 
 
 def _binaries_or_skip() -> Any:
