@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cap.add_argument("--capture-queue", type=int, default=int(_env("CAPTURE_QUEUE", "50000")))
     cap.add_argument("--capture-workers", type=int, default=int(_env("CAPTURE_WORKERS", "1")))
+    cap.add_argument(
+        "--capture-linger-ms",
+        type=float,
+        default=float(_env("CAPTURE_LINGER_MS", "2")),
+        help="how long records gather before a batch goes to the redaction workers",
+    )
 
     up = p.add_argument_group("upstreams")
     up.add_argument(
@@ -155,6 +161,8 @@ def config_from_args(argv: Sequence[str] | None = None) -> GatewayConfig:
     sources = sum(bool(x) for x in (args.routes, args.namespace, args.all_namespaces))
     if sources != 1:
         build_parser().error("give exactly one of --routes, --namespace, --all-namespaces")
+    if not 0.0 < args.capture_linger_ms <= 10_000:
+        build_parser().error("--capture-linger-ms must be above 0 and at most 10000")
     key = ""
     if args.llm_api_key_file:
         key = Path(args.llm_api_key_file).read_text().strip()
@@ -168,6 +176,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> GatewayConfig:
             max_shard_seconds=args.capture_shard_seconds,
             queue_size=args.capture_queue,
             workers=args.capture_workers,
+            linger_s=args.capture_linger_ms / 1000.0,
             spool=args.capture_spool,
         )
     prices = dict(DEFAULT_PRICES)

@@ -158,3 +158,18 @@ def test_uri_targets_upload_finished_shards_through_fsspec(tmp_path: Path) -> No
     assert [p.parent.name for p in uploaded] == ["weather"]
     assert uploaded[0].read_bytes() == b'{"a":1}\n{"a":2}\n'
     assert shards(spool) == []  # the local copy is gone once uploaded
+
+
+def test_capture_batches_linger_briefly_and_the_setting_is_checked(tmp_path: Path) -> None:
+    """Short batches keep the redaction workers' CPU bursts small (the gateway's p99 depends
+    on it); the flag tunes it and a value that would spin the pump is refused."""
+    from slm_gateway.config import config_from_args
+
+    base = ["--routes", str(tmp_path / "routes.yaml"), "--capture", str(tmp_path / "logs")]
+    cfg = config_from_args(base)
+    assert cfg.capture is not None and cfg.capture.linger_s == pytest.approx(0.002)
+    cfg = config_from_args([*base, "--capture-linger-ms", "5"])
+    assert cfg.capture is not None and cfg.capture.linger_s == pytest.approx(0.005)
+    with pytest.raises(SystemExit) as exc:
+        config_from_args([*base, "--capture-linger-ms", "0"])
+    assert exc.value.code == 2
