@@ -249,7 +249,12 @@ def test_agenttask_trains_selects_serves_updates_and_cleans_up(
     assert condition(task, "Evaluated")["reason"] == "GatePassed"
     assert "small score 0.620 < minScore 0.8" not in condition(task, "Evaluated")["message"]
     assert condition(task, "FallbackActive")["status"] == "False"
-    assert st["serving"]["readyReplicas"] == 2
+    # Ready needs one ready replica; kwok readies the second one moments later.
+    wait_for(
+        lambda: get_task(cluster, ns)["status"]["serving"].get("readyReplicas") == 2,
+        timeout=30,
+        what="both Triton replicas ready in status",
+    )
     assert st["route"]["mode"] == "shadow"  # progressive rollout: the LLM still answers
     assert st["observedGeneration"] == task["metadata"]["generation"]
 
