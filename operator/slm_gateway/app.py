@@ -404,14 +404,18 @@ class Gateway:
             headers.append((b"retry-after", retry_after.encode("latin-1", "replace")))
         return status, headers, body
 
-    async def _slm(
-        self, route: Route, req: ChatRequest, rid: str, raw: bytes, slm_b: CircuitBreaker
-    ) -> tuple[bytes, int, int] | str:
-        """The SLM's answer as a chat-completion body with token counts, or a fallback reason."""
+    async def _ask_slm(
+        self, route: Route, req: ChatRequest, slm_b: CircuitBreaker
+    ) -> tuple[Any, str]:
+        """One SLM call: its answer and the fallback reason ("" when the answer is usable).
+
+        Served and shadow calls both come here, so an SLM attempt is counted and fed to the
+        breaker the same way whichever path made it.
+        """
         assert self.upstreams is not None
+        body = infer_body(req.messages, req.tools)
         t = time.perf_counter()
         try:
-            body = infer_body(req.messages, req.tools)
             answer, confidence = await self.upstreams.slm(route, body)
         except UpstreamError as err:
             self.metrics.attempt(
@@ -419,19 +423,23 @@ class Gateway:
             )
             self.breakers.record(SLM, route.slm_url, slm_b, False)
             if err.kind == TIMEOUT:
-                return REASON_TIMEOUT
-            return REASON_BAD_OUTPUT if err.kind == BAD_OUTPUT else REASON_ERROR
+                return None, REASON_TIMEOUT
+            return None, REASON_BAD_OUTPUT if err.kind == BAD_OUTPUT else REASON_ERROR
         spent = time.perf_counter() - t
         verdict = slm_verdict(answer, confidence, route.confidence_threshold)
-        if verdict == REASON_BAD_OUTPUT:
-            self.metrics.attempt(route.namespace, route.task, SLM, BAD_OUTPUT, spent)
-            self.breakers.record(SLM, route.slm_url, slm_b, False)
-            return verdict
-        self.breakers.record(SLM, route.slm_url, slm_b, True)
+        bad = verdict == REASON_BAD_OUTPUT
+        self.breakers.record(SLM, route.slm_url, slm_b, not bad)
+        result = BAD_OUTPUT if bad else verdict or "ok"
+        self.metrics.attempt(route.namespace, route.task, SLM, result, spent)
+        return answer, verdict
+
+    async def _slm(
+        self, route: Route, req: ChatRequest, rid: str, raw: bytes, slm_b: CircuitBreaker
+    ) -> tuple[bytes, int, int] | str:
+        """The SLM's answer as a chat-completion body with token counts, or a fallback reason."""
+        answer, verdict = await self._ask_slm(route, req, slm_b)
         if verdict:
-            self.metrics.attempt(route.namespace, route.task, SLM, verdict, spent)
             return verdict
-        self.metrics.attempt(route.namespace, route.task, SLM, "ok", spent)
         message = normalize_message(answer, rid)
         ctok = estimate_tokens(len(orjson.dumps(message)))
         ptok = estimate_tokens(len(raw))
@@ -480,30 +488,16 @@ class Gateway:
         self, route: Route, req: ChatRequest, llm_message: dict[str, Any], slm_b: CircuitBreaker
     ) -> None:
         """Ask the SLM the same question and count whether it agrees with the LLM's answer."""
-        assert self.upstreams is not None
-        t = time.perf_counter()
         try:
-            body = infer_body(req.messages, req.tools)
-            answer, confidence = await self.upstreams.slm(route, body)
-        except UpstreamError as err:
-            self.metrics.attempt(
-                route.namespace, route.task, SLM, _result(err), time.perf_counter() - t
-            )
-            self.breakers.record(SLM, route.slm_url, slm_b, False)
-            self.metrics.shadow.labels(route.namespace, route.task, "error").inc()
-            return
+            answer, verdict = await self._ask_slm(route, req, slm_b)
         except Exception:
             log.exception("shadow call failed")
             self.metrics.shadow.labels(route.namespace, route.task, "error").inc()
             return
-        spent = time.perf_counter() - t
-        verdict = slm_verdict(answer, confidence, route.confidence_threshold)
-        self.breakers.record(SLM, route.slm_url, slm_b, verdict != REASON_BAD_OUTPUT)
-        self.metrics.attempt(route.namespace, route.task, SLM, verdict or "ok", spent)
-        if verdict == REASON_BAD_OUTPUT:
-            result = "error"
-        elif verdict in (REASON_DEFER, REASON_LOW_CONFIDENCE):
+        if verdict in (REASON_DEFER, REASON_LOW_CONFIDENCE):
             result = "defer"
+        elif verdict:
+            result = "error"
         else:
             result = "agree" if agree(answer, llm_message, route.metric) else "disagree"
         self.metrics.shadow.labels(route.namespace, route.task, result).inc()

@@ -183,6 +183,29 @@ def test_shadow_mode_answers_from_llm_and_measures_agreement(
         assert metric(c, "slm_gateway_requests_total", backend="slm") == 0
 
 
+def test_a_bad_shadow_answer_counts_as_an_slm_error_like_a_served_one(
+    standin: llm_standin.StandIn,
+) -> None:
+    """A confidence that is not a number is bad output on either path, and shows as
+    ``result="bad_output"``, which the operator's SLM error rate counts."""
+    standin.control(slm_confidence="nan")  # sent as JSON null: not a usable confidence
+    for mode in ("shadow", "slm"):
+        with client(route(standin, mode=mode), breaker_failures=100) as c:
+            r = chat(c, tools=TOOLS)
+            assert r.status_code == 200 and r.headers["x-slm-backend"] == "llm"
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                bad = metric(
+                    c, "slm_gateway_backend_calls_total", backend="slm", result="bad_output"
+                )
+                if bad:
+                    break
+                time.sleep(0.02)
+            assert bad == 1, mode
+            if mode == "shadow":
+                assert metric(c, "slm_gateway_shadow_total", result="error") == 1
+
+
 def test_canary_split_follows_the_request_id(standin: llm_standin.StandIn) -> None:
     ids = [f"agent-req-{i}" for i in range(200)]
     with client(route(standin, mode="canary", canary_percent=30)) as c:
