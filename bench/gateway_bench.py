@@ -52,7 +52,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -555,26 +555,31 @@ async def slm_client_compare(endpoint: str, model: str, n: int) -> dict[str, dic
         orjson.loads(res.as_numpy("RESPONSE").reshape(-1)[0])
         float(res.as_numpy("CONFIDENCE").reshape(-1)[0])
 
-    samples: dict[str, tuple[list[float], list[float]]] = {
-        "aiohttp, v2 JSON (gateway)": ([], []),
-        "tritonclient.http.aio": ([], []),
-    }
-    fns = dict(zip(samples, (call_ours, call_theirs), strict=True))
+    fns = {"aiohttp, v2 JSON (gateway)": call_ours, "tritonclient.http.aio": call_theirs}
     try:
-        for fn in fns.values():  # warm-up
-            for _ in range(20):
-                await fn()
-        for _ in range(max(1, n // 100)):
-            for name, fn in fns.items():
-                lat, cpu = samples[name]
-                for _ in range(100):
-                    t, c = time.perf_counter(), time.process_time()
-                    await fn()
-                    lat.append((time.perf_counter() - t) * 1000)
-                    cpu.append((time.process_time() - c) * 1000)
+        return await time_interleaved(fns, n)
     finally:
         await session.close()
         await theirs.close()
+
+
+async def time_interleaved(
+    fns: dict[str, Callable[[], Awaitable[None]]], n: int
+) -> dict[str, dict[str, float]]:
+    """p50 latency and client CPU per call of each client, in rounds of 100 calls that take
+    turns, so that a change in the machine's load hits every client alike."""
+    samples: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in fns}
+    for fn in fns.values():  # warm-up
+        for _ in range(20):
+            await fn()
+    for _ in range(max(1, n // 100)):
+        for name, fn in fns.items():
+            lat, cpu = samples[name]
+            for _ in range(100):
+                t, c = time.perf_counter(), time.process_time()
+                await fn()
+                lat.append((time.perf_counter() - t) * 1000)
+                cpu.append((time.process_time() - c) * 1000)
     return {
         name: {"p50_ms": statistics.median(lat), "cpu_ms_per_call": statistics.mean(cpu)}
         for name, (lat, cpu) in samples.items()
@@ -601,30 +606,12 @@ async def llm_client_compare(url: str, body: bytes, n: int) -> dict[str, dict[st
         r = await client.post(url, content=body, headers=headers)
         r.read()
 
-    samples: dict[str, tuple[list[float], list[float]]] = {
-        "aiohttp (gateway)": ([], []),
-        "httpx.AsyncClient": ([], []),
-    }
-    fns = dict(zip(samples, (via_aiohttp, via_httpx), strict=True))
+    fns = {"aiohttp (gateway)": via_aiohttp, "httpx.AsyncClient": via_httpx}
     try:
-        for fn in fns.values():
-            for _ in range(20):
-                await fn()
-        for _ in range(max(1, n // 100)):
-            for name, fn in fns.items():
-                lat, cpu = samples[name]
-                for _ in range(100):
-                    t, c = time.perf_counter(), time.process_time()
-                    await fn()
-                    lat.append((time.perf_counter() - t) * 1000)
-                    cpu.append((time.process_time() - c) * 1000)
+        return await time_interleaved(fns, n)
     finally:
         await session.close()
         await client.aclose()
-    return {
-        name: {"p50_ms": statistics.median(lat), "cpu_ms_per_call": statistics.mean(cpu)}
-        for name, (lat, cpu) in samples.items()
-    }
 
 
 def triton_fault_target(workdir: Path) -> Iterator[tuple[str, Path]]:
