@@ -312,34 +312,6 @@ def test_sigterm_saves_and_a_rerun_resumes_to_the_same_result(
 # ------------------------------------------------------------------ the CLI
 
 
-HEAVY = ("torch", "transformers", "peft", "sentence_transformers", "sklearn")
-
-
-@pytest.mark.parametrize("stage", ["finetune", "evaluate", "discover"])
-def test_stage_help_imports_nothing_heavy(stage: str) -> None:
-    code = (
-        "import json, sys\n"
-        "from slm_trainer.__main__ import main\n"
-        "try:\n"
-        f"    main([{stage!r}, '--help'])\n"
-        "except SystemExit as exc:\n"
-        "    code = exc.code\n"
-        f"heavy = [m for m in {HEAVY!r} if m in sys.modules]\n"
-        "print(json.dumps({'code': code, 'heavy': heavy}))\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(REPO / "trainer")}
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=True,
-    )
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"code": 0, "heavy": []}
-    assert "--" in proc.stdout
-
-
 def operator_finetune_args(workspace: Path) -> list[str]:
     """The exact flags the operator's Job passes, with the workspace moved to tmp."""
     builders = pytest.importorskip("slm_operator.builders")

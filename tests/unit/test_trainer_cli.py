@@ -16,7 +16,16 @@ from slm_contract import TrainerResult
 from slm_trainer import cli
 
 REPO = Path(__file__).resolve().parents[2]
-HEAVY = ("torch", "transformers", "presidio_analyzer", "spacy", "datasketch", "peft")
+HEAVY = (
+    "torch",
+    "transformers",
+    "presidio_analyzer",
+    "spacy",
+    "datasketch",
+    "peft",
+    "sentence_transformers",
+    "sklearn",
+)
 
 
 def run_cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess[str]:
@@ -78,7 +87,10 @@ def write_log(path: Path, n: int = 12) -> Path:
     return path
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["curate", "--help"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], *([stage, "--help"] for stage in ("curate", "discover", "finetune", "evaluate"))],
+)
 def test_help_imports_nothing_heavy(argv: list[str]) -> None:
     code = (
         "import json, sys\n"
@@ -101,7 +113,8 @@ def test_help_imports_nothing_heavy(argv: list[str]) -> None:
     )
     last = json.loads(proc.stdout.strip().splitlines()[-1])
     assert last == {"code": 0, "heavy": []}
-    assert "curate" in proc.stdout
+    assert (argv[0] if len(argv) > 1 else "curate") in proc.stdout
+    assert "--" in proc.stdout
 
 
 def test_python_dash_m_help_lists_stages() -> None:
