@@ -78,7 +78,7 @@ LATENCY_BUCKETS = (
     60.0,
 )
 _BOUNDS = (*LATENCY_BUCKETS, float("inf"))
-_LE = tuple(floatToGoString(b) for b in _BOUNDS)
+_LE: tuple[str, ...] = tuple(str(floatToGoString(b)) for b in _BOUNDS)  # type: ignore[no-untyped-call]
 
 _P = "slm_gateway_"
 

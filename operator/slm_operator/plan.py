@@ -613,14 +613,16 @@ def plan(obs: Observed) -> Plan:
     active_rev, active_uri, active_cand, replicas, ready = _deployment_facts(obs.deployment)
     training_needed = rev != active_rev
     prev_selected = prev.get("selectedModel") or {}
-    must_beat = None
-    if (
+    # A retraining beside a served model of the same spec (an earlier epoch, not necessarily
+    # the previous one: that may have lost to it) must beat the served model's score.
+    retraining_beside = (
         training_needed
         and epoch > 0
-        and active_rev == n.revision_of(spec, epoch - 1)
+        and bool(active_rev)
         and prev_selected.get("revision") == active_rev
-    ):
-        must_beat = prev_selected.get("score")
+        and active_rev in {n.revision_of(spec, e) for e in range(epoch)}
+    )
+    must_beat = prev_selected.get("score") if retraining_beside else None
     step = _pipeline(
         task,
         rev if training_needed else active_rev,
@@ -634,6 +636,9 @@ def plan(obs: Observed) -> Plan:
     selected: Obj | None = prev_selected if prev_selected.get("revision") == active_rev else None
     if not training_needed and step.selected is not None:
         selected = {**step.selected, **({"artifactURI": active_uri} if active_uri else {})}
+    # A retraining that lost to the served model, or failed, is over: the served model stays
+    # and new calls count towards the next retraining (else S6 would stop after one loss).
+    retrain_over = retraining_beside and step.terminal_failure
     if training_needed and step.exported_uri:  # promote the new revision
         active_rev, active_uri, active_cand = (
             rev,
@@ -759,7 +764,10 @@ def plan(obs: Observed) -> Plan:
         "phase": phase,
         "message": ready_c[2],
         "conditions": c.merge_conditions(prev_conds, conds),
-        "revision": {"active": active_rev, "training": rev if training_needed else ""},
+        "revision": {
+            "active": active_rev,
+            "training": rev if training_needed and not retrain_over else "",
+        },
         "candidates": step.candidates,
         "route": {
             "mode": route_mode,
@@ -781,7 +789,7 @@ def plan(obs: Observed) -> Plan:
     if serving_status:
         status["serving"] = serving_status
     retraining = dict(retrain_prev)
-    if is_serving and not training_needed and due and m is not None:
+    if is_serving and (not training_needed or retrain_over) and due and m is not None:
         rcfg = spec.get("retraining")
         fired = bool(rcfg and rcfg.get("schedule")) and lv.cron_fired(
             str(rcfg["schedule"]), last_eval, obs.now

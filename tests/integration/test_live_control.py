@@ -27,6 +27,7 @@ from slm_contract import TrainerResult
 from slm_e2e.kubelet import complete_job
 from slm_e2e.prometheus import LocalPrometheus
 from slm_e2e.testing import ClusterHandle, OperatorProcess, wait_for
+from slm_operator import conditions as c
 from slm_operator import naming as n
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -148,6 +149,26 @@ def serve_task(cluster: ClusterHandle, s: Stack, **spec: Any) -> None:
         timeout=30,
         what="a training revision",
     )
+    finish_revision(cluster, s, rev, score=0.95)
+    wait_for(
+        lambda: (
+            n.LABEL_REVISION
+            in str(
+                cluster.kubectl(
+                    "get", "deployment", n.serving_name(TASK), "-n", s.ns, "-o", "json", check=False
+                ).stdout
+            )
+        ),
+        timeout=30,
+        what="the Triton Deployment",
+    )
+
+
+def finish_revision(
+    cluster: ClusterHandle, s: Stack, rev: str, score: float, export: bool = True
+) -> None:
+    """Play one revision's trainer pods: data, candidate ``small`` scoring ``score`` (the
+    LLM scores 0.96, so the gate passes from 0.91), and, when asked, the export."""
     ok = lambda stage, **kw: TrainerResult(stage=stage, ok=True, **kw).to_json()  # noqa: E731
     complete_job(
         cluster,
@@ -162,33 +183,24 @@ def serve_task(cluster: ClusterHandle, s: Stack, **spec: Any) -> None:
         ok(
             "finetune",
             candidate="small",
-            score=0.95,
+            score=score,
             llm_score=0.96,
             parameters=22_000_000,
             artifact_uri=f"pvc://{CLAIM}/{TASK}/{rev}/candidates/small",
             threshold=0.5,
         ),
     )
-    complete_job(
-        cluster,
-        s.ns,
-        n.export_job_name(TASK, rev),
-        ok(
-            "export", candidate="small", artifact_uri=f"pvc://{CLAIM}/{TASK}/{rev}/model_repository"
-        ),
-    )
-    wait_for(
-        lambda: (
-            n.LABEL_REVISION
-            in str(
-                cluster.kubectl(
-                    "get", "deployment", n.serving_name(TASK), "-n", s.ns, "-o", "json", check=False
-                ).stdout
-            )
-        ),
-        timeout=30,
-        what="the Triton Deployment",
-    )
+    if export:
+        complete_job(
+            cluster,
+            s.ns,
+            n.export_job_name(TASK, rev),
+            ok(
+                "export",
+                candidate="small",
+                artifact_uri=f"pvc://{CLAIM}/{TASK}/{rev}/model_repository",
+            ),
+        )
 
 
 @dataclass
@@ -259,9 +271,9 @@ class Traffic:
 
 
 def condition(cluster: ClusterHandle, ns: str, type_: str) -> dict[str, Any]:
-    for c in (get_task(cluster, ns, TASK).get("status") or {}).get("conditions") or []:
-        if c["type"] == type_:
-            return dict(c)
+    for cond in (get_task(cluster, ns, TASK).get("status") or {}).get("conditions") or []:
+        if cond["type"] == type_:
+            return dict(cond)
     return {}
 
 
@@ -430,3 +442,102 @@ def test_replicas_follow_load_and_shadow_agreement_drives_promotion(
         timeout=90,
         what="scale-down to minReplicas",
     )
+
+
+def test_new_calls_retrain_and_only_a_better_revision_replaces_the_served_one(
+    cluster: ClusterHandle, stack: Stack
+) -> None:
+    """S6 on real parts: the gateway's capture counter, scraped by Prometheus, starts a new
+    revision after ``minNewExamples`` calls; a retrained model that does not beat the served
+    one is not deployed and counting goes on; the next, better one replaces it, with no
+    failed agent call meanwhile."""
+    s = stack
+    serve_task(
+        cluster,
+        s,
+        rollout={"strategy": "direct"},
+        serving={
+            "minReplicas": 1,
+            "maxReplicas": 2,
+            "gpus": 1,
+            "slo": {"p95LatencyMs": 1000, "maxErrorRate": 0.05, "targetQpsPerReplica": 100},
+        },
+        fallback={
+            "llm": {
+                "baseURL": "http://127.0.0.1:9/v1",
+                "model": "gpt-4o-mini",
+                "apiKeySecretRef": {"name": "llm-key"},
+            },
+            "policy": {"windowSeconds": 1, "breachWindows": 2, "recoveryWindows": 2},
+        },
+        retraining={"minNewExamples": 60},
+    )
+    rev0 = get_task(cluster, s.ns, TASK)["status"]["revision"]["active"]
+
+    def status() -> dict[str, Any]:
+        return dict(get_task(cluster, s.ns, TASK).get("status") or {})
+
+    def training_at(epoch: int) -> str | None:
+        st = status()
+        if (st.get("retraining") or {}).get("epoch") != epoch:
+            return None
+        return str(st["revision"]["training"]) or None
+
+    def deployed_revision() -> str:
+        dep = cluster.get_json("deployment", n.serving_name(TASK), "-n", s.ns)
+        return str(dep["spec"]["template"]["metadata"]["labels"][n.LABEL_REVISION])
+
+    with Traffic(s.gateway_url, rate=12) as traffic:
+        rev1 = wait_for(lambda: training_at(1), timeout=90, what="retraining epoch 1")
+    failures = list(traffic.failures)
+    st = status()
+    assert rev1 != rev0 and st["revision"]["active"] == rev0
+    assert st["retraining"]["reason"] == "EnoughNewExamples"
+    baseline = st["retraining"]["baselineRecords"]
+    assert baseline >= 60  # counted from the gateway's captured calls, through Prometheus
+
+    # No calls now: the retrained model passes the gate but 0.93 < the served 0.95.
+    finish_revision(cluster, s, rev1, score=0.93, export=False)
+    wait_for(
+        lambda: condition(cluster, s.ns, "Evaluated").get("reason") == c.NOT_BETTER,
+        timeout=30,
+        what="Evaluated=False/NotBetter for the retrained revision",
+    )
+    time.sleep(3)  # a few more reconciles and windows: nothing else may happen
+    st = status()
+    assert st["revision"] == {"active": rev0, "training": ""}
+    assert st["retraining"]["epoch"] == 1
+    assert deployed_revision() == rev0
+    assert condition(cluster, s.ns, "Ready")["status"] == "True"
+    assert not cluster.get_json(
+        "jobs", "-n", s.ns, "-l", f"{n.LABEL_STAGE}=export,{n.LABEL_REVISION}={rev1}"
+    )["items"]
+
+    # Calls again: counting went on from the last trigger, so epoch 2 starts; rev1's Jobs go.
+    with Traffic(s.gateway_url, rate=12) as traffic:
+        rev2 = wait_for(lambda: training_at(2), timeout=90, what="retraining epoch 2")
+        assert rev2 not in (rev0, rev1)
+        assert status()["retraining"]["baselineRecords"] >= baseline + 60
+        wait_for(
+            lambda: (
+                not cluster.get_json("jobs", "-n", s.ns, "-l", f"{n.LABEL_REVISION}={rev1}")[
+                    "items"
+                ]
+            ),
+            timeout=30,
+            what="the lost revision's Jobs to be deleted",
+        )
+        finish_revision(cluster, s, rev2, score=0.98)
+        wait_for(lambda: deployed_revision() == rev2, timeout=60, what="rev2 deployed")
+        wait_for(
+            lambda: (
+                status()["revision"]["active"] == rev2
+                and (status().get("selectedModel") or {}).get("score") == 0.98
+            ),
+            timeout=30,
+            what="status to show rev2 serving",
+        )
+        t_swap = time.monotonic()
+        wait_for(lambda: traffic.since(t_swap)["slm"] > 3, timeout=20, what="the SLM to answer")
+    failures += traffic.failures
+    assert failures == [], failures[:5]

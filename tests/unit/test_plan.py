@@ -601,21 +601,72 @@ def test_retraining_starts_after_enough_new_calls_and_promotes_only_if_better() 
     assert f"weather-data-{rev1}" in [o["metadata"]["name"] for o in p.apply]
 
     # The retrained candidates pass the gate but are not better than the served 0.9: no swap.
-    same = {}
-    for name, v in jobs_through(task, "train", scores=(0.9, 0.85)).items():
-        same[name.replace(rev0, rev1)] = JobView(
-            name.replace(rev0, rev1),
+    same = retrained_jobs(task, rev0, rev1, scores=(0.9, 0.85))
+    p = _step(task, {**jobs, **same}, dep, svc, t + dt.timedelta(seconds=2), m(1120))
+    assert conds(task["status"])[c.EVALUATED] == (c.FALSE, c.NOT_BETTER)
+    assert not [o for o in p.apply if o["metadata"]["labels"].get(n.LABEL_STAGE) == "export"]
+    assert conds(task["status"])[c.READY][0] == c.TRUE
+    # The lost retraining is over: nothing is training, and the served model is still rev0.
+    assert task["status"]["revision"] == {"active": rev0, "training": ""}
+
+
+def retrained_jobs(
+    task: dict[str, Any], rev0: str, rev: str, scores: tuple[float, float]
+) -> dict[str, JobView]:
+    """The finished Jobs of retraining revision ``rev``, its candidates scoring ``scores``."""
+    out = {}
+    for name, v in jobs_through(task, "train", scores=scores).items():
+        out[name.replace(rev0, rev)] = JobView(
+            name.replace(rev0, rev),
             v.stage,
-            rev1,
+            rev,
             v.candidate,
             v.state,
             v.result,
             finished_at=v.finished_at,
         )
-    p = _step(task, {**jobs, **same}, dep, svc, t + dt.timedelta(seconds=2), m(1120))
+    return out
+
+
+def test_a_lost_retraining_keeps_counting_and_the_next_must_still_beat_the_served_model() -> None:
+    """S6 goes on after a retraining that did not beat the served model: the next
+    ``minNewExamples`` calls start another, which must beat the served (older) model too."""
+    task, jobs, dep, svc = _serving_task()
+    task["spec"]["retraining"] = {"minNewExamples": 100, "enabled": True}
+    rev0 = n.revision_of(task["spec"])
+    rev1, rev2 = n.revision_of(task["spec"], 1), n.revision_of(task["spec"], 2)
+    t = NOW
+
+    def m(captured: int) -> Metrics:
+        return Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=5, captured_records=captured)
+
+    _step(task, jobs, dep, svc, t, m(1000))
+    _step(task, jobs, dep, svc, t + dt.timedelta(seconds=10), m(1100))
+    assert task["status"]["retraining"]["epoch"] == 1
+    lost = {**jobs, **retrained_jobs(task, rev0, rev1, scores=(0.88, 0.85))}
+    t += dt.timedelta(seconds=20)
+    _step(task, lost, dep, svc, t, m(1150))
     assert conds(task["status"])[c.EVALUATED] == (c.FALSE, c.NOT_BETTER)
-    assert not [o for o in p.apply if o["metadata"]["labels"].get(n.LABEL_STAGE) == "export"]
-    assert conds(task["status"])[c.READY][0] == c.TRUE
+    assert task["status"]["retraining"]["epoch"] == 1  # 50 new calls since the trigger
+    t += dt.timedelta(seconds=10)
+    p = _step(task, lost, dep, svc, t, m(1210))
+    assert task["status"]["retraining"]["epoch"] == 2
+    assert task["status"]["retraining"]["reason"] == "EnoughNewExamples"
+    p = _step(task, lost, dep, svc, t + dt.timedelta(seconds=1), m(1210))
+    assert task["status"]["revision"] == {"active": rev0, "training": rev2}
+    assert f"weather-data-{rev2}" in [o["metadata"]["name"] for o in p.apply]
+    assert sorted(p.delete_jobs) == sorted(lost_name for lost_name in lost if rev1 in lost_name)
+
+    # Epoch 2 passes the gate at 0.89: still not better than the served 0.9.
+    worse = {**jobs, **retrained_jobs(task, rev0, rev2, scores=(0.89, 0.86))}
+    _step(task, worse, dep, svc, t + dt.timedelta(seconds=2), m(1210))
+    assert conds(task["status"])[c.EVALUATED] == (c.FALSE, c.NOT_BETTER)
+    assert task["status"]["revision"]["active"] == rev0
+    # ... at 0.93 it is better: it is exported, and then served.
+    better = {**jobs, **retrained_jobs(task, rev0, rev2, scores=(0.93, 0.86))}
+    p = _step(task, better, dep, svc, t + dt.timedelta(seconds=3), m(1210))
+    exports = [o for o in p.apply if o["metadata"]["labels"].get(n.LABEL_STAGE) == "export"]
+    assert [o["metadata"]["name"] for o in exports] == [n.export_job_name("weather", rev2)]
 
 
 @pytest.mark.parametrize(
