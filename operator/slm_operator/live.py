@@ -158,7 +158,7 @@ def rollout_step(
             return Rollout(MODE_CANARY, canary, "ShadowAgreementMet")
         return Rollout(MODE_SHADOW, 0, "ShadowMeasuring")
     if prev.mode == MODE_CANARY:
-        pct = prev.canary_percent or canary
+        pct = canary  # the spec's, not the one the canary started with: edits apply live
         if breached or (m.agreement is not None and not agree_ok):
             return Rollout(MODE_SHADOW, 0, "CanaryRolledBack")
         if breached is False and agree_ok:

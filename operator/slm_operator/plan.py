@@ -240,11 +240,16 @@ def _pipeline(
     apply: list[Obj] | None,
     must_beat: float | None = None,
     service_account: str = "",
+    served: str = "",
 ) -> _Step:
     """Walk one revision's pipeline; append the Jobs it needs to ``apply`` when given.
 
     ``must_beat``: for a retraining on new data, the served model's score; a candidate is
     promoted only if it passes the gate *and* scores higher.
+
+    ``served``: for the active revision, the candidate its Deployment serves. The choice was
+    made when it was promoted (a retraining picks among the candidates that beat the model
+    it replaced, which the policy alone may not), so it is read back rather than made again.
     """
     spec = task["spec"]
     name = task["metadata"]["name"]
@@ -335,7 +340,9 @@ def _pipeline(
     step.phase = PHASE_EVALUATING
     policy = spec["evaluation"].get("selectionPolicy", "smallest-passing")
     if must_beat is not None and passing:
-        better = [(cd, r) for cd, r in passing if (r.score or 0.0) > must_beat + 1e-9]
+        # ``must_beat`` is selectedModel.score, rounded to 4 places: round ours alike, or the
+        # very score of the served model would count as better than itself.
+        better = [(cd, r) for cd, r in passing if round(r.score or 0.0, 4) > must_beat + 1e-9]
         if not better:
             best = max((r.score or 0.0) for _, r in passing)
             step.evaluated = (
@@ -347,7 +354,8 @@ def _pipeline(
             step.terminal_failure = True
             return step
         passing = better
-    chosen = select(passing, policy)
+    chosen = next(((cd, r) for cd, r in passing if cd["name"] == served), None) if served else None
+    chosen = chosen or select(passing, policy)
     if chosen is None:
         scores = ", ".join(
             f"{cd['name']} {gate_verdict(v.result, gate)[1]}"
@@ -436,6 +444,11 @@ def _rolling_out(dep: Mapping[str, Any] | None) -> bool:
         or int(st.get("updatedReplicas") or 0) < want
         or int(st.get("replicas") or 0) > want
     )
+
+
+#: The rollout step of the served model in ``status.live``; a newly promoted revision starts
+#: without them.
+_ROLLOUT_KEYS = frozenset({"rolloutMode", "rolloutReason", "canaryPercent", "canaryHealthyWindows"})
 
 
 def desired_replicas(spec: Mapping[str, Any], previous: Mapping[str, Any]) -> int:
@@ -631,6 +644,7 @@ def plan(obs: Observed) -> Plan:
         out.apply if training_needed else None,
         must_beat,
         obs.trainer_service_account,
+        "" if training_needed else active_cand,
     )
 
     selected: Obj | None = prev_selected if prev_selected.get("revision") == active_rev else None
@@ -639,6 +653,8 @@ def plan(obs: Observed) -> Plan:
     # A retraining that lost to the served model, or failed, is over: the served model stays
     # and new calls count towards the next retraining (else S6 would stop after one loss).
     retrain_over = retraining_beside and step.terminal_failure
+    if retrain_over:  # kept for their results, never re-created (and so re-run) if deleted
+        out.apply = [o for o in out.apply if o["kind"] != "Job"]
     if training_needed and step.exported_uri:  # promote the new revision
         active_rev, active_uri, active_cand = (
             rev,
@@ -655,6 +671,11 @@ def plan(obs: Observed) -> Plan:
     )
     serving_status: Obj = {}
     live_prev: Mapping[str, Any] = prev.get("live") or {}
+    prev_active = (prev.get("revision") or {}).get("active") or ""
+    if prev_active and active_rev != prev_active:
+        # A new revision takes over: the rollout step reached belongs to the model it replaces,
+        # so the new one starts its own progressive rollout (shadow) instead of all calls at once.
+        live_prev = {k: v for k, v in live_prev.items() if k not in _ROLLOUT_KEYS}
     policy = spec["fallback"].get("policy") or {}
     window = float(policy.get("windowSeconds", 30))
     last_eval = parse_time(live_prev.get("lastEvaluated"))
@@ -665,7 +686,10 @@ def plan(obs: Observed) -> Plan:
     live: Obj = {}
     if active_rev and active_uri:
         want = desired_replicas(spec, prev)
-        if due and m is not None and ready > 0:
+        # Scale only while replicas serve (not while the first ones start), except from zero:
+        # a task scaled to zero has no replica to wait for, and its calls (answered by the
+        # LLM meanwhile) must bring one back.
+        if due and m is not None and (ready > 0 or want == 0):
             sv = spec.get("serving") or {}
             scaling = sv.get("scaling") or {}
             last_scale = parse_time(live_prev.get("lastScaleTime"))
@@ -813,6 +837,11 @@ def plan(obs: Observed) -> Plan:
             retraining["lastTriggered"] = retrain_prev["lastTriggered"]
     if retraining:
         status["retraining"] = retraining
+    if not is_serving and active_rev and active_uri and (live_prev or live):
+        # No replica ready for now (a crash, a node drain, scaled to zero): the calls go to the
+        # LLM meanwhile, but the rollout step, SLO streaks and last scaling belong to the
+        # deployed model; forgetting them would restart its rollout in shadow when it is back.
+        status["live"] = {**live_prev, **live}
     if is_serving:
         status["live"] = live
         usage = dict(prev.get("usage") or {})

@@ -65,3 +65,12 @@ def test_the_count_resumes_from_the_persisted_value() -> None:
 def test_direct_strategy_ignores_canary_windows() -> None:
     cfg = {"strategy": "direct", "canaryWindows": 10}
     assert rollout_step(Rollout("", 0, ""), Metrics(), None, cfg).mode == MODE_SLM
+
+
+def test_a_canary_follows_an_edited_canary_percent() -> None:
+    """spec.rollout is applied live: raising canaryPercent during a canary takes effect at the
+    next window instead of after the canary ends."""
+    prev = Rollout(MODE_CANARY, 20, "CanaryHealthy", 1)
+    cfg = {**CFG, "canaryPercent": 50, "canaryWindows": 5}
+    assert rollout_step(prev, GOOD, False, cfg) == Rollout(MODE_CANARY, 50, "CanaryHealthy", 2)
+    assert rollout_step(prev, NO_CANARY_CALLS, False, cfg).canary_percent == 50

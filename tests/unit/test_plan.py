@@ -645,8 +645,10 @@ def test_a_lost_retraining_keeps_counting_and_the_next_must_still_beat_the_serve
     assert task["status"]["retraining"]["epoch"] == 1
     lost = {**jobs, **retrained_jobs(task, rev0, rev1, scores=(0.88, 0.85))}
     t += dt.timedelta(seconds=20)
-    _step(task, lost, dep, svc, t, m(1150))
+    p = _step(task, lost, dep, svc, t, m(1150))
     assert conds(task["status"])[c.EVALUATED] == (c.FALSE, c.NOT_BETTER)
+    assert not [o for o in p.apply if o["kind"] == "Job"]  # deleted by hand: not re-run
+    assert not p.delete_jobs  # but kept, with their results, until the next retraining
     assert task["status"]["retraining"]["epoch"] == 1  # 50 new calls since the trigger
     t += dt.timedelta(seconds=10)
     p = _step(task, lost, dep, svc, t, m(1210))
@@ -683,3 +685,134 @@ def test_cron_matching(expr: str, when: dt.datetime, ok: bool) -> None:
     from slm_operator.live import cron_matches
 
     assert cron_matches(expr, when) is ok
+
+
+def test_a_task_scaled_to_zero_scales_up_again_when_calls_arrive() -> None:
+    """minReplicas 0: an idle task scales to zero and its calls go to the LLM; when calls
+    arrive again the autoscaler must bring a replica back (no replica is ready to gate on)."""
+    task, jobs, dep, svc = _serving_task()
+    task["spec"]["serving"]["minReplicas"] = 0
+    idle = Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=0.0)
+    p = _step(task, jobs, dep, svc, NOW, idle)
+    assert next(o for o in p.apply if o["kind"] == "Deployment")["spec"]["replicas"] == 0
+    zero = copy.deepcopy(dep)
+    zero["spec"]["replicas"] = 0
+    zero["status"].update(replicas=0, updatedReplicas=0, readyReplicas=0, availableReplicas=0)
+    busy = Metrics(request_rate=5.0)  # the gateway counts the calls it sends to the LLM
+    p = _step(task, jobs, zero, svc, NOW + dt.timedelta(seconds=10), busy)
+    assert next(o for o in p.apply if o["kind"] == "Deployment")["spec"]["replicas"] == 1
+    assert task["status"]["serving"]["desiredReplicas"] == 1
+
+
+def test_a_moment_without_ready_replicas_does_not_restart_the_rollout() -> None:
+    """Live-control memory survives a window in which no Triton replica is ready (a crash, a
+    node drain): the calls go to the LLM meanwhile, and when the same model's replicas are
+    back it serves as before instead of starting over in shadow."""
+    task, jobs, dep, svc = _serving_task()
+    task["spec"]["rollout"]["canaryWindows"] = 1
+    t = NOW
+    for _ in range(2):
+        _step(task, jobs, dep, svc, t, HEALTHY)
+        t += dt.timedelta(seconds=10)
+    assert task["status"]["route"]["mode"] == "slm"
+    down = copy.deepcopy(dep)
+    down["status"].update(readyReplicas=0, availableReplicas=0)
+    _step(task, jobs, down, svc, t, HEALTHY)
+    assert task["status"]["route"]["mode"] == "llm"
+    t += dt.timedelta(seconds=10)
+    _step(task, jobs, dep, svc, t, HEALTHY)
+    assert task["status"]["route"]["mode"] == "slm"
+    assert task["status"]["live"]["rolloutMode"] == "slm"
+
+
+def test_a_newly_promoted_revision_starts_its_own_progressive_rollout() -> None:
+    """status.live.rolloutMode is the step reached by the promoted model: a new revision that
+    replaces a fully rolled-out one starts in shadow, not with every call at once."""
+    task, jobs, dep, svc = _serving_task()
+    task["spec"]["rollout"]["canaryWindows"] = 1
+    old_rev = n.revision_of(task["spec"])
+    t = NOW
+    for _ in range(2):
+        _step(task, jobs, dep, svc, t, HEALTHY)
+        t += dt.timedelta(seconds=10)
+    assert task["status"]["route"]["mode"] == "slm"
+
+    task["metadata"]["generation"] = 2
+    task["spec"]["candidates"][0]["epochs"] = 5
+    new_rev = n.revision_of(task["spec"])
+    both = {**jobs, **jobs_through(task, "export")}
+    # The new revision exported: the Deployment moves to it (old pods serve meanwhile).
+    p = _step(task, both, dep, svc, t, HEALTHY)
+    d = next(o for o in p.apply if o["kind"] == "Deployment")
+    assert d["metadata"]["annotations"][n.LABEL_REVISION] == new_rev
+    assert task["status"]["revision"]["active"] == new_rev
+    assert task["status"]["route"]["mode"] == "shadow"
+    assert task["status"]["live"]["rolloutMode"] == "shadow"
+    # Within the same window, and once the Deployment reports it, it goes on from shadow.
+    _step(task, both, deployment(new_rev), svc, t + dt.timedelta(seconds=3), HEALTHY)
+    assert task["status"]["route"]["mode"] == "shadow"
+    _step(task, both, deployment(new_rev), svc, t + dt.timedelta(seconds=10), HEALTHY)
+    assert task["status"]["route"]["mode"] == "canary"
+    assert old_rev != new_rev
+
+
+def test_a_retraining_that_only_ties_the_served_score_is_not_promoted() -> None:
+    """The served score is kept rounded (selectedModel.score); a retrained candidate with the
+    very same score must not count as better because its own score was not rounded."""
+    task = make_task()
+    task["spec"]["fallback"]["policy"] = {"windowSeconds": 10}
+    task["spec"]["retraining"] = {"minNewExamples": 100}
+    task["spec"]["evaluation"]["gate"] = {"minScore": 0.8}
+    rev0, rev1 = n.revision_of(task["spec"]), n.revision_of(task["spec"], 1)
+    five_sixths = 5 / 6  # e.g. 250 of 300 held-out calls right
+    jobs = jobs_through(task, "export", scores=(five_sixths, 0.95))
+    dep, svc = deployment(rev0), {"metadata": {"name": "weather-slm"}}
+    task["status"] = plan(Observed(task, jobs, dep, svc, NOW)).status
+    assert task["status"]["selectedModel"]["score"] == 0.8333
+
+    def m(captured: int) -> Metrics:
+        return Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=5, captured_records=captured)
+
+    _step(task, jobs, dep, svc, NOW, m(1000))
+    _step(task, jobs, dep, svc, NOW + dt.timedelta(seconds=10), m(1100))
+    assert task["status"]["retraining"]["epoch"] == 1
+    tie = {**jobs, **retrained_jobs(task, rev0, rev1, scores=(five_sixths, 0.8))}
+    p = _step(task, tie, dep, svc, NOW + dt.timedelta(seconds=11), m(1100))
+    assert conds(task["status"])[c.EVALUATED] == (c.FALSE, c.NOT_BETTER)
+    assert not [o for o in p.apply if o["metadata"]["labels"].get(n.LABEL_STAGE) == "export"]
+
+
+def test_a_promoted_retraining_keeps_reporting_the_candidate_it_serves() -> None:
+    """A retraining promotes the candidate that beat the served model, which need not be the
+    one the selection policy alone would pick; once it serves, selectedModel (and the route's
+    confidence threshold) must still describe that candidate."""
+    task, jobs, dep, svc = _serving_task()
+    task["spec"]["retraining"] = {"minNewExamples": 100}
+    rev0, rev1 = n.revision_of(task["spec"]), n.revision_of(task["spec"], 1)
+
+    def m(captured: int) -> Metrics:
+        return Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=5, captured_records=captured)
+
+    _step(task, jobs, dep, svc, NOW, m(1000))
+    _step(task, jobs, dep, svc, NOW + dt.timedelta(seconds=10), m(1100))
+    assert task["status"]["retraining"]["epoch"] == 1
+    # small passes the gate but is below the served 0.9; only big is better.
+    new = {**jobs, **retrained_jobs(task, rev0, rev1, scores=(0.88, 0.95))}
+    p = _step(task, new, dep, svc, NOW + dt.timedelta(seconds=11), m(1100))
+    export = next(o for o in p.apply if o["metadata"]["labels"].get(n.LABEL_STAGE) == "export")
+    assert "--candidate=big" in export["spec"]["template"]["spec"]["containers"][0]["args"]
+    en = n.export_job_name("weather", rev1)
+    new[en] = view(
+        en,
+        "export",
+        rev1,
+        SUCCEEDED,
+        result("export", artifact_uri=f"pvc://slm-work/weather/{rev1}/model_repository"),
+    )
+    _step(task, new, dep, svc, NOW + dt.timedelta(seconds=12), m(1100))
+    assert task["status"]["revision"] == {"active": rev1, "training": ""}
+    assert task["status"]["selectedModel"]["candidate"] == "big"
+    served = deployment(rev1, candidate="big")
+    _step(task, new, served, svc, NOW + dt.timedelta(seconds=13), m(1100))
+    assert task["status"]["selectedModel"]["candidate"] == "big"
+    assert task["status"]["selectedModel"]["score"] == 0.95
