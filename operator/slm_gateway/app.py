@@ -47,6 +47,7 @@ from slm_gateway.capture import Captured, CaptureSink
 from slm_gateway.config import GatewayConfig
 from slm_gateway.decide import (
     LLM,
+    PLAN_LLM,
     REASON_BAD_OUTPUT,
     REASON_CIRCUIT_OPEN,
     REASON_DEFER,
@@ -57,8 +58,10 @@ from slm_gateway.decide import (
     agree,
     canary_bucket,
     estimate_tokens,
+    fits_request,
     normalize_message,
     plan_request,
+    slm_can_serve,
     slm_verdict,
 )
 from slm_gateway.errors import GatewayError
@@ -257,6 +260,8 @@ class Gateway:
             slm_allowed=slm_b is not None and slm_b.available(now),
             llm_allowed=llm_b.available(now),
         )
+        if plan.primary == SLM and not slm_can_serve(req.body):
+            plan = PLAN_LLM  # e.g. n > 1 or tool_choice "none": only the LLM can answer it
         reason = plan.reason
         if plan.primary == SLM and slm_b is not None:
             if breakers.allow(SLM, route.slm_url, slm_b, now):
@@ -322,7 +327,7 @@ class Gateway:
             ) from None
         spent = time.perf_counter() - t
         status = reply.status
-        if status != 200:
+        if not 200 <= status < 300:
             return self._llm_failure(
                 route, reply.status, reply.body, reply.retry_after, spent, llm_b
             )
@@ -373,9 +378,11 @@ class Gateway:
         spent: float,
         llm_b: CircuitBreaker,
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-        """A non-200 from the LLM: 5xx becomes a 502 with our error body; 4xx (the agent's
-        request, or rate limits) is passed on as the LLM said it, with an error body."""
-        if status >= 500:
+        """A non-2xx from the LLM: 4xx (the agent's request, or rate limits) is passed on as
+        the LLM said it, with an error body; anything else (5xx, or a 1xx or 3xx, which is no
+        answer either: an unfollowed redirect) becomes a 502 with our error body, never a
+        status an SDK would take for success or a redirect to follow."""
+        if not 400 <= status < 500:
             self.metrics.attempt(route.namespace, route.task, LLM, "error", spent)
             self.breakers.record(LLM, route.llm_url, llm_b, False)
             self.metrics.errors.labels(route.namespace, route.task, LLM, e.CODE_UPSTREAM).inc()
@@ -427,6 +434,8 @@ class Gateway:
             return None, REASON_BAD_OUTPUT if err.kind == BAD_OUTPUT else REASON_ERROR
         spent = time.perf_counter() - t
         verdict = slm_verdict(answer, confidence, route.confidence_threshold)
+        if not verdict and not fits_request(answer, req.body, req.tools):
+            verdict = REASON_BAD_OUTPUT
         bad = verdict == REASON_BAD_OUTPUT
         self.breakers.record(SLM, route.slm_url, slm_b, not bad)
         result = BAD_OUTPUT if bad else verdict or "ok"
@@ -487,19 +496,22 @@ class Gateway:
     async def _shadow(
         self, route: Route, req: ChatRequest, llm_message: dict[str, Any], slm_b: CircuitBreaker
     ) -> None:
-        """Ask the SLM the same question and count whether it agrees with the LLM's answer."""
+        """Ask the SLM the same question and count whether it agrees with the LLM's answer.
+
+        The comparison is inside the ``try`` too: nobody awaits this task, so an exception
+        escaping it would only be logged at garbage collection and the call never counted.
+        """
         try:
             answer, verdict = await self._ask_slm(route, req, slm_b)
+            if verdict in (REASON_DEFER, REASON_LOW_CONFIDENCE):
+                result = "defer"
+            elif verdict:
+                result = "error"
+            else:
+                result = "agree" if agree(answer, llm_message, route.metric) else "disagree"
         except Exception:
             log.exception("shadow call failed")
-            self.metrics.shadow.labels(route.namespace, route.task, "error").inc()
-            return
-        if verdict in (REASON_DEFER, REASON_LOW_CONFIDENCE):
-            result = "defer"
-        elif verdict:
             result = "error"
-        else:
-            result = "agree" if agree(answer, llm_message, route.metric) else "disagree"
         self.metrics.shadow.labels(route.namespace, route.task, result).inc()
 
     def _served(

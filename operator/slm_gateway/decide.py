@@ -102,7 +102,8 @@ def slm_verdict(answer: Any, confidence: Any, threshold: float) -> str:
 
     A ``{"defer": true}`` answer is the model handing the call back; a confidence that is
     missing, not finite or below the threshold is not trusted; an answer that is not an
-    assistant message with content or tool calls cannot be served.
+    assistant message with content or tool calls cannot be served, nor one whose ``content``
+    next to tool calls is neither text nor null (agents' SDKs reject the whole completion).
     """
     if not isinstance(answer, dict):
         return REASON_BAD_OUTPUT
@@ -125,17 +126,61 @@ def slm_verdict(answer: Any, confidence: Any, threshold: float) -> str:
             fn = call.get("function") if isinstance(call, dict) else None
             if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
                 return REASON_BAD_OUTPUT
-        return ""
+        return "" if content is None or isinstance(content, str) else REASON_BAD_OUTPUT
     if isinstance(content, str):
         return ""
     return REASON_BAD_OUTPUT
+
+
+def slm_can_serve(body: Mapping[str, Any]) -> bool:
+    """Whether an SLM answer could satisfy this request at all.
+
+    An exported SLM gives one choice, no log-probabilities and no structured-output
+    guarantee, and it answers with a tool call whenever it picks one. So a request for
+    several choices (``n`` > 1), for ``logprobs``, for a ``response_format`` other than text,
+    or with ``tool_choice: "none"`` goes to the LLM: the agent gets what it asked for, and no
+    fallback is counted against the SLM.
+    """
+    n = body.get("n")
+    if n is not None and n != 1:
+        return False
+    if body.get("logprobs") is True or body.get("tool_choice") == "none":
+        return False
+    fmt = body.get("response_format")
+    return not (isinstance(fmt, dict) and fmt.get("type") not in (None, "text"))
+
+
+def fits_request(
+    answer: Mapping[str, Any], body: Mapping[str, Any], tools: list[dict[str, Any]]
+) -> bool:
+    """Whether a usable SLM answer keeps the request's tool contract.
+
+    Every call must name one of the request's tools (an agent cannot run any other);
+    ``tool_choice: "required"`` needs at least one call, and a named ``tool_choice`` needs
+    every call to name that function. An answer that breaks it is bad output, and the LLM
+    answers instead.
+    """
+    calls = answer.get("tool_calls") or []
+    names = [c["function"]["name"] for c in calls]
+    if names:
+        offered = {fn.get("name") for t in tools if isinstance(fn := t.get("function"), dict)}
+        if not offered.issuperset(names):
+            return False
+    choice = body.get("tool_choice")
+    if choice == "required":
+        return bool(names)
+    if isinstance(choice, dict):
+        want = (choice.get("function") or {}).get("name")
+        return bool(names) and all(name == want for name in names)
+    return True
 
 
 def normalize_message(answer: Mapping[str, Any], request_id: str) -> dict[str, Any]:
     """An SLM answer as an OpenAI assistant message: ids on tool calls, arguments as JSON text.
 
     Models emit ``arguments`` as an object more often than as the string the API specifies,
-    and seldom emit call ids; agents' SDKs need both.
+    and seldom emit call ids (or emit numbers); agents' SDKs need both as strings, and echo
+    the id back as ``tool_call_id``, which must be a string.
     """
     calls = answer.get("tool_calls")
     msg: dict[str, Any] = {"role": "assistant", "content": answer.get("content")}
@@ -146,9 +191,10 @@ def normalize_message(answer: Mapping[str, Any], request_id: str) -> dict[str, A
             args = fn.get("arguments", "{}")
             if not isinstance(args, str):
                 args = orjson.dumps(args).decode()
+            cid = call.get("id")
             out.append(
                 {
-                    "id": call.get("id") or f"call_{request_id[:16]}_{i}",
+                    "id": cid if isinstance(cid, str) and cid else f"call_{request_id[:16]}_{i}",
                     "type": "function",
                     "function": {"name": fn["name"], "arguments": args},
                 }
@@ -168,8 +214,13 @@ def _canonical_args(args: Any) -> bytes:
 
 
 def _calls(message: Mapping[str, Any]) -> list[tuple[str, bytes]]:
+    """(name, canonical arguments) of each call, sorted; the LLM's message is not validated,
+    so ``tool_calls`` that is not a list counts as no calls rather than raising."""
+    calls = message.get("tool_calls")
+    if not isinstance(calls, list):
+        return []
     out = []
-    for call in message.get("tool_calls") or []:
+    for call in calls:
         fn = call.get("function") if isinstance(call, dict) else None
         if isinstance(fn, dict):
             out.append((str(fn.get("name")), _canonical_args(fn.get("arguments", "{}"))))

@@ -197,7 +197,14 @@ class AgentTaskWatcher:
         if raw is None:
             log.warning("Secret %s/%s has no key %r", ns, name, key)
             return ""
-        return base64.b64decode(raw).decode().strip()
+        # A key that is not base64 text of UTF-8 would otherwise fail the whole list, and so
+        # every task of the namespace; the task is served without a key, as when unreadable.
+        try:
+            return base64.b64decode(raw).decode().strip()
+        except ValueError as exc:  # binascii.Error and UnicodeDecodeError
+            # The type only: a decode error's message quotes bytes of the secret.
+            log.warning("Secret %s/%s key %r is unusable (%s)", ns, name, key, type(exc).__name__)
+            return ""
 
     def _changed(self) -> None:
         if self.on_change is not None:

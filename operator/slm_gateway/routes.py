@@ -85,9 +85,14 @@ class Route:
         s(self, "slm_model", model)
         if self.slm_endpoint:
             s(self, "slm_url", f"{self.slm_endpoint.rstrip('/')}/v2/models/{model}/infer")
-        # Parsed once: aiohttp would otherwise parse the URL string on every call.
-        s(self, "llm_target", URL(self.llm_url))
-        s(self, "slm_target", URL(self.slm_url or "http://unset.invalid/"))
+        # Parsed once: aiohttp would otherwise parse the URL string on every call. yarl refuses
+        # some URLs the CRD's isURL() lets through (a port above 65535) with a bare ValueError;
+        # callers skip a task on RouteError only, so one such task must not fail them all.
+        try:
+            s(self, "llm_target", URL(self.llm_url))
+            s(self, "slm_target", URL(self.slm_url or "http://unset.invalid/"))
+        except ValueError as exc:
+            raise RouteError(f"task {self.task}: unusable URL ({exc})") from None
         # Only what differs per route: the session sends the JSON headers on every call.
         s(
             self,

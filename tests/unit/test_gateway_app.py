@@ -331,3 +331,68 @@ def test_same_named_tasks_of_two_namespaces_have_their_own_series(
         assert metric(c, count, namespace="team-b", task="weather", backend="llm") == 1
         tokens = "slm_gateway_tokens_total"
         assert metric(c, tokens, namespace="team-b", task="weather", kind="prompt") > 0
+
+
+TOOLS = [
+    {"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
+    for n in ("get_weather", "get_forecast")
+]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"n": 2},
+        {"logprobs": True},
+        {"response_format": {"type": "json_object"}},
+        {"tools": TOOLS, "tool_choice": "none"},
+    ],
+    ids=["n=2", "logprobs", "json_object", "tool_choice=none"],
+)
+def test_a_request_only_the_llm_can_answer_skips_the_slm(
+    standin: llm_standin.StandIn, extra: dict[str, Any]
+) -> None:
+    """The SLM answers one choice, without log-probabilities or a structured-output
+    guarantee, and with a tool call when it picks one: an agent that asked for more, or for
+    no tool call, must not silently get less, so such a call goes to the LLM in any mode."""
+    for mode, kw in (("slm", {}), ("canary", {"canary_percent": 100})):
+        with client(route(standin, mode=mode, **kw)) as c:
+            r = chat(c, **extra)
+            assert r.status_code == 200 and r.headers["x-slm-backend"] == "llm", mode
+            assert "x-slm-fallback-reason" not in r.headers
+            assert chat(c).headers["x-slm-backend"] == "slm"
+    assert standin.stats()["slm_calls"] == 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "slm_text"),
+    [
+        ({"tool_choice": {"type": "function", "function": {"name": "get_forecast"}}}, False),
+        ({"tool_choice": "required"}, True),
+    ],
+    ids=["named-other-tool", "required-but-text"],
+)
+def test_an_slm_answer_that_breaks_tool_choice_is_answered_by_the_llm(
+    standin: llm_standin.StandIn, extra: dict[str, Any], slm_text: bool
+) -> None:
+    """The stand-in SLM calls the first tool (get_weather), or answers in text: neither keeps
+    a tool_choice that names get_forecast or requires a call, so the LLM answers."""
+    standin.control(slm_different=slm_text)
+    with client(route(standin, mode="slm")) as c:
+        r = chat(c, tools=TOOLS, **extra)
+        assert r.status_code == 200 and r.headers["x-slm-backend"] == "llm"
+        assert r.headers["x-slm-fallback-reason"] == "slm_bad_output"
+        assert chat(c, tools=TOOLS).headers["x-slm-backend"] == "slm"  # no tool_choice: fine
+
+
+@pytest.mark.parametrize("status", [201, 204, 302])
+def test_an_llm_status_that_is_neither_200_nor_4xx_is_a_502(
+    standin: llm_standin.StandIn, status: int
+) -> None:
+    """Only a 4xx is the LLM rejecting the agent's request; a 2xx or 3xx was passed on with
+    its status and an error body, which an SDK reads as a success it cannot parse."""
+    standin.control(llm_error_every=1, llm_error_status=status)
+    with client(route(standin), breaker_failures=100) as c:
+        r = chat(c)
+        assert r.status_code == 502 and is_error_body(r, "upstream_error")
+        assert metric(c, "slm_gateway_errors_total", code="upstream_error") == 1

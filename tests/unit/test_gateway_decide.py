@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 
@@ -19,8 +20,10 @@ from slm_gateway.decide import (
     agree,
     canary_bucket,
     estimate_tokens,
+    fits_request,
     normalize_message,
     plan_request,
+    slm_can_serve,
     slm_verdict,
 )
 
@@ -122,6 +125,13 @@ class TestVerdict:
     def test_unusable_outputs_are_bad_output(self, answer: object, confidence: object) -> None:
         assert slm_verdict(answer, confidence, 0.0) == REASON_BAD_OUTPUT
 
+    @pytest.mark.parametrize("content", [{"text": "hi"}, 5, ["hi"], True])
+    def test_tool_calls_with_content_that_is_not_text_are_bad_output(self, content: object) -> None:
+        """OpenAI's ``content`` is a string or null; served as anything else, an agent's SDK
+        fails to parse the whole completion, which the LLM could have answered."""
+        assert slm_verdict({**self.call, "content": content}, 0.9, 0.0) == REASON_BAD_OUTPUT
+        assert slm_verdict({**self.call, "content": ""}, 0.9, 0.0) == ""
+
 
 class TestNormalize:
     def test_tool_calls_get_ids_and_string_arguments(self) -> None:
@@ -134,6 +144,15 @@ class TestNormalize:
         assert call["type"] == "function"
         assert call["function"] == {"name": "get", "arguments": '{"b":1,"a":2}'}
         assert out["role"] == "assistant" and out["content"] is None
+
+    @pytest.mark.parametrize("cid", [7, "", None, {"x": 1}])
+    def test_a_call_id_that_is_not_a_string_is_replaced(self, cid: object) -> None:
+        """Tool-call ids are strings in the API, and the agent echoes them as
+        ``tool_call_id``, which the gateway then refuses unless it is a string."""
+        out = normalize_message({"tool_calls": [{"id": cid, "function": {"name": "f"}}]}, "rid")
+        assert out["tool_calls"][0]["id"] == "call_rid_0"
+        kept = normalize_message({"tool_calls": [{"id": "c1", "function": {"name": "f"}}]}, "r")
+        assert kept["tool_calls"][0]["id"] == "c1"
 
 
 class TestAgree:
@@ -160,6 +179,14 @@ class TestAgree:
         g = {"function": {"name": "g", "arguments": '{"x": 1}'}}
         assert agree({"tool_calls": [f, g]}, {"tool_calls": [g, f]})
         assert not agree({"tool_calls": [f, g]}, {"tool_calls": [f]})
+
+    @pytest.mark.parametrize("calls", [5, True, 1.5])
+    def test_tool_calls_that_are_not_a_list_count_as_none(self, calls: object) -> None:
+        """The LLM's message is not validated before the shadow compares it; a scalar
+        ``tool_calls`` raised TypeError inside the shadow task, which was then never counted."""
+        llm = {"role": "assistant", "content": "Paris", "tool_calls": calls}
+        assert agree({"role": "assistant", "content": "Paris"}, llm)
+        assert not agree(self.call("f", "{}"), llm)
 
 
 class TestCost:
@@ -233,3 +260,42 @@ def test_label_accuracy_agreement_compares_only_the_selected_tool() -> None:
     assert agree(slm, llm, "label-accuracy")  # tool selection: same tool
     assert not agree(call("get_time", "{}"), llm, "label-accuracy")
     assert not agree({"role": "assistant", "content": "no tool"}, llm, "label-accuracy")
+
+
+class TestToolContract:
+    TOOLS = [{"type": "function", "function": {"name": n}} for n in ("a", "b")]
+
+    @staticmethod
+    def answer(*names: str) -> dict[str, Any]:
+        calls = [{"function": {"name": n, "arguments": "{}"}} for n in names]
+        return {"role": "assistant", "content": None if calls else "text", "tool_calls": calls}
+
+    def test_a_call_to_a_tool_the_request_did_not_offer_breaks_it(self) -> None:
+        assert fits_request(self.answer("a"), {}, self.TOOLS)
+        assert not fits_request(self.answer("a", "c"), {}, self.TOOLS)
+        assert not fits_request(self.answer("a"), {}, [])
+
+    def test_tool_choice_required_and_named(self) -> None:
+        named = {"tool_choice": {"type": "function", "function": {"name": "b"}}}
+        assert fits_request(self.answer("b"), named, self.TOOLS)
+        assert not fits_request(self.answer("a"), named, self.TOOLS)
+        assert not fits_request(self.answer("b", "a"), named, self.TOOLS)
+        assert not fits_request(self.answer(), named, self.TOOLS)
+        assert not fits_request(self.answer(), {"tool_choice": "required"}, self.TOOLS)
+        assert fits_request(self.answer("a"), {"tool_choice": "required"}, self.TOOLS)
+        assert fits_request(self.answer(), {"tool_choice": "auto"}, self.TOOLS)
+
+    @pytest.mark.parametrize(
+        ("body", "ok"),
+        [
+            ({}, True),
+            ({"n": 1, "logprobs": False, "response_format": {"type": "text"}}, True),
+            ({"tool_choice": "auto"}, True),
+            ({"n": 3}, False),
+            ({"logprobs": True}, False),
+            ({"response_format": {"type": "json_schema", "json_schema": {}}}, False),
+            ({"tool_choice": "none"}, False),
+        ],
+    )
+    def test_what_an_slm_can_serve(self, body: dict[str, Any], ok: bool) -> None:
+        assert slm_can_serve(body) is ok

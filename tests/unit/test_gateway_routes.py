@@ -177,3 +177,81 @@ class TestTable:
         assert t.get("c") is None
         t.remove("nope")
         assert [r.key for r in t.routes()] == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("field", "url"),
+    [("baseURL", "http://llm.example:80800/v1"), ("slmEndpoint", "http://slm.example:99999")],
+)
+def test_a_url_with_an_impossible_port_is_a_route_error(field: str, url: str) -> None:
+    """The CRD's ``isURL()`` accepts any digits as a port; yarl refuses one above 65535 with a
+    plain ValueError, which the watch (catching RouteError per task) did not expect."""
+    task = with_status({"mode": "slm", "slmEndpoint": "http://s:8000"})
+    if field == "baseURL":
+        task["spec"]["fallback"]["llm"]["baseURL"] = url
+    else:
+        task["status"]["route"]["slmEndpoint"] = url
+    with pytest.raises(RouteError):
+        route_from_task(task)
+
+
+class _Secret:
+    def __init__(self, data: dict[str, str]) -> None:
+        self.data = data
+
+
+class _Core:
+    """Just enough of CoreV1Api for the watch to read a task's LLM key."""
+
+    def __init__(self, secrets: dict[str, dict[str, str]]) -> None:
+        self.secrets = secrets
+
+    def read_namespaced_secret(self, name: str, namespace: str) -> _Secret:
+        return _Secret(self.secrets[name])
+
+
+class _Custom:
+    """Just enough of CustomObjectsApi for one list of AgentTasks."""
+
+    def __init__(self, items: list[dict[str, Any]]) -> None:
+        self.items = items
+
+    def list_namespaced_custom_object(self, *args: Any) -> dict[str, Any]:
+        return {"items": self.items, "metadata": {"resourceVersion": "7"}}
+
+
+def _named(name: str, secret: str = "llm-key", base: str = "http://llm.example:8000/v1") -> Any:
+    task = copy.deepcopy(TASK)
+    task["metadata"]["name"] = name
+    task["spec"]["fallback"]["llm"]["apiKeySecretRef"] = {"name": secret}
+    task["spec"]["fallback"]["llm"]["baseURL"] = base
+    return task
+
+
+def test_one_broken_agenttask_does_not_keep_the_others_from_being_routed() -> None:
+    """A task with an impossible port, or whose Secret holds bytes that are not UTF-8, is
+    skipped or served without a key; the other tasks of the namespace are still routed and the
+    gateway becomes ready (before, the whole list failed and was retried for ever)."""
+    import base64
+
+    from slm_gateway.kube import AgentTaskWatcher
+
+    good = base64.b64encode(b"sk-good").decode()
+    binary = base64.b64encode(b"\xff\xfe\x00k").decode()
+    core = _Core({"llm-key": {"api-key": good}, "binary-key": {"api-key": binary}})
+    custom = _Custom(
+        [
+            _named("weather"),
+            _named("typo", base="http://llm.example:80800/v1"),
+            _named("binary", secret="binary-key"),
+        ]
+    )
+    table = RouteTable()
+    watcher = AgentTaskWatcher(table, "agents")
+    assert watcher._relist(custom, core) == "7"
+    assert table.ready
+    assert sorted(r.task for r in table.routes()) == ["binary", "weather"]
+    weather = table.get("weather")
+    assert weather is not None and weather.llm_headers["Authorization"] == "Bearer sk-good"
+    binary_route = table.get("binary")
+    assert binary_route is not None and "Authorization" not in binary_route.llm_headers
