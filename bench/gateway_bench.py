@@ -85,8 +85,8 @@ end
 """
 
 PASSTHROUGH = r"""
-import sys, aiohttp, uvicorn
-UP = sys.argv[1]
+import os, sys, aiohttp, uvicorn
+UP = os.environ["BENCH_UPSTREAM"]
 state = {}
 async def app(scope, receive, send):
     if scope["type"] == "lifespan":
@@ -111,8 +111,9 @@ async def app(scope, receive, send):
     await send({"type": "http.response.start", "status": r.status,
                 "headers": [(b"content-type", b"application/json")]})
     await send({"type": "http.response.body", "body": out})
-uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), loop="uvloop", http="httptools",
-            access_log=False, log_level="warning")
+if __name__ == "__main__":
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), loop="uvloop",
+                http="httptools", access_log=False, log_level="warning")
 """
 
 
@@ -345,7 +346,8 @@ def start_passthrough(upstream: str, workdir: Path) -> tuple[subprocess.Popen[by
     script.write_text(PASSTHROUGH)
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, str(script), upstream, str(port)],
+        [sys.executable, str(script), str(port)],
+        env={**os.environ, "BENCH_UPSTREAM": upstream},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
