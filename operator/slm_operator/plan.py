@@ -473,20 +473,32 @@ def _live_control(
     prev: Mapping[str, Any],
     live: Obj,
     now: str,
+    deployed: bool = False,
 ) -> tuple[tuple[str, str, str], tuple[str, str, str], str, int]:
     """SLOMet and FallbackActive conditions plus the route mode; fills ``live`` (status.live).
+
+    ``deployed``: a model that served has no ready replica now: FallbackActive says
+    NoReadyReplicas (a Warning) rather than that no model exists.
 
     Streaks only advance once per window (``due``), so re-running the reconcile within a
     window changes nothing: the decision stays level-triggered and restart-safe.
     """
     if not is_serving:
-        return (
-            (c.UNKNOWN, c.NOT_SERVING, "no SLM is serving"),
+        why = (
             (
-                c.TRUE,
+                c.NO_READY_REPLICAS,
+                "no Triton replica of the deployed model is ready; calls go to the LLM until "
+                "one is",
+            )
+            if deployed
+            else (
                 c.NO_SERVING_MODEL,
                 "all calls for this task go to the LLM until an SLM is served",
-            ),
+            )
+        )
+        return (
+            (c.UNKNOWN, c.NOT_SERVING, "no SLM is serving"),
+            (c.TRUE, *why),
             lv.MODE_LLM,
             0,
         )
@@ -749,7 +761,17 @@ def plan(obs: Observed) -> Plan:
     is_serving = serving[0] == c.TRUE
 
     slo, fallback, route_mode, canary = _live_control(
-        spec, is_serving, ready, m, due, live_prev, live, _micro_ts(obs.now)
+        spec,
+        is_serving,
+        ready,
+        m,
+        due,
+        live_prev,
+        live,
+        _micro_ts(obs.now),
+        # An outage of a model that served (it has live state), not a first rollout, which
+        # would otherwise post a Warning on every new task.
+        deployed=bool(active_rev and active_uri and live_prev),
     )
     pipeline = [(c.DATA_READY, step.data), (c.TRAINED, step.trained), (c.EVALUATED, step.evaluated)]
     if is_serving and fallback[0] == c.FALSE:

@@ -704,6 +704,19 @@ def test_a_task_scaled_to_zero_scales_up_again_when_calls_arrive() -> None:
     assert task["status"]["serving"]["desiredReplicas"] == 1
 
 
+def test_a_first_rollout_waiting_for_replicas_is_not_an_outage() -> None:
+    """A newly deployed model whose replicas are still starting has never served: calls go to
+    the LLM for want of a model (no Warning), not because replicas went missing."""
+    task = make_task()
+    rev = n.revision_of(task["spec"])
+    jobs = jobs_through(task, "export")
+    svc = {"metadata": {"name": "weather-slm"}}
+    p = _step(task, jobs, deployment(rev, available=False, ready=0), svc, NOW, HEALTHY)
+    assert conds(p.status)[c.SERVING] == (c.FALSE, c.DEPLOYMENT_PROGRESSING)
+    assert conds(p.status)[c.FALLBACK_ACTIVE] == (c.TRUE, c.NO_SERVING_MODEL)
+    assert not [e for e in p.events if e[0] == "Warning"]
+
+
 def test_a_moment_without_ready_replicas_does_not_restart_the_rollout() -> None:
     """Live-control memory survives a window in which no Triton replica is ready (a crash, a
     node drain): the calls go to the LLM meanwhile, and when the same model's replicas are
@@ -719,6 +732,7 @@ def test_a_moment_without_ready_replicas_does_not_restart_the_rollout() -> None:
     down["status"].update(readyReplicas=0, availableReplicas=0)
     _step(task, jobs, down, svc, t, HEALTHY)
     assert task["status"]["route"]["mode"] == "llm"
+    assert conds(task["status"])[c.FALLBACK_ACTIVE] == (c.TRUE, c.NO_READY_REPLICAS)
     t += dt.timedelta(seconds=10)
     _step(task, jobs, dep, svc, t, HEALTHY)
     assert task["status"]["route"]["mode"] == "slm"
