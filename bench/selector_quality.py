@@ -155,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--defer-head", choices=("constant", "query"), default="constant")
     parser.add_argument("--missing-tool-weight", type=float, default=0.5)
     parser.add_argument("--calibration-fraction", type=float, default=0.15)
+    parser.add_argument(
+        "--calibration-folds",
+        type=int,
+        default=0,
+        help="calibrate on out-of-fold logits of K extra models (0: held-out fraction)",
+    )
     parser.add_argument("--reuse-data", action="store_true", help="keep work/data if present")
     parser.add_argument("--results", type=Path, default=RESULTS)
     ns = parser.parse_args(argv)
@@ -210,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         missing_tool_weight=ns.missing_tool_weight,
         defer_head=ns.defer_head,
         calibration_fraction=ns.calibration_fraction,
+        calibration_folds=ns.calibration_folds,
     )
     t1 = time.monotonic()
     result = finetune.run(args, quiet_emit)

@@ -309,6 +309,80 @@ def test_sigterm_saves_and_a_rerun_resumes_to_the_same_result(
     assert ma["temperature"] == mb["temperature"] and ma["final_loss"] == mb["final_loss"]
 
 
+def test_crossfit_folds_are_stratified_balanced_and_deterministic() -> None:
+    from slm_trainer import selector
+
+    ex = selector.examples_from_records(support_records(3), "tool-call")
+    folds = selector.crossfit_folds(ex, 3, seed=0)
+    assert folds == selector.crossfit_folds(ex, 3, seed=0)
+    assert folds != selector.crossfit_folds(ex, 3, seed=1)
+    for deferred in (True, False):
+        sizes = [
+            sum(
+                1
+                for e, f in zip(ex, folds, strict=True)
+                if f == k and (e.ref_label is None) == deferred
+            )
+            for k in range(3)
+        ]
+        assert max(sizes) - min(sizes) <= 1, sizes
+
+
+@pytest.mark.slow
+def test_crossfit_calibrates_on_every_training_call_and_resumes_fold_by_fold(
+    small_data: Path, tmp_path: Path
+) -> None:
+    """--calibration-folds 2: two fold models score the calls they did not see, the final
+    model trains on all; SIGTERM in the second fold, and the rerun redoes only that fold."""
+
+    def run(out: Path, hook: Any = None) -> tuple[TrainerResult, list[dict[str, Any]]]:
+        events: list[dict[str, Any]] = []
+        args = fine_args(
+            small_data,
+            out,
+            epochs=2,
+            batch_size=8,
+            max_steps=4,
+            checkpoint_every=2,
+            calibration_folds=2,
+        )
+        return finetune.run(args, events.append, step_hook=hook), events
+
+    straight, _ = run(tmp_path / "straight")
+    assert straight.ok, straight.message
+    calls = [0]
+
+    def preempt(step: int) -> None:
+        calls[0] += 1
+        if calls[0] == 6:  # fold 0 took 4 steps; this is step 2 of fold 1
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stopped, _ = run(tmp_path / "resumed", preempt)
+    assert not stopped.ok and stopped.message.startswith("preempted; resumable")
+    ckpt = tmp_path / "resumed" / "ckpt"
+    assert (ckpt / "fold0-logits.json").is_file() and not (ckpt / "fold1-logits.json").exists()
+
+    calls[0] = 0
+    resumed, events = run(tmp_path / "resumed", lambda step: calls.__setitem__(0, calls[0] + 1))
+    assert resumed.ok, resumed.message
+    assert calls[0] == 2 + 4  # the rest of fold 1, then the final model; fold 0 not redone
+    assert any(e.get("phase") == "resume" and e.get("step") == 2 for e in events)
+    for field in ("score", "threshold"):
+        assert getattr(resumed, field) == getattr(straight, field), field
+
+    from slm_trainer import selector
+
+    train = selector.read_records(small_data / "train.jsonl")
+    known = [e for e in selector.examples_from_records(train, "tool-call") if e.target is not None]
+    scored = sum(
+        len(json.loads((ckpt / f"fold{k}-logits.json").read_text())["rows"]) for k in range(2)
+    )
+    assert scored == len(known)  # every training call calibrated on, none held out of training
+    manifest = json.loads((tmp_path / "straight" / "artifact" / "selector.json").read_text())
+    assert manifest["config"]["calibration_folds"] == 2
+    assert manifest["train_examples"] == len(train)
+
+
 # ------------------------------------------------------------------ the CLI
 
 

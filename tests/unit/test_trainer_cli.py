@@ -132,6 +132,19 @@ def test_python_dash_m_help_lists_stages() -> None:
         ["curate", "--input", "x", "--output-dir", "y", "--eval-fraction", "1.5"],
         ["curate", "--input", "x", "--output-dir", "y", "--stratify-by", "random"],
         ["curate", "--input", "x", "--output-dir", "y", "--seed", "one"],
+        [
+            "finetune",
+            "--candidate",
+            "c",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--output",
+            "o",
+            "--calibration-folds",
+            "1",
+        ],
     ],
 )
 def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:

@@ -85,6 +85,13 @@ class Args:
     calibration_fraction: float = field(
         default=0.15, metadata={"help": "selector: share of train held out for calibration"}
     )
+    calibration_folds: int = field(
+        default=0,
+        metadata={
+            "help": "selector: calibrate on out-of-fold predictions of K extra models (K >= 2; "
+            "0: the held-out calibration_fraction); costs K more trainings"
+        },
+    )
     selector_max_tokens: int = field(
         default=128, metadata={"help": "selector: query tokens (capped by max_seq_length)"}
     )
@@ -148,6 +155,8 @@ class Args:
             raise ValueError("target_precision must be in (0, 1]")
         if not 0.0 <= self.calibration_fraction < 0.9:
             raise ValueError("calibration_fraction must be in [0, 0.9)")
+        if self.calibration_folds not in (0, *range(2, 11)):
+            raise ValueError("calibration_folds must be 0 or between 2 and 10")
 
 
 #: Names under which the packaged all-MiniLM-L6-v2 is found offline.
