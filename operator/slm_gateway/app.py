@@ -432,6 +432,15 @@ class Gateway:
             if err.kind == TIMEOUT:
                 return None, REASON_TIMEOUT
             return None, REASON_BAD_OUTPUT if err.kind == BAD_OUTPUT else REASON_ERROR
+        except Exception as exc:
+            # Whatever went wrong asking the SLM, the LLM can still answer: the agent must not
+            # get a 500 for it. Logged by type only, as the message may quote the request.
+            log.error(
+                "SLM call for task %s failed unexpectedly: %s", route.task, type(exc).__name__
+            )
+            self.metrics.attempt(route.namespace, route.task, SLM, "error", time.perf_counter() - t)
+            self.breakers.record(SLM, route.slm_url, slm_b, False)
+            return None, REASON_ERROR
         spent = time.perf_counter() - t
         verdict = slm_verdict(answer, confidence, route.confidence_threshold)
         if not verdict and not fits_request(answer, req.body, req.tools):

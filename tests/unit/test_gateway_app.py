@@ -396,3 +396,21 @@ def test_an_llm_status_that_is_neither_200_nor_4xx_is_a_502(
         r = chat(c)
         assert r.status_code == 502 and is_error_body(r, "upstream_error")
         assert metric(c, "slm_gateway_errors_total", code="upstream_error") == 1
+
+
+def test_an_unexpected_slm_failure_is_answered_by_the_llm(
+    standin: llm_standin.StandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not an upstream error the adapter knows (a bug, a session closing at shutdown): the
+    LLM can still answer, so the agent gets its answer, not a 500."""
+    from slm_gateway import app as gateway_app
+
+    async def broken(self: Any, route: Route, body: bytes) -> Any:
+        raise RuntimeError("Session is closed")
+
+    monkeypatch.setattr(gateway_app.Upstreams, "slm", broken)
+    with client(route(standin, mode="slm")) as c:
+        r = chat(c)
+        assert r.status_code == 200 and r.headers["x-slm-backend"] == "llm"
+        assert r.headers["x-slm-fallback-reason"] == "slm_error"
+        assert metric(c, "slm_gateway_fallbacks_total", reason="slm_error") == 1
