@@ -13,6 +13,7 @@ lock.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Iterable, Mapping
@@ -79,6 +80,14 @@ class Route:
             raise RouteError(f"task {self.task}: slmEndpoint must be an http(s) URL")
         if not 0 <= self.canary_percent <= 100:
             raise RouteError(f"task {self.task}: canaryPercent must be within 0..100")
+        # aiohttp reads a total timeout of 0 or less as none at all: a hung SLM would then hold
+        # every call instead of costing it its budget and falling back.
+        for name, value in (
+            ("slmTimeoutMs", self.slm_timeout_s),
+            ("llm timeout", self.llm_timeout_s),
+        ):
+            if not (math.isfinite(value) and value > 0):
+                raise RouteError(f"task {self.task}: {name} must be a positive number")
         s = object.__setattr__
         s(self, "llm_url", self.llm_base_url.rstrip("/") + "/chat/completions")
         model = self.slm_model or self.task

@@ -195,6 +195,17 @@ def test_a_url_with_an_impossible_port_is_a_route_error(field: str, url: str) ->
         route_from_task(task)
 
 
+@pytest.mark.parametrize("annotated", ["0", "-5", "nan", "inf"])
+def test_an_slm_budget_that_is_not_positive_is_a_route_error(annotated: str) -> None:
+    """aiohttp takes a total timeout <= 0 as no timeout: a hung SLM would hold every call."""
+    task = with_status({"mode": "slm", "slmEndpoint": "http://s:8000"})
+    task["metadata"]["annotations"] = {SLM_TIMEOUT_ANNOTATION: annotated}
+    with pytest.raises(RouteError, match="slmTimeoutMs"):
+        route_from_task(task)
+    task["metadata"]["annotations"] = {SLM_TIMEOUT_ANNOTATION: "250"}
+    assert route_from_task(task).slm_timeout_s == 0.25
+
+
 class _Secret:
     def __init__(self, data: dict[str, str]) -> None:
         self.data = data
