@@ -526,9 +526,16 @@ def _live_control(
             int(policy.get("breachWindows", 3)),
             int(policy.get("recoveryWindows", 5)),
         )
-        ro = lv.rollout_step(
-            ro if ro.mode else Rollout(lv.MODE_LLM, 0, ""), m, breached, spec.get("rollout") or {}
-        )
+        if not fb.active or not ro.mode:
+            ro = lv.rollout_step(
+                ro if ro.mode else Rollout(lv.MODE_LLM, 0, ""),
+                m,
+                breached,
+                spec.get("rollout") or {},
+            )
+        # else: under fallback the LLM answers every call and the SLM only gets shadow copies,
+        # so there is no canary to judge: the rollout holds, and goes on once fallback is off
+        # (otherwise recovery windows would promote shadow -> canary -> slm unseen).
         live["lastEvaluated"] = now
         live["observed"] = {
             k: round(v, 4) if isinstance(v, float) else v

@@ -477,6 +477,30 @@ def test_fallback_needs_consecutive_breaches_and_recovers_with_hysteresis() -> N
     assert conds(task["status"])[c.READY][0] == c.TRUE
 
 
+def test_the_rollout_holds_while_fallback_is_on() -> None:
+    """Recovery windows are measured on shadow copies while the LLM answers every call: they
+    must not walk the rollout to canary or slm, which would serve the SLM to every call the
+    moment fallback ends without a canary ever having run."""
+    task, jobs, dep, svc = _serving_task()
+    task["spec"]["rollout"]["canaryWindows"] = 1
+    task["spec"]["fallback"]["policy"]["recoveryWindows"] = 4
+    t = NOW
+    for _ in range(2):  # breached while still in shadow
+        t += dt.timedelta(seconds=10)
+        _step(task, jobs, dep, svc, t, SLOW)
+    assert conds(task["status"])[c.FALLBACK_ACTIVE] == (c.TRUE, c.SLO_BREACHED)
+    assert task["status"]["live"]["rolloutMode"] == "shadow"
+    for _ in range(3):
+        t += dt.timedelta(seconds=10)
+        _step(task, jobs, dep, svc, t, HEALTHY)
+        assert conds(task["status"])[c.FALLBACK_ACTIVE] == (c.TRUE, c.RECOVERING)
+        assert task["status"]["live"]["rolloutMode"] == "shadow"
+    t += dt.timedelta(seconds=10)
+    _step(task, jobs, dep, svc, t, HEALTHY)
+    assert conds(task["status"])[c.FALLBACK_ACTIVE][0] == c.FALSE
+    assert task["status"]["route"]["mode"] == "canary"  # the canary runs now, not skipped
+
+
 def test_missing_metrics_keep_the_last_decision() -> None:
     task, jobs, dep, svc = _serving_task()
     t = NOW
