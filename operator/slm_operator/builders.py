@@ -240,6 +240,8 @@ def finetune_job(
         f"--target-precision={float(ev.get('targetPrecision', 0.97)):g}",
         f"--checkpoint-dir={rdir}/checkpoints/{candidate['name']}",
     ]
+    if ev.get("calibrationFolds"):  # only when set: existing tasks keep their Jobs as they are
+        args.append(f"--calibration-folds={int(ev['calibrationFolds'])}")
     gpus = int((spec.get("training") or {}).get("gpus", 1))
     return _trainer_job(
         task,

@@ -216,6 +216,12 @@ INVALID = [
         "spec.evaluation.targetPrecision",
         "should be greater than or equal to 0.5",
     ),
+    case(
+        "calibration-one-fold",
+        {"spec.evaluation.calibrationFolds": 1},
+        "spec.evaluation.calibrationFolds",
+        "must be 0 (calibrate on held-out calls) or 2 to 10",
+    ),
     case("missing-storage", {"spec.storage": DELETE}, "spec.storage: Required value"),
     case(
         "missing-fallback-llm-model",

@@ -62,6 +62,19 @@ def test_selector_threshold_follows_the_tasks_target_precision() -> None:
     assert flag(b.finetune_job(task, "r", cand)) == ["--target-precision=0.9"]
 
 
+def test_cross_fitted_calibration_is_passed_only_when_asked_for() -> None:
+    task = make_task()
+    cand = task["spec"]["candidates"][0]
+
+    def folds(job: dict) -> list[str]:
+        args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+        return [a for a in args if a.startswith("--calibration-folds")]
+
+    assert folds(b.finetune_job(task, "r", cand)) == []
+    task["spec"]["evaluation"]["calibrationFolds"] = 4
+    assert folds(b.finetune_job(task, "r", cand)) == ["--calibration-folds=4"]
+
+
 def _trainer_pods(task: dict, account: str = "") -> list[dict]:
     cand = task["spec"]["candidates"][0]
     jobs = [
