@@ -136,6 +136,18 @@ def stack(
         standin.stop()
 
 
+def fallback_with(policy: dict[str, Any]) -> dict[str, Any]:
+    """spec.fallback with this policy; serve_task points the LLM at the stand-in."""
+    return {
+        "llm": {
+            "baseURL": "http://127.0.0.1:9/v1",
+            "model": "gpt-4o-mini",
+            "apiKeySecretRef": {"name": "llm-key"},
+        },
+        "policy": policy,
+    }
+
+
 def serve_task(cluster: ClusterHandle, s: Stack, **spec: Any) -> None:
     """Apply the task, play its trainer pods, and point it at the local tritonserver."""
     task = agenttask(name=TASK, candidates=[{"name": "small", "model": "org/tiny"}], **spec)
@@ -289,14 +301,7 @@ def test_slo_breach_falls_back_to_llm_and_recovers(cluster: ClusterHandle, stack
             "gpus": 1,
             "slo": {"p95LatencyMs": 300, "maxErrorRate": 0.05, "targetQpsPerReplica": 100},
         },
-        fallback={
-            "llm": {
-                "baseURL": "http://127.0.0.1:9/v1",
-                "model": "gpt-4o-mini",
-                "apiKeySecretRef": {"name": "llm-key"},
-            },
-            "policy": {"windowSeconds": 1, "breachWindows": 1, "recoveryWindows": 3},
-        },
+        fallback=fallback_with({"windowSeconds": 1, "breachWindows": 1, "recoveryWindows": 3}),
     )
     with Traffic(s.gateway_url, rate=12) as traffic:
         wait_for(
@@ -375,14 +380,7 @@ def test_replicas_follow_load_and_shadow_agreement_drives_promotion(
             "scaling": {"maxStep": 1, "scaleDownCooldownSeconds": 2},
             "slo": {"p95LatencyMs": 1000, "maxErrorRate": 0.05, "targetQpsPerReplica": 4},
         },
-        fallback={
-            "llm": {
-                "baseURL": "http://127.0.0.1:9/v1",
-                "model": "gpt-4o-mini",
-                "apiKeySecretRef": {"name": "llm-key"},
-            },
-            "policy": {"windowSeconds": 2, "breachWindows": 2, "recoveryWindows": 2},
-        },
+        fallback=fallback_with({"windowSeconds": 2, "breachWindows": 2, "recoveryWindows": 2}),
     )
     modes: list[str] = []
     since: dict[str, float] = {}
@@ -462,14 +460,7 @@ def test_new_calls_retrain_and_only_a_better_revision_replaces_the_served_one(
             "gpus": 1,
             "slo": {"p95LatencyMs": 1000, "maxErrorRate": 0.05, "targetQpsPerReplica": 100},
         },
-        fallback={
-            "llm": {
-                "baseURL": "http://127.0.0.1:9/v1",
-                "model": "gpt-4o-mini",
-                "apiKeySecretRef": {"name": "llm-key"},
-            },
-            "policy": {"windowSeconds": 1, "breachWindows": 2, "recoveryWindows": 2},
-        },
+        fallback=fallback_with({"windowSeconds": 1, "breachWindows": 2, "recoveryWindows": 2}),
         retraining={"minNewExamples": 60},
     )
     rev0 = get_task(cluster, s.ns, TASK)["status"]["revision"]["active"]

@@ -435,6 +435,11 @@ def _step(
     return p
 
 
+def captured(records: int) -> Metrics:
+    """A healthy window in which the gateway has captured ``records`` calls for the task."""
+    return Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=5, captured_records=records)
+
+
 HEALTHY = Metrics(
     p95_latency_ms=80,
     error_rate=0.0,
@@ -608,25 +613,22 @@ def test_retraining_starts_after_enough_new_calls_and_promotes_only_if_better() 
     rev0 = n.revision_of(task["spec"])
     t = NOW
 
-    def m(captured: int) -> Metrics:
-        return Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=5, captured_records=captured)
-
-    _step(task, jobs, dep, svc, t, m(1000))  # baseline
+    _step(task, jobs, dep, svc, t, captured(1000))  # baseline
     assert task["status"]["retraining"]["baselineRecords"] == 1000
     t += dt.timedelta(seconds=10)
-    _step(task, jobs, dep, svc, t, m(1050))
+    _step(task, jobs, dep, svc, t, captured(1050))
     assert task["status"]["retraining"]["epoch"] == 0
     t += dt.timedelta(seconds=10)
-    _step(task, jobs, dep, svc, t, m(1120))
+    _step(task, jobs, dep, svc, t, captured(1120))
     assert task["status"]["retraining"]["epoch"] == 1
     rev1 = n.revision_of(task["spec"], 1)
-    p = _step(task, jobs, dep, svc, t + dt.timedelta(seconds=1), m(1120))
+    p = _step(task, jobs, dep, svc, t + dt.timedelta(seconds=1), captured(1120))
     assert task["status"]["revision"] == {"active": rev0, "training": rev1}
     assert f"weather-data-{rev1}" in [o["metadata"]["name"] for o in p.apply]
 
     # The retrained candidates pass the gate but are not better than the served 0.9: no swap.
     same = retrained_jobs(task, rev0, rev1, scores=(0.9, 0.85))
-    p = _step(task, {**jobs, **same}, dep, svc, t + dt.timedelta(seconds=2), m(1120))
+    p = _step(task, {**jobs, **same}, dep, svc, t + dt.timedelta(seconds=2), captured(1120))
     assert conds(task["status"])[c.EVALUATED] == (c.FALSE, c.NOT_BETTER)
     assert not [o for o in p.apply if o["metadata"]["labels"].get(n.LABEL_STAGE) == "export"]
     assert conds(task["status"])[c.READY][0] == c.TRUE
@@ -661,36 +663,33 @@ def test_a_lost_retraining_keeps_counting_and_the_next_must_still_beat_the_serve
     rev1, rev2 = n.revision_of(task["spec"], 1), n.revision_of(task["spec"], 2)
     t = NOW
 
-    def m(captured: int) -> Metrics:
-        return Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=5, captured_records=captured)
-
-    _step(task, jobs, dep, svc, t, m(1000))
-    _step(task, jobs, dep, svc, t + dt.timedelta(seconds=10), m(1100))
+    _step(task, jobs, dep, svc, t, captured(1000))
+    _step(task, jobs, dep, svc, t + dt.timedelta(seconds=10), captured(1100))
     assert task["status"]["retraining"]["epoch"] == 1
     lost = {**jobs, **retrained_jobs(task, rev0, rev1, scores=(0.88, 0.85))}
     t += dt.timedelta(seconds=20)
-    p = _step(task, lost, dep, svc, t, m(1150))
+    p = _step(task, lost, dep, svc, t, captured(1150))
     assert conds(task["status"])[c.EVALUATED] == (c.FALSE, c.NOT_BETTER)
     assert not [o for o in p.apply if o["kind"] == "Job"]  # deleted by hand: not re-run
     assert not p.delete_jobs  # but kept, with their results, until the next retraining
     assert task["status"]["retraining"]["epoch"] == 1  # 50 new calls since the trigger
     t += dt.timedelta(seconds=10)
-    p = _step(task, lost, dep, svc, t, m(1210))
+    p = _step(task, lost, dep, svc, t, captured(1210))
     assert task["status"]["retraining"]["epoch"] == 2
     assert task["status"]["retraining"]["reason"] == "EnoughNewExamples"
-    p = _step(task, lost, dep, svc, t + dt.timedelta(seconds=1), m(1210))
+    p = _step(task, lost, dep, svc, t + dt.timedelta(seconds=1), captured(1210))
     assert task["status"]["revision"] == {"active": rev0, "training": rev2}
     assert f"weather-data-{rev2}" in [o["metadata"]["name"] for o in p.apply]
     assert sorted(p.delete_jobs) == sorted(lost_name for lost_name in lost if rev1 in lost_name)
 
     # Epoch 2 passes the gate at 0.89: still not better than the served 0.9.
     worse = {**jobs, **retrained_jobs(task, rev0, rev2, scores=(0.89, 0.86))}
-    _step(task, worse, dep, svc, t + dt.timedelta(seconds=2), m(1210))
+    _step(task, worse, dep, svc, t + dt.timedelta(seconds=2), captured(1210))
     assert conds(task["status"])[c.EVALUATED] == (c.FALSE, c.NOT_BETTER)
     assert task["status"]["revision"]["active"] == rev0
     # ... at 0.93 it is better: it is exported, and then served.
     better = {**jobs, **retrained_jobs(task, rev0, rev2, scores=(0.93, 0.86))}
-    p = _step(task, better, dep, svc, t + dt.timedelta(seconds=3), m(1210))
+    p = _step(task, better, dep, svc, t + dt.timedelta(seconds=3), captured(1210))
     exports = [o for o in p.apply if o["metadata"]["labels"].get(n.LABEL_STAGE) == "export"]
     assert [o["metadata"]["name"] for o in exports] == [n.export_job_name("weather", rev2)]
 
@@ -808,14 +807,11 @@ def test_a_retraining_that_only_ties_the_served_score_is_not_promoted() -> None:
     task["status"] = plan(Observed(task, jobs, dep, svc, NOW)).status
     assert task["status"]["selectedModel"]["score"] == 0.8333
 
-    def m(captured: int) -> Metrics:
-        return Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=5, captured_records=captured)
-
-    _step(task, jobs, dep, svc, NOW, m(1000))
-    _step(task, jobs, dep, svc, NOW + dt.timedelta(seconds=10), m(1100))
+    _step(task, jobs, dep, svc, NOW, captured(1000))
+    _step(task, jobs, dep, svc, NOW + dt.timedelta(seconds=10), captured(1100))
     assert task["status"]["retraining"]["epoch"] == 1
     tie = {**jobs, **retrained_jobs(task, rev0, rev1, scores=(five_sixths, 0.8))}
-    p = _step(task, tie, dep, svc, NOW + dt.timedelta(seconds=11), m(1100))
+    p = _step(task, tie, dep, svc, NOW + dt.timedelta(seconds=11), captured(1100))
     assert conds(task["status"])[c.EVALUATED] == (c.FALSE, c.NOT_BETTER)
     assert not [o for o in p.apply if o["metadata"]["labels"].get(n.LABEL_STAGE) == "export"]
 
@@ -828,15 +824,12 @@ def test_a_promoted_retraining_keeps_reporting_the_candidate_it_serves() -> None
     task["spec"]["retraining"] = {"minNewExamples": 100}
     rev0, rev1 = n.revision_of(task["spec"]), n.revision_of(task["spec"], 1)
 
-    def m(captured: int) -> Metrics:
-        return Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=5, captured_records=captured)
-
-    _step(task, jobs, dep, svc, NOW, m(1000))
-    _step(task, jobs, dep, svc, NOW + dt.timedelta(seconds=10), m(1100))
+    _step(task, jobs, dep, svc, NOW, captured(1000))
+    _step(task, jobs, dep, svc, NOW + dt.timedelta(seconds=10), captured(1100))
     assert task["status"]["retraining"]["epoch"] == 1
     # small passes the gate but is below the served 0.9; only big is better.
     new = {**jobs, **retrained_jobs(task, rev0, rev1, scores=(0.88, 0.95))}
-    p = _step(task, new, dep, svc, NOW + dt.timedelta(seconds=11), m(1100))
+    p = _step(task, new, dep, svc, NOW + dt.timedelta(seconds=11), captured(1100))
     export = next(o for o in p.apply if o["metadata"]["labels"].get(n.LABEL_STAGE) == "export")
     assert "--candidate=big" in export["spec"]["template"]["spec"]["containers"][0]["args"]
     en = n.export_job_name("weather", rev1)
@@ -847,10 +840,10 @@ def test_a_promoted_retraining_keeps_reporting_the_candidate_it_serves() -> None
         SUCCEEDED,
         result("export", artifact_uri=f"pvc://slm-work/weather/{rev1}/model_repository"),
     )
-    _step(task, new, dep, svc, NOW + dt.timedelta(seconds=12), m(1100))
+    _step(task, new, dep, svc, NOW + dt.timedelta(seconds=12), captured(1100))
     assert task["status"]["revision"] == {"active": rev1, "training": ""}
     assert task["status"]["selectedModel"]["candidate"] == "big"
     served = deployment(rev1, candidate="big")
-    _step(task, new, served, svc, NOW + dt.timedelta(seconds=13), m(1100))
+    _step(task, new, served, svc, NOW + dt.timedelta(seconds=13), captured(1100))
     assert task["status"]["selectedModel"]["candidate"] == "big"
     assert task["status"]["selectedModel"]["score"] == 0.95

@@ -232,6 +232,22 @@ def without_choice(example: Example) -> Example:
     )
 
 
+def _ranked_strata(examples: Sequence[Example], seed: int) -> list[list[int]]:
+    """Indices of the calls with a known label, as two strata ("deferred", then "tool"), each
+    in seeded hash order: a pure function of the data and the seed."""
+    groups: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        if ex.target is not None:
+            groups.setdefault("none" if ex.ref_label is None else "tool", []).append(i)
+    return [
+        sorted(
+            members,
+            key=lambda i: hashlib.sha256(f"{seed}:{examples[i].key}:{i}".encode()).digest(),
+        )
+        for _, members in sorted(groups.items())
+    ]
+
+
 def calibration_split(
     examples: Sequence[Example], fraction: float, seed: int
 ) -> tuple[list[int], list[int]]:
@@ -241,21 +257,12 @@ def calibration_split(
     many accepted calls are wrong at a threshold, so the calibration set keeps the training
     mix. Calls whose label is not among their options are left out of both.
     """
-    groups: dict[str, list[int]] = {}
-    for i, ex in enumerate(examples):
-        if ex.target is None:
-            continue
-        groups.setdefault("none" if ex.ref_label is None else "tool", []).append(i)
     calib: set[int] = set()
     if fraction > 0:
-        for _, members in sorted(groups.items()):
-            if len(members) < 2:
+        for ranked in _ranked_strata(examples, seed):
+            if len(ranked) < 2:
                 continue
-            n = min(len(members) - 1, math.floor(len(members) * fraction + 0.5))
-            ranked = sorted(
-                members,
-                key=lambda i: hashlib.sha256(f"{seed}:{examples[i].key}:{i}".encode()).digest(),
-            )
+            n = min(len(ranked) - 1, math.floor(len(ranked) * fraction + 0.5))
             calib.update(ranked[:n])
     fit = [i for i, ex in enumerate(examples) if ex.target is not None and i not in calib]
     return fit, sorted(calib)
@@ -902,15 +909,7 @@ def crossfit_folds(examples: Sequence[Example], k: int, seed: int) -> list[int]:
     """Fold of each example (-1: no known label, never calibrated on), stratified like
     :func:`calibration_split`: within "tool" and "deferred", seeded hash order, dealt out."""
     fold = [-1] * len(examples)
-    groups: dict[str, list[int]] = {}
-    for i, ex in enumerate(examples):
-        if ex.target is not None:
-            groups.setdefault("none" if ex.ref_label is None else "tool", []).append(i)
-    for _, members in sorted(groups.items()):
-        ranked = sorted(
-            members,
-            key=lambda i: hashlib.sha256(f"{seed}:{examples[i].key}:{i}".encode()).digest(),
-        )
+    for ranked in _ranked_strata(examples, seed):
         for j, i in enumerate(ranked):
             fold[i] = j % k
     return fold
