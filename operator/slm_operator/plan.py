@@ -724,7 +724,7 @@ def plan(obs: Observed) -> Plan:
             )
             live["scaleReason"] = decision.reason
             if decision.replicas != want:
-                live["lastScaleTime"] = now
+                live["lastScaleTime"] = _micro_ts(obs.now)  # whole seconds cut cooldowns short
                 want = decision.replicas
         out.apply.append(b.triton_deployment(task, active_rev, active_uri, active_cand, want))
         out.apply.append(b.triton_service(task))

@@ -607,6 +607,19 @@ def test_replicas_follow_request_rate_within_bounds() -> None:
     assert next(o for o in p.apply if o["kind"] == "Deployment")["spec"]["replicas"] == 1
 
 
+def test_a_scale_down_cooldown_is_not_cut_short_by_rounding() -> None:
+    """The cooldown counts from the very moment of the last scaling, not its whole second."""
+    task, jobs, dep, svc = _serving_task()
+    t = NOW + dt.timedelta(seconds=0.7)
+    _step(task, jobs, dep, svc, t, Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=35))
+    quiet = Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=0.5)
+    p = _step(task, jobs, dep, svc, t + dt.timedelta(seconds=59.8), quiet)
+    assert next(o for o in p.apply if o["kind"] == "Deployment")["spec"]["replicas"] == 3
+    assert task["status"]["live"]["scaleReason"] == "ScaleDownCoolingDown"
+    p = _step(task, jobs, dep, svc, t + dt.timedelta(seconds=70), quiet)
+    assert next(o for o in p.apply if o["kind"] == "Deployment")["spec"]["replicas"] == 1
+
+
 def test_retraining_starts_after_enough_new_calls_and_promotes_only_if_better() -> None:
     task, jobs, dep, svc = _serving_task()
     task["spec"]["retraining"] = {"minNewExamples": 100, "enabled": True}
