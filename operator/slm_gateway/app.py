@@ -424,26 +424,26 @@ class Gateway:
         t = time.perf_counter()
         try:
             answer, confidence = await self.upstreams.slm(route, body)
-        except UpstreamError as err:
-            self.metrics.attempt(
-                route.namespace, route.task, SLM, _result(err), time.perf_counter() - t
-            )
-            self.breakers.record(SLM, route.slm_url, slm_b, False)
-            if err.kind == TIMEOUT:
-                return None, REASON_TIMEOUT
-            return None, REASON_BAD_OUTPUT if err.kind == BAD_OUTPUT else REASON_ERROR
         except Exception as exc:
-            # Whatever went wrong asking the SLM, the LLM can still answer: the agent must not
-            # get a 500 for it. Logged by type only, as the message may quote the request.
-            log.error(
-                "SLM call for task %s failed unexpectedly: %s", route.task, type(exc).__name__
-            )
-            self.metrics.attempt(route.namespace, route.task, SLM, "error", time.perf_counter() - t)
+            # Whatever went wrong asking the SLM, the LLM can still answer: the agent never
+            # gets a 500 for it. A failure the adapter does not know (a bug, a session closing
+            # at shutdown) is logged by type only, as its message may quote the request.
+            if isinstance(exc, UpstreamError):
+                kind = exc.kind
+            else:
+                kind = "error"
+                log.error(
+                    "SLM call for task %s failed unexpectedly: %s", route.task, type(exc).__name__
+                )
+            result = kind if kind in (TIMEOUT, BAD_OUTPUT) else "error"
+            self.metrics.attempt(route.namespace, route.task, SLM, result, time.perf_counter() - t)
             self.breakers.record(SLM, route.slm_url, slm_b, False)
-            return None, REASON_ERROR
+            if kind == TIMEOUT:
+                return None, REASON_TIMEOUT
+            return None, REASON_BAD_OUTPUT if kind == BAD_OUTPUT else REASON_ERROR
         spent = time.perf_counter() - t
         verdict = slm_verdict(answer, confidence, route.confidence_threshold)
-        if not verdict and not fits_request(answer, req.body, req.tools):
+        if not verdict and not fits_request(answer, req.body, req.tool_names):
             verdict = REASON_BAD_OUTPUT
         bad = verdict == REASON_BAD_OUTPUT
         self.breakers.record(SLM, route.slm_url, slm_b, not bad)
@@ -617,11 +617,6 @@ def _split_key(key: str) -> tuple[str, str]:
     """(namespace, task) of a route key (``namespace/task``, or ``task`` alone)."""
     namespace, _, task = key.rpartition("/")
     return namespace, task
-
-
-def _result(err: UpstreamError) -> str:
-    """The ``result`` label of a failed SLM attempt."""
-    return err.kind if err.kind in (TIMEOUT, BAD_OUTPUT) else "error"
 
 
 def _too_large(limit: int) -> GatewayError:

@@ -151,7 +151,7 @@ def slm_can_serve(body: Mapping[str, Any]) -> bool:
 
 
 def fits_request(
-    answer: Mapping[str, Any], body: Mapping[str, Any], tools: list[dict[str, Any]]
+    answer: Mapping[str, Any], body: Mapping[str, Any], tool_names: frozenset[str]
 ) -> bool:
     """Whether a usable SLM answer keeps the request's tool contract.
 
@@ -162,10 +162,8 @@ def fits_request(
     """
     calls = answer.get("tool_calls") or []
     names = [c["function"]["name"] for c in calls]
-    if names:
-        offered = {fn.get("name") for t in tools if isinstance(fn := t.get("function"), dict)}
-        if not offered.issuperset(names):
-            return False
+    if names and not tool_names.issuperset(names):
+        return False
     choice = body.get("tool_choice")
     if choice == "required":
         return bool(names)

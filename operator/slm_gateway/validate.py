@@ -48,6 +48,8 @@ class ChatRequest:
     model: str | None
     messages: list[dict[str, Any]]
     tools: list[dict[str, Any]]
+    #: The names in ``tools``, as validation found them (an SLM may call only these).
+    tool_names: frozenset[str] = frozenset()
 
 
 def _type_name(value: Any) -> str:
@@ -161,7 +163,7 @@ def validate_body(body: dict[str, Any]) -> ChatRequest:
     _validate_tool_choice(body.get("tool_choice"), names)
     if body.keys() & _OPTIONAL_FIELDS:
         _validate_options(body)
-    return ChatRequest(body, model, messages, tools)
+    return ChatRequest(body, model, messages, tools, names)
 
 
 #: The optional fields :func:`_validate_options` checks; most agent requests carry none of
