@@ -86,6 +86,11 @@ def _ts(now: dt.datetime) -> str:
     return now.astimezone(dt.UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _reported(score: float) -> float:
+    """A score as status shows it (selectedModel.score), 4 decimal places."""
+    return round(score, 4)
+
+
 def _micro_ts(now: dt.datetime) -> str:
     """RFC 3339 with microseconds (like metav1.MicroTime), for ``status.live.lastEvaluated``.
 
@@ -340,9 +345,9 @@ def _pipeline(
     step.phase = PHASE_EVALUATING
     policy = spec["evaluation"].get("selectionPolicy", "smallest-passing")
     if must_beat is not None and passing:
-        # ``must_beat`` is selectedModel.score, rounded to 4 places: round ours alike, or the
-        # very score of the served model would count as better than itself.
-        better = [(cd, r) for cd, r in passing if round(r.score or 0.0, 4) > must_beat + 1e-9]
+        # ``must_beat`` is selectedModel.score as reported: compare ours as reported too, or
+        # the very score of the served model would count as better than itself.
+        better = [(cd, r) for cd, r in passing if _reported(r.score or 0.0) > must_beat + 1e-9]
         if not better:
             best = max((r.score or 0.0) for _, r in passing)
             step.evaluated = (
@@ -374,7 +379,7 @@ def _pipeline(
         "candidate": cand["name"],
         "model": cand["model"],
         "revision": rev,
-        **({"score": round(res.score, 4)} if res.score is not None else {}),
+        **({"score": _reported(res.score)} if res.score is not None else {}),
         **({"parameters": res.parameters} if res.parameters is not None else {}),
         **({"threshold": res.threshold} if res.threshold is not None else {}),
     }
@@ -618,6 +623,7 @@ def plan(obs: Observed) -> Plan:
     prev: Mapping[str, Any] = task.get("status") or {}
     prev_conds = prev.get("conditions") or []
     now = _ts(obs.now)
+    now_us = _micro_ts(obs.now)  # for live control: windows and cooldowns need sub-second
     out = Plan()
 
     def cond(t: str, triple: tuple[str, str, str]) -> Obj:
@@ -724,7 +730,7 @@ def plan(obs: Observed) -> Plan:
             )
             live["scaleReason"] = decision.reason
             if decision.replicas != want:
-                live["lastScaleTime"] = _micro_ts(obs.now)  # whole seconds cut cooldowns short
+                live["lastScaleTime"] = now_us  # whole seconds cut cooldowns short
                 want = decision.replicas
         out.apply.append(b.triton_deployment(task, active_rev, active_uri, active_cand, want))
         out.apply.append(b.triton_service(task))
@@ -775,7 +781,7 @@ def plan(obs: Observed) -> Plan:
         due,
         live_prev,
         live,
-        _micro_ts(obs.now),
+        now_us,
         # An outage of a model that served (it has live state), not a first rollout, which
         # would otherwise post a Warning on every new task.
         deployed=bool(active_rev and active_uri and live_prev),
