@@ -360,7 +360,7 @@ def test_crossfit_calibrates_on_every_training_call_and_resumes_fold_by_fold(
     stopped, _ = run(tmp_path / "resumed", preempt)
     assert not stopped.ok and stopped.message.startswith("preempted; resumable")
     ckpt = tmp_path / "resumed" / "ckpt"
-    assert (ckpt / "fold0-logits.json").is_file() and not (ckpt / "fold1-logits.json").exists()
+    assert (ckpt / "fold0-logits.pt").is_file() and not (ckpt / "fold1-logits.pt").exists()
 
     calls[0] = 0
     resumed, events = run(tmp_path / "resumed", lambda step: calls.__setitem__(0, calls[0] + 1))
@@ -374,8 +374,10 @@ def test_crossfit_calibrates_on_every_training_call_and_resumes_fold_by_fold(
 
     train = selector.read_records(small_data / "train.jsonl")
     known = [e for e in selector.examples_from_records(train, "tool-call") if e.target is not None]
+    import torch
+
     scored = sum(
-        len(json.loads((ckpt / f"fold{k}-logits.json").read_text())["rows"]) for k in range(2)
+        len(torch.load(ckpt / f"fold{k}-logits.pt", weights_only=True)["rows"]) for k in range(2)
     )
     assert scored == len(known)  # every training call calibrated on, none held out of training
     manifest = json.loads((tmp_path / "straight" / "artifact" / "selector.json").read_text())

@@ -943,11 +943,12 @@ def train_crossfit(
     spent = 0.0
     for f in range(k):
         digest = f"{data_digest}:fold{f}/{k}"
-        cache = checkpoint_dir / f"fold{f}-logits.json" if checkpoint_dir else None
+        fp = fingerprint(base, digest)
+        cache = checkpoint_dir / f"fold{f}-logits.pt" if checkpoint_dir else None
         held = [i for i, g in enumerate(fold_of) if g == f]
-        saved = json.loads(cache.read_text()) if cache and cache.is_file() else {}
-        if saved.get("fingerprint") == fingerprint(base, digest):
-            rows.update({int(i): r for i, r in saved["rows"].items()})
+        saved = torch.load(cache, weights_only=True) if cache and cache.is_file() else {}
+        if saved.get("fingerprint") == fp:
+            rows.update(saved["rows"])
             continue
         part = [ex for i, ex in enumerate(train_examples) if fold_of[i] != f]
         out = train_selector(
@@ -964,12 +965,7 @@ def train_crossfit(
         got = out.selector.raw_logits([train_examples[i] for i in held])
         rows.update(zip(held, got, strict=True))
         if cache is not None:
-            logits = dict(zip(held, got, strict=True))
-            payload = {"fingerprint": fingerprint(base, digest), "rows": logits}
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f".{cache.name}.tmp")
-            tmp.write_text(json.dumps(payload))
-            os.replace(tmp, cache)  # a preemption mid-write leaves no torn file
+            save_atomically({"fingerprint": fp, "rows": dict(zip(held, got, strict=True))}, cache)
         del out
     final = train_selector(
         base,
