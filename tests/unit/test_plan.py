@@ -592,28 +592,23 @@ def test_a_window_is_judged_only_after_its_full_length() -> None:
     assert task["status"]["live"]["rolloutMode"] == "slm"
 
 
-def test_replicas_follow_request_rate_within_bounds() -> None:
+@pytest.mark.parametrize(
+    ("start", "cooling_at"),
+    [(0.0, 10.0), (0.7, 59.8)],
+    ids=["steady", "cooldown-not-cut-short-by-rounding"],
+)
+def test_replicas_follow_request_rate_within_bounds(start: float, cooling_at: float) -> None:
+    """Scale-up at once, scale-down only after the 60 s cooldown, counted from the very moment
+    of the last scaling (not its whole second: 59.8 s after a scaling at .7 s still cools)."""
     task, jobs, dep, svc = _serving_task()
+    t = NOW + dt.timedelta(seconds=start)
     busy = Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=35)
-    p = _step(task, jobs, dep, svc, NOW, busy)
+    p = _step(task, jobs, dep, svc, t, busy)
     d = next(o for o in p.apply if o["kind"] == "Deployment")
     assert d["spec"]["replicas"] == 3  # ceil(35/10)=4, clamped to maxReplicas 3
     assert task["status"]["serving"]["desiredReplicas"] == 3
     quiet = Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=0.5)
-    p = _step(task, jobs, dep, svc, NOW + dt.timedelta(seconds=10), quiet)
-    assert next(o for o in p.apply if o["kind"] == "Deployment")["spec"]["replicas"] == 3
-    assert task["status"]["live"]["scaleReason"] == "ScaleDownCoolingDown"
-    p = _step(task, jobs, dep, svc, NOW + dt.timedelta(seconds=70), quiet)
-    assert next(o for o in p.apply if o["kind"] == "Deployment")["spec"]["replicas"] == 1
-
-
-def test_a_scale_down_cooldown_is_not_cut_short_by_rounding() -> None:
-    """The cooldown counts from the very moment of the last scaling, not its whole second."""
-    task, jobs, dep, svc = _serving_task()
-    t = NOW + dt.timedelta(seconds=0.7)
-    _step(task, jobs, dep, svc, t, Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=35))
-    quiet = Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=0.5)
-    p = _step(task, jobs, dep, svc, t + dt.timedelta(seconds=59.8), quiet)
+    p = _step(task, jobs, dep, svc, t + dt.timedelta(seconds=cooling_at), quiet)
     assert next(o for o in p.apply if o["kind"] == "Deployment")["spec"]["replicas"] == 3
     assert task["status"]["live"]["scaleReason"] == "ScaleDownCoolingDown"
     p = _step(task, jobs, dep, svc, t + dt.timedelta(seconds=70), quiet)
