@@ -214,6 +214,30 @@ def test_odd_but_valid_shapes_never_crash(tmp_path: Path) -> None:
     assert report["strata"]["tool:?"] == {"train": 1, "eval": 1}
 
 
+@pytest.mark.parametrize("scrub_pii", [True, False])
+def test_json_nested_too_deep_inside_a_record_never_crashes(
+    tmp_path: Path, scrub_pii: bool
+) -> None:
+    """One odd line must not cost the whole log: the stage ends with its outputs written."""
+    deep = "[" * 5000  # a string field that looks like JSON too deep to decode
+    nested: Any = []
+    for _ in range(600):  # decodes, but is too deep to walk and write back
+        nested = [nested]
+    odd = [
+        call("deep arguments", "get_weather", content=""),
+        {**call("deep content"), "messages": [{"role": "user", "content": deep}]},
+        {**call("deep field", content="ok"), "metadata": nested},
+        {**call("deep message", content="ok"), "messages": [{"role": "user", "x": nested}]},
+    ]
+    odd[0]["response"]["tool_calls"][0]["function"]["arguments"] = deep
+    odd[1]["response"]["content"] = "fine"
+    result, report, out = curate(tmp_path, odd + tool_calls(6, 0, 0), scrub_pii=scrub_pii)
+    assert report["malformed"] == {"too_deep": 1}  # only the one that cannot be written back
+    assert report["examples"] == 6 + 3
+    assert result.examples == 9
+    assert len(read(out / "train.jsonl")) + len(read(out / "eval.jsonl")) == 9
+
+
 def test_records_equal_once_pii_is_gone_are_duplicates(tmp_path: Path) -> None:
     lines = [
         call(

@@ -190,6 +190,35 @@ def test_predictions_for_other_calls_are_refused(tmp_path: Path) -> None:
         evaluate.read_predictions(path, recs)
 
 
+def test_a_malformed_candidate_is_reported_not_fatal(tmp_path: Path) -> None:
+    """One broken candidate folder must not cost the report and the other candidates."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "eval.jsonl").write_text("".join(r.to_json() + "\n" for r in records()))
+    write_candidate(tmp_path / "cands" / "selector", SELECTOR, 22_000_000)
+    bad_rows = {
+        "null-index": [{"index": None, "label": "get_weather"}] * 4,
+        "not-objects": [[0, "get_weather"]] * 4,
+    }
+    for name, rows in bad_rows.items():
+        folder = tmp_path / "cands" / name
+        folder.mkdir()
+        (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bad_info = tmp_path / "cands" / "odd-result"
+    write_candidate(bad_info, SELECTOR, 5)
+    (bad_info / "result.json").write_text("[1, 2]\n")  # JSON, but not a result
+    args = evaluate.Args(
+        data=data, output=tmp_path / "out", candidates_dir=tmp_path / "cands", plot=False
+    )
+    result = evaluate.run(args)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    by_name = {c["name"]: c for c in report["candidates"]}
+    assert by_name["null-index"]["error"] and not by_name["null-index"]["passes"]
+    assert by_name["not-objects"]["error"] and not by_name["not-objects"]["passes"]
+    assert by_name["odd-result"]["parameters"] is None and not by_name["odd-result"]["error"]
+    assert result.ok and result.candidate in ("selector", "odd-result")
+
+
 def test_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="candidates"):
         evaluate.Args(data=Path("d"), output=Path("o"))

@@ -191,6 +191,14 @@ def test_answers_parse_back_to_openai_messages() -> None:
         chatformat.parse_request(b'{"messages": []}')
 
 
+def test_json_too_deep_to_decode_is_text_not_a_crash() -> None:
+    """A logged call (training) or a generated answer (eval, serving) nested past the decoder."""
+    deep = "[" * 5000
+    logged = {"tool_calls": [{"function": {"name": "get_time", "arguments": deep}}]}
+    assert chatformat.calls_of(logged) == [{"name": "get_time", "arguments": deep}]
+    assert chatformat.parse_answer(deep) == {"role": "assistant", "content": deep}
+
+
 # ------------------------------------------------------------------ loss masking and packing
 
 

@@ -88,10 +88,21 @@ def test_exact_match_compares_parsed_arguments_not_their_spelling() -> None:
         ({"content": '{"a": 1}'}, True),
         ({"content": "plain text"}, False),
         ({"content": ""}, None),
+        (call("get_weather", "[" * 5000, as_string=False), False),  # too deep to decode
+        ({"content": "[" * 5000}, False),
     ],
 )
 def test_json_validity(response: dict[str, Any], expected: bool | None) -> None:
     assert m.json_valid(response) is expected
+
+
+def test_arguments_nested_too_deep_score_as_wrong_not_crash() -> None:
+    """A logged or generated call whose arguments are too deep to decode is simply wrong."""
+    deep = call("get_weather", "[" * 5000, as_string=False)
+    assert m.tool_calls(deep) == [("get_weather", "[" * 5000)]
+    assert m.label_of(deep, "tool-call") == "get_weather"
+    assert not m.exact_match(deep, REF)
+    assert not m.ast_match(deep, REF, [WEATHER_TOOL]).match
 
 
 # ------------------------------------------------------------------ AST match

@@ -96,13 +96,23 @@ class TrainerResult:
         text = json.dumps(data, separators=(",", ":"), sort_keys=True)
         if len(text.encode()) <= TERMINATION_MESSAGE_LIMIT:
             return text
-        overflow = len(text.encode()) - TERMINATION_MESSAGE_LIMIT + len(" [truncated]") + 8
-        msg = self.message.encode()[: max(0, len(self.message.encode()) - overflow)]
-        data["message"] = msg.decode(errors="ignore") + " [truncated]"
-        text = json.dumps(data, separators=(",", ":"), sort_keys=True)
-        if len(text.encode()) > TERMINATION_MESSAGE_LIMIT:
+
+        def with_message(chars: int) -> str:
+            data["message"] = self.message[:chars] + " [truncated]"
+            return json.dumps(data, separators=(",", ":"), sort_keys=True)
+
+        # JSON escapes make a character cost 1 to 12 bytes (quotes, newlines, non-ASCII as
+        # \uXXXX), so search for the longest prefix that fits instead of estimating it.
+        lo, hi = 0, min(len(self.message), TERMINATION_MESSAGE_LIMIT)
+        if len(with_message(lo).encode()) > TERMINATION_MESSAGE_LIMIT:
             raise ContractError("result does not fit the 4096-byte termination message")
-        return text
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(with_message(mid).encode()) <= TERMINATION_MESSAGE_LIMIT:
+                lo = mid
+            else:
+                hi = mid - 1
+        return with_message(lo)
 
     @classmethod
     def from_json(cls, text: str) -> TrainerResult:

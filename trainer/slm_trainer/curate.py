@@ -214,7 +214,7 @@ def _canonical_args(arguments: Any) -> Any:
     if isinstance(arguments, str):
         try:
             return json.loads(arguments)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deep to decode
             return _WS_RE.sub(" ", arguments).strip()
     return arguments
 
@@ -370,7 +370,9 @@ def run(args: Args, progress: Progress | None = None) -> TrainerResult:
     exact_dupes = 0
     near_dupes = 0
     seen: set[str] = set()
-    kept: list[tuple[CallRecord, str]] = []
+    # (stratum, key, JSON line) of each kept record: serialised while a record can still be
+    # dropped as malformed, and lighter to hold than the record itself.
+    kept: list[tuple[str, str, str]] = []
 
     redactor = None
     if args.scrub_pii:
@@ -387,34 +389,41 @@ def run(args: Args, progress: Progress | None = None) -> TrainerResult:
     for n, record in enumerate(records, start=1):
         if n % 1000 == 0:
             _emit(progress, phase="dedup", records=n, kept=len(kept))
-        # Identical calls are the bulk of a log: drop them before paying for redaction.
-        raw_key = exact_key(record)
-        if raw_key in seen:
-            exact_dupes += 1
+        try:
+            # Identical calls are the bulk of a log: drop them before paying for redaction.
+            raw_key = exact_key(record)
+            if raw_key in seen:
+                exact_dupes += 1
+                continue
+            counts: dict[str, int] = {}
+            key = raw_key
+            if redactor is not None:
+                record, counts = redactor.redact_record(record)
+                key = exact_key(record)
+            line = record.to_json()
+        except RecursionError:
+            # JSON decodes deeper than dataclasses.asdict and the encoder can walk back: such
+            # a record could not be written out, so it is malformed rather than fatal.
+            stats.malformed["too_deep"] += 1
             continue
         seen.add(raw_key)
-        if redactor is not None:
-            record, counts = redactor.redact_record(record)
-            if counts:
-                records_redacted += 1
-                redactions.update(counts)
-            key = exact_key(record)
-            if key != raw_key:
-                if key in seen:  # equal once the PII is gone, e.g. one template, two users
-                    exact_dupes += 1
-                    continue
-                seen.add(key)
-        else:
-            key = raw_key
+        if counts:
+            records_redacted += 1
+            redactions.update(counts)
+        if key != raw_key:
+            if key in seen:  # equal once the PII is gone, e.g. one template, two users
+                exact_dupes += 1
+                continue
+            seen.add(key)
         if near is not None and near.is_duplicate(key, user_text(record)):
             near_dupes += 1
             continue
-        kept.append((record, key))
+        kept.append((stratum(record, args.stratify_by), key, line))
 
-    strata = [stratum(r, args.stratify_by) for r, _ in kept]
-    is_eval = assign_split(strata, [k for _, k in kept], args.eval_fraction, args.seed)
-    train = [r for (r, _), e in zip(kept, is_eval, strict=True) if not e]
-    evals = [r for (r, _), e in zip(kept, is_eval, strict=True) if e]
+    strata = [s for s, _, _ in kept]
+    is_eval = assign_split(strata, [k for _, k, _ in kept], args.eval_fraction, args.seed)
+    train = [line for (_, _, line), e in zip(kept, is_eval, strict=True) if not e]
+    evals = [line for (_, _, line), e in zip(kept, is_eval, strict=True) if e]
     _emit(progress, phase="split", train=len(train), eval=len(evals))
 
     per_stratum: dict[str, Counter[str]] = defaultdict(Counter)
@@ -483,8 +492,8 @@ def run(args: Args, progress: Progress | None = None) -> TrainerResult:
 
 def _write_outputs(
     out_dir: Path,
-    train: Sequence[CallRecord],
-    evals: Sequence[CallRecord],
+    train: Sequence[str],
+    evals: Sequence[str],
     report: dict[str, Any],
 ) -> None:
     """Write each file to a temporary name and rename it, so readers never see half a file."""
@@ -497,6 +506,6 @@ def _write_outputs(
                 fh.write(line)
         os.replace(tmp, out_dir / name)
 
-    write("train.jsonl", (r.to_json() + "\n" for r in train))
-    write("eval.jsonl", (r.to_json() + "\n" for r in evals))
+    write("train.jsonl", (line + "\n" for line in train))
+    write("eval.jsonl", (line + "\n" for line in evals))
     write("curate_report.json", [json.dumps(report, indent=2, ensure_ascii=False) + "\n"])

@@ -284,7 +284,12 @@ def read_predictions(path: Path, records: Sequence[CallRecord]) -> list[Predicti
     rows = [json.loads(line) for line in path.open(encoding="utf-8") if line.strip()]
     if len(rows) != len(records):
         raise ValueError(f"{path} has {len(rows)} predictions for {len(records)} eval calls")
-    rows.sort(key=lambda r: int(r.get("index", 0)))
+    if not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{path}: every prediction must be a JSON object")
+    try:
+        rows.sort(key=lambda r: int(r.get("index", 0)))
+    except (TypeError, ValueError) as exc:  # "index": null, "first"...
+        raise ValueError(f"{path}: a prediction's index is not an integer: {exc}") from exc
     keys = [_record_key(r) for r in records]
     preds = []
     for i, row in enumerate(rows):
@@ -330,6 +335,8 @@ def candidate_info(path: Path) -> dict[str, Any]:
             try:
                 data = json.loads(file.read_text())
             except ValueError:
+                continue
+            if not isinstance(data, dict):
                 continue
             for key in ("parameters", "artifact_uri"):
                 if data.get(key) is not None:

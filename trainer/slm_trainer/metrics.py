@@ -68,7 +68,7 @@ def parse_arguments(arguments: Any) -> tuple[bool, Any]:
     if isinstance(arguments, str):
         try:
             value = json.loads(arguments) if arguments.strip() else {}
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deep to decode
             return False, arguments
         return isinstance(value, dict), value
     return False, arguments
@@ -142,7 +142,7 @@ def json_valid(response: Mapping[str, Any] | None) -> bool | None:
         return None
     try:
         json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return True
 

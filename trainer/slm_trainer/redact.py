@@ -563,7 +563,7 @@ class Redactor:
             return self.redact_text(text, state)
         try:
             doc = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deep to decode
             return self.redact_text(text, state)
         before = sum(state.counts.values())
         redacted = self.redact_json_value(doc, state)

@@ -57,7 +57,7 @@ def _arguments(raw: Any) -> Any:
     if isinstance(raw, str):
         try:
             return json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deep to decode
             return raw
     return {} if raw is None else raw
 
@@ -176,7 +176,7 @@ def parse_answer(text: str) -> dict[str, Any]:
     if stripped[:1] in ("[", "{"):
         try:
             value = json.loads(stripped)
-        except ValueError:
+        except (ValueError, RecursionError):
             value = None
         items = [value] if isinstance(value, dict) else value
         if (
