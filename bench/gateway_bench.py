@@ -11,8 +11,9 @@ What runs (all on 127.0.0.1):
 - targets: (a) the stand-in called directly; (b) the gateway, route mode ``llm``, with capture
   (PII redaction, JSONL shards) and metrics on; (c) LiteLLM's proxy (``litellm[proxy]``,
   installed by this script into its own virtualenv so its pins never touch ours); and, as a
-  floor for Python on this machine, (d) a 20-line uvicorn + aiohttp pass-through that does
-  nothing but forward;
+  floor for Python on this machine, (d) a 20-line uvicorn pass-through that does nothing but
+  forward, with the gateway's own upstream client (:mod:`slm_gateway.httpclient`), and the
+  same with aiohttp's client, the pass-through the issue's reference figures describe;
 - load: Debian's ``wrk`` (installed with apt-get if missing and possible), a Lua script that
   cycles through the request bodies; without wrk, a Python aiohttp closed-loop generator
   (said so in the output);
@@ -21,8 +22,9 @@ What runs (all on 127.0.0.1):
   real tritonserver's fault-injecting model if nvidia-pytriton is installed); the figure is
   the time from the switch to the first call served by the LLM, and how many agent calls
   failed meanwhile;
-- the HTTP client choice: aiohttp vs httpx for the LLM call, and our aiohttp KServe-v2 JSON
-  adapter vs ``tritonclient.http.aio`` for the SLM call (latency and client CPU per call).
+- the HTTP client choice: the gateway's client vs aiohttp vs httpx for the LLM call, and the
+  gateway's KServe-v2 JSON adapter vs ``tritonclient.http.aio`` for the SLM call (latency
+  and client CPU per call).
 
 The gateway's capture is checked at the end: records written must equal calls served.
 
@@ -115,6 +117,40 @@ if __name__ == "__main__":
     uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), loop="uvloop",
                 http="httptools", access_log=False, log_level="warning")
 """
+
+#: The same pass-through with the gateway's own upstream client instead of aiohttp's: the
+#: least a Python forwarder built like the gateway can cost, so the floor it is compared with.
+LEAN_PASSTHROUGH = r"""
+import os, sys, uvicorn
+from slm_gateway.httpclient import Client, Target
+TARGET = Target.parse(os.environ["BENCH_UPSTREAM"])
+state = {}
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            m = await receive()
+            if m["type"] == "lifespan.startup":
+                state["c"] = Client()
+                await send({"type": "lifespan.startup.complete"})
+            else:
+                await state["c"].close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    chunks = []
+    while True:
+        m = await receive()
+        chunks.append(m.get("body", b""))
+        if not m.get("more_body"):
+            break
+    r = await state["c"].post(TARGET, b"".join(chunks), 30.0)
+    await send({"type": "http.response.start", "status": r.status,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": r.body})
+if __name__ == "__main__":
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), loop="uvloop",
+                http="httptools", access_log=False, log_level="warning")
+"""
+FLOOR = "bare pass-through (floor)"
 
 
 # ---- request bodies ---------------------------------------------------------------------
@@ -341,13 +377,16 @@ def wait_port(url: str, timeout: float) -> None:
     raise RuntimeError(f"{url} not up within {timeout}s")
 
 
-def start_passthrough(upstream: str, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    script = workdir / "passthrough.py"
-    script.write_text(PASSTHROUGH)
+def start_passthrough(
+    upstream: str, workdir: Path, source: str = PASSTHROUGH, name: str = "passthrough"
+) -> tuple[subprocess.Popen[bytes], str]:
+    script = workdir / f"{name}.py"
+    script.write_text(source)
     port = free_port()
+    pythonpath = os.pathsep.join(str(ROOT / r) for r in ("operator", "trainer", "e2e"))
     proc = subprocess.Popen(
         [sys.executable, str(script), str(port)],
-        env={**os.environ, "BENCH_UPSTREAM": upstream},
+        env={**os.environ, "BENCH_UPSTREAM": upstream, "PYTHONPATH": pythonpath},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -516,7 +555,7 @@ async def fallback_reaction(
 
 
 async def slm_client_compare(endpoint: str, model: str, n: int) -> dict[str, dict[str, float]]:
-    """The SLM call through our aiohttp v2-JSON adapter vs tritonclient.http.aio.
+    """The SLM call through the gateway's v2-JSON adapter vs tritonclient.http.aio.
 
     Same server, same request, sequential calls, alternating in blocks; the figures are the
     median latency and this process's CPU time per call (the client's own cost).
@@ -525,7 +564,7 @@ async def slm_client_compare(endpoint: str, model: str, n: int) -> dict[str, dic
     import tritonclient.http as thttp
     import tritonclient.http.aio as taio
 
-    from slm_gateway.backends import Upstreams, infer_body, new_session
+    from slm_gateway.backends import Upstreams, infer_body, new_client
     from slm_gateway.routes import Route
 
     messages = [{"role": "user", "content": "Weather in Oslo?"}]
@@ -537,8 +576,8 @@ async def slm_client_compare(endpoint: str, model: str, n: int) -> dict[str, dic
         llm_model="unused",
         slm_endpoint=endpoint,
     )
-    session = new_session()
-    ours = Upstreams(session)
+    client = new_client()
+    ours = Upstreams(client)
     theirs = taio.InferenceServerClient(endpoint.removeprefix("http://"))
     payload = orjson.dumps({"messages": messages, "tools": tools})
 
@@ -557,11 +596,11 @@ async def slm_client_compare(endpoint: str, model: str, n: int) -> dict[str, dic
         orjson.loads(res.as_numpy("RESPONSE").reshape(-1)[0])
         float(res.as_numpy("CONFIDENCE").reshape(-1)[0])
 
-    fns = {"aiohttp, v2 JSON (gateway)": call_ours, "tritonclient.http.aio": call_theirs}
+    fns = {"slm_gateway client, v2 JSON (gateway)": call_ours, "tritonclient.http.aio": call_theirs}
     try:
         return await time_interleaved(fns, n)
     finally:
-        await session.close()
+        await client.close()
         await theirs.close()
 
 
@@ -589,31 +628,43 @@ async def time_interleaved(
 
 
 async def llm_client_compare(url: str, body: bytes, n: int) -> dict[str, dict[str, float]]:
-    """aiohttp (the gateway's LLM client) vs httpx.AsyncClient on the same upstream."""
+    """The gateway's own client vs aiohttp's ClientSession vs httpx.AsyncClient, same upstream."""
     import aiohttp
+
+    from slm_gateway.httpclient import Client, Target
 
     try:
         import httpx
     except ImportError:
-        return {}
+        httpx = None  # type: ignore[assignment]
     headers = {"Content-Type": "application/json"}
+    ours = Client()
+    target = Target.parse(url)
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
-    client = httpx.AsyncClient(limits=httpx.Limits(max_connections=64))
+    client = httpx.AsyncClient(limits=httpx.Limits(max_connections=64)) if httpx else None
+
+    async def via_ours() -> None:
+        await ours.post(target, body, 10.0)
 
     async def via_aiohttp() -> None:
         async with session.post(url, data=body, headers=headers) as r:
             await r.read()
 
     async def via_httpx() -> None:
+        assert client is not None
         r = await client.post(url, content=body, headers=headers)
         r.read()
 
-    fns = {"aiohttp (gateway)": via_aiohttp, "httpx.AsyncClient": via_httpx}
+    fns = {"slm_gateway.httpclient (gateway)": via_ours, "aiohttp.ClientSession": via_aiohttp}
+    if client is not None:
+        fns["httpx.AsyncClient"] = via_httpx
     try:
         return await time_interleaved(fns, n)
     finally:
+        await ours.close()
         await session.close()
-        await client.aclose()
+        if client is not None:
+            await client.aclose()
 
 
 def triton_fault_target(workdir: Path) -> Iterator[tuple[str, Path]]:
@@ -745,10 +796,16 @@ def main(argv: list[str] | None = None) -> int:
             ),
         ]
         if not args.skip_passthrough:
-            proc, url = start_passthrough(standin.llm_base_url + "/chat/completions", workdir)
-            procs.append(proc)
-            wait_port(url, 30)
-            targets.append(Target("bare pass-through (floor)", url + "/", proc, proc.pid))
+            for label, source, name in (
+                (FLOOR, LEAN_PASSTHROUGH, "lean-passthrough"),
+                ("  same with aiohttp's client", PASSTHROUGH, "passthrough"),
+            ):
+                proc, url = start_passthrough(
+                    standin.llm_base_url + "/chat/completions", workdir, source, name
+                )
+                procs.append(proc)
+                wait_port(url, 30)
+                targets.append(Target(label, url + "/", proc, proc.pid))
         if not args.skip_litellm:
             exe = ensure_litellm(workdir / "litellm-install.log")
             if exe is None:
@@ -882,7 +939,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"requests: {results['requests']}; load: {results['load_generator']}")
     print(f"median of {args.rounds} runs; capture and metrics on in the gateway")
     print()
-    floor = t.get("bare pass-through (floor)")
+    floor = t.get(FLOOR)
     floor_cpu = Load(**floor["64"]).cpu_us if floor else float("nan")
     head = (
         f"{'target':<28} {'c=1 p50':>9} {'c=1 p99':>9} {'+p50':>8} {'+p99':>8}"

@@ -40,7 +40,7 @@ from slm_gateway.backends import (
     UpstreamError,
     Upstreams,
     infer_body,
-    new_session,
+    new_client,
 )
 from slm_gateway.breaker import STATE_VALUES, CircuitBreaker
 from slm_gateway.capture import Captured, CaptureSink
@@ -126,7 +126,7 @@ class Breakers:
 
 
 class Gateway:
-    """State shared by the request path: routes, breakers, metrics, capture, HTTP session."""
+    """State shared by the request path: routes, breakers, metrics, capture, HTTP client."""
 
     def __init__(
         self,
@@ -688,8 +688,8 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        session = new_session(cfg.pool_size)
-        gw.upstreams = Upstreams(session)
+        client = new_client(cfg.pool_size)
+        gw.upstreams = Upstreams(client)
         watcher = None
         reloader = None
         try:
@@ -719,7 +719,7 @@ def create_app(
             if reloader is not None:
                 reloader.cancel()
             await gw.drain_shadows(timeout=min(5.0, cfg.graceful_timeout_s))
-            await session.close()
+            await client.close()
             if capture is not None:
                 stats = await asyncio.to_thread(capture.close)
                 log.info(

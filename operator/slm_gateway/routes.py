@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import yaml
-from yarl import URL
+
+from slm_gateway.httpclient import JSON_HEADERS, Target
 
 MODE_LLM = "llm"
 MODE_SHADOW = "shadow"
@@ -66,10 +66,8 @@ class Route:
     llm_url: str = field(init=False, default="")
     slm_url: str = field(init=False, default="")
     llm_headers: Mapping[str, str] = field(init=False, repr=False, default_factory=dict)
-    llm_target: URL = field(init=False, repr=False, compare=False)
-    slm_target: URL = field(init=False, repr=False, compare=False)
-    llm_timeout: aiohttp.ClientTimeout = field(init=False, repr=False, compare=False)
-    slm_timeout: aiohttp.ClientTimeout = field(init=False, repr=False, compare=False)
+    llm_target: Target = field(init=False, repr=False, compare=False)
+    slm_target: Target = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -80,8 +78,8 @@ class Route:
             raise RouteError(f"task {self.task}: slmEndpoint must be an http(s) URL")
         if not 0 <= self.canary_percent <= 100:
             raise RouteError(f"task {self.task}: canaryPercent must be within 0..100")
-        # aiohttp reads a total timeout of 0 or less as none at all: a hung SLM would then hold
-        # every call instead of costing it its budget and falling back.
+        # A budget of 0 or less (or NaN) would never expire: a hung SLM would then hold every
+        # call instead of costing it its budget and falling back.
         for name, value in (
             ("slmTimeoutMs", self.slm_timeout_s),
             ("llm timeout", self.llm_timeout_s),
@@ -94,22 +92,28 @@ class Route:
         s(self, "slm_model", model)
         if self.slm_endpoint:
             s(self, "slm_url", f"{self.slm_endpoint.rstrip('/')}/v2/models/{model}/infer")
-        # Parsed once: aiohttp would otherwise parse the URL string on every call. yarl refuses
-        # some URLs the CRD's isURL() lets through (a port above 65535) with a bare ValueError;
-        # callers skip a task on RouteError only, so one such task must not fail them all.
-        try:
-            s(self, "llm_target", URL(self.llm_url))
-            s(self, "slm_target", URL(self.slm_url or "http://unset.invalid/"))
-        except ValueError as exc:
-            raise RouteError(f"task {self.task}: unusable URL ({exc})") from None
-        # Only what differs per route: the session sends the JSON headers on every call.
+        # Parsed once, with the request head precomputed (the JSON headers and the task's own
+        # Authorization), so a call only appends its Content-Length and body. A URL the CRD's
+        # isURL() lets through but HTTP cannot use (a port above 65535), or an API key with a
+        # line break, fails this one task with a RouteError; callers skip the task, the other
+        # tasks keep routing.
         s(
             self,
             "llm_headers",
             {"Authorization": f"Bearer {self.llm_api_key}"} if self.llm_api_key else {},
         )
-        s(self, "llm_timeout", aiohttp.ClientTimeout(total=self.llm_timeout_s, connect=10.0))
-        s(self, "slm_timeout", aiohttp.ClientTimeout(total=self.slm_timeout_s))
+        try:
+            s(
+                self,
+                "llm_target",
+                Target.parse(self.llm_url, (*JSON_HEADERS, *self.llm_headers.items())),
+            )
+        except ValueError as exc:
+            raise RouteError(f"task {self.task}: unusable LLM URL or API key ({exc})") from None
+        try:
+            s(self, "slm_target", Target.parse(self.slm_url or "http://unset.invalid/"))
+        except ValueError as exc:
+            raise RouteError(f"task {self.task}: unusable slmEndpoint ({exc})") from None
 
     @property
     def key(self) -> str:

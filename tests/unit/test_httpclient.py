@@ -1,0 +1,401 @@
+"""The gateway's upstream HTTP client, against real servers on 127.0.0.1.
+
+Each test starts an asyncio TCP server that speaks HTTP/1.1 from a script (so it can also
+misbehave: close early, chunk, answer twice, stall), and checks what a gateway user would
+see: the right answer, a reused connection, a clear error, a deadline that holds, and no
+late answer read as the next call's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from slm_e2e import pki
+from slm_gateway.httpclient import JSON_HEADERS, Client, HTTPClientError, Target
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Server"], Awaitable[None]]
+
+
+class Server:
+    """A scripted HTTP server: ``handler`` runs once per connection."""
+
+    def __init__(self, handler: Handler, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.handler = handler
+        self.ssl = ssl_context
+        self.connections = 0
+        self.requests: list[bytes] = []  # request heads, in arrival order
+        self.bodies: list[bytes] = []
+        self.open_now = 0
+        self.max_open = 0
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> Server:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ssl)
+        self.port = int(self.server.sockets[0].getsockname()[1])
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    def url(self, path: str = "/v1/chat/completions", scheme: str = "http") -> str:
+        return f"{scheme}://127.0.0.1:{self.port}{path}"
+
+    async def read_request(self, reader: asyncio.StreamReader) -> bytes | None:
+        """The next request's body on this connection (None at its end); heads are kept."""
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return None
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        body = await reader.readexactly(length)
+        self.bodies.append(body)
+        self.requests.append(head)
+        return body
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.open_now += 1
+        self.max_open = max(self.max_open, self.open_now)
+        try:
+            await self.handler(reader, writer, self)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.open_now -= 1
+            writer.close()
+
+
+def ok(body: bytes, extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
+
+
+async def keep_alive_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, srv: Server):
+    """Answers every request on the connection with its own body, until the client closes."""
+    while (body := await srv.read_request(reader)) is not None:
+        writer.write(ok(body))
+        await writer.drain()
+
+
+def run(coro: Awaitable[object]) -> object:
+    return asyncio.run(asyncio.wait_for(coro, 30))  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------- Target
+
+
+def test_target_builds_the_request_head_once_with_host_auth_and_json_headers() -> None:
+    t = Target.parse(
+        "https://llm.example.com/v1/chat/completions?api-version=2024",
+        (*JSON_HEADERS, ("Authorization", "Bearer sk-secret")),
+    )
+    assert (t.scheme, t.host, t.port, t.tls) == ("https", "llm.example.com", 443, True)
+    head = t.head.decode()
+    assert head.startswith("POST /v1/chat/completions?api-version=2024 HTTP/1.1\r\n")
+    assert "Host: llm.example.com\r\n" in head  # default port left out
+    assert "Authorization: Bearer sk-secret\r\n" in head
+    assert "Content-Type: application/json\r\n" in head
+    assert head.endswith("Content-Length: ")
+    assert "sk-secret" not in repr(t)
+
+
+def test_target_host_header_keeps_a_non_default_port_and_brackets_ipv6() -> None:
+    assert b"Host: 10.0.0.5:8000\r\n" in Target.parse("http://10.0.0.5:8000/x").head
+    t = Target.parse("http://[::1]:9000/v2/models/m/infer")
+    assert (t.host, t.port) == ("::1", 9000)
+    assert b"Host: [::1]:9000\r\n" in t.head
+
+
+@pytest.mark.parametrize(
+    ("url", "headers", "message"),
+    [
+        ("http://h:70000/x", JSON_HEADERS, "out of range"),
+        ("ftp://h/x", JSON_HEADERS, "http:// or https://"),
+        ("http://user:pw@h/x", JSON_HEADERS, "user info"),
+        ("http:///x", JSON_HEADERS, "no host"),
+        ("http://h/x", (("Authorization", "Bearer a\r\nX-Injected: 1"),), "line break"),
+        ("http://h/x", (("Bad Name", "v"),), "not a valid HTTP header name"),
+    ],
+)
+def test_target_refuses_what_it_cannot_send_safely(
+    url: str, headers: tuple[tuple[str, str], ...], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message) as info:
+        Target.parse(url, headers)
+    assert "X-Injected" not in str(info.value)  # a header value is never echoed
+
+
+# ---------------------------------------------------------------------------- calls
+
+
+def test_a_call_sends_the_head_and_body_and_reuses_one_connection() -> None:
+    async def main() -> None:
+        async with Server(keep_alive_echo) as srv:
+            client = Client()
+            target = Target.parse(srv.url(), (*JSON_HEADERS, ("Authorization", "Bearer k")))
+            answers = [await client.post(target, b'{"n":%d}' % i, 5) for i in range(3)]
+            await client.close()
+        assert [(a.status, a.body) for a in answers] == [(200, b'{"n":%d}' % i) for i in range(3)]
+        assert srv.connections == 1
+        head = srv.requests[0].decode()
+        assert head.startswith("POST /v1/chat/completions HTTP/1.1\r\n")
+        assert f"Host: 127.0.0.1:{srv.port}\r\n" in head
+        assert "Authorization: Bearer k\r\n" in head
+        assert "Content-Length: 7\r\n" in head
+
+    run(main())
+
+
+def test_chunked_answers_interim_answers_and_retry_after_are_read() -> None:
+    async def handler(reader, writer, srv):
+        await srv.read_request(reader)
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 7\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+        )
+        await writer.drain()
+        await srv.read_request(reader)
+        writer.write(ok(b"again"))
+        await writer.drain()
+
+    async def main() -> None:
+        async with Server(handler) as srv:
+            client = Client()
+            target = Target.parse(srv.url())
+            first = await client.post(target, b"{}", 5)
+            second = await client.post(target, b"{}", 5)
+            await client.close()
+        assert (first.status, first.body, first.retry_after) == (429, b"hello world", "7")
+        assert (second.status, second.body, second.retry_after) == (200, b"again", None)
+        assert srv.connections == 1
+
+    run(main())
+
+
+def test_a_body_delimited_by_the_connection_end_is_read_and_not_reused() -> None:
+    async def handler(reader, writer, srv):
+        await srv.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\nuntil-close")
+        await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        async with Server(handler) as srv:
+            client = Client()
+            target = Target.parse(srv.url())
+            a = await client.post(target, b"{}", 5)
+            b = await client.post(target, b"{}", 5)
+            await client.close()
+        assert (a.body, b.body) == (b"until-close", b"until-close")
+        assert srv.connections == 2
+
+    run(main())
+
+
+def test_connection_close_from_the_server_is_honoured() -> None:
+    async def handler(reader, writer, srv):
+        await srv.read_request(reader)
+        writer.write(ok(b"x", b"Connection: close\r\n"))
+        await writer.drain()
+        await asyncio.sleep(0.2)  # the client must not wait for this close to reuse
+
+    async def main() -> None:
+        async with Server(handler) as srv:
+            client = Client()
+            target = Target.parse(srv.url())
+            for _ in range(2):
+                assert (await client.post(target, b"{}", 5)).body == b"x"
+            await client.close()
+        assert srv.connections == 2
+
+    run(main())
+
+
+def test_a_stale_keep_alive_connection_is_retried_once_on_a_new_one() -> None:
+    # The server answers one request per connection without saying so, then closes the
+    # connection when the next request arrives: the keep-alive race with an idle timeout.
+    async def handler(reader, writer, srv):
+        await srv.read_request(reader)
+        writer.write(ok(b"fresh"))
+        await writer.drain()
+        await srv.read_request(reader)
+        writer.transport.abort()
+
+    async def main() -> None:
+        async with Server(handler) as srv:
+            client = Client()
+            target = Target.parse(srv.url())
+            first = await client.post(target, b"{}", 5)
+            second = await client.post(target, b"{}", 5)
+            await client.close()
+        assert (first.body, second.body) == (b"fresh", b"fresh")
+        assert srv.connections == 2
+        assert len(srv.requests) == 3  # the second call was sent twice, once per connection
+
+    run(main())
+
+
+def test_a_new_connection_closed_without_an_answer_fails_and_is_not_retried() -> None:
+    async def handler(reader, writer, srv):
+        await srv.read_request(reader)
+        writer.transport.abort()
+
+    async def main() -> None:
+        async with Server(handler) as srv:
+            client = Client()
+            with pytest.raises(HTTPClientError, match="closed the connection"):
+                await client.post(Target.parse(srv.url()), b"{}", 5)
+            await client.close()
+        assert len(srv.requests) == 1  # an LLM call is never silently sent twice
+
+    run(main())
+
+
+def test_a_deadline_holds_and_the_late_answer_is_never_read_as_the_next_calls() -> None:
+    async def handler(reader, writer, srv):
+        while (body := await srv.read_request(reader)) is not None:
+            if body == b"slow":
+                await asyncio.sleep(0.5)
+            writer.write(ok(body))
+            await writer.drain()
+
+    async def main() -> None:
+        async with Server(handler) as srv:
+            client = Client()
+            target = Target.parse(srv.url())
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            with pytest.raises(TimeoutError):
+                await client.post(target, b"slow", 0.1)
+            assert loop.time() - start < 0.4
+            after = await client.post(target, b"next", 5)
+            await client.close()
+        assert after.body == b"next"
+        assert srv.connections == 2  # the timed-out connection was not reused
+
+    run(main())
+
+
+def test_a_cancelled_call_closes_its_connection() -> None:
+    async def handler(reader, writer, srv):
+        while (body := await srv.read_request(reader)) is not None:
+            if body == b"hang":
+                await asyncio.sleep(0.3)
+            writer.write(ok(body))
+            await writer.drain()
+
+    async def main() -> None:
+        async with Server(handler) as srv:
+            client = Client()
+            target = Target.parse(srv.url())
+            task = asyncio.create_task(client.post(target, b"hang", 5))
+            await asyncio.sleep(0.05)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert (await client.post(target, b"ok", 5)).body == b"ok"
+            await client.close()
+        assert srv.connections == 2
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (b"NOT HTTP AT ALL\r\n\r\n", "malformed HTTP answer"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 100, "larger than 64"),
+    ],
+)
+def test_malformed_or_oversize_answers_are_clear_errors(answer: bytes, message: str) -> None:
+    async def handler(reader, writer, srv):
+        await srv.read_request(reader)
+        writer.write(answer)
+        await writer.drain()
+        await asyncio.sleep(0.2)
+
+    async def main() -> None:
+        async with Server(handler) as srv:
+            client = Client(max_body=64)
+            with pytest.raises(HTTPClientError, match=message):
+                await client.post(Target.parse(srv.url()), b"{}", 5)
+            await client.close()
+
+    run(main())
+
+
+def test_a_refused_connection_is_a_clear_error() -> None:
+    async def main() -> None:
+        srv = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        srv.close()
+        await srv.wait_closed()
+        client = Client()
+        with pytest.raises(HTTPClientError, match="cannot connect"):
+            await client.post(Target.parse(f"http://127.0.0.1:{port}/x"), b"{}", 5)
+        await client.close()
+
+    run(main())
+
+
+def test_the_connection_limit_per_origin_holds_under_concurrency() -> None:
+    async def handler(reader, writer, srv):
+        while (body := await srv.read_request(reader)) is not None:
+            await asyncio.sleep(0.05)
+            writer.write(ok(body))
+            await writer.drain()
+
+    async def main() -> None:
+        async with Server(handler) as srv:
+            client = Client(limit_per_origin=2)
+            target = Target.parse(srv.url())
+            answers = await asyncio.gather(*(client.post(target, b"%d" % i, 5) for i in range(8)))
+            await client.close()
+        assert sorted(a.body for a in answers) == sorted(b"%d" % i for i in range(8))
+        assert srv.max_open == 2
+
+    run(main())
+
+
+def test_idle_connections_expire() -> None:
+    async def main() -> None:
+        async with Server(keep_alive_echo) as srv:
+            client = Client(idle_timeout=0.05)
+            target = Target.parse(srv.url())
+            await client.post(target, b"1", 5)
+            await asyncio.sleep(0.15)
+            await client.post(target, b"2", 5)
+            await client.close()
+        assert srv.connections == 2
+
+    run(main())
+
+
+def test_https_checks_the_certificate(tmp_path: Path) -> None:
+    certs = pki.generate(tmp_path / "pki")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(certs.serving_crt, certs.serving_key)
+
+    async def main() -> None:
+        async with Server(keep_alive_echo, server_ctx) as srv:
+            trusted = Client(ssl_context=ssl.create_default_context(cafile=str(certs.ca_crt)))
+            url = srv.url(scheme="https").replace("127.0.0.1", "localhost")
+            answer = await trusted.post(Target.parse(url), b'{"tls":1}', 5)
+            await trusted.close()
+            untrusted = Client(ssl_context=ssl.create_default_context())
+            with pytest.raises(HTTPClientError, match="TLS handshake failed"):
+                await untrusted.post(Target.parse(url), b"{}", 5)
+            await untrusted.close()
+        assert answer.body == b'{"tls":1}'
+
+    run(main())
