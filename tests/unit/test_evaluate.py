@@ -121,6 +121,36 @@ def test_gate_and_selection_policies() -> None:
     assert pool[0].reasons == ["answers no call"]
 
 
+def test_a_candidate_of_unknown_size_is_not_the_smallest() -> None:
+    """ "smallest-passing" picks the smallest model it knows the size of; an artifact that
+    does not say how big it is ranks last, not first."""
+    known = evaluate.CandidateScore(
+        name="known", kind="selector", path="", parameters=22_000_000, score=0.99, coverage=0.5
+    )
+    unknown = evaluate.CandidateScore(
+        name="unknown", kind="selector", path="", score=0.99, coverage=0.5
+    )
+    win = evaluate.apply_gate([unknown, known], 1.0, None, None, "smallest-passing")
+    assert win is not None and win.name == "known"
+    win = evaluate.apply_gate([unknown, known], 1.0, None, None, "best-score")
+    assert win is not None and win.name == "known"  # a tie on score goes to the known size
+
+
+def test_a_candidate_that_reaches_no_target_precision_fails_the_gate() -> None:
+    """Even without minScore: if no threshold reaches the task's precision on the eval calls,
+    the candidate would answer wrongly more often than the task allows once served."""
+    recs = records()
+    # Wrong on its most confident call: no threshold reaches 0.97 (or anything near it).
+    preds = [
+        evaluate.Prediction(label="wrong_tool", confidence=0.99),
+        *(evaluate.Prediction(label=None, confidence=0.5) for _ in recs[1:]),
+    ]
+    s = evaluate.score_candidate("weak", recs, preds, "tool-call", "label-accuracy", 0.97)
+    assert evaluate.apply_gate([s], 1.0, None, None, "best-score") is None
+    assert s.passes is False
+    assert "no threshold reaches precision 0.97" in s.reasons
+
+
 def write_candidate(folder: Path, preds: list[evaluate.Prediction], params: int) -> None:
     folder.mkdir(parents=True)
     with (folder / "predictions.jsonl").open("w") as fh:

@@ -30,6 +30,7 @@ with the reasons.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -122,6 +123,8 @@ class CandidateScore:
     reasons: list[str] = field(default_factory=list)
     curve: list[dict[str, Any]] = field(default_factory=list)
     error: str = ""
+    #: False when no confidence threshold reaches the target precision on the eval calls.
+    meets_precision: bool = True
 
 
 def _mean(values: Sequence[bool | None]) -> float | None:
@@ -206,6 +209,7 @@ def score_candidate(
         chosen = metrics.pick_threshold(curve, target_precision)
         if chosen is None:
             chosen = max(curve, key=lambda p: (p.precision if p.accepted else -1, p.coverage))
+            out.meets_precision = False
             out.reasons.append(f"no threshold reaches precision {target_precision:.2f}")
         out.curve = metrics.curve_as_dicts(curve)
         out.threshold = round(min(1.0, chosen.threshold), 6)
@@ -235,6 +239,9 @@ def apply_gate(
         ok = c.coverage > 0
         if not ok:
             c.reasons.append("answers no call")
+        # Its best point is below the precision the task asked for (the reason was added when
+        # it was scored): served, it would answer wrongly more often than allowed.
+        ok = ok and c.meets_precision
         if min_score is not None and c.score < min_score:
             ok = False
             c.reasons.append(f"score {c.score:.3f} < minScore {min_score:.3f}")
@@ -247,9 +254,14 @@ def apply_gate(
     passing = [c for c in scores if c.passes]
     if not passing:
         return None
+
+    # A candidate of unknown size ranks as the largest: "smallest" must not mean "unmeasured".
+    def size(c: CandidateScore) -> float:
+        return math.inf if c.parameters is None else c.parameters
+
     if policy == "best-score":
-        return max(passing, key=lambda c: (c.score, c.coverage, -(c.parameters or 0)))
-    return min(passing, key=lambda c: (c.parameters or 0, -c.score))
+        return max(passing, key=lambda c: (c.score, c.coverage, -size(c)))
+    return min(passing, key=lambda c: (size(c), -c.score))
 
 
 # ----------------------------------------------------------------------------- I/O
