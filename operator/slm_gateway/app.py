@@ -80,6 +80,12 @@ _CT_JSON = (b"content-type", b"application/json")
 _BACKEND_LLM = (b"x-slm-backend", b"llm")
 _BACKEND_SLM = (b"x-slm-backend", b"slm")
 _MAX_REQUEST_ID = 128
+#: LLM statuses that reject the gateway's credentials (the task's key), not the agent's request.
+_LLM_AUTH_STATUSES = frozenset({401, 403})
+#: The errors metric's code for them: the task's LLM key Secret needs fixing.
+_CODE_LLM_AUTH = "llm_auth"
+#: One warning per task per this many seconds while its key is rejected; the metric counts all.
+_AUTH_LOG_INTERVAL_S = 60.0
 
 
 class _ClientGone(Exception):
@@ -146,6 +152,7 @@ class Gateway:
         self._llm_price = cfg.prices[LLM]
         self._shadows: set[asyncio.Task[None]] = set()
         self._models_cache: tuple[int, bytes] = (-1, b"")
+        self._auth_logged: dict[str, float] = {}
         # Request ids: a random per-process prefix and a counter. uuid4() reads the kernel's
         # random source on every call, which showed up in profiles of the hot path.
         self._id_prefix = uuid.uuid4().hex[:12]
@@ -381,17 +388,30 @@ class Gateway:
         """A non-2xx from the LLM: 4xx (the agent's request, or rate limits) is passed on as
         the LLM said it, with an error body; anything else (5xx, or a 1xx or 3xx, which is no
         answer either: an unfollowed redirect) becomes a 502 with our error body, never a
-        status an SDK would take for success or a redirect to follow."""
-        if not 400 <= status < 500:
+        status an SDK would take for success or a redirect to follow.
+
+        A 401 or 403 is a 502 too: the LLM was called with the task's key, not the agent's, so
+        the agent's SDK must not read it as its own credentials being rejected. The endpoint
+        did answer, so the breaker (shared by every task on that URL) records no failure: one
+        task's wrong key must not cut off the others."""
+        auth = status in _LLM_AUTH_STATUSES
+        if auth or not 400 <= status < 500:
             self.metrics.attempt(route.namespace, route.task, LLM, "error", spent)
-            self.breakers.record(LLM, route.llm_url, llm_b, False)
-            self.metrics.errors.labels(route.namespace, route.task, LLM, e.CODE_UPSTREAM).inc()
-            raise GatewayError(
-                502,
-                f"The LLM backend failed with HTTP {status}.",
-                type=e.SERVER_ERROR,
-                code=e.CODE_UPSTREAM,
-            )
+            self.breakers.record(LLM, route.llm_url, llm_b, auth)
+            if auth:
+                self._auth_rejected(route, status)
+                message = (
+                    "The LLM backend rejected the gateway's credentials for task "
+                    f"{route.task!r} (HTTP {status}): the LLM key this gateway holds for "
+                    "the task is missing, wrong or lacks permission. Your own API key was not "
+                    "used; the platform team must fix the task's LLM key Secret."
+                )
+            else:
+                message = f"The LLM backend failed with HTTP {status}."
+            self.metrics.errors.labels(
+                route.namespace, route.task, LLM, _CODE_LLM_AUTH if auth else e.CODE_UPSTREAM
+            ).inc()
+            raise GatewayError(502, message, type=e.SERVER_ERROR, code=e.CODE_UPSTREAM)
         self.metrics.attempt(route.namespace, route.task, LLM, "status_4xx", spent)
         self.breakers.record(LLM, route.llm_url, llm_b, True)
         self.metrics.errors.labels(route.namespace, route.task, LLM, "llm_4xx").inc()
@@ -410,6 +430,22 @@ class Gateway:
         if retry_after:
             headers.append((b"retry-after", retry_after.encode("latin-1", "replace")))
         return status, headers, body
+
+    def _auth_rejected(self, route: Route, status: int) -> None:
+        """Warn that a task's LLM key is rejected, at most once a minute per task."""
+        now = time.monotonic()
+        last = self._auth_logged.get(route.key)
+        if last is not None and now - last < _AUTH_LOG_INTERVAL_S:
+            return
+        self._auth_logged[route.key] = now
+        log.warning(
+            "LLM backend %s answered HTTP %d for task %s: it rejects the LLM key the gateway "
+            "holds for this task (check the task's LLM key Secret); agents get a 502. Counted "
+            'in slm_gateway_errors_total{code="llm_auth"}, logged at most once a minute.',
+            route.llm_url,
+            status,
+            route.key,
+        )
 
     async def _ask_slm(
         self, route: Route, req: ChatRequest, slm_b: CircuitBreaker

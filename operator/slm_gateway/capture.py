@@ -18,6 +18,16 @@ Why it is built this way:
   and renames it to ``.jsonl`` when it rotates (by size or age) or shuts down, so the
   trainer, which reads ``*.jsonl``, never sees a half-written shard. With an fsspec URI
   (``s3://...``) shards are spooled locally and uploaded on rotation.
+- **A worker that dies loses only what it held, and says so at once.** The records shipped to
+  it and not yet acknowledged are counted as dropped, per task, as soon as its pipe closes,
+  not at shutdown, so written-versus-served checks see the loss while the gateway runs. It is
+  restarted after a delay that doubles while it keeps dying (:func:`restart_backoff`): each
+  start loads the redactor, seconds of CPU, which a crash loop must not spend back to back.
+- **A shard left open by a dead writer is still published.** A worker killed mid-shard
+  leaves a ``.part`` file the trainer would never read. The next worker in the same slot
+  publishes it at start, and worker 0 of every replica sweeps for shards untouched longer than
+  any live writer keeps one open (a replica gone for good); a cut-off last line is trimmed
+  (:meth:`ShardWriter.recover_orphans`).
 - **Shutdown flushes everything.** :meth:`CaptureSink.close` (called on SIGTERM through the
   ASGI lifespan) drains the queue, lets the workers finish and rename their shards, and only
   then returns.
@@ -93,6 +103,9 @@ class CaptureConfig:
     workers: int = 1
     spool: str = ""
     start_timeout_s: float = 120.0
+    #: First delay before a dead worker is restarted; doubled per crash in a row, up to the max.
+    restart_backoff_s: float = 1.0
+    restart_backoff_max_s: float = 60.0
 
 
 @dataclass
@@ -145,6 +158,7 @@ class ShardWriter:
         self.pid = os.getpid()
         self._seq = 0
         self._open: dict[str, tuple[Any, Path, float, int]] = {}
+        self._next_sweep = clock() + max_seconds
 
     def write(self, key: str, lines: list[bytes]) -> None:
         fh, path, opened, size = self._shard(key)
@@ -191,6 +205,87 @@ class ShardWriter:
         self._open[key] = found
         return found
 
+    def recover_orphans(self, grace_s: float = 60.0) -> int:
+        """Publish the ``.part`` shards that no live writer holds; the number published.
+
+        Why: a worker that is killed (OOM, SIGKILL, a node lost) never renames its open
+        shards, and the trainer reads only ``*.jsonl``, so the records in them, already
+        counted as written, would never be trained on. A shard is an orphan when it is this
+        host's and this worker slot's but from another process that is no longer alive (a
+        restarted worker or gateway), or when it has not been written for longer than
+        ``max_seconds + grace_s``: a live writer rotates every shard within ``max_seconds``
+        of opening it, so this covers replicas that are gone for good. A partial last line
+        (the write the crash cut short) is cut off, so every published line is a whole record.
+        """
+        now = self.clock()
+        published = 0
+        for path in sorted(self.root.rglob("*" + PART_SUFFIX)):
+            if any(path == v[1] for v in self._open.values()):
+                continue
+            try:
+                stale = now - path.stat().st_mtime > self.max_seconds + grace_s
+            except OSError:
+                continue  # renamed or removed by its owner meanwhile
+            if not (stale or self._is_dead_sibling(path.name)):
+                continue
+            try:
+                self._publish_orphan(path)
+            except FileNotFoundError:
+                continue  # another writer published it first
+            except OSError as exc:
+                log.warning("capture: cannot recover shard %s: %s", path.name, exc)
+                continue
+            published += 1
+        if published:
+            log.warning("capture: published %d shard(s) left open by a stopped writer", published)
+        return published
+
+    def sweep_orphans(self) -> None:
+        """:meth:`recover_orphans`, at most once per ``max_seconds``: what a gateway replica
+        that is gone for good left behind is published by the replicas that remain."""
+        if self.clock() < self._next_sweep:
+            return
+        self._next_sweep = self.clock() + self.max_seconds
+        try:
+            self.recover_orphans()
+        except OSError as exc:
+            log.warning("capture: cannot look for orphaned shards: %s", exc)
+
+    def _is_dead_sibling(self, name: str) -> bool:
+        """True for a shard of this host and worker slot written by a process now gone."""
+        parts = name[: -len(PART_SUFFIX)].rsplit("-", 3)
+        if len(parts) != 4 or parts[2] != f"w{self.index}":
+            return False
+        if not parts[0].endswith(f"-{self.host}") or not parts[1].isdigit():
+            return False
+        pid = int(parts[1])
+        if pid == self.pid:
+            return True  # not one of ours: ours are all in self._open
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False  # exists, owned by someone else
+        return False
+
+    def _publish_orphan(self, path: Path) -> None:
+        with open(path, "r+b") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            if size:
+                fh.seek(size - 1)
+                if fh.read(1) != b"\n":
+                    size = _last_newline_end(fh, size)
+                    fh.truncate(size)
+                    log.warning("capture: cut a partial last record from %s", path.name)
+        if size == 0:
+            path.unlink(missing_ok=True)
+            return
+        final = path.with_name(path.name[: -len(PART_SUFFIX)] + SHARD_SUFFIX)
+        os.replace(path, final)
+        if self.publish is not None:
+            self.publish(final, final.relative_to(self.root).as_posix())
+
     def _close(self, key: str) -> None:
         fh, path, _, size = self._open.pop(key)
         fh.close()
@@ -201,6 +296,19 @@ class ShardWriter:
         os.replace(path, final)
         if self.publish is not None:
             self.publish(final, f"{key}/{final.name}")
+
+
+def _last_newline_end(fh: Any, end: int) -> int:
+    """The offset just past the last newline before ``end`` (0 if none), read backwards."""
+    pos = end
+    while pos > 0:
+        start = max(0, pos - 65536)
+        fh.seek(start)
+        cut = fh.read(pos - start).rfind(b"\n")
+        if cut >= 0:
+            return start + cut + 1
+        pos = start
+    return 0
 
 
 def _fsspec_publisher(target: str) -> Callable[[Path, str], None]:
@@ -269,11 +377,18 @@ def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, inde
     else:
         root = Path(cfg.target.removeprefix("file://"))
     writer = ShardWriter(root, index, cfg.max_shard_bytes, cfg.max_shard_seconds, publish)
+    try:
+        writer.recover_orphans()
+    except OSError as exc:  # an unreadable root must not stop capture from starting
+        log.warning("capture: cannot look for orphaned shards: %s", exc)
+    sweeps = index == 0  # one worker per replica publishes stale shards of lost replicas
     outbox.send(("ready", os.getpid()))
     while True:
         try:
             if not inbox.poll(min(1.0, writer.next_deadline())):
                 writer.rotate_expired()
+                if sweeps:
+                    writer.sweep_orphans()
                 continue
             batch = inbox.recv()
         except (EOFError, OSError):
@@ -317,9 +432,31 @@ def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, inde
 
 # ---- the gateway side -----------------------------------------------------------------------
 
+#: A worker that ran this long before dying is not crash-looping: its successor starts the
+#: back-off over.
+HEALTHY_UPTIME_S = 60.0
+
+
+def restart_backoff(
+    previous_crashes: int, uptime_s: float, base_s: float, cap_s: float
+) -> tuple[int, float]:
+    """(crashes in a row, counting this one; seconds to wait before restarting) for a worker
+    that died after ``uptime_s``, whose predecessors had crashed ``previous_crashes`` times in
+    a row: ``base_s``, then doubled per crash in a row, at most ``cap_s``."""
+    crashes = 1 if uptime_s >= HEALTHY_UPTIME_S else previous_crashes + 1
+    return crashes, min(cap_s, base_s * 2 ** min(crashes - 1, 32))
+
 
 class _Worker:
-    def __init__(self, ctx: Any, cfg: CaptureConfig, index: int) -> None:
+    """One worker process, its pipes, and the batches it holds unacknowledged.
+
+    ``inflight`` has one Counter of records per task key for each batch sent and not yet
+    acknowledged, oldest first: a worker acknowledges every batch, in order. ``lock`` makes
+    "still alive, so append" (the pump) and "dead, so take what it held" (its ack thread) one
+    step each, so a batch is counted by exactly one of them.
+    """
+
+    def __init__(self, ctx: Any, cfg: CaptureConfig, index: int, crashes: int = 0) -> None:
         inbox_r, inbox_w = ctx.Pipe(duplex=False)
         outbox_r, outbox_w = ctx.Pipe(duplex=False)
         self.proc = ctx.Process(
@@ -335,6 +472,21 @@ class _Worker:
         self.recv_conn: Connection = outbox_r
         self.closed = threading.Event()
         self.alive = True
+        self.index = index
+        self.crashes = crashes
+        self.started = time.monotonic()
+        self.lock = threading.Lock()
+        self.inflight: deque[Counter[str]] = deque()
+
+    def take_inflight(self) -> Counter[str]:
+        """Mark the worker dead and return what it held unacknowledged, which it never will."""
+        lost: Counter[str] = Counter()
+        with self.lock:
+            self.alive = False
+            for keys in self.inflight:
+                lost.update(keys)
+            self.inflight.clear()
+        return lost
 
 
 class CaptureSink:
@@ -367,7 +519,6 @@ class CaptureSink:
         self._on_redactions = on_redactions
         self._lock = threading.Lock()
         self._workers: list[_Worker] = []
-        self._threads: list[threading.Thread] = []
         self._pump_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._ctx = mp.get_context("spawn")
@@ -389,26 +540,30 @@ class CaptureSink:
         self._pump_thread.start()
         self._started = True
 
-    def _spawn(self, index: int) -> _Worker:
-        worker = _Worker(self._ctx, self.cfg, index)
+    def _spawn(self, index: int, crashes: int = 0) -> _Worker:
+        worker = _Worker(self._ctx, self.cfg, index, crashes)
         if not worker.recv_conn.poll(self.cfg.start_timeout_s):
             worker.proc.kill()
+            worker.proc.join(5)
+            _release(worker)
             raise RuntimeError("capture worker did not start (redactor import too slow?)")
         try:
             msg = worker.recv_conn.recv()
         except EOFError:
             worker.proc.join(5)
+            _release(worker)
             raise RuntimeError(
                 f"capture worker exited with code {worker.proc.exitcode} before it was ready; "
                 "is the trainer's redactor (presidio-analyzer, spacy) installed?"
             ) from None
         if msg[0] != "ready":
+            worker.proc.kill()
+            worker.proc.join(5)
+            _release(worker)
             raise RuntimeError(f"capture worker sent {msg!r} instead of ready")
-        t = threading.Thread(
+        threading.Thread(
             target=self._acks, args=(worker,), name=f"slm-capture-ack-{index}", daemon=True
-        )
-        t.start()
-        self._threads.append(t)
+        ).start()
         return worker
 
     def submit(self, item: Captured) -> bool:
@@ -428,28 +583,44 @@ class CaptureSink:
 
     def close(self, timeout: float = 60.0) -> CaptureStats:
         """Flush every queued record to its shard and stop the workers; blocking."""
-        if not self._started or self._closing:
-            return self.stats
-        self._closing = True
+        with self._lock:
+            if not self._started or self._closing:
+                return self.stats
+            # From here no restarted worker is installed: the list below is the last one.
+            self._closing = True
         deadline = time.monotonic() + timeout
         self._stop.set()
         if self._pump_thread is not None:
             self._pump_thread.join(max(0.0, deadline - time.monotonic()))
-        for w in self._workers:
+        workers = list(self._workers)
+        for w in workers:
             if w.alive:
                 with contextlib.suppress(OSError, ValueError):
                     w.send_conn.send(None)
-        for w in self._workers:
+        for w in workers:
             w.closed.wait(max(0.0, deadline - time.monotonic()))
             w.proc.join(max(0.0, deadline - time.monotonic()))
             if w.proc.is_alive():
                 log.error("capture worker %s did not stop in time; killing it", w.proc.pid)
                 w.proc.kill()
                 w.proc.join(5)
-        lost = self.stats.pending
-        if lost > 0:
-            log.error("capture: %d records were not written before shutdown", lost)
-            self._count_dropped({"_shutdown": lost})
+                w.closed.wait(5)  # its ack thread counts what it held, by task
+        # What a worker still holds, and what never left the queue, is lost: counted by task.
+        # Taken from the same places the ack threads take it, so nothing is counted twice.
+        lost: Counter[str] = Counter()
+        for w in workers:
+            lost.update(w.take_inflight())
+        with contextlib.suppress(IndexError):
+            while self._queue:
+                lost[self._queue.popleft().key] += 1
+        if lost:
+            self._count_dropped(lost)
+        rest = self.stats.pending
+        if rest > 0:
+            lost["_shutdown"] = rest
+            self._count_dropped({"_shutdown": rest})
+        if lost:
+            log.error("capture: %d records were not written before shutdown", sum(lost.values()))
         return self.stats
 
     # -- helper threads --
@@ -470,41 +641,41 @@ class CaptureSink:
                 return
 
     def _send(self, batch: list[Captured], rr: int) -> int:
+        """Ship a batch to the next live worker; counted as dropped when none takes it."""
+        keys = Counter(i.key for i in batch)
         for _ in range(len(self._workers)):
             w = self._workers[rr % len(self._workers)]
             rr += 1
-            if not w.alive:
-                continue
+            with w.lock:
+                if not w.alive:
+                    continue
+                w.inflight.append(keys)
             try:
                 w.send_conn.send(batch)
                 return rr
             except (OSError, ValueError):
-                w.alive = False
                 log.error("capture worker %s is gone", w.proc.pid)
-        self._respawn_dead()
-        self._count_dropped(Counter(i.key for i in batch))
+                with w.lock:
+                    w.alive = False
+                    if not (w.inflight and w.inflight[-1] is keys):
+                        return rr  # its ack thread already counted this batch as dropped
+                    w.inflight.pop()
+        self._count_dropped(keys)
         return rr
 
-    def _respawn_dead(self) -> None:
-        if self._closing:
-            return
-        for i, w in enumerate(self._workers):
-            if not w.alive:
-                try:
-                    self._workers[i] = self._spawn(i)
-                    log.warning("capture worker %d restarted", i)
-                except RuntimeError as exc:
-                    log.error("capture worker %d cannot restart: %s", i, exc)
-
     def _acks(self, worker: _Worker) -> None:
+        """Count a worker's acknowledgements; when it dies, count what it held and replace it."""
         while True:
             try:
                 msg = worker.recv_conn.recv()
             except (EOFError, OSError):
-                worker.alive = False
+                self._died(worker)
                 break
             if msg[0] == "closed":
                 break
+            with worker.lock:
+                if worker.inflight:
+                    worker.inflight.popleft()
             _, written, dropped, redacted, kinds = msg
             with self._lock:
                 self.stats.written += sum(written.values())
@@ -520,7 +691,63 @@ class CaptureSink:
                 self._on_redactions(kinds)
             if dropped:
                 self._count_dropped(dropped)
+        worker.recv_conn.close()
         worker.closed.set()
+
+    def _died(self, worker: _Worker) -> None:
+        lost = worker.take_inflight()
+        worker.proc.join(5)
+        log.error(
+            "capture worker %d (pid %s) died (exit code %s); %d records it held are dropped",
+            worker.index,
+            worker.proc.pid,
+            worker.proc.exitcode,
+            sum(lost.values()),
+        )
+        if lost:
+            self._count_dropped(lost)
+        if not self._closing:
+            self._restart(worker)
+
+    def _restart(self, dead: _Worker) -> None:
+        """Start a successor to a dead worker after a back-off; runs on the dead one's ack
+        thread, so neither the pump nor the event loop waits for the redactor to load."""
+        crashes, delay = restart_backoff(
+            dead.crashes,
+            time.monotonic() - dead.started,
+            self.cfg.restart_backoff_s,
+            self.cfg.restart_backoff_max_s,
+        )
+        while True:
+            if delay > self.cfg.restart_backoff_s:
+                log.warning(
+                    "capture worker %d crashed %d times in a row; restarting in %.0f s",
+                    dead.index,
+                    crashes,
+                    delay,
+                )
+            if self._stop.wait(delay):
+                return
+            try:
+                new = self._spawn(dead.index, crashes)
+                break
+            except Exception as exc:  # never let a failed start end the restarts
+                log.error("capture worker %d cannot restart: %s", dead.index, exc)
+                crashes, delay = restart_backoff(
+                    crashes, 0.0, self.cfg.restart_backoff_s, self.cfg.restart_backoff_max_s
+                )
+        with self._lock:
+            installed = not self._closing
+            if installed:
+                self._workers[dead.index] = new
+        if installed:
+            log.warning("capture worker %d restarted (pid %s)", dead.index, new.proc.pid)
+        else:  # close() began meanwhile and does not know this one: it holds nothing
+            with contextlib.suppress(OSError, ValueError):
+                new.send_conn.send(None)
+            new.closed.wait(10)
+            new.proc.join(5)
+        dead.send_conn.close()
 
     def _count_dropped(self, by_key: dict[str, int] | Counter[str]) -> None:
         with self._lock:
@@ -528,3 +755,9 @@ class CaptureSink:
         if self._on_dropped:
             for key, n in by_key.items():
                 self._on_dropped(key, n)
+
+
+def _release(worker: _Worker) -> None:
+    """Close the pipes of a worker that never started."""
+    worker.send_conn.close()
+    worker.recv_conn.close()

@@ -14,7 +14,8 @@ namespace empty for routes from a static file; ``backend`` is ``slm`` or ``llm``
   result: ``ok``, ``error``, ``timeout``, ``bad_output``, ``low_confidence``, ``defer``; an SLM
   error rate is ``result=~"error|timeout|bad_output"`` over the total.
 - ``slm_gateway_errors_total{namespace,task,backend,code}``: calls answered with an error, by
-  code (``upstream_error``, ``upstream_timeout``, ``upstream_unavailable``, ``llm_4xx``).
+  code (``upstream_error``, ``upstream_timeout``, ``upstream_unavailable``, ``llm_4xx``, and
+  ``llm_auth``: the LLM answered 401 or 403 to the task's key, the agent got a 502).
 - ``slm_gateway_invalid_requests_total{code}``: requests rejected before routing (4xx).
 - ``slm_gateway_fallbacks_total{namespace,task,reason}``: calls meant for the SLM that the LLM
   answered.
@@ -31,8 +32,8 @@ namespace empty for routes from a static file; ``backend`` is ``slm`` or ``llm``
 - ``slm_gateway_routes``: tasks known; ``slm_gateway_route_mode{namespace,task,mode}``: 1 for
   the current mode of each task.
 - ``slm_gateway_capture_records_total{namespace,task,result}``: ``written`` or ``dropped``
-  (queue full, or a record the redactor could not process, which is never written
-  unredacted).
+  (queue full, a record the redactor could not process, which is never written unredacted,
+  or a record held by a capture worker that died, counted when it dies).
 - ``slm_gateway_capture_redacted_records_total{namespace,task}`` and
   ``slm_gateway_capture_redactions_total{kind}``: records with at least one redaction and the
   entities replaced, by kind (EMAIL_ADDRESS, API_KEY, ...).

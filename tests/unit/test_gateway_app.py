@@ -414,3 +414,37 @@ def test_an_unexpected_slm_failure_is_answered_by_the_llm(
         assert r.status_code == 200 and r.headers["x-slm-backend"] == "llm"
         assert r.headers["x-slm-fallback-reason"] == "slm_error"
         assert metric(c, "slm_gateway_fallbacks_total", reason="slm_error") == 1
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_an_llm_that_rejects_the_gateways_key_is_a_502_not_the_agents_auth_error(
+    standin: llm_standin.StandIn, status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The gateway calls the LLM with the task's key from its Secret, never the agent's: a 401
+    or 403 means that key is wrong. Passed on, it would tell the agent its own key is bad (an
+    OpenAI SDK raises AuthenticationError and does not retry). The agent gets a 502 naming the
+    task, the platform a counted and logged error without the key, and the LLM's circuit,
+    shared by every task on that URL, stays closed. Same when the LLM answers a fallback."""
+    standin.control(llm_error_every=1, llm_error_status=status, slm_fail=True)
+    caplog.set_level("WARNING", logger="slm_gateway")
+    for mode in ("llm", "slm"):
+        with client(route(standin, mode=mode)) as c:
+            replies = [chat(c) for _ in range(4)]  # more than breaker_failures (3)
+            assert [r.status_code for r in replies] == [502] * 4, mode
+            r = replies[-1]
+            assert is_error_body(r, "upstream_error")
+            err = r.json()["error"]
+            assert err["type"] == "server_error"
+            assert "weather" in err["message"] and "credentials" in err["message"]
+            assert "injected failure" not in err["message"]  # the LLM's body may quote the key
+            assert metric(c, "slm_gateway_errors_total", code="llm_auth") == 4
+            assert metric(c, "slm_gateway_errors_total", code="llm_4xx") == 0
+            assert metric(c, "slm_gateway_circuit_state", backend="llm") == 0
+            if mode == "slm":
+                assert metric(c, "slm_gateway_fallbacks_total", reason="slm_error") >= 1
+    warnings = [rec.getMessage() for rec in caplog.records if rec.levelname == "WARNING"]
+    assert any("weather" in w and str(status) in w for w in warnings)
+    assert not any(KEY in rec.getMessage() for rec in caplog.records)
+    standin.control(llm_error_status=400, slm_fail=False)
+    with client(route(standin)) as c:
+        assert chat(c).status_code == 400  # a request the LLM rejects is still the agent's

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 import pytest
 
 from slm_contract import CallRecord
-from slm_gateway.capture import CaptureConfig, Captured, CaptureSink, ShardWriter
+from slm_gateway.capture import (
+    CaptureConfig,
+    Captured,
+    CaptureSink,
+    ShardWriter,
+    restart_backoff,
+    shard_name,
+)
 
 
 class Clock:
@@ -173,3 +184,116 @@ def test_capture_batches_linger_briefly_and_the_setting_is_checked(tmp_path: Pat
     with pytest.raises(SystemExit) as exc:
         config_from_args([*base, "--capture-linger-ms", "0"])
     assert exc.value.code == 2
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_killed_worker_counts_its_records_as_dropped_at_once_and_is_replaced(
+    tmp_path: Path,
+) -> None:
+    """A worker killed (OOM, SIGKILL) with records it never acknowledged: they are counted as
+    dropped for their task while the gateway runs, so "written = served" checks see the loss
+    then, not at shutdown; a new worker takes over, and close counts nothing twice."""
+    dropped: Counter[str] = Counter()
+    sink = CaptureSink(
+        CaptureConfig(target=str(tmp_path), batch_size=8, restart_backoff_s=0.05),
+        on_dropped=lambda k, n: dropped.update({k: n}),
+    )
+    sink.start()
+    try:
+        old = sink._workers[0].proc.pid
+        os.kill(old, signal.SIGSTOP)  # holds what it receives without acknowledging it
+        for i in range(20):
+            sink.submit(item(i, key="weather" if i % 2 else "ns/extract"))
+        assert wait_for(lambda: sink.depth() == 0)  # shipped into the stopped worker's pipe
+        os.kill(old, signal.SIGKILL)
+        assert wait_for(lambda: sink.stats.dropped == 20), sink.stats
+        assert dropped == {"weather": 10, "ns/extract": 10}
+        assert sink.stats.pending == 0 and sink.stats.written == 0
+        assert wait_for(lambda: sink._workers[0].proc.pid != old and sink._workers[0].alive)
+        for i in range(5):
+            sink.submit(item(100 + i))
+        assert wait_for(lambda: sink.stats.written == 5)
+        second = sink._workers[0].proc.pid
+        os.kill(second, signal.SIGKILL)  # died young again: the next delay is doubled
+        assert wait_for(lambda: sink._workers[0].proc.pid != second and sink._workers[0].alive)
+        assert sink._workers[0].crashes == 2
+    finally:
+        stats = sink.close()
+    assert (stats.submitted, stats.written, stats.dropped, stats.pending) == (25, 5, 20, 0)
+    assert sum(dropped.values()) == 20 and "_shutdown" not in dropped
+    # The second worker was killed before it could rotate its shard; its successor published
+    # it, so the trainer (which reads *.jsonl only) sees all 5 records.
+    assert shards(tmp_path, "*.part") == []
+    assert sum(f.read_bytes().count(b"\n") for f in shards(tmp_path)) == 5
+
+
+def test_a_crash_looping_worker_is_restarted_with_a_growing_bounded_delay() -> None:
+    """Each restart loads the redactor (seconds of CPU): a worker that keeps dying is
+    restarted after 1, 2, 4... seconds up to a cap, never in a tight loop, and a worker that
+    stayed up a while is restarted promptly again."""
+    crashes, delays = 0, []
+    for _ in range(9):
+        crashes, delay = restart_backoff(crashes, uptime_s=0.5, base_s=1.0, cap_s=60.0)
+        delays.append(delay)
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
+    assert restart_backoff(5_000, uptime_s=0.5, base_s=1.0, cap_s=60.0) == (5_001, 60.0)
+    assert restart_backoff(7, uptime_s=600.0, base_s=1.0, cap_s=60.0) == (1, 1.0)
+
+
+def _orphan(root: Path, w: ShardWriter, pid: int, body: bytes, host: str = "") -> Path:
+    name = shard_name(host or w.host, pid, w.index, 1, 1_700_000_000) + ".jsonl.part"
+    path = root / "ns" / "task" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(body)
+    return path
+
+
+def test_a_dead_writers_open_shard_is_published_without_its_cut_off_last_line(
+    tmp_path: Path,
+) -> None:
+    """A worker killed mid-write leaves ``.part`` shards the trainer never reads: the next
+    worker in the same slot publishes them, whole records only."""
+    import subprocess
+    import sys
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_pid = int(gone.stdout)
+    w = ShardWriter(tmp_path, 0, 1 << 20, 300)
+    dead = _orphan(tmp_path, w, dead_pid, b'{"a":1}\n{"a":2}\n{"a":')
+    alive = _orphan(tmp_path, w, os.getppid(), b'{"b":1}\n')  # a live process: not ours
+    other_slot = tmp_path / "ns" / "task" / dead.name.replace("-w0-", "-w1-")
+    other_slot.write_bytes(b'{"c":1}\n')  # another worker slot's, maybe alive
+    assert w.recover_orphans() == 1
+    published = shards(tmp_path)
+    assert [p.name for p in published] == [dead.name.removesuffix(".part")]
+    assert published[0].read_bytes() == b'{"a":1}\n{"a":2}\n'
+    assert alive.exists() and other_slot.exists()
+    assert w.recover_orphans() == 0  # idempotent
+
+
+def test_a_lost_replicas_stale_shard_is_published_by_a_remaining_one(tmp_path: Path) -> None:
+    """A replica that is gone for good cannot come back for its shards; one untouched for
+    longer than a writer could keep it open is published by any replica's sweep."""
+    clock = Clock()
+    w = ShardWriter(tmp_path, 0, 1 << 20, 300, clock=clock)
+    stale = _orphan(tmp_path, w, 4242, b'{"a":1}\n', host="gateway-7f9c-lost")
+    os.utime(stale, (clock.now - 100, clock.now - 100))
+    w.sweep_orphans()  # too early: sweeps run once per max_seconds, and it is fresh anyway
+    assert stale.exists()
+    os.utime(stale, (clock.now - 400, clock.now - 400))
+    clock.now += 301
+    w.sweep_orphans()
+    assert not stale.exists() and [p.read_bytes() for p in shards(tmp_path)] == [b'{"a":1}\n']
