@@ -49,7 +49,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import orjson
 
@@ -298,7 +298,7 @@ class ShardWriter:
             self.publish(final, f"{key}/{final.name}")
 
 
-def _last_newline_end(fh: Any, end: int) -> int:
+def _last_newline_end(fh: BinaryIO, end: int) -> int:
     """The offset just past the last newline before ``end`` (0 if none), read backwards."""
     pos = end
     while pos > 0:
