@@ -101,15 +101,5 @@ def namespace(cluster: ClusterHandle) -> Iterator[str]:
 def agenttask_crd(cluster: ClusterHandle) -> Path:
     crds = REPO / "crds"
     cluster.kubectl("apply", "--server-side", "--field-manager=slm-fleet-tests", "-f", str(crds))
-    # Poll rather than `kubectl wait`: a CRD created a moment ago may have no status yet,
-    # which `kubectl wait` reports as an error instead of waiting.
-
-    def established() -> bool:
-        status = cluster.get_json("crd", "agenttasks.slmfleet.dev").get("status") or {}
-        return any(
-            c.get("type") == "Established" and c.get("status") == "True"
-            for c in status.get("conditions") or []  # null until the controller has run
-        )
-
-    wait_for(established, timeout=60, what="the AgentTask CRD to be Established")
+    cluster.wait_crd_established("agenttasks.slmfleet.dev")
     return crds

@@ -327,7 +327,7 @@ def run(work: Path, n_relevant: int, n_irrelevant: int) -> int:
         c = ClusterHandle(str(lc.kubeconfig), bins.kubectl.parent, bins.kubectl, lc)
         say(f"control plane ready in {st.ready_seconds}s; KUBECONFIG={lc.kubeconfig}")
         c.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-        c.kubectl("wait", "--for=condition=Established", "crd/agenttasks.slmfleet.dev")
+        c.wait_crd_established("agenttasks.slmfleet.dev")
         c.kubectl("create", "namespace", NS)
         wait_for(
             lambda: c.kubectl("get", "sa", "default", "-n", NS, check=False).returncode == 0,

@@ -62,6 +62,20 @@ class ClusterHandle:
     def get_json(self, *args: str) -> Any:
         return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
 
+    def wait_crd_established(self, name: str, timeout: float = 60) -> None:
+        """Poll rather than ``kubectl wait``: a CRD created a moment ago may have no status
+        yet, which ``kubectl wait --for=condition=Established`` reports as an error
+        (".status.conditions accessor error") instead of waiting."""
+
+        def established() -> bool:
+            status = self.get_json("crd", name).get("status") or {}
+            return any(
+                c.get("type") == "Established" and c.get("status") == "True"
+                for c in status.get("conditions") or []  # null until the controller has run
+            )
+
+        wait_for(established, timeout=timeout, what=f"the CRD {name} to be Established")
+
 
 def wait_for(
     predicate: Callable[[], Any],

@@ -215,9 +215,7 @@ WIDGET_CRD = {
 @pytest.fixture(scope="module")
 def widget_crd(cluster: ClusterHandle) -> None:
     cluster.apply(WIDGET_CRD)
-    cluster.kubectl(
-        "wait", "--for=condition=Established", "--timeout=60s", "crd/widgets.proof.slmfleet.dev"
-    )
+    cluster.wait_crd_established("widgets.proof.slmfleet.dev")
     # Discovery for a fresh CRD can lag a moment behind Established.
     wait_for(
         lambda: cluster.kubectl("explain", "widget.spec", check=False).returncode == 0,
