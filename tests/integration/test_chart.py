@@ -11,6 +11,7 @@ proves the chart's RBAC is enough for both, while ``kubectl auth can-i`` proves 
 from __future__ import annotations
 
 import filecmp
+import inspect
 import json
 import re
 import subprocess
@@ -38,6 +39,7 @@ VARIANTS: dict[str, list[str]] = {
     "dashboard": ["dashboard.enabled=true"],
     "several-namespaces": ["watchNamespaces={team-a,team-b}"],
     "no-trainer-account": ["trainer.serviceAccount.create=false"],
+    "replicated-gateway": ["gateway.replicas=3"],
 }
 
 
@@ -139,6 +141,41 @@ def test_default_render_watches_the_release_namespace() -> None:
     svc = by_kind(docs, "Service")["slm-gateway"]
     pod_labels = by_kind(docs, "Deployment")["slm-gateway"]["spec"]["template"]["metadata"]
     assert svc["spec"]["selector"].items() <= pod_labels["labels"].items()
+
+
+def test_gateway_shutdown_loses_neither_calls_nor_captures() -> None:
+    from slm_gateway.capture import CaptureSink
+    from slm_gateway.config import GatewayConfig
+
+    pod = by_kind(render(), "Deployment")["slm-gateway"]["spec"]["template"]["spec"]
+    gw = pod["containers"][0]
+    # Endpoints and load balancers drop a terminating pod a moment after it gets SIGTERM;
+    # until then new calls still arrive, so the gateway keeps listening for a few seconds.
+    pre_stop = gw["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pre_stop >= 5
+    # Then: uvicorn's request drain, the shadow-call drain (up to 5 s) and the capture flush,
+    # each bounded by the gateway itself; a SIGKILL before the flush ends loses training data.
+    flush = inspect.signature(CaptureSink.close).parameters["timeout"].default
+    shutdown = pre_stop + GatewayConfig.graceful_timeout_s + 5 + flush
+    assert pod["terminationGracePeriodSeconds"] >= shutdown
+
+
+def test_replicated_gateway_is_spread_and_guarded_against_drains() -> None:
+    docs = render("gateway.replicas=3")
+    dep = by_kind(docs, "Deployment")["slm-gateway"]
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    (spread,) = dep["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert spread["whenUnsatisfiable"] == "ScheduleAnyway"  # never blocks scheduling
+    assert spread["labelSelector"]["matchLabels"].items() <= pod_labels.items()
+    pdb = by_kind(docs, "PodDisruptionBudget")["slm-gateway"]
+    assert pdb["apiVersion"] == "policy/v1"
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+    # One replica: a budget could only block node drains, so there is none.
+    assert not by_kind(render(), "PodDisruptionBudget")
+    off = render("gateway.replicas=3", "gateway.podDisruptionBudget.enabled=false")
+    assert not by_kind(off, "PodDisruptionBudget")
 
 
 def test_operator_settings_come_from_values() -> None:

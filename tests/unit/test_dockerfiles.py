@@ -6,6 +6,7 @@ reason, only where it is not installed. The non-root and no-torch checks need no
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import shutil
 import subprocess
@@ -62,3 +63,41 @@ def test_operator_image_has_no_ml_stack() -> None:
     text = (REPO / "operator" / "Dockerfile").read_text()
     assert '".[operator]"' in text
     assert not re.search(r"\b(torch|transformers|peft)\b", text.split("FROM", 1)[1].lower())
+
+
+def _dockerignored(path: str, rules: list[str]) -> bool:
+    """Whether Docker leaves ``path`` (or a folder above it) out of the build context: the
+    last matching line of .dockerignore wins, ``!`` lets a path back in."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    ignored = False
+    for rule in rules:
+        keep = rule.startswith("!")
+        pattern = rule.lstrip("!").strip("/")
+        variants = {pattern, pattern.removeprefix("**/")}
+        if any(fnmatch.fnmatchcase(p, v) for p in prefixes for v in variants):
+            ignored = not keep
+    return ignored
+
+
+def test_build_context_holds_only_what_the_images_copy() -> None:
+    # Every image is built from the repository root. Without a .dockerignore that context is
+    # the 7 GB .venv, .git, the local control plane's CA key and admin kubeconfig (.cluster/)
+    # and the demo's output, and COPY operator|trainer bakes local caches into the images.
+    ignore = REPO / ".dockerignore"
+    assert ignore.is_file(), "no .dockerignore at the repository root (the build context)"
+    rules = [
+        line.strip()
+        for line in ignore.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    for path in (".venv", ".git", ".cluster/pki/ca.key", ".demo", ".work", "build"):
+        assert _dockerignored(path, rules), f"{path} is in the build context"
+    for path in ("trainer/.mypy_cache/x", "operator/slm_operator/__pycache__/main.pyc"):
+        assert _dockerignored(path, rules), f"{path} is copied into the images"
+    for dockerfile in dockerfiles():
+        for line in (REPO / dockerfile).read_text().splitlines():
+            if line.startswith("COPY") and "--from=" not in line:
+                for source in line.split()[1:-1]:
+                    path = source.removeprefix("./")
+                    assert not _dockerignored(path, rules), f"{dockerfile} copies {source}"
