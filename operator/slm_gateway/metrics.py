@@ -11,8 +11,9 @@ namespace empty for routes from a static file; ``backend`` is ``slm`` or ``llm``
 - ``slm_gateway_backend_duration_seconds{namespace,task,backend}``: histogram of each upstream
   attempt, failed and shadow SLM attempts included; the SLO's SLM p95 is read from here.
 - ``slm_gateway_backend_calls_total{namespace,task,backend,result}``: every upstream attempt by
-  result: ``ok``, ``error``, ``timeout``, ``bad_output``, ``low_confidence``, ``defer``; an SLM
-  error rate is ``result=~"error|timeout|bad_output"`` over the total.
+  result: ``ok``, ``error``, ``timeout``, ``bad_output``, ``low_confidence``, ``defer``, and for
+  the LLM also ``connect`` and ``status_4xx``; an SLM error rate is
+  ``result=~"error|timeout|bad_output"`` over the total.
 - ``slm_gateway_errors_total{namespace,task,backend,code}``: calls answered with an error, by
   code (``upstream_error``, ``upstream_timeout``, ``upstream_unavailable``, ``llm_4xx``, and
   ``llm_auth``: the LLM answered 401 or 403 to the task's key, the agent got a 502).

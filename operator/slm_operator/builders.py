@@ -181,6 +181,15 @@ def _trainer_job(
     }
 
 
+#: Curated examples a revision needs before it trains, when spec.dataset.minExamples is unset.
+DEFAULT_MIN_EXAMPLES = 200
+
+
+def min_examples(spec: Mapping[str, Any]) -> int:
+    """The curated examples a revision needs to train (the data-prep Job's ``--min-examples``)."""
+    return int((spec.get("dataset") or {}).get("minExamples", DEFAULT_MIN_EXAMPLES))
+
+
 def data_prep_job(task: Mapping[str, Any], revision: str, service_account: str = "") -> Obj:
     """S2: curate (PII scrubbing, de-duplication) and split the logged calls. CPU only."""
     spec = task["spec"]
@@ -193,7 +202,7 @@ def data_prep_job(task: Mapping[str, Any], revision: str, service_account: str =
         f"--input={path}",
         f"--output-dir={revision_dir(task, revision)}/data",
         f"--eval-fraction={ds.get('evalFraction', 0.2)}",
-        f"--min-examples={ds.get('minExamples', 200)}",
+        f"--min-examples={min_examples(task['spec'])}",
         "--scrub-pii" if ds.get("piiScrubbing", True) else "--no-scrub-pii",
         f"--stratify-by={stratify}",
     ]
@@ -375,6 +384,8 @@ def triton_deployment(
         "containers": [container],
         "volumes": volumes,
         "securityContext": {"fsGroup": 1000},
+        # Triton never calls the Kubernetes API; the exported model.py it runs gets no token.
+        "automountServiceAccountToken": False,
     }
     if serving.get("nodeSelector"):
         pod_spec["nodeSelector"] = dict(serving["nodeSelector"])

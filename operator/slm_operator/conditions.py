@@ -43,6 +43,9 @@ JOB_FAILED: Final = "JobFailed"  # message carries the pod's termination message
 AWAITING_RESULT: Final = "AwaitingResult"  # Job succeeded, result not visible yet
 RESULT_MISSING: Final = "ResultMissing"  # Job succeeded but never reported a valid result
 DATA_PREPARED: Final = "DataPrepared"
+#: Fewer curated examples than spec.dataset.minExamples: the gateway keeps capturing and the
+#: data-prep Job runs again after the operator's recheck interval. Not a failure.
+WAITING_FOR_DATA: Final = "WaitingForData"
 TRAINING_SUCCEEDED: Final = "TrainingSucceeded"
 PARTIALLY_TRAINED: Final = "PartiallyTrained"  # some candidates failed, others can be judged
 GATE_PASSED: Final = "GatePassed"

@@ -41,6 +41,9 @@ SCRAPE_SECONDS = float(os.environ.get("SLM_FLEET_PROMETHEUS_SCRAPE_SECONDS", "15
 #: spec.training.serviceAccountName), in the task's namespace: the chart creates it with
 #: `patch` on pods so the trainer can report progress. Empty: the namespace's default account.
 TRAINER_SERVICE_ACCOUNT = os.environ.get("SLM_FLEET_TRAINER_SERVICE_ACCOUNT", "")
+#: After a data-prep Job found fewer examples than spec.dataset.minExamples, how long until it
+#: curates again (a new task waits for its agents' calls to be captured this way).
+DATA_RECHECK_SECONDS = float(os.environ.get("SLM_FLEET_DATA_RECHECK_SECONDS", "300"))
 MAX_BACKOFF = 60.0
 CHILD_FILTER = {n.MANAGED_BY: n.FIELD_MANAGER}
 
@@ -86,7 +89,14 @@ async def trigger(key: Key) -> None:
             st.dirty = False
             try:
                 await asyncio.to_thread(
-                    reconcile, rt.kube, key[0], key[1], None, rt.prom, TRAINER_SERVICE_ACCOUNT
+                    reconcile,
+                    rt.kube,
+                    key[0],
+                    key[1],
+                    None,
+                    rt.prom,
+                    TRAINER_SERVICE_ACCOUNT,
+                    DATA_RECHECK_SECONDS,
                 )
                 st.failures = 0
             except KubeError as e:

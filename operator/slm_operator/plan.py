@@ -57,6 +57,9 @@ class Observed:
     #: The ServiceAccount trainer pods run as unless the task names its own; empty when the
     #: operator has none configured or it does not exist in the task's namespace.
     trainer_service_account: str = ""
+    #: How long after a data-prep Job found too few examples it runs again (the gateway keeps
+    #: capturing meanwhile).
+    data_recheck: dt.timedelta = dt.timedelta(minutes=5)
 
 
 @dataclass
@@ -80,6 +83,8 @@ class _Step:
     terminal_failure: bool = False
     selected: Obj | None = None
     exported_uri: str | None = None
+    #: Finished Jobs of this revision to delete so that the next pass creates them again.
+    rerun_jobs: list[str] = field(default_factory=list)
 
 
 def _ts(now: dt.datetime) -> str:
@@ -246,6 +251,7 @@ def _pipeline(
     must_beat: float | None = None,
     service_account: str = "",
     served: str = "",
+    data_recheck: dt.timedelta = dt.timedelta(minutes=5),
 ) -> _Step:
     """Walk one revision's pipeline; append the Jobs it needs to ``apply`` when given.
 
@@ -275,6 +281,30 @@ def _pipeline(
         apply.append(b.data_prep_job(task, rev, service_account))
     dv = jobs.get(data_name)
     status, reason, msg = _job_outcome(dv, now)
+    need = b.min_examples(spec)
+    short = dv.result if dv is not None and dv.result is not None else None
+    if (
+        status == c.FALSE
+        and short is not None
+        and short.examples is not None
+        and short.examples < need
+    ):
+        # Too few calls captured yet: the normal state of a task created before its agents
+        # have called it. Not a failure: the gateway keeps capturing, and the data-prep Job
+        # runs again once the recheck interval has passed (deleted here, re-created by the
+        # next pass, so the Job name stays the revision's and a restart anywhere converges).
+        again = (dv.finished_at or now) + data_recheck if dv is not None else now
+        step.data = (
+            c.FALSE,
+            c.WAITING_FOR_DATA,
+            f"revision {rev}: {short.examples} of {need} curated examples "
+            f"(spec.dataset.minExamples); the gateway keeps capturing calls, curating again "
+            f"at {_ts(again)}",
+        )
+        if apply is not None and now >= again:
+            apply.remove(next(o for o in apply if o["metadata"]["name"] == data_name))
+            step.rerun_jobs.append(data_name)
+        return step
     if status != c.TRUE:
         step.data = (status, reason, f"revision {rev}: {msg}")
         step.terminal_failure = status == c.FALSE
@@ -670,6 +700,7 @@ def plan(obs: Observed) -> Plan:
         must_beat,
         obs.trainer_service_account,
         "" if training_needed else active_cand,
+        obs.data_recheck,
     )
 
     selected: Obj | None = prev_selected if prev_selected.get("revision") == active_rev else None
@@ -892,5 +923,6 @@ def plan(obs: Observed) -> Plan:
     out.events = c.transitions(prev_conds, status["conditions"])
 
     keep = {active_rev, rev} if training_needed else {active_rev}
-    out.delete_jobs = sorted(name for name, v in obs.jobs.items() if v.revision not in keep)
+    abandoned = {name for name, v in obs.jobs.items() if v.revision not in keep}
+    out.delete_jobs = sorted(abandoned | set(step.rerun_jobs if training_needed else ()))
     return out

@@ -70,6 +70,7 @@ def observe(
     now: dt.datetime,
     prom: PromMetrics | None = None,
     trainer_service_account: str = "",
+    data_recheck_s: float = 300.0,
 ) -> Observed | None:
     task = kube.get_task(namespace, name)
     if task is None or task["metadata"].get("deletionTimestamp"):
@@ -98,6 +99,7 @@ def observe(
         now=now,
         metrics=metrics,
         trainer_service_account=trainer_account(kube, task, trainer_service_account),
+        data_recheck=dt.timedelta(seconds=data_recheck_s),
     )
 
 
@@ -108,9 +110,16 @@ def reconcile(
     now: dt.datetime | None = None,
     prom: PromMetrics | None = None,
     trainer_service_account: str = "",
+    data_recheck_s: float = 300.0,
 ) -> Plan | None:
     obs = observe(
-        kube, namespace, name, now or dt.datetime.now(dt.UTC), prom, trainer_service_account
+        kube,
+        namespace,
+        name,
+        now or dt.datetime.now(dt.UTC),
+        prom,
+        trainer_service_account,
+        data_recheck_s,
     )
     if obs is None:
         return None

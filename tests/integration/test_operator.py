@@ -7,6 +7,7 @@ writing the termination message the real trainer writes (:mod:`slm_e2e.kubelet`)
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -395,6 +396,62 @@ def test_failed_job_shows_its_termination_message(
     assert task["status"]["candidates"][0]["state"] == "Failed"
     warnings = cluster.get_json("events", "-n", ns, "--field-selector", "type=Warning")["items"]
     assert any(e["reason"] == "JobFailed" for e in warnings)
+
+
+def test_a_task_applied_before_its_calls_waits_for_data_then_trains(
+    cluster: ClusterHandle, namespace: str, storage: str, tmp_path: Path, agenttask_crd: Path
+) -> None:
+    """The quickstart's order: the AgentTask exists before any agent called it, so its first
+    data-prep finds no call log. The task waits (not Failed), and after the operator's recheck
+    interval the same Job runs again; with enough calls captured by then, training starts."""
+    ns = namespace
+    op = OperatorProcess(
+        cluster.kubeconfig,
+        ns,
+        tmp_path / "operator.log",
+        extra_env={"SLM_FLEET_DATA_RECHECK_SECONDS": "3"},
+    ).start()
+    try:
+        cluster.apply(agenttask(), ns)
+        rev = revision(cluster, ns)
+        dn = n.data_job_name("weather", rev)
+        nothing_yet = TrainerResult(
+            stage="prepare", ok=False, examples=0, message="no call log yet (0 examples)"
+        ).to_json()
+        complete_job(cluster, ns, dn, nothing_yet, exit_code=1)
+        first_uid = cluster.get_json("job", dn, "-n", ns)["metadata"]["uid"]
+
+        def waiting() -> dict[str, Any] | None:
+            task = get_task(cluster, ns)
+            return task if condition(task, "DataReady").get("reason") == "WaitingForData" else None
+
+        task = wait_for(waiting, timeout=30, what="DataReady=False WaitingForData")
+        assert task["status"]["phase"] == "PreparingData"
+        assert condition(task, "Ready")["reason"] == "WaitingForData"
+        assert "0 of 100 curated examples" in condition(task, "DataReady")["message"]
+
+        def recreated() -> bool:
+            found = cluster.kubectl("get", "job", dn, "-n", ns, "-o", "json", check=False)
+            if found.returncode != 0:
+                return False
+            return bool(json.loads(found.stdout)["metadata"]["uid"] != first_uid)
+
+        wait_for(recreated, timeout=60, what="the data-prep Job to be created again")
+        complete_job(
+            cluster, ns, dn, ok("prepare", examples=1200, train_examples=960, eval_examples=240)
+        )
+        wait_for(
+            lambda: get_task(cluster, ns)["status"].get("phase") == "Training",
+            timeout=60,
+            what="phase Training",
+        )
+        assert len([j for j in jobs(cluster, ns) if j["metadata"]["name"] == dn]) == 1
+        warnings = cluster.get_json("events", "-n", ns, "--field-selector", "type=Warning")
+        assert not [e for e in warnings["items"] if e["reason"] == "JobFailed"]
+    finally:
+        cluster.kubectl("delete", "agenttasks", "--all", "-n", ns, "--wait=false", check=False)
+        op.stop()
+        print(op.log()[-4000:])
 
 
 def test_operator_killed_mid_flow_converges_without_duplicates(

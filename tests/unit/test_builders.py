@@ -157,6 +157,17 @@ def test_triton_deployment_serves_the_revision_repository() -> None:
         b.triton_deployment(task, "r1", "pvc://elsewhere/repo", "small", 1)
 
 
+def test_triton_pods_get_no_api_token() -> None:
+    # Triton runs user-exported Python (model.py) and never calls the Kubernetes API: a mounted
+    # token of the namespace's default ServiceAccount would only be something to steal.
+    task = make_task()
+    dep = b.triton_deployment(task, "r1", "pvc://slm-work/weather/r1/model_repository", "small", 1)
+    assert dep["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    # Trainer pods keep theirs: they patch their own pod's progress annotation.
+    job = b.finetune_job(task, "r1", task["spec"]["candidates"][0], service_account="trainer")
+    assert "automountServiceAccountToken" not in job["spec"]["template"]["spec"]
+
+
 def test_trainer_cli_accepts_every_command_line_the_operator_builds() -> None:
     """The Job's command and args must parse with the real trainer CLI, stage by stage."""
     from slm_trainer.cli import build_parser

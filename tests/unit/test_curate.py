@@ -341,10 +341,16 @@ def test_too_few_examples_fail_with_a_clear_message(tmp_path: Path) -> None:
     assert (out / "train.jsonl").exists()
 
 
-def test_missing_input_is_a_failed_result(tmp_path: Path) -> None:
-    result = run(Args(input=tmp_path / "nope.jsonl", output_dir=tmp_path / "out"))
-    assert not result.ok
-    assert "no call log" in result.message
+def test_missing_input_is_a_failed_result_with_zero_examples(tmp_path: Path) -> None:
+    """A task's log directory appears with its first captured call: until then the result
+    says 0 examples, which the operator reads as "wait for data", not as a broken stage."""
+    for missing in (tmp_path / "nope.jsonl", tmp_path / "empty-dir"):
+        if missing.name == "empty-dir":
+            missing.mkdir()
+        result = run(Args(input=missing, output_dir=tmp_path / "out"))
+        assert not result.ok
+        assert result.examples == 0
+        assert "no call log" in result.message
 
 
 def test_directory_of_shards_and_task_filter(tmp_path: Path) -> None:

@@ -287,6 +287,59 @@ def test_succeeded_job_without_result_waits_then_reports_missing() -> None:
     )
 
 
+def test_too_few_examples_waits_for_data_and_curates_again_after_the_recheck() -> None:
+    """A task applied before its agents called it (the quickstart's order) finds no call log,
+    or too few calls: it waits, with the count in the message, instead of failing for good;
+    once the recheck interval has passed the data-prep Job is deleted and created again."""
+    task = make_task()
+    rev = n.revision_of(task["spec"])
+    dn = n.data_job_name("weather", rev)
+    short = result("prepare", ok=False, examples=37, message="too few examples after curation")
+    finished = NOW - dt.timedelta(minutes=2)
+    # The stage exits 1 with its result, so the Job is Failed, with the result in its pod.
+    jobs = {dn: view(dn, "prepare", rev, FAILED, short, finished=finished)}
+    recheck = dt.timedelta(minutes=5)
+
+    p = plan(Observed(task, jobs, None, None, NOW, data_recheck=recheck))
+    assert conds(p.status)[c.DATA_READY] == (c.FALSE, c.WAITING_FOR_DATA)
+    assert conds(p.status)[c.READY] == (c.FALSE, c.WAITING_FOR_DATA)
+    msg = next(x["message"] for x in p.status["conditions"] if x["type"] == c.DATA_READY)
+    assert "37 of 200 curated examples" in msg and "2026-11-23T12:03:00Z" in msg
+    assert p.status["phase"] == "PreparingData"  # not Failed
+    assert kinds(p) == [("Job", dn)] and p.delete_jobs == []
+    assert not any(e[0] == "Warning" for e in p.events)
+
+    later = plan(
+        Observed(task, jobs, None, None, NOW + dt.timedelta(minutes=3), data_recheck=recheck)
+    )
+    assert later.delete_jobs == [dn] and kinds(later) == []
+    assert later.status["phase"] == "PreparingData"
+    # The next pass sees no Job and creates it again, under the same name.
+    again = plan(
+        Observed(task, {}, None, None, NOW + dt.timedelta(minutes=3), data_recheck=recheck)
+    )
+    assert kinds(again) == [("Job", dn)]
+
+
+@pytest.mark.parametrize(
+    "res",
+    [
+        result("prepare", ok=False, examples=500, message="cannot write the split"),
+        result("prepare", ok=False, message="crashed before counting"),
+    ],
+)
+def test_a_data_prep_failure_with_enough_or_unknown_examples_is_still_a_failure(
+    res: TrainerResult,
+) -> None:
+    task = make_task()
+    rev = n.revision_of(task["spec"])
+    dn = n.data_job_name("weather", rev)
+    jobs = {dn: view(dn, "prepare", rev, SUCCEEDED, res, finished=NOW - dt.timedelta(hours=1))}
+    p = plan(Observed(task, jobs, None, None, NOW))
+    assert conds(p.status)[c.DATA_READY] == (c.FALSE, c.JOB_FAILED)
+    assert p.status["phase"] == "Failed" and p.delete_jobs == []
+
+
 def test_export_done_deploys_then_ready_when_available() -> None:
     task = make_task()
     rev = n.revision_of(task["spec"])

@@ -357,10 +357,13 @@ def run(args: Args, progress: Progress | None = None) -> TrainerResult:
     files = input_files(args.input)
     missing = [str(p) for p in files if not p.is_file()]
     if not files or missing:
+        # Zero examples rather than an error: a task's log directory appears with its first
+        # captured call, so the operator waits and curates again (DataReady WaitingForData).
         return TrainerResult(
             stage=CONTRACT_STAGE,
             ok=False,
-            message=f"no call log at {args.input}"
+            examples=0,
+            message=f"no call log at {args.input} yet (0 examples)"
             + (f" ({', '.join(missing)})" if missing else ""),
         )
 
