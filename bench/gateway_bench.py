@@ -70,6 +70,8 @@ from slm_e2e import llm_standin  # noqa: E402
 from slm_gateway.testing import GatewayProcess, start_gateway  # noqa: E402
 
 TASK = "bench-tools"
+#: The LiteLLM release the published figures were measured with (pinned: proxies change fast).
+LITELLM = "1.106.2"
 LITELLM_VENV = Path(os.environ.get("SLM_BENCH_LITELLM_VENV", "/tmp/slm-litellm-venv"))
 TARGETS_ADDED = {"p50": 1.0, "p99": 3.0}  # ms, at concurrency 1
 TARGET_THROUGHPUT = 50.0  # % of direct, at concurrency 64
@@ -399,7 +401,7 @@ def ensure_litellm(log: Path) -> Path | None:
     exe = LITELLM_VENV / "bin" / "litellm"
     if exe.exists():
         return exe
-    print(f"installing litellm[proxy] into {LITELLM_VENV} (once; a few minutes)", flush=True)
+    print(f"installing litellm[proxy]=={LITELLM} into {LITELLM_VENV} (once)", flush=True)
     with log.open("ab") as fh:
         ok = (
             subprocess.run(
@@ -407,7 +409,7 @@ def ensure_litellm(log: Path) -> Path | None:
             ).returncode
             == 0
             and subprocess.run(
-                [str(LITELLM_VENV / "bin" / "pip"), "install", "-q", "litellm[proxy]"],
+                [str(LITELLM_VENV / "bin" / "pip"), "install", "-q", f"litellm[proxy]=={LITELLM}"],
                 stdout=fh,
                 stderr=fh,
             ).returncode
