@@ -174,11 +174,28 @@ def _trainer_job(
             # A preempted trainer checkpoints on SIGTERM and its next pod resumes; eviction
             # or node drain must not use up backoffLimit.
             "podFailurePolicy": {
-                "rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]
+                "rules": [
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                    # The trainer ran and reported a failure (3: too few examples, nothing
+                    # passing) or was given bad arguments (2): another pod would only say the
+                    # same again, so the Job fails at once; backoffLimit is for crashes (1).
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {
+                            "containerName": "trainer",
+                            "operator": "In",
+                            "values": list(TRAINER_DEFINITE_EXIT_CODES),
+                        },
+                    },
+                ]
             },
             "template": {"metadata": {"labels": labels}, "spec": pod_spec},
         },
     }
+
+
+#: Trainer exit codes that no retry changes (see slm_trainer.cli): bad arguments, reported failure.
+TRAINER_DEFINITE_EXIT_CODES: Final = (2, 3)
 
 
 #: Curated examples a revision needs before it trains, when spec.dataset.minExamples is unset.

@@ -403,7 +403,9 @@ def test_a_task_applied_before_its_calls_waits_for_data_then_trains(
 ) -> None:
     """The quickstart's order: the AgentTask exists before any agent called it, so its first
     data-prep finds no call log. The task waits (not Failed), and after the operator's recheck
-    interval the same Job runs again; with enough calls captured by then, training starts."""
+    interval the same Job runs again; with enough calls captured by then, training starts.
+    The trainer exits 3 for a reported failure, and the real Job controller fails the Job on
+    it at once (podFailurePolicy), although backoffLimit would allow two more pods."""
     ns = namespace
     op = OperatorProcess(
         cluster.kubeconfig,
@@ -412,13 +414,13 @@ def test_a_task_applied_before_its_calls_waits_for_data_then_trains(
         extra_env={"SLM_FLEET_DATA_RECHECK_SECONDS": "3"},
     ).start()
     try:
-        cluster.apply(agenttask(), ns)
+        cluster.apply(agenttask(training={"gpus": 1, "backoffLimit": 2}), ns)
         rev = revision(cluster, ns)
         dn = n.data_job_name("weather", rev)
         nothing_yet = TrainerResult(
             stage="prepare", ok=False, examples=0, message="no call log yet (0 examples)"
         ).to_json()
-        complete_job(cluster, ns, dn, nothing_yet, exit_code=1)
+        complete_job(cluster, ns, dn, nothing_yet, exit_code=3)
         first_uid = cluster.get_json("job", dn, "-n", ns)["metadata"]["uid"]
 
         def waiting() -> dict[str, Any] | None:
@@ -426,6 +428,13 @@ def test_a_task_applied_before_its_calls_waits_for_data_then_trains(
             return task if condition(task, "DataReady").get("reason") == "WaitingForData" else None
 
         task = wait_for(waiting, timeout=30, what="DataReady=False WaitingForData")
+        first = cluster.get_json("job", dn, "-n", ns)
+        assert any(
+            cond["type"] == "Failed" and cond["reason"] == "PodFailurePolicy"
+            for cond in first["status"].get("conditions") or []
+        ), first["status"]
+        pods = cluster.get_json("pods", "-n", ns, "-l", f"job-name={dn}")["items"]
+        assert len(pods) == 1  # no retry of a reported failure
         assert task["status"]["phase"] == "PreparingData"
         assert condition(task, "Ready")["reason"] == "WaitingForData"
         assert "0 of 100 curated examples" in condition(task, "DataReady")["message"]

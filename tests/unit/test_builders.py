@@ -286,3 +286,29 @@ def test_trainer_result_fits_the_termination_message_and_rejects_nonsense() -> N
         TrainerResult.from_json('{"stage": "finetune", "ok": true, "acc": 1}')
     with pytest.raises(ContractError, match="stage must be one of"):
         TrainerResult.from_json('{"stage": "train", "ok": true}')
+
+
+def test_trainer_jobs_fail_at_once_on_a_reported_failure_and_retry_only_crashes() -> None:
+    """A stage that reported a failure (exit 3) or got bad arguments (2) would say the same
+    again: the Job fails without spending backoffLimit; a crash (1) and a disruption do not
+    fail it at once."""
+    from slm_trainer import cli
+
+    task = make_task()
+    for job in (
+        b.data_prep_job(task, "rev1"),
+        b.finetune_job(task, "rev1", task["spec"]["candidates"][0]),
+    ):
+        rules = job["spec"]["podFailurePolicy"]["rules"]
+        fail = [r for r in rules if r["action"] == "FailJob"]
+        assert fail == [
+            {
+                "action": "FailJob",
+                "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2, 3]},
+            }
+        ]
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        assert container["name"] == "trainer"
+        assert cli.EXIT_REPORTED in fail[0]["onExitCodes"]["values"]
+        assert cli.EXIT_CRASHED not in fail[0]["onExitCodes"]["values"]
+        assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"

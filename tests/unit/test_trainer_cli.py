@@ -196,7 +196,9 @@ def test_failed_result_exits_1_and_is_still_written(tmp_path: Path) -> None:
         str(tmp_path / "out"),
         "--no-scrub-pii",
     )
-    assert proc.returncode == 1
+    # 3, not 1: the stage reported a failure that a retry would only repeat, and the
+    # operator's Jobs fail at once on it (podFailurePolicy) instead of spending backoffLimit.
+    assert proc.returncode == cli.EXIT_REPORTED == 3
     result = TrainerResult.from_json(result_path.read_text())
     assert not result.ok
     assert "min_examples" in result.message
@@ -226,6 +228,7 @@ def test_a_crashing_stage_reports_a_failed_result(
     monkeypatch.setitem(cli.STAGES, "boom", "fake_stage")
 
     result_path = tmp_path / "result.json"
+    # 1: a crash may be transient (a volume hiccup), so the Job may retry it.
     assert cli.main(["boom", "--steps", "3", "--result-path", str(result_path)]) == 1
     result = TrainerResult.from_json(result_path.read_text())
     assert result.stage == "finetune" and not result.ok

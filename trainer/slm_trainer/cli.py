@@ -7,8 +7,11 @@ is fixed here once for every stage:
 - the :class:`slm_contract.TrainerResult` written to ``--result-path`` (by default the
   kubelet's ``/dev/termination-log`` when it is writable), where the operator reads it back,
   and echoed as a final ``{"event": "result", ...}`` line;
-- the exit code: 0 when the result is ok, 1 when it is not (or the stage crashed), 2 for bad
-  arguments (argparse's convention).
+- the exit code: 0 when the result is ok; 3 when the stage ran and reported a failure (too
+  few examples, no candidate passing: running it again gives the same answer); 1 when it
+  crashed (an exception: maybe transient, so worth a retry); 2 for bad arguments (argparse's
+  convention). The operator's Jobs fail at once on 2 and 3 (:data:`EXIT_REPORTED` and a
+  podFailurePolicy) and spend ``backoffLimit`` only on crashes.
 
 A stage is a module with an ``Args`` dataclass (its fields become ``--flags``; the field's
 ``metadata["help"]`` is the help text; the class docstring is the stage's description) and a
@@ -36,6 +39,11 @@ from slm_contract import TrainerResult
 
 #: CLI stage name -> module implementing it. The contract stage it reports is the module's
 #: ``CONTRACT_STAGE``.
+#: Exit code of a stage that ran and reported a failure: retrying gives the same answer.
+EXIT_REPORTED = 3
+#: Exit code of a stage that raised: possibly transient, so a Job may retry it.
+EXIT_CRASHED = 1
+
 STAGES: dict[str, str] = {
     "curate": "slm_trainer.curate",
     "export": "slm_trainer.export",
@@ -143,10 +151,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in values.items()},
         }
     )
+    crashed = False
     try:
         result = module.run(args, emit)
     except Exception as exc:
         traceback.print_exc(file=sys.stderr)
+        crashed = True
         result = TrainerResult(
             stage=module.CONTRACT_STAGE,
             ok=False,
@@ -154,4 +164,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     write_result(result, result_path)
     emit({"event": "result", **json.loads(result.to_json())})
-    return 0 if result.ok else 1
+    if result.ok:
+        return 0
+    return EXIT_CRASHED if crashed else EXIT_REPORTED
