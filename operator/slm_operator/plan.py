@@ -252,6 +252,7 @@ def _pipeline(
     service_account: str = "",
     served: str = "",
     data_recheck: dt.timedelta = dt.timedelta(minutes=5),
+    waited_for_data: str = "",
 ) -> _Step:
     """Walk one revision's pipeline; append the Jobs it needs to ``apply`` when given.
 
@@ -304,6 +305,15 @@ def _pipeline(
         if apply is not None and now >= again:
             apply.remove(next(o for o in apply if o["metadata"]["name"] == data_name))
             step.rerun_jobs.append(data_name)
+        return step
+    if status == c.UNKNOWN and waited_for_data.startswith(f"revision {rev}:"):
+        # The recheck's Job is pending or running: still waiting, as far as anyone can tell,
+        # so the condition keeps its reason (no event, no transition every recheck).
+        step.data = (
+            c.FALSE,
+            c.WAITING_FOR_DATA,
+            f"revision {rev}: curating the calls captured so far again ({msg})",
+        )
         return step
     if status != c.TRUE:
         step.data = (status, reason, f"revision {rev}: {msg}")
@@ -701,6 +711,14 @@ def plan(obs: Observed) -> Plan:
         obs.trainer_service_account,
         "" if training_needed else active_cand,
         obs.data_recheck,
+        next(
+            (
+                str(x.get("message") or "")
+                for x in prev_conds
+                if x.get("type") == c.DATA_READY and x.get("reason") == c.WAITING_FOR_DATA
+            ),
+            "",
+        ),
     )
 
     selected: Obj | None = prev_selected if prev_selected.get("revision") == active_rev else None

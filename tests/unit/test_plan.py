@@ -314,11 +314,15 @@ def test_too_few_examples_waits_for_data_and_curates_again_after_the_recheck() -
     )
     assert later.delete_jobs == [dn] and kinds(later) == []
     assert later.status["phase"] == "PreparingData"
-    # The next pass sees no Job and creates it again, under the same name.
+    # The next pass sees no Job and creates it again, under the same name; while it runs the
+    # task is still waiting (same reason: no event, no transition at every recheck).
+    waiting = {**task, "status": later.status}
     again = plan(
-        Observed(task, {}, None, None, NOW + dt.timedelta(minutes=3), data_recheck=recheck)
+        Observed(waiting, {}, None, None, NOW + dt.timedelta(minutes=3), data_recheck=recheck)
     )
     assert kinds(again) == [("Job", dn)]
+    assert conds(again.status)[c.DATA_READY] == (c.FALSE, c.WAITING_FOR_DATA)
+    assert again.events == []
 
 
 @pytest.mark.parametrize(
