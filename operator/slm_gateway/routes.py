@@ -35,7 +35,8 @@ MODES = (MODE_LLM, MODE_SHADOW, MODE_CANARY, MODE_SLM)
 DEFAULT_SLM_TIMEOUT_S = 2.0
 #: A slow LLM is still the last resort, so its budget is generous.
 DEFAULT_LLM_TIMEOUT_S = 120.0
-#: Annotation that sets a task's SLM budget until the CRD has a field for it.
+#: Annotation that sets a task's SLM budget when spec.serving.slo.slmTimeoutMs (copied by the
+#: operator to status.route.slmTimeoutMs, which wins) is unset.
 SLM_TIMEOUT_ANNOTATION = "slmfleet.dev/slm-timeout-ms"
 
 

@@ -867,6 +867,7 @@ def plan(obs: Observed) -> Plan:
     else:
         phase = step.phase
 
+    budget = ((spec.get("serving") or {}).get("slo") or {}).get("slmTimeoutMs")
     status: Obj = {
         "observedGeneration": gen,
         "phase": phase,
@@ -883,6 +884,7 @@ def plan(obs: Observed) -> Plan:
             "llmBaseURL": spec["fallback"]["llm"]["baseURL"],
             "llmModel": spec["fallback"]["llm"]["model"],
             "metric": spec["evaluation"]["metric"],
+            **({"slmTimeoutMs": int(budget)} if budget is not None else {}),
             "reason": fallback[2],
             **({"slmEndpoint": endpoint} if route_mode != lv.MODE_LLM else {}),
             **(

@@ -105,6 +105,11 @@ INVALID = [
     ),
     case("min-replicas-above-default-max", {"spec.serving": {"minReplicas": 5}}, REPLICAS_MESSAGE),
     case(
+        "slm-budget-below-the-latency-target",
+        {"spec.serving.slo": {"slmTimeoutMs": 100}},  # p95LatencyMs defaults to 500
+        "serving.slo.slmTimeoutMs must be at least serving.slo.p95LatencyMs",
+    ),
+    case(
         "empty-gate",
         {"spec.evaluation.gate": {}},
         "evaluation.gate needs minScore, maxDropVsLLM or both",

@@ -912,3 +912,14 @@ def test_a_promoted_retraining_keeps_reporting_the_candidate_it_serves() -> None
     _step(task, new, served, svc, NOW + dt.timedelta(seconds=13), captured(1100))
     assert task["status"]["selectedModel"]["candidate"] == "big"
     assert task["status"]["selectedModel"]["score"] == 0.95
+
+
+def test_the_slm_time_budget_from_the_spec_reaches_the_gateways_route() -> None:
+    """spec.serving.slo.slmTimeoutMs is copied to status.route (which the gateway reads);
+    unset, the route has none and the gateway's annotation or flag decides."""
+    task, jobs, dep, svc = _serving_task()
+    assert "slmTimeoutMs" not in plan(Observed(task, jobs, dep, svc, NOW)).status["route"]
+    task["spec"]["serving"]["slo"] = {"p95LatencyMs": 300, "slmTimeoutMs": 800}
+    route = plan(Observed(task, jobs, dep, svc, NOW)).status["route"]
+    assert route["slmTimeoutMs"] == 800
+    assert n.revision_of(task["spec"]) == n.revision_of(_serving_task()[0]["spec"])  # no retrain
