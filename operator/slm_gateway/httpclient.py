@@ -50,6 +50,8 @@ import httptools
 JSON_HEADERS: tuple[tuple[str, str], ...] = (
     ("Content-Type", "application/json"),
     ("Accept", "application/json"),
+    # The answer is passed on and parsed as it arrives; nothing here decompresses.
+    ("Accept-Encoding", "identity"),
     ("User-Agent", "slm-gateway"),
 )
 
@@ -193,6 +195,9 @@ class _Connection(asyncio.Protocol):
             lower == b"transfer-encoding" and b"chunked" in value.lower()
         ):
             self.framed = True
+        elif lower == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+            # Asked for identity: a compressed body would reach the agent as garbage.
+            self._fail(HTTPClientError(f"compressed answer ({value.decode('latin-1')})"))
 
     def on_headers_complete(self) -> None:
         self.headers_done = True

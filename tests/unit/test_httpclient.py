@@ -104,6 +104,7 @@ def test_target_builds_the_request_head_once_with_host_auth_and_json_headers() -
     assert "Host: llm.example.com\r\n" in head  # default port left out
     assert "Authorization: Bearer sk-secret\r\n" in head
     assert "Content-Type: application/json\r\n" in head
+    assert "Accept-Encoding: identity\r\n" in head
     assert head.endswith("Content-Length: ")
     assert "sk-secret" not in repr(t)
 
@@ -314,6 +315,10 @@ def test_a_cancelled_call_closes_its_connection() -> None:
     ("answer", "message"),
     [
         (b"NOT HTTP AT ALL\r\n\r\n", "malformed HTTP answer"),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 3\r\n\r\nabc",
+            "compressed",
+        ),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 100, "larger than 64"),
     ],
 )
