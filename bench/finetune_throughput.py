@@ -14,7 +14,9 @@ same batch size, learning rate, schedule, epochs and seed, and the same number o
 
 Each side runs in its own subprocess so that peak RSS (``ru_maxrss``) is its own; samples/s is
 training examples over the wall time of the training loop only (no model loading, no saving,
-no evaluation). Printed as one side-by-side table.
+no evaluation). Printed as one side-by-side table. On a CUDA GPU both sides train in the same
+precision (the base in bf16, or fp16 on GPUs without native bf16, under autocast) and the
+table adds each side's peak GPU memory (``torch.cuda.max_memory_allocated``).
 
 Usage::
 
@@ -152,7 +154,11 @@ def run_baseline(work: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     generative.set_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     tools_in_template = generative.prepare_tokenizer(tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    amp = generative.compute_dtype(device)  # the precision ours trains in
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model, **generative.from_pretrained_kwargs("lora", device, amp)
+    )
     model = get_peft_model(
         model,
         LoraConfig(
@@ -192,7 +198,9 @@ def run_baseline(work: Path, cfg: dict[str, Any]) -> dict[str, Any]:
         save_strategy="no",
         logging_strategy="no",
         report_to=[],
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=device == "cpu",
+        bf16=amp == torch.bfloat16,
+        fp16=amp == torch.float16,
         dataloader_num_workers=0,
         dataloader_pin_memory=False,
         remove_unused_columns=False,
@@ -219,8 +227,15 @@ def worker(side: str, work: Path, cfg: dict[str, Any]) -> None:
     import torch
 
     torch.set_num_threads(cfg["threads"])
+    gpu = torch.cuda.is_available()
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
     figures = (run_ours if side == "ours" else run_baseline)(work, {**cfg, "side": side})
     figures["peak_rss_mb"] = round(_rss_mb(), 1)
+    if gpu:
+        torch.cuda.synchronize()
+        figures["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        figures["device"] = torch.cuda.get_device_name()
     print("RESULT " + json.dumps(figures), flush=True)
 
 
@@ -257,6 +272,13 @@ def table(ours: dict[str, Any], base: dict[str, Any]) -> str:
         ),
         row("mean train loss", ours["mean_loss"], base["mean_loss"], "11.4f", "same data"),
     ]
+    if "peak_gpu_mb" in ours and "peak_gpu_mb" in base:
+        lines.insert(
+            3,
+            row(
+                "peak GPU memory (MiB)", ours["peak_gpu_mb"], base["peak_gpu_mb"], "11.1f", "lower"
+            ),
+        )
     return "\n".join(lines)
 
 
@@ -295,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         f"LoRA fine-tuning, {ours['examples']} examples ({info['source']}), tiny Llama "
         f"(hidden {ns.hidden_size}, {ns.layers} layers, MiniLM vocabulary), batch "
         f"{ns.batch_size}, r={ns.lora_r}, {ns.epochs} epoch(s), {ns.threads} CPU thread(s)"
+        + (f", on {ours['device']}" if "device" in ours else "")
     )
     print(table(ours, base))
     if ns.json_out:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -196,6 +198,56 @@ def test_a_malformed_request_is_a_triton_error_not_a_crash(
     with urllib.request.urlopen(server.metrics_url, timeout=5) as resp:
         metrics = resp.read().decode()
     assert f'nv_inference_request_failure{{model="{MODEL_NAME}",' in metrics
+
+
+#: What Mistral's and Llama 2's chat templates do with two user turns in a row.
+ALTERNATING_ROLES = (
+    "{%- for m in messages %}{%- if not loop.first and m['role'] == loop.previtem['role'] %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+    "{%- endif %}{%- endfor %}"
+)
+
+
+def test_a_request_the_chat_template_rejects_fails_alone_in_its_batch(
+    repository: Path, tmp_path: Path
+) -> None:
+    """Concurrent calls share one ``execute``; one the template rejects must not fail the rest."""
+    from tritonclient.utils import InferenceServerException
+
+    repo = tmp_path / "repo"
+    shutil.copytree(repository, repo)
+    template = repo / MODEL_NAME / "1" / "artifacts" / "chat_template.jinja"
+    template.write_text(ALTERNATING_ROLES + template.read_text())
+    config = repo / MODEL_NAME / "config.pbtxt"  # a wide window, so the three share a batch
+    config.write_text(
+        re.sub(
+            r"max_queue_delay_microseconds: \d+",
+            "max_queue_delay_microseconds: 3000000",
+            config.read_text(),
+        )
+    )
+    user = {"role": "user", "content": "weather in Oslo?"}
+    bodies = [{"messages": [user]}, {"messages": [user, user]}, {"messages": [user]}]
+    with start_triton(repo, workdir=tmp_path / "triton", env={"OMP_NUM_THREADS": "1"}) as srv:
+        client = httpclient.InferenceServerClient(srv.http_url, concurrency=len(bodies))
+        try:
+            pending = [client.async_infer(MODEL_NAME, [_request(b)]) for b in bodies]
+            outcomes: list[Any] = []
+            for p in pending:
+                try:
+                    outcomes.append(p.get_result())
+                except InferenceServerException as exc:
+                    outcomes.append(exc)
+            (stats,) = client.get_inference_statistics(MODEL_NAME)["model_stats"]
+        finally:
+            client.close()
+    assert (stats["inference_count"], stats["execution_count"]) == (3, 1)  # one batch
+    good, bad, other = outcomes
+    assert isinstance(bad, InferenceServerException) and "alternate" in str(bad)
+    for result in (good, other):
+        assert not isinstance(result, Exception), str(result)
+        assert json.loads(result.as_numpy("RESPONSE")[0, 0])["role"] == "assistant"
+        assert 0.0 <= float(result.as_numpy("CONFIDENCE")[0, 0]) <= 1.0
 
 
 def test_a_selector_candidate_serves_its_choice_and_calibrated_confidence(

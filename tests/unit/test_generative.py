@@ -199,6 +199,26 @@ def test_json_too_deep_to_decode_is_text_not_a_crash() -> None:
     assert chatformat.parse_answer(deep) == {"role": "assistant", "content": deep}
 
 
+def test_an_answer_cut_at_max_new_tokens_is_not_trusted(tokenizer: Any, tiny_minilm: Path) -> None:
+    """A model stuck repeating itself is sure of every token; the cut answer is still broken."""
+    from transformers import AutoModelForCausalLM
+
+    from slm_trainer.triton_model import runtime
+
+    looping = AutoModelForCausalLM.from_pretrained(str(tiny_minilm))
+    with torch.no_grad():  # the sign of one hidden unit picks one of two tokens, always
+        looping.model.norm.weight.zero_()
+        looping.model.norm.weight[0] = 1.0
+        looping.lm_head.weight.zero_()
+        looping.lm_head.weight[tokenizer.convert_tokens_to_ids("["), 0] = 50.0
+        looping.lm_head.weight[tokenizer.convert_tokens_to_ids("{"), 0] = -50.0
+    looping.eval()
+    prompt = chatformat.render(tokenizer, record(0).messages, TOOLS, True)
+    (answer,) = runtime.generate(looping, tokenizer, [prompt], max_new_tokens=6)
+    assert answer.finish_reason == "length" and answer.tokens == 6
+    assert answer.confidence == 0.0  # the gateway hands it back to the LLM
+
+
 # ------------------------------------------------------------------ loss masking and packing
 
 
@@ -284,6 +304,73 @@ def test_qlora_without_a_gpu_fails_with_the_fix(
     assert not result.ok and result.stage == "finetune" and result.candidate == "tiny"
     assert "GPU" in result.message and "method: lora" in result.message
     assert events.of("error") and not (tmp_path / "out").exists()
+
+
+def test_gpus_without_native_bf16_compute_in_fp16_and_cpus_in_fp32(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert generative.compute_dtype("cpu", bf16_native=True) is None
+    assert generative.compute_dtype("cuda", bf16_native=True) is torch.bfloat16
+    assert generative.compute_dtype("cuda:1", bf16_native=False) is torch.float16
+    asked: list[bool] = []
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        asked.append(including_emulation)
+        return including_emulation  # a T4: bf16 only through emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert generative.compute_dtype("cuda") is torch.float16
+    assert asked == [False]
+    # Serving loads the weights in the precision the trainer evaluated in.
+    from slm_trainer.triton_model import runtime
+
+    assert runtime.serving_dtype("cpu") is torch.float32
+    assert runtime.serving_dtype("cuda") is torch.float16  # the T4 above
+    assert runtime.serving_dtype("cuda:0", bf16_native=True) is torch.bfloat16
+    assert asked == [False, False]
+
+
+def test_qlora_loads_a_double_quantized_nf4_base_whole_on_the_gpu() -> None:
+    kwargs = generative.from_pretrained_kwargs("qlora", "cuda", torch.bfloat16)
+    quant = kwargs.pop("quantization_config")
+    assert kwargs == {"dtype": torch.bfloat16, "device_map": {"": "cuda"}}
+    assert quant.load_in_4bit and not quant.load_in_8bit
+    assert quant.bnb_4bit_quant_type == "nf4" and quant.bnb_4bit_use_double_quant
+    assert quant.bnb_4bit_compute_dtype == torch.bfloat16
+    older_gpu = generative.from_pretrained_kwargs("qlora", "cuda", torch.float16)
+    assert older_gpu["dtype"] == older_gpu["quantization_config"].bnb_4bit_compute_dtype
+    assert older_gpu["dtype"] == torch.float16
+    with pytest.raises(ValueError, match="qlora needs a CUDA device"):
+        generative.from_pretrained_kwargs("qlora", "cpu", None)
+
+
+def test_lora_loads_the_frozen_base_in_half_precision_and_full_keeps_fp32_weights() -> None:
+    assert generative.from_pretrained_kwargs("lora", "cuda", torch.bfloat16) == {
+        "dtype": torch.bfloat16
+    }
+    assert generative.from_pretrained_kwargs("full", "cuda", torch.bfloat16) == {
+        "dtype": torch.float32
+    }
+    for method in ("lora", "full"):
+        assert generative.from_pretrained_kwargs(method, "cpu", None) == {"dtype": torch.float32}
+
+
+@pytest.mark.parametrize("method", ["qlora", "lora", "full"])
+def test_gradient_checkpointing_is_non_reentrant_for_every_method(
+    tiny_minilm: Path, method: str
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(tiny_minilm), dtype=torch.float32)
+    if method == "qlora":
+        m.is_loaded_in_4bit = True  # set by transformers' bitsandbytes quantizer; peft reads it
+    m = generative.prepare_for_training(m, method, gradient_checkpointing=True)
+    checkpointed = [mod for mod in m.modules() if getattr(mod, "gradient_checkpointing", False)]
+    assert checkpointed and not m.config.use_cache
+    for mod in checkpointed:
+        assert mod._gradient_checkpointing_func.keywords == {"use_reentrant": False}
+    if method == "qlora":  # peft froze the base: only the adapters will train
+        assert not any(p.requires_grad for p in m.parameters())
 
 
 @pytest.mark.slow
@@ -490,3 +577,32 @@ def test_export_writes_a_versioned_repository(tmp_path: Path, tiny_minilm: Path)
 
     missing = export.run(export.Args(**{**vars(args), "candidate_dir": tmp_path}), events)
     assert not missing.ok and "manifest.json" in missing.message
+
+
+def test_an_export_killed_midway_leaves_nothing_triton_would_load(
+    tmp_path: Path, tiny_minilm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Triton loads every folder of the repository, hidden ones too ("failed to load
+    '.weather.tmp'"), and with --exit-on-error a broken one keeps the server from starting."""
+    from transformers import AutoTokenizer
+
+    cand = tmp_path / "cand"
+    AutoTokenizer.from_pretrained(str(tiny_minilm)).save_pretrained(str(cand))
+    (cand / "manifest.json").write_text(json.dumps({"weights": "full", "score": 0.9}))
+    args = export.Args(
+        candidate="tiny",
+        model=str(tiny_minilm),
+        candidate_dir=cand,
+        output=tmp_path / "repo",
+        model_name="weather",
+    )
+    assert export.run(args, Events()).ok
+
+    def killed(*_: Any) -> list[str]:
+        raise MemoryError("OOM-killed while copying the weights")
+
+    monkeypatch.setattr(export, "_copy_artifacts", killed)
+    with pytest.raises(MemoryError):
+        export.run(args, Events())
+    assert [p.name for p in (tmp_path / "repo").iterdir()] == ["weather"]
+    assert (tmp_path / "repo" / "weather" / "1" / "model.py").is_file()

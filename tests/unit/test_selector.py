@@ -209,6 +209,36 @@ def test_dispatch_sends_encoders_and_classification_to_the_selector(tmp_path: Pa
     assert finetune.uses_selector(args(str(llama), "classification"))
 
 
+def test_selector_refuses_qlora_without_a_gpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = fine_args(tmp_path / "data", tmp_path, method="qlora")
+    result = finetune.run(args, lambda event: None)
+    assert not result.ok and result.candidate == "minilm"
+    assert "qlora needs a GPU" in result.message and "method lora" in result.message
+    assert not args.output.exists()
+
+
+def test_an_encoder_saved_in_half_precision_trains_in_fp32(tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from slm_trainer import selector
+
+    src, enc = finetune.minilm_path(), tmp_path / "fp16-encoder"
+    assert src
+    AutoModel.from_pretrained(src).half().save_pretrained(enc)
+    AutoTokenizer.from_pretrained(src).save_pretrained(enc)
+    net, tok = selector.build_net(selector.SelectorConfig(base_model=str(enc)), torch.device("cpu"))
+    batch = tok(["refund order 7", "where is my order"], padding=True, return_tensors="pt")
+    q = net.embed({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
+    logits = net.logits(q, [q[1:].detach(), q[:1].detach()])
+    assert logits.dtype == torch.float32 and torch.isfinite(logits[:, :2]).all()
+
+
 # ------------------------------------------------------------------ training
 
 

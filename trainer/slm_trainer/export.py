@@ -2,7 +2,8 @@
 
 Why a stage of its own: serving must not depend on the training pod's file layout, and a
 repository must be complete before Triton sees it (Triton loads what it finds, half-written or
-not). This stage writes, into a temporary folder that is renamed into place at the end:
+not). This stage writes, into a temporary folder beside ``<output>`` (on the same volume) that
+is renamed into place at the end:
 
 - ``<output>/<model-name>/config.pbtxt``: Python backend, BYTES request in, BYTES response
   and FP32 confidence out, dynamic batching (:func:`slm_trainer.triton_model.render_config`);
@@ -139,7 +140,8 @@ def run(args: Args, emit: Emit) -> TrainerResult:
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    staging = out / f".{args.model_name}.tmp"
+    # beside the repository, not in it: Triton loads every folder it finds there, hidden or not
+    staging = out.parent / f".{out.name}.{args.model_name}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     version_dir = staging / str(args.version)
     version_dir.mkdir(parents=True)
@@ -221,7 +223,7 @@ def run(args: Args, emit: Emit) -> TrainerResult:
 
     final = out / args.model_name
     if final.exists():
-        old = out / f".{args.model_name}.old"
+        old = out.parent / f".{out.name}.{args.model_name}.old"
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
         os.replace(staging, final)

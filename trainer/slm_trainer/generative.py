@@ -19,9 +19,12 @@ follow, and the generic trainer does none of them by default:
   function of (seed, epoch) and all RNG state is restored.
 
 Methods: ``lora`` (peft), ``full``, and ``qlora`` (4-bit NF4 base through bitsandbytes, only
-with a CUDA GPU; without one the run fails with a message that names the fix). bf16 autocast
-on GPU, fp32 on CPU; gradient checkpointing on request. Prompts come from the model's chat
-template, tools rendered by the template when it supports them, else in the system message
+with a CUDA GPU; without one the run fails with a message that names the fix). On a GPU, bf16
+autocast where the GPU has native bf16 (Ampere and newer), else fp16 autocast with loss
+scaling; fp32 on CPU; gradient checkpointing on request. A QLoRA candidate is evaluated as it
+is served: its adapter merged into the base loaded unquantized (as export and Triton do).
+Prompts come from the model's chat template, tools rendered by the template when it supports
+them, else in the system message
 (:mod:`slm_trainer.triton_model.chatformat`, the same code the Triton backend runs).
 
 After training the model answers the held-out split with greedy decoding
@@ -262,42 +265,93 @@ def qlora_unavailable() -> str | None:
     return None
 
 
-def load_model(args: Any, opts: Options, device: str) -> tuple[Any, Any, bool]:
-    """(model ready to train, tokenizer, tools_in_template) for the stage's method."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def compute_dtype(device: str, bf16_native: bool | None = None) -> Any:
+    """The autocast dtype of a training step, or None for plain fp32 (CPU).
 
-    tokenizer = AutoTokenizer.from_pretrained(str(args.model))
-    tools_in_template = prepare_tokenizer(tokenizer)
-    method = args.method
+    bf16 where the GPU computes it natively (compute capability 8.0 and newer); fp16 on older
+    GPUs (T4, V100), where ``torch.cuda.is_bf16_supported()`` is True only through slow
+    emulation, and fp16 needs a GradScaler. ``bf16_native`` is queried from the GPU when None.
+    """
+    import torch
+
+    if not device.startswith("cuda"):
+        return None
+    if bf16_native is None:
+        bf16_native = torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.bfloat16 if bf16_native else torch.float16
+
+
+def from_pretrained_kwargs(method: str, device: str, amp: Any) -> dict[str, Any]:
+    """How ``from_pretrained`` loads the base for ``method`` on ``device``.
+
+    fp32 on CPU and for full fine-tuning (fp32 master weights, autocast does the rest); for
+    LoRA on a GPU the frozen base in the compute dtype (peft keeps the adapters in fp32); for
+    QLoRA a double-quantized 4-bit NF4 base computing in ``amp``, placed whole on ``device``
+    (bitsandbytes cannot offload a 4-bit model, and ``.to()`` must not move it afterwards).
+    """
+    import torch
+
     kwargs: dict[str, Any] = {"dtype": torch.float32}
-    if device.startswith("cuda") and method in ("lora", "qlora"):
-        kwargs["dtype"] = torch.bfloat16  # frozen base in bf16; adapters stay fp32 (peft)
+    if amp is not None and method in ("lora", "qlora"):
+        kwargs["dtype"] = amp
     if method == "qlora":
+        if amp is None or not device.startswith("cuda"):
+            raise ValueError(f"method qlora needs a CUDA device, not {device!r}")
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=amp,
         )
         kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(str(args.model), **kwargs)
-    if method != "qlora":
-        model.to(device)
-    model.config.use_cache = False
-    if opts.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if method in ("lora", "qlora"):
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    return kwargs
 
-        if method == "qlora":
-            model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=opts.gradient_checkpointing
-            )
-        elif opts.gradient_checkpointing:
+
+#: Non-reentrant checkpointing: the variant torch recommends (the reentrant one is torch's
+#: default when none is named, deprecated, and needs inputs that require grad).
+CHECKPOINTING_KWARGS = {"use_reentrant": False}
+
+
+def prepare_for_training(model: Any, method: str, gradient_checkpointing: bool) -> Any:
+    """Cache off, checkpointing on request, and for QLoRA peft's k-bit preparation (base frozen,
+    norms and head in fp32), with the same non-reentrant checkpointing for every method."""
+    model.config.use_cache = False
+    if method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        # Without gradient_checkpointing_kwargs peft re-enables checkpointing with none, which
+        # silently switches to torch's reentrant default.
+        return prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs=dict(CHECKPOINTING_KWARGS),
+        )
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs=dict(CHECKPOINTING_KWARGS)
+        )
+        if method == "lora":
             model.enable_input_require_grads()
+    return model
+
+
+def load_model(args: Any, opts: Options, device: str, amp: Any = None) -> tuple[Any, Any, bool]:
+    """(model ready to train, tokenizer, tools_in_template) for the stage's method."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(args.model))
+    tools_in_template = prepare_tokenizer(tokenizer)
+    method = args.method
+    kwargs = from_pretrained_kwargs(method, device, amp)
+    model = AutoModelForCausalLM.from_pretrained(str(args.model), **kwargs)
+    if "device_map" not in kwargs:
+        model.to(device)
+    model = prepare_for_training(model, method, opts.gradient_checkpointing)
+    if method in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model
+
         targets: str | list[str] = opts.target_modules
         if "," in targets:
             targets = [t.strip() for t in targets.split(",") if t.strip()]
@@ -330,8 +384,11 @@ def _supports_logits_to_keep(model: Any) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
-def answer_loss(model: Any, batch: dict[str, Any], device: str, keep_logits: bool) -> Any:
-    """Mean cross-entropy over the answer tokens of one packed step."""
+def answer_loss(
+    model: Any, batch: dict[str, Any], device: str, keep_logits: bool, amp: Any = None
+) -> Any:
+    """Mean cross-entropy over the answer tokens of one packed step, under autocast to ``amp``
+    (:func:`compute_dtype`) when it is set."""
     import torch
     import torch.nn.functional as F
 
@@ -342,11 +399,7 @@ def answer_loss(model: Any, batch: dict[str, Any], device: str, keep_logits: boo
         "attention_mask": None,
         "use_cache": False,
     }
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.startswith("cuda")
-        else contextlib.nullcontext()
-    )
+    autocast = torch.autocast("cuda", dtype=amp) if amp is not None else contextlib.nullcontext()
     with autocast:
         if keep_logits:
             logits = model(**kwargs, logits_to_keep=keep).logits
@@ -545,11 +598,12 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
     import torch
 
     device = _device()
+    amp = compute_dtype(device)
     if opts.num_threads > 0:
         torch.set_num_threads(opts.num_threads)
     set_seed(opts.seed)
     t_start = time.monotonic()
-    model, tokenizer, tools_in_template = load_model(args, opts, device)
+    model, tokenizer, tools_in_template = load_model(args, opts, device, amp)
     total_params, trainable_params = count_parameters(model)
     emit(
         {
@@ -597,6 +651,8 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
         fused=device.startswith("cuda"),
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total, opts.warmup_ratio))
+    # fp16 gradients underflow without loss scaling; with bf16 or fp32 this is a no-op
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     keep_logits = _supports_logits_to_keep(model)
     pad_id = int(tokenizer.pad_token_id)
 
@@ -609,6 +665,8 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
         emit({"event": "warning", "message": f"ignoring checkpoint in {ckpt_dir}: other run"})
     elif payload is not None:
         restore(payload, model, opt, sched)
+        if payload.get("scaler"):
+            scaler.load_state_dict(payload["scaler"])
         start, losses = int(payload["step"]), list(payload["losses"])
         emit({"event": "resume", "candidate": args.candidate, "step": start, "total_steps": total})
 
@@ -622,10 +680,12 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
             step = start
             for step, group in _iterate(examples, opts, per_epoch, total, start):
                 batch = collate(group, opts.packing, pad_id)
-                loss = answer_loss(model, batch, device, keep_logits)
-                loss.backward()
+                loss = answer_loss(model, batch, device, keep_logits, amp)
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-                opt.step()
+                scaler.step(opt)
+                scaler.update()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 losses.append(float(loss.detach()))
@@ -636,7 +696,11 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
                 last_step = done == total
                 if ckpt_dir and (sigterm.received or last_step or done % opts.save_steps == 0):
                     save_checkpoint(
-                        ckpt_dir, {**state, "step": done, "losses": losses}, model, opt, sched
+                        ckpt_dir,
+                        {**state, "step": done, "losses": losses, "scaler": scaler.state_dict()},
+                        model,
+                        opt,
+                        sched,
                     )
                 if sigterm.received and not last_step:
                     raise Preempted(done)
@@ -663,6 +727,9 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
                 json.dumps({"total_steps": total, "losses": losses}) + "\n"
             )
 
+            if args.method == "qlora":
+                del model  # free the 4-bit base before the unquantized one is loaded
+                model = _served_model(out, args, device)
             t_eval = time.monotonic()
             score, predictions = evaluate(
                 model, tokenizer, eval_records, tools_in_template, args, opts, examples, sigterm
@@ -724,6 +791,23 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
         message=f"{args.method} on {total} steps, final loss {losses[-1]:.4f}"
         + ("" if score is None else f", {args.metric} {score:.3f} vs the LLM"),
     )
+
+
+def _served_model(out: Path, args: Any, device: str) -> Any:
+    """The QLoRA candidate as serving and export load it: the saved adapter merged into the
+    base loaded unquantized (peft's merge into a 4-bit layer re-rounds it to 4 bits, so nothing
+    merges there), so that the scores and confidences the threshold is chosen from are those
+    of the served model, not of the NF4 base it trained on."""
+    import gc
+
+    import torch
+
+    from slm_trainer.triton_model import runtime
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    model, _ = runtime.load_model(out, str(args.model), device=device)
+    return model
 
 
 def max_new_tokens(examples: Sequence[Example], opts: Options) -> int:

@@ -424,7 +424,9 @@ def build_net(config: SelectorConfig, device: torch.device) -> tuple[SelectorNet
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     torch.manual_seed(config.seed)
-    base = AutoModel.from_pretrained(path)
+    # fp32 whatever the checkpoint holds (transformers 5 loads its dtype by default): the head
+    # is fp32 and an fp16/bf16 encoder output would not multiply with it
+    base = AutoModel.from_pretrained(path, dtype=torch.float32)
     dim = int(getattr(base.config, "hidden_size", 0) or base.config.d_model)
     frozen = None
     if config.method == "full":
@@ -630,12 +632,12 @@ def load_selector(
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    base = AutoModel.from_pretrained(base_path)
+    base = AutoModel.from_pretrained(base_path, dtype=torch.float32)  # as build_net
     dim = int(getattr(base.config, "hidden_size", 0) or base.config.d_model)
     frozen = None
     if config.method == "full":
         frozen = base.eval()
-        encoder: nn.Module = AutoModel.from_pretrained(str(root / "encoder"))
+        encoder: nn.Module = AutoModel.from_pretrained(str(root / "encoder"), dtype=torch.float32)
     else:
         encoder = PeftModel.from_pretrained(base, str(root / "adapter"))
     net = SelectorNet(encoder, dim, frozen, config.tool_tower, config.defer_head)
@@ -745,6 +747,8 @@ def _save_checkpoint(
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "torch_rng": torch.get_rng_state(),
+        # dropout on a GPU draws from the CUDA generator: without it a resumed run diverges
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "losses": losses,
     }
     save_atomically(state, path / CHECKPOINT)
@@ -817,6 +821,8 @@ def train_selector(
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["torch_rng"])
+            if state.get("cuda_rng") and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
             start = int(state["step"])
             losses = list(state["losses"])
             _progress(emit, progress_fields, phase="resume", step=start, total_steps=total)

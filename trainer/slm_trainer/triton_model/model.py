@@ -11,8 +11,9 @@ in its own stub process, so it imports only its sibling files (``chatformat.py``
 - ``max_new_tokens``, ``tools_in_template``, optional ``cpu_threads``.
 
 One ``execute`` call answers every row of every request it is given in one padded batch
-(dynamic batching gathers them). A request that is not a valid chat-completions JSON gets a
-Triton error of its own; the other requests of the batch are still answered.
+(dynamic batching gathers them). A request that is not a valid chat-completions JSON, or
+that the model fails on, gets a Triton error of its own; the other requests of the batch are
+still answered.
 """
 
 from __future__ import annotations
@@ -123,6 +124,34 @@ class TritonPythonModel:
                 results[i] = (message, conf)
         return [r for r in results if r is not None]
 
+    def _answer_alone(
+        self, request: list[tuple[list[dict], list[dict]]] | str
+    ) -> list[tuple[dict, float]] | str:
+        if isinstance(request, str):
+            return request
+        try:
+            return self._answer(request)
+        except Exception as exc:  # a model failure fails this request, not the server
+            return f"{type(exc).__name__}: {exc}"
+
+    def _answer_each(
+        self, parsed: list[list[tuple[list[dict], list[dict]]] | str]
+    ) -> list[list[tuple[dict, float]] | str]:
+        """Each request's answers or error: one batch for all, else one request at a time.
+
+        Why the second pass: a failure may belong to one request only (a conversation its
+        chat template rejects, a prompt too long for memory), and the other callers of the
+        batch must still get their answers.
+        """
+        valid = [p for p in parsed if not isinstance(p, str)]
+        if len(valid) < 2:
+            return [self._answer_alone(p) for p in parsed]
+        try:
+            answers = iter(self._answer([row for p in valid for row in p]))
+        except Exception:
+            return [self._answer_alone(p) for p in parsed]
+        return [p if isinstance(p, str) else [next(answers) for _ in p] for p in parsed]
+
     def execute(self, requests: list[Any]) -> list[Any]:
         parsed: list[list[tuple[list[dict], list[dict]]] | str] = []
         for request in requests:
@@ -134,21 +163,12 @@ class TritonPythonModel:
                 parsed.append([chatformat.parse_request(raw) for raw in raws])
             except Exception as exc:
                 parsed.append(str(exc))
-        flat = [row for p in parsed if not isinstance(p, str) for row in p]
-        try:
-            answers = self._answer(flat)
-            failure = None
-        except Exception as exc:  # a model failure fails this batch, not the server
-            answers, failure = [], f"{type(exc).__name__}: {exc}"
         responses = []
-        at = 0
-        for p in parsed:
-            if isinstance(p, str) or failure is not None:
-                error = pb_utils.TritonError(p if isinstance(p, str) else failure)
+        for mine in self._answer_each(parsed):
+            if isinstance(mine, str):
+                error = pb_utils.TritonError(mine)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
                 continue
-            mine = answers[at : at + len(p)]
-            at += len(p)
             out = np.array(
                 [[json.dumps(m, ensure_ascii=False).encode()] for m, _ in mine], dtype=np.object_
             )

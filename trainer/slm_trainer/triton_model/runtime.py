@@ -8,7 +8,8 @@ import anything from ``slm_trainer``; torch, transformers and peft are imported 
 
 The confidence of a generated answer is the mean probability the model gave to each token it
 chose (greedy decoding), end-of-sequence token included: low when the model hesitated anywhere
-in the answer, e.g. on a tool name or an argument value.
+in the answer, e.g. on a tool name or an argument value. An answer cut at ``max_new_tokens``
+gets 0: it is incomplete, and a model stuck repeating itself is sure of every token.
 """
 
 from __future__ import annotations
@@ -37,6 +38,20 @@ def pick_device(kind: str = "AUTO", device_id: int = 0) -> str:
     return f"cuda:{device_id}"
 
 
+def serving_dtype(device: str, bf16_native: bool | None = None) -> Any:
+    """fp32 on CPU; on a GPU bf16 where it computes bf16 natively (compute capability 8.0 and
+    newer), else fp16: T4 and V100 report bf16 support only through slow emulation, which
+    ``torch.cuda.is_bf16_supported()`` counts unless told not to. The trainer evaluates in
+    the same precision (``generative.compute_dtype``)."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return torch.float32
+    if bf16_native is None:
+        bf16_native = torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.bfloat16 if bf16_native else torch.float16
+
+
 def load_model(
     model_dir: str | os.PathLike[str],
     base_model: str | None = None,
@@ -46,13 +61,12 @@ def load_model(
 
     ``model_dir`` holds the tokenizer and either full weights or ``adapter_config.json``; for
     an adapter the base comes from ``base_model`` (a local path or hub id), else from the
-    adapter's own ``base_model_name_or_path``. bf16 on GPU, fp32 on CPU.
+    adapter's own ``base_model_name_or_path``. Weights in :func:`serving_dtype`.
     """
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(model_dir)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = serving_dtype(device)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     adapter_cfg = path / "adapter_config.json"
     if adapter_cfg.is_file():
@@ -119,7 +133,8 @@ def generate(
             end = next((k for k, t in enumerate(toks) if t in eos_ids), None)
             n = len(toks) if end is None else end + 1
             n = min(n, chosen.shape[1])
-            conf = float(chosen[row, :n].mean()) if n else 0.0
+            # cut at max_new_tokens: incomplete whatever the model's certainty (it may loop)
+            conf = float(chosen[row, :n].mean()) if n and end is not None else 0.0
             body = toks if end is None else toks[:end]
             text = tokenizer.decode(body, skip_special_tokens=True)
             answers[i] = Answer(
