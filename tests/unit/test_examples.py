@@ -19,7 +19,9 @@ def test_the_quickstart_task_reads_the_folder_the_gateway_captures_it_to() -> No
     task = yaml.safe_load((REPO / "examples" / "tool-selection.yaml").read_text())
     claims = {
         doc["metadata"]["name"]: doc
-        for doc in yaml.safe_load_all((REPO / "examples" / "storage.yaml").read_text())
+        for doc in yaml.safe_load_all(
+            (REPO / "examples" / "storage" / "quickstart-pvcs.yaml").read_text()
+        )
     }
     values = yaml.safe_load((REPO / "charts" / "slm-fleet-operator" / "values.yaml").read_text())
     readme = (REPO / "README.md").read_text()
