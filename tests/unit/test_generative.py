@@ -513,6 +513,8 @@ def test_config_pbtxt_is_valid_triton_model_config() -> None:
         render_config("m", max_batch_size=0), model_config_pb2.ModelConfig()
     )
     assert not no_batch.HasField("dynamic_batching")
+    # Without batching the dims are the whole shape: the gateway's [1, 1] tensors must fit.
+    assert [list(t.dims) for t in (*no_batch.input, *no_batch.output)] == [[1, 1]] * 3
     for bad in ("", "a/b", ".."):
         with pytest.raises(ValueError):
             render_config(bad)

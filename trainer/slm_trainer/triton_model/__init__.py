@@ -71,6 +71,10 @@ def render_config(
         raise ValueError(f"instance_kind must be one of {', '.join(INSTANCE_KINDS)}")
     if max_batch_size < 0 or instance_count < 1:
         raise ValueError("max_batch_size must be >= 0 and instance_count >= 1")
+    # Every caller sends [batch, 1] tensors (slm_contract: the gateway sends [1, 1]). With
+    # batching, dims leave out the batch dimension; without (max_batch_size 0) they are the
+    # whole shape, so [1, 1], or Triton would reject every request as the wrong shape.
+    dims = "[ 1 ]" if max_batch_size > 0 else "[ 1, 1 ]"
     lines = [
         f"name: {_quote(name)}",
         'backend: "python"',
@@ -79,19 +83,19 @@ def render_config(
         "  {",
         f"    name: {_quote(INPUT_NAME)}",
         "    data_type: TYPE_STRING",
-        "    dims: [ 1 ]",
+        f"    dims: {dims}",
         "  }",
         "]",
         "output [",
         "  {",
         f"    name: {_quote(OUTPUT_NAME)}",
         "    data_type: TYPE_STRING",
-        "    dims: [ 1 ]",
+        f"    dims: {dims}",
         "  },",
         "  {",
         f"    name: {_quote(CONFIDENCE_NAME)}",
         "    data_type: TYPE_FP32",
-        "    dims: [ 1 ]",
+        f"    dims: {dims}",
         "  }",
         "]",
         "instance_group [",
