@@ -672,6 +672,10 @@ class CaptureSink:
                 self._died(worker)
                 break
             if msg[0] == "closed":
+                if not self._closing:
+                    # Stopped unasked (a shard it could not rotate ends its loop): a dead
+                    # worker like any other, or the pump would feed a closed pipe for good.
+                    self._died(worker)
                 break
             with worker.lock:
                 if worker.inflight:

@@ -316,11 +316,7 @@ class Client:
             return await self._exchange(conn, origin, target, body, loop, deadline)
         finally:
             origin.active -= 1
-            while origin.waiters:
-                waiter = origin.waiters.popleft()
-                if not waiter.done():
-                    waiter.set_result(None)
-                    break
+            _wake_one(origin)
 
     async def _wait_for_slot(
         self, origin: _Origin, loop: asyncio.AbstractEventLoop, deadline: float
@@ -331,6 +327,12 @@ class Client:
             timer = loop.call_at(deadline, _expire, waiter, "no free connection")
             try:
                 await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    # Handed a free slot just as this caller was cancelled: pass it on, or
+                    # the next waiter would sit out its deadline with the slot unused.
+                    _wake_one(origin)
+                raise
             finally:
                 timer.cancel()
 
@@ -421,6 +423,14 @@ class Client:
                 if not waiter.done():
                     waiter.set_exception(HTTPClientError("the client is closed"))
         await asyncio.sleep(0)
+
+
+def _wake_one(origin: _Origin) -> None:
+    while origin.waiters:
+        waiter = origin.waiters.popleft()
+        if not waiter.done():
+            waiter.set_result(None)
+            return
 
 
 def _expire(waiter: asyncio.Future[Any], what: str) -> None:

@@ -63,6 +63,21 @@ def trainer_account(kube: Kube, task: dict[str, Any], default: str) -> str:
     return default if found else ""
 
 
+def _replacing_patch(previous: Any, desired: Any) -> Any:
+    """The JSON merge patch that turns ``previous`` into exactly ``desired``.
+
+    Why nested: a merge patch merges objects key by key at every depth, so a field the plan
+    no longer reports inside one (``route.slmTimeoutMs`` once the spec drops it) must be sent
+    as null, or the stale value stays, and the gateway, which reads it, keeps using it.
+    """
+    if not isinstance(desired, dict) or not isinstance(previous, dict):
+        return desired
+    patch = {key: _replacing_patch(previous.get(key), value) for key, value in desired.items()}
+    for key in previous:
+        patch.setdefault(key, None)
+    return patch
+
+
 def observe(
     kube: Kube,
     namespace: str,
@@ -138,10 +153,7 @@ def reconcile(
         kube.delete("batch/v1", "jobs", namespace, job)
     previous = obs.task.get("status") or {}
     if p.status != previous:
-        patch = dict(p.status)
-        for key in previous:
-            patch.setdefault(key, None)  # merge patch: null removes what we no longer report
-        kube.patch_status(namespace, name, patch)
+        kube.patch_status(namespace, name, _replacing_patch(previous, p.status))
         for type_, reason, message in p.events:
             kube.event(obs.task, type_, reason, message)
     if p.invalid and p.status != previous:

@@ -297,3 +297,27 @@ def test_a_lost_replicas_stale_shard_is_published_by_a_remaining_one(tmp_path: P
     clock.now += 301
     w.sweep_orphans()
     assert not stale.exists() and [p.read_bytes() for p in shards(tmp_path)] == [b'{"a":1}\n']
+
+
+def test_a_worker_that_stops_on_a_failed_rotation_is_replaced(tmp_path: Path) -> None:
+    """A shard that cannot be published when it comes of age (its folder removed here; an
+    object store outage with a URI target) ends the worker's loop: the gateway did not ask
+    it to stop, so it is a dead worker like any other and is replaced, not left for good."""
+    import shutil
+
+    sink = CaptureSink(
+        CaptureConfig(target=str(tmp_path), max_shard_seconds=0.5, restart_backoff_s=0.05)
+    )
+    sink.start()
+    try:
+        old = sink._workers[0].proc.pid
+        sink.submit(item(0, key="gone"))
+        assert wait_for(lambda: sink.stats.written == 1)
+        shutil.rmtree(tmp_path / "gone")  # the open shard's rename at rotation now fails
+        assert wait_for(lambda: sink._workers[0].proc.pid != old and sink._workers[0].alive)
+        for i in range(5):
+            sink.submit(item(100 + i))
+        assert wait_for(lambda: sink.stats.written == 6), sink.stats
+    finally:
+        stats = sink.close()
+    assert (stats.written, stats.dropped, stats.pending) == (6, 0, 0)

@@ -404,3 +404,31 @@ def test_https_checks_the_certificate(tmp_path: Path) -> None:
         assert answer.body == b'{"tls":1}'
 
     run(main())
+
+
+def test_a_caller_cancelled_as_it_is_handed_a_free_connection_passes_it_on() -> None:
+    # limit 1: A holds the connection, B and C wait. A finishes and hands the free slot to B,
+    # whose caller gives up at that very moment (its agent disconnected): C must get the slot
+    # instead of waiting out its whole deadline while no connection is in use.
+    async def main() -> None:
+        async with Server(keep_alive_echo) as srv:
+            client = Client(limit_per_origin=1)
+            target = Target.parse(srv.url())
+            tasks: dict[str, asyncio.Task[object]] = {}
+
+            async def first() -> object:
+                answer = await client.post(target, b"A", 5)
+                tasks["B"].cancel()
+                return answer
+
+            tasks["A"] = asyncio.create_task(first())
+            await asyncio.sleep(0)
+            tasks["B"] = asyncio.create_task(client.post(target, b"B", 5))
+            tasks["C"] = asyncio.create_task(client.post(target, b"C", 1))
+            assert (await tasks["A"]).body == b"A"  # type: ignore[attr-defined]
+            with pytest.raises(asyncio.CancelledError):
+                await tasks["B"]
+            assert (await tasks["C"]).body == b"C"  # type: ignore[attr-defined]
+            await client.close()
+
+    run(main())

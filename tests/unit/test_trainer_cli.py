@@ -245,3 +245,39 @@ def test_result_path_defaults_to_termination_log_only_when_writable(
     assert cli.default_result_path() == ""
     target.write_text("")
     assert cli.default_result_path() == str(target)
+
+
+def test_a_preempted_stage_exits_with_a_code_the_job_retries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A training loop stopped by SIGTERM checkpoints and reports "rerun to resume". Its
+    exit code must not be one the Job's podFailurePolicy fails at once on: a pod stopped
+    without a DisruptionTarget condition (a plain pod delete, a node shut down without the
+    kubelet's graceful shutdown) must get another pod that resumes, as backoffLimit allows."""
+    import signal
+    from dataclasses import dataclass
+
+    from slm_operator.builders import TRAINER_DEFINITE_EXIT_CODES
+    from slm_trainer import preemption
+
+    @dataclass
+    class Args:
+        """Trains until SIGTERM, then reports that it can resume."""
+
+    def run(args: Any, progress: Any) -> TrainerResult:
+        with preemption.SigtermFlag() as sigterm:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert sigterm.received
+        return TrainerResult(stage="finetune", ok=False, message="preempted; rerun to resume")
+
+    module = types.ModuleType("fake_trainer_stage")
+    module.Args = Args  # type: ignore[attr-defined]
+    module.run = run  # type: ignore[attr-defined]
+    module.CONTRACT_STAGE = "finetune"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "fake_trainer_stage", module)
+    monkeypatch.setitem(cli.STAGES, "train-until-sigterm", "fake_trainer_stage")
+    if hasattr(preemption, "_sigterm_received"):
+        monkeypatch.setattr(preemption, "_sigterm_received", False)
+
+    code = cli.main(["train-until-sigterm", "--result-path", str(tmp_path / "result.json")])
+    assert code != 0 and code not in TRAINER_DEFINITE_EXIT_CODES

@@ -10,7 +10,8 @@ is fixed here once for every stage:
 - the exit code: 0 when the result is ok; 3 when the stage ran and reported a failure (too
   few examples, no candidate passing: running it again gives the same answer); 1 when it
   crashed (an exception: maybe transient, so worth a retry); 2 for bad arguments (argparse's
-  convention). The operator's Jobs fail at once on 2 and 3 (:data:`EXIT_REPORTED` and a
+  convention); 143 when a training loop stopped on SIGTERM after a checkpoint (a new pod
+  resumes it). The operator's Jobs fail at once on 2 and 3 (:data:`EXIT_REPORTED` and a
   podFailurePolicy) and spend ``backoffLimit`` only on crashes.
 
 A stage is a module with an ``Args`` dataclass (its fields become ``--flags``; the field's
@@ -36,14 +37,18 @@ from pathlib import Path
 from typing import Any
 
 from slm_contract import TrainerResult
+from slm_trainer import preemption
 
-#: CLI stage name -> module implementing it. The contract stage it reports is the module's
-#: ``CONTRACT_STAGE``.
 #: Exit code of a stage that ran and reported a failure: retrying gives the same answer.
 EXIT_REPORTED = 3
 #: Exit code of a stage that raised: possibly transient, so a Job may retry it.
 EXIT_CRASHED = 1
+#: Exit code of a stage stopped by SIGTERM (it checkpointed; a new pod resumes), as if the
+#: signal had ended it: the Job retries it even when the pod has no DisruptionTarget condition.
+EXIT_PREEMPTED = 143
 
+#: CLI stage name -> module implementing it. The contract stage it reports is the module's
+#: ``CONTRACT_STAGE``.
 STAGES: dict[str, str] = {
     "curate": "slm_trainer.curate",
     "export": "slm_trainer.export",
@@ -166,4 +171,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     emit({"event": "result", **json.loads(result.to_json())})
     if result.ok:
         return 0
-    return EXIT_CRASHED if crashed else EXIT_REPORTED
+    if crashed:
+        return EXIT_CRASHED
+    return EXIT_PREEMPTED if preemption.sigterm_received() else EXIT_REPORTED

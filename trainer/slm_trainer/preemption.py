@@ -14,6 +14,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
+#: Whether any :class:`SigtermFlag` in this process saw SIGTERM: the CLI then exits with a
+#: code the Job retries (a preempted run resumes), not the one for a reported failure.
+_sigterm_received = False
+
+
+def sigterm_received() -> bool:
+    return _sigterm_received
+
 
 class SigtermFlag:
     """Turns SIGTERM into a flag the loop checks after each step.
@@ -34,7 +42,9 @@ class SigtermFlag:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        global _sigterm_received
         self.received = True
+        _sigterm_received = True
 
     def __exit__(self, *exc: object) -> None:
         if self._installed:
