@@ -278,6 +278,15 @@ class ShardWriter:
                     size = _last_newline_end(fh, size)
                     fh.truncate(size)
                     log.warning("capture: cut a partial last record from %s", path.name)
+        self._finish(path, size)
+
+    def _close(self, key: str) -> None:
+        fh, path, _, size = self._open.pop(key)
+        fh.close()
+        self._finish(path, size)
+
+    def _finish(self, path: Path, size: int) -> None:
+        """Publish a closed ``.part`` shard as ``.jsonl`` (and upload it); drop it if empty."""
         if size == 0:
             path.unlink(missing_ok=True)
             return
@@ -285,17 +294,6 @@ class ShardWriter:
         os.replace(path, final)
         if self.publish is not None:
             self.publish(final, final.relative_to(self.root).as_posix())
-
-    def _close(self, key: str) -> None:
-        fh, path, _, size = self._open.pop(key)
-        fh.close()
-        if size == 0:
-            path.unlink(missing_ok=True)
-            return
-        final = path.with_name(path.name[: -len(PART_SUFFIX)] + SHARD_SUFFIX)
-        os.replace(path, final)
-        if self.publish is not None:
-            self.publish(final, f"{key}/{final.name}")
 
 
 def _last_newline_end(fh: BinaryIO, end: int) -> int:

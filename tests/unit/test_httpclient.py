@@ -86,6 +86,19 @@ async def keep_alive_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWr
         await writer.drain()
 
 
+def slow_echo(trigger: bytes, delay: float) -> Handler:
+    """A keep-alive echo that takes ``delay`` seconds to answer a body equal to ``trigger``."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, srv: Server):
+        while (body := await srv.read_request(reader)) is not None:
+            if body == trigger:
+                await asyncio.sleep(delay)
+            writer.write(ok(body))
+            await writer.drain()
+
+    return handler
+
+
 def run(coro: Awaitable[object]) -> object:
     return asyncio.run(asyncio.wait_for(coro, 30))  # type: ignore[arg-type]
 
@@ -263,12 +276,7 @@ def test_a_new_connection_closed_without_an_answer_fails_and_is_not_retried() ->
 
 
 def test_a_deadline_holds_and_the_late_answer_is_never_read_as_the_next_calls() -> None:
-    async def handler(reader, writer, srv):
-        while (body := await srv.read_request(reader)) is not None:
-            if body == b"slow":
-                await asyncio.sleep(0.5)
-            writer.write(ok(body))
-            await writer.drain()
+    handler = slow_echo(b"slow", 0.5)
 
     async def main() -> None:
         async with Server(handler) as srv:
@@ -288,12 +296,7 @@ def test_a_deadline_holds_and_the_late_answer_is_never_read_as_the_next_calls() 
 
 
 def test_a_cancelled_call_closes_its_connection() -> None:
-    async def handler(reader, writer, srv):
-        while (body := await srv.read_request(reader)) is not None:
-            if body == b"hang":
-                await asyncio.sleep(0.3)
-            writer.write(ok(body))
-            await writer.drain()
+    handler = slow_echo(b"hang", 0.3)
 
     async def main() -> None:
         async with Server(handler) as srv:
