@@ -258,7 +258,7 @@ class _Origin:
     __slots__ = ("active", "idle", "waiters")
 
     def __init__(self) -> None:
-        self.idle: list[_Connection] = []
+        self.idle: deque[_Connection] = deque()  # most recently used on the right
         self.active = 0  # connections handed out plus being opened
         self.waiters: deque[asyncio.Future[None]] = deque()
 
@@ -340,6 +340,10 @@ class Client:
         self, origin: _Origin, loop: asyncio.AbstractEventLoop
     ) -> _Connection | None:
         now = loop.time()
+        # Reuse takes the most recently used connection, so the least recently used ones sink
+        # to the left end and would stay open for ever under light load: close one per call.
+        if origin.idle and now - origin.idle[0].idle_since > self.idle_timeout:
+            origin.idle.popleft().close()
         while origin.idle:
             conn = origin.idle.pop()
             if conn.closed:

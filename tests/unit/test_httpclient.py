@@ -435,3 +435,23 @@ def test_a_caller_cancelled_as_it_is_handed_a_free_connection_passes_it_on() -> 
             await client.close()
 
     run(main())
+
+
+def test_connections_left_idle_after_a_burst_are_closed_under_light_load() -> None:
+    """Reuse takes the most recently used connection; the others, left from a burst, must
+    not stay open for ever while one connection is enough."""
+
+    async def main() -> None:
+        async with Server(slow_echo(b"burst", 0.05)) as srv:
+            client = Client(idle_timeout=0.1)
+            target = Target.parse(srv.url())
+            await asyncio.gather(*(client.post(target, b"burst", 5) for _ in range(3)))
+            assert srv.open_now == 3
+            for _ in range(12):  # one call every 30 ms keeps one connection fresh
+                await client.post(target, b"light", 5)
+                await asyncio.sleep(0.03)
+            await asyncio.sleep(0.05)  # the server notices the closes
+            assert srv.open_now == 1
+            await client.close()
+
+    run(main())
