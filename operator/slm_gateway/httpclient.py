@@ -102,7 +102,9 @@ class Target:
         host = parts.hostname or ""
         if not host:
             raise ValueError("the URL has no host")
-        port = parts.port or _DEFAULT_PORTS[scheme]  # .port raises ValueError when > 65535
+        port = parts.port  # raises ValueError above 65535
+        if port is None:
+            port = _DEFAULT_PORTS[scheme]
         if not 0 < port < 65536:
             raise ValueError(f"port {port} is out of range")
         path = parts.path or "/"

@@ -133,6 +133,7 @@ def test_target_host_header_keeps_a_non_default_port_and_brackets_ipv6() -> None
     ("url", "headers", "message"),
     [
         ("http://h:70000/x", JSON_HEADERS, "out of range"),
+        ("http://h:0/x", JSON_HEADERS, "port 0 is out of range"),  # not silently port 80
         ("ftp://h/x", JSON_HEADERS, "http:// or https://"),
         ("http://user:pw@h/x", JSON_HEADERS, "user info"),
         ("http:///x", JSON_HEADERS, "no host"),
