@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final
 
+from slm_contract import DEFINITE_EXIT_CODES
 from slm_operator import naming as n
 
 WORKSPACE: Final = "/workspace"
@@ -184,7 +185,7 @@ def _trainer_job(
                         "onExitCodes": {
                             "containerName": "trainer",
                             "operator": "In",
-                            "values": list(TRAINER_DEFINITE_EXIT_CODES),
+                            "values": list(DEFINITE_EXIT_CODES),
                         },
                     },
                 ]
@@ -192,10 +193,6 @@ def _trainer_job(
             "template": {"metadata": {"labels": labels}, "spec": pod_spec},
         },
     }
-
-
-#: Trainer exit codes that no retry changes (see slm_trainer.cli): bad arguments, reported failure.
-TRAINER_DEFINITE_EXIT_CODES: Final = (2, 3)
 
 
 #: Curated examples a revision needs before it trains, when spec.dataset.minExamples is unset.

@@ -40,6 +40,16 @@ def run_cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess[str]:
     )
 
 
+def register_stage(monkeypatch: pytest.MonkeyPatch, name: str, args: type, run: Any) -> None:
+    """A stage as the CLI finds one: a module with Args, run and CONTRACT_STAGE."""
+    module = types.ModuleType(f"fake_stage_{name}")
+    module.Args = args  # type: ignore[attr-defined]
+    module.run = run  # type: ignore[attr-defined]
+    module.CONTRACT_STAGE = "finetune"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(cli.STAGES, name, module.__name__)
+
+
 def write_log(path: Path, n: int = 12) -> Path:
     cities = [
         "Paris",
@@ -183,7 +193,7 @@ def test_curate_end_to_end_writes_a_result_the_operator_can_read(tmp_path: Path)
     assert report["redactions"] == {"EMAIL_ADDRESS": 12}
 
 
-def test_failed_result_exits_1_and_is_still_written(tmp_path: Path) -> None:
+def test_failed_result_exits_3_and_is_still_written(tmp_path: Path) -> None:
     log = write_log(tmp_path / "calls.jsonl", n=3)
     result_path = tmp_path / "result.json"
     proc = run_cli(
@@ -220,12 +230,7 @@ def test_a_crashing_stage_reports_a_failed_result(
         progress({"event": "progress", "stage": "boom", "steps": args.steps})
         raise RuntimeError("disk full")
 
-    module = types.ModuleType("fake_stage")
-    module.Args = Args  # type: ignore[attr-defined]
-    module.run = run  # type: ignore[attr-defined]
-    module.CONTRACT_STAGE = "finetune"  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "fake_stage", module)
-    monkeypatch.setitem(cli.STAGES, "boom", "fake_stage")
+    register_stage(monkeypatch, "boom", Args, run)
 
     result_path = tmp_path / "result.json"
     # 1: a crash may be transient (a volume hiccup), so the Job may retry it.
@@ -257,7 +262,7 @@ def test_a_preempted_stage_exits_with_a_code_the_job_retries(
     import signal
     from dataclasses import dataclass
 
-    from slm_operator.builders import TRAINER_DEFINITE_EXIT_CODES
+    from slm_contract import DEFINITE_EXIT_CODES
     from slm_trainer import preemption
 
     @dataclass
@@ -270,14 +275,8 @@ def test_a_preempted_stage_exits_with_a_code_the_job_retries(
             assert sigterm.received
         return TrainerResult(stage="finetune", ok=False, message="preempted; rerun to resume")
 
-    module = types.ModuleType("fake_trainer_stage")
-    module.Args = Args  # type: ignore[attr-defined]
-    module.run = run  # type: ignore[attr-defined]
-    module.CONTRACT_STAGE = "finetune"  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "fake_trainer_stage", module)
-    monkeypatch.setitem(cli.STAGES, "train-until-sigterm", "fake_trainer_stage")
-    if hasattr(preemption, "_sigterm_received"):
-        monkeypatch.setattr(preemption, "_sigterm_received", False)
+    register_stage(monkeypatch, "train-until-sigterm", Args, run)
+    monkeypatch.setattr(preemption, "_sigterm_received", False)
 
     code = cli.main(["train-until-sigterm", "--result-path", str(tmp_path / "result.json")])
-    assert code != 0 and code not in TRAINER_DEFINITE_EXIT_CODES
+    assert code != 0 and code not in DEFINITE_EXIT_CODES

@@ -24,6 +24,18 @@ TERMINATION_MESSAGE_LIMIT = 4096
 RESULT_SCHEMA = "slmfleet.dev/trainer-result/v1"
 CALL_RECORD_SCHEMA = "slmfleet.dev/call-record/v1"
 
+#: How a trainer container exits; the operator's Jobs act on it (a podFailurePolicy). A stage
+#: that raised may have met something transient, so its Job may retry it; one stopped by
+#: SIGTERM checkpointed, and a new pod resumes it (the code SIGTERM itself would give).
+EXIT_CRASHED = 1
+#: argparse's code for bad arguments: another pod would be refused the same way.
+EXIT_BAD_ARGUMENTS = 2
+#: The stage ran and reported a failure (too few examples, nothing passing): a retry repeats it.
+EXIT_REPORTED = 3
+EXIT_PREEMPTED = 143
+#: Exit codes no retry changes: a trainer Job fails at once on them.
+DEFINITE_EXIT_CODES = (EXIT_BAD_ARGUMENTS, EXIT_REPORTED)
+
 #: What `slm-trainer <stage>` reports: prepare is curate (S2), then discover (S3), finetune
 #: (S5), evaluate and export.
 STAGES = ("prepare", "discover", "finetune", "evaluate", "export")

@@ -36,16 +36,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from slm_contract import TrainerResult
+from slm_contract import EXIT_CRASHED, EXIT_PREEMPTED, EXIT_REPORTED, TrainerResult
 from slm_trainer import preemption
-
-#: Exit code of a stage that ran and reported a failure: retrying gives the same answer.
-EXIT_REPORTED = 3
-#: Exit code of a stage that raised: possibly transient, so a Job may retry it.
-EXIT_CRASHED = 1
-#: Exit code of a stage stopped by SIGTERM (it checkpointed; a new pod resumes), as if the
-#: signal had ended it: the Job retries it even when the pod has no DisruptionTarget condition.
-EXIT_PREEMPTED = 143
 
 #: CLI stage name -> module implementing it. The contract stage it reports is the module's
 #: ``CONTRACT_STAGE``.
