@@ -278,12 +278,13 @@ def _pipeline(
     )
 
     data_name = n.data_job_name(name, rev)
-    if apply is not None:
-        apply.append(b.data_prep_job(task, rev, service_account))
+    data_job = b.data_prep_job(task, rev, service_account) if apply is not None else None
+    if apply is not None and data_job is not None:
+        apply.append(data_job)
     dv = jobs.get(data_name)
     status, reason, msg = _job_outcome(dv, now)
     need = b.min_examples(spec)
-    short = dv.result if dv is not None and dv.result is not None else None
+    short = dv.result if dv is not None else None
     if (
         status == c.FALSE
         and short is not None
@@ -294,7 +295,7 @@ def _pipeline(
         # have called it. Not a failure: the gateway keeps capturing, and the data-prep Job
         # runs again once the recheck interval has passed (deleted here, re-created by the
         # next pass, so the Job name stays the revision's and a restart anywhere converges).
-        again = (dv.finished_at or now) + data_recheck if dv is not None else now
+        again = ((dv.finished_at if dv is not None else None) or now) + data_recheck
         step.data = (
             c.FALSE,
             c.WAITING_FOR_DATA,
@@ -302,8 +303,8 @@ def _pipeline(
             f"(spec.dataset.minExamples); the gateway keeps capturing calls, curating again "
             f"at {_ts(again)}",
         )
-        if apply is not None and now >= again:
-            apply.remove(next(o for o in apply if o["metadata"]["name"] == data_name))
+        if apply is not None and data_job is not None and now >= again:
+            apply.remove(data_job)
             step.rerun_jobs.append(data_name)
         return step
     if status == c.UNKNOWN and waited_for_data.startswith(f"revision {rev}:"):
