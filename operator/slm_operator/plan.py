@@ -252,7 +252,7 @@ def _pipeline(
     service_account: str = "",
     served: str = "",
     data_recheck: dt.timedelta = dt.timedelta(minutes=5),
-    waited_for_data: str = "",
+    waited_for_data: bool = False,
 ) -> _Step:
     """Walk one revision's pipeline; append the Jobs it needs to ``apply`` when given.
 
@@ -307,7 +307,7 @@ def _pipeline(
             apply.remove(data_job)
             step.rerun_jobs.append(data_name)
         return step
-    if status == c.UNKNOWN and waited_for_data.startswith(f"revision {rev}:"):
+    if status == c.UNKNOWN and waited_for_data:
         # The recheck's Job is pending or running: still waiting, as far as anyone can tell,
         # so the condition keeps its reason (no event, no transition every recheck).
         step.data = (
@@ -712,13 +712,11 @@ def plan(obs: Observed) -> Plan:
         obs.trainer_service_account,
         "" if training_needed else active_cand,
         obs.data_recheck,
-        next(
-            (
-                str(x.get("message") or "")
-                for x in prev_conds
-                if x.get("type") == c.DATA_READY and x.get("reason") == c.WAITING_FOR_DATA
-            ),
-            "",
+        # The last status said this same revision was waiting for data.
+        (prev.get("revision") or {}).get("training") == rev
+        and any(
+            x.get("type") == c.DATA_READY and x.get("reason") == c.WAITING_FOR_DATA
+            for x in prev_conds
         ),
     )
 
