@@ -18,6 +18,7 @@ from slm_gateway.capture import (
     Captured,
     CaptureSink,
     ShardWriter,
+    capture_line,
     restart_backoff,
     shard_name,
 )
@@ -143,6 +144,80 @@ def test_records_are_redacted_written_and_flushed_on_close(tmp_path: Path) -> No
         12.5,
         30,
     )
+
+
+@pytest.mark.parametrize(
+    "messages, answer",
+    [
+        (
+            [{"role": "user", "content": "Weather in Paris?"}],
+            {"role": "assistant", "content": "Sun."},
+        ),
+        (  # PII in the prompt and the arguments, a placeholder from an earlier pass, a history
+            [
+                {"role": "system", "content": "Reply to <EMAIL_ADDRESS_1> only."},
+                {"role": "user", "content": "Mail bob@example.org, card 4111 1111 1111 1111"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "a",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": '{"api_key": "s3cr3t-v@lue!"}'},
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "a", "content": '{"ip": "10.1.2.3"}'},
+            ],
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "b",
+                        "type": "function",
+                        "function": {"name": "send", "arguments": '{"to": "bob@example.org"}'},
+                    }
+                ],
+            },
+        ),
+    ],
+)
+def test_a_captured_line_is_the_contracts_record(
+    messages: list[dict[str, object]], answer: dict[str, object]
+) -> None:
+    """The worker builds the line without a CallRecord (for speed); what the trainer reads
+    must still be exactly what ``redact_record`` + ``CallRecord.to_json`` give."""
+    from slm_trainer.redact import default_redactor
+
+    redactor = default_redactor()
+    tools = [{"type": "function", "function": {"name": "send", "parameters": {}}}]
+    request = orjson.dumps({"model": "t", "messages": messages, "tools": tools, "user": "x"})
+    response = orjson.dumps({"id": "r", "choices": [{"index": 0, "message": answer}]})
+    captured = Captured(
+        "ns/t", "t", "gpt-4o", "llm", request, response, 1.23456, 7, 3, 5.0, "r", ""
+    )
+    line, counts = capture_line(captured, redactor)
+    expected, expected_counts = redactor.redact_record(
+        CallRecord(
+            task="t",
+            messages=messages,
+            response=answer,
+            backend="llm",
+            model="gpt-4o",
+            tools=tools,
+            latency_ms=1.235,
+            prompt_tokens=7,
+            completion_tokens=3,
+            timestamp=5.0,
+            request_id="r",
+        )
+    )
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert orjson.loads(line) == orjson.loads(expected.to_json())
+    assert list(orjson.loads(line)) == list(orjson.loads(expected.to_json()))  # field order
+    assert counts == expected_counts
 
 
 def test_a_full_queue_drops_and_counts(tmp_path: Path) -> None:
