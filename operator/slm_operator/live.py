@@ -104,6 +104,10 @@ def fallback_step(
     replica is ready), off after ``recovery_windows`` consecutive healthy ones."""
     if ready_replicas <= 0:
         return FallbackState(True, prev.breach_streak, 0, "NoReadyReplicas")
+    if prev.active and prev.reason == "NoReadyReplicas":
+        # Replicas are back: a fallback that was on only for want of them ends here, as if it
+        # had never been on; it must not wait for recovery windows meant for an SLO breach.
+        prev = FallbackState(False, prev.breach_streak, prev.healthy_streak)
     if breached is None:
         return FallbackState(
             prev.active, prev.breach_streak, prev.healthy_streak, "MetricsUnavailable"

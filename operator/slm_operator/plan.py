@@ -926,7 +926,14 @@ def plan(obs: Observed) -> Plan:
         # No replica ready for now (a crash, a node drain, scaled to zero): the calls go to the
         # LLM meanwhile, but the rollout step, SLO streaks and last scaling belong to the
         # deployed model; forgetting them would restart its rollout in shadow when it is back.
-        status["live"] = {**live_prev, **live}
+        merged = {**live_prev, **live}
+        if not merged.get("fallback"):
+            # FallbackActive is True (NoReadyReplicas): status.live says so too. An SLO
+            # fallback that was already on keeps its reason, so that its recovery windows
+            # still apply when the replicas are back (live.fallback_step).
+            merged["fallback"] = True
+            merged["fallbackReason"] = c.NO_READY_REPLICAS
+        status["live"] = merged
     if is_serving:
         status["live"] = live
         usage = dict(prev.get("usage") or {})

@@ -821,10 +821,54 @@ def test_a_moment_without_ready_replicas_does_not_restart_the_rollout() -> None:
     _step(task, jobs, down, svc, t, HEALTHY)
     assert task["status"]["route"]["mode"] == "llm"
     assert conds(task["status"])[c.FALLBACK_ACTIVE] == (c.TRUE, c.NO_READY_REPLICAS)
+    live = task["status"]["live"]
+    assert (live["fallback"], live["fallbackReason"]) == (True, c.NO_READY_REPLICAS)
     t += dt.timedelta(seconds=10)
     _step(task, jobs, dep, svc, t, HEALTHY)
     assert task["status"]["route"]["mode"] == "slm"
     assert task["status"]["live"]["rolloutMode"] == "slm"
+    assert task["status"]["live"]["fallback"] is False
+
+
+def test_replicas_back_with_no_metrics_yet_serve_at_once() -> None:
+    """The first window after an outage has no SLM metrics (the LLM answered meanwhile): the
+    outage's fallback ends with the outage, and does not wait out recovery windows."""
+    task, jobs, dep, svc = _serving_task()
+    task["spec"]["rollout"]["canaryWindows"] = 1
+    t = NOW
+    for _ in range(2):
+        _step(task, jobs, dep, svc, t, HEALTHY)
+        t += dt.timedelta(seconds=10)
+    down = copy.deepcopy(dep)
+    down["status"].update(readyReplicas=0, availableReplicas=0)
+    _step(task, jobs, down, svc, t, HEALTHY)
+    for _ in range(2):
+        t += dt.timedelta(seconds=10)
+        _step(task, jobs, dep, svc, t, Metrics())
+        assert task["status"]["route"]["mode"] == "slm"
+        assert conds(task["status"])[c.FALLBACK_ACTIVE][0] == c.FALSE
+
+
+def test_an_slo_fallback_interrupted_by_an_outage_still_recovers_slowly() -> None:
+    """An SLO fallback that was on when the replicas went away is still on when they are
+    back, and ends only after the policy's recovery windows, as without the outage."""
+    task, jobs, dep, svc = _serving_task()  # breachWindows 2, recoveryWindows 3
+    t = NOW
+    for metrics in (HEALTHY, SLOW, SLOW):
+        _step(task, jobs, dep, svc, t, metrics)
+        t += dt.timedelta(seconds=10)
+    assert conds(task["status"])[c.FALLBACK_ACTIVE] == (c.TRUE, c.SLO_BREACHED)
+    down = copy.deepcopy(dep)
+    down["status"].update(readyReplicas=0, availableReplicas=0)
+    _step(task, jobs, down, svc, t, HEALTHY)
+    assert task["status"]["live"]["fallback"] is True
+    for _ in range(2):
+        t += dt.timedelta(seconds=10)
+        _step(task, jobs, dep, svc, t, HEALTHY)
+        assert conds(task["status"])[c.FALLBACK_ACTIVE][0] == c.TRUE
+    t += dt.timedelta(seconds=10)
+    _step(task, jobs, dep, svc, t, HEALTHY)
+    assert conds(task["status"])[c.FALLBACK_ACTIVE][0] == c.FALSE
 
 
 def test_a_newly_promoted_revision_starts_its_own_progressive_rollout() -> None:
