@@ -44,6 +44,9 @@ class JobView:
     progress: int | None = None
     seconds: float | None = None
     finished_at: dt.datetime | None = None
+    #: Why a pending Job's pod does not run, in the scheduler's or kubelet's words
+    #: ("0/3 nodes are available: 3 Insufficient nvidia.com/gpu."); empty when not known.
+    waiting: str = ""
 
 
 def _conditions(job: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
@@ -61,6 +64,46 @@ def _terminated(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
             if term:
                 return term  # type: ignore[no-any-return]
     return None
+
+
+#: Container waiting reasons that do not clear by themselves: the pod needs a fix from someone.
+STUCK_WAITING_REASONS = frozenset(
+    {
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "RunContainerError",
+    }
+)
+
+
+def pod_waiting(pod: Mapping[str, Any]) -> str:
+    """Why a pod that is not running yet waits, or "" when nothing says it is stuck.
+
+    Why: a trainer Job whose pod cannot be scheduled (no node with a free GPU) or cannot pull
+    its image stays "pending" for good; without the scheduler's or kubelet's reason in the
+    task's conditions, a platform engineer sees a task that never trains and no cause.
+    """
+    name = pod["metadata"].get("name", "")
+    status = pod.get("status") or {}
+    for cond in status.get("conditions") or []:
+        if (
+            cond.get("type") == "PodScheduled"
+            and cond.get("status") == "False"
+            and cond.get("reason") == "Unschedulable"
+        ):
+            return _short(f"pod {name} cannot be scheduled: {cond.get('message', '')}", 300)
+    for cs in [
+        *(status.get("initContainerStatuses") or []),
+        *(status.get("containerStatuses") or []),
+    ]:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in STUCK_WAITING_REASONS:
+            detail = f": {waiting['message']}" if waiting.get("message") else ""
+            return _short(f"pod {name}: {waiting['reason']}{detail}", 300)
+    return ""
 
 
 def job_view(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]]) -> JobView:
@@ -136,6 +179,9 @@ def job_view(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]]) -> JobVi
         )
         finished = parse_time(c.get("lastTransitionTime"))
     seconds = (finished - started).total_seconds() if started and finished else None
+    waiting = ""
+    if state == PENDING:
+        waiting = next((w for w in map(pod_waiting, own) if w), "")
     return JobView(
         name=meta["name"],
         stage=labels.get(n.LABEL_STAGE, ""),
@@ -148,4 +194,5 @@ def job_view(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]]) -> JobVi
         progress=progress,
         seconds=seconds,
         finished_at=finished,
+        waiting=waiting,
     )

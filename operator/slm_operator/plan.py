@@ -174,6 +174,8 @@ def select(
 
 def _job_outcome(view: JobView | None, now: dt.datetime) -> tuple[str, str, str]:
     """(status, reason, message) of one trainer Job in condition terms."""
+    if view is not None and view.waiting:
+        return c.UNKNOWN, c.JOB_PENDING, f"Job {view.name} is waiting: {view.waiting}"
     if view is None or view.state == PENDING:
         return c.UNKNOWN, c.JOB_PENDING, "Job created, waiting for its pod to run"
     if view.state == RUNNING:
@@ -233,7 +235,7 @@ def _candidate_entry(
     msg = (
         view.message
         if view is not None and view.state == FAILED
-        else (view.result_error or "")
+        else (view.result_error or view.waiting)
         if view is not None
         else ""
     )
@@ -353,10 +355,17 @@ def _pipeline(
     step.candidates = entries
     total = len(spec["candidates"])
     if running:
+        stuck = [
+            f"{cand['name']}: {view.waiting}"
+            for cand in spec["candidates"]
+            if (view := jobs.get(n.finetune_job_name(name, cand["name"], rev))) is not None
+            and view.waiting
+        ]
         step.trained = (
             c.UNKNOWN,
-            c.JOB_RUNNING,
-            f"revision {rev}: {total - running}/{total} candidates finished",
+            c.JOB_PENDING if stuck else c.JOB_RUNNING,
+            f"revision {rev}: {total - running}/{total} candidates finished"
+            + (f"; waiting: {'; '.join(stuck)}" if stuck else ""),
         )
         return step
     failures = [(cd, o) for cd, _, o in finished if o[0] == c.FALSE]

@@ -398,6 +398,39 @@ def test_failed_job_shows_its_termination_message(
     assert any(e["reason"] == "JobFailed" for e in warnings)
 
 
+def test_a_trainer_that_no_node_can_take_says_why_in_trained(
+    cluster: ClusterHandle, namespace: str, storage: str, operator: OperatorProcess
+) -> None:
+    """The real scheduler cannot place a trainer asking for more GPUs than any node has: the
+    task's Trained condition carries the scheduler's reason instead of a bare "pending"."""
+    ns = namespace
+    cluster.apply(
+        agenttask(
+            candidates=[{"name": "small", "model": "org/tiny"}],
+            training={"gpus": 12, "backoffLimit": 0},  # kwok GPU nodes have 8 each
+        ),
+        ns,
+    )
+    rev = revision(cluster, ns)
+    complete_job(
+        cluster,
+        ns,
+        n.data_job_name("weather", rev),
+        ok("prepare", examples=500, train_examples=400, eval_examples=100),
+    )
+
+    def says_why() -> dict[str, Any] | None:
+        trained = condition(get_task(cluster, ns), "Trained")
+        return trained if "Insufficient nvidia.com/gpu" in trained.get("message", "") else None
+
+    trained = wait_for(says_why, timeout=60, what="Trained to carry the scheduler's reason")
+    assert (trained["status"], trained["reason"]) == ("Unknown", "JobPending")
+    assert "small: pod weather-ft-small-" in trained["message"]
+    assert "cannot be scheduled" in trained["message"]
+    entry = get_task(cluster, ns)["status"]["candidates"][0]
+    assert "Insufficient nvidia.com/gpu" in entry["message"]
+
+
 def test_a_task_applied_before_its_calls_waits_for_data_then_trains(
     cluster: ClusterHandle, namespace: str, storage: str, tmp_path: Path, agenttask_crd: Path
 ) -> None:

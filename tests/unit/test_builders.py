@@ -312,3 +312,57 @@ def test_trainer_jobs_fail_at_once_on_a_reported_failure_and_retry_only_crashes(
         assert cli.EXIT_REPORTED in fail[0]["onExitCodes"]["values"]
         assert cli.EXIT_CRASHED not in fail[0]["onExitCodes"]["values"]
         assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+
+
+def _pending_pod(job: str, **status: object) -> dict:
+    pod = _pod(job, "Pending")
+    pod["status"] = {"phase": "Pending", **status}
+    return pod
+
+
+def test_a_pending_jobs_view_says_why_its_pod_does_not_run() -> None:
+    """The scheduler's and the kubelet's reasons reach the task's conditions: a trainer that
+    waits for a GPU node or an image it cannot pull must not look like one about to start."""
+    unschedulable = _pending_pod(
+        "j",
+        conditions=[
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+            }
+        ],
+    )
+    v = job_view(_job("j"), [unschedulable])
+    assert v.state == PENDING
+    assert v.waiting == (
+        "pod j-x cannot be scheduled: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+    )
+    pull = _pending_pod(
+        "j",
+        containerStatuses=[
+            {
+                "name": "trainer",
+                "state": {
+                    "waiting": {
+                        "reason": "ImagePullBackOff",
+                        "message": 'Back-off pulling image "ghcr.io/x/trainer:nope"',
+                    }
+                },
+            }
+        ],
+    )
+    assert job_view(_job("j"), [pull]).waiting == (
+        'pod j-x: ImagePullBackOff: Back-off pulling image "ghcr.io/x/trainer:nope"'
+    )
+    starting = _pending_pod(
+        "j",
+        containerStatuses=[
+            {"name": "trainer", "state": {"waiting": {"reason": "ContainerCreating"}}}
+        ],
+    )
+    assert job_view(_job("j"), [starting]).waiting == ""  # on its way: nothing to report
+    assert job_view(_job("j"), []).waiting == ""
+    # A pod of another Job says nothing about this one.
+    assert job_view(_job("j"), [_pending_pod("other", **unschedulable["status"])]).waiting == ""

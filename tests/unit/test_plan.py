@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 from typing import Any
 
@@ -12,7 +13,7 @@ from slm_contract import TrainerResult
 from slm_operator import conditions as c
 from slm_operator import naming as n
 from slm_operator.live import Metrics
-from slm_operator.observe import FAILED, RUNNING, SUCCEEDED, JobView
+from slm_operator.observe import FAILED, PENDING, RUNNING, SUCCEEDED, JobView
 from slm_operator.plan import Observed, gate_verdict, plan, select
 
 NOW = dt.datetime(2026, 11, 23, 12, 0, 0, tzinfo=dt.UTC)
@@ -967,3 +968,24 @@ def test_the_slm_time_budget_from_the_spec_reaches_the_gateways_route() -> None:
     route = plan(Observed(task, jobs, dep, svc, NOW)).status["route"]
     assert route["slmTimeoutMs"] == 800
     assert n.revision_of(task["spec"]) == n.revision_of(_serving_task()[0]["spec"])  # no retrain
+
+
+def test_a_candidate_waiting_for_a_gpu_node_says_so_in_trained() -> None:
+    """Trained names the candidate whose pod cannot be scheduled, with the scheduler's words,
+    and the candidate's status entry carries them too."""
+    task = make_task()
+    rev = n.revision_of(task["spec"])
+    jobs = jobs_through(task, "data")
+    stuck = n.finetune_job_name("weather", "big", rev)
+    jobs[stuck] = dataclasses.replace(
+        view(stuck, "finetune", rev, PENDING, candidate="big"),
+        waiting="pod x cannot be scheduled: 0/3 nodes are available: "
+        "3 Insufficient nvidia.com/gpu.",
+    )
+    p = plan(Observed(task, jobs, None, None, NOW))
+    trained = next(x for x in p.status["conditions"] if x["type"] == c.TRAINED)
+    status, reason, message = trained["status"], trained["reason"], trained["message"]
+    assert (status, reason) == (c.UNKNOWN, c.JOB_PENDING)
+    assert "big: pod x cannot be scheduled: 0/3 nodes are available" in message
+    entry = next(e for e in p.status["candidates"] if e["name"] == "big")
+    assert "Insufficient nvidia.com/gpu" in entry["message"]
