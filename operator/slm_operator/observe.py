@@ -75,6 +75,7 @@ STUCK_WAITING_REASONS = frozenset(
         "CreateContainerConfigError",
         "CreateContainerError",
         "RunContainerError",
+        "CrashLoopBackOff",
     }
 )
 
@@ -102,7 +103,21 @@ def pod_waiting(pod: Mapping[str, Any]) -> str:
         waiting = (cs.get("state") or {}).get("waiting") or {}
         if waiting.get("reason") in STUCK_WAITING_REASONS:
             detail = f": {waiting['message']}" if waiting.get("message") else ""
+            last = (cs.get("lastState") or {}).get("terminated") or {}
+            if last:  # a crash loop: how the container last ended says more than the back-off
+                detail = f" (last exit code {last.get('exitCode')}, {last.get('reason', '?')})"
             return _short(f"pod {name}: {waiting['reason']}{detail}", 300)
+    return ""
+
+
+def serving_waiting(pods: Iterable[Mapping[str, Any]]) -> str:
+    """Why a Triton pod of the task is not ready, from the first stuck one, or ""."""
+    for pod in pods:
+        if (pod["metadata"].get("labels") or {}).get(n.LABEL_COMPONENT) != "triton":
+            continue
+        why = pod_waiting(pod)
+        if why:
+            return why
     return ""
 
 

@@ -60,6 +60,9 @@ class Observed:
     #: How long after a data-prep Job found too few examples it runs again (the gateway keeps
     #: capturing meanwhile).
     data_recheck: dt.timedelta = dt.timedelta(minutes=5)
+    #: Why a Triton pod of the task is not ready (unschedulable, image pull, crash loop), in
+    #: the scheduler's or kubelet's words; empty when none is stuck.
+    serving_waiting: str = ""
 
 
 @dataclass
@@ -794,6 +797,7 @@ def plan(obs: Observed) -> Plan:
         # maxUnavailable=0: while a new revision rolls out, the old pods keep serving.
         # Ready replicas, not the Available condition: with maxUnavailable=0 a scale-up makes
         # the Deployment briefly un-Available although its ready pods serve.
+        stuck = f"; {obs.serving_waiting}" if obs.serving_waiting else ""
         if ready > 0 and obs.service is not None:
             rolling = _rolling_out(obs.deployment)
             serving = (
@@ -804,14 +808,15 @@ def plan(obs: Observed) -> Plan:
                     f"; rolling out {active_cand} (revision {active_rev})"
                     if rolling
                     else f", serving {active_cand} (revision {active_rev})"
-                ),
+                )
+                + stuck,
             )
         else:
             serving = (
                 c.FALSE,
                 c.DEPLOYMENT_PROGRESSING,
                 f"waiting for Triton replicas of revision {active_rev} to become ready "
-                f"({ready}/{want})",
+                f"({ready}/{want}){stuck}",
             )
         serving_status = {
             "endpoint": endpoint,

@@ -14,7 +14,7 @@ from typing import Any
 
 from slm_operator import naming as n
 from slm_operator.kube import Kube, KubeError
-from slm_operator.observe import job_view
+from slm_operator.observe import job_view, serving_waiting
 from slm_operator.plan import Observed, Plan, plan
 from slm_operator.prom import PromMetrics
 
@@ -115,6 +115,7 @@ def observe(
         metrics=metrics,
         trainer_service_account=trainer_account(kube, task, trainer_service_account),
         data_recheck=dt.timedelta(seconds=data_recheck_s),
+        serving_waiting=serving_waiting(pods),
     )
 
 

@@ -161,6 +161,19 @@ def finetune_result(cand: str, score: float, params: int, rev: str) -> str:
     )
 
 
+def prepared(cluster: ClusterHandle, ns: str, task: dict[str, Any]) -> str:
+    """Apply ``task`` and play its data-prep pod to a 500-example dataset; its revision."""
+    cluster.apply(task, ns)
+    rev = revision(cluster, ns)
+    complete_job(
+        cluster,
+        ns,
+        n.data_job_name("weather", rev),
+        ok("prepare", examples=500, train_examples=400, eval_examples=100),
+    )
+    return rev
+
+
 def run_revision(
     cluster: ClusterHandle,
     ns: str,
@@ -339,14 +352,7 @@ def test_gate_not_met_is_reported_and_nothing_is_served(
     cluster: ClusterHandle, namespace: str, storage: str, operator: OperatorProcess
 ) -> None:
     ns = namespace
-    cluster.apply(agenttask(), ns)
-    rev = revision(cluster, ns)
-    complete_job(
-        cluster,
-        ns,
-        n.data_job_name("weather", rev),
-        ok("prepare", examples=500, train_examples=400, eval_examples=100),
-    )
+    rev = prepared(cluster, ns, agenttask())
     for cand, score in (("small", 0.41), ("big", 0.7)):
         complete_job(
             cluster,
@@ -371,14 +377,7 @@ def test_failed_job_shows_its_termination_message(
     cluster: ClusterHandle, namespace: str, storage: str, operator: OperatorProcess
 ) -> None:
     ns = namespace
-    cluster.apply(agenttask(candidates=[{"name": "small", "model": "org/tiny"}]), ns)
-    rev = revision(cluster, ns)
-    complete_job(
-        cluster,
-        ns,
-        n.data_job_name("weather", rev),
-        ok("prepare", examples=500, train_examples=400, eval_examples=100),
-    )
+    rev = prepared(cluster, ns, agenttask(candidates=[{"name": "small", "model": "org/tiny"}]))
     failure = TrainerResult(
         stage="finetune",
         ok=False,
@@ -404,19 +403,13 @@ def test_a_trainer_that_no_node_can_take_says_why_in_trained(
     """The real scheduler cannot place a trainer asking for more GPUs than any node has: the
     task's Trained condition carries the scheduler's reason instead of a bare "pending"."""
     ns = namespace
-    cluster.apply(
+    prepared(
+        cluster,
+        ns,
         agenttask(
             candidates=[{"name": "small", "model": "org/tiny"}],
             training={"gpus": 12, "backoffLimit": 0},  # kwok GPU nodes have 8 each
         ),
-        ns,
-    )
-    rev = revision(cluster, ns)
-    complete_job(
-        cluster,
-        ns,
-        n.data_job_name("weather", rev),
-        ok("prepare", examples=500, train_examples=400, eval_examples=100),
     )
 
     def says_why() -> dict[str, Any] | None:
@@ -429,6 +422,25 @@ def test_a_trainer_that_no_node_can_take_says_why_in_trained(
     assert "cannot be scheduled" in trained["message"]
     entry = get_task(cluster, ns)["status"]["candidates"][0]
     assert "Insufficient nvidia.com/gpu" in entry["message"]
+
+
+def test_a_triton_replica_that_no_node_can_take_is_named_in_serving(
+    cluster: ClusterHandle, namespace: str, storage: str, operator: OperatorProcess
+) -> None:
+    """Three replicas of 8 GPUs on two 8-GPU nodes: two serve, and Serving names the third
+    with the real scheduler's reason, so a stuck scale-up is visible on the task."""
+    ns = namespace
+    cluster.apply(agenttask(serving={"minReplicas": 3, "maxReplicas": 4, "gpus": 8}), ns)
+    run_revision(cluster, ns, revision(cluster, ns))
+
+    def says_why() -> dict[str, Any] | None:
+        serving = condition(get_task(cluster, ns), "Serving")
+        return serving if "Insufficient nvidia.com/gpu" in serving.get("message", "") else None
+
+    serving = wait_for(says_why, timeout=90, what="Serving to name the unschedulable replica")
+    assert (serving["status"], serving["reason"]) == ("True", "DeploymentAvailable")
+    assert serving["message"].startswith("2/3 Triton replicas ready")
+    assert "pod weather-slm-" in serving["message"]
 
 
 def test_a_task_applied_before_its_calls_waits_for_data_then_trains(

@@ -9,7 +9,7 @@ from slm_contract import ContractError, TrainerResult
 from slm_operator import builders as b
 from slm_operator import conditions as c
 from slm_operator import naming as n
-from slm_operator.observe import FAILED, PENDING, RUNNING, SUCCEEDED, job_view
+from slm_operator.observe import FAILED, PENDING, RUNNING, SUCCEEDED, job_view, serving_waiting
 
 
 def test_child_names_are_deterministic_valid_and_bounded() -> None:
@@ -366,3 +366,29 @@ def test_a_pending_jobs_view_says_why_its_pod_does_not_run() -> None:
     assert job_view(_job("j"), []).waiting == ""
     # A pod of another Job says nothing about this one.
     assert job_view(_job("j"), [_pending_pod("other", **unschedulable["status"])]).waiting == ""
+
+
+def test_a_stuck_triton_pod_is_named_with_its_reason() -> None:
+    """Serving reports why a Triton replica is not ready: a crash loop (a model repository
+    tritonserver cannot load) with how the container last ended; trainer pods are not its
+    business."""
+    crashing = _pending_pod(
+        "d",
+        containerStatuses=[
+            {
+                "name": "triton",
+                "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s"}},
+                "lastState": {"terminated": {"exitCode": 1, "reason": "Error"}},
+            }
+        ],
+    )
+    crashing["metadata"]["labels"] = {n.LABEL_COMPONENT: "triton"}
+    trainer = _pending_pod(
+        "j",
+        conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}],
+    )
+    trainer["metadata"]["labels"][n.LABEL_COMPONENT] = "trainer"
+    assert serving_waiting([trainer]) == ""
+    assert serving_waiting([trainer, crashing]) == (
+        "pod d-x: CrashLoopBackOff (last exit code 1, Error)"
+    )

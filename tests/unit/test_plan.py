@@ -806,6 +806,35 @@ def test_a_first_rollout_waiting_for_replicas_is_not_an_outage() -> None:
     assert not [e for e in p.events if e[0] == "Warning"]
 
 
+def test_serving_says_why_a_triton_replica_is_not_ready() -> None:
+    """A replica the scheduler cannot place (no free GPU) is named in Serving, whether no
+    replica is ready yet or some are and a scale-up is stuck."""
+    task = make_task()
+    rev = n.revision_of(task["spec"])
+    jobs = jobs_through(task, "export")
+    svc = {"metadata": {"name": "weather-slm"}}
+    why = "pod weather-slm-x cannot be scheduled: 0/4 nodes are available: 2 Insufficient GPU."
+    starting = plan(
+        Observed(
+            task,
+            jobs,
+            deployment(rev, available=False, ready=0),
+            svc,
+            NOW,
+            HEALTHY,
+            serving_waiting=why,
+        )
+    )
+    serving = next(x for x in starting.status["conditions"] if x["type"] == c.SERVING)
+    assert serving["reason"] == c.DEPLOYMENT_PROGRESSING and serving["message"].endswith(why)
+    scaling = plan(Observed(task, jobs, deployment(rev), svc, NOW, HEALTHY, serving_waiting=why))
+    serving = next(x for x in scaling.status["conditions"] if x["type"] == c.SERVING)
+    assert serving["reason"] == c.DEPLOYMENT_AVAILABLE and serving["message"].endswith(why)
+    healthy = plan(Observed(task, jobs, deployment(rev), svc, NOW, HEALTHY))
+    serving = next(x for x in healthy.status["conditions"] if x["type"] == c.SERVING)
+    assert "cannot be scheduled" not in serving["message"]
+
+
 def test_a_moment_without_ready_replicas_does_not_restart_the_rollout() -> None:
     """Live-control memory survives a window in which no Triton replica is ready (a crash, a
     node drain): the calls go to the LLM meanwhile, and when the same model's replicas are
