@@ -109,9 +109,16 @@ class Kube:
             raise
 
     def list(
-        self, api_version: str, plural: str, namespace: str | None, selector: str | None = None
+        self,
+        api_version: str,
+        plural: str,
+        namespace: str | None,
+        selector: str | None = None,
+        fields: str | None = None,
     ) -> list[dict[str, Any]]:
         query = [("labelSelector", selector)] if selector else []
+        if fields:
+            query.append(("fieldSelector", fields))
         data = self.request("GET", _collection(api_version, plural, namespace), query=query)
         items: list[dict[str, Any]] = data.get("items") or []
         return items

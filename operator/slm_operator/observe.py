@@ -110,6 +110,25 @@ def pod_waiting(pod: Mapping[str, Any]) -> str:
     return ""
 
 
+def failed_creates(events: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """The newest ``FailedCreate`` message per Job name, from core/v1 Events of Jobs.
+
+    Why: when a ResourceQuota, a LimitRange or Pod Security admission refuses a Job's pod,
+    the Job controller says so only in an Event: the Job has no pod, no condition, and would
+    look like one about to start for good.
+    """
+    newest: dict[str, tuple[str, str]] = {}
+    for ev in events:
+        obj = ev.get("involvedObject") or {}
+        if ev.get("reason") != "FailedCreate" or obj.get("kind") != "Job":
+            continue
+        when = str(ev.get("lastTimestamp") or ev.get("eventTime") or "")
+        name = str(obj.get("name", ""))
+        if name not in newest or when >= newest[name][0]:
+            newest[name] = (when, str(ev.get("message", "")).removeprefix("Error creating: "))
+    return {name: _short(f"cannot create its pod: {msg}", 300) for name, (_, msg) in newest.items()}
+
+
 def serving_waiting(pods: Iterable[Mapping[str, Any]]) -> str:
     """Why a Triton pod of the task is not ready, from the first stuck one, or ""."""
     for pod in pods:

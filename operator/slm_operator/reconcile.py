@@ -8,13 +8,14 @@ because their names are deterministic and they are written with server-side appl
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 from typing import Any
 
 from slm_operator import naming as n
 from slm_operator.kube import Kube, KubeError
-from slm_operator.observe import job_view, serving_waiting
+from slm_operator.observe import PENDING, JobView, failed_creates, job_view, serving_waiting
 from slm_operator.plan import Observed, Plan, plan
 from slm_operator.prom import PromMetrics
 
@@ -98,6 +99,7 @@ def observe(
         for j in kube.list("batch/v1", "jobs", namespace, selector)
         if _owned(j, uid)
     }
+    jobs = _with_failed_creates(kube, namespace, jobs, pods)
     dep = kube.get("apps/v1", "deployments", namespace, n.serving_name(name))
     svc = kube.get("v1", "services", namespace, n.serving_name(name))
     metrics = None
@@ -117,6 +119,32 @@ def observe(
         data_recheck=dt.timedelta(seconds=data_recheck_s),
         serving_waiting=serving_waiting(pods),
     )
+
+
+def _with_failed_creates(
+    kube: Kube, namespace: str, jobs: dict[str, JobView], pods: list[dict[str, Any]]
+) -> dict[str, JobView]:
+    """Pending Jobs without a pod, with the reason the Job controller could not create one.
+
+    Events are read only when such a Job exists, so a healthy task costs no extra request.
+    """
+    has_pod = {
+        (p["metadata"].get("labels") or {}).get("job-name")
+        or (p["metadata"].get("labels") or {}).get("batch.kubernetes.io/job-name")
+        for p in pods
+    }
+    podless = [v for v in jobs.values() if v.state == PENDING and v.name not in has_pod]
+    if not podless:
+        return jobs
+    events = kube.list(
+        "v1", "events", namespace, fields="involvedObject.kind=Job,reason=FailedCreate"
+    )
+    reasons = failed_creates(events)
+    out = dict(jobs)
+    for v in podless:
+        if v.name in reasons:
+            out[v.name] = dataclasses.replace(v, waiting=reasons[v.name])
+    return out
 
 
 def reconcile(

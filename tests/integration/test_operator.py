@@ -443,6 +443,31 @@ def test_a_triton_replica_that_no_node_can_take_is_named_in_serving(
     assert "pod weather-slm-" in serving["message"]
 
 
+def test_a_trainer_pod_that_admission_refuses_says_why_in_data_ready(
+    cluster: ClusterHandle, namespace: str, storage: str, operator: OperatorProcess
+) -> None:
+    """A namespace quota of zero pods: the Job controller cannot create the data-prep pod and
+    says so only in an Event; DataReady carries its words."""
+    ns = namespace
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "no-pods"},
+        "spec": {"hard": {"pods": "0"}},
+    }
+    cluster.apply(quota, ns)
+    cluster.apply(agenttask(), ns)
+
+    def says_why() -> dict[str, Any] | None:
+        data = condition(get_task(cluster, ns), "DataReady")
+        return data if "quota" in data.get("message", "") else None
+
+    data = wait_for(says_why, timeout=90, what="DataReady to carry the Job controller's reason")
+    assert (data["status"], data["reason"]) == ("Unknown", "JobPending")
+    assert "cannot create its pod: pods " in data["message"]
+    assert "is forbidden" in data["message"]
+
+
 def test_a_task_applied_before_its_calls_waits_for_data_then_trains(
     cluster: ClusterHandle, namespace: str, storage: str, tmp_path: Path, agenttask_crd: Path
 ) -> None:

@@ -9,7 +9,15 @@ from slm_contract import ContractError, TrainerResult
 from slm_operator import builders as b
 from slm_operator import conditions as c
 from slm_operator import naming as n
-from slm_operator.observe import FAILED, PENDING, RUNNING, SUCCEEDED, job_view, serving_waiting
+from slm_operator.observe import (
+    FAILED,
+    PENDING,
+    RUNNING,
+    SUCCEEDED,
+    failed_creates,
+    job_view,
+    serving_waiting,
+)
 
 
 def test_child_names_are_deterministic_valid_and_bounded() -> None:
@@ -392,3 +400,30 @@ def test_a_stuck_triton_pod_is_named_with_its_reason() -> None:
     assert serving_waiting([trainer, crashing]) == (
         "pod d-x: CrashLoopBackOff (last exit code 1, Error)"
     )
+
+
+def test_failed_creates_keeps_the_newest_reason_per_job() -> None:
+    """A Job whose pod admission refuses (quota, Pod Security) has only Events to say so."""
+
+    def ev(job: str, when: str, msg: str, reason: str = "FailedCreate", kind: str = "Job") -> dict:
+        return {
+            "involvedObject": {"kind": kind, "name": job},
+            "reason": reason,
+            "lastTimestamp": when,
+            "message": msg,
+        }
+
+    events = [
+        ev("j", "2026-01-01T00:00:01Z", "old"),
+        ev(
+            "j",
+            "2026-01-01T00:00:09Z",
+            'Error creating: pods "j-x" is forbidden: exceeded quota: q',
+        ),
+        ev("j", "2026-01-01T00:00:05Z", "older"),
+        ev("k", "2026-01-01T00:00:02Z", "created pod", reason="SuccessfulCreate"),
+        ev("p", "2026-01-01T00:00:02Z", "not a Job", kind="Pod"),
+    ]
+    assert failed_creates(events) == {
+        "j": 'cannot create its pod: pods "j-x" is forbidden: exceeded quota: q'
+    }
