@@ -734,16 +734,18 @@ def create_app(
             if cfg.routes_file:
                 reloader = asyncio.create_task(_reload_routes(cfg, table))
                 await _load_routes_once(cfg, table)
-            elif watch and (cfg.namespace or cfg.all_namespaces):
+            elif watch and (cfg.namespace or cfg.namespaces or cfg.all_namespaces):
                 from slm_gateway.kube import AgentTaskWatcher
 
                 watcher = AgentTaskWatcher(
                     table,
                     None if cfg.all_namespaces else cfg.namespace,
+                    only_namespaces=frozenset(cfg.namespaces) or None,
                     kubeconfig=cfg.kubeconfig,
                     default_slm_timeout_s=cfg.slm_timeout_s,
                     llm_timeout_s=cfg.llm_timeout_s,
                     resync_s=cfg.resync_s,
+                    secret_refresh_s=cfg.secret_refresh_s,
                 )
                 watcher.start()
             gw.started = True

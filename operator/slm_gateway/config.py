@@ -29,9 +29,14 @@ class GatewayConfig:
 
     routes_file: str = ""
     namespace: str | None = None
+    #: Several namespaces (``--namespace a,b``): AgentTasks are listed and watched in all
+    #: namespaces, and only these namespaces' tasks are routed.
+    namespaces: tuple[str, ...] = ()
     all_namespaces: bool = False
     kubeconfig: str | None = None
     resync_s: int = 300
+    #: How often the LLM keys' Secrets are read again (they cannot be watched); 0 turns it off.
+    secret_refresh_s: float = 10.0
     routes_reload_s: float = 1.0
     capture: CaptureConfig | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY
@@ -76,7 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     src = p.add_argument_group("routes (one source)")
     src.add_argument("--routes", default=_env("ROUTES", ""), help="static YAML/JSON routes file")
-    src.add_argument("--namespace", default=_env("NAMESPACE", ""), help="watch AgentTasks here")
+    src.add_argument(
+        "--namespace",
+        default=_env("NAMESPACE", ""),
+        help="watch AgentTasks here; a comma-separated list routes the tasks of each",
+    )
     src.add_argument(
         "--all-namespaces",
         action="store_true",
@@ -85,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     src.add_argument("--kubeconfig", default=_env("KUBECONFIG", "") or None)
     src.add_argument("--resync-seconds", type=int, default=int(_env("RESYNC_SECONDS", "300")))
+    src.add_argument(
+        "--secret-refresh-seconds",
+        type=float,
+        default=float(_env("SECRET_REFRESH_SECONDS", "10")),
+        help="read the tasks' LLM-key Secrets again this often, for rotation (0: at resync only)",
+    )
 
     cap = p.add_argument_group("capture")
     cap.add_argument(
@@ -181,12 +196,17 @@ def config_from_args(argv: Sequence[str] | None = None) -> GatewayConfig:
         )
     prices = dict(DEFAULT_PRICES)
     prices.update(dict(args.price))
+    namespaces = tuple(dict.fromkeys(x.strip() for x in args.namespace.split(",") if x.strip()))
+    if args.namespace and not namespaces:
+        build_parser().error("--namespace names no namespace")
     return GatewayConfig(
         routes_file=args.routes,
-        namespace=args.namespace or None,
+        namespace=namespaces[0] if len(namespaces) == 1 else None,
+        namespaces=namespaces if len(namespaces) > 1 else (),
         all_namespaces=args.all_namespaces,
         kubeconfig=args.kubeconfig,
         resync_s=args.resync_seconds,
+        secret_refresh_s=args.secret_refresh_seconds,
         capture=capture,
         max_body_bytes=args.max_body_bytes,
         slm_timeout_s=args.slm_timeout_ms / 1000.0,

@@ -7,8 +7,11 @@ A watch delivers the status change in milliseconds, with no restart.
 The official ``kubernetes`` client's watch runs in one daemon thread: list (which sets the
 whole table and marks it ready), then watch from the list's resourceVersion; when the watch
 ends (``resync_s``, or a 410 Gone) it lists again, which also re-reads the API keys from
-their Secrets. Failures back off and retry; the last good table keeps serving meanwhile.
-Only ``get`` on the named Secrets and ``list``/``watch`` on agenttasks are needed.
+their Secrets. Failures (and watches that end at once) back off and retry, up to 30 s apart;
+the last good table keeps serving meanwhile. A second daemon thread reads the named Secrets
+again every ``secret_refresh_s``, since they cannot be watched: a rotated key or a Secret
+created after its task is in use within seconds. Only ``get`` on the named Secrets and
+``list``/``watch`` on agenttasks are needed.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import base64
 import importlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -32,9 +36,18 @@ from slm_gateway.routes import (
 
 log = logging.getLogger(__name__)
 
+#: (namespace, Secret name, key in it) of a task's LLM API key.
+SecretRef = tuple[str, str, str]
+
 GROUP = "slmfleet.dev"
 VERSION = "v1alpha1"
 PLURAL = "agenttasks"
+#: How often the Secrets the tasks name are read again. The gateway may only ``get`` them (no
+#: watch), so a rotated key, or a Secret created after its task, is in use within this.
+DEFAULT_SECRET_REFRESH_S = 10.0
+#: A watch open at least this long (or half of ``resync_s``) was healthy; see ``_run``.
+HEALTHY_WATCH_S = 10.0
+MAX_BACKOFF_S = 30.0
 
 
 def api_client(kubeconfig: str | None = None) -> Any:
@@ -52,7 +65,13 @@ def api_client(kubeconfig: str | None = None) -> Any:
 
 
 class AgentTaskWatcher:
-    """Feeds a :class:`RouteTable` from AgentTasks in one namespace (or all, with None)."""
+    """Feeds a :class:`RouteTable` from AgentTasks in one namespace (or all, with None).
+
+    ``only_namespaces``: with ``namespace`` None, route only the tasks of these namespaces.
+    Why: a gateway that serves several namespaces lists and watches AgentTasks cluster-wide
+    (one watch, not one per namespace), but must not route a task of a namespace it does not
+    serve (another team's, or another installation's), whose key Secret it cannot read.
+    """
 
     def __init__(
         self,
@@ -63,49 +82,102 @@ class AgentTaskWatcher:
         default_slm_timeout_s: float = DEFAULT_SLM_TIMEOUT_S,
         llm_timeout_s: float = DEFAULT_LLM_TIMEOUT_S,
         resync_s: int = 300,
+        secret_refresh_s: float = DEFAULT_SECRET_REFRESH_S,
         version: str = VERSION,
         on_change: Callable[[], None] | None = None,
+        only_namespaces: frozenset[str] | None = None,
     ) -> None:
         self.table = table
         self.namespace = namespace
+        self.only_namespaces = only_namespaces if not namespace else None
         self.kubeconfig = kubeconfig
         self.default_slm_timeout_s = default_slm_timeout_s
         self.llm_timeout_s = llm_timeout_s
         self.resync_s = resync_s
+        self.secret_refresh_s = secret_refresh_s
         self.version = version
         self.on_change = on_change
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._refresher: threading.Thread | None = None
         self._watch: Any = None
+        self._core: Any = None
+        # Each task's latest object and the API key its route was built with: what a key
+        # refresh rebuilds from. Written with the table under _lock, so a refresh can neither
+        # bring back a task an event just deleted nor put back an older status.
+        self._tasks: dict[str, tuple[Mapping[str, Any], str]] = {}
+        self._lock = threading.Lock()
+        # The last key read from each Secret, kept through a read that fails for a moment.
+        self._keys: dict[SecretRef, str] = {}
+        self._key_problems: dict[SecretRef, str] = {}
         self.events = 0
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="slm-route-watch", daemon=True)
         self._thread.start()
+        if self.secret_refresh_s > 0:
+            self._refresher = threading.Thread(
+                target=self._refresh_loop, name="slm-key-refresh", daemon=True
+            )
+            self._refresher.start()
 
     def stop(self) -> None:
         self._stop.set()
         if self._watch is not None:
             self._watch.stop()
 
-    def _run(self) -> None:
+    def _clients(self) -> tuple[Any, Any]:
         from kubernetes import client
 
-        backoff = 1.0
         api = api_client(self.kubeconfig)
-        custom = client.CustomObjectsApi(api)
-        core = client.CoreV1Api(api)
+        return client.CustomObjectsApi(api), client.CoreV1Api(api)
+
+    def _run(self) -> None:
+        backoff = 1.0
+        custom: Any = None
+        core: Any = None
+        # A watch open this long was healthy: when it ends (its timeout, a 410 after a while,
+        # an API server restart) the next list comes at once and the back-off starts over. A
+        # watch that ends or fails sooner counts as a failure, even after a good list: else a
+        # watch that can never stay open would list every task and read every Secret in a
+        # loop, with no wait or a 1 s one.
+        healthy_s = min(HEALTHY_WATCH_S, self.resync_s / 2)
         while not self._stop.is_set():
+            watched_s = 0.0
+            failure: Exception | None = None
             try:
+                if custom is None:
+                    # Inside the retry: a kubeconfig or in-cluster credentials that fail to
+                    # load must not end this thread for good (readyz would stay 503 for ever).
+                    custom, core = self._clients()
+                    self._core = core
                 rv = self._relist(custom, core)
-                backoff = 1.0
-                self._follow(custom, core, rv)
+                started = time.monotonic()
+                try:
+                    self._follow(custom, core, rv)
+                finally:
+                    watched_s = time.monotonic() - started
             except Exception as exc:  # the loop must survive any API or network failure
+                failure = exc
+            if self._stop.is_set():
+                return
+            if watched_s >= healthy_s:
+                backoff = 1.0
+                if failure is None:
+                    continue
+            if failure is not None:
                 log.warning(
-                    "AgentTask watch failed (%s); retrying in %.0fs", _summary(exc), backoff
+                    "AgentTask watch failed (%s)%s; retrying in %.0fs",
+                    _summary(failure),
+                    _hint(failure, self.namespace, self.version),
+                    backoff,
                 )
-                self._stop.wait(backoff)
-                backoff = min(30.0, backoff * 2)
+            else:
+                log.warning(
+                    "AgentTask watch ended after %.1fs; listing again in %.0fs", watched_s, backoff
+                )
+            self._stop.wait(backoff)
+            backoff = min(MAX_BACKOFF_S, backoff * 2)
 
     def _list_fn(self, custom: Any) -> tuple[Callable[..., Any], tuple[Any, ...]]:
         if self.namespace:
@@ -120,12 +192,33 @@ class AgentTaskWatcher:
     def _relist(self, custom: Any, core: Any) -> str:
         fn, args = self._list_fn(custom)
         listing = fn(*args)
+        items = [
+            obj
+            for obj in listing.get("items", [])
+            if isinstance(obj, Mapping) and self._serves(obj)
+        ]
+        # Each Secret is read once per list, however many tasks name it.
+        keys: dict[SecretRef, str] = {}
+        for obj in items:
+            ref = secret_ref(obj)
+            if ref is not None and ref not in keys:
+                keys[ref] = self._read_key(core, ref)
+        tasks: dict[str, tuple[Mapping[str, Any], str]] = {}
         routes = []
-        for obj in listing.get("items", []):
-            route = self._route(obj, core)
-            if route is not None:
-                routes.append(route)
-        self.table.replace_all(routes)
+        with self._lock:
+            for obj in items:
+                ref = secret_ref(obj)
+                api_key = keys[ref] if ref is not None else ""
+                tasks[_task_key(obj)] = (obj, api_key)
+                route = self._build(obj, api_key)
+                if route is not None:
+                    routes.append(route)
+            self._tasks = tasks
+            self.table.replace_all(routes)
+        # Forget the Secrets no task names any more (a stale key must not come back with one).
+        for ref in set(self._keys) - set(keys):
+            self._keys.pop(ref, None)
+            self._key_problems.pop(ref, None)
         self._changed()
         log.info("routes listed: %d task(s)", len(routes))
         return str(listing.get("metadata", {}).get("resourceVersion", ""))
@@ -151,19 +244,10 @@ class AgentTaskWatcher:
                 if kind == "ERROR":
                     log.info("AgentTask watch expired (%s); listing again", obj.get("code"))
                     return
-                if kind == "BOOKMARK":
+                if kind == "BOOKMARK" or not self._serves(obj):
                     continue
                 self.events += 1
-                meta = obj.get("metadata") or {}
-                key = f"{meta.get('namespace')}/{meta.get('name')}"
-                if kind == "DELETED":
-                    self.table.remove(key)
-                else:
-                    route = self._route(obj, core)
-                    if route is None:
-                        self.table.remove(key)
-                    else:
-                        self.table.upsert(route)
+                self._apply_event(str(kind), obj, core)
                 self._changed()
         except api_exception as exc:
             if exc.status != 410:
@@ -171,11 +255,35 @@ class AgentTaskWatcher:
         finally:
             self._watch = None
 
-    def _route(self, obj: Mapping[str, Any], core: Any) -> Route | None:
+    def _serves(self, obj: Mapping[str, Any]) -> bool:
+        if self.only_namespaces is None:
+            return True
+        return (obj.get("metadata") or {}).get("namespace") in self.only_namespaces
+
+    def _apply_event(self, kind: str, obj: Mapping[str, Any], core: Any) -> None:
+        """One watch event: the task's route is replaced, or removed when it is deleted or
+        cannot be served; no other task is touched."""
+        key = _task_key(obj)
+        if kind == "DELETED":
+            with self._lock:
+                self._tasks.pop(key, None)
+                self.table.remove(key)
+            return
+        ref = secret_ref(obj)
+        api_key = self._read_key(core, ref) if ref is not None else ""
+        with self._lock:
+            self._tasks[key] = (obj, api_key)
+            route = self._build(obj, api_key)
+            if route is None:
+                self.table.remove(key)
+            else:
+                self.table.upsert(route)
+
+    def _build(self, obj: Mapping[str, Any], api_key: str) -> Route | None:
         try:
             return route_from_task(
                 obj,
-                api_key=self._api_key(obj, core),
+                api_key=api_key,
                 default_slm_timeout_s=self.default_slm_timeout_s,
                 llm_timeout_s=self.llm_timeout_s,
             )
@@ -183,32 +291,122 @@ class AgentTaskWatcher:
             log.warning("AgentTask skipped: %s", exc)
             return None
 
-    def _api_key(self, obj: Mapping[str, Any], core: Any) -> str:
-        ref = secret_ref(obj)
-        if ref is None:
-            return ""
-        ns, name, key = ref
+    def _refresh_loop(self) -> None:
+        while not self._stop.wait(self.secret_refresh_s):
+            core = self._core
+            if core is None:
+                continue
+            try:
+                self.refresh_keys(core)
+            except Exception as exc:  # the next round tries again
+                log.warning("LLM keys not refreshed (%s)", _summary(exc))
+
+    def refresh_keys(self, core: Any) -> None:
+        """Read every Secret the tasks name, once, and rebuild the routes whose key changed.
+
+        Why polling: the gateway may only ``get`` the named Secrets (no list, no watch), and a
+        task's key otherwise changed only with a list (``resync_s``, 5 minutes by default) or
+        an event of that task: a rotated key, or a Secret created after its task, meant every
+        LLM call answered 401 until then.
+        """
+        with self._lock:
+            refs = {r for obj, _ in self._tasks.values() if (r := secret_ref(obj)) is not None}
+        keys = {ref: self._read_key(core, ref) for ref in refs}
+        changed = 0
+        with self._lock:
+            for key, (obj, used) in list(self._tasks.items()):
+                ref = secret_ref(obj)
+                if ref is None or ref not in keys or keys[ref] == used:
+                    continue
+                self._tasks[key] = (obj, keys[ref])
+                route = self._build(obj, keys[ref])
+                if route is None:
+                    self.table.remove(key)
+                else:
+                    self.table.upsert(route)
+                changed += 1
+        if changed:
+            log.info("LLM key changed for %d task(s)", changed)
+            self._changed()
+
+    def _read_key(self, core: Any, ref: SecretRef) -> str:
+        """The API key in the Secret ``ref``, or "" for none (the task is then served
+        without one). A Secret that is gone or holds no usable key gives ""; a read that fails
+        otherwise (429, 5xx, a timeout, RBAC) keeps the last key read: a resync or a refresh
+        that misses once must not turn a working key into minutes of 401s."""
+        ns, name, field = ref
         try:
             secret = core.read_namespaced_secret(name, ns)
         except Exception as exc:
-            log.warning("Secret %s/%s for the LLM key is not readable: %s", ns, name, _summary(exc))
-            return ""
-        raw = (secret.data or {}).get(key)
+            if getattr(exc, "status", None) == 404:
+                self._keys.pop(ref, None)
+                self._problem(ref, "does not exist; the task is served without a key")
+                return ""
+            last = self._keys.get(ref, "")
+            kept = "; the last key read stays in use" if last else ""
+            self._problem(ref, f"is not readable: {_summary(exc)}{_secret_hint(exc)}{kept}")
+            return last
+        raw = (secret.data or {}).get(field)
         if raw is None:
-            log.warning("Secret %s/%s has no key %r", ns, name, key)
+            self._keys.pop(ref, None)
+            self._problem(ref, f"has no key {field!r}")
             return ""
         # A key that is not base64 text of UTF-8 would otherwise fail the whole list, and so
         # every task of the namespace; the task is served without a key, as when unreadable.
         try:
-            return base64.b64decode(raw).decode().strip()
+            value = base64.b64decode(raw).decode().strip()
         except ValueError as exc:  # binascii.Error and UnicodeDecodeError
             # The type only: a decode error's message quotes bytes of the secret.
-            log.warning("Secret %s/%s key %r is unusable (%s)", ns, name, key, type(exc).__name__)
+            self._keys.pop(ref, None)
+            self._problem(ref, f"key {field!r} is unusable ({type(exc).__name__})")
             return ""
+        self._keys[ref] = value
+        self._problem(ref, None)
+        return value
+
+    def _problem(self, ref: SecretRef, problem: str | None) -> None:
+        """Log a Secret's problem when it starts or changes, and when it ends: the Secrets are
+        read every few seconds, and a warning each time would bury everything else."""
+        if self._key_problems.get(ref) == problem:
+            return
+        ns, name, _ = ref
+        if problem is None:
+            self._key_problems.pop(ref, None)
+            log.info("Secret %s/%s for the LLM key is readable again", ns, name)
+        else:
+            self._key_problems[ref] = problem
+            log.warning("Secret %s/%s for the LLM key %s", ns, name, problem)
 
     def _changed(self) -> None:
         if self.on_change is not None:
             self.on_change()
+
+
+def _task_key(obj: Mapping[str, Any]) -> str:
+    """The task's route key, as :attr:`Route.key` spells it."""
+    meta = obj.get("metadata") or {}
+    ns, name = meta.get("namespace") or "", meta.get("name") or ""
+    return f"{ns}/{name}" if ns else str(name)
+
+
+def _hint(exc: BaseException, namespace: str | None, version: str) -> str:
+    """What a list or watch failure most likely means, for the two that need a person."""
+    status = getattr(exc, "status", None)
+    if status == 403:
+        where = f"in namespace {namespace}" if namespace else "in all namespaces"
+        return (
+            f" (RBAC: the gateway's ServiceAccount needs list and watch on "
+            f"{PLURAL}.{GROUP} {where})"
+        )
+    if status == 404:
+        return f" (is the AgentTask CRD, {GROUP}/{version}, installed?)"
+    return ""
+
+
+def _secret_hint(exc: BaseException) -> str:
+    if getattr(exc, "status", None) == 403:
+        return " (is it named in the chart's gateway.llmApiKeySecrets?)"
+    return ""
 
 
 def _summary(exc: BaseException) -> str:

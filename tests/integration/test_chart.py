@@ -220,8 +220,10 @@ def test_several_namespaces_get_a_role_each() -> None:
     assert "--namespace=team-a" in args and "--namespace=team-b" in args
     roles = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "slm-gateway"]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
-    # The gateway reads AgentTasks everywhere, but Secrets only in the watched namespaces.
-    assert "--all-namespaces" in container(docs, "slm-gateway")["args"]
+    # The gateway reads AgentTasks everywhere, but Secrets only in the watched namespaces,
+    # and routes only those namespaces' tasks.
+    gw_args = container(docs, "slm-gateway")["args"]
+    assert "--namespace=team-a,team-b" in gw_args and "--all-namespaces" not in gw_args
     cluster_rules = by_kind(docs, "ClusterRole")["slm-gateway"]["rules"]
     assert [r["resources"] for r in cluster_rules] == [["agenttasks"]]
 

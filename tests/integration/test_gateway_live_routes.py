@@ -17,10 +17,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from slm_contract import CallRecord
 from slm_e2e import llm_standin
@@ -217,3 +219,164 @@ def test_route_changes_apply_live_from_agenttask_status(
     assert {r.backend for r in records} == {"llm", "slm"}
     assert {r.fallback_reason for r in records} >= {"", "slm_error"}
     assert all(LLM_KEY not in line and "agent-token" not in line for line in lines)
+
+
+def test_llm_key_follows_its_secret_live(
+    cluster: ClusterHandle, agenttask_crd: Path, namespace: str, tmp_path: Path
+) -> None:
+    """The LLM key follows the task's Secret with no restart and no resync (the default
+    --resync-seconds is 5 minutes): a Secret created after its task (``kubectl apply -f
+    dir/`` applies agenttask.yaml first), then rotated, then deleted. The gateway may only
+    ``get`` that Secret, so it cannot watch it; it reads it again every few seconds."""
+    rotated = "sk-live-ROTATED-fedcba9876543210"
+    standin = llm_standin.start(expect_key=rotated)
+    gw: GatewayProcess | None = None
+
+    def calls_with(auth: str) -> Any:
+        before = standin.stats()[auth]
+        status, _, _ = chat(gw)  # type: ignore[arg-type]
+        return status == 200 and standin.stats()[auth] > before
+
+    try:
+        cluster.apply(agenttask(standin.llm_base_url), namespace)
+        gw = start_gateway(
+            ["--namespace", namespace, "--kubeconfig", cluster.kubeconfig],
+            log_path=tmp_path / "gateway.log",
+        )
+        pid = gw.proc.pid
+        # 1. No Secret yet: the task is served, without a key.
+        assert calls_with("auth_missing")
+
+        # 2. The Secret appears: its key is sent (LLM_KEY, not the one the stand-in expects).
+        cluster.kubectl(
+            "create",
+            "secret",
+            "generic",
+            "llm-key",
+            "-n",
+            namespace,
+            f"--from-literal=api-key={LLM_KEY}",
+        )
+        wait_for(lambda: calls_with("auth_other"), timeout=30, what="the Secret's key")
+
+        # 3. The key is rotated in place: the new key is sent.
+        cluster.kubectl(
+            "patch",
+            "secret",
+            "llm-key",
+            "-n",
+            namespace,
+            "--type=merge",
+            "-p",
+            json.dumps({"stringData": {"api-key": rotated}}),
+        )
+        wait_for(lambda: calls_with("auth_expected"), timeout=30, what="the rotated key")
+
+        # 4. The Secret is deleted: no key is sent any more.
+        cluster.kubectl("delete", "secret", "llm-key", "-n", namespace)
+        wait_for(lambda: calls_with("auth_missing"), timeout=30, what="the key to be dropped")
+        assert gw.proc.pid == pid and gw.proc.poll() is None
+    finally:
+        if gw is not None:
+            gw.stop()
+        standin.stop()
+
+    log = (tmp_path / "gateway.log").read_text()
+    assert LLM_KEY not in log and rotated not in log
+
+
+def service_account_kubeconfig(cluster: ClusterHandle, ns: str, sa: str, path: Path) -> str:
+    """A kubeconfig that authenticates as ServiceAccount ``sa`` of ``ns``, as in a pod."""
+    cluster.kubectl("create", "serviceaccount", sa, "-n", ns)
+    token = cluster.kubectl("create", "token", sa, "-n", ns, "--duration=1h").stdout.strip()
+    admin = yaml.safe_load(Path(cluster.kubeconfig).read_text())
+    context = {"cluster": admin["clusters"][0]["name"], "user": sa, "namespace": ns}
+    kc = {
+        **admin,
+        "users": [{"name": sa, "user": {"token": token}}],
+        "contexts": [{"name": admin["current-context"], "context": context}],
+    }
+    path.write_text(yaml.safe_dump(kc))
+    return str(path)
+
+
+def test_gateway_without_rbac_waits_unready_then_serves_once_granted(
+    cluster: ClusterHandle, agenttask_crd: Path, namespace: str, tmp_path: Path
+) -> None:
+    """With no RBAC yet (the Role applied after the Deployment), the gateway neither crashes
+    nor turns ready: it says what is missing and retries, backing off; once the Role exists
+    it lists the tasks, turns ready and sends the key from the Secret, in the same process."""
+    standin = llm_standin.start(expect_key=LLM_KEY)
+    kubeconfig = service_account_kubeconfig(cluster, namespace, "gw", tmp_path / "gw.kubeconfig")
+    log_path = tmp_path / "gateway.log"
+    gw: GatewayProcess | None = None
+    try:
+        cluster.kubectl(
+            "create",
+            "secret",
+            "generic",
+            "llm-key",
+            "-n",
+            namespace,
+            f"--from-literal=api-key={LLM_KEY}",
+        )
+        cluster.apply(agenttask(standin.llm_base_url), namespace)
+        with ThreadPoolExecutor(1) as pool:
+            starting = pool.submit(
+                start_gateway,
+                ["--namespace", namespace, "--kubeconfig", kubeconfig],
+                log_path=log_path,
+                timeout=120,
+            )
+            wait_for(
+                lambda: log_path.exists() and "retrying in 2s" in log_path.read_text(),
+                timeout=60,
+                what="the gateway to retry the forbidden list",
+            )
+            assert not starting.done()  # /readyz is still 503
+            assert "RBAC" in log_path.read_text()
+            cluster.apply(
+                [
+                    {
+                        "apiVersion": "rbac.authorization.k8s.io/v1",
+                        "kind": "Role",
+                        "metadata": {"name": "gw"},
+                        "rules": [
+                            {
+                                "apiGroups": ["slmfleet.dev"],
+                                "resources": ["agenttasks"],
+                                "verbs": ["get", "list", "watch"],
+                            },
+                            {
+                                "apiGroups": [""],
+                                "resources": ["secrets"],
+                                "verbs": ["get"],
+                                "resourceNames": ["llm-key"],
+                            },
+                        ],
+                    },
+                    {
+                        "apiVersion": "rbac.authorization.k8s.io/v1",
+                        "kind": "RoleBinding",
+                        "metadata": {"name": "gw"},
+                        "roleRef": {
+                            "apiGroup": "rbac.authorization.k8s.io",
+                            "kind": "Role",
+                            "name": "gw",
+                        },
+                        "subjects": [
+                            {"kind": "ServiceAccount", "name": "gw", "namespace": namespace}
+                        ],
+                    },
+                ],
+                namespace,
+            )
+            gw = starting.result(timeout=120)
+        status, headers, _ = chat(gw)
+        assert status == 200 and headers["x-slm-backend"] == "llm"
+        assert standin.stats()["auth_expected"] == 1
+    finally:
+        if gw is not None:
+            gw.stop()
+        standin.stop()
+    assert LLM_KEY not in log_path.read_text()

@@ -1,0 +1,396 @@
+"""The AgentTask watch loop and the LLM keys, against a fake Kubernetes API.
+
+The real client's ``Watch`` runs over fake list/watch calls, so these tests cover what the
+gateway does with what the API server can answer: a watch that expires (410 Gone), one that
+ends at once or is refused, a list that is forbidden (RBAC) or 404 (no CRD), a kubeconfig that
+cannot be loaded, and Secrets that appear, rotate, vanish or fail to read for a moment.
+The back-off is measured by recording the loop's waits instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kubernetes.client.exceptions import ApiException
+
+from slm_gateway import kube
+from slm_gateway.kube import AgentTaskWatcher
+from slm_gateway.routes import RouteTable
+
+KEY = "sk-rotating-0123456789abcdef"
+NEW_KEY = "sk-rotated-fedcba9876543210"
+
+
+def task(name: str, *, secret: str | None = "llm-key", **route: Any) -> dict[str, Any]:
+    llm: dict[str, Any] = {"baseURL": "http://llm.example:8000/v1", "model": "gpt-4o"}
+    if secret:
+        llm["apiKeySecretRef"] = {"name": secret}
+    obj: dict[str, Any] = {
+        "metadata": {"name": name, "namespace": "agents"},
+        "spec": {"fallback": {"llm": llm}},
+    }
+    if route:
+        obj["status"] = {"route": route}
+    return obj
+
+
+class _Secret:
+    def __init__(self, data: dict[str, str] | None) -> None:
+        self.data = data
+
+
+class FakeCore:
+    """CoreV1Api's ``read_namespaced_secret`` over a dict; ``fail`` makes the next reads raise."""
+
+    def __init__(self, keys: dict[str, str] | None = None) -> None:
+        self.keys = dict(keys or {})
+        self.fail: ApiException | None = None
+        self.reads = 0
+
+    def read_namespaced_secret(self, name: str, namespace: str) -> _Secret:
+        self.reads += 1
+        if self.fail is not None:
+            raise self.fail
+        if name not in self.keys:
+            raise ApiException(status=404, reason="Not Found")
+        return _Secret({"api-key": base64.b64encode(self.keys[name].encode()).decode()})
+
+
+class _Stream:
+    """An HTTP response of a watch: the given events as JSON lines, then the end."""
+
+    status = 200
+
+    def __init__(self, events: list[dict[str, Any]]) -> None:
+        self.lines = [json.dumps(e).encode() + b"\n" for e in events]
+
+    def stream(self, amt: Any = None, decode_content: bool = False) -> Iterator[bytes]:
+        yield from self.lines
+
+    def close(self) -> None:
+        pass
+
+    def release_conn(self) -> None:
+        pass
+
+
+class FakeCustom:
+    """CustomObjectsApi's list (and watch) of AgentTasks, scripted call by call.
+
+    ``lists`` are the successive lists' items (the last one repeats); ``watches`` the
+    successive watches, each a list of events, or an exception to raise; the last repeats.
+    After ``stop_after`` lists, ``stop`` is called, so a test can run the loop synchronously.
+    """
+
+    def __init__(
+        self,
+        lists: list[list[dict[str, Any]] | Exception],
+        watches: list[list[dict[str, Any]] | Exception],
+        *,
+        stop_after: int,
+        stop: Any,
+    ) -> None:
+        self.lists = lists
+        self.watches = watches
+        self.stop_after = stop_after
+        self.stop = stop
+        self.list_calls = 0
+        self.watch_calls = 0
+        self.watch_kwargs: list[dict[str, Any]] = []
+
+    def list_namespaced_custom_object(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("watch"):
+            self.watch_kwargs.append(kwargs)
+            step = self.watches[min(self.watch_calls, len(self.watches) - 1)]
+            self.watch_calls += 1
+            if isinstance(step, Exception):
+                raise step
+            return _Stream(step)
+        step = self.lists[min(self.list_calls, len(self.lists) - 1)]
+        self.list_calls += 1
+        if self.list_calls >= self.stop_after:
+            self.stop()
+        if isinstance(step, Exception):
+            raise step
+        return {"items": copy.deepcopy(step), "metadata": {"resourceVersion": str(self.list_calls)}}
+
+    list_cluster_custom_object = list_namespaced_custom_object  # same script, all namespaces
+
+
+class RecordingEvent(threading.Event):
+    """A stop event whose waits return at once and are recorded (the loop's back-off)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if timeout is not None:
+            self.waits.append(timeout)
+        return self.is_set()
+
+
+def run_loop(
+    monkeypatch: pytest.MonkeyPatch,
+    lists: list[list[dict[str, Any]] | Exception],
+    watches: list[list[dict[str, Any]] | Exception],
+    *,
+    stop_after: int,
+    core: FakeCore | None = None,
+    api_client: Any = None,
+) -> tuple[AgentTaskWatcher, FakeCustom, RecordingEvent]:
+    """Run the watch thread's loop in this thread over the fakes until ``stop_after`` lists."""
+    import kubernetes.client
+
+    table = RouteTable()
+    watcher = AgentTaskWatcher(table, "agents")
+    stop = RecordingEvent()
+    watcher._stop = stop
+    custom = FakeCustom(lists, watches, stop_after=stop_after, stop=stop.set)
+    core = core or FakeCore({"llm-key": KEY})
+    monkeypatch.setattr(kube, "api_client", api_client or (lambda kubeconfig=None: object()))
+    monkeypatch.setattr(kubernetes.client, "CustomObjectsApi", lambda api: custom)
+    monkeypatch.setattr(kubernetes.client, "CoreV1Api", lambda api: core)
+    watcher._run()
+    return watcher, custom, stop
+
+
+def ev(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
+    return {"type": kind, "object": obj}
+
+
+GONE = ev("ERROR", {"kind": "Status", "code": 410, "reason": "Expired", "message": "too old"})
+
+
+# ---- the watch loop -----------------------------------------------------------------------
+
+
+def test_events_update_one_task_each_and_a_bad_status_skips_only_its_task(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ADDED/MODIFIED/DELETED each touch one route; a status the gateway cannot serve (here a
+    zero SLM budget) removes that task, as a list skips it, and leaves the others routed."""
+    events = [
+        ev("ADDED", task("new")),
+        ev("MODIFIED", task("weather", mode="slm", slmEndpoint="http://triton:8000")),
+        ev(
+            "MODIFIED", task("broken", mode="slm", slmEndpoint="http://triton:8000", slmTimeoutMs=0)
+        ),
+        ev("DELETED", task("gone")),
+    ]
+    lists: list[list[dict[str, Any]] | Exception] = [
+        [task("weather"), task("broken"), task("gone")],
+        ApiException(status=503, reason="Service Unavailable"),
+    ]
+    watcher, custom, _ = run_loop(monkeypatch, lists, [events], stop_after=2)
+    assert custom.watch_kwargs[0]["resource_version"] == "1"
+    assert custom.watch_kwargs[0]["allow_watch_bookmarks"] is True
+    # The second list failed, so the table is the one the events left.
+    routes = {r.task: r for r in watcher.table.routes()}
+    assert sorted(routes) == ["new", "weather"]
+    assert routes["weather"].mode == "slm"
+    assert watcher.table.ready
+
+
+def test_410_gone_lists_again_and_drops_tasks_deleted_meanwhile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    watcher, custom, _ = run_loop(
+        monkeypatch,
+        [[task("weather"), task("deleted-while-away")], [task("weather")]],
+        [[GONE], []],
+        stop_after=2,
+    )
+    assert custom.list_calls == 2
+    assert [r.task for r in watcher.table.routes()] == ["weather"]
+    assert custom.watch_kwargs[1]["resource_version"] == "2"  # from the fresh list
+
+
+def test_a_watch_that_ends_at_once_backs_off_instead_of_relisting_in_a_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A watch that closes right after it opens (a proxy that does not stream, an API server
+    going away) used to be listed again with no wait at all: a busy loop of full lists and
+    Secret reads. Each short watch now costs a growing back-off."""
+    _, custom, stop = run_loop(monkeypatch, [[task("weather")]], [[]], stop_after=5)
+    assert custom.list_calls == 5
+    assert stop.waits == [1.0, 2.0, 4.0, 8.0]
+
+
+def test_a_watch_refused_after_a_good_list_backs_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The back-off used to restart at 1 s after every good list, so a watch that always
+    fails (403 on watch only, a 500) relisted every task and read every Secret each second."""
+    _, custom, stop = run_loop(
+        monkeypatch,
+        [[task("weather")]],
+        [ApiException(status=403, reason="Forbidden")],
+        stop_after=5,
+    )
+    assert custom.list_calls == 5
+    assert stop.waits == [1.0, 2.0, 4.0, 8.0]
+
+
+@pytest.mark.parametrize(
+    ("status", "hint"),
+    [(403, "RBAC"), (404, "CRD")],
+)
+def test_list_forbidden_or_no_crd_is_retried_with_backoff_and_not_ready(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, status: int, hint: str
+) -> None:
+    caplog.set_level(logging.WARNING, logger="slm_gateway.kube")
+    watcher, custom, stop = run_loop(
+        monkeypatch, [ApiException(status=status, reason="x")], [[]], stop_after=7
+    )
+    assert custom.list_calls == 7 and custom.watch_calls == 0
+    assert stop.waits == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0]
+    assert not watcher.table.ready
+    assert hint in caplog.text
+
+
+def test_a_client_that_cannot_be_configured_is_retried_not_fatal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A kubeconfig or in-cluster credentials that fail to load used to end the watch thread
+    for good (readyz 503 for ever, with only a thread traceback); it is now retried."""
+    from kubernetes.config import ConfigException
+
+    attempts: list[int] = []
+
+    def flaky(kubeconfig: str | None = None) -> object:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise ConfigException("Service host/port is not set.")
+        return object()
+
+    watcher, custom, stop = run_loop(
+        monkeypatch, [[task("weather")]], [[]], stop_after=1, api_client=flaky
+    )
+    assert len(attempts) == 3 and custom.list_calls == 1
+    assert stop.waits[:2] == [1.0, 2.0]
+    assert watcher.table.ready and watcher.table.get("weather") is not None
+
+
+# ---- LLM keys from Secrets ----------------------------------------------------------------
+
+
+def listed(core: FakeCore, *tasks: dict[str, Any]) -> AgentTaskWatcher:
+    """A watcher whose table was set by one list of ``tasks``."""
+    custom = FakeCustom([list(tasks)], [[]], stop_after=10**6, stop=lambda: None)
+    watcher = AgentTaskWatcher(RouteTable(), "agents")
+    watcher._relist(custom, core)
+    return watcher
+
+
+def auth(watcher: AgentTaskWatcher, name: str) -> str | None:
+    route = watcher.table.get(name)
+    assert route is not None
+    return route.llm_headers.get("Authorization")
+
+
+def test_a_secret_created_after_its_task_is_picked_up_without_waiting_for_a_resync() -> None:
+    """The task arrived before its Secret (``kubectl apply -f dir/`` applies agenttask.yaml
+    first): it was served without a key, every LLM call a 401, until the next resync
+    (5 minutes by default). The named Secrets are now read again every few seconds."""
+    core = FakeCore({})
+    watcher = listed(core, task("weather"), task("plain", secret=None))
+    assert auth(watcher, "weather") is None
+    core.keys["llm-key"] = KEY
+    watcher.refresh_keys(core)
+    assert auth(watcher, "weather") == f"Bearer {KEY}"
+    assert auth(watcher, "plain") is None
+
+
+def test_a_rotated_key_is_picked_up_and_a_deleted_secret_drops_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="slm_gateway")
+    core = FakeCore({"llm-key": KEY, "other": "sk-other"})
+    watcher = listed(core, task("a"), task("b"), task("c", secret="other"))
+    version = watcher.table.version
+    watcher.refresh_keys(core)
+    assert watcher.table.version == version  # nothing changed, nothing swapped
+    core.keys["llm-key"] = NEW_KEY
+    reads = core.reads
+    watcher.refresh_keys(core)
+    assert core.reads - reads == 2  # once per Secret, not once per task
+    assert auth(watcher, "a") == auth(watcher, "b") == f"Bearer {NEW_KEY}"
+    assert auth(watcher, "c") == "Bearer sk-other"
+    del core.keys["llm-key"]
+    watcher.refresh_keys(core)
+    assert auth(watcher, "a") is None and auth(watcher, "b") is None
+    assert KEY not in caplog.text and NEW_KEY not in caplog.text
+
+
+def test_a_failed_secret_read_keeps_the_last_key_read() -> None:
+    """A Secret read that fails for a moment (429 from API priority and fairness, a 500, a
+    timeout) during a resync used to drop a working key until the next resync: five minutes
+    of 401s from the LLM. Only a Secret that is gone (404) drops it now."""
+    core = FakeCore({"llm-key": KEY})
+    watcher = listed(core, task("weather"))
+    assert auth(watcher, "weather") == f"Bearer {KEY}"
+    core.fail = ApiException(status=429, reason="Too Many Requests")
+    custom = FakeCustom([[task("weather")]], [[]], stop_after=10**6, stop=lambda: None)
+    watcher._relist(custom, core)
+    assert auth(watcher, "weather") == f"Bearer {KEY}"
+    watcher.refresh_keys(core)
+    assert auth(watcher, "weather") == f"Bearer {KEY}"
+    core.fail = None
+    core.keys["llm-key"] = NEW_KEY
+    watcher.refresh_keys(core)
+    assert auth(watcher, "weather") == f"Bearer {NEW_KEY}"
+
+
+def test_a_refresh_never_brings_back_a_deleted_task() -> None:
+    core = FakeCore({"llm-key": KEY})
+    watcher = listed(core, task("weather"), task("other"))
+    watcher._apply_event("DELETED", task("weather"), core)
+    core.keys["llm-key"] = NEW_KEY
+    watcher.refresh_keys(core)
+    assert [r.task for r in watcher.table.routes()] == ["other"]
+    assert auth(watcher, "other") == f"Bearer {NEW_KEY}"
+
+
+# ---- several namespaces -------------------------------------------------------------------
+
+
+def test_a_gateway_for_several_namespaces_routes_only_their_tasks() -> None:
+    """With ``--namespace team-a,team-b`` the gateway lists and watches cluster-wide (one
+    watch) but must not route another namespace's task: not another team's, and not one of
+    another installation, whose key Secret it cannot read anyway."""
+
+    def in_ns(name: str, namespace: str) -> dict[str, Any]:
+        obj = task(name)
+        obj["metadata"]["namespace"] = namespace
+        return obj
+
+    core = FakeCore({"llm-key": KEY})
+    watcher = AgentTaskWatcher(RouteTable(), None, only_namespaces=frozenset({"team-a", "team-b"}))
+    custom = FakeCustom(
+        [[in_ns("x", "team-a"), in_ns("y", "team-b"), in_ns("z", "elsewhere")]],
+        [[]],
+        stop_after=10**6,
+        stop=lambda: None,
+    )
+    watcher._relist(custom, core)
+    assert sorted(r.key for r in watcher.table.routes()) == ["team-a/x", "team-b/y"]
+    assert core.reads == 2  # team-a's and team-b's Secrets; never the other namespace's
+    assert not watcher._serves(in_ns("w", "elsewhere"))
+    assert watcher._serves(in_ns("w", "team-b"))
+
+
+def test_namespace_flag_takes_one_or_several() -> None:
+    from slm_gateway.config import config_from_args
+
+    one = config_from_args(["--namespace", "team-a"])
+    assert (one.namespace, one.namespaces) == ("team-a", ())
+    several = config_from_args(["--namespace", "team-a, team-b,team-a"])
+    assert (several.namespace, several.namespaces) == (None, ("team-a", "team-b"))
+    with pytest.raises(SystemExit):
+        config_from_args(["--namespace", " , "])
