@@ -93,6 +93,19 @@ class FallbackState:
     reason: str = ""
 
 
+def outage_over(prev: FallbackState, ready_replicas: int) -> FallbackState:
+    """``prev`` without a fallback that was on only for want of ready replicas, once some are.
+
+    Replicas are back: such a fallback ends here, as if it had never been on; it must not wait
+    for recovery windows meant for an SLO breach, nor for the next metrics window at all (the
+    caller applies this on every pass: without Prometheus, or while it does not answer, no
+    window ever comes, and the calls would stay on the LLM for good).
+    """
+    if ready_replicas > 0 and prev.active and prev.reason == "NoReadyReplicas":
+        return FallbackState(False, prev.breach_streak, prev.healthy_streak)
+    return prev
+
+
 def fallback_step(
     breached: bool | None,
     ready_replicas: int,
@@ -104,10 +117,7 @@ def fallback_step(
     replica is ready), off after ``recovery_windows`` consecutive healthy ones."""
     if ready_replicas <= 0:
         return FallbackState(True, prev.breach_streak, 0, "NoReadyReplicas")
-    if prev.active and prev.reason == "NoReadyReplicas":
-        # Replicas are back: a fallback that was on only for want of them ends here, as if it
-        # had never been on; it must not wait for recovery windows meant for an SLO breach.
-        prev = FallbackState(False, prev.breach_streak, prev.healthy_streak)
+    prev = outage_over(prev, ready_replicas)
     if breached is None:
         return FallbackState(
             prev.active, prev.breach_streak, prev.healthy_streak, "MetricsUnavailable"

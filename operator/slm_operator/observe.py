@@ -9,6 +9,7 @@ tested on plain dicts.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,9 @@ class JobView:
     #: Why a pending Job's pod does not run, in the scheduler's or kubelet's words
     #: ("0/3 nodes are available: 3 Insufficient nvidia.com/gpu."); empty when not known.
     waiting: str = ""
+    #: The Job's metadata.uid: Events name a Job by name, and a Job of the same name (the
+    #: revision's) may have been deleted and created again since.
+    uid: str = ""
 
 
 def _conditions(job: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
@@ -104,28 +108,63 @@ def pod_waiting(pod: Mapping[str, Any]) -> str:
         if waiting.get("reason") in STUCK_WAITING_REASONS:
             detail = f": {waiting['message']}" if waiting.get("message") else ""
             last = (cs.get("lastState") or {}).get("terminated") or {}
-            if last:  # a crash loop: how the container last ended says more than the back-off
+            if last and waiting["reason"] == "CrashLoopBackOff":
+                # How the container last ended says more than the back-off (whose duration
+                # ticks). Other reasons keep their own words: lastState outlives any restart.
                 detail = f" (last exit code {last.get('exitCode')}, {last.get('reason', '?')})"
             return _short(f"pod {name}: {waiting['reason']}{detail}", 300)
     return ""
 
 
-def failed_creates(events: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+# The refused pod's generated name ("j-6rzwv"), new on every retry of the Job controller.
+_REFUSED_POD_NAME_RE = re.compile(r'^(pods?|Pod) "[^"]*" ')
+_NO_TIME = dt.datetime.min.replace(tzinfo=dt.UTC)
+
+
+def _event_time(ev: Mapping[str, Any]) -> dt.datetime:
+    """When an Event last happened: core/v1 style (lastTimestamp) or events.k8s.io style
+    (series.lastObservedTime for a repeated one, else eventTime), as a comparable time."""
+    raw = (
+        ev.get("lastTimestamp")
+        or (ev.get("series") or {}).get("lastObservedTime")
+        or ev.get("eventTime")
+        or ev.get("firstTimestamp")
+    )
+    try:
+        return parse_time(raw) or _NO_TIME
+    except ValueError:
+        return _NO_TIME
+
+
+def failed_creates(
+    events: Iterable[Mapping[str, Any]], uids: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """The newest ``FailedCreate`` message per Job name, from core/v1 Events of Jobs.
 
     Why: when a ResourceQuota, a LimitRange or Pod Security admission refuses a Job's pod,
     the Job controller says so only in an Event: the Job has no pod, no condition, and would
     look like one about to start for good.
+
+    ``uids`` (Job name -> uid): Events of an earlier Job of the same name are not counted.
+    The message leaves out the refused pod's generated name and the aggregation prefix: both
+    change from one retry to the next, and the reason goes into a condition message, which
+    must not change (and have the status written) unless the reason does.
     """
-    newest: dict[str, tuple[str, str]] = {}
+    newest: dict[str, tuple[dt.datetime, str]] = {}
     for ev in events:
         obj = ev.get("involvedObject") or {}
         if ev.get("reason") != "FailedCreate" or obj.get("kind") != "Job":
             continue
-        when = str(ev.get("lastTimestamp") or ev.get("eventTime") or "")
         name = str(obj.get("name", ""))
+        want, uid = (uids or {}).get(name), obj.get("uid")
+        if want and uid and uid != want:
+            continue
+        when = _event_time(ev)
         if name not in newest or when >= newest[name][0]:
-            newest[name] = (when, str(ev.get("message", "")).removeprefix("Error creating: "))
+            msg = str(ev.get("message", ""))
+            msg = msg.removeprefix("(combined from similar events): ")
+            msg = _REFUSED_POD_NAME_RE.sub(r"\1 ", msg.removeprefix("Error creating: "))
+            newest[name] = (when, msg)
     return {name: _short(f"cannot create its pod: {msg}", 300) for name, (_, msg) in newest.items()}
 
 
@@ -229,4 +268,5 @@ def job_view(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]]) -> JobVi
         seconds=seconds,
         finished_at=finished,
         waiting=waiting,
+        uid=str(meta.get("uid", "")),
     )

@@ -562,11 +562,14 @@ def _live_control(
         )
     slo_spec = (spec.get("serving") or {}).get("slo") or {}
     policy = spec["fallback"].get("policy") or {}
-    fb = FallbackState(
-        bool(prev.get("fallback", False)),
-        int(prev.get("breachStreak", 0)),
-        int(prev.get("healthyStreak", 0)),
-        str(prev.get("fallbackReason", "")),
+    fb = lv.outage_over(
+        FallbackState(
+            bool(prev.get("fallback", False)),
+            int(prev.get("breachStreak", 0)),
+            int(prev.get("healthyStreak", 0)),
+            str(prev.get("fallbackReason", "")),
+        ),
+        ready,
     )
     ro = Rollout(
         str(prev.get("rolloutMode", "")),

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 #: Namespaces already told (in the log) that the default trainer ServiceAccount is missing.
 _missing_account_logged: set[tuple[str, str]] = set()
+#: Namespaces already told (in the log) that the operator may not list Events there.
+_events_forbidden_logged: set[str] = set()
 
 
 def _owned(obj: dict[str, Any] | None, uid: str) -> bool:
@@ -136,10 +138,24 @@ def _with_failed_creates(
     podless = [v for v in jobs.values() if v.state == PENDING and v.name not in has_pod]
     if not podless:
         return jobs
-    events = kube.list(
-        "v1", "events", namespace, fields="involvedObject.kind=Job,reason=FailedCreate"
-    )
-    reasons = failed_creates(events)
+    try:
+        events = kube.list(
+            "v1", "events", namespace, fields="involvedObject.kind=Job,reason=FailedCreate"
+        )
+    except KubeError as e:
+        if e.status != 403:
+            raise
+        # RBAC without the events `list` rule (older chart, hand-made Role): the reason is an
+        # extra, and every new Job is podless for a moment; it must not stop the reconcile.
+        if namespace not in _events_forbidden_logged:
+            _events_forbidden_logged.add(namespace)
+            log.warning(
+                "may not list Events in %s: a Job whose pod cannot be created (quota, Pod "
+                "Security) will not say why in the task's conditions",
+                namespace,
+            )
+        return jobs
+    reasons = failed_creates(events, {v.name: v.uid for v in podless})
     out = dict(jobs)
     for v in podless:
         if v.name in reasons:

@@ -425,5 +425,75 @@ def test_failed_creates_keeps_the_newest_reason_per_job() -> None:
         ev("p", "2026-01-01T00:00:02Z", "not a Job", kind="Pod"),
     ]
     assert failed_creates(events) == {
-        "j": 'cannot create its pod: pods "j-x" is forbidden: exceeded quota: q'
+        "j": "cannot create its pod: pods is forbidden: exceeded quota: q"
     }
+
+
+def _failed_create(job: str, uid: str, when: str, pod: str, **extra: object) -> dict:
+    """A FailedCreate Event as the Job controller posts it: the refused pod's generated name
+    is in the message, and each retry is a new Event."""
+    return {
+        "involvedObject": {"kind": "Job", "name": job, "uid": uid},
+        "reason": "FailedCreate",
+        "lastTimestamp": when,
+        "message": f'Error creating: pods "{pod}" is forbidden: exceeded quota: q, '
+        "requested: pods=1, used: pods=0, limited: pods=0",
+        **extra,
+    }
+
+
+def test_a_refused_pods_generated_name_does_not_change_the_reason_every_retry() -> None:
+    """The Job controller retries about every minute, each time with a new generated pod name
+    in its message (seen on a real kube-apiserver). The reason must read the same each time,
+    or the task's status is rewritten on every retry for as long as the quota refuses."""
+    first = failed_creates([_failed_create("j", "u1", "2026-01-01T00:00:01Z", "j-6rzwv")])
+    again = failed_creates(
+        [
+            _failed_create("j", "u1", "2026-01-01T00:00:01Z", "j-6rzwv"),
+            _failed_create("j", "u1", "2026-01-01T00:01:01Z", "j-4jr4v"),
+        ]
+    )
+    combined = _failed_create("j", "u1", "2026-01-01T00:11:01Z", "j-w4z4l")
+    combined["message"] = f"(combined from similar events): {combined['message']}"
+    assert first == again == failed_creates([combined])
+    assert first["j"].startswith("cannot create its pod: pods is forbidden: exceeded quota: q")
+
+
+def test_failed_creates_of_an_earlier_job_of_the_same_name_are_not_this_ones() -> None:
+    """Job names are the revision's, so a Job deleted and created again (a data recheck, a
+    task re-applied) has the name of one whose Events (kept an hour) say its pod was refused.
+    Only the Events of this Job (its uid) count; events.k8s.io-style ones (no lastTimestamp,
+    a series) are ordered by their last occurrence."""
+    old = _failed_create("j", "old-uid", "2026-01-01T00:00:09Z", "j-aaaaa")
+    assert failed_creates([old], {"j": "new-uid"}) == {}
+    assert failed_creates([old], {"j": "old-uid"}) != {}
+    series = _failed_create("j", "u", "", "j-bbbbb", eventTime="2026-01-01T00:00:01.000000Z")
+    series["series"] = {"count": 3, "lastObservedTime": "2026-01-01T00:00:30.000000Z"}
+    series["message"] = series["message"].replace("quota: q", "quota: newest")
+    older = _failed_create("j", "u", "2026-01-01T00:00:20Z", "j-ccccc")
+    assert "quota: newest" in failed_creates([series, older])["j"]
+    assert "quota: newest" in failed_creates([older, series])["j"]
+
+
+def test_a_crash_loops_last_exit_does_not_hide_another_waiting_reason() -> None:
+    """lastState is kept after any restart; only a crash loop is explained by it. A container
+    that crashed once and now cannot start (a deleted Secret) must show the kubelet's words."""
+    pod = _pending_pod(
+        "d",
+        containerStatuses=[
+            {
+                "name": "triton",
+                "state": {
+                    "waiting": {
+                        "reason": "CreateContainerConfigError",
+                        "message": 'secret "hf-token" not found',
+                    }
+                },
+                "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}},
+            }
+        ],
+    )
+    pod["metadata"]["labels"] = {n.LABEL_COMPONENT: "triton"}
+    assert (
+        serving_waiting([pod]) == 'pod d-x: CreateContainerConfigError: secret "hf-token" not found'
+    )

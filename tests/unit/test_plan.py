@@ -1018,3 +1018,26 @@ def test_a_candidate_waiting_for_a_gpu_node_says_so_in_trained() -> None:
     assert "big: pod x cannot be scheduled: 0/3 nodes are available" in message
     entry = next(e for e in p.status["candidates"] if e["name"] == "big")
     assert "Insufficient nvidia.com/gpu" in entry["message"]
+
+
+@pytest.mark.parametrize("metrics", [None, HEALTHY], ids=["no-prometheus", "within-window"])
+def test_an_outage_fallback_ends_when_replicas_are_back_even_between_metrics_windows(
+    metrics: Metrics | None,
+) -> None:
+    """The outage's fallback is written to status.live; it must end with the outage, not at
+    the next metrics window: without Prometheus (or while it is down) that window never
+    comes, and the calls of a served model would go to the LLM for good after one crash."""
+    task, jobs, dep, svc = _serving_task()  # windowSeconds 10
+    t = NOW
+    for _ in range(2):
+        _step(task, jobs, dep, svc, t, metrics)
+        t += dt.timedelta(seconds=10)
+    before = task["status"]["route"]["mode"]
+    down = copy.deepcopy(dep)
+    down["status"].update(readyReplicas=0, availableReplicas=0)
+    _step(task, jobs, down, svc, t - dt.timedelta(seconds=8), metrics)  # not a new window
+    assert task["status"]["live"]["fallback"] is True
+    _step(task, jobs, dep, svc, t - dt.timedelta(seconds=6), metrics)  # still not a new window
+    assert conds(task["status"])[c.FALLBACK_ACTIVE][0] == c.FALSE
+    assert task["status"]["live"]["fallback"] is False
+    assert task["status"]["route"]["mode"] == before != "llm"

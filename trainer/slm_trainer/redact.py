@@ -474,11 +474,15 @@ def possible_kinds(text: str, kinds: Sequence[str] = KINDS) -> tuple[str, ...]:
         if kind == EMAIL_ADDRESS:
             return "@" in text
         if kind == PHONE_NUMBER:
-            return digits >= 5
+            # libphonenumber's shortest national numbers have 4 digits (German pagers, and
+            # numbers of AT, LU, NU, SH, TK, UY...), found without a "+" in their region.
+            return digits >= 4
         if kind == CREDIT_CARD:
             return digits >= 12
         if kind == IBAN_CODE:
-            return digits >= 4 and _IBAN_HINT_RE.search(text) is not None
+            # Only the check digits are sure to be digits: BH, KW, QA, LC... accounts may be
+            # letters.
+            return _IBAN_HINT_RE.search(text) is not None
         if kind == IP_ADDRESS:
             return _IP_HINT_RE.search(text) is not None
         if kind == JWT:
