@@ -105,6 +105,10 @@ def pod_waiting(pod: Mapping[str, Any]) -> str:
         *(status.get("containerStatuses") or []),
     ]:
         waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in ("ErrImagePull", "ImagePullBackOff"):
+            # The kubelet alternates the two, with a new message each time: one stable phrase,
+            # or the condition (and the task's status) would be rewritten every back-off.
+            return _short(f"pod {name} cannot pull image {cs.get('image', '?')}", 300)
         if waiting.get("reason") in STUCK_WAITING_REASONS:
             detail = f": {waiting['message']}" if waiting.get("message") else ""
             last = (cs.get("lastState") or {}).get("terminated") or {}

@@ -347,23 +347,30 @@ def test_a_pending_jobs_view_says_why_its_pod_does_not_run() -> None:
     assert v.waiting == (
         "pod j-x cannot be scheduled: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
     )
-    pull = _pending_pod(
-        "j",
-        containerStatuses=[
-            {
-                "name": "trainer",
-                "state": {
-                    "waiting": {
-                        "reason": "ImagePullBackOff",
-                        "message": 'Back-off pulling image "ghcr.io/x/trainer:nope"',
-                    }
-                },
-            }
-        ],
-    )
-    assert job_view(_job("j"), [pull]).waiting == (
-        'pod j-x: ImagePullBackOff: Back-off pulling image "ghcr.io/x/trainer:nope"'
-    )
+    # The kubelet alternates ErrImagePull and ImagePullBackOff, each with its own message: the
+    # reason must read the same for both, or the task's status is rewritten every back-off.
+    pulls = [
+        job_view(
+            _job("j"),
+            [
+                _pending_pod(
+                    "j",
+                    containerStatuses=[
+                        {
+                            "name": "trainer",
+                            "image": "ghcr.io/x/trainer:nope",
+                            "state": {"waiting": {"reason": reason, "message": message}},
+                        }
+                    ],
+                )
+            ],
+        ).waiting
+        for reason, message in (
+            ("ErrImagePull", "rpc error: code = NotFound desc = failed to pull and unpack"),
+            ("ImagePullBackOff", 'Back-off pulling image "ghcr.io/x/trainer:nope"'),
+        )
+    ]
+    assert pulls == ["pod j-x cannot pull image ghcr.io/x/trainer:nope"] * 2
     starting = _pending_pod(
         "j",
         containerStatuses=[
