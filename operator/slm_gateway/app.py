@@ -574,13 +574,14 @@ class Gateway:
     ) -> None:
         """Count an answered call and hand it to capture."""
         latency = time.perf_counter() - t0
-        price = self.prices.get(backend)
+        llm_price = route.llm_price or self._llm_price  # the task's own LLM price, if it has one
+        price = llm_price if backend == LLM else self.prices.get(backend)
         self.metrics.served(route.namespace, route.task, backend).observe(
             latency,
             ptok,
             ctok,
             price.cost(ptok, ctok) if price is not None else 0.0,
-            self._llm_price.cost(ptok, ctok),
+            llm_price.cost(ptok, ctok),
         )
         if self.capture is not None:
             self.capture.submit(

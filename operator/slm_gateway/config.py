@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slm_gateway.capture import CaptureConfig
-from slm_gateway.decide import DEFAULT_PRICES, Price
-from slm_gateway.routes import DEFAULT_LLM_TIMEOUT_S, DEFAULT_SLM_TIMEOUT_S
+from slm_gateway.decide import DEFAULT_PRICES
+from slm_gateway.routes import DEFAULT_LLM_TIMEOUT_S, DEFAULT_SLM_TIMEOUT_S, Price
 
 ENV_PREFIX = "SLM_GATEWAY_"
 DEFAULT_MAX_BODY = 1024 * 1024

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from slm_gateway.routes import MODE_CANARY, MODE_LLM, MODE_SHADOW, MODE_SLM
+from slm_gateway.routes import MODE_CANARY, MODE_LLM, MODE_SHADOW, MODE_SLM, Price
 
 SLM = "slm"
 LLM = "llm"
@@ -249,17 +249,6 @@ def agree(a: Mapping[str, Any], b: Mapping[str, Any], metric: str = "") -> bool:
     if ca or cb:
         return ca == cb
     return _text(a) == _text(b)
-
-
-@dataclass(frozen=True, slots=True)
-class Price:
-    """US dollars per 1,000 tokens for one backend."""
-
-    prompt: float
-    completion: float
-
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (prompt_tokens * self.prompt + completion_tokens * self.completion) / 1000.0
 
 
 #: Documented defaults, overridable with ``--price``. LLM: GPT-4o's list price (USD 2.50 and

@@ -45,6 +45,30 @@ class RouteError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class Price:
+    """US dollars per 1,000 tokens for one backend."""
+
+    prompt: float
+    completion: float
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.prompt + completion_tokens * self.completion) / 1000.0
+
+
+def price_from(value: Any, task: str) -> Price | None:
+    """``{"prompt": P, "completion": C}`` (USD per 1,000 tokens) as a Price; None when unset."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise RouteError(f"task {task}: llmPrice must be an object with prompt and completion")
+    prompt = _num(value.get("prompt"), "llmPrice.prompt", task)
+    completion = _num(value.get("completion"), "llmPrice.completion", task)
+    if not (math.isfinite(prompt) and math.isfinite(completion)) or min(prompt, completion) < 0:
+        raise RouteError(f"task {task}: llmPrice must be finite and not negative")
+    return Price(prompt, completion)
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """How one task's calls are served. Derived request constants are precomputed once here,
     when the route changes, so the request path allocates nothing to build URLs or headers."""
@@ -63,6 +87,8 @@ class Route:
     slm_timeout_s: float = DEFAULT_SLM_TIMEOUT_S
     llm_timeout_s: float = DEFAULT_LLM_TIMEOUT_S
     reason: str = ""
+    #: What this task's LLM costs (spec.fallback.llm.price); None: the gateway's --price llm.
+    llm_price: Price | None = None
     llm_api_key: str = field(default="", repr=False)
     llm_url: str = field(init=False, default="")
     slm_url: str = field(init=False, default="")
@@ -211,6 +237,7 @@ def route_from_task(
         slm_timeout_s=timeout_s,
         llm_timeout_s=llm_timeout_s,
         reason=reason,
+        llm_price=price_from(route.get("llmPrice", llm.get("price")), name),
         llm_api_key=api_key,
     )
 
@@ -259,6 +286,7 @@ def route_from_entry(
         slm_timeout_s=timeout_s,
         llm_timeout_s=llm_timeout_s,
         reason=reason,
+        llm_price=price_from(entry.get("llmPrice"), name),
         llm_api_key=key,
     )
 

@@ -899,6 +899,11 @@ def plan(obs: Observed) -> Plan:
             **({"canaryPercent": canary} if route_mode == lv.MODE_CANARY else {}),
             "llmBaseURL": spec["fallback"]["llm"]["baseURL"],
             "llmModel": spec["fallback"]["llm"]["model"],
+            **(
+                {"llmPrice": dict(spec["fallback"]["llm"]["price"])}
+                if spec["fallback"]["llm"].get("price")
+                else {}
+            ),
             "metric": spec["evaluation"]["metric"],
             **({"slmTimeoutMs": int(budget)} if budget is not None else {}),
             "reason": fallback[2],

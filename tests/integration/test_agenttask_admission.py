@@ -99,6 +99,18 @@ NINE_CANDIDATES = [
 
 INVALID = [
     case(
+        "negative-llm-price",
+        {"spec.fallback.llm.price": {"prompt": -0.001, "completion": 0.01}},
+        "spec.fallback.llm.price.prompt",
+        "should be greater than or equal to 0",
+    ),
+    case(
+        "llm-price-without-completion",
+        {"spec.fallback.llm.price": {"prompt": 0.001}},
+        "spec.fallback.llm.price.completion",
+        "Required value",
+    ),
+    case(
         "min-replicas-above-max",
         {"spec.serving": {"minReplicas": 5, "maxReplicas": 2}},
         REPLICAS_MESSAGE,

@@ -276,6 +276,19 @@ def test_costs_and_tokens_are_counted(standin: llm_standin.StandIn) -> None:
         assert metric(c, "slm_gateway_llm_equivalent_cost_usd_total") == pytest.approx(expected)
 
 
+def test_a_tasks_own_llm_price_prices_its_calls(standin: llm_standin.StandIn) -> None:
+    """spec.fallback.llm.price (here GPT-4o-mini's) prices the task's LLM calls and what its
+    SLM saves; the gateway's --price llm (GPT-4o's by default) would overstate both 16x."""
+    from slm_gateway.routes import Price
+
+    with client(route(standin, llm_price=Price(0.00015, 0.0006))) as c:
+        usage = chat(c).json()["usage"]
+        p, q = usage["prompt_tokens"], usage["completion_tokens"]
+        expected = (p * 0.00015 + q * 0.0006) / 1000
+        assert metric(c, "slm_gateway_cost_usd_total", backend="llm") == pytest.approx(expected)
+        assert metric(c, "slm_gateway_llm_equivalent_cost_usd_total") == pytest.approx(expected)
+
+
 def test_static_routes_file_reloads_live(standin: llm_standin.StandIn, tmp_path: Path) -> None:
     routes = tmp_path / "routes.yaml"
 

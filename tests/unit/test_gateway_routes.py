@@ -266,3 +266,22 @@ def test_one_broken_agenttask_does_not_keep_the_others_from_being_routed() -> No
     assert weather is not None and weather.llm_headers["Authorization"] == "Bearer sk-good"
     binary_route = table.get("binary")
     assert binary_route is not None and "Authorization" not in binary_route.llm_headers
+
+
+def test_the_llm_price_comes_from_the_route_else_the_spec() -> None:
+    """status.route.llmPrice (the operator's copy) wins; the spec's price serves before the
+    operator first wrote status; no price leaves the gateway's default; a bad one fails only
+    this task."""
+    from slm_gateway.routes import Price
+
+    assert route_from_task(TASK).llm_price is None
+    spec_priced = copy.deepcopy(TASK)
+    spec_priced["spec"]["fallback"]["llm"]["price"] = {"prompt": 0.001, "completion": 0.002}
+    assert route_from_task(spec_priced).llm_price == Price(0.001, 0.002)
+    routed = copy.deepcopy(spec_priced)
+    routed["status"] = {"route": {"mode": "llm", "llmPrice": {"prompt": 0.5, "completion": 1}}}
+    assert route_from_task(routed).llm_price == Price(0.5, 1.0)
+    for bad in ({"prompt": -1, "completion": 1}, {"prompt": "cheap", "completion": 1}, 3):
+        routed["status"]["route"]["llmPrice"] = bad
+        with pytest.raises(RouteError, match="llmPrice"):
+            route_from_task(routed)

@@ -1041,3 +1041,13 @@ def test_an_outage_fallback_ends_when_replicas_are_back_even_between_metrics_win
     assert conds(task["status"])[c.FALLBACK_ACTIVE][0] == c.FALSE
     assert task["status"]["live"]["fallback"] is False
     assert task["status"]["route"]["mode"] == before != "llm"
+
+
+def test_the_llm_price_reaches_the_route() -> None:
+    """spec.fallback.llm.price is copied to status.route.llmPrice, which the gateway prices
+    the task's calls with; without it the route carries none."""
+    task = make_task()
+    assert "llmPrice" not in plan(Observed(task, {}, None, None, NOW)).status["route"]
+    task["spec"]["fallback"]["llm"]["price"] = {"prompt": 0.00015, "completion": 0.0006}
+    route = plan(Observed(task, {}, None, None, NOW)).status["route"]
+    assert route["llmPrice"] == {"prompt": 0.00015, "completion": 0.0006}
