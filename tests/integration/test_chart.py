@@ -14,6 +14,7 @@ import filecmp
 import inspect
 import json
 import re
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +36,11 @@ KEY_SECRET = "llm-key"
 VARIANTS: dict[str, list[str]] = {
     "default": [],
     "cluster-wide": ["rbac.clusterWide=true"],
-    "monitoring": ["monitoring.serviceMonitor.enabled=true", "monitoring.podMonitor.enabled=true"],
+    "monitoring": [
+        "monitoring.serviceMonitor.enabled=true",
+        "monitoring.podMonitor.enabled=true",
+        "monitoring.prometheusRule.enabled=true",
+    ],
     "dashboard": ["dashboard.enabled=true"],
     "several-namespaces": ["watchNamespaces={team-a,team-b}"],
     "no-trainer-account": ["trainer.serviceAccount.create=false"],
@@ -315,6 +320,168 @@ def test_dashboard_uses_documented_gateway_metrics() -> None:
         for m in re.findall(r"slm_gateway_[a-z_]+", e)
     }
     assert used and used <= documented_gateway_metrics(), used - documented_gateway_metrics()
+
+
+# ---- alerts: the PrometheusRule, tested by promtool on series that fault and that do not ----
+
+A, T = "agents", "weather"
+TASK_LABELS = f'namespace="{A}",task="{T}"'
+
+
+def _series(name: str, labels: str, values: str) -> dict[str, str]:
+    return {"series": f"{name}{{{labels}}}", "values": values}
+
+
+# Per alert: input series (one sample a minute) that should fire it at 40m, and ones that
+# must not (healthy, or a fault too small or too short), and the value shown in its summary.
+ALERT_CASES: dict[str, tuple[list[dict[str, str]], list[dict[str, str]], dict[str, str], str]] = {
+    "SlmFleetAgentErrors": (
+        [  # 0.8 calls/s answered, 0.2/s errors: 20 % of calls failed
+            _series("slm_gateway_requests_total", TASK_LABELS + ',backend="llm"', "0+48x60"),
+            _series(
+                "slm_gateway_errors_total",
+                TASK_LABELS + ',backend="llm",code="upstream_timeout"',
+                "0+12x60",
+            ),
+        ],
+        [  # 1 % errors: under the 5 % default
+            _series("slm_gateway_requests_total", TASK_LABELS + ',backend="llm"', "0+594x60"),
+            _series(
+                "slm_gateway_errors_total",
+                TASK_LABELS + ',backend="llm",code="upstream_timeout"',
+                "0+6x60",
+            ),
+        ],
+        {"namespace": A, "task": T},
+        "20%",
+    ),
+    "SlmFleetLlmKeyRejected": (
+        [
+            _series(
+                "slm_gateway_errors_total", TASK_LABELS + ',backend="llm",code="llm_auth"', "0+3x60"
+            )
+        ],
+        [
+            _series(
+                "slm_gateway_errors_total", TASK_LABELS + ',backend="llm",code="llm_auth"', "5x60"
+            )
+        ],
+        {"namespace": A, "task": T},
+        "",
+    ),
+    "SlmFleetCaptureDropping": (
+        [
+            _series(
+                "slm_gateway_capture_records_total", TASK_LABELS + ',result="dropped"', "0+1x60"
+            ),
+            _series(
+                "slm_gateway_capture_records_total", TASK_LABELS + ',result="written"', "0+60x60"
+            ),
+        ],
+        [  # drops long ago, none in the last half hour
+            _series(
+                "slm_gateway_capture_records_total",
+                TASK_LABELS + ',result="dropped"',
+                "0+1x10 10x50",
+            ),
+        ],
+        {"namespace": A, "task": T},
+        "",
+    ),
+    "SlmFleetCaptureBacklog": (
+        [_series("slm_gateway_capture_queue_depth", 'pod="gw-1"', "20000x60")],
+        [_series("slm_gateway_capture_queue_depth", 'pod="gw-1"', "20000x5 100x55")],
+        {},
+        "20000",
+    ),
+    "SlmFleetSlmCircuitOpen": (
+        [_series("slm_gateway_circuit_state", 'backend="slm",endpoint="http://t:8000"', "2x60")],
+        [  # half-open and closed again: a circuit doing its job
+            _series(
+                "slm_gateway_circuit_state",
+                'backend="slm",endpoint="http://t:8000"',
+                "2 1 0x58",
+            )
+        ],
+        {"endpoint": "http://t:8000"},
+        "",
+    ),
+    "SlmFleetSlmHandsBackMostCalls": (
+        [  # mode slm, 1 call/s answered, 0.6/s of them handed back to the LLM
+            _series("slm_gateway_route_mode", TASK_LABELS + ',mode="slm"', "1x60"),
+            _series("slm_gateway_requests_total", TASK_LABELS + ',backend="llm"', "0+36x60"),
+            _series("slm_gateway_requests_total", TASK_LABELS + ',backend="slm"', "0+24x60"),
+            _series(
+                "slm_gateway_fallbacks_total", TASK_LABELS + ',reason="low_confidence"', "0+36x60"
+            ),
+        ],
+        [  # the same share in shadow mode, where the LLM answers by design
+            _series("slm_gateway_route_mode", TASK_LABELS + ',mode="shadow"', "1x60"),
+            _series("slm_gateway_requests_total", TASK_LABELS + ',backend="llm"', "0+60x60"),
+            _series(
+                "slm_gateway_fallbacks_total", TASK_LABELS + ',reason="low_confidence"', "0+36x60"
+            ),
+        ],
+        {"namespace": A, "task": T},
+        "60%",
+    ),
+}
+
+
+def _expected_annotations(
+    rule: dict[str, Any], labels: dict[str, str], value: str
+) -> dict[str, str]:
+    """The rule's annotation templates with the labels and value filled in, as Prometheus
+    renders them (the test's values are exact, so their formatting is known)."""
+    out = {}
+    for key, text in rule["annotations"].items():
+        for name, val in labels.items():
+            text = text.replace(f"{{{{ $labels.{name} }}}}", val)
+        text = text.replace("{{ $value | humanizePercentage }}", value)
+        out[key] = text.replace("{{ $value }}", value)
+    return out
+
+
+def test_alerts_fire_on_their_fault_and_only_then(tmp_path: Path) -> None:
+    """Each alert of the chart's PrometheusRule fires on the fault it names, with the task in
+    its labels and summary, and stays quiet on healthy series; promtool checks the rules."""
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool comes with Debian's prometheus package (make setup installs it)"
+    rule = by_kind(render("monitoring.prometheusRule.enabled=true"), "PrometheusRule")["slm"]
+    groups = rule["spec"]["groups"]
+    rules = {r["alert"]: r for g in groups for r in g["rules"]}
+    assert set(rules) == set(ALERT_CASES)
+    used = {m for r in rules.values() for m in re.findall(r"slm_gateway_[a-z_]+", r["expr"])}
+    assert used <= documented_gateway_metrics(), used - documented_gateway_metrics()
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}))
+    check = subprocess.run(
+        [promtool, "check", "rules", str(tmp_path / "rules.yaml")], capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    tests = []
+    for alert, (faulty, healthy, labels, value) in ALERT_CASES.items():
+        r = rules[alert]
+        fired = {
+            "exp_labels": {**labels, "severity": r["labels"]["severity"]},
+            "exp_annotations": _expected_annotations(r, labels, value),
+        }
+        for series, expected in ((faulty, [fired]), (healthy, [])):
+            tests.append(
+                {
+                    "interval": "1m",
+                    "input_series": series,
+                    "alert_rule_test": [
+                        {"eval_time": "40m", "alertname": alert, "exp_alerts": expected}
+                    ],
+                }
+            )
+    (tmp_path / "tests.yaml").write_text(
+        yaml.safe_dump({"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": tests})
+    )
+    result = subprocess.run(
+        [promtool, "test", "rules", "tests.yaml"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize(
