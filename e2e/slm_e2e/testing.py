@@ -108,13 +108,17 @@ class OperatorProcess:
         log_path: Path,
         resync_seconds: float = 2.0,
         extra_env: dict[str, str] | None = None,
+        metrics_port: int = 0,
     ) -> None:
         self.kubeconfig = kubeconfig
         self.namespace = namespace
         self.log_path = log_path
+        #: The operator's own /metrics (slm_operator_*), when a port was given.
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else ""
         self.env = {
             "KUBECONFIG": kubeconfig,
             "SLM_FLEET_RESYNC_SECONDS": str(resync_seconds),
+            "SLM_FLEET_METRICS_PORT": str(metrics_port),
             "PYTHONUNBUFFERED": "1",
             **(extra_env or {}),
         }

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import os
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ import kopf
 
 from slm_operator import naming as n
 from slm_operator.kube import Kube, KubeError, load_api_client
+from slm_operator.metrics import RESULT_ERROR, RESULT_OK, RESULT_RETRY, OperatorMetrics, serve
 from slm_operator.prom import PromMetrics
 from slm_operator.reconcile import reconcile
 
@@ -44,6 +46,9 @@ TRAINER_SERVICE_ACCOUNT = os.environ.get("SLM_FLEET_TRAINER_SERVICE_ACCOUNT", ""
 #: After a data-prep Job found fewer examples than spec.dataset.minExamples, how long until it
 #: curates again (a new task waits for its agents' calls to be captured this way).
 DATA_RECHECK_SECONDS = float(os.environ.get("SLM_FLEET_DATA_RECHECK_SECONDS", "300"))
+#: Port of the operator's own /metrics (slm_operator_*); 0 turns it off.
+METRICS_PORT = int(os.environ.get("SLM_FLEET_METRICS_PORT", "0") or 0)
+METRICS = OperatorMetrics()
 MAX_BACKOFF = 60.0
 CHILD_FILTER = {n.MANAGED_BY: n.FIELD_MANAGER}
 
@@ -72,6 +77,8 @@ class Runtime:
 
 
 _runtime: Runtime | None = None
+#: The port /metrics is served on, once per process (kopf may start up again in tests).
+_metrics_served: list[int] = []
 
 
 async def trigger(key: Key) -> None:
@@ -87,8 +94,9 @@ async def trigger(key: Key) -> None:
     try:
         while True:
             st.dirty = False
+            started = time.monotonic()
             try:
-                await asyncio.to_thread(
+                plan = await asyncio.to_thread(
                     reconcile,
                     rt.kube,
                     key[0],
@@ -99,7 +107,13 @@ async def trigger(key: Key) -> None:
                     DATA_RECHECK_SECONDS,
                 )
                 st.failures = 0
+                METRICS.reconciles.labels(RESULT_OK).inc()
+                if plan is None:  # gone, or being deleted
+                    METRICS.forget_task(*key)
+                else:
+                    METRICS.observe_task(key[0], key[1], plan.status)
             except KubeError as e:
+                METRICS.reconciles.labels(RESULT_RETRY if e.retryable else RESULT_ERROR).inc()
                 st.failures += 1
                 delay = min(MAX_BACKOFF, 0.5 * 2 ** min(st.failures, 8))
                 level = logging.INFO if e.retryable else logging.ERROR
@@ -113,10 +127,13 @@ async def trigger(key: Key) -> None:
                 )
                 rt.spawn(_retry_later(key, delay))
             except Exception:
+                METRICS.reconciles.labels(RESULT_ERROR).inc()
                 st.failures += 1
                 log.exception(
                     "reconcile %s/%s crashed; the periodic resync will retry", key[0], key[1]
                 )
+            finally:
+                METRICS.duration.observe(time.monotonic() - started)
             if not st.dirty:
                 break
     finally:
@@ -153,6 +170,9 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     prom = PromMetrics(PROMETHEUS_URL, SCRAPE_SECONDS) if PROMETHEUS_URL else None
     _runtime = Runtime(kube=Kube(load_api_client()), prom=prom)
     _runtime.spawn(_resync_loop())
+    if METRICS_PORT and not _metrics_served:
+        serve(METRICS, METRICS_PORT)
+        _metrics_served.append(METRICS_PORT)
     log.info(
         "slm-fleet-operator started; resync every %.0fs; trainer ServiceAccount %s",
         RESYNC_SECONDS,
@@ -178,6 +198,7 @@ async def on_task(type: str, namespace: str | None, name: str, **_: Any) -> None
     if type == "DELETED":
         rt.known.discard(key)
         rt.states.pop(key, None)
+        METRICS.forget_task(*key)
         return
     rt.known.add(key)
     await trigger(key)

@@ -294,6 +294,15 @@ def test_monitoring_objects() -> None:
     # The gateway's own `namespace` label (the AgentTask's) must survive the scrape: the
     # operator selects a task's series by it.
     assert sm["spec"]["endpoints"][0]["honorLabels"] is True
+    op_pm = by_kind(docs, "PodMonitor")["slm-operator"]
+    op_pod = by_kind(docs, "Deployment")["slm-operator"]["spec"]["template"]
+    assert op_pm["spec"]["selector"]["matchLabels"].items() <= op_pod["metadata"]["labels"].items()
+    assert op_pm["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    ports = container(docs, "slm-operator")["ports"]
+    assert {"name": "metrics", "containerPort": 8081} in ports
+    assert {"name": "SLM_FLEET_METRICS_PORT", "value": "8081"} in container(docs, "slm-operator")[
+        "env"
+    ]
     pm = by_kind(docs, "PodMonitor")["slm-triton"]
     assert pm["spec"]["selector"]["matchLabels"]["slmfleet.dev/component"] == "triton"
     assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
@@ -406,6 +415,48 @@ ALERT_CASES: dict[str, tuple[list[dict[str, str]], list[dict[str, str]], dict[st
         {"endpoint": "http://t:8000"},
         "",
     ),
+    "SlmFleetTaskFailed": (
+        [
+            _series("slm_operator_task_phase", TASK_LABELS + ',phase="Failed"', "1x60"),
+            _series("slm_operator_task_phase", TASK_LABELS + ',phase="Serving"', "0x60"),
+        ],
+        [  # failed for a moment, then fixed by a new spec
+            _series("slm_operator_task_phase", TASK_LABELS + ',phase="Failed"', "1x3 0x57"),
+            _series("slm_operator_task_phase", TASK_LABELS + ',phase="Training"', "0x3 1x57"),
+        ],
+        {"namespace": A, "task": T},
+        "",
+    ),
+    "SlmFleetServingTaskOnFallback": (
+        [
+            _series(
+                "slm_operator_task_condition",
+                TASK_LABELS + ',type="FallbackActive",status="True"',
+                "1x60",
+            ),
+            _series("slm_operator_task_phase", TASK_LABELS + ',phase="Serving"', "1x60"),
+        ],
+        [  # a task still training: its calls go to the LLM by design
+            _series(
+                "slm_operator_task_condition",
+                TASK_LABELS + ',type="FallbackActive",status="True"',
+                "1x60",
+            ),
+            _series("slm_operator_task_phase", TASK_LABELS + ',phase="Training"', "1x60"),
+            _series("slm_operator_task_phase", TASK_LABELS + ',phase="Serving"', "0x60"),
+        ],
+        {"namespace": A, "task": T},
+        "",
+    ),
+    "SlmFleetOperatorReconcileErrors": (
+        [_series("slm_operator_reconcile_total", 'result="error"', "0+2x60")],
+        [
+            _series("slm_operator_reconcile_total", 'result="error"', "3x60"),
+            _series("slm_operator_reconcile_total", 'result="ok"', "0+30x60"),
+        ],
+        {},
+        "",
+    ),
     "SlmFleetSlmHandsBackMostCalls": (
         [  # mode slm, 1 call/s answered, 0.6/s of them handed back to the LLM
             _series("slm_gateway_route_mode", TASK_LABELS + ',mode="slm"', "1x60"),
@@ -451,8 +502,11 @@ def test_alerts_fire_on_their_fault_and_only_then(tmp_path: Path) -> None:
     groups = rule["spec"]["groups"]
     rules = {r["alert"]: r for g in groups for r in g["rules"]}
     assert set(rules) == set(ALERT_CASES)
-    used = {m for r in rules.values() for m in re.findall(r"slm_gateway_[a-z_]+", r["expr"])}
-    assert used <= documented_gateway_metrics(), used - documented_gateway_metrics()
+    used = {m for r in rules.values() for m in re.findall(r"slm_[a-z]+_[a-z_]+", r["expr"])}
+    documented = set(
+        re.findall(r"`(slm_[a-z]+_[a-z_]+)`", (REPO / "docs" / "metrics.md").read_text())
+    )
+    assert used <= documented, used - documented
     (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}))
     check = subprocess.run(
         [promtool, "check", "rules", str(tmp_path / "rules.yaml")], capture_output=True, text=True

@@ -8,7 +8,9 @@ writing the termination message the real trainer writes (:mod:`slm_e2e.kubelet`)
 from __future__ import annotations
 
 import json
+import re
 import signal
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from typing import Any
 import pytest
 
 from slm_contract import TrainerResult
+from slm_e2e.cluster import free_port
 from slm_e2e.kubelet import complete_job, running_pod
 from slm_e2e.testing import ClusterHandle, OperatorProcess, wait_for
 from slm_operator import naming as n
@@ -69,7 +72,9 @@ def storage(cluster: ClusterHandle, namespace: str, tmp_path: Path) -> Iterator[
 def operator(
     cluster: ClusterHandle, namespace: str, tmp_path: Path, agenttask_crd: Path
 ) -> Iterator[OperatorProcess]:
-    op = OperatorProcess(cluster.kubeconfig, namespace, tmp_path / "operator.log").start()
+    op = OperatorProcess(
+        cluster.kubeconfig, namespace, tmp_path / "operator.log", metrics_port=free_port()
+    ).start()
     yield op
     # Delete tasks while the operator still runs (kopf's advice), then stop it.
     cluster.kubectl("delete", "agenttasks", "--all", "-n", namespace, "--wait=false", check=False)
@@ -466,6 +471,42 @@ def test_a_trainer_pod_that_admission_refuses_says_why_in_data_ready(
     assert (data["status"], data["reason"]) == ("Unknown", "JobPending")
     assert "cannot create its pod: pods " in data["message"]
     assert "is forbidden" in data["message"]
+
+
+def test_the_operator_exports_each_tasks_phase_and_conditions(
+    cluster: ClusterHandle, namespace: str, storage: str, operator: OperatorProcess
+) -> None:
+    """slm_operator_task_phase and _condition follow the task (what the chart's alerts read),
+    reconciles are counted, and a deleted task's series go away with it."""
+    ns = namespace
+
+    def scrape() -> str:
+        try:
+            with urllib.request.urlopen(operator.metrics_url, timeout=5) as r:
+                return str(r.read().decode())
+        except OSError:
+            return ""
+
+    prepared(cluster, ns, agenttask(candidates=[{"name": "small", "model": "org/tiny"}]))
+    training = f'slm_operator_task_phase{{namespace="{ns}",phase="Training",task="weather"}} 1.0'
+
+    def training_shown() -> str | None:
+        text = scrape()
+        return text if training in text else None
+
+    text = wait_for(training_shown, timeout=60, what="the Training phase in /metrics")
+    assert (
+        f'slm_operator_task_phase{{namespace="{ns}",phase="PreparingData",task="weather"}} 0.0'
+        in text
+    )
+    assert (
+        f'slm_operator_task_condition{{namespace="{ns}",status="True",task="weather",'
+        'type="DataReady"} 1.0'
+    ) in text
+    ok_total = re.search(r'slm_operator_reconcile_total\{result="ok"\} ([0-9.e+]+)', text)
+    assert ok_total and float(ok_total.group(1)) >= 2
+    cluster.kubectl("delete", "agenttask", "weather", "-n", ns)
+    wait_for(lambda: 'task="weather"' not in scrape(), timeout=60, what="the deleted task's series")
 
 
 def test_a_task_applied_before_its_calls_waits_for_data_then_trains(
