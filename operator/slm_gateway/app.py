@@ -109,6 +109,16 @@ class Breakers:
             self.metrics.circuit.labels(backend, url).set(0)
         return found
 
+    def prune(self, used: set[str]) -> None:
+        """Forget the breakers and gauges of endpoints no route uses any more (a deleted task,
+        a changed URL). Why: a circuit left open reads 2 on /metrics for ever, and the chart's
+        SlmFleetSlmCircuitOpen alert would fire until the gateway restarts."""
+        for url in [u for u in self._by_url if u not in used]:
+            del self._by_url[url]
+            for backend in (SLM, LLM):
+                with contextlib.suppress(KeyError):
+                    self.metrics.circuit.remove(backend, url)
+
     def allow(self, backend: str, url: str, b: CircuitBreaker, now: float) -> bool:
         before = b.state
         ok = b.allow(now)
@@ -638,8 +648,11 @@ class Gateway:
         m = self.metrics
         m.routes.set(len(self.table))
         m.route_mode.clear()
+        used: set[str] = set()
         for r in self.table.routes():
             m.route_mode.labels(r.namespace, r.task, r.mode).set(1)
+            used.update((r.llm_url, r.slm_url))
+        self.breakers.prune(used)
         if self.capture is not None:
             m.capture_queue.set(self.capture.depth())
         return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

@@ -108,7 +108,9 @@ async def trigger(key: Key) -> None:
                 )
                 st.failures = 0
                 METRICS.reconciles.labels(RESULT_OK).inc()
-                if plan is None:  # gone, or being deleted
+                # Not known any more: the DELETED event came while this reconcile ran on what
+                # it had read before; its series must not come back after forget_task.
+                if plan is None or key not in rt.known:  # gone, or being deleted
                     METRICS.forget_task(*key)
                 else:
                     METRICS.observe_task(key[0], key[1], plan.status)
@@ -168,11 +170,13 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.client_timeout = 300
     settings.networking.request_timeout = 60
     prom = PromMetrics(PROMETHEUS_URL, SCRAPE_SECONDS) if PROMETHEUS_URL else None
-    _runtime = Runtime(kube=Kube(load_api_client()), prom=prom)
-    _runtime.spawn(_resync_loop())
     if METRICS_PORT and not _metrics_served:
+        # Before the runtime: a port that cannot be bound fails this handler, which kopf
+        # retries; a runtime made first would leave one more resync loop per retry.
         serve(METRICS, METRICS_PORT)
         _metrics_served.append(METRICS_PORT)
+    _runtime = Runtime(kube=Kube(load_api_client()), prom=prom)
+    _runtime.spawn(_resync_loop())
     log.info(
         "slm-fleet-operator started; resync every %.0fs; trainer ServiceAccount %s",
         RESYNC_SECONDS,

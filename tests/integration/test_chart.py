@@ -398,9 +398,9 @@ ALERT_CASES: dict[str, tuple[list[dict[str, str]], list[dict[str, str]], dict[st
         "",
     ),
     "SlmFleetCaptureBacklog": (
-        [_series("slm_gateway_capture_queue_depth", 'pod="gw-1"', "20000x60")],
-        [_series("slm_gateway_capture_queue_depth", 'pod="gw-1"', "20000x5 100x55")],
-        {},
+        [_series("slm_gateway_capture_queue_depth", 'instance="10.0.0.7:8080"', "20000x60")],
+        [_series("slm_gateway_capture_queue_depth", 'instance="10.0.0.7:8080"', "20000x5 100x55")],
+        {"instance": "10.0.0.7:8080"},
         "20000",
     ),
     "SlmFleetSlmCircuitOpen": (
@@ -538,6 +538,111 @@ def test_alerts_fire_on_their_fault_and_only_then(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+# Faults as they look in production, which the one-case-per-alert table above does not cover:
+# (alert, input series, labels it fires with or None when it must stay quiet, summary value).
+REAL_FAULTS: list[tuple[str, list[dict[str, str]], dict[str, str] | None, str]] = [
+    # Every call fails (a wrong LLM URL on a new task, or an outage since the gateway last
+    # restarted): no call was ever answered, so slm_gateway_requests_total has no series.
+    (
+        "SlmFleetAgentErrors",
+        [
+            _series(
+                "slm_gateway_errors_total",
+                TASK_LABELS + ',backend="llm",code="upstream_unavailable"',
+                "0+12x60",
+            )
+        ],
+        {"namespace": A, "task": T},
+        "100%",
+    ),
+    # A circuit whose half-open probes time out (a hung SLM): it reads 1 while each probe
+    # waits its SLM timeout, then 2 again; it never closes.
+    (
+        "SlmFleetSlmCircuitOpen",
+        [
+            _series(
+                "slm_gateway_circuit_state",
+                'backend="slm",endpoint="http://t:8000"',
+                " ".join(["2 2 1"] * 20),
+            )
+        ],
+        {"endpoint": "http://t:8000"},
+        "",
+    ),
+    # A served model whose Triton replicas are all gone while agents call it: the operator
+    # says Deploying, and FallbackActive is True (NoReadyReplicas), which the alert names.
+    (
+        "SlmFleetServingTaskOnFallback",
+        [
+            _series(
+                "slm_operator_task_condition",
+                TASK_LABELS + ',type="FallbackActive",status="True"',
+                "1x60",
+            ),
+            _series("slm_operator_task_phase", TASK_LABELS + ',phase="Serving"', "1x5 0x55"),
+            _series("slm_operator_task_phase", TASK_LABELS + ',phase="Deploying"', "0x5 1x55"),
+            _series("slm_gateway_requests_total", TASK_LABELS + ',backend="llm"', "0+60x60"),
+        ],
+        {"namespace": A, "task": T},
+        "",
+    ),
+    # The same status on a task scaled to zero (minReplicas 0) that gets no calls: by design.
+    (
+        "SlmFleetServingTaskOnFallback",
+        [
+            _series(
+                "slm_operator_task_condition",
+                TASK_LABELS + ',type="FallbackActive",status="True"',
+                "1x60",
+            ),
+            _series("slm_operator_task_phase", TASK_LABELS + ',phase="Deploying"', "1x60"),
+            _series("slm_gateway_requests_total", TASK_LABELS + ',backend="llm"', "0+60x5 300x55"),
+        ],
+        None,
+        "",
+    ),
+]
+
+
+def test_alerts_fire_on_faults_as_they_happen(tmp_path: Path) -> None:
+    """The alerts fire on their faults' real shapes: a task none of whose calls succeeds, a
+    circuit that flips to half-open for each failing probe, a served model with no replica
+    while agents call it (and not an idle task scaled to zero)."""
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool comes with Debian's prometheus package (make setup installs it)"
+    rule = by_kind(render("monitoring.prometheusRule.enabled=true"), "PrometheusRule")["slm"]
+    groups = rule["spec"]["groups"]
+    rules = {r["alert"]: r for g in groups for r in g["rules"]}
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}))
+    failed = []
+    for alert, series, labels, value in REAL_FAULTS:
+        r = rules[alert]
+        expected = []
+        if labels is not None:
+            expected.append(
+                {
+                    "exp_labels": {**labels, "severity": r["labels"]["severity"]},
+                    "exp_annotations": _expected_annotations(r, labels, value),
+                }
+            )
+        test = {
+            "interval": "1m",
+            "input_series": series,
+            "alert_rule_test": [{"eval_time": "40m", "alertname": alert, "exp_alerts": expected}],
+        }
+        (tmp_path / "tests.yaml").write_text(
+            yaml.safe_dump(
+                {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": [test]}
+            )
+        )
+        result = subprocess.run(
+            [promtool, "test", "rules", "tests.yaml"], capture_output=True, text=True, cwd=tmp_path
+        )
+        if result.returncode != 0:
+            failed.append(f"{alert}:\n{result.stdout}{result.stderr}")
+    assert not failed, "\n".join(failed)
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [
@@ -562,6 +667,39 @@ def test_schema_rejects_bad_values_readably(value: str, message: str) -> None:
     assert cp.returncode != 0
     assert "values don't meet the specifications of the schema" in cp.stderr
     assert message in cp.stderr, cp.stderr
+
+
+def test_alert_groups_follow_what_is_deployed() -> None:
+    """The operator's alerts do not depend on the gateway being deployed by this release, and
+    no alert reads series the release does not export (metricsPort 0: no slm_operator_*)."""
+    on = "monitoring.prometheusRule.enabled=true"
+
+    def groups(*values: str) -> list[str]:
+        rules = by_kind(render(on, *values), "PrometheusRule")
+        return [g["name"] for r in rules.values() for g in r["spec"]["groups"]]
+
+    assert groups() == ["slm-fleet.gateway", "slm-fleet.operator"]
+    assert groups("gateway.enabled=false") == ["slm-fleet.operator"]
+    assert groups("operator.metricsPort=0") == ["slm-fleet.gateway"]
+    assert groups("gateway.enabled=false", "operator.metricsPort=0") == []
+
+
+def test_operator_metrics_port_must_differ_from_its_health_port() -> None:
+    """One port for both would let the metrics server (bound in kopf's startup) take kopf's
+    liveness port, or fail on it: either way the operator pod never becomes healthy. The
+    chart refuses it and says which values collide."""
+    cp = helm(
+        "template",
+        "slm",
+        str(CHART),
+        "--kube-version",
+        kube_version(),
+        "--set",
+        "operator.metricsPort=8080",
+        check=False,
+    )
+    assert cp.returncode != 0
+    assert "operator.metricsPort" in cp.stderr and "operator.healthPort" in cp.stderr, cp.stderr
 
 
 def test_schema_documents_every_value() -> None:

@@ -162,6 +162,25 @@ def test_circuit_opens_skips_the_slm_then_probes_and_recovers(
         assert chat(c).headers["x-slm-backend"] == "slm"
 
 
+def test_a_deleted_tasks_open_circuit_leaves_the_metrics(standin: llm_standin.StandIn) -> None:
+    """The circuit of an SLM no route uses any more (its task was deleted while the SLM was
+    failing) must not stay at 2 on /metrics: SlmFleetSlmCircuitOpen would fire until the
+    gateway restarts. A route that still uses it keeps it."""
+    standin.control(slm_fail=True)
+    table = RouteTable()
+    kept = route(standin, "other", mode="llm")
+    table.replace_all([route(standin, mode="slm"), kept])
+    config = GatewayConfig(breaker_failures=3, breaker_cooldown_s=30)
+    with TestClient(create_app(config, table), raise_server_exceptions=False) as c:
+        for _ in range(3):
+            chat(c)
+        assert metric(c, "slm_gateway_circuit_state", backend="slm") == 2
+        table.replace_all([kept])
+        text = c.get("/metrics").text
+        assert 'slm_gateway_circuit_state{backend="slm"' not in text
+        assert 'slm_gateway_circuit_state{backend="llm"' in text
+
+
 def test_shadow_mode_answers_from_llm_and_measures_agreement(
     standin: llm_standin.StandIn,
 ) -> None:

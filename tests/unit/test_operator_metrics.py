@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from typing import Any, cast
+
 from prometheus_client import generate_latest
 
 from slm_operator import conditions as c
@@ -47,3 +51,34 @@ def test_a_deleted_tasks_series_go_away_and_others_stay() -> None:
     text = _text(m)
     assert 'task="weather"' not in text
     assert 'phase="Serving",task="other"} 1.0' in text
+
+
+def test_a_task_deleted_during_its_reconcile_leaves_no_series(monkeypatch: Any) -> None:
+    """A resync's reconcile read the task just before it was deleted and returns its plan
+    after the DELETED event: the series must not come back (SlmFleetTaskFailed would fire for
+    a task that no longer exists until the operator restarts)."""
+    from slm_operator import main
+    from slm_operator.plan import Plan
+
+    metrics = OperatorMetrics()
+    monkeypatch.setattr(main, "METRICS", metrics)
+    entered, release = threading.Event(), threading.Event()
+
+    def reconcile(*_: Any) -> Plan:
+        entered.set()
+        release.wait(5)
+        return Plan(status={"phase": "Failed", "conditions": []})
+
+    monkeypatch.setattr(main, "reconcile", reconcile)
+
+    async def scenario() -> None:
+        monkeypatch.setattr(main, "_runtime", main.Runtime(kube=cast(Any, None)))
+        main._runtime.known.add(("agents", "weather"))  # type: ignore[union-attr]
+        running = asyncio.create_task(main.trigger(("agents", "weather")))
+        await asyncio.to_thread(entered.wait, 5)
+        await main.on_task(type="DELETED", namespace="agents", name="weather")
+        release.set()
+        await running
+
+    asyncio.run(scenario())
+    assert 'task="weather"' not in _text(metrics)
