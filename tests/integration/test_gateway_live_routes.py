@@ -96,6 +96,13 @@ def chat(gw: GatewayProcess) -> tuple[int, dict[str, str], dict[str, Any]]:
         return exc.code, dict(exc.headers), json.loads(exc.read())
 
 
+def create_key_secret(cluster: ClusterHandle, ns: str) -> None:
+    """The Secret the test task's spec.fallback.llm.apiKeySecretRef names, holding LLM_KEY."""
+    cluster.kubectl(
+        "create", "secret", "generic", "llm-key", "-n", ns, f"--from-literal=api-key={LLM_KEY}"
+    )
+
+
 def patch_route(cluster: ClusterHandle, ns: str, route: dict[str, Any]) -> None:
     cluster.kubectl(
         "patch",
@@ -121,15 +128,7 @@ def test_route_changes_apply_live_from_agenttask_status(
     standin = llm_standin.start(expect_key=LLM_KEY)
     gw: GatewayProcess | None = None
     try:
-        cluster.kubectl(
-            "create",
-            "secret",
-            "generic",
-            "llm-key",
-            "-n",
-            namespace,
-            f"--from-literal=api-key={LLM_KEY}",
-        )
+        create_key_secret(cluster, namespace)
         cluster.apply(agenttask(standin.llm_base_url), namespace)
         gw = start_gateway(
             [
@@ -248,15 +247,7 @@ def test_llm_key_follows_its_secret_live(
         assert calls_with("auth_missing")
 
         # 2. The Secret appears: its key is sent (LLM_KEY, not the one the stand-in expects).
-        cluster.kubectl(
-            "create",
-            "secret",
-            "generic",
-            "llm-key",
-            "-n",
-            namespace,
-            f"--from-literal=api-key={LLM_KEY}",
-        )
+        create_key_secret(cluster, namespace)
         wait_for(lambda: calls_with("auth_other"), timeout=30, what="the Secret's key")
 
         # 3. The key is rotated in place: the new key is sent.
@@ -311,15 +302,7 @@ def test_gateway_without_rbac_waits_unready_then_serves_once_granted(
     log_path = tmp_path / "gateway.log"
     gw: GatewayProcess | None = None
     try:
-        cluster.kubectl(
-            "create",
-            "secret",
-            "generic",
-            "llm-key",
-            "-n",
-            namespace,
-            f"--from-literal=api-key={LLM_KEY}",
-        )
+        create_key_secret(cluster, namespace)
         cluster.apply(agenttask(standin.llm_base_url), namespace)
         with ThreadPoolExecutor(1) as pool:
             starting = pool.submit(
