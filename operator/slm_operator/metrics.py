@@ -22,20 +22,10 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from slm_operator import conditions as c
+from slm_operator.plan import PHASES  # every phase: a task's old phase reads 0, not a stale 1
 
 log = logging.getLogger(__name__)
 
-#: Every phase the CRD allows, so that a task's old phase reads 0, not a stale 1.
-PHASES = (
-    "Pending",
-    "PreparingData",
-    "Training",
-    "Evaluating",
-    "Exporting",
-    "Deploying",
-    "Serving",
-    "Failed",
-)
 STATUSES = (c.TRUE, c.FALSE, c.UNKNOWN)
 RESULT_OK, RESULT_RETRY, RESULT_ERROR = "ok", "retry", "error"
 

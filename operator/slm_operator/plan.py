@@ -41,6 +41,17 @@ PHASE_EXPORTING = "Exporting"
 PHASE_DEPLOYING = "Deploying"
 PHASE_SERVING = "Serving"
 PHASE_FAILED = "Failed"
+#: Every phase, in life-cycle order (the CRD's enum).
+PHASES = (
+    PHASE_PENDING,
+    PHASE_PREPARING,
+    PHASE_TRAINING,
+    PHASE_EVALUATING,
+    PHASE_EXPORTING,
+    PHASE_DEPLOYING,
+    PHASE_SERVING,
+    PHASE_FAILED,
+)
 
 Obj = dict[str, Any]
 
@@ -337,6 +348,7 @@ def _pipeline(
     gate = spec["evaluation"]["gate"]
     finished: list[tuple[Mapping[str, Any], JobView | None, tuple[str, str, str]]] = []
     running = 0
+    stuck: list[str] = []  # "candidate: why its pod does not run"
     entries = []
     passing: list[tuple[Mapping[str, Any], TrainerResult]] = []
     for cand in spec["candidates"]:
@@ -348,6 +360,8 @@ def _pipeline(
         passed: bool | None = None
         if outcome[0] == c.UNKNOWN:
             running += 1
+            if view is not None and view.waiting:
+                stuck.append(f"{cand['name']}: {view.waiting}")
         else:
             finished.append((cand, view, outcome))
             if outcome[0] == c.TRUE and view is not None and view.result is not None:
@@ -358,12 +372,6 @@ def _pipeline(
     step.candidates = entries
     total = len(spec["candidates"])
     if running:
-        stuck = [
-            f"{cand['name']}: {view.waiting}"
-            for cand in spec["candidates"]
-            if (view := jobs.get(n.finetune_job_name(name, cand["name"], rev))) is not None
-            and view.waiting
-        ]
         step.trained = (
             c.UNKNOWN,
             c.JOB_PENDING if stuck else c.JOB_RUNNING,
