@@ -70,6 +70,12 @@ def _terminated(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return None
 
 
+def pod_job_name(pod: Mapping[str, Any]) -> str | None:
+    """The name of the Job a pod belongs to, from the Job controller's labels (either spelling)."""
+    labels = pod["metadata"].get("labels") or {}
+    return labels.get("job-name") or labels.get("batch.kubernetes.io/job-name")
+
+
 #: Container waiting reasons that do not clear by themselves: the pod needs a fix from someone.
 STUCK_WAITING_REASONS = frozenset(
     {
@@ -105,18 +111,20 @@ def pod_waiting(pod: Mapping[str, Any]) -> str:
         *(status.get("containerStatuses") or []),
     ]:
         waiting = (cs.get("state") or {}).get("waiting") or {}
-        if waiting.get("reason") in ("ErrImagePull", "ImagePullBackOff"):
+        reason = waiting.get("reason")
+        if reason not in STUCK_WAITING_REASONS:
+            continue
+        if reason in ("ErrImagePull", "ImagePullBackOff"):
             # The kubelet alternates the two, with a new message each time: one stable phrase,
             # or the condition (and the task's status) would be rewritten every back-off.
             return _short(f"pod {name} cannot pull image {cs.get('image', '?')}", 300)
-        if waiting.get("reason") in STUCK_WAITING_REASONS:
-            detail = f": {waiting['message']}" if waiting.get("message") else ""
-            last = (cs.get("lastState") or {}).get("terminated") or {}
-            if last and waiting["reason"] == "CrashLoopBackOff":
-                # How the container last ended says more than the back-off (whose duration
-                # ticks). Other reasons keep their own words: lastState outlives any restart.
-                detail = f" (last exit code {last.get('exitCode')}, {last.get('reason', '?')})"
-            return _short(f"pod {name}: {waiting['reason']}{detail}", 300)
+        detail = f": {waiting['message']}" if waiting.get("message") else ""
+        last = (cs.get("lastState") or {}).get("terminated") or {}
+        if last and reason == "CrashLoopBackOff":
+            # How the container last ended says more than the back-off (whose duration ticks).
+            # Other reasons keep their own words: lastState outlives any restart.
+            detail = f" (last exit code {last.get('exitCode')}, {last.get('reason', '?')})"
+        return _short(f"pod {name}: {reason}{detail}", 300)
     return ""
 
 
@@ -189,12 +197,7 @@ def job_view(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]]) -> JobVi
     labels = meta.get("labels") or {}
     status = job.get("status") or {}
     conds = _conditions(job)
-    own = [
-        p
-        for p in pods
-        if (p["metadata"].get("labels") or {}).get("job-name") == meta["name"]
-        or (p["metadata"].get("labels") or {}).get("batch.kubernetes.io/job-name") == meta["name"]
-    ]
+    own = [p for p in pods if pod_job_name(p) == meta["name"]]
     own.sort(key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True)
 
     if "Complete" in conds or "SuccessCriteriaMet" in conds:

@@ -15,7 +15,14 @@ from typing import Any
 
 from slm_operator import naming as n
 from slm_operator.kube import Kube, KubeError
-from slm_operator.observe import PENDING, JobView, failed_creates, job_view, serving_waiting
+from slm_operator.observe import (
+    PENDING,
+    JobView,
+    failed_creates,
+    job_view,
+    pod_job_name,
+    serving_waiting,
+)
 from slm_operator.plan import Observed, Plan, plan
 from slm_operator.prom import PromMetrics
 
@@ -130,11 +137,7 @@ def _with_failed_creates(
 
     Events are read only when such a Job exists, so a healthy task costs no extra request.
     """
-    has_pod = {
-        (p["metadata"].get("labels") or {}).get("job-name")
-        or (p["metadata"].get("labels") or {}).get("batch.kubernetes.io/job-name")
-        for p in pods
-    }
+    has_pod = {pod_job_name(p) for p in pods}
     podless = [v for v in jobs.values() if v.state == PENDING and v.name not in has_pod]
     if not podless:
         return jobs
