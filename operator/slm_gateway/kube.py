@@ -272,12 +272,17 @@ class AgentTaskWatcher:
         ref = secret_ref(obj)
         api_key = self._read_key(core, ref) if ref is not None else ""
         with self._lock:
-            self._tasks[key] = (obj, api_key)
-            route = self._build(obj, api_key)
-            if route is None:
-                self.table.remove(key)
-            else:
-                self.table.upsert(route)
+            self._install(key, obj, api_key)
+
+    def _install(self, key: str, obj: Mapping[str, Any], api_key: str) -> None:
+        """Remember the task and route it with ``api_key``, or drop its route when it cannot
+        be served; the caller holds ``_lock``."""
+        self._tasks[key] = (obj, api_key)
+        route = self._build(obj, api_key)
+        if route is None:
+            self.table.remove(key)
+        else:
+            self.table.upsert(route)
 
     def _build(self, obj: Mapping[str, Any], api_key: str) -> Route | None:
         try:
@@ -318,12 +323,7 @@ class AgentTaskWatcher:
                 ref = secret_ref(obj)
                 if ref is None or ref not in keys or keys[ref] == used:
                     continue
-                self._tasks[key] = (obj, keys[ref])
-                route = self._build(obj, keys[ref])
-                if route is None:
-                    self.table.remove(key)
-                else:
-                    self.table.upsert(route)
+                self._install(key, obj, keys[ref])
                 changed += 1
         if changed:
             log.info("LLM key changed for %d task(s)", changed)
