@@ -127,6 +127,19 @@ def condition(task: dict[str, Any], type_: str) -> dict[str, Any]:
     return {}
 
 
+def condition_saying(
+    cluster: ClusterHandle, ns: str, type_: str, fragment: str, timeout: float
+) -> dict[str, Any]:
+    """The task's ``type_`` condition, once its message contains ``fragment``."""
+
+    def says() -> dict[str, Any] | None:
+        found = condition(get_task(cluster, ns), type_)
+        return found if fragment in found.get("message", "") else None
+
+    result: dict[str, Any] = wait_for(says, timeout=timeout, what=f"{type_} to say {fragment!r}")
+    return result
+
+
 def revision(cluster: ClusterHandle, ns: str, name: str = "weather") -> str:
     return str(
         wait_for(
@@ -417,11 +430,7 @@ def test_a_trainer_that_no_node_can_take_says_why_in_trained(
         ),
     )
 
-    def says_why() -> dict[str, Any] | None:
-        trained = condition(get_task(cluster, ns), "Trained")
-        return trained if "Insufficient nvidia.com/gpu" in trained.get("message", "") else None
-
-    trained = wait_for(says_why, timeout=60, what="Trained to carry the scheduler's reason")
+    trained = condition_saying(cluster, ns, "Trained", "Insufficient nvidia.com/gpu", 60)
     assert (trained["status"], trained["reason"]) == ("Unknown", "JobPending")
     assert "small: pod weather-ft-small-" in trained["message"]
     assert "cannot be scheduled" in trained["message"]
@@ -438,11 +447,7 @@ def test_a_triton_replica_that_no_node_can_take_is_named_in_serving(
     cluster.apply(agenttask(serving={"minReplicas": 3, "maxReplicas": 4, "gpus": 8}), ns)
     run_revision(cluster, ns, revision(cluster, ns))
 
-    def says_why() -> dict[str, Any] | None:
-        serving = condition(get_task(cluster, ns), "Serving")
-        return serving if "Insufficient nvidia.com/gpu" in serving.get("message", "") else None
-
-    serving = wait_for(says_why, timeout=90, what="Serving to name the unschedulable replica")
+    serving = condition_saying(cluster, ns, "Serving", "Insufficient nvidia.com/gpu", 90)
     assert (serving["status"], serving["reason"]) == ("True", "DeploymentAvailable")
     assert serving["message"].startswith("2/3 Triton replicas ready")
     assert "pod weather-slm-" in serving["message"]
@@ -463,11 +468,7 @@ def test_a_trainer_pod_that_admission_refuses_says_why_in_data_ready(
     cluster.apply(quota, ns)
     cluster.apply(agenttask(), ns)
 
-    def says_why() -> dict[str, Any] | None:
-        data = condition(get_task(cluster, ns), "DataReady")
-        return data if "quota" in data.get("message", "") else None
-
-    data = wait_for(says_why, timeout=90, what="DataReady to carry the Job controller's reason")
+    data = condition_saying(cluster, ns, "DataReady", "quota", 90)
     assert (data["status"], data["reason"]) == ("Unknown", "JobPending")
     assert "cannot create its pod: pods " in data["message"]
     assert "is forbidden" in data["message"]
