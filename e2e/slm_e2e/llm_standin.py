@@ -12,6 +12,11 @@ How it answers a chat completion, in order:
 2. else, with ``tools``, a call to the first tool with empty arguments ``{}``;
 3. else an echo of the last user message.
 
+With ``"stream": true`` the same answer comes as OpenAI's server-sent events: a chunk with
+the role, the content (or each tool call's name, then its arguments) in three pieces each,
+a chunk with the finish reason, the usage chunk when ``stream_options.include_usage`` is set,
+and ``data: [DONE]``.
+
 The same answer comes from ``POST /v2/models/<name>/infer`` (KServe v2, the tensors of
 :mod:`slm_contract`), so a gateway in shadow mode sees full agreement unless told otherwise.
 
@@ -19,7 +24,9 @@ Faults, by flag, by ``SLM_STANDIN_*`` environment variable, or live through
 ``POST /_control`` with a JSON object of the same names: ``llm_latency_ms``,
 ``llm_error_every`` (every Nth call fails), ``llm_error_status``, ``slm_latency_ms``,
 ``slm_fail`` (every infer call fails with ``slm_error_status``), ``slm_confidence``,
-``slm_defer``, ``slm_different`` (answers that disagree with the LLM's). ``GET /_stats``
+``slm_defer``, ``slm_different`` (answers that disagree with the LLM's), and for streamed
+answers ``llm_stream_delay_ms`` (a pause before each event after the first) and
+``llm_stream_cut_after`` (the connection is cut after that many events, 0: never). ``GET /_stats``
 returns call counts, how many infer calls carried any Authorization header
 (``slm_auth_seen``, which must stay 0 behind the gateway) and, with ``--expect-key``, how many
 chat calls carried exactly that bearer key.
@@ -59,6 +66,8 @@ SETTINGS: dict[str, Any] = {
     "slm_confidence": 0.9,
     "slm_defer": False,
     "slm_different": False,
+    "llm_stream_delay_ms": 0.0,
+    "llm_stream_cut_after": 0,
     "model": "standin-llm",
 }
 
@@ -155,6 +164,9 @@ class StandInApp:
             body = b"".join(chunks)
         if path.endswith("/chat/completions") and method == "POST":
             status, out = await self.chat(scope, body)
+            if isinstance(out, list):
+                await self.stream(out, send)
+                return
         elif path.startswith("/v2/models/") and path.endswith("/infer") and method == "POST":
             status, out = await self.infer(scope, path, body)
         elif path in ("/health", "/v2/health/ready", "/v2/health/live") or (
@@ -173,7 +185,7 @@ class StandInApp:
         await send({"type": "http.response.start", "status": status, "headers": _JSON})
         await send({"type": "http.response.body", "body": out})
 
-    async def chat(self, scope: Scope, body: bytes) -> tuple[int, bytes]:
+    async def chat(self, scope: Scope, body: bytes) -> tuple[int, bytes | list[bytes]]:
         s = self.settings
         self.stats["llm_calls"] += 1
         n = self.stats["llm_calls"]
@@ -203,6 +215,17 @@ class StandInApp:
         message = self.answer(messages, tools)
         prompt = max(1, len(body) // 4)
         completion = max(1, len(orjson.dumps(message)) // 4)
+        if req.get("stream") is True:
+            options = req.get("stream_options") or {}
+            usage = {"prompt_tokens": prompt, "completion_tokens": completion}
+            usage["total_tokens"] = prompt + completion
+            return 200, stream_events(
+                message,
+                completion_id=f"chatcmpl-standin-{n}",
+                created=self.created,
+                model=req.get("model") or s["model"],
+                usage=usage if options.get("include_usage") else None,
+            )
         return 200, orjson.dumps(
             {
                 "id": f"chatcmpl-standin-{n}",
@@ -223,6 +246,22 @@ class StandInApp:
                 },
             }
         )
+
+    async def stream(self, events: list[bytes], send: Send) -> None:
+        """Send events one by one, pausing and cutting off as the fault settings say."""
+        headers = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        cut = int(self.settings["llm_stream_cut_after"])
+        delay = float(self.settings["llm_stream_delay_ms"]) / 1000.0
+        for i, event in enumerate(events):
+            if cut and i >= cut:
+                # An exception after the response started: uvicorn drops the connection
+                # without ending the chunked body, as a crashed LLM server would.
+                raise ConnectionAbortedError("stand-in cut the stream (llm_stream_cut_after)")
+            if delay and i:
+                await asyncio.sleep(delay)
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def infer(self, scope: Scope, path: str, body: bytes) -> tuple[int, bytes]:
         s = self.settings
@@ -282,6 +321,48 @@ class StandInApp:
                 self.stats[k] = 0
         self.settings.update(changes)
         return 200, orjson.dumps(self.settings)
+
+
+def _pieces(text: str, n: int = 3) -> list[str]:
+    """``text`` cut into ``n`` pieces (fewer when it is shorter), as a model streams it."""
+    step = max(1, -(-len(text) // n))
+    return [text[i : i + step] for i in range(0, len(text), step)] or [""]
+
+
+def stream_events(
+    message: dict[str, Any],
+    *,
+    completion_id: str,
+    created: int,
+    model: str,
+    usage: dict[str, Any] | None,
+) -> list[bytes]:
+    """An answer as the events an OpenAI streaming server sends for it, one per list item."""
+    head = {"id": completion_id, "object": "chat.completion.chunk", "created": created}
+    head["model"] = model
+
+    def event(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return b"data: " + orjson.dumps({**head, "choices": [choice]}) + b"\n\n"
+
+    events = [event({"role": "assistant", "content": None if message.get("tool_calls") else ""})]
+    calls = message.get("tool_calls") or []
+    for i, call in enumerate(calls):
+        fn = call.get("function", {})
+        first = {"index": i, "id": call.get("id"), "type": "function"}
+        events.append(event({"tool_calls": [{**first, "function": {"name": fn.get("name")}}]}))
+        for piece in _pieces(str(fn.get("arguments", ""))):
+            args = {"index": i, "function": {"arguments": piece}}
+            events.append(event({"tool_calls": [args]}))
+    if not calls:
+        content = message.get("content")
+        for piece in _pieces(content if isinstance(content, str) else ""):
+            events.append(event({"content": piece}))
+    events.append(event({}, "tool_calls" if calls else "stop"))
+    if usage is not None:
+        events.append(b"data: " + orjson.dumps({**head, "choices": [], "usage": usage}) + b"\n\n")
+    events.append(b"data: [DONE]\n\n")
+    return events
 
 
 def _settings_from(args: argparse.Namespace) -> dict[str, Any]:

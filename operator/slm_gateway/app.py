@@ -22,6 +22,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from slm_gateway import errors as e
 from slm_gateway.backends import (
     BAD_OUTPUT,
     TIMEOUT,
+    LLMStream,
     UpstreamError,
     Upstreams,
     infer_body,
@@ -67,6 +69,16 @@ from slm_gateway.decide import (
 from slm_gateway.errors import GatewayError
 from slm_gateway.metrics import GatewayMetrics
 from slm_gateway.routes import MODE_CANARY, Route, RouteTable, load_routes_file
+from slm_gateway.sse import (
+    DONE,
+    SSE_HEADERS,
+    EventSplitter,
+    StreamAssembler,
+    StreamFormatError,
+    data_of,
+    is_usage_only,
+    synthesize,
+)
 from slm_gateway.validate import ChatRequest, parse_chat_request
 
 log = logging.getLogger("slm_gateway")
@@ -75,6 +87,11 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+#: An answer to send whole: status, headers, body. None from a path that streamed it itself.
+Answer = tuple[int, Headers, bytes]
+#: What :meth:`Gateway._pump` returns when the agent hung up.
+_GONE = ("gone", "", "")
 
 _CT_JSON = (b"content-type", b"application/json")
 _BACKEND_LLM = (b"x-slm-backend", b"llm")
@@ -90,6 +107,22 @@ _AUTH_LOG_INTERVAL_S = 60.0
 
 class _ClientGone(Exception):
     """The agent disconnected before its body arrived; there is no one to answer."""
+
+
+@dataclass(slots=True)
+class _LLMCall:
+    """What the LLM path needs to know about one call (built once it goes to the LLM)."""
+
+    route: Route
+    req: ChatRequest
+    raw: bytes
+    rid: str
+    t0: float
+    reason: str
+    shadow: bool
+    slm_b: CircuitBreaker | None
+    llm_b: CircuitBreaker
+    now: float
 
 
 class Breakers:
@@ -207,7 +240,10 @@ class Gateway:
                 or not (request_id.isascii() and request_id.isprintable())
             ):
                 request_id = self._next_id()
-            status, headers, body = await self._serve(route, req, raw, request_id, t0)
+            answer = await self._serve(route, req, raw, request_id, t0, send, receive)
+            if answer is None:
+                return  # a streamed answer, sent as it came
+            status, headers, body = answer
         except GatewayError as err:
             status, body = err.status, err.body()
             headers = [_CT_JSON, *((k.encode(), v.encode()) for k, v in err.headers.items())]
@@ -263,8 +299,15 @@ class Gateway:
                 return b"".join(chunks)
 
     async def _serve(
-        self, route: Route, req: ChatRequest, raw: bytes, rid: str, t0: float
-    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        self,
+        route: Route,
+        req: ChatRequest,
+        raw: bytes,
+        rid: str,
+        t0: float,
+        send: Send,
+        receive: Receive,
+    ) -> Answer | None:
         now = time.monotonic()
         breakers = self.breakers
         slm_b = breakers.get(SLM, route.slm_url) if route.has_slm else None
@@ -284,41 +327,38 @@ class Gateway:
             if breakers.allow(SLM, route.slm_url, slm_b, now):
                 answer = await self._slm(route, req, rid, raw, slm_b)
                 if isinstance(answer, tuple):
-                    body, ptok, ctok = answer
+                    doc, ptok, ctok = answer
+                    body = orjson.dumps(doc)
                     self._served(route, SLM, route.slm_model, raw, body, t0, ptok, ctok, rid, "")
-                    return 200, [_CT_JSON, _BACKEND_SLM, (b"x-request-id", rid.encode())], body
+                    rid_header = (b"x-request-id", rid.encode())
+                    if not req.stream:
+                        return 200, [_CT_JSON, _BACKEND_SLM, rid_header], body
+                    self.metrics.stream_first_chunk.labels(
+                        route.namespace, route.task, SLM
+                    ).observe(time.perf_counter() - t0)
+                    self.metrics.streams.labels(route.namespace, route.task, SLM, "complete").inc()
+                    events = synthesize(
+                        doc["choices"][0]["message"],
+                        completion_id=doc["id"],
+                        created=doc["created"],
+                        model=doc["model"],
+                        usage=doc["usage"] if req.include_usage else None,
+                    )
+                    return 200, [*SSE_HEADERS, _BACKEND_SLM, rid_header], events
                 reason = answer
             else:
                 reason = REASON_CIRCUIT_OPEN
         if reason:
             self.metrics.fallbacks.labels(route.namespace, route.task, reason).inc()
-        return await self._llm(route, req, raw, rid, t0, reason, plan.shadow, slm_b, llm_b, now)
+        call = _LLMCall(route, req, raw, rid, t0, reason, plan.shadow, slm_b, llm_b, now)
+        if req.stream:
+            return await self._llm_stream(call, send, receive)
+        return await self._llm(call)
 
-    async def _llm(
-        self,
-        route: Route,
-        req: ChatRequest,
-        raw: bytes,
-        rid: str,
-        t0: float,
-        reason: str,
-        shadow: bool,
-        slm_b: CircuitBreaker | None,
-        llm_b: CircuitBreaker,
-        now: float,
-    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    async def _llm(self, call: _LLMCall) -> Answer:
+        route, req, raw = call.route, call.req, call.raw
         assert self.upstreams is not None
-        if not self.breakers.allow(LLM, route.llm_url, llm_b, now):
-            self.metrics.errors.labels(
-                route.namespace, route.task, LLM, e.CODE_UPSTREAM_UNAVAILABLE
-            ).inc()
-            raise GatewayError(
-                503,
-                "The LLM backend is failing and its circuit is open; retry shortly.",
-                type=e.SERVER_ERROR,
-                code=e.CODE_UPSTREAM_UNAVAILABLE,
-                headers={"Retry-After": str(max(1, round(self.cfg.breaker_cooldown_s)))},
-            )
+        self._llm_allowed(call)
         body = req.body
         if req.model != route.llm_model:
             body["model"] = route.llm_model
@@ -329,24 +369,12 @@ class Gateway:
         try:
             reply = await self.upstreams.llm(route, payload)
         except UpstreamError as err:
-            self.metrics.attempt(
-                route.namespace, route.task, LLM, err.kind, time.perf_counter() - t
-            )
-            self.breakers.record(LLM, route.llm_url, llm_b, False)
-            timeout = err.kind == TIMEOUT
-            code = e.CODE_UPSTREAM_TIMEOUT if timeout else e.CODE_UPSTREAM
-            self.metrics.errors.labels(route.namespace, route.task, LLM, code).inc()
-            raise GatewayError(
-                504 if timeout else 502,
-                f"The LLM backend did not answer ({err.detail}).",
-                type=e.SERVER_ERROR,
-                code=code,
-            ) from None
+            raise self._llm_unreachable(call, err, time.perf_counter() - t) from None
         spent = time.perf_counter() - t
         status = reply.status
         if not 200 <= status < 300:
             return self._llm_failure(
-                route, reply.status, reply.body, reply.retry_after, spent, llm_b
+                route, reply.status, reply.body, reply.retry_after, spent, call.llm_b
             )
         try:
             doc = orjson.loads(reply.body)
@@ -364,27 +392,227 @@ class Gateway:
             ValueError,
             AttributeError,
         ):
-            self.metrics.attempt(route.namespace, route.task, LLM, BAD_OUTPUT, spent)
-            self.breakers.record(LLM, route.llm_url, llm_b, False)
-            self.metrics.errors.labels(route.namespace, route.task, LLM, e.CODE_UPSTREAM).inc()
+            self._llm_broken(call, BAD_OUTPUT, e.CODE_UPSTREAM, spent)
             raise GatewayError(
                 502,
                 "The LLM backend answered with an unreadable chat completion.",
                 type=e.SERVER_ERROR,
                 code=e.CODE_UPSTREAM,
             ) from None
+        self._llm_answered(call, message, reply.body, spent, ptok, ctok)
+        return 200, [_CT_JSON, *self._llm_headers(call)], reply.body
+
+    async def _llm_stream(self, call: _LLMCall, send: Send, receive: Receive) -> Answer | None:
+        """A streamed LLM answer, relayed event by event as it arrives.
+
+        Until the LLM's status is in, this fails like :meth:`_llm` (an error status, a 503 with
+        the circuit open). Once the agent got its 200 and the first bytes, a failure can only
+        be told inside the stream: an ``error`` event (what OpenAI sends in that case), then the
+        end of the stream. The LLM is always asked for its usage chunk, so the tokens and cost
+        of streamed calls are counted like the others; an agent that did not ask for usage
+        does not get that chunk.
+        """
+        route, req = call.route, call.req
+        assert self.upstreams is not None
+        self._llm_allowed(call)
+        body = req.body
+        body["model"] = route.llm_model
+        options = body.get("stream_options")
+        body["stream_options"] = {**(options or {}), "include_usage": True}
+        payload = orjson.dumps(body)
+        t = time.perf_counter()
+        try:
+            async with self.upstreams.llm_stream(route, payload) as upstream:
+                if not 200 <= upstream.status < 300:
+                    try:
+                        text = await upstream.read_all()
+                    except UpstreamError as err:
+                        raise self._llm_unreachable(call, err, time.perf_counter() - t) from None
+                    return self._llm_failure(
+                        route,
+                        upstream.status,
+                        text,
+                        upstream.retry_after,
+                        time.perf_counter() - t,
+                        call.llm_b,
+                    )
+                await self._relay(call, upstream, t, send, receive)
+                return None
+        except UpstreamError as err:  # before the status came: nothing was sent yet
+            raise self._llm_unreachable(call, err, time.perf_counter() - t) from None
+
+    async def _relay(
+        self, call: _LLMCall, upstream: LLMStream, t: float, send: Send, receive: Receive
+    ) -> None:
+        """Pass the LLM's events on as they come; then count, shadow and capture the answer."""
+        route = call.route
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": self._sse_headers(call)}
+        )
+        assembled = StreamAssembler()
+        gone = asyncio.ensure_future(receive())  # completes when the agent disconnects
+        try:
+            failure = await self._pump(call, upstream, assembled, send, gone)
+        except Exception:
+            # A bug here must not become a second response start on a started response.
+            log.exception("internal error while relaying a streamed answer")
+            failure = ("error", e.CODE_INTERNAL, "The gateway failed while streaming the answer.")
+        finally:
+            gone.cancel()
+        if failure == _GONE:
+            self.metrics.streams.labels(
+                route.namespace, route.task, LLM, "client_disconnected"
+            ).inc()
+            return  # leaving the upstream's context closes the LLM's connection
+        spent = time.perf_counter() - t
+        if failure is not None:
+            result, code, text = failure
+            if code == e.CODE_INTERNAL:  # the gateway's fault, not the LLM's: no breaker
+                self.metrics.errors.labels(route.namespace, route.task, LLM, code).inc()
+            else:
+                self._llm_broken(call, result, code, spent)
+            self.metrics.streams.labels(route.namespace, route.task, LLM, "failed").inc()
+            tail = b""
+            if text:  # OpenAI's SDKs raise an APIError on an event holding "error"
+                tail = b"data: " + e.error_body(text, type=e.SERVER_ERROR, code=code) + b"\n\n"
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        self.metrics.streams.labels(route.namespace, route.task, LLM, "complete").inc()
+        message = assembled.message()
+        completion = orjson.dumps(assembled.completion(f"chatcmpl-{call.rid}", route.llm_model))
+        usage = assembled.usage or {}
+        try:
+            ptok = int(usage.get("prompt_tokens") or 0)
+            ctok = int(usage.get("completion_tokens") or 0)
+        except (TypeError, ValueError):
+            ptok = ctok = 0
+        self._llm_answered(
+            call,
+            message,
+            completion,
+            spent,
+            ptok or estimate_tokens(len(call.raw)),
+            ctok or estimate_tokens(len(orjson.dumps(message))),
+        )
+
+    async def _pump(
+        self,
+        call: _LLMCall,
+        upstream: LLMStream,
+        assembled: StreamAssembler,
+        send: Send,
+        gone: asyncio.Future[Message],
+    ) -> tuple[str, str, str] | None:
+        """Relay events until the LLM's stream ends: None when it ended well, else the
+        failure (attempt result, error code, message for the agent's error event; an empty
+        message when the LLM's own error event already went on), or :data:`_GONE`."""
+        include_usage = call.req.include_usage
+        splitter = EventSplitter()
+        first = True
+        while True:
+            if gone.done():
+                return _GONE
+            try:
+                chunk = await upstream.next_chunk()
+            except UpstreamError as err:
+                timeout = err.kind == TIMEOUT
+                code = e.CODE_UPSTREAM_TIMEOUT if timeout else e.CODE_UPSTREAM
+                return err.kind, code, f"The LLM's stream broke off ({err.detail})."
+            if chunk is None:
+                if splitter.pending.strip():
+                    return BAD_OUTPUT, e.CODE_UPSTREAM, "The LLM's stream ended mid-event."
+                return None
+            out = []
+            tokens = False
+            try:
+                for event in splitter.feed(chunk):
+                    data = data_of(event)
+                    if data is not None and data != DONE:
+                        doc = orjson.loads(data)
+                        assembled.add(doc)
+                        if is_usage_only(doc) and not include_usage:
+                            continue
+                        tokens = True
+                    out.append(event + b"\n\n")
+            except (orjson.JSONDecodeError, StreamFormatError):
+                return BAD_OUTPUT, e.CODE_UPSTREAM, "The LLM sent an unreadable stream."
+            if out:
+                if first and tokens:  # comments (keep-alives) are not the first token
+                    first = False
+                    route = call.route
+                    self.metrics.stream_first_chunk.labels(
+                        route.namespace, route.task, LLM
+                    ).observe(time.perf_counter() - call.t0)
+                await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+            if assembled.error is not None:
+                return "error", e.CODE_UPSTREAM, ""
+
+    def _llm_allowed(self, call: _LLMCall) -> None:
+        """Raise the 503 an agent gets while the LLM's circuit is open."""
+        route = call.route
+        if self.breakers.allow(LLM, route.llm_url, call.llm_b, call.now):
+            return
+        self.metrics.errors.labels(
+            route.namespace, route.task, LLM, e.CODE_UPSTREAM_UNAVAILABLE
+        ).inc()
+        raise GatewayError(
+            503,
+            "The LLM backend is failing and its circuit is open; retry shortly.",
+            type=e.SERVER_ERROR,
+            code=e.CODE_UPSTREAM_UNAVAILABLE,
+            headers={"Retry-After": str(max(1, round(self.cfg.breaker_cooldown_s)))},
+        )
+
+    def _llm_broken(self, call: _LLMCall, result: str, code: str, spent: float) -> None:
+        """Count an LLM attempt that failed, against its breaker too."""
+        route = call.route
+        self.metrics.attempt(route.namespace, route.task, LLM, result, spent)
+        self.breakers.record(LLM, route.llm_url, call.llm_b, False)
+        self.metrics.errors.labels(route.namespace, route.task, LLM, code).inc()
+
+    def _llm_unreachable(self, call: _LLMCall, err: UpstreamError, spent: float) -> GatewayError:
+        """The 502 or 504 for an LLM that did not answer (counted here)."""
+        timeout = err.kind == TIMEOUT
+        code = e.CODE_UPSTREAM_TIMEOUT if timeout else e.CODE_UPSTREAM
+        self._llm_broken(call, err.kind, code, spent)
+        return GatewayError(
+            504 if timeout else 502,
+            f"The LLM backend did not answer ({err.detail}).",
+            type=e.SERVER_ERROR,
+            code=code,
+        )
+
+    def _llm_answered(
+        self,
+        call: _LLMCall,
+        message: dict[str, Any],
+        body: bytes,
+        spent: float,
+        ptok: int,
+        ctok: int,
+    ) -> None:
+        """An LLM answer in full: count it, close its breaker, shadow it, capture it."""
+        route = call.route
         self.metrics.attempt(route.namespace, route.task, LLM, "ok", spent)
-        if llm_b.state != "closed":
-            self.breakers.record(LLM, route.llm_url, llm_b, True)
+        if call.llm_b.state != "closed":
+            self.breakers.record(LLM, route.llm_url, call.llm_b, True)
         else:
-            llm_b.success(now)
-        if shadow and slm_b is not None:
-            self._start_shadow(route, req, message, rid, slm_b)
-        self._served(route, LLM, route.llm_model, raw, reply.body, t0, ptok, ctok, rid, reason)
-        headers = [_CT_JSON, _BACKEND_LLM, (b"x-request-id", rid.encode())]
-        if reason:
-            headers.append((b"x-slm-fallback-reason", reason.encode()))
-        return 200, headers, reply.body
+            call.llm_b.success(call.now)
+        if call.shadow and call.slm_b is not None:
+            self._start_shadow(route, call.req, message, call.rid, call.slm_b)
+        self._served(
+            route, LLM, route.llm_model, call.raw, body, call.t0, ptok, ctok, call.rid, call.reason
+        )
+
+    def _llm_headers(self, call: _LLMCall) -> Headers:
+        headers = [_BACKEND_LLM, (b"x-request-id", call.rid.encode())]
+        if call.reason:
+            headers.append((b"x-slm-fallback-reason", call.reason.encode()))
+        return headers
+
+    def _sse_headers(self, call: _LLMCall) -> Headers:
+        return [*SSE_HEADERS, *self._llm_headers(call)]
 
     def _llm_failure(
         self,
@@ -499,36 +727,34 @@ class Gateway:
 
     async def _slm(
         self, route: Route, req: ChatRequest, rid: str, raw: bytes, slm_b: CircuitBreaker
-    ) -> tuple[bytes, int, int] | str:
-        """The SLM's answer as a chat-completion body with token counts, or a fallback reason."""
+    ) -> tuple[dict[str, Any], int, int] | str:
+        """The SLM's answer as a chat completion with token counts, or a fallback reason."""
         answer, verdict = await self._ask_slm(route, req, slm_b)
         if verdict:
             return verdict
         message = normalize_message(answer, rid)
         ctok = estimate_tokens(len(orjson.dumps(message)))
         ptok = estimate_tokens(len(raw))
-        body = orjson.dumps(
-            {
-                "id": f"chatcmpl-{rid}",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": route.task,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": message,
-                        "finish_reason": "tool_calls" if message.get("tool_calls") else "stop",
-                        "logprobs": None,
-                    }
-                ],
-                "usage": {
-                    "prompt_tokens": ptok,
-                    "completion_tokens": ctok,
-                    "total_tokens": ptok + ctok,
-                },
-            }
-        )
-        return body, ptok, ctok
+        doc = {
+            "id": f"chatcmpl-{rid}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": route.task,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "finish_reason": "tool_calls" if message.get("tool_calls") else "stop",
+                    "logprobs": None,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": ptok,
+                "completion_tokens": ctok,
+                "total_tokens": ptok + ctok,
+            },
+        }
+        return doc, ptok, ctok
 
     def _start_shadow(
         self,

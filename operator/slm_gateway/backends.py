@@ -17,13 +17,15 @@ pure decision code and the metrics see one vocabulary whatever the library raise
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from slm_contract import TRITON_CONFIDENCE, TRITON_INPUT, TRITON_OUTPUT
-from slm_gateway.httpclient import Client, HTTPClientError
+from slm_gateway.httpclient import Client, HTTPClientError, StreamedResponse
 from slm_gateway.routes import Route
 
 TIMEOUT = "timeout"
@@ -94,6 +96,37 @@ def parse_infer_response(raw: bytes) -> tuple[Any, Any]:
     return answer, confidence
 
 
+class LLMStream:
+    """A streamed LLM answer: its status at once, the body as it comes (:meth:`next_chunk`).
+
+    A failure while the body streams (the deadline, a connection that breaks off) raises
+    :class:`UpstreamError` as a failure before the first byte does, so the caller sees one
+    vocabulary whenever the LLM fails.
+    """
+
+    __slots__ = ("_resp", "_timeout", "retry_after", "status")
+
+    def __init__(self, resp: StreamedResponse, timeout_s: float) -> None:
+        self._resp = resp
+        self._timeout = timeout_s
+        self.status = resp.status
+        self.retry_after = resp.retry_after
+
+    async def next_chunk(self) -> bytes | None:
+        try:
+            return await self._resp.next_chunk()
+        except TimeoutError:
+            raise UpstreamError(TIMEOUT, f"not complete within {self._timeout:g}s") from None
+        except HTTPClientError as exc:
+            raise UpstreamError(CONNECT, str(exc)) from None
+
+    async def read_all(self) -> bytes:
+        parts = []
+        while (chunk := await self.next_chunk()) is not None:
+            parts.append(chunk)
+        return b"".join(parts)
+
+
 class Upstreams:
     """Calls the LLM and the SLM of a route over one shared upstream client."""
 
@@ -110,6 +143,27 @@ class Upstreams:
             raise UpstreamError(CONNECT, str(exc)) from None
         return LLMReply(resp.status, resp.body, resp.retry_after)
 
+    @contextlib.asynccontextmanager
+    async def llm_stream(self, route: Route, body: bytes) -> AsyncIterator[LLMStream]:
+        """POST a streamed chat request to the LLM; entered once its status is in.
+
+        Leaving the context before the body's end closes the connection, which is how an LLM
+        call is cut off when its agent goes away.
+        """
+        entered = False
+        try:
+            async with self.client.stream(route.llm_target, body, route.llm_timeout_s) as resp:
+                entered = True
+                yield LLMStream(resp, route.llm_timeout_s)
+        except TimeoutError:
+            if entered:
+                raise
+            raise UpstreamError(TIMEOUT, f"no answer within {route.llm_timeout_s:g}s") from None
+        except HTTPClientError as exc:
+            if entered:
+                raise
+            raise UpstreamError(CONNECT, str(exc)) from None
+
     async def slm(self, route: Route, body: bytes) -> tuple[Any, Any]:
         """Run the SLM's Triton model on an infer body (see :func:`infer_body`)."""
         try:
@@ -125,6 +179,7 @@ class Upstreams:
 
 __all__ = [
     "LLMReply",
+    "LLMStream",
     "UpstreamError",
     "Upstreams",
     "infer_body",

@@ -30,6 +30,13 @@ What it does:
   a server-closed idle connection. Any other failure is raised, never retried: an LLM call
   costs money and may not be idempotent.
 
+- **Streamed answers** (:meth:`Client.stream`, for ``"stream": true`` chat calls): the call
+  returns once the status line and headers are in, and the body is read chunk by chunk as
+  the server sends it, under the same single deadline. When the reader falls behind, the
+  socket stops being read (``pause_reading``) above ``stream_high_water`` buffered bytes, so
+  a slow agent slows the LLM's connection instead of filling the gateway's memory. The
+  connection goes back to the pool only if the answer was read to its end.
+
 Errors: :class:`TimeoutError` when the deadline passes, :class:`HTTPClientError` for
 everything else (refused, reset, malformed answer, answer over ``max_body`` bytes), with a
 message that never contains request headers, so never an API key.
@@ -38,8 +45,10 @@ message that never contains request headers, so never an API key.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl as ssl_module
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -155,6 +164,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.reused = False
         self.idle_since = 0.0
+        self.stream: _StreamState | None = None  # set while a streamed answer is read
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -173,6 +183,15 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        stream = self.stream
+        if stream is not None and stream.head.done():
+            if stream.done or stream.error is not None:
+                return
+            if not self.framed and exc is None:
+                self.on_message_complete()  # a streamed body delimited by the connection's end
+            else:
+                stream.fail(HTTPClientError("the server closed the connection mid-answer"))
+            return
         waiter = self.waiter
         if waiter is None or waiter.done():
             return
@@ -203,19 +222,34 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.headers_done = True
+        stream = self.stream
+        if stream is not None and not stream.head.done():
+            status = self.parser.get_status_code()
+            if not (100 <= status < 200 and status != 101):  # an interim answer is skipped
+                stream.head.set_result(Response(status, b"", self.retry_after))
 
     def on_body(self, body: bytes) -> None:
         self.size += len(body)
         if self.size > self.max_body:
             self._fail(HTTPClientError(f"answer larger than {self.max_body} bytes"))
             return
-        self.chunks.append(body)
+        stream = self.stream
+        if stream is None:
+            self.chunks.append(body)
+        elif stream.push(body) and self.transport is not None:
+            self.transport.pause_reading()
 
     def on_message_complete(self) -> None:
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             # An interim answer (100 Continue, 103 Early Hints): the real one follows.
             self._reset()
+            return
+        stream = self.stream
+        if stream is not None:
+            if not self.parser.should_keep_alive():
+                self.close()
+            stream.finish()
             return
         waiter = self.waiter
         if waiter is None or waiter.done():
@@ -239,19 +273,137 @@ class _Connection(asyncio.Protocol):
         self.close()
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
+        elif self.stream is not None:
+            self.stream.fail(exc)
 
     def send(self, target: Target, body: bytes) -> asyncio.Future[Response]:
+        self.waiter = waiter = self.loop.create_future()
+        self._write(target, body)
+        return waiter
+
+    def send_stream(self, target: Target, body: bytes, high_water: int) -> _StreamState:
+        self.stream = state = _StreamState(self.loop, high_water)
+        self.waiter = state.head
+        self._write(target, body)
+        return state
+
+    def _write(self, target: Target, body: bytes) -> None:
         assert self.transport is not None
         self._reset()
         self.received = False
-        self.waiter = waiter = self.loop.create_future()
         self.transport.write(b"%s%d\r\n\r\n%s" % (target.head, len(body), body))
-        return waiter
 
     def close(self) -> None:
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
+
+
+class _StreamState:
+    """A streamed answer being read: its head (status), the unread body chunks, the end."""
+
+    __slots__ = ("buffered", "chunks", "done", "error", "head", "high_water", "paused", "wakeup")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, high_water: int) -> None:
+        self.head: asyncio.Future[Response] = loop.create_future()
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self.high_water = high_water
+        self.paused = False
+        self.done = False
+        self.error: BaseException | None = None
+        self.wakeup: asyncio.Future[None] | None = None
+
+    def push(self, data: bytes) -> bool:
+        """Queue a body chunk; True when the socket should stop being read for now."""
+        self.chunks.append(data)
+        self.buffered += len(data)
+        self._wake()
+        if not self.paused and self.buffered > self.high_water:
+            self.paused = True
+            return True
+        return False
+
+    def finish(self) -> None:
+        self.done = True
+        self._wake()
+
+    def fail(self, exc: BaseException) -> None:
+        if self.error is None and not self.done:
+            self.error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self.wakeup
+        if w is not None and not w.done():
+            w.set_result(None)
+
+
+class StreamedResponse:
+    """A streamed answer: ``status`` and ``retry_after`` at once, the body by :meth:`next_chunk`.
+
+    Use it inside :meth:`Client.stream`, which returns the connection to the pool, or closes
+    it when the body was not read to its end.
+    """
+
+    __slots__ = ("_conn", "_deadline", "_loop", "_state", "retry_after", "status")
+
+    def __init__(
+        self,
+        conn: _Connection,
+        state: _StreamState,
+        head: Response,
+        loop: asyncio.AbstractEventLoop,
+        deadline: float,
+    ) -> None:
+        self._conn = conn
+        self._state = state
+        self._loop = loop
+        self._deadline = deadline
+        self.status = head.status
+        self.retry_after = head.retry_after
+
+    @property
+    def complete(self) -> bool:
+        """The whole body arrived and was handed out."""
+        s = self._state
+        return s.done and s.error is None and not s.chunks
+
+    async def next_chunk(self) -> bytes | None:
+        """The next piece of the body as it arrived, or None at its end.
+
+        Raises :class:`TimeoutError` at the call's deadline and :class:`HTTPClientError` when
+        the connection fails or the answer breaks off.
+        """
+        s = self._state
+        while not s.chunks:
+            if s.error is not None:
+                raise s.error
+            if s.done:
+                return None
+            waiter: asyncio.Future[None] = self._loop.create_future()
+            s.wakeup = waiter
+            timer = self._loop.call_at(self._deadline, _expire, waiter, "answer not complete")
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                s.wakeup = None
+        data = s.chunks.popleft()
+        s.buffered -= len(data)
+        if s.paused and s.buffered <= s.high_water // 4:
+            s.paused = False
+            transport = self._conn.transport
+            if transport is not None and not self._conn.closed:
+                transport.resume_reading()
+        return data
+
+    async def read_all(self) -> bytes:
+        """The rest of the body (for an error answer, which is short and read whole)."""
+        parts = []
+        while (chunk := await self.next_chunk()) is not None:
+            parts.append(chunk)
+        return b"".join(parts)
 
 
 class _Origin:
@@ -294,31 +446,112 @@ class Client:
 
     async def post(self, target: Target, body: bytes, timeout: float) -> Response:
         """POST ``body`` to ``target``; the whole call must finish within ``timeout`` s."""
-        if self._closed:
-            raise HTTPClientError("the client is closed")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        origin = await self._acquire(target, loop, deadline)
+        try:
+            conn = await self._connection(origin, target, loop, deadline)
+            try:
+                return await self._exchange(conn, origin, target, body, loop, deadline)
+            except HTTPClientError:
+                if not _may_resend(conn, loop, deadline):
+                    raise
+            # The server closed a reused idle connection as we wrote: once more, on a new one.
+            conn = await self._connect(target, loop, deadline)
+            return await self._exchange(conn, origin, target, body, loop, deadline)
+        finally:
+            self._release(origin)
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self, target: Target, body: bytes, timeout: float, *, high_water: int = 256 * 1024
+    ) -> AsyncIterator[StreamedResponse]:
+        """POST ``body`` and read the answer as it streams in (see :class:`StreamedResponse`).
+
+        The context is entered once the status and headers are in; the whole call, body
+        included, must finish within ``timeout`` s. On exit the connection is pooled again if
+        the body was read to its end, and closed otherwise (an agent that went away, a
+        deadline, an error), so an unread rest can never be taken for the next answer.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        origin = await self._acquire(target, loop, deadline)
+        conn: _Connection | None = None
+        try:
+            conn = await self._connection(origin, target, loop, deadline)
+            try:
+                resp = await self._open(conn, target, body, high_water, loop, deadline)
+            except HTTPClientError:
+                if not _may_resend(conn, loop, deadline):
+                    raise
+                conn = await self._connect(target, loop, deadline)
+                resp = await self._open(conn, target, body, high_water, loop, deadline)
+            yield resp
+        finally:
+            if conn is not None:
+                state = conn.stream
+                conn.stream = None
+                conn.waiter = None
+                if state is not None and state.done and state.error is None and not state.chunks:
+                    self._pool(conn, origin, loop)
+                else:
+                    conn.close()
+            self._release(origin)
+
+    async def _open(
+        self,
+        conn: _Connection,
+        target: Target,
+        body: bytes,
+        high_water: int,
+        loop: asyncio.AbstractEventLoop,
+        deadline: float,
+    ) -> StreamedResponse:
+        state = conn.send_stream(target, body, high_water)
+        timer = loop.call_at(deadline, _expire, state.head, "no answer before the deadline")
+        try:
+            head = await state.head
+        except BaseException:
+            conn.close()
+            raise
+        finally:
+            timer.cancel()
+        return StreamedResponse(conn, state, head, loop, deadline)
+
+    async def _acquire(
+        self, target: Target, loop: asyncio.AbstractEventLoop, deadline: float
+    ) -> _Origin:
+        """A slot on the target's origin (waiting for one beyond the limit)."""
+        if self._closed:
+            raise HTTPClientError("the client is closed")
         origin = self._origins.get(target.origin)
         if origin is None:
             origin = self._origins[target.origin] = _Origin()
         if origin.active >= self.limit:
             await self._wait_for_slot(origin, loop, deadline)
         origin.active += 1
-        try:
-            conn = self._idle_connection(origin, loop)
-            if conn is None:
-                conn = await self._connect(target, loop, deadline)
-            try:
-                return await self._exchange(conn, origin, target, body, loop, deadline)
-            except HTTPClientError:
-                if not (conn.reused and not conn.received) or loop.time() >= deadline:
-                    raise
-            # The server closed a reused idle connection as we wrote: once more, on a new one.
-            conn = await self._connect(target, loop, deadline)
-            return await self._exchange(conn, origin, target, body, loop, deadline)
-        finally:
-            origin.active -= 1
-            _wake_one(origin)
+        return origin
+
+    @staticmethod
+    def _release(origin: _Origin) -> None:
+        origin.active -= 1
+        _wake_one(origin)
+
+    async def _connection(
+        self, origin: _Origin, target: Target, loop: asyncio.AbstractEventLoop, deadline: float
+    ) -> _Connection:
+        conn = self._idle_connection(origin, loop)
+        return conn if conn is not None else await self._connect(target, loop, deadline)
+
+    def _pool(self, conn: _Connection, origin: _Origin, loop: asyncio.AbstractEventLoop) -> None:
+        """After a whole answer: keep the connection for the next call, unless it is done."""
+        if conn.closed:
+            pass
+        elif self._closed:
+            conn.close()
+        else:
+            conn.idle_since = loop.time()
+            origin.idle.append(conn)
 
     async def _wait_for_slot(
         self, origin: _Origin, loop: asyncio.AbstractEventLoop, deadline: float
@@ -408,13 +641,7 @@ class Client:
         finally:
             timer.cancel()
             conn.waiter = None
-        if conn.closed:
-            pass
-        elif self._closed:
-            conn.close()
-        else:
-            conn.idle_since = loop.time()
-            origin.idle.append(conn)
+        self._pool(conn, origin, loop)
         return response
 
     async def close(self) -> None:
@@ -431,6 +658,12 @@ class Client:
         await asyncio.sleep(0)
 
 
+def _may_resend(conn: _Connection, loop: asyncio.AbstractEventLoop, deadline: float) -> bool:
+    """A reused connection that closed before a byte of the answer came: the server dropped
+    it while idle, so the request never reached it and may be sent once more."""
+    return conn.reused and not conn.received and loop.time() < deadline
+
+
 def _wake_one(origin: _Origin) -> None:
     while origin.waiters:
         waiter = origin.waiters.popleft()
@@ -444,4 +677,4 @@ def _expire(waiter: asyncio.Future[Any], what: str) -> None:
         waiter.set_exception(TimeoutError(what))
 
 
-__all__ = ["JSON_HEADERS", "Client", "HTTPClientError", "Response", "Target"]
+__all__ = ["JSON_HEADERS", "Client", "HTTPClientError", "Response", "StreamedResponse", "Target"]

@@ -16,7 +16,8 @@ namespace empty for routes from a static file; ``backend`` is ``slm`` or ``llm``
   ``result=~"error|timeout|bad_output"`` over the total.
 - ``slm_gateway_errors_total{namespace,task,backend,code}``: calls answered with an error, by
   code (``upstream_error``, ``upstream_timeout``, ``upstream_unavailable``, ``llm_4xx``, and
-  ``llm_auth``: the LLM answered 401 or 403 to the task's key, the agent got a 502).
+  ``llm_auth``: the LLM answered 401 or 403 to the task's key, the agent got a 502;
+  ``internal_error``: the gateway failed while relaying a stream).
 - ``slm_gateway_invalid_requests_total{code}``: requests rejected before routing (4xx).
 - ``slm_gateway_fallbacks_total{namespace,task,reason}``: calls meant for the SLM that the LLM
   answered.
@@ -39,6 +40,12 @@ namespace empty for routes from a static file; ``backend`` is ``slm`` or ``llm``
   ``slm_gateway_capture_redactions_total{kind}``: records with at least one redaction and the
   entities replaced, by kind (EMAIL_ADDRESS, API_KEY, ...).
 - ``slm_gateway_capture_queue_depth``: records waiting to be redacted and written.
+- ``slm_gateway_streams_total{namespace,task,backend,result}``: streamed answers (``"stream":
+  true``) by how they ended: ``complete``, ``client_disconnected`` (the agent closed the
+  connection first; the LLM call was cut off there) or ``failed`` (the LLM's stream broke off
+  after it had begun; its code is in ``slm_gateway_errors_total``).
+- ``slm_gateway_stream_first_chunk_seconds{namespace,task,backend}``: histogram of the time
+  from a streamed request to its first event sent to the agent (time to first token).
 
 A registry per gateway instance (not the global one), so tests can build many apps in one
 process.
@@ -56,7 +63,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
@@ -317,6 +324,19 @@ class GatewayMetrics:
         )
         self.capture_queue = Gauge(
             p + "capture_queue_depth", "Records waiting to be written.", registry=r
+        )
+        self.streams = Counter(
+            p + "streams",
+            "Streamed answers by how they ended.",
+            ["namespace", "task", "backend", "result"],
+            registry=r,
+        )
+        self.stream_first_chunk = Histogram(
+            p + "stream_first_chunk_seconds",
+            "Time from a streamed request to its first event sent to the agent.",
+            ["namespace", "task", "backend"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
 
     def served(self, namespace: str, task: str, backend: str) -> ServedStats:

@@ -24,7 +24,6 @@ from slm_gateway.errors import (
     CODE_INVALID_JSON,
     CODE_INVALID_TYPE,
     CODE_MISSING,
-    CODE_STREAM_UNSUPPORTED,
     GatewayError,
     invalid,
 )
@@ -50,6 +49,10 @@ class ChatRequest:
     tools: list[dict[str, Any]]
     #: The names in ``tools``, as validation found them (an SLM may call only these).
     tool_names: frozenset[str] = frozenset()
+    #: ``"stream": true``: the answer goes back as server-sent events.
+    stream: bool = False
+    #: ``stream_options.include_usage``: the agent wants the final usage chunk.
+    include_usage: bool = False
 
 
 def _type_name(value: Any) -> str:
@@ -163,6 +166,9 @@ def validate_body(body: dict[str, Any]) -> ChatRequest:
     _validate_tool_choice(body.get("tool_choice"), names)
     if body.keys() & _OPTIONAL_FIELDS:
         _validate_options(body)
+        if body.get("stream"):
+            usage = (body.get("stream_options") or {}).get("include_usage") is True
+            return ChatRequest(body, model, messages, tools, names, True, usage)
     return ChatRequest(body, model, messages, tools, names)
 
 
@@ -197,13 +203,17 @@ def _validate_options(body: dict[str, Any]) -> None:
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise _wrong_type("stream", "a boolean", stream)
-    if stream:
-        raise invalid(
-            "Streaming ('stream': true) is not supported by this gateway yet; "
-            "send the request without 'stream'.",
-            "stream",
-            CODE_STREAM_UNSUPPORTED,
-        )
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise _wrong_type("stream_options", "an object", options)
+        if not stream:
+            raise invalid(
+                "'stream_options' is only allowed when 'stream' is true.", "stream_options"
+            )
+        usage = options.get("include_usage")
+        if usage is not None and not isinstance(usage, bool):
+            raise _wrong_type("stream_options.include_usage", "a boolean", usage)
     _number(body, "temperature", 0.0, 2.0)
     _number(body, "top_p", 0.0, 1.0)
     _number(body, "presence_penalty", -2.0, 2.0)
@@ -225,7 +235,7 @@ def _validate_options(body: dict[str, Any]) -> None:
             raise _wrong_type("response_format", "an object", fmt)
         if not isinstance(fmt.get("type"), str):
             raise _wrong_type("response_format.type", "a string", fmt.get("type"))
-    for name in ("metadata", "logit_bias", "stream_options"):
+    for name in ("metadata", "logit_bias"):
         value = body.get(name)
         if value is not None and not isinstance(value, dict):
             raise _wrong_type(name, "an object", value)

@@ -480,3 +480,181 @@ def test_an_llm_that_rejects_the_gateways_key_is_a_502_not_the_agents_auth_error
     standin.control(llm_error_status=400, slm_fail=False)
     with client(route(standin)) as c:
         assert chat(c).status_code == 400  # a request the LLM rejects is still the agent's
+
+
+# ---------------------------------------------------------------------------- streaming
+
+
+def stream_chat(c: TestClient, model: str = "weather", **extra: Any) -> tuple[Any, list[Any]]:
+    """A ``"stream": true`` call: the response and its events (``[DONE]`` as the string)."""
+    r = chat(c, model=model, stream=True, **extra)
+    events: list[Any] = []
+    for block in r.text.split("\n\n"):
+        if block.startswith("data: "):
+            data = block[len("data: ") :]
+            events.append(data if data == "[DONE]" else orjson.loads(data))
+    return r, events
+
+
+def folded(events: list[Any]) -> dict[str, Any]:
+    """The message a streaming SDK builds from the events (as the OpenAI SDK accumulates)."""
+    from slm_gateway.sse import StreamAssembler
+
+    a = StreamAssembler()
+    for ev in events:
+        if ev != "[DONE]":
+            a.add(ev)
+    return a.message()
+
+
+def test_a_streamed_llm_answer_is_relayed_and_reads_as_the_unstreamed_one(
+    standin: llm_standin.StandIn,
+) -> None:
+    with client(route(standin)) as c:
+        whole = chat(c, tools=TOOLS).json()["choices"][0]["message"]
+        r, events = stream_chat(c, tools=TOOLS)
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["x-slm-backend"] == "llm"
+        assert events[-1] == "[DONE]"
+        assert all(ev["object"] == "chat.completion.chunk" for ev in events[:-1])
+        assert folded(events) == whole
+        # The gateway asked the LLM for usage (tokens and cost are counted), but an agent that
+        # did not ask for it does not get the usage chunk.
+        assert not any(ev != "[DONE]" and ev.get("choices") == [] for ev in events)
+        assert metric(c, "slm_gateway_tokens_total", kind="completion") > 0
+        assert metric(c, "slm_gateway_requests_total", backend="llm") == 2
+        assert metric(c, "slm_gateway_streams_total", backend="llm", result="complete") == 1
+        assert metric(c, "slm_gateway_stream_first_chunk_seconds_count", backend="llm") == 1
+    stats = standin.stats()
+    assert (stats["auth_expected"], stats["auth_other"]) == (2, 0)
+
+
+def test_an_agent_that_asks_for_usage_gets_the_usage_chunk(standin: llm_standin.StandIn) -> None:
+    with client(route(standin)) as c:
+        _, events = stream_chat(c, stream_options={"include_usage": True})
+    usage = [ev for ev in events if ev != "[DONE]" and ev.get("choices") == []]
+    assert len(usage) == 1 and usage[0]["usage"]["total_tokens"] > 0
+    assert folded(events)["content"] == "echo: Weather in Paris?"
+
+
+def test_a_streamed_slm_answer_and_a_streamed_fallback_read_alike(
+    standin: llm_standin.StandIn,
+) -> None:
+    with client(route(standin, mode="slm")) as c:
+        r, events = stream_chat(c, tools=TOOLS, stream_options={"include_usage": True})
+        assert r.status_code == 200 and r.headers["x-slm-backend"] == "slm"
+        assert r.headers["content-type"].startswith("text/event-stream")
+        slm_message = folded(events)
+        assert slm_message["tool_calls"][0]["function"] == {
+            "name": "get_weather",
+            "arguments": "{}",
+        }
+        assert events[-2]["usage"]["completion_tokens"] > 0 and events[-1] == "[DONE]"
+        standin.control(slm_fail=True)
+        r, events = stream_chat(c, tools=TOOLS)
+        assert r.headers["x-slm-backend"] == "llm"
+        assert r.headers["x-slm-fallback-reason"] == "slm_error"
+        llm_message = folded(events)
+        assert llm_message["tool_calls"][0]["function"] == slm_message["tool_calls"][0]["function"]
+        assert metric(c, "slm_gateway_streams_total", backend="slm", result="complete") == 1
+        assert metric(c, "slm_gateway_streams_total", backend="llm", result="complete") == 1
+
+
+def test_an_llm_stream_that_breaks_off_ends_with_an_error_event(
+    standin: llm_standin.StandIn,
+) -> None:
+    """Once the agent has its 200 and some tokens, the status cannot change: the stream ends
+    with an OpenAI-style ``error`` event (the SDKs raise it), and the failure is counted."""
+    standin.control(llm_stream_cut_after=2)
+    with client(route(standin)) as c:
+        r, events = stream_chat(c, tools=TOOLS)
+        assert r.status_code == 200
+        assert "[DONE]" not in events
+        assert events[-1]["error"]["code"] == "upstream_error"
+        assert "broke off" in events[-1]["error"]["message"]
+        assert metric(c, "slm_gateway_streams_total", result="failed") == 1
+        assert metric(c, "slm_gateway_errors_total", code="upstream_error") == 1
+        assert metric(c, "slm_gateway_requests_total") == 0  # not an answered call
+
+
+def test_an_llm_stream_past_its_deadline_ends_with_a_timeout_event(
+    standin: llm_standin.StandIn,
+) -> None:
+    standin.control(llm_stream_delay_ms=400)
+    with client(route(standin, llm_timeout_s=0.5)) as c:
+        r, events = stream_chat(c)
+        assert r.status_code == 200
+        assert events[-1]["error"]["code"] == "upstream_timeout"
+        assert metric(c, "slm_gateway_errors_total", code="upstream_timeout") == 1
+
+
+def test_an_llm_that_fails_before_streaming_gets_the_usual_json_error(
+    standin: llm_standin.StandIn,
+) -> None:
+    standin.control(llm_error_every=1, llm_error_status=503)
+    with client(route(standin)) as c:
+        r = chat(c, stream=True)
+        assert r.status_code == 502 and is_error_body(r, "upstream_error")
+        assert r.headers["content-type"] == "application/json"
+    standin.control(llm_error_every=1, llm_error_status=429)
+    with client(route(standin)) as c:
+        r = chat(c, stream=True)
+        # A 4xx is the LLM's word on the agent's request: passed on as the LLM said it.
+        assert r.status_code == 429 and r.json()["error"]["message"] == "injected failure"
+
+
+def test_shadow_mode_compares_a_streamed_llm_answer(standin: llm_standin.StandIn) -> None:
+    with client(route(standin, mode="shadow")) as c:
+        for _ in range(3):
+            r, _ = stream_chat(c, tools=TOOLS)
+            assert r.headers["x-slm-backend"] == "llm"
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if metric(c, "slm_gateway_shadow_total", result="agree") == 3:
+                break
+            time.sleep(0.02)
+        assert metric(c, "slm_gateway_shadow_total", result="agree") == 3
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"stream": "yes"}, "stream"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"stream": True, "stream_options": []}, "stream_options"),
+        ({"stream": True, "stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
+    ],
+)
+def test_malformed_stream_fields_are_400s_naming_the_field(
+    standin: llm_standin.StandIn, extra: dict[str, Any], param: str
+) -> None:
+    with client(route(standin)) as c:
+        r = chat(c, **extra)
+    assert r.status_code == 400 and is_error_body(r)
+    assert r.json()["error"]["param"] == param
+    assert standin.stats()["llm_calls"] == 0
+
+
+def test_a_bug_while_relaying_ends_the_stream_with_an_error_event(
+    standin: llm_standin.StandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the 200 went out, an unexpected exception must not try to start a second
+    response (uvicorn would drop the connection with a traceback): the stream ends with an
+    ``internal_error`` event and the gateway keeps serving."""
+    from slm_gateway import app as app_module
+
+    class Broken(app_module.StreamAssembler):
+        def add(self, chunk: Any) -> None:
+            raise RuntimeError("boom")
+
+    monkeypatch.setattr(app_module, "StreamAssembler", Broken)
+    with client(route(standin)) as c:
+        r, events = stream_chat(c)
+        assert r.status_code == 200
+        assert events[-1]["error"]["code"] == "internal_error"
+        assert metric(c, "slm_gateway_errors_total", code="internal_error") == 1
+        assert metric(c, "slm_gateway_circuit_state", backend="llm") == 0  # not the LLM's fault
+        monkeypatch.undo()
+        r, events = stream_chat(c)
+        assert events[-1] == "[DONE]"

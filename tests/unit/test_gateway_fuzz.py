@@ -169,7 +169,12 @@ bad_params = st.one_of(
         "n", non_int | st.integers(-(2**40), 0) | st.integers(min_value=129, max_value=2**40)
     ),
     with_field("max_tokens", non_int | st.integers(-(2**40), 0)),
-    with_field("stream", non_bool | st.just(True)),
+    with_field("stream", non_bool),
+    with_field("stream_options", non_dict.filter(lambda v: v is not None)),
+    st.builds(
+        lambda v: {**valid(), "stream": True, "stream_options": {"include_usage": v}},
+        non_bool.filter(lambda v: v is not None),
+    ),
     with_field(
         "stop",
         non_list.filter(lambda v: not isinstance(v, str))

@@ -1,9 +1,10 @@
 """Capture under load: every call served is written, redacted, and no credential is kept.
 
 A real gateway process (uvicorn, capture workers) in front of the real stand-in, 2000 calls
-at concurrency 32 over real HTTP, then SIGTERM: after the flush, the JSON lines on disk equal
-the calls answered 200, none was dropped, and neither the agent's Authorization header nor
-the LLM key appears in any record or in the gateway's log.
+at concurrency 32 over real HTTP, a third of them streamed (``"stream": true``), then
+SIGTERM: after the flush, the JSON lines on disk equal the calls answered 200, none was
+dropped, a streamed call's record holds the whole answer its events spelled, and neither the
+agent's Authorization header nor the LLM key appears in any record or in the gateway's log.
 """
 
 from __future__ import annotations
@@ -29,9 +30,14 @@ LLM_KEY = "sk-proj-LLMKEYmustNEVERbeWRITTEN0123456789abcd"
 AGENT_TOKEN = "agent-bearer-TOKENmustNEVERbeWRITTEN-5f4e3d2c"
 
 
+def streamed(i: int) -> bool:
+    return i % 3 == 0
+
+
 def request(i: int) -> bytes:
     return orjson.dumps(
         {
+            "stream": streamed(i),
             "model": "weather" if i % 4 else "extract",
             "messages": [
                 {"role": "system", "content": "You call tools for the user."},
@@ -57,6 +63,7 @@ def request(i: int) -> bytes:
 
 
 async def drive(url: str) -> list[int]:
+    """Statuses of every call; a streamed call counts as 200 only if its stream ended well."""
     statuses: list[int] = []
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(CALLS):
@@ -68,8 +75,9 @@ async def drive(url: str) -> list[int]:
             while not queue.empty():
                 i = queue.get_nowait()
                 async with s.post(url, data=request(i), headers=headers) as resp:
-                    await resp.read()
-                    statuses.append(resp.status)
+                    body = await resp.read()
+                    ok = not streamed(i) or body.endswith(b"data: [DONE]\n\n")
+                    statuses.append(resp.status if ok else 599)
 
         await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
     return statuses
@@ -134,6 +142,11 @@ def test_records_written_equal_calls_served_and_hold_no_secret(tmp_path: Path) -
     records = [CallRecord.from_json(line.decode()) for line in lines]
     assert {r.request_id for r in records}.__len__() == CALLS
     assert sum(r.backend == "slm" for r in records) == CALLS // 4
+    # Streamed or not, a record holds the whole answer: the call of the request's tool.
+    assert all(r.response["tool_calls"][0]["function"]["name"] == "get_forecast" for r in records)
+    # One record per call, the streamed ones included (each prompt carries its call number).
+    numbers = sorted(int(r.messages[1]["content"].split("#")[1].split()[0]) for r in records)
+    assert numbers == list(range(CALLS))
     assert all(r.redactions.get("EMAIL_ADDRESS") == 1 for r in records)
 
     text = b"\n".join(lines) + log.read_bytes()

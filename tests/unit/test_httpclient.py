@@ -456,3 +456,136 @@ def test_connections_left_idle_after_a_burst_are_closed_under_light_load() -> No
             await client.close()
 
     run(main())
+
+
+# ---------------------------------------------------------------------------- streamed answers
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def streaming(pieces: list[bytes], gate: asyncio.Event | None = None, cut: bool = False) -> Handler:
+    """A keep-alive server that answers each request with ``pieces`` as chunks; it holds the
+    last piece until ``gate`` is set, and with ``cut`` closes the connection instead of it."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, srv: Server):
+        while await srv.read_request(reader) is not None:
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for piece in pieces[:-1]:
+                writer.write(chunk(piece))
+                await writer.drain()
+            if gate is not None:
+                await gate.wait()
+            if cut:
+                writer.transport.abort()
+                return
+            writer.write(chunk(pieces[-1]) + b"0\r\n\r\n")
+            await writer.drain()
+
+    return handler
+
+
+def test_a_streamed_answer_arrives_piece_by_piece_and_its_connection_is_reused() -> None:
+    async def go() -> None:
+        gate = asyncio.Event()
+        async with Server(streaming([b"data: 1\n\n", b"data: 2\n\n"], gate)) as srv:
+            client = Client()
+            target = Target.parse(srv.url())
+            async with client.stream(target, b"{}", 5) as resp:
+                assert resp.status == 200
+                # The first piece is readable while the server still holds the second one.
+                assert await resp.next_chunk() == b"data: 1\n\n"
+                gate.set()
+                assert await resp.next_chunk() == b"data: 2\n\n"
+                assert await resp.next_chunk() is None
+                assert resp.complete
+            async with client.stream(target, b"{}", 5) as resp:
+                assert await resp.read_all() == b"data: 1\n\ndata: 2\n\n"
+            assert srv.connections == 1  # read to its end: the connection went back to the pool
+            await client.close()
+
+    run(go())
+
+
+def test_a_stream_left_before_its_end_closes_its_connection() -> None:
+    async def go() -> None:
+        gate = asyncio.Event()
+        async with Server(streaming([b"a", b"b"], gate)) as srv:
+            client = Client()
+            target = Target.parse(srv.url())
+            async with client.stream(target, b"{}", 5) as resp:
+                assert await resp.next_chunk() == b"a"
+            gate.set()
+            # The unread rest must never be taken for the next call's answer.
+            assert (await client.post(target, b"next", 5)).status == 200
+            assert srv.connections == 2
+            await client.close()
+
+    run(go())
+
+
+def test_a_stream_that_breaks_off_or_stalls_raises_from_next_chunk() -> None:
+    async def go() -> None:
+        async with Server(streaming([b"a", b"b"], cut=True)) as srv:
+            client = Client()
+            async with client.stream(Target.parse(srv.url()), b"{}", 5) as resp:
+                assert await resp.next_chunk() == b"a"
+                with pytest.raises(HTTPClientError, match="mid-answer"):
+                    await resp.next_chunk()
+            await client.close()
+        async with Server(streaming([b"a", b"b"], asyncio.Event())) as srv:
+            client = Client()
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            async with client.stream(Target.parse(srv.url()), b"{}", 0.3) as resp:
+                assert await resp.next_chunk() == b"a"
+                with pytest.raises(TimeoutError):
+                    await resp.next_chunk()
+            assert loop.time() - started < 2  # one deadline for the whole answer
+            await client.close()
+
+    run(go())
+
+
+def test_a_streamed_error_status_comes_with_its_body() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, srv: Server):
+        await srv.read_request(reader)
+        writer.write(
+            b"HTTP/1.1 100 Continue\r\n\r\n"
+            b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 7\r\n"
+            b'Content-Length: 11\r\n\r\n{"e":"429"}'
+        )
+        await writer.drain()
+
+    async def go() -> None:
+        async with Server(handler) as srv:
+            client = Client()
+            async with client.stream(Target.parse(srv.url()), b"{}", 5) as resp:
+                assert (resp.status, resp.retry_after) == (429, "7")  # the interim 100 skipped
+                assert await resp.read_all() == b'{"e":"429"}'
+            await client.close()
+
+    run(go())
+
+
+def test_a_slow_reader_stops_the_socket_being_read() -> None:
+    """Back-pressure: an agent reading slowly must not make the gateway buffer the LLM's whole
+    answer; above the high-water mark the connection is no longer read until it drains."""
+    pieces = [b"x" * 4096] * 512 + [b"end"]  # 2 MiB
+
+    async def go() -> None:
+        async with Server(streaming(pieces)) as srv:
+            client = Client()
+            async with client.stream(Target.parse(srv.url()), b"{}", 5, high_water=16384) as resp:
+                await asyncio.sleep(0.3)  # the server writes everything meanwhile
+                state = resp._state
+                assert state.paused and not resp._conn.transport.is_reading()
+                # Stopped at the mark plus what one socket read brought (at most 256 KiB),
+                # far from the 2 MiB the server sent.
+                assert state.buffered <= 16384 + 4096 + 256 * 1024
+                got = await resp.read_all()
+            assert got == b"".join(pieces)
+            await client.close()
+
+    run(go())

@@ -1,0 +1,117 @@
+"""Streamed answers over real HTTP: a gateway process (uvicorn) in front of the stand-in.
+
+What only real sockets show: events reach the agent while the LLM is still generating (not
+when it is done), and an agent that hangs up mid-stream makes the gateway drop the LLM call
+and count it, without a traceback, and the gateway goes on serving.
+"""
+
+from __future__ import annotations
+
+import http.client
+import re
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+import yaml
+
+from slm_e2e import llm_standin
+from slm_gateway.testing import GatewayProcess, start_gateway
+
+DELAY_MS = 250  # between the stand-in's events
+
+
+@pytest.fixture(scope="module")
+def standin() -> Iterator[llm_standin.StandIn]:
+    with llm_standin.start(llm_stream_delay_ms=DELAY_MS) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    standin: llm_standin.StandIn, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    d: Path = tmp_path_factory.mktemp("stream")
+    routes = d / "routes.yaml"
+    task = {"mode": "llm", "llmBaseURL": standin.llm_base_url, "llmModel": "gpt-4o"}
+    routes.write_text(yaml.safe_dump({"tasks": {"weather": task}}))
+    with start_gateway(["--routes", str(routes)], log_path=d / "gw.log") as gw:
+        yield gw
+        log = gw.log()
+    assert "Traceback" not in log and "internal error" not in log
+
+
+def request(stream: bool = True) -> bytes:
+    return orjson.dumps(
+        {
+            "model": "weather",
+            "stream": stream,
+            "messages": [{"role": "user", "content": "Tell me about the weather in Lyon"}],
+        }
+    )
+
+
+def metric(gw: GatewayProcess, name: str, **labels: str) -> float:
+    _, body = gw.get("/metrics")
+    total = 0.0
+    for line in body.decode().splitlines():
+        if line.startswith(name + "{"):
+            found = dict(re.findall(r'(\w+)="([^"]*)"', line.split(" ")[0]))
+            if all(found.get(k) == v for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_events_reach_the_agent_while_the_llm_is_still_generating(gateway: GatewayProcess) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+    conn.request("POST", "/v1/chat/completions", body=request())
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("content-type", "").startswith("text/event-stream")
+    arrivals: list[tuple[float, bytes]] = []
+    while line := resp.readline():
+        if line.startswith(b"data: "):
+            arrivals.append((time.monotonic(), line[6:].strip()))
+    conn.close()
+    assert arrivals[-1][1] == b"[DONE]"
+    text = "".join(
+        c["choices"][0]["delta"].get("content") or ""
+        for _, data in arrivals[:-1]
+        for c in [orjson.loads(data)]
+        if c["choices"]
+    )
+    assert text == "echo: Tell me about the weather in Lyon"
+    # The stand-in pauses DELAY_MS before each event after the first: had the gateway waited
+    # for the whole answer, every event would have arrived at once.
+    spread = arrivals[-1][0] - arrivals[0][0]
+    assert spread >= (len(arrivals) - 2) * DELAY_MS / 1000 * 0.8
+
+
+def test_an_agent_that_hangs_up_mid_stream_cuts_the_llm_call(gateway: GatewayProcess) -> None:
+    before = metric(gateway, "slm_gateway_streams_total", result="client_disconnected")
+    raw = request()
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+            + b"Content-Length: %d\r\n\r\n%s" % (len(raw), raw)
+        )
+        got = b""
+        while b"data: " not in got:
+            got += sock.recv(65536)
+        assert got.startswith(b"HTTP/1.1 200")
+    # The gateway notices at the LLM's next event and leaves the stream (closing the LLM's
+    # connection); nothing is captured or counted as answered.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if metric(gateway, "slm_gateway_streams_total", result="client_disconnected") > before:
+            break
+        time.sleep(0.05)
+    assert metric(gateway, "slm_gateway_streams_total", result="client_disconnected") == before + 1
+    # ... and it goes on serving.
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+    conn.request("POST", "/v1/chat/completions", body=request(stream=False))
+    resp = conn.getresponse()
+    assert resp.status == 200 and orjson.loads(resp.read())["choices"][0]["message"]["content"]
+    conn.close()
