@@ -37,6 +37,7 @@ pass-through by.
 Usage (from the repository root)::
 
     .venv/bin/python bench/gateway_bench.py [--duration 8] [--rounds 2] [--skip-litellm]
+        [--stream]
 """
 
 from __future__ import annotations
@@ -158,8 +159,9 @@ FLOOR = "bare pass-through (floor)"
 # ---- request bodies ---------------------------------------------------------------------
 
 
-def bodies_and_answers(n: int, workdir: Path) -> tuple[Path, Path, str]:
-    """N request bodies (one JSON per line) and the stand-in's answer table for them."""
+def bodies_and_answers(n: int, workdir: Path, stream: bool = False) -> tuple[Path, Path, str]:
+    """N request bodies (one JSON per line) and the stand-in's answer table for them; with
+    ``stream`` every body asks for a streamed answer."""
     source = "BFCL live_multiple"
     records: list[dict[str, Any]] = []
     try:
@@ -199,12 +201,13 @@ def bodies_and_answers(n: int, workdir: Path) -> tuple[Path, Path, str]:
     answers = workdir / "answers.jsonl"
     with bodies.open("wb") as b, answers.open("wb") as a:
         for r in records:
-            b.write(
-                orjson.dumps({"model": TASK, "messages": r["messages"], "tools": r["tools"]})
-                + b"\n"
-            )
+            body = {"model": TASK, "messages": r["messages"], "tools": r["tools"]}
+            if stream:
+                body["stream"] = True
+            b.write(orjson.dumps(body) + b"\n")
             a.write(orjson.dumps({"messages": r["messages"], "response": r["response"]}) + b"\n")
-    return bodies, answers, f"{source}, {len(records)} distinct requests"
+    kind = ", streamed (stream: true)" if stream else ""
+    return bodies, answers, f"{source}, {len(records)} distinct requests{kind}"
 
 
 # ---- load generation --------------------------------------------------------------------
@@ -727,11 +730,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--python-load", action="store_true", help="aiohttp generator, not wrk")
     ap.add_argument("--client-calls", type=int, default=1000, help="SLM client comparison")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument(
+        "--stream",
+        action="store_true",
+        help='every request asks for a streamed answer ("stream": true); the pass-throughs '
+        "forward the event stream as one body",
+    )
     args = ap.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     token = "sk-bench-" + os.urandom(12).hex()
-    bodies_path, answers, source = bodies_and_answers(args.bodies, workdir)
+    bodies_path, answers, source = bodies_and_answers(args.bodies, workdir, args.stream)
     bodies = bodies_path.read_bytes().splitlines()
     wrk = None if args.python_load else ensure_wrk()
     lua = workdir / "bodies.lua"

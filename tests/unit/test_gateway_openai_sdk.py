@@ -1,0 +1,130 @@
+"""Agents change only their base URL: the official OpenAI Python SDK against the gateway.
+
+A real gateway process in front of the stand-in, and the ``openai`` package as an agent uses
+it: plain and streamed completions, tool calls, the usage chunk, an SLM-served stream, a
+stream that breaks off, and the errors an SDK turns into its exception types. What the SDK
+parses and raises is what an agent sees; nothing here reads the gateway's bytes itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import yaml
+
+from slm_e2e import llm_standin
+from slm_gateway.testing import GatewayProcess, start_gateway
+
+TOOLS: list[Any] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
+ASK = [{"role": "user", "content": "What is the weather in Lyon?"}]
+
+
+@pytest.fixture(scope="module")
+def standin() -> Iterator[llm_standin.StandIn]:
+    with llm_standin.start() as s:
+        yield s
+
+
+@pytest.fixture(autouse=True)
+def reset(standin: llm_standin.StandIn) -> None:
+    standin.control(**llm_standin.SETTINGS, reset_stats=True)
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    standin: llm_standin.StandIn, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    d: Path = tmp_path_factory.mktemp("sdk")
+    llm = {"llmBaseURL": standin.llm_base_url, "llmModel": "gpt-4o"}
+    tasks = {
+        "weather": {"mode": "llm", **llm},
+        "extract": {"mode": "slm", "slmEndpoint": standin.slm_endpoint, **llm},
+    }
+    routes = d / "routes.yaml"
+    routes.write_text(yaml.safe_dump({"tasks": tasks}))
+    with start_gateway(["--routes", str(routes)], log_path=d / "gw.log") as gw:
+        yield gw
+
+
+@pytest.fixture
+def sdk(gateway: GatewayProcess) -> Any:
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key="agent-key", max_retries=0)
+
+
+def streamed_message(stream: Any) -> tuple[str, list[tuple[str, str]], Any]:
+    """(content, [(tool name, arguments)], usage) accumulated from the SDK's chunks."""
+    content = ""
+    calls: dict[int, list[str]] = {}
+    usage = None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            for call in choice.delta.tool_calls or []:
+                slot = calls.setdefault(call.index, ["", ""])
+                slot[0] += (call.function and call.function.name) or ""
+                slot[1] += (call.function and call.function.arguments) or ""
+    return content, [(n, a) for _, (n, a) in sorted(calls.items())], usage
+
+
+@pytest.mark.parametrize("task", ["weather", "extract"])  # LLM-relayed, SLM-written
+def test_the_sdk_reads_plain_and_streamed_tool_calls_alike(sdk: Any, task: str) -> None:
+    plain = sdk.chat.completions.create(model=task, messages=ASK, tools=TOOLS)
+    call = plain.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    stream = sdk.chat.completions.create(
+        model=task, messages=ASK, tools=TOOLS, stream=True, stream_options={"include_usage": True}
+    )
+    content, calls, usage = streamed_message(stream)
+    assert calls == [(call.function.name, call.function.arguments)]
+    assert content == ""
+    assert usage is not None and usage.completion_tokens > 0
+
+
+def test_the_sdks_stream_helper_builds_the_final_completion(sdk: Any) -> None:
+    with sdk.chat.completions.stream(model="weather", messages=ASK) as stream:
+        final = stream.get_final_completion()
+    assert final.choices[0].message.content == "echo: What is the weather in Lyon?"
+    assert final.choices[0].finish_reason == "stop"
+
+
+def test_a_stream_that_breaks_off_raises_in_the_agent(
+    sdk: Any, standin: llm_standin.StandIn
+) -> None:
+    standin.control(llm_stream_cut_after=2)
+    stream = sdk.chat.completions.create(model="weather", messages=ASK, stream=True)
+    with pytest.raises(openai.APIError, match="broke off"):
+        for _ in stream:
+            pass
+
+
+def test_gateway_errors_are_the_sdks_exception_types(
+    sdk: Any, standin: llm_standin.StandIn
+) -> None:
+    with pytest.raises(openai.NotFoundError, match="no AgentTask of that name"):
+        sdk.chat.completions.create(model="nope", messages=ASK)
+    with pytest.raises(openai.BadRequestError, match="stream_options"):
+        sdk.chat.completions.create(
+            model="weather", messages=ASK, stream_options={"include_usage": True}
+        )
+    standin.control(llm_error_every=1, llm_error_status=500)
+    with pytest.raises(openai.InternalServerError):
+        sdk.chat.completions.create(model="weather", messages=ASK, stream=True)
