@@ -516,9 +516,7 @@ class Gateway:
             try:
                 chunk = await upstream.next_chunk()
             except UpstreamError as err:
-                timeout = err.kind == TIMEOUT
-                code = e.CODE_UPSTREAM_TIMEOUT if timeout else e.CODE_UPSTREAM
-                return err.kind, code, f"The LLM's stream broke off ({err.detail})."
+                return err.kind, _error_code(err), f"The LLM's stream broke off ({err.detail})."
             if chunk is None:
                 if splitter.pending.strip():
                     return BAD_OUTPUT, e.CODE_UPSTREAM, "The LLM's stream ended mid-event."
@@ -573,11 +571,10 @@ class Gateway:
 
     def _llm_unreachable(self, call: _LLMCall, err: UpstreamError, spent: float) -> GatewayError:
         """The 502 or 504 for an LLM that did not answer (counted here)."""
-        timeout = err.kind == TIMEOUT
-        code = e.CODE_UPSTREAM_TIMEOUT if timeout else e.CODE_UPSTREAM
+        code = _error_code(err)
         self._llm_broken(call, err.kind, code, spent)
         return GatewayError(
-            504 if timeout else 502,
+            504 if err.kind == TIMEOUT else 502,
             f"The LLM backend did not answer ({err.detail}).",
             type=e.SERVER_ERROR,
             code=code,
@@ -887,6 +884,11 @@ class Gateway:
     async def drain_shadows(self, timeout: float) -> None:
         if self._shadows:
             await asyncio.wait(list(self._shadows), timeout=timeout)
+
+
+def _error_code(err: UpstreamError) -> str:
+    """The agent-facing code of an LLM that failed: a timeout, or any other failure."""
+    return e.CODE_UPSTREAM_TIMEOUT if err.kind == TIMEOUT else e.CODE_UPSTREAM
 
 
 def _split_key(key: str) -> tuple[str, str]:

@@ -370,7 +370,10 @@ class StreamedResponse:
         return s.done and s.error is None and not s.chunks
 
     async def next_chunk(self) -> bytes | None:
-        """The next piece of the body as it arrived, or None at its end.
+        """The body received since the last call (waiting for some if none), or None at its end.
+
+        Everything buffered comes at once: a streaming LLM sends many small chunks, and the
+        gateway pays per hand-over (a wake-up, a parse, a write to the agent), not per byte.
 
         Raises :class:`TimeoutError` at the call's deadline and :class:`HTTPClientError` when
         the connection fails or the answer breaks off.
@@ -389,9 +392,11 @@ class StreamedResponse:
             finally:
                 timer.cancel()
                 s.wakeup = None
-        data = s.chunks.popleft()
-        s.buffered -= len(data)
-        if s.paused and s.buffered <= s.high_water // 4:
+        chunks = s.chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        s.buffered = 0
+        if s.paused:
             s.paused = False
             transport = self._conn.transport
             if transport is not None and not self._conn.closed:
