@@ -18,7 +18,7 @@ pure decision code and the metrics see one vocabulary whatever the library raise
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,18 +113,23 @@ class LLMStream:
         self.retry_after = resp.retry_after
 
     async def next_chunk(self) -> bytes | None:
-        try:
+        with _stream_errors(self._timeout):
             return await self._resp.next_chunk()
-        except TimeoutError:
-            raise UpstreamError(TIMEOUT, f"not complete within {self._timeout:g}s") from None
-        except HTTPClientError as exc:
-            raise UpstreamError(CONNECT, str(exc)) from None
 
     async def read_all(self) -> bytes:
-        parts = []
-        while (chunk := await self.next_chunk()) is not None:
-            parts.append(chunk)
-        return b"".join(parts)
+        with _stream_errors(self._timeout):
+            return await self._resp.read_all()
+
+
+@contextlib.contextmanager
+def _stream_errors(timeout_s: float) -> Iterator[None]:
+    """The client's errors while a streamed body is read, as :class:`UpstreamError`."""
+    try:
+        yield
+    except TimeoutError:
+        raise UpstreamError(TIMEOUT, f"not complete within {timeout_s:g}s") from None
+    except HTTPClientError as exc:
+        raise UpstreamError(CONNECT, str(exc)) from None
 
 
 class Upstreams:

@@ -597,7 +597,11 @@ def test_an_llm_that_fails_before_streaming_gets_the_usual_json_error(
         r = chat(c, stream=True)
         assert r.status_code == 502 and is_error_body(r, "upstream_error")
         assert r.headers["content-type"] == "application/json"
-    standin.control(llm_error_every=1, llm_error_status=429)
+    standin.control(llm_error_every=0, llm_latency_ms=2000)
+    with client(route(standin, llm_timeout_s=0.3)) as c:
+        r = chat(c, stream=True)  # no status line within the deadline
+        assert r.status_code == 504 and is_error_body(r, "upstream_timeout")
+    standin.control(llm_error_every=1, llm_error_status=429, llm_latency_ms=0)
     with client(route(standin)) as c:
         r = chat(c, stream=True)
         # A 4xx is the LLM's word on the agent's request: passed on as the LLM said it.
