@@ -31,9 +31,9 @@ What it does:
   costs money and may not be idempotent.
 
 - **Streamed answers** (:meth:`Client.stream`, for ``"stream": true`` chat calls): the call
-  returns once the status line and headers are in, and the body is read chunk by chunk as
-  the server sends it, under the same single deadline. When the reader falls behind, the
-  socket stops being read (``pause_reading``) above ``stream_high_water`` buffered bytes, so
+  returns once the status line and headers are in, and the body is handed over as it
+  arrives, under the same single deadline. When the reader falls behind, the socket stops
+  being read (``pause_reading``) above ``high_water`` buffered bytes (256 KiB), so
   a slow agent slows the LLM's connection instead of filling the gateway's memory. The
   connection goes back to the pool only if the answer was read to its end.
 
@@ -333,6 +333,11 @@ class _StreamState:
             self.error = exc
         self._wake()
 
+    @property
+    def read_to_end(self) -> bool:
+        """The whole body arrived without error and was handed out."""
+        return self.done and self.error is None and not self.chunks
+
     def _wake(self) -> None:
         w = self.wakeup
         if w is not None and not w.done():
@@ -366,8 +371,7 @@ class StreamedResponse:
     @property
     def complete(self) -> bool:
         """The whole body arrived and was handed out."""
-        s = self._state
-        return s.done and s.error is None and not s.chunks
+        return self._state.read_to_end
 
     async def next_chunk(self) -> bytes | None:
         """The body received since the last call (waiting for some if none), or None at its end.
@@ -497,7 +501,7 @@ class Client:
                 state = conn.stream
                 conn.stream = None
                 conn.waiter = None
-                if state is not None and state.done and state.error is None and not state.chunks:
+                if state is not None and state.read_to_end:
                     self._pool(conn, origin, loop)
                 else:
                     conn.close()
