@@ -104,30 +104,30 @@ class LLMStream:
     vocabulary whenever the LLM fails.
     """
 
-    __slots__ = ("_resp", "_timeout", "retry_after", "status")
+    __slots__ = ("_late", "_resp", "retry_after", "status")
 
     def __init__(self, resp: StreamedResponse, timeout_s: float) -> None:
         self._resp = resp
-        self._timeout = timeout_s
+        self._late = f"not complete within {timeout_s:g}s"
         self.status = resp.status
         self.retry_after = resp.retry_after
 
     async def next_chunk(self) -> bytes | None:
-        with _stream_errors(self._timeout):
+        with _upstream_errors(self._late):
             return await self._resp.next_chunk()
 
     async def read_all(self) -> bytes:
-        with _stream_errors(self._timeout):
+        with _upstream_errors(self._late):
             return await self._resp.read_all()
 
 
 @contextlib.contextmanager
-def _stream_errors(timeout_s: float) -> Iterator[None]:
-    """The client's errors while a streamed body is read, as :class:`UpstreamError`."""
+def _upstream_errors(timeout_detail: str) -> Iterator[None]:
+    """The client's errors on the streamed path, as :class:`UpstreamError`."""
     try:
         yield
     except TimeoutError:
-        raise UpstreamError(TIMEOUT, f"not complete within {timeout_s:g}s") from None
+        raise UpstreamError(TIMEOUT, timeout_detail) from None
     except HTTPClientError as exc:
         raise UpstreamError(CONNECT, str(exc)) from None
 
@@ -155,19 +155,15 @@ class Upstreams:
         Leaving the context before the body's end closes the connection, which is how an LLM
         call is cut off when its agent goes away.
         """
-        entered = False
-        try:
-            async with self.client.stream(route.llm_target, body, route.llm_timeout_s) as resp:
-                entered = True
-                yield LLMStream(resp, route.llm_timeout_s)
-        except TimeoutError:
-            if entered:
-                raise
-            raise UpstreamError(TIMEOUT, f"no answer within {route.llm_timeout_s:g}s") from None
-        except HTTPClientError as exc:
-            if entered:
-                raise
-            raise UpstreamError(CONNECT, str(exc)) from None
+        timeout = route.llm_timeout_s
+        async with contextlib.AsyncExitStack() as stack:
+            # Only entering (up to the status line) is converted here; what the caller raises
+            # inside the context passes through as it is.
+            with _upstream_errors(f"no answer within {timeout:g}s"):
+                resp = await stack.enter_async_context(
+                    self.client.stream(route.llm_target, body, timeout)
+                )
+            yield LLMStream(resp, timeout)
 
     async def slm(self, route: Route, body: bytes) -> tuple[Any, Any]:
         """Run the SLM's Triton model on an infer body (see :func:`infer_body`)."""
