@@ -488,9 +488,12 @@ class CaptureSink:
     """The request path's handle on capture: :meth:`submit` from the loop, :meth:`close` once.
 
     The queue is a ``collections.deque``, whose ``append`` is atomic and never wakes another
-    thread; the pump thread polls it every ``linger_s`` and ships everything waiting as one
-    batch. A thread woken per record (``queue.Queue``) cost more CPU than the rest of the
-    request path in profiles: each wake is a futex round trip and a GIL hand-over.
+    thread. The pump thread sleeps until a record arrives in an empty queue (the only append
+    that wakes it), lets records gather for ``linger_s``, ships everything waiting as one
+    batch, and sleeps again once the queue is empty. A thread woken per record
+    (``queue.Queue``) cost more CPU than the rest of the request path in profiles: each wake
+    is a futex round trip and a GIL hand-over. Polling every ``linger_s`` instead woke it 500
+    times a second with nothing to do: an idle gateway spent 5 % of a core on it.
 
     ``on_written``, ``on_dropped`` and ``on_redacted`` (per task key) and ``on_redactions``
     (entities per kind) feed metrics; they run on helper threads.
@@ -516,6 +519,8 @@ class CaptureSink:
         self._workers: list[_Worker] = []
         self._pump_thread: threading.Thread | None = None
         self._stop = threading.Event()
+        #: Set by the append that finds the queue empty, cleared by the pump before it looks.
+        self._work = threading.Event()
         self._ctx = mp.get_context("spawn")
         self._started = False
         self._closing = False
@@ -567,8 +572,11 @@ class CaptureSink:
         Called from one thread (the event loop): it only appends, it never blocks.
         """
         self.stats.submitted += 1
-        if not self._closing and len(self._queue) < self.cfg.queue_size:
-            self._queue.append(item)
+        q = self._queue
+        if not self._closing and len(q) < self.cfg.queue_size:
+            q.append(item)
+            if len(q) == 1:
+                self._work.set()  # the pump may be asleep on an empty queue
             return True
         self._count_dropped({item.key: 1})
         return False
@@ -585,6 +593,7 @@ class CaptureSink:
             self._closing = True
         deadline = time.monotonic() + timeout
         self._stop.set()
+        self._work.set()
         if self._pump_thread is not None:
             self._pump_thread.join(max(0.0, deadline - time.monotonic()))
         workers = list(self._workers)
@@ -620,11 +629,18 @@ class CaptureSink:
 
     # -- helper threads --
     def _pump(self) -> None:
-        """Every ``linger_s``, ship what is queued in batches; after stop, ship the rest."""
+        """Ship what is queued in batches, ``linger_s`` after the first record of a burst;
+        asleep while the queue is empty; after stop, ship the rest."""
         batch_size = self.cfg.batch_size
         q = self._queue
+        work = self._work
         rr = 0
         while True:
+            # Clear first, then look: an append after the look finds the queue empty and
+            # sets the event again, so no record waits for the next one to be shipped.
+            work.clear()
+            if not q and not self._stop.is_set():
+                work.wait()
             stopping = self._stop.wait(self.cfg.linger_s)
             while q:
                 batch: list[Captured] = []

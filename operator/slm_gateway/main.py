@@ -3,8 +3,10 @@
 Why the socket is bound here rather than by uvicorn: ``--port 0`` lets tests and benchmarks
 run many gateways side by side, and the bound port is written to ``--port-file`` before the
 server starts, so a caller never guesses a free port and races another process for it.
-uvicorn runs with uvloop and httptools, without its access log (one log line per call costs
-more than the rest of the request path, and would be a place for request data to leak).
+uvicorn runs with uvloop and httptools (its protocol wrapped so that each answer is one
+write, see :mod:`slm_gateway.wire`), without websockets, and without its access log (one log
+line per call costs more than the rest of the request path, and would be a place for request
+data to leak).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def serve(cfg: GatewayConfig) -> None:
     import uvicorn
 
     from slm_gateway.app import create_app
+    from slm_gateway.wire import OneWriteHttpToolsProtocol
 
     logging.basicConfig(
         level=cfg.log_level.upper(),
@@ -52,7 +55,8 @@ def serve(cfg: GatewayConfig) -> None:
     config = uvicorn.Config(
         app,
         loop="uvloop",
-        http="httptools",
+        http=OneWriteHttpToolsProtocol,
+        ws="none",
         lifespan="on",
         access_log=False,
         log_level=cfg.log_level.lower(),
