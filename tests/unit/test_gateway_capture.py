@@ -284,6 +284,8 @@ def test_an_idle_pump_sleeps_and_a_lone_record_is_still_written_at_once(tmp_path
     try:
         pump = sink._pump_thread
         assert pump is not None and pump.native_id is not None
+        # The worker is batch work for the scheduler: a batch arriving never preempts the loop.
+        assert os.sched_getscheduler(sink._workers[0].proc.pid) == os.SCHED_BATCH
         time.sleep(0.2)
         before = _thread_cpu_s(pump.native_id)
         time.sleep(1.0)
