@@ -26,7 +26,9 @@ Faults, by flag, by ``SLM_STANDIN_*`` environment variable, or live through
 ``slm_fail`` (every infer call fails with ``slm_error_status``), ``slm_confidence``,
 ``slm_defer``, ``slm_different`` (answers that disagree with the LLM's), and for streamed
 answers ``llm_stream_delay_ms`` (a pause before each event after the first) and
-``llm_stream_cut_after`` (the connection is cut after that many events, 0: never). ``GET /_stats``
+``llm_stream_cut_after`` (the connection is cut after that many events, 0: never), and
+``llm_rejects_stream_options`` (a 400 for any request with ``stream_options``, as servers that
+predate the field answer; counted as ``llm_rejected_stream_options``). ``GET /_stats``
 returns call counts, how many infer calls carried any Authorization header
 (``slm_auth_seen``, which must stay 0 behind the gateway) and, with ``--expect-key``, how many
 chat calls carried exactly that bearer key.
@@ -68,6 +70,7 @@ SETTINGS: dict[str, Any] = {
     "slm_different": False,
     "llm_stream_delay_ms": 0.0,
     "llm_stream_cut_after": 0,
+    "llm_rejects_stream_options": False,
     "model": "standin-llm",
 }
 
@@ -104,6 +107,7 @@ class StandInApp:
         self.stats: dict[str, int] = {
             "llm_calls": 0,
             "llm_errors": 0,
+            "llm_rejected_stream_options": 0,
             "slm_calls": 0,
             "slm_errors": 0,
             "auth_expected": 0,
@@ -212,6 +216,18 @@ class StandInApp:
             messages, tools = req["messages"], req.get("tools")
         except (orjson.JSONDecodeError, KeyError, TypeError):
             return 400, b'{"error":{"message":"bad request","type":"invalid_request_error"}}'
+        if s["llm_rejects_stream_options"] and "stream_options" in req:
+            self.stats["llm_rejected_stream_options"] += 1
+            return 400, orjson.dumps(
+                {
+                    "error": {
+                        "message": "Unrecognized request argument supplied: stream_options",
+                        "type": "invalid_request_error",
+                        "param": "stream_options",
+                        "code": None,
+                    }
+                }
+            )
         message = self.answer(messages, tools)
         prompt = max(1, len(body) // 4)
         completion = max(1, len(orjson.dumps(message)) // 4)

@@ -196,6 +196,9 @@ class Gateway:
         self._shadows: set[asyncio.Task[None]] = set()
         self._models_cache: tuple[int, bytes] = (-1, b"")
         self._auth_logged: dict[str, float] = {}
+        #: LLM base URLs that refused ``stream_options`` (servers that predate the field):
+        #: their streams are asked for without it, and their tokens are estimated.
+        self._no_stream_options: set[str] = set()
         # Request ids: a random per-process prefix and a counter. uuid4() reads the kernel's
         # random source on every call, which showed up in profiles of the hot path.
         self._id_prefix = uuid.uuid4().hex[:12]
@@ -408,38 +411,54 @@ class Gateway:
         Until the LLM's status is in, this fails like :meth:`_llm` (an error status, a 503 with
         the circuit open). Once the agent got its 200 and the first bytes, a failure can only
         be told inside the stream: an ``error`` event (what OpenAI sends in that case), then the
-        end of the stream. The LLM is always asked for its usage chunk, so the tokens and cost
-        of streamed calls are counted like the others; an agent that did not ask for usage
-        does not get that chunk.
+        end of the stream. The LLM is asked for its usage chunk, so the tokens and cost of
+        streamed calls are counted like the others; an agent that did not ask for usage does
+        not get that chunk. An LLM server that refuses ``stream_options`` (one that predates
+        it) is asked again without it, and from then on never with it unless the agent sent
+        it: its streamed calls are served, with estimated tokens.
         """
         route, req = call.route, call.req
         assert self.upstreams is not None
         self._llm_allowed(call)
         body = req.body
         body["model"] = route.llm_model
-        options = body.get("stream_options")
-        body["stream_options"] = {**(options or {}), "include_usage": True}
-        payload = orjson.dumps(body)
+        asked = body.get("stream_options")
+        bare = asked is None and route.llm_url in self._no_stream_options
+        if not bare:
+            body["stream_options"] = {**(asked or {}), "include_usage": True}
         t = time.perf_counter()
-        try:
-            async with self.upstreams.llm_stream(route, payload) as upstream:
-                if not 200 <= upstream.status < 300:
+        while True:
+            try:
+                async with self.upstreams.llm_stream(route, orjson.dumps(body)) as upstream:
+                    if 200 <= upstream.status < 300:
+                        await self._relay(call, upstream, t, send, receive)
+                        return None
                     try:
                         text = await upstream.read_all()
                     except UpstreamError as err:
                         raise self._llm_unreachable(call, err, time.perf_counter() - t) from None
-                    return self._llm_failure(
-                        route,
-                        upstream.status,
-                        text,
-                        upstream.retry_after,
-                        time.perf_counter() - t,
-                        call.llm_b,
-                    )
-                await self._relay(call, upstream, t, send, receive)
-                return None
-        except UpstreamError as err:  # before the status came: nothing was sent yet
-            raise self._llm_unreachable(call, err, time.perf_counter() - t) from None
+            except UpstreamError as err:  # before the status came: nothing was sent yet
+                raise self._llm_unreachable(call, err, time.perf_counter() - t) from None
+            if asked is None and not bare and _refuses_stream_options(upstream.status, text):
+                # The gateway added the field, not the agent: ask again without it.
+                bare = True
+                del body["stream_options"]
+                self._no_stream_options.add(route.llm_url)
+                log.warning(
+                    "LLM backend %s refused stream_options (HTTP %d); its streamed answers "
+                    "are asked for without usage from now on, and their tokens estimated",
+                    route.llm_url,
+                    upstream.status,
+                )
+                continue
+            return self._llm_failure(
+                route,
+                upstream.status,
+                text,
+                upstream.retry_after,
+                time.perf_counter() - t,
+                call.llm_b,
+            )
 
     async def _relay(
         self, call: _LLMCall, upstream: LLMStream, t: float, send: Send, receive: Receive
@@ -884,6 +903,12 @@ class Gateway:
     async def drain_shadows(self, timeout: float) -> None:
         if self._shadows:
             await asyncio.wait(list(self._shadows), timeout=timeout)
+
+
+def _refuses_stream_options(status: int, body: bytes) -> bool:
+    """Whether an LLM's error answer says it does not take ``stream_options`` (servers that
+    predate the field reject unknown arguments with a 400 or 422 that names it)."""
+    return status in (400, 422) and b"stream_options" in body
 
 
 def _error_code(err: UpstreamError) -> str:

@@ -530,6 +530,29 @@ def test_a_streamed_llm_answer_is_relayed_and_reads_as_the_unstreamed_one(
     assert (stats["auth_expected"], stats["auth_other"]) == (2, 0)
 
 
+def test_an_llm_server_that_refuses_stream_options_still_streams(
+    standin: llm_standin.StandIn,
+) -> None:
+    """The gateway adds ``stream_options`` to count tokens; a server that predates the field
+    answers 400. The agent never asked for it, so its call must not fail: the gateway asks
+    again without it, and after that goes straight there. An agent that sent the field
+    itself gets the server's answer to its own request."""
+    standin.control(llm_rejects_stream_options=True)
+    with client(route(standin)) as c:
+        for _ in range(2):
+            r, events = stream_chat(c, tools=TOOLS)
+            assert r.status_code == 200 and events[-1] == "[DONE]"
+            assert folded(events)["tool_calls"][0]["function"]["name"] == "get_weather"
+        assert standin.stats()["llm_rejected_stream_options"] == 1  # asked once, then not
+        # Without usage from the LLM the tokens are estimated, so cost is still counted.
+        assert metric(c, "slm_gateway_tokens_total", kind="completion") > 0
+        assert metric(c, "slm_gateway_streams_total", backend="llm", result="complete") == 2
+        r = chat(c, stream=True, stream_options={"include_usage": True})
+        assert r.status_code == 400 and is_error_body(r)
+        assert "stream_options" in r.json()["error"]["message"]
+    assert standin.stats()["llm_rejected_stream_options"] == 2
+
+
 def test_an_agent_that_asks_for_usage_gets_the_usage_chunk(standin: llm_standin.StandIn) -> None:
     with client(route(standin)) as c:
         _, events = stream_chat(c, stream_options={"include_usage": True})
