@@ -110,8 +110,15 @@ def pod_waiting(pod: Mapping[str, Any]) -> str:
         *(status.get("initContainerStatuses") or []),
         *(status.get("containerStatuses") or []),
     ]:
-        waiting = (cs.get("state") or {}).get("waiting") or {}
+        state = cs.get("state") or {}
+        waiting = state.get("waiting") or {}
         reason = waiting.get("reason")
+        last = (cs.get("lastState") or {}).get("terminated") or {}
+        if reason is None and _between_crashes(cs, state, last):
+            # Started again after a crash and not ready yet: still the crash loop. Reported
+            # in the same words as during the back-off, or the reason would leave the task's
+            # Serving condition at every restart and come back at the next back-off.
+            reason = "CrashLoopBackOff"
         if reason not in STUCK_WAITING_REASONS:
             continue
         if reason in ("ErrImagePull", "ImagePullBackOff"):
@@ -119,13 +126,23 @@ def pod_waiting(pod: Mapping[str, Any]) -> str:
             # or the condition (and the task's status) would be rewritten every back-off.
             return _short(f"pod {name} cannot pull image {cs.get('image', '?')}", 300)
         detail = f": {waiting['message']}" if waiting.get("message") else ""
-        last = (cs.get("lastState") or {}).get("terminated") or {}
         if last and reason == "CrashLoopBackOff":
             # How the container last ended says more than the back-off (whose duration ticks).
             # Other reasons keep their own words: lastState outlives any restart.
             detail = f" (last exit code {last.get('exitCode')}, {last.get('reason', '?')})"
         return _short(f"pod {name}: {reason}{detail}", 300)
     return ""
+
+
+def _between_crashes(
+    cs: Mapping[str, Any], state: Mapping[str, Any], last: Mapping[str, Any]
+) -> bool:
+    """A container restarted after a failed run, running (or starting) and not ready."""
+    if cs.get("ready") or not cs.get("restartCount"):
+        return False
+    if not ("running" in state or not state):
+        return False
+    return bool(last) and last.get("exitCode") not in (None, 0)
 
 
 # The refused pod's generated name ("j-6rzwv"), new on every retry of the Job controller.

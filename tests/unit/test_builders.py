@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 from test_plan import make_task
 
@@ -407,6 +409,21 @@ def test_a_stuck_triton_pod_is_named_with_its_reason() -> None:
     assert serving_waiting([trainer, crashing]) == (
         "pod d-x: CrashLoopBackOff (last exit code 1, Error)"
     )
+    # Between two back-offs the kubelet starts the container again: running, not ready. The
+    # reason must not leave Serving then (and come back at the next back-off), which would
+    # rewrite the task's status at every restart.
+    restarted = copy.deepcopy(crashing)
+    restarted["status"]["containerStatuses"][0].update(
+        state={"running": {"startedAt": "2026-12-02T02:00:00Z"}}, ready=False, restartCount=4
+    )
+    assert serving_waiting([restarted]) == serving_waiting([crashing])
+    # Ready again, or restarted after a clean exit (exit code 0): no crash loop to report.
+    healed = copy.deepcopy(restarted)
+    healed["status"]["containerStatuses"][0]["ready"] = True
+    assert serving_waiting([healed]) == ""
+    clean = copy.deepcopy(restarted)
+    clean["status"]["containerStatuses"][0]["lastState"]["terminated"]["exitCode"] = 0
+    assert serving_waiting([clean]) == ""
 
 
 def test_failed_creates_keeps_the_newest_reason_per_job() -> None:
