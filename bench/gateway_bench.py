@@ -222,6 +222,8 @@ class Load:
     errors: int
     note: str = ""
     cpu_us: float = float("nan")  # the target's CPU time per request, children included
+    #: The same split by part of the target (see :func:`cpu_parts_s`), us per request.
+    cpu_parts_us: dict[str, float] = field(default_factory=dict)
 
 
 def tree_cpu_s(pid: int | None) -> float:
@@ -243,6 +245,40 @@ def tree_cpu_s(pid: int | None) -> float:
             except (OSError, ValueError):
                 continue
     return total
+
+
+#: How :func:`cpu_parts_s` names the parts of a target's CPU time.
+PART_LOOP, PART_THREADS, PART_CHILDREN = "event loop", "other threads", "child processes"
+
+
+def cpu_parts_s(pid: int | None) -> dict[str, float]:
+    """:func:`tree_cpu_s` split into the process's main thread (the gateway's event loop), its
+    other threads (capture's pump and acknowledgement threads, the thread pool) and its
+    descendants (the capture workers), so that what capture costs, and where, is measured
+    rather than inferred from the difference with a gateway without it."""
+    parts = dict.fromkeys((PART_LOOP, PART_THREADS, PART_CHILDREN), 0.0)
+    if pid is None or not Path(f"/proc/{pid}/task").is_dir():
+        return {}
+    stack = [(pid, True)]
+    while stack:
+        proc, top = stack.pop()
+        try:
+            tasks = list(Path(f"/proc/{proc}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                spent = int((task / "schedstat").read_text().split()[0]) / 1e9
+                stack.extend((int(c), False) for c in (task / "children").read_text().split())
+            except (OSError, ValueError):
+                continue
+            if not top:
+                parts[PART_CHILDREN] += spent
+            elif task.name == str(proc):
+                parts[PART_LOOP] += spent
+            else:
+                parts[PART_THREADS] += spent
+    return parts
 
 
 def ensure_wrk() -> str | None:
@@ -708,6 +744,10 @@ def median_load(loads: list[Load]) -> Load:
         sum(x.errors for x in loads),
         loads[0].note,
         statistics.median(x.cpu_us for x in loads),
+        {
+            k: statistics.median(x.cpu_parts_us.get(k, 0.0) for x in loads)
+            for k in loads[0].cpu_parts_us
+        },
     )
 
 
@@ -830,6 +870,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def load(t: Target, c: int, duration: float) -> Load:
             cpu = tree_cpu_s(t.pid)
+            parts = cpu_parts_s(t.pid)
             if wrk:
                 result = run_wrk(wrk, t.url, lua, wrk_env, c, duration)
             else:
@@ -837,6 +878,10 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.2)  # the capture worker finishes the run's last batch
             if result.requests:
                 result.cpu_us = (tree_cpu_s(t.pid) - cpu) / result.requests * 1e6
+                result.cpu_parts_us = {
+                    k: (v - parts.get(k, 0.0)) / result.requests * 1e6
+                    for k, v in cpu_parts_s(t.pid).items()
+                }
             return result
 
         for t in targets:  # warm-up: connections, caches, the redactor's first pass
@@ -971,6 +1016,15 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
         "CPU us/req: CPU time of the target's processes (capture worker included) per request "
         "at c=64, median of the runs; x floor: over the bare pass-through's"
     )
+    for name, by_c in t.items():
+        parts = Load(**by_c["64"]).cpu_parts_us
+        if not name.strip().startswith(("slm-gateway", "same, capture")) or not parts:
+            continue
+        print(
+            f"  {name.strip()}: "
+            + ", ".join(f"{part} {us:.0f}" for part, us in parts.items())
+            + " us/req at c=64"
+        )
     gw1 = Load(**t["slm-gateway (llm mode)"]["1"])
     gw64 = Load(**t["slm-gateway (llm mode)"]["64"])
     print()
