@@ -12,6 +12,11 @@ if no body write follows at once (a streamed answer whose first event is still o
 a ``100 Continue``), so nothing waits on it. Anything else the protocol does with its
 transport (close, pause and resume reading, extra info) passes straight through, with a
 held head written first.
+
+This leans on one uvicorn internal: a request's response cycle writes through the protocol's
+``transport`` attribute. ``tests/unit/test_gateway_wire.py`` drives uvicorn's real protocol
+and counts the writes per answer, so an upgrade that changes this fails there, not in
+production.
 """
 
 from __future__ import annotations

@@ -276,9 +276,9 @@ def _thread_cpu_s(native_id: int) -> float:
 
 
 def test_an_idle_pump_sleeps_and_a_lone_record_is_still_written_at_once(tmp_path: Path) -> None:
-    """The pump thread wakes for work, not on a timer: an idle gateway spent 5 % of a core
-    polling an empty queue. Waking only on the append that finds the queue empty must not
-    leave a lone record waiting for the next call to ship it."""
+    """The pump thread wakes for work, not on a timer: polling an empty queue cost an idle
+    gateway 1.9 % of a core (0.4 % without capture). Waking only on the append that finds the
+    queue empty must not leave a lone record waiting for the next call to ship it."""
     sink = CaptureSink(CaptureConfig(target=str(tmp_path / "calls")))
     sink.start()
     try:
