@@ -442,3 +442,23 @@ def test_gating_keeps_the_shortest_phone_numbers_and_ibans_with_few_digits(
     whose only digits are its check digits are found without gating, so with it too."""
     assert ungated.find(text)
     assert redactor.find(text) == ungated.find(text)
+
+
+def test_a_long_running_redactor_does_not_keep_every_token_it_has_seen() -> None:
+    """spaCy's vocabulary keeps every distinct token; a capture worker sees new text on nearly
+    every call, so without a bound its memory grew for as long as it ran. Past the bound a
+    fresh pipeline takes over, and what is found is the same before and after the swap."""
+    r = Redactor()
+    engine = r._analyzer.nlp_engine
+    engine.max_lexemes = 1_500  # instance override; the class default is 100,000
+    first = engine.nlp["en"]
+    sizes = []
+    for i in range(400):
+        text = f"Ticket {100000 + i} from user{i}@example.com about order Q{i * 7919}X{i}"
+        spans = r.find(text)
+        assert [s.kind for s in spans] == ["EMAIL_ADDRESS"], (text, spans)
+        assert spans[0].value == f"user{i}@example.com"
+        sizes.append(len(engine.nlp["en"].vocab))
+    assert engine.nlp["en"] is not first  # swapped at least once
+    assert max(sizes) <= 1_500 + 50  # one text's worth of new tokens over the bound at most
+    assert sizes[-1] < max(sizes)

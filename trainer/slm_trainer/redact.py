@@ -252,11 +252,25 @@ class BlankSpacyNlpEngine(SpacyNlpEngine):
     Presidio's context words ("phone", "card", "iban") still raise scores next to a match.
     """
 
+    #: Lexemes the tokenizer's vocabulary may hold before a fresh pipeline replaces it.
+    #: spaCy keeps every distinct token it has ever seen, and a capture worker sees new text
+    #: on nearly every call: without a bound its memory grew for as long as it ran, about 1.6
+    #: KB per new string (``bench/redactor_memory.py``: +101 MiB after 60,000 strings; with
+    #: the bound, +43 MiB at most at its checkpoints). A blank pipeline loads in about 70 ms,
+    #: once per ~25,000 new strings at this bound; what it finds does not change.
+    max_lexemes = 100_000
+
     def __init__(self) -> None:
         super().__init__(models=[{"lang_code": "en", "model_name": "blank:en"}])
 
     def load(self) -> None:
         self.nlp = {"en": spacy.blank("en")}  # type: ignore[assignment]  # base declares None
+
+    def process_text(self, text: str, language: str) -> NlpArtifacts:
+        nlp = (self.nlp or {}).get(language)
+        if nlp is not None and len(nlp.vocab) > self.max_lexemes:
+            self.load()  # the old vocabulary goes with the old pipeline
+        return super().process_text(text, language)
 
     def _doc_to_nlp_artifact(self, doc: Doc, language: str) -> NlpArtifacts:
         return NlpArtifacts(
