@@ -462,3 +462,39 @@ def test_a_long_running_redactor_does_not_keep_every_token_it_has_seen() -> None
     assert engine.nlp["en"] is not first  # swapped at least once
     assert max(sizes) <= 1_500 + 50  # one text's worth of new tokens over the bound at most
     assert sizes[-1] < max(sizes)
+
+
+def test_the_span_cache_does_not_hold_long_texts(redactor: Redactor) -> None:
+    """Keyed by text, the span cache kept the last 4096 distinct strings whole: documents and
+    tool results of up to a request's 1 MiB could pin gigabytes in a capture worker. Long
+    strings are now cached by a digest, and a repeated one is still answered from the cache."""
+    import random
+    import tracemalloc
+
+    rng = random.Random(7)
+    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "ember"]
+
+    def document(i: int) -> str:
+        # No digit, no "@", no long token: no recognizer runs, so this measures the cache.
+        return f"document {'xyz'[i % 3]} " + " ".join(rng.choices(words, k=40_000))
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(40):  # 40 distinct texts of about 230 KB: 9 MB if held whole
+            assert redactor.find(document(i)) == []
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 1_000_000, f"the cache holds {held} bytes for 40 long texts"
+    # A long string that repeats is found once, then answered from the cache.
+    mail = "Reply to jane.doe@example.com. " + "word " * 1000
+    first = redactor.find(mail)
+    calls = []
+    original = redactor._find
+    redactor._find = lambda *a: calls.append(a) or original(*a)  # type: ignore[method-assign]
+    try:
+        assert redactor.find(mail) == first
+        assert [s.kind for s in first] == ["EMAIL_ADDRESS"] and calls == []
+    finally:
+        del redactor._find

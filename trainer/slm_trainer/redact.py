@@ -47,12 +47,13 @@ import base64
 import binascii
 import dataclasses
 import functools
+import hashlib
 import ipaddress
 import json
 import math
 import re
 import sys
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -579,6 +580,11 @@ def replace_spans(text: str, spans: Sequence[Span], state: RedactionState) -> st
     return "".join(out)
 
 
+#: Strings longer than this (characters) are cached by a 128-bit digest of their text, so the
+#: span cache's memory stays bounded whatever the size of what agents send (see Redactor).
+LONG_TEXT_CHARS = 2048
+
+
 class Redactor:
     """Finds and replaces PII and secrets; build once (about a second), reuse for every call.
 
@@ -604,6 +610,11 @@ class Redactor:
         # Agent calls repeat the same system prompt and tool results thousands of times; the
         # spans of a string don't depend on the record, only their placeholders do.
         self._find_cached = functools.lru_cache(maxsize=cache_size)(self._find)
+        # Long strings are cached under a digest of their text, not the text: keyed by text,
+        # 4096 tool results or documents of up to a request's 1 MiB could hold gigabytes in a
+        # capture worker for as long as it ran.
+        self._long: OrderedDict[tuple[bytes, str], tuple[Span, ...]] = OrderedDict()
+        self._long_size = cache_size
 
     def find(self, text: str, context: str = "") -> list[Span]:
         """Non-overlapping spans in ``text``; ``context`` (e.g. a JSON key) helps bare numbers."""
@@ -613,7 +624,19 @@ class Redactor:
         """:meth:`find` without the copy: the cached tuple, () for blank text."""
         if not text or text.isspace():
             return ()
-        return self._find_cached(text, context)
+        if len(text) <= LONG_TEXT_CHARS:
+            return self._find_cached(text, context)
+        digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16)
+        key = (digest.digest(), context)
+        found = self._long.get(key)
+        if found is not None:
+            self._long.move_to_end(key)
+            return found
+        found = self._find(text, context)
+        self._long[key] = found
+        if len(self._long) > self._long_size:
+            self._long.popitem(last=False)
+        return found
 
     def _find(self, text: str, context: str) -> tuple[Span, ...]:
         kinds = possible_kinds(text, self.kinds) if self.gate else self.kinds
