@@ -228,23 +228,9 @@ class Load:
 
 def tree_cpu_s(pid: int | None) -> float:
     """CPU seconds spent so far by a process, its threads and its descendants (Linux /proc;
-    NaN elsewhere). Per-thread ``schedstat`` counts nanoseconds, not 10 ms ticks."""
-    if pid is None or not Path(f"/proc/{pid}/task").is_dir():
-        return float("nan")
-    total = 0.0
-    stack = [pid]
-    while stack:
-        try:
-            tasks = list(Path(f"/proc/{stack.pop()}/task").iterdir())
-        except OSError:
-            continue  # exited meanwhile
-        for task in tasks:
-            try:
-                total += int((task / "schedstat").read_text().split()[0]) / 1e9
-                stack.extend(int(c) for c in (task / "children").read_text().split())
-            except (OSError, ValueError):
-                continue
-    return total
+    NaN elsewhere): the sum of :func:`cpu_parts_s`."""
+    parts = cpu_parts_s(pid)
+    return sum(parts.values()) if parts else float("nan")
 
 
 #: How :func:`cpu_parts_s` names the parts of a target's CPU time.
@@ -252,10 +238,11 @@ PART_LOOP, PART_THREADS, PART_CHILDREN = "event loop", "other threads", "child p
 
 
 def cpu_parts_s(pid: int | None) -> dict[str, float]:
-    """:func:`tree_cpu_s` split into the process's main thread (the gateway's event loop), its
-    other threads (capture's pump and acknowledgement threads, the thread pool) and its
-    descendants (the capture workers), so that what capture costs, and where, is measured
-    rather than inferred from the difference with a gateway without it."""
+    """CPU seconds spent so far by a process, split into its main thread (the gateway's event
+    loop), its other threads (capture's pump and acknowledgement threads, the thread pool) and
+    its descendants (the capture workers), so that what capture costs, and where, is measured
+    rather than inferred from the difference with a gateway without it; {} where there is no
+    such process (or no /proc). Per-thread ``schedstat`` counts nanoseconds, not 10 ms ticks."""
     parts = dict.fromkeys((PART_LOOP, PART_THREADS, PART_CHILDREN), 0.0)
     if pid is None or not Path(f"/proc/{pid}/task").is_dir():
         return {}
@@ -869,7 +856,6 @@ def main(argv: list[str] | None = None) -> int:
                 )
 
         def load(t: Target, c: int, duration: float) -> Load:
-            cpu = tree_cpu_s(t.pid)
             parts = cpu_parts_s(t.pid)
             if wrk:
                 result = run_wrk(wrk, t.url, lua, wrk_env, c, duration)
@@ -877,11 +863,12 @@ def main(argv: list[str] | None = None) -> int:
                 result = asyncio.run(_aio_load(t.url, bodies, token, c, duration))
             time.sleep(0.2)  # the capture worker finishes the run's last batch
             if result.requests:
-                result.cpu_us = (tree_cpu_s(t.pid) - cpu) / result.requests * 1e6
                 result.cpu_parts_us = {
                     k: (v - parts.get(k, 0.0)) / result.requests * 1e6
                     for k, v in cpu_parts_s(t.pid).items()
                 }
+                if result.cpu_parts_us:
+                    result.cpu_us = sum(result.cpu_parts_us.values())
             return result
 
         for t in targets:  # warm-up: connections, caches, the redactor's first pass
