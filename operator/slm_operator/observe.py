@@ -140,8 +140,8 @@ def _between_crashes(
     """A container restarted after a failed run, running (or starting) and not ready."""
     if cs.get("ready") or not cs.get("restartCount"):
         return False
-    if not ("running" in state or not state):
-        return False
+    if state and "running" not in state:
+        return False  # waiting (its own reason) or terminated
     return bool(last) and last.get("exitCode") not in (None, 0)
 
 
