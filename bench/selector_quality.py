@@ -148,6 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument(
+        "--method",
+        choices=("lora", "full"),
+        default="lora",
+        help="LoRA adapter, or full fine-tuning of the query encoder (use a lower --learning-rate)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-fraction", type=float, default=0.2)
@@ -201,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         data=data,
         output=cand,
         task_type="tool-call",
-        method="lora",
+        method=ns.method,
         lora_r=ns.lora_r,
         lora_alpha=2 * ns.lora_r,
         epochs=ns.epochs,

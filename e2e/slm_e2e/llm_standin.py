@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -452,6 +453,8 @@ class StandIn:
     proc: subprocess.Popen[bytes]
     port: int
     log_path: Path
+    # start()'s temporary directory (port file, default log): stop() removes it
+    workdir: Path | None = None
 
     @property
     def url(self) -> str:
@@ -494,6 +497,9 @@ class StandIn:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
 
     def __enter__(self) -> StandIn:
         return self
@@ -540,9 +546,11 @@ def start(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"stand-in exited with {proc.returncode}: {log.read_text()[-2000:]}")
+            tail = log.read_text()[-2000:]
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise RuntimeError(f"stand-in exited with {proc.returncode}: {tail}")
         if port_file.exists():
-            handle = StandIn(proc, int(port_file.read_text()), log)
+            handle = StandIn(proc, int(port_file.read_text()), log, workdir)
             try:
                 handle.stats()
                 return handle
@@ -550,7 +558,10 @@ def start(
                 pass
         time.sleep(0.05)
     proc.kill()
-    raise RuntimeError(f"stand-in did not start within {timeout}s: {log.read_text()[-2000:]}")
+    proc.wait(timeout=10)
+    tail = log.read_text()[-2000:]
+    shutil.rmtree(workdir, ignore_errors=True)
+    raise RuntimeError(f"stand-in did not start within {timeout}s: {tail}")
 
 
 if __name__ == "__main__":

@@ -178,7 +178,9 @@ class TritonServer:
                     os.killpg(self.process.pid, signal.SIGKILL)  # its own session: stubs too
                 self.process.wait(10)
         if self._own_workdir:
-            shutil.rmtree(self.workdir / "backends", ignore_errors=True)
+            # start_triton made the directory (backends copy, log): leave nothing in /tmp
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self._own_workdir = False
         return self.process.returncode
 
     def __enter__(self) -> TritonServer:
@@ -244,11 +246,13 @@ def start_triton(
             start_new_session=True,
         )
         log.close()
+        # Not owning the directory yet: a retry after a port clash reuses its backends copy.
         server = TritonServer(
-            proc, Path(repository), ports[0], ports[1], ports[2], log_path, workdir, own
+            proc, Path(repository), ports[0], ports[1], ports[2], log_path, workdir, False
         )
         try:
             server.wait_ready(timeout)
+            server._own_workdir = own
             return server
         except TritonError as exc:
             server.stop()
@@ -257,5 +261,7 @@ def start_triton(
                 break
             if attempt + 1 < attempts:
                 continue
+    if own:
+        shutil.rmtree(workdir, ignore_errors=True)
     assert last is not None
     raise last

@@ -891,10 +891,13 @@ class Gateway:
         m.routes.set(len(self.table))
         m.route_mode.clear()
         used: set[str] = set()
+        known: set[tuple[str, str]] = set()
         for r in self.table.routes():
             m.route_mode.labels(r.namespace, r.task, r.mode).set(1)
             used.update((r.llm_url, r.slm_url))
+            known.add((r.namespace, r.task))
         self.breakers.prune(used)
+        m.forget_removed_tasks(known, time.monotonic(), self.cfg.removed_task_metrics_s)
         if self.capture is not None:
             m.capture_queue.set(self.capture.depth())
         return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

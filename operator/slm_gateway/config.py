@@ -16,6 +16,7 @@ from pathlib import Path
 
 from slm_gateway.capture import CaptureConfig
 from slm_gateway.decide import DEFAULT_PRICES
+from slm_gateway.metrics import REMOVED_TASK_GRACE_S
 from slm_gateway.routes import DEFAULT_LLM_TIMEOUT_S, DEFAULT_SLM_TIMEOUT_S, Price
 
 ENV_PREFIX = "SLM_GATEWAY_"
@@ -53,6 +54,8 @@ class GatewayConfig:
     log_level: str = "info"
     graceful_timeout_s: float = 30.0
     pool_size: int = 1024
+    # how long a removed task's metric series are still exported (slm_gateway.metrics)
+    removed_task_metrics_s: float = REMOVED_TASK_GRACE_S
 
 
 def _env(name: str, default: str) -> str:
@@ -168,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--graceful-timeout-s", type=float, default=float(_env("GRACEFUL_TIMEOUT_S", "30"))
     )
+    srv.add_argument(
+        "--removed-task-metrics-s",
+        type=float,
+        default=float(_env("REMOVED_TASK_METRICS_S", str(REMOVED_TASK_GRACE_S))),
+        help="seconds a removed task's metric series are still exported, so every scraper "
+        "reads their final values (default %(default)s)",
+    )
     return p
 
 
@@ -221,4 +231,5 @@ def config_from_args(argv: Sequence[str] | None = None) -> GatewayConfig:
         port_file=args.port_file,
         log_level=args.log_level,
         graceful_timeout_s=args.graceful_timeout_s,
+        removed_task_metrics_s=args.removed_task_metrics_s,
     )

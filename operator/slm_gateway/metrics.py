@@ -50,6 +50,12 @@ namespace empty for routes from a static file; ``backend`` is ``slm`` or ``llm``
 A registry per gateway instance (not the global one), so tests can build many apps in one
 process.
 
+The series of a task whose route is gone (its AgentTask deleted, or dropped from the routes
+file) are removed :data:`REMOVED_TASK_GRACE_S` after it left, at a scrape: long enough for
+every scraper to read the final counts, and a fleet that creates and deletes tasks does not
+export an ever-growing set of dead series until the gateway restarts. A task that comes back
+starts its counters from zero, which ``rate()`` and ``increase()`` treat as a counter reset.
+
 The series touched on every answered call (requests, request and backend durations, backend
 calls, tokens, cost) are plain numbers in :class:`ServedStats` and :class:`AttemptStats`,
 updated by the event loop and turned into metric families only when ``/metrics`` is
@@ -62,6 +68,7 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Iterator
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -90,6 +97,10 @@ _BOUNDS = (*LATENCY_BUCKETS, float("inf"))
 _LE: tuple[str, ...] = tuple(str(floatToGoString(b)) for b in _BOUNDS)  # type: ignore[no-untyped-call]
 
 _P = "slm_gateway_"
+_K = TypeVar("_K", bound=tuple[str, ...])
+
+# How long the series of a removed task are still exported (see the module docstring).
+REMOVED_TASK_GRACE_S = 600.0
 
 
 class LatencyHistogram:
@@ -261,6 +272,12 @@ def _add_histogram(
     )
 
 
+def _drop_task(stats: dict[_K, Any], task: tuple[str, str]) -> None:
+    """Delete the entries of one (namespace, task) from a dict keyed by label tuples."""
+    for key in [k for k in stats if k[:2] == task]:
+        del stats[key]
+
+
 class GatewayMetrics:
     """All gateway metrics on one registry; the per-call ones as lock-free plain numbers."""
 
@@ -272,6 +289,8 @@ class GatewayMetrics:
         self._llm_equivalent: dict[tuple[str, str], LlmEquivalent] = {}
         self._attempts: dict[tuple[str, str, str, str], AttemptStats] = {}
         self._backend_duration: dict[tuple[str, str, str], LatencyHistogram] = {}
+        # (namespace, task) -> when it was first seen missing from the route table
+        self._gone_since: dict[tuple[str, str], float] = {}
         r.register(_HotCollector(self))
         self.errors = Counter(
             p + "errors",
@@ -338,6 +357,47 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+
+    def _task_metrics(self) -> list[Counter | Gauge | Histogram]:
+        """The prometheus_client metrics labelled by namespace and task."""
+        return [
+            self.errors,
+            self.fallbacks,
+            self.shadow,
+            self.route_mode,
+            self.capture_records,
+            self.capture_redacted,
+            self.streams,
+            self.stream_first_chunk,
+        ]
+
+    def forget_removed_tasks(
+        self, known: set[tuple[str, str]], now: float, grace_s: float = REMOVED_TASK_GRACE_S
+    ) -> list[tuple[str, str]]:
+        """Remove every series of the tasks that have not been in ``known`` (the route
+        table's ``(namespace, task)`` pairs) for ``grace_s`` seconds; event loop only.
+
+        Returns the tasks removed. A task seen again before its grace ends keeps its series.
+        """
+        seen = {k[:2] for k in self._served} | {k[:2] for k in self._attempts}
+        seen |= set(self._llm_equivalent)
+        for task in known:
+            self._gone_since.pop(task, None)
+        removed: list[tuple[str, str]] = []
+        for task in seen - known:
+            since = self._gone_since.setdefault(task, now)
+            if now - since >= grace_s:
+                removed.append(task)
+        for task in removed:
+            del self._gone_since[task]
+            self._llm_equivalent.pop(task, None)
+            _drop_task(self._served, task)
+            _drop_task(self._attempts, task)
+            _drop_task(self._backend_duration, task)
+            labels = {"namespace": task[0], "task": task[1]}
+            for metric in self._task_metrics():
+                metric.remove_by_labels(labels)
+        return removed
 
     def served(self, namespace: str, task: str, backend: str) -> ServedStats:
         """The stats of answered calls of one (namespace, task, backend); event loop only."""

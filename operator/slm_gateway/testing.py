@@ -9,6 +9,7 @@ never race for a port.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,12 +31,18 @@ class GatewayProcess:
     proc: subprocess.Popen[bytes]
     port: int
     log_path: Path
+    # The temporary directory start_gateway made (port file, default log); removed by stop()
+    # so that test runs do not leave hundreds of directories in /tmp.
+    workdir: Path | None = None
+    _final_log: str | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def log(self) -> str:
+        if self._final_log is not None:
+            return self._final_log
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def get(self, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
@@ -58,6 +65,12 @@ class GatewayProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+        if self.workdir is not None:
+            # a log kept in the directory stays readable through log() after the stop
+            if self.log_path.is_relative_to(self.workdir):
+                self._final_log = self.log()
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
         return self.proc.returncode
 
     def __enter__(self) -> GatewayProcess:
@@ -108,9 +121,11 @@ def start_gateway(
     handle: GatewayProcess | None = None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"gateway exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            tail = log.read_text()[-3000:]
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise RuntimeError(f"gateway exited with {proc.returncode}:\n{tail}")
         if handle is None and port_file.exists():
-            handle = GatewayProcess(proc, int(port_file.read_text()), log)
+            handle = GatewayProcess(proc, int(port_file.read_text()), log, workdir)
         if handle is not None:
             try:
                 status, _ = handle.get("/readyz", timeout=5)
@@ -120,4 +135,7 @@ def start_gateway(
                 pass
         time.sleep(0.1)
     proc.kill()
-    raise RuntimeError(f"gateway not ready within {timeout}s:\n{log.read_text()[-3000:]}")
+    proc.wait(timeout=10)
+    tail = log.read_text()[-3000:]
+    shutil.rmtree(workdir, ignore_errors=True)
+    raise RuntimeError(f"gateway not ready within {timeout}s:\n{tail}")

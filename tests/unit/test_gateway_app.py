@@ -181,6 +181,49 @@ def test_a_deleted_tasks_open_circuit_leaves_the_metrics(standin: llm_standin.St
         assert 'slm_gateway_circuit_state{backend="llm"' in text
 
 
+def test_a_removed_tasks_series_leave_metrics_after_a_grace(standin: llm_standin.StandIn) -> None:
+    """A deleted AgentTask's series stay on /metrics for the grace (so every scraper reads
+    their final counts), then go: a fleet that creates and deletes tasks must not export an
+    ever-growing set of dead series until the gateway restarts. Other tasks keep theirs."""
+    standin.control(slm_fail=True)
+    table = RouteTable()
+    kept = route(standin, "other")
+    table.replace_all([route(standin, mode="slm"), kept])
+    config = GatewayConfig(removed_task_metrics_s=0.5)
+    with TestClient(create_app(config, table), raise_server_exceptions=False) as c:
+        assert chat(c).headers["x-slm-backend"] == "llm"  # the SLM failed: a fallback
+        assert chat(c, model="other").status_code == 200
+        assert metric(c, "slm_gateway_fallbacks_total", task="weather") == 1
+        table.replace_all([kept])
+        first = c.get("/metrics").text  # the scrape that sees the task gone
+        assert 'task="weather"' in first
+        assert metric(c, "slm_gateway_requests_total", task="weather") == 1
+        time.sleep(0.6)
+        after = c.get("/metrics").text
+        assert 'task="weather"' not in after
+        assert metric(c, "slm_gateway_requests_total", task="other") == 1
+        table.replace_all([route(standin, mode="slm"), kept])  # the task comes back
+        chat(c)
+        assert metric(c, "slm_gateway_requests_total", task="weather") == 1
+        assert metric(c, "slm_gateway_fallbacks_total", task="weather") == 1
+
+
+def test_a_task_back_within_the_grace_keeps_its_series(standin: llm_standin.StandIn) -> None:
+    table = RouteTable()
+    table.replace_all([route(standin)])
+    with TestClient(
+        create_app(GatewayConfig(removed_task_metrics_s=0.3), table),
+        raise_server_exceptions=False,
+    ) as c:
+        chat(c)
+        table.replace_all([])
+        c.get("/metrics")
+        table.replace_all([route(standin)])  # back before the grace ended (a resync, a move)
+        c.get("/metrics")
+        time.sleep(0.4)
+        assert metric(c, "slm_gateway_requests_total", task="weather") == 1
+
+
 def test_shadow_mode_answers_from_llm_and_measures_agreement(
     standin: llm_standin.StandIn,
 ) -> None:
