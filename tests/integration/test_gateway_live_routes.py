@@ -76,6 +76,8 @@ def triton(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     flag.write_text("")
     with start_triton(repo, env={"SLM_FAULT_FILE": str(flag)}) as server:
         yield f"http://127.0.0.1:{server.http_port}", flag
+    # the temporary directory start_triton made (backends copy, log) is gone with the server
+    assert not server.workdir.exists()
 
 
 def chat(gw: GatewayProcess) -> tuple[int, dict[str, str], dict[str, Any]]:
