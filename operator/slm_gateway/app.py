@@ -79,7 +79,7 @@ from slm_gateway.sse import (
     is_usage_only,
     synthesize,
 )
-from slm_gateway.validate import ChatRequest, parse_chat_request
+from slm_gateway.validate import ChatRequest, encode, parse_chat_request, too_deep
 
 log = logging.getLogger("slm_gateway")
 
@@ -327,8 +327,11 @@ class Gateway:
             plan = PLAN_LLM  # e.g. n > 1 or tool_choice "none": only the LLM can answer it
         reason = plan.reason
         if plan.primary == SLM and slm_b is not None:
+            # written before the breaker's claim: a body too deep to write is a 400 that
+            # must not hold a half-open circuit's probe
+            payload = _infer_payload(req)
             if breakers.allow(SLM, route.slm_url, slm_b, now):
-                answer = await self._slm(route, req, rid, raw, slm_b)
+                answer = await self._slm(route, req, rid, raw, slm_b, payload)
                 if isinstance(answer, tuple):
                     doc, ptok, ctok = answer
                     body = orjson.dumps(doc)
@@ -361,13 +364,13 @@ class Gateway:
     async def _llm(self, call: _LLMCall) -> Answer:
         route, req, raw = call.route, call.req, call.raw
         assert self.upstreams is not None
-        self._llm_allowed(call)
         body = req.body
         if req.model != route.llm_model:
             body["model"] = route.llm_model
-            payload = orjson.dumps(body)
+            payload = encode(body)  # before the breaker's claim, like the SLM's payload
         else:
             payload = raw
+        self._llm_allowed(call)
         t = time.perf_counter()
         try:
             reply = await self.upstreams.llm(route, payload)
@@ -419,17 +422,18 @@ class Gateway:
         """
         route, req = call.route, call.req
         assert self.upstreams is not None
-        self._llm_allowed(call)
         body = req.body
         body["model"] = route.llm_model
         asked = body.get("stream_options")
         bare = asked is None and route.llm_url in self._no_stream_options
         if not bare:
             body["stream_options"] = {**(asked or {}), "include_usage": True}
+        payload = encode(body)  # before the breaker's claim
+        self._llm_allowed(call)
         t = time.perf_counter()
         while True:
             try:
-                async with self.upstreams.llm_stream(route, orjson.dumps(body)) as upstream:
+                async with self.upstreams.llm_stream(route, payload) as upstream:
                     if 200 <= upstream.status < 300:
                         await self._relay(call, upstream, t, send, receive)
                         return None
@@ -443,6 +447,7 @@ class Gateway:
                 # The gateway added the field, not the agent: ask again without it.
                 bare = True
                 del body["stream_options"]
+                payload = orjson.dumps(body)  # written once already, with more in it
                 self._no_stream_options.add(route.llm_url)
                 log.warning(
                     "LLM backend %s refused stream_options (HTTP %d); its streamed answers "
@@ -702,7 +707,7 @@ class Gateway:
         )
 
     async def _ask_slm(
-        self, route: Route, req: ChatRequest, slm_b: CircuitBreaker
+        self, route: Route, req: ChatRequest, slm_b: CircuitBreaker, body: bytes
     ) -> tuple[Any, str]:
         """One SLM call: its answer and the fallback reason ("" when the answer is usable).
 
@@ -710,7 +715,6 @@ class Gateway:
         breaker the same way whichever path made it.
         """
         assert self.upstreams is not None
-        body = infer_body(req.messages, req.tools)
         t = time.perf_counter()
         try:
             answer, confidence = await self.upstreams.slm(route, body)
@@ -742,13 +746,19 @@ class Gateway:
         return answer, verdict
 
     async def _slm(
-        self, route: Route, req: ChatRequest, rid: str, raw: bytes, slm_b: CircuitBreaker
+        self,
+        route: Route,
+        req: ChatRequest,
+        rid: str,
+        raw: bytes,
+        slm_b: CircuitBreaker,
+        payload: bytes,
     ) -> tuple[dict[str, Any], int, int] | str:
         """The SLM's answer as a chat completion with token counts, or a fallback reason."""
-        answer, verdict = await self._ask_slm(route, req, slm_b)
+        answer, verdict = await self._ask_slm(route, req, slm_b, payload)
         if verdict:
             return verdict
-        message = normalize_message(answer, rid)
+        message = normalize_message(answer, self._next_id())
         ctok = estimate_tokens(len(orjson.dumps(message)))
         ptok = estimate_tokens(len(raw))
         doc = {
@@ -783,15 +793,25 @@ class Gateway:
         if len(self._shadows) >= self.cfg.max_shadow_inflight:
             self.metrics.shadow.labels(route.namespace, route.task, "skipped").inc()
             return
+        try:
+            payload = _infer_payload(req)
+        except GatewayError:  # too deep to write: the LLM answered it as it came
+            self.metrics.shadow.labels(route.namespace, route.task, "skipped").inc()
+            return
         if not self.breakers.allow(SLM, route.slm_url, slm_b, time.monotonic()):
             self.metrics.shadow.labels(route.namespace, route.task, "skipped").inc()
             return
-        task = asyncio.create_task(self._shadow(route, req, llm_message, slm_b))
+        task = asyncio.create_task(self._shadow(route, req, llm_message, slm_b, payload))
         self._shadows.add(task)
         task.add_done_callback(self._shadows.discard)
 
     async def _shadow(
-        self, route: Route, req: ChatRequest, llm_message: dict[str, Any], slm_b: CircuitBreaker
+        self,
+        route: Route,
+        req: ChatRequest,
+        llm_message: dict[str, Any],
+        slm_b: CircuitBreaker,
+        payload: bytes,
     ) -> None:
         """Ask the SLM the same question and count whether it agrees with the LLM's answer.
 
@@ -799,7 +819,7 @@ class Gateway:
         escaping it would only be logged at garbage collection and the call never counted.
         """
         try:
-            answer, verdict = await self._ask_slm(route, req, slm_b)
+            answer, verdict = await self._ask_slm(route, req, slm_b, payload)
             if verdict in (REASON_DEFER, REASON_LOW_CONFIDENCE):
                 result = "defer"
             elif verdict:
@@ -906,6 +926,14 @@ class Gateway:
     async def drain_shadows(self, timeout: float) -> None:
         if self._shadows:
             await asyncio.wait(list(self._shadows), timeout=timeout)
+
+
+def _infer_payload(req: ChatRequest) -> bytes:
+    """The SLM's infer request for a call; a 400 if the call is too deep to write."""
+    try:
+        return infer_body(req.messages, req.tools)
+    except orjson.JSONEncodeError:
+        raise too_deep() from None
 
 
 def _refuses_stream_options(status: int, body: bytes) -> bool:

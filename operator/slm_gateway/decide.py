@@ -157,13 +157,15 @@ def fits_request(
 
     Every call must name one of the request's tools (an agent cannot run any other);
     ``tool_choice: "required"`` needs at least one call, and a named ``tool_choice`` needs
-    every call to name that function. An answer that breaks it is bad output, and the LLM
-    answers instead.
+    every call to name that function, and ``parallel_tool_calls: false`` allows at most one
+    call. An answer that breaks it is bad output, and the LLM answers instead.
     """
     calls = answer.get("tool_calls") or []
     names = [c["function"]["name"] for c in calls]
     if names and not tool_names.issuperset(names):
         return False
+    if len(names) > 1 and body.get("parallel_tool_calls") is False:
+        return False  # the agent asked for at most one call per turn
     choice = body.get("tool_choice")
     if choice == "required":
         return bool(names)
@@ -173,12 +175,16 @@ def fits_request(
     return True
 
 
-def normalize_message(answer: Mapping[str, Any], request_id: str) -> dict[str, Any]:
+def normalize_message(answer: Mapping[str, Any], call_id: str) -> dict[str, Any]:
     """An SLM answer as an OpenAI assistant message: ids on tool calls, arguments as JSON text.
 
-    Models emit ``arguments`` as an object more often than as the string the API specifies,
-    and seldom emit call ids (or emit numbers); agents' SDKs need both as strings, and echo
-    the id back as ``tool_call_id``, which must be a string.
+    Models emit ``arguments`` as an object more often than as the string the API specifies;
+    agents' SDKs need a string. Every tool call gets the id ``call_<call_id>_<i>``, whatever
+    id the model gave: models emit none, numbers, or the same ``call_0`` on every answer, and
+    an agent keeps all its turns' calls in one conversation, matching each result to its
+    call by ``tool_call_id``; ids repeated across turns attach results to the wrong call, and
+    some LLM APIs refuse such a history when a later turn falls back to them. ``call_id``
+    must be unique per answer.
     """
     calls = answer.get("tool_calls")
     msg: dict[str, Any] = {"role": "assistant", "content": answer.get("content")}
@@ -189,10 +195,9 @@ def normalize_message(answer: Mapping[str, Any], request_id: str) -> dict[str, A
             args = fn.get("arguments", "{}")
             if not isinstance(args, str):
                 args = orjson.dumps(args).decode()
-            cid = call.get("id")
             out.append(
                 {
-                    "id": cid if isinstance(cid, str) and cid else f"call_{request_id[:16]}_{i}",
+                    "id": f"call_{call_id}_{i}",
                     "type": "function",
                     "function": {"name": fn["name"], "arguments": args},
                 }

@@ -34,7 +34,11 @@ MAX_TOOLS = 128
 MAX_STOP = 4
 # OpenAI allows [a-zA-Z0-9_-]{1,64}; BFCL and vLLM use dotted names (``math.factorial``), so
 # dots and colons are accepted too. Whitespace and quotes never are: they break tool parsers.
-TOOL_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+TOOL_NAME_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # used with fullmatch: no trailing "\n"
+# orjson reads JSON nested up to 1024 levels deep but writes at most 254, and the gateway
+# writes a request again (the LLM's model name, the SLM's infer request, the tools' cache key):
+# a deeper body is refused with a 400 where it is written (:func:`encode`).
+MAX_NESTING = 254
 JSON_SCHEMA_TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
 _CONTENT_PART_TYPES = frozenset({"text", "image_url", "input_audio", "file", "refusal"})
 
@@ -131,6 +135,25 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
             CODE_INVALID_TYPE,
         )
     return validate_body(body)
+
+
+def too_deep(param: str | None = None) -> GatewayError:
+    """The 400 for a body nested deeper than the gateway can write it again."""
+    return invalid(
+        f"The request nests arrays and objects more than {MAX_NESTING} levels deep.",
+        param,
+        CODE_INVALID_JSON,
+    )
+
+
+def encode(value: Any, param: str | None = None) -> bytes:
+    """``orjson.dumps`` for request data: a 400 (:func:`too_deep`), not a 500, for a value
+    nested deeper than orjson writes. Checked where the gateway writes the request again,
+    so the common path pays nothing for it."""
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        raise too_deep(param) from None
 
 
 def validate_body(body: dict[str, Any]) -> ChatRequest:
@@ -349,7 +372,7 @@ def _validated_tools(tools: list[Any]) -> frozenset[str]:
     """The tool names of a valid tool list; raises GatewayError for the first broken tool."""
     if len(tools) > MAX_TOOLS:
         raise invalid(f"'tools' has more than {MAX_TOOLS} entries.", "tools")
-    key = orjson.dumps(tools)
+    key = encode(tools, "tools")
     found = _TOOLS_SEEN.get(key)
     if found is not None:
         return found
@@ -391,7 +414,7 @@ def _validate_tool(tool: Any, i: int, seen: set[str]) -> str:
                 CODE_MISSING,
             )
         raise _wrong_type(f"{p}.function.name", "a string", name)
-    if not TOOL_NAME_RE.match(name):
+    if not TOOL_NAME_RE.fullmatch(name):
         raise invalid(
             f"Invalid '{p}.function.name': {name[:80]!r} must be 1-64 letters, digits, "
             "underscores, dashes, dots or colons.",
@@ -407,6 +430,8 @@ def _validate_tool(tool: Any, i: int, seen: set[str]) -> str:
         raise _wrong_type(f"{p}.function.strict", "a boolean", strict)
     params = fn.get("parameters")
     if params is not None:
+        if not isinstance(params, dict):
+            raise _wrong_type(f"{p}.function.parameters", "a JSON Schema object", params)
         _validate_schema(params, f"{p}.function.parameters", depth=0)
     return name
 
@@ -416,6 +441,8 @@ def _validate_schema(schema: Any, p: str, depth: int) -> None:
     tool-call parsers and constrained decoding (wrong container types, unknown type names)."""
     if depth > 32:
         raise invalid(f"'{p}' is nested too deeply.", p)
+    if isinstance(schema, bool):
+        return  # true (anything) and false (nothing) are JSON Schemas too
     if not isinstance(schema, dict):
         raise _wrong_type(p, "a JSON Schema object", schema)
     kind = schema.get("type")
@@ -438,7 +465,10 @@ def _validate_schema(schema: Any, p: str, depth: int) -> None:
     ):
         raise _wrong_type(f"{p}.required", "an array of strings", required)
     items = schema.get("items")
-    if items is not None and not isinstance(items, bool):
+    if isinstance(items, list):  # the tuple form (draft 4-7; pydantic v1's Tuple[str, int])
+        for j, sub in enumerate(items):
+            _validate_schema(sub, f"{p}.items[{j}]", depth + 1)
+    elif items is not None:
         _validate_schema(items, f"{p}.items", depth + 1)
     enum = schema.get("enum")
     if enum is not None and not isinstance(enum, list):

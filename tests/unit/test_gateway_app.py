@@ -7,6 +7,7 @@ operator would notice: who answered, why it fell back, what error body came back
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -160,6 +161,58 @@ def test_circuit_opens_skips_the_slm_then_probes_and_recovers(
         assert r.headers["x-slm-backend"] == "slm"
         assert metric(c, "slm_gateway_circuit_state", backend="slm") == 0
         assert chat(c).headers["x-slm-backend"] == "slm"
+
+
+def deep(levels: int) -> Any:
+    value: Any = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("mode", "stream", "where"),
+    [
+        ("llm", False, "extra"),
+        ("llm", True, "extra"),
+        ("slm", False, "content"),
+        ("shadow", False, "content"),
+    ],
+)
+def test_a_body_too_deep_to_write_again_is_a_400_not_a_500(
+    standin: llm_standin.StandIn, mode: str, stream: bool, where: str
+) -> None:
+    """orjson reads JSON nested 1024 levels deep but writes only 254, and the gateway writes
+    the request again (the LLM's model name, the SLM's infer request). Such a body is the
+    agent's error: a 400 naming it, no upstream call, no breaker probe held."""
+    message: dict[str, Any] = {"role": "user", "content": "Weather in Paris?"}
+    body: dict[str, Any] = {"model": "weather", "messages": [message], "stream": stream}
+    if where == "extra":
+        body["x_vendor"] = deep(300)
+    else:
+        message["content"] = [{"type": "text", "text": "Weather?", "x": deep(300)}]
+    raw = json.dumps(body).encode()
+    with client(route(standin, mode=mode)) as c:
+        r = c.post("/v1/chat/completions", content=raw, headers={"Authorization": AGENT_TOKEN})
+        assert r.status_code == 400, r.text
+        assert is_error_body(r, "invalid_json")
+        assert "levels deep" in r.json()["error"]["message"]
+        assert chat(c).status_code == 200  # the gateway and its circuits are unharmed
+        assert metric(c, "slm_gateway_circuit_state") == 0
+    stats = standin.stats()
+    assert stats["llm_calls"] + stats["slm_calls"] == (2 if mode == "shadow" else 1)
+
+
+def test_slm_tool_call_ids_are_unique_across_answers(standin: llm_standin.StandIn) -> None:
+    """The SLM answers ``call_0`` every time; an agent keeps every turn's calls in one
+    conversation and matches results by id, so each answer's calls get ids of their own."""
+    with client(route(standin, mode="slm")) as c:
+        ids = []
+        for _ in range(3):
+            r = chat(c, tools=TOOLS)
+            assert r.headers["x-slm-backend"] == "slm"
+            ids += [t["id"] for t in r.json()["choices"][0]["message"]["tool_calls"]]
+    assert len(set(ids)) == 3 and all(i.startswith("call_") for i in ids)
 
 
 def test_a_deleted_tasks_open_circuit_leaves_the_metrics(standin: llm_standin.StandIn) -> None:

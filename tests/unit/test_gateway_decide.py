@@ -140,19 +140,19 @@ class TestNormalize:
             "abcdef",
         )
         call = out["tool_calls"][0]
-        assert call["id"].startswith("call_abcdef")
+        assert call["id"] == "call_abcdef_0"
         assert call["type"] == "function"
         assert call["function"] == {"name": "get", "arguments": '{"b":1,"a":2}'}
         assert out["role"] == "assistant" and out["content"] is None
 
-    @pytest.mark.parametrize("cid", [7, "", None, {"x": 1}])
-    def test_a_call_id_that_is_not_a_string_is_replaced(self, cid: object) -> None:
-        """Tool-call ids are strings in the API, and the agent echoes them as
-        ``tool_call_id``, which the gateway then refuses unless it is a string."""
-        out = normalize_message({"tool_calls": [{"id": cid, "function": {"name": "f"}}]}, "rid")
-        assert out["tool_calls"][0]["id"] == "call_rid_0"
-        kept = normalize_message({"tool_calls": [{"id": "c1", "function": {"name": "f"}}]}, "r")
-        assert kept["tool_calls"][0]["id"] == "c1"
+    @pytest.mark.parametrize("cid", [7, "", None, {"x": 1}, "call_0"])
+    def test_the_gateway_names_every_call(self, cid: object) -> None:
+        """Whatever id the model gave (none, a number, or the ``call_0`` it gives on every
+        answer), each call gets the answer's own id: an agent matches tool results to calls
+        by id across all its turns."""
+        calls = [{"id": cid, "function": {"name": "f"}}, {"id": cid, "function": {"name": "g"}}]
+        out = normalize_message({"tool_calls": calls}, "a1")
+        assert [c["id"] for c in out["tool_calls"]] == ["call_a1_0", "call_a1_1"]
 
 
 class TestAgree:
@@ -274,6 +274,15 @@ class TestToolContract:
         assert fits_request(self.answer("a"), {}, self.TOOLS)
         assert not fits_request(self.answer("a", "c"), {}, self.TOOLS)
         assert not fits_request(self.answer("a"), {}, frozenset())
+
+    def test_parallel_tool_calls_false_allows_one_call(self) -> None:
+        """An agent that turned parallel calls off runs one call per turn: an SLM answer with
+        two is bad output, and the LLM answers instead."""
+        off = {"parallel_tool_calls": False}
+        assert fits_request(self.answer("a"), off, self.TOOLS)
+        assert not fits_request(self.answer("a", "b"), off, self.TOOLS)
+        assert fits_request(self.answer("a", "b"), {"parallel_tool_calls": True}, self.TOOLS)
+        assert fits_request(self.answer("a", "b"), {}, self.TOOLS)
 
     def test_tool_choice_required_and_named(self) -> None:
         named = {"tool_choice": {"type": "function", "function": {"name": "b"}}}

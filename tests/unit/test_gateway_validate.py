@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
@@ -171,6 +172,64 @@ def test_bad_requests_name_the_parameter(raw: bytes, param: str | None, code: st
             "code": code,
         }
     }
+
+
+def test_tool_names_with_a_trailing_newline_are_refused() -> None:
+    """``$`` also matches before a final newline: the name would reach the SLM's prompt and
+    the captured call logs as ``get_weather\\n``."""
+    tool = {"type": "function", "function": {"name": "get_weather\n"}}
+    with pytest.raises(GatewayError) as info:
+        parse_chat_request(body(tools=[tool]))
+    assert info.value.param == "tools[0].function.name"
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "object", "properties": {"anything": True, "nothing": False}},
+        {
+            "type": "object",
+            "properties": {
+                "pair": {"type": "array", "items": [{"type": "string"}, {"type": "integer"}]}
+            },
+        },
+        {"type": "object", "properties": {"x": {"anyOf": [True, {"type": "string"}]}}},
+    ],
+)
+def test_valid_json_schemas_an_llm_accepts_pass(schema: dict[str, Any]) -> None:
+    """Boolean subschemas and the tuple form of ``items`` (pydantic v1's ``Tuple[str,
+    int]``) are JSON Schema: refusing them would fail calls the LLM answers."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    assert parse_chat_request(body(tools=[tool])).tool_names == frozenset({"f"})
+
+
+def test_a_broken_subschema_inside_tuple_items_is_still_refused() -> None:
+    schema = {"type": "array", "items": [{"type": "string"}, {"type": "date"}]}
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    with pytest.raises(GatewayError) as info:
+        parse_chat_request(body(tools=[tool]))
+    assert info.value.param == "tools[0].function.parameters.items[1].type"
+
+
+def deep(levels: int) -> Any:
+    value: Any = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
+def test_tools_nested_deeper_than_the_gateway_writes_are_a_400() -> None:
+    """orjson reads 1024 levels but writes 254; the tools are written again (the cache key),
+    so such a body is the agent's error, not the gateway's 500."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"default": deep(300)}}}
+    raw = json.dumps(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [tool]}
+    )
+    with pytest.raises(GatewayError) as info:
+        parse_chat_request(raw.encode())
+    assert (info.value.status, info.value.param, info.value.code) == (400, "tools", "invalid_json")
+    tool["function"]["parameters"] = {"default": deep(200)}  # type: ignore[index]
+    assert parse_chat_request(body(tools=[tool])).tool_names == frozenset({"f"})
 
 
 def test_error_body_shape() -> None:
