@@ -573,7 +573,10 @@ class Gateway:
     def _llm_allowed(self, call: _LLMCall) -> None:
         """Raise the 503 an agent gets while the LLM's circuit is open."""
         route = call.route
-        if self.breakers.allow(LLM, route.llm_url, call.llm_b, call.now):
+        # After an SLM attempt, the time now: a cooldown may have ended while the SLM was
+        # tried, and the call then probes the LLM instead of getting a 503.
+        now = time.monotonic() if call.reason else call.now
+        if self.breakers.allow(LLM, route.llm_url, call.llm_b, now):
             return
         self.metrics.errors.labels(
             route.namespace, route.task, LLM, e.CODE_UPSTREAM_UNAVAILABLE

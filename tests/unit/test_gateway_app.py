@@ -215,6 +215,26 @@ def test_slm_tool_call_ids_are_unique_across_answers(standin: llm_standin.StandI
     assert len(set(ids)) == 3 and all(i.startswith("call_") for i in ids)
 
 
+def test_a_fallback_after_a_slow_slm_sees_the_llm_cooldown_end(
+    standin: llm_standin.StandIn,
+) -> None:
+    """The LLM's circuit is open, and its cooldown ends while the SLM is being tried: the
+    fallback probes the LLM (and is answered) instead of getting a 503 computed from the time
+    the call arrived."""
+    shared_llm = route(standin, "other")
+    table = RouteTable()
+    table.replace_all([shared_llm, route(standin, mode="slm", slm_timeout_s=0.5)])
+    config = GatewayConfig(breaker_failures=1, breaker_cooldown_s=0.3)
+    with TestClient(create_app(config, table), raise_server_exceptions=False) as c:
+        standin.control(llm_error_every=1)
+        assert chat(c, model="other").status_code == 502  # the LLM's circuit opens
+        assert chat(c, model="other").status_code == 503
+        standin.control(llm_error_every=0, slm_latency_ms=800)
+        r = chat(c)  # the SLM times out after 0.5 s, past the LLM's 0.3 s cooldown
+        assert r.status_code == 200, r.text
+        assert r.headers["x-slm-fallback-reason"] == "slm_timeout"
+
+
 def test_a_deleted_tasks_open_circuit_leaves_the_metrics(standin: llm_standin.StandIn) -> None:
     """The circuit of an SLM no route uses any more (its task was deleted while the SLM was
     failing) must not stay at 2 on /metrics: SlmFleetSlmCircuitOpen would fire until the
