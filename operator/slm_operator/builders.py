@@ -295,7 +295,14 @@ def export_job(
     """Write the Triton model repository (config.pbtxt + Python backend) for the winner."""
     spec = task["spec"]
     task_name = task["metadata"]["name"]
-    source, _ = model_repository_source(candidate_artifact, spec["storage"]["claimName"])
+    source, claim = model_repository_source(candidate_artifact)
+    if claim and claim != spec["storage"]["claimName"]:
+        # The export pod mounts only the storage claim; a revision's candidates are written
+        # there (the claim is part of the revision), so this is a trainer that misreported.
+        raise ValueError(
+            f"candidate artifact {candidate_artifact} is not on the storage claim "
+            f"{spec['storage']['claimName']}"
+        )
     args = [
         f"--candidate={candidate['name']}",
         f"--model={candidate['model']}",
@@ -319,18 +326,19 @@ def export_job(
     )
 
 
-def model_repository_source(uri: str, claim: str) -> tuple[str, bool]:
-    """Triton's ``--model-repository`` value for an artifact URI, and whether the PVC is needed.
+def model_repository_source(uri: str) -> tuple[str, str]:
+    """Triton's ``--model-repository`` value for an artifact URI, and the PVC to mount for it
+    ("" when none).
 
-    ``pvc://<claim>/<path>`` becomes the mounted path; object-store URIs (s3://, gs://) are
-    handed to Triton as they are, since it reads them natively.
+    ``pvc://<claim>/<path>`` becomes the mounted path of that claim; object-store URIs (s3://,
+    gs://) are handed to Triton as they are, since it reads them natively. The claim comes
+    from the URI, not from ``spec.storage.claimName``: a served model stays where it was
+    exported when the task moves to another claim, until a revision trained there replaces it.
     """
     if uri.startswith("pvc://"):
-        got_claim, _, path = uri[len("pvc://") :].partition("/")
-        if got_claim != claim:
-            raise ValueError(f"model repository {uri} is not on the storage claim {claim}")
-        return f"{WORKSPACE}/{path}", True
-    return uri, False
+        claim, _, path = uri[len("pvc://") :].partition("/")
+        return f"{WORKSPACE}/{path}", claim
+    return uri, ""
 
 
 def triton_deployment(
@@ -341,20 +349,17 @@ def triton_deployment(
     spec = task["spec"]
     serving = spec.get("serving") or {}
     gpus = int(serving.get("gpus", 1))
-    repo, needs_pvc = model_repository_source(model_repository, spec["storage"]["claimName"])
+    repo, claim = model_repository_source(model_repository)
     name = n.serving_name(task_name)
     selector = {n.LABEL_TASK: task_name, n.LABEL_STAGE: n.STAGE_SERVING}
     pod_labels = n.labels(task_name, n.STAGE_SERVING, revision, candidate)
     volumes: list[Obj] = [{"name": "tmp", "emptyDir": {}}]
     mounts: list[Obj] = [{"name": "tmp", "mountPath": "/tmp"}]
-    if needs_pvc:
+    if claim:
         volumes.append(
             {
                 "name": "workspace",
-                "persistentVolumeClaim": {
-                    "claimName": spec["storage"]["claimName"],
-                    "readOnly": True,
-                },
+                "persistentVolumeClaim": {"claimName": claim, "readOnly": True},
             }
         )
         mounts.append({"name": "workspace", "mountPath": WORKSPACE, "readOnly": True})

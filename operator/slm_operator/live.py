@@ -13,6 +13,7 @@ step is bounded, as in the usual autoscaler designs.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -192,41 +193,128 @@ def route_mode(rollout: Rollout, fallback: FallbackState) -> tuple[str, int]:
     return rollout.mode, rollout.canary_percent
 
 
-def _cron_field(spec: str, value: int, lo: int, hi: int) -> bool:
+#: Cron's names for months and days of the week (case-insensitive), as numbers.
+_MONTHS: Final[Mapping[str, int]] = {
+    m: i + 1
+    for i, m in enumerate(
+        ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+    )
+}
+_DAYS: Final[Mapping[str, int]] = {
+    d: i for i, d in enumerate(("sun", "mon", "tue", "wed", "thu", "fri", "sat"))
+}
+#: (field name, lowest value, highest value, names) of the five cron fields, in order. Day of
+#: week 7 is Sunday too, as in cron.
+_NO_NAMES: Final[Mapping[str, int]] = {}
+_CRON_FIELDS: Final[tuple[tuple[str, int, int, Mapping[str, int]], ...]] = (
+    ("minute", 0, 59, _NO_NAMES),
+    ("hour", 0, 23, _NO_NAMES),
+    ("day-of-month", 1, 31, _NO_NAMES),
+    ("month", 1, 12, _MONTHS),
+    ("day-of-week", 0, 7, _DAYS),
+)
+
+
+def _cron_value(text: str, what: str, lo: int, hi: int, names: Mapping[str, int]) -> int:
+    value = names.get(text.lower()) if names else None
+    if value is None:
+        if not (text.isascii() and text.isdigit()):
+            named = f" or a name ({', '.join(n.upper() for n in names)})" if names else ""
+            raise ValueError(f"{what} {text!r} is not a number{named}")
+        value = int(text)
+    if not lo <= value <= hi:
+        raise ValueError(f"{what} {text!r} is outside {lo}-{hi}")
+    return value
+
+
+def _cron_values(
+    spec: str, what: str, lo: int, hi: int, names: Mapping[str, int]
+) -> frozenset[int]:
+    """The values one cron field allows; ValueError, in words, when it is malformed."""
+    out: set[int] = set()
     for part in spec.split(","):
-        rng, _, step_s = part.partition("/")
-        step = int(step_s) if step_s else 1
+        rng, slash, step_s = part.partition("/")
+        if slash and not (step_s.isascii() and step_s.isdigit()):
+            raise ValueError(f"{what} step in {part!r} is not a number")
+        step = int(step_s) if slash else 1
+        if step < 1:
+            # Cron has no step 0; taken at face value it would divide by zero.
+            raise ValueError(f"{what} step in {part!r} must be at least 1")
         if rng in ("*", "?"):
             start, end = lo, hi
         elif "-" in rng:
-            a, b = rng.split("-", 1)
-            start, end = int(a), int(b)
+            a, _, b = rng.partition("-")
+            start = _cron_value(a, what, lo, hi, names)
+            end = _cron_value(b, what, lo, hi, names)
+            if start > end:
+                raise ValueError(f"{what} range {rng!r} ends before it starts")
         else:
-            start = int(rng)
-            end = hi if step_s else start
-        if start <= value <= end and (value - start) % step == 0:
-            return True
-    return False
+            start = _cron_value(rng, what, lo, hi, names)
+            end = hi if slash else start
+        out.update(range(start, end + 1, step))
+    return frozenset(out)
+
+
+@dataclass(frozen=True)
+class _Cron:
+    minutes: frozenset[int]
+    hours: frozenset[int]
+    days: frozenset[int]
+    months: frozenset[int]
+    weekdays: frozenset[int]  # 0 = Sunday; a 7 in the expression is folded into 0
+    #: Both day fields restricted: a day matches when either does, as in cron.
+    either_day: bool
+
+
+@functools.lru_cache(maxsize=128)
+def _parse_cron(expr: str) -> _Cron:
+    fields = expr.split()
+    if len(fields) != len(_CRON_FIELDS):
+        raise ValueError(
+            f"has {len(fields)} fields, not 5 (minute hour day-of-month month day-of-week)"
+        )
+    minutes, hours, days, months, weekdays = (
+        _cron_values(spec, what, lo, hi, names)
+        for spec, (what, lo, hi, names) in zip(fields, _CRON_FIELDS, strict=True)
+    )
+    return _Cron(
+        minutes,
+        hours,
+        days,
+        months,
+        frozenset(d % 7 for d in weekdays),
+        fields[2] not in ("*", "?") and fields[4] not in ("*", "?"),
+    )
+
+
+def cron_problem(expr: str) -> str | None:
+    """Why ``expr`` is not a schedule :func:`cron_matches` understands, or None when it is.
+
+    Why here as well as in the CRD's rule: a schedule admitted by an older CRD (or one the
+    rule cannot judge, like a range that ends before it starts) must become a readable
+    InvalidSpec condition, not an exception at every metrics window.
+    """
+    try:
+        _parse_cron(expr)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def cron_matches(expr: str, when: dt.datetime) -> bool:
-    """Whether a 5-field cron expression (UTC; numbers, *, ranges, lists, steps) matches the
-    minute ``when`` falls in. Day-of-month and day-of-week combine with OR when both are
-    restricted, as in cron."""
-    minute, hour, dom, month, dow = expr.split()
+    """Whether a 5-field cron expression (UTC; numbers, month and weekday names, *, ranges,
+    lists, steps) matches the minute ``when`` falls in. Day-of-month and day-of-week combine
+    with OR when both are restricted, as in cron. ValueError for an expression that
+    :func:`cron_problem` refuses."""
+    cron = _parse_cron(expr)
     w = when.astimezone(dt.UTC)
-    cron_dow = (w.weekday() + 1) % 7  # cron: 0 = Sunday
-    day_ok_dom = _cron_field(dom, w.day, 1, 31)
-    day_ok_dow = _cron_field(dow, cron_dow, 0, 7) or (cron_dow == 0 and _cron_field(dow, 7, 0, 7))
-    if dom not in ("*", "?") and dow not in ("*", "?"):
-        day_ok = day_ok_dom or day_ok_dow
-    else:
-        day_ok = day_ok_dom and day_ok_dow
+    dom_ok = w.day in cron.days
+    dow_ok = (w.weekday() + 1) % 7 in cron.weekdays  # cron: 0 = Sunday
     return (
-        _cron_field(minute, w.minute, 0, 59)
-        and _cron_field(hour, w.hour, 0, 23)
-        and _cron_field(month, w.month, 1, 12)
-        and day_ok
+        w.minute in cron.minutes
+        and w.hour in cron.hours
+        and w.month in cron.months
+        and ((dom_ok or dow_ok) if cron.either_day else (dom_ok and dow_ok))
     )
 
 

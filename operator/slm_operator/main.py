@@ -39,6 +39,11 @@ RESYNC_SECONDS = float(os.environ.get("SLM_FLEET_RESYNC_SECONDS", "30"))
 #: Unknown with reason MetricsUnavailable, and the rollout does not advance past shadow).
 PROMETHEUS_URL = os.environ.get("SLM_FLEET_PROMETHEUS_URL", "")
 SCRAPE_SECONDS = float(os.environ.get("SLM_FLEET_PROMETHEUS_SCRAPE_SECONDS", "15"))
+#: "true" skips verifying an https Prometheus's certificate (verified by default; a private CA
+#: goes in REQUESTS_CA_BUNDLE instead). Both can be set through the chart's operator.extraEnv.
+PROMETHEUS_INSECURE = os.environ.get(
+    "SLM_FLEET_PROMETHEUS_INSECURE_SKIP_VERIFY", ""
+).strip().lower() in ("1", "true", "yes")
 #: ServiceAccount the trainer Jobs' pods run as (unless a task sets
 #: spec.training.serviceAccountName), in the task's namespace: the chart creates it with
 #: `patch` on pods so the trainer can report progress. Empty: the namespace's default account.
@@ -169,7 +174,11 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 270
     settings.watching.client_timeout = 300
     settings.networking.request_timeout = 60
-    prom = PromMetrics(PROMETHEUS_URL, SCRAPE_SECONDS) if PROMETHEUS_URL else None
+    prom = (
+        PromMetrics(PROMETHEUS_URL, SCRAPE_SECONDS, verify_tls=not PROMETHEUS_INSECURE)
+        if PROMETHEUS_URL
+        else None
+    )
     if METRICS_PORT and not _metrics_served:
         # Before the runtime: a port that cannot be bound fails this handler, which kopf
         # retries; a runtime made first would leave one more resync loop per retry.

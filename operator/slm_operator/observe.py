@@ -70,6 +70,49 @@ def _terminated(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return None
 
 
+def _last_failure(pods: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """How the newest pod's trainer container that failed ended (pods newest first)."""
+    for pod in pods:
+        term = _terminated(pod)
+        if term and term.get("exitCode") not in (None, 0):
+            return term
+    return None
+
+
+#: The trainer's advice after a SIGTERM (slm_trainer.generative): true for a preempted pod,
+#: whose Job starts another; not for a Job the operator reports failed, which is not rerun.
+_RERUN_ADVICE = re.compile(r"[;,.]?\s*rerun to resume\.?\s*$")
+
+
+def failure_message(job_condition: Mapping[str, Any], last: Mapping[str, Any] | None) -> str:
+    """Why a Job failed, in one bounded line: the Job controller's reason first, then how its
+    last failed pod ended and what it said, e.g. ``BackoffLimitExceeded: last pod OOMKilled
+    (exit 137): step 130/400 loss=0.82``.
+
+    Why all three: the pod's own words alone hide the cause. An OOM-killed or SIGKILLed pod
+    writes no result, and with terminationMessagePolicy FallbackToLogsOnError its message is
+    its log tail (ordinary progress lines); a Job past activeDeadlineSeconds kills its pod,
+    whose last words ("preempted by SIGTERM ... rerun to resume") would blame a preemption.
+    """
+    reason = str(job_condition.get("reason") or "Failed")
+    if last is None:
+        return _short(f"{reason}: {job_condition.get('message') or 'the Job failed'}")
+    code = last.get("exitCode")
+    head = f"{reason}: last pod {last.get('reason') or 'terminated'}"
+    head += f" (exit {code})" if code is not None else ""
+    raw = str(last.get("message") or "")
+    try:
+        said = TrainerResult.from_json(raw).message if raw else ""
+    except ContractError:
+        # Not a result: the container's log tail, whose last lines say the most.
+        tail = " ".join(raw.split())
+        room = MAX_MESSAGE - len(head) - 2
+        return _short(f"{head}: {tail if len(tail) <= room else '...' + tail[3 - room :]}")
+    if reason == "DeadlineExceeded":
+        said = _RERUN_ADVICE.sub("", said)
+    return _short(f"{head}: {said}" if said else head)
+
+
 def pod_job_name(pod: Mapping[str, Any]) -> str | None:
     """The name of the Job a pod belongs to, from the Job controller's labels (either spelling)."""
     labels = pod["metadata"].get("labels") or {}
@@ -247,13 +290,8 @@ def job_view(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]]) -> JobVi
 
     message = ""
     if state == FAILED:
-        if result is not None and result.message:
-            message = result.message
-        elif raw:
-            message = raw
-        else:
-            c = conds.get("Failed") or conds.get("FailureTarget") or {}
-            message = f"{c.get('reason', 'Failed')}: {c.get('message', 'the Job failed')}"
+        c = conds.get("Failed") or conds.get("FailureTarget") or {}
+        message = failure_message(c, _last_failure(own))
     progress = None
     for pod in own:
         value = (pod["metadata"].get("annotations") or {}).get(n.ANNOTATION_PROGRESS)

@@ -9,12 +9,15 @@ on plain dicts.
 The life of a revision: data-prep Job → one fine-tune Job per candidate → the gate picks a
 candidate → export Job writes the Triton model repository → the Triton Deployment is pointed
 at it. The Deployment's annotations record which revision it serves; that observed fact, not
-memory, tells the planner what is active. A new revision trains beside the active one and
-replaces it only after passing the gate and exporting.
+memory, tells the planner what is active (only when the Deployment is gone does the last
+status's ``revision.active`` stand in, so that it is rebuilt rather than replaced). A new
+revision trains beside the active one and replaces it only after passing the gate and
+exporting.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import math
 from collections.abc import Mapping, Sequence
@@ -138,6 +141,14 @@ def validate(task: Mapping[str, Any]) -> str | None:
                 f"candidate {cand['name']}: model {model} is on another PVC than "
                 f"storage.claimName {claim}; trainer pods mount only the storage claim"
             )
+    schedule = (spec.get("retraining") or {}).get("schedule")
+    if schedule:
+        # The CRD's rule refuses most bad schedules, but one admitted before it (or that a
+        # pattern cannot judge) would otherwise raise at every metrics window, freezing live
+        # control; here it is a condition the user can read.
+        why = lv.cron_problem(str(schedule))
+        if why:
+            return f"retraining.schedule {schedule!r} is not a valid cron expression: {why}"
     return None
 
 
@@ -485,6 +496,35 @@ def _pipeline(
     return step
 
 
+def _concluded_step(step: _Step, prev: Mapping[str, Any]) -> _Step:
+    """The outcome status recorded for a retraining that already lost or failed.
+
+    Why: its Jobs may be gone (deleted by hand, a cleanup), and walking the pipeline without
+    them would report a retraining about to start (JobPending) that never will. The recorded
+    conditions and candidates say what happened; ``terminal_failure`` keeps it over.
+    """
+    conditions = prev.get("conditions") or []
+
+    def recorded(type_: str, fallback: tuple[str, str, str]) -> tuple[str, str, str]:
+        x = c.find(conditions, type_)
+        if x is None:
+            return fallback
+        return (str(x.get("status")), str(x.get("reason")), str(x.get("message", "")))
+
+    over = (c.FALSE, c.NOT_BETTER, "the retraining ended without replacing the served model")
+    return dataclasses.replace(
+        step,
+        data=recorded(c.DATA_READY, step.data),
+        trained=recorded(c.TRAINED, step.trained),
+        evaluated=recorded(c.EVALUATED, over),
+        candidates=list(prev.get("candidates") or step.candidates),
+        terminal_failure=True,
+        selected=None,
+        exported_uri=None,
+        rerun_jobs=[],
+    )
+
+
 def _deployment_facts(dep: Mapping[str, Any] | None) -> tuple[str, str, str, int, int]:
     """(revision, artifact, candidate, replicas, ready replicas) of the Triton Deployment."""
     if not dep:
@@ -498,6 +538,34 @@ def _deployment_facts(dep: Mapping[str, Any] | None) -> tuple[str, str, str, int
         int((dep.get("spec") or {}).get("replicas", 0)),
         int(st.get("readyReplicas") or 0),
     )
+
+
+def _recorded_active(
+    prev: Mapping[str, Any], jobs: Mapping[str, JobView], task_name: str
+) -> tuple[str, str, str]:
+    """(revision, artifact, candidate) that status says is served, for want of a Deployment.
+
+    Why: the Deployment's annotations are the observed truth, but it can be deleted (by hand,
+    to force fresh pods, or by a cleanup). Forgetting the served revision then would treat the
+    task as never served: a retraining that lost to it would be promoted after all (nothing
+    left to beat) and the served revision's Jobs deleted as abandoned. The artifact is the one
+    recorded in selectedModel, else the one the revision's export Job reported.
+    """
+    active = str((prev.get("revision") or {}).get("active") or "")
+    if not active:
+        return "", "", ""
+    selected = prev.get("selectedModel") or {}
+    ours = selected.get("revision") == active
+    uri = str(selected.get("artifactURI") or "") if ours else ""
+    export = jobs.get(n.export_job_name(task_name, active))
+    if not uri and export is not None and export.result is not None:
+        uri = export.result.artifact_uri or ""
+    if not uri:
+        return "", "", ""  # nothing to serve it from: as before, train it again
+    cand = str(selected.get("candidate") or "") if ours else ""
+    if not cand and export is not None:
+        cand = export.candidate or ""
+    return active, uri, cand
 
 
 def _rolling_out(dep: Mapping[str, Any] | None) -> bool:
@@ -713,6 +781,8 @@ def plan(obs: Observed) -> Plan:
     epoch = int(retrain_prev.get("epoch", 0))
     rev = n.revision_of(spec, epoch)
     active_rev, active_uri, active_cand, replicas, ready = _deployment_facts(obs.deployment)
+    if obs.deployment is None:  # deleted: the revision status last reported still serves
+        active_rev, active_uri, active_cand = _recorded_active(prev, obs.jobs, meta["name"])
     training_needed = rev != active_rev
     prev_selected = prev.get("selectedModel") or {}
     # A retraining beside a served model of the same spec (an earlier epoch, not necessarily
@@ -748,8 +818,15 @@ def plan(obs: Observed) -> Plan:
         selected = {**step.selected, **({"artifactURI": active_uri} if active_uri else {})}
     # A retraining that lost to the served model, or failed, is over: the served model stays
     # and new calls count towards the next retraining (else S6 would stop after one loss).
+    # The verdict is recorded in status.retraining.concludedRevision: its Jobs are kept for
+    # their results, but once they are gone (deleted by hand, a cleanup) only status remembers
+    # that this revision already lost, and it must not train again. Jobs still there that
+    # show a winner (a failed export Job deleted to retry it) go on as usual.
+    concluded = retraining_beside and retrain_prev.get("concludedRevision") == rev
+    if concluded and not step.terminal_failure and step.selected is None:
+        step = _concluded_step(step, prev)
     retrain_over = retraining_beside and step.terminal_failure
-    if retrain_over:  # kept for their results, never re-created (and so re-run) if deleted
+    if retrain_over:  # never re-created (and so re-run) if deleted
         out.apply = [o for o in out.apply if o["kind"] != "Job"]
     if training_needed and step.exported_uri:  # promote the new revision
         active_rev, active_uri, active_cand = (
@@ -930,9 +1007,9 @@ def plan(obs: Observed) -> Plan:
     retraining = dict(retrain_prev)
     if is_serving and (not training_needed or retrain_over) and due and m is not None:
         rcfg = spec.get("retraining")
-        fired = bool(rcfg and rcfg.get("schedule")) and lv.cron_fired(
-            str(rcfg["schedule"]), last_eval, obs.now
-        )
+        # Only a retraining that is on reads its schedule (validate() vouches for its syntax).
+        schedule = (rcfg or {}).get("schedule") if (rcfg or {}).get("enabled", True) else None
+        fired = bool(schedule) and lv.cron_fired(str(schedule), last_eval, obs.now)
         raw_baseline = retrain_prev.get("baselineRecords")
         r = lv.retrain_step(
             rcfg,
@@ -950,6 +1027,12 @@ def plan(obs: Observed) -> Plan:
             retraining["lastTriggered"] = now
         elif "lastTriggered" in retrain_prev:
             retraining["lastTriggered"] = retrain_prev["lastTriggered"]
+        if "concludedRevision" in retrain_prev:
+            retraining["concludedRevision"] = retrain_prev["concludedRevision"]
+    if retrain_over:
+        retraining["concludedRevision"] = rev
+    elif retraining.get("concludedRevision") == active_rev:
+        del retraining["concludedRevision"]  # it won after all (a retried export): it serves
     if retraining:
         status["retraining"] = retraining
     if not is_serving and active_rev and active_uri and (live_prev or live):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import Any
 
 from slm_operator.live import Metrics
@@ -89,6 +90,19 @@ def queries(
     }
 
 
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#\s]+@")
+
+
+def redact_userinfo(text: str) -> str:
+    """``text`` with the ``user:password@`` of every URL in it replaced by ``***@``.
+
+    Why: a Prometheus behind basic auth is often configured as ``https://user:pass@host``;
+    the URL (and error messages that quote it) go to the operator's log, which is readable by
+    far more people than the Secret it came from.
+    """
+    return _USERINFO.sub(r"\1***@", text)
+
+
 def _scalar(result: Any) -> float | None:
     if not result:
         return None
@@ -100,14 +114,26 @@ def _scalar(result: Any) -> float | None:
 
 
 class PromMetrics:
-    """Reads one task's live metrics from Prometheus (prometheus-api-client)."""
+    """Reads one task's live metrics from Prometheus (prometheus-api-client).
 
-    def __init__(self, url: str, scrape_interval_s: float = 15.0, timeout_s: float = 5.0) -> None:
+    An https Prometheus's certificate is verified (against the system's CAs, or the bundle
+    named by ``REQUESTS_CA_BUNDLE``): its answers decide fallback, scaling and promotion, so a
+    man in the middle must not be able to make them up. ``verify_tls=False`` is the explicit
+    opt-out (``SLM_FLEET_PROMETHEUS_INSECURE_SKIP_VERIFY``).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        scrape_interval_s: float = 15.0,
+        timeout_s: float = 5.0,
+        verify_tls: bool = True,
+    ) -> None:
         from prometheus_api_client import PrometheusConnect
 
         self.url = url
         self.scrape = scrape_interval_s
-        self.client = PrometheusConnect(url=url, disable_ssl=True, timeout=timeout_s)
+        self.client = PrometheusConnect(url=url, disable_ssl=not verify_tls, timeout=timeout_s)
 
     def window(self, window_seconds: float) -> str:
         return f"{max(math.ceil(window_seconds), math.ceil(2 * self.scrape))}s"
@@ -123,7 +149,12 @@ class PromMetrics:
             for name, q in queries(task, w, agreement_w, namespace).items():
                 values[name] = _scalar(self.client.custom_query(q))
         except Exception as exc:  # connection errors, HTTP errors, bad JSON
-            log.warning("Prometheus at %s did not answer for task %s: %s", self.url, task, exc)
+            log.warning(
+                "Prometheus at %s did not answer for task %s: %s",
+                redact_userinfo(self.url),
+                task,
+                redact_userinfo(str(exc)),
+            )
             return None
         samples = values.pop("shadow_samples")
         captured = values.pop("captured_records")

@@ -249,6 +249,13 @@ INVALID = [
     case(
         "cron-schedule-words", {"spec.retraining": {"schedule": "every sunday at 3"}}, CRON_MESSAGE
     ),
+    case("cron-schedule-step-zero", {"spec.retraining": {"schedule": "*/0 * * * *"}}, CRON_MESSAGE),
+    case("cron-schedule-minute-60", {"spec.retraining": {"schedule": "60 3 * * *"}}, CRON_MESSAGE),
+    case(
+        "cron-schedule-day-name-as-month",
+        {"spec.retraining": {"schedule": "0 3 * SUN *"}},
+        CRON_MESSAGE,
+    ),
     case(
         "unknown-toleration-operator",
         {"spec.serving.tolerations": [{"key": "nvidia.com/gpu", "operator": "In"}]},
@@ -331,6 +338,16 @@ def test_lora_block_and_secret_ref_get_their_defaults(cluster: Any, namespace: s
         "enabled": True,
         "minNewExamples": 1000,
     }
+
+
+@pytest.mark.parametrize("schedule", ["0 3 * * SUN", "0 3 * * mon-fri", "*/15 0-6 1,15 JAN-mar 7"])
+def test_cron_names_ranges_and_steps_are_admitted(
+    cluster: Any, namespace: str, schedule: str
+) -> None:
+    """What cron itself takes is admitted (the operator's own parser reads the same)."""
+    manifest = mutated(BASE, {"spec.retraining": {"schedule": schedule}})
+    result = apply(cluster, namespace, manifest)
+    assert result.returncode == 0, result.stderr
 
 
 def test_task_type_cannot_change_after_creation(cluster: Any, namespace: str) -> None:

@@ -163,8 +163,14 @@ def test_triton_deployment_serves_the_revision_repository() -> None:
     s3ctr = s3["spec"]["template"]["spec"]["containers"][0]
     assert "--model-repository=s3://bucket/repo" in s3ctr["args"]
     assert all(v["name"] != "workspace" for v in s3["spec"]["template"]["spec"]["volumes"])
-    with pytest.raises(ValueError, match="not on the storage claim"):
-        b.triton_deployment(task, "r1", "pvc://elsewhere/repo", "small", 1)
+    # A model exported before the task moved to another claim is read from where it is.
+    moved = b.triton_deployment(task, "r1", "pvc://old-claim/weather/r1/model_repository", "s", 1)
+    pod = moved["spec"]["template"]["spec"]
+    assert (
+        "--model-repository=/workspace/weather/r1/model_repository" in pod["containers"][0]["args"]
+    )
+    workspace = next(v for v in pod["volumes"] if v["name"] == "workspace")
+    assert workspace["persistentVolumeClaim"] == {"claimName": "old-claim", "readOnly": True}
 
 
 def test_triton_pods_get_no_api_token() -> None:
@@ -247,7 +253,8 @@ def test_job_view_reads_state_result_and_progress() -> None:
         _job("j", [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]),
         [_pod("j", "Failed", "killed: OOM", exit_code=137)],
     )
-    assert failed.state == FAILED and failed.message == "killed: OOM"
+    assert failed.state == FAILED
+    assert failed.message == "BackoffLimitExceeded: last pod terminated (exit 137): killed: OOM"
     no_msg = job_view(
         _job(
             "j",
@@ -265,6 +272,77 @@ def test_job_view_reads_state_result_and_progress() -> None:
     assert no_msg.message == "DeadlineExceeded: too slow"
     other = job_view(_job("j"), [_pod("other", "Running", progress="99")])
     assert other.progress is None
+
+
+def _failed_pod(job: str, exit_code: int, reason: str, message: str = "", at: int = 0) -> dict:
+    pod = _pod(job, "Failed", message, exit_code=exit_code)
+    pod["status"]["containerStatuses"][0]["state"]["terminated"]["reason"] = reason
+    pod["metadata"]["creationTimestamp"] = f"2026-01-01T00:0{at}:00Z"
+    return pod
+
+
+def test_a_failed_job_names_the_job_reason_and_how_its_last_pod_ended() -> None:
+    """An OOM-killed trainer writes no result; with FallbackToLogsOnError its termination
+    message is its log tail. The message must still say OOMKilled and why the Job gave up."""
+    logs = "step 120/400 loss=0.84\nstep 130/400 loss=0.82\n"
+    job = _job(
+        "j",
+        [
+            {
+                "type": "Failed",
+                "status": "True",
+                "reason": "BackoffLimitExceeded",
+                "message": "Job has reached the specified backoff limit",
+            }
+        ],
+    )
+    pods = [_failed_pod("j", 137, "OOMKilled", logs, at=i) for i in range(3)]
+    v = job_view(job, pods)
+    assert v.state == FAILED
+    assert v.message == (
+        "BackoffLimitExceeded: last pod OOMKilled (exit 137): "
+        "step 120/400 loss=0.84 step 130/400 loss=0.82"
+    )
+    # A long log tail keeps its end (where the error is) and the message stays bounded.
+    long = "x" * 5000 + " CUDA error: out of memory"
+    v = job_view(job, [_failed_pod("j", 1, "Error", long)])
+    assert len(v.message) <= 512 and v.message.endswith("CUDA error: out of memory")
+    assert v.message.startswith("BackoffLimitExceeded: last pod Error (exit 1): ...")
+    # No message at all (terminationMessagePolicy File, killed before writing one).
+    v = job_view(job, [_failed_pod("j", 137, "OOMKilled")])
+    assert v.message == "BackoffLimitExceeded: last pod OOMKilled (exit 137)"
+
+
+def test_a_job_past_its_deadline_says_so_and_not_to_rerun() -> None:
+    """activeDeadlineSeconds kills the trainer with SIGTERM; its result says it was preempted
+    and to rerun to resume, which the operator does not do for a failed Job."""
+    said = TrainerResult(
+        stage="finetune",
+        ok=False,
+        message="preempted by SIGTERM (120 of 400 steps); checkpoint saved in /workspace/x; "
+        "rerun to resume",
+    ).to_json()
+    job = _job(
+        "j",
+        [
+            {
+                "type": "Failed",
+                "status": "True",
+                "reason": "DeadlineExceeded",
+                "message": "Job was active longer than specified deadline",
+            }
+        ],
+    )
+    v = job_view(job, [_failed_pod("j", 143, "Error", said)])
+    assert v.message == (
+        "DeadlineExceeded: last pod Error (exit 143): preempted by SIGTERM (120 of 400 "
+        "steps); checkpoint saved in /workspace/x"
+    )
+    # The trainer's own failure report (exit 3) keeps its words after the Job's reason.
+    failed = TrainerResult(stage="finetune", ok=False, message="CUDA out of memory").to_json()
+    job = _job("j", [{"type": "Failed", "status": "True", "reason": "PodFailurePolicy"}])
+    v = job_view(job, [_failed_pod("j", 3, "Error", failed)])
+    assert v.message == "PodFailurePolicy: last pod Error (exit 3): CUDA out of memory"
 
 
 def test_conditions_keep_transition_time_until_status_flips() -> None:

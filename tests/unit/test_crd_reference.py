@@ -1,16 +1,21 @@
 """docs/agenttask-reference.md is exactly what scripts/gen_crd_reference.py renders from the CRD.
 
 So the reference cannot drift from the schema the API server enforces: change the CRD, and
-this test fails until the reference is generated again.
+this test fails until the reference is generated again. Also: the CRD's schedule rule admits
+what the operator can run and refuses what it cannot.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import yaml
+
+from slm_operator.live import cron_problem
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -52,3 +57,45 @@ def test_reference_lists_every_spec_field_with_its_default() -> None:
             assert f"`{gen.json.dumps(field['default'])}`" in rows[path], path
     assert rows["spec.fallback.policy.windowSeconds"].count("1 ≤ x ≤ 3600") == 1
     assert "immutable" in rows["spec.taskType"]
+
+
+def _schedule_rule() -> re.Pattern[str]:
+    """The RE2 pattern of spec.retraining.schedule's CEL rule, as Python's re (the rule uses
+    only syntax both share: classes, groups, alternation, repetition, (?i:...))."""
+    crd = yaml.safe_load((REPO / "crds" / "slmfleet.dev_agenttasks.yaml").read_text())
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    (rule,) = spec["properties"]["retraining"]["properties"]["schedule"]["x-kubernetes-validations"]
+    found = re.fullmatch(r"self\.matches\('([^']*)'\)", rule["rule"])
+    assert found is not None, rule["rule"]
+    return re.compile(found.group(1))
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    ["0 3 * * 0", "0 3 * * SUN", "0 3 * * mon-fri", "*/15 * * * *", "0 9-17 1,15 JAN-jun 1-5/2"],
+)
+def test_admission_takes_a_schedule_the_operator_runs(schedule: str) -> None:
+    assert _schedule_rule().search(schedule)
+    assert cron_problem(schedule) is None
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        "*/0 * * * *",
+        "0 3 * * FOO",
+        "60 * * * *",
+        "0 24 * * *",
+        "0 3 * SUN *",
+        "0 3 * *",
+        "*/ * * * *",
+    ],
+)
+def test_admission_refuses_a_schedule_the_operator_cannot_run(schedule: str) -> None:
+    assert not _schedule_rule().search(schedule)
+    assert cron_problem(schedule) is not None
+
+
+def test_the_chart_ships_the_same_crd() -> None:
+    chart = REPO / "charts" / "slm-fleet-operator" / "crds" / "slmfleet.dev_agenttasks.yaml"
+    assert chart.read_text() == (REPO / "crds" / "slmfleet.dev_agenttasks.yaml").read_text()

@@ -1,12 +1,23 @@
-"""The rollout decision alone: how many healthy windows a canary needs before promotion."""
+"""Live-control decisions alone: how many healthy windows a canary needs before promotion,
+and which retraining schedules run when."""
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import pytest
 
-from slm_operator.live import MODE_CANARY, MODE_SHADOW, MODE_SLM, Metrics, Rollout, rollout_step
+from slm_operator.live import (
+    MODE_CANARY,
+    MODE_SHADOW,
+    MODE_SLM,
+    Metrics,
+    Rollout,
+    cron_matches,
+    cron_problem,
+    rollout_step,
+)
 
 GOOD = Metrics(p95_latency_ms=80, error_rate=0.0, agreement=0.95, shadow_samples=100)
 DISAGREE = Metrics(p95_latency_ms=80, error_rate=0.0, agreement=0.5, shadow_samples=100)
@@ -74,3 +85,49 @@ def test_a_canary_follows_an_edited_canary_percent() -> None:
     cfg = {**CFG, "canaryPercent": 50, "canaryWindows": 5}
     assert rollout_step(prev, GOOD, False, cfg) == Rollout(MODE_CANARY, 50, "CanaryHealthy", 2)
     assert rollout_step(prev, NO_CANARY_CALLS, False, cfg).canary_percent == 50
+
+
+# ---- the retraining schedule ----------------------------------------------------------
+
+SUNDAY_3AM = dt.datetime(2026, 11, 22, 3, 0, tzinfo=dt.UTC)
+MONDAY_3AM = dt.datetime(2026, 11, 23, 3, 0, tzinfo=dt.UTC)
+
+
+@pytest.mark.parametrize(
+    ("expr", "when", "ok"),
+    [
+        ("0 3 * * SUN", SUNDAY_3AM, True),
+        ("0 3 * * sun", MONDAY_3AM, False),
+        ("0 3 * * mon-fri", MONDAY_3AM, True),
+        ("0 3 * * Mon-Fri", SUNDAY_3AM, False),
+        ("0 3 * * 7", SUNDAY_3AM, True),  # 7 is Sunday too
+        ("0 3 * * 5-7", SUNDAY_3AM, True),
+        ("0 3 * NOV *", SUNDAY_3AM, True),
+        ("0 3 * jan-mar,dec *", SUNDAY_3AM, False),
+        ("0 3 22 * MON", SUNDAY_3AM, True),  # both days restricted: either matches
+        ("*/20 3 * * *", dt.datetime(2026, 11, 22, 3, 40, tzinfo=dt.UTC), True),
+    ],
+)
+def test_cron_accepts_month_and_weekday_names(expr: str, when: dt.datetime, ok: bool) -> None:
+    assert cron_problem(expr) is None
+    assert cron_matches(expr, when) is ok
+
+
+@pytest.mark.parametrize(
+    ("expr", "why"),
+    [
+        ("*/0 * * * *", "step in '*/0' must be at least 1"),
+        ("0 3 * * FOO", "'FOO' is not a number or a name"),
+        ("0 3 * * 1-SUNDAY", "'SUNDAY' is not a number or a name"),
+        ("0 3 * SUN *", "month 'SUN' is not a number or a name (JAN"),
+        ("60 * * * *", "minute '60' is outside 0-59"),
+        ("0 3 * * fri-mon", "range 'fri-mon' ends before it starts"),
+        ("0 3 * *", "has 4 fields, not 5"),
+        ("0 3 */ * *", "step in '*/' is not a number"),
+    ],
+)
+def test_a_schedule_cron_cannot_run_is_refused_in_words(expr: str, why: str) -> None:
+    problem = cron_problem(expr)
+    assert problem is not None and why in problem
+    with pytest.raises(ValueError):
+        cron_matches(expr, MONDAY_3AM)

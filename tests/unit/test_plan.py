@@ -84,6 +84,7 @@ def jobs_through(
 ) -> dict[str, JobView]:
     rev = n.revision_of(task["spec"])
     name = task["metadata"]["name"]
+    claim = task["spec"]["storage"]["claimName"]
     out = {}
     dn = n.data_job_name(name, rev)
     out[dn] = view(
@@ -111,7 +112,7 @@ def jobs_through(
                 score=score,
                 llm_score=0.93,
                 parameters=params,
-                artifact_uri=f"pvc://slm-work/weather/{rev}/candidates/{cand}",
+                artifact_uri=f"pvc://{claim}/weather/{rev}/candidates/{cand}",
                 threshold=0.7,
                 train_seconds=120.0,
             ),
@@ -125,7 +126,7 @@ def jobs_through(
         "export",
         rev,
         SUCCEEDED,
-        result("export", artifact_uri=f"pvc://slm-work/weather/{rev}/model_repository"),
+        result("export", artifact_uri=f"pvc://{claim}/weather/{rev}/model_repository"),
     )
     return out
 
@@ -722,7 +723,8 @@ def retrained_jobs(
 
 def test_a_lost_retraining_keeps_counting_and_the_next_must_still_beat_the_served_model() -> None:
     """S6 goes on after a retraining that did not beat the served model: the next
-    ``minNewExamples`` calls start another, which must beat the served (older) model too."""
+    ``minNewExamples`` calls start another, which must beat the served (older) model too.
+    The lost one never trains again, even once its Jobs are deleted (by hand, a cleanup)."""
     task, jobs, dep, svc = _serving_task()
     task["spec"]["retraining"] = {"minNewExamples": 100, "enabled": True}
     rev0 = n.revision_of(task["spec"])
@@ -736,17 +738,30 @@ def test_a_lost_retraining_keeps_counting_and_the_next_must_still_beat_the_serve
     t += dt.timedelta(seconds=20)
     p = _step(task, lost, dep, svc, t, captured(1150))
     assert conds(task["status"])[c.EVALUATED] == (c.FALSE, c.NOT_BETTER)
-    assert not [o for o in p.apply if o["kind"] == "Job"]  # deleted by hand: not re-run
-    assert not p.delete_jobs  # but kept, with their results, until the next retraining
-    assert task["status"]["retraining"]["epoch"] == 1  # 50 new calls since the trigger
+    assert not [o for o in p.apply if o["kind"] == "Job"]
+    assert not p.delete_jobs  # kept, with their results, until the next retraining
+    assert task["status"]["retraining"]["concludedRevision"] == rev1
+
+    # Someone deletes the lost retraining's Jobs: nothing is created again, and status still
+    # says why the served model stays.
+    for i in range(1, 3):
+        p = _step(task, jobs, dep, svc, t + dt.timedelta(seconds=i), captured(1150))
+        assert not [o for o in p.apply if o["kind"] == "Job"], i
+        assert task["status"]["revision"] == {"active": rev0, "training": ""}
+        assert conds(task["status"])[c.EVALUATED] == (c.FALSE, c.NOT_BETTER)
+        assert conds(task["status"])[c.DATA_READY] == (c.TRUE, c.DATA_PREPARED)
+        assert task["status"]["retraining"]["epoch"] == 1  # 50 new calls since the trigger
+        assert not p.events
     t += dt.timedelta(seconds=10)
-    p = _step(task, lost, dep, svc, t, captured(1210))
+    p = _step(task, jobs, dep, svc, t, captured(1210))
     assert task["status"]["retraining"]["epoch"] == 2
     assert task["status"]["retraining"]["reason"] == "EnoughNewExamples"
-    p = _step(task, lost, dep, svc, t + dt.timedelta(seconds=1), captured(1210))
+    # Lost Jobs still there at the next retraining are deleted then.
+    kept = plan(Observed(task, lost, dep, svc, t + dt.timedelta(seconds=1), captured(1210)))
+    assert sorted(kept.delete_jobs) == sorted(name for name in lost if rev1 in name)
+    p = _step(task, jobs, dep, svc, t + dt.timedelta(seconds=1), captured(1210))
     assert task["status"]["revision"] == {"active": rev0, "training": rev2}
     assert f"weather-data-{rev2}" in [o["metadata"]["name"] for o in p.apply]
-    assert sorted(p.delete_jobs) == sorted(lost_name for lost_name in lost if rev1 in lost_name)
 
     # Epoch 2 passes the gate at 0.89: still not better than the served 0.9.
     worse = {**jobs, **retrained_jobs(task, rev0, rev2, scores=(0.89, 0.86))}
@@ -758,6 +773,113 @@ def test_a_lost_retraining_keeps_counting_and_the_next_must_still_beat_the_serve
     p = _step(task, better, dep, svc, t + dt.timedelta(seconds=3), captured(1210))
     exports = [o for o in p.apply if o["metadata"]["labels"].get(n.LABEL_STAGE) == "export"]
     assert [o["metadata"]["name"] for o in exports] == [n.export_job_name("weather", rev2)]
+
+
+def test_deleting_the_deployment_after_a_lost_retraining_keeps_the_served_model() -> None:
+    """The Triton Deployment is deleted (to force fresh pods, by a cleanup) after a retraining
+    lost to the served model: the served revision is rebuilt from status, the loser is not
+    promoted for want of a model to beat, and the served revision's Jobs are kept."""
+    task, jobs, dep, svc = _serving_task()
+    task["spec"]["retraining"] = {"minNewExamples": 100}
+    rev0, rev1 = n.revision_of(task["spec"]), n.revision_of(task["spec"], 1)
+    t = NOW
+    _step(task, jobs, dep, svc, t, captured(1000))
+    _step(task, jobs, dep, svc, t + dt.timedelta(seconds=10), captured(1100))
+    lost = {**jobs, **retrained_jobs(task, rev0, rev1, scores=(0.89, 0.88))}
+    _step(task, lost, dep, svc, t + dt.timedelta(seconds=20), captured(1100))
+    assert conds(task["status"])[c.EVALUATED] == (c.FALSE, c.NOT_BETTER)
+
+    p = _step(task, lost, None, svc, t + dt.timedelta(seconds=21), None)
+    assert kinds(p) == [("Deployment", "weather-slm"), ("Service", "weather-slm")]
+    d = p.apply[0]
+    assert d["metadata"]["annotations"][n.LABEL_REVISION] == rev0
+    assert d["metadata"]["annotations"][n.ANNOTATION_CANDIDATE] == "small"
+    args = d["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert f"--model-repository=/workspace/weather/{rev0}/model_repository" in args
+    assert p.delete_jobs == []  # neither the served revision's Jobs nor the loser's
+    assert conds(task["status"])[c.EVALUATED] == (c.FALSE, c.NOT_BETTER)
+    assert conds(task["status"])[c.FALLBACK_ACTIVE] == (c.TRUE, c.NO_READY_REPLICAS)
+    assert task["status"]["revision"] == {"active": rev0, "training": ""}
+    assert task["status"]["selectedModel"]["revision"] == rev0
+    assert task["status"]["selectedModel"]["score"] == 0.9
+
+    # Its replicas are back: the same model serves again.
+    p = _step(task, lost, dep, svc, t + dt.timedelta(seconds=30), captured(1100))
+    assert conds(task["status"])[c.READY] == (c.TRUE, c.READY_REASON)
+    assert task["status"]["revision"] == {"active": rev0, "training": ""}
+    assert not [o for o in p.apply if o["kind"] == "Job"]
+
+
+def test_a_new_storage_claim_keeps_the_served_model_on_its_own_claim() -> None:
+    """Moving a serving task to another PVC trains a new revision on the new claim; until it
+    replaces the served model, Triton keeps reading that model from the claim it is on."""
+    task, jobs, dep, svc = _serving_task()
+    old_rev = n.revision_of(task["spec"])
+    task["metadata"]["generation"] = 2
+    task["spec"]["storage"]["claimName"] = "slm-work-v2"
+    new_rev = n.revision_of(task["spec"])
+    assert new_rev != old_rev
+
+    p = plan(Observed(task, jobs, dep, svc, NOW))
+    d = next(o for o in p.apply if o["kind"] == "Deployment")
+    assert d["metadata"]["annotations"][n.LABEL_REVISION] == old_rev
+    vols = d["spec"]["template"]["spec"]["volumes"]
+    assert [v["persistentVolumeClaim"]["claimName"] for v in vols if v["name"] == "workspace"] == [
+        "slm-work"
+    ]
+    data = next(o for o in p.apply if o["kind"] == "Job")
+    assert data["metadata"]["name"] == f"weather-data-{new_rev}"
+    workspace = next(
+        v for v in data["spec"]["template"]["spec"]["volumes"] if v["name"] == "workspace"
+    )
+    assert workspace["persistentVolumeClaim"]["claimName"] == "slm-work-v2"
+    assert conds(p.status)[c.READY] == (c.TRUE, c.READY_REASON)
+    assert p.status["revision"] == {"active": old_rev, "training": new_rev}
+
+    # The new revision, trained and exported on the new claim, replaces it there.
+    p = plan(Observed(task, {**jobs, **jobs_through(task, "export")}, dep, svc, NOW))
+    d = next(o for o in p.apply if o["kind"] == "Deployment")
+    assert d["metadata"]["annotations"][n.LABEL_REVISION] == new_rev
+    vols = d["spec"]["template"]["spec"]["volumes"]
+    assert [v["persistentVolumeClaim"]["claimName"] for v in vols if v["name"] == "workspace"] == [
+        "slm-work-v2"
+    ]
+
+
+def _at(hour: int, minute: int, second: int = 0) -> dt.datetime:
+    return NOW.replace(hour=hour, minute=minute, second=second)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "triggered"),
+    [("0 12 * * MON", True), ("0 12 * * mon-fri", True), ("0 12 * * sun", False)],
+)
+def test_a_schedule_with_day_names_triggers_retraining_when_it_fires(
+    schedule: str, triggered: bool
+) -> None:
+    """Cron's day names (as the CRD admits them) work: the retraining starts at 12:00 on a
+    Monday (NOW) for a Monday schedule, and waits for a Sunday one."""
+    task, jobs, dep, svc = _serving_task()
+    task["spec"]["retraining"] = {"minNewExamples": 100, "schedule": schedule}
+    _step(task, jobs, dep, svc, _at(11, 59, 30), captured(1000))
+    _step(task, jobs, dep, svc, _at(12, 0, 0), captured(1100))
+    retraining = task["status"]["retraining"]
+    assert retraining["epoch"] == (1 if triggered else 0)
+    assert retraining["reason"] == ("EnoughNewExamples" if triggered else "WaitingForSchedule")
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_schedule_cron_cannot_run_is_invalid_spec_not_a_crash(enabled: bool) -> None:
+    """A step of 0 (admitted by an older CRD) used to raise at every metrics window, even with
+    retraining paused: no status, no live control. Now the task says what is wrong."""
+    task, jobs, dep, svc = _serving_task()
+    task["spec"]["retraining"] = {"minNewExamples": 100, "schedule": "*/0 * * * *"}
+    task["spec"]["retraining"]["enabled"] = enabled
+    p = _step(task, jobs, dep, svc, NOW, captured(1000))
+    assert p.invalid is not None and "retraining.schedule '*/0 * * * *'" in p.invalid
+    assert "step in '*/0' must be at least 1" in p.invalid
+    assert conds(p.status)[c.READY] == (c.FALSE, c.INVALID_SPEC)
+    assert p.apply == [] and p.delete_jobs == []
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,14 @@
-"""The operator's PromQL: one task's gateway series, scoped to its namespace when known."""
+"""The operator's PromQL: one task's gateway series, scoped to its namespace when known; and
+how it connects to Prometheus (certificate checked, credentials kept out of the log)."""
 
 from __future__ import annotations
 
+import logging
 import re
 
-from slm_operator.prom import queries
+import pytest
+
+from slm_operator.prom import PromMetrics, queries, redact_userinfo
 
 GATEWAY_SELECTOR = re.compile(r"slm_gateway_\w+\{([^}]*)\}")
 
@@ -33,3 +37,38 @@ def test_the_slm_error_rate_selects_the_slm_backend_and_error_results() -> None:
         'slm_gateway_backend_calls_total{namespace="team-a",task="weather",backend="slm",'
         'result=~"error|timeout|bad_output"}[30s]' in q
     )
+
+
+def test_an_https_prometheus_certificate_is_verified_unless_told_otherwise() -> None:
+    """Its answers decide fallback, scaling and promotion: no silent man in the middle."""
+    assert PromMetrics("https://prometheus.example:9090").client._session.verify is True
+    insecure = PromMetrics("https://prometheus.example:9090", verify_tls=False)
+    assert insecure.client._session.verify is False
+
+
+def test_the_log_never_shows_the_prometheus_password(caplog: pytest.LogCaptureFixture) -> None:
+    url = "https://ops:s3cr%40t@prometheus.example:9090"
+    prom = PromMetrics(url)
+
+    def down(query: str) -> object:
+        raise ConnectionError(f"Max retries exceeded for url: {url}/api/v1/query")
+
+    prom.client.custom_query = down  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING, logger="slm_operator.prom"):
+        assert prom.task_metrics("weather", 30) is None
+    assert caplog.records, "the failure is logged"
+    assert "s3cr" not in caplog.text and "ops:" not in caplog.text
+    assert "https://***@prometheus.example:9090" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("https://u:p@prom:9090/x?a=b@c", "https://***@prom:9090/x?a=b@c"),
+        ("http://u:p@ss@prom", "http://***@prom"),  # an unencoded @ in the password
+        ("http://prom:9090", "http://prom:9090"),
+        ("a http://u@h and https://v:w@k/", "a http://***@h and https://***@k/"),
+    ],
+)
+def test_redact_userinfo(text: str, want: str) -> None:
+    assert redact_userinfo(text) == want
