@@ -1,10 +1,20 @@
-"""The trainer result as the operator reads it back from a 4 KiB termination message."""
+"""The contract: the trainer result as the operator reads it back from a 4 KiB termination
+message, and the call records the gateway writes and every trainer stage reads."""
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pytest
 
-from slm_contract import TERMINATION_MESSAGE_LIMIT, TrainerResult
+from slm_contract import (
+    CALL_RECORD_SCHEMA,
+    TERMINATION_MESSAGE_LIMIT,
+    CallRecord,
+    ContractError,
+    TrainerResult,
+)
 
 
 @pytest.mark.parametrize(
@@ -23,3 +33,88 @@ def test_a_long_message_keeps_as_much_as_fits(message: str) -> None:
     assert message.startswith(kept.removesuffix(" [truncated]"))
     # The operator shows this message as the reason: cut only what does not fit.
     assert len(text.encode()) > TERMINATION_MESSAGE_LIMIT - 16
+
+
+# ------------------------------------------------------------------ call records
+
+
+def _call(**fields: Any) -> dict[str, Any]:
+    """A call record as the gateway writes it (operator/slm_gateway/capture.py)."""
+    return {
+        "task": "weather",
+        "messages": [{"role": "user", "content": "Weather in Oslo?"}],
+        "response": {"role": "assistant", "content": "Sunny."},
+        "backend": "llm",
+        "model": "gpt-4o",
+        "tools": [],
+        "latency_ms": 812.345,
+        "prompt_tokens": 21,
+        "completion_tokens": 3,
+        "timestamp": 1764650000.25,
+        "request_id": "req-1",
+        "fallback_reason": "",
+        "redactions": {"EMAIL_ADDRESS": 1},
+        "schema": CALL_RECORD_SCHEMA,
+        **fields,
+    }
+
+
+def test_a_record_as_the_gateway_writes_it_round_trips() -> None:
+    record = CallRecord.from_json(json.dumps(_call()))
+    assert record.redactions == {"EMAIL_ADDRESS": 1} and record.latency_ms == 812.345
+    assert CallRecord.from_json(record.to_json()) == record
+    # JSON has one number type: a count another writer wrote as 21.0 is still 21.
+    again = CallRecord.from_json(json.dumps(_call(prompt_tokens=21.0, redactions={"X": 2.0})))
+    assert again.prompt_tokens == 21 and again.redactions == {"X": 2}
+    assert isinstance(again.prompt_tokens, int) and isinstance(again.redactions["X"], int)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("redactions", 5),
+        ("redactions", {"EMAIL_ADDRESS": "x"}),
+        ("redactions", {"EMAIL_ADDRESS": -1}),
+        ("redactions", {"EMAIL_ADDRESS": True}),
+        ("redactions", ["EMAIL_ADDRESS"]),
+        ("model", 5),
+        ("model", ["gpt-4o"]),
+        ("request_id", None),
+        ("fallback_reason", {"reason": "x"}),
+        ("latency_ms", "812"),
+        ("latency_ms", True),
+        ("latency_ms", -1),
+        ("timestamp", None),
+        ("prompt_tokens", 1.5),
+        ("prompt_tokens", "21"),
+        ("completion_tokens", -3),
+        ("completion_tokens", False),
+    ],
+)
+def test_a_wrongly_typed_field_is_refused_by_name(field: str, value: Any) -> None:
+    """Refused here, readers skip the line as ``invalid_<field>``; accepted, a later stage
+    (redaction adds the counts up) crashed on it and the whole Job failed."""
+    with pytest.raises(ContractError) as caught:
+        CallRecord.from_json(json.dumps(_call(**{field: value})))
+    assert str(caught.value).startswith(f"{field} ")
+
+
+def test_non_finite_numbers_are_refused() -> None:
+    with pytest.raises(ContractError, match="latency_ms must be finite"):
+        CallRecord.from_json(json.dumps(_call()).replace("812.345", "NaN"))
+
+
+def test_a_lone_surrogate_is_refused_but_real_characters_are_not() -> None:
+    """No UTF-8 writer can encode a lone surrogate: every stage writing it back would crash."""
+    lone = json.dumps(_call()).replace("Weather in Oslo?", "hi \\ud800 there")
+    with pytest.raises(ContractError, match=r"^invalid Unicode"):
+        CallRecord.from_json(lone)
+    low_in_key = json.dumps(_call(response={"content": "ok", "x\\udc00": 1}))
+    with pytest.raises(ContractError, match=r"^invalid Unicode"):
+        CallRecord.from_json(low_in_key.replace("\\\\udc00", "\\udc00"))
+    # An escaped pair is one real character (what ensure_ascii writes for an emoji), and an
+    # escaped backslash followed by "ud800" is just text.
+    pair = json.dumps(_call()).replace("Weather in Oslo?", "sun \\ud83c\\udf1e")
+    assert CallRecord.from_json(pair).messages[0]["content"] == "sun \U0001f31e"
+    text = json.dumps(_call()).replace("Weather in Oslo?", "C:\\\\ud800")
+    assert CallRecord.from_json(text).messages[0]["content"] == "C:\\ud800"

@@ -199,6 +199,95 @@ def test_exact_and_near_duplicates_are_dropped(tmp_path: Path) -> None:
     assert report_off["examples"] == 13
 
 
+@pytest.mark.parametrize("scrub_pii", [True, False])
+def test_a_line_no_stage_could_use_is_skipped_by_reason_not_fatal(
+    tmp_path: Path, scrub_pii: bool
+) -> None:
+    """A lone surrogate (no UTF-8 writer can encode it) or a wrongly typed field crashed the
+    whole stage, so the Job failed on every retry; now each is one malformed line."""
+    surrogate = json.dumps(call("hi there", content="ok")).replace("hi there", "hi \\ud800 there")
+    email = call("mail me at jane.doe@example.com", content="ok")
+    odd = [
+        surrogate,
+        {**email, "redactions": 5},
+        {**email, "redactions": {"EMAIL_ADDRESS": "x"}},
+        {**call("which model", content="ok"), "model": ["gpt-4o"]},
+        {**call("how fast", content="ok"), "latency_ms": "fast"},
+    ]
+    result, report, out = curate(tmp_path, odd + tool_calls(12, 0, 0), scrub_pii=scrub_pii)
+    assert result.ok, result.message
+    assert report["malformed"] == {
+        "invalid_latency_ms": 1,
+        "invalid_model": 1,
+        "invalid_redactions": 2,
+        "invalid_unicode": 1,
+    }
+    assert report["error_samples"][0]["line"] == 1
+    assert report["examples"] == 12
+    assert len(read(out / "train.jsonl")) + len(read(out / "eval.jsonl")) == 12
+
+
+def flight_steps(i: int) -> list[dict[str, Any]]:
+    """One multi-step agent call as the gateway logs it: the user's request answered by a
+    search, then the same request with that search and its result, answered by a booking."""
+    city = CITIES[i]
+    request = {
+        "role": "user",
+        "content": f"Find and book a flight to {city} on the {i}th: aisle seat, one checked "
+        "bag, a morning departure, a refundable fare, my loyalty number on file, and send "
+        "the receipt to finance",
+    }
+
+    def step(name: str, arguments: dict[str, Any], call_id: str) -> dict[str, Any]:
+        function = {"name": name, "arguments": json.dumps(arguments)}
+        return {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": call_id, "type": "function", "function": function}],
+        }
+
+    search = step("search_flights", {"to": city, "day": i}, f"s{i}")
+    found = {"role": "tool", "tool_call_id": f"s{i}", "content": json.dumps({"id": f"F{i}"})}
+    system = {"role": "system", "content": "You are a travel agent."}
+    first = {**call(""), "messages": [system, request], "response": search}
+    second = {
+        **call(""),
+        "messages": [system, request, search, found],
+        "response": step("book_flight", {"flight": f"F{i}"}, f"b{i}"),
+    }
+    return [first, second]
+
+
+@pytest.mark.parametrize("threshold", [0.9, 0.8])
+def test_every_step_of_a_multi_step_agent_call_is_kept(tmp_path: Path, threshold: float) -> None:
+    """A later step repeats the user's request; it was dropped as a near duplicate of the
+    first step, and the model never learnt to book what it had found. With a long request
+    the two steps' texts are alike (Jaccard 0.81 here), so steps are never compared."""
+    lines = [s for i in range(12) for s in flight_steps(i)]
+    retried = json.loads(json.dumps(lines[1]).replace('"s0"', '"retry"'))  # other call ids
+    shouted = json.loads(json.dumps(lines[3]))  # the same step, asked in capitals
+    shouted["messages"][1]["content"] = shouted["messages"][1]["content"].upper() + "!!"
+    result, report, out = curate(
+        tmp_path,
+        [*lines, retried, shouted],
+        stratify_by="tool",
+        min_examples=1,
+        near_dup_threshold=threshold,
+    )
+    assert result.ok, result.message
+    assert report["exact_duplicates"] == 1  # identical calls are still dropped
+    assert report["near_duplicates"] == 1  # and so are near ones at the same step
+    assert report["strata"] == {
+        "tool:book_flight": {"train": 11, "eval": 1},
+        "tool:search_flights": {"train": 11, "eval": 1},
+    }
+    kept = read(out / "train.jsonl") + read(out / "eval.jsonl")
+    assert (
+        sum(1 for r in kept if r.response["tool_calls"][0]["function"]["name"] == "book_flight")
+        == 12
+    )
+
+
 def test_odd_but_valid_shapes_never_crash(tmp_path: Path) -> None:
     odd = [
         "[" * 100_000,  # too deep for the JSON decoder

@@ -170,3 +170,56 @@ def test_discover_refuses_too_little_data(tmp_path: Path) -> None:
     log.write_text(rec("hi", None).to_json() + "\n")
     result = discover.run(discover.Args(input=log, output_dir=tmp_path / "o"))
     assert not result.ok and "too few" in result.message
+
+
+def test_malformed_lines_are_counted_in_the_report_never_fatal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A log with broken lines still gets its tasks discovered, and the report says what was
+    skipped and why (the same reasons as curate's); a lone surrogate or a record too deep to
+    write back used to crash the stage, other bad lines vanished without a count."""
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("sklearn")
+
+    def by_tool(texts: list[str], model: str, batch_size: int) -> Any:
+        # Stands in for MiniLM (what is read is under test, not the encoder): one axis per tool.
+        return np.array([[1.0, 0.0] if "weather" in t else [0.0, 1.0] for t in texts])
+
+    monkeypatch.setattr(discover, "embed_texts", by_tool)
+    good = [rec(f"Weather in city {i}?", "get_weather") for i in range(4)]
+    good += [rec(f"Set an alarm for {i} am", "set_alarm") for i in range(4)]
+    nested: Any = []
+    for _ in range(600):  # decodes, but is too deep to write back to a cluster file
+        nested = [nested]
+    deep = json.loads(rec("deep", "get_weather").to_json())
+    deep["messages"][0]["x"] = nested
+    lines = [
+        *(r.to_json() for r in good[:4]),
+        "{broken",
+        "[" * 100_000,  # too deep for the JSON decoder
+        rec("hi there", "get_weather").to_json().replace("hi there", "hi \\ud800 there"),
+        rec("typed", "get_weather").to_json().replace('"model":""', '"model":["gpt-4o"]'),
+        json.dumps(deep),
+        *(r.to_json() for r in good[4:]),
+    ]
+    log = tmp_path / "calls.jsonl"
+    log.write_bytes("".join(line + "\n" for line in lines).encode() + b'{"task": "\xff"}\n')
+    args = discover.Args(input=log, output_dir=tmp_path / "out", max_clusters=2, min_cluster_size=2)
+    result = discover.run(args)
+    assert result.ok, result.message
+    assert "6 malformed lines skipped" in result.message
+    report = json.loads((tmp_path / "out" / "discover_report.json").read_text())
+    assert report["records"] == 8
+    assert report["malformed"] == {
+        "invalid_json": 2,
+        "invalid_model": 1,
+        "invalid_unicode": 1,
+        "invalid_utf8": 1,
+        "too_deep": 1,
+    }
+    assert report["malformed_total"] == 6
+    assert [s["line"] for s in report["error_samples"]] == [5, 6, 7, 8, 14]
+    assert sorted(report["manifests"]) == ["get-weather", "set-alarm"]
+    for name in report["manifests"]:
+        lines_out = (tmp_path / "out" / "clusters" / f"{name}.jsonl").read_text().splitlines()
+        assert len(lines_out) == 4 and all(CallRecord.from_json(x) for x in lines_out)

@@ -97,6 +97,24 @@ def test_a_generator_is_scored_by_ast_exact_match_and_json() -> None:
     assert s.threshold == 0.9 and s.score == 1.0 and s.coverage == 0.25
 
 
+def test_a_generator_never_gets_a_threshold_that_serves_cut_answers() -> None:
+    """Confidence 0 marks an answer cut at max_new_tokens; a threshold of 0 would serve it,
+    even when the eval calls happened to score it right."""
+    right = [tool_call("get_weather", {"city": "Oslo"}), tool_call("get_weather", {"city": "Lima"})]
+    preds = [
+        evaluate.Prediction(response=right[0], confidence=0.9),
+        evaluate.Prediction(response=right[1], confidence=0.0),  # cut, yet scored right
+        evaluate.Prediction(response=tool_call("set_alarm", {}), confidence=0.5),
+        evaluate.Prediction(response=records()[3].response, confidence=0.4),
+    ]
+    s = evaluate.score_candidate("gen", records(), preds, "tool-call", "tool-call-ast", 0.9)
+    assert s.threshold == 0.4 and s.coverage == 0.75 and s.score == 1.0
+    cut = [evaluate.Prediction(response=p.response, confidence=0.0) for p in preds]
+    s = evaluate.score_candidate("gen", records(), cut, "tool-call", "tool-call-ast", 0.9)
+    assert s.threshold is not None and s.threshold > 0.0
+    assert s.coverage == 0.0 and not s.meets_precision
+
+
 def test_without_confidences_the_score_is_the_metric_on_every_call() -> None:
     preds = [evaluate.Prediction(response=p.response) for p in GENERATOR]
     s = evaluate.score_candidate("gen", records(), preds, "tool-call", "exact-match", 0.9)
@@ -247,6 +265,49 @@ def test_a_malformed_candidate_is_reported_not_fatal(tmp_path: Path) -> None:
     assert by_name["not-objects"]["error"] and not by_name["not-objects"]["passes"]
     assert by_name["odd-result"]["parameters"] is None and not by_name["odd-result"]["error"]
     assert result.ok and result.candidate in ("selector", "odd-result")
+
+
+def test_malformed_eval_lines_are_counted_in_the_report_never_fatal(tmp_path: Path) -> None:
+    """A hand-edited or truncated eval.jsonl: the scores are over the calls that parse, and
+    the report says what was skipped and why (a line nested too deep used to crash)."""
+    nested: Any = []
+    for _ in range(600):  # decodes, but is too deep to hash or write back
+        nested = [nested]
+    deep = json.loads(records()[0].to_json())
+    deep["messages"][0]["x"] = nested
+    good = [r.to_json() for r in records()]
+    lines = [
+        good[0],
+        "{broken",
+        "[" * 100_000,
+        good[1].replace('"q1"', '"q \\ud800"'),
+        good[2],
+        json.dumps(deep),
+        good[3],
+    ]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "eval.jsonl").write_bytes(
+        "".join(line + "\n" for line in lines).encode() + b'{"task": "\xff"}\n'
+    )
+    keep = [0, 2, 3]  # what parses: q0, q2, q3
+    write_candidate(tmp_path / "cands" / "selector", [SELECTOR[i] for i in keep], 22_000_000)
+    args = evaluate.Args(
+        data=data, output=tmp_path / "out", candidates_dir=tmp_path / "cands", plot=False
+    )
+    result = evaluate.run(args)
+    assert result.eval_examples == 3, result.message
+    assert "5 malformed eval lines skipped" in result.message
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["malformed"] == {
+        "invalid_json": 2,
+        "invalid_unicode": 1,
+        "invalid_utf8": 1,
+        "too_deep": 1,
+    }
+    assert report["malformed_total"] == 5 and report["eval_lines"] == 8
+    assert [s["line"] for s in report["error_samples"]] == [2, 3, 4, 8]
+    assert report["candidates"][0]["metrics"]["examples"] == 3
 
 
 def test_arguments_are_checked() -> None:

@@ -219,6 +219,38 @@ def test_an_answer_cut_at_max_new_tokens_is_not_trusted(tokenizer: Any, tiny_min
     assert answer.confidence == 0.0  # the gateway hands it back to the LLM
 
 
+def _pred(confidence: float, score: float) -> dict[str, Any]:
+    """The fields of a predictions.jsonl line (``generative.evaluate``) a threshold reads."""
+    answer = {"role": "assistant", "content": None, "tool_calls": []}
+    return {"confidence": confidence, "score": score, "prediction": answer, "reference": answer}
+
+
+def test_the_serving_threshold_never_lets_a_cut_answer_through() -> None:
+    """The route serves an answer whose confidence is >= the threshold. The result reported
+    none, so the route used 0 and served answers cut at max_new_tokens (confidence 0)."""
+    from slm_contract import TrainerResult
+
+    # Every eval answer scored right, the cut one too: the best point would be threshold 0.
+    threshold, at = generative.serving_threshold(
+        [_pred(0.9, 1), _pred(0.0, 1), _pred(0.6, 1)], 0.97
+    )
+    assert threshold == 0.6 and at is not None and at["coverage"] == pytest.approx(2 / 3)
+    # Wrong answers below 0.8 are left to the LLM, as a selector's threshold does.
+    threshold, _ = generative.serving_threshold([_pred(0.9, 1), _pred(0.8, 1), _pred(0.7, 0)], 0.97)
+    assert threshold == 0.8
+    # Only cut answers, or no eval calls at all: still above 0.
+    only_cut, _ = generative.serving_threshold([_pred(0.0, 1)], 0.97)
+    assert only_cut == 1.0
+    none, at = generative.serving_threshold([], 0.97)
+    assert 0.0 < none <= generative.MIN_THRESHOLD and at is None
+    # The smallest positive float survives the 4 KiB termination message the operator reads.
+    text = TrainerResult(stage="finetune", ok=True, threshold=none).to_json()
+    assert TrainerResult.from_json(text).threshold == none  # and a confidence of 0 is below it
+    # No threshold reaches the target: answer nothing rather than wrongly.
+    unmet, at = generative.serving_threshold([_pred(0.9, 0), _pred(0.5, 1)], 0.97)
+    assert unmet == 1.0 and at is None
+
+
 # ------------------------------------------------------------------ loss masking and packing
 
 
@@ -388,6 +420,8 @@ def test_sigterm_then_resume_ends_exactly_like_an_uninterrupted_run(
     assert done.artifact_uri == straight.artifact_uri
     assert done.train_seconds and done.eval_seconds is not None
     assert done.train_examples == 12 and done.eval_examples == 3
+    # Reported for the route (selectedModel.threshold): never 0, which serves cut answers.
+    assert done.threshold is not None and done.threshold > 0.0
     progress = events.of("progress")
     assert [e["step"] for e in progress] == list(range(1, 7))  # 12 examples / 4 x 2 epochs
     assert progress[-1]["percent"] == 100.0
@@ -398,6 +432,8 @@ def test_sigterm_then_resume_ends_exactly_like_an_uninterrupted_run(
     assert (out_a / "adapter_config.json").is_file()
     preds = [json.loads(line) for line in (out_a / "predictions.jsonl").open()]
     assert len(preds) == 3 and all(0.0 <= p["confidence"] <= 1.0 for p in preds)
+    assert manifest["threshold"] == done.threshold
+    assert [p["accepted"] for p in preds] == [p["confidence"] >= done.threshold for p in preds]
 
     interrupted = stage_args(tmp_path / "b", tiny_minilm, data)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -43,6 +44,33 @@ STAGES = ("prepare", "discover", "finetune", "evaluate", "export")
 
 class ContractError(ValueError):
     """A record does not follow the contract; the message says which field and why."""
+
+
+#: A JSON ``\uXXXX`` escape of a UTF-16 surrogate (paired or not), or a raw surrogate character:
+#: the cheap test that decides whether a decoded line must be searched for lone surrogates.
+_SURROGATE_HINT = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}|[\ud800-\udfff]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _has_lone_surrogate(data: Any) -> bool:
+    """True if a string (value or key) anywhere in ``data`` holds a surrogate code point.
+
+    ``json.loads`` joins an escaped surrogate pair into one character but keeps a lone one,
+    which no UTF-8 writer can encode: every later ``.encode()`` or ``write`` would raise.
+    Iterative, because a decoded document may be nested deeper than Python recursion allows.
+    """
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _finite_or_none(value: Any, name: str) -> float | None:
@@ -205,18 +233,73 @@ class CallRecord:
         if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
             raise ContractError("tools must be a list of objects")
         known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        # Scalars are checked here, not where they are used: a wrong type would otherwise
+        # pass this check and crash a later stage (redaction adds up ``redactions``) on one
+        # odd line, failing the whole Job instead of skipping that line.
+        for name in ("model", "request_id", "fallback_reason"):
+            if name in values and not isinstance(values[name], str):
+                raise ContractError(f"{name} must be a string, got {type(values[name]).__name__}")
+        for name in ("latency_ms", "timestamp"):
+            if name in values:
+                number = _finite_or_none(values[name], name)
+                if number is None:
+                    raise ContractError(f"{name} must be a number, got null")
+                if name == "latency_ms" and number < 0:
+                    raise ContractError(f"{name} must be >= 0, got {number}")
+                values[name] = number
+        for name in ("prompt_tokens", "completion_tokens"):
+            if name in values:
+                values[name] = _count(values[name], name)
+        if "redactions" in values:
+            redactions = values["redactions"]
+            if not isinstance(redactions, dict):
+                raise ContractError(
+                    f"redactions must be an object of counts, got {type(redactions).__name__}"
+                )
+            counts: dict[str, int] = {}
+            for kind, n in redactions.items():
+                if not isinstance(kind, str):
+                    raise ContractError(f"redactions kinds must be strings, got {kind!r}")
+                counts[kind] = _count(n, "redactions", f" for {kind!r}")
+            values["redactions"] = counts
         try:
-            return cls(**{k: v for k, v in data.items() if k in known})
+            return cls(**values)
         except TypeError as exc:
             raise ContractError(str(exc)) from exc
 
     @classmethod
     def from_json(cls, line: str) -> CallRecord:
+        """Parse one call-log line; raises ContractError naming the bad field.
+
+        A line whose text holds a lone UTF-16 surrogate (``"\\ud800"`` escaped, as some JSON
+        encoders write a broken string) is refused as ``invalid Unicode``: it decodes, but no
+        stage could write it back as UTF-8.
+        """
         try:
             data = json.loads(line)
         except ValueError as exc:
             raise ContractError(f"not JSON: {exc}") from exc
+        # Searching the decoded document costs a walk; the regex on the raw line almost never
+        # matches, so a log without such escapes pays one scan per line.
+        if _SURROGATE_HINT.search(line) and _has_lone_surrogate(data):
+            raise ContractError(
+                "invalid Unicode: a string holds a lone surrogate (e.g. \\ud800), "
+                "which cannot be encoded as UTF-8"
+            )
         return cls.from_dict(data)
+
+
+def _count(value: Any, name: str, what: str = "") -> int:
+    """A non-negative whole number; JSON has one number type, so 3.0 counts as 3.
+
+    The message starts with ``name`` so that readers can count the line by field.
+    """
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ContractError(f"{name} must be a non-negative integer{what}, got {value!r}")
+    return value
 
 
 # ---- the served model's interface --------------------------------------------------------

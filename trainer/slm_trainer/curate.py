@@ -9,8 +9,10 @@ repeat most. This stage, in order:
    by reason and skipped, never fatal, and the first few are kept with their line numbers;
 2. scrubs PII and secrets (:mod:`slm_trainer.redact`; on by default);
 3. drops exact duplicates (same normalised messages, tools and response; tool-call ids and
-   whitespace don't count) and near duplicates (MinHash LSH over the user prompt's word
-   3-grams, Jaccard >= ``near_dup_threshold``), keeping the first occurrence;
+   whitespace don't count) and near duplicates (MinHash LSH over the word 3-grams of the
+   conversation before the answer: user turns, earlier tool calls with their arguments and
+   tool results, not the system prompt; Jaccard >= ``near_dup_threshold``), keeping the
+   first occurrence;
 4. splits train/eval, stratified by label (the first tool call's name, a short classification
    answer, or one stratum for free text), so every tool with two or more examples is in both
    splits. Within a stratum the eval examples are those with the smallest seeded hash of their
@@ -64,8 +66,8 @@ class Args:
     near_dup_threshold: float = field(
         default=0.9,
         metadata={
-            "help": "Jaccard similarity of user prompts above which a record is a near "
-            "duplicate; 1.0 turns near-duplicate removal off"
+            "help": "Jaccard similarity of conversations (user turns, earlier tool calls and "
+            "results) above which a record is a near duplicate; 1.0 turns it off"
         },
     )
     eval_fraction: float = field(default=0.1, metadata={"help": "share of each stratum for eval"})
@@ -131,6 +133,8 @@ def malformed_reason(exc: ContractError) -> str:
         return "not_an_object"
     if msg.startswith("unsupported call record schema"):
         return "unsupported_schema"
+    if msg.startswith("invalid Unicode"):
+        return "invalid_unicode"
     first = msg.split(" ", 1)[0]
     known = {f.name for f in fields(CallRecord)}
     return f"invalid_{first}" if first in known else "invalid_record"
@@ -152,8 +156,15 @@ def parse_lines(
     stats: ParseStats,
     task: str = "",
     max_error_samples: int = 5,
+    require_answer: bool = True,
 ) -> Iterator[CallRecord]:
-    """Valid records from ``(source, line number, raw bytes)``; everything else goes to stats."""
+    """Valid records from ``(source, line number, raw bytes)``; everything else goes to stats.
+
+    Shared by every stage that reads call records (curate, discover, evaluate), so that one
+    odd line is skipped and counted by the same reason everywhere instead of crashing one of
+    them. ``require_answer`` False keeps records whose response is empty (discover clusters
+    calls, evaluate scores them; only training needs an answer to learn).
+    """
     for source, lineno, raw in lines:
         stats.lines += 1
         if not raw.strip():
@@ -172,7 +183,7 @@ def parse_lines(
             if task and record.task != task:
                 stats.other_task += 1
                 continue
-            if not has_answer(record.response):
+            if require_answer and not has_answer(record.response):
                 reason, error = "empty_response", "response has no content and no tool_calls"
             else:
                 yield record
@@ -185,6 +196,8 @@ def parse_lines(
 
 
 def read_lines(files: Sequence[Path]) -> Iterator[tuple[str, int, bytes]]:
+    """``(file name, line number, raw bytes)`` of every line: bytes, so that invalid UTF-8 is
+    a countable reason in :func:`parse_lines` rather than a decode error or a silent ``\ufffd``."""
     for path in files:
         with path.open("rb") as fh:
             for lineno, raw in enumerate(fh, start=1):
@@ -247,9 +260,67 @@ def exact_key(record: CallRecord) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def user_text(record: CallRecord) -> str:
-    """What the agent's user asked: all user turns, which is where near duplicates differ."""
-    return "\n".join(_text_of(m.get("content")) for m in record.messages if m.get("role") == "user")
+def writable(record: CallRecord) -> bool:
+    """False for a record that decoded but is nested too deep to be written back out.
+
+    JSON decodes deeper than ``dataclasses.asdict`` and the encoder can walk back, so such a
+    record would crash the stage that writes (or hashes) it; readers count it as ``too_deep``.
+    """
+    try:
+        record.to_json()
+    except RecursionError:
+        return False
+    return True
+
+
+#: Roles whose turns are not part of the near-duplicate text: a system prompt is shared by
+#: every call of an agent, and its many words would make unrelated calls look alike.
+_NOT_CONVERSATION = frozenset({"system", "developer"})
+
+
+def dedupe_text(record: CallRecord) -> str:
+    """The conversation that determines the answer, as text for near-duplicate detection.
+
+    Every turn but the system prompt, in order: user turns, the assistant's earlier text and
+    tool calls (name and canonical arguments) and the tool results. A multi-step agent call
+    repeats the user's request at every step, so the user turns alone would make each later
+    step (same request, one more tool call and result) a near duplicate of the first and
+    drop it. A call with a single user turn gives exactly that turn's text.
+    """
+    parts: list[str] = []
+    for message in record.messages:
+        if message.get("role") in _NOT_CONVERSATION:
+            continue
+        normal = _normal_message(message)
+        if normal["content"]:
+            parts.append(normal["content"])
+        for name, arguments in normal.get("tool_calls", []):
+            args = (
+                arguments
+                if isinstance(arguments, str)
+                else json.dumps(arguments, sort_keys=True, ensure_ascii=False)
+            )
+            parts.append(f"{name or ''} {args}".strip())
+    return "\n".join(parts)
+
+
+def conversation_shape(record: CallRecord) -> str:
+    """The step of the agent loop a call is at: its turns' roles and the tools called so far.
+
+    Near duplicates are only looked for among calls of the same shape. A later step repeats
+    the user's request and adds a tool call and a short result, which a long request outweighs
+    in any text similarity; its answer (the next tool) still differs from the first step's.
+    """
+    shape = []
+    for message in record.messages:
+        role = message.get("role")
+        if role in _NOT_CONVERSATION:
+            continue
+        calls = message.get("tool_calls")
+        calls = calls if isinstance(calls, list) else []
+        names = [str(_function_of(c).get("name") or "?") for c in calls]
+        shape.append(f"{role}:{','.join(names)}" if names else str(role))
+    return "|".join(shape)
 
 
 def shingles(text: str, n: int = 3) -> set[str]:
@@ -313,7 +384,8 @@ def assign_split(
 
 
 class _NearDuplicateFilter:
-    """MinHash LSH index of kept prompts; candidates are verified on the estimated Jaccard."""
+    """MinHash LSH index of kept conversations; candidates are verified on the estimated
+    Jaccard and must be at the same step of the agent loop (``group``)."""
 
     def __init__(self, threshold: float, num_perm: int, seed: int) -> None:
         from datasketch import MinHash, MinHashLSH
@@ -323,11 +395,12 @@ class _NearDuplicateFilter:
         # as near duplicates.
         self._template = MinHash(num_perm=num_perm, seed=seed, scheme="affine32")
         self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        self._kept: dict[str, Any] = {}
+        self._kept: dict[str, tuple[str, Any]] = {}
         self.threshold = threshold
 
-    def is_duplicate(self, key: str, text: str) -> bool:
-        """True if ``text`` is a near duplicate of one already kept; otherwise keep it."""
+    def is_duplicate(self, key: str, text: str, group: str = "") -> bool:
+        """True if ``text`` is a near duplicate of one already kept in the same ``group``;
+        otherwise keep it."""
         grams = shingles(text)
         if not grams:
             return False
@@ -339,10 +412,11 @@ class _NearDuplicateFilter:
         )
         mh.update_batch([g.encode() for g in grams])
         for other in self._lsh.query(mh):
-            if mh.jaccard(self._kept[other]) >= self.threshold:
+            other_group, other_mh = self._kept[other]
+            if other_group == group and mh.jaccard(other_mh) >= self.threshold:
                 return True
         self._lsh.insert(key, mh)
-        self._kept[key] = mh
+        self._kept[key] = (group, mh)
         return False
 
 
@@ -404,10 +478,15 @@ def run(args: Args, progress: Progress | None = None) -> TrainerResult:
                 record, counts = redactor.redact_record(record)
                 key = exact_key(record)
             line = record.to_json()
+            near_text = dedupe_text(record) if near is not None else ""
+            near_group = conversation_shape(record) if near is not None else ""
         except RecursionError:
             # JSON decodes deeper than dataclasses.asdict and the encoder can walk back: such
             # a record could not be written out, so it is malformed rather than fatal.
             stats.malformed["too_deep"] += 1
+            continue
+        except UnicodeEncodeError:  # the contract refuses lone surrogates; never fatal anyway
+            stats.malformed["invalid_unicode"] += 1
             continue
         seen.add(raw_key)
         if counts:
@@ -418,7 +497,7 @@ def run(args: Args, progress: Progress | None = None) -> TrainerResult:
                 exact_dupes += 1
                 continue
             seen.add(key)
-        if near is not None and near.is_duplicate(key, user_text(record)):
+        if near is not None and near.is_duplicate(key, near_text, near_group):
             near_dupes += 1
             continue
         kept.append((stratum(record, args.stratify_by), key, line))

@@ -17,7 +17,8 @@ How:
    (TF-IDF of the cluster against the rest), for example ``get-weather-forecast``;
 4. the report (``discover_report.json``) lists sizes, example prompts, top tools, keywords,
    the dominant task type and, where the records carry labels (their ``task`` field, or the
-   first tool called), the clusters' purity;
+   first tool called), the clusters' purity; also the malformed lines skipped, counted by
+   the same reasons as curate's (the same parser reads the log) with the first few quoted;
 5. for every cluster with at least ``min_cluster_size`` calls, the cluster's records go to
    ``clusters/<name>.jsonl`` and an AgentTask manifest (``slmfleet.dev/v1alpha1``) to
    ``manifests/<name>.yaml``. The manifest's dataset URI points at that file.
@@ -37,8 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from slm_contract import CallRecord, ContractError, TrainerResult
+from slm_contract import CallRecord, TrainerResult
 from slm_trainer import metrics
+from slm_trainer.curate import ParseStats, input_files, parse_lines, read_lines, writable
 
 #: The contract has no discover stage; discovery prepares data, like curate.
 CONTRACT_STAGE = "discover"
@@ -99,6 +101,9 @@ class Args:
         default="", metadata={"help": "Secret name of the LLM API key (none if empty)"}
     )
     batch_size: int = field(default=64, metadata={"help": "embedding batch size"})
+    max_error_samples: int = field(
+        default=5, metadata={"help": "malformed lines quoted in the report"}
+    )
     num_threads: int = field(default=0, metadata={"help": "torch CPU threads (0: default)"})
 
     def __post_init__(self) -> None:
@@ -352,17 +357,21 @@ def agent_task_manifest(
 # ----------------------------------------------------------------------------- the stage
 
 
-def read_records(path: Path) -> Iterator[CallRecord]:
-    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
-    for file in files:
-        with file.open(encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if not line.strip():
-                    continue
-                try:
-                    yield CallRecord.from_json(line)
-                except (ContractError, RecursionError):
-                    continue
+def read_records(
+    path: Path, stats: ParseStats | None = None, max_error_samples: int = 5
+) -> Iterator[CallRecord]:
+    """The call log's valid records, read by curate's parser: a malformed line is counted in
+    ``stats`` by the same reason curate gives it (and the first few quoted), never fatal.
+
+    Calls with an empty answer are kept: they still show which tasks recur.
+    """
+    lines = read_lines(input_files(path))
+    yield from parse_lines(
+        lines,
+        stats if stats is not None else ParseStats(),
+        max_error_samples=max_error_samples,
+        require_answer=False,
+    )
 
 
 def _sample(records: list[CallRecord], limit: int, seed: int) -> list[CallRecord]:
@@ -397,13 +406,29 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
         import torch
 
         torch.set_num_threads(args.num_threads)
-    records = _sample(list(read_records(args.input)), args.max_records, args.seed)
+    stats = ParseStats()
+    sample = _sample(
+        list(read_records(args.input, stats, args.max_error_samples)), args.max_records, args.seed
+    )
+    # Checked on the sample only (writing it back is the costly part of the check): a record
+    # too deep to write would crash the stage when its cluster's file is written.
+    records = [r for r in sample if writable(r)]
+    if len(records) < len(sample):
+        stats.malformed["too_deep"] += len(sample) - len(records)
+    malformed_total = sum(stats.malformed.values())
+    skipped = (
+        f"; {malformed_total} malformed line{'s' if malformed_total > 1 else ''} skipped ("
+        + ", ".join(f"{n} {reason}" for reason, n in sorted(stats.malformed.items()))
+        + ")"
+        if malformed_total
+        else ""
+    )
     if len(records) < 3:
         return TrainerResult(
             stage=CONTRACT_STAGE,
             ok=False,
             examples=len(records),
-            message=f"too few calls to cluster: {len(records)}",
+            message=f"too few calls to cluster: {len(records)}{skipped}",
         )
     texts = [embedding_text(r) for r in records]
     _emit(emit, phase="embed", records=len(records))
@@ -497,6 +522,11 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
     overall = round(purity(assignments, labels), 4) if labels else None
     report = {
         "input": str(args.input),
+        "lines": stats.lines,
+        "blank": stats.blank,
+        "malformed": dict(sorted(stats.malformed.items())),
+        "malformed_total": malformed_total,
+        "error_samples": stats.errors,
         "records": len(records),
         "method": args.method,
         "clusters_found": chosen_k,
@@ -522,7 +552,7 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
             f"{len(clusters)} clusters from {len(records)} calls ({args.method}"
             + (f", k={chosen_k} by silhouette" if silhouettes else "")
             + f"){purity_note}; {len(manifests)} AgentTask manifests for clusters of >= "
-            f"{args.min_cluster_size} calls"
+            f"{args.min_cluster_size} calls{skipped}"
         ),
     )
 

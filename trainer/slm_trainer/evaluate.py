@@ -37,8 +37,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from slm_contract import CallRecord, ContractError, TrainerResult
+from slm_contract import CallRecord, TrainerResult
 from slm_trainer import metrics
+from slm_trainer.curate import ParseStats, parse_lines, read_lines, writable
+from slm_trainer.generative import MIN_THRESHOLD
 
 #: The contract has no evaluate stage; this one reports a candidate's score like finetune.
 CONTRACT_STAGE = "evaluate"
@@ -206,13 +208,18 @@ def score_candidate(
             for lab, p in zip(labels, preds, strict=True)
         ]
         curve = metrics.coverage_curve(answer_labels, conf, refs, verdict)
-        chosen = metrics.pick_threshold(curve, target_precision)
+        # A generator's answer with confidence 0 was cut at max_new_tokens and is never served,
+        # so the threshold is chosen among the points that defer it (all points of a selector).
+        floor = MIN_THRESHOLD if generative else 0.0
+        usable = [p for p in curve if p.threshold >= floor] or curve
+        chosen = metrics.pick_threshold(usable, target_precision)
         if chosen is None:
-            chosen = max(curve, key=lambda p: (p.precision if p.accepted else -1, p.coverage))
+            chosen = max(usable, key=lambda p: (p.precision if p.accepted else -1, p.coverage))
             out.meets_precision = False
             out.reasons.append(f"no threshold reaches precision {target_precision:.2f}")
         out.curve = metrics.curve_as_dicts(curve)
-        out.threshold = round(min(1.0, chosen.threshold), 6)
+        # Rounded for the report, but never down to 0 for a generator (see floor above).
+        out.threshold = max(floor, round(min(1.0, chosen.threshold), 6))
         out.coverage = round(chosen.coverage, 6)
         out.score = round(chosen.precision if chosen.accepted else 0.0, 6)
         m["at_threshold"] = asdict(chosen)
@@ -267,16 +274,23 @@ def apply_gate(
 # ----------------------------------------------------------------------------- I/O
 
 
-def read_eval(path: Path) -> list[CallRecord]:
+def read_eval(path: Path, stats: ParseStats | None = None) -> list[CallRecord]:
+    """The eval calls, read by curate's parser; raises OSError when the file is missing.
+
+    A malformed line (hand-edited or truncated file) is skipped and counted in ``stats`` by
+    reason, never fatal: the report says how many calls the scores are over and why the
+    others were left out. A record too deep to hash or write is counted as ``too_deep``.
+    """
+    stats = stats if stats is not None else ParseStats()
     file = path / "eval.jsonl" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no such file: {file}")
     out = []
-    with file.open(encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                try:
-                    out.append(CallRecord.from_json(line))
-                except ContractError:
-                    continue
+    for record in parse_lines(read_lines([file]), stats, require_answer=False):
+        if writable(record):
+            out.append(record)
+        else:
+            stats.malformed["too_deep"] += 1
     return out
 
 
@@ -403,12 +417,23 @@ def plot_report(report: Mapping[str, Any], path: Path) -> None:
 
 def run(args: Args, emit: Emit | None = None) -> TrainerResult:
     started = time.monotonic()
+    stats = ParseStats()
     try:
-        records = read_eval(args.data)
+        records = read_eval(args.data, stats)
     except OSError as exc:
         return TrainerResult(stage=CONTRACT_STAGE, ok=False, message=f"no eval data: {exc}")
+    malformed_total = sum(stats.malformed.values())
+    skipped = (
+        f"; {malformed_total} malformed eval line{'s' if malformed_total > 1 else ''} skipped ("
+        + ", ".join(f"{n} {reason}" for reason, n in sorted(stats.malformed.items()))
+        + ")"
+        if malformed_total
+        else ""
+    )
     if not records:
-        return TrainerResult(stage=CONTRACT_STAGE, ok=False, message="eval split is empty")
+        return TrainerResult(
+            stage=CONTRACT_STAGE, ok=False, message=f"eval split is empty{skipped}"
+        )
     if args.num_threads > 0:
         import torch
 
@@ -442,6 +467,10 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
     winner = apply_gate(scores, llm_score, min_score, max_drop, args.selection_policy)
     report = {
         "eval_examples": len(records),
+        "eval_lines": stats.lines,
+        "malformed": dict(sorted(stats.malformed.items())),
+        "malformed_total": malformed_total,
+        "error_samples": stats.errors,
         "task_type": args.task_type,
         "metric": args.metric,
         "target_precision": args.target_precision,
@@ -473,7 +502,7 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
             llm_score=llm_score,
             eval_examples=len(records),
             eval_seconds=eval_seconds,
-            message=f"no candidate passed the gate: {summary}",
+            message=f"no candidate passed the gate: {summary}{skipped}",
         )
     return TrainerResult(
         stage=CONTRACT_STAGE,
@@ -486,5 +515,5 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
         threshold=winner.threshold,
         eval_examples=len(records),
         eval_seconds=eval_seconds,
-        message=f"winner {winner.name} ({args.selection_policy}); {summary}",
+        message=f"winner {winner.name} ({args.selection_policy}); {summary}{skipped}",
     )

@@ -80,7 +80,7 @@ class Args:
     num_threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch default)"})
     target_precision: float = field(
         default=0.97,
-        metadata={"help": "selector: precision on answered calls that picks the threshold"},
+        metadata={"help": "precision on answered calls that picks the serving threshold"},
     )
     calibration_fraction: float = field(
         default=0.15, metadata={"help": "selector: share of train held out for calibration"}

@@ -30,8 +30,10 @@ them, else in the system message
 After training the model answers the held-out split with greedy decoding
 (:mod:`slm_trainer.triton_model.runtime`, again shared with serving) and is scored with the
 AgentTask's metric against the LLM's answers; the adapter (or full weights), the tokenizer, a
-``manifest.json`` and ``predictions.jsonl`` (per-example score and confidence, for threshold
-selection) are written to ``args.output``.
+``manifest.json`` and ``predictions.jsonl`` (per-example score and confidence) are written to
+``args.output``. The serving threshold is chosen on those predictions like a selector's
+(:func:`serving_threshold`) and reported in the result, where the operator reads it for the
+route: always above 0, so an answer cut at ``max_new_tokens`` (confidence 0) is never served.
 """
 
 from __future__ import annotations
@@ -58,6 +60,12 @@ MANIFEST_SCHEMA = "slmfleet.dev/generative-candidate/v1"
 CHECKPOINT_FILE = "checkpoint.pt"
 
 Emit = Callable[[dict[str, Any]], None]
+
+#: The lowest threshold a generative candidate reports: the smallest positive float. The
+#: runtime gives an answer cut at ``max_new_tokens`` confidence exactly 0 (it is incomplete,
+#: however sure the model was of each token), and the gateway serves an answer whose
+#: confidence is >= the threshold; with 0 it would serve that broken answer.
+MIN_THRESHOLD = math.ulp(0.0)
 
 #: Used when a base model ships no chat template (plain pretrained checkpoints). Saved with the
 #: tokenizer, so serving renders prompts exactly as training did.
@@ -743,8 +751,13 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
     finally:
         progress.close()
 
+    target_precision = float(getattr(args, "target_precision", None) or 0.97)
+    threshold, at_threshold = serving_threshold(
+        predictions, target_precision, getattr(args, "task_type", "")
+    )
     with (out / "predictions.jsonl").open("w", encoding="utf-8") as fh:
         for p in predictions:
+            p["accepted"] = p["confidence"] >= threshold
             fh.write(json.dumps(p, ensure_ascii=False) + "\n")
     manifest = {
         "schema": MANIFEST_SCHEMA,
@@ -762,6 +775,9 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
         "trainable_parameters": trainable_params,
         "score": score,
         "llm_score": 1.0,
+        "threshold": threshold,
+        "target_precision": target_precision,
+        "at_threshold": at_threshold,
         "train_examples": len(examples),
         "eval_examples": len(eval_records),
         "final_loss": losses[-1] if losses else None,
@@ -783,14 +799,28 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
         parameters=total_params,
         trainable_parameters=trainable_params,
         artifact_uri=getattr(args, "artifact_uri", None) or None,
+        threshold=threshold,
         examples=len(train_records) + len(eval_records),
         train_examples=len(examples),
         eval_examples=len(eval_records),
         train_seconds=round(train_seconds, 3),
         eval_seconds=round(eval_seconds, 3),
         message=f"{args.method} on {total} steps, final loss {losses[-1]:.4f}"
-        + ("" if score is None else f", {args.metric} {score:.3f} vs the LLM"),
+        + ("" if score is None else f", {args.metric} {score:.3f} vs the LLM")
+        + _threshold_note(threshold, at_threshold, target_precision),
     )
+
+
+def _threshold_note(threshold: float, at: dict[str, Any] | None, target_precision: float) -> str:
+    """How the serving threshold came out, for the result's message."""
+    if at is not None:
+        return (
+            f"; threshold {threshold:.3g} answers {at['coverage']:.1%} of eval calls at "
+            f"precision {at['precision']:.1%}"
+        )
+    if threshold >= 1.0:
+        return f"; no threshold reaches precision {target_precision:.2f}: threshold 1.0"
+    return f"; threshold {threshold:.3g} (no eval calls)"
 
 
 def _served_model(out: Path, args: Any, device: str) -> Any:
@@ -808,6 +838,41 @@ def _served_model(out: Path, args: Any, device: str) -> Any:
     torch.cuda.empty_cache()
     model, _ = runtime.load_model(out, str(args.model), device=device)
     return model
+
+
+def serving_threshold(
+    predictions: Sequence[dict[str, Any]], target_precision: float, task_type: str = ""
+) -> tuple[float, dict[str, Any] | None]:
+    """The confidence threshold to serve with, and the eval figures at it (None when unmet).
+
+    Chosen as a selector's is (:func:`slm_trainer.metrics.pick_threshold`): the lowest one at
+    which the answered eval calls reach ``target_precision``, a call counting as right when
+    its score is 1. When no threshold reaches it the candidate should answer nothing, so 1.0
+    (as a selector does). Never below :data:`MIN_THRESHOLD`: without eval calls, or when every
+    one was right including answers cut at ``max_new_tokens``, the route would otherwise get 0
+    and serve truncated answers.
+    """
+    from dataclasses import asdict
+
+    from slm_trainer import metrics
+
+    if not predictions:
+        return MIN_THRESHOLD, None
+    answers = [None if metrics.is_deferral(p.get("prediction")) else "answer" for p in predictions]
+    refs = [metrics.label_of(p.get("reference"), task_type or "tool-call") for p in predictions]
+    curve = metrics.coverage_curve(
+        answers,
+        [float(p["confidence"]) for p in predictions],
+        refs,
+        [float(p["score"]) >= 1.0 for p in predictions],
+    )
+    # The point at threshold 0 would count cut answers as served: choose among the others.
+    chosen = metrics.pick_threshold(
+        [c for c in curve if c.threshold >= MIN_THRESHOLD], target_precision
+    )
+    if chosen is None:
+        return 1.0, None
+    return max(MIN_THRESHOLD, min(1.0, chosen.threshold)), asdict(chosen)
 
 
 def max_new_tokens(examples: Sequence[Example], opts: Options) -> int:
