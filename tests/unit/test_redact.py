@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 
@@ -18,8 +19,10 @@ from hypothesis import strategies as st
 
 from slm_contract import CallRecord
 from slm_trainer.redact import (
+    KnownValues,
     RedactionState,
     Redactor,
+    Span,
     default_redactor,
     looks_random,
 )
@@ -279,6 +282,282 @@ def test_content_parts_and_history_tool_calls_are_redacted(redactor: Redactor) -
     assert counts == {"EMAIL_ADDRESS": 3, "PHONE_NUMBER": 1}
 
 
+# ---- record-wide replacement: a value found in one field is replaced in every field ---------
+
+
+def _call(args: Mapping[str, object]) -> dict[str, object]:
+    return {
+        "role": "assistant",
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "act", "arguments": json.dumps(args)},
+            }
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    ("user", "args", "placeholder", "redacted_user"),
+    [
+        (
+            "please call me at 4155550132 tomorrow",
+            {"to": "4155550132"},
+            "<PHONE_NUMBER_1>",
+            "please call me at <PHONE_NUMBER_1> tomorrow",
+        ),
+        (
+            "set api_key=Zx81kq0Pa9LmW2vB7cQ4 on the server",
+            {"value": "Zx81kq0Pa9LmW2vB7cQ4"},
+            "<API_KEY_1>",
+            "set api_key=<API_KEY_1> on the server",
+        ),
+        (
+            "my password: Tr0ub4dor&3xyzq, log me in",
+            {"pass": "Tr0ub4dor&3xyzq"},
+            "<API_KEY_1>",
+            "my password: <API_KEY_1>, log me in",
+        ),
+    ],
+)
+def test_a_value_recognised_in_the_prompt_is_replaced_in_the_tool_call(
+    redactor: Redactor,
+    user: str,
+    args: dict[str, str],
+    placeholder: str,
+    redacted_user: str,
+) -> None:
+    """The tool call alone gives no hint ("4155550132" under "to"), so it kept the raw value:
+    exactly what the fine-tuned model would learn to emit."""
+    raw = next(iter(args.values()))
+    rec = CallRecord(
+        task="t", backend="llm", messages=[{"role": "user", "content": user}], response=_call(args)
+    )
+    new, counts = redactor.redact_record(rec)
+    assert new.messages[0]["content"] == redacted_user
+    out_args = json.loads(new.response["tool_calls"][0]["function"]["arguments"])
+    assert out_args == {next(iter(args)): placeholder}
+    assert raw not in new.to_json()
+    assert sum(counts.values()) == 2  # counted in the prompt and in the arguments
+
+
+def test_record_wide_replacement_sees_escapes_and_formats_but_not_short_or_glued_values(
+    redactor: Redactor,
+) -> None:
+    """A value is matched however JSON escaped it (Go writes "&" as \\u0026) and a phone number
+    by its bare digits, even stored as a JSON number; one glued to other digits
+    ("41555501320") is left alone, so unrelated text is not corrupted."""
+    rec = CallRecord(
+        task="t",
+        backend="llm",
+        messages=[
+            {
+                "role": "user",
+                "content": "call (415) 555-0132, password: Tr0ub4dor&3xyzq",
+            },
+            {
+                "role": "tool",
+                "tool_call_id": "c",
+                "content": '{"pass": "Tr0ub4dor\\u00263xyzq", "note": "see Tr0ub4dor&3xyzq"}',
+            },
+        ],
+        response=_call({"to": 4155550132, "ref": "41555501320"}),
+    )
+    new, counts = redactor.redact_record(rec)
+    assert new.messages[0]["content"] == ("call <PHONE_NUMBER_1>, password: <API_KEY_1>")
+    assert json.loads(new.messages[1]["content"]) == {
+        "pass": "<API_KEY_1>",
+        "note": "see <API_KEY_1>",
+    }
+    assert json.loads(new.response["tool_calls"][0]["function"]["arguments"]) == {
+        "to": "<PHONE_NUMBER_1>",
+        "ref": "41555501320",
+    }
+    assert counts == {"API_KEY": 3, "PHONE_NUMBER": 2}
+
+
+def test_record_wide_replacement_with_many_values(redactor: Redactor) -> None:
+    """Past a handful of values the record-wide pass matches them all with one trie-shaped
+    regex (a megabyte in milliseconds however many values): each still gets its own number,
+    and the longest value wins where one is a prefix of another."""
+    numbers = [f"41555501{i:02d}" for i in range(30)]
+    keys = ["Zx81kq0Pa9LmW2vB7cQ4", "Zx81kq0Pa9LmW2vB7cQ4Yq7"]  # the first a prefix of the second
+    user = "\n".join(f"call {n}" for n in numbers) + f"\napi_key={keys[0]} token={keys[1]}"
+    rec = CallRecord(
+        task="t",
+        backend="llm",
+        messages=[{"role": "user", "content": user}],
+        response=_call({"to": list(reversed(numbers)), "a": keys[1], "b": keys[0]}),
+    )
+    new, counts = redactor.redact_record(rec)
+    args = json.loads(new.response["tool_calls"][0]["function"]["arguments"])
+    assert args == {
+        "to": [f"<PHONE_NUMBER_{i}>" for i in range(30, 0, -1)],
+        "a": "<API_KEY_2>",
+        "b": "<API_KEY_1>",
+    }
+    assert counts == {"API_KEY": 4, "PHONE_NUMBER": 60}
+
+
+def test_record_wide_replacement_leaves_short_values_alone() -> None:
+    """A 3-character finding (the IPv6 "::1") replaced everywhere would rewrite "a[::1]" in
+    code; values under 4 characters are replaced only where a recognizer found them."""
+    state = RedactionState()
+    known = KnownValues({"::1": "IP_ADDRESS", "4155550132": "PHONE_NUMBER"})
+    text = "a[::1] then 4155550132, not 41555501320"
+    assert known.replace(text, state) == "a[::1] then <PHONE_NUMBER_1>, not 41555501320"
+    assert state.counts == {"PHONE_NUMBER": 1}
+
+
+# ---- every part type, every tool-call type, JSON keys ----------------------------------------
+
+_PNG = "data:image/png;base64," + "iVBORw0KGgo+4111111111111111+" * 2000
+
+
+def test_image_file_and_custom_tool_call_fields_are_redacted(redactor: Redactor) -> None:
+    """A pre-signed image URL carries a key id and an address, a file part its file name, a
+    custom tool call free-text input: none of them was scanned. Base64 payloads stay as they
+    are (a chance card-like digit run inside must not corrupt the image)."""
+    url = (
+        "https://b.s3.amazonaws.com/x.png?X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F20240101"
+        "&email=jane.doe@example.com"
+    )
+    rec = CallRecord(
+        task="t",
+        backend="llm",
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "see"},
+                    {"type": "image_url", "image_url": {"url": url, "detail": "auto"}},
+                    {"type": "image_url", "image_url": {"url": _PNG}},
+                    {
+                        "type": "file",
+                        "file": {"filename": "jane.doe@example.com-cv.pdf", "file_data": _PNG},
+                    },
+                ],
+            }
+        ],
+        response={
+            "role": "assistant",
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "custom",
+                    "custom": {
+                        "name": "send",
+                        "input": "to jane.doe@example.com key sk-proj-A1b2C3d4E5f6G7h8I9j0K1l2M3n4",
+                    },
+                }
+            ],
+        },
+    )
+    new, counts = redactor.redact_record(rec)
+    parts = new.messages[0]["content"]
+    assert parts[1]["image_url"] == {
+        "url": "https://b.s3.amazonaws.com/x.png?X-Amz-Credential=<API_KEY_1>%2F20240101"
+        "&email=<EMAIL_ADDRESS_1>",
+        "detail": "auto",
+    }
+    assert parts[2] == rec.messages[0]["content"][2]
+    assert parts[3]["file"] == {"filename": "<EMAIL_ADDRESS_1>-cv.pdf", "file_data": _PNG}
+    assert new.response["tool_calls"][0] == {
+        "id": "c1",
+        "type": "custom",
+        "custom": {"name": "send", "input": "to <EMAIL_ADDRESS_1> key <API_KEY_2>"},
+    }
+    assert counts == {"API_KEY": 2, "EMAIL_ADDRESS": 3}
+
+
+def test_base64_payloads_in_tool_results_are_not_scanned(redactor: Redactor) -> None:
+    """A screenshot tool returns megabytes of base64: scanned, it cost the recognizers' full
+    price and a chance card-like run ("+4111111111111111+") was replaced inside the image."""
+    payload = "iVBORw0KGgo+4111111111111111+" * 2000
+    scanned: list[str] = []
+    original = redactor._find
+
+    def spy(text: str, context: str) -> tuple[Span, ...]:
+        scanned.append(text)
+        found: tuple[Span, ...] = original(text, context)
+        return found
+
+    redactor._find = spy  # type: ignore[method-assign]
+    try:
+        for image in ("data:image/png;base64," + payload, payload):
+            text = json.dumps({"screenshot": image, "owner": "jane@example.com"})
+            out = json.loads(redactor.redact_json_text(text, RedactionState()))
+            assert out == {"screenshot": image, "owner": "<EMAIL_ADDRESS_1>"}
+    finally:
+        del redactor._find
+    assert not any(payload in t for t in scanned)
+
+
+def test_json_keys_holding_pii_are_redacted(redactor: Redactor) -> None:
+    rec = CallRecord(
+        task="t",
+        backend="llm",
+        messages=[
+            {"role": "user", "content": "balance of jane.doe@example.com?"},
+            {
+                "role": "tool",
+                "tool_call_id": "c",
+                "content": json.dumps({"jane.doe@example.com": {"balance": 3}}),
+            },
+        ],
+        response={"role": "assistant", "content": "3"},
+    )
+    new, counts = redactor.redact_record(rec)
+    assert json.loads(new.messages[1]["content"]) == {"<EMAIL_ADDRESS_1>": {"balance": 3}}
+    assert counts == {"EMAIL_ADDRESS": 2}
+
+
+# ---- HTTP Basic credentials and authorization keys -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "curl -H 'Authorization: Basic YWRtaW46U3VwM3JTM2NyM3QhMjAyNA==' https://api.x"
+            " (Basic setup: see the docs)",
+            "curl -H 'Authorization: Basic <API_KEY_1>' https://api.x (Basic setup: see the docs)",
+        ),
+        # Base64 that is not "user:password" ("hello world") is not a credential.
+        (
+            "proxy-authorization: basic dXNlcjpwdw== not basic aGVsbG8gd29ybGQ=",
+            "proxy-authorization: basic <API_KEY_1> not basic aGVsbG8gd29ybGQ=",
+        ),
+    ],
+)
+def test_http_basic_credentials_are_redacted(redactor: Redactor, text: str, expected: str) -> None:
+    assert redactor.redact_text(text, RedactionState()) == expected
+
+
+def test_values_under_authorization_keys_are_secrets(redactor: Redactor) -> None:
+    """Under an Authorization key a short Bearer token or a Token credential is a secret even
+    though it looks like nothing; the scheme is kept so the model still learns it."""
+    text = json.dumps(
+        {
+            "Authorization": "Basic YWRtaW46cGFzc3dvcmQ=",
+            "headers": {
+                "authorization": "Bearer abc123short",
+                "Proxy-Authorization": "Token k9x8w7v6",
+            },
+            "note": "Basic plan",
+        }
+    )
+    assert json.loads(redactor.redact_json_text(text, RedactionState())) == {
+        "Authorization": "Basic <API_KEY_1>",
+        "headers": {
+            "authorization": "Bearer <API_KEY_2>",
+            "Proxy-Authorization": "Token <API_KEY_3>",
+        },
+        "note": "Basic plan",
+    }
+
+
 def test_looks_random() -> None:
     assert looks_random("a8f5f167f44f4964e6c998dee827110c")
     assert not looks_random("my-very-long-branch-name")
@@ -346,6 +625,8 @@ GATE_EDGE_CASES = [
     "iban GB82WEST12345698765432 and fr FR14 2004 1010 0505 0001 3M02 606",
     "password: p@ss!w0rd#2024xx and passwd=hunter2hunter2",
     "Authorization: bearer abcdefghijklmnopqrstuvwxyz0123",
+    "Authorization: Basic YWRtaW46cGFzc3dvcmQ= and basic\tdXNlcjpwdw==",
+    "Basic aGVsbG8gd29ybGQ= and BASIC YTpi",
     "my api-key is 9f8e7d6c5b4a39281706f5e4d3c2b1a0",
     "hook https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX",
     "npm_abcdefghijklmnopqrstuvwxyz0123456789 and hf_abcdefghijklmnopqrstuvwxyzABCDEF",
@@ -394,6 +675,8 @@ _FRAGMENTS = [
     "api_key=",
     "token: ",
     "Bearer ",
+    "Basic ",
+    "dXNlcjpwdw==",
     "AKIAIOSFODNN7EXAMPLE",
     "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.abcdefghijKLMNOP",
     "-----BEGIN PRIVATE KEY-----",
@@ -424,6 +707,26 @@ def test_gating_finds_the_same_spans_on_generated_mixtures(
 ) -> None:
     text = "".join(parts)
     assert redactor.find(text) == ungated.find(text)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    key=st.lists(
+        st.one_of(
+            st.sampled_from(
+                ["PRIVATE_KEY", "Basic", "bearer", "api_key", "sk-proj-", "AKIA", "eyJ", "-", "_"]
+            ),
+            st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_-", max_size=30),
+        ),
+        max_size=5,
+    ).map("".join)
+)
+def test_plain_identifier_keys_hold_nothing_to_find(ungated: Redactor, key: str) -> None:
+    """JSON keys of letters, "_" and "-" skip the recognizers (and the span cache they would
+    crowd); that is only allowed because no recognizer accepts such a string."""
+    assert ungated.find(key) == []
 
 
 @pytest.mark.parametrize(

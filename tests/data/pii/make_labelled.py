@@ -785,6 +785,33 @@ def main() -> None:
             [("IP_ADDRESS", "10.20.30.40"), ("IP_ADDRESS", "2001:db8::42")],
         ),
     ]
+    # HTTP Basic credentials: base64 of "user:password", in a header, JSON and a log line.
+    basic = [
+        base64.b64encode(f"{user}:{rand(rng_extra, ALNUM, n)}!".encode()).decode()
+        for user, n in (("admin", 14), ("svc-deploy", 9), ("jane", 22))
+    ]
+    examples += [
+        (
+            f"curl -H 'Authorization: Basic {basic[0]}' https://api.example.com/v1/items",
+            [("API_KEY", basic[0])],
+        ),
+        (
+            json.dumps(
+                {
+                    "url": "https://registry.internal/v2/",
+                    "headers": {"Authorization": f"Basic {basic[1]}"},
+                }
+            ),
+            [("API_KEY", basic[1])],
+        ),
+        (f"proxy-authorization: basic {basic[2]}", [("API_KEY", basic[2])]),
+        ("Basic setup: install the CLI, then run slm-fleet init --defaults", []),
+        ('WWW-Authenticate: Basic realm="registry", charset="UTF-8"', []),
+        (
+            "Saved the upload as priya.k@mail.co.in-resume.pdf",
+            [("EMAIL_ADDRESS", "priya.k@mail.co.in")],
+        ),
+    ]
     for text, ents in examples:
         for _, value in ents:
             assert value in text, (value, text)
