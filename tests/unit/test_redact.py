@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -513,6 +514,81 @@ def test_json_keys_holding_pii_are_redacted(redactor: Redactor) -> None:
     assert counts == {"EMAIL_ADDRESS": 2}
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["jane.doe@example.com", "Jane <jane.doe@example.com>"],
+)
+def test_a_participant_name_holding_pii_becomes_a_valid_placeholder_name(
+    redactor: Redactor, name: str
+) -> None:
+    """A chat app's user name is often the user's e-mail; it was written to the log as is.
+    Redacted, it must still be a name OpenAI accepts, and still tie to the same address."""
+    rec = CallRecord(
+        task="t",
+        backend="llm",
+        messages=[
+            {"role": "user", "name": name, "content": "I am jane.doe@example.com"},
+            {"role": "user", "name": "alice_b-2", "content": "and I am Alice"},
+            {"role": "tool", "name": "lookup", "tool_call_id": "c", "content": "none"},
+        ],
+        response={"role": "assistant", "content": "hello"},
+    )
+    new, counts = redactor.redact_record(rec)
+    redacted_name = new.messages[0]["name"]
+    assert redacted_name == ("EMAIL_ADDRESS_1" if "<" not in name else "Jane_EMAIL_ADDRESS_1")
+    assert re.fullmatch(r"[A-Za-z0-9_-]{1,64}", redacted_name)
+    assert new.messages[0]["content"] == "I am <EMAIL_ADDRESS_1>"
+    assert new.messages[1]["name"] == "alice_b-2"  # nothing in it: kept as it was
+    assert new.messages[2]["name"] == "lookup"  # a tool message's name is the tool's
+    assert "jane.doe" not in new.to_json()
+    assert counts == {"EMAIL_ADDRESS": 2}
+
+
+def test_a_second_pass_does_not_reuse_the_number_of_a_redacted_name(redactor: Redactor) -> None:
+    """Curate redacts gateway logs again: a new address must not get the number that the
+    already redacted name carries, or the name would seem to be that address."""
+    messages = [
+        {"role": "user", "name": "EMAIL_ADDRESS_1", "content": "write to b@x.io"},
+        {"role": "user", "name": "Jane_PHONE_NUMBER_2", "content": "call +44 20 7946 0958"},
+    ]
+    new, _, counts = redactor.redact_messages(messages, {"role": "assistant", "content": "ok"})
+    assert new[0]["content"] == "write to <EMAIL_ADDRESS_2>"
+    assert new[1]["content"] == "call <PHONE_NUMBER_3>"
+    assert counts == {"EMAIL_ADDRESS": 1, "PHONE_NUMBER": 1}
+
+
+def test_json_keys_that_redact_alike_keep_both_entries(redactor: Redactor) -> None:
+    """Two spellings of one address as keys became one key, and one entry's data was lost."""
+    doc = {"jane@example.com": {"balance": 3}, "JANE@example.com": {"balance": 5}}
+    out = json.loads(redactor.redact_json_text(json.dumps(doc), RedactionState()))
+    assert out == {"<EMAIL_ADDRESS_1>": {"balance": 3}, "<EMAIL_ADDRESS_1>#2": {"balance": 5}}
+
+
+def test_json_keys_that_collide_in_the_record_wide_pass_keep_both_entries(
+    redactor: Redactor,
+) -> None:
+    """The second pass replaces a bare number known from the prompt; as a key it can land on
+    a key the first pass already redacted to the same placeholder."""
+    rec = CallRecord(
+        task="t",
+        backend="llm",
+        messages=[
+            {"role": "user", "content": "call me on +1 415 555 0132"},
+            {
+                "role": "tool",
+                "tool_call_id": "c",
+                "content": json.dumps({"+14155550132": "mobile", "14155550132": "home"}),
+            },
+        ],
+        response={"role": "assistant", "content": "ok"},
+    )
+    new, _ = redactor.redact_record(rec)
+    assert json.loads(new.messages[1]["content"]) == {
+        "<PHONE_NUMBER_1>": "mobile",
+        "<PHONE_NUMBER_1>#2": "home",
+    }
+
+
 # ---- HTTP Basic credentials and authorization keys -------------------------------------------
 
 
@@ -556,6 +632,96 @@ def test_values_under_authorization_keys_are_secrets(redactor: Redactor) -> None
         },
         "note": "Basic plan",
     }
+
+
+# ---- credentials in URLs -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "postgres://admin:S3cr3tPw@db.internal:5432/app",
+            "postgres://admin:<API_KEY_1>@db.internal:5432/app",
+        ),
+        (
+            "https://user:hunter2xyz@api.example.com/x",
+            "https://user:<API_KEY_1>@api.example.com/x",
+        ),
+        (
+            "mongodb+srv://svc:Pa55w0rd!@cluster0.abcd.mongodb.net",
+            "mongodb+srv://svc:<API_KEY_1>@cluster0.abcd.mongodb.net",
+        ),
+        ("redis://:mypassword123@cache:6379", "redis://:<API_KEY_1>@cache:6379"),
+        # An unescaped "@" in the password: URL parsers split at the authority's last one.
+        ("ftp://u:p@ss.w0rd.@files.example.net/in", "ftp://u:<API_KEY_1>@files.example.net/in"),
+    ],
+)
+def test_url_passwords_are_redacted_keeping_scheme_user_and_host(
+    redactor: Redactor, text: str, expected: str
+) -> None:
+    """The password survived, or was taken for an e-mail address that swallowed the host."""
+    assert redactor.redact_text(text, RedactionState()) == expected
+
+
+def test_a_url_password_is_no_email_and_addresses_beside_urls_are_still_found(
+    redactor: Redactor,
+) -> None:
+    text = (
+        "ping jane@example.com about https://user:hunter2xyz@api.example.com/x, mailto:bob@x.org;"
+        ' see https://example.com/u?email=ann@example.com {"url":"http://h:80","to":"cy@x.io"}'
+    )
+    assert redactor.redact_text(text, RedactionState()) == (
+        "ping <EMAIL_ADDRESS_1> about https://user:<API_KEY_1>@api.example.com/x,"
+        " mailto:<EMAIL_ADDRESS_2>; see https://example.com/u?email=<EMAIL_ADDRESS_3>"
+        ' {"url":"http://h:80","to":"<EMAIL_ADDRESS_4>"}'
+    )
+    # An address in a URL's path is still an address, not the URL's login.
+    found = redactor.find("https://lists.example.org/archive/dev@lists.example.org")
+    assert [s.kind for s in found] == ["EMAIL_ADDRESS"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "git remote add origin git@github.com:org/repo.git",
+        "Download it from ftp://anonymous@ftp.example.org/pub/",
+        "ssh://git@gitlab.example.com:2222/group/project.git is the mirror",
+        "Connection string: postgres://app:XXXXXXXX@db.example.com:5432/app (masked)",
+        "DATABASE_URL=postgres://app:${DB_PASSWORD}@db.example.com:5432/app",
+        "Format: postgresql://user:password@db.example.com:5432/dbname",
+    ],
+)
+def test_logins_masks_and_templates_in_urls_are_left_alone(redactor: Redactor, text: str) -> None:
+    """A login without a password, or a password that is a mask or a template, is no
+    secret and no mailbox; as <EMAIL_ADDRESS_1> a coding agent's git remote was unusable."""
+    assert redactor.find(text) == []
+
+
+def test_a_weak_url_password_is_redacted_only_in_its_url(redactor: Redactor) -> None:
+    """Any URL password is a secret where it stands, but replacing "root" across the record
+    would garble "run as root"; a strong one is replaced wherever it occurs, as other
+    secrets are (the tool call is what the model learns to emit)."""
+    rec = CallRecord(
+        task="t",
+        backend="llm",
+        messages=[
+            {
+                "role": "user",
+                "content": "dev is mysql://root:root@localhost/app, run it as root;"
+                " prod is postgres://admin:S3cr3tPw9@db.internal/app",
+            }
+        ],
+        response=_call({"user": "root", "pw_hint": "S3cr3tPw9"}),
+    )
+    new, counts = redactor.redact_record(rec)
+    assert new.messages[0]["content"] == (
+        "dev is mysql://root:<API_KEY_1>@localhost/app, run it as root;"
+        " prod is postgres://admin:<API_KEY_2>@db.internal/app"
+    )
+    args = json.loads(new.response["tool_calls"][0]["function"]["arguments"])
+    assert args == {"user": "root", "pw_hint": "<API_KEY_2>"}
+    assert counts == {"API_KEY": 3}
 
 
 def test_looks_random() -> None:
@@ -634,6 +800,8 @@ GATE_EDGE_CASES = [
     "jwt eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.abcdefghijklmnop",
     "-----BEGIN OPENSSH PRIVATE KEY-----\\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ",
     "mail JANE.DOE+tag@Sub.Example.CO.UK or jane@corp",
+    "redis://:pw@cache and x://u:p@[::1] and postgres://a:b@c:d@db.internal/x",
+    "ftp://anonymous@ftp.example.org and git@github.com:org/repo.git",
     "Weather in Berkeley, CA tomorrow?",
     "",
     "   ",
@@ -680,6 +848,9 @@ _FRAGMENTS = [
     "AKIAIOSFODNN7EXAMPLE",
     "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.abcdefghijKLMNOP",
     "-----BEGIN PRIVATE KEY-----",
+    "postgres://",
+    "://u:",
+    "@db.internal",
     "phone",
     "call",
     "version",

@@ -21,7 +21,8 @@ downloaded) and these recognizers:
   Anthropic, GitHub, GitLab, AWS key ids, Slack tokens and webhooks, Google, Stripe, Hugging
   Face, SendGrid, npm, generic ``api_key=...`` / ``token: ...`` / ``Bearer ...``
   assignments whose value is long and random-looking, and HTTP Basic credentials
-  ``Basic <base64>`` whose base64 decodes to ``user:password``), ``JWT`` (three base64url
+  ``Basic <base64>`` whose base64 decodes to ``user:password``, and the password of a URL's
+  ``scheme://user:password@host``), ``JWT`` (three base64url
   segments whose header decodes to a JSON object) and ``PRIVATE_KEY`` (PEM
   ``-----BEGIN ... PRIVATE KEY-----`` blocks, also when cut off before their END line).
 
@@ -32,7 +33,9 @@ authorization key only the credential after its scheme (``Basic <API_KEY_1>``).
 A few plausibility filters then drop the matches that most often turn out not to be PII in
 agent traffic: bare digit runs taken for phone numbers with no phone word nearby (order ids,
 timestamps), numbers glued to identifiers (``INV-2024-000123``) and four-part version numbers
-read as IPv4 addresses (``version 10.2.1.3``).
+read as IPv4 addresses (``version 10.2.1.3``), and ``user@host`` that is a URL's user and
+host (``ftp://anonymous@ftp.example.org``) or an scp-style remote (``git@github.com:org/r.git``)
+rather than a mailbox.
 
 Replacement is consistent within one record: the same value always becomes the same
 placeholder (``<EMAIL_ADDRESS_1>``), a second distinct value gets the next number
@@ -46,14 +49,17 @@ just ``{"to": "4155550132"}``. So once a record has been scanned, every value gi
 placeholder anywhere in it is also replaced wherever else it occurs in that record, tool-call
 arguments and JSON keys included (:class:`KnownValues`). Everything a message carries is
 scanned: text, the strings of image, audio and file parts (not base64 payloads, see
-:func:`opaque_payload`), every tool-call kind, and the keys of JSON objects.
+:func:`opaque_payload`), every tool-call kind, the keys of JSON objects (see
+:meth:`Redactor.redact_json_value` for keys that redact alike) and a participant's ``name``
+(see :func:`participant_name`).
 
 What is NOT detected: names of people, organisations and places. That needs a named-entity
 model and none can be downloaded in this project's environments; a blank spaCy pipeline only
-tokenises. Postal addresses, dates of birth, national ID numbers, and passwords that are short
-or lack a ``password:``-style label are not detected either, nor is anything inside a base64
-payload (the text of an attached PDF or screenshot). Treat the output as "known identifiers
-and secrets removed", not as anonymised.
+tokenises. Postal addresses, dates of birth, national ID numbers, user names (also a URL's
+user or an scp remote's, as in ``git@github.com``), and passwords that are short or lack a
+``password:``-style label or a URL around them are not detected either, nor is anything
+inside a base64 payload (the text of an attached PDF or screenshot). Treat the output as
+"known identifiers and secrets removed", not as anonymised.
 """
 
 from __future__ import annotations
@@ -143,6 +149,9 @@ DEFAULT_PHONE_REGIONS: tuple[str, ...] = ("US", "GB", "DE", "FR", "IN", "AU")
 SECRET_KINDS = frozenset({PRIVATE_KEY, JWT, API_KEY})
 
 PLACEHOLDER_RE = re.compile(r"<(" + "|".join(KINDS) + r")_(\d+)>")
+# A name field in json.dumps's spelling, and a placeholder as a name holds it (no brackets).
+_NAME_FIELD_RE = re.compile(r'"name": "([A-Za-z0-9_-]+)"')
+_NAME_PLACEHOLDER_RE = re.compile(r"(?<![A-Za-z0-9])(" + "|".join(KINDS) + r")_(\d+)(?!\d)")
 
 # Regex flags for our own recognizers: case matters for key prefixes (AKIA, ghp_, sk-).
 _CASE_SENSITIVE = re.DOTALL | re.MULTILINE
@@ -185,6 +194,10 @@ class Span:
     end: int
     score: float
     value: str
+    #: Whether the value is also replaced wherever else it occurs in the record
+    #: (:class:`KnownValues`). False for a finding that is only a secret where it was found: a
+    #: URL's password ``root`` is one, the word "root" in the rest of the record is not.
+    record_wide: bool = True
 
 
 @dataclass
@@ -207,13 +220,24 @@ class RedactionState:
     values: dict[str, str] = field(default_factory=dict)
 
     def seed(self, text: str) -> None:
-        """Reserve the numbers of placeholders already in ``text`` so new ones don't collide."""
-        for m in PLACEHOLDER_RE.finditer(text):
+        """Reserve the numbers of placeholders already in ``text`` so new ones don't collide.
+
+        Also those of a redacted participant name (``"name": "EMAIL_ADDRESS_1"``, see
+        :func:`participant_name`): without them a second pass could give ``<EMAIL_ADDRESS_1>``
+        to another address, and the name would seem to be that one.
+        """
+        found = list(PLACEHOLDER_RE.finditer(text))
+        for name in _NAME_FIELD_RE.finditer(text):
+            found += _NAME_PLACEHOLDER_RE.finditer(name.group(1))
+        for m in found:
             kind, index = m.group(1), int(m.group(2))
             self.last_index[kind] = max(self.last_index[kind], index)
 
-    def placeholder(self, kind: str, value: str) -> str:
-        """The placeholder for ``value``: the same one each time, a new number for a new value."""
+    def placeholder(self, kind: str, value: str, record_wide: bool = True) -> str:
+        """The placeholder for ``value``: the same one each time, a new number for a new value.
+
+        ``record_wide``: also replace ``value`` elsewhere in the record (see :class:`Span`).
+        """
         if self.seed_from is not None:
             source, self.seed_from = self.seed_from, None
             self.seed(json.dumps(source, ensure_ascii=False))
@@ -223,7 +247,8 @@ class RedactionState:
             self.last_index[kind] += 1
             found = f"<{kind}_{self.last_index[kind]}>"
             self.placeholders[key] = found
-        self.values.setdefault(value, kind)
+        if record_wide:
+            self.values.setdefault(value, kind)
         self.counts[kind] += 1
         return found
 
@@ -596,6 +621,88 @@ class _BasicCredentialsRecognizer(_SecretRecognizer):
         return not basic_credentials(pattern_text)
 
 
+# A URL's userinfo with a password: ``scheme://user:password@host`` (RFC 3986; the user may be
+# empty, as in ``redis://:password@cache``). Group 1 is the password, up to the last "@" of the
+# authority as URL parsers read it (``p@ss`` in ``ftp://u:p@ss@host``). Quotes, brackets,
+# backslashes and whitespace end it, so a URL in JSON or shell text never runs into the next
+# field. The scheme is bounded so that a long dotted run cannot make the search quadratic.
+_URL_CREDENTIALS_RE = re.compile(
+    r"(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]{0,30}://"
+    r"[^\s/?#@:\"'<>`\\]*:"
+    r"([^\s/?#\"'<>`\\]+)@(?=[\w\[])"
+)
+# Passwords that are not one: masks (``****``), template references (``${DB_PASSWORD}``,
+# ``{{ pw }}``, ``%(password)s``, ``$PGPASSWORD``) and the word itself, as in documentation's
+# ``postgres://user:password@localhost/db``.
+_URL_PASSWORD_STAND_IN_RE = re.compile(
+    r"\*+|\u2022+|(?i:x{3,})|\$\{[^}]*\}|\$[A-Za-z_]\w*|\{\{.*\}\}|\{[A-Za-z_]\w*\}"
+    r"|%\([^)]*\)s|%[A-Za-z_]\w*%|(?i:\[?redacted\]?|(?:your|my)?[_-]?(?:password|passwd|pass|pwd))"
+)
+# What any URL password match needs (for :func:`possible_kinds`; implied by the regex above).
+_URL_CREDENTIALS_HINT = r"://[^\s/?#@:]*:[^\s/?#]+@"
+# recognition_metadata key: False when a finding must not be replaced record-wide (Span).
+_RECORD_WIDE_KEY = "slm_record_wide"
+
+
+def _strong_url_password(password: str) -> bool:
+    """Whether a URL's password is distinctive enough to replace wherever else it occurs.
+
+    ``mysql://root:root@localhost`` is a credential in the URL, but replacing "root" all over
+    the record ("run as root", the user name) would garble text that holds no secret. Eight
+    characters mixing letters with digits or symbols are not a word or a number.
+    """
+    return len(password) >= 8 and not password.isalpha() and not password.isdigit()
+
+
+class _UrlCredentialsRecognizer(EntityRecognizer):
+    """The password in a URL's ``user:password@`` (:data:`_URL_CREDENTIALS_RE`), as API_KEY.
+
+    Why a recognizer of its own: connection strings (``postgres://admin:S3cr3tPw@db...``,
+    ``mongodb+srv://...``, ``redis://:pw@cache``) are pasted into agent prompts and tool
+    calls all the time, and no other pattern holds them: a short password is no key, and the
+    e-mail pattern took ``S3cr3tPw@db.internal`` for an address, so the placeholder said
+    "e-mail" and swallowed the host. Only the password is the match, so the model still sees
+    ``postgres://admin:<API_KEY_1>@db.internal:5432/app``: the scheme, user and host. Any
+    password counts, however short (its label is the URL syntax itself); only a strong one
+    is also replaced elsewhere in the record (:func:`_strong_url_password`).
+    """
+
+    NAME = "SlmUrlCredentialsRecognizer"
+
+    def __init__(self) -> None:
+        super().__init__(supported_entities=[API_KEY], name=self.NAME, supported_language="en")
+
+    def load(self) -> None:
+        """Nothing to load: one compiled regex."""
+
+    def analyze(
+        self,
+        text: str,
+        entities: list[str],
+        nlp_artifacts: NlpArtifacts | None = None,
+        regex_flags: int | None = None,
+    ) -> list[RecognizerResult]:
+        results: list[RecognizerResult] = []
+        for match in _URL_CREDENTIALS_RE.finditer(text):
+            password = match.group(1)
+            if _URL_PASSWORD_STAND_IN_RE.fullmatch(password):
+                continue
+            results.append(
+                RecognizerResult(
+                    entity_type=API_KEY,
+                    start=match.start(1),
+                    end=match.end(1),
+                    score=0.95,
+                    recognition_metadata={
+                        RecognizerResult.RECOGNIZER_NAME_KEY: self.NAME,
+                        RecognizerResult.RECOGNIZER_IDENTIFIER_KEY: self.id,
+                        _RECORD_WIDE_KEY: _strong_url_password(password),
+                    },
+                )
+            )
+        return results
+
+
 class _FormattedPhoneRecognizer(PatternRecognizer):
     """:data:`PHONE_PATTERNS`, keeping only matches with a plausible count of digits (E.164)."""
 
@@ -626,6 +733,7 @@ def _build_analyzer(phone_regions: Sequence[str]) -> AnalyzerEngine:
             API_KEY, ASSIGNED_SECRET_PATTERNS, [], "SlmAssignedSecretRecognizer", min_length=12
         ),
         _BasicCredentialsRecognizer(),
+        _UrlCredentialsRecognizer(),
         _SecretRecognizer(JWT, JWT_PATTERNS, ["jwt", "bearer"], "SlmJwtRecognizer"),
         _SecretRecognizer(PRIVATE_KEY, PRIVATE_KEY_PATTERNS, ["key"], "SlmPrivateKeyRecognizer"),
     ]
@@ -646,9 +754,12 @@ _IP_HINT_RE = re.compile(r"\d\.\d|[0-9A-Fa-f]:|:[0-9A-Fa-f:]")
 _IBAN_HINT_RE = re.compile(r"[A-Z]{2}[0-9]{2}")
 # What any API_KEY match needs: a vendor key is 16+ word characters or dashes in a row (their
 # patterns, and looks_random's minimum length), an assigned secret or a bearer token its label,
-# Basic credentials their label and 8 base64 characters.
+# Basic credentials their label and 8 base64 characters, a URL's password its "://user:...@".
 _KEY_HINT_RE = re.compile(
-    r"[\w-]{16,}|" + _SECRET_NAMES + r"|(?i:bearer)|(?i:basic)\s+[A-Za-z0-9+/]{8}"
+    r"[\w-]{16,}|"
+    + _SECRET_NAMES
+    + r"|(?i:bearer)|(?i:basic)\s+[A-Za-z0-9+/]{8}|"
+    + _URL_CREDENTIALS_HINT
 )
 
 
@@ -702,8 +813,8 @@ def _refine(span: Span, text: str, context: str) -> Span | None:
         local = span.value.rsplit("@", 1)[0]
         cut = local.rfind("=") + 1
         if cut:
-            return dataclasses.replace(span, start=span.start + cut, value=span.value[cut:])
-        return span
+            span = dataclasses.replace(span, start=span.start + cut, value=span.value[cut:])
+        return None if _url_login(text, span) else span
     if span.kind == PHONE_NUMBER:
         prev = before[-1:]
         if prev and (prev.isalnum() or prev in "-_/#.@"):
@@ -723,12 +834,37 @@ def _refine(span: Span, text: str, context: str) -> Span | None:
         if bare and not _PHONE_CONTEXT_RE.search(before + " " + key_words):
             return None
         return span
-    if span.kind == API_KEY and span.value[-1] in ".,:":
-        value = span.value.rstrip(".,:")  # the end of the sentence, not of the key
+    if span.kind == API_KEY and span.value[-1] in ".,:" and not after.startswith("@"):
+        # The end of the sentence, not of the key; before "@" it is a URL password's own.
+        value = span.value.rstrip(".,:")
         return dataclasses.replace(span, end=span.start + len(value), value=value)
     if span.kind == IP_ADDRESS and "." in span.value and ":" not in span.value:
         return None if _VERSION_CONTEXT_RE.search(before) else span
     return span
+
+
+# Ends the authority of a URL (RFC 3986), or the URL itself in JSON, shell or prose.
+_NOT_AUTHORITY_RE = re.compile(r"[\s/?#@\"'<>`\\]")
+# After ``user@host``: an scp-style path (``:org/repo.git``, ``:~/x``, ``:/srv``).
+_SCP_PATH_RE = re.compile(r":(?:[~/]|[\w.-]+/)")
+
+
+def _url_login(text: str, span: Span) -> bool:
+    """Whether an e-mail-shaped ``user@host`` is a login to a host rather than a mailbox.
+
+    Two forms: a URL's userinfo and host (``ftp://anonymous@ftp.example.org``,
+    ``ssh://git@gitlab.example.com:2222/g/p.git``, and ``://user:****@host`` whose masked
+    password is no credential), and an scp-style remote (``git@github.com:org/repo.git``).
+    Coding agents pass these around all the time; as ``<EMAIL_ADDRESS_1>:org/repo.git`` the
+    model can no longer learn them, and ``git@github.com`` names no person. A real password
+    in the URL is found by :class:`_UrlCredentialsRecognizer` whatever this says.
+    """
+    at = span.start + span.value.rfind("@")
+    slashes = text.rfind("://", max(0, span.start - 256), span.start)
+    # From the "://" to the "@", nothing may end the authority: not a path, a query, a quote.
+    if slashes >= 0 and _NOT_AUTHORITY_RE.search(text, slashes + 3, at) is None:
+        return True
+    return _SCP_PATH_RE.match(text, span.end) is not None
 
 
 def _resolve_overlaps(spans: Iterable[Span]) -> list[Span]:
@@ -756,7 +892,7 @@ def replace_spans(text: str, spans: Sequence[Span], state: RedactionState) -> st
     pos = 0
     for span in spans:
         out.append(text[pos : span.start])
-        out.append(state.placeholder(span.kind, span.value))
+        out.append(state.placeholder(span.kind, span.value, span.record_wide))
         pos = span.end
     out.append(text[pos:])
     return "".join(out)
@@ -831,7 +967,14 @@ class Redactor:
             text=text, language="en", entities=list(kinds)
         )
         spans = [
-            Span(r.entity_type, r.start, r.end, r.score, text[r.start : r.end])
+            Span(
+                r.entity_type,
+                r.start,
+                r.end,
+                r.score,
+                text[r.start : r.end],
+                (r.recognition_metadata or {}).get(_RECORD_WIDE_KEY, True),
+            )
             for r in results
             if r.score > 0 and not PLACEHOLDER_RE.fullmatch(text[r.start : r.end])
         ]
@@ -872,7 +1015,9 @@ class Redactor:
         """Walk decoded JSON and redact string values, long numbers and object keys.
 
         Keys are scanned too: tool results often key their data by the identifier itself
-        (``{"jane@example.com": {"balance": 3}}``); such a key becomes its redacted form. A
+        (``{"jane@example.com": {"balance": 3}}``); such a key becomes its redacted form. Two
+        keys may redact alike (``Jane@x.io`` and ``jane@x.io``, or two spellings of one phone
+        number): each keeps its entry, the later one suffixed (:func:`_distinct_key`). A
         value under a key named like a secret is replaced whatever it looks like (only the
         credential after the scheme of an ``Authorization`` value). Encoded payloads
         (:func:`opaque_payload`) are left alone.
@@ -885,10 +1030,12 @@ class Redactor:
                 return _redact_secret_value(value, state)
             return redacted
         if isinstance(value, dict):
-            return {
-                self._redact_key(k, state, key): self.redact_json_value(v, state, str(k))
-                for k, v in value.items()
-            }
+            out: dict[Any, Any] = {}
+            for k, v in value.items():
+                new_key = self._redact_key(k, state, key)  # numbered before the value, as ever
+                new_value = self.redact_json_value(v, state, str(k))
+                out[_distinct_key(out, new_key) if new_key in out else new_key] = new_value
+            return out
         if isinstance(value, list):
             return [self.redact_json_value(v, state, key) for v in value]
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**6:
@@ -971,6 +1118,11 @@ class _Pass:
         """A decoded JSON value (or a plain string) stored under ``key``."""
         raise NotImplementedError
 
+    def name(self, name: str) -> str:
+        """A participant's ``name``: redacted like text, then made a valid name again."""
+        redacted = self.text(name)
+        return name if redacted == name else participant_name(redacted)
+
     def field(self, value: Any, key: str) -> Any:
         """A field of unknown shape: JSON text if it looks like it, else a value."""
         if isinstance(value, str) and value.lstrip().startswith(("{", "[")):
@@ -1029,10 +1181,12 @@ class _KnownValuesPass(_Pass):
         if isinstance(value, str):
             return self.text(value)
         if isinstance(value, dict):
-            return {
-                (self.known.replace(k, self.state) if isinstance(k, str) else k): self.value(v, k)
-                for k, v in value.items()
-            }
+            out: dict[Any, Any] = {}
+            for k, v in value.items():
+                new_key = self.known.replace(k, self.state) if isinstance(k, str) else k
+                new_value = self.value(v, k)
+                out[_distinct_key(out, new_key) if new_key in out else new_key] = new_value
+            return out
         if isinstance(value, list):
             return [self.value(v, key) for v in value]
         if isinstance(value, int) and not isinstance(value, bool):
@@ -1043,15 +1197,21 @@ class _KnownValuesPass(_Pass):
 
 
 def _map_message(message: dict[str, Any], p: _Pass) -> dict[str, Any]:
-    """Apply ``p`` to every field of a message except the structural ones (role, ids, names).
+    """Apply ``p`` to every field of a message except the structural ones (role, ids, types).
 
     Walking all fields also covers ``refusal``, ``reasoning_content`` and whatever free-text
     field a provider adds next; every content-part type and every tool-call type is walked
-    too, not only text parts and function calls.
+    too, not only text parts and function calls. A participant's ``name`` is user data (a
+    chat app puts the user's login or e-mail there): see :func:`participant_name`. On a
+    ``tool`` or ``function`` message it names the function, the developer's code like the
+    tool schemas, and is kept.
     """
     out: dict[str, Any] = {}
+    tool_message = message.get("role") in _FUNCTION_ROLES
     for key, value in message.items():
-        if key in _STRUCTURAL_MESSAGE_KEYS:
+        if key == "name" and isinstance(value, str) and not tool_message:
+            out[key] = p.name(value)
+        elif key in _STRUCTURAL_MESSAGE_KEYS:
             out[key] = value
         elif key == "content" and isinstance(value, list):
             out[key] = [_map_part(part, p) for part in value]
@@ -1120,10 +1280,49 @@ def _map_call_body(body: dict[str, Any], p: _Pass) -> dict[str, Any]:
     return out
 
 
-# Message fields that hold identifiers chosen by the agent framework, not user data.
+# Message and tool-call fields that hold identifiers chosen by the agent framework, not user
+# data. "name" is one in a tool call and on a message of _FUNCTION_ROLES (the tool's name);
+# on other messages it is the participant's (see _map_message).
 _STRUCTURAL_MESSAGE_KEYS = frozenset({"role", "name", "tool_call_id", "id", "type"})
+_FUNCTION_ROLES = frozenset({"tool", "function"})
 # The same in a content part: its type and the ids of uploaded files.
 _STRUCTURAL_PART_KEYS = frozenset({"type", "id", "file_id"})
+# What OpenAI accepts in a message's name; anything else in a redacted name becomes "_".
+_NOT_NAME_CHARS_RE = re.compile(r"[^A-Za-z0-9_-]+")
+#: OpenAI's limit on a message's name (characters).
+MAX_NAME_CHARS = 64
+
+
+def participant_name(redacted: str) -> str:
+    """A redacted participant name made valid again: ``<EMAIL_ADDRESS_1>`` -> ``EMAIL_ADDRESS_1``.
+
+    Why not keep the placeholder: OpenAI allows only ``[a-zA-Z0-9_-]`` (64 at most) in a
+    message's ``name``, so a record with ``"name": "<EMAIL_ADDRESS_1>"`` would be refused
+    when the gateway or a trainer replays it. Why not drop the field: the name tells
+    participants of a multi-user chat apart, and its number still ties it to the same
+    ``<EMAIL_ADDRESS_1>`` in the text. So each placeholder loses its brackets, any other
+    character outside the allowed set becomes ``_`` (``Jane (<EMAIL_ADDRESS_1>)`` ->
+    ``Jane_EMAIL_ADDRESS_1``), and the result is cut at 64 characters. Its number stays
+    reserved on later passes (:meth:`RedactionState.seed`).
+    """
+    bare = PLACEHOLDER_RE.sub(r"\1_\2", redacted)
+    return _NOT_NAME_CHARS_RE.sub("_", bare).strip("_")[:MAX_NAME_CHARS]
+
+
+def _distinct_key(out: dict[Any, Any], key: Any) -> str:
+    """``key`` suffixed ``#2``, ``#3``... to the first spelling not yet a key of ``out``.
+
+    Why: two keys can redact to one placeholder (``Jane@x.io`` and ``jane@x.io`` are one
+    address to the numbering, ``(415) 555-0132`` and ``415-555-0132`` one number), and a
+    dict built from them kept only the last entry: data lost. A new number for the second
+    would say they are different entities, which they are not, so both keep the placeholder
+    and the later one is told apart by the suffix (``<EMAIL_ADDRESS_1>#2``).
+    """
+    n = 2
+    while f"{key}#{n}" in out:
+        n += 1
+    return f"{key}#{n}"
+
 
 #: Values shorter than this (characters) are not replaced record-wide: "555" or "1.2" would
 #: turn up in unrelated text, and the first pass found them where they were PII.

@@ -758,6 +758,58 @@ def negative_examples(rng: random.Random) -> list[Example]:
     return out
 
 
+def url_credential_examples(rng: random.Random) -> list[Example]:
+    """Passwords in URLs' ``user:password@host``, and URLs and remotes that only look alike.
+
+    Only the password is labelled: the scheme, user and host are kept so the model still sees
+    the connection string's shape. The negatives are logins without a password (a URL's user,
+    an scp-style git remote), ports, masks and template references.
+    """
+    pw = [rand(rng, ALNUM, n) for n in (10, 14, 9, 12, 16, 11)]
+    at_pw = "p@ss" + pw[5]  # an unescaped "@": the password runs to the authority's last one
+    gitlab = "glpat-" + rand(rng, ALNUM, 20)  # a vendor key as the password: one finding
+    positives: list[Example] = [
+        (
+            f"Connect with postgres://admin:{pw[0]}@db.internal:5432/app and list the tables.",
+            [("API_KEY", pw[0])],
+        ),
+        ("GET https://user:hunter2xyz@api.example.com/x returned 401", [("API_KEY", "hunter2xyz")]),
+        (
+            f"MONGO_URI=mongodb+srv://svc:{pw[1]}!@cluster0.abcd.mongodb.net/?retryWrites=true",
+            [("API_KEY", pw[1] + "!")],
+        ),
+        (f"cache: redis://:{pw[2]}@cache:6379/0", [("API_KEY", pw[2])]),
+        (
+            json.dumps({"dsn": f"mysql://reporting:{pw[3]}@10.20.4.17:3306/analytics"}),
+            [("API_KEY", pw[3]), ("IP_ADDRESS", "10.20.4.17")],
+        ),
+        (
+            f"amqp://deploy:{pw[4]}@rabbit.prod.example.com:5672/%2F is refusing connections",
+            [("API_KEY", pw[4])],
+        ),
+        (f"ftp://upload:{at_pw}@files.example.net/in/", [("API_KEY", at_pw)]),
+        (
+            f"git clone https://oauth2:{gitlab}@gitlab.example.com/team/app.git",
+            [("API_KEY", gitlab)],
+        ),
+    ]
+    negatives: list[Example] = [
+        ("The dev server listens on http://localhost:8080/healthz", []),
+        ("git remote add origin git@github.com:org/repo.git", []),
+        ("Download it from ftp://anonymous@ftp.example.org/pub/", []),
+        ("ssh://git@gitlab.example.com:2222/group/project.git is the mirror", []),
+        ("DATABASE_URL=postgres://app:${DB_PASSWORD}@db:5432/app", []),
+        ("Connection string: postgres://app:****@db.internal:5432/app (masked)", []),
+        ("Format: postgresql://user:password@localhost:5432/dbname", []),
+        # No credentials, but the proxy's address is an IP address.
+        (
+            "Proxy at http://10.0.0.1:3128, docs at https://example.com/@team/handbook",
+            [("IP_ADDRESS", "10.0.0.1")],
+        ),
+    ]
+    return positives + negatives
+
+
 def main() -> None:
     rng = random.Random(SEED)
     examples: list[Example] = []
@@ -812,6 +864,7 @@ def main() -> None:
             [("EMAIL_ADDRESS", "priya.k@mail.co.in")],
         ),
     ]
+    examples += url_credential_examples(random.Random(SEED + 2))
     for text, ents in examples:
         for _, value in ents:
             assert value in text, (value, text)
