@@ -97,13 +97,31 @@ def plan_request(
     return PLAN_LLM
 
 
+def _object_arguments(args: Any) -> bool:
+    """Whether a tool call's ``arguments`` are a JSON object (or its text), as the API says:
+    an agent's SDK hands them to the tool as keyword arguments, and ``"Paris"`` or ``null``
+    fails there, after the gateway has served it as a good answer."""
+    if isinstance(args, dict):
+        return True
+    if not isinstance(args, str):
+        return False
+    text = args.strip()
+    if not text:
+        return True  # no arguments: normalize_message serves them as "{}"
+    try:
+        return isinstance(orjson.loads(text), dict)
+    except orjson.JSONDecodeError:
+        return False
+
+
 def slm_verdict(answer: Any, confidence: Any, threshold: float) -> str:
     """Empty when the SLM's answer may be served, else the fallback reason.
 
     A ``{"defer": true}`` answer is the model handing the call back; a confidence that is
     missing, not finite or below the threshold is not trusted; an answer that is not an
     assistant message with content or tool calls cannot be served, nor one whose ``content``
-    next to tool calls is neither text nor null (agents' SDKs reject the whole completion).
+    next to tool calls is neither text nor null (agents' SDKs reject the whole completion),
+    nor a tool call whose ``arguments`` are not a JSON object.
     """
     if not isinstance(answer, dict):
         return REASON_BAD_OUTPUT
@@ -125,6 +143,8 @@ def slm_verdict(answer: Any, confidence: Any, threshold: float) -> str:
         for call in calls:
             fn = call.get("function") if isinstance(call, dict) else None
             if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                return REASON_BAD_OUTPUT
+            if not _object_arguments(fn.get("arguments", "{}")):
                 return REASON_BAD_OUTPUT
         return "" if content is None or isinstance(content, str) else REASON_BAD_OUTPUT
     if isinstance(content, str):
@@ -195,6 +215,8 @@ def normalize_message(answer: Mapping[str, Any], call_id: str) -> dict[str, Any]
             args = fn.get("arguments", "{}")
             if not isinstance(args, str):
                 args = orjson.dumps(args).decode()
+            elif not args.strip():
+                args = "{}"  # agents json.loads() the arguments: "" would raise there
             out.append(
                 {
                     "id": f"call_{call_id}_{i}",

@@ -133,6 +133,26 @@ class TestVerdict:
         assert slm_verdict({**self.call, "content": ""}, 0.9, 0.0) == ""
 
 
+@pytest.mark.parametrize(
+    ("args", "ok"),
+    [
+        ({"city": "Paris"}, True),
+        ('{"city": "Paris"}', True),
+        ("", True),
+        ('"Paris"', False),
+        ("null", False),
+        ("[1, 2]", False),
+        ("{not json", False),
+        (7, False),
+    ],
+)
+def test_tool_call_arguments_must_be_a_json_object(args: object, ok: bool) -> None:
+    """An agent's SDK passes the arguments to its tool as keyword arguments: a string, a
+    list or broken JSON would fail there, after the gateway served it as a good answer."""
+    answer = {"tool_calls": [{"function": {"name": "get_weather", "arguments": args}}]}
+    assert slm_verdict(answer, 0.9, 0.5) == ("" if ok else REASON_BAD_OUTPUT)
+
+
 class TestNormalize:
     def test_tool_calls_get_ids_and_string_arguments(self) -> None:
         out = normalize_message(
@@ -141,6 +161,10 @@ class TestNormalize:
         )
         call = out["tool_calls"][0]
         assert call["id"] == "call_abcdef_0"
+        bare = normalize_message(
+            {"tool_calls": [{"function": {"name": "f", "arguments": " "}}]}, "x"
+        )
+        assert bare["tool_calls"][0]["function"]["arguments"] == "{}"
         assert call["type"] == "function"
         assert call["function"] == {"name": "get", "arguments": '{"b":1,"a":2}'}
         assert out["role"] == "assistant" and out["content"] is None
