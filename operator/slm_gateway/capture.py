@@ -37,6 +37,7 @@ Why it is built this way:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import multiprocessing as mp
 import os
@@ -311,6 +312,38 @@ def _last_newline_end(fh: BinaryIO, end: int) -> int:
     return 0
 
 
+def check_uri_target(target: str) -> None:
+    """Raise a RuntimeError that names the missing package when a URI target's filesystem is
+    not installed.
+
+    Why here, in the gateway process: the workers build the uploader only after loading the
+    redactor, and one that dies of ``Install s3fs to access S3`` reads, from the gateway, as a
+    worker that "exited before it was ready", blamed on the redactor. The driver module is
+    looked up, not imported, so the request path's process never loads botocore.
+    """
+    if "://" not in target or target.startswith("file://") or "::" in target:
+        return
+    protocol = target.split("://", 1)[0]
+    if importlib.util.find_spec("fsspec") is None:
+        raise RuntimeError(
+            f"capture target {target} needs fsspec and its {protocol}:// driver "
+            "(pip install 'slm-fleet-operator[gateway]')"
+        )
+    from fsspec.registry import known_implementations, registry
+
+    if protocol in registry:
+        return
+    known = known_implementations.get(protocol)
+    if known is None:
+        raise RuntimeError(f"capture target {target}: fsspec has no filesystem for {protocol}://")
+    module = str(known["class"]).split(".", 1)[0]
+    if importlib.util.find_spec(module) is None:
+        raise RuntimeError(
+            f"capture target {target}: the {protocol}:// filesystem ({module}) is not installed"
+            f" ({known.get('err') or 'pip install ' + module})"
+        )
+
+
 def _fsspec_publisher(target: str) -> Callable[[Path, str], None]:
     import fsspec  # optional dependency, only for URI targets
 
@@ -553,6 +586,7 @@ class CaptureSink:
         """Start the workers and wait until each has built its redactor (a few seconds)."""
         if self._started:
             return
+        check_uri_target(self.cfg.target)
         if "://" not in self.cfg.target or self.cfg.target.startswith("file://"):
             Path(self.cfg.target.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
         for i in range(max(1, self.cfg.workers)):

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import json
 import random
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import pytest
+from fsspec.implementations.memory import MemoryFileSystem
+from fsspec.registry import known_implementations
+from fsspec.spec import AbstractFileSystem
 
-from slm_contract import CallRecord
+from slm_contract import CallRecord, TrainerResult
 from slm_trainer.curate import Args, assign_split, exact_key, run, shingles, stratum
 
 CITIES = [
@@ -490,3 +496,208 @@ def test_shingles_and_stratum() -> None:
     assert stratum(rec, "auto") == "text"
     assert stratum(rec, "none") == "all"
     assert stratum(CallRecord.from_dict(call("q", "get_weather")), "auto") == "tool:get_weather"
+
+
+# ------------------------------------------------------------------- call logs behind fsspec URIs
+#
+# The operator hands the trainer ``s3://bucket/calls/<ns>/<task>/`` (builders.dataset_location),
+# the prefix the gateway's capture uploads shards under. These read through fsspec's real
+# memory:// and file:// filesystems: the same listing and streaming code as s3:// and gs://.
+
+
+class DeniedFileSystem(AbstractFileSystem):
+    """An object store whose credentials may not look at the prefix: s3fs turns AccessDenied
+    into PermissionError."""
+
+    protocol = "slmtestdenied"
+
+    def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
+        raise PermissionError(f"AccessDenied: ListObjectsV2 on {path}")
+
+    def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
+        raise PermissionError(f"AccessDenied: ListObjectsV2 on {path}")
+
+
+class NoBucketFileSystem(AbstractFileSystem):
+    """An object store with buckets (``split_path``, as s3fs and gcsfs have) holding none."""
+
+    protocol = "slmtestnobucket"
+
+    def split_path(self, path: str) -> tuple[str, str, None]:
+        bucket, _, key = self._strip_protocol(path).partition("/")
+        return bucket, key, None
+
+    def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
+        raise FileNotFoundError(path)
+
+    def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
+        raise FileNotFoundError(path)
+
+
+def shard_directory(root: Path) -> Path:
+    """A task's capture prefix as the gateway leaves it: two shards out of name order on disk,
+    malformed, blank and other-task lines, an unfinished ``.part`` shard, a stray file and a
+    sub-folder, none of which may be read."""
+    root.mkdir(parents=True)
+    lines = tool_calls(16, 6, 2)
+    write_log(root / "calls-b-001.jsonl", [*lines[12:], "{oops", call("other", "x", task="x")])
+    write_log(root / "calls-a-000.jsonl", [*lines[:12], "", b'{"task": "\xff"}', lines[3]])
+    write_log(root / "calls-c-002.jsonl.part", tool_calls(3, 0, 0))
+    (root / "notes.txt").write_text("ignored")
+    (root / "sub").mkdir()
+    write_log(root / "sub" / "deeper.jsonl", tool_calls(3, 0, 0))
+    return root
+
+
+def copy_to_memory(local: Path, prefix: str) -> str:
+    """The same tree under ``memory://<prefix>``; the URI of its top."""
+    fs = fsspec.filesystem("memory")
+    for path in local.rglob("*"):
+        if path.is_file():
+            fs.pipe_file(f"/{prefix}/{path.relative_to(local).as_posix()}", path.read_bytes())
+    return f"memory://{prefix}/"
+
+
+@pytest.fixture
+def memory_prefix() -> Iterator[str]:
+    """A memory:// prefix of this test only, removed afterwards (the store is per process)."""
+    prefix = f"bucket-{uuid.uuid4().hex}/calls/ns/task"
+    yield prefix
+    fs = fsspec.filesystem("memory")
+    if fs.exists(f"/{prefix}"):
+        fs.rm(f"/{prefix}", recursive=True)
+
+
+def curated(out: Path) -> tuple[str, str, dict[str, Any]]:
+    report = json.loads((out / "curate_report.json").read_text())
+    return (out / "train.jsonl").read_text(), (out / "eval.jsonl").read_text(), report
+
+
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_a_uri_prefix_is_read_like_the_local_directory(
+    tmp_path: Path, memory_prefix: str, scheme: str
+) -> None:
+    """Same shards (``*.jsonl`` only, in name order), same lines, same counts and skip reasons:
+    the outputs are byte for byte those of the equivalent local directory."""
+    local = shard_directory(tmp_path / "local")
+    uri = copy_to_memory(local, memory_prefix) if scheme == "memory" else local.as_uri() + "/"
+    expected = run(Args(input=local, output_dir=tmp_path / "a", task="assistant"))
+    result = run(Args(input=uri, output_dir=tmp_path / "b", task="assistant"))
+    assert expected.ok, expected.message
+    assert result == expected
+    train, evals, report = curated(tmp_path / "b")
+    want_train, want_evals, want = curated(tmp_path / "a")
+    assert (train, evals) == (want_train, want_evals)
+    assert [f.rsplit("/", 1)[-1] for f in report["files"]] == [
+        "calls-a-000.jsonl",
+        "calls-b-001.jsonl",
+    ]
+    assert all(f.startswith(f"{scheme}://") for f in report["files"])
+    assert report["input"] == uri
+    for key in ("input", "files", "seconds"):
+        report.pop(key), want.pop(key)
+    assert report == want
+    assert report["examples"] == 24 and report["other_task"] == 1
+    assert report["malformed"] == {"invalid_json": 1, "invalid_utf8": 1}
+    assert [s["file"] for s in report["error_samples"]] == [
+        "calls-a-000.jsonl",
+        "calls-b-001.jsonl",
+    ]
+
+
+def test_a_uri_naming_one_object_reads_that_object(tmp_path: Path, memory_prefix: str) -> None:
+    uri = copy_to_memory(shard_directory(tmp_path / "local"), memory_prefix)
+    result = run(Args(input=uri + "calls-b-001.jsonl", output_dir=tmp_path / "o", min_examples=1))
+    assert result.ok, result.message
+    _, _, report = curated(tmp_path / "o")
+    assert [f.rsplit("/", 1)[-1] for f in report["files"]] == ["calls-b-001.jsonl"]
+    assert report["examples"] == 13  # 12 calls and the other task's one; no task filter
+
+
+def test_the_command_line_keeps_the_uri(tmp_path: Path, memory_prefix: str) -> None:
+    """The operator runs ``slm-trainer curate --input=s3://...``: the flag must reach the stage
+    as a URI, not as the local path ``s3:/...`` that a ``Path`` makes of it."""
+    from slm_trainer import cli
+
+    uri = copy_to_memory(shard_directory(tmp_path / "local"), memory_prefix)
+    result_path = tmp_path / "result.json"
+    code = cli.main(
+        [
+            "curate",
+            f"--input={uri}",
+            f"--output-dir={tmp_path / 'out'}",
+            "--task=assistant",
+            "--no-scrub-pii",
+            f"--result-path={result_path}",
+        ]
+    )
+    result = TrainerResult.from_json(result_path.read_text())
+    assert (code, result.ok, result.examples) == (0, True, 24), result.message
+
+
+def test_an_empty_uri_prefix_is_still_waiting_for_data(tmp_path: Path, memory_prefix: str) -> None:
+    """Before the first captured call the prefix holds nothing (an object store has no empty
+    folders): 0 examples, which the operator reads as "wait for data", as for a local path."""
+    fsspec.filesystem("memory").pipe_file(f"/{memory_prefix}/calls-0.jsonl.part", b"{}\n")
+    result = run(Args(input=f"memory://{memory_prefix}/", output_dir=tmp_path / "o"))
+    assert (result.ok, result.examples) == (False, 0)
+    assert "no call log" in result.message
+
+
+@pytest.fixture
+def test_filesystems(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Protocols for the failure cases; one known to fsspec whose driver is not installed is
+    exactly what ``s3://`` is in an image without s3fs."""
+    fsspec.register_implementation(DeniedFileSystem.protocol, DeniedFileSystem, clobber=True)
+    fsspec.register_implementation(NoBucketFileSystem.protocol, NoBucketFileSystem, clobber=True)
+    monkeypatch.setitem(
+        known_implementations,
+        "slmtestmissing",
+        {"class": "slm_no_such_driver.FileSystem", "err": "Install slm-no-such-driver"},
+    )
+
+
+@pytest.mark.usefixtures("test_filesystems")
+@pytest.mark.parametrize(
+    "uri, says",
+    [
+        ("nosuchfs://bucket/calls/ns/task/", "no filesystem for the protocol nosuchfs://"),
+        ("slmtestmissing://bucket/calls/ns/task/", "Install slm-no-such-driver"),
+        ("slmtestdenied://bucket/calls/ns/task/", "access denied"),
+        ("slmtestnobucket://typo-bucket/calls/ns/task/", "bucket 'typo-bucket' does not exist"),
+    ],
+)
+def test_an_unreadable_uri_fails_with_a_readable_message_not_zero_examples(
+    tmp_path: Path, uri: str, says: str
+) -> None:
+    """Waiting for data would never end: the result has no example count (so the operator
+    reports the failure in DataReady instead of WaitingForData) and says what is wrong."""
+    result = run(Args(input=uri, output_dir=tmp_path / "o"))
+    assert not result.ok
+    assert result.examples is None
+    assert says in result.message and uri in result.message
+    assert "0 examples" not in result.message
+
+
+class NoReadFileSystem(MemoryFileSystem):
+    """memory:// under another name whose objects may be listed but not read: a bucket policy
+    with s3:ListBucket and without s3:GetObject."""
+
+    protocol = "slmtestnoread"
+
+    @classmethod
+    def _strip_protocol(cls, path: str) -> str:
+        return str(MemoryFileSystem._strip_protocol(str(path).replace("slmtestnoread://", "/", 1)))
+
+    def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
+        raise PermissionError(f"AccessDenied: GetObject {path}")
+
+
+def test_a_shard_listed_but_not_readable_fails_with_a_readable_message(
+    tmp_path: Path, memory_prefix: str
+) -> None:
+    copy_to_memory(shard_directory(tmp_path / "local"), memory_prefix)
+    fsspec.register_implementation(NoReadFileSystem.protocol, NoReadFileSystem, clobber=True)
+    result = run(Args(input=f"slmtestnoread://{memory_prefix}/", output_dir=tmp_path / "o"))
+    assert (result.ok, result.examples) == (False, None)
+    assert "access denied" in result.message and "calls-a-000.jsonl" in result.message

@@ -223,3 +223,34 @@ def test_malformed_lines_are_counted_in_the_report_never_fatal(
     for name in report["manifests"]:
         lines_out = (tmp_path / "out" / "clusters" / f"{name}.jsonl").read_text().splitlines()
         assert len(lines_out) == 4 and all(CallRecord.from_json(x) for x in lines_out)
+
+
+def test_discover_reads_a_uri_prefix_like_the_local_directory(tmp_path: Path) -> None:
+    """dataset URIs and call-log prefixes may be s3://: read through fsspec (its real memory://
+    filesystem here), the same records come back in the same order as from the directory."""
+    fsspec = pytest.importorskip("fsspec")
+    local = tmp_path / "calls"
+    local.mkdir()
+    calls = [rec(f"Weather in city {i}?", "get_weather") for i in range(5)]
+    (local / "b.jsonl").write_text("".join(r.to_json() + "\n" for r in calls[3:]) + "{broken\n")
+    (local / "a.jsonl").write_text("".join(r.to_json() + "\n" for r in calls[:3]))
+    (local / "c.jsonl.part").write_text(rec("unfinished", None).to_json() + "\n")
+    prefix = f"/discover-{os.getpid()}-{id(local):x}"
+    memory = fsspec.filesystem("memory")
+    for path in local.iterdir():
+        memory.pipe_file(f"{prefix}/{path.name}", path.read_bytes())
+    try:
+        stats = discover.ParseStats()
+        got = list(discover.read_records(f"memory://{prefix}/", stats))
+    finally:
+        memory.rm(prefix, recursive=True)
+    assert got == list(discover.read_records(local)) == calls
+    assert dict(stats.malformed) == {"invalid_json": 1}
+
+
+def test_discover_says_why_a_uri_cannot_be_read(tmp_path: Path) -> None:
+    result = discover.run(
+        discover.Args(input="nosuchfs://bucket/calls/", output_dir=tmp_path / "o")
+    )
+    assert not result.ok
+    assert "no filesystem for the protocol nosuchfs://" in result.message

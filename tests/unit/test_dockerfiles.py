@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,27 @@ def test_operator_image_has_no_ml_stack() -> None:
     text = (REPO / "operator" / "Dockerfile").read_text()
     assert '".[operator]"' in text
     assert not re.search(r"\b(torch|transformers|peft)\b", text.split("FROM", 1)[1].lower())
+
+
+@pytest.mark.parametrize(
+    "extra, dockerfile",
+    [("gateway", "operator/slm_gateway/Dockerfile"), ("trainer", "trainer/Dockerfile")],
+)
+def test_the_images_that_touch_call_logs_can_reach_object_stores(
+    extra: str, dockerfile: str
+) -> None:
+    # gateway.capture.target and spec.dataset.uri may be s3:// or gs:// (the README's advice
+    # for several namespaces). Without the driver the gateway's capture worker fails on
+    # "Install s3fs to access S3" and never gets ready, and the trainer cannot list the log.
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    names = {re.split(r"[\s<>=!~;\[]", req, maxsplit=1)[0].lower() for req in extras[extra]}
+    assert {"fsspec", "s3fs", "gcsfs"} <= names, f"the {extra} extra lacks an fsspec driver"
+    text = (REPO / dockerfile).read_text()
+    assert re.search(rf'^RUN pip install [^\n]*"\.\[{extra}\]"', text, re.MULTILINE), (
+        f"{dockerfile} does not install the {extra} extra"
+    )
 
 
 def _dockerignored(path: str, rules: list[str]) -> bool:

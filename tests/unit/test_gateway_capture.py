@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from collections import Counter
@@ -244,6 +245,54 @@ def test_uri_targets_upload_finished_shards_through_fsspec(tmp_path: Path) -> No
     assert [p.parent.name for p in uploaded] == ["weather"]
     assert uploaded[0].read_bytes() == b'{"a":1}\n{"a":2}\n'
     assert shards(spool) == []  # the local copy is gone once uploaded
+
+
+def test_a_uri_target_is_uploaded_where_the_trainer_reads_it(tmp_path: Path) -> None:
+    """Both ends of an object-store call log: the sink's worker spools and uploads each task's
+    shards under the URI, and the trainer lists and reads that task's prefix through fsspec
+    (``local://`` stands in for ``s3://``: the same publisher and the same reader)."""
+    pytest.importorskip("fsspec")
+    from slm_trainer.curate import ParseStats, input_files, parse_lines, read_lines
+
+    bucket = tmp_path / "bucket"
+    sink = CaptureSink(
+        CaptureConfig(target=f"local://{bucket}/calls", spool=str(tmp_path / "spool"))
+    )
+    sink.start()
+    for i in range(5):
+        assert sink.submit(item(i, key="ns/extract"))
+    stats = sink.close()
+    assert (stats.written, stats.dropped) == (5, 0)
+    assert shards(tmp_path / "spool") == []  # uploaded, not left behind
+    files = input_files(f"local://{bucket}/calls/ns/extract/")
+    assert len(files) == 1 and str(files[0]).endswith(".jsonl")
+    read = ParseStats()
+    records = list(parse_lines(read_lines(files), read))
+    assert [r.request_id for r in records] == [f"r{i}" for i in range(5)]
+    assert read.lines == 5 and not read.malformed
+
+
+@pytest.mark.parametrize(
+    "target, says",
+    [
+        ("slmtestmissing://bucket/calls", "Install slm-no-such-driver"),
+        ("nosuchfs://bucket/calls", "no filesystem for nosuchfs://"),
+    ],
+)
+def test_a_uri_target_without_its_filesystem_fails_at_start_saying_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str, says: str
+) -> None:
+    """s3:// in an image without s3fs: the gateway must not start, and must say which package
+    is missing, rather than that a worker "exited before it was ready"."""
+    fsspec_registry = pytest.importorskip("fsspec.registry")
+    monkeypatch.setitem(
+        fsspec_registry.known_implementations,
+        "slmtestmissing",
+        {"class": "slm_no_such_driver.FileSystem", "err": "Install slm-no-such-driver"},
+    )
+    sink = CaptureSink(CaptureConfig(target=target, spool=str(tmp_path / "spool")))
+    with pytest.raises(RuntimeError, match=re.escape(says)):
+        sink.start()
 
 
 def test_capture_batches_linger_briefly_and_the_setting_is_checked(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ functions that need them, so ``slm-trainer curate --help`` stays instant.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -37,7 +38,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from slm_contract import CallRecord, ContractError, TrainerResult
 
@@ -55,8 +56,13 @@ _WS_RE = re.compile(r"\s+")
 class Args:
     """Curate a call log into train.jsonl, eval.jsonl and curate_report.json."""
 
-    input: Path = field(
-        metadata={"help": "call-log JSONL file, or a directory whose *.jsonl shards are read"}
+    # str first: the command line builds the first type of the union, and Path would fold
+    # "s3://bucket/calls" into "s3:/bucket/calls" before the stage could see it was a URI.
+    input: str | Path = field(
+        metadata={
+            "help": "call-log JSONL file, or a directory whose *.jsonl shards are read; either "
+            "may be an fsspec URI (s3://bucket/calls/ns/task/, gs://..., file://...)"
+        }
     )
     output_dir: Path = field(metadata={"help": "where train.jsonl, eval.jsonl and the report go"})
     task: str = field(
@@ -85,7 +91,7 @@ class Args:
     )
 
     def __post_init__(self) -> None:
-        self.input = Path(self.input)
+        self.input = as_location(self.input)
         self.output_dir = Path(self.output_dir)
         if not 0.0 < self.near_dup_threshold <= 1.0:
             raise ValueError("near_dup_threshold must be in (0, 1]")
@@ -113,8 +119,139 @@ class ParseStats:
 # ------------------------------------------------------------------------------ parsing
 
 
-def input_files(path: Path) -> list[Path]:
-    """The shards to read: the file itself, or a directory's ``*.jsonl`` in name order."""
+#: Read-ahead of an object-store shard. fsspec's own line iteration reads a whole block
+#: (5-50 MB) per line and seeks back, so shards are read through a buffer of this size instead.
+_REMOTE_READ_BUFFER = 1 << 20
+
+#: What to do about a denied read: the pods' identity is the task's ServiceAccount.
+_ACCESS_HINT = (
+    "give the trainer's ServiceAccount (spec.training.serviceAccountName) read access to it"
+)
+
+
+class CallLogUnreadable(Exception):
+    """The call log's location cannot be read at all: no filesystem for its URI's protocol,
+    access denied, or a bucket that does not exist.
+
+    Distinct from "no call log yet" (an empty prefix, which the operator waits on) because
+    waiting would never end: the stages turn it into a failed result with this message, which
+    the operator shows in the task's DataReady condition.
+    """
+
+
+def is_uri(location: str | Path) -> bool:
+    """Whether ``location`` is an fsspec URI (``s3://``, ``gs://``, ``file://``, ``memory://``)."""
+    return isinstance(location, str) and "://" in location
+
+
+def as_location(location: str | Path) -> str | Path:
+    """A URI stays a string (``Path`` would turn ``s3://b/k`` into ``s3:/b/k``, a local path
+    that never exists); anything else is a local ``Path``."""
+    return location if is_uri(location) else Path(location)
+
+
+@dataclass(frozen=True)
+class RemoteShard:
+    """One call-log shard read through fsspec: the filesystem that listed it and its path.
+
+    Duck-compatible with ``Path`` where :func:`read_lines` and the report use it (``name``,
+    ``open("rb")``, ``str``), so local and remote shards go through the same parser.
+    """
+
+    fs: Any
+    path: str
+
+    @property
+    def name(self) -> str:
+        return self.path.rstrip("/").rsplit("/", 1)[-1]
+
+    def open(self, mode: str = "rb") -> BinaryIO:
+        if mode != "rb":
+            raise ValueError("call-log shards are only read, as bytes")
+        return io.BufferedReader(self.fs.open(self.path, "rb"), _REMOTE_READ_BUFFER)
+
+    def __str__(self) -> str:
+        return str(self.fs.unstrip_protocol(self.path))
+
+
+Shard = Path | RemoteShard
+
+
+def _filesystem(uri: str) -> tuple[Any, str]:
+    """fsspec's filesystem and path for ``uri``; :class:`CallLogUnreadable` with what to
+    install or fix when the protocol cannot be served by this image."""
+    protocol = uri.split("://", 1)[0]
+    try:
+        import fsspec
+    except ImportError as exc:
+        raise CallLogUnreadable(
+            f"cannot read the call log at {uri}: fsspec is not installed "
+            "(pip install 'slm-fleet-operator[trainer]')"
+        ) from exc
+    try:
+        fs, root = fsspec.core.url_to_fs(uri)
+    except ImportError as exc:  # a known protocol whose driver (s3fs, gcsfs...) is missing
+        raise CallLogUnreadable(
+            f"cannot read the call log at {uri}: no filesystem for {protocol}:// is installed "
+            f"in the trainer image ({exc})"
+        ) from exc
+    except ValueError as exc:  # "Protocol not known: ..."
+        raise CallLogUnreadable(
+            f"cannot read the call log at {uri}: fsspec has no filesystem for the protocol "
+            f"{protocol}:// ({exc})"
+        ) from exc
+    return fs, str(root)
+
+
+def remote_shards(uri: str) -> list[RemoteShard]:
+    """The shards under an fsspec URI, as :func:`input_files` finds them locally: the object
+    itself, or the ``*.jsonl`` directly under the prefix (not ``.jsonl.part``, which capture
+    has not finished) in name order; [] when there is nothing there yet.
+
+    A missing bucket or denied access raises :class:`CallLogUnreadable`; other errors (a
+    network timeout) propagate, so the stage crashes and its Job retries it.
+    """
+    fs, root = _filesystem(uri)
+    try:
+        # info, not isdir/isfile: those answer False for a denied listing on some filesystems
+        # (fsspec's defaults swallow every OSError), which would read as "nothing yet".
+        try:
+            info = fs.info(root)
+        except FileNotFoundError:
+            info = None
+        if info is None:
+            # Nothing at the prefix: the normal state before the first captured call, unless
+            # the bucket itself is missing (a typo in dataset.uri), which waiting never fixes.
+            split_path = getattr(fs, "split_path", None)  # object stores (s3fs, gcsfs)
+            if split_path is not None:
+                bucket = split_path(root)[0]
+                if bucket and not fs.exists(bucket):
+                    raise CallLogUnreadable(
+                        f"cannot read the call log at {uri}: bucket {bucket!r} does not exist "
+                        "or is not visible to the pod's credentials"
+                    )
+            return []
+        if info.get("type") != "directory":
+            return [RemoteShard(fs, root)]
+        found = sorted(
+            str(entry["name"])
+            for entry in fs.ls(root, detail=True)
+            if entry.get("type") == "file" and str(entry["name"]).endswith(".jsonl")
+        )
+        return [RemoteShard(fs, name) for name in found]
+    except PermissionError as exc:
+        raise CallLogUnreadable(
+            f"cannot read the call log at {uri}: access denied ({exc}); {_ACCESS_HINT}"
+        ) from exc
+
+
+def input_files(path: str | Path) -> list[Shard]:
+    """The shards to read: the file itself, or a directory's ``*.jsonl`` in name order; an
+    fsspec URI is listed the same way through its filesystem (:func:`remote_shards`)."""
+    if isinstance(path, str):
+        if is_uri(path):
+            return list(remote_shards(path))
+        path = Path(path)
     if path.is_dir():
         return sorted(p for p in path.glob("*.jsonl") if p.is_file())
     return [path]
@@ -195,13 +332,24 @@ def parse_lines(
             )
 
 
-def read_lines(files: Sequence[Path]) -> Iterator[tuple[str, int, bytes]]:
+def read_lines(files: Sequence[Shard]) -> Iterator[tuple[str, int, bytes]]:
     """``(file name, line number, raw bytes)`` of every line: bytes, so that invalid UTF-8 is
-    a countable reason in :func:`parse_lines` rather than a decode error or a silent ``\ufffd``."""
+    a countable reason in :func:`parse_lines` rather than a decode error or a silent ``\ufffd``.
+
+    A remote shard that may be listed but not read (a policy without ``s3:GetObject``) raises
+    :class:`CallLogUnreadable`, as a denied listing does.
+    """
     for path in files:
-        with path.open("rb") as fh:
-            for lineno, raw in enumerate(fh, start=1):
-                yield path.name, lineno, raw
+        try:
+            with path.open("rb") as fh:
+                for lineno, raw in enumerate(fh, start=1):
+                    yield path.name, lineno, raw
+        except PermissionError as exc:
+            if isinstance(path, Path):
+                raise
+            raise CallLogUnreadable(
+                f"cannot read the call log shard {path}: access denied ({exc}); {_ACCESS_HINT}"
+            ) from exc
 
 
 # ------------------------------------------------------------------------------ keys
@@ -428,19 +576,31 @@ def _emit(progress: Progress | None, **event: Any) -> None:
 def run(args: Args, progress: Progress | None = None) -> TrainerResult:
     """Run the stage; every outcome, including a missing input, is a TrainerResult."""
     started = time.monotonic()
-    files = input_files(args.input)
-    missing = [str(p) for p in files if not p.is_file()]
-    if not files or missing:
-        # Zero examples rather than an error: a task's log directory appears with its first
-        # captured call, so the operator waits and curates again (DataReady WaitingForData).
-        return TrainerResult(
-            stage=CONTRACT_STAGE,
-            ok=False,
-            examples=0,
-            message=f"no call log at {args.input} yet (0 examples)"
-            + (f" ({', '.join(missing)})" if missing else ""),
-        )
+    try:
+        files = input_files(args.input)
+        missing = [str(p) for p in files if isinstance(p, Path) and not p.is_file()]
+        if not files or missing:
+            # Zero examples rather than an error: a task's log directory appears with its
+            # first captured call, so the operator waits and curates again (DataReady
+            # WaitingForData).
+            return TrainerResult(
+                stage=CONTRACT_STAGE,
+                ok=False,
+                examples=0,
+                message=f"no call log at {args.input} yet (0 examples)"
+                + (f" ({', '.join(missing)})" if missing else ""),
+            )
+        return _curate(args, files, started, progress)
+    except CallLogUnreadable as exc:
+        # No example count: the operator reads a count below minExamples as "wait for data",
+        # and an unreadable location must fail visibly instead of waiting for ever.
+        return TrainerResult(stage=CONTRACT_STAGE, ok=False, message=str(exc))
 
+
+def _curate(
+    args: Args, files: Sequence[Shard], started: float, progress: Progress | None
+) -> TrainerResult:
+    """The stage proper, over shards known to exist."""
     stats = ParseStats()
     redactions: Counter[str] = Counter()
     records_redacted = 0

@@ -40,7 +40,15 @@ from typing import Any, Literal
 
 from slm_contract import CallRecord, TrainerResult
 from slm_trainer import metrics
-from slm_trainer.curate import ParseStats, input_files, parse_lines, read_lines, writable
+from slm_trainer.curate import (
+    CallLogUnreadable,
+    ParseStats,
+    as_location,
+    input_files,
+    parse_lines,
+    read_lines,
+    writable,
+)
 
 #: The contract has no discover stage; discovery prepares data, like curate.
 CONTRACT_STAGE = "discover"
@@ -60,7 +68,14 @@ _STOP = frozenset(_STOP_WORDS.split())
 class Args:
     """Cluster logged calls into recurring tasks; write a report and AgentTask manifests."""
 
-    input: Path = field(metadata={"help": "call-log JSONL file, or a directory of *.jsonl"})
+    # str first: the command line builds the first type of the union, and Path would fold an
+    # fsspec URI's "//" (s3://bucket/calls -> s3:/bucket/calls).
+    input: str | Path = field(
+        metadata={
+            "help": "call-log JSONL file, or a directory of *.jsonl; either may be an fsspec "
+            "URI (s3://bucket/calls/, gs://..., file://...)"
+        }
+    )
     output_dir: Path = field(metadata={"help": "where the report, clusters and manifests go"})
     method: Method = field(
         default="auto", metadata={"help": "auto (k-means by silhouette), kmeans or hdbscan"}
@@ -107,7 +122,7 @@ class Args:
     num_threads: int = field(default=0, metadata={"help": "torch CPU threads (0: default)"})
 
     def __post_init__(self) -> None:
-        self.input = Path(self.input)
+        self.input = as_location(self.input)
         self.output_dir = Path(self.output_dir)
         if not 2 <= self.min_clusters <= self.max_clusters:
             raise ValueError("need 2 <= min_clusters <= max_clusters")
@@ -358,12 +373,13 @@ def agent_task_manifest(
 
 
 def read_records(
-    path: Path, stats: ParseStats | None = None, max_error_samples: int = 5
+    path: str | Path, stats: ParseStats | None = None, max_error_samples: int = 5
 ) -> Iterator[CallRecord]:
     """The call log's valid records, read by curate's parser: a malformed line is counted in
     ``stats`` by the same reason curate gives it (and the first few quoted), never fatal.
 
-    Calls with an empty answer are kept: they still show which tasks recur.
+    Calls with an empty answer are kept: they still show which tasks recur. ``path`` may be
+    an fsspec URI; an unreadable one raises :class:`CallLogUnreadable`.
     """
     lines = read_lines(input_files(path))
     yield from parse_lines(
@@ -400,16 +416,18 @@ def embed_texts(texts: Sequence[str], model: str, batch_size: int) -> Any:
 
 def run(args: Args, emit: Emit | None = None) -> TrainerResult:
     started = time.monotonic()
-    if not args.input.exists():
+    if isinstance(args.input, Path) and not args.input.exists():
         return TrainerResult(stage=CONTRACT_STAGE, ok=False, message=f"no call log at {args.input}")
     if args.num_threads > 0:
         import torch
 
         torch.set_num_threads(args.num_threads)
     stats = ParseStats()
-    sample = _sample(
-        list(read_records(args.input, stats, args.max_error_samples)), args.max_records, args.seed
-    )
+    try:
+        read = list(read_records(args.input, stats, args.max_error_samples))
+    except CallLogUnreadable as exc:  # say why, rather than "too few calls to cluster: 0"
+        return TrainerResult(stage=CONTRACT_STAGE, ok=False, message=str(exc))
+    sample = _sample(read, args.max_records, args.seed)
     # Checked on the sample only (writing it back is the costly part of the check): a record
     # too deep to write would crash the stage when its cluster's file is written.
     records = [r for r in sample if writable(r)]
