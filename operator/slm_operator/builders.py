@@ -11,7 +11,7 @@ into the pod's termination message that the operator reads back.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from slm_contract import DEFINITE_EXIT_CODES
@@ -80,6 +80,13 @@ def _tolerations(section: Mapping[str, Any], gpus: int) -> list[Obj]:
     return tols
 
 
+def _pull_secrets(names: Sequence[str]) -> list[Obj]:
+    """A pod's ``imagePullSecrets`` for the operator's configured pull secrets (the chart's
+    imagePullSecrets): private-registry trainer and Triton images need them in each pod,
+    since a pod that lists none gets only its ServiceAccount's."""
+    return [{"name": name} for name in dict.fromkeys(names) if name]
+
+
 def dataset_location(uri: str) -> tuple[str, Obj | None]:
     """Where the trainer reads the call log, and the PVC volume to mount for it, if any."""
     if uri.startswith("pvc://"):
@@ -104,10 +111,12 @@ def _trainer_job(
     extra_volumes: list[Obj] | None = None,
     extra_mounts: list[Obj] | None = None,
     service_account: str = "",
+    pull_secrets: Sequence[str] = (),
 ) -> Obj:
     """One trainer Job. ``service_account`` is the operator's default trainer ServiceAccount
     (allowed to patch its own pod's progress annotation); ``spec.training.serviceAccountName``
-    overrides it, and with neither the pods run as the namespace's default ServiceAccount."""
+    overrides it, and with neither the pods run as the namespace's default ServiceAccount.
+    ``pull_secrets``: names of Secrets for pulling the trainer image, listed on the pod."""
     task_name, ns = _meta(task)
     spec = task["spec"]
     training = spec.get("training") or {}
@@ -159,6 +168,8 @@ def _trainer_job(
     account = training.get("serviceAccountName") or service_account
     if account:
         pod_spec["serviceAccountName"] = account
+    if _pull_secrets(pull_secrets):
+        pod_spec["imagePullSecrets"] = _pull_secrets(pull_secrets)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -204,7 +215,12 @@ def min_examples(spec: Mapping[str, Any]) -> int:
     return int((spec.get("dataset") or {}).get("minExamples", DEFAULT_MIN_EXAMPLES))
 
 
-def data_prep_job(task: Mapping[str, Any], revision: str, service_account: str = "") -> Obj:
+def data_prep_job(
+    task: Mapping[str, Any],
+    revision: str,
+    service_account: str = "",
+    pull_secrets: Sequence[str] = (),
+) -> Obj:
     """S2: curate (PII scrubbing, de-duplication) and split the logged calls. CPU only."""
     spec = task["spec"]
     ds = spec["dataset"]
@@ -231,6 +247,7 @@ def data_prep_job(task: Mapping[str, Any], revision: str, service_account: str =
         extra_volumes=[volume] if volume else [],
         extra_mounts=mounts,
         service_account=service_account,
+        pull_secrets=pull_secrets,
     )
 
 
@@ -239,6 +256,7 @@ def finetune_job(
     revision: str,
     candidate: Mapping[str, Any],
     service_account: str = "",
+    pull_secrets: Sequence[str] = (),
 ) -> Obj:
     """S5: fine-tune one candidate and score it on the held-out split against the LLM."""
     spec = task["spec"]
@@ -275,6 +293,7 @@ def finetune_job(
         gpus=gpus,
         candidate=candidate["name"],
         service_account=service_account,
+        pull_secrets=pull_secrets,
     )
 
 
@@ -291,6 +310,7 @@ def export_job(
     candidate_artifact: str,
     threshold: float | None,
     service_account: str = "",
+    pull_secrets: Sequence[str] = (),
 ) -> Obj:
     """Write the Triton model repository (config.pbtxt + Python backend) for the winner."""
     spec = task["spec"]
@@ -323,6 +343,7 @@ def export_job(
         gpus=0,
         candidate=candidate["name"],
         service_account=service_account,
+        pull_secrets=pull_secrets,
     )
 
 
@@ -342,9 +363,15 @@ def model_repository_source(uri: str) -> tuple[str, str]:
 
 
 def triton_deployment(
-    task: Mapping[str, Any], revision: str, model_repository: str, candidate: str, replicas: int
+    task: Mapping[str, Any],
+    revision: str,
+    model_repository: str,
+    candidate: str,
+    replicas: int,
+    pull_secrets: Sequence[str] = (),
 ) -> Obj:
-    """Triton serving the promoted revision's model repository."""
+    """Triton serving the promoted revision's model repository; ``pull_secrets`` are listed
+    as the pods' imagePullSecrets (Triton runs as the namespace's default ServiceAccount)."""
     task_name, ns = _meta(task)
     spec = task["spec"]
     serving = spec.get("serving") or {}
@@ -406,6 +433,8 @@ def triton_deployment(
         # Triton never calls the Kubernetes API; the exported model.py it runs gets no token.
         "automountServiceAccountToken": False,
     }
+    if _pull_secrets(pull_secrets):
+        pod_spec["imagePullSecrets"] = _pull_secrets(pull_secrets)
     if serving.get("nodeSelector"):
         pod_spec["nodeSelector"] = dict(serving["nodeSelector"])
     tolerations = _tolerations(serving, gpus)

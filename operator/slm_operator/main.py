@@ -34,6 +34,12 @@ from slm_operator.reconcile import reconcile
 
 log = logging.getLogger("slm_operator")
 
+
+def _names(value: str) -> tuple[str, ...]:
+    """A comma-separated list of names, without blanks and duplicates."""
+    return tuple(dict.fromkeys(x.strip() for x in value.split(",") if x.strip()))
+
+
 RESYNC_SECONDS = float(os.environ.get("SLM_FLEET_RESYNC_SECONDS", "30"))
 #: Prometheus that scrapes the gateway and Triton; unset disables live control (SLOMet stays
 #: Unknown with reason MetricsUnavailable, and the rollout does not advance past shadow).
@@ -48,6 +54,17 @@ PROMETHEUS_INSECURE = os.environ.get(
 #: spec.training.serviceAccountName), in the task's namespace: the chart creates it with
 #: `patch` on pods so the trainer can report progress. Empty: the namespace's default account.
 TRAINER_SERVICE_ACCOUNT = os.environ.get("SLM_FLEET_TRAINER_SERVICE_ACCOUNT", "")
+#: ServiceAccounts an AgentTask may not name in spec.training.serviceAccountName, comma-separated:
+#: the chart sets the operator's and the gateway's. The trainer runs an image the task's author
+#: chose; as one of these it would get the operator's or the gateway's permissions (the LLM key
+#: Secrets). Refused by name in every namespace (InvalidSpec). Empty: no name is refused.
+RESERVED_SERVICE_ACCOUNTS = frozenset(
+    _names(os.environ.get("SLM_FLEET_RESERVED_SERVICE_ACCOUNTS", ""))
+)
+#: Secrets listed as imagePullSecrets of every trainer Job pod and Triton pod, comma-separated
+#: (the chart's imagePullSecrets and trainer.serviceAccount.imagePullSecrets); they must exist
+#: in the task's namespace. Empty: the pods get their ServiceAccount's pull secrets, if any.
+IMAGE_PULL_SECRETS = _names(os.environ.get("SLM_FLEET_IMAGE_PULL_SECRETS", ""))
 #: After a data-prep Job found fewer examples than spec.dataset.minExamples, how long until it
 #: curates again (a new task waits for its agents' calls to be captured this way).
 DATA_RECHECK_SECONDS = float(os.environ.get("SLM_FLEET_DATA_RECHECK_SECONDS", "300"))
@@ -110,6 +127,8 @@ async def trigger(key: Key) -> None:
                     rt.prom,
                     TRAINER_SERVICE_ACCOUNT,
                     DATA_RECHECK_SECONDS,
+                    reserved_accounts=RESERVED_SERVICE_ACCOUNTS,
+                    image_pull_secrets=IMAGE_PULL_SECRETS,
                 )
                 st.failures = 0
                 METRICS.reconciles.labels(RESULT_OK).inc()

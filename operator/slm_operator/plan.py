@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +77,12 @@ class Observed:
     #: Why a Triton pod of the task is not ready (unschedulable, image pull, crash loop), in
     #: the scheduler's or kubelet's words; empty when none is stuck.
     serving_waiting: str = ""
+    #: ServiceAccounts spec.training.serviceAccountName may not name (the operator's and the
+    #: gateway's): the trainer runs an image the task's author chose, with its permissions.
+    reserved_accounts: frozenset[str] = frozenset()
+    #: Secrets listed as imagePullSecrets of the trainer and Triton pods (the chart's
+    #: imagePullSecrets), so that their images can come from a private registry.
+    image_pull_secrets: tuple[str, ...] = ()
 
 
 @dataclass
@@ -127,12 +133,23 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-def validate(task: Mapping[str, Any]) -> str | None:
-    """Rules the CRD's schema and CEL cannot express; None when the spec is usable."""
+def validate(task: Mapping[str, Any], reserved_accounts: Collection[str] = ()) -> str | None:
+    """Rules the CRD's schema and CEL cannot express; None when the spec is usable.
+
+    ``reserved_accounts``: the operator's and the gateway's ServiceAccounts, which a task may
+    not run its trainer as (the chart's admission policy refuses them too, where installed).
+    """
     problem = n.task_name_problem(task["metadata"]["name"])
     if problem:
         return problem
     spec = task["spec"]
+    account = (spec.get("training") or {}).get("serviceAccountName")
+    if account and account in reserved_accounts:
+        return (
+            f"training.serviceAccountName {account} is the ServiceAccount of the slm-fleet "
+            "operator or gateway: the trainer runs the task's image, which must not get their "
+            "permissions; name an account of its own (or none, for the trainer account)"
+        )
     claim = spec["storage"]["claimName"]
     for cand in spec["candidates"]:
         model = cand["model"]
@@ -280,6 +297,7 @@ def _pipeline(
     served: str = "",
     data_recheck: dt.timedelta = dt.timedelta(minutes=5),
     waited_for_data: bool = False,
+    pull_secrets: Sequence[str] = (),
 ) -> _Step:
     """Walk one revision's pipeline; append the Jobs it needs to ``apply`` when given.
 
@@ -305,7 +323,9 @@ def _pipeline(
     )
 
     data_name = n.data_job_name(name, rev)
-    data_job = b.data_prep_job(task, rev, service_account) if apply is not None else None
+    data_job = (
+        b.data_prep_job(task, rev, service_account, pull_secrets) if apply is not None else None
+    )
     if apply is not None and data_job is not None:
         apply.append(data_job)
     dv = jobs.get(data_name)
@@ -365,7 +385,7 @@ def _pipeline(
     for cand in spec["candidates"]:
         jname = n.finetune_job_name(name, cand["name"], rev)
         if apply is not None:
-            apply.append(b.finetune_job(task, rev, cand, service_account))
+            apply.append(b.finetune_job(task, rev, cand, service_account, pull_secrets))
         view = jobs.get(jname)
         outcome = _job_outcome(view, now)
         passed: bool | None = None
@@ -474,7 +494,9 @@ def _pipeline(
             step.terminal_failure = True
             return step
         apply.append(
-            b.export_job(task, rev, cand, res.artifact_uri, res.threshold, service_account)
+            b.export_job(
+                task, rev, cand, res.artifact_uri, res.threshold, service_account, pull_secrets
+            )
         )
     ev = jobs.get(export_name)
     status, reason, msg = _job_outcome(ev, now)
@@ -761,7 +783,7 @@ def plan(obs: Observed) -> Plan:
     def cond(t: str, triple: tuple[str, str, str]) -> Obj:
         return c.condition(t, triple[0], triple[1], triple[2], gen, now)
 
-    problem = validate(task)
+    problem = validate(task, obs.reserved_accounts)
     if problem:
         out.invalid = problem
         unknown = (c.UNKNOWN, c.INVALID_SPEC, "the spec is invalid; see Ready")
@@ -811,6 +833,7 @@ def plan(obs: Observed) -> Plan:
             x.get("type") == c.DATA_READY and x.get("reason") == c.WAITING_FOR_DATA
             for x in prev_conds
         ),
+        obs.image_pull_secrets,
     )
 
     selected: Obj | None = prev_selected if prev_selected.get("revision") == active_rev else None
@@ -880,7 +903,11 @@ def plan(obs: Observed) -> Plan:
             if decision.replicas != want:
                 live["lastScaleTime"] = now_us  # whole seconds cut cooldowns short
                 want = decision.replicas
-        out.apply.append(b.triton_deployment(task, active_rev, active_uri, active_cand, want))
+        out.apply.append(
+            b.triton_deployment(
+                task, active_rev, active_uri, active_cand, want, obs.image_pull_secrets
+            )
+        )
         out.apply.append(b.triton_service(task))
         # maxUnavailable=0: while a new revision rolls out, the old pods keep serving.
         # Ready replicas, not the Available condition: with maxUnavailable=0 a scale-up makes

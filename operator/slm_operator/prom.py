@@ -7,8 +7,10 @@ functions treat as "unmeasured" (keep the last decision).
 
 Gateway series carry ``namespace`` and ``task`` labels, so two AgentTasks of the same name in
 different namespaces are told apart when the caller passes the task's namespace. Triton's
-series are selected by ``model`` (the task name) only: the labels a scrape adds to them
-depend on how Prometheus discovers the Triton pods.
+series are selected by ``model`` (the task name) and, likewise, ``namespace``: Triton does not
+export one, the scrape adds it, the namespace of the Triton pod, which is the task's (the
+chart's PodMonitor: the Prometheus Operator's ``namespace`` target label). Without it two
+same-named tasks in two namespaces would share one queue time.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ def queries(
         return _sel(task, namespace, **labels)
 
     slm = sel(backend="slm")
+    scope = f'namespace="{namespace}",' if namespace is not None else ""
+    triton = f'{{{scope}model="{task}"}}'
     open_rate = (
         f"(sum(rate(slm_gateway_fallbacks_total{sel(reason='circuit_open')}[{window}])) "
         "or vector(0))"
@@ -65,8 +69,8 @@ def queries(
         ),
         "request_rate": f"sum(rate(slm_gateway_requests_total{sel()}[{window}]))",
         "queue_ms": (
-            f'sum(rate(nv_inference_queue_duration_us{{model="{task}"}}[{window}])) / '
-            f'sum(rate(nv_inference_request_success{{model="{task}"}}[{window}])) / 1000'
+            f"sum(rate(nv_inference_queue_duration_us{triton}[{window}])) / "
+            f"sum(rate(nv_inference_request_success{triton}[{window}])) / 1000"
         ),
         "agreement": (
             "sum(increase(slm_gateway_shadow_total"

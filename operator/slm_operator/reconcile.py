@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from slm_operator import naming as n
@@ -96,6 +97,9 @@ def observe(
     prom: PromMetrics | None = None,
     trainer_service_account: str = "",
     data_recheck_s: float = 300.0,
+    *,
+    reserved_accounts: Collection[str] = (),
+    image_pull_secrets: Sequence[str] = (),
 ) -> Observed | None:
     task = kube.get_task(namespace, name)
     if task is None or task["metadata"].get("deletionTimestamp"):
@@ -127,6 +131,8 @@ def observe(
         trainer_service_account=trainer_account(kube, task, trainer_service_account),
         data_recheck=dt.timedelta(seconds=data_recheck_s),
         serving_waiting=serving_waiting(pods),
+        reserved_accounts=frozenset(reserved_accounts),
+        image_pull_secrets=tuple(image_pull_secrets),
     )
 
 
@@ -174,6 +180,9 @@ def reconcile(
     prom: PromMetrics | None = None,
     trainer_service_account: str = "",
     data_recheck_s: float = 300.0,
+    *,
+    reserved_accounts: Collection[str] = (),
+    image_pull_secrets: Sequence[str] = (),
 ) -> Plan | None:
     obs = observe(
         kube,
@@ -183,6 +192,8 @@ def reconcile(
         prom,
         trainer_service_account,
         data_recheck_s,
+        reserved_accounts=reserved_accounts,
+        image_pull_secrets=image_pull_secrets,
     )
     if obs is None:
         return None

@@ -32,6 +32,9 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "slm-fleet-operator"
 GATEWAY_METRICS = REPO / "operator" / "slm_gateway" / "metrics.py"
 KEY_SECRET = "llm-key"
+# The claim the quickstart captures to (examples/storage/quickstart-pvcs.yaml). Without a
+# claim, an object store or an explicit opt-in to an emptyDir the chart refuses to render.
+CAPTURE_CLAIM = "gateway.capture.existingClaim=agent-call-logs"
 
 VARIANTS: dict[str, list[str]] = {
     "default": [],
@@ -44,6 +47,7 @@ VARIANTS: dict[str, list[str]] = {
     "dashboard": ["dashboard.enabled=true"],
     "several-namespaces": ["watchNamespaces={team-a,team-b}"],
     "no-trainer-account": ["trainer.serviceAccount.create=false"],
+    "no-admission-policy": ["trainer.admissionPolicy.enabled=false"],
     "replicated-gateway": ["gateway.replicas=3"],
 }
 
@@ -65,7 +69,8 @@ def sets(values: list[str]) -> list[str]:
     return [x for v in values for x in ("--set", v)]
 
 
-def render(*values: str, namespace: str = "slm") -> list[dict[str, Any]]:
+def render_bare(*values: str, namespace: str = "slm") -> list[dict[str, Any]]:
+    """The chart rendered with these values on top of values.yaml, and nothing else."""
     out = helm(
         "template",
         "slm",
@@ -77,6 +82,12 @@ def render(*values: str, namespace: str = "slm") -> list[dict[str, Any]]:
         *sets(list(values)),
     ).stdout
     return [d for d in yaml.safe_load_all(out) if d]
+
+
+def render(*values: str, namespace: str = "slm") -> list[dict[str, Any]]:
+    """Rendered with a capture claim (the quickstart's), since the chart refuses to capture
+    into nowhere; ``values`` come after it, so a test can still override it."""
+    return render_bare(CAPTURE_CLAIM, *values, namespace=namespace)
 
 
 def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
@@ -94,7 +105,8 @@ def container(docs: list[dict[str, Any]], deployment: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_lint_strict(variant: str) -> None:
-    helm("lint", "--strict", str(CHART), "--kube-version", kube_version(), *sets(VARIANTS[variant]))
+    values = [CAPTURE_CLAIM, *VARIANTS[variant]]
+    helm("lint", "--strict", str(CHART), "--kube-version", kube_version(), *sets(values))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -181,6 +193,163 @@ def test_replicated_gateway_is_spread_and_guarded_against_drains() -> None:
     assert not by_kind(render(), "PodDisruptionBudget")
     off = render("gateway.replicas=3", "gateway.podDisruptionBudget.enabled=false")
     assert not by_kind(off, "PodDisruptionBudget")
+
+
+def helm_fails(*values: str) -> str:
+    """helm template's error for these values (on top of values.yaml); it must fail."""
+    cp = helm(
+        "template",
+        "slm",
+        str(CHART),
+        "--kube-version",
+        kube_version(),
+        *sets(list(values)),
+        check=False,
+    )
+    assert cp.returncode != 0, f"helm template {values} rendered"
+    return cp.stderr
+
+
+def capture_volume(docs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    pod = by_kind(docs, "Deployment")["slm-gateway"]["spec"]["template"]["spec"]
+    return next((v for v in pod["volumes"] if v["name"] == "capture"), None)
+
+
+def test_capture_without_durable_storage_is_refused_unless_opted_into() -> None:
+    """An emptyDir fills up (shards are never deleted locally), gets the pod evicted, and no
+    trainer can read it: the chart does not capture there unless told to, in so many words."""
+    err = helm_fails()
+    for named in (
+        "gateway.capture.existingClaim",
+        "gateway.capture.persistence.create",
+        "gateway.capture.target",
+        "gateway.capture.ephemeral",
+        "gateway.capture.enabled=false",
+    ):
+        assert named in err, err
+    assert "emptyDir" in err, err
+    helm_fails("gateway.capture.persistence.create=false", "gateway.capture.target=")
+    # Opted in: the emptyDir as before, size-limited.
+    ephemeral = capture_volume(render_bare("gateway.capture.ephemeral=true"))
+    assert ephemeral == {"name": "capture", "emptyDir": {"sizeLimit": "5Gi"}}
+    # Durable destinations render, and mount no emptyDir.
+    assert capture_volume(render_bare(CAPTURE_CLAIM)) == {
+        "name": "capture",
+        "persistentVolumeClaim": {"claimName": "agent-call-logs"},
+    }
+    created = render_bare("gateway.capture.persistence.create=true")
+    assert capture_volume(created) == {
+        "name": "capture",
+        "persistentVolumeClaim": {"claimName": "slm-gateway-capture"},
+    }
+    assert "slm-gateway-capture" in by_kind(created, "PersistentVolumeClaim")
+    remote = render_bare("gateway.capture.target=s3://bucket/calls")
+    assert capture_volume(remote) is None
+    assert "--capture=s3://bucket/calls" in container(remote, "slm-gateway")["args"]
+    assert capture_volume(render_bare("gateway.capture.enabled=false")) is None
+    # Without the gateway there is nothing to capture.
+    assert "slm-gateway" not in by_kind(render_bare("gateway.enabled=false"), "Deployment")
+
+
+def _gateway_config(docs: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The gateway's settings as the pod would get them: the image's environment
+    (operator/slm_gateway/Dockerfile's ENV), the container's env, then its arguments."""
+    from slm_gateway.config import config_from_args
+
+    dockerfile = (REPO / "operator" / "slm_gateway" / "Dockerfile").read_text()
+    image_env = dict(re.findall(r"\b(SLM_GATEWAY_[A-Z_]+)=(\S+)", dockerfile))
+    assert image_env.get("SLM_GATEWAY_CAPTURE"), "the image captures by default"
+    gw = container(docs, "slm-gateway")
+    env = {**image_env, **{e["name"]: e["value"] for e in gw["env"] if "value" in e}}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return config_from_args(gw["args"])
+
+
+def test_capture_disabled_overrides_the_images_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway image captures to /var/lib/slm-gateway/calls unless told otherwise;
+    capture.enabled=false must tell it otherwise, not just leave out --capture."""
+    off = _gateway_config(render_bare("gateway.capture.enabled=false"), monkeypatch)
+    assert off.capture is None
+    on = _gateway_config(render(), monkeypatch)
+    assert on.capture is not None
+    assert on.capture.target == "/var/lib/slm-gateway/data/calls"
+
+
+def _strategy(docs: list[dict[str, Any]]) -> str:
+    spec = by_kind(docs, "Deployment")["slm-gateway"]["spec"]
+    return str((spec.get("strategy") or {}).get("type", "RollingUpdate"))
+
+
+def test_single_node_capture_claim_makes_the_gateway_replace_not_roll() -> None:
+    """A rolling update starts the new pod (on another node, by the topology spread) while
+    the old one still holds a ReadWriteOnce volume: Multi-Attach error, and the rollout hangs
+    (ReadWriteOncePod: the new pod never schedules). Such a claim gets Recreate."""
+    created = "gateway.capture.persistence.create=true"
+    assert _strategy(render_bare(created)) == "Recreate"  # ReadWriteOnce by default
+    rwop = "gateway.capture.persistence.accessModes={ReadWriteOncePod}"
+    assert _strategy(render_bare(created, rwop)) == "Recreate"
+    rwx = "gateway.capture.persistence.accessModes={ReadWriteMany}"
+    assert _strategy(render_bare(created, rwx)) == "RollingUpdate"
+    assert _strategy(render_bare(created, rwx, "gateway.replicas=3")) == "RollingUpdate"
+    # Nothing shared to hold: roll.
+    assert _strategy(render_bare("gateway.capture.ephemeral=true")) == "RollingUpdate"
+    assert _strategy(render_bare("gateway.capture.target=s3://b/calls")) == "RollingUpdate"
+    # An existing claim that cannot be looked up (helm template): ReadWriteMany, as the
+    # quickstart's; gateway.strategy says otherwise for one that is not.
+    assert _strategy(render()) == "RollingUpdate"
+    assert _strategy(render("gateway.strategy.type=Recreate")) == "Recreate"
+
+
+def test_replicated_gateway_refuses_a_single_node_capture_claim() -> None:
+    """Replicas spread over nodes cannot all mount a ReadWriteOnce(Pod) claim, rolling or
+    not: refused at render, naming the values to change."""
+    for mode in ("ReadWriteOnce", "ReadWriteOncePod"):
+        err = helm_fails(
+            "gateway.capture.persistence.create=true",
+            f"gateway.capture.persistence.accessModes={{{mode}}}",
+            "gateway.replicas=2",
+        )
+        assert "gateway.replicas" in err and mode in err and "ReadWriteMany" in err, err
+
+
+def _quickstart_sets(text: str) -> tuple[str, list[str]]:
+    """The namespace and --set values of the first `helm install` command in ``text``."""
+    import shlex
+
+    lines = text.replace("\\\n", " ").splitlines()
+    words = shlex.split(next(line for line in lines if line.strip().startswith("helm install")))
+    values = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
+    return words[words.index("-n") + 1], values
+
+
+def _section(text: str, heading: str) -> str:
+    return text.split(heading, 1)[1].split("\n## ", 1)[0]
+
+
+@pytest.mark.parametrize("readme", ["README.md", "charts/slm-fleet-operator/README.md"])
+def test_readme_quickstart_installs_a_scraped_fleet(readme: str) -> None:
+    """With the quickstart's values, the chart renders (capture to the tasks' claim), the
+    operator reads Prometheus, and that Prometheus scrapes the gateway and Triton: without
+    those series live control never leaves shadow. kube-prometheus-stack's Prometheus only
+    selects monitors labelled with its release."""
+    text = (REPO / readme).read_text()
+    if readme == "README.md":
+        text = _section(text, "## Quickstart on a real cluster")
+    ns, values = _quickstart_sets(text)
+    docs = render_bare(*values, namespace=ns)
+    env = {e["name"]: e.get("value") for e in container(docs, "slm-operator")["env"]}
+    assert env["SLM_FLEET_PROMETHEUS_URL"], "the quickstart sets operator.prometheusURL"
+    gateway_volume = capture_volume(docs)
+    assert gateway_volume and "persistentVolumeClaim" in gateway_volume
+    monitors = [
+        *by_kind(docs, "ServiceMonitor").values(),
+        *by_kind(docs, "PodMonitor").values(),
+    ]
+    scraped = {m["metadata"]["labels"]["app.kubernetes.io/component"] for m in monitors}
+    assert {"gateway", "triton"} <= scraped, scraped
+    for m in monitors:
+        assert m["metadata"]["labels"].get("release"), m["metadata"]["name"]
 
 
 def test_operator_settings_come_from_values() -> None:
@@ -282,6 +451,83 @@ def test_trainer_service_account_can_be_brought_or_turned_off() -> None:
     assert not [d for d in off if "trainer" in d["metadata"]["name"]]
     env = container(off, "slm-operator")["env"]
     assert {"name": "SLM_FLEET_TRAINER_SERVICE_ACCOUNT", "value": ""} in env
+
+
+def _policies(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {
+        d["metadata"]["name"]: d
+        for d in docs
+        if d["kind"] in ("ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")
+    }
+
+
+def test_admission_policies_guard_the_trainer_account() -> None:
+    """The trainer runs the task author's image with `patch` on pods: one policy keeps that
+    to its own pod's progress annotation, another keeps tasks off the operator's and the
+    gateway's ServiceAccounts (tested against the apiserver in test_rbac.py)."""
+    docs = render("watchNamespaces={team-a,team-b}")
+    env = container(docs, "slm-operator")["env"]
+    reserved = {"name": "SLM_FLEET_RESERVED_SERVICE_ACCOUNTS", "value": "slm-operator,slm-gateway"}
+    assert reserved in env
+    got = _policies(docs)
+    assert set(got) == {"slm-trainer-pods", "slm-agenttask-accounts"}
+    for d in docs:
+        if d["kind"].startswith("ValidatingAdmissionPolicy"):
+            assert d["apiVersion"] == "admissionregistration.k8s.io/v1"
+    pods = next(
+        d
+        for d in docs
+        if d["kind"] == "ValidatingAdmissionPolicy" and d["metadata"]["name"] == "slm-trainer-pods"
+    )
+    (match,) = pods["spec"]["matchConditions"]
+    assert match["expression"] == (
+        'request.userInfo.username in ["system:serviceaccount:team-a:slm-trainer",'
+        '"system:serviceaccount:team-b:slm-trainer"]'
+    )
+    assert pods["spec"]["failurePolicy"] == "Fail"
+    rules = pods["spec"]["matchConstraints"]["resourceRules"]
+    assert rules == [
+        {
+            "apiGroups": [""],
+            "apiVersions": ["v1"],
+            "resources": ["pods", "pods/*"],
+            "operations": ["UPDATE"],
+        }
+    ]
+    bindings = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicyBinding"]
+    assert {b["spec"]["policyName"] for b in bindings} == set(got)
+    assert all(b["spec"]["validationActions"] == ["Deny"] for b in bindings)
+
+    # No gateway: only the operator's account is reserved. No trainer account: no pod policy.
+    alone = render("gateway.enabled=false", "trainer.serviceAccount.create=false")
+    assert set(_policies(alone)) == {"slm-agenttask-accounts"}
+    env = container(alone, "slm-operator")["env"]
+    assert {"name": "SLM_FLEET_RESERVED_SERVICE_ACCOUNTS", "value": "slm-operator"} in env
+    assert not _policies(render("trainer.admissionPolicy.enabled=false"))
+
+
+def test_pull_secrets_reach_the_trainer_account_and_the_pods_the_operator_creates() -> None:
+    def trainer_account(docs: list[dict[str, Any]]) -> dict[str, Any]:
+        sa: dict[str, Any] = by_kind(docs, "ServiceAccount")["slm-trainer"]
+        return sa
+
+    def pull_env(docs: list[dict[str, Any]]) -> str:
+        env = container(docs, "slm-operator")["env"]
+        return str(next(e["value"] for e in env if e["name"] == "SLM_FLEET_IMAGE_PULL_SECRETS"))
+
+    plain = render()
+    assert "imagePullSecrets" not in trainer_account(plain) and pull_env(plain) == ""
+    docs = render("imagePullSecrets[0].name=registry")
+    assert trainer_account(docs)["imagePullSecrets"] == [{"name": "registry"}]
+    assert pull_env(docs) == "registry"
+    # The trainer account's own list; the operator lists both on its pods, since a pod that
+    # names pull secrets gets none from its ServiceAccount.
+    own = render(
+        "imagePullSecrets[0].name=registry",
+        "trainer.serviceAccount.imagePullSecrets[0].name=ml-registry",
+    )
+    assert trainer_account(own)["imagePullSecrets"] == [{"name": "ml-registry"}]
+    assert pull_env(own) == "registry,ml-registry"
 
 
 def test_monitoring_objects() -> None:
@@ -694,8 +940,7 @@ def test_operator_metrics_port_must_differ_from_its_health_port() -> None:
         str(CHART),
         "--kube-version",
         kube_version(),
-        "--set",
-        "operator.metricsPort=8080",
+        *sets([CAPTURE_CLAIM, "operator.metricsPort=8080"]),
         check=False,
     )
     assert cp.returncode != 0
@@ -729,6 +974,12 @@ def test_chart_crds_are_the_repository_crds() -> None:
 
 
 # ---- the real control plane --------------------------------------------------------------
+
+
+#: What a release installs outside its namespace.
+CLUSTER_KINDS = (
+    "clusterroles,clusterrolebindings,validatingadmissionpolicies,validatingadmissionpolicybindings"
+)
 
 
 def sa_kubeconfig(cluster: ClusterHandle, ns: str, sa: str, path: Path) -> str:
@@ -783,6 +1034,9 @@ def release(cluster: ClusterHandle, namespace: str, agenttask_crd: Path) -> Iter
         f"gateway.llmApiKeySecrets={{{KEY_SECRET}}}",
         "--set",
         "dashboard.enabled=true",
+        # No PVC here: an emptyDir, opted into (pods do not run on kwok nodes anyway).
+        "--set",
+        "gateway.capture.ephemeral=true",
     )
     try:
         yield name
@@ -816,10 +1070,17 @@ def test_install_creates_everything_and_uninstall_cleans_up(
         ("ConfigMap", f"{release}-dashboard"),
     }
     cluster_scoped = {
-        o["metadata"]["name"]
-        for o in cluster.get_json("clusterroles,clusterrolebindings", "-l", selector)["items"]
+        (o["kind"], o["metadata"]["name"])
+        for o in cluster.get_json(CLUSTER_KINDS, "-l", selector)["items"]
     }
-    assert cluster_scoped == {f"{release}-operator-discovery"}
+    assert cluster_scoped == {
+        ("ClusterRole", f"{release}-operator-discovery"),
+        ("ClusterRoleBinding", f"{release}-operator-discovery"),
+        ("ValidatingAdmissionPolicy", f"{release}-trainer-pods"),
+        ("ValidatingAdmissionPolicyBinding", f"{release}-trainer-pods"),
+        ("ValidatingAdmissionPolicy", f"{release}-agenttask-accounts"),
+        ("ValidatingAdmissionPolicyBinding", f"{release}-agenttask-accounts"),
+    }
 
     # Both Deployments are Available; kwok runs their pods on CPU nodes (GPU nodes are tainted).
     for dep in ("operator", "gateway"):
@@ -876,7 +1137,7 @@ def test_install_creates_everything_and_uninstall_cleans_up(
     wait_for(
         lambda: (
             not cluster.get_json(namespaced, "-n", ns, "-l", selector)["items"]
-            and not cluster.get_json("clusterroles,clusterrolebindings", "-l", selector)["items"]
+            and not cluster.get_json(CLUSTER_KINDS, "-l", selector)["items"]
         ),
         timeout=60,
         what="every object of the release to be deleted",
@@ -921,3 +1182,42 @@ def test_installed_service_accounts_are_enough_for_operator_and_gateway(
     finally:
         cluster.kubectl("delete", "agenttasks", "--all", "-n", ns, "--wait=false", check=False)
         op.stop()
+
+
+def test_existing_capture_claims_access_mode_is_looked_up(
+    cluster: ClusterHandle, namespace: str
+) -> None:
+    """At install (not under plain `helm template`) the chart reads the existing claim's
+    access modes: a ReadWriteOnce one gets Recreate, and more than one replica is refused."""
+    ns = namespace
+    for name, mode in (("calls-rwo", "ReadWriteOnce"), ("calls-rwx", "ReadWriteMany")):
+        cluster.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": name},
+                "spec": {"accessModes": [mode], "resources": {"requests": {"storage": "1Gi"}}},
+            },
+            ns,
+        )
+
+    def install(*values: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return helm(
+            "template", "slm", str(CHART), "--dry-run=server",
+            "--kubeconfig", cluster.kubeconfig, "-n", ns,
+            *sets([f"watchNamespaces={{{ns}}}", *values]),
+            check=check,
+        )  # fmt: skip
+
+    def strategy(*values: str) -> str:
+        docs = [d for d in yaml.safe_load_all(install(*values).stdout) if d]
+        return _strategy(docs)
+
+    assert strategy("gateway.capture.existingClaim=calls-rwo") == "Recreate"
+    assert strategy("gateway.capture.existingClaim=calls-rwx") == "RollingUpdate"
+    assert strategy("gateway.capture.existingClaim=calls-rwx", "gateway.replicas=3") == (
+        "RollingUpdate"
+    )
+    refused = install("gateway.capture.existingClaim=calls-rwo", "gateway.replicas=2", check=False)
+    assert refused.returncode != 0
+    assert "gateway.replicas" in refused.stderr and "ReadWriteOnce" in refused.stderr

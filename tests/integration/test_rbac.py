@@ -8,8 +8,12 @@ operator then runs as a local process authenticated with the chart's ServiceAcco
 from __future__ import annotations
 
 import base64
+import json
+import ssl
 import subprocess
-from collections.abc import Iterator
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -32,6 +36,13 @@ from slm_operator import naming as n
 pytestmark = pytest.mark.integration
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "slm-fleet-operator"
+#: What the chart installs outside the namespace: RBAC and the admission policies.
+CLUSTER_SCOPED = (
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+)
 
 
 def helm_template(namespace: str, *sets: str) -> list[dict]:
@@ -46,7 +57,8 @@ def helm_template(namespace: str, *sets: str) -> list[dict]:
             namespace,
             "--kube-version",
             "1.36.3",
-            *[x for s in sets for x in ("--set", s)],
+            # The chart refuses a capturing gateway without a claim; RBAC does not depend on it.
+            *[x for s in ("gateway.capture.enabled=false", *sets) for x in ("--set", s)],
         ],
         check=True,
         capture_output=True,
@@ -59,12 +71,12 @@ def helm_template(namespace: str, *sets: str) -> list[dict]:
 def operator_sa(
     cluster: ClusterHandle, namespace: str, agenttask_crd: Path, tmp_path: Path
 ) -> Iterator[tuple[str, str]]:
-    """Install the chart's ServiceAccount and RBAC; yield (service account, kubeconfig)."""
+    """Install the chart's ServiceAccounts, RBAC and admission policies; yield (operator
+    service account, kubeconfig)."""
     docs = [
         d
         for d in helm_template(namespace, f"watchNamespaces={{{namespace}}}")
-        if d["kind"]
-        in ("ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")
+        if d["kind"] in ("ServiceAccount", "Role", "RoleBinding", *CLUSTER_SCOPED)
     ]
     cluster.apply(docs)
     sa = next(
@@ -92,7 +104,7 @@ def operator_sa(
     path.write_text(yaml.safe_dump(kc))
     yield sa, str(path)
     for d in docs:
-        if d["kind"].startswith("Cluster"):
+        if d["kind"] in CLUSTER_SCOPED:
             cluster.kubectl("delete", d["kind"].lower(), d["metadata"]["name"], check=False)
 
 
@@ -316,3 +328,184 @@ def test_trainer_pods_use_the_default_account_where_the_trainer_one_is_missing(
             "delete", "agenttasks", "--all", "-n", namespace, "--wait=false", check=False
         )
         op.stop()
+
+
+# ---- the admission policies: what RBAC's `patch` on pods cannot narrow --------------------
+
+POLICY_SAYS = (
+    "the trainer ServiceAccount may change only the slmfleet.dev/progress annotation of the "
+    "trainer pod it runs in"
+)
+
+
+def _pod(name: str, labels: dict[str, str], account: str = "default") -> dict[str, object]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": labels, "annotations": {"team": "ml"}},
+        "spec": {
+            "serviceAccountName": account,
+            "containers": [{"name": "main", "image": "registry.example/app:1"}],
+        },
+    }
+
+
+def _patcher(cluster: ClusterHandle, ns: str) -> Callable[..., tuple[int, str]]:
+    """PATCH a pod of ``ns`` with a bearer token, as the trainer's reporter does (kubectl
+    patch would GET the pod first, which the trainer may not); returns (HTTP status, message)."""
+    api = yaml.safe_load(Path(cluster.kubeconfig).read_text())["clusters"][0]["cluster"]
+    tls = ssl.create_default_context(
+        cadata=base64.b64decode(api["certificate-authority-data"]).decode()
+    )
+
+    def patch(
+        token: str,
+        pod: str,
+        body: object,
+        kind: str = "merge-patch+json",
+        dry_run: bool = False,
+    ) -> tuple[int, str]:
+        url = f"{api['server']}/api/v1/namespaces/{ns}/pods/{pod}"
+        req = urllib.request.Request(
+            url + ("?dryRun=All" if dry_run else ""),
+            data=json.dumps(body).encode(),
+            method="PATCH",
+            headers={"Authorization": f"Bearer {token}", "Content-Type": f"application/{kind}"},
+        )
+        try:
+            with urllib.request.urlopen(req, context=tls, timeout=30) as resp:
+                return resp.status, ""
+        except urllib.error.HTTPError as e:
+            return e.code, str(json.loads(e.read()).get("message"))
+
+    return patch
+
+
+def test_trainer_service_account_may_only_set_the_progress_of_its_own_trainer_pod(
+    cluster: ClusterHandle, namespace: str, operator_sa: tuple[str, str]
+) -> None:
+    """The trainer runs an image the AgentTask's author chose, with `patch` on pods: the
+    chart's ValidatingAdmissionPolicy keeps that to the progress annotation of its own pod,
+    so it cannot swap the gateway's image (and read the LLM key) or relabel anything."""
+    ns, trainer = namespace, f"{namespace}-trainer"
+    trainer_labels = n.labels("weather", n.STAGE_FINETUNE, "abc", "small")
+    cluster.apply(
+        [
+            _pod("trainer-a", trainer_labels, trainer),
+            _pod("trainer-b", trainer_labels, trainer),
+            _pod("gateway", {"app.kubernetes.io/component": "gateway"}),
+        ],
+        ns,
+    )
+    token = cluster.kubectl(
+        "create",
+        "token",
+        trainer,
+        "-n",
+        ns,
+        "--bound-object-kind=Pod",
+        "--bound-object-name=trainer-a",
+        "--duration=10m",
+    ).stdout.strip()
+    patch = _patcher(cluster, ns)
+    progress = {"metadata": {"annotations": {n.ANNOTATION_PROGRESS: "40"}}}
+    relabel = {"metadata": {"labels": {"x": "y"}}}
+    # The apiserver loads a new policy within a second or so; dry runs do not change the pod.
+    wait_for(
+        lambda: patch(token, "trainer-a", relabel, dry_run=True)[0] == 403,
+        timeout=30,
+        what="the trainer-pods admission policy to be in force",
+    )
+
+    assert patch(token, "trainer-a", progress) == (200, "")
+    assert patch(
+        token,
+        "trainer-a",
+        [{"op": "remove", "path": "/metadata/annotations/slmfleet.dev~1progress"}],
+        "json-patch+json",
+    ) == (200, "")
+    assert patch(token, "trainer-a", progress) == (200, "")
+
+    image = {"spec": {"containers": [{"name": "main", "image": "attacker.example/x:1"}]}}
+    refused = {
+        "image": ("trainer-a", image, "strategic-merge-patch+json", "the pod's spec"),
+        "label": ("trainer-a", relabel, "merge-patch+json", "the pod's labels"),
+        "annotation": (
+            "trainer-a",
+            {"metadata": {"annotations": {"team": "attacker"}}},
+            "merge-patch+json",
+            "the pod's other annotations",
+        ),
+        "finalizer": (
+            "trainer-a",
+            {"metadata": {"finalizers": ["example.com/hold"]}},
+            "merge-patch+json",
+            "finalizers",
+        ),
+        "gateway pod": ("gateway", progress, "merge-patch+json", "gateway is not a trainer pod"),
+        "gateway image": ("gateway", image, "strategic-merge-patch+json", "not a trainer pod"),
+        "other trainer pod": (
+            "trainer-b",
+            progress,
+            "merge-patch+json",
+            "bound to pod trainer-a, not to trainer-b",
+        ),
+    }
+    for what, (pod, body, kind, why) in refused.items():
+        status, message = patch(token, pod, body, kind)
+        assert status == 403, (what, status, message)
+        assert POLICY_SAYS in message and why in message, (what, message)
+
+    # A token not bound to a pod (a long-lived Secret token, say) speaks for no pod.
+    unbound = cluster.kubectl("create", "token", trainer, "-n", ns).stdout.strip()
+    status, message = patch(unbound, "trainer-a", progress)
+    assert status == 403 and "bound to no pod" in message, message
+
+    pods = {p["metadata"]["name"]: p for p in cluster.get_json("pods", "-n", ns)["items"]}
+    assert pods["trainer-a"]["metadata"]["annotations"] == {
+        "team": "ml",
+        n.ANNOTATION_PROGRESS: "40",
+    }
+    assert pods["trainer-a"]["metadata"]["labels"] == trainer_labels
+    assert pods["trainer-a"]["spec"]["containers"][0]["image"] == "registry.example/app:1"
+    assert pods["gateway"]["spec"]["containers"][0]["image"] == "registry.example/app:1"
+    assert n.ANNOTATION_PROGRESS not in pods["trainer-b"]["metadata"]["annotations"]
+    # Everyone else is untouched by the policy: an administrator may still relabel the pod.
+    cluster.kubectl("label", "pod", "trainer-a", "-n", ns, "x=y")
+
+
+def test_agenttask_may_not_run_its_trainer_as_the_operator_or_gateway(
+    cluster: ClusterHandle, namespace: str, operator_sa: tuple[str, str]
+) -> None:
+    ns = namespace
+
+    def admitted(account: str, dry_run: bool = True) -> subprocess.CompletedProcess[str]:
+        task = agenttask(training={"gpus": 1, "serviceAccountName": account})
+        return cluster.kubectl(
+            "apply",
+            "--server-side",
+            "--field-manager=slm-fleet-tests",
+            *(["--dry-run=server"] if dry_run else []),
+            "-n",
+            ns,
+            "-f",
+            "-",
+            input=yaml.safe_dump(task),
+            check=False,
+        )
+
+    wait_for(
+        lambda: admitted(f"{ns}-operator").returncode != 0,
+        timeout=30,
+        what="the agenttask-accounts admission policy to be in force",
+    )
+    for account in (f"{ns}-operator", f"{ns}-gateway"):
+        cp = admitted(account)
+        assert cp.returncode != 0
+        assert (
+            f"spec.training.serviceAccountName {account} is a ServiceAccount of the slm-fleet "
+            "operator or gateway" in cp.stderr
+        ), cp.stderr
+    assert admitted("s3-reader", dry_run=False).returncode == 0
+    assert admitted(f"{ns}-trainer", dry_run=False).returncode == 0
+    cluster.kubectl("delete", "agenttasks", "--all", "-n", ns, "--wait=false", check=False)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 from test_plan import make_task
@@ -20,6 +23,7 @@ from slm_operator.observe import (
     job_view,
     serving_waiting,
 )
+from slm_operator.plan import Observed, plan
 
 
 def test_child_names_are_deterministic_valid_and_bounded() -> None:
@@ -107,6 +111,60 @@ def test_trainer_pods_run_as_the_trainer_service_account() -> None:
     own = make_task(training={"gpus": 1, "serviceAccountName": "s3-reader"})
     assert {p["serviceAccountName"] for p in _trainer_pods(own, "slm-trainer")} == {"s3-reader"}
     assert all("serviceAccountName" not in p for p in _trainer_pods(make_task()))
+
+
+def test_trainer_and_triton_pods_list_the_configured_pull_secrets() -> None:
+    """Private-registry trainer and Triton images: the operator lists the chart's pull
+    secrets on every pod it creates (a pod that lists none gets only its ServiceAccount's)."""
+    task = make_task()
+    cand = task["spec"]["candidates"][0]
+    secrets = ("registry", "mirror", "registry")
+    want = [{"name": "registry"}, {"name": "mirror"}]
+    pods = [
+        b.data_prep_job(task, "r", "slm-trainer", secrets),
+        b.finetune_job(task, "r", cand, "slm-trainer", secrets),
+        b.export_job(task, "r", cand, "pvc://slm-work/weather/r/c", 0.5, "slm-trainer", secrets),
+        b.triton_deployment(task, "r", "pvc://slm-work/weather/r/m", "small", 1, secrets),
+    ]
+    for obj in pods:
+        assert obj["spec"]["template"]["spec"]["imagePullSecrets"] == want, obj["kind"]
+    # None configured: no field, so the ServiceAccount's pull secrets apply.
+    assert all("imagePullSecrets" not in p for p in _trainer_pods(task, "slm-trainer"))
+    dep = b.triton_deployment(task, "r", "pvc://slm-work/weather/r/m", "small", 1)
+    assert "imagePullSecrets" not in dep["spec"]["template"]["spec"]
+
+
+def test_plan_passes_the_pull_secrets_to_every_pod_it_builds() -> None:
+    from test_plan import NOW, jobs_through
+
+    task = make_task()
+    obs = Observed(task, jobs_through(task, "export"), None, None, NOW, image_pull_secrets=("reg",))
+    built = plan(obs).apply
+    assert {o["kind"] for o in built} >= {"Deployment"}
+    for obj in built:
+        if obj["kind"] in ("Job", "Deployment"):
+            pod = obj["spec"]["template"]["spec"]
+            assert pod["imagePullSecrets"] == [{"name": "reg"}], obj["metadata"]["name"]
+    fresh = plan(Observed(task, {}, None, None, NOW, image_pull_secrets=("reg",))).apply
+    assert [o["spec"]["template"]["spec"]["imagePullSecrets"] for o in fresh] == [[{"name": "reg"}]]
+
+
+def test_operator_reads_pull_secrets_and_reserved_accounts_from_its_environment() -> None:
+    """The chart sets these from imagePullSecrets and the operator's and gateway's
+    ServiceAccounts (a fresh interpreter: main reads its environment once, on import)."""
+    env = {
+        **os.environ,
+        "SLM_FLEET_IMAGE_PULL_SECRETS": "registry, mirror,,registry",
+        "SLM_FLEET_RESERVED_SERVICE_ACCOUNTS": "slm-operator,slm-gateway",
+    }
+    code = (
+        "from slm_operator import main; "
+        "print(list(main.IMAGE_PULL_SECRETS), sorted(main.RESERVED_SERVICE_ACCOUNTS))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "['registry', 'mirror'] ['slm-gateway', 'slm-operator']"
 
 
 def test_user_scheduling_constraints_are_kept() -> None:

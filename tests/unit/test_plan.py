@@ -445,6 +445,25 @@ def test_candidate_model_on_foreign_pvc_is_invalid() -> None:
     assert "another PVC" in (plan(Observed(task, {}, None, None, NOW)).invalid or "")
 
 
+@pytest.mark.parametrize("account", ["slm-operator", "slm-gateway"])
+def test_trainer_may_not_run_as_the_operators_or_gateways_service_account(account: str) -> None:
+    """The trainer runs the image the task's author chose: as the gateway's ServiceAccount it
+    could read the LLM key Secrets, as the operator's create Jobs anywhere it watches."""
+    reserved = frozenset({"slm-operator", "slm-gateway"})
+    task = make_task(training={"gpus": 1, "serviceAccountName": account})
+    p = plan(Observed(task, {}, None, None, NOW, reserved_accounts=reserved))
+    assert p.invalid and f"training.serviceAccountName {account}" in p.invalid
+    assert "operator or gateway" in p.invalid
+    assert p.apply == []
+    assert conds(p.status)[c.READY] == (c.FALSE, c.INVALID_SPEC)
+    # An account of the task's own, or none (the trainer account), is fine.
+    for training in ({"gpus": 1, "serviceAccountName": "s3-reader"}, {"gpus": 1}):
+        ok = plan(
+            Observed(make_task(training=training), {}, None, None, NOW, reserved_accounts=reserved)
+        )
+        assert ok.invalid is None and ok.apply
+
+
 @pytest.mark.parametrize(
     ("gate", "score", "llm", "ok"),
     [

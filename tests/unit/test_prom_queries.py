@@ -11,6 +11,9 @@ import pytest
 from slm_operator.prom import PromMetrics, queries, redact_userinfo
 
 GATEWAY_SELECTOR = re.compile(r"slm_gateway_\w+\{([^}]*)\}")
+# Triton's series: by model (the task's name), and the namespace its pod runs in, which the
+# scrape adds (the chart's PodMonitor: the Prometheus Operator's `namespace` target label).
+TRITON_SELECTOR = re.compile(r"nv_inference_\w+\{([^}]*)\}")
 
 
 def test_with_a_namespace_every_gateway_selector_names_it_and_the_task() -> None:
@@ -24,11 +27,23 @@ def test_with_a_namespace_every_gateway_selector_names_it_and_the_task() -> None
             assert sel.startswith('namespace="team-a",task="weather"'), (name, sel)
 
 
+def test_with_a_namespace_triton_queue_time_is_that_namespaces_model() -> None:
+    """Two tasks named alike in two namespaces each serve a model of that name: without the
+    namespace, one task's queue time would be the two Tritons' together."""
+    q = queries("weather", "30s", "60s", namespace="team-a")["queue_ms"]
+    selectors = TRITON_SELECTOR.findall(q)
+    assert len(selectors) == 2, q
+    for sel in selectors:
+        assert sel == 'namespace="team-a",model="weather"', sel
+
+
 def test_without_a_namespace_the_selectors_match_the_task_in_any_namespace() -> None:
     for q in queries("weather", "30s", "60s").values():
         for sel in GATEWAY_SELECTOR.findall(q):
             assert "namespace" not in sel
             assert sel.startswith('task="weather"')
+        for sel in TRITON_SELECTOR.findall(q):
+            assert sel == 'model="weather"', sel
 
 
 def test_the_slm_error_rate_selects_the_slm_backend_and_error_results() -> None:

@@ -94,3 +94,36 @@ else the watched namespaces (the release namespace when rbac.clusterWide watches
 {{- include "slm-fleet.watchNamespaces" . -}}
 {{- end -}}
 {{- end -}}
+
+{{- /*
+The ServiceAccounts an AgentTask may not run its trainer as (spec.training.serviceAccountName),
+comma-separated: the operator's, and the gateway's when it is deployed.
+*/ -}}
+{{- define "slm-fleet.reservedServiceAccounts" -}}
+{{- $names := list (include "slm-fleet.operatorServiceAccount" .) -}}
+{{- if .Values.gateway.enabled -}}
+{{- $names = append $names (include "slm-fleet.gatewayServiceAccount" .) -}}
+{{- end -}}
+{{- join "," ($names | uniq) -}}
+{{- end -}}
+
+{{- /*
+The trainer ServiceAccount's imagePullSecrets, as JSON [{name: ...}]:
+trainer.serviceAccount.imagePullSecrets, else the chart's imagePullSecrets.
+*/ -}}
+{{- define "slm-fleet.trainerPullSecrets" -}}
+{{- toJson (default (default (list) .Values.imagePullSecrets) .Values.trainer.serviceAccount.imagePullSecrets) -}}
+{{- end -}}
+
+{{- /*
+Names of the pull secrets the operator puts on the trainer and Triton pods it creates,
+comma-separated (SLM_FLEET_IMAGE_PULL_SECRETS): the chart's imagePullSecrets and the trainer
+ServiceAccount's. Both, because a pod that lists pull secrets gets none from its ServiceAccount.
+*/ -}}
+{{- define "slm-fleet.podPullSecrets" -}}
+{{- $names := list -}}
+{{- range concat (default (list) .Values.imagePullSecrets) (include "slm-fleet.trainerPullSecrets" . | fromJsonArray) -}}
+{{- $names = append $names .name -}}
+{{- end -}}
+{{- join "," ($names | uniq) -}}
+{{- end -}}
