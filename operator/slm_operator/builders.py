@@ -11,6 +11,7 @@ into the pod's termination message that the operator reads back.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
@@ -70,6 +71,26 @@ def _resources(section: Mapping[str, Any], gpus: int) -> Obj:
     if gpus > 0:
         res.setdefault("limits", {})[GPU_RESOURCE] = str(gpus)
     return res
+
+
+def cpu_threads(resources: Mapping[str, Any]) -> int:
+    """Threads for a pod's CPU allowance: its CPU limit (else request) rounded up, 0 if unset.
+
+    Why: torch and OpenMP size their thread pools by the node's cores, not the pod's quota,
+    so a 2-CPU model server on a 64-core node would run 64 threads and spend its quota
+    being throttled. ``OMP_NUM_THREADS`` set from this sizes them to the pod.
+    """
+    for key in ("limits", "requests"):
+        value = (resources.get(key) or {}).get("cpu")
+        if value is None:
+            continue
+        text = str(value).strip()
+        try:
+            cores = float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+        except ValueError:
+            return 0  # the API server refuses such a quantity anyway
+        return max(1, math.ceil(cores - 1e-9)) if cores > 0 else 0
+    return 0
 
 
 def _tolerations(section: Mapping[str, Any], gpus: int) -> list[Obj]:
@@ -426,6 +447,11 @@ def triton_deployment(
         "volumeMounts": mounts,
         "securityContext": _restricted_security(),
     }
+    threads = cpu_threads(container["resources"])
+    if threads:
+        container["env"] = [
+            {"name": var, "value": str(threads)} for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+        ]
     pod_spec: Obj = {
         "containers": [container],
         "volumes": volumes,

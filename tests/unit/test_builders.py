@@ -6,6 +6,7 @@ import copy
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 from test_plan import make_task
@@ -229,6 +230,35 @@ def test_triton_deployment_serves_the_revision_repository() -> None:
     )
     workspace = next(v for v in pod["volumes"] if v["name"] == "workspace")
     assert workspace["persistentVolumeClaim"] == {"claimName": "old-claim", "readOnly": True}
+
+
+@pytest.mark.parametrize(
+    ("resources", "threads"),
+    [
+        ({"limits": {"cpu": "2"}, "requests": {"cpu": "1"}}, 2),
+        ({"requests": {"cpu": "1500m"}}, 2),
+        ({"limits": {"cpu": "500m"}}, 1),
+        ({"limits": {"cpu": 4}}, 4),
+        ({"limits": {"memory": "4Gi"}}, 0),
+        ({}, 0),
+    ],
+)
+def test_triton_threads_follow_the_pods_cpu_not_the_nodes(
+    resources: dict[str, Any], threads: int
+) -> None:
+    """torch sizes its thread pool by the node's cores: a 2-CPU server on a 64-core node
+    would run 64 threads and be throttled. OMP_NUM_THREADS follows the pod's CPU instead."""
+    task = make_task()
+    task["spec"]["serving"] = {**task["spec"].get("serving", {}), "resources": resources}
+    dep = b.triton_deployment(task, "r1", "s3://bucket/repo", "small", 1)
+    env = {
+        e["name"]: e["value"]
+        for e in dep["spec"]["template"]["spec"]["containers"][0].get("env", [])
+    }
+    if threads:
+        assert env == {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    else:
+        assert "OMP_NUM_THREADS" not in env
 
 
 def test_triton_pods_get_no_api_token() -> None:
