@@ -87,6 +87,35 @@ def test_a_selector_is_scored_by_its_labels_over_thresholds() -> None:
     assert [p["accepted"] for p in s.curve] == [3, 2, 1, 0]
 
 
+@pytest.mark.parametrize("metric", ["tool-call-ast", "exact-match"])
+def test_a_selector_gated_on_whole_answers_is_scored_on_the_call_it_serves(metric: str) -> None:
+    """A selector serves the tool it picks with "{}" arguments. Scored on the tool name it
+    passed the tool-call-ast gate at 1.0, then served get_weather without its city."""
+    preds = [
+        evaluate.Prediction(label="get_weather", confidence=0.90),  # needs {"city": "Oslo"}
+        evaluate.Prediction(label="get_weather", confidence=0.80),  # needs {"city": "Lima"}
+        evaluate.Prediction(label="set_alarm", confidence=0.99),  # no arguments: right
+        evaluate.Prediction(label=None, confidence=0.50),
+    ]
+    s = evaluate.score_candidate("sel", records(), preds, "tool-call", metric, 0.97)
+    # It answers only where its served answer is right: the call without arguments.
+    assert s.threshold == 0.99 and s.coverage == 0.25 and s.score == 1.0
+    assert s.metrics["exact_match" if metric == "exact-match" else "tool_call_ast"] == 0.25
+    assert "empty arguments" in s.metrics["note"] and "label-accuracy" in s.metrics["note"]
+    assert any("2 of 4 calls get the right tool but a wrong answer" in r for r in s.reasons)
+    # Tool choice is what label-accuracy scores: unchanged.
+    s = evaluate.score_candidate("sel", records(), preds, "tool-call", "label-accuracy", 0.97)
+    assert s.threshold == 0.8 and s.coverage == 0.75 and s.score == 1.0
+    assert s.metrics["tool_call_ast"] is None and not s.reasons
+
+    # Every call needs arguments: no threshold makes its answers right, so it fails the gate.
+    recs = [r for r in records() if r.response.get("tool_calls")][:2]
+    preds = [evaluate.Prediction(label="get_weather", confidence=0.99) for _ in recs]
+    s = evaluate.score_candidate("sel", recs, preds, "tool-call", metric, 0.97)
+    assert s.score == 0.0 and not s.meets_precision
+    assert evaluate.apply_gate([s], 1.0, 0.5, None, "best-score") is None
+
+
 def test_a_generator_is_scored_by_ast_exact_match_and_json() -> None:
     s = evaluate.score_candidate("gen", records(), GENERATOR, "tool-call", "tool-call-ast", 0.9)
     assert s.kind == "generative"
@@ -256,7 +285,11 @@ def test_a_malformed_candidate_is_reported_not_fatal(tmp_path: Path) -> None:
     write_candidate(bad_info, SELECTOR, 5)
     (bad_info / "result.json").write_text("[1, 2]\n")  # JSON, but not a result
     args = evaluate.Args(
-        data=data, output=tmp_path / "out", candidates_dir=tmp_path / "cands", plot=False
+        data=data,
+        output=tmp_path / "out",
+        candidates_dir=tmp_path / "cands",
+        plot=False,
+        metric="label-accuracy",  # tool choice: the selectors' get_weather has no arguments
     )
     result = evaluate.run(args)
     report = json.loads((tmp_path / "out" / "report.json").read_text())

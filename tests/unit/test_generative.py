@@ -175,20 +175,109 @@ def test_prompt_renders_tools_in_the_template_or_in_the_system_message(tokenizer
 
 def test_answers_parse_back_to_openai_messages() -> None:
     text = chatformat.target_text(record(1).response)
-    msg = chatformat.parse_answer(text)
+    msg = chatformat.parse_answer(text, tools_offered=True)
     assert msg["content"] is None
     (call,) = msg["tool_calls"]
     assert call["function"]["name"] == "get_time"
     assert json.loads(call["function"]["arguments"]) == {"city": "Berlin"}
-    assert chatformat.parse_answer("  plain words ") == {
+    assert chatformat.parse_answer("  plain words ", tools_offered=True) == {
         "role": "assistant",
         "content": "plain words",
     }
-    assert chatformat.parse_answer('{"not": "a call"}')["content"] == '{"not": "a call"}'
+    assert chatformat.parse_answer('{"not": "a call"}', True) == {
+        "role": "assistant",
+        "content": '{"not": "a call"}',
+    }
     with pytest.raises(ValueError, match="not JSON"):
         chatformat.parse_request(b"{oops")
     with pytest.raises(ValueError, match="messages"):
         chatformat.parse_request(b'{"messages": []}')
+
+
+def test_a_json_answer_is_content_unless_tools_were_offered() -> None:
+    """An extraction answer the model reproduced exactly is the answer, not a call to a tool
+    named "Alice Smith": it scored 0 on exact match and the gateway refused it."""
+    ref = {"role": "assistant", "content": '{"name": "Alice Smith", "city": "Paris"}'}
+    text = chatformat.target_text(ref)  # what the model learns to write
+    for answer in (text, '[{"name": "Alice Smith", "city": "Paris"}]'):
+        assert chatformat.parse_answer(answer, tools_offered=False) == {
+            "role": "assistant",
+            "content": answer,
+        }
+    answer = chatformat.parse_answer(text, False)
+    assert generative.score_answer("exact-match", answer, ref, [], "extraction") == 1.0
+    # with tools, only the trained format is a call: a list of {"name", "arguments": {...}}
+    assert chatformat.parse_answer(text, tools_offered=True) == {
+        "role": "assistant",
+        "content": text,
+    }
+    calls = chatformat.target_text(record(0).response)
+    assert chatformat.parse_answer(calls, tools_offered=False)["content"] == calls
+    assert "tool_calls" in chatformat.parse_answer(calls, tools_offered=True)
+
+
+def test_evaluation_parses_and_trusts_answers_as_serving_does(
+    tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The eval scores and the confidences the threshold is chosen from are those of the
+    answers as served: a JSON extraction answer is content, a broken call gets 0."""
+    from slm_trainer.triton_model import runtime
+
+    extraction = CallRecord(
+        task="people",
+        backend="llm",
+        messages=[{"role": "user", "content": "Alice Smith lives in Paris."}],
+        tools=[],
+        response={"role": "assistant", "content": '{"name": "Alice Smith", "city": "Paris"}'},
+    )
+    texts = {
+        "Alice": '{"name": "Alice Smith", "city": "Paris"}',
+        "weather": '[{"name": "get_weather", "arguments": "Paris"}]',
+    }
+
+    def generate(model: Any, tok: Any, prompts: list[str], *a: Any, **k: Any) -> list[Any]:
+        return [
+            runtime.Answer(next(t for key, t in texts.items() if key in p), 0.8, "stop", 9)
+            for p in prompts
+        ]
+
+    monkeypatch.setattr(runtime, "generate", generate)
+    for task_type, rec in (("extraction", extraction), ("tool-call", record(0))):
+        args = SimpleNamespace(metric="exact-match", task_type=task_type)
+        model = SimpleNamespace(eval=lambda: None)
+        score, (pred,) = generative.evaluate(
+            model, tokenizer, [rec], True, args, generative.Options(), []
+        )
+        if task_type == "extraction":
+            assert score == 1.0 and pred["confidence"] == 0.8
+            assert pred["prediction"]["content"] == texts["Alice"]
+        else:
+            assert score == 0.0 and pred["confidence"] == 0.0
+            assert pred["prediction"][chatformat.MALFORMED] is True
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[{"name": "get_weather", "arguments": "Paris"}]',
+        '[{"name": "get_weather", "arguments": null}]',
+        '[{"name": "get_weather", "arguments": ["Paris"]}]',
+        '[{"name": "get_weather"}]',
+        '[{"name": "get_weather", "arguments": {"city": "Paris"}, "id": 3}]',
+        '[{"name": "", "arguments": {}}]',
+        '{"name": "get_weather", "arguments": {"city": "Paris"}}',
+    ],
+)
+def test_a_broken_tool_call_is_not_served(text: str) -> None:
+    """Arguments that are not a JSON object were served as '"Paris"' or 'null': no agent
+    can run that call. Such text is content marked malformed, and gets confidence 0."""
+    msg = chatformat.parse_answer(text, tools_offered=True)
+    assert "tool_calls" not in msg and msg["content"] == text
+    assert msg[chatformat.MALFORMED] is True
+    assert chatformat.parse_answer(text, tools_offered=False) == {
+        "role": "assistant",
+        "content": text,
+    }
 
 
 def test_json_too_deep_to_decode_is_text_not_a_crash() -> None:
@@ -196,7 +285,7 @@ def test_json_too_deep_to_decode_is_text_not_a_crash() -> None:
     deep = "[" * 5000
     logged = {"tool_calls": [{"function": {"name": "get_time", "arguments": deep}}]}
     assert chatformat.calls_of(logged) == [{"name": "get_time", "arguments": deep}]
-    assert chatformat.parse_answer(deep) == {"role": "assistant", "content": deep}
+    assert chatformat.parse_answer(deep, True) == {"role": "assistant", "content": deep}
 
 
 def test_an_answer_cut_at_max_new_tokens_is_not_trusted(tokenizer: Any, tiny_minilm: Path) -> None:
@@ -217,6 +306,41 @@ def test_an_answer_cut_at_max_new_tokens_is_not_trusted(tokenizer: Any, tiny_min
     (answer,) = runtime.generate(looping, tokenizer, [prompt], max_new_tokens=6)
     assert answer.finish_reason == "length" and answer.tokens == 6
     assert answer.confidence == 0.0  # the gateway hands it back to the LLM
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"repetition_penalty": 50.0},
+        {"no_repeat_ngram_size": 1},
+        {"suppress_tokens": "the greedy answers' tokens"},
+        {"do_sample": True, "temperature": 5.0, "num_beams": 3, "length_penalty": 5.0},
+    ],
+    ids=["repetition_penalty", "no_repeat_ngram", "suppress_tokens", "sampling_beams"],
+)
+def test_decoding_ignores_the_base_models_generation_config(
+    tokenizer: Any, tiny_minilm: Path, setting: dict[str, Any]
+) -> None:
+    """A hub model's generation_config.json may ask for a repetition penalty (or n-gram bans,
+    sampling...): it made the model avoid the very tokens a tool call copies from the prompt,
+    so evaluation and serving decoded otherwise than the model was trained to write."""
+    from transformers import AutoModelForCausalLM
+
+    from slm_trainer.triton_model import runtime
+
+    m = AutoModelForCausalLM.from_pretrained(str(tiny_minilm))
+    m.eval()
+    prompts = [chatformat.render(tokenizer, record(i).messages, TOOLS, True) for i in range(2)]
+    plain = runtime.generate(m, tokenizer, prompts, max_new_tokens=8)
+    assert any(
+        len(set(tokenizer(a.text)["input_ids"])) < len(tokenizer(a.text)["input_ids"])
+        for a in plain
+    )  # the greedy answer repeats tokens: a penalty on them would change it
+    for key, value in setting.items():
+        if key == "suppress_tokens":
+            value = sorted({t for a in plain for t in tokenizer(a.text)["input_ids"]})
+        setattr(m.generation_config, key, value)
+    assert runtime.generate(m, tokenizer, prompts, max_new_tokens=8) == plain
 
 
 def _pred(confidence: float, score: float) -> dict[str, Any]:
@@ -493,7 +617,7 @@ def test_full_fine_tuning_learns_a_constant_answer_and_scores_it(tmp_path: Path)
     prompt = chatformat.render(tok, rec.messages, rec.tools, True)
     (answer,) = runtime.generate(served, tok, [prompt], max_new_tokens=40)
     assert answer.finish_reason == "stop" and answer.confidence > 0.5
-    assert chatformat.parse_answer(answer.text)["tool_calls"][0]["function"]["name"] == (
+    assert chatformat.parse_answer(answer.text, True)["tool_calls"][0]["function"]["name"] == (
         "get_weather"
     )
 

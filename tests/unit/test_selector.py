@@ -6,6 +6,7 @@ small slice of real BFCL traffic plus a synthetic support agent, on 2 CPU thread
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -356,6 +357,100 @@ def test_crossfit_folds_are_stratified_balanced_and_deterministic() -> None:
             for k in range(3)
         ]
         assert max(sizes) - min(sizes) <= 1, sizes
+
+
+def with_order_ids(records: list[CallRecord]) -> list[CallRecord]:
+    """The support calls with the arguments a real agent's calls carry."""
+    out = []
+    for r in records:
+        response = json.loads(json.dumps(r.response))
+        for call in response.get("tool_calls") or []:
+            order = r.messages[0]["content"].split()[-1]
+            call["function"]["arguments"] = json.dumps({"order_id": order})
+        out.append(dataclasses.replace(r, response=response))
+    return out
+
+
+@pytest.mark.slow
+def test_a_selector_gated_on_tool_call_ast_is_scored_on_the_call_it_serves(
+    tmp_path: Path,
+) -> None:
+    """The operator's gate reads the finetune stage's score. A selector serves the tool it
+    picks with "{}" arguments; scored on the tool name it reported 1.0 under tool-call-ast,
+    and was promoted to serve calls without their order id."""
+    data = write_split(with_order_ids(support_records(3)), tmp_path / "data")
+    args = fine_args(data, tmp_path, metric="tool-call-ast", epochs=2, batch_size=8, max_steps=8)
+    result = finetune.run(args, lambda event: None)
+    assert result.ok, result.message
+    assert result.score == 0.0  # every call it answers lacks its order_id
+    assert "precision of the answers it serves" in result.message
+    assert "need arguments" in result.message and "label-accuracy" in result.message
+    report = json.loads((args.output / "eval_report.json").read_text())
+    assert report["at_threshold"]["precision"] == 1.0  # the tools it picks are right
+    assert report["at_threshold_served"]["correct"] == 0
+
+
+def test_served_point_judges_the_served_call_by_the_metric() -> None:
+    from slm_trainer import selector
+
+    recs = with_order_ids(support_records(1))
+    calls = [r for r in recs if r.response.get("tool_calls")][:2]
+    calls[1] = support_records(1)[0]  # the same tool, called without arguments
+    preds = [(metrics.tool_label(r.response), 0.9) for r in calls]
+    for metric in ("tool-call-ast", "exact-match"):
+        point = selector.served_point(calls, preds, 0.5, "tool-call", metric)
+        assert point["accepted"] == 2 and point["correct"] == 1 and point["precision"] == 0.5
+    point = selector.served_point(calls, preds, 0.5, "tool-call", "label-accuracy")
+    assert point["correct"] == 2
+
+
+def test_the_option_cache_is_bounded_and_changes_no_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tool texts that vary per request (an id in a description) grew the cache of a
+    long-running Triton instance without bound."""
+    import torch
+
+    from slm_trainer import selector
+
+    config = selector.SelectorConfig(base_model=finetune.minilm_path() or "")
+    net, tok = selector.build_net(config, torch.device("cpu"))
+    net.eval()
+    monkeypatch.setattr(selector, "OPTION_CACHE_SIZE", 6)
+    bounded = selector.Selector(net, tok, config)
+    monkeypatch.setattr(selector, "OPTION_CACHE_SIZE", 10_000)
+    unbounded = selector.Selector(net, tok, config)
+    ask = [{"role": "user", "content": "where is my order 42"}]
+    for i in range(12):
+        tools = [
+            *SUPPORT_TOOLS[:2],
+            {"type": "function", "function": {"name": "lookup", "description": f"Request {i}"}},
+        ]
+        assert bounded.predict(ask, tools) == unbounded.predict(ask, tools)
+        assert len(bounded._cache) <= 6
+    assert len(unbounded._cache) == 14
+    # the tools every request sends stayed cached (recently used), the per-request ones went
+    assert {selector.option_text(t) for t in SUPPORT_TOOLS[:2]} <= set(bounded._cache)
+
+
+@pytest.mark.slow
+def test_training_is_the_same_whatever_the_option_cache_bound(
+    small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Training keeps every training option's embedding (computed once, in eval mode): one
+    evicted and recomputed in train mode would differ, and training would depend on it."""
+    from slm_trainer import selector
+
+    straight, _ = _run(small_data, tmp_path / "straight")
+    monkeypatch.setattr(selector, "OPTION_CACHE_SIZE", 1)
+    bounded, _ = _run(small_data, tmp_path / "bounded")
+    assert straight.ok and bounded.ok, bounded.message
+    a = (tmp_path / "straight" / "artifact" / "predictions.jsonl").read_text()
+    b = (tmp_path / "bounded" / "artifact" / "predictions.jsonl").read_text()
+    assert a == b
+    ma = json.loads((tmp_path / "straight" / "artifact" / "selector.json").read_text())
+    mb = json.loads((tmp_path / "bounded" / "artifact" / "selector.json").read_text())
+    assert ma["final_loss"] == mb["final_loss"] and ma["temperature"] == mb["temperature"]
 
 
 @pytest.mark.slow

@@ -41,6 +41,7 @@ from slm_contract import CallRecord, TrainerResult
 from slm_trainer import metrics
 from slm_trainer.curate import ParseStats, parse_lines, read_lines, writable
 from slm_trainer.generative import MIN_THRESHOLD
+from slm_trainer.triton_model import chatformat
 
 #: The contract has no evaluate stage; this one reports a candidate's score like finetune.
 CONTRACT_STAGE = "evaluate"
@@ -166,24 +167,36 @@ def score_candidate(
         "ast_checker": None,
     }
     verdict = [metrics.label_correct(p, r) for p, r in zip(labels, refs, strict=True)]
+    # What is served for each call: the generated message, or for a selector gated on a metric
+    # of whole answers, the answer it serves (the chosen tool with "{}" arguments), so that
+    # it passes only where that answer is right. label-accuracy scores a selector's choice.
+    responses: list[Mapping[str, Any] | None] | None = None
     if generative:
+        responses = [p.response for p in preds]
+    elif metric != "label-accuracy":
+        responses = [
+            chatformat.selector_answer(lab, float(p.confidence or 0.0), task_type)
+            for lab, p in zip(labels, preds, strict=True)
+        ]
+    if responses is not None:
         exact = [
-            metrics.exact_match(p.response, r.response) for p, r in zip(preds, records, strict=True)
+            metrics.exact_match(resp, r.response)
+            for resp, r in zip(responses, records, strict=True)
         ]
         m["exact_match"] = _mean(exact)
         # In tool-call tasks a text answer is not meant to be JSON; only arguments are.
         m["json_validity"] = _mean(
             [
-                metrics.json_valid(p.response)
-                if task_type != "tool-call" or (p.response or {}).get("tool_calls")
+                metrics.json_valid(resp)
+                if task_type != "tool-call" or (resp or {}).get("tool_calls")
                 else None
-                for p in preds
+                for resp in responses
             ]
         )
         if task_type == "tool-call":
             asts = [
-                metrics.ast_match(p.response, r.response, r.tools)
-                for p, r in zip(preds, records, strict=True)
+                metrics.ast_match(resp, r.response, r.tools)
+                for resp, r in zip(responses, records, strict=True)
             ]
             m["tool_call_ast"] = _mean([a.match for a in asts])
             m["ast_checker"] = "bfcl" if any(a.checker == "bfcl" for a in asts) else "builtin"
@@ -191,8 +204,23 @@ def score_candidate(
                 verdict = [a.match for a in asts]
         if metric == "exact-match":
             verdict = exact
-    elif metric != "label-accuracy":
-        m["note"] = f"{metric} needs generated arguments; a selector is scored by its label"
+    if not generative and metric != "label-accuracy":
+        m["note"] = (
+            f"a selector serves the tool it chooses with empty arguments ({{}}); {metric} "
+            "scores that answer against the LLM's full call, so it is right only where the "
+            "call takes no arguments. Gate selectors on label-accuracy to score tool choice."
+        )
+        # the right tool, yet a wrong answer as served: calls that need arguments
+        wrong_as_served = sum(
+            metrics.label_correct(lab, ref) and not ok
+            for lab, ref, ok in zip(labels, refs, verdict, strict=True)
+        )
+        if wrong_as_served:
+            out.reasons.append(
+                f"{wrong_as_served} of {len(records)} calls get the right tool but a wrong "
+                f"answer as served ({metric} scores the served call, whose arguments are "
+                "'{}'; label-accuracy scores tool choice)"
+            )
     lat = [p.latency_ms for p in preds if p.latency_ms is not None]
     m["latency_ms"] = metrics.latency_summary(lat) if lat else None
 

@@ -911,17 +911,18 @@ def evaluate(
         )
     predictions = []
     total = 0.0
+    task_type = getattr(args, "task_type", "") or "tool-call"  # as export and serving default
     for i, (rec, ans) in enumerate(zip(records, answers, strict=True)):
-        predicted = chatformat.parse_answer(ans.text)
-        s = score_answer(
-            args.metric, predicted, rec.response, rec.tools, getattr(args, "task_type", "")
-        )
+        # parsed and trusted as the Triton backend (model.py) does for the same request
+        predicted = chatformat.parse_answer(ans.text, bool(rec.tools) or task_type == "tool-call")
+        confidence = 0.0 if predicted.get(chatformat.MALFORMED) else ans.confidence
+        s = score_answer(args.metric, predicted, rec.response, rec.tools, task_type)
         total += s
         predictions.append(
             {
                 "index": i,
                 "score": s,
-                "confidence": round(ans.confidence, 6),
+                "confidence": round(confidence, 6),
                 "finish_reason": ans.finish_reason,
                 "prediction": predicted,
                 "reference": rec.response,

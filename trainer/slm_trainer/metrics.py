@@ -151,6 +151,22 @@ def label_correct(pred_label: str | None, ref_label: str | None) -> bool:
     return pred_label is not None and pred_label == ref_label
 
 
+def answer_correct(
+    metric: str,
+    pred: Mapping[str, Any] | None,
+    ref: Mapping[str, Any] | None,
+    tools: Sequence[Mapping[str, Any]],
+    task_type: str,
+) -> bool:
+    """Whether an answer, as served, is right under the gate's ``metric``: ``exact-match``,
+    ``tool-call-ast`` on tool-call tasks, else (``label-accuracy``) its label."""
+    if metric == "exact-match":
+        return exact_match(pred, ref)
+    if metric == "tool-call-ast" and task_type == "tool-call":
+        return ast_match(pred, ref, tools).match
+    return label_correct(label_of(pred, task_type), label_of(ref, task_type))
+
+
 # ------------------------------------------------------------------------- AST matching
 
 _PY_TYPES: dict[str, type] = {

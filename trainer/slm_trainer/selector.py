@@ -82,6 +82,7 @@ import os
 import random
 import shutil
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -96,6 +97,7 @@ from slm_trainer import metrics
 from slm_trainer.finetune import resolve_model_path, split_identifier
 from slm_trainer.preemption import SigtermFlag, save_atomically
 from slm_trainer.progress import Progress
+from slm_trainer.triton_model import chatformat
 
 FORMAT = "slmfleet.dev/selector/v1"
 MANIFEST = "selector.json"
@@ -104,6 +106,8 @@ PREDICTIONS = "predictions.jsonl"
 CHECKPOINT = "selector-state.pt"
 #: Bump when a change to this module changes what a checkpoint means.
 CODE_VERSION = 6
+#: Tool texts whose option embeddings a :class:`Selector` keeps (least recently used out).
+OPTION_CACHE_SIZE = 4096
 _NEG = -1.0e4  # logit of padded option slots: large but finite, so softmax stays NaN-free
 
 Emit = Callable[[dict[str, Any]], None]
@@ -458,7 +462,10 @@ class Selector:
     """A trained selector ready to answer: ``predict(messages, tools) -> (label, confidence)``.
 
     Tool embeddings from the frozen option tower are cached by text, so a request with tools
-    seen before pays for its query encoding only.
+    seen before pays for its query encoding only. The cache keeps the ``cache_size`` most
+    recently used texts (:data:`OPTION_CACHE_SIZE`): in a long-running server, tool texts that
+    vary per request (an id or a date in a description) must not grow memory without bound.
+    Training raises the bound to hold every training option (computed once, in eval mode).
     """
 
     def __init__(
@@ -476,7 +483,8 @@ class Selector:
         self.temperature = temperature
         self.threshold = threshold
         self.device = device or torch.device("cpu")
-        self._cache: dict[str, torch.Tensor] = {}
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.cache_size = OPTION_CACHE_SIZE
         self.manifest: dict[str, Any] = {}
 
     @property
@@ -497,15 +505,26 @@ class Selector:
         )
         return {k: v.to(self.device) for k, v in enc.items() if k != "token_type_ids"}
 
-    def base_option_embeddings(self, texts: Iterable[str], batch_size: int = 64) -> None:
-        """Fill the cache for texts not yet in it (sorted: a deterministic order)."""
-        todo = sorted({t for t in texts if t not in self._cache})
+    def base_option_embeddings(
+        self, texts: Iterable[str], batch_size: int = 64
+    ) -> dict[str, torch.Tensor]:
+        """The frozen tower's embedding of each text, from the cache or computed (texts not
+        yet cached in a deterministic order: by length, then text), and cached. The least
+        recently used texts beyond ``cache_size`` are dropped from the cache."""
+        wanted = set(texts)
+        out = {t: self._cache[t] for t in wanted if t in self._cache}
+        todo = sorted(wanted - out.keys())
         todo.sort(key=len)
         for i in range(0, len(todo), batch_size):
             chunk = todo[i : i + batch_size]
             emb = self.net.embed_options_base(self._tokenize(chunk, self.config.max_option_tokens))
             for text, e in zip(chunk, emb, strict=True):
-                self._cache[text] = e.detach()
+                out[text] = self._cache[text] = e.detach()
+        for text in sorted(wanted):  # the texts just used become the most recent
+            self._cache.move_to_end(text)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return out
 
     def option_tensors(self, examples: Sequence[Example], grad: bool) -> list[torch.Tensor]:
         dim = self.net.proj.in_features
@@ -522,9 +541,9 @@ class Selector:
                 else torch.zeros(0, dim, device=self.device)
                 for ex in examples
             ]
-        self.base_option_embeddings(t for ex in examples for t in ex.texts)
+        cached = self.base_option_embeddings(t for ex in examples for t in ex.texts)
         return [
-            torch.stack([self._cache[t] for t in ex.texts])
+            torch.stack([cached[t] for t in ex.texts])
             if ex.texts
             else torch.zeros(0, dim, device=self.device)
             for ex in examples
@@ -834,7 +853,10 @@ def train_selector(
     # The frozen tower's embeddings of every option the data shows, once.
     if config.tool_tower != "shared":
         net.eval()
-        selector.base_option_embeddings(t for ex in train_examples for t in ex.texts)
+        options = {t for ex in train_examples for t in ex.texts}
+        # all of them stay cached: one recomputed in train mode would differ (dropout)
+        selector.cache_size = max(selector.cache_size, len(options))
+        selector.base_option_embeddings(options)
     net.train()
     log_every = max(1, min(10, total // 20))
     step = start
@@ -1126,6 +1148,28 @@ def evaluate_predictions(
     }
 
 
+def served_point(
+    records: Sequence[CallRecord],
+    preds: Sequence[tuple[str | None, float]],
+    threshold: float,
+    task_type: str,
+    metric: str,
+) -> dict[str, Any]:
+    """The selective-prediction figures at ``threshold`` of the answers the selector serves
+    (:func:`chatformat.selector_answer`: a tool call's arguments are ``{}``), each judged by
+    ``metric`` against the LLM's full answer."""
+    labels = [p[0] for p in preds]
+    correct = [
+        metrics.answer_correct(
+            metric, chatformat.selector_answer(lab, conf, task_type), r.response, r.tools, task_type
+        )
+        for (lab, conf), r in zip(preds, records, strict=True)
+    ]
+    refs = [metrics.label_of(r.response, task_type) for r in records]
+    point = metrics.selective_point(labels, [p[1] for p in preds], refs, threshold, correct)
+    return asdict(point)
+
+
 def selector_score(point: Mapping[str, Any]) -> float:
     """The gate's score for a selector: precision on the calls it answers, 0 if it answers none.
 
@@ -1217,6 +1261,22 @@ def run_selector(
     report["latency_ms"] = metrics.latency_summary(latencies)
     at = report["at_threshold"]
     score = selector_score(at) if eval_ex else 0.0
+    served_note = ""
+    if eval_ex and args.metric != "label-accuracy":
+        # The gate's score is that of the answer served: the chosen tool with "{}" arguments.
+        served = served_point(eval_records, preds, selector.threshold, task_type, args.metric)
+        report["at_threshold_served"] = served
+        score = selector_score(served)
+        served_note = (
+            f"; score {score:.1%} is the {args.metric} precision of the answers it serves, the "
+            "chosen tool with '{}' arguments"
+            + (
+                f" ({at['correct'] - served['correct']} answered calls with the right tool "
+                "need arguments; gate selectors on label-accuracy to score tool choice)"
+                if at["correct"] > served["correct"]
+                else ""
+            )
+        )
 
     output = Path(args.output)
     manifest = save_selector(
@@ -1243,12 +1303,6 @@ def run_selector(
         if task_type == "tool-call"
         else ""
     )
-    metric_note = (
-        " (tool selection only: arguments are not generated, so tool-call-ast is scored as "
-        "label accuracy)"
-        if args.metric == "tool-call-ast"
-        else ""
-    )
     return TrainerResult(
         stage="finetune",
         ok=True,
@@ -1267,7 +1321,7 @@ def run_selector(
         message=(
             f"selector {config.method} on {config.base_model}: answers {at['coverage']:.1%} of "
             f"eval calls{relevant_note}; precision {at['precision']:.1%} at threshold "
-            f"{selector.threshold:.3f}{metric_note}; llm_score 1.0 because the references are "
+            f"{selector.threshold:.3f}{served_note}; llm_score 1.0 because the references are "
             f"the LLM's own answers"
             + (f"; resumed at step {outcome.resumed_from}" if outcome.resumed_from else "")
         ),

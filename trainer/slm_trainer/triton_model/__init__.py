@@ -13,7 +13,9 @@ The served contract, the same for every task:
 - output ``RESPONSE`` (BYTES): the assistant message as JSON (``content`` or ``tool_calls``,
   plus ``finish_reason``; ``{"defer": true, ...}`` when a selector hands the call back);
 - output ``CONFIDENCE`` (FP32): in [0, 1]; the gateway falls back to the LLM below the
-  AgentTask's threshold.
+  AgentTask's threshold. 0 for an answer cut at ``max_new_tokens``, a tool call that breaks
+  the trained format, and (``selector+generative``) an answer other than the selector's
+  choice.
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ repository, and both import the same functions. It needs only a tokenizer object
 The answer format is the model's chat template with the assistant's turn holding either the
 plain ``content`` or, for tool calls, one compact JSON list ``[{"name": ..., "arguments":
 {...}}]``. A JSON list is what small models learn most reliably, it parses back without a
-model-specific tool-call grammar, and it covers parallel calls.
+model-specific tool-call grammar, and it covers parallel calls. Generated text is read back as
+calls only when the request offered tools and only in exactly that format
+(:func:`parse_answer`); any other text, JSON or not, is the answer's content.
 """
 
 from __future__ import annotations
@@ -169,24 +171,64 @@ def split_example(
     return prompt, completion
 
 
-def parse_answer(text: str) -> dict[str, Any]:
-    """An OpenAI assistant message from generated text: tool calls if it is our JSON list."""
+#: Key set on a parsed answer that tried to call tools but broke the trained format; the
+#: backend serves it with confidence 0 (the gateway falls back to the LLM).
+MALFORMED = "malformed_tool_call"
+
+
+def _trained_calls(value: Any) -> list[dict[str, Any]] | None:
+    """The calls of ``value`` when it is exactly what :func:`target_text` writes, else None:
+    a non-empty list of ``{"name": <non-empty string>, "arguments": <object>}``."""
+    if not isinstance(value, list) or not value:
+        return None
+    for call in value:
+        if not isinstance(call, dict) or set(call) != {"name", "arguments"}:
+            return None
+        if not isinstance(call["name"], str) or not call["name"].strip():
+            return None
+        if not isinstance(call["arguments"], dict):
+            return None
+    return value
+
+
+def _looks_like_calls(value: Any) -> bool:
+    """A try at the call format that :func:`_trained_calls` refuses (arguments missing or
+    not an object, extra keys, a bare object instead of the list)."""
+    if isinstance(value, dict):
+        return "name" in value and "arguments" in value
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(c, dict) and "name" in c for c in value)
+    )
+
+
+def parse_answer(text: str, tools_offered: bool) -> dict[str, Any]:
+    """An OpenAI assistant message from generated text.
+
+    Tool calls only when the request offered tools (``tools_offered``: the request had tools,
+    or the task is a tool-call task) and the text is exactly the format the model was trained
+    to write (:func:`target_text`): a JSON list of ``{"name", "arguments": {...}}``. Anything
+    else is ``content``: without tools, a JSON answer such as ``{"name": "Alice Smith"}`` is
+    the answer itself, not a call. With tools, text that tries the call format and breaks it
+    (``"arguments": "Paris"`` or ``null``, a missing ``arguments``) is content marked
+    :data:`MALFORMED`: not a call an agent could run, so it is never served (confidence 0).
+    """
     stripped = text.strip()
     calls: list[dict[str, Any]] | None = None
-    if stripped[:1] in ("[", "{"):
+    malformed = False
+    if tools_offered and stripped[:1] in ("[", "{"):
         try:
             value = json.loads(stripped)
         except (ValueError, RecursionError):
             value = None
-        items = [value] if isinstance(value, dict) else value
-        if (
-            isinstance(items, list)
-            and items
-            and all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in items)
-        ):
-            calls = items
+        calls = _trained_calls(value)
+        malformed = calls is None and _looks_like_calls(value)
     if calls is None:
-        return {"role": "assistant", "content": stripped}
+        message: dict[str, Any] = {"role": "assistant", "content": stripped}
+        if malformed:
+            message[MALFORMED] = True
+        return message
     return {
         "role": "assistant",
         "content": None,
@@ -196,10 +238,31 @@ def parse_answer(text: str) -> dict[str, Any]:
                 "type": "function",
                 "function": {
                     "name": c["name"],
-                    "arguments": json.dumps(c.get("arguments", {}), ensure_ascii=False),
+                    "arguments": json.dumps(c["arguments"], ensure_ascii=False),
                 },
             }
             for i, c in enumerate(calls)
+        ],
+    }
+
+
+def selector_answer(label: str | None, confidence: float, task_type: str) -> dict[str, Any]:
+    """The response served for a closed-label prediction: a deferral, a label, or a tool call.
+
+    A selector chooses the tool, not its arguments: the call it serves has ``{}`` as
+    arguments. The evaluate stage scores a selector on this very answer (shared here so that
+    the two cannot differ).
+    """
+    if label is None:
+        return {"role": "assistant", "content": None, "defer": True, "confidence": confidence}
+    if task_type == "classification":
+        return {"role": "assistant", "content": label, "label": label}
+    return {
+        "role": "assistant",
+        "content": None,
+        "label": label,
+        "tool_calls": [
+            {"id": "call_0", "type": "function", "function": {"name": label, "arguments": "{}"}}
         ],
     }
 

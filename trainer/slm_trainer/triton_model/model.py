@@ -51,20 +51,46 @@ def _load_selector(path: str, device: str, threads: int) -> Any:
     return load_selector(path, device=device, num_threads=threads)
 
 
-def selector_answer(label: str | None, confidence: float, task_type: str) -> dict[str, Any]:
-    """The response for a closed-label prediction: a deferral, a label, or a tool choice."""
-    if label is None:
-        return {"role": "assistant", "content": None, "defer": True, "confidence": confidence}
-    if task_type == "classification":
-        return {"role": "assistant", "content": label, "label": label}
-    return {
-        "role": "assistant",
-        "content": None,
-        "label": label,
-        "tool_calls": [
-            {"id": "call_0", "type": "function", "function": {"name": label, "arguments": "{}"}}
-        ],
-    }
+#: The response for a closed-label prediction (shared with the evaluate stage's scoring).
+selector_answer = chatformat.selector_answer
+
+
+def _normalized(text: str) -> str:
+    """As a classification label is compared (``slm_trainer.metrics.normalize_text``)."""
+    return " ".join(text.split()).casefold()
+
+
+def names_label(message: dict[str, Any], label: str) -> bool:
+    """Whether a generated message is the answer the selector chose: its first tool call
+    names the label, or, with no call, its text is the label (classification)."""
+    calls = message.get("tool_calls") or []
+    if calls:
+        return str(calls[0].get("function", {}).get("name")) == label
+    content = message.get("content")
+    return isinstance(content, str) and _normalized(content) == _normalized(label)
+
+
+def answer_confidence(
+    message: dict[str, Any],
+    finish_reason: str,
+    generated: float,
+    selected: tuple[str, float] | None = None,
+) -> float:
+    """The confidence served with a generated ``message``.
+
+    A call that broke the trained format gets 0 (no agent could run it). With a selector
+    (``selected``: its label and calibrated confidence), the selector's confidence vouches
+    only for an answer that finished normally and is the selector's choice; a truncated
+    answer or a call to another tool gets 0. Otherwise the generator's own confidence.
+    """
+    if message.get(chatformat.MALFORMED):
+        return 0.0
+    if selected is None:
+        return generated
+    label, conf = selected
+    if finish_reason != "stop" or not names_label(message, label):
+        return 0.0
+    return conf
 
 
 class TritonPythonModel:
@@ -99,6 +125,7 @@ class TritonPythonModel:
 
     def _answer(self, rows: list[tuple[list[dict], list[dict]]]) -> list[tuple[dict, float]]:
         results: list[tuple[dict, float] | None] = [None] * len(rows)
+        selected: list[tuple[str, float] | None] = [None] * len(rows)
         to_generate: list[int] = []
         for i, (messages, tools) in enumerate(rows):
             if self.selector is not None:
@@ -107,6 +134,7 @@ class TritonPythonModel:
                 results[i] = (selector_answer(label, conf, self.task_type), conf)
                 if label is None or self.model is None:
                     continue
+                selected[i] = (label, conf)
             to_generate.append(i)
         if to_generate:
             prompts = [
@@ -117,10 +145,12 @@ class TritonPythonModel:
                 self.model, self.tokenizer, prompts, self.max_new_tokens, self.batch_size
             )
             for i, ans in zip(to_generate, answers, strict=True):
-                message = chatformat.parse_answer(ans.text)
+                tools_offered = bool(rows[i][1]) or self.task_type == "tool-call"
+                message = chatformat.parse_answer(ans.text, tools_offered)
                 message["finish_reason"] = ans.finish_reason
-                # with a selector, its calibrated confidence is the one the threshold applies to
-                conf = results[i][1] if results[i] is not None else ans.confidence
+                # with a selector, its calibrated confidence is the one the threshold applies
+                # to, for the answer it chose only
+                conf = answer_confidence(message, ans.finish_reason, ans.confidence, selected[i])
                 results[i] = (message, conf)
         return [r for r in results if r is not None]
 

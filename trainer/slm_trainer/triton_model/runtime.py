@@ -7,7 +7,8 @@ copies this file next to ``model.py`` and the trainer imports it from its packag
 import anything from ``slm_trainer``; torch, transformers and peft are imported lazily.
 
 The confidence of a generated answer is the mean probability the model gave to each token it
-chose (greedy decoding), end-of-sequence token included: low when the model hesitated anywhere
+chose (greedy decoding, neutral whatever the base model's ``generation_config`` asks:
+:func:`greedy_settings`), end-of-sequence token included: low when the model hesitated anywhere
 in the answer, e.g. on a tool name or an argument value. An answer cut at ``max_new_tokens``
 gets 0: it is incomplete, and a model stuck repeating itself is sure of every token.
 """
@@ -117,13 +118,7 @@ def generate(
             out = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                output_logits=True,
-                return_dict_in_generate=True,
-                pad_token_id=pad_id,
-                eos_token_id=eos_ids,
+                **greedy_settings(max_new_tokens, eos_ids, pad_id),
             )
         new = out.sequences[:, width:]
         logits = torch.stack(out.logits, dim=1).float()  # (batch, generated, vocab)
@@ -144,6 +139,68 @@ def generate(
                 tokens=n,
             )
     return [a for a in answers if a is not None]
+
+
+def greedy_settings(max_new_tokens: int, eos_ids: list[int], pad_id: int) -> dict[str, Any]:
+    """Every generation setting that could change which token greedy decoding picks, neutral.
+
+    Why all of them, explicitly: ``generate`` starts from the base model's
+    ``generation_config`` (its hub ``generation_config.json``), which may carry a
+    ``repetition_penalty``, n-gram bans, bad words, forced or suppressed tokens, sampling or
+    beam search. A repetition penalty alone stops a tool call from copying the city or the id
+    it was asked about from the prompt. The fine-tuned model was trained to write its answer
+    as is, and evaluation and serving must decode it the same way. They are passed as
+    arguments rather than as a ``GenerationConfig`` object because transformers fills every
+    field left unset (``None``) in a passed config from the model's, and ``None`` is the
+    neutral value of several (``bad_words_ids``, ``forced_eos_token_id``...); arguments
+    override the model's values, ``None`` included. Settings this transformers version does
+    not know are left out (``generate`` would reject them, and they cannot apply).
+    """
+    from transformers import GenerationConfig
+
+    settings = {
+        "max_new_tokens": max_new_tokens,
+        "min_length": 0,
+        "min_new_tokens": None,
+        "max_time": None,
+        "stop_strings": None,
+        "do_sample": False,
+        "num_beams": 1,
+        "num_beam_groups": 1,
+        "num_return_sequences": 1,
+        "penalty_alpha": None,  # with top_k, contrastive search
+        "prompt_lookup_num_tokens": None,
+        "assistant_early_exit": None,
+        "constraints": None,
+        "force_words_ids": None,
+        "guidance_scale": None,
+        "repetition_penalty": 1.0,
+        "encoder_repetition_penalty": 1.0,
+        "no_repeat_ngram_size": 0,
+        "encoder_no_repeat_ngram_size": 0,
+        "bad_words_ids": None,
+        "sequence_bias": None,
+        "suppress_tokens": None,
+        "begin_suppress_tokens": None,
+        "forced_bos_token_id": None,
+        "forced_eos_token_id": None,
+        "exponential_decay_length_penalty": None,
+        "length_penalty": 1.0,
+        "diversity_penalty": 0.0,
+        "renormalize_logits": False,
+        "remove_invalid_values": False,
+        "watermarking_config": None,
+        "token_healing": False,
+        "dola_layers": None,
+        "use_mtp": None,
+        "output_logits": True,
+        "output_scores": False,
+        "return_dict_in_generate": True,
+        "pad_token_id": pad_id,
+        "eos_token_id": eos_ids,
+    }
+    known = GenerationConfig()
+    return {k: v for k, v in settings.items() if hasattr(known, k)}
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:

@@ -1,0 +1,131 @@
+"""The Triton Python backend (``triton_model/model.py``): which confidence each answer is served
+with, and when generated text is a tool call.
+
+The backend is loaded as Triton loads it (a file beside ``chatformat.py`` and ``runtime.py``);
+generation is replaced by canned answers, so these tests need no model and no Triton.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from slm_trainer import triton_model
+
+BACKEND = Path(triton_model.__file__).resolve().parent / "model.py"
+WEATHER = [{"type": "function", "function": {"name": "get_weather"}}]
+ASK = [{"role": "user", "content": "weather in Paris"}]
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[Any]:
+    path, modules = list(sys.path), dict(sys.modules)
+    spec = importlib.util.spec_from_file_location("slm_triton_backend_model", BACKEND)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # puts its folder on sys.path, imports chatformat, runtime
+    yield module
+    sys.path[:] = path  # other tests must not import these as top-level modules
+    for name in set(sys.modules) - set(modules):
+        del sys.modules[name]
+
+
+class Tokenizer:
+    chat_template = "{{ tools }}"
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
+        return json.dumps(messages)
+
+
+class Selector:
+    def __init__(self, label: str | None, confidence: float) -> None:
+        self.label, self.confidence = label, confidence
+
+    def predict(self, messages: Any, tools: Any) -> tuple[str | None, float]:
+        return self.label, self.confidence
+
+
+def served(
+    backend: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    text: str,
+    finish_reason: str = "stop",
+    selector: Selector | None = None,
+    tools: list[dict[str, Any]] | None = None,
+    task_type: str = "tool-call",
+) -> tuple[dict[str, Any], float]:
+    """(message, confidence) the backend serves when the generator writes ``text``."""
+    answer = backend.runtime.Answer(text, 0.6, finish_reason, 9)
+    monkeypatch.setattr(backend.runtime, "generate", lambda *a, **k: [answer])
+    model = backend.TritonPythonModel()
+    model.kind = "selector+generative" if selector else "generative"
+    model.task_type = task_type
+    model.max_new_tokens, model.batch_size, model.tools_in_template = 16, 1, True
+    model.model, model.tokenizer, model.selector = object(), Tokenizer(), selector
+    ((message, confidence),) = model._answer([(ASK, WEATHER if tools is None else tools)])
+    return message, confidence
+
+
+CALL = '[{"name": "get_weather", "arguments": {"city": "Paris"}}]'
+
+
+def test_the_selectors_confidence_vouches_only_for_the_answer_it_chose(
+    backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """selector+generative: the selector's calibrated 0.95 was served with whatever the
+    generator wrote, an answer cut at max_new_tokens or a call to another tool included."""
+    picks = Selector("get_weather", 0.95)
+    msg, conf = served(backend, monkeypatch, CALL, selector=picks)
+    assert msg["tool_calls"][0]["function"]["name"] == "get_weather" and conf == 0.95
+    msg, conf = served(backend, monkeypatch, '[{"name": "get_wea', "length", selector=picks)
+    assert msg["finish_reason"] == "length" and conf == 0.0
+    other = '[{"name": "get_time", "arguments": {"city": "Paris"}}]'
+    msg, conf = served(backend, monkeypatch, other, selector=picks)
+    assert msg["tool_calls"][0]["function"]["name"] == "get_time" and conf == 0.0
+    msg, conf = served(backend, monkeypatch, "It is sunny.", selector=picks)
+    assert msg["content"] == "It is sunny." and conf == 0.0
+    # a selector that defers is answered without generating, as before
+    msg, conf = served(backend, monkeypatch, CALL, selector=Selector(None, 0.3))
+    assert msg["defer"] is True and conf == 0.3
+
+
+def test_a_classification_label_written_by_the_generator_keeps_the_selectors_confidence(
+    backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    picks = Selector("billing", 0.9)
+    _, conf = served(backend, monkeypatch, " Billing", selector=picks, task_type="classification")
+    assert conf == 0.9
+    _, conf = served(backend, monkeypatch, "shipping", selector=picks, task_type="classification")
+    assert conf == 0.0
+
+
+@pytest.mark.parametrize("arguments", ['"Paris"', "null", "[1]"])
+def test_a_call_whose_arguments_are_not_an_object_is_served_with_confidence_zero(
+    backend: Any, monkeypatch: pytest.MonkeyPatch, arguments: str
+) -> None:
+    """It was served as a call with arguments '"Paris"': the gateway could only refuse it."""
+    text = f'[{{"name": "get_weather", "arguments": {arguments}}}]'
+    msg, conf = served(backend, monkeypatch, text)
+    assert "tool_calls" not in msg and conf == 0.0
+    msg, conf = served(backend, monkeypatch, text, selector=Selector("get_weather", 0.95))
+    assert "tool_calls" not in msg and conf == 0.0
+
+
+def test_a_json_answer_without_tools_is_served_as_the_answer(
+    backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An extraction answer was served as a call to a tool named "Alice Smith"."""
+    text = '{"name": "Alice Smith", "city": "Paris"}'
+    msg, conf = served(backend, monkeypatch, text, tools=[], task_type="extraction")
+    assert msg == {"role": "assistant", "content": text, "finish_reason": "stop"}
+    assert conf == 0.6
+    # tools offered: the trained call format is a call
+    msg, conf = served(backend, monkeypatch, CALL)
+    assert json.loads(msg["tool_calls"][0]["function"]["arguments"]) == {"city": "Paris"}
+    assert conf == 0.6
