@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 from types import SimpleNamespace
@@ -216,6 +217,77 @@ def test_a_json_answer_is_content_unless_tools_were_offered() -> None:
     assert "tool_calls" in chatformat.parse_answer(calls, tools_offered=True)
 
 
+#: Real chat templates of model families whose quirks the prompt format must survive.
+TEMPLATES = Path(__file__).parent / "chat_templates"
+
+
+def templated(tiny_minilm: Path, family: str) -> Any:
+    """The tiny model's tokenizer with ``family``'s real chat template."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_minilm))
+    tok.chat_template = (TEMPLATES / f"{family}.jinja").read_text()
+    return tok
+
+
+def test_qwen3_learns_and_serves_the_answer_after_an_empty_think_block(tiny_minilm: Path) -> None:
+    """Qwen3's template writes "<think>\\n\\n</think>\\n\\n" before the last assistant turn but
+    not in the generation prompt: every training completion started with it, the model learnt
+    to write it, and no served answer parsed as a tool call (score 0)."""
+    tok = templated(tiny_minilm, "qwen3")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.eos_token = "<|im_end|>"
+    tools_in_template = generative.prepare_tokenizer(tok)
+    assert tools_in_template  # Qwen3 renders the tools itself
+    rec = record(0)
+    answer = chatformat.target_text(rec.response)
+    _, prompt, completion = generative.encode(tok, rec, tools_in_template)
+    assert completion == answer + "<|im_end|>"  # the answer alone, no think block
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert '"get_weather"' in prompt
+    # evaluation and the Triton backend render the request with this call: the same prompt
+    assert chatformat.render(tok, rec.messages, rec.tools, tools_in_template) == prompt
+    # a model that writes the block anyway still answers with its call
+    for think in ("<think>\n\n</think>\n\n", "<think>\nParis: the weather tool.\n</think>\n\n"):
+        msg = chatformat.parse_answer(think + answer, tools_offered=True)
+        assert msg["tool_calls"][0]["function"]["name"] == "get_weather"
+        assert chatformat.parse_answer(think + "Sunny.", True)["content"] == "Sunny."
+
+
+def test_phi4_mini_gets_the_tools_in_the_system_message(tiny_minilm: Path) -> None:
+    """Phi-4-mini's template mentions "tools" (per message, ``message['tools']``) but ignores
+    the ``tools`` variable: tools were passed to it and never reached the prompt."""
+    tok = templated(tiny_minilm, "phi4_mini")
+    assert "tools" in tok.chat_template
+    tools_in_template = generative.prepare_tokenizer(tok)
+    assert tools_in_template is False
+    messages = [{"role": "system", "content": "Be brief."}, *record(0).messages]
+    prompt = chatformat.render(tok, messages, TOOLS, tools_in_template)
+    assert prompt.startswith("<|system|>" + chatformat.TOOLS_PREAMBLE)
+    assert '"get_weather"' in prompt and '"get_time"' in prompt and "Be brief." in prompt
+    assert prompt.endswith("<|assistant|>")
+
+
+def test_gemma2_gets_the_system_text_in_the_first_user_turn(tiny_minilm: Path) -> None:
+    """Gemma-2's template raises "System role not supported"; tools it cannot render went
+    into a system message, so every tool-call record failed the finetune stage."""
+    tok = templated(tiny_minilm, "gemma2")
+    tools_in_template = generative.prepare_tokenizer(tok)
+    assert tools_in_template is False
+    rec = record(0)
+    for messages in (rec.messages, [{"role": "system", "content": "Be brief."}, *rec.messages]):
+        prompt, completion = chatformat.split_example(
+            tok, messages, rec.tools, rec.response, tools_in_template
+        )
+        turn = prompt[prompt.index("<start_of_turn>user\n") :]
+        assert turn.startswith("<start_of_turn>user\n" + chatformat.TOOLS_PREAMBLE)
+        assert '"get_time"' in turn and rec.messages[0]["content"] in turn
+        assert prompt.endswith("<start_of_turn>model\n")
+        assert chatformat.render(tok, messages, rec.tools, tools_in_template) == prompt
+        assert completion.startswith(chatformat.target_text(rec.response))
+    assert "Be brief.\n\n" + rec.messages[0]["content"] in prompt
+
+
 def test_evaluation_parses_and_trusts_answers_as_serving_does(
     tokenizer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -341,6 +413,83 @@ def test_decoding_ignores_the_base_models_generation_config(
             value = sorted({t for a in plain for t in tokenizer(a.text)["input_ids"]})
         setattr(m.generation_config, key, value)
     assert runtime.generate(m, tokenizer, prompts, max_new_tokens=8) == plain
+
+
+def _confidences_from_output_logits(
+    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int
+) -> list[float]:
+    """The confidences as ``runtime.generate`` computed them from ``output_logits`` (kept
+    here as the reference the per-step recording must reproduce)."""
+    from slm_trainer.triton_model import runtime
+
+    eos_ids = runtime._eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    out_conf = [0.0] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+            mask[row, width - len(encoded[i]) :] = 1
+        settings = runtime.greedy_settings(max_new_tokens, eos_ids, pad_id)
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, **{**settings, "output_logits": True}
+            )
+        new = out.sequences[:, width:]
+        logits = torch.stack(out.logits, dim=1).float()
+        chosen = torch.softmax(logits, dim=-1).gather(-1, new[:, : logits.shape[1], None])[..., 0]
+        for row, i in enumerate(idx):
+            toks = new[row].tolist()
+            end = next((k for k, t in enumerate(toks) if t in eos_ids), None)
+            n = min(len(toks) if end is None else end + 1, chosen.shape[1])
+            out_conf[i] = float(chosen[row, :n].mean()) if n and end is not None else 0.0
+    return out_conf
+
+
+def test_confidences_are_recorded_per_step_not_from_every_steps_logits(
+    tokenizer: Any, tiny_minilm: Path
+) -> None:
+    """``output_logits`` kept a float32 (batch x vocabulary) tensor per generated token, then
+    stacked and softmaxed it: about 7.5 GB for 16 answers of 256 tokens with a 152k
+    vocabulary. The per-step record gives the same confidences."""
+    from transformers import AutoModelForCausalLM
+
+    from slm_trainer.triton_model import runtime
+
+    m = AutoModelForCausalLM.from_pretrained(str(tiny_minilm))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # weights that stop after a varying number of tokens
+        for w in m.parameters():
+            if w.dim() == 2:
+                w.copy_(torch.randn(w.shape, generator=g) * 0.3)
+        m.lm_head.weight[tokenizer.eos_token_id] *= 3.0
+    m.eval()
+    asks = ["weather in paris?", "what time is it in lima?", "hi", "book a table", "x y z"]
+    prompts = [
+        chatformat.render(tokenizer, [{"role": "user", "content": a}], [], True) for a in asks
+    ]
+    requested: list[dict[str, Any]] = []
+    generate = m.generate
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        requested.append(kwargs)
+        return generate(*args, **kwargs)
+
+    m.generate = recording
+    answers = runtime.generate(m, tokenizer, prompts, max_new_tokens=12, batch_size=3)
+    assert requested and not any(
+        k.get("output_logits") or k.get("output_scores") for k in requested
+    )
+    m.generate = generate
+    reference = _confidences_from_output_logits(m, tokenizer, prompts, 12, 3)
+    stopped = [a.confidence for a in answers if a.finish_reason == "stop"]
+    assert len(stopped) >= 3 and all(0.0 < c < 1.0 for c in stopped)  # a real comparison
+    assert [a.confidence for a in answers] == pytest.approx(reference, abs=1e-6)
 
 
 def _pred(confidence: float, score: float) -> dict[str, Any]:
@@ -641,6 +790,120 @@ def test_gradient_checkpointing_trades_compute_not_results(
         assert generative.train_generative(args, Events()).ok
         losses.append(json.loads((Path(args.output) / "trainer_state.json").read_text())["losses"])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_a_checkpoint_is_synced_to_disk_before_and_after_its_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without fsync a node hard-stop could leave the rename on disk and not the data: a
+    truncated checkpoint under the name a restarted pod trusts."""
+    import stat
+
+    from slm_trainer import preemption
+
+    target = tmp_path / "ckpt" / generative.CHECKPOINT_FILE
+    synced: list[tuple[str, bool]] = []
+    fsync = os.fsync
+
+    def recording(fd: int) -> None:
+        kind = "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"
+        synced.append((kind, target.exists()))
+        fsync(fd)
+
+    monkeypatch.setattr(preemption.os, "fsync", recording)
+    preemption.save_atomically({"step": 3}, target)
+    assert synced == [("file", False), ("dir", True)]  # the data before the rename, then it
+    assert torch.load(target, weights_only=True) == {"step": 3}
+
+
+def _tiny_stage(tmp_path: Path, tiny_minilm: Path, **overrides: Any) -> SimpleNamespace:
+    data = write_data(tmp_path / "data", 4, 1)
+    values = {"epochs": 1, "max_new_tokens": 8, **overrides}
+    return stage_args(tmp_path, tiny_minilm, data, **values)
+
+
+@pytest.mark.slow
+def test_an_unreadable_checkpoint_is_set_aside_and_the_run_starts_fresh(
+    tmp_path: Path, tiny_minilm: Path
+) -> None:
+    """A checkpoint torn by a hard stop crashed every retried pod the same way."""
+    args = _tiny_stage(tmp_path, tiny_minilm)
+    ckpt = Path(args.checkpoint_dir)
+    ckpt.mkdir(parents=True)
+    # a real checkpoint file cut short: what a hard stop can leave
+    torch.save({"weights": torch.zeros(4096)}, ckpt / "whole.pt")
+    torn = (ckpt / "whole.pt").read_bytes()
+    (ckpt / "whole.pt").unlink()
+    (ckpt / generative.CHECKPOINT_FILE).write_bytes(torn[: len(torn) // 2])
+    events = Events()
+    result = generative.train_generative(args, events)
+    assert result.ok, result.message
+    (warning,) = [e for e in events.of("warning") if "unreadable" in e["message"]]
+    assert "starting fresh" in warning["message"] and not events.of("resume")
+    (aside,) = ckpt.glob(generative.CHECKPOINT_FILE + ".corrupt-*")
+    assert aside.read_bytes() == torn[: len(torn) // 2]  # kept for a look
+    resumable = generative.load_checkpoint(
+        ckpt,
+        generative.fingerprint(
+            args, generative.Options.from_args(args), Path(args.data) / "train.jsonl"
+        ),
+    )
+    assert resumable is not None and resumable["step"] == 1  # the new run's own checkpoint
+
+
+@pytest.mark.slow
+def test_calls_the_template_cannot_render_are_skipped_and_counted(
+    tmp_path: Path, tiny_minilm: Path
+) -> None:
+    """Gemma-2 rejects a conversation whose roles do not alternate, in every form: the stage
+    failed on one such call instead of leaving it out."""
+    model_dir = tmp_path / "gemma"
+    shutil.copytree(tiny_minilm, model_dir)
+    tok = templated(tiny_minilm, "gemma2")
+    tok.save_pretrained(str(model_dir))
+    args = _tiny_stage(tmp_path, model_dir, checkpoint_dir="")
+    twice = dataclasses.replace(
+        record(7), messages=[{"role": "user", "content": "hi"}, *record(7).messages]
+    )
+    for split in ("train", "eval"):
+        with (Path(args.data) / f"{split}.jsonl").open("a") as fh:
+            fh.write(twice.to_json() + "\n")
+    events = Events()
+    result = generative.train_generative(args, events)
+    assert result.ok, result.message
+    assert result.train_examples == 4 and result.eval_examples == 1
+    messages = [e["message"] for e in events.of("warning")]
+    assert any("'unrenderable': 1" in m for m in messages)
+    assert any("skipped 1 eval calls" in m for m in messages)
+
+
+@pytest.mark.slow
+def test_the_optimizer_is_freed_before_the_final_evaluation(
+    tmp_path: Path, tiny_minilm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AdamW's moments (twice the trainable weights) stayed allocated while the held-out
+    split was generated, on the GPU that generation needs."""
+    import weakref
+
+    made: list[Any] = []
+
+    class AdamW(torch.optim.AdamW):  # type: ignore[misc,name-defined]
+        def __init__(self, *a: Any, **k: Any) -> None:
+            super().__init__(*a, **k)
+            made.append(weakref.ref(self))
+
+    alive: list[int] = []
+    evaluate = generative.evaluate
+
+    def checking(*a: Any, **k: Any) -> Any:
+        alive.append(sum(ref() is not None for ref in made))
+        return evaluate(*a, **k)
+
+    monkeypatch.setattr(torch.optim, "AdamW", AdamW)
+    monkeypatch.setattr(generative, "evaluate", checking)
+    args = _tiny_stage(tmp_path, tiny_minilm, checkpoint_dir="", method="full")
+    assert generative.train_generative(args, Events()).ok
+    assert len(made) == 1 and alive == [0]
 
 
 # ------------------------------------------------------------------ Triton config and export

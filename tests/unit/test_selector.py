@@ -340,6 +340,49 @@ def test_sigterm_saves_and_a_rerun_resumes_to_the_same_result(
     assert ma["temperature"] == mb["temperature"] and ma["final_loss"] == mb["final_loss"]
 
 
+def test_an_unreadable_checkpoint_or_fold_cache_is_set_aside_not_fatal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fold's logits cache torn by a hard stop crashed every retried pod on torch.load; a
+    torn training checkpoint was silently left in place."""
+    from types import SimpleNamespace
+
+    from slm_trainer import selector
+
+    events: list[dict[str, Any]] = []
+    (tmp_path / selector.CHECKPOINT).write_bytes(b"PK\x03\x04 torn")
+    assert selector._load_checkpoint(tmp_path, "fp") is None
+    assert not (tmp_path / selector.CHECKPOINT).exists()
+    assert len(list(tmp_path.glob(selector.CHECKPOINT + ".corrupt-*"))) == 1
+
+    ex = selector.examples_from_records(support_records(1), "tool-call")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "fold0-logits.pt").write_bytes(b"PK\x03\x04 torn")
+    trained: list[str] = []
+
+    def train_selector(config: Any, examples: Any, directory: Any, *a: Any, **k: Any) -> Any:
+        trained.append(Path(directory).name)
+        rows = SimpleNamespace(raw_logits=lambda part: [[0.0, 0.0] for _ in part], config=None)
+        return SimpleNamespace(selector=rows, train_seconds=0.0)
+
+    monkeypatch.setattr(selector, "train_selector", train_selector)
+    monkeypatch.setattr(selector, "calibrate", lambda *a, **k: None)
+    config = selector.SelectorConfig(base_model="none", calibration_folds=2)
+    selector.train_crossfit(config, ex, ckpt, "digest", emit=events.append)
+    assert trained == ["fold0", "fold1", "final"]  # the torn fold is trained again
+    assert torch_load(ckpt / "fold0-logits.pt")["rows"]  # and its cache rewritten
+    assert len(list(ckpt.glob("fold0-logits.pt.corrupt-*"))) == 1
+    warnings = [e["message"] for e in events if e.get("event") == "warning"]
+    assert len(warnings) == 1 and "unreadable checkpoint" in warnings[0]
+
+
+def torch_load(path: Path) -> Any:
+    import torch
+
+    return torch.load(path, weights_only=True)
+
+
 def test_crossfit_folds_are_stratified_balanced_and_deterministic() -> None:
     from slm_trainer import selector
 

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from slm_contract import CallRecord, ContractError, TrainerResult
-from slm_trainer.preemption import SigtermFlag, save_atomically
+from slm_trainer.preemption import SigtermFlag, load_or_set_aside, save_atomically
 from slm_trainer.progress import Progress
 from slm_trainer.triton_model import chatformat
 
@@ -150,6 +150,24 @@ def encode(tokenizer: Any, record: CallRecord, tools_in_template: bool) -> tuple
     p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     c = tokenizer(completion, add_special_tokens=False)["input_ids"]
     return Example(tuple(p) + tuple(c), len(p)), prompt, completion
+
+
+def renderable(
+    tokenizer: Any, records: Sequence[CallRecord], tools_in_template: bool
+) -> tuple[list[CallRecord], int]:
+    """(the records whose prompt the chat template renders, how many it rejected).
+
+    Serving fails such a request (the gateway answers it with the LLM), so evaluation leaves
+    it out rather than crash the stage on it.
+    """
+    kept = []
+    for rec in records:
+        try:
+            chatformat.render(tokenizer, rec.messages, rec.tools, tools_in_template)
+        except Exception:
+            continue
+        kept.append(rec)
+    return kept, len(records) - len(kept)
 
 
 def epoch_groups(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -466,15 +484,18 @@ def save_checkpoint(
 
 
 def load_checkpoint(directory: Path | None, expected: str) -> dict[str, Any] | None:
-    import torch
-
+    """The checkpoint to resume from; ``{"mismatch": True}`` when it is another run's, and
+    ``{"unreadable": why}`` when it cannot be read (the file is then set aside and the run
+    starts fresh: :func:`slm_trainer.preemption.load_or_set_aside`)."""
     if directory is None:
         return None
     path = directory / CHECKPOINT_FILE
-    if not path.is_file():
+    payload, problem = load_or_set_aside(path, weights_only=False)
+    if problem is not None:
+        return {"unreadable": problem}
+    if payload is None:
         return None
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if payload.get("fingerprint") != expected:
+    if not isinstance(payload, dict) or payload.get("fingerprint") != expected:
         return {"mismatch": True}
     return payload
 
@@ -627,9 +648,15 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
     )
 
     examples: list[Example] = []
-    skipped = {"too_long": 0, "empty_answer": 0}
+    skipped = {"too_long": 0, "empty_answer": 0, "unrenderable": 0}
+    render_error = ""
     for rec in train_records:
-        ex, _, _ = encode(tokenizer, rec, tools_in_template)
+        try:
+            ex, _, _ = encode(tokenizer, rec, tools_in_template)
+        except Exception as exc:  # a conversation the chat template rejects in every form
+            skipped["unrenderable"] += 1
+            render_error = render_error or f"; the template said: {type(exc).__name__}: {exc}"
+            continue
         if len(ex) <= ex.n_prompt:
             skipped["empty_answer"] += 1
         elif len(ex) > int(args.max_seq_length):
@@ -641,12 +668,20 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
             {
                 "event": "warning",
                 "message": f"skipped training examples: {skipped} "
-                f"(max_seq_length {args.max_seq_length} tokens)",
+                f"(max_seq_length {args.max_seq_length} tokens){render_error[:300]}",
             }
         )
     if not examples:
         return _fail(
             args, f"no usable training example (max_seq_length {args.max_seq_length}): {skipped}"
+        )
+    eval_records, unrenderable = renderable(tokenizer, eval_records, tools_in_template)
+    if unrenderable:
+        emit(
+            {
+                "event": "warning",
+                "message": f"skipped {unrenderable} eval calls the chat template cannot render",
+            }
         )
 
     epochs = max(1, int(args.epochs))
@@ -669,7 +704,9 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
     losses: list[float] = []
     start = 0
     payload = load_checkpoint(ckpt_dir, fp)
-    if payload is not None and payload.get("mismatch"):
+    if payload is not None and payload.get("unreadable"):
+        emit({"event": "warning", "message": f"{payload['unreadable']}; starting fresh"})
+    elif payload is not None and payload.get("mismatch"):
         emit({"event": "warning", "message": f"ignoring checkpoint in {ckpt_dir}: other run"})
     elif payload is not None:
         restore(payload, model, opt, sched)
@@ -735,6 +772,10 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
                 json.dumps({"total_steps": total, "losses": losses}) + "\n"
             )
 
+            # optimizer moments, scheduler and scaler are not needed any more: free them
+            # before generation needs the memory (for full fine-tuning, twice the weights)
+            del opt, sched, scaler, trainable, payload
+            _release_memory(device)
             if args.method == "qlora":
                 del model  # free the 4-bit base before the unquantized one is loaded
                 model = _served_model(out, args, device)
@@ -821,6 +862,17 @@ def _threshold_note(threshold: float, at: dict[str, Any] | None, target_precisio
     if threshold >= 1.0:
         return f"; no threshold reaches precision {target_precision:.2f}: threshold 1.0"
     return f"; threshold {threshold:.3g} (no eval calls)"
+
+
+def _release_memory(device: str) -> None:
+    """Collect what was just dropped and, on a GPU, hand its cached blocks back."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 def _served_model(out: Path, args: Any, device: str) -> Any:

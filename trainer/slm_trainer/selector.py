@@ -95,7 +95,7 @@ from torch import nn
 from slm_contract import CallRecord, TrainerResult
 from slm_trainer import metrics
 from slm_trainer.finetune import resolve_model_path, split_identifier
-from slm_trainer.preemption import SigtermFlag, save_atomically
+from slm_trainer.preemption import SigtermFlag, load_or_set_aside, save_atomically
 from slm_trainer.progress import Progress
 from slm_trainer.triton_model import chatformat
 
@@ -773,15 +773,23 @@ def _save_checkpoint(
     save_atomically(state, path / CHECKPOINT)
 
 
-def _load_checkpoint(path: Path, fp: str) -> dict[str, Any] | None:
-    file = path / CHECKPOINT
-    if not file.is_file():
-        return None
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=False)
-    except Exception:  # a torn or foreign file: start over rather than crash
-        return None
-    return state if state.get("fingerprint") == fp else None
+def _load_checkpoint(path: Path, fp: str, emit: Emit | None = None) -> dict[str, Any] | None:
+    """The state to resume from, or None: none saved, another run's, or unreadable (a torn
+    or foreign file is set aside with a warning, and the run starts over)."""
+    state = _load_saved(path / CHECKPOINT, emit, weights_only=False)
+    return state if state is not None and state.get("fingerprint") == fp else None
+
+
+def _load_saved(file: Path, emit: Emit | None, **load_kwargs: Any) -> dict[str, Any] | None:
+    """What ``file`` holds when it is a readable dict; otherwise None, the file set aside
+    (:func:`slm_trainer.preemption.load_or_set_aside`) and a warning emitted."""
+    state, problem = load_or_set_aside(file, **load_kwargs)
+    if problem is None and state is not None and not isinstance(state, dict):
+        problem = f"unexpected checkpoint content in {file}"
+        state = None
+    if problem is not None and emit is not None:
+        emit({"event": "warning", "stage": "finetune", "message": f"{problem}; starting over"})
+    return state
 
 
 def train_selector(
@@ -831,7 +839,7 @@ def train_selector(
     start = 0
     losses: list[float] = []
     if checkpoint_dir is not None:
-        state = _load_checkpoint(checkpoint_dir, fp)
+        state = _load_checkpoint(checkpoint_dir, fp, emit)
         if state is not None:
             named = dict(net.named_parameters())
             with torch.no_grad():
@@ -974,7 +982,7 @@ def train_crossfit(
         fp = fingerprint(base, digest)
         cache = checkpoint_dir / f"fold{f}-logits.pt" if checkpoint_dir else None
         held = [i for i, g in enumerate(fold_of) if g == f]
-        saved = torch.load(cache, weights_only=True) if cache and cache.is_file() else {}
+        saved = (_load_saved(cache, emit, weights_only=True) if cache else None) or {}
         if saved.get("fingerprint") == fp:
             rows.update(saved["rows"])
             continue

@@ -18,6 +18,7 @@ calls only when the request offered tools and only in exactly that format
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 FORMAT = "slmfleet.dev/chat-format/v1"
@@ -29,12 +30,47 @@ TOOLS_PREAMBLE = (
 )
 
 
-def template_supports_tools(tokenizer: Any) -> bool:
-    """Whether the chat template renders a ``tools`` argument (Qwen2.5, SmolLM3, Llama 3.1...)."""
+#: The tool the probe of :func:`template_supports_tools` offers: a name no template writes itself.
+_PROBE_TOOL = "slmfleet_probe_tool_7c1e"
+
+
+def _template_text(tokenizer: Any) -> str:
     template = getattr(tokenizer, "chat_template", None) or ""
-    if isinstance(template, dict):  # named templates: the default one is what we render with
-        template = template.get("default") or template.get("tool_use") or ""
-    return "tools" in template
+    if isinstance(template, dict):  # named templates: any of them may use the variable
+        return "\n".join(str(t) for t in template.values())
+    return str(template)
+
+
+def template_supports_tools(tokenizer: Any) -> bool:
+    """Whether the chat template renders a ``tools`` argument (Qwen2.5, SmolLM3, Llama 3.1...).
+
+    Asked by rendering: a probe request offers one uniquely named tool, and the template
+    supports tools when that name is in the prompt. Mentioning ``tools`` is not enough:
+    Phi-4-mini's template reads a per-message ``message['tools']`` and ignores the ``tools``
+    variable, so tools passed to it never reached the prompt. A template that fails on the
+    probe gets the system-message route too.
+    """
+    if "tools" not in _template_text(tokenizer):
+        return False
+    probe = [
+        {
+            "type": "function",
+            "function": {
+                "name": _PROBE_TOOL,
+                "description": "probe",
+                "parameters": {"type": "object", "properties": {}},
+            },
+        }
+    ]
+    try:
+        text = _apply(
+            tokenizer,
+            [{"role": "user", "content": "hello"}],
+            {"tokenize": False, "add_generation_prompt": True, "tools": probe},
+        )
+    except Exception:
+        return False
+    return _PROBE_TOOL in text
 
 
 def _text(content: Any) -> str:
@@ -114,6 +150,35 @@ def _without_tool_role(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def _system_in_user(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For templates that reject the ``system`` role (Gemma, Mistral v0.1/v0.2): the system
+    text opens the first user turn (a user turn of its own when there is none)."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system" and m["content"])
+    rest = [m for m in messages if m["role"] != "system"]
+    if not system:
+        return rest
+    for i, m in enumerate(rest):
+        if m["role"] == "user":
+            merged = {"role": "user", "content": system + "\n\n" + m["content"]}
+            return [*rest[:i], merged, *rest[i + 1 :]]
+    return [{"role": "user", "content": system}, *rest]
+
+
+def _apply(tokenizer: Any, messages: list[dict[str, Any]], kwargs: dict[str, Any]) -> str:
+    """``apply_chat_template`` with thinking off where the template has the switch.
+
+    Qwen3-style templates write an empty ``<think>\\n\\n</think>\\n\\n`` block before the last
+    assistant turn, but put it in the generation prompt only with ``enable_thinking=False``.
+    Without it the training completion started with that block (plain text, not a special
+    token, so decoding kept it) and no served answer parsed as a tool call. With it the prompt
+    ends with the empty block, in training and in serving alike, and the answer is the
+    completion.
+    """
+    if "enable_thinking" in _template_text(tokenizer):
+        kwargs = {**kwargs, "enable_thinking": False}
+    return str(tokenizer.apply_chat_template(messages, **kwargs))
+
+
 def render(
     tokenizer: Any,
     messages: list[dict[str, Any]],
@@ -124,6 +189,10 @@ def render(
     """The chat-template text of the request, ending where the assistant's answer starts.
 
     With ``answer`` the assistant turn is included: the text is the full training example.
+    A template that rejects the conversation as is gets it again with tool results as user
+    turns, then with the system text in the first user turn (Gemma-2 has no system role, and
+    tools the template cannot render go into a system message). When every form fails, the
+    error is the last form's: what still stands in the way once those are out of it.
     """
     msgs = _plain_messages(messages)
     kwargs: dict[str, Any] = {"tokenize": False}
@@ -135,12 +204,17 @@ def render(
         kwargs["add_generation_prompt"] = True
     else:
         msgs = [*msgs, {"role": "assistant", "content": answer}]
-    try:
-        return str(tokenizer.apply_chat_template(msgs, **kwargs))
-    except Exception:
-        if not any(m["role"] == "tool" for m in msgs):
-            raise
-        return str(tokenizer.apply_chat_template(_without_tool_role(msgs), **kwargs))
+    forms = [msgs]
+    if any(m["role"] == "tool" for m in msgs):
+        forms.append(_without_tool_role(msgs))
+    if any(m["role"] == "system" for m in msgs):
+        forms += [_system_in_user(f) for f in forms]
+    for form in forms[:-1]:
+        try:
+            return _apply(tokenizer, form, kwargs)
+        except Exception:
+            continue
+    return _apply(tokenizer, forms[-1], kwargs)
 
 
 def split_example(
@@ -203,6 +277,10 @@ def _looks_like_calls(value: Any) -> bool:
     )
 
 
+#: A reasoning block at the start of generated text (Qwen3 and other thinking models).
+_LEADING_THINK = re.compile(r"\A\s*<think>.*?</think>", re.DOTALL)
+
+
 def parse_answer(text: str, tools_offered: bool) -> dict[str, Any]:
     """An OpenAI assistant message from generated text.
 
@@ -213,8 +291,10 @@ def parse_answer(text: str, tools_offered: bool) -> dict[str, Any]:
     the answer itself, not a call. With tools, text that tries the call format and breaks it
     (``"arguments": "Paris"`` or ``null``, a missing ``arguments``) is content marked
     :data:`MALFORMED`: not a call an agent could run, so it is never served (confidence 0).
+    A leading ``<think>...</think>`` block (a thinking model's, empty or not) is not part of
+    the answer: it is dropped first.
     """
-    stripped = text.strip()
+    stripped = _LEADING_THINK.sub("", text, count=1).strip()
     calls: list[dict[str, Any]] | None = None
     malformed = False
     if tools_offered and stripped[:1] in ("[", "{"):
