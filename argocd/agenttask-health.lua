@@ -8,7 +8,8 @@
 --      that runs or fails beside a served model leaves it Healthy (the old model keeps
 --      serving); its state is in the message.
 --   3. Degraded when the spec is invalid (InvalidSpec), a Job failed (JobFailed,
---      ResultMissing), no candidate passed the gate (GateNotMet), or phase is Failed.
+--      ResultMissing), no candidate passed the gate (GateNotMet), the API server refused
+--      a child the operator applies (ApplyFailed: a quota, a webhook), or phase is Failed.
 --   4. Degraded while fallback to the LLM is active past its window: FallbackActive=True with
 --      reason SLOBreached, NoReadyReplicas or MetricsUnavailable. The operator turns fallback
 --      on only after spec.fallback.policy.breachWindows consecutive breached SLO windows, so
@@ -42,7 +43,9 @@ local function describe(c, fallback)
   return fallback
 end
 
-local FAILURE_REASONS = { InvalidSpec = true, JobFailed = true, ResultMissing = true, GateNotMet = true }
+local FAILURE_REASONS = {
+  InvalidSpec = true, JobFailed = true, ResultMissing = true, GateNotMet = true, ApplyFailed = true,
+}
 local FALLBACK_DEGRADED = { SLOBreached = true, NoReadyReplicas = true, MetricsUnavailable = true }
 local PROGRESSING_PHASES = {
   Pending = "waiting to start",

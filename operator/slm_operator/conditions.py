@@ -64,10 +64,21 @@ NOT_SERVING: Final = "NotServing"
 SLM_SERVING: Final = "SLMServing"
 NO_SERVING_MODEL: Final = "NoServingModel"
 READY_REASON: Final = "Ready"
+#: The API server refused to create or update a child (RBAC, quota, an admission webhook,
+#: validation); the message carries its words. Retrying does not help: someone has to act.
+APPLY_FAILED: Final = "ApplyFailed"
 
 #: Reasons that deserve a Warning event rather than a Normal one.
 WARNING_REASONS: Final = frozenset(
-    {INVALID_SPEC, JOB_FAILED, RESULT_MISSING, GATE_NOT_MET, SLO_BREACHED, NO_READY_REPLICAS}
+    {
+        INVALID_SPEC,
+        JOB_FAILED,
+        RESULT_MISSING,
+        GATE_NOT_MET,
+        SLO_BREACHED,
+        NO_READY_REPLICAS,
+        APPLY_FAILED,
+    }
 )
 
 

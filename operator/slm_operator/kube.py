@@ -46,6 +46,22 @@ class KubeError(Exception):
         return self.status in (0, 409, 429) or self.status >= 500
 
 
+class TaskChanged(KubeError):
+    """The AgentTask changed (or was deleted and created again) while it was reconciled.
+
+    Its status was not written: it was computed from an object that is no longer current.
+    Retryable: the next pass reads the current object.
+    """
+
+    def __init__(self, namespace: str, name: str, message: str) -> None:
+        super().__init__(
+            409,
+            f"AgentTask {namespace}/{name} changed while it was reconciled "
+            f"({message}); its status was not written",
+            "Conflict",
+        )
+
+
 def load_api_client() -> client.ApiClient:
     """In-cluster credentials when running in a pod, else the local kubeconfig."""
     try:
@@ -156,12 +172,30 @@ class Kube:
             if e.status != 404:
                 raise
 
-    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> Any:
+    def patch_status(
+        self,
+        namespace: str,
+        name: str,
+        status: Mapping[str, Any],
+        resource_version: str | None = None,
+    ) -> Any:
+        """Merge-patch the AgentTask's status; with ``resource_version``, only onto that version.
+
+        Why the resourceVersion and not the uid: the API server silently drops
+        ``metadata.uid`` from a merge patch of a custom resource's status subresource (the
+        status strategy keeps the stored metadata), so a uid in the body guards nothing. A
+        resourceVersion in the body is honoured: the write is refused with 409 Conflict when
+        the object changed since it was read, which includes "deleted and created again
+        under the same name" (a new object never has an old resourceVersion).
+        """
         path = f"{_collection(TASK_API, n.PLURAL, namespace)}/{name}/status"
+        body: dict[str, Any] = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
         return self.request(
             "PATCH",
             path,
-            body={"status": status},
+            body=body,
             content_type="application/merge-patch+json",
             query=[("fieldManager", self.field_manager)],
         )

@@ -10,7 +10,10 @@ Design choices:
 - Events on the AgentTask and on its Jobs, pods and Deployment trigger a reconcile of the
   task; a periodic resync covers anything missed (level-triggered: no event is essential).
 - Per task, at most one reconcile runs at a time; triggers that arrive meanwhile coalesce
-  into one more pass. Retryable API errors (conflicts, 429, 5xx) back off exponentially.
+  into one more pass. Retryable API errors (conflicts, 429, 5xx) back off exponentially, with
+  at most one retry pending per task; other errors wait for the resync and are logged once.
+- The child watches are label-selected by the API server and listed in chunks: the operator
+  never receives the other pods, Jobs and Deployments of a namespace (or of the cluster).
 """
 
 from __future__ import annotations
@@ -71,17 +74,59 @@ DATA_RECHECK_SECONDS = float(os.environ.get("SLM_FLEET_DATA_RECHECK_SECONDS", "3
 #: Port of the operator's own /metrics (slm_operator_*); 0 turns it off.
 METRICS_PORT = int(os.environ.get("SLM_FLEET_METRICS_PORT", "0") or 0)
 METRICS = OperatorMetrics()
-MAX_BACKOFF = 60.0
+#: First retry of a reconcile that failed with a retryable API error, doubling per failure...
+BASE_BACKOFF = 1.0
+#: ...up to this: an API server answering 429 or 5xx for minutes is overloaded, and every
+#: failing task retrying faster would keep it so.
+MAX_BACKOFF = 300.0
+#: Objects per page of the initial LIST of each watch (kopf lists everything at once otherwise).
+LIST_CHUNK_SIZE = 500
+#: Labels every Job and Deployment the operator builds carries (:func:`naming.labels`).
 CHILD_FILTER = {n.MANAGED_BY: n.FIELD_MANAGER}
+#: Labels of the trainer pods (of the Jobs), whose progress and termination matter.
+TRAINER_POD_FILTER = {n.MANAGED_BY: n.FIELD_MANAGER, n.LABEL_COMPONENT: "trainer"}
+JOBS = ("batch", "v1", "jobs")
+DEPLOYMENTS = ("apps", "v1", "deployments")
+PODS = ("", "v1", "pods")
+#: (group, version, plural) of each child watch, with the labels it selects server-side.
+CHILD_WATCHES: dict[tuple[str, str, str], dict[str, str]] = {
+    JOBS: CHILD_FILTER,
+    DEPLOYMENTS: CHILD_FILTER,
+    PODS: TRAINER_POD_FILTER,
+}
 
 Key = tuple[str, str]
+
+
+def backoff(failures: int) -> float:
+    """Seconds before retrying after ``failures`` retryable failures in a row: 1, 2, 4 ... 300."""
+    return float(min(MAX_BACKOFF, BASE_BACKOFF * 2 ** min(max(failures, 1) - 1, 30)))
+
+
+def label_selector(labels: Mapping[str, str]) -> str:
+    """``labels`` as a Kubernetes equality label selector (``a=b,c=d``)."""
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 
 @dataclass
 class _KeyState:
     running: bool = False
+    #: A trigger came while a pass ran: one more pass follows (unless it failed, see ``urgent``).
     dirty: bool = False
+    #: That trigger was the AgentTask's own event: it runs even after a failed pass.
+    urgent: bool = False
     failures: int = 0
+    #: The one pending retry of this task; while it is pending, resyncs and child events wait
+    #: for it instead of starting passes of their own.
+    retry: asyncio.TimerHandle | None = None
+    #: The last non-retryable error logged for this task: the same one is not logged again at
+    #: every resync.
+    last_error: str = ""
+
+    def cancel_retry(self) -> None:
+        if self.retry is not None:
+            self.retry.cancel()
+            self.retry = None
 
 
 @dataclass
@@ -97,78 +142,120 @@ class Runtime:
         self.tasks.add(t)
         t.add_done_callback(self.tasks.discard)
 
+    def forget(self, key: Key) -> None:
+        """Drop ``key``'s state (it was deleted), unless a pass of it is running: that pass
+        must still see ``running`` so that a task created again under the same name does not
+        get a second, concurrent pass; it drops the state itself when it ends."""
+        st = self.states.get(key)
+        if st is None:
+            return
+        st.cancel_retry()
+        st.failures, st.last_error = 0, ""
+        if not st.running:
+            del self.states[key]
+
 
 _runtime: Runtime | None = None
 #: The port /metrics is served on, once per process (kopf may start up again in tests).
 _metrics_served: list[int] = []
 
 
-async def trigger(key: Key) -> None:
-    """Reconcile ``key`` now, or once more after the reconcile already running for it."""
+async def trigger(key: Key, *, urgent: bool = False) -> None:
+    """Reconcile ``key`` now, or once more after the reconcile already running for it.
+
+    ``urgent``: the AgentTask itself changed (or its retry is due), so it runs even while a
+    retry is pending; resyncs and child events then leave the task to that retry.
+    """
     rt = _runtime
-    if rt is None:
+    if rt is None or key not in rt.known:
         return
     st = rt.states.setdefault(key, _KeyState())
     if st.running:
         st.dirty = True
+        st.urgent = st.urgent or urgent
+        return
+    if st.retry is not None and not urgent:
         return
     st.running = True
     try:
         while True:
-            st.dirty = False
-            started = time.monotonic()
-            try:
-                plan = await asyncio.to_thread(
-                    reconcile,
-                    rt.kube,
-                    key[0],
-                    key[1],
-                    None,
-                    rt.prom,
-                    TRAINER_SERVICE_ACCOUNT,
-                    DATA_RECHECK_SECONDS,
-                    reserved_accounts=RESERVED_SERVICE_ACCOUNTS,
-                    image_pull_secrets=IMAGE_PULL_SECRETS,
-                )
-                st.failures = 0
-                METRICS.reconciles.labels(RESULT_OK).inc()
-                # Not known any more: the DELETED event came while this reconcile ran on what
-                # it had read before; its series must not come back after forget_task.
-                if plan is None or key not in rt.known:  # gone, or being deleted
-                    METRICS.forget_task(*key)
-                else:
-                    METRICS.observe_task(key[0], key[1], plan.status)
-            except KubeError as e:
-                METRICS.reconciles.labels(RESULT_RETRY if e.retryable else RESULT_ERROR).inc()
-                st.failures += 1
-                delay = min(MAX_BACKOFF, 0.5 * 2 ** min(st.failures, 8))
-                level = logging.INFO if e.retryable else logging.ERROR
-                log.log(
-                    level,
-                    "reconcile %s/%s failed (%s); retrying in %.1fs",
-                    key[0],
-                    key[1],
-                    e,
-                    delay,
-                )
-                rt.spawn(_retry_later(key, delay))
-            except Exception:
-                METRICS.reconciles.labels(RESULT_ERROR).inc()
-                st.failures += 1
-                log.exception(
-                    "reconcile %s/%s crashed; the periodic resync will retry", key[0], key[1]
-                )
-            finally:
-                METRICS.duration.observe(time.monotonic() - started)
-            if not st.dirty:
+            st.dirty = st.urgent = False
+            ok = await _pass(rt, key, st)
+            # After a failure only the task's own change runs again at once; anything else
+            # waits for the retry or the resync, or a failing task would fail at event rate.
+            if not (st.urgent if not ok else st.dirty) or key not in rt.known:
                 break
     finally:
         st.running = False
+        if key not in rt.known:
+            rt.forget(key)  # deleted while it ran
 
 
-async def _retry_later(key: Key, delay: float) -> None:
-    await asyncio.sleep(delay)
-    await trigger(key)
+async def _pass(rt: Runtime, key: Key, st: _KeyState) -> bool:
+    """One reconcile of ``key``; schedules its retry when it fails retryably. True if it worked."""
+    started = time.monotonic()
+    try:
+        plan = await asyncio.to_thread(
+            reconcile,
+            rt.kube,
+            key[0],
+            key[1],
+            None,
+            rt.prom,
+            TRAINER_SERVICE_ACCOUNT,
+            DATA_RECHECK_SECONDS,
+            reserved_accounts=RESERVED_SERVICE_ACCOUNTS,
+            image_pull_secrets=IMAGE_PULL_SECRETS,
+        )
+    except KubeError as e:
+        METRICS.reconciles.labels(RESULT_RETRY if e.retryable else RESULT_ERROR).inc()
+        st.failures += 1
+        if e.retryable:
+            delay = _schedule_retry(rt, key, st, backoff(st.failures))
+            log.info("reconcile %s/%s failed (%s); retrying in %.1fs", *key, e, delay)
+        else:
+            st.cancel_retry()
+            _log_once(st, key, str(e), "reconcile %s/%s failed (%s); the resync retries it")
+        return False
+    except Exception as e:
+        METRICS.reconciles.labels(RESULT_ERROR).inc()
+        st.failures += 1
+        st.cancel_retry()
+        _log_once(st, key, repr(e), "reconcile %s/%s crashed (%s); the resync retries it", True)
+        return False
+    finally:
+        METRICS.duration.observe(time.monotonic() - started)
+    st.failures, st.last_error = 0, ""
+    st.cancel_retry()
+    METRICS.reconciles.labels(RESULT_OK).inc()
+    # Not known any more: the DELETED event came while this reconcile ran on what it had
+    # read before; its series must not come back after forget_task.
+    if plan is None or key not in rt.known:  # gone, or being deleted
+        METRICS.forget_task(*key)
+    else:
+        METRICS.observe_task(key[0], key[1], plan.status)
+    return True
+
+
+def _log_once(st: _KeyState, key: Key, error: str, msg: str, trace: bool = False) -> None:
+    """Log a non-retryable failure at ERROR the first time, at DEBUG while it repeats."""
+    level = logging.DEBUG if error == st.last_error else logging.ERROR
+    st.last_error = error
+    log.log(level, msg, key[0], key[1], error, exc_info=trace and level == logging.ERROR)
+
+
+def _schedule_retry(rt: Runtime, key: Key, st: _KeyState, delay: float) -> float:
+    """Retry ``key`` after ``delay`` unless a retry is already pending; when it runs."""
+    loop = asyncio.get_running_loop()
+    if st.retry is None:
+        st.retry = loop.call_later(delay, _retry_due, rt, key, st)
+    return max(0.0, st.retry.when() - loop.time())
+
+
+def _retry_due(rt: Runtime, key: Key, st: _KeyState) -> None:
+    st.retry = None
+    if rt is _runtime:
+        rt.spawn(trigger(key, urgent=True))
 
 
 async def _resync_loop() -> None:
@@ -181,9 +268,15 @@ async def _resync_loop() -> None:
             rt.spawn(trigger(key))
 
 
-@kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-    global _runtime
+def configure(settings: kopf.OperatorSettings) -> None:
+    """kopf's settings: no state on the AgentTask, and server-side selected child watches.
+
+    Why server-side: a ``labels=`` filter on a handler is applied by kopf after it received
+    the object, so without a selector on the watch itself the operator would LIST and WATCH
+    every pod, Job and Deployment in its namespaces (with cluster-wide RBAC, in the
+    cluster): tens of thousands of pods are a GiB of memory. Only the children it builds
+    carry these labels.
+    """
     settings.persistence.finalizer = f"{n.GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=n.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -192,7 +285,16 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 270
     settings.watching.client_timeout = 300
+    settings.watching.chunk_size = LIST_CHUNK_SIZE
+    for resource, labels in CHILD_WATCHES.items():
+        settings.watching.label_selectors[resource] = label_selector(labels)
     settings.networking.request_timeout = 60
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    global _runtime
+    configure(settings)
     prom = (
         PromMetrics(PROMETHEUS_URL, SCRAPE_SECONDS, verify_tls=not PROMETHEUS_INSECURE)
         if PROMETHEUS_URL
@@ -229,11 +331,11 @@ async def on_task(type: str, namespace: str | None, name: str, **_: Any) -> None
     key = (namespace, name)
     if type == "DELETED":
         rt.known.discard(key)
-        rt.states.pop(key, None)
+        rt.forget(key)
         METRICS.forget_task(*key)
         return
     rt.known.add(key)
-    await trigger(key)
+    await trigger(key, urgent=True)
 
 
 async def _on_child(labels: Mapping[str, str], namespace: str | None) -> None:
@@ -242,17 +344,17 @@ async def _on_child(labels: Mapping[str, str], namespace: str | None) -> None:
         await trigger((namespace, task))
 
 
-@kopf.on.event("batch", "v1", "jobs", labels=CHILD_FILTER)
+@kopf.on.event(*JOBS, labels=CHILD_WATCHES[JOBS])
 async def on_job(labels: Mapping[str, str], namespace: str | None, **_: Any) -> None:
     await _on_child(labels, namespace)
 
 
-@kopf.on.event("", "v1", "pods", labels={n.LABEL_COMPONENT: "trainer"})
+@kopf.on.event(*PODS, labels=CHILD_WATCHES[PODS])
 async def on_pod(labels: Mapping[str, str], namespace: str | None, **_: Any) -> None:
     await _on_child(labels, namespace)
 
 
-@kopf.on.event("apps", "v1", "deployments", labels=CHILD_FILTER)
+@kopf.on.event(*DEPLOYMENTS, labels=CHILD_WATCHES[DEPLOYMENTS])
 async def on_deployment(labels: Mapping[str, str], namespace: str | None, **_: Any) -> None:
     await _on_child(labels, namespace)
 

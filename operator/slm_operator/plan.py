@@ -66,7 +66,8 @@ class Observed:
     deployment: Mapping[str, Any] | None
     service: Mapping[str, Any] | None
     now: dt.datetime
-    #: This window's live metrics; None when Prometheus is not configured or did not answer.
+    #: This window's live metrics; None when Prometheus is not configured, did not answer, or
+    #: was not asked (``metrics_not_due``).
     metrics: Metrics | None = None
     #: The ServiceAccount trainer pods run as unless the task names its own; empty when the
     #: operator has none configured or it does not exist in the task's namespace.
@@ -83,6 +84,10 @@ class Observed:
     #: Secrets listed as imagePullSecrets of the trainer and Triton pods (the chart's
     #: imagePullSecrets), so that their images can come from a private registry.
     image_pull_secrets: tuple[str, ...] = ()
+    #: Prometheus was not asked because this window was already judged
+    #: (:func:`metrics_due` was False): the last judgement stands as it is, which is not the
+    #: same as "Prometheus did not answer" (MetricsUnavailable).
+    metrics_not_due: bool = False
 
 
 @dataclass
@@ -607,6 +612,26 @@ def _rolling_out(dep: Mapping[str, Any] | None) -> bool:
 _ROLLOUT_KEYS = frozenset({"rolloutMode", "rolloutReason", "canaryPercent", "canaryHealthyWindows"})
 
 
+def metrics_window(spec: Mapping[str, Any]) -> float:
+    """Seconds in one live-control window (``spec.fallback.policy.windowSeconds``)."""
+    policy = (spec.get("fallback") or {}).get("policy") or {}
+    return float(policy.get("windowSeconds", 30))
+
+
+def metrics_due(task: Mapping[str, Any], now: dt.datetime) -> bool:
+    """Whether a new live-control window is to be judged at ``now``.
+
+    Why one function for both: the reconcile asks Prometheus only when this is True (a window
+    is judged once, however often the task is reconciled meanwhile), and :func:`plan` judges
+    only when it is True, so the two can never disagree about which reconcile needs metrics.
+    The window restarts at ``status.live.lastEvaluated``; a task never judged is due.
+    """
+    live = (task.get("status") or {}).get("live") or {}
+    last = parse_time(live.get("lastEvaluated"))
+    window = metrics_window(task.get("spec") or {})
+    return last is None or (now - last).total_seconds() >= window - 0.05
+
+
 def desired_replicas(spec: Mapping[str, Any], previous: Mapping[str, Any]) -> int:
     serving = spec.get("serving") or {}
     lo, hi = int(serving.get("minReplicas", 1)), int(serving.get("maxReplicas", 4))
@@ -630,11 +655,14 @@ def _live_control(
     live: Obj,
     now: str,
     deployed: bool = False,
+    not_due: bool = False,
 ) -> tuple[tuple[str, str, str], tuple[str, str, str], str, int]:
     """SLOMet and FallbackActive conditions plus the route mode; fills ``live`` (status.live).
 
     ``deployed``: a model that served has no ready replica now: FallbackActive says
     NoReadyReplicas (a Warning) rather than that no model exists.
+    ``not_due``: Prometheus was not asked (this window was judged already), so a missing
+    ``m`` is no sign that Prometheus is unavailable.
 
     Streaks only advance once per window (``due``), so re-running the reconcile within a
     window changes nothing: the decision stays level-triggered and restart-safe.
@@ -740,13 +768,14 @@ def _live_control(
         f"p95 {obs_m.get('p95LatencyMs', float('nan')):.0f} ms (SLO {p95_lim:.0f} ms), "
         f"error rate {_pct(obs_m.get('errorRate', 0.0))} (SLO {_pct(err_lim)})"
     )
-    if breached is None or (m is None and not obs_m):
+    unanswered = m is None and not not_due
+    if breached is None or (unanswered and not obs_m):
         slo = (c.UNKNOWN, c.METRICS_UNAVAILABLE, "no live metrics for this task's SLM yet")
     elif breached:
         slo = (c.FALSE, c.SLO_BREACHED, f"SLO breached: {detail}")
     else:
         slo = (c.TRUE, c.WITHIN_SLO, f"within SLO: {detail}")
-    if m is None and breached is not None:
+    if unanswered and breached is not None:
         slo = (
             c.UNKNOWN,
             c.METRICS_UNAVAILABLE,
@@ -872,13 +901,10 @@ def plan(obs: Observed) -> Plan:
         # A new revision takes over: the rollout step reached belongs to the model it replaces,
         # so the new one starts its own progressive rollout (shadow) instead of all calls at once.
         live_prev = {k: v for k, v in live_prev.items() if k not in _ROLLOUT_KEYS}
-    policy = spec["fallback"].get("policy") or {}
-    window = float(policy.get("windowSeconds", 30))
+    window = metrics_window(spec)
     last_eval = parse_time(live_prev.get("lastEvaluated"))
     m = obs.metrics
-    due = m is not None and (
-        last_eval is None or (obs.now - last_eval).total_seconds() >= window - 0.05
-    )
+    due = m is not None and metrics_due(task, obs.now)
     live: Obj = {}
     if active_rev and active_uri:
         want = desired_replicas(spec, prev)
@@ -962,6 +988,7 @@ def plan(obs: Observed) -> Plan:
         # An outage of a model that served (it has live state), not a first rollout, which
         # would otherwise post a Warning on every new task.
         deployed=bool(active_rev and active_uri and live_prev),
+        not_due=obs.metrics_not_due,
     )
     pipeline = [(c.DATA_READY, step.data), (c.TRAINED, step.trained), (c.EVALUATED, step.evaluated)]
     if is_serving and fallback[0] == c.FALSE:
@@ -1092,3 +1119,35 @@ def plan(obs: Observed) -> Plan:
     abandoned = {name for name, v in obs.jobs.items() if v.revision not in keep}
     out.delete_jobs = sorted(abandoned | set(step.rerun_jobs if training_needed else ()))
     return out
+
+
+#: Longest Ready message listing the children the API server refused (an admission webhook's
+#: or a quota's message can be long; a condition is read in `kubectl describe`).
+APPLY_FAILED_MESSAGE_LIMIT = 1024
+
+
+def with_apply_failures(
+    task: Mapping[str, Any],
+    planned: Plan,
+    failures: Sequence[tuple[str, str, str]],
+    now: dt.datetime,
+) -> Plan:
+    """``planned`` with Ready=False (ApplyFailed) naming each ``(kind, name, API message)``.
+
+    Why: a child write the API server refuses for good (RBAC 403, quota, an admission
+    webhook's denial, 422) is not fixed by retrying; the platform engineer has to act, and
+    the task's status is where they look. Everything else the plan says (the training
+    steps, what serves) still holds and is written with it.
+    """
+    if not failures:
+        return planned
+    gen = int(task["metadata"].get("generation") or 0)
+    prev_conds = (task.get("status") or {}).get("conditions") or []
+    text = "; ".join(f"{kind} {name} was refused: {message}" for kind, name, message in failures)
+    if len(text) > APPLY_FAILED_MESSAGE_LIMIT:
+        text = text[: APPLY_FAILED_MESSAGE_LIMIT - 1] + "…"
+    ready = c.condition(c.READY, c.FALSE, c.APPLY_FAILED, text, gen, _ts(now))
+    desired = [x for x in planned.status.get("conditions") or [] if x.get("type") != c.READY]
+    conditions = c.merge_conditions(prev_conds, [*desired, ready])
+    status = {**planned.status, "conditions": conditions}
+    return dataclasses.replace(planned, status=status, events=c.transitions(prev_conds, conditions))

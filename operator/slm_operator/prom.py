@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 import math
 import re
+import threading
+import time
 from typing import Any
 
 from slm_operator.live import Metrics
@@ -124,6 +126,12 @@ class PromMetrics:
     named by ``REQUESTS_CA_BUNDLE``): its answers decide fallback, scaling and promotion, so a
     man in the middle must not be able to make them up. ``verify_tls=False`` is the explicit
     opt-out (``SLM_FLEET_PROMETHEUS_INSECURE_SKIP_VERIFY``).
+
+    A slow or hung Prometheus must not stall reconciles (each holds a worker thread, and
+    Jobs, Deployments and status wait behind it): no HTTP retries (the next window asks
+    again), one deadline for all of a task's queries (``deadline_s``), and after a failure
+    no request at all for ``cooldown_s``, for every task (one instance serves them all):
+    they report MetricsUnavailable and keep their last decision meanwhile.
     """
 
     def __init__(
@@ -132,12 +140,32 @@ class PromMetrics:
         scrape_interval_s: float = 15.0,
         timeout_s: float = 5.0,
         verify_tls: bool = True,
+        deadline_s: float = 10.0,
+        cooldown_s: float = 30.0,
     ) -> None:
         from prometheus_api_client import PrometheusConnect
+        from urllib3.util.retry import Retry
 
         self.url = url
         self.scrape = scrape_interval_s
-        self.client = PrometheusConnect(url=url, disable_ssl=not verify_tls, timeout=timeout_s)
+        self.timeout = timeout_s
+        self.deadline = deadline_s
+        self.cooldown = cooldown_s
+        #: time.monotonic() until which Prometheus is not asked (after a failure).
+        self._quiet_until = 0.0
+        self._lock = threading.Lock()
+        self.client = PrometheusConnect(
+            url=url,
+            disable_ssl=not verify_tls,
+            timeout=timeout_s,
+            # The library's default retries 3 times with backoff: ~26 s per task when
+            # Prometheus hangs. One attempt; the next window is the retry.
+            retry=Retry(total=0, read=False, redirect=False),
+        )
+
+    def cooling_down(self) -> bool:
+        """Whether a recent failure keeps Prometheus from being asked now."""
+        return time.monotonic() < self._quiet_until
 
     def window(self, window_seconds: float) -> str:
         return f"{max(math.ceil(window_seconds), math.ceil(2 * self.scrape))}s"
@@ -146,19 +174,33 @@ class PromMetrics:
         self, task: str, window_seconds: float, namespace: str | None = None
     ) -> Metrics | None:
         """One task's metrics; pass its ``namespace`` to leave out same-named tasks elsewhere."""
+        if self.cooling_down():
+            return None
         w = self.window(window_seconds)
         agreement_w = f"{max(int(w[:-1]), 60)}s"
         values: dict[str, float | None] = {}
+        deadline = time.monotonic() + self.deadline
         try:
             for name, q in queries(task, w, agreement_w, namespace).items():
-                values[name] = _scalar(self.client.custom_query(q))
-        except Exception as exc:  # connection errors, HTTP errors, bad JSON
-            log.warning(
-                "Prometheus at %s did not answer for task %s: %s",
-                redact_userinfo(self.url),
-                task,
-                redact_userinfo(str(exc)),
-            )
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no answer to all queries within {self.deadline:g}s")
+                # Connect and read timeouts both within what is left of the deadline.
+                timeout = min(self.timeout, left)
+                values[name] = _scalar(self.client.custom_query(q, timeout=(timeout, timeout)))
+        except Exception as exc:  # connection errors, HTTP errors, bad JSON, the deadline
+            with self._lock:
+                first = not self.cooling_down()  # another task's failure already said so
+                self._quiet_until = time.monotonic() + self.cooldown
+            if first:
+                log.warning(
+                    "Prometheus at %s did not answer for task %s: %s; not asking again for "
+                    "%gs (live control keeps its last decisions)",
+                    redact_userinfo(self.url),
+                    task,
+                    redact_userinfo(str(exc)),
+                    self.cooldown,
+                )
             return None
         samples = values.pop("shadow_samples")
         captured = values.pop("captured_records")

@@ -15,7 +15,7 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 from slm_operator import naming as n
-from slm_operator.kube import Kube, KubeError
+from slm_operator.kube import Kube, KubeError, TaskChanged
 from slm_operator.observe import (
     PENDING,
     JobView,
@@ -24,7 +24,7 @@ from slm_operator.observe import (
     pod_job_name,
     serving_waiting,
 )
-from slm_operator.plan import Observed, Plan, plan
+from slm_operator.plan import Observed, Plan, metrics_due, metrics_window, plan, with_apply_failures
 from slm_operator.prom import PromMetrics
 
 log = logging.getLogger(__name__)
@@ -116,11 +116,11 @@ def observe(
     dep = kube.get("apps/v1", "deployments", namespace, n.serving_name(name))
     svc = kube.get("v1", "services", namespace, n.serving_name(name))
     metrics = None
-    if prom is not None and _owned(dep, uid):
-        window = float(
-            ((task["spec"].get("fallback") or {}).get("policy") or {}).get("windowSeconds", 30)
-        )
-        metrics = prom.task_metrics(name, window, namespace=namespace)
+    # Prometheus only when the plan will judge a window: a task is reconciled on every event
+    # of its Jobs, pods and Deployment and every resync, but judged once per window.
+    not_due = not metrics_due(task, now)
+    if prom is not None and _owned(dep, uid) and not not_due:
+        metrics = prom.task_metrics(name, metrics_window(task["spec"]), namespace=namespace)
     return Observed(
         task=task,
         jobs=jobs,
@@ -133,6 +133,7 @@ def observe(
         serving_waiting=serving_waiting(pods),
         reserved_accounts=frozenset(reserved_accounts),
         image_pull_secrets=tuple(image_pull_secrets),
+        metrics_not_due=not_due,
     )
 
 
@@ -198,6 +199,7 @@ def reconcile(
     if obs is None:
         return None
     p = plan(obs)
+    refused: list[tuple[str, str, str]] = []
     for obj in p.apply:
         try:
             kube.apply(obj)
@@ -207,14 +209,38 @@ def reconcile(
             if obj["kind"] == "Job" and e.status == 422 and "immutable" in e.message:
                 log.info("keeping existing Job %s: %s", obj["metadata"]["name"], e.message)
                 continue
-            raise
+            if e.retryable:
+                raise
+            # Refused for good (RBAC, quota, an admission webhook, validation): say so in
+            # the status, which is still written, and go on with the other children.
+            refused.append((obj["kind"], obj["metadata"]["name"], e.message or str(e)))
+    p = with_apply_failures(obs.task, p, refused, obs.now)
     for job in p.delete_jobs:
         kube.delete("batch/v1", "jobs", namespace, job)
     previous = obs.task.get("status") or {}
     if p.status != previous:
-        kube.patch_status(namespace, name, _replacing_patch(previous, p.status))
+        try:
+            kube.patch_status(
+                namespace,
+                name,
+                _replacing_patch(previous, p.status),
+                resource_version=obs.task["metadata"].get("resourceVersion"),
+            )
+        except KubeError as e:
+            if e.status == 409:
+                # Changed since it was read (a spec edit, or deleted and created again under
+                # this name): this status describes an object that is gone.
+                raise TaskChanged(namespace, name, e.message) from e
+            raise
         for type_, reason, message in p.events:
             kube.event(obs.task, type_, reason, message)
+        if refused:
+            log.warning(
+                "AgentTask %s/%s: the API server refused %s",
+                namespace,
+                name,
+                ", ".join(f"{kind} {child}: {why}" for kind, child, why in refused),
+            )
     if p.invalid and p.status != previous:
         log.error("AgentTask %s/%s has an invalid spec: %s", namespace, name, p.invalid)
     return p

@@ -130,6 +130,21 @@ def test_every_pod_is_restricted_with_probes_and_resources(variant: str) -> None
     assert "'*'" not in rendered and '"*"' not in rendered, "no wildcard anywhere"
 
 
+def test_the_operator_may_block_its_tasks_deletion_as_its_owner_references_say() -> None:
+    """The children's ownerReferences set blockOwnerDeletion; OwnerReferencesPermission-
+    Enforcement (an admission plugin on in OpenShift) admits that only from who may update
+    the owner's finalizers: without this rule every Job, Deployment and Service the operator
+    applies there is refused."""
+    want = {
+        "apiGroups": ["slmfleet.dev"],
+        "resources": ["agenttasks/finalizers"],
+        "verbs": ["update"],
+    }
+    assert want in by_kind(render(), "Role")["slm-operator"]["rules"]
+    wide = by_kind(render("rbac.clusterWide=true"), "ClusterRole")["slm-operator"]["rules"]
+    assert want in wide
+
+
 def test_default_render_watches_the_release_namespace() -> None:
     docs = render(f"gateway.llmApiKeySecrets={{{KEY_SECRET}}}", namespace="team-a")
     op = container(docs, "slm-operator")

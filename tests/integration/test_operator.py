@@ -660,3 +660,86 @@ def test_invalid_combination_sets_invalid_spec_without_crash_loop(
         timeout=30,
         what="InvalidSpec to clear after the fix",
     )
+
+
+def test_children_reach_the_task_through_the_label_selected_watches(
+    cluster: ClusterHandle, namespace: str, storage: str, tmp_path: Path, agenttask_crd: Path
+) -> None:
+    """With the resync out of the way (10 min), only the watches on Jobs, trainer pods and
+    the Deployment (selected by the API server on the labels the operator sets) can carry the
+    task from data prep to Ready: a selector that missed its children would stall it here."""
+    ns = namespace
+    op = OperatorProcess(
+        cluster.kubeconfig, ns, tmp_path / "operator.log", resync_seconds=600
+    ).start()
+    try:
+        cluster.apply(agenttask(), ns)
+        run_revision(cluster, ns, revision(cluster, ns))
+        cluster.kubectl(
+            "wait", "-n", ns, "--for=condition=Ready", "--timeout=60s", "agenttask/weather"
+        )
+    finally:
+        cluster.kubectl("delete", "agenttasks", "--all", "-n", ns, "--wait=false", check=False)
+        op.stop()
+        print(op.log()[-4000:])
+
+
+def test_a_child_the_api_server_refuses_says_why_in_ready(
+    cluster: ClusterHandle, namespace: str, storage: str, operator: OperatorProcess
+) -> None:
+    """A quota of zero Jobs: the API server refuses the data-prep Job for good. The task says
+    so (Ready=False ApplyFailed, in the quota's words) rather than keeping a status that
+    never changes while the operator retries in its log; without the quota it goes on."""
+    ns = namespace
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "no-jobs"},
+        "spec": {"hard": {"count/jobs.batch": "0"}},
+    }
+    cluster.apply(quota, ns)
+    cluster.apply(agenttask(), ns)
+
+    ready = condition_saying(cluster, ns, "Ready", "exceeded quota", 60)
+    assert (ready["status"], ready["reason"]) == ("False", "ApplyFailed")
+    assert "Job weather-data-" in ready["message"] and "no-jobs" in ready["message"]
+    warnings = cluster.get_json("events", "-n", ns, "--field-selector", "type=Warning")["items"]
+    assert any(e["reason"] == "ApplyFailed" for e in warnings)
+
+    cluster.kubectl("delete", "resourcequota", "no-jobs", "-n", ns)
+    rev = revision(cluster, ns)
+    running_pod(cluster, ns, n.data_job_name("weather", rev), timeout=90)
+    wait_for(
+        lambda: condition(get_task(cluster, ns), "Ready").get("reason") != "ApplyFailed",
+        timeout=60,
+        what="ApplyFailed to clear once the quota is gone",
+    )
+
+
+def test_status_is_never_written_onto_a_task_created_again_under_the_same_name(
+    cluster: ClusterHandle, namespace: str, agenttask_crd: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reconcile that read the task, then the task was deleted and created again under the
+    same name before the reconcile wrote its status: the API server refuses the write (it
+    names the resourceVersion it read) and the new task keeps its own, empty status."""
+    import datetime as dt
+
+    from kubernetes import config
+
+    from slm_operator import reconcile as rc
+    from slm_operator.kube import Kube, TaskChanged
+
+    ns = namespace
+    kube = Kube(config.new_client_from_config(config_file=cluster.kubeconfig))
+    cluster.apply(agenttask(), ns)
+    stale = rc.observe(kube, ns, "weather", dt.datetime.now(dt.UTC))
+    assert stale is not None
+    cluster.kubectl("delete", "agenttask", "weather", "-n", ns, "--timeout=60s")
+    cluster.apply(agenttask(), ns)
+    fresh = get_task(cluster, ns)
+    assert fresh["metadata"]["uid"] != stale.task["metadata"]["uid"]
+
+    monkeypatch.setattr(rc, "observe", lambda *a, **k: stale)
+    with pytest.raises(TaskChanged):
+        rc.reconcile(kube, ns, "weather")
+    assert not get_task(cluster, ns).get("status")

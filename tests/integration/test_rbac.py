@@ -123,6 +123,9 @@ def test_chart_rbac_is_minimal(
     allowed = [
         ("create", "jobs.batch"),
         ("patch", "agenttasks.slmfleet.dev", "--subresource=status"),
+        # blockOwnerDeletion on the children's ownerReferences: OwnerReferencesPermission-
+        # Enforcement (OpenShift) refuses them without it.
+        ("update", "agenttasks.slmfleet.dev", "--subresource=finalizers"),
         ("watch", "pods"),
         ("patch", "deployments.apps"),
         ("create", "events"),

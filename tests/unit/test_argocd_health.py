@@ -104,6 +104,20 @@ def test_health_of_real_statuses(version: str, name: str) -> None:
 
 
 @pytest.mark.parametrize("version", VERSIONS)
+def test_a_child_the_api_server_refused_is_degraded(version: str) -> None:
+    """The training sample as the operator writes it when a quota refuses its Job: Ready
+    False with reason ApplyFailed (operator/slm_operator/plan.py with_apply_failures)."""
+    obj = sample("training")["object"]
+    message = 'jobs.batch "weather-data-1" is forbidden: exceeded quota: jobs'
+    for cond in obj["status"]["conditions"]:
+        if cond["type"] == "Ready":
+            cond.update(status="False", reason="ApplyFailed", message=message)
+    got = health(version, obj)
+    assert got["status"] == "Degraded", got
+    assert "exceeded quota" in got["message"], got
+
+
+@pytest.mark.parametrize("version", VERSIONS)
 def test_sandbox_really_has_no_string_library(version: str) -> None:
     lua = runtime(version)
     run = lua.execute(SANDBOX)

@@ -64,7 +64,7 @@ def test_a_task_deleted_during_its_reconcile_leaves_no_series(monkeypatch: Any) 
     monkeypatch.setattr(main, "METRICS", metrics)
     entered, release = threading.Event(), threading.Event()
 
-    def reconcile(*_: Any) -> Plan:
+    def reconcile(*_: Any, **__: Any) -> Plan:
         entered.set()
         release.wait(5)
         return Plan(status={"phase": "Failed", "conditions": []})

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -65,7 +69,7 @@ def test_the_log_never_shows_the_prometheus_password(caplog: pytest.LogCaptureFi
     url = "https://ops:s3cr%40t@prometheus.example:9090"
     prom = PromMetrics(url)
 
-    def down(query: str) -> object:
+    def down(query: str, **_: object) -> object:
         raise ConnectionError(f"Max retries exceeded for url: {url}/api/v1/query")
 
     prom.client.custom_query = down  # type: ignore[method-assign]
@@ -87,3 +91,47 @@ def test_the_log_never_shows_the_prometheus_password(caplog: pytest.LogCaptureFi
 )
 def test_redact_userinfo(text: str, want: str) -> None:
     assert redact_userinfo(text) == want
+
+
+@pytest.fixture
+def hung_prometheus() -> Iterator[tuple[str, list[socket.socket]]]:
+    """A Prometheus that accepts connections and never answers (overloaded, or hung)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    conns: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                conns.append(srv.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.getsockname()[1]}", conns
+    srv.close()
+    for c in conns:
+        c.close()
+
+
+def test_a_hung_prometheus_costs_one_deadline_then_nothing_during_the_cooldown(
+    hung_prometheus: tuple[str, list[socket.socket]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every reconcile of a serving task waits for its metrics: a Prometheus that hangs must
+    cost at most the deadline, once (no HTTP retries), and then, for every task, nothing
+    until the cool-down is over (before: ~26 s per task and reconcile)."""
+    url, conns = hung_prometheus
+    prom = PromMetrics(url, timeout_s=5.0, deadline_s=1.0, cooldown_s=0.5)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="slm_operator.prom"):
+        assert prom.task_metrics("weather", 30, namespace="agents") is None
+        assert time.monotonic() - started < 2.0
+        assert len(conns) == 1
+        started = time.monotonic()
+        assert prom.task_metrics("other-task", 30, namespace="agents") is None
+        assert time.monotonic() - started < 0.1 and len(conns) == 1
+    assert len(caplog.records) == 1  # said once, not once per task
+    time.sleep(0.6)
+    assert prom.task_metrics("weather", 30, namespace="agents") is None
+    assert len(conns) == 2  # asked again after the cool-down

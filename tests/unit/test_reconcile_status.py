@@ -40,7 +40,7 @@ class StatusOnly:
     def event(self, *args: Any) -> None:
         pass
 
-    def patch_status(self, namespace: str, name: str, status: Any) -> None:
+    def patch_status(self, namespace: str, name: str, status: Any, **_: Any) -> None:
         self.task["status"] = merge_patch(self.task.get("status"), status)
 
 

@@ -1,0 +1,217 @@
+"""How often the operator retries a task whose reconcile fails, over hours of simulated time.
+
+The operator's own scheduling (the retry timer, the resync loop, kopf's events) runs on a
+real asyncio loop whose clock jumps to the next timer instead of waiting for it, so an hour
+takes milliseconds; only the reconcile itself is faked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import selectors
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, cast
+
+import pytest
+
+from slm_operator import main
+from slm_operator.kube import KubeError
+
+KEY = ("agents", "weather")
+
+
+class _JumpingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+    """Answers what is ready now; when nothing is, moves the clock to the next timer."""
+
+    loop: VirtualClockLoop
+
+    def select(self, timeout: float | None = None) -> list[Any]:
+        ready: list[Any] = super().select(0)
+        if ready or timeout == 0:
+            return ready
+        if timeout is None:
+            raise RuntimeError("nothing scheduled and nothing ready: the test would hang")
+        self.loop.now += timeout
+        return []
+
+
+class VirtualClockLoop(asyncio.SelectorEventLoop):
+    def __init__(self) -> None:
+        self.now = 0.0
+        selector = _JumpingSelector()
+        super().__init__(selector)
+        selector.loop = self
+
+    def time(self) -> float:
+        return self.now
+
+
+class FakeReconcile:
+    """Stands in for :func:`slm_operator.reconcile.reconcile`; records when it ran."""
+
+    def __init__(self, loop: VirtualClockLoop, outcome: Callable[[int], Exception | None]):
+        self.loop, self.outcome = loop, outcome
+        self.calls: list[float] = []
+        self.running = self.most_at_once = 0
+
+    def __call__(self, *_: Any, **__: Any) -> None:
+        self.calls.append(self.loop.now)
+        error = self.outcome(len(self.calls))
+        if error is not None:
+            raise error
+
+    def per_minute(self, start_min: int, end_min: int) -> list[int]:
+        return [
+            sum(1 for t in self.calls if 60 * m <= t < 60 * (m + 1))
+            for m in range(start_min, end_min)
+        ]
+
+
+@pytest.fixture
+def loop(monkeypatch: pytest.MonkeyPatch) -> Iterator[VirtualClockLoop]:
+    async def inline(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    # The reconcile is synchronous here: a worker thread would finish in real, not virtual time.
+    monkeypatch.setattr(asyncio, "to_thread", inline)
+    monkeypatch.setattr(main, "RESYNC_SECONDS", 30.0)
+    monkeypatch.setattr(main, "METRICS", main.OperatorMetrics())
+    lp = VirtualClockLoop()
+    yield lp
+    lp.close()
+
+
+def run(
+    loop: VirtualClockLoop,
+    monkeypatch: pytest.MonkeyPatch,
+    scenario: Callable[[main.Runtime], Coroutine[Any, Any, None]],
+) -> main.Runtime:
+    rt = main.Runtime(kube=cast(Any, None))
+    monkeypatch.setattr(main, "_runtime", rt)
+
+    async def body() -> None:
+        rt.spawn(main._resync_loop())
+        try:
+            await scenario(rt)
+        finally:
+            for t in list(rt.tasks):
+                t.cancel()
+            await asyncio.gather(*rt.tasks, return_exceptions=True)
+
+    loop.run_until_complete(body())
+    return rt
+
+
+def test_a_task_failing_with_429_is_retried_about_every_five_minutes_after_an_hour(
+    loop: VirtualClockLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An API server answering 429 (or 5xx) for hours: the failing task's attempts back off
+    to one per five minutes and stay there. Before, every failed pass and every resync
+    started a retry chain of its own: attempts per minute kept growing until restart."""
+    fake = FakeReconcile(loop, lambda _: KubeError(429, "too many requests", "TooManyRequests"))
+    monkeypatch.setattr(main, "reconcile", fake)
+
+    async def scenario(rt: main.Runtime) -> None:
+        await main.on_task(type="ADDED", namespace=KEY[0], name=KEY[1])
+        await asyncio.sleep(3 * 3600)
+        assert len(rt.tasks) == 1  # the resync loop, no pile of retry tasks
+
+    run(loop, monkeypatch, scenario)
+    assert fake.calls[:6] == [0.0, 1.0, 3.0, 7.0, 15.0, 31.0]  # 1, 2, 4 ... seconds apart
+    assert max(fake.per_minute(15, 180)) == 1
+    assert sum(fake.per_minute(60, 180)) <= 120 / 5 + 1  # one in five minutes
+
+
+def test_a_refused_reconcile_is_left_to_the_resync_and_logged_once(
+    loop: VirtualClockLoop, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """403 (RBAC), 422, an admission webhook's denial: retrying sooner cannot help, so the
+    task is tried at each resync (twice a minute) and the log says it once, not per pass."""
+    fake = FakeReconcile(loop, lambda _: KubeError(403, "jobs.batch is forbidden", "Forbidden"))
+    monkeypatch.setattr(main, "reconcile", fake)
+
+    async def scenario(rt: main.Runtime) -> None:
+        await main.on_task(type="ADDED", namespace=KEY[0], name=KEY[1])
+        await asyncio.sleep(3600)
+
+    with caplog.at_level(logging.INFO, logger="slm_operator"):
+        run(loop, monkeypatch, scenario)
+    assert max(fake.per_minute(0, 60)) <= 3  # the event's pass and two resyncs
+    assert max(fake.per_minute(1, 60)) == 2
+    said = [r for r in caplog.records if "forbidden" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.ERROR
+
+
+def test_a_pass_that_works_cancels_the_pending_retry(
+    loop: VirtualClockLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A conflict, then the task changes and its pass works: nothing more runs until the
+    next resync (the retry scheduled for the conflict is gone with it)."""
+    fake = FakeReconcile(loop, lambda n: KubeError(409, "conflict", "Conflict") if n == 1 else None)
+    monkeypatch.setattr(main, "reconcile", fake)
+
+    async def scenario(rt: main.Runtime) -> None:
+        await main.on_task(type="ADDED", namespace=KEY[0], name=KEY[1])  # fails at 0 s
+        await asyncio.sleep(0.5)
+        await main.on_task(type="MODIFIED", namespace=KEY[0], name=KEY[1])  # works at 0.5 s
+        await asyncio.sleep(29)
+
+    run(loop, monkeypatch, scenario)
+    assert fake.calls == [0.0, 0.5]
+
+
+def test_a_deleted_task_is_not_retried(
+    loop: VirtualClockLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeReconcile(
+        loop, lambda _: KubeError(503, "etcd leader changed", "ServiceUnavailable")
+    )
+    monkeypatch.setattr(main, "reconcile", fake)
+
+    async def scenario(rt: main.Runtime) -> None:
+        await main.on_task(type="ADDED", namespace=KEY[0], name=KEY[1])
+        await asyncio.sleep(0.5)  # its retry is due at 1 s
+        await main.on_task(type="DELETED", namespace=KEY[0], name=KEY[1])
+        await asyncio.sleep(600)
+        assert KEY not in rt.states
+
+    run(loop, monkeypatch, scenario)
+    assert fake.calls == [0.0]
+
+
+def test_a_task_deleted_and_created_again_during_its_pass_gets_no_second_concurrent_pass(
+    loop: VirtualClockLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Delete and re-create under the same name while a (slow) pass runs: the new object's
+    pass waits for the old one to end, instead of the two writing the same children and
+    status at once."""
+    fake = FakeReconcile(loop, lambda _: None)
+    monkeypatch.setattr(main, "reconcile", fake)
+
+    async def slow(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        fake.running += 1
+        fake.most_at_once = max(fake.most_at_once, fake.running)
+        try:
+            await asyncio.sleep(10)
+            return fn(*args, **kwargs)
+        finally:
+            fake.running -= 1
+
+    monkeypatch.setattr(asyncio, "to_thread", slow)
+
+    async def scenario(rt: main.Runtime) -> None:
+        first = asyncio.ensure_future(main.on_task(type="ADDED", namespace=KEY[0], name=KEY[1]))
+        await asyncio.sleep(1)
+        await main.on_task(type="DELETED", namespace=KEY[0], name=KEY[1])
+        await asyncio.sleep(1)
+        await main.on_task(type="ADDED", namespace=KEY[0], name=KEY[1])
+        await first
+
+    run(loop, monkeypatch, scenario)
+    assert fake.most_at_once == 1
+    assert fake.calls[:2] == [10.0, 20.0]  # the re-created task's pass follows the old one
+
+
+def test_backoff_doubles_from_one_second_up_to_five_minutes() -> None:
+    assert [main.backoff(n) for n in (1, 2, 3, 9, 10, 50)] == [1, 2, 4, 256, 300, 300]

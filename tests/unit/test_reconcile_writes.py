@@ -1,0 +1,124 @@
+"""What a reconcile writes when the API server refuses a child, or the task changed meanwhile."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+from test_plan import make_task
+from test_reconcile_status import merge_patch
+
+from slm_operator import conditions as c
+from slm_operator import reconcile as rc
+from slm_operator.kube import KubeError, TaskChanged
+
+QUOTA = (
+    'jobs.batch "weather-data-0123456789" is forbidden: exceeded quota: no-jobs, requested: '
+    "count/jobs.batch=1, used: count/jobs.batch=0, limited: count/jobs.batch=0"
+)
+
+
+class Cluster:
+    """Just enough of :class:`slm_operator.kube.Kube` for reconcile, refusing what it is told."""
+
+    def __init__(self, task: dict[str, Any], refuse: KubeError | None = None) -> None:
+        self.task, self.refuse = task, refuse
+        self.applied: list[str] = []
+        self.events: list[tuple[str, str, str]] = []
+        self.status_writes: list[dict[str, Any]] = []
+        self.status_error: KubeError | None = None
+
+    def get_task(self, namespace: str, name: str) -> dict[str, Any]:
+        return copy.deepcopy(self.task)
+
+    def get(self, *_: Any) -> None:
+        return None
+
+    def list(self, *_: Any, **__: Any) -> list[dict[str, Any]]:
+        return []
+
+    def apply(self, obj: dict[str, Any]) -> None:
+        if self.refuse is not None and obj["kind"] == "Job":
+            raise self.refuse
+        self.applied.append(f"{obj['kind']}/{obj['metadata']['name']}")
+
+    def delete(self, *_: Any) -> None:
+        pass
+
+    def event(self, obj: Any, type_: str, reason: str, message: str) -> None:
+        self.events.append((type_, reason, message))
+
+    def patch_status(
+        self, namespace: str, name: str, status: Any, resource_version: str | None = None
+    ) -> None:
+        self.status_writes.append({"resourceVersion": resource_version})
+        if self.status_error is not None:
+            raise self.status_error
+        self.task["status"] = merge_patch(self.task.get("status"), status)
+
+
+def _task() -> dict[str, Any]:
+    task = make_task()
+    task["metadata"]["resourceVersion"] = "4711"
+    return task
+
+
+def _ready(task: dict[str, Any]) -> dict[str, Any]:
+    found = c.find(task["status"]["conditions"], c.READY)
+    assert found is not None
+    return dict(found)
+
+
+@pytest.mark.parametrize(
+    ("status", "reason", "message"),
+    [
+        (403, "Forbidden", QUOTA),
+        (400, "BadRequest", 'admission webhook "policy.example.com" denied the request: no GPUs'),
+        (422, "Invalid", 'Job.batch "weather-data-0123456789" is invalid: spec.x: Forbidden'),
+    ],
+    ids=["quota", "webhook", "invalid"],
+)
+def test_a_child_the_api_server_refuses_is_named_in_ready_and_status_is_still_written(
+    status: int, reason: str, message: str
+) -> None:
+    """A quota, an admission webhook or validation refuses the data-prep Job: retrying cannot
+    help, someone has to act, so `kubectl get agenttask` says why (Ready=False ApplyFailed,
+    in the API server's words, with a Warning event) instead of a status frozen at its last
+    write while the operator retries in its log."""
+    kube = Cluster(_task(), KubeError(status, message, reason))
+    p = rc.reconcile(kube, "agents", "weather")  # type: ignore[arg-type]
+    assert p is not None and kube.status_writes
+    ready = _ready(kube.task)
+    assert (ready["status"], ready["reason"]) == (c.FALSE, c.APPLY_FAILED)
+    assert message in ready["message"] and ready["message"].startswith("Job weather-data-")
+    assert ("Warning", c.APPLY_FAILED) in {(t, r) for t, r, _ in kube.events}
+    assert kube.task["status"]["revision"]["training"]  # the rest of the plan is written too
+
+
+def test_a_refusal_message_is_bounded() -> None:
+    kube = Cluster(_task(), KubeError(403, "denied: " + "x" * 50_000, "Forbidden"))
+    rc.reconcile(kube, "agents", "weather")  # type: ignore[arg-type]
+    assert len(_ready(kube.task)["message"]) <= 1024
+
+
+def test_a_retryable_refusal_is_retried_not_reported() -> None:
+    """429 or 5xx: the API server is busy; the reconcile fails (and is retried) and the status
+    does not flap to ApplyFailed."""
+    kube = Cluster(_task(), KubeError(503, "etcd leader changed", "ServiceUnavailable"))
+    with pytest.raises(KubeError) as raised:
+        rc.reconcile(kube, "agents", "weather")  # type: ignore[arg-type]
+    assert raised.value.retryable and not kube.status_writes
+
+
+def test_status_is_written_only_onto_the_object_that_was_read() -> None:
+    """Deleted and created again under the same name (or edited) while the reconcile ran: the
+    status write names the resourceVersion it read, the API server refuses it with 409, and
+    the reconcile fails retryably instead of leaving the old object's status on the new one."""
+    kube = Cluster(_task())
+    kube.status_error = KubeError(409, "the object has been modified", "Conflict")
+    with pytest.raises(TaskChanged) as raised:
+        rc.reconcile(kube, "agents", "weather")  # type: ignore[arg-type]
+    assert kube.status_writes == [{"resourceVersion": "4711"}]
+    assert raised.value.retryable
+    assert not kube.events  # nothing is announced about a status that was not written
