@@ -81,7 +81,8 @@ def apply(cluster: Any, namespace: str, manifest: dict[str, Any], *extra: str) -
 
 BASE = valid_agenttask()
 DATASET_URI_MESSAGE = (
-    "dataset.uri must be pvc://<claim>/<path>, s3://<bucket>/<key> or file:///<absolute path>"
+    "dataset.uri must be pvc://<claim>/<path>, s3://<bucket>/<key>, gs://<bucket>/<key> or "
+    "file:///<absolute path>"
 )
 CRON_MESSAGE = "retraining.schedule must be a 5-field cron expression"
 REPLICAS_MESSAGE = "serving.minReplicas must be less than or equal to serving.maxReplicas"
@@ -389,6 +390,7 @@ def test_other_fields_stay_mutable(cluster: Any, namespace: str) -> None:
     [
         "pvc://call-logs/support-agent/",
         "s3://agent-call-logs/triage/2026-01.jsonl",
+        "gs://agent-call-logs/calls/support-agent/triage/",
         "file:///data/calls.jsonl",
     ],
 )
