@@ -856,7 +856,8 @@ def test_calls_the_template_cannot_render_are_skipped_and_counted(
     tmp_path: Path, tiny_minilm: Path
 ) -> None:
     """Gemma-2 rejects a conversation whose roles do not alternate, in every form: the stage
-    failed on one such call instead of leaving it out."""
+    failed on one such call instead of leaving it out of training. In evaluation it counts
+    as handed back to the LLM, which is what serving does with it."""
     model_dir = tmp_path / "gemma"
     shutil.copytree(tiny_minilm, model_dir)
     tok = templated(tiny_minilm, "gemma2")
@@ -871,10 +872,14 @@ def test_calls_the_template_cannot_render_are_skipped_and_counted(
     events = Events()
     result = generative.train_generative(args, events)
     assert result.ok, result.message
-    assert result.train_examples == 4 and result.eval_examples == 1
+    assert result.train_examples == 4 and result.eval_examples == 2
     messages = [e["message"] for e in events.of("warning")]
     assert any("'unrenderable': 1" in m for m in messages)
-    assert any("skipped 1 eval calls" in m for m in messages)
+    assert any("1 eval calls the chat template cannot render" in m for m in messages)
+    preds = [json.loads(line) for line in (Path(args.output) / "predictions.jsonl").open()]
+    assert [p["index"] for p in preds] == [0, 1]
+    (deferred,) = [p for p in preds if p["finish_reason"] == "unrenderable"]
+    assert deferred["prediction"] == {"defer": True} and deferred["confidence"] == 0.0
 
 
 @pytest.mark.slow

@@ -157,8 +157,8 @@ def renderable(
 ) -> tuple[list[CallRecord], int]:
     """(the records whose prompt the chat template renders, how many it rejected).
 
-    Serving fails such a request (the gateway answers it with the LLM), so evaluation leaves
-    it out rather than crash the stage on it.
+    Training leaves such a record out rather than crash the stage on it; evaluation scores
+    it as a deferral (:func:`evaluate`), since serving fails it and the LLM answers.
     """
     kept = []
     for rec in records:
@@ -675,12 +675,13 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
         return _fail(
             args, f"no usable training example (max_seq_length {args.max_seq_length}): {skipped}"
         )
-    eval_records, unrenderable = renderable(tokenizer, eval_records, tools_in_template)
+    _, unrenderable = renderable(tokenizer, eval_records, tools_in_template)
     if unrenderable:
         emit(
             {
                 "event": "warning",
-                "message": f"skipped {unrenderable} eval calls the chat template cannot render",
+                "message": f"{unrenderable} eval calls the chat template cannot render: "
+                "scored as handed back to the LLM, as serving would",
             }
         )
 
@@ -950,9 +951,27 @@ def evaluate(
         return None, []
     model.eval()
     budget = max_new_tokens(train_examples, opts)
-    prompts = [
-        chatformat.render(tokenizer, r.messages, r.tools, tools_in_template) for r in records
-    ]
+    # A call the chat template cannot render fails at serving too, and the gateway hands it
+    # to the LLM: it counts here as a deferral (score 0, confidence 0), so the coverage the
+    # report shows is the coverage serving will have.
+    prompts: list[str] = []
+    rendered: list[int] = []
+    predictions: list[dict[str, Any]] = []
+    for i, r in enumerate(records):
+        try:
+            prompts.append(chatformat.render(tokenizer, r.messages, r.tools, tools_in_template))
+            rendered.append(i)
+        except Exception:
+            predictions.append(
+                {
+                    "index": i,
+                    "score": 0.0,
+                    "confidence": 0.0,
+                    "finish_reason": "unrenderable",
+                    "prediction": {"defer": True},
+                    "reference": r.response,
+                }
+            )
     answers: list[runtime.Answer] = []
     step = max(1, opts.eval_batch_size)
     for start in range(0, len(prompts), step * 4):
@@ -961,10 +980,10 @@ def evaluate(
         answers += runtime.generate(
             model, tokenizer, prompts[start : start + step * 4], budget, batch_size=step
         )
-    predictions = []
     total = 0.0
     task_type = getattr(args, "task_type", "") or "tool-call"  # as export and serving default
-    for i, (rec, ans) in enumerate(zip(records, answers, strict=True)):
+    for i, ans in zip(rendered, answers, strict=True):
+        rec = records[i]
         # parsed and trusted as the Triton backend (model.py) does for the same request
         predicted = chatformat.parse_answer(ans.text, bool(rec.tools) or task_type == "tool-call")
         confidence = 0.0 if predicted.get(chatformat.MALFORMED) else ans.confidence
@@ -980,6 +999,7 @@ def evaluate(
                 "reference": rec.response,
             }
         )
+    predictions.sort(key=lambda p: int(p["index"]))
     return total / len(records), predictions
 
 
