@@ -115,6 +115,15 @@ class ParseStats:
     other_task: int = 0
     errors: list[dict[str, Any]] = field(default_factory=list)
 
+    def skipped_note(self, what: str = "line") -> str:
+        """``"; 3 malformed lines skipped (2 invalid_json, 1 too_deep)"``, or "" when none
+        were: the tail a stage's result message gives its reader."""
+        total = sum(self.malformed.values())
+        if not total:
+            return ""
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.malformed.items()))
+        return f"; {total} malformed {what}{'s' if total > 1 else ''} skipped ({reasons})"
+
 
 # ------------------------------------------------------------------------------ parsing
 

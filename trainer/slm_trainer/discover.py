@@ -433,14 +433,7 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
     records = [r for r in sample if writable(r)]
     if len(records) < len(sample):
         stats.malformed["too_deep"] += len(sample) - len(records)
-    malformed_total = sum(stats.malformed.values())
-    skipped = (
-        f"; {malformed_total} malformed line{'s' if malformed_total > 1 else ''} skipped ("
-        + ", ".join(f"{n} {reason}" for reason, n in sorted(stats.malformed.items()))
-        + ")"
-        if malformed_total
-        else ""
-    )
+    skipped = stats.skipped_note()
     if len(records) < 3:
         return TrainerResult(
             stage=CONTRACT_STAGE,
@@ -543,7 +536,7 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
         "lines": stats.lines,
         "blank": stats.blank,
         "malformed": dict(sorted(stats.malformed.items())),
-        "malformed_total": malformed_total,
+        "malformed_total": sum(stats.malformed.values()),
         "error_samples": stats.errors,
         "records": len(records),
         "method": args.method,

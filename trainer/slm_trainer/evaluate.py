@@ -450,14 +450,7 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
         records = read_eval(args.data, stats)
     except OSError as exc:
         return TrainerResult(stage=CONTRACT_STAGE, ok=False, message=f"no eval data: {exc}")
-    malformed_total = sum(stats.malformed.values())
-    skipped = (
-        f"; {malformed_total} malformed eval line{'s' if malformed_total > 1 else ''} skipped ("
-        + ", ".join(f"{n} {reason}" for reason, n in sorted(stats.malformed.items()))
-        + ")"
-        if malformed_total
-        else ""
-    )
+    skipped = stats.skipped_note("eval line")
     if not records:
         return TrainerResult(
             stage=CONTRACT_STAGE, ok=False, message=f"eval split is empty{skipped}"
@@ -497,7 +490,7 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
         "eval_examples": len(records),
         "eval_lines": stats.lines,
         "malformed": dict(sorted(stats.malformed.items())),
-        "malformed_total": malformed_total,
+        "malformed_total": sum(stats.malformed.values()),
         "error_samples": stats.errors,
         "task_type": args.task_type,
         "metric": args.metric,

@@ -152,24 +152,6 @@ def encode(tokenizer: Any, record: CallRecord, tools_in_template: bool) -> tuple
     return Example(tuple(p) + tuple(c), len(p)), prompt, completion
 
 
-def renderable(
-    tokenizer: Any, records: Sequence[CallRecord], tools_in_template: bool
-) -> tuple[list[CallRecord], int]:
-    """(the records whose prompt the chat template renders, how many it rejected).
-
-    Training leaves such a record out rather than crash the stage on it; evaluation scores
-    it as a deferral (:func:`evaluate`), since serving fails it and the LLM answers.
-    """
-    kept = []
-    for rec in records:
-        try:
-            chatformat.render(tokenizer, rec.messages, rec.tools, tools_in_template)
-        except Exception:
-            continue
-        kept.append(rec)
-    return kept, len(records) - len(kept)
-
-
 def epoch_groups(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """The example indices of each step of one epoch: seeded, length-grouped.
 
@@ -675,15 +657,6 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
         return _fail(
             args, f"no usable training example (max_seq_length {args.max_seq_length}): {skipped}"
         )
-    _, unrenderable = renderable(tokenizer, eval_records, tools_in_template)
-    if unrenderable:
-        emit(
-            {
-                "event": "warning",
-                "message": f"{unrenderable} eval calls the chat template cannot render: "
-                "scored as handed back to the LLM, as serving would",
-            }
-        )
 
     epochs = max(1, int(args.epochs))
     per_epoch, total = _steps(len(examples), opts, epochs)
@@ -785,6 +758,15 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
                 model, tokenizer, eval_records, tools_in_template, args, opts, examples, sigterm
             )
             eval_seconds = time.monotonic() - t_eval
+            unrenderable = sum(p["finish_reason"] == "unrenderable" for p in predictions)
+            if unrenderable:
+                emit(
+                    {
+                        "event": "warning",
+                        "message": f"{unrenderable} eval calls the chat template cannot render: "
+                        "scored as handed back to the LLM, as serving would",
+                    }
+                )
     except Preempted as stop:
         where = f"; checkpoint saved in {ckpt_dir}" if ckpt_dir else " (no checkpoint dir)"
         message = f"preempted by SIGTERM ({stop.args[0]} of {total} steps){where}; rerun to resume"
@@ -952,8 +934,8 @@ def evaluate(
     model.eval()
     budget = max_new_tokens(train_examples, opts)
     # A call the chat template cannot render fails at serving too, and the gateway hands it
-    # to the LLM: it counts here as a deferral (score 0, confidence 0), so the coverage the
-    # report shows is the coverage serving will have.
+    # to the LLM: it counts here as a deferral (score 0, confidence 0, finish_reason
+    # "unrenderable"), so the coverage the report shows is the coverage serving will have.
     prompts: list[str] = []
     rendered: list[int] = []
     predictions: list[dict[str, Any]] = []
