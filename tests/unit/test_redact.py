@@ -20,12 +20,15 @@ from hypothesis import strategies as st
 
 from slm_contract import CallRecord
 from slm_trainer.redact import (
+    PHONE_NUMBER,
     KnownValues,
+    LazyNlpArtifacts,
     RedactionState,
     Redactor,
     Span,
     default_redactor,
     looks_random,
+    possible_kinds,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -784,6 +787,16 @@ GATE_EDGE_CASES = [
     "v4 192.168.0.1/24, v6 2001:db8::/32",
     "ring \uff10\uff13\uff10 \uff11\uff12\uff13\uff14\uff15\uff16\uff17\uff18 (fullwidth digits)",
     "call 1-800-FLOWERS or 1-800-356-9377",
+    # A phone number's digits in one run, whatever libphonenumber's punctuation joins them:
+    # no-break and zero-width spaces, soft and Unicode hyphens, katakana's long vowel mark,
+    # an "x" or "X" extension, slashes, tildes and brackets; and whitespace for the
+    # formatted patterns. Each must reach the phone recognizers through the gate.
+    "tel 030\u00a01234\u00a0567 or 030\u200b1234\u200b567 or 030\u00ad1234567",
+    "tel 030\u20101234\u2011567 and 030\u30fc1234\u30fc567 and 0301234567x89",
+    "desk (030) 1234-567 X 89, fax 030/1234/568, mobile 0171~1234567, [030] 1234569",
+    "\uff0b\uff14\uff19 \uff13\uff10 \uff11\uff12\uff13\uff14\uff15\uff16\uff17",
+    "call (415)\n555-0132 or +44\t20\t7946\t0958 ext. 123",
+    "order 12 of 2024, v1.2 (3 items), build_2024_06_01, id a1b2c3d4",
     "Ruf an: 030 1234567, Paris 01 42 68 53 00, +44 20 7946 0958",
     "tel 13 11 11",  # six digits: the shortest phone number found here (Australia)
     "call 089 1234 or 0800 1111",
@@ -868,7 +881,8 @@ _FRAGMENTS = [
 @given(
     parts=st.lists(
         st.one_of(
-            st.sampled_from(_FRAGMENTS), st.text(alphabet="0123456789.:-@ aZ/+=_", max_size=12)
+            st.sampled_from(_FRAGMENTS),
+            st.text(alphabet="0123456789.:-@ aZ/+=_x()\u00a0\u2010\u30fc\n", max_size=12),
         ),
         max_size=6,
     )
@@ -916,6 +930,69 @@ def test_gating_keeps_the_shortest_phone_numbers_and_ibans_with_few_digits(
     whose only digits are its check digits are found without gating, so with it too."""
     assert ungated.find(text)
     assert redactor.find(text) == ungated.find(text)
+
+
+def test_the_phone_gate_wants_four_digits_in_one_run() -> None:
+    """The phone recognizers (libphonenumber in six regions, half of a capture worker's CPU on
+    new text) run only where four digits stand in one run of digits and separators; digits
+    split by letters or underscores cannot be one number. What they find is unchanged: see
+    the gated-versus-ungated tests above, which include every separator libphonenumber knows."""
+    assert PHONE_NUMBER not in possible_kinds("v1.2 (3 items) in build_20_24 at a1b2c3d4")
+    assert PHONE_NUMBER in possible_kinds("released in 2024")
+    assert PHONE_NUMBER in possible_kinds("tel 0\u00a01\u200b2\u30fc3")
+
+
+def test_text_without_findings_is_never_tokenized(redactor: Redactor) -> None:
+    """spaCy's tokens only serve the context words around a match, so a string the
+    recognizers find nothing in is not tokenized (a third of a capture worker's CPU on new
+    text); one with a match of a recognizer that has context words is, and every score is
+    what Presidio gives with eager tokens."""
+    analyzer = redactor._analyzer
+    clean = "Book a table for 4 at 7pm in Berkeley, order 2024-118"
+    lazy = LazyNlpArtifacts(redactor._nlp, clean)
+    assert analyzer.analyze(text=clean, language="en", nlp_artifacts=lazy) == []
+    assert not lazy.tokenized
+    rows = [json.loads(line) for line in LABELLED.read_text().splitlines() if line.strip()]
+    texts = [r["text"] for r in rows] + [t for t in GATE_EDGE_CASES if t.strip()]
+    tokenized = 0
+    for text in texts:
+        lazy = LazyNlpArtifacts(redactor._nlp, text)
+        found = analyzer.analyze(text=text, language="en", nlp_artifacts=lazy)
+        eager = analyzer.analyze(text=text, language="en")
+        key = lambda r: (r.entity_type, r.start, r.end, round(r.score, 9))  # noqa: E731
+        assert sorted(map(key, found)) == sorted(map(key, eager)), text[:80]
+        tokenized += lazy.tokenized
+    # Matches of recognizers with context words ("phone", "card") read the tokens.
+    assert 100 <= tokenized < len(texts), tokenized
+
+
+def test_a_message_found_clean_is_not_walked_again_but_still_gets_record_wide_values(
+    redactor: Redactor,
+) -> None:
+    """An agent resends its whole conversation on every call, so the redactor remembers the
+    messages it found nothing in and skips them the next time. A value recognised elsewhere
+    in a later record (the number next to "call me at") is still replaced in them."""
+    history = _call({"to": "4155550132"})  # no hint in a tool call alone: clean
+    greeting = {"role": "user", "content": "hello again, it is me"}
+    messages, _, counts = redactor.redact_messages([greeting, history], {"role": "assistant"})
+    assert counts == {} and messages[1] is history
+    walked = []
+    original = redactor._spans
+    redactor._spans = lambda *a: walked.append(a) or original(*a)  # type: ignore[method-assign]
+    try:
+        messages, _, counts = redactor.redact_messages(
+            [greeting, history], {"role": "assistant", "content": "noted, see you"}
+        )
+        assert counts == {} and messages[1] is history
+        assert walked == [("noted, see you", "")]  # only the new message was looked at
+        user = {"role": "user", "content": "please call me at 4155550132 tomorrow"}
+        messages, _, counts = redactor.redact_messages([user, history], {"role": "assistant"})
+    finally:
+        del redactor._spans
+    args = json.loads(messages[1]["tool_calls"][0]["function"]["arguments"])
+    assert args == {"to": "<PHONE_NUMBER_1>"}
+    assert messages[0]["content"] == "please call me at <PHONE_NUMBER_1> tomorrow"
+    assert counts == {"PHONE_NUMBER": 2}
 
 
 def test_a_long_running_redactor_does_not_keep_every_token_it_has_seen() -> None:

@@ -348,6 +348,60 @@ class BlankSpacyNlpEngine(SpacyNlpEngine):
         )
 
 
+class LazyNlpArtifacts(NlpArtifacts):
+    """Presidio's NLP artifacts for ``text``, tokenized only when something reads them.
+
+    Why: Presidio tokenizes every text before running its recognizers, but with a blank
+    pipeline (no NER) the tokens serve one purpose: the context words around a match
+    (:class:`LinearContextEnhancer`). Most strings a capture worker analyses match nothing,
+    and spaCy's tokenizer was about a third of a worker's CPU on new text
+    (``bench/capture_cost.py``). Built here, the artifacts are the engine's own, so the
+    scores of what is found do not change.
+    """
+
+    def __init__(self, engine: BlankSpacyNlpEngine, text: str, language: str = "en") -> None:
+        # The base __init__ would tokenize; the attributes it sets are properties here.
+        self._engine = engine
+        self._text = text
+        self._language = language
+        self._built: NlpArtifacts | None = None
+        self.nlp_engine = engine
+
+    def _artifacts(self) -> NlpArtifacts:
+        if self._built is None:
+            self._built = self._engine.process_text(self._text, self._language)
+        return self._built
+
+    @property  # type: ignore[override]
+    def entities(self) -> list[Any]:
+        return self._artifacts().entities
+
+    @property  # type: ignore[override]
+    def tokens(self) -> Doc:
+        return self._artifacts().tokens
+
+    @property  # type: ignore[override]
+    def tokens_indices(self) -> list[int]:
+        return self._artifacts().tokens_indices
+
+    @property  # type: ignore[override]
+    def lemmas(self) -> list[str]:
+        return self._artifacts().lemmas
+
+    @property  # type: ignore[override]
+    def keywords(self) -> list[str]:
+        return self._artifacts().keywords
+
+    @property  # type: ignore[override]
+    def scores(self) -> list[float]:
+        return self._artifacts().scores
+
+    @property
+    def tokenized(self) -> bool:
+        """Whether anything has read the tokens yet (for tests)."""
+        return self._built is not None
+
+
 class LinearContextEnhancer(LemmaContextAwareEnhancer):
     """Presidio's context enhancer (the same context words, the same scores) in linear time.
 
@@ -747,6 +801,13 @@ def _build_analyzer(phone_regions: Sequence[str]) -> AnalyzerEngine:
 
 
 _DIGIT_RE = re.compile(r"\d")
+# Four digits in one run of digits and separators: what every phone number either recognizer
+# accepts holds. libphonenumber's matcher takes a number's candidate from digits, its
+# punctuation (which has no letter or digit but "x", "X" and "ー") and opening brackets and plus
+# signs; the formatted patterns from digits, whitespace, "+", ".", "-" and brackets. A letter
+# or an underscore ends both, so "2023" or "tel 0171 1234" passes and "v1.2 (3 items)" does
+# not. Neither alternative of the separator class matches a digit, so the search is linear.
+_PHONE_HINT_RE = re.compile(r"\d(?:(?:[^\w]|[xXー])*\d){3}")
 # An IPv4 address has a digit, a dot and a digit in a row; every IPv6 form a colon next to a
 # hex digit or another colon (Presidio's IpRecognizer patterns).
 _IP_HINT_RE = re.compile(r"\d\.\d|[0-9A-Fa-f]:|:[0-9A-Fa-f:]")
@@ -784,8 +845,9 @@ def possible_kinds(text: str, kinds: Sequence[str] = KINDS) -> tuple[str, ...]:
             return "@" in text
         if kind == PHONE_NUMBER:
             # libphonenumber's shortest national numbers have 4 digits (German pagers, and
-            # numbers of AT, LU, NU, SH, TK, UY...), found without a "+" in their region.
-            return digits >= 4
+            # numbers of AT, LU, NU, SH, TK, UY...), found without a "+" in their region,
+            # and all of a number's digits are in one run of digits and separators.
+            return digits >= 4 and _PHONE_HINT_RE.search(text) is not None
         if kind == CREDIT_CARD:
             return digits >= 12
         if kind == IBAN_CODE:
@@ -928,6 +990,7 @@ class Redactor:
         if unknown:
             raise ValueError(f"unknown kinds: {', '.join(sorted(unknown))}")
         self._analyzer = _build_analyzer(phone_regions)
+        self._nlp: BlankSpacyNlpEngine = self._analyzer.nlp_engine  # type: ignore[assignment]
         # Agent calls repeat the same system prompt and tool results thousands of times; the
         # spans of a string don't depend on the record, only their placeholders do.
         self._find_cached = functools.lru_cache(maxsize=cache_size)(self._find)
@@ -936,6 +999,9 @@ class Redactor:
         # capture worker for as long as it ran.
         self._long: OrderedDict[tuple[bytes, str], tuple[Span, ...]] = OrderedDict()
         self._long_size = cache_size
+        # Messages the first pass found nothing in, by their serialised form (see
+        # :meth:`_scan_message`); bounded like the span cache.
+        self._clean: OrderedDict[bytes, None] = OrderedDict()
 
     def find(self, text: str, context: str = "") -> list[Span]:
         """Non-overlapping spans in ``text``; ``context`` (e.g. a JSON key) helps bare numbers."""
@@ -964,7 +1030,10 @@ class Redactor:
         if not kinds:
             return ()
         results: list[RecognizerResult] = self._analyzer.analyze(
-            text=text, language="en", entities=list(kinds)
+            text=text,
+            language="en",
+            entities=list(kinds),
+            nlp_artifacts=LazyNlpArtifacts(self._nlp, text),
         )
         spans = [
             Span(
@@ -1091,8 +1160,8 @@ class Redactor:
         """
         state = RedactionState(seed_from=[messages, response])
         scan = _ScanPass(self, state)
-        new_messages = [_map_message(m, scan) for m in messages]
-        new_response = _map_message(response, scan)
+        new_messages = [self._scan_message(m, scan) for m in messages]
+        new_response = self._scan_message(response, scan)
         if not state.counts:
             return messages, response, {}
         known = KnownValues(state.values)
@@ -1101,6 +1170,45 @@ class Redactor:
             new_messages = [_map_message(m, again) for m in new_messages]
             new_response = _map_message(new_response, again)
         return new_messages, new_response, {k: state.counts[k] for k in KINDS if state.counts[k]}
+
+    def _scan_message(self, message: dict[str, Any], scan: _ScanPass) -> dict[str, Any]:
+        """The first pass over one message, skipped for a message already found clean.
+
+        Why: an agent resends its whole conversation on every call, so the system prompt, the
+        user's turns, earlier tool calls and tool results arrive again and again, and walking
+        them (decoding each tool call's arguments, looking every string up in the span cache)
+        was most of a capture worker's time per record once the strings were cached. What the
+        first pass finds in a message depends on its text alone (placeholders are numbered
+        per record, but a clean message gets none), so a message found clean once is clean in
+        any record. The second pass (:class:`KnownValues`) still walks every message.
+        """
+        key = _message_key(message)
+        clean = self._clean
+        if key is not None and key in clean:
+            clean.move_to_end(key)
+            return message
+        before = scan.state.counts.total()
+        out = _map_message(message, scan)
+        if key is not None and scan.state.counts.total() == before:
+            clean[key] = None
+            if len(clean) > self._long_size:
+                clean.popitem(last=False)
+        return out
+
+
+def _message_key(message: Any) -> bytes | None:
+    """A message's identity for :meth:`Redactor._scan_message`: its JSON, or for a long one a
+    128-bit digest of it (a bounded cache of long tool results must not hold megabytes);
+    None when orjson is missing or cannot encode it (no caching then)."""
+    if _orjson is None:
+        return None
+    try:
+        raw: bytes = _orjson.dumps(message)
+    except (TypeError, _orjson.JSONEncodeError):
+        return None
+    if len(raw) <= LONG_TEXT_CHARS:
+        return raw  # JSON starts with "{" or "[": never equal to a digest key below
+    return b"#" + hashlib.blake2b(raw, digest_size=16).digest()
 
 
 class _Pass:
