@@ -52,6 +52,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
+import msgspec
 import orjson
 
 from slm_contract import CALL_RECORD_SCHEMA
@@ -366,9 +367,9 @@ def capture_line(item: Captured, redactor: Any) -> tuple[bytes, dict[str, int]]:
     a CallRecord, ``dataclasses.asdict``'s deep copy and a redacted copy of every message
     were most of a worker's time per record, for records that mostly have nothing to redact.
     """
-    req = orjson.loads(item.request)
+    messages, tools = _request_parts(item.request)
     message = orjson.loads(item.response)["choices"][0]["message"]
-    messages, response, counts = redactor.redact_messages(req["messages"], message)
+    messages, response, counts = redactor.redact_messages(messages, message)
     line = orjson.dumps(
         {
             "task": item.task,
@@ -376,7 +377,7 @@ def capture_line(item: Captured, redactor: Any) -> tuple[bytes, dict[str, int]]:
             "response": response,
             "backend": item.backend,
             "model": item.model,
-            "tools": req.get("tools") or [],
+            "tools": tools,
             "latency_ms": round(item.latency_ms, 3),
             "prompt_tokens": item.prompt_tokens,
             "completion_tokens": item.completion_tokens,
@@ -388,6 +389,37 @@ def capture_line(item: Captured, redactor: Any) -> tuple[bytes, dict[str, int]]:
         }
     )
     return line + b"\n", counts
+
+
+class _RequestParts(msgspec.Struct):
+    """What a worker reads of a request body: the messages, and the tools left undecoded."""
+
+    messages: list[Any]
+    tools: msgspec.Raw = msgspec.Raw(b"null")
+
+
+_REQUEST_PARTS = msgspec.json.Decoder(_RequestParts)
+
+
+def _request_parts(request: bytes) -> tuple[list[Any], Any]:
+    """(messages, tools) of a request body; the tools as the agent's own JSON when it can go
+    into a JSON line as it is.
+
+    Why: the tools are most of an agent's request (BFCL's: 3.1 of 3.8 KB), the same on
+    every call, and never redacted (they are the developer's code); decoding them to encode
+    them again was a quarter of a worker's time per repeated record (11.5 against 3.7 us per
+    request with msgspec's Raw). Tools written with a line break (pretty-printed) are
+    decoded and written compact, so a record stays one line; ``null`` is no tools.
+    """
+    try:
+        parts = _REQUEST_PARTS.decode(request)
+    except msgspec.DecodeError:  # not the shape the gateway validated: decode it all
+        req = orjson.loads(request)
+        return req["messages"], req.get("tools") or []
+    tools = bytes(parts.tools)
+    if tools.startswith(b"[") and b"\n" not in tools and b"\r" not in tools:
+        return parts.messages, orjson.Fragment(tools)
+    return parts.messages, orjson.loads(tools) or []
 
 
 def batch_scheduling() -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -9,6 +10,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -219,6 +221,43 @@ def test_a_captured_line_is_the_contracts_record(
     assert orjson.loads(line) == orjson.loads(expected.to_json())
     assert list(orjson.loads(line)) == list(orjson.loads(expected.to_json()))  # field order
     assert counts == expected_counts
+
+
+@pytest.mark.parametrize(
+    ("encode", "tools"),
+    [
+        (lambda body: json.dumps(body).encode(), "as sent"),  # Python's ", " and ": "
+        (lambda body: json.dumps(body, indent=2).encode(), "as sent"),  # line breaks
+        (lambda body: orjson.dumps(body), "as sent"),
+        (lambda body: orjson.dumps({**body, "tools": None}), []),
+        (lambda body: orjson.dumps({k: v for k, v in body.items() if k != "tools"}), []),
+        (lambda body: orjson.dumps({**body, "tools": []}), []),
+    ],
+)
+def test_the_tools_are_written_as_the_agent_sent_them_on_one_line(encode: Any, tools: Any) -> None:
+    """The worker copies the request's tools into the line without decoding them (they are
+    most of the request, and never redacted); whatever the agent's formatting, the record is
+    one JSON line whose tools are the agent's, and a request without tools has []."""
+    from slm_trainer.redact import default_redactor
+
+    sent = [
+        {
+            "type": "function",
+            "function": {
+                "name": "send",
+                "description": "Send a note.\nOne line per recipient.",
+                "parameters": {"type": "object", "properties": {"to": {"type": "string"}}},
+            },
+        }
+    ]
+    body = {"model": "t", "messages": [{"role": "user", "content": "hi"}], "tools": sent}
+    response = orjson.dumps({"choices": [{"message": {"role": "assistant", "content": "ok"}}]})
+    captured = Captured("ns/t", "t", "gpt", "llm", encode(body), response, 1.0, 1, 1, 5.0, "", "")
+    line, _ = capture_line(captured, default_redactor())
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    record = CallRecord.from_dict(orjson.loads(line))
+    assert record.tools == (sent if tools == "as sent" else tools)
+    assert record.messages == body["messages"]
 
 
 def test_a_full_queue_drops_and_counts(tmp_path: Path) -> None:
