@@ -1,5 +1,5 @@
 # SLM Fleet Operator: the two commands a newcomer needs are `make setup` and `make test`
-# (`make demo` runs the end-to-end demo once it lands). Everything runs on 127.0.0.1.
+# (`make demo` runs the end-to-end demo). Everything runs on 127.0.0.1.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
