@@ -392,9 +392,11 @@ def capture_line(item: Captured, redactor: Any) -> tuple[bytes, dict[str, int]]:
 
 
 class _RequestParts(msgspec.Struct):
-    """What a worker reads of a request body: the messages, and the tools left undecoded."""
+    """A request body's messages and tools, both undecoded: the messages are decoded by
+    orjson, as the gateway decoded them (msgspec keeps an integer wider than 64 bits an int,
+    which orjson cannot write; orjson reads it as a float)."""
 
-    messages: list[Any]
+    messages: msgspec.Raw
     tools: msgspec.Raw = msgspec.Raw(b"null")
 
 
@@ -416,10 +418,11 @@ def _request_parts(request: bytes) -> tuple[list[Any], Any]:
     except msgspec.DecodeError:  # not the shape the gateway validated: decode it all
         req = orjson.loads(request)
         return req["messages"], req.get("tools") or []
+    messages = orjson.loads(memoryview(parts.messages))
     tools = bytes(parts.tools)
     if tools.startswith(b"[") and b"\n" not in tools and b"\r" not in tools:
-        return parts.messages, orjson.Fragment(tools)
-    return parts.messages, orjson.loads(tools) or []
+        return messages, orjson.Fragment(tools)
+    return messages, orjson.loads(tools) or []
 
 
 def batch_scheduling() -> bool:

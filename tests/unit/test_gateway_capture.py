@@ -260,6 +260,24 @@ def test_the_tools_are_written_as_the_agent_sent_them_on_one_line(encode: Any, t
     assert record.messages == body["messages"]
 
 
+def test_a_number_wider_than_64_bits_is_written_as_the_gateway_read_it() -> None:
+    """The gateway decodes requests with orjson, which reads an integer wider than 64 bits
+    as a float; the worker must read the messages the same way, or it cannot write the
+    record and drops it (it did, with msgspec decoding them)."""
+    from slm_trainer.redact import default_redactor
+
+    request = (
+        b'{"model":"t","messages":[{"role":"user","content":"hi",'
+        b'"metadata":{"trace_id":123456789012345678901234567890}}]}'
+    )
+    response = orjson.dumps({"choices": [{"message": {"role": "assistant", "content": "ok"}}]})
+    captured = Captured("ns/t", "t", "gpt", "llm", request, response, 1.0, 1, 1, 5.0, "", "")
+    line, _ = capture_line(captured, default_redactor())
+    record = orjson.loads(line)
+    assert record["messages"][0]["metadata"] == {"trace_id": 1.2345678901234568e29}
+    assert record["tools"] == []
+
+
 def test_a_full_queue_drops_and_counts(tmp_path: Path) -> None:
     dropped: list[tuple[str, int]] = []
     sink = CaptureSink(

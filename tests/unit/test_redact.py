@@ -797,6 +797,10 @@ GATE_EDGE_CASES = [
     "\uff0b\uff14\uff19 \uff13\uff10 \uff11\uff12\uff13\uff14\uff15\uff16\uff17",
     "call (415)\n555-0132 or +44\t20\t7946\t0958 ext. 123",
     "order 12 of 2024, v1.2 (3 items), build_2024_06_01, id a1b2c3d4",
+    # Extension labels: libphonenumber's parser spells a label it does not know ("int") as
+    # keypad digits, so "089int" is a Munich number of six digits (a review found it).
+    "Tel. 089int 2, call 030INT 7, ruf 089int, 1, or 030\uff49\uff4e\uff54 7",
+    "089ext 2, 089 anexo 3, 089 \u0434\u043e\u0431 4, 089extensi\u00f3n 5, 089xtn 6",
     "Ruf an: 030 1234567, Paris 01 42 68 53 00, +44 20 7946 0958",
     "tel 13 11 11",  # six digits: the shortest phone number found here (Australia)
     "call 089 1234 or 0800 1111",
@@ -940,6 +944,34 @@ def test_the_phone_gate_wants_four_digits_in_one_run() -> None:
     assert PHONE_NUMBER not in possible_kinds("v1.2 (3 items) in build_20_24 at a1b2c3d4")
     assert PHONE_NUMBER in possible_kinds("released in 2024")
     assert PHONE_NUMBER in possible_kinds("tel 0\u00a01\u200b2\u30fc3")
+
+
+def test_a_text_over_the_limit_is_refused_even_with_nothing_in_it(
+    redactor: Redactor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over MAX_TEXT_CHARS a string raises (its record is dropped and counted), whether or
+    not a recognizer matched: the limit must not depend on whether spaCy tokenized it."""
+    import slm_trainer.redact as redact_module
+
+    monkeypatch.setattr(redact_module, "MAX_TEXT_CHARS", 40)
+    with pytest.raises(ValueError, match="over 40"):
+        redactor.find("nothing to find here, only words and more words")
+    assert redactor.find("short and clean") == []
+
+
+def test_a_tuple_from_a_python_caller_is_walked_like_a_list(redactor: Redactor) -> None:
+    """A tuple where JSON has an array (a Python caller's message) is redacted like the list,
+    and so never taken for a clean message whose list twin would then be skipped."""
+    parts = ({"type": "text", "text": "mail jane.tuple@example.com"},)
+    messages, _, counts = redactor.redact_messages(
+        [{"role": "user", "content": parts}], {"role": "assistant"}
+    )
+    assert counts == {"EMAIL_ADDRESS": 1}
+    assert messages[0]["content"] == [{"type": "text", "text": "mail <EMAIL_ADDRESS_1>"}]
+    messages, _, counts = redactor.redact_messages(
+        [{"role": "user", "content": list(parts)}], {"role": "assistant"}
+    )
+    assert counts == {"EMAIL_ADDRESS": 1}
 
 
 def test_text_without_findings_is_never_tokenized(redactor: Redactor) -> None:

@@ -803,11 +803,19 @@ def _build_analyzer(phone_regions: Sequence[str]) -> AnalyzerEngine:
 _DIGIT_RE = re.compile(r"\d")
 # Four digits in one run of digits and separators: what every phone number either recognizer
 # accepts holds. libphonenumber's matcher takes a number's candidate from digits, its
-# punctuation (which has no letter or digit but "x", "X" and "ー") and opening brackets and plus
-# signs; the formatted patterns from digits, whitespace, "+", ".", "-" and brackets. A letter
-# or an underscore ends both, so "2023" or "tel 0171 1234" passes and "v1.2 (3 items)" does
-# not. Neither alternative of the separator class matches a digit, so the search is linear.
-_PHONE_HINT_RE = re.compile(r"\d(?:(?:[^\w]|[xXー])*\d){3}")
+# punctuation (which has no letter or digit but "x", "X" and "ー"), opening brackets, plus
+# signs, and extension labels; the formatted patterns from digits, whitespace, "+", ".", "-"
+# and brackets. The labels count as separators because its parser spells a label it does not
+# know as keypad digits ("089int 2" is +49 89 468, found only so). Any other letter or an
+# underscore ends a run, so "2023" or "tel 0171 1234" passes and "v1.2 (3 items)" does not.
+# No separator matches a digit, so the search stays linear.
+_PHONE_SEPARATOR = (
+    r"(?:[^\w]|[xX\uff58\uff38\u30fc]"  # x, X, fullwidth x and X, katakana's long vowel
+    # libphonenumber's labels: ext, extension, extensión, xtn, fullwidth ext, доб, anexo, int
+    r"|(?i:e?xt(?:ensi(?:o\u0301?|\u00f3))?n?|\uff45?\uff58\uff54\uff4e?"
+    r"|\u0434\u043e\u0431|anexo|int|\uff49\uff4e\uff54))"
+)
+_PHONE_HINT_RE = re.compile(r"\d(?:" + _PHONE_SEPARATOR + r"*\d){3}")
 # An IPv4 address has a digit, a dot and a digit in a row; every IPv6 form a colon next to a
 # hex digit or another colon (Presidio's IpRecognizer patterns).
 _IP_HINT_RE = re.compile(r"\d\.\d|[0-9A-Fa-f]:|:[0-9A-Fa-f:]")
@@ -1026,6 +1034,8 @@ class Redactor:
         return found
 
     def _find(self, text: str, context: str) -> tuple[Span, ...]:
+        if len(text) > MAX_TEXT_CHARS:  # spaCy would refuse it only if a match were tokenized
+            raise ValueError(f"text of {len(text)} characters is over {MAX_TEXT_CHARS}")
         kinds = possible_kinds(text, self.kinds) if self.gate else self.kinds
         if not kinds:
             return ()
@@ -1105,7 +1115,7 @@ class Redactor:
                 new_value = self.redact_json_value(v, state, str(k))
                 out[_distinct_key(out, new_key) if new_key in out else new_key] = new_value
             return out
-        if isinstance(value, list):
+        if isinstance(value, (list, tuple)):  # a tuple from a Python caller, like a list
             return [self.redact_json_value(v, state, key) for v in value]
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**6:
             as_text = str(value)
@@ -1295,7 +1305,7 @@ class _KnownValuesPass(_Pass):
                 new_value = self.value(v, k)
                 out[_distinct_key(out, new_key) if new_key in out else new_key] = new_value
             return out
-        if isinstance(value, list):
+        if isinstance(value, (list, tuple)):
             return [self.value(v, key) for v in value]
         if isinstance(value, int) and not isinstance(value, bool):
             as_text = str(value)  # a phone number stored as a JSON number
