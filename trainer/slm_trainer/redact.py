@@ -348,6 +348,11 @@ class BlankSpacyNlpEngine(SpacyNlpEngine):
         )
 
 
+def _from_built(name: str) -> Any:
+    """A read-only attribute of :class:`LazyNlpArtifacts`, read from the built artifacts."""
+    return property(lambda self: getattr(self._artifacts(), name))
+
+
 class LazyNlpArtifacts(NlpArtifacts):
     """Presidio's NLP artifacts for ``text``, tokenized only when something reads them.
 
@@ -372,29 +377,12 @@ class LazyNlpArtifacts(NlpArtifacts):
             self._built = self._engine.process_text(self._text, self._language)
         return self._built
 
-    @property  # type: ignore[override]
-    def entities(self) -> list[Any]:
-        return self._artifacts().entities
-
-    @property  # type: ignore[override]
-    def tokens(self) -> Doc:
-        return self._artifacts().tokens
-
-    @property  # type: ignore[override]
-    def tokens_indices(self) -> list[int]:
-        return self._artifacts().tokens_indices
-
-    @property  # type: ignore[override]
-    def lemmas(self) -> list[str]:
-        return self._artifacts().lemmas
-
-    @property  # type: ignore[override]
-    def keywords(self) -> list[str]:
-        return self._artifacts().keywords
-
-    @property  # type: ignore[override]
-    def scores(self) -> list[float]:
-        return self._artifacts().scores
+    entities = _from_built("entities")
+    tokens = _from_built("tokens")
+    tokens_indices = _from_built("tokens_indices")
+    lemmas = _from_built("lemmas")
+    keywords = _from_built("keywords")
+    scores = _from_built("scores")
 
     @property
     def tokenized(self) -> bool:
