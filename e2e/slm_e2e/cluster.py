@@ -408,11 +408,14 @@ class LocalCluster:
         return True
 
     def _write_kubeconfig(self, p: pkimod.Pki) -> None:
-        import base64
+        """The admin kubeconfig, naming the PKI files rather than holding their contents.
 
-        def b64(path: Path) -> str:
-            return base64.b64encode(path.read_bytes()).decode()
-
+        Why paths: the Kubernetes Python client (the operator, the gateway and the tests use
+        it) writes inline ``*-data`` certificates and keys to temporary files and removes
+        them only at a clean exit, so every operator or gateway a test or the demo killed
+        left the admin's private key in /tmp (about 500 files on a development machine). The
+        files live in the cluster's directory and go with it on ``down``.
+        """
         cfg = {
             "apiVersion": "v1",
             "kind": "Config",
@@ -422,7 +425,7 @@ class LocalCluster:
                     "name": CONTEXT,
                     "cluster": {
                         "server": f"https://127.0.0.1:{self.state.ports['apiserver']}",
-                        "certificate-authority-data": b64(p.ca_crt),
+                        "certificate-authority": str(p.ca_crt.resolve()),
                     },
                 }
             ],
@@ -430,8 +433,8 @@ class LocalCluster:
                 {
                     "name": "slm-fleet-admin",
                     "user": {
-                        "client-certificate-data": b64(p.admin_crt),
-                        "client-key-data": b64(p.admin_key),
+                        "client-certificate": str(p.admin_crt.resolve()),
+                        "client-key": str(p.admin_key.resolve()),
                     },
                 }
             ],

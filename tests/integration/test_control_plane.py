@@ -364,3 +364,27 @@ def test_status_reports_running_components(cluster: ClusterHandle) -> None:
     st = copy.deepcopy(cluster.local).status()
     assert st["running"] is True and st["apiserverReady"] is True
     assert set(st["components"]) == set(COMPONENTS)
+
+
+def test_a_kubernetes_client_leaves_no_copy_of_the_admin_key_behind(
+    cluster: ClusterHandle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The admin kubeconfig names the PKI files instead of holding them inline. With inline
+    data the Kubernetes Python client (what the operator, the gateway and the tests use)
+    writes the private key to a temporary file that only a clean exit removes, and every
+    process a test or the demo killed left one in /tmp."""
+    if cluster.local is None:
+        pytest.skip("cluster given by KUBECONFIG was not started by this session")
+    import tempfile
+
+    import kubernetes
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the client would write
+    client = kubernetes.config.new_client_from_config(config_file=cluster.kubeconfig)
+    try:
+        namespaces = kubernetes.client.CoreV1Api(client).list_namespace().items
+    finally:
+        client.close()
+    assert "default" in {ns.metadata.name for ns in namespaces}
+    assert list(tmp_path.iterdir()) == []
+    assert "PRIVATE KEY" not in Path(cluster.kubeconfig).read_text()

@@ -213,6 +213,14 @@ def test_operator_with_only_the_chart_rbac_reaches_ready(
         op.stop()
 
 
+def _ca_pem(api: dict[str, str]) -> bytes:
+    """The cluster CA of a kubeconfig's cluster entry, by file or inline (a reused cluster's
+    kubeconfig may be either)."""
+    if "certificate-authority" in api:
+        return Path(api["certificate-authority"]).read_bytes()
+    return base64.b64decode(api["certificate-authority-data"])
+
+
 def _trainer_credentials(
     cluster: ClusterHandle, ns: str, sa: str, pod: str, folder: Path
 ) -> tuple[str, Path]:
@@ -220,7 +228,7 @@ def _trainer_credentials(
     admin = yaml.safe_load(Path(cluster.kubeconfig).read_text())
     api = admin["clusters"][0]["cluster"]
     folder.mkdir()
-    (folder / "ca.crt").write_bytes(base64.b64decode(api["certificate-authority-data"]))
+    (folder / "ca.crt").write_bytes(_ca_pem(api))
     token = cluster.kubectl(
         "create",
         "token",
@@ -357,9 +365,7 @@ def _patcher(cluster: ClusterHandle, ns: str) -> Callable[..., tuple[int, str]]:
     """PATCH a pod of ``ns`` with a bearer token, as the trainer's reporter does (kubectl
     patch would GET the pod first, which the trainer may not); returns (HTTP status, message)."""
     api = yaml.safe_load(Path(cluster.kubeconfig).read_text())["clusters"][0]["cluster"]
-    tls = ssl.create_default_context(
-        cadata=base64.b64decode(api["certificate-authority-data"]).decode()
-    )
+    tls = ssl.create_default_context(cadata=_ca_pem(api).decode())
 
     def patch(
         token: str,
