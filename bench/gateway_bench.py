@@ -821,6 +821,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--client-calls", type=int, default=1000, help="SLM client comparison")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument(
+        "--keep-workdir",
+        action="store_true",
+        help="keep the work directory (logs, bodies and the capture shards, hundreds of MB)",
+    )
+    ap.add_argument(
         "--upstream",
         choices=["both", "standin", "reference"],
         default="both",
@@ -1036,6 +1041,10 @@ def main(argv: list[str] | None = None) -> int:
             stop_proc(proc)
         standin.stop()
 
+    if args.keep_workdir:
+        print(f"work directory kept: {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
     report(results, args)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
