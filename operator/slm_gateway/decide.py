@@ -78,8 +78,12 @@ def plan_request(
 
     - ``llm``: the LLM, always.
     - ``shadow``: the LLM answers; the SLM gets a copy if its breaker lets it.
-    - ``canary``: buckets below ``canary_percent`` go to the SLM; while the LLM's breaker is
-      open and the SLM's is not, every request goes to the SLM, which beats failing fast.
+    - ``canary``: buckets below ``canary_percent`` go to the SLM; the others are answered by
+      the LLM with a copy to the SLM, as in shadow, so that agreement is still measured: the
+      operator promotes a canary only on windows with live agreement, and without copies the
+      agreement series ran dry once the shadow phase left the query's lookback, which held
+      every canary at "measuring" for good. While the LLM's breaker is open and the SLM's is
+      not, every request goes to the SLM, which beats failing fast.
     - ``slm``: the SLM with per-request fallback, or straight to the LLM while the SLM's
       breaker is open (reason ``circuit_open``).
     """
@@ -90,7 +94,7 @@ def plan_request(
     if mode == MODE_CANARY:
         wants_slm = bucket < canary_percent or not llm_allowed
         if not wants_slm:
-            return PLAN_LLM
+            return PLAN_SHADOW if slm_allowed else PLAN_LLM
         return PLAN_SLM if slm_allowed else PLAN_SKIPPED
     if mode == MODE_SLM:
         return PLAN_SLM if slm_allowed else PLAN_SKIPPED

@@ -350,6 +350,26 @@ def test_canary_split_follows_the_request_id(standin: llm_standin.StandIn) -> No
     assert 40 <= backends.count("slm") <= 80
 
 
+def test_a_canary_keeps_measuring_agreement_on_the_calls_the_llm_answers(
+    standin: llm_standin.StandIn,
+) -> None:
+    """The operator promotes a canary only on windows with live agreement. Without copies of
+    the LLM-answered calls the agreement series ran dry once the shadow phase was out of the
+    query's lookback, and a canary with the default settings was never promoted."""
+    ids = [f"agent-req-{i}" for i in range(40)]
+    with client(route(standin, mode="canary", canary_percent=30)) as c:
+        for i in ids:
+            chat(c, tools=TOOLS, headers={"X-Request-Id": i})
+        llm_answered = sum(canary_bucket(i) >= 30 for i in ids)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            agree = metric(c, "slm_gateway_shadow_total", result="agree")
+            if agree >= llm_answered:
+                break
+            time.sleep(0.02)
+    assert agree == llm_answered > 0
+
+
 def test_llm_failures_map_to_502_504_and_pass_4xx_through(
     standin: llm_standin.StandIn,
 ) -> None:

@@ -72,6 +72,14 @@ class TestPlan:
     def test_canary_split_by_bucket(self, pct: int, bucket: int, primary: str) -> None:
         assert plan("canary", pct, bucket).primary == primary
 
+    def test_canary_calls_the_llm_answers_are_copied_to_the_slm(self) -> None:
+        """The operator promotes a canary only on windows that measured agreement; the calls
+        the LLM answers during the canary are what it is measured on."""
+        p = plan("canary", 10, 50)
+        assert (p.primary, p.shadow) == (LLM, True)
+        assert plan("canary", 10, 50, slm_allowed=False).shadow is False
+        assert plan("canary", 10, 5).shadow is False  # the SLM answers this one itself
+
     def test_canary_prefers_slm_while_llm_circuit_is_open(self) -> None:
         assert plan("canary", 0, 99, llm_allowed=False).primary == SLM
 
