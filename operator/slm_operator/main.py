@@ -122,11 +122,18 @@ class _KeyState:
     #: The last non-retryable error logged for this task: the same one is not logged again at
     #: every resync.
     last_error: str = ""
+    #: The wake-up for this task's next live-control window, while it serves a model.
+    window: asyncio.TimerHandle | None = None
 
     def cancel_retry(self) -> None:
         if self.retry is not None:
             self.retry.cancel()
             self.retry = None
+
+    def cancel_window(self) -> None:
+        if self.window is not None:
+            self.window.cancel()
+            self.window = None
 
 
 @dataclass
@@ -150,6 +157,7 @@ class Runtime:
         if st is None:
             return
         st.cancel_retry()
+        st.cancel_window()
         st.failures, st.last_error = 0, ""
         if not st.running:
             del self.states[key]
@@ -227,6 +235,9 @@ async def _pass(rt: Runtime, key: Key, st: _KeyState) -> bool:
         METRICS.duration.observe(time.monotonic() - started)
     st.failures, st.last_error = 0, ""
     st.cancel_retry()
+    st.cancel_window()
+    if rt.prom is not None and plan is not None and plan.next_window_s is not None:
+        _schedule_window(rt, key, st, plan.next_window_s)
     METRICS.reconciles.labels(RESULT_OK).inc()
     # Not known any more: the DELETED event came while this reconcile ran on what it had
     # read before; its series must not come back after forget_task.
@@ -250,6 +261,22 @@ def _schedule_retry(rt: Runtime, key: Key, st: _KeyState, delay: float) -> float
     if st.retry is None:
         st.retry = loop.call_later(delay, _retry_due, rt, key, st)
     return max(0.0, st.retry.when() - loop.time())
+
+
+def _schedule_window(rt: Runtime, key: Key, st: _KeyState, delay: float) -> None:
+    """Reconcile ``key`` when its next live-control window is due (``delay`` seconds).
+
+    Why a timer per task: the resync alone (every ``RESYNC_SECONDS``) judged any shorter
+    ``windowSeconds`` late, so fallback, scaling and promotion ran at the resync's pace,
+    not the task's. The wake-up is an ordinary trigger: it waits for a pending retry.
+    """
+    st.window = asyncio.get_running_loop().call_later(delay, _window_due, rt, key, st)
+
+
+def _window_due(rt: Runtime, key: Key, st: _KeyState) -> None:
+    st.window = None
+    if rt is _runtime:
+        rt.spawn(trigger(key))
 
 
 def _retry_due(rt: Runtime, key: Key, st: _KeyState) -> None:

@@ -97,6 +97,9 @@ class Plan:
     status: Obj = field(default_factory=dict)
     events: list[tuple[str, str, str]] = field(default_factory=list)
     invalid: str | None = None
+    #: Seconds until this task's next live-control window is due, while a model is served;
+    #: the operator reconciles it then (see :func:`next_window_s`).
+    next_window_s: float | None = None
 
 
 @dataclass
@@ -632,6 +635,21 @@ def metrics_due(task: Mapping[str, Any], now: dt.datetime) -> bool:
     return last is None or (now - last).total_seconds() >= window - 0.05
 
 
+def next_window_s(window: float, last: dt.datetime | None, judged: bool, now: dt.datetime) -> float:
+    """Seconds from ``now`` until the next window is due (:func:`metrics_due`).
+
+    Why the operator needs it: windows are judged when the task is reconciled, and without a
+    wake-up of its own a task with no events was reconciled only at the resync (30 s by
+    default), so a 5 s window was judged every 30 s. A window judged now, or due but not
+    judged (Prometheus did not answer), is next due a whole window later: a Prometheus that
+    is down must not turn the wake-up into a loop.
+    """
+    if judged or last is None:
+        return window
+    remaining = window - (now - last).total_seconds()
+    return remaining if remaining > 0.05 else window
+
+
 def desired_replicas(spec: Mapping[str, Any], previous: Mapping[str, Any]) -> int:
     serving = spec.get("serving") or {}
     lo, hi = int(serving.get("minReplicas", 1)), int(serving.get("maxReplicas", 4))
@@ -1114,6 +1132,9 @@ def plan(obs: Observed) -> Plan:
             status["usage"] = usage
     out.status = status
     out.events = c.transitions(prev_conds, status["conditions"])
+    if active_rev and active_uri:
+        evaluated = parse_time((status.get("live") or {}).get("lastEvaluated"))
+        out.next_window_s = next_window_s(window, evaluated, due, obs.now)
 
     keep = {active_rev, rev} if training_needed else {active_rev}
     abandoned = {name for name, v in obs.jobs.items() if v.revision not in keep}

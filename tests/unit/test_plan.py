@@ -693,6 +693,43 @@ def test_replicas_follow_request_rate_within_bounds(start: float, cooling_at: fl
     assert next(o for o in p.apply if o["kind"] == "Deployment")["spec"]["replicas"] == 1
 
 
+def test_scaling_up_moves_at_most_max_step_replicas_per_window() -> None:
+    """A burst that wants 8 replicas at once gets them 2 per window (``maxStep``), so a
+    spike in one window does not start a whole fleet of Triton pods."""
+    task, jobs, dep, svc = _serving_task()
+    task["spec"]["serving"]["maxReplicas"] = 8
+    task["spec"]["serving"]["scaling"] = {"maxStep": 2}
+    burst = Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=75)  # ceil(75/10) = 8
+    seen = []
+    for i in range(5):
+        p = _step(task, jobs, dep, svc, NOW + dt.timedelta(seconds=10 * (i + 1)), burst)
+        seen.append(next(o for o in p.apply if o["kind"] == "Deployment")["spec"]["replicas"])
+    assert seen == [3, 5, 7, 8, 8]
+
+
+def test_the_next_window_is_due_a_window_after_the_last_judged_one() -> None:
+    """What the operator's per-task wake-up is set from; also the usage a window reports."""
+    task, jobs, dep, svc = _serving_task()
+    judged = Metrics(
+        p95_latency_ms=80, error_rate=0.0, request_rate=5, slm_share=0.4, cost_saved_usd=0.1234
+    )
+    p = _step(task, jobs, dep, svc, NOW + dt.timedelta(seconds=10), judged)
+    assert p.next_window_s == 10.0
+    assert task["status"]["usage"] == {
+        "slmShare": 0.4,
+        "costSavedUSD": 0.1234,
+        "windowSeconds": 10,
+    }
+    p = _step(task, jobs, dep, svc, NOW + dt.timedelta(seconds=14), None)  # an event between
+    assert p.next_window_s == pytest.approx(6.0)
+    # Due, but Prometheus did not answer: the next try is a window later, not at once.
+    p = _step(task, jobs, dep, svc, NOW + dt.timedelta(seconds=25), None)
+    assert p.next_window_s == 10.0
+    # No model served: no windows.
+    fresh = make_task()
+    assert plan(Observed(fresh, {}, None, None, NOW)).next_window_s is None
+
+
 def test_retraining_starts_after_enough_new_calls_and_promotes_only_if_better() -> None:
     task, jobs, dep, svc = _serving_task()
     task["spec"]["retraining"] = {"minNewExamples": 100, "enabled": True}

@@ -215,3 +215,61 @@ def test_a_task_deleted_and_created_again_during_its_pass_gets_no_second_concurr
 
 def test_backoff_doubles_from_one_second_up_to_five_minutes() -> None:
     assert [main.backoff(n) for n in (1, 2, 3, 9, 10, 50)] == [1, 2, 4, 256, 300, 300]
+
+
+def test_a_served_task_is_judged_at_its_own_window_not_the_resyncs(
+    loop: VirtualClockLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task with 5 s windows and no events: reconciled every 5 s (its windows), not every
+    30 s (the resync), so fallback and scaling react at the pace the spec asks for. Without
+    Prometheus there are no windows to judge and only the resync runs."""
+    from slm_operator.plan import Plan
+
+    for prom, expected in ((object(), [0.0, 5.0, 10.0, 15.0, 20.0, 25.0]), (None, [0.0])):
+        fake = FakeReconcile(loop, lambda _: None)
+        start = loop.now
+
+        def served(*args: Any, _fake: FakeReconcile = fake, **kwargs: Any) -> Plan:
+            _fake(*args, **kwargs)
+            return Plan(next_window_s=5.0)
+
+        monkeypatch.setattr(main, "reconcile", served)
+
+        async def scenario(rt: main.Runtime, _prom: Any = prom) -> None:
+            rt.prom = _prom
+            await main.on_task(type="ADDED", namespace=KEY[0], name=KEY[1])
+            await asyncio.sleep(29)
+
+        run(loop, monkeypatch, scenario)
+        assert [round(t - start, 3) for t in fake.calls] == expected
+
+
+def test_a_window_due_while_a_retry_is_pending_waits_for_the_retry(
+    loop: VirtualClockLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The window's wake-up is an ordinary trigger: a task backing off after 429s is not
+    reconciled at window pace on top of its retries."""
+    from slm_operator.plan import Plan
+
+    outcomes = iter([None] + [KubeError(429, "too many", "TooManyRequests")] * 3)
+    calls: list[float] = []
+
+    def flaky(*_: Any, **__: Any) -> Plan:
+        calls.append(loop.now)
+        error = next(outcomes, None)
+        if error is not None:
+            raise error
+        return Plan(next_window_s=1.0)
+
+    monkeypatch.setattr(main, "reconcile", flaky)
+
+    async def scenario(rt: main.Runtime) -> None:
+        rt.prom = object()
+        await main.on_task(type="ADDED", namespace=KEY[0], name=KEY[1])
+        await asyncio.sleep(12)
+
+    run(loop, monkeypatch, scenario)
+    # works at 0, window at 1 fails (retry in 1 s), 2 fails (2 s), 4 fails (4 s), 8 works,
+    # then windows again every second
+    assert calls[:5] == [0.0, 1.0, 2.0, 4.0, 8.0]
+    assert calls[5:] == [9.0, 10.0, 11.0]
