@@ -343,6 +343,8 @@ class Retrain:
     baseline: int | None
     triggered: bool
     reason: str
+    #: New examples counted before the gateway's counters last went down, carried forward.
+    carried: int = 0
 
 
 def retrain_step(
@@ -351,17 +353,32 @@ def retrain_step(
     baseline: int | None,
     captured: int | None,
     schedule_fired: bool,
+    last_seen: int | None = None,
+    carried: int = 0,
 ) -> Retrain:
     """S6: start a new revision once ``minNewExamples`` new calls were captured since the last
-    training (and, with a schedule, only when it fires). A gateway restart resets its counters,
-    which restarts the count rather than triggering."""
+    training (and, with a schedule, only when it fires).
+
+    ``captured`` is the gateways' captured-record total, a sum of counters that goes down
+    whenever a gateway restarts (a rollout) or a gone replica's series goes stale. Such a drop
+    below ``last_seen`` (the total of the previous window) carries what was counted so far
+    forward and counts on from the new total. Before, it restarted the count: a task whose
+    ``minNewExamples`` take longer to arrive than the gateway stays up never retrained. What
+    the gateways captured between the last window and their restart is left out, never
+    counted twice.
+    """
     if not cfg or not cfg.get("enabled", True) or captured is None:
-        return Retrain(epoch, baseline, False, "RetrainingIdle")
-    if baseline is None or captured < baseline:
+        return Retrain(epoch, baseline, False, "RetrainingIdle", carried)
+    if baseline is None:
         return Retrain(epoch, captured, False, "CountingNewExamples")
-    new = captured - baseline
+    if last_seen is not None and captured < last_seen:
+        carried += max(0, last_seen - baseline)
+        baseline = captured
+    elif captured < baseline:  # no total of the last window to compare with: start over here
+        baseline = captured
+    new = carried + captured - baseline
     if new < int(cfg.get("minNewExamples", 1000)):
-        return Retrain(epoch, baseline, False, "CountingNewExamples")
+        return Retrain(epoch, baseline, False, "CountingNewExamples", carried)
     if cfg.get("schedule") and not schedule_fired:
-        return Retrain(epoch, baseline, False, "WaitingForSchedule")
+        return Retrain(epoch, baseline, False, "WaitingForSchedule", carried)
     return Retrain(epoch + 1, captured, True, "EnoughNewExamples")

@@ -1083,16 +1083,21 @@ def plan(obs: Observed) -> Plan:
         schedule = (rcfg or {}).get("schedule") if (rcfg or {}).get("enabled", True) else None
         fired = bool(schedule) and lv.cron_fired(str(schedule), last_eval, obs.now)
         raw_baseline = retrain_prev.get("baselineRecords")
+        raw_seen = retrain_prev.get("capturedRecords")
         r = lv.retrain_step(
             rcfg,
             epoch,
             None if raw_baseline is None else int(raw_baseline),
             m.captured_records,
             fired,
+            last_seen=None if raw_seen is None else int(raw_seen),
+            carried=int(retrain_prev.get("carriedRecords") or 0),
         )
         retraining = {"epoch": r.epoch, "reason": r.reason}
         if r.baseline is not None:
             retraining["baselineRecords"] = r.baseline
+        if r.carried:
+            retraining["carriedRecords"] = r.carried
         if m.captured_records is not None:
             retraining["capturedRecords"] = m.captured_records
         if r.triggered:

@@ -730,6 +730,27 @@ def test_the_next_window_is_due_a_window_after_the_last_judged_one() -> None:
     assert plan(Observed(fresh, {}, None, None, NOW)).next_window_s is None
 
 
+def test_a_gateway_restart_does_not_lose_the_new_examples_counted_so_far() -> None:
+    """The captured-record total is a sum of gateway counters; a gateway rollout brings it
+    down. What was counted before goes on counting: 60 before the restart and 40 after make
+    the 100 new examples asked for. Before, the count started over at each restart."""
+    task, jobs, dep, svc = _serving_task()
+    task["spec"]["retraining"] = {"minNewExamples": 100, "enabled": True}
+    t = NOW
+    for total in (1000, 1060, 20):  # baseline, 60 new, the gateway restarted (20 since)
+        _step(task, jobs, dep, svc, t, captured(total))
+        t += dt.timedelta(seconds=10)
+    assert task["status"]["retraining"]["epoch"] == 0
+    assert task["status"]["retraining"]["carriedRecords"] == 60
+    assert task["status"]["retraining"]["baselineRecords"] == 20
+    _step(task, jobs, dep, svc, t, captured(59))  # 60 + 39: not yet
+    assert task["status"]["retraining"]["epoch"] == 0
+    _step(task, jobs, dep, svc, t + dt.timedelta(seconds=10), captured(60))
+    assert task["status"]["retraining"]["epoch"] == 1
+    assert "carriedRecords" not in task["status"]["retraining"]
+    assert task["status"]["retraining"]["baselineRecords"] == 60
+
+
 def test_retraining_starts_after_enough_new_calls_and_promotes_only_if_better() -> None:
     task, jobs, dep, svc = _serving_task()
     task["spec"]["retraining"] = {"minNewExamples": 100, "enabled": True}
