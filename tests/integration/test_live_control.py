@@ -339,7 +339,11 @@ def test_slo_breach_falls_back_to_llm_and_recovers(cluster: ClusterHandle, stack
             f"fault -> first LLM answer {first_llm - t_fault:.2f}s; "
             f"fault -> FallbackActive {engaged:.2f}s"
         )
-        # Task-wide fallback within two scrape intervals, one SLO window and one resync.
+        # The bound, two scrape intervals + 1 s, for the calls going to the LLM (the
+        # gateway's per-call fallback, typically 0.25 s). Task-wide fallback (the condition)
+        # measured 2.9-3.0 s here; its bound allows one SLO window and one resync more, so
+        # that a loaded CI machine does not fail it.
+        assert first_llm - t_fault <= 2 * SCRAPE + 1, first_llm - t_fault
         assert engaged <= 2 * SCRAPE + 1 + 1 + 1.5, engaged
 
         s.fault_file.write_text("")
