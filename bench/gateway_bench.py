@@ -13,7 +13,7 @@ What runs (all on 127.0.0.1):
   with (:data:`REFERENCE_UPSTREAM`: LiteLLM at 1-2 % of it, an aiohttp pass-through at about
   63 %). Every ratio to "direct" depends on how much CPU the upstream spends per call, so
   both tables are printed;
-- targets: (a) the stand-in called directly; (b) the gateway, route mode ``llm``, with capture
+- targets: (a) the upstream called directly; (b) the gateway, route mode ``llm``, with capture
   (PII redaction, JSONL shards) and metrics on; (c) LiteLLM's proxy (``litellm[proxy]``,
   installed by this script into its own virtualenv so its pins never touch ours); and, as a
   floor for Python on this machine, (d) a 20-line uvicorn pass-through that does nothing but
@@ -170,13 +170,16 @@ UPSTREAMS = {
 }
 
 #: A local stub upstream written the everyday way: a Starlette route that decodes the body,
-#: looks its messages up in the answer table and returns a ``JSONResponse``. Why a second
-#: upstream: the issue's throughput target comes with reference figures measured "with a
-#: local stub upstream" (LiteLLM's proxy at 1-2 % of it, a uvicorn + aiohttp pass-through at
-#: about 63 %). The stand-in answers for about 55 us of CPU, 2-3x less than such a stub, so
-#: on 2 shared cores the same pass-through reaches only about 34 % of it, and every ratio to
-#: "direct" is that much harder. This stub reproduces the reference figures; both tables are
-#: printed, and neither replaces the other.
+#: looks its messages up in the answer table and returns a ``JSONResponse`` (a 404 for
+#: messages it does not know, so that a target that altered them shows as errors). Why a
+#: second upstream: the issue's throughput target comes with reference figures measured
+#: "with a local stub upstream" (LiteLLM's proxy at 1-2 % of it, a uvicorn + aiohttp
+#: pass-through at about 63 %). On 2 shared cores "% of direct" is set by how much CPU the
+#: upstream spends per call: direct is capped by the upstream's one event loop and the proxy
+#: gets the rest. The stand-in spends about 55 us, roughly half what those figures imply, and
+#: the same pass-through reaches only about 34 % of it. This stub (about 115 us) lands near
+#: them (LiteLLM about 1 %, the pass-through 65-68 %); both tables are printed, and neither
+#: replaces the other.
 REFERENCE_UPSTREAM = r"""
 import os, sys, orjson, uvicorn
 from starlette.applications import Starlette
@@ -188,7 +191,9 @@ for line in open(os.environ["BENCH_ANSWERS"], "rb"):
     ANSWERS[orjson.dumps(rec["messages"])] = rec["response"]
 async def chat(request):
     body = await request.json()
-    message = ANSWERS.get(orjson.dumps(body["messages"]), {"role": "assistant", "content": "ok"})
+    message = ANSWERS.get(orjson.dumps(body["messages"]))
+    if message is None:  # a target that changed the messages: shows in the errors column
+        return JSONResponse({"error": {"message": "unknown messages"}}, status_code=404)
     return JSONResponse({
         "id": "chatcmpl-stub", "object": "chat.completion", "created": 0,
         "model": body.get("model"),
