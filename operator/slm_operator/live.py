@@ -360,21 +360,22 @@ def retrain_step(
     training (and, with a schedule, only when it fires).
 
     ``captured`` is the gateways' captured-record total, a sum of counters that goes down
-    whenever a gateway restarts (a rollout) or a gone replica's series goes stale. Such a drop
-    below ``last_seen`` (the total of the previous window) carries what was counted so far
-    forward and counts on from the new total. Before, it restarted the count: a task whose
-    ``minNewExamples`` take longer to arrive than the gateway stays up never retrained. What
-    the gateways captured between the last window and their restart is left out, never
-    counted twice.
+    whenever a gateway restarts (a rollout) or a gone replica's series goes stale. A total
+    below ``baseline`` (the total at the last trigger) is taken for such a restart: what was
+    counted up to ``last_seen`` (the total of the last window that had one) is carried
+    forward and the count goes on from the new total. Before, it restarted the count: a task
+    whose ``minNewExamples`` take longer to arrive than the gateway stays up never retrained.
+    A dip that stays above the baseline (one of several replicas restarting, a Prometheus
+    replica answering a little behind) is not carried: counting on from the baseline counts
+    nothing twice, and at worst misses the restarted replica's share. What the gateways
+    captured between the last window and a restart is left out.
     """
     if not cfg or not cfg.get("enabled", True) or captured is None:
         return Retrain(epoch, baseline, False, "RetrainingIdle", carried)
     if baseline is None:
         return Retrain(epoch, captured, False, "CountingNewExamples")
-    if last_seen is not None and captured < last_seen:
-        carried += max(0, last_seen - baseline)
-        baseline = captured
-    elif captured < baseline:  # no total of the last window to compare with: start over here
+    if captured < baseline:
+        carried += max(0, (last_seen if last_seen is not None else baseline) - baseline)
         baseline = captured
     new = carried + captured - baseline
     if new < int(cfg.get("minNewExamples", 1000)):

@@ -1098,8 +1098,11 @@ def plan(obs: Observed) -> Plan:
             retraining["baselineRecords"] = r.baseline
         if r.carried:
             retraining["carriedRecords"] = r.carried
-        if m.captured_records is not None:
-            retraining["capturedRecords"] = m.captured_records
+        # A window without a total (a restarted gateway that has written nothing yet has no
+        # series) keeps the last one: the next total is compared with it.
+        seen = m.captured_records if m.captured_records is not None else raw_seen
+        if seen is not None:
+            retraining["capturedRecords"] = int(seen)
         if r.triggered:
             retraining["lastTriggered"] = now
         elif "lastTriggered" in retrain_prev:
