@@ -148,10 +148,11 @@ def rollout_step(
     """shadow → canary → slm, each step only while live agreement and the SLO hold.
 
     A canary is promoted after ``canaryWindows`` consecutive healthy windows (SLO met and
-    agreement at least ``minAgreement``), so one lucky window is not enough. Any window that
-    breaches the SLO or measures too little agreement sends it back to shadow, and a later
-    canary counts from zero again. A window that measures neither (no canary calls, metrics
-    missing) neither counts nor resets, like the fallback streaks. ``strategy: direct`` serves
+    agreement at least ``minAgreement`` over ``shadowMinSamples`` copies or more), so one
+    lucky window is not enough. Any window that breaches the SLO or measures too little
+    agreement sends it back to shadow, and a later canary counts from zero again. A window
+    that measures neither (no canary calls, too few copies, metrics missing) neither counts
+    nor resets, like the fallback streaks. ``strategy: direct`` serves
     the SLM at once.
     """
     if cfg.get("strategy", "progressive") == "direct":
@@ -174,9 +175,13 @@ def rollout_step(
         return Rollout(MODE_SHADOW, 0, "ShadowMeasuring")
     if prev.mode == MODE_CANARY:
         pct = canary  # the spec's, not the one the canary started with: edits apply live
-        if breached or (m.agreement is not None and not agree_ok):
+        # Agreement is judged on shadowMinSamples copies at least, as in shadow: a canary's
+        # copies are only the calls the LLM still answers, and at a high canaryPercent one
+        # disagreement among a handful would roll it back, one agreeing copy count as healthy.
+        enough = m.shadow_samples is not None and m.shadow_samples >= min_samples
+        if breached or (m.agreement is not None and enough and not agree_ok):
             return Rollout(MODE_SHADOW, 0, "CanaryRolledBack")
-        if breached is False and agree_ok:
+        if breached is False and agree_ok and enough:
             healthy = prev.canary_healthy + 1
             if healthy >= windows:
                 return Rollout(MODE_SLM, 100, "CanaryPromoted")

@@ -66,6 +66,17 @@ def test_an_unmeasured_window_keeps_the_count(m: Metrics, breached: bool | None)
     assert rollout_step(prev, m, breached, CFG) == Rollout(MODE_CANARY, 20, "CanaryMeasuring", 2)
 
 
+@pytest.mark.parametrize("agreement", [0.5, 1.0])
+def test_a_canary_window_with_too_few_copies_neither_counts_nor_rolls_back(
+    agreement: float,
+) -> None:
+    """Copies of the calls the LLM still answers are what a canary's agreement is measured
+    on; below shadowMinSamples a window says nothing either way."""
+    few = Metrics(p95_latency_ms=80, error_rate=0.0, agreement=agreement, shadow_samples=5)
+    prev = Rollout(MODE_CANARY, 20, "CanaryHealthy", 1)
+    assert rollout_step(prev, few, False, CFG) == Rollout(MODE_CANARY, 20, "CanaryMeasuring", 1)
+
+
 def test_the_count_resumes_from_the_persisted_value() -> None:
     """A restarted operator rebuilds the Rollout from status.live and carries on counting."""
     cfg = {**CFG, "canaryWindows": 4}
