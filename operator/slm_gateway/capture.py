@@ -409,9 +409,10 @@ def _request_parts(request: bytes) -> tuple[list[Any], Any]:
 
     Why: the tools are most of an agent's request (BFCL's: 3.1 of 3.8 KB), the same on
     every call, and never redacted (they are the developer's code); decoding them to encode
-    them again was a quarter of a worker's time per repeated record (11.5 against 3.7 us per
-    request with msgspec's Raw). Tools written with a line break (pretty-printed) are
-    decoded and written compact, so a record stays one line; ``null`` is no tools.
+    them again was a quarter of a worker's time per repeated record (decoding and encoding a
+    BFCL request: 10.1 us, against 4.7 us with the tools left raw). Tools written with a
+    line break (pretty-printed) are decoded and written compact, so a record stays one line;
+    ``null`` is no tools.
     """
     try:
         parts = _REQUEST_PARTS.decode(request)

@@ -380,7 +380,8 @@ def retrain_step(
     if baseline is None:
         return Retrain(epoch, captured, False, "CountingNewExamples")
     if captured < baseline:
-        carried += max(0, (last_seen if last_seen is not None else baseline) - baseline)
+        if last_seen is not None:
+            carried += max(0, last_seen - baseline)
         baseline = captured
     new = carried + captured - baseline
     if new < int(cfg.get("minNewExamples", 1000)):

@@ -161,6 +161,17 @@ def jobs(cluster: ClusterHandle, ns: str, name: str = "weather") -> list[dict[st
     return items
 
 
+def zero_quota(cluster: ClusterHandle, ns: str, name: str, resource: str) -> None:
+    """A ResourceQuota that allows none of ``resource`` in ``ns``."""
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": name},
+        "spec": {"hard": {resource: "0"}},
+    }
+    cluster.apply(quota, ns)
+
+
 def ok(stage: str, **kw: Any) -> str:
     return TrainerResult(stage=stage, ok=True, **kw).to_json()
 
@@ -461,13 +472,7 @@ def test_a_trainer_pod_that_admission_refuses_says_why_in_data_ready(
     """A namespace quota of zero pods: the Job controller cannot create the data-prep pod and
     says so only in an Event; DataReady carries its words."""
     ns = namespace
-    quota = {
-        "apiVersion": "v1",
-        "kind": "ResourceQuota",
-        "metadata": {"name": "no-pods"},
-        "spec": {"hard": {"pods": "0"}},
-    }
-    cluster.apply(quota, ns)
+    zero_quota(cluster, ns, "no-pods", "pods")
     cluster.apply(agenttask(), ns)
 
     data = condition_saying(cluster, ns, "DataReady", "quota", 90)
@@ -691,13 +696,7 @@ def test_a_child_the_api_server_refuses_says_why_in_ready(
     so (Ready=False ApplyFailed, in the quota's words) rather than keeping a status that
     never changes while the operator retries in its log; without the quota it goes on."""
     ns = namespace
-    quota = {
-        "apiVersion": "v1",
-        "kind": "ResourceQuota",
-        "metadata": {"name": "no-jobs"},
-        "spec": {"hard": {"count/jobs.batch": "0"}},
-    }
-    cluster.apply(quota, ns)
+    zero_quota(cluster, ns, "no-jobs", "count/jobs.batch")
     cluster.apply(agenttask(), ns)
 
     ready = condition_saying(cluster, ns, "Ready", "exceeded quota", 60)

@@ -994,7 +994,7 @@ class Redactor:
         # 4096 tool results or documents of up to a request's 1 MiB could hold gigabytes in a
         # capture worker for as long as it ran.
         self._long: OrderedDict[tuple[bytes, str], tuple[Span, ...]] = OrderedDict()
-        self._long_size = cache_size
+        self._cache_size = cache_size
         # Messages the first pass found nothing in, by their serialised form (see
         # :meth:`_scan_message`); bounded like the span cache.
         self._clean: OrderedDict[bytes, None] = OrderedDict()
@@ -1017,7 +1017,7 @@ class Redactor:
             return found
         found = self._find(text, context)
         self._long[key] = found
-        if len(self._long) > self._long_size:
+        if len(self._long) > self._cache_size:
             self._long.popitem(last=False)
         return found
 
@@ -1189,7 +1189,7 @@ class Redactor:
         out = _map_message(message, scan)
         if key is not None and scan.state.counts.total() == before:
             clean[key] = None
-            if len(clean) > self._long_size:
+            if len(clean) > self._cache_size:
                 clean.popitem(last=False)
         return out
 
