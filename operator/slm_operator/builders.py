@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
+from urllib.parse import unquote
 
 from slm_contract import DEFINITE_EXIT_CODES
 from slm_operator import naming as n
@@ -117,7 +118,8 @@ def dataset_location(uri: str) -> tuple[str, Obj | None]:
             "persistentVolumeClaim": {"claimName": claim, "readOnly": True},
         }
     if uri.startswith("file://"):
-        return uri[len("file://") :], None
+        # A file URI is percent-encoded (Path.as_uri writes "call%20logs"); the path is not.
+        return unquote(uri[len("file://") :]), None
     return uri, None  # s3:// and other fsspec URIs are read directly
 
 

@@ -202,6 +202,14 @@ def test_dataset_on_pvc_is_mounted_read_only() -> None:
     assert "--scrub-pii" in args and "--stratify-by=tool" in args
 
 
+def test_a_file_uri_is_read_at_its_decoded_path() -> None:
+    """discover writes file:// URIs with Path.as_uri(), which percent-encodes the path."""
+    task = make_task()
+    task["spec"]["dataset"]["uri"] = "file:///data/call%20logs%20%C3%A9/weather.jsonl"
+    args = b.data_prep_job(task, "r")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--input=/data/call logs é/weather.jsonl" in args
+
+
 def test_pii_scrubbing_can_be_turned_off() -> None:
     task = make_task()
     task["spec"]["dataset"]["piiScrubbing"] = False

@@ -205,6 +205,29 @@ def test_exact_and_near_duplicates_are_dropped(tmp_path: Path) -> None:
     assert report_off["examples"] == 13
 
 
+def test_near_duplicates_just_above_the_threshold_are_all_dropped(tmp_path: Path) -> None:
+    """Judged on the MinHash estimate (about 0.024 off at 128 permutations), pairs just above
+    the threshold were often both kept, and then could straddle the train/eval split."""
+    from slm_trainer.curate import dedupe_text, shingles
+
+    pairs = []
+    for i in range(60):
+        text = [f"t{i}x{j}" for j in range(60)]  # each pair its own vocabulary
+        changed = [*text[:30], f"other{i}", *text[31:]]  # 3 of 58 shingles differ
+        pairs.append((call(" ".join(text), content="ok"), call(" ".join(changed), content="ok")))
+    a, b = (shingles(dedupe_text(CallRecord.from_dict(r))) for r in pairs[0])
+    assert 0.9 <= len(a & b) / len(a | b) < 0.91  # just above the default threshold
+    result, report, _ = curate(tmp_path, [r for p in pairs for r in p], min_examples=5)
+    assert result.ok and report["near_duplicates"] == 60 and report["examples"] == 60
+
+
+def test_a_byte_order_mark_does_not_cost_the_first_record(tmp_path: Path) -> None:
+    lines: list[Any] = [json.dumps(r) for r in tool_calls(12, 0, 0)]
+    lines[0] = b"\xef\xbb\xbf" + lines[0].encode()  # an editor's UTF-8 BOM
+    result, report, _ = curate(tmp_path, lines, min_examples=5)
+    assert result.ok and report["malformed"] == {} and report["examples"] == 12
+
+
 @pytest.mark.parametrize("scrub_pii", [True, False])
 def test_a_line_no_stage_could_use_is_skipped_by_reason_not_fatal(
     tmp_path: Path, scrub_pii: bool
@@ -219,13 +242,18 @@ def test_a_line_no_stage_could_use_is_skipped_by_reason_not_fatal(
         {**email, "redactions": {"EMAIL_ADDRESS": "x"}},
         {**call("which model", content="ok"), "model": ["gpt-4o"]},
         {**call("how fast", content="ok"), "latency_ms": "fast"},
+        # roles are looked up in sets of roles: a list there raised TypeError
+        {**email, "messages": [{"role": ["user"], "content": "hi"}]},
+        {**email, "response": {"role": {"a": 1}, "content": "ok"}},
     ]
     result, report, out = curate(tmp_path, odd + tool_calls(12, 0, 0), scrub_pii=scrub_pii)
     assert result.ok, result.message
     assert report["malformed"] == {
         "invalid_latency_ms": 1,
+        "invalid_messages": 1,
         "invalid_model": 1,
         "invalid_redactions": 2,
+        "invalid_response": 1,
         "invalid_unicode": 1,
     }
     assert report["error_samples"][0]["line"] == 1

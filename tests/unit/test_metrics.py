@@ -77,6 +77,41 @@ def test_exact_match_compares_parsed_arguments_not_their_spelling() -> None:
     assert not m.exact_match(call("get_weather", {"city": "Boston"}), REF)
     assert m.exact_match({"content": "Billing  issue"}, {"content": "billing issue"})
     assert not m.exact_match({"defer": True}, {"defer": True})
+    # JSON true is not 1 (Python's True == 1 would say it is); 1 and 1.0 are one JSON number
+    assert not m.exact_match(call("set_alarm", {"on": 1}), call("set_alarm", {"on": True}))
+    assert m.exact_match(call("set_alarm", {"at": 7.0}), call("set_alarm", {"at": 7}))
+
+
+OPTIONAL_MODEL_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "search",
+        # pydantic's Optional[Model]: no top-level "type", the object is an anyOf branch
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "filter": {"anyOf": [{"type": "object"}, {"type": "null"}]},
+                "rows": {"type": "array", "items": {"oneOf": [{"type": "object"}]}},
+            },
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("use_bfcl", [True, False])
+@pytest.mark.parametrize(
+    "tools", [[OPTIONAL_MODEL_TOOL], []], ids=["anyOf-schema", "tool-not-listed"]
+)
+def test_object_arguments_match_without_a_typed_schema(tools: Any, use_bfcl: bool) -> None:
+    """An object (or list of objects) argument is compared as one, not as a string, where the
+    schema gives no type or the tool is not in the request: an identical answer matches."""
+    ref = call("search", {"filter": {"city": "Paris", "n": 2}, "rows": [{"a": 1}]})
+    same = call("search", {"rows": [{"a": 1}], "filter": {"n": 2, "city": "Paris"}})
+    other = call("search", {"filter": {"city": "Rome", "n": 2}, "rows": [{"a": 1}]})
+    other_row = call("search", {"filter": {"city": "Paris", "n": 2}, "rows": [{"a": 2}]})
+    assert m.ast_match(same, ref, tools, use_bfcl=use_bfcl).match
+    assert not m.ast_match(other, ref, tools, use_bfcl=use_bfcl).match
+    assert not m.ast_match(other_row, ref, tools, use_bfcl=use_bfcl).match
 
 
 @pytest.mark.parametrize(

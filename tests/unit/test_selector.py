@@ -278,6 +278,18 @@ def test_selector_learns_and_beats_zero_shot(mixed_data: Path, tmp_path: Path) -
     assert tuned > best_zero, (tuned, best_zero, len(examples))
     assert tuned / len(examples) >= 0.8
 
+    # Confidences and the threshold are exactly what Triton's FP32 output carries, so the
+    # gateway's "confidence >= threshold" accepts exactly the calls the curve counted.
+    import numpy as np
+
+    th = float(result.threshold)  # type: ignore[arg-type]
+    assert float(np.float32(th)) == th  # one of the calibration calls' served confidences
+    for p in preds:
+        served = float(np.float32(p["confidence"]))
+        assert (
+            served == p["confidence"] and (p["label"] is not None and served >= th) is p["accepted"]
+        )
+
     # The artifact loads on its own and answers like the run that wrote it.
     loaded = sel.load_selector(tmp_path / "artifact", num_threads=2)
     for r, p in list(zip(records, preds, strict=True))[:8]:

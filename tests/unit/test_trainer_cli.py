@@ -142,6 +142,9 @@ def test_python_dash_m_help_lists_stages() -> None:
         ["curate", "--input", "x", "--output-dir", "y", "--eval-fraction", "1.5"],
         ["curate", "--input", "x", "--output-dir", "y", "--stratify-by", "random"],
         ["curate", "--input", "x", "--output-dir", "y", "--seed", "one"],
+        # out of MinHash's and scikit-learn's seed range: refused, not a crash mid-run (exit 1)
+        ["curate", "--input", "x", "--output-dir", "y", "--seed", "-1"],
+        ["discover", "--input", "x", "--output-dir", "y", "--seed", str(2**32)],
         [
             "finetune",
             "--candidate",

@@ -227,8 +227,14 @@ class CallRecord:
         msgs = data.get("messages")
         if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
             raise ContractError("messages must be a non-empty list of objects")
+        # A role is looked up in sets of roles downstream: a list or an object there would
+        # crash a whole stage on one line instead of counting it.
+        if not all(isinstance(m.get("role", ""), str) for m in msgs):
+            raise ContractError("messages must have string roles")
         if not isinstance(data.get("response"), dict):
             raise ContractError("response must be an object")
+        if not isinstance(data["response"].get("role", ""), str):
+            raise ContractError("response role must be a string")
         tools = data.get("tools", [])
         if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
             raise ContractError("tools must be a list of objects")

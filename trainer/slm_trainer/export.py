@@ -13,6 +13,11 @@ is renamed into place at the end:
 - ``<output>/<model-name>/metadata.json``: base model, parameters, adapter sha256, eval score,
   threshold, creation time: what the operator and humans check before promoting.
 
+The model folder holds one version: ``config.pbtxt``'s parameters (kind, threshold, base
+model) describe it. Exporting the same version again replaces the folder whole; another
+version is refused while one is there, rather than deleting it (the operator writes version 1
+into a repository of its own per revision).
+
 A LoRA adapter is served on top of its base model, named by the ``base_model`` parameter: a
 local folder when the base is in the trainer's Hugging Face cache on the shared volume (the
 serving pod mounts the same volume), else the hub id. ``--merge`` writes merged weights
@@ -22,7 +27,8 @@ A candidate folder may instead hold a closed-label selector (``selector.json`` a
 sub-folders, written by the selector path of ``finetune``); it is copied to ``selector/`` and
 the backend answers (or defers) with the selector's calibrated confidence, loading it through
 :func:`slm_trainer.selector.load_selector` (so the serving image needs this package). Without
-``--threshold`` the selector's own calibrated threshold is recorded.
+``--threshold`` the candidate's own calibrated threshold is recorded (the selector's, else the
+one in a generative candidate's ``manifest.json``).
 """
 
 from __future__ import annotations
@@ -139,6 +145,24 @@ def run(args: Args, emit: Emit) -> TrainerResult:
         )
 
     out = Path(args.output)
+    final = out / args.model_name
+    others = sorted(
+        d.name
+        for d in (final.iterdir() if final.is_dir() else ())
+        if d.is_dir() and d.name.isdigit() and int(d.name) != args.version
+    )
+    if others:
+        # config.pbtxt's parameters (kind, threshold, base model) describe one version, so the
+        # folder is replaced whole; silently deleting another version would lose a rollback.
+        return TrainerResult(
+            stage=CONTRACT_STAGE,
+            ok=False,
+            candidate=args.candidate,
+            message=f"{final} already holds version(s) {', '.join(others)}: a model folder "
+            f"describes one version (config.pbtxt parameters), so version {args.version} is "
+            "not written over it; export into a new repository (the operator uses one per "
+            "revision), or remove the folder first",
+        )
     out.mkdir(parents=True, exist_ok=True)
     # beside the repository, not in it: Triton loads every folder it finds there, hidden or not
     staging = out.parent / f".{out.name}.{args.model_name}.tmp"
@@ -180,8 +204,9 @@ def run(args: Args, emit: Emit) -> TrainerResult:
         params["selector"] = "selector"
     params["kind"] = "+".join(sorted(kinds, reverse=True))  # "selector+generative"
     threshold = args.threshold
-    if threshold is None and isinstance(selector.get("threshold"), int | float):
-        threshold = float(selector["threshold"])  # the selector's own calibrated threshold
+    for source in (selector, manifest):  # a selector's confidence is the one served, if any
+        if threshold is None and isinstance(source.get("threshold"), int | float):
+            threshold = float(source["threshold"])  # the candidate's own calibrated threshold
     if threshold is not None:
         params["threshold"] = str(threshold)
     if args.cpu_threads > 0:
@@ -221,7 +246,6 @@ def run(args: Args, emit: Emit) -> TrainerResult:
     }
     (staging / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
 
-    final = out / args.model_name
     if final.exists():
         old = out.parent / f".{out.name}.{args.model_name}.old"
         shutil.rmtree(old, ignore_errors=True)

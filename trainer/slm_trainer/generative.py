@@ -975,7 +975,7 @@ def evaluate(
             {
                 "index": i,
                 "score": s,
-                "confidence": round(confidence, 6),
+                "confidence": confidence,
                 "finish_reason": ans.finish_reason,
                 "prediction": predicted,
                 "reference": rec.response,

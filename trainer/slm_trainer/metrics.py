@@ -117,11 +117,23 @@ def label_of(response: Mapping[str, Any] | None, task_type: str) -> str | None:
 # ------------------------------------------------------------------------- per-answer scores
 
 
+def _strict(value: Any) -> Any:
+    """``value`` with booleans tagged, so that JSON ``true`` is not equal to ``1`` (Python
+    says it is); ``1`` and ``1.0`` stay equal, as JSON numbers are."""
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(v) for v in value]
+    return value
+
+
 def exact_match(pred: Mapping[str, Any] | None, ref: Mapping[str, Any] | None) -> bool:
     """Same tool calls (names, JSON-equal arguments, order) and the same normalised text."""
     if is_deferral(pred):
         return False
-    if tool_calls(pred) != tool_calls(ref):
+    if _strict(tool_calls(pred)) != _strict(tool_calls(ref)):
         return False
     return normalize_text(text_of((pred or {}).get("content"))) == normalize_text(
         text_of((ref or {}).get("content"))
@@ -182,8 +194,21 @@ _PY_TYPES: dict[str, type] = {
 
 
 def gorilla_type(schema: Mapping[str, Any]) -> str:
-    """JSON-schema type of a parameter in BFCL's Gorilla vocabulary (object -> dict...)."""
-    kind = schema.get("type", "string")
+    """JSON-schema type of a parameter in BFCL's Gorilla vocabulary (object -> dict...).
+
+    A schema without ``type`` takes its first non-null ``anyOf``/``oneOf`` branch's: that is
+    how pydantic writes ``Optional[Model]``, and read as a string such a parameter's object
+    value never matched, not even an identical one.
+    """
+    kind = schema.get("type")
+    if kind is None:
+        branches = [
+            b
+            for key in ("anyOf", "oneOf")
+            for b in schema.get(key) or ()
+            if isinstance(b, Mapping) and b.get("type") != "null"
+        ]
+        return gorilla_type(branches[0]) if branches else "string"
     if isinstance(kind, list):  # ["string", "null"]
         kind = next((k for k in kind if k != "null"), "string")
     return {"object": "dict", "number": "float", "bool": "boolean", "list": "array"}.get(
@@ -269,13 +294,19 @@ def _value_ok(value: Any, accepted: Sequence[Any], schema: Mapping[str, Any]) ->
     if kind == "float" and type(value) is int:
         value = float(value)
     candidates = [a for a in accepted if a != ""]
-    if kind == "dict" and isinstance(value, dict):
+    # An object value is compared as one whatever the schema says (an untyped or "$ref"
+    # parameter, or a tool the request did not list): never as a string.
+    if kind == "dict" or (isinstance(value, dict) and kind == "string"):
+        if not isinstance(value, dict):
+            return False
         props = schema.get("properties") or {}
         return any(_dict_ok(value, a, props) for a in candidates if isinstance(a, dict))
-    if kind in ("array", "tuple") and isinstance(value, list | tuple):
+    if kind in ("array", "tuple", "string") and isinstance(value, list | tuple):
         value = list(value)
         items = schema.get("items") or {}
-        if gorilla_type(items) == "dict":
+        if gorilla_type(items) == "dict" or (
+            kind == "string" and value and all(isinstance(v, dict) for v in value)
+        ):
             return any(
                 isinstance(a, list)
                 and len(a) == len(value)
@@ -420,8 +451,10 @@ def ast_match(
 ) -> AstResult:
     """Tool-call AST match of a predicted response against the logged one.
 
-    Calls are matched in order and must be as many as the reference's; a reference with no
-    tool call matches a prediction with none (and not a deferral). BFCL's checker is used
+    Calls are matched in order and must be as many as the reference's. A reference with no
+    tool call (the LLM answered in text) is matched by any prediction without one (and not a
+    deferral): BFCL scores relevance detection the same way, by whether a function was called.
+    Gate on ``exact-match`` where the text itself must be the LLM's. BFCL's checker is used
     when available and the schema is one it understands; otherwise the built-in port.
     """
     if is_deferral(pred):

@@ -97,7 +97,7 @@ from slm_trainer import metrics
 from slm_trainer.finetune import resolve_model_path, split_identifier
 from slm_trainer.preemption import SigtermFlag, load_or_set_aside, save_atomically
 from slm_trainer.progress import Progress
-from slm_trainer.triton_model import chatformat
+from slm_trainer.triton_model import chatformat, runtime
 
 FORMAT = "slmfleet.dev/selector/v1"
 MANIFEST = "selector.json"
@@ -605,7 +605,7 @@ class Selector:
         probs = metrics.softmax(list(logits), self.temperature)
         best = max(range(len(probs)), key=lambda i: (probs[i], -i))
         label = None if best == 0 else example.labels[best - 1]
-        return label, float(probs[best])
+        return label, runtime.served_confidence(probs[best])
 
     def predict_examples(
         self, examples: Sequence[Example], batch_size: int = 32
@@ -1320,7 +1320,7 @@ def run_selector(
         parameters=outcome.parameters,
         trainable_parameters=outcome.trainable_parameters,
         artifact_uri=args.artifact_uri or output.resolve().as_uri(),
-        threshold=round(min(1.0, max(0.0, selector.threshold)), 6),
+        threshold=min(1.0, max(0.0, selector.threshold)),  # exact: see served_confidence
         examples=len(train_ex) + len(eval_ex),
         train_examples=len(train_ex),
         eval_examples=len(eval_ex),
@@ -1363,7 +1363,7 @@ def _write_predictions(
                         "key": ex.key,
                         "request_id": ex.request_id,
                         "label": label,
-                        "confidence": round(conf, 6),
+                        "confidence": conf,
                         "accepted": label is not None and conf >= threshold,
                     }
                 )

@@ -17,9 +17,22 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+
+def served_confidence(value: float) -> float:
+    """``value`` as the Triton backend sends it: a 32-bit float (its CONFIDENCE output is FP32).
+
+    Why: the gateway answers a call only when this confidence is >= the task's threshold,
+    and the threshold is picked among the confidences of the held-out calls. Computed in
+    64 bits there and sent in 32 here, a confidence could land just below the very threshold
+    that was picked on it (0.9999996 becomes 0.99999958), and calls the evaluation counted
+    as answered would go to the LLM. Rounding at the source gives both sides the same value.
+    """
+    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 @dataclass(frozen=True)
@@ -140,7 +153,7 @@ def generate(
             text = tokenizer.decode(body, skip_special_tokens=True)
             answers[i] = Answer(
                 text=text,
-                confidence=min(1.0, max(0.0, conf)),
+                confidence=served_confidence(min(1.0, max(0.0, conf))),
                 finish_reason="length" if end is None else "stop",
                 tokens=n,
             )
