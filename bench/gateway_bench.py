@@ -513,9 +513,9 @@ def ensure_litellm(log: Path) -> Path | None:
 
 
 def start_litellm(
-    exe: Path, upstream_base: str, token: str, workdir: Path
+    exe: Path, upstream_base: str, token: str, workdir: Path, label: str
 ) -> tuple[subprocess.Popen[bytes], str]:
-    cfg = workdir / "litellm.yaml"
+    cfg = workdir / f"litellm-{label}.yaml"
     cfg.write_text(
         yaml.safe_dump(
             {
@@ -540,7 +540,8 @@ def start_litellm(
         "LITELLM_LOCAL_MODEL_COST_MAP": "True",
         "LITELLM_LOG": "ERROR",
     }
-    log = (workdir / "litellm.log").open("wb")
+    # one log per upstream phase: a second phase's proxy must not overwrite the first's
+    log = (workdir / f"litellm-{label}.log").open("wb")
     proc = subprocess.Popen(
         [
             str(exe),
@@ -935,7 +936,7 @@ def main(argv: list[str] | None = None) -> int:
                 if exe is None:
                     print("LiteLLM could not be installed; skipped", flush=True)
                 else:
-                    proc, url = start_litellm(exe, base, token, workdir)
+                    proc, url = start_litellm(exe, base, token, workdir, kind)
                     up_procs.append(proc)
                     targets.append(
                         Target("LiteLLM proxy", url + "/v1/chat/completions", proc, proc.pid)
