@@ -750,9 +750,11 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
             # before generation needs the memory (for full fine-tuning, twice the weights)
             del opt, sched, scaler, trainable, payload
             _release_memory(device)
-            if args.method == "qlora":
-                del model  # free the 4-bit base before the unquantized one is loaded
-                model = _served_model(out, args, device)
+            # Scored as served: the adapter merged, in the serving precision (QLoRA: into the
+            # unquantized base). Confidences of the training-time model differ by a few units
+            # in the last place, enough to defer a call the threshold was picked to answer.
+            del model  # free it before the served one is loaded
+            model = _served_model(out, args, device)
             t_eval = time.monotonic()
             score, predictions = evaluate(
                 model, tokenizer, eval_records, tools_in_template, args, opts, examples, sigterm
@@ -859,10 +861,10 @@ def _release_memory(device: str) -> None:
 
 
 def _served_model(out: Path, args: Any, device: str) -> Any:
-    """The QLoRA candidate as serving and export load it: the saved adapter merged into the
-    base loaded unquantized (peft's merge into a 4-bit layer re-rounds it to 4 bits, so nothing
-    merges there), so that the scores and confidences the threshold is chosen from are those
-    of the served model, not of the NF4 base it trained on."""
+    """The candidate as serving and export load it (:func:`runtime.load_model`): a LoRA
+    adapter merged into its base, in the serving precision; for QLoRA the base loaded
+    unquantized (peft's merge into a 4-bit layer re-rounds it to 4 bits, so nothing merges
+    there). The scores and confidences the threshold is chosen from are the served model's."""
     import gc
 
     import torch
@@ -870,7 +872,8 @@ def _served_model(out: Path, args: Any, device: str) -> Any:
     from slm_trainer.triton_model import runtime
 
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     model, _ = runtime.load_model(out, str(args.model), device=device)
     return model
 
@@ -907,7 +910,15 @@ def serving_threshold(
     )
     if chosen is None:
         return 1.0, None
-    return max(MIN_THRESHOLD, min(1.0, chosen.threshold)), asdict(chosen)
+    # Halfway down to the next lower confidence: the same calls are answered, and a served
+    # confidence a unit in the last place off (another batch, another kernel) still is.
+    below = [
+        c
+        for c, a in zip((float(p["confidence"]) for p in predictions), answers, strict=True)
+        if a is not None and c < chosen.threshold
+    ]
+    threshold = (chosen.threshold + max(below)) / 2 if below else chosen.threshold
+    return max(MIN_THRESHOLD, min(1.0, threshold)), asdict(chosen)
 
 
 def max_new_tokens(examples: Sequence[Example], opts: Options) -> int:

@@ -143,11 +143,47 @@ def _tools_in_system(messages: list[dict[str, Any]], tools: list[dict[str, Any]]
 
 
 def _without_tool_role(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """For templates that reject the ``tool`` role: tool results become user turns."""
-    return [
-        {"role": "user", "content": "Tool result: " + m["content"]} if m["role"] == "tool" else m
-        for m in messages
-    ]
+    """For templates that reject or drop the ``tool`` role: tool results become user turns,
+    and the results of parallel calls one turn (Gemma's template wants roles to alternate)."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        if m["role"] != "tool":
+            out.append(m)
+        elif out and out[-1]["role"] == "user" and out[-1].get("tool_results"):
+            out[-1] = {**out[-1], "content": out[-1]["content"] + "\n\n" + m["content"]}
+        else:
+            out.append({"role": "user", "content": "Tool result: " + m["content"]})
+            out[-1]["tool_results"] = True
+    return [{k: v for k, v in m.items() if k != "tool_results"} for m in out]
+
+
+_ROLE_PROBE = "slmfleet_probe_text_5d2a"
+_keeps_role: dict[tuple[str, str], bool] = {}
+
+
+def template_keeps_role(tokenizer: Any, role: str) -> bool:
+    """Whether the chat template writes a ``role`` message's text into the prompt.
+
+    Asked by rendering, once per template: Phi-3's template has no branch for ``tool`` and
+    drops those messages without an error, so tool results never reached the prompt in
+    training or serving. A template that fails on the probe counts as not keeping the role
+    (:func:`render` then tries the other forms).
+    """
+    key = (_template_text(tokenizer), role)
+    if key not in _keeps_role:
+        probe = [
+            {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": "calling"},
+            {"role": role, "content": _ROLE_PROBE},
+        ]
+        if role == "system":
+            probe = [probe[2], probe[0]]
+        try:
+            text = _apply(tokenizer, probe, {"tokenize": False, "add_generation_prompt": True})
+        except Exception:
+            text = ""
+        _keeps_role[key] = _ROLE_PROBE in text
+    return _keeps_role[key]
 
 
 def _system_in_user(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -206,9 +242,12 @@ def render(
         msgs = [*msgs, {"role": "assistant", "content": answer}]
     forms = [msgs]
     if any(m["role"] == "tool" for m in msgs):
-        forms.append(_without_tool_role(msgs))
+        # a template that drops tool messages silently gets them as user turns only
+        moved = _without_tool_role(msgs)
+        forms = [*forms, moved] if template_keeps_role(tokenizer, "tool") else [moved]
     if any(m["role"] == "system" for m in msgs):
-        forms += [_system_in_user(f) for f in forms]
+        moved_forms = [_system_in_user(f) for f in forms]
+        forms = [*forms, *moved_forms] if template_keeps_role(tokenizer, "system") else moved_forms
     for form in forms[:-1]:
         try:
             return _apply(tokenizer, form, kwargs)
@@ -298,12 +337,18 @@ def parse_answer(text: str, tools_offered: bool) -> dict[str, Any]:
     calls: list[dict[str, Any]] | None = None
     malformed = False
     if tools_offered and stripped[:1] in ("[", "{"):
+        unwritable = False
         try:
             value = json.loads(stripped)
+            # "\ud83d" alone decodes to a lone surrogate that no UTF-8 writer can encode: such
+            # a call could be neither logged, written to predictions nor sent back
+            json.dumps(value, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            value, unwritable = None, True
         except (ValueError, RecursionError):
             value = None
         calls = _trained_calls(value)
-        malformed = calls is None and _looks_like_calls(value)
+        malformed = unwritable or (calls is None and _looks_like_calls(value))
     if calls is None:
         message: dict[str, Any] = {"role": "assistant", "content": stripped}
         if malformed:

@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+#: The largest FP32 value below 1.0: the highest confidence ever served.
+BELOW_ONE = struct.unpack("f", struct.pack("I", 0x3F7FFFFF))[0]
+
 
 def served_confidence(value: float) -> float:
     """``value`` as the Triton backend sends it: a 32-bit float (its CONFIDENCE output is FP32).
@@ -31,8 +34,10 @@ def served_confidence(value: float) -> float:
     64 bits there and sent in 32 here, a confidence could land just below the very threshold
     that was picked on it (0.9999996 becomes 0.99999958), and calls the evaluation counted
     as answered would go to the LLM. Rounding at the source gives both sides the same value.
+    It stays below 1.0, the threshold of a candidate that must answer nothing: a model sure to
+    the last bit would otherwise be served there.
     """
-    return struct.unpack("f", struct.pack("f", value))[0]
+    return min(struct.unpack("f", struct.pack("f", value))[0], BELOW_ONE)
 
 
 @dataclass(frozen=True)
