@@ -29,6 +29,9 @@ Why it is built this way:
   publishes it at start, and worker 0 of every replica sweeps for shards untouched longer than
   any live writer keeps one open (a replica gone for good); a cut-off last line is trimmed
   (:meth:`ShardWriter.recover_orphans`).
+- **A failed upload is tried again.** With a URI target, a shard whose upload fails stays
+  in the spool and is retried with a back-off; one a stopped writer left is uploaded by the
+  next worker in its slot, like an orphaned ``.part``.
 - **Shutdown flushes everything.** :meth:`CaptureSink.close` (called on SIGTERM through the
   ASGI lifespan) drains the queue, lets the workers finish and rename their shards, and only
   then returns.
@@ -39,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import math
 import multiprocessing as mp
 import os
 import signal
@@ -61,6 +65,11 @@ log = logging.getLogger(__name__)
 
 SHARD_SUFFIX = ".jsonl"
 PART_SUFFIX = ".jsonl.part"
+#: Back-off between tries of failed uploads (an object store outage), doubling up to the max.
+RETRY_MIN_S = 5.0
+RETRY_MAX_S = 300.0
+#: At most one "records dropped, queue full" warning per this many seconds.
+FULL_LOG_INTERVAL_S = 10.0
 
 
 class Captured(NamedTuple):
@@ -140,7 +149,11 @@ class ShardWriter:
     """Appends JSON lines to one open shard per task and rotates by size and age.
 
     ``publish`` is called with each finished shard's final local path (the fsspec upload);
-    without it the rename from ``.part`` to ``.jsonl`` is the publication.
+    without it the rename from ``.part`` to ``.jsonl`` is the publication. An upload that
+    fails leaves the shard in the spool as ``.jsonl``: it is tried again with a back-off
+    (:meth:`retry_uploads`), and one that a stopped writer left behind is uploaded like an
+    orphaned ``.part`` (:meth:`recover_orphans`). Before, a failed upload at rotation was
+    never tried again, and its records, counted as written, never reached the trainer.
     """
 
     def __init__(
@@ -163,6 +176,9 @@ class ShardWriter:
         self._seq = 0
         self._open: dict[str, tuple[Any, Path, float, int]] = {}
         self._next_sweep = clock() + max_seconds
+        self._pending: set[Path] = set()  # published locally, upload failed
+        self._retry_at = 0.0
+        self._retry_delay = RETRY_MIN_S
 
     def write(self, key: str, lines: list[bytes]) -> None:
         fh, path, opened, size = self._shard(key)
@@ -223,8 +239,11 @@ class ShardWriter:
         """
         now = self.clock()
         published = 0
-        for path in sorted(self.root.rglob("*" + PART_SUFFIX)):
-            if any(path == v[1] for v in self._open.values()):
+        found = sorted(self.root.rglob("*" + PART_SUFFIX))
+        if self.publish is not None:  # finished but never uploaded: a failed upload, then a stop
+            found += sorted(self.root.rglob("*" + SHARD_SUFFIX))
+        for path in found:
+            if any(path == v[1] for v in self._open.values()) or path in self._pending:
                 continue
             try:
                 stale = now - path.stat().st_mtime > self.max_seconds + grace_s
@@ -233,7 +252,10 @@ class ShardWriter:
             if not (stale or self._is_dead_sibling(path.name)):
                 continue
             try:
-                self._publish_orphan(path)
+                if path.name.endswith(PART_SUFFIX):
+                    self._publish_orphan(path)
+                elif not self._upload(path):
+                    continue
             except FileNotFoundError:
                 continue  # another writer published it first
             except OSError as exc:
@@ -255,9 +277,52 @@ class ShardWriter:
         except OSError as exc:
             log.warning("capture: cannot look for orphaned shards: %s", exc)
 
+    def retry_uploads(self, force: bool = False) -> None:
+        """Upload the shards whose upload failed, once their back-off has passed (it doubles
+        while uploads keep failing, from :data:`RETRY_MIN_S` to :data:`RETRY_MAX_S`); with
+        ``force`` (shutdown) at once."""
+        if not self._pending or (self.clock() < self._retry_at and not force):
+            return
+        for path in sorted(self._pending):
+            self._pending.discard(path)
+            if not path.exists():
+                continue
+            if not self._upload(path):
+                break
+        else:
+            self._retry_delay = RETRY_MIN_S
+            return
+        self._retry_at = self.clock() + self._retry_delay
+        self._retry_delay = min(RETRY_MAX_S, 2 * self._retry_delay)
+
+    @property
+    def pending_uploads(self) -> int:
+        return len(self._pending)
+
+    def _upload(self, path: Path) -> bool:
+        """Upload one finished shard; on failure keep it for :meth:`retry_uploads`."""
+        assert self.publish is not None
+        try:
+            self.publish(path, path.relative_to(self.root).as_posix())
+        except Exception as exc:  # an object store outage: keep the shard, try again later
+            if isinstance(exc, FileNotFoundError) and not path.exists():
+                return True  # another worker's sweep uploaded it first
+            if not self._pending:
+                self._retry_at = self.clock() + self._retry_delay
+            self._pending.add(path)
+            log.warning(
+                "capture: cannot upload shard %s (%s); kept in the spool, %d waiting",
+                path.name,
+                type(exc).__name__,
+                len(self._pending),
+            )
+            return False
+        return True
+
     def _is_dead_sibling(self, name: str) -> bool:
         """True for a shard of this host and worker slot written by a process now gone."""
-        parts = name[: -len(PART_SUFFIX)].rsplit("-", 3)
+        suffix = PART_SUFFIX if name.endswith(PART_SUFFIX) else SHARD_SUFFIX
+        parts = name[: -len(suffix)].rsplit("-", 3)
         if len(parts) != 4 or parts[2] != f"w{self.index}":
             return False
         if not parts[0].endswith(f"-{self.host}") or not parts[1].isdigit():
@@ -297,7 +362,7 @@ class ShardWriter:
         final = path.with_name(path.name[: -len(PART_SUFFIX)] + SHARD_SUFFIX)
         os.replace(path, final)
         if self.publish is not None:
-            self.publish(final, final.relative_to(self.root).as_posix())
+            self._upload(final)
 
 
 def _last_newline_end(fh: BinaryIO, end: int) -> int:
@@ -474,6 +539,7 @@ def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, inde
         try:
             if not inbox.poll(min(1.0, writer.next_deadline())):
                 writer.rotate_expired()
+                writer.retry_uploads()
                 if sweeps:
                     writer.sweep_orphans()
                 continue
@@ -504,6 +570,7 @@ def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, inde
                 writer.write(key, lines)
             writer.flush()
             writer.rotate_expired()
+            writer.retry_uploads()
         except OSError as exc:
             log.error("capture: cannot write shards: %s", exc)
             dropped.update(written)
@@ -511,6 +578,14 @@ def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, inde
         outbox.send(("ack", dict(written), dict(dropped), dict(redacted), dict(kinds)))
     try:
         writer.close_all()
+        writer.retry_uploads(force=True)
+        if writer.pending_uploads:
+            log.error(
+                "capture: %d shard(s) not uploaded before shutdown; they stay in the spool %s "
+                "and the next worker there uploads them",
+                writer.pending_uploads,
+                root,
+            )
     finally:
         with contextlib.suppress(OSError):
             outbox.send(("closed", os.getpid()))
@@ -616,6 +691,8 @@ class CaptureSink:
         self._ctx = mp.get_context("spawn")
         self._started = False
         self._closing = False
+        self._full_logged_at = -math.inf  # monotonic time of the last "queue full" warning
+        self._full_since_log = 0
 
     # -- lifecycle --
     def start(self) -> None:
@@ -672,7 +749,24 @@ class CaptureSink:
                 self._work.set()  # the pump may be asleep on an empty queue
             return True
         self._count_dropped({item.key: 1})
+        self._warn_full()
         return False
+
+    def _warn_full(self) -> None:
+        """Say that records are being dropped for want of room, at most every
+        :data:`FULL_LOG_INTERVAL_S` (a full queue drops thousands a second: one line each
+        would cost the loop more than the calls), with how many since the last line."""
+        self._full_since_log += 1
+        now = time.monotonic()
+        if now - self._full_logged_at < FULL_LOG_INTERVAL_S:
+            return
+        log.warning(
+            "capture: %d record(s) dropped: %s (queue of %d); the call log misses them",
+            self._full_since_log,
+            "shutting down" if self._closing else "the workers cannot keep up",
+            self.cfg.queue_size,
+        )
+        self._full_logged_at, self._full_since_log = now, 0
 
     def depth(self) -> int:
         return len(self._queue)

@@ -114,11 +114,16 @@ class StreamAssembler:
 
     Only choice 0 is assembled, as a call record holds one answer. Tool calls are merged by
     their ``index``: the first delta of a call carries its id and name, later ones append to
-    its ``arguments``. Malformed deltas (a wrong type where text is expected) raise
-    :class:`StreamFormatError` rather than being guessed at.
+    its ``arguments``. A delta with a new id starts a new call even at an index already used
+    (Ollama numbers every call 0), and a delta without an index continues the last call
+    unless its id is new (Gemini's endpoint sends none): merged, two calls became one with
+    both names and both argument objects run together. Malformed deltas (a wrong type where
+    text is expected) raise :class:`StreamFormatError` rather than being guessed at.
     """
 
     __slots__ = (
+        "_alias",
+        "_last",
         "calls",
         "chunks",
         "content",
@@ -138,6 +143,8 @@ class StreamAssembler:
         self.content: list[str] = []
         self.refusal: list[str] = []
         self.calls: dict[int, dict[str, Any]] = {}
+        self._alias: dict[int, int] = {}  # the provider's index -> its call's key in calls
+        self._last: int | None = None
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
         self.chunks = 0
@@ -198,14 +205,15 @@ class StreamAssembler:
         for call in calls:
             if not isinstance(call, dict):
                 raise StreamFormatError("a tool call delta is not an object")
-            index = call.get("index", 0)
-            if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            index = call.get("index")
+            if index is not None and (
+                not isinstance(index, int) or isinstance(index, bool) or index < 0
+            ):
                 raise StreamFormatError("a tool call delta has no valid 'index'")
-            slot = self.calls.setdefault(
-                index, {"id": None, "type": "function", "name": [], "arguments": []}
-            )
-            if isinstance(call.get("id"), str) and call["id"]:
-                slot["id"] = call["id"]
+            call_id = call.get("id") if isinstance(call.get("id"), str) else None
+            slot = self._slot(index, call_id or None)
+            if call_id:
+                slot["id"] = call_id
             if isinstance(call.get("type"), str):
                 slot["type"] = call["type"]
             fn = call.get("function")
@@ -220,6 +228,18 @@ class StreamAssembler:
                 if not isinstance(piece, str):
                     raise StreamFormatError(f"a tool call delta's '{key}' is not a string")
                 slot[key].append(piece)
+
+    def _slot(self, index: int | None, call_id: str | None) -> dict[str, Any]:
+        """The call a delta belongs to (see the class docstring); calls keep arrival order."""
+        key = self._last if index is None else self._alias.get(index)
+        slot = self.calls.get(key) if key is not None else None
+        if slot is None or (call_id and slot["id"] and slot["id"] != call_id):
+            key = len(self.calls)
+            slot = self.calls[key] = {"id": None, "type": "function", "name": [], "arguments": []}
+            if index is not None:
+                self._alias[index] = key
+        self._last = key
+        return slot
 
     def message(self) -> dict[str, Any]:
         """The assistant message the chunks spelled, as a non-streamed answer would hold it."""

@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 from slm_contract import CallRecord
+from slm_gateway import capture
 from slm_gateway.capture import (
     CaptureConfig,
     Captured,
@@ -278,15 +279,26 @@ def test_a_number_wider_than_64_bits_is_written_as_the_gateway_read_it() -> None
     assert record["tools"] == []
 
 
-def test_a_full_queue_drops_and_counts(tmp_path: Path) -> None:
+def test_a_full_queue_drops_counts_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each drop is counted; the log says so too, once per interval and not once per record
+    (a full queue drops thousands a second)."""
     dropped: list[tuple[str, int]] = []
     sink = CaptureSink(
         CaptureConfig(target=str(tmp_path), queue_size=2),
         on_dropped=lambda k, n: dropped.append((k, n)),
     )  # not started: nothing drains the queue
-    results = [sink.submit(item(i)) for i in range(5)]
+    with caplog.at_level("WARNING", logger="slm_gateway.capture"):
+        results = [sink.submit(item(i)) for i in range(5)]
     assert results == [True, True, False, False, False]
     assert sink.stats.dropped == 3 and dropped == [("weather", 1)] * 3
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "1 record(s) dropped: the workers cannot keep up" in warnings[0]
+    sink._full_logged_at -= capture.FULL_LOG_INTERVAL_S  # the interval has passed
+    with caplog.at_level("WARNING", logger="slm_gateway.capture"):
+        sink.submit(item(9))
+    assert "3 record(s) dropped" in caplog.records[-1].getMessage()  # the two silent ones too
 
 
 def test_uri_targets_upload_finished_shards_through_fsspec(tmp_path: Path) -> None:
@@ -302,6 +314,52 @@ def test_uri_targets_upload_finished_shards_through_fsspec(tmp_path: Path) -> No
     assert [p.parent.name for p in uploaded] == ["weather"]
     assert uploaded[0].read_bytes() == b'{"a":1}\n{"a":2}\n'
     assert shards(spool) == []  # the local copy is gone once uploaded
+
+
+def test_a_failed_upload_is_kept_and_tried_again_until_it_lands(tmp_path: Path) -> None:
+    """An object store outage at rotation left the shard in the spool as ``.jsonl`` and
+    nothing tried it again: its records, counted as written, never reached the trainer."""
+    import subprocess
+    import sys
+
+    uploaded: dict[str, bytes] = {}
+    outage = {"on": True}
+
+    def publish(local: Path, relative: str) -> None:
+        if outage["on"]:
+            raise OSError("s3 PutObject: connection reset")
+        uploaded[relative] = local.read_bytes()
+        local.unlink()
+
+    clock = Clock()
+    w = ShardWriter(tmp_path, 0, 1 << 20, 60, publish=publish, clock=clock)
+    w.write("ns/task", [b'{"r":1}\n', b'{"r":2}\n'])
+    w.close_all()  # the rotation itself does not fail
+    assert w.pending_uploads == 1 and len(shards(tmp_path)) == 1 and not uploaded
+    clock.now += 1
+    w.retry_uploads()  # still within the back-off: not tried yet, nothing raised
+    outage["on"] = False
+    w.retry_uploads()
+    assert not uploaded  # the back-off is the store's breathing room
+    clock.now += capture.RETRY_MIN_S
+    w.retry_uploads()
+    assert w.pending_uploads == 0 and shards(tmp_path) == []
+    assert list(uploaded.values()) == [b'{"r":1}\n{"r":2}\n']
+
+    # A writer stopped before its retry: the next one in its slot uploads what it left.
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    left = _orphan(tmp_path, w, int(gone.stdout), b'{"r":3}\n')
+    finished = left.with_name(left.name.removesuffix(".part"))
+    left.rename(finished)  # published locally, never uploaded
+    successor = ShardWriter(tmp_path, 0, 1 << 20, 60, publish=publish, clock=clock)
+    assert successor.recover_orphans() == 1
+    assert uploaded[finished.relative_to(tmp_path).as_posix()] == b'{"r":3}\n'
+    assert shards(tmp_path) == []
 
 
 def test_a_uri_target_is_uploaded_where_the_trainer_reads_it(tmp_path: Path) -> None:

@@ -117,6 +117,34 @@ def test_chunks_an_sdk_could_not_read_are_refused(chunk: Any) -> None:
         sse.StreamAssembler().add(chunk)
 
 
+def _call_delta(call: dict[str, Any], index: int | None, part: str) -> dict[str, Any]:
+    """One tool-call delta of ``call``: its head (id and name) or its arguments."""
+    if part == "head":
+        body: dict[str, Any] = {
+            "id": call["id"],
+            "type": "function",
+            "function": {"name": call["function"]["name"], "arguments": ""},
+        }
+    else:
+        body = {"function": {"arguments": call["function"]["arguments"]}}
+    if index is not None:
+        body["index"] = index
+    return {"choices": [{"index": 0, "delta": {"tool_calls": [body]}}]}
+
+
+@pytest.mark.parametrize("numbering", ["all-zero", "none"], ids=["ollama", "gemini"])
+def test_parallel_calls_are_told_apart_by_id_when_indexes_do_not(numbering: str) -> None:
+    """Ollama numbers every streamed call 0 and Gemini's endpoint sends no index: merged by
+    index, two calls became one, "get_weatherget_time" with both argument objects, and that
+    corrupt call went into the training data while the agent got two good ones."""
+    a = sse.StreamAssembler()
+    for call in CALL_MESSAGE["tool_calls"]:
+        index = 0 if numbering == "all-zero" else None
+        a.add(_call_delta(call, index, "head"))
+        a.add(_call_delta(call, index, "arguments"))
+    assert a.message()["tool_calls"] == CALL_MESSAGE["tool_calls"]
+
+
 def test_an_error_event_and_other_choices_are_told_apart_from_the_answer() -> None:
     a = sse.StreamAssembler()
     a.add({"choices": [{"index": 1, "delta": {"content": "second choice"}}]})
