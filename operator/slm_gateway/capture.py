@@ -181,17 +181,29 @@ class ShardWriter:
         self._retry_delay = RETRY_MIN_S
 
     def write(self, key: str, lines: list[bytes]) -> None:
+        """Append ``lines`` to ``key``'s shard, all or none of them: on an error (a full disk)
+        the shard is cut back to what it held, so lines counted as dropped never appear in
+        it later (a buffered file wrote them at its next flush)."""
         fh, path, opened, size = self._shard(key)
-        data = b"".join(lines)
-        fh.write(data)
+        data = memoryview(b"".join(lines))
+        try:
+            done = 0
+            while done < len(data):
+                done += fh.write(data[done:]) or 0
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fh.fileno(), size)
+            raise
         size += len(data)
         self._open[key] = (fh, path, opened, size)
         if size >= self.max_bytes:
-            self._close(key)
+            try:
+                self._close(key)
+            except OSError as exc:  # the lines are written; an unpublished .part is recovered
+                log.error("capture: cannot rotate shard %s: %s", path.name, exc)
 
     def flush(self) -> None:
-        for fh, _, _, _ in self._open.values():
-            fh.flush()
+        """Nothing to do: shards are unbuffered, each batch one write (kept for callers)."""
 
     def rotate_expired(self) -> None:
         now = self.clock()
@@ -220,7 +232,8 @@ class ShardWriter:
         path = directory / (
             shard_name(self.host, self.pid, self.index, self._seq, now) + PART_SUFFIX
         )
-        fh = open(path, "ab")  # noqa: SIM115 - kept open across batches, closed on rotation
+        # unbuffered: a batch reaches the file in one write or is cut back (see write)
+        fh = open(path, "ab", buffering=0)  # noqa: SIM115 - kept open until rotation
         found = (fh, path, now, 0)
         self._open[key] = found
         return found
@@ -511,6 +524,16 @@ def batch_scheduling() -> bool:
     return True
 
 
+def _rotate(writer: ShardWriter) -> None:
+    """Rotation and upload retries; a failure there loses nothing (the lines are on disk, and
+    an unpublished ``.part`` is recovered as an orphan) and must not stop the worker."""
+    try:
+        writer.rotate_expired()
+        writer.retry_uploads()
+    except OSError as exc:
+        log.error("capture: cannot rotate shards: %s", exc)
+
+
 def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, index: int) -> None:
     """Redact and write batches until the parent sends None or goes away."""
     # The parent decides when to stop: a SIGTERM or Ctrl-C sent to the process group must
@@ -538,8 +561,7 @@ def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, inde
     while True:
         try:
             if not inbox.poll(min(1.0, writer.next_deadline())):
-                writer.rotate_expired()
-                writer.retry_uploads()
+                _rotate(writer)
                 if sweeps:
                     writer.sweep_orphans()
                 continue
@@ -565,16 +587,13 @@ def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, inde
             if counts:
                 redacted[item.key] += 1
                 kinds.update(counts)
-        try:
-            for key, lines in by_key.items():
+        for key, lines in by_key.items():
+            try:
                 writer.write(key, lines)
-            writer.flush()
-            writer.rotate_expired()
-            writer.retry_uploads()
-        except OSError as exc:
-            log.error("capture: cannot write shards: %s", exc)
-            dropped.update(written)
-            written.clear()
+            except OSError as exc:  # e.g. a full disk: this task's lines of the batch are not
+                log.error("capture: cannot write the shard of %s: %s", key, exc)
+                dropped[key] += written.pop(key)
+        _rotate(writer)
         outbox.send(("ack", dict(written), dict(dropped), dict(redacted), dict(kinds)))
     try:
         writer.close_all()
@@ -592,6 +611,13 @@ def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, inde
 
 
 # ---- the gateway side -----------------------------------------------------------------------
+
+
+def _send_quietly(conn: Connection, message: Any) -> None:
+    """Send on a pipe whose reader may be gone (killed meanwhile): nothing to report."""
+    with contextlib.suppress(OSError, ValueError):
+        conn.send(message)
+
 
 #: A worker that ran this long before dying is not crash-looping: its successor starts the
 #: back-off over.
@@ -784,10 +810,16 @@ class CaptureSink:
         if self._pump_thread is not None:
             self._pump_thread.join(max(0.0, deadline - time.monotonic()))
         workers = list(self._workers)
-        for w in workers:
-            if w.alive:
-                with contextlib.suppress(OSError, ValueError):
-                    w.send_conn.send(None)
+        # The stop signal goes from threads of its own: a stalled worker's full pipe blocked
+        # close() past its deadline, until the kubelet's SIGKILL lost everything uncounted.
+        # A pump still stuck in a send means the deadline has passed: no second writer on its
+        # pipe, the workers are killed below.
+        if self._pump_thread is None or not self._pump_thread.is_alive():
+            for w in workers:
+                if w.alive:
+                    threading.Thread(
+                        target=_send_quietly, args=(w.send_conn, None), daemon=True
+                    ).start()
         for w in workers:
             w.closed.wait(max(0.0, deadline - time.monotonic()))
             w.proc.join(max(0.0, deadline - time.monotonic()))
