@@ -114,11 +114,13 @@ class StreamAssembler:
 
     Only choice 0 is assembled, as a call record holds one answer. Tool calls are merged by
     their ``index``: the first delta of a call carries its id and name, later ones append to
-    its ``arguments``. A delta with a new id starts a new call even at an index already used
-    (Ollama numbers every call 0), and a delta without an index continues the last call
-    unless its id is new (Gemini's endpoint sends none): merged, two calls became one with
-    both names and both argument objects run together. Malformed deltas (a wrong type where
-    text is expected) raise :class:`StreamFormatError` rather than being guessed at.
+    its ``arguments``. A delta with a new id and a function name starts a new call even at an
+    index already used (Ollama numbers every call 0), and a delta without an index continues
+    the last call unless it names a new one (Gemini's endpoint sends none): merged, two calls
+    became one with both names and both argument objects run together. A new id without a
+    name continues the call (some servers send an id with every chunk); its first id stays.
+    Malformed deltas (a wrong type where text is expected) raise :class:`StreamFormatError`
+    rather than being guessed at.
     """
 
     __slots__ = (
@@ -211,12 +213,13 @@ class StreamAssembler:
             ):
                 raise StreamFormatError("a tool call delta has no valid 'index'")
             call_id = call.get("id") if isinstance(call.get("id"), str) else None
-            slot = self._slot(index, call_id or None)
-            if call_id:
+            fn = call.get("function")
+            named = isinstance(fn, dict) and bool(fn.get("name"))
+            slot = self._slot(index, call_id or None, named)
+            if call_id and not slot["id"]:
                 slot["id"] = call_id
             if isinstance(call.get("type"), str):
                 slot["type"] = call["type"]
-            fn = call.get("function")
             if fn is None:
                 continue
             if not isinstance(fn, dict):
@@ -229,11 +232,15 @@ class StreamAssembler:
                     raise StreamFormatError(f"a tool call delta's '{key}' is not a string")
                 slot[key].append(piece)
 
-    def _slot(self, index: int | None, call_id: str | None) -> dict[str, Any]:
-        """The call a delta belongs to (see the class docstring); calls keep arrival order."""
+    def _slot(self, index: int | None, call_id: str | None, named: bool) -> dict[str, Any]:
+        """The call a delta belongs to (see the class docstring); calls keep arrival order.
+
+        A new id starts a new call only with a function name: some servers send a fresh id
+        on every chunk of one call, whose later chunks carry arguments only.
+        """
         key = self._last if index is None else self._alias.get(index)
         slot = self.calls.get(key) if key is not None else None
-        if slot is None or (call_id and slot["id"] and slot["id"] != call_id):
+        if slot is None or (named and call_id and slot["id"] and slot["id"] != call_id):
             key = len(self.calls)
             slot = self.calls[key] = {"id": None, "type": "function", "name": [], "arguments": []}
             if index is not None:

@@ -205,9 +205,11 @@ def test_exact_and_near_duplicates_are_dropped(tmp_path: Path) -> None:
     assert report_off["examples"] == 13
 
 
-def test_near_duplicates_just_above_the_threshold_are_all_dropped(tmp_path: Path) -> None:
-    """Judged on the MinHash estimate (about 0.024 off at 128 permutations), pairs just above
-    the threshold were often both kept, and then could straddle the train/eval split."""
+def test_near_duplicates_just_above_the_threshold_are_dropped(tmp_path: Path) -> None:
+    """Judged on the MinHash estimate (about 0.026 off at 128 permutations) by an index built
+    at the threshold, 47 of these 60 pairs were both kept, and could straddle the train/eval
+    split. The index now favours recall and the exact Jaccard decides near the threshold;
+    what an index may still miss at exactly the threshold is a pair or so in a hundred."""
     from slm_trainer.curate import dedupe_text, shingles
 
     pairs = []
@@ -218,7 +220,8 @@ def test_near_duplicates_just_above_the_threshold_are_all_dropped(tmp_path: Path
     a, b = (shingles(dedupe_text(CallRecord.from_dict(r))) for r in pairs[0])
     assert 0.9 <= len(a & b) / len(a | b) < 0.91  # just above the default threshold
     result, report, _ = curate(tmp_path, [r for p in pairs for r in p], min_examples=5)
-    assert result.ok and report["near_duplicates"] == 60 and report["examples"] == 60
+    assert result.ok and report["near_duplicates"] >= 57
+    assert report["examples"] == 120 - report["near_duplicates"]
 
 
 def test_a_byte_order_mark_does_not_cost_the_first_record(tmp_path: Path) -> None:

@@ -145,6 +145,21 @@ def test_parallel_calls_are_told_apart_by_id_when_indexes_do_not(numbering: str)
     assert a.message()["tool_calls"] == CALL_MESSAGE["tool_calls"]
 
 
+def test_a_call_whose_every_chunk_has_a_new_id_stays_one_call() -> None:
+    """Some servers send a fresh id with every chunk of one call: only a new id with a name
+    starts a call, so the arguments are not split off into nameless calls."""
+    a = sse.StreamAssembler()
+    pieces = [("call_1", {"name": "get_weather", "arguments": ""})]
+    pieces += [("call_2", {"arguments": '{"city":'}), ("call_3", {"arguments": '"Paris"}'})]
+    for call_id, fn in pieces:
+        delta = {"index": 0, "id": call_id, "function": fn}
+        a.add({"choices": [{"index": 0, "delta": {"tool_calls": [delta]}}]})
+    calls = a.message()["tool_calls"]
+    assert [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
+        ("call_1", "get_weather", '{"city":"Paris"}')
+    ]
+
+
 def test_an_error_event_and_other_choices_are_told_apart_from_the_answer() -> None:
     a = sse.StreamAssembler()
     a.add({"choices": [{"index": 1, "delta": {"content": "second choice"}}]})

@@ -310,8 +310,8 @@ def test_a_template_that_drops_tool_messages_gets_the_results_as_a_user_turn(
     results vanished from the prompt, in training and in serving alike."""
     tok = templated(tiny_minilm, "phi3_5_mini")
     tools_in_template = generative.prepare_tokenizer(tok)
-    assert not chatformat.template_keeps_role(tok, "tool")
-    assert chatformat.template_keeps_role(tok, "system")
+    assert chatformat.template_drops_role(tok, "tool")
+    assert not chatformat.template_drops_role(tok, "system")
     messages = _tool_turns('{"temp_c": 21}')
     rec = CallRecord(
         task="t",
@@ -324,9 +324,10 @@ def test_a_template_that_drops_tool_messages_gets_the_results_as_a_user_turn(
     assert '<|user|>\nTool result: {"temp_c": 21}<|end|>' in prompt
     assert prompt == chatformat.render(tok, messages, TOOLS, tools_in_template)  # as served
     assert completion.startswith("21 C in Paris.")
-    # a template that renders tool messages keeps them as they are
-    qwen = templated(tiny_minilm, "qwen3")
-    assert chatformat.template_keeps_role(qwen, "tool")
+    # a template that renders tool messages keeps them as they are, and one that raises on
+    # them (Gemma) is not taken for one that drops them: its forms are tried in order
+    assert not chatformat.template_drops_role(templated(tiny_minilm, "qwen3"), "tool")
+    assert not chatformat.template_drops_role(templated(tiny_minilm, "gemma2"), "tool")
 
 
 def test_parallel_tool_results_become_one_user_turn_where_roles_must_alternate(
@@ -348,6 +349,8 @@ def test_a_call_with_a_lone_surrogate_escape_is_malformed_not_a_crash() -> None:
     msg = chatformat.parse_answer(text, tools_offered=True)
     assert msg.get(chatformat.MALFORMED) and "tool_calls" not in msg
     json.dumps(msg, ensure_ascii=False).encode()  # writable, as the text it was
+    plain = chatformat.parse_answer('{"answer": "emoji \\ud83d"}', tools_offered=True)
+    assert plain == {"role": "assistant", "content": '{"answer": "emoji \\ud83d"}'}  # no call
     fine = '[{"name": "get_weather", "arguments": {"city": "\\u00e9"}}]'
     ok = chatformat.parse_answer(fine, tools_offered=True)
     assert json.loads(ok["tool_calls"][0]["function"]["arguments"]) == {"city": "é"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -92,6 +93,8 @@ OPTIONAL_MODEL_TOOL = {
             "properties": {
                 "filter": {"anyOf": [{"type": "object"}, {"type": "null"}]},
                 "rows": {"type": "array", "items": {"oneOf": [{"type": "object"}]}},
+                "free": {},  # untyped: BFCL's checker would read it as a string
+                "either": {"anyOf": [{"type": "object"}, {"type": "array"}]},
             },
         },
     },
@@ -105,10 +108,15 @@ OPTIONAL_MODEL_TOOL = {
 def test_object_arguments_match_without_a_typed_schema(tools: Any, use_bfcl: bool) -> None:
     """An object (or list of objects) argument is compared as one, not as a string, where the
     schema gives no type or the tool is not in the request: an identical answer matches."""
-    ref = call("search", {"filter": {"city": "Paris", "n": 2}, "rows": [{"a": 1}]})
-    same = call("search", {"rows": [{"a": 1}], "filter": {"n": 2, "city": "Paris"}})
-    other = call("search", {"filter": {"city": "Rome", "n": 2}, "rows": [{"a": 1}]})
-    other_row = call("search", {"filter": {"city": "Paris", "n": 2}, "rows": [{"a": 2}]})
+    extra = {"free": {"k": [1, 2]}, "either": ["x", "y"]}
+    ref = call("search", {"filter": {"city": "Paris", "n": 2}, "rows": [{"a": 1}], **extra})
+    same = call("search", {"rows": [{"a": 1}], "filter": {"n": 2, "city": "Paris"}, **extra})
+    other = call("search", {"filter": {"city": "Rome", "n": 2}, "rows": [{"a": 1}], **extra})
+    other_row = call("search", {"filter": {"city": "Paris", "n": 2}, "rows": [{"a": 2}], **extra})
+    other_free = call(
+        "search", {"filter": {"city": "Paris", "n": 2}, "rows": [{"a": 1}], "free": {"k": [1]}}
+    )
+    assert not m.ast_match(other_free, ref, tools, use_bfcl=use_bfcl).match
     assert m.ast_match(same, ref, tools, use_bfcl=use_bfcl).match
     assert not m.ast_match(other, ref, tools, use_bfcl=use_bfcl).match
     assert not m.ast_match(other_row, ref, tools, use_bfcl=use_bfcl).match
@@ -324,3 +332,20 @@ def test_expected_calibration_error_and_latency_summary() -> None:
     assert lat == {"mean": 50.5, "p50": 50.0, "p95": 95.0}
     assert m.latency_summary([]) == {"mean": 0.0, "p50": 0.0, "p95": 0.0}
     assert math.isfinite(m.nll([[0.0, 1.0]], [1], 1.0))
+
+
+def test_a_threshold_with_margin_answers_the_same_calls() -> None:
+    """Halfway down to the next lower answered confidence: the same calls are answered, and a
+    served confidence a unit in the last place lower than evaluated still is."""
+    import math
+
+    labels = ["a", "b", None, "c"]
+    conf = [0.9, 0.7, 0.8, 0.5]  # the deferred call's 0.8 does not count
+    t = m.with_margin(0.7, labels, conf)
+    assert t == pytest.approx(0.6)
+    assert m.selective_point(labels, conf, labels, t) == dataclasses.replace(
+        m.selective_point(labels, conf, labels, 0.7), threshold=t
+    )
+    assert m.with_margin(0.5, labels, conf) == 0.5  # nothing answered below it
+    low = math.nextafter(0.7, 0.0)  # adjacent floats: no float between, keep the threshold
+    assert m.with_margin(0.7, ["a", "b"], [0.7, low]) == 0.7

@@ -246,9 +246,11 @@ def score_candidate(
             out.meets_precision = False
             out.reasons.append(f"no threshold reaches precision {target_precision:.2f}")
         out.curve = metrics.curve_as_dicts(curve)
-        # Not rounded: the gateway compares served confidences with exactly this value, and a
-        # threshold rounded up would defer calls the curve counted as accepted.
-        out.threshold = max(floor, min(1.0, chosen.threshold))
+        # Not rounded: the gateway compares served confidences with this value, and a
+        # threshold rounded up would defer calls the curve counted as accepted. The margin
+        # (halfway to the next lower confidence) answers the same eval calls.
+        margin = metrics.with_margin(chosen.threshold, answer_labels, conf)
+        out.threshold = max(floor, min(1.0, margin))
         out.coverage = round(chosen.coverage, 6)
         out.score = round(chosen.precision if chosen.accepted else 0.0, 6)
         m["at_threshold"] = asdict(chosen)

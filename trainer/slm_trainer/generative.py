@@ -910,14 +910,9 @@ def serving_threshold(
     )
     if chosen is None:
         return 1.0, None
-    # Halfway down to the next lower confidence: the same calls are answered, and a served
-    # confidence a unit in the last place off (another batch, another kernel) still is.
-    below = [
-        c
-        for c, a in zip((float(p["confidence"]) for p in predictions), answers, strict=True)
-        if a is not None and c < chosen.threshold
-    ]
-    threshold = (chosen.threshold + max(below)) / 2 if below else chosen.threshold
+    threshold = metrics.with_margin(
+        chosen.threshold, answers, [float(p["confidence"]) for p in predictions]
+    )
     return max(MIN_THRESHOLD, min(1.0, threshold)), asdict(chosen)
 
 

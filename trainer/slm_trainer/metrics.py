@@ -216,12 +216,30 @@ def gorilla_type(schema: Mapping[str, Any]) -> str:
     )
 
 
+def tool_name_of(tool: Mapping[str, Any]) -> str:
+    function = tool.get("function", tool)
+    return str(function.get("name", "")) if isinstance(function, Mapping) else ""
+
+
+def _explicitly_typed(schema: Any) -> bool:
+    """Whether every parameter schema in ``schema`` (nested ones too) declares its type."""
+    if not isinstance(schema, Mapping):
+        return schema is None
+    props = schema.get("properties")
+    subs = list(props.values()) if isinstance(props, Mapping) else []
+    if isinstance(schema.get("items"), Mapping):
+        subs.append(schema["items"])
+    return all(isinstance(s, Mapping) and "type" in s and _explicitly_typed(s) for s in subs)
+
+
 def gorilla_function(tool: Mapping[str, Any]) -> dict[str, Any]:
     """An OpenAI tool schema as BFCL's function description (types mapped recursively)."""
     function = dict(tool.get("function", tool))
     params = copy.deepcopy(function.get("parameters") or {})
 
     def convert(schema: dict[str, Any]) -> dict[str, Any]:
+        if "type" not in schema and (schema.get("anyOf") or schema.get("oneOf")):
+            return schema  # the value picks its branch (_branch_for); BFCL is not asked
         schema["type"] = gorilla_type(schema)
         if isinstance(schema.get("properties"), dict):
             schema["properties"] = {
@@ -289,7 +307,30 @@ def bfcl_standardize(text: str) -> str:
     return _BFCL_STRIP_RE.sub("", text).lower().replace("'", '"')
 
 
+def _branch_for(schema: Mapping[str, Any], value: Any) -> Mapping[str, Any]:
+    """The ``anyOf``/``oneOf`` branch of an untyped schema that fits ``value``'s JSON type
+    (the schema itself when it has a type or no branches; the first branch if none fits)."""
+    if "type" in schema:
+        return schema
+    branches = [
+        b
+        for key in ("anyOf", "oneOf")
+        for b in schema.get(key) or ()
+        if isinstance(b, Mapping) and b.get("type") != "null"
+    ]
+    fits = {
+        dict: ("dict",),
+        list: ("array", "tuple"),
+        str: ("string", "any"),
+        bool: ("boolean",),
+        int: ("integer", "float"),
+        float: ("float",),
+    }.get(type(value), ())
+    return next((b for b in branches if gorilla_type(b) in fits), schema)
+
+
 def _value_ok(value: Any, accepted: Sequence[Any], schema: Mapping[str, Any]) -> bool:
+    schema = _branch_for(schema, value)
     kind = gorilla_type(schema)
     if kind == "float" and type(value) is int:
         value = float(value)
@@ -465,8 +506,14 @@ def ast_match(
     if not rcalls:
         return AstResult(True, "builtin")
     functions = {f["name"]: f for f in (gorilla_function(t) for t in tools)}
+    typed = {
+        name
+        for t in tools
+        if _explicitly_typed((t.get("function", t) or {}).get("parameters"))
+        for name in [tool_name_of(t)]
+    }
     checker = load_bfcl_checker() if use_bfcl else None
-    used = "bfcl" if checker else "builtin"
+    used = "builtin"
     for (pname, pargs), (rname, rargs) in zip(pcalls, rcalls, strict=True):
         function = functions.get(rname) or {
             "name": rname,
@@ -474,7 +521,11 @@ def ast_match(
         }
         answer = possible_answer(rname, rargs if isinstance(rargs, dict) else {}, function)
         ok: bool | None = None
-        if checker is not None and isinstance(pargs, dict):
+        # BFCL's checker trusts the declared types: a parameter without one (untyped, or an
+        # anyOf/oneOf of several) would be checked as the type guessed for it, and an answer
+        # identical to the reference failed. The built-in port compares such values as given.
+        if checker is not None and isinstance(pargs, dict) and rname in typed:
+            used = "bfcl"
             try:
                 res = checker(function, {pname: pargs}, answer)
                 ok = bool(res["valid"])
@@ -577,6 +628,24 @@ def pick_threshold(
     if not ok:
         return None
     return max(ok, key=lambda p: (p.coverage, -p.threshold))
+
+
+def with_margin(
+    threshold: float, pred_labels: Sequence[str | None], confidences: Sequence[float]
+) -> float:
+    """``threshold`` moved halfway down to the next lower confidence of an answering
+    prediction: it answers exactly the same calls, and a served confidence a unit in the last
+    place below the one evaluated (another batch, another kernel) is still answered."""
+    below = [
+        float(c)
+        for p, c in zip(pred_labels, confidences, strict=True)
+        if p is not None and c < threshold
+    ]
+    if not below:
+        return threshold
+    middle = (threshold + max(below)) / 2
+    # two adjacent floats have no float between them: the middle would round onto one
+    return middle if max(below) < middle < threshold else threshold
 
 
 def curve_as_dicts(curve: Iterable[CurvePoint], max_points: int = 200) -> list[dict[str, Any]]:

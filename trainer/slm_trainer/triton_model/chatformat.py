@@ -158,19 +158,21 @@ def _without_tool_role(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 _ROLE_PROBE = "slmfleet_probe_text_5d2a"
-_keeps_role: dict[tuple[str, str], bool] = {}
+_drops_role: dict[tuple[str, str, bool], bool] = {}
 
 
-def template_keeps_role(tokenizer: Any, role: str) -> bool:
-    """Whether the chat template writes a ``role`` message's text into the prompt.
+def template_drops_role(tokenizer: Any, role: str, with_tools: Any = None) -> bool:
+    """Whether the chat template renders a ``role`` message without an error but leaves its
+    text out of the prompt.
 
-    Asked by rendering, once per template: Phi-3's template has no branch for ``tool`` and
-    drops those messages without an error, so tool results never reached the prompt in
-    training or serving. A template that fails on the probe counts as not keeping the role
-    (:func:`render` then tries the other forms).
+    Asked by rendering, once per template (and per whether tools are passed, which picks
+    among named templates such as Command-R's ``default`` and ``tool_use``): Phi-3's
+    template has no branch for ``tool`` and dropped those messages silently, so tool results
+    never reached the prompt in training or serving. A template that raises on the probe
+    does not count as dropping: :func:`render` tries its forms in order, as before.
     """
-    key = (_template_text(tokenizer), role)
-    if key not in _keeps_role:
+    key = (_template_text(tokenizer), role, bool(with_tools))
+    if key not in _drops_role:
         probe = [
             {"role": "user", "content": "hello"},
             {"role": "assistant", "content": "calling"},
@@ -178,12 +180,14 @@ def template_keeps_role(tokenizer: Any, role: str) -> bool:
         ]
         if role == "system":
             probe = [probe[2], probe[0]]
+        kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
+        if with_tools:
+            kwargs["tools"] = with_tools
         try:
-            text = _apply(tokenizer, probe, {"tokenize": False, "add_generation_prompt": True})
+            _drops_role[key] = _ROLE_PROBE not in _apply(tokenizer, probe, kwargs)
         except Exception:
-            text = ""
-        _keeps_role[key] = _ROLE_PROBE in text
-    return _keeps_role[key]
+            _drops_role[key] = False
+    return _drops_role[key]
 
 
 def _system_in_user(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -241,13 +245,15 @@ def render(
     else:
         msgs = [*msgs, {"role": "assistant", "content": answer}]
     forms = [msgs]
+    tools_kw = kwargs.get("tools")
     if any(m["role"] == "tool" for m in msgs):
         # a template that drops tool messages silently gets them as user turns only
         moved = _without_tool_role(msgs)
-        forms = [*forms, moved] if template_keeps_role(tokenizer, "tool") else [moved]
+        forms = [moved] if template_drops_role(tokenizer, "tool", tools_kw) else [*forms, moved]
     if any(m["role"] == "system" for m in msgs):
         moved_forms = [_system_in_user(f) for f in forms]
-        forms = [*forms, *moved_forms] if template_keeps_role(tokenizer, "system") else moved_forms
+        dropped = template_drops_role(tokenizer, "system", tools_kw)
+        forms = moved_forms if dropped else [*forms, *moved_forms]
     for form in forms[:-1]:
         try:
             return _apply(tokenizer, form, kwargs)
@@ -337,18 +343,17 @@ def parse_answer(text: str, tools_offered: bool) -> dict[str, Any]:
     calls: list[dict[str, Any]] | None = None
     malformed = False
     if tools_offered and stripped[:1] in ("[", "{"):
-        unwritable = False
         try:
             value = json.loads(stripped)
-            # "\ud83d" alone decodes to a lone surrogate that no UTF-8 writer can encode: such
-            # a call could be neither logged, written to predictions nor sent back
-            json.dumps(value, ensure_ascii=False).encode()
-        except UnicodeEncodeError:
-            value, unwritable = None, True
         except (ValueError, RecursionError):
             value = None
         calls = _trained_calls(value)
-        malformed = unwritable or (calls is None and _looks_like_calls(value))
+        if calls is not None and not _writable(calls):
+            # "\ud83d" alone decodes to a lone surrogate that no UTF-8 writer can encode: such
+            # a call could be neither logged, written to predictions nor sent back. The text
+            # itself is fine, so only a call is refused, plain JSON content is not.
+            calls = None
+        malformed = calls is None and _looks_like_calls(value)
     if calls is None:
         message: dict[str, Any] = {"role": "assistant", "content": stripped}
         if malformed:
@@ -369,6 +374,14 @@ def parse_answer(text: str, tools_offered: bool) -> dict[str, Any]:
             for i, c in enumerate(calls)
         ],
     }
+
+
+def _writable(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def selector_answer(label: str | None, confidence: float, task_type: str) -> dict[str, Any]:
