@@ -193,6 +193,16 @@ _PY_TYPES: dict[str, type] = {
 }
 
 
+def _branches(schema: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The non-null ``anyOf``/``oneOf`` branches of a schema (pydantic's ``Optional[...]``)."""
+    return [
+        b
+        for key in ("anyOf", "oneOf")
+        for b in schema.get(key) or ()
+        if isinstance(b, Mapping) and b.get("type") != "null"
+    ]
+
+
 def gorilla_type(schema: Mapping[str, Any]) -> str:
     """JSON-schema type of a parameter in BFCL's Gorilla vocabulary (object -> dict...).
 
@@ -202,12 +212,7 @@ def gorilla_type(schema: Mapping[str, Any]) -> str:
     """
     kind = schema.get("type")
     if kind is None:
-        branches = [
-            b
-            for key in ("anyOf", "oneOf")
-            for b in schema.get(key) or ()
-            if isinstance(b, Mapping) and b.get("type") != "null"
-        ]
+        branches = _branches(schema)
         return gorilla_type(branches[0]) if branches else "string"
     if isinstance(kind, list):  # ["string", "null"]
         kind = next((k for k in kind if k != "null"), "string")
@@ -216,7 +221,9 @@ def gorilla_type(schema: Mapping[str, Any]) -> str:
     )
 
 
-def tool_name_of(tool: Mapping[str, Any]) -> str:
+def tool_name(tool: Mapping[str, Any]) -> str:
+    """The name of an OpenAI tool (``{"type": "function", "function": {...}}``) or bare
+    function description; "" when it has none."""
     function = tool.get("function", tool)
     return str(function.get("name", "")) if isinstance(function, Mapping) else ""
 
@@ -312,12 +319,6 @@ def _branch_for(schema: Mapping[str, Any], value: Any) -> Mapping[str, Any]:
     (the schema itself when it has a type or no branches; the first branch if none fits)."""
     if "type" in schema:
         return schema
-    branches = [
-        b
-        for key in ("anyOf", "oneOf")
-        for b in schema.get(key) or ()
-        if isinstance(b, Mapping) and b.get("type") != "null"
-    ]
     fits = {
         dict: ("dict",),
         list: ("array", "tuple"),
@@ -326,7 +327,7 @@ def _branch_for(schema: Mapping[str, Any], value: Any) -> Mapping[str, Any]:
         int: ("integer", "float"),
         float: ("float",),
     }.get(type(value), ())
-    return next((b for b in branches if gorilla_type(b) in fits), schema)
+    return next((b for b in _branches(schema) if gorilla_type(b) in fits), schema)
 
 
 def _value_ok(value: Any, accepted: Sequence[Any], schema: Mapping[str, Any]) -> bool:
@@ -507,10 +508,9 @@ def ast_match(
         return AstResult(True, "builtin")
     functions = {f["name"]: f for f in (gorilla_function(t) for t in tools)}
     typed = {
-        name
+        tool_name(t)
         for t in tools
         if _explicitly_typed((t.get("function", t) or {}).get("parameters"))
-        for name in [tool_name_of(t)]
     }
     checker = load_bfcl_checker() if use_bfcl else None
     used = "builtin"

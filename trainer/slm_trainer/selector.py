@@ -125,11 +125,6 @@ def query_text(messages: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(reversed(users)).strip()
 
 
-def tool_name(tool: Mapping[str, Any]) -> str:
-    function = tool.get("function", tool)
-    return str(function.get("name", "")) if isinstance(function, Mapping) else ""
-
-
 def option_text(tool: Mapping[str, Any]) -> str:
     """How a tool is shown to the option tower: name in words, description, parameter names."""
     function = tool.get("function", tool)
@@ -183,7 +178,7 @@ def example_for(
         seen: set[str] = set()
         pairs = []
         for tool in tools:
-            name = tool_name(tool)
+            name = metrics.tool_name(tool)
             if name and name not in seen:
                 seen.add(name)
                 pairs.append((name, option_text(tool)))

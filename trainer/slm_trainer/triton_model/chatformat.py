@@ -146,15 +146,16 @@ def _without_tool_role(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """For templates that reject or drop the ``tool`` role: tool results become user turns,
     and the results of parallel calls one turn (Gemma's template wants roles to alternate)."""
     out: list[dict[str, Any]] = []
+    after_result = False  # the last turn in out holds tool results
     for m in messages:
         if m["role"] != "tool":
             out.append(m)
-        elif out and out[-1]["role"] == "user" and out[-1].get("tool_results"):
-            out[-1] = {**out[-1], "content": out[-1]["content"] + "\n\n" + m["content"]}
+        elif after_result:
+            out[-1] = {"role": "user", "content": out[-1]["content"] + "\n\n" + m["content"]}
         else:
             out.append({"role": "user", "content": "Tool result: " + m["content"]})
-            out[-1]["tool_results"] = True
-    return [{k: v for k, v in m.items() if k != "tool_results"} for m in out]
+        after_result = m["role"] == "tool"
+    return out
 
 
 _ROLE_PROBE = "slmfleet_probe_text_5d2a"

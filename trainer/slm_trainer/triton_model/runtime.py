@@ -158,7 +158,7 @@ def generate(
             text = tokenizer.decode(body, skip_special_tokens=True)
             answers[i] = Answer(
                 text=text,
-                confidence=served_confidence(min(1.0, max(0.0, conf))),
+                confidence=served_confidence(max(0.0, conf)),  # capped below 1.0
                 finish_reason="length" if end is None else "stop",
                 tokens=n,
             )
