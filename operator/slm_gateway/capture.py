@@ -202,9 +202,6 @@ class ShardWriter:
             except OSError as exc:  # the lines are written; an unpublished .part is recovered
                 log.error("capture: cannot rotate shard %s: %s", path.name, exc)
 
-    def flush(self) -> None:
-        """Nothing to do: shards are unbuffered, each batch one write (kept for callers)."""
-
     def rotate_expired(self) -> None:
         now = self.clock()
         for key in [k for k, v in self._open.items() if now - v[2] >= self.max_seconds]:
