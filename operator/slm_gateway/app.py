@@ -1012,12 +1012,17 @@ def create_app(
             for kind, n in kinds.items():
                 m.capture_redactions.labels(kind).inc(n)
 
+        def dropped(key: str, n: int, reason: str) -> None:
+            namespace, task = _split_key(key)
+            m.capture_records.labels(namespace, task, "dropped").inc(n)
+            m.capture_dropped.labels(namespace, task, reason).inc(n)
+
         # Capture counts by route key (its directory, ``namespace/task``); metrics carry the
         # namespace and the task name as two labels like every other gateway metric.
         capture = CaptureSink(
             cfg.capture,
             on_written=lambda k, n: m.capture_records.labels(*_split_key(k), "written").inc(n),
-            on_dropped=lambda k, n: m.capture_records.labels(*_split_key(k), "dropped").inc(n),
+            on_dropped=dropped,
             on_redacted=lambda k, n: m.capture_redacted.labels(*_split_key(k)).inc(n),
             on_redactions=redactions,
         )

@@ -71,6 +71,20 @@ RETRY_MAX_S = 300.0
 #: At most one "records dropped, queue full" warning per this many seconds.
 FULL_LOG_INTERVAL_S = 10.0
 
+# Why a record was dropped: the ``reason`` label of
+# ``slm_gateway_capture_dropped_records_total``, so an alert on drops says where to look.
+#: The queue was full: the workers cannot keep up with the calls.
+DROP_QUEUE_FULL = "queue_full"
+#: The redactor failed on the record; it is never written unredacted.
+DROP_REDACTION = "redaction_failed"
+#: Its shard could not be written (a full or read-only disk).
+DROP_WRITE = "write_failed"
+#: A capture worker died holding it, or no live worker could take it.
+DROP_WORKER = "worker_lost"
+#: The gateway stopped before it was written (submitted while closing, or past close()'s
+#: deadline).
+DROP_SHUTDOWN = "shutdown"
+
 
 class Captured(NamedTuple):
     """One answered call as the request path hands it over: cheap to build, cheap to pickle.
@@ -568,7 +582,7 @@ def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, inde
         if batch is None:
             break
         written: Counter[str] = Counter()
-        dropped: Counter[str] = Counter()
+        dropped: dict[str, Counter[str]] = {DROP_REDACTION: Counter(), DROP_WRITE: Counter()}
         redacted: Counter[str] = Counter()
         kinds: Counter[str] = Counter()
         by_key: dict[str, list[bytes]] = {}
@@ -576,7 +590,7 @@ def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, inde
             try:
                 line, counts = capture_line(item, redactor)
             except Exception as exc:  # never write what could not be redacted
-                dropped[item.key] += 1
+                dropped[DROP_REDACTION][item.key] += 1
                 log.warning("capture: dropped a record of %s: %s", item.key, type(exc).__name__)
                 continue
             by_key.setdefault(item.key, []).append(line)
@@ -589,9 +603,10 @@ def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, inde
                 writer.write(key, lines)
             except OSError as exc:  # e.g. a full disk: this task's lines of the batch are not
                 log.error("capture: cannot write the shard of %s: %s", key, exc)
-                dropped[key] += written.pop(key)
+                dropped[DROP_WRITE][key] += written.pop(key)
         _rotate(writer)
-        outbox.send(("ack", dict(written), dict(dropped), dict(redacted), dict(kinds)))
+        by_reason = {reason: dict(keys) for reason, keys in dropped.items() if keys}
+        outbox.send(("ack", dict(written), by_reason, dict(redacted), dict(kinds)))
     try:
         writer.close_all()
         writer.retry_uploads(force=True)
@@ -685,8 +700,9 @@ class CaptureSink:
     times a second with nothing to do: 1.9 % of a core for an idle gateway, against 0.4 %
     without capture (`bench/gateway_idle.py`).
 
-    ``on_written``, ``on_dropped`` and ``on_redacted`` (per task key) and ``on_redactions``
-    (entities per kind) feed metrics; they run on helper threads.
+    ``on_written``, ``on_dropped`` (with one of the ``DROP_*`` reasons) and ``on_redacted``
+    (per task key) and ``on_redactions`` (entities per kind) feed metrics; they run on helper
+    threads.
     """
 
     def __init__(
@@ -694,7 +710,7 @@ class CaptureSink:
         cfg: CaptureConfig,
         *,
         on_written: Callable[[str, int], None] | None = None,
-        on_dropped: Callable[[str, int], None] | None = None,
+        on_dropped: Callable[[str, int, str], None] | None = None,
         on_redacted: Callable[[str, int], None] | None = None,
         on_redactions: Callable[[dict[str, int]], None] | None = None,
     ) -> None:
@@ -771,7 +787,7 @@ class CaptureSink:
             if len(q) == 1:
                 self._work.set()  # the pump may be asleep on an empty queue
             return True
-        self._count_dropped({item.key: 1})
+        self._count_dropped({item.key: 1}, DROP_SHUTDOWN if self._closing else DROP_QUEUE_FULL)
         self._warn_full()
         return False
 
@@ -834,11 +850,11 @@ class CaptureSink:
             while self._queue:
                 lost[self._queue.popleft().key] += 1
         if lost:
-            self._count_dropped(lost)
+            self._count_dropped(lost, DROP_SHUTDOWN)
         rest = self.stats.pending
         if rest > 0:
             lost["_shutdown"] = rest
-            self._count_dropped({"_shutdown": rest})
+            self._count_dropped({"_shutdown": rest}, DROP_SHUTDOWN)
         if lost:
             log.error("capture: %d records were not written before shutdown", sum(lost.values()))
         return self.stats
@@ -887,7 +903,7 @@ class CaptureSink:
                     if not (w.inflight and w.inflight[-1] is keys):
                         return rr  # its ack thread already counted this batch as dropped
                     w.inflight.pop()
-        self._count_dropped(keys)
+        self._count_dropped(keys, DROP_SHUTDOWN if self._closing else DROP_WORKER)
         return rr
 
     def _acks(self, worker: _Worker) -> None:
@@ -920,8 +936,8 @@ class CaptureSink:
                     self._on_redacted(key, n)
             if self._on_redactions and kinds:
                 self._on_redactions(kinds)
-            if dropped:
-                self._count_dropped(dropped)
+            for reason, by_key in dropped.items():
+                self._count_dropped(by_key, reason)
         worker.recv_conn.close()
         worker.closed.set()
 
@@ -936,7 +952,8 @@ class CaptureSink:
             sum(lost.values()),
         )
         if lost:
-            self._count_dropped(lost)
+            # one close() killed for missing its deadline holds what shutdown did not write
+            self._count_dropped(lost, DROP_SHUTDOWN if self._closing else DROP_WORKER)
         if not self._closing:
             self._restart(worker)
 
@@ -980,12 +997,12 @@ class CaptureSink:
             new.proc.join(5)
         dead.send_conn.close()
 
-    def _count_dropped(self, by_key: dict[str, int] | Counter[str]) -> None:
+    def _count_dropped(self, by_key: dict[str, int] | Counter[str], reason: str) -> None:
         with self._lock:
             self.stats.dropped += sum(by_key.values())
         if self._on_dropped:
             for key, n in by_key.items():
-                self._on_dropped(key, n)
+                self._on_dropped(key, n, reason)
 
 
 def _release(worker: _Worker) -> None:

@@ -33,9 +33,12 @@ namespace empty for routes from a static file; ``backend`` is ``slm`` or ``llm``
 - ``slm_gateway_circuit_state{backend,endpoint}``: 0 closed, 1 half-open, 2 open.
 - ``slm_gateway_routes``: tasks known; ``slm_gateway_route_mode{namespace,task,mode}``: 1 for
   the current mode of each task.
-- ``slm_gateway_capture_records_total{namespace,task,result}``: ``written`` or ``dropped``
-  (queue full, a record the redactor could not process, which is never written unredacted,
-  or a record held by a capture worker that died, counted when it dies).
+- ``slm_gateway_capture_records_total{namespace,task,result}``: ``written`` or ``dropped``.
+- ``slm_gateway_capture_dropped_records_total{namespace,task,reason}``: the dropped records
+  by why: ``queue_full`` (the workers cannot keep up), ``redaction_failed`` (the redactor
+  failed on it; never written unredacted), ``write_failed`` (the shard could not be written:
+  a full disk), ``worker_lost`` (held by a capture worker that died, counted when it dies)
+  or ``shutdown`` (not written before the gateway stopped).
 - ``slm_gateway_capture_redacted_records_total{namespace,task}`` and
   ``slm_gateway_capture_redactions_total{kind}``: records with at least one redaction and the
   entities replaced, by kind (EMAIL_ADDRESS, API_KEY, ...).
@@ -332,6 +335,13 @@ class GatewayMetrics:
             ["namespace", "task", "result"],
             registry=r,
         )
+        self.capture_dropped = Counter(
+            p + "capture_dropped_records",
+            "Call records not written, by why (queue_full, redaction_failed, write_failed, "
+            "worker_lost, shutdown).",
+            ["namespace", "task", "reason"],
+            registry=r,
+        )
         self.capture_redacted = Counter(
             p + "capture_redacted_records",
             "Records with at least one redaction.",
@@ -366,6 +376,7 @@ class GatewayMetrics:
             self.shadow,
             self.route_mode,
             self.capture_records,
+            self.capture_dropped,
             self.capture_redacted,
             self.streams,
             self.stream_first_chunk,

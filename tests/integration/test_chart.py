@@ -642,7 +642,9 @@ ALERT_CASES: dict[str, tuple[list[dict[str, str]], list[dict[str, str]], dict[st
     "SlmFleetCaptureDropping": (
         [
             _series(
-                "slm_gateway_capture_records_total", TASK_LABELS + ',result="dropped"', "0+1x60"
+                "slm_gateway_capture_dropped_records_total",
+                TASK_LABELS + ',reason="queue_full"',
+                "0+1x60",
             ),
             _series(
                 "slm_gateway_capture_records_total", TASK_LABELS + ',result="written"', "0+60x60"
@@ -650,12 +652,12 @@ ALERT_CASES: dict[str, tuple[list[dict[str, str]], list[dict[str, str]], dict[st
         ],
         [  # drops long ago, none in the last half hour
             _series(
-                "slm_gateway_capture_records_total",
-                TASK_LABELS + ',result="dropped"',
+                "slm_gateway_capture_dropped_records_total",
+                TASK_LABELS + ',reason="write_failed"',
                 "0+1x10 10x50",
             ),
         ],
-        {"namespace": A, "task": T},
+        {"namespace": A, "task": T, "reason": "queue_full"},
         "",
     ),
     "SlmFleetCaptureBacklog": (

@@ -121,13 +121,18 @@ def item(i: int, key: str = "weather", request: bytes = REQ) -> Captured:
 
 
 def test_records_are_redacted_written_and_flushed_on_close(tmp_path: Path) -> None:
-    sink = CaptureSink(CaptureConfig(target=str(tmp_path / "calls"), workers=2, batch_size=16))
+    dropped: list[tuple[str, int, str]] = []
+    sink = CaptureSink(
+        CaptureConfig(target=str(tmp_path / "calls"), workers=2, batch_size=16),
+        on_dropped=lambda k, n, reason: dropped.append((k, n, reason)),
+    )
     sink.start()
     for i in range(300):
         assert sink.submit(item(i, key="weather" if i % 3 else "ns/extract"))
     sink.submit(item(999, request=b"not json"))  # cannot be redacted: dropped, never written
     stats = sink.close()
     assert (stats.submitted, stats.written, stats.dropped) == (301, 300, 1)
+    assert dropped == [("weather", 1, capture.DROP_REDACTION)]
     assert stats.redacted == 300 and stats.redactions["EMAIL_ADDRESS"] == 300
     files = shards(tmp_path / "calls")
     assert shards(tmp_path, "*.part") == []
@@ -296,7 +301,11 @@ def test_close_keeps_its_deadline_when_a_worker_is_stalled(tmp_path: Path) -> No
             ],
         }
     )
-    sink = CaptureSink(CaptureConfig(target=str(tmp_path), batch_size=8))
+    reasons: Counter[str] = Counter()
+    sink = CaptureSink(
+        CaptureConfig(target=str(tmp_path), batch_size=8),
+        on_dropped=lambda k, n, reason: reasons.update({reason: n}),
+    )
     sink.start()
     pid = sink._workers[0].proc.pid
     assert sink.submit(item(0))
@@ -318,6 +327,7 @@ def test_close_keeps_its_deadline_when_a_worker_is_stalled(tmp_path: Path) -> No
             os.kill(pid, signal.SIGKILL)
     stats = sink.stats
     assert stats.written + stats.dropped == stats.submitted == 60 and stats.pending == 0
+    assert reasons == {capture.DROP_SHUTDOWN: stats.dropped}  # the killed worker's included
 
 
 def test_a_full_queue_drops_counts_and_says_so(
@@ -325,15 +335,15 @@ def test_a_full_queue_drops_counts_and_says_so(
 ) -> None:
     """Each drop is counted; the log says so too, once per interval and not once per record
     (a full queue drops thousands a second)."""
-    dropped: list[tuple[str, int]] = []
+    dropped: list[tuple[str, int, str]] = []
     sink = CaptureSink(
         CaptureConfig(target=str(tmp_path), queue_size=2),
-        on_dropped=lambda k, n: dropped.append((k, n)),
+        on_dropped=lambda k, n, reason: dropped.append((k, n, reason)),
     )  # not started: nothing drains the queue
     with caplog.at_level("WARNING", logger="slm_gateway.capture"):
         results = [sink.submit(item(i)) for i in range(5)]
     assert results == [True, True, False, False, False]
-    assert sink.stats.dropped == 3 and dropped == [("weather", 1)] * 3
+    assert sink.stats.dropped == 3 and dropped == [("weather", 1, capture.DROP_QUEUE_FULL)] * 3
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "1 record(s) dropped: the workers cannot keep up" in warnings[0]
     sink._full_logged_at -= capture.FULL_LOG_INTERVAL_S  # the interval has passed
@@ -513,9 +523,10 @@ def test_a_killed_worker_counts_its_records_as_dropped_at_once_and_is_replaced(
     dropped for their task while the gateway runs, so "written = served" checks see the loss
     then, not at shutdown; a new worker takes over, and close counts nothing twice."""
     dropped: Counter[str] = Counter()
+    reasons: set[str] = set()
     sink = CaptureSink(
         CaptureConfig(target=str(tmp_path), batch_size=8, restart_backoff_s=0.05),
-        on_dropped=lambda k, n: dropped.update({k: n}),
+        on_dropped=lambda k, n, reason: (dropped.update({k: n}), reasons.add(reason)),
     )
     sink.start()
     try:
@@ -527,6 +538,7 @@ def test_a_killed_worker_counts_its_records_as_dropped_at_once_and_is_replaced(
         os.kill(old, signal.SIGKILL)
         assert wait_for(lambda: sink.stats.dropped == 20), sink.stats
         assert dropped == {"weather": 10, "ns/extract": 10}
+        assert reasons == {capture.DROP_WORKER}
         assert sink.stats.pending == 0 and sink.stats.written == 0
         assert wait_for(lambda: sink._workers[0].proc.pid != old and sink._workers[0].alive)
         for i in range(5):
@@ -671,3 +683,23 @@ def test_a_write_that_fails_leaves_none_of_its_lines(tmp_path: Path) -> None:
     w.write("ns/task", [b'{"d":4}\n'])
     w.close_all()
     assert [p.read_bytes() for p in shards(tmp_path)] == [b'{"a":1}\n{"d":4}\n']
+
+
+def test_a_shard_that_cannot_be_written_drops_its_records_saying_why(tmp_path: Path) -> None:
+    """A task whose shard cannot be written (here its folder is a file; in a pod, a full
+    disk) loses that batch's records, counted with the reason an alert points to; the other
+    tasks' records in the same batch are written."""
+    (tmp_path / "weather").write_bytes(b"in the way of the task's folder")
+    dropped: list[tuple[str, int, str]] = []
+    sink = CaptureSink(
+        CaptureConfig(target=str(tmp_path), batch_size=16),
+        on_dropped=lambda k, n, reason: dropped.append((k, n, reason)),
+    )
+    sink.start()
+    for i in range(4):
+        sink.submit(item(i, key="weather" if i % 2 else "ns/extract"))
+    stats = sink.close()
+    assert (stats.written, stats.dropped) == (2, 2)
+    assert {(k, reason) for k, _, reason in dropped} == {("weather", capture.DROP_WRITE)}
+    assert sum(n for _, n, _ in dropped) == 2
+    assert sum(f.read_bytes().count(b"\n") for f in shards(tmp_path / "ns" / "extract")) == 2
