@@ -40,6 +40,7 @@ Why it is built this way:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import logging
 import math
@@ -113,7 +114,8 @@ class CaptureConfig:
     """Where and how call logs are written.
 
     ``target`` is a directory, or an fsspec URI (``s3://bucket/prefix``) when fsspec and the
-    filesystem's driver are installed; ``spool`` is the local directory used for the URI case.
+    filesystem's driver are installed; ``spool`` is the local directory used for the URI case
+    (one folder per target under it, :func:`spool_dir`).
     """
 
     target: str
@@ -545,6 +547,16 @@ def _rotate(writer: ShardWriter) -> None:
         log.error("capture: cannot rotate shards: %s", exc)
 
 
+def spool_dir(spool: str, target: str) -> Path:
+    """The spool folder of one URI target, under the configured spool.
+
+    Shards left in a spool (a failed upload, then a stop) are uploaded by whichever writer
+    starts next in it. Two gateways on one host with the default spool and different targets
+    would otherwise upload each other's shards to their own target: one task's calls in
+    another bucket, where its trainer never looks."""
+    return Path(spool) / hashlib.sha256(target.encode()).hexdigest()[:16]
+
+
 def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, index: int) -> None:
     """Redact and write batches until the parent sends None or goes away."""
     # The parent decides when to stop: a SIGTERM or Ctrl-C sent to the process group must
@@ -558,7 +570,7 @@ def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, inde
     redactor.redact_text("warm-up: jane@example.com")
     publish = None
     if "://" in cfg.target and not cfg.target.startswith("file://"):
-        root = Path(cfg.spool)
+        root = spool_dir(cfg.spool, cfg.target)
         publish = _fsspec_publisher(cfg.target)
     else:
         root = Path(cfg.target.removeprefix("file://"))

@@ -413,6 +413,39 @@ def test_a_failed_upload_is_kept_and_tried_again_until_it_lands(tmp_path: Path) 
     assert shards(tmp_path) == []
 
 
+def test_a_shard_left_in_a_shared_spool_goes_to_its_own_target(tmp_path: Path) -> None:
+    """Two gateways on one host with the default spool and different targets: a shard one of
+    them could not upload before it stopped is uploaded to its own bucket when it starts
+    again, never to the other gateway's (where that task's trainer would never see it)."""
+    pytest.importorskip("fsspec")
+    import subprocess
+    import sys
+
+    spool = tmp_path / "spool"
+    target_a, target_b = f"local://{tmp_path}/bucket-a", f"local://{tmp_path}/bucket-b"
+    assert capture.spool_dir(str(spool), target_a) != capture.spool_dir(str(spool), target_b)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    root_a = capture.spool_dir(str(spool), target_a)
+    left = _orphan(root_a, ShardWriter(root_a, 0, 1 << 20, 60), int(gone.stdout), b'{"a":1}\n')
+    left = left.rename(left.with_name(left.name.removesuffix(".part")))  # upload had failed
+
+    for target in (target_b, target_a):
+        sink = CaptureSink(CaptureConfig(target=target, spool=str(spool)))
+        sink.start()
+        sink.submit(item(0, key="ns/other"))
+        sink.close()
+        if target == target_b:
+            assert left.exists()  # not B's to upload
+    assert [p.read_bytes() for p in shards(tmp_path / "bucket-a" / "ns" / "task")] == [b'{"a":1}\n']
+    assert not (tmp_path / "bucket-b" / "ns" / "task").exists()
+    assert shards(spool) == []
+
+
 def test_a_uri_target_is_uploaded_where_the_trainer_reads_it(tmp_path: Path) -> None:
     """Both ends of an object-store call log: the sink's worker spools and uploads each task's
     shards under the URI, and the trainer lists and reads that task's prefix through fsspec
