@@ -9,17 +9,31 @@ EXTRAS ?= operator,gateway,trainer,dev
 demo: ## The whole loop on this machine: capture, train on CPU, gate, Triton, rollout, fallback
 	$(PY) -m slm_e2e.demo
 
-.PHONY: demo setup venv binaries system-deps test unit integration lint typecheck cluster-up cluster-down cluster-status clean
+.PHONY: demo setup venv lock binaries system-deps test unit integration lint typecheck cluster-up cluster-down cluster-status clean
 
 setup: system-deps venv binaries ## Install Python deps into .venv and build the control plane into ~/.cache/slm-fleet
 
+# constraints.txt pins every package at the version the test suite and the benchmarks last
+# passed with (pyproject.toml keeps the ranges a user's own install may take): a fresh
+# setup then gets the same torch and transformers, whose numerics move the benchmark figures.
 venv:
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
 	# BFCL's data and AST checker only: its own pins (numpy==1.26.4, vllm...) would
 	# downgrade the trainer's stack, so it is installed without dependencies.
 	$(PY) -m pip install -q --no-deps 'bfcl-eval==2026.3.23'
+
+lock: ## Re-resolve the newest versions pyproject.toml allows into constraints.txt (then run make test)
+	rm -rf $(VENV).lock
+	$(PYTHON) -m venv $(VENV).lock
+	$(VENV).lock/bin/python -m pip install -q --upgrade pip
+	$(VENV).lock/bin/python -m pip install -q -e '.[$(EXTRAS)]'
+	$(VENV).lock/bin/python -m pip install -q --no-deps 'bfcl-eval==2026.3.23'
+	{ echo "# Every package of .venv at the versions the tests last passed with; make lock"; \
+	  echo "# refreshes it. Used as pip constraints by make setup and the images."; \
+	  $(VENV).lock/bin/python -m pip freeze --exclude-editable; } > constraints.txt
+	rm -rf $(VENV).lock
 
 binaries:
 	bash e2e/build-binaries.sh

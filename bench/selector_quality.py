@@ -25,7 +25,7 @@ Usage::
 
     python bench/selector_quality.py [--work /tmp/slm-bench-selector] [--epochs 4]
         [--threads 2] [--tool-tower frozen|shared] [--defer-head constant|query]
-        [--reuse-data]
+        [--seed N] [--split-seed N] [--reuse-data]
 
 Writes ``bench/results/selector_quality.json`` and ``bench/results/selector_coverage.png``.
 """
@@ -57,6 +57,33 @@ TRAFFIC = ("live_multiple", "live_irrelevance")
 TARGET = {"relevant_accepted": 0.80, "precision": 0.97, "irrelevant_deferred": 0.90}
 
 
+def data_stamp(eval_fraction: float, seed: int) -> str:
+    """What the curated split depends on: the code that builds and curates the call log, the
+    versions of the packages that redact and deduplicate it, and the split's settings.
+
+    ``--reuse-data`` reuses a split only under the same stamp. Without it, a split an older
+    curate had left in the work folder was reused silently, and the figures published from it
+    differed from what the same command gives on a fresh machine."""
+    import hashlib
+    from importlib import metadata
+
+    h = hashlib.sha256()
+    trainer = ROOT / "trainer"
+    sources = [ROOT / "bench" / "bfcl_data.py"]
+    sources += [trainer / "slm_trainer" / f for f in ("curate.py", "redact.py")]
+    sources += sorted((trainer / "slm_contract").glob("*.py"))
+    for path in sources:
+        h.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    for dist in ("bfcl-eval", "presidio-analyzer", "phonenumbers", "datasketch"):
+        try:
+            version = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            version = "-"
+        h.update(f"{dist}=={version}\0".encode())
+    h.update(f"eval_fraction={eval_fraction!r} seed={seed}".encode())
+    return h.hexdigest()
+
+
 def quiet_emit(event: dict[str, Any]) -> None:
     """Progress on stderr, sparsely: the table on stdout stays readable."""
     if event.get("phase") in ("train", "resume", "preempted") and (
@@ -75,6 +102,19 @@ def baseline_threshold(conf: Sequence[float], refs: Sequence[str | None], defer:
     import math
 
     return math.nextafter(irrelevant[k], math.inf)
+
+
+def relevant_only_curve(
+    labels: Sequence[str | None], conf: Sequence[float], refs: Sequence[str | None]
+) -> list[metrics.CurvePoint]:
+    """The coverage curve on the relevant calls alone: what the selector would reach if
+    something else deferred every irrelevant call perfectly. Its best point at the target
+    precision is bounded by the wrong tools the selector is confident about; below 80 %, no
+    irrelevance detector, however good, meets the target with this ranking."""
+    keep = [i for i, r in enumerate(refs) if r is not None]
+    return metrics.coverage_curve(
+        [labels[i] for i in keep], [conf[i] for i in keep], [refs[i] for i in keep]
+    )
 
 
 def row(name: str, point: metrics.CurvePoint, top1: float, top1_tool: float) -> dict[str, Any]:
@@ -111,7 +151,7 @@ def print_table(rows: Sequence[dict[str, Any]], n_rel: int, n_irr: int) -> None:
             f"{r['model']:44} {r['threshold']:>7.3f} {r['relevant_accepted']:>18.1%} "
             f"{r['precision']:>10.1%} {r['irrelevant_deferred']:>20.1%} "
             f"{r['top1_relevant']:>6.1%} {r['top1_tool']:>10.1%} "
-            f"{'MET' if r['meets_target'] else 'missed':>7}"
+            f"{'info' if '(info)' in r['model'] else 'MET' if r['meets_target'] else 'missed':>7}"
         )
     print(
         f"{'target':44} {'':>7} {'>= 80.0%':>18} {'>= 97.0%':>10} {'>= 90.0%':>20} {'':>6} "
@@ -120,6 +160,10 @@ def print_table(rows: Sequence[dict[str, Any]], n_rel: int, n_irr: int) -> None:
     print(
         "top-1: the first choice on relevant calls (a selector's defer counts as a miss); "
         "top-1 tool: the best-scored tool, defer left out"
+    )
+    print(
+        "every irrelevant call removed: the same predictions on the relevant calls alone, the "
+        "ceiling of this ranking with a perfect irrelevance detector (info)"
     )
 
 
@@ -134,7 +178,8 @@ def plot(
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, curve in curves.items():
         pts = [p for p in curve if p.accepted]
-        ax.plot([p.relevant_coverage for p in pts], [p.precision for p in pts], label=name)
+        style = ":" if "ceiling" in name else "-"
+        ax.plot([p.relevant_coverage for p in pts], [p.precision for p in pts], style, label=name)
         m = marks.get(name)
         if m:
             ax.scatter([m["relevant_accepted"]], [m["precision"]], zorder=3)
@@ -166,7 +211,14 @@ def main(argv: list[str] | None = None) -> int:
         help="LoRA adapter, or full fine-tuning of the query encoder (use a lower --learning-rate)",
     )
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="training seed")
+    parser.add_argument(
+        "--split-seed",
+        type=int,
+        default=0,
+        help="curate's train/eval split seed: the traffic itself, kept apart from --seed so that "
+        "training seeds are compared on the same split",
+    )
     parser.add_argument("--eval-fraction", type=float, default=0.2)
     parser.add_argument("--tool-tower", choices=("frozen", "shared"), default="frozen")
     parser.add_argument("--defer-head", choices=("constant", "query"), default="constant")
@@ -178,7 +230,11 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="calibrate on out-of-fold logits of K extra models (0: held-out fraction)",
     )
-    parser.add_argument("--reuse-data", action="store_true", help="keep work/data if present")
+    parser.add_argument(
+        "--reuse-data",
+        action="store_true",
+        help="keep work/data if the same code, package versions and settings built it",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS)
     ns = parser.parse_args(argv)
 
@@ -191,20 +247,33 @@ def main(argv: list[str] | None = None) -> int:
     data = work / "data"
     timings: dict[str, float] = {}
     t0 = time.monotonic()
-    if not (ns.reuse_data and (data / "eval.jsonl").is_file()):
+    stamp = data_stamp(ns.eval_fraction, ns.split_seed)
+    stamp_file = data / "bench-stamp.txt"
+    reuse = (
+        ns.reuse_data
+        and (data / "eval.jsonl").is_file()
+        and stamp_file.is_file()
+        and stamp_file.read_text().strip() == stamp
+    )
+    if ns.reuse_data and not reuse:
+        print(
+            "--reuse-data: no split built by this code and settings; building it", file=sys.stderr
+        )
+    if not reuse:
         n = bfcl_data.write_call_log(work / "calls.jsonl")
         res = curate.run(
             curate.Args(
                 input=work / "calls.jsonl",
                 output_dir=data,
                 eval_fraction=ns.eval_fraction,
-                seed=ns.seed,
+                seed=ns.split_seed,
             ),
             quiet_emit,
         )
         print(f"curate: {n} BFCL records -> {res.message}", file=sys.stderr)
         if not res.ok:
             return 1
+        stamp_file.write_text(stamp + "\n")
     timings["data_seconds"] = round(time.monotonic() - t0, 1)
 
     cand = work / "candidates" / "minilm-selector"
@@ -303,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if oracle is not None:
         rows.append(row("fine-tuned, thr. picked on traffic (info)", oracle, *tuned_top1))
+    ceiling_curve = relevant_only_curve(tuned_labels, tuned_conf, refs)
+    ceiling = metrics.pick_threshold(ceiling_curve, TARGET["precision"])
+    if ceiling is not None:
+        rows.append(row("fine-tuned, irrelevant calls removed (info)", ceiling, *tuned_top1))
     print_table(rows, n_rel, n_irr)
     timings["total_seconds"] = round(time.monotonic() - t0, 1)
     print(
@@ -322,13 +395,18 @@ def main(argv: list[str] | None = None) -> int:
         "curves": {
             "zero_shot": metrics.curve_as_dicts(zs_curve, 100),
             "selector": metrics.curve_as_dicts(tuned_curve, 100),
+            "selector_relevant_only": metrics.curve_as_dicts(ceiling_curve, 100),
         },
         "tuned_point": asdict(tuned_at),
     }
     ns.results.mkdir(parents=True, exist_ok=True)
     (ns.results / "selector_quality.json").write_text(json.dumps(out, indent=2) + "\n")
     plot(
-        {"zero-shot MiniLM cosine": zs_curve, "fine-tuned selector": tuned_curve},
+        {
+            "zero-shot MiniLM cosine": zs_curve,
+            "fine-tuned selector": tuned_curve,
+            "fine-tuned, irrelevant calls removed (ceiling)": ceiling_curve,
+        },
         {"zero-shot MiniLM cosine": rows[0], "fine-tuned selector": rows[1]},
         ns.results / "selector_coverage.png",
     )
