@@ -330,6 +330,49 @@ def test_a_template_that_drops_tool_messages_gets_the_results_as_a_user_turn(
     assert not chatformat.template_drops_role(templated(tiny_minilm, "gemma2"), "tool")
 
 
+# The system-prompt logic of Mistral v0.3's template (and Mistral-Nemo's, Mistral-Small
+# 2409's): the system text is written only into a user message that is the last message.
+LAST_USER_SYSTEM_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}"
+    "{%- endif %}{{- bos_token }}{%- for message in loop_messages %}"
+    "{%- if message['role'] == 'user' %}{%- if loop.last and system_message is defined %}"
+    "{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}"
+    "{%- else %}{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{{- '[TOOL_RESULTS] ' + message['content'] + '[/TOOL_RESULTS]' }}{%- endif %}{%- endfor %}"
+)
+
+
+def test_a_template_that_keeps_the_system_text_only_before_a_last_user_turn(
+    tiny_minilm: Path,
+) -> None:
+    """Mistral v0.3's template writes the system prompt into the last message only when it is
+    a user's: a call that continues after tool results was trained and served without its
+    instructions, and a training example's full rendering (the answer last) lost them too."""
+    tok = templated(tiny_minilm, "qwen3")
+    tok.chat_template = LAST_USER_SYSTEM_TEMPLATE
+    assert chatformat.template_drops_role(tok, "system")
+    system = {"role": "system", "content": "Answer in Celsius."}
+    for messages in ([system, *record(0).messages], [system, *_tool_turns('{"temp_c": 21}')]):
+        rec = CallRecord(
+            task="t",
+            backend="llm",
+            messages=messages,
+            tools=TOOLS,
+            response={"role": "assistant", "content": "21 C in Paris."},
+        )
+        prompt, completion = chatformat.split_example(
+            tok, rec.messages, rec.tools, rec.response, False
+        )
+        first_user = prompt[prompt.index("[INST] ") :]
+        assert first_user.startswith("[INST] " + chatformat.TOOLS_PREAMBLE)
+        assert "Answer in Celsius.\n\n" + messages[1]["content"] in first_user
+        assert prompt == chatformat.render(tok, rec.messages, rec.tools, False)  # as served
+        assert completion == " 21 C in Paris." + tok.eos_token  # the template's own answer turn
+
+
 def test_parallel_tool_results_become_one_user_turn_where_roles_must_alternate(
     tiny_minilm: Path,
 ) -> None:

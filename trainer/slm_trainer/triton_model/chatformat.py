@@ -167,27 +167,37 @@ def template_drops_role(tokenizer: Any, role: str, with_tools: Any = None) -> bo
     text out of the prompt.
 
     Asked by rendering, once per template (and per whether tools are passed, which picks
-    among named templates such as Command-R's ``default`` and ``tool_use``): Phi-3's
-    template has no branch for ``tool`` and dropped those messages silently, so tool results
-    never reached the prompt in training or serving. A template that raises on the probe
-    does not count as dropping: :func:`render` tries its forms in order, as before.
+    among named templates such as Command-R's ``default`` and ``tool_use``), in both shapes
+    the text is rendered in: a request (serving, ending with a generation prompt) and a
+    request with its answer (a training example). Phi-3's template has no branch for
+    ``tool`` and dropped those messages silently, so tool results never reached the prompt
+    in training or serving. Mistral v0.3's writes the system prompt only into a *last* user
+    message: requests kept it, training examples (the answer comes last) lost it, and the
+    model learnt without the instructions it was then served with. A template that raises
+    on a probe does not count as dropping there: :func:`render` tries its forms in order.
     """
     key = (_template_text(tokenizer), role, bool(with_tools))
     if key not in _drops_role:
-        probe = [
+        turns = [
             {"role": "user", "content": "hello"},
             {"role": "assistant", "content": "calling"},
             {"role": role, "content": _ROLE_PROBE},
         ]
         if role == "system":
-            probe = [probe[2], probe[0]]
-        kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
-        if with_tools:
-            kwargs["tools"] = with_tools
-        try:
-            _drops_role[key] = _ROLE_PROBE not in _apply(tokenizer, probe, kwargs)
-        except Exception:
-            _drops_role[key] = False
+            turns = [turns[2], turns[0]]
+        answer = {"role": "assistant", "content": "done"}
+        extra: dict[str, Any] = {"tools": with_tools} if with_tools else {}
+        probes = [
+            (turns, {"tokenize": False, "add_generation_prompt": True, **extra}),
+            ([*turns, answer], {"tokenize": False, **extra}),
+        ]
+        drops = False
+        for messages, kwargs in probes:
+            try:
+                drops = drops or _ROLE_PROBE not in _apply(tokenizer, messages, kwargs)
+            except Exception:
+                continue
+        _drops_role[key] = drops
     return _drops_role[key]
 
 
