@@ -24,16 +24,20 @@ venv:
 	# downgrade the trainer's stack, so it is installed without dependencies.
 	$(PY) -m pip install -q --no-deps 'bfcl-eval==2026.3.23'
 
-lock: ## Re-resolve the newest versions pyproject.toml allows into constraints.txt (then run make test)
+lock: ## Re-resolve the newest versions pyproject.toml allows into constraints.txt, install them into .venv
 	rm -rf $(VENV).lock
 	$(PYTHON) -m venv $(VENV).lock
 	$(VENV).lock/bin/python -m pip install -q --upgrade pip
 	$(VENV).lock/bin/python -m pip install -q -e '.[$(EXTRAS)]'
 	$(VENV).lock/bin/python -m pip install -q --no-deps 'bfcl-eval==2026.3.23'
+	# written aside and moved: a failed freeze must not leave a header-only file (no pins)
 	{ echo "# Every package of .venv at the versions the tests last passed with; make lock"; \
 	  echo "# refreshes it. Used as pip constraints by make setup and the images."; \
-	  $(VENV).lock/bin/python -m pip freeze --exclude-editable; } > constraints.txt
+	  $(VENV).lock/bin/python -m pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 	rm -rf $(VENV).lock
+	$(MAKE) venv
+	@echo "constraints.txt re-resolved and installed into $(VENV); run make test before committing it"
 
 binaries:
 	bash e2e/build-binaries.sh

@@ -74,7 +74,7 @@ def data_stamp(eval_fraction: float, seed: int) -> str:
     sources += sorted((trainer / "slm_contract").glob("*.py"))
     for path in sources:
         h.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
-    for dist in ("bfcl-eval", "presidio-analyzer", "phonenumbers", "datasketch"):
+    for dist in ("bfcl-eval", "presidio-analyzer", "spacy", "phonenumbers", "datasketch"):
         try:
             version = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -260,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             "--reuse-data: no split built by this code and settings; building it", file=sys.stderr
         )
     if not reuse:
+        stamp_file.unlink(missing_ok=True)  # a rebuild that fails half-way is not reused
         n = bfcl_data.write_call_log(work / "calls.jsonl")
         res = curate.run(
             curate.Args(

@@ -46,6 +46,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import re
 import signal
 import socket
 import threading
@@ -82,9 +83,12 @@ DROP_REDACTION = "redaction_failed"
 DROP_WRITE = "write_failed"
 #: A capture worker died holding it, or no live worker could take it.
 DROP_WORKER = "worker_lost"
-#: The gateway stopped before it was written (submitted while closing, or past close()'s
-#: deadline).
+#: The gateway stopped before it was written (submitted while closing, or held by a worker
+#: that close() killed at its deadline).
 DROP_SHUTDOWN = "shutdown"
+#: Every reason: the gateway exports each at 0 per task, so an alert on increase() sees a
+#: reason's first drop (a series that starts at its first drop never shows an increase).
+DROP_REASONS = (DROP_QUEUE_FULL, DROP_REDACTION, DROP_WRITE, DROP_WORKER, DROP_SHUTDOWN)
 
 
 class Captured(NamedTuple):
@@ -547,6 +551,9 @@ def _rotate(writer: ShardWriter) -> None:
         log.error("capture: cannot rotate shards: %s", exc)
 
 
+_TARGET_DIR = re.compile(r"[0-9a-f]{16}")
+
+
 def spool_dir(spool: str, target: str) -> Path:
     """The spool folder of one URI target, under the configured spool.
 
@@ -555,6 +562,21 @@ def spool_dir(spool: str, target: str) -> Path:
     would otherwise upload each other's shards to their own target: one task's calls in
     another bucket, where its trainer never looks."""
     return Path(spool) / hashlib.sha256(target.encode()).hexdigest()[:16]
+
+
+def stray_spool_shards(spool: str) -> list[Path]:
+    """Shards in ``spool`` outside every target's folder: left by a gateway from before
+    targets had folders of their own (a failed upload, then a stop). Nothing uploads them,
+    since which target they belong to is not known; :meth:`CaptureSink.start` says so."""
+    root = Path(spool)
+    found: list[Path] = []
+    with contextlib.suppress(OSError):
+        for child in root.iterdir():
+            if child.is_dir() and _TARGET_DIR.fullmatch(child.name):
+                continue
+            files = child.rglob("*") if child.is_dir() else [child]
+            found += [f for f in files if f.name.endswith((SHARD_SUFFIX, PART_SUFFIX))]
+    return sorted(found)
 
 
 def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, index: int) -> None:
@@ -688,6 +710,9 @@ class _Worker:
         self.started = time.monotonic()
         self.lock = threading.Lock()
         self.inflight: deque[Counter[str]] = deque()
+        #: Killed by close() at its deadline: what it held is lost to the shutdown, whereas a
+        #: worker that dies on its own while draining (out of memory) is a lost worker.
+        self.killed_by_close = False
 
     def take_inflight(self) -> Counter[str]:
         """Mark the worker dead and return what it held unacknowledged, which it never will."""
@@ -753,6 +778,16 @@ class CaptureSink:
         check_uri_target(self.cfg.target)
         if "://" not in self.cfg.target or self.cfg.target.startswith("file://"):
             Path(self.cfg.target.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+        elif stray := stray_spool_shards(self.cfg.spool):
+            log.warning(
+                "capture: %d shard(s) in the spool %s are outside every target's folder (left "
+                "by an earlier gateway version) and are not uploaded; move each under %s if "
+                "they belong to this target, e.g. %s",
+                len(stray),
+                self.cfg.spool,
+                spool_dir(self.cfg.spool, self.cfg.target),
+                stray[0],
+            )
         for i in range(max(1, self.cfg.workers)):
             self._workers.append(self._spawn(i))
         self._pump_thread = threading.Thread(
@@ -850,6 +885,7 @@ class CaptureSink:
             w.proc.join(max(0.0, deadline - time.monotonic()))
             if w.proc.is_alive():
                 log.error("capture worker %s did not stop in time; killing it", w.proc.pid)
+                w.killed_by_close = True
                 w.proc.kill()
                 w.proc.join(5)
                 w.closed.wait(5)  # its ack thread counts what it held, by task
@@ -898,9 +934,12 @@ class CaptureSink:
     def _send(self, batch: list[Captured], rr: int) -> int:
         """Ship a batch to the next live worker; counted as dropped when none takes it."""
         keys = Counter(i.key for i in batch)
+        reason = DROP_WORKER  # unless close() killed the workers that could have taken it
         for _ in range(len(self._workers)):
             w = self._workers[rr % len(self._workers)]
             rr += 1
+            if w.killed_by_close:
+                reason = DROP_SHUTDOWN
             with w.lock:
                 if not w.alive:
                     continue
@@ -910,12 +949,14 @@ class CaptureSink:
                 return rr
             except (OSError, ValueError):
                 log.error("capture worker %s is gone", w.proc.pid)
+                if w.killed_by_close:
+                    reason = DROP_SHUTDOWN
                 with w.lock:
                     w.alive = False
                     if not (w.inflight and w.inflight[-1] is keys):
                         return rr  # its ack thread already counted this batch as dropped
                     w.inflight.pop()
-        self._count_dropped(keys, DROP_SHUTDOWN if self._closing else DROP_WORKER)
+        self._count_dropped(keys, reason)
         return rr
 
     def _acks(self, worker: _Worker) -> None:
@@ -964,8 +1005,8 @@ class CaptureSink:
             sum(lost.values()),
         )
         if lost:
-            # one close() killed for missing its deadline holds what shutdown did not write
-            self._count_dropped(lost, DROP_SHUTDOWN if self._closing else DROP_WORKER)
+            reason = DROP_SHUTDOWN if worker.killed_by_close else DROP_WORKER
+            self._count_dropped(lost, reason)
         if not self._closing:
             self._restart(worker)
 

@@ -156,6 +156,13 @@ def test_installs_take_the_tested_versions() -> None:
         assert re.search(r"^RUN pip install [^\n]*-c constraints\.txt ", text, re.M), dockerfile
     trainer = (REPO / "trainer" / "Dockerfile").read_text()
     assert re.search(r"-c /tmp/hf-constraints\.txt \"\.\[trainer\]\"", trainer)
+    # the trainer image keeps its base image's torch and pins the Hugging Face stack: the
+    # grep it runs over constraints.txt must find every one of those pins
+    hf = re.search(r"grep -E '([^']+)' \\\s+constraints\.txt > /tmp/hf-constraints\.txt", trainer)
+    assert hf, "the trainer image no longer picks its pins out of constraints.txt"
+    text = (REPO / "constraints.txt").read_text()
+    picked = {m.split("==")[0] for m in re.findall(hf.group(1) + r"\S+", text, re.M)}
+    assert len(picked) == 8, picked
     for name, version in _pins(REPO / "deploy" / "triton" / "requirements.txt").items():
         assert constraints.get(name) == version, (
             f"deploy/triton/requirements.txt pins {name}=={version}, constraints.txt "

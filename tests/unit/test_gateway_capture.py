@@ -446,6 +446,29 @@ def test_a_shard_left_in_a_shared_spool_goes_to_its_own_target(tmp_path: Path) -
     assert shards(spool) == []
 
 
+def test_shards_an_earlier_version_left_in_the_spool_are_reported_not_uploaded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before targets had spool folders of their own, shards lay in the spool's top level;
+    whose target they are is unknown, so the gateway names them at start instead of
+    uploading them to its own target."""
+    pytest.importorskip("fsspec")
+    spool, target = tmp_path / "spool", f"local://{tmp_path}/bucket"
+    old = spool / "ns" / "task" / "calls-20260101T000000Z-h-1-w0-000001.jsonl"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b'{"a":1}\n')
+    own = capture.spool_dir(str(spool), target) / "ns" / "task" / "x.jsonl.part"
+    own.parent.mkdir(parents=True)
+    own.write_bytes(b"")
+    assert capture.stray_spool_shards(str(spool)) == [old]
+    sink = CaptureSink(CaptureConfig(target=target, spool=str(spool)))
+    with caplog.at_level("WARNING", logger="slm_gateway.capture"):
+        sink.start()
+    sink.close()
+    assert any("1 shard(s) in the spool" in r.getMessage() for r in caplog.records)
+    assert old.read_bytes() == b'{"a":1}\n' and not (tmp_path / "bucket" / "ns").exists()
+
+
 def test_a_uri_target_is_uploaded_where_the_trainer_reads_it(tmp_path: Path) -> None:
     """Both ends of an object-store call log: the sink's worker spools and uploads each task's
     shards under the URI, and the trainer lists and reads that task's prefix through fsspec

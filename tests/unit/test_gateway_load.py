@@ -10,6 +10,7 @@ agent's Authorization header nor the LLM key appears in any record or in the gat
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 from pathlib import Path
 
@@ -153,4 +154,12 @@ def test_records_written_equal_calls_served_and_hold_no_secret(tmp_path: Path) -
     for secret in (LLM_KEY, AGENT_TOKEN, "example.com"):
         assert secret.encode() not in text, f"{secret} leaked"
     assert f"capture flushed: {CALLS} written, 0 dropped".encode() in log.read_bytes()
-    assert b'slm_gateway_capture_records_total{result="dropped"' not in metrics
+    # Every drop reason is exported per task, at 0 here (labels print sorted, so match them
+    # as a set, not as one spelling).
+    assert not re.search(
+        rb'^slm_gateway_capture_records_total\{[^}]*result="dropped"', metrics, re.M
+    )
+    dropped = re.findall(
+        rb"^slm_gateway_capture_dropped_records_total\{([^}]*)\} (\S+)$", metrics, re.M
+    )
+    assert len(dropped) == 2 * 5 and all(float(v) == 0 for _, v in dropped), dropped  # 2 tasks
