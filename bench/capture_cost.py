@@ -18,7 +18,8 @@ which runs every recognizer on every new string.
 The figure is the worker's CPU time per record (:func:`slm_gateway.capture.capture_line`:
 decode, redact, the JSON line), and from it the records per second one worker sustains on one
 core. Give the gateway ``--capture-workers`` so that their sum exceeds the task's peak call
-rate; beyond it records are dropped and counted (``slm_gateway_capture_dropped_total``), never
+rate; beyond it records are dropped and counted
+(``slm_gateway_capture_dropped_records_total{reason="queue_full"}``), never
 written unredacted.
 
 Usage (from the repository root)::
