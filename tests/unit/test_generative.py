@@ -303,6 +303,17 @@ def _tool_turns(*results: str) -> list[dict[str, Any]]:
     ]
 
 
+def _answered(messages: list[dict[str, Any]]) -> CallRecord:
+    """A logged call of ``messages`` that the LLM answered in text."""
+    return CallRecord(
+        task="t",
+        backend="llm",
+        messages=messages,
+        tools=TOOLS,
+        response={"role": "assistant", "content": "21 C in Paris."},
+    )
+
+
 def test_a_template_that_drops_tool_messages_gets_the_results_as_a_user_turn(
     tiny_minilm: Path,
 ) -> None:
@@ -313,13 +324,7 @@ def test_a_template_that_drops_tool_messages_gets_the_results_as_a_user_turn(
     assert chatformat.template_drops_role(tok, "tool")
     assert not chatformat.template_drops_role(tok, "system")
     messages = _tool_turns('{"temp_c": 21}')
-    rec = CallRecord(
-        task="t",
-        backend="llm",
-        messages=messages,
-        tools=TOOLS,
-        response={"role": "assistant", "content": "21 C in Paris."},
-    )
+    rec = _answered(messages)
     _, prompt, completion = generative.encode(tok, rec, tools_in_template)
     assert '<|user|>\nTool result: {"temp_c": 21}<|end|>' in prompt
     assert prompt == chatformat.render(tok, messages, TOOLS, tools_in_template)  # as served
@@ -356,13 +361,7 @@ def test_a_template_that_keeps_the_system_text_only_before_a_last_user_turn(
     assert chatformat.template_drops_role(tok, "system")
     system = {"role": "system", "content": "Answer in Celsius."}
     for messages in ([system, *record(0).messages], [system, *_tool_turns('{"temp_c": 21}')]):
-        rec = CallRecord(
-            task="t",
-            backend="llm",
-            messages=messages,
-            tools=TOOLS,
-            response={"role": "assistant", "content": "21 C in Paris."},
-        )
+        rec = _answered(messages)
         prompt, completion = chatformat.split_example(
             tok, rec.messages, rec.tools, rec.response, False
         )
