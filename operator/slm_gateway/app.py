@@ -45,7 +45,7 @@ from slm_gateway.backends import (
     new_client,
 )
 from slm_gateway.breaker import STATE_VALUES, CircuitBreaker
-from slm_gateway.capture import DROP_REASONS, Captured, CaptureSink
+from slm_gateway.capture import Captured, CaptureSink
 from slm_gateway.config import GatewayConfig
 from slm_gateway.decide import (
     LLM,
@@ -919,9 +919,6 @@ class Gateway:
             m.route_mode.labels(r.namespace, r.task, r.mode).set(1)
             used.update((r.llm_url, r.slm_url))
             known.add((r.namespace, r.task))
-            if self.capture is not None:
-                for reason in DROP_REASONS:
-                    m.capture_dropped.labels(r.namespace, r.task, reason)
         self.breakers.prune(used)
         m.forget_removed_tasks(known, time.monotonic(), self.cfg.removed_task_metrics_s)
         if self.capture is not None:

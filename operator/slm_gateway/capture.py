@@ -86,9 +86,6 @@ DROP_WORKER = "worker_lost"
 #: The gateway stopped before it was written (submitted while closing, or held by a worker
 #: that close() killed at its deadline).
 DROP_SHUTDOWN = "shutdown"
-#: Every reason: the gateway exports each at 0 per task, so an alert on increase() sees a
-#: reason's first drop (a series that starts at its first drop never shows an increase).
-DROP_REASONS = (DROP_QUEUE_FULL, DROP_REDACTION, DROP_WRITE, DROP_WORKER, DROP_SHUTDOWN)
 
 
 class Captured(NamedTuple):

@@ -849,6 +849,20 @@ REAL_FAULTS: list[tuple[str, list[dict[str, str]], dict[str, str] | None, str]] 
         {"namespace": A, "task": T},
         "",
     ),
+    # A reason's first drops: its series starts with them (no zero before), so there is no
+    # increase() to see, only a series that was not there 10 minutes ago.
+    (
+        "SlmFleetCaptureDropping",
+        [
+            _series(
+                "slm_gateway_capture_dropped_records_total",
+                TASK_LABELS + ',reason="write_failed"',
+                "_x32 7x28",
+            ),
+        ],
+        {"namespace": A, "task": T, "reason": "write_failed"},
+        "",
+    ),
     # The same status on a task scaled to zero (minReplicas 0) that gets no calls: by design.
     (
         "SlmFleetServingTaskOnFallback",

@@ -154,12 +154,8 @@ def test_records_written_equal_calls_served_and_hold_no_secret(tmp_path: Path) -
     for secret in (LLM_KEY, AGENT_TOKEN, "example.com"):
         assert secret.encode() not in text, f"{secret} leaked"
     assert f"capture flushed: {CALLS} written, 0 dropped".encode() in log.read_bytes()
-    # Every drop reason is exported per task, at 0 here (labels print sorted, so match them
-    # as a set, not as one spelling).
+    # labels print sorted (namespace first): match the series by name and label, not spelling
     assert not re.search(
         rb'^slm_gateway_capture_records_total\{[^}]*result="dropped"', metrics, re.M
     )
-    dropped = re.findall(
-        rb"^slm_gateway_capture_dropped_records_total\{([^}]*)\} (\S+)$", metrics, re.M
-    )
-    assert len(dropped) == 2 * 5 and all(float(v) == 0 for _, v in dropped), dropped  # 2 tasks
+    assert not re.search(rb"^slm_gateway_capture_dropped_records_total\{", metrics, re.M)

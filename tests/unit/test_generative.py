@@ -354,8 +354,8 @@ def test_a_template_that_keeps_the_system_text_only_before_a_last_user_turn(
     tiny_minilm: Path,
 ) -> None:
     """Mistral v0.3's template writes the system prompt into the last message only when it is
-    a user's: a call that continues after tool results was trained and served without its
-    instructions, and a training example's full rendering (the answer last) lost them too."""
+    a user's. A variant that renders tool messages itself served (and so trained) a call that
+    continues after tool results without its instructions."""
     tok = templated(tiny_minilm, "qwen3")
     tok.chat_template = LAST_USER_SYSTEM_TEMPLATE
     assert chatformat.template_drops_role(tok, "system")

@@ -166,15 +166,17 @@ def template_drops_role(tokenizer: Any, role: str, with_tools: Any = None) -> bo
     """Whether the chat template renders a ``role`` message without an error but leaves its
     text out of the prompt.
 
-    Asked by rendering, once per template (and per whether tools are passed, which picks
-    among named templates such as Command-R's ``default`` and ``tool_use``), in both shapes
-    the text is rendered in: a request (serving, ending with a generation prompt) and a
-    request with its answer (a training example). Phi-3's template has no branch for
-    ``tool`` and dropped those messages silently, so tool results never reached the prompt
-    in training or serving. Mistral v0.3's writes the system prompt only into a *last* user
-    message: requests kept it, training examples (the answer comes last) lost it, and the
-    model learnt without the instructions it was then served with. A template that raises
-    on a probe does not count as dropping there: :func:`render` tries its forms in order.
+    Asked by rendering requests (a training example's prompt is its request's rendering,
+    see :func:`split_example`), once per template and per whether tools are passed, which
+    picks among named templates such as Command-R's ``default`` and ``tool_use``. Phi-3's
+    template has no branch for ``tool`` and dropped those messages silently, so tool results
+    never reached the prompt in training or serving. The system text is also asked for in a
+    request that continues after a tool result: Mistral v0.3's family writes it only into a
+    *last* user message, and a variant of it that renders tool messages itself would serve
+    (and train) such calls without their instructions. The real ones raise on a tool message
+    without its call id, so their tool results become user turns and the system text stays
+    where the template puts it. A template that raises on a probe does not count as dropping
+    there: :func:`render` tries its forms in order.
     """
     key = (_template_text(tokenizer), role, bool(with_tools))
     if key not in _drops_role:
@@ -185,14 +187,18 @@ def template_drops_role(tokenizer: Any, role: str, with_tools: Any = None) -> bo
         ]
         if role == "system":
             turns = [turns[2], turns[0]]
-        answer = {"role": "assistant", "content": "done"}
-        extra: dict[str, Any] = {"tools": with_tools} if with_tools else {}
-        probes = [
-            (turns, {"tokenize": False, "add_generation_prompt": True, **extra}),
-            ([*turns, answer], {"tokenize": False, **extra}),
-        ]
+        probes = [turns]
+        if role == "system":
+            after_result = [
+                {"role": "assistant", "content": "calling"},
+                {"role": "tool", "content": "21"},
+            ]
+            probes.append([*turns, *after_result])
+        kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
+        if with_tools:
+            kwargs["tools"] = with_tools
         drops = False
-        for messages, kwargs in probes:
+        for messages in probes:
             try:
                 drops = drops or _ROLE_PROBE not in _apply(tokenizer, messages, kwargs)
             except Exception:
