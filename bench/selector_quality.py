@@ -15,8 +15,10 @@ LLM. The target (issue 4):
   call counts as wrong);
 - defer >= 90% of the irrelevant calls.
 
-The fine-tuned selector's threshold is the one its finetune stage picked on the calibration
-split carved from the training data, so no choice is made on the traffic. The baseline,
+The fine-tuned selector is trained as ``examples/tool-selection.yaml`` configures it: on every
+training call, with its threshold picked on the out-of-fold confidences of 4 more models
+(``--calibration-folds 4``; ``0`` holds out ``--calibration-fraction`` of the training calls
+instead), so no choice is made on the traffic. The baseline,
 from the same run, is untuned all-MiniLM-L6-v2 cosine ranking over the same texts, with the
 similarity threshold set on the traffic itself so that it defers 90% of the irrelevant calls.
 That choice favours the baseline.
@@ -25,7 +27,7 @@ Usage::
 
     python bench/selector_quality.py [--work /tmp/slm-bench-selector] [--epochs 4]
         [--threads 2] [--tool-tower frozen|shared] [--defer-head constant|query]
-        [--seed N] [--split-seed N] [--reuse-data]
+        [--seed N] [--split-seed N] [--calibration-folds K] [--reuse-data]
 
 Writes ``bench/results/selector_quality.json`` and ``bench/results/selector_coverage.png``.
 """
@@ -227,8 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--calibration-folds",
         type=int,
-        default=0,
-        help="calibrate on out-of-fold logits of K extra models (0: held-out fraction)",
+        default=4,
+        help="calibrate on out-of-fold logits of K extra models, the served one trained on every "
+        "call, as examples/tool-selection.yaml sets it (0: hold out --calibration-fraction)",
     )
     parser.add_argument(
         "--reuse-data",
