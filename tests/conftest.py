@@ -39,6 +39,15 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGTERM, _interrupt)
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """No test collected is a failure, not success with nothing to show: ``make test`` and CI
+    see exit code 1 (pytest's own is 5). Here rather than in the Makefile, so that the recipe
+    is pytest alone and a SIGTERM to make reaches it (a shell between them swallowed it)."""
+    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
+        print("\nno tests collected")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def _binaries_or_skip() -> Any:
     try:
         return locate()
@@ -71,7 +80,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterHandle]
     local = LocalCluster(tmp_path_factory.mktemp("cluster"))
     try:
         state = local.up()
-    except Exception:
+    except BaseException:  # a Ctrl-C or SIGTERM during the 30-90 s start too: no teardown yet
         local.down()
         raise
     print(f"\nlocal control plane ready in {state.ready_seconds}s at {local.dir}")

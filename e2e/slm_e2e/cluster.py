@@ -92,9 +92,10 @@ def _pid_alive(pid: int, binary: str | None = None) -> bool:
     """True when pid runs and (if given) is still our binary, not a recycled pid."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        # reaped between the two reads (not our child: init reaps it at once) is gone too
+        if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+            return False
     except OSError:
-        return False
-    if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
         return False
     return binary is None or (bool(cmdline) and cmdline[0].decode(errors="replace") == binary)
 
@@ -548,13 +549,20 @@ class LocalCluster:
             return []
         self.state = st
         stopped = []
-        for name in reversed(COMPONENTS):
-            if name in st.pids:
-                if _pid_alive(st.pids[name], st.binaries.get(name)):
-                    stopped.append(name)
-                self._stop_one(name)
-        self.state.pids = {}
-        self.state.save()
+        # A second Ctrl-C or SIGTERM (common while each component gets 10 s of grace) must not
+        # cut the loop short and leave the rest running: held until every one is stopped.
+        held = {signal.SIGINT, signal.SIGTERM}
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        try:
+            for name in reversed(COMPONENTS):
+                if name in st.pids:
+                    if _pid_alive(st.pids[name], st.binaries.get(name)):
+                        stopped.append(name)
+                    self._stop_one(name)
+            self.state.pids = {}
+            self.state.save()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         return stopped
 
     def status(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ It ends with a summary table and the evaluation plot.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -310,6 +311,10 @@ def run(work: Path, n_relevant: int, n_irrelevant: int) -> int:
     from slm_gateway.testing import start_gateway
 
     if work.exists():
+        # An earlier demo killed before its cleanup may have left its control plane running:
+        # its state file is the only record of the pids, so stop them before it is deleted.
+        with contextlib.suppress(Exception):
+            LocalCluster(work / "cluster").down()
         shutil.rmtree(work)
     (work / "logs").mkdir(parents=True)
     pv = work / "pv"
@@ -321,8 +326,8 @@ def run(work: Path, n_relevant: int, n_irrelevant: int) -> int:
             "controller-manager, kwok GPU/CPU nodes)"
         )
         lc = LocalCluster(work / "cluster")
+        stack.append(lc)  # before up(): a start that fails or is interrupted is stopped too
         st = lc.up()
-        stack.append(lc)
         bins = locate()
         c = ClusterHandle(str(lc.kubeconfig), bins.kubectl.parent, bins.kubectl, lc)
         say(f"control plane ready in {st.ready_seconds}s; KUBECONFIG={lc.kubeconfig}")

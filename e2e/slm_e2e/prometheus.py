@@ -79,6 +79,15 @@ class LocalPrometheus:
             cwd=self.dir,
         )
         log.close()
+        try:
+            self._wait_ready(timeout)
+        except BaseException:  # a timeout or a Ctrl-C: the caller never gets self to stop()
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -90,7 +99,7 @@ class LocalPrometheus:
                 urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as r,
             ):
                 if r.status == 200:
-                    return self
+                    return
             time.sleep(0.1)
         raise PrometheusError("prometheus did not become ready")
 

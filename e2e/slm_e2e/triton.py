@@ -261,6 +261,11 @@ def start_triton(
                 break
             if attempt + 1 < attempts:
                 continue
+        except BaseException:  # a Ctrl-C, SIGTERM or test timeout in the wait of up to 180 s
+            server.stop()  # tritonserver and its Python stubs (a torch model each)
+            if own:
+                shutil.rmtree(workdir, ignore_errors=True)
+            raise
     if own:
         shutil.rmtree(workdir, ignore_errors=True)
     assert last is not None

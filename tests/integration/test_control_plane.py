@@ -388,3 +388,14 @@ def test_a_kubernetes_client_leaves_no_copy_of_the_admin_key_behind(
     assert "default" in {ns.metadata.name for ns in namespaces}
     assert list(tmp_path.iterdir()) == []
     assert "PRIVATE KEY" not in Path(cluster.kubeconfig).read_text()
+
+
+def test_a_prometheus_that_is_not_ready_in_time_is_stopped(tmp_path: Path) -> None:
+    """A Prometheus that missed its readiness deadline kept running: the caller never got
+    the object to stop it, and every later run on the machine shared its 2 cores with it."""
+    from slm_e2e.prometheus import LocalPrometheus, PrometheusError
+
+    prom = LocalPrometheus(tmp_path, {})
+    with pytest.raises(PrometheusError, match="did not become ready"):
+        prom.start(timeout=0.0)
+    assert prom.proc is not None and prom.proc.poll() is not None  # stopped and reaped
