@@ -6,10 +6,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= operator,gateway,trainer,dev
 
+# A bare `make` lists the targets: the demo takes minutes and starts a whole control plane.
+.DEFAULT_GOAL := help
+
+help: ## This list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /  make \1\t/' | expand -t 20
+
 demo: ## The whole loop on this machine: capture, train on CPU, gate, Triton, rollout, fallback
 	$(PY) -m slm_e2e.demo
 
-.PHONY: demo setup venv lock binaries system-deps test unit integration lint typecheck cluster-up cluster-down cluster-status clean
+.PHONY: help demo setup venv lock binaries system-deps test unit integration lint typecheck cluster-up cluster-down cluster-status clean
 
 setup: system-deps venv binaries ## Install Python deps into .venv and build the control plane into ~/.cache/slm-fleet
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -13,6 +14,29 @@ from typing import Any
 import yaml
 
 from slm_e2e.cluster import LocalCluster
+
+#: 127.0.0.1 and ::1 as /proc/net/tcp and tcp6 write local addresses (hex).
+LOOPBACK_HEX = {"0100007F", "00000000000000000000000001000000"}
+
+
+def listening_addresses(pid: int) -> list[str]:
+    """The local addresses (hex ``ADDR:PORT``, as /proc/net/tcp writes them) of the TCP
+    sockets process ``pid`` listens on: for tests that nothing listens beyond loopback."""
+    listening: dict[int, str] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A":  # LISTEN
+                listening[int(cols[9])] = cols[1]
+    found = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:[") and int(target[8:-1]) in listening:
+            found.append(listening[int(target[8:-1])])
+    return found
 
 
 @dataclass
@@ -119,6 +143,7 @@ class OperatorProcess:
             "KUBECONFIG": kubeconfig,
             "SLM_FLEET_RESYNC_SECONDS": str(resync_seconds),
             "SLM_FLEET_METRICS_PORT": str(metrics_port),
+            "SLM_FLEET_METRICS_ADDR": "127.0.0.1",
             "PYTHONUNBUFFERED": "1",
             **(extra_env or {}),
         }

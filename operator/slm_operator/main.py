@@ -73,6 +73,9 @@ IMAGE_PULL_SECRETS = _names(os.environ.get("SLM_FLEET_IMAGE_PULL_SECRETS", ""))
 DATA_RECHECK_SECONDS = float(os.environ.get("SLM_FLEET_DATA_RECHECK_SECONDS", "300"))
 #: Port of the operator's own /metrics (slm_operator_*); 0 turns it off.
 METRICS_PORT = int(os.environ.get("SLM_FLEET_METRICS_PORT", "0") or 0)
+#: Address it listens on: every interface in a pod (Prometheus scrapes the pod IP); the local
+#: test stack sets 127.0.0.1, so nothing it starts listens beyond loopback.
+METRICS_ADDR = os.environ.get("SLM_FLEET_METRICS_ADDR", "0.0.0.0")
 METRICS = OperatorMetrics()
 #: First retry of a reconcile that failed with a retryable API error, doubling per failure...
 BASE_BACKOFF = 1.0
@@ -330,7 +333,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     if METRICS_PORT and not _metrics_served:
         # Before the runtime: a port that cannot be bound fails this handler, which kopf
         # retries; a runtime made first would leave one more resync loop per retry.
-        serve(METRICS, METRICS_PORT)
+        serve(METRICS, METRICS_PORT, METRICS_ADDR)
         _metrics_served.append(METRICS_PORT)
     _runtime = Runtime(kube=Kube(load_api_client()), prom=prom)
     _runtime.spawn(_resync_loop())

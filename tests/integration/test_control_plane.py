@@ -18,7 +18,7 @@ import pytest
 
 from slm_e2e import cluster as clustermod
 from slm_e2e.cluster import COMPONENTS, LocalCluster, State
-from slm_e2e.testing import ClusterHandle, wait_for
+from slm_e2e.testing import LOOPBACK_HEX, ClusterHandle, listening_addresses, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -273,43 +273,14 @@ def test_invalid_object_is_rejected_with_the_rule_message(
     assert message in cp.stderr
 
 
-def _listening_inodes() -> dict[int, str]:
-    """inode -> local address of every listening TCP socket on this host."""
-    out: dict[int, str] = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            cols = line.split()
-            if cols[3] == "0A":  # LISTEN
-                out[int(cols[9])] = cols[1]
-    return out
-
-
-def _socket_inodes(pid: int) -> set[int]:
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(int(target[8:-1]))
-    return inodes
-
-
-LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1 and ::1, hex
-
-
 def test_nothing_listens_beyond_loopback(cluster: ClusterHandle) -> None:
     if cluster.local is None:
         pytest.skip("cluster given by KUBECONFIG was not started by this session")
-    listening = _listening_inodes()
     seen = 0
     for name in COMPONENTS:
-        pid = cluster.local.state.pids[name]
-        for inode in _socket_inodes(pid) & set(listening):
-            addr = listening[inode].split(":")[0]
+        for address in listening_addresses(cluster.local.state.pids[name]):
             seen += 1
-            assert addr in LOOPBACK, f"{name} listens on {listening[inode]}"
+            assert address.split(":")[0] in LOOPBACK_HEX, f"{name} listens on {address}"
     assert seen >= len(COMPONENTS), "every component should listen on at least one port"
 
 

@@ -20,7 +20,13 @@ import pytest
 from slm_contract import TrainerResult
 from slm_e2e.cluster import free_port
 from slm_e2e.kubelet import complete_job, running_pod
-from slm_e2e.testing import ClusterHandle, OperatorProcess, wait_for
+from slm_e2e.testing import (
+    LOOPBACK_HEX,
+    ClusterHandle,
+    OperatorProcess,
+    listening_addresses,
+    wait_for,
+)
 from slm_operator import naming as n
 
 pytestmark = pytest.mark.integration
@@ -479,6 +485,23 @@ def test_a_trainer_pod_that_admission_refuses_says_why_in_data_ready(
     assert (data["status"], data["reason"]) == ("Unknown", "JobPending")
     assert "cannot create its pod: pods " in data["message"]
     assert "is forbidden" in data["message"]
+
+
+def test_the_operators_metrics_listen_on_loopback_only(operator: OperatorProcess) -> None:
+    """The test stack's operator served /metrics on every interface, the one port of the local
+    stack reachable from the network."""
+
+    def serving() -> bool:
+        try:
+            with urllib.request.urlopen(operator.metrics_url, timeout=5) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    wait_for(serving, timeout=60, what="the operator's /metrics")
+    assert operator.proc is not None
+    addresses = listening_addresses(operator.proc.pid)
+    assert addresses and all(a.split(":")[0] in LOOPBACK_HEX for a in addresses), addresses
 
 
 def test_the_operator_exports_each_tasks_phase_and_conditions(
