@@ -15,8 +15,9 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-# The package starts a system-wide Prometheus on :9090 where systemd runs; tests start their
-# own on free ports, so stop it if it came up.
+# The package starts a system-wide Prometheus on :9090 (as its own user, prometheus) where
+# systemd or its init script runs; tests start their own on free ports, so stop that one, and
+# only that one: a developer's Prometheus or another checkout's test run stays up.
 $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
-$SUDO pkill -x prometheus >/dev/null 2>&1 || true
+$SUDO pkill -x -U prometheus prometheus >/dev/null 2>&1 || true
 echo "installed: ${need[*]}"
