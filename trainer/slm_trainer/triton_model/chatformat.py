@@ -180,30 +180,24 @@ def template_drops_role(tokenizer: Any, role: str, with_tools: Any = None) -> bo
     """
     key = (_template_text(tokenizer), role, bool(with_tools))
     if key not in _drops_role:
-        turns = [
-            {"role": "user", "content": "hello"},
-            {"role": "assistant", "content": "calling"},
-            {"role": role, "content": _ROLE_PROBE},
-        ]
+        probed = {"role": role, "content": _ROLE_PROBE}
+        user = {"role": "user", "content": "hello"}
+        calling = {"role": "assistant", "content": "calling"}
         if role == "system":
-            turns = [turns[2], turns[0]]
-        probes = [turns]
-        if role == "system":
-            after_result = [
-                {"role": "assistant", "content": "calling"},
-                {"role": "tool", "content": "21"},
-            ]
-            probes.append([*turns, *after_result])
+            probes = [[probed, user], [probed, user, calling, {"role": "tool", "content": "21"}]]
+        else:
+            probes = [[user, calling, probed]]
         kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
         if with_tools:
             kwargs["tools"] = with_tools
-        drops = False
-        for messages in probes:
+
+        def dropped(messages: list[dict[str, Any]]) -> bool:
             try:
-                drops = drops or _ROLE_PROBE not in _apply(tokenizer, messages, kwargs)
+                return _ROLE_PROBE not in _apply(tokenizer, messages, kwargs)
             except Exception:
-                continue
-        _drops_role[key] = drops
+                return False
+
+        _drops_role[key] = any(dropped(m) for m in probes)
     return _drops_role[key]
 
 
