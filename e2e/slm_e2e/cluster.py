@@ -28,6 +28,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ CONTEXT = "slm-fleet-local"
 TRAINER_LABEL = "slmfleet.dev/component"
 GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+#: Starts of one component on fresh ports before a port race is reported as an error.
+PORT_ATTEMPTS = 4
 
 
 class ClusterError(RuntimeError):
@@ -60,6 +63,17 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+@dataclass(frozen=True)
+class Starting:
+    """How to start one component and tell that it is ready (ports are picked per start)."""
+
+    name: str
+    port_names: list[str]
+    argv_for: Callable[[], list[str]]
+    ready: Callable[[], bool]
+    what: str
 
 
 @dataclass
@@ -190,25 +204,46 @@ class LocalCluster:
         self, name: str, port_names: list[str], argv_for: Any, ready: Any, what: str
     ) -> None:
         """Start a component on fresh free ports; if a port was taken meanwhile, try others."""
-        for attempt in range(4):
-            for pn in port_names:
-                p = free_port()
-                while not port_is_free(p):
-                    p = free_port()
-                self.state.ports[pn] = p
-            self._spawn(name, argv_for())
+        for attempt in range(PORT_ATTEMPTS):
+            self._spawn_on_free_ports(name, port_names, argv_for)
             try:
                 self._wait(name, ready, what)
                 return
             except ClusterError:
-                log = (self.logs / f"{name}.log").read_text(errors="replace")
-                if "address already in use" in log.lower() and attempt < 3:
-                    self._stop_one(name)
-                    (self.logs / f"{name}.log").rename(
-                        self.logs / f"{name}.port-clash-{attempt}.log"
-                    )
+                if attempt + 1 < PORT_ATTEMPTS and self._lost_port(name):
                     continue
                 raise
+
+    def _spawn_on_free_ports(
+        self, name: str, port_names: list[str], argv_for: Callable[[], list[str]]
+    ) -> None:
+        for pn in port_names:
+            p = free_port()
+            while not port_is_free(p):
+                p = free_port()
+            self.state.ports[pn] = p
+        self._spawn(name, argv_for())
+
+    def _lost_port(self, name: str) -> bool:
+        """Whether ``name`` failed because another process took its port between our check
+        and its bind; if so it is stopped and its log kept aside for the next attempt."""
+        log = self.logs / f"{name}.log"
+        if "address already in use" not in log.read_text(errors="replace").lower():
+            return False
+        self._stop_one(name)
+        n = len(list(self.logs.glob(f"{name}.port-clash-*.log")))
+        log.rename(self.logs / f"{name}.port-clash-{n}.log")
+        return True
+
+    def _await_started(self, s: Starting) -> None:
+        """Wait for a component spawned without waiting (its start overlapped the others');
+        one that lost a port race meanwhile is started again on other ports."""
+        try:
+            self._wait(s.name, s.ready, s.what)
+        except ClusterError:
+            if not self._lost_port(s.name):
+                raise
+            self._start_with_ports(s.name, s.port_names, s.argv_for, s.ready, s.what)
 
     def kubectl(
         self, *args: str, input: str | None = None, check: bool = True
@@ -295,67 +330,72 @@ class LocalCluster:
         self.state.save()
 
         kc = str(self.kubeconfig)
-        self._start_with_ports(
-            "kube-controller-manager",
-            ["controller-manager"],
-            lambda: [
-                str(bins.kube_controller_manager),
-                f"--kubeconfig={kc}",
-                f"--authentication-kubeconfig={kc}",
-                f"--authorization-kubeconfig={kc}",
-                "--bind-address=127.0.0.1",
-                f"--secure-port={self.state.ports['controller-manager']}",
-                f"--tls-cert-file={p.serving_crt}",
-                f"--tls-private-key-file={p.serving_key}",
-                f"--service-account-private-key-file={p.sa_key}",
-                f"--root-ca-file={p.ca_crt}",
-                f"--cluster-signing-cert-file={p.ca_crt}",
-                f"--cluster-signing-key-file={p.ca_key}",
-                "--use-service-account-credentials=true",
-                "--leader-elect=false",
-                "--controllers=*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller",
-                "--node-monitor-grace-period=60s",
-                "--v=1",
-            ],
-            lambda: True,
-            "kube-controller-manager start",
-        )
-        self._start_with_ports(
-            "kube-scheduler",
-            ["scheduler"],
-            lambda: [
-                str(bins.kube_scheduler),
-                f"--kubeconfig={kc}",
-                f"--authentication-kubeconfig={kc}",
-                f"--authorization-kubeconfig={kc}",
-                "--bind-address=127.0.0.1",
-                f"--secure-port={self.state.ports['scheduler']}",
-                f"--tls-cert-file={p.serving_crt}",
-                f"--tls-private-key-file={p.serving_key}",
-                "--leader-elect=false",
-                "--v=1",
-            ],
-            lambda: True,
-            "kube-scheduler start",
-        )
         stages = self._kwok_stages()
-        self._start_with_ports(
-            "kwok",
-            ["kwok"],
-            lambda: [
-                str(bins.kwok),
-                f"--kubeconfig={kc}",
-                f"--server-address=127.0.0.1:{self.state.ports['kwok']}",
-                "--manage-all-nodes=false",
-                "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-                "--cidr=10.244.0.1/16",
-                "--node-ip=10.0.0.1",
-                "--node-lease-duration-seconds=40",
-                *[f"--config={s}" for s in stages],
-            ],
-            lambda: True,
-            "kwok start",
-        )
+        # Started together (each takes seconds to come up), then awaited one by one.
+        starting = [
+            Starting(
+                "kube-controller-manager",
+                ["controller-manager"],
+                lambda: [
+                    str(bins.kube_controller_manager),
+                    f"--kubeconfig={kc}",
+                    f"--authentication-kubeconfig={kc}",
+                    f"--authorization-kubeconfig={kc}",
+                    "--bind-address=127.0.0.1",
+                    f"--secure-port={self.state.ports['controller-manager']}",
+                    f"--tls-cert-file={p.serving_crt}",
+                    f"--tls-private-key-file={p.serving_key}",
+                    f"--service-account-private-key-file={p.sa_key}",
+                    f"--root-ca-file={p.ca_crt}",
+                    f"--cluster-signing-cert-file={p.ca_crt}",
+                    f"--cluster-signing-key-file={p.ca_key}",
+                    "--use-service-account-credentials=true",
+                    "--leader-elect=false",
+                    "--controllers=*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller",
+                    "--node-monitor-grace-period=60s",
+                    "--v=1",
+                ],
+                self._controller_manager_ready,
+                "kube-controller-manager /healthz and the default ServiceAccount",
+            ),
+            Starting(
+                "kube-scheduler",
+                ["scheduler"],
+                lambda: [
+                    str(bins.kube_scheduler),
+                    f"--kubeconfig={kc}",
+                    f"--authentication-kubeconfig={kc}",
+                    f"--authorization-kubeconfig={kc}",
+                    "--bind-address=127.0.0.1",
+                    f"--secure-port={self.state.ports['scheduler']}",
+                    f"--tls-cert-file={p.serving_crt}",
+                    f"--tls-private-key-file={p.serving_key}",
+                    "--leader-elect=false",
+                    "--v=1",
+                ],
+                self._scheduler_ready,
+                "kube-scheduler /healthz",
+            ),
+            Starting(
+                "kwok",
+                ["kwok"],
+                lambda: [
+                    str(bins.kwok),
+                    f"--kubeconfig={kc}",
+                    f"--server-address=127.0.0.1:{self.state.ports['kwok']}",
+                    "--manage-all-nodes=false",
+                    "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+                    "--cidr=10.244.0.1/16",
+                    "--node-ip=10.0.0.1",
+                    "--node-lease-duration-seconds=40",
+                    *[f"--config={s}" for s in stages],
+                ],
+                self._nodes_ready,
+                "all fake nodes Ready",
+            ),
+        ]
+        for s in starting:
+            self._spawn_on_free_ports(s.name, s.port_names, s.argv_for)
         self.kubectl(
             "apply",
             "--server-side",
@@ -364,20 +404,8 @@ class LocalCluster:
             "-",
             input=yaml.safe_dump_all(self._nodes()),
         )
-        self._wait(
-            "kube-controller-manager",
-            self._controller_manager_ready,
-            "kube-controller-manager /healthz and the default ServiceAccount",
-        )
-        self._wait(
-            "kube-scheduler",
-            lambda: (
-                self._get(f"https://127.0.0.1:{self.state.ports['scheduler']}/healthz", tls=True)[0]
-                == 200
-            ),
-            "kube-scheduler /healthz",
-        )
-        self._wait("kwok", self._nodes_ready, "all fake nodes Ready")
+        for s in starting:
+            self._await_started(s)
         self.state.ready_seconds = round(time.monotonic() - t0, 2)
         self.state.save()
         return self.state
@@ -394,6 +422,10 @@ class LocalCluster:
             ).returncode
             == 0
         )
+
+    def _scheduler_ready(self) -> bool:
+        url = f"https://127.0.0.1:{self.state.ports['scheduler']}/healthz"
+        return self._get(url, tls=True)[0] == 200
 
     def _nodes_ready(self) -> bool:
         cp = self.kubectl("get", "nodes", "-o", "json", check=False)

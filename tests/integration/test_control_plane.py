@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from slm_e2e import cluster as clustermod
-from slm_e2e.cluster import COMPONENTS, LocalCluster, State
+from slm_e2e.cluster import COMPONENTS, LocalCluster, Starting, State
 from slm_e2e.testing import LOOPBACK_HEX, ClusterHandle, listening_addresses, wait_for
 
 pytestmark = pytest.mark.integration
@@ -300,8 +300,24 @@ def test_busy_port_is_skipped_and_down_after_crash_cleans_up(
     c = LocalCluster(tmp_path / "c")
     c.dir.mkdir(parents=True)
     c.state = State(dir=str(c.dir))
+    etcd = _etcd_alone(c)
+    c._start_with_ports(etcd.name, etcd.port_names, etcd.argv_for, etcd.ready, etcd.what)
+    busy.close()
+    assert busy_port not in c.state.ports.values()
+    pid = c.state.pids["etcd"]
+
+    os.killpg(pid, signal.SIGKILL)  # the "crash"
+    wait_for(lambda: not clustermod._pid_alive(pid), timeout=10, what="etcd to die")
+    status = LocalCluster(tmp_path / "c").status()
+    assert status["components"]["etcd"]["running"] is False
+    assert LocalCluster(tmp_path / "c").down() == []  # nothing alive to stop, no error
+    assert State.load(tmp_path / "c").pids == {}  # type: ignore[union-attr]
+
+
+def _etcd_alone(c: LocalCluster) -> Starting:
+    """An etcd of its own in ``c``'s directory: a real component that needs no other."""
     bins = c.bins
-    c._start_with_ports(
+    return Starting(
         "etcd",
         ["etcd", "etcd-peer"],
         lambda: [
@@ -317,16 +333,40 @@ def test_busy_port_is_skipped_and_down_after_crash_cleans_up(
         lambda: c._get(f"http://127.0.0.1:{c.state.ports['etcd']}/health")[0] == 200,
         "etcd /health",
     )
-    busy.close()
-    assert busy_port not in c.state.ports.values()
-    pid = c.state.pids["etcd"]
 
-    os.killpg(pid, signal.SIGKILL)  # the "crash"
-    wait_for(lambda: not clustermod._pid_alive(pid), timeout=10, what="etcd to die")
-    status = LocalCluster(tmp_path / "c").status()
-    assert status["components"]["etcd"]["running"] is False
-    assert LocalCluster(tmp_path / "c").down() == []  # nothing alive to stop, no error
-    assert State.load(tmp_path / "c").pids == {}  # type: ignore[union-attr]
+
+def test_a_component_started_without_waiting_that_loses_its_port_is_started_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The controller-manager, scheduler and kwok start together and are awaited after; one
+    whose port another process took between the check and the bind must be started again on
+    another port, not end the cluster's start with "exited"."""
+    thief = socket.socket()
+    thief.bind(("127.0.0.1", 0))
+    thief.listen()
+    stolen = thief.getsockname()[1]
+    real_free_port = clustermod.free_port
+    offered = iter([stolen])
+    monkeypatch.setattr(clustermod, "free_port", lambda: next(offered, None) or real_free_port())
+    # the race: the port was free when checked, and taken before the component bound it
+    monkeypatch.setattr(clustermod, "port_is_free", lambda port: True)
+
+    c = LocalCluster(tmp_path / "c")
+    c.dir.mkdir(parents=True)
+    c.state = State(dir=str(c.dir))
+    etcd = _etcd_alone(c)
+    try:
+        c._spawn_on_free_ports(etcd.name, etcd.port_names, etcd.argv_for)
+        assert c.state.ports["etcd"] == stolen
+        c._await_started(etcd)
+        assert c.state.ports["etcd"] != stolen
+        assert etcd.ready()
+        clash_logs = list(c.logs.glob("etcd.port-clash-*.log"))
+        assert len(clash_logs) == 1
+        assert "address already in use" in clash_logs[0].read_text().lower()
+    finally:
+        thief.close()
+        assert c.down() == ["etcd"]
 
 
 def test_status_reports_running_components(cluster: ClusterHandle) -> None:
