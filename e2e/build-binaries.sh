@@ -149,6 +149,18 @@ build_helm() {
 }
 
 mkdir -p "$BIN_ROOT" "$WORK"
+# Two setups at once (two clones, two terminals) would build into the same folders and delete
+# each other's work: the second waits for the first, then finds its binaries cached. The lock
+# goes with the process (fd 9), so a killed build leaves none behind.
+if command -v flock >/dev/null 2>&1; then
+  exec 9>"$CACHE/build.lock"
+  if ! flock -n 9; then
+    log "another build holds $CACHE/build.lock; waiting for it to finish"
+    flock 9
+  fi
+else
+  log "flock not found (util-linux): two builds at once into $CACHE would clash"
+fi
 start=$(date +%s)
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(etcd kwok kubernetes helm)
