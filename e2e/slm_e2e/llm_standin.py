@@ -518,6 +518,9 @@ def start(
     **settings: Any,
 ) -> StandIn:
     """Start a stand-in on a free 127.0.0.1 port and wait until it answers."""
+    # here, not at the top: the stand-in process itself runs this module and needs none of it
+    from slm_gateway.testing import await_ready
+
     unknown = set(settings) - set(SETTINGS)
     if unknown:
         raise TypeError(f"unknown stand-in settings: {sorted(unknown)}")
@@ -543,25 +546,16 @@ def start(
         proc = subprocess.Popen(
             cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log.read_text()[-2000:]
-            shutil.rmtree(workdir, ignore_errors=True)
-            raise RuntimeError(f"stand-in exited with {proc.returncode}: {tail}")
-        if port_file.exists():
-            handle = StandIn(proc, int(port_file.read_text()), log, workdir)
-            try:
-                handle.stats()
-                return handle
-            except OSError:
-                pass
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait(timeout=10)
-    tail = log.read_text()[-2000:]
-    shutil.rmtree(workdir, ignore_errors=True)
-    raise RuntimeError(f"stand-in did not start within {timeout}s: {tail}")
+
+    def ready(port: int) -> bool:
+        try:
+            StandIn(proc, port, log).stats()
+            return True
+        except OSError:
+            return False
+
+    port = await_ready(proc, port_file, log, workdir, ready, "stand-in", timeout)
+    return StandIn(proc, port, log, workdir)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ never race for a port.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -17,7 +18,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,25 +118,51 @@ def start_gateway(
         proc = subprocess.Popen(
             cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
         )
-    deadline = time.monotonic() + timeout
-    handle: GatewayProcess | None = None
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log.read_text()[-3000:]
-            shutil.rmtree(workdir, ignore_errors=True)
-            raise RuntimeError(f"gateway exited with {proc.returncode}:\n{tail}")
-        if handle is None and port_file.exists():
-            handle = GatewayProcess(proc, int(port_file.read_text()), log, workdir)
-        if handle is not None:
-            try:
-                status, _ = handle.get("/readyz", timeout=5)
-                if status == 200:
-                    return handle
-            except OSError:
-                pass
-        time.sleep(0.1)
-    proc.kill()
-    proc.wait(timeout=10)
-    tail = log.read_text()[-3000:]
-    shutil.rmtree(workdir, ignore_errors=True)
-    raise RuntimeError(f"gateway not ready within {timeout}s:\n{tail}")
+
+    def ready(port: int) -> bool:
+        try:
+            return GatewayProcess(proc, port, log).get("/readyz", timeout=5)[0] == 200
+        except OSError:
+            return False
+
+    port = await_ready(proc, port_file, log, workdir, ready, "gateway", timeout)
+    return GatewayProcess(proc, port, log, workdir)
+
+
+def await_ready(
+    proc: subprocess.Popen[bytes],
+    port_file: Path,
+    log: Path,
+    workdir: Path,
+    ready: Callable[[int], bool],
+    what: str,
+    timeout: float,
+) -> int:
+    """The port a child wrote to ``port_file``, once ``ready(port)`` says it serves.
+
+    If it exits first, is not ready within ``timeout``, or the wait is interrupted (Ctrl-C,
+    SIGTERM turned into an exception, a test's timeout), its whole session (capture workers
+    too) is killed and ``workdir`` removed before the error goes on: the caller never got a
+    handle to stop it with, and a child left running would hold its port and CPU until the
+    machine stops.
+    """
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{what} exited with {proc.returncode}:\n{_tail(log)}")
+            if port_file.exists() and ready(port := int(port_file.read_text())):
+                return port
+            time.sleep(0.05)
+        raise RuntimeError(f"{what} not ready within {timeout}s:\n{_tail(log)}")
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)"

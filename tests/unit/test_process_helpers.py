@@ -1,15 +1,21 @@
 """The helpers that start real servers for tests, benchmarks and the demo clean up after
 themselves: every test run starts dozens of them, and each used to leave its temporary
-directory (port file, log) in /tmp for good."""
+directory (port file, log) in /tmp for good, or, interrupted while it waited, the server."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
+import pytest
 import yaml
 
 from slm_e2e import llm_standin
-from slm_gateway.testing import start_gateway
+from slm_e2e.testing import wait_for
+from slm_gateway import testing as gateway_testing
+from slm_gateway.testing import await_ready, start_gateway
 
 
 def test_the_stand_in_removes_its_directory_on_stop() -> None:
@@ -38,3 +44,66 @@ def test_a_log_the_caller_placed_is_left_where_it_is(tmp_path: Path) -> None:
         workdir = standin.workdir
     assert workdir is not None and not workdir.exists()
     assert log.exists()
+
+
+def _gone(pid: int) -> bool:
+    """Whether ``pid`` is dead (a zombie waiting for its parent counts as dead)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_a_start_interrupted_while_waiting_kills_the_child_and_what_it_started(
+    tmp_path: Path,
+) -> None:
+    """A Ctrl-C (or a test timeout) during the wait must not leave the server running: the
+    caller never got a handle to stop it."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    port_file, pid_file = workdir / "port", tmp_path / "grandchild.pid"
+    child = (
+        "import pathlib, subprocess, sys, time\n"
+        "g = subprocess.Popen(['sleep', '60'])\n"
+        "pathlib.Path(sys.argv[2]).write_text(str(g.pid))\n"
+        "pathlib.Path(sys.argv[1]).write_text('9')\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", child, str(port_file), str(pid_file)], start_new_session=True
+    )
+
+    def interrupted(port: int) -> bool:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        await_ready(proc, port_file, tmp_path / "log", workdir, interrupted, "child", 30)
+    assert proc.poll() is not None
+    wait_for(lambda: _gone(int(pid_file.read_text())), timeout=10, what="the grandchild to die")
+    assert not workdir.exists()
+
+
+def test_a_gateway_whose_start_is_interrupted_is_not_left_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[subprocess.Popen[bytes]] = []
+    real_popen = subprocess.Popen
+
+    def recording_popen(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(gateway_testing.subprocess, "Popen", recording_popen)
+
+    def ctrl_c(self: Any, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
+        raise KeyboardInterrupt  # pressed while start_gateway asks /readyz
+
+    monkeypatch.setattr(gateway_testing.GatewayProcess, "get", ctrl_c)
+    routes = tmp_path / "routes.yaml"
+    task = {"mode": "llm", "llmBaseURL": "http://127.0.0.1:9/v1", "llmModel": "m"}
+    routes.write_text(yaml.safe_dump({"tasks": {"t": task}}))
+    with pytest.raises(KeyboardInterrupt):
+        start_gateway(["--routes", str(routes)])
+    assert len(started) == 1
+    assert started[0].poll() is not None, "the gateway outlived its interrupted start"
