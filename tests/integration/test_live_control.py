@@ -9,6 +9,7 @@ while every agent call still succeeds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -62,58 +63,78 @@ def stack(
 
     fault = tmp_path / "fault"
     fault.write_text("")
-    standin = llm_standin.start(log_path=tmp_path / "standin.log")
-    triton = start_triton(
-        REPO / "tests/data/triton_faulty",
-        workdir=tmp_path / "triton",
-        env={"SLM_FAULT_FILE": str(fault)},
-    )
-    cluster.kubectl(
-        "create",
-        "secret",
-        "generic",
-        "llm-key",
-        "-n",
-        namespace,
-        "--from-literal=api-key=sk-test-not-a-real-key-000000000000",
-    )
-    gateway = start_gateway(
-        [
-            "--namespace",
+    # Every part is stopped however the setup ends: one that fails to start (or a Ctrl-C
+    # meanwhile) must not leave those started before it running. Stops run in reverse order.
+    with contextlib.ExitStack() as parts:
+        standin = llm_standin.start(log_path=tmp_path / "standin.log")
+        parts.callback(standin.stop)
+        triton = start_triton(
+            REPO / "tests/data/triton_faulty",
+            workdir=tmp_path / "triton",
+            env={"SLM_FAULT_FILE": str(fault)},
+        )
+        parts.callback(triton.stop)
+        cluster.kubectl(
+            "create",
+            "secret",
+            "generic",
+            "llm-key",
+            "-n",
             namespace,
-            "--kubeconfig",
+            "--from-literal=api-key=sk-test-not-a-real-key-000000000000",
+        )
+        gateway = start_gateway(
+            [
+                "--namespace",
+                namespace,
+                "--kubeconfig",
+                cluster.kubeconfig,
+                "--capture",
+                str(tmp_path / "capture"),
+                "--capture-spool",
+                str(tmp_path / "spool"),
+                "--slm-timeout-ms",
+                "1500",
+                "--breaker-failures",
+                "1000",
+            ],
+            log_path=tmp_path / "gateway.log",
+        )
+        parts.callback(lambda: print("---- gateway log tail\n" + gateway.log()[-2000:]))
+        parts.callback(gateway.stop)
+        host = lambda url: url.split("//", 1)[1].rstrip("/")  # noqa: E731
+        prom = LocalPrometheus(
+            tmp_path / "prom",
+            {
+                "gateway": [host(gateway.url)],
+                "triton": [f"127.0.0.1:{triton.metrics_port}"],
+            },
+            scrape_interval=SCRAPE,
+        ).start()
+        parts.callback(prom.stop)
+        op = OperatorProcess(
             cluster.kubeconfig,
-            "--capture",
-            str(tmp_path / "capture"),
-            "--capture-spool",
-            str(tmp_path / "spool"),
-            "--slm-timeout-ms",
-            "1500",
-            "--breaker-failures",
-            "1000",
-        ],
-        log_path=tmp_path / "gateway.log",
-    )
-    host = lambda url: url.split("//", 1)[1].rstrip("/")  # noqa: E731
-    prom = LocalPrometheus(
-        tmp_path / "prom",
-        {
-            "gateway": [host(gateway.url)],
-            "triton": [f"127.0.0.1:{triton.metrics_port}"],
-        },
-        scrape_interval=SCRAPE,
-    ).start()
-    op = OperatorProcess(
-        cluster.kubeconfig,
-        namespace,
-        tmp_path / "operator.log",
-        resync_seconds=0.5,
-        extra_env={
-            "SLM_FLEET_PROMETHEUS_URL": prom.url,
-            "SLM_FLEET_PROMETHEUS_SCRAPE_SECONDS": str(SCRAPE),
-        },
-    ).start()
-    try:
+            namespace,
+            tmp_path / "operator.log",
+            resync_seconds=0.5,
+            extra_env={
+                "SLM_FLEET_PROMETHEUS_URL": prom.url,
+                "SLM_FLEET_PROMETHEUS_SCRAPE_SECONDS": str(SCRAPE),
+            },
+        ).start()
+        parts.callback(lambda: print("---- operator log tail\n" + op.log()[-3000:]))
+        parts.callback(op.stop)
+        # tasks are deleted while the operator still runs, before anything stops
+        parts.callback(
+            cluster.kubectl,
+            "delete",
+            "agenttasks",
+            "--all",
+            "-n",
+            namespace,
+            "--wait=false",
+            check=False,
+        )
         yield Stack(
             namespace,
             gateway.url,
@@ -123,17 +144,6 @@ def stack(
             prom,
             op,
         )
-    finally:
-        cluster.kubectl(
-            "delete", "agenttasks", "--all", "-n", namespace, "--wait=false", check=False
-        )
-        op.stop()
-        print("---- operator log tail\n" + op.log()[-3000:])
-        gateway.stop()
-        print("---- gateway log tail\n" + gateway.log()[-2000:])
-        prom.stop()
-        triton.stop()
-        standin.stop()
 
 
 def fallback_with(policy: dict[str, Any]) -> dict[str, Any]:
