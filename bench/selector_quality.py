@@ -225,6 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tool-tower", choices=("frozen", "shared"), default="frozen")
     parser.add_argument("--defer-head", choices=("constant", "query"), default="constant")
     parser.add_argument("--missing-tool-weight", type=float, default=0.5)
+    parser.add_argument(
+        "--in-batch-weight",
+        type=float,
+        default=1.0,
+        help="weight of scoring each call against its batch's other tools (0: off)",
+    )
     parser.add_argument("--calibration-fraction", type=float, default=0.15)
     parser.add_argument(
         "--calibration-folds",
@@ -307,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         num_threads=ns.threads,
         tool_tower=ns.tool_tower,
         missing_tool_weight=ns.missing_tool_weight,
+        in_batch_weight=ns.in_batch_weight,
         defer_head=ns.defer_head,
         calibration_fraction=ns.calibration_fraction,
         calibration_folds=ns.calibration_folds,

@@ -181,6 +181,40 @@ def test_calibration_split_is_stratified_and_deterministic() -> None:
     assert len(calib) - len(in_calib) == round((len(ex) - len(deferred)) * 0.25)
 
 
+def test_in_batch_negatives_add_the_batch_s_other_tools_once_and_never_a_call_s_own() -> None:
+    """Each call keeps its own options first (its target index is unchanged); the other
+    calls' tools follow, each once, except one the call offers itself under the same name or
+    with the same text: that is its own tool, not a negative."""
+    sel = pytest.importorskip("slm_trainer.selector")
+    import torch
+
+    def ex(*tools: tuple[str, str]) -> Any:
+        names, texts = zip(*tools, strict=True)
+        return sel.Example("q", names, texts, names[0], 1, "k")
+
+    batch = [
+        ex(("a", "A"), ("b", "B")),
+        ex(("b", "B"), ("c", "C")),  # b: a's own tool, not a negative for it
+        ex(("d", "A"), ("e", "E")),  # d: another name with a's text: the same tool for a
+        ex(("c", "C")),
+    ]
+    vectors = {t: torch.full((2,), float(ord(t))) for t in "ABCE"}
+    options = [torch.stack([vectors[t] for t in e.texts]) for e in batch]
+    wide = sel.in_batch_options(batch, options)
+
+    def texts(rows: torch.Tensor) -> list[str]:
+        return [chr(int(r[0])) for r in rows]
+
+    # a: c once though two calls offer it, d left out (a's own text under another name)
+    assert texts(wide[0]) == ["A", "B", "C", "E"]
+    assert texts(wide[1]) == ["B", "C", "A", "E"]  # d's text was added with a
+    assert texts(wide[2]) == ["A", "E", "B", "C"]  # a left out: d's own text
+    assert texts(wide[3]) == ["C", "A", "B", "E"]
+    assert all(torch.equal(w[: len(o)], o) for w, o in zip(wide, options, strict=True))
+    alone = sel.in_batch_options(batch[:1], options[:1])
+    assert torch.equal(alone[0], options[0])
+
+
 def test_batch_order_is_a_pure_function_of_seed_and_epoch() -> None:
     sel = pytest.importorskip("slm_trainer.selector")
     lengths = [(i * 37) % 23 for i in range(101)]

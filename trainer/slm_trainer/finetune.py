@@ -106,6 +106,10 @@ class Args:
         default=0.5,
         metadata={"help": "selector: weight of 'chosen tool removed -> defer' augmentation"},
     )
+    in_batch_weight: float = field(
+        default=1.0,
+        metadata={"help": "selector: weight of scoring each call against its batch's other tools"},
+    )
     defer_head: DeferHead = field(
         default="constant",
         metadata={"help": "selector: defer score is a learned constant, or depends on the query"},

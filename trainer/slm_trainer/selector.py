@@ -35,6 +35,14 @@ list), so the model scores (prompt, option) pairs instead of a fixed output laye
   to a merely related tool. Most real no-tool calls look like that: the tools are on topic,
   but none of them does what was asked. The batch's query embeddings are reused, so this
   costs no encoder pass;
+- **in-batch negatives** (tool calls, weight ``in_batch_weight``): each training call is
+  scored a second time against its own tools followed by every other tool in its batch (see
+  :func:`in_batch_options`), with the same target. A call brings only its own 3-5 tools, so
+  without them a query learns to beat those few; with them it must also beat a few dozen
+  unrelated ones, and a call the LLM answered without a tool learns to stay below *none*
+  against all of them. The embeddings are the batch's own, so it costs no encoder pass. On
+  BFCL with held-out calibration it kept 61.0 % of relevant calls at 97 % precision against
+  51.9 % without (``bench/selector_quality.py --in-batch-weight 0|1``);
 - **calibration**: a seeded ``calibration_fraction`` of the training split (stratified by
   tool vs. no tool) is held out. Temperature scaling is fitted on it
   (:func:`slm_trainer.metrics.fit_temperature`), and the confidence is the top softmax
@@ -105,7 +113,7 @@ HEAD_FILE = "head.safetensors"
 PREDICTIONS = "predictions.jsonl"
 CHECKPOINT = "selector-state.pt"
 #: Bump when a change to this module changes what a checkpoint means.
-CODE_VERSION = 6
+CODE_VERSION = 7
 #: Tool texts whose option embeddings a :class:`Selector` keeps (least recently used out).
 OPTION_CACHE_SIZE = 4096
 _NEG = -1.0e4  # logit of padded option slots: large but finite, so softmax stays NaN-free
@@ -267,6 +275,32 @@ def calibration_split(
     return fit, sorted(calib)
 
 
+def in_batch_options(
+    batch: Sequence[Example], options: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Each call's own option embeddings, then those of the batch's other tools.
+
+    A tool is added once per call, and never when the call already offers it: a tool of
+    another call with the same name or the same text is the call's own tool, not a negative.
+    The call's own options stay first, so its target index does not change.
+    """
+    out = []
+    for i, ex in enumerate(batch):
+        names, texts = set(ex.labels), set(ex.texts)
+        extra = []
+        for j, other in enumerate(batch):
+            if j == i:
+                continue
+            for k, (name, text) in enumerate(zip(other.labels, other.texts, strict=True)):
+                if name in names or text in texts:
+                    continue
+                names.add(name)
+                texts.add(text)
+                extra.append(options[j][k])
+        out.append(torch.cat([options[i], torch.stack(extra)]) if extra else options[i])
+    return out
+
+
 def batch_order(
     lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group: int = 50
 ) -> list[list[int]]:
@@ -322,6 +356,7 @@ class SelectorConfig:
     warmup_fraction: float = 0.06
     weight_decay: float = 0.01
     missing_tool_weight: float = 0.5
+    in_batch_weight: float = 1.0
     defer_head: str = "constant"
     class_labels: list[str] = field(default_factory=list)
 
@@ -552,7 +587,8 @@ class Selector:
             return self.net.logits(q, self.option_tensors(examples, grad))
 
     def training_loss(self, batch: Sequence[Example]) -> torch.Tensor:
-        """Cross-entropy on the LLM's choices, plus the missing-tool augmentation.
+        """Cross-entropy on the LLM's choices, again with the batch's other tools as more
+        options (in-batch negatives, module docstring), plus the missing-tool augmentation.
 
         Augmentation: a call whose chosen tool is taken out of its tool list must go back to
         the LLM (target *none*). It reuses the batch's query embeddings, so it costs no
@@ -560,9 +596,13 @@ class Selector:
         which is what most real no-tool calls look like.
         """
         q = self.net.embed(self._tokenize([ex.query for ex in batch], self.config.max_query_tokens))
-        logits = self.net.logits(q, self.option_tensors(batch, True))
+        options = self.option_tensors(batch, True)
+        logits = self.net.logits(q, options)
         targets = torch.tensor([ex.target for ex in batch], device=self.device)
         loss = F.cross_entropy(logits, targets)
+        if self.config.in_batch_weight > 0 and self.task_type == "tool-call":
+            wide = self.net.logits(q, in_batch_options(batch, options))
+            loss = loss + self.config.in_batch_weight * F.cross_entropy(wide, targets)
         weight = self.config.missing_tool_weight
         picks = [
             i
@@ -1228,6 +1268,7 @@ def run_selector(
         calibration_folds=args.calibration_folds,
         target_precision=args.target_precision,
         missing_tool_weight=args.missing_tool_weight if task_type == "tool-call" else 0.0,
+        in_batch_weight=args.in_batch_weight if task_type == "tool-call" else 0.0,
         defer_head=args.defer_head,
         class_labels=class_labels,
     )
