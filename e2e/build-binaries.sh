@@ -151,7 +151,8 @@ build_helm() {
 mkdir -p "$BIN_ROOT" "$WORK"
 # Two setups at once (two clones, two terminals) would build into the same folders and delete
 # each other's work: the second waits for the first, then finds its binaries cached. The lock
-# goes with the process (fd 9), so a killed build leaves none behind.
+# is held by fd 9, which the build's go processes inherit: it is released when they and this
+# script have all exited, so a killed build holds it only until its children exit too.
 if command -v flock >/dev/null 2>&1; then
   exec 9>"$CACHE/build.lock"
   if ! flock -n 9; then

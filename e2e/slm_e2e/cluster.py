@@ -28,7 +28,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,7 +70,7 @@ class Starting:
     """How to start one component and tell that it is ready (ports are picked per start)."""
 
     name: str
-    port_names: list[str]
+    port_names: tuple[str, ...]
     argv_for: Callable[[], list[str]]
     ready: Callable[[], bool]
     what: str
@@ -134,6 +134,9 @@ class LocalCluster:
         self.kubeconfig = self.dir / "kubeconfig"
         self.state = State(dir=str(self.dir))
         self._bins: Binaries | None = None
+        #: Where each component's log stood when it was last spawned: logs are appended to
+        #: across starts, and only this start's lines say why it failed.
+        self._log_starts: dict[str, int] = {}
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -162,6 +165,7 @@ class LocalCluster:
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
         self.logs.mkdir(parents=True, exist_ok=True)
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
+        self._log_starts[name] = log.tell()
         proc = subprocess.Popen(
             argv,
             stdout=log,
@@ -187,9 +191,12 @@ class LocalCluster:
         deadline = time.monotonic() + (timeout or self.timeout)
         pid = self.state.pids.get(name)
         while time.monotonic() < deadline:
-            if check():
+            # Alive, and then ready: a component that died on a port clash must not pass on
+            # another one's answer from that port.
+            alive = pid is None or _pid_alive(pid)
+            if alive and check():
                 return
-            if pid is not None and not _pid_alive(pid):
+            if not alive:
                 raise ClusterError(
                     f"{name} exited while waiting for {what}; log {self.logs}/{name}.log:\n"
                     + self._log_tail(name)
@@ -201,25 +208,35 @@ class LocalCluster:
         )
 
     def _start_with_ports(
-        self, name: str, port_names: list[str], argv_for: Any, ready: Any, what: str
+        self,
+        name: str,
+        port_names: Sequence[str],
+        argv_for: Callable[[], list[str]],
+        ready: Callable[[], bool],
+        what: str,
+        attempts: int = PORT_ATTEMPTS,
     ) -> None:
         """Start a component on fresh free ports; if a port was taken meanwhile, try others."""
-        for attempt in range(PORT_ATTEMPTS):
+        for attempt in range(attempts):
             self._spawn_on_free_ports(name, port_names, argv_for)
             try:
                 self._wait(name, ready, what)
                 return
             except ClusterError:
-                if attempt + 1 < PORT_ATTEMPTS and self._lost_port(name):
+                if attempt + 1 < attempts and self._lost_port(name):
                     continue
                 raise
 
     def _spawn_on_free_ports(
-        self, name: str, port_names: list[str], argv_for: Callable[[], list[str]]
+        self, name: str, port_names: Sequence[str], argv_for: Callable[[], list[str]]
     ) -> None:
+        """Spawn ``name`` on ports free now and given to no other component (those spawned
+        together have not bound theirs yet, and the kernel may offer one twice)."""
         for pn in port_names:
+            self.state.ports.pop(pn, None)
+            taken = set(self.state.ports.values())
             p = free_port()
-            while not port_is_free(p):
+            while p in taken or not port_is_free(p):
                 p = free_port()
             self.state.ports[pn] = p
         self._spawn(name, argv_for())
@@ -228,11 +245,16 @@ class LocalCluster:
         """Whether ``name`` failed because another process took its port between our check
         and its bind; if so it is stopped and its log kept aside for the next attempt."""
         log = self.logs / f"{name}.log"
-        if "address already in use" not in log.read_text(errors="replace").lower():
+        with log.open("rb") as fh:
+            fh.seek(self._log_starts.get(name, 0))
+            this_start = fh.read().decode(errors="replace")
+        if "address already in use" not in this_start.lower():
             return False
         self._stop_one(name)
-        n = len(list(self.logs.glob(f"{name}.port-clash-*.log")))
-        log.rename(self.logs / f"{name}.port-clash-{n}.log")
+        n = 0
+        while (aside := self.logs / f"{name}.port-clash-{n}.log").exists():
+            n += 1
+        log.rename(aside)
         return True
 
     def _await_started(self, s: Starting) -> None:
@@ -243,7 +265,9 @@ class LocalCluster:
         except ClusterError:
             if not self._lost_port(s.name):
                 raise
-            self._start_with_ports(s.name, s.port_names, s.argv_for, s.ready, s.what)
+            self._start_with_ports(
+                s.name, s.port_names, s.argv_for, s.ready, s.what, attempts=PORT_ATTEMPTS - 1
+            )
 
     def kubectl(
         self, *args: str, input: str | None = None, check: bool = True
@@ -335,7 +359,7 @@ class LocalCluster:
         starting = [
             Starting(
                 "kube-controller-manager",
-                ["controller-manager"],
+                ("controller-manager",),
                 lambda: [
                     str(bins.kube_controller_manager),
                     f"--kubeconfig={kc}",
@@ -360,7 +384,7 @@ class LocalCluster:
             ),
             Starting(
                 "kube-scheduler",
-                ["scheduler"],
+                ("scheduler",),
                 lambda: [
                     str(bins.kube_scheduler),
                     f"--kubeconfig={kc}",
@@ -378,7 +402,7 @@ class LocalCluster:
             ),
             Starting(
                 "kwok",
-                ["kwok"],
+                ("kwok",),
                 lambda: [
                     str(bins.kwok),
                     f"--kubeconfig={kc}",

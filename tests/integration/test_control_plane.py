@@ -8,6 +8,7 @@ listens beyond the loopback interface.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import signal
 import socket
@@ -319,7 +320,7 @@ def _etcd_alone(c: LocalCluster) -> Starting:
     bins = c.bins
     return Starting(
         "etcd",
-        ["etcd", "etcd-peer"],
+        ("etcd", "etcd-peer"),
         lambda: [
             str(bins.etcd),
             f"--data-dir={c.dir / 'etcd'}",
@@ -366,7 +367,29 @@ def test_a_component_started_without_waiting_that_loses_its_port_is_started_agai
         assert "address already in use" in clash_logs[0].read_text().lower()
     finally:
         thief.close()
-        assert c.down() == ["etcd"]
+        stopped = c.down()
+    assert stopped == ["etcd"]
+
+
+def test_a_clash_in_an_earlier_start_s_log_is_not_taken_for_this_start_s(
+    tmp_path: Path,
+) -> None:
+    """Logs are appended to across starts: a start that fails for another reason must say
+    so, not be retried as a port clash on the strength of an old line."""
+    c = LocalCluster(tmp_path / "c")
+    c.dir.mkdir(parents=True)
+    c.state = State(dir=str(c.dir))
+    c.logs.mkdir()
+    (c.logs / "etcd.log").write_text("bind: address already in use (an earlier start)\n")
+    broken = dataclasses.replace(
+        _etcd_alone(c), argv_for=lambda: [str(c.bins.etcd), "--no-such-flag"]
+    )
+    with pytest.raises(clustermod.ClusterError, match="exited while waiting") as err:
+        c._start_with_ports(
+            broken.name, broken.port_names, broken.argv_for, broken.ready, broken.what
+        )
+    assert "address already in use" not in str(err.value)  # the tail is this start's
+    assert not list(c.logs.glob("etcd.port-clash-*.log"))
 
 
 def test_status_reports_running_components(cluster: ClusterHandle) -> None:

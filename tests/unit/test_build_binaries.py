@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -29,6 +30,8 @@ def test_a_second_build_waits_for_the_first_then_finds_the_binaries_cached(
 ) -> None:
     if not (Path("/usr/local/go/bin/go").exists() or shutil.which("go")):
         pytest.skip("the script needs the Go toolchain")
+    if not shutil.which("flock"):
+        pytest.skip("flock (util-linux) is not installed: the script builds without a lock")
     cache = tmp_path / "cache"
     # What the first build will have left when it is done: a finished helm folder.
     done = cache / "bin" / f"helm-{_helm_version()}"
@@ -38,7 +41,9 @@ def test_a_second_build_waits_for_the_first_then_finds_the_binaries_cached(
         fcntl.flock(first, fcntl.LOCK_EX)  # the first build, still running
         log = tmp_path / "second.log"
         with log.open("w") as out:
-            second = subprocess.Popen(["bash", str(SCRIPT), "helm"], env=env, stderr=out)
+            second = subprocess.Popen(
+                ["bash", str(SCRIPT), "helm"], env=env, stderr=out, start_new_session=True
+            )
         try:
             wait_for(
                 lambda: "waiting for it to finish" in log.read_text(),
@@ -48,8 +53,11 @@ def test_a_second_build_waits_for_the_first_then_finds_the_binaries_cached(
             time.sleep(1.0)
             assert second.poll() is None, "the second build went on while the first held the lock"
             (done / ".complete").write_text("2026-12-02T00:00:00Z\n")
-        finally:
             fcntl.flock(first, fcntl.LOCK_UN)
-        assert second.wait(timeout=30) == 0, log.read_text()
+            assert second.wait(timeout=30) == 0, log.read_text()
+        finally:
+            if second.poll() is None:  # a failed check: it must not go on to build helm
+                os.killpg(second.pid, signal.SIGKILL)
+                second.wait(timeout=10)
     text = log.read_text()
     assert "cached" in text and "redoing" not in text, text

@@ -41,8 +41,9 @@ list), so the model scores (prompt, option) pairs instead of a fixed output laye
   without them a query learns to beat those few; with them it must also beat a few dozen
   unrelated ones, and a call the LLM answered without a tool learns to stay below *none*
   against all of them. The embeddings are the batch's own, so it costs no encoder pass. On
-  BFCL with held-out calibration it kept 61.0 % of relevant calls at 97 % precision against
-  51.9 % without (``bench/selector_quality.py --in-batch-weight 0|1``);
+  BFCL with held-out calibration (training seed 0) it kept 61.0 % of relevant calls at 97 %
+  precision against 51.9 % without (``bench/selector_quality.py --in-batch-weight 0|1``; the
+  README has the other seeds). A call whose batch adds no tool counts its loss twice;
 - **calibration**: a seeded ``calibration_fraction`` of the training split (stratified by
   tool vs. no tool) is held out. Temperature scaling is fitted on it
   (:func:`slm_trainer.metrics.fit_temperature`), and the confidence is the top softmax
