@@ -78,11 +78,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterHandle]
         yield ClusterHandle(kc, bins.kubectl.parent, bins.kubectl, None)
         return
     local = LocalCluster(tmp_path_factory.mktemp("cluster"))
-    try:
-        state = local.up()
-    except BaseException:  # a Ctrl-C or SIGTERM during the 30-90 s start too: no teardown yet
-        local.down()
-        raise
+    state = local.up()  # a failed or interrupted start stops what it started
     print(f"\nlocal control plane ready in {state.ready_seconds}s at {local.dir}")
     try:
         yield ClusterHandle(str(local.kubeconfig), bins.kubectl.parent, bins.kubectl, local)

@@ -285,13 +285,25 @@ class LocalCluster:
 
     # ---------------------------------------------------------------- up
     def up(self) -> State:
-        """Start everything and wait until nodes are Ready; idempotent if already running."""
+        """Start everything and wait until nodes are Ready; idempotent if already running.
+
+        A start that fails or is interrupted (a Ctrl-C, a SIGTERM turned into an exception)
+        stops what it had started, keeping the logs: every caller, the CLI, the test fixture
+        and the demo, would otherwise have to, and the state file is the only record of the
+        pids."""
         existing = State.load(self.dir)
         if existing and self._all_running(existing):
             self.state = existing
             return existing
         if existing:
             self.down(quiet=True)
+        try:
+            return self._start_all()
+        except BaseException:
+            self.down(quiet=True)
+            raise
+
+    def _start_all(self) -> State:
         bins = self.bins
         t0 = time.monotonic()
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -687,8 +699,6 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(c.status(), indent=2))
     except (BinariesMissing, ClusterError) as e:
         print(f"error: {e}", file=sys.stderr)
-        if a.command == "up":
-            c.down(quiet=True)
         return 1
     return 0
 

@@ -326,8 +326,8 @@ def run(work: Path, n_relevant: int, n_irrelevant: int) -> int:
             "controller-manager, kwok GPU/CPU nodes)"
         )
         lc = LocalCluster(work / "cluster")
-        stack.append(lc)  # before up(): a start that fails or is interrupted is stopped too
-        st = lc.up()
+        st = lc.up()  # a start that fails or is interrupted stops what it started
+        stack.append(lc)
         bins = locate()
         c = ClusterHandle(str(lc.kubeconfig), bins.kubectl.parent, bins.kubectl, lc)
         say(f"control plane ready in {st.ready_seconds}s; KUBECONFIG={lc.kubeconfig}")

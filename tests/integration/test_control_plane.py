@@ -392,6 +392,31 @@ def test_a_clash_in_an_earlier_start_s_log_is_not_taken_for_this_start_s(
     assert not list(c.logs.glob("etcd.port-clash-*.log"))
 
 
+def test_a_start_interrupted_half_way_stops_what_it_had_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C once etcd and the API server are up: up() stops both before the interrupt
+    goes on, whoever called it (the CLI, the test fixture, the demo)."""
+    spawned: dict[str, int] = {}
+    real_spawn = LocalCluster._spawn
+
+    def recording_spawn(self: LocalCluster, name: str, argv: list[str], env: Any = None) -> int:
+        spawned[name] = real_spawn(self, name, argv, env)
+        return spawned[name]
+
+    def ctrl_c(self: LocalCluster, p: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LocalCluster, "_spawn", recording_spawn)
+    monkeypatch.setattr(LocalCluster, "_write_kubeconfig", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        LocalCluster(tmp_path / "c").up()
+    assert sorted(spawned) == ["etcd", "kube-apiserver"]
+    for name, pid in spawned.items():
+        assert not clustermod._pid_alive(pid), f"{name} still runs"
+    assert State.load(tmp_path / "c").pids == {}  # type: ignore[union-attr]
+
+
 def test_status_reports_running_components(cluster: ClusterHandle) -> None:
     if cluster.local is None:
         pytest.skip("cluster given by KUBECONFIG was not started by this session")
