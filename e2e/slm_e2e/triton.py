@@ -73,10 +73,15 @@ def prepare_backends(dest: Path) -> Path:
     return backends
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_ports(n: int) -> list[int]:
+    """``n`` different free ports: the sockets stay bound until all are picked, because a
+    port freed by one pick may be handed out again by the next (a clean-clone run got the
+    same port for gRPC and metrics, and tritonserver refused to start)."""
+    with contextlib.ExitStack() as held:
+        socks = [held.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 def server_env(
@@ -216,7 +221,7 @@ def start_triton(
     full_env.update(env or {})
     last: TritonError | None = None
     for attempt in range(attempts):
-        ports = [_free_port() for _ in range(3)]
+        ports = _free_ports(3)
         log_path = workdir / f"tritonserver-{ports[0]}.log"
         argv = [
             str(binary),
