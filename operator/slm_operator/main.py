@@ -86,16 +86,32 @@ MAX_BACKOFF = 300.0
 LIST_CHUNK_SIZE = 500
 #: Labels every Job and Deployment the operator builds carries (:func:`naming.labels`).
 CHILD_FILTER = {n.MANAGED_BY: n.FIELD_MANAGER}
-#: Labels of the trainer pods (of the Jobs), whose progress and termination matter.
-TRAINER_POD_FILTER = {n.MANAGED_BY: n.FIELD_MANAGER, n.LABEL_COMPONENT: "trainer"}
+#: Components whose pods are watched: trainer pods (progress, how a container ended) and
+#: Triton pods. A Triton pod no node can take, or one whose image cannot be pulled, changes
+#: nothing on its Deployment, so without this watch Serving would name the reason only at
+#: the next resync (30 s by default).
+WATCHED_POD_COMPONENTS = ("trainer", "triton")
 JOBS = ("batch", "v1", "jobs")
 DEPLOYMENTS = ("apps", "v1", "deployments")
 PODS = ("", "v1", "pods")
-#: (group, version, plural) of each child watch, with the labels it selects server-side.
-CHILD_WATCHES: dict[tuple[str, str, str], dict[str, str]] = {
-    JOBS: CHILD_FILTER,
-    DEPLOYMENTS: CHILD_FILTER,
-    PODS: TRAINER_POD_FILTER,
+#: (group, version, plural) of each child watch, with the label selector the API server
+#: applies to it (equality for Jobs and Deployments, a set for pods).
+CHILD_WATCHES: dict[tuple[str, str, str], str] = {
+    JOBS: f"{n.MANAGED_BY}={n.FIELD_MANAGER}",
+    DEPLOYMENTS: f"{n.MANAGED_BY}={n.FIELD_MANAGER}",
+    PODS: f"{n.MANAGED_BY}={n.FIELD_MANAGER},"
+    f"{n.LABEL_COMPONENT} in ({','.join(WATCHED_POD_COMPONENTS)})",
+}
+
+
+def _watched_component(value: str | None, **_: Any) -> bool:
+    return value in WATCHED_POD_COMPONENTS
+
+
+#: The same filter applied by kopf to each pod it receives (the watch already selected it).
+POD_FILTER: Mapping[str, Any] = {
+    n.MANAGED_BY: n.FIELD_MANAGER,
+    n.LABEL_COMPONENT: _watched_component,
 }
 
 Key = tuple[str, str]
@@ -104,11 +120,6 @@ Key = tuple[str, str]
 def backoff(failures: int) -> float:
     """Seconds before retrying after ``failures`` retryable failures in a row: 1, 2, 4 ... 300."""
     return float(min(MAX_BACKOFF, BASE_BACKOFF * 2 ** min(max(failures, 1) - 1, 30)))
-
-
-def label_selector(labels: Mapping[str, str]) -> str:
-    """``labels`` as a Kubernetes equality label selector (``a=b,c=d``)."""
-    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 
 @dataclass
@@ -316,8 +327,8 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.watching.server_timeout = 270
     settings.watching.client_timeout = 300
     settings.watching.chunk_size = LIST_CHUNK_SIZE
-    for resource, labels in CHILD_WATCHES.items():
-        settings.watching.label_selectors[resource] = label_selector(labels)
+    for resource, selector in CHILD_WATCHES.items():
+        settings.watching.label_selectors[resource] = selector
     settings.networking.request_timeout = 60
 
 
@@ -374,17 +385,17 @@ async def _on_child(labels: Mapping[str, str], namespace: str | None) -> None:
         await trigger((namespace, task))
 
 
-@kopf.on.event(*JOBS, labels=CHILD_WATCHES[JOBS])
+@kopf.on.event(*JOBS, labels=CHILD_FILTER)
 async def on_job(labels: Mapping[str, str], namespace: str | None, **_: Any) -> None:
     await _on_child(labels, namespace)
 
 
-@kopf.on.event(*PODS, labels=CHILD_WATCHES[PODS])
+@kopf.on.event(*PODS, labels=POD_FILTER)
 async def on_pod(labels: Mapping[str, str], namespace: str | None, **_: Any) -> None:
     await _on_child(labels, namespace)
 
 
-@kopf.on.event(*DEPLOYMENTS, labels=CHILD_WATCHES[DEPLOYMENTS])
+@kopf.on.event(*DEPLOYMENTS, labels=CHILD_FILTER)
 async def on_deployment(labels: Mapping[str, str], namespace: str | None, **_: Any) -> None:
     await _on_child(labels, namespace)
 

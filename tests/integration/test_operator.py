@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,15 +135,26 @@ def condition(task: dict[str, Any], type_: str) -> dict[str, Any]:
 
 
 def condition_saying(
-    cluster: ClusterHandle, ns: str, type_: str, fragment: str, timeout: float
+    cluster: ClusterHandle,
+    ns: str,
+    type_: str,
+    fragment: str | tuple[str, ...],
+    timeout: float,
+    but_not: str | None = None,
 ) -> dict[str, Any]:
-    """The task's ``type_`` condition, once its message contains ``fragment``."""
+    """The task's ``type_`` condition, once its message contains ``fragment`` (every one of
+    them, for a tuple) and, with ``but_not``, does not contain that."""
+    wanted = (fragment,) if isinstance(fragment, str) else fragment
 
     def says() -> dict[str, Any] | None:
         found = condition(get_task(cluster, ns), type_)
-        return found if fragment in found.get("message", "") else None
+        message = found.get("message", "")
+        if any(f not in message for f in wanted) or (but_not is not None and but_not in message):
+            return None
+        return found
 
-    result: dict[str, Any] = wait_for(says, timeout=timeout, what=f"{type_} to say {fragment!r}")
+    what = f"{type_} to say {wanted!r}" + (f" but not {but_not!r}" if but_not else "")
+    result: dict[str, Any] = wait_for(says, timeout=timeout, what=what)
     return result
 
 
@@ -455,22 +467,77 @@ def test_a_trainer_that_no_node_can_take_says_why_in_trained(
     assert "Insufficient nvidia.com/gpu" in entry["message"]
 
 
+@pytest.fixture
+def operator_without_resync(
+    cluster: ClusterHandle, namespace: str, tmp_path: Path, agenttask_crd: Path
+) -> Iterator[OperatorProcess]:
+    """An operator whose periodic resync is 10 minutes away: what it does within a test, it
+    does because a watch event woke it."""
+    op = OperatorProcess(
+        cluster.kubeconfig,
+        namespace,
+        tmp_path / "operator.log",
+        resync_seconds=600,
+        metrics_port=free_port(),
+    ).start()
+    yield op
+    cluster.kubectl("delete", "agenttasks", "--all", "-n", namespace, "--wait=false", check=False)
+    op.stop()
+    print(op.log()[-4000:])
+
+
+def reconciles(op: OperatorProcess) -> float:
+    """slm_operator_reconcile_total{result="ok"} of ``op`` (which serves one namespace)."""
+    with urllib.request.urlopen(op.metrics_url, timeout=5) as r:
+        text = r.read().decode()
+    found = re.search(r'slm_operator_reconcile_total\{result="ok"\} ([0-9.e+]+)', text)
+    return float(found.group(1)) if found else 0.0
+
+
 def test_a_triton_replica_that_no_node_can_take_is_named_in_serving(
-    cluster: ClusterHandle, namespace: str, storage: str, operator: OperatorProcess
+    cluster: ClusterHandle, namespace: str, storage: str, operator_without_resync: OperatorProcess
 ) -> None:
     """Three replicas of 8 GPUs on two 8-GPU nodes: two serve, and Serving names the third
-    with the real scheduler's reason, so a stuck scale-up is visible on the task."""
-    ns = namespace
-    cluster.apply(agenttask(serving={"minReplicas": 3, "maxReplicas": 4, "gpus": 8}), ns)
+    with the real scheduler's reason, so a stuck scale-up is visible on the task.
+
+    The scheduler's verdict changes that pod only, not its Deployment, and may land after
+    the Deployment's last change: the operator hears of it because it watches Triton pods.
+    Here its resync is 10 minutes away and the task's live-control window an hour, so
+    nothing else would wake it."""
+    ns, op = namespace, operator_without_resync
+    task = agenttask(serving={"minReplicas": 3, "maxReplicas": 4, "gpus": 8})
+    task["spec"]["fallback"]["policy"] = {"windowSeconds": 3600}
+    cluster.apply(task, ns)
     run_revision(cluster, ns, revision(cluster, ns))
 
-    serving = condition_saying(cluster, ns, "Serving", "2/3 Triton replicas ready", 90)
+    serving = condition_saying(
+        cluster, ns, "Serving", ("2/3 Triton replicas ready", "Insufficient nvidia.com/gpu"), 90
+    )
     assert (serving["status"], serving["reason"]) == ("True", "DeploymentAvailable")
-    # The operator watches trainer pods, not Triton pods: a scheduler verdict that lands after
-    # the Deployment's last change is read at the next resync (2 s here, 30 s by default).
-    serving = condition_saying(cluster, ns, "Serving", "Insufficient nvidia.com/gpu", 30)
-    assert "2/3 Triton replicas ready" in serving["message"]
-    assert "pod weather-slm-" in serving["message"]
+    stuck = re.search(r"pod (weather-slm-\S+) cannot be scheduled", serving["message"])
+    assert stuck, serving["message"]
+
+    # A change to that pod alone (nothing else moves now) wakes the operator.
+    def quiet() -> tuple[float] | None:
+        before = reconciles(op)
+        time.sleep(2)
+        after = reconciles(op)
+        return (after,) if after == before else None
+
+    (settled,) = wait_for(quiet, timeout=30, what="no reconcile for 2 s")
+    cluster.kubectl("annotate", "pod", stuck.group(1), "-n", ns, "example.com/poke=1")
+    wait_for(
+        lambda: reconciles(op) > settled,
+        timeout=30,
+        what="a reconcile after a change to a Triton pod",
+    )
+
+    # Its replacement is as stuck, and Serving names the pod that exists, not the deleted one.
+    cluster.kubectl("delete", "pod", stuck.group(1), "-n", ns, "--wait=false")
+    replacement = condition_saying(
+        cluster, ns, "Serving", ("cannot be scheduled",), 60, but_not=stuck.group(1)
+    )
+    assert "Insufficient nvidia.com/gpu" in replacement["message"]
 
 
 def test_a_trainer_pod_that_admission_refuses_says_why_in_data_ready(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import kopf
 from kopf._cogs.structs.references import Resource
 from test_plan import NOW, _serving_task, make_task
@@ -12,7 +14,18 @@ from slm_operator.plan import Observed, plan
 
 
 def _selects(selector: str, labels: dict[str, str]) -> bool:
-    return all(labels.get(k) == v for k, v in (part.split("=", 1) for part in selector.split(",")))
+    """Kubernetes label-selector matching, for the two forms the operator uses: ``k=v`` and
+    ``k in (a,b)``."""
+    for requirement in re.findall(r"[^,(]+(?:\([^)]*\))?", selector):
+        key, sep, values = requirement.partition(" in ")
+        if sep:
+            if labels.get(key.strip()) not in values.strip("() ").split(","):
+                return False
+        else:
+            k, v = requirement.split("=", 1)
+            if labels.get(k) != v:
+                return False
+    return True
 
 
 def test_child_watches_are_label_selected_by_the_api_server_and_listed_in_chunks() -> None:
@@ -27,7 +40,7 @@ def test_child_watches_are_label_selected_by_the_api_server_and_listed_in_chunks
     assert selectors.collect(Resource("batch", "v1", "jobs")) == [managed]
     assert selectors.collect(Resource("apps", "v1", "deployments")) == [managed]
     assert selectors.collect(Resource("", "v1", "pods")) == [
-        f"{managed},{n.LABEL_COMPONENT}=trainer"
+        f"{managed},{n.LABEL_COMPONENT} in (trainer,triton)"
     ]
     assert selectors.collect(Resource(n.GROUP, n.VERSION, n.PLURAL)) == []  # every AgentTask
     assert settings.watching.chunk_size and settings.watching.chunk_size <= 1000
@@ -52,5 +65,17 @@ def test_what_the_operator_builds_is_what_its_watches_select() -> None:
     built = plan(Observed(task, jobs_done, dep, svc, NOW)).apply
     deps = [o for o in built if o["kind"] == "Deployment"]
     assert deps and all(_selects(dep_sel, d["metadata"]["labels"]) for d in deps)
-    # Triton's pods are not trainer pods: their changes come through the Deployment.
-    assert not _selects(pod_sel, deps[0]["spec"]["template"]["metadata"]["labels"])
+    # Triton's pods are watched too: a scheduler's verdict on one changes no Deployment.
+    assert _selects(pod_sel, deps[0]["spec"]["template"]["metadata"]["labels"])
+    # ...and nothing else: a pod of the operator's own chart (or anyone's) is not selected.
+    assert not _selects(pod_sel, {n.MANAGED_BY: n.FIELD_MANAGER, n.LABEL_COMPONENT: "gateway"})
+    assert not _selects(pod_sel, {n.LABEL_COMPONENT: "triton"})
+
+
+def test_kopf_applies_the_same_pod_filter_to_what_the_watch_delivers() -> None:
+    """The handler's own filter must agree with the server-side selector, or kopf drops the
+    Triton pods' events the API server sends."""
+    component = main.POD_FILTER[n.LABEL_COMPONENT]
+    assert callable(component)
+    assert component("trainer") and component("triton")
+    assert not component("gateway") and not component(None)
