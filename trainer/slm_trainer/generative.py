@@ -337,9 +337,14 @@ def prepare_for_training(model: Any, method: str, gradient_checkpointing: bool) 
             gradient_checkpointing_kwargs=dict(CHECKPOINTING_KWARGS),
         )
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs=dict(CHECKPOINTING_KWARGS)
-        )
+        # transformers 5 renamed it; the old name warns and goes away in 6.
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=dict(CHECKPOINTING_KWARGS))
+        else:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=dict(CHECKPOINTING_KWARGS)
+            )
         if method == "lora":
             model.enable_input_require_grads()
     return model
