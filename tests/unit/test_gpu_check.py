@@ -1,0 +1,49 @@
+"""bench/gpu_check.sh, the one prepared device run of the trainer's GPU path, works end to end.
+
+Why here: a GPU machine is lent to few sessions, for minutes, and cannot download anything.
+A script that breaks on its first line there wastes that chance. Its small mode runs the same
+steps on the CPU (lora where qlora needs a GPU), so CI keeps it working."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_every_step_and_writes_its_results(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "GPU_CHECK_SMALL": "1",
+        "OUT": str(tmp_path),
+        "PYTHON": sys.executable,
+        "GPU_CARRY": str(tmp_path / "no-carry"),
+    }
+    cp = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_check.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert cp.returncode == 0, cp.stdout[-3000:] + cp.stderr[-3000:]
+    for step in ("env", "throughput", "qlora", "lora-gc"):
+        assert f"== {step}: exit 0" in cp.stdout, cp.stdout[-3000:]
+    assert "no GPU" in (tmp_path / "env.log").read_text()
+
+    figures = json.loads((tmp_path / "throughput.json").read_text())
+    assert figures["ours"]["samples_per_second"] > 0 < figures["baseline"]["samples_per_second"]
+    for name, checkpointing in (("qlora", False), ("lora-gc", True)):
+        result = json.loads((tmp_path / f"{name}-result.json").read_text())
+        assert result["ok"] and result["stage"] == "finetune", result
+        assert result["train_examples"] > 0 and result["trainable_parameters"] > 0
+        log = (tmp_path / f"{name}.log").read_text().splitlines()
+        started = json.loads(next(line for line in log if '"event": "start"' in line))
+        assert started["args"]["gradient_checkpointing"] is checkpointing
