@@ -2,7 +2,7 @@
 # The trainer's GPU path in one device run (issue 4): what CI, which has no GPU, cannot show.
 #
 #   env         torch, transformers, peft, bitsandbytes versions and the GPU's name
-#   throughput  bench/finetune_throughput.py at a 0.4B-parameter shape (Llama, hidden 896,
+#   throughput  bench/finetune_throughput.py at a 0.2B-parameter shape (Llama, hidden 896,
 #               24 layers, MiniLM's vocabulary, random weights: no model can be downloaded):
 #               our LoRA trainer against transformers.Trainer + peft, both in bf16, with
 #               samples/s, peak RSS and peak GPU memory side by side
