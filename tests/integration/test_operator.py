@@ -502,12 +502,10 @@ def test_a_triton_replica_that_no_node_can_take_is_named_in_serving(
 
     The scheduler's verdict changes that pod only, not its Deployment, and may land after
     the Deployment's last change: the operator hears of it because it watches Triton pods.
-    Here its resync is 10 minutes away and the task's live-control window an hour, so
-    nothing else would wake it."""
+    Here its resync is 10 minutes away and it has no Prometheus (so no live-control window
+    wakes it either): nothing else would."""
     ns, op = namespace, operator_without_resync
-    task = agenttask(serving={"minReplicas": 3, "maxReplicas": 4, "gpus": 8})
-    task["spec"]["fallback"]["policy"] = {"windowSeconds": 3600}
-    cluster.apply(task, ns)
+    cluster.apply(agenttask(serving={"minReplicas": 3, "maxReplicas": 4, "gpus": 8}), ns)
     run_revision(cluster, ns, revision(cluster, ns))
 
     serving = condition_saying(
@@ -759,25 +757,15 @@ def test_invalid_combination_sets_invalid_spec_without_crash_loop(
 
 
 def test_children_reach_the_task_through_the_label_selected_watches(
-    cluster: ClusterHandle, namespace: str, storage: str, tmp_path: Path, agenttask_crd: Path
+    cluster: ClusterHandle, namespace: str, storage: str, operator_without_resync: OperatorProcess
 ) -> None:
-    """With the resync out of the way (10 min), only the watches on Jobs, trainer pods and
-    the Deployment (selected by the API server on the labels the operator sets) can carry the
+    """With the resync out of the way (10 min), only the watches on Jobs, pods and the
+    Deployment (selected by the API server on the labels the operator sets) can carry the
     task from data prep to Ready: a selector that missed its children would stall it here."""
     ns = namespace
-    op = OperatorProcess(
-        cluster.kubeconfig, ns, tmp_path / "operator.log", resync_seconds=600
-    ).start()
-    try:
-        cluster.apply(agenttask(), ns)
-        run_revision(cluster, ns, revision(cluster, ns))
-        cluster.kubectl(
-            "wait", "-n", ns, "--for=condition=Ready", "--timeout=60s", "agenttask/weather"
-        )
-    finally:
-        cluster.kubectl("delete", "agenttasks", "--all", "-n", ns, "--wait=false", check=False)
-        op.stop()
-        print(op.log()[-4000:])
+    cluster.apply(agenttask(), ns)
+    run_revision(cluster, ns, revision(cluster, ns))
+    cluster.kubectl("wait", "-n", ns, "--for=condition=Ready", "--timeout=60s", "agenttask/weather")
 
 
 def test_a_child_the_api_server_refuses_says_why_in_ready(

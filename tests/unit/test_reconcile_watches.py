@@ -73,9 +73,13 @@ def test_what_the_operator_builds_is_what_its_watches_select() -> None:
 
 
 def test_kopf_applies_the_same_pod_filter_to_what_the_watch_delivers() -> None:
-    """The handler's own filter must agree with the server-side selector, or kopf drops the
-    Triton pods' events the API server sends."""
-    component = main.POD_FILTER[n.LABEL_COMPONENT]
+    """The pod handler's own filter must agree with the server-side selector, or kopf drops
+    the Triton pods' events the API server sends."""
+    handlers = {h.id: h for h in kopf.get_default_registry()._watching.get_all_handlers()}
+    labels = handlers["on_pod"].labels
+    assert labels is main.POD_FILTER
+    component = labels[n.LABEL_COMPONENT]
     assert callable(component)
     assert component("trainer") and component("triton")
     assert not component("gateway") and not component(None)
+    assert labels[n.MANAGED_BY] == n.FIELD_MANAGER
