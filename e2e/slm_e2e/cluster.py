@@ -50,10 +50,19 @@ class ClusterError(RuntimeError):
     """The control plane could not be brought up; the message names the component and log."""
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` different free ports of 127.0.0.1: the sockets stay bound until all are picked,
+    because a port freed by one pick may be handed out again by the next (a clean-clone run
+    got the same port for Triton's gRPC and metrics, and tritonserver refused to start)."""
+    with contextlib.ExitStack() as held:
+        socks = [held.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def port_is_free(port: int) -> bool:

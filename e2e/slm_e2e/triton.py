@@ -27,7 +27,6 @@ import os
 import shutil
 import signal
 import site
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -39,6 +38,8 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from slm_e2e.cluster import free_ports
 
 #: Log lines after which the server will not become ready, though it may not exit for a while.
 _FATAL = ("error while loading shared libraries", "failed to load", "Stub process", "UNAVAILABLE:")
@@ -71,17 +72,6 @@ def prepare_backends(dest: Path) -> Path:
         shutil.copytree(root / "backends", backends, dirs_exist_ok=True)
         shutil.copy2(stub, backends / "python" / stub.name)
     return backends
-
-
-def _free_ports(n: int) -> list[int]:
-    """``n`` different free ports: the sockets stay bound until all are picked, because a
-    port freed by one pick may be handed out again by the next (a clean-clone run got the
-    same port for gRPC and metrics, and tritonserver refused to start)."""
-    with contextlib.ExitStack() as held:
-        socks = [held.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
 
 
 def server_env(
@@ -221,7 +211,7 @@ def start_triton(
     full_env.update(env or {})
     last: TritonError | None = None
     for attempt in range(attempts):
-        ports = _free_ports(3)
+        ports = free_ports(3)  # three different ones: gRPC and metrics must differ
         log_path = workdir / f"tritonserver-{ports[0]}.log"
         argv = [
             str(binary),
