@@ -600,8 +600,7 @@ def test_the_operator_exports_each_tasks_phase_and_conditions(
         f'slm_operator_task_condition{{namespace="{ns}",status="True",task="weather",'
         'type="DataReady"} 1.0'
     ) in text
-    ok_total = re.search(r'slm_operator_reconcile_total\{result="ok"\} ([0-9.e+]+)', text)
-    assert ok_total and float(ok_total.group(1)) >= 2
+    assert reconciles(operator) >= 2
     cluster.kubectl("delete", "agenttask", "weather", "-n", ns)
     wait_for(lambda: 'task="weather"' not in scrape(), timeout=60, what="the deleted task's series")
 
