@@ -190,7 +190,9 @@ def test_exact_and_near_duplicates_are_dropped(tmp_path: Path) -> None:
         call(base[1]["messages"][1]["content"].upper() + "!!", "get_weather", {"city": "X"}),
         base[2],
     ]
-    result, report, out = curate(tmp_path, base + dupes, min_examples=5)
+    base = [{**r, "timestamp": 1000.0 + i} for i, r in enumerate(base)]
+    dupes[0]["timestamp"] = 2000.0  # the retry came later; it is first in the log
+    result, report, out = curate(tmp_path, dupes[:1] + base + dupes[1:], min_examples=5)
     assert result.ok
     assert report["exact_duplicates"] == 2
     assert report["near_duplicates"] == 1
@@ -203,6 +205,51 @@ def test_exact_and_near_duplicates_are_dropped(tmp_path: Path) -> None:
     )
     assert report_off["near_duplicates"] == 0
     assert report_off["examples"] == 13
+
+
+def test_the_same_calls_in_any_order_curate_to_the_same_files(tmp_path: Path) -> None:
+    """Gateway replicas write shards whose order and contents depend on timing; a retrain on
+    the same calls must see the same training set, in the same order, or its model changes
+    for no reason. Of identical calls the earliest capture is kept; of near duplicates the
+    one first in content-hash order."""
+    calls = [
+        {**r, "timestamp": 1000.0 + i, "request_id": f"req-{i}"}
+        for i, r in enumerate(tool_calls(20, 6, 2))
+    ]
+    retries = [
+        {**calls[i], "timestamp": 5000.0 + i, "request_id": f"retry-{i}", "latency_ms": 9.0}
+        for i in (0, 3, 21)
+    ]
+    near = [
+        {
+            **call(calls[i]["messages"][1]["content"].upper() + "!!", "get_weather", {"city": "X"}),
+            "timestamp": 6000.0 + i,
+        }
+        for i in (1, 2)
+    ]
+    lines = calls + retries + near
+
+    seen = []
+    for attempt in range(4):
+        order = list(lines)
+        random.Random(attempt).shuffle(order)
+        log = tmp_path / f"log{attempt}"
+        log.mkdir()
+        write_log(log / "a.jsonl", order[: 7 + attempt])
+        write_log(log / "b.jsonl", order[7 + attempt :])
+        out = tmp_path / f"out{attempt}"
+        assert run(Args(input=log, output_dir=out, min_examples=5)).ok
+        report = json.loads((out / "curate_report.json").read_text())
+        for volatile in ("input", "files", "seconds"):
+            del report[volatile]
+        seen.append(((out / "train.jsonl").read_bytes(), (out / "eval.jsonl").read_bytes(), report))
+
+    assert all(s == seen[0] for s in seen[1:])
+    report = seen[0][2]
+    assert (report["exact_duplicates"], report["near_duplicates"]) == (3, 2)
+    kept = read(tmp_path / "out0" / "train.jsonl") + read(tmp_path / "out0" / "eval.jsonl")
+    assert len(kept) == 28
+    assert not [r.request_id for r in kept if r.request_id.startswith("retry")]
 
 
 def test_near_duplicates_just_above_the_threshold_are_dropped(tmp_path: Path) -> None:

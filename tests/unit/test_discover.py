@@ -6,6 +6,7 @@ import json
 import os
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,26 @@ def test_discover_recovers_bfcl_tasks_and_writes_manifests(tmp_path: Path) -> No
         assert len(lines) >= 12
         assert all(CallRecord.from_json(line) for line in lines)
     assert any(e.get("phase") == "cluster" for e in events)
+
+    # Gateway replicas write shards in an order that depends on timing: the same calls in
+    # another order, over two shards, must propose the same tasks with the same calls.
+    shuffled = tmp_path / "shuffled"
+    shuffled.mkdir()
+    order = sorted(records, key=lambda r: r.request_id[::-1])
+    for name, part in (
+        ("a.jsonl", order[: len(order) // 3]),
+        ("b.jsonl", order[len(order) // 3 :]),
+    ):
+        (shuffled / name).write_text("".join(r.to_json() + "\n" for r in part))
+    again = discover.run(replace(args, input=shuffled, output_dir=tmp_path / "again"))
+    assert again.ok, again.message
+    other = json.loads((tmp_path / "again" / "discover_report.json").read_text())
+    assert [(c["name"], c["size"]) for c in other["clusters"]] == [
+        (c["name"], c["size"]) for c in report["clusters"]
+    ]
+    for path in manifests:
+        theirs = tmp_path / "again" / "clusters" / f"{path.stem}.jsonl"
+        assert theirs.read_text() == (tmp_path / "out" / "clusters" / theirs.name).read_text()
 
 
 @pytest.mark.slow

@@ -11,8 +11,11 @@ repeat most. This stage, in order:
 3. drops exact duplicates (same normalised messages, tools and response; tool-call ids and
    whitespace don't count) and near duplicates (MinHash LSH over the word 3-grams of the
    conversation before the answer: user turns, earlier tool calls with their arguments and
-   tool results, not the system prompt; Jaccard >= ``near_dup_threshold``), keeping the
-   first occurrence;
+   tool results, not the system prompt; Jaccard >= ``near_dup_threshold``). Of identical
+   calls the earliest captured is kept (timestamp, then request id); near duplicates are
+   compared in the order of their content hash. So the same calls give the same output,
+   byte for byte, whatever order the log holds them in: gateway replicas write shards in
+   an order that depends on timing, and a model must not change because of that;
 4. splits train/eval, stratified by label (the first tool call's name, a short classification
    answer, or one stratum for free text), so every tool with two or more examples is in both
    splits. Within a stratum the eval examples are those with the smallest seeded hash of their
@@ -20,7 +23,8 @@ repeat most. This stage, in order:
    retrainings, an example rarely moves from eval to train (which would contaminate the eval
    of the next candidate).
 
-Outputs in ``output_dir``: ``train.jsonl`` and ``eval.jsonl`` (call records, input order) and
+Outputs in ``output_dir``: ``train.jsonl`` and ``eval.jsonl`` (call records, in the order of
+their content hash, which also mixes a log's runs of one tool before training reads it) and
 ``curate_report.json`` (every count). Heavy imports (Presidio, datasketch) happen inside the
 functions that need them, so ``slm-trainer curate --help`` stays instant.
 """
@@ -638,25 +642,17 @@ def distinct_count(
     seed: int = 0,
 ) -> int:
     """How many of ``records`` curate keeps with these settings: exact and near duplicates
-    out, as :func:`run` drops them (without redaction, which only merges more)."""
-    seen: set[str] = set()
-    near = (
-        _NearDuplicateFilter(near_dup_threshold, num_perm, seed)
-        if near_dup_threshold < 1.0
-        else None
-    )
-    kept = 0
+    out, compared in the order of their content hash as :func:`run` compares them (without
+    redaction, which only merges more)."""
+    texts: dict[str, tuple[str, str]] = {}
     for record in records:
         key = exact_key(record)
-        if key in seen:
-            continue
-        seen.add(key)
-        if near is not None and near.is_duplicate(
-            key, dedupe_text(record), conversation_shape(record)
-        ):
-            continue
-        kept += 1
-    return kept
+        if key not in texts:
+            texts[key] = (dedupe_text(record), conversation_shape(record))
+    if near_dup_threshold >= 1.0:
+        return len(texts)
+    near = _NearDuplicateFilter(near_dup_threshold, num_perm, seed)
+    return sum(not near.is_duplicate(key, *texts[key]) for key in sorted(texts))
 
 
 def _emit(progress: Progress | None, **event: Any) -> None:
@@ -688,49 +684,94 @@ def run(args: Args, progress: Progress | None = None) -> TrainerResult:
         return TrainerResult(stage=CONTRACT_STAGE, ok=False, message=str(exc))
 
 
+@dataclass
+class _Entry:
+    """One distinct call as curate will write it, with what deciding among equals needs."""
+
+    key: str  # content hash after redaction: the order of the outputs
+    rank: tuple[float, str]  # (timestamp, request id): the earliest capture wins
+    digest: str  # hash of the record as read: breaks a tie between equal ranks
+    stratum: str
+    line: str
+    redactions: dict[str, int]
+    near_text: str
+    near_group: str
+
+    def later_than(self, rank: tuple[float, str], other: CallRecord | str) -> bool:
+        """Whether a capture ranked ``rank`` (a record, or a record's digest) should replace
+        this one: it is earlier, or as early with a smaller digest. Computing a digest costs
+        a serialisation, so only a tie pays for it."""
+        if rank != self.rank:
+            return rank < self.rank
+        digest = other if isinstance(other, str) else _digest(other)
+        return digest < self.digest
+
+
+def _digest(record: CallRecord) -> str:
+    return hashlib.sha256(record.to_json().encode()).hexdigest()
+
+
+def _entry(
+    record: CallRecord,
+    rank: tuple[float, str],
+    raw_key: str,
+    redactor: Any,
+    stratify_by: StratifyBy,
+    near: bool,
+) -> _Entry:
+    """Redact ``record`` and serialise it; raises what serialising a hostile record raises."""
+    digest = _digest(record)
+    counts: dict[str, int] = {}
+    key = raw_key
+    if redactor is not None:
+        record, counts = redactor.redact_record(record)
+        key = exact_key(record)
+    return _Entry(
+        key=key,
+        rank=rank,
+        digest=digest,
+        stratum=stratum(record, stratify_by),
+        line=record.to_json(),
+        redactions=counts,
+        near_text=dedupe_text(record) if near else "",
+        near_group=conversation_shape(record) if near else "",
+    )
+
+
 def _curate(
     args: Args, files: Sequence[Shard], started: float, progress: Progress | None
 ) -> TrainerResult:
     """The stage proper, over shards known to exist."""
     stats = ParseStats()
-    redactions: Counter[str] = Counter()
-    records_redacted = 0
     exact_dupes = 0
     near_dupes = 0
-    seen: set[str] = set()
-    # (stratum, key, JSON line) of each kept record: serialised while a record can still be
-    # dropped as malformed, and lighter to hold than the record itself.
-    kept: list[tuple[str, str, str]] = []
+    # Identical calls (by content, before and after redaction) share one entry: the earliest
+    # capture. Raw keys map to the entry, so a repeat costs a hash, not a redaction.
+    entry_of: dict[str, str] = {}
+    unique: dict[str, _Entry] = {}
+    redacted: dict[str, dict[str, int]] = {}
 
     redactor = None
     if args.scrub_pii:
         from slm_trainer.redact import default_redactor
 
         redactor = default_redactor()
-    near = (
-        _NearDuplicateFilter(args.near_dup_threshold, args.num_perm, args.seed)
-        if args.near_dup_threshold < 1.0
-        else None
-    )
+    near_wanted = args.near_dup_threshold < 1.0
 
     records = parse_lines(read_lines(files), stats, args.task, args.max_error_samples)
     for n, record in enumerate(records, start=1):
         if n % 1000 == 0:
-            _emit(progress, phase="dedup", records=n, kept=len(kept))
+            _emit(progress, phase="dedup", records=n, kept=len(unique))
         try:
             # Identical calls are the bulk of a log: drop them before paying for redaction.
             raw_key = exact_key(record)
-            if raw_key in seen:
+            rank = (record.timestamp, record.request_id)
+            held = unique.get(entry_of.get(raw_key, ""))
+            if held is not None:
                 exact_dupes += 1
-                continue
-            counts: dict[str, int] = {}
-            key = raw_key
-            if redactor is not None:
-                record, counts = redactor.redact_record(record)
-                key = exact_key(record)
-            line = record.to_json()
-            near_text = dedupe_text(record) if near is not None else ""
-            near_group = conversation_shape(record) if near is not None else ""
+                if not held.later_than(rank, record):
+                    continue
+            entry = _entry(record, rank, raw_key, redactor, args.stratify_by, near_wanted)
         except RecursionError:
             # JSON decodes deeper than dataclasses.asdict and the encoder can walk back: such
             # a record could not be written out, so it is malformed rather than fatal.
@@ -739,19 +780,34 @@ def _curate(
         except UnicodeEncodeError:  # the contract refuses lone surrogates; never fatal anyway
             stats.malformed["invalid_unicode"] += 1
             continue
-        seen.add(raw_key)
-        if counts:
-            records_redacted += 1
-            redactions.update(counts)
-        if key != raw_key:
-            if key in seen:  # equal once the PII is gone, e.g. one template, two users
-                exact_dupes += 1
-                continue
-            seen.add(key)
-        if near is not None and near.is_duplicate(key, near_text, near_group):
+        entry_of[raw_key] = entry.key
+        if entry.redactions:  # what was scrubbed from each distinct call, kept or not
+            redacted[raw_key] = entry.redactions
+        if held is not None and held.key != entry.key:
+            del unique[held.key]  # the same call redacted otherwise: one entry, not two
+        other = unique.get(entry.key)
+        if other is not None and (held is None or held.key != entry.key):
+            # equal once the PII is gone, e.g. one template, two users
+            exact_dupes += 1
+        if other is None or other.later_than(entry.rank, entry.digest):
+            unique[entry.key] = entry
+
+    near = (
+        _NearDuplicateFilter(args.near_dup_threshold, args.num_perm, args.seed)
+        if near_wanted
+        else None
+    )
+    kept: list[tuple[str, str, str]] = []
+    for key in sorted(unique):
+        entry = unique.pop(key)  # the texts go as soon as they are filtered
+        if near is not None and near.is_duplicate(key, entry.near_text, entry.near_group):
             near_dupes += 1
             continue
-        kept.append((stratum(record, args.stratify_by), key, line))
+        kept.append((entry.stratum, key, entry.line))
+    records_redacted = len(redacted)
+    redactions: Counter[str] = Counter()
+    for counts in redacted.values():
+        redactions.update(counts)
 
     strata = [s for s, _, _ in kept]
     is_eval = assign_split(strata, [k for _, k, _ in kept], args.eval_fraction, args.seed)

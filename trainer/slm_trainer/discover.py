@@ -53,6 +53,7 @@ from slm_trainer.curate import (
     ParseStats,
     as_location,
     distinct_count,
+    exact_key,
     input_files,
     parse_lines,
     read_lines,
@@ -407,17 +408,23 @@ def read_records(
 
 
 def _sample(records: Iterable[CallRecord], limit: int, seed: int) -> list[CallRecord]:
-    """The ``limit`` records of smallest seeded hash, in log order, read as a stream: only
-    the sample is held, so a log of millions of calls costs the memory of ``limit``."""
+    """The ``limit`` records of smallest seeded hash, in that order, read as a stream: only
+    the sample is held, so a log of millions of calls costs the memory of ``limit``.
+
+    The hash is of the call (its request id and capture time, or its content where a log
+    has neither), not of its place in the log: gateway replicas write shards in an order
+    that depends on timing, and the same calls must sample, and so cluster, the same. Each
+    retry of a call has its own request id, so a call that recurs still weighs as often as
+    it was made."""
     import hashlib
     import heapq
 
-    ranked = heapq.nsmallest(
-        limit,
-        enumerate(records),
-        key=lambda p: hashlib.sha256(f"{seed}:{p[0]}:{p[1].request_id}".encode()).digest(),
-    )
-    return [r for _, r in sorted(ranked, key=lambda p: p[0])]
+    def rank(record: CallRecord) -> bytes:
+        who = record.request_id or exact_key(record)
+        return hashlib.sha256(f"{seed}:{who}:{record.timestamp!r}".encode()).digest()
+
+    ranked = heapq.nsmallest(limit, ((rank(r), n, r) for n, r in enumerate(records)))
+    return [r for _, _, r in sorted(ranked, key=lambda p: p[:2])]
 
 
 def _redacted(records: Sequence[CallRecord], stats: ParseStats) -> list[CallRecord]:
