@@ -61,7 +61,8 @@ TARGET = {"relevant_accepted": 0.80, "precision": 0.97, "irrelevant_deferred": 0
 
 def data_stamp(eval_fraction: float, seed: int) -> str:
     """What the curated split depends on: the code that builds and curates the call log, the
-    versions of the packages that redact and deduplicate it, and the split's settings.
+    versions of Python (its regular expressions and Unicode tables redact) and of the packages
+    that redact and deduplicate it, and the split's settings.
 
     ``--reuse-data`` reuses a split only under the same stamp. Without it, a split an older
     curate had left in the work folder was reused silently, and the figures published from it
@@ -82,6 +83,7 @@ def data_stamp(eval_fraction: float, seed: int) -> str:
         except metadata.PackageNotFoundError:
             version = "-"
         h.update(f"{dist}=={version}\0".encode())
+    h.update(f"python=={sys.version_info.major}.{sys.version_info.minor}\0".encode())
     h.update(f"eval_fraction={eval_fraction!r} seed={seed}".encode())
     return h.hexdigest()
 

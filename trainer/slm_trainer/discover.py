@@ -414,7 +414,7 @@ def _sample(records: Iterable[CallRecord], limit: int, seed: int) -> list[CallRe
     The hash is of the call (its request id and capture time, or its content where a log
     has neither), not of its place in the log: gateway replicas write shards in an order
     that depends on timing, and the same calls must sample, and so cluster, the same. Each
-    retry of a call has its own request id, so a call that recurs still weighs as often as
+    retry of a call has its own capture time, so a call that recurs still weighs as often as
     it was made."""
     import hashlib
     import heapq
@@ -423,8 +423,9 @@ def _sample(records: Iterable[CallRecord], limit: int, seed: int) -> list[CallRe
         who = record.request_id or exact_key(record)
         return hashlib.sha256(f"{seed}:{who}:{record.timestamp!r}".encode()).digest()
 
+    # (hash, position, record): equal hashes (one line logged twice) never compare records
     ranked = heapq.nsmallest(limit, ((rank(r), n, r) for n, r in enumerate(records)))
-    return [r for _, _, r in sorted(ranked, key=lambda p: p[:2])]
+    return [r for _, _, r in ranked]
 
 
 def _redacted(records: Sequence[CallRecord], stats: ParseStats) -> list[CallRecord]:
