@@ -790,7 +790,7 @@ def _curate(
         if held is not None and held.key != entry.key:
             del unique[held.key]  # the same call redacted otherwise: one entry, not two
         other = unique.get(entry.key)
-        if other is not None and (held is None or held.key != entry.key):
+        if other is not None and other is not held:
             # equal once the PII is gone, e.g. one template, two users
             exact_dupes += 1
         if other is None or other.later_than(entry.rank, entry.digest):
