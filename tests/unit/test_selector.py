@@ -168,6 +168,29 @@ def test_examples_index_none_first_and_skip_unknown_labels() -> None:
     assert cls.labels == ("billing", "shipping") and cls.target == 1
 
 
+def test_the_eval_report_counts_a_confident_deferral_of_a_call_needing_no_tool_as_right() -> None:
+    """The confidence a selector serves is that of its choice, a tool or *defer*. One that is
+    90 % sure and right 90 % of the time, deferring half of the calls correctly, is calibrated:
+    its report must say so, not count each right deferral as a confident mistake."""
+    sel = pytest.importorskip("slm_trainer.selector")
+    by_tool = {metrics.tool_label(r.response): r for r in support_records(1)}
+    refund, none = (
+        sel.examples_from_records([by_tool[t]], "tool-call")[0] for t in ("refund_order", None)
+    )
+    examples = [refund] * 10 + [none] * 10
+    # 9 of 10 right on each side, all at confidence 0.9.
+    preds = [("refund_order", 0.9)] * 9 + [("search_orders", 0.9)]
+    preds += [(None, 0.9)] * 9 + [("escalate_to_human", 0.9)]
+    report = sel.evaluate_predictions(examples, preds, threshold=0.5, target_precision=0.97)
+    assert report["decision_accuracy"] == pytest.approx(0.9)
+    assert report["ece"] == pytest.approx(0.0, abs=1e-9)
+    # Every choice right at 0.6: under-confident by 0.4, deferrals included.
+    report = sel.evaluate_predictions(
+        examples, [("refund_order", 0.6)] * 10 + [(None, 0.6)] * 10, 0.5, 0.97
+    )
+    assert report["ece"] == pytest.approx(0.4)
+
+
 def test_calibration_split_is_stratified_and_deterministic() -> None:
     sel = pytest.importorskip("slm_trainer.selector")
     ex = sel.examples_from_records(support_records(4), "tool-call")
