@@ -291,6 +291,27 @@ def test_pick_threshold_keeps_the_most_coverage_that_meets_the_target() -> None:
     assert m.pick_threshold(m.coverage_curve(["a"], [0.9], ["b"]), 0.5) is None
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_the_curve_is_the_selective_point_at_every_level_of_a_random_task(seed: int) -> None:
+    """The curve is computed in one sweep; each of its points must be what scoring every
+    call at that threshold gives: ties, deferrals, calls needing no tool, and (odd seeds)
+    verdicts that are not label equality included."""
+    rng = random.Random(seed)
+    n = rng.randint(1, 400)
+    labels = [rng.choice(["a", "b", "c", None]) for _ in range(n)]
+    refs = [rng.choice(["a", "b", None]) for _ in range(n)]
+    conf = [
+        rng.choice([0.5, 0.75, 0.9, 1.0]) if rng.random() < 0.3 else rng.random() for _ in range(n)
+    ]
+    verdicts = [rng.random() < 0.7 for _ in range(n)] if seed % 2 else None
+    curve = m.coverage_curve(labels, conf, refs, verdicts)
+    levels = sorted({c for lab, c in zip(labels, conf, strict=True) if lab is not None})
+    assert [p.threshold for p in curve[:-1]] == levels
+    for p in curve:
+        assert p == m.selective_point(labels, conf, refs, p.threshold, verdicts)
+    assert curve[-1].accepted == 0 and curve[-1].threshold > max(conf)
+
+
 def test_custom_verdicts_override_label_equality() -> None:
     p = m.selective_point(["a", "a"], [0.9, 0.9], ["a", "a"], 0.5, correct=[True, False])
     assert p.correct == 1

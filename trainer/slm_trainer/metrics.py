@@ -558,6 +558,32 @@ def _accepted_mask(labels: Sequence[str | None], conf: Sequence[float], th: floa
     return [lab is not None and c >= th for lab, c in zip(labels, conf, strict=True)]
 
 
+def _point(
+    threshold: float, counts: Sequence[int], n: int, n_relevant: int, n_irrelevant: int
+) -> CurvePoint:
+    """A curve point from the counts of accepted, correct, relevant and irrelevant calls."""
+    accepted, correct, relevant, irrelevant = counts
+    return CurvePoint(
+        threshold=float(threshold),
+        accepted=accepted,
+        correct=correct,
+        coverage=accepted / n if n else 0.0,
+        precision=correct / accepted if accepted else 1.0,
+        relevant_coverage=relevant / n_relevant if n_relevant else 0.0,
+        irrelevant_deferral=1.0 - irrelevant / n_irrelevant if n_irrelevant else 1.0,
+    )
+
+
+def _verdicts(
+    pred_labels: Sequence[str | None],
+    ref_labels: Sequence[str | None],
+    correct: Sequence[bool] | None,
+) -> list[bool]:
+    if correct is not None:
+        return [bool(ok) for ok in correct]
+    return [label_correct(p, r) for p, r in zip(pred_labels, ref_labels, strict=True)]
+
+
 def selective_point(
     pred_labels: Sequence[str | None],
     confidences: Sequence[float],
@@ -571,25 +597,15 @@ def selective_point(
     for a generative candidate); a prediction with a None label never answers.
     """
     accepted = _accepted_mask(pred_labels, confidences, threshold)
-    verdicts = (
-        list(correct)
-        if correct is not None
-        else [label_correct(p, r) for p, r in zip(pred_labels, ref_labels, strict=True)]
-    )
-    n = len(ref_labels)
-    n_acc = sum(accepted)
-    n_correct = sum(1 for a, ok in zip(accepted, verdicts, strict=True) if a and ok)
-    relevant = [a for a, r in zip(accepted, ref_labels, strict=True) if r is not None]
-    irrelevant = [a for a, r in zip(accepted, ref_labels, strict=True) if r is None]
-    return CurvePoint(
-        threshold=float(threshold),
-        accepted=n_acc,
-        correct=n_correct,
-        coverage=n_acc / n if n else 0.0,
-        precision=n_correct / n_acc if n_acc else 1.0,
-        relevant_coverage=sum(relevant) / len(relevant) if relevant else 0.0,
-        irrelevant_deferral=1.0 - sum(irrelevant) / len(irrelevant) if irrelevant else 1.0,
-    )
+    verdicts = _verdicts(pred_labels, ref_labels, correct)
+    counts = [0, 0, 0, 0]
+    for a, ok, r in zip(accepted, verdicts, ref_labels, strict=True):
+        if a:
+            counts[0] += 1
+            counts[1] += ok
+            counts[2 if r is not None else 3] += 1
+    n_relevant = sum(1 for r in ref_labels if r is not None)
+    return _point(threshold, counts, len(ref_labels), n_relevant, len(ref_labels) - n_relevant)
 
 
 def coverage_curve(
@@ -603,15 +619,33 @@ def coverage_curve(
     Every achievable accept set is a point: a threshold between two distinct confidences
     accepts the same calls as the higher one. A final point above every confidence (nothing
     accepted) closes the curve.
+
+    One sweep from the highest confidence down, adding each level's calls to running counts:
+    the same points as :func:`selective_point` at every level, in O(n log n). (Scoring each
+    level anew took 7 s for 8,000 calls and grows with the square: about 18 minutes for
+    the 100,000 out-of-fold calls a cross-fitted task of that size calibrates on;
+    ``bench/coverage_curve.py``.)
     """
     if not (len(pred_labels) == len(confidences) == len(ref_labels)):
         raise ValueError("pred_labels, confidences and ref_labels must have equal lengths")
-    levels = sorted(
-        {float(c) for p, c in zip(pred_labels, confidences, strict=True) if p is not None}
-    )
-    points = [selective_point(pred_labels, confidences, ref_labels, t, correct) for t in levels]
-    top = math.nextafter(levels[-1], math.inf) if levels else 0.0
-    points.append(selective_point(pred_labels, confidences, ref_labels, top, correct))
+    verdicts = _verdicts(pred_labels, ref_labels, correct)
+    at_level: dict[float, list[int]] = {}
+    for p, c, r, ok in zip(pred_labels, confidences, ref_labels, verdicts, strict=True):
+        if p is not None:
+            counts = at_level.setdefault(float(c), [0, 0, 0, 0])
+            counts[0] += 1
+            counts[1] += ok
+            counts[2 if r is not None else 3] += 1
+    n = len(ref_labels)
+    n_relevant = sum(1 for r in ref_labels if r is not None)
+    running = [0, 0, 0, 0]
+    points: list[CurvePoint] = []
+    for level in sorted(at_level, reverse=True):
+        running = [a + b for a, b in zip(running, at_level[level], strict=True)]
+        points.append(_point(level, running, n, n_relevant, n - n_relevant))
+    points.reverse()
+    top = math.nextafter(points[-1].threshold, math.inf) if points else 0.0
+    points.append(_point(top, [0, 0, 0, 0], n, n_relevant, n - n_relevant))
     return points
 
 
