@@ -238,6 +238,12 @@ def min_examples(spec: Mapping[str, Any]) -> int:
     return int((spec.get("dataset") or {}).get("minExamples", DEFAULT_MIN_EXAMPLES))
 
 
+#: The data-prep Job's ``--max-examples`` when spec.dataset.maxExamples is unset. Not a CRD
+#: default: a default added to the schema shows up in every stored task's spec.dataset, which
+#: is part of the revision hash, so upgrading the operator would retrain every task.
+DEFAULT_MAX_EXAMPLES = 100_000
+
+
 def data_prep_job(
     task: Mapping[str, Any],
     revision: str,
@@ -256,6 +262,7 @@ def data_prep_job(
         f"--output-dir={revision_dir(task, revision)}/data",
         f"--eval-fraction={ds.get('evalFraction', 0.2)}",
         f"--min-examples={min_examples(task['spec'])}",
+        f"--max-examples={int(ds.get('maxExamples', DEFAULT_MAX_EXAMPLES))}",
         "--scrub-pii" if ds.get("piiScrubbing", True) else "--no-scrub-pii",
         f"--stratify-by={stratify}",
     ]

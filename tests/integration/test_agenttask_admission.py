@@ -123,6 +123,16 @@ INVALID = [
         "serving.slo.slmTimeoutMs must be at least serving.slo.p95LatencyMs",
     ),
     case(
+        "max-examples-below-min-examples",
+        {"spec.dataset.minExamples": 500, "spec.dataset.maxExamples": 400},
+        "dataset.maxExamples must be at least dataset.minExamples",
+    ),
+    case(
+        "max-examples-below-default-min-examples",
+        {"spec.dataset.maxExamples": 100},  # minExamples defaults to 200
+        "dataset.maxExamples must be at least dataset.minExamples",
+    ),
+    case(
         "empty-gate",
         {"spec.evaluation.gate": {}},
         "evaluation.gate needs minScore, maxDropVsLLM or both",
@@ -287,6 +297,8 @@ def test_valid_agenttask_is_stored_with_defaults(cluster: Any, namespace: str) -
     spec = stored["spec"]
     assert spec["taskType"] == "tool-call"
     assert spec["dataset"]["minExamples"] == 200
+    # No schema default: one would enter every stored spec, and the revision hash with it.
+    assert "maxExamples" not in spec["dataset"]
     assert spec["dataset"]["evalFraction"] == 0.2
     assert spec["dataset"]["piiScrubbing"] is True
     assert spec["candidates"][0]["method"] == "lora"

@@ -217,6 +217,26 @@ def test_pii_scrubbing_can_be_turned_off() -> None:
     assert "--no-scrub-pii" in args
 
 
+def test_the_data_prep_job_bounds_what_curate_holds_and_the_trainer_parses_it() -> None:
+    """A task's log only grows; the data-prep Job always passes a bound (the task's, or
+    100,000 when unset, which adds nothing to the stored spec and so to the revision hash),
+    and the trainer's own command line reads it."""
+    from slm_trainer import cli
+
+    task = make_task()
+    revision = n.revision_of(task["spec"])
+    for bound, expected in ((None, 100_000), (5000, 5000)):
+        if bound is not None:
+            task["spec"]["dataset"]["maxExamples"] = bound
+        job = b.data_prep_job(task, "r")
+        ctr = job["spec"]["template"]["spec"]["containers"][0]
+        assert f"--max-examples={expected}" in ctr["args"]
+        assert ctr["command"] == ["slm-trainer", "curate"]
+        parsed = cli.build_parser().parse_args(ctr["command"][1:] + ctr["args"])
+        assert parsed.max_examples == expected
+    assert n.revision_of(task["spec"]) != revision  # a bound set by the user trains again
+
+
 def test_triton_deployment_serves_the_revision_repository() -> None:
     task = make_task()
     dep = b.triton_deployment(task, "r1", "pvc://slm-work/weather/r1/model_repository", "small", 2)

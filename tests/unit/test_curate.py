@@ -252,6 +252,65 @@ def test_the_same_calls_in_any_order_curate_to_the_same_files(tmp_path: Path) ->
     assert not [r.request_id for r in kept if r.request_id.startswith("retry")]
 
 
+def test_max_examples_keeps_the_calls_with_the_smallest_hash_whatever_the_order(
+    tmp_path: Path,
+) -> None:
+    """A task's log only grows, and curate holds every distinct call it keeps: past
+    ``max_examples`` it keeps a sample, the calls with the smallest content hash. That sample
+    must be what the whole log's curation holds below that hash (near duplicates included,
+    since they are compared in hash order), the same in any log order, with the earliest
+    capture of each call, and every call left out counted."""
+    calls = [
+        {**r, "timestamp": 1000.0 + i, "request_id": f"req-{i}"}
+        for i, r in enumerate(tool_calls(40, 12, 4))
+    ]
+    retries = [
+        {**calls[i], "timestamp": 5000.0 + i, "request_id": f"retry-{i}"} for i in range(0, 56, 3)
+    ]
+    near = [
+        {**call(calls[i]["messages"][1]["content"].upper() + "!!", "get_weather"), "timestamp": 9.0}
+        for i in range(0, 40, 5)
+    ]
+    # Equal once redacted: one distinct call, whichever of them is read first.
+    same_once_redacted = [
+        call(f"Mail {who}@corp.example.com the roster", "send_email", {"to": f"{who}@x.example"})
+        for who in ("ann", "bob", "cyd")
+    ]
+    lines = calls + retries + near + same_once_redacted
+
+    def curated(order: list[Any], out: str, **kw: Any) -> tuple[dict[str, str], dict[str, Any]]:
+        result, report, path = curate(tmp_path, order, out=out, min_examples=1, **kw)
+        assert result.ok, result.message
+        kept = {
+            exact_key(CallRecord.from_json(line)): line
+            for name in ("train.jsonl", "eval.jsonl")
+            for line in (path / name).read_text().splitlines()
+        }
+        return kept, report
+
+    whole, whole_report = curated(lines, "whole")
+    bound = 30
+    samples = []
+    for attempt in range(3):
+        order = list(lines)
+        random.Random(attempt).shuffle(order)
+        samples.append(curated(order, f"bound{attempt}", max_examples=bound))
+    kept, report = samples[0]
+    assert all(s[0] == kept for s in samples[1:])
+    assert len(kept) <= bound < len(whole)
+    assert kept == {k: line for k, line in whole.items() if k <= max(kept)}
+    assert not [line for line in kept.values() if '"retry-' in line]  # earliest captures
+    assert report["beyond_max_examples"] + report["near_duplicates"] + len(kept) == (
+        whole_report["near_duplicates"] + len(whole)
+    )
+    assert report["beyond_max_examples"] > 0
+    assert report["exact_duplicates"] == whole_report["exact_duplicates"]
+    assert report["settings"]["max_examples"] == bound
+    again = run(Args(input=tmp_path / "calls.jsonl", output_dir=tmp_path / "m", max_examples=bound))
+    left_out = report["beyond_max_examples"]
+    assert f"{left_out} distinct calls beyond max_examples {bound} left out" in again.message
+
+
 def test_near_duplicates_just_above_the_threshold_are_dropped(tmp_path: Path) -> None:
     """Judged on the MinHash estimate (about 0.026 off at 128 permutations) by an index built
     at the threshold, 47 of these 60 pairs were both kept, and could straddle the train/eval
@@ -548,6 +607,7 @@ def test_directory_of_shards_and_task_filter(tmp_path: Path) -> None:
         {"eval_fraction": 1.0},
         {"min_examples": 0},
         {"stratify_by": "random"},
+        {"max_examples": -1},
     ],
 )
 def test_invalid_arguments_are_rejected(tmp_path: Path, bad: dict[str, Any]) -> None:

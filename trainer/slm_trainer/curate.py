@@ -16,6 +16,8 @@ repeat most. This stage, in order:
    compared in the order of their content hash. So the same calls give the same output,
    byte for byte, whatever order the log holds them in: gateway replicas write shards in
    an order that depends on timing, and a model must not change because of that;
+   with ``max_examples`` only the distinct calls with the smallest content hash are held
+   (:class:`_Sample`): a log only grows, and curate holds each call it keeps (about 9 KB);
 4. splits train/eval, stratified by label (the first tool call's name, a short classification
    answer, or one stratum for free text), so every tool with two or more examples is in both
    splits. Within a stratum the eval examples are those with the smallest seeded hash of their
@@ -32,6 +34,7 @@ functions that need them, so ``slm-trainer curate --help`` stays instant.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import io
 import json
 import math
@@ -91,6 +94,14 @@ class Args:
         default=10, metadata={"help": "fail when fewer examples remain after curation"}
     )
     num_perm: int = field(default=128, metadata={"help": "MinHash permutations"})
+    max_examples: int = field(
+        default=0,
+        metadata={
+            "help": "keep at most this many distinct calls: those with the smallest content "
+            "hash, a uniform sample whatever the log's order; memory then stays bounded as the "
+            "log grows (0: keep every call)"
+        },
+    )
     max_error_samples: int = field(
         default=5, metadata={"help": "malformed lines quoted in the report"}
     )
@@ -106,6 +117,8 @@ class Args:
             raise ValueError("min_examples must be >= 1")
         if self.num_perm < 16:
             raise ValueError("num_perm must be >= 16")
+        if self.max_examples < 0:
+            raise ValueError("max_examples must be >= 0 (0: no bound)")
         if not 0 <= self.seed < 2**32:  # MinHash's range; refused here, not mid-run
             raise ValueError("seed must be in [0, 2**32)")
         if self.stratify_by not in ("auto", "tool", "content", "none"):
@@ -742,6 +755,50 @@ def _entry(
     )
 
 
+class _Sample:
+    """Which distinct calls curate holds under ``max_examples``: those with the smallest
+    content hash (``_Entry.key``), decided as the log is read.
+
+    Why: curate holds every distinct call it keeps (about 9 KB each with near-duplicate
+    detection), and a task's log only grows: retraining on growth re-reads all of it. Past
+    the bound, a call with a larger hash than every held one is set aside once redacted, and
+    a smaller one pushes out the largest. A key among the ``limit`` smallest of the whole log
+    is never pushed out once read, so every capture of it is seen and the earliest is kept:
+    the sample, like the rest of curate, does not depend on the log's order. Near duplicates
+    are compared in hash order, so within the sample they are decided as without the bound.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._heap: list[tuple[int, str]] = []  # max-heap of held keys; stale ones are skipped
+        #: Distinct calls set aside; a key here never comes back, since the largest held
+        #: key only goes down once the sample is full.
+        self.beyond: set[str] = set()
+
+    def _largest(self, held: dict[str, _Entry]) -> str:
+        while self._heap[0][1] not in held:  # replaced or pushed out since it was pushed
+            heapq.heappop(self._heap)
+        return self._heap[0][1]
+
+    def excludes(self, key: str, held: dict[str, _Entry]) -> bool:
+        """Whether the call with content hash ``key`` is outside the sample for good."""
+        if key in self.beyond:
+            return True
+        if not self.limit or key in held or len(held) < self.limit:
+            return False
+        return key > self._largest(held)
+
+    def added(self, key: str, held: dict[str, _Entry]) -> None:
+        """``key`` was just added to ``held``: push out the largest while over the bound."""
+        if not self.limit:
+            return
+        heapq.heappush(self._heap, (-int(key, 16), key))
+        while len(held) > self.limit:
+            out = self._largest(held)
+            del held[out]
+            self.beyond.add(out)
+
+
 def _curate(
     args: Args, files: Sequence[Shard], started: float, progress: Progress | None
 ) -> TrainerResult:
@@ -754,6 +811,7 @@ def _curate(
     entry_of: dict[str, str] = {}
     unique: dict[str, _Entry] = {}
     redacted: dict[str, dict[str, int]] = {}
+    sample = _Sample(args.max_examples)
 
     redactor = None
     if args.scrub_pii:
@@ -770,11 +828,15 @@ def _curate(
             # Identical calls are the bulk of a log: drop them before paying for redaction.
             raw_key = exact_key(record)
             rank = (record.timestamp, record.request_id)
-            held = unique.get(entry_of.get(raw_key, ""))
+            known = entry_of.get(raw_key, "")
+            held = unique.get(known)
             if held is not None:
                 exact_dupes += 1
                 if not held.later_than(rank, record):
                     continue
+            elif known and sample.excludes(known, unique):
+                exact_dupes += 1  # a repeat of a call set aside by max_examples
+                continue
             entry = _entry(record, rank, raw_key, redactor, args.stratify_by, near_wanted)
         except RecursionError:
             # JSON decodes deeper than dataclasses.asdict and the encoder can walk back: such
@@ -789,12 +851,20 @@ def _curate(
             redacted[raw_key] = entry.redactions
         if held is not None and held.key != entry.key:
             del unique[held.key]  # the same call redacted otherwise: one entry, not two
+        if sample.excludes(entry.key, unique):
+            if entry.key in sample.beyond:
+                exact_dupes += 1  # equal, once redacted, to a call already set aside
+            else:
+                sample.beyond.add(entry.key)
+            continue
         other = unique.get(entry.key)
         if other is not None and other is not held:
             # equal once the PII is gone, e.g. one template, two users
             exact_dupes += 1
         if other is None or other.later_than(entry.rank, entry.digest):
             unique[entry.key] = entry
+            if other is None:
+                sample.added(entry.key, unique)
 
     near = (
         _NearDuplicateFilter(args.near_dup_threshold, args.num_perm, args.seed)
@@ -835,6 +905,7 @@ def _curate(
             "seed": args.seed,
             "min_examples": args.min_examples,
             "num_perm": args.num_perm,
+            "max_examples": args.max_examples,
         },
         "lines": stats.lines,
         "blank": stats.blank,
@@ -847,6 +918,9 @@ def _curate(
         "records_redacted": records_redacted,
         "exact_duplicates": exact_dupes,
         "near_duplicates": near_dupes,
+        # distinct calls left out by max_examples (each with a larger content hash than
+        # every call kept), before near duplicates were looked for among the rest
+        "beyond_max_examples": len(sample.beyond),
         "examples": len(kept),
         "train": len(train),
         "eval": len(evals),
@@ -862,6 +936,12 @@ def _curate(
         f"from {report['read']} records: {report['malformed_total']} malformed, "
         f"{exact_dupes} exact and {near_dupes} near duplicates dropped, "
         f"{sum(redactions.values())} redactions"
+        + (
+            f", {len(sample.beyond)} distinct calls beyond max_examples {args.max_examples} "
+            "left out"
+            if sample.beyond
+            else ""
+        )
     )
     if len(kept) < args.min_examples:
         return TrainerResult(
