@@ -390,6 +390,12 @@ def main(argv: list[str] | None = None) -> int:
     if ceiling is not None:
         rows.append(row("fine-tuned, irrelevant calls removed (info)", ceiling, *tuned_top1))
     print_table(rows, n_rel, n_irr)
+    # How far the served confidence is from the chance that its choice (a tool, or defer) is
+    # right: what the gateway's threshold and an operator reading it rely on.
+    ece = metrics.expected_calibration_error(
+        tuned_conf, [p == r for p, r in zip(tuned_labels, refs, strict=True)]
+    )
+    print(f"\nfine-tuned selector's calibration on the traffic: ECE {ece:.3f} (10 bins)")
     timings["total_seconds"] = round(time.monotonic() - t0, 1)
     print(
         f"\nfine-tune: {result.train_seconds:.0f} s train, {result.eval_seconds:.0f} s eval, "
@@ -411,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
             "selector_relevant_only": metrics.curve_as_dicts(ceiling_curve, 100),
         },
         "tuned_point": asdict(tuned_at),
+        "tuned_ece": round(ece, 6),
     }
     ns.results.mkdir(parents=True, exist_ok=True)
     (ns.results / "selector_quality.json").write_text(json.dumps(out, indent=2) + "\n")
