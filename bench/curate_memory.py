@@ -50,12 +50,13 @@ WORDS = [
 
 CHILD = """
 import json, resource, sys, time
+from pathlib import Path
 from slm_trainer import curate
 log, out, bound = sys.argv[1], sys.argv[2], int(sys.argv[3])
 t = time.process_time()
 result = curate.run(curate.Args(input=log, output_dir=out, scrub_pii=False, max_examples=bound,
                                 min_examples=1))
-report = json.loads((curate.Path(out) / "curate_report.json").read_text())
+report = json.loads((Path(out) / "curate_report.json").read_text())
 print(json.dumps({"ok": result.ok, "examples": result.examples, "cpu_s": time.process_time() - t,
                   "beyond": report["beyond_max_examples"],
                   "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

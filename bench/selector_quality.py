@@ -392,9 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, n_rel, n_irr)
     # How far the served confidence is from the chance that its choice (a tool, or defer) is
     # right: what the gateway's threshold and an operator reading it rely on.
-    ece = metrics.expected_calibration_error(
-        tuned_conf, [p == r for p, r in zip(tuned_labels, refs, strict=True)]
-    )
+    ece = metrics.choice_calibration_error(tuned_labels, tuned_conf, refs)
     print(f"\nfine-tuned selector's calibration on the traffic: ECE {ece:.3f} (10 bins)")
     timings["total_seconds"] = round(time.monotonic() - t0, 1)
     print(

@@ -574,6 +574,13 @@ def _point(
     )
 
 
+def _count(counts: list[int], correct: bool, ref_label: str | None) -> None:
+    """Add one accepted call to ``[accepted, correct, relevant, irrelevant]``."""
+    counts[0] += 1
+    counts[1] += correct
+    counts[2 if ref_label is not None else 3] += 1
+
+
 def _verdicts(
     pred_labels: Sequence[str | None],
     ref_labels: Sequence[str | None],
@@ -601,9 +608,7 @@ def selective_point(
     counts = [0, 0, 0, 0]
     for a, ok, r in zip(accepted, verdicts, ref_labels, strict=True):
         if a:
-            counts[0] += 1
-            counts[1] += ok
-            counts[2 if r is not None else 3] += 1
+            _count(counts, ok, r)
     n_relevant = sum(1 for r in ref_labels if r is not None)
     return _point(threshold, counts, len(ref_labels), n_relevant, len(ref_labels) - n_relevant)
 
@@ -632,10 +637,7 @@ def coverage_curve(
     at_level: dict[float, list[int]] = {}
     for p, c, r, ok in zip(pred_labels, confidences, ref_labels, verdicts, strict=True):
         if p is not None:
-            counts = at_level.setdefault(float(c), [0, 0, 0, 0])
-            counts[0] += 1
-            counts[1] += ok
-            counts[2 if r is not None else 3] += 1
+            _count(at_level.setdefault(float(c), [0, 0, 0, 0]), ok, r)
     n = len(ref_labels)
     n_relevant = sum(1 for r in ref_labels if r is not None)
     running = [0, 0, 0, 0]
@@ -761,6 +763,18 @@ def expected_calibration_error(
             acc = sum(1 for i in idx if correct[i]) / len(idx)
             total += len(idx) / n * abs(conf - acc)
     return total
+
+
+def choice_calibration_error(
+    pred_labels: Sequence[str | None],
+    confidences: Sequence[float],
+    ref_labels: Sequence[str | None],
+) -> float:
+    """ECE of a selector's confidence in its choice, a label or *defer* (None): deferring a
+    call whose reference is None is a right choice, not a confident mistake."""
+    return expected_calibration_error(
+        confidences, [p == r for p, r in zip(pred_labels, ref_labels, strict=True)]
+    )
 
 
 def latency_summary(latencies_ms: Sequence[float]) -> dict[str, float]:

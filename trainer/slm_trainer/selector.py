@@ -1182,15 +1182,9 @@ def evaluate_predictions(
         ),
         "at_threshold": asdict(at),
         "oracle_threshold_on_eval": asdict(best) if best else None,
-        # The confidence is that of the choice, a tool or *defer*: a deferral of a call that
-        # needs no tool is a right choice. (Counting it wrong reported an ECE of 0.28 on BFCL
-        # for a selector calibrated to within 0.02.)
-        "ece": round(
-            metrics.expected_calibration_error(
-                conf, [p == r for p, r in zip(labels, refs, strict=True)]
-            ),
-            6,
-        ),
+        # Of the choice, a tool or *defer*. (Counting a right deferral as wrong reported an
+        # ECE of 0.28 on BFCL for a selector calibrated to within 0.02.)
+        "ece": round(metrics.choice_calibration_error(labels, conf, refs), 6),
         "curve": metrics.curve_as_dicts(curve),
     }
 
