@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import signal
 import subprocess
 import time
 import urllib.request
@@ -19,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from slm_e2e.cluster import free_port
+from slm_gateway.testing import stop_child
 
 
 class PrometheusError(RuntimeError):
@@ -115,11 +114,5 @@ class LocalPrometheus:
         urllib.request.urlopen(req, timeout=5).close()
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=5)
+        if self.proc:
+            stop_child(self.proc, 15)

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from slm_e2e.cluster import LocalCluster
+from slm_gateway.testing import stop_child
 
 #: 127.0.0.1 and ::1 as /proc/net/tcp and tcp6 write local addresses (hex).
 LOOPBACK_HEX = {"0100007F", "00000000000000000000000001000000"}
@@ -172,12 +173,8 @@ class OperatorProcess:
             self.proc.wait(timeout=10)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        if self.proc:
+            stop_child(self.proc, 15)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -22,10 +22,8 @@ Usage::
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import site
 import subprocess
 import sys
@@ -40,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slm_e2e.cluster import free_ports
+from slm_gateway.testing import stop_child
 
 #: Log lines after which the server will not become ready, though it may not exit for a while.
 _FATAL = ("error while loading shared libraries", "failed to load", "Stub process", "UNAVAILABLE:")
@@ -163,15 +162,7 @@ class TritonServer:
 
     def stop(self, grace: float = 20.0) -> int | None:
         """SIGTERM by pid, then SIGKILL of its process group after ``grace`` seconds."""
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(self.process.pid, signal.SIGKILL)  # its own session: stubs too
-                self.process.wait(10)
+        stop_child(self.process, grace)  # the SIGKILL reaches its Python stubs too
         if self._own_workdir:
             # start_triton made the directory (backends copy, log): leave nothing in /tmp
             shutil.rmtree(self.workdir, ignore_errors=True)

@@ -59,13 +59,7 @@ class GatewayProcess:
         Returns the exit status: ``-SIGTERM`` after a clean shutdown, because uvicorn
         re-raises the signal it caught once its graceful shutdown is done.
         """
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_child(self.proc, timeout)
         if self.workdir is not None:
             # a log kept in the directory stays readable through log() after the stop
             if self.log_path.is_relative_to(self.workdir):
@@ -79,6 +73,28 @@ class GatewayProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def stop_child(proc: subprocess.Popen[bytes], grace: float) -> int:
+    """SIGTERM ``proc``, and SIGKILL its whole session if it has not exited after ``grace``
+    seconds; returns its exit status.
+
+    Every server these helpers start runs in a session of its own (``start_new_session``),
+    so its process group holds whatever it started (the gateway's capture workers,
+    tritonserver's Python stubs). The SIGTERM goes to the process alone, which stops its
+    children in order (capture flushes); the SIGKILL goes to the group, since a process
+    killed alone would leave those children running, holding ports and CPU.
+    """
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    return proc.returncode
 
 
 def _pythonpath(env: Mapping[str, str]) -> str:

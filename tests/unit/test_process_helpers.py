@@ -15,7 +15,7 @@ import yaml
 from slm_e2e import llm_standin
 from slm_e2e.testing import wait_for
 from slm_gateway import testing as gateway_testing
-from slm_gateway.testing import await_ready, start_gateway
+from slm_gateway.testing import await_ready, start_gateway, stop_child
 
 
 def test_the_stand_in_removes_its_directory_on_stop() -> None:
@@ -107,3 +107,28 @@ def test_a_gateway_whose_start_is_interrupted_is_not_left_running(
         start_gateway(["--routes", str(routes)])
     assert len(started) == 1
     assert started[0].poll() is not None, "the gateway outlived its interrupted start"
+
+
+def test_a_child_stuck_in_its_shutdown_is_killed_with_what_it_started(tmp_path: Path) -> None:
+    """A server that ignores SIGTERM (a hung drain) is killed after the grace period, and its
+    own children with it: killing the process alone would leave, for example, the gateway's
+    capture workers or tritonserver's Python stubs running."""
+    pid_file = tmp_path / "grandchild.pid"
+    child = (
+        "import signal, subprocess, sys, time, pathlib\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "pathlib.Path(sys.argv[1]).write_text(str(g.pid))\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", child, str(pid_file)], start_new_session=True)
+    wait_for(pid_file.exists, timeout=20, what="the grandchild to start")
+    status = stop_child(proc, grace=0.5)
+    assert status == -9, "a child that ignores SIGTERM must be killed once the grace is over"
+    wait_for(lambda: _gone(int(pid_file.read_text())), timeout=10, what="the grandchild to die")
+
+
+def test_a_child_that_stops_on_sigterm_gets_to_stop_on_its_own() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    assert stop_child(proc, grace=20) == -15
+    assert stop_child(proc, grace=20) == -15  # a second stop is harmless

@@ -710,13 +710,11 @@ class _Entry:
     near_text: str
     near_group: str
 
-    def later_than(self, rank: tuple[float, str], other: CallRecord | str) -> bool:
-        """Whether a capture ranked ``rank`` (a record, or a record's digest) should replace
-        this one: it is earlier, or as early with a smaller digest. Computing a digest costs
-        a serialisation, so only a tie pays for it."""
+    def later_than(self, rank: tuple[float, str], digest: str) -> bool:
+        """Whether a capture ranked ``rank`` with ``digest`` should replace this one: it is
+        earlier, or as early with a smaller digest."""
         if rank != self.rank:
             return rank < self.rank
-        digest = other if isinstance(other, str) else _digest(other)
         return digest < self.digest
 
 
@@ -735,9 +733,11 @@ def _entry(
     redactor: Any,
     stratify_by: StratifyBy,
     near: bool,
+    digest: str = "",
 ) -> _Entry:
-    """Redact ``record`` and serialise it; raises what serialising a hostile record raises."""
-    digest = _digest(record)
+    """Redact ``record`` and serialise it; raises what serialising a hostile record raises.
+    ``digest`` is the record's :func:`_digest` where the caller already computed it."""
+    digest = digest or _digest(record)
     counts: dict[str, int] = {}
     key = raw_key
     if redactor is not None:
@@ -830,14 +830,19 @@ def _curate(
             rank = (record.timestamp, record.request_id)
             known = entry_of.get(raw_key, "")
             held = unique.get(known)
+            digest = ""
             if held is not None:
                 exact_dupes += 1
-                if not held.later_than(rank, record):
+                # Computing a digest costs a serialisation: a later capture skips it.
+                if rank > held.rank:
+                    continue
+                digest = _digest(record)
+                if not held.later_than(rank, digest):
                     continue
             elif known and sample.excludes(known, unique):
                 exact_dupes += 1  # a repeat of a call set aside by max_examples
                 continue
-            entry = _entry(record, rank, raw_key, redactor, args.stratify_by, near_wanted)
+            entry = _entry(record, rank, raw_key, redactor, args.stratify_by, near_wanted, digest)
         except RecursionError:
             # JSON decodes deeper than dataclasses.asdict and the encoder can walk back: such
             # a record could not be written out, so it is malformed rather than fatal.
