@@ -204,12 +204,12 @@ class Run:
 
     def export(self, name: str, rev: str) -> None:
         self.finish(
-            n.export_job_name(name, rev),
+            n.export_job_name(name, "big", rev),
             TrainerResult(
                 stage="export",
                 ok=True,
                 candidate="big",
-                artifact_uri=f"pvc://{CLAIM}/{name}/{rev}/model_repository",
+                artifact_uri=f"pvc://{CLAIM}/{name}/{rev}/model_repositories/big",
             ),
         )
 

@@ -22,6 +22,8 @@ from slm_operator import naming as n
 WORKSPACE: Final = "/workspace"
 DATASET_MOUNT: Final = "/mnt/dataset"
 TERMINATION_LOG: Final = "/dev/termination-log"
+#: Under a revision's folder: one Triton model repository per exported candidate.
+REPOSITORIES: Final = "model_repositories"
 GPU_RESOURCE: Final = "nvidia.com/gpu"
 TRITON_HTTP, TRITON_GRPC, TRITON_METRICS = 8000, 8001, 8002
 
@@ -345,20 +347,19 @@ def export_job(
     """Write the Triton model repository (config.pbtxt + Python backend) for the winner."""
     spec = task["spec"]
     task_name = task["metadata"]["name"]
-    source, claim = model_repository_source(candidate_artifact)
-    if claim and claim != spec["storage"]["claimName"]:
-        # The export pod mounts only the storage claim; a revision's candidates are written
-        # there (the claim is part of the revision), so this is a trainer that misreported.
-        raise ValueError(
-            f"candidate artifact {candidate_artifact} is not on the storage claim "
-            f"{spec['storage']['claimName']}"
-        )
+    problem = candidate_artifact_problem(task, candidate_artifact)
+    if problem:
+        raise ValueError(problem)  # plan() reports it in status before building the Job
+    source, _ = model_repository_source(candidate_artifact)
+    # A repository per candidate: an export of another candidate of the same revision (the
+    # choice changed) can never write over, or race with, this one.
+    repo = f"{REPOSITORIES}/{candidate['name']}"
     args = [
         f"--candidate={candidate['name']}",
         f"--model={candidate['model']}",
         f"--candidate-dir={source}",
-        f"--output={revision_dir(task, revision)}/model_repository",
-        f"--artifact-uri={artifact_uri(task, revision, 'model_repository')}",
+        f"--output={revision_dir(task, revision)}/{repo}",
+        f"--artifact-uri={artifact_uri(task, revision, repo)}",
         f"--model-name={task_name}",
         f"--task-type={spec.get('taskType', 'tool-call')}",
     ]
@@ -368,13 +369,30 @@ def export_job(
         task,
         revision,
         n.STAGE_EXPORT,
-        n.export_job_name(task_name, revision),
+        n.export_job_name(task_name, candidate["name"], revision),
         args,
         gpus=0,
         candidate=candidate["name"],
         service_account=service_account,
         pull_secrets=pull_secrets,
     )
+
+
+def candidate_artifact_problem(task: Mapping[str, Any], uri: str) -> str | None:
+    """Why the export pod cannot read a candidate's reported artifact, or None when it can.
+
+    The export pod mounts only the storage claim; a revision's candidates are written there
+    (the claim is part of the revision), so an artifact elsewhere is a trainer (a custom
+    image) that misreported, and no retry reads it.
+    """
+    _, claim = model_repository_source(uri)
+    own = task["spec"]["storage"]["claimName"]
+    if claim and claim != own:
+        return (
+            f"candidate artifact {uri} is not on the storage claim {own}, the only volume "
+            "the export pod mounts"
+        )
+    return None
 
 
 def model_repository_source(uri: str) -> tuple[str, str]:

@@ -74,8 +74,15 @@ def finetune_job_name(task: str, candidate: str, revision: str) -> str:
     return child_name(task, "ft", candidate, revision)
 
 
-def export_job_name(task: str, revision: str) -> str:
-    return child_name(task, "export", revision)
+def export_job_name(task: str, candidate: str, revision: str) -> str:
+    """One export Job per candidate of a revision, not one per revision.
+
+    Why: the candidate chosen within a revision can change (a failed candidate's Job re-run,
+    a result lost and read again). With one name per revision the new export would clash
+    with the old, immutable Job, and the old Job's repository would be promoted under the new
+    candidate's name and threshold.
+    """
+    return child_name(task, "export", candidate, revision)
 
 
 def serving_name(task: str) -> str:

@@ -114,7 +114,8 @@ class _Step:
     terminal_failure: bool = False
     selected: Obj | None = None
     exported_uri: str | None = None
-    #: Finished Jobs of this revision to delete so that the next pass creates them again.
+    #: Jobs of this revision to delete: finished ones so that the next pass creates them
+    #: again, and exports of a candidate no longer chosen.
     rerun_jobs: list[str] = field(default_factory=list)
 
 
@@ -306,8 +307,13 @@ def _pipeline(
     data_recheck: dt.timedelta = dt.timedelta(minutes=5),
     waited_for_data: bool = False,
     pull_secrets: Sequence[str] = (),
+    data_prepared: tuple[str, str, str] | None = None,
 ) -> _Step:
     """Walk one revision's pipeline; append the Jobs it needs to ``apply`` when given.
+
+    ``data_prepared``: the DataPrepared condition the last status recorded for this revision,
+    if any; it stands for the data-prep Job's result once that Job's pod is gone (see
+    :func:`_prepared_before`).
 
     ``must_beat``: for a retraining on new data, the served model's score; a candidate is
     promoted only if it passes the gate *and* scores higher.
@@ -338,6 +344,15 @@ def _pipeline(
         apply.append(data_job)
     dv = jobs.get(data_name)
     status, reason, msg = _job_outcome(dv, now)
+    read_before = (
+        data_prepared is not None
+        and dv is not None
+        and dv.state == SUCCEEDED
+        and dv.result is None
+        and not dv.result_error
+    )
+    if read_before:
+        status = c.TRUE
     need = b.min_examples(spec)
     short = dv.result if dv is not None else None
     if (
@@ -382,6 +397,8 @@ def _pipeline(
         f"revision {rev}: {r.examples if r else '?'} examples after curation "
         f"({r.train_examples if r else '?'} train, {r.eval_examples if r else '?'} eval)",
     )
+    if read_before and data_prepared is not None:
+        step.data = data_prepared
 
     step.phase = PHASE_TRAINING
     gate = spec["evaluation"]["gate"]
@@ -491,22 +508,27 @@ def _pipeline(
     )
 
     step.phase = PHASE_EXPORTING
-    export_name = n.export_job_name(name, rev)
+    ev = _export_of(jobs, rev, cand["name"])
+    # Exports of a candidate no longer chosen: never promoted, and deleted (while training)
+    # so that they stop running.
+    step.rerun_jobs += _stale_exports(jobs, rev, cand["name"])
     if apply is not None:
-        if not res.artifact_uri:
-            step.evaluated = (
-                c.FALSE,
-                c.RESULT_MISSING,
-                f"revision {rev}: {cand['name']} reported no artifactURI",
-            )
+        problem = (
+            f"{cand['name']} reported no artifactURI"
+            if not res.artifact_uri
+            else b.candidate_artifact_problem(task, res.artifact_uri)
+        )
+        if problem:
+            step.evaluated = (c.FALSE, c.RESULT_MISSING, f"revision {rev}: {problem}")
             step.terminal_failure = True
             return step
-        apply.append(
-            b.export_job(
-                task, rev, cand, res.artifact_uri, res.threshold, service_account, pull_secrets
+        if ev is None or ev.name == n.export_job_name(name, cand["name"], rev):
+            # (An export Job an older operator named after the revision alone is kept.)
+            apply.append(
+                b.export_job(
+                    task, rev, cand, res.artifact_uri, res.threshold, service_account, pull_secrets
+                )
             )
-        )
-    ev = jobs.get(export_name)
     status, reason, msg = _job_outcome(ev, now)
     if status == c.FALSE:
         step.evaluated = (c.FALSE, reason, f"revision {rev}: export {msg}")
@@ -526,6 +548,106 @@ def _pipeline(
     return step
 
 
+def _exported(view: JobView) -> str | None:
+    """The candidate an export Job exports: its label, else the one its result names."""
+    return view.candidate or (view.result.candidate if view.result is not None else None)
+
+
+def _export_of(jobs: Mapping[str, JobView], rev: str, candidate: str) -> JobView | None:
+    """The export Job of ``rev`` that exports ``candidate``, whatever its name.
+
+    Why not by name alone: an export's repository may only ever be served as the candidate
+    it exported, and operator versions before per-candidate names named one export Job per
+    revision; found by what it exports, such a Job is still used (an upgrade neither exports
+    again nor disturbs a served revision), and one of another candidate never is.
+    """
+    found = sorted(
+        (v for v in jobs.values() if v.stage == n.STAGE_EXPORT and v.revision == rev),
+        key=lambda v: v.name,
+    )
+    return next((v for v in found if _exported(v) == candidate), None)
+
+
+def _stale_exports(jobs: Mapping[str, JobView], rev: str, candidate: str) -> list[str]:
+    """Export Jobs of ``rev`` that do not export ``candidate`` (the choice changed)."""
+    return sorted(
+        v.name
+        for v in jobs.values()
+        if v.stage == n.STAGE_EXPORT and v.revision == rev and _exported(v) != candidate
+    )
+
+
+def _prepared_before(prev: Mapping[str, Any], rev: str) -> tuple[str, str, str] | None:
+    """DataReady as the last status recorded it, when it said revision ``rev``'s data was
+    prepared; else None.
+
+    Why: a data-prep Job's result is read from its pod's termination message, and the pod
+    can go (PodGC, a node scaled down) while the Job stays Complete, e.g. during hours of
+    fine-tuning. A result already read is not lost with it: failing the revision then
+    (ResultMissing) would throw away a training in progress.
+    """
+    revision = prev.get("revision") or {}
+    described = revision.get("training") or revision.get("active")
+    recorded = _recorded(prev, c.DATA_READY, ("", "", ""))
+    if described != rev or recorded[:2] != (c.TRUE, c.DATA_PREPARED):
+        return None
+    return recorded
+
+
+def _invalid_spec_step(prev: Mapping[str, Any], why: tuple[str, str, str]) -> _Step:
+    """The training outcome of an invalid spec beside a served model: none is trained.
+
+    Why the last candidates are kept: they describe the served model's revision, the only
+    training fact that still holds.
+    """
+    return _Step(
+        data=why,
+        trained=why,
+        evaluated=why,
+        phase=PHASE_FAILED,
+        candidates=list(prev.get("candidates") or []),
+        terminal_failure=True,
+    )
+
+
+def _recorded(
+    prev: Mapping[str, Any], type_: str, fallback: tuple[str, str, str]
+) -> tuple[str, str, str]:
+    """(status, reason, message) of a condition as the last status recorded it."""
+    x = c.find(prev.get("conditions") or [], type_)
+    if x is None:
+        return fallback
+    return (str(x.get("status")), str(x.get("reason")), str(x.get("message", "")))
+
+
+def _served_step(step: _Step, prev: Mapping[str, Any], active: str) -> _Step:
+    """The training outcome status recorded for the served revision, when its Jobs no longer
+    tell it (deleted by hand or a cleanup policy, their pods garbage-collected).
+
+    Why: nothing of the served revision is trained again (its Jobs are never re-created),
+    so walking its pipeline without them would report Jobs about to run (JobPending) or
+    results missing, and post Events about them, while the model serves. ``step`` stands
+    when the last status did not describe this revision alone, or not as one that passed
+    the gate (an edit reverted while another revision trained).
+    """
+    revision = prev.get("revision") or {}
+    evaluated = _recorded(prev, c.EVALUATED, step.evaluated)
+    if (
+        revision.get("active") != active
+        or revision.get("training")
+        or evaluated[:2] != (c.TRUE, c.GATE_PASSED)
+    ):
+        return step
+    return dataclasses.replace(
+        step,
+        data=_recorded(prev, c.DATA_READY, step.data),
+        trained=_recorded(prev, c.TRAINED, step.trained),
+        evaluated=evaluated,
+        candidates=list(prev.get("candidates") or step.candidates),
+        terminal_failure=False,
+    )
+
+
 def _concluded_step(step: _Step, prev: Mapping[str, Any]) -> _Step:
     """The outcome status recorded for a retraining that already lost or failed.
 
@@ -533,20 +655,12 @@ def _concluded_step(step: _Step, prev: Mapping[str, Any]) -> _Step:
     them would report a retraining about to start (JobPending) that never will. The recorded
     conditions and candidates say what happened; ``terminal_failure`` keeps it over.
     """
-    conditions = prev.get("conditions") or []
-
-    def recorded(type_: str, fallback: tuple[str, str, str]) -> tuple[str, str, str]:
-        x = c.find(conditions, type_)
-        if x is None:
-            return fallback
-        return (str(x.get("status")), str(x.get("reason")), str(x.get("message", "")))
-
     over = (c.FALSE, c.NOT_BETTER, "the retraining ended without replacing the served model")
     return dataclasses.replace(
         step,
-        data=recorded(c.DATA_READY, step.data),
-        trained=recorded(c.TRAINED, step.trained),
-        evaluated=recorded(c.EVALUATED, over),
+        data=_recorded(prev, c.DATA_READY, step.data),
+        trained=_recorded(prev, c.TRAINED, step.trained),
+        evaluated=_recorded(prev, c.EVALUATED, over),
         candidates=list(prev.get("candidates") or step.candidates),
         terminal_failure=True,
         selected=None,
@@ -587,14 +701,16 @@ def _recorded_active(
     selected = prev.get("selectedModel") or {}
     ours = selected.get("revision") == active
     uri = str(selected.get("artifactURI") or "") if ours else ""
-    export = jobs.get(n.export_job_name(task_name, active))
+    cand = str(selected.get("candidate") or "") if ours else ""
+    exports = [v for v in jobs.values() if v.stage == n.STAGE_EXPORT and v.revision == active]
+    # The export of the recorded candidate; with none recorded, the revision's only export.
+    export = _export_of(jobs, active, cand) if cand else (exports[0] if len(exports) == 1 else None)
     if not uri and export is not None and export.result is not None:
         uri = export.result.artifact_uri or ""
     if not uri:
         return "", "", ""  # nothing to serve it from: as before, train it again
-    cand = str(selected.get("candidate") or "") if ours else ""
     if not cand and export is not None:
-        cand = export.candidate or ""
+        cand = _exported(export) or ""
     return active, uri, cand
 
 
@@ -818,6 +934,15 @@ def _live_control(
 
 
 def plan(obs: Observed) -> Plan:
+    """What to apply, delete and report for one AgentTask (see the module docstring).
+
+    An invalid spec (:func:`validate`) stops training, but not the control of a model
+    already served: its fallback, rollout and scaling go on for the active revision, so an
+    SLM over its SLO still hands its calls to the LLM while someone fixes the spec (an
+    unparsable retraining schedule, an edited candidate). Only the retraining trigger, which
+    reads the spec being refused, waits. Ready and phase say InvalidSpec/Failed as for any
+    invalid spec; the training conditions say InvalidSpec and no Job is created or deleted.
+    """
     task = obs.task
     meta, spec = task["metadata"], task["spec"]
     gen = int(meta.get("generation") or 0)
@@ -830,11 +955,15 @@ def plan(obs: Observed) -> Plan:
     def cond(t: str, triple: tuple[str, str, str]) -> Obj:
         return c.condition(t, triple[0], triple[1], triple[2], gen, now)
 
+    invalid_step = (c.UNKNOWN, c.INVALID_SPEC, "the spec is invalid; see Ready")
     problem = validate(task, obs.reserved_accounts)
-    if problem:
-        out.invalid = problem
-        unknown = (c.UNKNOWN, c.INVALID_SPEC, "the spec is invalid; see Ready")
-        conds = [cond(t, unknown) for t in c.ALL_TYPES if t != c.READY]
+    active_rev, active_uri, active_cand, replicas, ready = _deployment_facts(obs.deployment)
+    if obs.deployment is None:  # deleted: the revision status last reported still serves
+        active_rev, active_uri, active_cand = _recorded_active(prev, obs.jobs, meta["name"])
+    out.invalid = problem
+    if problem and (n.task_name_problem(meta["name"]) or not (active_rev and active_uri)):
+        # Nothing served: nothing to keep under control until the spec is fixed.
+        conds = [cond(t, invalid_step) for t in c.ALL_TYPES if t != c.READY]
         conds.append(cond(c.READY, (c.FALSE, c.INVALID_SPEC, problem)))
         out.status = {
             **dict(prev),
@@ -849,10 +978,7 @@ def plan(obs: Observed) -> Plan:
     retrain_prev: Mapping[str, Any] = prev.get("retraining") or {}
     epoch = int(retrain_prev.get("epoch", 0))
     rev = n.revision_of(spec, epoch)
-    active_rev, active_uri, active_cand, replicas, ready = _deployment_facts(obs.deployment)
-    if obs.deployment is None:  # deleted: the revision status last reported still serves
-        active_rev, active_uri, active_cand = _recorded_active(prev, obs.jobs, meta["name"])
-    training_needed = rev != active_rev
+    training_needed = rev != active_rev and not problem
     prev_selected = prev.get("selectedModel") or {}
     # A retraining beside a served model of the same spec (an earlier epoch, not necessarily
     # the previous one: that may have lost to it) must beat the served model's score.
@@ -864,25 +990,32 @@ def plan(obs: Observed) -> Plan:
         and active_rev in {n.revision_of(spec, e) for e in range(epoch)}
     )
     must_beat = prev_selected.get("score") if retraining_beside else None
-    step = _pipeline(
-        task,
-        rev if training_needed else active_rev,
-        obs.jobs,
-        obs.now,
-        out.apply if training_needed else None,
-        must_beat,
-        obs.trainer_service_account,
-        "" if training_needed else active_cand,
-        obs.data_recheck,
-        # The last status said this same revision was waiting for data.
-        (prev.get("revision") or {}).get("training") == rev
-        and any(
-            x.get("type") == c.DATA_READY and x.get("reason") == c.WAITING_FOR_DATA
-            for x in prev_conds
-        ),
-        obs.image_pull_secrets,
+    step = (
+        _invalid_spec_step(prev, invalid_step)
+        if problem
+        else _pipeline(
+            task,
+            rev if training_needed else active_rev,
+            obs.jobs,
+            obs.now,
+            out.apply if training_needed else None,
+            must_beat,
+            obs.trainer_service_account,
+            "" if training_needed else active_cand,
+            obs.data_recheck,
+            # The last status said this same revision was waiting for data.
+            (prev.get("revision") or {}).get("training") == rev
+            and any(
+                x.get("type") == c.DATA_READY and x.get("reason") == c.WAITING_FOR_DATA
+                for x in prev_conds
+            ),
+            obs.image_pull_secrets,
+            _prepared_before(prev, rev if training_needed else active_rev),
+        )
     )
 
+    if not training_needed and not problem and step.selected is None:
+        step = _served_step(step, prev, active_rev)
     selected: Obj | None = prev_selected if prev_selected.get("revision") == active_rev else None
     if not training_needed and step.selected is not None:
         selected = {**step.selected, **({"artifactURI": active_uri} if active_uri else {})}
@@ -1009,7 +1142,9 @@ def plan(obs: Observed) -> Plan:
         not_due=obs.metrics_not_due,
     )
     pipeline = [(c.DATA_READY, step.data), (c.TRAINED, step.trained), (c.EVALUATED, step.evaluated)]
-    if is_serving and fallback[0] == c.FALSE:
+    if problem:
+        ready_c = (c.FALSE, c.INVALID_SPEC, problem)
+    elif is_serving and fallback[0] == c.FALSE:
         ready_c = (
             c.TRUE,
             c.READY_REASON,
@@ -1029,7 +1164,9 @@ def plan(obs: Observed) -> Plan:
         cond(c.READY, ready_c),
     ]
 
-    if is_serving:  # a retraining beside a served model shows in revision.training
+    if problem:
+        phase = PHASE_FAILED  # as for any invalid spec: someone has to fix it
+    elif is_serving:  # a retraining beside a served model shows in revision.training
         phase = PHASE_SERVING
     elif training_needed and not step.terminal_failure:
         phase = step.phase
@@ -1077,7 +1214,13 @@ def plan(obs: Observed) -> Plan:
     if serving_status:
         status["serving"] = serving_status
     retraining = dict(retrain_prev)
-    if is_serving and (not training_needed or retrain_over) and due and m is not None:
+    if (
+        is_serving
+        and (not training_needed or retrain_over)
+        and due
+        and m is not None
+        and not problem
+    ):
         rcfg = spec.get("retraining")
         # Only a retraining that is on reads its schedule (validate() vouches for its syntax).
         schedule = (rcfg or {}).get("schedule") if (rcfg or {}).get("enabled", True) else None
@@ -1115,6 +1258,10 @@ def plan(obs: Observed) -> Plan:
         del retraining["concludedRevision"]  # it won after all (a retried export): it serves
     if retraining:
         status["retraining"] = retraining
+    if due and not is_serving and active_rev and active_uri and (live_prev or live):
+        # The window is judged, with no replica to judge (the LLM answers): recorded, or every
+        # reconcile until a replica is ready would ask Prometheus all its queries again.
+        live["lastEvaluated"] = now_us
     if not is_serving and active_rev and active_uri and (live_prev or live):
         # No replica ready for now (a crash, a node drain, scaled to zero): the calls go to the
         # LLM meanwhile, but the rollout step, SLO streaks and last scaling belong to the
@@ -1147,6 +1294,8 @@ def plan(obs: Observed) -> Plan:
     keep = {active_rev, rev} if training_needed else {active_rev}
     abandoned = {name for name, v in obs.jobs.items() if v.revision not in keep}
     out.delete_jobs = sorted(abandoned | set(step.rerun_jobs if training_needed else ()))
+    if problem:
+        out.delete_jobs = []  # an invalid edit is likely undone: keep what has been trained
     return out
 
 

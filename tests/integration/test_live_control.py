@@ -216,7 +216,7 @@ def finish_revision(
         complete_job(
             cluster,
             s.ns,
-            n.export_job_name(TASK, rev),
+            n.export_job_name(TASK, "small", rev),
             ok(
                 "export",
                 candidate="small",

@@ -246,7 +246,7 @@ def run_revision(
     complete_job(
         cluster,
         ns,
-        n.export_job_name(name, rev),
+        n.export_job_name(name, "big", rev),
         ok("export", candidate="big", artifact_uri=f"pvc://{CLAIM}/{name}/{rev}/model_repository"),
     )
 
@@ -293,7 +293,7 @@ def test_agenttask_trains_selects_serves_updates_and_cleans_up(
     complete_job(
         cluster,
         ns,
-        n.export_job_name("weather", rev),
+        n.export_job_name("weather", "big", rev),
         ok("export", candidate="big", artifact_uri=f"pvc://{CLAIM}/weather/{rev}/model_repository"),
     )
     cluster.kubectl("wait", "-n", ns, "--for=condition=Ready", "--timeout=60s", "agenttask/weather")
@@ -699,7 +699,7 @@ def test_operator_killed_mid_flow_converges_without_duplicates(
     complete_job(
         cluster,
         ns,
-        n.export_job_name("weather", rev),
+        n.export_job_name("weather", "big", rev),
         ok("export", candidate="big", artifact_uri=f"pvc://{CLAIM}/weather/{rev}/model_repository"),
     )
     cluster.kubectl("wait", "-n", ns, "--for=condition=Ready", "--timeout=60s", "agenttask/weather")
@@ -707,7 +707,7 @@ def test_operator_killed_mid_flow_converges_without_duplicates(
     assert names == sorted(
         [
             n.data_job_name("weather", rev),
-            n.export_job_name("weather", rev),
+            n.export_job_name("weather", "big", rev),
             n.finetune_job_name("weather", "small", rev),
             n.finetune_job_name("weather", "big", rev),
         ]

@@ -715,3 +715,33 @@ def test_a_crash_loops_last_exit_does_not_hide_another_waiting_reason() -> None:
     assert (
         serving_waiting([pod]) == 'pod d-x: CreateContainerConfigError: secret "hf-token" not found'
     )
+
+
+def test_each_candidate_of_a_revision_has_its_own_export_job_and_repository() -> None:
+    """The chosen candidate can change within a revision: each candidate's export is a Job
+    (a valid, distinct name even for the longest task and candidate names) and a repository
+    of its own, so neither clashes with nor writes over the other's."""
+    task = make_task()
+    task["metadata"]["name"] = "a" * n.MAX_TASK_NAME
+    cands = [{"name": f"{'c' * 40}-{i}", "model": "m"} for i in (1, 2)]
+    jobs = [b.export_job(task, "r1", cd, "pvc://slm-work/x", None) for cd in cands]
+    names = [j["metadata"]["name"] for j in jobs]
+    assert len(set(names)) == 2 and all(len(x) <= 63 for x in names)
+    assert names == [n.export_job_name(task["metadata"]["name"], cd["name"], "r1") for cd in cands]
+    outputs = [
+        [a for a in j["spec"]["template"]["spec"]["containers"][0]["args"] if "--output" in a]
+        for j in jobs
+    ]
+    assert outputs == [
+        [f"--output=/workspace/{'a' * 50}/r1/model_repositories/{cd['name']}"] for cd in cands
+    ]
+
+
+def test_an_export_of_an_artifact_on_another_claim_is_refused() -> None:
+    """The export pod mounts only the storage claim (plan() reports this in status first)."""
+    problem = b.candidate_artifact_problem(make_task(), "pvc://other/x")
+    assert problem is not None and "not on the storage claim slm-work" in problem
+    assert b.candidate_artifact_problem(make_task(), "pvc://slm-work/x") is None
+    assert b.candidate_artifact_problem(make_task(), "s3://bucket/x") is None
+    with pytest.raises(ValueError, match="not on the storage claim"):
+        b.export_job(make_task(), "r1", {"name": "s", "model": "m"}, "pvc://other/x", None)

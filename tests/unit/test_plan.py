@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as dt
+import json
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from slm_operator import conditions as c
 from slm_operator import naming as n
 from slm_operator.live import Metrics
 from slm_operator.observe import FAILED, PENDING, RUNNING, SUCCEEDED, JobView
-from slm_operator.plan import Observed, gate_verdict, plan, select
+from slm_operator.plan import Observed, gate_verdict, metrics_due, plan, select
 
 NOW = dt.datetime(2026, 11, 23, 12, 0, 0, tzinfo=dt.UTC)
 
@@ -120,13 +121,14 @@ def jobs_through(
         )
     if upto == "train":
         return out
-    en = n.export_job_name(name, rev)
+    en = n.export_job_name(name, "small", rev)  # smallest-passing: small
     out[en] = view(
         en,
         "export",
         rev,
         SUCCEEDED,
         result("export", artifact_uri=f"pvc://{claim}/weather/{rev}/model_repository"),
+        candidate="small",
     )
     return out
 
@@ -867,7 +869,7 @@ def test_a_lost_retraining_keeps_counting_and_the_next_must_still_beat_the_serve
     better = {**jobs, **retrained_jobs(task, rev0, rev2, scores=(0.93, 0.86))}
     p = _step(task, better, dep, svc, t + dt.timedelta(seconds=3), captured(1210))
     exports = [o for o in p.apply if o["metadata"]["labels"].get(n.LABEL_STAGE) == "export"]
-    assert [o["metadata"]["name"] for o in exports] == [n.export_job_name("weather", rev2)]
+    assert [o["metadata"]["name"] for o in exports] == [n.export_job_name("weather", "small", rev2)]
 
 
 def test_deleting_the_deployment_after_a_lost_retraining_keeps_the_served_model() -> None:
@@ -974,7 +976,47 @@ def test_a_schedule_cron_cannot_run_is_invalid_spec_not_a_crash(enabled: bool) -
     assert p.invalid is not None and "retraining.schedule '*/0 * * * *'" in p.invalid
     assert "step in '*/0' must be at least 1" in p.invalid
     assert conds(p.status)[c.READY] == (c.FALSE, c.INVALID_SPEC)
-    assert p.apply == [] and p.delete_jobs == []
+    # No Job; the served model's Deployment and Service stay under live control.
+    assert kinds(p) == [("Deployment", "weather-slm"), ("Service", "weather-slm")]
+    assert p.delete_jobs == []
+
+
+def test_an_invalid_spec_keeps_the_served_model_under_live_control() -> None:
+    """A schedule the CRD pattern admits but cron cannot run (a range that ends before it
+    starts) makes the spec invalid: training stops, but the served SLM over its SLO must
+    still hand its calls to the LLM (it used to keep every call, live control frozen)."""
+    task, jobs, dep, svc = _serving_task()
+    task["spec"]["rollout"] = {"strategy": "direct"}
+    t = NOW
+    for _ in range(2):
+        t += dt.timedelta(seconds=10)
+        _step(task, jobs, dep, svc, t, HEALTHY)
+    assert task["status"]["route"]["mode"] == "slm"
+    task["spec"]["retraining"] = {"minNewExamples": 1000, "schedule": "50-10 * * * *"}
+    for _ in range(2):  # breachWindows: 2
+        t += dt.timedelta(seconds=10)
+        p = _step(task, jobs, dep, svc, t, SLOW)
+    assert p.invalid is not None and "minute range '50-10'" in p.invalid
+    cs = conds(task["status"])
+    assert cs[c.READY] == (c.FALSE, c.INVALID_SPEC)
+    assert cs[c.FALLBACK_ACTIVE] == (c.TRUE, c.SLO_BREACHED)
+    assert cs[c.SLO_MET] == (c.FALSE, c.SLO_BREACHED)
+    assert cs[c.SERVING] == (c.TRUE, c.DEPLOYMENT_AVAILABLE)
+    assert cs[c.TRAINED] == (c.UNKNOWN, c.INVALID_SPEC)
+    assert task["status"]["route"]["mode"] != "slm"  # the LLM answers
+    assert task["status"]["phase"] == "Failed"
+    assert p.next_window_s == 10.0  # the operator still wakes for the next window
+    assert [x["name"] for x in task["status"]["candidates"]] == ["small", "big"]
+    assert kinds(p) == [("Deployment", "weather-slm"), ("Service", "weather-slm")]
+    _settled(Observed(task, jobs, dep, svc, t + dt.timedelta(seconds=1)))
+
+
+def test_an_invalid_spec_with_nothing_served_creates_no_job() -> None:
+    task = make_task(retraining={"schedule": "50-10 * * * *"})
+    p = _settled(Observed(task, {}, None, None, NOW))
+    assert p.invalid and p.apply == [] and p.delete_jobs == []
+    assert conds(p.status)[c.READY] == (c.FALSE, c.INVALID_SPEC)
+    assert p.status["phase"] == "Failed"
 
 
 @pytest.mark.parametrize(
@@ -1188,13 +1230,14 @@ def test_a_promoted_retraining_keeps_reporting_the_candidate_it_serves() -> None
     p = _step(task, new, dep, svc, NOW + dt.timedelta(seconds=11), captured(1100))
     export = next(o for o in p.apply if o["metadata"]["labels"].get(n.LABEL_STAGE) == "export")
     assert "--candidate=big" in export["spec"]["template"]["spec"]["containers"][0]["args"]
-    en = n.export_job_name("weather", rev1)
+    en = n.export_job_name("weather", "big", rev1)
     new[en] = view(
         en,
         "export",
         rev1,
         SUCCEEDED,
         result("export", artifact_uri=f"pvc://slm-work/weather/{rev1}/model_repository"),
+        candidate="big",
     )
     _step(task, new, dep, svc, NOW + dt.timedelta(seconds=12), captured(1100))
     assert task["status"]["revision"] == {"active": rev1, "training": ""}
@@ -1268,3 +1311,220 @@ def test_the_llm_price_reaches_the_route() -> None:
     task["spec"]["fallback"]["llm"]["price"] = {"prompt": 0.00015, "completion": 0.0006}
     route = plan(Observed(task, {}, None, None, NOW)).status["route"]
     assert route["llmPrice"] == {"prompt": 0.00015, "completion": 0.0006}
+
+
+def _settled(obs: Observed) -> Any:
+    """plan(obs), then plan again on the status it wrote (JSON round trip, as the API server
+    stores it): a reconcile must be a fixed point, with no change, event or moved time."""
+    p = plan(obs)
+    task = {**obs.task, "status": json.loads(json.dumps(p.status))}
+    again = plan(dataclasses.replace(obs, task=task))
+    assert again.status == task["status"]
+    assert again.events == []
+    return p
+
+
+def _exports(p: Any) -> list[tuple[str, list[str]]]:
+    """(name, --candidate args) of each export Job ``p`` applies."""
+    return [
+        (
+            o["metadata"]["name"],
+            [a for a in o["spec"]["template"]["spec"]["containers"][0]["args"] if "candid" in a],
+        )
+        for o in p.apply
+        if o["metadata"]["labels"].get(n.LABEL_STAGE) == "export"
+    ]
+
+
+def test_a_changed_choice_exports_again_and_never_serves_the_other_candidates_export() -> None:
+    """small's result is unreadable, so big is chosen and exported; then small's result is back
+    (its Job re-run): small is chosen, and big's finished export must not be served as small
+    (under small's name and threshold). small gets an export Job of its own, big's goes, and
+    only small's repository is served."""
+    task = make_task()
+    rev = n.revision_of(task["spec"])
+    jobs = jobs_through(task, "train")
+    sm = n.finetune_job_name("weather", "small", rev)
+    lost = view(sm, "finetune", rev, SUCCEEDED, None, "small", finished=NOW - dt.timedelta(hours=1))
+    p1 = plan(Observed(task, {**jobs, sm: lost}, None, None, NOW))
+    [(big_export, big_args)] = _exports(p1)
+    assert big_args == [
+        "--candidate=big",
+        f"--candidate-dir=/workspace/weather/{rev}/candidates/big",
+    ]
+
+    task["status"] = json.loads(json.dumps(p1.status))
+    big_repo = f"pvc://slm-work/weather/{rev}/model_repositories/big"
+    done = result("export", candidate="big", artifact_uri=big_repo)
+    jobs[big_export] = view(big_export, "export", rev, SUCCEEDED, done, "big")
+    p2 = _settled(Observed(task, jobs, None, None, NOW))
+    [(small_export, small_args)] = _exports(p2)
+    assert small_export != big_export and "--candidate=small" in small_args
+    assert p2.delete_jobs == [big_export]
+    assert not [o for o in p2.apply if o["kind"] == "Deployment"]  # nothing promoted yet
+    assert p2.status["revision"] == {"active": "", "training": rev}
+    assert conds(p2.status)[c.SERVING] == (c.FALSE, c.EXPORTING)
+    assert p2.status["route"]["mode"] == "llm"
+
+    task["status"] = json.loads(json.dumps(p2.status))
+    small_repo = f"pvc://slm-work/weather/{rev}/model_repositories/small"
+    done = result("export", candidate="small", artifact_uri=small_repo)
+    jobs[small_export] = view(small_export, "export", rev, SUCCEEDED, done, "small")
+    p3 = _settled(Observed(task, jobs, None, None, NOW))
+    dep = next(o for o in p3.apply if o["kind"] == "Deployment")
+    assert dep["metadata"]["annotations"][n.ANNOTATION_CANDIDATE] == "small"
+    assert dep["metadata"]["annotations"][n.ANNOTATION_ARTIFACT] == small_repo
+    assert p3.status["selectedModel"]["candidate"] == "small"
+    assert p3.status["selectedModel"]["artifactURI"] == small_repo
+
+
+def test_an_export_job_named_by_an_older_operator_is_kept_and_served() -> None:
+    """Before per-candidate export Jobs, one export Job per revision: after an upgrade, such a
+    Job of the chosen candidate is used as it is (no second export), and a served revision is
+    rebuilt from it as before."""
+    task = make_task()
+    rev = n.revision_of(task["spec"])
+    old_name = f"weather-export-{rev}"
+    repo = f"pvc://slm-work/weather/{rev}/model_repository"
+    jobs = jobs_through(task, "train")
+    jobs[old_name] = view(
+        old_name, "export", rev, SUCCEEDED, result("export", artifact_uri=repo), "small"
+    )
+    p = _settled(Observed(task, jobs, None, None, NOW))
+    assert _exports(p) == [] and p.delete_jobs == []
+    dep = next(o for o in p.apply if o["kind"] == "Deployment")
+    assert dep["metadata"]["annotations"][n.ANNOTATION_ARTIFACT] == repo
+    assert p.status["selectedModel"]["candidate"] == "small"
+
+    task["status"] = json.loads(json.dumps(p.status))
+    svc = {"metadata": {"name": "weather-slm"}}
+    served = _settled(Observed(task, jobs, deployment(rev), svc, NOW))
+    assert kinds(served) == [("Deployment", "weather-slm"), ("Service", "weather-slm")]
+    assert served.delete_jobs == []
+    assert conds(served.status)[c.READY] == (c.TRUE, c.READY_REASON)
+
+
+def test_a_candidate_artifact_on_another_claim_fails_the_revision_in_status() -> None:
+    """A trainer (a custom image) reports its candidate on a claim the export pod cannot
+    mount: the plan says so in Evaluated (a terminal failure), instead of raising at every
+    reconcile and leaving status silent."""
+    task = make_task()
+    rev = n.revision_of(task["spec"])
+    jobs = jobs_through(task, "train")
+    for name, v in list(jobs.items()):
+        if v.stage == "finetune":
+            moved = dataclasses.replace(v.result, artifact_uri=f"pvc://other/x/{v.candidate}")
+            jobs[name] = dataclasses.replace(v, result=moved)
+    p = _settled(Observed(task, jobs, None, None, NOW))
+    assert conds(p.status)[c.EVALUATED] == (c.FALSE, c.RESULT_MISSING)
+    evaluated = next(x for x in p.status["conditions"] if x["type"] == c.EVALUATED)
+    assert "pvc://other/x/small is not on the storage claim slm-work" in evaluated["message"]
+    assert evaluated["message"].startswith(f"revision {rev}: ")
+    assert p.status["phase"] == "Failed"
+    assert _exports(p) == []
+    assert ("Warning", c.RESULT_MISSING) in [(e[0], e[1]) for e in p.events]
+
+
+def test_a_candidate_artifact_on_another_claim_beside_a_served_model_keeps_live_control() -> None:
+    """The same misreported artifact in a retraining beside a served model: the served model
+    stays under live control (its SLO fallback still acts)."""
+    task, jobs, dep, svc = _serving_task()
+    task["spec"]["retraining"] = {"minNewExamples": 100}
+    rev0, rev1 = n.revision_of(task["spec"]), n.revision_of(task["spec"], 1)
+    _step(task, jobs, dep, svc, NOW, captured(1000))
+    _step(task, jobs, dep, svc, NOW + dt.timedelta(seconds=10), captured(1100))
+    new = retrained_jobs(task, rev0, rev1, scores=(0.95, 0.96))
+    for name, v in list(new.items()):
+        if v.stage == "finetune":
+            moved = dataclasses.replace(v.result, artifact_uri=f"pvc://other/x/{v.candidate}")
+            new[name] = dataclasses.replace(v, result=moved)
+    t = NOW + dt.timedelta(seconds=10)
+    for _ in range(2):  # breachWindows: 2
+        t += dt.timedelta(seconds=10)
+        p = _step(task, {**jobs, **new}, dep, svc, t, SLOW)
+    assert conds(task["status"])[c.EVALUATED] == (c.FALSE, c.RESULT_MISSING)
+    assert conds(task["status"])[c.FALLBACK_ACTIVE] == (c.TRUE, c.SLO_BREACHED)
+    assert task["status"]["revision"]["active"] == rev0
+    assert _exports(p) == []
+
+
+def test_a_window_without_ready_replicas_is_judged_once() -> None:
+    """While no replica of the served model is ready, a window is still judged once: its
+    time is recorded, so the reconciles within it do not ask Prometheus again."""
+    task, jobs, dep, svc = _serving_task()
+    t = NOW + dt.timedelta(seconds=10)
+    _step(task, jobs, dep, svc, t, HEALTHY)
+    down = deployment(n.revision_of(task["spec"]), ready=0)
+    t += dt.timedelta(seconds=11)
+    assert metrics_due(task, t)
+    p = _step(task, jobs, down, svc, t, SLOW)
+    assert task["status"]["live"]["lastEvaluated"] == t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    assert not metrics_due(task, t + dt.timedelta(seconds=1))
+    assert metrics_due(task, t + dt.timedelta(seconds=10))
+    assert p.next_window_s == 10.0
+    assert conds(task["status"])[c.FALLBACK_ACTIVE] == (c.TRUE, c.NO_READY_REPLICAS)
+    assert task["status"]["route"]["mode"] == "llm"
+    later = t + dt.timedelta(seconds=1)
+    _settled(Observed(task, jobs, down, svc, later, metrics_not_due=True))
+
+
+@pytest.mark.parametrize("gone", ["jobs", "pods"])
+def test_the_served_revisions_jobs_or_pods_gone_keep_its_recorded_outcome(gone: str) -> None:
+    """The served revision's finished Jobs are deleted (kubectl delete jobs, a cleanup policy)
+    or their pods garbage-collected: nothing is trained again, so status keeps what they
+    reported instead of going back to JobPending/ResultMissing, with Events about Jobs that
+    never come."""
+    task, jobs, dep, svc = _serving_task()
+    _step(task, jobs, dep, svc, NOW, None)
+    before = copy.deepcopy(task["status"])
+    left = (
+        {} if gone == "jobs" else {k: dataclasses.replace(v, result=None) for k, v in jobs.items()}
+    )
+    later = NOW + dt.timedelta(minutes=10)
+    p = _settled(Observed(task, left, dep, svc, later))
+    assert p.status["conditions"] == before["conditions"]
+    assert conds(p.status)[c.DATA_READY] == (c.TRUE, c.DATA_PREPARED)
+    assert conds(p.status)[c.EVALUATED] == (c.TRUE, c.GATE_PASSED)
+    assert p.status["candidates"] == before["candidates"]
+    assert p.status["selectedModel"] == before["selectedModel"]
+    assert p.status["route"] == before["route"]
+    assert p.events == []
+    assert kinds(p) == [("Deployment", "weather-slm"), ("Service", "weather-slm")]
+    assert p.delete_jobs == []
+
+
+def test_a_data_prep_result_read_once_outlives_its_pod() -> None:
+    """Fine-tunes run for hours; meanwhile the Complete data-prep Job's pod is garbage-
+    collected, and its result (the termination message) with it. The result was read: the
+    training goes on, instead of failing (ResultMissing) two minutes later."""
+    task = make_task()
+    rev = n.revision_of(task["spec"])
+    jobs = jobs_through(task, "train")
+    for name, v in list(jobs.items()):
+        if v.stage == "finetune":
+            jobs[name] = JobView(name, v.stage, rev, v.candidate, RUNNING, progress=40)
+    task["status"] = json.loads(json.dumps(plan(Observed(task, jobs, None, None, NOW)).status))
+    before = conds(task["status"])
+    assert before[c.DATA_READY] == (c.TRUE, c.DATA_PREPARED)
+
+    dn = n.data_job_name("weather", rev)
+    jobs[dn] = dataclasses.replace(jobs[dn], result=None)
+    later = NOW + dt.timedelta(hours=2)
+    p = _settled(Observed(task, jobs, None, None, later))
+    assert conds(p.status) == before
+    assert "1000 examples after curation" in p.status["conditions"][0]["message"]
+    assert p.status["phase"] == "Training"
+    assert [x["state"] for x in p.status["candidates"]] == [RUNNING, RUNNING]
+    assert sorted(name for _, name in kinds(p)) == sorted(jobs)  # every Job kept, none new
+    assert p.delete_jobs == [] and p.events == []
+
+
+def test_a_data_prep_result_never_read_is_still_missing() -> None:
+    """Without a result read before (status never said DataPrepared), a Complete Job whose pod
+    reported nothing is still ResultMissing after the grace period."""
+    task = make_task()
+    rev = n.revision_of(task["spec"])
+    dn = n.data_job_name("weather", rev)
+    gone = view(dn, "prepare", rev, SUCCEEDED, None, finished=NOW - dt.timedelta(minutes=5))
+    p = plan(Observed(task, {dn: gone}, None, None, NOW))
+    assert conds(p.status)[c.DATA_READY] == (c.FALSE, c.RESULT_MISSING)
