@@ -1046,6 +1046,114 @@ def test_the_optimizer_is_freed_before_the_final_evaluation(
     assert len(made) == 1 and alive == [0]
 
 
+def _scripted_evaluation(
+    confidences: list[float], right: list[bool]
+) -> Any:  # a stand-in for generative.evaluate
+    """``generative.evaluate`` answering each eval call with a scripted confidence and
+    verdict: the score's definition is under test, not what a tiny model happens to say."""
+
+    def scripted(model: Any, tokenizer: Any, records: Any, *rest: Any) -> Any:
+        preds = [
+            {
+                "index": i,
+                "score": float(ok),
+                "confidence": c,
+                "finish_reason": "stop",
+                "prediction": r.response,
+                "reference": r.response,
+            }
+            for i, (r, c, ok) in enumerate(zip(records, confidences, right, strict=True))
+        ]
+        return sum(right) / len(right), preds
+
+    return scripted
+
+
+@pytest.mark.parametrize(
+    ("confidences", "right", "score", "threshold"),
+    [
+        # 9 of 10 right, but the wrong one is the most confident: no threshold reaches 0.97,
+        # the candidate answers nothing (threshold 1.0). Reported as accuracy (0.9), it passed
+        # minScore 0.8 and was promoted.
+        ([0.5 + i / 100 for i in range(9)] + [0.99], [True] * 9 + [False], 0.0, 1.0),
+        # 8 of 10 right, the 2 wrong ones least confident: served above them, all it answers
+        # is right. Its score is that precision, as a selector's is, not the accuracy 0.8.
+        ([0.9 - i / 100 for i in range(10)], [True] * 8 + [False] * 2, 1.0, 0.825),
+    ],
+)
+def test_the_generative_score_is_the_precision_it_serves_at_its_threshold(
+    tmp_path: Path,
+    tiny_minilm: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    confidences: list[float],
+    right: list[bool],
+    score: float,
+    threshold: float,
+) -> None:
+    """The operator gates and ranks candidates on ``score``: a generative one must mean what
+    a selector's means (metrics.gate_score), with the accuracy still on view."""
+    monkeypatch.setattr(generative, "evaluate", _scripted_evaluation(confidences, right))
+    data = write_data(tmp_path / "data", 4, len(confidences))
+    args = stage_args(tmp_path, tiny_minilm, data, epochs=1, checkpoint_dir="")
+    result = generative.train_generative(args, Events())
+    assert result.ok, result.message
+    assert result.score == score and result.threshold == pytest.approx(threshold)
+    accuracy = sum(right) / len(right)
+    assert f"eval_accuracy {accuracy:.3f}" in result.message
+    assert f"score {score:.3f}" in result.message
+    manifest = json.loads((Path(args.output) / "manifest.json").read_text())
+    assert manifest["score"] == score and manifest["eval_accuracy"] == accuracy
+
+    # The export carries the same score into metadata.json (eval_score).
+    exported = export.run(
+        export.Args(
+            candidate="tiny",
+            candidate_dir=Path(args.output),
+            output=tmp_path / "repo",
+            model=str(tiny_minilm),
+            model_name="m",
+            task_type="tool-call",
+        ),
+        lambda e: None,
+    )
+    assert exported.ok, exported.message
+    assert exported.score == score
+
+
+def test_calls_beyond_max_eval_examples_are_deferred_for_the_evaluate_stage(
+    tmp_path: Path, tiny_minilm: Path
+) -> None:
+    """With --max-eval-examples 1 of 3, predictions.jsonl had 1 row and the evaluate stage
+    refused the candidate ("1 predictions for 3 eval calls"). The calls not evaluated are
+    deferrals now: the candidate is scored on all of eval.jsonl, like every other one."""
+    from slm_trainer import evaluate
+
+    data = write_data(tmp_path / "data", 4, 3)
+    args = stage_args(tmp_path, tiny_minilm, data, epochs=1, checkpoint_dir="", max_eval_examples=1)
+    result = generative.train_generative(args, Events())
+    assert result.ok, result.message
+
+    ev = evaluate.run(
+        evaluate.Args(
+            data=data,
+            output=tmp_path / "report",
+            candidates=f"tiny={args.output}",
+            metric="tool-call-ast",
+            plot=False,
+        )
+    )
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    (cand,) = report["candidates"]
+    assert cand["error"] == "", ev.message
+    assert cand["metrics"]["examples"] == 3 and cand["coverage"] <= 1 / 3
+
+    assert result.eval_examples == 1 and "2 eval calls beyond" in result.message
+    rows = [json.loads(line) for line in (Path(args.output) / "predictions.jsonl").open()]
+    assert [r["index"] for r in rows] == [0, 1, 2]
+    assert [r["finish_reason"] for r in rows[1:]] == ["not_evaluated"] * 2
+    assert all(r["prediction"] == {"defer": True} and not r["accepted"] for r in rows[1:])
+
+
 # ------------------------------------------------------------------ Triton config and export
 
 

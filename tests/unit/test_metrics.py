@@ -370,3 +370,39 @@ def test_a_threshold_with_margin_answers_the_same_calls() -> None:
     assert m.with_margin(0.5, labels, conf) == 0.5  # nothing answered below it
     low = math.nextafter(0.7, 0.0)  # adjacent floats: no float between, keep the threshold
     assert m.with_margin(0.7, ["a", "b"], [0.7, low]) == 0.7
+
+
+def test_the_gate_score_is_the_precision_served_and_0_when_nothing_is() -> None:
+    """One definition for every candidate kind: the operator ranks selectors and generative
+    candidates on the same ``score``."""
+    p = m.selective_point(PRED, CONF, REFS, 0.7)
+    assert m.gate_score(p) == pytest.approx(2 / 3)
+    assert m.gate_score(dataclasses.asdict(p)) == pytest.approx(2 / 3)
+    nothing = m.selective_point(PRED, CONF, REFS, 1.0)
+    assert nothing.precision == 1.0 and m.gate_score(nothing) == 0.0  # answers none
+    assert m.gate_score(None) == 0.0  # no threshold reached the target
+
+
+# A logged tool whose schema is not JSON Schema's shape: curate keeps it (tools are objects).
+ODD_SCHEMAS: list[Any] = [
+    {"type": "object", "properties": {"city": {"type": "string"}}, "required": 5},
+    {"type": "object", "properties": {"city": {"type": "string"}}, "required": [{"x": 1}]},
+    {"type": "object", "properties": ["city"], "required": ["city"]},
+    5,
+    ["city"],
+    "a string",
+]
+
+
+@pytest.mark.parametrize("parameters", ODD_SCHEMAS)
+def test_a_tool_with_an_odd_schema_is_scored_not_a_crash(parameters: Any) -> None:
+    """``required: 5`` raised TypeError in the AST match, and with it the scoring of every
+    candidate on that call. Such a tool's calls are compared as logged."""
+    odd = {"type": "function", "function": {"name": "get_weather", "parameters": parameters}}
+    ref = call("get_weather", {"city": "Oslo"})
+    function = m.gorilla_function(odd)
+    assert isinstance(function["parameters"]["properties"], dict)
+    assert all(isinstance(r, str) for r in function["parameters"]["required"])
+    assert m.ast_match(ref, ref, [odd]).match
+    assert not m.ast_match(call("get_weather", {"city": "Rome"}), ref, [odd]).match
+    assert not m.ast_match(call("get_time", {"city": "Oslo"}), ref, [odd]).match

@@ -191,6 +191,48 @@ def test_the_eval_report_counts_a_confident_deferral_of_a_call_needing_no_tool_a
     assert report["ece"] == pytest.approx(0.4)
 
 
+def with_odd_schemas(records: list[CallRecord]) -> list[CallRecord]:
+    """The same calls, each tool's schema bent out of JSON Schema's shape in another way
+    (``required`` a number, ``parameters`` a list or a string...), as agents have logged."""
+    odd: list[Any] = [
+        {"type": "object", "properties": {"order_id": {"type": "string"}}, "required": 5},
+        ["order_id"],
+        "order id",
+        {"type": "object", "properties": ["order_id"], "required": [{"name": "order_id"}]},
+    ]
+    tools = [
+        {**t, "function": {**t["function"], "parameters": schema}}
+        for t, schema in zip(SUPPORT_TOOLS, odd, strict=True)
+    ]
+    return [dataclasses.replace(r, tools=tools) for r in records]
+
+
+def test_a_tool_with_an_odd_schema_is_still_an_option() -> None:
+    """``required: 5`` crashed the finetune stage in ``option_text`` (TypeError): curate keeps
+    such a record, since it checks only that tools are objects."""
+    sel = pytest.importorskip("slm_trainer.selector")
+    recs = with_odd_schemas(support_records(1))
+    examples = sel.examples_from_records(recs, "tool-call")
+    assert len(examples) == len(recs)
+    assert examples[0].labels == tuple(t["function"]["name"] for t in SUPPORT_TOOLS)
+    assert examples[0].texts[1] == "refund order: Refund an order that was paid."
+    by_tool = {metrics.tool_label(r.response): ex for r, ex in zip(recs, examples, strict=True)}
+    assert by_tool["refund_order"].labels[by_tool["refund_order"].target - 1] == "refund_order"
+
+
+@pytest.mark.slow
+def test_the_finetune_stage_trains_and_scores_calls_with_odd_tool_schemas(
+    tmp_path: Path,
+) -> None:
+    """The whole stage, gated on tool-call-ast so the served answers are scored against those
+    tools too: it crashed before writing a result."""
+    data = write_split(with_odd_schemas(support_records(2)), tmp_path / "data")
+    args = fine_args(data, tmp_path, metric="tool-call-ast", epochs=1, batch_size=8, max_steps=2)
+    result = finetune.run(args, lambda event: None)
+    assert result.ok, result.message
+    assert result.eval_examples and result.score is not None
+
+
 def test_calibration_split_is_stratified_and_deterministic() -> None:
     sel = pytest.importorskip("slm_trainer.selector")
     ex = sel.examples_from_records(support_records(4), "tool-call")
@@ -733,12 +775,12 @@ def test_causal_lms_go_to_the_generative_trainer_and_evaluate_reads_them(
 
     from slm_trainer import evaluate
 
+    # one row per eval call: those beyond --max-eval-examples are deferrals
+    eval_records = evaluate.read_eval(small_data)
     scored = evaluate.score_candidate(
         "tiny",
-        evaluate.read_eval(small_data)[:3],
-        evaluate.read_predictions(
-            tmp_path / "artifact" / "predictions.jsonl", evaluate.read_eval(small_data)[:3]
-        ),
+        eval_records,
+        evaluate.read_predictions(tmp_path / "artifact" / "predictions.jsonl", eval_records),
         "tool-call",
         "tool-call-ast",
         0.97,

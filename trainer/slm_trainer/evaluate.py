@@ -252,14 +252,14 @@ def score_candidate(
         margin = metrics.with_margin(chosen.threshold, answer_labels, conf)
         out.threshold = max(floor, min(1.0, margin))
         out.coverage = round(chosen.coverage, 6)
-        out.score = round(chosen.precision if chosen.accepted else 0.0, 6)
+        out.score = round(metrics.gate_score(chosen), 6)
         m["at_threshold"] = asdict(chosen)
     else:
         # No confidence: served, it answers every call it does not defer, with no threshold.
         # Its precision is over those calls, and a candidate that answers none does not pass.
         point = metrics.selective_point(answer_labels, [1.0] * len(preds), refs, 0.0, verdict)
         out.coverage = round(point.coverage, 6)
-        out.score = round(point.precision if point.accepted else 0.0, 6)
+        out.score = round(metrics.gate_score(point), 6)
         if point.accepted and point.precision < target_precision:
             out.meets_precision = False
             out.reasons.append(

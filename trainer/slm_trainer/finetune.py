@@ -130,7 +130,11 @@ class Args:
         default=256, metadata={"help": "generative: longest generated answer at eval"}
     )
     max_eval_examples: int = field(
-        default=0, metadata={"help": "generative: evaluate at most this many calls (0: all)"}
+        default=0,
+        metadata={
+            "help": "generative: evaluate at most this many calls (0: all); the others are "
+            "written to predictions.jsonl as deferrals"
+        },
     )
     target_modules: str = field(
         default="all-linear", metadata={"help": "generative: LoRA target modules"}

@@ -34,6 +34,10 @@ AgentTask's metric against the LLM's answers; the adapter (or full weights), the
 ``args.output``. The serving threshold is chosen on those predictions like a selector's
 (:func:`serving_threshold`) and reported in the result, where the operator reads it for the
 route: always above 0, so an answer cut at ``max_new_tokens`` (confidence 0) is never served.
+The result's ``score`` is what a selector's is (:func:`slm_trainer.metrics.gate_score`): the
+metric's precision on the eval calls answered at that threshold, 0.0 when it answers none,
+because the operator gates and ranks every candidate on it. Accuracy over all eval calls
+(threshold ignored) is reported beside it as ``eval_accuracy``.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from slm_contract import CallRecord, ContractError, TrainerResult
+from slm_trainer import metrics
 from slm_trainer.preemption import SigtermFlag, load_or_set_aside, save_atomically
 from slm_trainer.progress import Progress
 from slm_trainer.triton_model import chatformat
@@ -520,8 +525,6 @@ def score_answer(
     ``label-accuracy`` compares the chosen tool (or label), ``exact-match`` the normalised
     answer.
     """
-    from slm_trainer import metrics
-
     if metric == "tool-call-ast":
         return float(metrics.ast_match(predicted, reference, list(tools)).match)
     if metric == "label-accuracy":
@@ -605,9 +608,10 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
 
     data = Path(args.data)
     train_records = load_records(data / "train.jsonl")
-    eval_records = load_records(data / "eval.jsonl")
+    all_eval_records = load_records(data / "eval.jsonl")
+    eval_records = all_eval_records
     if opts.max_eval_examples > 0:
-        eval_records = eval_records[: opts.max_eval_examples]
+        eval_records = all_eval_records[: opts.max_eval_examples]
     if not train_records:
         return _fail(args, f"no training examples in {data / 'train.jsonl'}")
 
@@ -761,9 +765,11 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
             del model  # free it before the served one is loaded
             model = _served_model(out, args, device)
             t_eval = time.monotonic()
-            score, predictions = evaluate(
+            accuracy, predictions = evaluate(
                 model, tokenizer, eval_records, tools_in_template, args, opts, examples, sigterm
             )
+            not_evaluated = deferred_rows(all_eval_records, len(eval_records))
+            predictions += not_evaluated
             eval_seconds = time.monotonic() - t_eval
             unrenderable = sum(p["finish_reason"] == "unrenderable" for p in predictions)
             if unrenderable:
@@ -786,6 +792,9 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
     threshold, at_threshold = serving_threshold(
         predictions, target_precision, getattr(args, "task_type", "")
     )
+    # The gate's score, defined as a selector's (see the module docstring). None without eval
+    # calls: nothing was measured, and the operator's gate refuses a candidate with no score.
+    score = metrics.gate_score(at_threshold) if predictions else None
     with (out / "predictions.jsonl").open("w", encoding="utf-8") as fh:
         for p in predictions:
             p["accepted"] = p["confidence"] >= threshold
@@ -805,12 +814,15 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
         "parameters": total_params,
         "trainable_parameters": trainable_params,
         "score": score,
+        "score_is": "precision on the eval calls answered at the threshold (0: answers none)",
+        "eval_accuracy": accuracy,
         "llm_score": 1.0,
         "threshold": threshold,
         "target_precision": target_precision,
         "at_threshold": at_threshold,
         "train_examples": len(examples),
         "eval_examples": len(eval_records),
+        "eval_not_evaluated": len(not_evaluated),
         "final_loss": losses[-1] if losses else None,
         "steps": total,
         "seed": opts.seed,
@@ -820,7 +832,15 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    emit({"event": "eval", "candidate": args.candidate, "score": score, "n": len(eval_records)})
+    emit(
+        {
+            "event": "eval",
+            "candidate": args.candidate,
+            "score": score,
+            "eval_accuracy": accuracy,
+            "n": len(eval_records),
+        }
+    )
     return TrainerResult(
         stage=CONTRACT_STAGE,
         ok=True,
@@ -837,9 +857,55 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
         train_seconds=round(train_seconds, 3),
         eval_seconds=round(eval_seconds, 3),
         message=f"{args.method} on {total} steps, final loss {losses[-1]:.4f}"
-        + ("" if score is None else f", {args.metric} {score:.3f} vs the LLM")
+        + _score_note(score, accuracy, args.metric, len(eval_records), len(not_evaluated))
         + _threshold_note(threshold, at_threshold, target_precision),
     )
+
+
+def _score_note(
+    score: float | None, accuracy: float | None, metric: str, n_eval: int, n_not_evaluated: int
+) -> str:
+    """What the score is and the accuracy beside it, for the result's message: the two differ
+    (a candidate right on 90 % of calls may have no threshold it can serve at), and only the
+    score is what the gate compares."""
+    if score is None or accuracy is None:
+        return "; no eval calls, no score"
+    note = (
+        f"; score {score:.3f} ({metric} precision on the eval calls it answers at its "
+        f"threshold, 0 if none); eval_accuracy {accuracy:.3f} ({metric} on all {n_eval} "
+        "evaluated calls, threshold ignored)"
+    )
+    if n_not_evaluated:
+        note += (
+            f"; {n_not_evaluated} eval calls beyond --max-eval-examples not evaluated, "
+            "counted as deferred"
+        )
+    return note
+
+
+def deferred_rows(records: Sequence[CallRecord], start: int) -> list[dict[str, Any]]:
+    """Prediction rows for the eval calls from ``start`` on, which were not evaluated
+    (``--max-eval-examples``): each a deferral (confidence 0, ``finish_reason``
+    ``"not_evaluated"``).
+
+    Why rows and not a shorter file: the evaluate stage scores every candidate on the whole
+    of ``eval.jsonl`` and needs one row per call. Counted as deferred, an unevaluated call is
+    neither right nor wrong: precision stays that of the calls the candidate was seen to
+    answer, and coverage (the share of calls it is known to take over) is a lower bound
+    rather than a figure over a prefix the report would not mention. Scoring only the prefix
+    on both sides would compare candidates on different calls.
+    """
+    return [
+        {
+            "index": i,
+            "score": 0.0,
+            "confidence": 0.0,
+            "finish_reason": "not_evaluated",
+            "prediction": {"defer": True},
+            "reference": records[i].response,
+        }
+        for i in range(start, len(records))
+    ]
 
 
 def _threshold_note(threshold: float, at: dict[str, Any] | None, target_precision: float) -> str:
@@ -897,8 +963,6 @@ def serving_threshold(
     """
     from dataclasses import asdict
 
-    from slm_trainer import metrics
-
     if not predictions:
         return MIN_THRESHOLD, None
     answers = [None if metrics.is_deferral(p.get("prediction")) else "answer" for p in predictions]
@@ -937,7 +1001,8 @@ def evaluate(
     train_examples: Sequence[Example],
     sigterm: SigtermFlag | None = None,
 ) -> tuple[float | None, list[dict[str, Any]]]:
-    """Greedy answers to the held-out calls, scored against the LLM's; (score, predictions)."""
+    """Greedy answers to the held-out calls, scored against the LLM's: (accuracy over all
+    ``records``, threshold ignored; None without records), and one prediction per record."""
     from slm_trainer.triton_model import runtime
 
     if not records:

@@ -239,10 +239,32 @@ def _explicitly_typed(schema: Any) -> bool:
     return all(isinstance(s, Mapping) and "type" in s and _explicitly_typed(s) for s in subs)
 
 
+def _parameters_of(tool: Mapping[str, Any]) -> Any:
+    """A tool's declared ``parameters`` as logged (any JSON value); None when it has none."""
+    function = tool.get("function", tool)
+    return function.get("parameters") if isinstance(function, Mapping) else None
+
+
+def _parameters_known(tool: Mapping[str, Any]) -> bool:
+    """Whether a tool declares its parameters as a schema (properties an object), or none."""
+    params = _parameters_of(tool)
+    if params is None:
+        return True
+    return isinstance(params, Mapping) and isinstance(params.get("properties") or {}, Mapping)
+
+
 def gorilla_function(tool: Mapping[str, Any]) -> dict[str, Any]:
-    """An OpenAI tool schema as BFCL's function description (types mapped recursively)."""
-    function = dict(tool.get("function", tool))
-    params = copy.deepcopy(function.get("parameters") or {})
+    """An OpenAI tool schema as BFCL's function description (types mapped recursively).
+
+    A schema not in JSON Schema's shape (``parameters`` not an object, ``properties`` not an
+    object, ``required`` not a list of names) reads as a function with unknown parameters:
+    logged tools are the agent's, curate keeps them as they are, and one such tool in a call
+    crashed the scoring of every candidate on it.
+    """
+    raw = tool.get("function", tool)
+    function = dict(raw) if isinstance(raw, Mapping) else {}
+    declared = function.get("parameters")
+    params = copy.deepcopy(dict(declared)) if isinstance(declared, Mapping) else {}
 
     def convert(schema: dict[str, Any]) -> dict[str, Any]:
         if "type" not in schema and (schema.get("anyOf") or schema.get("oneOf")):
@@ -259,8 +281,12 @@ def gorilla_function(tool: Mapping[str, Any]) -> dict[str, Any]:
 
     params = convert(params) if params else {"type": "dict", "properties": {}}
     params["type"] = "dict"
-    params.setdefault("properties", {})
-    params.setdefault("required", [])
+    if not isinstance(params.get("properties"), dict):
+        params["properties"] = {}
+    required = params.get("required")
+    params["required"] = (
+        [r for r in required if isinstance(r, str)] if isinstance(required, list) else []
+    )
     return {
         "name": function.get("name", ""),
         "description": function.get("description", ""),
@@ -506,12 +532,10 @@ def ast_match(
         return AstResult(False, "builtin", "wrong number of calls")
     if not rcalls:
         return AstResult(True, "builtin")
-    functions = {f["name"]: f for f in (gorilla_function(t) for t in tools)}
-    typed = {
-        tool_name(t)
-        for t in tools
-        if _explicitly_typed((t.get("function", t) or {}).get("parameters"))
-    }
+    # A tool whose parameters are not a schema at all has unknown, not no, parameters: it
+    # is left out here, so that its calls are compared as given (the fallback below).
+    functions = {f["name"]: f for f in (gorilla_function(t) for t in tools if _parameters_known(t))}
+    typed = {tool_name(t) for t in tools if _explicitly_typed(_parameters_of(t))}
     checker = load_bfcl_checker() if use_bfcl else None
     used = "builtin"
     for (pname, pargs), (rname, rargs) in zip(pcalls, rcalls, strict=True):
@@ -664,6 +688,23 @@ def pick_threshold(
     if not ok:
         return None
     return max(ok, key=lambda p: (p.coverage, -p.threshold))
+
+
+def gate_score(point: CurvePoint | Mapping[str, Any] | None) -> float:
+    """The score the gate compares for a candidate that serves at a threshold: its precision
+    on the calls it answers there, 0.0 when it answers none or no threshold reached the
+    target (``point`` None).
+
+    One definition for selectors and generative candidates alike, because the operator ranks
+    and gates every candidate's ``score`` against the others' and the served model's: a
+    generative candidate reporting accuracy over all calls (its threshold ignored) passed
+    ``minScore`` while its threshold of 1.0 meant it would answer nothing. Deferred calls go
+    to the LLM and cost nothing in quality; coverage is reported beside the score.
+    """
+    if point is None:
+        return 0.0
+    fields = asdict(point) if isinstance(point, CurvePoint) else point
+    return float(fields["precision"]) if fields["accepted"] else 0.0
 
 
 def with_margin(

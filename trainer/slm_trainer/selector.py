@@ -135,14 +135,22 @@ def query_text(messages: Sequence[Mapping[str, Any]]) -> str:
 
 
 def option_text(tool: Mapping[str, Any]) -> str:
-    """How a tool is shown to the option tower: name in words, description, parameter names."""
+    """How a tool is shown to the option tower: name in words, description, parameter names.
+
+    A schema that is not JSON Schema's shape (``parameters`` not an object, ``required`` not
+    a list of names) counts as unknown parameters: the tool is still a choice. Curate keeps
+    such records (it checks only that tools are objects), and one of them crashed the whole
+    finetune stage here.
+    """
     function = tool.get("function", tool)
     if not isinstance(function, Mapping):
         return ""
     text = f"{split_identifier(str(function.get('name', '')))}: {function.get('description', '')}"
-    params = function.get("parameters") or {}
-    props = params.get("properties") or {}
-    required = set(params.get("required") or [])
+    params = function.get("parameters")
+    params = params if isinstance(params, Mapping) else {}
+    props = params.get("properties")
+    listed = params.get("required")
+    required = {r for r in listed if isinstance(r, str)} if isinstance(listed, list) else set()
     if isinstance(props, Mapping) and props:
         text += " Parameters: " + ", ".join(
             split_identifier(str(p)) + (" (required)" if p in required else "") for p in props
@@ -1212,12 +1220,10 @@ def served_point(
 
 
 def selector_score(point: Mapping[str, Any]) -> float:
-    """The gate's score for a selector: precision on the calls it answers, 0 if it answers none.
-
-    Deferred calls go to the LLM and cost nothing in quality; coverage (how many calls the
-    selector takes over) is reported beside it.
-    """
-    return float(point["precision"]) if point["accepted"] else 0.0
+    """The gate's score for a selector: precision on the calls it answers, 0 if it answers none
+    (:func:`slm_trainer.metrics.gate_score`, shared with generative candidates so that the
+    operator compares like with like)."""
+    return metrics.gate_score(point)
 
 
 def run_selector(
