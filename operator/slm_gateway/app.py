@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -37,6 +38,7 @@ from starlette.routing import Route as HTTPRoute
 from slm_gateway import errors as e
 from slm_gateway.backends import (
     BAD_OUTPUT,
+    CONNECT,
     TIMEOUT,
     LLMStream,
     UpstreamError,
@@ -152,10 +154,17 @@ class Breakers:
                 with contextlib.suppress(KeyError):
                     self.metrics.circuit.remove(backend, url)
 
+    def _current(self, url: str, b: CircuitBreaker) -> bool:
+        """Whether ``b`` is still the breaker of ``url``. A call that began before
+        :meth:`prune` forgot it ends with the old breaker: its gauge series must not come
+        back, as nothing would remove it again and a circuit it left open would read 2 for
+        ever (the same stuck alert that pruning prevents)."""
+        return self._by_url.get(url) is b
+
     def allow(self, backend: str, url: str, b: CircuitBreaker, now: float) -> bool:
         before = b.state
         ok = b.allow(now)
-        if b.state != before:
+        if b.state != before and self._current(url, b):
             self.metrics.circuit.labels(backend, url).set(STATE_VALUES[b.state])
         return ok
 
@@ -167,7 +176,8 @@ class Breakers:
         else:
             b.failure(now)
         if b.state != before:
-            self.metrics.circuit.labels(backend, url).set(STATE_VALUES[b.state])
+            if self._current(url, b):
+                self.metrics.circuit.labels(backend, url).set(STATE_VALUES[b.state])
             if not ok:
                 log.warning("circuit for %s backend %s is now %s", backend, url, b.state)
             else:
@@ -417,8 +427,10 @@ class Gateway:
         end of the stream. The LLM is asked for its usage chunk, so the tokens and cost of
         streamed calls are counted like the others; an agent that did not ask for usage does
         not get that chunk. An LLM server that refuses ``stream_options`` (one that predates
-        it) is asked again without it, and from then on never with it unless the agent sent
-        it: its streamed calls are served, with estimated tokens.
+        it) is asked again without it, and once that worked, never with it again unless the
+        agent sent it: its streamed calls are served, with estimated tokens. Remembered only
+        then: a refusal read wrong, or a server failing for other reasons, must not cost every
+        later call its usage count for the life of the process.
         """
         route, req = call.route, call.req
         assert self.upstreams is not None
@@ -431,10 +443,19 @@ class Gateway:
         payload = encode(body)  # before the breaker's claim
         self._llm_allowed(call)
         t = time.perf_counter()
+        retried = False
         while True:
             try:
                 async with self.upstreams.llm_stream(route, payload) as upstream:
                     if 200 <= upstream.status < 300:
+                        if retried:
+                            self._no_stream_options.add(route.llm_url)
+                            log.warning(
+                                "LLM backend %s refused stream_options and answered without "
+                                "it; its streamed answers are asked for without usage from now "
+                                "on, and their tokens estimated",
+                                route.llm_url,
+                            )
                         await self._relay(call, upstream, t, send, receive)
                         return None
                     try:
@@ -445,16 +466,9 @@ class Gateway:
                 raise self._llm_unreachable(call, err, time.perf_counter() - t) from None
             if asked is None and not bare and _refuses_stream_options(upstream.status, text):
                 # The gateway added the field, not the agent: ask again without it.
-                bare = True
+                bare = retried = True
                 del body["stream_options"]
                 payload = orjson.dumps(body)  # written once already, with more in it
-                self._no_stream_options.add(route.llm_url)
-                log.warning(
-                    "LLM backend %s refused stream_options (HTTP %d); its streamed answers "
-                    "are asked for without usage from now on, and their tokens estimated",
-                    route.llm_url,
-                    upstream.status,
-                )
                 continue
             return self._llm_failure(
                 route,
@@ -530,10 +544,20 @@ class Gateway:
     ) -> tuple[str, str, str] | None:
         """Relay events until the LLM's stream ends: None when it ended well, else the
         failure (attempt result, error code, message for the agent's error event; an empty
-        message when the LLM's own error event already went on), or :data:`_GONE`."""
+        message when the LLM's own error event already went on), or :data:`_GONE`.
+
+        A stream ends well with ``data: [DONE]``, or, for servers that do not send it, once
+        every choice it began has its ``finish_reason``. One that stops short of both broke
+        off, even when its end looked clean to HTTP: an answer delimited by the connection's
+        close (no ``Content-Length``, not chunked) reads the same whether the LLM finished
+        or its process died mid-answer. Passed on as complete, the agent would act on half
+        an answer with no error, the call would count as a success, and capture would keep
+        the half answer as a training example; so it ends like any other broken stream.
+        """
         include_usage = call.req.include_usage
         splitter = EventSplitter()
         first = True
+        done = False
         while True:
             if gone.done():
                 return _GONE
@@ -544,13 +568,21 @@ class Gateway:
             if chunk is None:
                 if splitter.pending.strip():
                     return BAD_OUTPUT, e.CODE_UPSTREAM, "The LLM's stream ended mid-event."
+                if not done and not assembled.finished:
+                    return (
+                        CONNECT,
+                        e.CODE_UPSTREAM,
+                        "The LLM's stream broke off (it ended before the answer was complete).",
+                    )
                 return None
             out = []
             tokens = False
             try:
                 for event in splitter.feed(chunk):
                     data = data_of(event)
-                    if data is not None and data != DONE:
+                    if data == DONE:
+                        done = True
+                    elif data is not None:
                         doc = orjson.loads(data)
                         assembled.add(doc)
                         if is_usage_only(doc) and not include_usage:
@@ -878,8 +910,15 @@ class Gateway:
 
     # ---- the other endpoints --------------------------------------------------------------
     async def models(self, request: Request) -> Response:
+        """The routed tasks as OpenAI's model list, cached per route table version.
+
+        The version is read before the routes: the watcher thread may change the table while
+        they are read, and a list cached under the later version would hide that change
+        until the next one. Cached under the earlier one, it is only built once more.
+        """
         version, cached = self._models_cache
-        if version != self.table.version:
+        current = self.table.version
+        if version != current:
             data = [
                 {
                     "id": r.task if self.table.get(r.task) is r else r.key,
@@ -891,7 +930,7 @@ class Gateway:
                 for r in self.table.routes()
             ]
             cached = orjson.dumps({"object": "list", "data": data})
-            self._models_cache = (self.table.version, cached)
+            self._models_cache = (current, cached)
         return Response(cached, media_type="application/json")
 
     async def healthz(self, request: Request) -> Response:
@@ -939,10 +978,55 @@ def _infer_payload(req: ChatRequest) -> bytes:
         raise too_deep() from None
 
 
+_REFUSED = (
+    r"(?:unrecogni[sz]ed|unknown|unsupported|unexpected|extra|forbidden"
+    r"|not (?:supported|allowed|permitted))"
+)
+#: How servers that predate ``stream_options`` word their refusal of it: "Unrecognized request
+#: argument supplied: stream_options", "Unknown parameter: 'stream_options'",
+#: "stream_options is not supported", and pydantic's error for an extra field as vLLM quotes
+#: it ("'loc': ('body', 'stream_options'), 'msg': 'Extra inputs are not permitted'"). Each
+#: needs the field's name right next to the refusal: an error about something else that
+#: quotes the request (so the field) is not one.
+_STREAM_OPTIONS_REFUSAL = re.compile(
+    rf"(?i){_REFUSED}[\w ]{{0,40}}?[:=]?\s*['\"`]?stream_options\b"
+    rf"|\bstream_options['\"`]?\s+(?:is|are)\s+{_REFUSED}"
+    r"|['\"]loc['\"]\s*:\s*[\[(]\s*['\"]body['\"]\s*,\s*['\"]stream_options['\"]\s*[\])]"
+)
+
+
 def _refuses_stream_options(status: int, body: bytes) -> bool:
     """Whether an LLM's error answer says it does not take ``stream_options`` (servers that
-    predate the field reject unknown arguments with a 400 or 422 that names it)."""
-    return status in (400, 422) and b"stream_options" in body
+    predate the field reject unknown arguments with a 400 or 422 that names it).
+
+    Narrow on purpose: the answer is a second, paid LLM call. The error must point at the
+    field (OpenAI's ``param``, or a FastAPI validation error whose ``loc`` ends with it) or
+    say in its message that the field is unknown or unsupported; that the body merely
+    contains the name (an error about ``max_tokens`` quoting the request) is not enough.
+    """
+    if status not in (400, 422) or b"stream_options" not in body:
+        return False
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return bool(_STREAM_OPTIONS_REFUSAL.search(body.decode("utf-8", "replace")))
+    if not isinstance(doc, dict):
+        return False
+    texts: list[Any] = []
+    for err in (doc.get("error"), doc):
+        if isinstance(err, dict):
+            if err.get("param") == "stream_options":
+                return True
+            texts.append(err.get("message"))
+    detail = doc.get("detail")
+    if isinstance(detail, list):
+        for item in detail:
+            loc = item.get("loc") if isinstance(item, dict) else None
+            if isinstance(loc, list) and loc and loc[-1] == "stream_options":
+                return True
+    else:
+        texts.append(detail)
+    return any(isinstance(t, str) and _STREAM_OPTIONS_REFUSAL.search(t) for t in texts)
 
 
 def _error_code(err: UpstreamError) -> str:
@@ -1087,6 +1171,10 @@ def create_app(
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_error, Exception: _internal_error},
     )
+    # A path with a trailing slash is an unknown path: a 404 with the error body any wrong
+    # path gets, not Starlette's 307 with an empty body, which a client either reports as
+    # an error saying nothing or follows with a second request.
+    app.router.redirect_slashes = False
     app.state.gateway = gw
     return FastPath(app, gw)
 

@@ -104,8 +104,16 @@ def plan_request(
 def _object_arguments(args: Any) -> bool:
     """Whether a tool call's ``arguments`` are a JSON object (or its text), as the API says:
     an agent's SDK hands them to the tool as keyword arguments, and ``"Paris"`` or ``null``
-    fails there, after the gateway has served it as a good answer."""
+    fails there, after the gateway has served it as a good answer.
+
+    An object must also be one the gateway can write as the arguments' text
+    (:func:`normalize_message`): orjson reads JSON nested 1024 levels deep but writes only
+    254, and an SLM that nested deeper made the call a 500 instead of a fallback."""
     if isinstance(args, dict):
+        try:
+            orjson.dumps(args)
+        except orjson.JSONEncodeError:
+            return False
         return True
     if not isinstance(args, str):
         return False
@@ -125,7 +133,7 @@ def slm_verdict(answer: Any, confidence: Any, threshold: float) -> str:
     missing, not finite or below the threshold is not trusted; an answer that is not an
     assistant message with content or tool calls cannot be served, nor one whose ``content``
     next to tool calls is neither text nor null (agents' SDKs reject the whole completion),
-    nor a tool call whose ``arguments`` are not a JSON object.
+    nor a tool call whose ``arguments`` are not a JSON object (or one too deep to write).
     """
     if not isinstance(answer, dict):
         return REASON_BAD_OUTPUT
@@ -233,13 +241,18 @@ def normalize_message(answer: Mapping[str, Any], call_id: str) -> dict[str, Any]
 
 
 def _canonical_args(args: Any) -> bytes:
+    """Arguments in one form for comparison; as their text when they cannot be parsed, or
+    are nested deeper than orjson writes (the shadow comparison must not raise on them)."""
+    text = args.strip() if isinstance(args, str) else ""
     if isinstance(args, str):
-        text = args.strip()
         try:
             args = orjson.loads(text) if text else {}
         except orjson.JSONDecodeError:
             return text.encode()
-    return orjson.dumps(args, option=orjson.OPT_SORT_KEYS)
+    try:
+        return orjson.dumps(args, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:
+        return text.encode() if text else repr(args).encode()
 
 
 def _calls(message: Mapping[str, Any]) -> list[tuple[str, bytes]]:

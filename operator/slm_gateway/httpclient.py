@@ -26,9 +26,11 @@ What it does:
   can never be read as the next call's.
 - **Stale keep-alive connections**: a server may close an idle connection just as a request
   is written to it. When a *reused* connection closes before a single byte of the answer
-  arrived, the request is sent once more on a new connection, as Go's ``net/http`` does for
-  a server-closed idle connection. Any other failure is raised, never retried: an LLM call
-  costs money and may not be idempotent.
+  arrived, and within :data:`STALE_CLOSE_WINDOW_S` of the write, the request is sent once
+  more on a new connection (Go's ``net/http`` resends a POST only when none of it was
+  written; a close that soon after the write is as near as a one-write client gets to that).
+  Any other failure is raised, never retried, a later close included (the server worked on
+  the request, then died): an LLM call costs money and may not be idempotent.
 
 - **Streamed answers** (:meth:`Client.stream`, for ``"stream": true`` chat calls): the call
   returns once the status line and headers are in, and the body is handed over as it
@@ -164,6 +166,8 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.reused = False
         self.idle_since = 0.0
+        self.sent_at = 0.0  # when the current request was written
+        self.lost_at: float | None = None  # when the connection was seen closed
         self.stream: _StreamState | None = None  # set while a streamed answer is read
 
     # -- asyncio.Protocol
@@ -183,12 +187,17 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.lost_at = self.loop.time()
         stream = self.stream
         if stream is not None and stream.head.done():
             if stream.done or stream.error is not None:
                 return
             if not self.framed and exc is None:
-                self.on_message_complete()  # a streamed body delimited by the connection's end
+                # A streamed body delimited by the connection's end. To HTTP that is its
+                # end, but it reads the same when the server died mid-answer: the caller
+                # must judge completeness from the body itself (the gateway wants an SSE
+                # stream's ``[DONE]`` or finish reasons, see ``Gateway._pump``).
+                self.on_message_complete()
             else:
                 stream.fail(HTTPClientError("the server closed the connection mid-answer"))
             return
@@ -291,6 +300,7 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self._reset()
         self.received = False
+        self.sent_at = self.loop.time()
         self.transport.write(b"%s%d\r\n\r\n%s" % (target.head, len(body), body))
 
     def close(self) -> None:
@@ -667,10 +677,25 @@ class Client:
         await asyncio.sleep(0)
 
 
+#: How soon after the request was written a reused connection must close, without a byte of
+#: answer, to be taken for one the server dropped while idle. A server closes an idle
+#: connection on its own clock, so that close reaches the gateway within about a round trip
+#: of the write; one that closes later was working on the request (an LLM that died
+#: mid-generation), and sending it again would pay for, and may run, the call twice.
+STALE_CLOSE_WINDOW_S = 0.05
+
+
 def _may_resend(conn: _Connection, loop: asyncio.AbstractEventLoop, deadline: float) -> bool:
-    """A reused connection that closed before a byte of the answer came: the server dropped
-    it while idle, so the request never reached it and may be sent once more."""
-    return conn.reused and not conn.received and loop.time() < deadline
+    """A reused connection that closed before a byte of the answer came, right after the
+    request was written (:data:`STALE_CLOSE_WINDOW_S`): the server dropped it while idle, so
+    the request never reached it and may be sent once more."""
+    return (
+        conn.reused
+        and not conn.received
+        and conn.lost_at is not None
+        and conn.lost_at - conn.sent_at <= STALE_CLOSE_WINDOW_S
+        and loop.time() < deadline
+    )
 
 
 def _wake_one(origin: _Origin) -> None:

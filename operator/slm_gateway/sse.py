@@ -59,8 +59,12 @@ class EventSplitter:
         buf = self._buf + data if self._buf else data
         if b"\r" in buf:
             # A CR at the very end may be the first half of a CRLF: keep it for the next feed.
+            # Not after a line end, though ("\r\r", "\n\r"): that CR ends a blank line, so
+            # the event is complete whether an LF follows or not (an LF after it would only
+            # add a blank line, which dispatches nothing). Held back, the last event of a
+            # CR-only stream would never end, and its ``[DONE]`` would never be read.
             tail = b""
-            if buf.endswith(b"\r"):
+            if buf.endswith(b"\r") and not buf.endswith((b"\r\r", b"\n\r")):
                 buf, tail = buf[:-1], b"\r"
             buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + tail
         events: list[bytes] = []
@@ -125,7 +129,9 @@ class StreamAssembler:
 
     __slots__ = (
         "_alias",
+        "_finished",
         "_last",
+        "_started",
         "calls",
         "chunks",
         "content",
@@ -148,6 +154,8 @@ class StreamAssembler:
         self._alias: dict[int, int] = {}  # the provider's index -> its call's key in calls
         self._last: int | None = None
         self.finish_reason: str | None = None
+        self._started: set[int] = set()  # every choice index seen, and those that finished
+        self._finished: set[int] = set()
         self.usage: dict[str, Any] | None = None
         self.chunks = 0
         self.error: dict[str, Any] | None = None
@@ -178,9 +186,14 @@ class StreamAssembler:
         for choice in choices:
             if not isinstance(choice, dict):
                 raise StreamFormatError("a choice of a chunk is not an object")
-            if choice.get("index", 0) != 0:
-                continue
+            index = choice.get("index", 0)
             reason = choice.get("finish_reason")
+            if isinstance(index, int):
+                self._started.add(index)
+                if isinstance(reason, str):
+                    self._finished.add(index)
+            if index != 0:
+                continue
             if isinstance(reason, str):
                 self.finish_reason = reason
             delta = choice.get("delta")
@@ -248,6 +261,12 @@ class StreamAssembler:
         self._last = key
         return slot
 
+    @property
+    def finished(self) -> bool:
+        """Whether every choice the stream began has its ``finish_reason``: the model ended
+        each answer, so a stream that stops here lacks nothing but its ``[DONE]``."""
+        return bool(self._started) and self._started <= self._finished
+
     def message(self) -> dict[str, Any]:
         """The assistant message the chunks spelled, as a non-streamed answer would hold it."""
         msg: dict[str, Any] = {
@@ -271,7 +290,11 @@ class StreamAssembler:
         return msg
 
     def completion(self, fallback_id: str, model: str) -> dict[str, Any]:
-        """The ``chat.completion`` object the stream amounts to (what capture records)."""
+        """The ``chat.completion`` object the stream amounts to (what capture records).
+
+        ``finish_reason`` is the one the LLM sent, None when it sent none: made up, a "stop"
+        would tell the training set that an answer the LLM never finished was complete.
+        """
         message = self.message()
         doc: dict[str, Any] = {
             "id": self.id or fallback_id,
@@ -282,8 +305,7 @@ class StreamAssembler:
                 {
                     "index": 0,
                     "message": message,
-                    "finish_reason": self.finish_reason
-                    or ("tool_calls" if message.get("tool_calls") else "stop"),
+                    "finish_reason": self.finish_reason,
                 }
             ],
         }

@@ -161,6 +161,21 @@ def test_tool_call_arguments_must_be_a_json_object(args: object, ok: bool) -> No
     assert slm_verdict(answer, 0.9, 0.5) == ("" if ok else REASON_BAD_OUTPUT)
 
 
+def test_arguments_nested_deeper_than_the_gateway_writes_are_bad_output() -> None:
+    """orjson reads 1024 levels but writes 254: arguments the gateway could not write as
+    text are a fallback to the LLM, not a 500; and a shadow comparison with arguments that
+    deep (as text) compares them as text instead of raising."""
+    nested: Any = {}
+    for _ in range(300):
+        nested = {"a": nested}
+    answer = {"tool_calls": [{"function": {"name": "f", "arguments": nested}}]}
+    assert slm_verdict(answer, 0.9, 0.5) == REASON_BAD_OUTPUT
+    text = '{"a":' * 300 + "{}" + "}" * 300
+    deep_call = {"tool_calls": [{"function": {"name": "f", "arguments": text}}]}
+    assert agree(deep_call, deep_call)
+    assert not agree(deep_call, {"tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]})
+
+
 class TestNormalize:
     def test_tool_calls_get_ids_and_string_arguments(self) -> None:
         out = normalize_message(

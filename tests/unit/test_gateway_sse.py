@@ -73,13 +73,17 @@ def test_a_streamed_llm_answer_folds_back_into_its_message(message: dict[str, An
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.integers(min_value=1, max_value=2000), max_size=40), st.booleans())
-def test_events_do_not_depend_on_where_the_bytes_were_cut(cuts: list[int], crlf: bool) -> None:
+@given(
+    st.lists(st.integers(min_value=1, max_value=2000), max_size=40),
+    st.sampled_from([b"\n", b"\r\n", b"\r"]),
+)
+def test_events_do_not_depend_on_where_the_bytes_were_cut(cuts: list[int], eol: bytes) -> None:
     stream = b"".join(
         stream_events(CALL_MESSAGE, completion_id="c", created=1, model="m", usage=USAGE)
     )
-    if crlf:  # SSE allows CRLF line ends; a cut may fall between the CR and the LF
-        stream = stream.replace(b"\n", b"\r\n")
+    # SSE allows CRLF and lone CR line ends; a cut may fall between the CR and the LF, and
+    # the last event of a CR-only stream must end (``fold`` checks nothing is left pending)
+    stream = stream.replace(b"\n", eol)
     whole, whole_events = fold(stream)
     cut, cut_events = fold(stream, [c % len(stream) for c in cuts])
     assert cut_events == whole_events
@@ -92,6 +96,30 @@ def test_comments_multi_line_data_and_lone_cr_line_ends_are_read_as_sse_says() -
     assert events == [b": keep-alive", b'data: {"a":\ndata: 1}', b"event: x\ndata: y"]
     assert [sse.data_of(e) for e in events] == [None, b'{"a":\n1}', b"y"]
     assert sse.data_of(b"data:no-space") == b"no-space"
+
+
+def test_a_lone_cr_after_a_line_end_ends_the_event_at_once() -> None:
+    """``\\r\\r`` ends a line and a blank line, whatever follows: the event is complete, and
+    an LF arriving next (``\\r\\r\\n``) only adds a blank line."""
+    splitter = sse.EventSplitter()
+    assert splitter.feed(b"data: [DONE]\r\r") == [b"data: [DONE]"]
+    assert splitter.feed(b"\ndata: a\r") == []
+    assert splitter.feed(b"\ndata: b\r\n\r") == [b"data: a\ndata: b"]
+    assert splitter.pending == b""
+
+
+def test_a_finish_reason_is_recorded_only_when_the_llm_sent_one() -> None:
+    """The captured completion keeps the LLM's word: no "stop" made up for an answer whose
+    end it never announced; and ``finished`` says whether every choice it began ended."""
+    a = sse.StreamAssembler()
+    a.add({"choices": [{"index": 0, "delta": {"content": "Sunny"}, "finish_reason": None}]})
+    a.add({"choices": [{"index": 1, "delta": {"content": "Rain"}, "finish_reason": None}]})
+    assert a.completion("c", "m")["choices"][0]["finish_reason"] is None
+    assert not a.finished
+    a.add({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    assert not a.finished  # choice 1 has not ended
+    a.add({"choices": [{"index": 1, "delta": {}, "finish_reason": "length"}]})
+    assert a.finished and a.completion("c", "m")["choices"][0]["finish_reason"] == "stop"
 
 
 def test_an_event_that_never_ends_is_refused_instead_of_buffered_for_ever() -> None:

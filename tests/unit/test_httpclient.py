@@ -260,6 +260,33 @@ def test_a_stale_keep_alive_connection_is_retried_once_on_a_new_one() -> None:
     run(main())
 
 
+def test_a_reused_connection_closed_after_the_server_worked_on_the_call_is_not_resent() -> None:
+    """An LLM that took the request, worked on it, then died closes the connection without a
+    byte of answer, like a server dropping an idle one; but sending it again would pay for
+    the call twice (and run a non-idempotent one twice): only a close right after the write
+    is the idle race."""
+
+    async def handler(reader, writer, srv):
+        await srv.read_request(reader)
+        writer.write(ok(b"fresh"))
+        await writer.drain()
+        await srv.read_request(reader)
+        await asyncio.sleep(0.3)  # generating...
+        writer.transport.abort()  # ...and the process dies
+
+    async def main() -> None:
+        async with Server(handler) as srv:
+            client = Client()
+            target = Target.parse(srv.url())
+            assert (await client.post(target, b"{}", 5)).body == b"fresh"
+            with pytest.raises(HTTPClientError, match="closed the connection"):
+                await client.post(target, b"{}", 5)
+            await client.close()
+        assert len(srv.requests) == 2  # the second call was sent once
+
+    run(main())
+
+
 def test_a_new_connection_closed_without_an_answer_fails_and_is_not_retried() -> None:
     async def handler(reader, writer, srv):
         await srv.read_request(reader)

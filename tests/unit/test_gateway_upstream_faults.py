@@ -1,0 +1,485 @@
+"""The gateway against upstreams that misbehave in ways the stand-in cannot: a scripted raw
+HTTP server on 127.0.0.1 answers each request with the next action of its script.
+
+Each test states what an agent or an operator would notice: the status and body the agent
+got, the metrics, what capture was handed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import re
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import orjson
+import pytest
+from prometheus_client import generate_latest
+from starlette.testclient import TestClient
+
+from slm_contract import TRITON_CONFIDENCE, TRITON_OUTPUT
+from slm_gateway.app import Breakers, _refuses_stream_options, create_app
+from slm_gateway.capture import Captured
+from slm_gateway.config import GatewayConfig
+from slm_gateway.metrics import GatewayMetrics
+from slm_gateway.routes import Route, RouteTable
+
+#: One scripted answer: writes to the connection, returns whether to keep it open.
+Action = Callable[[asyncio.StreamReader, asyncio.StreamWriter, bytes], Awaitable[bool]]
+
+
+class Upstream:
+    """A raw HTTP/1.1 server on its own thread; each request gets the next scripted action
+    (none left: the connection is closed). Requests are kept as (head, body)."""
+
+    def __init__(self) -> None:
+        self.script: collections.deque[Action] = collections.deque()
+        self.requests: list[tuple[bytes, bytes]] = []
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._server: asyncio.Server | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def main() -> None:
+            self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+            self.port = int(self._server.sockets[0].getsockname()[1])
+            self._ready.set()
+            async with self._server:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._server.serve_forever()
+
+        self._loop.run_until_complete(main())
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                body = await reader.readexactly(length)
+                self.requests.append((head, body))
+                action = self.script.popleft() if self.script else None
+                if action is None or not await action(reader, writer, body):
+                    await writer.drain()
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    @property
+    def llm_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def slm_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._loop.call_soon_threadsafe(self._server.close)
+        self._thread.join(5)
+
+
+class FakeSink:
+    """Stands in for the capture sink: keeps what the gateway hands it."""
+
+    def __init__(self) -> None:
+        self.items: list[Captured] = []
+
+    def submit(self, item: Captured) -> bool:
+        self.items.append(item)
+        return True
+
+    def depth(self) -> int:
+        return 0
+
+
+@pytest.fixture
+def upstream() -> Iterator[Upstream]:
+    u = Upstream()
+    yield u
+    u.stop()
+
+
+def respond(status: int, body: bytes, content_type: bytes = b"application/json") -> Action:
+    async def action(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: bytes) -> bool:
+        writer.write(
+            b"HTTP/1.1 %d X\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s"
+            % (status, content_type, len(body), body)
+        )
+        await writer.drain()
+        return True
+
+    return action
+
+
+def chunk(content: str | None = None, finish: str | None = None, index: int = 0) -> bytes:
+    delta = {} if content is None else {"content": content}
+    doc = {
+        "id": "chatcmpl-up",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "gpt-4o",
+        "choices": [{"index": index, "delta": delta, "finish_reason": finish}],
+    }
+    return b"data: " + orjson.dumps(doc) + b"\n\n"
+
+
+def sse(events: list[bytes], framing: str = "close") -> Action:
+    """A 200 event stream: delimited by the connection's close, or chunked and ended cleanly."""
+
+    async def action(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: bytes) -> bool:
+        if framing == "close":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n")
+            writer.write(b"Connection: close\r\n\r\n" + b"".join(events))
+            await writer.drain()
+            return False
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n")
+        writer.write(b"Transfer-Encoding: chunked\r\n\r\n")
+        for ev in events:
+            writer.write(b"%x\r\n%s\r\n" % (len(ev), ev))
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        return True
+
+    return action
+
+
+def gateway(*routes: Route) -> tuple[TestClient, FakeSink]:
+    table = RouteTable()
+    table.replace_all(routes)
+    app = create_app(GatewayConfig(breaker_failures=3, breaker_cooldown_s=0.3), table)
+    sink = FakeSink()
+    app.gateway.capture = sink  # type: ignore[assignment]
+    return TestClient(app, raise_server_exceptions=False), sink
+
+
+def llm_route(up: Upstream) -> Route:
+    return Route(task="weather", mode="llm", llm_base_url=up.llm_url, llm_model="gpt-4o")
+
+
+def ask(c: TestClient, **extra: Any) -> Any:
+    body = {"model": "weather", "messages": [{"role": "user", "content": "Weather in Paris?"}]}
+    body.update(extra)
+    return c.post("/v1/chat/completions", content=orjson.dumps(body))
+
+
+def events_of(text: str) -> list[Any]:
+    out: list[Any] = []
+    for block in text.split("\n\n"):
+        if block.startswith("data: "):
+            data = block[len("data: ") :]
+            out.append(data if data == "[DONE]" else orjson.loads(data))
+    return out
+
+
+def metric(c: TestClient, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in c.get("/metrics").text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line.split(" ")[0]))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+# ------------------------------------------------------------- streams that stop short
+
+
+@pytest.mark.parametrize("framing", ["close", "chunked"])
+def test_a_stream_that_stops_before_done_is_a_failure_not_a_short_answer(
+    upstream: Upstream, framing: str
+) -> None:
+    """An LLM whose process dies mid-answer closes the connection; a stream delimited by
+    that close looks complete to HTTP. Without ``[DONE]`` or a finish reason it is not: the
+    agent gets the error event of a broken stream, the attempt counts as failed, and the half
+    answer is never handed to capture as a training example."""
+    upstream.script.append(sse([chunk("The answer is ")], framing))
+    c, sink = gateway(llm_route(upstream))
+    with c:
+        r = ask(c, stream=True)
+        events = events_of(r.text)
+        assert r.status_code == 200
+        assert events[0]["choices"][0]["delta"]["content"] == "The answer is "
+        assert events[-1]["error"]["code"] == "upstream_error"
+        assert "broke off" in events[-1]["error"]["message"]
+        assert metric(c, "slm_gateway_streams_total", result="failed") == 1
+        assert metric(c, "slm_gateway_streams_total", result="complete") == 0
+        assert metric(c, "slm_gateway_backend_calls_total", backend="llm", result="ok") == 0
+        assert metric(c, "slm_gateway_errors_total", code="upstream_error") == 1
+        assert metric(c, "slm_gateway_requests_total") == 0
+    assert sink.items == []
+
+
+def test_a_stream_whose_answer_finished_is_complete_without_done(upstream: Upstream) -> None:
+    """Not every OpenAI-compatible server sends ``[DONE]``; a stream whose choice carried its
+    finish reason holds the whole answer, and is served and captured as such."""
+    upstream.script.append(sse([chunk("Sunny."), chunk(finish="stop")]))
+    c, sink = gateway(llm_route(upstream))
+    with c:
+        events = events_of(ask(c, stream=True).text)
+        assert "error" not in events[-1]
+        assert metric(c, "slm_gateway_streams_total", result="complete") == 1
+    [item] = sink.items
+    choice = orjson.loads(item.response)["choices"][0]
+    assert (choice["message"]["content"], choice["finish_reason"]) == ("Sunny.", "stop")
+
+
+def test_capture_keeps_the_finish_reason_the_llm_sent_and_invents_none(
+    upstream: Upstream,
+) -> None:
+    upstream.script.append(sse([chunk("Sunny."), b"data: [DONE]\n\n"]))
+    c, sink = gateway(llm_route(upstream))
+    with c:
+        assert events_of(ask(c, stream=True).text)[-1] == "[DONE]"
+    [item] = sink.items
+    assert orjson.loads(item.response)["choices"][0]["finish_reason"] is None
+
+
+def test_a_cr_only_stream_ends_its_last_event(upstream: Upstream) -> None:
+    """SSE allows lone CR line ends; the ``[DONE]`` of such a stream must be read."""
+    events = [chunk("Sunny."), chunk(finish="stop"), b"data: [DONE]\n\n"]
+    upstream.script.append(sse([e.replace(b"\n", b"\r") for e in events], "chunked"))
+    c, _ = gateway(llm_route(upstream))
+    with c:
+        assert events_of(ask(c, stream=True).text)[-1] == "[DONE]"
+        assert metric(c, "slm_gateway_streams_total", result="complete") == 1
+
+
+# ------------------------------------------------------- SLM answers too deep to write
+
+
+def infer_answer(answer: str) -> Action:
+    doc = {
+        "outputs": [
+            {"name": TRITON_OUTPUT, "data": [answer]},
+            {"name": TRITON_CONFIDENCE, "data": [0.99]},
+        ]
+    }
+    return respond(200, json.dumps(doc).encode())
+
+
+def test_slm_tool_arguments_too_deep_to_write_fall_back_to_the_llm(upstream: Upstream) -> None:
+    """orjson reads JSON 1024 levels deep but writes only 254: an SLM whose arguments nest
+    deeper cannot be served. It is bad output, and the LLM answers instead of a 500."""
+    deep = "{}"
+    for _ in range(300):
+        deep = '{"a":' + deep + "}"
+    answer = '{"role":"assistant","content":null,"tool_calls":[{"function":{"name":"f",'
+    answer += '"arguments":' + deep + "}}]}"
+    llm = {
+        "id": "x",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "gpt-4o",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
+        ],
+    }
+    upstream.script.extend([infer_answer(answer), respond(200, orjson.dumps(llm))])
+    route = Route(
+        task="weather",
+        mode="slm",
+        llm_base_url=upstream.llm_url,
+        llm_model="gpt-4o",
+        slm_endpoint=upstream.slm_endpoint,
+    )
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    c, _ = gateway(route)
+    with c:
+        r = ask(c, tools=tools)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-slm-backend"] == "llm"
+        assert r.headers["x-slm-fallback-reason"] == "slm_bad_output"
+        assert metric(c, "slm_gateway_backend_calls_total", backend="slm", result="ok") == 0
+        assert metric(c, "slm_gateway_backend_calls_total", backend="slm", result="bad_output") == 1
+
+
+# ------------------------------------------------------------------- stream_options
+
+
+def test_an_error_that_only_echoes_the_request_is_not_a_stream_options_refusal(
+    upstream: Upstream,
+) -> None:
+    """A 400 about something else that quotes the request (so the gateway's own
+    ``stream_options``) is passed on after one LLM call, and later calls still ask for
+    usage: a second paid call and a URL marked for good were the old answer to it."""
+
+    async def echo400(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes):
+        err = {
+            "message": "max_tokens is too large: 999999. Request: " + body.decode(),
+            "type": "invalid_request_error",
+            "param": "max_tokens",
+            "code": None,
+        }
+        return await respond(400, orjson.dumps({"error": err}))(reader, writer, body)
+
+    upstream.script.extend([echo400, sse([chunk("Sunny."), b"data: [DONE]\n\n"])])
+    c, _ = gateway(llm_route(upstream))
+    with c:
+        r = ask(c, stream=True, max_tokens=999999)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+        assert len(upstream.requests) == 1
+        assert events_of(ask(c, stream=True).text)[-1] == "[DONE]"
+    assert b"stream_options" in upstream.requests[1][1]
+
+
+def test_a_refusal_is_remembered_only_once_the_retry_without_the_field_succeeded(
+    upstream: Upstream,
+) -> None:
+    refusal = {
+        "error": {
+            "message": "Unrecognized request argument supplied: stream_options",
+            "type": "invalid_request_error",
+            "param": "stream_options",
+            "code": None,
+        }
+    }
+    stream = sse([chunk("Sunny."), b"data: [DONE]\n\n"], "chunked")
+    upstream.script.extend(
+        [
+            respond(400, orjson.dumps(refusal)),
+            respond(503, b'{"error":{"message":"overloaded"}}'),  # the retry fails
+            respond(400, orjson.dumps(refusal)),  # so the next call asks with the field
+            stream,  # the retry works: from now on, without it
+            stream,
+        ]
+    )
+    c, _ = gateway(llm_route(upstream))
+    with c:
+        assert ask(c, stream=True).status_code == 502
+        for _ in range(2):
+            assert events_of(ask(c, stream=True).text)[-1] == "[DONE]"
+    sent = [b"stream_options" in body for _, body in upstream.requests]
+    assert sent == [True, False, True, False, False]
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "refused"),
+    [
+        (400, {"error": {"message": "Unknown parameter: 'x'.", "param": "stream_options"}}, True),
+        (
+            400,
+            {"error": {"message": "Unrecognized request argument supplied: stream_options"}},
+            True,
+        ),
+        (400, {"message": "stream_options is not supported", "object": "error"}, True),
+        (
+            400,  # vLLM before stream_options: pydantic's error, as text
+            {
+                "object": "error",
+                "message": "[{'type': 'extra_forbidden', 'loc': ('body', 'stream_options'), "
+                "'msg': 'Extra inputs are not permitted', 'input': {'include_usage': True}}]",
+            },
+            True,
+        ),
+        (
+            422,  # FastAPI's validation error
+            {
+                "detail": [
+                    {
+                        "type": "extra_forbidden",
+                        "loc": ["body", "stream_options"],
+                        "msg": "Extra inputs are not permitted",
+                        "input": {"include_usage": True},
+                    }
+                ]
+            },
+            True,
+        ),
+        (
+            400,
+            {
+                "error": {
+                    "message": 'bad max_tokens in {"stream_options":{}}',
+                    "param": "max_tokens",
+                }
+            },
+            False,
+        ),
+        (
+            422,
+            {"detail": [{"loc": ["body", "max_tokens"], "msg": "bad", "input": "stream_options"}]},
+            False,
+        ),
+        (500, {"error": {"message": "x", "param": "stream_options"}}, False),
+        (400, {"error": "unsupported field in request"}, False),
+    ],
+)
+def test_only_an_error_that_names_stream_options_as_unknown_is_a_refusal(
+    status: int, body: dict[str, Any], refused: bool
+) -> None:
+    assert _refuses_stream_options(status, orjson.dumps(body)) is refused
+    assert _refuses_stream_options(status, b"not json stream_options unknown") is False
+
+
+# --------------------------------------------------------------- metrics and routing
+
+
+def test_a_call_ending_after_its_breaker_was_pruned_leaves_no_circuit_series() -> None:
+    """A call to an SLM whose task was deleted meanwhile fails after the scrape pruned its
+    breaker: its circuit must not come back on /metrics at 2, where nothing removes it and
+    SlmFleetSlmCircuitOpen would fire until the gateway restarts."""
+    metrics = GatewayMetrics()
+    breakers = Breakers(failures=1, cooldown_s=5.0, metrics=metrics)
+    url = "http://old-slm:8000/v2/models/t/infer"
+    b = breakers.get("slm", url)  # a call is in flight with this breaker
+    breakers.prune(set())  # the task goes, a scrape prunes
+    breakers.record("slm", url, b, False)  # the call fails: its breaker opens
+    breakers.allow("slm", url, b, 1e9)
+    assert "slm_gateway_circuit_state{" not in generate_latest(metrics.registry).decode()
+    fresh = breakers.get("slm", url)  # a route that uses the URL again gets its own
+    breakers.record("slm", url, fresh, False)
+    text = generate_latest(metrics.registry).decode()
+    assert f'slm_gateway_circuit_state{{backend="slm",endpoint="{url}"}} 2.0' in text
+
+
+def test_models_built_while_a_task_was_added_are_not_cached_as_current(
+    upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watcher thread adds a task while /v1/models is built from the old list: the next
+    call must list it, not serve the old list until some other change."""
+    table = RouteTable()
+    table.replace_all([llm_route(upstream)])
+    app = create_app(GatewayConfig(), table)
+    routes = table.routes
+
+    def racing() -> list[Route]:
+        snapshot = routes()
+        table.upsert(Route(task="other", mode="llm", llm_base_url=upstream.llm_url, llm_model="m"))
+        return snapshot
+
+    with TestClient(app) as c:
+        monkeypatch.setattr(table, "routes", racing)
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["weather"]
+        monkeypatch.setattr(table, "routes", routes)
+        assert sorted(m["id"] for m in c.get("/v1/models").json()["data"]) == ["other", "weather"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/v1/chat/completions/"), ("GET", "/v1/models/"), ("GET", "/healthz/")],
+)
+def test_a_trailing_slash_is_an_openai_style_404_not_an_empty_redirect(
+    upstream: Upstream, method: str, path: str
+) -> None:
+    c, _ = gateway(llm_route(upstream))
+    with c:
+        r = c.request(method, path, content=b"{}", follow_redirects=False)
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "not_found" and path in r.json()["error"]["message"]
+    assert upstream.requests == []
