@@ -327,3 +327,150 @@ def test_discover_says_why_a_uri_cannot_be_read(tmp_path: Path) -> None:
     )
     assert not result.ok
     assert "no filesystem for the protocol nosuchfs://" in result.message
+
+
+# ------------------------------------------------------------------ stubbed encoder
+
+CITIES = ["Oslo", "Paris", "Lima", "Quito", "Cairo", "Dakar", "Hanoi", "Seoul", "Delhi", "Tokyo"]
+HOURS = ["seven", "eight", "nine", "ten", "eleven", "noon", "six", "five", "four", "three"]
+
+
+def weather(i: int, empty: bool = False) -> CallRecord:
+    """A call of a weather agent step; ``empty``: the LLM answered nothing."""
+    call = rec(
+        f"What will the weather be like tomorrow in {CITIES[i]}, and should I pack an "
+        "umbrella or sunscreen for the trip?",
+        "get_weather",
+    )
+    return replace(call, response={"content": ""}) if empty else call
+
+
+def alarm(i: int) -> CallRecord:
+    return rec(
+        f"Please set an alarm for {HOURS[i]} o'clock so I can wake up in time for the early "
+        "train to work",
+        "set_alarm",
+    )
+
+
+def discovered(tmp_path: Path, calls: list[CallRecord], **kw: Any) -> tuple[Any, dict, dict]:
+    """Run discover on ``calls``: (result, report, manifests by name)."""
+    log = tmp_path / "calls.jsonl"
+    log.write_text("".join(r.to_json() + "\n" for r in calls))
+    result = discover.run(discover.Args(input=log, output_dir=tmp_path / "out", **kw))
+    report = json.loads((tmp_path / "out" / "discover_report.json").read_text())
+    manifests = {
+        p.stem: yaml.safe_load(p.read_text())
+        for p in (tmp_path / "out" / "manifests").glob("*.yaml")
+    }
+    return result, report, manifests
+
+
+@pytest.fixture
+def by_axis(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MiniLM stand-in: one axis for the first of these words a text has."""
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("sklearn")
+    words = ("city", "town", "weather", "alarm")
+
+    def embed(texts: list[str], model: str, batch_size: int) -> Any:
+        first = [next((w for w in words if w in t), "") for t in texts]
+        return np.array([[float(f == w) for w in words] for f in first])
+
+    monkeypatch.setattr(discover, "embed_texts", embed)
+
+
+def test_calls_with_an_empty_answer_neither_count_nor_vote_the_task_type(
+    tmp_path: Path, by_axis: None
+) -> None:
+    """A cluster of 5 answered and 7 empty-answer calls was proposed with minExamples 12,
+    which its curate (dropping the empty ones) never reached, and as taskType generation
+    (an empty answer voted generation), though every answer is a get_weather call."""
+    from slm_trainer import curate
+
+    calls = [weather(i, empty=i >= 5) for i in range(10)]
+    calls += [weather(0, empty=True), weather(1, empty=True)]  # 5 answered, 7 empty
+    calls += [alarm(i) for i in range(10)]
+    result, report, manifests = discovered(
+        tmp_path, calls, max_clusters=2, min_cluster_size=2, scrub_pii=False
+    )
+    assert result.ok, result.message
+    spec = manifests["get-weather"]["spec"]
+    assert spec["taskType"] == "tool-call"
+    assert spec["dataset"]["minExamples"] == 5
+    assert manifests["set-alarm"]["spec"]["dataset"]["minExamples"] == 10
+    info = next(c for c in report["clusters"] if c["name"] == "get-weather")
+    assert (info["size"], info["empty_answers"], info["distinct"]) == (12, 7, 5)
+    assert info["task_types"] == {"tool-call": 5} and report["empty_answers"] == 7
+    cluster = tmp_path / "out" / "clusters" / "get-weather.jsonl"
+    assert len(cluster.read_text().splitlines()) == 5  # only what curate would keep
+    prepared = curate.run(curate.Args(input=cluster, output_dir=tmp_path / "prep", min_examples=5))
+    assert prepared.ok and prepared.examples == 5, prepared.message
+
+
+def test_a_log_of_one_tool_is_one_agent_task_not_two(tmp_path: Path, by_axis: None) -> None:
+    """k-means always makes >= 2 clusters: one get_weather task, asked about cities and
+    towns, became get-weather and get-weather-2, each training on half the calls."""
+    calls = [rec(f"Weather in the city of {c} tomorrow?", "get_weather") for c in CITIES[:6]]
+    calls += [rec(f"Weather in the town of {c} on Sunday?", "get_weather") for c in CITIES[6:]]
+    result, report, manifests = discovered(
+        tmp_path, calls, max_clusters=2, min_cluster_size=2, scrub_pii=False
+    )
+    assert result.ok, result.message
+    assert list(manifests) == ["get-weather"]
+    assert manifests["get-weather"]["spec"]["dataset"]["minExamples"] == 10
+    assert report["clusters_found"] == 2 and len(report["clusters"]) == 1
+    assert report["merge_rule"] == discover.MERGE_RULE
+    assert report["merged"] == [
+        {"tool": "get_weather", "task_type": "tool-call", "sizes": [6, 4], "into": "get-weather"}
+    ]
+    assert report["clusters"][0]["merged_clusters"] == 2
+    assert "2 clusters calling get_weather merged into get-weather" in result.message
+
+
+def test_clusters_without_a_dominant_tool_are_never_merged() -> None:
+    """Two generation tasks (summaries, translations) share (no tool, generation)."""
+    long = "A long free text answer " * 5
+    records = [rec(f"summarise {i}", None, answer=long) for i in range(3)]
+    records += [rec(f"translate {i}", None, answer=long) for i in range(3)]
+    assignments = [0, 0, 0, 1, 1, 1]
+    assert discover.merge_same_task(assignments, records) == (assignments, [])
+
+
+def test_hdbscan_keeps_a_one_task_log_as_one_cluster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With allow_single_cluster=False HDBSCAN labelled a log of one task all noise and
+    discover proposed nothing, without a word."""
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("sklearn")
+    # twelve points evenly spaced on a 3x4 grid: one task of even density
+    names = [*CITIES, "Rome", "Bern"]
+    grid = {c: [1.0 + 0.01 * (n // 4), 0.01 * (n % 4)] for n, c in enumerate(names)}
+
+    def on_a_grid(texts: list[str], model: str, batch_size: int) -> Any:
+        return np.array([next(p for c, p in grid.items() if c in t) for t in texts])
+
+    monkeypatch.setattr(discover, "embed_texts", on_a_grid)
+    calls = [rec(f"Weather in {c} tomorrow?", "get_weather") for c in grid]
+    result, report, manifests = discovered(
+        tmp_path, calls, method="hdbscan", min_cluster_size=3, scrub_pii=False
+    )
+    assert result.ok, result.message
+    assert list(manifests) == ["get-weather"] and report["noise"] == 0
+    assert manifests["get-weather"]["spec"]["dataset"]["minExamples"] == 12
+
+
+def test_a_log_that_is_all_noise_says_so(
+    tmp_path: Path, by_axis: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HDBSCAN may still leave a log all noise: the message and report say why no task."""
+    monkeypatch.setattr(discover, "choose_hdbscan", lambda emb, size: [-1] * len(emb))
+    calls = [weather(i) for i in range(6)]
+    result, report, manifests = discovered(
+        tmp_path, calls, method="hdbscan", min_cluster_size=2, scrub_pii=False
+    )
+    assert result.ok and not manifests
+    assert report["noise"] == 6
+    assert report["warnings"] and "all 6 calls are noise to hdbscan" in report["warnings"][0]
+    assert "warning: all 6 calls are noise to hdbscan" in result.message

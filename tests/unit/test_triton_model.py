@@ -32,8 +32,12 @@ def backend() -> Iterator[Any]:
     spec.loader.exec_module(module)  # puts its folder on sys.path, imports chatformat, runtime
     yield module
     sys.path[:] = path  # other tests must not import these as top-level modules
+    # Only the backend's own files: dropping numpy (first imported here when this file runs
+    # first) left scikit-learn holding the old numpy and broke the tests after it.
     for name in set(sys.modules) - set(modules):
-        del sys.modules[name]
+        file = getattr(sys.modules[name], "__file__", None)
+        if file and Path(file).resolve().parent == BACKEND.parent:
+            del sys.modules[name]
 
 
 class Tokenizer:
@@ -129,3 +133,70 @@ def test_a_json_answer_without_tools_is_served_as_the_answer(
     msg, conf = served(backend, monkeypatch, CALL)
     assert json.loads(msg["tool_calls"][0]["function"]["arguments"]) == {"city": "Paris"}
     assert conf == 0.6
+
+
+class FirstTool:
+    """A selector that picks the first tool offered, as a trained one picks some offered tool."""
+
+    def predict(self, messages: Any, tools: list[dict[str, Any]]) -> tuple[str | None, float]:
+        return (tools[0]["function"]["name"] if tools else None), 0.9
+
+
+def pb_utils_stub() -> Any:
+    """The few parts of ``triton_python_backend_utils`` that ``execute`` uses."""
+    from types import SimpleNamespace
+
+    class Tensor:
+        def __init__(self, name: str, array: Any) -> None:
+            self.name, self.array = name, array
+
+        def as_numpy(self) -> Any:
+            return self.array
+
+    class TritonError:
+        def __init__(self, message: str) -> None:
+            self.message = message
+
+    class InferenceResponse:
+        def __init__(self, output_tensors: list[Tensor], error: TritonError | None = None) -> None:
+            self.output_tensors, self.error = output_tensors, error
+
+    return SimpleNamespace(
+        Tensor=Tensor,
+        TritonError=TritonError,
+        InferenceResponse=InferenceResponse,
+        get_input_tensor_by_name=lambda request, name: request,
+    )
+
+
+def test_a_request_whose_answer_cannot_be_written_fails_alone(
+    backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lone surrogate in an offered tool's name made the answer impossible to encode, and
+    the exception escaped ``execute``: every request batched with it failed."""
+    import numpy as np
+
+    pb = pb_utils_stub()
+    monkeypatch.setattr(backend, "pb_utils", pb)
+    model = backend.TritonPythonModel()
+    model.kind, model.task_type = "selector", "tool-call"
+    model.max_new_tokens, model.batch_size, model.tools_in_template = 16, 8, True
+    model.model = model.tokenizer = None
+    model.selector = FirstTool()
+
+    def request(raw: bytes) -> Any:
+        return pb.Tensor("REQUEST", np.array([[raw]], dtype=np.object_))
+
+    def body(tool: str) -> bytes:
+        return json.dumps({"messages": ASK, "tools": [{"function": {"name": tool}}]}).encode()
+
+    lone_surrogate = body("get_weather").replace(b"get_weather", b"get_\\ud83d")
+    responses = model.execute([request(body("get_weather")), request(lone_surrogate)])
+    responses += model.execute([request(lone_surrogate), request(body("get_time"))])
+    answered = [
+        None if r.error else json.loads(r.output_tensors[0].as_numpy()[0][0])["label"]
+        for r in responses
+    ]
+    assert answered == ["get_weather", None, None, "get_time"]
+    assert "UnicodeEncodeError" in responses[1].error.message
+    assert responses[2].output_tensors == [] and responses[3].output_tensors[1].name == "CONFIDENCE"

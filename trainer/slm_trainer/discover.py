@@ -16,15 +16,20 @@ How:
    differ;
 2. the number of clusters is chosen automatically: k-means for every k in
    ``[min_clusters, max_clusters]``, keeping the k with the best silhouette (cosine), or
-   scikit-learn's HDBSCAN with ``method=hdbscan`` (noise points stay unassigned);
+   scikit-learn's HDBSCAN with ``method=hdbscan`` (noise points stay unassigned; one
+   cluster is allowed, and a log that is all noise is said so in the message and report);
+   then clusters that are one task by the :data:`MERGE_RULE` (same dominant tool, same task
+   type) are merged, see :func:`merge_same_task`;
 3. each cluster is named from its most called tools and its most distinctive words
    (TF-IDF of the cluster against the rest), for example ``get-weather-forecast``;
 4. the report (``discover_report.json``) lists sizes, example prompts, top tools, keywords,
-   the dominant task type and, where the records carry labels (their ``task`` field, or the
+   the dominant task type (voted by the calls with an answer only), the calls with an empty
+   answer, the merges made and, where the records carry labels (their ``task`` field, or the
    first tool called), the clusters' purity; also the malformed lines skipped, counted by
    the same reasons as curate's (the same parser reads the log) with the first few quoted;
 5. for every cluster with at least ``min_cluster_size`` distinct calls (what curate keeps of
-   it, exact and near duplicates out: agents retry), the cluster's records go to
+   it: calls with an empty answer out, by curate's own :func:`~slm_trainer.curate.has_answer`,
+   exact and near duplicates out: agents retry), the cluster's answered records go to
    ``clusters/<name>.jsonl`` and an AgentTask manifest (``slmfleet.dev/v1alpha1``) to
    ``manifests/<name>.yaml``. The manifest's dataset URI points at that file, and its
    ``minExamples`` is the distinct count (at most 200), so the task trains at once. Earlier
@@ -54,6 +59,7 @@ from slm_trainer.curate import (
     as_location,
     distinct_count,
     exact_key,
+    has_answer,
     input_files,
     parse_lines,
     read_lines,
@@ -72,6 +78,12 @@ my of on or please show tell that the this to what when where which who why will
 your find list need want some about into there their them they we our us have has had was were
 been its also than then just like make made let lets one two up out"""
 _STOP = frozenset(_STOP_WORDS.split())
+
+#: Why clusters are merged, quoted in the report (see :func:`merge_same_task`).
+MERGE_RULE = (
+    "clusters whose answered calls mostly call the same tool, with the same task type, are "
+    "one task: merged into one AgentTask"
+)
 
 
 @dataclass
@@ -185,7 +197,11 @@ def embedding_text(record: CallRecord, max_chars: int = 1000) -> str:
 
 
 def task_type_of(record: CallRecord) -> str:
-    """The AgentTask taskType this call looks like."""
+    """The AgentTask taskType this call looks like.
+
+    Only meaningful for a call with an answer (:func:`slm_trainer.curate.has_answer`): an
+    empty one would vote "generation"; :func:`run` leaves such calls out of the vote.
+    """
     if called_tools(record):
         return "tool-call"
     text = metrics.text_of(record.response.get("content")).strip()
@@ -297,14 +313,68 @@ def choose_kmeans(
 
 
 def choose_hdbscan(embeddings: Any, min_cluster_size: int) -> list[int]:
+    """HDBSCAN labels (-1: noise). ``allow_single_cluster``: a log of one task is one
+    cluster, where HDBSCAN's default labelled all of it noise and proposed nothing."""
     from sklearn.cluster import HDBSCAN
 
     size = max(2, min(min_cluster_size, len(embeddings) // 4 or 2))
     return (
-        HDBSCAN(min_cluster_size=size, metric="euclidean", copy=True)
+        HDBSCAN(min_cluster_size=size, metric="euclidean", copy=True, allow_single_cluster=True)
         .fit(embeddings)
         .labels_.tolist()
     )
+
+
+def task_key(members: Iterable[CallRecord]) -> tuple[str | None, str | None]:
+    """(dominant tool, task type) of a cluster, from its calls with an answer only: an empty
+    answer calls no tool and teaches nothing (curate drops it), so it must not decide the
+    task type, which an AgentTask cannot change once created. (None, None): no answer."""
+    answered = [r for r in members if has_answer(r.response)]
+    tools = Counter(t for r in answered for t in called_tools(r)[:1])
+    types = Counter(task_type_of(r) for r in answered)
+    tool = tools.most_common(1)[0][0] if tools else None
+    return tool, (types.most_common(1)[0][0] if types else None)
+
+
+def merge_same_task(
+    assignments: Sequence[int], records: Sequence[CallRecord]
+) -> tuple[list[int], list[dict[str, Any]]]:
+    """Clusters that are one task by :data:`MERGE_RULE`, merged: (new labels, merges).
+
+    Why: k-means always makes at least two clusters (the silhouette needs two), so a log of
+    one task came out as ``get-weather`` and ``get-weather-2``, two AgentTasks training on
+    half the data each and answering the same calls. Why not a silhouette floor: MiniLM
+    silhouettes of single-task BFCL logs (0.06 to 0.45) overlap those of a five-task log
+    (0.22 to 0.37), so no floor tells one task from several. A dominant tool is what the
+    proposed task would be named after and learn to call; two clusters sharing it and the
+    task type would be the same AgentTask twice. Clusters without a dominant tool
+    (generation, extraction, classification) are never merged: two different generation
+    tasks share the key (None, "generation").
+
+    Each merged group takes the label of its largest cluster (ties: the smaller label);
+    ``merges`` lists, per group, the tool, the task type and the sizes merged.
+    """
+    sizes = Counter(a for a in assignments if a >= 0)
+    groups: dict[tuple[str, str | None], list[int]] = {}
+    for c in sorted(sizes, key=lambda c: (-sizes[c], c)):
+        tool, task_type = task_key(records[i] for i, a in enumerate(assignments) if a == c)
+        if tool is not None:
+            groups.setdefault((tool, task_type), []).append(c)
+    into: dict[int, int] = {}
+    merges: list[dict[str, Any]] = []
+    for (tool, task_type), labels in groups.items():
+        if len(labels) < 2:
+            continue
+        into.update({c: labels[0] for c in labels[1:]})
+        merges.append(
+            {
+                "label": labels[0],
+                "tool": tool,
+                "task_type": task_type,
+                "sizes": [sizes[c] for c in labels],
+            }
+        )
+    return [into.get(a, a) for a in assignments], merges
 
 
 def agent_task_manifest(
@@ -500,6 +570,19 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
             embeddings, args.min_clusters, args.max_clusters, args.seed
         )
 
+    assignments, merges = merge_same_task(assignments, records)
+    noise = sum(1 for a in assignments if a < 0)
+    warnings: list[str] = []
+    if noise * 2 >= len(records):  # HDBSCAN only: a log mostly left out says so, not silently
+        warnings.append(
+            (
+                f"all {noise} calls are noise to {args.method}: no cluster, no AgentTask proposed"
+                if noise == len(records)
+                else f"{noise} of {len(records)} calls are noise to {args.method}, in no task"
+            )
+            + " (try a smaller --min-cluster-size or --method auto)"
+        )
+
     label_by = args.label_by
     if label_by == "auto":
         label_by = "task" if len({r.task for r in records}) > 1 else "tool"
@@ -529,18 +612,26 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
         key=lambda c: (-sum(1 for a in assignments if a == c), c),
     )
     manifests = []
+    merged_into = {m["label"]: m for m in merges}
     for c in order:
         members = [i for i, a in enumerate(assignments) if a == c]
+        # What the task's curate keeps: a call with an empty answer is dropped there
+        # (empty_response), so it neither counts towards minExamples nor votes the task type.
+        answered = [i for i in members if has_answer(records[i].response)]
         tools = Counter(t for i in members for t in called_tools(records[i])[:1])
         no_tool = sum(1 for i in members if not called_tools(records[i]))
-        types = Counter(task_type_of(records[i]) for i in members)
+        types = Counter(task_type_of(records[i]) for i in answered)
         top_tools = [t for t, _ in tools.most_common(3)]
         name = cluster_name(top_tools, keywords.get(c, []), taken, args.name_prefix)
-        task_type = types.most_common(1)[0][0]
+        task_type = types.most_common(1)[0][0] if types else None
+        if c in merged_into:
+            merged_into[c]["into"] = name
         info: dict[str, Any] = {
             "name": name,
             "size": len(members),
             "share": round(len(members) / len(records), 4),
+            "merged_clusters": len(merged_into[c]["sizes"]) if c in merged_into else 1,
+            "empty_answers": len(members) - len(answered),
             "task_type": task_type,
             "task_types": dict(types.most_common()),
             "top_tools": [{"name": t, "calls": n} for t, n in tools.most_common(5)],
@@ -556,13 +647,16 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
             info["majority_label"] = top_label
             info["purity"] = round(top_n / len(members), 4)
         # What the task's curate keeps of the cluster: agents repeat calls, and a task whose
-        # minExamples counted the repeats would wait for data for ever.
-        distinct = distinct_count(records[i] for i in members)
+        # minExamples counted the repeats (or the empty answers) would wait for data for ever.
+        distinct = distinct_count(records[i] for i in answered)
         info["distinct"] = distinct
-        if distinct >= args.min_cluster_size:
+        if task_type is not None and distinct >= args.min_cluster_size:
+            # Only the answered calls: the file is the task's training data, and curate would
+            # drop the others again, counted as malformed (empty_response), which reads as a
+            # broken log. The report counts them (empty_answers).
             file = out / "clusters" / f"{name}.jsonl"
             with file.open("w", encoding="utf-8") as fh:
-                for i in members:
+                for i in answered:
                     fh.write(records[i].to_json() + "\n")
             uri = (
                 f"{args.dataset_uri_prefix.rstrip('/')}/{name}.jsonl"
@@ -570,7 +664,8 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
                 else file.resolve().as_uri()
             )
             desc = (
-                f"Discovered from {len(members)} logged calls ({distinct} distinct)"
+                f"Discovered from {len(members)} logged calls ({distinct} distinct with an "
+                "answer)"
                 + (f"; top tools: {', '.join(top_tools)}" if top_tools else "")
                 + (f"; keywords: {', '.join(info['keywords'][:5])}" if info["keywords"] else "")
                 + "."
@@ -593,7 +688,11 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
         "method": args.method,
         "clusters_found": chosen_k,
         "silhouette_by_k": silhouettes,
-        "noise": sum(1 for a in assignments if a < 0),
+        "merge_rule": MERGE_RULE,
+        "merged": [{k: v for k, v in m.items() if k != "label"} for m in merges],
+        "noise": noise,
+        "empty_answers": sum(1 for r in records if not has_answer(r.response)),
+        "warnings": warnings,
         "label_by": label_by if labels else None,
         "purity": overall,
         "min_cluster_size": args.min_cluster_size,
@@ -606,6 +705,9 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
     )
     _emit(emit, phase="done", clusters=len(clusters), manifests=len(manifests))
     purity_note = f", purity {overall:.3f} by {label_by}" if overall is not None else ""
+    merge_note = "".join(
+        f"; {len(m['sizes'])} clusters calling {m['tool']} merged into {m['into']}" for m in merges
+    )
     return TrainerResult(
         stage=CONTRACT_STAGE,
         ok=True,
@@ -613,8 +715,9 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
         message=(
             f"{len(clusters)} clusters from {len(records)} calls ({args.method}"
             + (f", k={chosen_k} by silhouette" if silhouettes else "")
-            + f"){purity_note}; {len(manifests)} AgentTask manifests for clusters of >= "
-            f"{args.min_cluster_size} calls{skipped}"
+            + f"{merge_note}){purity_note}; {len(manifests)} AgentTask manifests for clusters "
+            f"of >= {args.min_cluster_size} calls{skipped}"
+            + "".join(f"; warning: {w}" for w in warnings)
         ),
     )
 

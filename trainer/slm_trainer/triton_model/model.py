@@ -11,9 +11,9 @@ in its own stub process, so it imports only its sibling files (``chatformat.py``
 - ``max_new_tokens``, ``tools_in_template``, optional ``cpu_threads``.
 
 One ``execute`` call answers every row of every request it is given in one padded batch
-(dynamic batching gathers them). A request that is not a valid chat-completions JSON, or
-that the model fails on, gets a Triton error of its own; the other requests of the batch are
-still answered.
+(dynamic batching gathers them). A request that is not a valid chat-completions JSON, that
+the model fails on, or whose answer cannot be written out, gets a Triton error of its own;
+the other requests of the batch are still answered.
 """
 
 from __future__ import annotations
@@ -91,6 +91,31 @@ def answer_confidence(
     if finish_reason != "stop" or not names_label(message, label):
         return 0.0
     return conf
+
+
+def _error(message: str) -> Any:
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+
+
+def _response(mine: list[tuple[dict, float]] | str) -> Any:
+    """One request's response: its answers, or a Triton error of its own.
+
+    Why the try: writing an answer out can fail for that request alone (a lone surrogate in
+    a tool name it offered cannot be encoded as UTF-8), and raised from ``execute`` it failed
+    every request batched with it.
+    """
+    if isinstance(mine, str):
+        return _error(mine)
+    try:
+        out = np.array(
+            [[json.dumps(m, ensure_ascii=False).encode()] for m, _ in mine], dtype=np.object_
+        )
+        conf = np.array([[c] for _, c in mine], dtype=np.float32)
+        return pb_utils.InferenceResponse(
+            output_tensors=[pb_utils.Tensor("RESPONSE", out), pb_utils.Tensor("CONFIDENCE", conf)]
+        )
+    except Exception as exc:
+        return _error(f"{type(exc).__name__}: {exc}")
 
 
 class TritonPythonModel:
@@ -193,25 +218,7 @@ class TritonPythonModel:
                 parsed.append([chatformat.parse_request(raw) for raw in raws])
             except Exception as exc:
                 parsed.append(str(exc))
-        responses = []
-        for mine in self._answer_each(parsed):
-            if isinstance(mine, str):
-                error = pb_utils.TritonError(mine)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
-                continue
-            out = np.array(
-                [[json.dumps(m, ensure_ascii=False).encode()] for m, _ in mine], dtype=np.object_
-            )
-            conf = np.array([[c] for _, c in mine], dtype=np.float32)
-            responses.append(
-                pb_utils.InferenceResponse(
-                    output_tensors=[
-                        pb_utils.Tensor("RESPONSE", out),
-                        pb_utils.Tensor("CONFIDENCE", conf),
-                    ]
-                )
-            )
-        return responses
+        return [_response(mine) for mine in self._answer_each(parsed)]
 
     def finalize(self) -> None:
         self.model = self.tokenizer = self.selector = None
