@@ -24,14 +24,22 @@ Why it is built this way:
   not at shutdown, so written-versus-served checks see the loss while the gateway runs. It is
   restarted after a delay that doubles while it keeps dying (:func:`restart_backoff`): each
   start loads the redactor, seconds of CPU, which a crash loop must not spend back to back.
-- **A shard left open by a dead writer is still published.** A worker killed mid-shard
-  leaves a ``.part`` file the trainer would never read. The next worker in the same slot
-  publishes it at start, and worker 0 of every replica sweeps for shards untouched longer than
-  any live writer keeps one open (a replica gone for good); a cut-off last line is trimmed
-  (:meth:`ShardWriter.recover_orphans`).
-- **A failed upload is tried again.** With a URI target, a shard whose upload fails stays
-  in the spool and is retried with a back-off; one a stopped writer left is uploaded by the
-  next worker in its slot, like an orphaned ``.part``.
+- **A shard left open by a dead writer is still published, a live writer's never.** A worker
+  killed mid-shard leaves a ``.part`` file the trainer would never read. The next worker in the
+  same slot publishes it at start, and worker 0 of every replica sweeps for shards untouched
+  longer than any live writer keeps one open (a replica gone for good); a cut-off last line is
+  trimmed (:meth:`ShardWriter.recover_orphans`). A writer holds an exclusive ``flock`` on each
+  shard from opening it until it is published and uploaded, and recovery takes only a shard
+  whose lock it can get: the kernel releases the lock when its holder dies, however it dies,
+  whereas "untouched for a while" was also true of a live writer stalled in an upload, whose
+  open shard was then published under it and its later lines lost.
+- **A failed upload is tried again, and the spool is bounded.** With a URI target, a shard
+  whose upload fails stays in the spool and is retried with a back-off; one a stopped writer
+  left is uploaded by the next worker in its slot, like an orphaned ``.part``. A long outage
+  must not fill the pod's disk (an evicted pod loses everything): past ``max_spool_bytes`` new
+  records are dropped and counted (``spool_full``), and the records of shards still not
+  uploaded when a worker stops are counted (``upload_pending``): a pod's spool usually goes
+  with the pod.
 - **Shutdown flushes everything.** :meth:`CaptureSink.close` (called on SIGTERM through the
   ASGI lifespan) drains the queue, lets the workers finish and rename their shards, and only
   then returns.
@@ -40,6 +48,7 @@ Why it is built this way:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import logging
@@ -72,6 +81,9 @@ RETRY_MIN_S = 5.0
 RETRY_MAX_S = 300.0
 #: At most one "records dropped, queue full" warning per this many seconds.
 FULL_LOG_INTERVAL_S = 10.0
+#: A batch for the workers stops growing past this many bytes of bodies: the pump holds a
+#: batch (and its pickled copy) while sending it, and a worker holds it while redacting.
+BATCH_MAX_BYTES = 16 * 1024 * 1024
 
 # Why a record was dropped: the ``reason`` label of
 # ``slm_gateway_capture_dropped_records_total``, so an alert on drops says where to look.
@@ -86,6 +98,14 @@ DROP_WORKER = "worker_lost"
 #: The gateway stopped before it was written (submitted while closing, or held by a worker
 #: that close() killed at its deadline).
 DROP_SHUTDOWN = "shutdown"
+#: A URI target's local spool was full (an object-store outage went on long enough to fill
+#: ``max_spool_bytes``): dropped rather than written to a disk that fills and gets the pod
+#: evicted.
+DROP_SPOOL_FULL = "spool_full"
+#: Written to the spool but still not uploaded when its worker stopped. These records were
+#: counted as written too; the next worker started on the same spool uploads them, but a pod's
+#: spool (an emptyDir) goes with the pod, so they count as lost until then.
+DROP_UPLOAD_PENDING = "upload_pending"
 
 
 class Captured(NamedTuple):
@@ -123,6 +143,10 @@ class CaptureConfig:
     max_shard_bytes: int = 64 * 1024 * 1024
     max_shard_seconds: float = 300.0
     queue_size: int = 50_000
+    #: The bodies' bytes the queue may hold. A record holds the raw request and response (up
+    #: to MiBs each), so a record count alone let a slow worker grow the gateway to an OOM
+    #: kill, losing all that was queued, uncounted, long before the queue was "full".
+    queue_bytes: int = 256 * 1024 * 1024
     batch_size: int = 256
     #: How long the pump lets records gather before shipping a batch. Short on purpose: a
     #: worker redacts a batch in one burst of CPU, and on a small node a 20 ms batch (about
@@ -136,15 +160,23 @@ class CaptureConfig:
     #: First delay before a dead worker is restarted; doubled per crash in a row, up to the max.
     restart_backoff_s: float = 1.0
     restart_backoff_max_s: float = 60.0
+    #: The most bytes of shards a URI target's spool holds (open or waiting for upload), shared
+    #: by the workers; past it new records are dropped and counted (``spool_full``).
+    max_spool_bytes: int = 1024 * 1024 * 1024
 
 
 @dataclass
 class CaptureStats:
-    """Totals since start; ``pending`` is submitted but neither written nor dropped yet."""
+    """Totals since start; ``pending`` is submitted but neither written nor dropped yet.
+
+    ``unsent`` are written records (so not in ``dropped``) in shards their stopped worker could
+    not upload; the ``on_dropped`` hook gets them with the reason ``upload_pending``.
+    """
 
     submitted: int = 0
     written: int = 0
     dropped: int = 0
+    unsent: int = 0
     redacted: int = 0
     redactions: Counter[str] = field(default_factory=Counter)
 
@@ -171,6 +203,14 @@ class ShardWriter:
     (:meth:`retry_uploads`), and one that a stopped writer left behind is uploaded like an
     orphaned ``.part`` (:meth:`recover_orphans`). Before, a failed upload at rotation was
     never tried again, and its records, counted as written, never reached the trainer.
+
+    Each shard is held under an exclusive ``flock`` from its opening until it is published
+    and its upload tried, so that no other writer, in this process or another one on the
+    same files, takes it for an orphan meanwhile (:meth:`recover_orphans`).
+
+    With ``publish``, ``max_spool_bytes`` (0: no bound) bounds the bytes of this writer's
+    shards in the spool, open or waiting for upload: :meth:`has_room` says whether a write
+    still fits.
     """
 
     def __init__(
@@ -181,6 +221,7 @@ class ShardWriter:
         max_seconds: float,
         publish: Callable[[Path, str], None] | None = None,
         clock: Callable[[], float] = time.time,
+        max_spool_bytes: int = 0,
     ) -> None:
         self.root = root
         self.index = index
@@ -188,19 +229,26 @@ class ShardWriter:
         self.max_seconds = max_seconds
         self.publish = publish
         self.clock = clock
+        self.max_spool_bytes = max_spool_bytes
         self.host = (socket.gethostname() or "gateway").replace("/", "_").replace(".", "_")
         self.pid = os.getpid()
         self._seq = 0
         self._open: dict[str, tuple[Any, Path, float, int]] = {}
+        self._open_lines: Counter[str] = Counter()  # records in each open shard
         self._next_sweep = clock() + max_seconds
-        self._pending: set[Path] = set()  # published locally, upload failed
+        #: Published locally, upload failed: (records, bytes) of each.
+        self._pending: dict[Path, tuple[int, int]] = {}
         self._retry_at = 0.0
         self._retry_delay = RETRY_MIN_S
 
-    def write(self, key: str, lines: list[bytes]) -> None:
+    def write(self, key: str, lines: list[bytes], rotate: bool = True) -> None:
         """Append ``lines`` to ``key``'s shard, all or none of them: on an error (a full disk)
         the shard is cut back to what it held, so lines counted as dropped never appear in
-        it later (a buffered file wrote them at its next flush)."""
+        it later (a buffered file wrote them at its next flush).
+
+        A shard that reached ``max_bytes`` is rotated here, or with ``rotate=False`` by the
+        next :meth:`rotate_expired` (the worker acknowledges its batch first, so that an upload
+        that stalls does not hold back the acknowledgement of lines already written)."""
         fh, path, opened, size = self._shard(key)
         data = memoryview(b"".join(lines))
         try:
@@ -213,15 +261,21 @@ class ShardWriter:
             raise
         size += len(data)
         self._open[key] = (fh, path, opened, size)
-        if size >= self.max_bytes:
+        self._open_lines[key] += len(lines)
+        if rotate and size >= self.max_bytes:
             try:
                 self._close(key)
             except OSError as exc:  # the lines are written; an unpublished .part is recovered
                 log.error("capture: cannot rotate shard %s: %s", path.name, exc)
 
     def rotate_expired(self) -> None:
+        """Rotate the shards that are ``max_seconds`` old or ``max_bytes`` large."""
         now = self.clock()
-        for key in [k for k, v in self._open.items() if now - v[2] >= self.max_seconds]:
+        for key in [
+            k
+            for k, v in self._open.items()
+            if now - v[2] >= self.max_seconds or v[3] >= self.max_bytes
+        ]:
             self._close(key)
 
     def next_deadline(self) -> float:
@@ -234,6 +288,36 @@ class ShardWriter:
     def close_all(self) -> None:
         for key in list(self._open):
             self._close(key)
+
+    def has_room(self, size: int) -> bool:
+        """Whether ``size`` more bytes fit in the spool (always, without a bound or upload).
+
+        When the open shards are what fills it, they are rotated (and uploaded) first: a bound
+        below the shard size must not drop records while uploads work."""
+        if self.publish is None or self.max_spool_bytes <= 0:
+            return True
+        waiting = sum(b for _, b in self._pending.values())
+        if self.spool_bytes + size <= self.max_spool_bytes:
+            return True
+        if self._open and waiting + size <= self.max_spool_bytes:
+            try:
+                self.close_all()
+            except OSError as exc:
+                log.error("capture: cannot rotate shards: %s", exc)
+        return self.spool_bytes + size <= self.max_spool_bytes
+
+    @property
+    def spool_bytes(self) -> int:
+        """Bytes of this writer's shards in the spool: open, or waiting for their upload."""
+        return sum(v[3] for v in self._open.values()) + sum(b for _, b in self._pending.values())
+
+    def unsent(self) -> Counter[str]:
+        """Records per task key in shards whose upload failed and is still to be tried."""
+        found: Counter[str] = Counter()
+        for path, (records, _) in self._pending.items():
+            if path.exists():
+                found[path.parent.relative_to(self.root).as_posix()] += records
+        return found
 
     def _shard(self, key: str) -> tuple[Any, Path, float, int]:
         found = self._open.get(key)
@@ -248,8 +332,14 @@ class ShardWriter:
         )
         # unbuffered: a batch reaches the file in one write or is cut back (see write)
         fh = open(path, "ab", buffering=0)  # noqa: SIM115 - kept open until rotation
+        try:  # held until published and uploaded: no sweep takes a live writer's shard
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            raise
         found = (fh, path, now, 0)
         self._open[key] = found
+        self._open_lines[key] = 0
         return found
 
     def recover_orphans(self, grace_s: float = 60.0) -> int:
@@ -257,12 +347,19 @@ class ShardWriter:
 
         Why: a worker that is killed (OOM, SIGKILL, a node lost) never renames its open
         shards, and the trainer reads only ``*.jsonl``, so the records in them, already
-        counted as written, would never be trained on. A shard is an orphan when it is this
-        host's and this worker slot's but from another process that is no longer alive (a
-        restarted worker or gateway), or when it has not been written for longer than
-        ``max_seconds + grace_s``: a live writer rotates every shard within ``max_seconds``
-        of opening it, so this covers replicas that are gone for good. A partial last line
-        (the write the crash cut short) is cut off, so every published line is a whole record.
+        counted as written, would never be trained on.
+
+        A shard is taken only when its ``flock`` can be had at once: its writer holds it until
+        the shard is published and uploaded, and the kernel releases it when the writer dies.
+        Staleness alone was not enough: a live writer stalled longer than ``max_seconds +
+        grace_s`` (an upload during an object-store outage) had its open shard published,
+        uploaded and deleted under it, and its later lines were lost uncounted. The old rules
+        still apply on top of the lock, for writers that hold none (a gateway from before the
+        locks, during a rolling update; a file system whose locks are per node): the shard is
+        this host's and this worker slot's but from a process no longer alive (a restarted
+        worker or gateway), or it has not been written for longer than ``max_seconds +
+        grace_s`` (a replica gone for good). A partial last line (the write the crash cut
+        short) is cut off, so every published line is a whole record.
         """
         now = self.clock()
         published = 0
@@ -279,9 +376,7 @@ class ShardWriter:
             if not (stale or self._is_dead_sibling(path.name)):
                 continue
             try:
-                if path.name.endswith(PART_SUFFIX):
-                    self._publish_orphan(path)
-                elif not self._upload(path):
+                if not self._recover(path):
                     continue
             except FileNotFoundError:
                 continue  # another writer published it first
@@ -292,6 +387,22 @@ class ShardWriter:
         if published:
             log.warning("capture: published %d shard(s) left open by a stopped writer", published)
         return published
+
+    def _recover(self, path: Path) -> bool:
+        """Publish (a ``.part``) or upload (a ``.jsonl``) one shard if no one holds its lock;
+        False if someone does, or if it was renamed before the lock was had (its owner
+        published it: the name now leads to another file, or to none)."""
+        with open(path, "r+b") as fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # a live writer holds it
+            if os.fstat(fh.fileno()).st_ino != os.stat(path).st_ino:
+                return False
+            if path.name.endswith(PART_SUFFIX):
+                self._publish_orphan(fh, path)
+                return True
+            return self._upload(path)
 
     def sweep_orphans(self) -> None:
         """:meth:`recover_orphans`, at most once per ``max_seconds``: what a gateway replica
@@ -311,10 +422,10 @@ class ShardWriter:
         if not self._pending or (self.clock() < self._retry_at and not force):
             return
         for path in sorted(self._pending):
-            self._pending.discard(path)
+            records, size = self._pending.pop(path)
             if not path.exists():
                 continue
-            if not self._upload(path):
+            if not self._upload(path, records, size):
                 break
         else:
             self._retry_delay = RETRY_MIN_S
@@ -326,8 +437,9 @@ class ShardWriter:
     def pending_uploads(self) -> int:
         return len(self._pending)
 
-    def _upload(self, path: Path) -> bool:
-        """Upload one finished shard; on failure keep it for :meth:`retry_uploads`."""
+    def _upload(self, path: Path, records: int = -1, size: int = -1) -> bool:
+        """Upload one finished shard; on failure keep it for :meth:`retry_uploads`, with its
+        records and bytes (counted from the file when not given: a recovered shard)."""
         assert self.publish is not None
         try:
             self.publish(path, path.relative_to(self.root).as_posix())
@@ -336,7 +448,11 @@ class ShardWriter:
                 return True  # another worker's sweep uploaded it first
             if not self._pending:
                 self._retry_at = self.clock() + self._retry_delay
-            self._pending.add(path)
+            if records < 0 or size < 0:
+                with contextlib.suppress(OSError):
+                    data = path.read_bytes()
+                    records, size = data.count(b"\n"), len(data)
+            self._pending[path] = (max(0, records), max(0, size))
             log.warning(
                 "capture: cannot upload shard %s (%s); kept in the spool, %d waiting",
                 path.name,
@@ -365,23 +481,28 @@ class ShardWriter:
             return False  # exists, owned by someone else
         return False
 
-    def _publish_orphan(self, path: Path) -> None:
-        with open(path, "r+b") as fh:
-            size = fh.seek(0, os.SEEK_END)
-            if size:
-                fh.seek(size - 1)
-                if fh.read(1) != b"\n":
-                    size = _last_newline_end(fh, size)
-                    fh.truncate(size)
-                    log.warning("capture: cut a partial last record from %s", path.name)
+    def _publish_orphan(self, fh: BinaryIO, path: Path) -> None:
+        """Cut a partial last line off a locked orphan and publish it."""
+        size = fh.seek(0, os.SEEK_END)
+        if size:
+            fh.seek(size - 1)
+            if fh.read(1) != b"\n":
+                size = _last_newline_end(fh, size)
+                fh.truncate(size)
+                log.warning("capture: cut a partial last record from %s", path.name)
         self._finish(path, size)
 
     def _close(self, key: str) -> None:
+        """Publish ``key``'s shard; its lock is released (the file closed) only after the
+        upload was tried, so no sweep uploads it at the same time."""
         fh, path, _, size = self._open.pop(key)
-        fh.close()
-        self._finish(path, size)
+        records = self._open_lines.pop(key, -1)
+        try:
+            self._finish(path, size, records)
+        finally:
+            fh.close()
 
-    def _finish(self, path: Path, size: int) -> None:
+    def _finish(self, path: Path, size: int, records: int = -1) -> None:
         """Publish a closed ``.part`` shard as ``.jsonl`` (and upload it); drop it if empty."""
         if size == 0:
             path.unlink(missing_ok=True)
@@ -389,7 +510,7 @@ class ShardWriter:
         final = path.with_name(path.name[: -len(PART_SUFFIX)] + SHARD_SUFFIX)
         os.replace(path, final)
         if self.publish is not None:
-            self._upload(final)
+            self._upload(final, records, size)
 
 
 def _last_newline_end(fh: BinaryIO, end: int) -> int:
@@ -593,12 +714,22 @@ def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, inde
         publish = _fsspec_publisher(cfg.target)
     else:
         root = Path(cfg.target.removeprefix("file://"))
-    writer = ShardWriter(root, index, cfg.max_shard_bytes, cfg.max_shard_seconds, publish)
+    # The spool's bound is shared by the workers; each keeps to its part of it.
+    spool_share = cfg.max_spool_bytes // max(1, cfg.workers) if publish is not None else 0
+    writer = ShardWriter(
+        root,
+        index,
+        cfg.max_shard_bytes,
+        cfg.max_shard_seconds,
+        publish,
+        max_spool_bytes=max(1, spool_share) if publish is not None else 0,
+    )
     try:
         writer.recover_orphans()
     except OSError as exc:  # an unreadable root must not stop capture from starting
         log.warning("capture: cannot look for orphaned shards: %s", exc)
     sweeps = index == 0  # one worker per replica publishes stale shards of lost replicas
+    full_logged_at = -math.inf
     outbox.send(("ready", os.getpid()))
     while True:
         try:
@@ -613,7 +744,11 @@ def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, inde
         if batch is None:
             break
         written: Counter[str] = Counter()
-        dropped: dict[str, Counter[str]] = {DROP_REDACTION: Counter(), DROP_WRITE: Counter()}
+        dropped: dict[str, Counter[str]] = {
+            DROP_REDACTION: Counter(),
+            DROP_WRITE: Counter(),
+            DROP_SPOOL_FULL: Counter(),
+        }
         redacted: Counter[str] = Counter()
         kinds: Counter[str] = Counter()
         by_key: dict[str, list[bytes]] = {}
@@ -630,27 +765,44 @@ def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, inde
                 redacted[item.key] += 1
                 kinds.update(counts)
         for key, lines in by_key.items():
+            if not writer.has_room(sum(map(len, lines))):
+                dropped[DROP_SPOOL_FULL][key] += written.pop(key)
+                if time.monotonic() - full_logged_at >= FULL_LOG_INTERVAL_S:
+                    full_logged_at = time.monotonic()
+                    log.error(
+                        "capture: the spool %s holds %d bytes not yet uploaded, its bound; "
+                        "records are dropped until uploads succeed again",
+                        root,
+                        writer.spool_bytes,
+                    )
+                continue
             try:
-                writer.write(key, lines)
+                writer.write(key, lines, rotate=False)
             except OSError as exc:  # e.g. a full disk: this task's lines of the batch are not
                 log.error("capture: cannot write the shard of %s: %s", key, exc)
                 dropped[DROP_WRITE][key] += written.pop(key)
-        _rotate(writer)
+        # Acknowledged before rotating: an upload that stalls (an object-store outage) must
+        # not leave written lines unacknowledged, to be counted as lost if the worker dies.
         by_reason = {reason: dict(keys) for reason, keys in dropped.items() if keys}
         outbox.send(("ack", dict(written), by_reason, dict(redacted), dict(kinds)))
+        _rotate(writer)
+    unsent: Counter[str] = Counter()
     try:
         writer.close_all()
         writer.retry_uploads(force=True)
-        if writer.pending_uploads:
+        unsent = writer.unsent()
+        if unsent:
             log.error(
-                "capture: %d shard(s) not uploaded before shutdown; they stay in the spool %s "
-                "and the next worker there uploads them",
+                "capture: %d shard(s) (%d records) not uploaded before shutdown; they stay in "
+                "the spool %s and the next worker there uploads them, if the spool outlives "
+                "this pod",
                 writer.pending_uploads,
+                sum(unsent.values()),
                 root,
             )
     finally:
         with contextlib.suppress(OSError):
-            outbox.send(("closed", os.getpid()))
+            outbox.send(("closed", os.getpid(), dict(unsent)))
 
 
 # ---- the gateway side -----------------------------------------------------------------------
@@ -766,6 +918,10 @@ class CaptureSink:
         self._closing = False
         self._full_logged_at = -math.inf  # monotonic time of the last "queue full" warning
         self._full_since_log = 0
+        # Bodies' bytes queued = in - out; each written by one thread only (submit's, the
+        # pump), so neither needs a lock.
+        self._bytes_in = 0
+        self._bytes_out = 0
 
     # -- lifecycle --
     def start(self) -> None:
@@ -820,13 +976,20 @@ class CaptureSink:
         return worker
 
     def submit(self, item: Captured) -> bool:
-        """Queue one record; False (and counted as dropped) when the queue is full or closed.
+        """Queue one record; False (and counted as dropped) when the queue is full (in
+        records or in bytes) or closed.
 
         Called from one thread (the event loop): it only appends, it never blocks.
         """
         self.stats.submitted += 1
         q = self._queue
-        if not self._closing and len(q) < self.cfg.queue_size:
+        size = len(item.request) + len(item.response)
+        if (
+            not self._closing
+            and len(q) < self.cfg.queue_size
+            and self._bytes_in - self._bytes_out + size <= self.cfg.queue_bytes
+        ):
+            self._bytes_in += size
             q.append(item)
             if len(q) == 1:
                 self._work.set()  # the pump may be asleep on an empty queue
@@ -844,15 +1007,21 @@ class CaptureSink:
         if now - self._full_logged_at < FULL_LOG_INTERVAL_S:
             return
         log.warning(
-            "capture: %d record(s) dropped: %s (queue of %d); the call log misses them",
+            "capture: %d record(s) dropped: %s (queue of %d records, %d MiB); the call log "
+            "misses them",
             self._full_since_log,
             "shutting down" if self._closing else "the workers cannot keep up",
             self.cfg.queue_size,
+            self.cfg.queue_bytes >> 20,
         )
         self._full_logged_at, self._full_since_log = now, 0
 
     def depth(self) -> int:
         return len(self._queue)
+
+    def queued_bytes(self) -> int:
+        """Bytes of request and response bodies queued (and in the batch being shipped)."""
+        return self._bytes_in - self._bytes_out
 
     def close(self, timeout: float = 60.0) -> CaptureStats:
         """Flush every queued record to its shard and stop the workers; blocking."""
@@ -921,10 +1090,14 @@ class CaptureSink:
             stopping = self._stop.wait(self.cfg.linger_s)
             while q:
                 batch: list[Captured] = []
+                size = 0
                 with contextlib.suppress(IndexError):
-                    while len(batch) < batch_size:
-                        batch.append(q.popleft())
+                    while len(batch) < batch_size and size < BATCH_MAX_BYTES:
+                        record = q.popleft()
+                        batch.append(record)
+                        size += len(record.request) + len(record.response)
                 rr = self._send(batch, rr)
+                self._bytes_out += size  # counted out once shipped: held until then
             if stopping:
                 return
 
@@ -965,6 +1138,8 @@ class CaptureSink:
                 self._died(worker)
                 break
             if msg[0] == "closed":
+                if len(msg) > 2 and msg[2]:
+                    self._count_unsent(msg[2])
                 if not self._closing:
                     # Stopped unasked (a shard it could not rotate ends its loop): a dead
                     # worker like any other, or the pump would feed a closed pipe for good.
@@ -1046,6 +1221,16 @@ class CaptureSink:
             new.closed.wait(10)
             new.proc.join(5)
         dead.send_conn.close()
+
+    def _count_unsent(self, by_key: dict[str, int]) -> None:
+        """Report the records a stopped worker left in shards it could not upload: counted as
+        written when they reached the spool, and dropped (``upload_pending``) now, since the
+        spool may go with the pod; not in ``stats.dropped``, which ``pending`` subtracts."""
+        with self._lock:
+            self.stats.unsent += sum(by_key.values())
+        if self._on_dropped:
+            for key, n in by_key.items():
+                self._on_dropped(key, n, DROP_UPLOAD_PENDING)
 
     def _count_dropped(self, by_key: dict[str, int] | Counter[str], reason: str) -> None:
         with self._lock:

@@ -117,7 +117,26 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument(
         "--capture-shard-seconds", type=float, default=float(_env("CAPTURE_SHARD_SECONDS", "300"))
     )
-    cap.add_argument("--capture-queue", type=int, default=int(_env("CAPTURE_QUEUE", "50000")))
+    cap.add_argument(
+        "--capture-queue",
+        type=int,
+        default=int(_env("CAPTURE_QUEUE", "50000")),
+        help="records waiting for the redaction workers, at most (more are dropped, counted)",
+    )
+    cap.add_argument(
+        "--capture-queue-mb",
+        type=float,
+        default=float(_env("CAPTURE_QUEUE_MB", "256")),
+        help="MiB of request and response bodies waiting for the redaction workers, at most "
+        "(more are dropped and counted as queue_full; keep it well under the memory limit)",
+    )
+    cap.add_argument(
+        "--capture-spool-mb",
+        type=float,
+        default=float(_env("CAPTURE_SPOOL_MB", "1024")),
+        help="MiB of shards a URI target's spool holds, open or waiting for upload, at most "
+        "(more records are dropped and counted as spool_full; keep it under the spool's disk)",
+    )
     cap.add_argument("--capture-workers", type=int, default=int(_env("CAPTURE_WORKERS", "1")))
     cap.add_argument(
         "--capture-linger-ms",
@@ -188,6 +207,13 @@ def config_from_args(argv: Sequence[str] | None = None) -> GatewayConfig:
         build_parser().error("give exactly one of --routes, --namespace, --all-namespaces")
     if not 0.0 < args.capture_linger_ms <= 10_000:
         build_parser().error("--capture-linger-ms must be above 0 and at most 10000")
+    for flag, value in (
+        ("--capture-queue", args.capture_queue),
+        ("--capture-queue-mb", args.capture_queue_mb),
+        ("--capture-spool-mb", args.capture_spool_mb),
+    ):
+        if value <= 0:
+            build_parser().error(f"{flag} must be above 0")
     key = ""
     if args.llm_api_key_file:
         key = Path(args.llm_api_key_file).read_text().strip()
@@ -200,6 +226,8 @@ def config_from_args(argv: Sequence[str] | None = None) -> GatewayConfig:
             max_shard_bytes=int(args.capture_shard_mb * 1024 * 1024),
             max_shard_seconds=args.capture_shard_seconds,
             queue_size=args.capture_queue,
+            queue_bytes=int(args.capture_queue_mb * 1024 * 1024),
+            max_spool_bytes=int(args.capture_spool_mb * 1024 * 1024),
             workers=args.capture_workers,
             linger_s=args.capture_linger_ms / 1000.0,
             spool=args.capture_spool,

@@ -37,8 +37,12 @@ namespace empty for routes from a static file; ``backend`` is ``slm`` or ``llm``
 - ``slm_gateway_capture_dropped_records_total{namespace,task,reason}``: the dropped records
   by why: ``queue_full`` (the workers cannot keep up), ``redaction_failed`` (the redactor
   failed on it; never written unredacted), ``write_failed`` (the shard could not be written:
-  a full disk), ``worker_lost`` (held by a capture worker that died, counted when it dies)
-  or ``shutdown`` (not written before the gateway stopped).
+  a full disk), ``worker_lost`` (held by a capture worker that died, counted when it dies),
+  ``shutdown`` (not written before the gateway stopped), ``spool_full`` (a URI target's
+  local spool reached ``--capture-spool-mb``: uploads have been failing) or
+  ``upload_pending`` (written to the spool, so also counted ``written``, but not uploaded when
+  its worker stopped; a later gateway on the same spool uploads them, a pod's spool goes with
+  the pod).
 - ``slm_gateway_capture_redacted_records_total{namespace,task}`` and
   ``slm_gateway_capture_redactions_total{kind}``: records with at least one redaction and the
   entities replaced, by kind (EMAIL_ADDRESS, API_KEY, ...).
@@ -338,7 +342,7 @@ class GatewayMetrics:
         self.capture_dropped = Counter(
             p + "capture_dropped_records",
             "Call records not written, by why (queue_full, redaction_failed, write_failed, "
-            "worker_lost, shutdown).",
+            "worker_lost, shutdown, spool_full, upload_pending).",
             ["namespace", "task", "reason"],
             registry=r,
         )

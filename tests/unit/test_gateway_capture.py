@@ -759,3 +759,185 @@ def test_a_shard_that_cannot_be_written_drops_its_records_saying_why(tmp_path: P
     assert {(k, reason) for k, _, reason in dropped} == {("weather", capture.DROP_WRITE)}
     assert sum(n for _, n, _ in dropped) == 2
     assert sum(f.read_bytes().count(b"\n") for f in shards(tmp_path / "ns" / "extract")) == 2
+
+
+def test_a_stalled_writers_open_shard_is_never_taken_and_a_dead_ones_still_is(
+    tmp_path: Path,
+) -> None:
+    """Two workers on one spool: worker 1's upload stalls (an object-store outage) for longer
+    than any shard stays open, and worker 0's sweep ran meanwhile. Taking "untouched for
+    max_seconds + 60 s" for "abandoned", it published, uploaded and deleted worker 1's open
+    shard, whose later lines, acknowledged as written, were then lost. A writer's lock says
+    it is alive; a writer killed outright leaves its shard unlocked, and that one is taken."""
+    import subprocess
+    import sys
+
+    spool, remote = tmp_path / "spool", tmp_path / "remote"
+    clock = Clock()
+    uploads: list[str] = []
+
+    def put(local: Path, relative: str) -> None:
+        (remote / relative).parent.mkdir(parents=True, exist_ok=True)
+        (remote / relative).write_bytes(local.read_bytes())
+        local.unlink()
+        uploads.append(relative)
+
+    w0 = ShardWriter(spool, 0, 1 << 30, 300, publish=put, clock=clock)
+
+    def stalled_put(local: Path, relative: str) -> None:
+        clock.now += 400  # the upload hangs; every shard now looks abandoned by its age
+        for part in spool.rglob("*"):
+            if part.is_file():
+                os.utime(part, (clock.now - 390, clock.now - 390))
+        w0._next_sweep = 0
+        w0.sweep_orphans()
+        put(local, relative)
+
+    w1 = ShardWriter(spool, 1, 1 << 30, 300, publish=stalled_put, clock=clock)
+    w1.write("ns/a", [b'{"r":"A1"}\n'])
+    clock.now += 10
+    w1.write("ns/b", [b'{"r":"B1"}\n'])
+    clock.now += 290
+    w1.rotate_expired()  # shard A rotates; its upload stalls, and worker 0 sweeps
+    assert [u.split("/")[1] for u in uploads] == ["a"]  # A once; B, still open, not taken
+    assert len(shards(spool, "*.jsonl.part")) == 1
+    w1.write("ns/b", [b'{"r":"B2"}\n', b'{"r":"B3"}\n'])
+    w1.publish = put
+    w1.close_all()
+    lines = sorted(line for f in shards(remote) for line in f.read_text().split())
+    assert lines == ['{"r":"A1"}', '{"r":"B1"}', '{"r":"B2"}', '{"r":"B3"}']
+    assert len(uploads) == 2 and shards(spool, "*.jsonl*") == []
+
+    # A writer killed outright (SIGKILL) in another process: its lock went with it.
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os, signal, sys; from pathlib import Path; "
+            "from slm_gateway.capture import ShardWriter; "
+            "w = ShardWriter(Path(sys.argv[1]), 5, 1 << 30, 300); "
+            "w.write('ns/c', [b'{\"r\":\"C1\"}\\n']); os.kill(os.getpid(), signal.SIGKILL)",
+            str(spool),
+        ],
+        check=False,
+    )
+    assert killed.returncode == -signal.SIGKILL
+    (left,) = shards(spool, "*.jsonl.part")
+    os.utime(left, (clock.now - 400, clock.now - 400))
+    assert w0.recover_orphans() == 1
+    assert [p.read_bytes() for p in shards(remote / "ns" / "c")] == [b'{"r":"C1"}\n']
+
+
+def test_a_live_writers_stale_shard_is_left_to_it_by_a_sweep(tmp_path: Path) -> None:
+    """The lock is what protects a live writer: its shard, however long unwritten, is not
+    published by another writer, in this process or another; once published by its owner it
+    is whole."""
+    clock = Clock()
+    owner = ShardWriter(tmp_path, 1, 1 << 20, 300, clock=clock)
+    owner.write("ns/task", [b'{"a":1}\n'])
+    (part,) = shards(tmp_path, "*.jsonl.part")
+    os.utime(part, (clock.now - 10_000, clock.now - 10_000))
+    other = ShardWriter(tmp_path, 0, 1 << 20, 300, clock=clock)
+    assert other.recover_orphans() == 0 and part.exists()
+    owner.write("ns/task", [b'{"a":2}\n'])
+    owner.close_all()
+    assert [p.read_bytes() for p in shards(tmp_path)] == [b'{"a":1}\n{"a":2}\n']
+
+
+BIG_REQ = orjson.dumps({"messages": [{"role": "user", "content": "x" * 100_000}]})
+
+
+def test_a_queue_of_large_records_stops_at_its_byte_bound(tmp_path: Path) -> None:
+    """A record holds its raw request and response; a queue bounded by count only (50,000)
+    grew a gateway whose workers fell behind to an OOM kill, losing all it held, uncounted.
+    Past its bytes bound the queue drops and counts (queue_full), and bytes shipped to the
+    workers make room again."""
+    import threading
+
+    size = len(BIG_REQ) + len(RESP)
+    dropped: Counter[str] = Counter()
+    sink = CaptureSink(
+        CaptureConfig(target=str(tmp_path), queue_bytes=10 * size + size // 2),
+        on_dropped=lambda k, n, reason: dropped.update({reason: n}),
+    )  # not started: nothing drains the queue
+    results = [sink.submit(item(i, request=BIG_REQ)) for i in range(25)]
+    assert results == [True] * 10 + [False] * 15
+    assert sink.depth() == 10 and sink.queued_bytes() == 10 * size
+    assert dropped == {capture.DROP_QUEUE_FULL: 15} and sink.stats.dropped == 15
+    assert sink.submit(item(99))  # a small record still fits
+
+    shipped: list[int] = []
+    sink._send = lambda batch, rr: shipped.append(len(batch)) or rr  # type: ignore[method-assign]
+    pump = threading.Thread(target=sink._pump, daemon=True)
+    pump.start()
+    try:
+        assert wait_for(lambda: sink.queued_bytes() == 0 and sink.depth() == 0, 10)
+        assert sum(shipped) == 11
+        assert all(sink.submit(item(i, request=BIG_REQ)) for i in range(10))
+    finally:
+        sink._stop.set()
+        sink._work.set()
+        pump.join(10)
+
+
+def test_the_capture_byte_bounds_are_flags(tmp_path: Path) -> None:
+    from slm_gateway.config import config_from_args
+
+    base = ["--routes", str(tmp_path / "routes.yaml"), "--capture", str(tmp_path / "logs")]
+    cfg = config_from_args(base)
+    assert cfg.capture is not None
+    assert (cfg.capture.queue_bytes, cfg.capture.max_spool_bytes) == (256 << 20, 1024 << 20)
+    cfg = config_from_args([*base, "--capture-queue-mb", "64", "--capture-spool-mb", "2048"])
+    assert cfg.capture is not None
+    assert (cfg.capture.queue_bytes, cfg.capture.max_spool_bytes) == (64 << 20, 2048 << 20)
+    with pytest.raises(SystemExit):
+        config_from_args([*base, "--capture-spool-mb", "0"])
+
+
+def test_a_spool_bound_below_the_shard_size_rotates_instead_of_dropping(tmp_path: Path) -> None:
+    """While uploads work, the spool bound only makes shards rotate sooner."""
+    uploaded: list[bytes] = []
+
+    def publish(local: Path, relative: str) -> None:
+        uploaded.append(local.read_bytes())
+        local.unlink()
+
+    w = ShardWriter(tmp_path, 0, 1 << 20, 60, publish=publish, max_spool_bytes=100)
+    for i in range(10):
+        line = b'{"n":%d,"pad":"%s"}\n' % (i, b"x" * 30)
+        assert w.has_room(len(line))
+        w.write("ns/task", [line])
+    w.close_all()
+    assert sum(b.count(b"\n") for b in uploaded) == 10 and shards(tmp_path) == []
+
+
+def test_an_object_store_outage_fills_the_spool_to_its_bound_and_no_further(
+    tmp_path: Path,
+) -> None:
+    """Uploads fail for good: records go to the spool up to its bound, those after are
+    dropped and counted (spool_full) instead of filling the pod's disk, and what is still in
+    the spool when the gateway stops is counted (upload_pending) instead of only logged."""
+    pytest.importorskip("fsspec")
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_bytes(b"")  # the bucket's prefix is a file: every upload fails
+    spool = tmp_path / "spool"
+    reasons: Counter[str] = Counter()
+    from slm_trainer.redact import default_redactor
+
+    line_size = len(capture_line(item(0), default_redactor())[0])
+    bound = 5 * line_size + line_size // 2
+    sink = CaptureSink(
+        CaptureConfig(target=f"local://{blocker}/calls", spool=str(spool), max_spool_bytes=bound),
+        on_dropped=lambda k, n, reason: reasons.update({reason: n}),
+    )
+    sink.start()
+    for i in range(12):
+        assert sink.submit(item(i))
+        wait_for(lambda: sink.stats.pending == 0, 30)  # one record per batch
+    stats = sink.close()
+    assert (stats.submitted, stats.written, stats.dropped, stats.pending) == (12, 5, 7, 0)
+    assert stats.unsent == 5
+    assert reasons == {capture.DROP_SPOOL_FULL: 7, capture.DROP_UPLOAD_PENDING: 5}
+    kept = shards(spool, "*.jsonl")
+    assert sum(p.stat().st_size for p in kept) <= bound
+    assert sum(p.read_bytes().count(b"\n") for p in kept) == 5
