@@ -60,6 +60,9 @@ SLO_BREACHED: Final = "SLOBreached"  # p95 latency or error rate over the SLO
 WITHIN_SLO: Final = "WithinSLO"
 RECOVERING: Final = "Recovering"  # fallback on, SLO healthy again, waiting out the hysteresis
 NO_READY_REPLICAS: Final = "NoReadyReplicas"
+#: serving.minReplicas 0 and no traffic: no replica by design, the LLM answers until calls
+#: bring one back. Healthy (Ready=True) and a Normal event, unlike NoReadyReplicas.
+SCALED_TO_ZERO: Final = "ScaledToZero"
 NOT_SERVING: Final = "NotServing"
 SLM_SERVING: Final = "SLMServing"
 NO_SERVING_MODEL: Final = "NoServingModel"

@@ -1,6 +1,7 @@
 """Live control decisions as pure functions: replicas, SLO fallback with hysteresis, rollout.
 
-The operator evaluates a serving task once per ``fallback.policy.windowSeconds`` from a
+The operator evaluates a serving task once per ``fallback.policy.windowSeconds`` (or two
+Prometheus scrape intervals when longer, so that two windows never read the same samples) from a
 :class:`Metrics` snapshot (queried from Prometheus by :mod:`slm_operator.prom`). Everything it
 must remember between windows (streaks, the rollout mode, when it last scaled) lives in
 ``status.live`` and ``status.route``, so a restarted operator continues where it stopped.
@@ -306,6 +307,14 @@ def cron_problem(expr: str) -> str | None:
     return None
 
 
+def _day_matches(cron: _Cron, day: dt.date) -> bool:
+    dom_ok = day.day in cron.days
+    dow_ok = (day.weekday() + 1) % 7 in cron.weekdays  # cron: 0 = Sunday
+    return day.month in cron.months and (
+        (dom_ok or dow_ok) if cron.either_day else (dom_ok and dow_ok)
+    )
+
+
 def cron_matches(expr: str, when: dt.datetime) -> bool:
     """Whether a 5-field cron expression (UTC; numbers, month and weekday names, *, ranges,
     lists, steps) matches the minute ``when`` falls in. Day-of-month and day-of-week combine
@@ -313,32 +322,47 @@ def cron_matches(expr: str, when: dt.datetime) -> bool:
     :func:`cron_problem` refuses."""
     cron = _parse_cron(expr)
     w = when.astimezone(dt.UTC)
-    dom_ok = w.day in cron.days
-    dow_ok = (w.weekday() + 1) % 7 in cron.weekdays  # cron: 0 = Sunday
-    return (
-        w.minute in cron.minutes
-        and w.hour in cron.hours
-        and w.month in cron.months
-        and ((dom_ok or dow_ok) if cron.either_day else (dom_ok and dow_ok))
-    )
+    return w.minute in cron.minutes and w.hour in cron.hours and _day_matches(cron, w.date())
+
+
+#: How far back :func:`cron_fired` looks. Why so far: the minutes since the schedule was last
+#: acted on may span a night with the task scaled to zero, or a long outage; a fire in them is
+#: still owed (once), as a Kubernetes CronJob runs a missed schedule when it can.
+CRON_LOOKBACK: Final = dt.timedelta(days=31)
 
 
 def cron_fired(expr: str, since: dt.datetime | None, now: dt.datetime) -> bool:
     """Whether the schedule matched a minute after ``since`` up to ``now`` (the current minute
-    alone when ``since`` is None; at most the last hour is scanned)."""
-    t = now.replace(second=0, microsecond=0)
+    alone when ``since`` is None; at most :data:`CRON_LOOKBACK` is scanned, a day at a time,
+    so a long gap costs a few hundred steps, not one per minute)."""
+    cron = _parse_cron(expr)
+    t = now.astimezone(dt.UTC).replace(second=0, microsecond=0)
     oldest = (
         t
         if since is None
         else max(
-            since.replace(second=0, microsecond=0) + dt.timedelta(minutes=1),
-            t - dt.timedelta(hours=1),
+            since.astimezone(dt.UTC).replace(second=0, microsecond=0) + dt.timedelta(minutes=1),
+            t - CRON_LOOKBACK,
         )
     )
-    while t >= oldest:
-        if cron_matches(expr, t):
-            return True
-        t -= dt.timedelta(minutes=1)
+    hours = sorted(cron.hours, reverse=True)
+    minutes = sorted(cron.minutes, reverse=True)
+    day = t.date()
+    while day >= oldest.date():
+        if _day_matches(cron, day):
+            # The latest fire of this day up to now; the earlier ones are older still.
+            latest = next(
+                (
+                    at
+                    for h in hours
+                    for mi in minutes
+                    if (at := dt.datetime.combine(day, dt.time(h, mi), dt.UTC)) <= t
+                ),
+                None,
+            )
+            if latest is not None:
+                return latest >= oldest
+        day -= dt.timedelta(days=1)
     return False
 
 

@@ -9,6 +9,7 @@ tested on plain dicts.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -297,9 +298,15 @@ def job_view(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]]) -> JobVi
         value = (pod["metadata"].get("annotations") or {}).get(n.ANNOTATION_PROGRESS)
         if value is not None:
             try:
-                progress = max(progress or 0, min(100, max(0, int(float(value)))))
+                pct = float(value)
             except ValueError:
                 continue
+            # The annotation is the trainer's to write (or anyone's who may patch the pod):
+            # "inf" or "1e999" parse as infinity, which int() refuses with an OverflowError
+            # that crashed every reconcile of the task. Non-finite reads as no progress.
+            if not math.isfinite(pct):
+                continue
+            progress = max(progress or 0, min(100, max(0, int(pct))))
     started, finished = (
         parse_time(status.get("startTime")),
         parse_time(status.get("completionTime")),

@@ -88,6 +88,10 @@ class Observed:
     #: (:func:`metrics_due` was False): the last judgement stands as it is, which is not the
     #: same as "Prometheus did not answer" (MetricsUnavailable).
     metrics_not_due: bool = False
+    #: The shortest window the metrics source measures without re-reading samples (two
+    #: Prometheus scrape intervals: :meth:`slm_operator.prom.PromMetrics.range_s`); windows
+    #: are judged every ``max(windowSeconds, min_window_s)`` (:func:`metrics_due`).
+    min_window_s: float = 0.0
 
 
 @dataclass
@@ -728,7 +732,9 @@ def _rolling_out(dep: Mapping[str, Any] | None) -> bool:
 
 #: The rollout step of the served model in ``status.live``; a newly promoted revision starts
 #: without them.
-_ROLLOUT_KEYS = frozenset({"rolloutMode", "rolloutReason", "canaryPercent", "canaryHealthyWindows"})
+_ROLLOUT_KEYS = frozenset(
+    {"rolloutMode", "rolloutReason", "canaryPercent", "canaryHealthyWindows", "agreementSince"}
+)
 
 
 def metrics_window(spec: Mapping[str, Any]) -> float:
@@ -737,18 +743,62 @@ def metrics_window(spec: Mapping[str, Any]) -> float:
     return float(policy.get("windowSeconds", 30))
 
 
-def metrics_due(task: Mapping[str, Any], now: dt.datetime) -> bool:
+def judged_window(spec: Mapping[str, Any], min_window_s: float = 0.0) -> float:
+    """Seconds between two judged windows: ``windowSeconds``, or ``min_window_s`` (the range
+    each rate query reads, two scrape intervals) when longer.
+
+    Why not ``windowSeconds`` alone: judged more often than the queries' range, consecutive
+    windows read the same samples, and one latency spike counted as ``breachWindows``
+    consecutive breached windows (see :meth:`slm_operator.prom.PromMetrics.range_s`).
+    """
+    return max(metrics_window(spec), min_window_s)
+
+
+def metrics_due(task: Mapping[str, Any], now: dt.datetime, min_window_s: float = 0.0) -> bool:
     """Whether a new live-control window is to be judged at ``now``.
 
     Why one function for both: the reconcile asks Prometheus only when this is True (a window
     is judged once, however often the task is reconciled meanwhile), and :func:`plan` judges
     only when it is True, so the two can never disagree about which reconcile needs metrics.
-    The window restarts at ``status.live.lastEvaluated``; a task never judged is due.
+    The window restarts at ``status.live.lastEvaluated``; a task never judged is due. A
+    window lasts :func:`judged_window` (``min_window_s``: ``Observed.min_window_s``).
     """
     live = (task.get("status") or {}).get("live") or {}
     last = parse_time(live.get("lastEvaluated"))
-    window = metrics_window(task.get("spec") or {})
+    window = judged_window(task.get("spec") or {}, min_window_s)
     return last is None or (now - last).total_seconds() >= window - 0.05
+
+
+def agreement_since_s(task: Mapping[str, Any], now: dt.datetime) -> float | None:
+    """Seconds of shadow copies not judged yet, for the agreement queries of the window
+    judged at ``now``: since ``status.live.agreementSince`` (an older status: since the last
+    judged window); None for a task never judged.
+
+    Why: each copy is judged in one window only (:func:`_agreement_since`), so one burst of
+    agreeing copies is one healthy window, not ``canaryWindows`` of them.
+    """
+    live = (task.get("status") or {}).get("live") or {}
+    since = parse_time(live.get("agreementSince")) or parse_time(live.get("lastEvaluated"))
+    return None if since is None else max(0.0, (now - since).total_seconds())
+
+
+def _agreement_since(
+    m: Metrics, spec: Mapping[str, Any], prev: Mapping[str, Any], now: str, window: float
+) -> str:
+    """``status.live.agreementSince`` after a window judged at ``now`` with metrics ``m``.
+
+    A window that read ``shadowMinSamples`` copies or more judged them (or could have): the
+    next reads only newer ones. One with fewer pools them with the next: the start stays.
+    """
+    min_samples = int((spec.get("rollout") or {}).get("shadowMinSamples", 50))
+    if m.shadow_samples is not None and m.shadow_samples >= min_samples:
+        return now
+    since = prev.get("agreementSince") or prev.get("lastEvaluated")
+    if since:
+        return str(since)
+    # Never judged: this window read one window back (PromMetrics.agreement_window).
+    at = parse_time(now)
+    return now if at is None else _micro_ts(at - dt.timedelta(seconds=window))
 
 
 def next_window_s(window: float, last: dt.datetime | None, judged: bool, now: dt.datetime) -> float:
@@ -779,6 +829,20 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _scaled_to_zero_message() -> str:
+    """Why a task scaled to zero is fine, for its conditions and ``kubectl get``.
+
+    ``serving.minReplicas: 0`` lets an idle task give its GPU back: no replica is then
+    wanted, not missing. Reported as NoReadyReplicas (a Warning, Argo CD Degraded, phase
+    Deploying "waiting for replicas (0/0)"), an idle fleet looked broken to everyone who
+    watched it; the alerts already leave this state alone.
+    """
+    return (
+        "scaled to zero while idle (serving.minReplicas 0); calls go to the LLM, and their "
+        "rate brings a Triton replica back"
+    )
+
+
 def _live_control(
     spec: Mapping[str, Any],
     is_serving: bool,
@@ -790,20 +854,26 @@ def _live_control(
     now: str,
     deployed: bool = False,
     not_due: bool = False,
+    window: float = 30.0,
+    scaled_to_zero: bool = False,
 ) -> tuple[tuple[str, str, str], tuple[str, str, str], str, int]:
     """SLOMet and FallbackActive conditions plus the route mode; fills ``live`` (status.live).
 
     ``deployed``: a model that served has no ready replica now: FallbackActive says
-    NoReadyReplicas (a Warning) rather than that no model exists.
+    NoReadyReplicas (a Warning) rather than that no model exists, or ScaledToZero (Normal)
+    when ``scaled_to_zero``: none is wanted (see :func:`_scaled_to_zero_message`).
     ``not_due``: Prometheus was not asked (this window was judged already), so a missing
     ``m`` is no sign that Prometheus is unavailable.
+    ``window``: the length of a judged window (:func:`judged_window`).
 
     Streaks only advance once per window (``due``), so re-running the reconcile within a
     window changes nothing: the decision stays level-triggered and restart-safe.
     """
     if not is_serving:
         why = (
-            (
+            (c.SCALED_TO_ZERO, _scaled_to_zero_message())
+            if scaled_to_zero
+            else (
                 c.NO_READY_REPLICAS,
                 "no Triton replica of the deployed model is ready; calls go to the LLM until "
                 "one is",
@@ -847,7 +917,11 @@ def _live_control(
             int(policy.get("breachWindows", 3)),
             int(policy.get("recoveryWindows", 5)),
         )
-        if not fb.active or not ro.mode:
+        # A breached window rolls a canary back to shadow whatever fallback does in it: with
+        # breachWindows 1 the same window turns fallback on, and a canary that merely held
+        # would keep its healthy windows and be promoted the moment fallback ended.
+        canary_breached = bool(breached) and ro.mode == lv.MODE_CANARY
+        if not fb.active or not ro.mode or canary_breached:
             ro = lv.rollout_step(
                 ro if ro.mode else Rollout(lv.MODE_LLM, 0, ""),
                 m,
@@ -858,6 +932,7 @@ def _live_control(
         # so there is no canary to judge: the rollout holds, and goes on once fallback is off
         # (otherwise recovery windows would promote shadow -> canary -> slm unseen).
         live["lastEvaluated"] = now
+        live["agreementSince"] = _agreement_since(m, spec, prev, now, window)
         live["observed"] = {
             k: round(v, 4) if isinstance(v, float) else v
             for k, v in (
@@ -871,7 +946,7 @@ def _live_control(
             if v is not None
         }
     else:
-        for key in ("lastEvaluated", "observed"):
+        for key in ("lastEvaluated", "agreementSince", "observed"):
             if key in prev:
                 live[key] = prev[key]
         if not ro.mode:
@@ -1052,10 +1127,10 @@ def plan(obs: Observed) -> Plan:
         # A new revision takes over: the rollout step reached belongs to the model it replaces,
         # so the new one starts its own progressive rollout (shadow) instead of all calls at once.
         live_prev = {k: v for k, v in live_prev.items() if k not in _ROLLOUT_KEYS}
-    window = metrics_window(spec)
+    window = judged_window(spec, obs.min_window_s)
     last_eval = parse_time(live_prev.get("lastEvaluated"))
     m = obs.metrics
-    due = m is not None and metrics_due(task, obs.now)
+    due = m is not None and metrics_due(task, obs.now, obs.min_window_s)
     live: Obj = {}
     if active_rev and active_uri:
         want = desired_replicas(spec, prev)
@@ -1103,6 +1178,8 @@ def plan(obs: Observed) -> Plan:
                 )
                 + stuck,
             )
+        elif want == 0 and ready == 0:
+            serving = (c.FALSE, c.SCALED_TO_ZERO, _scaled_to_zero_message())
         else:
             serving = (
                 c.FALSE,
@@ -1126,6 +1203,7 @@ def plan(obs: Observed) -> Plan:
     else:
         serving = (c.FALSE, c.NO_MODEL, "no model has passed the evaluation gate yet")
     is_serving = serving[0] == c.TRUE
+    scaled_to_zero = serving[1] == c.SCALED_TO_ZERO
 
     slo, fallback, route_mode, canary = _live_control(
         spec,
@@ -1140,6 +1218,8 @@ def plan(obs: Observed) -> Plan:
         # would otherwise post a Warning on every new task.
         deployed=bool(active_rev and active_uri and live_prev),
         not_due=obs.metrics_not_due,
+        window=window,
+        scaled_to_zero=scaled_to_zero,
     )
     pipeline = [(c.DATA_READY, step.data), (c.TRAINED, step.trained), (c.EVALUATED, step.evaluated)]
     if problem:
@@ -1152,6 +1232,12 @@ def plan(obs: Observed) -> Plan:
         )
     elif is_serving:
         ready_c = (c.FALSE, fallback[1], fallback[2])
+    elif scaled_to_zero:
+        ready_c = (
+            c.TRUE,
+            c.SCALED_TO_ZERO,
+            f"{active_cand} (revision {active_rev}) is {serving[2]}",
+        )
     else:
         blocking = next((t for _, t in pipeline if t[0] != c.TRUE), serving)
         ready_c = (c.FALSE, blocking[1], blocking[2])
@@ -1166,7 +1252,7 @@ def plan(obs: Observed) -> Plan:
 
     if problem:
         phase = PHASE_FAILED  # as for any invalid spec: someone has to fix it
-    elif is_serving:  # a retraining beside a served model shows in revision.training
+    elif is_serving or scaled_to_zero:  # a retraining beside shows in revision.training
         phase = PHASE_SERVING
     elif training_needed and not step.terminal_failure:
         phase = step.phase
@@ -1224,7 +1310,13 @@ def plan(obs: Observed) -> Plan:
         rcfg = spec.get("retraining")
         # Only a retraining that is on reads its schedule (validate() vouches for its syntax).
         schedule = (rcfg or {}).get("schedule") if (rcfg or {}).get("enabled", True) else None
-        fired = bool(schedule) and lv.cron_fired(str(schedule), last_eval, obs.now)
+        # The schedule is scanned from the last window that ran this step with a count
+        # (status.retraining.scheduleCheckedAt), not from the last judged window: a window
+        # that could not act (no ready replica, e.g. scaled to zero at night, or no captured
+        # count) must not swallow a fire; the next window that can act sees it. An older
+        # status without it scans from the last judged window, as before.
+        checked = parse_time(retrain_prev.get("scheduleCheckedAt")) or last_eval
+        fired = bool(schedule) and lv.cron_fired(str(schedule), checked, obs.now)
         raw_baseline = retrain_prev.get("baselineRecords")
         raw_seen = retrain_prev.get("capturedRecords")
         r = lv.retrain_step(
@@ -1252,6 +1344,11 @@ def plan(obs: Observed) -> Plan:
             retraining["lastTriggered"] = retrain_prev["lastTriggered"]
         if "concludedRevision" in retrain_prev:
             retraining["concludedRevision"] = retrain_prev["concludedRevision"]
+        if schedule and m.captured_records is not None:
+            retraining["scheduleCheckedAt"] = now  # the schedule was acted on up to now
+        elif schedule and "scheduleCheckedAt" in retrain_prev:
+            retraining["scheduleCheckedAt"] = retrain_prev["scheduleCheckedAt"]
+        # else no schedule (or a paused retraining): fires meanwhile are not owed later.
     if retrain_over:
         retraining["concludedRevision"] = rev
     elif retraining.get("concludedRevision") == active_rev:

@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 ERROR_RESULTS = "error|timeout|bad_output"
 
+#: The longest range live agreement is read over: shadow copies pooled (too few to judge) for
+#: longer are left out rather than read by an unbounded query.
+AGREEMENT_MAX_S = 3600.0
+
 
 def _sel(task: str, namespace: str | None = None, **labels: str) -> str:
     """A label selector for one task's gateway series (``namespace`` None: any namespace)."""
@@ -167,17 +171,51 @@ class PromMetrics:
         """Whether a recent failure keeps Prometheus from being asked now."""
         return time.monotonic() < self._quiet_until
 
+    def range_s(self, window_seconds: float) -> int:
+        """Seconds each rate query of a window reads: ``windowSeconds``, or two scrape
+        intervals when longer (a rate needs two samples).
+
+        Why it is also the shortest time between two judged windows (the reconcile passes it
+        to :func:`slm_operator.plan.metrics_due` as ``min_window_s``): windows judged more
+        often than their queries' range re-read the same samples, so one latency spike
+        counted as ``breachWindows`` consecutive breaches. Judging every
+        ``max(windowSeconds, range)`` keeps consecutive windows apart (but for the 50 ms
+        timer slack ``metrics_due`` allows); raising the CRD's minimum instead could not
+        follow the operator's scrape interval.
+        """
+        return max(math.ceil(window_seconds), math.ceil(2 * self.scrape))
+
     def window(self, window_seconds: float) -> str:
-        return f"{max(math.ceil(window_seconds), math.ceil(2 * self.scrape))}s"
+        return f"{self.range_s(window_seconds)}s"
+
+    def agreement_window(self, window_seconds: float, since_s: float | None) -> str:
+        """The range live agreement is read over: the shadow copies not judged yet.
+
+        ``since_s``: seconds since ``status.live.agreementSince`` (see
+        :func:`slm_operator.plan.agreement_since_s`); None for a task never judged, which reads
+        one window. Why not a fixed range: a range longer than the window (it was at least
+        60 s) let consecutive windows read the same copies, so one burst of agreeing copies
+        counted as ``canaryWindows`` healthy windows. Copies too few to judge are pooled with
+        the next window's instead, up to :data:`AGREEMENT_MAX_S`; whole milliseconds, rounded
+        down, so no copy is read twice.
+        """
+        if since_s is None:
+            return self.window(window_seconds)
+        return f"{max(1, math.floor(min(since_s, AGREEMENT_MAX_S) * 1000))}ms"
 
     def task_metrics(
-        self, task: str, window_seconds: float, namespace: str | None = None
+        self,
+        task: str,
+        window_seconds: float,
+        namespace: str | None = None,
+        agreement_since_s: float | None = None,
     ) -> Metrics | None:
-        """One task's metrics; pass its ``namespace`` to leave out same-named tasks elsewhere."""
+        """One task's metrics; pass its ``namespace`` to leave out same-named tasks elsewhere,
+        and ``agreement_since_s`` (:meth:`agreement_window`) to read each copy once."""
         if self.cooling_down():
             return None
         w = self.window(window_seconds)
-        agreement_w = f"{max(int(w[:-1]), 60)}s"
+        agreement_w = self.agreement_window(window_seconds, agreement_since_s)
         values: dict[str, float | None] = {}
         deadline = time.monotonic() + self.deadline
         try:

@@ -24,7 +24,15 @@ from slm_operator.observe import (
     pod_job_name,
     serving_waiting,
 )
-from slm_operator.plan import Observed, Plan, metrics_due, metrics_window, plan, with_apply_failures
+from slm_operator.plan import (
+    Observed,
+    Plan,
+    agreement_since_s,
+    metrics_due,
+    metrics_window,
+    plan,
+    with_apply_failures,
+)
 from slm_operator.prom import PromMetrics
 
 log = logging.getLogger(__name__)
@@ -118,9 +126,17 @@ def observe(
     metrics = None
     # Prometheus only when the plan will judge a window: a task is reconciled on every event
     # of its Jobs, pods and Deployment and every resync, but judged once per window.
-    not_due = not metrics_due(task, now)
+    # Windows are no shorter than the range the queries read (two scrape intervals), so that
+    # two judged windows never read the same samples (PromMetrics.range_s).
+    min_window = prom.range_s(metrics_window(task["spec"])) if prom is not None else 0.0
+    not_due = not metrics_due(task, now, min_window)
     if prom is not None and _owned(dep, uid) and not not_due:
-        metrics = prom.task_metrics(name, metrics_window(task["spec"]), namespace=namespace)
+        metrics = prom.task_metrics(
+            name,
+            metrics_window(task["spec"]),
+            namespace=namespace,
+            agreement_since_s=agreement_since_s(task, now),
+        )
     return Observed(
         task=task,
         jobs=jobs,
@@ -134,6 +150,7 @@ def observe(
         reserved_accounts=frozenset(reserved_accounts),
         image_pull_secrets=tuple(image_pull_secrets),
         metrics_not_due=not_due,
+        min_window_s=min_window,
     )
 
 

@@ -118,6 +118,29 @@ def test_a_child_the_api_server_refused_is_degraded(version: str) -> None:
 
 
 @pytest.mark.parametrize("version", VERSIONS)
+def test_a_task_scaled_to_zero_while_idle_is_healthy(version: str) -> None:
+    """The serving sample as the operator writes it once an idle task (serving.minReplicas 0)
+    has no replica (test_plan.py's test_a_task_scaled_to_zero_while_idle_is_healthy_not_an_
+    outage): Ready and FallbackActive True with reason ScaledToZero. Healthy, where a replica
+    that went missing (NoReadyReplicas) is Degraded."""
+    obj = sample("serving-ready")["object"]
+    why = "scaled to zero while idle (serving.minReplicas 0); calls go to the LLM"
+    for cond in obj["status"]["conditions"]:
+        if cond["type"] in ("Ready", "FallbackActive"):
+            cond.update(status="True", reason="ScaledToZero", message=why)
+        if cond["type"] == "Serving":
+            cond.update(status="False", reason="ScaledToZero", message=why)
+    got = health(version, obj)
+    assert got["status"] == "Healthy", got
+    assert "scaled to zero" in got["message"], got
+    for cond in obj["status"]["conditions"]:
+        if cond["type"] in ("Ready", "FallbackActive"):
+            cond.update(status="False" if cond["type"] == "Ready" else "True")
+            cond.update(reason="NoReadyReplicas", message="no Triton replica is ready")
+    assert health(version, obj)["status"] == "Degraded"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
 def test_sandbox_really_has_no_string_library(version: str) -> None:
     lua = runtime(version)
     run = lua.execute(SANDBOX)

@@ -14,6 +14,7 @@ from slm_operator.live import (
     MODE_SLM,
     Metrics,
     Rollout,
+    cron_fired,
     cron_matches,
     cron_problem,
     rollout_step,
@@ -142,3 +143,24 @@ def test_a_schedule_cron_cannot_run_is_refused_in_words(expr: str, why: str) -> 
     assert problem is not None and why in problem
     with pytest.raises(ValueError):
         cron_matches(expr, MONDAY_3AM)
+
+
+@pytest.mark.parametrize(
+    ("since", "now", "fired"),
+    [
+        # Scaled to zero from 01:59 to 07:30: the 02:00 fire is still owed.
+        ((24, 1, 59, 40), (24, 7, 30, 0), True),
+        ((24, 2, 0, 10), (24, 7, 30, 0), False),  # acted on at 02:00 already
+        ((20, 2, 0, 10), (24, 1, 0, 0), True),  # days without a window that could act
+        ((24, 1, 59, 40), (24, 1, 59, 59), False),
+    ],
+)
+def test_a_fire_since_the_schedule_was_last_acted_on_is_seen_hours_later(
+    since: tuple[int, int, int, int], now: tuple[int, int, int, int], fired: bool
+) -> None:
+    """cron_fired scanned at most the last hour: a fire missed for a night was lost."""
+
+    def at(d: int, h: int, m: int, s: int) -> dt.datetime:
+        return dt.datetime(2026, 11, d, h, m, s, tzinfo=dt.UTC)
+
+    assert cron_fired("0 2 * * *", at(*since), at(*now)) is fired

@@ -6,6 +6,8 @@ import copy
 import dataclasses
 import datetime as dt
 import json
+import math
+import re
 from typing import Any
 
 import pytest
@@ -14,8 +16,16 @@ from slm_contract import TrainerResult
 from slm_operator import conditions as c
 from slm_operator import naming as n
 from slm_operator.live import Metrics
-from slm_operator.observe import FAILED, PENDING, RUNNING, SUCCEEDED, JobView
-from slm_operator.plan import Observed, gate_verdict, metrics_due, plan, select
+from slm_operator.observe import FAILED, PENDING, RUNNING, SUCCEEDED, JobView, job_view
+from slm_operator.plan import (
+    Observed,
+    agreement_since_s,
+    gate_verdict,
+    metrics_due,
+    plan,
+    select,
+)
+from slm_operator.prom import PromMetrics
 
 NOW = dt.datetime(2026, 11, 23, 12, 0, 0, tzinfo=dt.UTC)
 
@@ -208,6 +218,42 @@ def test_running_candidate_reports_progress() -> None:
     p = plan(Observed(task, jobs, None, None, NOW))
     small = next(x for x in p.status["candidates"] if x["name"] == "small")
     assert small["state"] == "Running" and small["progress"] == 42
+    assert conds(p.status)[c.TRAINED] == (c.UNKNOWN, c.JOB_RUNNING)
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "1e999", "nan", "half"])
+def test_a_non_finite_progress_annotation_reads_as_no_progress(value: str) -> None:
+    """Anyone who may patch a trainer pod can write its progress annotation: "inf" or
+    "1e999" used to raise OverflowError in every reconcile of the task, so its status never
+    moved again. It reads as no progress; the candidate is still reported as running."""
+    task = make_task()
+    jobs = jobs_through(task, "data")
+    rev = n.revision_of(task["spec"])
+    jn = n.finetune_job_name("weather", "small", rev)
+    job = {
+        "metadata": {
+            "name": jn,
+            "uid": "u-small",
+            "labels": {
+                n.LABEL_STAGE: "finetune",
+                n.LABEL_REVISION: rev,
+                n.LABEL_CANDIDATE: "small",
+            },
+        },
+        "status": {"active": 1},
+    }
+    pod = {
+        "metadata": {
+            "name": f"{jn}-x",
+            "labels": {"job-name": jn},
+            "annotations": {n.ANNOTATION_PROGRESS: value},
+        },
+        "status": {"phase": "Running"},
+    }
+    jobs[jn] = job_view(job, [pod])
+    p = plan(Observed(task, jobs, None, None, NOW))
+    small = next(x for x in p.status["candidates"] if x["name"] == "small")
+    assert small["state"] == "Running" and small["progress"] == 0
     assert conds(p.status)[c.TRAINED] == (c.UNKNOWN, c.JOB_RUNNING)
 
 
@@ -1052,6 +1098,36 @@ def test_a_task_scaled_to_zero_scales_up_again_when_calls_arrive() -> None:
     assert task["status"]["serving"]["desiredReplicas"] == 1
 
 
+def test_a_task_scaled_to_zero_while_idle_is_healthy_not_an_outage() -> None:
+    """No replica wanted is not a replica missing: Ready, phase Serving, the LLM answering
+    (route llm), Normal events only; NoReadyReplicas (a Warning, Argo CD Degraded, "waiting
+    for replicas (0/0)") is for a replica that should be there."""
+    task, jobs, dep, svc = _serving_task()
+    task["spec"]["serving"]["minReplicas"] = 0
+    idle = Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=0.0)
+    _step(task, jobs, dep, svc, NOW, idle)
+    zero = copy.deepcopy(dep)
+    zero["spec"]["replicas"] = 0
+    zero["status"].update(replicas=0, updatedReplicas=0, readyReplicas=0, availableReplicas=0)
+    p = _step(task, jobs, zero, svc, NOW + dt.timedelta(seconds=10), idle)
+    st = conds(p.status)
+    assert st[c.READY] == (c.TRUE, c.SCALED_TO_ZERO)
+    assert st[c.SERVING] == (c.FALSE, c.SCALED_TO_ZERO)
+    assert st[c.FALLBACK_ACTIVE] == (c.TRUE, c.SCALED_TO_ZERO)
+    assert p.status["phase"] == "Serving"
+    assert p.status["route"]["mode"] == "llm"
+    assert "scaled to zero" in p.status["message"] and "0/0" not in p.status["message"]
+    assert not [e for e in p.events if e[0] == "Warning"], p.events
+    _settled(Observed(task, jobs, zero, svc, NOW + dt.timedelta(seconds=11)))
+    # A replica that should be there and is not is still an outage.
+    task2, jobs2, dep2, svc2 = _serving_task()
+    crashed = copy.deepcopy(dep2)
+    crashed["status"].update(readyReplicas=0, availableReplicas=0)
+    p = _step(task2, jobs2, crashed, svc2, NOW + dt.timedelta(seconds=10), HEALTHY)
+    assert conds(p.status)[c.FALLBACK_ACTIVE] == (c.TRUE, c.NO_READY_REPLICAS)
+    assert conds(p.status)[c.READY][0] == c.FALSE
+
+
 def test_a_first_rollout_waiting_for_replicas_is_not_an_outage() -> None:
     """A newly deployed model whose replicas are still starting has never served: calls go to
     the LLM for want of a model (no Warning), not because replicas went missing."""
@@ -1528,3 +1604,164 @@ def test_a_data_prep_result_never_read_is_still_missing() -> None:
     gone = view(dn, "prepare", rev, SUCCEEDED, None, finished=NOW - dt.timedelta(minutes=5))
     p = plan(Observed(task, {dn: gone}, None, None, NOW))
     assert conds(p.status)[c.DATA_READY] == (c.FALSE, c.RESULT_MISSING)
+
+
+def test_a_breached_window_rolls_a_canary_back_even_when_it_turns_fallback_on() -> None:
+    """breachWindows 1: the breached window turns fallback on at once. The canary must still
+    be rolled back (it used to hold with its healthy windows, and was promoted to every call
+    the moment fallback ended, right after breaching the SLO)."""
+    task, jobs, dep, svc = _serving_task()  # recoveryWindows 3
+    task["spec"]["fallback"]["policy"]["breachWindows"] = 1
+    task["spec"]["rollout"]["canaryWindows"] = 3
+    t = NOW
+    for _ in range(3):  # shadow -> canary, then 2 of 3 healthy windows
+        _step(task, jobs, dep, svc, t, HEALTHY)
+        t += dt.timedelta(seconds=10)
+    assert task["status"]["live"]["canaryHealthyWindows"] == 2
+    _step(task, jobs, dep, svc, t, SLOW)
+    assert conds(task["status"])[c.FALLBACK_ACTIVE] == (c.TRUE, c.SLO_BREACHED)
+    live = task["status"]["live"]
+    assert (live["rolloutMode"], live["rolloutReason"]) == ("shadow", "CanaryRolledBack")
+    assert live["canaryHealthyWindows"] == 0
+    _settled(Observed(task, jobs, dep, svc, t + dt.timedelta(seconds=1), metrics_not_due=True))
+    routes = []
+    for _ in range(3):
+        t += dt.timedelta(seconds=10)
+        _step(task, jobs, dep, svc, t, HEALTHY)
+        routes.append(task["status"]["route"]["mode"])
+    # Recovered: a new canary starts from zero; not every call to the SLM at once.
+    assert routes == ["shadow", "shadow", "canary"]
+    assert task["status"]["live"]["canaryHealthyWindows"] == 0
+
+
+@pytest.mark.parametrize("why", ["no-ready-replica", "no-captured-count"])
+def test_a_scheduled_retraining_missed_while_the_task_could_not_act_runs_when_it_can(
+    why: str,
+) -> None:
+    """A 02:00 schedule whose minute falls in windows that cannot run the retraining step (the
+    task scaled to zero for the night, or no captured count) is acted on at the first window
+    that can, even hours later; it used to be lost, the schedule being scanned only from the
+    last judged window."""
+    task, jobs, dep, svc = _serving_task()
+    task["spec"]["retraining"] = {"minNewExamples": 100, "schedule": "0 2 * * *"}
+    day = NOW.replace(day=24)
+    _step(task, jobs, dep, svc, day.replace(hour=1, minute=59, second=30), captured(1000))
+    _step(task, jobs, dep, svc, day.replace(hour=1, minute=59, second=40), captured(1100))
+    assert task["status"]["retraining"]["reason"] == "WaitingForSchedule"
+    checked = task["status"]["retraining"].get("scheduleCheckedAt")
+    down = deployment(n.revision_of(task["spec"]), ready=0)
+    t = day.replace(hour=1, minute=59, second=50)
+    while t < day.replace(hour=4):  # 02:00 passes while the step cannot act
+        if why == "no-ready-replica":
+            _step(task, jobs, down, svc, t, captured(1100))
+        else:
+            _step(task, jobs, dep, svc, t, HEALTHY)
+        t += dt.timedelta(minutes=10)
+    retraining = task["status"]["retraining"]
+    assert (retraining["epoch"], retraining.get("scheduleCheckedAt")) == (0, checked)
+    p = _step(task, jobs, dep, svc, t, captured(1100))
+    retraining = task["status"]["retraining"]
+    assert (retraining["epoch"], retraining["reason"]) == (1, "EnoughNewExamples")
+    assert (checked, retraining["scheduleCheckedAt"]) == (
+        "2026-11-24T01:59:40Z",
+        "2026-11-24T04:09:50Z",
+    )
+    assert "WaitingForSchedule" not in p.status["retraining"]["reason"]
+    # The next reconcile trains the new epoch's revision beside the served one.
+    later = Observed(task, jobs, dep, svc, t + dt.timedelta(seconds=1), metrics_not_due=True)
+    task["status"] = plan(later).status
+    assert task["status"]["revision"]["training"] == n.revision_of(task["spec"], 1)
+    p = _settled(dataclasses.replace(later, task=task))
+    assert any(o["kind"] == "Job" for o in p.apply)
+
+
+def test_windows_are_judged_no_more_often_than_the_queries_range() -> None:
+    """windowSeconds 10 with a 15 s scrape interval: each rate reads 30 s. Judged every 10 s,
+    one 30 s latency spike was read by three windows, three breaches (breachWindows 2: a
+    fallback). Windows are now judged every 30 s, and usage.windowSeconds says so."""
+    task, jobs, dep, svc = _serving_task()  # windowSeconds 10, breachWindows 2
+    rng = PromMetrics("http://127.0.0.1:1", scrape_interval_s=15).range_s(10)
+    assert rng == 30
+
+    def window(at: dt.datetime, m: Metrics) -> Any:
+        due = metrics_due(task, at, rng)
+        obs = Observed(
+            task, jobs, dep, svc, at, m if due else None, metrics_not_due=not due, min_window_s=rng
+        )
+        p = plan(obs)
+        task["status"] = p.status
+        return p
+
+    p = window(NOW, SLOW)  # the spike, as every query within the next 30 s still reads it
+    assert p.next_window_s == 30.0
+    for s in (10, 20):
+        window(NOW + dt.timedelta(seconds=s), SLOW)
+    assert conds(task["status"])[c.FALLBACK_ACTIVE][0] == c.FALSE
+    assert task["status"]["live"]["breachStreak"] == 1
+    window(NOW + dt.timedelta(seconds=30), HEALTHY)
+    assert task["status"]["live"]["breachStreak"] == 0
+    assert conds(task["status"])[c.FALLBACK_ACTIVE][0] == c.FALSE
+    assert task["status"]["usage"]["windowSeconds"] == 30
+    at = NOW + dt.timedelta(seconds=31)
+    _settled(Observed(task, jobs, dep, svc, at, metrics_not_due=True, min_window_s=rng))
+
+
+class _ShadowCopies:
+    """A Prometheus client that answers the agreement queries from shadow copies at given
+    times (all agreeing) over the range each query names, and healthy figures otherwise."""
+
+    def __init__(self, copies: list[dt.datetime]) -> None:
+        self.copies = copies
+        self.now = NOW
+
+    def custom_query(self, q: str, **_: Any) -> list[dict[str, Any]]:
+        if "capture_records_total" in q:
+            return []
+        value = 80.0 if "histogram_quantile" in q else 0.0 if "error|timeout" in q else 1.0
+        if "shadow_total" in q:
+            amount, unit = re.findall(r"\[(\d+)(ms|s)\]", q)[0]
+            span = dt.timedelta(milliseconds=int(amount) * (1 if unit == "ms" else 1000))
+            n_copies = sum(1 for c_ in self.copies if self.now - span < c_ <= self.now)
+            value = (1.0 if n_copies else math.nan) if "/" in q else float(n_copies)
+        return [{"metric": {}, "value": [0, str(value)]}]
+
+
+@pytest.mark.parametrize(
+    ("copies", "promoted"),
+    [
+        # One burst of 50 agreeing copies: enough for one window, not for canaryWindows more.
+        ([NOW - dt.timedelta(seconds=1)] * 50, False),
+        # One copy a second: 20 copies (shadowMinSamples) pool over two 10 s windows.
+        ([NOW + dt.timedelta(seconds=s) for s in range(-10, 200)], True),
+    ],
+    ids=["burst", "steady"],
+)
+def test_each_shadow_copy_is_judged_in_one_window_only(
+    copies: list[dt.datetime], promoted: bool
+) -> None:
+    """Agreement used to be read over at least 60 s whatever the window: with 10 s windows a
+    burst of agreeing copies was read by six windows and promoted a canary on its own. Each
+    window now reads the copies since status.live.agreementSince, which moves on only once
+    shadowMinSamples copies were judged; fewer are pooled with the next window's."""
+    task, jobs, dep, svc = _serving_task()  # windowSeconds 10, shadowMinSamples 20
+    prom = PromMetrics("http://127.0.0.1:1", scrape_interval_s=5)
+    fake = _ShadowCopies(copies)
+    prom.client = fake  # type: ignore[assignment]
+    modes = []
+    for s in range(0, 150, 10):
+        at = NOW + dt.timedelta(seconds=s)
+        fake.now = at
+        assert metrics_due(task, at, prom.range_s(10))
+        m = prom.task_metrics("weather", 10, "agents", agreement_since_s(task, at))
+        task["status"] = plan(Observed(task, jobs, dep, svc, at, m, min_window_s=10)).status
+        modes.append(task["status"]["route"]["mode"])
+    assert modes[0] == ("shadow" if promoted else "canary")  # steady: 10 copies, then 20
+    assert ("slm" in modes) is promoted
+    live = task["status"]["live"]
+    if not promoted:
+        assert (live["rolloutMode"], live["canaryHealthyWindows"]) == ("canary", 0)
+        assert live["agreementSince"] == NOW.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    else:
+        assert modes.index("slm") >= 6  # three canary windows of 20 fresh copies each
+    at = NOW + dt.timedelta(seconds=141)
+    _settled(Observed(task, jobs, dep, svc, at, metrics_not_due=True, min_window_s=10))

@@ -135,3 +135,26 @@ def test_a_hung_prometheus_costs_one_deadline_then_nothing_during_the_cooldown(
     time.sleep(0.6)
     assert prom.task_metrics("weather", 30, namespace="agents") is None
     assert len(conns) == 2  # asked again after the cool-down
+
+
+def test_windows_and_agreement_ranges_never_overlap() -> None:
+    """Rates read windowSeconds or two scrape intervals, and windows are judged no more often
+    (plan.metrics_due's min_window_s); agreement reads the copies not judged yet, in whole
+    milliseconds rounded down, at most an hour; a task never judged reads one window."""
+    prom = PromMetrics("http://prometheus.example:9090", scrape_interval_s=15)
+    assert (prom.range_s(5), prom.range_s(45)) == (30, 45)
+    assert prom.window(5) == "30s"
+    assert prom.agreement_window(5, None) == "30s"
+    assert prom.agreement_window(5, 30.0123456) == "30012ms"
+    assert prom.agreement_window(5, 86400) == "3600000ms"
+    asked: list[str] = []
+
+    def answer(query: str, **_: object) -> list[object]:
+        asked.append(query)
+        return []
+
+    prom.client.custom_query = answer  # type: ignore[method-assign]
+    prom.task_metrics("weather", 5, namespace="agents", agreement_since_s=42.5)
+    shadow = [q for q in asked if "shadow_total" in q]
+    assert shadow and all("[42500ms]" in q for q in shadow)
+    assert all("[30s]" in q for q in asked if "shadow_total" not in q and "[" in q)
