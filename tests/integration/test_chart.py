@@ -145,6 +145,18 @@ def test_the_operator_may_block_its_tasks_deletion_as_its_owner_references_say()
     assert want in wide
 
 
+def test_the_operator_may_only_post_and_list_core_events() -> None:
+    """The operator (kube.py) and kopf only POST new core/v1 Events and list them (a Job's
+    FailedCreate); nothing patches an Event or uses events.k8s.io, so neither is granted."""
+    want = {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "list"]}
+    for rules in (
+        by_kind(render(), "Role")["slm-operator"]["rules"],
+        by_kind(render("rbac.clusterWide=true"), "ClusterRole")["slm-operator"]["rules"],
+    ):
+        events = [r for r in rules if "events" in r["resources"]]
+        assert events == [want], events
+
+
 def test_default_render_watches_the_release_namespace() -> None:
     docs = render(f"gateway.llmApiKeySecrets={{{KEY_SECRET}}}", namespace="team-a")
     op = container(docs, "slm-operator")
@@ -262,6 +274,17 @@ def test_capture_without_durable_storage_is_refused_unless_opted_into() -> None:
     assert capture_volume(remote) is None
     assert "--capture=s3://bucket/calls" in container(remote, "slm-gateway")["args"]
     assert capture_volume(render_bare("gateway.capture.enabled=false")) is None
+    # /tmp holds the capture spool (shards waiting for an object store): size-limited in
+    # every mode, so an object-store outage cannot fill the node's disk.
+    for docs, limit in (
+        (remote, "2Gi"),
+        (render_bare(CAPTURE_CLAIM), "2Gi"),
+        (render_bare("gateway.capture.enabled=false"), "2Gi"),
+        (render_bare(CAPTURE_CLAIM, "gateway.capture.spoolSizeLimit=500Mi"), "500Mi"),
+    ):
+        pod = by_kind(docs, "Deployment")["slm-gateway"]["spec"]["template"]["spec"]
+        tmp = next(v for v in pod["volumes"] if v["name"] == "tmp")
+        assert tmp == {"name": "tmp", "emptyDir": {"sizeLimit": limit}}, tmp
     # Without the gateway there is nothing to capture.
     assert "slm-gateway" not in by_kind(render_bare("gateway.enabled=false"), "Deployment")
 
@@ -590,6 +613,13 @@ def test_dashboard_uses_documented_gateway_metrics() -> None:
         for m in re.findall(r"slm_gateway_[a-z_]+", e)
     }
     assert used and used <= documented_gateway_metrics(), used - documented_gateway_metrics()
+    # A task's name is unique only per namespace: every series is filtered by both, and the
+    # task variable lists the chosen namespace's tasks (tests/unit/test_docs_metrics.py too).
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert "namespace" in variables and "$namespace" in variables["task"]["query"]["query"]
+    for e in exprs:
+        for _, labels in re.findall(r"(slm_gateway_[a-z_]+)(\{[^}]*\})?", e):
+            assert 'namespace="$namespace"' in labels and 'task="$task"' in labels, e
 
 
 # ---- alerts: the PrometheusRule, tested by promtool on series that fault and that do not ----

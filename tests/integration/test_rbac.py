@@ -150,6 +150,10 @@ def test_chart_rbac_is_minimal(
         ("create", "rolebindings", "-n", ns),
         ("*", "*", "-n", ns),
         ("create", "clusterrolebindings"),
+        # Events are only posted (core/v1) and listed: never patched, never events.k8s.io.
+        ("patch", "events", "-n", ns),
+        ("create", "events.events.k8s.io", "-n", ns),
+        ("patch", "events.events.k8s.io", "-n", ns),
     ]
     for verb, res, *where in denied:
         assert not can_i(cluster, sa, ns, verb, res, *where), f"{verb} {res} {where} allowed"
