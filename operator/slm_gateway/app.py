@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
 import re
@@ -1122,8 +1123,9 @@ def create_app(
             if capture is not None:
                 await asyncio.to_thread(capture.start)
             if cfg.routes_file:
-                reloader = asyncio.create_task(_reload_routes(cfg, table))
-                await _load_routes_once(cfg, table)
+                source = _RoutesFile(cfg, table)
+                await _load_routes_once(source)
+                reloader = asyncio.create_task(_reload_routes(source))
             elif watch and (cfg.namespace or cfg.namespaces or cfg.all_namespaces):
                 from slm_gateway.kube import AgentTaskWatcher
 
@@ -1202,35 +1204,87 @@ class FastPath:
 _CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 
 
-async def _load_routes_once(cfg: GatewayConfig, table: RouteTable) -> None:
-    routes = await asyncio.to_thread(
-        load_routes_file,
-        cfg.routes_file,
-        default_api_key=cfg.llm_api_key,
-        default_slm_timeout_s=cfg.slm_timeout_s,
-        llm_timeout_s=cfg.llm_timeout_s,
-    )
-    table.replace_all(routes)
-    log.info("routes loaded from %s: %d task(s)", cfg.routes_file, len(routes))
+class _RoutesFile:
+    """The static routes file, the key files it reads, and what they held at the last load.
 
+    Why the key files too: ``apiKeyFile:`` entries and ``--llm-api-key-file`` (typically a
+    mounted Secret) used to be read only when the routes file itself changed, so a rotated
+    key kept the old one in use, every LLM call a 401, until a restart. The key files are
+    compared by content (they are a few bytes): a rewrite within the file system's mtime
+    granularity, or a Secret volume's symlink swap, is seen all the same.
+    """
 
-async def _reload_routes(cfg: GatewayConfig, table: RouteTable) -> None:
-    """Reload the static file when it changes, so local demos can switch modes live too."""
-    path = Path(cfg.routes_file)
-    last = path.stat().st_mtime_ns if path.exists() else 0
-    while True:
-        await asyncio.sleep(cfg.routes_reload_s)
+    def __init__(self, cfg: GatewayConfig, table: RouteTable) -> None:
+        self.cfg = cfg
+        self.table = table
+        self.path = Path(cfg.routes_file)
+        self.key_files: list[Path] = self._default_key_files()
+        #: ``state()`` as noted just before the last load (good or not); None before any.
+        self.seen: tuple[Any, ...] | None = None
+
+    def _default_key_files(self) -> list[Path]:
+        return [Path(self.cfg.llm_api_key_file)] if self.cfg.llm_api_key_file else []
+
+    def state(self) -> tuple[Any, ...]:
+        """The routes file's mtime (None when it is missing) and each key file's digest."""
         try:
-            mtime = path.stat().st_mtime_ns
+            mtime: int | None = self.path.stat().st_mtime_ns
         except OSError:
-            continue
-        if mtime == last:
-            continue
-        last = mtime
+            mtime = None
+        return (mtime, tuple(_file_digest(p) for p in self.key_files))
+
+    def load(self) -> int:
+        """Read the routes and the keys again and set the table; blocking (a worker thread).
+
+        The state is noted before the reads, so a change made during a load causes another.
+        """
+        before = self.state()
+        key_files = self._default_key_files()
         try:
-            await _load_routes_once(cfg, table)
+            default_key = self.cfg.llm_api_key
+            if self.cfg.llm_api_key_file:
+                default_key = Path(self.cfg.llm_api_key_file).read_text().strip()
+            routes = load_routes_file(
+                self.path,
+                default_api_key=default_key,
+                default_slm_timeout_s=self.cfg.slm_timeout_s,
+                llm_timeout_s=self.cfg.llm_timeout_s,
+                key_files=key_files,
+            )
+        finally:
+            if key_files != self.key_files:  # files named now: what they hold now
+                self.key_files = key_files
+                before = self.state()
+            self.seen = before
+        self.table.replace_all(routes)
+        return len(routes)
+
+
+def _file_digest(path: Path) -> bytes | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).digest()
+    except OSError:
+        return None
+
+
+async def _load_routes_once(source: _RoutesFile) -> None:
+    n = await asyncio.to_thread(source.load)
+    log.info("routes loaded from %s: %d task(s)", source.path, n)
+
+
+async def _reload_routes(source: _RoutesFile) -> None:
+    """Reload the static file when it or a key file it reads changes, so local demos can
+    switch modes live and a rotated key file is in use without a restart."""
+    while True:
+        await asyncio.sleep(source.cfg.routes_reload_s)
+        state = await asyncio.to_thread(source.state)
+        # A routes file missing for a moment (an editor's save) keeps the routes as they are.
+        if state[0] is None or state == source.seen:
+            continue
+        try:
+            await _load_routes_once(source)
         except Exception as exc:
-            log.warning("routes file %s not reloaded: %s", path, exc)
+            log.warning("routes file %s not reloaded: %s", source.path, exc)
 
 
 __all__ = ["Gateway", "create_app"]

@@ -9,6 +9,7 @@ read once, never printed.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,9 @@ class GatewayConfig:
     max_shadow_inflight: int = 64
     prices: Mapping[str, Price] = field(default_factory=lambda: dict(DEFAULT_PRICES))
     llm_api_key: str = field(default="", repr=False)
+    #: Where ``llm_api_key`` was read from, if a file: a routes file's reload reads it again
+    #: when it changes (a mounted Secret that rotated), not only at start.
+    llm_api_key_file: str = ""
     host: str = "127.0.0.1"
     port: int = 8080
     port_file: str = ""
@@ -200,6 +204,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: flag, argparse's name for it, lowest value allowed, whether that value itself is allowed.
+_LOWER_BOUNDS: tuple[tuple[str, str, float, bool], ...] = (
+    ("--slm-timeout-ms", "slm_timeout_ms", 0.0, False),
+    ("--llm-timeout-s", "llm_timeout_s", 0.0, False),
+    ("--breaker-failures", "breaker_failures", 1, True),
+    ("--breaker-cooldown-s", "breaker_cooldown_s", 0.0, True),
+    ("--resync-seconds", "resync_seconds", 1, True),
+)
+
+
+def _check_upstream_limits(args: argparse.Namespace) -> None:
+    """Refuse the timeouts, breaker settings and resync period that would break every task.
+
+    Why at start: each of these used to be accepted and fail only per request or per task: a
+    zero or negative SLM budget made every task unroutable (404 ``model_not_found``), a zero
+    LLM timeout or breaker threshold failed every call (500), and a resync under 1 s made the
+    watch fail over and over. The environment variables (``SLM_GATEWAY_SLM_TIMEOUT_MS``, ...)
+    are the flags' defaults, so they are checked here too, and named in the message.
+    """
+    for flag, name, low, inclusive in _LOWER_BOUNDS:
+        value = getattr(args, name)
+        ok = value >= low if inclusive else value > low
+        if ok and math.isfinite(value):
+            continue
+        bound = f"at least {low:g}" if inclusive else f"above {low:g}"
+        if not math.isfinite(value):
+            bound = f"a finite number {bound}"
+        env = ENV_PREFIX + flag.removeprefix("--").replace("-", "_").upper()
+        build_parser().error(f"{flag} must be {bound} (got {value:g}; {env} sets its default)")
+
+
 def config_from_args(argv: Sequence[str] | None = None) -> GatewayConfig:
     args = build_parser().parse_args(argv)
     sources = sum(bool(x) for x in (args.routes, args.namespace, args.all_namespaces))
@@ -214,6 +249,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> GatewayConfig:
     ):
         if value <= 0:
             build_parser().error(f"{flag} must be above 0")
+    _check_upstream_limits(args)
     key = ""
     if args.llm_api_key_file:
         key = Path(args.llm_api_key_file).read_text().strip()
@@ -254,6 +290,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> GatewayConfig:
         max_shadow_inflight=args.max_shadow_inflight,
         prices=prices,
         llm_api_key=key,
+        llm_api_key_file=args.llm_api_key_file,
         host=args.host,
         port=args.port,
         port_file=args.port_file,

@@ -12,6 +12,12 @@ the last good table keeps serving meanwhile. A second daemon thread reads the na
 again every ``secret_refresh_s``, since they cannot be watched: a rotated key or a Secret
 created after its task is in use within seconds. Only ``get`` on the named Secrets and
 ``list``/``watch`` on agenttasks are needed.
+
+Every call to the API server has a client-side timeout (``request_timeout``; the watch its
+own, longer one): a list or a Secret read whose answer never comes (a stalled connection, an
+API server that hangs) would otherwise block its thread for good, silently freezing every
+route (a deleted task still routed, a switch to the LLM never arriving) while /readyz said
+ready. A timed-out list fails like any other: logged, backed off, listed again.
 """
 
 from __future__ import annotations
@@ -48,6 +54,11 @@ DEFAULT_SECRET_REFRESH_S = 10.0
 #: A watch open at least this long (or half of ``resync_s``) was healthy; see ``_run``.
 HEALTHY_WATCH_S = 10.0
 MAX_BACKOFF_S = 30.0
+#: (connect, read) seconds for each list and Secret read. The read timeout bounds each wait
+#: for data, not the whole answer, and urllib3 retries a timed-out GET up to 3 times, so a
+#: stalled call gives up after about 2 minutes at most; a healthy list or read takes well
+#: under a second.
+REQUEST_TIMEOUT_S = (5.0, 30.0)
 
 
 def api_client(kubeconfig: str | None = None) -> Any:
@@ -86,6 +97,7 @@ class AgentTaskWatcher:
         version: str = VERSION,
         on_change: Callable[[], None] | None = None,
         only_namespaces: frozenset[str] | None = None,
+        request_timeout: tuple[float, float] = REQUEST_TIMEOUT_S,
     ) -> None:
         self.table = table
         self.namespace = namespace
@@ -97,6 +109,7 @@ class AgentTaskWatcher:
         self.secret_refresh_s = secret_refresh_s
         self.version = version
         self.on_change = on_change
+        self.request_timeout = request_timeout
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._refresher: threading.Thread | None = None
@@ -106,6 +119,12 @@ class AgentTaskWatcher:
         # refresh rebuilds from. Written with the table under _lock, so a refresh can neither
         # bring back a task an event just deleted nor put back an older status.
         self._tasks: dict[str, tuple[Mapping[str, Any], str]] = {}
+        # Each task's install number (from _seq), bumped whenever its route is set or removed:
+        # a key refresh, which reads the Secrets without the lock, installs what it read only
+        # for the tasks whose number is still the one it noted before the reads. Else a slow
+        # refresh could put back the old key right after an event installed a rotated one.
+        self._versions: dict[str, int] = {}
+        self._seq = 0
         self._lock = threading.Lock()
         # The last key read from each Secret, kept through a read that fails for a moment.
         self._keys: dict[SecretRef, str] = {}
@@ -191,7 +210,7 @@ class AgentTaskWatcher:
 
     def _relist(self, custom: Any, core: Any) -> str:
         fn, args = self._list_fn(custom)
-        listing = fn(*args)
+        listing = fn(*args, _request_timeout=self.request_timeout)
         items = [
             obj
             for obj in listing.get("items", [])
@@ -214,6 +233,7 @@ class AgentTaskWatcher:
                 if route is not None:
                     routes.append(route)
             self._tasks = tasks
+            self._versions = {key: self._next_seq() for key in tasks}
             self.table.replace_all(routes)
         # Forget the Secrets no task names any more (a stale key must not come back with one).
         for ref in set(self._keys) - set(keys):
@@ -267,6 +287,7 @@ class AgentTaskWatcher:
         if kind == "DELETED":
             with self._lock:
                 self._tasks.pop(key, None)
+                self._versions.pop(key, None)
                 self.table.remove(key)
             return
         ref = secret_ref(obj)
@@ -278,11 +299,17 @@ class AgentTaskWatcher:
         """Remember the task and route it with ``api_key``, or drop its route when it cannot
         be served; the caller holds ``_lock``."""
         self._tasks[key] = (obj, api_key)
+        self._versions[key] = self._next_seq()
         route = self._build(obj, api_key)
         if route is None:
             self.table.remove(key)
         else:
             self.table.upsert(route)
+
+    def _next_seq(self) -> int:
+        """A fresh install number; the caller holds ``_lock``."""
+        self._seq += 1
+        return self._seq
 
     def _build(self, obj: Mapping[str, Any], api_key: str) -> Route | None:
         try:
@@ -313,13 +340,20 @@ class AgentTaskWatcher:
         task's key otherwise changed only with a list (``resync_s``, 5 minutes by default) or
         an event of that task: a rotated key, or a Secret created after its task, meant every
         LLM call answered 401 until then.
+
+        The Secrets are read without the lock (a slow read must not hold up the watch), so a
+        task installed meanwhile (an event or a list, which read its key later than this
+        refresh did) is left as it is: its key is at least as new as the one read here.
         """
         with self._lock:
+            noted = dict(self._versions)
             refs = {r for obj, _ in self._tasks.values() if (r := secret_ref(obj)) is not None}
         keys = {ref: self._read_key(core, ref) for ref in refs}
         changed = 0
         with self._lock:
             for key, (obj, used) in list(self._tasks.items()):
+                if self._versions.get(key) != noted.get(key):
+                    continue
                 ref = secret_ref(obj)
                 if ref is None or ref not in keys or keys[ref] == used:
                     continue
@@ -336,7 +370,7 @@ class AgentTaskWatcher:
         that misses once must not turn a working key into minutes of 401s."""
         ns, name, field = ref
         try:
-            secret = core.read_namespaced_secret(name, ns)
+            secret = core.read_namespaced_secret(name, ns, _request_timeout=self.request_timeout)
         except Exception as exc:
             if getattr(exc, "status", None) == 404:
                 self._keys.pop(ref, None)
@@ -413,6 +447,10 @@ def _summary(exc: BaseException) -> str:
     """An exception in one line, without response bodies (which may echo request data)."""
     status = getattr(exc, "status", None)
     reason = getattr(exc, "reason", None)
+    if isinstance(reason, BaseException):
+        # urllib3's MaxRetryError: its cause (a read timeout, a refused connection) is what
+        # says what went wrong, and the wrapper's own text would push it past the cut.
+        return _summary(reason)
     if status is not None:
         return f"{type(exc).__name__} {status} {reason or ''}".strip()
     return f"{type(exc).__name__}: {str(exc)[:200]}"

@@ -298,6 +298,7 @@ def load_routes_file(
     default_slm_timeout_s: float = DEFAULT_SLM_TIMEOUT_S,
     llm_timeout_s: float = DEFAULT_LLM_TIMEOUT_S,
     environ: Mapping[str, str] | None = None,
+    key_files: list[Path] | None = None,
 ) -> list[Route]:
     """Routes from a YAML or JSON file, for local use without a cluster.
 
@@ -305,6 +306,10 @@ def load_routes_file(
     AgentTask manifests (one or more YAML documents, or a ``List``), whose spec and status
     are read exactly as the cluster watch reads them. In the second shape the API key comes
     from ``default_api_key`` (the gateway's ``--llm-api-key-env`` / ``--llm-api-key-file``).
+
+    ``key_files``, when given, gets each ``apiKeyFile`` the file names, even one that fails
+    to read: the gateway reloads when one of them changes, so a rotated key (a mounted
+    Secret) is in use without a restart and without touching the routes file.
     """
     routes: list[Route] = []
     docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d]
@@ -333,6 +338,8 @@ def load_routes_file(
             for name, entry in tasks.items():
                 if not isinstance(entry, dict):
                     raise RouteError(f"{path}: tasks.{name} must be a mapping")
+                if key_files is not None and not entry.get("apiKeyEnv") and entry.get("apiKeyFile"):
+                    key_files.append(Path(str(entry["apiKeyFile"])))
                 routes.append(
                     route_from_entry(
                         str(name),

@@ -22,7 +22,7 @@ from starlette.testclient import TestClient
 
 from slm_e2e import llm_standin
 from slm_gateway.app import create_app
-from slm_gateway.config import GatewayConfig
+from slm_gateway.config import GatewayConfig, config_from_args
 from slm_gateway.decide import canary_bucket
 from slm_gateway.routes import Route, RouteTable
 
@@ -466,6 +466,38 @@ def test_static_routes_file_reloads_live(standin: llm_standin.StandIn, tmp_path:
         while chat(c).headers["x-slm-backend"] != "slm":
             assert time.monotonic() < deadline, "route file change not applied"
             time.sleep(0.05)
+
+
+@pytest.mark.parametrize("where", ["apiKeyFile", "--llm-api-key-file"])
+def test_a_rotated_key_file_is_used_without_touching_the_routes_file(
+    standin: llm_standin.StandIn, tmp_path: Path, where: str
+) -> None:
+    """A key file (a mounted Secret, named by an ``apiKeyFile:`` entry or by
+    ``--llm-api-key-file``) was read only when the routes file changed: after a rotation the
+    old, revoked key went to the LLM until a restart. The new key now goes with the next
+    calls, while the routes file stays as it was."""
+    key_file = tmp_path / "api-key"
+    key_file.write_text("sk-old-revoked-key\n")
+    entry = {"mode": "llm", "llmBaseURL": standin.llm_base_url, "llmModel": "gpt-4o"}
+    argv = ["--routes", str(tmp_path / "routes.yaml")]
+    if where == "apiKeyFile":
+        entry["apiKeyFile"] = str(key_file)
+    else:
+        argv += ["--llm-api-key-file", str(key_file)]
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(yaml.safe_dump({"tasks": {"weather": entry}}))
+    cfg = replace(config_from_args(argv), routes_reload_s=0.05)
+    with TestClient(create_app(cfg)) as c:
+        assert chat(c).status_code == 200
+        assert (standin.stats()["auth_expected"], standin.stats()["auth_other"]) == (0, 1)
+        mtime = routes.stat().st_mtime_ns
+        key_file.write_text(KEY + "\n")
+        deadline = time.monotonic() + 5
+        while standin.stats()["auth_expected"] == 0:
+            assert time.monotonic() < deadline, "the rotated key was never sent to the LLM"
+            assert chat(c).status_code == 200
+            time.sleep(0.05)
+        assert routes.stat().st_mtime_ns == mtime
 
 
 def test_the_gateway_never_imports_the_training_stack() -> None:

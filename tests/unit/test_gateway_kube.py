@@ -4,7 +4,9 @@ The real client's ``Watch`` runs over fake list/watch calls, so these tests cove
 gateway does with what the API server can answer: a watch that expires (410 Gone), one that
 ends at once or is refused, a list that is forbidden (RBAC) or 404 (no CRD), a kubeconfig that
 cannot be loaded, and Secrets that appear, rotate, vanish or fail to read for a moment.
-The back-off is measured by recording the loop's waits instead of sleeping.
+The back-off is measured by recording the loop's waits instead of sleeping. A list or Secret
+read that never gets an answer is played by a real HTTP server on 127.0.0.1 that stops
+answering, under the real client.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import copy
 import json
 import logging
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -54,7 +59,7 @@ class FakeCore:
         self.fail: ApiException | None = None
         self.reads = 0
 
-    def read_namespaced_secret(self, name: str, namespace: str) -> _Secret:
+    def read_namespaced_secret(self, name: str, namespace: str, **kwargs: Any) -> _Secret:
         self.reads += 1
         if self.fail is not None:
             raise self.fail
@@ -394,3 +399,219 @@ def test_namespace_flag_takes_one_or_several() -> None:
     assert (several.namespace, several.namespaces) == (None, ("team-a", "team-b"))
     with pytest.raises(SystemExit):
         config_from_args(["--namespace", " , "])
+
+
+# ---- an API server that stops answering ---------------------------------------------------
+
+
+class StallingAPI:
+    """A Kubernetes API on 127.0.0.1 for the real client: ``answer(path)`` gives each GET's
+    JSON body, or None to never answer (the connection stays open, as when an API server or
+    a proxy hangs). A watch ends at once with no events. Stalled handlers are let go at
+    ``close``."""
+
+    def __init__(self, answer: Callable[[str], dict[str, Any] | None]) -> None:
+        self.answer = answer
+        self.paths: list[str] = []
+        self.release = threading.Event()
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                api.paths.append(self.path)
+                if "watch=" in self.path:
+                    body = b""
+                else:
+                    obj = api.answer(self.path)
+                    if obj is None:
+                        api.release.wait(30)
+                        return
+                    body = json.dumps(obj).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def kubeconfig(self, tmp_path: Path) -> str:
+        port = self.server.server_address[1]
+        path = tmp_path / "kubeconfig"
+        path.write_text(
+            f"""
+apiVersion: v1
+kind: Config
+clusters: [{{name: c, cluster: {{server: "http://127.0.0.1:{port}"}}}}]
+users: [{{name: u, user: {{token: x}}}}]
+contexts: [{{name: c, context: {{cluster: c, user: u}}}}]
+current-context: c
+"""
+        )
+        return str(path)
+
+    def lists(self) -> int:
+        return sum(1 for p in self.paths if "/agenttasks" in p and "watch=" not in p)
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class QuickEvent(threading.Event):
+    """A stop event whose back-off waits last 50 ms at most, so the loop retries quickly."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return super().wait(0.05 if timeout is None else min(timeout, 0.05))
+
+
+def listing(*tasks: dict[str, Any]) -> dict[str, Any]:
+    return {"items": list(tasks), "metadata": {"resourceVersion": "1"}}
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def stalling_api() -> Iterator[Callable[..., StallingAPI]]:
+    made: list[StallingAPI] = []
+
+    def make(answer: Callable[[str], dict[str, Any] | None]) -> StallingAPI:
+        made.append(StallingAPI(answer))
+        return made[-1]
+
+    yield make
+    for api in made:
+        api.close()
+
+
+def watch_against(api: StallingAPI, tmp_path: Path) -> AgentTaskWatcher:
+    """A started watcher on ``api`` with short request timeouts and quick back-off."""
+    watcher = AgentTaskWatcher(
+        RouteTable(),
+        "agents",
+        kubeconfig=api.kubeconfig(tmp_path),
+        secret_refresh_s=0,
+        request_timeout=(1.0, 0.2),
+    )
+    watcher._stop = QuickEvent()
+    watcher.start()
+    return watcher
+
+
+def test_a_list_that_never_answers_times_out_and_the_next_list_picks_up_the_change(
+    stalling_api: Callable[..., StallingAPI],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A relist whose answer never came blocked the watch thread for good: the routes froze
+    (a deleted task still sent to its SLM, a switch to the LLM never arriving), /readyz still
+    said ready, and nothing was logged. The list now times out, is logged, backed off and
+    listed again, and the API server's answer, once it comes, is in the table."""
+    caplog.set_level(logging.WARNING, logger="slm_gateway.kube")
+    state = {"lists": 0, "stalled": True}
+
+    def answer(path: str) -> dict[str, Any] | None:
+        state["lists"] += 1
+        if state["lists"] == 1:
+            return listing(
+                task("weather", secret=None, mode="slm", slmEndpoint="http://triton:8000"),
+                task("gone", secret=None, mode="slm", slmEndpoint="http://triton:8000"),
+            )
+        if state["stalled"]:
+            return None
+        return listing(task("weather", secret=None, mode="llm"))
+
+    api = stalling_api(answer)
+    watcher = watch_against(api, tmp_path)
+    try:
+        wait_for(lambda: watcher.table.ready, "first list not applied")
+        assert sorted(r.task for r in watcher.table.routes()) == ["gone", "weather"]
+        wait_for(
+            lambda: "AgentTask watch failed" in caplog.text and "timed out" in caplog.text,
+            "a list that never answers was not given up and logged",
+        )
+        state["stalled"] = False  # the API server answers again
+        wait_for(
+            lambda: [(r.task, r.mode) for r in watcher.table.routes()] == [("weather", "llm")],
+            "the change made while the list stalled never reached the routes",
+        )
+    finally:
+        watcher.stop()
+
+
+def test_a_secret_read_that_never_answers_does_not_hold_up_the_list(
+    stalling_api: Callable[..., StallingAPI], tmp_path: Path
+) -> None:
+    """A Secret read that never answered blocked the list it was part of for good: no task of
+    the namespace was ever routed and /readyz stayed 503. It now times out; the task is
+    routed (without a key, as for any unreadable Secret) and the tasks without one too."""
+
+    def answer(path: str) -> dict[str, Any] | None:
+        if "/secrets/" in path:
+            return None
+        return listing(task("weather"), task("plain", secret=None))
+
+    api = stalling_api(answer)
+    watcher = watch_against(api, tmp_path)
+    try:
+        wait_for(lambda: watcher.table.ready, "a stalled Secret read held up the list")
+        assert sorted(r.task for r in watcher.table.routes()) == ["plain", "weather"]
+        assert auth(watcher, "weather") is None
+    finally:
+        watcher.stop()
+
+
+# ---- a key refresh racing a watch event ---------------------------------------------------
+
+
+class SlowCore(FakeCore):
+    """A refresh's read (in the thread named "refresher") gets the key of that moment, then
+    waits for ``go`` before it returns: the watch meanwhile reads and installs a newer key."""
+
+    def __init__(self, keys: dict[str, str]) -> None:
+        super().__init__(keys)
+        self.entered = threading.Event()
+        self.go = threading.Event()
+
+    def read_namespaced_secret(self, name: str, namespace: str, **kwargs: Any) -> _Secret:
+        secret = super().read_namespaced_secret(name, namespace, **kwargs)
+        if threading.current_thread().name == "refresher":
+            self.entered.set()
+            assert self.go.wait(10)
+        return secret
+
+
+def test_a_slow_refresh_never_puts_back_the_key_an_event_just_replaced() -> None:
+    """A refresh reads the Secrets without the lock; one in flight while the key rotated used
+    to install the old key it had read right after a watch event installed the new one, and
+    every LLM call got a 401 until the next refresh. Tasks installed meanwhile are now left
+    as they are."""
+    core = SlowCore({"llm-key": KEY})
+    watcher = listed(core, task("weather"))
+    refresher = threading.Thread(target=watcher.refresh_keys, args=(core,), name="refresher")
+    refresher.start()
+    assert core.entered.wait(10)
+    core.keys["llm-key"] = NEW_KEY  # rotated, the old key revoked
+    watcher._apply_event("MODIFIED", task("weather", mode="llm"), core)
+    assert auth(watcher, "weather") == f"Bearer {NEW_KEY}"
+    core.go.set()
+    refresher.join(10)
+    assert auth(watcher, "weather") == f"Bearer {NEW_KEY}"
+    watcher.refresh_keys(core)  # the next refresh still rotates keys as before
+    assert auth(watcher, "weather") == f"Bearer {NEW_KEY}"
+    core.keys["llm-key"] = KEY
+    watcher.refresh_keys(core)
+    assert auth(watcher, "weather") == f"Bearer {KEY}"

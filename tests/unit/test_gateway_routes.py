@@ -151,6 +151,31 @@ def test_static_file_with_tasks_and_manifests(tmp_path: Path) -> None:
     assert extract.llm_headers["Authorization"] == "Bearer k1"
 
 
+def test_a_routes_file_names_the_key_files_it_reads_even_one_missing(tmp_path: Path) -> None:
+    """The gateway reloads the routes when a key file changes (a rotated, mounted Secret), so
+    it must know which files they are: each ``apiKeyFile`` read, and one that could not be
+    read yet, whose appearing must cause a reload too. ``apiKeyEnv`` wins over a file."""
+    key = tmp_path / "key"
+    key.write_text("sk-file\n")
+    base = {"llmBaseURL": "http://127.0.0.1:1/v1", "llmModel": "m"}
+    tasks = {
+        "a": {**base, "apiKeyFile": str(key)},
+        "b": {**base, "apiKeyEnv": "K", "apiKeyFile": str(tmp_path / "unused")},
+    }
+    path = tmp_path / "routes.yaml"
+    path.write_text(yaml.safe_dump({"tasks": tasks}))
+    files: list[Path] = []
+    routes = {r.task: r for r in load_routes_file(path, environ={"K": "k"}, key_files=files)}
+    assert files == [key]
+    assert routes["a"].llm_headers["Authorization"] == "Bearer sk-file"
+    tasks["c"] = {**base, "apiKeyFile": str(tmp_path / "not-yet")}
+    path.write_text(yaml.safe_dump({"tasks": tasks}))
+    files.clear()
+    with pytest.raises(FileNotFoundError):
+        load_routes_file(path, environ={"K": "k"}, key_files=files)
+    assert files == [key, tmp_path / "not-yet"]
+
+
 def route(task: str, ns: str = "", mode: str = "llm") -> Route:
     return Route(task=task, namespace=ns, mode=mode, llm_base_url="http://x/v1", llm_model="m")
 
@@ -217,7 +242,7 @@ class _Core:
     def __init__(self, secrets: dict[str, dict[str, str]]) -> None:
         self.secrets = secrets
 
-    def read_namespaced_secret(self, name: str, namespace: str) -> _Secret:
+    def read_namespaced_secret(self, name: str, namespace: str, **kwargs: Any) -> _Secret:
         return _Secret(self.secrets[name])
 
 
@@ -227,7 +252,7 @@ class _Custom:
     def __init__(self, items: list[dict[str, Any]]) -> None:
         self.items = items
 
-    def list_namespaced_custom_object(self, *args: Any) -> dict[str, Any]:
+    def list_namespaced_custom_object(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return {"items": self.items, "metadata": {"resourceVersion": "7"}}
 
 
