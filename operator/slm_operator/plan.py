@@ -783,15 +783,23 @@ def agreement_since_s(task: Mapping[str, Any], now: dt.datetime) -> float | None
 
 
 def _agreement_since(
-    m: Metrics, spec: Mapping[str, Any], prev: Mapping[str, Any], now: str, window: float
+    m: Metrics,
+    spec: Mapping[str, Any],
+    prev: Mapping[str, Any],
+    now: str,
+    window: float,
+    judged: bool = True,
 ) -> str:
     """``status.live.agreementSince`` after a window judged at ``now`` with metrics ``m``.
 
-    A window that read ``shadowMinSamples`` copies or more judged them (or could have): the
-    next reads only newer ones. One with fewer pools them with the next: the start stays.
+    A window that read ``shadowMinSamples`` copies or more and whose rollout step had an SLO
+    verdict (``judged``) used them: the next reads only newer ones. One with fewer copies, or
+    none of the verdict a canary needs besides agreement, pools them with the next: the start
+    stays. Spending copies in windows that could not count them starved a canary at low
+    traffic: its short windows rarely had both an SLM latency sample and enough fresh copies.
     """
     min_samples = int((spec.get("rollout") or {}).get("shadowMinSamples", 50))
-    if m.shadow_samples is not None and m.shadow_samples >= min_samples:
+    if judged and m.shadow_samples is not None and m.shadow_samples >= min_samples:
         return now
     since = prev.get("agreementSince") or prev.get("lastEvaluated")
     if since:
@@ -921,7 +929,8 @@ def _live_control(
         # breachWindows 1 the same window turns fallback on, and a canary that merely held
         # would keep its healthy windows and be promoted the moment fallback ended.
         canary_breached = bool(breached) and ro.mode == lv.MODE_CANARY
-        if not fb.active or not ro.mode or canary_breached:
+        stepped = not fb.active or not ro.mode or canary_breached
+        if stepped:
             ro = lv.rollout_step(
                 ro if ro.mode else Rollout(lv.MODE_LLM, 0, ""),
                 m,
@@ -932,7 +941,11 @@ def _live_control(
         # so there is no canary to judge: the rollout holds, and goes on once fallback is off
         # (otherwise recovery windows would promote shadow -> canary -> slm unseen).
         live["lastEvaluated"] = now
-        live["agreementSince"] = _agreement_since(m, spec, prev, now, window)
+        # The copies are spent only by a window whose rollout step could use them: one with
+        # no SLO verdict (no SLM latency sample in its range) or under fallback pools them on.
+        live["agreementSince"] = _agreement_since(
+            m, spec, prev, now, window, judged=stepped and breached is not None
+        )
         live["observed"] = {
             k: round(v, 4) if isinstance(v, float) else v
             for k, v in (

@@ -1710,13 +1710,17 @@ class _ShadowCopies:
     """A Prometheus client that answers the agreement queries from shadow copies at given
     times (all agreeing) over the range each query names, and healthy figures otherwise."""
 
-    def __init__(self, copies: list[dt.datetime]) -> None:
+    def __init__(self, copies: list[dt.datetime], no_latency: Any = None) -> None:
         self.copies = copies
         self.now = NOW
+        #: Whether the SLO queries have no sample at a time (no SLM call in their range).
+        self.no_latency = no_latency or (lambda at: False)
 
     def custom_query(self, q: str, **_: Any) -> list[dict[str, Any]]:
         if "capture_records_total" in q:
             return []
+        if ("histogram_quantile" in q or "error|timeout" in q) and self.no_latency(self.now):
+            return []  # no SLM call in the range: no latency, no error rate
         value = 80.0 if "histogram_quantile" in q else 0.0 if "error|timeout" in q else 1.0
         if "shadow_total" in q:
             amount, unit = re.findall(r"\[(\d+)(ms|s)\]", q)[0]
@@ -1765,3 +1769,25 @@ def test_each_shadow_copy_is_judged_in_one_window_only(
         assert modes.index("slm") >= 6  # three canary windows of 20 fresh copies each
     at = NOW + dt.timedelta(seconds=141)
     _settled(Observed(task, jobs, dep, svc, at, metrics_not_due=True, min_window_s=10))
+
+
+def test_copies_a_window_could_not_judge_are_pooled_not_spent() -> None:
+    """A window with enough fresh copies but no SLO verdict (no SLM latency sample in its
+    short range, common at low traffic) cannot count for a canary; it used to spend the
+    copies anyway, so a canary whose windows alternated between "copies, no latency" and
+    "latency, too few new copies" never counted a healthy window: the demo stayed at canary.
+    Such copies now pool on to the next window that has a verdict."""
+    task, jobs, dep, svc = _serving_task()  # windowSeconds 10, shadowMinSamples 20
+    prom = PromMetrics("http://127.0.0.1:1", scrape_interval_s=5)
+    copies = [NOW + dt.timedelta(seconds=s) for s in range(-10, 400)]  # one a second
+    # The windows whose pool has just reached 20 copies have no latency sample.
+    fake = _ShadowCopies(copies, no_latency=lambda at: int((at - NOW).total_seconds()) % 20 == 10)
+    prom.client = fake  # type: ignore[assignment]
+    modes = []
+    for s in range(0, 400, 10):
+        at = NOW + dt.timedelta(seconds=s)
+        fake.now = at
+        m = prom.task_metrics("weather", 10, "agents", agreement_since_s(task, at))
+        task["status"] = plan(Observed(task, jobs, dep, svc, at, m, min_window_s=10)).status
+        modes.append(task["status"]["route"]["mode"])
+    assert "canary" in modes and modes[-1] == "slm", modes
