@@ -839,3 +839,21 @@ def test_a_shard_listed_but_not_readable_fails_with_a_readable_message(
     result = run(Args(input=f"slmtestnoread://{memory_prefix}/", output_dir=tmp_path / "o"))
     assert (result.ok, result.examples) == (False, None)
     assert "access denied" in result.message and "calls-a-000.jsonl" in result.message
+
+
+def test_a_string_over_the_redactors_limit_is_malformed_not_fatal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A string over MAX_TEXT_CHARS made the redactor raise, and the exception ended the whole
+    curate stage: one huge tool result cost every other call in the log. It is counted as a
+    malformed record (``too_long``), never written, and the rest is curated."""
+    import slm_trainer.redact as redact_module
+
+    monkeypatch.setattr(redact_module, "MAX_TEXT_CHARS", 5000)
+    huge = call("summarise this: " + "word " * 1200 + "jane.long@example.com", content="ok")
+    result, report, out = curate(tmp_path, [huge, *tool_calls(6, 0, 0)], min_examples=1)
+    assert result.ok
+    assert report["malformed"] == {"too_long": 1}
+    assert report["examples"] == 6
+    written = (out / "train.jsonl").read_text() + (out / "eval.jsonl").read_text()
+    assert "jane.long@example.com" not in written and "word word" not in written

@@ -814,10 +814,14 @@ def _curate(
     sample = _Sample(args.max_examples)
 
     redactor = None
+    # What the redactor raises for a string it refuses to analyse (over MAX_TEXT_CHARS); the
+    # empty tuple catches nothing when nothing is redacted.
+    too_long: tuple[type[Exception], ...] = ()
     if args.scrub_pii:
-        from slm_trainer.redact import default_redactor
+        from slm_trainer.redact import TextTooLong, default_redactor
 
         redactor = default_redactor()
+        too_long = (TextTooLong,)
     near_wanted = args.near_dup_threshold < 1.0
 
     records = parse_lines(read_lines(files), stats, args.task, args.max_error_samples)
@@ -850,6 +854,11 @@ def _curate(
             continue
         except UnicodeEncodeError:  # the contract refuses lone surrogates; never fatal anyway
             stats.malformed["invalid_unicode"] += 1
+            continue
+        except too_long:
+            # A string the redactor will not analyse cannot be written redacted, nor may it
+            # be written unredacted: the record is dropped and counted, the stage goes on.
+            stats.malformed["too_long"] += 1
             continue
         entry_of[raw_key] = entry.key
         if entry.redactions:  # what was scrubbed from each distinct call, kept or not

@@ -26,9 +26,12 @@ downloaded) and these recognizers:
   segments whose header decodes to a JSON object) and ``PRIVATE_KEY`` (PEM
   ``-----BEGIN ... PRIVATE KEY-----`` blocks, also when cut off before their END line).
 
-JSON values under a key named like a secret (``password``, ``client_secret``,
-``Authorization``, ``Proxy-Authorization``...) are redacted whatever they look like; under an
-authorization key only the credential after its scheme (``Basic <API_KEY_1>``).
+JSON values under a key named like a secret (``password``, ``client_secret``, ``secret_key``,
+``AccountKey``, ``passphrase``, ``pwd``, ``Authorization``, ``Proxy-Authorization``...) are
+redacted whatever they look like, also in JSON encoded inside a string; under an authorization
+key only the credential after its scheme (``Basic <API_KEY_1>``), under a ``Cookie`` key each
+cookie's value. In text, a value after a ``password``/``passwd``/``passphrase``/``pwd`` label
+and the cookie values of a ``Cookie:`` header follow the same rule.
 
 A few plausibility filters then drop the matches that most often turn out not to be PII in
 agent traffic: bare digit runs taken for phone numbers with no phone word nearby (order ids,
@@ -86,6 +89,10 @@ try:
     import orjson as _orjson
 except ImportError:  # optional: only speed depends on it
     _orjson = None  # type: ignore[assignment]
+try:
+    import phonenumbers  # Presidio's phone recognizer brings it
+except ImportError:  # then phone_forms falls back to a North American rule
+    phonenumbers = None  # type: ignore[assignment]
 
 # spaCy's thinc and Presidio's optional Hugging Face engine import torch and transformers
 # whenever they are installed (as in the trainer image). We only use spaCy's tokenizer, and
@@ -172,10 +179,38 @@ _VERSION_CONTEXT_RE = re.compile(
 )
 # Dotted phone formats in use: 415.555.0199 (North America), 01.42.68.53.00 (France).
 _DOTTED_PHONE_RE = re.compile(r"(?:\(?\d{3}\)?\.)?\d{3}\.\d{4}|0\d(?:\.\d{2}){4}")
+# A JSON key whose value is a secret whatever it looks like. The name may carry any prefix
+# (``aws_secret_key``, ``DB_PWD``, ``Set-Cookie``) but must end with the secret's word, so
+# ``secret_key_rotation_days`` or ``password_hint`` do not count; ``pass`` only as a word of
+# its own (``db_pass``, not ``bypass`` or ``compass``).
 _SECRET_KEY_NAME_RE = re.compile(
-    r"[\w.-]*?(?:api[_-]?key|apikey|secret|token|password|passwd|credentials?"
-    r"|access[_-]?key|private[_-]?key|auth|authorization)",
+    r"[\w.-]*?(?:api[_-]?key|apikey|secret|token|password|passwd|passphrase|pwd|credentials?"
+    r"|access[_-]?key|private[_-]?key|auth|authorization|cookies?"
+    r"|(?:secret|encryption|signing|master|account|shared|storage)[_-]?key)"
+    r"|(?:[\w.-]*[_.-])?pass",
     re.IGNORECASE,
+)
+# Keys named like a working directory's (``pwd``, ``OLDPWD``) whose value is a path are not
+# passwords: ``{"PWD": "/home/jane/app"}`` in an environment dump.
+_PWD_KEY_RE = re.compile(r".*pwd", re.IGNORECASE)
+_PATH_VALUE_RE = re.compile(r"(?:/|~/|\.{1,2}/|[A-Za-z]:\\)\S*")
+# ``Cookie`` / ``Set-Cookie`` values: ``name=value`` pairs separated by ";". Group 1 the name,
+# group 2 the value; attributes of Set-Cookie (Path, Expires...) are no secrets.
+_COOKIE_PAIR_RE = re.compile(r"(?:^|(?<=;))[ \t]*([^=;\s\"'\\]{1,256})=([^;\s\"'\\]{1,4096})")
+_COOKIE_ATTRIBUTES = frozenset(
+    {
+        "path",
+        "domain",
+        "expires",
+        "max-age",
+        "samesite",
+        "secure",
+        "httponly",
+        "priority",
+        "partitioned",
+        "version",
+        "comment",
+    }
 )
 # An HTTP authorization value: the scheme, then the credential. Under a secret-named key only
 # the credential is replaced, so the model still sees which scheme the API takes.
@@ -257,7 +292,9 @@ def normalize_value(kind: str, value: str) -> str:
     """The identity of a value for numbering: formatting differences don't make a new entity."""
     if kind == EMAIL_ADDRESS:
         return value.strip().lower()
-    if kind in (PHONE_NUMBER, CREDIT_CARD):
+    if kind == PHONE_NUMBER:
+        return phone_forms(value)[0]
+    if kind == CREDIT_CARD:
         return re.sub(r"[^0-9+]", "", value)
     if kind == IBAN_CODE:
         return re.sub(r"[^0-9A-Za-z]", "", value).upper()
@@ -267,6 +304,64 @@ def normalize_value(kind: str, value: str) -> str:
         except ValueError:
             return value
     return value
+
+
+@functools.lru_cache(maxsize=4096)
+def phone_forms(value: str) -> tuple[str, ...]:
+    """A phone number's identity, then the digit strings it may be written as elsewhere.
+
+    The identity is its E.164 form (``+14155550132``) when libphonenumber reads the number,
+    with a ``+`` as given or in the first of :data:`DEFAULT_PHONE_REGIONS` where it is valid,
+    else its digits (and ``+``): so ``(415) 555-0132``, ``+1 415 555 0132`` and
+    ``14155550132`` are one number with one placeholder. The other forms are what a tool
+    call spells the same number as: E.164 with and without ``+``, the national number alone
+    (``4155550132``) and with its trunk prefix (``07911123456`` for ``+44 7911 123456``).
+    Without python-phonenumbers, a North American rule: 10 digits are also ``1`` + 10 digits,
+    and the reverse.
+    """
+    digits = re.sub(r"[^0-9+]", "", value)
+    bare = digits.lstrip("+")
+    forms = [digits, bare]
+    canonical = digits
+    number = _parse_phone(value)
+    if number is not None:
+        e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+        national = str(number.national_number)
+        with_trunk = re.sub(
+            r"\D",
+            "",
+            phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.NATIONAL).split(
+                " ext", 1
+            )[0],
+        )
+        canonical = e164 + (f"x{number.extension}" if number.extension else "")
+        forms += [e164, e164.lstrip("+"), national, with_trunk]
+    elif re.fullmatch(r"1?[2-9]\d{2}[2-9]\d{6}", bare):
+        national = bare[-10:]
+        canonical = "+1" + national
+        forms += [canonical, "1" + national, national]
+    # National numbers under 7 digits would turn up as other numbers in the record.
+    unique = dict.fromkeys(f for f in forms if len(f.lstrip("+")) >= 7 or f == digits)
+    return (canonical, *unique)
+
+
+def _parse_phone(value: str) -> Any:
+    """``value`` as a libphonenumber number (None: not a number it reads, or not installed)."""
+    if phonenumbers is None:
+        return None
+    regions: tuple[str | None, ...] = (
+        (None,) if value.lstrip().startswith("+") else DEFAULT_PHONE_REGIONS
+    )
+    for region in regions:
+        try:
+            number = phonenumbers.parse(value, region)
+        except phonenumbers.NumberParseException:
+            continue
+        if phonenumbers.is_valid_number(number) or (
+            region is None and phonenumbers.is_possible_number(number)
+        ):
+            return number
+    return None
 
 
 def shannon_entropy(value: str) -> float:
@@ -298,9 +393,14 @@ def _jwt_header_ok(token: str) -> bool:
         return False
 
 
-#: The longest string the redactor analyses (characters); a longer one raises ValueError, and
-#: its record is dropped and counted, never written unredacted.
+#: The longest string the redactor analyses (characters); a longer one raises
+#: :class:`TextTooLong`, and its record is dropped and counted, never written unredacted.
 MAX_TEXT_CHARS = 10_000_000
+
+
+class TextTooLong(ValueError):
+    """A string over :data:`MAX_TEXT_CHARS`: its record cannot be redacted (curate counts it as
+    malformed, ``too_long``, and goes on)."""
 
 
 class BlankSpacyNlpEngine(SpacyNlpEngine):
@@ -445,8 +545,30 @@ class OfflineEmailRecognizer(EmailRecognizer):
         return bool(self._extract(pattern_text.rsplit("@", 1)[-1]).fqdn)
 
 
+# The longest local part (RFC 5321: 64) and domain (RFC 1035: 253, so 255 with slack) that an
+# address found in text may have. Beyond these only the last 64 characters before the "@" and
+# the first 255 after it are read: enough for every real address, and the bound that keeps the
+# search linear (see GluedEmailRecognizer).
+EMAIL_LOCAL_MAX_CHARS = 64
+EMAIL_DOMAIN_MAX_CHARS = 255
+# Presidio's local-part characters (its e-mail pattern's character class, dot included).
+_EMAIL_LOCAL_CHAR_RE = re.compile(r"[!#$%&'*+\-/=?^_`{|}~.\w]")
+
+
 class GluedEmailRecognizer(OfflineEmailRecognizer):
-    """:class:`OfflineEmailRecognizer`, also finding an address glued to what follows it."""
+    """:class:`OfflineEmailRecognizer` in linear time, also finding an address glued to what
+    follows it.
+
+    Why not Presidio's own search: its pattern (``\\b`` then a local part of any length, "@",
+    a domain) is tried at every word boundary of the text, and from each it runs to the end of
+    the local-part characters before failing: quadratic time. A 100 KB base64 blob beside one
+    address took 48 s, ``"a." * 10000 + "@x"`` 40 s, in a capture worker (a denial of service;
+    the ``regex`` module's timeout is a minute). Here the same pattern is matched only around
+    each "@": from the start of the local-part characters before it (at most
+    :data:`EMAIL_LOCAL_MAX_CHARS`) to at most :data:`EMAIL_DOMAIN_MAX_CHARS` after it, and only
+    where a domain follows. The matches are Presidio's (a unit test compares them on the
+    labelled set), but for an over-long local part, of which the last 64 characters are taken.
+    """
 
     NAME = "GluedEmailRecognizer"
     #: Presidio's e-mail patterns, compiled with the flags it applies to them by default.
@@ -454,6 +576,8 @@ class GluedEmailRecognizer(OfflineEmailRecognizer):
         (p, re.compile(p.regex, re.DOTALL | re.MULTILINE | re.IGNORECASE))
         for p in EmailRecognizer.PATTERNS
     )
+    # What must follow the "@" for any of them to match (their domain, without the \b).
+    _DOMAIN_RE = re.compile(r"\w+(?:-+\w+)*(?:\.\w+(?:-+\w+)*)+", re.IGNORECASE)
 
     def __init__(self) -> None:
         super().__init__(name=self.NAME)
@@ -470,27 +594,24 @@ class GluedEmailRecognizer(OfflineEmailRecognizer):
         The pattern is greedy, so a file named ``jane.doe@example.com-cv.pdf`` matches whole
         and fails the domain check (``.pdf`` is no suffix): the address was lost. A failed
         match is cut back at each ``-`` or ``.`` of its domain, and the longest cut whose
-        domain passes is the address. Only when some ``@`` went unmatched, so rarely paid.
+        domain passes is the address.
         """
-        results: list[RecognizerResult] = super().analyze(
-            text, entities, nlp_artifacts, regex_flags
-        )
-        if len(results) >= text.count("@"):
-            return results
-        starts = {r.start for r in results}
+        results: list[RecognizerResult] = []
         for pattern, regex in self._COMPILED:
-            for match in regex.finditer(text):
-                end = self._glued_address_end(match.group())
-                if match.start() in starts or not end:
-                    continue
+            for start, end in self._matches(text, regex):
+                value = text[start:end]
+                if not self.validate_result(value):
+                    end = start + self._glued_address_end(value)
+                    if end == start:
+                        continue
                 explanation = self.build_regex_explanation(
                     self.NAME, pattern.name, pattern.regex, pattern.score, True, 0
                 )
                 results.append(
                     RecognizerResult(
                         entity_type=EMAIL_ADDRESS,
-                        start=match.start(),
-                        end=match.start() + end,
+                        start=start,
+                        end=end,
                         score=EntityRecognizer.MAX_SCORE,
                         analysis_explanation=explanation,
                         recognition_metadata={
@@ -499,7 +620,35 @@ class GluedEmailRecognizer(OfflineEmailRecognizer):
                         },
                     )
                 )
-        return results
+        return EntityRecognizer.remove_duplicates(results)
+
+    def _matches(self, text: str, regex: re.Pattern[str]) -> Iterable[tuple[int, int]]:
+        """The spans ``regex.finditer(text)`` would give, each found from its "@".
+
+        A match holds exactly one "@" (neither part of the pattern allows one), so each "@"
+        is tried once: the pattern is matched at the candidate starts in the run of local-part
+        characters before it, leftmost first as a search would, never before the end of the
+        previous match. The text is sliced to the bounded window, so a start cut by the bound
+        counts as a word boundary. Work per "@" is bounded by the two limits.
+        """
+        last_end = 0
+        at = text.find("@")
+        while at >= 0:
+            next_at = text.find("@", at + 1)
+            lo = max(last_end, at - EMAIL_LOCAL_MAX_CHARS)
+            hi = min(len(text), at + 1 + EMAIL_DOMAIN_MAX_CHARS)
+            if at > lo and self._DOMAIN_RE.match(text, at + 1, hi):
+                start = at
+                while start > lo and _EMAIL_LOCAL_CHAR_RE.match(text, start - 1):
+                    start -= 1
+                window = text[start:hi]
+                for offset in range(at - start):
+                    match = regex.match(window, offset)
+                    if match is not None and match.end() > at - start:
+                        last_end = start + match.end()
+                        yield start + match.start(), last_end
+                        break
+            at = next_at
 
     def _glued_address_end(self, value: str) -> int:
         """The length of the longest valid address ``value`` starts with (0: none)."""
@@ -540,18 +689,41 @@ class _SecretRecognizer(PatternRecognizer):
         return False
 
 
+class _VendorKeyRecognizer(_SecretRecognizer):
+    """:data:`VENDOR_KEY_PATTERNS`: every match counts (no :func:`looks_random` test)."""
+
+    def __init__(self) -> None:
+        super().__init__(API_KEY, VENDOR_KEY_PATTERNS, ["key", "token"], "SlmVendorKeyRecognizer")
+
+    def invalidate_result(self, pattern_text: str) -> bool:
+        return False
+
+
 # The name may carry any prefix (OPENAI_API_KEY, x-api-key, github_token) but must end right
 # before the separator, so "max_tokens: 1024" or "password_hint=..." do not count.
-_SECRET_NAMES = r"(?i:api[_-]?key|apikey|secret|token|password|passwd|access[_-]?key)"
+_SECRET_NAMES = (
+    r"(?i:api[_-]?key|apikey|secret|token|password|passwd|passphrase|access[_-]?key"
+    r"|(?:secret|encryption|signing|master|account|shared|storage)[_-]?key)"
+)
 
+# Keys whose pattern alone could match a slug or a word: kept only if random-looking.
 API_KEY_PATTERNS: tuple[Pattern, ...] = (
     # OpenAI (sk-, sk-proj-, sk-svcacct-), Anthropic (sk-ant-api03-), DeepSeek and similar.
     Pattern("sk-style key", r"(?<![\w-])sk-[A-Za-z0-9_-]{20,}", 0.95),
+    # Runs of letters and digits joined by single dashes. Possessive runs: the nested
+    # "(?:[A-Za-z0-9]+-?){2,}" this replaces split a long run every possible way before
+    # failing ("xoxb-" + "a" * 20000 + "_" took 10 s).
+    Pattern("Slack token", r"\bxox[abposr]-[A-Za-z0-9]++(?:-[A-Za-z0-9]++)*\b", 0.95),
+)
+
+# Keys with a vendor's fixed prefix and a fixed or long minimum length: the format is the
+# evidence, so no randomness test (:func:`looks_random` wants a digit, and about 4 % of real
+# AWS key ids, 16 random base-32 characters, have none).
+VENDOR_KEY_PATTERNS: tuple[Pattern, ...] = (
     Pattern("GitHub token", r"\b(?:ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]{36,255}\b", 0.95),
     Pattern("GitHub fine-grained PAT", r"\bgithub_pat_[A-Za-z0-9_]{22,255}\b", 0.95),
     Pattern("GitLab PAT", r"\bglpat-[A-Za-z0-9_-]{20,}\b", 0.95),
     Pattern("AWS access key id", r"\b(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}\b", 0.95),
-    Pattern("Slack token", r"\bxox[abposr]-(?:[A-Za-z0-9]+-?){2,}[A-Za-z0-9]+\b", 0.95),
     Pattern(
         "Slack webhook",
         r"https://hooks\.slack\.com/services/T[A-Z0-9]+/B[A-Z0-9]+/[A-Za-z0-9]{16,}",
@@ -629,14 +801,37 @@ PHONE_PATTERNS: tuple[Pattern, ...] = (
 )
 
 
-# Presidio's card pattern predates Mastercard's 2221-2720 range (issued since 2017).
+# Presidio's card pattern predates Mastercard's 2221-2720 range (issued since 2017), and
+# takes only one "-" or " " between groups: a number typed with two spaces, a non-breaking
+# space (what word processors and chat clients put between digit groups) or dots was missed.
+# The same separator throughout, so "2024.0101 1200-0000" is no card.
+_CARD_SEPARATOR = r"(?P<sep>[ \u00a0\u2007\u202f]{2,3}|[\u00a0\u2007\u202f.])"
 CARD_PATTERNS: tuple[Pattern, ...] = (
     Pattern(
         "Mastercard 2-series",
         r"\b2(?:22[1-9]|2[3-9]\d|[3-6]\d{2}|7[01]\d|720)[- ]?\d{4}[- ]?\d{4}[- ]?\d{4}\b",
         0.3,
     ),
+    Pattern(
+        "card in 4-digit groups, other separators",
+        r"\b[2-6]\d{3}" + _CARD_SEPARATOR + r"\d{4}(?P=sep)\d{4}(?P=sep)\d{4}\b",
+        0.3,
+    ),
+    Pattern(
+        "Amex 4-6-5, other separators",
+        r"\b3[47]\d{2}" + _CARD_SEPARATOR + r"\d{6}(?P=sep)\d{5}\b",
+        0.3,
+    ),
 )
+# What Presidio's Luhn check strips from a match before reading its digits.
+_CARD_REPLACEMENT_PAIRS = [
+    ("-", ""),
+    (" ", ""),
+    (".", ""),
+    ("\u00a0", ""),
+    ("\u2007", ""),
+    ("\u202f", ""),
+]
 
 
 def basic_credentials(value: str) -> bool:
@@ -745,6 +940,153 @@ class _UrlCredentialsRecognizer(EntityRecognizer):
         return results
 
 
+# A password after its label in text, by the rule the JSON path applies to a value under a
+# key of that name: ``password=CorrectHorseBatteryStaple``, ``Password=S3cr3tPw!;`` in an
+# ADO.NET string, ``&password=...`` in a JDBC URL, ``pwd: hunter2``, ``"passphrase": "..."``.
+# The label may carry a prefix (DB_PASSWORD, PGPASSWORD) and must end right before the
+# separator. Group 2: a double-quoted value, 3: a single-quoted one, 4: a bare one (";", ",",
+# quotes, brackets and whitespace end it, and "&" in a URL's query). Lengths are bounded so
+# the search stays linear.
+_LABELLED_PASSWORD_RE = re.compile(
+    r"(?P<label>(?i:password|passwd|passphrase|pwd))[\"']?[ \t]*[:=][ \t]*"
+    r"(?:\"([^\"\\\n]{1,256})\"|'([^'\\\n]{1,256})'|([^\s\"'`,;<>(){}\[\]\\]{1,256}))"
+)
+# The label's prefix (DB_ in DB_PASSWORD), to see what precedes the whole name.
+_LABEL_PREFIX_RE = re.compile(r"[\w.-]{0,64}$")
+# What a label is followed by in code and documentation rather than a password: a type
+# (``password: string``, ``password: str = Field(...)``), a keyword, or a word about it.
+_NOT_A_PASSWORD = frozenset(
+    {
+        "string",
+        "str",
+        "number",
+        "int",
+        "integer",
+        "bool",
+        "boolean",
+        "bytes",
+        "secretstr",
+        "optional",
+        "required",
+        "none",
+        "null",
+        "nil",
+        "undefined",
+        "true",
+        "false",
+        "hidden",
+        "masked",
+        "redacted",
+        "empty",
+        "unset",
+        "omitted",
+        "sensitive",
+        "secret",
+        "varchar",
+        "text",
+        "char",
+        "object",
+        "any",
+        "unknown",
+    }
+)
+# An identifier that names where a password comes from (``db_password``, ``PGPASSWORD``,
+# ``settings.DB_PASSWORD``, ``os.environ``): code, not the secret.
+_PASSWORD_REFERENCE_RE = re.compile(
+    r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+|[A-Za-z_]\w*(?i:pass|pwd|secret|key|token)\w*"
+)
+# A ``Cookie:`` or ``Set-Cookie:`` header line; group 1 its value, to the end of the line or
+# a quote.
+_COOKIE_HEADER_RE = re.compile(r"(?i:\b(?:set-)?cookie)[ \t]*:[ \t]*([^\r\n\"'`]{1,8192})")
+# What either needs (for :func:`possible_kinds`).
+_LABELLED_SECRET_HINT = r"(?i:password|passwd|passphrase|pwd|cookie)"
+
+
+def labelled_password(value: str, label: str, after: str) -> bool:
+    """Whether ``value``, found after a password ``label`` and followed by ``after``, is one.
+
+    The JSON path's rule (:func:`_secret_value`: 6+ characters, no whitespace), less what is
+    plainly not a password in text: a stand-in (``****``, ``${DB_PASSWORD}``, the word
+    itself), a type or keyword (``password: string``), a reference in code
+    (``password=settings.DB_PASSWORD``, ``password=get_secret(...)``), and a path after a
+    ``pwd`` label (a working directory).
+    """
+    if not _secret_value(value) or after[:1] in ("(", "["):
+        return False
+    if _URL_PASSWORD_STAND_IN_RE.fullmatch(value) or value.lower() in _NOT_A_PASSWORD:
+        return False
+    if _PASSWORD_REFERENCE_RE.fullmatch(value):
+        return False
+    return not (label.lower().endswith("pwd") and _PATH_VALUE_RE.fullmatch(value))
+
+
+class _LabelledSecretRecognizer(EntityRecognizer):
+    """Passwords after a ``password``/``passwd``/``passphrase``/``pwd`` label and cookie values
+    in a ``Cookie:``/``Set-Cookie:`` header, as API_KEY.
+
+    Why: the assigned-secret pattern wants 12+ random-looking characters, which a password
+    rarely is (``password=CorrectHorseBatteryStaple``, ``Password=S3cr3tPw!``), while the same
+    value under a JSON key ``password`` was always redacted. Here text gets the JSON rule
+    (:func:`labelled_password`). A cookie's value is a session credential: each is replaced,
+    its name and Set-Cookie's attributes kept (:func:`redact_cookie_values`).
+    """
+
+    NAME = "SlmLabelledSecretRecognizer"
+
+    def __init__(self) -> None:
+        super().__init__(supported_entities=[API_KEY], name=self.NAME, supported_language="en")
+
+    def load(self) -> None:
+        """Nothing to load: two compiled regexes."""
+
+    def analyze(
+        self,
+        text: str,
+        entities: list[str],
+        nlp_artifacts: NlpArtifacts | None = None,
+        regex_flags: int | None = None,
+    ) -> list[RecognizerResult]:
+        found: list[tuple[int, int, bool]] = []
+        for match in _LABELLED_PASSWORD_RE.finditer(text):
+            group = next(g for g in (2, 3, 4) if match.group(g) is not None)
+            start, end = match.span(group)
+            value = match.group(group)
+            if group == 4 and "&" in value:
+                prefix = _LABEL_PREFIX_RE.search(text, max(0, match.start() - 64), match.start())
+                name_start = prefix.start() if prefix else match.start()
+                if text[name_start - 1 : name_start] in ("?", "&"):  # a URL query's field
+                    value = value.split("&", 1)[0]
+                    end = start + len(value)
+            after = text[end : end + 1]
+            if labelled_password(value, match.group("label"), after):
+                found.append((start, end, _strong_url_password(value)))
+        for header in _COOKIE_HEADER_RE.finditer(text):
+            offset = header.start(1)
+            for pair in _COOKIE_PAIR_RE.finditer(header.group(1)):
+                name, value = pair.group(1), pair.group(2)
+                if name.lower() in _COOKIE_ATTRIBUTES or not _secret_value(value):
+                    continue
+                if _URL_PASSWORD_STAND_IN_RE.fullmatch(value):
+                    continue
+                found.append((offset + pair.start(2), offset + pair.end(2), True))
+        return [
+            RecognizerResult(
+                entity_type=API_KEY,
+                start=start,
+                end=end,
+                # Above an assigned secret's 0.6: where both match, this span is the exact one
+                # (it ends at a URL query's "&").
+                score=0.65,
+                recognition_metadata={
+                    RecognizerResult.RECOGNIZER_NAME_KEY: self.NAME,
+                    RecognizerResult.RECOGNIZER_IDENTIFIER_KEY: self.id,
+                    _RECORD_WIDE_KEY: record_wide,
+                },
+            )
+            for start, end, record_wide in found
+        ]
+
+
 class _FormattedPhoneRecognizer(PatternRecognizer):
     """:data:`PHONE_PATTERNS`, keeping only matches with a plausible count of digits (E.164)."""
 
@@ -767,15 +1109,20 @@ def _build_analyzer(phone_regions: Sequence[str]) -> AnalyzerEngine:
         GluedEmailRecognizer(),
         PhoneRecognizer(supported_regions=tuple(phone_regions)),
         _FormattedPhoneRecognizer(),
-        CreditCardRecognizer(patterns=[*CreditCardRecognizer.PATTERNS, *CARD_PATTERNS]),
+        CreditCardRecognizer(
+            patterns=[*CreditCardRecognizer.PATTERNS, *CARD_PATTERNS],
+            replacement_pairs=_CARD_REPLACEMENT_PAIRS,
+        ),
         IpRecognizer(),
         IbanRecognizer(),
         _SecretRecognizer(API_KEY, API_KEY_PATTERNS, ["key", "token"], "SlmApiKeyRecognizer"),
+        _VendorKeyRecognizer(),
         _SecretRecognizer(
             API_KEY, ASSIGNED_SECRET_PATTERNS, [], "SlmAssignedSecretRecognizer", min_length=12
         ),
         _BasicCredentialsRecognizer(),
         _UrlCredentialsRecognizer(),
+        _LabelledSecretRecognizer(),
         _SecretRecognizer(JWT, JWT_PATTERNS, ["jwt", "bearer"], "SlmJwtRecognizer"),
         _SecretRecognizer(PRIVATE_KEY, PRIVATE_KEY_PATTERNS, ["key"], "SlmPrivateKeyRecognizer"),
     ]
@@ -817,6 +1164,8 @@ _KEY_HINT_RE = re.compile(
     + _SECRET_NAMES
     + r"|(?i:bearer)|(?i:basic)\s+[A-Za-z0-9+/]{8}|"
     + _URL_CREDENTIALS_HINT
+    + "|"
+    + _LABELLED_SECRET_HINT
 )
 
 
@@ -1023,7 +1372,7 @@ class Redactor:
 
     def _find(self, text: str, context: str) -> tuple[Span, ...]:
         if len(text) > MAX_TEXT_CHARS:  # spaCy would refuse it only if a match were tokenized
-            raise ValueError(f"text of {len(text)} characters is over {MAX_TEXT_CHARS}")
+            raise TextTooLong(f"text of {len(text)} characters is over {MAX_TEXT_CHARS}")
         kinds = possible_kinds(text, self.kinds) if self.gate else self.kinds
         if not kinds:
             return ()
@@ -1078,7 +1427,9 @@ class Redactor:
             return text
         return json.dumps(redacted, ensure_ascii=False)
 
-    def redact_json_value(self, value: Any, state: RedactionState, key: str = "") -> Any:
+    def redact_json_value(
+        self, value: Any, state: RedactionState, key: str = "", embedded: int = 0
+    ) -> Any:
         """Walk decoded JSON and redact string values, long numbers and object keys.
 
         Keys are scanned too: tool results often key their data by the identifier itself
@@ -1087,29 +1438,69 @@ class Redactor:
         number): each keeps its entry, the later one suffixed (:func:`_distinct_key`). A
         value under a key named like a secret is replaced whatever it looks like (only the
         credential after the scheme of an ``Authorization`` value). Encoded payloads
-        (:func:`opaque_payload`) are left alone.
+        (:func:`opaque_payload`) are left alone. A string that is itself a JSON object or
+        array (a request body in a tool call's arguments) is walked as JSON, so its keys still
+        count; ``embedded`` is how many such strings ``value`` is already inside
+        (:meth:`_redact_embedded_json`).
         """
         if isinstance(value, str):
             if opaque_payload(value):
                 return value
+            inner = self._redact_embedded_json(value, state, key, embedded)
+            if inner is not None:
+                return inner
             redacted = self.redact_text(value, state, context=key)
             if redacted is value and _secret_key_name(key):
-                return _redact_secret_value(value, state)
+                return _redact_secret_value(value, state, key)
             return redacted
         if isinstance(value, dict):
             out: dict[Any, Any] = {}
+            named = _named_value_key(value)
             for k, v in value.items():
                 new_key = self._redact_key(k, state, key)  # numbered before the value, as ever
-                new_value = self.redact_json_value(v, state, str(k))
+                context = named if named and k == "value" else str(k)
+                new_value = self.redact_json_value(v, state, context, embedded)
                 out[_distinct_key(out, new_key) if new_key in out else new_key] = new_value
             return out
         if isinstance(value, (list, tuple)):  # a tuple from a Python caller, like a list
-            return [self.redact_json_value(v, state, key) for v in value]
+            return [self.redact_json_value(v, state, key, embedded) for v in value]
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**6:
             as_text = str(value)
             redacted = self.redact_text(as_text, state, context=key)
             return value if redacted == as_text else redacted
         return value
+
+    def _redact_embedded_json(
+        self, value: str, state: RedactionState, key: str, embedded: int
+    ) -> str | None:
+        """``value`` redacted as the JSON object or array it encodes; None when it is not one.
+
+        Why: a tool call's ``{"body": "{\\"password\\": \\"hunter2xyz\\"}"}`` or a tool
+        result wrapped in a string hid the key that makes its value a secret: as flat text the
+        password had no label the key rule could see. Bounded: at most
+        :data:`MAX_EMBEDDED_JSON_DEPTH` strings deep and :data:`MAX_EMBEDDED_JSON_CHARS` long
+        (a longer one is redacted as text, as before). The string is re-encoded compactly only
+        when something in it was replaced.
+        """
+        stripped = value.strip()
+        if (
+            embedded >= MAX_EMBEDDED_JSON_DEPTH
+            or len(stripped) > MAX_EMBEDDED_JSON_CHARS
+            or stripped[:1] not in ("{", "[")
+            or stripped[-1:] not in ("}", "]")
+        ):
+            return None
+        try:
+            doc = _loads(stripped)
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(doc, (dict, list)):
+            return None
+        before = state.counts.total()
+        redacted = self.redact_json_value(doc, state, key, embedded + 1)
+        if state.counts.total() == before:
+            return value
+        return json.dumps(redacted, ensure_ascii=False)
 
     def _redact_key(self, key: Any, state: RedactionState, context: str) -> Any:
         """A JSON object's key, redacted like a value unless it is a plain identifier.
@@ -1192,6 +1583,27 @@ class Redactor:
             if len(clean) > self._cache_size:
                 clean.popitem(last=False)
         return out
+
+
+#: How many JSON-encoded strings deep :meth:`Redactor.redact_json_value` decodes.
+MAX_EMBEDDED_JSON_DEPTH = 4
+#: The longest JSON-encoded string (characters) decoded inside a JSON value.
+MAX_EMBEDDED_JSON_CHARS = 1 << 20
+
+
+def _named_value_key(obj: dict[Any, Any]) -> str:
+    """The name of a ``{"name": "DB_PASSWORD", "value": "..."}`` pair when it names a secret.
+
+    Kubernetes env lists, HAR headers and many APIs spell a mapping as a list of such pairs;
+    the value's own key, ``value``, says nothing, so the pair's name stands in for it.
+    """
+    if "value" not in obj:
+        return ""
+    for field_name in ("name", "key"):
+        name = obj.get(field_name)
+        if isinstance(name, str) and _secret_key_name(name):
+            return name
+    return ""
 
 
 def _message_key(message: Any) -> bytes | None:
@@ -1349,7 +1761,7 @@ def _map_part(part: Any, p: _Pass) -> Any:
         if key in _STRUCTURAL_PART_KEYS:
             out[key] = value
         elif key == "text" and isinstance(value, str):
-            out[key] = p.text(value)
+            out[key] = p.json_text(value)  # a tool result's text is often JSON
         else:
             out[key] = p.field(value, key)
     return out
@@ -1467,7 +1879,9 @@ class KnownValues:
                 forms.add(json.dumps(core, ensure_ascii=False)[1:-1])
             if kind == EMAIL_ADDRESS:
                 forms.add(core.lower())
-            elif kind in (PHONE_NUMBER, CREDIT_CARD):
+            elif kind == PHONE_NUMBER:
+                forms.update(phone_forms(core)[1:])
+            elif kind == CREDIT_CARD:
                 digits = normalize_value(kind, core)
                 forms.update((digits, digits.lstrip("+")))
             for form in forms:
@@ -1563,13 +1977,18 @@ def _secret_key_name(key: str) -> bool:
     return _SECRET_KEY_NAME_RE.fullmatch(key) is not None
 
 
-def _redact_secret_value(value: str, state: RedactionState) -> str:
+def _redact_secret_value(value: str, state: RedactionState, key: str = "") -> str:
     """A value under a key named like a secret, with its secret replaced (if it has one).
 
     The whole value when it is one password-like token; the credential alone when it is an
     authorization value (``Basic dXNlcjpwYXNz`` or a short ``Bearer`` token, which the
-    recognizers miss out of context).
+    recognizers miss out of context); each cookie's value under a ``Cookie`` key
+    (``sessionid=<API_KEY_1>; Path=/``); nothing when a ``pwd`` key holds a path.
     """
+    if "cookie" in key.lower():
+        return redact_cookie_values(value, state)
+    if _PWD_KEY_RE.fullmatch(key) and _PATH_VALUE_RE.fullmatch(value.strip()):
+        return value
     if _secret_value(value):
         return state.placeholder(API_KEY, value)
     match = _AUTH_SCHEME_VALUE_RE.fullmatch(value)
@@ -1577,6 +1996,30 @@ def _redact_secret_value(value: str, state: RedactionState) -> str:
         start, end = match.span(2)
         return value[:start] + state.placeholder(API_KEY, match.group(2)) + value[end:]
     return value
+
+
+def redact_cookie_values(value: str, state: RedactionState) -> str:
+    """A ``Cookie`` or ``Set-Cookie`` value with each cookie's value replaced.
+
+    The names and Set-Cookie's attributes stay (``sessionid=<API_KEY_1>; Path=/``): they say
+    which session mechanism an API uses and hold no secret. Values too short or spaced to be a
+    session id (``lang=en``) stay too, by :func:`_secret_value`'s rule.
+    """
+    out: list[str] = []
+    pos = 0
+    for match in _COOKIE_PAIR_RE.finditer(value):
+        name, secret = match.group(1), match.group(2)
+        if name.lower() in _COOKIE_ATTRIBUTES or not _secret_value(secret):
+            continue
+        if _URL_PASSWORD_STAND_IN_RE.fullmatch(secret):
+            continue
+        out.append(value[pos : match.start(2)])
+        out.append(state.placeholder(API_KEY, secret))
+        pos = match.end(2)
+    if not out:
+        return value
+    out.append(value[pos:])
+    return "".join(out)
 
 
 def _secret_value(value: str) -> bool:

@@ -810,6 +810,62 @@ def url_credential_examples(rng: random.Random) -> list[Example]:
     return positives + negatives
 
 
+def review_examples(rng: random.Random) -> list[Example]:
+    """Forms a review found leaking: secret names beyond ``password``/``api_key`` (secret_key,
+    AccountKey, passphrase, pwd, cookies), labelled passwords that are short or not random,
+    AWS key ids without a digit, cards spelled with double spaces, non-breaking spaces or
+    dots; and the look-alikes those rules must leave alone."""
+    b64 = rand(rng, ALNUM + "/+", 40)
+    hex32 = rand(rng, "0123456789abcdef", 32)
+    azure = rand(rng, ALNUM + "/+", 86) + "=="
+    session, csrf = rand(rng, "0123456789abcdef", 32), rand(rng, ALNUM, 32)
+    aws = "AKIA" + rand(rng, string.ascii_uppercase, 16)
+    pw1, pw2 = rand(rng, ALNUM, 8) + "!", rand(rng, string.ascii_letters, 14)
+    _, visa = card_number(rng, 0)
+    _, master = card_number(rng, 1)
+    _, amex = card_number(rng, 3)
+    nbsp_card = "\u00a0".join(visa[i : i + 4] for i in range(0, 16, 4))
+    dotted_card = ".".join(master[i : i + 4] for i in range(0, 16, 4))
+    spaced_card = "  ".join(visa[i : i + 4] for i in (0, 4, 8, 12))
+    amex_nbsp = f"{amex[:4]}\u00a0{amex[4:10]}\u00a0{amex[10:]}"
+    bad_card = break_luhn(master)
+    bad_dotted = ".".join(bad_card[i : i + 4] for i in range(0, 16, 4))
+    positives: list[Example] = [
+        (f'aws_secret_key = "{b64}"', [("API_KEY", b64)]),
+        (json.dumps({"SECRET_KEY": b64, "DEBUG": False}), [("API_KEY", b64)]),
+        (f"encryption_key: {hex32}", [("API_KEY", hex32)]),
+        (
+            f"DefaultEndpointsProtocol=https;AccountName=acct;AccountKey={azure};"
+            "EndpointSuffix=core.windows.net",
+            [("API_KEY", azure)],
+        ),
+        (
+            f"Cookie: sessionid={session}; csrftoken={csrf}",
+            [("API_KEY", session), ("API_KEY", csrf)],
+        ),
+        (f"password={pw2}", [("API_KEY", pw2)]),
+        (f"Server=db;Database=app;User Id=sa;Password={pw1};", [("API_KEY", pw1)]),
+        (f"jdbc:postgresql://db:5432/app?user=admin&password={pw1}&ssl=true", [("API_KEY", pw1)]),
+        (f"unlock it with passphrase: {pw2}", [("API_KEY", pw2)]),
+        (f"mysql -u root --pwd={pw1} app", [("API_KEY", pw1)]),
+        (f"aws_access_key_id = {aws}", [("API_KEY", aws)]),
+        (f"Card number {nbsp_card}, exp 04/29", [("CREDIT_CARD", nbsp_card)]),
+        (f"pay with {dotted_card} please", [("CREDIT_CARD", dotted_card)]),
+        (f"card: {spaced_card}", [("CREDIT_CARD", spaced_card)]),
+        (f"Amex {amex_nbsp}", [("CREDIT_CARD", amex_nbsp)]),
+    ]
+    negatives: list[Example] = [
+        ('{"secret_key_rotation_days": 30, "password_min_length": 12}', []),
+        ("interface Login { username: string; password: string }", []),
+        ("db = connect(host=h, user=u, password=settings.DB_PASSWORD)", []),
+        ("PWD=/home/jane/project OLDPWD=/home/jane", []),
+        ("Set-Cookie: lang=en; Path=/; HttpOnly", []),
+        ("Forgot password: click the link we sent", []),
+        (f"release 2024.0101.1200.0001 built from {bad_dotted}", []),
+    ]
+    return positives + negatives
+
+
 def main() -> None:
     rng = random.Random(SEED)
     examples: list[Example] = []
@@ -865,6 +921,7 @@ def main() -> None:
         ),
     ]
     examples += url_credential_examples(random.Random(SEED + 2))
+    examples += review_examples(random.Random(SEED + 3))
     for text, ents in examples:
         for _, value in ents:
             assert value in text, (value, text)
