@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import shutil
 import signal
 import warnings
@@ -633,16 +634,18 @@ def test_the_serving_threshold_never_lets_a_cut_answer_through() -> None:
 
     # Every eval answer scored right, the cut one too: the best point would be threshold 0.
     threshold, at = generative.serving_threshold(
-        [_pred(0.9, 1), _pred(0.0, 1), _pred(0.6, 1)], 0.97
+        [_pred(0.9, 1), _pred(0.0, 1), _pred(0.6, 1)], 0.97, min_accepted=1
     )
     # halfway between the lowest answered (0.6) and the next lower confidence (0.0)
     assert threshold == 0.3 and at is not None and at["coverage"] == pytest.approx(2 / 3)
     # Wrong answers below 0.8 are left to the LLM, as a selector's threshold does; the margin
     # keeps 0.8 answered when serving computes it a unit in the last place lower.
-    threshold, _ = generative.serving_threshold([_pred(0.9, 1), _pred(0.8, 1), _pred(0.7, 0)], 0.97)
+    threshold, _ = generative.serving_threshold(
+        [_pred(0.9, 1), _pred(0.8, 1), _pred(0.7, 0)], 0.97, min_accepted=1
+    )
     assert threshold == pytest.approx(0.75)
     # Only cut answers, or no eval calls at all: still above 0.
-    only_cut, _ = generative.serving_threshold([_pred(0.0, 1)], 0.97)
+    only_cut, _ = generative.serving_threshold([_pred(0.0, 1)], 0.97, min_accepted=1)
     assert only_cut == 1.0
     none, at = generative.serving_threshold([], 0.97)
     assert 0.0 < none <= generative.MIN_THRESHOLD and at is None
@@ -652,6 +655,55 @@ def test_the_serving_threshold_never_lets_a_cut_answer_through() -> None:
     # No threshold reaches the target: answer nothing rather than wrongly.
     unmet, at = generative.serving_threshold([_pred(0.9, 0), _pred(0.5, 1)], 0.97)
     assert unmet == 1.0 and at is None
+
+
+def _random_model(
+    n: int, right_when_sure: float, right_when_unsure: float = 0.5, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Eval predictions of a model right with probability ``right_when_unsure`` below
+    confidence 0.5 and ``right_when_sure`` above it (both 0.5: its confidence says nothing)."""
+    rng = random.Random(seed)
+    preds = []
+    for _ in range(n):
+        draw, confidence = rng.random(), rng.random()  # insample.py's draws, for 0.5
+        p_right = right_when_sure if confidence >= 0.5 else right_when_unsure
+        preds.append(_pred(confidence, float(draw < p_right)))
+    return preds
+
+
+def test_a_coin_flip_model_does_not_pass_on_calls_that_picked_its_threshold() -> None:
+    """The reviewer's case (/tmp/review_ft/insample.py): the threshold was picked on the eval
+    calls and the score measured on the same ones, so a model right on half of its calls,
+    whatever its confidence, reported 1.0 (its most confident call happened to be right)."""
+    from slm_trainer import metrics
+
+    coin = _random_model(400, 0.5)
+    # The served threshold needs MIN_ACCEPTED answers: a lucky top call no longer counts.
+    threshold, at = generative.serving_threshold(coin, 0.97)
+    assert (threshold, at) == (1.0, None)
+    # And with a single answer allowed, the cross-fitted score still sees the coin.
+    held = generative.held_out_point(coin, 0.97, min_accepted=1)
+    assert held is not None and metrics.gate_score(held) <= 0.5
+    _, in_sample = generative.serving_threshold(coin, 0.97, min_accepted=1)
+    assert in_sample is not None and metrics.gate_score(in_sample) >= 0.97  # what it reported
+
+    # A model whose confidence means something still passes a gate (minScore 0.9), at about
+    # half the calls. Near the target, not above it: the lowest threshold that reaches 0.97
+    # on the calls it is picked on lets in its 3 % of mistakes there, and about as many on
+    # others.
+    good = _random_model(400, 1.0, 0.2)
+    threshold, at = generative.serving_threshold(good, 0.97)
+    held = generative.held_out_point(good, 0.97)
+    assert at is not None and held is not None
+    assert metrics.gate_score(held) >= 0.95 and held["accepted"] >= 150
+    assert all(t is not None for t in held["half_thresholds"])
+
+
+def test_the_crossfit_halves_split_the_eval_calls_evenly_and_repeatably() -> None:
+    first, second = generative.crossfit_halves(41)
+    assert sorted(first + second) == list(range(41)) and abs(len(first) - len(second)) <= 1
+    assert generative.crossfit_halves(41) == (first, second)
+    assert first != list(range(0, 41, 2))  # not the eval split's own order
 
 
 # ------------------------------------------------------------------ loss masking and packing
@@ -878,7 +930,8 @@ def test_full_fine_tuning_learns_a_constant_answer_and_scores_it(tmp_path: Path)
     texts = [json.dumps(TOOLS)] + [m["content"] for i in range(8) for m in record(i).messages]
     texts.append(chatformat.target_text(record(0, constant=True).response))
     base = generative.build_tiny_causal_lm(tmp_path / "bpe", tokenizer="bpe", corpus=texts)
-    data = write_data(tmp_path / "data", 8, 2, constant=True)
+    # 24 eval calls: each half of them (the score is cross-fitted) answers MIN_ACCEPTED
+    data = write_data(tmp_path / "data", 8, 24, constant=True)
     args = stage_args(
         tmp_path,
         base,
@@ -1076,9 +1129,18 @@ def _scripted_evaluation(
         # the candidate answers nothing (threshold 1.0). Reported as accuracy (0.9), it passed
         # minScore 0.8 and was promoted.
         ([0.5 + i / 100 for i in range(9)] + [0.99], [True] * 9 + [False], 0.0, 1.0),
-        # 8 of 10 right, the 2 wrong ones least confident: served above them, all it answers
-        # is right. Its score is that precision, as a selector's is, not the accuracy 0.8.
-        ([0.9 - i / 100 for i in range(10)], [True] * 8 + [False] * 2, 1.0, 0.825),
+        # 32 of 40 right, the 8 wrong ones least confident: served above them, all it answers
+        # is right, on either half too. Its score is that precision, as a selector's is, not
+        # the accuracy 0.8.
+        (
+            [0.95 - i / 100 for i in range(32)] + [0.30 - i / 100 for i in range(8)],
+            [True] * 32 + [False] * 8,
+            1.0,
+            0.47,
+        ),
+        # 8 of 10 right as above, but a threshold must answer MIN_ACCEPTED (10) calls: 8 do
+        # not prove 97 % precision, so it answers nothing (a single call used to suffice).
+        ([0.9 - i / 100 for i in range(10)], [True] * 8 + [False] * 2, 0.0, 1.0),
     ],
 )
 def test_the_generative_score_is_the_precision_it_serves_at_its_threshold(

@@ -159,6 +159,22 @@ def test_in_a_pod_the_percent_is_patched_rate_limited(api: _ApiServer, token_dir
     assert last["body"]["metadata"]["annotations"][ANNOTATION] == "100"
 
 
+def test_a_run_inside_a_longer_one_reports_the_whole_run_s_percent() -> None:
+    """Cross-fitting trains K fold models and a final one, each a Progress of its own: each
+    reported 0-100 %, and the operator read 100 % after the first fold."""
+    events: list[dict[str, Any]] = []
+    for offset, total in ((0, 4), (4, 4), (8, 2)):
+        p = Progress(events.append, "c", total, env={}, offset=offset, overall_total=10)
+        for step in range(1, total + 1):
+            p.update(step, fold=str(offset))
+        p.close()
+    percents = [e["percent"] for e in events]
+    assert percents == [10.0 * i for i in range(1, 11)]
+    assert events[3]["step"] == events[3]["total_steps"] == 4  # this run's own steps
+    assert events[3]["overall_step"] == 4 and events[3]["overall_total_steps"] == 10
+    assert events[0]["fold"] == "0" and events[-1]["fold"] == "8"
+
+
 def test_close_flushes_the_last_percent(api: _ApiServer, token_dir: Path) -> None:
     annotator = PodAnnotator("p", "ns", api.url, token_dir=token_dir, interval=30.0)
     annotator.set("5")

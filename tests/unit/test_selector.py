@@ -786,3 +786,214 @@ def test_causal_lms_go_to_the_generative_trainer_and_evaluate_reads_them(
         0.97,
     )
     assert scored.kind == "generative" and scored.metrics["tool_call_ast"] is not None
+
+
+# ------------------------------------------------------------------ twins, progress, SIGTERM
+
+
+def _todays_strata(examples: list[Any], seed: int) -> list[list[int]]:
+    """``_ranked_strata`` as it was before twins were kept together (the reference)."""
+    groups: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        if ex.target is not None:
+            groups.setdefault("none" if ex.ref_label is None else "tool", []).append(i)
+    return [
+        sorted(m, key=lambda i: hashlib.sha256(f"{seed}:{examples[i].key}:{i}".encode()).digest())
+        for _, m in sorted(groups.items())
+    ]
+
+
+def _todays_folds(examples: list[Any], k: int, seed: int) -> list[int]:
+    fold = [-1] * len(examples)
+    for ranked in _todays_strata(examples, seed):
+        for j, i in enumerate(ranked):
+            fold[i] = j % k
+    return fold
+
+
+def _todays_split(examples: list[Any], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    calib: set[int] = set()
+    for ranked in _todays_strata(examples, seed):
+        if len(ranked) >= 2:
+            calib.update(ranked[: min(len(ranked) - 1, int(len(ranked) * fraction + 0.5))])
+    fit = [i for i, ex in enumerate(examples) if ex.target is not None and i not in calib]
+    return fit, sorted(calib)
+
+
+def test_folds_and_calibration_split_do_not_move_for_calls_without_twins() -> None:
+    """Keeping twins together must not reshuffle anything else: the benchmark's (BFCL) folds,
+    calibration split and so its threshold and figures stay as they were on data without
+    identical selector inputs, and a single-turn call's input is what it was."""
+    from slm_trainer import selector
+
+    records = support_records(3)
+    try:
+        import bfcl_data
+
+        records += list(bfcl_data.records(["live_multiple", "live_irrelevance"]))
+    except ImportError:  # bfcl_eval not installed: the support calls alone
+        pass
+    for r in records:  # no turn after the last user turn: read as today's query_text did
+        users = [m["content"] for m in r.messages if m.get("role") == "user"]
+        today = "\n".join(reversed([u for u in users if u.strip()])).strip()
+        assert selector.example_for(r.messages, r.tools, "tool-call").query == today
+    ex = selector.examples_from_records(records, "tool-call")
+    seen: dict[Any, int] = {}
+    for e in ex:
+        seen[(e.query, e.texts)] = seen.get((e.query, e.texts), 0) + 1
+    ex = [e for e in ex if seen[(e.query, e.texts)] == 1]  # BFCL itself has 6 twin pairs
+    assert len(ex) > 100
+    for seed in (0, 1, 7):
+        for k in (2, 4, 5):
+            assert selector.crossfit_folds(ex, k, seed) == _todays_folds(ex, k, seed)
+        for fraction in (0.0, 0.15, 0.3):
+            assert selector.calibration_split(ex, fraction, seed) == _todays_split(
+                ex, fraction, seed
+            )
+
+
+def agent_log() -> list[CallRecord]:
+    """leak2.py's log: a conversation per city, step 1 searches one order, step 2 (after the
+    tool's result) the other; the agent sent step 1 twice (a retry: the same input)."""
+    cities = ["Paris", "London", "Tokyo", "Berlin", "Madrid", "Rome", "Oslo", "Lima", "Cairo"]
+    cities += ["Delhi", "Quito", "Seoul", "Dublin", "Vienna", "Prague", "Lisbon", "Athens"]
+
+    def call(order: int) -> dict[str, Any]:
+        arguments = json.dumps({"order_id": str(order)})
+        return {
+            "id": "c1",
+            "type": "function",
+            "function": {"name": "search_orders", "arguments": arguments},
+        }
+
+    out = []
+    for n, city in enumerate(cities):
+        user = {
+            "role": "user",
+            "content": f"Find order {1000 + n} shipped to {city} and {2000 + n}",
+        }
+        first = {"role": "assistant", "tool_calls": [call(1000 + n)]}
+        result = {"role": "tool", "tool_call_id": "c1", "content": json.dumps({"city": city})}
+        for retry in range(2):
+            out.append(
+                CallRecord(
+                    task="t",
+                    backend="llm",
+                    messages=[user],
+                    tools=SUPPORT_TOOLS,
+                    response=first,
+                    request_id=f"s1-{n}-{retry}",
+                )
+            )
+        out.append(
+            CallRecord(
+                task="t",
+                backend="llm",
+                messages=[user, first, result],
+                tools=SUPPORT_TOOLS,
+                response={"role": "assistant", "tool_calls": [call(2000 + n)]},
+                request_id=f"s2-{n}",
+            )
+        )
+    return out
+
+
+def test_a_step_after_a_tool_result_is_its_own_selector_input() -> None:
+    """Every step of a conversation read as its first (the user turns only): search and then
+    the next search were one input with two answers, which no selector can tell apart."""
+    from slm_trainer import selector
+
+    ex = selector.examples_from_records(agent_log(), "tool-call")
+    steps = ex[::3], ex[2::3]  # step 1 (first copy) and step 2 of each conversation
+    for one, two in zip(*steps, strict=True):
+        assert one.query != two.query and two.query.startswith(one.query + "\n")
+        assert "called search orders" in two.query and "tool:" in two.query
+
+
+def test_identical_selector_inputs_share_a_fold_and_a_calibration_side() -> None:
+    """Each twin scored by a fold model trained on the other made the out-of-fold
+    confidences too high (leak2.py: 12 of 19 twin pairs split across 5 folds)."""
+    from slm_trainer import selector
+
+    ex = selector.examples_from_records(agent_log(), "tool-call")
+    views = [(e.query, e.texts) for e in ex]
+    twins = [[i for i, v in enumerate(views) if v == w] for w in dict.fromkeys(views)]
+    twins = [g for g in twins if len(g) > 1]
+    assert len(twins) >= 17  # the retried first steps
+    for seed in range(4):
+        folds = selector.crossfit_folds(ex, 5, seed)
+        assert all(len({folds[i] for i in g}) == 1 for g in twins)
+        assert sorted(set(folds)) == list(range(5))
+        fit, calib = selector.calibration_split(ex, 0.15, seed)
+        assert calib and all(len({i in calib for i in g}) == 1 for g in twins)
+        assert sorted(fit + calib) == list(range(len(ex)))
+    # every call one input: calibration leaves the stratum something to fit on
+    same = [ex[0]] * 6
+    fit, calib = selector.calibration_split(same, 0.5, 0)
+    assert fit == list(range(6)) and calib == []
+
+
+def _tiny_config(**kw: Any) -> Any:
+    from slm_trainer import selector
+
+    base = {"base_model": "sentence-transformers/all-MiniLM-L6-v2", "batch_size": 4, "epochs": 1}
+    return selector.SelectorConfig(**{**base, **kw})
+
+
+def test_crossfit_progress_rises_once_to_100_and_names_the_fold() -> None:
+    """With --calibration-folds K each fold's last step sent 100 %, and the operator showed a
+    finished training after the first of K+1."""
+    import torch
+
+    from slm_trainer import selector
+
+    torch.set_num_threads(1)
+    ex = selector.examples_from_records(support_records(1), "tool-call")
+    events: list[dict[str, Any]] = []
+    config = _tiny_config(calibration_folds=2, max_steps=3)
+    selector.train_crossfit(
+        config, ex, None, "d", emit=events.append, progress_fields={"candidate": "c"}
+    )
+    lines = [e for e in events if e.get("event") == "progress" and "percent" in e]
+    percents = [e["percent"] for e in lines]
+    assert percents == sorted(percents) and percents[-1] == 100.0 and 100.0 not in percents[:-1]
+    # each fold fits half the 13 calls (2 batches of 4), the final model all of them (3 steps)
+    assert [e["fold"] for e in lines] == ["1/2"] * 2 + ["2/2"] * 2 + ["final"] * 3
+    assert lines[-1]["overall_step"] == lines[-1]["overall_total_steps"] == 7
+
+
+def test_sigterm_in_a_fold_s_last_step_stops_the_crossfit_run(tmp_path: Path) -> None:
+    """A fold's loop raises Preempted only before its last step: a SIGTERM in that step was
+    swallowed and the next fold trained on until the kubelet's SIGKILL (sigterm_fold.py)."""
+    import torch
+
+    from slm_trainer import selector
+
+    torch.set_num_threads(1)
+    ex = selector.examples_from_records(support_records(1), "tool-call")
+    steps: list[int] = []
+
+    def hook(step: int) -> None:
+        steps.append(step)
+        if len(steps) == 2:  # the last step of fold 1
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    config = _tiny_config(calibration_folds=2, max_steps=2)
+    with pytest.raises(selector.Preempted, match="after fold 1/2"):
+        selector.train_crossfit(config, ex, tmp_path, "d", emit=lambda e: None, step_hook=hook)
+    assert steps == [1, 2]  # nothing trained after the signal
+    assert (tmp_path / "fold0-logits.pt").is_file()  # and fold 1 is kept for the rerun
+    assert not (tmp_path / "fold1").exists()
+
+
+def test_with_no_calibration_call_the_selector_answers_nothing_and_says_so(
+    small_data: Path, tmp_path: Path
+) -> None:
+    """No calibration call used to serve threshold 0.5 at temperature 1.0 without a word:
+    a precision nobody measured."""
+    args = fine_args(small_data, tmp_path, epochs=1, max_steps=2, calibration_fraction=0.0)
+    result = finetune.run(args, lambda e: None)
+    assert result.ok, result.message
+    assert result.threshold == 1.0 and "no calibration calls" in result.message
+    manifest = json.loads((tmp_path / "artifact" / "selector.json").read_text())
+    assert manifest["threshold"] == 1.0 and manifest["temperature"] == 1.0

@@ -35,8 +35,11 @@ AgentTask's metric against the LLM's answers; the adapter (or full weights), the
 (:func:`serving_threshold`) and reported in the result, where the operator reads it for the
 route: always above 0, so an answer cut at ``max_new_tokens`` (confidence 0) is never served.
 The result's ``score`` is what a selector's is (:func:`slm_trainer.metrics.gate_score`): the
-metric's precision on the eval calls answered at that threshold, 0.0 when it answers none,
-because the operator gates and ranks every candidate on it. Accuracy over all eval calls
+metric's precision on the calls answered at a threshold, 0.0 when it answers none, because the
+operator gates and ranks every candidate on it. A selector measures it on eval calls its
+threshold was not picked on; here the threshold is picked on the eval calls, so the score is
+cross-fitted (:func:`held_out_point`: picked on one half, measured on the other, both ways),
+and a threshold must answer :data:`MIN_ACCEPTED` calls to count. Accuracy over all eval calls
 (threshold ignored) is reported beside it as ``eval_accuracy``.
 """
 
@@ -49,7 +52,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +74,15 @@ Emit = Callable[[dict[str, Any]], None]
 #: however sure the model was of each token), and the gateway serves an answer whose
 #: confidence is >= the threshold; with 0 it would serve that broken answer.
 MIN_THRESHOLD = math.ulp(0.0)
+
+#: The fewest eval calls a threshold must answer, among those it is picked on, to count. With
+#: a single one, any model found a top call that happened to be right and met the target
+#: there. At a 0.97 target a run of fewer than 34 answers meets it only when every answer is
+#: right: 10 in a row happen by luck with probability 0.5**10 = 0.001 for a coin-flip model
+#: and 0.7**10 = 0.03 for one right 70 % of the time, while a task needs only about 20 eval
+#: calls per half to let a good model pass. The score's honesty comes from
+#: :func:`held_out_point`; this keeps the thresholds it compares from resting on a handful.
+MIN_ACCEPTED = 10
 
 #: Used when a base model ships no chat template (plain pretrained checkpoints). Saved with the
 #: tokenizer, so serving renders prompts exactly as training did.
@@ -789,12 +801,17 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
         progress.close()
 
     target_precision = float(getattr(args, "target_precision", None) or 0.97)
-    threshold, at_threshold = serving_threshold(
-        predictions, target_precision, getattr(args, "task_type", "")
+    task_type = getattr(args, "task_type", "")
+    threshold, at_threshold = serving_threshold(predictions, target_precision, task_type)
+    # The gate's score, defined as a selector's (see the module docstring), measured on eval
+    # calls that did not pick the threshold (:func:`held_out_point`). None without eval calls:
+    # nothing was measured, and the operator's gate refuses a candidate with no score.
+    held_out = (
+        held_out_point(predictions, target_precision, task_type)
+        if at_threshold is not None
+        else None
     )
-    # The gate's score, defined as a selector's (see the module docstring). None without eval
-    # calls: nothing was measured, and the operator's gate refuses a candidate with no score.
-    score = metrics.gate_score(at_threshold) if predictions else None
+    score = metrics.gate_score(held_out) if predictions else None
     with (out / "predictions.jsonl").open("w", encoding="utf-8") as fh:
         for p in predictions:
             p["accepted"] = p["confidence"] >= threshold
@@ -814,7 +831,9 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
         "parameters": total_params,
         "trainable_parameters": trainable_params,
         "score": score,
-        "score_is": "precision on the eval calls answered at the threshold (0: answers none)",
+        "score_is": "precision on eval calls answered at a threshold picked on the other half "
+        "of the eval calls, both halves pooled (0: answers none)",
+        "held_out": held_out,
         "eval_accuracy": accuracy,
         "llm_score": 1.0,
         "threshold": threshold,
@@ -871,8 +890,9 @@ def _score_note(
     if score is None or accuracy is None:
         return "; no eval calls, no score"
     note = (
-        f"; score {score:.3f} ({metric} precision on the eval calls it answers at its "
-        f"threshold, 0 if none); eval_accuracy {accuracy:.3f} ({metric} on all {n_eval} "
+        f"; score {score:.3f} ({metric} precision on the eval calls it answers at a "
+        "threshold picked on the other half of them, 0 if none); "
+        f"eval_accuracy {accuracy:.3f} ({metric} on all {n_eval} "
         "evaluated calls, threshold ignored)"
     )
     if n_not_evaluated:
@@ -950,19 +970,24 @@ def _served_model(out: Path, args: Any, device: str) -> Any:
 
 
 def serving_threshold(
-    predictions: Sequence[dict[str, Any]], target_precision: float, task_type: str = ""
+    predictions: Sequence[dict[str, Any]],
+    target_precision: float,
+    task_type: str = "",
+    min_accepted: int = MIN_ACCEPTED,
 ) -> tuple[float, dict[str, Any] | None]:
     """The confidence threshold to serve with, and the eval figures at it (None when unmet).
 
     Chosen as a selector's is (:func:`slm_trainer.metrics.pick_threshold`): the lowest one at
     which the answered eval calls reach ``target_precision``, a call counting as right when
-    its score is 1. When no threshold reaches it the candidate should answer nothing, so 1.0
-    (as a selector does). Never below :data:`MIN_THRESHOLD`: without eval calls, or when every
-    one was right including answers cut at ``max_new_tokens``, the route would otherwise get 0
-    and serve truncated answers.
-    """
-    from dataclasses import asdict
+    its score is 1, among the thresholds that answer at least ``min_accepted`` of them
+    (:data:`MIN_ACCEPTED`). When no threshold reaches it the candidate should answer nothing,
+    so 1.0 (as a selector does). Never below :data:`MIN_THRESHOLD`: without eval calls, or
+    when every one was right including answers cut at ``max_new_tokens``, the route would
+    otherwise get 0 and serve truncated answers.
 
+    The figures returned are in-sample (the threshold was picked to make them good): the
+    gate's score comes from :func:`held_out_point` instead.
+    """
     if not predictions:
         return MIN_THRESHOLD, None
     answers = [None if metrics.is_deferral(p.get("prediction")) else "answer" for p in predictions]
@@ -975,7 +1000,7 @@ def serving_threshold(
     )
     # The point at threshold 0 would count cut answers as served: choose among the others.
     chosen = metrics.pick_threshold(
-        [c for c in curve if c.threshold >= MIN_THRESHOLD], target_precision
+        [c for c in curve if c.threshold >= MIN_THRESHOLD], target_precision, min_accepted
     )
     if chosen is None:
         return 1.0, None
@@ -983,6 +1008,61 @@ def serving_threshold(
         chosen.threshold, answers, [float(p["confidence"]) for p in predictions]
     )
     return max(MIN_THRESHOLD, min(1.0, threshold)), asdict(chosen)
+
+
+def crossfit_halves(n: int) -> tuple[list[int], list[int]]:
+    """Two halves of ``range(n)``, dealt alternately in hash order of the position: a pure
+    function of ``n``, so a rerun reports the same score, and unrelated to the order the eval
+    split happens to list its calls in."""
+    ranked = sorted(range(n), key=lambda i: hashlib.sha256(f"half:{i}".encode()).digest())
+    return sorted(ranked[0::2]), sorted(ranked[1::2])
+
+
+def held_out_point(
+    predictions: Sequence[dict[str, Any]],
+    target_precision: float,
+    task_type: str = "",
+    min_accepted: int = MIN_ACCEPTED,
+) -> dict[str, Any] | None:
+    """Eval figures of a threshold on calls that did not pick it: the gate's score reads them.
+
+    Why: the served threshold is the lowest at which the eval calls reach the target, so the
+    precision of those same calls at it meets the target by construction. A model whose
+    confidence says nothing about being right still finds a top few calls that happen to be
+    right, and reported 1.0 (a coin-flip model, 400 eval calls: 1.0 in-sample, 0.5 on new
+    calls). Cross-fitting: the eval calls are split in two (:func:`crossfit_halves`); a
+    threshold is picked on each half as :func:`serving_threshold` picks the served one (same
+    ``min_accepted``) and applied to the other half; both halves' answers are pooled into
+    one point (precision = right / answered over all eval calls). A half where no threshold
+    reaches the target answers nothing on the other. The served threshold is still picked on
+    all eval calls (more data, a steadier threshold); this point estimates, slightly
+    pessimistically, what a threshold picked that way does on calls it has not seen.
+    None without predictions. ``threshold`` in the result is None; ``half_thresholds`` has
+    each half's (None: it reached no threshold).
+    """
+    if not predictions:
+        return None
+    verdict = [float(p["score"]) >= 1.0 for p in predictions]
+    conf = [float(p["confidence"]) for p in predictions]
+    answers = [None if metrics.is_deferral(p.get("prediction")) else "answer" for p in predictions]
+    refs = [metrics.label_of(p.get("reference"), task_type or "tool-call") for p in predictions]
+    answered = [False] * len(predictions)
+    thresholds: list[float | None] = []
+    first, second = crossfit_halves(len(predictions))
+    for pick, measure in ((first, second), (second, first)):
+        threshold, at = serving_threshold(
+            [predictions[i] for i in pick], target_precision, task_type, min_accepted
+        )
+        thresholds.append(threshold if at is not None else None)
+        if at is None:
+            continue  # no threshold of this half reaches the target: it answers nothing
+        for i in measure:
+            answered[i] = conf[i] >= threshold
+    # Each call answered at the other half's threshold, counted by the shared definition.
+    point = metrics.selective_point(
+        answers, [1.0 if a else 0.0 for a in answered], refs, 0.5, verdict
+    )
+    return {**asdict(point), "threshold": None, "half_thresholds": thresholds}
 
 
 def max_new_tokens(examples: Sequence[Example], opts: Options) -> int:

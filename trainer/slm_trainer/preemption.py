@@ -18,10 +18,18 @@ from typing import Any
 #: Whether any :class:`SigtermFlag` in this process saw SIGTERM: the CLI then exits with a
 #: code the Job retries (a preempted run resumes), not the one for a reported failure.
 _sigterm_received = False
+#: How many SIGTERMs any :class:`SigtermFlag` in this process saw: a caller that spans several
+#: flags (cross-fitting trains one model per fold) compares it with its own start, since the
+#: boolean above stays set once any earlier run in the process saw one.
+_sigterm_count = 0
 
 
 def sigterm_received() -> bool:
     return _sigterm_received
+
+
+def sigterm_count() -> int:
+    return _sigterm_count
 
 
 class SigtermFlag:
@@ -43,9 +51,10 @@ class SigtermFlag:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        global _sigterm_received
+        global _sigterm_received, _sigterm_count
         self.received = True
         _sigterm_received = True
+        _sigterm_count += 1
 
     def __exit__(self, *exc: object) -> None:
         if self._installed:

@@ -200,10 +200,19 @@ class Progress:
         clock: Callable[[], float] = time.monotonic,
         annotator: PodAnnotator | None = None,
         start_step: int = 0,
+        offset: int = 0,
+        overall_total: int | None = None,
     ) -> None:
+        """``offset`` and ``overall_total`` place this run inside a longer one: cross-fitting
+        trains K fold models and then the final one, and the percent (lines, gauge, pod
+        annotation) is of all their steps, so it rises once from 0 to 100 instead of K+1
+        times (the operator showed 100 % after the first fold). Without them the run is the
+        whole."""
         self.emit = emit
         self.candidate = candidate or "default"
         self.total_steps = max(1, int(total_steps))
+        self.offset = max(0, int(offset))
+        self.overall_total = max(self.offset + self.total_steps, int(overall_total or 0))
         self.stage = stage
         self.clock = clock
         env = os.environ if env is None else env
@@ -232,12 +241,13 @@ class Progress:
     def update(self, step: int, loss: float | None = None, **extra: Any) -> dict[str, Any]:
         """Report that ``step`` of ``total_steps`` is done; returns the event it emitted."""
         step = max(0, min(int(step), self.total_steps))
-        percent = round(100.0 * step / self.total_steps, 2)
+        overall = self.offset + step
+        percent = round(100.0 * overall / self.overall_total, 2)
         done_here = step - self._start_step
         elapsed = self.clock() - self._t0
         eta = None
-        if done_here > 0:
-            eta = round(elapsed / done_here * (self.total_steps - step), 1)
+        if done_here > 0:  # the steps left in all the runs, at this run's pace
+            eta = round(elapsed / done_here * (self.overall_total - overall), 1)
         event: dict[str, Any] = {
             "event": "progress",
             "stage": self.stage,
@@ -249,6 +259,8 @@ class Progress:
             "eta_seconds": eta,
             **extra,
         }
+        if self.overall_total != self.total_steps:
+            event["overall_step"], event["overall_total_steps"] = overall, self.overall_total
         self.last = event
         self._safe_emit(event)
         try:
@@ -260,7 +272,7 @@ class Progress:
             pass
         if self.annotator is not None:
             with contextlib.suppress(Exception):
-                self.annotator.set(str(int(percent)), force=step >= self.total_steps)
+                self.annotator.set(str(int(percent)), force=overall >= self.overall_total)
         return event
 
     def close(self) -> None:

@@ -102,7 +102,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slm_contract import CallRecord, TrainerResult
-from slm_trainer import metrics
+from slm_trainer import metrics, preemption
 from slm_trainer.finetune import resolve_model_path, split_identifier
 from slm_trainer.preemption import SigtermFlag, load_or_set_aside, save_atomically
 from slm_trainer.progress import Progress
@@ -114,7 +114,7 @@ HEAD_FILE = "head.safetensors"
 PREDICTIONS = "predictions.jsonl"
 CHECKPOINT = "selector-state.pt"
 #: Bump when a change to this module changes what a checkpoint means.
-CODE_VERSION = 7
+CODE_VERSION = 8
 #: Tool texts whose option embeddings a :class:`Selector` keeps (least recently used out).
 OPTION_CACHE_SIZE = 4096
 _NEG = -1.0e4  # logit of padded option slots: large but finite, so softmax stays NaN-free
@@ -125,13 +125,45 @@ Emit = Callable[[dict[str, Any]], None]
 # ============================================================================ pure helpers
 
 
+#: Roles of the turns after the last user message that a selector reads (:func:`query_text`).
+_STEP_ROLES = ("assistant", "tool", "function")
+
+
+def _step_text(message: Mapping[str, Any]) -> str:
+    """One agent step after the user's last turn, as text: what the assistant said and
+    called (``called <name> <arguments>``), or what a tool returned."""
+    parts = [metrics.text_of(message.get("content")).strip()]
+    for name, arguments in metrics.tool_calls(message):
+        args = json.dumps(arguments, sort_keys=True, ensure_ascii=False)
+        parts.append(f"called {split_identifier(name)} {args}")
+    text = " ".join(p for p in parts if p)
+    return f"{message.get('role')}: {text}" if text else ""
+
+
 def query_text(messages: Sequence[Mapping[str, Any]]) -> str:
-    """The prompt a selector reads: user turns, the latest first (truncation keeps it)."""
+    """The prompt a selector reads: the latest user turn, then the agent's steps since it (its
+    tool calls and their results, in order), then the earlier user turns, latest first.
+
+    Why the steps: every step of a multi-step agent conversation repeats the same user turns,
+    and with only those the steps were one input with different answers (search, then
+    refund), which the selector cannot tell apart; they also sat on both sides of a
+    calibration split, so out-of-fold confidences were too high. A single-turn call (system
+    and user turns, BFCL's) has no assistant or tool turn after its last user turn and reads
+    exactly as before. Serving reads through this same function (:meth:`Selector.predict`,
+    which the Triton model calls), so it sees what training saw. The user's request comes
+    first because truncation (``max_query_tokens``) keeps the start: with a long request the
+    steps are cut, and the input is what it used to be.
+    """
     users = [metrics.text_of(m.get("content")) for m in messages if m.get("role") == "user"]
     users = [u for u in users if u.strip()]
     if not users:
         users = [metrics.text_of(m.get("content")) for m in messages]
-    return "\n".join(reversed(users)).strip()
+        return "\n".join(reversed(users)).strip()
+    last = max(i for i, m in enumerate(messages) if m.get("role") == "user")
+    steps = [_step_text(m) for m in messages[last + 1 :] if m.get("role") in _STEP_ROLES]
+    steps = [t for t in steps if t]
+    ordered = [*users[-1:], *steps, *reversed(users[:-1])]
+    return "\n".join(ordered).strip()
 
 
 def option_text(tool: Mapping[str, Any]) -> str:
@@ -248,6 +280,30 @@ def without_choice(example: Example) -> Example:
     )
 
 
+def _same_input_alike(
+    examples: Sequence[Example], ranked: Sequence[Sequence[int]], assigned: list[Any]
+) -> list[Any]:
+    """``assigned`` (by index) with every call given the assignment of the first call with
+    the same selector input (query and option texts), in ``ranked`` order (the strata of
+    :func:`_ranked_strata` one after the other).
+
+    Why: the steps of an agent conversation, or a call the agent repeats, are one input,
+    often with one label. Split across folds or across fit and calibration, the model that
+    scores one has trained on its twin, and the out-of-fold confidences the threshold is
+    picked on are too high. Taking the first member's assignment leaves data without such
+    twins exactly as it was (the benchmark's folds, split and threshold do not move).
+    """
+    first: dict[tuple[str, tuple[str, ...]], Any] = {}
+    for members in ranked:
+        for i in members:
+            first.setdefault((examples[i].query, examples[i].texts), assigned[i])
+    out = list(assigned)
+    for members in ranked:
+        for i in members:
+            out[i] = first[(examples[i].query, examples[i].texts)]
+    return out
+
+
 def _ranked_strata(examples: Sequence[Example], seed: int) -> list[list[int]]:
     """Indices of the calls with a known label, as two strata ("deferred", then "tool"), each
     in seeded hash order: a pure function of the data and the seed."""
@@ -272,16 +328,31 @@ def calibration_split(
     The strata are "answered with a tool" and "deferred" (no tool). Their mix decides how
     many accepted calls are wrong at a threshold, so the calibration set keeps the training
     mix. Calls whose label is not among their options are left out of both.
+
+    Calls with the same selector input are on the same side, the side of the first of them
+    (:func:`_same_input_alike`); a stratum whose calls all end up calibrating gets its last
+    one's group back to fit on, as every stratum of two or more calls kept one before.
     """
-    calib: set[int] = set()
+    strata = _ranked_strata(examples, seed)
+    in_calib = [False] * len(examples)
     if fraction > 0:
-        for ranked in _ranked_strata(examples, seed):
+        for ranked in strata:
             if len(ranked) < 2:
                 continue
             n = min(len(ranked) - 1, math.floor(len(ranked) * fraction + 0.5))
-            calib.update(ranked[:n])
-    fit = [i for i, ex in enumerate(examples) if ex.target is not None and i not in calib]
-    return fit, sorted(calib)
+            for i in ranked[:n]:
+                in_calib[i] = True
+    in_calib = _same_input_alike(examples, strata, in_calib)
+    for ranked in strata:
+        if ranked and all(in_calib[i] for i in ranked):
+            view = (examples[ranked[-1]].query, examples[ranked[-1]].texts)
+            for members in strata:
+                for i in members:
+                    if (examples[i].query, examples[i].texts) == view:
+                        in_calib[i] = False
+    calib = [i for i, flag in enumerate(in_calib) if flag]
+    fit = [i for i, ex in enumerate(examples) if ex.target is not None and not in_calib[i]]
+    return fit, calib
 
 
 def in_batch_options(
@@ -784,6 +855,8 @@ class TrainOutcome:
     train_seconds: float
     trainable_parameters: int
     parameters: int
+    #: What the result's message must say about how the threshold came out.
+    notes: list[str] = field(default_factory=list)
 
 
 def fingerprint(config: SelectorConfig, data_digest: str) -> str:
@@ -846,15 +919,18 @@ def train_selector(
     step_hook: Callable[[int], None] | None = None,
     device: torch.device | None = None,
     progress_fields: Mapping[str, Any] | None = None,
+    progress_offset: int = 0,
+    progress_total: int | None = None,
 ) -> TrainOutcome:
-    """Fit, checkpoint, calibrate. Raises :class:`Preempted` after saving on SIGTERM."""
+    """Fit, checkpoint, calibrate. Raises :class:`Preempted` after saving on SIGTERM.
+
+    ``progress_offset`` and ``progress_total`` place this training in a longer run
+    (:func:`train_crossfit`), so the reported percent is of the whole run."""
     dev = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.monotonic()
     net, tokenizer = build_net(config, dev)
     selector = Selector(net, tokenizer, config, device=dev)
-    fit_idx, calib_idx = calibration_split(train_examples, config.calibration_fraction, config.seed)
-    fit = [train_examples[i] for i in fit_idx if train_examples[i].labels]
-    calib = [train_examples[i] for i in calib_idx]
+    fit, calib = _fit_and_calibration(config, train_examples)
     if not fit:
         raise ValueError("no trainable examples: every call lacks options or a known label")
     lengths = [
@@ -862,9 +938,7 @@ def train_selector(
         for ex in fit
     ]
     per_epoch = math.ceil(len(fit) / config.batch_size)
-    total = config.epochs * per_epoch
-    if config.max_steps > 0:
-        total = min(total, config.max_steps)
+    total = planned_steps(config, len(fit))
     warmup = int(config.warmup_fraction * total)
 
     head_params = [
@@ -913,7 +987,16 @@ def train_selector(
     log_every = max(1, min(10, total // 20))
     step = start
     candidate = str((progress_fields or {}).get("candidate", ""))
-    progress = Progress(emit or (lambda e: None), candidate, total, start_step=start)
+    # the other fields (the fold of a cross-fitted run) go on every progress line
+    line_fields = {k: v for k, v in (progress_fields or {}).items() if k != "candidate"}
+    progress = Progress(
+        emit or (lambda e: None),
+        candidate,
+        total,
+        start_step=start,
+        offset=progress_offset,
+        overall_total=progress_total,
+    )
     try:
         with SigtermFlag() as sigterm:
             while step < total:
@@ -932,7 +1015,7 @@ def train_selector(
                 step += 1
                 if step % log_every == 0 or step == total:
                     recent = losses[-log_every:]
-                    progress.update(step, sum(recent) / len(recent), epoch=epoch + 1)
+                    progress.update(step, sum(recent) / len(recent), epoch=epoch + 1, **line_fields)
                 if step_hook is not None:
                     step_hook(step)
                 if checkpoint_dir is not None and (
@@ -946,10 +1029,11 @@ def train_selector(
     net.eval()
 
     # Calibration on held-out training calls: temperature, then the serving threshold.
+    notes: list[str] = []
     if calib:
         calibrate(selector, calib, selector.raw_logits(calib), config.target_precision)
     else:
-        selector.temperature, selector.threshold = 1.0, 0.5
+        notes.append(_refuse_uncalibrated(selector))
     return TrainOutcome(
         selector=selector,
         steps=total,
@@ -958,7 +1042,39 @@ def train_selector(
         train_seconds=round(time.monotonic() - started, 3),
         trainable_parameters=trainable,
         parameters=parameters,
+        notes=notes,
     )
+
+
+def _fit_and_calibration(
+    config: SelectorConfig, examples: Sequence[Example]
+) -> tuple[list[Example], list[Example]]:
+    """The calls :func:`train_selector` trains on (those with options) and calibrates on."""
+    fit_idx, calib_idx = calibration_split(examples, config.calibration_fraction, config.seed)
+    return [examples[i] for i in fit_idx if examples[i].labels], [examples[i] for i in calib_idx]
+
+
+def planned_steps(config: SelectorConfig, n_fit: int) -> int:
+    """Optimizer steps of a training on ``n_fit`` calls: epochs of batches, capped by
+    ``max_steps``."""
+    total = config.epochs * math.ceil(n_fit / config.batch_size)
+    return min(total, config.max_steps) if config.max_steps > 0 else total
+
+
+#: The result's note when no call calibrated the threshold.
+UNCALIBRATED_NOTE = (
+    "no calibration calls (too few training calls per stratum for calibration_fraction, or "
+    "none scored out of fold): threshold 1.0, it answers nothing; add calls or raise "
+    "calibration_fraction / use calibration_folds"
+)
+
+
+def _refuse_uncalibrated(selector: Selector) -> str:
+    """With no call to calibrate on, answer nothing (threshold 1.0, as when no threshold
+    reaches the target) rather than serve at an arbitrary 0.5, whose precision nobody
+    measured; returns the note the result's message carries."""
+    selector.temperature, selector.threshold = 1.0, 1.0
+    return UNCALIBRATED_NOTE
 
 
 def calibrate(
@@ -987,12 +1103,15 @@ def calibrate(
 
 def crossfit_folds(examples: Sequence[Example], k: int, seed: int) -> list[int]:
     """Fold of each example (-1: no known label, never calibrated on), stratified like
-    :func:`calibration_split`: within "tool" and "deferred", seeded hash order, dealt out."""
+    :func:`calibration_split`: within "tool" and "deferred", seeded hash order, dealt out.
+    Calls with the same selector input share the fold of the first of them
+    (:func:`_same_input_alike`), so no fold model has trained on a twin of a call it scores."""
+    strata = _ranked_strata(examples, seed)
     fold = [-1] * len(examples)
-    for ranked in _ranked_strata(examples, seed):
+    for ranked in strata:
         for j, i in enumerate(ranked):
             fold[i] = j % k
-    return fold
+    return list(_same_input_alike(examples, strata, fold))
 
 
 def train_crossfit(
@@ -1014,57 +1133,88 @@ def train_crossfit(
     on all of them and applied to the final model, trained on every call. Each fold resumes
     from its own checkpoints, and a finished fold's logits are kept, so preemption costs at
     most the fold in progress.
+
+    Progress is one 0-100 % over the K+1 trainings (each line names its ``fold``). SIGTERM
+    stops the run at the next fold boundary too: a fold's own loop raises :class:`Preempted`
+    only when the signal comes before its last step, and one during that step let the next
+    fold train on until the grace period ran out (SIGKILL, the step's work lost).
     """
     k = config.calibration_folds
     base = replace(config, calibration_fraction=0.0, calibration_folds=0)
     fold_of = crossfit_folds(train_examples, k, config.seed)
     fields = dict(progress_fields or {})
+    parts = [[ex for i, ex in enumerate(train_examples) if fold_of[i] != f] for f in range(k)]
+    # A fold that holds no call has nothing to score, and one whose other folds hold nothing
+    # to fit on (all calls one input) cannot be scored: neither is trained, and the calls of
+    # the second stay out of calibration.
+    steps = [
+        planned_steps(base, len(_fit_and_calibration(base, p)[0])) if f in fold_of else 0
+        for f, p in enumerate(parts)
+    ]
+    steps.append(planned_steps(base, len(_fit_and_calibration(base, train_examples)[0])))
+    overall = sum(steps)
+    sigterms = preemption.sigterm_count()
     rows: dict[int, list[float]] = {}
     spent = 0.0
-    for f in range(k):
-        digest = f"{data_digest}:fold{f}/{k}"
-        fp = fingerprint(base, digest)
-        cache = checkpoint_dir / f"fold{f}-logits.pt" if checkpoint_dir else None
-        held = [i for i, g in enumerate(fold_of) if g == f]
-        saved = (_load_saved(cache, emit, weights_only=True) if cache else None) or {}
-        if saved.get("fingerprint") == fp:
-            rows.update(saved["rows"])
-            continue
-        part = [ex for i, ex in enumerate(train_examples) if fold_of[i] != f]
-        out = train_selector(
+    with SigtermFlag():  # a SIGTERM between two trainings is caught too, and ends the run
+        for f in range(k):
+            digest = f"{data_digest}:fold{f}/{k}"
+            fp = fingerprint(base, digest)
+            cache = checkpoint_dir / f"fold{f}-logits.pt" if checkpoint_dir else None
+            held = [i for i, g in enumerate(fold_of) if g == f]
+            saved = (_load_saved(cache, emit, weights_only=True) if cache else None) or {}
+            if saved.get("fingerprint") == fp:
+                rows.update(saved["rows"])
+                continue
+            if not steps[f]:
+                continue
+            out = train_selector(
+                base,
+                parts[f],
+                checkpoint_dir / f"fold{f}" if checkpoint_dir else None,
+                digest,
+                emit=emit,
+                checkpoint_every=checkpoint_every,
+                step_hook=step_hook,
+                progress_fields={**fields, "fold": f"{f + 1}/{k}"},
+                progress_offset=sum(steps[:f]),
+                progress_total=overall,
+            )
+            spent += out.train_seconds
+            got = out.selector.raw_logits([train_examples[i] for i in held])
+            rows.update(zip(held, got, strict=True))
+            if cache is not None:
+                done = {"fingerprint": fp, "rows": dict(zip(held, got, strict=True))}
+                save_atomically(done, cache)
+            del out
+            if preemption.sigterm_count() > sigterms:
+                raise Preempted(f"preempted after fold {f + 1}/{k}; resumable")
+        if preemption.sigterm_count() > sigterms:
+            raise Preempted(f"preempted before the final model ({k} folds done); resumable")
+        final = train_selector(
             base,
-            part,
-            checkpoint_dir / f"fold{f}" if checkpoint_dir else None,
-            digest,
+            train_examples,
+            checkpoint_dir / "final" if checkpoint_dir else None,
+            data_digest,
             emit=emit,
             checkpoint_every=checkpoint_every,
             step_hook=step_hook,
-            progress_fields={**fields, "fold": f"{f + 1}/{k}"},
+            progress_fields={**fields, "fold": "final"},
+            progress_offset=sum(steps[:k]),
+            progress_total=overall,
         )
-        spent += out.train_seconds
-        got = out.selector.raw_logits([train_examples[i] for i in held])
-        rows.update(zip(held, got, strict=True))
-        if cache is not None:
-            save_atomically({"fingerprint": fp, "rows": dict(zip(held, got, strict=True))}, cache)
-        del out
-    final = train_selector(
-        base,
-        train_examples,
-        checkpoint_dir / "final" if checkpoint_dir else None,
-        data_digest,
-        emit=emit,
-        checkpoint_every=checkpoint_every,
-        step_hook=step_hook,
-        progress_fields={**fields, "fold": "final"},
-    )
     order = sorted(rows)
     final.selector.config = config
-    calibrate(
-        final.selector,
-        [train_examples[i] for i in order],
-        [rows[i] for i in order],
-        config.target_precision,
-    )
+    if order:
+        final.notes = []
+        calibrate(
+            final.selector,
+            [train_examples[i] for i in order],
+            [rows[i] for i in order],
+            config.target_precision,
+        )
+    else:
+        final.notes = [_refuse_uncalibrated(final.selector)]
     final.train_seconds = round(final.train_seconds + spent, 3)
     return final
 
@@ -1372,6 +1522,7 @@ def run_selector(
             f"{selector.threshold:.3f}{served_note}; llm_score 1.0 because the references are "
             f"the LLM's own answers"
             + (f"; resumed at step {outcome.resumed_from}" if outcome.resumed_from else "")
+            + "".join(f"; {note}" for note in outcome.notes)
         ),
     )
 
