@@ -157,6 +157,8 @@ class Runtime:
     kube: Kube
     prom: PromMetrics | None = None
     known: set[Key] = field(default_factory=set)
+    #: The uid of the object each known key names: a key outlives a delete and re-create.
+    uids: dict[Key, str] = field(default_factory=dict)
     states: dict[Key, _KeyState] = field(default_factory=dict)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -367,16 +369,33 @@ async def cleanup(**_: Any) -> None:
 
 
 @kopf.on.event(n.GROUP, n.VERSION, n.PLURAL)
-async def on_task(type: str, namespace: str | None, name: str, **_: Any) -> None:
+async def on_task(
+    type: str, namespace: str | None, name: str, uid: str | None = None, **_: Any
+) -> None:
+    """Track which AgentTasks exist, and reconcile one whenever it changes.
+
+    Why the uid: kopf queues events per object uid, so a task deleted and created again under
+    the same name (``kubectl replace --force``, an Argo CD ``Replace=true`` sync) has two
+    workers, and the old object's DELETED can arrive after the new one's ADDED. Acted on, it
+    forgot the new task: nothing but an edit reconciled it again (no child event, no resync).
+    A DELETED for an object other than the one the key now names is ignored.
+    """
     rt = _runtime
     if rt is None or namespace is None:
         return
     key = (namespace, name)
     if type == "DELETED":
+        current = rt.uids.get(key)
+        if uid and current and current != uid:
+            log.debug("AgentTask %s/%s: DELETED of an older object (uid %s) ignored", *key, uid)
+            return
+        rt.uids.pop(key, None)
         rt.known.discard(key)
         rt.forget(key)
         METRICS.forget_task(*key)
         return
+    if uid:
+        rt.uids[key] = uid
     rt.known.add(key)
     await trigger(key, urgent=True)
 

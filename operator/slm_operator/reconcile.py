@@ -248,6 +248,11 @@ def reconcile(
                 # Changed since it was read (a spec edit, or deleted and created again under
                 # this name): this status describes an object that is gone.
                 raise TaskChanged(namespace, name, e.message) from e
+            if e.status == 404:
+                # Deleted since it was read: nothing to report on, and no error either (its
+                # DELETED event forgets it); the children go with it (owner references).
+                log.debug("AgentTask %s/%s was deleted during its reconcile", namespace, name)
+                return None
             raise
         for type_, reason, message in p.events:
             kube.event(obs.task, type_, reason, message)

@@ -213,6 +213,29 @@ def test_a_task_deleted_and_created_again_during_its_pass_gets_no_second_concurr
     assert fake.calls[:2] == [10.0, 20.0]  # the re-created task's pass follows the old one
 
 
+def test_a_late_deleted_event_of_the_old_object_does_not_forget_the_recreated_task(
+    loop: VirtualClockLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kubectl replace --force: kopf handles the old and the new object (two uids) in two
+    workers, so the old object's DELETED can come after the new one's ADDED. It used to
+    forget the new task, which then was never reconciled again (no resync, no child event)."""
+    fake = FakeReconcile(loop, lambda _: None)
+    monkeypatch.setattr(main, "reconcile", fake)
+
+    async def scenario(rt: main.Runtime) -> None:
+        await main.on_task(type="ADDED", namespace=KEY[0], name=KEY[1], uid="old")
+        await main.on_task(type="ADDED", namespace=KEY[0], name=KEY[1], uid="new")
+        await main.on_task(type="DELETED", namespace=KEY[0], name=KEY[1], uid="old")
+        assert KEY in rt.known
+        await asyncio.sleep(95)  # three resyncs
+        await main._on_child({main.n.LABEL_TASK: KEY[1]}, KEY[0])  # its Job finished
+        await main.on_task(type="DELETED", namespace=KEY[0], name=KEY[1], uid="new")
+        assert KEY not in rt.known and KEY not in rt.uids
+
+    run(loop, monkeypatch, scenario)
+    assert len(fake.calls) >= 5, fake.calls  # two ADDED, three resyncs, the Job event
+
+
 def test_backoff_doubles_from_one_second_up_to_five_minutes() -> None:
     assert [main.backoff(n) for n in (1, 2, 3, 9, 10, 50)] == [1, 2, 4, 256, 300, 300]
 
