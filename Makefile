@@ -56,6 +56,7 @@ system-deps:
 # pytest alone, so that a SIGTERM to make reaches it and its fixtures stop the servers they
 # started; "no tests collected" (pytest's exit code 5) becomes 1 in tests/conftest.py.
 test: ## Unit, integration and e2e tests against the real local servers
+	@test -x $(PY) || { echo "no $(PY): run make setup first" >&2; exit 1; }
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 unit:

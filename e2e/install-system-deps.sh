@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Installs the Debian packages whose real servers the tests and the demo start: Prometheus.
-# Idempotent; does nothing when everything is present.
+# Installs the Debian packages the tests and the demo need: Prometheus (a real server they
+# start), libpython3.11 (tritonserver's Python backend stub links against
+# libpython3.11.so.1.0, which the python3.11 package does not bring) and python3-venv (make
+# venv). Idempotent; does nothing when everything is present.
 set -euo pipefail
 need=()
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
+{ /sbin/ldconfig -p 2>/dev/null || ldconfig -p 2>/dev/null; } | grep -q 'libpython3\.11\.so\.1\.0' || need+=(libpython3.11)
+python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 [ ${#need[@]} -eq 0 ] && exit 0
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then

@@ -28,6 +28,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _interrupt(signum: int, frame: Any) -> None:
+    # Once: a CI timeout signals the whole process group, so make passes a second SIGTERM on
+    # while pytest handles the first, and a second KeyboardInterrupt in the middle of it let
+    # pytest delete its temporary folder (the cluster's pid file) before the fixtures' teardown
+    # could read it, leaving etcd, the apiserver and the rest running.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt(f"signal {signum}")
 
 

@@ -4,8 +4,11 @@ directory (port file, log) in /tmp for good, or, interrupted while it waited, th
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,8 @@ from slm_e2e import llm_standin
 from slm_e2e.testing import wait_for
 from slm_gateway import testing as gateway_testing
 from slm_gateway.testing import await_ready, start_gateway, stop_child
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_the_stand_in_removes_its_directory_on_stop() -> None:
@@ -132,3 +137,67 @@ def test_a_child_that_stops_on_sigterm_gets_to_stop_on_its_own() -> None:
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     assert stop_child(proc, grace=20) == -15
     assert stop_child(proc, grace=20) == -15  # a second stop is harmless
+
+
+def test_a_second_sigterm_does_not_cut_the_test_runs_teardown_short(tmp_path: Path) -> None:
+    """A CI timeout signals the whole process group, so pytest gets SIGTERM twice (once
+    itself, once passed on by make). The project's conftest turns the first into a
+    KeyboardInterrupt so that fixtures tear down; the second used to interrupt that, leaving
+    the local control plane running (its pid file already deleted with pytest's tmp folder)."""
+    project_conftest = str(REPO / "tests" / "conftest.py")
+    (tmp_path / "conftest.py").write_text(
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('project_conftest', {project_conftest!r})\n"
+        "mod = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(mod)\n"
+        "pytest_configure = mod.pytest_configure\n"
+    )
+    (tmp_path / "test_hold.py").write_text(
+        "import os, time, pytest\n"
+        "@pytest.fixture(scope='session')\n"
+        "def server(tmp_path_factory):\n"
+        "    state = tmp_path_factory.mktemp('state') / 'pids'\n"
+        "    state.write_text('123')\n"
+        "    yield\n"
+        "    time.sleep(1)  # stopping servers takes a while\n"
+        "    with open(os.environ['REPORT'], 'w') as fh:\n"
+        "        fh.write(str(state.exists()))\n"
+        "def test_hold(server):\n"
+        "    open(os.environ['READY'], 'w').close()\n"
+        "    time.sleep(120)\n"
+    )
+    ready, report = tmp_path / "ready", tmp_path / "report"
+    env = {**os.environ, "READY": str(ready), "REPORT": str(report)}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-c",
+            os.devnull,
+            "--rootdir",
+            str(tmp_path),
+            "--basetemp",
+            str(tmp_path / "base"),
+            str(tmp_path),
+        ],
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(ready.exists, timeout=60, what="the test to start")
+        os.killpg(proc.pid, signal.SIGTERM)
+        time.sleep(0.3)  # the second arrives while the first is being handled
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert report.exists(), "the session fixture's teardown did not run to its end"
+    assert report.read_text() == "True", "the fixture's state was deleted before its teardown"
