@@ -46,6 +46,19 @@ class KubeError(Exception):
         return self.status in (0, 409, 429) or self.status >= 500
 
 
+class TaskGone(KubeError):
+    """The AgentTask does not exist any more (404 on its read or its status write).
+
+    Not retryable, and no failure either: the caller forgets the task. Its DELETED event is
+    not always sent: after a watch's 410 Gone kopf lists the tasks again and sends no DELETED
+    for one missing from the list, so a task only forgotten on DELETED was read (404) at every
+    resync for the life of the process.
+    """
+
+    def __init__(self, namespace: str, name: str) -> None:
+        super().__init__(404, f"AgentTask {namespace}/{name} does not exist", "NotFound")
+
+
 class TaskChanged(KubeError):
     """The AgentTask changed (or was deleted and created again) while it was reconciled.
 

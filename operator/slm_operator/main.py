@@ -30,7 +30,7 @@ from typing import Any
 import kopf
 
 from slm_operator import naming as n
-from slm_operator.kube import Kube, KubeError, load_api_client
+from slm_operator.kube import Kube, KubeError, TaskGone, load_api_client
 from slm_operator.metrics import RESULT_ERROR, RESULT_OK, RESULT_RETRY, OperatorMetrics, serve
 from slm_operator.prom import PromMetrics
 from slm_operator.reconcile import reconcile
@@ -233,6 +233,16 @@ async def _pass(rt: Runtime, key: Key, st: _KeyState) -> bool:
             reserved_accounts=RESERVED_SERVICE_ACCOUNTS,
             image_pull_secrets=IMAGE_PULL_SECRETS,
         )
+    except TaskGone:
+        # Deleted, whether or not its DELETED event comes (see TaskGone): forgotten here.
+        log.debug("AgentTask %s/%s does not exist any more; forgotten", *key)
+        rt.known.discard(key)
+        rt.uids.pop(key, None)
+        st.failures, st.last_error = 0, ""
+        st.cancel_retry()
+        st.cancel_window()
+        METRICS.forget_task(*key)
+        return True
     except KubeError as e:
         METRICS.reconciles.labels(RESULT_RETRY if e.retryable else RESULT_ERROR).inc()
         st.failures += 1

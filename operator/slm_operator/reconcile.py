@@ -15,7 +15,7 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 from slm_operator import naming as n
-from slm_operator.kube import Kube, KubeError, TaskChanged
+from slm_operator.kube import Kube, KubeError, TaskChanged, TaskGone
 from slm_operator.observe import (
     PENDING,
     JobView,
@@ -110,7 +110,9 @@ def observe(
     image_pull_secrets: Sequence[str] = (),
 ) -> Observed | None:
     task = kube.get_task(namespace, name)
-    if task is None or task["metadata"].get("deletionTimestamp"):
+    if task is None:
+        raise TaskGone(namespace, name)
+    if task["metadata"].get("deletionTimestamp"):
         return None  # ownerReferences let the garbage collector remove the children
     uid = task["metadata"]["uid"]
     selector = f"{n.LABEL_TASK}={name}"
@@ -249,10 +251,9 @@ def reconcile(
                 # this name): this status describes an object that is gone.
                 raise TaskChanged(namespace, name, e.message) from e
             if e.status == 404:
-                # Deleted since it was read: nothing to report on, and no error either (its
-                # DELETED event forgets it); the children go with it (owner references).
-                log.debug("AgentTask %s/%s was deleted during its reconcile", namespace, name)
-                return None
+                # Deleted since it was read: nothing to report on, and no error either; the
+                # children go with it (owner references).
+                raise TaskGone(namespace, name) from e
             raise
         for type_, reason, message in p.events:
             kube.event(obs.task, type_, reason, message)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import copy
 from typing import Any, cast
 
+import pytest
 from test_plan import NOW, make_task
 
-from slm_operator.kube import KubeError
+from slm_operator.kube import KubeError, TaskGone
 from slm_operator.reconcile import reconcile
 
 
@@ -42,13 +43,22 @@ class _GoneOnWrite:
 
 
 def test_a_task_deleted_during_its_reconcile_is_gone_not_an_error() -> None:
-    """Its status PATCH gets 404: the pass ends as for a task already gone (None: the caller
-    forgets its series), with no error logged or counted and no Events about an object that
-    no longer exists. Before, the 404 was raised as a failed reconcile ("the resync retries
-    it") and counted in slm_operator_reconcile_total{result="error"}."""
+    """Its status PATCH gets 404: the pass ends with TaskGone, which the operator handles by
+    forgetting the task (test_reconcile_retries), with no Events about an object that no
+    longer exists. Before, the 404 was a failed reconcile ("the resync retries it"), counted
+    in slm_operator_reconcile_total{result="error"}."""
     task = make_task()
     task["metadata"].update(uid="u1", resourceVersion="7", namespace="agents")
     kube = _GoneOnWrite(task)
-    assert reconcile(cast(Any, kube), "agents", "weather", NOW) is None
+    with pytest.raises(TaskGone):
+        reconcile(cast(Any, kube), "agents", "weather", NOW)
     assert kube.applied  # it had got as far as applying the data-prep Job
     assert kube.events == []
+
+
+def test_a_task_that_is_not_there_is_gone() -> None:
+    kube = _GoneOnWrite(make_task())
+    kube.get_task = lambda namespace, name: None  # type: ignore[method-assign,assignment]
+    with pytest.raises(TaskGone):
+        reconcile(cast(Any, kube), "agents", "weather", NOW)
+    assert kube.applied == []

@@ -236,6 +236,29 @@ def test_a_late_deleted_event_of_the_old_object_does_not_forget_the_recreated_ta
     assert len(fake.calls) >= 5, fake.calls  # two ADDED, three resyncs, the Job event
 
 
+def test_a_task_gone_without_a_deleted_event_is_forgotten(
+    loop: VirtualClockLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a watch's 410 Gone kopf lists the tasks again and sends no DELETED for one that
+    is missing: the task's next read finds nothing (TaskGone). It is forgotten then: not read
+    again at every resync for the life of the process, and no failed reconcile counted."""
+    from slm_operator.kube import TaskGone
+
+    fake = FakeReconcile(loop, lambda n: TaskGone(*KEY) if n >= 2 else None)
+    monkeypatch.setattr(main, "reconcile", fake)
+
+    async def scenario(rt: main.Runtime) -> None:
+        await main.on_task(type="ADDED", namespace=KEY[0], name=KEY[1], uid="u1")
+        await asyncio.sleep(35)  # the resync finds it gone
+        assert KEY not in rt.known and KEY not in rt.states
+        await asyncio.sleep(300)  # ten more resyncs
+
+    run(loop, monkeypatch, scenario)
+    assert len(fake.calls) == 2, fake.calls
+    errors = main.METRICS.reconciles.labels(main.RESULT_ERROR)._value.get()
+    assert errors == 0
+
+
 def test_backoff_doubles_from_one_second_up_to_five_minutes() -> None:
     assert [main.backoff(n) for n in (1, 2, 3, 9, 10, 50)] == [1, 2, 4, 256, 300, 300]
 
