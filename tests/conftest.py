@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
@@ -62,8 +61,14 @@ def _binaries_or_skip() -> Any:
                 "integration tests need the local control plane, built from source with the Go "
                 f"toolchain (>= 1.26), which is not installed: {exc}"
             )
-        subprocess.run(["bash", str(BUILD_SCRIPT)], check=True)
-        return locate()
+        # Not built here: a cold build takes about 15 minutes on 2 cores, past the 900 s
+        # pytest-timeout gives a fixture, and a timeout killed the build script but left its
+        # go children running, holding the build lock.
+        pytest.fail(
+            f"the local control plane is not built ({exc}): run `make binaries` (or "
+            f"`make setup`), which runs {BUILD_SCRIPT.name}, then the tests again",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="session")
