@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from slm_e2e.binaries import BUILD_SCRIPT, BinariesMissing, go_available, locate
+from slm_e2e.binaries import BinariesMissing, go_available, locate
 from slm_e2e.cluster import CONTEXT, LocalCluster
 from slm_e2e.testing import ClusterHandle, wait_for
 
@@ -64,11 +64,7 @@ def _binaries_or_skip() -> Any:
         # Not built here: a cold build takes about 15 minutes on 2 cores, past the 900 s
         # pytest-timeout gives a fixture, and a timeout killed the build script but left its
         # go children running, holding the build lock.
-        pytest.fail(
-            f"the local control plane is not built ({exc}): run `make binaries` (or "
-            f"`make setup`), which runs {BUILD_SCRIPT.name}, then the tests again",
-            pytrace=False,
-        )
+        pytest.fail(f"{exc}; then run the tests again", pytrace=False)
 
 
 @pytest.fixture(scope="session")
