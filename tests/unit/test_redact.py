@@ -1171,6 +1171,21 @@ def test_email_and_slack_searches_stay_linear_on_adversarial_text(uncached: Reda
         "many @": "a@b." * 2500,
         "slack prefix, long run": "xoxb-" + "a" * 10_000 + "_",
         "slack prefix, dashed run": "xoxb-" + "a-" * 5000 + "_",
+        # The rules a later review added: each bounded, so none of these is quadratic.
+        "bearer, over-long credential": "Authorization: Bearer " + "a1" * 5000 + "$",
+        "many bearer schemes": "Authorization: Bearer " * 500,
+        "authorization, long blank run": "Authorization:" + " " * 10_000 + "x",
+        "many curl words": "curl " * 2000,
+        "curl, many -u options": "curl " + "-u a:b" * 1700,
+        "curl, unclosed quotes": "curl " + " -u 'x" * 2000,
+        "curl, long user:password": "curl -u " + "a:" * 5000,
+        "password is, repeated": "password is " * 900,
+        "password is, long value": "my password is " + "a1!" * 3400,
+        "xapp prefix, long run": "xapp-1-" + "A1" * 5000,
+        "shopify and databricks prefixes": ("shpat_" + "a" * 40 + " dapi" + "b" * 40) * 120,
+        "discord webhook, long token": "https://discord.com/api/webhooks/123456789012345678/"
+        + "a" * 10_000
+        + "$",
     }
     for label, text in adversarial.items():
         prose = ("Contact jane@example.com about order 4521, shipped 2024-05-03. " * 400)[
@@ -1425,3 +1440,203 @@ def test_one_phone_number_in_two_formats_gets_one_placeholder(redactor: Redactor
     assert out == (
         "call <PHONE_NUMBER_1> or <PHONE_NUMBER_1>; fax <PHONE_NUMBER_2> or <PHONE_NUMBER_2>"
     )
+
+
+# ---- a review found these leaking: short bearer tokens, curl -u, more vendors, stated passwords
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Authorization: Bearer abc123def456", "Authorization: Bearer <API_KEY_1>"),
+        (
+            'curl -H "Authorization: Bearer tok_9f8e7d" https://api.example.com/v1/me',
+            'curl -H "Authorization: Bearer <API_KEY_1>" https://api.example.com/v1/me',
+        ),
+        ("proxy-authorization: bearer x9y8z7", "proxy-authorization: bearer <API_KEY_1>"),
+        ('"Authorization": "token 1a2b3c4d"', '"Authorization": "token <API_KEY_1>"'),
+        ("authorization=Bot mt4x9q2z7k", "authorization=Bot <API_KEY_1>"),
+        ('headers = {"X": "Bearer abc123def456"}', 'headers = {"X": "Bearer <API_KEY_1>"}'),
+        ("sent Bearer tok_9f8e7d.", "sent Bearer <API_KEY_1>."),
+        # Not credentials: prose, stand-ins, a bare scheme other than Bearer, too short.
+        ("He was the Bearer of bad news", "He was the Bearer of bad news"),
+        ("Authorization: Bearer <token>", "Authorization: Bearer <token>"),
+        ("Authorization: Bearer ${TOKEN}", "Authorization: Bearer ${TOKEN}"),
+        ("Authorization: Bearer $ACCESS_TOKEN", "Authorization: Bearer $ACCESS_TOKEN"),
+        ("Authorization: Bearer {token}", "Authorization: Bearer {token}"),
+        ("Authorization: Bearer YOUR_TOKEN_1", "Authorization: Bearer YOUR_TOKEN_1"),
+        ("Authorization: Bearer xxxxxxxx", "Authorization: Bearer xxxxxxxx"),
+        ("Authorization: Bearer ********", "Authorization: Bearer ********"),
+        ("Authorization: token ghp_short", "Authorization: token ghp_short"),
+        ("Authorization: Bearer a1b2", "Authorization: Bearer a1b2"),
+        ("use a bearer token1 here", "use a bearer token1 here"),
+        ("the token abc123def456 is in prose", "the token abc123def456 is in prose"),
+        ("Authorization: Bearer eyJhbGciOi$", "Authorization: Bearer eyJhbGciOi$"),
+    ],
+)
+def test_short_bearer_and_authorization_credentials(
+    redactor: Redactor, text: str, expected: str
+) -> None:
+    """A token too short for the assigned-secret rule's 20+ random-looking characters leaked
+    after ``Bearer``; after its scheme, a letter-and-digit credential now counts (6+
+    characters after an ``Authorization`` header's name, 8+ after a bare ``Bearer``)."""
+    assert redactor.redact_text(text, RedactionState()) == expected
+
+
+def test_a_long_bearer_token_and_a_jwt_keep_their_rules(redactor: Redactor) -> None:
+    jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.abcdefghijKLMNOP"
+    assert [s.kind for s in redactor.find(f"Authorization: Bearer {jwt}")] == ["JWT"]
+    key = "sk-proj-4f9Kx2LmQ7rT1vB8nZ3yW6cD0eH5jU9pA2sF"
+    spans = redactor.find(f"Authorization: Bearer {key}")
+    assert [(s.kind, s.value) for s in spans] == [("API_KEY", key)]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("curl -u admin:S3cr3tPw https://x.io", "curl -u admin:<API_KEY_1> https://x.io"),
+        ("curl --user admin:hunter2 https://x.io", "curl --user admin:<API_KEY_1> https://x.io"),
+        ("curl --user=bob:pw1 https://x.io", "curl --user=bob:<API_KEY_1> https://x.io"),
+        ("curl -uadmin:Zx81kq https://x.io", "curl -uadmin:<API_KEY_1> https://x.io"),
+        ("curl -sSu 'bob:pa$$w0rd' https://x.io", "curl -sSu 'bob:<API_KEY_1>' https://x.io"),
+        (
+            'curl -X POST -u "svc:p4:ss" https://x.io',
+            'curl -X POST -u "svc:<API_KEY_1>" https://x.io',
+        ),
+        ("curl -U proxy:pp123 https://x.io", "curl -U proxy:<API_KEY_1> https://x.io"),
+        ("curl https://x.io \\\n  -u ops:T0ps3cret", "curl https://x.io \\\n  -u ops:<API_KEY_1>"),
+        # Not passwords: no password, shell expansions, stand-ins, other tools' -u.
+        ("curl -u $USER https://x.io", "curl -u $USER https://x.io"),
+        ('curl -u "$USER:$PASS" https://x.io', 'curl -u "$USER:$PASS" https://x.io'),
+        ("curl -u user: https://x.io", "curl -u user: https://x.io"),
+        ("curl --negotiate -u : https://x.io", "curl --negotiate -u : https://x.io"),
+        ("curl -u user:password https://x.io", "curl -u user:password https://x.io"),
+        ("curl -u '<user>:<password>' https://x.io", "curl -u '<user>:<password>' https://x.io"),
+        ("curl -u user:${API_TOKEN} https://x.io", "curl -u user:${API_TOKEN} https://x.io"),
+        ("docker run -u 1000:1000 img", "docker run -u 1000:1000 img"),
+        (
+            "curl https://x.io | sudo -u www:data tee f",
+            "curl https://x.io | sudo -u www:data tee f",
+        ),
+        (
+            "curl https://x.io\ndocker run -u 1000:1000 img",
+            "curl https://x.io\ndocker run -u 1000:1000 img",
+        ),
+        ("curl -Furl=http://x.io/a https://x.io", "curl -Furl=http://x.io/a https://x.io"),
+        (
+            "curl --user-agent 'Mozilla/5.0 (X11; L:x)' x",
+            "curl --user-agent 'Mozilla/5.0 (X11; L:x)' x",
+        ),
+    ],
+)
+def test_curl_user_passwords_are_redacted_keeping_the_user(
+    redactor: Redactor, text: str, expected: str
+) -> None:
+    assert redactor.redact_text(text, RedactionState()) == expected
+
+
+def test_a_weak_curl_password_is_redacted_only_in_its_command(redactor: Redactor) -> None:
+    rec = CallRecord(
+        task="t",
+        backend="llm",
+        messages=[{"role": "user", "content": "run curl -u admin:admin https://x.io as admin"}],
+        response=_call({"cmd": "curl -u admin:Zx81kq0P https://x.io", "who": "Zx81kq0P"}),
+    )
+    new, _ = redactor.redact_record(rec)
+    assert new.messages[0]["content"] == "run curl -u admin:<API_KEY_1> https://x.io as admin"
+    args = json.loads(new.response["tool_calls"][0]["function"]["arguments"])
+    # A strong one is replaced wherever it occurs, with one placeholder.
+    assert args == {"cmd": "curl -u admin:<API_KEY_2> https://x.io", "who": "<API_KEY_2>"}
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "xapp-1-A0123456789-1234567890123-"
+        "abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789",
+        "shpat_0123456789abcdef0123456789abcdef",
+        "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",
+        "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",
+        "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",
+        "dapi0123456789abcdef0123456789abcdef",
+        "dapi0123456789abcdef0123456789abcdef-2",
+        "https://discord.com/api/webhooks/123456789012345678/"
+        "aBcDeFgHiJkLmNoPqRsTuVwXyZ_0123456789-aBcDeFgHiJkLmNoPqRsTuVwXyZ01234567",
+        "https://canary.discordapp.com/api/v10/webhooks/987654321098765432/"
+        + "Zx81kq0Pa9LmW2vB7cQ4" * 3
+        + "abcdefgh",
+    ],
+)
+def test_more_vendor_tokens_are_found(redactor: Redactor, key: str) -> None:
+    text = f"use {key} for the deploy"
+    assert redactor.redact_text(text, RedactionState()) == "use <API_KEY_1> for the deploy"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "xapp-1-setup-guide",
+        "shpat_ is the prefix of a Shopify admin token",
+        "shpat_abcdefabcdefabcdefabcdefabcdefab",  # no digit: not a real one (see the pattern)
+        "dapi0123456789abcdef",  # too short
+        "dapi0123456789abcdef0123456789abcdefff",  # too long for its format
+        "https://discord.com/api/webhooks/123456789012345678/short",
+        "https://discord.com/developers/docs/resources/webhook",
+    ],
+)
+def test_vendor_token_look_alikes_are_left(redactor: Redactor, text: str) -> None:
+    assert redactor.find(text) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("my password is hunter2xyz", "my password is <API_KEY_1>"),
+        ("My password is hunter2xyz.", "My password is <API_KEY_1>."),
+        ("the passcode was 482913, don't share it", "the passcode was <API_KEY_1>, don't share it"),
+        ("Password is now 'S3cr3t!x'", "Password is now '<API_KEY_1>'"),
+        ("wifi password is: P@ssword", "wifi password is: <API_KEY_1>"),
+        ("DB_PASSWORD is Tr0ub4dor&3 on staging", "DB_PASSWORD is <API_KEY_1> on staging"),
+        # Prose and code, which say "password is" far more often: left alone.
+        ("the password is required", "the password is required"),
+        ("Password is incorrect.", "Password is incorrect."),
+        ("your password was reset yesterday", "your password was reset yesterday"),
+        ("the password is too short", "the password is too short"),
+        ("password is case-sensitive", "password is case-sensitive"),
+        ("the password is sent_by_email", "the password is sent_by_email"),
+        ("the password is 8chars at least", "the password is 8chars at least"),
+        ("password is 12-characters long", "password is 12-characters long"),
+        ("the password is sha256-hashed", "the password is sha256-hashed"),
+        ("the password is 'correct horse battery'", "the password is 'correct horse battery'"),
+        ("the password is ${DB_PASSWORD}", "the password is ${DB_PASSWORD}"),
+        ("the password is settings.DB_PASSWORD", "the password is settings.DB_PASSWORD"),
+        ("the password is /run/secrets/db", "the password is /run/secrets/db"),
+        ("if password is None:", "if password is None:"),
+        ("assert password is not None", "assert password is not None"),
+        ("the passcode is 1234", "the passcode is 1234"),  # too short to tell from a number
+        ("the password for wifi is abc12345", "the password for wifi is abc12345"),  # not read
+    ],
+)
+def test_a_password_stated_in_a_sentence_is_redacted_conservatively(
+    redactor: Redactor, text: str, expected: str
+) -> None:
+    """Decided: only "password/passcode is|was [now|still] VALUE" right after one another, and
+    only a VALUE no word is (a digit or a symbol in it, 6+ characters): a missed password in
+    other phrasing beats redacting "the password is required" all over the training set."""
+    assert redactor.redact_text(text, RedactionState()) == expected
+
+
+def test_a_stated_password_gets_the_same_placeholder_in_the_tool_call(
+    redactor: Redactor,
+) -> None:
+    rec = CallRecord(
+        task="t",
+        backend="llm",
+        messages=[{"role": "user", "content": "log in as jane, my password is hunter2xyz"}],
+        response=_call({"user": "jane", "login": "hunter2xyz", "note": "pw hunter2xyz"}),
+    )
+    new, counts = redactor.redact_record(rec)
+    assert new.messages[0]["content"] == "log in as jane, my password is <API_KEY_1>"
+    args = json.loads(new.response["tool_calls"][0]["function"]["arguments"])
+    assert args == {"user": "jane", "login": "<API_KEY_1>", "note": "pw <API_KEY_1>"}
+    assert counts == {"API_KEY": 3}

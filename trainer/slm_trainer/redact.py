@@ -18,11 +18,13 @@ downloaded) and these recognizers:
   checked), ``IP_ADDRESS`` (v4 and v6, parsed by :mod:`ipaddress`) and ``IBAN_CODE`` (ISO 7064
   checksum and per-country format);
 - our own recognizers for secrets, which Presidio does not ship: ``API_KEY`` (OpenAI,
-  Anthropic, GitHub, GitLab, AWS key ids, Slack tokens and webhooks, Google, Stripe, Hugging
-  Face, SendGrid, npm, generic ``api_key=...`` / ``token: ...`` / ``Bearer ...``
-  assignments whose value is long and random-looking, and HTTP Basic credentials
-  ``Basic <base64>`` whose base64 decodes to ``user:password``, and the password of a URL's
-  ``scheme://user:password@host``), ``JWT`` (three base64url
+  Anthropic, GitHub, GitLab, AWS key ids, Slack tokens (app-level ``xapp-`` too) and
+  webhooks, Google, Stripe, Hugging Face, SendGrid, npm, Shopify, Databricks, Discord webhook
+  URLs, generic ``api_key=...`` / ``token: ...`` / ``Bearer ...`` assignments whose value is
+  long and random-looking, shorter letter-and-digit credentials after ``Bearer`` or an
+  ``Authorization:`` header's scheme, HTTP Basic credentials ``Basic <base64>`` whose base64
+  decodes to ``user:password``, and the password of a URL's ``scheme://user:password@host``
+  and of curl's ``-u user:password``), ``JWT`` (three base64url
   segments whose header decodes to a JSON object) and ``PRIVATE_KEY`` (PEM
   ``-----BEGIN ... PRIVATE KEY-----`` blocks, also when cut off before their END line).
 
@@ -31,7 +33,9 @@ JSON values under a key named like a secret (``password``, ``client_secret``, ``
 redacted whatever they look like, also in JSON encoded inside a string; under an authorization
 key only the credential after its scheme (``Basic <API_KEY_1>``), under a ``Cookie`` key each
 cookie's value. In text, a value after a ``password``/``passwd``/``passphrase``/``pwd`` label
-and the cookie values of a ``Cookie:`` header follow the same rule.
+and the cookie values of a ``Cookie:`` header follow the same rule; so does a password stated
+in a sentence ("my password is hunter2xyz"), but only one token holding a digit or a symbol,
+since prose says "the password is required" far more often (:func:`stated_password`).
 
 A few plausibility filters then drop the matches that most often turn out not to be PII in
 agent traffic: bare digit runs taken for phone numbers with no phone word nearby (order ids,
@@ -60,7 +64,9 @@ What is NOT detected: names of people, organisations and places. That needs a na
 model and none can be downloaded in this project's environments; a blank spaCy pipeline only
 tokenises. Postal addresses, dates of birth, national ID numbers, user names (also a URL's
 user or an scp remote's, as in ``git@github.com``), and passwords that are short or lack a
-``password:``-style label or a URL around them are not detected either, nor is anything
+``password:``-style label, a URL, a curl ``-u`` or a "password is" right before them ("the
+password for the wifi is ...", "my password is hunter", "passcode 1234") are not detected
+either, nor is anything
 inside a base64 payload (the text of an attached PDF or screenshot). Treat the output as
 "known identifiers and secrets removed", not as anonymised.
 """
@@ -734,6 +740,31 @@ VENDOR_KEY_PATTERNS: tuple[Pattern, ...] = (
     Pattern("Hugging Face token", r"\bhf_[A-Za-z0-9]{30,}\b", 0.95),
     Pattern("SendGrid key", r"\bSG\.[A-Za-z0-9_-]{16,}\.[A-Za-z0-9_-]{20,}", 0.95),
     Pattern("npm token", r"\bnpm_[A-Za-z0-9]{36}\b", 0.95),
+    # Slack app-level token: xapp-<version>-<app id>-<digits>-<hex secret>.
+    Pattern(
+        "Slack app-level token",
+        r"\bxapp-\d{1,2}-[A-Z0-9]{6,32}-\d{6,32}-[A-Za-z0-9]{16,256}\b",
+        0.95,
+    ),
+    # Shopify admin/custom-app/private-app access tokens and shared secrets: 32 hex. The
+    # lookahead wants a digit among them (all but ~1e-14 of real ones), so a string of letters,
+    # "_" and "-" still holds nothing to find (see Redactor._redact_key).
+    Pattern(
+        "Shopify token",
+        r"\bshp(?:at|ca|pa|ss)_(?=[a-fA-F]{0,31}[0-9])[a-fA-F0-9]{32}\b",
+        0.95,
+    ),
+    # Databricks personal access token: dapi + 32 of [a-h0-9] (gitleaks' alphabet), with the
+    # "-2"-style suffix newer workspaces append; a digit required as above.
+    Pattern("Databricks token", r"\bdapi(?=[a-h]{0,31}[0-9])[a-h0-9]{32}(?:-\d{1,2})?\b", 0.95),
+    # Discord webhook URL: like a Slack webhook, the URL is the credential (anyone holding it
+    # can post), so the whole URL is the match.
+    Pattern(
+        "Discord webhook",
+        r"https://(?:(?:ptb|canary)\.)?discord(?:app)?\.com/api/(?:v\d{1,2}/)?webhooks/"
+        r"\d{17,20}/[A-Za-z0-9_-]{60,100}(?![A-Za-z0-9_-])",
+        0.95,
+    ),
 )
 
 # A value whose only hint is its label. Lower score: a vendor pattern or a JWT covering the
@@ -999,7 +1030,7 @@ _PASSWORD_REFERENCE_RE = re.compile(
 # a quote.
 _COOKIE_HEADER_RE = re.compile(r"(?i:\b(?:set-)?cookie)[ \t]*:[ \t]*([^\r\n\"'`]{1,8192})")
 # What either needs (for :func:`possible_kinds`).
-_LABELLED_SECRET_HINT = r"(?i:password|passwd|passphrase|pwd|cookie)"
+_LABELLED_SECRET_HINT = r"(?i:password|passwd|passphrase|passcode|pwd|cookie)"
 
 
 def labelled_password(value: str, label: str, after: str) -> bool:
@@ -1020,6 +1051,42 @@ def labelled_password(value: str, label: str, after: str) -> bool:
     return not (label.lower().endswith("pwd") and _PATH_VALUE_RE.fullmatch(value))
 
 
+# A password stated in a sentence: "my password is hunter2xyz", "the passcode was 482913",
+# "Password is now 'S3cr3t!x'". Prose says "the password is required" far more often, so the
+# value must be one token that no word is (see :func:`stated_password`). Groups as in
+# :data:`_LABELLED_PASSWORD_RE` (2 double-, 3 single-, 4 back-quoted, 5 bare); bounded lengths
+# keep the search linear.
+_STATED_PASSWORD_RE = re.compile(
+    r"(?<![A-Za-z0-9])(?P<label>(?i:pass(?:word|wd|code)))[ \t]+(?i:is|was)"
+    r"(?:[ \t]+(?i:now|still))?[ \t]*:?[ \t]+"
+    r"(?:\"([^\"\\\n]{1,256})\"|'([^'\\\n]{1,256})'|`([^`\\\n]{1,256})`"
+    r"|([^\s\"'`,;<>(){}\[\]\\]{1,256}))"
+)
+# A quantity or a compound word, not a password: "8chars", "12-characters", "sha256-hashed",
+# "base64-encoded", "2fa-protected".
+_STATED_NOT_PASSWORD_RE = re.compile(r"\d{1,3}[A-Za-z]+|[A-Za-z0-9]+(?:-[A-Za-z]{2,})+")
+
+
+def stated_password(value: str, after: str) -> bool:
+    """Whether ``value``, stated in "my password is VALUE" and followed by ``after``, is one.
+
+    Conservative, because the sentence is mostly prose: :func:`labelled_password`'s rule, and
+    the value must hold a digit or a symbol (``hunter2xyz``, ``P@ssword``, ``482913``), so a
+    word never counts ("is required", "is incorrect", "was reset", "is case-sensitive",
+    "is sent_by_email"), nor a quantity or compound ("is 8chars", "is base64-encoded"), a URL
+    or a path. Code's ``if password is None`` is a keyword (:data:`_NOT_A_PASSWORD`).
+    """
+    if not labelled_password(value, "password", after):
+        return False
+    if (
+        "://" in value
+        or _PATH_VALUE_RE.fullmatch(value)
+        or _STATED_NOT_PASSWORD_RE.fullmatch(value)
+    ):
+        return False
+    return any(c.isdigit() or not (c.isalnum() or c in "-_'.") for c in value)
+
+
 class _LabelledSecretRecognizer(EntityRecognizer):
     """Passwords after a ``password``/``passwd``/``passphrase``/``pwd`` label and cookie values
     in a ``Cookie:``/``Set-Cookie:`` header, as API_KEY.
@@ -1027,8 +1094,10 @@ class _LabelledSecretRecognizer(EntityRecognizer):
     Why: the assigned-secret pattern wants 12+ random-looking characters, which a password
     rarely is (``password=CorrectHorseBatteryStaple``, ``Password=S3cr3tPw!``), while the same
     value under a JSON key ``password`` was always redacted. Here text gets the JSON rule
-    (:func:`labelled_password`). A cookie's value is a session credential: each is replaced,
-    its name and Set-Cookie's attributes kept (:func:`redact_cookie_values`).
+    (:func:`labelled_password`), and a password stated in a sentence ("my password is
+    hunter2xyz") a stricter one (:func:`stated_password`). A cookie's value is a session
+    credential: each is replaced, its name and Set-Cookie's attributes kept
+    (:func:`redact_cookie_values`).
     """
 
     NAME = "SlmLabelledSecretRecognizer"
@@ -1060,6 +1129,15 @@ class _LabelledSecretRecognizer(EntityRecognizer):
             after = text[end : end + 1]
             if labelled_password(value, match.group("label"), after):
                 found.append((start, end, _strong_url_password(value)))
+        for match in _STATED_PASSWORD_RE.finditer(text):
+            group = next(g for g in (2, 3, 4, 5) if match.group(g) is not None)
+            start, end = match.span(group)
+            value = match.group(group)
+            if group == 5:  # the end of the sentence, not of the password
+                value = value.rstrip(".,:")
+                end = start + len(value)
+            if stated_password(value, text[end : end + 1]):
+                found.append((start, end, _strong_url_password(value)))
         for header in _COOKIE_HEADER_RE.finditer(text):
             offset = header.start(1)
             for pair in _COOKIE_PAIR_RE.finditer(header.group(1)):
@@ -1084,6 +1162,137 @@ class _LabelledSecretRecognizer(EntityRecognizer):
                 },
             )
             for start, end, record_wide in found
+        ]
+
+
+# An HTTP credential after its scheme, however short: ``Authorization: Bearer abc123def456``,
+# ``-H "Authorization: Bearer tok_9f8e7d"``, ``"Authorization": "token 1a2b3c4d"``, or a bare
+# ``Bearer abc123def456`` in code. Group ``auth``: the header's name, when it precedes; ``scheme``;
+# ``cred``: the credential (RFC 6750's b64token). The assigned-secret pattern takes only 20+
+# random-looking characters after "Bearer", which a short test or session token is not.
+_AUTH_CREDENTIAL_RE = re.compile(
+    r"(?:(?P<auth>(?i:\b(?:proxy-)?authorization))[\"']?[ \t]*[:=][ \t]*[\"']?)?"
+    r"(?P<scheme>(?i:\b(?:bearer|token|bot|apikey|api-key)))[ \t]{1,16}"
+    r"(?P<cred>[A-Za-z0-9\-._~+/]{1,1024}+=*+)(?![^\s\"'`,;:!?<>(){}\[\]\\|&])"
+)
+# An identifier in capitals (``YOUR_TOKEN``, ``API_TOKEN_V2``): documentation's stand-in.
+_CONSTANT_NAME_RE = re.compile(r"[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+")
+
+
+def auth_credential(value: str, labelled: bool) -> bool:
+    """Whether ``value`` after an HTTP auth scheme is a credential rather than prose or a
+    stand-in.
+
+    A letter and a digit (a token has both; "Bearer of bad news" has neither) and, after an
+    ``Authorization`` header's name, 6+ characters (the JSON rule's :func:`_secret_value`);
+    a bare ``Bearer`` in text wants 8+. Stand-ins are left: ``Bearer <token>``,
+    ``Bearer ${TOKEN}``, ``$TOKEN`` and ``{token}`` never match the b64token alphabet, and
+    capitalised names (``YOUR_TOKEN_1``) and masks are refused here.
+    """
+    if len(value) < (6 if labelled else 8) or not _secret_value(value):
+        return False
+    if not (any(c.isdigit() for c in value) and any(c.isalpha() for c in value)):
+        return False
+    return not (_URL_PASSWORD_STAND_IN_RE.fullmatch(value) or _CONSTANT_NAME_RE.fullmatch(value))
+
+
+# The word ``curl`` as a command, and where its command line ends: an unescaped newline, a
+# pipe, ";" or "&&" (a backslash-newline continues it).
+_CURL_RE = re.compile(r"(?<![\w.-])curl(?![\w.-])")
+_COMMAND_END_RE = re.compile(r"(?<!\\)[\r\n]|[|;]|&&")
+#: How far a curl command's options are read (characters): the bound that keeps it linear.
+CURL_COMMAND_MAX_CHARS = 4096
+# curl's ``-u``/``--user`` (and proxy ``-U``/``--proxy-user``) option: ``-u user:pw``,
+# ``-uuser:pw``, ``-sSu user:pw`` (after flags that take no argument, so ``-Furl=...`` is no
+# ``-u``), ``--user=user:pw``, quoted or not. Groups 1 (double-quoted), 2 (single-quoted),
+# 3 (bare): the ``user:password`` value.
+_CURL_USER_RE = re.compile(
+    r"(?<![^\s\"'])(?:-[sSkLfviI]{0,8}[uU][ \t]*|--(?:proxy-)?user(?:[ \t]+|=))"
+    r"(?:\"([^\"\n]{1,512})\"|'([^'\n]{1,512})'|([^\s\"'`;|&<>(){}\[\]\\]{1,512}))"
+)
+# A template's stand-in in angle or square brackets: ``<password>``, ``[PASSWORD]``.
+_BRACKETED_STAND_IN_RE = re.compile(r"<[^<>]*>|\[[^\[\]]*\]")
+
+
+def curl_password(password: str, quoted: str) -> bool:
+    """Whether ``password``, from curl's ``-u user:password``, is one.
+
+    Any length counts (the option is its label, as a URL's ``user:password@`` is), but not:
+    nothing (``-u user:`` makes curl prompt, ``-u :`` is Negotiate), a shell expansion outside
+    single quotes (``-u "$USER:$PASS"``), a stand-in (``****``, ``<password>``,
+    ``${PASSWORD}``, the word itself) or a type word (:data:`_NOT_A_PASSWORD`).
+    """
+    if not password or (quoted != "'" and password.startswith("$")):
+        return False
+    if _URL_PASSWORD_STAND_IN_RE.fullmatch(password) or _BRACKETED_STAND_IN_RE.fullmatch(password):
+        return False
+    return password.lower() not in _NOT_A_PASSWORD
+
+
+class _AuthCredentialsRecognizer(EntityRecognizer):
+    """Short HTTP credentials after their scheme (:data:`_AUTH_CREDENTIAL_RE`) and the password
+    of curl's ``-u user:password``, as API_KEY.
+
+    Why: a test or session token of 10 characters (``Bearer tok_9f8e7d``) is too short for the
+    assigned-secret pattern's randomness test, and ``curl -u admin:S3cr3t`` has no
+    ``password`` label; both leaked. Only the credential is the match, so the model still sees
+    ``Authorization: Bearer <API_KEY_1>`` and ``curl -u admin:<API_KEY_1>``. The ``-u`` option
+    counts only in a curl command line (``docker run -u 1000:1000`` is a uid and gid), and
+    only its password (after the first ":") is replaced, as for a URL's credentials; a weak
+    one only where it was found (:func:`_strong_url_password`).
+    """
+
+    NAME = "SlmAuthCredentialsRecognizer"
+
+    def __init__(self) -> None:
+        super().__init__(supported_entities=[API_KEY], name=self.NAME, supported_language="en")
+
+    def load(self) -> None:
+        """Nothing to load: compiled regexes."""
+
+    def analyze(
+        self,
+        text: str,
+        entities: list[str],
+        nlp_artifacts: NlpArtifacts | None = None,
+        regex_flags: int | None = None,
+    ) -> list[RecognizerResult]:
+        found: list[tuple[int, int]] = []
+        for match in _AUTH_CREDENTIAL_RE.finditer(text):
+            labelled = match.group("auth") is not None
+            if not labelled and match.group("scheme").lower() != "bearer":
+                continue  # "token abc123" in prose: only Bearer is a scheme without its header
+            value = match.group("cred").rstrip(".")
+            if auth_credential(value, labelled):
+                found.append((match.start("cred"), match.start("cred") + len(value)))
+        end = 0
+        for curl in _CURL_RE.finditer(text):
+            if curl.start() < end:
+                continue  # in the command line already read
+            limit = min(len(text), curl.end() + CURL_COMMAND_MAX_CHARS)
+            stop = _COMMAND_END_RE.search(text, curl.end(), limit)
+            end = stop.start() if stop else limit
+            for option in _CURL_USER_RE.finditer(text, curl.end(), end):
+                group = next(g for g in (1, 2, 3) if option.group(g) is not None)
+                user, colon, password = option.group(group).partition(":")
+                quoted = '"' if group == 1 else "'" if group == 2 else ""
+                if colon and curl_password(password, quoted):
+                    start = option.start(group) + len(user) + 1
+                    found.append((start, start + len(password)))
+        return [
+            RecognizerResult(
+                entity_type=API_KEY,
+                start=start,
+                end=stop_at,
+                # An assigned secret's 0.6 and a vendor key's 0.95 win where they cover it.
+                score=0.55,
+                recognition_metadata={
+                    RecognizerResult.RECOGNIZER_NAME_KEY: self.NAME,
+                    RecognizerResult.RECOGNIZER_IDENTIFIER_KEY: self.id,
+                    _RECORD_WIDE_KEY: _strong_url_password(text[start:stop_at]),
+                },
+            )
+            for start, stop_at in found
         ]
 
 
@@ -1123,6 +1332,7 @@ def _build_analyzer(phone_regions: Sequence[str]) -> AnalyzerEngine:
         _BasicCredentialsRecognizer(),
         _UrlCredentialsRecognizer(),
         _LabelledSecretRecognizer(),
+        _AuthCredentialsRecognizer(),
         _SecretRecognizer(JWT, JWT_PATTERNS, ["jwt", "bearer"], "SlmJwtRecognizer"),
         _SecretRecognizer(PRIVATE_KEY, PRIVATE_KEY_PATTERNS, ["key"], "SlmPrivateKeyRecognizer"),
     ]
@@ -1158,11 +1368,12 @@ _IP_HINT_RE = re.compile(r"\d\.\d|[0-9A-Fa-f]:|:[0-9A-Fa-f:]")
 _IBAN_HINT_RE = re.compile(r"[A-Z]{2}[0-9]{2}")
 # What any API_KEY match needs: a vendor key is 16+ word characters or dashes in a row (their
 # patterns, and looks_random's minimum length), an assigned secret or a bearer token its label,
-# Basic credentials their label and 8 base64 characters, a URL's password its "://user:...@".
+# Basic credentials their label and 8 base64 characters, a URL's password its "://user:...@",
+# a short HTTP credential its scheme or header's name, curl's password the word "curl".
 _KEY_HINT_RE = re.compile(
     r"[\w-]{16,}|"
     + _SECRET_NAMES
-    + r"|(?i:bearer)|(?i:basic)\s+[A-Za-z0-9+/]{8}|"
+    + r"|(?i:bearer|authorization)|(?i:basic)\s+[A-Za-z0-9+/]{8}|curl|"
     + _URL_CREDENTIALS_HINT
     + "|"
     + _LABELLED_SECRET_HINT

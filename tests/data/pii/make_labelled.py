@@ -866,6 +866,73 @@ def review_examples(rng: random.Random) -> list[Example]:
     return positives + negatives
 
 
+def auth_review_examples(rng: random.Random) -> list[Example]:
+    """A second review's leaks: Bearer tokens shorter than the assigned-secret rule takes,
+    curl's ``-u user:password``, Slack app-level, Shopify, Databricks and Discord webhook
+    tokens, and "my password is ..." sentences; and the prose, stand-ins and other tools'
+    options those rules must leave alone."""
+    hexd = "0123456789abcdef"
+    short = "tok_" + rand(rng, hexd, 6)
+    mixed = rand(rng, string.ascii_lowercase, 3) + rand(rng, string.digits, 3)
+    mixed += rand(rng, ALNUM, 6)
+    pw1 = rand(rng, ALNUM, 9) + "7"
+    pw2 = rand(rng, string.ascii_letters, 6) + "#" + rand(rng, string.digits, 3)
+    xapp = f"xapp-1-A0{rand(rng, UPPER_DIGITS, 9)}-{rand(rng, string.digits, 13)}-"
+    xapp += rand(rng, hexd, 64)
+    shop = [p + "_" + rand(rng, hexd, 31) + "5" for p in ("shpat", "shpca", "shppa")]
+    dapi = "dapi" + rand(rng, "abcdefgh0123456789", 31) + "3"
+    discord = f"https://discord.com/api/webhooks/{rand(rng, string.digits, 18)}/"
+    discord += rand(rng, ALNUM + "_-", 68)
+    stated = rand(rng, string.ascii_lowercase, 6) + rand(rng, string.digits, 3)
+    pin = "7" + rand(rng, string.digits, 5)
+    positives: list[Example] = [
+        (
+            f"curl -H 'Authorization: Bearer {short}' https://api.example.com/v1/me",
+            [("API_KEY", short)],
+        ),
+        (f"Authorization: Bearer {mixed}", [("API_KEY", mixed)]),
+        (
+            f'fetch(url, {{headers: {{"Authorization": "Bearer {mixed}"}}}})',
+            [("API_KEY", mixed)],
+        ),
+        (f"curl -u deploy:{pw1} https://ci.example.com/api/json", [("API_KEY", pw1)]),
+        (
+            f"curl --user 'admin:{pw2}' -X POST https://jenkins.internal/job/build",
+            [("API_KEY", pw2)],
+        ),
+        ("curl -u elastic:changeme http://localhost:9200/_cat/indices", [("API_KEY", "changeme")]),
+        (f"SLACK_APP_TOKEN={xapp}", [("API_KEY", xapp)]),
+        (
+            json.dumps({"shop": "acme.myshopify.com", "access_token": shop[0]}),
+            [("API_KEY", shop[0])],
+        ),
+        (
+            f"custom app {shop[1]} and private app {shop[2]}",
+            [("API_KEY", shop[1]), ("API_KEY", shop[2])],
+        ),
+        (
+            f"databricks configure --host https://adb-1.azuredatabricks.net --token {dapi}",
+            [("API_KEY", dapi)],
+        ),
+        (f"post the alert to {discord} when it fails", [("API_KEY", discord)]),
+        (f"hey, my password is {stated} if you need to log in", [("API_KEY", stated)]),
+        (f"The door passcode was {pin}.", [("API_KEY", pin)]),
+    ]
+    negatives: list[Example] = [
+        ("He was the Bearer of bad news about the outage.", []),
+        ("curl -u $USER https://api.example.com/v1/me", []),
+        ('curl -H "Authorization: Bearer ${TOKEN}" https://api.example.com/v1/me', []),
+        ("Send the header Authorization: Bearer <token> with every request.", []),
+        ("curl -u user:password https://httpbin.org/basic-auth/user/password", []),
+        ("docker run --rm -u 1000:1000 -v $PWD:/app node:20 npm test", []),
+        ("The password is required and must be 12 characters.", []),
+        ("Login failed: password is incorrect", []),
+        ("if password is None: raise ValueError('password is required')", []),
+        ("Shopify tokens start with shpat_, Databricks tokens with dapi.", []),
+    ]
+    return positives + negatives
+
+
 def main() -> None:
     rng = random.Random(SEED)
     examples: list[Example] = []
@@ -922,6 +989,7 @@ def main() -> None:
     ]
     examples += url_credential_examples(random.Random(SEED + 2))
     examples += review_examples(random.Random(SEED + 3))
+    examples += auth_review_examples(random.Random(SEED + 4))
     for text, ents in examples:
         for _, value in ents:
             assert value in text, (value, text)
