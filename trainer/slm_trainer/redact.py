@@ -922,7 +922,48 @@ def _strong_url_password(password: str) -> bool:
     return len(password) >= 8 and not password.isalpha() and not password.isdigit()
 
 
-class _UrlCredentialsRecognizer(EntityRecognizer):
+class _CredentialSpanRecognizer(EntityRecognizer):
+    """An API_KEY recognizer that finds exact credential spans with its own rules (:meth:`spans`)
+    rather than one pattern: the label or syntax around a secret decides, and only the secret
+    itself is replaced. ``SCORE`` ranks it against the pattern recognizers where both match."""
+
+    NAME = ""
+    SCORE = 0.5
+
+    def __init__(self) -> None:
+        super().__init__(supported_entities=[API_KEY], name=self.NAME, supported_language="en")
+
+    def load(self) -> None:
+        """Nothing to load: compiled regexes."""
+
+    def spans(self, text: str) -> list[tuple[int, int, bool]]:
+        """(start, end, replaced record-wide) of each credential in ``text``."""
+        raise NotImplementedError
+
+    def analyze(
+        self,
+        text: str,
+        entities: list[str],
+        nlp_artifacts: NlpArtifacts | None = None,
+        regex_flags: int | None = None,
+    ) -> list[RecognizerResult]:
+        return [
+            RecognizerResult(
+                entity_type=API_KEY,
+                start=start,
+                end=end,
+                score=self.SCORE,
+                recognition_metadata={
+                    RecognizerResult.RECOGNIZER_NAME_KEY: self.NAME,
+                    RecognizerResult.RECOGNIZER_IDENTIFIER_KEY: self.id,
+                    _RECORD_WIDE_KEY: record_wide,
+                },
+            )
+            for start, end, record_wide in self.spans(text)
+        ]
+
+
+class _UrlCredentialsRecognizer(_CredentialSpanRecognizer):
     """The password in a URL's ``user:password@`` (:data:`_URL_CREDENTIALS_RE`), as API_KEY.
 
     Why a recognizer of its own: connection strings (``postgres://admin:S3cr3tPw@db...``,
@@ -936,39 +977,14 @@ class _UrlCredentialsRecognizer(EntityRecognizer):
     """
 
     NAME = "SlmUrlCredentialsRecognizer"
+    SCORE = 0.95
 
-    def __init__(self) -> None:
-        super().__init__(supported_entities=[API_KEY], name=self.NAME, supported_language="en")
-
-    def load(self) -> None:
-        """Nothing to load: one compiled regex."""
-
-    def analyze(
-        self,
-        text: str,
-        entities: list[str],
-        nlp_artifacts: NlpArtifacts | None = None,
-        regex_flags: int | None = None,
-    ) -> list[RecognizerResult]:
-        results: list[RecognizerResult] = []
-        for match in _URL_CREDENTIALS_RE.finditer(text):
-            password = match.group(1)
-            if _URL_PASSWORD_STAND_IN_RE.fullmatch(password):
-                continue
-            results.append(
-                RecognizerResult(
-                    entity_type=API_KEY,
-                    start=match.start(1),
-                    end=match.end(1),
-                    score=0.95,
-                    recognition_metadata={
-                        RecognizerResult.RECOGNIZER_NAME_KEY: self.NAME,
-                        RecognizerResult.RECOGNIZER_IDENTIFIER_KEY: self.id,
-                        _RECORD_WIDE_KEY: _strong_url_password(password),
-                    },
-                )
-            )
-        return results
+    def spans(self, text: str) -> list[tuple[int, int, bool]]:
+        return [
+            (match.start(1), match.end(1), _strong_url_password(match.group(1)))
+            for match in _URL_CREDENTIALS_RE.finditer(text)
+            if not _URL_PASSWORD_STAND_IN_RE.fullmatch(match.group(1))
+        ]
 
 
 # A password after its label in text, by the rule the JSON path applies to a value under a
@@ -1087,7 +1103,7 @@ def stated_password(value: str, after: str) -> bool:
     return any(c.isdigit() or not (c.isalnum() or c in "-_'.") for c in value)
 
 
-class _LabelledSecretRecognizer(EntityRecognizer):
+class _LabelledSecretRecognizer(_CredentialSpanRecognizer):
     """Passwords after a ``password``/``passwd``/``passphrase``/``pwd`` label and cookie values
     in a ``Cookie:``/``Set-Cookie:`` header, as API_KEY.
 
@@ -1101,20 +1117,11 @@ class _LabelledSecretRecognizer(EntityRecognizer):
     """
 
     NAME = "SlmLabelledSecretRecognizer"
+    # Above an assigned secret's 0.6: where both match, this span is the exact one (it ends at
+    # a URL query's "&").
+    SCORE = 0.65
 
-    def __init__(self) -> None:
-        super().__init__(supported_entities=[API_KEY], name=self.NAME, supported_language="en")
-
-    def load(self) -> None:
-        """Nothing to load: two compiled regexes."""
-
-    def analyze(
-        self,
-        text: str,
-        entities: list[str],
-        nlp_artifacts: NlpArtifacts | None = None,
-        regex_flags: int | None = None,
-    ) -> list[RecognizerResult]:
+    def spans(self, text: str) -> list[tuple[int, int, bool]]:
         found: list[tuple[int, int, bool]] = []
         for match in _LABELLED_PASSWORD_RE.finditer(text):
             group = next(g for g in (2, 3, 4) if match.group(g) is not None)
@@ -1147,22 +1154,7 @@ class _LabelledSecretRecognizer(EntityRecognizer):
                 if _URL_PASSWORD_STAND_IN_RE.fullmatch(value):
                     continue
                 found.append((offset + pair.start(2), offset + pair.end(2), True))
-        return [
-            RecognizerResult(
-                entity_type=API_KEY,
-                start=start,
-                end=end,
-                # Above an assigned secret's 0.6: where both match, this span is the exact one
-                # (it ends at a URL query's "&").
-                score=0.65,
-                recognition_metadata={
-                    RecognizerResult.RECOGNIZER_NAME_KEY: self.NAME,
-                    RecognizerResult.RECOGNIZER_IDENTIFIER_KEY: self.id,
-                    _RECORD_WIDE_KEY: record_wide,
-                },
-            )
-            for start, end, record_wide in found
-        ]
+        return found
 
 
 # An HTTP credential after its scheme, however short: ``Authorization: Bearer abc123def456``,
@@ -1229,7 +1221,7 @@ def curl_password(password: str, quoted: str) -> bool:
     return password.lower() not in _NOT_A_PASSWORD
 
 
-class _AuthCredentialsRecognizer(EntityRecognizer):
+class _AuthCredentialsRecognizer(_CredentialSpanRecognizer):
     """Short HTTP credentials after their scheme (:data:`_AUTH_CREDENTIAL_RE`) and the password
     of curl's ``-u user:password``, as API_KEY.
 
@@ -1243,20 +1235,9 @@ class _AuthCredentialsRecognizer(EntityRecognizer):
     """
 
     NAME = "SlmAuthCredentialsRecognizer"
+    SCORE = 0.55  # an assigned secret's 0.6 and a vendor key's 0.95 win where they cover it
 
-    def __init__(self) -> None:
-        super().__init__(supported_entities=[API_KEY], name=self.NAME, supported_language="en")
-
-    def load(self) -> None:
-        """Nothing to load: compiled regexes."""
-
-    def analyze(
-        self,
-        text: str,
-        entities: list[str],
-        nlp_artifacts: NlpArtifacts | None = None,
-        regex_flags: int | None = None,
-    ) -> list[RecognizerResult]:
+    def spans(self, text: str) -> list[tuple[int, int, bool]]:
         found: list[tuple[int, int]] = []
         for match in _AUTH_CREDENTIAL_RE.finditer(text):
             labelled = match.group("auth") is not None
@@ -1279,21 +1260,7 @@ class _AuthCredentialsRecognizer(EntityRecognizer):
                 if colon and curl_password(password, quoted):
                     start = option.start(group) + len(user) + 1
                     found.append((start, start + len(password)))
-        return [
-            RecognizerResult(
-                entity_type=API_KEY,
-                start=start,
-                end=stop_at,
-                # An assigned secret's 0.6 and a vendor key's 0.95 win where they cover it.
-                score=0.55,
-                recognition_metadata={
-                    RecognizerResult.RECOGNIZER_NAME_KEY: self.NAME,
-                    RecognizerResult.RECOGNIZER_IDENTIFIER_KEY: self.id,
-                    _RECORD_WIDE_KEY: _strong_url_password(text[start:stop_at]),
-                },
-            )
-            for start, stop_at in found
-        ]
+        return [(a, b, _strong_url_password(text[a:b])) for a, b in found]
 
 
 class _FormattedPhoneRecognizer(PatternRecognizer):
