@@ -1368,14 +1368,14 @@ def plan(obs: Observed) -> Plan:
         del retraining["concludedRevision"]  # it won after all (a retried export): it serves
     if retraining:
         status["retraining"] = retraining
-    if due and not is_serving and active_rev and active_uri and (live_prev or live):
-        # The window is judged, with no replica to judge (the LLM answers): recorded, or every
-        # reconcile until a replica is ready would ask Prometheus all its queries again.
-        live["lastEvaluated"] = now_us
     if not is_serving and active_rev and active_uri and (live_prev or live):
         # No replica ready for now (a crash, a node drain, scaled to zero): the calls go to the
         # LLM meanwhile, but the rollout step, SLO streaks and last scaling belong to the
         # deployed model; forgetting them would restart its rollout in shadow when it is back.
+        if due:
+            # The window is judged, with no replica to judge (the LLM answers): recorded, or
+            # every reconcile until a replica is ready would ask Prometheus all its queries.
+            live["lastEvaluated"] = now_us
         merged = {**live_prev, **live}
         if not merged.get("fallback"):
             # FallbackActive is True (NoReadyReplicas): status.live says so too. An SLO
