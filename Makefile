@@ -43,6 +43,11 @@ lock: ## Re-resolve the newest versions pyproject.toml allows into constraints.t
 	mv constraints.txt.new constraints.txt
 	rm -rf $(VENV).lock
 	$(MAKE) venv
+	# pip install never removes: a package the new resolution dropped would stay in .venv
+	# and the next test run would pass with it, unlike a fresh make setup
+	comm -23 <($(PY) -m pip freeze --exclude-editable | sed -E 's/[ =@].*//' | sort) \
+	  <(grep -v '^#' constraints.txt | sed -E 's/[ =@].*//' | sort) \
+	  | xargs -r $(PY) -m pip uninstall -y -q
 	@echo "constraints.txt re-resolved and installed into $(VENV); run make test before committing it"
 
 binaries:
