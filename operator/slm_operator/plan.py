@@ -24,7 +24,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from slm_contract import TrainerResult
+from slm_contract import ContractError, TrainerResult
 from slm_operator import builders as b
 from slm_operator import conditions as c
 from slm_operator import live as lv
@@ -281,6 +281,8 @@ def _candidate_entry(
         entry["trainingSeconds"] = round(view.seconds, 1)
     if passed is not None:
         entry["passedGate"] = passed
+    if view is not None and view.state == SUCCEEDED and r is not None and r.ok:
+        entry["result"] = _result_record(r)
     if state == SUCCEEDED:
         entry["progress"] = 100
     elif view is not None and view.progress is not None:
@@ -299,6 +301,102 @@ def _candidate_entry(
     return entry
 
 
+#: The fields of a fine-tune result that the later steps read (the gate, the choice, the
+#: export), as ``status.candidates[].result`` names them.
+_RECORDED_FIELDS = (
+    ("score", "score"),
+    ("llmScore", "llm_score"),
+    ("parameters", "parameters"),
+    ("threshold", "threshold"),
+    ("artifactURI", "artifact_uri"),
+)
+
+
+def _result_record(r: TrainerResult) -> Obj:
+    """What ``status.candidates[].result`` keeps of a fine-tune result that was read.
+
+    Why exact values (the entry's own ``score`` is rounded for reading): the record stands for
+    the result once its pod is gone, and a rounded score could pass a gate the real one did
+    not, or change which candidate is chosen under a running export.
+    """
+    values = ((key, getattr(r, attr)) for key, attr in _RECORDED_FIELDS)
+    return {key: value for key, value in values if value is not None}
+
+
+def _recorded_result(
+    view: JobView | None,
+    recorded: Sequence[Mapping[str, Any]],
+    rev: str,
+    candidate: str,
+    job: str,
+) -> JobView | None:
+    """``view`` with the result status recorded for it when its own is no longer readable.
+
+    Why: a fine-tune result is read from its pod's termination message, and the pod can go
+    (PodGC, a node scaled down, ``kubectl delete pod``) while the Job stays Complete, e.g.
+    while the revision is exported. A result already read is not lost with it: failing the
+    candidate then (ResultMissing) would throw away hours of training. Only an entry of this
+    very Job (revision, candidate and Job name) stands for it; a readable result always wins.
+    """
+    if view is None or view.state != SUCCEEDED or view.result is not None or view.result_error:
+        return view
+    entry = next(
+        (
+            x
+            for x in recorded
+            if x.get("name") == candidate
+            and x.get("revision") == rev
+            and x.get("job") == job == view.name
+            and x.get("state") == SUCCEEDED
+        ),
+        None,
+    )
+    record = entry.get("result") if entry is not None else None
+    if entry is None or not isinstance(record, Mapping):
+        return view
+    values: dict[str, Any] = {attr: record.get(key) for key, attr in _RECORDED_FIELDS}
+    params = values["parameters"]
+    if isinstance(params, float) and params.is_integer():
+        values["parameters"] = int(params)  # a JSON number may come back as 1.35e8
+    seconds = entry.get("trainingSeconds")
+    try:
+        result = TrainerResult(
+            stage="finetune",
+            ok=True,
+            candidate=candidate,
+            train_seconds=seconds if isinstance(seconds, int | float) else None,
+            **values,
+        )
+    except (ContractError, TypeError):
+        return view  # not a record this operator wrote: the result stays missing
+    return dataclasses.replace(view, result=result)
+
+
+def _recorded_export(
+    view: JobView | None, selected: Mapping[str, Any], rev: str, candidate: str
+) -> JobView | None:
+    """``view`` (the export Job of ``candidate`` in ``rev``) with the repository that
+    ``status.selectedModel`` recorded for it, when its own result is no longer readable.
+
+    Why: an export's result is read once, and its revision promoted in the same pass, which
+    records the repository in ``selectedModel``; once the export pod is garbage-collected,
+    the served revision would otherwise read ResultMissing (a Warning) while it serves. Only
+    the record of this revision and candidate stands for it (the export Job's name is theirs).
+    """
+    if view is None or view.state != SUCCEEDED or view.result is not None or view.result_error:
+        return view
+    uri = selected.get("artifactURI")
+    if (
+        selected.get("revision") != rev
+        or selected.get("candidate") != candidate
+        or not isinstance(uri, str)
+        or not uri
+    ):
+        return view
+    result = TrainerResult(stage="export", ok=True, candidate=candidate, artifact_uri=uri)
+    return dataclasses.replace(view, result=result)
+
+
 def _pipeline(
     task: Mapping[str, Any],
     rev: str,
@@ -312,12 +410,18 @@ def _pipeline(
     waited_for_data: bool = False,
     pull_secrets: Sequence[str] = (),
     data_prepared: tuple[str, str, str] | None = None,
+    recorded: Sequence[Mapping[str, Any]] = (),
+    recorded_selected: Mapping[str, Any] | None = None,
 ) -> _Step:
     """Walk one revision's pipeline; append the Jobs it needs to ``apply`` when given.
 
     ``data_prepared``: the DataPrepared condition the last status recorded for this revision,
     if any; it stands for the data-prep Job's result once that Job's pod is gone (see
     :func:`_prepared_before`).
+
+    ``recorded`` (the last status's candidates) and ``recorded_selected`` (its selectedModel):
+    the fine-tune and export results read before, which stand for those no longer readable
+    (see :func:`_recorded_result` and :func:`_recorded_export`).
 
     ``must_beat``: for a retraining on new data, the served model's score; a candidate is
     promoted only if it passes the gate *and* scores higher.
@@ -415,7 +519,7 @@ def _pipeline(
         jname = n.finetune_job_name(name, cand["name"], rev)
         if apply is not None:
             apply.append(b.finetune_job(task, rev, cand, service_account, pull_secrets))
-        view = jobs.get(jname)
+        view = _recorded_result(jobs.get(jname), recorded, rev, cand["name"], jname)
         outcome = _job_outcome(view, now)
         passed: bool | None = None
         if outcome[0] == c.UNKNOWN:
@@ -512,7 +616,9 @@ def _pipeline(
     )
 
     step.phase = PHASE_EXPORTING
-    ev = _export_of(jobs, rev, cand["name"])
+    ev = _recorded_export(
+        _export_of(jobs, rev, cand["name"]), recorded_selected or {}, rev, cand["name"]
+    )
     # Exports of a candidate no longer chosen: never promoted, and deleted (while training)
     # so that they stop running.
     step.rerun_jobs += _stale_exports(jobs, rev, cand["name"])
@@ -1099,6 +1205,8 @@ def plan(obs: Observed) -> Plan:
             ),
             obs.image_pull_secrets,
             _prepared_before(prev, rev if training_needed else active_rev),
+            prev.get("candidates") or (),
+            prev_selected,
         )
     )
 

@@ -717,6 +717,55 @@ def test_operator_killed_mid_flow_converges_without_duplicates(
     assert get_task(cluster, ns)["status"]["selectedModel"]["candidate"] == "big"
 
 
+def test_fine_tune_results_read_once_outlive_their_pods(
+    cluster: ClusterHandle, namespace: str, storage: str, operator: OperatorProcess
+) -> None:
+    """The fine-tune pods are deleted (PodGC, a node scaled down, kubectl delete pod) after the
+    operator read their results but before the export is done: the task still exports and
+    serves the chosen candidate, instead of waiting for results that are gone (and failing
+    the revision, ResultMissing, two minutes later)."""
+    ns = namespace
+    rev = prepared(cluster, ns, agenttask())
+    for cand, score, params in (("small", 0.62, 135_000_000), ("big", 0.93, 494_000_000)):
+        complete_job(
+            cluster,
+            ns,
+            n.finetune_job_name("weather", cand, rev),
+            finetune_result(cand, score, params, rev),
+        )
+
+    # Read: the status that says so records the results (in the same write).
+    cluster.kubectl(
+        "wait", "-n", ns, "--for=condition=Evaluated", "--timeout=60s", "agenttask/weather"
+    )
+    for cand in ("small", "big"):
+        selector = f"job-name={n.finetune_job_name('weather', cand, rev)}"
+        cluster.kubectl("delete", "pods", "-n", ns, "-l", selector, "--force", "--grace-period=0")
+    wait_for(
+        lambda: (
+            not [
+                p
+                for p in cluster.get_json("pods", "-n", ns)["items"]
+                if (p["metadata"].get("labels") or {}).get(n.LABEL_STAGE) == "finetune"
+            ]
+        ),
+        timeout=30,
+        what="the fine-tune pods to be gone",
+    )
+    complete_job(
+        cluster,
+        ns,
+        n.export_job_name("weather", "big", rev),
+        ok("export", candidate="big", artifact_uri=f"pvc://{CLAIM}/weather/{rev}/model_repository"),
+    )
+    cluster.kubectl("wait", "-n", ns, "--for=condition=Ready", "--timeout=60s", "agenttask/weather")
+    task = get_task(cluster, ns)
+    assert condition(task, "Trained")["reason"] == "TrainingSucceeded"
+    assert condition(task, "Evaluated")["reason"] == "GatePassed"
+    assert task["status"]["selectedModel"]["candidate"] == "big"
+    assert [x["state"] for x in task["status"]["candidates"]] == ["Succeeded", "Succeeded"]
+
+
 def test_invalid_combination_sets_invalid_spec_without_crash_loop(
     cluster: ClusterHandle, namespace: str, storage: str, operator: OperatorProcess
 ) -> None:

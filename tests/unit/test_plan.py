@@ -8,9 +8,11 @@ import datetime as dt
 import json
 import math
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from slm_contract import TrainerResult
 from slm_operator import conditions as c
@@ -27,6 +29,7 @@ from slm_operator.plan import (
 )
 from slm_operator.prom import PromMetrics
 
+REPO = Path(__file__).resolve().parents[2]
 NOW = dt.datetime(2026, 11, 23, 12, 0, 0, tzinfo=dt.UTC)
 
 
@@ -1604,6 +1607,152 @@ def test_a_data_prep_result_never_read_is_still_missing() -> None:
     gone = view(dn, "prepare", rev, SUCCEEDED, None, finished=NOW - dt.timedelta(minutes=5))
     p = plan(Observed(task, {dn: gone}, None, None, NOW))
     assert conds(p.status)[c.DATA_READY] == (c.FALSE, c.RESULT_MISSING)
+
+
+def _pruned(value: Any, schema: dict[str, Any]) -> Any:
+    """``value`` as a structural schema keeps it: fields the schema does not name are dropped
+    by the API server, silently (so a status field missing from the CRD is lost on write)."""
+    if isinstance(value, dict):
+        if "properties" in schema:
+            props = schema["properties"]
+            return {k: _pruned(v, props[k]) for k, v in value.items() if k in props}
+        extra = schema.get("additionalProperties")
+        return {k: _pruned(v, extra) for k, v in value.items()} if extra else {}
+    if isinstance(value, list):
+        return [_pruned(v, schema["items"]) for v in value]
+    return value
+
+
+def _stored(status: dict[str, Any]) -> dict[str, Any]:
+    """``status`` as the API server stores it: a JSON round trip through the CRD's schema."""
+    crd = yaml.safe_load((REPO / "crds" / "slmfleet.dev_agenttasks.yaml").read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    return _pruned(json.loads(json.dumps(status)), schema)  # type: ignore[no-any-return]
+
+
+def _candidate_pods_gone(jobs: dict[str, JobView], *names: str) -> dict[str, JobView]:
+    """``jobs`` with the named candidates' fine-tune pods gone long ago: their Jobs are still
+    Complete, their results (the pods' termination messages) no longer readable."""
+    gone = NOW - dt.timedelta(hours=3)
+    return {
+        k: dataclasses.replace(v, result=None, finished_at=gone)
+        if v.stage == "finetune" and v.candidate in names
+        else v
+        for k, v in jobs.items()
+    }
+
+
+def test_a_candidates_result_read_once_outlives_its_pod() -> None:
+    """Both candidates trained (hours of GPU time) and their results were read; their pods are
+    garbage-collected (PodGC, a node scaled down) while small's export runs. The revision goes
+    on exporting small, and is served once the export is done, instead of failing every
+    candidate (ResultMissing) and throwing the training away."""
+    task = make_task()
+    rev = n.revision_of(task["spec"])
+    jobs = jobs_through(task, "train")
+    p1 = plan(Observed(task, jobs, None, None, NOW))
+    assert p1.status["phase"] == "Exporting"
+    task["status"] = _stored(p1.status)  # what the API server keeps of it
+    [export] = [o for o in p1.apply if o["metadata"]["labels"][n.LABEL_STAGE] == "export"]
+    en = export["metadata"]["name"]
+
+    jobs = _candidate_pods_gone(jobs, "small", "big")
+    jobs[en] = view(en, "export", rev, RUNNING, candidate="small")
+    later = NOW + dt.timedelta(hours=2)
+    p2 = _settled(Observed(task, jobs, None, None, later))
+    assert conds(p2.status) == conds(p1.status)
+    assert conds(p2.status)[c.TRAINED] == (c.TRUE, c.TRAINING_SUCCEEDED)
+    assert conds(p2.status)[c.EVALUATED] == (c.TRUE, c.GATE_PASSED)
+    assert p2.status["phase"] == "Exporting"
+    assert p2.status["candidates"] == task["status"]["candidates"]
+    assert [x["state"] for x in p2.status["candidates"]] == [SUCCEEDED, SUCCEEDED]
+    assert export in p2.apply  # the same export: small's artifact and threshold
+    assert p2.delete_jobs == [] and p2.events == []
+
+    task["status"] = _stored(p2.status)
+    repo = f"pvc://slm-work/weather/{rev}/model_repositories/small"
+    jobs[en] = view(en, "export", rev, SUCCEEDED, result("export", artifact_uri=repo), "small")
+    p3 = plan(Observed(task, jobs, None, None, later))
+    dep = next(o for o in p3.apply if o["kind"] == "Deployment")
+    assert dep["metadata"]["annotations"][n.ANNOTATION_CANDIDATE] == "small"
+    assert p3.status["revision"] == {"active": rev, "training": ""}
+    assert p3.status["selectedModel"]["threshold"] == 0.7
+
+
+def test_a_recorded_result_keeps_its_precision_and_the_same_choice() -> None:
+    """Status shows scores to 4 decimals; a result stands for the lost one only as it was
+    read. Rounded, small's 0.79996 would pass minScore 0.8, and the choice would change under
+    a running export (big's, the only one passing when both results were read)."""
+    task = make_task()
+    task["spec"]["evaluation"]["gate"] = {"minScore": 0.8}
+    jobs = jobs_through(task, "train", scores=(0.79996, 0.9))
+    p1 = plan(Observed(task, jobs, None, None, NOW))
+    task["status"] = _stored(p1.status)
+    assert [x["score"] for x in p1.status["candidates"]] == [0.8, 0.9]
+    assert [x["passedGate"] for x in p1.status["candidates"]] == [False, True]
+    gone = _candidate_pods_gone(jobs, "small", "big")
+    p2 = _settled(Observed(task, gone, None, None, NOW + dt.timedelta(hours=1)))
+    assert conds(p2.status) == conds(p1.status)
+    assert [x["passedGate"] for x in p2.status["candidates"]] == [False, True]
+    assert "big selected" in p2.status["conditions"][2]["message"]
+    assert _exports(p2) == _exports(p1)
+
+
+@pytest.mark.parametrize("other", ["revision", "job", "none"])
+def test_a_result_recorded_for_another_revision_or_job_never_stands_for_a_lost_one(
+    other: str,
+) -> None:
+    """Only the result read from this very Job (the revision's, the candidate's) is a fact
+    about it; an entry of another revision or Job, or an older status that recorded none,
+    leaves the lost result missing."""
+    task = make_task()
+    jobs = jobs_through(task, "train")
+    task["status"] = _stored(plan(Observed(task, jobs, None, None, NOW)).status)
+    small = task["status"]["candidates"][0]
+    if other == "revision":
+        small["revision"] = "0123456789"
+    elif other == "job":
+        small["job"] = "weather-ft-small-0123456789"
+    else:
+        small.pop("result", None)  # an older operator's status
+    p = plan(Observed(task, _candidate_pods_gone(jobs, "small"), None, None, NOW))
+    assert conds(p.status)[c.TRAINED] == (c.TRUE, c.PARTIALLY_TRAINED)
+    assert "small: Job" in p.status["conditions"][1]["message"]
+    assert "reported no result" in p.status["conditions"][1]["message"]
+    assert "big selected" in p.status["conditions"][2]["message"]
+
+
+def test_a_readable_result_wins_over_the_recorded_one() -> None:
+    """The Job's own result, while its pod is there, is what counts (a Job of the same name
+    run again reports anew); the recorded one only stands in once it is gone."""
+    task = make_task()
+    rev = n.revision_of(task["spec"])
+    jobs = jobs_through(task, "train")
+    task["status"] = _stored(plan(Observed(task, jobs, None, None, NOW)).status)
+    sm = n.finetune_job_name("weather", "small", rev)
+    jobs[sm] = dataclasses.replace(jobs[sm], result=dataclasses.replace(jobs[sm].result, score=0.5))
+    p = plan(Observed(task, jobs, None, None, NOW))
+    small = p.status["candidates"][0]
+    assert small["score"] == 0.5 and small["passedGate"] is False
+    assert "big selected" in p.status["conditions"][2]["message"]
+
+
+def test_the_served_revisions_export_pod_gone_keeps_its_recorded_outcome() -> None:
+    """The served revision's export pod is garbage-collected while its fine-tune pods are
+    still there: the export's result was read (status.selectedModel records where it wrote
+    the model), so Evaluated stays GatePassed, with no ResultMissing Warning."""
+    task, jobs, dep, svc = _serving_task()
+    _step(task, jobs, dep, svc, NOW, None)
+    task["status"] = _stored(task["status"])
+    before = copy.deepcopy(task["status"])
+    rev = n.revision_of(task["spec"])
+    en = n.export_job_name("weather", "small", rev)
+    jobs = {**jobs, en: dataclasses.replace(jobs[en], result=None)}
+    p = _settled(Observed(task, jobs, dep, svc, NOW + dt.timedelta(minutes=10)))
+    assert p.status["conditions"] == before["conditions"]
+    assert conds(p.status)[c.EVALUATED] == (c.TRUE, c.GATE_PASSED)
+    assert p.status["selectedModel"] == before["selectedModel"]
+    assert p.events == []
 
 
 def test_a_breached_window_rolls_a_canary_back_even_when_it_turns_fallback_on() -> None:
