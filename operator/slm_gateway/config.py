@@ -66,6 +66,80 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(ENV_PREFIX + name, default)
 
 
+@dataclass(frozen=True)
+class BadEnv:
+    """A numeric or on/off ``SLM_GATEWAY_*`` variable whose value is not what it must be.
+
+    Why a value rather than an error raised at once: the variables are the flags' defaults and
+    are read whenever the parser is built (for ``--help`` and for every ``parser.error()`` too),
+    and a flag on the command line replaces its variable; only after parsing is it known
+    whether the bad value would be used. :func:`config_from_args` then refuses it the way
+    argparse refuses a bad flag (one line, exit 2), instead of the traceback a bare ``int()``
+    or ``float()`` at build time ended in.
+    """
+
+    var: str
+    text: str
+    expected: str
+
+    def __str__(self) -> str:  # what ``%(default)s`` in a flag's help shows
+        return self.text
+
+    def message(self, flag: str) -> str:
+        # Only numeric and on/off variables are checked here, never the LLM key (read by the
+        # name ``--llm-api-key-env`` gives, in config_from_args), so a short value is shown as
+        # typed; a long one is no mistyped number but maybe a key pasted into the wrong
+        # variable, so only its length is.
+        got = repr(self.text) if len(self.text) <= 24 else f"a {len(self.text)}-character value"
+        return f"{self.var} must be {self.expected} (got {got}; it sets {flag}'s default)"
+
+
+_SWITCH_ON = frozenset({"1", "true", "yes", "on"})
+_SWITCH_OFF = frozenset({"", "0", "false", "no", "off"})
+
+
+def _env_int(name: str, default: int) -> int | BadEnv:
+    """The flag's default from ``SLM_GATEWAY_<name>``, or a :class:`BadEnv` if not an integer."""
+    text = os.environ.get(ENV_PREFIX + name)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        return BadEnv(ENV_PREFIX + name, text, "an integer")
+
+
+def _env_float(name: str, default: float) -> float | BadEnv:
+    """The flag's default from ``SLM_GATEWAY_<name>``, or a :class:`BadEnv` if not a number.
+
+    ``nan`` and ``inf`` parse here as they do for the flag itself: what is done with them is
+    the range checks' business, the same for both.
+    """
+    text = os.environ.get(ENV_PREFIX + name)
+    if text is None:
+        return float(default)
+    try:
+        return float(text)
+    except ValueError:
+        return BadEnv(ENV_PREFIX + name, text, "a number")
+
+
+def _env_switch(name: str) -> bool | BadEnv:
+    """An on/off variable: 1/true/yes/on or 0/false/no/off (any case; empty or unset is off).
+
+    Why not only ``"1"``: any other value used to mean off without a word, so
+    ``SLM_GATEWAY_ALL_NAMESPACES=true`` silently did nothing; a value that is neither is now
+    refused.
+    """
+    text = os.environ.get(ENV_PREFIX + name, "")
+    word = text.strip().lower()
+    if word in _SWITCH_ON:
+        return True
+    if word in _SWITCH_OFF:
+        return False
+    return BadEnv(ENV_PREFIX + name, text, "one of 1, true, yes, on, 0, false, no, off")
+
+
 def parse_price(text: str) -> tuple[str, Price]:
     """``llm=0.0025:0.01`` → ("llm", Price(0.0025, 0.01)); USD per 1k prompt:completion tokens."""
     backend, sep, value = text.partition("=")
@@ -96,15 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument(
         "--all-namespaces",
         action="store_true",
-        default=_env("ALL_NAMESPACES", "") == "1",
+        default=_env_switch("ALL_NAMESPACES"),
         help="watch AgentTasks in every namespace",
     )
     src.add_argument("--kubeconfig", default=_env("KUBECONFIG", "") or None)
-    src.add_argument("--resync-seconds", type=int, default=int(_env("RESYNC_SECONDS", "300")))
+    src.add_argument("--resync-seconds", type=int, default=_env_int("RESYNC_SECONDS", 300))
     src.add_argument(
         "--secret-refresh-seconds",
         type=float,
-        default=float(_env("SECRET_REFRESH_SECONDS", "10")),
+        default=_env_float("SECRET_REFRESH_SECONDS", 10),
         help="read the tasks' LLM-key Secrets again this often, for rotation (0: at resync only)",
     )
 
@@ -115,37 +189,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="call-log directory or fsspec URI; empty disables capture",
     )
     cap.add_argument("--capture-spool", default=_env("CAPTURE_SPOOL", "/tmp/slm-capture-spool"))
+    cap.add_argument("--capture-shard-mb", type=float, default=_env_float("CAPTURE_SHARD_MB", 64))
     cap.add_argument(
-        "--capture-shard-mb", type=float, default=float(_env("CAPTURE_SHARD_MB", "64"))
-    )
-    cap.add_argument(
-        "--capture-shard-seconds", type=float, default=float(_env("CAPTURE_SHARD_SECONDS", "300"))
+        "--capture-shard-seconds", type=float, default=_env_float("CAPTURE_SHARD_SECONDS", 300)
     )
     cap.add_argument(
         "--capture-queue",
         type=int,
-        default=int(_env("CAPTURE_QUEUE", "50000")),
+        default=_env_int("CAPTURE_QUEUE", 50000),
         help="records waiting for the redaction workers, at most (more are dropped, counted)",
     )
     cap.add_argument(
         "--capture-queue-mb",
         type=float,
-        default=float(_env("CAPTURE_QUEUE_MB", "256")),
+        default=_env_float("CAPTURE_QUEUE_MB", 256),
         help="MiB of request and response bodies waiting for the redaction workers, at most "
         "(more are dropped and counted as queue_full; keep it well under the memory limit)",
     )
     cap.add_argument(
         "--capture-spool-mb",
         type=float,
-        default=float(_env("CAPTURE_SPOOL_MB", "1024")),
+        default=_env_float("CAPTURE_SPOOL_MB", 1024),
         help="MiB of shards a URI target's spool holds, open or waiting for upload, at most "
         "(more records are dropped and counted as spool_full; keep it under the spool's disk)",
     )
-    cap.add_argument("--capture-workers", type=int, default=int(_env("CAPTURE_WORKERS", "1")))
+    cap.add_argument("--capture-workers", type=int, default=_env_int("CAPTURE_WORKERS", 1))
     cap.add_argument(
         "--capture-linger-ms",
         type=float,
-        default=float(_env("CAPTURE_LINGER_MS", "2")),
+        default=_env_float("CAPTURE_LINGER_MS", 2),
         help="how long records gather before a batch goes to the redaction workers",
     )
 
@@ -153,21 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--slm-timeout-ms",
         type=float,
-        default=float(_env("SLM_TIMEOUT_MS", str(DEFAULT_SLM_TIMEOUT_S * 1000))),
+        default=_env_float("SLM_TIMEOUT_MS", DEFAULT_SLM_TIMEOUT_S * 1000),
         help="SLM budget per call unless the task sets one (default 2000)",
     )
     up.add_argument(
         "--llm-timeout-s",
         type=float,
-        default=float(_env("LLM_TIMEOUT_S", str(DEFAULT_LLM_TIMEOUT_S))),
+        default=_env_float("LLM_TIMEOUT_S", DEFAULT_LLM_TIMEOUT_S),
     )
-    up.add_argument("--breaker-failures", type=int, default=int(_env("BREAKER_FAILURES", "5")))
-    up.add_argument(
-        "--breaker-cooldown-s", type=float, default=float(_env("BREAKER_COOLDOWN_S", "5"))
-    )
-    up.add_argument(
-        "--max-shadow-inflight", type=int, default=int(_env("MAX_SHADOW_INFLIGHT", "64"))
-    )
+    up.add_argument("--breaker-failures", type=int, default=_env_int("BREAKER_FAILURES", 5))
+    up.add_argument("--breaker-cooldown-s", type=float, default=_env_float("BREAKER_COOLDOWN_S", 5))
+    up.add_argument("--max-shadow-inflight", type=int, default=_env_int("MAX_SHADOW_INFLIGHT", 64))
     up.add_argument(
         "--llm-api-key-env",
         default=_env("LLM_API_KEY_ENV", DEFAULT_KEY_ENV),
@@ -185,19 +253,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = p.add_argument_group("server")
     srv.add_argument("--host", default=_env("HOST", "127.0.0.1"))
-    srv.add_argument("--port", type=int, default=int(_env("PORT", "8080")), help="0 picks one")
+    srv.add_argument("--port", type=int, default=_env_int("PORT", 8080), help="0 picks one")
     srv.add_argument("--port-file", default="", help="write the bound port here once listening")
     srv.add_argument(
-        "--max-body-bytes", type=int, default=int(_env("MAX_BODY_BYTES", str(DEFAULT_MAX_BODY)))
+        "--max-body-bytes", type=int, default=_env_int("MAX_BODY_BYTES", DEFAULT_MAX_BODY)
     )
     srv.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
     srv.add_argument(
-        "--graceful-timeout-s", type=float, default=float(_env("GRACEFUL_TIMEOUT_S", "30"))
+        "--graceful-timeout-s", type=float, default=_env_float("GRACEFUL_TIMEOUT_S", 30)
     )
     srv.add_argument(
         "--removed-task-metrics-s",
         type=float,
-        default=float(_env("REMOVED_TASK_METRICS_S", str(REMOVED_TASK_GRACE_S))),
+        default=_env_float("REMOVED_TASK_METRICS_S", REMOVED_TASK_GRACE_S),
         help="seconds a removed task's metric series are still exported, so every scraper "
         "reads their final values (default %(default)s)",
     )
@@ -211,6 +279,13 @@ _LOWER_BOUNDS: tuple[tuple[str, str, float, bool], ...] = (
     ("--breaker-failures", "breaker_failures", 1, True),
     ("--breaker-cooldown-s", "breaker_cooldown_s", 0.0, True),
     ("--resync-seconds", "resync_seconds", 1, True),
+    ("--secret-refresh-seconds", "secret_refresh_seconds", 0.0, True),
+    ("--capture-shard-mb", "capture_shard_mb", 0.0, False),
+    ("--capture-shard-seconds", "capture_shard_seconds", 0.0, False),
+    ("--capture-queue-mb", "capture_queue_mb", 0.0, False),
+    ("--capture-spool-mb", "capture_spool_mb", 0.0, False),
+    ("--graceful-timeout-s", "graceful_timeout_s", 0.0, True),
+    ("--removed-task-metrics-s", "removed_task_metrics_s", 0.0, True),
 )
 
 
@@ -221,7 +296,10 @@ def _check_upstream_limits(args: argparse.Namespace) -> None:
     zero or negative SLM budget made every task unroutable (404 ``model_not_found``), a zero
     LLM timeout or breaker threshold failed every call (500), and a resync under 1 s made the
     watch fail over and over. The environment variables (``SLM_GATEWAY_SLM_TIMEOUT_MS``, ...)
-    are the flags' defaults, so they are checked here too, and named in the message.
+    are the flags' defaults, so they are checked here too, and named in the message. Every
+    other number of seconds or MiB is held to a finite value in its range too: ``nan`` passes
+    any ``<=`` test, and the capture sizes, converted to bytes with ``int()``, crashed the
+    start with a traceback ("cannot convert float NaN to integer").
     """
     for flag, name, low, inclusive in _LOWER_BOUNDS:
         value = getattr(args, name)
@@ -235,20 +313,32 @@ def _check_upstream_limits(args: argparse.Namespace) -> None:
         build_parser().error(f"{flag} must be {bound} (got {value:g}; {env} sets its default)")
 
 
+def _check_env_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, in one line and with exit 2 like a bad flag, every bad variable still in use.
+
+    A :class:`BadEnv` left in ``args`` is one whose flag was not given; one whose flag was given
+    is overridden and harmless, as any other default is.
+    """
+    bad = [
+        value.message(action.option_strings[0])
+        for action in parser._actions
+        if isinstance(value := getattr(args, action.dest, None), BadEnv)
+    ]
+    if bad:
+        parser.error("; ".join(bad))
+
+
 def config_from_args(argv: Sequence[str] | None = None) -> GatewayConfig:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_env_values(parser, args)
     sources = sum(bool(x) for x in (args.routes, args.namespace, args.all_namespaces))
     if sources != 1:
         build_parser().error("give exactly one of --routes, --namespace, --all-namespaces")
     if not 0.0 < args.capture_linger_ms <= 10_000:
         build_parser().error("--capture-linger-ms must be above 0 and at most 10000")
-    for flag, value in (
-        ("--capture-queue", args.capture_queue),
-        ("--capture-queue-mb", args.capture_queue_mb),
-        ("--capture-spool-mb", args.capture_spool_mb),
-    ):
-        if value <= 0:
-            build_parser().error(f"{flag} must be above 0")
+    if args.capture_queue <= 0:
+        build_parser().error("--capture-queue must be above 0")
     _check_upstream_limits(args)
     key = ""
     if args.llm_api_key_file:

@@ -3,14 +3,21 @@
 A zero or negative SLM budget, LLM timeout, breaker threshold or cooldown, or a resync under a
 second used to be accepted and break every task only once requests came (404 or 500 for every
 call, a watch failing in a loop). Each is now an error naming the flag and the range allowed,
-whether it came as a flag or through its ``SLM_GATEWAY_*`` environment variable.
+whether it came as a flag or through its ``SLM_GATEWAY_*`` environment variable. A variable
+that is not a number (or on/off) at all is refused the same way, in one line naming it.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from slm_gateway.config import config_from_args
+from slm_gateway.config import build_parser, config_from_args
 
 BAD = [
     ("--slm-timeout-ms", "0", "above 0"),
@@ -24,6 +31,18 @@ BAD = [
     ("--breaker-cooldown-s", "-0.5", "at least 0"),
     ("--resync-seconds", "0", "at least 1"),
     ("--resync-seconds", "-5", "at least 1"),
+    # nan passed every "<= 0" check, and the capture sizes then crashed the start in int()
+    ("--capture-shard-mb", "nan", "a finite number above 0"),
+    ("--capture-shard-mb", "0", "above 0"),
+    ("--capture-shard-seconds", "-1", "above 0"),
+    ("--capture-queue-mb", "inf", "a finite number above 0"),
+    ("--capture-queue-mb", "0", "above 0"),
+    ("--capture-spool-mb", "nan", "a finite number above 0"),
+    ("--capture-spool-mb", "-1", "above 0"),
+    ("--secret-refresh-seconds", "nan", "a finite number at least 0"),
+    ("--graceful-timeout-s", "nan", "a finite number at least 0"),
+    ("--graceful-timeout-s", "-1", "at least 0"),
+    ("--removed-task-metrics-s", "inf", "a finite number at least 0"),
 ]
 
 
@@ -78,3 +97,106 @@ def test_the_lowest_values_allowed_and_the_defaults_pass() -> None:
     assert (low.breaker_failures, low.breaker_cooldown_s, low.resync_s) == (1, 0.0, 1)
     default = config_from_args(["--namespace", "ns"])
     assert (default.slm_timeout_s, default.breaker_failures, default.resync_s) == (2.0, 5, 300)
+
+
+# Every numeric flag read from the environment, as (variable, flag). A value that is not a
+# number used to end the real entry point in a ValueError traceback, exit 1, at parser build.
+ENV_NUMBERS = [
+    ("SLM_GATEWAY_RESYNC_SECONDS", "--resync-seconds", "an integer"),
+    ("SLM_GATEWAY_SECRET_REFRESH_SECONDS", "--secret-refresh-seconds", "a number"),
+    ("SLM_GATEWAY_CAPTURE_SHARD_MB", "--capture-shard-mb", "a number"),
+    ("SLM_GATEWAY_CAPTURE_SHARD_SECONDS", "--capture-shard-seconds", "a number"),
+    ("SLM_GATEWAY_CAPTURE_QUEUE", "--capture-queue", "an integer"),
+    ("SLM_GATEWAY_CAPTURE_QUEUE_MB", "--capture-queue-mb", "a number"),
+    ("SLM_GATEWAY_CAPTURE_SPOOL_MB", "--capture-spool-mb", "a number"),
+    ("SLM_GATEWAY_CAPTURE_WORKERS", "--capture-workers", "an integer"),
+    ("SLM_GATEWAY_CAPTURE_LINGER_MS", "--capture-linger-ms", "a number"),
+    ("SLM_GATEWAY_SLM_TIMEOUT_MS", "--slm-timeout-ms", "a number"),
+    ("SLM_GATEWAY_LLM_TIMEOUT_S", "--llm-timeout-s", "a number"),
+    ("SLM_GATEWAY_BREAKER_FAILURES", "--breaker-failures", "an integer"),
+    ("SLM_GATEWAY_BREAKER_COOLDOWN_S", "--breaker-cooldown-s", "a number"),
+    ("SLM_GATEWAY_MAX_SHADOW_INFLIGHT", "--max-shadow-inflight", "an integer"),
+    ("SLM_GATEWAY_PORT", "--port", "an integer"),
+    ("SLM_GATEWAY_MAX_BODY_BYTES", "--max-body-bytes", "an integer"),
+    ("SLM_GATEWAY_GRACEFUL_TIMEOUT_S", "--graceful-timeout-s", "a number"),
+    ("SLM_GATEWAY_REMOVED_TASK_METRICS_S", "--removed-task-metrics-s", "a number"),
+]
+OPERATOR_DIR = Path(__file__).resolve().parents[2] / "operator"
+
+
+def run_gateway(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
+    """The real entry point, as a Deployment or a person runs it, with only ``env`` set."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SLM_GATEWAY_")}
+    clean["PYTHONPATH"] = str(OPERATOR_DIR)
+    return subprocess.run(
+        [sys.executable, "-m", "slm_gateway", *argv],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(("var", "flag", "kind"), ENV_NUMBERS)
+def test_a_non_numeric_environment_value_is_refused_in_one_line_naming_it(
+    var: str, flag: str, kind: str
+) -> None:
+    done = run_gateway({var: "abc"}, "--namespace", "ns")
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == f"slm-gateway: error: {var} must be {kind} (got 'abc'; it sets {flag}'s default)"
+
+
+def test_an_on_off_variable_takes_the_usual_words_and_refuses_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``true`` used to mean off without a word (only ``1`` was on); ``maybe`` did too."""
+    monkeypatch.delenv("SLM_GATEWAY_NAMESPACE", raising=False)
+    for word in ("1", "true", "Yes", "on"):
+        monkeypatch.setenv("SLM_GATEWAY_ALL_NAMESPACES", word)
+        assert config_from_args([]).all_namespaces
+    for word in ("0", "false", "off", ""):
+        monkeypatch.setenv("SLM_GATEWAY_ALL_NAMESPACES", word)
+        assert not config_from_args(["--namespace", "ns"]).all_namespaces
+    done = run_gateway({"SLM_GATEWAY_ALL_NAMESPACES": "maybe"})
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "slm-gateway: error: SLM_GATEWAY_ALL_NAMESPACES must be one of 1, true, yes, on, 0, "
+        "false, no, off (got 'maybe'; it sets --all-namespaces's default)"
+    )
+
+
+def test_a_flag_overrides_a_bad_variable_and_all_bad_ones_are_named_at_once(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SLM_GATEWAY_PORT", "eighty")
+    assert config_from_args(["--namespace", "ns", "--port", "9000"]).port == 9000
+    monkeypatch.setenv("SLM_GATEWAY_CAPTURE_WORKERS", "1.5")
+    with pytest.raises(SystemExit) as exc:
+        config_from_args(["--namespace", "ns"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "SLM_GATEWAY_PORT must be an integer (got 'eighty'" in err
+    assert "SLM_GATEWAY_CAPTURE_WORKERS must be an integer (got '1.5'" in err
+
+
+def test_a_key_pasted_into_a_numeric_variable_is_not_printed() -> None:
+    key = "sk-proj-" + "Zq8" * 12
+    done = run_gateway(
+        {"SLM_GATEWAY_LLM_TIMEOUT_S": key, "SLM_GATEWAY_LLM_API_KEY": key}, "--namespace", "ns"
+    )
+    assert done.returncode == 2
+    assert key[:4] not in done.stderr + done.stdout
+    assert "SLM_GATEWAY_LLM_TIMEOUT_S must be a number (got a 44-character value" in done.stderr
+
+
+def test_every_numeric_and_on_off_flag_is_checked_here() -> None:
+    """A numeric flag added later gets its variable checked by this file's tests too."""
+    numeric = {
+        env_name(a.option_strings[0])
+        for a in build_parser()._actions
+        if a.type in (int, float) or isinstance(a, argparse._StoreTrueAction)
+    }
+    assert numeric == {var for var, _, _ in ENV_NUMBERS} | {"SLM_GATEWAY_ALL_NAMESPACES"}
