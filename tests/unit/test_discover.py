@@ -428,8 +428,9 @@ def test_a_log_of_one_tool_is_one_agent_task_not_two(tmp_path: Path, by_axis: No
     assert "2 clusters calling get_weather merged into get-weather" in result.message
 
 
-def test_clusters_without_a_dominant_tool_are_never_merged() -> None:
-    """Two generation tasks (summaries, translations) share (no tool, generation)."""
+def test_clusters_without_a_dominant_tool_and_with_other_templates_are_not_merged() -> None:
+    """Two generation tasks (summaries, translations) share (no tool, generation), but not
+    their prompt template."""
     long = "A long free text answer " * 5
     records = [rec(f"summarise {i}", None, answer=long) for i in range(3)]
     records += [rec(f"translate {i}", None, answer=long) for i in range(3)]
@@ -474,3 +475,352 @@ def test_a_log_that_is_all_noise_says_so(
     assert report["noise"] == 6
     assert report["warnings"] and "all 6 calls are noise to hdbscan" in report["warnings"][0]
     assert "warning: all 6 calls are noise to hdbscan" in result.message
+
+
+# ------------------------------------------------------------------ no-tool tasks, real MiniLM
+
+TICKETS = {
+    "billing": [
+        "I was charged twice for my subscription this month",
+        "Why did my invoice go up by 20 dollars?",
+        "Please refund the annual plan I cancelled yesterday",
+        "My credit card was billed after I closed the account",
+        "The receipt shows the wrong VAT number for our company",
+        "Can I switch from monthly to yearly billing and get the discount?",
+        "There is a charge I do not recognise on my bank statement",
+        "The promo code was not applied to my last payment",
+        "I need a copy of every invoice from last year for our accountant",
+        "Your payment page declined my card three times",
+    ],
+    "technical": [
+        "The app crashes every time I open the settings screen",
+        "I cannot upload files larger than 10 MB, it just spins",
+        "After the last update the sync between phone and laptop stopped working",
+        "The API returns a 500 error on the orders endpoint",
+        "Dark mode makes the text invisible in the editor",
+        "Notifications arrive hours late on Android",
+        "The export to CSV produces an empty file",
+        "Login with Google shows a blank page in Safari",
+        "The dashboard charts do not load, the browser console shows a timeout",
+        "Search results are missing documents I created today",
+    ],
+    "account": [
+        "How do I change the email address on my account?",
+        "I forgot my password and the reset mail never arrives",
+        "Please delete my account and all my data",
+        "Can I add a second admin to our team workspace?",
+        "My account got locked after too many login attempts",
+        "How do I transfer ownership of the workspace to a colleague?",
+        "I want to merge my two accounts into one",
+        "Two-factor authentication codes are not accepted anymore",
+        "How can I change the username shown to my team?",
+        "Someone else seems to have logged into my account",
+    ],
+    "shipping": [
+        "My package has not arrived after two weeks",
+        "The tracking number you sent does not work",
+        "The parcel was delivered to the wrong address",
+        "Can I change the delivery address of an order already shipped?",
+        "The box arrived damaged and the glass inside is broken",
+        "Do you ship to Norway and how long does it take?",
+        "The courier left the parcel outside in the rain",
+        "Only half of my order arrived, the rest is missing",
+        "Can I pick up the order at a store instead of delivery?",
+        "Express shipping took five days, I want the fee back",
+    ],
+}
+REVIEWS = [
+    (
+        "The battery of these headphones lasts two days and the noise cancelling is superb on "
+        "flights, though the case feels cheap.",
+        "positive",
+    ),
+    ("The blender broke after a week and customer service never answered my emails.", "negative"),
+    (
+        "Hotel room was clean and the staff were friendly, but the breakfast was cold and "
+        "overpriced.",
+        "neutral",
+    ),
+    ("This novel kept me up all night, the characters are unforgettable.", "positive"),
+    ("The pizza arrived late and soggy, never ordering from them again.", "negative"),
+    ("The running shoes fit well and are light, the sole wore out after three months.", "neutral"),
+    ("Fantastic laptop: fast, silent, and the screen is gorgeous.", "positive"),
+    ("The vacuum cleaner is loud and loses suction within minutes.", "negative"),
+    (
+        "The museum tour was interesting, although the guide rushed through the last rooms.",
+        "neutral",
+    ),
+    ("Best coffee beans I have ever bought, rich and chocolatey.", "positive"),
+    ("The phone case cracked when I dropped it from a table.", "negative"),
+    ("The flight was on time, seats were narrow, food was okay.", "neutral"),
+    ("My kids love this board game, we play it every weekend.", "positive"),
+    ("The garden hose leaks at every connection.", "negative"),
+    ("The concert sound was great but the queue for drinks took forever.", "neutral"),
+    ("The electric kettle boils water in a minute and looks elegant.", "positive"),
+    ("The sofa cushions went flat after a month.", "negative"),
+    ("The yoga mat is grippy, a bit thin for my knees.", "neutral"),
+    ("The sushi restaurant has the freshest fish in town.", "positive"),
+    ("The printer jams on every second page.", "negative"),
+    ("The rental car was fine, pickup took an hour.", "neutral"),
+    ("The camera takes stunning photos even at night.", "positive"),
+    ("The jacket's zipper broke on the first day.", "negative"),
+    ("The spa was relaxing but the pool was smaller than in the pictures.", "neutral"),
+]
+ARTICLES = [
+    "The central bank raised interest rates by a quarter point on Wednesday, citing persistent "
+    "inflation in services and a tight labour market.",
+    "A new species of tree frog was discovered in the cloud forests of Ecuador by a team of "
+    "biologists from three universities.",
+    "The city council approved a plan to close the old harbour road to cars and turn it into a "
+    "cycling and walking path by 2026.",
+    "The national football team qualified for the World Cup after a late penalty in a tense "
+    "match against their neighbours.",
+    "Researchers reported a battery chemistry based on sodium that could cut the cost of "
+    "storing solar power in half.",
+    "A heatwave across southern Europe pushed temperatures above 44 degrees and forced several "
+    "regions to ban outdoor work at midday.",
+    "The tech company announced layoffs of 8 percent of its staff, mostly in its hardware "
+    "division, after weak sales of its headset.",
+    "An exhibition of rarely seen Vermeer paintings opened in Amsterdam and sold out its first "
+    "month within hours.",
+    "Farmers protested in the capital against new rules on fertiliser use, blocking major "
+    "roads with tractors for two days.",
+    "The space agency confirmed that its probe entered orbit around Jupiter's moon Europa and "
+    "sent back its first images.",
+    "A major hospital group will introduce a four-day week for nurses in a trial meant to "
+    "reduce burnout and staff shortages.",
+    "Housing prices fell for the sixth month in a row as higher mortgage costs cooled demand "
+    "from first-time buyers.",
+    "The film festival awarded its top prize to a quiet drama about three generations of women "
+    "running a family vineyard.",
+    "A cyberattack disrupted ticket sales at several airports, causing long queues but no "
+    "flight cancellations.",
+    "The government unveiled a plan to plant two billion trees over the next decade to restore "
+    "degraded farmland.",
+    "The marathon record fell by eleven seconds as the winner ran a perfectly even pace in "
+    "cool conditions.",
+    "A study of 40,000 adults linked regular walking after meals to lower blood sugar levels.",
+    "The electric carmaker opened its largest factory in Europe, with capacity for half a "
+    "million vehicles a year.",
+    "Archaeologists uncovered a Roman villa with intact mosaics beneath a car park in a small "
+    "English town.",
+    "The shipping company rerouted its vessels around Africa, adding two weeks to deliveries "
+    "between Asia and Europe.",
+]
+PRODUCTS = [
+    ("wireless earbuds", "noise cancelling, 30 hour battery"),
+    ("hiking backpack", "40 litres, waterproof, padded straps"),
+    ("espresso machine", "15 bar pump, milk frother"),
+    ("standing desk", "electric, memory presets, oak top"),
+    ("winter jacket", "down filling, hood, windproof"),
+    ("smart watch", "heart rate, GPS, 7 day battery"),
+    ("cast iron pan", "pre-seasoned, 28 cm, oven safe"),
+    ("kids bicycle", "16 inch wheels, training wheels, bell"),
+    ("office chair", "lumbar support, mesh back, adjustable arms"),
+    ("yoga mat", "non-slip, 6 mm, carrying strap"),
+    ("robot vacuum", "lidar mapping, app control, auto empty"),
+    ("electric toothbrush", "pressure sensor, 3 modes, travel case"),
+    ("camping tent", "two person, 1.8 kg, quick setup"),
+    ("bluetooth speaker", "waterproof, 12 hour battery, deep bass"),
+    ("air fryer", "5 litres, digital display, dishwasher safe basket"),
+    ("mechanical keyboard", "hot-swap switches, RGB, aluminium case"),
+    ("wool blanket", "merino, 150 x 200 cm, machine washable"),
+    ("drone", "4K camera, 30 minute flight, obstacle sensors"),
+    ("digital camera", "24 MP, flip screen, 4K video"),
+    ("road bike helmet", "MIPS, 250 g, 18 vents"),
+]
+QUESTIONS = [
+    "How long should I boil an egg for a runny yolk?",
+    "What caused the fall of the Western Roman Empire?",
+    "How do I reverse a list in Python?",
+    "Why is the sky blue?",
+    "What is the difference between a virus and a bacterium?",
+    "How can I make sourdough bread rise more?",
+    "Who painted the ceiling of the Sistine Chapel?",
+    "What does a mortgage interest rate depend on?",
+    "How do vaccines train the immune system?",
+    "What is a good beginner routine for running a 5k?",
+    "Explain how a hash map works.",
+    "Why do cats purr?",
+    "What was the Marshall Plan?",
+    "How do I remove a red wine stain from a carpet?",
+    "What is the capital gains tax and when do I pay it?",
+    "How does a refrigerator keep food cold?",
+    "What are the main causes of inflation?",
+    "How do I center a div in CSS?",
+    "Why did the Titanic sink?",
+    "How many hours of sleep does a teenager need?",
+    "What is photosynthesis?",
+    "How do I write a cover letter?",
+    "What is the difference between TCP and UDP?",
+    "How should I store fresh basil?",
+]
+
+
+def asked(task: str, prompt: str, answer: str) -> CallRecord:
+    """A call of an agent step that calls no tool: an answer in text only."""
+    return rec(prompt, None, task=task, answer=answer)
+
+
+def ticket_labels() -> list[CallRecord]:
+    """One classification task with a closed label set (the label only as the answer)."""
+    return [
+        asked(
+            "ticket-labels",
+            "Classify this support ticket as billing, technical, account or shipping. Answer "
+            f"with the label only.\n\nTicket: {ticket}",
+            label,
+        )
+        for label, tickets in TICKETS.items()
+        for ticket in tickets
+    ]
+
+
+def review_sentiment() -> list[CallRecord]:
+    """Another classification task, another label set."""
+    return [
+        asked(
+            "review-sentiment",
+            f"What is the sentiment of this review? Reply positive, negative or neutral.\n\n{r}",
+            label,
+        )
+        for r, label in REVIEWS
+    ]
+
+
+def news_summaries() -> list[CallRecord]:
+    return [
+        asked(
+            "news-summaries",
+            f"Summarise the following news article in two sentences:\n\n{a}",
+            f"The article reports that {a[0].lower()}{a[1:]} It adds context on what happens next.",
+        )
+        for a in ARTICLES
+    ]
+
+
+def product_copy() -> list[CallRecord]:
+    return [
+        asked(
+            "product-copy",
+            f"Write a catchy product description for our online shop. Product: {p}. Features: {f}.",
+            f"Meet the {p} you have been waiting for: {f}. Designed for everyday life, built to "
+            "last, and ready to ship today.",
+        )
+        for p, f in PRODUCTS
+    ]
+
+
+def free_questions() -> list[CallRecord]:
+    """A Q&A assistant without a system prompt: free-form questions, no template at all."""
+    return [
+        asked(
+            "questions",
+            q,
+            f"Here is a clear answer in a few sentences: {q.lower().rstrip('?')} depends on "
+            "several factors that I explain step by step, with an example at the end.",
+        )
+        for q in QUESTIONS
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("log", "task_type"),
+    [
+        (ticket_labels, "classification"),
+        (news_summaries, "generation"),
+        (free_questions, "generation"),
+    ],
+    ids=["ticket-labels", "news-summaries", "free-questions"],
+)
+def test_a_log_of_one_task_without_tools_is_one_agent_task(
+    tmp_path: Path, log: Any, task_type: str
+) -> None:
+    """k-means never picks k=1 and no-tool clusters have no dominant tool to merge on: one
+    ticket-labelling task came out as two AgentTasks (38 and 2 calls), twenty news summaries
+    as two (18 and 2), twenty-four free-form questions to an assistant as five, each training
+    on a part of one task and answering the same calls."""
+    calls = log()
+    result, report, manifests = discovered(
+        tmp_path, calls, min_cluster_size=2, scrub_pii=False, num_threads=2
+    )
+    assert result.ok, result.message
+    print(
+        f"\n{calls[0].task}: k={report['clusters_found']} by silhouette "
+        f"{report['silhouette_by_k']}, merged {report['merged']}"
+    )
+    assert len(report["clusters"]) == 1 and len(manifests) == 1
+    (manifest,) = manifests.values()
+    assert manifest["spec"]["taskType"] == task_type
+    assert manifest["spec"]["dataset"]["minExamples"] == len(calls)
+    if report["clusters_found"] > 1:
+        (merge,) = report["merged"]
+        assert merge["tool"] is None and sum(merge["sizes"]) == len(calls)
+        assert f"clusters of one prompt template merged into {merge['into']}" in result.message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (ticket_labels, review_sentiment),  # two classification tasks, two label sets
+        (news_summaries, product_copy),  # two generation tasks
+        (ticket_labels, news_summaries),  # classification and generation
+        (free_questions, product_copy),  # a template-less task and a templated one
+    ],
+    ids=["labels+sentiment", "summaries+copy", "labels+summaries", "questions+copy"],
+)
+def test_two_tasks_without_tools_are_still_two_agent_tasks(
+    tmp_path: Path, first: Any, second: Any
+) -> None:
+    """The merge of no-tool clusters must not fold different tasks of one task type into one:
+    each AgentTask proposed holds the calls of one task, all of them."""
+    calls = first() + second()
+    result, report, manifests = discovered(
+        tmp_path, calls, min_cluster_size=2, scrub_pii=False, num_threads=2
+    )
+    assert result.ok, result.message
+    print(f"\n{report['label_by']} purity {report['purity']}, merged {report['merged']}")
+    assert len(manifests) == 2 and report["label_by"] == "task"
+    assert sorted(c["majority_label"] for c in report["clusters"]) == sorted(
+        {first()[0].task, second()[0].task}
+    )
+    assert report["purity"] >= 0.95
+    assert {m["spec"]["dataset"]["minExamples"] for m in manifests.values()} == {
+        len(first()),
+        len(second()),
+    }
+
+
+def test_no_tool_clusters_of_one_prompt_template_are_merged_with_the_coverage_measured() -> None:
+    """A cluster of one or two calls has no template of its own (its words are its topic):
+    it joins the task whose template it carries; one with another template does not."""
+    calls = ticket_labels()
+    assignments = [0] * 20 + [1] * 19 + [2]
+    merged, merges = discover.merge_same_task(assignments, calls)
+    assert merged == [0] * 40
+    assert merges == [
+        {
+            "label": 0,
+            "tool": None,
+            "task_type": "classification",
+            "sizes": [20, 19, 1],
+            "template": [
+                "account",
+                "answer",
+                "billing",
+                "classify",
+                "label",
+                "only",
+                "shipping",
+                "support",
+                "technical",
+                "ticket",
+            ],
+            "template_coverage": [1.0, 1.0],
+        }
+    ]
+    other = review_sentiment()[:3]
+    merged, merges = discover.merge_same_task([0] * 40 + [1] * 3, calls + other)
+    assert merged == [0] * 40 + [1] * 3 and merges == []

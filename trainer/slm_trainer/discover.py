@@ -19,7 +19,8 @@ How:
    scikit-learn's HDBSCAN with ``method=hdbscan`` (noise points stay unassigned; one
    cluster is allowed, and a log that is all noise is said so in the message and report);
    then clusters that are one task by the :data:`MERGE_RULE` (same dominant tool, same task
-   type) are merged, see :func:`merge_same_task`;
+   type; or no tool, same task type and one prompt template) are merged, see
+   :func:`merge_same_task`;
 3. each cluster is named from its most called tools and its most distinctive words
    (TF-IDF of the cluster against the rest), for example ``get-weather-forecast``;
 4. the report (``discover_report.json``) lists sizes, example prompts, top tools, keywords,
@@ -82,8 +83,29 @@ _STOP = frozenset(_STOP_WORDS.split())
 #: Why clusters are merged, quoted in the report (see :func:`merge_same_task`).
 MERGE_RULE = (
     "clusters whose answered calls mostly call the same tool, with the same task type, are "
-    "one task: merged into one AgentTask"
+    "one task: merged into one AgentTask; clusters that call no tool, with the same task type, "
+    "are one task when each one's calls carry at least half of the other's prompt template "
+    "(the words in at least 80% of a cluster's system and user messages)"
 )
+
+#: A word is in a cluster's prompt template when at least this share of the cluster's calls
+#: have it in their system or user messages: an agent step's instructions are in every call,
+#: and a fifth is left for calls made with an edited or older version of the prompt.
+TEMPLATE_SHARE = 0.8
+#: ... and at least this many calls have it: the "template" of a cluster of one or two calls
+#: is all of their words, their topic, not an instruction, and would keep them apart.
+TEMPLATE_MIN_CALLS = 3
+#: Two no-tool clusters are one task when each one's calls carry, on average, at least this
+#: share of the other's template. Measured on MiniLM k-means clusters of ten one-task and
+#: thirteen two-task logs of 20 to 64 calls (support tickets, sentiment, language id,
+#: summaries of reviews and of news, Q&A with and without a system prompt, translation,
+#: product copy, text-to-SQL): clusters of one task carry 0.88 to 1.0 of each other's
+#: template, clusters of two tasks 0.0 to 0.18, and 0.5 lies in the middle of that gap. The
+#: cosine silhouette of the two-way k-means split, the other candidate, overlaps (one task
+#: 0.03 to 0.22, two tasks 0.16 to 0.64): a floor on it would split the sentiment log or
+#: merge Q&A with translations.
+SAME_TEMPLATE = 0.5
+_WORD = re.compile(r"[^\W\d_]{3,}")
 
 
 @dataclass
@@ -336,6 +358,46 @@ def task_key(members: Iterable[CallRecord]) -> tuple[str | None, str | None]:
     return tool, (types.most_common(1)[0][0] if types else None)
 
 
+def prompt_words(record: CallRecord) -> frozenset[str]:
+    """The words of a call's instructions and input (system, developer and user messages):
+    lower-case, letters only, three or more, stop words out."""
+    text = " ".join(
+        metrics.text_of(m.get("content"))
+        for m in record.messages
+        if m.get("role") in ("system", "developer", "user")
+    )
+    return frozenset(w for w in _WORD.findall(text.lower()) if w not in _STOP)
+
+
+def prompt_template(words: Sequence[frozenset[str]]) -> frozenset[str]:
+    """The words most of a cluster's calls share (:data:`TEMPLATE_SHARE`,
+    :data:`TEMPLATE_MIN_CALLS`): the instructions of the agent step that made them. Empty
+    for free-form prompts (a chat without a system prompt) and for a cluster of one or two
+    calls."""
+    counts = Counter(w for ws in words for w in ws)
+    least = max(TEMPLATE_MIN_CALLS, TEMPLATE_SHARE * len(words))
+    return frozenset(w for w, n in counts.items() if n >= least)
+
+
+def template_coverage(words: Sequence[frozenset[str]], template: frozenset[str]) -> float:
+    """How much of ``template`` the calls carry, on average (1.0 for an empty template: no
+    instruction that the calls lack)."""
+    if not template or not words:
+        return 1.0
+    return sum(len(ws & template) for ws in words) / (len(template) * len(words))
+
+
+@dataclass
+class _TemplateGroup:
+    """No-tool clusters of one task type taken as one task, led by the largest."""
+
+    task_type: str
+    words: list[frozenset[str]]
+    template: frozenset[str]
+    labels: list[int]
+    coverage: list[float] = field(default_factory=list)
+
+
 def merge_same_task(
     assignments: Sequence[int], records: Sequence[CallRecord]
 ) -> tuple[list[int], list[dict[str, Any]]]:
@@ -347,19 +409,52 @@ def merge_same_task(
     silhouettes of single-task BFCL logs (0.06 to 0.45) overlap those of a five-task log
     (0.22 to 0.37), so no floor tells one task from several. A dominant tool is what the
     proposed task would be named after and learn to call; two clusters sharing it and the
-    task type would be the same AgentTask twice. Clusters without a dominant tool
-    (generation, extraction, classification) are never merged: two different generation
-    tasks share the key (None, "generation").
+    task type would be the same AgentTask twice.
+
+    Clusters without a dominant tool (generation, extraction, classification) have no tool
+    to share, and two different generation tasks share the key (None, "generation"), so they
+    are merged by their prompt template instead: the words nearly all of a cluster's calls
+    carry are the agent step's instructions ("Classify this support ticket as billing, ...",
+    "Summarise the following news article"), while k-means splits one task by the topic of
+    its inputs (billing tickets apart from shipping ones). Each no-tool cluster, largest
+    first, joins the first larger one of its task type whose template its calls carry and
+    whose calls carry its own (:data:`SAME_TEMPLATE`, where the numbers measured are); a
+    cluster without a template (free-form prompts, or too few calls) gives no evidence of
+    another task. A merged group is compared by its largest cluster only, so a chain of
+    clusters each a little like the next cannot pull two tasks together.
 
     Each merged group takes the label of its largest cluster (ties: the smaller label);
-    ``merges`` lists, per group, the tool, the task type and the sizes merged.
+    ``merges`` lists, per group, the tool (None for no tool), the task type and the sizes
+    merged; a no-tool group also its template's words and how much of it each cluster merged
+    into it carries.
     """
     sizes = Counter(a for a in assignments if a >= 0)
+    members: dict[int, list[CallRecord]] = {c: [] for c in sizes}
+    for record, a in zip(records, assignments, strict=True):
+        if a >= 0:
+            members[a].append(record)
     groups: dict[tuple[str, str | None], list[int]] = {}
+    no_tool: list[_TemplateGroup] = []
     for c in sorted(sizes, key=lambda c: (-sizes[c], c)):
-        tool, task_type = task_key(records[i] for i, a in enumerate(assignments) if a == c)
+        tool, task_type = task_key(members[c])
         if tool is not None:
             groups.setdefault((tool, task_type), []).append(c)
+        elif task_type is not None:  # None: no answered call, nothing to learn, no manifest
+            words = [prompt_words(r) for r in members[c]]
+            template = prompt_template(words)
+            for group in no_tool:
+                if group.task_type != task_type:
+                    continue
+                coverage = min(
+                    template_coverage(words, group.template),
+                    template_coverage(group.words, template),
+                )
+                if coverage >= SAME_TEMPLATE:
+                    group.labels.append(c)
+                    group.coverage.append(round(coverage, 3))
+                    break
+            else:
+                no_tool.append(_TemplateGroup(task_type, words, template, [c]))
     into: dict[int, int] = {}
     merges: list[dict[str, Any]] = []
     for (tool, task_type), labels in groups.items():
@@ -372,6 +467,20 @@ def merge_same_task(
                 "tool": tool,
                 "task_type": task_type,
                 "sizes": [sizes[c] for c in labels],
+            }
+        )
+    for group in no_tool:
+        if len(group.labels) < 2:
+            continue
+        into.update({c: group.labels[0] for c in group.labels[1:]})
+        merges.append(
+            {
+                "label": group.labels[0],
+                "tool": None,
+                "task_type": group.task_type,
+                "sizes": [sizes[c] for c in group.labels],
+                "template": sorted(group.template)[:12],
+                "template_coverage": group.coverage,
             }
         )
     return [into.get(a, a) for a in assignments], merges
@@ -706,7 +815,11 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
     _emit(emit, phase="done", clusters=len(clusters), manifests=len(manifests))
     purity_note = f", purity {overall:.3f} by {label_by}" if overall is not None else ""
     merge_note = "".join(
-        f"; {len(m['sizes'])} clusters calling {m['tool']} merged into {m['into']}" for m in merges
+        f"; {len(m['sizes'])} clusters calling {m['tool']} merged into {m['into']}"
+        if m["tool"] is not None
+        else f"; {len(m['sizes'])} {m['task_type']} clusters of one prompt template merged "
+        f"into {m['into']}"
+        for m in merges
     )
     return TrainerResult(
         stage=CONTRACT_STAGE,
