@@ -20,11 +20,13 @@ downloaded) and these recognizers:
 - our own recognizers for secrets, which Presidio does not ship: ``API_KEY`` (OpenAI,
   Anthropic, GitHub, GitLab, AWS key ids, Slack tokens (app-level ``xapp-`` too) and
   webhooks, Google, Stripe, Hugging Face, SendGrid, npm, Shopify, Databricks, Discord webhook
-  URLs, generic ``api_key=...`` / ``token: ...`` / ``Bearer ...`` assignments whose value is
-  long and random-looking, shorter letter-and-digit credentials after ``Bearer`` or an
+  URLs and bot tokens, PyPI, Twilio, Square, DigitalOcean, Vault and ~40 more fixed-prefix
+  formats (:data:`_PREFIXED_TOKENS`), generic ``api_key=...`` / ``token: ...`` /
+  ``Bearer ...`` assignments whose value is long and random-looking (random mixed-case
+  letters without a digit too), shorter letter-and-digit credentials after ``Bearer`` or an
   ``Authorization:`` header's scheme, HTTP Basic credentials ``Basic <base64>`` whose base64
   decodes to ``user:password``, and the password of a URL's ``scheme://user:password@host``
-  and of curl's ``-u user:password``), ``JWT`` (three base64url
+  and of curl's ``-u user:password``, also across continued lines), ``JWT`` (three base64url
   segments whose header decodes to a JSON object) and ``PRIVATE_KEY`` (PEM
   ``-----BEGIN ... PRIVATE KEY-----`` blocks, also when cut off before their END line).
 
@@ -32,10 +34,12 @@ JSON values under a key named like a secret (``password``, ``client_secret``, ``
 ``AccountKey``, ``passphrase``, ``pwd``, ``Authorization``, ``Proxy-Authorization``...) are
 redacted whatever they look like, also in JSON encoded inside a string; under an authorization
 key only the credential after its scheme (``Basic <API_KEY_1>``), under a ``Cookie`` key each
-cookie's value. In text, a value after a ``password``/``passwd``/``passphrase``/``pwd`` label
-and the cookie values of a ``Cookie:`` header follow the same rule; so does a password stated
-in a sentence ("my password is hunter2xyz"), but only one token holding a digit or a symbol,
-since prose says "the password is required" far more often (:func:`stated_password`).
+cookie's value. In text, a value after a ``password``/``passwd``/``passphrase``/``pwd``/``pw``
+label and the cookie values of a ``Cookie:`` header follow the same rule; so does a password
+stated in a sentence ("my password is hunter2xyz", "the password for the db is Kx9!mm2p", "use
+password S3cret!x", "'S3cret!x' as the password", "login with admin / P@ssw0rd"), but only one
+token holding a digit or a symbol, or letters alone when quoted or a long passphrase, since
+prose says "the password is required" far more often (:func:`stated_password`).
 
 A few plausibility filters then drop the matches that most often turn out not to be PII in
 agent traffic: bare digit runs taken for phone numbers with no phone word nearby (order ids,
@@ -63,9 +67,9 @@ scanned: text, the strings of image, audio and file parts (not base64 payloads, 
 What is NOT detected: names of people, organisations and places. That needs a named-entity
 model and none can be downloaded in this project's environments; a blank spaCy pipeline only
 tokenises. Postal addresses, dates of birth, national ID numbers, user names (also a URL's
-user or an scp remote's, as in ``git@github.com``), and passwords that are short or lack a
-``password:``-style label, a URL, a curl ``-u`` or a "password is" right before them ("the
-password for the wifi is ...", "my password is hunter", "passcode 1234") are not detected
+user or an scp remote's, as in ``git@github.com``), and passwords that are short, a common
+word, or have no password label, URL, curl ``-u`` or login pair next to them ("my password is
+hunter", "passcode 1234", "my pass is ...", "it's hunter2 for the wifi") are not detected
 either, nor is anything
 inside a base64 payload (the text of an attached PDF or screenshot). Treat the output as
 "known identifiers and secrets removed", not as anonymised.
@@ -193,7 +197,7 @@ _SECRET_KEY_NAME_RE = re.compile(
     r"[\w.-]*?(?:api[_-]?key|apikey|secret|token|password|passwd|passphrase|pwd|credentials?"
     r"|access[_-]?key|private[_-]?key|auth|authorization|cookies?"
     r"|(?:secret|encryption|signing|master|account|shared|storage)[_-]?key)"
-    r"|(?:[\w.-]*[_.-])?pass",
+    r"|(?:[\w.-]*[_.-])?pass|(?:[\w.-]*[_.-])?pw",
     re.IGNORECASE,
 )
 # Keys named like a working directory's (``pwd``, ``OLDPWD``) whose value is a path are not
@@ -378,16 +382,53 @@ def shannon_entropy(value: str) -> float:
     return -sum(c / n * math.log2(c / n) for c in Counter(value).values())
 
 
-def looks_random(value: str, min_length: int = 16, min_entropy: float = 3.0) -> bool:
-    """Whether a labelled value looks like a generated credential rather than a word or number."""
+def looks_random(
+    value: str, min_length: int = 16, min_entropy: float = 3.0, letters_only: bool = False
+) -> bool:
+    """Whether a labelled value looks like a generated credential rather than a word or number.
+
+    ``letters_only``: also accept a value with no digit when its letters are random
+    (:func:`random_letters`). Only where a label already says "secret" (``api_key=...``,
+    ``Bearer ...``): a random base62 token of 24 characters has no digit about 1 time in 70,
+    and those leaked, while a bare letter run with no label is far more often an identifier.
+    """
     core = value.strip("\"'=")
+    if PLACEHOLDER_RE.search(core) or len(core) < min_length:
+        return False
+    if letters_only and random_letters(core):
+        return True
     return (
-        len(core) >= min_length
-        and any(c.isdigit() for c in core)
+        any(c.isdigit() for c in core)
         and any(c.isalpha() for c in core)
         and shannon_entropy(core) >= min_entropy
-        and not PLACEHOLDER_RE.search(core)
     )
+
+
+# A run of capitals then lower-case letters, or of lower-case letters: the "words" of a
+# camelCase or PascalCase identifier (``access``, ``Token``, ``XMLHttp``).
+_CASE_RUN_RE = re.compile(r"[A-Z]+[a-z]*|[a-z]+")
+#: The fewest letters a token without digits must have to count as random (see random_letters).
+RANDOM_LETTERS_MIN_CHARS = 20
+
+
+def random_letters(value: str) -> bool:
+    """Whether ``value`` (letters, maybe ``-``/``_``) is a random mixed-case token, not a name.
+
+    Why: :func:`looks_random` wants a digit, so the ~1.4 % of random base62 tokens of 24
+    characters that have none leaked even after ``api_key=``. Random mixed-case letters switch
+    case every couple of characters; identifiers (``accessTokenFromSecretsManager``,
+    ``XMLHttpRequestHandler``) switch once per word of 4+ letters, and prose or a constant
+    is one case. So: 20+ letters, both cases, at most 4.5 letters per case run on average,
+    and the entropy of a random string (3.5 bits). About 9 in 10 random 20-letter tokens pass;
+    none of the identifiers in the unit tests does.
+    """
+    letters = value.replace("-", "").replace("_", "")
+    if len(letters) < RANDOM_LETTERS_MIN_CHARS or not (letters.isascii() and letters.isalpha()):
+        return False
+    if letters.islower() or letters.isupper():
+        return False
+    runs = len(_CASE_RUN_RE.findall(letters))
+    return len(letters) / runs <= 4.5 and shannon_entropy(letters) >= 3.5
 
 
 def _jwt_header_ok(token: str) -> bool:
@@ -675,6 +716,7 @@ class _SecretRecognizer(PatternRecognizer):
         context: list[str],
         name: str,
         min_length: int = 16,
+        letters_only: bool = False,
     ) -> None:
         super().__init__(
             supported_entity=entity,
@@ -685,14 +727,35 @@ class _SecretRecognizer(PatternRecognizer):
             global_regex_flags=_CASE_SENSITIVE,
         )
         self.min_length = min_length
+        #: Accept random letters without a digit (only for labelled values: see looks_random).
+        self.letters_only = letters_only
 
     def invalidate_result(self, pattern_text: str) -> bool:
         if self.supported_entities[0] == JWT:
             return not _jwt_header_ok(pattern_text)
         if self.supported_entities[0] == API_KEY:
             # Generated keys mix letters and digits; slugs such as "sk-my-long-branch-name" don't.
-            return not looks_random(pattern_text.rstrip(".,:"), min_length=self.min_length)
+            return not looks_random(
+                pattern_text.rstrip(".,:"),
+                min_length=self.min_length,
+                letters_only=self.letters_only,
+            )
         return False
+
+
+class _DiscordBotTokenRecognizer(_SecretRecognizer):
+    """:data:`DISCORD_BOT_TOKEN_PATTERNS`, kept when the first part decodes to a user id."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            API_KEY,
+            DISCORD_BOT_TOKEN_PATTERNS,
+            ["discord", "token"],
+            "SlmDiscordBotTokenRecognizer",
+        )
+
+    def invalidate_result(self, pattern_text: str) -> bool:
+        return not discord_bot_token(pattern_text)
 
 
 class _VendorKeyRecognizer(_SecretRecognizer):
@@ -719,7 +782,111 @@ API_KEY_PATTERNS: tuple[Pattern, ...] = (
     # Runs of letters and digits joined by single dashes. Possessive runs: the nested
     # "(?:[A-Za-z0-9]+-?){2,}" this replaces split a long run every possible way before
     # failing ("xoxb-" + "a" * 20000 + "_" took 10 s).
-    Pattern("Slack token", r"\bxox[abposr]-[A-Za-z0-9]++(?:-[A-Za-z0-9]++)*\b", 0.95),
+    Pattern("Slack token", r"\bxox[abposre]-[A-Za-z0-9]++(?:-[A-Za-z0-9]++)*\b", 0.95),
+)
+
+# More tokens whose fixed prefix is the evidence, one regex for all (Presidio runs each
+# Pattern as its own search over the text, so ~50 patterns would be ~50 passes). Every body
+# has a bounded length, and each prefix is literal, so a search fails at once almost
+# everywhere. Where the body alone could be letters, "_" and "-" (a plain JSON key, see
+# Redactor._redact_key), a lookahead wants the digit that all but a sliver of real ones have,
+# as for Shopify; a prefix with a digit or a dot in it needs none.
+_TELEGRAM_BOT_TOKEN = r"[0-9]{8,10}:AA[A-Za-z0-9_-]{33}"
+_PREFIXED_TOKENS: tuple[tuple[str, str], ...] = (
+    ("PyPI upload token", r"pypi-AgE(?:IcHlwaS5vcmc|NdGVzdC5weXBpLm9yZw)[A-Za-z0-9_-]{40,1000}"),
+    ("Twilio API key SID", r"SK(?=[a-f]{0,31}[0-9])[0-9a-f]{32}"),
+    ("Square token", r"sq0(?:atp|csp)-[A-Za-z0-9_-]{22,60}"),
+    ("Stripe webhook secret", r"whsec_(?=[A-Za-z]{0,63}[0-9])[A-Za-z0-9]{32,64}"),
+    ("DigitalOcean token", r"do[opr]_v1_[a-f0-9]{64}"),
+    ("Linear API key", r"lin_(?:api|oauth)_(?=[A-Za-z]{0,39}[0-9])[A-Za-z0-9]{40}"),
+    ("Atlassian API token", r"ATATT3[A-Za-z0-9_=-]{150,250}"),
+    (
+        "GitLab token",
+        r"gl(?:ptt|rt|rtr|dt|ft|soat|cbt|imt|oas|agent|wt)-(?=[A-Za-z_-]{0,63}[0-9])[A-Za-z0-9_-]{20,64}",
+    ),
+    ("Groq key", r"gsk_(?=[A-Za-z]{0,51}[0-9])[A-Za-z0-9]{52}"),
+    ("Replicate token", r"r8_[A-Za-z0-9]{37}"),
+    ("xAI key", r"xai-(?=[A-Za-z]{0,79}[0-9])[A-Za-z0-9]{80}"),
+    ("Perplexity key", r"pplx-(?=[A-Za-z]{0,63}[0-9])[A-Za-z0-9]{48,64}"),
+    ("LangSmith key", r"lsv2_(?:pt|sk)_[a-f0-9]{32}_[a-f0-9]{10}"),
+    ("Pinecone key", r"pcsk_(?=[A-Za-z_]{0,119}[0-9])[A-Za-z0-9_]{60,120}"),
+    ("Tavily key", r"tvly-(?:dev-|prod-)?(?=[A-Za-z]{0,31}[0-9])[A-Za-z0-9]{32}"),
+    ("NVIDIA key", r"nvapi-(?=[A-Za-z_-]{0,63}[0-9])[A-Za-z0-9_-]{64}"),
+    ("HashiCorp Vault token", r"hv[sbr]\.[A-Za-z0-9_-]{24,512}"),
+    ("Pulumi token", r"pul-[a-f0-9]{40}"),
+    (
+        "Tailscale key",
+        r"tskey-(?:auth|api|client|scim|webhook)-(?=[A-Za-z-]{0,96}[0-9])[A-Za-z0-9]{6,32}-[A-Za-z0-9]{16,64}",
+    ),
+    ("Sentry token", r"sntry[su]_(?=[A-Za-z+/=_-]{0,511}[0-9])[A-Za-z0-9+/=_-]{40,512}"),
+    ("Figma token", r"figd_(?=[A-Za-z_-]{0,63}[0-9])[A-Za-z0-9_-]{40,64}"),
+    ("Postman key", r"PMAK-[a-f0-9]{24}-[a-f0-9]{34}"),
+    ("Netlify token", r"nfp_(?=[A-Za-z]{0,35}[0-9])[A-Za-z0-9]{36,40}"),
+    ("Notion token", r"ntn_[0-9]{11}[A-Za-z0-9]{35}"),
+    ("Google OAuth access token", r"ya29\.[A-Za-z0-9_-]{30,2048}"),
+    ("Google OAuth client secret", r"GOCSPX-(?=[A-Za-z_-]{0,27}[0-9])[A-Za-z0-9_-]{28}"),
+    (
+        "1Password service account token",
+        r"ops_eyJ(?=[A-Za-z+/=_-]{0,4095}[0-9])[A-Za-z0-9+/=_-]{100,4096}",
+    ),
+    ("Heroku key", r"HRKU-(?=[A-Za-z_-]{0,63}[0-9])[A-Za-z0-9_-]{40,64}"),
+    ("Doppler token", r"dp\.(?:pt|st|sa|ct|scim|audit)\.[A-Za-z0-9]{40,44}"),
+    (
+        "Grafana token",
+        r"glsa_(?=[A-Za-z]{0,31}[0-9])[A-Za-z0-9]{32}_[A-Fa-f0-9]{8}"
+        r"|glc_(?=[A-Za-z+/]{0,399}[0-9])[A-Za-z0-9+/]{32,400}={0,2}",
+    ),
+    ("New Relic key", r"NR(?:AK|JS|II)-(?=[A-Z]{0,31}[0-9])[A-Z0-9]{19,32}"),
+    ("Supabase key", r"sbp_[a-f0-9]{40}|sb_secret_(?=[A-Za-z_-]{0,63}[0-9])[A-Za-z0-9_-]{20,64}"),
+    (
+        "PlanetScale token",
+        r"pscale_(?:tkn|pw|oauth)_(?=[A-Za-z_.-]{0,63}[0-9])[A-Za-z0-9_.-]{32,64}",
+    ),
+    ("Docker Hub token", r"dckr_pat_(?=[A-Za-z_-]{0,26}[0-9])[A-Za-z0-9_-]{27}"),
+    ("Terraform Cloud token", r"[A-Za-z0-9]{14}\.atlasv1\.[A-Za-z0-9_=-]{60,80}"),
+    ("RubyGems key", r"rubygems_[a-f0-9]{48}"),
+    ("age secret key", r"AGE-SECRET-KEY-1[QPZRY9X8GF2TVDW0S3JN54KHCE6MUA7L]{58}"),
+    ("Telegram bot token", _TELEGRAM_BOT_TOKEN),
+    ("Brevo key", r"xkeysib-[a-f0-9]{64}-[A-Za-z0-9]{16}"),
+    ("Mapbox secret token", r"sk\.eyJ[A-Za-z0-9_-]{20,200}\.[A-Za-z0-9_-]{20,100}"),
+    ("Contentful token", r"CFPAT-(?=[A-Za-z_-]{0,42}[0-9])[A-Za-z0-9_-]{43}"),
+    ("Fly.io token", r"fo1_[A-Za-z0-9_-]{43}"),
+    ("Buildkite token", r"bkua_[a-f0-9]{40}"),
+    ("Sourcegraph token", r"sgp_(?:[a-f0-9]{16}_)?[a-f0-9]{40}"),
+    ("Prefect key", r"pnu_(?=[A-Za-z]{0,35}[0-9])[A-Za-z0-9]{36}"),
+    (
+        "HubSpot private app token",
+        r"pat-(?:na|eu)1-[a-f0-9]{8}-[a-f0-9]{4}-[a-f0-9]{4}-[a-f0-9]{4}-[a-f0-9]{12}",
+    ),
+    ("Dynatrace token", r"dt0c01\.[A-Z0-9]{24}\.[A-Z0-9]{64}"),
+    ("Shippo token", r"shippo_(?:live|test)_[a-f0-9]{40}"),
+    ("EasyPost key", r"EZ[AT]K(?=[A-Za-z]{0,53}[0-9])[A-Za-z0-9]{54}"),
+    ("Flutterwave secret key", r"FLWSECK(?:_TEST)?-[a-h0-9]{32}-X"),
+    ("Alibaba Cloud key id", r"LTAI(?=[A-Za-z]{0,19}[0-9])[A-Za-z0-9]{20}"),
+    ("JFrog key", r"AKCp(?=[A-Za-z]{0,68}[0-9])[A-Za-z0-9]{69}"),
+    ("Airtable token", r"pat[A-Za-z0-9]{14}\.[a-f0-9]{64}"),
+    ("Hugging Face org token", r"api_org_(?=[A-Za-z]{0,33}[0-9])[A-Za-z0-9]{34}"),
+    ("Anyscale key", r"esecret_(?=[A-Za-z_]{0,63}[0-9])[A-Za-z0-9_]{20,64}"),
+    ("ElevenLabs key", r"sk_(?=[a-f]{0,47}[0-9])[a-f0-9]{48}"),
+    ("Cerebras key", r"csk-(?=[a-z]{0,47}[0-9])[a-z0-9]{48}"),
+    (
+        "Facebook access token",
+        r"EAA(?:CEdEose0cBA|[A-Z](?=[A-Za-z]{0,999}[0-9]))[A-Za-z0-9]{90,1000}",
+    ),
+    ("Twitter bearer token", r"A{21}(?=[A-Za-z]{0,999}[0-9%])[A-Za-z0-9%]{30,1000}"),
+    ("Mailchimp key", r"[0-9a-f]{32}-us[0-9]{1,2}"),
+)
+# Not inside a longer token on the left ("=" may precede: ``KEY=...``; base64 has it only at
+# the end), nor on the right (a "/" may follow: a URL's path goes on); a Telegram token also
+# right after its URL's "/bot".
+PREFIXED_TOKEN_PATTERN = Pattern(
+    "vendor token (fixed prefix)",
+    r"(?:(?<![A-Za-z0-9_.+/-])(?:"
+    + "|".join(regex for _, regex in _PREFIXED_TOKENS)
+    + r")|(?<=/bot)"
+    + _TELEGRAM_BOT_TOKEN
+    + r")(?![A-Za-z0-9_-])",
+    0.95,
 )
 
 # Keys with a vendor's fixed prefix and a fixed or long minimum length: the format is the
@@ -765,7 +932,32 @@ VENDOR_KEY_PATTERNS: tuple[Pattern, ...] = (
         r"\d{17,20}/[A-Za-z0-9_-]{60,100}(?![A-Za-z0-9_-])",
         0.95,
     ),
+    PREFIXED_TOKEN_PATTERN,
 )
+
+
+# A Discord bot token: base64 of the bot's numeric user id (a 17-20 digit snowflake), a
+# timestamp, an HMAC. No fixed prefix, so the first part must decode to such an id
+# (:class:`_DiscordBotTokenRecognizer`): a random dotted string never does.
+DISCORD_BOT_TOKEN_PATTERNS: tuple[Pattern, ...] = (
+    Pattern(
+        "Discord bot token",
+        r"(?<![A-Za-z0-9_.+/-])[MNO][A-Za-z0-9_-]{22,26}\.[A-Za-z0-9_-]{6}\.[A-Za-z0-9_-]{27,38}"
+        r"(?![A-Za-z0-9_+/=-])",
+        0.95,
+    ),
+)
+
+
+def discord_bot_token(token: str) -> bool:
+    """Whether ``token``'s first part is the base64 of a Discord snowflake (17-20 digits)."""
+    head = token.split(".", 1)[0]
+    try:
+        decoded = base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)).decode("ascii")
+    except (binascii.Error, ValueError):
+        return False
+    return decoded.isdigit() and 17 <= len(decoded) <= 20
+
 
 # A value whose only hint is its label. Lower score: a vendor pattern or a JWT covering the
 # same value wins. Passwords may hold any printable character except quotes and brackets.
@@ -995,7 +1187,7 @@ class _UrlCredentialsRecognizer(_CredentialSpanRecognizer):
 # quotes, brackets and whitespace end it, and "&" in a URL's query). Lengths are bounded so
 # the search stays linear.
 _LABELLED_PASSWORD_RE = re.compile(
-    r"(?P<label>(?i:password|passwd|passphrase|pwd))[\"']?[ \t]*[:=][ \t]*"
+    r"(?P<label>(?i:password|passwd|passphrase|pwd|(?<![A-Za-z])pw))[\"']?[ \t]*[:=][ \t]*"
     r"(?:\"([^\"\\\n]{1,256})\"|'([^'\\\n]{1,256})'|([^\s\"'`,;<>(){}\[\]\\]{1,256}))"
 )
 # The label's prefix (DB_ in DB_PASSWORD), to see what precedes the whole name.
@@ -1037,16 +1229,19 @@ _NOT_A_PASSWORD = frozenset(
         "unknown",
     }
 )
-# An identifier that names where a password comes from (``db_password``, ``PGPASSWORD``,
-# ``settings.DB_PASSWORD``, ``os.environ``): code, not the secret.
-_PASSWORD_REFERENCE_RE = re.compile(
-    r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+|[A-Za-z_]\w*(?i:pass|pwd|secret|key|token)\w*"
-)
+# An identifier that names where a password comes from (``settings.DB_PASSWORD``,
+# ``os.environ``; ``db_password``, ``PGPASSWORD``): code, not the secret. The second form only
+# without a digit or in capitals: ``secure_pass123`` and ``MyPassword1`` are passwords.
+_PASSWORD_REFERENCE_RE = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+")
+_PASSWORD_NAME_RE = re.compile(r"[A-Za-z_]\w*(?i:pass|pwd|secret|key|token)\w*")
 # A ``Cookie:`` or ``Set-Cookie:`` header line; group 1 its value, to the end of the line or
 # a quote.
 _COOKIE_HEADER_RE = re.compile(r"(?i:\b(?:set-)?cookie)[ \t]*:[ \t]*([^\r\n\"'`]{1,8192})")
 # What either needs (for :func:`possible_kinds`).
-_LABELLED_SECRET_HINT = r"(?i:password|passwd|passphrase|passcode|pwd|cookie)"
+_LABELLED_SECRET_HINT = (
+    r"(?i:password|passwd|passphrase|pass[ \t](?:phrase|code)|passcode|pw|cookie"
+    r"|log[ -]?in|sign[ -]?in|cred|user(?:name)?[ \t]{0,4}/[ \t]{0,4}pass)"
+)
 
 
 def labelled_password(value: str, label: str, after: str) -> bool:
@@ -1064,43 +1259,189 @@ def labelled_password(value: str, label: str, after: str) -> bool:
         return False
     if _PASSWORD_REFERENCE_RE.fullmatch(value):
         return False
+    if _PASSWORD_NAME_RE.fullmatch(value) and (
+        not any(c.isdigit() for c in value) or _CONSTANT_NAME_RE.fullmatch(value)
+    ):
+        return False
     return not (label.lower().endswith("pwd") and _PATH_VALUE_RE.fullmatch(value))
 
 
 # A password stated in a sentence: "my password is hunter2xyz", "the passcode was 482913",
-# "Password is now 'S3cr3t!x'". Prose says "the password is required" far more often, so the
-# value must be one token that no word is (see :func:`stated_password`). Groups as in
-# :data:`_LABELLED_PASSWORD_RE` (2 double-, 3 single-, 4 back-quoted, 5 bare); bounded lengths
-# keep the search linear.
-_STATED_PASSWORD_RE = re.compile(
-    r"(?<![A-Za-z0-9])(?P<label>(?i:pass(?:word|wd|code)))[ \t]+(?i:is|was)"
-    r"(?:[ \t]+(?i:now|still))?[ \t]*:?[ \t]+"
+# "Password is now 'S3cr3t!x'", "the password for the db is Kx9!mm2p", "the pw I think is
+# 'Xq7rT2'", "my password now is 'secure123'", "password for the db: Kx9!mm2p", "change the
+# password to Hunter2!x". Between the label and the verb: a phrase "for/to/of/on/at/in/with"
+# + up to three words (the account it is for), then a hedge. Prose says "the password is
+# required" far more often, so the value must be one token no word is (:func:`stated_password`).
+# Groups: ``label`` (1), ``middle`` (2), ``verb`` (3), then the value: 4 double-, 5 single-,
+# 6 back-quoted, 7 bare. Every repeat is bounded, so the search stays linear.
+_PASSWORD_LABEL = r"(?i:pass(?:word|wd|code|phrase)|pass[ \t](?:phrase|code)|pwd?)"
+_QUOTED_OR_BARE_VALUE = (
     r"(?:\"([^\"\\\n]{1,256})\"|'([^'\\\n]{1,256})'|`([^`\\\n]{1,256})`"
     r"|([^\s\"'`,;<>(){}\[\]\\]{1,256}))"
 )
+_STATED_PASSWORD_RE = re.compile(
+    r"(?<![A-Za-z0-9])(?P<label>" + _PASSWORD_LABEL + r")(?![A-Za-z0-9])"
+    r"(?P<middle>(?:[ \t]{1,16}(?i:for|to|of|on|at|in|with)(?:[ \t]{1,16}[\w.@-]{1,64}){1,3}?)?"
+    r"(?:[ \t]{1,16}(?i:attempt|(?:I|we)[ \t]{1,16}(?:think|believe|guess)|now|still|here))?)"
+    r"(?P<verb>[ \t]{1,16}(?i:is|was)(?:[ \t]{1,16}(?i:now|still|just|actually))?(?:[ \t]*:)?"
+    r"[ \t]{1,16}|[ \t]*:[ \t]*(?:(?i:is|was)[ \t]{1,16})?"
+    r"|[ \t]{1,16}(?i:to)[ \t]{1,16})" + _QUOTED_OR_BARE_VALUE
+)
+# The label right before its value: "use password S3cret!x to log in", "password hunter2Q",
+# "--password S3cret!x", SQL's "WITH LOGIN PASSWORD 'S3cret!x'". Group 1 the label, then the
+# value: 2 double-, 3 single-, 4 back-quoted, 5 bare.
+_BARE_PASSWORD_RE = re.compile(
+    r"(?<![A-Za-z0-9])(?P<label>(?i:password|passwd|passphrase|pw))[ \t]{1,16}"
+    + _QUOTED_OR_BARE_VALUE
+)
+# The value before its label: "'secure*pass123' as the password", "Admin123! is my password".
+# Only the words after the value are matched (from the space before "as"/"is"); the value is
+# read backwards from there (:func:`_value_before`), so the search never re-reads a long token.
+_PASSWORD_AFTER_VALUE_RE = re.compile(
+    r"[ \t]{1,16}(?i:as|is)[ \t]{1,16}(?:(?i:the|my|your|our|a|new|his|her|their)[ \t]{1,16})?"
+    r"(?i:password|passwd|passphrase|pw)(?![A-Za-z0-9])"
+)
+# A login pair: "login with admin / P@ssw0rd", "credentials: admin/S3cret!x", "user/pass:
+# admin/P@ssw0rd". Group ``user``, then the password as in _LABELLED_PASSWORD_RE (2, 3, 4).
+_LOGIN_PAIR_RE = re.compile(
+    r"(?<![A-Za-z0-9])(?i:log[ -]?in|sign[ -]?in|credentials?|creds"
+    r"|user(?:name)?[ \t]{0,4}/[ \t]{0,4}(?:pass(?:word)?|pwd?))(?![A-Za-z0-9])"
+    r"(?:[ \t]{1,16}(?i:with|as|using|is|are))?[ \t]*[:=]?[ \t]{1,16}"
+    r"(?P<user>[\w.@+-]{1,64})(?:[ \t]{1,4}/[ \t]{1,4}|/)"
+    r"(?:\"([^\"\\\n]{1,256})\"|'([^'\\\n]{1,256})'|([^\s\"'`,;<>(){}\[\]\\]{1,256}))"
+)
+# What ends a bare value read backwards (as the bare value groups above end it).
+_VALUE_STOP_CHARS = frozenset(" \t\r\n\"'`,;<>(){}[]\\")
 # A quantity or a compound word, not a password: "8chars", "12-characters", "sha256-hashed",
 # "base64-encoded", "2fa-protected".
 _STATED_NOT_PASSWORD_RE = re.compile(r"\d{1,3}[A-Za-z]+|[A-Za-z0-9]+(?:-[A-Za-z]{2,})+")
+# Numbers that are no password: a version, a date, a time, an amount ("v2.1.0", "2024-05-01").
+_NUMBER_NOT_PASSWORD_RE = re.compile(r"[vV]?\d+(?:\.\d+)+|(?=.*[.,:/+-])[\d.,:/+-]+")
+# Hash, cipher and encoding names that follow "password" in prose about storing one.
+_ALGORITHM_NAMES = frozenset(
+    {
+        "md5",
+        "sha1",
+        "sha-1",
+        "sha224",
+        "sha256",
+        "sha-256",
+        "sha384",
+        "sha512",
+        "sha-512",
+        "argon2",
+        "argon2i",
+        "argon2id",
+        "pbkdf2",
+        "bcrypt",
+        "scrypt",
+        "base64",
+        "utf8",
+        "utf-8",
+        "aes256",
+        "aes-256",
+        "rot13",
+        "hmac-sha256",
+    }
+)
+# What prose says a password is, in quotes too: "the password is 'incorrect'".
+_PASSWORD_STATUS_WORDS = frozenset(
+    {
+        "incorrect",
+        "invalid",
+        "expired",
+        "required",
+        "mandatory",
+        "optional",
+        "missing",
+        "wrong",
+        "correct",
+        "weak",
+        "strong",
+        "disabled",
+        "enabled",
+        "changed",
+        "locked",
+        "rejected",
+        "accepted",
+        "verified",
+        "encrypted",
+        "protected",
+        "different",
+        "temporary",
+        "forgotten",
+        "reset",
+    }
+)
+# The endings of the adjectives and participles prose puts after "password is" (compromised,
+# unrecoverable, insufficient, alphanumeric, confidential, mandatory...). An unquoted
+# letter-only value with one of them is a word, not a passphrase.
+_PROSE_ENDING_RE = re.compile(
+    r"(?i:(?:ed|ing|ive|ble|ent|ant|al|ous|ful|less|ic|ory|ary|ion|ly|ish|ate|ise|ize|ness"
+    r"|ment|ity|ure|ence|ance)s?)"
+)
+#: The fewest letters an unquoted letter-only password stated in a sentence must have
+#: ("my password is correcthorsebattery"); shorter, it is too often a word.
+STATED_WORDS_MIN_CHARS = 12
 
 
-def stated_password(value: str, after: str) -> bool:
+def stated_password(value: str, after: str, quoted: bool = False, words: bool = False) -> bool:
     """Whether ``value``, stated in "my password is VALUE" and followed by ``after``, is one.
 
     Conservative, because the sentence is mostly prose: :func:`labelled_password`'s rule, and
     the value must hold a digit or a symbol (``hunter2xyz``, ``P@ssword``, ``482913``), so a
     word never counts ("is required", "is incorrect", "was reset", "is case-sensitive",
-    "is sent_by_email"), nor a quantity or compound ("is 8chars", "is base64-encoded"), a URL
-    or a path. Code's ``if password is None`` is a keyword (:data:`_NOT_A_PASSWORD`).
+    "is sent_by_email"), nor a quantity or compound ("is 8chars", "is base64-encoded"), a
+    version, date or amount ("v2.1.0", "2024-05-01"), a hash's name ("SHA256"), a URL or a
+    path. Code's ``if password is None`` is a keyword (:data:`_NOT_A_PASSWORD`).
+
+    Letters alone count in two cases, since passphrases are letters ("correcthorsebattery"):
+    ``quoted`` (the speaker marked it as a literal) with 8+ characters and not a status word
+    ("the password is 'incorrect'"); and with ``words`` (the "is"/"was" sentence only), unquoted
+    with :data:`STATED_WORDS_MIN_CHARS`+ letters and no adjective's or participle's ending.
     """
     if not labelled_password(value, "password", after):
         return False
-    if (
-        "://" in value
-        or _PATH_VALUE_RE.fullmatch(value)
-        or _STATED_NOT_PASSWORD_RE.fullmatch(value)
-    ):
+    if "://" in value or _PATH_VALUE_RE.fullmatch(value):
         return False
-    return any(c.isdigit() or not (c.isalnum() or c in "-_'.") for c in value)
+    lowered = value.lower()
+    if lowered in _ALGORITHM_NAMES or _NUMBER_NOT_PASSWORD_RE.fullmatch(value):
+        return False
+    if quoted and value.replace("-", "").isalpha():
+        return len(value) >= 8 and lowered not in _PASSWORD_STATUS_WORDS
+    if _STATED_NOT_PASSWORD_RE.fullmatch(value):
+        return False
+    if any(c.isdigit() or not (c.isalnum() or c in "-_'.") for c in value):
+        return True
+    return (
+        words
+        and value.isalpha()
+        and len(value) >= STATED_WORDS_MIN_CHARS
+        and lowered not in _PASSWORD_STATUS_WORDS
+        and not _PROSE_ENDING_RE.search(value[-6:] + "$")
+        and _PROSE_ENDING_RE.fullmatch(value[-4:]) is None
+    )
+
+
+def _value_before(text: str, end: int) -> tuple[int, bool]:
+    """Where the value ending at ``end`` starts, and whether it is quoted (read backwards).
+
+    A quoted value is the text between the quote right before ``end`` and the same quote
+    before it, at most 256 characters back and on one line; a bare one runs back to the
+    first space, quote or bracket, at most 256 characters. (-1, False): no value.
+    """
+    if end == 0:
+        return -1, False
+    quote = text[end - 1]
+    if quote in "\"'`":
+        opening = text.rfind(quote, max(0, end - 258), end - 1)
+        if opening < 0 or "\n" in text[opening + 1 : end - 1]:
+            return -1, False
+        return opening + 1, True
+    start = end
+    while start > max(0, end - 256) and text[start - 1] not in _VALUE_STOP_CHARS:
+        start -= 1
+    return (start, False) if start < end else (-1, False)
 
 
 class _LabelledSecretRecognizer(_CredentialSpanRecognizer):
@@ -1136,15 +1477,7 @@ class _LabelledSecretRecognizer(_CredentialSpanRecognizer):
             after = text[end : end + 1]
             if labelled_password(value, match.group("label"), after):
                 found.append((start, end, _strong_url_password(value)))
-        for match in _STATED_PASSWORD_RE.finditer(text):
-            group = next(g for g in (2, 3, 4, 5) if match.group(g) is not None)
-            start, end = match.span(group)
-            value = match.group(group)
-            if group == 5:  # the end of the sentence, not of the password
-                value = value.rstrip(".,:")
-                end = start + len(value)
-            if stated_password(value, text[end : end + 1]):
-                found.append((start, end, _strong_url_password(value)))
+        found += self._stated(text)
         for header in _COOKIE_HEADER_RE.finditer(text):
             offset = header.start(1)
             for pair in _COOKIE_PAIR_RE.finditer(header.group(1)):
@@ -1154,6 +1487,39 @@ class _LabelledSecretRecognizer(_CredentialSpanRecognizer):
                 if _URL_PASSWORD_STAND_IN_RE.fullmatch(value):
                     continue
                 found.append((offset + pair.start(2), offset + pair.end(2), True))
+        return found
+
+    @staticmethod
+    def _stated(text: str) -> list[tuple[int, int, bool]]:
+        """Passwords in sentences (:func:`stated_password`): after "password [for X] is", right
+        after the label, before "as the password", and the second half of a login pair."""
+        found: list[tuple[int, int, bool]] = []
+
+        def add(start: int, end: int, quoted: bool, words: bool = False) -> None:
+            value = text[start:end]
+            if not quoted:  # the end of the sentence, not of the password
+                value = value.rstrip(".,:")
+                end = start + len(value)
+            if stated_password(value, text[end : end + 1], quoted, words):
+                found.append((start, end, _strong_url_password(value)))
+
+        for match in _STATED_PASSWORD_RE.finditer(text):
+            verb = match.group("verb")
+            if ":" in verb and "is" not in verb.lower() and not match.group("middle"):
+                continue  # "password: X" is the labelled rule's
+            group = next(g for g in (4, 5, 6, 7) if match.group(g) is not None)
+            words = verb.strip(" \t:").lower() in ("is", "was")
+            add(*match.span(group), group != 7, words)
+        for match in _BARE_PASSWORD_RE.finditer(text):
+            group = next(g for g in (2, 3, 4, 5) if match.group(g) is not None)
+            add(*match.span(group), group != 5)
+        for match in _PASSWORD_AFTER_VALUE_RE.finditer(text):
+            start, quoted = _value_before(text, match.start())
+            if start >= 0:
+                add(start, match.start() - quoted, quoted)
+        for match in _LOGIN_PAIR_RE.finditer(text):
+            group = next(g for g in (2, 3, 4) if match.group(g) is not None)
+            add(*match.span(group), group != 4)
         return found
 
 
@@ -1175,7 +1541,8 @@ def auth_credential(value: str, labelled: bool) -> bool:
     """Whether ``value`` after an HTTP auth scheme is a credential rather than prose or a
     stand-in.
 
-    A letter and a digit (a token has both; "Bearer of bad news" has neither) and, after an
+    A letter and a digit (a token has both; "Bearer of bad news" has neither), or 20+ random
+    mixed-case letters (:func:`random_letters`), and, after an
     ``Authorization`` header's name, 6+ characters (the JSON rule's :func:`_secret_value`);
     a bare ``Bearer`` in text wants 8+. Stand-ins are left: ``Bearer <token>``,
     ``Bearer ${TOKEN}``, ``$TOKEN`` and ``{token}`` never match the b64token alphabet, and
@@ -1183,15 +1550,20 @@ def auth_credential(value: str, labelled: bool) -> bool:
     """
     if len(value) < (6 if labelled else 8) or not _secret_value(value):
         return False
+    if random_letters(value):  # a random token that happens to hold no digit
+        return True
     if not (any(c.isdigit() for c in value) and any(c.isalpha() for c in value)):
         return False
     return not (_URL_PASSWORD_STAND_IN_RE.fullmatch(value) or _CONSTANT_NAME_RE.fullmatch(value))
 
 
-# The word ``curl`` as a command, and where its command line ends: an unescaped newline, a
-# pipe, ";" or "&&" (a backslash-newline continues it).
-_CURL_RE = re.compile(r"(?<![\w.-])curl(?![\w.-])")
-_COMMAND_END_RE = re.compile(r"(?<!\\)[\r\n]|[|;]|&&")
+# The word ``curl`` (or Windows' ``curl.exe``) as a command, and where its command line ends:
+# an unescaped line break (LF, CRLF or CR), a pipe, ";" or "&&". A line continued by a
+# backslash (also before a CRLF: a script saved on Windows), or by cmd's "^" or PowerShell's
+# "`" after a space, goes on.
+_CURL_RE = re.compile(r"(?<![\w.-])curl(?:\.exe)?(?![\w.-])")
+_NOT_CONTINUED = r"(?<!\\)(?<![ \t][\^`])"
+_COMMAND_END_RE = re.compile(_NOT_CONTINUED + r"(?:\r|(?<!\r)\n)|[|;]|&&")
 #: How far a curl command's options are read (characters): the bound that keeps it linear.
 CURL_COMMAND_MAX_CHARS = 4096
 # curl's ``-u``/``--user`` (and proxy ``-U``/``--proxy-user``) option: ``-u user:pw``,
@@ -1294,8 +1666,14 @@ def _build_analyzer(phone_regions: Sequence[str]) -> AnalyzerEngine:
         _SecretRecognizer(API_KEY, API_KEY_PATTERNS, ["key", "token"], "SlmApiKeyRecognizer"),
         _VendorKeyRecognizer(),
         _SecretRecognizer(
-            API_KEY, ASSIGNED_SECRET_PATTERNS, [], "SlmAssignedSecretRecognizer", min_length=12
+            API_KEY,
+            ASSIGNED_SECRET_PATTERNS,
+            [],
+            "SlmAssignedSecretRecognizer",
+            min_length=12,
+            letters_only=True,
         ),
+        _DiscordBotTokenRecognizer(),
         _BasicCredentialsRecognizer(),
         _UrlCredentialsRecognizer(),
         _LabelledSecretRecognizer(),
@@ -1334,11 +1712,13 @@ _IP_HINT_RE = re.compile(r"\d\.\d|[0-9A-Fa-f]:|:[0-9A-Fa-f:]")
 # Presidio's IBAN pattern starts with the country code and check digits, case-sensitive.
 _IBAN_HINT_RE = re.compile(r"[A-Z]{2}[0-9]{2}")
 # What any API_KEY match needs: a vendor key is 16+ word characters or dashes in a row (their
-# patterns, and looks_random's minimum length), an assigned secret or a bearer token its label,
+# patterns, and looks_random's minimum length) or, for the few whose base64 body may be cut
+# by "+", "/", "%" or ".", its prefix; an assigned secret or a bearer token its label,
 # Basic credentials their label and 8 base64 characters, a URL's password its "://user:...@",
-# a short HTTP credential its scheme or header's name, curl's password the word "curl".
+# a short HTTP credential its scheme or header's name, curl's password the word "curl", a
+# password in a sentence or a login pair its label (:data:`_LABELLED_SECRET_HINT`).
 _KEY_HINT_RE = re.compile(
-    r"[\w-]{16,}|"
+    r"[\w-]{16,}|glc_|sntry[su]_|ops_eyJ|A{21}|pscale_|"
     + _SECRET_NAMES
     + r"|(?i:bearer|authorization)|(?i:basic)\s+[A-Za-z0-9+/]{8}|curl|"
     + _URL_CREDENTIALS_HINT

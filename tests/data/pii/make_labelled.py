@@ -933,6 +933,91 @@ def auth_review_examples(rng: random.Random) -> list[Example]:
     return positives + negatives
 
 
+def third_review_examples(rng: random.Random) -> list[Example]:
+    """A third review's leaks: passwords phrased without "password is" right before them
+    ("the password for the db is ...", "use password ...", "'...' as the password", "login
+    with admin / ..."), letter-only passphrases and random tokens without a digit, curl's
+    ``-u`` across a CRLF continuation, and ~40 more vendors' fixed-prefix tokens; and the
+    prose, code and look-alikes these rules must leave alone."""
+    hexd = "0123456789abcdef"
+    lower = string.ascii_lowercase
+
+    def pw() -> str:
+        return rand(rng, string.ascii_letters, 5) + rand(rng, string.digits, 2) + "!" + "x"
+
+    def letters(n: int) -> str:  # random mixed case, no digit
+        return "".join(rng.choice((c, c.upper())) for c in rand(rng, lower, n))
+
+    pws = [pw() for _ in range(9)]
+    phrase = "".join(
+        rng.choice(["correct", "horse", "battery", "staple", "orbit", "violin"]) for _ in range(4)
+    )
+    snowflake = str(rng.randint(10**17, 10**18 - 1)).encode()
+    discord = base64.urlsafe_b64encode(snowflake).decode().rstrip("=")
+    discord += "." + rand(rng, ALNUM, 6) + "." + rand(rng, ALNUM + "_-", 37) + "Q"
+    pypi = "pypi-AgEIcHlwaS5vcmc" + rand(rng, ALNUM + "_-", 120) + "7"
+    twilio = "SK" + rand(rng, hexd, 31) + "3"
+    whsec = "whsec_" + rand(rng, ALNUM, 31) + "8"
+    do_tok = "dop_v1_" + rand(rng, hexd, 64)
+    vault = "hvs." + rand(rng, ALNUM + "_-", 90)
+    gsk = "gsk_" + rand(rng, ALNUM, 51) + "4"
+    glrt = "glrt-" + rand(rng, ALNUM, 19) + "2"
+    telegram = f"{rng.randint(10**8, 10**9 - 1)}:AA" + rand(rng, ALNUM + "_-", 32) + "w"
+    xoxe = "xoxe-1-" + rand(rng, ALNUM, 40) + "5"
+    random_key = letters(28)
+    positives: list[Example] = [
+        (f"the password for the staging db is {pws[0]}", [("API_KEY", pws[0])]),
+        (f"password for the router: {pws[1]} (admin user)", [("API_KEY", pws[1])]),
+        (f"the pw I think is '{pws[2]}', try it", [("API_KEY", pws[2])]),
+        (f"use password {pws[3]} to log in to the console", [("API_KEY", pws[3])]),
+        (
+            f"Add a server with 'admin_user' as username and '{pws[4]}' as the password.",
+            [("API_KEY", pws[4])],
+        ),
+        (f"login with deploy / {pws[5]} on the jump host", [("API_KEY", pws[5])]),
+        (f"pass phrase is {pws[6]}", [("API_KEY", pws[6])]),
+        (f"My password is '{phrase}'.", [("API_KEY", phrase)]),
+        (f"API_KEY={random_key}", [("API_KEY", random_key)]),
+        (
+            f"curl https://ci.example.com/api \\\r\n  -u builder:{pws[7]}",
+            [("API_KEY", pws[7])],
+        ),
+        (f"DISCORD_BOT={discord}", [("API_KEY", discord)]),
+        (f"twine upload -u __token__ -p {pypi} dist/*", [("API_KEY", pypi)]),
+        (f"twilio api key {twilio} (secret in vault)", [("API_KEY", twilio)]),
+        (
+            json.dumps({"endpoint": "https://x.example.com/hook", "signing": whsec}),
+            [("API_KEY", whsec)],
+        ),
+        (f"doctl auth init -t {do_tok}", [("API_KEY", do_tok)]),
+        (f"export VAULT_TOKEN={vault}", [("API_KEY", vault)]),
+        (f"client = Groq(api_key='{gsk}')", [("API_KEY", gsk)]),
+        (f"gitlab-runner register --token {glrt}", [("API_KEY", glrt)]),
+        (f"https://api.telegram.org/bot{telegram}/sendMessage", [("API_KEY", telegram)]),
+        (f"refresh with {xoxe} tomorrow", [("API_KEY", xoxe)]),
+        (f"CREATE USER app WITH LOGIN PASSWORD '{pws[8]}';", [("API_KEY", pws[8])]),
+    ]
+    negatives: list[Example] = [
+        ("The password field is required.", []),
+        ("Reset your password from the account page.", []),
+        ("Passwords must be 8 characters or more.", []),
+        ("store password_hash = bcrypt(password2), never the password", []),
+        ("read it from /etc/app/password.txt or ~/.pgpass", []),
+        ("the password for the admin account is required", []),
+        ("set the password to expire in 90 days", []),
+        ("hash the password SHA256 first, then compare", []),
+        ("login with email/password or sign in with Google/GitHub", []),
+        ("the password is compromised; rotate it", []),
+        ("the password is 'incorrect' says the log", []),
+        ("token: accessTokenFromSecretsManager", []),
+        ("Authorization: Bearer getAccessTokenForUser", []),
+        ("AC" + rand(rng, hexd, 32) + " is the account SID", []),
+        ("whsec_ and glrt- are token prefixes", []),
+        ("curl https://x.example.com\r\nsudo -u www:data ls", []),
+    ]
+    return positives + negatives
+
+
 def main() -> None:
     rng = random.Random(SEED)
     examples: list[Example] = []
@@ -990,6 +1075,7 @@ def main() -> None:
     examples += url_credential_examples(random.Random(SEED + 2))
     examples += review_examples(random.Random(SEED + 3))
     examples += auth_review_examples(random.Random(SEED + 4))
+    examples += third_review_examples(random.Random(SEED + 5))
     for text, ents in examples:
         for _, value in ents:
             assert value in text, (value, text)
