@@ -19,11 +19,19 @@ Why it is built this way:
   and renames it to ``.jsonl`` when it rotates (by size or age) or shuts down, so the
   trainer, which reads ``*.jsonl``, never sees a half-written shard. With an fsspec URI
   (``s3://...``) shards are spooled locally and uploaded on rotation.
-- **A worker that dies loses only what it held, and says so at once.** The records shipped to
-  it and not yet acknowledged are counted as dropped, per task, as soon as its pipe closes,
-  not at shutdown, so written-versus-served checks see the loss while the gateway runs. It is
-  restarted after a delay that doubles while it keeps dying (:func:`restart_backoff`): each
-  start loads the redactor, seconds of CPU, which a crash loop must not spend back to back.
+- **A worker that dies loses only what it held, and says so at once, counting each record
+  once.** The records shipped to it and not yet acknowledged are settled, per task, as soon as
+  its pipe closes, not at shutdown, so written-versus-served checks see the loss while the
+  gateway runs: those it wrote as whole lines to its shards, found past where each shard ended
+  at its last acknowledgement (:func:`unacknowledged_lines`), count as written, since its
+  successor publishes them; the rest (never written, or a line the kill cut short, which is
+  never published) as dropped. Each record is thus written or dropped, never both, wherever
+  the kill falls. A worker acknowledges the lines of a batch before anything publishes the
+  shards holding them (rotation runs after the acknowledgement; a full spool that must be
+  emptied mid-batch gets an acknowledgement of the part written first), so unacknowledged
+  lines are always still on local disk to be found. It is restarted after a delay that doubles
+  while it keeps dying (:func:`restart_backoff`): each start loads the redactor, seconds of
+  CPU, which a crash loop must not spend back to back.
 - **A shard left open by a dead writer is still published, a live writer's never.** A worker
   killed mid-shard leaves a ``.part`` file the trainer would never read. The next worker in the
   same slot publishes it at start, and worker 0 of every replica sweeps for shards untouched
@@ -61,9 +69,10 @@ import socket
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as wait_for_exit
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
@@ -93,7 +102,9 @@ DROP_QUEUE_FULL = "queue_full"
 DROP_REDACTION = "redaction_failed"
 #: Its shard could not be written (a full or read-only disk).
 DROP_WRITE = "write_failed"
-#: A capture worker died holding it, or no live worker could take it.
+#: A capture worker died holding it without having written it whole to a shard (a record it
+#: wrote and never acknowledged is found in its shards and counted written instead), or no
+#: live worker could take it.
 DROP_WORKER = "worker_lost"
 #: The gateway stopped before it was written (submitted while closing, or held by a worker
 #: that close() killed at its deadline).
@@ -194,6 +205,39 @@ def shard_name(host: str, pid: int, index: int, seq: int, now: float) -> str:
     return f"calls-{stamp}-{host}-{pid}-w{index}-{seq:06d}"
 
 
+def shard_host() -> str:
+    """This host's part of shard names; the gateway finds a dead worker's shards by it."""
+    return (socket.gethostname() or "gateway").replace("/", "_").replace(".", "_")
+
+
+class ShardOwner(NamedTuple):
+    """Who wrote a shard, from its name: the host part, the writer's pid, its worker slot (its
+    index), and the shard's number in that writer's sequence (one up per shard it opens)."""
+
+    host: str
+    pid: int
+    slot: int
+    seq: int
+
+
+def shard_owner(name: str) -> ShardOwner | None:
+    """The writer of a ``.jsonl`` or ``.jsonl.part`` shard named by :func:`shard_name`, or
+    None for any other name."""
+    if name.endswith(PART_SUFFIX):
+        stem = name[: -len(PART_SUFFIX)]
+    elif name.endswith(SHARD_SUFFIX):
+        stem = name[: -len(SHARD_SUFFIX)]
+    else:
+        return None
+    parts = stem.rsplit("-", 3)
+    if len(parts) != 4 or not parts[2].startswith("w"):
+        return None
+    head, pid, index, seq = parts[0].split("-", 2), parts[1], parts[2][1:], parts[3]
+    if len(head) != 3 or not (pid.isdigit() and index.isdigit() and seq.isdigit()):
+        return None
+    return ShardOwner(head[2], int(pid), int(index), int(seq))
+
+
 class ShardWriter:
     """Appends JSON lines to one open shard per task and rotates by size and age.
 
@@ -230,7 +274,7 @@ class ShardWriter:
         self.publish = publish
         self.clock = clock
         self.max_spool_bytes = max_spool_bytes
-        self.host = (socket.gethostname() or "gateway").replace("/", "_").replace(".", "_")
+        self.host = shard_host()
         self.pid = os.getpid()
         self._seq = 0
         self._open: dict[str, tuple[Any, Path, float, int]] = {}
@@ -289,17 +333,27 @@ class ShardWriter:
         for key in list(self._open):
             self._close(key)
 
-    def has_room(self, size: int) -> bool:
+    def position(self, key: str) -> tuple[int, int]:
+        """(sequence number, size) of ``key``'s open shard: where the lines written to it so
+        far end. A worker acknowledges it with each batch, so that the gateway can tell, if the
+        worker dies, which lines of its shards it wrote without acknowledging them."""
+        _, path, _, size = self._open[key]
+        owner = shard_owner(path.name)
+        assert owner is not None  # named by shard_name
+        return owner.seq, size
+
+    def has_room(self, size: int, rotate: bool = True) -> bool:
         """Whether ``size`` more bytes fit in the spool (always, without a bound or upload).
 
-        When the open shards are what fills it, they are rotated (and uploaded) first: a bound
-        below the shard size must not drop records while uploads work."""
+        When the open shards are what fills it, they are rotated (and uploaded) first, unless
+        ``rotate`` is False: a bound below the shard size must not drop records while uploads
+        work."""
         if self.publish is None or self.max_spool_bytes <= 0:
             return True
         waiting = sum(b for _, b in self._pending.values())
         if self.spool_bytes + size <= self.max_spool_bytes:
             return True
-        if self._open and waiting + size <= self.max_spool_bytes:
+        if rotate and self._open and waiting + size <= self.max_spool_bytes:
             try:
                 self.close_all()
             except OSError as exc:
@@ -464,13 +518,10 @@ class ShardWriter:
 
     def _is_dead_sibling(self, name: str) -> bool:
         """True for a shard of this host and worker slot written by a process now gone."""
-        suffix = PART_SUFFIX if name.endswith(PART_SUFFIX) else SHARD_SUFFIX
-        parts = name[: -len(suffix)].rsplit("-", 3)
-        if len(parts) != 4 or parts[2] != f"w{self.index}":
+        owner = shard_owner(name)
+        if owner is None or owner.slot != self.index or owner.host != self.host:
             return False
-        if not parts[0].endswith(f"-{self.host}") or not parts[1].isdigit():
-            return False
-        pid = int(parts[1])
+        pid = owner.pid
         if pid == self.pid:
             return True  # not one of ours: ours are all in self._open
         try:
@@ -697,6 +748,36 @@ def stray_spool_shards(spool: str) -> list[Path]:
     return sorted(found)
 
 
+def shard_root(cfg: CaptureConfig) -> Path:
+    """Where a target's workers write their shards: its folder, or its spool folder."""
+    if "://" in cfg.target and not cfg.target.startswith("file://"):
+        return spool_dir(cfg.spool, cfg.target)
+    return Path(cfg.target.removeprefix("file://"))
+
+
+@dataclass
+class _Ack:
+    """What a worker reports on (part of) a batch: its records per task key, written or dropped
+    by reason; the redactions in them; and where each written key's shard now ends, its
+    sequence number and size (:meth:`ShardWriter.position`), which is what the gateway reads a
+    dead worker's shards against (:func:`unacknowledged_lines`)."""
+
+    written: Counter[str] = field(default_factory=Counter)
+    dropped: dict[str, Counter[str]] = field(default_factory=dict)
+    redacted: Counter[str] = field(default_factory=Counter)
+    kinds: Counter[str] = field(default_factory=Counter)
+    positions: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def drop(self, reason: str, key: str, n: int) -> None:
+        self.dropped.setdefault(reason, Counter())[key] += n
+
+    def message(self, final: bool) -> tuple[Any, ...]:
+        """The pipe message; ``final`` says the batch is done (the gateway stops holding it)."""
+        by_reason = {reason: dict(keys) for reason, keys in self.dropped.items() if keys}
+        written, redacted, kinds = dict(self.written), dict(self.redacted), dict(self.kinds)
+        return ("ack", written, by_reason, redacted, kinds, self.positions, final)
+
+
 def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, index: int) -> None:
     """Redact and write batches until the parent sends None or goes away."""
     # The parent decides when to stop: a SIGTERM or Ctrl-C sent to the process group must
@@ -708,12 +789,10 @@ def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, inde
 
     redactor = default_redactor()
     redactor.redact_text("warm-up: jane@example.com")
+    root = shard_root(cfg)
     publish = None
     if "://" in cfg.target and not cfg.target.startswith("file://"):
-        root = spool_dir(cfg.spool, cfg.target)
         publish = _fsspec_publisher(cfg.target)
-    else:
-        root = Path(cfg.target.removeprefix("file://"))
     # The spool's bound is shared by the workers; each keeps to its part of it.
     spool_share = cfg.max_spool_bytes // max(1, cfg.workers) if publish is not None else 0
     writer = ShardWriter(
@@ -743,30 +822,32 @@ def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, inde
             break
         if batch is None:
             break
-        written: Counter[str] = Counter()
-        dropped: dict[str, Counter[str]] = {
-            DROP_REDACTION: Counter(),
-            DROP_WRITE: Counter(),
-            DROP_SPOOL_FULL: Counter(),
-        }
+        ack = _Ack()
         redacted: Counter[str] = Counter()
-        kinds: Counter[str] = Counter()
+        kinds: dict[str, Counter[str]] = {}
         by_key: dict[str, list[bytes]] = {}
         for item in batch:
             try:
                 line, counts = capture_line(item, redactor)
             except Exception as exc:  # never write what could not be redacted
-                dropped[DROP_REDACTION][item.key] += 1
+                ack.drop(DROP_REDACTION, item.key, 1)
                 log.warning("capture: dropped a record of %s: %s", item.key, type(exc).__name__)
                 continue
             by_key.setdefault(item.key, []).append(line)
-            written[item.key] += 1
             if counts:
                 redacted[item.key] += 1
-                kinds.update(counts)
+                kinds.setdefault(item.key, Counter()).update(counts)
         for key, lines in by_key.items():
-            if not writer.has_room(sum(map(len, lines))):
-                dropped[DROP_SPOOL_FULL][key] += written.pop(key)
+            size = sum(map(len, lines))
+            if ack.positions and not writer.has_room(size, rotate=False):
+                # Making room publishes (with a URI target: uploads, then deletes) the open
+                # shards, this batch's lines in them too: those are acknowledged first, or a
+                # worker killed before its acknowledgement left them counted as lost by a
+                # gateway that can no longer find them in the spool, though uploaded.
+                outbox.send(ack.message(final=False))
+                ack = _Ack()
+            if not writer.has_room(size):
+                ack.drop(DROP_SPOOL_FULL, key, len(lines))
                 if time.monotonic() - full_logged_at >= FULL_LOG_INTERVAL_S:
                     full_logged_at = time.monotonic()
                     log.error(
@@ -775,16 +856,22 @@ def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, inde
                         root,
                         writer.spool_bytes,
                     )
-                continue
-            try:
-                writer.write(key, lines, rotate=False)
-            except OSError as exc:  # e.g. a full disk: this task's lines of the batch are not
-                log.error("capture: cannot write the shard of %s: %s", key, exc)
-                dropped[DROP_WRITE][key] += written.pop(key)
+            else:
+                try:
+                    writer.write(key, lines, rotate=False)
+                except OSError as exc:  # e.g. a full disk: this task's lines of the batch
+                    log.error("capture: cannot write the shard of %s: %s", key, exc)
+                    ack.drop(DROP_WRITE, key, len(lines))
+                else:
+                    ack.written[key] += len(lines)
+                    ack.positions[key] = writer.position(key)
+            if key in kinds:
+                ack.redacted[key] += redacted[key]
+                ack.kinds.update(kinds[key])
         # Acknowledged before rotating: an upload that stalls (an object-store outage) must
-        # not leave written lines unacknowledged, to be counted as lost if the worker dies.
-        by_reason = {reason: dict(keys) for reason, keys in dropped.items() if keys}
-        outbox.send(("ack", dict(written), by_reason, dict(redacted), dict(kinds)))
+        # not leave written lines unacknowledged for long. (Should the worker die first, the
+        # gateway finds them in its shards all the same: unacknowledged_lines.)
+        outbox.send(ack.message(final=True))
         _rotate(writer)
     unsent: Counter[str] = Counter()
     try:
@@ -806,6 +893,57 @@ def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, inde
 
 
 # ---- the gateway side -----------------------------------------------------------------------
+
+
+def unacknowledged_lines(
+    root: Path,
+    host: str,
+    pid: int,
+    index: int,
+    acked: dict[str, tuple[int, int]],
+    keys: Iterable[str],
+) -> dict[str, list[bytes]]:
+    """The whole lines that the dead writer ``pid`` (worker slot ``index``, on ``host``) wrote
+    to each task key's shards after the end it last acknowledged there (``acked``: the
+    sequence number and size of its shard, from :meth:`ShardWriter.position`).
+
+    Why: a worker killed between writing a batch and acknowledging it leaves the lines in a
+    ``.part`` shard that its successor publishes (:meth:`ShardWriter.recover_orphans`); counted
+    as lost, they were counted twice, kept and dropped. A shard numbered below the
+    acknowledged one holds acknowledged lines only (a worker rotates a shard only once its
+    lines are acknowledged); the acknowledged shard holds new ones past its acknowledged size,
+    and a later one only new ones. A last line without its newline (the kill cut the write
+    short) is no record: recovery cuts it off, and it is not returned.
+    """
+    found: dict[str, list[bytes]] = {}
+    for key in keys:
+        try:
+            entries = list(os.scandir(root / key))
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # nothing written for this task
+        for entry in entries:
+            owner = shard_owner(entry.name)
+            if owner is None or (owner.host, owner.pid, owner.slot) != (host, pid, index):
+                continue
+            seq, size = acked.get(key, (0, 0))
+            if owner.seq < seq:
+                continue
+            data = _read_shard(Path(entry.path), size if owner.seq == seq else 0)
+            lines = data.split(b"\n")[:-1]  # the last piece ends without one
+            if lines:
+                found.setdefault(key, []).extend(lines)
+    return found
+
+
+def _read_shard(path: Path, offset: int) -> bytes:
+    """A shard's bytes from ``offset``, under its published name if it was published
+    meanwhile (a sweep of stale shards); nothing if it is gone (uploaded by that sweep)."""
+    final = path.with_name(path.name.removesuffix(PART_SUFFIX) + SHARD_SUFFIX)
+    for candidate in (path, final) if path.name.endswith(PART_SUFFIX) else (path,):
+        with contextlib.suppress(FileNotFoundError), open(candidate, "rb") as fh:
+            fh.seek(offset)
+            return fh.read()
+    return b""
 
 
 def _send_quietly(conn: Connection, message: Any) -> None:
@@ -859,6 +997,9 @@ class _Worker:
         self.started = time.monotonic()
         self.lock = threading.Lock()
         self.inflight: deque[Counter[str]] = deque()
+        #: Where each task key's shard ended at the last acknowledgement: (shard sequence
+        #: number, size), read against the shards if the worker dies (unacknowledged_lines).
+        self.acked: dict[str, tuple[int, int]] = {}
         #: Killed by close() at its deadline: what it held is lost to the shutdown, whereas a
         #: worker that dies on its own while draining (out of memory) is a lost worker.
         self.killed_by_close = False
@@ -871,7 +1012,7 @@ class _Worker:
             for keys in self.inflight:
                 lost.update(keys)
             self.inflight.clear()
-        return lost
+        return +lost  # a batch acknowledged in part holds zeros
 
 
 class CaptureSink:
@@ -922,6 +1063,8 @@ class CaptureSink:
         # pump), so neither needs a lock.
         self._bytes_in = 0
         self._bytes_out = 0
+        self._root = shard_root(cfg)
+        self._host = shard_host()
 
     # -- lifecycle --
     def start(self) -> None:
@@ -1059,7 +1202,7 @@ class CaptureSink:
         # Taken from the same places the ack threads take it, so nothing is counted twice.
         lost: Counter[str] = Counter()
         for w in workers:
-            lost.update(w.take_inflight())
+            lost.update(self._settle(w))
         with contextlib.suppress(IndexError):
             while self._queue:
                 lost[self._queue.popleft().key] += 1
@@ -1145,29 +1288,89 @@ class CaptureSink:
                     # worker like any other, or the pump would feed a closed pipe for good.
                     self._died(worker)
                 break
+            _, written, dropped, redacted, kinds, positions, final = msg
             with worker.lock:
                 if worker.inflight:
-                    worker.inflight.popleft()
-            _, written, dropped, redacted, kinds = msg
-            with self._lock:
-                self.stats.written += sum(written.values())
-                self.stats.redacted += sum(redacted.values())
-                self.stats.redactions.update(kinds)
-            if self._on_written:
-                for key, n in written.items():
-                    self._on_written(key, n)
-            if self._on_redacted:
-                for key, n in redacted.items():
-                    self._on_redacted(key, n)
-            if self._on_redactions and kinds:
-                self._on_redactions(kinds)
+                    if final:
+                        worker.inflight.popleft()
+                    else:  # part of the batch: the rest is still held
+                        worker.inflight[0].subtract(written)
+                        for by_key in dropped.values():
+                            worker.inflight[0].subtract(by_key)
+                worker.acked.update(positions)
+            self._count_written(written, redacted, kinds)
             for reason, by_key in dropped.items():
                 self._count_dropped(by_key, reason)
         worker.recv_conn.close()
         worker.closed.set()
 
-    def _died(self, worker: _Worker) -> None:
+    def _count_written(
+        self, written: dict[str, int], redacted: dict[str, int], kinds: dict[str, int]
+    ) -> None:
+        with self._lock:
+            self.stats.written += sum(written.values())
+            self.stats.redacted += sum(redacted.values())
+            self.stats.redactions.update(kinds)
+        if self._on_written:
+            for key, n in written.items():
+                self._on_written(key, n)
+        if self._on_redacted:
+            for key, n in redacted.items():
+                self._on_redacted(key, n)
+        if self._on_redactions and kinds:
+            self._on_redactions(kinds)
+
+    def _settle(self, worker: _Worker) -> Counter[str]:
+        """Take what a stopped worker held unacknowledged; count as written those of its
+        records that are whole lines in its shards, and return the rest, lost, per task key.
+
+        Why: a worker killed after writing a batch and before acknowledging it left the lines
+        in its shards, and its successor publishes them; counted as lost, they were counted
+        twice (``written + dropped`` above what arrived, and a drop alert for calls the
+        trainer got). The lines are found past the end the worker last acknowledged in each
+        shard (:func:`unacknowledged_lines`), read after it exited and before a successor
+        starts (which would publish and, to a URI target, upload the shards). A worker still
+        running (it would not exit) cannot be read: what it held counts as lost.
+        """
         lost = worker.take_inflight()
+        if not lost:
+            return lost
+        # Exited, by its sentinel: two threads joining one worker (close and its ack thread)
+        # would race to reap it, and the loser would see it as still running.
+        exited = bool(wait_for_exit([worker.proc.sentinel], 5))
+        worker.proc.join(0)
+        if not exited:
+            return lost
+        try:
+            found = unacknowledged_lines(
+                self._root, self._host, worker.proc.pid or 0, worker.index, worker.acked, lost
+            )
+        except OSError as exc:
+            log.error("capture: cannot read the shards of worker %d: %s", worker.index, exc)
+            return lost
+        written: Counter[str] = Counter()
+        redacted: Counter[str] = Counter()
+        kinds: Counter[str] = Counter()
+        for key, lines in found.items():
+            for line in lines[: lost[key]]:
+                written[key] += 1
+                with contextlib.suppress(ValueError, AttributeError):
+                    if counts := orjson.loads(line).get("redactions"):
+                        redacted[key] += 1
+                        kinds.update(counts)
+        if written:
+            log.warning(
+                "capture worker %d (pid %s) wrote %d records it never acknowledged; counted as "
+                "written (its shards are published with them)",
+                worker.index,
+                worker.proc.pid,
+                written.total(),
+            )
+            self._count_written(written, redacted, kinds)
+        return +(lost - written) if written else lost
+
+    def _died(self, worker: _Worker) -> None:
+        lost = self._settle(worker)
         worker.proc.join(5)
         log.error(
             "capture worker %d (pid %s) died (exit code %s); %d records it held are dropped",

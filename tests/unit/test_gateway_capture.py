@@ -614,6 +614,125 @@ def test_a_killed_worker_counts_its_records_as_dropped_at_once_and_is_replaced(
     assert sum(f.read_bytes().count(b"\n") for f in shards(tmp_path)) == 5
 
 
+def _asleep_writing_to_a_full_pipe(pid: int) -> bool:
+    """Whether ``pid`` sleeps in a write to a full pipe (its wait channel, from /proc)."""
+    with contextlib.suppress(OSError):
+        return "pipe_write" in Path(f"/proc/{pid}/wchan").read_text()
+    return False
+
+
+def _dead(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie not yet reaped, or gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.parametrize("cut", ["after its write", "mid-write"])
+@pytest.mark.parametrize("target", ["folder", "uri, spool below a batch"])
+def test_a_worker_killed_before_it_acknowledges_a_write_counts_each_record_once(
+    tmp_path: Path, cut: str, target: str
+) -> None:
+    """A worker killed between writing a batch to its shard and acknowledging it: its
+    successor publishes the shard with those lines, and the gateway counted them as dropped
+    (``worker_lost``) too, so the drop alert fired for calls the trainer got. Each record must
+    be counted once: ``written`` for every line in the published shards, dropped for the rest;
+    a line the kill cut short is not published, and counted dropped.
+
+    The worker is stopped at the right point without a seam: the gateway's thread that reads
+    the acknowledgements is held in the ``on_written`` hook, so the worker fills the
+    acknowledgement pipe and sleeps writing the acknowledgement of lines it has just written;
+    it is killed there. For ``mid-write`` the shard is then cut inside the last of those
+    lines, which is what a kill during the write leaves. With a URI target whose spool holds
+    less than a batch of two tasks' records, writing the second task's line first uploads
+    (and deletes) the first one's shard, this batch's line in it: the worker must not be
+    killable with that line uploaded and unacknowledged, where the gateway cannot see it.
+    """
+    import fcntl
+    import threading
+
+    submitted = 120  # more than the acknowledgements a 4 KiB pipe holds
+    held, release = threading.Event(), threading.Event()
+    written: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+
+    def on_written(key: str, n: int) -> None:
+        written[key] += n
+        if not held.is_set():
+            held.set()
+            release.wait(60)  # the gateway reads no acknowledgement meanwhile
+
+    line = len(orjson.dumps(orjson.loads(REQ))) + 400  # about one record's line
+    if target == "folder":  # shards of a few lines: the dead worker's earlier ones stay there
+        cfg = CaptureConfig(
+            target=str(tmp_path),
+            batch_size=1,
+            max_shard_bytes=3 * line,
+            restart_backoff_s=0.05,
+        )
+        spool = published = tmp_path
+        keys = ["ns/extract"]
+    else:
+        pytest.importorskip("fsspec")
+        spool, published = tmp_path / "spool", tmp_path / "bucket"
+        cfg = CaptureConfig(
+            target=f"local://{published}",
+            spool=str(spool),
+            batch_size=2,
+            max_spool_bytes=3 * line // 2,
+            restart_backoff_s=0.05,
+        )
+        keys = ["ns/a", "ns/b"]
+    sink = CaptureSink(
+        cfg, on_written=on_written, on_dropped=lambda k, n, reason: reasons.update({reason: n})
+    )
+    sink.start()
+    try:
+        old = sink._workers[0].proc.pid
+        # The smallest pipe (one page), so that few acknowledgements fill it.
+        fcntl.fcntl(sink._workers[0].recv_conn.fileno(), fcntl.F_SETPIPE_SZ, 4096)
+        for i in range(submitted):
+            assert sink.submit(item(i, key=keys[i % len(keys)]))
+        if not wait_for(lambda: _asleep_writing_to_a_full_pipe(old), 60):
+            channel = Path(f"/proc/{old}/wchan").read_text().strip()
+            if channel in ("", "0"):
+                pytest.skip("this kernel does not show a process's wait channel in /proc")
+            pytest.fail(f"the worker never slept on its full pipe (it waits in {channel})")
+        (part,) = shards(spool, "*.jsonl.part")
+        data = part.read_bytes()
+        assert data.endswith(b"\n")
+        on_disk = [CallRecord.from_json(x.decode()).request_id for x in data.splitlines()]
+        if cut == "mid-write":
+            last = data.rfind(b"\n", 0, len(data) - 1) + 1
+            os.truncate(part, last + (len(data) - last) // 2)
+            cut_off = on_disk.pop()
+        os.kill(old, signal.SIGKILL)
+        # Dead before the gateway reads again: a kill that has not taken effect yet lets the
+        # write that makes room in the pipe go through, acknowledgement and all.
+        assert wait_for(lambda: _dead(old))
+        release.set()
+        assert wait_for(lambda: sink._workers[0].proc.pid != old and sink._workers[0].alive)
+    finally:
+        release.set()
+        stats = sink.close()
+    assert shards(spool, "*.part") == []
+    lines = [line for f in shards(published) for line in f.read_bytes().splitlines()]
+    ids = {CallRecord.from_json(line.decode()).request_id for line in lines}
+    assert len(ids) == len(lines) < submitted  # every line a whole record, none twice
+    assert set(on_disk) <= ids  # the killed worker's lines are kept
+    if cut == "mid-write":
+        assert cut_off not in ids  # the cut line is not published
+    assert stats.written == len(lines) == sum(written.values()), stats
+    assert stats.written + stats.dropped == stats.submitted == submitted and stats.pending == 0
+    assert reasons == {capture.DROP_WORKER: stats.dropped}
+    sizes = {len(f.read_bytes().splitlines()) for f in shards(published)}
+    if target == "folder":
+        assert max(sizes) > 1 and len(shards(published)) > 2
+    else:  # the spool held one line at a time: each went up on its own
+        assert sizes == {1}
+
+
 def test_a_crash_looping_worker_is_restarted_with_a_growing_bounded_delay() -> None:
     """Each restart loads the redactor (seconds of CPU): a worker that keeps dying is
     restarted after 1, 2, 4... seconds up to a cap, never in a tight loop, and a worker that
