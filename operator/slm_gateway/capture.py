@@ -589,9 +589,10 @@ def check_uri_target(target: str) -> None:
     if "://" not in target or target.startswith("file://") or "::" in target:
         return
     protocol = target.split("://", 1)[0]
+    shown = shown_target(target)
     if importlib.util.find_spec("fsspec") is None:
         raise RuntimeError(
-            f"capture target {target} needs fsspec and its {protocol}:// driver "
+            f"capture target {shown} needs fsspec and its {protocol}:// driver "
             "(pip install 'slm-fleet-operator[gateway]')"
         )
     from fsspec.registry import known_implementations, registry
@@ -600,21 +601,46 @@ def check_uri_target(target: str) -> None:
         return
     known = known_implementations.get(protocol)
     if known is None:
-        raise RuntimeError(f"capture target {target}: fsspec has no filesystem for {protocol}://")
+        raise RuntimeError(f"capture target {shown}: fsspec has no filesystem for {protocol}://")
     module = str(known["class"]).split(".", 1)[0]
     if importlib.util.find_spec(module) is None:
         raise RuntimeError(
-            f"capture target {target}: the {protocol}:// filesystem ({module}) is not installed"
+            f"capture target {shown}: the {protocol}:// filesystem ({module}) is not installed"
             f" ({known.get('err') or 'pip install ' + module})"
         )
 
 
+def shown_target(target: str) -> str:
+    """A capture target as messages may show it: without user info, query or fragment.
+
+    Why: a target may carry credentials (``webdav://user:password@host/calls``, an Azure SAS
+    in ``?sig=``), and a start-up error is printed where anyone reading the pod's log sees it.
+    """
+    scheme, sep, rest = target.partition("://")
+    if not sep:
+        return target
+    authority, slash, path = rest.partition("/")
+    host = authority.rpartition("@")[2]
+    path = path.split("?", 1)[0].split("#", 1)[0]
+    return f"{scheme}://{host.split('?', 1)[0].split('#', 1)[0]}{slash}{path}"
+
+
 def _fsspec_publisher(target: str) -> Callable[[Path, str], None]:
+    """Upload a finished shard to ``target``, connecting on first use.
+
+    Why not at start: some filesystems connect when built (ftp://, sftp://), and a store
+    that is down when the gateway starts must not stop capture from starting (the worker
+    died and the gateway blamed the redactor); a failed upload stays in the spool and is
+    tried again, as any other.
+    """
     import fsspec  # optional dependency, only for URI targets
 
-    fs, root = fsspec.core.url_to_fs(target)
+    opened: list[tuple[Any, str]] = []
 
     def publish(local: Path, relative: str) -> None:
+        if not opened:
+            opened.append(fsspec.core.url_to_fs(target))
+        fs, root = opened[0]
         remote = f"{root.rstrip('/')}/{relative}"
         fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
         fs.put_file(str(local), remote)
@@ -785,10 +811,14 @@ def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, inde
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     batch_scheduling()
-    from slm_trainer.redact import default_redactor
+    try:
+        from slm_trainer.redact import default_redactor
 
-    redactor = default_redactor()
-    redactor.redact_text("warm-up: jane@example.com")
+        redactor = default_redactor()
+        redactor.redact_text("warm-up: jane@example.com")
+    except Exception as exc:  # the parent says why, instead of guessing from an exit code
+        outbox.send(("failed", f"cannot load the redactor: {type(exc).__name__}: {exc}"))
+        return
     root = shard_root(cfg)
     publish = None
     if "://" in cfg.target and not cfg.target.startswith("file://"):
@@ -1108,6 +1138,10 @@ class CaptureSink:
                 f"capture worker exited with code {worker.proc.exitcode} before it was ready; "
                 "is the trainer's redactor (presidio-analyzer, spacy) installed?"
             ) from None
+        if msg[0] == "failed":
+            worker.proc.join(5)
+            _release(worker)
+            raise RuntimeError(f"capture worker could not start: {msg[1]}")
         if msg[0] != "ready":
             worker.proc.kill()
             worker.proc.join(5)

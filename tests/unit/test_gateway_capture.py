@@ -1060,3 +1060,70 @@ def test_an_object_store_outage_fills_the_spool_to_its_bound_and_no_further(
     kept = shards(spool, "*.jsonl")
     assert sum(p.stat().st_size for p in kept) <= bound
     assert sum(p.read_bytes().count(b"\n") for p in kept) == 5
+
+
+SECRET = "sk-TESTSECRET1234567890abcdef"
+
+
+def test_a_target_down_at_start_keeps_capture_running_and_its_credentials_out_of_logs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ftp:// store refusing connections when the gateway starts: its filesystem connects
+    when built, so the worker died before it was ready and the gateway refused to start,
+    blaming the redactor. Now the records wait in the spool, as for any failed upload, and
+    are counted; the target's password appears in no log line."""
+    pytest.importorskip("fsspec")
+    reasons: Counter[str] = Counter()
+    sink = CaptureSink(
+        CaptureConfig(
+            target=f"ftp://alice:{SECRET}@127.0.0.1:1/calls", spool=str(tmp_path / "spool")
+        ),
+        on_dropped=lambda k, n, reason: reasons.update({reason: n}),
+    )
+    with caplog.at_level("DEBUG"):
+        sink.start()
+        assert sink.submit(item(0))
+        stats = sink.close()
+    assert (stats.submitted, stats.written, stats.unsent) == (1, 1, 1)
+    assert reasons == {capture.DROP_UPLOAD_PENDING: 1}
+    assert len(shards(tmp_path / "spool")) == 1  # kept where a restart uploads it
+    assert SECRET not in caplog.text
+
+
+def test_a_start_up_error_names_the_target_without_its_credentials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fsspec_registry = pytest.importorskip("fsspec.registry")
+    monkeypatch.setitem(
+        fsspec_registry.known_implementations,
+        "slmtestmissing",
+        {"class": "slm_no_such_driver.FileSystem", "err": "Install slm-no-such-driver"},
+    )
+    target = f"slmtestmissing://alice:{SECRET}@store.example/calls?sig={SECRET}#x"
+    sink = CaptureSink(CaptureConfig(target=target, spool=str(tmp_path / "spool")))
+    with pytest.raises(RuntimeError) as err:
+        sink.start()
+    assert "slmtestmissing://store.example/calls:" in str(err.value)
+    assert SECRET not in str(err.value)
+
+
+def test_a_worker_that_cannot_load_the_redactor_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway used to guess ("is presidio installed?") from the worker's exit code."""
+    import multiprocessing as mp
+
+    import slm_trainer.redact
+
+    def broken() -> None:
+        raise ImportError("No module named 'presidio_analyzer'")
+
+    monkeypatch.setattr(slm_trainer.redact, "default_redactor", broken)
+    # run here, in the test's own process: its signal handlers and scheduling stay as they are
+    monkeypatch.setattr(capture.signal, "signal", lambda *_: None)
+    monkeypatch.setattr(capture, "batch_scheduling", lambda: False)
+    inbox_r, _inbox_w = mp.Pipe(duplex=False)
+    outbox_r, outbox_w = mp.Pipe(duplex=False)
+    capture._worker_main(inbox_r, outbox_w, CaptureConfig(target="/nonexistent"), 0)
+    assert outbox_r.recv() == (
+        "failed",
+        "cannot load the redactor: ImportError: No module named 'presidio_analyzer'",
+    )
