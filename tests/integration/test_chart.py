@@ -727,6 +727,9 @@ ALERT_CASES: dict[str, tuple[list[dict[str, str]], list[dict[str, str]], dict[st
                 TASK_LABELS + ',type="FallbackActive",status="True"',
                 "1x60",
             ),
+            _series(
+                "slm_operator_task_condition", TASK_LABELS + ',type="Ready",status="False"', "1x60"
+            ),
             _series("slm_operator_task_phase", TASK_LABELS + ',phase="Serving"', "1x60"),
         ],
         [  # a task still training: its calls go to the LLM by design
@@ -893,7 +896,7 @@ REAL_FAULTS: list[tuple[str, list[dict[str, str]], dict[str, str] | None, str]] 
         {"namespace": A, "task": T, "reason": "write_failed"},
         "",
     ),
-    # The same status on a task scaled to zero (minReplicas 0) that gets no calls: by design.
+    # A served model whose SLO is breached: phase Serving, Ready False, FallbackActive True.
     (
         "SlmFleetServingTaskOnFallback",
         [
@@ -902,7 +905,32 @@ REAL_FAULTS: list[tuple[str, list[dict[str, str]], dict[str, str] | None, str]] 
                 TASK_LABELS + ',type="FallbackActive",status="True"',
                 "1x60",
             ),
-            _series("slm_operator_task_phase", TASK_LABELS + ',phase="Deploying"', "1x60"),
+            _series(
+                "slm_operator_task_condition", TASK_LABELS + ',type="Ready",status="False"', "1x60"
+            ),
+            _series("slm_operator_task_phase", TASK_LABELS + ',phase="Serving"', "1x60"),
+            _series("slm_gateway_requests_total", TASK_LABELS + ',backend="llm"', "0+60x60"),
+        ],
+        {"namespace": A, "task": T},
+        "",
+    ),
+    # A task scaled to zero (minReplicas 0) that gets no calls: phase Serving, FallbackActive
+    # True and Ready True (ScaledToZero), by design. It alerted every idle night before.
+    (
+        "SlmFleetServingTaskOnFallback",
+        [
+            _series(
+                "slm_operator_task_condition",
+                TASK_LABELS + ',type="FallbackActive",status="True"',
+                "1x60",
+            ),
+            _series(
+                "slm_operator_task_condition", TASK_LABELS + ',type="Ready",status="True"', "1x60"
+            ),
+            _series(
+                "slm_operator_task_condition", TASK_LABELS + ',type="Ready",status="False"', "0x60"
+            ),
+            _series("slm_operator_task_phase", TASK_LABELS + ',phase="Serving"', "1x60"),
             _series("slm_gateway_requests_total", TASK_LABELS + ',backend="llm"', "0+60x5 300x55"),
         ],
         None,
