@@ -129,7 +129,13 @@ class _LLMCall:
 
 
 class Breakers:
-    """One circuit breaker per upstream endpoint, with its state mirrored to a gauge."""
+    """One circuit breaker per upstream endpoint, with its state mirrored to a gauge.
+
+    Keyed by the route's ``*_log_url`` (scheme, host, port and path: no user info, no query),
+    as the key is also the gauge's ``endpoint`` label and goes into log lines, and a query may
+    hold a provider's key. Two routes differing only in their query share one breaker, which
+    is right: a breaker judges whether the endpoint answers, whatever the query says.
+    """
 
     def __init__(self, failures: int, cooldown_s: float, metrics: GatewayMetrics) -> None:
         self.failures = failures
@@ -324,8 +330,8 @@ class Gateway:
     ) -> Answer | None:
         now = time.monotonic()
         breakers = self.breakers
-        slm_b = breakers.get(SLM, route.slm_url) if route.has_slm else None
-        llm_b = breakers.get(LLM, route.llm_url)
+        slm_b = breakers.get(SLM, route.slm_log_url) if route.has_slm else None
+        llm_b = breakers.get(LLM, route.llm_log_url)
         plan = plan_request(
             route.mode,
             route.canary_percent,
@@ -341,7 +347,7 @@ class Gateway:
             # written before the breaker's claim: a body too deep to write is a 400 that
             # must not hold a half-open circuit's probe
             payload = _infer_payload(req)
-            if breakers.allow(SLM, route.slm_url, slm_b, now):
+            if breakers.allow(SLM, route.slm_log_url, slm_b, now):
                 answer = await self._slm(route, req, rid, raw, slm_b, payload)
                 if isinstance(answer, tuple):
                     doc, ptok, ctok = answer
@@ -455,7 +461,7 @@ class Gateway:
                                 "LLM backend %s refused stream_options and answered without "
                                 "it; its streamed answers are asked for without usage from now "
                                 "on, and their tokens estimated",
-                                route.llm_url,
+                                route.llm_log_url,
                             )
                         await self._relay(call, upstream, t, send, receive)
                         return None
@@ -609,7 +615,7 @@ class Gateway:
         # After an SLM attempt, the time now: a cooldown may have ended while the SLM was
         # tried, and the call then probes the LLM instead of getting a 503.
         now = time.monotonic() if call.reason else call.now
-        if self.breakers.allow(LLM, route.llm_url, call.llm_b, now):
+        if self.breakers.allow(LLM, route.llm_log_url, call.llm_b, now):
             return
         self.metrics.errors.labels(
             route.namespace, route.task, LLM, e.CODE_UPSTREAM_UNAVAILABLE
@@ -626,7 +632,7 @@ class Gateway:
         """Count an LLM attempt that failed, against its breaker too."""
         route = call.route
         self.metrics.attempt(route.namespace, route.task, LLM, result, spent)
-        self.breakers.record(LLM, route.llm_url, call.llm_b, False)
+        self.breakers.record(LLM, route.llm_log_url, call.llm_b, False)
         self.metrics.errors.labels(route.namespace, route.task, LLM, code).inc()
 
     def _llm_unreachable(self, call: _LLMCall, err: UpstreamError, spent: float) -> GatewayError:
@@ -653,7 +659,7 @@ class Gateway:
         route = call.route
         self.metrics.attempt(route.namespace, route.task, LLM, "ok", spent)
         if call.llm_b.state != "closed":
-            self.breakers.record(LLM, route.llm_url, call.llm_b, True)
+            self.breakers.record(LLM, route.llm_log_url, call.llm_b, True)
         else:
             call.llm_b.success(call.now)
         if call.shadow and call.slm_b is not None:
@@ -692,7 +698,7 @@ class Gateway:
         auth = status in _LLM_AUTH_STATUSES
         if auth or not 400 <= status < 500:
             self.metrics.attempt(route.namespace, route.task, LLM, "error", spent)
-            self.breakers.record(LLM, route.llm_url, llm_b, auth)
+            self.breakers.record(LLM, route.llm_log_url, llm_b, auth)
             if auth:
                 self._auth_rejected(route, status)
                 message = (
@@ -708,7 +714,7 @@ class Gateway:
             ).inc()
             raise GatewayError(502, message, type=e.SERVER_ERROR, code=e.CODE_UPSTREAM)
         self.metrics.attempt(route.namespace, route.task, LLM, "status_4xx", spent)
-        self.breakers.record(LLM, route.llm_url, llm_b, True)
+        self.breakers.record(LLM, route.llm_log_url, llm_b, True)
         self.metrics.errors.labels(route.namespace, route.task, LLM, "llm_4xx").inc()
         try:
             doc = orjson.loads(body)
@@ -737,7 +743,7 @@ class Gateway:
             "LLM backend %s answered HTTP %d for task %s: it rejects the LLM key the gateway "
             "holds for this task (check the task's LLM key Secret); agents get a 502. Counted "
             'in slm_gateway_errors_total{code="llm_auth"}, logged at most once a minute.',
-            route.llm_url,
+            route.llm_log_url,
             status,
             route.key,
         )
@@ -767,7 +773,7 @@ class Gateway:
                 )
             result = kind if kind in (TIMEOUT, BAD_OUTPUT) else "error"
             self.metrics.attempt(route.namespace, route.task, SLM, result, time.perf_counter() - t)
-            self.breakers.record(SLM, route.slm_url, slm_b, False)
+            self.breakers.record(SLM, route.slm_log_url, slm_b, False)
             if kind == TIMEOUT:
                 return None, REASON_TIMEOUT
             return None, REASON_BAD_OUTPUT if kind == BAD_OUTPUT else REASON_ERROR
@@ -776,7 +782,7 @@ class Gateway:
         if not verdict and not fits_request(answer, req.body, req.tool_names):
             verdict = REASON_BAD_OUTPUT
         bad = verdict == REASON_BAD_OUTPUT
-        self.breakers.record(SLM, route.slm_url, slm_b, not bad)
+        self.breakers.record(SLM, route.slm_log_url, slm_b, not bad)
         result = BAD_OUTPUT if bad else verdict or "ok"
         self.metrics.attempt(route.namespace, route.task, SLM, result, spent)
         return answer, verdict
@@ -834,7 +840,7 @@ class Gateway:
         except GatewayError:  # too deep to write: the LLM answered it as it came
             self.metrics.shadow.labels(route.namespace, route.task, "skipped").inc()
             return
-        if not self.breakers.allow(SLM, route.slm_url, slm_b, time.monotonic()):
+        if not self.breakers.allow(SLM, route.slm_log_url, slm_b, time.monotonic()):
             self.metrics.shadow.labels(route.namespace, route.task, "skipped").inc()
             return
         task = asyncio.create_task(self._shadow(route, req, llm_message, slm_b, payload))
@@ -957,7 +963,7 @@ class Gateway:
         known: set[tuple[str, str]] = set()
         for r in self.table.routes():
             m.route_mode.labels(r.namespace, r.task, r.mode).set(1)
-            used.update((r.llm_url, r.slm_url))
+            used.update((r.llm_log_url, r.slm_log_url))
             known.add((r.namespace, r.task))
         self.breakers.prune(used)
         m.forget_removed_tasks(known, time.monotonic(), self.cfg.removed_task_metrics_s)

@@ -79,7 +79,7 @@ from typing import Any, BinaryIO, NamedTuple
 import msgspec
 import orjson
 
-from slm_contract import CALL_RECORD_SCHEMA
+from slm_contract import CALL_RECORD_SCHEMA, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -589,7 +589,7 @@ def check_uri_target(target: str) -> None:
     if "://" not in target or target.startswith("file://") or "::" in target:
         return
     protocol = target.split("://", 1)[0]
-    shown = shown_target(target)
+    shown = redact_uri(target)  # a target may carry credentials: user info, a SAS query
     if importlib.util.find_spec("fsspec") is None:
         raise RuntimeError(
             f"capture target {shown} needs fsspec and its {protocol}:// driver "
@@ -608,21 +608,6 @@ def check_uri_target(target: str) -> None:
             f"capture target {shown}: the {protocol}:// filesystem ({module}) is not installed"
             f" ({known.get('err') or 'pip install ' + module})"
         )
-
-
-def shown_target(target: str) -> str:
-    """A capture target as messages may show it: without user info, query or fragment.
-
-    Why: a target may carry credentials (``webdav://user:password@host/calls``, an Azure SAS
-    in ``?sig=``), and a start-up error is printed where anyone reading the pod's log sees it.
-    """
-    scheme, sep, rest = target.partition("://")
-    if not sep:
-        return target
-    authority, slash, path = rest.partition("/")
-    host = authority.rpartition("@")[2]
-    path = path.split("?", 1)[0].split("#", 1)[0]
-    return f"{scheme}://{host.split('?', 1)[0].split('#', 1)[0]}{slash}{path}"
 
 
 def _fsspec_publisher(target: str) -> Callable[[Path, str], None]:

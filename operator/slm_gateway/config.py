@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,17 @@ from slm_gateway.routes import DEFAULT_LLM_TIMEOUT_S, DEFAULT_SLM_TIMEOUT_S, Pri
 ENV_PREFIX = "SLM_GATEWAY_"
 DEFAULT_MAX_BODY = 1024 * 1024
 DEFAULT_KEY_ENV = "SLM_GATEWAY_LLM_API_KEY"
+
+#: The levels ``--log-level`` takes. Not uvicorn's ``trace``: it logs every request's headers,
+#: the agents' ``Authorization`` among them, and the project never logs a secret; anything
+#: else (a typo) used to end the start in a ``ValueError: Unknown level`` traceback.
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+#: A bad variable's value is shown only when it looks like a mistyped number: at most 24
+#: characters, a digit among them, nothing but digits, sign, dot, comma, ``e``, ``_`` and
+#: spaces, and maybe a unit (``30s``, ``500ms``, ``64MB``). Anything else may be a key pasted
+#: into the wrong variable, and a key that short or that shape is no key anyone uses.
+_SHOWABLE = re.compile(r"(?=[^\d]*\d)[-+0-9., _eE]{1,24}(?:ms|s|m|h|[kmg]i?b?)?", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -83,15 +95,19 @@ class BadEnv:
     expected: str
 
     def __str__(self) -> str:  # what ``%(default)s`` in a flag's help shows
-        return self.text
+        return f"(bad {self.var})"
+
+    def shown(self) -> str:
+        """The value as a message may show it: as typed only if it looks like a mistyped
+        number (see :data:`_SHOWABLE`), else only its length. Why: a value in the wrong
+        variable may be a key, even a short one (``sk-ant-...``), and this message goes to a
+        terminal or a pod's log."""
+        if len(self.text) <= 24 and _SHOWABLE.fullmatch(self.text):
+            return repr(self.text)
+        return f"a {len(self.text)}-character value, not shown"
 
     def message(self, flag: str) -> str:
-        # Only numeric and on/off variables are checked here, never the LLM key (read by the
-        # name ``--llm-api-key-env`` gives, in config_from_args), so a short value is shown as
-        # typed; a long one is no mistyped number but maybe a key pasted into the wrong
-        # variable, so only its length is.
-        got = repr(self.text) if len(self.text) <= 24 else f"a {len(self.text)}-character value"
-        return f"{self.var} must be {self.expected} (got {got}; it sets {flag}'s default)"
+        return f"{self.var} must be {self.expected} (got {self.shown()}; it sets {flag}'s default)"
 
 
 _SWITCH_ON = frozenset({"1", "true", "yes", "on"})
@@ -258,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--max-body-bytes", type=int, default=_env_int("MAX_BODY_BYTES", DEFAULT_MAX_BODY)
     )
-    srv.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
+    srv.add_argument(
+        "--log-level", default=_env("LOG_LEVEL", "info"), help=f"one of {', '.join(LOG_LEVELS)}"
+    )
     srv.add_argument(
         "--graceful-timeout-s", type=float, default=_env_float("GRACEFUL_TIMEOUT_S", 30)
     )
@@ -340,6 +358,12 @@ def config_from_args(argv: Sequence[str] | None = None) -> GatewayConfig:
     if args.capture_queue <= 0:
         build_parser().error("--capture-queue must be above 0")
     _check_upstream_limits(args)
+    if args.log_level.lower() not in LOG_LEVELS:
+        # The value is not shown: it may come from SLM_GATEWAY_LOG_LEVEL, a misplaced key.
+        build_parser().error(
+            f"--log-level must be one of {', '.join(LOG_LEVELS)} "
+            f"({ENV_PREFIX}LOG_LEVEL sets its default)"
+        )
     key = ""
     if args.llm_api_key_file:
         key = Path(args.llm_api_key_file).read_text().strip()
@@ -384,7 +408,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> GatewayConfig:
         host=args.host,
         port=args.port,
         port_file=args.port_file,
-        log_level=args.log_level,
+        log_level=args.log_level.lower(),
         graceful_timeout_s=args.graceful_timeout_s,
         removed_task_metrics_s=args.removed_task_metrics_s,
     )

@@ -53,7 +53,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import httptools
 
@@ -74,18 +74,68 @@ class HTTPClientError(Exception):
     """A call failed for a reason other than its deadline; the message is safe to log."""
 
 
+def _split(url: str) -> SplitResult:
+    """``urlsplit`` with a fixed error text.
+
+    Why: ``urlsplit``'s own ValueError quotes the netloc (user info, password included) for
+    a URL with characters that change under NFKC normalization, and the gateway logs a
+    refused URL's error on every resync; this message names the problem, never the value.
+    """
+    try:
+        return urlsplit(url)
+    except ValueError:
+        raise ValueError(
+            "the URL cannot be parsed (a bracket or a non-ASCII character in its host part?)"
+        ) from None
+
+
+def safe_url(url: str) -> str:
+    """``url`` as logs and metric labels may show it: ``scheme://host[:port]/path``.
+
+    Why: a provider's base URL may carry a key in its user info or its query string (Azure
+    OpenAI's ``?api-version=`` is harmless, an ``?api_key=`` is not, and the gateway cannot
+    tell them apart), so every log line and label names an upstream through this helper, which
+    drops both, and the fragment, and a port that is not digits (it could be anything). Never
+    raises: a URL that cannot be split is shown as a fixed text, as its raw form could hold
+    anything.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(unparsable URL)"
+    hostport = parts.netloc.rpartition("@")[2]
+    if hostport.startswith("["):  # an IPv6 literal: its colons are not the port's
+        host, _, rest = hostport.partition("]")
+        host, port = host + "]", rest.removeprefix(":")
+    else:
+        host, _, port = hostport.partition(":")
+    netloc = f"{host}:{port}" if port.isdigit() else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def with_path(url: str, suffix: str) -> str:
+    """``url`` with ``suffix`` appended to its path, its query (and fragment) kept after it.
+
+    Why not ``url + suffix``: with a query in the base URL (``.../v1?api-version=...``) the
+    suffix would land in the query and the call go to the wrong path. :class:`ValueError`
+    with a fixed message (see :func:`_split`) for a URL that cannot be split.
+    """
+    parts = _split(url)
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + suffix))
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """Where one kind of request goes, parsed once when a route is built.
 
     ``head`` is the request up to (not including) ``Content-Length``; it may hold an API key,
-    so it is left out of ``repr``.
+    so it is left out of ``repr``, and so is ``path``, as its query may hold one too.
     """
 
     scheme: str
     host: str
     port: int
-    path: str
+    path: str = field(repr=False)
     head: bytes = field(repr=False)
 
     @property
@@ -102,18 +152,29 @@ class Target:
 
         Why the checks: a port outside 1..65535, a URL with user info, or a header value with
         a line break would otherwise fail at the first call, or worse (a line break in an
-        API key would let it inject headers), so a route with one is refused up front.
+        API key would let it inject headers), so a route with one is refused up front. A
+        fragment is refused too: HTTP never sends it, so whatever the author meant by it would
+        silently not happen. A query is kept and sent (Azure OpenAI needs ``?api-version=``),
+        but may hold a key: log the URL only through :func:`safe_url`.
+
+        Every message names the problem, never a part of the URL or a header value: the
+        caller logs it, and either may hold a secret.
         """
-        parts = urlsplit(url)
+        parts = _split(url)
         scheme = parts.scheme.lower()
         if scheme not in _DEFAULT_PORTS:
             raise ValueError("the URL must start with http:// or https://")
-        if parts.username is not None or parts.password is not None:
+        if "@" in parts.netloc:
             raise ValueError("user info in the URL is not supported; use a Secret")
+        if parts.fragment:
+            raise ValueError("a fragment (#...) in the URL is not supported")
         host = parts.hostname or ""
         if not host:
             raise ValueError("the URL has no host")
-        port = parts.port  # raises ValueError above 65535
+        try:
+            port = parts.port
+        except ValueError:  # its text quotes the port part, which is not ours to show
+            raise ValueError("the URL's port is out of range or not a number") from None
         if port is None:
             port = _DEFAULT_PORTS[scheme]
         if not 0 < port < 65536:
@@ -134,7 +195,12 @@ class Target:
             if any(c in value for c in _FORBIDDEN_IN_HEADERS):
                 raise ValueError(f"header {name} contains a line break or a NUL character")
             lines.append(f"{name}: {value}")
-        head = ("\r\n".join(lines) + "\r\nContent-Length: ").encode("latin-1", "strict")
+        try:
+            head = ("\r\n".join(lines) + "\r\nContent-Length: ").encode("latin-1", "strict")
+        except UnicodeEncodeError:  # its text quotes a character, maybe one of an API key
+            raise ValueError(
+                "the URL or a header value has a character HTTP/1.1 cannot carry"
+            ) from None
         return cls(scheme, host, port, path, head)
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from slm_gateway.httpclient import JSON_HEADERS, Target
+from slm_gateway.httpclient import JSON_HEADERS, Target, safe_url, with_path
 
 MODE_LLM = "llm"
 MODE_SHADOW = "shadow"
@@ -75,10 +75,12 @@ class Route:
 
     task: str
     mode: str
-    llm_base_url: str
+    #: Out of ``repr``, as the URLs built from them: their user info or query may hold a key
+    #: (``llm_log_url`` and ``slm_log_url`` are shown instead).
+    llm_base_url: str = field(repr=False)
     llm_model: str
     namespace: str = ""
-    slm_endpoint: str = ""
+    slm_endpoint: str = field(default="", repr=False)
     slm_model: str = ""
     canary_percent: int = 0
     confidence_threshold: float = 0.0
@@ -90,8 +92,12 @@ class Route:
     #: What this task's LLM costs (spec.fallback.llm.price); None: the gateway's --price llm.
     llm_price: Price | None = None
     llm_api_key: str = field(default="", repr=False)
-    llm_url: str = field(init=False, default="")
-    slm_url: str = field(init=False, default="")
+    llm_url: str = field(init=False, default="", repr=False)
+    slm_url: str = field(init=False, default="", repr=False)
+    #: ``llm_url`` and ``slm_url`` as logs and the circuit gauge's ``endpoint`` label show
+    #: them (:func:`safe_url`: no user info, no query): a query may hold a provider's key.
+    llm_log_url: str = field(init=False, default="")
+    slm_log_url: str = field(init=False, default="")
     llm_headers: Mapping[str, str] = field(init=False, repr=False, default_factory=dict)
     llm_target: Target = field(init=False, repr=False, compare=False)
     slm_target: Target = field(init=False, repr=False, compare=False)
@@ -114,33 +120,43 @@ class Route:
             if not (math.isfinite(value) and value > 0):
                 raise RouteError(f"task {self.task}: {name} must be a positive number")
         s = object.__setattr__
-        s(self, "llm_url", self.llm_base_url.rstrip("/") + "/chat/completions")
         model = self.slm_model or self.task
         s(self, "slm_model", model)
-        if self.slm_endpoint:
-            s(self, "slm_url", f"{self.slm_endpoint.rstrip('/')}/v2/models/{model}/infer")
         # Parsed once, with the request head precomputed (the JSON headers and the task's own
         # Authorization), so a call only appends its Content-Length and body. A URL the CRD's
         # isURL() lets through but HTTP cannot use (a port above 65535), or an API key with a
         # line break, fails this one task with a RouteError; callers skip the task, the other
-        # tasks keep routing.
+        # tasks keep routing. The error says what is wrong and where the URL points, never
+        # the URL itself (its user info or query may hold a key): Target.parse's messages
+        # quote nothing, and safe_url drops both.
         s(
             self,
             "llm_headers",
             {"Authorization": f"Bearer {self.llm_api_key}"} if self.llm_api_key else {},
         )
         try:
+            # The path gets the suffix; a query (Azure's ?api-version=) stays after it.
+            s(self, "llm_url", with_path(self.llm_base_url, "/chat/completions"))
             s(
                 self,
                 "llm_target",
                 Target.parse(self.llm_url, (*JSON_HEADERS, *self.llm_headers.items())),
             )
         except ValueError as exc:
-            raise RouteError(f"task {self.task}: unusable LLM URL or API key ({exc})") from None
+            raise RouteError(
+                f"task {self.task}: unusable LLM URL {safe_url(self.llm_base_url)} or API key "
+                f"({exc})"
+            ) from None
+        s(self, "llm_log_url", safe_url(self.llm_url))
         try:
+            if self.slm_endpoint:
+                s(self, "slm_url", with_path(self.slm_endpoint, f"/v2/models/{model}/infer"))
             s(self, "slm_target", Target.parse(self.slm_url or "http://unset.invalid/"))
         except ValueError as exc:
-            raise RouteError(f"task {self.task}: unusable slmEndpoint ({exc})") from None
+            raise RouteError(
+                f"task {self.task}: unusable slmEndpoint {safe_url(self.slm_endpoint)} ({exc})"
+            ) from None
+        s(self, "slm_log_url", safe_url(self.slm_url) if self.slm_url else "")
 
     @property
     def key(self) -> str:
@@ -155,7 +171,8 @@ class Route:
         """What ``/v1/models`` shows: never the key."""
         out: dict[str, Any] = {"mode": self.mode, "llm_model": self.llm_model}
         if self.slm_endpoint:
-            out["slm_endpoint"] = self.slm_endpoint
+            # Agents read this: the endpoint's user info or query (a key?) is not theirs.
+            out["slm_endpoint"] = safe_url(self.slm_endpoint)
         if self.mode == MODE_CANARY:
             out["canary_percent"] = self.canary_percent
         if self.reason:
@@ -312,7 +329,14 @@ def load_routes_file(
     Secret) is in use without a restart and without touching the routes file.
     """
     routes: list[Route] = []
-    docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d]
+    try:
+        docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d]
+    except yaml.MarkedYAMLError as exc:
+        # PyYAML's own text quotes the lines around the error, and the line being edited may
+        # hold a URL with a key in it: name the place and the problem only.
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+        raise RouteError(f"{path}: not valid YAML at {where}: {exc.problem}") from None
     for doc in docs:
         if not isinstance(doc, dict):
             raise RouteError(f"{path}: every document must be a mapping")

@@ -12,10 +12,10 @@ import datetime as dt
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from slm_contract import ContractError, TrainerResult
+from slm_contract import ContractError, TrainerResult, redact_uris
 from slm_operator import naming as n
 
 PENDING, RUNNING, SUCCEEDED, FAILED = "Pending", "Running", "Succeeded", "Failed"
@@ -29,7 +29,14 @@ def parse_time(value: str | None) -> dt.datetime | None:
 
 
 def _short(text: str, limit: int = MAX_MESSAGE) -> str:
-    text = " ".join(text.split())
+    """``text`` in one line of at most ``limit`` characters, its URIs redacted.
+
+    Why redact here: every message of this module goes into a condition or an Event, and
+    a trainer image older than its redaction (or any container's log tail) may name a dataset
+    URI with its user info or a signed query; cut before it is cut short, so that a URI whose
+    scheme falls off the end is not left bare.
+    """
+    text = " ".join(redact_uris(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -105,8 +112,9 @@ def failure_message(job_condition: Mapping[str, Any], last: Mapping[str, Any] | 
     try:
         said = TrainerResult.from_json(raw).message if raw else ""
     except ContractError:
-        # Not a result: the container's log tail, whose last lines say the most.
-        tail = " ".join(raw.split())
+        # Not a result: the container's log tail, whose last lines say the most. Redacted
+        # before it is cut: a URI whose scheme were cut off could no longer be recognised.
+        tail = " ".join(redact_uris(raw).split())
         room = MAX_MESSAGE - len(head) - 2
         return _short(f"{head}: {tail if len(tail) <= room else '...' + tail[3 - room :]}")
     if reason == "DeadlineExceeded":
@@ -285,8 +293,10 @@ def job_view(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]]) -> JobVi
         raw = str(term["message"])
         try:
             result = TrainerResult.from_json(raw)
+            # Its message becomes a condition message and an Event (plan._job_outcome).
+            result = replace(result, message=redact_uris(result.message))
         except ContractError as exc:
-            result_error = str(exc)
+            result_error = redact_uris(str(exc))
         break
 
     message = ""

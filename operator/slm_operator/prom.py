@@ -20,6 +20,7 @@ import math
 import re
 import threading
 import time
+from http import HTTPStatus
 from typing import Any
 
 from slm_operator.live import Metrics
@@ -111,6 +112,29 @@ def redact_userinfo(text: str) -> str:
     far more people than the Secret it came from.
     """
     return _USERINFO.sub(r"\1***@", text)
+
+
+_STATUS_CODE = re.compile(r"HTTP Status Code (\d{3})")
+
+
+def error_summary(exc: BaseException) -> str:
+    """``exc`` in one line for the log, without the response body Prometheus sent.
+
+    Why: prometheus_api_client raises ``HTTP Status Code 401 (b'<body>')``, and a body may
+    echo the request, e.g. an auth proxy quoting the ``Authorization`` header it refused
+    (basic auth: the password, base64). The status code and its reason say what went wrong;
+    other errors (connection refused, a timeout) keep their text, user info redacted.
+    """
+    text = str(exc)
+    found = _STATUS_CODE.match(text)
+    if found is not None:
+        code = int(found.group(1))
+        try:
+            reason = HTTPStatus(code).phrase
+        except ValueError:
+            reason = "unknown status"
+        return f"HTTP {code} {reason} (response body not logged)"
+    return redact_userinfo(text)
 
 
 def _scalar(result: Any) -> float | None:
@@ -236,7 +260,7 @@ class PromMetrics:
                     "%gs (live control keeps its last decisions)",
                     redact_userinfo(self.url),
                     task,
-                    redact_userinfo(str(exc)),
+                    error_summary(exc),
                     self.cooldown,
                 )
             return None

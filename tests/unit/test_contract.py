@@ -14,6 +14,8 @@ from slm_contract import (
     CallRecord,
     ContractError,
     TrainerResult,
+    redact_uri,
+    redact_uris,
 )
 
 
@@ -118,3 +120,49 @@ def test_a_lone_surrogate_is_refused_but_real_characters_are_not() -> None:
     assert CallRecord.from_json(pair).messages[0]["content"] == "sun \U0001f31e"
     text = json.dumps(_call()).replace("Weather in Oslo?", "C:\\\\ud800")
     assert CallRecord.from_json(text).messages[0]["content"] == "C:\\ud800"
+
+
+SECRET = "sk-TESTSECRET1234567890abcdef"
+
+
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [
+        (
+            f"https://alice:{SECRET}@127.0.0.1:1/calls/shard.jsonl",
+            "https://127.0.0.1:1/calls/shard.jsonl",
+        ),
+        (f"webdav://alice:{SECRET}@dav.example.com/calls", "webdav://dav.example.com/calls"),
+        (f"s3://bucket/calls/?X-Amz-Signature={SECRET}&X-Amz-Date=1", "s3://bucket/calls/"),
+        (f"az://calls?sas={SECRET}", "az://calls"),
+        (f"https://h/p#{SECRET}", "https://h/p"),
+        (f"simplecache::s3://k:{SECRET}@b/k", "simplecache::s3://b/k"),
+        (f"http://[::1]:9000/x?k={SECRET}", "http://[::1]:9000/x"),
+        # a password with an unencoded '#' or '/' ends the host early: no part of it is kept
+        (f"https://alice:{SECRET}#x@h/p", "https://alice"),
+        (f"https://alice:{SECRET}/x@h/p", "https://alice/x@h/p"),
+        ("s3://bucket/calls/ns/task/", "s3://bucket/calls/ns/task/"),
+        ("/data/calls?not-a-query", "/data/calls?not-a-query"),  # a local path is a path
+    ],
+)
+def test_redact_uri_keeps_scheme_host_port_path_only(uri: str, shown: str) -> None:
+    assert redact_uri(uri) == shown
+
+
+def test_redact_uris_works_on_prose_and_on_json_lines() -> None:
+    uri = f"s3://bucket/calls?X-Amz-Signature={SECRET}"
+    text = f"cannot read the call log at {uri}: denied (GET {uri}), retry."
+    assert redact_uris(text) == (
+        "cannot read the call log at s3://bucket/calls: denied (GET s3://bucket/calls), retry."
+    )
+    line = json.dumps({"input": f'"{uri}"', "n": 1})  # a quoted URI: JSON escapes its quotes
+    assert json.loads(redact_uris(line)) == {"input": '"s3://bucket/calls"', "n": 1}
+
+
+def test_redact_uris_also_hides_a_known_uris_secrets_quoted_without_the_scheme() -> None:
+    """fsspec drivers quote the path they made of the URI, without the scheme."""
+    uri = f"webdav://alice:{SECRET}@dav.example.com/calls?token={SECRET}x"
+    text = f"404 for alice:{SECRET}@dav.example.com/calls?token={SECRET}x; password {SECRET}"
+    out = redact_uris(text, uri)
+    assert "TESTSECRET" not in out
+    assert "dav.example.com/calls" in out

@@ -857,3 +857,37 @@ def test_a_string_over_the_redactors_limit_is_malformed_not_fatal(
     assert report["examples"] == 6
     written = (out / "train.jsonl").read_text() + (out / "eval.jsonl").read_text()
     assert "jane.long@example.com" not in written and "word word" not in written
+
+
+SECRET = "sk-TESTSECRET1234567890abcdef"
+
+
+@pytest.mark.usefixtures("test_filesystems")
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [
+        (f"nosuchfs://alice:{SECRET}@bucket/calls/", "nosuchfs://bucket/calls/"),
+        (f"slmtestmissing://bucket/calls/?sas={SECRET}", "slmtestmissing://bucket/calls/"),
+        # the driver's error quotes the path it made of the URI, without the scheme
+        (f"slmtestdenied://alice:{SECRET}@bucket/calls/", "slmtestdenied://bucket/calls/"),
+        (f"slmtestdenied://bucket/calls/?X-Amz-Signature={SECRET}", "slmtestdenied://bucket/"),
+        (f"slmtestnobucket://alice:{SECRET}@typo/calls/", "slmtestnobucket://typo/calls/"),
+        (f"webdav://alice:{SECRET}@dav.example.com/calls", "webdav://dav.example.com/calls"),
+    ],
+)
+def test_a_uri_with_credentials_is_named_without_them(tmp_path: Path, uri: str, shown: str) -> None:
+    """The message becomes the pod's termination message, then the AgentTask's condition
+    and an Event: it used to quote the URI, and the driver's error, in full."""
+    result = run(Args(input=uri, output_dir=tmp_path / "o"))
+    assert not result.ok
+    assert "TESTSECRET" not in result.message
+    assert "cannot read the call log at " + shown in result.message
+
+
+def test_an_empty_prefix_with_a_signature_waits_without_showing_it(
+    tmp_path: Path, memory_prefix: str
+) -> None:
+    uri = f"memory://{memory_prefix}/?X-Amz-Signature={SECRET}"
+    result = run(Args(input=uri, output_dir=tmp_path / "o"))
+    assert (result.ok, result.examples) == (False, 0)
+    assert result.message == f"no call log at memory://{memory_prefix}/ yet (0 examples)"

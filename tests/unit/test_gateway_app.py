@@ -650,6 +650,44 @@ def test_an_llm_that_rejects_the_gateways_key_is_a_502_not_the_agents_auth_error
         assert chat(c).status_code == 400  # a request the LLM rejects is still the agent's
 
 
+SECRET = "sk-TESTSECRET1234567890abcdef"
+
+
+def test_a_key_in_an_upstream_urls_query_is_sent_but_never_logged_or_labelled(
+    standin: llm_standin.StandIn, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An LLM base URL may carry a query: Azure OpenAI's ``?api-version=``, or a provider's
+    ``?api_key=``. It used to be logged in full (circuit changes, a rejected key, a server
+    refusing stream_options), used as the circuit gauge's ``endpoint`` label, and the path
+    went into the query (``/v1?api_key=.../chat/completions``). Now the call goes to the
+    right path with the query after it, and logs, labels and /v1/models show no query."""
+    caplog.set_level("INFO", logger="slm_gateway")
+    query = f"?api-version=2024-06-01&api_key={SECRET}"
+    ok = route(standin, llm_base_url=standin.llm_base_url + query)
+    slm = route(standin, "extract", mode="slm", slm_endpoint=standin.slm_endpoint + query)
+    dead = route(standin, "dead", llm_base_url="http://127.0.0.1:9/v1" + query)
+    with client(ok, slm, dead) as c:
+        r = chat(c)
+        assert r.status_code == 200 and r.headers["x-slm-backend"] == "llm"
+        assert chat(c, model="extract").headers["x-slm-backend"] == "slm"
+        assert [chat(c, model="dead").status_code for _ in range(4)] == [502, 502, 502, 503]
+        standin.control(llm_error_every=1, llm_error_status=401)
+        assert chat(c).status_code == 502
+        standin.control(llm_error_every=0, llm_rejects_stream_options=True)
+        r, events = stream_chat(c)
+        assert r.status_code == 200 and events[-1] == "[DONE]"
+        text = c.get("/metrics").text
+        models = c.get("/v1/models").text
+    assert "TESTSECRET" not in text and "TESTSECRET" not in models
+    assert 'endpoint="http://127.0.0.1:9/v1/chat/completions"' in text
+    assert f'endpoint="{standin.llm_base_url}/chat/completions"' in text
+    logs = [rec.getMessage() for rec in caplog.records]
+    assert not [m for m in logs if "TESTSECRET" in m]
+    assert any("circuit" in m and "http://127.0.0.1:9/v1/chat/completions" in m for m in logs)
+    assert any("401" in m and "weather" in m for m in logs)
+    assert any("stream_options" in m and standin.llm_base_url in m for m in logs)
+
+
 # ---------------------------------------------------------------------------- streaming
 
 

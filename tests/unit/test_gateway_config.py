@@ -145,7 +145,10 @@ def test_a_non_numeric_environment_value_is_refused_in_one_line_naming_it(
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
-    assert last == f"slm-gateway: error: {var} must be {kind} (got 'abc'; it sets {flag}'s default)"
+    assert last == (
+        f"slm-gateway: error: {var} must be {kind} (got a 3-character value, not shown; "
+        f"it sets {flag}'s default)"
+    )
 
 
 def test_an_on_off_variable_takes_the_usual_words_and_refuses_others(
@@ -164,7 +167,7 @@ def test_an_on_off_variable_takes_the_usual_words_and_refuses_others(
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == (
         "slm-gateway: error: SLM_GATEWAY_ALL_NAMESPACES must be one of 1, true, yes, on, 0, "
-        "false, no, off (got 'maybe'; it sets --all-namespaces's default)"
+        "false, no, off (got a 5-character value, not shown; it sets --all-namespaces's default)"
     )
 
 
@@ -178,7 +181,7 @@ def test_a_flag_overrides_a_bad_variable_and_all_bad_ones_are_named_at_once(
         config_from_args(["--namespace", "ns"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "SLM_GATEWAY_PORT must be an integer (got 'eighty'" in err
+    assert "SLM_GATEWAY_PORT must be an integer (got a 6-character value, not shown" in err
     assert "SLM_GATEWAY_CAPTURE_WORKERS must be an integer (got '1.5'" in err
 
 
@@ -190,6 +193,60 @@ def test_a_key_pasted_into_a_numeric_variable_is_not_printed() -> None:
     assert done.returncode == 2
     assert key[:4] not in done.stderr + done.stdout
     assert "SLM_GATEWAY_LLM_TIMEOUT_S must be a number (got a 44-character value" in done.stderr
+
+
+SHORT_KEY = "sk-ant-TESTSECRET12345"  # 22 characters: short values used to be shown
+
+
+@pytest.mark.parametrize("var", ["SLM_GATEWAY_LLM_TIMEOUT_S", "SLM_GATEWAY_PORT"])
+def test_a_short_key_in_a_numeric_variable_is_not_printed_even_in_help(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], var: str
+) -> None:
+    """Values of up to 24 characters used to be quoted as typed: a short key was echoed."""
+    monkeypatch.setenv(var, SHORT_KEY)
+    with pytest.raises(SystemExit) as exc:
+        config_from_args(["--namespace", "ns"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "TESTSECRET" not in err
+    assert f"{var} must be " in err
+    assert f"got a {len(SHORT_KEY)}-character value, not shown" in err
+    with pytest.raises(SystemExit):
+        config_from_args(["--help"])  # %(default)s in a flag's help showed the value too
+    assert "TESTSECRET" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value", ["1.5", "30s", "2,5", "64MB"])
+def test_a_mistyped_number_is_still_shown_as_typed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    monkeypatch.setenv("SLM_GATEWAY_CAPTURE_WORKERS", value)
+    with pytest.raises(SystemExit):
+        config_from_args(["--namespace", "ns"])
+    assert f"SLM_GATEWAY_CAPTURE_WORKERS must be an integer (got {value!r};" in (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize("level", ["trace", "verbose", "sk-TESTSECRET1234567890abcdef"])
+def test_an_unknown_log_level_is_refused_in_one_line_listing_the_levels(level: str) -> None:
+    """``trace`` (uvicorn logs every request's headers at it) and typos used to crash the
+    start with a ``ValueError: Unknown level`` traceback; from the variable too."""
+    for done in (
+        run_gateway({}, "--namespace", "ns", "--log-level", level),
+        run_gateway({"SLM_GATEWAY_LOG_LEVEL": level}, "--namespace", "ns"),
+    ):
+        assert done.returncode == 2, done.stderr
+        assert "Traceback" not in done.stderr
+        assert "TESTSECRET" not in done.stderr
+        assert done.stderr.strip().splitlines()[-1] == (
+            "slm-gateway: error: --log-level must be one of critical, error, warning, info, "
+            "debug (SLM_GATEWAY_LOG_LEVEL sets its default)"
+        )
+
+
+def test_a_log_level_is_taken_in_any_case() -> None:
+    assert config_from_args(["--namespace", "ns", "--log-level", "DEBUG"]).log_level == "debug"
 
 
 def test_every_numeric_and_on_off_flag_is_checked_here() -> None:

@@ -310,3 +310,97 @@ def test_the_llm_price_comes_from_the_route_else_the_spec() -> None:
         routed["status"]["route"]["llmPrice"] = bad
         with pytest.raises(RouteError, match="llmPrice"):
             route_from_task(routed)
+
+
+SECRET = "sk-TESTSECRET1234567890abcdef"
+
+
+def test_a_query_in_the_base_url_stays_after_the_path_and_out_of_what_is_shown() -> None:
+    """Azure OpenAI's base URL carries ``?api-version=``; ``base + "/chat/completions"`` put the
+    path into the query. The query is sent, but may hold a key: what logs, labels and
+    ``/v1/models`` show has none."""
+    task = with_status(
+        {
+            "mode": "slm",
+            "slmEndpoint": f"http://weather-slm.agents.svc:8000/?token={SECRET}",
+            "llmBaseURL": f"https://res.openai.azure.com/openai/v1?api-version=1&api_key={SECRET}",
+            "llmModel": "gpt-4o",
+        }
+    )
+    r = route_from_task(task)
+    assert r.llm_url == (
+        f"https://res.openai.azure.com/openai/v1/chat/completions?api-version=1&api_key={SECRET}"
+    )
+    assert r.llm_log_url == "https://res.openai.azure.com/openai/v1/chat/completions"
+    assert r.slm_url == f"http://weather-slm.agents.svc:8000/v2/models/weather/infer?token={SECRET}"
+    assert r.slm_log_url == "http://weather-slm.agents.svc:8000/v2/models/weather/infer"
+    assert r.public()["slm_endpoint"] == "http://weather-slm.agents.svc:8000/"
+    assert SECRET not in str(r.public()) and SECRET not in repr(r)
+    assert "https://res.openai.azure.com/openai/v1/chat/completions" in repr(r)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (f"https://bob:{SECRET}@api.example.com/v1", "api.example.com"),
+        (f"https://bob:{SECRET}@api.example.com\uff0fv1", "cannot be parsed"),
+        (f"https://api.example.com/v1#{SECRET}", "fragment"),
+        (f"https://api.example.com:{SECRET}/v1", "port"),
+    ],
+)
+def test_a_refused_url_is_a_route_error_that_names_the_task_not_the_secret(
+    url: str, shown: str
+) -> None:
+    """The watch logs this error on every resync: urlsplit's own text quoted the password."""
+    task = copy.deepcopy(TASK)
+    task["spec"]["fallback"]["llm"]["baseURL"] = url
+    with pytest.raises(RouteError) as info:
+        route_from_task(task)
+    assert "TESTSECRET" not in str(info.value)
+    assert "task weather" in str(info.value) and shown in str(info.value)
+    slm = with_status({"mode": "slm", "slmEndpoint": url})
+    with pytest.raises(RouteError, match="slmEndpoint") as info:
+        route_from_task(slm)
+    assert "TESTSECRET" not in str(info.value)
+
+
+def test_the_watch_skips_a_task_with_a_secret_in_its_url_without_logging_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import base64
+
+    from slm_gateway.kube import AgentTaskWatcher
+
+    core = _Core({"llm-key": {"api-key": base64.b64encode(b"sk-good").decode()}})
+    custom = _Custom(
+        [
+            _named("userinfo", base=f"https://bob:{SECRET}@api.example.com/v1"),
+            _named("nfkc", base=f"https://bob:{SECRET}@api.example.com\uff0fv1"),
+            _named("azure", base=f"https://api.example.com/v1?api-version=1&api_key={SECRET}"),
+        ]
+    )
+    table = RouteTable()
+    caplog.set_level("INFO", logger="slm_gateway")
+    AgentTaskWatcher(table, "agents")._relist(custom, core)
+    assert [r.task for r in table.routes()] == ["azure"]
+    skipped = [rec.getMessage() for rec in caplog.records if "skipped" in rec.getMessage()]
+    assert len(skipped) == 2
+    assert any("userinfo" in m and "https://api.example.com/v1" in m for m in skipped)
+    assert not any("TESTSECRET" in rec.getMessage() for rec in caplog.records)
+
+
+def test_a_routes_file_broken_mid_edit_is_refused_naming_the_place_not_the_line(
+    tmp_path: Path,
+) -> None:
+    """PyYAML's error quotes the lines around the fault; the gateway logs it on every reload
+    attempt, and the line being edited may hold a key."""
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        "tasks:\n  t:\n"
+        '    llmBaseURL: "https://api.example.com/v1?api_key=sk-TESTSECRET1234567890abcdef\n'
+        "    llmModel: m\n"
+    )
+    with pytest.raises(RouteError) as err:
+        load_routes_file(path)
+    assert "not valid YAML at line" in str(err.value)
+    assert "TESTSECRET" not in str(err.value)

@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 
 from slm_e2e import pki
-from slm_gateway.httpclient import JSON_HEADERS, Client, HTTPClientError, Target
+from slm_gateway.httpclient import (
+    JSON_HEADERS,
+    Client,
+    HTTPClientError,
+    Target,
+    safe_url,
+    with_path,
+)
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Server"], Awaitable[None]]
 
@@ -147,6 +154,77 @@ def test_target_refuses_what_it_cannot_send_safely(
     with pytest.raises(ValueError, match=message) as info:
         Target.parse(url, headers)
     assert "X-Injected" not in str(info.value)  # a header value is never echoed
+
+
+SECRET = "sk-TESTSECRET1234567890abcdef"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        # urlsplit's own error quoted the netloc, password included (NFKC-changing slash)
+        (f"https://bob:{SECRET}@api.example.com\uff0fv1", "cannot be parsed"),
+        (f"https://bob:{SECRET}@api.example.com/v1", "user info"),
+        (f"http://h:{SECRET}/v1", "port"),  # "Port could not be cast ... as '<text>'"
+        (f"https://api.example.com/v1#{SECRET}", "fragment"),
+        ("http://h/\u2019" + SECRET, "character HTTP/1.1 cannot carry"),
+    ],
+)
+def test_a_refused_url_is_named_by_its_problem_never_by_its_secret(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as info:
+        Target.parse(url)
+    assert "TESTSECRET" not in str(info.value)
+    # nor in a traceback's "During handling of the above exception" part
+    assert info.value.__context__ is None or info.value.__suppress_context__
+
+
+def test_a_header_value_that_http_cannot_carry_is_refused_without_quoting_it() -> None:
+    with pytest.raises(ValueError, match="cannot carry") as info:
+        Target.parse("http://h/x", (("Authorization", "Bearer sk-\u2019TESTSECRET"),))
+    assert "TESTSECRET" not in str(info.value) and "\u2019" not in str(info.value)
+
+
+def test_a_query_is_sent_after_the_path_but_never_shown() -> None:
+    """Azure OpenAI needs ``?api-version=``; a query may also hold a key, so it is sent but
+    logs and labels get the URL through safe_url, without it."""
+    base = f"https://api.example.com:8443/openai/v1/?api-version=2024-06-01&api_key={SECRET}"
+    url = with_path(base, "/chat/completions")
+    assert url == (
+        "https://api.example.com:8443/openai/v1/chat/completions"
+        f"?api-version=2024-06-01&api_key={SECRET}"
+    )
+    t = Target.parse(url)
+    assert t.head.startswith(
+        b"POST /openai/v1/chat/completions?api-version=2024-06-01&api_key=sk-TESTSECRET"
+    )
+    assert SECRET not in repr(t)
+    assert safe_url(url) == "https://api.example.com:8443/openai/v1/chat/completions"
+    assert with_path("http://h:8000/v1/", "/chat/completions") == (
+        "http://h:8000/v1/chat/completions"
+    )
+    assert with_path("http://h", "/chat/completions") == "http://h/chat/completions"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            f"https://bob:{SECRET}@api.example.com/v1?k={SECRET}#{SECRET}",
+            "https://api.example.com/v1",
+        ),
+        (f"http://[::1]:9000/v2?sig={SECRET}", "http://[::1]:9000/v2"),
+        (
+            "http://llm.example:8000/v1/chat/completions",
+            "http://llm.example:8000/v1/chat/completions",
+        ),
+        (f"https://bob:{SECRET}@api.example.com\uff0fv1", "(unparsable URL)"),
+        (f"http://[{SECRET}/", "(unparsable URL)"),
+        (f"http://h:{SECRET}/v1", "http://h/v1"),
+        ("http://h:/v1", "http://h/v1"),
+    ],
+)
+def test_safe_url_keeps_where_and_drops_user_info_query_and_fragment(url: str, shown: str) -> None:
+    assert safe_url(url) == shown
 
 
 # ---------------------------------------------------------------------------- calls

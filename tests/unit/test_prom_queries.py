@@ -93,6 +93,44 @@ def test_redact_userinfo(text: str, want: str) -> None:
     assert redact_userinfo(text) == want
 
 
+def test_the_log_never_shows_a_response_body_that_echoes_the_credentials(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An auth proxy answering 401 may quote the ``Authorization`` header it refused (basic
+    auth: the password, base64): prometheus_api_client's error carries the whole body, which
+    was logged. The log keeps the status and its reason."""
+    import base64
+    import http.server
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = ("unauthorized: " + self.headers.get("authorization", "")).encode()
+            self.send_response(401)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_POST = do_GET
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    secret = "sk-TESTSECRET1234567890abcdef"
+    try:
+        prom = PromMetrics(f"http://admin:{secret}@127.0.0.1:{srv.server_port}", timeout_s=2)
+        with caplog.at_level(logging.WARNING, logger="slm_operator.prom"):
+            assert prom.task_metrics("weather", 30) is None
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    encoded = base64.b64encode(f"admin:{secret}".encode()).decode()
+    assert caplog.records, "the failure is logged"
+    assert secret not in caplog.text and encoded[:16] not in caplog.text
+    assert "HTTP 401 Unauthorized" in caplog.text
+
+
 @pytest.fixture
 def hung_prometheus() -> Iterator[tuple[str, list[socket.socket]]]:
     """A Prometheus that accepts connections and never answers (overloaded, or hung)."""

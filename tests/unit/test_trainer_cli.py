@@ -283,3 +283,83 @@ def test_a_preempted_stage_exits_with_a_code_the_job_retries(
 
     code = cli.main(["train-until-sigterm", "--result-path", str(tmp_path / "result.json")])
     assert code != 0 and code not in DEFINITE_EXIT_CODES
+
+
+SECRET = "sk-TESTSECRET1234567890abcdef"
+
+
+def test_a_uri_with_credentials_is_never_printed_nor_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The start line lists every argument, a stage's progress may quote its input, and a
+    crash's message and traceback quote the exception, which may name the URI with or
+    without its scheme. All reach the pod's log; the result reaches the AgentTask's
+    conditions and Events. Each names the URI by scheme, host, port and path only."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class Args:
+        """Reads a URI, then crashes."""
+
+        input: str
+        artifact_uri: str = ""
+
+    def run(args: Any, progress: Any) -> TrainerResult:
+        progress({"event": "progress", "stage": "leak", "reading": args.input})
+        raise OSError(f"GET {args.input.split('://', 1)[1]} failed; 404 for {args.input}")
+
+    register_stage(monkeypatch, "leak", Args, run)
+    result_path = tmp_path / "result.json"
+    code = cli.main(
+        [
+            "leak",
+            f"--input=https://alice:{SECRET}@dav.example.com:8443/calls/?sig={SECRET}x",
+            f"--artifact-uri=s3://models/t/?X-Amz-Signature={SECRET}y",
+            f"--result-path={result_path}",
+        ]
+    )
+    assert code == cli.EXIT_CRASHED
+    out, err = capsys.readouterr()
+    result = TrainerResult.from_json(result_path.read_text())
+    for text in (out, err, result_path.read_text()):
+        assert "TESTSECRET" not in text
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert lines[0]["args"] == {
+        "input": "https://dav.example.com:8443/calls/",
+        "artifact_uri": "s3://models/t/",
+    }
+    assert lines[1]["reading"] == "https://dav.example.com:8443/calls/"
+    assert "dav.example.com:8443/calls/" in result.message
+    assert result.message.startswith("leak crashed: OSError: GET ***@dav.example.com")
+    assert "Traceback" in err and "OSError" in err
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        f"webdav://alice:{SECRET}@dav.example.com/calls",
+        f"az://calls?sas={SECRET}",
+    ],
+)
+def test_curate_never_prints_the_credentials_of_its_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], uri: str
+) -> None:
+    """The reviewer's case: a dataset URI whose driver is not installed in the image."""
+    result_path = tmp_path / "result.json"
+    code = cli.main(
+        [
+            "curate",
+            f"--input={uri}",
+            f"--output-dir={tmp_path / 'o'}",
+            f"--result-path={result_path}",
+        ]
+    )
+    assert code == cli.EXIT_REPORTED
+    out, err = capsys.readouterr()
+    for text in (out, err, result_path.read_text()):
+        assert "TESTSECRET" not in text
+    shown = uri.split("?")[0].replace(f"alice:{SECRET}@", "")
+    assert (
+        f"cannot read the call log at {shown}"
+        in TrainerResult.from_json(result_path.read_text()).message
+    )

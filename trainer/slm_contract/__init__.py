@@ -46,6 +46,80 @@ class ContractError(ValueError):
     """A record does not follow the contract; the message says which field and why."""
 
 
+# ---- URIs in messages ----------------------------------------------------------------------
+# A dataset, call-log or capture URI may carry credentials: ``https://user:pw@host/...``,
+# ``webdav://user:pw@...``, a presigned ``s3://...?X-Amz-Signature=...``, an
+# ``az://...?sas=...``. Trainer messages reach the pod's log and termination message, and from
+# there the operator's conditions and Events, all read by far more people than the Secret the
+# URI came from. So every message names a URI by scheme, host, port and path only.
+# What no URI part here runs across: white space, quotes, angle brackets, and a backslash (a
+# JSON escape: a URI quoted in a JSON line ends before ``\"``, which must stay intact).
+_NOT = r"\s'\"<>\\"
+_END = rf"[^{_NOT}.,;:)\]#]"  # a query or fragment does not end on trailing punctuation
+_URI = re.compile(
+    r"(?i)\b([a-z][a-z0-9+.-]*://)"  # scheme
+    rf"(?:[^{_NOT}/?#]*@)?"  # user info, dropped
+    rf"([^{_NOT}/?#]*)"  # host[:port], kept
+    rf"([^{_NOT}?#]*)"  # path, kept
+    rf"(?:\?(?:[^{_NOT}#]*{_END})?)?"  # query, dropped
+    rf"(?:#(?:[^{_NOT}]*{_END})?)?"  # fragment, dropped
+)
+
+
+def _kept(m: re.Match[str]) -> str:
+    scheme, host, path = m.groups()
+    # A "port" that is not digits is no port: most likely the password of user info that an
+    # unencoded '/', '?' or '#' cut short (``https://u:p#w@h``), so it is dropped as well.
+    if host.startswith("["):  # an IPv6 literal: its colons are not the port's
+        name, bracket, rest = host.partition("]")
+        name, port = name + bracket, rest
+    else:
+        name, colon, port = host.partition(":")
+        port = colon + port
+    if port and not (port[:1] == ":" and port[1:].isdigit()):
+        host = name
+    return scheme + host + path
+
+
+def _secret_parts(uri: str) -> list[str]:
+    """The user info (and its password alone), query and fragment of ``uri``, as typed."""
+    if "://" not in uri:
+        return []
+    rest = uri.split("://", 1)[1]
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    parts = []
+    if "@" in authority:
+        userinfo = authority.rpartition("@")[0]
+        parts += [userinfo, userinfo.partition(":")[2]]
+    rest, _, fragment = rest.partition("#")
+    parts += [rest.partition("?")[2], fragment]
+    # Longest first, so that a password inside the user info is not replaced on its own
+    # first, leaving the user name and a marker to find; very short parts (``?a``) are left:
+    # replacing them everywhere would mangle the message and they hide nothing.
+    return sorted({p for p in parts if len(p) >= 4}, key=len, reverse=True)
+
+
+def redact_uris(text: str, *uris: str) -> str:
+    """``text`` with every ``scheme://`` URI in it cut to ``scheme://host[:port]/path``, and
+    the user info, query and fragment of each of ``uris`` replaced by ``***`` wherever they
+    appear.
+
+    Why on free text: exception messages (fsspec's, aiohttp's) quote the URI they failed on,
+    and a stage's message quotes such an exception; why ``uris``: a filesystem's error may
+    quote the path it made of the URI, without the scheme (``alice:pw@host/calls``), which
+    no pattern can tell from prose. Local paths (no ``://``) are left as they are. Stdlib
+    ``re`` only, so the operator and both trainer stages can use it cheaply; never raises.
+    """
+    for part in (p for uri in uris for p in _secret_parts(uri)):
+        text = text.replace(part, "***")
+    return _URI.sub(_kept, text)
+
+
+def redact_uri(uri: str) -> str:
+    """One URI as a message may show it (see :func:`redact_uris`): no user info, no query."""
+    return redact_uris(uri)
+
+
 #: A JSON ``\uXXXX`` escape of a UTF-16 surrogate (paired or not), or a raw surrogate character:
 #: the cheap test that decides whether a decoded line must be searched for lone surrogates.
 _SURROGATE_HINT = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}|[\ud800-\udfff]")

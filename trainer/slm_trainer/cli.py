@@ -7,6 +7,11 @@ is fixed here once for every stage:
 - the :class:`slm_contract.TrainerResult` written to ``--result-path`` (by default the
   kubelet's ``/dev/termination-log`` when it is writable), where the operator reads it back,
   and echoed as a final ``{"event": "result", ...}`` line;
+- never a credential: a dataset or artifact URI may carry one (``https://user:pw@...``, a
+  presigned ``?X-Amz-Signature=``), and all three reach people who may not read the Secret
+  it came from (the operator copies the result's message into conditions and Events), so
+  every URI in a line or a message is cut to scheme, host, port and path
+  (:func:`slm_contract.redact_uris`) here, whatever the stage put in it;
 - the exit code: 0 when the result is ok; 3 when the stage ran and reported a failure (too
   few examples, no candidate passing: running it again gives the same answer); 1 when it
   crashed (an exception: maybe transient, so worth a retry); 2 for bad arguments (argparse's
@@ -36,7 +41,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from slm_contract import EXIT_CRASHED, EXIT_PREEMPTED, EXIT_REPORTED, TrainerResult
+from slm_contract import (
+    EXIT_CRASHED,
+    EXIT_PREEMPTED,
+    EXIT_REPORTED,
+    TrainerResult,
+    redact_uris,
+)
 from slm_trainer import preemption
 
 #: CLI stage name -> module implementing it. The contract stage it reports is the module's
@@ -51,6 +62,10 @@ STAGES: dict[str, str] = {
 
 TERMINATION_LOG = "/dev/termination-log"
 
+#: The URIs among this run's arguments: their user info and query are redacted from every
+#: line and message even where an error quotes them without the scheme (set by :func:`main`).
+_ARG_URIS: tuple[str, ...] = ()
+
 
 def default_result_path() -> str:
     """The kubelet's termination message file when we can write it, else nothing."""
@@ -58,8 +73,12 @@ def default_result_path() -> str:
 
 
 def emit(event: dict[str, Any]) -> None:
-    """One JSON line on stdout, flushed so that ``kubectl logs -f`` shows it at once."""
-    print(json.dumps(event, ensure_ascii=False, default=str), flush=True)
+    """One JSON line on stdout, flushed so that ``kubectl logs -f`` shows it at once.
+
+    Every URI in it is redacted (no user info, no query): the start line lists every
+    argument, and a stage's progress or warning may quote a URI or an error naming one.
+    """
+    print(redact_uris(json.dumps(event, ensure_ascii=False, default=str), *_ARG_URIS), flush=True)
 
 
 def _flag_type(tp: Any) -> tuple[Any, dict[str, Any]]:
@@ -140,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TypeError, ValueError) as exc:
         parser.error(f"{ns.stage}: {exc}")  # exits 2
     result_path = default_result_path() if ns.result_path is None else ns.result_path
+    global _ARG_URIS
+    _ARG_URIS = tuple(v for v in values.values() if isinstance(v, str) and "://" in v)
 
     emit(
         {
@@ -152,13 +173,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = module.run(args, emit)
     except Exception as exc:
-        traceback.print_exc(file=sys.stderr)
+        # The traceback's messages (fsspec's, aiohttp's) may quote the URI it failed on.
+        sys.stderr.write(redact_uris("".join(traceback.format_exception(exc)), *_ARG_URIS))
+        sys.stderr.flush()
         crashed = True
         result = TrainerResult(
             stage=module.CONTRACT_STAGE,
             ok=False,
             message=f"{ns.stage} crashed: {type(exc).__name__}: {exc}",
         )
+    # The termination message goes to the operator's conditions and Events verbatim.
+    result = dataclasses.replace(result, message=redact_uris(result.message, *_ARG_URIS))
     write_result(result, result_path)
     emit({"event": "result", **json.loads(result.to_json())})
     if result.ok:

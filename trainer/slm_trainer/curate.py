@@ -48,7 +48,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-from slm_contract import CallRecord, ContractError, TrainerResult
+from slm_contract import CallRecord, ContractError, TrainerResult, redact_uri, redact_uris
 
 #: The contract's name for this stage in TrainerResult.
 CONTRACT_STAGE = "prepare"
@@ -199,8 +199,15 @@ class RemoteShard:
             raise ValueError("call-log shards are only read, as bytes")
         return io.BufferedReader(self.fs.open(self.path, "rb"), _REMOTE_READ_BUFFER)
 
-    def __str__(self) -> str:
+    @property
+    def uri(self) -> str:
+        """The shard's full URI, credentials included: never for a message."""
         return str(self.fs.unstrip_protocol(self.path))
+
+    def __str__(self) -> str:
+        # For messages and the report only: without user info or query (a signature, a SAS
+        # token), which an http(s) or webdav shard's full URL would carry.
+        return redact_uri(self.uri)
 
 
 Shard = Path | RemoteShard
@@ -210,24 +217,25 @@ def _filesystem(uri: str) -> tuple[Any, str]:
     """fsspec's filesystem and path for ``uri``; :class:`CallLogUnreadable` with what to
     install or fix when the protocol cannot be served by this image."""
     protocol = uri.split("://", 1)[0]
+    shown = redact_uri(uri)  # the URI may carry credentials: never in a message
     try:
         import fsspec
     except ImportError as exc:
         raise CallLogUnreadable(
-            f"cannot read the call log at {uri}: fsspec is not installed "
+            f"cannot read the call log at {shown}: fsspec is not installed "
             "(pip install 'slm-fleet-operator[trainer]')"
         ) from exc
     try:
         fs, root = fsspec.core.url_to_fs(uri)
     except ImportError as exc:  # a known protocol whose driver (s3fs, gcsfs...) is missing
         raise CallLogUnreadable(
-            f"cannot read the call log at {uri}: no filesystem for {protocol}:// is installed "
-            f"in the trainer image ({exc})"
+            f"cannot read the call log at {shown}: no filesystem for {protocol}:// is "
+            f"installed in the trainer image ({redact_uris(str(exc), uri)})"
         ) from exc
     except ValueError as exc:  # "Protocol not known: ..."
         raise CallLogUnreadable(
-            f"cannot read the call log at {uri}: fsspec has no filesystem for the protocol "
-            f"{protocol}:// ({exc})"
+            f"cannot read the call log at {shown}: fsspec has no filesystem for the protocol "
+            f"{protocol}:// ({redact_uris(str(exc), uri)})"
         ) from exc
     return fs, str(root)
 
@@ -255,9 +263,11 @@ def remote_shards(uri: str) -> list[RemoteShard]:
             if split_path is not None:
                 bucket = split_path(root)[0]
                 if bucket and not fs.exists(bucket):
+                    # The bucket as split from the URI: user info would come with it.
                     raise CallLogUnreadable(
-                        f"cannot read the call log at {uri}: bucket {bucket!r} does not exist "
-                        "or is not visible to the pod's credentials"
+                        f"cannot read the call log at {redact_uri(uri)}: bucket "
+                        f"{redact_uris(repr(bucket), uri)} does not exist or is not visible to "
+                        "the pod's credentials"
                     )
             return []
         if info.get("type") != "directory":
@@ -270,7 +280,8 @@ def remote_shards(uri: str) -> list[RemoteShard]:
         return [RemoteShard(fs, name) for name in found]
     except PermissionError as exc:
         raise CallLogUnreadable(
-            f"cannot read the call log at {uri}: access denied ({exc}); {_ACCESS_HINT}"
+            f"cannot read the call log at {redact_uri(uri)}: access denied "
+            f"({redact_uris(str(exc), uri)}); {_ACCESS_HINT}"
         ) from exc
 
 
@@ -379,7 +390,8 @@ def read_lines(files: Sequence[Shard]) -> Iterator[tuple[str, int, bytes]]:
             if isinstance(path, Path):
                 raise
             raise CallLogUnreadable(
-                f"cannot read the call log shard {path}: access denied ({exc}); {_ACCESS_HINT}"
+                f"cannot read the call log shard {path}: access denied "
+                f"({redact_uris(str(exc), path.uri)}); {_ACCESS_HINT}"
             ) from exc
 
 
@@ -687,7 +699,7 @@ def run(args: Args, progress: Progress | None = None) -> TrainerResult:
                 stage=CONTRACT_STAGE,
                 ok=False,
                 examples=0,
-                message=f"no call log at {args.input} yet (0 examples)"
+                message=f"no call log at {redact_uri(str(args.input))} yet (0 examples)"
                 + (f" ({', '.join(missing)})" if missing else ""),
             )
         return _curate(args, files, started, progress)
@@ -908,7 +920,7 @@ def _curate(
         per_stratum[s]["eval" if e else "train"] += 1
 
     report = {
-        "input": str(args.input),
+        "input": redact_uri(str(args.input)),
         "files": [str(p) for p in files],
         "settings": {
             "task": args.task,

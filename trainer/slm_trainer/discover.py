@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from slm_contract import CallRecord, TrainerResult
+from slm_contract import CallRecord, TrainerResult, redact_uri
 from slm_trainer import metrics
 from slm_trainer.curate import (
     CallLogUnreadable,
@@ -636,7 +636,9 @@ def embed_texts(texts: Sequence[str], model: str, batch_size: int) -> Any:
 def run(args: Args, emit: Emit | None = None) -> TrainerResult:
     started = time.monotonic()
     if isinstance(args.input, Path) and not args.input.exists():
-        return TrainerResult(stage=CONTRACT_STAGE, ok=False, message=f"no call log at {args.input}")
+        return TrainerResult(
+            stage=CONTRACT_STAGE, ok=False, message=f"no call log at {redact_uri(str(args.input))}"
+        )
     if args.num_threads > 0:
         import torch
 
@@ -787,7 +789,7 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
 
     overall = round(purity(assignments, labels), 4) if labels else None
     report = {
-        "input": str(args.input),
+        "input": redact_uri(str(args.input)),
         "lines": stats.lines,
         "blank": stats.blank,
         "malformed": dict(sorted(stats.malformed.items())),
