@@ -37,7 +37,9 @@ namespace empty for routes from a static file; ``backend`` is ``slm`` or ``llm``
 - ``slm_gateway_capture_dropped_records_total{namespace,task,reason}``: the dropped records
   by why: ``queue_full`` (the workers cannot keep up), ``redaction_failed`` (the redactor
   failed on it; never written unredacted), ``write_failed`` (the shard could not be written:
-  a full disk), ``worker_lost`` (held by a capture worker that died, counted when it dies),
+  a full disk), ``worker_lost`` (held by a capture worker that died before writing it whole to a shard, counted
+  when it dies; lines it wrote but never acknowledged are found in its shards and counted
+  ``written``),
   ``shutdown`` (not written before the gateway stopped), ``spool_full`` (a URI target's
   local spool reached ``--capture-spool-mb``: uploads have been failing) or
   ``upload_pending`` (written to the spool, so also counted ``written``, but not uploaded when
