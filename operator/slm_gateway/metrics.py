@@ -34,14 +34,13 @@ namespace empty for routes from a static file; ``backend`` is ``slm`` or ``llm``
 - ``slm_gateway_routes``: tasks known; ``slm_gateway_route_mode{namespace,task,mode}``: 1 for
   the current mode of each task.
 - ``slm_gateway_capture_records_total{namespace,task,result}``: ``written`` or ``dropped``.
-- ``slm_gateway_capture_dropped_records_total{namespace,task,reason}``: the dropped records
-  by why: ``queue_full`` (the workers cannot keep up), ``redaction_failed`` (the redactor
-  failed on it; never written unredacted), ``write_failed`` (the shard could not be written:
-  a full disk), ``worker_lost`` (held by a capture worker that died before writing it whole to a shard, counted
-  when it dies; lines it wrote but never acknowledged are found in its shards and counted
-  ``written``),
-  ``shutdown`` (not written before the gateway stopped), ``spool_full`` (a URI target's
-  local spool reached ``--capture-spool-mb``: uploads have been failing) or
+- ``slm_gateway_capture_dropped_records_total{namespace,task,reason}``: the dropped records by
+  why: ``queue_full`` (the workers cannot keep up), ``redaction_failed`` (the redactor failed on
+  it; never written unredacted), ``write_failed`` (the shard could not be written: a full disk),
+  ``worker_lost`` (held by a capture worker that died before writing it whole to a shard,
+  counted when it dies; lines it wrote but never acknowledged are found in its shards and
+  counted ``written``), ``shutdown`` (not written before the gateway stopped), ``spool_full`` (a
+  URI target's local spool reached ``--capture-spool-mb``: uploads have been failing) or
   ``upload_pending`` (written to the spool, so also counted ``written``, but not uploaded when
   its worker stopped; a later gateway on the same spool uploads them, a pod's spool goes with
   the pod).
