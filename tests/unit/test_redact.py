@@ -1940,3 +1940,24 @@ def test_a_password_in_a_sentence_is_replaced_in_the_tool_call(redactor: Redacto
     args = json.loads(new.response["tool_calls"][0]["function"]["arguments"])
     assert args == {"user": "jane", "pw": "<API_KEY_1>"}
     assert counts == {"API_KEY": 2}
+
+
+def test_a_password_that_is_its_own_field_name_does_not_rename_the_field(
+    redactor: Redactor,
+) -> None:
+    """BFCL's live_multiple_114-44-1: "the password is 'password'" and ``{"password":
+    "password"}``. The value was replaced wherever the word occurred, the argument's name too:
+    a model trained on it learned to call the tool with an argument named <API_KEY_1>."""
+    rec = CallRecord(
+        task="t",
+        backend="llm",
+        messages=[
+            {"role": "user", "content": "The username is 'admin' and the password is 'password'."}
+        ],
+        response=_call({"username": "admin", "password": "password"}),
+    )
+    new, _ = redactor.redact_record(rec)
+    # The prose keeps the word: a password that is the word "password" hides nothing.
+    assert new.messages[0]["content"] == rec.messages[0]["content"]
+    args = json.loads(new.response["tool_calls"][0]["function"]["arguments"])
+    assert args == {"username": "admin", "password": "<API_KEY_1>"}

@@ -2431,6 +2431,12 @@ class KnownValues:
         self._table: dict[str, tuple[str, str]] = {}
         for value, kind in values.items():
             core = value.strip()
+            if kind == API_KEY and _secret_key_name(core):
+                # A secret that is a secret's field name ("password": "password", a
+                # placeholder or a test fixture) stays replaced where it was found; elsewhere
+                # in the record that word is the field's name: replaced there, the tool
+                # call's argument became "<API_KEY_1>" and the prose "the <API_KEY_1> is".
+                continue
             forms = {core}
             if not (core.isascii() and core.isprintable()) or '"' in core or "\\" in core:
                 forms.add(json.dumps(core)[1:-1])  # as JSON text would spell it
