@@ -95,6 +95,7 @@ CHILD_FILTER = {n.MANAGED_BY: n.FIELD_MANAGER}
 WATCHED_POD_COMPONENTS = ("trainer", "triton")
 JOBS = ("batch", "v1", "jobs")
 DEPLOYMENTS = ("apps", "v1", "deployments")
+SERVICES = ("", "v1", "services")
 PODS = ("", "v1", "pods")
 #: (group, version, plural) of each child watch, with the label selector the API server
 #: applies to it (equality for Jobs and Deployments, a set for pods).
@@ -102,6 +103,7 @@ _MANAGED = ",".join(f"{k}={v}" for k, v in sorted(CHILD_FILTER.items()))
 CHILD_WATCHES: dict[tuple[str, str, str], str] = {
     JOBS: _MANAGED,
     DEPLOYMENTS: _MANAGED,
+    SERVICES: _MANAGED,
     PODS: f"{_MANAGED},{n.LABEL_COMPONENT} in ({','.join(WATCHED_POD_COMPONENTS)})",
 }
 
@@ -428,6 +430,13 @@ async def on_pod(labels: Mapping[str, str], namespace: str | None, **_: Any) -> 
 
 @kopf.on.event(*DEPLOYMENTS, labels=CHILD_FILTER)
 async def on_deployment(labels: Mapping[str, str], namespace: str | None, **_: Any) -> None:
+    await _on_child(labels, namespace)
+
+
+@kopf.on.event(*SERVICES, labels=CHILD_FILTER)
+async def on_service(labels: Mapping[str, str], namespace: str | None, **_: Any) -> None:
+    """A Triton Service deleted by hand is applied again at once, not at the next resync:
+    until then the gateway's SLM calls to it fail (and fall back to the LLM)."""
     await _on_child(labels, namespace)
 
 

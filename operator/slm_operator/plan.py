@@ -64,7 +64,6 @@ class Observed:
     task: Mapping[str, Any]
     jobs: Mapping[str, JobView]
     deployment: Mapping[str, Any] | None
-    service: Mapping[str, Any] | None
     now: dt.datetime
     #: This window's live metrics; None when Prometheus is not configured, did not answer, or
     #: was not asked (``metrics_not_due``).
@@ -1286,7 +1285,11 @@ def plan(obs: Observed) -> Plan:
         # Ready replicas, not the Available condition: with maxUnavailable=0 a scale-up makes
         # the Deployment briefly un-Available although its ready pods serve.
         stuck = f"; {obs.serving_waiting}" if obs.serving_waiting else ""
-        if ready > 0 and obs.service is not None:
+        # Not gated on the Service: it is applied in this very pass, so one found missing (a
+        # hand-deleted one) is back before the gateway calls again. Gated, the pass that
+        # re-applied it reported an outage that never was (NoReadyReplicas with every replica
+        # ready, a Warning, fallback on, route llm) and the next one flipped it all back.
+        if ready > 0:
             rolling = _rolling_out(obs.deployment)
             serving = (
                 c.TRUE,

@@ -124,7 +124,6 @@ def observe(
     }
     jobs = _with_failed_creates(kube, namespace, jobs, pods)
     dep = kube.get("apps/v1", "deployments", namespace, n.serving_name(name))
-    svc = kube.get("v1", "services", namespace, n.serving_name(name))
     metrics = None
     # Prometheus only when the plan will judge a window: a task is reconciled on every event
     # of its Jobs, pods and Deployment and every resync, but judged once per window.
@@ -143,7 +142,6 @@ def observe(
         task=task,
         jobs=jobs,
         deployment=dep if _owned(dep, uid) else None,
-        service=svc if _owned(svc, uid) else None,
         now=now,
         metrics=metrics,
         trainer_service_account=trainer_account(kube, task, trainer_service_account),

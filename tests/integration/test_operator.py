@@ -816,6 +816,44 @@ def test_children_reach_the_task_through_the_label_selected_watches(
     cluster.kubectl("wait", "-n", ns, "--for=condition=Ready", "--timeout=60s", "agenttask/weather")
 
 
+def test_a_triton_service_deleted_by_hand_is_back_at_once_and_nothing_flaps(
+    cluster: ClusterHandle, namespace: str, storage: str, operator_without_resync: OperatorProcess
+) -> None:
+    """Services were not watched: a deleted one came back only at the next resync (the
+    gateway's SLM calls failing until then), and the pass that re-applied it reported an
+    outage that never was (NoReadyReplicas, fallback on, route llm) that the next pass
+    flipped back. With the resync 10 minutes away, only the Service watch brings it back."""
+    ns = namespace
+    cluster.apply(agenttask(), ns)
+    run_revision(cluster, ns, revision(cluster, ns))
+    cluster.kubectl("wait", "-n", ns, "--for=condition=Ready", "--timeout=60s", "agenttask/weather")
+    before = get_task(cluster, ns)
+    uid = cluster.kubectl(
+        "get", "service", "weather-slm", "-n", ns, "-o", "jsonpath={.metadata.uid}"
+    ).stdout
+    cluster.kubectl("delete", "service", "weather-slm", "-n", ns)
+
+    def recreated() -> str | None:
+        got = cluster.kubectl(
+            "get",
+            "service",
+            "weather-slm",
+            "-n",
+            ns,
+            "-o",
+            "jsonpath={.metadata.uid}",
+            check=False,
+        ).stdout
+        return got if got and got != uid else None
+
+    wait_for(recreated, timeout=30, what="the Service applied again")
+    time.sleep(2)  # the pass after it, if any, has run
+    after = get_task(cluster, ns)
+    for type_ in ("Ready", "Serving", "FallbackActive"):
+        assert condition(after, type_) == condition(before, type_), type_
+    assert after["status"]["phase"] == before["status"]["phase"] == "Serving"
+
+
 def test_a_child_the_api_server_refuses_says_why_in_ready(
     cluster: ClusterHandle, namespace: str, storage: str, operator: OperatorProcess
 ) -> None:

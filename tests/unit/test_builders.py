@@ -139,14 +139,14 @@ def test_plan_passes_the_pull_secrets_to_every_pod_it_builds() -> None:
     from test_plan import NOW, jobs_through
 
     task = make_task()
-    obs = Observed(task, jobs_through(task, "export"), None, None, NOW, image_pull_secrets=("reg",))
+    obs = Observed(task, jobs_through(task, "export"), None, NOW, image_pull_secrets=("reg",))
     built = plan(obs).apply
     assert {o["kind"] for o in built} >= {"Deployment"}
     for obj in built:
         if obj["kind"] in ("Job", "Deployment"):
             pod = obj["spec"]["template"]["spec"]
             assert pod["imagePullSecrets"] == [{"name": "reg"}], obj["metadata"]["name"]
-    fresh = plan(Observed(task, {}, None, None, NOW, image_pull_secrets=("reg",))).apply
+    fresh = plan(Observed(task, {}, None, NOW, image_pull_secrets=("reg",))).apply
     assert [o["spec"]["template"]["spec"]["imagePullSecrets"] for o in fresh] == [[{"name": "reg"}]]
 
 

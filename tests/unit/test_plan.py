@@ -181,7 +181,7 @@ def kinds(p: Any) -> list[tuple[str, str]]:
 
 def test_fresh_task_starts_data_prep_and_sets_every_condition() -> None:
     task = make_task()
-    p = plan(Observed(task, {}, None, None, NOW))
+    p = plan(Observed(task, {}, None, NOW))
     rev = n.revision_of(task["spec"])
     assert kinds(p) == [("Job", f"weather-data-{rev}")]
     cs = conds(p.status)
@@ -197,7 +197,7 @@ def test_fresh_task_starts_data_prep_and_sets_every_condition() -> None:
 
 def test_after_data_prep_one_gpu_job_per_candidate() -> None:
     task = make_task()
-    p = plan(Observed(task, jobs_through(task, "data"), None, None, NOW))
+    p = plan(Observed(task, jobs_through(task, "data"), None, NOW))
     ft = [o for o in p.apply if o["metadata"]["labels"][n.LABEL_STAGE] == "finetune"]
     assert len(ft) == 2
     for job in ft:
@@ -218,7 +218,7 @@ def test_running_candidate_reports_progress() -> None:
     rev = n.revision_of(task["spec"])
     jn = n.finetune_job_name("weather", "small", rev)
     jobs[jn] = JobView(jn, "finetune", rev, "small", RUNNING, progress=42)
-    p = plan(Observed(task, jobs, None, None, NOW))
+    p = plan(Observed(task, jobs, None, NOW))
     small = next(x for x in p.status["candidates"] if x["name"] == "small")
     assert small["state"] == "Running" and small["progress"] == 42
     assert conds(p.status)[c.TRAINED] == (c.UNKNOWN, c.JOB_RUNNING)
@@ -254,7 +254,7 @@ def test_a_non_finite_progress_annotation_reads_as_no_progress(value: str) -> No
         "status": {"phase": "Running"},
     }
     jobs[jn] = job_view(job, [pod])
-    p = plan(Observed(task, jobs, None, None, NOW))
+    p = plan(Observed(task, jobs, None, NOW))
     small = next(x for x in p.status["candidates"] if x["name"] == "small")
     assert small["state"] == "Running" and small["progress"] == 0
     assert conds(p.status)[c.TRAINED] == (c.UNKNOWN, c.JOB_RUNNING)
@@ -262,7 +262,7 @@ def test_a_non_finite_progress_annotation_reads_as_no_progress(value: str) -> No
 
 def test_smallest_passing_candidate_is_selected_and_exported() -> None:
     task = make_task()
-    p = plan(Observed(task, jobs_through(task, "train"), None, None, NOW))
+    p = plan(Observed(task, jobs_through(task, "train"), None, NOW))
     assert conds(p.status)[c.EVALUATED] == (c.TRUE, c.GATE_PASSED)
     export = [o for o in p.apply if o["metadata"]["labels"][n.LABEL_STAGE] == "export"]
     assert len(export) == 1
@@ -274,7 +274,7 @@ def test_smallest_passing_candidate_is_selected_and_exported() -> None:
 def test_best_score_policy_prefers_the_better_candidate() -> None:
     task = make_task()
     task["spec"]["evaluation"]["selectionPolicy"] = "best-score"
-    p = plan(Observed(task, jobs_through(task, "train"), None, None, NOW))
+    p = plan(Observed(task, jobs_through(task, "train"), None, NOW))
     assert "big selected (best-score)" in next(
         x["message"] for x in p.status["conditions"] if x["type"] == c.EVALUATED
     )
@@ -282,7 +282,7 @@ def test_best_score_policy_prefers_the_better_candidate() -> None:
 
 def test_candidate_below_gate_is_reported_not_served() -> None:
     task = make_task()
-    p = plan(Observed(task, jobs_through(task, "train", scores=(0.5, 0.95)), None, None, NOW))
+    p = plan(Observed(task, jobs_through(task, "train", scores=(0.5, 0.95)), None, NOW))
     by_name = {x["name"]: x for x in p.status["candidates"]}
     assert by_name["small"]["passedGate"] is False and by_name["small"]["score"] == 0.5
     assert by_name["big"]["passedGate"] is True
@@ -292,7 +292,7 @@ def test_candidate_below_gate_is_reported_not_served() -> None:
 
 def test_no_candidate_passes_gate_not_met_and_nothing_exported() -> None:
     task = make_task()
-    p = plan(Observed(task, jobs_through(task, "train", scores=(0.5, 0.6)), None, None, NOW))
+    p = plan(Observed(task, jobs_through(task, "train", scores=(0.5, 0.6)), None, NOW))
     assert conds(p.status)[c.EVALUATED] == (c.FALSE, c.GATE_NOT_MET)
     assert conds(p.status)[c.READY] == (c.FALSE, c.GATE_NOT_MET)
     assert p.status["phase"] == "Failed"
@@ -315,7 +315,7 @@ def test_failed_job_sets_trained_false_with_termination_message() -> None:
         candidate="small",
         message="CUDA out of memory while loading the model",
     )
-    p = plan(Observed(task, jobs, None, None, NOW))
+    p = plan(Observed(task, jobs, None, NOW))
     status, reason = conds(p.status)[c.TRAINED]
     assert (status, reason) == (c.FALSE, c.JOB_FAILED)
     msg = next(x["message"] for x in p.status["conditions"] if x["type"] == c.TRAINED)
@@ -329,12 +329,12 @@ def test_succeeded_job_without_result_waits_then_reports_missing() -> None:
     rev = n.revision_of(task["spec"])
     dn = n.data_job_name("weather", rev)
     fresh = {dn: view(dn, "prepare", rev, SUCCEEDED, None, finished=NOW)}
-    assert conds(plan(Observed(task, fresh, None, None, NOW)).status)[c.DATA_READY] == (
+    assert conds(plan(Observed(task, fresh, None, NOW)).status)[c.DATA_READY] == (
         c.UNKNOWN,
         c.AWAITING_RESULT,
     )
     old = {dn: view(dn, "prepare", rev, SUCCEEDED, None, finished=NOW - dt.timedelta(minutes=10))}
-    assert conds(plan(Observed(task, old, None, None, NOW)).status)[c.DATA_READY] == (
+    assert conds(plan(Observed(task, old, None, NOW)).status)[c.DATA_READY] == (
         c.FALSE,
         c.RESULT_MISSING,
     )
@@ -353,7 +353,7 @@ def test_too_few_examples_waits_for_data_and_curates_again_after_the_recheck() -
     jobs = {dn: view(dn, "prepare", rev, FAILED, short, finished=finished)}
     recheck = dt.timedelta(minutes=5)
 
-    p = plan(Observed(task, jobs, None, None, NOW, data_recheck=recheck))
+    p = plan(Observed(task, jobs, None, NOW, data_recheck=recheck))
     assert conds(p.status)[c.DATA_READY] == (c.FALSE, c.WAITING_FOR_DATA)
     assert conds(p.status)[c.READY] == (c.FALSE, c.WAITING_FOR_DATA)
     msg = next(x["message"] for x in p.status["conditions"] if x["type"] == c.DATA_READY)
@@ -362,17 +362,13 @@ def test_too_few_examples_waits_for_data_and_curates_again_after_the_recheck() -
     assert kinds(p) == [("Job", dn)] and p.delete_jobs == []
     assert not any(e[0] == "Warning" for e in p.events)
 
-    later = plan(
-        Observed(task, jobs, None, None, NOW + dt.timedelta(minutes=3), data_recheck=recheck)
-    )
+    later = plan(Observed(task, jobs, None, NOW + dt.timedelta(minutes=3), data_recheck=recheck))
     assert later.delete_jobs == [dn] and kinds(later) == []
     assert later.status["phase"] == "PreparingData"
     # The next pass sees no Job and creates it again, under the same name; while it runs the
     # task is still waiting (same reason: no event, no transition at every recheck).
     waiting = {**task, "status": later.status}
-    again = plan(
-        Observed(waiting, {}, None, None, NOW + dt.timedelta(minutes=3), data_recheck=recheck)
-    )
+    again = plan(Observed(waiting, {}, None, NOW + dt.timedelta(minutes=3), data_recheck=recheck))
     assert kinds(again) == [("Job", dn)]
     assert conds(again.status)[c.DATA_READY] == (c.FALSE, c.WAITING_FOR_DATA)
     assert again.events == []
@@ -392,7 +388,7 @@ def test_a_data_prep_failure_with_enough_or_unknown_examples_is_still_a_failure(
     rev = n.revision_of(task["spec"])
     dn = n.data_job_name("weather", rev)
     jobs = {dn: view(dn, "prepare", rev, SUCCEEDED, res, finished=NOW - dt.timedelta(hours=1))}
-    p = plan(Observed(task, jobs, None, None, NOW))
+    p = plan(Observed(task, jobs, None, NOW))
     assert conds(p.status)[c.DATA_READY] == (c.FALSE, c.JOB_FAILED)
     assert p.status["phase"] == "Failed" and p.delete_jobs == []
 
@@ -400,7 +396,7 @@ def test_a_data_prep_failure_with_enough_or_unknown_examples_is_still_a_failure(
 def test_export_done_deploys_then_ready_when_available() -> None:
     task = make_task()
     rev = n.revision_of(task["spec"])
-    p = plan(Observed(task, jobs_through(task, "export"), None, None, NOW))
+    p = plan(Observed(task, jobs_through(task, "export"), None, NOW))
     assert ("Deployment", "weather-slm") in kinds(p) and ("Service", "weather-slm") in kinds(p)
     dep = next(o for o in p.apply if o["kind"] == "Deployment")
     args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -410,8 +406,7 @@ def test_export_done_deploys_then_ready_when_available() -> None:
     assert p.status["selectedModel"]["candidate"] == "small"
 
     task["status"] = p.status
-    svc = {"metadata": {"name": "weather-slm"}}
-    p2 = plan(Observed(task, jobs_through(task, "export"), deployment(rev), svc, NOW))
+    p2 = plan(Observed(task, jobs_through(task, "export"), deployment(rev), NOW))
     cs = conds(p2.status)
     assert cs[c.SERVING] == (c.TRUE, c.DEPLOYMENT_AVAILABLE)
     assert cs[c.READY] == (c.TRUE, c.READY_REASON)
@@ -425,7 +420,7 @@ def test_export_done_deploys_then_ready_when_available() -> None:
     # Level-triggered and stable: the same observation yields the same status, no events.
     task["status"] = p2.status
     later = NOW + dt.timedelta(minutes=5)
-    p3 = plan(Observed(task, jobs_through(task, "export"), deployment(rev), svc, later))
+    p3 = plan(Observed(task, jobs_through(task, "export"), deployment(rev), later))
     assert p3.status == p2.status
     assert p3.events == []
 
@@ -434,15 +429,14 @@ def test_spec_change_trains_new_revision_while_old_keeps_serving() -> None:
     task = make_task()
     old_rev = n.revision_of(task["spec"])
     old_jobs = jobs_through(task, "export")
-    svc = {"metadata": {"name": "weather-slm"}}
-    task["status"] = plan(Observed(task, old_jobs, deployment(old_rev), svc, NOW)).status
+    task["status"] = plan(Observed(task, old_jobs, deployment(old_rev), NOW)).status
 
     changed = copy.deepcopy(task)
     changed["metadata"]["generation"] = 2
     changed["spec"]["candidates"][0]["epochs"] = 5
     new_rev = n.revision_of(changed["spec"])
     assert new_rev != old_rev
-    p = plan(Observed(changed, old_jobs, deployment(old_rev), svc, NOW))
+    p = plan(Observed(changed, old_jobs, deployment(old_rev), NOW))
     names = dict(kinds(p))
     assert f"weather-data-{new_rev}" in [nm for k, nm in kinds(p) if k == "Job"]
     dep = next(o for o in p.apply if o["kind"] == "Deployment")
@@ -456,12 +450,12 @@ def test_spec_change_trains_new_revision_while_old_keeps_serving() -> None:
 
     # The new revision passes and exports: the Deployment moves to it.
     new_jobs = {**old_jobs, **jobs_through(changed, "export")}
-    p2 = plan(Observed(changed, new_jobs, deployment(old_rev), svc, NOW))
+    p2 = plan(Observed(changed, new_jobs, deployment(old_rev), NOW))
     dep = next(o for o in p2.apply if o["kind"] == "Deployment")
     assert dep["metadata"]["annotations"][n.LABEL_REVISION] == new_rev
     assert p2.status["revision"] == {"active": new_rev, "training": ""}
     # Once the Deployment reports the new revision, the old revision's Jobs are removed.
-    p3 = plan(Observed(changed, new_jobs, deployment(new_rev), svc, NOW))
+    p3 = plan(Observed(changed, new_jobs, deployment(new_rev), NOW))
     assert sorted(p3.delete_jobs) == sorted(old_jobs)
 
 
@@ -469,12 +463,11 @@ def test_new_revision_failing_gate_keeps_old_model_serving() -> None:
     task = make_task()
     old_rev = n.revision_of(task["spec"])
     old_jobs = jobs_through(task, "export")
-    svc = {"metadata": {"name": "weather-slm"}}
-    task["status"] = plan(Observed(task, old_jobs, deployment(old_rev), svc, NOW)).status
+    task["status"] = plan(Observed(task, old_jobs, deployment(old_rev), NOW)).status
     changed = copy.deepcopy(task)
     changed["spec"]["dataset"]["minExamples"] = 300
     jobs = {**old_jobs, **jobs_through(changed, "train", scores=(0.1, 0.2))}
-    p = plan(Observed(changed, jobs, deployment(old_rev), svc, NOW))
+    p = plan(Observed(changed, jobs, deployment(old_rev), NOW))
     cs = conds(p.status)
     assert cs[c.EVALUATED] == (c.FALSE, c.GATE_NOT_MET)
     assert cs[c.SERVING][0] == c.TRUE and cs[c.READY][0] == c.TRUE
@@ -484,7 +477,7 @@ def test_new_revision_failing_gate_keeps_old_model_serving() -> None:
 def test_invalid_name_is_invalid_spec_without_children() -> None:
     task = make_task()
     task["metadata"]["name"] = "Weather.v2"
-    p = plan(Observed(task, {}, None, None, NOW))
+    p = plan(Observed(task, {}, None, NOW))
     assert p.invalid and "DNS-1035" in p.invalid
     assert p.apply == []
     assert conds(p.status)[c.READY] == (c.FALSE, c.INVALID_SPEC)
@@ -493,7 +486,7 @@ def test_invalid_name_is_invalid_spec_without_children() -> None:
 
 def test_candidate_model_on_foreign_pvc_is_invalid() -> None:
     task = make_task(candidates=[{"name": "a", "model": "pvc://other/models/a"}])
-    assert "another PVC" in (plan(Observed(task, {}, None, None, NOW)).invalid or "")
+    assert "another PVC" in (plan(Observed(task, {}, None, NOW)).invalid or "")
 
 
 @pytest.mark.parametrize("account", ["slm-operator", "slm-gateway"])
@@ -502,16 +495,14 @@ def test_trainer_may_not_run_as_the_operators_or_gateways_service_account(accoun
     could read the LLM key Secrets, as the operator's create Jobs anywhere it watches."""
     reserved = frozenset({"slm-operator", "slm-gateway"})
     task = make_task(training={"gpus": 1, "serviceAccountName": account})
-    p = plan(Observed(task, {}, None, None, NOW, reserved_accounts=reserved))
+    p = plan(Observed(task, {}, None, NOW, reserved_accounts=reserved))
     assert p.invalid and f"training.serviceAccountName {account}" in p.invalid
     assert "operator or gateway" in p.invalid
     assert p.apply == []
     assert conds(p.status)[c.READY] == (c.FALSE, c.INVALID_SPEC)
     # An account of the task's own, or none (the trainer account), is fine.
     for training in ({"gpus": 1, "serviceAccountName": "s3-reader"}, {"gpus": 1}):
-        ok = plan(
-            Observed(make_task(training=training), {}, None, None, NOW, reserved_accounts=reserved)
-        )
+        ok = plan(Observed(make_task(training=training), {}, None, NOW, reserved_accounts=reserved))
         assert ok.invalid is None and ok.apply
 
 
@@ -546,20 +537,19 @@ def _serving_task() -> tuple[dict[str, Any], dict[str, JobView], dict[str, Any],
     task["spec"]["rollout"] = {"shadowMinSamples": 20, "minAgreement": 0.9, "canaryPercent": 25}
     rev = n.revision_of(task["spec"])
     jobs = jobs_through(task, "export")
-    dep, svc = deployment(rev), {"metadata": {"name": "weather-slm"}}
-    task["status"] = plan(Observed(task, jobs, dep, svc, NOW)).status
-    return task, jobs, dep, svc
+    dep = deployment(rev)
+    task["status"] = plan(Observed(task, jobs, dep, NOW)).status
+    return task, jobs, dep
 
 
 def _step(
     task: dict[str, Any],
     jobs: dict[str, JobView],
     dep: dict[str, Any],
-    svc: dict[str, Any],
     at: dt.datetime,
     m: Metrics | None,
 ) -> Any:
-    p = plan(Observed(task, jobs, dep, svc, at, m))
+    p = plan(Observed(task, jobs, dep, at, m))
     task["status"] = p.status
     return p
 
@@ -584,29 +574,29 @@ SLOW = Metrics(
 
 
 def test_fallback_needs_consecutive_breaches_and_recovers_with_hysteresis() -> None:
-    task, jobs, dep, svc = _serving_task()
+    task, jobs, dep = _serving_task()
     t = NOW
-    _step(task, jobs, dep, svc, t, HEALTHY)
+    _step(task, jobs, dep, t, HEALTHY)
     assert conds(task["status"])[c.SLO_MET] == (c.TRUE, c.WITHIN_SLO)
     t += dt.timedelta(seconds=10)
-    _step(task, jobs, dep, svc, t, SLOW)
+    _step(task, jobs, dep, t, SLOW)
     assert conds(task["status"])[c.FALLBACK_ACTIVE][0] == c.FALSE  # 1 of 2 windows
     assert conds(task["status"])[c.SLO_MET] == (c.FALSE, c.SLO_BREACHED)
     # Within the same window nothing advances, however often we reconcile.
-    _step(task, jobs, dep, svc, t + dt.timedelta(seconds=3), SLOW)
+    _step(task, jobs, dep, t + dt.timedelta(seconds=3), SLOW)
     assert conds(task["status"])[c.FALLBACK_ACTIVE][0] == c.FALSE
     t += dt.timedelta(seconds=10)
-    p = _step(task, jobs, dep, svc, t, SLOW)
+    p = _step(task, jobs, dep, t, SLOW)
     assert conds(task["status"])[c.FALLBACK_ACTIVE] == (c.TRUE, c.SLO_BREACHED)
     assert conds(task["status"])[c.READY][0] == c.FALSE
     assert task["status"]["route"]["mode"] == "shadow"  # LLM answers, SLM still measured
     assert ("Warning", c.SLO_BREACHED) in [(e[0], e[1]) for e in p.events]
     for i in range(2):
         t += dt.timedelta(seconds=10)
-        _step(task, jobs, dep, svc, t, HEALTHY)
+        _step(task, jobs, dep, t, HEALTHY)
         assert conds(task["status"])[c.FALLBACK_ACTIVE] == (c.TRUE, c.RECOVERING), i
     t += dt.timedelta(seconds=10)
-    _step(task, jobs, dep, svc, t, HEALTHY)
+    _step(task, jobs, dep, t, HEALTHY)
     assert conds(task["status"])[c.FALLBACK_ACTIVE][0] == c.FALSE
     assert conds(task["status"])[c.READY][0] == c.TRUE
 
@@ -615,45 +605,45 @@ def test_the_rollout_holds_while_fallback_is_on() -> None:
     """Recovery windows are measured on shadow copies while the LLM answers every call: they
     must not walk the rollout to canary or slm, which would serve the SLM to every call the
     moment fallback ends without a canary ever having run."""
-    task, jobs, dep, svc = _serving_task()
+    task, jobs, dep = _serving_task()
     task["spec"]["rollout"]["canaryWindows"] = 1
     task["spec"]["fallback"]["policy"]["recoveryWindows"] = 4
     t = NOW
     for _ in range(2):  # breached while still in shadow
         t += dt.timedelta(seconds=10)
-        _step(task, jobs, dep, svc, t, SLOW)
+        _step(task, jobs, dep, t, SLOW)
     assert conds(task["status"])[c.FALLBACK_ACTIVE] == (c.TRUE, c.SLO_BREACHED)
     assert task["status"]["live"]["rolloutMode"] == "shadow"
     for _ in range(3):
         t += dt.timedelta(seconds=10)
-        _step(task, jobs, dep, svc, t, HEALTHY)
+        _step(task, jobs, dep, t, HEALTHY)
         assert conds(task["status"])[c.FALLBACK_ACTIVE] == (c.TRUE, c.RECOVERING)
         assert task["status"]["live"]["rolloutMode"] == "shadow"
     t += dt.timedelta(seconds=10)
-    _step(task, jobs, dep, svc, t, HEALTHY)
+    _step(task, jobs, dep, t, HEALTHY)
     assert conds(task["status"])[c.FALLBACK_ACTIVE][0] == c.FALSE
     assert task["status"]["route"]["mode"] == "canary"  # the canary runs now, not skipped
 
 
 def test_missing_metrics_keep_the_last_decision() -> None:
-    task, jobs, dep, svc = _serving_task()
+    task, jobs, dep = _serving_task()
     t = NOW
     for _ in range(2):
         t += dt.timedelta(seconds=10)
-        _step(task, jobs, dep, svc, t, SLOW)
+        _step(task, jobs, dep, t, SLOW)
     assert conds(task["status"])[c.FALLBACK_ACTIVE][0] == c.TRUE
     t += dt.timedelta(seconds=10)
-    _step(task, jobs, dep, svc, t, None)
+    _step(task, jobs, dep, t, None)
     assert conds(task["status"])[c.FALLBACK_ACTIVE][0] == c.TRUE
     assert conds(task["status"])[c.SLO_MET] == (c.UNKNOWN, c.METRICS_UNAVAILABLE)
 
 
 def test_rollout_goes_shadow_canary_slm_on_agreement() -> None:
-    task, jobs, dep, svc = _serving_task()
+    task, jobs, dep = _serving_task()
     t = NOW
     modes = []
     for _ in range(6):
-        _step(task, jobs, dep, svc, t, HEALTHY)
+        _step(task, jobs, dep, t, HEALTHY)
         modes.append(
             (task["status"]["route"]["mode"], task["status"]["route"].get("canaryPercent"))
         )
@@ -665,41 +655,41 @@ def test_rollout_goes_shadow_canary_slm_on_agreement() -> None:
     disagree = Metrics(
         p95_latency_ms=80, error_rate=0.0, request_rate=5, agreement=0.5, shadow_samples=40
     )
-    task2, jobs2, dep2, svc2 = _serving_task()
-    _step(task2, jobs2, dep2, svc2, NOW, disagree)
+    task2, jobs2, dep2 = _serving_task()
+    _step(task2, jobs2, dep2, NOW, disagree)
     assert task2["status"]["route"]["mode"] == "shadow"
     assert task2["status"]["live"]["rolloutReason"] == "ShadowMeasuring"
 
 
 def test_canary_count_lives_in_status_and_resets_on_a_bad_window() -> None:
-    task, jobs, dep, svc = _serving_task()
+    task, jobs, dep = _serving_task()
     task["spec"]["rollout"]["canaryWindows"] = 2
     t = NOW
-    _step(task, jobs, dep, svc, t, HEALTHY)  # shadow -> canary
+    _step(task, jobs, dep, t, HEALTHY)  # shadow -> canary
     assert task["status"]["live"]["canaryHealthyWindows"] == 0
     t += dt.timedelta(seconds=10)
-    _step(task, jobs, dep, svc, t, HEALTHY)
+    _step(task, jobs, dep, t, HEALTHY)
     live = task["status"]["live"]
     assert (live["rolloutMode"], live["canaryHealthyWindows"]) == ("canary", 1)
     fb = next(x for x in task["status"]["conditions"] if x["type"] == c.FALLBACK_ACTIVE)
     assert "1 of 2 healthy windows" in fb["message"]
     # Reconciles within the window (or by a restarted operator) do not count it again.
-    _step(task, jobs, dep, svc, t + dt.timedelta(seconds=3), HEALTHY)
+    _step(task, jobs, dep, t + dt.timedelta(seconds=3), HEALTHY)
     assert task["status"]["live"]["canaryHealthyWindows"] == 1
     # A window without canary measurements neither counts nor resets.
     t += dt.timedelta(seconds=10)
-    _step(task, jobs, dep, svc, t, Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=5))
+    _step(task, jobs, dep, t, Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=5))
     live = task["status"]["live"]
     assert (live["rolloutMode"], live["canaryHealthyWindows"]) == ("canary", 1)
     # One slow window sends the rollout back to shadow; the next canary counts from zero.
     t += dt.timedelta(seconds=10)
-    _step(task, jobs, dep, svc, t, SLOW)
+    _step(task, jobs, dep, t, SLOW)
     live = task["status"]["live"]
     assert (live["rolloutMode"], live["rolloutReason"]) == ("shadow", "CanaryRolledBack")
     assert live["canaryHealthyWindows"] == 0
     for want in (("canary", 0), ("canary", 1), ("slm", 0)):
         t += dt.timedelta(seconds=10)
-        _step(task, jobs, dep, svc, t, HEALTHY)
+        _step(task, jobs, dep, t, HEALTHY)
         live = task["status"]["live"]
         assert (live["rolloutMode"], live["canaryHealthyWindows"]) == want
 
@@ -707,17 +697,17 @@ def test_canary_count_lives_in_status_and_resets_on_a_bad_window() -> None:
 def test_a_window_is_judged_only_after_its_full_length() -> None:
     """Sub-second clocks: a reconcile 9.5 s after the last judged window (of 10 s) waits,
     even when the last one ran late in its second; a truncated timestamp would count it."""
-    task, jobs, dep, svc = _serving_task()
+    task, jobs, dep = _serving_task()
     task["spec"]["rollout"]["canaryWindows"] = 2
     t = NOW + dt.timedelta(seconds=0.9)
-    _step(task, jobs, dep, svc, t, HEALTHY)  # shadow -> canary
+    _step(task, jobs, dep, t, HEALTHY)  # shadow -> canary
     t += dt.timedelta(seconds=10)
-    _step(task, jobs, dep, svc, t, HEALTHY)
+    _step(task, jobs, dep, t, HEALTHY)
     assert task["status"]["live"]["canaryHealthyWindows"] == 1
-    _step(task, jobs, dep, svc, t + dt.timedelta(seconds=9.5), HEALTHY)
+    _step(task, jobs, dep, t + dt.timedelta(seconds=9.5), HEALTHY)
     live = task["status"]["live"]
     assert (live["rolloutMode"], live["canaryHealthyWindows"]) == ("canary", 1)
-    _step(task, jobs, dep, svc, t + dt.timedelta(seconds=10), HEALTHY)
+    _step(task, jobs, dep, t + dt.timedelta(seconds=10), HEALTHY)
     assert task["status"]["live"]["rolloutMode"] == "slm"
 
 
@@ -729,76 +719,76 @@ def test_a_window_is_judged_only_after_its_full_length() -> None:
 def test_replicas_follow_request_rate_within_bounds(start: float, cooling_at: float) -> None:
     """Scale-up at once, scale-down only after the 60 s cooldown, counted from the very moment
     of the last scaling (not its whole second: 59.8 s after a scaling at .7 s still cools)."""
-    task, jobs, dep, svc = _serving_task()
+    task, jobs, dep = _serving_task()
     t = NOW + dt.timedelta(seconds=start)
     busy = Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=35)
-    p = _step(task, jobs, dep, svc, t, busy)
+    p = _step(task, jobs, dep, t, busy)
     d = next(o for o in p.apply if o["kind"] == "Deployment")
     assert d["spec"]["replicas"] == 3  # ceil(35/10)=4, clamped to maxReplicas 3
     assert task["status"]["serving"]["desiredReplicas"] == 3
     quiet = Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=0.5)
-    p = _step(task, jobs, dep, svc, t + dt.timedelta(seconds=cooling_at), quiet)
+    p = _step(task, jobs, dep, t + dt.timedelta(seconds=cooling_at), quiet)
     assert next(o for o in p.apply if o["kind"] == "Deployment")["spec"]["replicas"] == 3
     assert task["status"]["live"]["scaleReason"] == "ScaleDownCoolingDown"
-    p = _step(task, jobs, dep, svc, t + dt.timedelta(seconds=70), quiet)
+    p = _step(task, jobs, dep, t + dt.timedelta(seconds=70), quiet)
     assert next(o for o in p.apply if o["kind"] == "Deployment")["spec"]["replicas"] == 1
 
 
 def test_scaling_up_moves_at_most_max_step_replicas_per_window() -> None:
     """A burst that wants 8 replicas at once gets them 2 per window (``maxStep``), so a
     spike in one window does not start a whole fleet of Triton pods."""
-    task, jobs, dep, svc = _serving_task()
+    task, jobs, dep = _serving_task()
     task["spec"]["serving"]["maxReplicas"] = 8
     task["spec"]["serving"]["scaling"] = {"maxStep": 2}
     burst = Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=75)  # ceil(75/10) = 8
     seen = []
     for i in range(5):
-        p = _step(task, jobs, dep, svc, NOW + dt.timedelta(seconds=10 * (i + 1)), burst)
+        p = _step(task, jobs, dep, NOW + dt.timedelta(seconds=10 * (i + 1)), burst)
         seen.append(next(o for o in p.apply if o["kind"] == "Deployment")["spec"]["replicas"])
     assert seen == [3, 5, 7, 8, 8]
 
 
 def test_the_next_window_is_due_a_window_after_the_last_judged_one() -> None:
     """What the operator's per-task wake-up is set from; also the usage a window reports."""
-    task, jobs, dep, svc = _serving_task()
+    task, jobs, dep = _serving_task()
     judged = Metrics(
         p95_latency_ms=80, error_rate=0.0, request_rate=5, slm_share=0.4, cost_saved_usd=0.1234
     )
-    p = _step(task, jobs, dep, svc, NOW + dt.timedelta(seconds=10), judged)
+    p = _step(task, jobs, dep, NOW + dt.timedelta(seconds=10), judged)
     assert p.next_window_s == 10.0
     assert task["status"]["usage"] == {
         "slmShare": 0.4,
         "costSavedUSD": 0.1234,
         "windowSeconds": 10,
     }
-    p = _step(task, jobs, dep, svc, NOW + dt.timedelta(seconds=14), None)  # an event between
+    p = _step(task, jobs, dep, NOW + dt.timedelta(seconds=14), None)  # an event between
     assert p.next_window_s == pytest.approx(6.0)
     # Due, but Prometheus did not answer: the next try is a window later, not at once.
-    p = _step(task, jobs, dep, svc, NOW + dt.timedelta(seconds=25), None)
+    p = _step(task, jobs, dep, NOW + dt.timedelta(seconds=25), None)
     assert p.next_window_s == 10.0
     # No model served: no windows.
     fresh = make_task()
-    assert plan(Observed(fresh, {}, None, None, NOW)).next_window_s is None
+    assert plan(Observed(fresh, {}, None, NOW)).next_window_s is None
 
 
 def test_a_gateway_restart_does_not_lose_the_new_examples_counted_so_far() -> None:
     """The captured-record total is a sum of gateway counters; a gateway rollout brings it
     down. What was counted before goes on counting: 60 before the restart and 40 after make
     the 100 new examples asked for. Before, the count started over at each restart."""
-    task, jobs, dep, svc = _serving_task()
+    task, jobs, dep = _serving_task()
     task["spec"]["retraining"] = {"minNewExamples": 100, "enabled": True}
     t = NOW
     # baseline, 60 new, a window without a total (the new gateway has written nothing yet:
     # no series), then the restarted gateway's own count
     for m in (captured(1000), captured(1060), HEALTHY, captured(20)):
-        _step(task, jobs, dep, svc, t, m)
+        _step(task, jobs, dep, t, m)
         t += dt.timedelta(seconds=10)
     assert task["status"]["retraining"]["epoch"] == 0
     assert task["status"]["retraining"]["carriedRecords"] == 60
     assert task["status"]["retraining"]["baselineRecords"] == 20
-    _step(task, jobs, dep, svc, t, captured(59))  # 60 + 39: not yet
+    _step(task, jobs, dep, t, captured(59))  # 60 + 39: not yet
     assert task["status"]["retraining"]["epoch"] == 0
-    _step(task, jobs, dep, svc, t + dt.timedelta(seconds=10), captured(60))
+    _step(task, jobs, dep, t + dt.timedelta(seconds=10), captured(60))
     assert task["status"]["retraining"]["epoch"] == 1
     assert "carriedRecords" not in task["status"]["retraining"]
     assert task["status"]["retraining"]["baselineRecords"] == 60
@@ -808,40 +798,40 @@ def test_a_total_that_dips_and_recovers_above_the_baseline_is_not_counted_twice(
     """One of several gateway replicas restarting, or a Prometheus replica answering a little
     behind, lowers the total for a while without going below the count at the last trigger:
     counting goes on from the baseline, so nothing is counted twice."""
-    task, jobs, dep, svc = _serving_task()
+    task, jobs, dep = _serving_task()
     task["spec"]["retraining"] = {"minNewExamples": 100, "enabled": True}
     t = NOW
     for total in (1000, 1060, 1030, 1070, 1040, 1099):  # dips, 99 new in the end
-        _step(task, jobs, dep, svc, t, captured(total))
+        _step(task, jobs, dep, t, captured(total))
         t += dt.timedelta(seconds=10)
     assert task["status"]["retraining"]["epoch"] == 0
     assert "carriedRecords" not in task["status"]["retraining"]
-    _step(task, jobs, dep, svc, t, captured(1100))
+    _step(task, jobs, dep, t, captured(1100))
     assert task["status"]["retraining"]["epoch"] == 1
 
 
 def test_retraining_starts_after_enough_new_calls_and_promotes_only_if_better() -> None:
-    task, jobs, dep, svc = _serving_task()
+    task, jobs, dep = _serving_task()
     task["spec"]["retraining"] = {"minNewExamples": 100, "enabled": True}
     rev0 = n.revision_of(task["spec"])
     t = NOW
 
-    _step(task, jobs, dep, svc, t, captured(1000))  # baseline
+    _step(task, jobs, dep, t, captured(1000))  # baseline
     assert task["status"]["retraining"]["baselineRecords"] == 1000
     t += dt.timedelta(seconds=10)
-    _step(task, jobs, dep, svc, t, captured(1050))
+    _step(task, jobs, dep, t, captured(1050))
     assert task["status"]["retraining"]["epoch"] == 0
     t += dt.timedelta(seconds=10)
-    _step(task, jobs, dep, svc, t, captured(1120))
+    _step(task, jobs, dep, t, captured(1120))
     assert task["status"]["retraining"]["epoch"] == 1
     rev1 = n.revision_of(task["spec"], 1)
-    p = _step(task, jobs, dep, svc, t + dt.timedelta(seconds=1), captured(1120))
+    p = _step(task, jobs, dep, t + dt.timedelta(seconds=1), captured(1120))
     assert task["status"]["revision"] == {"active": rev0, "training": rev1}
     assert f"weather-data-{rev1}" in [o["metadata"]["name"] for o in p.apply]
 
     # The retrained candidates pass the gate but are not better than the served 0.9: no swap.
     same = retrained_jobs(task, rev0, rev1, scores=(0.9, 0.85))
-    p = _step(task, {**jobs, **same}, dep, svc, t + dt.timedelta(seconds=2), captured(1120))
+    p = _step(task, {**jobs, **same}, dep, t + dt.timedelta(seconds=2), captured(1120))
     assert conds(task["status"])[c.EVALUATED] == (c.FALSE, c.NOT_BETTER)
     assert not [o for o in p.apply if o["metadata"]["labels"].get(n.LABEL_STAGE) == "export"]
     assert conds(task["status"])[c.READY][0] == c.TRUE
@@ -871,18 +861,18 @@ def test_a_lost_retraining_keeps_counting_and_the_next_must_still_beat_the_serve
     """S6 goes on after a retraining that did not beat the served model: the next
     ``minNewExamples`` calls start another, which must beat the served (older) model too.
     The lost one never trains again, even once its Jobs are deleted (by hand, a cleanup)."""
-    task, jobs, dep, svc = _serving_task()
+    task, jobs, dep = _serving_task()
     task["spec"]["retraining"] = {"minNewExamples": 100, "enabled": True}
     rev0 = n.revision_of(task["spec"])
     rev1, rev2 = n.revision_of(task["spec"], 1), n.revision_of(task["spec"], 2)
     t = NOW
 
-    _step(task, jobs, dep, svc, t, captured(1000))
-    _step(task, jobs, dep, svc, t + dt.timedelta(seconds=10), captured(1100))
+    _step(task, jobs, dep, t, captured(1000))
+    _step(task, jobs, dep, t + dt.timedelta(seconds=10), captured(1100))
     assert task["status"]["retraining"]["epoch"] == 1
     lost = {**jobs, **retrained_jobs(task, rev0, rev1, scores=(0.88, 0.85))}
     t += dt.timedelta(seconds=20)
-    p = _step(task, lost, dep, svc, t, captured(1150))
+    p = _step(task, lost, dep, t, captured(1150))
     assert conds(task["status"])[c.EVALUATED] == (c.FALSE, c.NOT_BETTER)
     assert not [o for o in p.apply if o["kind"] == "Job"]
     assert not p.delete_jobs  # kept, with their results, until the next retraining
@@ -891,7 +881,7 @@ def test_a_lost_retraining_keeps_counting_and_the_next_must_still_beat_the_serve
     # Someone deletes the lost retraining's Jobs: nothing is created again, and status still
     # says why the served model stays.
     for i in range(1, 3):
-        p = _step(task, jobs, dep, svc, t + dt.timedelta(seconds=i), captured(1150))
+        p = _step(task, jobs, dep, t + dt.timedelta(seconds=i), captured(1150))
         assert not [o for o in p.apply if o["kind"] == "Job"], i
         assert task["status"]["revision"] == {"active": rev0, "training": ""}
         assert conds(task["status"])[c.EVALUATED] == (c.FALSE, c.NOT_BETTER)
@@ -899,24 +889,24 @@ def test_a_lost_retraining_keeps_counting_and_the_next_must_still_beat_the_serve
         assert task["status"]["retraining"]["epoch"] == 1  # 50 new calls since the trigger
         assert not p.events
     t += dt.timedelta(seconds=10)
-    p = _step(task, jobs, dep, svc, t, captured(1210))
+    p = _step(task, jobs, dep, t, captured(1210))
     assert task["status"]["retraining"]["epoch"] == 2
     assert task["status"]["retraining"]["reason"] == "EnoughNewExamples"
     # Lost Jobs still there at the next retraining are deleted then.
-    kept = plan(Observed(task, lost, dep, svc, t + dt.timedelta(seconds=1), captured(1210)))
+    kept = plan(Observed(task, lost, dep, t + dt.timedelta(seconds=1), captured(1210)))
     assert sorted(kept.delete_jobs) == sorted(name for name in lost if rev1 in name)
-    p = _step(task, jobs, dep, svc, t + dt.timedelta(seconds=1), captured(1210))
+    p = _step(task, jobs, dep, t + dt.timedelta(seconds=1), captured(1210))
     assert task["status"]["revision"] == {"active": rev0, "training": rev2}
     assert f"weather-data-{rev2}" in [o["metadata"]["name"] for o in p.apply]
 
     # Epoch 2 passes the gate at 0.89: still not better than the served 0.9.
     worse = {**jobs, **retrained_jobs(task, rev0, rev2, scores=(0.89, 0.86))}
-    _step(task, worse, dep, svc, t + dt.timedelta(seconds=2), captured(1210))
+    _step(task, worse, dep, t + dt.timedelta(seconds=2), captured(1210))
     assert conds(task["status"])[c.EVALUATED] == (c.FALSE, c.NOT_BETTER)
     assert task["status"]["revision"]["active"] == rev0
     # ... at 0.93 it is better: it is exported, and then served.
     better = {**jobs, **retrained_jobs(task, rev0, rev2, scores=(0.93, 0.86))}
-    p = _step(task, better, dep, svc, t + dt.timedelta(seconds=3), captured(1210))
+    p = _step(task, better, dep, t + dt.timedelta(seconds=3), captured(1210))
     exports = [o for o in p.apply if o["metadata"]["labels"].get(n.LABEL_STAGE) == "export"]
     assert [o["metadata"]["name"] for o in exports] == [n.export_job_name("weather", "small", rev2)]
 
@@ -925,17 +915,17 @@ def test_deleting_the_deployment_after_a_lost_retraining_keeps_the_served_model(
     """The Triton Deployment is deleted (to force fresh pods, by a cleanup) after a retraining
     lost to the served model: the served revision is rebuilt from status, the loser is not
     promoted for want of a model to beat, and the served revision's Jobs are kept."""
-    task, jobs, dep, svc = _serving_task()
+    task, jobs, dep = _serving_task()
     task["spec"]["retraining"] = {"minNewExamples": 100}
     rev0, rev1 = n.revision_of(task["spec"]), n.revision_of(task["spec"], 1)
     t = NOW
-    _step(task, jobs, dep, svc, t, captured(1000))
-    _step(task, jobs, dep, svc, t + dt.timedelta(seconds=10), captured(1100))
+    _step(task, jobs, dep, t, captured(1000))
+    _step(task, jobs, dep, t + dt.timedelta(seconds=10), captured(1100))
     lost = {**jobs, **retrained_jobs(task, rev0, rev1, scores=(0.89, 0.88))}
-    _step(task, lost, dep, svc, t + dt.timedelta(seconds=20), captured(1100))
+    _step(task, lost, dep, t + dt.timedelta(seconds=20), captured(1100))
     assert conds(task["status"])[c.EVALUATED] == (c.FALSE, c.NOT_BETTER)
 
-    p = _step(task, lost, None, svc, t + dt.timedelta(seconds=21), None)
+    p = _step(task, lost, None, t + dt.timedelta(seconds=21), None)
     assert kinds(p) == [("Deployment", "weather-slm"), ("Service", "weather-slm")]
     d = p.apply[0]
     assert d["metadata"]["annotations"][n.LABEL_REVISION] == rev0
@@ -950,7 +940,7 @@ def test_deleting_the_deployment_after_a_lost_retraining_keeps_the_served_model(
     assert task["status"]["selectedModel"]["score"] == 0.9
 
     # Its replicas are back: the same model serves again.
-    p = _step(task, lost, dep, svc, t + dt.timedelta(seconds=30), captured(1100))
+    p = _step(task, lost, dep, t + dt.timedelta(seconds=30), captured(1100))
     assert conds(task["status"])[c.READY] == (c.TRUE, c.READY_REASON)
     assert task["status"]["revision"] == {"active": rev0, "training": ""}
     assert not [o for o in p.apply if o["kind"] == "Job"]
@@ -959,14 +949,14 @@ def test_deleting_the_deployment_after_a_lost_retraining_keeps_the_served_model(
 def test_a_new_storage_claim_keeps_the_served_model_on_its_own_claim() -> None:
     """Moving a serving task to another PVC trains a new revision on the new claim; until it
     replaces the served model, Triton keeps reading that model from the claim it is on."""
-    task, jobs, dep, svc = _serving_task()
+    task, jobs, dep = _serving_task()
     old_rev = n.revision_of(task["spec"])
     task["metadata"]["generation"] = 2
     task["spec"]["storage"]["claimName"] = "slm-work-v2"
     new_rev = n.revision_of(task["spec"])
     assert new_rev != old_rev
 
-    p = plan(Observed(task, jobs, dep, svc, NOW))
+    p = plan(Observed(task, jobs, dep, NOW))
     d = next(o for o in p.apply if o["kind"] == "Deployment")
     assert d["metadata"]["annotations"][n.LABEL_REVISION] == old_rev
     vols = d["spec"]["template"]["spec"]["volumes"]
@@ -983,7 +973,7 @@ def test_a_new_storage_claim_keeps_the_served_model_on_its_own_claim() -> None:
     assert p.status["revision"] == {"active": old_rev, "training": new_rev}
 
     # The new revision, trained and exported on the new claim, replaces it there.
-    p = plan(Observed(task, {**jobs, **jobs_through(task, "export")}, dep, svc, NOW))
+    p = plan(Observed(task, {**jobs, **jobs_through(task, "export")}, dep, NOW))
     d = next(o for o in p.apply if o["kind"] == "Deployment")
     assert d["metadata"]["annotations"][n.LABEL_REVISION] == new_rev
     vols = d["spec"]["template"]["spec"]["volumes"]
@@ -1005,10 +995,10 @@ def test_a_schedule_with_day_names_triggers_retraining_when_it_fires(
 ) -> None:
     """Cron's day names (as the CRD admits them) work: the retraining starts at 12:00 on a
     Monday (NOW) for a Monday schedule, and waits for a Sunday one."""
-    task, jobs, dep, svc = _serving_task()
+    task, jobs, dep = _serving_task()
     task["spec"]["retraining"] = {"minNewExamples": 100, "schedule": schedule}
-    _step(task, jobs, dep, svc, _at(11, 59, 30), captured(1000))
-    _step(task, jobs, dep, svc, _at(12, 0, 0), captured(1100))
+    _step(task, jobs, dep, _at(11, 59, 30), captured(1000))
+    _step(task, jobs, dep, _at(12, 0, 0), captured(1100))
     retraining = task["status"]["retraining"]
     assert retraining["epoch"] == (1 if triggered else 0)
     assert retraining["reason"] == ("EnoughNewExamples" if triggered else "WaitingForSchedule")
@@ -1018,10 +1008,10 @@ def test_a_schedule_with_day_names_triggers_retraining_when_it_fires(
 def test_a_schedule_cron_cannot_run_is_invalid_spec_not_a_crash(enabled: bool) -> None:
     """A step of 0 (admitted by an older CRD) used to raise at every metrics window, even with
     retraining paused: no status, no live control. Now the task says what is wrong."""
-    task, jobs, dep, svc = _serving_task()
+    task, jobs, dep = _serving_task()
     task["spec"]["retraining"] = {"minNewExamples": 100, "schedule": "*/0 * * * *"}
     task["spec"]["retraining"]["enabled"] = enabled
-    p = _step(task, jobs, dep, svc, NOW, captured(1000))
+    p = _step(task, jobs, dep, NOW, captured(1000))
     assert p.invalid is not None and "retraining.schedule '*/0 * * * *'" in p.invalid
     assert "step in '*/0' must be at least 1" in p.invalid
     assert conds(p.status)[c.READY] == (c.FALSE, c.INVALID_SPEC)
@@ -1034,17 +1024,17 @@ def test_an_invalid_spec_keeps_the_served_model_under_live_control() -> None:
     """A schedule the CRD pattern admits but cron cannot run (a range that ends before it
     starts) makes the spec invalid: training stops, but the served SLM over its SLO must
     still hand its calls to the LLM (it used to keep every call, live control frozen)."""
-    task, jobs, dep, svc = _serving_task()
+    task, jobs, dep = _serving_task()
     task["spec"]["rollout"] = {"strategy": "direct"}
     t = NOW
     for _ in range(2):
         t += dt.timedelta(seconds=10)
-        _step(task, jobs, dep, svc, t, HEALTHY)
+        _step(task, jobs, dep, t, HEALTHY)
     assert task["status"]["route"]["mode"] == "slm"
     task["spec"]["retraining"] = {"minNewExamples": 1000, "schedule": "50-10 * * * *"}
     for _ in range(2):  # breachWindows: 2
         t += dt.timedelta(seconds=10)
-        p = _step(task, jobs, dep, svc, t, SLOW)
+        p = _step(task, jobs, dep, t, SLOW)
     assert p.invalid is not None and "minute range '50-10'" in p.invalid
     cs = conds(task["status"])
     assert cs[c.READY] == (c.FALSE, c.INVALID_SPEC)
@@ -1057,12 +1047,12 @@ def test_an_invalid_spec_keeps_the_served_model_under_live_control() -> None:
     assert p.next_window_s == 10.0  # the operator still wakes for the next window
     assert [x["name"] for x in task["status"]["candidates"]] == ["small", "big"]
     assert kinds(p) == [("Deployment", "weather-slm"), ("Service", "weather-slm")]
-    _settled(Observed(task, jobs, dep, svc, t + dt.timedelta(seconds=1)))
+    _settled(Observed(task, jobs, dep, t + dt.timedelta(seconds=1)))
 
 
 def test_an_invalid_spec_with_nothing_served_creates_no_job() -> None:
     task = make_task(retraining={"schedule": "50-10 * * * *"})
-    p = _settled(Observed(task, {}, None, None, NOW))
+    p = _settled(Observed(task, {}, None, NOW))
     assert p.invalid and p.apply == [] and p.delete_jobs == []
     assert conds(p.status)[c.READY] == (c.FALSE, c.INVALID_SPEC)
     assert p.status["phase"] == "Failed"
@@ -1087,16 +1077,16 @@ def test_cron_matching(expr: str, when: dt.datetime, ok: bool) -> None:
 def test_a_task_scaled_to_zero_scales_up_again_when_calls_arrive() -> None:
     """minReplicas 0: an idle task scales to zero and its calls go to the LLM; when calls
     arrive again the autoscaler must bring a replica back (no replica is ready to gate on)."""
-    task, jobs, dep, svc = _serving_task()
+    task, jobs, dep = _serving_task()
     task["spec"]["serving"]["minReplicas"] = 0
     idle = Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=0.0)
-    p = _step(task, jobs, dep, svc, NOW, idle)
+    p = _step(task, jobs, dep, NOW, idle)
     assert next(o for o in p.apply if o["kind"] == "Deployment")["spec"]["replicas"] == 0
     zero = copy.deepcopy(dep)
     zero["spec"]["replicas"] = 0
     zero["status"].update(replicas=0, updatedReplicas=0, readyReplicas=0, availableReplicas=0)
     busy = Metrics(request_rate=5.0)  # the gateway counts the calls it sends to the LLM
-    p = _step(task, jobs, zero, svc, NOW + dt.timedelta(seconds=10), busy)
+    p = _step(task, jobs, zero, NOW + dt.timedelta(seconds=10), busy)
     assert next(o for o in p.apply if o["kind"] == "Deployment")["spec"]["replicas"] == 1
     assert task["status"]["serving"]["desiredReplicas"] == 1
 
@@ -1105,14 +1095,14 @@ def test_a_task_scaled_to_zero_while_idle_is_healthy_not_an_outage() -> None:
     """No replica wanted is not a replica missing: Ready, phase Serving, the LLM answering
     (route llm), Normal events only; NoReadyReplicas (a Warning, Argo CD Degraded, "waiting
     for replicas (0/0)") is for a replica that should be there."""
-    task, jobs, dep, svc = _serving_task()
+    task, jobs, dep = _serving_task()
     task["spec"]["serving"]["minReplicas"] = 0
     idle = Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=0.0)
-    _step(task, jobs, dep, svc, NOW, idle)
+    _step(task, jobs, dep, NOW, idle)
     zero = copy.deepcopy(dep)
     zero["spec"]["replicas"] = 0
     zero["status"].update(replicas=0, updatedReplicas=0, readyReplicas=0, availableReplicas=0)
-    p = _step(task, jobs, zero, svc, NOW + dt.timedelta(seconds=10), idle)
+    p = _step(task, jobs, zero, NOW + dt.timedelta(seconds=10), idle)
     st = conds(p.status)
     assert st[c.READY] == (c.TRUE, c.SCALED_TO_ZERO)
     assert st[c.SERVING] == (c.FALSE, c.SCALED_TO_ZERO)
@@ -1121,12 +1111,12 @@ def test_a_task_scaled_to_zero_while_idle_is_healthy_not_an_outage() -> None:
     assert p.status["route"]["mode"] == "llm"
     assert "scaled to zero" in p.status["message"] and "0/0" not in p.status["message"]
     assert not [e for e in p.events if e[0] == "Warning"], p.events
-    _settled(Observed(task, jobs, zero, svc, NOW + dt.timedelta(seconds=11)))
+    _settled(Observed(task, jobs, zero, NOW + dt.timedelta(seconds=11)))
     # A replica that should be there and is not is still an outage.
-    task2, jobs2, dep2, svc2 = _serving_task()
+    task2, jobs2, dep2 = _serving_task()
     crashed = copy.deepcopy(dep2)
     crashed["status"].update(readyReplicas=0, availableReplicas=0)
-    p = _step(task2, jobs2, crashed, svc2, NOW + dt.timedelta(seconds=10), HEALTHY)
+    p = _step(task2, jobs2, crashed, NOW + dt.timedelta(seconds=10), HEALTHY)
     assert conds(p.status)[c.FALLBACK_ACTIVE] == (c.TRUE, c.NO_READY_REPLICAS)
     assert conds(p.status)[c.READY][0] == c.FALSE
 
@@ -1137,8 +1127,7 @@ def test_a_first_rollout_waiting_for_replicas_is_not_an_outage() -> None:
     task = make_task()
     rev = n.revision_of(task["spec"])
     jobs = jobs_through(task, "export")
-    svc = {"metadata": {"name": "weather-slm"}}
-    p = _step(task, jobs, deployment(rev, available=False, ready=0), svc, NOW, HEALTHY)
+    p = _step(task, jobs, deployment(rev, available=False, ready=0), NOW, HEALTHY)
     assert conds(p.status)[c.SERVING] == (c.FALSE, c.DEPLOYMENT_PROGRESSING)
     assert conds(p.status)[c.FALLBACK_ACTIVE] == (c.TRUE, c.NO_SERVING_MODEL)
     assert not [e for e in p.events if e[0] == "Warning"]
@@ -1150,14 +1139,12 @@ def test_serving_says_why_a_triton_replica_is_not_ready() -> None:
     task = make_task()
     rev = n.revision_of(task["spec"])
     jobs = jobs_through(task, "export")
-    svc = {"metadata": {"name": "weather-slm"}}
     why = "pod weather-slm-x cannot be scheduled: 0/4 nodes are available: 2 Insufficient GPU."
     starting = plan(
         Observed(
             task,
             jobs,
             deployment(rev, available=False, ready=0),
-            svc,
             NOW,
             HEALTHY,
             serving_waiting=why,
@@ -1165,10 +1152,10 @@ def test_serving_says_why_a_triton_replica_is_not_ready() -> None:
     )
     serving = next(x for x in starting.status["conditions"] if x["type"] == c.SERVING)
     assert serving["reason"] == c.DEPLOYMENT_PROGRESSING and serving["message"].endswith(why)
-    scaling = plan(Observed(task, jobs, deployment(rev), svc, NOW, HEALTHY, serving_waiting=why))
+    scaling = plan(Observed(task, jobs, deployment(rev), NOW, HEALTHY, serving_waiting=why))
     serving = next(x for x in scaling.status["conditions"] if x["type"] == c.SERVING)
     assert serving["reason"] == c.DEPLOYMENT_AVAILABLE and serving["message"].endswith(why)
-    healthy = plan(Observed(task, jobs, deployment(rev), svc, NOW, HEALTHY))
+    healthy = plan(Observed(task, jobs, deployment(rev), NOW, HEALTHY))
     serving = next(x for x in healthy.status["conditions"] if x["type"] == c.SERVING)
     assert "cannot be scheduled" not in serving["message"]
 
@@ -1177,22 +1164,22 @@ def test_a_moment_without_ready_replicas_does_not_restart_the_rollout() -> None:
     """Live-control memory survives a window in which no Triton replica is ready (a crash, a
     node drain): the calls go to the LLM meanwhile, and when the same model's replicas are
     back it serves as before instead of starting over in shadow."""
-    task, jobs, dep, svc = _serving_task()
+    task, jobs, dep = _serving_task()
     task["spec"]["rollout"]["canaryWindows"] = 1
     t = NOW
     for _ in range(2):
-        _step(task, jobs, dep, svc, t, HEALTHY)
+        _step(task, jobs, dep, t, HEALTHY)
         t += dt.timedelta(seconds=10)
     assert task["status"]["route"]["mode"] == "slm"
     down = copy.deepcopy(dep)
     down["status"].update(readyReplicas=0, availableReplicas=0)
-    _step(task, jobs, down, svc, t, HEALTHY)
+    _step(task, jobs, down, t, HEALTHY)
     assert task["status"]["route"]["mode"] == "llm"
     assert conds(task["status"])[c.FALLBACK_ACTIVE] == (c.TRUE, c.NO_READY_REPLICAS)
     live = task["status"]["live"]
     assert (live["fallback"], live["fallbackReason"]) == (True, c.NO_READY_REPLICAS)
     t += dt.timedelta(seconds=10)
-    _step(task, jobs, dep, svc, t, HEALTHY)
+    _step(task, jobs, dep, t, HEALTHY)
     assert task["status"]["route"]["mode"] == "slm"
     assert task["status"]["live"]["rolloutMode"] == "slm"
     assert task["status"]["live"]["fallback"] is False
@@ -1201,18 +1188,18 @@ def test_a_moment_without_ready_replicas_does_not_restart_the_rollout() -> None:
 def test_replicas_back_with_no_metrics_yet_serve_at_once() -> None:
     """The first window after an outage has no SLM metrics (the LLM answered meanwhile): the
     outage's fallback ends with the outage, and does not wait out recovery windows."""
-    task, jobs, dep, svc = _serving_task()
+    task, jobs, dep = _serving_task()
     task["spec"]["rollout"]["canaryWindows"] = 1
     t = NOW
     for _ in range(2):
-        _step(task, jobs, dep, svc, t, HEALTHY)
+        _step(task, jobs, dep, t, HEALTHY)
         t += dt.timedelta(seconds=10)
     down = copy.deepcopy(dep)
     down["status"].update(readyReplicas=0, availableReplicas=0)
-    _step(task, jobs, down, svc, t, HEALTHY)
+    _step(task, jobs, down, t, HEALTHY)
     for _ in range(2):
         t += dt.timedelta(seconds=10)
-        _step(task, jobs, dep, svc, t, Metrics())
+        _step(task, jobs, dep, t, Metrics())
         assert task["status"]["route"]["mode"] == "slm"
         assert conds(task["status"])[c.FALLBACK_ACTIVE][0] == c.FALSE
 
@@ -1220,34 +1207,34 @@ def test_replicas_back_with_no_metrics_yet_serve_at_once() -> None:
 def test_an_slo_fallback_interrupted_by_an_outage_still_recovers_slowly() -> None:
     """An SLO fallback that was on when the replicas went away is still on when they are
     back, and ends only after the policy's recovery windows, as without the outage."""
-    task, jobs, dep, svc = _serving_task()  # breachWindows 2, recoveryWindows 3
+    task, jobs, dep = _serving_task()  # breachWindows 2, recoveryWindows 3
     t = NOW
     for metrics in (HEALTHY, SLOW, SLOW):
-        _step(task, jobs, dep, svc, t, metrics)
+        _step(task, jobs, dep, t, metrics)
         t += dt.timedelta(seconds=10)
     assert conds(task["status"])[c.FALLBACK_ACTIVE] == (c.TRUE, c.SLO_BREACHED)
     down = copy.deepcopy(dep)
     down["status"].update(readyReplicas=0, availableReplicas=0)
-    _step(task, jobs, down, svc, t, HEALTHY)
+    _step(task, jobs, down, t, HEALTHY)
     assert task["status"]["live"]["fallback"] is True
     for _ in range(2):
         t += dt.timedelta(seconds=10)
-        _step(task, jobs, dep, svc, t, HEALTHY)
+        _step(task, jobs, dep, t, HEALTHY)
         assert conds(task["status"])[c.FALLBACK_ACTIVE][0] == c.TRUE
     t += dt.timedelta(seconds=10)
-    _step(task, jobs, dep, svc, t, HEALTHY)
+    _step(task, jobs, dep, t, HEALTHY)
     assert conds(task["status"])[c.FALLBACK_ACTIVE][0] == c.FALSE
 
 
 def test_a_newly_promoted_revision_starts_its_own_progressive_rollout() -> None:
     """status.live.rolloutMode is the step reached by the promoted model: a new revision that
     replaces a fully rolled-out one starts in shadow, not with every call at once."""
-    task, jobs, dep, svc = _serving_task()
+    task, jobs, dep = _serving_task()
     task["spec"]["rollout"]["canaryWindows"] = 1
     old_rev = n.revision_of(task["spec"])
     t = NOW
     for _ in range(2):
-        _step(task, jobs, dep, svc, t, HEALTHY)
+        _step(task, jobs, dep, t, HEALTHY)
         t += dt.timedelta(seconds=10)
     assert task["status"]["route"]["mode"] == "slm"
 
@@ -1256,16 +1243,16 @@ def test_a_newly_promoted_revision_starts_its_own_progressive_rollout() -> None:
     new_rev = n.revision_of(task["spec"])
     both = {**jobs, **jobs_through(task, "export")}
     # The new revision exported: the Deployment moves to it (old pods serve meanwhile).
-    p = _step(task, both, dep, svc, t, HEALTHY)
+    p = _step(task, both, dep, t, HEALTHY)
     d = next(o for o in p.apply if o["kind"] == "Deployment")
     assert d["metadata"]["annotations"][n.LABEL_REVISION] == new_rev
     assert task["status"]["revision"]["active"] == new_rev
     assert task["status"]["route"]["mode"] == "shadow"
     assert task["status"]["live"]["rolloutMode"] == "shadow"
     # Within the same window, and once the Deployment reports it, it goes on from shadow.
-    _step(task, both, deployment(new_rev), svc, t + dt.timedelta(seconds=3), HEALTHY)
+    _step(task, both, deployment(new_rev), t + dt.timedelta(seconds=3), HEALTHY)
     assert task["status"]["route"]["mode"] == "shadow"
-    _step(task, both, deployment(new_rev), svc, t + dt.timedelta(seconds=10), HEALTHY)
+    _step(task, both, deployment(new_rev), t + dt.timedelta(seconds=10), HEALTHY)
     assert task["status"]["route"]["mode"] == "canary"
     assert old_rev != new_rev
 
@@ -1280,15 +1267,15 @@ def test_a_retraining_that_only_ties_the_served_score_is_not_promoted() -> None:
     rev0, rev1 = n.revision_of(task["spec"]), n.revision_of(task["spec"], 1)
     five_sixths = 5 / 6  # e.g. 250 of 300 held-out calls right
     jobs = jobs_through(task, "export", scores=(five_sixths, 0.95))
-    dep, svc = deployment(rev0), {"metadata": {"name": "weather-slm"}}
-    task["status"] = plan(Observed(task, jobs, dep, svc, NOW)).status
+    dep = deployment(rev0)
+    task["status"] = plan(Observed(task, jobs, dep, NOW)).status
     assert task["status"]["selectedModel"]["score"] == 0.8333
 
-    _step(task, jobs, dep, svc, NOW, captured(1000))
-    _step(task, jobs, dep, svc, NOW + dt.timedelta(seconds=10), captured(1100))
+    _step(task, jobs, dep, NOW, captured(1000))
+    _step(task, jobs, dep, NOW + dt.timedelta(seconds=10), captured(1100))
     assert task["status"]["retraining"]["epoch"] == 1
     tie = {**jobs, **retrained_jobs(task, rev0, rev1, scores=(five_sixths, 0.8))}
-    p = _step(task, tie, dep, svc, NOW + dt.timedelta(seconds=11), captured(1100))
+    p = _step(task, tie, dep, NOW + dt.timedelta(seconds=11), captured(1100))
     assert conds(task["status"])[c.EVALUATED] == (c.FALSE, c.NOT_BETTER)
     assert not [o for o in p.apply if o["metadata"]["labels"].get(n.LABEL_STAGE) == "export"]
 
@@ -1297,16 +1284,16 @@ def test_a_promoted_retraining_keeps_reporting_the_candidate_it_serves() -> None
     """A retraining promotes the candidate that beat the served model, which need not be the
     one the selection policy alone would pick; once it serves, selectedModel (and the route's
     confidence threshold) must still describe that candidate."""
-    task, jobs, dep, svc = _serving_task()
+    task, jobs, dep = _serving_task()
     task["spec"]["retraining"] = {"minNewExamples": 100}
     rev0, rev1 = n.revision_of(task["spec"]), n.revision_of(task["spec"], 1)
 
-    _step(task, jobs, dep, svc, NOW, captured(1000))
-    _step(task, jobs, dep, svc, NOW + dt.timedelta(seconds=10), captured(1100))
+    _step(task, jobs, dep, NOW, captured(1000))
+    _step(task, jobs, dep, NOW + dt.timedelta(seconds=10), captured(1100))
     assert task["status"]["retraining"]["epoch"] == 1
     # small passes the gate but is below the served 0.9; only big is better.
     new = {**jobs, **retrained_jobs(task, rev0, rev1, scores=(0.88, 0.95))}
-    p = _step(task, new, dep, svc, NOW + dt.timedelta(seconds=11), captured(1100))
+    p = _step(task, new, dep, NOW + dt.timedelta(seconds=11), captured(1100))
     export = next(o for o in p.apply if o["metadata"]["labels"].get(n.LABEL_STAGE) == "export")
     assert "--candidate=big" in export["spec"]["template"]["spec"]["containers"][0]["args"]
     en = n.export_job_name("weather", "big", rev1)
@@ -1318,11 +1305,11 @@ def test_a_promoted_retraining_keeps_reporting_the_candidate_it_serves() -> None
         result("export", artifact_uri=f"pvc://slm-work/weather/{rev1}/model_repository"),
         candidate="big",
     )
-    _step(task, new, dep, svc, NOW + dt.timedelta(seconds=12), captured(1100))
+    _step(task, new, dep, NOW + dt.timedelta(seconds=12), captured(1100))
     assert task["status"]["revision"] == {"active": rev1, "training": ""}
     assert task["status"]["selectedModel"]["candidate"] == "big"
     served = deployment(rev1, candidate="big")
-    _step(task, new, served, svc, NOW + dt.timedelta(seconds=13), captured(1100))
+    _step(task, new, served, NOW + dt.timedelta(seconds=13), captured(1100))
     assert task["status"]["selectedModel"]["candidate"] == "big"
     assert task["status"]["selectedModel"]["score"] == 0.95
 
@@ -1330,10 +1317,10 @@ def test_a_promoted_retraining_keeps_reporting_the_candidate_it_serves() -> None
 def test_the_slm_time_budget_from_the_spec_reaches_the_gateways_route() -> None:
     """spec.serving.slo.slmTimeoutMs is copied to status.route (which the gateway reads);
     unset, the route has none and the gateway's annotation or flag decides."""
-    task, jobs, dep, svc = _serving_task()
-    assert "slmTimeoutMs" not in plan(Observed(task, jobs, dep, svc, NOW)).status["route"]
+    task, jobs, dep = _serving_task()
+    assert "slmTimeoutMs" not in plan(Observed(task, jobs, dep, NOW)).status["route"]
     task["spec"]["serving"]["slo"] = {"p95LatencyMs": 300, "slmTimeoutMs": 800}
-    route = plan(Observed(task, jobs, dep, svc, NOW)).status["route"]
+    route = plan(Observed(task, jobs, dep, NOW)).status["route"]
     assert route["slmTimeoutMs"] == 800
     assert n.revision_of(task["spec"]) == n.revision_of(_serving_task()[0]["spec"])  # no retrain
 
@@ -1350,7 +1337,7 @@ def test_a_candidate_waiting_for_a_gpu_node_says_so_in_trained() -> None:
         waiting="pod x cannot be scheduled: 0/3 nodes are available: "
         "3 Insufficient nvidia.com/gpu.",
     )
-    p = plan(Observed(task, jobs, None, None, NOW))
+    p = plan(Observed(task, jobs, None, NOW))
     trained = next(x for x in p.status["conditions"] if x["type"] == c.TRAINED)
     status, reason, message = trained["status"], trained["reason"], trained["message"]
     assert (status, reason) == (c.UNKNOWN, c.JOB_PENDING)
@@ -1366,17 +1353,17 @@ def test_an_outage_fallback_ends_when_replicas_are_back_even_between_metrics_win
     """The outage's fallback is written to status.live; it must end with the outage, not at
     the next metrics window: without Prometheus (or while it is down) that window never
     comes, and the calls of a served model would go to the LLM for good after one crash."""
-    task, jobs, dep, svc = _serving_task()  # windowSeconds 10
+    task, jobs, dep = _serving_task()  # windowSeconds 10
     t = NOW
     for _ in range(2):
-        _step(task, jobs, dep, svc, t, metrics)
+        _step(task, jobs, dep, t, metrics)
         t += dt.timedelta(seconds=10)
     before = task["status"]["route"]["mode"]
     down = copy.deepcopy(dep)
     down["status"].update(readyReplicas=0, availableReplicas=0)
-    _step(task, jobs, down, svc, t - dt.timedelta(seconds=8), metrics)  # not a new window
+    _step(task, jobs, down, t - dt.timedelta(seconds=8), metrics)  # not a new window
     assert task["status"]["live"]["fallback"] is True
-    _step(task, jobs, dep, svc, t - dt.timedelta(seconds=6), metrics)  # still not a new window
+    _step(task, jobs, dep, t - dt.timedelta(seconds=6), metrics)  # still not a new window
     assert conds(task["status"])[c.FALLBACK_ACTIVE][0] == c.FALSE
     assert task["status"]["live"]["fallback"] is False
     assert task["status"]["route"]["mode"] == before != "llm"
@@ -1386,9 +1373,9 @@ def test_the_llm_price_reaches_the_route() -> None:
     """spec.fallback.llm.price is copied to status.route.llmPrice, which the gateway prices
     the task's calls with; without it the route carries none."""
     task = make_task()
-    assert "llmPrice" not in plan(Observed(task, {}, None, None, NOW)).status["route"]
+    assert "llmPrice" not in plan(Observed(task, {}, None, NOW)).status["route"]
     task["spec"]["fallback"]["llm"]["price"] = {"prompt": 0.00015, "completion": 0.0006}
-    route = plan(Observed(task, {}, None, None, NOW)).status["route"]
+    route = plan(Observed(task, {}, None, NOW)).status["route"]
     assert route["llmPrice"] == {"prompt": 0.00015, "completion": 0.0006}
 
 
@@ -1425,7 +1412,7 @@ def test_a_changed_choice_exports_again_and_never_serves_the_other_candidates_ex
     jobs = jobs_through(task, "train")
     sm = n.finetune_job_name("weather", "small", rev)
     lost = view(sm, "finetune", rev, SUCCEEDED, None, "small", finished=NOW - dt.timedelta(hours=1))
-    p1 = plan(Observed(task, {**jobs, sm: lost}, None, None, NOW))
+    p1 = plan(Observed(task, {**jobs, sm: lost}, None, NOW))
     [(big_export, big_args)] = _exports(p1)
     assert big_args == [
         "--candidate=big",
@@ -1436,7 +1423,7 @@ def test_a_changed_choice_exports_again_and_never_serves_the_other_candidates_ex
     big_repo = f"pvc://slm-work/weather/{rev}/model_repositories/big"
     done = result("export", candidate="big", artifact_uri=big_repo)
     jobs[big_export] = view(big_export, "export", rev, SUCCEEDED, done, "big")
-    p2 = _settled(Observed(task, jobs, None, None, NOW))
+    p2 = _settled(Observed(task, jobs, None, NOW))
     [(small_export, small_args)] = _exports(p2)
     assert small_export != big_export and "--candidate=small" in small_args
     assert p2.delete_jobs == [big_export]
@@ -1449,7 +1436,7 @@ def test_a_changed_choice_exports_again_and_never_serves_the_other_candidates_ex
     small_repo = f"pvc://slm-work/weather/{rev}/model_repositories/small"
     done = result("export", candidate="small", artifact_uri=small_repo)
     jobs[small_export] = view(small_export, "export", rev, SUCCEEDED, done, "small")
-    p3 = _settled(Observed(task, jobs, None, None, NOW))
+    p3 = _settled(Observed(task, jobs, None, NOW))
     dep = next(o for o in p3.apply if o["kind"] == "Deployment")
     assert dep["metadata"]["annotations"][n.ANNOTATION_CANDIDATE] == "small"
     assert dep["metadata"]["annotations"][n.ANNOTATION_ARTIFACT] == small_repo
@@ -1469,15 +1456,14 @@ def test_an_export_job_named_by_an_older_operator_is_kept_and_served() -> None:
     jobs[old_name] = view(
         old_name, "export", rev, SUCCEEDED, result("export", artifact_uri=repo), "small"
     )
-    p = _settled(Observed(task, jobs, None, None, NOW))
+    p = _settled(Observed(task, jobs, None, NOW))
     assert _exports(p) == [] and p.delete_jobs == []
     dep = next(o for o in p.apply if o["kind"] == "Deployment")
     assert dep["metadata"]["annotations"][n.ANNOTATION_ARTIFACT] == repo
     assert p.status["selectedModel"]["candidate"] == "small"
 
     task["status"] = json.loads(json.dumps(p.status))
-    svc = {"metadata": {"name": "weather-slm"}}
-    served = _settled(Observed(task, jobs, deployment(rev), svc, NOW))
+    served = _settled(Observed(task, jobs, deployment(rev), NOW))
     assert kinds(served) == [("Deployment", "weather-slm"), ("Service", "weather-slm")]
     assert served.delete_jobs == []
     assert conds(served.status)[c.READY] == (c.TRUE, c.READY_REASON)
@@ -1494,7 +1480,7 @@ def test_a_candidate_artifact_on_another_claim_fails_the_revision_in_status() ->
         if v.stage == "finetune":
             moved = dataclasses.replace(v.result, artifact_uri=f"pvc://other/x/{v.candidate}")
             jobs[name] = dataclasses.replace(v, result=moved)
-    p = _settled(Observed(task, jobs, None, None, NOW))
+    p = _settled(Observed(task, jobs, None, NOW))
     assert conds(p.status)[c.EVALUATED] == (c.FALSE, c.RESULT_MISSING)
     evaluated = next(x for x in p.status["conditions"] if x["type"] == c.EVALUATED)
     assert "pvc://other/x/small is not on the storage claim slm-work" in evaluated["message"]
@@ -1507,11 +1493,11 @@ def test_a_candidate_artifact_on_another_claim_fails_the_revision_in_status() ->
 def test_a_candidate_artifact_on_another_claim_beside_a_served_model_keeps_live_control() -> None:
     """The same misreported artifact in a retraining beside a served model: the served model
     stays under live control (its SLO fallback still acts)."""
-    task, jobs, dep, svc = _serving_task()
+    task, jobs, dep = _serving_task()
     task["spec"]["retraining"] = {"minNewExamples": 100}
     rev0, rev1 = n.revision_of(task["spec"]), n.revision_of(task["spec"], 1)
-    _step(task, jobs, dep, svc, NOW, captured(1000))
-    _step(task, jobs, dep, svc, NOW + dt.timedelta(seconds=10), captured(1100))
+    _step(task, jobs, dep, NOW, captured(1000))
+    _step(task, jobs, dep, NOW + dt.timedelta(seconds=10), captured(1100))
     new = retrained_jobs(task, rev0, rev1, scores=(0.95, 0.96))
     for name, v in list(new.items()):
         if v.stage == "finetune":
@@ -1520,7 +1506,7 @@ def test_a_candidate_artifact_on_another_claim_beside_a_served_model_keeps_live_
     t = NOW + dt.timedelta(seconds=10)
     for _ in range(2):  # breachWindows: 2
         t += dt.timedelta(seconds=10)
-        p = _step(task, {**jobs, **new}, dep, svc, t, SLOW)
+        p = _step(task, {**jobs, **new}, dep, t, SLOW)
     assert conds(task["status"])[c.EVALUATED] == (c.FALSE, c.RESULT_MISSING)
     assert conds(task["status"])[c.FALLBACK_ACTIVE] == (c.TRUE, c.SLO_BREACHED)
     assert task["status"]["revision"]["active"] == rev0
@@ -1530,13 +1516,13 @@ def test_a_candidate_artifact_on_another_claim_beside_a_served_model_keeps_live_
 def test_a_window_without_ready_replicas_is_judged_once() -> None:
     """While no replica of the served model is ready, a window is still judged once: its
     time is recorded, so the reconciles within it do not ask Prometheus again."""
-    task, jobs, dep, svc = _serving_task()
+    task, jobs, dep = _serving_task()
     t = NOW + dt.timedelta(seconds=10)
-    _step(task, jobs, dep, svc, t, HEALTHY)
+    _step(task, jobs, dep, t, HEALTHY)
     down = deployment(n.revision_of(task["spec"]), ready=0)
     t += dt.timedelta(seconds=11)
     assert metrics_due(task, t)
-    p = _step(task, jobs, down, svc, t, SLOW)
+    p = _step(task, jobs, down, t, SLOW)
     assert task["status"]["live"]["lastEvaluated"] == t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     assert not metrics_due(task, t + dt.timedelta(seconds=1))
     assert metrics_due(task, t + dt.timedelta(seconds=10))
@@ -1544,7 +1530,7 @@ def test_a_window_without_ready_replicas_is_judged_once() -> None:
     assert conds(task["status"])[c.FALLBACK_ACTIVE] == (c.TRUE, c.NO_READY_REPLICAS)
     assert task["status"]["route"]["mode"] == "llm"
     later = t + dt.timedelta(seconds=1)
-    _settled(Observed(task, jobs, down, svc, later, metrics_not_due=True))
+    _settled(Observed(task, jobs, down, later, metrics_not_due=True))
 
 
 @pytest.mark.parametrize("gone", ["jobs", "pods"])
@@ -1553,14 +1539,14 @@ def test_the_served_revisions_jobs_or_pods_gone_keep_its_recorded_outcome(gone: 
     or their pods garbage-collected: nothing is trained again, so status keeps what they
     reported instead of going back to JobPending/ResultMissing, with Events about Jobs that
     never come."""
-    task, jobs, dep, svc = _serving_task()
-    _step(task, jobs, dep, svc, NOW, None)
+    task, jobs, dep = _serving_task()
+    _step(task, jobs, dep, NOW, None)
     before = copy.deepcopy(task["status"])
     left = (
         {} if gone == "jobs" else {k: dataclasses.replace(v, result=None) for k, v in jobs.items()}
     )
     later = NOW + dt.timedelta(minutes=10)
-    p = _settled(Observed(task, left, dep, svc, later))
+    p = _settled(Observed(task, left, dep, later))
     assert p.status["conditions"] == before["conditions"]
     assert conds(p.status)[c.DATA_READY] == (c.TRUE, c.DATA_PREPARED)
     assert conds(p.status)[c.EVALUATED] == (c.TRUE, c.GATE_PASSED)
@@ -1582,14 +1568,14 @@ def test_a_data_prep_result_read_once_outlives_its_pod() -> None:
     for name, v in list(jobs.items()):
         if v.stage == "finetune":
             jobs[name] = JobView(name, v.stage, rev, v.candidate, RUNNING, progress=40)
-    task["status"] = json.loads(json.dumps(plan(Observed(task, jobs, None, None, NOW)).status))
+    task["status"] = json.loads(json.dumps(plan(Observed(task, jobs, None, NOW)).status))
     before = conds(task["status"])
     assert before[c.DATA_READY] == (c.TRUE, c.DATA_PREPARED)
 
     dn = n.data_job_name("weather", rev)
     jobs[dn] = dataclasses.replace(jobs[dn], result=None)
     later = NOW + dt.timedelta(hours=2)
-    p = _settled(Observed(task, jobs, None, None, later))
+    p = _settled(Observed(task, jobs, None, later))
     assert conds(p.status) == before
     assert "1000 examples after curation" in p.status["conditions"][0]["message"]
     assert p.status["phase"] == "Training"
@@ -1605,7 +1591,7 @@ def test_a_data_prep_result_never_read_is_still_missing() -> None:
     rev = n.revision_of(task["spec"])
     dn = n.data_job_name("weather", rev)
     gone = view(dn, "prepare", rev, SUCCEEDED, None, finished=NOW - dt.timedelta(minutes=5))
-    p = plan(Observed(task, {dn: gone}, None, None, NOW))
+    p = plan(Observed(task, {dn: gone}, None, NOW))
     assert conds(p.status)[c.DATA_READY] == (c.FALSE, c.RESULT_MISSING)
 
 
@@ -1650,7 +1636,7 @@ def test_a_candidates_result_read_once_outlives_its_pod() -> None:
     task = make_task()
     rev = n.revision_of(task["spec"])
     jobs = jobs_through(task, "train")
-    p1 = plan(Observed(task, jobs, None, None, NOW))
+    p1 = plan(Observed(task, jobs, None, NOW))
     assert p1.status["phase"] == "Exporting"
     task["status"] = _stored(p1.status)  # what the API server keeps of it
     [export] = [o for o in p1.apply if o["metadata"]["labels"][n.LABEL_STAGE] == "export"]
@@ -1659,7 +1645,7 @@ def test_a_candidates_result_read_once_outlives_its_pod() -> None:
     jobs = _candidate_pods_gone(jobs, "small", "big")
     jobs[en] = view(en, "export", rev, RUNNING, candidate="small")
     later = NOW + dt.timedelta(hours=2)
-    p2 = _settled(Observed(task, jobs, None, None, later))
+    p2 = _settled(Observed(task, jobs, None, later))
     assert conds(p2.status) == conds(p1.status)
     assert conds(p2.status)[c.TRAINED] == (c.TRUE, c.TRAINING_SUCCEEDED)
     assert conds(p2.status)[c.EVALUATED] == (c.TRUE, c.GATE_PASSED)
@@ -1672,7 +1658,7 @@ def test_a_candidates_result_read_once_outlives_its_pod() -> None:
     task["status"] = _stored(p2.status)
     repo = f"pvc://slm-work/weather/{rev}/model_repositories/small"
     jobs[en] = view(en, "export", rev, SUCCEEDED, result("export", artifact_uri=repo), "small")
-    p3 = plan(Observed(task, jobs, None, None, later))
+    p3 = plan(Observed(task, jobs, None, later))
     dep = next(o for o in p3.apply if o["kind"] == "Deployment")
     assert dep["metadata"]["annotations"][n.ANNOTATION_CANDIDATE] == "small"
     assert p3.status["revision"] == {"active": rev, "training": ""}
@@ -1686,12 +1672,12 @@ def test_a_recorded_result_keeps_its_precision_and_the_same_choice() -> None:
     task = make_task()
     task["spec"]["evaluation"]["gate"] = {"minScore": 0.8}
     jobs = jobs_through(task, "train", scores=(0.79996, 0.9))
-    p1 = plan(Observed(task, jobs, None, None, NOW))
+    p1 = plan(Observed(task, jobs, None, NOW))
     task["status"] = _stored(p1.status)
     assert [x["score"] for x in p1.status["candidates"]] == [0.8, 0.9]
     assert [x["passedGate"] for x in p1.status["candidates"]] == [False, True]
     gone = _candidate_pods_gone(jobs, "small", "big")
-    p2 = _settled(Observed(task, gone, None, None, NOW + dt.timedelta(hours=1)))
+    p2 = _settled(Observed(task, gone, None, NOW + dt.timedelta(hours=1)))
     assert conds(p2.status) == conds(p1.status)
     assert [x["passedGate"] for x in p2.status["candidates"]] == [False, True]
     assert "big selected" in p2.status["conditions"][2]["message"]
@@ -1707,7 +1693,7 @@ def test_a_result_recorded_for_another_revision_or_job_never_stands_for_a_lost_o
     leaves the lost result missing."""
     task = make_task()
     jobs = jobs_through(task, "train")
-    task["status"] = _stored(plan(Observed(task, jobs, None, None, NOW)).status)
+    task["status"] = _stored(plan(Observed(task, jobs, None, NOW)).status)
     small = task["status"]["candidates"][0]
     if other == "revision":
         small["revision"] = "0123456789"
@@ -1715,7 +1701,7 @@ def test_a_result_recorded_for_another_revision_or_job_never_stands_for_a_lost_o
         small["job"] = "weather-ft-small-0123456789"
     else:
         small.pop("result", None)  # an older operator's status
-    p = plan(Observed(task, _candidate_pods_gone(jobs, "small"), None, None, NOW))
+    p = plan(Observed(task, _candidate_pods_gone(jobs, "small"), None, NOW))
     assert conds(p.status)[c.TRAINED] == (c.TRUE, c.PARTIALLY_TRAINED)
     assert "small: Job" in p.status["conditions"][1]["message"]
     assert "reported no result" in p.status["conditions"][1]["message"]
@@ -1728,10 +1714,10 @@ def test_a_readable_result_wins_over_the_recorded_one() -> None:
     task = make_task()
     rev = n.revision_of(task["spec"])
     jobs = jobs_through(task, "train")
-    task["status"] = _stored(plan(Observed(task, jobs, None, None, NOW)).status)
+    task["status"] = _stored(plan(Observed(task, jobs, None, NOW)).status)
     sm = n.finetune_job_name("weather", "small", rev)
     jobs[sm] = dataclasses.replace(jobs[sm], result=dataclasses.replace(jobs[sm].result, score=0.5))
-    p = plan(Observed(task, jobs, None, None, NOW))
+    p = plan(Observed(task, jobs, None, NOW))
     small = p.status["candidates"][0]
     assert small["score"] == 0.5 and small["passedGate"] is False
     assert "big selected" in p.status["conditions"][2]["message"]
@@ -1741,14 +1727,14 @@ def test_the_served_revisions_export_pod_gone_keeps_its_recorded_outcome() -> No
     """The served revision's export pod is garbage-collected while its fine-tune pods are
     still there: the export's result was read (status.selectedModel records where it wrote
     the model), so Evaluated stays GatePassed, with no ResultMissing Warning."""
-    task, jobs, dep, svc = _serving_task()
-    _step(task, jobs, dep, svc, NOW, None)
+    task, jobs, dep = _serving_task()
+    _step(task, jobs, dep, NOW, None)
     task["status"] = _stored(task["status"])
     before = copy.deepcopy(task["status"])
     rev = n.revision_of(task["spec"])
     en = n.export_job_name("weather", "small", rev)
     jobs = {**jobs, en: dataclasses.replace(jobs[en], result=None)}
-    p = _settled(Observed(task, jobs, dep, svc, NOW + dt.timedelta(minutes=10)))
+    p = _settled(Observed(task, jobs, dep, NOW + dt.timedelta(minutes=10)))
     assert p.status["conditions"] == before["conditions"]
     assert conds(p.status)[c.EVALUATED] == (c.TRUE, c.GATE_PASSED)
     assert p.status["selectedModel"] == before["selectedModel"]
@@ -1759,24 +1745,24 @@ def test_a_breached_window_rolls_a_canary_back_even_when_it_turns_fallback_on() 
     """breachWindows 1: the breached window turns fallback on at once. The canary must still
     be rolled back (it used to hold with its healthy windows, and was promoted to every call
     the moment fallback ended, right after breaching the SLO)."""
-    task, jobs, dep, svc = _serving_task()  # recoveryWindows 3
+    task, jobs, dep = _serving_task()  # recoveryWindows 3
     task["spec"]["fallback"]["policy"]["breachWindows"] = 1
     task["spec"]["rollout"]["canaryWindows"] = 3
     t = NOW
     for _ in range(3):  # shadow -> canary, then 2 of 3 healthy windows
-        _step(task, jobs, dep, svc, t, HEALTHY)
+        _step(task, jobs, dep, t, HEALTHY)
         t += dt.timedelta(seconds=10)
     assert task["status"]["live"]["canaryHealthyWindows"] == 2
-    _step(task, jobs, dep, svc, t, SLOW)
+    _step(task, jobs, dep, t, SLOW)
     assert conds(task["status"])[c.FALLBACK_ACTIVE] == (c.TRUE, c.SLO_BREACHED)
     live = task["status"]["live"]
     assert (live["rolloutMode"], live["rolloutReason"]) == ("shadow", "CanaryRolledBack")
     assert live["canaryHealthyWindows"] == 0
-    _settled(Observed(task, jobs, dep, svc, t + dt.timedelta(seconds=1), metrics_not_due=True))
+    _settled(Observed(task, jobs, dep, t + dt.timedelta(seconds=1), metrics_not_due=True))
     routes = []
     for _ in range(3):
         t += dt.timedelta(seconds=10)
-        _step(task, jobs, dep, svc, t, HEALTHY)
+        _step(task, jobs, dep, t, HEALTHY)
         routes.append(task["status"]["route"]["mode"])
     # Recovered: a new canary starts from zero; not every call to the SLM at once.
     assert routes == ["shadow", "shadow", "canary"]
@@ -1791,24 +1777,24 @@ def test_a_scheduled_retraining_missed_while_the_task_could_not_act_runs_when_it
     task scaled to zero for the night, or no captured count) is acted on at the first window
     that can, even hours later; it used to be lost, the schedule being scanned only from the
     last judged window."""
-    task, jobs, dep, svc = _serving_task()
+    task, jobs, dep = _serving_task()
     task["spec"]["retraining"] = {"minNewExamples": 100, "schedule": "0 2 * * *"}
     day = NOW.replace(day=24)
-    _step(task, jobs, dep, svc, day.replace(hour=1, minute=59, second=30), captured(1000))
-    _step(task, jobs, dep, svc, day.replace(hour=1, minute=59, second=40), captured(1100))
+    _step(task, jobs, dep, day.replace(hour=1, minute=59, second=30), captured(1000))
+    _step(task, jobs, dep, day.replace(hour=1, minute=59, second=40), captured(1100))
     assert task["status"]["retraining"]["reason"] == "WaitingForSchedule"
     checked = task["status"]["retraining"].get("scheduleCheckedAt")
     down = deployment(n.revision_of(task["spec"]), ready=0)
     t = day.replace(hour=1, minute=59, second=50)
     while t < day.replace(hour=4):  # 02:00 passes while the step cannot act
         if why == "no-ready-replica":
-            _step(task, jobs, down, svc, t, captured(1100))
+            _step(task, jobs, down, t, captured(1100))
         else:
-            _step(task, jobs, dep, svc, t, HEALTHY)
+            _step(task, jobs, dep, t, HEALTHY)
         t += dt.timedelta(minutes=10)
     retraining = task["status"]["retraining"]
     assert (retraining["epoch"], retraining.get("scheduleCheckedAt")) == (0, checked)
-    p = _step(task, jobs, dep, svc, t, captured(1100))
+    p = _step(task, jobs, dep, t, captured(1100))
     retraining = task["status"]["retraining"]
     assert (retraining["epoch"], retraining["reason"]) == (1, "EnoughNewExamples")
     assert (checked, retraining["scheduleCheckedAt"]) == (
@@ -1817,7 +1803,7 @@ def test_a_scheduled_retraining_missed_while_the_task_could_not_act_runs_when_it
     )
     assert "WaitingForSchedule" not in p.status["retraining"]["reason"]
     # The next reconcile trains the new epoch's revision beside the served one.
-    later = Observed(task, jobs, dep, svc, t + dt.timedelta(seconds=1), metrics_not_due=True)
+    later = Observed(task, jobs, dep, t + dt.timedelta(seconds=1), metrics_not_due=True)
     task["status"] = plan(later).status
     assert task["status"]["revision"]["training"] == n.revision_of(task["spec"], 1)
     p = _settled(dataclasses.replace(later, task=task))
@@ -1828,14 +1814,14 @@ def test_windows_are_judged_no_more_often_than_the_queries_range() -> None:
     """windowSeconds 10 with a 15 s scrape interval: each rate reads 30 s. Judged every 10 s,
     one 30 s latency spike was read by three windows, three breaches (breachWindows 2: a
     fallback). Windows are now judged every 30 s, and usage.windowSeconds says so."""
-    task, jobs, dep, svc = _serving_task()  # windowSeconds 10, breachWindows 2
+    task, jobs, dep = _serving_task()  # windowSeconds 10, breachWindows 2
     rng = PromMetrics("http://127.0.0.1:1", scrape_interval_s=15).range_s(10)
     assert rng == 30
 
     def window(at: dt.datetime, m: Metrics) -> Any:
         due = metrics_due(task, at, rng)
         obs = Observed(
-            task, jobs, dep, svc, at, m if due else None, metrics_not_due=not due, min_window_s=rng
+            task, jobs, dep, at, m if due else None, metrics_not_due=not due, min_window_s=rng
         )
         p = plan(obs)
         task["status"] = p.status
@@ -1852,7 +1838,7 @@ def test_windows_are_judged_no_more_often_than_the_queries_range() -> None:
     assert conds(task["status"])[c.FALLBACK_ACTIVE][0] == c.FALSE
     assert task["status"]["usage"]["windowSeconds"] == 30
     at = NOW + dt.timedelta(seconds=31)
-    _settled(Observed(task, jobs, dep, svc, at, metrics_not_due=True, min_window_s=rng))
+    _settled(Observed(task, jobs, dep, at, metrics_not_due=True, min_window_s=rng))
 
 
 class _ShadowCopies:
@@ -1896,7 +1882,7 @@ def test_each_shadow_copy_is_judged_in_one_window_only(
     burst of agreeing copies was read by six windows and promoted a canary on its own. Each
     window now reads the copies since status.live.agreementSince, which moves on only once
     shadowMinSamples copies were judged; fewer are pooled with the next window's."""
-    task, jobs, dep, svc = _serving_task()  # windowSeconds 10, shadowMinSamples 20
+    task, jobs, dep = _serving_task()  # windowSeconds 10, shadowMinSamples 20
     prom = PromMetrics("http://127.0.0.1:1", scrape_interval_s=5)
     fake = _ShadowCopies(copies)
     prom.client = fake  # type: ignore[assignment]
@@ -1906,7 +1892,7 @@ def test_each_shadow_copy_is_judged_in_one_window_only(
         fake.now = at
         assert metrics_due(task, at, prom.range_s(10))
         m = prom.task_metrics("weather", 10, "agents", agreement_since_s(task, at))
-        task["status"] = plan(Observed(task, jobs, dep, svc, at, m, min_window_s=10)).status
+        task["status"] = plan(Observed(task, jobs, dep, at, m, min_window_s=10)).status
         modes.append(task["status"]["route"]["mode"])
     assert modes[0] == ("shadow" if promoted else "canary")  # steady: 10 copies, then 20
     assert ("slm" in modes) is promoted
@@ -1917,7 +1903,7 @@ def test_each_shadow_copy_is_judged_in_one_window_only(
     else:
         assert modes.index("slm") >= 6  # three canary windows of 20 fresh copies each
     at = NOW + dt.timedelta(seconds=141)
-    _settled(Observed(task, jobs, dep, svc, at, metrics_not_due=True, min_window_s=10))
+    _settled(Observed(task, jobs, dep, at, metrics_not_due=True, min_window_s=10))
 
 
 def test_copies_a_window_could_not_judge_are_pooled_not_spent() -> None:
@@ -1926,7 +1912,7 @@ def test_copies_a_window_could_not_judge_are_pooled_not_spent() -> None:
     copies anyway, so a canary whose windows alternated between "copies, no latency" and
     "latency, too few new copies" never counted a healthy window: the demo stayed at canary.
     Such copies now pool on to the next window that has a verdict."""
-    task, jobs, dep, svc = _serving_task()  # windowSeconds 10, shadowMinSamples 20
+    task, jobs, dep = _serving_task()  # windowSeconds 10, shadowMinSamples 20
     prom = PromMetrics("http://127.0.0.1:1", scrape_interval_s=5)
     copies = [NOW + dt.timedelta(seconds=s) for s in range(-10, 400)]  # one a second
     # The windows whose pool has just reached 20 copies have no latency sample.
@@ -1937,6 +1923,6 @@ def test_copies_a_window_could_not_judge_are_pooled_not_spent() -> None:
         at = NOW + dt.timedelta(seconds=s)
         fake.now = at
         m = prom.task_metrics("weather", 10, "agents", agreement_since_s(task, at))
-        task["status"] = plan(Observed(task, jobs, dep, svc, at, m, min_window_s=10)).status
+        task["status"] = plan(Observed(task, jobs, dep, at, m, min_window_s=10)).status
         modes.append(task["status"]["route"]["mode"])
     assert "canary" in modes and modes[-1] == "slm", modes

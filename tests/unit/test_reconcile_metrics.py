@@ -62,12 +62,11 @@ def prometheus() -> Iterator[Prometheus]:
 class ServingTask:
     """Just enough of :class:`slm_operator.kube.Kube` for a reconcile of a serving task."""
 
-    def __init__(self, task: dict[str, Any], dep: dict[str, Any], svc: dict[str, Any]) -> None:
+    def __init__(self, task: dict[str, Any], dep: dict[str, Any]) -> None:
         self.task = task
         owner = [{"kind": "AgentTask", "name": "weather", "uid": task["metadata"]["uid"]}]
         self.children = {
             "deployments": {**dep, "metadata": {**dep["metadata"], "ownerReferences": owner}},
-            "services": {**svc, "metadata": {**svc["metadata"], "ownerReferences": owner}},
         }
 
     def get_task(self, namespace: str, name: str) -> dict[str, Any]:
@@ -100,10 +99,10 @@ def test_a_reconcile_within_the_judged_window_asks_prometheus_nothing(
     """A serving task is reconciled on every event of its pods, Jobs and Deployment, but its
     SLO is judged once per window (10 s here): only that reconcile runs the queries, and the
     others keep the last judgement as it is (not MetricsUnavailable)."""
-    task, jobs, dep, svc = _serving_task()
-    _step(task, jobs, dep, svc, NOW, HEALTHY)  # a window judged at NOW
+    task, jobs, dep = _serving_task()
+    _step(task, jobs, dep, NOW, HEALTHY)  # a window judged at NOW
     assert conds(task["status"])[c.SLO_MET] == (c.TRUE, c.WITHIN_SLO)
-    kube = ServingTask(task, dep, svc)
+    kube = ServingTask(task, dep)
     prom = PromMetrics(prometheus.url, scrape_interval_s=5)
 
     for seconds in (1, 5, 9.5):

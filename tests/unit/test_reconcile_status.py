@@ -49,10 +49,10 @@ def test_a_route_field_the_plan_drops_is_removed_from_the_stored_status(
 ) -> None:
     """Removing spec.serving.slo.slmTimeoutMs must remove status.route.slmTimeoutMs too: the
     gateway reads the status first, so a value left behind would keep the old SLM budget."""
-    task, jobs, dep, svc = _serving_task()
+    task, jobs, dep = _serving_task()
     kube = StatusOnly(task)
     monkeypatch.setattr(
-        rc, "observe", lambda *a, **k: Observed(copy.deepcopy(task), jobs, dep, svc, NOW)
+        rc, "observe", lambda *a, **k: Observed(copy.deepcopy(task), jobs, dep, NOW)
     )
     task["spec"]["serving"]["slo"] = {"p95LatencyMs": 300, "slmTimeoutMs": 800}
     rc.reconcile(kube, "agents", "weather")  # type: ignore[arg-type]

@@ -56,13 +56,13 @@ def test_what_the_operator_builds_is_what_its_watches_select() -> None:
     pod_sel = sel.collect(Resource("", "v1", "pods"))[0]
     dep_sel = sel.collect(Resource("apps", "v1", "deployments"))[0]
 
-    jobs = [o for o in plan(Observed(make_task(), {}, None, None, NOW)).apply if o["kind"] == "Job"]
+    jobs = [o for o in plan(Observed(make_task(), {}, None, NOW)).apply if o["kind"] == "Job"]
     assert jobs
     for job in jobs:
         assert _selects(job_sel, job["metadata"]["labels"])
         assert _selects(pod_sel, job["spec"]["template"]["metadata"]["labels"])
-    task, jobs_done, dep, svc = _serving_task()
-    built = plan(Observed(task, jobs_done, dep, svc, NOW)).apply
+    task, jobs_done, dep = _serving_task()
+    built = plan(Observed(task, jobs_done, dep, NOW)).apply
     deps = [o for o in built if o["kind"] == "Deployment"]
     assert deps and all(_selects(dep_sel, d["metadata"]["labels"]) for d in deps)
     # Triton's pods are watched too: a scheduler's verdict on one changes no Deployment.
