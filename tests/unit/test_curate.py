@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import uuid
 from collections.abc import Iterator
@@ -598,6 +599,27 @@ def test_directory_of_shards_and_task_filter(tmp_path: Path) -> None:
     assert report["other_task"] == 1
     assert report["examples"] == 12
     assert [Path(f).name for f in report["files"]] == ["000.jsonl", "001.jsonl"]
+
+
+def test_a_shard_whose_name_is_not_utf8_is_named_with_an_escape(tmp_path: Path) -> None:
+    """A file name on Linux is bytes; one that is not UTF-8 reaches Python as a lone
+    surrogate, and curate crashed writing its report after train.jsonl and eval.jsonl were
+    written, leaving a .curate_report.json.tmp behind."""
+    shards = tmp_path / "log"
+    shards.mkdir()
+    odd = Path(os.fsdecode(os.fsencode(shards) + b"/shard-\xff.jsonl"))
+    write_log(odd, [*tool_calls(12, 0, 0), "{not json"])
+    out = tmp_path / "out"
+    result = run(Args(input=shards, output_dir=out))
+    assert result.ok, result.message
+    report = json.loads((out / "curate_report.json").read_text(encoding="utf-8"))
+    assert [Path(f).name for f in report["files"]] == ["shard-\\xff.jsonl"]
+    assert report["error_samples"][0]["file"] == "shard-\\xff.jsonl"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "curate_report.json",
+        "eval.jsonl",
+        "train.jsonl",
+    ]
 
 
 @pytest.mark.parametrize(

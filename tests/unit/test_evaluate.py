@@ -364,3 +364,113 @@ def test_arguments_are_checked() -> None:
         evaluate.Args(data=Path("d"), output=Path("o"))
     with pytest.raises(ValueError, match="target_precision"):
         evaluate.Args(data=Path("d"), output=Path("o"), candidates="a", target_precision=0)
+
+
+def _write_rows(folder: Path, rows: list[dict[str, Any]], params: int = 1_000) -> None:
+    """A candidate folder with these predictions rows and a small result.json."""
+    folder.mkdir(parents=True)
+    (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "result.json").write_text(
+        TrainerResult(stage="finetune", ok=True, parameters=params).to_json()
+    )
+
+
+def _eval_data(tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "eval.jsonl").write_text("".join(r.to_json() + "\n" for r in records()))
+    return data
+
+
+def test_a_candidate_that_cannot_be_scored_costs_only_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Predictions of the wrong types, or a selector whose weights are torn (safetensors
+    raises its own error type), used to crash the stage for every candidate. Each is now
+    that candidate's error, shown as such in the message rather than as a measured 0.0."""
+    data = _eval_data(tmp_path)
+    cands = tmp_path / "cands"
+    write_candidate(cands / "selector", SELECTOR, 22_000_000)
+    _write_rows(
+        cands / "list-conf", [{"index": i, "label": "x", "confidence": [0.5]} for i in range(4)]
+    )
+    _write_rows(
+        cands / "text-response", [{"index": i, "response": "get_weather"} for i in range(4)]
+    )
+    torn = cands / "torn"
+    torn.mkdir()
+    (torn / "selector.json").write_text("{}")
+
+    class SafetensorError(Exception):  # what safetensors raises for a truncated file
+        pass
+
+    def torn_weights(path: Path, recs: Any, threads: int) -> Any:
+        raise SafetensorError("Error while deserializing header: incomplete metadata")
+
+    monkeypatch.setattr(evaluate, "run_selector_here", torn_weights)
+    args = evaluate.Args(
+        data=data,
+        output=tmp_path / "out",
+        candidates_dir=cands,
+        plot=False,
+        metric="label-accuracy",
+    )
+    result = evaluate.run(args)
+    assert result.ok and result.candidate == "selector", result.message
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    by_name = {c["name"]: c for c in report["candidates"]}
+    assert "confidence is not a number" in by_name["list-conf"]["error"]
+    assert "response is not a JSON object" in by_name["text-response"]["error"]
+    assert by_name["torn"]["error"].startswith("SafetensorError: Error while deserializing")
+    for name in ("list-conf", "text-response", "torn"):
+        assert not by_name[name]["passes"]
+        assert f"{name}: not scored: " in result.message
+        assert f"{name}: score " not in result.message
+
+
+def test_nan_confidences_never_win_and_the_report_stays_strict_json(tmp_path: Path) -> None:
+    """NaN compares false with every threshold, so a candidate of NaN confidences answered
+    every call and, being the smallest, won; and report.json held a bare NaN."""
+    data = _eval_data(tmp_path)
+    cands = tmp_path / "cands"
+    write_candidate(cands / "selector", SELECTOR, 22_000_000)
+    right = ["get_weather", "get_weather", "set_alarm", None]  # every label right
+    rows = [
+        {"index": i, "label": label, "confidence": float("nan"), "latency_ms": float("inf")}
+        for i, label in enumerate(right)
+    ]
+    _write_rows(cands / "nan", rows, params=1)
+    args = evaluate.Args(
+        data=data,
+        output=tmp_path / "out",
+        candidates_dir=cands,
+        plot=False,
+        metric="label-accuracy",
+    )
+    result = evaluate.run(args)
+    assert result.ok and result.candidate == "selector", result.message
+    assert "nan: not scored: " in result.message and "not a finite number" in result.message
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"report.json holds {constant}, which is not JSON")
+
+    report = json.loads((tmp_path / "out" / "report.json").read_text(), parse_constant=refuse)
+    assert report["winner"] == "selector"
+
+
+@pytest.mark.parametrize("made", [False, True])
+def test_no_candidate_directory_says_where_it_looked(tmp_path: Path, made: bool) -> None:
+    """A missing or empty --candidates-dir said "no candidate passed the gate: " and nothing
+    after it."""
+    cands = tmp_path / "cands"
+    if made:
+        cands.mkdir()
+        (cands / "stray.txt").write_text("not a candidate")
+    args = evaluate.Args(
+        data=_eval_data(tmp_path), output=tmp_path / "out", candidates_dir=cands, plot=False
+    )
+    result = evaluate.run(args)
+    assert not result.ok
+    assert f"no candidate directories were found: --candidates-dir {cands}" in result.message
+    assert ("has no candidate subdirectories" if made else "does not exist") in result.message
+    assert "passed the gate" not in result.message

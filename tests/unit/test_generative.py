@@ -1070,6 +1070,26 @@ def test_calls_the_template_cannot_render_are_skipped_and_counted(
     assert deferred["prediction"] == {"defer": True} and deferred["confidence"] == 0.0
 
 
+def test_a_malformed_line_in_a_split_is_skipped_and_counted_not_a_crash(
+    tmp_path: Path, tiny_minilm: Path
+) -> None:
+    """One hand-edited or non-UTF-8 line in train.jsonl or eval.jsonl crashed the stage
+    (exit 1, retried in vain); it is now left out, and the message says how many and where."""
+    args = _tiny_stage(tmp_path, tiny_minilm, checkpoint_dir="", max_new_tokens=4)
+    data = Path(args.data)
+    with (data / "train.jsonl").open("ab") as fh:
+        fh.write(b"{broken\n")
+    with (data / "eval.jsonl").open("ab") as fh:
+        fh.write(b'{"task": "\xff"}\n')
+    events = Events()
+    result = generative.train_generative(args, events)
+    assert result.ok, result.message
+    assert result.train_examples == 4 and result.eval_examples == 1
+    note = "2 malformed lines skipped (1 invalid_json, 1 invalid_utf8; first: train.jsonl line 5)"
+    assert note in result.message
+    assert any(note in e["message"] for e in events.of("warning"))
+
+
 @pytest.mark.slow
 def test_the_optimizer_is_freed_before_the_final_evaluation(
     tmp_path: Path, tiny_minilm: Path, monkeypatch: pytest.MonkeyPatch

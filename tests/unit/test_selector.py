@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -997,3 +998,40 @@ def test_with_no_calibration_call_the_selector_answers_nothing_and_says_so(
     assert result.threshold == 1.0 and "no calibration calls" in result.message
     manifest = json.loads((tmp_path / "artifact" / "selector.json").read_text())
     assert manifest["threshold"] == 1.0 and manifest["temperature"] == 1.0
+
+
+def test_a_malformed_line_in_a_split_is_skipped_and_counted_not_a_crash(
+    small_data: Path, tmp_path: Path
+) -> None:
+    """One hand-edited or non-UTF-8 line in train.jsonl or eval.jsonl crashed finetune
+    (exit 1, retried in vain, naming neither file nor line)."""
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    n_train = len((data / "train.jsonl").read_text().splitlines())
+    with (data / "train.jsonl").open("ab") as fh:
+        fh.write(b"{broken\n")
+    with (data / "eval.jsonl").open("ab") as fh:
+        fh.write(b'{"task": "\xff"}\n')
+    events: list[dict[str, Any]] = []
+    result = finetune.run(fine_args(data, tmp_path, epochs=1, max_steps=1), events.append)
+    assert result.ok, result.message
+    assert result.train_examples == n_train
+    note = (
+        f"2 malformed lines skipped (1 invalid_json, 1 invalid_utf8; first: train.jsonl line "
+        f"{n_train + 1})"
+    )
+    assert note in result.message
+    assert any(note in e.get("message", "") for e in events if e["event"] == "warning")
+
+
+def test_without_eval_calls_the_selector_reports_no_score(small_data: Path, tmp_path: Path) -> None:
+    """With no eval.jsonl the result said ok with score 0.0 and "answers 0.0% of eval calls
+    ... precision 0.0%": figures nobody measured. The generative path reports None."""
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(small_data / "train.jsonl", data / "train.jsonl")
+    result = finetune.run(fine_args(data, tmp_path, epochs=1, max_steps=1), lambda e: None)
+    assert result.ok, result.message
+    assert result.score is None and result.eval_examples == 0
+    assert f"no eval calls in {data / 'eval.jsonl'}, no score" in result.message
+    assert "% of eval calls" not in result.message and "precision" not in result.message

@@ -363,3 +363,182 @@ def test_curate_never_prints_the_credentials_of_its_input(
         f"cannot read the call log at {shown}"
         in TrainerResult.from_json(result_path.read_text()).message
     )
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+def clean_split(folder: Path, n: int = 8, tools: bool = True) -> Path:
+    """train.jsonl and eval.jsonl of valid calls (write_log's, without its broken line), each
+    offering the get_weather tool it calls, or no tools at all."""
+    folder.mkdir(parents=True)
+    rows = [
+        json.loads(line)
+        for line in write_log(folder / "log.jsonl", n=n).read_text().splitlines()
+        if line != "{broken"
+    ]
+    for row in rows:
+        row["tools"] = [WEATHER_TOOL] if tools else []
+    half = n // 2
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:half]))
+    (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[half:]))
+    (folder / "log.jsonl").unlink()
+    return folder
+
+
+def finetune_argv(data: Path, out: Path, model: str, *extra: str) -> list[str]:
+    return [
+        "finetune",
+        "--candidate=c",
+        f"--model={model}",
+        f"--data={data}",
+        f"--output={out / 'artifact'}",
+        f"--result-path={out / 'result.json'}",
+        "--epochs=1",
+        "--max-steps=1",
+        "--num-threads=1",
+        *extra,
+    ]
+
+
+def test_a_base_model_path_that_does_not_exist_is_reported_not_retried(tmp_path: Path) -> None:
+    """A local model path that is not there used to end in transformers' "Repo id must be in
+    the form ..." OSError: exit 1, which the Job retries to no avail."""
+    data = clean_split(tmp_path / "data")
+    result_path = tmp_path / "result.json"
+    for path in ("selector", "generative"):
+        proc = run_cli(
+            f"--result-path={result_path}",
+            "finetune",
+            "--candidate=c",
+            "--model=/nonexistent/model",
+            f"--data={data}",
+            f"--output={tmp_path / 'out'}",
+            f"--path={path}",
+        )
+        assert proc.returncode == cli.EXIT_REPORTED, proc.stderr
+        result = TrainerResult.from_json(result_path.read_text())
+        assert not result.ok and result.candidate == "c"
+        assert result.message.startswith("base model '/nonexistent/model' not found")
+        assert "does not exist" in result.message
+
+
+@pytest.mark.parametrize("name", ["selector.json", "manifest.json"])
+@pytest.mark.parametrize("content", ['{"threshold": 0.', "[1, 2]"])
+def test_export_of_a_torn_description_names_the_file(
+    tmp_path: Path, name: str, content: str
+) -> None:
+    """A selector.json or manifest.json cut short by a killed writer (or not an object)
+    crashed export with a JSONDecodeError (exit 1, retried in vain)."""
+    cand = tmp_path / "cand"
+    cand.mkdir()
+    (cand / name).write_text(content)
+    result_path = tmp_path / "result.json"
+    argv = [
+        "export",
+        "--candidate=c",
+        "--model=m",
+        f"--candidate-dir={cand}",
+        f"--output={tmp_path / 'repo'}",
+        "--model-name=weather",
+        f"--result-path={result_path}",
+    ]
+    assert cli.main(argv) == cli.EXIT_REPORTED
+    result = TrainerResult.from_json(result_path.read_text())
+    assert not result.ok and str(cand / name) in result.message
+    assert ("not valid JSON" if content.startswith("{") else "not a JSON object") in result.message
+    assert not (tmp_path / "repo").exists()
+
+
+def test_names_that_are_not_utf8_are_logged_and_reported_not_a_crash(tmp_path: Path) -> None:
+    """A directory or shard name whose bytes are not UTF-8 reaches Python as a lone
+    surrogate: printing the start line, or writing the report, crashed curate (exit 1)."""
+    shards = Path(os.fsdecode(os.fsencode(tmp_path) + b"/log-\xfe"))
+    shards.mkdir()
+    write_log(Path(os.fsdecode(os.fsencode(shards) + b"/shard-\xff.jsonl")))
+    result_path = tmp_path / "result.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "trainer")}
+    proc = subprocess.run(
+        [
+            os.fsencode(sys.executable),
+            b"-m",
+            b"slm_trainer",
+            b"--result-path=" + os.fsencode(result_path),
+            b"curate",
+            b"--input=" + os.fsencode(shards),
+            b"--output-dir=" + os.fsencode(tmp_path / "out"),
+            b"--no-scrub-pii",
+        ],
+        capture_output=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    # each line is UTF-8 JSON; the odd byte is a \\udcfe escape in it, as ensure_ascii writes
+    lines = [json.loads(line) for line in proc.stdout.decode().splitlines()]
+    assert lines[0]["args"]["input"] == os.fsdecode(os.fsencode(shards))
+    assert TrainerResult.from_json(result_path.read_text()).ok
+    report = json.loads((tmp_path / "out" / "curate_report.json").read_text())
+    assert report["files"] == [f"{tmp_path}/log-\\xfe/shard-\\xff.jsonl"]
+
+
+@pytest.mark.parametrize("path", ["selector", "generative"])
+def test_a_hub_id_the_hub_does_not_know_is_reported_and_a_network_error_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """transformers raises OSError both when the hub answers "no such repository" and when it
+    cannot be reached: only the second is worth the retry a crash (exit 1) earns."""
+    import transformers
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    data = clean_split(tmp_path / "data")
+    url = "https://huggingface.co/api/models/acme/no-such-model"
+
+    def not_on_the_hub(name: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            response = types.SimpleNamespace(headers={}, request=None)
+            raise RepositoryNotFoundError(
+                f"404 Repository Not Found for url: {url}", response=response
+            )
+        except RepositoryNotFoundError as exc:
+            raise OSError(
+                f"{name} is not a local folder and is not a valid model identifier"
+            ) from exc
+
+    def hub_unreachable(name: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            raise ConnectionError("Name or service not known")
+        except ConnectionError as exc:
+            raise OSError(
+                "We couldn't connect to 'https://huggingface.co' to load the files"
+            ) from exc
+
+    argv = finetune_argv(data, tmp_path, "acme/no-such-model", f"--path={path}")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", staticmethod(not_on_the_hub))
+    assert cli.main(argv) == cli.EXIT_REPORTED
+    result = TrainerResult.from_json((tmp_path / "result.json").read_text())
+    assert not result.ok and result.message.startswith(
+        "base model 'acme/no-such-model' not found: the hub has no such repository"
+    )
+    monkeypatch.setattr(
+        transformers.AutoTokenizer, "from_pretrained", staticmethod(hub_unreachable)
+    )
+    assert cli.main(argv) == cli.EXIT_CRASHED
+
+
+def test_a_selector_on_calls_that_offer_no_tools_is_a_reported_failure(tmp_path: Path) -> None:
+    """A selector picks one of a call's tools: with none offered anywhere there is nothing to
+    learn. It crashed (ValueError, exit 1, retried); the data decides it, so it is reported."""
+    data = clean_split(tmp_path / "data", tools=False)
+    assert cli.main(finetune_argv(data, tmp_path, "all-MiniLM-L6-v2")) == cli.EXIT_REPORTED
+    result = TrainerResult.from_json((tmp_path / "result.json").read_text())
+    assert not result.ok and result.candidate == "c"
+    assert result.message.startswith(f"no trainable examples in {data / 'train.jsonl'}")
+    assert "4 offer no tools to choose from" in result.message

@@ -77,8 +77,11 @@ def emit(event: dict[str, Any]) -> None:
 
     Every URI in it is redacted (no user info, no query): the start line lists every
     argument, and a stage's progress or warning may quote a URI or an error naming one.
+    A lone surrogate (an argument or file name whose bytes are not UTF-8, as Python decodes
+    it) is written as ``\\udcff``: stdout refuses it, and the stage would crash on a log line.
     """
-    print(redact_uris(json.dumps(event, ensure_ascii=False, default=str), *_ARG_URIS), flush=True)
+    line = redact_uris(json.dumps(event, ensure_ascii=False, default=str), *_ARG_URIS)
+    print(line.encode("utf-8", "backslashreplace").decode("utf-8"), flush=True)
 
 
 def _flag_type(tp: Any) -> tuple[Any, dict[str, Any]]:

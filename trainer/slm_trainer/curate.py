@@ -135,13 +135,21 @@ class ParseStats:
     other_task: int = 0
     errors: list[dict[str, Any]] = field(default_factory=list)
 
-    def skipped_note(self, what: str = "line") -> str:
+    def skipped_note(self, what: str = "line", where: bool = False) -> str:
         """``"; 3 malformed lines skipped (2 invalid_json, 1 too_deep)"``, or "" when none
-        were: the tail a stage's result message gives its reader."""
+        were: the tail a stage's result message gives its reader.
+
+        ``where`` adds the file and line of the first one (``; first: train.jsonl line 15``),
+        so that a hand-edited split can be fixed without reading the pod's log. Only the
+        reason is quoted, never the line: the message reaches the operator's conditions.
+        """
         total = sum(self.malformed.values())
         if not total:
             return ""
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.malformed.items()))
+        if where and self.errors:
+            first = self.errors[0]
+            reasons += f"; first: {first['file']} line {first['line']}"
         return f"; {total} malformed {what}{'s' if total > 1 else ''} skipped ({reasons})"
 
 
@@ -374,18 +382,36 @@ def parse_lines(
             )
 
 
+def printable_name(name: str) -> str:
+    """``name`` as text that any UTF-8 writer accepts: a byte that is not UTF-8 becomes ``\\xff``.
+
+    Why: a file name on Linux is bytes, and Python hands an undecodable byte to us as a lone
+    surrogate (``os.fsdecode``'s surrogateescape). Such a name is fine for ``open`` but not for
+    ``json.dumps(ensure_ascii=False)`` written as UTF-8 nor for stdout: curate used to crash
+    writing its report after train.jsonl and eval.jsonl were already written. Every name that
+    goes into a report, an error sample or a message passes through here.
+    """
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that no file system byte stands for
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def read_lines(files: Sequence[Shard]) -> Iterator[tuple[str, int, bytes]]:
     """``(file name, line number, raw bytes)`` of every line: bytes, so that invalid UTF-8 is
     a countable reason in :func:`parse_lines` rather than a decode error or a silent ``\ufffd``.
+    The name is :func:`printable_name`'s, as the error samples of the report quote it.
 
     A remote shard that may be listed but not read (a policy without ``s3:GetObject``) raises
     :class:`CallLogUnreadable`, as a denied listing does.
     """
     for path in files:
+        name = printable_name(path.name)
         try:
             with path.open("rb") as fh:
                 for lineno, raw in enumerate(fh, start=1):
-                    yield path.name, lineno, raw
+                    yield name, lineno, raw
         except PermissionError as exc:
             if isinstance(path, Path):
                 raise
@@ -393,6 +419,22 @@ def read_lines(files: Sequence[Shard]) -> Iterator[tuple[str, int, bytes]]:
                 f"cannot read the call log shard {path}: access denied "
                 f"({redact_uris(str(exc), path.uri)}); {_ACCESS_HINT}"
             ) from exc
+
+
+def read_split(path: Path, stats: ParseStats, max_error_samples: int = 5) -> list[CallRecord]:
+    """The call records of a curated split (``train.jsonl``, ``eval.jsonl``), for finetune.
+
+    Why through :func:`parse_lines`: a split is curate's output, but it may have been edited
+    by hand, truncated by a full volume or copied from elsewhere, and one bad line used to
+    crash the whole finetune Job (exit 1, retried to no avail) without naming file or line.
+    Now such a line is skipped and counted in ``stats``, as evaluate and curate do. Records
+    with an empty response are kept (``require_answer=False``), so every valid line gives
+    the record it gave before; a missing file gives no records.
+    """
+    if not path.is_file():
+        return []
+    lines = read_lines([path])
+    return list(parse_lines(lines, stats, "", max_error_samples, require_answer=False))
 
 
 # ------------------------------------------------------------------------------ keys
@@ -690,7 +732,7 @@ def run(args: Args, progress: Progress | None = None) -> TrainerResult:
     started = time.monotonic()
     try:
         files = input_files(args.input)
-        missing = [str(p) for p in files if isinstance(p, Path) and not p.is_file()]
+        missing = [printable_name(str(p)) for p in files if isinstance(p, Path) and not p.is_file()]
         if not files or missing:
             # Zero examples rather than an error: a task's log directory appears with its
             # first captured call, so the operator waits and curates again (DataReady
@@ -699,8 +741,8 @@ def run(args: Args, progress: Progress | None = None) -> TrainerResult:
                 stage=CONTRACT_STAGE,
                 ok=False,
                 examples=0,
-                message=f"no call log at {redact_uri(str(args.input))} yet (0 examples)"
-                + (f" ({', '.join(missing)})" if missing else ""),
+                message=f"no call log at {printable_name(redact_uri(str(args.input)))} yet "
+                "(0 examples)" + (f" ({', '.join(missing)})" if missing else ""),
             )
         return _curate(args, files, started, progress)
     except CallLogUnreadable as exc:
@@ -920,8 +962,8 @@ def _curate(
         per_stratum[s]["eval" if e else "train"] += 1
 
     report = {
-        "input": redact_uri(str(args.input)),
-        "files": [str(p) for p in files],
+        "input": printable_name(redact_uri(str(args.input))),
+        "files": [printable_name(str(p)) for p in files],
         "settings": {
             "task": args.task,
             "scrub_pii": args.scrub_pii,
@@ -1000,10 +1042,14 @@ def _write_outputs(
 
     def write(name: str, text_lines: Iterable[str]) -> None:
         tmp = out_dir / f".{name}.tmp"
-        with tmp.open("w", encoding="utf-8") as fh:
-            for line in text_lines:
-                fh.write(line)
-        os.replace(tmp, out_dir / name)
+        try:
+            with tmp.open("w", encoding="utf-8") as fh:
+                for line in text_lines:
+                    fh.write(line)
+            os.replace(tmp, out_dir / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a failed write leaves no half file behind
+            raise
 
     write("train.jsonl", (line + "\n" for line in train))
     write("eval.jsonl", (line + "\n" for line in evals))

@@ -23,7 +23,7 @@ and the threshold that keeps the most coverage while meeting ``target_precision`
 calls. A candidate's ``score`` is its chosen metric on the calls it answers at that threshold
 (on all calls when it has no confidence). ``llm_score`` is 1.0, because the references are the
 LLM's own answers. The gate (``min_score``, ``max_drop_vs_llm``) and the selection policy then
-pick the winner that the result reports. No candidate passing is a failed result (exit 1),
+pick the winner that the result reports. No candidate passing is a failed result (exit 3),
 with the reasons.
 """
 
@@ -149,7 +149,14 @@ def score_candidate(
     metric: str,
     target_precision: float,
 ) -> CandidateScore:
-    """Every metric for one candidate, its curve, threshold and gate score (pure)."""
+    """Every metric for one candidate, its curve, threshold and gate score (pure).
+
+    Raises ValueError for a confidence that is not a finite number (a selector run here that
+    produced NaN): it would otherwise count as answered at every threshold.
+    """
+    for i, p in enumerate(preds):
+        if p.confidence is not None and not math.isfinite(p.confidence):
+            raise ValueError(f"the confidence of eval call {i} is not a finite number")
     refs = [metrics.label_of(r.response, task_type) for r in records]
     labels = [prediction_label(p, task_type) for p in preds]
     generative = any(p.response is not None for p in preds)
@@ -362,15 +369,37 @@ def read_predictions(path: Path, records: Sequence[CallRecord]) -> list[Predicti
     for i, row in enumerate(rows):
         if row.get("key") and row["key"] != keys[i]:
             raise ValueError(f"{path}: prediction {i} is for another call than eval.jsonl's")
+        label = row.get("label")
+        response = row.get("response", row.get("prediction"))
+        if label is not None and not isinstance(label, str):
+            raise ValueError(f"{path}: prediction {i}'s label is not a string or null")
+        if response is not None and not isinstance(response, dict):
+            raise ValueError(f"{path}: prediction {i}'s response is not a JSON object or null")
         preds.append(
             Prediction(
-                label=row.get("label"),
-                response=row.get("response", row.get("prediction")),
-                confidence=row.get("confidence"),
-                latency_ms=row.get("latency_ms"),
+                label=label,
+                response=response,
+                confidence=_number(row.get("confidence"), f"{path}: prediction {i}'s confidence"),
+                latency_ms=_number(row.get("latency_ms"), f"{path}: prediction {i}'s latency_ms"),
             )
         )
     return preds
+
+
+def _number(value: Any, what: str) -> float | None:
+    """``value`` when it is null or a finite number; ValueError naming ``what`` otherwise.
+
+    Why: a confidence of NaN compares false with every threshold, so the curve read it as
+    "always answered" and a candidate could win on it, and a NaN written to report.json is
+    not JSON. A string or a list used to crash the stage for every candidate.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{what} is not a number or null: {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{what} is not a finite number: {value}")
+    return float(value)
 
 
 def _record_key(record: CallRecord) -> str:
@@ -405,9 +434,12 @@ def candidate_info(path: Path) -> dict[str, Any]:
                 continue
             if not isinstance(data, dict):
                 continue
-            for key in ("parameters", "artifact_uri"):
-                if data.get(key) is not None:
-                    info[key] = data[key]
+            # what the winner's result would carry: a count and a URI, or nothing
+            parameters = data.get("parameters")
+            if isinstance(parameters, int) and not isinstance(parameters, bool) and parameters >= 0:
+                info["parameters"] = parameters
+            if isinstance(data.get("artifact_uri"), str) and data["artifact_uri"]:
+                info["artifact_uri"] = data["artifact_uri"]
     return info
 
 
@@ -456,6 +488,39 @@ def plot_report(report: Mapping[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _summary_of(c: CandidateScore) -> str:
+    """One candidate in the result's message: its score and why it failed the gate, or for a
+    candidate that could not be scored, the error alone (its 0.0 was never measured)."""
+    if c.error:
+        return f"{c.name}: not scored: {c.error}"
+    return f"{c.name}: score {c.score:.3f} at coverage {c.coverage:.1%}" + (
+        f" ({', '.join(c.reasons)})" if c.reasons else ""
+    )
+
+
+def _no_candidates_message(args: Args) -> str:
+    """Why there was nothing to judge: where candidates were looked for and what was there."""
+    where = args.candidates_dir
+    if where is None:
+        return "no candidate directories were given (--candidates lists none)"
+    state = "does not exist" if not where.exists() else "has no candidate subdirectories"
+    return (
+        f"no candidate directories were found: --candidates-dir {where} {state} "
+        "(did the finetune Jobs write their candidates there?)"
+    )
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None, for strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
 def run(args: Args, emit: Emit | None = None) -> TrainerResult:
     started = time.monotonic()
     stats = ParseStats()
@@ -472,12 +537,21 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
         import torch
 
         torch.set_num_threads(args.num_threads)
+    found = candidate_dirs(args)
+    if not found:
+        return TrainerResult(
+            stage=CONTRACT_STAGE,
+            ok=False,
+            eval_examples=len(records),
+            message=_no_candidates_message(args),
+        )
     scores: list[CandidateScore] = []
-    for name, path in candidate_dirs(args):
+    for name, path in found:
         if emit:
             emit({"event": "progress", "stage": "evaluate", "candidate": name})
-        info = candidate_info(path)
+        info: dict[str, Any] = {}
         try:
+            info = candidate_info(path)
             pred_file = path / "predictions.jsonl"
             if (path / "selector.json").is_file() and (args.rescore or not pred_file.is_file()):
                 preds = run_selector_here(path, records, args.num_threads)
@@ -488,8 +562,13 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
             cs = score_candidate(
                 name, records, preds, args.task_type, args.metric, args.target_precision
             )
-        except (OSError, ValueError, KeyError) as exc:
-            cs = CandidateScore(name=name, kind="unknown", path="", error=f"{exc}")
+        except Exception as exc:
+            # One broken candidate (torn weights, odd predictions) is that candidate's error;
+            # the others are still judged, and one of them may win.
+            error = str(exc) if isinstance(exc, OSError | ValueError | KeyError) else ""
+            cs = CandidateScore(
+                name=name, kind="unknown", path="", error=error or f"{type(exc).__name__}: {exc}"
+            )
         cs.path = str(path)
         cs.parameters = info.get("parameters")
         cs.artifact_uri = info.get("artifact_uri") or path.resolve().as_uri()
@@ -520,15 +599,14 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
         "seconds": round(time.monotonic() - started, 3),
     }
     args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    # strict JSON: a NaN or an infinity (a latency summary, a figure of a broken candidate)
+    # is written as null, which every reader parses
+    report = _finite(report)
+    (args.output / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     if args.plot:
         plot_report(report, args.output / "report.png")
     eval_seconds = round(time.monotonic() - started, 3)
-    summary = "; ".join(
-        f"{c.name}: score {c.score:.3f} at coverage {c.coverage:.1%}"
-        + (f" ({', '.join(c.reasons)})" if c.reasons else "")
-        for c in scores
-    )
+    summary = "; ".join(_summary_of(c) for c in scores)
     if winner is None:
         return TrainerResult(
             stage=CONTRACT_STAGE,

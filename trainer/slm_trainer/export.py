@@ -122,6 +122,34 @@ def _merge_adapter(candidate_dir: Path, base: str, dest: Path) -> None:
     AutoTokenizer.from_pretrained(str(candidate_dir)).save_pretrained(str(dest))
 
 
+class UnreadableDescription(Exception):
+    """A candidate's ``manifest.json`` or ``selector.json`` is not a JSON object (torn by a
+    killed writer, hand-edited). Exporting it again gives the same answer, so the stage
+    reports it, naming the file, instead of crashing into the Job's retries."""
+
+
+def _read_description(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; :class:`UnreadableDescription` when it is not one.
+
+    An OSError passes: a read that failed may succeed on the retry a crash earns.
+    """
+    try:
+        data = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested too deep
+        raise UnreadableDescription(
+            f"cannot export: {path} is not valid JSON ({type(exc).__name__}: {exc}); "
+            "finetune the candidate again"
+        ) from exc
+    if not isinstance(data, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+            type(data), "a number"
+        )
+        raise UnreadableDescription(
+            f"cannot export: {path} holds {kind}, not a JSON object; finetune the candidate again"
+        )
+    return data
+
+
 def run(args: Args, emit: Emit) -> TrainerResult:
     from slm_trainer.generative import MANIFEST, weights_sha256
     from slm_trainer.triton_model import BACKEND_FILES, HERE, render_config
@@ -130,11 +158,16 @@ def run(args: Args, emit: Emit) -> TrainerResult:
     manifest_path = cand / MANIFEST
     has_selector = (cand / "selector.json").is_file()
     manifest: dict[str, Any] = {}
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
     selector: dict[str, Any] = {}
-    if has_selector:
-        selector = json.loads((cand / "selector.json").read_text())
+    try:
+        if manifest_path.is_file():
+            manifest = _read_description(manifest_path)
+        if has_selector:
+            selector = _read_description(cand / "selector.json")
+    except UnreadableDescription as exc:
+        return TrainerResult(
+            stage=CONTRACT_STAGE, ok=False, candidate=args.candidate, message=str(exc)
+        )
     if not manifest and not has_selector:
         return TrainerResult(
             stage=CONTRACT_STAGE,

@@ -18,9 +18,10 @@ friends are imported only inside :func:`run`, so ``slm-trainer finetune --help``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -214,6 +215,82 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+class BaseModelNotFound(Exception):
+    """The base model named by the AgentTask does not exist: no such local directory, a name
+    that is no hub id, or one the hub says it has no repository for.
+
+    Why a type of its own: loading raises OSError for these and for a network error alike,
+    and only the network error is worth the retry that a crash (exit 1) earns. A missing
+    model is the same on every rerun, so the stage reports it (ok false, exit 3) and the
+    operator shows the message in the candidate's condition.
+    """
+
+
+def _path_like(name: str) -> bool:
+    """True for names that can only mean a local path: absolute, ``./``, ``../`` or ``~``.
+
+    A hub id is ``name`` or ``namespace/name``, so ``org/model`` is not path-like even
+    though a directory of that name may exist (:func:`resolve_model_path` prefers it then).
+    """
+    return name.startswith(("/", "./", "../", "~")) or name in (".", "..")
+
+
+def missing_base_model(name: str) -> str | None:
+    """Why ``name`` cannot be a base model before anything is loaded, or None.
+
+    A path-like name that is not a directory (``/models/smollm`` on a volume that was not
+    mounted, a typo) would otherwise be tried as a hub id and end in transformers' unclear
+    "Repo id must be in the form ..." OSError, a crash the Job retries in vain.
+    """
+    if not _path_like(name):
+        return None
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return None
+    what = "is a file, not a model directory" if path.exists() else "does not exist"
+    return f"base model {name!r} not found: the local path {path} {what}"
+
+
+def _not_found_reason(exc: BaseException) -> str | None:
+    """Why ``exc`` (or an exception it was raised from) means "no such base model", or None
+    for anything else, a network error included (that one stays a retried crash)."""
+    try:
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            HFValidationError,
+            RepositoryNotFoundError,
+        )
+    except ImportError:  # pragma: no cover - transformers always brings huggingface_hub
+        return None
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, GatedRepoError):
+            return "the hub repository is gated: accept its terms and give the trainer a token"
+        if isinstance(current, RepositoryNotFoundError):
+            return "the hub has no such repository (or it is private to the trainer's token)"
+        if isinstance(current, HFValidationError):
+            return "it is neither a local model directory nor a valid hub id"
+        current = current.__cause__ or current.__context__
+    return None
+
+
+@contextlib.contextmanager
+def loading_base_model(name: str) -> Iterator[None]:
+    """Turn "this base model does not exist" raised inside into :class:`BaseModelNotFound`;
+    every other error (a network failure, a full disk) passes unchanged."""
+    try:
+        yield
+    except BaseModelNotFound:
+        raise
+    except Exception as exc:
+        reason = _not_found_reason(exc)
+        if reason is None:
+            raise
+        raise BaseModelNotFound(f"base model {name!r} not found: {reason}") from exc
+
+
 def is_encoder_model(name: str) -> bool:
     """True for sentence-transformers / BERT-like encoders (the selector's base models).
 
@@ -260,16 +337,28 @@ def run(
     """Dispatch to the selector or the generative trainer; every outcome is a TrainerResult.
 
     A successful result is also saved as ``result.json`` beside the artifact, where the
-    evaluate stage finds the candidate's size and URI whichever path trained it.
+    evaluate stage finds the candidate's size and URI whichever path trained it. A base
+    model that does not exist is a reported failure (:class:`BaseModelNotFound`), checked
+    here for local paths before either path imports torch.
     """
-    if uses_selector(args):
-        from slm_trainer.selector import run_selector
+    missing = missing_base_model(args.model)
+    if missing:
+        return TrainerResult(
+            stage=CONTRACT_STAGE, ok=False, candidate=args.candidate, message=missing
+        )
+    try:
+        if uses_selector(args):
+            from slm_trainer.selector import run_selector
 
-        result = run_selector(args, emit, step_hook=step_hook)
-    else:
-        from slm_trainer.generative import train_generative
+            result = run_selector(args, emit, step_hook=step_hook)
+        else:
+            from slm_trainer.generative import train_generative
 
-        result = train_generative(generative_view(args), emit)
+            result = train_generative(generative_view(args), emit)
+    except BaseModelNotFound as exc:
+        return TrainerResult(
+            stage=CONTRACT_STAGE, ok=False, candidate=args.candidate, message=str(exc)
+        )
     if result.ok and args.output.is_dir():
         (args.output / RESULT_FILE).write_text(result.to_json() + "\n")
     return result

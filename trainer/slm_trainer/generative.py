@@ -56,8 +56,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from slm_contract import CallRecord, ContractError, TrainerResult
+from slm_contract import CallRecord, TrainerResult
 from slm_trainer import metrics
+from slm_trainer.curate import ParseStats, read_split
+from slm_trainer.finetune import BaseModelNotFound, loading_base_model, missing_base_model
 from slm_trainer.preemption import SigtermFlag, load_or_set_aside, save_atomically
 from slm_trainer.progress import Progress
 from slm_trainer.triton_model import chatformat
@@ -143,20 +145,11 @@ class Preempted(Exception):
 # --------------------------------------------------------------------------- data
 
 
-def load_records(path: Path) -> list[CallRecord]:
-    """Call records of a curated split; malformed lines were dropped by curate, so fail loud."""
-    if not path.is_file():
-        return []
-    records = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(CallRecord.from_json(line))
-            except ContractError as exc:
-                raise ContractError(f"{path}:{lineno}: {exc}") from exc
-    return records
+def load_records(path: Path, stats: ParseStats | None = None) -> list[CallRecord]:
+    """Call records of a curated split; a malformed or non-UTF-8 line is skipped and counted
+    in ``stats`` (:func:`slm_trainer.curate.read_split`, as the selector reads them), where
+    it used to crash the Job with an exit code the operator retries in vain."""
+    return read_split(path, stats if stats is not None else ParseStats())
 
 
 def encode(tokenizer: Any, record: CallRecord, tools_in_template: bool) -> tuple[Example, str, str]:
@@ -371,11 +364,14 @@ def load_model(args: Any, opts: Options, device: str, amp: Any = None) -> tuple[
     """(model ready to train, tokenizer, tools_in_template) for the stage's method."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(args.model))
+    # a base model that does not exist raises BaseModelNotFound: reported, not retried
+    with loading_base_model(str(args.model)):
+        tokenizer = AutoTokenizer.from_pretrained(str(args.model))
     tools_in_template = prepare_tokenizer(tokenizer)
     method = args.method
     kwargs = from_pretrained_kwargs(method, device, amp)
-    model = AutoModelForCausalLM.from_pretrained(str(args.model), **kwargs)
+    with loading_base_model(str(args.model)):
+        model = AutoModelForCausalLM.from_pretrained(str(args.model), **kwargs)
     if "device_map" not in kwargs:
         model.to(device)
     model = prepare_for_training(model, method, opts.gradient_checkpointing)
@@ -619,13 +615,29 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
             return _fail(args, reason)
 
     data = Path(args.data)
-    train_records = load_records(data / "train.jsonl")
-    all_eval_records = load_records(data / "eval.jsonl")
+    stats = ParseStats()
+    train_records = load_records(data / "train.jsonl", stats)
+    all_eval_records = load_records(data / "eval.jsonl", stats)
+    # said in the result's message too: the operator shows it, the log may be gone
+    malformed_note = stats.skipped_note("line", where=True)
+    if malformed_note:
+        emit(
+            {
+                "event": "warning",
+                "stage": CONTRACT_STAGE,
+                "candidate": args.candidate,
+                "message": f"data in {data}{malformed_note}",
+                "error_samples": stats.errors,
+            }
+        )
     eval_records = all_eval_records
     if opts.max_eval_examples > 0:
         eval_records = all_eval_records[: opts.max_eval_examples]
     if not train_records:
-        return _fail(args, f"no training examples in {data / 'train.jsonl'}")
+        return _fail(args, f"no training examples in {data / 'train.jsonl'}{malformed_note}")
+    missing = missing_base_model(str(args.model))
+    if missing:
+        return _fail(args, missing)
 
     import torch
 
@@ -635,7 +647,10 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
         torch.set_num_threads(opts.num_threads)
     set_seed(opts.seed)
     t_start = time.monotonic()
-    model, tokenizer, tools_in_template = load_model(args, opts, device, amp)
+    try:
+        model, tokenizer, tools_in_template = load_model(args, opts, device, amp)
+    except BaseModelNotFound as exc:
+        return _fail(args, str(exc))
     total_params, trainable_params = count_parameters(model)
     emit(
         {
@@ -676,7 +691,9 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
         )
     if not examples:
         return _fail(
-            args, f"no usable training example (max_seq_length {args.max_seq_length}): {skipped}"
+            args,
+            f"no usable training example (max_seq_length {args.max_seq_length}): {skipped}"
+            + malformed_note,
         )
 
     epochs = max(1, int(args.epochs))
@@ -877,7 +894,8 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
         eval_seconds=round(eval_seconds, 3),
         message=f"{args.method} on {total} steps, final loss {losses[-1]:.4f}"
         + _score_note(score, accuracy, args.metric, len(eval_records), len(not_evaluated))
-        + _threshold_note(threshold, at_threshold, target_precision),
+        + _threshold_note(threshold, at_threshold, target_precision)
+        + malformed_note,
     )
 
 

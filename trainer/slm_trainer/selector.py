@@ -103,7 +103,13 @@ from torch import nn
 
 from slm_contract import CallRecord, TrainerResult
 from slm_trainer import metrics, preemption
-from slm_trainer.finetune import resolve_model_path, split_identifier
+from slm_trainer.curate import ParseStats, read_split
+from slm_trainer.finetune import (
+    BaseModelNotFound,
+    loading_base_model,
+    resolve_model_path,
+    split_identifier,
+)
 from slm_trainer.preemption import SigtermFlag, load_or_set_aside, save_atomically
 from slm_trainer.progress import Progress
 from slm_trainer.triton_model import chatformat, runtime
@@ -534,13 +540,17 @@ def build_net(config: SelectorConfig, device: torch.device) -> tuple[SelectorNet
     from transformers import AutoModel, AutoTokenizer
 
     path = resolve_model_path(config.base_model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    # a base model that does not exist raises BaseModelNotFound: a reported failure, not a
+    # crash the Job would retry
+    with loading_base_model(config.base_model):
+        tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     torch.manual_seed(config.seed)
     # fp32 whatever the checkpoint holds (transformers 5 loads its dtype by default): the head
     # is fp32 and an fp16/bf16 encoder output would not multiply with it
-    base = AutoModel.from_pretrained(path, dtype=torch.float32)
+    with loading_base_model(config.base_model):
+        base = AutoModel.from_pretrained(path, dtype=torch.float32)
     dim = int(getattr(base.config, "hidden_size", 0) or base.config.d_model)
     frozen = None
     if config.method == "full":
@@ -909,6 +919,43 @@ def _load_saved(file: Path, emit: Emit | None, **load_kwargs: Any) -> dict[str, 
     return state
 
 
+class NoTrainableExamples(ValueError):
+    """No training call can teach a selector: none offers options (tools, or the task's
+    labels) with an answer among them. The data decides it, so a rerun gives the same
+    answer: :func:`run_selector` reports it instead of crashing."""
+
+
+def trainable_count(examples: Sequence[Example]) -> tuple[int, int, int]:
+    """(trainable, without options, answer not among options) of ``examples``: what the
+    selector could learn from, and why the others teach nothing."""
+    no_options = sum(1 for ex in examples if not ex.labels)
+    unknown = sum(1 for ex in examples if ex.labels and ex.target is None)
+    return len(examples) - no_options - unknown, no_options, unknown
+
+
+def _untrainable_message(examples: Sequence[Example], task_type: str, where: Path) -> str:
+    """The result's message for data a selector cannot learn from, with the counts and the
+    fix: the operator copies it into the candidate's condition."""
+    trainable, no_options, unknown = trainable_count(examples)
+    if trainable:
+        return (
+            f"no trainable examples in {where}: all {trainable} calls a selector could learn "
+            "from were held out for calibration; add calls or lower calibration_fraction"
+        )
+    options = "tools" if task_type == "tool-call" else "labels"
+    return (
+        f"no trainable examples in {where}: of {len(examples)} training calls, "
+        f"{no_options} offer no {options} to choose from and {unknown} answer with one not "
+        f"among their {options}; a selector learns to pick one of a call's {options} (or "
+        "defer), so it needs calls that list them"
+        + (
+            ": for answers without tools, train a causal LM candidate (path generative)"
+            if task_type == "tool-call"
+            else ""
+        )
+    )
+
+
 def train_selector(
     config: SelectorConfig,
     train_examples: Sequence[Example],
@@ -932,7 +979,9 @@ def train_selector(
     selector = Selector(net, tokenizer, config, device=dev)
     fit, calib = _fit_and_calibration(config, train_examples)
     if not fit:
-        raise ValueError("no trainable examples: every call lacks options or a known label")
+        raise NoTrainableExamples(
+            "no trainable examples: every call lacks options or a known label"
+        )
     lengths = [
         len(tokenizer(ex.query, truncation=True, max_length=config.max_query_tokens)["input_ids"])
         for ex in fit
@@ -1295,16 +1344,10 @@ def save_selector(
 # ============================================================================ the finetune path
 
 
-def read_records(path: Path) -> list[CallRecord]:
-    """Call records of one JSONL file; malformed lines were already dropped by curate."""
-    out: list[CallRecord] = []
-    if not path.is_file():
-        return out
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                out.append(CallRecord.from_json(line))
-    return out
+def read_records(path: Path, stats: ParseStats | None = None) -> list[CallRecord]:
+    """Call records of one split; a malformed or non-UTF-8 line is skipped and counted in
+    ``stats`` (:func:`slm_trainer.curate.read_split`), not a crash of the whole Job."""
+    return read_split(path, stats if stats is not None else ParseStats())
 
 
 def data_digest(*paths: Path) -> str:
@@ -1392,13 +1435,26 @@ def run_selector(
             "Use method lora or full on CPU.",
         )
     train_path, eval_path = Path(args.data) / "train.jsonl", Path(args.data) / "eval.jsonl"
-    train_records, eval_records = read_records(train_path), read_records(eval_path)
+    stats = ParseStats()
+    train_records, eval_records = read_records(train_path, stats), read_records(eval_path, stats)
+    # said in the result's message too: the operator shows it, the log may be gone
+    malformed_note = stats.skipped_note("line", where=True)
+    if malformed_note:
+        emit(
+            {
+                "event": "warning",
+                "stage": "finetune",
+                "candidate": args.candidate,
+                "message": f"data in {args.data}{malformed_note}",
+                "error_samples": stats.errors,
+            }
+        )
     if not train_records:
         return TrainerResult(
             stage="finetune",
             ok=False,
             candidate=args.candidate,
-            message=f"no training records in {train_path}",
+            message=f"no training records in {train_path}{malformed_note}",
         )
     task_type = "classification" if args.task_type == "classification" else "tool-call"
     class_labels = class_labels_of(train_records) if task_type == "classification" else []
@@ -1428,6 +1484,14 @@ def run_selector(
     )
     train_ex = examples_from_records(train_records, task_type, class_labels)
     eval_ex = examples_from_records(eval_records, task_type, class_labels)
+    untrainable = TrainerResult(
+        stage="finetune",
+        ok=False,
+        candidate=args.candidate,
+        message=_untrainable_message(train_ex, task_type, train_path) + malformed_note,
+    )
+    if trainable_count(train_ex)[0] == 0:
+        return untrainable  # said before the model is loaded: there is nothing to train it on
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
     fields = {"candidate": args.candidate}
     try:
@@ -1449,6 +1513,10 @@ def run_selector(
             candidate=args.candidate,
             message=f"preempted; resumable ({exc})",
         )
+    except NoTrainableExamples:  # every trainable call went to calibration
+        return untrainable
+    except BaseModelNotFound as exc:
+        return TrainerResult(stage="finetune", ok=False, candidate=args.candidate, message=str(exc))
     selector = outcome.selector
 
     eval_started = time.monotonic()
@@ -1458,7 +1526,9 @@ def run_selector(
     report = evaluate_predictions(eval_ex, preds, selector.threshold, config.target_precision)
     report["latency_ms"] = metrics.latency_summary(latencies)
     at = report["at_threshold"]
-    score = selector_score(at) if eval_ex else 0.0
+    # No eval call, no measured score: None (as the generative path reports it), never a 0.0
+    # or percentages the message would claim were measured.
+    score: float | None = selector_score(at) if eval_ex else None
     served_note = ""
     if eval_ex and args.metric != "label-accuracy":
         # The gate's score is that of the answer served: the chosen tool with "{}" arguments.
@@ -1501,11 +1571,17 @@ def run_selector(
         if task_type == "tool-call"
         else ""
     )
+    measured = (
+        f"answers {at['coverage']:.1%} of eval calls{relevant_note}; precision "
+        f"{at['precision']:.1%} at threshold {selector.threshold:.3f}{served_note}"
+        if eval_ex
+        else f"no eval calls in {eval_path}, no score; threshold {selector.threshold:.3f}"
+    )
     return TrainerResult(
         stage="finetune",
         ok=True,
         candidate=args.candidate,
-        score=round(score, 6),
+        score=None if score is None else round(score, 6),
         llm_score=1.0,
         parameters=outcome.parameters,
         trainable_parameters=outcome.trainable_parameters,
@@ -1517,12 +1593,11 @@ def run_selector(
         train_seconds=outcome.train_seconds,
         eval_seconds=eval_seconds,
         message=(
-            f"selector {config.method} on {config.base_model}: answers {at['coverage']:.1%} of "
-            f"eval calls{relevant_note}; precision {at['precision']:.1%} at threshold "
-            f"{selector.threshold:.3f}{served_note}; llm_score 1.0 because the references are "
-            f"the LLM's own answers"
+            f"selector {config.method} on {config.base_model}: {measured}; llm_score 1.0 "
+            "because the references are the LLM's own answers"
             + (f"; resumed at step {outcome.resumed_from}" if outcome.resumed_from else "")
             + "".join(f"; {note}" for note in outcome.notes)
+            + malformed_note
         ),
     )
 
