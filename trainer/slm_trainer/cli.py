@@ -153,6 +153,9 @@ def write_result(result: TrainerResult, path: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # SIGTERMs of this run only: the module's flag stays set once any earlier run in the
+    # process saw one, and a later run's reported failure then read as preempted (143).
+    sigterms_before = preemption.sigterm_count()
     parser = build_parser()
     ns = parser.parse_args(argv)
     module = importlib.import_module(STAGES[ns.stage])
@@ -193,4 +196,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if crashed:
         return EXIT_CRASHED
-    return EXIT_PREEMPTED if preemption.sigterm_received() else EXIT_REPORTED
+    return EXIT_PREEMPTED if preemption.sigterm_count() > sigterms_before else EXIT_REPORTED
