@@ -166,3 +166,23 @@ def test_redact_uris_also_hides_a_known_uris_secrets_quoted_without_the_scheme()
     out = redact_uris(text, uri)
     assert "TESTSECRET" not in out
     assert "dav.example.com/calls" in out
+
+
+@pytest.mark.parametrize(
+    ("message", "shown"),
+    [
+        (
+            "Prometheus at http://prometheus:9090: connection refused",
+            "Prometheus at http://prometheus:9090: connection refused",
+        ),
+        (
+            "cannot read the call log at s3://calls: bucket 'calls' does not exist",
+            "cannot read the call log at s3://calls: bucket 'calls' does not exist",
+        ),
+        ("at https://alice:pw-1234@host.io:443: refused", "at https://host.io:443: refused"),
+    ],
+)
+def test_a_colon_after_a_path_less_uri_is_the_sentences(message: str, shown: str) -> None:
+    """Taken for part of a port, it made the real port look invalid, and both were dropped:
+    the message lost the one detail that says where the call went."""
+    assert redact_uris(message) == shown

@@ -474,3 +474,33 @@ def test_no_candidate_directory_says_where_it_looked(tmp_path: Path, made: bool)
     assert f"no candidate directories were found: --candidates-dir {cands}" in result.message
     assert ("has no candidate subdirectories" if made else "does not exist") in result.message
     assert "passed the gate" not in result.message
+
+
+def test_running_out_of_memory_fails_the_stage_rather_than_one_candidate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transient shortage is the machine's, not the candidate's: recorded as its error, a
+    weaker candidate would have won the gate for good instead of the Job retrying."""
+    data = _eval_data(tmp_path)
+    cands = tmp_path / "cands"
+    write_candidate(cands / "selector", SELECTOR, 22_000_000)
+    big = cands / "big"
+    big.mkdir()
+    (big / "selector.json").write_text("{}")
+
+    class OutOfMemoryError(RuntimeError):  # torch.cuda.OutOfMemoryError's name
+        pass
+
+    def no_memory(path: Path, recs: Any, threads: int) -> Any:
+        raise OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(evaluate, "run_selector_here", no_memory)
+    args = evaluate.Args(
+        data=data,
+        output=tmp_path / "out",
+        candidates_dir=cands,
+        plot=False,
+        metric="label-accuracy",
+    )
+    with pytest.raises(OutOfMemoryError):
+        evaluate.run(args)

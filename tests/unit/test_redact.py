@@ -1961,3 +1961,27 @@ def test_a_password_that_is_its_own_field_name_does_not_rename_the_field(
     assert new.messages[0]["content"] == rec.messages[0]["content"]
     args = json.loads(new.response["tool_calls"][0]["function"]["arguments"])
     assert args == {"username": "admin", "password": "<API_KEY_1>"}
+
+
+@pytest.mark.parametrize(
+    ("said", "secret"),
+    [
+        ("DB_PASSWORD=Xq7zLm2Rw9secret", "Xq7zLm2Rw9secret"),
+        ("password: AcmeCorp2024Secret", "AcmeCorp2024Secret"),
+        ("api_key=Zx81kq0Pa9LmW2vB7cQ4token", "Zx81kq0Pa9LmW2vB7cQ4token"),
+        ("password=hunter2_pass", "hunter2_pass"),
+    ],
+)
+def test_a_secret_that_ends_in_a_field_name_word_is_still_replaced_everywhere(
+    redactor: Redactor, said: str, secret: str
+) -> None:
+    """The "password" exception must hold for the bare word only: a rule that matched any
+    value ending in "secret", "token" or "pass" left these in the tool call, raw."""
+    rec = CallRecord(
+        task="t",
+        backend="llm",
+        messages=[{"role": "user", "content": f"Set up the db. {said}"}],
+        response=_call({"dsn": f"host=db user=app {secret}"}),
+    )
+    new, _ = redactor.redact_record(rec)
+    assert secret not in new.to_json()

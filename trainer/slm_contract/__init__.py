@@ -68,6 +68,11 @@ _URI = re.compile(
 
 def _kept(m: re.Match[str]) -> str:
     scheme, host, path = m.groups()
+    tail = ""
+    if not path and host.endswith(":"):
+        # "at http://prometheus:9090: refused": the colon after a path-less URI is the
+        # sentence's, not a port's (taken for one, the real port was dropped with it)
+        host, tail = host[:-1], ":"
     # A "port" that is not digits is no port: most likely the password of user info that an
     # unencoded '/', '?' or '#' cut short (``https://u:p#w@h``), so it is dropped as well.
     if host.startswith("["):  # an IPv6 literal: its colons are not the port's
@@ -78,7 +83,7 @@ def _kept(m: re.Match[str]) -> str:
         port = colon + port
     if port and not (port[:1] == ":" and port[1:].isdigit()):
         host = name
-    return scheme + host + path
+    return scheme + host + path + tail
 
 
 def _secret_parts(uri: str) -> list[str]:

@@ -521,6 +521,15 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """A host or GPU out-of-memory error (``MemoryError``, torch's ``OutOfMemoryError``).
+
+    Why apart: recorded as one candidate's error, a transient shortage would let a weaker
+    candidate win the gate for good; raised, the stage crashes and its Job retries it.
+    """
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+
+
 def run(args: Args, emit: Emit | None = None) -> TrainerResult:
     started = time.monotonic()
     stats = ParseStats()
@@ -563,6 +572,8 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
                 name, records, preds, args.task_type, args.metric, args.target_precision
             )
         except Exception as exc:
+            if _out_of_memory(exc):
+                raise  # the machine's trouble, not the candidate's: the retried pod judges all
             # One broken candidate (torn weights, odd predictions) is that candidate's error;
             # the others are still judged, and one of them may win.
             error = str(exc) if isinstance(exc, OSError | ValueError | KeyError) else ""

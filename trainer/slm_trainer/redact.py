@@ -200,6 +200,14 @@ _SECRET_KEY_NAME_RE = re.compile(
     r"|(?:[\w.-]*[_.-])?pass|(?:[\w.-]*[_.-])?pw",
     re.IGNORECASE,
 )
+# A value that is nothing but a secret field's own name ("password", "api_key"): not spread
+# through its record by KnownValues, where the same word names the field. A bare name only:
+# a real secret that merely ends in such a word ("Xq7zLm2Rw9secret") is spread as any other.
+_BARE_SECRET_FIELD_RE = re.compile(
+    r"(?:api[_-]?key|apikey|secret|token|password|passwd|passphrase|pwd|pass|pw|credentials?"
+    r"|auth|authorization|access[_-]?key|private[_-]?key)",
+    re.IGNORECASE,
+)
 # Keys named like a working directory's (``pwd``, ``OLDPWD``) whose value is a path are not
 # passwords: ``{"PWD": "/home/jane/app"}`` in an environment dump.
 _PWD_KEY_RE = re.compile(r".*pwd", re.IGNORECASE)
@@ -2431,7 +2439,7 @@ class KnownValues:
         self._table: dict[str, tuple[str, str]] = {}
         for value, kind in values.items():
             core = value.strip()
-            if kind == API_KEY and _secret_key_name(core):
+            if kind == API_KEY and _BARE_SECRET_FIELD_RE.fullmatch(core):
                 # A secret that is a secret's field name ("password": "password", a
                 # placeholder or a test fixture) stays replaced where it was found; elsewhere
                 # in the record that word is the field's name: replaced there, the tool
