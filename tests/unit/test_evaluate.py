@@ -382,6 +382,27 @@ def _eval_data(tmp_path: Path) -> Path:
     return data
 
 
+def _selector_that_raises(monkeypatch: pytest.MonkeyPatch, cand: Path, error: Exception) -> None:
+    """A selector candidate at ``cand`` whose scoring raises ``error`` (loading its weights)."""
+    cand.mkdir()
+    (cand / "selector.json").write_text("{}")
+
+    def raising(path: Path, recs: Any, threads: int) -> Any:
+        raise error
+
+    monkeypatch.setattr(evaluate, "run_selector_here", raising)
+
+
+def _args_for(tmp_path: Path, data: Path, cands: Path) -> evaluate.Args:
+    return evaluate.Args(
+        data=data,
+        output=tmp_path / "out",
+        candidates_dir=cands,
+        plot=False,
+        metric="label-accuracy",
+    )
+
+
 def test_a_candidate_that_cannot_be_scored_costs_only_itself(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -397,25 +418,13 @@ def test_a_candidate_that_cannot_be_scored_costs_only_itself(
     _write_rows(
         cands / "text-response", [{"index": i, "response": "get_weather"} for i in range(4)]
     )
-    torn = cands / "torn"
-    torn.mkdir()
-    (torn / "selector.json").write_text("{}")
 
     class SafetensorError(Exception):  # what safetensors raises for a truncated file
         pass
 
-    def torn_weights(path: Path, recs: Any, threads: int) -> Any:
-        raise SafetensorError("Error while deserializing header: incomplete metadata")
-
-    monkeypatch.setattr(evaluate, "run_selector_here", torn_weights)
-    args = evaluate.Args(
-        data=data,
-        output=tmp_path / "out",
-        candidates_dir=cands,
-        plot=False,
-        metric="label-accuracy",
-    )
-    result = evaluate.run(args)
+    error = SafetensorError("Error while deserializing header: incomplete metadata")
+    _selector_that_raises(monkeypatch, cands / "torn", error)
+    result = evaluate.run(_args_for(tmp_path, data, cands))
     assert result.ok and result.candidate == "selector", result.message
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     by_name = {c["name"]: c for c in report["candidates"]}
@@ -484,23 +493,10 @@ def test_running_out_of_memory_fails_the_stage_rather_than_one_candidate(
     data = _eval_data(tmp_path)
     cands = tmp_path / "cands"
     write_candidate(cands / "selector", SELECTOR, 22_000_000)
-    big = cands / "big"
-    big.mkdir()
-    (big / "selector.json").write_text("{}")
 
     class OutOfMemoryError(RuntimeError):  # torch.cuda.OutOfMemoryError's name
         pass
 
-    def no_memory(path: Path, recs: Any, threads: int) -> Any:
-        raise OutOfMemoryError("CUDA out of memory")
-
-    monkeypatch.setattr(evaluate, "run_selector_here", no_memory)
-    args = evaluate.Args(
-        data=data,
-        output=tmp_path / "out",
-        candidates_dir=cands,
-        plot=False,
-        metric="label-accuracy",
-    )
+    _selector_that_raises(monkeypatch, cands / "big", OutOfMemoryError("CUDA out of memory"))
     with pytest.raises(OutOfMemoryError):
-        evaluate.run(args)
+        evaluate.run(_args_for(tmp_path, data, cands))

@@ -279,7 +279,6 @@ def test_a_preempted_stage_exits_with_a_code_the_job_retries(
         return TrainerResult(stage="finetune", ok=False, message="preempted; rerun to resume")
 
     register_stage(monkeypatch, "train-until-sigterm", Args, run)
-    monkeypatch.setattr(preemption, "_sigterm_received", False)
 
     code = cli.main(["train-until-sigterm", "--result-path", str(tmp_path / "result.json")])
     assert code != 0 and code not in DEFINITE_EXIT_CODES

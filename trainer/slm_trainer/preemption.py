@@ -15,17 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-#: Whether any :class:`SigtermFlag` in this process saw SIGTERM: the CLI then exits with a
-#: code the Job retries (a preempted run resumes), not the one for a reported failure.
-_sigterm_received = False
-#: How many SIGTERMs any :class:`SigtermFlag` in this process saw: a caller that spans several
-#: flags (cross-fitting trains one model per fold) compares it with its own start, since the
-#: boolean above stays set once any earlier run in the process saw one.
+#: How many SIGTERMs any :class:`SigtermFlag` in this process saw. A caller compares it with
+#: its own start (the CLI, to exit with the code the Job retries when its run was preempted;
+#: cross-fitting, which trains one model per fold), so that a SIGTERM an earlier run in the
+#: same process saw does not count for it.
 _sigterm_count = 0
-
-
-def sigterm_received() -> bool:
-    return _sigterm_received
 
 
 def sigterm_count() -> int:
@@ -51,9 +45,8 @@ class SigtermFlag:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        global _sigterm_received, _sigterm_count
+        global _sigterm_count
         self.received = True
-        _sigterm_received = True
         _sigterm_count += 1
 
     def __exit__(self, *exc: object) -> None:

@@ -193,9 +193,12 @@ _DOTTED_PHONE_RE = re.compile(r"(?:\(?\d{3}\)?\.)?\d{3}\.\d{4}|0\d(?:\.\d{2}){4}
 # (``aws_secret_key``, ``DB_PWD``, ``Set-Cookie``) but must end with the secret's word, so
 # ``secret_key_rotation_days`` or ``password_hint`` do not count; ``pass`` only as a word of
 # its own (``db_pass``, not ``bypass`` or ``compass``).
+_SECRET_FIELD_WORDS = (  # also a bare field's name: _BARE_SECRET_FIELD_RE
+    r"api[_-]?key|apikey|secret|token|password|passwd|passphrase|pwd|credentials?"
+    r"|access[_-]?key|private[_-]?key|auth|authorization"
+)
 _SECRET_KEY_NAME_RE = re.compile(
-    r"[\w.-]*?(?:api[_-]?key|apikey|secret|token|password|passwd|passphrase|pwd|credentials?"
-    r"|access[_-]?key|private[_-]?key|auth|authorization|cookies?"
+    rf"[\w.-]*?(?:{_SECRET_FIELD_WORDS}|cookies?"
     r"|(?:secret|encryption|signing|master|account|shared|storage)[_-]?key)"
     r"|(?:[\w.-]*[_.-])?pass|(?:[\w.-]*[_.-])?pw",
     re.IGNORECASE,
@@ -203,11 +206,7 @@ _SECRET_KEY_NAME_RE = re.compile(
 # A value that is nothing but a secret field's own name ("password", "api_key"): not spread
 # through its record by KnownValues, where the same word names the field. A bare name only:
 # a real secret that merely ends in such a word ("Xq7zLm2Rw9secret") is spread as any other.
-_BARE_SECRET_FIELD_RE = re.compile(
-    r"(?:api[_-]?key|apikey|secret|token|password|passwd|passphrase|pwd|pass|pw|credentials?"
-    r"|auth|authorization|access[_-]?key|private[_-]?key)",
-    re.IGNORECASE,
-)
+_BARE_SECRET_FIELD_RE = re.compile(rf"(?:{_SECRET_FIELD_WORDS}|pass|pw)", re.IGNORECASE)
 # Keys named like a working directory's (``pwd``, ``OLDPWD``) whose value is a path are not
 # passwords: ``{"PWD": "/home/jane/app"}`` in an environment dump.
 _PWD_KEY_RE = re.compile(r".*pwd", re.IGNORECASE)
