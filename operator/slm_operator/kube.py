@@ -102,6 +102,7 @@ class Kube:
         body: Any = None,
         query: list[tuple[str, str]] | None = None,
         content_type: str = "application/json",
+        timeout: float = 30,
     ) -> Any:
         headers = {"Accept": "application/json", "Content-Type": content_type}
         # Bodies stay dicts: the client's REST layer serialises JSON (and JSON-as-YAML for
@@ -115,7 +116,7 @@ class Kube:
             auth_settings=["BearerToken"],
         )
         try:
-            resp = self.api.call_api(*params, _request_timeout=30)
+            resp = self.api.call_api(*params, _request_timeout=timeout)
             resp.read()
         except Exception as exc:  # connection refused, TLS, timeouts
             raise KubeError(0, str(exc), "ConnectionError") from exc

@@ -12,6 +12,9 @@ Design choices:
 - Per task, at most one reconcile runs at a time; triggers that arrive meanwhile coalesce
   into one more pass. Retryable API errors (conflicts, 429, 5xx) back off exponentially, with
   at most one retry pending per task; other errors wait for the resync and are logged once.
+- With ``SLM_FLEET_LEADER_ELECTION_LEASE`` set, replicas elect a leader on that Lease
+  (:mod:`slm_operator.leader`): all of them watch, only the leader reconciles, and a standby
+  takes over within the lease duration (at once when the leader shuts down cleanly).
 - The child watches are label-selected by the API server and listed in chunks: the operator
   never receives the other pods, Jobs and Deployments of a namespace (or of the cluster).
 """
@@ -31,6 +34,7 @@ import kopf
 
 from slm_operator import naming as n
 from slm_operator.kube import Kube, KubeError, TaskGone, load_api_client
+from slm_operator.leader import LeaderElector, LeaseSettings
 from slm_operator.metrics import RESULT_ERROR, RESULT_OK, RESULT_RETRY, OperatorMetrics, serve
 from slm_operator.prom import PromMetrics
 from slm_operator.reconcile import reconcile
@@ -163,6 +167,11 @@ class Runtime:
     uids: dict[Key, str] = field(default_factory=dict)
     states: dict[Key, _KeyState] = field(default_factory=dict)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    #: Whether this replica reconciles: always without leader election; with it, only while
+    #: it holds the Lease. A standby keeps ``known`` current from its watches, so that it
+    #: reconciles every task the moment it takes over.
+    leading: bool = True
+    elector: LeaderElector | None = None
 
     def spawn(self, coro: Any) -> None:
         t = asyncio.get_running_loop().create_task(coro)
@@ -195,7 +204,7 @@ async def trigger(key: Key, *, urgent: bool = False) -> None:
     retry is pending; resyncs and child events then leave the task to that retry.
     """
     rt = _runtime
-    if rt is None or key not in rt.known:
+    if rt is None or key not in rt.known or not rt.leading:
         return
     st = rt.states.setdefault(key, _KeyState())
     if st.running:
@@ -211,7 +220,7 @@ async def trigger(key: Key, *, urgent: bool = False) -> None:
             ok = await _pass(rt, key, st)
             # After a failure only the task's own change runs again at once; anything else
             # waits for the retry or the resync, or a failing task would fail at event rate.
-            if not (st.urgent if not ok else st.dirty) or key not in rt.known:
+            if not (st.urgent if not ok else st.dirty) or key not in rt.known or not rt.leading:
                 break
     finally:
         st.running = False
@@ -362,8 +371,24 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         # retries; a runtime made first would leave one more resync loop per retry.
         serve(METRICS, METRICS_PORT, METRICS_ADDR)
         _metrics_served.append(METRICS_PORT)
-    _runtime = Runtime(kube=Kube(load_api_client()), prom=prom)
-    _runtime.spawn(_resync_loop())
+    rt = _runtime = Runtime(kube=Kube(load_api_client()), prom=prom)
+    rt.spawn(_resync_loop())
+    lease = LeaseSettings.from_env()
+    if lease is None:
+        METRICS.leader.set(1)
+    else:
+        rt.leading = False
+        METRICS.leader.set(0)
+        rt.elector = LeaderElector(
+            rt.kube, lease, lambda: _started_leading(rt), lambda: _stopped_leading(rt)
+        )
+        rt.spawn(rt.elector.run())
+        log.info(
+            "leader election on lease %s/%s as %s: standing by until it is held",
+            lease.namespace,
+            lease.name,
+            lease.identity,
+        )
     log.info(
         "slm-fleet-operator started; resync every %.0fs; trainer ServiceAccount %s",
         RESYNC_SECONDS,
@@ -371,13 +396,46 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     )
 
 
+def _started_leading(rt: Runtime) -> None:
+    """This replica took the Lease: reconcile every task it knows of now."""
+    if rt is not _runtime:
+        return
+    rt.leading = True
+    METRICS.leader.set(1)
+    for key in sorted(rt.known):
+        rt.spawn(trigger(key, urgent=True))
+
+
+def _stopped_leading(rt: Runtime) -> None:
+    """This replica lost the Lease: start no more passes, and stop exporting task series.
+
+    A pass already running finishes (it runs in a thread and cannot be interrupted); the
+    renew deadline ends before the lease does, so it ends before another replica may start.
+    Its writes are the same server-side applies and resourceVersion-guarded status patches
+    the new leader makes. The task series go, so that alerts read them from the new leader.
+    """
+    rt.leading = False
+    METRICS.leader.set(0)
+    for st in rt.states.values():
+        st.cancel_retry()
+        st.cancel_window()
+        st.failures, st.last_error = 0, ""
+    for key in rt.known:
+        METRICS.forget_task(*key)
+
+
 @kopf.on.cleanup()
 async def cleanup(**_: Any) -> None:
+    """Stop, and hand the Lease over at once instead of letting it expire."""
     global _runtime
-    if _runtime is not None:
-        for t in list(_runtime.tasks):
-            t.cancel()
+    rt = _runtime
+    if rt is not None:
         _runtime = None
+        for t in list(rt.tasks):
+            t.cancel()
+        if rt.elector is not None:
+            await asyncio.to_thread(rt.elector.release)
+        METRICS.leader.set(0)
 
 
 @kopf.on.event(n.GROUP, n.VERSION, n.PLURAL)
@@ -453,6 +511,11 @@ def cli() -> None:
             "slm-fleet-operator: pass --namespace NS (repeatable) or --all-namespaces\n"
         )
         raise SystemExit(2)
+    try:
+        LeaseSettings.from_env()
+    except ValueError as e:
+        sys.stderr.write(f"slm-fleet-operator: {e}\n")
+        raise SystemExit(2) from None
     sys.argv = ["kopf", "run", "--standalone", "-m", "slm_operator.main", *args]
     kopf_main()
 

@@ -61,6 +61,12 @@ class OperatorMetrics:
             ["namespace", "task", "type", "status"],
             registry=r,
         )
+        self.leader = Gauge(
+            "slm_operator_leader",
+            "1 while this replica reconciles (it holds the leader Lease, or leader election "
+            "is off), 0 while it stands by.",
+            registry=r,
+        )
         self._lock = threading.Lock()
 
     def observe_task(self, namespace: str, task: str, status: Mapping[str, Any]) -> None:

@@ -22,9 +22,12 @@ from typing import Any
 
 import pytest
 import yaml
+from kubernetes import config
 
 from slm_e2e.binaries import locate
 from slm_e2e.testing import ClusterHandle, OperatorProcess, wait_for
+from slm_operator.kube import Kube
+from slm_operator.leader import LeaderElector, LeaseSettings
 
 pytestmark = pytest.mark.integration
 
@@ -403,13 +406,67 @@ def test_operator_settings_come_from_values() -> None:
     assert "--verbose" in op["args"]
 
 
+def test_operator_replicas_elect_a_leader_on_a_lease_only_they_may_renew() -> None:
+    from slm_operator.leader import ENV_POD_NAME, LeaseSettings
+
+    docs = render("operator.replicas=2")
+    dep = by_kind(docs, "Deployment")["slm-operator"]
+    assert dep["spec"]["replicas"] == 2
+    # A new pod stands by until the old one releases the Lease: rolling loses no time.
+    assert dep["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    op = container(docs, "slm-operator")
+    env = {e["name"]: e.get("value") for e in op["env"]}
+    pod_name = next(e for e in op["env"] if e["name"] == ENV_POD_NAME)
+    assert pod_name["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    settings = LeaseSettings.from_env({**env, ENV_POD_NAME: "slm-operator-abc"})
+    assert settings is not None
+    assert (settings.namespace, settings.name) == ("slm", "slm-operator")
+    assert (settings.lease_seconds, settings.renew_deadline_seconds) == (15, 10)
+    role = by_kind(docs, "Role")["slm-operator-leader-election"]
+    assert role["metadata"]["namespace"] == "slm"
+    named = next(r for r in role["rules"] if "resourceNames" in r)
+    assert named["resourceNames"] == [settings.name]
+    assert sorted(named["verbs"]) == ["get", "update"]
+    pdb = by_kind(docs, "PodDisruptionBudget")["slm-operator"]
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+    # One replica: no budget (it could only block drains), still a leader election.
+    assert "slm-operator" not in by_kind(render(), "PodDisruptionBudget")
+
+
+def test_operator_without_leader_election_is_one_replica_replaced() -> None:
+    docs = render("operator.leaderElection.enabled=false")
+    dep = by_kind(docs, "Deployment")["slm-operator"]
+    assert dep["spec"]["strategy"] == {"type": "Recreate"}
+    assert not any(
+        e["name"].startswith("SLM_FLEET_LEADER") for e in container(docs, "slm-operator")["env"]
+    )
+    assert "slm-operator-leader-election" not in by_kind(docs, "Role")
+    err = helm_fails("operator.leaderElection.enabled=false", "operator.replicas=2")
+    assert "operator.replicas=2 needs operator.leaderElection.enabled=true" in err
+    err = helm_fails("operator.leaderElection.renewDeadlineSeconds=20")
+    assert "retryPeriodSeconds < renewDeadlineSeconds < leaseDurationSeconds" in err
+
+
 def test_cluster_wide_render() -> None:
     docs = render("rbac.clusterWide=true", f"gateway.llmApiKeySecrets={{{KEY_SECRET}}}")
     assert "--all-namespaces" in container(docs, "slm-operator")["args"]
     assert "--all-namespaces" in container(docs, "slm-gateway")["args"]
     # Only the trainer's ServiceAccount is namespaced: a pod runs as an account of its own
-    # namespace. With no namespaces listed, the release namespace gets one.
-    assert set(by_kind(docs, "Role")) == set(by_kind(docs, "RoleBinding")) == {"slm-trainer"}
+    # namespace. With no namespaces listed, the release namespace gets one. So are the Lease
+    # the operator replicas elect a leader on
+    # and the operator's own Lease, in the release namespace.
+    assert (
+        set(by_kind(docs, "Role"))
+        == set(by_kind(docs, "RoleBinding"))
+        == {
+            "slm-trainer",
+            "slm-operator-leader-election",
+        }
+    )
     assert by_kind(docs, "Role")["slm-trainer"]["metadata"]["namespace"] == "slm"
     gw_rules = by_kind(docs, "ClusterRole")["slm-gateway"]["rules"]
     assert {
@@ -749,6 +806,18 @@ ALERT_CASES: dict[str, tuple[list[dict[str, str]], list[dict[str, str]], dict[st
         [
             _series("slm_operator_reconcile_total", 'result="error"', "3x60"),
             _series("slm_operator_reconcile_total", 'result="ok"', "0+30x60"),
+        ],
+        {},
+        "",
+    ),
+    "SlmFleetOperatorNoLeader": (
+        [  # two replicas, both standing by (the Lease cannot be renewed)
+            _series("slm_operator_leader", 'pod="slm-operator-a"', "0x60"),
+            _series("slm_operator_leader", 'pod="slm-operator-b"', "0x60"),
+        ],
+        [  # one leads, one stands by; and a handover's brief gap
+            _series("slm_operator_leader", 'pod="slm-operator-a"', "1x30 0x30"),
+            _series("slm_operator_leader", 'pod="slm-operator-b"', "0x32 1x28"),
         ],
         {},
         "",
@@ -1119,7 +1188,7 @@ def test_install_creates_everything_and_uninstall_cleans_up(
 ) -> None:
     ns = namespace
     selector = f"app.kubernetes.io/instance={release}"
-    namespaced = "deployments,services,serviceaccounts,roles,rolebindings,configmaps"
+    namespaced = "deployments,services,serviceaccounts,roles,rolebindings,configmaps,leases"
     got = {
         (o["kind"], o["metadata"]["name"])
         for o in cluster.get_json(namespaced, "-n", ns, "-l", selector)["items"]
@@ -1138,6 +1207,9 @@ def test_install_creates_everything_and_uninstall_cleans_up(
         ("Role", f"{release}-trainer"),
         ("RoleBinding", f"{release}-trainer"),
         ("ConfigMap", f"{release}-dashboard"),
+        ("Lease", f"{release}-operator"),
+        ("Role", f"{release}-operator-leader-election"),
+        ("RoleBinding", f"{release}-operator-leader-election"),
     }
     cluster_scoped = {
         (o["kind"], o["metadata"]["name"])
@@ -1202,7 +1274,34 @@ def test_install_creates_everything_and_uninstall_cleans_up(
     ):
         assert not can_i(cluster, ns, tr, *args), f"trainer may {args}"
 
-    # helm uninstall removes everything it created (the CRD stays, as Helm keeps CRDs).
+    # The operator takes the chart's Lease (as its elector writes it) without stripping the
+    # release's labels and Helm's annotations, and an upgrade leaves the holder alone.
+    kube = Kube(config.new_client_from_config(config_file=cluster.kubeconfig))
+    lease = LeaseSettings(ns, f"{release}-operator", "op-0_test")
+    elector = LeaderElector(kube, lease, lambda: None, lambda: None)
+    assert elector.try_acquire_or_renew()
+    assert elector.try_acquire_or_renew()
+    (held,) = cluster.get_json("leases", "-n", ns, "-l", selector)["items"]
+    assert held["spec"]["holderIdentity"] == "op-0_test"
+    assert held["metadata"]["annotations"]["meta.helm.sh/release-name"] == release
+    helm(
+        "upgrade",
+        release,
+        str(CHART),
+        "--kubeconfig",
+        cluster.kubeconfig,
+        "-n",
+        ns,
+        "--reuse-values",
+        "--set",
+        "operator.replicas=2",
+    )
+    held = cluster.get_json("lease", f"{release}-operator", "-n", ns)
+    assert held["spec"]["holderIdentity"] == "op-0_test"
+    assert held["metadata"]["annotations"]["meta.helm.sh/release-name"] == release
+
+    # helm uninstall removes everything it created (the CRD stays, as Helm keeps CRDs), the
+    # Lease too.
     helm("uninstall", release, "--kubeconfig", cluster.kubeconfig, "-n", ns, "--wait")
     wait_for(
         lambda: (

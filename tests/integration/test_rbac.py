@@ -108,6 +108,17 @@ def operator_sa(
             cluster.kubectl("delete", d["kind"].lower(), d["metadata"]["name"], check=False)
 
 
+def operator_env(namespace: str) -> dict[str, str]:
+    """The operator container's plain env as the chart renders it for this namespace."""
+    dep = next(
+        d
+        for d in helm_template(namespace, f"watchNamespaces={{{namespace}}}")
+        if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-operator")
+    )
+    env = dep["spec"]["template"]["spec"]["containers"][0]["env"]
+    return {e["name"]: e["value"] for e in env if "value" in e}
+
+
 def can_i(cluster: ClusterHandle, sa: str, ns: str, *args: str) -> bool:
     cp = cluster.kubectl(
         "auth", "can-i", *args, f"--as=system:serviceaccount:{ns}:{sa}", check=False
@@ -132,6 +143,13 @@ def test_chart_rbac_is_minimal(
         ("list", "events"),  # a Job's FailedCreate: why admission refused its pod
         ("get", "serviceaccounts"),  # does the trainer's exist before a Job names it
     ]
+    # Its own leader-election Lease, by name; nobody else's.
+    lease = operator_env(ns)["SLM_FLEET_LEADER_ELECTION_LEASE"].split("/")[1]
+    allowed += [
+        ("get", f"leases.coordination.k8s.io/{lease}"),
+        ("update", f"leases.coordination.k8s.io/{lease}"),
+        ("create", "leases.coordination.k8s.io"),
+    ]
     for verb, res, *extra in allowed:
         assert can_i(cluster, sa, ns, verb, res, *extra, "-n", ns), f"{verb} {res} denied"
     denied = [
@@ -154,6 +172,11 @@ def test_chart_rbac_is_minimal(
         ("patch", "events", "-n", ns),
         ("create", "events.events.k8s.io", "-n", ns),
         ("patch", "events.events.k8s.io", "-n", ns),
+        ("update", "leases.coordination.k8s.io/kube-scheduler", "-n", ns),
+        ("get", "leases.coordination.k8s.io/other", "-n", ns),
+        ("list", "leases.coordination.k8s.io", "-n", ns),
+        ("delete", f"leases.coordination.k8s.io/{lease}", "-n", ns),
+        ("create", "leases.coordination.k8s.io", "-n", "kube-system"),
     ]
     for verb, res, *where in denied:
         assert not can_i(cluster, sa, ns, verb, res, *where), f"{verb} {res} {where} allowed"
@@ -193,11 +216,14 @@ def test_operator_with_only_the_chart_rbac_reaches_ready(
 ) -> None:
     _, kubeconfig = operator_sa
     trainer = f"{namespace}-trainer"
+    # As the chart runs it: electing a leader on the chart's Lease, with the chart's RBAC.
+    election = {k: v for k, v in operator_env(namespace).items() if "LEADER_ELECTION" in k}
+    assert election
     op = OperatorProcess(
         kubeconfig,
         namespace,
         tmp_path / "op.log",
-        extra_env={"SLM_FLEET_TRAINER_SERVICE_ACCOUNT": trainer},
+        extra_env={"SLM_FLEET_TRAINER_SERVICE_ACCOUNT": trainer, **election},
     ).start()
     try:
         cluster.apply(agenttask(), namespace)
@@ -210,6 +236,7 @@ def test_operator_with_only_the_chart_rbac_reaches_ready(
         )
         assert get_task(cluster, namespace)["status"]["selectedModel"]["candidate"] == "big"
         assert "Forbidden" not in op.log() and "forbidden" not in op.log()
+        assert "leading: this replica" in op.log()
     finally:
         cluster.kubectl(
             "delete", "agenttasks", "--all", "-n", namespace, "--wait=false", check=False

@@ -14,6 +14,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- default (printf "%s-operator" (include "slm-fleet.fullname" .)) .Values.operator.serviceAccount.name -}}
 {{- end -}}
 
+{{- /* The Lease the operator replicas elect their leader on, in the release namespace. */ -}}
+{{- define "slm-fleet.operatorLease" -}}
+{{- printf "%s-operator" (include "slm-fleet.fullname" .) -}}
+{{- end -}}
+
 {{- define "slm-fleet.watchNamespaces" -}}
 {{- if .Values.watchNamespaces -}}
 {{- join "," .Values.watchNamespaces -}}

@@ -1,0 +1,313 @@
+"""Leader election on a coordination.k8s.io/v1 Lease, so that a second replica can stand by.
+
+Why: kopf in ``--standalone`` mode does not coordinate replicas, so without this only one
+operator pod may run (``replicas: 1``, ``Recreate``) and every node drain, eviction or
+rollout leaves the AgentTasks unreconciled until a new pod is scheduled, pulled and started;
+during that time no SLO breach switches a task to the LLM. With election on, every replica
+watches (its caches stay warm) but only the holder of the Lease reconciles.
+
+The rules are client-go's ``leaderelection``, which platform engineers already know from
+kube-controller-manager and every controller-runtime operator:
+
+- A lease is free when it has no holder (released), when it does not exist, or when its
+  record has not changed for ``leaseDurationSeconds`` *as measured on this process's own
+  monotonic clock* from when this process first saw that record. The holder's ``renewTime``
+  is never compared with the local wall clock: with clock skew between nodes that comparison
+  lets two replicas lead at once.
+- Taking or renewing is an update carrying the ``resourceVersion`` that was read: of two
+  replicas racing for a free lease, the API server lets one win (409 for the other).
+- The leader renews every ``retry`` seconds and stops leading when it could not renew for
+  ``renew_deadline`` seconds, which is shorter than the lease: it steps down before any other
+  replica may consider the lease expired.
+- On shutdown (SIGTERM, a rollout) the leader releases the lease, so the standby takes over
+  within one retry period instead of one lease duration.
+
+The pure part (:func:`free_for`, :func:`lease_body`, :class:`LeaseSettings`) is unit tested;
+:class:`LeaderElector` is the thin adapter that talks to the API server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from slm_operator.kube import Kube, KubeError
+
+log = logging.getLogger(__name__)
+
+LEASE_API = "coordination.k8s.io/v1"
+LEASES = "leases"
+
+#: ``namespace/name`` of the Lease; unset or empty: no election (one replica only).
+ENV_LEASE = "SLM_FLEET_LEADER_ELECTION_LEASE"
+ENV_DURATION = "SLM_FLEET_LEADER_ELECTION_LEASE_SECONDS"
+ENV_RENEW = "SLM_FLEET_LEADER_ELECTION_RENEW_DEADLINE_SECONDS"
+ENV_RETRY = "SLM_FLEET_LEADER_ELECTION_RETRY_SECONDS"
+#: The pod's name (the chart sets it from the downward API); the host name otherwise.
+ENV_POD_NAME = "SLM_FLEET_POD_NAME"
+
+
+@dataclass(frozen=True)
+class LeaseSettings:
+    """Where the Lease is and how long its terms are (client-go's defaults: 15, 10, 2 s)."""
+
+    namespace: str
+    name: str
+    identity: str
+    lease_seconds: float = 15.0
+    renew_deadline_seconds: float = 10.0
+    retry_seconds: float = 2.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> LeaseSettings | None:
+        """The settings from the environment, None when election is off.
+
+        Raises ValueError with a message naming the variable: the operator refuses to start
+        on a setting it cannot honour rather than lead on terms nobody chose.
+        """
+        where = env.get(ENV_LEASE, "").strip()
+        if not where:
+            return None
+        namespace, _, name = where.partition("/")
+        if not namespace or not name or "/" in name:
+            raise ValueError(f"{ENV_LEASE} must be NAMESPACE/NAME")
+        numbers = {}
+        for var, default in ((ENV_DURATION, 15.0), (ENV_RENEW, 10.0), (ENV_RETRY, 2.0)):
+            raw = env.get(var, "").strip()
+            try:
+                value = float(raw) if raw else default
+            except ValueError:
+                raise ValueError(f"{var} must be a number of seconds") from None
+            if not 0 < value < 86400:
+                raise ValueError(f"{var} must be more than 0 and less than a day")
+            numbers[var] = value
+        lease, renew, retry = numbers[ENV_DURATION], numbers[ENV_RENEW], numbers[ENV_RETRY]
+        if not retry < renew < lease:
+            raise ValueError(
+                f"leader election needs {ENV_RETRY} < {ENV_RENEW} < {ENV_DURATION} "
+                f"(got {retry:g} < {renew:g} < {lease:g}): the leader must give up before "
+                "another replica may take over, and try more than once before it gives up"
+            )
+        pod = env.get(ENV_POD_NAME, "").strip() or socket.gethostname()
+        # A restarted container keeps its pod name; the suffix makes it a new candidate, so it
+        # never mistakes the lease its previous process held for its own.
+        identity = f"{pod}_{uuid.uuid4().hex[:8]}"
+        return cls(namespace, name, identity, lease, renew, retry)
+
+
+def now_rfc3339() -> str:
+    """A Lease's MicroTime: RFC 3339 with microseconds, UTC."""
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def free_for(spec: Mapping[str, Any], identity: str, seen_at: float, now: float) -> bool:
+    """May ``identity`` take or renew a lease whose spec is ``spec``?
+
+    ``seen_at``: this process's monotonic time when it first saw this very record (the
+    lease's resourceVersion); ``now``: the same clock now. Expiry is judged from those two,
+    never from the record's renewTime (see the module docstring: clock skew).
+    """
+    holder = spec.get("holderIdentity") or ""
+    if not holder or holder == identity:
+        return True
+    duration = spec.get("leaseDurationSeconds")
+    if not isinstance(duration, int | float) or duration <= 0:
+        return True  # a record without terms binds no one
+    return now >= seen_at + float(duration)
+
+
+def _kept_metadata(read: Mapping[str, Any] | None, settings: LeaseSettings) -> dict[str, Any]:
+    """The metadata an update sends: what was read (its resourceVersion makes the write
+    conditional), less managedFields. An update replaces the whole object, so metadata left
+    out is deleted: the chart's labels (``app.kubernetes.io/instance`` selects a release's
+    objects) and Helm's annotations, and whatever a GitOps tool or a person added."""
+    if not read:
+        return {"name": settings.name, "namespace": settings.namespace}
+    return {k: v for k, v in read.items() if k != "managedFields"}
+
+
+def lease_body(
+    spec: Mapping[str, Any] | None,
+    settings: LeaseSettings,
+    now: str,
+    metadata: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """The Lease that says ``settings.identity`` holds it as of ``now``.
+
+    ``spec`` and ``metadata`` are the Lease as read (None: there is none, it is created).
+    Renewing keeps acquireTime and leaseTransitions; taking over from another holder (or a
+    released lease) sets acquireTime and counts one more transition.
+    """
+    spec = spec or {}
+    mine = spec.get("holderIdentity") == settings.identity
+    held_before = bool(spec.get("holderIdentity") or spec.get("acquireTime"))
+    transitions = int(spec.get("leaseTransitions") or 0)
+    return {
+        "apiVersion": LEASE_API,
+        "kind": "Lease",
+        "metadata": _kept_metadata(metadata, settings),
+        "spec": {
+            "holderIdentity": settings.identity,
+            "leaseDurationSeconds": max(1, round(settings.lease_seconds)),
+            "acquireTime": spec.get("acquireTime") if mine else now,
+            "renewTime": now,
+            "leaseTransitions": transitions if mine or not held_before else transitions + 1,
+        },
+    }
+
+
+def released_body(lease: Mapping[str, Any], settings: LeaseSettings) -> dict[str, Any]:
+    """The same lease with no holder (client-go's release): the standby takes it at once."""
+    spec = dict(lease.get("spec") or {})
+    spec.update(holderIdentity="", leaseDurationSeconds=1, renewTime=now_rfc3339())
+    return {
+        "apiVersion": LEASE_API,
+        "kind": "Lease",
+        "metadata": _kept_metadata(lease.get("metadata"), settings),
+        "spec": spec,
+    }
+
+
+class LeaderElector:
+    """Campaigns for the Lease, renews it while leading, and calls back on each change.
+
+    ``on_started`` runs when this replica starts leading, ``on_stopped`` when it stops (it
+    could not renew within the renew deadline, or another replica holds the lease). Both run
+    on the event loop and must not block. API calls run in threads, each bounded well within
+    the renew deadline.
+    """
+
+    def __init__(
+        self,
+        kube: Kube,
+        settings: LeaseSettings,
+        on_started: Callable[[], None],
+        on_stopped: Callable[[], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.kube = kube
+        self.settings = settings
+        self.on_started = on_started
+        self.on_stopped = on_stopped
+        self.clock = clock
+        self.leading = False
+        #: The last lease record seen (its resourceVersion) and when this process first saw it.
+        self._seen: tuple[str, float] | None = None
+        #: When the last attempt started, and when the last one that held the lease did: the
+        #: renew deadline counts from the start of a renewal, not its answer (safe side).
+        self._attempt_at = 0.0
+        self._renewed_at = 0.0
+        self._last_error = ""
+        #: Another replica named as holder by the last read ("" when none was).
+        self._other_holder = ""
+
+    @property
+    def _path(self) -> str:
+        s = self.settings
+        return f"/apis/{LEASE_API}/namespaces/{s.namespace}/{LEASES}"
+
+    def _timeout(self) -> float:
+        return max(1.0, min(5.0, self.settings.renew_deadline_seconds / 2))
+
+    def try_acquire_or_renew(self) -> bool:
+        """One round trip (GET, then POST or PUT): True if this replica holds the lease now."""
+        s = self.settings
+        now = self._attempt_at = self.clock()
+        try:
+            lease = self.kube.request("GET", f"{self._path}/{s.name}", timeout=self._timeout())
+        except KubeError as e:
+            if e.status != 404:
+                raise
+            self.kube.request(
+                "POST",
+                self._path,
+                body=lease_body(None, s, now_rfc3339(), None),
+                timeout=self._timeout(),
+            )
+            self._seen = None
+            return True
+        meta, spec = lease.get("metadata") or {}, lease.get("spec") or {}
+        version = str(meta.get("resourceVersion") or "")
+        if self._seen is None or self._seen[0] != version:
+            self._seen = (version, now)
+        if not free_for(spec, s.identity, self._seen[1], now):
+            holder = str(spec.get("holderIdentity"))
+            if holder != self._other_holder:
+                log.info("standing by: lease %s/%s is held by %s", s.namespace, s.name, holder)
+            self._other_holder = holder
+            return False
+        self._other_holder = ""
+        updated = lease_body(spec, s, now_rfc3339(), meta)
+        self.kube.request("PUT", f"{self._path}/{s.name}", body=updated, timeout=self._timeout())
+        return True
+
+    def release(self) -> None:
+        """Give the lease up if this replica holds it (on shutdown); errors are logged only."""
+        if not self.leading:
+            return
+        s = self.settings
+        self.leading = False
+        try:
+            lease = self.kube.request("GET", f"{self._path}/{s.name}", timeout=self._timeout())
+            if (lease.get("spec") or {}).get("holderIdentity") == s.identity:
+                self.kube.request(
+                    "PUT",
+                    f"{self._path}/{s.name}",
+                    body=released_body(lease, s),
+                    timeout=self._timeout(),
+                )
+                log.info("released lease %s/%s", s.namespace, s.name)
+        except KubeError as e:
+            log.warning("could not release lease %s/%s (%s); it expires", s.namespace, s.name, e)
+
+    def _step(self, held: bool) -> None:
+        """Turn one round trip's outcome into leading or not, with the callbacks."""
+        s = self.settings
+        now = self.clock()
+        if held:
+            self._renewed_at = self._attempt_at
+            if not self.leading:
+                self.leading = True
+                log.info(
+                    "leading: this replica (%s) holds lease %s/%s", s.identity, s.namespace, s.name
+                )
+                self.on_started()
+        elif self.leading and (
+            # Another holder: leading on would make two leaders at once.
+            self._other_holder or now - self._renewed_at >= s.renew_deadline_seconds
+        ):
+            self.leading = False
+            why = (
+                f"{self._other_holder} holds it"
+                if self._other_holder
+                else f"not renewed for {now - self._renewed_at:.1f}s"
+            )
+            log.warning("stopped leading: lease %s/%s %s; standing by", s.namespace, s.name, why)
+            self.on_stopped()
+
+    async def run(self) -> None:
+        """Campaign and renew until cancelled."""
+        s = self.settings
+        while True:
+            try:
+                held = await asyncio.to_thread(self.try_acquire_or_renew)
+                self._last_error = ""
+            except KubeError as e:
+                held = False
+                # A 409 is a lost race, not a fault; the rest is logged once while it lasts.
+                if e.status != 409 and str(e) != self._last_error:
+                    log.warning("lease %s/%s: %s", s.namespace, s.name, e)
+                    self._last_error = str(e)
+            self._step(held)
+            # Candidates spread their attempts (client-go's jitter); a leader renews on time.
+            wait = s.retry_seconds * (1.0 if self.leading else 1.0 + random.random() * 0.2)
+            await asyncio.sleep(wait)

@@ -1,0 +1,194 @@
+"""Leader election's pure rules: settings, expiry, and the Lease bodies it writes.
+
+The elector against a real API server (resourceVersion races, takeover by a standby operator)
+is in tests/integration/test_leader_election.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from slm_operator.leader import (
+    ENV_DURATION,
+    ENV_LEASE,
+    ENV_POD_NAME,
+    ENV_RENEW,
+    ENV_RETRY,
+    LeaderElector,
+    LeaseSettings,
+    free_for,
+    lease_body,
+    released_body,
+)
+
+
+def test_election_is_off_unless_a_lease_is_named() -> None:
+    assert LeaseSettings.from_env({}) is None
+    assert LeaseSettings.from_env({ENV_LEASE: "  "}) is None
+
+
+def test_settings_default_to_client_go_terms_and_a_fresh_identity_per_process() -> None:
+    env = {ENV_LEASE: "fleet/slm-fleet-operator", ENV_POD_NAME: "op-7d9f-x2"}
+    s = LeaseSettings.from_env(env)
+    assert s is not None
+    assert (s.namespace, s.name) == ("fleet", "slm-fleet-operator")
+    assert (s.lease_seconds, s.renew_deadline_seconds, s.retry_seconds) == (15, 10, 2)
+    assert s.identity.startswith("op-7d9f-x2_")
+    # A restarted container keeps its pod name but must not take its old process's lease
+    # for its own.
+    again = LeaseSettings.from_env(env)
+    assert again is not None and again.identity != s.identity
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({ENV_LEASE: "no-namespace"}, "must be NAMESPACE/NAME"),
+        ({ENV_LEASE: "a/b/c"}, "must be NAMESPACE/NAME"),
+        ({ENV_LEASE: "/b"}, "must be NAMESPACE/NAME"),
+        ({ENV_LEASE: "a/b", ENV_DURATION: "15s"}, f"{ENV_DURATION} must be a number"),
+        ({ENV_LEASE: "a/b", ENV_RETRY: "0"}, f"{ENV_RETRY} must be more than 0"),
+        ({ENV_LEASE: "a/b", ENV_RENEW: "nan"}, f"{ENV_RENEW} must be more than 0"),
+        ({ENV_LEASE: "a/b", ENV_RENEW: "20"}, "needs"),
+        ({ENV_LEASE: "a/b", ENV_RETRY: "10"}, "needs"),
+    ],
+)
+def test_settings_that_cannot_be_honoured_are_refused_by_name(
+    env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        LeaseSettings.from_env(env)
+
+
+def test_the_operator_refuses_to_start_on_bad_election_settings(tmp_path: Path) -> None:
+    """Exit 2 and one line, before kopf starts: not a traceback, not a crash loop of retries."""
+    exe = Path(sys.executable).parent / "slm-fleet-operator"
+    cp = subprocess.run(
+        [str(exe), "--namespace", "x"],
+        env={ENV_LEASE: "x/y", ENV_RENEW: "30", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cp.returncode == 2
+    assert cp.stderr.startswith("slm-fleet-operator: leader election needs")
+    assert "Traceback" not in cp.stderr
+
+
+SETTINGS = LeaseSettings("fleet", "op", "me_1", 15, 10, 2)
+
+
+def test_a_lease_is_free_when_released_mine_or_silent_for_its_duration() -> None:
+    held = {"holderIdentity": "other_2", "leaseDurationSeconds": 15}
+    assert free_for({}, "me_1", seen_at=100, now=100)
+    assert free_for({**held, "holderIdentity": ""}, "me_1", seen_at=100, now=100)
+    assert free_for({**held, "holderIdentity": "me_1"}, "me_1", seen_at=100, now=100)
+    assert not free_for(held, "me_1", seen_at=100, now=114.9)
+    assert free_for(held, "me_1", seen_at=100, now=115)
+
+
+def test_expiry_ignores_the_holders_renew_time() -> None:
+    """A holder whose clock runs an hour behind still holds its lease: only how long this
+    process has seen the same record counts."""
+    held = {
+        "holderIdentity": "other_2",
+        "leaseDurationSeconds": 15,
+        "renewTime": "2000-01-01T00:00:00.000000Z",
+    }
+    assert not free_for(held, "me_1", seen_at=100, now=101)
+
+
+def test_taking_over_counts_a_transition_renewing_does_not_and_metadata_is_kept() -> None:
+    created = lease_body(None, SETTINGS, "T0", None)
+    assert created["spec"] == {
+        "holderIdentity": "me_1",
+        "leaseDurationSeconds": 15,
+        "acquireTime": "T0",
+        "renewTime": "T0",
+        "leaseTransitions": 0,
+    }
+    assert "resourceVersion" not in created["metadata"]
+    read = {
+        "name": "op",
+        "namespace": "fleet",
+        "resourceVersion": "42",
+        "labels": {"app.kubernetes.io/managed-by": "Helm"},
+        "annotations": {"meta.helm.sh/release-name": "slm"},
+        "managedFields": [{"manager": "helm"}],
+    }
+    renewed = lease_body(created["spec"], SETTINGS, "T1", read)
+    # Conditional on the version read, and Helm's ownership marks survive the write (without
+    # them `helm upgrade` refuses the release).
+    assert renewed["metadata"] == {k: v for k, v in read.items() if k != "managedFields"}
+    assert renewed["spec"]["acquireTime"] == "T0"
+    assert renewed["spec"]["renewTime"] == "T1"
+    assert renewed["spec"]["leaseTransitions"] == 0
+    theirs = {**created["spec"], "holderIdentity": "other_2", "leaseTransitions": 3}
+    taken = lease_body(theirs, SETTINGS, "T2", read)
+    assert taken["spec"]["acquireTime"] == "T2"
+    assert taken["spec"]["leaseTransitions"] == 4
+    released = {**theirs, "holderIdentity": ""}
+    assert lease_body(released, SETTINGS, "T3", read)["spec"]["leaseTransitions"] == 4
+    # The chart's Lease, never held yet: the first leader is no transition.
+    assert lease_body({}, SETTINGS, "T4", read)["spec"]["leaseTransitions"] == 0
+
+
+def test_release_empties_the_holder_on_the_version_read() -> None:
+    lease = {
+        "metadata": {"name": "op", "namespace": "fleet", "resourceVersion": "7", "uid": "u"},
+        "spec": {"holderIdentity": "me_1", "leaseDurationSeconds": 15, "leaseTransitions": 2},
+    }
+    body = released_body(lease, SETTINGS)
+    assert body["metadata"] == lease["metadata"]
+    assert body["spec"]["holderIdentity"] == ""
+    assert body["spec"]["leaseDurationSeconds"] == 1
+    assert body["spec"]["leaseTransitions"] == 2
+
+
+def test_a_leader_keeps_leading_through_failed_renewals_until_the_renew_deadline() -> None:
+    """Renewals that fail (API server slow or unreachable) keep the replica leading for up to
+    renew_deadline after the start of its last good one; then it stops, once, well before
+    any standby may take over (lease 15 s after the standby last saw the record)."""
+    events: list[str] = []
+    now = [100.0]
+    e = LeaderElector(
+        cast(Any, None),
+        SETTINGS,
+        lambda: events.append("started"),
+        lambda: events.append("stopped"),
+        clock=lambda: now[0],
+    )
+    e._attempt_at = now[0]
+    e._step(True)
+    assert e.leading and events == ["started"]
+    for t in (102, 104, 106, 108, 109.9):
+        now[0] = t
+        e._step(False)
+        assert e.leading, t
+    now[0] = 110.0
+    e._step(False)
+    assert not e.leading and events == ["started", "stopped"]
+    now[0] = 112.0
+    e._step(False)
+    assert events == ["started", "stopped"]
+
+
+def test_a_leader_that_reads_another_holder_stops_at_once() -> None:
+    events: list[str] = []
+    e = LeaderElector(
+        cast(Any, None),
+        SETTINGS,
+        lambda: events.append("started"),
+        lambda: events.append("stopped"),
+        clock=lambda: 100.0,
+    )
+    e._attempt_at = 100.0
+    e._step(True)
+    e._other_holder = "other_2"
+    e._step(False)
+    assert not e.leading and events == ["started", "stopped"]
