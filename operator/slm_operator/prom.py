@@ -23,6 +23,7 @@ import time
 from http import HTTPStatus
 from typing import Any
 
+from slm_contract import redact_uri, redact_uris
 from slm_operator.live import Metrics
 
 log = logging.getLogger(__name__)
@@ -101,29 +102,20 @@ def queries(
     }
 
 
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#\s]+@")
-
-
-def redact_userinfo(text: str) -> str:
-    """``text`` with the ``user:password@`` of every URL in it replaced by ``***@``.
-
-    Why: a Prometheus behind basic auth is often configured as ``https://user:pass@host``;
-    the URL (and error messages that quote it) go to the operator's log, which is readable by
-    far more people than the Secret it came from.
-    """
-    return _USERINFO.sub(r"\1***@", text)
-
-
 _STATUS_CODE = re.compile(r"HTTP Status Code (\d{3})")
 
 
-def error_summary(exc: BaseException) -> str:
+def error_summary(exc: BaseException, url: str = "") -> str:
     """``exc`` in one line for the log, without the response body Prometheus sent.
 
     Why: prometheus_api_client raises ``HTTP Status Code 401 (b'<body>')``, and a body may
     echo the request, e.g. an auth proxy quoting the ``Authorization`` header it refused
     (basic auth: the password, base64). The status code and its reason say what went wrong;
-    other errors (connection refused, a timeout) keep their text, user info redacted.
+    other errors (connection refused, a timeout) keep their text, with every URL in it cut to
+    scheme, host, port and path, and the user info, query and fragment of ``url`` (the
+    Prometheus URL: ``https://user:pass@host`` for basic auth) replaced wherever they appear,
+    with or without the scheme (:func:`slm_contract.redact_uris`, as the operator's other
+    messages are).
     """
     text = str(exc)
     found = _STATUS_CODE.match(text)
@@ -134,7 +126,7 @@ def error_summary(exc: BaseException) -> str:
         except ValueError:
             reason = "unknown status"
         return f"HTTP {code} {reason} (response body not logged)"
-    return redact_userinfo(text)
+    return str(redact_uris(text, url))
 
 
 def _scalar(result: Any) -> float | None:
@@ -258,9 +250,9 @@ class PromMetrics:
                 log.warning(
                     "Prometheus at %s did not answer for task %s: %s; not asking again for "
                     "%gs (live control keeps its last decisions)",
-                    redact_userinfo(self.url),
+                    redact_uri(self.url),
                     task,
-                    error_summary(exc),
+                    error_summary(exc, self.url),
                     self.cooldown,
                 )
             return None

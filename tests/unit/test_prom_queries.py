@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from slm_operator.prom import PromMetrics, queries, redact_userinfo
+from slm_operator.prom import PromMetrics, error_summary, queries
 
 GATEWAY_SELECTOR = re.compile(r"slm_gateway_\w+\{([^}]*)\}")
 # Triton's series: by model (the task's name), and the namespace its pod runs in, which the
@@ -77,20 +77,23 @@ def test_the_log_never_shows_the_prometheus_password(caplog: pytest.LogCaptureFi
         assert prom.task_metrics("weather", 30) is None
     assert caplog.records, "the failure is logged"
     assert "s3cr" not in caplog.text and "ops:" not in caplog.text
-    assert "https://***@prometheus.example:9090" in caplog.text
+    assert "https://prometheus.example:9090/api/v1/query" in caplog.text
 
 
 @pytest.mark.parametrize(
     ("text", "want"),
     [
-        ("https://u:p@prom:9090/x?a=b@c", "https://***@prom:9090/x?a=b@c"),
-        ("http://u:p@ss@prom", "http://***@prom"),  # an unencoded @ in the password
+        ("https://u:p@prom:9090/x?a=b@c", "https://prom:9090/x"),
+        ("http://u:p@ss@prom", "http://prom"),  # an unencoded @ in the password
         ("http://prom:9090", "http://prom:9090"),
-        ("a http://u@h and https://v:w@k/", "a http://***@h and https://***@k/"),
+        ("a http://u@h and https://v:w@k/", "a http://h and https://k/"),
+        # A library quoting the netloc without its scheme still shows no password.
+        ("connect to ops:s3cret@prom:9090 failed", "connect to ***@prom:9090 failed"),
     ],
 )
-def test_redact_userinfo(text: str, want: str) -> None:
-    assert redact_userinfo(text) == want
+def test_errors_show_no_credentials(text: str, want: str) -> None:
+    url = "https://ops:s3cret@prom:9090"
+    assert error_summary(ConnectionError(text), url) == want
 
 
 def test_the_log_never_shows_a_response_body_that_echoes_the_credentials(
