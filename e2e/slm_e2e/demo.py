@@ -420,6 +420,8 @@ def run(work: Path, n_relevant: int, n_irrelevant: int) -> int:
             extra_env={
                 "SLM_FLEET_PROMETHEUS_URL": prom.url,
                 "SLM_FLEET_PROMETHEUS_SCRAPE_SECONDS": "1",
+                # As the chart runs it: a leader elected on a Lease (here the only candidate).
+                "SLM_FLEET_LEADER_ELECTION_LEASE": f"{NS}/slm-fleet-operator",
             },
         ).start()
         stack.append(op)

@@ -17,10 +17,18 @@ kube-controller-manager and every controller-runtime operator:
 - Taking or renewing is an update carrying the ``resourceVersion`` that was read: of two
   replicas racing for a free lease, the API server lets one win (409 for the other).
 - The leader renews every ``retry`` seconds and stops leading when it could not renew for
-  ``renew_deadline`` seconds, which is shorter than the lease: it steps down before any other
-  replica may consider the lease expired.
-- On shutdown (SIGTERM, a rollout) the leader releases the lease, so the standby takes over
-  within one retry period instead of one lease duration.
+  ``renew_deadline`` seconds, which is shorter than the lease. A renewal that hangs is not
+  waited for past that deadline (each call has its own short timeout and no HTTP retries),
+  and the operator then exits (:mod:`slm_operator.main`), as controller-runtime's managers
+  do: a reconcile already running in a thread cannot be interrupted any other way, and it
+  must not write on after another replica took over. The pod restarts as a standby.
+- On shutdown (SIGTERM, a rollout) the leader waits for its running reconciles, then releases
+  the lease, so the standby takes over within about one retry period instead of one lease
+  duration.
+- The operator creates the Lease (labelled as its own) when there is none. The chart does not
+  template it: ``helm upgrade --force`` would replace it with an empty one while its holder
+  leads, and a standby would take it at once. So ``helm uninstall`` leaves it behind, as
+  every controller-runtime operator leaves its own.
 
 The pure part (:func:`free_for`, :func:`lease_body`, :class:`LeaseSettings`) is unit tested;
 :class:`LeaderElector` is the thin adapter that talks to the API server.
@@ -31,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import math
 import os
 import random
 import socket
@@ -40,6 +49,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from slm_operator import naming as n
 from slm_operator.kube import Kube, KubeError
 
 log = logging.getLogger(__name__)
@@ -126,12 +136,16 @@ def free_for(spec: Mapping[str, Any], identity: str, seen_at: float, now: float)
 
 
 def _kept_metadata(read: Mapping[str, Any] | None, settings: LeaseSettings) -> dict[str, Any]:
-    """The metadata an update sends: what was read (its resourceVersion makes the write
-    conditional), less managedFields. An update replaces the whole object, so metadata left
-    out is deleted: the chart's labels (``app.kubernetes.io/instance`` selects a release's
-    objects) and Helm's annotations, and whatever a GitOps tool or a person added."""
+    """The metadata a write sends: what was read (its resourceVersion makes the write
+    conditional), less managedFields; a new Lease is labelled as the operator's. An update
+    replaces the whole object, so metadata left out would be deleted: labels and annotations
+    that a GitOps tool or a person added."""
     if not read:
-        return {"name": settings.name, "namespace": settings.namespace}
+        return {
+            "name": settings.name,
+            "namespace": settings.namespace,
+            "labels": {n.MANAGED_BY: n.FIELD_MANAGER},
+        }
     return {k: v for k, v in read.items() if k != "managedFields"}
 
 
@@ -157,7 +171,9 @@ def lease_body(
         "metadata": _kept_metadata(metadata, settings),
         "spec": {
             "holderIdentity": settings.identity,
-            "leaseDurationSeconds": max(1, round(settings.lease_seconds)),
+            # Rounded up: a record shorter than the leader's own renew deadline would let a
+            # standby take over while the leader still counts itself in.
+            "leaseDurationSeconds": max(1, math.ceil(settings.lease_seconds)),
             "acquireTime": spec.get("acquireTime") if mine else now,
             "renewTime": now,
             "leaseTransitions": transitions if mine or not held_before else transitions + 1,
@@ -182,8 +198,9 @@ class LeaderElector:
 
     ``on_started`` runs when this replica starts leading, ``on_stopped`` when it stops (it
     could not renew within the renew deadline, or another replica holds the lease). Both run
-    on the event loop and must not block. API calls run in threads, each bounded well within
-    the renew deadline.
+    on the event loop and must not block. Give it a :class:`Kube` whose client does not retry
+    (:func:`slm_operator.kube.without_retries`): each call is bounded by its own timeout, and
+    a renewal is not waited for past the renew deadline.
     """
 
     def __init__(
@@ -200,12 +217,15 @@ class LeaderElector:
         self.on_stopped = on_stopped
         self.clock = clock
         self.leading = False
-        #: The last lease record seen (its resourceVersion) and when this process first saw it.
-        self._seen: tuple[str, float] | None = None
+        #: The last holder record read (holder, times, terms) and when this process first read
+        #: it. The record, not the resourceVersion: a label added to the Lease changes nothing.
+        self._seen: tuple[tuple[Any, ...], float] | None = None
         #: When the last attempt started, and when the last one that held the lease did: the
         #: renew deadline counts from the start of a renewal, not its answer (safe side).
         self._attempt_at = 0.0
         self._renewed_at = 0.0
+        #: The attempt in flight (a thread), awaited before the lease is released.
+        self._attempt: asyncio.Future[bool] | None = None
         self._last_error = ""
         #: Another replica named as holder by the last read ("" when none was).
         self._other_holder = ""
@@ -216,17 +236,29 @@ class LeaderElector:
         return f"/apis/{LEASE_API}/namespaces/{s.namespace}/{LEASES}"
 
     def _timeout(self) -> float:
-        return max(1.0, min(5.0, self.settings.renew_deadline_seconds / 2))
+        """Seconds one API call may take: two of them fit in the renew deadline."""
+        return max(0.5, min(5.0, self.settings.renew_deadline_seconds / 3))
+
+    def _get(self) -> dict[str, Any] | None:
+        """The Lease, or None when there is none."""
+        try:
+            lease = self.kube.request(
+                "GET", f"{self._path}/{self.settings.name}", timeout=self._timeout()
+            )
+        except KubeError as e:
+            if e.status == 404:
+                return None
+            raise
+        if not isinstance(lease, dict) or not isinstance(lease.get("metadata"), dict):
+            raise KubeError(0, "the answer to a GET of the Lease is not a Lease", "BadResponse")
+        return lease
 
     def try_acquire_or_renew(self) -> bool:
         """One round trip (GET, then POST or PUT): True if this replica holds the lease now."""
         s = self.settings
-        now = self._attempt_at = self.clock()
-        try:
-            lease = self.kube.request("GET", f"{self._path}/{s.name}", timeout=self._timeout())
-        except KubeError as e:
-            if e.status != 404:
-                raise
+        self._attempt_at = self.clock()
+        lease = self._get()
+        if lease is None:
             self.kube.request(
                 "POST",
                 self._path,
@@ -235,10 +267,22 @@ class LeaderElector:
             )
             self._seen = None
             return True
-        meta, spec = lease.get("metadata") or {}, lease.get("spec") or {}
-        version = str(meta.get("resourceVersion") or "")
-        if self._seen is None or self._seen[0] != version:
-            self._seen = (version, now)
+        spec = lease.get("spec") or {}
+        record = tuple(
+            spec.get(k)
+            for k in (
+                "holderIdentity",
+                "renewTime",
+                "acquireTime",
+                "leaseDurationSeconds",
+                "leaseTransitions",
+            )
+        )
+        # Seen when the answer came (not when it was asked for): a slow GET never makes a
+        # record look older than it is.
+        now = self.clock()
+        if self._seen is None or self._seen[0] != record:
+            self._seen = (record, now)
         if not free_for(spec, s.identity, self._seen[1], now):
             holder = str(spec.get("holderIdentity"))
             if holder != self._other_holder:
@@ -246,19 +290,21 @@ class LeaderElector:
             self._other_holder = holder
             return False
         self._other_holder = ""
-        updated = lease_body(spec, s, now_rfc3339(), meta)
+        updated = lease_body(spec, s, now_rfc3339(), lease["metadata"])
         self.kube.request("PUT", f"{self._path}/{s.name}", body=updated, timeout=self._timeout())
         return True
 
     def release(self) -> None:
-        """Give the lease up if this replica holds it (on shutdown); errors are logged only."""
-        if not self.leading:
-            return
+        """Give the lease up if this replica holds it (on shutdown); errors are logged only.
+
+        Whether it holds it is read from the Lease, not from ``leading``: a takeover that was
+        in flight when the loop stopped may have made it the holder without its knowing.
+        """
         s = self.settings
         self.leading = False
         try:
-            lease = self.kube.request("GET", f"{self._path}/{s.name}", timeout=self._timeout())
-            if (lease.get("spec") or {}).get("holderIdentity") == s.identity:
+            lease = self._get()
+            if lease and (lease.get("spec") or {}).get("holderIdentity") == s.identity:
                 self.kube.request(
                     "PUT",
                     f"{self._path}/{s.name}",
@@ -291,23 +337,62 @@ class LeaderElector:
                 if self._other_holder
                 else f"not renewed for {now - self._renewed_at:.1f}s"
             )
-            log.warning("stopped leading: lease %s/%s %s; standing by", s.namespace, s.name, why)
+            log.error("stopped leading: lease %s/%s %s", s.namespace, s.name, why)
             self.on_stopped()
+
+    def _complain(self, error: str) -> None:
+        """Log an attempt's failure, once while the same one repeats."""
+        if error != self._last_error:
+            s = self.settings
+            log.warning("lease %s/%s: %s", s.namespace, s.name, error)
+            self._last_error = error
+
+    async def attempt(self) -> bool:
+        """One bounded attempt: a leader waits no longer than what is left of its deadline."""
+        s = self.settings
+        if self.leading:
+            budget = self._renewed_at + s.renew_deadline_seconds - self.clock()
+        else:
+            budget = 2 * self._timeout() + 1
+        self._attempt = attempt = asyncio.ensure_future(
+            asyncio.to_thread(self.try_acquire_or_renew)
+        )
+        # Its outcome is read here or not at all (after a timeout): never "never retrieved".
+        attempt.add_done_callback(lambda f: f.cancelled() or f.exception())
+        try:
+            held = await asyncio.wait_for(asyncio.shield(attempt), timeout=max(0.0, budget))
+        except TimeoutError:
+            self._complain("no answer from the API server in time")
+            return False
+        except KubeError as e:
+            if e.status != 409:  # a 409 is a lost race, not a fault
+                self._complain(str(e))
+            return False
+        except Exception as e:  # whatever it is, the loop must go on renewing or stepping down
+            self._complain(f"{type(e).__name__}: {e}")
+            return False
+        self._last_error = ""
+        return held
 
     async def run(self) -> None:
         """Campaign and renew until cancelled."""
         s = self.settings
         while True:
-            try:
-                held = await asyncio.to_thread(self.try_acquire_or_renew)
-                self._last_error = ""
-            except KubeError as e:
-                held = False
-                # A 409 is a lost race, not a fault; the rest is logged once while it lasts.
-                if e.status != 409 and str(e) != self._last_error:
-                    log.warning("lease %s/%s: %s", s.namespace, s.name, e)
-                    self._last_error = str(e)
-            self._step(held)
+            self._step(await self.attempt())
             # Candidates spread their attempts (client-go's jitter); a leader renews on time.
             wait = s.retry_seconds * (1.0 if self.leading else 1.0 + random.random() * 0.2)
             await asyncio.sleep(wait)
+
+    async def stop(self) -> None:
+        """After :meth:`run` was cancelled: let an attempt in flight end, then release."""
+        attempt = self._attempt
+        if attempt is not None and not attempt.done():
+            await asyncio.wait([attempt], timeout=2 * self._timeout() + 1)
+            if not attempt.done():
+                log.warning(
+                    "lease %s/%s not released: the API server does not answer",
+                    self.settings.namespace,
+                    self.settings.name,
+                )
+                return
+        await asyncio.to_thread(self.release)

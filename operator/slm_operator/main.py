@@ -14,7 +14,8 @@ Design choices:
   at most one retry pending per task; other errors wait for the resync and are logged once.
 - With ``SLM_FLEET_LEADER_ELECTION_LEASE`` set, replicas elect a leader on that Lease
   (:mod:`slm_operator.leader`): all of them watch, only the leader reconciles, and a standby
-  takes over within the lease duration (at once when the leader shuts down cleanly).
+  takes over within the lease duration (at once when the leader shuts down cleanly). A
+  leader that cannot renew in time exits, and its pod restarts as a standby.
 - The child watches are label-selected by the API server and listed in chunks: the operator
   never receives the other pods, Jobs and Deployments of a namespace (or of the cluster).
 """
@@ -25,6 +26,7 @@ import asyncio
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,7 +35,7 @@ from typing import Any
 import kopf
 
 from slm_operator import naming as n
-from slm_operator.kube import Kube, KubeError, TaskGone, load_api_client
+from slm_operator.kube import Kube, KubeError, TaskGone, load_api_client, without_retries
 from slm_operator.leader import LeaderElector, LeaseSettings
 from slm_operator.metrics import RESULT_ERROR, RESULT_OK, RESULT_RETRY, OperatorMetrics, serve
 from slm_operator.prom import PromMetrics
@@ -172,6 +174,25 @@ class Runtime:
     #: reconciles every task the moment it takes over.
     leading: bool = True
     elector: LeaderElector | None = None
+    #: Reconciles running in threads. Counted in the thread itself: cancelling the coroutine
+    #: that awaits one does not stop it, and shutdown must not release the Lease before it
+    #: ends.
+    _running: int = 0
+    _running_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def in_flight(self) -> int:
+        with self._running_lock:
+            return self._running
+
+    def counted(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, counted in :meth:`in_flight` while it runs."""
+        with self._running_lock:
+            self._running += 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            with self._running_lock:
+                self._running -= 1
 
     def spawn(self, coro: Any) -> None:
         t = asyncio.get_running_loop().create_task(coro)
@@ -233,6 +254,7 @@ async def _pass(rt: Runtime, key: Key, st: _KeyState) -> bool:
     started = time.monotonic()
     try:
         plan = await asyncio.to_thread(
+            rt.counted,
             reconcile,
             rt.kube,
             key[0],
@@ -275,6 +297,8 @@ async def _pass(rt: Runtime, key: Key, st: _KeyState) -> bool:
     st.failures, st.last_error = 0, ""
     st.cancel_retry()
     st.cancel_window()
+    if not rt.leading:  # shutting down: nothing more to schedule or export
+        return True
     if rt.prom is not None and plan is not None and plan.next_window_s is not None:
         _schedule_window(rt, key, st, plan.next_window_s)
     METRICS.reconciles.labels(RESULT_OK).inc()
@@ -371,7 +395,8 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         # retries; a runtime made first would leave one more resync loop per retry.
         serve(METRICS, METRICS_PORT, METRICS_ADDR)
         _metrics_served.append(METRICS_PORT)
-    rt = _runtime = Runtime(kube=Kube(load_api_client()), prom=prom)
+    api = load_api_client()
+    rt = _runtime = Runtime(kube=Kube(api), prom=prom)
     rt.spawn(_resync_loop())
     lease = LeaseSettings.from_env()
     if lease is None:
@@ -380,7 +405,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         rt.leading = False
         METRICS.leader.set(0)
         rt.elector = LeaderElector(
-            rt.kube, lease, lambda: _started_leading(rt), lambda: _stopped_leading(rt)
+            Kube(without_retries(api)), lease, lambda: _started_leading(rt), _lost_leadership
         )
         rt.spawn(rt.elector.run())
         log.info(
@@ -406,36 +431,55 @@ def _started_leading(rt: Runtime) -> None:
         rt.spawn(trigger(key, urgent=True))
 
 
-def _stopped_leading(rt: Runtime) -> None:
-    """This replica lost the Lease: start no more passes, and stop exporting task series.
+def _lost_leadership() -> None:
+    """This replica lost the Lease: exit at once; the pod restarts as a standby.
 
-    A pass already running finishes (it runs in a thread and cannot be interrupted); the
-    renew deadline ends before the lease does, so it ends before another replica may start.
-    Its writes are the same server-side applies and resourceVersion-guarded status patches
-    the new leader makes. The task series go, so that alerts read them from the new leader.
+    Why exit, as controller-runtime's managers do: a reconcile running in a thread cannot be
+    interrupted, and each of its API calls may take a while, so "stop starting passes" would
+    let it write on after another replica took over. The renew deadline ends before the lease
+    does, so dying now ends every write before a standby may start. Logged at ERROR, flushed
+    first. Not a crash loop: the restarted process stands by until the Lease is free.
     """
-    rt.leading = False
-    METRICS.leader.set(0)
-    for st in rt.states.values():
-        st.cancel_retry()
-        st.cancel_window()
-        st.failures, st.last_error = 0, ""
-    for key in rt.known:
-        METRICS.forget_task(*key)
+    log.error(
+        "lost the leader Lease; exiting so that no reconcile of this replica writes on "
+        "after another took over (the pod restarts as a standby)"
+    )
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(1)
+
+
+#: How long shutdown waits for running reconciles before it releases the Lease (the chart's
+#: grace period is 30 s; a release after a cut-off pass is skipped, and the Lease expires).
+SHUTDOWN_WAIT_SECONDS = 10.0
 
 
 @kopf.on.cleanup()
 async def cleanup(**_: Any) -> None:
-    """Stop, and hand the Lease over at once instead of letting it expire."""
+    """Stop; a leader lets its running reconciles end, then hands the Lease over at once
+    instead of letting it expire (the standby would wait the whole lease duration)."""
     global _runtime
     rt = _runtime
-    if rt is not None:
-        _runtime = None
-        for t in list(rt.tasks):
-            t.cancel()
-        if rt.elector is not None:
-            await asyncio.to_thread(rt.elector.release)
-        METRICS.leader.set(0)
+    if rt is None:
+        return
+    _runtime = None
+    rt.leading = False  # no pass starts, and none that ends schedules another
+    for t in list(rt.tasks):
+        t.cancel()
+    METRICS.leader.set(0)
+    if rt.elector is None:
+        return
+    deadline = time.monotonic() + SHUTDOWN_WAIT_SECONDS
+    while rt.in_flight() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if rt.in_flight():
+        log.warning(
+            "a reconcile is still running after %.0fs; the Lease is left to expire rather "
+            "than handed to a replica that would reconcile beside it",
+            SHUTDOWN_WAIT_SECONDS,
+        )
+        return
+    await rt.elector.stop()
 
 
 @kopf.on.event(n.GROUP, n.VERSION, n.PLURAL)

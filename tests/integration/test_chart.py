@@ -811,15 +811,17 @@ ALERT_CASES: dict[str, tuple[list[dict[str, str]], list[dict[str, str]], dict[st
         "",
     ),
     "SlmFleetOperatorNoLeader": (
-        [  # two replicas, both standing by (the Lease cannot be renewed)
-            _series("slm_operator_leader", 'pod="slm-operator-a"', "0x60"),
-            _series("slm_operator_leader", 'pod="slm-operator-b"', "0x60"),
+        [  # two replicas in slm, both standing by (the Lease cannot be renewed); another
+            # release's leader in another namespace does not hide it
+            _series("slm_operator_leader", 'namespace="slm",pod="slm-operator-a"', "0x60"),
+            _series("slm_operator_leader", 'namespace="slm",pod="slm-operator-b"', "0x60"),
+            _series("slm_operator_leader", 'namespace="other",pod="other-operator-a"', "1x60"),
         ],
         [  # one leads, one stands by; and a handover's brief gap
-            _series("slm_operator_leader", 'pod="slm-operator-a"', "1x30 0x30"),
-            _series("slm_operator_leader", 'pod="slm-operator-b"', "0x32 1x28"),
+            _series("slm_operator_leader", 'namespace="slm",pod="slm-operator-a"', "1x30 0x30"),
+            _series("slm_operator_leader", 'namespace="slm",pod="slm-operator-b"', "0x32 1x28"),
         ],
-        {},
+        {"namespace": "slm"},
         "",
     ),
     "SlmFleetSlmHandsBackMostCalls": (
@@ -1207,7 +1209,6 @@ def test_install_creates_everything_and_uninstall_cleans_up(
         ("Role", f"{release}-trainer"),
         ("RoleBinding", f"{release}-trainer"),
         ("ConfigMap", f"{release}-dashboard"),
-        ("Lease", f"{release}-operator"),
         ("Role", f"{release}-operator-leader-election"),
         ("RoleBinding", f"{release}-operator-leader-election"),
     }
@@ -1274,16 +1275,13 @@ def test_install_creates_everything_and_uninstall_cleans_up(
     ):
         assert not can_i(cluster, ns, tr, *args), f"trainer may {args}"
 
-    # The operator takes the chart's Lease (as its elector writes it) without stripping the
-    # release's labels and Helm's annotations, and an upgrade leaves the holder alone.
+    # The operator creates its Lease at its first start; an upgrade, even a forced one that
+    # replaces every object of the release, leaves its holder alone (a chart-owned Lease was
+    # replaced empty, and a standby took it while the leader still led).
     kube = Kube(config.new_client_from_config(config_file=cluster.kubeconfig))
     lease = LeaseSettings(ns, f"{release}-operator", "op-0_test")
     elector = LeaderElector(kube, lease, lambda: None, lambda: None)
     assert elector.try_acquire_or_renew()
-    assert elector.try_acquire_or_renew()
-    (held,) = cluster.get_json("leases", "-n", ns, "-l", selector)["items"]
-    assert held["spec"]["holderIdentity"] == "op-0_test"
-    assert held["metadata"]["annotations"]["meta.helm.sh/release-name"] == release
     helm(
         "upgrade",
         release,
@@ -1293,15 +1291,16 @@ def test_install_creates_everything_and_uninstall_cleans_up(
         "-n",
         ns,
         "--reuse-values",
+        "--force",
         "--set",
         "operator.replicas=2",
     )
     held = cluster.get_json("lease", f"{release}-operator", "-n", ns)
     assert held["spec"]["holderIdentity"] == "op-0_test"
-    assert held["metadata"]["annotations"]["meta.helm.sh/release-name"] == release
+    assert held["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "slm-fleet-operator"}
 
-    # helm uninstall removes everything it created (the CRD stays, as Helm keeps CRDs), the
-    # Lease too.
+    # helm uninstall removes everything it created (the CRD stays, as Helm keeps CRDs); the
+    # operator's Lease stays, as the chart's README says.
     helm("uninstall", release, "--kubeconfig", cluster.kubeconfig, "-n", ns, "--wait")
     wait_for(
         lambda: (
@@ -1311,6 +1310,7 @@ def test_install_creates_everything_and_uninstall_cleans_up(
         timeout=60,
         what="every object of the release to be deleted",
     )
+    cluster.get_json("lease", f"{release}-operator", "-n", ns)
     cluster.kubectl("get", "crd", "agenttasks.slmfleet.dev")
 
 

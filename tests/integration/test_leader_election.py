@@ -305,38 +305,90 @@ def test_a_leader_that_shuts_down_hands_over_at_once(
     assert get_task(cluster, ns)["status"]["phase"] == "Training"
 
 
-def test_a_leader_that_finds_another_holder_steps_down_then_takes_over_when_it_lapses(
+def test_a_leader_that_finds_another_holder_exits_and_restarts_as_a_standby(
     cluster: ClusterHandle,
     namespace: str,
     storage: str,  # noqa: F811
     pair: Any,
 ) -> None:
     """Another replica wrote itself into the Lease (this one was paused past its lease, say):
-    this one stops reconciling and exporting task series at once, and leads again only once
-    the other's record has lapsed."""
+    this one exits at once (a reconcile in flight must not write on beside the new leader),
+    and started again, as its pod would be, it stands by until the other's record lapses."""
     ns = namespace
     a = pair("op-a", 6)
     wait_for(lambda: holder(cluster, ns).startswith("op-a_"), timeout=60, what="a to lead")
     cluster.apply(agenttask(), ns)
     rev = revision(cluster, ns)
-    wait_for(lambda: "slm_operator_task_phase{" in scrape(a), timeout=30, what="task series")
 
     stolen = lease(cluster, ns)
     stolen["spec"].update(holderIdentity="intruder", leaseDurationSeconds=10)
     stolen["metadata"].pop("managedFields", None)
     cluster.kubectl("replace", "-f", "-", input=json.dumps(stolen))
-    wait_for(lambda: not is_leader(a), timeout=10, what="a to step down")
+    assert a.proc is not None
+    assert a.proc.wait(timeout=10) == 1
     assert "stopped leading: lease" in a.log() and "intruder holds it" in a.log()
-    assert "slm_operator_task_phase{" not in scrape(a)
+    assert "lost the leader Lease; exiting" in a.log()
+
+    a.start()  # what the kubelet does
     complete_job(
         cluster,
         ns,
         n.data_job_name("weather", rev),
         ok("prepare", examples=1200, train_examples=960, eval_examples=240),
     )
-    time.sleep(3)
+    wait_for(lambda: a.log().count("standing by: lease") >= 1, timeout=30, what="standing by")
+    time.sleep(2)
     assert len(jobs(cluster, ns)) == 1, "a standby created Jobs"
+    assert not is_leader(a)
     wait_for(lambda: is_leader(a), timeout=30, what="a to lead again")
     assert holder(cluster, ns).startswith("op-a_")
     wait_for(lambda: len(jobs(cluster, ns)) == 3, timeout=30, what="the fine-tune Jobs")
     wait_for(lambda: "slm_operator_task_phase{" in scrape(a), timeout=30, what="task series")
+
+
+def test_a_takeover_in_flight_when_the_loop_stopped_is_still_released(
+    cluster: ClusterHandle, namespace: str, kube: Kube
+) -> None:
+    """The loop was cancelled (shutdown) while its PUT took the Lease: it never learnt that it
+    leads, yet the release reads the Lease and frees it, so no standby waits it out."""
+    b = elector(kube, namespace, "b", Clock(), lease_s=15)
+    assert b.try_acquire_or_renew() and not b.leading
+    b.release()
+    assert lease(cluster, namespace)["spec"]["holderIdentity"] == ""
+
+
+def test_shutdown_releases_the_lease_only_after_running_reconciles_end(
+    cluster: ClusterHandle, namespace: str, kube: Kube
+) -> None:
+    """SIGTERM while a reconcile runs in its thread: releasing at once would let the standby
+    reconcile beside it. The release waits for it."""
+    import asyncio
+
+    from slm_operator import main
+
+    settings = LeaseSettings(namespace, LEASE, "leader_1", 15, 10, 2)
+    rt = main.Runtime(kube=kube)
+    rt.elector = LeaderElector(kube, settings, lambda: None, lambda: None)
+    assert rt.elector.try_acquire_or_renew()
+    rt.elector.leading = True
+    finish = threading.Event()
+    worker = threading.Thread(target=rt.counted, args=(finish.wait, 30))
+    worker.start()
+    wait_for(lambda: rt.in_flight() == 1, timeout=5, what="the reconcile to run")
+
+    async def shut_down() -> list[str]:
+        main._runtime = rt
+        stopping = asyncio.ensure_future(main.cleanup())
+        seen = []
+        for _ in range(10):
+            await asyncio.sleep(0.1)
+            seen.append(await asyncio.to_thread(holder, cluster, namespace))
+        finish.set()
+        await asyncio.wait_for(stopping, timeout=20)
+        seen.append(holder(cluster, namespace))
+        return seen
+
+    seen = asyncio.run(shut_down())
+    worker.join(timeout=5)
+    assert seen[:-1] == ["leader_1"] * 10, seen
+    assert seen[-1] == ""

@@ -6,13 +6,20 @@ is in tests/integration/test_leader_election.py.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from kubernetes import client
 
+from slm_operator.kube import Kube, KubeError, without_retries
 from slm_operator.leader import (
     ENV_DURATION,
     ENV_LEASE,
@@ -112,7 +119,11 @@ def test_taking_over_counts_a_transition_renewing_does_not_and_metadata_is_kept(
         "renewTime": "T0",
         "leaseTransitions": 0,
     }
-    assert "resourceVersion" not in created["metadata"]
+    assert created["metadata"] == {
+        "name": "op",
+        "namespace": "fleet",
+        "labels": {"app.kubernetes.io/managed-by": "slm-fleet-operator"},
+    }
     read = {
         "name": "op",
         "namespace": "fleet",
@@ -136,6 +147,12 @@ def test_taking_over_counts_a_transition_renewing_does_not_and_metadata_is_kept(
     assert lease_body(released, SETTINGS, "T3", read)["spec"]["leaseTransitions"] == 4
     # The chart's Lease, never held yet: the first leader is no transition.
     assert lease_body({}, SETTINGS, "T4", read)["spec"]["leaseTransitions"] == 0
+
+
+def test_the_recorded_duration_is_never_shorter_than_the_leaders_own_terms() -> None:
+    """10.5 s written as 10 (round half to even) would let a standby take over 0.5 s early."""
+    settings = LeaseSettings("fleet", "op", "me_1", 10.5, 10.4, 2)
+    assert lease_body(None, settings, "T0", None)["spec"]["leaseDurationSeconds"] == 11
 
 
 def test_release_empties_the_holder_on_the_version_read() -> None:
@@ -192,3 +209,115 @@ def test_a_leader_that_reads_another_holder_stops_at_once() -> None:
     e._other_holder = "other_2"
     e._step(False)
     assert not e.leading and events == ["started", "stopped"]
+
+
+# ---- the elector against HTTP servers that misbehave (real sockets on 127.0.0.1) ----
+
+
+class _Server:
+    """A local server that accepts connections and answers each request with ``answer``
+    (raw HTTP bytes), or never answers when ``answer`` is None."""
+
+    def __init__(self, answer: bytes | None) -> None:
+        self.answer = answer
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.requests = 0
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.requests += 1
+            if self.answer is None:
+                self.held.append(conn)  # never answered
+                continue
+            conn.recv(65536)
+            conn.sendall(self.answer)
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.held:
+            c.close()
+
+
+def _kube(url: str, retries: bool = False) -> Kube:
+    cfg = client.Configuration()
+    cfg.host = url
+    api = client.ApiClient(cfg)
+    return Kube(without_retries(api) if not retries else api)
+
+
+def test_an_api_call_that_gets_no_answer_is_not_retried_past_its_timeout() -> None:
+    server = _Server(None)
+    try:
+        started = time.monotonic()
+        with pytest.raises(KubeError):
+            _kube(server.url).request("GET", "/apis/x", timeout=1.0)
+        assert time.monotonic() - started < 2.5
+        assert server.requests == 1
+    finally:
+        server.close()
+
+
+def test_a_leader_whose_renewal_hangs_steps_down_at_its_renew_deadline() -> None:
+    """The API server stops answering right after a renewal: the leader gives up when its
+    renew deadline (1.5 s here) ends, not when the hung call returns."""
+    server = _Server(None)
+    stopped: list[float] = []
+    settings = LeaseSettings("fleet", "op", "me_1", 3, 1.5, 0.5)
+    e = LeaderElector(_kube(server.url), settings, lambda: None, lambda: stopped.append(1))
+    e.leading, e._renewed_at = True, time.monotonic()
+
+    async def renew_until_stopped() -> float:
+        start = time.monotonic()
+        while e.leading:
+            e._step(await e.attempt())
+        return time.monotonic() - start
+
+    try:
+        took = asyncio.run(asyncio.wait_for(renew_until_stopped(), timeout=10))
+    finally:
+        server.close()
+    assert stopped == [1]
+    assert 1.4 <= took < 2.5, took
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 13\r\n\r\n<html></html>",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n[]",
+    ],
+    ids=["html", "empty", "not-an-object"],
+)
+def test_an_answer_that_is_not_a_lease_is_a_failed_attempt_not_a_dead_elector(
+    answer: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A proxy's error page with status 200, or an empty body: the attempt fails and the loop
+    goes on (a dead loop left a leader leading with nobody renewing)."""
+    server = _Server(answer)
+    settings = LeaseSettings("fleet", "op", "me_1", 3, 1.5, 0.2)
+    e = LeaderElector(_kube(server.url), settings, lambda: None, lambda: None)
+    try:
+        with (
+            caplog.at_level(logging.WARNING, logger="slm_operator.leader"),
+            pytest.raises(TimeoutError),
+        ):
+            asyncio.run(asyncio.wait_for(e.run(), timeout=1.5))
+    finally:
+        server.close()
+    assert server.requests >= 3  # it kept trying
+    assert not e.leading
+    assert len([r for r in caplog.records if "lease fleet/op" in r.getMessage()]) == 1
