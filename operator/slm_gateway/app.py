@@ -37,6 +37,15 @@ from starlette.responses import Response
 from starlette.routing import Route as HTTPRoute
 
 from slm_gateway import errors as e
+from slm_gateway.auth import (
+    AUTH_SERVICEACCOUNT,
+    AuthUnavailable,
+    Identity,
+    TokenReviewer,
+    bearer_token,
+    may_call,
+    token_reviewer,
+)
 from slm_gateway.backends import (
     BAD_OUTPUT,
     CONNECT,
@@ -201,8 +210,11 @@ class Gateway:
         *,
         metrics: GatewayMetrics | None = None,
         capture: CaptureSink | None = None,
+        auth: TokenReviewer | None = None,
     ) -> None:
         self.cfg = cfg
+        #: With ``--agent-auth serviceaccount``: who is calling (see :mod:`slm_gateway.auth`).
+        self.auth = auth
         self.table = table
         self.metrics = metrics or GatewayMetrics()
         self.capture = capture
@@ -225,7 +237,7 @@ class Gateway:
     # ---- the hot path: POST /v1/chat/completions -------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         t0 = time.perf_counter()
-        task_hdr = request_id = None
+        task_hdr = request_id = authorization = None
         length: bytes | None = None
         for k, v in scope["headers"]:
             if k == b"content-length":
@@ -234,7 +246,12 @@ class Gateway:
                 task_hdr = v.decode("latin-1")
             elif k == b"x-request-id":
                 request_id = v.decode("latin-1")
+            elif k == b"authorization":
+                authorization = v.decode("latin-1")
         try:
+            # Before the body and the task: a caller without a valid token learns nothing,
+            # not even which tasks exist.
+            agent = await self._authenticate(authorization) if self.auth is not None else None
             raw = await self._read_body(receive, length)
             req = parse_chat_request(raw)
             name = task_hdr or req.model
@@ -245,7 +262,7 @@ class Gateway:
                     "model",
                     e.CODE_MISSING,
                 )
-            route = self.table.get(name)
+            route = self._route(name, agent)
             if route is None:
                 raise GatewayError(
                     404,
@@ -254,6 +271,8 @@ class Gateway:
                     param="model",
                     code=e.CODE_MODEL_NOT_FOUND,
                 )
+            if agent is not None:
+                self._authorize(agent, route)
             if (
                 not request_id
                 or len(request_id) > _MAX_REQUEST_ID
@@ -286,6 +305,60 @@ class Gateway:
 
     def _next_id(self) -> str:
         return f"{self._id_prefix}{next(self._id_counter):012x}"
+
+    # ---- agent authentication (--agent-auth serviceaccount) --------------------------------
+    async def _authenticate(self, authorization: str | None) -> Identity:
+        """The calling agent's ServiceAccount, or a 401 (no or bad token) or 503 (the API
+        server cannot say). The token itself is never logged or echoed."""
+        assert self.auth is not None
+        token = bearer_token(authorization)
+        if token is None:
+            self.metrics.agent_auth.labels("missing").inc()
+            raise _unauthenticated(
+                "No ServiceAccount token: send one as the API key (Authorization: Bearer), "
+                f"minted for the audience {self.auth.audience!r}."
+            )
+        try:
+            agent = await self.auth.identify(token)
+        except AuthUnavailable:
+            self.metrics.agent_auth.labels("unavailable").inc()
+            raise GatewayError(
+                503,
+                "The gateway cannot check agent tokens right now (the Kubernetes API server "
+                "does not answer its TokenReview); retry shortly.",
+                type=e.SERVER_ERROR,
+                code=e.CODE_AUTH_UNAVAILABLE,
+                headers={"Retry-After": "1"},
+            ) from None
+        if agent is None:
+            self.metrics.agent_auth.labels("invalid").inc()
+            raise _unauthenticated(
+                "The API key is not a valid ServiceAccount token for this gateway: expired, "
+                f"of a deleted account or pod, or not minted for the audience "
+                f"{self.auth.audience!r}."
+            )
+        return agent
+
+    def _route(self, name: str, agent: Identity | None) -> Route | None:
+        """The route of task ``name``; for an authenticated agent, a bare name is looked up in
+        its own namespace first (names are unique per namespace only)."""
+        if agent is not None and "/" not in name:
+            route = self.table.get(f"{agent.namespace}/{name}")
+            if route is not None:
+                return route
+        return self.table.get(name)
+
+    def _authorize(self, agent: Identity, route: Route) -> None:
+        if not may_call(agent, route.namespace):
+            self.metrics.agent_auth.labels("forbidden").inc()
+            raise GatewayError(
+                403,
+                f"ServiceAccount {agent} may not call task {route.task!r} of namespace "
+                f"{route.namespace!r}: an agent calls the tasks of its own namespace.",
+                param="model",
+                code=e.CODE_PERMISSION_DENIED,
+            )
+        self.metrics.agent_auth.labels("ok").inc()
 
     async def _read_body(self, receive: Receive, length: bytes | None) -> bytes:
         limit = self.cfg.max_body_bytes
@@ -921,19 +994,29 @@ class Gateway:
 
         The version is read before the routes: the watcher thread may change the table while
         they are read, and a list cached under the later version would hide that change
-        until the next one. Cached under the earlier one, it is only built once more.
+        until the next one. Cached under the earlier one, it is only built once more. With
+        agent authentication, an agent sees the tasks it may call, and only with a token.
         """
+        if self.auth is not None:
+            try:
+                agent = await self._authenticate(request.headers.get("authorization"))
+            except GatewayError as err:
+                return Response(
+                    err.body(), err.status, headers=err.headers, media_type="application/json"
+                )
+            data = [
+                _model_entry(r, r.task if self._route(r.task, agent) is r else r.key)
+                for r in self.table.routes()
+                if may_call(agent, r.namespace)
+            ]
+            return Response(
+                orjson.dumps({"object": "list", "data": data}), media_type="application/json"
+            )
         version, cached = self._models_cache
         current = self.table.version
         if version != current:
             data = [
-                {
-                    "id": r.task if self.table.get(r.task) is r else r.key,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "slm-fleet",
-                    "route": r.public(),
-                }
+                _model_entry(r, r.task if self.table.get(r.task) is r else r.key)
                 for r in self.table.routes()
             ]
             cached = orjson.dumps({"object": "list", "data": data})
@@ -975,6 +1058,27 @@ class Gateway:
     async def drain_shadows(self, timeout: float) -> None:
         if self._shadows:
             await asyncio.wait(list(self._shadows), timeout=timeout)
+
+
+def _model_entry(route: Route, model_id: str) -> dict[str, Any]:
+    """One task as an entry of OpenAI's model list."""
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": 0,
+        "owned_by": "slm-fleet",
+        "route": route.public(),
+    }
+
+
+def _unauthenticated(message: str) -> GatewayError:
+    """A 401 as OpenAI sends for a bad API key (its SDKs raise AuthenticationError)."""
+    return GatewayError(
+        401,
+        message,
+        code=e.CODE_INVALID_API_KEY,
+        headers={"WWW-Authenticate": 'Bearer realm="slm-gateway"'},
+    )
 
 
 def _infer_payload(req: ChatRequest) -> bytes:
@@ -1117,7 +1221,15 @@ def create_app(
             on_redacted=lambda k, n: m.capture_redacted.labels(*_split_key(k)).inc(n),
             on_redactions=redactions,
         )
-    gw = Gateway(cfg, table, metrics=metrics, capture=capture)
+    auth = None
+    if cfg.agent_auth == AUTH_SERVICEACCOUNT:
+        auth = token_reviewer(
+            cfg.kubeconfig,
+            cfg.agent_auth_audience,
+            cfg.agent_auth_cache_s,
+            on_review=lambda result: metrics.token_reviews.labels(result).inc(),
+        )
+    gw = Gateway(cfg, table, metrics=metrics, capture=capture, auth=auth)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

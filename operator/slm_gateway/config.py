@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from slm_gateway.auth import AUTH_MODES, AUTH_NONE, DEFAULT_AUDIENCE
 from slm_gateway.capture import CaptureConfig
 from slm_gateway.decide import DEFAULT_PRICES
 from slm_gateway.metrics import REMOVED_TASK_GRACE_S
@@ -72,6 +73,10 @@ class GatewayConfig:
     pool_size: int = 1024
     # how long a removed task's metric series are still exported (slm_gateway.metrics)
     removed_task_metrics_s: float = REMOVED_TASK_GRACE_S
+    #: ``none`` (any caller) or ``serviceaccount`` (see :mod:`slm_gateway.auth`).
+    agent_auth: str = AUTH_NONE
+    agent_auth_audience: str = DEFAULT_AUDIENCE
+    agent_auth_cache_s: float = 60.0
 
 
 def _env(name: str, default: str) -> str:
@@ -267,6 +272,27 @@ def build_parser() -> argparse.ArgumentParser:
         "llm=0.0025:0.01, slm=0.0001:0.0004",
     )
 
+    auth = p.add_argument_group("agent authentication")
+    auth.add_argument(
+        "--agent-auth",
+        default=_env("AGENT_AUTH", AUTH_NONE),
+        help="none: any caller; serviceaccount: agents send a Kubernetes ServiceAccount token "
+        "as their API key and call their own namespace's tasks only (a TokenReview per token "
+        "and cache period; the gateway needs `create` on tokenreviews)",
+    )
+    auth.add_argument(
+        "--agent-auth-audience",
+        default=_env("AGENT_AUTH_AUDIENCE", DEFAULT_AUDIENCE),
+        help="the audience agent tokens must be minted for (default %(default)s)",
+    )
+    auth.add_argument(
+        "--agent-auth-cache-seconds",
+        type=float,
+        default=_env_float("AGENT_AUTH_CACHE_SECONDS", 60),
+        help="how long a reviewed token is trusted before it is reviewed again (default "
+        "%(default)s; never past the token's own expiry)",
+    )
+
     srv = p.add_argument_group("server")
     srv.add_argument("--host", default=_env("HOST", "127.0.0.1"))
     srv.add_argument("--port", type=int, default=_env_int("PORT", 8080), help="0 picks one")
@@ -304,6 +330,7 @@ _LOWER_BOUNDS: tuple[tuple[str, str, float, bool], ...] = (
     ("--capture-spool-mb", "capture_spool_mb", 0.0, False),
     ("--graceful-timeout-s", "graceful_timeout_s", 0.0, True),
     ("--removed-task-metrics-s", "removed_task_metrics_s", 0.0, True),
+    ("--agent-auth-cache-seconds", "agent_auth_cache_seconds", 0.0, True),
 )
 
 
@@ -364,6 +391,14 @@ def config_from_args(argv: Sequence[str] | None = None) -> GatewayConfig:
             f"--log-level must be one of {', '.join(LOG_LEVELS)} "
             f"({ENV_PREFIX}LOG_LEVEL sets its default)"
         )
+    if args.agent_auth not in AUTH_MODES:
+        # The value is not shown: it may come from SLM_GATEWAY_AGENT_AUTH, a misplaced key.
+        build_parser().error(
+            f"--agent-auth must be one of {', '.join(AUTH_MODES)} "
+            f"({ENV_PREFIX}AGENT_AUTH sets its default)"
+        )
+    if not args.agent_auth_audience.strip():
+        build_parser().error("--agent-auth-audience must not be empty")
     key = ""
     if args.llm_api_key_file:
         key = Path(args.llm_api_key_file).read_text().strip()
@@ -411,4 +446,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> GatewayConfig:
         log_level=args.log_level.lower(),
         graceful_timeout_s=args.graceful_timeout_s,
         removed_task_metrics_s=args.removed_task_metrics_s,
+        agent_auth=args.agent_auth,
+        agent_auth_audience=args.agent_auth_audience.strip(),
+        agent_auth_cache_s=args.agent_auth_cache_seconds,
     )

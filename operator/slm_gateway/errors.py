@@ -29,6 +29,9 @@ CODE_UPSTREAM = "upstream_error"
 CODE_UPSTREAM_TIMEOUT = "upstream_timeout"
 CODE_UPSTREAM_UNAVAILABLE = "upstream_unavailable"
 CODE_NOT_READY = "not_ready"
+CODE_INVALID_API_KEY = "invalid_api_key"
+CODE_PERMISSION_DENIED = "permission_denied"
+CODE_AUTH_UNAVAILABLE = "auth_unavailable"
 CODE_INTERNAL = "internal_error"
 
 

@@ -19,6 +19,10 @@ namespace empty for routes from a static file; ``backend`` is ``slm`` or ``llm``
   ``llm_auth``: the LLM answered 401 or 403 to the task's key, the agent got a 502;
   ``internal_error``: the gateway failed while relaying a stream).
 - ``slm_gateway_invalid_requests_total{code}``: requests rejected before routing (4xx).
+- ``slm_gateway_agent_auth_total{result}`` and ``slm_gateway_token_reviews_total{result}``:
+  with ``--agent-auth serviceaccount``, how calls fared (``ok``, ``missing``, ``invalid``,
+  ``forbidden``, ``unavailable``) and the TokenReviews behind them (``authenticated``,
+  ``rejected``, ``failed``; one per token and cache period, see :mod:`slm_gateway.auth`).
 - ``slm_gateway_fallbacks_total{namespace,task,reason}``: calls meant for the SLM that the LLM
   answered.
 - ``slm_gateway_tokens_total{namespace,task,backend,kind}``: prompt and completion tokens (SLM
@@ -308,6 +312,22 @@ class GatewayMetrics:
         )
         self.invalid = Counter(
             p + "invalid_requests", "Requests rejected before routing.", ["code"], registry=r
+        )
+        self.agent_auth = Counter(
+            p + "agent_auth",
+            "Agent authentication outcomes with --agent-auth serviceaccount: ok, missing (no "
+            "token), invalid (not a live token for the gateway's audience), forbidden (a "
+            "ServiceAccount of another namespace than the task's), unavailable (the API "
+            "server could not review the token; the call got a 503).",
+            ["result"],
+            registry=r,
+        )
+        self.token_reviews = Counter(
+            p + "token_reviews",
+            "TokenReviews the gateway asked the API server for (reviews are cached per token): "
+            "authenticated, rejected or failed.",
+            ["result"],
+            registry=r,
         )
         self.fallbacks = Counter(
             p + "fallbacks",

@@ -16,6 +16,7 @@ import json
 import re
 import shutil
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -449,6 +450,29 @@ def test_operator_without_leader_election_is_one_replica_replaced() -> None:
     assert "operator.replicas=2 needs operator.leaderElection.enabled=true" in err
     err = helm_fails("operator.leaderElection.renewDeadlineSeconds=20")
     assert "retryPeriodSeconds < renewDeadlineSeconds < leaseDurationSeconds" in err
+
+
+def test_agent_auth_renders_flags_the_gateway_takes_and_a_tokenreview_role() -> None:
+    from slm_gateway.config import config_from_args
+
+    docs = render("gateway.agentAuth.mode=serviceaccount", "gateway.agentAuth.cacheSeconds=30")
+    cfg = config_from_args(container(docs, "slm-gateway")["args"])
+    assert (cfg.agent_auth, cfg.agent_auth_audience, cfg.agent_auth_cache_s) == (
+        "serviceaccount",
+        "slm-fleet-gateway",
+        30.0,
+    )
+    role = by_kind(docs, "ClusterRole")["slm-gateway-tokenreview"]
+    assert role["rules"] == [
+        {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}
+    ]
+    binding = by_kind(docs, "ClusterRoleBinding")["slm-gateway-tokenreview"]
+    assert binding["subjects"][0]["name"] == "slm-gateway"
+    # Off by default: any caller, and no right to review tokens.
+    off = render()
+    assert config_from_args(container(off, "slm-gateway")["args"]).agent_auth == "none"
+    assert "slm-gateway-tokenreview" not in by_kind(off, "ClusterRole")
+    assert "must be one of" in helm_fails(CAPTURE_CLAIM, "gateway.agentAuth.mode=token")
 
 
 def test_cluster_wide_render() -> None:
@@ -1185,6 +1209,24 @@ def release(cluster: ClusterHandle, namespace: str, agenttask_crd: Path) -> Iter
         helm("uninstall", name, *kc, "--wait", "--timeout", "120s", check=False)
 
 
+def upgrade(cluster: ClusterHandle, ns: str, release: str, *changes: str) -> None:
+    """``helm upgrade --reuse-values`` with ``changes``: ``key=value`` sets, or flags."""
+    flags = [c for c in changes if c.startswith("--")]
+    sets_ = [x for c in changes if not c.startswith("--") for x in ("--set", c)]
+    helm(
+        "upgrade",
+        release,
+        str(CHART),
+        "--kubeconfig",
+        cluster.kubeconfig,
+        "-n",
+        ns,
+        "--reuse-values",
+        *flags,
+        *sets_,
+    )
+
+
 def test_install_creates_everything_and_uninstall_cleans_up(
     cluster: ClusterHandle, namespace: str, release: str
 ) -> None:
@@ -1282,19 +1324,7 @@ def test_install_creates_everything_and_uninstall_cleans_up(
     lease = LeaseSettings(ns, f"{release}-operator", "op-0_test")
     elector = LeaderElector(kube, lease, lambda: None, lambda: None)
     assert elector.try_acquire_or_renew()
-    helm(
-        "upgrade",
-        release,
-        str(CHART),
-        "--kubeconfig",
-        cluster.kubeconfig,
-        "-n",
-        ns,
-        "--reuse-values",
-        "--force",
-        "--set",
-        "operator.replicas=2",
-    )
+    upgrade(cluster, ns, release, "operator.replicas=2", "--force")
     held = cluster.get_json("lease", f"{release}-operator", "-n", ns)
     assert held["spec"]["holderIdentity"] == "op-0_test"
     assert held["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "slm-fleet-operator"}
@@ -1347,6 +1377,31 @@ def test_installed_service_accounts_are_enough_for_operator_and_gateway(
             assert status == 200 and b"weather" in body
             log = gw.log()
             assert "not readable" not in log and "Forbidden" not in log, log[-2000:]
+        # Agent authentication turned on: the chart's ClusterRole lets the gateway review an
+        # agent's token, and nothing else about tokens.
+        upgrade(cluster, ns, release, "gateway.agentAuth.mode=serviceaccount")
+        gateway_sa = f"{release}-gateway"
+        assert can_i(cluster, ns, gateway_sa, "create", "tokenreviews.authentication.k8s.io")
+        assert not can_i(cluster, ns, gateway_sa, "create", "serviceaccounts/token", "-n", ns)
+        cluster.kubectl("create", "serviceaccount", "router", "-n", ns)
+        agent = cluster.kubectl(
+            "create", "token", "router", "-n", ns, "--audience=slm-fleet-gateway"
+        ).stdout.strip()
+        # The gateway's flags as the chart renders them.
+        args = container(render("gateway.agentAuth.mode=serviceaccount"), "slm-gateway")["args"]
+        auth_args = [a for a in args if a.startswith("--agent-auth")]
+        assert auth_args[0] == "--agent-auth=serviceaccount"
+        with start_gateway(
+            ["--namespace", ns, "--kubeconfig", gw_kc, *auth_args],
+            log_path=tmp_path / "gateway-auth.log",
+        ) as gw:
+            assert gw.get("/v1/models")[0] == 401
+            req = urllib.request.Request(
+                gw.url + "/v1/models", headers={"Authorization": f"Bearer {agent}"}
+            )
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                assert b"weather" in resp.read()
+            assert "Forbidden" not in gw.log() and "cannot be reviewed" not in gw.log()
         assert "Forbidden" not in op.log() and "forbidden" not in op.log()
     finally:
         cluster.kubectl("delete", "agenttasks", "--all", "-n", ns, "--wait=false", check=False)

@@ -120,6 +120,7 @@ ENV_NUMBERS = [
     ("SLM_GATEWAY_MAX_BODY_BYTES", "--max-body-bytes", "an integer"),
     ("SLM_GATEWAY_GRACEFUL_TIMEOUT_S", "--graceful-timeout-s", "a number"),
     ("SLM_GATEWAY_REMOVED_TASK_METRICS_S", "--removed-task-metrics-s", "a number"),
+    ("SLM_GATEWAY_AGENT_AUTH_CACHE_SECONDS", "--agent-auth-cache-seconds", "a number"),
 ]
 OPERATOR_DIR = Path(__file__).resolve().parents[2] / "operator"
 
@@ -243,6 +244,46 @@ def test_an_unknown_log_level_is_refused_in_one_line_listing_the_levels(level: s
             "slm-gateway: error: --log-level must be one of critical, error, warning, info, "
             "debug (SLM_GATEWAY_LOG_LEVEL sets its default)"
         )
+
+
+@pytest.mark.parametrize("mode", ["token", "sk-TESTSECRET1234567890abcdef"])
+def test_an_unknown_agent_auth_mode_is_refused_without_showing_it(mode: str) -> None:
+    for done in (
+        run_gateway({}, "--namespace", "ns", "--agent-auth", mode),
+        run_gateway({"SLM_GATEWAY_AGENT_AUTH": mode}, "--namespace", "ns"),
+    ):
+        assert done.returncode == 2, done.stderr
+        assert "TESTSECRET" not in done.stderr and "Traceback" not in done.stderr
+        assert done.stderr.strip().splitlines()[-1] == (
+            "slm-gateway: error: --agent-auth must be one of none, serviceaccount "
+            "(SLM_GATEWAY_AGENT_AUTH sets its default)"
+        )
+
+
+def test_agent_auth_settings_reach_the_config() -> None:
+    cfg = config_from_args(["--namespace", "ns"])
+    assert (cfg.agent_auth, cfg.agent_auth_audience, cfg.agent_auth_cache_s) == (
+        "none",
+        "slm-fleet-gateway",
+        60.0,
+    )
+    cfg = config_from_args(
+        [
+            "--namespace",
+            "ns",
+            "--agent-auth",
+            "serviceaccount",
+            "--agent-auth-audience",
+            " agents.example.com ",
+            "--agent-auth-cache-seconds",
+            "15",
+        ]
+    )
+    assert (cfg.agent_auth, cfg.agent_auth_audience, cfg.agent_auth_cache_s) == (
+        "serviceaccount",
+        "agents.example.com",
+        15.0,
+    )
 
 
 def test_a_log_level_is_taken_in_any_case() -> None:
