@@ -252,10 +252,12 @@ class Gateway:
             elif k == b"x-request-id":
                 request_id = v.decode("latin-1")
             elif k == b"authorization":
-                authorization = v.decode("latin-1")
+                # Two are refused: which one counts would depend on the path (Starlette's
+                # headers take the first).
+                authorization = v.decode("latin-1") if authorization is None else _TWO_AUTH
         try:
-            # Before the body and the task: a caller without a valid token learns nothing,
-            # not even which tasks exist.
+            # Before the body and the task: a caller without a valid token learns nothing
+            # here, not even whether a task exists (/metrics still names them, see README).
             agent = await self._authenticate(authorization) if self.auth is not None else None
             raw = await self._read_body(receive, length)
             req = parse_chat_request(raw)
@@ -316,6 +318,9 @@ class Gateway:
         """The calling agent's ServiceAccount, or a 401 (no or bad token) or 503 (the API
         server cannot say). The token itself is never logged or echoed."""
         assert self.auth is not None
+        if authorization == _TWO_AUTH:
+            self._auth_count["invalid"].inc()
+            raise _unauthenticated("More than one Authorization header: send one.")
         token = bearer_token(authorization)
         if token is None:
             self._auth_count["missing"].inc()
@@ -1004,7 +1009,10 @@ class Gateway:
         """
         if self.auth is not None:
             try:
-                agent = await self._authenticate(request.headers.get("authorization"))
+                sent = request.headers.getlist("authorization")
+                agent = await self._authenticate(
+                    _TWO_AUTH if len(sent) > 1 else (sent[0] if sent else None)
+                )
             except GatewayError as err:
                 return Response(
                     err.body(), err.status, headers=err.headers, media_type="application/json"
@@ -1074,6 +1082,10 @@ def _model_entry(route: Route, model_id: str) -> dict[str, Any]:
         "owned_by": "slm-fleet",
         "route": route.public(),
     }
+
+
+#: Stands for "two Authorization headers came" (no header value can hold a NUL byte).
+_TWO_AUTH = "\x00two"
 
 
 def _unauthenticated(message: str) -> GatewayError:

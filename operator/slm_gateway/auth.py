@@ -12,12 +12,15 @@ audience (a token meant for the API server must not double as a gateway key) is 
 ServiceAccount of another namespace gets a 403. Tokens are never logged.
 
 Reviews are cached by the token's SHA-256 for ``ttl_s`` (60 s), never past the token's own
-``exp``, and failures for ``negative_ttl_s`` (5 s), so the API server sees one review per
+``exp``, and refusals for ``negative_ttl_s`` (5 s), so the API server sees one review per
 agent and minute instead of one per call; concurrent calls with one token share one review.
+What is no JWT of a sane size is refused without a review, so garbage costs the API server
+nothing.
 So a deleted ServiceAccount or pod keeps its access for at most ``ttl_s`` (plus the API
 server's own cache of token reviews, about 10 s). When the API server
 cannot answer, calls get a 503 (``auth_unavailable``; OpenAI SDKs retry it) rather than being
-let through: fail closed.
+let through: fail closed. After a failed review no other is asked for a second, so calls get
+that 503 at once rather than each waiting out a connect timeout; cached tokens keep working.
 
 The pure part (:func:`bearer_token`, :func:`identity_from_review`, :func:`token_expiry`) is
 unit tested; :class:`TokenReviewer` is the thin adapter that asks the API server.
@@ -28,9 +31,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import concurrent.futures
 import hashlib
 import importlib
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -121,8 +126,33 @@ def may_call(identity: Identity, task_namespace: str) -> bool:
     return not task_namespace or identity.namespace == task_namespace
 
 
+#: The longest token reviewed: a ServiceAccount token is about 1 KB; the API server refuses
+#: a review body of megabytes with a 413, which is the caller's fault, not an outage.
+MAX_TOKEN_BYTES = 16 * 1024
+_JWT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+
+
+def looks_like_a_service_account_token(token: str) -> bool:
+    """A JWT (three base64url parts) of a sane size: anything else is refused without asking
+    the API server, so that garbage costs a caller a 401, and the API server nothing."""
+    return len(token) <= MAX_TOKEN_BYTES and _JWT.fullmatch(token) is not None
+
+
+class _StillDown(AuthUnavailable):
+    """No review asked for: another failed a moment ago (see ``retry_after_s``)."""
+
+
+class TokenRejected(Exception):
+    """The API server refused to review the token (400, 413, 422): a bad token, not an
+    outage."""
+
+
 def _review_with(api: Any, token: str, audience: str) -> Mapping[str, Any]:
-    """POST one TokenReview; its status as a dict. Raises AuthUnavailable on any failure."""
+    """POST one TokenReview; its status as a dict.
+
+    Raises :class:`TokenRejected` when the API server calls the request itself invalid, and
+    :class:`AuthUnavailable` on any other failure (connection, timeout, 401/403/429/5xx).
+    """
     body = {
         "apiVersion": "authentication.k8s.io/v1",
         "kind": "TokenReview",
@@ -138,6 +168,8 @@ def _review_with(api: Any, token: str, audience: str) -> Mapping[str, Any]:
         # The exception's text may quote the request, and so the token: only its type and
         # HTTP status are kept.
         code = getattr(exc, "status", None)
+        if code in (400, 413, 422):
+            raise TokenRejected(f"HTTP {code}") from None
         raise AuthUnavailable(
             f"{type(exc).__name__}" + (f" (HTTP {code})" if code else "")
         ) from None
@@ -147,7 +179,12 @@ def _review_with(api: Any, token: str, audience: str) -> Mapping[str, Any]:
 
 
 class TokenReviewer:
-    """Identifies agents by token through TokenReviews, cached (see the module docstring)."""
+    """Identifies agents by token through TokenReviews, cached (see the module docstring).
+
+    While the API server fails, reviews are not asked for again for ``retry_after_s``: every
+    uncached token gets its 503 at once instead of each call waiting out a connect timeout
+    (the thread pool would queue them). Tokens already cached keep working meanwhile.
+    """
 
     def __init__(
         self,
@@ -157,8 +194,10 @@ class TokenReviewer:
         ttl_s: float = 60.0,
         negative_ttl_s: float = 5.0,
         max_entries: int = 10_000,
+        retry_after_s: float = 1.0,
         review: Callable[[Any, str, str], Mapping[str, Any]] = _review_with,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
         on_review: Callable[[str], None] = lambda result: None,
     ) -> None:
         self.api = api
@@ -166,13 +205,24 @@ class TokenReviewer:
         self.ttl_s = ttl_s
         self.negative_ttl_s = negative_ttl_s
         self.max_entries = max_entries
+        self.retry_after_s = retry_after_s
         self._review = review
+        #: Cache lifetimes run on the monotonic clock; only a token's ``exp`` needs wall time.
         self._clock = clock
+        self._wall = wall
         #: Told ``authenticated``, ``rejected`` or ``failed`` after each review (metrics).
         self._on_review = on_review
-        #: sha256(token) -> (valid until, Identity or None)
-        self._cache: dict[bytes, tuple[float, Identity | None]] = {}
-        self._pending: dict[bytes, asyncio.Future[Identity | None]] = {}
+        #: sha256(token) -> (valid until, on ``clock``). Accepted and refused tokens apart, so
+        #: that a flood of bad tokens cannot push the good ones out; both evict oldest first.
+        self._good: dict[bytes, tuple[float, Identity]] = {}
+        self._bad: dict[bytes, float] = {}
+        self._pending: dict[bytes, asyncio.Task[Identity | None]] = {}
+        self._down_until = 0.0
+        #: Reviews run on threads of their own: on asyncio's default pool (6 threads on 2
+        #: cores) they queued behind each other, and behind everything else that uses it.
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=16, thread_name_prefix="token-review"
+        )
         self.reviews = 0
         self._failing = False
 
@@ -181,56 +231,89 @@ class TokenReviewer:
 
         Raises :class:`AuthUnavailable` when the API server could not say.
         """
+        if not looks_like_a_service_account_token(token):
+            return None
         digest = hashlib.sha256(token.encode()).digest()
         now = self._clock()
-        hit = self._cache.get(digest)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        pending = self._pending.get(digest)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[Identity | None] = asyncio.get_running_loop().create_future()
-        self._pending[digest] = future
-        try:
-            identity = await self._ask(token)
-        except AuthUnavailable as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: waiters re-raise it, none is left unread
-            raise
-        finally:
-            del self._pending[digest]
-        future.set_result(identity)
-        self._remember(digest, identity, token, now)
-        return identity
+        good = self._good.get(digest)
+        if good is not None:
+            if good[0] > now:
+                return good[1]
+            del self._good[digest]
+        bad = self._bad.get(digest)
+        if bad is not None:
+            if bad > now:
+                return None
+            del self._bad[digest]
+        review = self._pending.get(digest)
+        if review is None:
+            if now < self._down_until:
+                raise _StillDown("the API server failed a review a moment ago")
+            # A task of its own: a caller that is cancelled (shutdown, a client gone) does
+            # not take the review with it, and every caller sharing it gets its outcome.
+            review = asyncio.ensure_future(self._review_and_remember(digest, token))
+            self._pending[digest] = review
+            review.add_done_callback(lambda t: self._pending.pop(digest, None))
+            review.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return await asyncio.shield(review)
 
-    async def _ask(self, token: str) -> Identity | None:
-        self.reviews += 1
+    async def _review_and_remember(self, digest: bytes, token: str) -> Identity | None:
         try:
-            status = await asyncio.to_thread(self._review, self.api, token, self.audience)
-        except AuthUnavailable as exc:
-            self._on_review("failed")
-            if not self._failing:
-                log.warning("agent tokens cannot be reviewed (%s): calls get 503", exc)
-                self._failing = True
+            status = await asyncio.get_running_loop().run_in_executor(
+                self._pool, self._review_unless_down, token
+            )
+        except TokenRejected:
+            status = {}
+        except _StillDown:
             raise
+        except Exception as exc:
+            self.reviews += 1
+            self._on_review("failed")
+            self._down_until = self._clock() + self.retry_after_s
+            if not self._failing:
+                if isinstance(exc, AuthUnavailable):
+                    log.warning("agent tokens cannot be reviewed (%s): calls get 503", exc)
+                else:  # a bug: still a 503, never a call let through or a 500
+                    log.exception("reviewing an agent token failed; calls get 503")
+                self._failing = True
+            raise AuthUnavailable(str(exc)) from None
+        self.reviews += 1
         if self._failing:
             log.info("agent tokens are reviewed again")
             self._failing = False
         identity = identity_from_review(status, self.audience)
         self._on_review("authenticated" if identity is not None else "rejected")
+        self._remember(digest, identity, token)
         return identity
 
-    def _remember(self, digest: bytes, identity: Identity | None, token: str, now: float) -> None:
-        until = now + (self.ttl_s if identity is not None else self.negative_ttl_s)
+    def _review_unless_down(self, token: str) -> Mapping[str, Any]:
+        """The review, unless another failed while this one waited for a thread: then it
+        fails at once instead of waiting out its own timeout."""
+        if self._clock() < self._down_until:
+            raise _StillDown("the API server failed a review a moment ago")
+        return self._review(self.api, token, self.audience)
+
+    def _remember(self, digest: bytes, identity: Identity | None, token: str) -> None:
+        now = self._clock()
+        ttl = self.ttl_s if identity is not None else self.negative_ttl_s
         exp = token_expiry(token)
         if exp is not None:
-            until = min(until, exp)
-        if len(self._cache) >= self.max_entries:
-            for key in [k for k, (t, _) in self._cache.items() if t <= now]:
-                del self._cache[key]
-            while len(self._cache) >= self.max_entries:  # oldest entries first
-                del self._cache[next(iter(self._cache))]
-        self._cache[digest] = (until, identity)
+            ttl = min(ttl, exp - self._wall())
+        if ttl <= 0:
+            return
+        if identity is None:
+            _bounded_put(self._bad, digest, now + ttl, self.max_entries // 10 or 1)
+        else:
+            _bounded_put(self._good, digest, (now + ttl, identity), self.max_entries)
+
+
+def _bounded_put(cache: dict[bytes, Any], key: bytes, value: Any, limit: int) -> None:
+    """``cache[key] = value``, first dropping the oldest entries past ``limit``: O(1), no scan
+    (expired entries go when they are looked up)."""
+    cache.pop(key, None)
+    while len(cache) >= limit:
+        del cache[next(iter(cache))]
+    cache[key] = value
 
 
 def token_reviewer(
@@ -239,7 +322,15 @@ def token_reviewer(
     ttl_s: float,
     on_review: Callable[[str], None] = lambda result: None,
 ) -> TokenReviewer:
-    """A reviewer with the gateway's Kubernetes credentials (in-cluster or ``kubeconfig``)."""
+    """A reviewer with the gateway's Kubernetes credentials (in-cluster or ``kubeconfig``),
+    on a client that does not retry: urllib3's default retries turned a 2 s connect timeout
+    into 8 s per call while the API server was unreachable."""
+    import copy
+
     from slm_gateway.kube import api_client
 
-    return TokenReviewer(api_client(kubeconfig), audience, ttl_s=ttl_s, on_review=on_review)
+    api = api_client(kubeconfig)
+    cfg = copy.deepcopy(api.configuration)
+    cfg.retries = False
+    client = importlib.import_module("kubernetes.client")
+    return TokenReviewer(client.ApiClient(cfg), audience, ttl_s=ttl_s, on_review=on_review)

@@ -10,11 +10,13 @@ log; an API server that cannot answer means 503, never a call let through.
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
+import socket
+import threading
 import time
-import urllib.error
-import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,6 @@ import yaml
 from test_gateway_live_routes import LLM_KEY, TASK, TOOLS, agenttask, create_key_secret
 
 from slm_e2e import llm_standin
-from slm_e2e.cluster import free_port
 from slm_e2e.testing import ClusterHandle, wait_for
 from slm_gateway.testing import GatewayProcess, start_gateway
 
@@ -33,23 +34,26 @@ AUDIENCE = "slm-fleet-gateway"
 
 
 def call(
-    gw: GatewayProcess, token: str | None, path: str = "/v1/chat/completions"
+    gw: GatewayProcess, token: str | None, path: str = "/v1/chat/completions", *more: str
 ) -> tuple[int, dict[str, str], dict[str, Any]]:
-    headers = {"Content-Type": "application/json"}
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
+    """One request; ``more`` are further tokens sent in Authorization headers of their own."""
     body = {
         "model": TASK,
         "messages": [{"role": "user", "content": "Weather in Oslo?"}],
         "tools": TOOLS,
     }
     data = json.dumps(body).encode() if path.endswith("completions") else None
-    req = urllib.request.Request(gw.url + path, data=data, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, lower(resp.headers), json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, lower(exc.headers), json.loads(exc.read())
+    conn = http.client.HTTPConnection(gw.url.split("//")[1], timeout=30)
+    conn.putrequest("POST" if data else "GET", path)
+    conn.putheader("Content-Type", "application/json")
+    for tok in (token, *more) if token is not None else more:
+        conn.putheader("Authorization", f"Bearer {tok}")
+    conn.putheader("Content-Length", str(len(data or b"")))
+    conn.endheaders(data)
+    resp = conn.getresponse()
+    status, headers, raw = resp.status, lower(resp.headers), resp.read()
+    conn.close()
+    return status, headers, json.loads(raw)
 
 
 def lower(headers: Any) -> dict[str, str]:
@@ -118,6 +122,19 @@ def test_agents_call_their_own_namespaces_tasks_with_a_service_account_token(
         assert f"ServiceAccount {other}/intruder may not call task" in body["error"]["message"]
         assert standin.stats()["auth_expected"] == answered
 
+        # Two Authorization headers are refused on both paths, whichever comes first.
+        for pair in ((agent, "forged.x.y"), ("forged.x.y", agent)):
+            assert call(gw, pair[0], "/v1/chat/completions", pair[1])[0] == 401
+            assert call(gw, pair[0], "/v1/models", pair[1])[0] == 401
+        # Garbage and a token of megabytes: a 401 without asking the API server (it answered
+        # a 3.5 MB review with a 413, which read as an outage: a 503 and a false alert).
+        asked = sum(metric(gw, "slm_gateway_token_reviews", r) for r in ("rejected", "failed"))
+        for junk in ("sk-proj-0123456789", "x" * 200, "a." + "b" * 4_000_000 + ".c"):
+            assert call(gw, junk)[0] == 401
+        assert (
+            sum(metric(gw, "slm_gateway_token_reviews", r) for r in ("rejected", "failed")) == asked
+        )
+
         # The model list: only with a token, and only the caller's tasks.
         assert call(gw, None, "/v1/models")[0] == 401
         assert [m["id"] for m in call(gw, agent, "/v1/models")[2]["data"]] == [TASK]
@@ -148,14 +165,28 @@ def test_agents_call_their_own_namespaces_tasks_with_a_service_account_token(
     assert intruder not in log
 
 
+def blackhole() -> socket.socket:
+    """A port that takes TCP connections and never says a word: an API server that hangs."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(256)
+    held: list[socket.socket] = []
+    threading.Thread(
+        target=lambda: held.extend(iter(lambda: sock.accept()[0], None)), daemon=True
+    ).start()
+    return sock
+
+
 def test_an_api_server_that_cannot_review_tokens_means_503_not_a_call_let_through(
     cluster: ClusterHandle, tmp_path: Path
 ) -> None:
-    """Routes from a file, tokens reviewed by an API server that is not there (a dead port):
-    every call is refused with a 503 the SDKs retry, and the LLM never hears of it."""
+    """Routes from a file, tokens reviewed by an API server that hangs: every call is refused
+    with a 503 the SDKs retry, soon (not after urllib3's retries, not queued behind each
+    other's reviews), and the LLM never hears of it."""
     standin = llm_standin.start(expect_key=LLM_KEY)
+    hole = blackhole()
     kubeconfig = yaml.safe_load(Path(cluster.kubeconfig).read_text())
-    kubeconfig["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{free_port()}"
+    kubeconfig["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{hole.getsockname()[1]}"
     dead = tmp_path / "dead.kubeconfig"
     dead.write_text(yaml.safe_dump(kubeconfig))
     routes = tmp_path / "routes.yaml"
@@ -176,15 +207,29 @@ def test_an_api_server_that_cannot_review_tokens_means_503_not_a_call_let_throug
         env={"SLM_GATEWAY_LLM_API_KEY": LLM_KEY},
         log_path=tmp_path / "gateway.log",
     )
+    tokens = [f"eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ{i}fQ.c2lnbmF0dXJl" for i in range(12)]
     try:
-        status, headers, body = call(gw, "some-agent-token")
+        started = time.monotonic()
+        status, headers, body = call(gw, tokens[0])
+        first = time.monotonic() - started
         assert status == 503
         assert headers["retry-after"] == "1"
         assert body["error"]["code"] == "auth_unavailable"
+        # Twelve agents at once, each with its own token: all told within seconds.
+        time.sleep(1.2)
+        started = time.monotonic()
+        with ThreadPoolExecutor(12) as pool:
+            statuses = list(pool.map(lambda t: call(gw, t)[0], tokens))
+        together = time.monotonic() - started
+        assert statuses == [503] * 12
         assert standin.stats()["auth_expected"] == 0
-        assert metric(gw, "slm_gateway_agent_auth", "unavailable") == 1
+        assert metric(gw, "slm_gateway_agent_auth", "unavailable") == 13
     finally:
         gw.stop()
         standin.stop()
+        hole.close()
+    print(f"\n503 after {first:.1f} s; 12 concurrent agents all answered in {together:.1f} s")
+    assert first < 4 and together < 5
     log = (tmp_path / "gateway.log").read_text()
-    assert "agent tokens cannot be reviewed" in log and "some-agent-token" not in log
+    assert log.count("agent tokens cannot be reviewed") == 1
+    assert "Retrying" not in log and tokens[0] not in log

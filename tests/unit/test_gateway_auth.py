@@ -103,7 +103,7 @@ class Reviews:
     def __call__(self, api: Any, token: str, audience: str) -> Mapping[str, Any]:
         self.asked.append(token)
         answer = self.answers[token]
-        if isinstance(answer, Exception):
+        if isinstance(answer, BaseException):
             raise answer
         assert isinstance(answer, dict)
         return answer
@@ -113,28 +113,44 @@ def reviewer(
     answers: Mapping[str, Any], now: list[float], **kw: Any
 ) -> tuple[TokenReviewer, Reviews]:
     reviews = Reviews(answers)
-    return TokenReviewer(None, AUD, review=reviews, clock=lambda: now[0], **kw), reviews
+    clock = lambda: now[0]  # noqa: E731 - both clocks move together here
+    return TokenReviewer(None, AUD, review=reviews, clock=clock, wall=clock, **kw), reviews
+
+
+GOOD, BAD = jwt({"sub": "good"}), jwt({"sub": "bad"})
+
+
+def test_what_is_no_jwt_of_a_sane_size_is_refused_without_a_review() -> None:
+    """Garbage in the Authorization header costs the API server nothing (200 made-up keys
+    made 200 TokenReviews), and a token of megabytes is no outage (the API server answered
+    413, which read as "cannot review": a 503 and a false alert)."""
+    now = [1000.0]
+    huge = jwt({"sub": "x" * 20_000})
+    r, reviews = reviewer({}, now)
+    for token in ("x1", "sk-proj-abc", "a.b", "a.b.c.d", "a.b!.c", huge):
+        assert asyncio.run(r.identify(token)) is None
+    assert reviews.asked == []
 
 
 def test_a_review_is_reused_for_its_ttl_and_a_refusal_for_a_short_one() -> None:
     now = [1000.0]
-    r, reviews = reviewer({"good": review(), "bad": review(authenticated=False)}, now)
+    r, reviews = reviewer({GOOD: review(), BAD: review(authenticated=False)}, now)
 
     async def run() -> None:
-        assert await r.identify("good") == Identity("agents", "router")
+        assert await r.identify(GOOD) == Identity("agents", "router")
         now[0] += 59
-        assert await r.identify("good") is not None
-        assert reviews.asked == ["good"]
+        assert await r.identify(GOOD) is not None
+        assert reviews.asked == [GOOD]
         now[0] += 2  # past 60 s
-        await r.identify("good")
-        assert reviews.asked == ["good", "good"]
-        assert await r.identify("bad") is None
+        await r.identify(GOOD)
+        assert reviews.asked == [GOOD, GOOD]
+        assert await r.identify(BAD) is None
         now[0] += 4
-        assert await r.identify("bad") is None
-        assert reviews.asked.count("bad") == 1
+        assert await r.identify(BAD) is None
+        assert reviews.asked.count(BAD) == 1
         now[0] += 2  # past 5 s: a token that starts working is not refused for long
-        await r.identify("bad")
-        assert reviews.asked.count("bad") == 2
+        await r.identify(BAD)
+        assert reviews.asked.count(BAD) == 2
 
     asyncio.run(run())
 
@@ -155,41 +171,88 @@ def test_a_review_is_not_trusted_past_the_tokens_own_expiry() -> None:
 
 def test_concurrent_calls_with_one_token_share_one_review() -> None:
     now = [1000.0]
-    r, reviews = reviewer({"good": review()}, now)
+    r, reviews = reviewer({GOOD: review()}, now)
 
     async def run() -> list[Identity | None]:
-        return await asyncio.gather(*(r.identify("good") for _ in range(50)))
+        return await asyncio.gather(*(r.identify(GOOD) for _ in range(50)))
 
     assert asyncio.run(run()) == [Identity("agents", "router")] * 50
-    assert reviews.asked == ["good"]
+    assert reviews.asked == [GOOD]
+
+
+def test_a_cancelled_caller_does_not_leave_the_others_hanging() -> None:
+    """The first caller of a review is cancelled (its client went away, a shutdown): the
+    review goes on, and the calls that share it get its answer."""
+    now = [1000.0]
+    r, reviews = reviewer({GOOD: review()}, now)
+
+    async def run() -> list[Any]:
+        first = asyncio.ensure_future(r.identify(GOOD))
+        await asyncio.sleep(0)
+        others = [asyncio.ensure_future(r.identify(GOOD)) for _ in range(3)]
+        first.cancel()
+        return await asyncio.wait_for(
+            asyncio.gather(first, *others, return_exceptions=True), timeout=5
+        )
+
+    results = asyncio.run(run())
+    assert isinstance(results[0], asyncio.CancelledError)
+    assert results[1:] == [Identity("agents", "router")] * 3
+    assert reviews.asked == [GOOD]
 
 
 def test_an_api_server_failure_reaches_every_waiter_and_is_not_remembered() -> None:
     now = [1000.0]
-    answers: dict[str, Any] = {"good": AuthUnavailable("ConnectionError")}
+    answers: dict[str, Any] = {GOOD: AuthUnavailable("ConnectionError")}
     r, reviews = reviewer(answers, now)
 
     async def run() -> list[Any]:
-        return await asyncio.gather(*(r.identify("good") for _ in range(5)), return_exceptions=True)
+        return await asyncio.gather(*(r.identify(GOOD) for _ in range(5)), return_exceptions=True)
 
     results = asyncio.run(run())
     assert all(isinstance(x, AuthUnavailable) for x in results)
-    answers["good"] = review()
-    assert asyncio.run(r.identify("good")) == Identity("agents", "router")
-    assert reviews.asked == ["good", "good"]
+    answers[GOOD] = review()
+    # For a second after a failure, no review is asked for: every call gets its 503 at once.
+    with pytest.raises(AuthUnavailable):
+        asyncio.run(r.identify(GOOD))
+    assert reviews.asked == [GOOD]
+    now[0] += 1.5
+    assert asyncio.run(r.identify(GOOD)) == Identity("agents", "router")
+    assert reviews.asked == [GOOD, GOOD]
 
 
-def test_the_cache_is_bounded() -> None:
+def test_a_bug_in_the_review_path_is_a_503_not_a_500_or_a_hang() -> None:
     now = [1000.0]
-    tokens = {f"t{i}": review() for i in range(10)}
-    r, reviews = reviewer(tokens, now, max_entries=4)
+    r, _ = reviewer({GOOD: KeyError("status")}, now)
+
+    async def run() -> list[Any]:
+        return await asyncio.gather(*(r.identify(GOOD) for _ in range(3)), return_exceptions=True)
+
+    assert all(isinstance(x, AuthUnavailable) for x in asyncio.run(run()))
+
+
+def test_cached_tokens_keep_working_while_the_api_server_is_down() -> None:
+    now = [1000.0]
+    answers: dict[str, Any] = {GOOD: review(), BAD: AuthUnavailable("ConnectionError")}
+    r, _ = reviewer(answers, now)
+    assert asyncio.run(r.identify(GOOD)) is not None
+    with pytest.raises(AuthUnavailable):
+        asyncio.run(r.identify(BAD))
+    assert asyncio.run(r.identify(GOOD)) == Identity("agents", "router")
+
+
+def test_the_caches_are_bounded_and_bad_tokens_cannot_push_good_ones_out() -> None:
+    now = [1000.0]
+    good = {jwt({"sub": f"g{i}"}): review() for i in range(10)}
+    bad = {jwt({"sub": f"b{i}"}): review(authenticated=False) for i in range(50)}
+    r, reviews = reviewer({**good, **bad}, now, max_entries=10)
 
     async def run() -> None:
-        for t in tokens:
+        for t in [*good, *bad]:
             await r.identify(t)
-        await r.identify("t9")  # the newest stay
-        await r.identify("t0")  # the oldest went
+        for t in good:
+            assert await r.identify(t) is not None
 
     asyncio.run(run())
-    assert len(r._cache) <= 4
-    assert reviews.asked.count("t9") == 1 and reviews.asked.count("t0") == 2
+    assert len(r._good) <= 10 and len(r._bad) <= 1
+    assert all(reviews.asked.count(t) == 1 for t in good)
