@@ -231,7 +231,7 @@ class TokenReviewer:
 
         Raises :class:`AuthUnavailable` when the API server could not say.
         """
-        if not looks_like_a_service_account_token(token):
+        if len(token) > MAX_TOKEN_BYTES:
             return None
         digest = hashlib.sha256(token.encode()).digest()
         now = self._clock()
@@ -247,6 +247,10 @@ class TokenReviewer:
             del self._bad[digest]
         review = self._pending.get(digest)
         if review is None:
+            # Checked here, not before the cache: a regular expression over 1 KB on every call
+            # cost more than the lookup.
+            if not looks_like_a_service_account_token(token):
+                return None
             if now < self._down_until:
                 raise _StillDown("the API server failed a review a moment ago")
             # A task of its own: a caller that is cancelled (shutdown, a client gone) does
