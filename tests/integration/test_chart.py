@@ -73,8 +73,11 @@ def sets(values: list[str]) -> list[str]:
     return [x for v in values for x in ("--set", v)]
 
 
-def render_bare(*values: str, namespace: str = "slm") -> list[dict[str, Any]]:
-    """The chart rendered with these values on top of values.yaml, and nothing else."""
+def render_bare(
+    *values: str, namespace: str = "slm", json_values: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
+    """The chart rendered with these values on top of values.yaml, and nothing else;
+    ``json_values`` go through ``--set-json``."""
     out = helm(
         "template",
         "slm",
@@ -84,6 +87,7 @@ def render_bare(*values: str, namespace: str = "slm") -> list[dict[str, Any]]:
         "--kube-version",
         kube_version(),
         *sets(list(values)),
+        *[x for v in json_values for x in ("--set-json", v)],
     ).stdout
     return [d for d in yaml.safe_load_all(out) if d]
 
@@ -473,6 +477,55 @@ def test_agent_auth_renders_flags_the_gateway_takes_and_a_tokenreview_role() -> 
     assert config_from_args(container(off, "slm-gateway")["args"]).agent_auth == "none"
     assert "slm-gateway-tokenreview" not in by_kind(off, "ClusterRole")
     assert "must be one of" in helm_fails(CAPTURE_CLAIM, "gateway.agentAuth.mode=token")
+
+
+def test_network_policies_let_only_the_gateway_reach_triton_and_match_real_pods(
+    cluster: ClusterHandle, namespace: str
+) -> None:
+    """The policies' selectors match the pods the operator and the chart actually build
+    (a selector that matches nothing silently protects nothing), and the API server accepts
+    them (server-side dry run)."""
+    from test_operator import agenttask
+
+    from slm_operator import builders
+
+    agents = '[{"namespaceSelector":{"matchLabels":{"team":"agents"}}}]'
+    scrape = '[{"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"monitoring"}}}]'
+    docs = render_bare(
+        "gateway.capture.enabled=false",
+        "networkPolicy.enabled=true",
+        f"watchNamespaces={{{namespace}}}",
+        namespace=namespace,
+        json_values=(f"networkPolicy.agents={agents}", f"networkPolicy.prometheus={scrape}"),
+    )
+    policies = by_kind(docs, "NetworkPolicy")
+    assert set(policies) == {"slm-gateway", "slm-triton"}
+    gw_pod = by_kind(docs, "Deployment")["slm-gateway"]["spec"]["template"]["metadata"]["labels"]
+    gw = policies["slm-gateway"]["spec"]
+    assert gw["podSelector"]["matchLabels"].items() <= gw_pod.items()
+    assert [r["from"] for r in gw["ingress"]] == [json.loads(agents), json.loads(scrape)]
+    task = agenttask()
+    task["metadata"].update(namespace=namespace, uid="u-1")
+    triton_pod = builders.triton_deployment(task, "r1", "pvc://c/m", "small", 1)["spec"][
+        "template"
+    ]["metadata"]["labels"]
+    tr = policies["slm-triton"]
+    assert tr["metadata"]["namespace"] == namespace
+    assert tr["spec"]["podSelector"]["matchLabels"].items() <= triton_pod.items()
+    inference, metrics = tr["spec"]["ingress"]
+    assert inference["ports"] == [{"port": builders.TRITON_HTTP, "protocol": "TCP"}]
+    (peer,) = inference["from"]
+    assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": namespace}
+    assert peer["podSelector"]["matchLabels"].items() <= gw_pod.items()
+    assert metrics["ports"] == [{"port": builders.TRITON_METRICS, "protocol": "TCP"}]
+    assert metrics["from"] == json.loads(scrape)
+    for policy in policies.values():
+        cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(policy))
+    # Off by default; and with rbac.clusterWide the namespaces are unknown: no Triton policy.
+    assert not by_kind(render(), "NetworkPolicy")
+    wide = by_kind(render("networkPolicy.enabled=true", "rbac.clusterWide=true"), "NetworkPolicy")
+    assert set(wide) == {"slm-gateway"}
+    assert "from" not in wide["slm-gateway"]["spec"]["ingress"][0]  # any agent
 
 
 def test_cluster_wide_render() -> None:
