@@ -19,9 +19,11 @@ kube-controller-manager and every controller-runtime operator:
 - The leader renews every ``retry`` seconds and stops leading when it could not renew for
   ``renew_deadline`` seconds, which is shorter than the lease. A renewal that hangs is not
   waited for past that deadline (each call has its own short timeout and no HTTP retries),
-  and the operator then exits (:mod:`slm_operator.main`), as controller-runtime's managers
-  do: a reconcile already running in a thread cannot be interrupted any other way, and it
-  must not write on after another replica took over. The pod restarts as a standby.
+  and the operator then stands by, or exits when a reconcile is running
+  (:mod:`slm_operator.main`), as controller-runtime's managers do: a reconcile already
+  running in a thread cannot be interrupted any other way, and it must not write on after
+  another replica took over. The pod restarts as a standby, and takes its own dead
+  predecessor's lease at once (same pod name) instead of waiting it out.
 - On shutdown (SIGTERM, a rollout) the leader waits for its running reconciles, then releases
   the lease, so the standby takes over within about one retry period instead of one lease
   duration.
@@ -37,6 +39,7 @@ The pure part (:func:`free_for`, :func:`lease_body`, :class:`LeaseSettings`) is 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime as dt
 import logging
 import math
@@ -76,6 +79,10 @@ class LeaseSettings:
     lease_seconds: float = 15.0
     renew_deadline_seconds: float = 10.0
     retry_seconds: float = 2.0
+    #: The pod's name, when the environment gave it (``SLM_FLEET_POD_NAME``): a holder named
+    #: after this pod is this container's previous process, which is dead (the kubelet
+    #: starts a container again only after the old one exited), so its lease is free.
+    pod: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> LeaseSettings | None:
@@ -107,11 +114,11 @@ class LeaseSettings:
                 f"(got {retry:g} < {renew:g} < {lease:g}): the leader must give up before "
                 "another replica may take over, and try more than once before it gives up"
             )
-        pod = env.get(ENV_POD_NAME, "").strip() or socket.gethostname()
+        pod = env.get(ENV_POD_NAME, "").strip()
         # A restarted container keeps its pod name; the suffix makes it a new candidate, so it
-        # never mistakes the lease its previous process held for its own.
-        identity = f"{pod}_{uuid.uuid4().hex[:8]}"
-        return cls(namespace, name, identity, lease, renew, retry)
+        # never renews its previous process's lease as if it were still that process.
+        identity = f"{pod or socket.gethostname()}_{uuid.uuid4().hex[:8]}"
+        return cls(namespace, name, identity, lease, renew, retry, pod)
 
 
 def now_rfc3339() -> str:
@@ -229,6 +236,13 @@ class LeaderElector:
         self._last_error = ""
         #: Another replica named as holder by the last read ("" when none was).
         self._other_holder = ""
+        self._predecessor_logged = ""
+        #: Threads of its own: on the default pool, shared with the reconciles, a renewal
+        #: waited behind them for a thread and the leader stepped down with a healthy API
+        #: server.
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="lease"
+        )
 
     @property
     def _path(self) -> str:
@@ -283,7 +297,16 @@ class LeaderElector:
         now = self.clock()
         if self._seen is None or self._seen[0] != record:
             self._seen = (record, now)
-        if not free_for(spec, s.identity, self._seen[1], now):
+        holder = str(spec.get("holderIdentity") or "")
+        predecessor = bool(s.pod) and holder.rpartition("_")[0] == s.pod
+        if predecessor and holder != s.identity and holder != self._predecessor_logged:
+            log.info(
+                "lease %s/%s is held by this pod's previous process: taken over",
+                s.namespace,
+                s.name,
+            )
+            self._predecessor_logged = holder
+        if not predecessor and not free_for(spec, s.identity, self._seen[1], now):
             holder = str(spec.get("holderIdentity"))
             if holder != self._other_holder:
                 log.info("standing by: lease %s/%s is held by %s", s.namespace, s.name, holder)
@@ -354,8 +377,8 @@ class LeaderElector:
             budget = self._renewed_at + s.renew_deadline_seconds - self.clock()
         else:
             budget = 2 * self._timeout() + 1
-        self._attempt = attempt = asyncio.ensure_future(
-            asyncio.to_thread(self.try_acquire_or_renew)
+        self._attempt = attempt = asyncio.get_running_loop().run_in_executor(
+            self._pool, self.try_acquire_or_renew
         )
         # Its outcome is read here or not at all (after a timeout): never "never retrieved".
         attempt.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -395,4 +418,4 @@ class LeaderElector:
                     self.settings.name,
                 )
                 return
-        await asyncio.to_thread(self.release)
+        await asyncio.get_running_loop().run_in_executor(self._pool, self.release)

@@ -15,7 +15,8 @@ Design choices:
 - With ``SLM_FLEET_LEADER_ELECTION_LEASE`` set, replicas elect a leader on that Lease
   (:mod:`slm_operator.leader`): all of them watch, only the leader reconciles, and a standby
   takes over within the lease duration (at once when the leader shuts down cleanly). A
-  leader that cannot renew in time exits, and its pod restarts as a standby.
+  leader that cannot renew in time stands by, or exits when a reconcile is running (its pod
+  restarts as a standby).
 - The child watches are label-selected by the API server and listed in chunks: the operator
   never receives the other pods, Jobs and Deployments of a namespace (or of the cluster).
 """
@@ -160,6 +161,10 @@ class _KeyState:
             self.window = None
 
 
+class NotLeading(Exception):
+    """A reconcile was about to start on a replica that no longer leads: it does not run."""
+
+
 @dataclass
 class Runtime:
     kube: Kube
@@ -174,6 +179,7 @@ class Runtime:
     #: reconciles every task the moment it takes over.
     leading: bool = True
     elector: LeaderElector | None = None
+    elector_task: asyncio.Task[None] | None = None
     #: Reconciles running in threads. Counted in the thread itself: cancelling the coroutine
     #: that awaits one does not stop it, and shutdown must not release the Lease before it
     #: ends.
@@ -185,8 +191,12 @@ class Runtime:
             return self._running
 
     def counted(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """``fn(*args, **kwargs)``, counted in :meth:`in_flight` while it runs."""
+        """``fn(*args, **kwargs)``, counted in :meth:`in_flight` while it runs; not run at all
+        (:class:`NotLeading`) once this replica stopped leading, checked under the same lock
+        that :func:`_lost_leadership` steps down under."""
         with self._running_lock:
+            if not self.leading:
+                raise NotLeading()
             self._running += 1
         try:
             return fn(*args, **kwargs)
@@ -266,6 +276,8 @@ async def _pass(rt: Runtime, key: Key, st: _KeyState) -> bool:
             reserved_accounts=RESERVED_SERVICE_ACCOUNTS,
             image_pull_secrets=IMAGE_PULL_SECRETS,
         )
+    except NotLeading:
+        return True  # stepped down meanwhile: the new leader reconciles it
     except TaskGone:
         # Deleted, whether or not its DELETED event comes (see TaskGone): forgotten here.
         log.debug("AgentTask %s/%s does not exist any more; forgotten", *key)
@@ -405,9 +417,12 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         rt.leading = False
         METRICS.leader.set(0)
         rt.elector = LeaderElector(
-            Kube(without_retries(api)), lease, lambda: _started_leading(rt), _lost_leadership
+            Kube(without_retries(api)),
+            lease,
+            lambda: _started_leading(rt),
+            lambda: _lost_leadership(rt),
         )
-        rt.spawn(rt.elector.run())
+        rt.elector_task = asyncio.get_running_loop().create_task(rt.elector.run())
         log.info(
             "leader election on lease %s/%s as %s: standing by until it is held",
             lease.namespace,
@@ -431,54 +446,79 @@ def _started_leading(rt: Runtime) -> None:
         rt.spawn(trigger(key, urgent=True))
 
 
-def _lost_leadership() -> None:
-    """This replica lost the Lease: exit at once; the pod restarts as a standby.
+def _lost_leadership(rt: Runtime) -> None:
+    """This replica lost the Lease. With no reconcile running it stands by at once (none can
+    start: :meth:`Runtime.counted` checks ``leading`` under the lock this steps down under);
+    with one running it exits, and the pod restarts as a standby.
 
-    Why exit, as controller-runtime's managers do: a reconcile running in a thread cannot be
-    interrupted, and each of its API calls may take a while, so "stop starting passes" would
-    let it write on after another replica took over. The renew deadline ends before the lease
-    does, so dying now ends every write before a standby may start. Logged at ERROR, flushed
-    first. Not a crash loop: the restarted process stands by until the Lease is free.
+    Why exit then, as controller-runtime's managers do: a reconcile running in a thread
+    cannot be interrupted, and each of its API calls may take a while, so it would write on
+    after another replica took over. The renew deadline ends before the lease does, so dying
+    now ends every write before a standby may start. Logged at ERROR, flushed first.
     """
-    log.error(
-        "lost the leader Lease; exiting so that no reconcile of this replica writes on "
-        "after another took over (the pod restarts as a standby)"
-    )
+    with rt._running_lock:
+        rt.leading = False
+        running = rt._running
+    METRICS.leader.set(0)
+    if running:
+        _exit_now(
+            "lost the leader Lease while a reconcile was running; exiting so that it writes "
+            "nothing after another replica took over (the pod restarts as a standby)"
+        )
+    log.error("lost the leader Lease; standing by (no reconcile was running)")
+    for st in rt.states.values():
+        st.cancel_retry()
+        st.cancel_window()
+        st.failures, st.last_error = 0, ""
+    for key in rt.known:  # the new leader exports them
+        METRICS.forget_task(*key)
+
+
+def _exit_now(message: str) -> None:
+    log.error(message)
     for handler in logging.getLogger().handlers:
         handler.flush()
     os._exit(1)
 
 
 #: How long shutdown waits for running reconciles before it releases the Lease (the chart's
-#: grace period is 30 s; a release after a cut-off pass is skipped, and the Lease expires).
+#: grace period is 30 s; past it, the process exits without releasing, and the Lease expires).
 SHUTDOWN_WAIT_SECONDS = 10.0
 
 
 @kopf.on.cleanup()
 async def cleanup(**_: Any) -> None:
     """Stop; a leader lets its running reconciles end, then hands the Lease over at once
-    instead of letting it expire (the standby would wait the whole lease duration)."""
+    instead of letting it expire (the standby would wait the whole lease duration).
+
+    The elector keeps renewing while reconciles end (a renewal that fails past the deadline
+    still exits, as while leading); reconciles still running after ``SHUTDOWN_WAIT_SECONDS``
+    end with the process, not after a standby took over.
+    """
     global _runtime
     rt = _runtime
     if rt is None:
         return
     _runtime = None
-    rt.leading = False  # no pass starts, and none that ends schedules another
+    with rt._running_lock:  # no pass starts, and none that ends schedules another
+        was_leading, rt.leading = rt.leading, False
     for t in list(rt.tasks):
         t.cancel()
+    if rt.elector is None or rt.elector_task is None:
+        METRICS.leader.set(0)
+        return
+    if was_leading:
+        deadline = time.monotonic() + SHUTDOWN_WAIT_SECONDS
+        while rt.in_flight() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    rt.elector_task.cancel()
     METRICS.leader.set(0)
-    if rt.elector is None:
-        return
-    deadline = time.monotonic() + SHUTDOWN_WAIT_SECONDS
-    while rt.in_flight() and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
     if rt.in_flight():
-        log.warning(
-            "a reconcile is still running after %.0fs; the Lease is left to expire rather "
-            "than handed to a replica that would reconcile beside it",
-            SHUTDOWN_WAIT_SECONDS,
+        _exit_now(
+            f"a reconcile is still running after {SHUTDOWN_WAIT_SECONDS:.0f}s; exiting "
+            "without releasing the Lease, which expires (handed over, a standby would "
+            "reconcile beside it)"
         )
-        return
     await rt.elector.stop()
 
 

@@ -321,3 +321,36 @@ def test_an_answer_that_is_not_a_lease_is_a_failed_attempt_not_a_dead_elector(
     assert server.requests >= 3  # it kept trying
     assert not e.leading
     assert len([r for r in caplog.records if "lease fleet/op" in r.getMessage()]) == 1
+
+
+def test_a_leader_that_loses_the_lease_during_a_reconcile_exits(tmp_path: Path) -> None:
+    """A reconcile is running in its thread when the Lease is lost: the process exits (1)
+    rather than let it write on beside the new leader (the pod restarts as a standby)."""
+    code = """
+import logging, threading, time
+logging.basicConfig(level=logging.INFO)
+from slm_operator import main
+rt = main.Runtime(kube=None)
+threading.Thread(target=rt.counted, args=(time.sleep, 30), daemon=True).start()
+time.sleep(0.5)
+main._lost_leadership(rt)
+print("still alive")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "still alive" not in done.stdout
+    assert "lost the leader Lease while a reconcile was running; exiting" in done.stderr
+
+
+def test_a_leader_that_loses_the_lease_between_reconciles_stands_by_and_starts_none() -> None:
+    from slm_operator import main
+
+    rt = main.Runtime(kube=cast(Any, None))
+    main._lost_leadership(rt)
+    assert not rt.leading
+    ran: list[int] = []
+    with pytest.raises(main.NotLeading):
+        rt.counted(ran.append, 1)
+    assert ran == [] and rt.in_flight() == 0
