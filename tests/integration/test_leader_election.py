@@ -354,30 +354,15 @@ def test_a_pod_restarted_container_takes_its_dead_predecessors_lease_at_once(
     has a new identity, but the holder named after the same pod is its own dead predecessor,
     so it does not wait the lease out; a holder of another pod it does wait for."""
     clock = Clock()
-    old = LeaderElector(
-        kube,
-        LeaseSettings(namespace, LEASE, "operator-0_old", 15, 10, 2, "operator-0"),
-        lambda: None,
-        lambda: None,
-        clock=clock,
-    )
-    assert old.try_acquire_or_renew()
-    new = LeaderElector(
-        kube,
-        LeaseSettings(namespace, LEASE, "operator-0_new", 15, 10, 2, "operator-0"),
-        lambda: None,
-        lambda: None,
-        clock=clock,
-    )
-    assert new.try_acquire_or_renew()
+
+    def in_pod(pod: str, identity: str) -> LeaderElector:
+        settings = LeaseSettings(namespace, LEASE, identity, 15, 10, 2, pod)
+        return LeaderElector(kube, settings, lambda: None, lambda: None, clock=clock)
+
+    assert in_pod("operator-0", "operator-0_old").try_acquire_or_renew()
+    assert in_pod("operator-0", "operator-0_new").try_acquire_or_renew()
     assert lease(cluster, namespace)["spec"]["holderIdentity"] == "operator-0_new"
-    other = LeaderElector(
-        kube,
-        LeaseSettings(namespace, LEASE, "operator-1_x", 15, 10, 2, "operator-1"),
-        lambda: None,
-        lambda: None,
-        clock=clock,
-    )
+    other = in_pod("operator-1", "operator-1_x")
     assert not other.try_acquire_or_renew()
 
 
