@@ -1281,6 +1281,8 @@ def create_app(
             gw.started = False
             if watcher is not None:
                 watcher.stop()
+            if gw.auth is not None:
+                gw.auth.close()
             if reloader is not None:
                 reloader.cancel()
             await gw.drain_shadows(timeout=min(5.0, cfg.graceful_timeout_s))

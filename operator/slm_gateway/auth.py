@@ -14,8 +14,9 @@ ServiceAccount of another namespace gets a 403. Tokens are never logged.
 Reviews are cached by the token's SHA-256 for ``ttl_s`` (60 s), never past the token's own
 ``exp``, and refusals for ``negative_ttl_s`` (5 s), so the API server sees one review per
 agent and minute instead of one per call; concurrent calls with one token share one review.
-What is no JWT of a sane size is refused without a review, so garbage costs the API server
-nothing.
+What no review could accept (no JWT of a sane size, or its unchecked claims lack our audience
+or an expiry, or have expired) is refused without a review: garbage, a token for another
+audience and a stale projected token cost the API server nothing.
 So a deleted ServiceAccount or pod keeps its access for at most ``ttl_s`` (plus the API
 server's own cache of token reviews, about 10 s). When the API server
 cannot answer, calls get a 503 (``auth_unavailable``; OpenAI SDKs retry it) rather than being
@@ -49,6 +50,8 @@ AUTH_NONE = "none"
 AUTH_SERVICEACCOUNT = "serviceaccount"
 AUTH_MODES = (AUTH_NONE, AUTH_SERVICEACCOUNT)
 DEFAULT_AUDIENCE = "slm-fleet-gateway"
+#: Reviews at once (threads, and pooled connections to the API server).
+REVIEW_THREADS = 16
 #: (connect, read) seconds for one TokenReview: a call waits for it.
 REVIEW_TIMEOUT_S = (2.0, 5.0)
 _SA_PREFIX = "system:serviceaccount:"
@@ -100,11 +103,11 @@ def identity_from_review(status: Mapping[str, Any], audience: str) -> Identity |
     return Identity(namespace, name)
 
 
-def token_expiry(token: str) -> float | None:
-    """The ``exp`` claim of a JWT (Unix seconds), read without checking the signature.
+def token_claims(token: str) -> dict[str, Any] | None:
+    """The claims of a JWT, read without checking the signature; None when it has none.
 
-    Only used to cache a review no longer than the token lives; the API server did the
-    checking. None when the token is no JWT or has no usable ``exp``.
+    Only ever used to refuse or to shorten a cache entry, never to accept: the API server
+    checks the signature.
     """
     parts = token.split(".")
     if len(parts) != 3:
@@ -114,10 +117,33 @@ def token_expiry(token: str) -> float | None:
         claims = orjson.loads(base64.urlsafe_b64decode(payload))
     except (binascii.Error, ValueError):
         return None
-    exp = claims.get("exp") if isinstance(claims, dict) else None
+    return claims if isinstance(claims, dict) else None
+
+
+def token_expiry(token: str) -> float | None:
+    """The ``exp`` claim of a JWT (Unix seconds), unchecked (see :func:`token_claims`)."""
+    exp = (token_claims(token) or {}).get("exp")
     if isinstance(exp, bool) or not isinstance(exp, int | float):
         return None
     return float(exp)
+
+
+def worth_reviewing(token: str, audience: str, now: float) -> bool:
+    """Could this be a live token for us? Only a bound ServiceAccount token can pass a
+    review for our audience, and it names the audience (``aud``) and expires (``exp``).
+
+    Why before the review: anything else would be refused by the API server anyway, and each
+    such string cost one TokenReview. An expired token in particular: the API server still
+    accepted one 5 s past its ``exp`` (its own leeway), and nothing was cached for it, so an
+    agent with a stale token made one review per call.
+    """
+    if not looks_like_a_service_account_token(token):
+        return False
+    claims = token_claims(token) or {}
+    aud = claims.get("aud")
+    audiences = aud if isinstance(aud, list) else [aud]
+    exp = token_expiry(token)
+    return audience in audiences and exp is not None and exp > now
 
 
 def may_call(identity: Identity, task_namespace: str) -> bool:
@@ -221,7 +247,7 @@ class TokenReviewer:
         #: Reviews run on threads of their own: on asyncio's default pool (6 threads on 2
         #: cores) they queued behind each other, and behind everything else that uses it.
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=16, thread_name_prefix="token-review"
+            max_workers=REVIEW_THREADS, thread_name_prefix="token-review"
         )
         self.reviews = 0
         self._failing = False
@@ -249,7 +275,7 @@ class TokenReviewer:
         if review is None:
             # Checked here, not before the cache: a regular expression over 1 KB on every call
             # cost more than the lookup.
-            if not looks_like_a_service_account_token(token):
+            if not worth_reviewing(token, self.audience, self._wall()):
                 return None
             if now < self._down_until:
                 raise _StillDown("the API server failed a review a moment ago")
@@ -299,16 +325,22 @@ class TokenReviewer:
 
     def _remember(self, digest: bytes, identity: Identity | None, token: str) -> None:
         now = self._clock()
-        ttl = self.ttl_s if identity is not None else self.negative_ttl_s
+        if identity is None:  # a refusal stands whatever the token's exp
+            _bounded_put(self._bad, digest, now + self.negative_ttl_s, self.max_entries // 10 or 1)
+            return
+        ttl = self.ttl_s
         exp = token_expiry(token)
         if exp is not None:
             ttl = min(ttl, exp - self._wall())
-        if ttl <= 0:
-            return
-        if identity is None:
-            _bounded_put(self._bad, digest, now + ttl, self.max_entries // 10 or 1)
-        else:
+        if ttl > 0:
             _bounded_put(self._good, digest, (now + ttl, identity), self.max_entries)
+
+    def close(self) -> None:
+        """Stop the review threads (a review in flight ends with its timeout) and the client."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        close = getattr(self.api, "close", None)
+        if close is not None:
+            close()
 
 
 def _bounded_put(cache: dict[bytes, Any], key: bytes, value: Any, limit: int) -> None:
@@ -336,5 +368,8 @@ def token_reviewer(
     api = api_client(kubeconfig)
     cfg = copy.deepcopy(api.configuration)
     cfg.retries = False
+    # As many pooled connections as review threads (the default, 5 per CPU of the node, is 10
+    # on a 2-CPU node: urllib3 warned and opened new connections past it).
+    cfg.connection_pool_maxsize = REVIEW_THREADS
     client = importlib.import_module("kubernetes.client")
     return TokenReviewer(client.ApiClient(cfg), audience, ttl_s=ttl_s, on_review=on_review)

@@ -10,6 +10,7 @@ log; an API server that cannot answer means 503, never a call let through.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import re
@@ -207,7 +208,15 @@ def test_an_api_server_that_cannot_review_tokens_means_503_not_a_call_let_throug
         env={"SLM_GATEWAY_LLM_API_KEY": LLM_KEY},
         log_path=tmp_path / "gateway.log",
     )
-    tokens = [f"eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ{i}fQ.c2lnbmF0dXJl" for i in range(12)]
+    # Shaped like tokens for the gateway's audience, so that only the API server can judge.
+    tokens = [
+        ".".join(
+            base64.urlsafe_b64encode(json.dumps(part).encode()).rstrip(b"=").decode()
+            for part in ({"alg": "RS256"}, {"aud": [AUDIENCE], "exp": 4_000_000_000, "n": i})
+        )
+        + ".c2ln"
+        for i in range(12)
+    ]
     try:
         started = time.monotonic()
         status, headers, body = call(gw, tokens[0])

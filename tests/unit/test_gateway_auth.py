@@ -117,7 +117,13 @@ def reviewer(
     return TokenReviewer(None, AUD, review=reviews, clock=clock, wall=clock, **kw), reviews
 
 
-GOOD, BAD = jwt({"sub": "good"}), jwt({"sub": "bad"})
+def agent_jwt(**claims: Any) -> str:
+    """A token shaped like a bound ServiceAccount token for our audience (the signature is
+    the API server's business; here a review is a function)."""
+    return jwt({"aud": [AUD], "exp": 4_000_000_000, **claims})
+
+
+GOOD, BAD = agent_jwt(sub="good"), agent_jwt(sub="bad")
 
 
 def test_what_is_no_jwt_of_a_sane_size_is_refused_without_a_review() -> None:
@@ -157,16 +163,18 @@ def test_a_review_is_reused_for_its_ttl_and_a_refusal_for_a_short_one() -> None:
 
 def test_a_review_is_not_trusted_past_the_tokens_own_expiry() -> None:
     now = [1000.0]
-    short = jwt({"exp": 1010})
+    short = agent_jwt(exp=1010)
     r, reviews = reviewer({short: review()}, now)
 
-    async def run() -> None:
-        await r.identify(short)
+    async def run() -> list[Identity | None]:
+        first = await r.identify(short)
+        now[0] = 1009
+        cached = await r.identify(short)
         now[0] = 1011
-        await r.identify(short)
+        return [first, cached, await r.identify(short)]
 
-    asyncio.run(run())
-    assert reviews.asked == [short, short]
+    assert asyncio.run(run()) == [Identity("agents", "router")] * 2 + [None]
+    assert reviews.asked == [short]  # expired: refused without asking
 
 
 def test_concurrent_calls_with_one_token_share_one_review() -> None:
@@ -243,8 +251,8 @@ def test_cached_tokens_keep_working_while_the_api_server_is_down() -> None:
 
 def test_the_caches_are_bounded_and_bad_tokens_cannot_push_good_ones_out() -> None:
     now = [1000.0]
-    good = {jwt({"sub": f"g{i}"}): review() for i in range(10)}
-    bad = {jwt({"sub": f"b{i}"}): review(authenticated=False) for i in range(50)}
+    good = {agent_jwt(sub=f"g{i}"): review() for i in range(10)}
+    bad = {agent_jwt(sub=f"b{i}"): review(authenticated=False) for i in range(50)}
     r, reviews = reviewer({**good, **bad}, now, max_entries=10)
 
     async def run() -> None:
@@ -256,3 +264,28 @@ def test_the_caches_are_bounded_and_bad_tokens_cannot_push_good_ones_out() -> No
     asyncio.run(run())
     assert len(r._good) <= 10 and len(r._bad) <= 1
     assert all(reviews.asked.count(t) == 1 for t in good)
+
+
+def test_tokens_that_no_review_could_accept_cost_no_review() -> None:
+    """Expired (the API server still accepted one 5 s past its exp, and nothing could be
+    cached for it: a review per call), minted for another audience, or without an expiry
+    (only bound tokens carry our audience)."""
+    now = [1000.0]
+    expired = agent_jwt(exp=999)
+    others = jwt({"aud": ["https://kubernetes.default.svc"], "exp": 4_000_000_000})
+    aud_string = jwt({"aud": AUD, "exp": 4_000_000_000})
+    no_exp = jwt({"aud": [AUD]})
+    r, reviews = reviewer({aud_string: review()}, now)
+    for token in (expired, others, no_exp):
+        assert asyncio.run(r.identify(token)) is None
+    assert reviews.asked == []
+    assert asyncio.run(r.identify(aud_string)) is not None  # a single audience as a string
+
+
+def test_a_refusal_is_cached_even_for_a_token_about_to_expire() -> None:
+    now = [1000.0]
+    soon = agent_jwt(exp=1001)
+    r, reviews = reviewer({soon: review(authenticated=False)}, now)
+    for _ in range(5):
+        assert asyncio.run(r.identify(soon)) is None
+    assert reviews.asked == [soon]
