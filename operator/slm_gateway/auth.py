@@ -120,17 +120,22 @@ def token_claims(token: str) -> dict[str, Any] | None:
     return claims if isinstance(claims, dict) else None
 
 
-def token_expiry(token: str) -> float | None:
-    """The ``exp`` claim of a JWT (Unix seconds), unchecked (see :func:`token_claims`)."""
-    exp = (token_claims(token) or {}).get("exp")
+def _expiry(claims: Mapping[str, Any]) -> float | None:
+    exp = claims.get("exp")
     if isinstance(exp, bool) or not isinstance(exp, int | float):
         return None
     return float(exp)
 
 
-def worth_reviewing(token: str, audience: str, now: float) -> bool:
-    """Could this be a live token for us? Only a bound ServiceAccount token can pass a
-    review for our audience, and it names the audience (``aud``) and expires (``exp``).
+def token_expiry(token: str) -> float | None:
+    """The ``exp`` claim of a JWT (Unix seconds), unchecked (see :func:`token_claims`)."""
+    return _expiry(token_claims(token) or {})
+
+
+def reviewable_until(token: str, audience: str, now: float) -> float | None:
+    """The token's ``exp`` if it could be a live token for us, else None. Only a bound
+    ServiceAccount token can pass a review for our audience, and it names the audience
+    (``aud``) and expires (``exp``).
 
     Why before the review: anything else would be refused by the API server anyway, and each
     such string cost one TokenReview. An expired token in particular: the API server still
@@ -138,12 +143,13 @@ def worth_reviewing(token: str, audience: str, now: float) -> bool:
     agent with a stale token made one review per call.
     """
     if not looks_like_a_service_account_token(token):
-        return False
+        return None
     claims = token_claims(token) or {}
     aud = claims.get("aud")
-    audiences = aud if isinstance(aud, list) else [aud]
-    exp = token_expiry(token)
-    return audience in audiences and exp is not None and exp > now
+    exp = _expiry(claims)
+    if audience not in (aud if isinstance(aud, list) else [aud]) or exp is None or exp <= now:
+        return None
+    return exp
 
 
 def may_call(identity: Identity, task_namespace: str) -> bool:
@@ -249,7 +255,6 @@ class TokenReviewer:
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=REVIEW_THREADS, thread_name_prefix="token-review"
         )
-        self.reviews = 0
         self._failing = False
 
     async def identify(self, token: str) -> Identity | None:
@@ -275,19 +280,20 @@ class TokenReviewer:
         if review is None:
             # Checked here, not before the cache: a regular expression over 1 KB on every call
             # cost more than the lookup.
-            if not worth_reviewing(token, self.audience, self._wall()):
+            exp = reviewable_until(token, self.audience, self._wall())
+            if exp is None:
                 return None
             if now < self._down_until:
                 raise _StillDown("the API server failed a review a moment ago")
             # A task of its own: a caller that is cancelled (shutdown, a client gone) does
             # not take the review with it, and every caller sharing it gets its outcome.
-            review = asyncio.ensure_future(self._review_and_remember(digest, token))
+            review = asyncio.ensure_future(self._review_and_remember(digest, token, exp))
             self._pending[digest] = review
             review.add_done_callback(lambda t: self._pending.pop(digest, None))
             review.add_done_callback(lambda t: t.cancelled() or t.exception())
         return await asyncio.shield(review)
 
-    async def _review_and_remember(self, digest: bytes, token: str) -> Identity | None:
+    async def _review_and_remember(self, digest: bytes, token: str, exp: float) -> Identity | None:
         try:
             status = await asyncio.get_running_loop().run_in_executor(
                 self._pool, self._review_unless_down, token
@@ -297,7 +303,6 @@ class TokenReviewer:
         except _StillDown:
             raise
         except Exception as exc:
-            self.reviews += 1
             self._on_review("failed")
             self._down_until = self._clock() + self.retry_after_s
             if not self._failing:
@@ -307,13 +312,12 @@ class TokenReviewer:
                     log.exception("reviewing an agent token failed; calls get 503")
                 self._failing = True
             raise AuthUnavailable(str(exc)) from None
-        self.reviews += 1
         if self._failing:
             log.info("agent tokens are reviewed again")
             self._failing = False
         identity = identity_from_review(status, self.audience)
         self._on_review("authenticated" if identity is not None else "rejected")
-        self._remember(digest, identity, token)
+        self._remember(digest, identity, exp)
         return identity
 
     def _review_unless_down(self, token: str) -> Mapping[str, Any]:
@@ -323,15 +327,12 @@ class TokenReviewer:
             raise _StillDown("the API server failed a review a moment ago")
         return self._review(self.api, token, self.audience)
 
-    def _remember(self, digest: bytes, identity: Identity | None, token: str) -> None:
+    def _remember(self, digest: bytes, identity: Identity | None, exp: float) -> None:
         now = self._clock()
         if identity is None:  # a refusal stands whatever the token's exp
             _bounded_put(self._bad, digest, now + self.negative_ttl_s, self.max_entries // 10 or 1)
             return
-        ttl = self.ttl_s
-        exp = token_expiry(token)
-        if exp is not None:
-            ttl = min(ttl, exp - self._wall())
+        ttl = min(self.ttl_s, exp - self._wall())
         if ttl > 0:
             _bounded_put(self._good, digest, (now + ttl, identity), self.max_entries)
 

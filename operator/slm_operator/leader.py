@@ -126,15 +126,18 @@ def now_rfc3339() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def free_for(spec: Mapping[str, Any], identity: str, seen_at: float, now: float) -> bool:
+def free_for(
+    spec: Mapping[str, Any], identity: str, seen_at: float, now: float, pod: str = ""
+) -> bool:
     """May ``identity`` take or renew a lease whose spec is ``spec``?
 
-    ``seen_at``: this process's monotonic time when it first saw this very record (the
-    lease's resourceVersion); ``now``: the same clock now. Expiry is judged from those two,
-    never from the record's renewTime (see the module docstring: clock skew).
+    ``seen_at``: this process's monotonic time when it first saw this very holder record;
+    ``now``: the same clock now. Expiry is judged from those two, never from the record's
+    renewTime (see the module docstring: clock skew). ``pod`` (:attr:`LeaseSettings.pod`): a
+    holder named after this pod is this container's previous, dead process.
     """
-    holder = spec.get("holderIdentity") or ""
-    if not holder or holder == identity:
+    holder = str(spec.get("holderIdentity") or "")
+    if not holder or holder == identity or (pod and holder.rpartition("_")[0] == pod):
         return True
     duration = spec.get("leaseDurationSeconds")
     if not isinstance(duration, int | float) or duration <= 0:
@@ -236,7 +239,6 @@ class LeaderElector:
         self._last_error = ""
         #: Another replica named as holder by the last read ("" when none was).
         self._other_holder = ""
-        self._predecessor_logged = ""
         #: Threads of its own: on the default pool, shared with the reconciles, a renewal
         #: waited behind them for a thread and the leader stepped down with a healthy API
         #: server.
@@ -252,6 +254,10 @@ class LeaderElector:
     def _timeout(self) -> float:
         """Seconds one API call may take: two of them fit in the renew deadline."""
         return max(0.5, min(5.0, self.settings.renew_deadline_seconds / 3))
+
+    def _round_trip_s(self) -> float:
+        """The most a standby's attempt (GET, then POST or PUT) is waited for."""
+        return 2 * self._timeout() + 1
 
     def _get(self) -> dict[str, Any] | None:
         """The Lease, or None when there is none."""
@@ -297,16 +303,7 @@ class LeaderElector:
         now = self.clock()
         if self._seen is None or self._seen[0] != record:
             self._seen = (record, now)
-        holder = str(spec.get("holderIdentity") or "")
-        predecessor = bool(s.pod) and holder.rpartition("_")[0] == s.pod
-        if predecessor and holder != s.identity and holder != self._predecessor_logged:
-            log.info(
-                "lease %s/%s is held by this pod's previous process: taken over",
-                s.namespace,
-                s.name,
-            )
-            self._predecessor_logged = holder
-        if not predecessor and not free_for(spec, s.identity, self._seen[1], now):
+        if not free_for(spec, s.identity, self._seen[1], now, s.pod):
             holder = str(spec.get("holderIdentity"))
             if holder != self._other_holder:
                 log.info("standing by: lease %s/%s is held by %s", s.namespace, s.name, holder)
@@ -376,7 +373,7 @@ class LeaderElector:
         if self.leading:
             budget = self._renewed_at + s.renew_deadline_seconds - self.clock()
         else:
-            budget = 2 * self._timeout() + 1
+            budget = self._round_trip_s()
         self._attempt = attempt = asyncio.get_running_loop().run_in_executor(
             self._pool, self.try_acquire_or_renew
         )
@@ -410,7 +407,7 @@ class LeaderElector:
         """After :meth:`run` was cancelled: let an attempt in flight end, then release."""
         attempt = self._attempt
         if attempt is not None and not attempt.done():
-            await asyncio.wait([attempt], timeout=2 * self._timeout() + 1)
+            await asyncio.wait([attempt], timeout=self._round_trip_s())
             if not attempt.done():
                 log.warning(
                     "lease %s/%s not released: the API server does not answer",

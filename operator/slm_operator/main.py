@@ -466,10 +466,8 @@ def _lost_leadership(rt: Runtime) -> None:
             "nothing after another replica took over (the pod restarts as a standby)"
         )
     log.error("lost the leader Lease; standing by (no reconcile was running)")
-    for st in rt.states.values():
-        st.cancel_retry()
-        st.cancel_window()
-        st.failures, st.last_error = 0, ""
+    for key in list(rt.states):  # no retries or windows: the new leader reconciles
+        rt.forget(key)
     for key in rt.known:  # the new leader exports them
         METRICS.forget_task(*key)
 

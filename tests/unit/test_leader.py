@@ -97,6 +97,11 @@ def test_a_lease_is_free_when_released_mine_or_silent_for_its_duration() -> None
     assert free_for({**held, "holderIdentity": "me_1"}, "me_1", seen_at=100, now=100)
     assert not free_for(held, "me_1", seen_at=100, now=114.9)
     assert free_for(held, "me_1", seen_at=100, now=115)
+    # A holder named after this pod is this container's previous process, dead: no wait.
+    mine_before = {**held, "holderIdentity": "operator-0_1a2b"}
+    assert free_for(mine_before, "operator-0_9f8e", 100, 100, pod="operator-0")
+    assert not free_for(mine_before, "operator-0_9f8e", 100, 100)  # pod name unknown
+    assert not free_for(held, "operator-0_9f8e", 100, 100, pod="operator-0")
 
 
 def test_expiry_ignores_the_holders_renew_time() -> None:
