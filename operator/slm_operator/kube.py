@@ -184,20 +184,34 @@ class Kube:
             query=[("fieldManager", self.field_manager), ("force", "true")],
         )
 
-    def delete(self, api_version: str, plural: str, namespace: str, name: str) -> None:
+    def delete(
+        self, api_version: str, plural: str, namespace: str, name: str, uid: str = ""
+    ) -> bool:
+        """Delete a child by name; with ``uid``, only the object observed under that uid.
+
+        Why the uid: names are deterministic, so between the read that decided on a deletion
+        and the DELETE, the object may have been deleted and created again under the same
+        name (by this operator's previous pass, or a replica that led before it) and is then
+        new work that must not go. The API server checks the precondition atomically and
+        answers 409 Conflict; that, like 404, means "nothing of ours left to delete".
+        Returns whether this call deleted something.
+        """
+        options: dict[str, Any] = {
+            "kind": "DeleteOptions",
+            "apiVersion": "v1",
+            "propagationPolicy": "Background",
+        }
+        if uid:
+            options["preconditions"] = {"uid": uid}
         try:
             self.request(
-                "DELETE",
-                f"{_collection(api_version, plural, namespace)}/{name}",
-                body={
-                    "kind": "DeleteOptions",
-                    "apiVersion": "v1",
-                    "propagationPolicy": "Background",
-                },
+                "DELETE", f"{_collection(api_version, plural, namespace)}/{name}", body=options
             )
         except KubeError as e:
-            if e.status != 404:
-                raise
+            if e.status == 404 or (uid and e.status == 409):
+                return False
+            raise
+        return True
 
     def patch_status(
         self,

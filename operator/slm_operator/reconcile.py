@@ -233,7 +233,8 @@ def reconcile(
             refused.append((obj["kind"], obj["metadata"]["name"], e.message or str(e)))
     p = with_apply_failures(obs.task, p, refused, obs.now)
     for job in p.delete_jobs:
-        kube.delete("batch/v1", "jobs", namespace, job)
+        seen = obs.jobs.get(job)
+        kube.delete("batch/v1", "jobs", namespace, job, uid=seen.uid if seen else "")
     previous = obs.task.get("status") or {}
     if p.status != previous:
         try:

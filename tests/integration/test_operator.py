@@ -910,3 +910,68 @@ def test_status_is_never_written_onto_a_task_created_again_under_the_same_name(
     with pytest.raises(TaskChanged):
         rc.reconcile(kube, ns, "weather")
     assert not get_task(cluster, ns).get("status")
+
+
+def test_a_job_created_again_under_its_name_survives_a_deletion_decided_on_the_old_one(
+    cluster: ClusterHandle, namespace: str, agenttask_crd: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass decided to delete a Job (abandoned, or to run it again) from what it read; by the
+    time it deletes, that Job is gone and a new one runs under the same, deterministic name
+    (created by the next pass, or by a replica that led before this one). The new Job is new
+    work: the stale deletion must leave it, and a deletion of what was read still works."""
+    import dataclasses
+    import datetime as dt
+
+    from kubernetes import config
+
+    from slm_operator import reconcile as rc
+    from slm_operator.kube import Kube
+    from slm_operator.observe import JobView
+    from slm_operator.plan import Plan
+
+    ns = namespace
+    kube = Kube(config.new_client_from_config(config_file=cluster.kubeconfig))
+    cluster.apply(agenttask(), ns)
+    name = "weather-data-stale"
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name},
+        "spec": {
+            "backoffLimit": 0,
+            "suspend": True,  # nothing needs to run: only which object survives matters
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [{"name": "main", "image": "example.invalid/job:1"}],
+                }
+            },
+        },
+    }
+    cluster.apply(job, ns)
+    old_uid = cluster.get_json("job", name, "-n", ns)["metadata"]["uid"]
+    obs = rc.observe(kube, ns, "weather", dt.datetime.now(dt.UTC))
+    assert obs is not None
+    seen = JobView(name=name, stage="data", revision="old", candidate=None, state="Complete")
+    stale = dataclasses.replace(obs, jobs={name: dataclasses.replace(seen, uid=old_uid)})
+    status = dict(obs.task.get("status") or {})
+    monkeypatch.setattr(rc, "observe", lambda *a, **k: stale)
+    monkeypatch.setattr(rc, "plan", lambda o: Plan(delete_jobs=[name], status=status))
+
+    cluster.kubectl("delete", "job", name, "-n", ns, "--timeout=60s")
+    cluster.apply(job, ns)
+    new_uid = cluster.get_json("job", name, "-n", ns)["metadata"]["uid"]
+    assert new_uid != old_uid
+    rc.reconcile(kube, ns, "weather")  # no error: the Job read is gone, nothing left to do
+    after = cluster.get_json("job", name, "-n", ns)
+    assert after["metadata"]["uid"] == new_uid and not after["metadata"].get("deletionTimestamp")
+
+    # The Job that was read is deleted as before.
+    fresh = dataclasses.replace(obs, jobs={name: dataclasses.replace(seen, uid=new_uid)})
+    monkeypatch.setattr(rc, "observe", lambda *a, **k: fresh)
+    rc.reconcile(kube, ns, "weather")
+    wait_for(
+        lambda: cluster.kubectl("get", "job", name, "-n", ns, check=False).returncode != 0,
+        timeout=60,
+        what="the Job that was read to be deleted",
+    )

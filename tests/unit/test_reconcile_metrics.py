@@ -81,7 +81,7 @@ class ServingTask:
     def apply(self, obj: Any) -> None:
         pass
 
-    def delete(self, *_: Any) -> None:
+    def delete(self, *_: Any, **__: Any) -> None:
         pass
 
     def event(self, *_: Any) -> None:

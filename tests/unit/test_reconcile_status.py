@@ -34,7 +34,7 @@ class StatusOnly:
     def apply(self, obj: Any) -> None:
         pass
 
-    def delete(self, *args: Any) -> None:
+    def delete(self, *args: Any, **kwargs: Any) -> None:
         pass
 
     def event(self, *args: Any) -> None:

@@ -43,7 +43,7 @@ class Cluster:
             raise self.refuse
         self.applied.append(f"{obj['kind']}/{obj['metadata']['name']}")
 
-    def delete(self, *_: Any) -> None:
+    def delete(self, *_: Any, **__: Any) -> None:
         pass
 
     def event(self, obj: Any, type_: str, reason: str, message: str) -> None:
