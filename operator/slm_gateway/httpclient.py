@@ -57,6 +57,8 @@ from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import httptools
 
+from slm_contract import http_url_problem
+
 #: Headers every request carries: both upstreams take and return JSON.
 JSON_HEADERS: tuple[tuple[str, str], ...] = (
     ("Content-Type", "application/json"),
@@ -150,40 +152,27 @@ class Target:
     def parse(cls, url: str, headers: tuple[tuple[str, str], ...] = JSON_HEADERS) -> Target:
         """A POST target for ``url``; :class:`ValueError` for a URL or header we cannot send.
 
-        Why the checks: a port outside 1..65535, a URL with user info, or a header value with
-        a line break would otherwise fail at the first call, or worse (a line break in an
-        API key would let it inject headers), so a route with one is refused up front. A
-        fragment is refused too: HTTP never sends it, so whatever the author meant by it would
-        silently not happen. A query is kept and sent (Azure OpenAI needs ``?api-version=``),
-        but may hold a key: log the URL only through :func:`safe_url`.
+        Why the checks: a URL :func:`slm_contract.http_url_problem` refuses (a port outside
+        1..65535, user info, a fragment, a space or control character), or a header value
+        with a line break, would otherwise fail at the first call, or worse (a line break in
+        an API key would let it inject headers), so a route with one is refused up front; the
+        operator refuses the same URLs in a task's spec. A query is kept and sent (Azure
+        OpenAI needs ``?api-version=``), but may hold a key: log the URL only through
+        :func:`safe_url`.
 
         Every message names the problem, never a part of the URL or a header value: the
         caller logs it, and either may hold a secret.
         """
-        parts = _split(url)
+        problem = http_url_problem(url)
+        if problem:
+            raise ValueError(problem)
+        parts = urlsplit(url)
         scheme = parts.scheme.lower()
-        if scheme not in _DEFAULT_PORTS:
-            raise ValueError("the URL must start with http:// or https://")
-        if "@" in parts.netloc:
-            raise ValueError("user info in the URL is not supported; use a Secret")
-        if parts.fragment:
-            raise ValueError("a fragment (#...) in the URL is not supported")
         host = parts.hostname or ""
-        if not host:
-            raise ValueError("the URL has no host")
-        try:
-            port = parts.port
-        except ValueError:  # its text quotes the port part, which is not ours to show
-            raise ValueError("the URL's port is out of range or not a number") from None
-        if port is None:
-            port = _DEFAULT_PORTS[scheme]
-        if not 0 < port < 65536:
-            raise ValueError(f"port {port} is out of range")
+        port = parts.port or _DEFAULT_PORTS[scheme]
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
-        if any(c in path for c in (" ", *_FORBIDDEN_IN_HEADERS)):
-            raise ValueError("the URL path contains a space or a control character")
         host_header = f"[{host}]" if ":" in host else host
         if port != _DEFAULT_PORTS[scheme]:
             host_header += f":{port}"

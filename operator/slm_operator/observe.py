@@ -61,6 +61,27 @@ class JobView:
     uid: str = ""
 
 
+def refused_job(job: Mapping[str, Any], why: str) -> JobView:
+    """The view of a Job the API server refused to create: pending, ``why`` as its wait.
+
+    Why: the plan reads a missing Job of this revision as "created, waiting for its pod",
+    so a Job refused for good (a quota, an admission webhook, a serviceAccountName the API
+    server calls invalid) left the stage's condition, the phase message and the candidate
+    saying it was created. A refused Job is pending for the reason the API server gave,
+    like one whose pod cannot be created.
+    """
+    meta = job["metadata"]
+    labels = meta.get("labels") or {}
+    return JobView(
+        name=meta["name"],
+        stage=labels.get(n.LABEL_STAGE, ""),
+        revision=labels.get(n.LABEL_REVISION, ""),
+        candidate=labels.get(n.LABEL_CANDIDATE),
+        state=PENDING,
+        waiting=_short(f"the API server refused to create it: {why}"),
+    )
+
+
 def _conditions(job: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
     return {
         c["type"]: c

@@ -24,7 +24,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from slm_contract import ContractError, TrainerResult
+from slm_contract import ContractError, TrainerResult, http_url_problem
 from slm_operator import builders as b
 from slm_operator import conditions as c
 from slm_operator import live as lv
@@ -170,6 +170,13 @@ def validate(task: Mapping[str, Any], reserved_accounts: Collection[str] = ()) -
                 f"candidate {cand['name']}: model {model} is on another PVC than "
                 f"storage.claimName {claim}; trainer pods mount only the storage claim"
             )
+    base_url = str(((spec.get("fallback") or {}).get("llm") or {}).get("baseURL") or "")
+    why = http_url_problem(base_url)
+    if why:
+        # The CRD's rules refuse these URLs, but a task admitted before them keeps its URL
+        # (ratcheting): the gateway would drop its route and fail every call, so training
+        # for it would be wasted GPU time. The URL itself may hold a key: not quoted.
+        return f"fallback.llm.baseURL cannot be used by the gateway: {why}"
     schedule = (spec.get("retraining") or {}).get("schedule")
     if schedule:
         # The CRD's rule refuses most bad schedules, but one admitted before it (or that a

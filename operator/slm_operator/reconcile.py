@@ -22,6 +22,7 @@ from slm_operator.observe import (
     failed_creates,
     job_view,
     pod_job_name,
+    refused_job,
     serving_waiting,
 )
 from slm_operator.plan import (
@@ -217,6 +218,7 @@ def reconcile(
         return None
     p = plan(obs)
     refused: list[tuple[str, str, str]] = []
+    refused_jobs: dict[str, JobView] = {}
     for obj in p.apply:
         try:
             kube.apply(obj)
@@ -231,6 +233,13 @@ def reconcile(
             # Refused for good (RBAC, quota, an admission webhook, validation): say so in
             # the status, which is still written, and go on with the other children.
             refused.append((obj["kind"], obj["metadata"]["name"], e.message or str(e)))
+            if obj["kind"] == "Job" and obj["metadata"]["name"] not in obs.jobs:
+                refused_jobs[obj["metadata"]["name"]] = refused_job(obj, e.message or str(e))
+    if refused_jobs:
+        # Planned again with the refused Jobs pending for the API server's reason: the
+        # stage's condition, the phase and the candidates say they were refused, not
+        # "created" (the plan is pure, so this is the plan of what is really there).
+        p = plan(dataclasses.replace(obs, jobs={**obs.jobs, **refused_jobs}))
     p = with_apply_failures(obs.task, p, refused, obs.now)
     for job in p.delete_jobs:
         seen = obs.jobs.get(job)

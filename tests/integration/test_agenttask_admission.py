@@ -168,6 +168,119 @@ INVALID = [
         BASE_URL_MESSAGE,
     ),
     case(
+        "base-url-trailing-space",
+        {"spec.fallback.llm.baseURL": "https://api.openai.com/v1 "},
+        "fallback.llm.baseURL must not contain spaces",
+    ),
+    case(
+        "base-url-fragment",
+        {"spec.fallback.llm.baseURL": "https://api.openai.com/v1#chat"},
+        "fallback.llm.baseURL must not have a #fragment",
+    ),
+    case(
+        "base-url-port-out-of-range",
+        {"spec.fallback.llm.baseURL": "https://api.openai.com:99999/v1"},
+        "fallback.llm.baseURL's port must be between 1 and 65535",
+    ),
+    case(
+        "base-url-user-info",
+        {"spec.fallback.llm.baseURL": "https://bob:hunter2@llm.example.com/v1"},
+        "fallback.llm.baseURL must not carry user info",
+    ),
+    # Whole numbers against fractional bounds: the schema alone passed 0 (kube-openapi
+    # compares a whole number with the bound truncated to an integer) and refused 1 as "less
+    # than or equal to 0"; the CEL rules say the real range.
+    case(
+        "eval-fraction-zero",
+        {"spec.dataset.evalFraction": 0},
+        "dataset.evalFraction must be between 0.05 and 0.5",
+    ),
+    case(
+        "eval-fraction-one",
+        {"spec.dataset.evalFraction": 1},
+        "dataset.evalFraction must be between 0.05 and 0.5",
+    ),
+    case(
+        "target-precision-zero",
+        {"spec.evaluation.targetPrecision": 0},
+        "evaluation.targetPrecision must be between 0.5 and 1",
+    ),
+    case(
+        "lora-dropout-one",
+        {"spec.candidates.1.lora": {"dropout": 1}},
+        "lora.dropout must be between 0 and 0.9",
+    ),
+    # What the API server would refuse on the trainer Jobs or the Triton Deployment, refused
+    # here instead: the task would otherwise be admitted and stall at ApplyFailed.
+    case(
+        "trainer-account-invalid",
+        {"spec.training.serviceAccountName": "Bad_Name"},
+        "spec.training.serviceAccountName",
+        "should match",
+    ),
+    case(
+        "trainer-image-blank",
+        {"spec.training.image": ""},
+        "spec.training.image",
+        "should be at least 1 chars long",
+    ),
+    case(
+        "serving-image-with-space",
+        {"spec.serving": {"image": "ghcr.io/x/triton:1 "}},
+        "spec.serving.image",
+        "should match",
+    ),
+    case(
+        "negative-cpu-string",
+        {"spec.training.resources": {"requests": {"cpu": "-1"}}},
+        "spec.training.resources.requests.cpu",
+    ),
+    case(
+        "negative-cpu-integer",
+        {"spec.serving": {"resources": {"limits": {"cpu": -2}}}},
+        "resource quantities must not be negative",
+    ),
+    case(
+        "request-above-limit",
+        {"spec.training.resources": {"requests": {"memory": "64Gi"}, "limits": {"memory": "48Gi"}}},
+        "a resource's request must not be greater than its limit",
+    ),
+    case(
+        "gpus-in-resources",
+        {"spec.serving": {"resources": {"requests": {"nvidia.com/gpu": "2"}}}},
+        "set GPUs with the gpus field, not as nvidia.com/gpu in resources",
+    ),
+    case(
+        "node-selector-bad-key",
+        {"spec.training.nodeSelector": {"bad key!": "x"}},
+        "every nodeSelector key must be a label key",
+    ),
+    case(
+        "node-selector-bad-value",
+        {"spec.serving": {"nodeSelector": {"pool": "x y"}}},
+        "spec.serving.nodeSelector.pool",
+        "should match",
+    ),
+    case(
+        "toleration-exists-with-value",
+        {"spec.training.tolerations": [{"key": "gpu", "operator": "Exists", "value": "yes"}]},
+        "a toleration with operator Exists must not have a value",
+    ),
+    case(
+        "toleration-without-key-equal",
+        {"spec.serving": {"tolerations": [{"operator": "Equal", "value": "x"}]}},
+        "a toleration without a key must have operator Exists",
+    ),
+    case(
+        "toleration-seconds-without-no-execute",
+        {
+            "spec.training.tolerations": [
+                {"key": "gpu", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 5}
+            ]
+        },
+        "tolerationSeconds needs effect NoExecute",
+    ),
+    case(
         "unknown-task-type",
         {"spec.taskType": "summarisation"},
         "spec.taskType",
@@ -409,6 +522,35 @@ def test_other_fields_stay_mutable(cluster: Any, namespace: str) -> None:
 def test_every_dataset_scheme_is_accepted(cluster: Any, namespace: str, uri: str) -> None:
     result = apply(cluster, namespace, mutated(BASE, {"spec.dataset.uri": uri}), "--dry-run=server")
 
+    assert result.returncode == 0, result.stderr
+
+
+POD_SETTINGS = {
+    "resources": {
+        "requests": {"cpu": "500m", "memory": "1Gi", "ephemeral-storage": 0},
+        "limits": {"cpu": 4, "memory": "1Gi"},  # equal to its request: fine
+    },
+    "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "pool": ""},
+    "tolerations": [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        {"operator": "Exists"},  # every taint
+        {"key": "spot", "operator": "Equal", "value": "true", "effect": "NoExecute"},
+        {"key": "drain", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 30},
+    ],
+}
+
+
+@pytest.mark.parametrize("section", ["training", "serving"])
+def test_pod_settings_a_pod_accepts_are_admitted(
+    cluster: Any, namespace: str, section: str
+) -> None:
+    """The rules that refuse what a Job or Deployment would refuse leave every ordinary pod
+    setting alone: quantities as strings and integers, a request equal to its limit, label
+    keys with a DNS prefix, an empty label value, the usual GPU and spot tolerations."""
+    changes: dict[str, Any] = {f"spec.{section}.{k}": v for k, v in POD_SETTINGS.items()}
+    if section == "training":
+        changes["spec.training.serviceAccountName"] = "s3-reader.team-a"
+    result = apply(cluster, namespace, mutated(BASE, changes), "--dry-run=server")
     assert result.returncode == 0, result.stderr
 
 

@@ -870,6 +870,8 @@ def test_a_child_the_api_server_refuses_says_why_in_ready(
     ready = condition_saying(cluster, ns, "Ready", "exceeded quota", 60)
     assert (ready["status"], ready["reason"]) == ("False", "ApplyFailed")
     assert "Job weather-data-" in ready["message"] and "no-jobs" in ready["message"]
+    data = condition(get_task(cluster, ns), "DataReady")  # not "Job created"
+    assert "refused to create it" in data["message"] and "no-jobs" in data["message"]
     warnings = cluster.get_json("events", "-n", ns, "--field-selector", "type=Warning")["items"]
     assert any(e["reason"] == "ApplyFailed" for e in warnings)
 

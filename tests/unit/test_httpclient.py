@@ -163,11 +163,12 @@ SECRET = "sk-TESTSECRET1234567890abcdef"
     ("url", "message"),
     [
         # urlsplit's own error quoted the netloc, password included (NFKC-changing slash)
-        (f"https://bob:{SECRET}@api.example.com\uff0fv1", "cannot be parsed"),
+        (f"https://bob:{SECRET}@api.example.com\uff0fv1", "non-ASCII character"),
         (f"https://bob:{SECRET}@api.example.com/v1", "user info"),
         (f"http://h:{SECRET}/v1", "port"),  # "Port could not be cast ... as '<text>'"
         (f"https://api.example.com/v1#{SECRET}", "fragment"),
-        ("http://h/\u2019" + SECRET, "character HTTP/1.1 cannot carry"),
+        ("http://h/\u2019" + SECRET, "non-ASCII character"),
+        (f"https://api.example.com/v1?key={SECRET} ", "a space"),  # pasted with a trailing space
     ],
 )
 def test_a_refused_url_is_named_by_its_problem_never_by_its_secret(url: str, message: str) -> None:

@@ -489,6 +489,29 @@ def test_candidate_model_on_foreign_pvc_is_invalid() -> None:
     assert "another PVC" in (plan(Observed(task, {}, None, NOW)).invalid or "")
 
 
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("https://llm.example.com/v1 ", "a space"),  # pasted with a trailing space
+        ("https://llm.example.com/v1#chat", "fragment"),
+        ("https://llm.example.com:99999/v1", "out of range"),
+        ("https://bob:sk-TESTSECRET1234@llm.example.com/v1", "user info"),
+    ],
+)
+def test_an_llm_url_the_gateway_would_refuse_is_invalid_before_any_training(
+    url: str, why: str
+) -> None:
+    """A task admitted before the CRD refused these URLs keeps its URL (ratcheting); the
+    gateway drops its route, so every call for it would fail and its training is wasted GPU
+    time. The task says why instead, without quoting the URL (it may hold a key)."""
+    task = make_task()
+    task["spec"]["fallback"]["llm"]["baseURL"] = url
+    p = plan(Observed(task, {}, None, NOW))
+    assert p.invalid and "fallback.llm.baseURL cannot be used by the gateway" in p.invalid
+    assert why in p.invalid and "TESTSECRET" not in p.invalid
+    assert p.apply == [] and conds(p.status)[c.READY] == (c.FALSE, c.INVALID_SPEC)
+
+
 @pytest.mark.parametrize("account", ["slm-operator", "slm-gateway"])
 def test_trainer_may_not_run_as_the_operators_or_gateways_service_account(account: str) -> None:
     """The trainer runs the image the task's author chose: as the gateway's ServiceAccount it

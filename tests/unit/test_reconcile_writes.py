@@ -94,6 +94,12 @@ def test_a_child_the_api_server_refuses_is_named_in_ready_and_status_is_still_wr
     assert message in ready["message"] and ready["message"].startswith("Job weather-data-")
     assert ("Warning", c.APPLY_FAILED) in {(t, r) for t, r, _ in kube.events}
     assert kube.task["status"]["revision"]["training"]  # the rest of the plan is written too
+    # The data step says the Job was refused, in the API server's words, not "Job created".
+    data = c.find(kube.task["status"]["conditions"], c.DATA_READY)
+    assert data is not None and data["status"] == c.UNKNOWN
+    assert "refused to create it" in data["message"] and message[:60] in data["message"]
+    assert "Job created" not in data["message"]
+    assert "refused to create it" in kube.task["status"]["message"]
 
 
 def test_a_refusal_message_is_bounded() -> None:

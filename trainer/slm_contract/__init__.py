@@ -18,6 +18,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+from urllib.parse import urlsplit
 
 #: The kubelet truncates termination messages above this many bytes.
 TERMINATION_MESSAGE_LIMIT = 4096
@@ -123,6 +124,43 @@ def redact_uris(text: str, *uris: str) -> str:
 def redact_uri(uri: str) -> str:
     """One URI as a message may show it (see :func:`redact_uris`): no user info, no query."""
     return redact_uris(uri)
+
+
+def http_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be an endpoint the gateway calls over HTTP, or None when it can.
+
+    Why here: the gateway refuses such a URL when it builds a route (an LLM's ``baseURL``,
+    a Triton endpoint), and the operator must refuse the same URLs in a task's spec before it
+    starts GPU work on a task whose calls would all fail: one definition for both. The
+    CRD's CEL rules on ``fallback.llm.baseURL`` say the same at admission.
+
+    A port outside 1..65535, user info (``user:password@``, which belongs in a Secret), a
+    fragment (HTTP never sends it, so whatever it meant would silently not happen) and a
+    space, control or non-ASCII character (a trailing space pasted with the URL, a line break
+    that would inject a header) are refused. Every message names the problem, never a part of
+    the URL: callers log it, and the URL's user info or query may hold a key.
+    """
+    if any(c.isspace() or not " " < c < "\x7f" for c in url):
+        return "the URL contains a space, a control character or a non-ASCII character"
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # its text quotes the netloc, which may hold a password
+        return "the URL cannot be parsed (a bracket in its host part?)"
+    if parts.scheme.lower() not in ("http", "https"):
+        return "the URL must start with http:// or https://"
+    if "@" in parts.netloc:
+        return "user info in the URL is not supported; use a Secret"
+    if "#" in url:
+        return "a fragment (#...) in the URL is not supported"
+    if not parts.hostname:
+        return "the URL has no host"
+    try:
+        port = parts.port
+    except ValueError:  # its text quotes the port part, which is not ours to show
+        return "the URL's port is out of range or not a number"
+    if port is not None and not 0 < port < 65536:
+        return f"port {port} is out of range"
+    return None
 
 
 #: A JSON ``\uXXXX`` escape of a UTF-16 surrogate (paired or not), or a raw surrogate character:
