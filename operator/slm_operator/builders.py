@@ -297,7 +297,7 @@ def finetune_job(
     ev = spec["evaluation"]
     args = [
         f"--candidate={candidate['name']}",
-        f"--model={candidate['model']}",
+        f"--model={model_location(task, candidate['model'])}",
         f"--data={rdir}/data",
         f"--output={rdir}/candidates/{candidate['name']}",
         f"--artifact-uri={artifact_uri(task, revision, 'candidates', candidate['name'])}",
@@ -329,6 +329,19 @@ def finetune_job(
     )
 
 
+def model_location(task: Mapping[str, Any], model: str) -> str:
+    """The ``--model`` a trainer pod can open for a candidate's ``model``.
+
+    Why: a base model on the storage claim is named ``pvc://<claim>/<path>`` in the spec (as
+    datasets and artifacts are), but the trainer reads a folder or a hub id, not a URI: it
+    refused the URI only after data prep, on a GPU pod. The claim is mounted at
+    :data:`WORKSPACE` in trainer and Triton pods alike, so the served adapter finds its base
+    at the same path. (A model on another claim is refused by ``plan.validate``.)
+    """
+    prefix = f"pvc://{task['spec']['storage']['claimName']}/"
+    return f"{WORKSPACE}/{model[len(prefix) :]}" if model.startswith(prefix) else model
+
+
 def artifact_uri(task: Mapping[str, Any], revision: str, *parts: str) -> str:
     """The storage URI of a path under the revision's workspace folder, as results report it."""
     tail = "/".join((task["metadata"]["name"], revision, *parts))
@@ -356,7 +369,7 @@ def export_job(
     repo = f"{REPOSITORIES}/{candidate['name']}"
     args = [
         f"--candidate={candidate['name']}",
-        f"--model={candidate['model']}",
+        f"--model={model_location(task, candidate['model'])}",
         f"--candidate-dir={source}",
         f"--output={revision_dir(task, revision)}/{repo}",
         f"--artifact-uri={artifact_uri(task, revision, repo)}",

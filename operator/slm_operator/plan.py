@@ -710,13 +710,17 @@ def _prepared_before(prev: Mapping[str, Any], rev: str) -> tuple[str, str, str] 
     return recorded
 
 
-def _invalid_spec_step(prev: Mapping[str, Any], why: tuple[str, str, str]) -> _Step:
+def _invalid_spec_step(prev: Mapping[str, Any], why: tuple[str, str, str], active: str) -> _Step:
     """The training outcome of an invalid spec beside a served model: none is trained.
 
     Why the last candidates are kept: they describe the served model's revision, the only
-    training fact that still holds.
+    training fact that still holds. For the same reason, when the last status described the
+    served revision as passed (:func:`_served_step`), its DataReady, Trained and Evaluated
+    stay as they were, and only Ready says the spec is invalid: overwritten, they were lost
+    for good, and once the edit was reverted a served revision whose Jobs or pods were gone
+    read as a Job about to run (JobPending) or a result missing, with a Warning.
     """
-    return _Step(
+    step = _Step(
         data=why,
         trained=why,
         evaluated=why,
@@ -724,6 +728,8 @@ def _invalid_spec_step(prev: Mapping[str, Any], why: tuple[str, str, str]) -> _S
         candidates=list(prev.get("candidates") or []),
         terminal_failure=True,
     )
+    served = _served_step(step, prev, active)
+    return dataclasses.replace(served, phase=PHASE_FAILED, terminal_failure=True)
 
 
 def _recorded(
@@ -1191,7 +1197,7 @@ def plan(obs: Observed) -> Plan:
     )
     must_beat = prev_selected.get("score") if retraining_beside else None
     step = (
-        _invalid_spec_step(prev, invalid_step)
+        _invalid_spec_step(prev, invalid_step, active_rev)
         if problem
         else _pipeline(
             task,

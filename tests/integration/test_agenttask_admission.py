@@ -281,6 +281,29 @@ INVALID = [
         "tolerationSeconds needs effect NoExecute",
     ),
     case(
+        "min-examples-above-the-default-max",
+        {"spec.dataset.minExamples": 200000},
+        "dataset.minExamples above 100000 needs dataset.maxExamples",
+    ),
+    case(
+        "blank-model",
+        {"spec.candidates.0.model": "   "},
+        "spec.candidates[0].model",
+        "should match",
+    ),
+    case(
+        "llm-key-secret-name-invalid",
+        {"spec.fallback.llm.apiKeySecretRef": {"name": "Bad_Name"}},
+        "spec.fallback.llm.apiKeySecretRef.name",
+        "should match",
+    ),
+    case(
+        "llm-key-secret-key-invalid",
+        {"spec.fallback.llm.apiKeySecretRef": {"name": "openai", "key": "a/b"}},
+        "spec.fallback.llm.apiKeySecretRef.key",
+        "should match",
+    ),
+    case(
         "unknown-task-type",
         {"spec.taskType": "summarisation"},
         "spec.taskType",
@@ -514,6 +537,7 @@ def test_other_fields_stay_mutable(cluster: Any, namespace: str) -> None:
     "uri",
     [
         "pvc://call-logs/support-agent/",
+        "pvc://call.logs/support-agent/calls.jsonl",  # a claim name may have dots
         "s3://agent-call-logs/triage/2026-01.jsonl",
         "gs://agent-call-logs/calls/support-agent/triage/",
         "file:///data/calls.jsonl",

@@ -745,3 +745,23 @@ def test_an_export_of_an_artifact_on_another_claim_is_refused() -> None:
     assert b.candidate_artifact_problem(make_task(), "s3://bucket/x") is None
     with pytest.raises(ValueError, match="not on the storage claim"):
         b.export_job(make_task(), "r1", {"name": "s", "model": "m"}, "pvc://other/x", None)
+
+
+def test_a_base_model_on_the_storage_claim_is_opened_where_the_claim_is_mounted() -> None:
+    """``model: pvc://<storage claim>/<path>`` passed every check, but the trainer opens a
+    folder or a hub id, not a URI: every candidate failed after data prep, on a GPU pod.
+    Trainer and Triton pods mount the claim at /workspace, so the Jobs get that path."""
+    task = make_task(candidates=[{"name": "small", "model": "pvc://slm-work/models/smollm2"}])
+    cand = task["spec"]["candidates"][0]
+    for job in (
+        b.finetune_job(task, "r", cand),
+        b.export_job(task, "r", cand, "pvc://slm-work/weather/r/candidates/small", 0.5),
+    ):
+        args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert "--model=/workspace/models/smollm2" in args
+        mounts = job["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+        assert {"name": "workspace", "mountPath": "/workspace"} in mounts
+    # A hub id or a folder inside the image is passed as it is.
+    hub = make_task(candidates=[{"name": "small", "model": "HuggingFaceTB/SmolLM2-135M"}])
+    args = b.finetune_job(hub, "r", hub["spec"]["candidates"][0])["spec"]["template"]["spec"]
+    assert "--model=HuggingFaceTB/SmolLM2-135M" in args["containers"][0]["args"]

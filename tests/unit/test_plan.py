@@ -1064,13 +1064,39 @@ def test_an_invalid_spec_keeps_the_served_model_under_live_control() -> None:
     assert cs[c.FALLBACK_ACTIVE] == (c.TRUE, c.SLO_BREACHED)
     assert cs[c.SLO_MET] == (c.FALSE, c.SLO_BREACHED)
     assert cs[c.SERVING] == (c.TRUE, c.DEPLOYMENT_AVAILABLE)
-    assert cs[c.TRAINED] == (c.UNKNOWN, c.INVALID_SPEC)
+    # The served revision's training facts still hold; only Ready says the spec is invalid.
+    assert cs[c.TRAINED] == (c.TRUE, c.TRAINING_SUCCEEDED)
+    assert cs[c.EVALUATED] == (c.TRUE, c.GATE_PASSED)
     assert task["status"]["route"]["mode"] != "slm"  # the LLM answers
     assert task["status"]["phase"] == "Failed"
     assert p.next_window_s == 10.0  # the operator still wakes for the next window
     assert [x["name"] for x in task["status"]["candidates"]] == ["small", "big"]
     assert kinds(p) == [("Deployment", "weather-slm"), ("Service", "weather-slm")]
     _settled(Observed(task, jobs, dep, t + dt.timedelta(seconds=1)))
+
+
+def test_a_reverted_invalid_edit_leaves_a_served_revision_without_jobs_as_it_was() -> None:
+    """The served revision's Jobs are gone (deleted by hand, a cleanup), an invalid edit
+    comes and is reverted. The training conditions used to be overwritten with InvalidSpec
+    and then, with nothing recorded to fall back on, read "Job created, waiting for its pod"
+    for a Job that never comes (or ResultMissing, a Warning, where the pods were gone)."""
+    task, _jobs, dep = _serving_task()
+    before = conds(task["status"])
+    assert before[c.EVALUATED] == (c.TRUE, c.GATE_PASSED)
+    good = copy.deepcopy(task["spec"])
+    task["spec"]["candidates"][0]["model"] = "pvc://other-claim/models/x"
+    p = _step(task, {}, dep, NOW, HEALTHY)
+    assert p.invalid and conds(p.status)[c.READY] == (c.FALSE, c.INVALID_SPEC)
+    assert p.apply and not [o for o in p.apply if o["kind"] == "Job"]
+    task["spec"] = good
+    for at in (NOW + dt.timedelta(seconds=10), NOW + dt.timedelta(minutes=5)):
+        p = _step(task, {}, dep, at, HEALTHY)
+        cs = conds(p.status)
+        for type_ in (c.DATA_READY, c.TRAINED, c.EVALUATED):
+            assert cs[type_] == before[type_], type_
+        assert cs[c.READY][0] == c.TRUE and p.status["phase"] == "Serving"
+        assert not [o for o in p.apply if o["kind"] == "Job"] and not p.delete_jobs
+    assert not [e for e in p.events if e[0] == "Warning"]
 
 
 def test_an_invalid_spec_with_nothing_served_creates_no_job() -> None:
