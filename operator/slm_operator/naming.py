@@ -45,13 +45,45 @@ MAX_TASK_NAME: Final = 50
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
-def revision_of(spec: Mapping[str, Any], retrain_epoch: int = 0) -> str:
-    """Ten hex digits identifying what would be trained; stable across key order."""
-    relevant = {k: spec.get(k) for k in TRAINING_FIELDS if spec.get(k) is not None}
+#: Fields inside :data:`TRAINING_FIELDS` that change how results are judged or how the Jobs
+#: run, not what they train: the gate and the selection policy are applied by the operator
+#: to recorded results on every pass, and a Job's deadline and retries are updated in place
+#: (both are mutable). In the revision, an edit of one threw away finished training.
+NOT_TRAINING_INPUTS: Final = {
+    "evaluation": ("gate", "selectionPolicy"),
+    "training": ("activeDeadlineSeconds", "backoffLimit"),
+}
+
+
+def _digest(relevant: dict[str, Any], retrain_epoch: int) -> str:
     if retrain_epoch:
         relevant["retrainEpoch"] = retrain_epoch
     blob = json.dumps(relevant, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def revision_of(spec: Mapping[str, Any], retrain_epoch: int = 0) -> str:
+    """Ten hex digits identifying what would be trained; stable across key order."""
+    relevant: dict[str, Any] = {}
+    for k in TRAINING_FIELDS:
+        value = spec.get(k)
+        if value is None:
+            continue
+        if k in NOT_TRAINING_INPUTS and isinstance(value, Mapping):
+            value = {f: v for f, v in value.items() if f not in NOT_TRAINING_INPUTS[k]}
+        relevant[k] = value
+    return _digest(relevant, retrain_epoch)
+
+
+def legacy_revision_of(spec: Mapping[str, Any], retrain_epoch: int = 0) -> str:
+    """The revision operators before :data:`NOT_TRAINING_INPUTS` named for ``spec``.
+
+    Why kept: a revision they trained from a spec that has not changed since must not be
+    trained again after an upgrade (``plan`` keeps its name).
+    """
+    return _digest(
+        {k: spec.get(k) for k in TRAINING_FIELDS if spec.get(k) is not None}, retrain_epoch
+    )
 
 
 def child_name(*parts: str, limit: int = 63) -> str:

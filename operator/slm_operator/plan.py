@@ -1184,6 +1184,9 @@ def plan(obs: Observed) -> Plan:
     retrain_prev: Mapping[str, Any] = prev.get("retraining") or {}
     epoch = int(retrain_prev.get("epoch", 0))
     rev = n.revision_of(spec, epoch)
+    legacy = n.legacy_revision_of(spec, epoch)
+    if legacy in (active_rev, (prev.get("revision") or {}).get("training")):
+        rev = legacy  # named by an earlier operator from this same spec: not trained again
     training_needed = rev != active_rev and not problem
     prev_selected = prev.get("selectedModel") or {}
     # A retraining beside a served model of the same spec (an earlier epoch, not necessarily
@@ -1193,7 +1196,8 @@ def plan(obs: Observed) -> Plan:
         and epoch > 0
         and bool(active_rev)
         and prev_selected.get("revision") == active_rev
-        and active_rev in {n.revision_of(spec, e) for e in range(epoch)}
+        and active_rev
+        in {f(spec, e) for e in range(epoch) for f in (n.revision_of, n.legacy_revision_of)}
     )
     must_beat = prev_selected.get("score") if retraining_beside else None
     step = (

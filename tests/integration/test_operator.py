@@ -419,6 +419,20 @@ def test_gate_not_met_is_reported_and_nothing_is_served(
     assert not cluster.get_json("deployments", "-n", ns)["items"]
     assert not [j for j in jobs(cluster, ns) if j["metadata"]["labels"][n.LABEL_STAGE] == "export"]
 
+    # The engineer lowers the gate: the trained candidates are judged again (big passes) and
+    # exported, in the same revision; nothing is trained again.
+    before = {j["metadata"]["name"]: j["metadata"]["uid"] for j in jobs(cluster, ns)}
+    cluster.apply(agenttask(evaluation={"metric": "tool-call-ast", "gate": {"minScore": 0.65}}), ns)
+    export = n.export_job_name("weather", "big", rev)
+    wait_for(
+        lambda: export in {j["metadata"]["name"] for j in jobs(cluster, ns)},
+        timeout=60,
+        what="the export of the candidate that passes the lowered gate",
+    )
+    after = {j["metadata"]["name"]: j["metadata"]["uid"] for j in jobs(cluster, ns)}
+    assert {k: v for k, v in after.items() if k != export} == before  # same Jobs, same uids
+    assert revision(cluster, ns) == rev
+
 
 def test_failed_job_shows_its_termination_message(
     cluster: ClusterHandle, namespace: str, storage: str, operator: OperatorProcess

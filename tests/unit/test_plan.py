@@ -459,6 +459,76 @@ def test_spec_change_trains_new_revision_while_old_keeps_serving() -> None:
     assert sorted(p3.delete_jobs) == sorted(old_jobs)
 
 
+def test_a_gate_edit_judges_the_trained_candidates_again_and_trains_nothing() -> None:
+    """Both candidates trained and missed the gate; the engineer lowers it. The revision used
+    to hash the gate, so the finished fine-tunes were deleted and trained again from scratch
+    (GPU hours); the operator applies the gate to the recorded results, so they now pass."""
+    task = make_task()
+    rev = n.revision_of(task["spec"])
+    jobs = jobs_through(task, "train", scores=(0.7, 0.75))
+    p = plan(Observed(task, jobs, None, NOW))
+    assert conds(p.status)[c.EVALUATED] == (c.FALSE, c.GATE_NOT_MET)
+    task["status"] = p.status
+
+    edited = copy.deepcopy(task)
+    edited["metadata"]["generation"] = 2
+    edited["spec"]["evaluation"]["gate"] = {"minScore": 0.7}
+    edited["spec"]["evaluation"]["selectionPolicy"] = "best-score"
+    assert n.revision_of(edited["spec"]) == rev
+    p2 = plan(Observed(edited, jobs, None, NOW))
+    assert p2.delete_jobs == [] and p2.status["revision"]["training"] == rev
+    evaluated = c.find(p2.status["conditions"], c.EVALUATED)
+    assert evaluated is not None and evaluated["reason"] == c.GATE_PASSED
+    assert "big selected (best-score)" in evaluated["message"]  # both pass now
+    exports = [o for o in p2.apply if o["metadata"]["name"].startswith("weather-export-")]
+    assert [o["metadata"]["name"] for o in exports] == [n.export_job_name("weather", "big", rev)]
+
+
+def test_a_job_limit_edit_updates_the_revisions_jobs_in_place() -> None:
+    """A fine-tune about to run out of time: the engineer raises activeDeadlineSeconds (and
+    the retries). Both are mutable on a Job, so the running Jobs get them; the revision, and
+    the training in progress, stay."""
+    task = make_task()
+    rev = n.revision_of(task["spec"])
+    jobs = jobs_through(task, "data")
+    task["status"] = plan(Observed(task, jobs, None, NOW)).status
+    task["spec"]["training"] = {
+        **task["spec"].get("training", {}),
+        "activeDeadlineSeconds": 43200,
+        "backoffLimit": 5,
+    }
+    p = plan(Observed(task, jobs, None, NOW))
+    assert p.delete_jobs == [] and p.status["revision"]["training"] == rev
+    fts = [o for o in p.apply if o["metadata"]["name"].startswith("weather-ft-")]
+    assert len(fts) == 2
+    for job in fts:
+        assert rev in job["metadata"]["name"]
+        assert (job["spec"]["activeDeadlineSeconds"], job["spec"]["backoffLimit"]) == (43200, 5)
+
+
+@pytest.mark.parametrize("served", [True, False])
+def test_a_revision_named_by_an_earlier_operator_is_not_trained_again(served: bool) -> None:
+    """Operators before the gate and the Job limits left the revision named revisions by all
+    of the training fields: after an upgrade, a task whose spec did not change keeps its
+    revision (served, or in training) instead of training everything again."""
+    task = make_task()
+    old = n.legacy_revision_of(task["spec"])
+    assert old != n.revision_of(task["spec"])
+    name = task["metadata"]["name"]
+    if served:
+        task["status"] = {"revision": {"active": old, "training": ""}}
+        p = plan(Observed(task, {}, deployment(old), NOW))
+        assert p.status["revision"] == {"active": old, "training": ""}
+        assert not [o for o in p.apply if o["kind"] == "Job"]
+    else:
+        task["status"] = {"revision": {"active": "", "training": old}}
+        dn = n.data_job_name(name, old)
+        jobs = {dn: view(dn, "prepare", old, RUNNING)}
+        p = plan(Observed(task, jobs, None, NOW))
+        assert p.status["revision"]["training"] == old and p.delete_jobs == []
+        assert [o["metadata"]["name"] for o in p.apply if o["kind"] == "Job"] == [dn]
+
+
 def test_new_revision_failing_gate_keeps_old_model_serving() -> None:
     task = make_task()
     old_rev = n.revision_of(task["spec"])
