@@ -301,10 +301,30 @@ def cron_problem(expr: str) -> str | None:
     InvalidSpec condition, not an exception at every metrics window.
     """
     try:
-        _parse_cron(expr)
+        cron = _parse_cron(expr)
     except ValueError as exc:
         return str(exc)
+    if not cron.either_day and not any(d <= _MONTH_DAYS[m] for m in cron.months for d in cron.days):
+        # "0 3 31 2 *" parses, and never fires: retraining would silently never run.
+        return "no month it names has a day-of-month it names, so it never fires"
     return None
+
+
+#: Longest month lengths (February in a leap year: "29 2" fires, every four years).
+_MONTH_DAYS: Final = {
+    1: 31,
+    2: 29,
+    3: 31,
+    4: 30,
+    5: 31,
+    6: 30,
+    7: 31,
+    8: 31,
+    9: 30,
+    10: 31,
+    11: 30,
+    12: 31,
+}
 
 
 def _day_matches(cron: _Cron, day: dt.date) -> bool:

@@ -469,7 +469,13 @@ def _pipeline(
         status = c.TRUE
     need = b.min_examples(spec)
     short = dv.result if dv is not None else None
-    if (
+    # Curated, but nothing held out: every tool or label has had a single call so far (a
+    # stratum of one is never split off), so no candidate could be scored and every GPU hour
+    # spent training would end in "reported no score". Wait for calls, as for too few.
+    no_eval = (
+        status == c.TRUE and not read_before and short is not None and short.eval_examples == 0
+    )
+    if no_eval or (
         status == c.FALSE
         and short is not None
         and short.examples is not None
@@ -479,12 +485,18 @@ def _pipeline(
         # have called it. Not a failure: the gateway keeps capturing, and the data-prep Job
         # runs again once the recheck interval has passed (deleted here, re-created by the
         # next pass, so the Job name stays the revision's and a restart anywhere converges).
+        assert short is not None
         again = ((dv.finished_at if dv is not None else None) or now) + data_recheck
+        have = (
+            f"{short.examples} curated examples and none held out to score candidates on "
+            "(each tool or label has had one call)"
+            if no_eval
+            else f"{short.examples} of {need} curated examples (spec.dataset.minExamples)"
+        )
         step.data = (
             c.FALSE,
             c.WAITING_FOR_DATA,
-            f"revision {rev}: {short.examples} of {need} curated examples "
-            f"(spec.dataset.minExamples); the gateway keeps capturing calls, curating again "
+            f"revision {rev}: {have}; the gateway keeps capturing calls, curating again "
             f"at {_ts(again)}",
         )
         if apply is not None and data_job is not None and now >= again:

@@ -146,6 +146,26 @@ def test_a_schedule_cron_cannot_run_is_refused_in_words(expr: str, why: str) -> 
 
 
 @pytest.mark.parametrize(
+    ("expr", "fires"),
+    [
+        ("0 3 31 2 *", False),  # 31 February
+        ("0 3 30,31 feb *", False),
+        ("0 3 31 apr,jun *", False),
+        ("0 3 31 2,3 *", True),  # 31 March
+        ("0 3 29 2 *", True),  # leap years
+        ("0 3 31 2 MON", True),  # both day fields: any Monday in February
+    ],
+)
+def test_a_schedule_that_never_fires_is_refused(expr: str, fires: bool) -> None:
+    """It parses, so it used to be accepted, and retraining then never ran, silently."""
+    problem = cron_problem(expr)
+    if fires:
+        assert problem is None
+    else:
+        assert problem is not None and "never fires" in problem
+
+
+@pytest.mark.parametrize(
     ("since", "now", "fired"),
     [
         # Scaled to zero from 01:59 to 07:30: the 02:00 fire is still owed.

@@ -374,6 +374,25 @@ def test_too_few_examples_waits_for_data_and_curates_again_after_the_recheck() -
     assert again.events == []
 
 
+def test_curated_calls_with_none_held_out_wait_for_data_instead_of_training() -> None:
+    """``minExamples: 1`` and a log where every tool has had one call: curate succeeds with
+    no held-out call (a stratum of one is never split off). Training every candidate on GPUs
+    then ended in "reported no score" at the gate; the task waits for calls instead."""
+    task = make_task(dataset={"uri": "pvc://slm-work/calls/weather.jsonl", "minExamples": 1})
+    rev = n.revision_of(task["spec"])
+    dn = n.data_job_name("weather", rev)
+    res = result("prepare", examples=3, train_examples=3, eval_examples=0)
+    recheck = dt.timedelta(minutes=5)
+    jobs = {dn: view(dn, "prepare", rev, SUCCEEDED, res, finished=NOW - dt.timedelta(minutes=2))}
+    p = plan(Observed(task, jobs, None, NOW, data_recheck=recheck))
+    data = c.find(p.status["conditions"], c.DATA_READY)
+    assert data is not None and (data["status"], data["reason"]) == (c.FALSE, c.WAITING_FOR_DATA)
+    assert "none held out to score candidates on" in data["message"]
+    assert kinds(p) == [("Job", dn)] and p.status["phase"] == "PreparingData"
+    later = plan(Observed(task, jobs, None, NOW + dt.timedelta(minutes=3), data_recheck=recheck))
+    assert later.delete_jobs == [dn]  # curated again after the recheck interval
+
+
 @pytest.mark.parametrize(
     "res",
     [
