@@ -23,7 +23,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -238,6 +238,9 @@ class Gateway:
         self._id_prefix = uuid.uuid4().hex[:12]
         self._id_counter = itertools.count(1)
         self.started = False
+        #: What the route watcher cannot serve as the tasks' specs say, for /metrics
+        #: (:meth:`slm_gateway.kube.AgentTaskWatcher.problems`); None with a routes file.
+        self.route_problems: Callable[[], Mapping[tuple[str, str], str]] | None = None
 
     # ---- the hot path: POST /v1/chat/completions -------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -1061,6 +1064,10 @@ class Gateway:
             m.route_mode.labels(r.namespace, r.task, r.mode).set(1)
             used.update((r.llm_log_url, r.slm_log_url))
             known.add((r.namespace, r.task))
+        m.route_problem.clear()
+        problems = self.route_problems() if self.route_problems is not None else {}
+        for (namespace, task), reason in problems.items():
+            m.route_problem.labels(namespace, task, reason).set(1)
         self.breakers.prune(used)
         m.forget_removed_tasks(known, time.monotonic(), self.cfg.removed_task_metrics_s)
         if self.capture is not None:
@@ -1274,6 +1281,7 @@ def create_app(
                     resync_s=cfg.resync_s,
                     secret_refresh_s=cfg.secret_refresh_s,
                 )
+                gw.route_problems = watcher.problems
                 watcher.start()
             gw.started = True
             yield

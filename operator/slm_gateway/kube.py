@@ -128,7 +128,10 @@ class AgentTaskWatcher:
         self._lock = threading.Lock()
         # The last key read from each Secret, kept through a read that fails for a moment.
         self._keys: dict[SecretRef, str] = {}
-        self._key_problems: dict[SecretRef, str] = {}
+        # What is wrong with each Secret's key: (reason code, message), see :meth:`problems`.
+        self._key_problems: dict[SecretRef, tuple[str, str]] = {}
+        # The tasks whose route was refused (an unusable LLM URL or status), by task key.
+        self._refused: set[str] = set()
         self.events = 0
 
     def start(self) -> None:
@@ -233,6 +236,7 @@ class AgentTaskWatcher:
                 if route is not None:
                     routes.append(route)
             self._tasks = tasks
+            self._refused &= set(tasks)
             self._versions = {key: self._next_seq() for key in tasks}
             self.table.replace_all(routes)
         # Forget the Secrets no task names any more (a stale key must not come back with one).
@@ -288,6 +292,7 @@ class AgentTaskWatcher:
             with self._lock:
                 self._tasks.pop(key, None)
                 self._versions.pop(key, None)
+                self._refused.discard(key)
                 self.table.remove(key)
             return
         ref = secret_ref(obj)
@@ -312,16 +317,45 @@ class AgentTaskWatcher:
         return self._seq
 
     def _build(self, obj: Mapping[str, Any], api_key: str) -> Route | None:
+        """The task's route, or None (logged, and in :meth:`problems`) when it cannot be
+        served; the caller holds ``_lock``."""
+        key = _task_key(obj)
         try:
-            return route_from_task(
+            route = route_from_task(
                 obj,
                 api_key=api_key,
                 default_slm_timeout_s=self.default_slm_timeout_s,
                 llm_timeout_s=self.llm_timeout_s,
             )
         except RouteError as exc:
-            log.warning("AgentTask skipped: %s", exc)
+            if key not in self._refused:  # once per refusal, not at every refresh or resync
+                log.warning("AgentTask skipped: %s", exc)
+            self._refused.add(key)
             return None
+        self._refused.discard(key)
+        return route
+
+    def problems(self) -> dict[tuple[str, str], str]:
+        """(namespace, task) -> why the gateway cannot serve the task as its spec says.
+
+        ``route_refused``: no route at all (an LLM URL or status the gateway cannot use;
+        every call for the task fails); ``llm_key_missing`` (the Secret or its key is not
+        there), ``llm_key_unreadable`` (RBAC, an API error: the last key read stays in use)
+        or ``llm_key_unusable`` (not base64 of UTF-8 text): calls go to the LLM without the
+        task's key, and it answers 401. Why: the gateway may not write a task's status, and
+        a log line is easy to miss; these become ``slm_gateway_route_problem`` and an alert.
+        """
+        with self._lock:
+            out: dict[tuple[str, str], str] = {}
+            for key, (obj, _) in self._tasks.items():
+                meta = obj.get("metadata") or {}
+                where = (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+                ref = secret_ref(obj)
+                if key in self._refused:
+                    out[where] = "route_refused"
+                elif ref is not None and (known := self._key_problems.get(ref)) is not None:
+                    out[where] = known[0]
+            return out
 
     def _refresh_loop(self) -> None:
         while not self._stop.wait(self.secret_refresh_s):
@@ -374,16 +408,19 @@ class AgentTaskWatcher:
         except Exception as exc:
             if getattr(exc, "status", None) == 404:
                 self._keys.pop(ref, None)
-                self._problem(ref, "does not exist; the task is served without a key")
+                self._problem(
+                    ref, "llm_key_missing", "does not exist; the task is served without a key"
+                )
                 return ""
             last = self._keys.get(ref, "")
             kept = "; the last key read stays in use" if last else ""
-            self._problem(ref, f"is not readable: {_summary(exc)}{_secret_hint(exc)}{kept}")
+            why = f"is not readable: {_summary(exc)}{_secret_hint(exc)}{kept}"
+            self._problem(ref, "llm_key_unreadable", why)
             return last
         raw = (secret.data or {}).get(field)
         if raw is None:
             self._keys.pop(ref, None)
-            self._problem(ref, f"has no key {field!r}")
+            self._problem(ref, "llm_key_missing", f"has no key {field!r}")
             return ""
         # A key that is not base64 text of UTF-8 would otherwise fail the whole list, and so
         # every task of the namespace; the task is served without a key, as when unreadable.
@@ -392,23 +429,27 @@ class AgentTaskWatcher:
         except ValueError as exc:  # binascii.Error and UnicodeDecodeError
             # The type only: a decode error's message quotes bytes of the secret.
             self._keys.pop(ref, None)
-            self._problem(ref, f"key {field!r} is unusable ({type(exc).__name__})")
+            self._problem(
+                ref, "llm_key_unusable", f"key {field!r} is unusable ({type(exc).__name__})"
+            )
             return ""
         self._keys[ref] = value
-        self._problem(ref, None)
+        self._problem(ref, "", None)
         return value
 
-    def _problem(self, ref: SecretRef, problem: str | None) -> None:
-        """Log a Secret's problem when it starts or changes, and when it ends: the Secrets are
-        read every few seconds, and a warning each time would bury everything else."""
-        if self._key_problems.get(ref) == problem:
+    def _problem(self, ref: SecretRef, reason: str, problem: str | None) -> None:
+        """Note a Secret's problem (``reason``: a code for :meth:`problems`) and log it when it
+        starts or changes, and when it ends: the Secrets are read every few seconds, and a
+        warning each time would bury everything else."""
+        known = self._key_problems.get(ref)
+        if (known[1] if known else None) == problem:
             return
         ns, name, _ = ref
         if problem is None:
             self._key_problems.pop(ref, None)
             log.info("Secret %s/%s for the LLM key is readable again", ns, name)
         else:
-            self._key_problems[ref] = problem
+            self._key_problems[ref] = (reason, problem)
             log.warning("Secret %s/%s for the LLM key %s", ns, name, problem)
 
     def _changed(self) -> None:

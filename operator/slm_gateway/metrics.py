@@ -37,6 +37,10 @@ namespace empty for routes from a static file; ``backend`` is ``slm`` or ``llm``
 - ``slm_gateway_circuit_state{backend,endpoint}``: 0 closed, 1 half-open, 2 open.
 - ``slm_gateway_routes``: tasks known; ``slm_gateway_route_mode{namespace,task,mode}``: 1 for
   the current mode of each task.
+- ``slm_gateway_route_problem{namespace,task,reason}``: 1 for each AgentTask the gateway cannot
+  serve as its spec says: ``route_refused`` (no route: every call for it fails),
+  ``llm_key_missing``, ``llm_key_unreadable`` or ``llm_key_unusable`` (its LLM key Secret;
+  see :meth:`slm_gateway.kube.AgentTaskWatcher.problems`).
 - ``slm_gateway_capture_records_total{namespace,task,result}``: ``written`` or ``dropped``.
 - ``slm_gateway_capture_dropped_records_total{namespace,task,reason}``: the dropped records by
   why: ``queue_full`` (the workers cannot keep up), ``redaction_failed`` (the redactor failed on
@@ -348,6 +352,12 @@ class GatewayMetrics:
             registry=r,
         )
         self.routes = Gauge(p + "routes", "Tasks known to the gateway.", registry=r)
+        self.route_problem = Gauge(
+            p + "route_problem",
+            "1 for each AgentTask the gateway cannot serve as its spec says, by reason.",
+            ["namespace", "task", "reason"],
+            registry=r,
+        )
         self.route_mode = Gauge(
             p + "route_mode",
             "1 for the current mode of each task.",

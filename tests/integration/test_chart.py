@@ -803,6 +803,14 @@ ALERT_CASES: dict[str, tuple[list[dict[str, str]], list[dict[str, str]], dict[st
         {"namespace": A, "task": T},
         "",
     ),
+    "SlmFleetTaskNotServable": (
+        [_series("slm_gateway_route_problem", TASK_LABELS + ',reason="llm_key_missing"', "1x60")],
+        [  # fixed half an hour ago: the series is gone
+            _series("slm_gateway_route_problem", TASK_LABELS + ',reason="llm_key_missing"', "1x10")
+        ],
+        {"namespace": A, "task": T, "reason": "llm_key_missing"},
+        "",
+    ),
     "SlmFleetCaptureDropping": (
         [
             _series(

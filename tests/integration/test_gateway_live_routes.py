@@ -12,6 +12,7 @@ and a 404 once the task is deleted; all from the same gateway process.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 import urllib.error
@@ -78,6 +79,18 @@ def triton(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         yield f"http://127.0.0.1:{server.http_port}", flag
     # the temporary directory start_triton made (backends copy, log) is gone with the server
     assert not server.workdir.exists()
+
+
+def route_problems(gw: GatewayProcess) -> set[tuple[str, str, str]]:
+    """(namespace, task, reason) of each ``slm_gateway_route_problem`` series at 1."""
+    with urllib.request.urlopen(gw.url + "/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    out = set()
+    for line in text.splitlines():
+        if line.startswith("slm_gateway_route_problem{") and line.endswith(" 1.0"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+            out.add((labels["namespace"], labels["task"], labels["reason"]))
+    return out
 
 
 def chat(gw: GatewayProcess) -> tuple[int, dict[str, str], dict[str, Any]]:
@@ -245,12 +258,14 @@ def test_llm_key_follows_its_secret_live(
             log_path=tmp_path / "gateway.log",
         )
         pid = gw.proc.pid
-        # 1. No Secret yet: the task is served, without a key.
+        # 1. No Secret yet: the task is served, without a key, and /metrics says so.
         assert calls_with("auth_missing")
+        assert route_problems(gw) == {(namespace, TASK, "llm_key_missing")}
 
         # 2. The Secret appears: its key is sent (LLM_KEY, not the one the stand-in expects).
         create_key_secret(cluster, namespace)
         wait_for(lambda: calls_with("auth_other"), timeout=30, what="the Secret's key")
+        assert route_problems(gw) == set()
 
         # 3. The key is rotated in place: the new key is sent.
         cluster.kubectl(

@@ -281,6 +281,26 @@ def test_a_removed_tasks_series_leave_metrics_after_a_grace(standin: llm_standin
         assert metric(c, "slm_gateway_fallbacks_total", task="weather") == 1
 
 
+def test_tasks_the_watcher_cannot_serve_are_on_metrics_while_they_last(
+    standin: llm_standin.StandIn,
+) -> None:
+    """What the route watcher reports (a refused route, a missing LLM key Secret) is a
+    gauge per task and reason, read at each scrape: gone from /metrics once fixed."""
+    table = RouteTable()
+    table.replace_all([route(standin)])
+    app = create_app(GatewayConfig(), table)
+    problems = {("agents", "weather"): "llm_key_missing", ("agents", "bad"): "route_refused"}
+    app.state.gateway.route_problems = lambda: dict(problems)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        assert metric(c, "slm_gateway_route_problem", task="bad", reason="route_refused") == 1
+        assert metric(c, "slm_gateway_route_problem", task="weather") == 1
+        problems.pop(("agents", "weather"))
+        assert (
+            'slm_gateway_route_problem{namespace="agents",task="weather"'
+            not in c.get("/metrics").text
+        )
+
+
 def test_a_task_back_within_the_grace_keeps_its_series(standin: llm_standin.StandIn) -> None:
     table = RouteTable()
     table.replace_all([route(standin)])

@@ -615,3 +615,31 @@ def test_a_slow_refresh_never_puts_back_the_key_an_event_just_replaced() -> None
     core.keys["llm-key"] = KEY
     watcher.refresh_keys(core)
     assert auth(watcher, "weather") == f"Bearer {KEY}"
+
+
+def test_what_the_gateway_cannot_serve_is_reported_per_task_until_it_is_fixed() -> None:
+    """The gateway may not write a task's status, and its log is easy to miss: a task whose
+    route it refused (every call fails) or whose LLM key Secret is missing (every LLM call a
+    401) is named by :meth:`problems`, which /metrics exports, and only until it is fixed."""
+    core = FakeCore({"llm-key": KEY})
+    bad_url = task("bad-url")
+    bad_url["spec"]["fallback"]["llm"]["baseURL"] = "https://llm.example/v1#frag"
+    watcher = listed(core, task("ok"), task("no-secret", secret="absent"), bad_url)
+    assert watcher.problems() == {
+        ("agents", "no-secret"): "llm_key_missing",
+        ("agents", "bad-url"): "route_refused",
+    }
+    assert watcher.table.get("bad-url") is None
+    core.keys["absent"] = NEW_KEY  # the Secret is created
+    watcher.refresh_keys(core)
+    fixed = task("bad-url")
+    watcher._apply_event("MODIFIED", fixed, core)
+    assert watcher.problems() == {}
+    assert watcher.table.get("bad-url") is not None
+    core.fail = ApiException(status=403, reason="Forbidden")
+    watcher.refresh_keys(core)  # the last key read stays in use, and the problem is named
+    assert watcher.problems() == {
+        ("agents", t): "llm_key_unreadable" for t in ("ok", "no-secret", "bad-url")
+    }
+    watcher._apply_event("DELETED", fixed, core)
+    assert ("agents", "bad-url") not in watcher.problems()
