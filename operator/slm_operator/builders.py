@@ -125,6 +125,15 @@ def dataset_location(uri: str) -> tuple[str, Obj | None]:
     return uri, None  # s3:// and other fsspec URIs are read directly
 
 
+def job_limits(task: Mapping[str, Any]) -> tuple[int, int]:
+    """(activeDeadlineSeconds, backoffLimit) of the task's trainer Jobs."""
+    training = task["spec"].get("training") or {}
+    return (
+        int(training.get("activeDeadlineSeconds", 21600)),
+        int(training.get("backoffLimit", 2)),
+    )
+
+
 def _trainer_job(
     task: Mapping[str, Any],
     revision: str,
@@ -205,8 +214,8 @@ def _trainer_job(
             "ownerReferences": [owner_reference(task)],
         },
         "spec": {
-            "backoffLimit": int(training.get("backoffLimit", 2)),
-            "activeDeadlineSeconds": int(training.get("activeDeadlineSeconds", 21600)),
+            "backoffLimit": job_limits(task)[1],
+            "activeDeadlineSeconds": job_limits(task)[0],
             "podReplacementPolicy": "Failed",
             # A preempted trainer checkpoints on SIGTERM and its next pod resumes; eviction
             # or node drain must not use up backoffLimit.

@@ -59,6 +59,10 @@ class JobView:
     #: The Job's metadata.uid: Events name a Job by name, and a Job of the same name (the
     #: revision's) may have been deleted and created again since.
     uid: str = ""
+    #: A failed Job's reason (``DeadlineExceeded``, ``BackoffLimitExceeded``, ...) and how
+    #: many of its pods failed: whether a limit raised since would have let it finish.
+    failure_reason: str = ""
+    failed_pods: int = 0
 
 
 def refused_job(job: Mapping[str, Any], why: str) -> JobView:
@@ -321,9 +325,11 @@ def job_view(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]]) -> JobVi
         break
 
     message = ""
+    failure_reason = ""
     if state == FAILED:
         c = conds.get("Failed") or conds.get("FailureTarget") or {}
         message = failure_message(c, _last_failure(own))
+        failure_reason = str(c.get("reason") or "")
     progress = None
     for pod in own:
         value = (pod["metadata"].get("annotations") or {}).get(n.ANNOTATION_PROGRESS)
@@ -369,4 +375,6 @@ def job_view(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]]) -> JobVi
         finished_at=finished,
         waiting=waiting,
         uid=str(meta.get("uid", "")),
+        failure_reason=failure_reason,
+        failed_pods=int(status.get("failed") or 0),
     )

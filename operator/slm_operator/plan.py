@@ -233,6 +233,25 @@ def select(
     return min(passing, key=lambda p: (params(p[1]), -score(p[1]), p[0]["name"]))
 
 
+def limit_raised(view: JobView | None, task: Mapping[str, Any]) -> bool:
+    """Whether a Job that failed on its time limit or its retries would not have failed under
+    the task's limits now, so that it runs again.
+
+    Why: the limits are not part of the revision (editing one trains nothing), and a failed
+    Job never starts again, so a raised ``activeDeadlineSeconds`` or ``backoffLimit`` was
+    applied to the failed Job and changed nothing: the task stayed Failed until the Job was
+    deleted by hand. A fine-tune run again resumes from its checkpoints.
+    """
+    if view is None or view.state != FAILED:
+        return False
+    deadline, retries = b.job_limits(task)
+    if view.failure_reason == "DeadlineExceeded":
+        return view.seconds is not None and deadline > view.seconds
+    if view.failure_reason == "BackoffLimitExceeded":
+        return 0 < view.failed_pods <= retries
+    return False
+
+
 def _job_outcome(view: JobView | None, now: dt.datetime) -> tuple[str, str, str]:
     """(status, reason, message) of one trainer Job in condition terms."""
     if view is not None and view.waiting:
@@ -457,6 +476,9 @@ def _pipeline(
     if apply is not None and data_job is not None:
         apply.append(data_job)
     dv = jobs.get(data_name)
+    if limit_raised(dv, task):
+        step.rerun_jobs.append(data_name)
+        dv = None  # runs again: pending until the next pass creates it
     status, reason, msg = _job_outcome(dv, now)
     read_before = (
         data_prepared is not None
@@ -469,9 +491,10 @@ def _pipeline(
         status = c.TRUE
     need = b.min_examples(spec)
     short = dv.result if dv is not None else None
-    # Curated, but nothing held out: every tool or label has had a single call so far (a
-    # stratum of one is never split off), so no candidate could be scored and every GPU hour
-    # spent training would end in "reported no score". Wait for calls, as for too few.
+    # Curated, but nothing held out (one distinct call so far: curate holds out from every
+    # stratum, rare ones pooled, but never a task's only call), so no candidate could be
+    # scored and every GPU hour spent training would end in "reported no score". Wait for
+    # calls, as for too few.
     no_eval = (
         status == c.TRUE and not read_before and short is not None and short.eval_examples == 0
     )
@@ -488,8 +511,7 @@ def _pipeline(
         assert short is not None
         again = ((dv.finished_at if dv is not None else None) or now) + data_recheck
         have = (
-            f"{short.examples} curated examples and none held out to score candidates on "
-            "(each tool or label has had one call)"
+            f"{short.examples} curated example(s), none of them held out to score candidates on"
             if no_eval
             else f"{short.examples} of {need} curated examples (spec.dataset.minExamples)"
         )
@@ -538,6 +560,9 @@ def _pipeline(
         if apply is not None:
             apply.append(b.finetune_job(task, rev, cand, service_account, pull_secrets))
         view = _recorded_result(jobs.get(jname), recorded, rev, cand["name"], jname)
+        if limit_raised(view, task):
+            step.rerun_jobs.append(jname)
+            view = None  # runs again (from its checkpoints): pending until then
         outcome = _job_outcome(view, now)
         passed: bool | None = None
         if outcome[0] == c.UNKNOWN:
@@ -640,6 +665,9 @@ def _pipeline(
     # Exports of a candidate no longer chosen: never promoted, and deleted (while training)
     # so that they stop running.
     step.rerun_jobs += _stale_exports(jobs, rev, cand["name"])
+    if ev is not None and limit_raised(ev, task):
+        step.rerun_jobs.append(ev.name)
+        ev = None
     if apply is not None:
         problem = (
             f"{cand['name']} reported no artifactURI"
@@ -1197,7 +1225,12 @@ def plan(obs: Observed) -> Plan:
     epoch = int(retrain_prev.get("epoch", 0))
     rev = n.revision_of(spec, epoch)
     legacy = n.legacy_revision_of(spec, epoch)
-    if legacy in (active_rev, (prev.get("revision") or {}).get("training")):
+    named = (
+        active_rev,
+        (prev.get("revision") or {}).get("training"),
+        retrain_prev.get("concludedRevision"),
+    )
+    if legacy in named:
         rev = legacy  # named by an earlier operator from this same spec: not trained again
     training_needed = rev != active_rev and not problem
     prev_selected = prev.get("selectedModel") or {}

@@ -371,6 +371,14 @@ def test_job_view_reads_state_result_and_progress() -> None:
     )
     assert failed.state == FAILED
     assert failed.message == "BackoffLimitExceeded: last pod terminated (exit 137): killed: OOM"
+    assert failed.failure_reason == "BackoffLimitExceeded"
+    counted = job_view(
+        _job(
+            "j", [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}], failed=3
+        ),
+        [],
+    )
+    assert counted.failed_pods == 3  # what plan.limit_raised compares with backoffLimit
     no_msg = job_view(
         _job(
             "j",

@@ -375,19 +375,19 @@ def test_too_few_examples_waits_for_data_and_curates_again_after_the_recheck() -
 
 
 def test_curated_calls_with_none_held_out_wait_for_data_instead_of_training() -> None:
-    """``minExamples: 1`` and a log where every tool has had one call: curate succeeds with
-    no held-out call (a stratum of one is never split off). Training every candidate on GPUs
-    then ended in "reported no score" at the gate; the task waits for calls instead."""
+    """``minExamples: 1`` and a log of one distinct call: curate succeeds with no held-out
+    call. Training every candidate on GPUs then ended in "reported no score" at the gate;
+    the task waits for calls instead."""
     task = make_task(dataset={"uri": "pvc://slm-work/calls/weather.jsonl", "minExamples": 1})
     rev = n.revision_of(task["spec"])
     dn = n.data_job_name("weather", rev)
-    res = result("prepare", examples=3, train_examples=3, eval_examples=0)
+    res = result("prepare", examples=1, train_examples=1, eval_examples=0)
     recheck = dt.timedelta(minutes=5)
     jobs = {dn: view(dn, "prepare", rev, SUCCEEDED, res, finished=NOW - dt.timedelta(minutes=2))}
     p = plan(Observed(task, jobs, None, NOW, data_recheck=recheck))
     data = c.find(p.status["conditions"], c.DATA_READY)
     assert data is not None and (data["status"], data["reason"]) == (c.FALSE, c.WAITING_FOR_DATA)
-    assert "none held out to score candidates on" in data["message"]
+    assert "1 curated example(s), none of them held out" in data["message"]
     assert kinds(p) == [("Job", dn)] and p.status["phase"] == "PreparingData"
     later = plan(Observed(task, jobs, None, NOW + dt.timedelta(minutes=3), data_recheck=recheck))
     assert later.delete_jobs == [dn]  # curated again after the recheck interval
@@ -523,6 +523,68 @@ def test_a_job_limit_edit_updates_the_revisions_jobs_in_place() -> None:
     for job in fts:
         assert rev in job["metadata"]["name"]
         assert (job["spec"]["activeDeadlineSeconds"], job["spec"]["backoffLimit"]) == (43200, 5)
+
+
+@pytest.mark.parametrize(
+    ("reason", "ran", "failed_pods", "change"),
+    [
+        ("DeadlineExceeded", 3605.0, 1, {"activeDeadlineSeconds": 43200}),
+        ("BackoffLimitExceeded", 900.0, 3, {"backoffLimit": 5}),
+    ],
+)
+def test_a_raised_limit_runs_the_jobs_that_failed_on_it_again(
+    reason: str, ran: float, failed_pods: int, change: dict[str, int]
+) -> None:
+    """Both fine-tunes ran out of time (or retries). The limits are no longer part of the
+    revision, and a failed Job never starts again: the raised limit was applied to the
+    failed Jobs and the task stayed Failed. They are now deleted and run again (resuming
+    from their checkpoints); an unchanged limit leaves them failed."""
+    task = make_task(training={"gpus": 1, "activeDeadlineSeconds": 3600, "backoffLimit": 2})
+    rev = n.revision_of(task["spec"])
+    jobs = jobs_through(task, "data")
+    for cand in ("small", "big"):
+        jn = n.finetune_job_name("weather", cand, rev)
+        jobs[jn] = dataclasses.replace(
+            view(jn, "finetune", rev, FAILED, candidate=cand, message=f"{reason}: ..."),
+            seconds=ran,
+            failure_reason=reason,
+            failed_pods=failed_pods,
+        )
+    failed = plan(Observed(task, jobs, None, NOW))
+    assert conds(failed.status)[c.TRAINED] == (c.FALSE, c.JOB_FAILED)
+    assert failed.delete_jobs == [] and failed.status["phase"] == "Failed"
+    task["status"] = failed.status
+
+    task["spec"]["training"].update(change)
+    assert n.revision_of(task["spec"]) == rev
+    p = plan(Observed(task, jobs, None, NOW))
+    fts = sorted(n.finetune_job_name("weather", cd, rev) for cd in ("small", "big"))
+    assert p.delete_jobs == fts
+    assert conds(p.status)[c.TRAINED][0] == c.UNKNOWN and p.status["phase"] != "Failed"
+    # The next pass finds them gone and creates them again, with the raised limit.
+    again = plan(Observed(task, jobs_through(task, "data"), None, NOW))
+    made = {o["metadata"]["name"]: o for o in again.apply if o["kind"] == "Job"}
+    assert set(fts) <= set(made) and again.delete_jobs == []
+    key = "activeDeadlineSeconds" if "activeDeadlineSeconds" in change else "backoffLimit"
+    assert made[fts[0]]["spec"][key] == change[key]
+
+
+def test_a_retraining_an_earlier_operator_concluded_is_not_trained_again() -> None:
+    """A retraining that lost under the old revision names is recorded only in
+    status.retraining.concludedRevision (revision.training is empty again): after an upgrade
+    its name must still be recognised, or it is deleted and trained again on GPUs."""
+    task, jobs, dep = _serving_task()
+    active = n.revision_of(task["spec"])
+    lost = n.legacy_revision_of(task["spec"], 1)
+    task["status"]["retraining"] = {"epoch": 1, "concludedRevision": lost}
+    lost_jobs = {
+        k.replace(active, lost): dataclasses.replace(v, name=k.replace(active, lost), revision=lost)
+        for k, v in jobs_through(task, "train", scores=(0.1, 0.2)).items()
+    }
+    p = plan(Observed(task, {**jobs, **lost_jobs}, dep, NOW))
+    assert not [o for o in p.apply if o["kind"] == "Job"]
+    assert p.delete_jobs == []
+    assert p.status["revision"]["training"] == ""
 
 
 @pytest.mark.parametrize("served", [True, False])

@@ -1870,8 +1870,10 @@ def replace_spans(text: str, spans: Sequence[Span], state: RedactionState) -> st
     return "".join(out)
 
 
-# A JSON key that is a plain identifier (see Redactor._redact_key).
-_PLAIN_KEY_RE = re.compile(r"[A-Za-z_-]*")
+# A JSON key that is a plain identifier (see Redactor._redact_key): letters, "_" and "-",
+# shorter than the shortest such string a recognizer accepts (20 characters: an AWS access
+# key id of letters alone, "AKIA" and 16 more; RANDOM_LETTERS_MIN_CHARS letters).
+_PLAIN_KEY_RE = re.compile(r"[A-Za-z_-]{0,19}")
 
 #: Strings longer than this (characters) are cached by a 128-bit digest of their text, so the
 #: span cache's memory stays bounded whatever the size of what agents send (see Redactor).
@@ -2073,9 +2075,12 @@ class Redactor:
         Why the shortcut: nearly every key is an identifier (``location``, ``x-request-id``),
         and sending each through the span cache beside the values pushed a worker's cache past
         its size on ordinary traffic, so that repeated records stopped hitting it (20x slower).
-        ASCII letters, ``_`` and ``-`` alone cannot hold anything the recognizers accept: every
-        kind needs an ``@``, a digit, whitespace, a dot or a colon (an API key a digit, see
-        :func:`looks_random`; Basic credentials follow a space). A unit test holds this.
+        Under 20 characters, ASCII letters, ``_`` and ``-`` alone cannot hold anything the
+        recognizers accept: every kind needs an ``@``, a digit, whitespace, a dot or a colon
+        (an API key a digit, see :func:`looks_random`; Basic credentials follow a space),
+        except 20 characters or more (an AWS access key id can be letters only, and so can a
+        random mixed-case token, :func:`random_letters`): longer keys are redacted like
+        values. A property test holds this.
         """
         if not isinstance(key, str) or _PLAIN_KEY_RE.fullmatch(key):
             return key
