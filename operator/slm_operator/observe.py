@@ -329,7 +329,10 @@ def job_view(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]]) -> JobVi
     if state == FAILED:
         c = conds.get("Failed") or conds.get("FailureTarget") or {}
         message = failure_message(c, _last_failure(own))
-        failure_reason = str(c.get("reason") or "")
+        # Only once the Job controller says Failed: with FailureTarget alone its pods may
+        # still be ending (a trainer checkpoints on SIGTERM), and a Job run again meanwhile
+        # would count the old pod as its own.
+        failure_reason = str(conds["Failed"].get("reason") or "") if "Failed" in conds else ""
     progress = None
     for pod in own:
         value = (pod["metadata"].get("annotations") or {}).get(n.ANNOTATION_PROGRESS)

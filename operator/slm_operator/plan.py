@@ -240,7 +240,9 @@ def limit_raised(view: JobView | None, task: Mapping[str, Any]) -> bool:
     Why: the limits are not part of the revision (editing one trains nothing), and a failed
     Job never starts again, so a raised ``activeDeadlineSeconds`` or ``backoffLimit`` was
     applied to the failed Job and changed nothing: the task stayed Failed until the Job was
-    deleted by hand. A fine-tune run again resumes from its checkpoints.
+    deleted by hand. A fine-tune run again resumes from its checkpoints. Only for the
+    revision being trained (a served revision's Jobs are never run again), and not for a
+    retraining beside a served model that already concluded: the next one runs with it.
     """
     if view is None or view.state != FAILED:
         return False
@@ -476,7 +478,7 @@ def _pipeline(
     if apply is not None and data_job is not None:
         apply.append(data_job)
     dv = jobs.get(data_name)
-    if limit_raised(dv, task):
+    if apply is not None and limit_raised(dv, task):  # (apply: this revision is trained)
         step.rerun_jobs.append(data_name)
         dv = None  # runs again: pending until the next pass creates it
     status, reason, msg = _job_outcome(dv, now)
@@ -560,7 +562,7 @@ def _pipeline(
         if apply is not None:
             apply.append(b.finetune_job(task, rev, cand, service_account, pull_secrets))
         view = _recorded_result(jobs.get(jname), recorded, rev, cand["name"], jname)
-        if limit_raised(view, task):
+        if apply is not None and limit_raised(view, task):
             step.rerun_jobs.append(jname)
             view = None  # runs again (from its checkpoints): pending until then
         outcome = _job_outcome(view, now)
@@ -665,7 +667,7 @@ def _pipeline(
     # Exports of a candidate no longer chosen: never promoted, and deleted (while training)
     # so that they stop running.
     step.rerun_jobs += _stale_exports(jobs, rev, cand["name"])
-    if ev is not None and limit_raised(ev, task):
+    if apply is not None and ev is not None and limit_raised(ev, task):
         step.rerun_jobs.append(ev.name)
         ev = None
     if apply is not None:

@@ -379,6 +379,12 @@ def test_job_view_reads_state_result_and_progress() -> None:
         [],
     )
     assert counted.failed_pods == 3  # what plan.limit_raised compares with backoffLimit
+    # FailureTarget alone: its pods may still be ending, so it is not yet a reason to rerun.
+    ending = job_view(
+        _job("j", [{"type": "FailureTarget", "status": "True", "reason": "DeadlineExceeded"}]),
+        [],
+    )
+    assert ending.state == FAILED and ending.failure_reason == ""
     no_msg = job_view(
         _job(
             "j",

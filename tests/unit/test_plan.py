@@ -569,6 +569,33 @@ def test_a_raised_limit_runs_the_jobs_that_failed_on_it_again(
     assert made[fts[0]]["spec"][key] == change[key]
 
 
+def test_a_raised_limit_leaves_the_failed_jobs_of_a_served_revision_alone() -> None:
+    """A served revision's Jobs never run again: its candidate that ran out of time stays
+    Failed when the deadline is raised (it used to read as pending for good, its Job never
+    deleted since no training was needed)."""
+    task = make_task(training={"gpus": 1, "activeDeadlineSeconds": 3600})
+    rev = n.revision_of(task["spec"])
+    jobs = jobs_through(task, "export")
+    big = n.finetune_job_name("weather", "big", rev)
+    jobs[big] = dataclasses.replace(
+        view(big, "finetune", rev, FAILED, candidate="big", message="DeadlineExceeded: ..."),
+        seconds=3601.0,
+        failure_reason="DeadlineExceeded",
+    )
+    task["status"] = plan(Observed(task, jobs, deployment(rev), NOW)).status
+    # An edit started another revision and was reverted: the last status still names it, so
+    # the served revision's outcome is read from its Jobs, not from the recorded status.
+    task["status"]["revision"]["training"] = "0123456789"
+    before = conds(plan(Observed(task, jobs, deployment(rev), NOW)).status)
+    assert before[c.TRAINED][0] == c.TRUE
+    task["spec"]["training"]["activeDeadlineSeconds"] = 43200
+    p = plan(Observed(task, jobs, deployment(rev), NOW))
+    assert p.delete_jobs == [] and not [o for o in p.apply if o["kind"] == "Job"]
+    assert conds(p.status)[c.TRAINED] == before[c.TRAINED]
+    states = {x["name"]: x["state"] for x in p.status["candidates"]}
+    assert states["big"] == FAILED
+
+
 def test_a_retraining_an_earlier_operator_concluded_is_not_trained_again() -> None:
     """A retraining that lost under the old revision names is recorded only in
     status.retraining.concludedRevision (revision.training is empty again): after an upgrade
