@@ -194,6 +194,7 @@ def _trainer_job(
         "volumes": volumes,
         "securityContext": {"fsGroup": 1000},
     }
+    deadline, retries = job_limits(task)
     if training.get("nodeSelector"):
         pod_spec["nodeSelector"] = dict(training["nodeSelector"])
     tolerations = _tolerations(training, gpus)
@@ -214,8 +215,8 @@ def _trainer_job(
             "ownerReferences": [owner_reference(task)],
         },
         "spec": {
-            "backoffLimit": job_limits(task)[1],
-            "activeDeadlineSeconds": job_limits(task)[0],
+            "backoffLimit": retries,
+            "activeDeadlineSeconds": deadline,
             "podReplacementPolicy": "Failed",
             # A preempted trainer checkpoints on SIGTERM and its next pod resumes; eviction
             # or node drain must not use up backoffLimit.

@@ -74,16 +74,8 @@ def refused_job(job: Mapping[str, Any], why: str) -> JobView:
     saying it was created. A refused Job is pending for the reason the API server gave,
     like one whose pod cannot be created.
     """
-    meta = job["metadata"]
-    labels = meta.get("labels") or {}
-    return JobView(
-        name=meta["name"],
-        stage=labels.get(n.LABEL_STAGE, ""),
-        revision=labels.get(n.LABEL_REVISION, ""),
-        candidate=labels.get(n.LABEL_CANDIDATE),
-        state=PENDING,
-        waiting=_short(f"the API server refused to create it: {why}"),
-    )
+    # A built Job has no status and no pods: job_view reads it as pending.
+    return replace(job_view(job, ()), waiting=_short(f"the API server refused to create it: {why}"))
 
 
 def _conditions(job: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:

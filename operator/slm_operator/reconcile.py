@@ -232,9 +232,10 @@ def reconcile(
                 raise
             # Refused for good (RBAC, quota, an admission webhook, validation): say so in
             # the status, which is still written, and go on with the other children.
-            refused.append((obj["kind"], obj["metadata"]["name"], e.message or str(e)))
-            if obj["kind"] == "Job" and obj["metadata"]["name"] not in obs.jobs:
-                refused_jobs[obj["metadata"]["name"]] = refused_job(obj, e.message or str(e))
+            child, why = obj["metadata"]["name"], e.message or str(e)
+            refused.append((obj["kind"], child, why))
+            if obj["kind"] == "Job" and child not in obs.jobs:
+                refused_jobs[child] = refused_job(obj, why)
     if refused_jobs:
         # Planned again with the refused Jobs pending for the API server's reason: the
         # stage's condition, the phase and the candidates say they were refused, not
