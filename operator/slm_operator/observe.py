@@ -145,6 +145,30 @@ def pod_job_name(pod: Mapping[str, Any]) -> str | None:
     return labels.get("job-name") or labels.get("batch.kubernetes.io/job-name")
 
 
+def pod_of_job(pod: Mapping[str, Any], name: str, uid: str | None) -> bool:
+    """Whether a pod belongs to this Job object, not merely to a Job of the same name.
+
+    A Job run again (a raised limit) is deleted in the background and created anew under
+    the same name, so the old run's pods, until the garbage collector removes them, carry
+    the same job-name label: read as the new Job's, a finished old pod made a Job that had
+    not started read as running, with the old run's progress. The pod's controller
+    reference (or the Job controller's controller-uid label) names the Job's uid; a pod
+    without either (or a Job not yet created, without a uid) is matched by name alone.
+    """
+    if pod_job_name(pod) != name:
+        return False
+    pmeta = pod["metadata"]
+    owners = {
+        ref.get("uid")
+        for ref in pmeta.get("ownerReferences") or []
+        if ref.get("kind") == "Job" and ref.get("controller")
+    }
+    labels = pmeta.get("labels") or {}
+    owners |= {labels.get("controller-uid"), labels.get("batch.kubernetes.io/controller-uid")}
+    owners.discard(None)
+    return not uid or not owners or uid in owners
+
+
 #: Container waiting reasons that do not clear by themselves: the pod needs a fix from someone.
 STUCK_WAITING_REASONS = frozenset(
     {
@@ -283,7 +307,7 @@ def job_view(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]]) -> JobVi
     labels = meta.get("labels") or {}
     status = job.get("status") or {}
     conds = _conditions(job)
-    own = [p for p in pods if pod_job_name(p) == meta["name"]]
+    own = [p for p in pods if pod_of_job(p, meta["name"], meta.get("uid"))]
     own.sort(key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True)
 
     if "Complete" in conds or "SuccessCriteriaMet" in conds:

@@ -21,7 +21,7 @@ from slm_operator.observe import (
     JobView,
     failed_creates,
     job_view,
-    pod_job_name,
+    pod_of_job,
     refused_job,
     serving_waiting,
 )
@@ -162,8 +162,11 @@ def _with_failed_creates(
 
     Events are read only when such a Job exists, so a healthy task costs no extra request.
     """
-    has_pod = {pod_job_name(p) for p in pods}
-    podless = [v for v in jobs.values() if v.state == PENDING and v.name not in has_pod]
+    podless = [
+        v
+        for v in jobs.values()
+        if v.state == PENDING and not any(pod_of_job(p, v.name, v.uid) for p in pods)
+    ]
     if not podless:
         return jobs
     try:

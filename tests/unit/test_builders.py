@@ -404,6 +404,32 @@ def test_job_view_reads_state_result_and_progress() -> None:
     assert other.progress is None
 
 
+def _owned(pod: dict, uid: str, how: str = "ref") -> dict:
+    if how == "ref":
+        pod["metadata"]["ownerReferences"] = [
+            {"apiVersion": "batch/v1", "kind": "Job", "name": "j", "uid": uid, "controller": True}
+        ]
+    else:
+        pod["metadata"]["labels"]["batch.kubernetes.io/controller-uid"] = uid
+    return pod
+
+
+@pytest.mark.parametrize("how", ["ref", "label"])
+def test_a_job_run_again_under_its_name_ignores_the_old_runs_pods(how: str) -> None:
+    """A Job run again (a raised limit) is deleted in the background and created under the
+    same name; until the garbage collector removes the old run's pods they carry the same
+    job-name label. The new Job must read as waiting for its pod, not as running with the
+    old run's progress or result, and a pod of its own must still count."""
+    new = _job("j")
+    new["metadata"]["uid"] = "uid-new"
+    old_pod = _owned(_pod("j", "Failed", "killed", exit_code=137, progress="40"), "uid-old", how)
+    view = job_view(new, [old_pod])
+    assert view.state == PENDING and view.progress is None and view.result is None
+    mine = _owned(_pod("j", "Running", progress="5"), "uid-new", how)
+    view = job_view(new, [old_pod, mine])
+    assert view.state == RUNNING and view.progress == 5
+
+
 def _failed_pod(job: str, exit_code: int, reason: str, message: str = "", at: int = 0) -> dict:
     pod = _pod(job, "Failed", message, exit_code=exit_code)
     pod["status"]["containerStatuses"][0]["state"]["terminated"]["reason"] = reason
