@@ -132,16 +132,28 @@ def transitions(
     previous: Iterable[Mapping[str, Any]], current: Iterable[Mapping[str, Any]]
 ) -> list[tuple[str, str, str]]:
     """Events to post: ``(event_type, reason, message)`` for every condition whose status or
-    reason changed since the last written status."""
+    reason changed since the last written status.
+
+    An invalid spec is one event, Ready's, which says what is wrong: the other conditions
+    only point to it ("see Ready"), and six such Warnings without the problem itself buried
+    it in ``kubectl describe``. Ready's event comes even when Ready was already False (a
+    failed gate, say), and again when another edit is invalid for another reason.
+    """
     prev = {c["type"]: c for c in previous if "type" in c}
     events = []
     for c in current:
-        old = prev.get(c["type"])
-        if old is not None and (old.get("status"), old.get("reason")) == (c["status"], c["reason"]):
+        old = prev.get(c["type"]) or {}
+        if c["reason"] == INVALID_SPEC:
+            if c["type"] != READY or (old.get("reason"), old.get("message")) == (
+                INVALID_SPEC,
+                c["message"],
+            ):
+                continue
+        elif (old.get("status"), old.get("reason")) == (c["status"], c["reason"]):
             continue
-        if c["type"] == READY and old is not None and old.get("status") == c["status"]:
+        elif c["type"] == READY and old.get("status") == c["status"]:
             continue  # Ready echoes other conditions; only its flips are news
-        if old is None and c["status"] == UNKNOWN:
+        if not old and c["status"] == UNKNOWN:
             continue  # first visit: every condition starts Unknown, not news
         kind = "Warning" if c["reason"] in WARNING_REASONS else "Normal"
         events.append((kind, c["reason"], f"{c['type']}={c['status']}: {c['message']}"))

@@ -800,8 +800,15 @@ def test_invalid_combination_sets_invalid_spec_without_crash_loop(
     assert "another PVC than storage.claimName slm-work" in ready["message"]
     assert task["status"]["phase"] == "Failed"
     assert not jobs(cluster, ns, "misplaced")
-    warnings = cluster.get_json("events", "-n", ns, "--field-selector", "type=Warning")["items"]
-    assert any(e["reason"] == "InvalidSpec" for e in warnings)
+
+    def invalid_events() -> list[dict[str, Any]]:
+        items = cluster.get_json("events", "-n", ns, "--field-selector", "type=Warning")["items"]
+        return [e for e in items if e["reason"] == "InvalidSpec"]
+
+    # One Warning, which says what is wrong (not one "see Ready" per condition).
+    wait_for(lambda: invalid_events(), timeout=30, what="the InvalidSpec Warning")
+    (event,) = invalid_events()
+    assert "another PVC than storage.claimName slm-work" in event["message"]
     # The operator stays up and keeps serving other tasks.
     cluster.apply(agenttask(), ns)
     revision(cluster, ns)

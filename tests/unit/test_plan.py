@@ -662,6 +662,34 @@ def test_invalid_name_is_invalid_spec_without_children() -> None:
     assert p.status["phase"] == "Failed"
 
 
+def test_an_invalid_edit_posts_one_warning_that_says_what_is_wrong() -> None:
+    """kubectl describe used to show six "X=Unknown: the spec is invalid; see Ready" Warnings
+    and not the problem itself, because Ready was already False (a failed gate) and only
+    its flips were events. One Warning now carries the problem, again for a new problem."""
+    reserved = frozenset({"slm-operator"})
+    task = make_task()
+    jobs = jobs_through(task, "train", scores=(0.1, 0.2))
+    task["status"] = plan(Observed(task, jobs, None, NOW)).status
+    assert conds(task["status"])[c.READY] == (c.FALSE, c.GATE_NOT_MET)
+
+    bad = copy.deepcopy(task)
+    bad["spec"]["training"]["serviceAccountName"] = "slm-operator"
+    p = plan(Observed(bad, jobs, None, NOW, reserved_accounts=reserved))
+    assert len(p.events) == 1
+    kind, reason, message = p.events[0]
+    assert (kind, reason) == ("Warning", c.INVALID_SPEC)
+    assert message.startswith("Ready=False: training.serviceAccountName slm-operator")
+
+    bad["status"] = p.status  # the same problem, planned again: nothing new to say
+    assert plan(Observed(bad, jobs, None, NOW, reserved_accounts=reserved)).events == []
+    worse = copy.deepcopy(bad)
+    del worse["spec"]["training"]["serviceAccountName"]  # fixed, but another one broken
+    worse["spec"]["candidates"][0]["model"] = "pvc://other/models/a"
+    events = plan(Observed(worse, jobs, None, NOW, reserved_accounts=reserved)).events
+    assert [e[:2] for e in events] == [("Warning", c.INVALID_SPEC)]
+    assert "another PVC" in events[0][2]
+
+
 def test_candidate_model_on_foreign_pvc_is_invalid() -> None:
     task = make_task(candidates=[{"name": "a", "model": "pvc://other/models/a"}])
     assert "another PVC" in (plan(Observed(task, {}, None, NOW)).invalid or "")
