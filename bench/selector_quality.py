@@ -15,7 +15,8 @@ LLM. The target (issue 4):
   call counts as wrong);
 - defer >= 90% of the irrelevant calls.
 
-The fine-tuned selector is trained as ``examples/tool-selection.yaml`` configures it: on every
+The fine-tuned selector is trained with the evaluation settings of
+``examples/classification.yaml`` (``targetPrecision: 0.97``, ``calibrationFolds: 4``): on every
 training call, with its threshold picked on the out-of-fold confidences of 4 more models
 (``--calibration-folds 4``; ``0`` holds out ``--calibration-fraction`` of the training calls
 instead), so no choice is made on the traffic. The baseline,
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=4,
         help="calibrate on out-of-fold logits of K extra models, the served one trained on every "
-        "call, as examples/tool-selection.yaml sets it (0: hold out --calibration-fraction)",
+        "call, as examples/classification.yaml sets it (0: hold out --calibration-fraction)",
     )
     parser.add_argument(
         "--reuse-data",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import unquote
 
@@ -28,6 +29,30 @@ GPU_RESOURCE: Final = "nvidia.com/gpu"
 TRITON_HTTP, TRITON_GRPC, TRITON_METRICS = 8000, 8001, 8002
 
 Obj = dict[str, Any]
+
+#: The images a task without spec.training.image / spec.serving.image runs, unless the operator
+#: is told others (:class:`Images`).
+DEFAULT_TRAINER_IMAGE: Final = "ghcr.io/slm-fleet/trainer:0.1.0"
+DEFAULT_TRITON_IMAGE: Final = "ghcr.io/slm-fleet/triton:0.1.0"
+
+
+@dataclass(frozen=True)
+class Images:
+    """Where the pods the operator creates get their images: the cluster's defaults.
+
+    Why the operator holds them, not the CRD: a cluster that mirrors images into its own
+    registry (air-gapped, or a pull-through cache) sets them once, on the operator (the
+    chart's operator.trainerImage and operator.tritonImage), instead of in every AgentTask;
+    a CRD default would be written into each task when it is created and never follow.
+    ``pull_secrets`` are listed on every trainer and Triton pod.
+    """
+
+    trainer: str = DEFAULT_TRAINER_IMAGE
+    triton: str = DEFAULT_TRITON_IMAGE
+    pull_secrets: tuple[str, ...] = ()
+
+
+DEFAULT_IMAGES: Final = Images()
 
 #: The ``slm-trainer`` sub-command each Job stage runs.
 TRAINER_COMMANDS: Final = {
@@ -145,12 +170,12 @@ def _trainer_job(
     extra_volumes: list[Obj] | None = None,
     extra_mounts: list[Obj] | None = None,
     service_account: str = "",
-    pull_secrets: Sequence[str] = (),
+    images: Images = DEFAULT_IMAGES,
 ) -> Obj:
     """One trainer Job. ``service_account`` is the operator's default trainer ServiceAccount
     (allowed to patch its own pod's progress annotation); ``spec.training.serviceAccountName``
     overrides it, and with neither the pods run as the namespace's default ServiceAccount.
-    ``pull_secrets``: names of Secrets for pulling the trainer image, listed on the pod."""
+    ``images``: the trainer image unless spec.training.image names one, and the pull secrets."""
     task_name, ns = _meta(task)
     spec = task["spec"]
     training = spec.get("training") or {}
@@ -169,7 +194,7 @@ def _trainer_job(
     ]
     container: Obj = {
         "name": "trainer",
-        "image": training.get("image", "ghcr.io/slm-fleet/trainer:0.1.0"),
+        "image": training.get("image") or images.trainer,
         "command": ["slm-trainer", TRAINER_COMMANDS[stage]],
         "args": [*args, f"--result-path={TERMINATION_LOG}"],
         "env": [
@@ -203,8 +228,8 @@ def _trainer_job(
     account = training.get("serviceAccountName") or service_account
     if account:
         pod_spec["serviceAccountName"] = account
-    if _pull_secrets(pull_secrets):
-        pod_spec["imagePullSecrets"] = _pull_secrets(pull_secrets)
+    if _pull_secrets(images.pull_secrets):
+        pod_spec["imagePullSecrets"] = _pull_secrets(images.pull_secrets)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -260,7 +285,7 @@ def data_prep_job(
     task: Mapping[str, Any],
     revision: str,
     service_account: str = "",
-    pull_secrets: Sequence[str] = (),
+    images: Images = DEFAULT_IMAGES,
 ) -> Obj:
     """S2: curate (PII scrubbing, de-duplication) and split the logged calls. CPU only."""
     spec = task["spec"]
@@ -289,7 +314,7 @@ def data_prep_job(
         extra_volumes=[volume] if volume else [],
         extra_mounts=mounts,
         service_account=service_account,
-        pull_secrets=pull_secrets,
+        images=images,
     )
 
 
@@ -298,7 +323,7 @@ def finetune_job(
     revision: str,
     candidate: Mapping[str, Any],
     service_account: str = "",
-    pull_secrets: Sequence[str] = (),
+    images: Images = DEFAULT_IMAGES,
 ) -> Obj:
     """S5: fine-tune one candidate and score it on the held-out split against the LLM."""
     spec = task["spec"]
@@ -335,7 +360,7 @@ def finetune_job(
         gpus=gpus,
         candidate=candidate["name"],
         service_account=service_account,
-        pull_secrets=pull_secrets,
+        images=images,
     )
 
 
@@ -365,7 +390,7 @@ def export_job(
     candidate_artifact: str,
     threshold: float | None,
     service_account: str = "",
-    pull_secrets: Sequence[str] = (),
+    images: Images = DEFAULT_IMAGES,
 ) -> Obj:
     """Write the Triton model repository (config.pbtxt + Python backend) for the winner."""
     spec = task["spec"]
@@ -397,7 +422,7 @@ def export_job(
         gpus=0,
         candidate=candidate["name"],
         service_account=service_account,
-        pull_secrets=pull_secrets,
+        images=images,
     )
 
 
@@ -439,10 +464,11 @@ def triton_deployment(
     model_repository: str,
     candidate: str,
     replicas: int,
-    pull_secrets: Sequence[str] = (),
+    images: Images = DEFAULT_IMAGES,
 ) -> Obj:
-    """Triton serving the promoted revision's model repository; ``pull_secrets`` are listed
-    as the pods' imagePullSecrets (Triton runs as the namespace's default ServiceAccount)."""
+    """Triton serving the promoted revision's model repository: spec.serving.image or the
+    operator's Triton image, with its pull secrets listed as the pods' imagePullSecrets
+    (Triton runs as the namespace's default ServiceAccount)."""
     task_name, ns = _meta(task)
     spec = task["spec"]
     serving = spec.get("serving") or {}
@@ -463,7 +489,7 @@ def triton_deployment(
         mounts.append({"name": "workspace", "mountPath": WORKSPACE, "readOnly": True})
     container: Obj = {
         "name": "triton",
-        "image": serving.get("image", "ghcr.io/slm-fleet/triton:0.1.0"),
+        "image": serving.get("image") or images.triton,
         "command": ["tritonserver"],
         "args": [
             f"--model-repository={repo}",
@@ -509,8 +535,8 @@ def triton_deployment(
         # Triton never calls the Kubernetes API; the exported model.py it runs gets no token.
         "automountServiceAccountToken": False,
     }
-    if _pull_secrets(pull_secrets):
-        pod_spec["imagePullSecrets"] = _pull_secrets(pull_secrets)
+    if _pull_secrets(images.pull_secrets):
+        pod_spec["imagePullSecrets"] = _pull_secrets(images.pull_secrets)
     if serving.get("nodeSelector"):
         pod_spec["nodeSelector"] = dict(serving["nodeSelector"])
     tolerations = _tolerations(serving, gpus)

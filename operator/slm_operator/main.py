@@ -36,6 +36,7 @@ from typing import Any
 import kopf
 
 from slm_operator import naming as n
+from slm_operator.builders import DEFAULT_TRAINER_IMAGE, DEFAULT_TRITON_IMAGE, Images
 from slm_operator.kube import Kube, KubeError, TaskGone, load_api_client, without_retries
 from slm_operator.leader import LeaderElector, LeaseSettings
 from slm_operator.metrics import RESULT_ERROR, RESULT_OK, RESULT_RETRY, OperatorMetrics, serve
@@ -75,6 +76,15 @@ RESERVED_SERVICE_ACCOUNTS = frozenset(
 #: (the chart's imagePullSecrets and trainer.serviceAccount.imagePullSecrets); they must exist
 #: in the task's namespace. Empty: the pods get their ServiceAccount's pull secrets, if any.
 IMAGE_PULL_SECRETS = _names(os.environ.get("SLM_FLEET_IMAGE_PULL_SECRETS", ""))
+#: The trainer and Triton images of AgentTasks that name none (spec.training.image,
+#: spec.serving.image): the chart's operator.trainerImage and operator.tritonImage, so that a
+#: cluster with its own registry sets them once. Changing them retrains nothing; the Triton
+#: Deployments of tasks without their own image roll to the new one.
+IMAGES = Images(
+    trainer=os.environ.get("SLM_FLEET_TRAINER_IMAGE", "").strip() or DEFAULT_TRAINER_IMAGE,
+    triton=os.environ.get("SLM_FLEET_TRITON_IMAGE", "").strip() or DEFAULT_TRITON_IMAGE,
+    pull_secrets=IMAGE_PULL_SECRETS,
+)
 #: After a data-prep Job found fewer examples than spec.dataset.minExamples, how long until it
 #: curates again (a new task waits for its agents' calls to be captured this way).
 DATA_RECHECK_SECONDS = float(os.environ.get("SLM_FLEET_DATA_RECHECK_SECONDS", "300"))
@@ -274,7 +284,7 @@ async def _pass(rt: Runtime, key: Key, st: _KeyState) -> bool:
             TRAINER_SERVICE_ACCOUNT,
             DATA_RECHECK_SECONDS,
             reserved_accounts=RESERVED_SERVICE_ACCOUNTS,
-            image_pull_secrets=IMAGE_PULL_SECRETS,
+            images=IMAGES,
         )
     except NotLeading:
         return True  # stepped down meanwhile: the new leader reconciles it
@@ -580,11 +590,50 @@ async def on_service(labels: Mapping[str, str], namespace: str | None, **_: Any)
     await _on_child(labels, namespace)
 
 
+#: What ``slm-fleet-operator --help`` prints: the flags are kopf's, the settings environment
+#: variables (the chart sets each from a value), so that one place lists them all.
+HELP = f"""usage: slm-fleet-operator (--namespace NS ... | --all-namespaces) [kopf run flags]
+
+Reconciles AgentTasks (slmfleet.dev/v1alpha1): data prep, fine-tune and export Jobs, the
+evaluation gate, Triton serving, scaling and SLO fallback. The flags are `kopf run`'s
+(`kopf run --help`); the operator adds --standalone. Settings come from the environment:
+
+  SLM_FLEET_PROMETHEUS_URL                 Prometheus scraping the gateway and Triton; unset:
+                                           no live control (no scaling, no SLO fallback, the
+                                           rollout stays at shadow)
+  SLM_FLEET_PROMETHEUS_SCRAPE_SECONDS      its scrape interval (15); rates are read over two
+  SLM_FLEET_PROMETHEUS_INSECURE_SKIP_VERIFY  true: skip verifying an https Prometheus's
+                                           certificate (a private CA: REQUESTS_CA_BUNDLE)
+  SLM_FLEET_RESYNC_SECONDS                 full resync of every task (30)
+  SLM_FLEET_DATA_RECHECK_SECONDS           curate again after too few examples (300)
+  SLM_FLEET_TRAINER_IMAGE                  trainer image of tasks without spec.training.image
+                                           ({DEFAULT_TRAINER_IMAGE})
+  SLM_FLEET_TRITON_IMAGE                   Triton image of tasks without spec.serving.image
+                                           ({DEFAULT_TRITON_IMAGE})
+  SLM_FLEET_IMAGE_PULL_SECRETS             Secrets listed on trainer and Triton pods (a,b)
+  SLM_FLEET_TRAINER_SERVICE_ACCOUNT        account of trainer pods unless a task names one
+  SLM_FLEET_RESERVED_SERVICE_ACCOUNTS      accounts no task may run its trainer as (a,b)
+  SLM_FLEET_METRICS_PORT                   port of the operator's /metrics; 0: none (0)
+  SLM_FLEET_METRICS_ADDR                   its address (0.0.0.0)
+  SLM_FLEET_LEADER_ELECTION_LEASE          NAMESPACE/NAME of the Lease replicas elect a
+                                           leader on; unset: no election (one replica)
+  SLM_FLEET_LEADER_ELECTION_LEASE_SECONDS  lease duration (15)
+  SLM_FLEET_LEADER_ELECTION_RENEW_DEADLINE_SECONDS  a leader that cannot renew within it
+                                           stands by (10)
+  SLM_FLEET_LEADER_ELECTION_RETRY_SECONDS  between attempts to take or renew the Lease (2)
+  SLM_FLEET_POD_NAME                       this pod's name (downward API): its restarted
+                                           container takes its own dead predecessor's Lease
+"""
+
+
 def cli() -> None:
     """Console entry point: ``kopf run --standalone -m slm_operator.main`` plus your flags."""
     from kopf.cli import main as kopf_main
 
     args = sys.argv[1:]
+    if "-h" in args or "--help" in args:
+        sys.stdout.write(HELP)
+        return
     if not any(
         a in ("-n", "--namespace", "-A", "--all-namespaces") or a.startswith("--namespace=")
         for a in args

@@ -80,9 +80,9 @@ class Observed:
     #: ServiceAccounts spec.training.serviceAccountName may not name (the operator's and the
     #: gateway's): the trainer runs an image the task's author chose, with its permissions.
     reserved_accounts: frozenset[str] = frozenset()
-    #: Secrets listed as imagePullSecrets of the trainer and Triton pods (the chart's
-    #: imagePullSecrets), so that their images can come from a private registry.
-    image_pull_secrets: tuple[str, ...] = ()
+    #: The trainer and Triton images of tasks that name none, and the Secrets listed as
+    #: imagePullSecrets of those pods (the chart's imagePullSecrets): a private registry.
+    images: b.Images = b.DEFAULT_IMAGES
     #: Prometheus was not asked because this window was already judged
     #: (:func:`metrics_due` was False): the last judgement stands as it is, which is not the
     #: same as "Prometheus did not answer" (MetricsUnavailable).
@@ -435,7 +435,7 @@ def _pipeline(
     served: str = "",
     data_recheck: dt.timedelta = dt.timedelta(minutes=5),
     waited_for_data: bool = False,
-    pull_secrets: Sequence[str] = (),
+    images: b.Images = b.DEFAULT_IMAGES,
     data_prepared: tuple[str, str, str] | None = None,
     recorded: Sequence[Mapping[str, Any]] = (),
     recorded_selected: Mapping[str, Any] | None = None,
@@ -472,9 +472,7 @@ def _pipeline(
     )
 
     data_name = n.data_job_name(name, rev)
-    data_job = (
-        b.data_prep_job(task, rev, service_account, pull_secrets) if apply is not None else None
-    )
+    data_job = b.data_prep_job(task, rev, service_account, images) if apply is not None else None
     if apply is not None and data_job is not None:
         apply.append(data_job)
     dv = jobs.get(data_name)
@@ -560,7 +558,7 @@ def _pipeline(
     for cand in spec["candidates"]:
         jname = n.finetune_job_name(name, cand["name"], rev)
         if apply is not None:
-            apply.append(b.finetune_job(task, rev, cand, service_account, pull_secrets))
+            apply.append(b.finetune_job(task, rev, cand, service_account, images))
         view = _recorded_result(jobs.get(jname), recorded, rev, cand["name"], jname)
         if apply is not None and limit_raised(view, task):
             step.rerun_jobs.append(jname)
@@ -684,7 +682,7 @@ def _pipeline(
             # (An export Job an older operator named after the revision alone is kept.)
             apply.append(
                 b.export_job(
-                    task, rev, cand, res.artifact_uri, res.threshold, service_account, pull_secrets
+                    task, rev, cand, res.artifact_uri, res.threshold, service_account, images
                 )
             )
     status, reason, msg = _job_outcome(ev, now)
@@ -1266,7 +1264,7 @@ def plan(obs: Observed) -> Plan:
                 x.get("type") == c.DATA_READY and x.get("reason") == c.WAITING_FOR_DATA
                 for x in prev_conds
             ),
-            obs.image_pull_secrets,
+            obs.images,
             _prepared_before(prev, rev if training_needed else active_rev),
             prev.get("candidates") or (),
             prev_selected,
@@ -1340,9 +1338,7 @@ def plan(obs: Observed) -> Plan:
                 live["lastScaleTime"] = now_us  # whole seconds cut cooldowns short
                 want = decision.replicas
         out.apply.append(
-            b.triton_deployment(
-                task, active_rev, active_uri, active_cand, want, obs.image_pull_secrets
-            )
+            b.triton_deployment(task, active_rev, active_uri, active_cand, want, obs.images)
         )
         out.apply.append(b.triton_service(task))
         # maxUnavailable=0: while a new revision rolls out, the old pods keep serving.

@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from typing import Any
 
 from slm_operator import naming as n
+from slm_operator.builders import DEFAULT_IMAGES, Images
 from slm_operator.kube import Kube, KubeError, TaskChanged, TaskGone
 from slm_operator.observe import (
     PENDING,
@@ -108,7 +109,7 @@ def observe(
     data_recheck_s: float = 300.0,
     *,
     reserved_accounts: Collection[str] = (),
-    image_pull_secrets: Sequence[str] = (),
+    images: Images = DEFAULT_IMAGES,
 ) -> Observed | None:
     task = kube.get_task(namespace, name)
     if task is None:
@@ -149,7 +150,7 @@ def observe(
         data_recheck=dt.timedelta(seconds=data_recheck_s),
         serving_waiting=serving_waiting(pods),
         reserved_accounts=frozenset(reserved_accounts),
-        image_pull_secrets=tuple(image_pull_secrets),
+        images=images,
         metrics_not_due=not_due,
         min_window_s=min_window,
     )
@@ -204,7 +205,7 @@ def reconcile(
     data_recheck_s: float = 300.0,
     *,
     reserved_accounts: Collection[str] = (),
-    image_pull_secrets: Sequence[str] = (),
+    images: Images = DEFAULT_IMAGES,
 ) -> Plan | None:
     obs = observe(
         kube,
@@ -215,7 +216,7 @@ def reconcile(
         trainer_service_account,
         data_recheck_s,
         reserved_accounts=reserved_accounts,
-        image_pull_secrets=image_pull_secrets,
+        images=images,
     )
     if obs is None:
         return None

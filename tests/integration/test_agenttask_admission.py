@@ -442,11 +442,12 @@ def test_valid_agenttask_is_stored_with_defaults(cluster: Any, namespace: str) -
     assert spec["candidates"][0]["learningRate"] == 0.0002
     assert spec["candidates"][0]["maxSeqLength"] == 1024
     assert spec["training"]["gpus"] == 1
-    assert spec["training"]["image"] == "ghcr.io/slm-fleet/trainer:0.1.0"
+    # No image default either: unset, the task runs the operator's images (operator.trainerImage,
+    # operator.tritonImage), which a cluster with its own registry sets once for every task.
+    assert "image" not in spec["training"] and "image" not in spec["serving"]
     assert spec["training"]["activeDeadlineSeconds"] == 21600
     assert spec["training"]["backoffLimit"] == 2
     assert spec["evaluation"]["selectionPolicy"] == "smallest-passing"
-    assert spec["serving"]["image"] == "ghcr.io/slm-fleet/triton:0.1.0"
     assert (spec["serving"]["minReplicas"], spec["serving"]["maxReplicas"]) == (1, 4)
     assert spec["serving"]["gpus"] == 1
     assert spec["serving"]["slo"] == {

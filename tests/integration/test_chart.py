@@ -702,6 +702,65 @@ def test_pull_secrets_reach_the_trainer_account_and_the_pods_the_operator_create
     assert pull_env(own) == "registry,ml-registry"
 
 
+def test_the_operators_images_for_tasks_without_their_own_follow_the_values() -> None:
+    """A mirrored registry is set once: the operator gets the trainer and Triton images of
+    tasks that name none, tagged with the chart's appVersion unless a tag is given."""
+
+    def image_env(docs: list[dict[str, Any]]) -> dict[str, str]:
+        env = container(docs, "slm-operator")["env"]
+        return {
+            e["name"]: e["value"]
+            for e in env
+            if e["name"] in ("SLM_FLEET_TRAINER_IMAGE", "SLM_FLEET_TRITON_IMAGE")
+        }
+
+    version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    assert image_env(render()) == {
+        "SLM_FLEET_TRAINER_IMAGE": f"ghcr.io/slm-fleet/trainer:{version}",
+        "SLM_FLEET_TRITON_IMAGE": f"ghcr.io/slm-fleet/triton:{version}",
+    }
+    mirrored = render(
+        "operator.trainerImage.repository=reg.local/slm/trainer",
+        "operator.tritonImage.repository=reg.local/slm/triton",
+        "operator.tritonImage.tag=24.09-py3",
+    )
+    assert image_env(mirrored) == {
+        "SLM_FLEET_TRAINER_IMAGE": f"reg.local/slm/trainer:{version}",
+        "SLM_FLEET_TRITON_IMAGE": "reg.local/slm/triton:24.09-py3",
+    }
+    # `helm upgrade --reuse-values` from a release made before these values existed reuses
+    # values without them: the defaults still apply (the template failed on a nil map).
+    assert image_env(render("operator.trainerImage=null", "operator.tritonImage=null")) == (
+        image_env(render())
+    )
+
+
+def test_the_monitors_scrape_at_the_interval_the_operator_reads_rates_over() -> None:
+    """The operator reads rates over at least two of operator.prometheusScrapeSeconds; two
+    settings for one interval let a monitor scrape every minute while the operator assumed
+    15 s, and its windows held one sample or none. The monitors now follow it unless set."""
+
+    def intervals(docs: list[dict[str, Any]]) -> list[str]:
+        out = [
+            e["interval"]
+            for e in by_kind(docs, "ServiceMonitor")["slm-gateway"]["spec"]["endpoints"]
+        ]
+        for pm in by_kind(docs, "PodMonitor").values():
+            out += [e["interval"] for e in pm["spec"]["podMetricsEndpoints"]]
+        return out
+
+    on = VARIANTS["monitoring"]
+    assert set(intervals(render(*on))) == {"15s"}
+    assert set(intervals(render(*on, "operator.prometheusScrapeSeconds=30"))) == {"30s"}
+    fractional = render_bare(
+        CAPTURE_CLAIM, *on, json_values=("operator.prometheusScrapeSeconds=2.5",)
+    )
+    assert set(intervals(fractional)) == {"2500ms"}
+    # A monitor's own interval still wins (the operator must then be told the same).
+    own = intervals(render(*on, "monitoring.podMonitor.interval=1m"))
+    assert own[0] == "15s" and set(own[1:]) == {"1m"}
+
+
 def test_monitoring_objects() -> None:
     docs = render(*VARIANTS["monitoring"], namespace="team-a")
     sm = by_kind(docs, "ServiceMonitor")["slm-gateway"]
@@ -909,6 +968,16 @@ ALERT_CASES: dict[str, tuple[list[dict[str, str]], list[dict[str, str]], dict[st
         {"namespace": "slm"},
         "",
     ),
+    "SlmFleetOperatorDown": (
+        [  # the operator of release namespace slm is not scraped; another release's is
+            _series("slm_operator_leader", 'namespace="other",pod="other-operator-a"', "1x60"),
+        ],
+        [  # a standby alone is still a scraped replica (NoLeader covers it)
+            _series("slm_operator_leader", 'namespace="slm",pod="slm-operator-a"', "0x60"),
+        ],
+        {"namespace": "slm"},
+        "",
+    ),
     "SlmFleetSlmHandsBackMostCalls": (
         [  # mode slm, 1 call/s answered, 0.6/s of them handed back to the LLM
             _series("slm_gateway_route_mode", TASK_LABELS + ',mode="slm"', "1x60"),
@@ -950,10 +1019,14 @@ def test_alerts_fire_on_their_fault_and_only_then(tmp_path: Path) -> None:
     its labels and summary, and stays quiet on healthy series; promtool checks the rules."""
     promtool = shutil.which("promtool")
     assert promtool, "promtool comes with Debian's prometheus package (make setup installs it)"
-    rule = by_kind(render("monitoring.prometheusRule.enabled=true"), "PrometheusRule")["slm"]
+    on = ("monitoring.prometheusRule.enabled=true", "monitoring.podMonitor.enabled=true")
+    rule = by_kind(render(*on), "PrometheusRule")["slm"]
     groups = rule["spec"]["groups"]
     rules = {r["alert"]: r for g in groups for r in g["rules"]}
     assert set(rules) == set(ALERT_CASES)
+    # Without the chart's PodMonitor the operator's series may carry another namespace label.
+    only_rule = by_kind(render(on[0]), "PrometheusRule")["slm"]["spec"]["groups"]
+    assert "SlmFleetOperatorDown" not in {r["alert"] for g in only_rule for r in g["rules"]}
     used = {m for r in rules.values() for m in re.findall(r"slm_[a-z]+_[a-z_]+", r["expr"])}
     documented = set(
         re.findall(r"`(slm_[a-z]+_[a-z_]+)`", (REPO / "docs" / "metrics.md").read_text())

@@ -119,7 +119,7 @@ def test_trainer_and_triton_pods_list_the_configured_pull_secrets() -> None:
     secrets on every pod it creates (a pod that lists none gets only its ServiceAccount's)."""
     task = make_task()
     cand = task["spec"]["candidates"][0]
-    secrets = ("registry", "mirror", "registry")
+    secrets = b.Images(pull_secrets=("registry", "mirror", "registry"))
     want = [{"name": "registry"}, {"name": "mirror"}]
     pods = [
         b.data_prep_job(task, "r", "slm-trainer", secrets),
@@ -135,18 +135,59 @@ def test_trainer_and_triton_pods_list_the_configured_pull_secrets() -> None:
     assert "imagePullSecrets" not in dep["spec"]["template"]["spec"]
 
 
+def _images_of(objs: list[dict]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for obj in objs:
+        if obj["kind"] in ("Job", "Deployment"):
+            for ctr in obj["spec"]["template"]["spec"]["containers"]:
+                out.setdefault(obj["kind"], set()).add(ctr["image"])
+    return out
+
+
+def test_tasks_without_an_image_run_the_operators_images_and_train_the_same_revision() -> None:
+    """A cluster that mirrors images into its own registry sets the trainer and Triton images
+    once, on the operator: every task without its own runs them, and changing them names
+    the same Jobs (no retraining); a task's own image still wins."""
+    from test_plan import NOW, deployment, jobs_through
+
+    task = make_task()
+    rev = n.revision_of(task["spec"])
+    mirror = b.Images(trainer="reg.local/slm/trainer:7", triton="reg.local/slm/triton:7")
+    fresh = plan(Observed(task, {}, None, NOW, images=mirror)).apply
+    assert _images_of(fresh) == {"Job": {"reg.local/slm/trainer:7"}}
+    assert [o["metadata"]["name"] for o in fresh] == [
+        o["metadata"]["name"] for o in plan(Observed(task, {}, None, NOW)).apply
+    ]
+    served = plan(Observed(task, jobs_through(task, "export"), deployment(rev), NOW, images=mirror))
+    assert _images_of(served.apply)["Deployment"] == {"reg.local/slm/triton:7"}
+    # The built-in defaults, without a setting...
+    default = plan(Observed(task, jobs_through(task, "export"), deployment(rev), NOW)).apply
+    assert _images_of(default)["Deployment"] == {b.DEFAULT_TRITON_IMAGE}
+    # ...and the task's own images, whatever the operator's.
+    own = make_task(
+        training={"gpus": 1, "image": "team/trainer:1"}, serving={"image": "team/triton:1"}
+    )
+    rev_own = n.revision_of(own["spec"])
+    mine = plan(Observed(own, jobs_through(own, "export"), deployment(rev_own), NOW, images=mirror))
+    assert _images_of(mine.apply)["Deployment"] == {"team/triton:1"}
+    assert _images_of(plan(Observed(own, {}, None, NOW, images=mirror)).apply) == {
+        "Job": {"team/trainer:1"}
+    }
+
+
 def test_plan_passes_the_pull_secrets_to_every_pod_it_builds() -> None:
     from test_plan import NOW, jobs_through
 
     task = make_task()
-    obs = Observed(task, jobs_through(task, "export"), None, NOW, image_pull_secrets=("reg",))
+    reg = b.Images(pull_secrets=("reg",))
+    obs = Observed(task, jobs_through(task, "export"), None, NOW, images=reg)
     built = plan(obs).apply
     assert {o["kind"] for o in built} >= {"Deployment"}
     for obj in built:
         if obj["kind"] in ("Job", "Deployment"):
             pod = obj["spec"]["template"]["spec"]
             assert pod["imagePullSecrets"] == [{"name": "reg"}], obj["metadata"]["name"]
-    fresh = plan(Observed(task, {}, None, NOW, image_pull_secrets=("reg",))).apply
+    fresh = plan(Observed(task, {}, None, NOW, images=reg)).apply
     assert [o["spec"]["template"]["spec"]["imagePullSecrets"] for o in fresh] == [[{"name": "reg"}]]
 
 
@@ -157,15 +198,46 @@ def test_operator_reads_pull_secrets_and_reserved_accounts_from_its_environment(
         **os.environ,
         "SLM_FLEET_IMAGE_PULL_SECRETS": "registry, mirror,,registry",
         "SLM_FLEET_RESERVED_SERVICE_ACCOUNTS": "slm-operator,slm-gateway",
+        "SLM_FLEET_TRAINER_IMAGE": "reg.local/trainer:7",
+        "SLM_FLEET_TRITON_IMAGE": "",  # the chart always sets it; empty is the default
     }
     code = (
         "from slm_operator import main; "
-        "print(list(main.IMAGE_PULL_SECRETS), sorted(main.RESERVED_SERVICE_ACCOUNTS))"
+        "print(list(main.IMAGES.pull_secrets), sorted(main.RESERVED_SERVICE_ACCOUNTS)); "
+        "print(main.IMAGES.trainer, main.IMAGES.triton)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     ).stdout
-    assert out.strip() == "['registry', 'mirror'] ['slm-gateway', 'slm-operator']"
+    assert out.splitlines() == [
+        "['registry', 'mirror'] ['slm-gateway', 'slm-operator']",
+        f"reg.local/trainer:7 {b.DEFAULT_TRITON_IMAGE}",
+    ]
+
+
+def test_operator_help_lists_every_setting_it_reads_and_the_chart_sets() -> None:
+    """``slm-fleet-operator --help`` answered "pass --namespace NS" and exit 2, and no page
+    listed the environment variables the operator is configured by."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; from slm_operator.main import cli; cli()", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: slm-fleet-operator")
+    listed = set(re.findall(r"SLM_FLEET_[A-Z_]+", proc.stdout))
+    source = "".join(p.read_text() for p in (repo / "operator" / "slm_operator").glob("*.py"))
+    read = set(re.findall(r'"(SLM_FLEET_[A-Z_]+)"', source))
+    chart = repo / "charts" / "slm-fleet-operator" / "templates" / "operator-deployment.yaml"
+    set_by_chart = set(re.findall(r"name: (SLM_FLEET_[A-Z_]+)", chart.read_text()))
+    assert read and set_by_chart
+    assert read <= listed, read - listed
+    assert set_by_chart <= read, set_by_chart - read
 
 
 def test_user_scheduling_constraints_are_kept() -> None:

@@ -132,3 +132,17 @@ ServiceAccount's. Both, because a pod that lists pull secrets gets none from its
 {{- end -}}
 {{- join "," ($names | uniq) -}}
 {{- end -}}
+
+{{- /* A monitor's scrape interval: its own, else operator.prometheusScrapeSeconds. One setting
+by default, because the operator reads rates over at least two scrape intervals: a monitor
+scraping less often than the operator assumes leaves its windows with one sample or none. */ -}}
+{{- define "slm-fleet.scrapeInterval" -}}
+{{- $s := .root.Values.operator.prometheusScrapeSeconds -}}
+{{- if .monitor.interval -}}
+{{- .monitor.interval -}}
+{{- else if eq (float64 (int $s)) (float64 $s) -}}
+{{- printf "%ds" (int $s) -}}
+{{- else -}}
+{{- printf "%dms" (int (mulf $s 1000)) -}}
+{{- end -}}
+{{- end -}}
