@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import sys
 import threading
@@ -51,11 +52,34 @@ def _names(value: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(x.strip() for x in value.split(",") if x.strip()))
 
 
-RESYNC_SECONDS = float(os.environ.get("SLM_FLEET_RESYNC_SECONDS", "30"))
+#: Settings the environment gave in a form the operator cannot use: ``cli`` (and the startup
+#: handler, under a bare ``kopf run``) refuses to start with any, naming the variable, rather
+#: than run on a default nobody chose; ``--help`` still answers.
+SETTINGS_ERRORS: list[str] = []
+
+
+def _env_number(name: str, default: float, *, whole: bool = False, most: float = 604800) -> float:
+    """A number of seconds (or a port) from the environment; the default when unset."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(int(raw)) if whole else float(raw)
+    except ValueError:
+        value = math.nan
+    least = 0 if whole else 1e-3
+    if not (math.isfinite(value) and least <= value <= most):
+        kind = "a whole number" if whole else "a number of seconds"
+        SETTINGS_ERRORS.append(f"{name} must be {kind} from {least:g} to {most:g}, got {raw!r}")
+        return default
+    return value
+
+
+RESYNC_SECONDS = _env_number("SLM_FLEET_RESYNC_SECONDS", 30)
 #: Prometheus that scrapes the gateway and Triton; unset disables live control (SLOMet stays
 #: Unknown with reason MetricsUnavailable, and the rollout does not advance past shadow).
 PROMETHEUS_URL = os.environ.get("SLM_FLEET_PROMETHEUS_URL", "")
-SCRAPE_SECONDS = float(os.environ.get("SLM_FLEET_PROMETHEUS_SCRAPE_SECONDS", "15"))
+SCRAPE_SECONDS = _env_number("SLM_FLEET_PROMETHEUS_SCRAPE_SECONDS", 15, most=3600)
 #: "true" skips verifying an https Prometheus's certificate (verified by default; a private CA
 #: goes in REQUESTS_CA_BUNDLE instead). Both can be set through the chart's operator.extraEnv.
 PROMETHEUS_INSECURE = os.environ.get(
@@ -78,8 +102,9 @@ RESERVED_SERVICE_ACCOUNTS = frozenset(
 IMAGE_PULL_SECRETS = _names(os.environ.get("SLM_FLEET_IMAGE_PULL_SECRETS", ""))
 #: The trainer and Triton images of AgentTasks that name none (spec.training.image,
 #: spec.serving.image): the chart's operator.trainerImage and operator.tritonImage, so that a
-#: cluster with its own registry sets them once. Changing them retrains nothing; the Triton
-#: Deployments of tasks without their own image roll to the new one.
+#: cluster with its own registry sets them once. Changing them retrains nothing: trainer Jobs
+#: created from then on run the new one, and the Triton Deployments of tasks without their
+#: own image roll to it.
 IMAGES = Images(
     trainer=os.environ.get("SLM_FLEET_TRAINER_IMAGE", "").strip() or DEFAULT_TRAINER_IMAGE,
     triton=os.environ.get("SLM_FLEET_TRITON_IMAGE", "").strip() or DEFAULT_TRITON_IMAGE,
@@ -87,9 +112,9 @@ IMAGES = Images(
 )
 #: After a data-prep Job found fewer examples than spec.dataset.minExamples, how long until it
 #: curates again (a new task waits for its agents' calls to be captured this way).
-DATA_RECHECK_SECONDS = float(os.environ.get("SLM_FLEET_DATA_RECHECK_SECONDS", "300"))
+DATA_RECHECK_SECONDS = _env_number("SLM_FLEET_DATA_RECHECK_SECONDS", 300)
 #: Port of the operator's own /metrics (slm_operator_*); 0 turns it off.
-METRICS_PORT = int(os.environ.get("SLM_FLEET_METRICS_PORT", "0") or 0)
+METRICS_PORT = int(_env_number("SLM_FLEET_METRICS_PORT", 0, whole=True, most=65535))
 #: Address it listens on: every interface in a pod (Prometheus scrapes the pod IP); the local
 #: test stack sets 127.0.0.1, so nothing it starts listens beyond loopback.
 METRICS_ADDR = os.environ.get("SLM_FLEET_METRICS_ADDR", "0.0.0.0")
@@ -406,6 +431,8 @@ def configure(settings: kopf.OperatorSettings) -> None:
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     global _runtime
+    if SETTINGS_ERRORS:  # started by a bare `kopf run`, past cli()'s check
+        raise kopf.PermanentError("; ".join(SETTINGS_ERRORS))
     configure(settings)
     prom = (
         PromMetrics(PROMETHEUS_URL, SCRAPE_SECONDS, verify_tls=not PROMETHEUS_INSECURE)
@@ -634,6 +661,9 @@ def cli() -> None:
     if "-h" in args or "--help" in args:
         sys.stdout.write(HELP)
         return
+    if SETTINGS_ERRORS:
+        sys.stderr.write("".join(f"slm-fleet-operator: {e}\n" for e in SETTINGS_ERRORS))
+        raise SystemExit(2)
     if not any(
         a in ("-n", "--namespace", "-A", "--all-namespaces") or a.startswith("--namespace=")
         for a in args

@@ -55,6 +55,21 @@ NOT_TRAINING_INPUTS: Final = {
 }
 
 
+#: The trainer image the CRD used to write into every AgentTask's spec.training.image (its
+#: schema default, until the operator got its own trainer image). Revisions hash an unset
+#: image as this one: a task stored back then holds it, and a whole-object write of its
+#: unchanged manifest (kubectl replace, Argo CD's Replace=true) now drops it; neither may
+#: train again, nor may removing that default to follow the operator's image.
+LEGACY_TRAINER_IMAGE: Final = "ghcr.io/slm-fleet/trainer:0.1.0"
+
+
+def _with_legacy_image(spec: Mapping[str, Any]) -> Mapping[str, Any]:
+    training = spec.get("training")
+    if isinstance(training, Mapping) and "image" not in training:
+        return {**spec, "training": {**training, "image": LEGACY_TRAINER_IMAGE}}
+    return spec
+
+
 def _digest(relevant: dict[str, Any], retrain_epoch: int) -> str:
     if retrain_epoch:
         relevant["retrainEpoch"] = retrain_epoch
@@ -64,6 +79,7 @@ def _digest(relevant: dict[str, Any], retrain_epoch: int) -> str:
 
 def revision_of(spec: Mapping[str, Any], retrain_epoch: int = 0) -> str:
     """Ten hex digits identifying what would be trained; stable across key order."""
+    spec = _with_legacy_image(spec)
     relevant: dict[str, Any] = {}
     for k in TRAINING_FIELDS:
         value = spec.get(k)
@@ -81,6 +97,7 @@ def legacy_revision_of(spec: Mapping[str, Any], retrain_epoch: int = 0) -> str:
     Why kept: a revision they trained from a spec that has not changed since must not be
     trained again after an upgrade (``plan`` keeps its name).
     """
+    spec = _with_legacy_image(spec)
     return _digest(
         {k: spec.get(k) for k in TRAINING_FIELDS if spec.get(k) is not None}, retrain_epoch
     )

@@ -733,6 +733,11 @@ def test_the_operators_images_for_tasks_without_their_own_follow_the_values() ->
     assert image_env(render("operator.trainerImage=null", "operator.tritonImage=null")) == (
         image_env(render())
     )
+    # ...or only the tag that upgrade sets: the default repository with it.
+    tag_only = image_env(
+        render("operator.tritonImage.repository=null", "operator.tritonImage.tag=v2")
+    )
+    assert tag_only["SLM_FLEET_TRITON_IMAGE"] == "ghcr.io/slm-fleet/triton:v2"
 
 
 def test_the_monitors_scrape_at_the_interval_the_operator_reads_rates_over() -> None:

@@ -240,6 +240,28 @@ def test_operator_help_lists_every_setting_it_reads_and_the_chart_sets() -> None
     assert set_by_chart <= read, set_by_chart - read
 
 
+def test_the_operator_refuses_a_setting_it_cannot_read_and_says_which() -> None:
+    """SLM_FLEET_RESYNC_SECONDS=abc crashed the import with a bare ValueError (and --help
+    with it); a port out of range was accepted until the bind failed."""
+    code = "import sys; from slm_operator.main import cli; cli()"
+    env = {**os.environ, "SLM_FLEET_RESYNC_SECONDS": "abc", "SLM_FLEET_METRICS_PORT": "99999"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "--namespace", "x"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "SLM_FLEET_RESYNC_SECONDS must be a number of seconds" in proc.stderr
+    assert "got 'abc'" in proc.stderr
+    assert "SLM_FLEET_METRICS_PORT must be a whole number from 0 to 65535" in proc.stderr
+    helped = subprocess.run(
+        [sys.executable, "-c", code, "--help"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert helped.returncode == 0 and helped.stdout.startswith("usage:")
+
+
 def test_user_scheduling_constraints_are_kept() -> None:
     task = make_task(
         training={

@@ -637,6 +637,32 @@ def test_a_revision_named_by_an_earlier_operator_is_not_trained_again(served: bo
         assert [o["metadata"]["name"] for o in p.apply if o["kind"] == "Job"] == [dn]
 
 
+def test_the_trainer_image_the_old_crd_wrote_in_is_the_same_revision_as_none() -> None:
+    """The CRD used to default spec.training.image into every stored task. Without that
+    default, a whole-object write of the unchanged manifest (kubectl replace, Argo CD's
+    Replace=true) drops it: the served task must not train again, and neither may one whose
+    owner removes the old default to follow the operator's image. Another image is another
+    revision, as before."""
+    stored = make_task()
+    stored["spec"]["training"]["image"] = n.LEGACY_TRAINER_IMAGE
+    rev = n.revision_of(stored["spec"])
+    jobs = jobs_through(stored, "export")
+    stored["status"] = plan(Observed(stored, jobs, deployment(rev), NOW)).status
+    assert stored["status"]["revision"] == {"active": rev, "training": ""}
+
+    replaced = copy.deepcopy(stored)
+    del replaced["spec"]["training"]["image"]
+    assert n.revision_of(replaced["spec"]) == rev
+    assert n.legacy_revision_of(replaced["spec"]) == n.legacy_revision_of(stored["spec"])
+    p = plan(Observed(replaced, jobs, deployment(rev), NOW))
+    assert p.status["revision"] == {"active": rev, "training": ""}
+    assert not [o for o in p.apply if o["kind"] == "Job"]
+
+    own = copy.deepcopy(stored)
+    own["spec"]["training"]["image"] = "reg.local/slm/trainer:0.2.0"
+    assert n.revision_of(own["spec"]) != rev
+
+
 def test_new_revision_failing_gate_keeps_old_model_serving() -> None:
     task = make_task()
     old_rev = n.revision_of(task["spec"])

@@ -143,6 +143,6 @@ scraping less often than the operator assumes leaves its windows with one sample
 {{- else if eq (float64 (int $s)) (float64 $s) -}}
 {{- printf "%ds" (int $s) -}}
 {{- else -}}
-{{- printf "%dms" (int (mulf $s 1000)) -}}
+{{- printf "%dms" (int (round (mulf $s 1000) 0)) -}}
 {{- end -}}
 {{- end -}}
