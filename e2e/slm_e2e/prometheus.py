@@ -42,6 +42,7 @@ class LocalPrometheus:
         self.interval = scrape_interval
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log_from = 0  # where this start's lines begin in prometheus.log
 
     @property
     def url(self) -> str:
@@ -57,12 +58,24 @@ class LocalPrometheus:
             ],
         }
 
-    def start(self, timeout: float = 30) -> LocalPrometheus:
+    def start(self, timeout: float = 30, attempts: int = 3) -> LocalPrometheus:
+        """Start on a free port; again on another when that one was taken between
+        :func:`free_port` releasing it and Prometheus binding it (a shared machine)."""
+        for attempt in range(attempts):
+            try:
+                return self._start(timeout)
+            except PrometheusError as e:
+                if "address already in use" not in str(e) or attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> LocalPrometheus:
         self.dir.mkdir(parents=True, exist_ok=True)
         cfg = self.dir / "prometheus.yml"
         cfg.write_text(yaml.safe_dump(self._config()))
         self.port = free_port()
         log = open(self.dir / "prometheus.log", "ab")  # noqa: SIM115 - handed to the child
+        self._log_from = log.tell()
         self.proc = subprocess.Popen(
             [
                 prometheus_binary(),
@@ -90,9 +103,10 @@ class LocalPrometheus:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise PrometheusError(
-                    f"prometheus exited: {(self.dir / 'prometheus.log').read_text()[-2000:]}"
-                )
+                # The log is appended to by every start: only this one's lines count.
+                log = (self.dir / "prometheus.log").read_bytes()[self._log_from :]
+                said = log.decode(errors="replace")
+                raise PrometheusError(f"prometheus exited: {said[-2000:]}")
             with (
                 contextlib.suppress(OSError),
                 urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as r,

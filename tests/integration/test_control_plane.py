@@ -458,3 +458,31 @@ def test_a_prometheus_that_is_not_ready_in_time_is_stopped(tmp_path: Path) -> No
     with pytest.raises(PrometheusError, match="did not become ready"):
         prom.start(timeout=0.0)
     assert prom.proc is not None and prom.proc.poll() is not None  # stopped and reaped
+
+
+def test_a_prometheus_whose_port_was_taken_meanwhile_starts_on_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """free_port() releases the port it found before Prometheus binds it; on a shared machine
+    another process can take it in between, and Prometheus exited with "address already in
+    use", failing whatever test needed it."""
+    import socket
+    import urllib.request
+
+    from slm_e2e import prometheus
+    from slm_e2e.cluster import free_port
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = iter([taken.getsockname()[1], free_port()])
+        monkeypatch.setattr(prometheus, "free_port", lambda: next(ports))
+        prom = prometheus.LocalPrometheus(tmp_path, {})
+        try:
+            prom.start()
+            assert prom.port != taken.getsockname()[1]
+            with urllib.request.urlopen(f"{prom.url}/-/ready", timeout=5) as r:
+                assert r.status == 200
+        finally:
+            prom.stop()
+    assert "address already in use" in (tmp_path / "prometheus.log").read_text()

@@ -196,6 +196,10 @@ def metric(op: OperatorProcess, pattern: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
+#: Every reconcile counter of an operator's /metrics, by result.
+PASSES = re.compile(r"^slm_operator_reconcile_total\{[^}]*\} (\S+)$", re.M)
+
+
 def is_leader(op: OperatorProcess) -> bool:
     return metric(op, r"slm_operator_leader") == 1
 
@@ -336,8 +340,16 @@ def test_a_leader_that_finds_another_holder_stands_by_then_leads_when_it_lapses(
     cluster.apply(agenttask(), ns)
     rev = revision(cluster, ns)
     wait_for(lambda: "slm_operator_task_phase{" in scrape(a), timeout=30, what="task series")
-    time.sleep(1)  # the passes the task's creation started are over
 
+    def quiet() -> bool:
+        """No reconcile ended for 2 s: the passes the task's creation and its data Job's
+        pod started are over (a fixed second left a pass the Job controller's status update
+        woke running into the steal, which makes the leader exit instead)."""
+        before = PASSES.findall(scrape(a))
+        time.sleep(2)
+        return bool(before) and before == PASSES.findall(scrape(a))
+
+    wait_for(quiet, timeout=60, what="no reconcile for 2 s")
     steal(cluster, ns, "intruder", 10)
     wait_for(lambda: not is_leader(a), timeout=10, what="a to step down")
     assert "intruder holds it" in a.log()

@@ -632,7 +632,9 @@ def test_a_task_applied_before_its_calls_waits_for_data_then_trains(
         cluster.kubeconfig,
         ns,
         tmp_path / "operator.log",
-        extra_env={"SLM_FLEET_DATA_RECHECK_SECONDS": "3"},
+        # Long enough that the failed Job and its pod are still there to be read below (at 3 s
+        # the recheck could delete it about 2 s after it failed, on a loaded machine first).
+        extra_env={"SLM_FLEET_DATA_RECHECK_SECONDS": "10"},
     ).start()
     try:
         cluster.apply(agenttask(training={"gpus": 1, "backoffLimit": 2}), ns)

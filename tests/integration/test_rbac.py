@@ -450,9 +450,15 @@ def test_trainer_service_account_may_only_set_the_progress_of_its_own_trainer_po
     patch = _patcher(cluster, ns)
     progress = {"metadata": {"annotations": {n.ANNOTATION_PROGRESS: "40"}}}
     relabel = {"metadata": {"labels": {"x": "y"}}}
+
     # The apiserver loads a new policy within a second or so; dry runs do not change the pod.
+    def policy_in_force() -> bool:
+        # The policy's own 403, not RBAC's (a binding not yet in force refuses with 403 too).
+        status, message = patch(token, "trainer-a", relabel, dry_run=True)
+        return status == 403 and POLICY_SAYS in message
+
     wait_for(
-        lambda: patch(token, "trainer-a", relabel, dry_run=True)[0] == 403,
+        policy_in_force,
         timeout=30,
         what="the trainer-pods admission policy to be in force",
     )

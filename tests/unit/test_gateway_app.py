@@ -150,13 +150,15 @@ def test_circuit_opens_skips_the_slm_then_probes_and_recovers(
     standin: llm_standin.StandIn,
 ) -> None:
     standin.control(slm_fail=True)
-    with client(route(standin, mode="slm")) as c:
+    # A cooldown the three skipped calls (real HTTP to the LLM stand-in) fit in on a loaded
+    # machine: at 0.3 s a slow one let a half-open probe out early.
+    with client(route(standin, mode="slm"), breaker_cooldown_s=2.0) as c:
         reasons = [chat(c).headers["x-slm-fallback-reason"] for _ in range(6)]
         assert reasons == ["slm_error"] * 3 + ["circuit_open"] * 3
         assert standin.stats()["slm_calls"] == 3  # skipped while open
         assert metric(c, "slm_gateway_circuit_state", backend="slm") == 2
         standin.control(slm_fail=False)
-        time.sleep(0.35)
+        time.sleep(2.05)
         r = chat(c)  # the half-open probe succeeds
         assert r.headers["x-slm-backend"] == "slm"
         assert metric(c, "slm_gateway_circuit_state", backend="slm") == 0
