@@ -100,14 +100,25 @@ RESERVED_SERVICE_ACCOUNTS = frozenset(
 #: (the chart's imagePullSecrets and trainer.serviceAccount.imagePullSecrets); they must exist
 #: in the task's namespace. Empty: the pods get their ServiceAccount's pull secrets, if any.
 IMAGE_PULL_SECRETS = _names(os.environ.get("SLM_FLEET_IMAGE_PULL_SECRETS", ""))
+
+
 #: The trainer and Triton images of AgentTasks that name none (spec.training.image,
 #: spec.serving.image): the chart's operator.trainerImage and operator.tritonImage, so that a
 #: cluster with its own registry sets them once. Changing them retrains nothing: trainer Jobs
 #: created from then on run the new one, and the Triton Deployments of tasks without their
 #: own image roll to it.
+def _env_image(name: str, default: str) -> str:
+    """An image reference from the environment (no blanks, as the CRD's image fields)."""
+    value = os.environ.get(name, "").strip()
+    if value and any(ch.isspace() for ch in value):
+        SETTINGS_ERRORS.append(f"{name} must be an image reference without spaces, got {value!r}")
+        return default
+    return value or default
+
+
 IMAGES = Images(
-    trainer=os.environ.get("SLM_FLEET_TRAINER_IMAGE", "").strip() or DEFAULT_TRAINER_IMAGE,
-    triton=os.environ.get("SLM_FLEET_TRITON_IMAGE", "").strip() or DEFAULT_TRITON_IMAGE,
+    trainer=_env_image("SLM_FLEET_TRAINER_IMAGE", DEFAULT_TRAINER_IMAGE),
+    triton=_env_image("SLM_FLEET_TRITON_IMAGE", DEFAULT_TRITON_IMAGE),
     pull_secrets=IMAGE_PULL_SECRETS,
 )
 #: After a data-prep Job found fewer examples than spec.dataset.minExamples, how long until it

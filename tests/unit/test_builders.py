@@ -244,7 +244,12 @@ def test_the_operator_refuses_a_setting_it_cannot_read_and_says_which() -> None:
     """SLM_FLEET_RESYNC_SECONDS=abc crashed the import with a bare ValueError (and --help
     with it); a port out of range was accepted until the bind failed."""
     code = "import sys; from slm_operator.main import cli; cli()"
-    env = {**os.environ, "SLM_FLEET_RESYNC_SECONDS": "abc", "SLM_FLEET_METRICS_PORT": "99999"}
+    env = {
+        **os.environ,
+        "SLM_FLEET_RESYNC_SECONDS": "abc",
+        "SLM_FLEET_METRICS_PORT": "99999",
+        "SLM_FLEET_TRITON_IMAGE": "reg.local/triton 24.09",
+    }
     proc = subprocess.run(
         [sys.executable, "-c", code, "--namespace", "x"],
         env=env,
@@ -256,6 +261,7 @@ def test_the_operator_refuses_a_setting_it_cannot_read_and_says_which() -> None:
     assert "SLM_FLEET_RESYNC_SECONDS must be a number of seconds" in proc.stderr
     assert "got 'abc'" in proc.stderr
     assert "SLM_FLEET_METRICS_PORT must be a whole number from 0 to 65535" in proc.stderr
+    assert "SLM_FLEET_TRITON_IMAGE must be an image reference without spaces" in proc.stderr
     helped = subprocess.run(
         [sys.executable, "-c", code, "--help"], env=env, capture_output=True, text=True, timeout=120
     )
