@@ -91,6 +91,12 @@ def test_a_record_as_the_gateway_writes_it_round_trips() -> None:
         ("prompt_tokens", "21"),
         ("completion_tokens", -3),
         ("completion_tokens", False),
+        # Past a double's range: float() raised OverflowError, which no stage caught, and
+        # one such line crashed curate, discover and evaluate (the Job retried into it).
+        ("timestamp", 10**400),
+        ("latency_ms", 10**4000),
+        ("prompt_tokens", 2**63),  # past what the JSON encoders write back
+        ("redactions", {"EMAIL_ADDRESS": 10**30}),
     ],
 )
 def test_a_wrongly_typed_field_is_refused_by_name(field: str, value: Any) -> None:
@@ -99,6 +105,13 @@ def test_a_wrongly_typed_field_is_refused_by_name(field: str, value: Any) -> Non
     with pytest.raises(ContractError) as caught:
         CallRecord.from_json(json.dumps(_call(**{field: value})))
     assert str(caught.value).startswith(f"{field} ")
+
+
+def test_a_result_with_a_number_past_a_doubles_range_is_a_contract_error() -> None:
+    """The operator reads results with ``except ContractError``: an OverflowError from a
+    termination message holding 10**400 crashed its reading of the Job."""
+    with pytest.raises(ContractError, match="score must be finite"):
+        TrainerResult.from_json('{"stage": "evaluate", "ok": true, "score": 1' + "0" * 400 + "}")
 
 
 def test_non_finite_numbers_are_refused() -> None:

@@ -195,9 +195,15 @@ def _finite_or_none(value: Any, name: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ContractError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
+    try:
+        number = float(value)  # an int past a double's range (10**400) raises OverflowError
+    except OverflowError:  # (str() of it may be refused too: Python caps int digits)
+        raise ContractError(
+            f"{name} must be finite, got an integer of {int(value).bit_length()} bits"
+        ) from None
+    if not math.isfinite(number):
         raise ContractError(f"{name} must be finite, got {value!r}")
-    return float(value)
+    return number
 
 
 @dataclass(frozen=True)
@@ -413,6 +419,11 @@ class CallRecord:
         return cls.from_dict(data)
 
 
+#: Counts (tokens, examples) past this cannot be written back as JSON by the encoders the
+#: gateway and the trainer use, nor mean anything.
+MAX_COUNT = 2**63
+
+
 def _count(value: Any, name: str, what: str = "") -> int:
     """A non-negative whole number; JSON has one number type, so 3.0 counts as 3.
 
@@ -422,6 +433,8 @@ def _count(value: Any, name: str, what: str = "") -> int:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ContractError(f"{name} must be a non-negative integer{what}, got {value!r}")
+    if value >= MAX_COUNT:  # JSON encoders (orjson, msgspec) stop at 64 bits
+        raise ContractError(f"{name} must be below 2**63{what}, got {value.bit_length()} bits")
     return value
 
 
