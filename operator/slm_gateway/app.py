@@ -75,6 +75,7 @@ from slm_gateway.decide import (
     fits_request,
     normalize_message,
     plan_request,
+    reported_tokens,
     slm_can_serve,
     slm_verdict,
 )
@@ -488,9 +489,10 @@ class Gateway:
         try:
             doc = orjson.loads(reply.body)
             message = doc["choices"][0]["message"]
-            usage = doc.get("usage") or {}
-            ptok = int(usage.get("prompt_tokens") or 0)
-            ctok = int(usage.get("completion_tokens") or 0)
+            usage = doc.get("usage")
+            usage = usage if isinstance(usage, dict) else {}
+            ptok = reported_tokens(usage.get("prompt_tokens"))
+            ctok = reported_tokens(usage.get("completion_tokens"))
             if not isinstance(message, dict):
                 raise TypeError("message")
         except (
@@ -612,12 +614,9 @@ class Gateway:
         self.metrics.streams.labels(route.namespace, route.task, LLM, "complete").inc()
         message = assembled.message()
         completion = orjson.dumps(assembled.completion(f"chatcmpl-{call.rid}", route.llm_model))
-        usage = assembled.usage or {}
-        try:
-            ptok = int(usage.get("prompt_tokens") or 0)
-            ctok = int(usage.get("completion_tokens") or 0)
-        except (TypeError, ValueError):
-            ptok = ctok = 0
+        usage = assembled.usage if isinstance(assembled.usage, dict) else {}
+        ptok = reported_tokens(usage.get("prompt_tokens"))
+        ctok = reported_tokens(usage.get("completion_tokens"))
         self._llm_answered(
             call,
             message,

@@ -304,6 +304,21 @@ DEFAULT_PRICES: Mapping[str, Price] = {
 }
 
 
+def reported_tokens(value: Any) -> int:
+    """A token count as the LLM reported it in ``usage``; 0 (unknown) unless it is a whole
+    number from 0 to 2**63 - 1.
+
+    Why: the count goes into the counters and the captured record. A negative one made the
+    counters go down and the record unreadable to curate (lost for training); one past 64
+    bits (1e20 as an integer) could not be encoded, and the served call was not captured.
+    """
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        return 0
+    return value
+
+
 def estimate_tokens(n_bytes: int) -> int:
     """Tokens of a text of ``n_bytes`` UTF-8 bytes, at the usual ~4 bytes per token, for
     backends that report no usage (the Triton SLM does not)."""

@@ -1127,3 +1127,78 @@ def test_a_worker_that_cannot_load_the_redactor_says_why(monkeypatch: pytest.Mon
         "failed",
         "cannot load the redactor: ImportError: No module named 'presidio_analyzer'",
     )
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"prompt_tokens": -5, "completion_tokens": -1},  # counters went down; curate refused
+        {"prompt_tokens": 1e20, "completion_tokens": 1},  # past 64 bits: could not be encoded
+        {"prompt_tokens": "many", "completion_tokens": {}},  # the agent got a 502
+        ["not", "an", "object"],
+    ],
+)
+def test_a_served_call_with_odd_llm_usage_is_answered_and_captured_readably(
+    tmp_path: Path, usage: Any
+) -> None:
+    """The LLM's usage numbers are its to report: odd ones must not cost the agent its
+    answer, the training log the call, or the counters their monotonicity."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from starlette.testclient import TestClient
+
+    from slm_gateway.app import create_app
+    from slm_gateway.config import GatewayConfig
+    from slm_gateway.routes import Route, RouteTable
+
+    class OddLLM(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            answer = {"role": "assistant", "content": "Sunny."}
+            body = json.dumps(
+                {
+                    "id": "x",
+                    "object": "chat.completion",
+                    "created": 1,
+                    "model": "m",
+                    "choices": [{"index": 0, "message": answer, "finish_reason": "stop"}],
+                    "usage": usage,
+                }
+            ).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    llm = ThreadingHTTPServer(("127.0.0.1", 0), OddLLM)
+    threading.Thread(target=llm.serve_forever, daemon=True).start()
+    try:
+        table = RouteTable()
+        url = f"http://127.0.0.1:{llm.server_port}/v1"
+        table.replace_all(
+            [Route(task="weather", namespace="ns", mode="llm", llm_base_url=url, llm_model="m")]
+        )
+        app = create_app(GatewayConfig(capture=CaptureConfig(target=str(tmp_path))), table)
+        with TestClient(app) as c:
+            ask = {"model": "weather", "messages": [{"role": "user", "content": "Weather?"}]}
+            r = c.post("/v1/chat/completions", json=ask)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == "Sunny."
+            text = c.get("/metrics").text
+        tokens = [
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("slm_gateway_tokens_total{")
+        ]
+        assert tokens and all(0 <= t < 2**63 for t in tokens), tokens
+    finally:
+        llm.shutdown()
+    lines = [line for p in tmp_path.rglob("*.jsonl") for line in p.read_text().splitlines()]
+    assert len(lines) == 1
+    record = CallRecord.from_json(lines[0])  # what curate reads: not a malformed line
+    assert record.response["content"] == "Sunny." and record.prompt_tokens >= 0
