@@ -33,6 +33,7 @@ CODE_INVALID_API_KEY = "invalid_api_key"
 CODE_PERMISSION_DENIED = "permission_denied"
 CODE_AUTH_UNAVAILABLE = "auth_unavailable"
 CODE_INTERNAL = "internal_error"
+CODE_INVALID_HTTP = "invalid_http"
 
 
 class GatewayError(Exception):

@@ -26,6 +26,8 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from slm_gateway.errors import CODE_INVALID_HTTP, error_body
+
 _HEAD = b"HTTP/"
 
 
@@ -91,3 +93,23 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.transport = HeldHeadTransport(transport, self.loop)  # type: ignore[assignment]
+
+    def send_400_response(self, msg: str) -> None:
+        """A request the HTTP parser refuses (a negative or doubled Content-Length, both it
+        and chunked encoding) gets an OpenAI-style error like every other bad request, not
+        uvicorn's plain text, which an agent's OpenAI client cannot read."""
+        body = error_body(
+            f"{msg.rstrip('.')}: the request is not valid HTTP/1.1 (check its framing "
+            "headers: Content-Length, Transfer-Encoding)",
+            code=CODE_INVALID_HTTP,
+        )
+        head = [b"HTTP/1.1 400 Bad Request\r\n"]
+        for name, value in self.server_state.default_headers:
+            head.append(name + b": " + value + b"\r\n")
+        head += [
+            b"content-type: application/json\r\n",
+            b"content-length: " + str(len(body)).encode() + b"\r\n",
+            b"connection: close\r\n\r\n",
+        ]
+        self.transport.write(b"".join(head) + body)
+        self.transport.close()

@@ -115,3 +115,33 @@ def test_an_agent_that_hangs_up_mid_stream_cuts_the_llm_call(gateway: GatewayPro
     resp = conn.getresponse()
     assert resp.status == 200 and orjson.loads(resp.read())["choices"][0]["message"]["content"]
     conn.close()
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Content-Length: -1\r\n",
+        b"Content-Length: %d\r\nContent-Length: 5\r\n",
+        b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n",
+    ],
+)
+def test_a_request_the_http_parser_refuses_gets_an_openai_error(
+    gateway: GatewayProcess, framing: bytes
+) -> None:
+    """uvicorn answered these with a plain-text 400 that an agent's OpenAI client cannot
+    read; every other bad request gets an OpenAI-style error body."""
+    body = request(stream=False)
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    framing = framing.replace(b"%d", str(len(body)).encode())
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as s:
+        s.sendall(head + framing + b"\r\n" + body)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    status, _, rest = answer.partition(b"\r\n")
+    assert status == b"HTTP/1.1 400 Bad Request", answer
+    headers, _, payload = rest.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in headers.lower()
+    error = orjson.loads(payload)["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "invalid_http"
+    assert "Content-Length" in error["message"]
