@@ -375,6 +375,19 @@ class Gateway:
         self._auth_count["ok"].inc()
 
     async def _read_body(self, receive: Receive, length: bytes | None) -> bytes:
+        """The request body, within ``body_timeout_s``: a client that stalls mid-body is
+        answered 408 rather than holding its connection open for good."""
+        try:
+            async with asyncio.timeout(self.cfg.body_timeout_s):
+                return await self._receive_body(receive, length)
+        except TimeoutError:
+            raise GatewayError(
+                408,
+                f"The request body did not arrive within {self.cfg.body_timeout_s:g} s.",
+                code=e.CODE_BODY_TIMEOUT,
+            ) from None
+
+    async def _receive_body(self, receive: Receive, length: bytes | None) -> bytes:
         limit = self.cfg.max_body_bytes
         if length is not None:
             try:

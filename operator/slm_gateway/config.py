@@ -55,6 +55,10 @@ class GatewayConfig:
     routes_reload_s: float = 1.0
     capture: CaptureConfig | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY
+    #: How long a request's body may take to arrive once its headers did: a client that
+    #: promises a Content-Length and stalls (or trickles) gets a 408 instead of holding a
+    #: connection and its buffers forever.
+    body_timeout_s: float = 30.0
     slm_timeout_s: float = DEFAULT_SLM_TIMEOUT_S
     llm_timeout_s: float = DEFAULT_LLM_TIMEOUT_S
     breaker_failures: int = 5
@@ -301,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-body-bytes", type=int, default=_env_int("MAX_BODY_BYTES", DEFAULT_MAX_BODY)
     )
     srv.add_argument(
+        "--body-timeout-s",
+        type=float,
+        default=_env_float("BODY_TIMEOUT_S", 30),
+        help="seconds a request body may take to arrive; then 408 (default %(default)s)",
+    )
+    srv.add_argument(
         "--log-level", default=_env("LOG_LEVEL", "info"), help=f"one of {', '.join(LOG_LEVELS)}"
     )
     srv.add_argument(
@@ -329,6 +339,7 @@ _LOWER_BOUNDS: tuple[tuple[str, str, float, bool], ...] = (
     ("--capture-queue-mb", "capture_queue_mb", 0.0, False),
     ("--capture-spool-mb", "capture_spool_mb", 0.0, False),
     ("--graceful-timeout-s", "graceful_timeout_s", 0.0, True),
+    ("--body-timeout-s", "body_timeout_s", 0.0, False),
     ("--removed-task-metrics-s", "removed_task_metrics_s", 0.0, True),
     ("--agent-auth-cache-seconds", "agent_auth_cache_seconds", 0.0, True),
 )
@@ -432,6 +443,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> GatewayConfig:
         secret_refresh_s=args.secret_refresh_seconds,
         capture=capture,
         max_body_bytes=args.max_body_bytes,
+        body_timeout_s=args.body_timeout_s,
         slm_timeout_s=args.slm_timeout_ms / 1000.0,
         llm_timeout_s=args.llm_timeout_s,
         breaker_failures=args.breaker_failures,

@@ -34,6 +34,7 @@ CODE_PERMISSION_DENIED = "permission_denied"
 CODE_AUTH_UNAVAILABLE = "auth_unavailable"
 CODE_INTERNAL = "internal_error"
 CODE_INVALID_HTTP = "invalid_http"
+CODE_BODY_TIMEOUT = "request_timeout"
 
 
 class GatewayError(Exception):

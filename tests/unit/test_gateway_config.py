@@ -42,6 +42,8 @@ BAD = [
     ("--secret-refresh-seconds", "nan", "a finite number at least 0"),
     ("--graceful-timeout-s", "nan", "a finite number at least 0"),
     ("--graceful-timeout-s", "-1", "at least 0"),
+    ("--body-timeout-s", "0", "above 0"),
+    ("--body-timeout-s", "nan", "a finite number above 0"),
     ("--removed-task-metrics-s", "inf", "a finite number at least 0"),
 ]
 
@@ -119,6 +121,7 @@ ENV_NUMBERS = [
     ("SLM_GATEWAY_PORT", "--port", "an integer"),
     ("SLM_GATEWAY_MAX_BODY_BYTES", "--max-body-bytes", "an integer"),
     ("SLM_GATEWAY_GRACEFUL_TIMEOUT_S", "--graceful-timeout-s", "a number"),
+    ("SLM_GATEWAY_BODY_TIMEOUT_S", "--body-timeout-s", "a number"),
     ("SLM_GATEWAY_REMOVED_TASK_METRICS_S", "--removed-task-metrics-s", "a number"),
     ("SLM_GATEWAY_AGENT_AUTH_CACHE_SECONDS", "--agent-auth-cache-seconds", "a number"),
 ]

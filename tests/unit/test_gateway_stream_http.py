@@ -145,3 +145,33 @@ def test_a_request_the_http_parser_refuses_gets_an_openai_error(
     error = orjson.loads(payload)["error"]
     assert error["type"] == "invalid_request_error" and error["code"] == "invalid_http"
     assert "Content-Length" in error["message"]
+
+
+def test_a_body_that_stalls_is_answered_408_not_waited_for_forever(
+    standin: llm_standin.StandIn, tmp_path: Path
+) -> None:
+    """Headers promising 1000 bytes, then 9: the gateway waited for the rest with no deadline
+    (50 such connections were held open), and the agent never got an answer."""
+    routes = tmp_path / "routes.yaml"
+    task = {"mode": "llm", "llmBaseURL": standin.llm_base_url, "llmModel": "gpt-4o"}
+    routes.write_text(yaml.safe_dump({"tasks": {"weather": task}}))
+    args = ["--routes", str(routes), "--body-timeout-s", "0.5"]
+    with start_gateway(args, log_path=tmp_path / "gw.log") as gw:
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+            s.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+                b'{"model":'
+            )
+            t = time.monotonic()
+            answer = s.recv(65536)
+            waited = time.monotonic() - t
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        error = orjson.loads(answer.partition(b"\r\n\r\n")[2])["error"]
+        assert error["code"] == "request_timeout" and "0.5 s" in error["message"]
+        assert waited < 8, waited
+        # ...and a whole request is served as before.
+        conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
+        conn.request("POST", "/v1/chat/completions", request(stream=False))
+        assert conn.getresponse().status == 200
+        conn.close()
