@@ -913,3 +913,25 @@ def test_an_empty_prefix_with_a_signature_waits_without_showing_it(
     result = run(Args(input=uri, output_dir=tmp_path / "o"))
     assert (result.ok, result.examples) == (False, 0)
     assert result.message == f"no call log at memory://{memory_prefix}/ yet (0 examples)"
+
+
+def test_a_local_shard_the_trainer_may_not_read_fails_with_a_readable_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A local file of another user (the capture claim written by a pod with another uid)
+    crashed curate with a PermissionError (exit 1), and the Job retried into it; a remote
+    shard in the same state was already a reported failure naming the file."""
+    directory = shard_directory(tmp_path / "local")
+    denied = sorted(directory.glob("*.jsonl"))[0]
+    opened = Path.open
+
+    def open_as_another_user(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self == denied:  # as root in CI, chmod alone would not refuse the read
+            raise PermissionError(13, "Permission denied", str(self))
+        return opened(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_as_another_user)
+    result = run(Args(input=str(directory), output_dir=tmp_path / "o"))
+    assert (result.ok, result.examples) == (False, None)
+    assert "permission denied" in result.message and denied.name in result.message
+    assert "uid 1000" in result.message

@@ -158,6 +158,17 @@ def test_python_dash_m_help_lists_stages() -> None:
             "--calibration-folds",
             "1",
         ],
+        # export took any task type (and wrote it into config.pbtxt), and crashed (exit 1,
+        # retried by the Job) on a model name or counts Triton cannot take
+        *(
+            ["export", "--candidate=c", "--model=m", "--candidate-dir=d", "--output=o", *bad]
+            for bad in (
+                ["--model-name=t", "--task-type=bogus"],
+                ["--model-name=../escape"],
+                ["--model-name=t", "--instances=-5"],
+                ["--model-name=t", "--max-batch-size=-1"],
+            )
+        ),
     ],
 )
 def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:

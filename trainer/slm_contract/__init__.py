@@ -17,8 +17,11 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
+
+#: An AgentTask's spec.taskType, as every trainer stage takes it (``--task-type``).
+TaskType = Literal["tool-call", "classification", "extraction", "generation"]
 
 #: The kubelet truncates termination messages above this many bytes.
 TERMINATION_MESSAGE_LIMIT = 4096

@@ -403,8 +403,8 @@ def read_lines(files: Sequence[Shard]) -> Iterator[tuple[str, int, bytes]]:
     a countable reason in :func:`parse_lines` rather than a decode error or a silent ``\ufffd``.
     The name is :func:`printable_name`'s, as the error samples of the report quote it.
 
-    A remote shard that may be listed but not read (a policy without ``s3:GetObject``) raises
-    :class:`CallLogUnreadable`, as a denied listing does.
+    A shard that may be listed but not read (a policy without ``s3:GetObject``, a local file
+    of another user) raises :class:`CallLogUnreadable`, as a denied listing does.
     """
     for path in files:
         name = printable_name(path.name)
@@ -414,7 +414,12 @@ def read_lines(files: Sequence[Shard]) -> Iterator[tuple[str, int, bytes]]:
                     yield name, lineno, raw
         except PermissionError as exc:
             if isinstance(path, Path):
-                raise
+                # A file the trainer's user may not read stays so: a crash (exit 1) only
+                # made the Job retry into it. The operator shows this in DataReady.
+                raise CallLogUnreadable(
+                    f"cannot read the call log file {name}: permission denied; give the "
+                    "trainer pods' user (uid 1000, fsGroup 1000) read access to it"
+                ) from exc
             raise CallLogUnreadable(
                 f"cannot read the call log shard {path}: access denied "
                 f"({redact_uris(str(exc), path.uri)}); {_ACCESS_HINT}"

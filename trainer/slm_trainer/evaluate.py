@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from slm_contract import CallRecord, TrainerResult
+from slm_contract import CallRecord, TaskType, TrainerResult
 from slm_trainer import metrics
 from slm_trainer.curate import ParseStats, parse_lines, read_lines, writable
 from slm_trainer.generative import MIN_THRESHOLD
@@ -47,7 +47,6 @@ from slm_trainer.triton_model import chatformat
 CONTRACT_STAGE = "evaluate"
 
 Metric = Literal["exact-match", "tool-call-ast", "label-accuracy"]
-TaskType = Literal["tool-call", "classification", "extraction", "generation"]
 Policy = Literal["smallest-passing", "best-score"]
 Emit = Callable[[dict[str, Any]], None]
 

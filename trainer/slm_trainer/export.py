@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slm_contract import TrainerResult
+from slm_contract import TaskType, TrainerResult
 
 CONTRACT_STAGE = "export"
 METADATA_SCHEMA = "slmfleet.dev/triton-model/v1"
@@ -62,7 +62,7 @@ class Args:
     output: Path = field(metadata={"help": "model repository root to write into"})
     model_name: str = field(metadata={"help": "Triton model name (the AgentTask's name)"})
     artifact_uri: str = field(default="", metadata={"help": "URI of --output, for the result"})
-    task_type: str = field(default="tool-call", metadata={"help": "the AgentTask's taskType"})
+    task_type: TaskType = field(default="tool-call", metadata={"help": "the AgentTask's taskType"})
     threshold: float | None = field(
         default=None, metadata={"help": "confidence threshold chosen by the evaluation gate"}
     )
@@ -77,10 +77,18 @@ class Args:
     )
 
     def __post_init__(self) -> None:
+        """Refused here (exit 2, what a wrong command line is), not as a crash later: the
+        Job retried a crash, and an empty output folder was left behind."""
         if self.version < 1:
             raise ValueError("--version must be >= 1")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ValueError("--threshold must be within [0, 1]")
+        from slm_trainer.triton_model import valid_model_name
+
+        if not valid_model_name(self.model_name):
+            raise ValueError(f"--model-name {self.model_name!r} is not a Triton model name")
+        if self.instances < 1 or self.max_batch_size < 0 or self.cpu_threads < 0:
+            raise ValueError("--instances must be >= 1, --max-batch-size and --cpu-threads >= 0")
 
 
 def resolve_base(model: str) -> tuple[str, str]:

@@ -27,14 +27,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal
 
-from slm_contract import TrainerResult
+from slm_contract import TaskType, TrainerResult
 
 #: The contract's name for this stage in TrainerResult.
 CONTRACT_STAGE = "finetune"
 #: The candidate's own TrainerResult, saved in its output directory.
 RESULT_FILE = "result.json"
 
-TaskType = Literal["tool-call", "classification", "extraction", "generation"]
 Method = Literal["lora", "qlora", "full"]
 Metric = Literal["exact-match", "tool-call-ast", "label-accuracy"]
 Path_ = Literal["auto", "selector", "generative"]

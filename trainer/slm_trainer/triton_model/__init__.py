@@ -49,6 +49,11 @@ def _quote(value: str) -> str:
     return f'"{escaped}"'
 
 
+def valid_model_name(name: str) -> bool:
+    """Whether ``name`` can name a folder of a model repository (and so a Triton model)."""
+    return bool(name) and not any(c in name for c in '/\\"\n') and name not in (".", "..")
+
+
 def render_config(
     name: str,
     parameters: Mapping[str, str] | None = None,
@@ -67,7 +72,7 @@ def render_config(
     the LLM by then), or that find ``max_queue_size`` ahead of them, are rejected rather than
     computed late: under overload the queue stays short and the latency SLO stays meaningful.
     """
-    if not name or any(c in name for c in '/\\"\n') or name in (".", ".."):
+    if not valid_model_name(name):
         raise ValueError(f"invalid Triton model name {name!r}")
     if instance_kind not in INSTANCE_KINDS:
         raise ValueError(f"instance_kind must be one of {', '.join(INSTANCE_KINDS)}")
