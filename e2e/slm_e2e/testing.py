@@ -102,6 +102,16 @@ class ClusterHandle:
         wait_for(established, timeout=timeout, what=f"the CRD {name} to be Established")
 
 
+def send_json(handler: Any, doc: Any, status: int = 200) -> None:
+    """Answer an ``http.server`` request with ``doc`` as JSON (a tiny stand-in server)."""
+    body = json.dumps(doc).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 def wait_for(
     predicate: Callable[[], Any],
     timeout: float = 60,

@@ -1148,6 +1148,7 @@ def test_a_served_call_with_odd_llm_usage_is_answered_and_captured_readably(
 
     from starlette.testclient import TestClient
 
+    from slm_e2e.testing import send_json
     from slm_gateway.app import create_app
     from slm_gateway.config import GatewayConfig
     from slm_gateway.routes import Route, RouteTable
@@ -1156,21 +1157,12 @@ def test_a_served_call_with_odd_llm_usage_is_answered_and_captured_readably(
         def do_POST(self) -> None:
             self.rfile.read(int(self.headers["Content-Length"]))
             answer = {"role": "assistant", "content": "Sunny."}
-            body = json.dumps(
-                {
-                    "id": "x",
-                    "object": "chat.completion",
-                    "created": 1,
-                    "model": "m",
-                    "choices": [{"index": 0, "message": answer, "finish_reason": "stop"}],
-                    "usage": usage,
-                }
-            ).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            choice = {"index": 0, "message": answer, "finish_reason": "stop"}
+            send_json(
+                self,
+                {"id": "x", "object": "chat.completion", "created": 1, "model": "m"}
+                | {"choices": [choice], "usage": usage},
+            )
 
         def log_message(self, *_: Any) -> None:
             pass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,6 +12,7 @@ from typing import Any
 import pytest
 from test_plan import HEALTHY, NOW, _serving_task, _step, conds
 
+from slm_e2e.testing import send_json
 from slm_operator import conditions as c
 from slm_operator import reconcile as rc
 from slm_operator.prom import PromMetrics
@@ -28,20 +28,8 @@ class Prometheus:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 outer.queries.append(self.path)
-                body = json.dumps(
-                    {
-                        "status": "success",
-                        "data": {
-                            "resultType": "vector",
-                            "result": [{"metric": {}, "value": [0, "1"]}],
-                        },
-                    }
-                ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                vector = {"resultType": "vector", "result": [{"metric": {}, "value": [0, "1"]}]}
+                send_json(self, {"status": "success", "data": vector})
 
             def log_message(self, *_: Any) -> None:
                 pass
