@@ -100,6 +100,9 @@ BATCH_MAX_BYTES = 16 * 1024 * 1024
 DROP_QUEUE_FULL = "queue_full"
 #: The redactor failed on the record; it is never written unredacted.
 DROP_REDACTION = "redaction_failed"
+#: Redacted, it could not be encoded as a line (nested deeper than orjson writes, a number
+#: past 64 bits): a record no reader could parse either, so not a redaction problem.
+DROP_ENCODE = "encode_failed"
 #: Its shard could not be written (a full or read-only disk).
 DROP_WRITE = "write_failed"
 #: A capture worker died holding it without having written it whole to a shard (a record it
@@ -844,6 +847,10 @@ def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, inde
         for item in batch:
             try:
                 line, counts = capture_line(item, redactor)
+            except orjson.JSONEncodeError as exc:  # redacted, but not writable as JSON
+                ack.drop(DROP_ENCODE, item.key, 1)
+                log.warning("capture: dropped a record of %s: cannot encode it: %s", item.key, exc)
+                continue
             except Exception as exc:  # never write what could not be redacted
                 ack.drop(DROP_REDACTION, item.key, 1)
                 log.warning("capture: dropped a record of %s: %s", item.key, type(exc).__name__)

@@ -44,7 +44,9 @@ namespace empty for routes from a static file; ``backend`` is ``slm`` or ``llm``
 - ``slm_gateway_capture_records_total{namespace,task,result}``: ``written`` or ``dropped``.
 - ``slm_gateway_capture_dropped_records_total{namespace,task,reason}``: the dropped records by
   why: ``queue_full`` (the workers cannot keep up), ``redaction_failed`` (the redactor failed on
-  it; never written unredacted), ``write_failed`` (the shard could not be written: a full disk),
+  it; never written unredacted), ``encode_failed`` (redacted, but not writable as one JSON
+  line: nested deeper than orjson writes), ``write_failed`` (the shard could not be written: a
+  full disk),
   ``worker_lost`` (held by a capture worker that died before writing it whole to a shard,
   counted when it dies; lines it wrote but never acknowledged are found in its shards and
   counted ``written``), ``shutdown`` (not written before the gateway stopped), ``spool_full`` (a
@@ -372,7 +374,8 @@ class GatewayMetrics:
         )
         self.capture_dropped = Counter(
             p + "capture_dropped_records",
-            "Call records not written, by why (queue_full, redaction_failed, write_failed, "
+            "Call records not written, by why (queue_full, redaction_failed, encode_failed, "
+            "write_failed, "
             "worker_lost, shutdown, spool_full, upload_pending).",
             ["namespace", "task", "reason"],
             registry=r,
