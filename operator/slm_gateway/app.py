@@ -376,7 +376,13 @@ class Gateway:
 
     async def _read_body(self, receive: Receive, length: bytes | None) -> bytes:
         """The request body, within ``body_timeout_s``: a client that stalls mid-body is
-        answered 408 rather than holding its connection open for good."""
+        answered 408 rather than holding its connection open for good.
+
+        Any answer before the whole body was read (408, 413, a bad Content-Length) closes the
+        connection: kept alive, the HTTP parser would still be inside the old body, take the
+        client's next request for the rest of it, and leave it unanswered.
+        """
+        close = {"Connection": "close"}
         try:
             async with asyncio.timeout(self.cfg.body_timeout_s):
                 return await self._receive_body(receive, length)
@@ -385,7 +391,11 @@ class Gateway:
                 408,
                 f"The request body did not arrive within {self.cfg.body_timeout_s:g} s.",
                 code=e.CODE_BODY_TIMEOUT,
+                headers=close,
             ) from None
+        except GatewayError as err:
+            err.headers.update(close)
+            raise
 
     async def _receive_body(self, receive: Receive, length: bytes | None) -> bytes:
         limit = self.cfg.max_body_bytes

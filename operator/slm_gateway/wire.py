@@ -99,8 +99,8 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         and chunked encoding) gets an OpenAI-style error like every other bad request, not
         uvicorn's plain text, which an agent's OpenAI client cannot read."""
         body = error_body(
-            f"{msg.rstrip('.')}: the request is not valid HTTP/1.1 (check its framing "
-            "headers: Content-Length, Transfer-Encoding)",
+            f"{msg.rstrip('.')}: the request is not valid HTTP/1.1 (its request line, a "
+            "header, or its framing: Content-Length, Transfer-Encoding)",
             code=CODE_INVALID_HTTP,
         )
         head = [b"HTTP/1.1 400 Bad Request\r\n"]

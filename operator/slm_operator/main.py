@@ -102,11 +102,6 @@ RESERVED_SERVICE_ACCOUNTS = frozenset(
 IMAGE_PULL_SECRETS = _names(os.environ.get("SLM_FLEET_IMAGE_PULL_SECRETS", ""))
 
 
-#: The trainer and Triton images of AgentTasks that name none (spec.training.image,
-#: spec.serving.image): the chart's operator.trainerImage and operator.tritonImage, so that a
-#: cluster with its own registry sets them once. Changing them retrains nothing: trainer Jobs
-#: created from then on run the new one, and the Triton Deployments of tasks without their
-#: own image roll to it.
 def _env_image(name: str, default: str) -> str:
     """An image reference from the environment (no blanks, as the CRD's image fields)."""
     value = os.environ.get(name, "").strip()
@@ -116,6 +111,11 @@ def _env_image(name: str, default: str) -> str:
     return value or default
 
 
+#: The trainer and Triton images of AgentTasks that name none (spec.training.image,
+#: spec.serving.image): the chart's operator.trainerImage and operator.tritonImage, so that a
+#: cluster with its own registry sets them once. Changing them retrains nothing: trainer Jobs
+#: created from then on run the new one, and the Triton Deployments of tasks without their
+#: own image roll to it.
 IMAGES = Images(
     trainer=_env_image("SLM_FLEET_TRAINER_IMAGE", DEFAULT_TRAINER_IMAGE),
     triton=_env_image("SLM_FLEET_TRITON_IMAGE", DEFAULT_TRITON_IMAGE),

@@ -112,6 +112,11 @@ def test_a_result_with_a_number_past_a_doubles_range_is_a_contract_error() -> No
     termination message holding 10**400 crashed its reading of the Job."""
     with pytest.raises(ContractError, match="score must be finite"):
         TrainerResult.from_json('{"stage": "evaluate", "ok": true, "score": 1' + "0" * 400 + "}")
+    # Counts too: plan's float(parameters) raised OverflowError, and 2**64 cannot be written
+    # into the task's status.
+    for field, value in (("parameters", "1" + "0" * 400), ("examples", str(2**64))):
+        with pytest.raises(ContractError, match=f"{field} must be below 2\\*\\*63"):
+            TrainerResult.from_json(f'{{"stage": "prepare", "ok": true, "{field}": {value}}}')
 
 
 def test_non_finite_numbers_are_refused() -> None:

@@ -933,5 +933,26 @@ def test_a_local_shard_the_trainer_may_not_read_fails_with_a_readable_message(
     monkeypatch.setattr(Path, "open", open_as_another_user)
     result = run(Args(input=str(directory), output_dir=tmp_path / "o"))
     assert (result.ok, result.examples) == (False, None)
-    assert "permission denied" in result.message and denied.name in result.message
+    assert "permission denied" in result.message and str(denied) in result.message
     assert "uid 1000" in result.message
+
+
+def test_a_local_folder_the_trainer_may_not_list_fails_instead_of_waiting_for_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """glob() reads a folder it may not list as an empty one: "no call log yet", which the
+    operator waits on for good (DataReady WaitingForData). A remote listing denied was
+    already a reported failure."""
+    directory = shard_directory(tmp_path / "local")
+    listed = Path.iterdir
+
+    def list_as_another_user(self: Path) -> Any:
+        if self == directory:  # as root in CI, chmod alone would not refuse it
+            raise PermissionError(13, "Permission denied", str(self))
+        return listed(self)
+
+    monkeypatch.setattr(Path, "iterdir", list_as_another_user)
+    result = run(Args(input=str(directory), output_dir=tmp_path / "o"))
+    assert (result.ok, result.examples) == (False, None)
+    assert "cannot list the call log folder" in result.message
+    assert str(directory) in result.message and "uid 1000" in result.message

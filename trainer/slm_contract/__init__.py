@@ -255,6 +255,8 @@ class TrainerResult:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
                 raise ContractError(f"{name} must be a non-negative integer, got {v!r}")
+            if v is not None and v >= MAX_COUNT:  # the operator's float() and status writes
+                raise ContractError(f"{name} must be below 2**63, got {v.bit_length()} bits")
 
     def to_json(self) -> str:
         """Compact JSON that always fits the kubelet's 4 KiB limit (the message is cut first)."""

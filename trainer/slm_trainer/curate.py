@@ -301,7 +301,16 @@ def input_files(path: str | Path) -> list[Shard]:
             return list(remote_shards(path))
         path = Path(path)
     if path.is_dir():
-        return sorted(p for p in path.glob("*.jsonl") if p.is_file())
+        try:
+            # glob() reads an unlistable folder as an empty one: "no call log yet", which
+            # the operator waits on for good. Listed first, a denial says so, as a remote one.
+            entries = list(path.iterdir())
+        except PermissionError as exc:
+            raise CallLogUnreadable(
+                f"cannot list the call log folder {printable_name(str(path))}: permission "
+                "denied; give the trainer pods' user (uid 1000, fsGroup 1000) read access to it"
+            ) from exc
+        return sorted(p for p in entries if p.name.endswith(".jsonl") and p.is_file())
     return [path]
 
 
@@ -417,8 +426,9 @@ def read_lines(files: Sequence[Shard]) -> Iterator[tuple[str, int, bytes]]:
                 # A file the trainer's user may not read stays so: a crash (exit 1) only
                 # made the Job retry into it. The operator shows this in DataReady.
                 raise CallLogUnreadable(
-                    f"cannot read the call log file {name}: permission denied; give the "
-                    "trainer pods' user (uid 1000, fsGroup 1000) read access to it"
+                    f"cannot read the call log file {printable_name(str(path))}: permission "
+                    "denied; give the trainer pods' user (uid 1000, fsGroup 1000) read access "
+                    "to it"
                 ) from exc
             raise CallLogUnreadable(
                 f"cannot read the call log shard {path}: access denied "
