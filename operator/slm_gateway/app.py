@@ -75,7 +75,7 @@ from slm_gateway.decide import (
     fits_request,
     normalize_message,
     plan_request,
-    reported_tokens,
+    reported_usage,
     slm_can_serve,
     slm_verdict,
 )
@@ -512,10 +512,7 @@ class Gateway:
         try:
             doc = orjson.loads(reply.body)
             message = doc["choices"][0]["message"]
-            usage = doc.get("usage")
-            usage = usage if isinstance(usage, dict) else {}
-            ptok = reported_tokens(usage.get("prompt_tokens"))
-            ctok = reported_tokens(usage.get("completion_tokens"))
+            ptok, ctok = reported_usage(doc.get("usage"))
             if not isinstance(message, dict):
                 raise TypeError("message")
         except (
@@ -637,9 +634,7 @@ class Gateway:
         self.metrics.streams.labels(route.namespace, route.task, LLM, "complete").inc()
         message = assembled.message()
         completion = orjson.dumps(assembled.completion(f"chatcmpl-{call.rid}", route.llm_model))
-        usage = assembled.usage if isinstance(assembled.usage, dict) else {}
-        ptok = reported_tokens(usage.get("prompt_tokens"))
-        ctok = reported_tokens(usage.get("completion_tokens"))
+        ptok, ctok = reported_usage(assembled.usage)
         self._llm_answered(
             call,
             message,

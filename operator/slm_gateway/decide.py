@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from slm_contract import MAX_COUNT
 from slm_gateway.routes import MODE_CANARY, MODE_LLM, MODE_SHADOW, MODE_SLM, Price
 
 SLM = "slm"
@@ -304,19 +305,25 @@ DEFAULT_PRICES: Mapping[str, Price] = {
 }
 
 
-def reported_tokens(value: Any) -> int:
-    """A token count as the LLM reported it in ``usage``; 0 (unknown) unless it is a whole
-    number from 0 to 2**63 - 1.
+def reported_usage(usage: Any) -> tuple[int, int]:
+    """(prompt, completion) tokens as the LLM reported them in ``usage``; each 0 (unknown)
+    unless it is a count the call record takes: a whole number below ``MAX_COUNT``.
 
-    Why: the count goes into the counters and the captured record. A negative one made the
+    Why: the counts go into the counters and the captured record. A negative one made the
     counters go down and the record unreadable to curate (lost for training); one past 64
     bits (1e20 as an integer) could not be encoded, and the served call was not captured.
     """
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
-        return 0
-    return value
+    if not isinstance(usage, dict):
+        return 0, 0
+
+    def count(value: Any) -> int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            return 0
+        return value if 0 <= value < MAX_COUNT else 0
+
+    return count(usage.get("prompt_tokens")), count(usage.get("completion_tokens"))
 
 
 def estimate_tokens(n_bytes: int) -> int:

@@ -46,10 +46,9 @@ namespace empty for routes from a static file; ``backend`` is ``slm`` or ``llm``
   why: ``queue_full`` (the workers cannot keep up), ``redaction_failed`` (the redactor failed on
   it; never written unredacted), ``encode_failed`` (redacted, but not writable as one JSON
   line: nested deeper than orjson writes), ``write_failed`` (the shard could not be written: a
-  full disk),
-  ``worker_lost`` (held by a capture worker that died before writing it whole to a shard,
-  counted when it dies; lines it wrote but never acknowledged are found in its shards and
-  counted ``written``), ``shutdown`` (not written before the gateway stopped), ``spool_full`` (a
+  full disk), ``worker_lost`` (held by a capture worker that died before writing it whole to a
+  shard, counted when it dies; lines it wrote but never acknowledged are found in its shards
+  and counted ``written``), ``shutdown`` (not written before the gateway stopped), ``spool_full`` (a
   URI target's local spool reached ``--capture-spool-mb``: uploads have been failing) or
   ``upload_pending`` (written to the spool, so also counted ``written``, but not uploaded when
   its worker stopped; a later gateway on the same spool uploads them, a pod's spool goes with
@@ -375,8 +374,7 @@ class GatewayMetrics:
         self.capture_dropped = Counter(
             p + "capture_dropped_records",
             "Call records not written, by why (queue_full, redaction_failed, encode_failed, "
-            "write_failed, "
-            "worker_lost, shutdown, spool_full, upload_pending).",
+            "write_failed, worker_lost, shutdown, spool_full, upload_pending).",
             ["namespace", "task", "reason"],
             registry=r,
         )

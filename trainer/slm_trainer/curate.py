@@ -164,6 +164,8 @@ _REMOTE_READ_BUFFER = 1 << 20
 _ACCESS_HINT = (
     "give the trainer's ServiceAccount (spec.training.serviceAccountName) read access to it"
 )
+#: The same for a file or folder on a claim: the trainer pods run as uid 1000, fsGroup 1000.
+_LOCAL_ACCESS_HINT = "give the trainer pods' user (uid 1000, fsGroup 1000) read access to it"
 
 
 class CallLogUnreadable(Exception):
@@ -308,7 +310,7 @@ def input_files(path: str | Path) -> list[Shard]:
         except PermissionError as exc:
             raise CallLogUnreadable(
                 f"cannot list the call log folder {printable_name(str(path))}: permission "
-                "denied; give the trainer pods' user (uid 1000, fsGroup 1000) read access to it"
+                f"denied; {_LOCAL_ACCESS_HINT}"
             ) from exc
         return sorted(p for p in entries if p.name.endswith(".jsonl") and p.is_file())
     return [path]
@@ -427,8 +429,7 @@ def read_lines(files: Sequence[Shard]) -> Iterator[tuple[str, int, bytes]]:
                 # made the Job retry into it. The operator shows this in DataReady.
                 raise CallLogUnreadable(
                     f"cannot read the call log file {printable_name(str(path))}: permission "
-                    "denied; give the trainer pods' user (uid 1000, fsGroup 1000) read access "
-                    "to it"
+                    f"denied; {_LOCAL_ACCESS_HINT}"
                 ) from exc
             raise CallLogUnreadable(
                 f"cannot read the call log shard {path}: access denied "
