@@ -12,11 +12,14 @@ same batch size, learning rate, schedule, epochs and seed, and the same number o
   sampler and ``DataCollatorForSeq2Seq`` (pads to the longest of the batch, labels -100 on
   the prompt), saving and logging off.
 
-Each side runs in its own subprocess so that peak RSS (``ru_maxrss``) is its own; samples/s is
-training examples over the wall time of the training loop only (no model loading, no saving,
-no evaluation). Printed as one side-by-side table. On a CUDA GPU both sides train in the same
-precision (the base in bf16, or fp16 on GPUs without native bf16, under autocast) and the
-table adds each side's peak GPU memory (``torch.cuda.max_memory_allocated``).
+Each side runs in its own subprocess so that peak RSS (``ru_maxrss``) is its own; both peaks
+(RSS, and GPU memory) are read as the training loop ends, since ours then goes on to save,
+reload the merged model and score it, which the baseline does not (the JSON keeps ours'
+whole-stage peak RSS as ``stage_peak_rss_mb``). samples/s is training examples over the wall
+time of the training loop only (no model loading, no saving, no evaluation). Printed as one
+side-by-side table. On a CUDA GPU both sides train in the same precision (the base in bf16,
+or fp16 on GPUs without native bf16, under autocast) and the table adds each side's peak GPU
+memory (``torch.cuda.max_memory_allocated``).
 
 Usage::
 
@@ -123,6 +126,10 @@ def run_ours(work: Path, cfg: dict[str, Any]) -> dict[str, Any]:
             loaded["rss"] = _current_rss_mb()
         if event.get("event") == "trained":
             trained.update(event)
+            # the peaks as the training loop ends, where the baseline's are read too: after
+            # it the stage saves, reloads the merged model to score it and exports, which the
+            # baseline does not do
+            trained["peaks"] = _peaks()
 
     args = stage_args(work, cfg)
     result = generative.train_generative(args, emit)
@@ -134,6 +141,9 @@ def run_ours(work: Path, cfg: dict[str, Any]) -> dict[str, Any]:
         "mean_loss": sum(losses) / len(losses),
         "examples": result.train_examples,
         "rss_after_load_mb": loaded.get("rss"),
+        **trained["peaks"],
+        # the whole stage, saving and the served model's reload included: for the record
+        "stage_peak_rss_mb": round(_rss_mb(), 1),
     }
 
 
@@ -220,22 +230,29 @@ def run_baseline(work: Path, cfg: dict[str, Any]) -> dict[str, Any]:
         "mean_loss": out.training_loss,  # Trainer's mean over all steps
         "examples": len(rows),
         "rss_after_load_mb": rss_after_load,
+        **_peaks(),
     }
+
+
+def _peaks() -> dict[str, Any]:
+    """Peak RSS, and on a GPU peak allocated memory and the GPU's name, so far in this process."""
+    import torch
+
+    figures: dict[str, Any] = {"peak_rss_mb": round(_rss_mb(), 1)}
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        figures["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        figures["device"] = torch.cuda.get_device_name()
+    return figures
 
 
 def worker(side: str, work: Path, cfg: dict[str, Any]) -> None:
     import torch
 
     torch.set_num_threads(cfg["threads"])
-    gpu = torch.cuda.is_available()
-    if gpu:
+    if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     figures = (run_ours if side == "ours" else run_baseline)(work, {**cfg, "side": side})
-    figures["peak_rss_mb"] = round(_rss_mb(), 1)
-    if gpu:
-        torch.cuda.synchronize()
-        figures["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        figures["device"] = torch.cuda.get_device_name()
     print("RESULT " + json.dumps(figures), flush=True)
 
 
@@ -259,16 +276,22 @@ def table(ours: dict[str, Any], base: dict[str, Any]) -> str:
         return f"| {name:<26} | {a:{fmt}} | {b:{fmt}} | {ratio:6.2f}x ({better}) |"
 
     lines = [
-        "| metric                     | slm-trainer | Trainer+peft | ours / baseline |",
-        "|----------------------------|-------------|--------------|-----------------|",
-        row("samples/s", ours["samples_per_second"], base["samples_per_second"], "11.2f", "higher"),
-        row("peak RSS (MiB)", ours["peak_rss_mb"], base["peak_rss_mb"], "11.1f", "lower"),
+        "| metric                     | slm-trainer | Trainer+peft | ours / baseline           |",
+        "|----------------------------|-------------|--------------|---------------------------|",
+        row(
+            "samples/s",
+            ours["samples_per_second"],
+            base["samples_per_second"],
+            "11.2f",
+            "higher is better",
+        ),
+        row("peak RSS (MiB)", ours["peak_rss_mb"], base["peak_rss_mb"], "11.1f", "lower is better"),
         row(
             "peak RSS - loaded (MiB)",
             ours["peak_rss_mb"] - ours["rss_after_load_mb"],
             base["peak_rss_mb"] - base["rss_after_load_mb"],
             "11.1f",
-            "lower",
+            "lower is better",
         ),
         row("mean train loss", ours["mean_loss"], base["mean_loss"], "11.4f", "same data"),
     ]
@@ -276,7 +299,11 @@ def table(ours: dict[str, Any], base: dict[str, Any]) -> str:
         lines.insert(
             3,
             row(
-                "peak GPU memory (MiB)", ours["peak_gpu_mb"], base["peak_gpu_mb"], "11.1f", "lower"
+                "peak GPU memory (MiB)",
+                ours["peak_gpu_mb"],
+                base["peak_gpu_mb"],
+                "11.1f",
+                "lower is better",
             ),
         )
     return "\n".join(lines)
@@ -314,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         base = run_side("baseline", work, cfg)
         ours = run_side("ours", work, cfg)
     print(
-        f"LoRA fine-tuning, {ours['examples']} examples ({info['source']}), tiny Llama "
+        f"LoRA fine-tuning, {ours['examples']} examples ({info['source']}), Llama from a config "
         f"(hidden {ns.hidden_size}, {ns.layers} layers, MiniLM vocabulary), batch "
         f"{ns.batch_size}, r={ns.lora_r}, {ns.epochs} epoch(s), {ns.threads} CPU thread(s)"
         + (f", on {ours['device']}" if "device" in ours else "")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The trainer's GPU path in one device run (issue 4): what CI, which has no GPU, cannot show.
 #
-#   env         torch, transformers, peft, bitsandbytes versions and the GPU's name
+#   env         torch, transformers, peft, bitsandbytes versions, where each was imported
+#               from (the pins .gpu/ carries, or the image's own) and the GPU's name
 #   throughput  bench/finetune_throughput.py at a 0.2B-parameter shape (Llama, hidden 896,
 #               24 layers, MiniLM's vocabulary, random weights: no model can be downloaded):
 #               our LoRA trainer against transformers.Trainer + peft, both in bf16, with
@@ -26,7 +27,7 @@ SMALL=${GPU_CHECK_SMALL:-0}
 if [[ "$SMALL" == 1 ]]; then
   HIDDEN=64 LAYERS=2 EXAMPLES=32 BATCH=8 SEQ=256 LIMIT=120 LIMIT_THROUGHPUT=180 BUDGET=420
 else
-  HIDDEN=896 LAYERS=24 EXAMPLES=512 BATCH=16 SEQ=1024 LIMIT=110 LIMIT_THROUGHPUT=200 BUDGET=480
+  HIDDEN=896 LAYERS=24 EXAMPLES=1024 BATCH=16 SEQ=1024 LIMIT=110 LIMIT_THROUGHPUT=200 BUDGET=480
 fi
 DEADLINE=$((SECONDS + BUDGET))
 FAILED=0
@@ -70,6 +71,8 @@ except Exception as exc:
     bnb = f"unavailable ({exc.__class__.__name__})"
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
 print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, bitsandbytes {bnb}; {gpu}")
+for module in (torch, transformers, peft):  # the pins .gpu/ carries, or the image ones
+    print(f"  {module.__name__} from {module.__path__[0]}")
 '
 command -v nvidia-smi >/dev/null &&
   timeout -k 5 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
