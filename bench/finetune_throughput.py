@@ -164,7 +164,9 @@ def run_baseline(work: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     generative.set_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     tools_in_template = generative.prepare_tokenizer(tokenizer)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # loaded as ours is (straight onto the GPU); "cuda:0", the device Trainer itself uses, so
+    # that it does not take a model placed on "cuda" for one split across devices
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
     amp = generative.compute_dtype(device)  # the precision ours trains in
     model = AutoModelForCausalLM.from_pretrained(
         args.model, **generative.from_pretrained_kwargs("lora", device, amp)

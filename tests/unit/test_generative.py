@@ -817,6 +817,19 @@ def test_gpus_without_native_bf16_compute_in_fp16_and_cpus_in_fp32(
     assert asked == [False, False]
 
 
+def test_on_a_gpu_weights_are_placed_on_it_as_read_never_whole_in_host_memory() -> None:
+    # Training and serving alike: on a GPU the weights load straight onto it (a 1.5B model
+    # first loaded whole on the host needs gigabytes of the pod's memory limit, and the
+    # served model's LoRA merge would run on the CPU); on the CPU, the plain default.
+    from slm_trainer.triton_model import runtime
+
+    for method in ("lora", "full", "qlora"):
+        on_gpu = generative.from_pretrained_kwargs(method, "cuda:1", torch.bfloat16)
+        assert on_gpu["device_map"] == {"": "cuda:1"}, method
+    assert runtime.placement("cuda:0") == {"device_map": {"": "cuda:0"}}
+    assert runtime.placement("cpu") == {}
+
+
 def test_qlora_loads_a_double_quantized_nf4_base_whole_on_the_gpu() -> None:
     kwargs = generative.from_pretrained_kwargs("qlora", "cuda", torch.bfloat16)
     quant = kwargs.pop("quantization_config")
@@ -833,10 +846,12 @@ def test_qlora_loads_a_double_quantized_nf4_base_whole_on_the_gpu() -> None:
 
 def test_lora_loads_the_frozen_base_in_half_precision_and_full_keeps_fp32_weights() -> None:
     assert generative.from_pretrained_kwargs("lora", "cuda", torch.bfloat16) == {
-        "dtype": torch.bfloat16
+        "dtype": torch.bfloat16,
+        "device_map": {"": "cuda"},
     }
     assert generative.from_pretrained_kwargs("full", "cuda", torch.bfloat16) == {
-        "dtype": torch.float32
+        "dtype": torch.float32,
+        "device_map": {"": "cuda"},
     }
     for method in ("lora", "full"):
         assert generative.from_pretrained_kwargs(method, "cpu", None) == {"dtype": torch.float32}

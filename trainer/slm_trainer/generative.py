@@ -62,7 +62,7 @@ from slm_trainer.curate import ParseStats, read_split
 from slm_trainer.finetune import BaseModelNotFound, loading_base_model, missing_base_model
 from slm_trainer.preemption import SigtermFlag, load_or_set_aside, save_atomically
 from slm_trainer.progress import Progress
-from slm_trainer.triton_model import chatformat
+from slm_trainer.triton_model import chatformat, runtime
 
 CONTRACT_STAGE = "finetune"
 MANIFEST = "manifest.json"
@@ -304,14 +304,17 @@ def from_pretrained_kwargs(method: str, device: str, amp: Any) -> dict[str, Any]
 
     fp32 on CPU and for full fine-tuning (fp32 master weights, autocast does the rest); for
     LoRA on a GPU the frozen base in the compute dtype (peft keeps the adapters in fp32); for
-    QLoRA a double-quantized 4-bit NF4 base computing in ``amp``, placed whole on ``device``
-    (bitsandbytes cannot offload a 4-bit model, and ``.to()`` must not move it afterwards).
+    QLoRA a double-quantized 4-bit NF4 base computing in ``amp``. On a GPU the weights are
+    placed on it as they are read (``device_map``), never whole in host memory first: the
+    trainer pod's memory limit is sized for the process, not for a copy of the model, and
+    bitsandbytes cannot move a 4-bit model afterwards anyway.
     """
     import torch
 
     kwargs: dict[str, Any] = {"dtype": torch.float32}
     if amp is not None and method in ("lora", "qlora"):
         kwargs["dtype"] = amp
+    kwargs.update(runtime.placement(device))
     if method == "qlora":
         if amp is None or not device.startswith("cuda"):
             raise ValueError(f"method qlora needs a CUDA device, not {device!r}")
@@ -323,7 +326,6 @@ def from_pretrained_kwargs(method: str, device: str, amp: Any) -> dict[str, Any]
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=amp,
         )
-        kwargs["device_map"] = {"": device}
     return kwargs
 
 
@@ -978,8 +980,6 @@ def _served_model(out: Path, args: Any, device: str) -> Any:
 
     import torch
 
-    from slm_trainer.triton_model import runtime
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -1101,7 +1101,6 @@ def evaluate(
 ) -> tuple[float | None, list[dict[str, Any]]]:
     """Greedy answers to the held-out calls, scored against the LLM's: (accuracy over all
     ``records``, threshold ignored; None without records), and one prediction per record."""
-    from slm_trainer.triton_model import runtime
 
     if not records:
         return None, []

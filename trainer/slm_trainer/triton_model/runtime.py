@@ -71,6 +71,14 @@ def serving_dtype(device: str, bf16_native: bool | None = None) -> Any:
     return torch.bfloat16 if bf16_native else torch.float16
 
 
+def placement(device: str) -> dict[str, Any]:
+    """``from_pretrained``'s placement for ``device``: on a GPU the weights go onto it as they
+    are read, and the adapter merges there. Loaded on the host first, a 1.5B model in bf16
+    needs 3 GB more of the Triton pod's (or trainer's) memory than the process otherwise
+    does, and the merge runs as slow host matrix products. Nothing on the CPU, the default."""
+    return {"device_map": {"": device}} if device.startswith("cuda") else {}
+
+
 def load_model(
     model_dir: str | os.PathLike[str],
     base_model: str | None = None,
@@ -80,23 +88,24 @@ def load_model(
 
     ``model_dir`` holds the tokenizer and either full weights or ``adapter_config.json``; for
     an adapter the base comes from ``base_model`` (a local path or hub id), else from the
-    adapter's own ``base_model_name_or_path``. Weights in :func:`serving_dtype`.
+    adapter's own ``base_model_name_or_path``. Weights in :func:`serving_dtype`, placed on a
+    GPU as they are read (:func:`placement`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(model_dir)
-    dtype = serving_dtype(device)
+    kwargs = {"dtype": serving_dtype(device), **placement(device)}
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     adapter_cfg = path / "adapter_config.json"
     if adapter_cfg.is_file():
         from peft import PeftModel
 
         base = base_model or json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
         model = PeftModel.from_pretrained(model, str(path))
         model = model.merge_and_unload()  # serving needs no LoRA indirection per layer
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     model.to(device)
     model.eval()
     model.config.use_cache = True
