@@ -466,6 +466,35 @@ def test_export_of_a_torn_description_names_the_file(
     assert not (tmp_path / "repo").exists()
 
 
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [("{}", "has no format field"), ('{"format": "slmfleet.dev/selector/v0"}', "has format")],
+)
+def test_export_refuses_a_selector_manifest_it_cannot_serve(
+    tmp_path: Path, content: str, said: str
+) -> None:
+    """A selector.json that is a JSON object but no selector manifest was exported as is, and
+    failed only when Triton loaded the model: a revision that never became ready."""
+    cand = tmp_path / "cand"
+    cand.mkdir()
+    (cand / "selector.json").write_text(content)
+    result_path = tmp_path / "result.json"
+    argv = [
+        "export",
+        "--candidate=c",
+        "--model=m",
+        f"--candidate-dir={cand}",
+        f"--output={tmp_path / 'repo'}",
+        "--model-name=weather",
+        f"--result-path={result_path}",
+    ]
+    assert cli.main(argv) == cli.EXIT_REPORTED
+    result = TrainerResult.from_json(result_path.read_text())
+    assert not result.ok and str(cand / "selector.json") in result.message
+    assert said in result.message and "slmfleet.dev/selector/v1" in result.message
+    assert not (tmp_path / "repo").exists()
+
+
 def test_names_that_are_not_utf8_are_logged_and_reported_not_a_crash(tmp_path: Path) -> None:
     """A directory or shard name whose bytes are not UTF-8 reaches Python as a lone
     surrogate: printing the start line, or writing the report, crashed curate (exit 1)."""

@@ -158,6 +158,20 @@ def _read_description(path: Path) -> dict[str, Any]:
     return data
 
 
+def _check_selector_format(path: Path, selector: dict[str, Any]) -> None:
+    """:class:`UnreadableDescription` unless ``selector`` is a selector manifest this code
+    serves. Exported as is, ``{}`` (or another version's manifest) would fail only when
+    Triton loads it, a revision later, as a model that never becomes ready."""
+    from slm_trainer.selector import FORMAT
+
+    found = selector.get("format")
+    if found != FORMAT:
+        what = "has no format field" if found is None else f"has format {found!r}"
+        raise UnreadableDescription(
+            f"cannot export: {path} {what}, not {FORMAT!r}; finetune the candidate again"
+        )
+
+
 def run(args: Args, emit: Emit) -> TrainerResult:
     from slm_trainer.generative import MANIFEST, weights_sha256
     from slm_trainer.triton_model import BACKEND_FILES, HERE, render_config
@@ -172,6 +186,7 @@ def run(args: Args, emit: Emit) -> TrainerResult:
             manifest = _read_description(manifest_path)
         if has_selector:
             selector = _read_description(cand / "selector.json")
+            _check_selector_format(cand / "selector.json", selector)
     except UnreadableDescription as exc:
         return TrainerResult(
             stage=CONTRACT_STAGE, ok=False, candidate=args.candidate, message=str(exc)
