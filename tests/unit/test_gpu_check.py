@@ -44,7 +44,7 @@ def test_the_gpu_check_runs_every_step_and_writes_its_results(tmp_path: Path) ->
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0, stdout[-4000:]
-    for step in ("env", "throughput", "qlora", "lora-gc"):
+    for step in ("env", "throughput", "qlora", "lora-gc", "selector"):
         assert f"== {step}: exit 0" in stdout, stdout[-4000:]
     assert "== 0 step(s) failed" in stdout
 
@@ -57,3 +57,8 @@ def test_the_gpu_check_runs_every_step_and_writes_its_results(tmp_path: Path) ->
         log = (tmp_path / f"{name}.log").read_text().splitlines()
         started = json.loads(next(line for line in log if '"event": "start"' in line))
         assert started["args"]["gradient_checkpointing"] is checkpointing
+    selector = json.loads((tmp_path / "selector-result.json").read_text())
+    assert selector["ok"] and selector["stage"] == "finetune", selector
+    assert selector["message"].startswith("selector "), selector["message"]
+    # a device call brings back 8 files at most: the script must not write more
+    assert len(list(tmp_path.iterdir())) <= 8, sorted(p.name for p in tmp_path.iterdir())
