@@ -28,8 +28,9 @@ Faults, by flag, by ``SLM_STANDIN_*`` environment variable, or live through
 answers ``llm_stream_delay_ms`` (a pause before each event after the first) and
 ``llm_stream_cut_after`` (the connection is cut after that many events, 0: never), and
 ``llm_rejects_stream_options`` (a 400 for any request with ``stream_options``, as servers that
-predate the field answer; counted as ``llm_rejected_stream_options``). ``GET /_stats``
-returns call counts, how many infer calls carried any Authorization header
+predate the field answer; counted as ``llm_rejected_stream_options``), and
+``llm_omits_usage`` (whole answers without ``usage``, as some OpenAI-compatible servers send).
+``GET /_stats`` returns call counts, how many infer calls carried any Authorization header
 (``slm_auth_seen``, which must stay 0 behind the gateway) and, with ``--expect-key``, how many
 chat calls carried exactly that bearer key.
 """
@@ -72,6 +73,7 @@ SETTINGS: dict[str, Any] = {
     "llm_stream_delay_ms": 0.0,
     "llm_stream_cut_after": 0,
     "llm_rejects_stream_options": False,
+    "llm_omits_usage": False,
     "model": "standin-llm",
 }
 
@@ -243,26 +245,26 @@ class StandInApp:
                 model=req.get("model") or s["model"],
                 usage=usage if options.get("include_usage") else None,
             )
-        return 200, orjson.dumps(
-            {
-                "id": f"chatcmpl-standin-{n}",
-                "object": "chat.completion",
-                "created": self.created,
-                "model": req.get("model") or s["model"],
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": message,
-                        "finish_reason": "tool_calls" if message.get("tool_calls") else "stop",
-                    }
-                ],
-                "usage": {
-                    "prompt_tokens": prompt,
-                    "completion_tokens": completion,
-                    "total_tokens": prompt + completion,
-                },
+        whole: dict[str, Any] = {
+            "id": f"chatcmpl-standin-{n}",
+            "object": "chat.completion",
+            "created": self.created,
+            "model": req.get("model") or s["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "finish_reason": "tool_calls" if message.get("tool_calls") else "stop",
+                }
+            ],
+        }
+        if not s["llm_omits_usage"]:
+            whole["usage"] = {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
             }
-        )
+        return 200, orjson.dumps(whole)
 
     async def stream(self, events: list[bytes], send: Send) -> None:
         """Send events one by one, pausing and cutting off as the fault settings say."""

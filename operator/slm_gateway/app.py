@@ -512,7 +512,7 @@ class Gateway:
         try:
             doc = orjson.loads(reply.body)
             message = doc["choices"][0]["message"]
-            ptok, ctok = reported_usage(doc.get("usage"))
+            usage = doc.get("usage")
             if not isinstance(message, dict):
                 raise TypeError("message")
         except (
@@ -530,6 +530,7 @@ class Gateway:
                 type=e.SERVER_ERROR,
                 code=e.CODE_UPSTREAM,
             ) from None
+        ptok, ctok = _llm_tokens(call, message, usage)
         self._llm_answered(call, message, reply.body, spent, ptok, ctok)
         return 200, [_CT_JSON, *self._llm_headers(call)], reply.body
 
@@ -634,15 +635,8 @@ class Gateway:
         self.metrics.streams.labels(route.namespace, route.task, LLM, "complete").inc()
         message = assembled.message()
         completion = orjson.dumps(assembled.completion(f"chatcmpl-{call.rid}", route.llm_model))
-        ptok, ctok = reported_usage(assembled.usage)
-        self._llm_answered(
-            call,
-            message,
-            completion,
-            spent,
-            ptok or estimate_tokens(len(call.raw)),
-            ctok or estimate_tokens(len(orjson.dumps(message))),
-        )
+        ptok, ctok = _llm_tokens(call, message, assembled.usage)
+        self._llm_answered(call, message, completion, spent, ptok, ctok)
 
     async def _pump(
         self,
@@ -1119,6 +1113,20 @@ def _unauthenticated(message: str) -> GatewayError:
         message,
         code=e.CODE_INVALID_API_KEY,
         headers={"WWW-Authenticate": 'Bearer realm="slm-gateway"'},
+    )
+
+
+def _llm_tokens(call: _LLMCall, message: dict[str, Any], usage: Any) -> tuple[int, int]:
+    """(prompt, completion) tokens of an LLM answer: the ones it reported, else estimates.
+
+    Why estimates: servers that send no ``usage`` (some OpenAI-compatible ones never do, and
+    streams only when asked) would count 0 tokens, and the task's LLM spend, and so the
+    savings its SLM shows, would read as nothing.
+    """
+    ptok, ctok = reported_usage(usage)
+    return (
+        ptok or estimate_tokens(len(call.raw)),
+        ctok or estimate_tokens(len(orjson.dumps(message))),
     )
 
 

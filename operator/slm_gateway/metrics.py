@@ -25,8 +25,9 @@ namespace empty for routes from a static file; ``backend`` is ``slm`` or ``llm``
   ``rejected``, ``failed``; one per token and cache period, see :mod:`slm_gateway.auth`).
 - ``slm_gateway_fallbacks_total{namespace,task,reason}``: calls meant for the SLM that the LLM
   answered.
-- ``slm_gateway_tokens_total{namespace,task,backend,kind}``: prompt and completion tokens (SLM
-  counts are estimated from bytes, see :func:`slm_gateway.decide.estimate_tokens`).
+- ``slm_gateway_tokens_total{namespace,task,backend,kind}``: prompt and completion tokens
+  (estimated from bytes where the backend reports none: always for the SLM, and for LLM
+  servers that send no ``usage``; see :func:`slm_gateway.decide.estimate_tokens`).
 - ``slm_gateway_cost_usd_total{namespace,task,backend}``: estimated spend at the configured
   prices.
 - ``slm_gateway_llm_equivalent_cost_usd_total{namespace,task}``: what the same tokens would

@@ -453,6 +453,23 @@ def test_costs_and_tokens_are_counted(standin: llm_standin.StandIn) -> None:
         assert metric(c, "slm_gateway_llm_equivalent_cost_usd_total") == pytest.approx(expected)
 
 
+def test_an_llm_that_reports_no_usage_still_has_its_tokens_and_cost_counted(
+    standin: llm_standin.StandIn,
+) -> None:
+    """A whole answer without ``usage`` (some OpenAI-compatible servers never send it) was
+    counted as 0 tokens: the task's LLM spend, and the savings its SLM shows, read as nothing.
+    Its tokens are estimated from bytes, as a stream's already were."""
+    standin.control(llm_omits_usage=True)
+    with client(route(standin)) as c:
+        r = chat(c)
+        assert r.status_code == 200 and "usage" not in r.json()  # the LLM's body, as it was
+        p = metric(c, "slm_gateway_tokens_total", kind="prompt")
+        q = metric(c, "slm_gateway_tokens_total", kind="completion")
+        assert p > 0 and q > 0
+        expected = (p * 0.0025 + q * 0.01) / 1000
+        assert metric(c, "slm_gateway_cost_usd_total", backend="llm") == pytest.approx(expected)
+
+
 def test_a_tasks_own_llm_price_prices_its_calls(standin: llm_standin.StandIn) -> None:
     """spec.fallback.llm.price (here GPT-4o-mini's) prices the task's LLM calls and what its
     SLM saves; the gateway's --price llm (GPT-4o's by default) would overstate both 16x."""
