@@ -30,13 +30,19 @@ pin() { # the exact version constraints.txt pins for a distribution, as NAME==VE
   echo "$line"
 }
 rm -rf .gpu && mkdir -p .gpu/whl .gpu/site .gpu/bnb
+# each pin in a variable of its own: a failed $(pin ...) inside the argument list would only
+# end its subshell, and pip would skip the empty argument without a word
+TRANSFORMERS=$(pin transformers)
+PEFT=$(pin peft)
+ACCELERATE=$(pin accelerate)
+ORJSON=$(pin orjson)
+BNB=$(pin bitsandbytes)
 "${PIP[@]}" download -q --no-deps --only-binary=:all: "${PLATFORM[@]}" -d .gpu/whl \
-  "$(pin transformers)" "$(pin peft)" "$(pin accelerate)" "$(pin orjson)"
+  "$TRANSFORMERS" "$PEFT" "$ACCELERATE" "$ORJSON"
 BFCL=$(grep -oE "bfcl-eval==[0-9.]+" Makefile | head -n 1)
 "${PIP[@]}" download -q --no-deps --only-binary=:all: -d .gpu/whl "$BFCL"
 
-"${PIP[@]}" download -q --no-deps --only-binary=:all: "${PLATFORM[@]}" -d .gpu/bnb \
-  "$(pin bitsandbytes)"
+"${PIP[@]}" download -q --no-deps --only-binary=:all: "${PLATFORM[@]}" -d .gpu/bnb "$BNB"
 (cd .gpu/site && unzip -q ../bnb/bitsandbytes-*.whl)
 find .gpu/site/bitsandbytes -name 'libbitsandbytes_*.so' \
   ! -name "libbitsandbytes_cuda${CUDA_MAJOR}*.so" ! -name 'libbitsandbytes_cpu.so' -delete

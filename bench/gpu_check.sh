@@ -14,7 +14,8 @@
 #   selector    `finetune --path selector` (the closed-label tool choice with a calibrated
 #               confidence) on a MiniLM-shaped encoder with random weights, on the same calls
 #
-# Each step has its own time limit and log under $OUT, and all of them end by one deadline
+# Each step has its own time limit and log under $OUT (env's, which the output shows whole,
+# stays behind: a device call brings back 8 files), and all of them end by one deadline
 # (8 minutes in all, inside a device call's 10), so that a stuck step cannot eat the time
 # of a rerun. A failed step does not stop the next; the exit status is the number of failed
 # steps. On a GPU machine that cannot download anything, build .gpu/ here first
@@ -110,7 +111,7 @@ finetune lora-gc lora --gradient-checkpointing
 
 # The selector path (tool choice with a calibrated confidence) on a MiniLM-shaped encoder:
 # MiniLM's config and tokenizer with random weights (its 87 MB of weights do not travel).
-if [[ -s "$WORK/data/train.jsonl" ]] && "$PY" - "$WORK/encoder" <<'PYTHON'; then
+if [[ -s "$WORK/data/train.jsonl" ]] && timeout -k 5 60 "$PY" - "$WORK/encoder" <<'PYTHON'; then
 import shutil, sys
 from pathlib import Path
 

@@ -830,6 +830,37 @@ def test_on_a_gpu_weights_are_placed_on_it_as_read_never_whole_in_host_memory() 
     assert runtime.placement("cpu") == {}
 
 
+def test_the_served_model_is_loaded_onto_the_gpu_it_serves_from(
+    tiny_minilm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No GPU here: from_pretrained is replaced to see what the Triton backend (and the
+    # trainer's scoring of the served model) asks of it for instance "cuda:0".
+    import transformers
+
+    from slm_trainer.triton_model import runtime
+
+    asked: dict[str, Any] = {}
+
+    class Loaded:
+        config = SimpleNamespace(use_cache=False)
+
+        def to(self, device: str) -> Loaded:
+            asked["moved_to"] = device
+            return self
+
+        def eval(self) -> Loaded:
+            return self
+
+    def from_pretrained(name: str, **kwargs: Any) -> Loaded:
+        asked.update(kwargs)
+        return Loaded()
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(runtime, "serving_dtype", lambda device: torch.bfloat16)
+    runtime.load_model(tiny_minilm, device="cuda:0")
+    assert asked["device_map"] == {"": "cuda:0"} and asked["dtype"] is torch.bfloat16
+
+
 def test_qlora_loads_a_double_quantized_nf4_base_whole_on_the_gpu() -> None:
     kwargs = generative.from_pretrained_kwargs("qlora", "cuda", torch.bfloat16)
     quant = kwargs.pop("quantization_config")
