@@ -404,6 +404,55 @@ INVALID = [
         CRON_MESSAGE,
     ),
     case(
+        "candidate-model-on-another-claim",
+        {"spec.candidates.0.model": "pvc://other-claim/models/base"},
+        "spec.candidates",
+        "must be on storage.claimName",
+    ),
+    case(
+        "candidate-model-on-s3",
+        {"spec.candidates.0.model": "s3://models/base"},
+        "spec.candidates[0].model",
+        "no other URL scheme is read",
+    ),
+    case(
+        "candidate-model-pvc-without-path",
+        {"spec.candidates.0.model": "pvc://slm-fleet-artifacts/"},
+        "spec.candidates[0].model",
+        "pvc://<storage.claimName>/<path>",
+    ),
+    case("name-not-dns-1035", {"metadata.name": "1abc"}, "metadata.name: Invalid value"),
+    case(
+        "retraining-threshold-past-its-maximum",
+        {"spec.retraining": {"minNewExamples": 200_000_000}},
+        "spec.retraining.minNewExamples",
+        "should be less than or equal to 100000000",
+    ),
+    case(
+        "toleration-key-not-a-label-key",
+        {"spec.training.tolerations": [{"key": "bad key!", "operator": "Exists"}]},
+        "spec.training.tolerations[0].key",
+        "a toleration key must be a label key",
+    ),
+    case(
+        "toleration-value-not-a-label-value",
+        {"spec.serving.tolerations": [{"key": "spot", "value": "bad value!"}]},
+        "spec.serving.tolerations[0].value",
+        "a toleration value must be",
+    ),
+    case(
+        "resource-name-not-a-resource",
+        {"spec.training.resources": {"requests": {"Not A Resource!": "1"}}},
+        "spec.training.resources.requests",
+        "every resource name must be",
+    ),
+    case(
+        "extended-resource-without-its-limit",
+        {"spec.serving.resources": {"requests": {"example.com/fpga": "1"}}},
+        "spec.serving.resources",
+        "needs a limit equal to it",
+    ),
+    case(
         "unknown-toleration-operator",
         {"spec.serving.tolerations": [{"key": "nvidia.com/gpu", "operator": "In"}]},
         "spec.serving.tolerations[0].operator",
@@ -552,8 +601,14 @@ def test_every_dataset_scheme_is_accepted(cluster: Any, namespace: str, uri: str
 
 POD_SETTINGS = {
     "resources": {
-        "requests": {"cpu": "500m", "memory": "1Gi", "ephemeral-storage": 0},
-        "limits": {"cpu": 4, "memory": "1Gi"},  # equal to its request: fine
+        "requests": {
+            "cpu": "500m",
+            "memory": "1Gi",
+            "ephemeral-storage": 0,
+            "example.com/fpga": 1,  # extended resources and hugepages: limit == request
+            "hugepages-2Mi": "64Mi",
+        },
+        "limits": {"cpu": 4, "memory": "1Gi", "example.com/fpga": "1", "hugepages-2Mi": "64Mi"},
     },
     "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "pool": ""},
     "tolerations": [
@@ -575,6 +630,7 @@ def test_pod_settings_a_pod_accepts_are_admitted(
     changes: dict[str, Any] = {f"spec.{section}.{k}": v for k, v in POD_SETTINGS.items()}
     if section == "training":
         changes["spec.training.serviceAccountName"] = "s3-reader.team-a"
+        changes["spec.candidates.1.model"] = "pvc://slm-fleet-artifacts/models/qwen25-05b"
     result = apply(cluster, namespace, mutated(BASE, changes), "--dry-run=server")
     assert result.returncode == 0, result.stderr
 
