@@ -102,6 +102,39 @@ def test_manifest_follows_the_crd(tmp_path: Path) -> None:
     assert cls["spec"]["candidates"][0]["model"] == "sentence-transformers/all-MiniLM-L6-v2"
 
 
+def test_a_manifest_asks_for_the_scrubbing_its_calls_were_counted_under(tmp_path: Path) -> None:
+    """--no-scrub-pii counted calls that differ only in an e-mail address as distinct, yet
+    the manifest asked curate to scrub them: one call once redacted, and minExamples (the
+    distinct count) was never reached, so the task waited for data for good."""
+    for scrub in (True, False):
+        args = discover.Args(input=tmp_path, output_dir=tmp_path, scrub_pii=scrub)
+        m = discover.agent_task_manifest("t", "tool-call", "d", "file:///x", args, "m", 60)
+        assert m["spec"]["dataset"]["piiScrubbing"] is scrub
+
+
+@pytest.mark.parametrize(
+    ("setting", "said"),
+    [
+        ({"namespace": "Team_A"}, "not a Kubernetes namespace name"),
+        ({"llm_secret": "My_Secret"}, "llm_secret 'My_Secret' is not a Kubernetes object name"),
+        ({"storage_claim": "Artifacts"}, "storage_claim 'Artifacts' is not a Kubernetes object"),
+        ({"storage_claim": ""}, "storage_claim '' is not a Kubernetes object name"),
+        ({"llm_base_url": "api.openai.com/v1"}, "llm_base_url cannot be"),
+        ({"dataset_uri_prefix": "https://logs.example.com/calls"}, "dataset_uri_prefix must"),
+        ({"dataset_uri_prefix": "/data/calls"}, "dataset_uri_prefix must"),
+    ],
+)
+def test_settings_the_crd_would_refuse_are_refused_before_any_work(
+    tmp_path: Path, setting: dict[str, str], said: str
+) -> None:
+    """Each was written into every manifest of a run that reported success; `kubectl apply`
+    of them all then failed at admission."""
+    with pytest.raises(ValueError, match=re.escape(said)):
+        discover.Args(input=tmp_path, output_dir=tmp_path, **setting)  # type: ignore[arg-type]
+    for prefix in ("pvc://logs", "pvc://logs/calls/", "s3://bucket/calls", "file:///data/"):
+        discover.Args(input=tmp_path, output_dir=tmp_path, dataset_uri_prefix=prefix)
+
+
 # ------------------------------------------------------------------ real clustering
 
 #: Five BFCL live_multiple function sets whose tools do not overlap: five agent tasks.

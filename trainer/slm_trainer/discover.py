@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from slm_contract import CallRecord, TrainerResult, redact_uri
+from slm_contract import CallRecord, TrainerResult, http_url_problem, redact_uri
 from slm_trainer import metrics
 from slm_trainer.curate import (
     CallLogUnreadable,
@@ -106,6 +106,10 @@ TEMPLATE_MIN_CALLS = 3
 #: merge Q&A with translations.
 SAME_TEMPLATE = 0.5
 _WORD = re.compile(r"[^\W\d_]{3,}")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+#: What the CRD's dataset.uri rule admits.
+_DATASET_URI = re.compile(r"pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?/.+|(s3|gs)://[^/]+/.+|file:///.+")
 
 
 @dataclass
@@ -181,6 +185,28 @@ class Args:
             raise ValueError("seed must be in [0, 2**32)")
         if self.name_prefix and not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?-?", self.name_prefix):
             raise ValueError("name_prefix must start a DNS-1035 label")
+        # What the manifests carry must pass the CRD's admission, or `kubectl apply` of every
+        # one of them fails after a stage that reported success.
+        if self.namespace and not _DNS_LABEL.fullmatch(self.namespace):
+            raise ValueError(f"namespace {self.namespace!r} is not a Kubernetes namespace name")
+        for name, value in (("storage_claim", self.storage_claim), ("llm_secret", self.llm_secret)):
+            if (value or name == "storage_claim") and not (
+                len(value) <= 253 and _DNS_SUBDOMAIN.fullmatch(value)
+            ):
+                raise ValueError(
+                    f"{name} {value!r} is not a Kubernetes object name (lower-case letters, "
+                    "digits, '-' and '.')"
+                )
+        why = http_url_problem(self.llm_base_url)
+        if why:
+            raise ValueError(f"llm_base_url cannot be an AgentTask's fallback.llm.baseURL: {why}")
+        if self.dataset_uri_prefix and not _DATASET_URI.fullmatch(
+            f"{self.dataset_uri_prefix.rstrip('/')}/cluster.jsonl"  # as run() joins it
+        ):
+            raise ValueError(
+                "dataset_uri_prefix must start pvc://<claim>/, s3://<bucket>/, gs://<bucket>/ "
+                "or file:///, as an AgentTask's dataset.uri does"
+            )
 
 
 # ----------------------------------------------------------------------------- pure parts
@@ -551,7 +577,10 @@ def agent_task_manifest(
                 "uri": dataset_uri,
                 "minExamples": max(1, min(examples, 200)),
                 "evalFraction": 0.2,
-                "piiScrubbing": True,
+                # as the calls were counted: curate's scrubbing can make calls that differ
+                # only in PII one call, and minExamples (the distinct count) would then
+                # never be reached
+                "piiScrubbing": args.scrub_pii,
             },
             "candidates": candidates,
             "storage": {"claimName": args.storage_claim},
@@ -831,7 +860,7 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
             f"{len(clusters)} clusters from {len(records)} calls ({args.method}"
             + (f", k={chosen_k} by silhouette" if silhouettes else "")
             + f"{merge_note}){purity_note}; {len(manifests)} AgentTask manifests for clusters "
-            f"of >= {args.min_cluster_size} calls{skipped}"
+            f"of >= {args.min_cluster_size} distinct calls{skipped}"
             + "".join(f"; warning: {w}" for w in warnings)
         ),
     )
