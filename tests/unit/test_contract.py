@@ -37,6 +37,18 @@ def test_a_long_message_keeps_as_much_as_fits(message: str) -> None:
     assert len(text.encode()) > TERMINATION_MESSAGE_LIMIT - 16
 
 
+def test_a_result_that_cannot_be_written_leaves_the_file_as_it_was(tmp_path: Any) -> None:
+    # Opened before it was serialized, the termination message was emptied by a result
+    # that then failed to fit: the operator read no result at all.
+    path = tmp_path / "termination-log"
+    path.write_text("earlier")
+    with pytest.raises(ContractError, match="does not fit"):
+        TrainerResult(stage="evaluate", ok=True, artifact_uri="s3://b/" + "x" * 5000).write(
+            str(path)
+        )
+    assert path.read_text() == "earlier"
+
+
 # ------------------------------------------------------------------ call records
 
 

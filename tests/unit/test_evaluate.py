@@ -272,6 +272,47 @@ def test_the_stage_writes_report_and_plot_and_reports_the_winner(tmp_path: Path)
     assert (tmp_path / "report" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize(
+    "uri", ["s3://bucket/" + "x" * 5000, "https://user:secretpw@host/m?X-Amz-Signature=abc"]
+)
+def test_the_winners_artifact_uri_is_reported_whole_or_not_at_all(tmp_path: Path, uri: str) -> None:
+    """The winner's artifact URI is copied from its own result.json into the termination
+    message. One of kilobytes crashed the CLI with that file already emptied (the operator
+    read nothing); one with a password or a presigned signature was written there whole,
+    for anyone who may read pods."""
+    from slm_trainer import cli
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "eval.jsonl").write_text("".join(r.to_json() + "\n" for r in records()))
+    write_candidate(tmp_path / "cands" / "selector", SELECTOR, 22_000_000)
+    written = json.loads((tmp_path / "cands" / "selector" / "result.json").read_text())
+    (tmp_path / "cands" / "selector" / "result.json").write_text(
+        json.dumps({**written, "artifact_uri": uri})
+    )
+    result_path = tmp_path / "result.json"
+    code = cli.main(
+        [
+            "evaluate",
+            f"--data={data}",
+            f"--output={tmp_path / 'report'}",
+            f"--candidates-dir={tmp_path / 'cands'}",
+            "--metric=label-accuracy",
+            "--target-precision=0.95",
+            "--no-plot",
+            f"--result-path={result_path}",
+        ]
+    )
+    text = result_path.read_text()
+    result = TrainerResult.from_json(text)
+    assert "secretpw" not in text and "Signature" not in text
+    if uri.startswith("s3://"):
+        assert code == cli.EXIT_REPORTED and not result.ok
+        assert "cannot be reported" in result.message and "5012 bytes" in result.message
+    else:
+        assert code == 0 and result.ok and result.artifact_uri == "https://host/m"
+
+
 def test_predictions_for_other_calls_are_refused(tmp_path: Path) -> None:
     recs = records()
     path = tmp_path / "predictions.jsonl"

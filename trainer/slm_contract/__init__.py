@@ -308,9 +308,11 @@ class TrainerResult:
             raise ContractError(str(exc)) from exc
 
     def write(self, path: str) -> None:
-        """Write to the container's termination message path."""
+        """Write to the container's termination message path (serialized first: a result
+        that cannot be leaves the file as it was, not emptied)."""
+        text = self.to_json()
         with open(path, "w", encoding="utf-8") as fh:
-            fh.write(self.to_json())
+            fh.write(text)
 
 
 @dataclass(frozen=True)

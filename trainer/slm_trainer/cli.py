@@ -45,6 +45,7 @@ from slm_contract import (
     EXIT_CRASHED,
     EXIT_PREEMPTED,
     EXIT_REPORTED,
+    ContractError,
     TrainerResult,
     redact_uris,
 )
@@ -188,8 +189,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             ok=False,
             message=f"{ns.stage} crashed: {type(exc).__name__}: {exc}",
         )
-    # The termination message goes to the operator's conditions and Events verbatim.
-    result = dataclasses.replace(result, message=redact_uris(result.message, *_ARG_URIS))
+    # The termination message goes to the operator's conditions and Events verbatim, and
+    # the pod's status (all of it, artifact URI included) to whoever may read pods.
+    result = dataclasses.replace(
+        result,
+        message=redact_uris(result.message, *_ARG_URIS),
+        artifact_uri=result.artifact_uri and redact_uris(result.artifact_uri, *_ARG_URIS),
+    )
+    try:
+        result.to_json()
+    except ContractError as exc:
+        # Only the message can be cut; a field that cannot (an artifact URI of kilobytes read
+        # from a candidate's result.json) crashed here with the file already emptied, and the
+        # operator read nothing. The same run gives the same result: a reported failure.
+        result = TrainerResult(
+            stage=result.stage,
+            ok=False,
+            message=f"{ns.stage}: its result cannot be reported: {exc} "
+            f"(artifact_uri is {len((result.artifact_uri or '').encode())} bytes, candidate "
+            f"{len((result.candidate or '').encode())})",
+        )
     write_result(result, result_path)
     emit({"event": "result", **json.loads(result.to_json())})
     if result.ok:
