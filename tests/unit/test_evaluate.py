@@ -478,6 +478,68 @@ def test_a_candidate_that_cannot_be_scored_costs_only_itself(
         assert f"{name}: score " not in result.message
 
 
+def test_predictions_on_another_scale_or_misaligned_are_the_candidates_error(
+    tmp_path: Path,
+) -> None:
+    """Logits as confidences had the threshold clamped to 1.0, which serves every call the
+    curve counted as deferred; a call predicted twice without a key was scored against its
+    neighbours' references. Both are now that candidate's error."""
+    data = _eval_data(tmp_path)
+    cands = tmp_path / "cands"
+    write_candidate(cands / "selector", SELECTOR, 22_000_000)
+    right = ["get_weather", "get_weather", "set_alarm", None]
+    logits = [4.0, 3.0, 2.0, 1.5]
+    _write_rows(
+        cands / "logits",
+        [
+            {"index": i, "label": lab, "confidence": c}
+            for i, (lab, c) in enumerate(zip(right, logits, strict=True))
+        ],
+    )
+    _write_rows(cands / "twice", [{"index": 0, "label": "get_weather", "confidence": 0.9}] * 4)
+    result = evaluate.run(_args_for(tmp_path, data, cands))
+    assert result.ok and result.candidate == "selector", result.message
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    by_name = {c["name"]: c for c in report["candidates"]}
+    assert "confidence 4.0 is not in [0, 1]" in by_name["logits"]["error"]
+    assert "indexes are not 0 to 3 once each" in by_name["twice"]["error"]
+    # written with plot=False: no earlier run's report.png is left beside it
+    (tmp_path / "out" / "report.png").write_bytes(b"an earlier verdict")
+    evaluate.run(_args_for(tmp_path, data, cands))
+    assert not (tmp_path / "out" / "report.png").exists()
+
+
+def test_a_threshold_must_answer_more_than_a_lucky_call(tmp_path: Path) -> None:
+    """The threshold is picked and scored on the same eval calls: one answering only the most
+    confident call of a hundred, right, scored 1.0 and won. It must answer 10 of them."""
+    calls = [
+        CallRecord(
+            task="t",
+            backend="llm",
+            messages=[{"role": "user", "content": f"weather {i}?"}],
+            tools=TOOLS,
+            response=tool_call("get_weather", {"city": f"c{i}"}),
+        )
+        for i in range(100)
+    ]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "eval.jsonl").write_text("".join(r.to_json() + "\n" for r in calls))
+    rows = [
+        {"index": i, "label": "get_weather" if i == 0 else "set_alarm", "confidence": 1 - i / 200}
+        for i in range(100)
+    ]
+    _write_rows(tmp_path / "cands" / "lucky", rows)
+    result = evaluate.run(_args_for(tmp_path, data, tmp_path / "cands"))
+    assert not result.ok, result.message
+    assert "no threshold reaches precision 0.97 on at least 10 answered calls" in result.message
+    rows = [{**r, "label": "get_weather"} if r["index"] < 10 else r for r in rows]
+    _write_rows(tmp_path / "cands2" / "ten", rows)
+    result = evaluate.run(_args_for(tmp_path, data, tmp_path / "cands2"))
+    assert result.ok and result.candidate == "ten", result.message
+    assert "at coverage 10.0%" in result.message
+
+
 def test_nan_confidences_never_win_and_the_report_stays_strict_json(tmp_path: Path) -> None:
     """NaN compares false with every threshold, so a candidate of NaN confidences answered
     every call and, being the smallest, won; and report.json held a bare NaN."""

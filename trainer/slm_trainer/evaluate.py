@@ -20,11 +20,14 @@ Scores (definitions in :mod:`slm_trainer.metrics`): exact match, JSON validity, 
 match (with ``bfcl_eval``'s checker when importable), label accuracy, and latency. Each
 candidate that reports confidences also gets a coverage/precision curve over every threshold,
 and the threshold that keeps the most coverage while meeting ``target_precision`` on these
-calls. A candidate's ``score`` is its chosen metric on the calls it answers at that threshold
-(on all calls when it has no confidence). ``llm_score`` is 1.0, because the references are the
-LLM's own answers. The gate (``min_score``, ``max_drop_vs_llm``) and the selection policy then
-pick the winner that the result reports. No candidate passing is a failed result (exit 3),
-with the reasons.
+calls, answering at least :data:`~slm_trainer.generative.MIN_ACCEPTED` of them (a tenth of a
+smaller split): picked and scored on the same calls, a threshold that answers one call, right
+by luck, would score 1.0. Confidences must lie in [0, 1]; predictions on another scale, or
+not one per eval call, are that candidate's error. A candidate's ``score`` is its chosen
+metric on the calls it answers at that threshold (on all calls when it has no confidence).
+``llm_score`` is 1.0, because the references are the LLM's own answers. The gate
+(``min_score``, ``max_drop_vs_llm``) and the selection policy then pick the winner that the
+result reports. No candidate passing is a failed result (exit 3), with the reasons.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from typing import Any, Literal
 from slm_contract import CallRecord, TaskType, TrainerResult
 from slm_trainer import metrics
 from slm_trainer.curate import ParseStats, parse_lines, read_lines, writable
-from slm_trainer.generative import MIN_THRESHOLD
+from slm_trainer.generative import MIN_ACCEPTED, MIN_THRESHOLD
 from slm_trainer.triton_model import chatformat
 
 #: The contract has no evaluate stage; this one reports a candidate's score like finetune.
@@ -246,11 +249,18 @@ def score_candidate(
         # so the threshold is chosen among the points that defer it (all points of a selector).
         floor = MIN_THRESHOLD if generative else 0.0
         usable = [p for p in curve if p.threshold >= floor] or curve
-        chosen = metrics.pick_threshold(usable, target_precision)
+        # Picked and scored on the same calls: a threshold that answers one call of a hundred,
+        # right by luck, scored 1.0 and won. It must answer MIN_ACCEPTED calls, or a tenth of
+        # a smaller eval split.
+        least = max(1, min(MIN_ACCEPTED, len(preds) // 10))
+        chosen = metrics.pick_threshold(usable, target_precision, min_accepted=least)
         if chosen is None:
             chosen = max(usable, key=lambda p: (p.precision if p.accepted else -1, p.coverage))
             out.meets_precision = False
-            out.reasons.append(f"no threshold reaches precision {target_precision:.2f}")
+            out.reasons.append(
+                f"no threshold reaches precision {target_precision:.2f}"
+                + (f" on at least {least} answered calls" if least > 1 else "")
+            )
         out.curve = metrics.curve_as_dicts(curve)
         # Not rounded: the gateway compares served confidences with this value, and a
         # threshold rounded up would defer calls the curve counted as accepted. The margin
@@ -363,6 +373,15 @@ def read_predictions(path: Path, records: Sequence[CallRecord]) -> list[Predicti
         rows.sort(key=lambda r: int(r.get("index", 0)))
     except (TypeError, ValueError) as exc:  # "index": null, "first"...
         raise ValueError(f"{path}: a prediction's index is not an integer: {exc}") from exc
+    if any("index" in r for r in rows):
+        # without a key, a call predicted twice (and another not at all) would be scored
+        # against its neighbours' references
+        indexes = [int(r.get("index", -1)) for r in rows]
+        if indexes != list(range(len(rows))):
+            raise ValueError(
+                f"{path}: prediction indexes are not 0 to {len(rows) - 1} once each "
+                "(a call predicted twice, or one left out)"
+            )
     keys = [_record_key(r) for r in records]
     preds = []
     for i, row in enumerate(rows):
@@ -374,11 +393,16 @@ def read_predictions(path: Path, records: Sequence[CallRecord]) -> list[Predicti
             raise ValueError(f"{path}: prediction {i}'s label is not a string or null")
         if response is not None and not isinstance(response, dict):
             raise ValueError(f"{path}: prediction {i}'s response is not a JSON object or null")
+        confidence = _number(row.get("confidence"), f"{path}: prediction {i}'s confidence")
+        if confidence is not None and not 0.0 <= confidence <= 1.0:
+            # a logit or a score on another scale: thresholds are picked in [0, 1], and one
+            # clamped to 1.0 would serve every call the curve counted as deferred
+            raise ValueError(f"{path}: prediction {i}'s confidence {confidence} is not in [0, 1]")
         preds.append(
             Prediction(
                 label=label,
                 response=response,
-                confidence=_number(row.get("confidence"), f"{path}: prediction {i}'s confidence"),
+                confidence=confidence,
                 latency_ms=_number(row.get("latency_ms"), f"{path}: prediction {i}'s latency_ms"),
             )
         )
@@ -615,6 +639,8 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
     (args.output / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     if args.plot:
         plot_report(report, args.output / "report.png")
+    else:  # an earlier run's plot beside this report would show another verdict
+        (args.output / "report.png").unlink(missing_ok=True)
     eval_seconds = round(time.monotonic() - started, 3)
     summary = "; ".join(_summary_of(c) for c in scores)
     if winner is None:
