@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import dataclasses
 import functools
 import hashlib
@@ -1851,11 +1852,20 @@ def _resolve_overlaps(spans: Iterable[Span]) -> list[Span]:
         spans,
         key=lambda s: (s.kind not in SECRET_KINDS, -s.score, s.start - s.end, priority[s.kind]),
     )
+    # Kept spans never overlap, so sorted by start their ends are sorted too, and a new span
+    # overlaps one of them exactly when the last kept span starting before its end reaches
+    # past its start: a binary search, where checking every kept span made a long log text
+    # (thousands of addresses) take seconds per record, quadratically.
     kept: list[Span] = []
+    starts: list[int] = []
     for span in ranked:
-        if all(span.end <= k.start or span.start >= k.end for k in kept):
-            kept.append(span)
-    return sorted(kept, key=lambda s: s.start)
+        j = bisect.bisect_left(starts, span.end) - 1
+        if j >= 0 and kept[j].end > span.start:
+            continue
+        at = bisect.bisect_left(starts, span.start)
+        starts.insert(at, span.start)
+        kept.insert(at, span)
+    return kept
 
 
 def replace_spans(text: str, spans: Sequence[Span], state: RedactionState) -> str:
