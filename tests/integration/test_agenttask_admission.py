@@ -116,11 +116,15 @@ INVALID = [
         {"spec.serving": {"minReplicas": 5, "maxReplicas": 2}},
         REPLICAS_MESSAGE,
     ),
-    case("min-replicas-above-default-max", {"spec.serving": {"minReplicas": 5}}, REPLICAS_MESSAGE),
+    case(
+        "min-replicas-above-default-max",
+        {"spec.serving": {"minReplicas": 5}},
+        REPLICAS_MESSAGE + " (4 when not set)",  # the default the user never wrote
+    ),
     case(
         "slm-budget-below-the-latency-target",
         {"spec.serving.slo": {"slmTimeoutMs": 100}},  # p95LatencyMs defaults to 500
-        "serving.slo.slmTimeoutMs must be at least serving.slo.p95LatencyMs",
+        "serving.slo.slmTimeoutMs must be at least serving.slo.p95LatencyMs (500 when not set)",
     ),
     case(
         "max-examples-below-min-examples",
