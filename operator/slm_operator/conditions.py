@@ -51,6 +51,9 @@ PARTIALLY_TRAINED: Final = "PartiallyTrained"  # some candidates failed, others 
 GATE_PASSED: Final = "GatePassed"
 GATE_NOT_MET: Final = "GateNotMet"
 NOT_BETTER: Final = "NotBetterThanServing"  # a retrained model passed the gate but is no better
+#: The gate was raised past the served model's score: it stays served (only a retraining
+#: exports and promotes another), and says so.
+SERVED_BELOW_GATE: Final = "ServedBelowGate"
 EXPORTING: Final = "Exporting"
 NO_MODEL: Final = "NoModel"  # nothing has passed the gate yet
 DEPLOYMENT_PROGRESSING: Final = "DeploymentProgressing"
@@ -78,6 +81,7 @@ WARNING_REASONS: Final = frozenset(
         JOB_FAILED,
         RESULT_MISSING,
         GATE_NOT_MET,
+        SERVED_BELOW_GATE,
         SLO_BREACHED,
         NO_READY_REPLICAS,
         APPLY_FAILED,

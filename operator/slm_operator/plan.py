@@ -628,6 +628,21 @@ def _pipeline(
             return step
         passing = better
     chosen = next(((cd, r) for cd, r in passing if cd["name"] == served), None) if served else None
+    below_gate = False
+    if served and chosen is None:
+        # The gate (not part of the revision) was raised past the served model. Choosing
+        # another candidate here would put its threshold on the route while Triton still
+        # serves this one, whose artifact no export of the other replaces: the served
+        # model stays, with its own figures, until a retraining promotes a passing one.
+        chosen = next(
+            (
+                (cd, v.result)
+                for cd, v in succeeded
+                if cd["name"] == served and v.result is not None
+            ),
+            None,
+        )
+        below_gate = chosen is not None
     chosen = chosen or select(passing, policy)
     if chosen is None:
         scores = ", ".join(
@@ -653,9 +668,18 @@ def _pipeline(
     }
     verdict = gate_verdict(res, gate)[1]
     step.evaluated = (
-        c.TRUE,
-        c.GATE_PASSED,
-        f"revision {rev}: {cand['name']} selected ({policy}): {verdict}",
+        (
+            c.TRUE,
+            c.SERVED_BELOW_GATE,
+            f"revision {rev}: {cand['name']} stays served but no longer passes the gate: "
+            f"{verdict}; a retraining promotes a candidate that passes it",
+        )
+        if below_gate
+        else (
+            c.TRUE,
+            c.GATE_PASSED,
+            f"revision {rev}: {cand['name']} selected ({policy}): {verdict}",
+        )
     )
 
     step.phase = PHASE_EXPORTING

@@ -503,6 +503,40 @@ def test_a_gate_edit_judges_the_trained_candidates_again_and_trains_nothing() ->
     assert [o["metadata"]["name"] for o in exports] == [n.export_job_name("weather", "big", rev)]
 
 
+def test_a_gate_raised_past_the_served_model_keeps_it_and_its_threshold() -> None:
+    """small (0.90) is served at its threshold; the engineer raises minScore to 0.92, which
+    only big (0.95) passes. The gate is not part of the revision, so nothing retrains and
+    nothing exports big: choosing big put big's threshold (0.2) on the route while Triton
+    still served small, breaking the task's precision target for good."""
+    task = make_task()
+    rev = n.revision_of(task["spec"])
+    jobs = jobs_through(task, "export")
+    big = n.finetune_job_name("weather", "big", rev)
+    assert jobs[big].result is not None
+    jobs[big] = dataclasses.replace(
+        jobs[big], result=dataclasses.replace(jobs[big].result, threshold=0.2)
+    )
+    dep = deployment(rev, "small")
+    served = plan(Observed(task, jobs, dep, NOW))
+    assert served.status["selectedModel"]["candidate"] == "small"
+    threshold = served.status["route"]["confidenceThreshold"]
+    task["status"] = json.loads(json.dumps(served.status))
+
+    task["spec"]["evaluation"]["gate"] = {"minScore": 0.92}
+    task["metadata"]["generation"] = 2
+    p = plan(Observed(task, jobs, dep, NOW + dt.timedelta(minutes=1)))
+    assert p.status["selectedModel"]["candidate"] == "small"
+    assert p.status["selectedModel"]["threshold"] == threshold != 0.2
+    assert p.status["route"]["confidenceThreshold"] == threshold
+    assert p.delete_jobs == [] and not [o for o in p.apply if o["kind"] == "Job"]
+    evaluated = c.find(p.status["conditions"], c.EVALUATED)
+    assert evaluated is not None and evaluated["reason"] == c.SERVED_BELOW_GATE
+    assert (
+        "small stays served but no longer passes the gate: score 0.900 < minScore 0.92"
+        in (evaluated["message"])
+    )
+
+
 def test_a_job_limit_edit_updates_the_revisions_jobs_in_place() -> None:
     """A fine-tune about to run out of time: the engineer raises activeDeadlineSeconds (and
     the retries). Both are mutable on a Job, so the running Jobs get them; the revision, and
