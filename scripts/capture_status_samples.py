@@ -40,9 +40,10 @@ CLAIM = "slm-work"
 Obj = dict[str, Any]
 
 
-def agenttask(name: str, candidates: list[Obj] | None = None) -> Obj:
-    """The integration tests' AgentTask (tests/integration/test_operator.py)."""
-    return {
+def agenttask(name: str, candidates: list[Obj] | None = None, **spec: Any) -> Obj:
+    """The integration tests' AgentTask (tests/integration/test_operator.py); ``spec`` adds
+    or replaces top-level spec fields."""
+    task: Obj = {
         "apiVersion": "slmfleet.dev/v1alpha1",
         "kind": "AgentTask",
         "metadata": {"name": name},
@@ -71,6 +72,8 @@ def agenttask(name: str, candidates: list[Obj] | None = None) -> Obj:
             },
         },
     }
+    task["spec"].update(spec)
+    return task
 
 
 class Run:
@@ -310,14 +313,10 @@ def capture(run: Run) -> None:
     run.until("JobFailed", lambda: run.cond("oom", "Trained").get("reason") == "JobFailed")
     run.take("job-failed", "oom", REAL + "the only fine-tune Job failed (CUDA OOM)")
 
-    c.apply(
-        agenttask(
-            "misplaced", candidates=[{"name": "small", "model": "pvc://other-claim/models/smollm2"}]
-        ),
-        ns,
-    )
+    # (A model on another PVC, the sample's first cause, is refused at admission now.)
+    c.apply(agenttask("misplaced", retraining={"schedule": "0 0 31 2 *"}), ns)
     run.until("InvalidSpec", lambda: run.cond("misplaced", "Ready").get("reason") == "InvalidSpec")
-    run.take("invalid-spec", "misplaced", REAL + "model on another PVC than storage.claimName")
+    run.take("invalid-spec", "misplaced", REAL + "a retraining schedule that never fires")
 
     run.serve("weather")
     run.take("serving-ready", "weather", REAL + "promoted, Triton replicas ready, Ready=True")

@@ -786,12 +786,10 @@ def test_invalid_combination_sets_invalid_spec_without_crash_loop(
     cluster: ClusterHandle, namespace: str, storage: str, operator: OperatorProcess
 ) -> None:
     ns = namespace
-    # Schema-valid, but trainer pods mount only storage.claimName: a model on another PVC
-    # could never be read. The operator reports it instead of creating Jobs that would fail.
-    bad = agenttask(
-        name="misplaced",
-        candidates=[{"name": "small", "model": "pvc://other-claim/models/smollm2"}],
-    )
+    # Schema-valid (the CRD's pattern takes any five cron fields), but February has no 31st:
+    # retraining would never fire. The operator reports it instead of creating Jobs for a
+    # task whose schedule it could never keep.
+    bad = agenttask(name="misplaced", retraining={"schedule": "0 0 31 2 *"})
     cluster.apply(bad, ns)
     cluster.kubectl(
         "wait", "-n", ns, "--for=condition=Ready=False", "--timeout=60s", "agenttask/misplaced"
@@ -799,7 +797,7 @@ def test_invalid_combination_sets_invalid_spec_without_crash_loop(
     task = get_task(cluster, ns, "misplaced")
     ready = condition(task, "Ready")
     assert ready["reason"] == "InvalidSpec"
-    assert "another PVC than storage.claimName slm-work" in ready["message"]
+    assert "so it never fires" in ready["message"]
     assert task["status"]["phase"] == "Failed"
     assert not jobs(cluster, ns, "misplaced")
 
@@ -810,13 +808,13 @@ def test_invalid_combination_sets_invalid_spec_without_crash_loop(
     # One Warning, which says what is wrong (not one "see Ready" per condition).
     wait_for(lambda: invalid_events(), timeout=30, what="the InvalidSpec Warning")
     (event,) = invalid_events()
-    assert "another PVC than storage.claimName slm-work" in event["message"]
+    assert "so it never fires" in event["message"]
     # The operator stays up and keeps serving other tasks.
     cluster.apply(agenttask(), ns)
     revision(cluster, ns)
     assert operator.proc is not None and operator.proc.poll() is None
     # ...and fixing the spec clears the condition.
-    bad["spec"]["candidates"][0]["model"] = "pvc://slm-work/models/smollm2"
+    bad["spec"]["retraining"]["schedule"] = "0 3 * * *"
     cluster.apply(bad, ns)
     wait_for(
         lambda: (
