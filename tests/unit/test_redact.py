@@ -1293,6 +1293,30 @@ def test_cookie_values_are_redacted_names_and_attributes_kept(redactor: Redactor
     )
 
 
+def test_a_secret_keys_value_is_redacted_as_a_number_a_passphrase_or_a_nested_value(
+    redactor: Redactor,
+) -> None:
+    """Each of these kept its secret whole: a number only met the recognizers (a PIN-like
+    password is no phone or card), a spaced passphrase is no password-like token, and
+    ``{"value": ...}`` hid the key that named it."""
+    doc = {
+        "password": 20241999,
+        "api_key": 98765432109876543210,
+        "passphrase": "correct horse battery staple",
+        "client_secret": {"value": "hunter2xyz"},
+    }
+    out = json.loads(redactor.redact_json_text(json.dumps(doc), RedactionState()))
+    assert out == {
+        "password": "<API_KEY_1>",
+        "api_key": "<API_KEY_2>",
+        "passphrase": "<API_KEY_3>",
+        "client_secret": {"value": "<API_KEY_4>"},
+    }
+    # settings about a secret keep their numbers; short spaced values are no passphrase
+    kept = {"password_min_length": 8, "max_tokens": 1_000_000, "password": "n/a y"}
+    assert json.loads(redactor.redact_json_text(json.dumps(kept), RedactionState())) == kept
+
+
 def test_secret_key_names_do_not_over_reach(redactor: Redactor) -> None:
     """Decided: a key only counts when it ends with the secret's word, so a setting about a
     secret (its rotation period, its id) and a word that merely contains one (``compass``)

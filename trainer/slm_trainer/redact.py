@@ -32,7 +32,8 @@ downloaded) and these recognizers:
 
 JSON values under a key named like a secret (``password``, ``client_secret``, ``secret_key``,
 ``AccountKey``, ``passphrase``, ``pwd``, ``Authorization``, ``Proxy-Authorization``...) are
-redacted whatever they look like, also in JSON encoded inside a string; under an authorization
+redacted whatever they look like (a number, a spaced passphrase of two to eight words, the
+``value`` of an object under such a key), also in JSON encoded inside a string; under an authorization
 key only the credential after its scheme (``Basic <API_KEY_1>``), under a ``Cookie`` key each
 cookie's value. In text, a value after a ``password``/``passwd``/``passphrase``/``pwd``/``pw``
 label and the cookie values of a ``Cookie:`` header follow the same rule; so does a password
@@ -2036,11 +2037,18 @@ class Redactor:
             for k, v in value.items():
                 new_key = self._redact_key(k, state, key)  # numbered before the value, as ever
                 context = named if named and k == "value" else str(k)
+                if _secret_key_name(key) and str(k).lower() in _GENERIC_VALUE_KEYS:
+                    context = key  # {"password": {"value": ...}}: still the password
+
                 new_value = self.redact_json_value(v, state, context, embedded)
                 out[_distinct_key(out, new_key) if new_key in out else new_key] = new_value
             return out
         if isinstance(value, (list, tuple)):  # a tuple from a Python caller, like a list
             return [self.redact_json_value(v, state, key, embedded) for v in value]
+        if isinstance(value, int | float) and not isinstance(value, bool) and _secret_key_name(key):
+            # {"password": 20241999}, {"api_key": 98765432109876543210}: a number under a
+            # secret's key is that secret, whatever the recognizers make of its digits
+            return state.placeholder(API_KEY, str(value))
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**6:
             as_text = str(value)
             redacted = self.redact_text(as_text, state, context=key)
@@ -2581,7 +2589,18 @@ def _redact_secret_value(value: str, state: RedactionState, key: str = "") -> st
     if match and _secret_value(match.group(2)):
         start, end = match.span(2)
         return value[:start] + state.placeholder(API_KEY, match.group(2)) + value[end:]
+    if not match and _PASSPHRASE_RE.fullmatch(value.strip()) and not PLACEHOLDER_RE.search(value):
+        # "correct horse battery staple": spaced, so no password-like token, but under a
+        # secret's key it is the secret all the same
+        return state.placeholder(API_KEY, value)
     return value
+
+
+#: Keys that hold "the value" of whatever their parent names (see redact_json_value).
+_GENERIC_VALUE_KEYS = frozenset({"value", "val", "current", "new", "old", "plain", "plaintext"})
+
+#: A passphrase as a JSON secret value: two to eight words, 12 to 200 characters in all.
+_PASSPHRASE_RE = re.compile(r"(?=.{12,200}$)\S+(?:\s+\S+){1,7}")
 
 
 def redact_cookie_values(value: str, state: RedactionState) -> str:
