@@ -117,6 +117,8 @@ def cpu_threads(resources: Mapping[str, Any]) -> int:
             cores = float(text[:-1]) / 1000 if text.endswith("m") else float(text)
         except ValueError:
             return 0  # the API server refuses such a quantity anyway
+        if not math.isfinite(cores):  # "1e400" matches the quantity pattern
+            return 0
         return max(1, math.ceil(cores - 1e-9)) if cores > 0 else 0
     return 0
 

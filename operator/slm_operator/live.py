@@ -67,7 +67,9 @@ def decide_replicas(
     current = max(lo, min(hi, current))
     if rate_qps is None:
         return ScaleDecision(current, "MetricsUnavailable")
-    want = math.ceil(rate_qps / target_qps - 1e-9) if rate_qps > 0 else 0
+    # bounded before ceil(): a tiny target (the CRD only asks > 0) made the ratio infinite,
+    # and int(inf) raised in every pass, freezing the task's status
+    want = math.ceil(min(rate_qps / target_qps, float(hi)) - 1e-9) if rate_qps > 0 else 0
     want = max(lo, min(hi, max(want, 1 if lo > 0 else 0)))
     if want > current:
         return ScaleDecision(min(want, current + max_step), "ScaleUp")

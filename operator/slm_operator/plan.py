@@ -948,7 +948,12 @@ def metrics_due(task: Mapping[str, Any], now: dt.datetime, min_window_s: float =
     live = (task.get("status") or {}).get("live") or {}
     last = parse_time(live.get("lastEvaluated"))
     window = judged_window(task.get("spec") or {}, min_window_s)
-    return last is None or (now - last).total_seconds() >= window - 0.05
+    if last is None:
+        return True
+    elapsed = (now - last).total_seconds()
+    # A window judged "in the future" was stamped by a leader whose clock ran ahead: waiting
+    # for it would freeze live control (fallback included) for as long as the skew.
+    return elapsed < 0 or elapsed >= window - 0.05
 
 
 def agreement_since_s(task: Mapping[str, Any], now: dt.datetime) -> float | None:
@@ -1355,7 +1360,13 @@ def plan(obs: Observed) -> Plan:
                 int(sv.get("maxReplicas", 4)),
                 max_step=int(scaling.get("maxStep", 2)),
                 cooldown_s=float(scaling.get("scaleDownCooldownSeconds", 60)),
-                seconds_since_scale=(obs.now - last_scale).total_seconds() if last_scale else None,
+                # a change stamped in the future (a leader's clock ahead) does not block
+                # scale-down for the skew: counted as long ago
+                seconds_since_scale=(
+                    (obs.now - last_scale).total_seconds()
+                    if last_scale and last_scale <= obs.now
+                    else None
+                ),
             )
             live["scaleReason"] = decision.reason
             if decision.replicas != want:

@@ -369,6 +369,7 @@ def test_triton_deployment_serves_the_revision_repository() -> None:
         ({"limits": {"cpu": 4}}, 4),
         ({"limits": {"memory": "4Gi"}}, 0),
         ({}, 0),
+        ({"limits": {"cpu": "1e400"}}, 0),  # matches the quantity pattern; raised before
     ],
 )
 def test_triton_threads_follow_the_pods_cpu_not_the_nodes(

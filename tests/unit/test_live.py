@@ -17,6 +17,7 @@ from slm_operator.live import (
     cron_fired,
     cron_matches,
     cron_problem,
+    decide_replicas,
     rollout_step,
 )
 
@@ -184,3 +185,12 @@ def test_a_fire_since_the_schedule_was_last_acted_on_is_seen_hours_later(
         return dt.datetime(2026, 11, d, h, m, s, tzinfo=dt.UTC)
 
     assert cron_fired("0 2 * * *", at(*since), at(*now)) is fired
+
+
+def test_a_tiny_qps_target_scales_to_the_maximum_instead_of_raising() -> None:
+    """targetQpsPerReplica only has to be > 0: 1e-308 made rate / target infinite, and
+    ceil() of it raised in every reconcile, freezing the task's status."""
+    decision = decide_replicas(
+        5.0, 1e-308, 1, 1, 4, max_step=10, cooldown_s=0, seconds_since_scale=None
+    )
+    assert (decision.replicas, decision.reason) == (4, "ScaleUp")

@@ -1828,6 +1828,26 @@ def test_a_candidate_artifact_on_another_claim_beside_a_served_model_keeps_live_
     assert _exports(p) == []
 
 
+def test_a_window_stamped_in_the_future_by_a_skewed_leader_does_not_freeze_live_control() -> None:
+    """A previous leader whose clock ran 10 minutes ahead stamped lastEvaluated (and
+    lastScaleTime) in the future: the next window was not due for 10 minutes, no SLO breach
+    could turn fallback on meanwhile, and scale-down waited as long."""
+    task, jobs, dep = _serving_task()
+    t = NOW + dt.timedelta(seconds=10)
+    _step(task, jobs, dep, t, HEALTHY)
+    ahead = (t + dt.timedelta(minutes=10)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    task["status"]["live"]["lastEvaluated"] = ahead
+    assert metrics_due(task, t + dt.timedelta(seconds=1))
+
+    busy = Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=35)
+    p = _step(task, jobs, dep, t + dt.timedelta(seconds=10), busy)
+    assert next(o for o in p.apply if o["kind"] == "Deployment")["spec"]["replicas"] == 3
+    task["status"]["live"]["lastScaleTime"] = ahead
+    quiet = Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=0.5)
+    p = _step(task, jobs, dep, t + dt.timedelta(seconds=20), quiet)
+    assert next(o for o in p.apply if o["kind"] == "Deployment")["spec"]["replicas"] == 1
+
+
 def test_a_window_without_ready_replicas_is_judged_once() -> None:
     """While no replica of the served model is ready, a window is still judged once: its
     time is recorded, so the reconciles within it do not ask Prometheus again."""
