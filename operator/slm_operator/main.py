@@ -308,6 +308,7 @@ async def trigger(key: Key, *, urgent: bool = False) -> None:
 async def _pass(rt: Runtime, key: Key, st: _KeyState) -> bool:
     """One reconcile of ``key``; schedules its retry when it fails retryably. True if it worked."""
     started = time.monotonic()
+    uid = rt.uids.get(key)  # the object this pass reads, as far as events have told
     try:
         plan = await asyncio.to_thread(
             rt.counted,
@@ -325,6 +326,10 @@ async def _pass(rt: Runtime, key: Key, st: _KeyState) -> bool:
     except NotLeading:
         return True  # stepped down meanwhile: the new leader reconciles it
     except TaskGone:
+        if rt.uids.get(key) != uid:
+            # Created again under its name while this pass ran (`kubectl replace --force`):
+            # the 404 was the old object's; the new one's ADDED asked for another pass.
+            return True
         # Deleted, whether or not its DELETED event comes (see TaskGone): forgotten here.
         log.debug("AgentTask %s/%s does not exist any more; forgotten", *key)
         rt.known.discard(key)

@@ -236,6 +236,40 @@ def test_a_late_deleted_event_of_the_old_object_does_not_forget_the_recreated_ta
     assert len(fake.calls) >= 5, fake.calls  # two ADDED, three resyncs, the Job event
 
 
+def test_a_404_of_the_old_object_does_not_forget_the_task_created_again_meanwhile(
+    loop: VirtualClockLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kubectl replace --force while a pass of the old object runs: its read gets a 404
+    (TaskGone), and the new object's ADDED is handled before the pass ends. The pass then
+    forgot the key, and the new task got no resync and no child events until an edit."""
+    from slm_operator.kube import TaskGone
+
+    def outcome(n: int) -> Exception | None:
+        if n == 1:  # the old object is gone; the new one is created meanwhile
+            loop.create_task(main.on_task(type="ADDED", namespace=KEY[0], name=KEY[1], uid="u2"))
+            return TaskGone(*KEY)
+        return None
+
+    fake = FakeReconcile(loop, outcome)
+    monkeypatch.setattr(main, "reconcile", fake)
+
+    async def to_thread(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            await asyncio.sleep(0)  # the thread's result comes a loop turn later
+
+    monkeypatch.setattr(asyncio, "to_thread", to_thread)
+
+    async def scenario(rt: main.Runtime) -> None:
+        await main.on_task(type="MODIFIED", namespace=KEY[0], name=KEY[1], uid="u1")
+        await asyncio.sleep(65)  # two resyncs
+        assert KEY in rt.known and rt.uids.get(KEY) == "u2"
+
+    run(loop, monkeypatch, scenario)
+    assert len(fake.calls) >= 3, fake.calls  # the new object's pass and the resyncs
+
+
 def test_a_task_gone_without_a_deleted_event_is_forgotten(
     loop: VirtualClockLoop, monkeypatch: pytest.MonkeyPatch
 ) -> None:
