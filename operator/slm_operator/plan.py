@@ -364,8 +364,12 @@ def _recorded_result(
     while the revision is exported. A result already read is not lost with it: failing the
     candidate then (ResultMissing) would throw away hours of training. Only an entry of this
     very Job (revision, candidate and Job name) stands for it; a readable result always wins.
+    The same holds when the Job itself is gone after it succeeded (deleted by hand, a TTL
+    policy): trained again, it would rewrite the candidate's output under its export.
     """
-    if view is None or view.state != SUCCEEDED or view.result is not None or view.result_error:
+    if view is not None and (
+        view.state != SUCCEEDED or view.result is not None or view.result_error
+    ):
         return view
     entry = next(
         (
@@ -373,7 +377,8 @@ def _recorded_result(
             for x in recorded
             if x.get("name") == candidate
             and x.get("revision") == rev
-            and x.get("job") == job == view.name
+            and x.get("job") == job
+            and (view is None or view.name == job)
             and x.get("state") == SUCCEEDED
         ),
         None,
@@ -396,6 +401,12 @@ def _recorded_result(
         )
     except (ContractError, TypeError):
         return view  # not a record this operator wrote: the result stays missing
+    if view is None:
+        # The Job itself is gone (deleted by hand, a TTL policy) after it succeeded: the
+        # result recorded for it stands for it, as for a pod that is gone.
+        view = JobView(
+            name=job, stage="finetune", revision=rev, candidate=candidate, state=SUCCEEDED
+        )
     return dataclasses.replace(view, result=result)
 
 
@@ -476,16 +487,19 @@ def _pipeline(
     if apply is not None and data_job is not None:
         apply.append(data_job)
     dv = jobs.get(data_name)
+    # Prepared, as the last status recorded, and its Job gone since (deleted by hand, a TTL
+    # policy): not created again. The curated data is on the claim; a rerun would rewrite
+    # it, with the calls captured since, under the fine-tunes reading it.
+    gone = dv is None and data_prepared is not None
+    if gone and apply is not None and data_job is not None:
+        apply.remove(data_job)
     if apply is not None and limit_raised(dv, task):  # (apply: this revision is trained)
         step.rerun_jobs.append(data_name)
         dv = None  # runs again: pending until the next pass creates it
     status, reason, msg = _job_outcome(dv, now)
-    read_before = (
-        data_prepared is not None
-        and dv is not None
-        and dv.state == SUCCEEDED
-        and dv.result is None
-        and not dv.result_error
+    read_before = data_prepared is not None and (
+        gone
+        or (dv is not None and dv.state == SUCCEEDED and dv.result is None and not dv.result_error)
     )
     if read_before:
         status = c.TRUE
@@ -557,9 +571,11 @@ def _pipeline(
     passing: list[tuple[Mapping[str, Any], TrainerResult]] = []
     for cand in spec["candidates"]:
         jname = n.finetune_job_name(name, cand["name"], rev)
-        if apply is not None:
-            apply.append(b.finetune_job(task, rev, cand, service_account, images))
         view = _recorded_result(jobs.get(jname), recorded, rev, cand["name"], jname)
+        # A finished fine-tune whose Job is gone (its result recorded) is not trained again:
+        # the run would rewrite the candidate's output under the export reading it.
+        if apply is not None and (jname in jobs or view is None):
+            apply.append(b.finetune_job(task, rev, cand, service_account, images))
         if apply is not None and limit_raised(view, task):
             step.rerun_jobs.append(jname)
             view = None  # runs again (from its checkpoints): pending until then

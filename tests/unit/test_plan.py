@@ -537,6 +537,37 @@ def test_a_gate_raised_past_the_served_model_keeps_it_and_its_threshold() -> Non
     )
 
 
+def test_finished_jobs_deleted_while_later_stages_run_are_not_run_again() -> None:
+    """A data-prep Job deleted (by hand, a TTL policy) while the fine-tunes run, and a
+    finished fine-tune deleted while its export runs, were created again: the data was
+    curated anew (with the calls captured since) under the fine-tunes reading it, and the
+    candidate trained again under its export. Their recorded results stand for them."""
+    task = make_task()
+    rev = n.revision_of(task["spec"])
+    jobs = jobs_through(task, "data")
+    for cand in ("small", "big"):
+        jn = n.finetune_job_name("weather", cand, rev)
+        jobs[jn] = dataclasses.replace(view(jn, "finetune", rev, RUNNING, None, cand), progress=60)
+    task["status"] = json.loads(json.dumps(plan(Observed(task, jobs, None, NOW)).status))
+    del jobs[n.data_job_name("weather", rev)]
+    p = plan(Observed(task, jobs, None, NOW + dt.timedelta(minutes=1)))
+    assert n.data_job_name("weather", rev) not in [o["metadata"]["name"] for o in p.apply]
+    assert conds(p.status)[c.DATA_READY] == (c.TRUE, c.DATA_PREPARED)
+    assert [x["progress"] for x in p.status["candidates"]] == [60, 60]
+
+    task = make_task()
+    jobs = jobs_through(task, "train")
+    export = n.export_job_name("weather", "small", rev)
+    jobs[export] = view(export, "export", rev, RUNNING, None, "small")
+    task["status"] = json.loads(json.dumps(plan(Observed(task, jobs, None, NOW)).status))
+    del jobs[n.finetune_job_name("weather", "small", rev)]
+    p = plan(Observed(task, jobs, None, NOW + dt.timedelta(minutes=1)))
+    applied = [o["metadata"]["name"] for o in p.apply]
+    assert n.finetune_job_name("weather", "small", rev) not in applied and export in applied
+    assert p.status["phase"] == "Exporting" and p.delete_jobs == []
+    assert conds(p.status)[c.TRAINED] == (c.TRUE, c.TRAINING_SUCCEEDED)
+
+
 def test_a_job_limit_edit_updates_the_revisions_jobs_in_place() -> None:
     """A fine-tune about to run out of time: the engineer raises activeDeadlineSeconds (and
     the retries). Both are mutable on a Job, so the running Jobs get them; the revision, and
