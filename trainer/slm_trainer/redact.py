@@ -33,14 +33,15 @@ downloaded) and these recognizers:
 JSON values under a key named like a secret (``password``, ``client_secret``, ``secret_key``,
 ``AccountKey``, ``passphrase``, ``pwd``, ``Authorization``, ``Proxy-Authorization``...) are
 redacted whatever they look like (a number, a spaced passphrase of two to eight words, the
-``value`` of an object under such a key), also in JSON encoded inside a string; under an authorization
-key only the credential after its scheme (``Basic <API_KEY_1>``), under a ``Cookie`` key each
-cookie's value. In text, a value after a ``password``/``passwd``/``passphrase``/``pwd``/``pw``
-label and the cookie values of a ``Cookie:`` header follow the same rule; so does a password
-stated in a sentence ("my password is hunter2xyz", "the password for the db is Kx9!mm2p", "use
-password S3cret!x", "'S3cret!x' as the password", "login with admin / P@ssw0rd"), but only one
-token holding a digit or a symbol, or letters alone when quoted or a long passphrase, since
-prose says "the password is required" far more often (:func:`stated_password`).
+``value`` of an object under such a key), also in JSON encoded inside a string; under an
+authorization key only the credential after its scheme (``Basic <API_KEY_1>``), under a
+``Cookie`` key each cookie's value. In text, a value after a
+``password``/``passwd``/``passphrase``/``pwd``/``pw`` label and the cookie values of a
+``Cookie:`` header follow the same rule; so does a password stated in a sentence ("my password
+is hunter2xyz", "the password for the db is Kx9!mm2p", "use password S3cret!x", "'S3cret!x' as
+the password", "login with admin / P@ssw0rd"), but only one token holding a digit or a symbol,
+or letters alone when quoted or a long passphrase, since prose says "the password is required"
+far more often (:func:`stated_password`).
 
 A few plausibility filters then drop the matches that most often turn out not to be PII in
 agent traffic: bare digit runs taken for phone numbers with no phone word nearby (order ids,
