@@ -208,6 +208,30 @@ def test_exact_and_near_duplicates_are_dropped(tmp_path: Path) -> None:
     assert report_off["examples"] == 13
 
 
+def test_templated_calls_that_differ_in_a_value_and_its_answer_are_all_kept(
+    tmp_path: Path,
+) -> None:
+    """The calls an agent repeats are templated: one long request in which only the order
+    id changes, and the tool call carries that id. Compared on the request alone, they were
+    near duplicates of each other: 39 of 40 dropped, and the task never reached minExamples.
+    Each is an example of filling the id; the same request answered two ways stays one."""
+    template = (
+        "You are processing a customer support ticket. The customer says the package never "
+        "arrived and asks for a refund to the original payment method; the courier left no "
+        "note and tracking has not updated for two weeks. Order id: {}."
+    )
+    calls = [
+        {**call(template.format(100000 + 7919 * i), "refund", {"order_id": 100000 + 7919 * i})}
+        for i in range(40)
+    ]
+    # the first request again, answered with another tool: a conflicting label, not an example
+    calls.append(call(template.format(100000), "escalate", {"order_id": 100000}))
+    result, report, out = curate(tmp_path, calls, min_examples=10, scrub_pii=False)
+    assert result.ok, result.message
+    assert (report["examples"], report["near_duplicates"]) == (40, 1)
+    assert len(read(out / "eval.jsonl")) == 4  # the default 10 % held out
+
+
 def test_the_same_calls_in_any_order_curate_to_the_same_files(tmp_path: Path) -> None:
     """Gateway replicas write shards whose order and contents depend on timing; a retrain on
     the same calls must see the same training set, in the same order, or its model changes

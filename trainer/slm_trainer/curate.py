@@ -11,7 +11,12 @@ repeat most. This stage, in order:
 3. drops exact duplicates (same normalised messages, tools and response; tool-call ids and
    whitespace don't count) and near duplicates (MinHash LSH over the word 3-grams of the
    conversation before the answer: user turns, earlier tool calls with their arguments and
-   tool results, not the system prompt; Jaccard >= ``near_dup_threshold``). Of identical
+   tool results, not the system prompt; Jaccard >= ``near_dup_threshold``) that the LLM
+   answered the same way, or that use the very same words (one request answered two ways:
+   one label is noise). A near duplicate with another answer (a templated request that
+   differs in an order number, in the request and the tool call's arguments alike) is an
+   example of its own: it teaches filling that slot, and an eval split of such calls tests
+   exactly that. Of identical
    calls the earliest captured is kept (timestamp, then request id); near duplicates are
    compared in the order of their content hash. So the same calls give the same output,
    byte for byte, whatever order the log holds them in: gateway replicas write shards in
@@ -572,6 +577,16 @@ def conversation_shape(record: CallRecord) -> str:
     return "|".join(shape)
 
 
+def answer_signature(record: CallRecord) -> str:
+    """A digest of the LLM's answer, normalised (no ids, no whitespace differences): two
+    near-duplicate requests are one example only when it is equal. A digest, since the
+    near-duplicate index holds one for every call kept."""
+    answer = _normal_message(record.response)
+    answer.pop("role", None)
+    blob = json.dumps(answer, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
+
+
 def shingles(text: str, n: int = 3) -> set[str]:
     """Lower-cased word n-grams (the words themselves when the text is shorter than n)."""
     words = [w.lower() for w in _WORD_RE.findall(text)]
@@ -682,12 +697,18 @@ class _NearDuplicateFilter:
         self._lsh = MinHashLSH(
             threshold=max(0.1, threshold - _LSH_MARGIN), num_perm=num_perm, weights=_LSH_WEIGHTS
         )
-        self._kept: dict[str, tuple[str, Any, array[int]]] = {}
+        self._kept: dict[str, tuple[str, str, Any, array[int]]] = {}
         self.threshold = threshold
 
-    def is_duplicate(self, key: str, text: str, group: str = "") -> bool:
-        """True if ``text`` is a near duplicate of one already kept in the same ``group``;
-        otherwise keep it."""
+    def is_duplicate(self, key: str, text: str, group: str = "", answer: str = "") -> bool:
+        """True if ``text`` is a near duplicate of a call already kept in the same ``group``
+        with the same ``answer`` (:func:`answer_signature`), or with the very same words (the
+        same request answered two ways: one label is noise); otherwise keep it.
+
+        Why the answer: compared on the request alone, calls of one long template that
+        differ in an order number, in the request and in the tool call's arguments alike,
+        were all one call: 199 of 200 dropped, and the task never reached minExamples.
+        """
         grams = shingles(text)
         if not grams:
             return False
@@ -701,20 +722,21 @@ class _NearDuplicateFilter:
         hashes = _gram_hashes(grams)
         members: set[int] | None = None
         for other in self._lsh.query(mh):
-            other_group, other_mh, other_hashes = self._kept[other]
+            other_group, other_answer, other_mh, other_hashes = self._kept[other]
             if other_group != group:
                 continue
             estimate = mh.jaccard(other_mh)
-            if estimate >= self.threshold + _EXACT_BAND:
-                return True
             if estimate < self.threshold - _EXACT_BAND:
                 continue
-            if members is None:
-                members = set(hashes)
-            if _jaccard(members, other_hashes) >= self.threshold:
+            if estimate < self.threshold + _EXACT_BAND:
+                if members is None:
+                    members = set(hashes)
+                if _jaccard(members, other_hashes) < self.threshold:
+                    continue
+            if other_answer == answer or other_hashes == hashes:
                 return True
         self._lsh.insert(key, mh)
-        self._kept[key] = (group, mh, hashes)
+        self._kept[key] = (group, answer, mh, hashes)
         return False
 
 
@@ -727,11 +749,11 @@ def distinct_count(
     """How many of ``records`` curate keeps with these settings: exact and near duplicates
     out, compared in the order of their content hash as :func:`run` compares them (without
     redaction, which only merges more)."""
-    texts: dict[str, tuple[str, str]] = {}
+    texts: dict[str, tuple[str, str, str]] = {}
     for record in records:
         key = exact_key(record)
         if key not in texts:
-            texts[key] = (dedupe_text(record), conversation_shape(record))
+            texts[key] = (dedupe_text(record), conversation_shape(record), answer_signature(record))
     if near_dup_threshold >= 1.0:
         return len(texts)
     near = _NearDuplicateFilter(near_dup_threshold, num_perm, seed)
@@ -779,6 +801,7 @@ class _Entry:
     redactions: dict[str, int]
     near_text: str
     near_group: str
+    near_answer: str
 
     def later_than(self, rank: tuple[float, str], digest: str) -> bool:
         """Whether a capture ranked ``rank`` with ``digest`` should replace this one: it is
@@ -822,6 +845,7 @@ def _entry(
         redactions=counts,
         near_text=dedupe_text(record) if near else "",
         near_group=conversation_shape(record) if near else "",
+        near_answer=answer_signature(record) if near else "",
     )
 
 
@@ -958,7 +982,9 @@ def _curate(
     kept: list[tuple[str, str, str]] = []
     for key in sorted(unique):
         entry = unique.pop(key)  # the texts go as soon as they are filtered
-        if near is not None and near.is_duplicate(key, entry.near_text, entry.near_group):
+        if near is not None and near.is_duplicate(
+            key, entry.near_text, entry.near_group, entry.near_answer
+        ):
             near_dupes += 1
             continue
         kept.append((entry.stratum, key, entry.line))
