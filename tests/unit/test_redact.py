@@ -1317,6 +1317,36 @@ def test_a_secret_keys_value_is_redacted_as_a_number_a_passphrase_or_a_nested_va
     assert json.loads(redactor.redact_json_text(json.dumps(kept), RedactionState())) == kept
 
 
+def test_ids_timestamps_and_versions_under_their_keys_are_not_pii(redactor: Redactor) -> None:
+    """Each of these was rewritten as PII, and a JSON integer became a string, so the tool
+    call no longer matched its schema: a four-part version read as an IP address, a 16-digit
+    order id or a microsecond timestamp that passes Luhn (one in ten) read as a card, a
+    10-digit contact id read as a phone because "contact" is a phone word. The key decides
+    for a value that is the number alone; a card or phone inside a sentence is still found."""
+    kept = {
+        "version": "10.2.1.3",
+        "app_version": "2.4.1.0",
+        "firmware": "4.1.0.12",
+        "order_id": 4111111111111111,
+        "created_us": 1717171717171717,
+        "contactId": 4155550132,
+    }
+    assert json.loads(redactor.redact_json_text(json.dumps(kept), RedactionState())) == kept
+    found = {
+        "server_ip": "10.2.1.3",
+        "card_number": 4111111111111111,
+        "contact_phone": 4155550132,
+        "payment_id": "card 4111 1111 1111 1111",
+    }
+    out = json.loads(redactor.redact_json_text(json.dumps(found), RedactionState()))
+    assert out == {
+        "server_ip": "<IP_ADDRESS_1>",
+        "card_number": "<CREDIT_CARD_1>",
+        "contact_phone": "<PHONE_NUMBER_1>",
+        "payment_id": "card <CREDIT_CARD_1>",
+    }
+
+
 def test_secret_key_names_do_not_over_reach(redactor: Redactor) -> None:
     """Decided: a key only counts when it ends with the secret's word, so a setting about a
     secret (its rotation period, its id) and a word that merely contains one (``compass``)

@@ -48,7 +48,9 @@ agent traffic: bare digit runs taken for phone numbers with no phone word nearby
 timestamps), numbers glued to identifiers (``INV-2024-000123``) and four-part version numbers
 read as IPv4 addresses (``version 10.2.1.3``), and ``user@host`` that is a URL's user and
 host (``ftp://anonymous@ftp.example.org``) or an scp-style remote (``git@github.com:org/r.git``)
-rather than a mailbox.
+rather than a mailbox. A JSON value that is a number alone is judged by its key too: a card or
+phone number under an identifier's or a time's key (``order_id``, ``created_us``,
+``contactId``) and a four-part version under a version's key (``app_version``) are kept.
 
 Replacement is consistent within one record: the same value always becomes the same
 placeholder (``<EMAIL_ADDRESS_1>``), a second distinct value gets the next number
@@ -1778,10 +1780,34 @@ def possible_kinds(text: str, kinds: Sequence[str] = KINDS) -> tuple[str, ...]:
     return tuple(k for k in kinds if possible(k))
 
 
+#: Words of a JSON key whose number is an identifier, a time or a version, not a card or a
+#: phone number ("order_id", "created_us", "contactId", "app_version").
+_ID_KEY_RE = re.compile(
+    r"\b(?:id|ids|uuid|seq|sequence|idx|index|timestamp|ts|epoch|created|updated|modified"
+    r"|us|ms|ns)\b",
+    re.IGNORECASE,
+)
+_CARD_KEY_RE = re.compile(r"\b(?:card|cc|pan|credit|debit)", re.IGNORECASE)
+_PHONE_KEY_RE = re.compile(r"\b(?:phone|tel|telephone|mobile|cell|fax|msisdn)", re.IGNORECASE)
+_VERSION_KEY_RE = re.compile(
+    r"\b(?:v|version|ver|build|release|firmware|fw|revision|rev)\b", re.IGNORECASE
+)
+
+
+def _key_words(context: str) -> str:
+    """A JSON key as words: "customer_phone", "contactId" -> "customer phone", "contact Id"."""
+    return re.sub(r"[_\W]+", " ", re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", context))
+
+
 def _refine(span: Span, text: str, context: str) -> Span | None:
     """Trim or drop the look-alikes common in agent traffic (see the module docstring)."""
     before = text[max(0, span.start - 40) : span.start]
     after = text[span.end : span.end + 2]
+    key_words = _key_words(context)
+    whole = span.start == 0 and span.end == len(text)  # the JSON value is this number alone
+    if span.kind == CREDIT_CARD and whole and _ID_KEY_RE.search(key_words):
+        # a 16-digit order id or a microsecond timestamp passes Luhn one time in ten
+        return span if _CARD_KEY_RE.search(key_words) else None
     if span.kind == EMAIL_ADDRESS:
         # RFC 5322 allows "=" in the local part, so "user=jane@x.io" in a log line matches
         # whole; no real mailbox uses "=", the key does.
@@ -1805,7 +1831,8 @@ def _refine(span: Span, text: str, context: str) -> Span | None:
         ):
             return None  # "126.0.6478.127", "13.4050": versions and coordinates
         bare = re.fullmatch(r"\d+", span.value) is not None
-        key_words = re.sub(r"[_\W]+", " ", context)  # "customer_phone" -> "customer phone"
+        if bare and whole and _ID_KEY_RE.search(key_words) and not _PHONE_KEY_RE.search(key_words):
+            return None  # "contact_id": an identifier, whatever "contact" suggests
         if bare and not _PHONE_CONTEXT_RE.search(before + " " + key_words):
             return None
         return span
@@ -1814,7 +1841,11 @@ def _refine(span: Span, text: str, context: str) -> Span | None:
         value = span.value.rstrip(".,:")
         return dataclasses.replace(span, end=span.start + len(value), value=value)
     if span.kind == IP_ADDRESS and "." in span.value and ":" not in span.value:
-        return None if _VERSION_CONTEXT_RE.search(before) else span
+        # "version 10.2.1.3" in text, {"app_version": "10.2.1.3"} in JSON
+        versioned = _VERSION_CONTEXT_RE.search(before) or (
+            whole and _VERSION_KEY_RE.search(key_words)
+        )
+        return None if versioned else span
     return span
 
 
