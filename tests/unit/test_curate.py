@@ -623,6 +623,9 @@ def test_directory_of_shards_and_task_filter(tmp_path: Path) -> None:
     assert report["other_task"] == 1
     assert report["examples"] == 12
     assert [Path(f).name for f in report["files"]] == ["000.jsonl", "001.jsonl"]
+    # the records left to other tasks are in the message too: "0 examples from 30 records,
+    # 0 malformed, 0 duplicates" said nothing of where they went
+    assert "1 of other tasks (--task assistant)" in result.message
 
 
 def test_a_shard_whose_name_is_not_utf8_is_named_with_an_escape(tmp_path: Path) -> None:

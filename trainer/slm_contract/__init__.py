@@ -321,8 +321,10 @@ class CallRecord:
 
     ``messages`` and ``tools`` are the OpenAI chat-completions request fields; ``response`` is
     the assistant message that was returned (``content`` and/or ``tool_calls``). ``backend`` is
-    ``slm`` or ``llm``. Secrets never appear: the gateway drops auth headers and redacts PII
-    before writing.
+    ``slm`` or ``llm``. The gateway drops auth headers and redacts PII and secrets in the
+    messages and the response before writing; ``tools`` (the agent's own tool schemas, which
+    a model must see verbatim to call them) are written as sent, so an agent must not put a
+    secret in a tool's description or defaults.
     """
 
     task: str

@@ -1044,7 +1044,8 @@ def _curate(
     summary = (
         f"{len(kept)} examples ({len(train)} train / {len(evals)} eval, {len(per_stratum)} strata) "
         f"from {report['read']} records: {report['malformed_total']} malformed, "
-        f"{exact_dupes} exact and {near_dupes} near duplicates dropped, "
+        + (f"{stats.other_task} of other tasks (--task {args.task}), " if stats.other_task else "")
+        + f"{exact_dupes} exact and {near_dupes} near duplicates dropped, "
         f"{sum(redactions.values())} redactions"
         + (
             f", {len(sample.beyond)} distinct calls beyond max_examples {args.max_examples} "
