@@ -11,7 +11,8 @@ The served contract, the same for every task:
 - input ``REQUEST`` (BYTES, ``[1]`` per batch item): an OpenAI chat-completions body as JSON
   (``messages`` and optional ``tools``);
 - output ``RESPONSE`` (BYTES): the assistant message as JSON (``content`` or ``tool_calls``,
-  plus ``finish_reason``; ``{"defer": true, ...}`` when a selector hands the call back);
+  plus ``finish_reason``; ``{"defer": true, ...}`` when a selector hands the call back, or
+  when the chat template cannot render the conversation);
 - output ``CONFIDENCE`` (FP32): in [0, 1]; the gateway falls back to the LLM below the
   AgentTask's threshold. 0 for an answer cut at ``max_new_tokens``, a tool call that breaks
   the trained format, and (``selector+generative``) an answer other than the selector's

@@ -161,15 +161,27 @@ class TritonPythonModel:
                     continue
                 selected[i] = (label, conf)
             to_generate.append(i)
-        if to_generate:
-            prompts = [
-                chatformat.render(self.tokenizer, rows[i][0], rows[i][1], self.tools_in_template)
-                for i in to_generate
-            ]
+        prompts: list[str] = []
+        rendered: list[int] = []
+        for i in to_generate:
+            try:
+                prompts.append(
+                    chatformat.render(
+                        self.tokenizer, rows[i][0], rows[i][1], self.tools_in_template
+                    )
+                )
+                rendered.append(i)
+            except Exception:
+                # A conversation the chat template rejects (two user turns in a row, for a
+                # template that wants them alternating) goes back to the LLM, as evaluation
+                # counted it: a deferral. Answered as an error, the gateway took it for the
+                # SLM failing (its circuit breaker, the task's error rate).
+                results[i] = (selector_answer(None, 0.0, self.task_type), 0.0)
+        if rendered:
             answers = runtime.generate(
                 self.model, self.tokenizer, prompts, self.max_new_tokens, self.batch_size
             )
-            for i, ans in zip(to_generate, answers, strict=True):
+            for i, ans in zip(rendered, answers, strict=True):
                 tools_offered = bool(rows[i][1]) or self.task_type == "tool-call"
                 message = chatformat.parse_answer(ans.text, tools_offered)
                 message["finish_reason"] = ans.finish_reason
