@@ -7,13 +7,16 @@ in its own stub process, so it imports only its sibling files (``chatformat.py``
 
 - ``artifacts``: folder (relative to this file) with the tokenizer and the adapter or the
   merged weights; ``base_model``: base model path or hub id for an adapter;
-- ``kind``: ``generative``, ``selector`` or ``selector+generative``;
-- ``max_new_tokens``, ``tools_in_template``, optional ``cpu_threads``.
+- ``kind``: ``generative``, ``selector`` or ``selector+generative``; ``selector``: the
+  selector's folder; ``task_type``;
+- ``max_new_tokens``, ``tools_in_template``, optional ``cpu_threads``; ``threshold`` is
+  written for people reading the repository (the gateway applies the task's own).
 
 One ``execute`` call answers every row of every request it is given in one padded batch
-(dynamic batching gathers them). A request that is not a valid chat-completions JSON, that
-the model fails on, or whose answer cannot be written out, gets a Triton error of its own;
-the other requests of the batch are still answered.
+(dynamic batching gathers them). A conversation the chat template cannot render is deferred
+(confidence 0), as evaluation counts it. A request that is not a valid chat-completions JSON,
+that the model fails on, or whose answer cannot be written out, gets a Triton error of its
+own; the other requests of the batch are still answered.
 """
 
 from __future__ import annotations

@@ -33,9 +33,11 @@ def served_confidence(value: float) -> float:
     and the threshold is picked among the confidences of the held-out calls. Computed in
     64 bits there and sent in 32 here, a confidence could land just below the very threshold
     that was picked on it (0.9999996 becomes 0.99999958), and calls the evaluation counted
-    as answered would go to the LLM. Rounding at the source gives both sides the same value.
-    It stays below 1.0, the threshold of a candidate that must answer nothing: a model sure to
-    the last bit would otherwise be served there.
+    as answered would go to the LLM. Rounding at the source gives both sides the same
+    rounding. (The value itself may still move in its last digits with which calls share a
+    padded batch, in evaluation and in serving alike: a call exactly at the threshold can
+    land on either side of it.) It stays below 1.0, the threshold of a candidate that must
+    answer nothing: a model sure to the last bit would otherwise be served there.
     """
     return min(struct.unpack("f", struct.pack("f", value))[0], BELOW_ONE)
 
