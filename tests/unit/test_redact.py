@@ -1312,8 +1312,19 @@ def test_a_secret_keys_value_is_redacted_as_a_number_a_passphrase_or_a_nested_va
         "passphrase": "<API_KEY_3>",
         "client_secret": {"value": "<API_KEY_4>"},
     }
-    # settings about a secret keep their numbers; short spaced values are no passphrase
-    kept = {"password_min_length": 8, "max_tokens": 1_000_000, "password": "n/a y"}
+    # settings about a secret keep their numbers; short spaced values are no passphrase; a
+    # token's or an auth setting's number or prose is a setting (a page token, "not
+    # required"), and a JSON integer must stay one for the tool call's schema
+    kept = {
+        "password_min_length": 8,
+        "max_tokens": 1_000_000,
+        "password": "n/a y",
+        "page_token": 2,
+        "next_page_token": 100,
+        "tests_pass": 10,
+        "auth": "not required for this call",
+        "token": "see the docs page",
+    }
     assert json.loads(redactor.redact_json_text(json.dumps(kept), RedactionState())) == kept
 
 
@@ -1332,18 +1343,31 @@ def test_ids_timestamps_and_versions_under_their_keys_are_not_pii(redactor: Reda
         "contactId": 4155550132,
     }
     assert json.loads(redactor.redact_json_text(json.dumps(kept), RedactionState())) == kept
+    # a string is judged as before, whatever its key; an integer under a key that also speaks
+    # of payment or calls is a card or a phone; a host under a key that merely starts with a
+    # version word is an address
     found = {
         "server_ip": "10.2.1.3",
+        "build_server": "203.0.113.9",
         "card_number": 4111111111111111,
+        "payment_method_id": 5500000000000004,
+        "account_id": "4012-8888-8888-1881",
         "contact_phone": 4155550132,
-        "payment_id": "card 4111 1111 1111 1111",
+        "caller_id": 4155550100,
+        "contact_us": "4155550101",
+        "payment_id": "card 4242 4242 4242 4242",
     }
     out = json.loads(redactor.redact_json_text(json.dumps(found), RedactionState()))
-    assert out == {
-        "server_ip": "<IP_ADDRESS_1>",
-        "card_number": "<CREDIT_CARD_1>",
-        "contact_phone": "<PHONE_NUMBER_1>",
-        "payment_id": "card <CREDIT_CARD_1>",
+    assert {k: v.split("_")[0] for k, v in out.items()} == {
+        "server_ip": "<IP",
+        "build_server": "<IP",
+        "card_number": "<CREDIT",
+        "payment_method_id": "<CREDIT",
+        "account_id": "<CREDIT",
+        "contact_phone": "<PHONE",
+        "caller_id": "<PHONE",
+        "contact_us": "<PHONE",
+        "payment_id": "card <CREDIT",
     }
 
 

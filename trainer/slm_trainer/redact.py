@@ -32,8 +32,9 @@ downloaded) and these recognizers:
 
 JSON values under a key named like a secret (``password``, ``client_secret``, ``secret_key``,
 ``AccountKey``, ``passphrase``, ``pwd``, ``Authorization``, ``Proxy-Authorization``...) are
-redacted whatever they look like (a number, a spaced passphrase of two to eight words, the
-``value`` of an object under such a key), also in JSON encoded inside a string; under an
+redacted whatever they look like (the ``value`` of an object under such a key too; and
+under a password's, a PIN's, a secret's or an API key's, a number or a spaced passphrase of
+two to eight words), also in JSON encoded inside a string; under an
 authorization key only the credential after its scheme (``Basic <API_KEY_1>``), under a
 ``Cookie`` key each cookie's value. In text, a value after a
 ``password``/``passwd``/``passphrase``/``pwd``/``pw`` label and the cookie values of a
@@ -48,9 +49,11 @@ agent traffic: bare digit runs taken for phone numbers with no phone word nearby
 timestamps), numbers glued to identifiers (``INV-2024-000123``) and four-part version numbers
 read as IPv4 addresses (``version 10.2.1.3``), and ``user@host`` that is a URL's user and
 host (``ftp://anonymous@ftp.example.org``) or an scp-style remote (``git@github.com:org/r.git``)
-rather than a mailbox. A JSON value that is a number alone is judged by its key too: a card or
-phone number under an identifier's or a time's key (``order_id``, ``created_us``,
-``contactId``) and a four-part version under a version's key (``app_version``) are kept.
+rather than a mailbox. A JSON integer is judged by its key too: under an identifier's or a
+time's key (``order_id``, ``created_us``, ``contactId``) it is no card or phone number,
+unless the key also speaks of payment or calls (``payment_method_id``, ``caller_id``); and a
+four-part version under a key whose last word names a version (``app_version``,
+``firmware``) is no IP address.
 
 Replacement is consistent within one record: the same value always becomes the same
 placeholder (``<EMAIL_ADDRESS_1>``), a second distinct value gets the next number
@@ -1780,18 +1783,29 @@ def possible_kinds(text: str, kinds: Sequence[str] = KINDS) -> tuple[str, ...]:
     return tuple(k for k in kinds if possible(k))
 
 
-#: Words of a JSON key whose number is an identifier, a time or a version, not a card or a
-#: phone number ("order_id", "created_us", "contactId", "app_version").
-_ID_KEY_RE = re.compile(
-    r"\b(?:id|ids|uuid|seq|sequence|idx|index|timestamp|ts|epoch|created|updated|modified"
-    r"|us|ms|ns)\b",
+#: Words of a JSON key whose integer is an identifier ("order_id", "contactId"), and those
+#: whose integer is a time ("created_us", "updated_at_ms"): no card or phone number, unless
+#: the key also speaks of payment or of calls (``_PAYMENT_KEY_RE``, ``_PHONE_KEY_RE``).
+_ID_KEY_RE = re.compile(r"\b(?:id|ids|uuid|seq|sequence|idx|index)\b", re.IGNORECASE)
+_TIME_KEY_RE = re.compile(
+    r"\b(?:timestamp|ts|epoch|created|updated|modified|us|ms|ns)\b", re.IGNORECASE
+)
+_PAYMENT_KEY_RE = re.compile(
+    r"\b(?:card|cc|pan|credit|debit|payment|pay|account|billing|method|wallet)", re.IGNORECASE
+)
+_PHONE_KEY_RE = re.compile(
+    r"\b(?:phone|tel|telephone|mobile|cell|fax|msisdn|call|caller|callee|whatsapp|sms|dial)",
     re.IGNORECASE,
 )
-_CARD_KEY_RE = re.compile(r"\b(?:card|cc|pan|credit|debit)", re.IGNORECASE)
-_PHONE_KEY_RE = re.compile(r"\b(?:phone|tel|telephone|mobile|cell|fax|msisdn)", re.IGNORECASE)
+#: A key that names a version by its last word ("app_version", "firmware"): its four-part
+#: value is no IP address. "build_server" or "fw_ip" name a host.
 _VERSION_KEY_RE = re.compile(
-    r"\b(?:v|version|ver|build|release|firmware|fw|revision|rev)\b", re.IGNORECASE
+    r"\b(?:v|version|ver|build|release|firmware|fw|revision|rev)$", re.IGNORECASE
 )
+
+
+#: Marks the context (JSON key) of a JSON integer redacted as text (see _refine).
+_INT_CONTEXT = "\x00int\x00"
 
 
 def _key_words(context: str) -> str:
@@ -1803,11 +1817,16 @@ def _refine(span: Span, text: str, context: str) -> Span | None:
     """Trim or drop the look-alikes common in agent traffic (see the module docstring)."""
     before = text[max(0, span.start - 40) : span.start]
     after = text[span.end : span.end + 2]
-    key_words = _key_words(context)
-    whole = span.start == 0 and span.end == len(text)  # the JSON value is this number alone
-    if span.kind == CREDIT_CARD and whole and _ID_KEY_RE.search(key_words):
-        # a 16-digit order id or a microsecond timestamp passes Luhn one time in ten
-        return span if _CARD_KEY_RE.search(key_words) else None
+    # a JSON integer alone (redact_json_value marks its key): the key says what it is
+    number = context.startswith(_INT_CONTEXT) and span.start == 0 and span.end == len(text)
+    key_words = _key_words(context.removeprefix(_INT_CONTEXT)).strip()
+    if (  # a 16-digit order id or a microsecond timestamp passes Luhn one time in ten
+        span.kind == CREDIT_CARD
+        and number
+        and not _PAYMENT_KEY_RE.search(key_words)
+        and (_ID_KEY_RE.search(key_words) or _TIME_KEY_RE.search(key_words))
+    ):
+        return None
     if span.kind == EMAIL_ADDRESS:
         # RFC 5322 allows "=" in the local part, so "user=jane@x.io" in a log line matches
         # whole; no real mailbox uses "=", the key does.
@@ -1831,7 +1850,7 @@ def _refine(span: Span, text: str, context: str) -> Span | None:
         ):
             return None  # "126.0.6478.127", "13.4050": versions and coordinates
         bare = re.fullmatch(r"\d+", span.value) is not None
-        if bare and whole and _ID_KEY_RE.search(key_words) and not _PHONE_KEY_RE.search(key_words):
+        if number and _ID_KEY_RE.search(key_words) and not _PHONE_KEY_RE.search(key_words):
             return None  # "contact_id": an identifier, whatever "contact" suggests
         if bare and not _PHONE_CONTEXT_RE.search(before + " " + key_words):
             return None
@@ -1842,6 +1861,7 @@ def _refine(span: Span, text: str, context: str) -> Span | None:
         return dataclasses.replace(span, end=span.start + len(value), value=value)
     if span.kind == IP_ADDRESS and "." in span.value and ":" not in span.value:
         # "version 10.2.1.3" in text, {"app_version": "10.2.1.3"} in JSON
+        whole = span.start == 0 and span.end == len(text)
         versioned = _VERSION_CONTEXT_RE.search(before) or (
             whole and _VERSION_KEY_RE.search(key_words)
         )
@@ -2077,13 +2097,13 @@ class Redactor:
             return out
         if isinstance(value, (list, tuple)):  # a tuple from a Python caller, like a list
             return [self.redact_json_value(v, state, key, embedded) for v in value]
-        if isinstance(value, int | float) and not isinstance(value, bool) and _secret_key_name(key):
+        if isinstance(value, int | float) and not isinstance(value, bool) and _password_key(key):
             # {"password": 20241999}, {"api_key": 98765432109876543210}: a number under a
             # secret's key is that secret, whatever the recognizers make of its digits
             return state.placeholder(API_KEY, str(value))
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**6:
             as_text = str(value)
-            redacted = self.redact_text(as_text, state, context=key)
+            redacted = self.redact_text(as_text, state, context=_INT_CONTEXT + key)
             return value if redacted == as_text else redacted
         return value
 
@@ -2621,11 +2641,30 @@ def _redact_secret_value(value: str, state: RedactionState, key: str = "") -> st
     if match and _secret_value(match.group(2)):
         start, end = match.span(2)
         return value[:start] + state.placeholder(API_KEY, match.group(2)) + value[end:]
-    if not match and _PASSPHRASE_RE.fullmatch(value.strip()) and not PLACEHOLDER_RE.search(value):
+    if (
+        not match
+        and _password_key(key)
+        and _PASSPHRASE_RE.fullmatch(value.strip())
+        and not PLACEHOLDER_RE.search(value)
+    ):
         # "correct horse battery staple": spaced, so no password-like token, but under a
         # secret's key it is the secret all the same
         return state.placeholder(API_KEY, value)
     return value
+
+
+#: A secret's key whose value is that secret also as a number or a spaced phrase: a
+#: password, a PIN, an API key. Not "token" or "auth" ({"page_token": 2}, {"auth": "not
+#: required"}), whose numbers and prose are settings, not secrets.
+_PASSWORD_KEY_RE = re.compile(
+    r"(?:^|[_\W])(?:password|passwd|passphrase|passcode|pin|secret|apikey|api[_-]?key|otp)$"
+    r"|^(?:password|passwd|passphrase|passcode|pin|secret|apikey|otp)$",
+    re.IGNORECASE,
+)
+
+
+def _password_key(key: str) -> bool:
+    return _PASSWORD_KEY_RE.search(key) is not None
 
 
 #: Keys that hold "the value" of whatever their parent names (see redact_json_value).
