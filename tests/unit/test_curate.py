@@ -232,6 +232,27 @@ def test_templated_calls_that_differ_in_a_value_and_its_answer_are_all_kept(
     assert len(read(out / "eval.jsonl")) == 4  # the default 10 % held out
 
 
+def test_near_identical_requests_answered_in_prose_stay_one_example(tmp_path: Path) -> None:
+    """A model learns nothing from two phrasings of one answer: near-identical requests that
+    the LLM answered in words are still one example, whatever the words (only tool calls and
+    JSON answers make a variant an example of its own)."""
+    complaint = (
+        "I ordered a blue kettle three weeks ago and it still has not arrived, the tracking page "
+        "has said in transit for ten days and nobody answers the phone at the depot, the seller "
+        "told me to wait another week but my mother needs it for her birthday on the weekend "
+        "and I am running out of patience with the whole thing, what should I do {}"
+    )
+    replies = {"now": "We will check.", "today": "Let me look.", "please": "We are on it."}
+    calls = [
+        call(complaint.format(word), content=f"Sorry about the delay. {reply}")
+        for word, reply in replies.items()
+    ]
+    calls += tool_calls(12, 0, 0)
+    result, report, _ = curate(tmp_path, calls, min_examples=5, scrub_pii=False)
+    assert result.ok, result.message
+    assert report["near_duplicates"] == 2 and report["examples"] == 13
+
+
 def test_the_same_calls_in_any_order_curate_to_the_same_files(tmp_path: Path) -> None:
     """Gateway replicas write shards whose order and contents depend on timing; a retrain on
     the same calls must see the same training set, in the same order, or its model changes

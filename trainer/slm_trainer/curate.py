@@ -12,11 +12,11 @@ repeat most. This stage, in order:
    whitespace don't count) and near duplicates (MinHash LSH over the word 3-grams of the
    conversation before the answer: user turns, earlier tool calls with their arguments and
    tool results, not the system prompt; Jaccard >= ``near_dup_threshold``) that the LLM
-   answered the same way, or that use the very same words (one request answered two ways:
-   one label is noise). A near duplicate with another answer (a templated request that
-   differs in an order number, in the request and the tool call's arguments alike) is an
-   example of its own: it teaches filling that slot, and an eval split of such calls tests
-   exactly that. Of identical
+   answered with the same tool calls or JSON (any text answer counts as the same), or that
+   use the very same words (one request answered two ways: one label is noise). A near
+   duplicate with another structured answer (a templated request that differs in an order
+   number, in the request and the tool call's arguments alike) is an example of its own: it
+   teaches filling that slot, and an eval split of such calls tests exactly that. Of identical
    calls the earliest captured is kept (timestamp, then request id); near duplicates are
    compared in the order of their content hash. So the same calls give the same output,
    byte for byte, whatever order the log holds them in: gateway replicas write shards in
@@ -86,7 +86,8 @@ class Args:
         default=0.9,
         metadata={
             "help": "Jaccard similarity of conversations (user turns, earlier tool calls and "
-            "results) above which a record is a near duplicate; 1.0 turns it off"
+            "results) above which a record answered with the same tool calls or JSON (or any "
+            "text) is a near duplicate; 1.0 turns it off"
         },
     )
     eval_fraction: float = field(default=0.1, metadata={"help": "share of each stratum for eval"})
@@ -578,11 +579,22 @@ def conversation_shape(record: CallRecord) -> str:
 
 
 def answer_signature(record: CallRecord) -> str:
-    """A digest of the LLM's answer, normalised (no ids, no whitespace differences): two
-    near-duplicate requests are one example only when it is equal. A digest, since the
+    """A digest of the LLM's structured answer, normalised (no ids, no whitespace): tool
+    calls, or content that is a JSON object or array. Two near-duplicate requests are one
+    example only when it is equal. Empty for text (prose, a label): near-identical requests
+    answered in words are one example whatever the words, as a model learns nothing from two
+    phrasings of one answer, and two labels of one request are noise. A digest, since the
     near-duplicate index holds one for every call kept."""
     answer = _normal_message(record.response)
     answer.pop("role", None)
+    if not answer.get("tool_calls"):
+        content = str(answer.get("content") or "").strip()
+        if not content.startswith(("{", "[")):
+            return ""
+        try:
+            json.loads(content)
+        except ValueError:
+            return ""
     blob = json.dumps(answer, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
 
