@@ -439,13 +439,9 @@ def test_a_base_model_path_that_does_not_exist_is_reported_not_retried(tmp_path:
         assert "does not exist" in result.message
 
 
-@pytest.mark.parametrize("name", ["selector.json", "manifest.json"])
-@pytest.mark.parametrize("content", ['{"threshold": 0.', "[1, 2]"])
-def test_export_of_a_torn_description_names_the_file(
-    tmp_path: Path, name: str, content: str
-) -> None:
-    """A selector.json or manifest.json cut short by a killed writer (or not an object)
-    crashed export with a JSONDecodeError (exit 1, retried in vain)."""
+def _export_of_one_file(tmp_path: Path, name: str, content: str) -> tuple[TrainerResult, Path]:
+    """Export a candidate folder holding only ``name`` (``content``): its reported result, which
+    must be a reported failure (exit 3), and the folder."""
     cand = tmp_path / "cand"
     cand.mkdir()
     (cand / name).write_text(content)
@@ -460,7 +456,17 @@ def test_export_of_a_torn_description_names_the_file(
         f"--result-path={result_path}",
     ]
     assert cli.main(argv) == cli.EXIT_REPORTED
-    result = TrainerResult.from_json(result_path.read_text())
+    return TrainerResult.from_json(result_path.read_text()), cand
+
+
+@pytest.mark.parametrize("name", ["selector.json", "manifest.json"])
+@pytest.mark.parametrize("content", ['{"threshold": 0.', "[1, 2]"])
+def test_export_of_a_torn_description_names_the_file(
+    tmp_path: Path, name: str, content: str
+) -> None:
+    """A selector.json or manifest.json cut short by a killed writer (or not an object)
+    crashed export with a JSONDecodeError (exit 1, retried in vain)."""
+    result, cand = _export_of_one_file(tmp_path, name, content)
     assert not result.ok and str(cand / name) in result.message
     assert ("not valid JSON" if content.startswith("{") else "not a JSON object") in result.message
     assert not (tmp_path / "repo").exists()
@@ -475,21 +481,7 @@ def test_export_refuses_a_selector_manifest_it_cannot_serve(
 ) -> None:
     """A selector.json that is a JSON object but no selector manifest was exported as is, and
     failed only when Triton loaded the model: a revision that never became ready."""
-    cand = tmp_path / "cand"
-    cand.mkdir()
-    (cand / "selector.json").write_text(content)
-    result_path = tmp_path / "result.json"
-    argv = [
-        "export",
-        "--candidate=c",
-        "--model=m",
-        f"--candidate-dir={cand}",
-        f"--output={tmp_path / 'repo'}",
-        "--model-name=weather",
-        f"--result-path={result_path}",
-    ]
-    assert cli.main(argv) == cli.EXIT_REPORTED
-    result = TrainerResult.from_json(result_path.read_text())
+    result, cand = _export_of_one_file(tmp_path, "selector.json", content)
     assert not result.ok and str(cand / "selector.json") in result.message
     assert said in result.message and "slmfleet.dev/selector/v1" in result.message
     assert not (tmp_path / "repo").exists()
