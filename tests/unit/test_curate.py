@@ -17,7 +17,15 @@ from fsspec.registry import known_implementations
 from fsspec.spec import AbstractFileSystem
 
 from slm_contract import CallRecord, TrainerResult
-from slm_trainer.curate import Args, assign_split, exact_key, run, shingles, stratum
+from slm_trainer.curate import (
+    Args,
+    assign_split,
+    distinct_count,
+    exact_key,
+    run,
+    shingles,
+    stratum,
+)
 
 CITIES = [
     "Paris",
@@ -230,6 +238,30 @@ def test_templated_calls_that_differ_in_a_value_and_its_answer_are_all_kept(
     assert result.ok, result.message
     assert (report["examples"], report["near_duplicates"]) == (40, 1)
     assert len(read(out / "eval.jsonl")) == 4  # the default 10 % held out
+
+
+def test_a_tool_calls_lead_in_line_or_a_deep_answer_does_not_make_an_example_of_its_own(
+    tmp_path: Path,
+) -> None:
+    """The same tool call with another lead-in line ("One moment.") is the same answer; an
+    answer of brackets nested thousands deep is text, not a crash of discover."""
+    long = (
+        "Please look up the weather for the city of Oslo for the third day of the coming week, "
+        "I need it for planning a trip with my family and we want to know if it will rain or "
+        "not during the afternoon when we plan to walk around the old town and the harbour {}"
+    )
+    calls = []
+    for word, lead in (("now", "Let me check."), ("today", "One moment."), ("please", "")):
+        c = call(long.format(word), "get_weather", {"city": "Oslo", "day": 3})
+        c["response"]["content"] = lead
+        calls.append(c)
+    deep = call("answer with nested brackets", content="[" * 5000 + "]" * 5000)
+    calls += [deep, *tool_calls(12, 0, 0)]
+    result, report, _ = curate(tmp_path, calls, min_examples=5, scrub_pii=False)
+    assert result.ok, result.message
+    assert report["near_duplicates"] == 2 and report["examples"] == 14
+    records = [CallRecord.from_json(json.dumps(c)) for c in calls]
+    assert distinct_count(records) == 14
 
 
 def test_near_identical_requests_answered_in_prose_stay_one_example(tmp_path: Path) -> None:

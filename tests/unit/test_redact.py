@@ -1312,6 +1312,16 @@ def test_a_secret_keys_value_is_redacted_as_a_number_a_passphrase_or_a_nested_va
         "passphrase": "<API_KEY_3>",
         "client_secret": {"value": "<API_KEY_4>"},
     }
+    # the key's last word decides, camelCase too; a PIN or a one-time code is short
+    more = {
+        "userPassword": 20241999,
+        "newPassword": "correct horse battery staple",
+        "stripeApiKey": 12345678,
+        "card_pin": "4821",
+        "otp": "123456",
+    }
+    out = json.loads(redactor.redact_json_text(json.dumps(more), RedactionState()))
+    assert all(v.startswith("<API_KEY_") for v in out.values()), out
     # settings about a secret keep their numbers; short spaced values are no passphrase; a
     # token's or an auth setting's number or prose is a setting (a page token, "not
     # required"), and a JSON integer must stay one for the tool call's schema
@@ -1324,6 +1334,9 @@ def test_a_secret_keys_value_is_redacted_as_a_number_a_passphrase_or_a_nested_va
         "tests_pass": 10,
         "auth": "not required for this call",
         "token": "see the docs page",
+        "pin": 13,  # a GPIO pin, and flags: small settings, not secrets
+        "require_pin": 1,
+        "is_secret": 0,
     }
     assert json.loads(redactor.redact_json_text(json.dumps(kept), RedactionState())) == kept
 
@@ -1349,6 +1362,8 @@ def test_ids_timestamps_and_versions_under_their_keys_are_not_pii(redactor: Reda
     found = {
         "server_ip": "10.2.1.3",
         "build_server": "203.0.113.9",
+        "fw": "198.51.100.7",  # a firewall, not firmware
+        "msisdn": 14155550132,
         "card_number": 4111111111111111,
         "payment_method_id": 5500000000000004,
         "account_id": "4012-8888-8888-1881",
@@ -1361,6 +1376,8 @@ def test_ids_timestamps_and_versions_under_their_keys_are_not_pii(redactor: Reda
     assert {k: v.split("_")[0] for k, v in out.items()} == {
         "server_ip": "<IP",
         "build_server": "<IP",
+        "fw": "<IP",
+        "msisdn": "<PHONE",
         "card_number": "<CREDIT",
         "payment_method_id": "<CREDIT",
         "account_id": "<CREDIT",

@@ -188,7 +188,7 @@ _PRIVATE_EMAIL_SUFFIXES = ("internal", "local", "corp", "lan", "intranet", "loca
 # "number": "order number 4155550132" is far more common in agent traffic than the phone kind.
 _PHONE_CONTEXT_RE = re.compile(
     r"\b(?:phone|call|tel\b|telephone|mobile|cell|fax|sms|text me|whatsapp|dial|contact"
-    r"|reach me|hotline)",
+    r"|reach me|hotline|msisdn)",
     re.IGNORECASE,
 )
 _VERSION_CONTEXT_RE = re.compile(
@@ -1798,10 +1798,8 @@ _PHONE_KEY_RE = re.compile(
     re.IGNORECASE,
 )
 #: A key that names a version by its last word ("app_version", "firmware"): its four-part
-#: value is no IP address. "build_server" or "fw_ip" name a host.
-_VERSION_KEY_RE = re.compile(
-    r"\b(?:v|version|ver|build|release|firmware|fw|revision|rev)$", re.IGNORECASE
-)
+#: value is no IP address. "build_server", "fw" (a firewall) or "v" name hosts or anything.
+_VERSION_KEY_RE = re.compile(r"\b(?:version|ver|firmware|release|revision)$", re.IGNORECASE)
 
 
 #: Marks the context (JSON key) of a JSON integer redacted as text (see _refine).
@@ -2080,7 +2078,7 @@ class Redactor:
             if inner is not None:
                 return inner
             redacted = self.redact_text(value, state, context=key)
-            if redacted is value and _secret_key_name(key):
+            if redacted is value and (_secret_key_name(key) or _password_key(key)):
                 return _redact_secret_value(value, state, key)
             return redacted
         if isinstance(value, dict):
@@ -2097,9 +2095,15 @@ class Redactor:
             return out
         if isinstance(value, (list, tuple)):  # a tuple from a Python caller, like a list
             return [self.redact_json_value(v, state, key, embedded) for v in value]
-        if isinstance(value, int | float) and not isinstance(value, bool) and _password_key(key):
+        if (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and abs(value) >= 1000
+            and _password_key(key)
+        ):
             # {"password": 20241999}, {"api_key": 98765432109876543210}: a number under a
-            # secret's key is that secret, whatever the recognizers make of its digits
+            # secret's key is that secret, whatever the recognizers make of its digits; not
+            # a flag or a small setting ({"require_pin": 1}, a GPIO {"pin": 13})
             return state.placeholder(API_KEY, str(value))
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**6:
             as_text = str(value)
@@ -2635,8 +2639,8 @@ def _redact_secret_value(value: str, state: RedactionState, key: str = "") -> st
         return redact_cookie_values(value, state)
     if _PWD_KEY_RE.fullmatch(key) and _PATH_VALUE_RE.fullmatch(value.strip()):
         return value
-    if _secret_value(value):
-        return state.placeholder(API_KEY, value)
+    if _secret_value(value) or (_password_key(key) and re.fullmatch(r"\d{4,}", value.strip())):
+        return state.placeholder(API_KEY, value)  # a PIN or a one-time code is short
     match = _AUTH_SCHEME_VALUE_RE.fullmatch(value)
     if match and _secret_value(match.group(2)):
         start, end = match.span(2)
@@ -2653,18 +2657,27 @@ def _redact_secret_value(value: str, state: RedactionState, key: str = "") -> st
     return value
 
 
-#: A secret's key whose value is that secret also as a number or a spaced phrase: a
-#: password, a PIN, an API key. Not "token" or "auth" ({"page_token": 2}, {"auth": "not
-#: required"}), whose numbers and prose are settings, not secrets.
-_PASSWORD_KEY_RE = re.compile(
-    r"(?:^|[_\W])(?:password|passwd|passphrase|passcode|pin|secret|apikey|api[_-]?key|otp)$"
-    r"|^(?:password|passwd|passphrase|passcode|pin|secret|apikey|otp)$",
-    re.IGNORECASE,
+#: A secret's key whose value is that secret also as a number, a short code or a spaced
+#: phrase: a password, a PIN, a one-time code, an API or secret key; its last word decides
+#: (``userPassword``, ``client_secret``, ``stripeApiKey``). Not "token", "auth" or "pass"
+#: ({"page_token": 2}, {"auth": "not required"}, {"tests_pass": 10}): settings, not secrets.
+_PASSWORD_WORDS = frozenset(
+    {"password", "passwd", "passphrase", "passcode", "pin", "secret", "otp"}
+)
+_PASSWORD_PAIRS = frozenset(
+    {("api", "key"), ("secret", "key"), ("access", "key"), ("private", "key")}
 )
 
 
 def _password_key(key: str) -> bool:
-    return _PASSWORD_KEY_RE.search(key) is not None
+    words = _key_words(key).lower().split()
+    if not words:
+        return False
+    return (
+        words[-1] in _PASSWORD_WORDS
+        or words[-1] == "apikey"
+        or tuple(words[-2:]) in _PASSWORD_PAIRS
+    )
 
 
 #: Keys that hold "the value" of whatever their parent names (see redact_json_value).
