@@ -1815,8 +1815,9 @@ def _refine(span: Span, text: str, context: str) -> Span | None:
     """Trim or drop the look-alikes common in agent traffic (see the module docstring)."""
     before = text[max(0, span.start - 40) : span.start]
     after = text[span.end : span.end + 2]
+    whole = span.start == 0 and span.end == len(text)  # the match is the whole JSON value
     # a JSON integer alone (redact_json_value marks its key): the key says what it is
-    number = context.startswith(_INT_CONTEXT) and span.start == 0 and span.end == len(text)
+    number = whole and context.startswith(_INT_CONTEXT)
     key_words = _key_words(context.removeprefix(_INT_CONTEXT)).strip()
     if (  # a 16-digit order id or a microsecond timestamp passes Luhn one time in ten
         span.kind == CREDIT_CARD
@@ -1859,7 +1860,6 @@ def _refine(span: Span, text: str, context: str) -> Span | None:
         return dataclasses.replace(span, end=span.start + len(value), value=value)
     if span.kind == IP_ADDRESS and "." in span.value and ":" not in span.value:
         # "version 10.2.1.3" in text, {"app_version": "10.2.1.3"} in JSON
-        whole = span.start == 0 and span.end == len(text)
         versioned = _VERSION_CONTEXT_RE.search(before) or (
             whole and _VERSION_KEY_RE.search(key_words)
         )
@@ -2089,7 +2089,6 @@ class Redactor:
                 context = named if named and k == "value" else str(k)
                 if _secret_key_name(key) and str(k).lower() in _GENERIC_VALUE_KEYS:
                     context = key  # {"password": {"value": ...}}: still the password
-
                 new_value = self.redact_json_value(v, state, context, embedded)
                 out[_distinct_key(out, new_key) if new_key in out else new_key] = new_value
             return out
@@ -2669,7 +2668,10 @@ _PASSWORD_PAIRS = frozenset(
 )
 
 
+@functools.lru_cache(maxsize=4096)
 def _password_key(key: str) -> bool:
+    """Whether ``key`` names a password-like secret (see above); keys repeat, so cached: it
+    is asked of every JSON string value the recognizers leave alone."""
     words = _key_words(key).lower().split()
     if not words:
         return False
