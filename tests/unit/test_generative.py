@@ -492,6 +492,47 @@ def test_an_answer_cut_at_max_new_tokens_is_not_trusted(tokenizer: Any, tiny_min
     assert answer.confidence == 0.0  # the gateway hands it back to the LLM
 
 
+def test_a_prompt_that_would_outgrow_the_context_is_deferred_not_run(tokenizer: Any) -> None:
+    """A model with learned positions (GPT-2's kind) indexed past its position table when a
+    prompt and its answer outgrew the context: an IndexError on the CPU, a device-side assert
+    on a GPU that broke every later request of the Triton instance. Such a prompt is not run
+    (confidence 0, the call goes to the LLM); the others of its batch answer as alone."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from slm_trainer.triton_model import runtime
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=48,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+    )
+    m = GPT2LMHeadModel(config).eval()
+    assert runtime.context_limit(m) == 48
+    short = chatformat.render(tokenizer, [{"role": "user", "content": "hi"}], [], True)
+    words = " ".join(["weather"] * 30)
+    long = chatformat.render(tokenizer, [{"role": "user", "content": words}], [], True)
+    n_short = len(tokenizer(short, add_special_tokens=False)["input_ids"])
+    n_long = len(tokenizer(long, add_special_tokens=False)["input_ids"])
+    budget = 48 - n_short  # the short prompt fits exactly, the long one does not
+    assert n_long < 48 < n_long + budget  # the prompt fits; the answer's budget does not
+    ids = torch.tensor([tokenizer(long, add_special_tokens=False)["input_ids"]])
+    settings = runtime.greedy_settings(budget, [-1], tokenizer.pad_token_id)  # never stops
+    with pytest.raises(IndexError), torch.inference_mode():
+        m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **settings)
+
+    alone = runtime.generate(m, tokenizer, [short], max_new_tokens=budget)
+    answers = runtime.generate(m, tokenizer, [long, short], max_new_tokens=budget)
+    assert answers[0] == runtime.Answer(
+        text="", confidence=0.0, finish_reason=runtime.TOO_LONG, tokens=0
+    )
+    assert answers[1] == alone[0] and alone[0].finish_reason != runtime.TOO_LONG
+
+
 @pytest.mark.parametrize(
     "setting",
     [
@@ -1114,6 +1155,39 @@ def test_calls_the_template_cannot_render_are_skipped_and_counted(
     assert [p["index"] for p in preds] == [0, 1]
     (deferred,) = [p for p in preds if p["finish_reason"] == "unrenderable"]
     assert deferred["prediction"] == {"defer": True} and deferred["confidence"] == 0.0
+
+
+@pytest.mark.slow
+def test_eval_calls_too_long_for_the_context_count_as_handed_back(
+    tmp_path: Path, tiny_minilm: Path
+) -> None:
+    """Serving defers a call that, with the answer's budget, does not fit the model's
+    context; evaluation scores it the same way (a deferral, confidence 0), so the coverage
+    and the threshold in the report are what serving will deliver."""
+    model_dir = tmp_path / "short-context"
+    shutil.copytree(tiny_minilm, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["max_position_embeddings"] = 256  # rotary: the weights do not depend on it
+    (model_dir / "config.json").write_text(json.dumps(config))
+    args = _tiny_stage(tmp_path, model_dir, checkpoint_dir="")
+    long = dataclasses.replace(
+        record(7),
+        messages=[{"role": "user", "content": " ".join(["lima weather please"] * 60)}],
+    )
+    with (Path(args.data) / "eval.jsonl").open("a") as fh:
+        fh.write(long.to_json() + "\n")
+    events = Events()
+    result = generative.train_generative(args, events)
+    assert result.ok, result.message
+    messages = [e["message"] for e in events.of("warning")]
+    assert any("1 eval calls do not fit the model's context" in m for m in messages)
+    preds = [json.loads(line) for line in (Path(args.output) / "predictions.jsonl").open()]
+    assert [p["index"] for p in preds] == [0, 1]
+    (deferred,) = [p for p in preds if p["finish_reason"] == "too_long"]
+    assert deferred["index"] == 1
+    assert deferred["prediction"] == {"defer": True} and deferred["confidence"] == 0.0
+    (answered,) = [p for p in preds if p["index"] == 0]
+    assert answered["finish_reason"] in ("stop", "length")
 
 
 def test_a_malformed_line_in_a_split_is_skipped_and_counted_not_a_crash(

@@ -109,6 +109,18 @@ def test_a_classification_label_written_by_the_generator_keeps_the_selectors_con
     assert conf == 0.0
 
 
+def test_a_prompt_too_long_for_the_context_is_handed_back_with_confidence_zero(
+    backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``runtime.generate`` does not run a prompt that would outgrow the model's context; the
+    backend serves that as a deferral, as evaluation scored it, not as an empty answer."""
+    for selector in (None, Selector("get_weather", 0.99)):
+        message, confidence = served(
+            backend, monkeypatch, "", backend.runtime.TOO_LONG, selector=selector
+        )
+        assert confidence == 0.0 and not message.get("tool_calls"), selector
+
+
 @pytest.mark.parametrize("arguments", ['"Paris"', "null", "[1]"])
 def test_a_call_whose_arguments_are_not_an_object_is_served_with_confidence_zero(
     backend: Any, monkeypatch: pytest.MonkeyPatch, arguments: str

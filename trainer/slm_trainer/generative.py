@@ -811,6 +811,15 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
                         "scored as handed back to the LLM, as serving would",
                     }
                 )
+            too_long = sum(p["finish_reason"] == runtime.TOO_LONG for p in predictions)
+            if too_long:
+                emit(
+                    {
+                        "event": "warning",
+                        "message": f"{too_long} eval calls do not fit the model's context with "
+                        "the answer's budget: scored as handed back to the LLM, as serving would",
+                    }
+                )
     except Preempted as stop:
         where = f"; checkpoint saved in {ckpt_dir}" if ckpt_dir else " (no checkpoint dir)"
         message = f"preempted by SIGTERM ({stop.args[0]} of {total} steps){where}; rerun to resume"
@@ -1106,27 +1115,31 @@ def evaluate(
         return None, []
     model.eval()
     budget = max_new_tokens(train_examples, opts)
-    # A call the chat template cannot render fails at serving too, and the gateway hands it
+    # A call the chat template cannot render, or too long for the model's context, is
+    # deferred at serving (the backend answers with confidence 0), and the gateway hands it
     # to the LLM: it counts here as a deferral (score 0, confidence 0, finish_reason
-    # "unrenderable"), so the coverage the report shows is the coverage serving will have.
+    # "unrenderable" or "too_long"), so the coverage the report shows is the coverage
+    # serving will have.
     prompts: list[str] = []
     rendered: list[int] = []
     predictions: list[dict[str, Any]] = []
+
+    def deferred(i: int, reason: str) -> dict[str, Any]:
+        return {
+            "index": i,
+            "score": 0.0,
+            "confidence": 0.0,
+            "finish_reason": reason,
+            "prediction": {"defer": True},
+            "reference": records[i].response,
+        }
+
     for i, r in enumerate(records):
         try:
             prompts.append(chatformat.render(tokenizer, r.messages, r.tools, tools_in_template))
             rendered.append(i)
         except Exception:
-            predictions.append(
-                {
-                    "index": i,
-                    "score": 0.0,
-                    "confidence": 0.0,
-                    "finish_reason": "unrenderable",
-                    "prediction": {"defer": True},
-                    "reference": r.response,
-                }
-            )
+            predictions.append(deferred(i, "unrenderable"))
     answers: list[runtime.Answer] = []
     step = max(1, opts.eval_batch_size)
     for start in range(0, len(prompts), step * 4):
@@ -1138,6 +1151,9 @@ def evaluate(
     total = 0.0
     task_type = getattr(args, "task_type", "") or "tool-call"  # as export and serving default
     for i, ans in zip(rendered, answers, strict=True):
+        if ans.finish_reason == runtime.TOO_LONG:
+            predictions.append(deferred(i, runtime.TOO_LONG))
+            continue
         rec = records[i]
         # parsed and trusted as the Triton backend (model.py) does for the same request
         predicted = chatformat.parse_answer(ans.text, bool(rec.tools) or task_type == "tool-call")

@@ -13,8 +13,9 @@ in its own stub process, so it imports only its sibling files (``chatformat.py``
   written for people reading the repository (the gateway applies the task's own).
 
 One ``execute`` call answers every row of every request it is given in one padded batch
-(dynamic batching gathers them). A conversation the chat template cannot render is deferred
-(confidence 0), as evaluation counts it. A request that is not a valid chat-completions JSON,
+(dynamic batching gathers them). A conversation the chat template cannot render, or one that
+with ``max_new_tokens`` would outgrow the model's context, is deferred (confidence 0), as
+evaluation counts it. A request that is not a valid chat-completions JSON,
 that the model fails on, or whose answer cannot be written out, gets a Triton error of its
 own; the other requests of the batch are still answered.
 """
@@ -185,6 +186,9 @@ class TritonPythonModel:
                 self.model, self.tokenizer, prompts, self.max_new_tokens, self.batch_size
             )
             for i, ans in zip(rendered, answers, strict=True):
+                if ans.finish_reason == runtime.TOO_LONG:  # not run: deferred as evaluated
+                    results[i] = (selector_answer(None, 0.0, self.task_type), 0.0)
+                    continue
                 tools_offered = bool(rows[i][1]) or self.task_type == "tool-call"
                 message = chatformat.parse_answer(ans.text, tools_offered)
                 message["finish_reason"] = ans.finish_reason

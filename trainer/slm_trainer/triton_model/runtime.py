@@ -42,11 +42,17 @@ def served_confidence(value: float) -> float:
     return min(struct.unpack("f", struct.pack("f", value))[0], BELOW_ONE)
 
 
+#: The finish reason of a prompt that was not run: with the answer's budget it would not fit
+#: the model's context.
+TOO_LONG = "too_long"
+
+
 @dataclass(frozen=True)
 class Answer:
     text: str
     confidence: float
-    finish_reason: str  # "stop" (end-of-sequence generated) or "length" (cut at max tokens)
+    # "stop" (end-of-sequence generated), "length" (cut at max tokens) or TOO_LONG (not run)
+    finish_reason: str
     tokens: int
 
 
@@ -123,7 +129,17 @@ def generate(
     max_new_tokens: int,
     batch_size: int = 8,
 ) -> list[Answer]:
-    """Greedy answers for rendered prompts, batched by length, in the order given."""
+    """Greedy answers for rendered prompts, batched by length, in the order given.
+
+    A prompt that, with ``max_new_tokens`` more, would not fit the model's context
+    (:func:`context_limit`) is not run: its answer is empty, with confidence 0 and finish
+    reason :data:`TOO_LONG`, so the call goes back to the LLM. Why not run it anyway: a model
+    with learned positions (GPT-2's kind) indexes past its position table, which on a GPU is
+    a device-side assert that breaks every later request of the Triton instance, and a rotary
+    one answers from positions it never trained on, or runs out of memory on a prompt the
+    size of a document. Checked against the whole budget, as a shorter answer is not known
+    in advance.
+    """
     import torch
     from transformers import LogitsProcessorList
 
@@ -133,8 +149,13 @@ def generate(
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     answers: list[Answer | None] = [None] * len(prompts)
+    limit = context_limit(model)
+    for i, seq in enumerate(encoded):
+        if limit is not None and len(seq) + max_new_tokens > limit:
+            answers[i] = Answer(text="", confidence=0.0, finish_reason=TOO_LONG, tokens=0)
+    runnable = [i for i in range(len(prompts)) if answers[i] is None]
+    order = sorted(runnable, key=lambda i: len(encoded[i]))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         width = max(len(encoded[i]) for i in idx)
@@ -174,6 +195,20 @@ def generate(
                 tokens=n,
             )
     return [a for a in answers if a is not None]
+
+
+def context_limit(model: Any) -> int | None:
+    """The most tokens (prompt and answer) the model's positions cover, from its config:
+    ``max_position_embeddings`` (Llama, Qwen, Mistral...) or ``n_positions`` (GPT-2); None
+    when the config names neither."""
+    config = model.config
+    if hasattr(config, "get_text_config"):  # a multimodal config keeps it on its text part
+        config = config.get_text_config()
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _chosen_probabilities() -> Any:
