@@ -245,10 +245,18 @@ def reconcile(
         # stage's condition, the phase and the candidates say they were refused, not
         # "created" (the plan is pure, so this is the plan of what is really there).
         p = plan(dataclasses.replace(obs, jobs={**obs.jobs, **refused_jobs}))
-    p = with_apply_failures(obs.task, p, refused, obs.now)
     for job in p.delete_jobs:
         seen = obs.jobs.get(job)
-        kube.delete("batch/v1", "jobs", namespace, job, uid=seen.uid if seen else "")
+        try:
+            kube.delete("batch/v1", "jobs", namespace, job, uid=seen.uid if seen else "")
+        except KubeError as e:
+            if e.retryable:
+                raise
+            # Refused for good (RBAC without `delete` on Jobs, a webhook): as for a refused
+            # write, the status says so and is still written. Raised, it stopped every pass
+            # before the status, which stayed at its last write while the log alone said why.
+            refused.append(("Job", job, f"deleting it: {e.message or e}"))
+    p = with_apply_failures(obs.task, p, refused, obs.now)
     previous = obs.task.get("status") or {}
     if p.status != previous:
         try:

@@ -10,6 +10,7 @@ from test_plan import make_task
 from test_reconcile_status import merge_patch
 
 from slm_operator import conditions as c
+from slm_operator import naming as n
 from slm_operator import reconcile as rc
 from slm_operator.kube import KubeError, TaskChanged
 
@@ -28,6 +29,9 @@ class Cluster:
         self.events: list[tuple[str, str, str]] = []
         self.status_writes: list[dict[str, Any]] = []
         self.status_error: KubeError | None = None
+        self.refuse_delete: KubeError | None = None
+        self.deleted: list[str] = []
+        self.jobs: list[dict[str, Any]] = []
 
     def get_task(self, namespace: str, name: str) -> dict[str, Any]:
         return copy.deepcopy(self.task)
@@ -35,16 +39,18 @@ class Cluster:
     def get(self, *_: Any) -> None:
         return None
 
-    def list(self, *_: Any, **__: Any) -> list[dict[str, Any]]:
-        return []
+    def list(self, api_version: str, plural: str, *_: Any, **__: Any) -> list[dict[str, Any]]:
+        return copy.deepcopy(self.jobs) if plural == "jobs" else []
 
     def apply(self, obj: dict[str, Any]) -> None:
         if self.refuse is not None and obj["kind"] == "Job":
             raise self.refuse
         self.applied.append(f"{obj['kind']}/{obj['metadata']['name']}")
 
-    def delete(self, *_: Any, **__: Any) -> None:
-        pass
+    def delete(self, api_version: str, plural: str, namespace: str, name: str, uid: str) -> None:
+        if self.refuse_delete is not None:
+            raise self.refuse_delete
+        self.deleted.append(name)
 
     def event(self, obj: Any, type_: str, reason: str, message: str) -> None:
         self.events.append((type_, reason, message))
@@ -115,6 +121,52 @@ def test_a_retryable_refusal_is_retried_not_reported() -> None:
     with pytest.raises(KubeError) as raised:
         rc.reconcile(kube, "agents", "weather")  # type: ignore[arg-type]
     assert raised.value.retryable and not kube.status_writes
+
+
+def _abandoned_job(task: dict[str, Any]) -> dict[str, Any]:
+    """A finished data Job of a revision the task no longer trains: the plan deletes it."""
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": "weather-data-0000000000",
+            "uid": "job-uid-1",
+            "labels": {n.LABEL_TASK: "weather", n.LABEL_STAGE: "data", n.LABEL_REVISION: "old"},
+            "ownerReferences": [{"uid": task["metadata"]["uid"], "kind": "AgentTask"}],
+        },
+        "status": {"conditions": [{"type": "Complete", "status": "True"}]},
+    }
+
+
+def test_a_deletion_the_api_server_refuses_is_named_in_ready_and_status_is_still_written() -> None:
+    """RBAC without `delete` on Jobs (a hand-made Role): the refused DELETE stopped every pass
+    before the status write, so `kubectl get agenttask` stayed at its last status while only
+    the operator's log said why."""
+    task = _task()
+    kube = Cluster(task)
+    kube.jobs = [_abandoned_job(task)]
+    kube.refuse_delete = KubeError(
+        403,
+        'jobs.batch "weather-data-0000000000" is forbidden: User "system:serviceaccount:x:op" '
+        'cannot delete resource "jobs"',
+        "Forbidden",
+    )
+    p = rc.reconcile(kube, "agents", "weather")  # type: ignore[arg-type]
+    assert p is not None and p.delete_jobs == ["weather-data-0000000000"]
+    assert kube.status_writes and not kube.deleted
+    ready = _ready(kube.task)
+    assert (ready["status"], ready["reason"]) == (c.FALSE, c.APPLY_FAILED)
+    assert ready["message"].startswith("Job weather-data-0000000000 was refused: deleting it:")
+    assert "cannot delete resource" in ready["message"]
+    assert kube.task["status"]["revision"]["training"]  # the rest of the plan is written too
+
+    kube.refuse_delete = KubeError(503, "etcd leader changed", "ServiceUnavailable")
+    with pytest.raises(KubeError):  # busy, not refused: retried, not reported
+        rc.reconcile(kube, "agents", "weather")  # type: ignore[arg-type]
+    kube.refuse_delete = None
+    rc.reconcile(kube, "agents", "weather")  # type: ignore[arg-type]
+    assert kube.deleted == ["weather-data-0000000000"]
+    assert _ready(kube.task)["reason"] != c.APPLY_FAILED
 
 
 def test_status_is_written_only_onto_the_object_that_was_read() -> None:
