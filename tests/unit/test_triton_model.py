@@ -8,6 +8,7 @@ generation is replaced by canned answers, so these tests need no model and no Tr
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import sys
 from collections.abc import Iterator
@@ -107,6 +108,37 @@ def test_a_classification_label_written_by_the_generator_keeps_the_selectors_con
     assert conf == 0.9
     _, conf = served(backend, monkeypatch, "shipping", selector=picks, task_type="classification")
     assert conf == 0.0
+
+
+def test_a_conversation_the_template_rejects_is_deferred_and_its_batch_still_answered(
+    backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A template that wants alternating roles rejects two user turns in a row; that call goes
+    back to the LLM (confidence 0, as evaluation counts it), the others of the batch are
+    generated for as usual, in their order."""
+
+    class Alternating(Tokenizer):
+        def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
+            roles = [m["role"] for m in messages]
+            if any(a == b for a, b in itertools.pairwise(roles)):
+                raise ValueError("roles must alternate")
+            return json.dumps(messages)
+
+    generated: list[list[str]] = []
+
+    def generate(model: Any, tok: Any, prompts: list[str], *_: Any) -> list[Any]:
+        generated.append(prompts)
+        return [backend.runtime.Answer(CALL, 0.6, "stop", 9) for _ in prompts]
+
+    monkeypatch.setattr(backend.runtime, "generate", generate)
+    model = backend.TritonPythonModel()
+    model.kind, model.task_type = "generative", "tool-call"
+    model.max_new_tokens, model.batch_size, model.tools_in_template = 16, 4, True
+    model.model, model.tokenizer, model.selector = object(), Alternating(), None
+    twice = [*ASK, {"role": "user", "content": "and tomorrow?"}]
+    answers = model._answer([(ASK, WEATHER), (twice, WEATHER), (ASK, WEATHER)])
+    assert [conf for _, conf in answers] == [0.6, 0.0, 0.6]
+    assert answers[1][0]["defer"] is True and len(generated) == 1 and len(generated[0]) == 2
 
 
 def test_a_prompt_too_long_for_the_context_is_handed_back_with_confidence_zero(

@@ -1115,15 +1115,12 @@ def evaluate(
         return None, []
     model.eval()
     budget = max_new_tokens(train_examples, opts)
+
     # A call the chat template cannot render, or too long for the model's context, is
     # deferred at serving (the backend answers with confidence 0), and the gateway hands it
     # to the LLM: it counts here as a deferral (score 0, confidence 0, finish_reason
     # "unrenderable" or "too_long"), so the coverage the report shows is the coverage
     # serving will have.
-    prompts: list[str] = []
-    rendered: list[int] = []
-    predictions: list[dict[str, Any]] = []
-
     def deferred(i: int, reason: str) -> dict[str, Any]:
         return {
             "index": i,
@@ -1134,12 +1131,12 @@ def evaluate(
             "reference": records[i].response,
         }
 
-    for i, r in enumerate(records):
-        try:
-            prompts.append(chatformat.render(tokenizer, r.messages, r.tools, tools_in_template))
-            rendered.append(i)
-        except Exception:
-            predictions.append(deferred(i, "unrenderable"))
+    prompts, rendered = chatformat.render_each(
+        tokenizer, [(r.messages, r.tools) for r in records], tools_in_template
+    )
+    predictions = [
+        deferred(i, "unrenderable") for i in sorted(set(range(len(records))) - set(rendered))
+    ]
     answers: list[runtime.Answer] = []
     step = max(1, opts.eval_batch_size)
     for start in range(0, len(prompts), step * 4):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from typing import Any
 
 FORMAT = "slmfleet.dev/chat-format/v1"
@@ -228,6 +229,30 @@ def _apply(tokenizer: Any, messages: list[dict[str, Any]], kwargs: dict[str, Any
     if "enable_thinking" in _template_text(tokenizer):
         kwargs = {**kwargs, "enable_thinking": False}
     return str(tokenizer.apply_chat_template(messages, **kwargs))
+
+
+def render_each(
+    tokenizer: Any,
+    conversations: Sequence[tuple[list[dict[str, Any]], list[dict[str, Any]] | None]],
+    tools_in_template: bool,
+) -> tuple[list[str], list[int]]:
+    """The prompts of the ``(messages, tools)`` conversations the chat template renders, and
+    their indices; the others are left out.
+
+    Why one function: a conversation the template rejects in every form (two user turns in a
+    row, for a template that wants them alternating) must be handed back to the LLM, both in
+    evaluation, which counts it as a deferral, and at serving, where the Triton backend
+    answers it with confidence 0. Written twice, the two rules could drift apart.
+    """
+    prompts: list[str] = []
+    rendered: list[int] = []
+    for i, (messages, tools) in enumerate(conversations):
+        try:
+            prompts.append(render(tokenizer, messages, tools, tools_in_template))
+        except Exception:  # the template's own error type varies (jinja, ValueError...)
+            continue
+        rendered.append(i)
+    return prompts, rendered
 
 
 def render(

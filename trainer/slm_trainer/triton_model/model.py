@@ -165,22 +165,15 @@ class TritonPythonModel:
                     continue
                 selected[i] = (label, conf)
             to_generate.append(i)
-        prompts: list[str] = []
-        rendered: list[int] = []
-        for i in to_generate:
-            try:
-                prompts.append(
-                    chatformat.render(
-                        self.tokenizer, rows[i][0], rows[i][1], self.tools_in_template
-                    )
-                )
-                rendered.append(i)
-            except Exception:
-                # A conversation the chat template rejects (two user turns in a row, for a
-                # template that wants them alternating) goes back to the LLM, as evaluation
-                # counted it: a deferral. Answered as an error, the gateway took it for the
-                # SLM failing (its circuit breaker, the task's error rate).
-                results[i] = (selector_answer(None, 0.0, self.task_type), 0.0)
+        prompts, kept = chatformat.render_each(
+            self.tokenizer, [rows[i] for i in to_generate], self.tools_in_template
+        )
+        rendered = [to_generate[k] for k in kept]
+        for i in set(to_generate) - set(rendered):
+            # A conversation the chat template rejects goes back to the LLM, as evaluation
+            # counted it: a deferral. Answered as an error, the gateway took it for the SLM
+            # failing (its circuit breaker, the task's error rate).
+            results[i] = (selector_answer(None, 0.0, self.task_type), 0.0)
         if rendered:
             answers = runtime.generate(
                 self.model, self.tokenizer, prompts, self.max_new_tokens, self.batch_size
