@@ -122,6 +122,7 @@ def test_a_manifest_asks_for_the_scrubbing_its_calls_were_counted_under(tmp_path
         ({"llm_base_url": "api.openai.com/v1"}, "llm_base_url cannot be"),
         ({"dataset_uri_prefix": "https://logs.example.com/calls"}, "dataset_uri_prefix must"),
         ({"dataset_uri_prefix": "/data/calls"}, "dataset_uri_prefix must"),
+        ({"name_prefix": "team-" * 5}, "name_prefix is 25 characters; at most 24"),
     ],
 )
 def test_settings_the_crd_would_refuse_are_refused_before_any_work(

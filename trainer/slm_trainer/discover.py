@@ -112,6 +112,10 @@ _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]
 _DATASET_URI = re.compile(r"pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?/.+|(s3|gs)://[^/]+/.+|file:///.+")
 
 
+#: Longest --name-prefix: task names are cut at 44 characters (:func:`cluster_name`).
+MAX_NAME_PREFIX = 24
+
+
 @dataclass
 class Args:
     """Cluster logged calls into recurring tasks; write a report and AgentTask manifests."""
@@ -151,7 +155,10 @@ class Args:
     seed: int = field(default=0, metadata={"help": "seed of k-means and of the sample"})
     examples_per_cluster: int = field(default=5, metadata={"help": "prompts quoted per cluster"})
     namespace: str = field(default="", metadata={"help": "metadata.namespace of the manifests"})
-    name_prefix: str = field(default="", metadata={"help": "prefix of AgentTask names"})
+    name_prefix: str = field(
+        default="",
+        metadata={"help": f"prefix of AgentTask names (at most {MAX_NAME_PREFIX} characters)"},
+    )
     dataset_uri_prefix: str = field(
         default="",
         metadata={"help": "URI prefix of clusters/<name>.jsonl (default: file:// of output)"},
@@ -185,6 +192,13 @@ class Args:
             raise ValueError("seed must be in [0, 2**32)")
         if self.name_prefix and not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?-?", self.name_prefix):
             raise ValueError("name_prefix must start a DNS-1035 label")
+        if len(self.name_prefix) > MAX_NAME_PREFIX:
+            # names are cut at 44 characters: a longer prefix left no room for the cluster's
+            # own name, and every proposal was called <prefix>, <prefix>-2, <prefix>-3...
+            raise ValueError(
+                f"name_prefix is {len(self.name_prefix)} characters; at most {MAX_NAME_PREFIX} "
+                "leave room for the name of the cluster's tool or keywords"
+            )
         # What the manifests carry must pass the CRD's admission, or `kubectl apply` of every
         # one of them fails after a stage that reported success.
         if self.namespace and not _DNS_LABEL.fullmatch(self.namespace):
