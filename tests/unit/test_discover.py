@@ -785,6 +785,9 @@ def test_a_log_of_one_task_without_tools_is_one_agent_task(
         f"{report['silhouette_by_k']}, merged {report['merged']}"
     )
     assert len(report["clusters"]) == 1 and len(manifests) == 1
+    # one task and no tool called: no labels to measure a purity by (it read 1.000 "by tool")
+    assert report["label_by"] is None and report["purity"] is None
+    assert "purity" not in result.message
     (manifest,) = manifests.values()
     assert manifest["spec"]["taskType"] == task_type
     assert manifest["spec"]["dataset"]["minExamples"] == len(calls)

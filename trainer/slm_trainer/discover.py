@@ -147,7 +147,10 @@ class Args:
     )
     label_by: LabelBy = field(
         default="auto",
-        metadata={"help": "purity labels: task field, first tool called, none, or auto"},
+        metadata={
+            "help": "purity labels: task field, first tool called, none, or auto "
+            "(task when the calls carry several, else tool when some call a tool, else none)"
+        },
     )
     model: str = field(
         default="all-MiniLM-L6-v2", metadata={"help": "sentence encoder (offline MiniLM)"}
@@ -739,7 +742,15 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
 
     label_by = args.label_by
     if label_by == "auto":
-        label_by = "task" if len({r.task for r in records}) > 1 else "tool"
+        # by tool only where tools are called: a log without any (classification, summaries)
+        # labelled every call "<none>", and its report claimed a purity of 1.000 "by tool"
+        label_by = (
+            "task"
+            if len({r.task for r in records}) > 1
+            else "tool"
+            if any(called_tools(r) for r in records)
+            else "none"
+        )
     labels = (
         [r.task for r in records]
         if label_by == "task"
