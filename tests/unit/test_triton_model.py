@@ -244,3 +244,29 @@ def test_a_request_whose_answer_cannot_be_written_fails_alone(
     assert answered == ["get_weather", None, None, "get_time"]
     assert "UnicodeEncodeError" in responses[1].error.message
     assert responses[2].output_tensors == [] and responses[3].output_tensors[1].name == "CONFIDENCE"
+
+
+@pytest.mark.parametrize(
+    ("params", "said"),
+    [
+        ({"kind": "selctor"}, "parameter kind is 'selctor'; expected one of generative, selector"),
+        ({"max_new_tokens": "0"}, "parameter max_new_tokens is '0'; expected an integer >= 1"),
+        ({"max_new_tokens": "lots"}, "parameter max_new_tokens is 'lots'"),
+        ({"cpu_threads": "-2"}, "parameter cpu_threads is '-2'; expected an integer >= 0"),
+    ],
+)
+def test_a_hand_edited_config_is_refused_when_triton_loads_the_model(
+    backend: Any, params: dict[str, str], said: str
+) -> None:
+    """A misspelt kind loaded a model with nothing to answer with (every call deferred, the
+    model ready), a bad number failed every request; refused at load, Triton says why."""
+    config = {"parameters": {k: {"string_value": v} for k, v in params.items()}}
+    with pytest.raises(ValueError, match=said):
+        backend.TritonPythonModel().initialize({"model_config": json.dumps(config)})
+
+
+def test_the_written_parameters_load_as_written(backend: Any) -> None:
+    params = {"kind": "selector+generative", "max_new_tokens": "64", "cpu_threads": "2"}
+    assert backend._settings(params) == ("selector+generative", 64, 2)
+    assert backend._settings({}) == ("generative", 256, 0)
+    assert backend._settings({"cpu_threads": ""}) == ("generative", 256, 0)

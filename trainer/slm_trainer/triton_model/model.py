@@ -49,6 +49,31 @@ def _params(model_config: dict[str, Any]) -> dict[str, str]:
     }
 
 
+#: What ``kind`` may say; anything else is refused when Triton loads the model.
+KINDS = ("generative", "selector", "selector+generative")
+
+
+def _settings(params: dict[str, str]) -> tuple[str, int, int]:
+    """(kind, max_new_tokens, cpu_threads) from the parameters, or a ValueError naming the bad
+    one. Why at load time: ``config.pbtxt`` is a file people edit, and a misspelt kind
+    loaded a model with nothing to answer with (every call quietly deferred), while a bad
+    number failed every request; refused, the model never becomes ready and Triton's log
+    says why."""
+    kind = params.get("kind", "generative")
+    if kind not in KINDS:
+        raise ValueError(f"parameter kind is {kind!r}; expected one of {', '.join(KINDS)}")
+    numbers: dict[str, int] = {}
+    for name, default, low in (("max_new_tokens", "256", 1), ("cpu_threads", "0", 0)):
+        raw = params.get(name, default) or default
+        try:
+            numbers[name] = int(raw)
+        except ValueError:
+            numbers[name] = low - 1
+        if numbers[name] < low:
+            raise ValueError(f"parameter {name} is {raw!r}; expected an integer >= {low}")
+    return kind, numbers["max_new_tokens"], numbers["cpu_threads"]
+
+
 def _load_selector(path: str, device: str, threads: int) -> Any:
     from slm_trainer.selector import load_selector  # the trainer package, in the serving image
 
@@ -128,12 +153,10 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         config = json.loads(args["model_config"])
         params = _params(config)
-        self.kind = params.get("kind", "generative")
+        self.kind, self.max_new_tokens, threads = _settings(params)
         self.task_type = params.get("task_type", "tool-call")
-        self.max_new_tokens = int(params.get("max_new_tokens", "256"))
         self.batch_size = max(1, int(config.get("max_batch_size") or 1))
         self.tools_in_template = params.get("tools_in_template", "true") == "true"
-        threads = int(params.get("cpu_threads", "0") or 0)
         import torch
 
         if threads > 0:
