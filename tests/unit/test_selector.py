@@ -22,6 +22,7 @@ import yaml
 
 from slm_contract import CallRecord, TrainerResult
 from slm_trainer import finetune, metrics
+from slm_trainer.triton_model import chatformat
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
@@ -1035,3 +1036,59 @@ def test_without_eval_calls_the_selector_reports_no_score(small_data: Path, tmp_
     assert result.score is None and result.eval_examples == 0
     assert f"no eval calls in {data / 'eval.jsonl'}, no score" in result.message
     assert "% of eval calls" not in result.message and "precision" not in result.message
+
+
+def test_class_label_texts_keep_the_llms_most_frequent_spelling() -> None:
+    sel = pytest.importorskip("slm_trainer.selector")
+
+    def said(text: str) -> CallRecord:
+        return CallRecord(
+            task="t",
+            backend="llm",
+            messages=[{"role": "user", "content": "which queue?"}],
+            response={"role": "assistant", "content": text},
+        )
+
+    records = [said(t) for t in ("REFUND_REQUEST", "refund_request\n", "REFUND_REQUEST")]
+    records += [said(t) for t in ("Tech  Support", "tech support", " Billing ")]
+    assert sel.class_label_texts(records) == {
+        "billing": "Billing",
+        "refund_request": "REFUND_REQUEST",
+        "tech support": "Tech  Support",  # a tie: the smallest text, so a rerun agrees
+    }
+    assert sel.class_labels_of(records) == ["billing", "refund_request", "tech support"]
+
+
+@pytest.mark.slow
+def test_a_classification_selector_serves_the_llms_spelling_of_its_label(tmp_path: Path) -> None:
+    """Labels are compared normalised, so the artifact's labels are case folded; served as
+    such, an agent that matched the LLM's "REFUND_REQUEST" got "refund_request" while the
+    evaluation, comparing normalised texts, scored it as an exact match."""
+    sel = pytest.importorskip("slm_trainer.selector")
+    asks = {
+        "REFUND_REQUEST": ["I want my money back", "refund my order please"],
+        "Billing": ["my card was charged twice", "the invoice amount is wrong"],
+    }
+    records = [
+        CallRecord(
+            task="t",
+            backend="llm",
+            messages=[{"role": "user", "content": f"{ask} ({n})"}],
+            response={"role": "assistant", "content": label},
+        )
+        for label, texts in asks.items()
+        for ask in texts
+        for n in range(4)
+    ]
+    data = write_split(records, tmp_path / "data")
+    args = fine_args(data, tmp_path, task_type="classification", epochs=1, max_steps=2)
+    result = finetune.run(args, lambda e: None)
+    assert result.ok, result.message
+    loaded = sel.load_selector(tmp_path / "artifact", num_threads=2)
+    assert loaded.labels == ["billing", "refund_request"]
+    assert loaded.answer_text("refund_request") == "REFUND_REQUEST"
+    assert loaded.answer_text("billing") == "Billing"
+    answer = chatformat.selector_answer(
+        "refund_request", 0.9, "classification", loaded.answer_text("refund_request")
+    )
+    assert answer["content"] == "REFUND_REQUEST" and answer["label"] == "refund_request"

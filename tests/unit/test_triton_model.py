@@ -56,6 +56,13 @@ class Selector:
         return self.label, self.confidence
 
 
+class SpellingSelector(Selector):
+    """A classification selector whose artifact kept the LLM's spelling of each label."""
+
+    def answer_text(self, label: str) -> str:
+        return {"refund_request": "REFUND_REQUEST"}.get(label, label)
+
+
 def served(
     backend: Any,
     monkeypatch: pytest.MonkeyPatch,
@@ -108,6 +115,28 @@ def test_a_classification_label_written_by_the_generator_keeps_the_selectors_con
     assert conf == 0.9
     _, conf = served(backend, monkeypatch, "shipping", selector=picks, task_type="classification")
     assert conf == 0.0
+
+
+def test_a_classification_label_is_served_as_the_llm_spelt_it(
+    backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The selector's labels are normalised ("refund_request"); the agent gets the LLM's own
+    text ("REFUND_REQUEST"), and a selector without spellings still serves its label."""
+    model = backend.TritonPythonModel()
+    model.kind, model.task_type = "selector", "classification"
+    model.max_new_tokens, model.batch_size, model.tools_in_template = 16, 1, True
+    model.model = model.tokenizer = None
+    for selector, content in (
+        (SpellingSelector("refund_request", 0.9), "REFUND_REQUEST"),
+        (Selector("refund_request", 0.9), "refund_request"),
+    ):
+        model.selector = selector
+        ((message, confidence),) = model._answer([(ASK, [])])
+        assert (message["content"], message["label"], confidence) == (
+            content,
+            "refund_request",
+            0.9,
+        )
 
 
 def test_a_conversation_the_template_rejects_is_deferred_and_its_batch_still_answered(

@@ -66,7 +66,9 @@ Artifact layout (``--output``), which the export stage loads through :func:`load
 
     selector.json        manifest: format, task_type, base_model, method, tool_tower,
                          max tokens, temperature, threshold, target_precision, labels
-                         (classification), parameter counts, eval metrics, file names
+                         (classification: normalised; config.label_texts has each one's
+                         text as served, the LLM's most frequent spelling), parameter
+                         counts, eval metrics, file names
     base/                copy of the base encoder (config, tokenizer, weights), so the
                          artifact loads offline on its own (absent with bundle_base=False:
                          then base_model is loaded by name)
@@ -91,7 +93,7 @@ import os
 import random
 import shutil
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -252,6 +254,26 @@ def example_for(
 def class_labels_of(records: Iterable[CallRecord]) -> list[str]:
     """The closed label set of a classification task: every answer seen, sorted."""
     return sorted({lab for r in records if (lab := metrics.label_of(r.response, "classification"))})
+
+
+def class_label_texts(records: Iterable[CallRecord]) -> dict[str, str]:
+    """Each label's text as the LLM wrote it most often (stripped; ties: the smallest).
+
+    Why: labels are compared normalised (case folded, whitespace collapsed), so
+    ``REFUND_REQUEST`` and ``refund_request`` are one class. Served as the normalised form, an
+    agent that matched the LLM's ``REFUND_REQUEST`` got ``refund_request``, and evaluation,
+    comparing normalised texts, could not see it.
+    """
+    seen: dict[str, Counter[str]] = {}
+    for r in records:
+        label = metrics.label_of(r.response, "classification")
+        if label:
+            text = metrics.text_of((r.response or {}).get("content")).strip()
+            seen.setdefault(label, Counter())[text] += 1
+    return {
+        label: min(texts.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+        for label, texts in sorted(seen.items())
+    }
 
 
 def examples_from_records(
@@ -445,6 +467,8 @@ class SelectorConfig:
     in_batch_weight: float = 1.0
     defer_head: str = "constant"
     class_labels: list[str] = field(default_factory=list)
+    #: classification: each label's text as served (:func:`class_label_texts`)
+    label_texts: dict[str, str] = field(default_factory=dict)
 
 
 def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -614,6 +638,11 @@ class Selector:
     @property
     def labels(self) -> list[str]:
         return list(self.config.class_labels)
+
+    def answer_text(self, label: str) -> str:
+        """The text served for a classification ``label``: the LLM's own spelling of it
+        (an artifact written before the spellings were kept serves the label itself)."""
+        return self.config.label_texts.get(label, label)
 
     def _tokenize(self, texts: Sequence[str], max_tokens: int) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(
@@ -1458,6 +1487,7 @@ def run_selector(
         )
     task_type = "classification" if args.task_type == "classification" else "tool-call"
     class_labels = class_labels_of(train_records) if task_type == "classification" else []
+    label_texts = class_label_texts(train_records) if task_type == "classification" else {}
     config = SelectorConfig(
         base_model=args.model,
         task_type=task_type,
@@ -1481,6 +1511,7 @@ def run_selector(
         in_batch_weight=args.in_batch_weight if task_type == "tool-call" else 0.0,
         defer_head=args.defer_head,
         class_labels=class_labels,
+        label_texts=label_texts,
     )
     train_ex = examples_from_records(train_records, task_type, class_labels)
     eval_ex = examples_from_records(eval_records, task_type, class_labels)

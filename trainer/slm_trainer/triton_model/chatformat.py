@@ -420,17 +420,20 @@ def _writable(value: Any) -> bool:
     return True
 
 
-def selector_answer(label: str | None, confidence: float, task_type: str) -> dict[str, Any]:
+def selector_answer(
+    label: str | None, confidence: float, task_type: str, text: str | None = None
+) -> dict[str, Any]:
     """The response served for a closed-label prediction: a deferral, a label, or a tool call.
 
     A selector chooses the tool, not its arguments: the call it serves has ``{}`` as
-    arguments. The evaluate stage scores a selector on this very answer (shared here so that
-    the two cannot differ).
+    arguments. A classification label is served as ``text``, the LLM's own spelling of it
+    when known (labels are kept normalised). The evaluate stage scores a selector on this
+    very answer (shared here so that the two cannot differ).
     """
     if label is None:
         return {"role": "assistant", "content": None, "defer": True, "confidence": confidence}
     if task_type == "classification":
-        return {"role": "assistant", "content": label, "label": label}
+        return {"role": "assistant", "content": label if text is None else text, "label": label}
     return {
         "role": "assistant",
         "content": None,

@@ -183,7 +183,9 @@ class TritonPythonModel:
             if self.selector is not None:
                 label, conf = self.selector.predict(messages, tools)
                 conf = float(min(1.0, max(0.0, conf)))
-                results[i] = (selector_answer(label, conf, self.task_type), conf)
+                spelt = getattr(self.selector, "answer_text", None)
+                text = spelt(label) if label is not None and spelt is not None else None
+                results[i] = (selector_answer(label, conf, self.task_type, text), conf)
                 if label is None or self.model is None:
                     continue
                 selected[i] = (label, conf)
