@@ -1443,6 +1443,7 @@ def test_export_writes_a_versioned_repository(tmp_path: Path, tiny_minilm: Path)
     assert meta["adapter_sha256"] == generative.weights_sha256(cand)
     assert meta["base_model"] == str(tiny_minilm) and meta["eval_score"] == 0.9
     assert meta["threshold"] == 0.7 and meta["created"].endswith("Z")
+    assert meta["eval_threshold"] is None  # the manifest has none: eval_score is not at 0.7
     config = (root / "config.pbtxt").read_text()
     assert 'string_value: "33"' in config and str(tiny_minilm) in config
     assert not list((tmp_path / "repo").glob(".*"))  # no staging folder left behind
@@ -1462,7 +1463,13 @@ def test_export_writes_a_versioned_repository(tmp_path: Path, tiny_minilm: Path)
     (cand / "manifest.json").write_text(json.dumps({**manifest, "threshold": 0.42}))
     own = export.run(export.Args(**{**vars(args), "threshold": None}), events)
     assert own.ok and own.threshold == 0.42
-    assert json.loads((root / "metadata.json").read_text())["threshold"] == 0.42
+    meta = json.loads((root / "metadata.json").read_text())
+    assert meta["threshold"] == meta["eval_threshold"] == 0.42
+    # An overriding --threshold is served; eval_score stays paired with the one it was at.
+    assert export.run(args, events).ok
+    meta = json.loads((root / "metadata.json").read_text())
+    assert (meta["threshold"], meta["eval_threshold"], meta["eval_score"]) == (0.7, 0.42, 0.9)
+    assert export.run(export.Args(**{**vars(args), "threshold": None}), events).ok
     assert 'string_value: "0.42"' in (root / "config.pbtxt").read_text()
 
 

@@ -1086,6 +1086,8 @@ def test_a_classification_selector_serves_the_llms_spelling_of_its_label(tmp_pat
     assert result.ok, result.message
     loaded = sel.load_selector(tmp_path / "artifact", num_threads=2)
     assert loaded.labels == ["billing", "refund_request"]
+    # export's metadata.json says what the score measures (it read null for a selector)
+    assert loaded.manifest["metric"] == "label-accuracy"
     assert loaded.answer_text("refund_request") == "REFUND_REQUEST"
     assert loaded.answer_text("billing") == "Billing"
     answer = chatformat.selector_answer(

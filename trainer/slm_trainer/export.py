@@ -28,7 +28,10 @@ sub-folders, written by the selector path of ``finetune``); it is copied to ``se
 the backend answers (or defers) with the selector's calibrated confidence, loading it through
 :func:`slm_trainer.selector.load_selector` (so the serving image needs this package). Without
 ``--threshold`` the candidate's own calibrated threshold is recorded (the selector's, else the
-one in a generative candidate's ``manifest.json``).
+one in a generative candidate's ``manifest.json``). ``metadata.json`` keeps that one as
+``eval_threshold`` in any case: the candidate's ``eval_score`` was measured there, not at an
+overriding ``--threshold``. The gateway applies the AgentTask's route threshold; the one in
+``config.pbtxt`` is for people reading the repository.
 """
 
 from __future__ import annotations
@@ -259,10 +262,17 @@ def run(args: Args, emit: Emit) -> TrainerResult:
         )
         params["selector"] = "selector"
     params["kind"] = "+".join(sorted(kinds, reverse=True))  # "selector+generative"
-    threshold = args.threshold
-    for source in (selector, manifest):  # a selector's confidence is the one served, if any
-        if threshold is None and isinstance(source.get("threshold"), int | float):
-            threshold = float(source["threshold"])  # the candidate's own calibrated threshold
+    # the candidate's own calibrated threshold (a selector's confidence is the one served, if
+    # any): the one its eval score was measured at
+    own_threshold = next(
+        (
+            float(source["threshold"])
+            for source in (selector, manifest)
+            if isinstance(source.get("threshold"), int | float)
+        ),
+        None,
+    )
+    threshold = args.threshold if args.threshold is not None else own_threshold
     if threshold is not None:
         params["threshold"] = str(threshold)
     if args.cpu_threads > 0:
@@ -296,6 +306,8 @@ def run(args: Args, emit: Emit) -> TrainerResult:
         "llm_score": info.get("llm_score", 1.0),
         "metric": info.get("metric"),
         "threshold": threshold,
+        # what eval_score was measured at: differs from threshold when --threshold overrode it
+        "eval_threshold": own_threshold,
         "format": info.get("format"),
         "artifact_uri": args.artifact_uri or None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

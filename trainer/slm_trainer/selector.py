@@ -1583,6 +1583,7 @@ def run_selector(
         output,
         {
             "candidate": args.candidate,
+            "metric": args.metric,  # what "score" measures
             "parameters": outcome.parameters,
             "trainable_parameters": outcome.trainable_parameters,
             "train_examples": len(train_ex),
