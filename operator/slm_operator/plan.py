@@ -928,6 +928,32 @@ def _rolling_out(dep: Mapping[str, Any] | None) -> bool:
     )
 
 
+def _earlier_pods_answer(dep: Mapping[str, Any] | None, revision: str) -> bool:
+    """Whether Triton pods from before ``revision``'s Deployment template may still answer.
+
+    Why: the Deployment rolls out with ``maxUnavailable: 0``, so while a newly promoted
+    revision's pods load their model, the previous ones keep answering the Service's calls,
+    shadow copies included. A rollout judged on those answers promoted the new revision
+    shadow -> canary -> slm on the old model's agreement and latency, and sent it all the
+    calls once its pods were ready, never canaried. True when the Deployment found is not
+    yet this revision's (it is applied in this pass), its controller has not yet seen the
+    latest spec (a scale bumps the generation too: it holds for one pass), or pods of an
+    older template remain.
+    """
+    if not dep:
+        return False
+    meta = dep["metadata"]
+    st = dep.get("status") or {}
+    return bool(
+        (meta.get("annotations") or {}).get(n.LABEL_REVISION, "") != revision
+        or int(st.get("observedGeneration") or 0) < int(meta.get("generation") or 0)
+        or int(st.get("updatedReplicas") or 0) < int(st.get("replicas") or 0)
+    )
+
+
+#: ``status.live.rolloutReason`` while the rollout step holds for the Deployment's rollout.
+ROLLOUT_WAITS_FOR_REPLICAS = "WaitingForNewReplicas"
+
 #: The rollout step of the served model in ``status.live``; a newly promoted revision starts
 #: without them.
 _ROLLOUT_KEYS = frozenset(
@@ -1067,6 +1093,7 @@ def _live_control(
     not_due: bool = False,
     window: float = 30.0,
     scaled_to_zero: bool = False,
+    earlier_pods: bool = False,
 ) -> tuple[tuple[str, str, str], tuple[str, str, str], str, int]:
     """SLOMet and FallbackActive conditions plus the route mode; fills ``live`` (status.live).
 
@@ -1076,6 +1103,9 @@ def _live_control(
     ``not_due``: Prometheus was not asked (this window was judged already), so a missing
     ``m`` is no sign that Prometheus is unavailable.
     ``window``: the length of a judged window (:func:`judged_window`).
+    ``earlier_pods``: pods of an earlier Deployment template may still answer
+    (:func:`_earlier_pods_answer`): the rollout step holds (a canary that breaches still goes
+    back to shadow) and the shadow copies of the window are not counted towards agreement.
 
     Streaks only advance once per window (``due``), so re-running the reconcile within a
     window changes nothing: the decision stays level-triggered and restart-safe.
@@ -1132,7 +1162,8 @@ def _live_control(
         # breachWindows 1 the same window turns fallback on, and a canary that merely held
         # would keep its healthy windows and be promoted the moment fallback ended.
         canary_breached = bool(breached) and ro.mode == lv.MODE_CANARY
-        stepped = not fb.active or not ro.mode or canary_breached
+        hold = earlier_pods and bool(ro.mode)
+        stepped = canary_breached or not ro.mode or (not fb.active and not hold)
         if stepped:
             ro = lv.rollout_step(
                 ro if ro.mode else Rollout(lv.MODE_LLM, 0, ""),
@@ -1140,14 +1171,21 @@ def _live_control(
                 breached,
                 spec.get("rollout") or {},
             )
+        elif hold:
+            ro = Rollout(ro.mode, ro.canary_percent, ROLLOUT_WAITS_FOR_REPLICAS, ro.canary_healthy)
         # else: under fallback the LLM answers every call and the SLM only gets shadow copies,
         # so there is no canary to judge: the rollout holds, and goes on once fallback is off
         # (otherwise recovery windows would promote shadow -> canary -> slm unseen).
         live["lastEvaluated"] = now
         # The copies are spent only by a window whose rollout step could use them: one with
         # no SLO verdict (no SLM latency sample in its range) or under fallback pools them on.
-        live["agreementSince"] = _agreement_since(
-            m, spec, prev, now, window, judged=stepped and breached is not None
+        # Copies answered by pods of an earlier template say nothing of this model: spent.
+        live["agreementSince"] = (
+            now
+            if earlier_pods
+            else _agreement_since(
+                m, spec, prev, now, window, judged=stepped and breached is not None
+            )
         )
         live["observed"] = {
             k: round(v, 4) if isinstance(v, float) else v
@@ -1348,6 +1386,7 @@ def plan(obs: Observed) -> Plan:
         task
     )
     serving_status: Obj = {}
+    earlier_pods = False  # (only with ready replicas: see _earlier_pods_answer)
     live_prev: Mapping[str, Any] = prev.get("live") or {}
     prev_active = (prev.get("revision") or {}).get("active") or ""
     if prev_active and active_rev != prev_active:
@@ -1402,6 +1441,7 @@ def plan(obs: Observed) -> Plan:
         # ready, a Warning, fallback on, route llm) and the next one flipped it all back.
         if ready > 0:
             rolling = _rolling_out(obs.deployment)
+            earlier_pods = _earlier_pods_answer(obs.deployment, active_rev)
             serving = (
                 c.TRUE,
                 c.DEPLOYMENT_AVAILABLE,
@@ -1455,6 +1495,7 @@ def plan(obs: Observed) -> Plan:
         not_due=obs.metrics_not_due,
         window=window,
         scaled_to_zero=scaled_to_zero,
+        earlier_pods=earlier_pods,
     )
     pipeline = [(c.DATA_READY, step.data), (c.TRAINED, step.trained), (c.EVALUATED, step.evaluated)]
     if problem:
@@ -1463,7 +1504,10 @@ def plan(obs: Observed) -> Plan:
         ready_c = (
             c.TRUE,
             c.READY_REASON,
-            f"{active_cand} (revision {active_rev}) serves the task's calls",
+            f"{active_cand} (revision {active_rev}) is rolling out; until its replicas are "
+            "ready, those of the Deployment's previous template answer"
+            if earlier_pods
+            else f"{active_cand} (revision {active_rev}) serves the task's calls",
         )
     elif is_serving:
         ready_c = (c.FALSE, fallback[1], fallback[2])

@@ -945,6 +945,47 @@ def test_the_rollout_holds_while_fallback_is_on() -> None:
     assert task["status"]["route"]["mode"] == "canary"  # the canary runs now, not skipped
 
 
+def test_a_new_revision_is_not_rolled_out_on_the_previous_pods_answers() -> None:
+    """maxUnavailable 0: while a promoted revision's Triton pods load their model, the old
+    pods answer every call, shadow copies included. The rollout was judged on those and took
+    the new revision to canary and slm before one of its pods was ready; it now holds in
+    shadow, spends those copies unjudged, and starts its canary once the old pods are gone."""
+    task, jobs, dep = _serving_task()
+    task["spec"]["rollout"]["canaryWindows"] = 1
+    t = NOW
+    for _ in range(3):
+        t += dt.timedelta(seconds=10)
+        _step(task, jobs, dep, t, HEALTHY)
+    assert task["status"]["route"]["mode"] == "slm"
+    task["metadata"]["generation"] = 2
+    task["spec"]["candidates"][0]["epochs"] = 5  # a new revision, trained and exported
+    new_rev = n.revision_of(task["spec"])
+    jobs = {**jobs, **jobs_through(task, "export")}
+    t += dt.timedelta(seconds=10)
+    _step(task, jobs, dep, t, HEALTHY)  # promoted: the Deployment is applied in this pass
+    assert task["status"]["revision"]["active"] == new_rev
+    assert task["status"]["route"]["mode"] == "shadow"
+    rolling = deployment(new_rev)
+    rolling["metadata"]["generation"] = 2
+    rolling["status"].update(observedGeneration=2, replicas=2, updatedReplicas=1, readyReplicas=1)
+    for _ in range(4):
+        t += dt.timedelta(seconds=10)
+        _step(task, jobs, rolling, t, HEALTHY)
+        live = task["status"]["live"]
+        assert task["status"]["route"]["mode"] == "shadow"
+        assert live["rolloutReason"] == "WaitingForNewReplicas"
+        assert live["agreementSince"] == live["lastEvaluated"]  # the old pods' copies: spent
+        ready = c.find(task["status"]["conditions"], c.READY)
+        assert ready is not None and "is rolling out" in ready["message"]
+    rolled = deployment(new_rev)
+    for want in ("canary", "slm"):
+        t += dt.timedelta(seconds=10)
+        _step(task, jobs, rolled, t, HEALTHY)
+        assert task["status"]["route"]["mode"] == want
+    ready = c.find(task["status"]["conditions"], c.READY)
+    assert ready is not None and ready["message"].endswith("serves the task's calls")
+
+
 def test_missing_metrics_keep_the_last_decision() -> None:
     task, jobs, dep = _serving_task()
     t = NOW
