@@ -314,6 +314,11 @@ def job_view(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]]) -> JobVi
         state = SUCCEEDED
     elif "Failed" in conds or "FailureTarget" in conds:
         state = FAILED
+    elif own and (own[0].get("status") or {}).get("phase", "Pending") == "Pending":
+        # The newest pod has not started: a first one, or the replacement of one that was
+        # evicted (spot reclaim, node drain) or crashed. Counted as running because an older
+        # pod had run, a replacement that no node could take said nothing for hours.
+        state = PENDING
     elif any(
         (p.get("status") or {}).get("phase") in ("Running", "Succeeded", "Failed") for p in own
     ):

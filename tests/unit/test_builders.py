@@ -665,6 +665,34 @@ def _pending_pod(job: str, **status: object) -> dict:
     return pod
 
 
+def test_a_replacement_pod_that_cannot_start_is_pending_with_its_reason() -> None:
+    """A spot reclaim evicts the trainer's pod (a disruption the Job's podFailurePolicy
+    ignores) and no node has a free GPU for its replacement: the Job read "running" because
+    its first pod had run, and the task said nothing of the wait for hours."""
+    evicted = _pod("j", "Failed", message="", exit_code=143)
+    replacement = _pending_pod(
+        "j",
+        conditions=[
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu.",
+            }
+        ],
+    )
+    replacement["metadata"].update(name="j-y", creationTimestamp="2026-01-01T01:00:00Z")
+    for pods in ([evicted, replacement], [replacement, evicted]):
+        v = job_view(_job("j", active=1, failed=1), pods)
+        assert v.state == PENDING
+        assert v.waiting.startswith("pod j-y cannot be scheduled: 0/4 nodes are available")
+    # Once it runs, the Job is running again; a newest pod that ended before the Job
+    # controller concludes still counts as running.
+    replacement["status"] = {"phase": "Running"}
+    assert job_view(_job("j", active=1, failed=1), [evicted, replacement]).state == RUNNING
+    assert job_view(_job("j", failed=1), [evicted]).state == RUNNING
+
+
 def test_a_pending_jobs_view_says_why_its_pod_does_not_run() -> None:
     """The scheduler's and the kubelet's reasons reach the task's conditions: a trainer that
     waits for a GPU node or an image it cannot pull must not look like one about to start."""
