@@ -5,7 +5,8 @@
 --   1. Progressing while the operator has not yet observed the current spec (no status, or
 --      status.observedGeneration < metadata.generation): anything else would be stale.
 --   2. Healthy when Ready=True: a model serves the task's calls within its SLO, or the task
---      scaled to zero while idle (reason ScaledToZero, serving.minReplicas 0). A retraining
+--      scaled to zero while idle (reason ScaledToZero, serving.minReplicas 0) or starting a replica
+--      again for calls that came back (WakingFromZero). A retraining
 --      that runs or fails beside a served model leaves it Healthy (the old model keeps
 --      serving); its state is in the message.
 --   3. Degraded when the spec is invalid (InvalidSpec), a Job failed (JobFailed,

@@ -66,6 +66,10 @@ NO_READY_REPLICAS: Final = "NoReadyReplicas"
 #: serving.minReplicas 0 and no traffic: no replica by design, the LLM answers until calls
 #: bring one back. Healthy (Ready=True) and a Normal event, unlike NoReadyReplicas.
 SCALED_TO_ZERO: Final = "ScaledToZero"
+#: Calls came back to a task scaled to zero and a replica is starting: the LLM answers until
+#: it is ready, as while scaled to zero. Healthy and a Normal event, for the replica's
+#: startup budget; past it, NoReadyReplicas.
+WAKING_FROM_ZERO: Final = "WakingFromZero"
 NOT_SERVING: Final = "NotServing"
 SLM_SERVING: Final = "SLMServing"
 NO_SERVING_MODEL: Final = "NoServingModel"

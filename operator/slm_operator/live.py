@@ -97,6 +97,11 @@ class FallbackState:
     reason: str = ""
 
 
+#: Fallback reasons that mean "no replica is ready" (an outage, scaled to zero, a replica
+#: starting again): such a fallback ends as soon as one is (:func:`outage_over`).
+NO_REPLICA_REASONS = frozenset({"NoReadyReplicas", "ScaledToZero", "WakingFromZero"})
+
+
 def outage_over(prev: FallbackState, ready_replicas: int) -> FallbackState:
     """``prev`` without a fallback that was on only for want of ready replicas, once some are.
 
@@ -105,7 +110,7 @@ def outage_over(prev: FallbackState, ready_replicas: int) -> FallbackState:
     caller applies this on every pass: without Prometheus, or while it does not answer, no
     window ever comes, and the calls would stay on the LLM for good).
     """
-    if ready_replicas > 0 and prev.active and prev.reason == "NoReadyReplicas":
+    if ready_replicas > 0 and prev.active and prev.reason in NO_REPLICA_REASONS:
         return FallbackState(False, prev.breach_streak, prev.healthy_streak)
     return prev
 

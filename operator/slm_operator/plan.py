@@ -1080,6 +1080,33 @@ def _scaled_to_zero_message() -> str:
     )
 
 
+#: Seconds a replica started from zero may take before its absence is an outage: the
+#: Triton pod's startup probe budget (builders.triton_deployment: 60 probes, 10 s apart).
+WAKE_GRACE_S = 600.0
+
+
+def _waking_from_zero(
+    prev_conds: Sequence[Mapping[str, Any]], last_scale: str | None, now: dt.datetime
+) -> bool:
+    """Whether a task that was scaled to zero is starting its first replica again.
+
+    Why: with ``serving.minReplicas: 0`` the pass that sees calls come back raises the
+    replicas from 0, and until the new replica is ready none is. Reported as an outage
+    (NoReadyReplicas: a Warning, Ready False, Argo CD Degraded), every wake-up of an idle
+    task looked like one, though the LLM answers meanwhile just as it did while scaled to
+    zero. It is one for the replica's startup budget after the scale-up (``last_scale``);
+    a replica that does not come up within it is an outage again.
+    """
+    prev_fb = c.find(prev_conds, c.FALLBACK_ACTIVE) or {}
+    if prev_fb.get("status") != c.TRUE or prev_fb.get("reason") not in (
+        c.SCALED_TO_ZERO,
+        c.WAKING_FROM_ZERO,
+    ):
+        return False
+    scaled = parse_time(last_scale)
+    return scaled is not None and 0 <= (now - scaled).total_seconds() < WAKE_GRACE_S
+
+
 def _live_control(
     spec: Mapping[str, Any],
     is_serving: bool,
@@ -1094,12 +1121,14 @@ def _live_control(
     window: float = 30.0,
     scaled_to_zero: bool = False,
     earlier_pods: bool = False,
+    waking: bool = False,
 ) -> tuple[tuple[str, str, str], tuple[str, str, str], str, int]:
     """SLOMet and FallbackActive conditions plus the route mode; fills ``live`` (status.live).
 
     ``deployed``: a model that served has no ready replica now: FallbackActive says
     NoReadyReplicas (a Warning) rather than that no model exists, or ScaledToZero (Normal)
-    when ``scaled_to_zero``: none is wanted (see :func:`_scaled_to_zero_message`).
+    when ``scaled_to_zero``: none is wanted (see :func:`_scaled_to_zero_message`), or
+    WakingFromZero (Normal) when ``waking``: one is starting again (:func:`_waking_from_zero`).
     ``not_due``: Prometheus was not asked (this window was judged already), so a missing
     ``m`` is no sign that Prometheus is unavailable.
     ``window``: the length of a judged window (:func:`judged_window`).
@@ -1114,6 +1143,12 @@ def _live_control(
         why = (
             (c.SCALED_TO_ZERO, _scaled_to_zero_message())
             if scaled_to_zero
+            else (
+                c.WAKING_FROM_ZERO,
+                "calls came back to a task scaled to zero; they go to the LLM until its "
+                "Triton replica is ready",
+            )
+            if waking
             else (
                 c.NO_READY_REPLICAS,
                 "no Triton replica of the deployed model is ready; calls go to the LLM until "
@@ -1479,6 +1514,13 @@ def plan(obs: Observed) -> Plan:
         serving = (c.FALSE, c.NO_MODEL, "no model has passed the evaluation gate yet")
     is_serving = serving[0] == c.TRUE
     scaled_to_zero = serving[1] == c.SCALED_TO_ZERO
+    waking = (
+        serving[1] == c.DEPLOYMENT_PROGRESSING
+        and bool(live_prev)
+        and _waking_from_zero(
+            prev_conds, live.get("lastScaleTime") or live_prev.get("lastScaleTime"), obs.now
+        )
+    )
 
     slo, fallback, route_mode, canary = _live_control(
         spec,
@@ -1496,6 +1538,7 @@ def plan(obs: Observed) -> Plan:
         window=window,
         scaled_to_zero=scaled_to_zero,
         earlier_pods=earlier_pods,
+        waking=waking,
     )
     pipeline = [(c.DATA_READY, step.data), (c.TRAINED, step.trained), (c.EVALUATED, step.evaluated)]
     if problem:
@@ -1517,6 +1560,13 @@ def plan(obs: Observed) -> Plan:
             c.SCALED_TO_ZERO,
             f"{active_cand} (revision {active_rev}) is {serving[2]}",
         )
+    elif waking:
+        ready_c = (
+            c.TRUE,
+            c.WAKING_FROM_ZERO,
+            f"{active_cand} (revision {active_rev}) is starting a replica for calls that came "
+            "back after it scaled to zero; the LLM answers them until it is ready",
+        )
     else:
         blocking = next((t for _, t in pipeline if t[0] != c.TRUE), serving)
         ready_c = (c.FALSE, blocking[1], blocking[2])
@@ -1531,7 +1581,7 @@ def plan(obs: Observed) -> Plan:
 
     if problem:
         phase = PHASE_FAILED  # as for any invalid spec: someone has to fix it
-    elif is_serving or scaled_to_zero:  # a retraining beside shows in revision.training
+    elif is_serving or scaled_to_zero or waking:  # a retraining beside: revision.training
         phase = PHASE_SERVING
     elif training_needed and not step.terminal_failure:
         phase = step.phase
@@ -1643,12 +1693,13 @@ def plan(obs: Observed) -> Plan:
             # every reconcile until a replica is ready would ask Prometheus all its queries.
             live["lastEvaluated"] = now_us
         merged = {**live_prev, **live}
-        if not merged.get("fallback"):
-            # FallbackActive is True (NoReadyReplicas): status.live says so too. An SLO
-            # fallback that was already on keeps its reason, so that its recovery windows
-            # still apply when the replicas are back (live.fallback_step).
+        if not merged.get("fallback") or merged.get("fallbackReason") in lv.NO_REPLICA_REASONS:
+            # FallbackActive is True for want of a replica (NoReadyReplicas, ScaledToZero,
+            # WakingFromZero): status.live says so, in the condition's words. An SLO fallback
+            # that was already on keeps its reason, so that its recovery windows still apply
+            # when the replicas are back (live.fallback_step).
             merged["fallback"] = True
-            merged["fallbackReason"] = c.NO_READY_REPLICAS
+            merged["fallbackReason"] = fallback[1]
         status["live"] = merged
     if is_serving:
         status["live"] = live

@@ -20,6 +20,7 @@ from slm_operator import naming as n
 from slm_operator.live import Metrics
 from slm_operator.observe import FAILED, PENDING, RUNNING, SUCCEEDED, JobView, job_view
 from slm_operator.plan import (
+    WAKE_GRACE_S,
     Observed,
     agreement_since_s,
     gate_verdict,
@@ -1506,6 +1507,57 @@ def test_a_task_scaled_to_zero_while_idle_is_healthy_not_an_outage() -> None:
     p = _step(task2, jobs2, crashed, NOW + dt.timedelta(seconds=10), HEALTHY)
     assert conds(p.status)[c.FALLBACK_ACTIVE] == (c.TRUE, c.NO_READY_REPLICAS)
     assert conds(p.status)[c.READY][0] == c.FALSE
+
+
+def test_waking_from_zero_is_not_an_outage_for_the_replicas_startup_budget() -> None:
+    """Calls come back to a task scaled to zero: the pass raises the replicas from 0 and none
+    is ready until Triton has loaded the model. That was reported as an outage on every
+    wake-up (NoReadyReplicas, a Warning, Ready False, Argo CD Degraded); the LLM answers
+    meanwhile as it did while scaled to zero. A replica not up within the startup probe's
+    budget is an outage again; one that comes up serves with the rollout it had."""
+    task, jobs, dep = _serving_task()
+    task["spec"]["serving"]["minReplicas"] = 0
+    idle = Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=0.0)
+    _step(task, jobs, dep, NOW, idle)
+    mode_before = task["status"]["live"]["rolloutMode"]
+
+    def replicas(wanted: int, ready: int) -> dict[str, Any]:
+        d = copy.deepcopy(dep)
+        d["spec"]["replicas"] = wanted
+        d["status"].update(
+            replicas=wanted, updatedReplicas=wanted, readyReplicas=ready, availableReplicas=ready
+        )
+        return d
+
+    t = NOW + dt.timedelta(seconds=10)
+    _step(task, jobs, replicas(0, 0), t, idle)
+    assert conds(task["status"])[c.FALLBACK_ACTIVE] == (c.TRUE, c.SCALED_TO_ZERO)
+    busy = Metrics(request_rate=5.0)
+    for i, deployed in enumerate((replicas(0, 0), replicas(1, 0), replicas(1, 0))):
+        t += dt.timedelta(seconds=10)
+        p = _step(task, jobs, deployed, t, busy)
+        st = conds(p.status)
+        assert st[c.FALLBACK_ACTIVE] == (c.TRUE, c.WAKING_FROM_ZERO), i
+        assert st[c.READY] == (c.TRUE, c.WAKING_FROM_ZERO)
+        assert st[c.SERVING] == (c.FALSE, c.DEPLOYMENT_PROGRESSING)
+        assert p.status["phase"] == "Serving" and p.status["route"]["mode"] == "llm"
+        assert p.status["live"]["fallbackReason"] == c.WAKING_FROM_ZERO
+        assert not [e for e in p.events if e[0] == "Warning"], p.events
+        if i == 0:
+            woken, woke_at = copy.deepcopy(task["status"]), t
+    t += dt.timedelta(seconds=10)
+    p = _step(task, jobs, replicas(1, 1), t, busy)
+    assert conds(p.status)[c.FALLBACK_ACTIVE][0] == c.FALSE  # serving at once, no recovery
+    assert conds(p.status)[c.READY] == (c.TRUE, c.READY_REASON)
+    assert p.status["live"]["rolloutMode"] == mode_before
+
+    # A replica that never comes up: an outage once the startup budget is spent.
+    task["status"] = woken
+    t = woke_at + dt.timedelta(seconds=WAKE_GRACE_S + 1)
+    p = _step(task, jobs, replicas(1, 0), t, busy)
+    assert conds(p.status)[c.FALLBACK_ACTIVE] == (c.TRUE, c.NO_READY_REPLICAS)
+    assert conds(p.status)[c.READY][0] == c.FALSE
+    assert ("Warning", c.NO_READY_REPLICAS) in [(e[0], e[1]) for e in p.events]
 
 
 def test_a_first_rollout_waiting_for_replicas_is_not_an_outage() -> None:
