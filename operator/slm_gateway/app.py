@@ -929,7 +929,10 @@ class Gateway:
         rid: str,
         slm_b: CircuitBreaker,
     ) -> None:
-        if len(self._shadows) >= self.cfg.max_shadow_inflight:
+        if len(self._shadows) >= self.cfg.max_shadow_inflight or not slm_can_serve(req.body):
+            # (A request only the LLM can answer, such as tool_choice "none" or n > 1, is
+            # never the SLM's in any mode: compared anyway, its copy counted as a
+            # disagreement against the SLM's agreement, which gates its rollout.)
             self.metrics.shadow.labels(route.namespace, route.task, "skipped").inc()
             return
         try:

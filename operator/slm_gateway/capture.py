@@ -647,6 +647,8 @@ def capture_line(item: Captured, redactor: Any) -> tuple[bytes, dict[str, int]]:
     """
     messages, tools = _request_parts(item.request)
     message = orjson.loads(item.response)["choices"][0]["message"]
+    if isinstance(message, dict) and message.get("function_call") is not None:
+        tools, message = _legacy_as_tools(item.request, tools, message)
     messages, response, counts = redactor.redact_messages(messages, message)
     line = orjson.dumps(
         {
@@ -667,6 +669,27 @@ def capture_line(item: Captured, redactor: Any) -> tuple[bytes, dict[str, int]]:
         }
     )
     return line + b"\n", counts
+
+
+def _legacy_as_tools(request: bytes, tools: Any, message: dict[str, Any]) -> tuple[Any, Any]:
+    """A legacy ``functions`` call in the form the trainer reads: the functions as ``tools``
+    (when the request has no tools of its own), the answer's ``function_call`` as its one
+    tool call.
+
+    Why: recorded as it came, the call had no tools and an answer without a tool call, so
+    the trainer learned that the LLM answered it in text: a selector trained on such calls
+    learned to hand back the very calls that chose a function.
+    """
+    if not tools or tools == orjson.Fragment(b"[]"):
+        functions = orjson.loads(request).get("functions")
+        if isinstance(functions, list):
+            tools = [{"type": "function", "function": f} for f in functions if isinstance(f, dict)]
+    call = message["function_call"]
+    if isinstance(call, dict) and not message.get("tool_calls"):
+        message = {k: v for k, v in message.items() if k != "function_call"}
+        fn = {"name": call.get("name"), "arguments": call.get("arguments", "")}
+        message["tool_calls"] = [{"id": "call_0", "type": "function", "function": fn}]
+    return tools, message
 
 
 class _RequestParts(msgspec.Struct):

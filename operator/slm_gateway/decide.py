@@ -171,13 +171,20 @@ def slm_can_serve(body: Mapping[str, Any]) -> bool:
     An exported SLM gives one choice, no log-probabilities and no structured-output
     guarantee, and it answers with a tool call whenever it picks one. So a request for
     several choices (``n`` > 1), for ``logprobs``, for a ``response_format`` other than text,
-    or with ``tool_choice: "none"`` goes to the LLM: the agent gets what it asked for, and no
-    fallback is counted against the SLM.
+    with ``tool_choice: "none"`` or a ``tool_choice`` object other than one function (such as
+    ``allowed_tools``), or in the legacy ``functions``/``function_call`` form (the SLM is
+    served ``tools`` only, and answers with ``tool_calls``) goes to the LLM: the agent gets
+    what it asked for, and no fallback is counted against the SLM.
     """
     n = body.get("n")
     if n is not None and n != 1:
         return False
-    if body.get("logprobs") is True or body.get("tool_choice") == "none":
+    choice = body.get("tool_choice")
+    if body.get("logprobs") is True or choice == "none":
+        return False
+    if isinstance(choice, dict) and choice.get("type") != "function":
+        return False
+    if body.get("functions") is not None or body.get("function_call") is not None:
         return False
     fmt = body.get("response_format")
     return not (isinstance(fmt, dict) and fmt.get("type") not in (None, "text"))

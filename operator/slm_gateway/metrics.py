@@ -33,8 +33,9 @@ namespace empty for routes from a static file; ``backend`` is ``slm`` or ``llm``
 - ``slm_gateway_llm_equivalent_cost_usd_total{namespace,task}``: what the same tokens would
   have cost on the LLM; savings = this minus the sum of the cost counter.
 - ``slm_gateway_shadow_total{namespace,task,result}``: shadow comparisons, ``agree``,
-  ``disagree``, ``error`` (SLM failed) or ``skipped`` (too many in flight); agreement rate =
-  agree / (agree + disagree).
+  ``disagree``, ``defer`` (the SLM handed the call back), ``error`` (SLM failed) or
+  ``skipped`` (too many in flight, the SLM's circuit open, or a request only the LLM can
+  answer); agreement rate = agree / (agree + disagree).
 - ``slm_gateway_circuit_state{backend,endpoint}``: 0 closed, 1 half-open, 2 open.
 - ``slm_gateway_routes``: tasks known; ``slm_gateway_route_mode{namespace,task,mode}``: 1 for
   the current mode of each task.

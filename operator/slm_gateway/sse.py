@@ -138,6 +138,7 @@ class StreamAssembler:
         "created",
         "error",
         "finish_reason",
+        "function_call",
         "id",
         "model",
         "refusal",
@@ -151,6 +152,8 @@ class StreamAssembler:
         self.content: list[str] = []
         self.refusal: list[str] = []
         self.calls: dict[int, dict[str, Any]] = {}
+        #: a legacy ``function_call`` answer's name and argument pieces (``functions`` requests)
+        self.function_call: dict[str, list[str]] | None = None
         self._alias: dict[int, int] = {}  # the provider's index -> its call's key in calls
         self._last: int | None = None
         self.finish_reason: str | None = None
@@ -212,6 +215,19 @@ class StreamAssembler:
         refusal = delta.get("refusal")
         if isinstance(refusal, str):
             self.refusal.append(refusal)
+        legacy = delta.get("function_call")
+        if legacy is not None:
+            if not isinstance(legacy, dict):
+                raise StreamFormatError("'delta.function_call' is not an object")
+            if self.function_call is None:
+                self.function_call = {"name": [], "arguments": []}
+            for key in ("name", "arguments"):
+                piece = legacy.get(key)
+                if piece is None:
+                    continue
+                if not isinstance(piece, str):
+                    raise StreamFormatError(f"'delta.function_call.{key}' is not a string")
+                self.function_call[key].append(piece)
         calls = delta.get("tool_calls")
         if calls is None:
             return
@@ -275,6 +291,8 @@ class StreamAssembler:
         }
         if self.refusal:
             msg["refusal"] = "".join(self.refusal)
+        if self.function_call is not None:
+            msg["function_call"] = {k: "".join(v) for k, v in self.function_call.items()}
         if self.calls:
             msg["tool_calls"] = [
                 {

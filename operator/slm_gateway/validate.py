@@ -497,6 +497,9 @@ def _validate_tool_choice(choice: Any, names: frozenset[str]) -> None:
         return
     if not isinstance(choice, dict):
         raise _wrong_type("tool_choice", "a string or an object", choice)
+    if choice.get("type") == "allowed_tools":
+        _validate_allowed_tools(choice.get("allowed_tools"), names)
+        return
     fn = choice.get("function")
     if choice.get("type") != "function" or not isinstance(fn, dict):
         raise invalid(
@@ -511,6 +514,39 @@ def _validate_tool_choice(choice: Any, names: frozenset[str]) -> None:
             f"'tool_choice' names {name[:80]!r}, which is not among 'tools'.",
             "tool_choice.function.name",
         )
+
+
+def _validate_allowed_tools(allowed: Any, names: frozenset[str]) -> None:
+    """OpenAI's ``{"type": "allowed_tools", "allowed_tools": {"mode", "tools"}}``: a subset of
+    ``tools`` the model may call this turn (``mode`` auto or required). The LLM answers it
+    (:func:`slm_gateway.decide.slm_can_serve`); refused, an agent using it got a 400."""
+    if not isinstance(allowed, dict):
+        raise _wrong_type("tool_choice.allowed_tools", "an object", allowed)
+    mode = allowed.get("mode")
+    if mode not in ("auto", "required"):
+        raise invalid(
+            f"Invalid value for 'tool_choice.allowed_tools.mode': {str(mode)[:40]!r}; use auto "
+            "or required.",
+            "tool_choice.allowed_tools.mode",
+        )
+    tools = allowed.get("tools")
+    if not isinstance(tools, list) or not tools:
+        raise _wrong_type("tool_choice.allowed_tools.tools", "a non-empty array", tools)
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str):
+            raise invalid(
+                f"'tool_choice.allowed_tools.tools[{i}]' must be {{'type': 'function', "
+                "'function': {'name': ...}}.",
+                f"tool_choice.allowed_tools.tools[{i}]",
+            )
+        if name not in names:
+            raise invalid(
+                f"'tool_choice.allowed_tools.tools[{i}]' names {name[:80]!r}, which is not "
+                "among 'tools'.",
+                f"tool_choice.allowed_tools.tools[{i}]",
+            )
 
 
 __all__ = ["ChatRequest", "GatewayError", "parse_chat_request", "validate_body"]

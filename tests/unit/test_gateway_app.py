@@ -340,6 +340,36 @@ def test_shadow_mode_answers_from_llm_and_measures_agreement(
         assert metric(c, "slm_gateway_requests_total", backend="slm") == 0
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"tool_choice": "none"},
+        {"n": 2},
+        {"response_format": {"type": "json_object"}},
+        {"functions": [{"name": "get_weather", "parameters": {"type": "object"}}]},
+    ],
+    ids=["tool_choice_none", "n2", "json_format", "legacy_functions"],
+)
+def test_a_request_only_the_llm_can_answer_is_not_shadowed(
+    standin: llm_standin.StandIn, extra: dict[str, Any]
+) -> None:
+    """Never the SLM's in any mode, such a request was still copied to it and compared: a
+    tool call where the agent asked for none counted as a disagreement, which lowers the
+    agreement that gates the rollout (one bad window sends a canary back to shadow)."""
+    with client(route(standin, mode="shadow")) as c:
+        before = standin.stats()["slm_calls"]
+        r = chat(c, tools=TOOLS, **extra)
+        assert r.status_code == 200 and r.headers["x-slm-backend"] == "llm"
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if metric(c, "slm_gateway_shadow_total", result="skipped"):
+                break
+            time.sleep(0.02)
+        assert metric(c, "slm_gateway_shadow_total", result="skipped") == 1
+        assert metric(c, "slm_gateway_shadow_total", result="disagree") == 0
+        assert standin.stats()["slm_calls"] == before
+
+
 def test_a_bad_shadow_answer_counts_as_an_slm_error_like_a_served_one(
     standin: llm_standin.StandIn,
 ) -> None:

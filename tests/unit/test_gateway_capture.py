@@ -277,6 +277,27 @@ def test_the_tools_are_written_as_the_agent_sent_them_on_one_line(encode: Any, t
     assert record.messages == body["messages"]
 
 
+def test_a_legacy_functions_call_is_recorded_in_the_tools_form() -> None:
+    """Recorded as it came, a ``functions`` call had no tools and an answer without a tool
+    call: the trainer learned that the LLM answered it in text, and a selector learned to
+    hand back the very calls that chose a function."""
+    from slm_trainer import metrics
+    from slm_trainer.redact import default_redactor
+
+    functions = [{"name": "get_weather", "parameters": {"type": "object"}}]
+    body = {"model": "t", "messages": [{"role": "user", "content": "hi"}], "functions": functions}
+    call = {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    answer = {"role": "assistant", "content": None, "function_call": call}
+    response = orjson.dumps({"choices": [{"message": answer}]})
+    request = orjson.dumps(body)
+    captured = Captured("ns/t", "t", "gpt", "llm", request, response, 1.0, 1, 1, 5.0, "", "")
+    record = CallRecord.from_dict(orjson.loads(capture_line(captured, default_redactor())[0]))
+    assert record.tools == [{"type": "function", "function": functions[0]}]
+    assert "function_call" not in record.response
+    assert metrics.tool_calls(record.response) == [("get_weather", {"city": "Paris"})]
+    assert metrics.tool_label(record.response) == "get_weather"
+
+
 def test_a_number_wider_than_64_bits_is_written_as_the_gateway_read_it() -> None:
     """The gateway decodes requests with orjson, which reads an integer wider than 64 bits
     as a float; the worker must read the messages the same way, or it cannot write the

@@ -351,6 +351,12 @@ class TestToolContract:
             ({"logprobs": True}, False),
             ({"response_format": {"type": "json_schema", "json_schema": {}}}, False),
             ({"tool_choice": "none"}, False),
+            ({"tool_choice": {"type": "function", "function": {"name": "a"}}}, True),
+            # a subset of the tools this turn: the SLM was trained on the whole list
+            ({"tool_choice": {"type": "allowed_tools", "allowed_tools": {}}}, False),
+            # legacy function calling: the SLM is served tools and answers with tool_calls
+            ({"functions": [{"name": "a"}]}, False),
+            ({"function_call": "auto"}, False),
         ],
     )
     def test_what_an_slm_can_serve(self, body: dict[str, Any], ok: bool) -> None:

@@ -122,6 +122,24 @@ def test_a_finish_reason_is_recorded_only_when_the_llm_sent_one() -> None:
     assert a.finished and a.completion("c", "m")["choices"][0]["finish_reason"] == "stop"
 
 
+def test_a_streamed_legacy_function_call_is_kept() -> None:
+    """A ``functions`` request streams its answer as ``delta.function_call`` pieces; they
+    were dropped, and the captured answer was an empty assistant message."""
+    a = sse.StreamAssembler()
+    pieces = [{"name": "get_weather", "arguments": ""}, {"arguments": '{"city":'}]
+    pieces.append({"arguments": '"Paris"}'})
+    for piece in pieces:
+        a.add({"choices": [{"index": 0, "delta": {"function_call": piece}}]})
+    a.add({"choices": [{"index": 0, "delta": {}, "finish_reason": "function_call"}]})
+    assert a.message() == {
+        "role": "assistant",
+        "content": None,
+        "function_call": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+    }
+    with pytest.raises(sse.StreamFormatError, match="function_call"):
+        sse.StreamAssembler().add({"choices": [{"delta": {"function_call": "get_weather"}}]})
+
+
 def test_an_event_that_never_ends_is_refused_instead_of_buffered_for_ever() -> None:
     splitter = sse.EventSplitter(max_event=1024)
     splitter.feed(b"data: " + b"x" * 1000)

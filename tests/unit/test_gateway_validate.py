@@ -47,6 +47,19 @@ def test_a_valid_request_keeps_every_field() -> None:
     assert req.body["vendor_extension"] == {"x": 1}
 
 
+def test_openais_allowed_tools_choice_is_valid() -> None:
+    """OpenAI's current Chat Completions lets a turn restrict the tools it may call; an agent
+    that used it got a 400 before reaching the LLM, which answers it."""
+    choice = {
+        "type": "allowed_tools",
+        "allowed_tools": {
+            "mode": "required",
+            "tools": [{"type": "function", "function": {"name": "get_weather"}}],
+        },
+    }
+    assert parse_chat_request(body(tool_choice=choice)).body["tool_choice"] == choice
+
+
 def test_a_full_tool_conversation_is_valid() -> None:
     messages = [
         {"role": "system", "content": "Pick tools."},
@@ -144,6 +157,26 @@ def test_a_full_tool_conversation_is_valid() -> None:
             body(tool_choice={"type": "function", "function": {"name": "nope"}}),
             "tool_choice.function.name",
             "invalid_value",
+        ),
+        (
+            body(tool_choice={"type": "allowed_tools", "allowed_tools": {"mode": "any"}}),
+            "tool_choice.allowed_tools.mode",
+            "invalid_value",
+        ),
+        (
+            body(
+                tool_choice={
+                    "type": "allowed_tools",
+                    "allowed_tools": {"mode": "auto", "tools": [{"function": {"name": "x"}}]},
+                }
+            ),
+            "tool_choice.allowed_tools.tools[0]",
+            "invalid_value",
+        ),
+        (
+            body(tool_choice={"type": "allowed_tools", "allowed_tools": {"mode": "auto"}}),
+            "tool_choice.allowed_tools.tools",
+            "invalid_type",
         ),
         (body(stream_options={"include_usage": True}), "stream_options", "invalid_value"),
         (body(stream=True, stream_options=[]), "stream_options", "invalid_type"),
