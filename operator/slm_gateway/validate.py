@@ -13,6 +13,7 @@ with status 400 and the offending parameter's path in ``param``.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -362,8 +363,10 @@ def _validate_tool_calls(calls: Any, p: str, ids: set[str]) -> None:
             raise _wrong_type(f"{q}.function.arguments", "a string", fn.get("arguments"))
 
 
-#: Tool lists already validated, by their exact JSON: an agent sends the same tools on every
-#: call, and walking their schemas was the largest part of validating a BFCL request.
+#: Tool lists already validated, by a digest of their exact JSON: an agent sends the same
+#: tools on every call, and walking their schemas was the largest part of validating a BFCL
+#: request. Keyed by the JSON itself, 1024 tool lists of up to the body limit each could
+#: hold about a GiB, and requests for unknown models (validated first) filled it too.
 _TOOLS_SEEN: dict[bytes, frozenset[str]] = {}
 _TOOLS_SEEN_MAX = 1024
 
@@ -372,7 +375,7 @@ def _validated_tools(tools: list[Any]) -> frozenset[str]:
     """The tool names of a valid tool list; raises GatewayError for the first broken tool."""
     if len(tools) > MAX_TOOLS:
         raise invalid(f"'tools' has more than {MAX_TOOLS} entries.", "tools")
-    key = encode(tools, "tools")
+    key = hashlib.blake2b(encode(tools, "tools"), digest_size=16).digest()
     found = _TOOLS_SEEN.get(key)
     if found is not None:
         return found

@@ -285,3 +285,19 @@ def test_every_optional_field_is_checked_when_present() -> None:
             parse_chat_request(body(**{name: [[1]]}))
         assert err.value.status == 400
         assert (err.value.param or "").startswith(name), name
+
+
+def test_the_validated_tools_cache_holds_digests_not_tool_lists() -> None:
+    """Keyed by the tools' JSON, 1024 entries of tool lists near the 1 MiB body limit held
+    about a GiB (requests for unknown models are validated first and filled it too)."""
+    from slm_gateway import validate
+
+    big = "x" * 50_000
+    for i in range(20):
+        tool = {"type": "function", "function": {"name": f"f{i}", "description": big}}
+        assert parse_chat_request(body(tools=[tool])).tools == [tool]
+    assert sum(len(k) for k in validate._TOOLS_SEEN) <= 32 * len(validate._TOOLS_SEEN)
+    # a cached list is still told apart from another: a changed tool is validated again
+    bad = {"type": "function", "function": {"name": "f0", "description": big, "parameters": 1}}
+    with pytest.raises(GatewayError):
+        parse_chat_request(body(tools=[bad]))
