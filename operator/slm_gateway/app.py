@@ -185,13 +185,16 @@ class Breakers:
             self.metrics.circuit.labels(backend, url).set(STATE_VALUES[b.state])
         return ok
 
-    def record(self, backend: str, url: str, b: CircuitBreaker, ok: bool) -> None:
+    def record(
+        self, backend: str, url: str, b: CircuitBreaker, ok: bool, admitted_at: float
+    ) -> None:
+        """The outcome of a call that ``allow`` let through at ``admitted_at`` (monotonic)."""
         before = b.state
         now = time.monotonic()
         if ok:
-            b.success(now)
+            b.success(now, admitted_at)
         else:
-            b.failure(now)
+            b.failure(now, admitted_at)
         if b.state != before:
             if self._current(url, b):
                 self.metrics.circuit.labels(backend, url).set(STATE_VALUES[b.state])
@@ -507,7 +510,7 @@ class Gateway:
         status = reply.status
         if not 200 <= status < 300:
             return self._llm_failure(
-                route, reply.status, reply.body, reply.retry_after, spent, call.llm_b
+                route, reply.status, reply.body, reply.retry_after, spent, call
             )
         try:
             doc = orjson.loads(reply.body)
@@ -592,7 +595,7 @@ class Gateway:
                 text,
                 upstream.retry_after,
                 time.perf_counter() - t,
-                call.llm_b,
+                call,
             )
 
     async def _relay(
@@ -729,7 +732,7 @@ class Gateway:
         """Count an LLM attempt that failed, against its breaker too."""
         route = call.route
         self.metrics.attempt(route.namespace, route.task, LLM, result, spent)
-        self.breakers.record(LLM, route.llm_log_url, call.llm_b, False)
+        self.breakers.record(LLM, route.llm_log_url, call.llm_b, False, call.now)
         self.metrics.errors.labels(route.namespace, route.task, LLM, code).inc()
 
     def _llm_unreachable(self, call: _LLMCall, err: UpstreamError, spent: float) -> GatewayError:
@@ -756,9 +759,9 @@ class Gateway:
         route = call.route
         self.metrics.attempt(route.namespace, route.task, LLM, "ok", spent)
         if call.llm_b.state != "closed":
-            self.breakers.record(LLM, route.llm_log_url, call.llm_b, True)
+            self.breakers.record(LLM, route.llm_log_url, call.llm_b, True, call.now)
         else:
-            call.llm_b.success(call.now)
+            call.llm_b.success(call.now, call.now)
         if call.shadow and call.slm_b is not None:
             self._start_shadow(route, call.req, message, call.rid, call.slm_b)
         self._served(
@@ -781,7 +784,7 @@ class Gateway:
         body: bytes,
         retry_after: str | None,
         spent: float,
-        llm_b: CircuitBreaker,
+        call: _LLMCall,
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         """A non-2xx from the LLM: 4xx (the agent's request, or rate limits) is passed on as
         the LLM said it, with an error body; anything else (5xx, or a 1xx or 3xx, which is no
@@ -795,7 +798,7 @@ class Gateway:
         auth = status in _LLM_AUTH_STATUSES
         if auth or not 400 <= status < 500:
             self.metrics.attempt(route.namespace, route.task, LLM, "error", spent)
-            self.breakers.record(LLM, route.llm_log_url, llm_b, auth)
+            self.breakers.record(LLM, route.llm_log_url, call.llm_b, auth, call.now)
             if auth:
                 self._auth_rejected(route, status)
                 message = (
@@ -811,7 +814,7 @@ class Gateway:
             ).inc()
             raise GatewayError(502, message, type=e.SERVER_ERROR, code=e.CODE_UPSTREAM)
         self.metrics.attempt(route.namespace, route.task, LLM, "status_4xx", spent)
-        self.breakers.record(LLM, route.llm_log_url, llm_b, True)
+        self.breakers.record(LLM, route.llm_log_url, call.llm_b, True, call.now)
         self.metrics.errors.labels(route.namespace, route.task, LLM, "llm_4xx").inc()
         try:
             doc = orjson.loads(body)
@@ -855,6 +858,7 @@ class Gateway:
         """
         assert self.upstreams is not None
         t = time.perf_counter()
+        admitted = time.monotonic()  # just after the caller's breakers.allow
         try:
             answer, confidence = await self.upstreams.slm(route, body)
         except Exception as exc:
@@ -870,7 +874,7 @@ class Gateway:
                 )
             result = kind if kind in (TIMEOUT, BAD_OUTPUT) else "error"
             self.metrics.attempt(route.namespace, route.task, SLM, result, time.perf_counter() - t)
-            self.breakers.record(SLM, route.slm_log_url, slm_b, False)
+            self.breakers.record(SLM, route.slm_log_url, slm_b, False, admitted)
             if kind == TIMEOUT:
                 return None, REASON_TIMEOUT
             return None, REASON_BAD_OUTPUT if kind == BAD_OUTPUT else REASON_ERROR
@@ -879,7 +883,7 @@ class Gateway:
         if not verdict and not fits_request(answer, req.body, req.tool_names):
             verdict = REASON_BAD_OUTPUT
         bad = verdict == REASON_BAD_OUTPUT
-        self.breakers.record(SLM, route.slm_log_url, slm_b, not bad)
+        self.breakers.record(SLM, route.slm_log_url, slm_b, not bad, admitted)
         result = BAD_OUTPUT if bad else verdict or "ok"
         self.metrics.attempt(route.namespace, route.task, SLM, result, spent)
         return answer, verdict

@@ -23,6 +23,12 @@ class CircuitBreaker:
 
     A probe whose outcome never arrives (its request was cancelled) would hold the breaker
     half-open for ever, so a probe claim expires after another ``cooldown_s``.
+
+    An outcome says something only about the breaker's state when its call was let through
+    (``admitted_at``, the ``now`` of that :meth:`allow`): a long call admitted before the
+    breaker opened that ends while it is open or half-open is ignored. Counted, one slow
+    success from before an outage closed the open circuit at once, with no probe, and the
+    agents got the failing backend's errors again until it reopened.
     """
 
     __slots__ = ("_failures", "_opened_at", "_probe_at", "cooldown_s", "failure_threshold", "state")
@@ -62,12 +68,19 @@ class CircuitBreaker:
             return now - self._opened_at >= self.cooldown_s
         return self._probe_at is None or now - self._probe_at >= self.cooldown_s
 
-    def success(self, now: float) -> None:
+    def _stale(self, admitted_at: float | None) -> bool:
+        return admitted_at is not None and self.state != CLOSED and admitted_at < self._opened_at
+
+    def success(self, now: float, admitted_at: float | None = None) -> None:
+        if self._stale(admitted_at):
+            return
         self.state = CLOSED
         self._failures = 0
         self._probe_at = None
 
-    def failure(self, now: float) -> None:
+    def failure(self, now: float, admitted_at: float | None = None) -> None:
+        if self._stale(admitted_at):
+            return
         if self.state == HALF_OPEN:
             self._open(now)
             return

@@ -285,6 +285,27 @@ class TestBreaker:
         assert not b.allow(19)
         assert b.allow(20)
 
+    def test_a_call_let_through_before_the_circuit_opened_does_not_close_it(self) -> None:
+        """A long call (a stream) admitted before the outage that ends well during the
+        cooldown closed the open circuit at once, with no probe: the agents got the failing
+        backend's 502s again instead of fast 503s, and the circuit flapped."""
+        b = CircuitBreaker(failure_threshold=2, cooldown_s=30)
+        assert b.allow(0)  # the slow call
+        b.failure(1, admitted_at=1)
+        b.failure(2, admitted_at=2)
+        assert b.state == OPEN
+        b.success(5, admitted_at=0)  # the slow call ends while open: ignored
+        assert b.state == OPEN and not b.allow(6)
+        assert b.allow(32) and b.state == HALF_OPEN  # the probe, at 32
+        b.success(33, admitted_at=0)  # another old call: still not the probe
+        b.failure(33, admitted_at=1)
+        assert b.state == HALF_OPEN
+        b.success(34, admitted_at=32)  # the probe decides
+        assert b.state == CLOSED
+        b.failure(40, admitted_at=3)  # once closed, every outcome counts again
+        b.failure(41, admitted_at=40)
+        assert b.state == OPEN
+
     def test_rejects_bad_settings(self) -> None:
         with pytest.raises(ValueError):
             CircuitBreaker(failure_threshold=0)

@@ -439,11 +439,11 @@ def test_a_call_ending_after_its_breaker_was_pruned_leaves_no_circuit_series() -
     url = "http://old-slm:8000/v2/models/t/infer"
     b = breakers.get("slm", url)  # a call is in flight with this breaker
     breakers.prune(set())  # the task goes, a scrape prunes
-    breakers.record("slm", url, b, False)  # the call fails: its breaker opens
+    breakers.record("slm", url, b, False, 0.0)  # the call fails: its breaker opens
     breakers.allow("slm", url, b, 1e9)
     assert "slm_gateway_circuit_state{" not in generate_latest(metrics.registry).decode()
     fresh = breakers.get("slm", url)  # a route that uses the URL again gets its own
-    breakers.record("slm", url, fresh, False)
+    breakers.record("slm", url, fresh, False, 0.0)
     text = generate_latest(metrics.registry).decode()
     assert f'slm_gateway_circuit_state{{backend="slm",endpoint="{url}"}} 2.0' in text
 
