@@ -23,8 +23,9 @@ namespace empty for routes from a static file; ``backend`` is ``slm`` or ``llm``
   with ``--agent-auth serviceaccount``, how calls fared (``ok``, ``missing``, ``invalid``,
   ``forbidden``, ``unavailable``) and the TokenReviews behind them (``authenticated``,
   ``rejected``, ``failed``; one per token and cache period, see :mod:`slm_gateway.auth`).
-- ``slm_gateway_fallbacks_total{namespace,task,reason}``: calls meant for the SLM that the LLM
-  answered.
+- ``slm_gateway_fallbacks_total{namespace,task,reason}``: calls meant for the SLM that went to
+  the LLM instead, counted when they are sent there (also when the LLM then fails, or its own
+  circuit is open): the reason is the SLM's side, which the operator's SLM error rate reads.
 - ``slm_gateway_tokens_total{namespace,task,backend,kind}``: prompt and completion tokens
   (estimated from bytes where the backend reports none: always for the SLM, and for LLM
   servers that send no ``usage``; see :func:`slm_gateway.decide.estimate_tokens`).
