@@ -88,6 +88,30 @@ def test_a_selector_is_scored_by_its_labels_over_thresholds() -> None:
     assert [p["accepted"] for p in s.curve] == [3, 2, 1, 0]
 
 
+def test_the_report_shows_the_figures_at_the_threshold_the_candidate_is_served_with() -> None:
+    """The threshold evaluate picks is picked on the eval calls; the gateway applies the one
+    the candidate's finetune stage calibrated (selector.json, manifest.json, result.json).
+    A report with only its own pick (0.65: half the calls answered, all right) read as what
+    production would get, while a candidate served at 0.96 answers none of them."""
+    s = evaluate.score_candidate(
+        "sel", records(), SELECTOR, "tool-call", "label-accuracy", 0.99, served_threshold=0.96
+    )
+    assert s.threshold == pytest.approx(0.65) and s.coverage == 0.5
+    served = s.metrics["at_served_threshold"]
+    assert served["threshold"] == 0.96 and served["accepted"] == 0 and served["coverage"] == 0.0
+    plain = evaluate.score_candidate(
+        "sel", records(), SELECTOR, "tool-call", "label-accuracy", 0.99
+    )
+    assert "at_served_threshold" not in plain.metrics
+
+
+def test_candidate_info_reads_the_served_threshold(tmp_path: Path) -> None:
+    (tmp_path / "manifest.json").write_text(json.dumps({"threshold": 0.42, "parameters": 7}))
+    assert evaluate.candidate_info(tmp_path) == {"threshold": 0.42, "parameters": 7}
+    (tmp_path / "manifest.json").write_text(json.dumps({"threshold": True}))
+    assert evaluate.candidate_info(tmp_path) == {}
+
+
 @pytest.mark.parametrize("metric", ["tool-call-ast", "exact-match"])
 def test_a_selector_gated_on_whole_answers_is_scored_on_the_call_it_serves(metric: str) -> None:
     """A selector serves the tool it picks with "{}" arguments. Scored on the tool name it

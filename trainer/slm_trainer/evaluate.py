@@ -22,7 +22,10 @@ candidate that reports confidences also gets a coverage/precision curve over eve
 and the threshold that keeps the most coverage while meeting ``target_precision`` on these
 calls, answering at least :data:`~slm_trainer.generative.MIN_ACCEPTED` of them (a tenth of a
 smaller split): picked and scored on the same calls, a threshold that answers one call, right
-by luck, would score 1.0. Confidences must lie in [0, 1]; predictions on another scale, or
+by luck, would score 1.0. That threshold is this report's: the gateway applies the one
+the candidate's finetune stage calibrated, which the report reads from ``selector.json``,
+``manifest.json`` or ``result.json`` and scores too (``metrics.at_served_threshold``).
+Confidences must lie in [0, 1]; predictions on another scale, or
 not one per eval call, are that candidate's error. A candidate's ``score`` is its chosen
 metric on the calls it answers at that threshold (on all calls when it has no confidence).
 ``llm_score`` is 1.0, because the references are the LLM's own answers. The gate
@@ -150,8 +153,14 @@ def score_candidate(
     task_type: str,
     metric: str,
     target_precision: float,
+    served_threshold: float | None = None,
 ) -> CandidateScore:
     """Every metric for one candidate, its curve, threshold and gate score (pure).
+
+    ``served_threshold``: the candidate's own threshold (its finetune stage calibrated it,
+    and the operator puts it on the route), when known. The threshold picked here is picked
+    on these eval calls; the figures at the served one (``metrics.at_served_threshold``) are
+    what the gateway will apply, and the two can differ.
 
     Raises ValueError for a confidence that is not a finite number (a selector run here that
     produced NaN): it would otherwise count as answered at every threshold.
@@ -270,6 +279,10 @@ def score_candidate(
         out.coverage = round(chosen.coverage, 6)
         out.score = round(metrics.gate_score(chosen), 6)
         m["at_threshold"] = asdict(chosen)
+        if served_threshold is not None:
+            m["at_served_threshold"] = asdict(
+                metrics.selective_point(answer_labels, conf, refs, served_threshold, verdict)
+            )
     else:
         # No confidence: served, it answers every call it does not defer, with no threshold.
         # Its precision is over those calls, and a candidate that answers none does not pass.
@@ -446,9 +459,10 @@ def run_selector_here(path: Path, records: Sequence[CallRecord], threads: int) -
 
 
 def candidate_info(path: Path) -> dict[str, Any]:
-    """Parameters and artifact URI from result.json or selector.json, when present."""
+    """Parameters, artifact URI and served threshold from selector.json, manifest.json (a
+    generative candidate's) or result.json, when present."""
     info: dict[str, Any] = {}
-    for name in ("selector.json", "result.json"):
+    for name in ("selector.json", "manifest.json", "result.json"):
         file = path / name
         if file.is_file():
             try:
@@ -463,6 +477,13 @@ def candidate_info(path: Path) -> dict[str, Any]:
                 info["parameters"] = parameters
             if isinstance(data.get("artifact_uri"), str) and data["artifact_uri"]:
                 info["artifact_uri"] = data["artifact_uri"]
+            threshold = data.get("threshold")
+            if (
+                isinstance(threshold, int | float)
+                and not isinstance(threshold, bool)
+                and 0.0 <= threshold <= 1.0
+            ):
+                info["threshold"] = float(threshold)
     return info
 
 
@@ -592,7 +613,13 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
             else:
                 raise ValueError(f"{path} has neither predictions.jsonl nor selector.json")
             cs = score_candidate(
-                name, records, preds, args.task_type, args.metric, args.target_precision
+                name,
+                records,
+                preds,
+                args.task_type,
+                args.metric,
+                args.target_precision,
+                info.get("threshold"),
             )
         except Exception as exc:
             if _out_of_memory(exc):
