@@ -250,6 +250,25 @@ def capture_volume(docs: list[dict[str, Any]]) -> dict[str, Any] | None:
     return next((v for v in pod["volumes"] if v["name"] == "capture"), None)
 
 
+def test_agents_only_network_policy_is_refused_for_leaving_prometheus_out() -> None:
+    """The gateway's /metrics shares its port with the API: a policy admitting only the
+    agents cut Prometheus off, and the operator saw no gateway metrics (the SLO never judged,
+    the rollout stuck in shadow), silently."""
+    err = helm_fails(
+        CAPTURE_CLAIM,
+        "networkPolicy.enabled=true",
+        "networkPolicy.agents[0].namespaceSelector.matchLabels.team=agents",
+    )
+    assert "networkPolicy.prometheus is empty" in err
+    docs = render(
+        "networkPolicy.enabled=true",
+        "networkPolicy.agents[0].namespaceSelector.matchLabels.team=agents",
+        "networkPolicy.prometheus[0].namespaceSelector.matchLabels.team=monitoring",
+    )
+    rules = by_kind(docs, "NetworkPolicy")["slm-gateway"]["spec"]["ingress"]
+    assert len(rules) == 2  # the agents, and the scrapers
+
+
 def test_capture_without_durable_storage_is_refused_unless_opted_into() -> None:
     """An emptyDir fills up (shards are never deleted locally), gets the pod evicted, and no
     trainer can read it: the chart does not capture there unless told to, in so many words."""
@@ -1364,6 +1383,21 @@ def upgrade(cluster: ClusterHandle, ns: str, release: str, *changes: str) -> Non
         *flags,
         *sets_,
     )
+
+
+def test_an_upgrade_to_the_recreate_strategy_is_accepted(
+    cluster: ClusterHandle, namespace: str, release: str
+) -> None:
+    """The API server fills in rollingUpdate for a Deployment made without a strategy; an
+    upgrade to Recreate (gateway.strategy, or a capture claim found to be ReadWriteOnce) that
+    left it was refused: "may not be specified when strategy type is 'Recreate'"
+    (helm/helm#5144)."""
+    gateway = f"{release}-gateway"
+    before = cluster.get_json("deployment", gateway, "-n", namespace)["spec"]["strategy"]
+    assert before["type"] == "RollingUpdate" and before.get("rollingUpdate")
+    upgrade(cluster, namespace, release, "gateway.strategy.type=Recreate")
+    after = cluster.get_json("deployment", gateway, "-n", namespace)["spec"]["strategy"]
+    assert after == {"type": "Recreate"}
 
 
 def test_install_creates_everything_and_uninstall_cleans_up(
