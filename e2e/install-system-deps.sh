@@ -17,6 +17,11 @@ if [ "$(id -u)" -ne 0 ]; then
   fi
 fi
 export DEBIAN_FRONTEND=noninteractive
+if [ -n "$SUDO" ] && ! sudo -n true 2>/dev/null; then
+  # sudo would ask for a password, which make cannot answer
+  echo "error: missing Debian packages: ${need[*]}; install them first (sudo apt-get install ${need[*]}), then run make setup again" >&2
+  exit 1
+fi
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 # The package starts a system-wide Prometheus on :9090 (as its own user, prometheus) where
