@@ -223,6 +223,11 @@ def reconcile(
     p = plan(obs)
     refused: list[tuple[str, str, str]] = []
     refused_jobs: dict[str, JobView] = {}
+    # A busy answer (429, 5xx: an admission webhook down, etcd changing leader) is retried,
+    # but only after the status is written: it carries the live-control decisions (fallback,
+    # the route the gateway follows), which must not wait out a webhook outage behind the
+    # Deployment that every pass of a serving task applies again.
+    busy: KubeError | None = None
     for obj in p.apply:
         try:
             kube.apply(obj)
@@ -233,7 +238,8 @@ def reconcile(
                 log.info("keeping existing Job %s: %s", obj["metadata"]["name"], e.message)
                 continue
             if e.retryable:
-                raise
+                busy = busy or e
+                continue
             # Refused for good (RBAC, quota, an admission webhook, validation): say so in
             # the status, which is still written, and go on with the other children.
             child, why = obj["metadata"]["name"], e.message or str(e)
@@ -251,7 +257,8 @@ def reconcile(
             kube.delete("batch/v1", "jobs", namespace, job, uid=seen.uid if seen else "")
         except KubeError as e:
             if e.retryable:
-                raise
+                busy = busy or e
+                continue
             # Refused for good (RBAC without `delete` on Jobs, a webhook): as for a refused
             # write, the status says so and is still written. Raised, it stopped every pass
             # before the status, which stayed at its last write while the log alone said why.
@@ -287,4 +294,6 @@ def reconcile(
             )
     if p.invalid and p.status != previous:
         log.error("AgentTask %s/%s has an invalid spec: %s", namespace, name, p.invalid)
+    if busy is not None:
+        raise busy
     return p

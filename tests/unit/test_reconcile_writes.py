@@ -120,7 +120,58 @@ def test_a_retryable_refusal_is_retried_not_reported() -> None:
     kube = Cluster(_task(), KubeError(503, "etcd leader changed", "ServiceUnavailable"))
     with pytest.raises(KubeError) as raised:
         rc.reconcile(kube, "agents", "weather")  # type: ignore[arg-type]
-    assert raised.value.retryable and not kube.status_writes
+    assert raised.value.retryable
+    ready = _ready(kube.task)  # the rest of the status is written first (see below)
+    assert ready["reason"] != c.APPLY_FAILED and "etcd" not in ready["message"]
+
+
+def test_a_busy_child_write_does_not_hold_back_the_fallback_decision(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An admission webhook that is down answers every Deployment apply with a 500 (busy,
+    retried). A serving task applies its Deployment on every pass, and the reconcile raised
+    before the status: the SLO fallback and the route the gateway follows waited out the
+    outage (with backoff up to 5 minutes) while agents got the breaching SLM's answers."""
+    import datetime as dt
+
+    import test_plan as tp
+
+    from slm_operator.plan import Observed
+
+    task, jobs, dep = tp._serving_task()
+    t = tp.NOW
+    for _ in range(20):
+        t += dt.timedelta(seconds=10)
+        tp._step(task, jobs, dep, t, tp.HEALTHY)
+        if task["status"]["route"]["mode"] == "slm":
+            break
+    assert task["status"]["route"]["mode"] == "slm"
+    t += dt.timedelta(seconds=10)
+    tp._step(task, jobs, dep, t, tp.SLOW)  # one breached window of two
+    task["metadata"]["resourceVersion"] = "42"
+    t += dt.timedelta(seconds=10)
+    obs = Observed(copy.deepcopy(task), jobs, dep, t, tp.SLOW)
+    monkeypatch.setattr(rc, "observe", lambda *a, **k: obs)
+    webhook = KubeError(500, 'failed calling webhook "validate.kyverno.svc"', "InternalError")
+
+    class Webhooked(Cluster):
+        def apply(self, obj: dict[str, Any]) -> None:
+            if obj["kind"] == "Deployment":
+                raise webhook
+            super().apply(obj)
+
+    kube = Webhooked(task)
+    with pytest.raises(KubeError) as raised:
+        rc.reconcile(kube, "agents", "weather")  # type: ignore[arg-type]
+    assert raised.value is webhook  # retried as before
+    assert kube.status_writes  # but the status went first
+    fallback = c.find(kube.task["status"]["conditions"], c.FALLBACK_ACTIVE)
+    assert fallback is not None and (fallback["status"], fallback["reason"]) == (
+        c.TRUE,
+        c.SLO_BREACHED,
+    )
+    assert kube.task["status"]["route"]["mode"] != "slm"
+    assert "Service/weather-slm" in kube.applied  # the other children were applied too
 
 
 def _abandoned_job(task: dict[str, Any]) -> dict[str, Any]:
