@@ -132,6 +132,9 @@ class AgentTaskWatcher:
         self._key_problems: dict[SecretRef, tuple[str, str]] = {}
         # The tasks whose route was refused (an unusable LLM URL or status), by task key.
         self._refused: set[str] = set()
+        # The tasks an event installed with the key last read, not one it read itself: a
+        # refresh that read the Secret meanwhile still updates them (see refresh_keys).
+        self._cached: set[str] = set()
         self.events = 0
 
     def start(self) -> None:
@@ -236,6 +239,7 @@ class AgentTaskWatcher:
                 if route is not None:
                     routes.append(route)
             self._tasks = tasks
+            self._cached.clear()  # every key just read
             self._refused &= set(tasks)
             self._versions = {key: self._next_seq() for key in tasks}
             self.table.replace_all(routes)
@@ -291,20 +295,32 @@ class AgentTaskWatcher:
         if kind == "DELETED":
             with self._lock:
                 self._tasks.pop(key, None)
+                self._cached.discard(key)
                 self._versions.pop(key, None)
                 self._refused.discard(key)
                 self.table.remove(key)
             return
         ref = secret_ref(obj)
-        api_key = self._read_key(core, ref) if ref is not None else ""
+        api_key = ""
+        if ref is not None:
+            known = ref in self._keys or ref in self._key_problems
+            # A Secret already read (or found missing or unreadable) is left to the refresh
+            # loop: read here on every event of its task, one slow read (a degraded KMS) held
+            # up every route change queued behind it on this one watch thread, another task's
+            # fallback to the LLM included. A Secret first named here is read at once.
+            cached = known and self.secret_refresh_s > 0
+            api_key = self._keys.get(ref, "") if cached else self._read_key(core, ref)
         with self._lock:
             self._install(key, obj, api_key)
+            if ref is not None and cached:
+                self._cached.add(key)
 
     def _install(self, key: str, obj: Mapping[str, Any], api_key: str) -> None:
         """Remember the task and route it with ``api_key``, or drop its route when it cannot
         be served; the caller holds ``_lock``."""
         self._tasks[key] = (obj, api_key)
         self._versions[key] = self._next_seq()
+        self._cached.discard(key)
         route = self._build(obj, api_key)
         if route is None:
             self.table.remove(key)
@@ -377,7 +393,9 @@ class AgentTaskWatcher:
 
         The Secrets are read without the lock (a slow read must not hold up the watch), so a
         task installed meanwhile (an event or a list, which read its key later than this
-        refresh did) is left as it is: its key is at least as new as the one read here.
+        refresh did) is left as it is: its key is at least as new as the one read here;
+        unless the event installed the key last read without reading it (``_cached``), which
+        this refresh's read may be newer than.
         """
         with self._lock:
             noted = dict(self._versions)
@@ -386,7 +404,7 @@ class AgentTaskWatcher:
         changed = 0
         with self._lock:
             for key, (obj, used) in list(self._tasks.items()):
-                if self._versions.get(key) != noted.get(key):
+                if self._versions.get(key) != noted.get(key) and key not in self._cached:
                     continue
                 ref = secret_ref(obj)
                 if ref is None or ref not in keys or keys[ref] == used:

@@ -598,9 +598,11 @@ def test_a_slow_refresh_never_puts_back_the_key_an_event_just_replaced() -> None
     """A refresh reads the Secrets without the lock; one in flight while the key rotated used
     to install the old key it had read right after a watch event installed the new one, and
     every LLM call got a 401 until the next refresh. Tasks installed meanwhile are now left
-    as they are."""
+    as they are. (An event reads the Secret itself only where no refresh loop runs, or for a
+    Secret first named: see the next test.)"""
     core = SlowCore({"llm-key": KEY})
     watcher = listed(core, task("weather"))
+    watcher.secret_refresh_s = 0  # events read the Secret themselves
     refresher = threading.Thread(target=watcher.refresh_keys, args=(core,), name="refresher")
     refresher.start()
     assert core.entered.wait(10)
@@ -615,6 +617,37 @@ def test_a_slow_refresh_never_puts_back_the_key_an_event_just_replaced() -> None
     core.keys["llm-key"] = KEY
     watcher.refresh_keys(core)
     assert auth(watcher, "weather") == f"Bearer {KEY}"
+
+
+def test_an_event_does_not_wait_for_a_secret_already_read() -> None:
+    """The watch thread handles one event at a time. It read the task's Secret on every event,
+    so one slow Secret (a degraded KMS: seconds per read, then a 500) held up every route
+    change behind it, another task's fallback to the LLM included. A Secret already read is
+    left to the refresh loop, which also updates the tasks an event installed meanwhile."""
+
+    class Stalled(FakeCore):
+        reads = 0
+
+        def read_namespaced_secret(self, name: str, namespace: str, **kwargs: Any) -> _Secret:
+            if threading.current_thread().name != "refresher":
+                Stalled.reads += 1
+            return super().read_namespaced_secret(name, namespace, **kwargs)
+
+    core = Stalled({"llm-key": KEY})
+    watcher = listed(core, task("weather"), task("other"))
+    listed_reads = Stalled.reads
+    for _ in range(5):
+        watcher._apply_event("MODIFIED", task("weather", mode="llm"), core)
+    assert Stalled.reads == listed_reads  # no read on the watch thread
+    assert auth(watcher, "weather") == f"Bearer {KEY}"
+    core.keys["llm-key"] = NEW_KEY  # rotated
+    refresher = threading.Thread(target=watcher.refresh_keys, args=(core,), name="refresher")
+    refresher.start()
+    refresher.join(10)
+    assert auth(watcher, "weather") == auth(watcher, "other") == f"Bearer {NEW_KEY}"
+    # A Secret no task named before is read at once: its key is needed now.
+    watcher._apply_event("MODIFIED", task("new", secret="fresh"), core)
+    assert Stalled.reads == listed_reads + 1
 
 
 def test_what_the_gateway_cannot_serve_is_reported_per_task_until_it_is_fixed() -> None:
