@@ -1389,9 +1389,10 @@ def test_an_upgrade_to_the_recreate_strategy_is_accepted(
     cluster: ClusterHandle, namespace: str, release: str
 ) -> None:
     """The API server fills in rollingUpdate for a Deployment made without a strategy; an
-    upgrade to Recreate (gateway.strategy, or a capture claim found to be ReadWriteOnce) that
-    left it was refused: "may not be specified when strategy type is 'Recreate'"
-    (helm/helm#5144)."""
+    upgrade to Recreate (gateway.strategy, or a capture claim found to be ReadWriteOnce) must
+    not keep it, or the API server refuses the update ("may not be specified when strategy
+    type is 'Recreate'", helm/helm#5144). A review feared it; the Deployment strategy's
+    retainKeys patch strategy clears it, and this holds it so."""
     gateway = f"{release}-gateway"
     before = cluster.get_json("deployment", gateway, "-n", namespace)["spec"]["strategy"]
     assert before["type"] == "RollingUpdate" and before.get("rollingUpdate")
