@@ -136,6 +136,9 @@ class _LLMCall:
     slm_b: CircuitBreaker | None
     llm_b: CircuitBreaker
     now: float
+    #: when the LLM's breaker let this call through (_llm_allowed): its outcome counts for
+    #: the breaker's state of that moment only
+    admitted: float = 0.0
 
 
 class Breakers:
@@ -716,6 +719,7 @@ class Gateway:
         # tried, and the call then probes the LLM instead of getting a 503.
         now = time.monotonic() if call.reason else call.now
         if self.breakers.allow(LLM, route.llm_log_url, call.llm_b, now):
+            call.admitted = now
             return
         self.metrics.errors.labels(
             route.namespace, route.task, LLM, e.CODE_UPSTREAM_UNAVAILABLE
@@ -732,7 +736,7 @@ class Gateway:
         """Count an LLM attempt that failed, against its breaker too."""
         route = call.route
         self.metrics.attempt(route.namespace, route.task, LLM, result, spent)
-        self.breakers.record(LLM, route.llm_log_url, call.llm_b, False, call.now)
+        self.breakers.record(LLM, route.llm_log_url, call.llm_b, False, call.admitted)
         self.metrics.errors.labels(route.namespace, route.task, LLM, code).inc()
 
     def _llm_unreachable(self, call: _LLMCall, err: UpstreamError, spent: float) -> GatewayError:
@@ -759,9 +763,9 @@ class Gateway:
         route = call.route
         self.metrics.attempt(route.namespace, route.task, LLM, "ok", spent)
         if call.llm_b.state != "closed":
-            self.breakers.record(LLM, route.llm_log_url, call.llm_b, True, call.now)
+            self.breakers.record(LLM, route.llm_log_url, call.llm_b, True, call.admitted)
         else:
-            call.llm_b.success(call.now, call.now)
+            call.llm_b.success(call.now, call.admitted)
         if call.shadow and call.slm_b is not None:
             self._start_shadow(route, call.req, message, call.rid, call.slm_b)
         self._served(
@@ -798,7 +802,7 @@ class Gateway:
         auth = status in _LLM_AUTH_STATUSES
         if auth or not 400 <= status < 500:
             self.metrics.attempt(route.namespace, route.task, LLM, "error", spent)
-            self.breakers.record(LLM, route.llm_log_url, call.llm_b, auth, call.now)
+            self.breakers.record(LLM, route.llm_log_url, call.llm_b, auth, call.admitted)
             if auth:
                 self._auth_rejected(route, status)
                 message = (
@@ -814,7 +818,7 @@ class Gateway:
             ).inc()
             raise GatewayError(502, message, type=e.SERVER_ERROR, code=e.CODE_UPSTREAM)
         self.metrics.attempt(route.namespace, route.task, LLM, "status_4xx", spent)
-        self.breakers.record(LLM, route.llm_log_url, call.llm_b, True, call.now)
+        self.breakers.record(LLM, route.llm_log_url, call.llm_b, True, call.admitted)
         self.metrics.errors.labels(route.namespace, route.task, LLM, "llm_4xx").inc()
         try:
             doc = orjson.loads(body)
