@@ -113,6 +113,17 @@ def is_usage_only(chunk: Mapping[str, Any]) -> bool:
     return chunk.get("choices") == [] and isinstance(chunk.get("usage"), dict)
 
 
+def _add_pieces(into: dict[str, Any], fn: dict[str, Any], where: str) -> None:
+    """Append a function delta's ``name`` and ``arguments`` pieces to ``into``'s lists."""
+    for key in ("name", "arguments"):
+        piece = fn.get(key)
+        if piece is None:
+            continue
+        if not isinstance(piece, str):
+            raise StreamFormatError(f"{where.format(key)} is not a string")
+        into[key].append(piece)
+
+
 class StreamAssembler:
     """Folds ``chat.completion.chunk`` objects into the message and usage they spell.
 
@@ -221,13 +232,7 @@ class StreamAssembler:
                 raise StreamFormatError("'delta.function_call' is not an object")
             if self.function_call is None:
                 self.function_call = {"name": [], "arguments": []}
-            for key in ("name", "arguments"):
-                piece = legacy.get(key)
-                if piece is None:
-                    continue
-                if not isinstance(piece, str):
-                    raise StreamFormatError(f"'delta.function_call.{key}' is not a string")
-                self.function_call[key].append(piece)
+            _add_pieces(self.function_call, legacy, "'delta.function_call.{}'")
         calls = delta.get("tool_calls")
         if calls is None:
             return
@@ -253,13 +258,7 @@ class StreamAssembler:
                 continue
             if not isinstance(fn, dict):
                 raise StreamFormatError("a tool call delta's 'function' is not an object")
-            for key in ("name", "arguments"):
-                piece = fn.get(key)
-                if piece is None:
-                    continue
-                if not isinstance(piece, str):
-                    raise StreamFormatError(f"a tool call delta's '{key}' is not a string")
-                slot[key].append(piece)
+            _add_pieces(slot, fn, "a tool call delta's '{}'")
 
     def _slot(self, index: int | None, call_id: str | None, named: bool) -> dict[str, Any]:
         """The call a delta belongs to (see the class docstring); calls keep arrival order.
