@@ -123,6 +123,23 @@ def cpu_threads(resources: Mapping[str, Any]) -> int:
     return 0
 
 
+def _container_env(resources: Mapping[str, Any], gpus: int) -> list[Obj]:
+    """Environment every trainer and Triton container gets from its resources.
+
+    ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` from its CPU allowance (:func:`cpu_threads`), and,
+    with no GPU requested, ``NVIDIA_VISIBLE_DEVICES=void``: CUDA images set it to ``all``, and
+    on a node whose default container runtime is NVIDIA's (the GPU Operator's default) a pod
+    that requested no GPU still saw every GPU of the node, so a CPU Triton or trainer put its
+    model on a GPU another pod was given.
+    """
+    threads = cpu_threads(resources)
+    env = [{"name": v, "value": str(threads)} for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")]
+    return [
+        *(env if threads else []),
+        *([{"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"}] if gpus <= 0 else []),
+    ]
+
+
 def _tolerations(section: Mapping[str, Any], gpus: int) -> list[Obj]:
     tols = [dict(t) for t in section.get("tolerations") or []]
     gpu_tol = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
@@ -208,6 +225,7 @@ def _trainer_job(
                 "name": "POD_NAMESPACE",
                 "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
             },
+            *_container_env(_resources(training, gpus), gpus),
         ],
         "resources": _resources(training, gpus),
         "volumeMounts": mounts,
@@ -224,7 +242,11 @@ def _trainer_job(
     deadline, retries = job_limits(task)
     if training.get("nodeSelector"):
         pod_spec["nodeSelector"] = dict(training["nodeSelector"])
-    tolerations = _tolerations(training, gpus)
+    # The trainer's Jobs share training.nodeSelector: when it pins them to GPU nodes (their
+    # conventional taint tolerated by the fine-tune pods), the CPU-only data-prep and export
+    # pods must tolerate it too, or they stay Pending until the Job's deadline.
+    pinned_gpus = int(training.get("gpus", 1)) if training.get("nodeSelector") else 0
+    tolerations = _tolerations(training, max(gpus, pinned_gpus))
     if tolerations:
         pod_spec["tolerations"] = tolerations
     account = training.get("serviceAccountName") or service_account
@@ -293,6 +315,11 @@ def data_prep_job(
     spec = task["spec"]
     ds = spec["dataset"]
     path, volume = dataset_location(ds["uri"])
+    if volume and volume["persistentVolumeClaim"]["claimName"] == spec["storage"]["claimName"]:
+        # The call log on the workspace claim: read through the workspace mount. A second
+        # (read-only) volume of the same claim in one pod can hang it in ContainerCreating
+        # on some kubelets, or make the shared mount read-only, and curate could not write.
+        path, volume = WORKSPACE + path[len(DATASET_MOUNT) :], None
     stratify = {"tool-call": "tool", "classification": "content"}.get(
         spec.get("taskType", "tool-call"), "auto"
     )
@@ -525,11 +552,9 @@ def triton_deployment(
         "volumeMounts": mounts,
         "securityContext": _restricted_security(),
     }
-    threads = cpu_threads(container["resources"])
-    if threads:
-        container["env"] = [
-            {"name": var, "value": str(threads)} for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-        ]
+    env = _container_env(container["resources"], gpus)
+    if env:
+        container["env"] = env
     pod_spec: Obj = {
         "containers": [container],
         "volumes": volumes,

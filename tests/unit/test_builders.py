@@ -290,6 +290,67 @@ def test_cpu_only_training_requests_no_gpu_and_no_toleration() -> None:
     assert "nvidia.com/gpu" not in str(pod)
 
 
+def _template(job: dict[str, Any]) -> dict[str, Any]:
+    pod: dict[str, Any] = job["spec"]["template"]["spec"]
+    return pod
+
+
+def _env(pod: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in pod["containers"][0].get("env", [])}
+
+
+def test_trainer_jobs_pinned_to_gpu_nodes_all_tolerate_the_gpu_taint() -> None:
+    """training.nodeSelector goes to the three trainer Jobs, the GPU toleration only went to
+    the fine-tune pods: a selector naming GPU nodes left data-prep (the first step) Pending on
+    tainted nodes until its deadline, six hours by default."""
+    gpu_tol = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    pinned = make_task(training={"gpus": 1, "nodeSelector": {"nvidia.com/gpu.product": "H100"}})
+    cand = pinned["spec"]["candidates"][0]
+    jobs = [
+        b.data_prep_job(pinned, "r"),
+        b.finetune_job(pinned, "r", cand),
+        b.export_job(pinned, "r", cand, "pvc://slm-work/weather/r/candidates/small", 0.5),
+    ]
+    for job in jobs:
+        assert gpu_tol in _template(job)["tolerations"], job["metadata"]["name"]
+    # Unpinned, the CPU-only pods need not go to GPU nodes, and are not invited there.
+    free = make_task(training={"gpus": 1})
+    assert "tolerations" not in _template(b.data_prep_job(free, "r"))
+    cpu = make_task(training={"gpus": 0, "nodeSelector": {"pool": "cpu"}})
+    assert "tolerations" not in _template(b.data_prep_job(cpu, "r"))
+
+
+def test_pods_without_a_gpu_see_none_and_size_threads_to_their_cpu() -> None:
+    """CUDA images set NVIDIA_VISIBLE_DEVICES=all: on a node whose default runtime is
+    NVIDIA's, a pod that asked for no GPU saw them all, and a CPU Triton or trainer loaded its
+    model onto a GPU given to another pod. Trainer pods also ran one thread per node core."""
+    task = make_task(training={"gpus": 1, "resources": {"limits": {"cpu": "4"}}})
+    cand = task["spec"]["candidates"][0]
+    data = _env(_template(b.data_prep_job(task, "r")))
+    assert data["NVIDIA_VISIBLE_DEVICES"] == "void" and data["OMP_NUM_THREADS"] == "4"
+    tuned = _env(_template(b.finetune_job(task, "r", cand)))
+    assert "NVIDIA_VISIBLE_DEVICES" not in tuned and tuned["MKL_NUM_THREADS"] == "4"
+    task["spec"]["serving"] = {**task["spec"].get("serving", {}), "gpus": 0}
+    dep = b.triton_deployment(task, "r1", "s3://bucket/repo", "small", 1)
+    assert _env(dep["spec"]["template"]["spec"])["NVIDIA_VISIBLE_DEVICES"] == "void"
+
+
+def test_a_call_log_on_the_workspace_claim_is_read_through_the_workspace_mount() -> None:
+    """dataset.uri on storage.claimName put the same claim into the data-prep pod twice, read
+    write and read-only: some kubelets hang such a pod in ContainerCreating, others make the
+    shared mount read-only, and curate could not write its split."""
+    task = make_task()
+    task["spec"]["dataset"]["uri"] = "pvc://slm-work/calls/weather/"
+    pod = _template(b.data_prep_job(task, "r"))
+    claims = [
+        v["persistentVolumeClaim"]["claimName"]
+        for v in pod["volumes"]
+        if "persistentVolumeClaim" in v
+    ]
+    assert claims == ["slm-work"]
+    assert "--input=/workspace/calls/weather/" in pod["containers"][0]["args"]
+
+
 def test_dataset_on_pvc_is_mounted_read_only() -> None:
     job = b.data_prep_job(make_task(), "r")
     pod = job["spec"]["template"]["spec"]
