@@ -613,6 +613,16 @@ def check_uri_target(target: str) -> None:
         )
 
 
+#: Object stores, where an object appears whole when its upload completes (and a rename is a
+#: copy): shards are put under their final name there.
+_OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"})
+
+
+def _atomic_puts(fs: Any) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,)
+    return any(p in _OBJECT_STORES for p in protocols)
+
+
 def _fsspec_publisher(target: str) -> Callable[[Path, str], None]:
     """Upload a finished shard to ``target``, connecting on first use.
 
@@ -631,7 +641,14 @@ def _fsspec_publisher(target: str) -> Callable[[Path, str], None]:
         fs, root = opened[0]
         remote = f"{root.rstrip('/')}/{relative}"
         fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
-        fs.put_file(str(local), remote)
+        if _atomic_puts(fs):
+            fs.put_file(str(local), remote)
+        else:
+            # Written where the trainer does not read (it lists *.jsonl), then renamed: a
+            # put to the final name was readable while it ran, and one cut short (a writer
+            # killed mid-upload) stayed there, a shard with a torn last line.
+            fs.put_file(str(local), remote + ".part")
+            fs.mv(remote + ".part", remote)
         local.unlink()
 
     return publish

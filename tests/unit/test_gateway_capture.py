@@ -383,6 +383,39 @@ def test_a_full_queue_drops_counts_and_says_so(
     assert "3 record(s) dropped" in caplog.records[-1].getMessage()  # the two silent ones too
 
 
+def test_an_upload_cut_short_leaves_no_torn_shard_where_the_trainer_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A put to the final name was readable while it ran on a filesystem that is no object
+    store (local, NFS, sftp...), and one cut short (the writer killed mid-upload) stayed there:
+    a *.jsonl with a torn last line. It is now written as .part and renamed when whole."""
+    pytest.importorskip("fsspec")
+    from fsspec.implementations.local import LocalFileSystem
+
+    from slm_gateway.capture import _fsspec_publisher
+
+    remote = tmp_path / "bucket"
+    local = tmp_path / "spool" / "weather" / "w0-000001.jsonl"
+    local.parent.mkdir(parents=True)
+    local.write_bytes(b'{"a":1}\n{"a":2}\n')
+    real_put = LocalFileSystem.put_file
+
+    def cut_short(self: Any, lpath: str, rpath: str, **kwargs: Any) -> None:
+        Path(rpath).write_bytes(Path(lpath).read_bytes()[:10])
+        raise OSError("connection lost")
+
+    monkeypatch.setattr(LocalFileSystem, "put_file", cut_short)
+    publish = _fsspec_publisher(f"local://{remote}")
+    with pytest.raises(OSError):
+        publish(local, "weather/w0-000001.jsonl")
+    assert shards(remote) == [] and local.is_file()  # nothing readable; kept to retry
+    monkeypatch.setattr(LocalFileSystem, "put_file", real_put)
+    publish(local, "weather/w0-000001.jsonl")
+    (uploaded,) = shards(remote)
+    assert uploaded.read_bytes() == b'{"a":1}\n{"a":2}\n'
+    assert not list(remote.rglob("*.part")) and not local.exists()
+
+
 def test_uri_targets_upload_finished_shards_through_fsspec(tmp_path: Path) -> None:
     pytest.importorskip("fsspec")
     from slm_gateway.capture import _fsspec_publisher
