@@ -241,6 +241,22 @@ def shard_owner(name: str) -> ShardOwner | None:
     return ShardOwner(head[2], int(pid), int(index), int(seq))
 
 
+def spool_records(root: Path, pid: int) -> Counter[str]:
+    """Whole records per task key in the shards worker ``pid`` left under ``root`` (a torn
+    last line, cut by a kill, is not one)."""
+    found: Counter[str] = Counter()
+    with contextlib.suppress(OSError):
+        for path in root.rglob("*"):
+            owner = shard_owner(path.name)
+            if owner is None or owner.pid != pid or not path.is_file():
+                continue
+            with contextlib.suppress(OSError):
+                lines = path.read_bytes().count(b"\n")
+                if lines:
+                    found[path.parent.relative_to(root).as_posix()] += lines
+    return found
+
+
 class ShardWriter:
     """Appends JSON lines to one open shard per task and rotates by size and age.
 
@@ -1065,6 +1081,8 @@ class _Worker:
         #: Killed by close() at its deadline: what it held is lost to the shutdown, whereas a
         #: worker that dies on its own while draining (out of memory) is a lost worker.
         self.killed_by_close = False
+        #: It stopped cleanly and reported the records its spool shards still hold.
+        self.reported_unsent = False
 
     def take_inflight(self) -> Counter[str]:
         """Mark the worker dead and return what it held unacknowledged, which it never will."""
@@ -1264,6 +1282,15 @@ class CaptureSink:
                 w.proc.kill()
                 w.proc.join(5)
                 w.closed.wait(5)  # its ack thread counts what it held, by task
+        # A worker killed here (an upload hung past the deadline), or dead without a restart,
+        # reported nothing of the shards it leaves in the spool, which goes with the pod:
+        # their records were counted written, and are counted upload_pending now.
+        if shard_root(self.cfg) != Path(self.cfg.target.removeprefix("file://")):
+            for w in workers:
+                if not w.reported_unsent:
+                    left = spool_records(shard_root(self.cfg), w.proc.pid)
+                    if left:
+                        self._count_unsent(left)
         # What a worker still holds, and what never left the queue, is lost: counted by task.
         # Taken from the same places the ack threads take it, so nothing is counted twice.
         lost: Counter[str] = Counter()
@@ -1347,6 +1374,7 @@ class CaptureSink:
                 self._died(worker)
                 break
             if msg[0] == "closed":
+                worker.reported_unsent = True
                 if len(msg) > 2 and msg[2]:
                     self._count_unsent(msg[2])
                 if not self._closing:

@@ -383,6 +383,45 @@ def test_a_full_queue_drops_counts_and_says_so(
     assert "3 record(s) dropped" in caplog.records[-1].getMessage()  # the two silent ones too
 
 
+@pytest.mark.slow
+def test_shards_left_by_a_worker_killed_at_close_are_counted_upload_pending(
+    tmp_path: Path,
+) -> None:
+    """An object store that accepts connections and never answers: the upload hangs, close()
+    kills the worker at its deadline, and the shards in its spool (which goes with the pod)
+    stayed counted as written, with no loss reported. They are upload_pending now."""
+    pytest.importorskip("fsspec")
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held: list[Any] = []
+    threading.Thread(
+        target=lambda: [held.append(server.accept()) for _ in iter(int, 1)], daemon=True
+    ).start()
+    port = server.getsockname()[1]
+    dropped: Counter[str] = Counter()
+    sink = CaptureSink(
+        CaptureConfig(target=f"ftp://127.0.0.1:{port}/calls", spool=str(tmp_path / "spool")),
+        on_dropped=lambda key, n, reason: dropped.update({reason: n}),
+    )
+    sink.start()
+    try:
+        for i in range(20):
+            sink.submit(item(i))
+        deadline = time.monotonic() + 30
+        while sink.stats.written < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sink.stats.written == 20
+    finally:
+        stats = sink.close(timeout=3)
+        server.close()
+    assert stats.unsent == 20 and dropped == {"upload_pending": 20}
+    assert sum(f.read_bytes().count(b"\n") for f in shards(tmp_path / "spool")) == 20
+
+
 def test_an_upload_cut_short_leaves_no_torn_shard_where_the_trainer_reads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
