@@ -301,6 +301,9 @@ class ShardWriter:
         self._next_sweep = clock() + max_seconds
         #: Published locally, upload failed: (records, bytes) of each.
         self._pending: dict[Path, tuple[int, int]] = {}
+        #: The open files (and so the flocks) of pending shards: held until uploaded, so no
+        #: other writer's sweep takes one (it would be uploaded and counted twice).
+        self._held: dict[Path, Any] = {}
         self._retry_at = 0.0
         self._retry_delay = RETRY_MIN_S
 
@@ -351,6 +354,20 @@ class ShardWriter:
     def close_all(self) -> None:
         for key in list(self._open):
             self._close(key)
+
+    def _release(self, path: Path) -> None:
+        """Close a pending shard's held file (its lock goes with it): uploaded, or gone."""
+        fh = self._held.pop(path, None)
+        if fh is not None:
+            with contextlib.suppress(OSError):
+                fh.close()
+
+    def _hold_if_pending(self, path: Path, fh: Any) -> None:
+        """Keep ``fh`` (its lock) while ``path``'s upload waits for a retry, else close it."""
+        if path in self._pending:
+            self._held[path] = fh
+        else:
+            fh.close()
 
     def position(self, key: str) -> tuple[int, int]:
         """(sequence number, size) of ``key``'s open shard: where the lines written to it so
@@ -465,7 +482,8 @@ class ShardWriter:
         """Publish (a ``.part``) or upload (a ``.jsonl``) one shard if no one holds its lock;
         False if someone does, or if it was renamed before the lock was had (its owner
         published it: the name now leads to another file, or to none)."""
-        with open(path, "r+b") as fh:
+        fh = open(path, "r+b")  # noqa: SIM115 - held past this call while its upload waits
+        try:
             try:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -476,6 +494,9 @@ class ShardWriter:
                 self._publish_orphan(fh, path)
                 return True
             return self._upload(path)
+        finally:
+            final = path.with_name(path.name.removesuffix(PART_SUFFIX) + SHARD_SUFFIX)
+            self._hold_if_pending(final if path.name.endswith(PART_SUFFIX) else path, fh)
 
     def sweep_orphans(self) -> None:
         """:meth:`recover_orphans`, at most once per ``max_seconds``: what a gateway replica
@@ -497,9 +518,11 @@ class ShardWriter:
         for path in sorted(self._pending):
             records, size = self._pending.pop(path)
             if not path.exists():
+                self._release(path)
                 continue
             if not self._upload(path, records, size):
                 break
+            self._release(path)
         else:
             self._retry_delay = RETRY_MIN_S
             return
@@ -570,7 +593,8 @@ class ShardWriter:
         try:
             self._finish(path, size, records)
         finally:
-            fh.close()
+            final = path.with_name(path.name[: -len(PART_SUFFIX)] + SHARD_SUFFIX)
+            self._hold_if_pending(final, fh)
 
     def _finish(self, path: Path, size: int, records: int = -1) -> None:
         """Publish a closed ``.part`` shard as ``.jsonl`` (and upload it); drop it if empty."""

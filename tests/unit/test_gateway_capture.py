@@ -455,6 +455,40 @@ def test_an_upload_cut_short_leaves_no_torn_shard_where_the_trainer_reads(
     assert not list(remote.rglob("*.part")) and not local.exists()
 
 
+def test_a_shard_waiting_for_its_upload_stays_locked_against_other_writers(
+    tmp_path: Path,
+) -> None:
+    """A shard whose upload failed was unlocked (its file closed) while its writer kept it
+    for a retry: after max_seconds + 60 s of outage another worker's sweep took it too, and
+    both counted it (100 records on disk, 200 upload_pending at shutdown) and charged it to
+    their spool bounds."""
+    outage = True
+    uploaded: list[str] = []
+
+    def publish(local: Path, relative: str) -> None:
+        if outage:
+            raise OSError("connection timed out")
+        uploaded.append(relative)
+        local.unlink()
+
+    clock = Clock()
+    clock.now = time.time()
+    one = ShardWriter(tmp_path, 1, 1 << 20, 300, publish=publish, clock=clock)
+    zero = ShardWriter(tmp_path, 0, 1 << 20, 300, publish=publish, clock=clock)
+    one.write("ns/task", [b'{"r":%d}\n' % i for i in range(100)], rotate=False)
+    one.close_all()  # rotated; the upload fails and waits for a retry
+    assert one.pending_uploads == 1
+    clock.now += 400  # the outage outlasts max_seconds + 60 s
+    zero._next_sweep = 0
+    zero.sweep_orphans()
+    assert zero.pending_uploads == 0 and dict(zero.unsent()) == {}
+    assert dict(one.unsent()) == {"ns/task": 100}
+    outage = False
+    one.retry_uploads(force=True)  # the owner uploads it once the store is back
+    assert len(uploaded) == 1 and shards(tmp_path) == []  # once, by its owner
+    assert one.pending_uploads == 0 and not one._held
+
+
 def test_uri_targets_upload_finished_shards_through_fsspec(tmp_path: Path) -> None:
     pytest.importorskip("fsspec")
     from slm_gateway.capture import _fsspec_publisher
