@@ -953,6 +953,38 @@ def test_gradient_checkpointing_is_non_reentrant_for_every_method(
 
 
 @pytest.mark.slow
+def test_the_resume_fingerprint_ignores_what_does_not_change_the_weights(
+    tmp_path: Path, tiny_minilm: Path
+) -> None:
+    """A finished training preempted during its eval, rerun with a smaller
+    --max-eval-examples (or another checkpoint cadence), was trained again from step 0."""
+    data = write_data(tmp_path / "data", 4, 1)
+    args = stage_args(tmp_path, tiny_minilm, data)
+    opts = generative.Options.from_args(args)
+    train = Path(args.data) / "train.jsonl"
+    base = generative.fingerprint(args, opts, train)
+    for same in ({"max_eval_examples": 2}, {"save_steps": 7}, {"max_new_tokens": 32}):
+        assert generative.fingerprint(args, dataclasses.replace(opts, **same), train) == base
+    for other in ({"seed": 1}, {"batch_size": 2}, {"packing": False}):
+        assert generative.fingerprint(args, dataclasses.replace(opts, **other), train) != base
+
+
+def test_a_base_model_path_under_home_is_loaded(
+    tmp_path: Path, tiny_minilm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``~/models/x`` was found by the path check, then handed to from_pretrained as it was
+    written, which took it for a hub id: "not found" for a model that was there (Job args
+    are not expanded by a shell)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    shutil.copytree(tiny_minilm, tmp_path / "home" / "tiny")
+    args = _tiny_stage(tmp_path, Path("~/tiny"), checkpoint_dir="", max_new_tokens=4)
+    args.model = "~/tiny"
+    result = generative.train_generative(args, Events())
+    assert result.ok, result.message
+    manifest = json.loads((Path(args.output) / "manifest.json").read_text())
+    assert manifest["base_model"] == "~/tiny"  # as the task names it
+
+
 def test_sigterm_then_resume_ends_exactly_like_an_uninterrupted_run(
     tmp_path: Path, tiny_minilm: Path
 ) -> None:
@@ -999,7 +1031,8 @@ def test_sigterm_then_resume_ends_exactly_like_an_uninterrupted_run(
     second = generative.train_generative(interrupted, resumed_events)
     assert second.ok, second.message
     assert resumed_events.of("resume")[0]["step"] == 3
-    assert [e["step"] for e in resumed_events.of("progress")] == [4, 5, 6]
+    # where it stands first (its gauge and the pod's annotation said 0 % until a step ended)
+    assert [e["step"] for e in resumed_events.of("progress")] == [3, 4, 5, 6]
 
     out_b = Path(interrupted.output)
     state_a = json.loads((out_a / "trainer_state.json").read_text())

@@ -564,6 +564,26 @@ def test_a_hub_id_the_hub_does_not_know_is_reported_and_a_network_error_is_retri
     assert cli.main(argv) == cli.EXIT_CRASHED
 
 
+@pytest.mark.parametrize("path", ["selector", "generative"])
+def test_offline_a_hub_id_not_in_the_cache_is_reported_not_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """With HF_HUB_OFFLINE set (an air-gapped cluster), a hub id that is not in the cache will
+    not be there on a retry either: it crashed (exit 1) with "We couldn't connect to
+    'https://huggingface.co'", naming neither the model nor the offline setting."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    data = clean_split(tmp_path / "data")
+    argv = finetune_argv(data, tmp_path, "acme/not-in-the-cache", f"--path={path}")
+    assert cli.main(argv) == cli.EXIT_REPORTED
+    result = TrainerResult.from_json((tmp_path / "result.json").read_text())
+    assert not result.ok and result.message.startswith(
+        "base model 'acme/not-in-the-cache' not found"
+    )
+    assert "HF_HUB_OFFLINE" in result.message
+
+
 def test_a_selector_on_calls_that_offer_no_tools_is_a_reported_failure(tmp_path: Path) -> None:
     """A selector picks one of a call's tools: with none offered anywhere there is nothing to
     learn. It crashed (ValueError, exit 1, retried); the data decides it, so it is reported."""

@@ -254,9 +254,11 @@ def _not_found_reason(exc: BaseException) -> str | None:
     """Why ``exc`` (or an exception it was raised from) means "no such base model", or None
     for anything else, a network error included (that one stays a retried crash)."""
     try:
+        from huggingface_hub import constants
         from huggingface_hub.errors import (
             GatedRepoError,
             HFValidationError,
+            LocalEntryNotFoundError,
             RepositoryNotFoundError,
         )
     except ImportError:  # pragma: no cover - transformers always brings huggingface_hub
@@ -271,6 +273,12 @@ def _not_found_reason(exc: BaseException) -> str | None:
             return "the hub has no such repository (or it is private to the trainer's token)"
         if isinstance(current, HFValidationError):
             return "it is neither a local model directory nor a valid hub id"
+        if isinstance(current, LocalEntryNotFoundError) and constants.HF_HUB_OFFLINE:
+            # offline, nothing will download it on a retry: as permanent as a missing repo
+            return (
+                "it is neither a local model directory nor in the Hugging Face cache "
+                "(HF_HUB_OFFLINE is set, so it cannot be downloaded)"
+            )
         current = current.__cause__ or current.__context__
     return None
 

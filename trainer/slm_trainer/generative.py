@@ -59,7 +59,12 @@ from typing import Any
 from slm_contract import CallRecord, TrainerResult
 from slm_trainer import metrics
 from slm_trainer.curate import ParseStats, read_split
-from slm_trainer.finetune import BaseModelNotFound, loading_base_model, missing_base_model
+from slm_trainer.finetune import (
+    BaseModelNotFound,
+    loading_base_model,
+    missing_base_model,
+    resolve_model_path,
+)
 from slm_trainer.preemption import SigtermFlag, load_or_set_aside, save_atomically
 from slm_trainer.progress import Progress
 from slm_trainer.triton_model import chatformat, runtime
@@ -125,6 +130,10 @@ class Options:
             if v is not None:
                 values[f.name] = type(f.default)(v)
         return cls(**values)
+
+
+#: Options that do not change the trained weights, left out of the resume fingerprint.
+_NOT_TRAINING = frozenset({"eval_batch_size", "save_steps", "max_new_tokens", "max_eval_examples"})
 
 
 @dataclass(frozen=True)
@@ -366,14 +375,17 @@ def load_model(args: Any, opts: Options, device: str, amp: Any = None) -> tuple[
     """(model ready to train, tokenizer, tools_in_template) for the stage's method."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # a base model that does not exist raises BaseModelNotFound: reported, not retried
+    # a base model that does not exist raises BaseModelNotFound: reported, not retried;
+    # loaded from the directory a path names ("~/models/x" is no hub id: from_pretrained
+    # does not expand it), the name as given stays in the manifest
+    source = resolve_model_path(str(args.model))
     with loading_base_model(str(args.model)):
-        tokenizer = AutoTokenizer.from_pretrained(str(args.model))
+        tokenizer = AutoTokenizer.from_pretrained(source)
     tools_in_template = prepare_tokenizer(tokenizer)
     method = args.method
     kwargs = from_pretrained_kwargs(method, device, amp)
     with loading_base_model(str(args.model)):
-        model = AutoModelForCausalLM.from_pretrained(str(args.model), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if "device_map" not in kwargs:
         model.to(device)
     model = prepare_for_training(model, method, opts.gradient_checkpointing)
@@ -455,7 +467,12 @@ def fingerprint(args: Any, opts: Options, train_path: Path) -> str:
         "max_seq_length",
     )
     spec = {k: str(getattr(args, k, None)) for k in keys}
-    spec["options"] = {f.name: getattr(opts, f.name) for f in fields(opts)}
+    # What decides the trained weights only: a rerun that changes how it evaluates or how
+    # often it checkpoints (a smaller --max-eval-examples after an eval ran out of memory)
+    # resumes the training, which it threw away before.
+    spec["options"] = {
+        f.name: getattr(opts, f.name) for f in fields(opts) if f.name not in _NOT_TRAINING
+    }
     h.update(json.dumps(spec, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
 
@@ -731,6 +748,8 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
 
     state = {"fingerprint": fp, "total_steps": total}
     progress = Progress(emit, args.candidate, total, stage=CONTRACT_STAGE, start_step=start)
+    if start > 0:  # a resumed pod says where it stands before its first step (or its eval)
+        progress.update(start, losses[-1] if losses else None)
     samples = tokens = 0
     t_loop = time.monotonic()
     try:
@@ -992,7 +1011,7 @@ def _served_model(out: Path, args: Any, device: str) -> Any:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    model, _ = runtime.load_model(out, str(args.model), device=device)
+    model, _ = runtime.load_model(out, resolve_model_path(str(args.model)), device=device)
     return model
 
 
