@@ -234,6 +234,7 @@ class LocalCluster:
             except ClusterError:
                 if attempt + 1 < attempts and self._lost_port(name):
                     continue
+                self._stop_one(name)  # not ready: nothing of it stays running
                 raise
 
     def _spawn_on_free_ports(

@@ -41,6 +41,7 @@ from slm_e2e.cluster import LocalCluster
 from slm_e2e.kubelet import finish_pod
 from slm_e2e.prometheus import LocalPrometheus
 from slm_e2e.testing import ClusterHandle, OperatorProcess, wait_for
+from slm_gateway.testing import stop_child
 
 REPO = Path(__file__).resolve().parents[2]
 TASK = "tool-router"
@@ -156,6 +157,17 @@ class TrainerKubelet:
         self.stop = threading.Event()
         self.errors: list[str] = []
         self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.child: subprocess.Popen[bytes] | None = None
+
+    def close(self) -> None:
+        """Stop the loop and the trainer it runs (a demo that fails, times out or is stopped
+        left a training process running: it ran in this process's group, from a daemon
+        thread no one waited for)."""
+        self.stop.set()
+        self.gate.set()
+        child = self.child
+        if child is not None and child.poll() is None:
+            stop_child(child, 10.0)  # a trainer checkpoints on SIGTERM
 
     def _map(self, value: str) -> str:
         return value.replace("/workspace", str(self.pv)).replace("/mnt/dataset", str(self.pv))
@@ -184,9 +196,15 @@ class TrainerKubelet:
         )
         t = time.monotonic()
         with open(self.logs / f"{name}.log", "wb") as log:
-            rc = subprocess.run(
-                [exe, stage, *args], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.pv
-            ).returncode
+            self.child = subprocess.Popen(
+                [exe, stage, *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.pv,
+                start_new_session=True,
+            )
+            rc = self.child.wait()
         message = result.read_text() if result.exists() else f"no result (exit {rc})"
         say(f"kubelet: {name} exited {rc} after {time.monotonic() - t:.0f}s: {message[:160]}")
         finish_pod(self.cluster, NS, pod, message, exit_code=rc)
@@ -428,6 +446,7 @@ def run(work: Path, n_relevant: int, n_irrelevant: int) -> int:
         say(f"gateway {gateway.url}, Prometheus {prom.url}, operator and LLM stand-in running")
 
         kubelet = TrainerKubelet(c, pv, work / "logs")
+        stack.append(kubelet)  # stopped before the cluster it reads (stack: last in, first out)
         kubelet.thread.start()
         c.apply(manifest(standin.llm_base_url, "sentence-transformers/all-MiniLM-L6-v2"), NS)
         say(f"applied AgentTask {TASK}; the operator created its data-prep Job")
@@ -613,7 +632,12 @@ def run(work: Path, n_relevant: int, n_irrelevant: int) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         for thing in reversed(stack):
             try:
-                thing.stop() if not isinstance(thing, LocalCluster) else thing.down()
+                if isinstance(thing, LocalCluster):
+                    thing.down()
+                elif isinstance(thing, TrainerKubelet):
+                    thing.close()
+                else:
+                    thing.stop()
             except Exception as exc:  # best effort shutdown
                 print(f"stopping {type(thing).__name__}: {exc}", file=sys.stderr)
 

@@ -196,9 +196,14 @@ def start_triton(
     own = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="slm-triton-")) if workdir is None else workdir
     workdir.mkdir(parents=True, exist_ok=True)
-    backends = prepare_backends(workdir)
-    binary = pytriton_dir() / "bin" / "tritonserver"
-    full_env = server_env(extra_pythonpath)
+    try:
+        backends = prepare_backends(workdir)
+        binary = pytriton_dir() / "bin" / "tritonserver"
+        full_env = server_env(extra_pythonpath)
+    except BaseException:  # no stub for this Python, pytriton missing: no directory left
+        if own:
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
     full_env.update(env or {})
     last: TritonError | None = None
     for attempt in range(attempts):
@@ -243,7 +248,9 @@ def start_triton(
         except TritonError as exc:
             server.stop()
             last = exc
-            if "address already in use" not in server.log_tail(200).lower():
+            # gRPC says "Address already in use"; the HTTP and metrics services say "Socket
+            # '127.0.0.1:N' already in use": a retry on new ports for either
+            if "already in use" not in server.log_tail(200).lower():
                 break
             if attempt + 1 < attempts:
                 continue

@@ -302,17 +302,21 @@ def test_busy_port_is_skipped_and_down_after_crash_cleans_up(
     c.dir.mkdir(parents=True)
     c.state = State(dir=str(c.dir))
     etcd = _etcd_alone(c)
-    c._start_with_ports(etcd.name, etcd.port_names, etcd.argv_for, etcd.ready, etcd.what)
-    busy.close()
-    assert busy_port not in c.state.ports.values()
-    pid = c.state.pids["etcd"]
+    try:
+        c._start_with_ports(etcd.name, etcd.port_names, etcd.argv_for, etcd.ready, etcd.what)
+        busy.close()
+        assert busy_port not in c.state.ports.values()
+        pid = c.state.pids["etcd"]
 
-    os.killpg(pid, signal.SIGKILL)  # the "crash"
-    wait_for(lambda: not clustermod._pid_alive(pid), timeout=10, what="etcd to die")
-    status = LocalCluster(tmp_path / "c").status()
-    assert status["components"]["etcd"]["running"] is False
-    assert LocalCluster(tmp_path / "c").down() == []  # nothing alive to stop, no error
-    assert State.load(tmp_path / "c").pids == {}  # type: ignore[union-attr]
+        os.killpg(pid, signal.SIGKILL)  # the "crash"
+        wait_for(lambda: not clustermod._pid_alive(pid), timeout=10, what="etcd to die")
+        status = LocalCluster(tmp_path / "c").status()
+        assert status["components"]["etcd"]["running"] is False
+        assert LocalCluster(tmp_path / "c").down() == []  # nothing alive to stop, no error
+        assert State.load(tmp_path / "c").pids == {}  # type: ignore[union-attr]
+    finally:  # a failed assert above must not leave a real etcd running
+        busy.close()
+        LocalCluster(tmp_path / "c").down()
 
 
 def _etcd_alone(c: LocalCluster) -> Starting:

@@ -305,3 +305,36 @@ def test_a_selector_candidate_serves_its_choice_and_calibrated_confidence(
         "get_time",
     )
     assert 0.0 <= float(result.as_numpy("CONFIDENCE")[0, 0]) <= 1.0
+
+
+def test_a_port_taken_before_triton_binds_it_is_retried_on_new_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ports are picked free, then bound by tritonserver seconds later. Only a taken gRPC port
+    ("Address already in use") was retried: the HTTP and metrics services say "Socket ...
+    already in use", and such a start failed at once, failing the test that needed it."""
+    import socket
+
+    import slm_e2e.triton as triton
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    picks: list[list[int]] = []
+    real = triton.free_ports
+
+    def http_port_taken_first(n: int) -> list[int]:
+        ports = real(n)
+        if not picks:
+            ports[0] = held.getsockname()[1]
+        picks.append(ports)
+        return ports
+
+    monkeypatch.setattr(triton, "free_ports", http_port_taken_first)
+    (tmp_path / "repo").mkdir()
+    server = triton.start_triton(tmp_path / "repo", timeout=120)
+    try:
+        assert len(picks) == 2 and server.http_port == picks[1][0]
+    finally:
+        server.stop()
+        held.close()

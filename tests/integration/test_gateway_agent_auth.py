@@ -238,7 +238,9 @@ def test_an_api_server_that_cannot_review_tokens_means_503_not_a_call_let_throug
         standin.stop()
         hole.close()
     print(f"\n503 after {first:.1f} s; 12 concurrent agents all answered in {together:.1f} s")
-    assert first < 4 and together < 5
+    # One 2 s connect timeout each, side by side: a review retried or the twelve done one
+    # after another would take 6 s or 24 s; the margin is for a loaded 2-core machine.
+    assert first < 6 and together < 8
     log = (tmp_path / "gateway.log").read_text()
     assert log.count("agent tokens cannot be reviewed") == 1
     assert "Retrying" not in log and tokens[0] not in log
