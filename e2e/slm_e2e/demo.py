@@ -154,16 +154,16 @@ class TrainerKubelet:
         self.cluster, self.pv, self.logs = cluster, pv_dir, logs
         self.done: set[str] = set()
         self.gate = threading.Event()  # opened once the captured traffic is in
-        self.stop = threading.Event()
+        self.stopping = threading.Event()
         self.errors: list[str] = []
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.child: subprocess.Popen[bytes] | None = None
 
-    def close(self) -> None:
+    def stop(self) -> None:
         """Stop the loop and the trainer it runs (a demo that fails, times out or is stopped
         left a training process running: it ran in this process's group, from a daemon
         thread no one waited for)."""
-        self.stop.set()
+        self.stopping.set()
         self.gate.set()
         child = self.child
         if child is not None and child.poll() is None:
@@ -211,7 +211,7 @@ class TrainerKubelet:
 
     def _loop(self) -> None:
         self.gate.wait()
-        while not self.stop.is_set():
+        while not self.stopping.is_set():
             cp = self.cluster.kubectl(
                 "get",
                 "pods",
@@ -234,7 +234,7 @@ class TrainerKubelet:
                 except Exception as exc:  # keep the demo going; the Job shows it
                     self.errors.append(f"{name}: {exc}")
                     finish_pod(self.cluster, NS, pod, f"demo runner error: {exc}", 1)
-            self.stop.wait(0.5)
+            self.stopping.wait(0.5)
 
 
 # ---------------------------------------------------------------- helpers
@@ -632,12 +632,7 @@ def run(work: Path, n_relevant: int, n_irrelevant: int) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         for thing in reversed(stack):
             try:
-                if isinstance(thing, LocalCluster):
-                    thing.down()
-                elif isinstance(thing, TrainerKubelet):
-                    thing.close()
-                else:
-                    thing.stop()
+                thing.stop() if not isinstance(thing, LocalCluster) else thing.down()
             except Exception as exc:  # best effort shutdown
                 print(f"stopping {type(thing).__name__}: {exc}", file=sys.stderr)
 

@@ -495,8 +495,7 @@ class ShardWriter:
                 return True
             return self._upload(path)
         finally:
-            final = path.with_name(path.name.removesuffix(PART_SUFFIX) + SHARD_SUFFIX)
-            self._hold_if_pending(final if path.name.endswith(PART_SUFFIX) else path, fh)
+            self._hold_if_pending(_published(path), fh)
 
     def sweep_orphans(self) -> None:
         """:meth:`recover_orphans`, at most once per ``max_seconds``: what a gateway replica
@@ -593,18 +592,24 @@ class ShardWriter:
         try:
             self._finish(path, size, records)
         finally:
-            final = path.with_name(path.name[: -len(PART_SUFFIX)] + SHARD_SUFFIX)
-            self._hold_if_pending(final, fh)
+            self._hold_if_pending(_published(path), fh)
 
     def _finish(self, path: Path, size: int, records: int = -1) -> None:
         """Publish a closed ``.part`` shard as ``.jsonl`` (and upload it); drop it if empty."""
         if size == 0:
             path.unlink(missing_ok=True)
             return
-        final = path.with_name(path.name[: -len(PART_SUFFIX)] + SHARD_SUFFIX)
+        final = _published(path)
         os.replace(path, final)
         if self.publish is not None:
             self._upload(final, records, size)
+
+
+def _published(path: Path) -> Path:
+    """The name a shard is published under: ``.jsonl`` for its ``.jsonl.part``."""
+    if path.name.endswith(PART_SUFFIX):
+        return path.with_name(path.name[: -len(PART_SUFFIX)] + SHARD_SUFFIX)
+    return path
 
 
 def _last_newline_end(fh: BinaryIO, end: int) -> int:
@@ -842,9 +847,15 @@ def stray_spool_shards(spool: str) -> list[Path]:
     return sorted(found)
 
 
+def uploads(target: str) -> bool:
+    """Whether ``target`` is a URI the workers upload to (their shards wait in a spool), not
+    a folder they write in (a path or ``file://``)."""
+    return "://" in target and not target.startswith("file://")
+
+
 def shard_root(cfg: CaptureConfig) -> Path:
     """Where a target's workers write their shards: its folder, or its spool folder."""
-    if "://" in cfg.target and not cfg.target.startswith("file://"):
+    if uploads(cfg.target):
         return spool_dir(cfg.spool, cfg.target)
     return Path(cfg.target.removeprefix("file://"))
 
@@ -888,9 +899,7 @@ def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, inde
         outbox.send(("failed", f"cannot load the redactor: {type(exc).__name__}: {exc}"))
         return
     root = shard_root(cfg)
-    publish = None
-    if "://" in cfg.target and not cfg.target.startswith("file://"):
-        publish = _fsspec_publisher(cfg.target)
+    publish = _fsspec_publisher(cfg.target) if uploads(cfg.target) else None
     # The spool's bound is shared by the workers; each keeps to its part of it.
     spool_share = cfg.max_spool_bytes // max(1, cfg.workers) if publish is not None else 0
     writer = ShardWriter(
@@ -1040,8 +1049,7 @@ def unacknowledged_lines(
 def _read_shard(path: Path, offset: int) -> bytes:
     """A shard's bytes from ``offset``, under its published name if it was published
     meanwhile (a sweep of stale shards); nothing if it is gone (uploaded by that sweep)."""
-    final = path.with_name(path.name.removesuffix(PART_SUFFIX) + SHARD_SUFFIX)
-    for candidate in (path, final) if path.name.endswith(PART_SUFFIX) else (path,):
+    for candidate in dict.fromkeys((path, _published(path))):
         with contextlib.suppress(FileNotFoundError), open(candidate, "rb") as fh:
             fh.seek(offset)
             return fh.read()
@@ -1176,8 +1184,8 @@ class CaptureSink:
         if self._started:
             return
         check_uri_target(self.cfg.target)
-        if "://" not in self.cfg.target or self.cfg.target.startswith("file://"):
-            Path(self.cfg.target.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+        if not uploads(self.cfg.target):
+            shard_root(self.cfg).mkdir(parents=True, exist_ok=True)
         elif stray := stray_spool_shards(self.cfg.spool):
             log.warning(
                 "capture: %d shard(s) in the spool %s are outside every target's folder (left "
@@ -1309,7 +1317,7 @@ class CaptureSink:
         # A worker killed here (an upload hung past the deadline), or dead without a restart,
         # reported nothing of the shards it leaves in the spool, which goes with the pod:
         # their records were counted written, and are counted upload_pending now.
-        if shard_root(self.cfg) != Path(self.cfg.target.removeprefix("file://")):
+        if uploads(self.cfg.target):
             for w in workers:
                 if not w.reported_unsent:
                     left = spool_records(shard_root(self.cfg), w.proc.pid)

@@ -301,7 +301,7 @@ class AgentTaskWatcher:
                 self.table.remove(key)
             return
         ref = secret_ref(obj)
-        api_key = ""
+        api_key, cached = "", False
         if ref is not None:
             known = ref in self._keys or ref in self._key_problems
             # A Secret already read (or found missing or unreadable) is left to the refresh
@@ -312,7 +312,7 @@ class AgentTaskWatcher:
             api_key = self._keys.get(ref, "") if cached else self._read_key(core, ref)
         with self._lock:
             self._install(key, obj, api_key)
-            if ref is not None and cached:
+            if cached:
                 self._cached.add(key)
 
     def _install(self, key: str, obj: Mapping[str, Any], api_key: str) -> None:

@@ -18,6 +18,6 @@ def test_closing_the_demo_kubelet_stops_the_trainer_it_runs(tmp_path: Path) -> N
         [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
     )
     kubelet.child = trainer
-    kubelet.close()
+    kubelet.stop()
     assert trainer.poll() is not None  # stopped, and reaped
-    assert kubelet.stop.is_set() and kubelet.gate.is_set()  # its loop ends too
+    assert kubelet.stopping.is_set() and kubelet.gate.is_set()  # its loop ends too

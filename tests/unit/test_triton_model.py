@@ -55,6 +55,9 @@ class Selector:
     def predict(self, messages: Any, tools: Any) -> tuple[str | None, float]:
         return self.label, self.confidence
 
+    def answer_text(self, label: str) -> str:
+        return label  # an artifact that kept no spellings
+
 
 class SpellingSelector(Selector):
     """A classification selector whose artifact kept the LLM's spelling of each label."""
@@ -213,6 +216,9 @@ class FirstTool:
 
     def predict(self, messages: Any, tools: list[dict[str, Any]]) -> tuple[str | None, float]:
         return (tools[0]["function"]["name"] if tools else None), 0.9
+
+    def answer_text(self, label: str) -> str:
+        return label
 
 
 def pb_utils_stub() -> Any:

@@ -183,9 +183,8 @@ class TritonPythonModel:
             if self.selector is not None:
                 label, conf = self.selector.predict(messages, tools)
                 conf = float(min(1.0, max(0.0, conf)))
-                spelt = getattr(self.selector, "answer_text", None)
-                text = spelt(label) if label is not None and spelt is not None else None
-                results[i] = (selector_answer(label, conf, self.task_type, text), conf)
+                spelt = self.selector.answer_text(label) if label is not None else None
+                results[i] = (selector_answer(label, conf, self.task_type, spelt), conf)
                 if label is None or self.model is None:
                     continue
                 selected[i] = (label, conf)
@@ -194,18 +193,19 @@ class TritonPythonModel:
             self.tokenizer, [rows[i] for i in to_generate], self.tools_in_template
         )
         rendered = [to_generate[k] for k in kept]
+        # A conversation the chat template rejects, or too long to run, goes back to the LLM,
+        # as evaluation counted it: a deferral. Answered as an error, the gateway took it for
+        # the SLM failing (its circuit breaker, the task's error rate).
+        deferral = (selector_answer(None, 0.0, self.task_type), 0.0)
         for i in set(to_generate) - set(rendered):
-            # A conversation the chat template rejects goes back to the LLM, as evaluation
-            # counted it: a deferral. Answered as an error, the gateway took it for the SLM
-            # failing (its circuit breaker, the task's error rate).
-            results[i] = (selector_answer(None, 0.0, self.task_type), 0.0)
+            results[i] = deferral
         if rendered:
             answers = runtime.generate(
                 self.model, self.tokenizer, prompts, self.max_new_tokens, self.batch_size
             )
             for i, ans in zip(rendered, answers, strict=True):
-                if ans.finish_reason == runtime.TOO_LONG:  # not run: deferred as evaluated
-                    results[i] = (selector_answer(None, 0.0, self.task_type), 0.0)
+                if ans.finish_reason == runtime.TOO_LONG:
+                    results[i] = deferral
                     continue
                 tools_offered = bool(rows[i][1]) or self.task_type == "tool-call"
                 message = chatformat.parse_answer(ans.text, tools_offered)
