@@ -821,24 +821,20 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
             not_evaluated = deferred_rows(all_eval_records, len(eval_records))
             predictions += not_evaluated
             eval_seconds = time.monotonic() - t_eval
-            unrenderable = sum(p["finish_reason"] == "unrenderable" for p in predictions)
-            if unrenderable:
-                emit(
-                    {
-                        "event": "warning",
-                        "message": f"{unrenderable} eval calls the chat template cannot render: "
-                        "scored as handed back to the LLM, as serving would",
-                    }
-                )
-            too_long = sum(p["finish_reason"] == runtime.TOO_LONG for p in predictions)
-            if too_long:
-                emit(
-                    {
-                        "event": "warning",
-                        "message": f"{too_long} eval calls do not fit the model's context with "
-                        "the answer's budget: scored as handed back to the LLM, as serving would",
-                    }
-                )
+            deferred_why = (
+                ("unrenderable", "the chat template cannot render"),
+                (runtime.TOO_LONG, "do not fit the model's context with the answer's budget"),
+            )
+            for reason, what in deferred_why:
+                n = sum(p["finish_reason"] == reason for p in predictions)
+                if n:
+                    emit(
+                        {
+                            "event": "warning",
+                            "message": f"{n} eval calls {what}: scored as handed back to the "
+                            "LLM, as serving would",
+                        }
+                    )
     except Preempted as stop:
         where = f"; checkpoint saved in {ckpt_dir}" if ckpt_dir else " (no checkpoint dir)"
         message = f"preempted by SIGTERM ({stop.args[0]} of {total} steps){where}; rerun to resume"
