@@ -57,7 +57,7 @@ from slm_gateway.backends import (
     new_client,
 )
 from slm_gateway.breaker import STATE_VALUES, CircuitBreaker
-from slm_gateway.capture import Captured, CaptureSink
+from slm_gateway.capture import DROP_ENCODE, Captured, CaptureSink
 from slm_gateway.config import GatewayConfig
 from slm_gateway.decide import (
     LLM,
@@ -84,6 +84,7 @@ from slm_gateway.metrics import GatewayMetrics
 from slm_gateway.routes import MODE_CANARY, Route, RouteTable, load_routes_file
 from slm_gateway.sse import (
     DONE,
+    DONE_EVENT,
     SSE_HEADERS,
     EventSplitter,
     StreamAssembler,
@@ -536,7 +537,7 @@ class Gateway:
                 type=e.SERVER_ERROR,
                 code=e.CODE_UPSTREAM,
             ) from None
-        ptok, ctok = _llm_tokens(call, message, usage)
+        ptok, ctok = _llm_tokens(call, message, usage, reply.body)
         self._llm_answered(call, message, reply.body, spent, ptok, ctok)
         return 200, [_CT_JSON, *self._llm_headers(call)], reply.body
 
@@ -639,10 +640,19 @@ class Gateway:
             return
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         self.metrics.streams.labels(route.namespace, route.task, LLM, "complete").inc()
-        message = assembled.message()
-        completion = orjson.dumps(assembled.completion(f"chatcmpl-{call.rid}", route.llm_model))
-        ptok, ctok = _llm_tokens(call, message, assembled.usage)
-        self._llm_answered(call, message, completion, spent, ptok, ctok)
+        try:  # the response is over: nothing may escape to a second response start
+            message = assembled.message()
+            try:
+                completion: bytes | None = orjson.dumps(
+                    assembled.completion(f"chatcmpl-{call.rid}", route.llm_model)
+                )
+            except orjson.JSONEncodeError:  # read, but nested deeper than orjson writes
+                completion = None
+            ptok, ctok = _llm_tokens(call, message, assembled.usage, completion or b"")
+            self._llm_answered(call, message, completion, spent, ptok, ctok)
+        except Exception:
+            log.exception("internal error while counting a streamed answer")
+            self.metrics.errors.labels(route.namespace, route.task, LLM, e.CODE_INTERNAL).inc()
 
     async def _pump(
         self,
@@ -657,7 +667,11 @@ class Gateway:
         message when the LLM's own error event already went on), or :data:`_GONE`.
 
         A stream ends well with ``data: [DONE]``, or, for servers that do not send it, once
-        every choice it began has its ``finish_reason``. One that stops short of both broke
+        every choice it began has its ``finish_reason`` (the agent then gets the ``[DONE]``
+        OpenAI would have sent). Once it has either, a connection that then ends untidily
+        (reset, no closing chunk, a last line without its blank line) takes nothing from the
+        answer: it is served, counted and captured as complete, and never an error for the
+        LLM's breaker, shared by every task on its URL. One that stops short of both broke
         off, even when its end looked clean to HTTP: an answer delimited by the connection's
         close (no ``Content-Length``, not chunked) reads the same whether the LLM finished
         or its process died mid-answer. Passed on as complete, the agent would act on half
@@ -674,15 +688,24 @@ class Gateway:
             try:
                 chunk = await upstream.next_chunk()
             except UpstreamError as err:
-                return err.kind, _error_code(err), f"The LLM's stream broke off ({err.detail})."
+                if done or assembled.finished:  # the answer is whole; only its end was not
+                    chunk = None
+                else:
+                    return err.kind, _error_code(err), f"The LLM's stream broke off ({err.detail})."
             if chunk is None:
-                if splitter.pending.strip():
+                tail = splitter.pending.strip()
+                whole = done or assembled.finished or data_of(tail) == DONE  # one "\n" short
+                if tail and not whole:
                     return BAD_OUTPUT, e.CODE_UPSTREAM, "The LLM's stream ended mid-event."
-                if not done and not assembled.finished:
+                if not whole:
                     return (
                         CONNECT,
                         e.CODE_UPSTREAM,
                         "The LLM's stream broke off (it ended before the answer was complete).",
+                    )
+                if not done:  # the agent's SDK may wait for it, as OpenAI always sends it
+                    await send(
+                        {"type": "http.response.body", "body": DONE_EVENT, "more_body": True}
                     )
                 return None
             out = []
@@ -754,12 +777,13 @@ class Gateway:
         self,
         call: _LLMCall,
         message: dict[str, Any],
-        body: bytes,
+        body: bytes | None,
         spent: float,
         ptok: int,
         ctok: int,
     ) -> None:
-        """An LLM answer in full: count it, close its breaker, shadow it, capture it."""
+        """An LLM answer in full: count it, close its breaker, shadow it, capture it
+        (``body`` None: a streamed answer too deep to write as one record)."""
         route = call.route
         self.metrics.attempt(route.namespace, route.task, LLM, "ok", spent)
         if call.llm_b.state != "closed":
@@ -987,14 +1011,15 @@ class Gateway:
         backend: str,
         model: str,
         raw: bytes,
-        body: bytes,
+        body: bytes | None,
         t0: float,
         ptok: int,
         ctok: int,
         rid: str,
         reason: str,
     ) -> None:
-        """Count an answered call and hand it to capture."""
+        """Count an answered call and hand it to capture (``body`` None: counted as a
+        capture dropped because it cannot be written, as the capture workers count theirs)."""
         latency = time.perf_counter() - t0
         llm_price = route.llm_price or self._llm_price  # the task's own LLM price, if it has one
         price = llm_price if backend == LLM else self.prices.get(backend)
@@ -1005,7 +1030,12 @@ class Gateway:
             price.cost(ptok, ctok) if price is not None else 0.0,
             llm_price.cost(ptok, ctok),
         )
-        if self.capture is not None:
+        if self.capture is None:
+            return
+        if body is None:
+            log.warning("capture: dropped a record of %s: cannot encode it", route.key)
+            self.capture.drop(route.key, DROP_ENCODE)
+        else:
             self.capture.submit(
                 Captured(
                     route.key,
@@ -1127,18 +1157,24 @@ def _unauthenticated(message: str) -> GatewayError:
     )
 
 
-def _llm_tokens(call: _LLMCall, message: dict[str, Any], usage: Any) -> tuple[int, int]:
+def _llm_tokens(
+    call: _LLMCall, message: dict[str, Any], usage: Any, body: bytes
+) -> tuple[int, int]:
     """(prompt, completion) tokens of an LLM answer: the ones it reported, else estimates.
 
     Why estimates: servers that send no ``usage`` (some OpenAI-compatible ones never do, and
     streams only when asked) would count 0 tokens, and the task's LLM spend, and so the
-    savings its SLM shows, would read as nothing.
+    savings its SLM shows, would read as nothing. ``body``, the whole completion, sizes a
+    message nested deeper than orjson writes (it reads deeper).
     """
     ptok, ctok = reported_usage(usage)
-    return (
-        ptok or estimate_tokens(len(call.raw)),
-        ctok or estimate_tokens(len(orjson.dumps(message))),
-    )
+    if not ctok:
+        try:
+            size = len(orjson.dumps(message))
+        except orjson.JSONEncodeError:
+            size = len(body)
+        ctok = estimate_tokens(size)
+    return ptok or estimate_tokens(len(call.raw)), ctok
 
 
 def _infer_payload(req: ChatRequest) -> bytes:

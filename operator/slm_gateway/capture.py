@@ -1275,6 +1275,11 @@ class CaptureSink:
         )
         self._full_logged_at, self._full_since_log = now, 0
 
+    def drop(self, key: str, reason: str) -> None:
+        """Count one record the gateway could not hand over (a ``DROP_*`` reason), so that
+        every call answered is either written or counted dropped."""
+        self._count_dropped({key: 1}, reason)
+
     def depth(self) -> int:
         return len(self._queue)
 

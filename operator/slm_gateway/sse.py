@@ -129,10 +129,11 @@ class StreamAssembler:
 
     Only choice 0 is assembled, as a call record holds one answer. Tool calls are merged by
     their ``index``: the first delta of a call carries its id and name, later ones append to
-    its ``arguments``. A delta with a new id and a function name starts a new call even at an
-    index already used (Ollama numbers every call 0), and a delta without an index continues
-    the last call unless it names a new one (Gemini's endpoint sends none): merged, two calls
-    became one with both names and both argument objects run together. A new id without a
+    its ``arguments``. A delta with a function name starts a new call even at an index
+    already used (Ollama numbers every call 0) unless it repeats that call's id, and a delta
+    without an index continues the last call unless it names a new one (Gemini's endpoint
+    sends none, and empty ids): merged, two calls became one with both names and both
+    argument objects run together. A new id without a
     name continues the call (some servers send an id with every chunk); its first id stays.
     Malformed deltas (a wrong type where text is expected) raise :class:`StreamFormatError`
     rather than being guessed at.
@@ -252,7 +253,7 @@ class StreamAssembler:
             slot = self._slot(index, call_id or None, named)
             if call_id and not slot["id"]:
                 slot["id"] = call_id
-            if isinstance(call.get("type"), str):
+            if isinstance(call.get("type"), str) and call["type"]:
                 slot["type"] = call["type"]
             if fn is None:
                 continue
@@ -264,11 +265,21 @@ class StreamAssembler:
         """The call a delta belongs to (see the class docstring); calls keep arrival order.
 
         A new id starts a new call only with a function name: some servers send a fresh id
-        on every chunk of one call, whose later chunks carry arguments only.
+        on every chunk of one call, whose later chunks carry arguments only. A name for a
+        call that has one already starts a new call too, unless it comes with that call's
+        id: Gemini's endpoint and some proxies send parallel calls at one index (or none)
+        with empty ids, and a call's name is sent once (OpenAI's SDKs would join a repeated
+        one into "ff" as well).
         """
         key = self._last if index is None else self._alias.get(index)
         slot = self.calls.get(key) if key is not None else None
-        if slot is None or (named and call_id and slot["id"] and slot["id"] != call_id):
+        if slot is None or (
+            named
+            and (
+                (call_id and slot["id"] and slot["id"] != call_id)
+                or (slot["name"] and not (call_id and call_id == slot["id"]))
+            )
+        ):
             key = len(self.calls)
             slot = self.calls[key] = {"id": None, "type": "function", "name": [], "arguments": []}
             if index is not None:

@@ -191,6 +191,39 @@ def test_parallel_calls_are_told_apart_by_id_when_indexes_do_not(numbering: str)
     assert a.message()["tool_calls"] == CALL_MESSAGE["tool_calls"]
 
 
+@pytest.mark.parametrize("numbering", ["all-zero", "none"])
+@pytest.mark.parametrize("call_id", ["", None], ids=["empty-id", "no-id"])
+def test_parallel_calls_without_ids_are_told_apart_by_their_names(
+    numbering: str, call_id: str | None
+) -> None:
+    """Gemini's endpoint and some proxies send each parallel call whole, at index 0 or none,
+    with an empty id (and an empty type): a second name is a second call, not "get_weather"
+    and "get_time" run together, with their arguments, into one corrupt training record."""
+    a = sse.StreamAssembler()
+    for call in CALL_MESSAGE["tool_calls"]:
+        body: dict[str, Any] = {"type": "", "function": dict(call["function"])}
+        if call_id is not None:
+            body["id"] = call_id
+        if numbering == "all-zero":
+            body["index"] = 0
+        a.add({"choices": [{"index": 0, "delta": {"tool_calls": [body]}}]})
+    calls = a.message()["tool_calls"]
+    assert [(c["type"], c["function"]) for c in calls] == [
+        ("function", c["function"]) for c in CALL_MESSAGE["tool_calls"]
+    ]
+
+
+def test_a_call_whose_id_comes_before_its_name_stays_one_call() -> None:
+    a = sse.StreamAssembler()
+    for fn in ({}, {"name": "get_weather"}, {"arguments": '{"city":"Paris"}'}):
+        delta = {"id": "call_1", "function": fn} if not fn else {"function": fn}
+        a.add({"choices": [{"index": 0, "delta": {"tool_calls": [delta]}}]})
+    calls = a.message()["tool_calls"]
+    assert [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
+        ("call_1", "get_weather", '{"city":"Paris"}')
+    ]
+
+
 def test_a_call_whose_every_chunk_has_a_new_id_stays_one_call() -> None:
     """Some servers send a fresh id with every chunk of one call: only a new id with a name
     starts a call, so the arguments are not split off into nameless calls."""

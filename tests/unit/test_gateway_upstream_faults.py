@@ -98,10 +98,14 @@ class FakeSink:
 
     def __init__(self) -> None:
         self.items: list[Captured] = []
+        self.dropped: list[tuple[str, str]] = []
 
     def submit(self, item: Captured) -> bool:
         self.items.append(item)
         return True
+
+    def drop(self, key: str, reason: str) -> None:
+        self.dropped.append((key, reason))
 
     def depth(self) -> int:
         return 0
@@ -139,7 +143,8 @@ def chunk(content: str | None = None, finish: str | None = None, index: int = 0)
 
 
 def sse(events: list[bytes], framing: str = "close") -> Action:
-    """A 200 event stream: delimited by the connection's close, or chunked and ended cleanly."""
+    """A 200 event stream: delimited by the connection's close, chunked and ended cleanly,
+    or chunked and cut off without its closing chunk (``"chunked-cut"``)."""
 
     async def action(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: bytes) -> bool:
         if framing == "close":
@@ -151,6 +156,9 @@ def sse(events: list[bytes], framing: str = "close") -> Action:
         writer.write(b"Transfer-Encoding: chunked\r\n\r\n")
         for ev in events:
             writer.write(b"%x\r\n%s\r\n" % (len(ev), ev))
+        if framing == "chunked-cut":
+            await writer.drain()
+            return False
         writer.write(b"0\r\n\r\n")
         await writer.drain()
         return True
@@ -232,11 +240,97 @@ def test_a_stream_whose_answer_finished_is_complete_without_done(upstream: Upstr
     c, sink = gateway(llm_route(upstream))
     with c:
         events = events_of(ask(c, stream=True).text)
-        assert "error" not in events[-1]
+        assert events[-2]["choices"][0]["finish_reason"] == "stop"
+        assert events[-1] == "[DONE]"  # as OpenAI ends every stream; SDKs may wait for it
         assert metric(c, "slm_gateway_streams_total", result="complete") == 1
     [item] = sink.items
     choice = orjson.loads(item.response)["choices"][0]
     assert (choice["message"]["content"], choice["finish_reason"]) == ("Sunny.", "stop")
+
+
+FINISHED = [chunk("Sunny."), chunk(finish="stop")]
+COMPLETION: dict[str, Any] = {
+    "id": "x",
+    "object": "chat.completion",
+    "created": 1,
+    "model": "gpt-4o",
+    "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    ("events", "framing"),
+    [
+        ([*FINISHED, b"data: [DONE]\n\n"], "chunked-cut"),
+        (FINISHED, "chunked-cut"),
+        ([chunk("Sunny."), b"data: [DONE]\n"], "chunked"),
+        ([chunk("Sunny."), b"data: [DONE]\n"], "close"),
+    ],
+    ids=["done-then-cut", "finished-then-cut", "done-one-newline", "done-one-newline-close"],
+)
+def test_a_whole_answer_whose_connection_ends_untidily_is_complete(
+    upstream: Upstream, events: list[bytes], framing: str
+) -> None:
+    """Once the answer is whole (``[DONE]``, or every choice finished), a cut connection or
+    a last line short of its blank line takes nothing from it. Read as broken, the agent
+    got an error event after ``[DONE]`` (its SDK raising on a complete answer), the call
+    went uncaptured, and three such answers opened the LLM's circuit for every task on it."""
+    for _ in range(3):
+        upstream.script.append(sse(events, framing))
+    c, sink = gateway(llm_route(upstream))
+    with c:
+        for _ in range(3):
+            got = events_of(ask(c, stream=True).text)
+            assert [e for e in got if isinstance(e, dict) and "error" in e] == []
+            assert got[-1] == "[DONE]" and got.count("[DONE]") == 1
+        assert metric(c, "slm_gateway_streams_total", result="complete") == 3
+        assert metric(c, "slm_gateway_errors_total") == 0
+        upstream.script.append(respond(200, orjson.dumps(COMPLETION)))
+        assert ask(c).status_code == 200  # the circuit stayed closed
+    contents = [orjson.loads(i.response)["choices"][0]["message"]["content"] for i in sink.items]
+    assert contents == ["Sunny."] * 3 + ["ok"]
+
+
+def _nested(depth: int) -> Any:
+    doc: Any = 1
+    for _ in range(depth):
+        doc = {"a": doc}
+    return doc
+
+
+def test_a_streamed_answer_too_deep_to_write_is_served_and_its_capture_counted(
+    upstream: Upstream,
+) -> None:
+    """orjson reads 1,024 levels but writes 255: a usage chunk nested 300 deep made the
+    finished stream's bookkeeping raise, the app tried a second response start, and the
+    answer went uncounted. It is an answer: counted, and its capture counted as dropped."""
+    usage = {"choices": [], "usage": {"prompt_tokens": 3, "extra": _nested(300)}}
+    events = [*FINISHED, b"data: " + json.dumps(usage).encode() + b"\n\n", b"data: [DONE]\n\n"]
+    upstream.script.append(sse(events, "chunked"))
+    c, sink = gateway(llm_route(upstream))
+    with c:
+        assert events_of(ask(c, stream=True).text)[-1] == "[DONE]"
+        assert metric(c, "slm_gateway_backend_calls_total", backend="llm", result="ok") == 1
+        assert metric(c, "slm_gateway_errors_total") == 0
+    assert sink.items == []
+    assert sink.dropped == [(llm_route(upstream).key, "encode_failed")]
+
+
+def test_a_whole_answer_too_deep_to_write_is_relayed(upstream: Upstream) -> None:
+    """The same depth in a non-streamed message made the token estimate raise: a 500 for
+    a 200 the LLM sent. The agent gets the LLM's answer as it came."""
+    message = {"role": "assistant", "content": "x", "extra": _nested(300)}
+    answer = dict(COMPLETION, choices=[{"index": 0, "message": message, "finish_reason": "stop"}])
+    body = json.dumps(answer).encode()  # deeper than orjson writes
+    upstream.script.append(respond(200, body))
+    c, sink = gateway(llm_route(upstream))
+    with c:
+        r = ask(c)
+        assert (r.status_code, r.content) == (200, body)
+        assert metric(c, "slm_gateway_backend_calls_total", backend="llm", result="ok") == 1
+    assert [i.response for i in sink.items] == [body]
 
 
 def test_capture_keeps_the_finish_reason_the_llm_sent_and_invents_none(
@@ -281,16 +375,7 @@ def test_slm_tool_arguments_too_deep_to_write_fall_back_to_the_llm(upstream: Ups
         deep = '{"a":' + deep + "}"
     answer = '{"role":"assistant","content":null,"tool_calls":[{"function":{"name":"f",'
     answer += '"arguments":' + deep + "}}]}"
-    llm = {
-        "id": "x",
-        "object": "chat.completion",
-        "created": 1,
-        "model": "gpt-4o",
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
-        ],
-    }
-    upstream.script.extend([infer_answer(answer), respond(200, orjson.dumps(llm))])
+    upstream.script.extend([infer_answer(answer), respond(200, orjson.dumps(COMPLETION))])
     route = Route(
         task="weather",
         mode="slm",
