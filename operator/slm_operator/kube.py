@@ -137,9 +137,11 @@ class Kube:
         if resp.status >= 400:
             try:
                 st = json.loads(raw)
-                raise KubeError(resp.status, st.get("message", raw), st.get("reason", ""))
             except ValueError:
                 raise KubeError(resp.status, raw) from None
+            if not isinstance(st, dict):  # a proxy's "service unavailable", null, a list
+                raise KubeError(resp.status, raw)
+            raise KubeError(resp.status, str(st.get("message", raw)), str(st.get("reason", "")))
         return json.loads(raw) if raw else None
 
     # ---------------------------------------------------------------- reads

@@ -372,6 +372,8 @@ class LeaderElector:
         s = self.settings
         if self.leading:
             budget = self._renewed_at + s.renew_deadline_seconds - self.clock()
+            if budget <= 0:  # too late to renew: step down without another call
+                return False
         else:
             budget = self._round_trip_s()
         self._attempt = attempt = asyncio.get_running_loop().run_in_executor(
@@ -401,6 +403,13 @@ class LeaderElector:
             self._step(await self.attempt())
             # Candidates spread their attempts (client-go's jitter); a leader renews on time.
             wait = s.retry_seconds * (1.0 if self.leading else 1.0 + random.random() * 0.2)
+            if self.leading:
+                # Not past its renew deadline either: after renewals that failed fast (a 503,
+                # a refused connection) a whole retry period could run past it, and with
+                # settings where retry + renew deadline exceed the lease, past the moment a
+                # standby may take over: two leaders at once.
+                left = self._renewed_at + s.renew_deadline_seconds - self.clock()
+                wait = min(wait, max(0.0, left))
             await asyncio.sleep(wait)
 
     async def stop(self) -> None:

@@ -24,12 +24,15 @@ Design choices:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
 import os
+import socket
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,8 +44,9 @@ from slm_operator.builders import DEFAULT_TRAINER_IMAGE, DEFAULT_TRITON_IMAGE, I
 from slm_operator.kube import Kube, KubeError, TaskGone, load_api_client, without_retries
 from slm_operator.leader import LeaderElector, LeaseSettings
 from slm_operator.metrics import RESULT_ERROR, RESULT_OK, RESULT_RETRY, OperatorMetrics, serve
+from slm_operator.plan import Plan
 from slm_operator.prom import PromMetrics
-from slm_operator.reconcile import reconcile
+from slm_operator.reconcile import ChildWriteBusy, reconcile
 
 log = logging.getLogger("slm_operator")
 
@@ -75,10 +79,41 @@ def _env_number(name: str, default: float, *, whole: bool = False, most: float =
     return value
 
 
+def _env_url(name: str) -> str:
+    """An http(s) URL from the environment; empty when unset."""
+    value = os.environ.get(name, "").strip()
+    try:
+        parts = urllib.parse.urlsplit(value)
+        ok = not value or (parts.scheme in ("http", "https") and bool(parts.hostname))
+        parts.port  # noqa: B018 - raises on a port that is not a number in range
+    except ValueError:
+        ok = False
+    if not ok:  # not quoted: its user info or query may hold a password
+        SETTINGS_ERRORS.append(f"{name} must be an http:// or https:// URL with a host and port")
+        return ""
+    return value
+
+
+def _env_listen_address(name: str, default: str) -> str:
+    """An address to listen on: an IP address or a host name that resolves."""
+    value = os.environ.get(name, "").strip() or default
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        try:
+            socket.getaddrinfo(value, None)
+        except (OSError, UnicodeError):
+            SETTINGS_ERRORS.append(
+                f"{name} must be an IP address (or a host name) without a port, got {value!r}"
+            )
+            return default
+    return value
+
+
 RESYNC_SECONDS = _env_number("SLM_FLEET_RESYNC_SECONDS", 30)
 #: Prometheus that scrapes the gateway and Triton; unset disables live control (SLOMet stays
 #: Unknown with reason MetricsUnavailable, and the rollout does not advance past shadow).
-PROMETHEUS_URL = os.environ.get("SLM_FLEET_PROMETHEUS_URL", "")
+PROMETHEUS_URL = _env_url("SLM_FLEET_PROMETHEUS_URL")
 SCRAPE_SECONDS = _env_number("SLM_FLEET_PROMETHEUS_SCRAPE_SECONDS", 15, most=3600)
 #: "true" skips verifying an https Prometheus's certificate (verified by default; a private CA
 #: goes in REQUESTS_CA_BUNDLE instead). Both can be set through the chart's operator.extraEnv.
@@ -128,7 +163,7 @@ DATA_RECHECK_SECONDS = _env_number("SLM_FLEET_DATA_RECHECK_SECONDS", 300)
 METRICS_PORT = int(_env_number("SLM_FLEET_METRICS_PORT", 0, whole=True, most=65535))
 #: Address it listens on: every interface in a pod (Prometheus scrapes the pod IP); the local
 #: test stack sets 127.0.0.1, so nothing it starts listens beyond loopback.
-METRICS_ADDR = os.environ.get("SLM_FLEET_METRICS_ADDR", "0.0.0.0")
+METRICS_ADDR = _env_listen_address("SLM_FLEET_METRICS_ADDR", "0.0.0.0")
 METRICS = OperatorMetrics()
 #: First retry of a reconcile that failed with a retryable API error, doubling per failure...
 BASE_BACKOFF = 1.0
@@ -342,36 +377,47 @@ async def _pass(rt: Runtime, key: Key, st: _KeyState) -> bool:
     except KubeError as e:
         METRICS.reconciles.labels(RESULT_RETRY if e.retryable else RESULT_ERROR).inc()
         st.failures += 1
+        st.cancel_window()
         if e.retryable:
             delay = _schedule_retry(rt, key, st, backoff(st.failures))
             log.info("reconcile %s/%s failed (%s); retrying in %.1fs", *key, e, delay)
         else:
             st.cancel_retry()
             _log_once(st, key, str(e), "reconcile %s/%s failed (%s); the resync retries it")
+        if isinstance(e, ChildWriteBusy) and rt.leading:  # its status was written
+            _written(rt, key, st, e.plan)
         return False
     except Exception as e:
         METRICS.reconciles.labels(RESULT_ERROR).inc()
         st.failures += 1
         st.cancel_retry()
+        st.cancel_window()
         _log_once(st, key, repr(e), "reconcile %s/%s crashed (%s); the resync retries it", True)
         return False
     finally:
         METRICS.duration.observe(time.monotonic() - started)
     st.failures, st.last_error = 0, ""
     st.cancel_retry()
-    st.cancel_window()
     if not rt.leading:  # shutting down: nothing more to schedule or export
+        st.cancel_window()
         return True
+    METRICS.reconciles.labels(RESULT_OK).inc()
+    _written(rt, key, st, plan)
+    return True
+
+
+def _written(rt: Runtime, key: Key, st: _KeyState, plan: Plan | None) -> None:
+    """After a pass that wrote the task's status: its next live-control window, and its
+    series set from that status."""
+    st.cancel_window()
     if rt.prom is not None and plan is not None and plan.next_window_s is not None:
         _schedule_window(rt, key, st, plan.next_window_s)
-    METRICS.reconciles.labels(RESULT_OK).inc()
     # Not known any more: the DELETED event came while this reconcile ran on what it had
     # read before; its series must not come back after forget_task.
     if plan is None or key not in rt.known:  # gone, or being deleted
         METRICS.forget_task(*key)
     else:
         METRICS.observe_task(key[0], key[1], plan.status)
-    return True
 
 
 def _log_once(st: _KeyState, key: Key, error: str, msg: str, trace: bool = False) -> None:
@@ -394,7 +440,9 @@ def _schedule_window(rt: Runtime, key: Key, st: _KeyState, delay: float) -> None
 
     Why a timer per task: the resync alone (every ``RESYNC_SECONDS``) judged any shorter
     ``windowSeconds`` late, so fallback, scaling and promotion ran at the resync's pace,
-    not the task's. The wake-up is an ordinary trigger: it waits for a pending retry.
+    not the task's. The wake-up runs even while a retry is pending: only a pass that wrote
+    the status sets a window (one whose child writes were busy, too), so a task failing
+    before its status (the API server down) is still left to its retries' back-off.
     """
     st.window = asyncio.get_running_loop().call_later(delay, _window_due, rt, key, st)
 
@@ -402,7 +450,7 @@ def _schedule_window(rt: Runtime, key: Key, st: _KeyState, delay: float) -> None
 def _window_due(rt: Runtime, key: Key, st: _KeyState) -> None:
     st.window = None
     if rt is _runtime:
-        rt.spawn(trigger(key))
+        rt.spawn(trigger(key, urgent=True))
 
 
 def _retry_due(rt: Runtime, key: Key, st: _KeyState) -> None:
@@ -449,6 +497,10 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     global _runtime
     if SETTINGS_ERRORS:  # started by a bare `kopf run`, past cli()'s check
         raise kopf.PermanentError("; ".join(SETTINGS_ERRORS))
+    try:  # first: kopf retries a handler's ValueError every minute, runtime and all
+        lease = LeaseSettings.from_env()
+    except ValueError as e:
+        raise kopf.PermanentError(str(e)) from None
     configure(settings)
     prom = (
         PromMetrics(PROMETHEUS_URL, SCRAPE_SECONDS, verify_tls=not PROMETHEUS_INSECURE)
@@ -463,7 +515,6 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     api = load_api_client()
     rt = _runtime = Runtime(kube=Kube(api), prom=prom)
     rt.spawn(_resync_loop())
-    lease = LeaseSettings.from_env()
     if lease is None:
         METRICS.leader.set(1)
     else:

@@ -45,6 +45,22 @@ _missing_account_logged: set[tuple[str, str]] = set()
 _events_forbidden_logged: set[str] = set()
 
 
+class ChildWriteBusy(KubeError):
+    """A child write or deletion got a busy answer (429, 5xx), raised after the pass wrote
+    the task's status: retried like any busy answer, but ``plan``, whose status is now the
+    task's, still schedules the next live-control window and sets the task's metrics.
+
+    Why: an admission webhook that is down answers every pass's Deployment apply with a 500
+    for as long as the outage lasts. Raised as a plain error, the windows (fallback judged
+    once per ``windowSeconds``) waited for each retry, whose back-off grows to five minutes,
+    and the task's series kept the state from before the outage.
+    """
+
+    def __init__(self, cause: KubeError, plan: Plan) -> None:
+        super().__init__(cause.status, cause.message, cause.reason)
+        self.plan = plan
+
+
 def _owned(obj: dict[str, Any] | None, uid: str) -> bool:
     return bool(obj) and any(
         ref.get("uid") == uid
@@ -295,5 +311,5 @@ def reconcile(
     if p.invalid and p.status != previous:
         log.error("AgentTask %s/%s has an invalid spec: %s", namespace, name, p.invalid)
     if busy is not None:
-        raise busy
+        raise ChildWriteBusy(busy, p)
     return p

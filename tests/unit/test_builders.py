@@ -242,13 +242,16 @@ def test_operator_help_lists_every_setting_it_reads_and_the_chart_sets() -> None
 
 def test_the_operator_refuses_a_setting_it_cannot_read_and_says_which() -> None:
     """SLM_FLEET_RESYNC_SECONDS=abc crashed the import with a bare ValueError (and --help
-    with it); a port out of range was accepted until the bind failed."""
+    with it); a port out of range, an address with a port in it and a URL that cannot be
+    parsed were accepted until the startup handler failed on them."""
     code = "import sys; from slm_operator.main import cli; cli()"
     env = {
         **os.environ,
         "SLM_FLEET_RESYNC_SECONDS": "abc",
         "SLM_FLEET_METRICS_PORT": "99999",
         "SLM_FLEET_TRITON_IMAGE": "reg.local/triton 24.09",
+        "SLM_FLEET_METRICS_ADDR": "0.0.0.0:8081",
+        "SLM_FLEET_PROMETHEUS_URL": "http://user:s3cret@[prometheus:9090",
     }
     proc = subprocess.run(
         [sys.executable, "-c", code, "--namespace", "x"],
@@ -262,6 +265,11 @@ def test_the_operator_refuses_a_setting_it_cannot_read_and_says_which() -> None:
     assert "got 'abc'" in proc.stderr
     assert "SLM_FLEET_METRICS_PORT must be a whole number from 0 to 65535" in proc.stderr
     assert "SLM_FLEET_TRITON_IMAGE must be an image reference without spaces" in proc.stderr
+    # These two were a traceback in kopf's startup handler, retried every minute, and
+    # /healthz never served: the liveness probe restarted the pod over and over.
+    assert "SLM_FLEET_METRICS_ADDR must be an IP address" in proc.stderr
+    assert "SLM_FLEET_PROMETHEUS_URL must be an http:// or https:// URL" in proc.stderr
+    assert "s3cret" not in proc.stderr
     helped = subprocess.run(
         [sys.executable, "-c", code, "--help"], env=env, capture_output=True, text=True, timeout=120
     )

@@ -275,6 +275,24 @@ def test_an_api_call_that_gets_no_answer_is_not_retried_past_its_timeout() -> No
         server.close()
 
 
+@pytest.mark.parametrize("body", [b'"service unavailable"', b"null", b"[]", b'{"message": 7}'])
+def test_an_error_whose_body_is_not_a_status_object_is_a_retryable_kube_error(
+    body: bytes,
+) -> None:
+    """A proxy or load balancer before the API server may answer a 503 with a JSON string or
+    null: that was an AttributeError, a crash of the pass (logged with a traceback, retried
+    only at the resync) instead of the back-off a busy API server gets."""
+    answer = b"HTTP/1.1 503 X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+    server = _Server(answer % (len(body), body))
+    try:
+        with pytest.raises(KubeError) as raised:
+            _kube(server.url).request("GET", "/apis/x", timeout=5.0)
+    finally:
+        server.close()
+    assert raised.value.status == 503 and raised.value.retryable
+    assert isinstance(raised.value.message, str)
+
+
 def test_a_leader_whose_renewal_hangs_steps_down_at_its_renew_deadline() -> None:
     """The API server stops answering right after a renewal: the leader gives up when its
     renew deadline (1.5 s here) ends, not when the hung call returns."""
@@ -296,6 +314,39 @@ def test_a_leader_whose_renewal_hangs_steps_down_at_its_renew_deadline() -> None
         server.close()
     assert stopped == [1]
     assert 1.4 <= took < 2.5, took
+
+
+def test_a_leader_whose_renewals_fail_fast_steps_down_at_its_deadline_not_a_retry_later() -> None:
+    """Renewals answered at once with a 503 (settings lease 2.4 s, deadline 2.0 s, retry
+    1.6 s, which the settings allow): after the failed one at 1.6 s the leader slept a
+    whole retry period and stepped down 3.2 s after its last renewal, past the moment a
+    standby may take over (2.4 s). It steps down at its deadline, with no call after it."""
+
+    class Busy:
+        calls: list[float] = []
+
+        def request(self, *_: Any, **__: Any) -> Any:
+            Busy.calls.append(time.monotonic())
+            raise KubeError(503, "overloaded", "ServiceUnavailable")
+
+    stopped: list[float] = []
+    settings = LeaseSettings("fleet", "op", "me_1", 2.4, 2.0, 1.6)
+    e = LeaderElector(cast(Any, Busy()), settings, lambda: None, lambda: stopped.append(1))
+    e.leading = True
+    e._renewed_at = e._attempt_at = renewed = time.monotonic()
+
+    async def lead() -> None:
+        await asyncio.sleep(settings.retry_seconds)  # as after that good renewal
+        task = asyncio.create_task(e.run())
+        while not stopped:
+            await asyncio.sleep(0.01)
+        took.append(time.monotonic() - renewed)
+        task.cancel()
+
+    took: list[float] = []
+    asyncio.run(asyncio.wait_for(lead(), timeout=10))
+    assert 2.0 <= took[0] < 2.4, took
+    assert all(t - renewed < 2.0 for t in Busy.calls)
 
 
 @pytest.mark.parametrize(
@@ -359,3 +410,21 @@ def test_a_leader_that_loses_the_lease_between_reconciles_stands_by_and_starts_n
     with pytest.raises(main.NotLeading):
         rt.counted(ran.append, 1)
     assert ran == [] and rt.in_flight() == 0
+
+
+def test_a_bare_kopf_run_refuses_bad_election_settings_for_good_and_starts_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under `kopf run -m slm_operator.main` (no cli() check), the startup handler raised a
+    ValueError, which kopf retries every minute, after it had made a runtime and spawned a
+    resync loop: one more loop per retry. It is a permanent error now, raised first."""
+    import kopf
+
+    from slm_operator import main
+
+    monkeypatch.setenv(ENV_LEASE, "x/y")
+    monkeypatch.setenv(ENV_RENEW, "30")
+    monkeypatch.setattr(main, "_runtime", None)
+    with pytest.raises(kopf.PermanentError, match="leader election needs"):
+        asyncio.run(main.startup(settings=kopf.OperatorSettings()))
+    assert main._runtime is None

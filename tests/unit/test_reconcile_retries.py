@@ -8,6 +8,7 @@ takes milliseconds; only the reconcile itself is faked.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import selectors
 from collections.abc import Callable, Coroutine, Iterator
@@ -324,11 +325,11 @@ def test_a_served_task_is_judged_at_its_own_window_not_the_resyncs(
         assert [round(t - start, 3) for t in fake.calls] == expected
 
 
-def test_a_window_due_while_a_retry_is_pending_waits_for_the_retry(
+def test_a_task_failing_before_its_status_is_not_reconciled_at_window_pace(
     loop: VirtualClockLoop, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The window's wake-up is an ordinary trigger: a task backing off after 429s is not
-    reconciled at window pace on top of its retries."""
+    """Only a pass that wrote the status sets a window: a task backing off after 429s is
+    not reconciled at window pace on top of its retries."""
     from slm_operator.plan import Plan
 
     outcomes = iter([None] + [KubeError(429, "too many", "TooManyRequests")] * 3)
@@ -353,3 +354,41 @@ def test_a_window_due_while_a_retry_is_pending_waits_for_the_retry(
     # then windows again every second
     assert calls[:5] == [0.0, 1.0, 2.0, 4.0, 8.0]
     assert calls[5:] == [9.0, 10.0, 11.0]
+
+
+def test_a_task_whose_child_writes_stay_busy_is_still_judged_at_its_windows(
+    loop: VirtualClockLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An admission webhook down for ten minutes answers every pass's Deployment apply with
+    a 500, after the pass wrote the status. Windows (30 s here) are still judged at their
+    pace, not at the retries' back-off (1, 2, 4 ... 300 s: 4 passes in the first minute,
+    then about one in five minutes), and the task's series follow the status written, so
+    the alert on FallbackActive fires during the outage rather than after it."""
+    from slm_operator import conditions as c
+    from slm_operator.plan import Plan
+    from slm_operator.reconcile import ChildWriteBusy
+
+    status = {"phase": "Serving", "conditions": [{"type": c.FALLBACK_ACTIVE, "status": c.TRUE}]}
+    webhook = KubeError(500, 'failed calling webhook "validate.kyverno.svc"', "InternalError")
+    calls: list[float] = []
+
+    def busy(*_: Any, **__: Any) -> Plan:
+        calls.append(loop.now)
+        raise ChildWriteBusy(webhook, Plan(status=status, next_window_s=30.0))
+
+    monkeypatch.setattr(main, "reconcile", busy)
+
+    async def scenario(rt: main.Runtime) -> None:
+        rt.prom = object()
+        await main.on_task(type="ADDED", namespace=KEY[0], name=KEY[1])
+        await asyncio.sleep(600)
+
+    run(loop, monkeypatch, scenario)
+    # a window 30 s after each pass, whatever the retries' back-off has grown to
+    assert max(b - a for a, b in itertools.pairwise(calls)) <= 30
+    assert calls[-1] >= 570
+    sample = main.METRICS.registry.get_sample_value(
+        "slm_operator_task_condition",
+        {"namespace": KEY[0], "task": KEY[1], "type": c.FALLBACK_ACTIVE, "status": c.TRUE},
+    )
+    assert sample == 1.0

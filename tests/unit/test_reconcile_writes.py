@@ -163,7 +163,9 @@ def test_a_busy_child_write_does_not_hold_back_the_fallback_decision(
     kube = Webhooked(task)
     with pytest.raises(KubeError) as raised:
         rc.reconcile(kube, "agents", "weather")  # type: ignore[arg-type]
-    assert raised.value is webhook  # retried as before
+    assert raised.value.retryable and str(raised.value) == str(webhook)  # retried as before
+    assert isinstance(raised.value, rc.ChildWriteBusy)
+    assert raised.value.plan.status == kube.task["status"]  # what main goes on from
     assert kube.status_writes  # but the status went first
     fallback = c.find(kube.task["status"]["conditions"], c.FALLBACK_ACTIVE)
     assert fallback is not None and (fallback["status"], fallback["reason"]) == (
