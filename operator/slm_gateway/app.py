@@ -463,7 +463,7 @@ class Gateway:
         if plan.primary == SLM and slm_b is not None:
             # written before the breaker's claim: a body too deep to write is a 400 that
             # must not hold a half-open circuit's probe
-            payload = _infer_payload(req)
+            payload = _infer_payload(req, route)
             if breakers.allow(SLM, route.slm_log_url, slm_b, now):
                 answer = await self._slm(route, req, rid, raw, slm_b, payload)
                 if isinstance(answer, tuple):
@@ -968,7 +968,7 @@ class Gateway:
             self.metrics.shadow.labels(route.namespace, route.task, "skipped").inc()
             return
         try:
-            payload = _infer_payload(req)
+            payload = _infer_payload(req, route)
         except GatewayError:  # too deep to write: the LLM answered it as it came
             self.metrics.shadow.labels(route.namespace, route.task, "skipped").inc()
             return
@@ -1177,10 +1177,10 @@ def _llm_tokens(
     return ptok or estimate_tokens(len(call.raw)), ctok
 
 
-def _infer_payload(req: ChatRequest) -> bytes:
+def _infer_payload(req: ChatRequest, route: Route) -> bytes:
     """The SLM's infer request for a call; a 400 if the call is too deep to write."""
     try:
-        return infer_body(req.messages, req.tools)
+        return infer_body(req.messages, req.tools, route.slm_timeout_s)
     except orjson.JSONEncodeError:
         raise too_deep() from None
 

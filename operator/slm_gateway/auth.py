@@ -72,6 +72,14 @@ class AuthUnavailable(Exception):
     """The API server could not review a token (down, slow, or refusing the gateway)."""
 
 
+class AuthNotConfigured(Exception):
+    """``--agent-auth serviceaccount`` without Kubernetes credentials to review tokens with.
+
+    Raised when the app is built, so the entry point ends the start with this one line
+    (exit 2, like a bad flag) instead of a kubernetes ``ConfigException`` traceback.
+    """
+
+
 def bearer_token(header: str | None) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` header, else None."""
     if not header:
@@ -366,7 +374,14 @@ def token_reviewer(
 
     from slm_gateway.kube import api_client
 
-    api = api_client(kubeconfig)
+    try:
+        api = api_client(kubeconfig)
+    except Exception as exc:
+        raise AuthNotConfigured(
+            "--agent-auth serviceaccount needs Kubernetes credentials to review agent tokens "
+            "(in-cluster, --kubeconfig, or the default kubeconfig), and none could be loaded"
+            f" ({_credentials_problem(exc)})"
+        ) from None
     cfg = copy.deepcopy(api.configuration)
     cfg.retries = False
     # As many pooled connections as review threads (the default, 5 per CPU of the node, is 10
@@ -374,3 +389,13 @@ def token_reviewer(
     cfg.connection_pool_maxsize = REVIEW_THREADS
     client = importlib.import_module("kubernetes.client")
     return TokenReviewer(client.ApiClient(cfg), audience, ttl_s=ttl_s, on_review=on_review)
+
+
+def _credentials_problem(exc: BaseException) -> str:
+    """Why no credentials loaded, in a few words. The kubernetes client's own ConfigException
+    says what is missing ("Service host/port is not set.", "No configuration found."); of any
+    other error only the type is shown: a YAML error quotes a line of the kubeconfig, which
+    may hold a token or a client key."""
+    if type(exc).__name__ == "ConfigException":
+        return f"ConfigException: {str(exc)[:200]}"
+    return type(exc).__name__

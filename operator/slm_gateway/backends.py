@@ -69,10 +69,21 @@ def new_client(limit: int = 1024) -> Client:
     return Client(limit_per_origin=limit)
 
 
-def infer_body(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> bytes:
-    """A KServe v2 infer request with one BYTES tensor holding ``{"messages", "tools"}``."""
+def infer_body(
+    messages: list[dict[str, Any]], tools: list[dict[str, Any]], timeout_s: float = 0.0
+) -> bytes:
+    """A KServe v2 infer request with one BYTES tensor holding ``{"messages", "tools"}``.
+
+    ``timeout_s`` (when > 0) goes along as Triton's ``timeout`` request parameter: a request
+    still queued when the gateway's SLM budget is spent is dropped by Triton instead of
+    computed for nobody. The exported model's own queue limit is the longest budget a task
+    may set; Triton lets a request shorten it, never lengthen it.
+    """
     inner = orjson.dumps({"messages": messages, "tools": tools})
-    return _INFER_PREFIX + orjson.dumps(inner.decode()) + _INFER_SUFFIX
+    head = _INFER_PREFIX
+    if timeout_s > 0:
+        head = b'{"parameters":{"timeout":%d},' % max(1, round(timeout_s * 1e6)) + head[1:]
+    return head + orjson.dumps(inner.decode()) + _INFER_SUFFIX
 
 
 def parse_infer_response(raw: bytes) -> tuple[Any, Any]:

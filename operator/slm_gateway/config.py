@@ -24,6 +24,10 @@ from slm_gateway.routes import DEFAULT_LLM_TIMEOUT_S, DEFAULT_SLM_TIMEOUT_S, Pri
 
 ENV_PREFIX = "SLM_GATEWAY_"
 DEFAULT_MAX_BODY = 1024 * 1024
+#: The smallest --max-body-bytes: the chart's own minimum (values.schema.json). Below it even
+#: a one-message call is a 413; 0 or a negative number refused every call.
+MIN_MAX_BODY = 1024
+DEFAULT_HOST = "127.0.0.1"
 DEFAULT_KEY_ENV = "SLM_GATEWAY_LLM_API_KEY"
 
 #: The levels ``--log-level`` takes. Not uvicorn's ``trace``: it logs every request's headers,
@@ -69,7 +73,7 @@ class GatewayConfig:
     #: Where ``llm_api_key`` was read from, if a file: a routes file's reload reads it again
     #: when it changes (a mounted Secret that rotated), not only at start.
     llm_api_key_file: str = ""
-    host: str = "127.0.0.1"
+    host: str = DEFAULT_HOST
     port: int = 8080
     port_file: str = ""
     log_level: str = "info"
@@ -166,15 +170,25 @@ def _env_switch(name: str) -> bool | BadEnv:
 
 
 def parse_price(text: str) -> tuple[str, Price]:
-    """``llm=0.0025:0.01`` → ("llm", Price(0.0025, 0.01)); USD per 1k prompt:completion tokens."""
+    """``llm=0.0025:0.01`` → ("llm", Price(0.0025, 0.01)); USD per 1k prompt:completion tokens.
+
+    A negative, ``nan`` or infinite price is refused, as a task's own ``llmPrice`` is: the
+    cost counters it feeds went backwards or became ``NaN`` for good, and so did every savings
+    figure computed from them.
+    """
     backend, sep, value = text.partition("=")
     prompt, sep2, completion = value.partition(":")
     if not sep or backend not in ("llm", "slm"):
         raise argparse.ArgumentTypeError(f"--price {text!r}: expected llm=P:C or slm=P:C")
     try:
-        return backend, Price(float(prompt), float(completion if sep2 else prompt))
+        price = Price(float(prompt), float(completion if sep2 else prompt))
     except ValueError:
         raise argparse.ArgumentTypeError(f"--price {text!r}: prices must be numbers") from None
+    if not all(math.isfinite(x) and x >= 0 for x in (price.prompt, price.completion)):
+        raise argparse.ArgumentTypeError(
+            f"--price {text!r}: prices must be finite and not negative"
+        )
+    return backend, price
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -298,7 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     srv = p.add_argument_group("server")
-    srv.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+    # An empty SLM_GATEWAY_HOST is taken as unset (as Kubernetes manifests write "not set"):
+    # it used to reach bind() as "", which listens on every interface.
+    srv.add_argument(
+        "--host",
+        default=_env("HOST", "") or DEFAULT_HOST,
+        help=f"address to listen on (default {DEFAULT_HOST}; 0.0.0.0 or :: for every interface)",
+    )
     srv.add_argument("--port", type=int, default=_env_int("PORT", 8080), help="0 picks one")
     srv.add_argument("--port-file", default="", help="write the bound port here once listening")
     srv.add_argument(
@@ -342,6 +362,11 @@ _LOWER_BOUNDS: tuple[tuple[str, str, float, bool], ...] = (
     ("--body-timeout-s", "body_timeout_s", 0.0, False),
     ("--removed-task-metrics-s", "removed_task_metrics_s", 0.0, True),
     ("--agent-auth-cache-seconds", "agent_auth_cache_seconds", 0.0, True),
+    # 0 or less made every call a 413.
+    ("--max-body-bytes", "max_body_bytes", MIN_MAX_BODY, True),
+    # 0 skipped every shadow comparison: a shadow task never gathered the agreement its
+    # promotion needs, without a word.
+    ("--max-shadow-inflight", "max_shadow_inflight", 1, True),
 )
 
 
@@ -384,6 +409,42 @@ def _check_env_values(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error("; ".join(bad))
 
 
+def _check_server(args: argparse.Namespace) -> None:
+    """Refuse a port outside 0..65535 and an empty host, in one line like any bad flag.
+
+    Why: argparse only checks that the port is an integer, and ``bind()`` then ended the start
+    in an ``OverflowError`` traceback; an empty ``--host`` listened on every interface, where
+    the default is loopback only.
+    """
+    if not 0 <= args.port <= 65535:
+        build_parser().error(
+            f"--port must be within 0..65535, 0 picks a free one (got {args.port}; "
+            f"{ENV_PREFIX}PORT sets its default)"
+        )
+    if not args.host.strip():
+        build_parser().error(
+            "--host must not be empty (0.0.0.0 or :: listens on every interface; "
+            f"an empty {ENV_PREFIX}HOST means {DEFAULT_HOST})"
+        )
+
+
+def _read_key_file(path: str) -> str:
+    """The LLM key in ``path``, or a one-line error naming the flag (exit 2).
+
+    Why: a missing or unreadable file ended the start in a traceback. The path is not shown:
+    it may come from ``SLM_GATEWAY_LLM_API_KEY_FILE``, and a key pasted into the wrong
+    variable must not reach a log; nor is a decode error's text, which quotes the file's bytes.
+    """
+    try:
+        return Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        build_parser().error(
+            f"--llm-api-key-file cannot be read: {why} "
+            f"({ENV_PREFIX}LLM_API_KEY_FILE sets its default)"
+        )
+
+
 def config_from_args(argv: Sequence[str] | None = None) -> GatewayConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -410,9 +471,10 @@ def config_from_args(argv: Sequence[str] | None = None) -> GatewayConfig:
         )
     if not args.agent_auth_audience.strip():
         build_parser().error("--agent-auth-audience must not be empty")
+    _check_server(args)
     key = ""
     if args.llm_api_key_file:
-        key = Path(args.llm_api_key_file).read_text().strip()
+        key = _read_key_file(args.llm_api_key_file)
     elif args.llm_api_key_env:
         key = os.environ.get(args.llm_api_key_env, "")
     capture = None

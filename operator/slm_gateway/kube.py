@@ -357,7 +357,8 @@ class AgentTaskWatcher:
         ``route_refused``: no route at all (an LLM URL or status the gateway cannot use;
         every call for the task fails); ``llm_key_missing`` (the Secret or its key is not
         there), ``llm_key_unreadable`` (RBAC, an API error: the last key read stays in use)
-        or ``llm_key_unusable`` (not base64 of UTF-8 text): calls go to the LLM without the
+        or ``llm_key_unusable`` (not base64 of UTF-8 text, or a key no HTTP header can carry:
+        a line break or NUL inside, a character outside Latin-1): calls go to the LLM without the
         task's key, and it answers 401. Why: the gateway may not write a task's status, and
         a log line is easy to miss; these become ``slm_gateway_route_problem`` and an alert.
         """
@@ -451,6 +452,14 @@ class AgentTaskWatcher:
                 ref, "llm_key_unusable", f"key {field!r} is unusable ({type(exc).__name__})"
             )
             return ""
+        unsendable = _unsendable(value)
+        if unsendable:
+            # Such a key would be refused by the route (it cannot go in a header: a line break
+            # would inject one), and with it the task: every call a 404 model_not_found and
+            # the problem read route_refused. A key problem, the task served without it.
+            self._keys.pop(ref, None)
+            self._problem(ref, "llm_key_unusable", f"key {field!r} is unusable ({unsendable})")
+            return ""
         self._keys[ref] = value
         self._problem(ref, "", None)
         return value
@@ -473,6 +482,19 @@ class AgentTaskWatcher:
     def _changed(self) -> None:
         if self.on_change is not None:
             self.on_change()
+
+
+def _unsendable(key: str) -> str:
+    """Why ``key`` cannot be sent in an ``Authorization`` header, or "" if it can: a line
+    break or NUL inside (a Secret made from a file of two lines), or a character HTTP/1.1
+    headers cannot carry (outside Latin-1). Never quotes the key."""
+    if any(c in key for c in ("\r", "\n", "\0")):
+        return "a line break or NUL character inside"
+    try:
+        key.encode("latin-1")
+    except UnicodeEncodeError:
+        return "a character an HTTP header cannot carry"
+    return ""
 
 
 def _task_key(obj: Mapping[str, Any]) -> str:

@@ -18,7 +18,8 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from slm_gateway.config import GatewayConfig, config_from_args
+from slm_gateway.auth import AuthNotConfigured
+from slm_gateway.config import GatewayConfig, build_parser, config_from_args
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -43,8 +44,18 @@ def serve(cfg: GatewayConfig) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    app = create_app(cfg)
-    sock = bind(cfg.host, cfg.port)
+    try:
+        app = create_app(cfg)
+    except AuthNotConfigured as exc:
+        # One line and exit 2, like a bad flag: a setting that cannot work, not a crash.
+        build_parser().error(str(exc))
+    try:
+        sock = bind(cfg.host, cfg.port)
+    except OSError as exc:  # in use, not ours to bind, or a host that does not resolve
+        # A failure to start, not a bad setting: exit 1. The host is not shown: it may come
+        # from SLM_GATEWAY_HOST, and a key pasted into the wrong variable must not be logged.
+        why = exc.strerror or type(exc).__name__
+        sys.exit(f"slm-gateway: error: cannot listen on --host's address, port {cfg.port}: {why}")
     port = sock.getsockname()[1]
     if cfg.port_file:
         tmp = cfg.port_file + ".tmp"

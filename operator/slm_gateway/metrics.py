@@ -298,6 +298,15 @@ def _drop_task(stats: dict[_K, Any], task: tuple[str, str]) -> None:
         del stats[key]
 
 
+def _labelled_tasks(metric: Counter | Gauge | Histogram) -> set[tuple[str, str]]:
+    """The (namespace, task) pairs of every series of a metric labelled ``namespace, task,
+    ...``. prometheus_client has no public way to list a metric's label values but to collect
+    every sample; its children dict is read under its own lock, as it does itself (capture
+    workers add series from their threads)."""
+    with metric._lock:
+        return {(str(k[0]), str(k[1])) for k in metric._metrics}
+
+
 class GatewayMetrics:
     """All gateway metrics on one registry; the per-call ones as lock-free plain numbers."""
 
@@ -408,7 +417,8 @@ class GatewayMetrics:
         )
 
     def _task_metrics(self) -> list[Counter | Gauge | Histogram]:
-        """The prometheus_client metrics labelled by namespace and task."""
+        """The prometheus_client metrics labelled by namespace and task, in that order first:
+        a removed task's series are looked for, and removed, in each."""
         return [
             self.errors,
             self.fallbacks,
@@ -429,8 +439,13 @@ class GatewayMetrics:
 
         Returns the tasks removed. A task seen again before its grace ends keeps its series.
         """
+        # Every task with a series, not only those with answered calls or attempts: a task
+        # whose every call got a 503 (the LLM's circuit, shared by URL, opened by another
+        # task) has nothing but slm_gateway_errors_total, and kept it for ever.
         seen = {k[:2] for k in self._served} | {k[:2] for k in self._attempts}
         seen |= set(self._llm_equivalent)
+        for metric in self._task_metrics():
+            seen |= _labelled_tasks(metric)
         for task in known:
             self._gone_since.pop(task, None)
         removed: list[tuple[str, str]] = []

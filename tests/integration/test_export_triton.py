@@ -254,6 +254,71 @@ def test_a_request_the_chat_template_rejects_is_deferred_alone_in_its_batch(
         assert 0.0 <= float(result.as_numpy("CONFIDENCE")[0, 0]) <= 1.0
 
 
+SLOW_MODEL = """
+import json, time
+import numpy as np
+import triton_python_backend_utils as pb_utils
+class TritonPythonModel:
+    def execute(self, requests):
+        time.sleep(3.0)  # a generative model under load
+        answer = json.dumps({"role": "assistant", "content": "ok"}).encode()
+        return [
+            pb_utils.InferenceResponse([
+                pb_utils.Tensor("RESPONSE", np.array([[answer]], dtype=np.object_)),
+                pb_utils.Tensor("CONFIDENCE", np.array([[0.9]], dtype=np.float32)),
+            ])
+            for _ in requests
+        ]
+"""
+
+
+def test_calls_queued_within_the_tasks_budget_are_answered_and_later_ones_dropped(
+    repository: Path, tmp_path: Path
+) -> None:
+    """The exported config with a model whose batches take 3 s: 24 calls at once queue
+    for up to 6 s. With the task's 20 s budget (the gateway's ``timeout`` parameter) every
+    call is answered; with the old fixed 5 s queue limit the last batch got a 503, counted
+    as SLM errors though the gateway was still waiting. With a 2 s budget, the calls still
+    queued when it ran out are dropped by Triton rather than computed for nobody."""
+    import threading
+    import urllib.error
+
+    from slm_gateway.backends import infer_body
+
+    repo = tmp_path / "repo"
+    shutil.copytree(repository, repo)
+    (repo / MODEL_NAME / "1" / "model.py").write_text(SLOW_MODEL)
+    assert "max_batch_size: 8" in (repo / MODEL_NAME / "config.pbtxt").read_text()
+    messages = [{"role": "user", "content": "weather in Oslo?"}]
+
+    def burst(url: str, budget_s: float) -> list[int]:
+        body = infer_body(messages, TOOLS, budget_s)
+        statuses: list[int] = []
+
+        def call() -> None:
+            req = urllib.request.Request(url, data=body, headers={"Content-Type": "text/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    statuses.append(r.status)
+            except urllib.error.HTTPError as e:
+                statuses.append(e.code)
+
+        threads = [threading.Thread(target=call) for _ in range(24)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return statuses
+
+    with start_triton(repo, workdir=tmp_path / "triton", env={"OMP_NUM_THREADS": "1"}) as srv:
+        base = srv.http_url if srv.http_url.startswith("http") else f"http://{srv.http_url}"
+        url = f"{base}/v2/models/{MODEL_NAME}/infer"
+        within = burst(url, 20.0)
+        short = burst(url, 2.0)
+    assert within == [200] * 24
+    assert 200 in short and short.count(503) >= 8, short  # the first batch ran at once
+
+
 def test_a_selector_candidate_serves_its_choice_and_calibrated_confidence(
     tmp_path: Path,
 ) -> None:

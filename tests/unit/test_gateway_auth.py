@@ -10,12 +10,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from slm_gateway.auth import (
+    AuthNotConfigured,
     AuthUnavailable,
     Identity,
     TokenReviewer,
@@ -23,9 +28,11 @@ from slm_gateway.auth import (
     identity_from_review,
     may_call,
     token_expiry,
+    token_reviewer,
 )
 
 AUD = "slm-fleet-gateway"
+OPERATOR_DIR = Path(__file__).resolve().parents[2] / "operator"
 
 
 @pytest.mark.parametrize(
@@ -289,3 +296,52 @@ def test_a_refusal_is_cached_even_for_a_token_about_to_expire() -> None:
     for _ in range(5):
         assert asyncio.run(r.identify(soon)) is None
     assert reviews.asked == [soon]
+
+
+@pytest.mark.parametrize("kubeconfig", [None, "missing"])
+def test_serviceaccount_auth_without_credentials_ends_the_start_in_one_line(
+    tmp_path: Path, kubeconfig: str | None
+) -> None:
+    """Outside a cluster and with no kubeconfig, the start ended in a kubernetes
+    ConfigException traceback from deep inside the app's construction; it is now one line
+    naming the setting, exit 2 like a bad flag."""
+    routes = tmp_path / "routes.yaml"
+    routes.write_text("tasks: {}\n")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLM_GATEWAY_", "KUBERNETES_")) and k != "KUBECONFIG"
+    }
+    env |= {"HOME": str(tmp_path), "PYTHONPATH": str(OPERATOR_DIR)}
+    argv = ["--routes", str(routes), "--port", "0", "--agent-auth", "serviceaccount"]
+    if kubeconfig:
+        argv += ["--kubeconfig", str(tmp_path / kubeconfig)]
+    done = subprocess.run(
+        [sys.executable, "-m", "slm_gateway", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "slm-gateway: error: --agent-auth serviceaccount needs Kubernetes credentials to "
+            "review agent tokens (in-cluster, --kubeconfig, or the default kubeconfig), and none "
+            "could be loaded (ConfigException: "
+        )
+    )
+
+
+def test_a_kubeconfig_that_is_not_one_is_named_by_its_error_type_only(tmp_path: Path) -> None:
+    """A YAML error's text quotes a line of the file, which may hold a token: only the
+    error's type is shown."""
+    bad = tmp_path / "kubeconfig"
+    bad.write_text("users: [{token: sk-TESTSECRET\n")
+    with pytest.raises(AuthNotConfigured) as exc:
+        token_reviewer(str(bad), AUD, 60.0)
+    assert "TESTSECRET" not in str(exc.value)
+    assert str(exc.value).endswith("could be loaded (ParserError)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,13 @@ BAD = [
     ("--body-timeout-s", "0", "above 0"),
     ("--body-timeout-s", "nan", "a finite number above 0"),
     ("--removed-task-metrics-s", "inf", "a finite number at least 0"),
+    # every call a 413 (the chart's own minimum is 1024)
+    ("--max-body-bytes", "-5", "at least 1024"),
+    ("--max-body-bytes", "0", "at least 1024"),
+    ("--max-body-bytes", "1023", "at least 1024"),
+    # every shadow comparison skipped: a shadow task could never be promoted
+    ("--max-shadow-inflight", "0", "at least 1"),
+    ("--max-shadow-inflight", "-1", "at least 1"),
 ]
 
 
@@ -93,10 +101,15 @@ def test_the_lowest_values_allowed_and_the_defaults_pass() -> None:
             "0",
             "--resync-seconds",
             "1",
+            "--max-body-bytes",
+            "1024",
+            "--max-shadow-inflight",
+            "1",
         ]
     )
     assert (low.slm_timeout_s, low.llm_timeout_s) == (0.001, 0.5)
     assert (low.breaker_failures, low.breaker_cooldown_s, low.resync_s) == (1, 0.0, 1)
+    assert (low.max_body_bytes, low.max_shadow_inflight) == (1024, 1)
     default = config_from_args(["--namespace", "ns"])
     assert (default.slm_timeout_s, default.breaker_failures, default.resync_s) == (2.0, 5, 300)
 
@@ -301,3 +314,108 @@ def test_every_numeric_and_on_off_flag_is_checked_here() -> None:
         if a.type in (int, float) or isinstance(a, argparse._StoreTrueAction)
     }
     assert numeric == {var for var, _, _ in ENV_NUMBERS} | {"SLM_GATEWAY_ALL_NAMESPACES"}
+
+
+@pytest.mark.parametrize("price", ["llm=-1:-1", "llm=nan", "slm=0.1:inf", "slm=-0.0001"])
+def test_a_negative_or_non_finite_price_is_refused(
+    capsys: pytest.CaptureFixture[str], price: str
+) -> None:
+    """A task's own llmPrice refuses these; --price took them, and the cost counters then
+    went backwards or became NaN for good."""
+    with pytest.raises(SystemExit) as exc:
+        config_from_args(["--namespace", "ns", "--price", price])
+    assert exc.value.code == 2
+    assert f"--price {price!r}: prices must be finite and not negative" in capsys.readouterr().err
+
+
+def test_a_free_price_is_still_taken() -> None:
+    cfg = config_from_args(["--namespace", "ns", "--price", "slm=0:0", "--price", "llm=0.5"])
+    assert (cfg.prices["slm"].prompt, cfg.prices["slm"].completion) == (0.0, 0.0)
+    assert (cfg.prices["llm"].prompt, cfg.prices["llm"].completion) == (0.5, 0.5)
+
+
+@pytest.mark.parametrize("port", ["70000", "65536", "-1"])
+def test_a_port_outside_0_to_65535_is_refused_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], port: str
+) -> None:
+    """argparse only checks for an integer; bind() then ended the start in an OverflowError
+    traceback."""
+    for argv, env in ((["--port", port], None), ([], port)):
+        if env is not None:
+            monkeypatch.setenv("SLM_GATEWAY_PORT", env)
+        with pytest.raises(SystemExit) as exc:
+            config_from_args(["--namespace", "ns", *argv])
+        assert exc.value.code == 2
+        assert (
+            f"--port must be within 0..65535, 0 picks a free one (got {port}; "
+            "SLM_GATEWAY_PORT sets its default)"
+        ) in capsys.readouterr().err
+
+
+def test_a_port_out_of_range_ends_the_real_start_without_a_traceback() -> None:
+    done = run_gateway({}, "--namespace", "ns", "--port", "70000")
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith("slm-gateway: error: --port must be within 0..65535")
+    )
+
+
+def test_a_port_in_use_ends_the_start_in_one_line() -> None:
+    """Address already in use (or a port below 1024 without the right) was a traceback."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        done = run_gateway({}, "--namespace", "ns", "--port", str(port))
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"slm-gateway: error: cannot listen on --host's address, port {port}: "
+        "Address already in use"
+    )
+
+
+def test_an_unreadable_key_file_is_refused_in_one_line_without_its_path(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A missing key file ended the start in a FileNotFoundError traceback. The path is not
+    shown: the variable may hold a key pasted into the wrong place."""
+    missing = str(tmp_path / "sk-TESTSECRET-missing")
+    for argv, env in (
+        (["--llm-api-key-file", missing], None),
+        (["--llm-api-key-file", str(tmp_path)], None),  # a directory
+        ([], missing),
+    ):
+        if env is not None:
+            monkeypatch.setenv("SLM_GATEWAY_LLM_API_KEY_FILE", env)
+        with pytest.raises(SystemExit) as exc:
+            config_from_args(["--namespace", "ns", *argv])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "--llm-api-key-file cannot be read: " in err
+        assert "SLM_GATEWAY_LLM_API_KEY_FILE sets its default" in err
+        assert "TESTSECRET" not in err and str(tmp_path) not in err
+    key_file = tmp_path / "key"
+    key_file.write_text("sk-from-file\n")
+    cfg = config_from_args(["--namespace", "ns", "--llm-api-key-file", str(key_file)])
+    assert (cfg.llm_api_key, cfg.llm_api_key_file) == ("sk-from-file", str(key_file))
+
+
+def test_an_empty_host_variable_means_loopback_not_every_interface(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty SLM_GATEWAY_HOST (a manifest's "not set") reached bind() as "", which
+    listens on every interface; the default is loopback only."""
+    monkeypatch.setenv("SLM_GATEWAY_HOST", "")
+    assert config_from_args(["--namespace", "ns"]).host == "127.0.0.1"
+    monkeypatch.setenv("SLM_GATEWAY_HOST", "0.0.0.0")
+    assert config_from_args(["--namespace", "ns"]).host == "0.0.0.0"
+    with pytest.raises(SystemExit) as exc:
+        config_from_args(["--namespace", "ns", "--host", ""])
+    assert exc.value.code == 2
+    assert "--host must not be empty (0.0.0.0 or :: listens on every interface" in (
+        capsys.readouterr().err
+    )

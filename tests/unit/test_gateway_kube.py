@@ -676,3 +676,28 @@ def test_what_the_gateway_cannot_serve_is_reported_per_task_until_it_is_fixed() 
     }
     watcher._apply_event("DELETED", fixed, core)
     assert ("agents", "bad-url") not in watcher.problems()
+
+
+@pytest.mark.parametrize(
+    "bad_key",
+    [KEY + "\n" + NEW_KEY, KEY + "\r\n" + NEW_KEY, KEY + "\0", "sk-\u20ac-" + KEY],
+    ids=["line-break", "crlf", "nul", "not-latin-1"],
+)
+def test_a_key_no_header_can_carry_is_unusable_and_the_task_is_still_served(
+    caplog: pytest.LogCaptureFixture, bad_key: str
+) -> None:
+    """A Secret made from a file of two lines has a line break inside its key. It was taken
+    as usable, then the route refused it (it cannot go in a header), so the whole task was
+    dropped: every call a 404 model_not_found, and the problem read route_refused. It is a
+    key problem: the task is served without the key (the LLM answers 401), reported as
+    llm_key_unusable, and the key is never logged."""
+    caplog.set_level(logging.DEBUG, logger="slm_gateway")
+    core = FakeCore({"llm-key": bad_key})
+    watcher = listed(core, task("weather"))
+    assert auth(watcher, "weather") is None
+    assert watcher.problems() == {("agents", "weather"): "llm_key_unusable"}
+    core.keys["llm-key"] = NEW_KEY  # the Secret is fixed
+    watcher.refresh_keys(core)
+    assert auth(watcher, "weather") == f"Bearer {NEW_KEY}"
+    assert watcher.problems() == {}
+    assert KEY not in caplog.text and NEW_KEY not in caplog.text

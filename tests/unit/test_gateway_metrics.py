@@ -94,3 +94,51 @@ def test_a_latency_lands_in_the_first_bucket_not_below_it(seconds: float) -> Non
     buckets = m.served("", "t", "llm").duration.buckets()
     for le, count in buckets:
         assert count == (1.0 if le == "+Inf" or seconds <= float(le) else 0.0), le
+
+
+def task_series(m: GatewayMetrics) -> set[tuple[str, str]]:
+    """Every (namespace, task) pair with a sample in the exposition."""
+    return {
+        (s.labels["namespace"], s.labels["task"])
+        for family in m.registry.collect()
+        for s in family.samples
+        if "task" in s.labels
+    }
+
+
+def test_a_removed_task_loses_its_series_even_if_it_never_had_an_answered_call() -> None:
+    """A task whose every call got a 503 (the LLM's circuit, shared by URL, opened by another
+    task) has only error series, one whose SLM fallbacks all failed only fallback series, a
+    task whose records were all dropped only capture series: each used to keep them for ever
+    after it was deleted, though the series of a removed task are documented to go."""
+    m = GatewayMetrics()
+    m.errors.labels("ns", "only-errors", "llm", "upstream_unavailable").inc()
+    m.fallbacks.labels("ns", "only-fallbacks", "circuit_open").inc()
+    m.shadow.labels("ns", "only-shadow", "skipped").inc()
+    m.capture_dropped.labels("ns", "only-capture", "queue_full").inc()
+    m.streams.labels("ns", "only-streams", "llm", "client_disconnected").inc()
+    m.stream_first_chunk.labels("ns", "only-first-chunk", "llm").observe(0.1)
+    m.served("ns", "kept", "llm").observe(0.01, 1, 1, 0.1, 0.1)
+    m.errors.labels("ns", "kept", "llm", "upstream_error").inc()
+    gone = {
+        ("ns", t)
+        for t in (
+            "only-errors",
+            "only-fallbacks",
+            "only-shadow",
+            "only-capture",
+            "only-streams",
+            "only-first-chunk",
+        )
+    }
+    assert task_series(m) == gone | {("ns", "kept")}
+    assert m.forget_removed_tasks({("ns", "kept")}, now=100.0, grace_s=10.0) == []
+    assert task_series(m) == gone | {("ns", "kept")}  # still within the grace
+    assert set(m.forget_removed_tasks({("ns", "kept")}, now=110.0, grace_s=10.0)) == gone
+    assert task_series(m) == {("ns", "kept")}
+
+
+def test_every_per_task_metric_is_labelled_namespace_and_task_first() -> None:
+    """The removal reads the first two label values of each per-task metric as the task."""
+    for metric in GatewayMetrics()._task_metrics():
+        assert metric._labelnames[:2] == ("namespace", "task"), metric

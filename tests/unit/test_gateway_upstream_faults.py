@@ -568,3 +568,26 @@ def test_a_trailing_slash_is_an_openai_style_404_not_an_empty_redirect(
     assert r.status_code == 404
     assert r.json()["error"]["code"] == "not_found" and path in r.json()["error"]["message"]
     assert upstream.requests == []
+
+
+def test_the_slm_is_asked_to_drop_a_call_still_queued_when_the_tasks_budget_ends(
+    upstream: Upstream,
+) -> None:
+    """Triton's ``timeout`` request parameter carries the task's SLM budget: a call queued
+    behind slow batches is dropped by Triton once the gateway has fallen back to the LLM,
+    and the exported model's own queue limit no longer refuses calls still in budget."""
+    upstream.script.append(infer_answer('{"role":"assistant","content":"Sunny."}'))
+    route = Route(
+        task="weather",
+        mode="slm",
+        llm_base_url=upstream.llm_url,
+        llm_model="gpt-4o",
+        slm_endpoint=upstream.slm_endpoint,
+        slm_timeout_s=20.0,
+    )
+    c, _ = gateway(route)
+    with c:
+        r = ask(c)
+        assert (r.status_code, r.headers["x-slm-backend"]) == (200, "slm")
+    [(_, body)] = upstream.requests
+    assert orjson.loads(body)["parameters"] == {"timeout": 20_000_000}

@@ -55,6 +55,10 @@ def valid_model_name(name: str) -> bool:
     return bool(name) and not any(c in name for c in '/\\"\n') and name not in (".", "..")
 
 
+#: The model's queue limit: the longest ``spec.serving.slo.slmTimeoutMs`` (600,000 ms).
+QUEUE_TIMEOUT_US = 600_000_000
+
+
 def render_config(
     name: str,
     parameters: Mapping[str, str] | None = None,
@@ -62,16 +66,21 @@ def render_config(
     instance_count: int = 1,
     instance_kind: str = "KIND_MODEL",
     max_queue_delay_us: int = 2000,
-    queue_timeout_us: int = 5_000_000,
+    queue_timeout_us: int = QUEUE_TIMEOUT_US,
     max_queue_size: int = 256,
 ) -> str:
     """``config.pbtxt`` for the Python-backend model ``name``.
 
     Dynamic batching gathers concurrent requests into one ``execute`` call, which generates
     for all of them in one padded batch. ``parameters`` reach ``model.py`` as strings.
-    Requests that waited longer than ``queue_timeout_us`` (the gateway has long fallen back to
-    the LLM by then), or that find ``max_queue_size`` ahead of them, are rejected rather than
-    computed late: under overload the queue stays short and the latency SLO stays meaningful.
+    Requests that find ``max_queue_size`` ahead of them are rejected rather than computed
+    late: under overload the queue stays short and the latency SLO stays meaningful. A
+    request still queued when its own ``timeout`` parameter (the gateway sends its task's
+    SLM budget, ``slmTimeoutMs``) or else ``queue_timeout_us`` ran out is rejected too: the
+    gateway has fallen back to the LLM by then. ``queue_timeout_us`` is the longest budget a
+    task may set, as Triton lets a request shorten the model's limit but never lengthen it:
+    a fixed 5 s refused calls of tasks whose budget is longer (generative models under load)
+    with a 503, which counted as SLM errors instead of being answered in time.
     """
     if not valid_model_name(name):
         raise ValueError(f"invalid Triton model name {name!r}")
