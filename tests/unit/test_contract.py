@@ -131,6 +131,28 @@ def test_a_result_with_a_number_past_a_doubles_range_is_a_contract_error() -> No
             TrainerResult.from_json(f'{{"stage": "prepare", "ok": true, "{field}": {value}}}')
 
 
+@pytest.mark.parametrize(
+    ("raw", "said"),
+    [
+        ('{"stage": "prepare", "ok": false, "message": null}', "message must be a string"),
+        ('{"stage": "prepare", "ok": true, "examples": 20, "message": 42}', "message must be"),
+        ('{"stage": "finetune", "ok": true, "candidate": 7}', "candidate must be a string"),
+        ('{"stage": "export", "ok": true, "artifact_uri": {"a": 1}}', "artifact_uri must be"),
+        ("[" * 2000, "termination message is not JSON"),
+    ],
+)
+def test_a_result_with_a_wrongly_typed_or_too_deep_field_is_a_contract_error(
+    raw: str, said: str
+) -> None:
+    """The operator reads results with ``except ContractError``: an accepted null or numeric
+    message crashed it where it cut URIs out of the message, and a deeply nested termination
+    message raised RecursionError instead."""
+    with pytest.raises(ContractError, match=said):
+        TrainerResult.from_json(raw)
+    ok = TrainerResult.from_json('{"stage": "finetune", "ok": true, "candidate": "a"}')
+    assert (ok.candidate, ok.artifact_uri, ok.message) == ("a", None, "")
+
+
 def test_non_finite_numbers_are_refused() -> None:
     with pytest.raises(ContractError, match="latency_ms must be finite"):
         CallRecord.from_json(json.dumps(_call()).replace("812.345", "NaN"))

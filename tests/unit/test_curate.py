@@ -330,6 +330,32 @@ def test_the_same_calls_in_any_order_curate_to_the_same_files(tmp_path: Path) ->
     assert not [r.request_id for r in kept if r.request_id.startswith("retry")]
 
 
+def test_captures_of_one_call_that_redact_apart_curate_alike_in_any_order(tmp_path: Path) -> None:
+    """Two captures equal but for whitespace count as one call before redaction, yet the
+    redactor sees whitespace (a phone number split over lines is not found). When the earlier
+    capture came last, curate replaced the later one's entry, and with it a third user's call
+    that had redacted to the same text: one log order gave 2 examples, the other 1."""
+
+    def capture(text: str, timestamp: float, request_id: str) -> dict[str, Any]:
+        return {
+            **call(text, content="I will call you back shortly."),
+            "timestamp": timestamp,
+            "request_id": request_id,
+        }
+
+    r1 = capture("call me at 415 555 0123 please", 2.0, "r1")
+    r2 = capture("call me at 415\n555\n0123 please", 1.0, "r2")
+    r3 = capture("call me at 212 555 0199 please", 3.0, "r3")
+    written = []
+    for name, order in (("a", [r1, r3, r2]), ("b", [r2, r1, r3]), ("c", [r3, r2, r1])):
+        result, report, out = curate(tmp_path, order, out=name, min_examples=1, eval_fraction=0)
+        assert result.examples == 2, (name, result.message)
+        del report["seconds"]
+        written.append(((out / "train.jsonl").read_bytes(), report))
+    assert written[1] == written[0] and written[2] == written[0]
+    assert b"415 555 0123" not in written[0][0] and b"212 555 0199" not in written[0][0]
+
+
 def test_max_examples_keeps_the_calls_with_the_smallest_hash_whatever_the_order(
     tmp_path: Path,
 ) -> None:
@@ -959,6 +985,35 @@ def test_a_string_over_the_redactors_limit_is_malformed_not_fatal(
     assert report["examples"] == 6
     written = (out / "train.jsonl").read_text() + (out / "eval.jsonl").read_text()
     assert "jane.long@example.com" not in written and "word word" not in written
+
+
+def test_records_refused_after_parsing_are_sampled_by_file_and_line_not_content(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The report promises the first few malformed lines with their line numbers; a record too
+    long to redact or too deep to write back was counted but never located, so the engineer
+    had to search the log for it. Its content is never quoted: it was not redacted."""
+    import slm_trainer.redact as redact_module
+
+    monkeypatch.setattr(redact_module, "MAX_TEXT_CHARS", 5000)
+    huge = call("summarise this: " + "word " * 1200 + "jane.long@example.com", content="ok")
+    nested: Any = []
+    for _ in range(600):  # decodes, but is too deep to walk and write back
+        nested = [nested]
+    deep = {
+        **call("deep", content="ok"),
+        "messages": [{"role": "user", "content": "jane.deep@example.com", "x": nested}],
+    }
+    good = tool_calls(6, 0, 0)
+    _, report, _ = curate(tmp_path, [*good[:2], huge, *good[2:4], deep, *good[4:]])
+    assert report["malformed"] == {"too_deep": 1, "too_long": 1}
+    samples = report["error_samples"]
+    assert [(s["file"], s["line"], s["reason"]) for s in samples] == [
+        ("calls.jsonl", 3, "too_long"),
+        ("calls.jsonl", 6, "too_deep"),
+    ]
+    assert all(s["error"] for s in samples)
+    assert "jane." not in json.dumps(samples) and "word word" not in json.dumps(samples)
 
 
 SECRET = "sk-TESTSECRET1234567890abcdef"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -123,6 +124,15 @@ def test_a_manifest_asks_for_the_scrubbing_its_calls_were_counted_under(tmp_path
         ({"dataset_uri_prefix": "https://logs.example.com/calls"}, "dataset_uri_prefix must"),
         ({"dataset_uri_prefix": "/data/calls"}, "dataset_uri_prefix must"),
         ({"name_prefix": "team-" * 5}, "name_prefix is 25 characters; at most 24"),
+        (
+            {"llm_model": "m" * 513},
+            "llm_model is 513 characters; an AgentTask's fallback.llm.model takes at most 512",
+        ),
+        (
+            {"dataset_uri_prefix": "s3://bucket/" + "p" * 1990},
+            "dataset_uri_prefix makes dataset URIs of up to 2059 characters; an AgentTask's "
+            "dataset.uri takes at most 2048",
+        ),
     ],
 )
 def test_settings_the_crd_would_refuse_are_refused_before_any_work(
@@ -134,6 +144,43 @@ def test_settings_the_crd_would_refuse_are_refused_before_any_work(
         discover.Args(input=tmp_path, output_dir=tmp_path, **setting)  # type: ignore[arg-type]
     for prefix in ("pvc://logs", "pvc://logs/calls/", "s3://bucket/calls", "file:///data/"):
         discover.Args(input=tmp_path, output_dir=tmp_path, dataset_uri_prefix=prefix)
+    longest = "s3://bucket/" + "p" * (2048 - len("s3://bucket/") - 1 - 50 - len(".jsonl"))
+    discover.Args(input=tmp_path, output_dir=tmp_path, dataset_uri_prefix=longest)
+    discover.Args(input=tmp_path, output_dir=tmp_path, llm_model="m" * 512)
+
+
+def test_the_length_limits_are_the_crds() -> None:
+    """The limits discover checks are the ones the API server enforces at admission."""
+    crd = yaml.safe_load((REPO / "crds" / "slmfleet.dev_agenttasks.yaml").read_text())
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    llm = spec["properties"]["fallback"]["properties"]["llm"]["properties"]
+    assert llm["model"]["maxLength"] == discover.MAX_LLM_MODEL
+    assert spec["properties"]["dataset"]["properties"]["uri"]["maxLength"] == (
+        discover.MAX_DATASET_URI
+    )
+
+
+def test_a_fallback_model_too_long_for_the_crd_is_a_usage_error(tmp_path: Path) -> None:
+    """A bad flag is exit 2 (argparse's convention): the operator's Job fails at once rather
+    than proposing manifests that `kubectl apply` refuses."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "slm_trainer",
+            "discover",
+            f"--input={tmp_path}",
+            f"--output-dir={tmp_path / 'out'}",
+            "--llm-model=" + "m" * 600,
+            "--result-path=",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "llm_model is 600 characters" in done.stdout + done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------ real clustering
@@ -861,3 +908,76 @@ def test_no_tool_clusters_of_one_prompt_template_are_merged_with_the_coverage_me
     other = review_sentiment()[:3]
     merged, merges = discover.merge_same_task([0] * 40 + [1] * 3, calls + other)
     assert merged == [0] * 40 + [1] * 3 and merges == []
+
+
+def test_a_model_name_from_the_log_too_long_for_the_crd_falls_back_to_the_default(
+    tmp_path: Path, by_axis: None
+) -> None:
+    """The log's most common model became every manifest's fallback.llm.model, and one over
+    the CRD's 512 characters made `kubectl apply` refuse them all."""
+    calls = [replace(weather(i), model="m" * 600) for i in range(6)]
+    result, report, manifests = discovered(
+        tmp_path, calls, max_clusters=2, min_cluster_size=2, scrub_pii=False
+    )
+    assert result.ok, result.message
+    assert [m["spec"]["fallback"]["llm"]["model"] for m in manifests.values()] == ["gpt-4o"]
+    assert any("600 characters" in w and "gpt-4o" in w for w in report["warnings"])
+    assert "warning: the log's most common model name is 600 characters" in result.message
+
+
+def test_a_call_over_the_redactors_limit_is_counted_not_fatal(
+    tmp_path: Path, by_axis: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One tool result over the redactor's limit made discover crash (exit 1) and propose
+    nothing, where curate skips and counts it (``too_long``); it may not be clustered, quoted
+    or written unredacted either."""
+    import slm_trainer.redact as redact_module
+
+    monkeypatch.setattr(redact_module, "MAX_TEXT_CHARS", 5000)
+    huge = rec("summarise this log: " + "line of a log " * 500 + "jane.big@example.com", None)
+    result, report, _ = discovered(
+        tmp_path, [weather(i) for i in range(6)] + [huge], max_clusters=2
+    )
+    assert result.ok, result.message
+    assert report["malformed"] == {"too_long": 1}
+    assert "1 malformed line skipped (1 too_long)" in result.message
+    written = "".join(p.read_text() for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert "jane.big" not in written and "line of a log line" not in written
+
+
+def test_an_input_folder_whose_name_is_not_utf8_is_named_with_an_escape(
+    tmp_path: Path, by_axis: None
+) -> None:
+    """discover crashed writing its report, after the manifests were written, when the call
+    log's folder name was not UTF-8 (a lone surrogate cannot be encoded); the name is shown
+    as curate shows it and the report is written whole or not at all."""
+    folder = tmp_path / os.fsdecode(b"calls-\xff")
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("".join(weather(i).to_json() + "\n" for i in range(6)))
+    out = tmp_path / "out"
+    args = discover.Args(input=folder, output_dir=out, max_clusters=2, min_cluster_size=2)
+    result = discover.run(args)
+    assert result.ok, result.message
+    report = json.loads((out / "discover_report.json").read_text(encoding="utf-8"))
+    assert report["input"].endswith("calls-\\xff")
+    assert report["manifests"] == ["get-weather"]
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_the_report_counts_the_calls_the_sample_left_out(tmp_path: Path, by_axis: None) -> None:
+    """A log larger than --max-records was clustered on a sample, and nothing said so: the
+    report and the message read as if every call had been looked at."""
+    calls = [weather(i) for i in range(10)] + [alarm(i) for i in range(10)]
+    result, report, _ = discovered(
+        tmp_path, calls, max_records=12, max_clusters=2, min_cluster_size=2
+    )
+    assert result.ok, result.message
+    assert (report["valid_records"], report["max_records"], report["left_out_by_sample"]) == (
+        20,
+        12,
+        8,
+    )
+    assert report["records"] == 12
+    assert "8 of 20 valid calls left out of the --max-records sample of 12" in result.message
+    _, whole, _ = discovered(tmp_path, calls, max_clusters=2, min_cluster_size=2)
+    assert (whole["valid_records"], whole["left_out_by_sample"]) == (20, 0)

@@ -1517,6 +1517,9 @@ def test_labelled_passwords_in_text_follow_the_json_rule(
         "4111\u00a01111\u00a01111\u00a01111",
         "3782\u00a0822463\u00a010005",
         "5555  5555  5555  4444",
+        "4111\t1111\t1111\t1111",
+        "4111\t\t1111\t\t1111\t\t1111",
+        "3782\t822463\t10005",
     ],
 )
 def test_cards_with_other_separators_are_found(redactor: Redactor, card: str) -> None:
@@ -1527,6 +1530,43 @@ def test_cards_with_other_separators_are_found(redactor: Redactor, card: str) ->
 
 def test_card_lookalikes_with_other_separators_are_left(redactor: Redactor) -> None:
     for text in ("build 4111.1111.1111.1112", "ids 4111  1111.1111 1111", "v 2024.0101.1200.0001"):
+        assert redactor.redact_text(text, RedactionState()) == text
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        "years\t2019\t2020\t2021\t2022\t2023",  # a run of 4 in it passes Luhn
+        "2023\t2024\t2025\t2026",
+        "2023.2024.2025.2026",
+        "qty\t4111\t1111\t1111\t1111\t1111",
+        "4111\n1111\n1111\n1111",
+    ],
+)
+def test_rows_of_numbers_in_a_table_are_not_cards(redactor: Redactor, row: str) -> None:
+    """A tab-separated table row holds four-digit numbers far more often than a card does."""
+    assert redactor.redact_text(row, RedactionState()) == row
+
+
+@pytest.mark.parametrize(
+    "iban",
+    [
+        "DE89  3704  0044  0532  0130  00",
+        "DE89\t3704\t0044\t0532\t0130\t00",
+        "GB82\u00a0WEST\u00a01234\u00a05698\u00a07654\u00a032",
+        "GB82   WEST   1234   5698   7654   32",
+    ],
+)
+def test_ibans_with_runs_of_spaces_or_tabs_are_found(redactor: Redactor, iban: str) -> None:
+    """Pasted from a bank statement or a table, an IBAN's groups are rarely one space apart."""
+    assert redactor.redact_text(f"wire it to {iban} today", RedactionState()) == (
+        "wire it to <IBAN_CODE_1> today"
+    )
+
+
+def test_iban_lookalikes_with_runs_of_spaces_are_left(redactor: Redactor) -> None:
+    """The checksum still decides: a wrong check digit or a number over lines is no IBAN."""
+    for text in ("ref DE88  3704  0044  0532  0130  00", "DE89\n3704\n0044\n0532\n0130\n00"):
         assert redactor.redact_text(text, RedactionState()) == text
 
 

@@ -237,6 +237,12 @@ class TrainerResult:
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ContractError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        # The operator quotes the message and names the candidate and artifact in conditions,
+        # Events and status: a number or an object there crashed its reading of the Job.
+        for name in ("message", "candidate", "artifact_uri"):
+            v = getattr(self, name)
+            if not isinstance(v, str) and not (v is None and name != "message"):
+                raise ContractError(f"{name} must be a string, got {type(v).__name__}")
         for name in ("score", "llm_score", "threshold"):
             v = _finite_or_none(getattr(self, name), name)
             if v is not None and not 0.0 <= v <= 1.0:
@@ -289,6 +295,8 @@ class TrainerResult:
             data = json.loads(text)
         except (TypeError, ValueError) as exc:
             raise ContractError(f"termination message is not JSON: {exc}") from exc
+        except RecursionError:  # "[[[[..." past the decoder's depth
+            raise ContractError("termination message is not JSON: nested too deep") from None
         if not isinstance(data, dict):
             raise ContractError("termination message must be a JSON object")
         schema = data.get("schema", RESULT_SCHEMA)

@@ -58,6 +58,12 @@ from slm_contract import CallRecord, ContractError, TrainerResult, redact_uri, r
 #: The contract's name for this stage in TrainerResult.
 CONTRACT_STAGE = "prepare"
 
+#: What an error sample says of a record refused after parsing; never its content, which
+#: may hold what redaction would have removed.
+TOO_LONG_ERROR = "a string is over the redactor's limit (MAX_TEXT_CHARS); not analysed"
+TOO_DEEP_ERROR = "nested too deep to be hashed or written back"
+INVALID_UNICODE_ERROR = "a lone surrogate that cannot be written as UTF-8"
+
 Progress = Callable[[dict[str, Any]], None]
 StratifyBy = Literal["auto", "tool", "content", "none"]
 
@@ -140,6 +146,22 @@ class ParseStats:
     malformed: Counter[str] = field(default_factory=Counter)
     other_task: int = 0
     errors: list[dict[str, Any]] = field(default_factory=list)
+    #: File and line number of the last line read: where a record that a later step
+    #: refuses (too long to redact, too deep to write) came from.
+    source: str = ""
+    lineno: int = 0
+
+    def skip(self, reason: str, error: str, max_error_samples: int = 5) -> None:
+        """Count the current line as malformed for ``reason``; keep it among the first few.
+
+        ``error`` says what is wrong, never what the line holds: it reaches the report, and
+        the line may hold what redaction would have removed.
+        """
+        self.malformed[reason] += 1
+        if len(self.errors) < max_error_samples:
+            self.errors.append(
+                {"file": self.source, "line": self.lineno, "reason": reason, "error": error[:200]}
+            )
 
     def skipped_note(self, what: str = "line", where: bool = False) -> str:
         """``"; 3 malformed lines skipped (2 invalid_json, 1 too_deep)"``, or "" when none
@@ -369,6 +391,7 @@ def parse_lines(
     """
     for source, lineno, raw in lines:
         stats.lines += 1
+        stats.source, stats.lineno = source, lineno
         if not raw.strip():
             stats.blank += 1
             continue
@@ -392,11 +415,7 @@ def parse_lines(
             else:
                 yield record
                 continue
-        stats.malformed[reason] += 1
-        if len(stats.errors) < max_error_samples:
-            stats.errors.append(
-                {"file": source, "line": lineno, "reason": reason, "error": error[:200]}
-            )
+        stats.skip(reason, error, max_error_samples)
 
 
 def printable_name(name: str) -> str:
@@ -513,6 +532,34 @@ def exact_key(record: CallRecord) -> str:
     ]
     blob = json.dumps(doc, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def redaction_key(record: CallRecord) -> str:
+    """Hash of what the redactor reads, exactly as read: equal for captures that redact alike.
+
+    Not :func:`exact_key`: that one ignores whitespace and the redactor does not (a phone
+    number split over lines is not found), so two captures equal by it may redact to two
+    different calls. Ids of tool calls are left out: the redactor never reads them, and an
+    agent's retry gets new ones, so a repeat still costs a hash rather than a redaction.
+    """
+    doc = [
+        [_without_ids(m) for m in record.messages],
+        record.tools,
+        _without_ids(record.response),
+    ]
+    blob = json.dumps(doc, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _without_ids(message: dict[str, Any]) -> dict[str, Any]:
+    """``message`` without the ids its framework chose (``tool_call_id``, tool calls' ``id``)."""
+    out = {k: v for k, v in message.items() if k not in ("id", "tool_call_id")}
+    calls = out.get("tool_calls")
+    if isinstance(calls, list):
+        out["tool_calls"] = [
+            {k: v for k, v in c.items() if k != "id"} if isinstance(c, dict) else c for c in calls
+        ]
+    return out
 
 
 def writable(record: CallRecord) -> bool:
@@ -921,7 +968,10 @@ def _curate(
     exact_dupes = 0
     near_dupes = 0
     # Identical calls (by content, before and after redaction) share one entry: the earliest
-    # capture. Raw keys map to the entry, so a repeat costs a hash, not a redaction.
+    # capture. Raw keys map to the entry, so a repeat costs a hash, not a redaction. With
+    # redaction the raw key is :func:`redaction_key`, not :func:`exact_key`: the redactor
+    # sees whitespace, so two captures of one call may redact apart, and a capture must be
+    # redacted as itself for the output not to depend on which of them came first.
     entry_of: dict[str, str] = {}
     unique: dict[str, _Entry] = {}
     redacted: dict[str, dict[str, int]] = {}
@@ -939,12 +989,13 @@ def _curate(
     near_wanted = args.near_dup_threshold < 1.0
 
     records = parse_lines(read_lines(files), stats, args.task, args.max_error_samples)
+    call_key = exact_key if redactor is None else redaction_key
     for n, record in enumerate(records, start=1):
         if n % 1000 == 0:
             _emit(progress, phase="dedup", records=n, kept=len(unique))
         try:
             # Identical calls are the bulk of a log: drop them before paying for redaction.
-            raw_key = exact_key(record)
+            raw_key = call_key(record)
             rank = (record.timestamp, record.request_id)
             known = entry_of.get(raw_key, "")
             held = unique.get(known)
@@ -964,21 +1015,21 @@ def _curate(
         except RecursionError:
             # JSON decodes deeper than dataclasses.asdict and the encoder can walk back: such
             # a record could not be written out, so it is malformed rather than fatal.
-            stats.malformed["too_deep"] += 1
+            stats.skip("too_deep", TOO_DEEP_ERROR, args.max_error_samples)
             continue
         except UnicodeEncodeError:  # the contract refuses lone surrogates; never fatal anyway
-            stats.malformed["invalid_unicode"] += 1
+            stats.skip("invalid_unicode", INVALID_UNICODE_ERROR, args.max_error_samples)
             continue
         except too_long:
             # A string the redactor will not analyse cannot be written redacted, nor may it
             # be written unredacted: the record is dropped and counted, the stage goes on.
-            stats.malformed["too_long"] += 1
+            stats.skip("too_long", TOO_LONG_ERROR, args.max_error_samples)
             continue
         entry_of[raw_key] = entry.key
         if entry.redactions:  # what was scrubbed from each distinct call, kept or not
             redacted[raw_key] = entry.redactions
-        if held is not None and held.key != entry.key:
-            del unique[held.key]  # the same call redacted otherwise: one entry, not two
+        # An earlier capture with the same raw key redacts alike, so it takes the place of
+        # ``held`` under the same key below; no other call's entry is ever dropped for it.
         if sample.excludes(entry.key, unique):
             if entry.key in sample.beyond:
                 exact_dupes += 1  # equal, once redacted, to a call already set aside

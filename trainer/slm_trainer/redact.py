@@ -78,7 +78,8 @@ user or an scp remote's, as in ``git@github.com``), and passwords that are short
 word, or have no password label, URL, curl ``-u`` or login pair next to them ("my password is
 hunter", "passcode 1234", "my pass is ...", "it's hunter2 for the wifi") are not detected
 either, nor is anything
-inside a base64 payload (the text of an attached PDF or screenshot). Treat the output as
+inside a base64 payload (the text of an attached PDF or screenshot), nor a number split over
+lines ("415\n555\n0123" reads as a list of three numbers, as it most often is). Treat the output as
 "known identifiers and secrets removed", not as anonymised.
 """
 
@@ -91,6 +92,7 @@ import dataclasses
 import functools
 import hashlib
 import ipaddress
+import itertools
 import json
 import math
 import re
@@ -1040,10 +1042,16 @@ PHONE_PATTERNS: tuple[Pattern, ...] = (
 
 
 # Presidio's card pattern predates Mastercard's 2221-2720 range (issued since 2017), and
-# takes only one "-" or " " between groups: a number typed with two spaces, a non-breaking
-# space (what word processors and chat clients put between digit groups) or dots was missed.
-# The same separator throughout, so "2024.0101 1200-0000" is no card.
-_CARD_SEPARATOR = r"(?P<sep>[ \u00a0\u2007\u202f]{2,3}|[\u00a0\u2007\u202f.])"
+# takes only one "-" or " " between groups: a number typed with two spaces, a tab (pasted from
+# a spreadsheet), a non-breaking space (what word processors and chat clients put between
+# digit groups) or dots was missed. The same separator throughout, so "2024.0101 1200-0000"
+# is no card; and no digit group with that separator right before or after, so a row of
+# numbers in a table ("2019\t2020\t2021\t2022\t2023") is no card either. Never a newline:
+# numbers one per line are a list.
+_CARD_SEPARATOR = r"(?P<sep>[ \t\u00a0\u2007\u202f]{2,3}|[\t\u00a0\u2007\u202f.])"
+# After the groups: no further group, and (looking back over the match) none before it.
+_CARD_4444_ALONE = r"(?!(?P=sep)\d)(?<!\d(?P=sep)\d{4}(?P=sep)\d{4}(?P=sep)\d{4}(?P=sep)\d{4})"
+_CARD_465_ALONE = r"(?!(?P=sep)\d)(?<!\d(?P=sep)\d{4}(?P=sep)\d{6}(?P=sep)\d{5})"
 CARD_PATTERNS: tuple[Pattern, ...] = (
     Pattern(
         "Mastercard 2-series",
@@ -1052,12 +1060,12 @@ CARD_PATTERNS: tuple[Pattern, ...] = (
     ),
     Pattern(
         "card in 4-digit groups, other separators",
-        r"\b[2-6]\d{3}" + _CARD_SEPARATOR + r"\d{4}(?P=sep)\d{4}(?P=sep)\d{4}\b",
+        r"\b[2-6]\d{3}" + _CARD_SEPARATOR + r"\d{4}(?P=sep)\d{4}(?P=sep)\d{4}\b" + _CARD_4444_ALONE,
         0.3,
     ),
     Pattern(
         "Amex 4-6-5, other separators",
-        r"\b3[47]\d{2}" + _CARD_SEPARATOR + r"\d{6}(?P=sep)\d{5}\b",
+        r"\b3[47]\d{2}" + _CARD_SEPARATOR + r"\d{6}(?P=sep)\d{5}\b" + _CARD_465_ALONE,
         0.3,
     ),
 )
@@ -1065,7 +1073,30 @@ CARD_PATTERNS: tuple[Pattern, ...] = (
 _CARD_REPLACEMENT_PAIRS = [
     ("-", ""),
     (" ", ""),
+    ("\t", ""),
     (".", ""),
+    ("\u00a0", ""),
+    ("\u2007", ""),
+    ("\u202f", ""),
+]
+
+# Presidio's IBAN pattern takes one " " or "-" between groups: an IBAN typed with two spaces,
+# a tab or a non-breaking space (pasted from a statement or a table) was missed. A run of up
+# to four of them, never a newline; the ISO 7064 checksum and the country's format still
+# decide. Three groups as Presidio's, which tries the longest that validates.
+_IBAN_SEPARATOR = r"(?:[ \t\u00a0\u2007\u202f]{1,4}|-)?"
+IBAN_PATTERNS: tuple[Pattern, ...] = (
+    Pattern(
+        "IBAN, spaces or tabs between groups",
+        rf"(?<![A-Z0-9])([A-Z]{{2}}[0-9]{{2}}(?:{_IBAN_SEPARATOR}[A-Z0-9]{{4}}){{2,6}})"
+        rf"((?:{_IBAN_SEPARATOR}[A-Z0-9]{{4}})?)((?:{_IBAN_SEPARATOR}[A-Z0-9]{{1,3}})?)(?![A-Z0-9])",
+        0.5,
+    ),
+)
+_IBAN_REPLACEMENT_PAIRS = [
+    ("-", ""),
+    (" ", ""),
+    ("\t", ""),
     ("\u00a0", ""),
     ("\u2007", ""),
     ("\u202f", ""),
@@ -1677,7 +1708,10 @@ def _build_analyzer(phone_regions: Sequence[str]) -> AnalyzerEngine:
             replacement_pairs=_CARD_REPLACEMENT_PAIRS,
         ),
         IpRecognizer(),
-        IbanRecognizer(),
+        IbanRecognizer(
+            patterns=list(IBAN_PATTERNS),  # type: ignore[arg-type]  # annotated List[str]
+            replacement_pairs=_IBAN_REPLACEMENT_PAIRS,
+        ),
         _SecretRecognizer(API_KEY, API_KEY_PATTERNS, ["key", "token"], "SlmApiKeyRecognizer"),
         _VendorKeyRecognizer(),
         _SecretRecognizer(
@@ -1811,6 +1845,12 @@ def _key_words(context: str) -> str:
     return re.sub(r"[_\W]+", " ", re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", context))
 
 
+def _counts_up(value: str) -> bool:
+    """Whether a card-shaped value is groups that each add one to the last (years, ids)."""
+    groups = [int(g) for g in re.findall(r"\d+", value)]
+    return len(groups) > 2 and all(b - a == 1 for a, b in itertools.pairwise(groups))
+
+
 def _refine(span: Span, text: str, context: str) -> Span | None:
     """Trim or drop the look-alikes common in agent traffic (see the module docstring)."""
     before = text[max(0, span.start - 40) : span.start]
@@ -1819,6 +1859,8 @@ def _refine(span: Span, text: str, context: str) -> Span | None:
     # a JSON integer alone (redact_json_value marks its key): the key says what it is
     number = whole and context.startswith(_INT_CONTEXT)
     key_words = _key_words(context.removeprefix(_INT_CONTEXT)).strip()
+    if span.kind == CREDIT_CARD and _counts_up(span.value):
+        return None  # "2023\t2024\t2025\t2026": a table's header of years
     if (  # a 16-digit order id or a microsecond timestamp passes Luhn one time in ten
         span.kind == CREDIT_CARD
         and number
