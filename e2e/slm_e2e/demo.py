@@ -306,6 +306,34 @@ def manifest(llm_base_url: str, model: str) -> dict[str, Any]:
     }
 
 
+def evaluation_report(revision_dir: Path, spec: dict[str, Any], out: Path) -> str:
+    """``slm-trainer evaluate`` on the served revision's candidates, with the task's metric,
+    gate and target precision: ``report.json`` and ``report.png`` (scores per candidate,
+    coverage/precision curve) in ``out``, as a platform engineer would run it to see why a
+    candidate won. The operator gates on the fine-tune Jobs' results and runs no such stage,
+    so without this the demo had no plot to show. Returns evaluate's one-line verdict."""
+    ev = spec["evaluation"]
+    gate = ev.get("gate") or {}
+    args = [
+        sys.executable, "-m", "slm_trainer", "evaluate",
+        "--data", str(revision_dir / "data"),
+        "--candidates-dir", str(revision_dir / "candidates"),
+        "--output", str(out),
+        "--task-type", spec["taskType"],
+        "--metric", ev["metric"],
+        "--target-precision", str(ev.get("targetPrecision", 0.97)),
+        "--min-score", str(gate.get("minScore", -1.0)),
+        "--max-drop-vs-llm", str(gate.get("maxDropVsLLM", -1.0)),
+    ]  # fmt: skip
+    cp = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+    for line in reversed(cp.stdout.splitlines()):
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            if event.get("event") == "result":
+                return str(event.get("message", ""))
+    return f"evaluate exited {cp.returncode}: {cp.stderr.strip()[-300:]}"
+
+
 def prom_query(prom: LocalPrometheus, q: str) -> float | None:
     url = f"{prom.url}/api/v1/query?query={urllib.parse.quote(q)}"
     with urllib.request.urlopen(url, timeout=5) as r:
@@ -448,7 +476,9 @@ def run(work: Path, n_relevant: int, n_irrelevant: int) -> int:
         kubelet = TrainerKubelet(c, pv, work / "logs")
         stack.append(kubelet)  # stopped before the cluster it reads (stack: last in, first out)
         kubelet.thread.start()
-        c.apply(manifest(standin.llm_base_url, "sentence-transformers/all-MiniLM-L6-v2"), NS)
+        task = manifest(standin.llm_base_url, "sentence-transformers/all-MiniLM-L6-v2")
+        spec = task["spec"]
+        c.apply(task, NS)
         say(f"applied AgentTask {TASK}; the operator created its data-prep Job")
         show_table(c)
 
@@ -620,11 +650,12 @@ def run(work: Path, n_relevant: int, n_irrelevant: int) -> int:
             f"{'est. cost saved':<22}"
             f"{'n/a' if saved is None else f'${saved:.4f}'} vs all-LLM at gateway prices"
         )
-        plots = sorted(pv.rglob("*.png"))
-        for p in plots:
-            dst = work / p.name
-            shutil.copy(p, dst)
-            print(f"{'eval plot':<22}{dst}")
+        revision = (s.get("revision") or {}).get("active", "")
+        if revision:
+            verdict = evaluation_report(pv / TASK / revision, spec, work / "evaluation")
+            print(f"{'evaluation':<22}{verdict}")
+            if (work / "evaluation" / "report.png").is_file():
+                print(f"{'eval plot':<22}{work / 'evaluation' / 'report.png'}")
         print("=========================================================")
         return 0 if not live.failures else 1
     finally:
