@@ -179,6 +179,18 @@ def llm_route(up: Upstream) -> Route:
     return Route(task="weather", mode="llm", llm_base_url=up.llm_url, llm_model="gpt-4o")
 
 
+def slm_route(up: Upstream, **extra: Any) -> Route:
+    """A task in mode slm whose LLM and Triton are both ``up``."""
+    return Route(
+        task="weather",
+        mode="slm",
+        llm_base_url=up.llm_url,
+        llm_model="gpt-4o",
+        slm_endpoint=up.slm_endpoint,
+        **extra,
+    )
+
+
 def ask(c: TestClient, **extra: Any) -> Any:
     body = {"model": "weather", "messages": [{"role": "user", "content": "Weather in Paris?"}]}
     body.update(extra)
@@ -376,13 +388,7 @@ def test_slm_tool_arguments_too_deep_to_write_fall_back_to_the_llm(upstream: Ups
     answer = '{"role":"assistant","content":null,"tool_calls":[{"function":{"name":"f",'
     answer += '"arguments":' + deep + "}}]}"
     upstream.script.extend([infer_answer(answer), respond(200, orjson.dumps(COMPLETION))])
-    route = Route(
-        task="weather",
-        mode="slm",
-        llm_base_url=upstream.llm_url,
-        llm_model="gpt-4o",
-        slm_endpoint=upstream.slm_endpoint,
-    )
+    route = slm_route(upstream)
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     c, _ = gateway(route)
     with c:
@@ -577,15 +583,7 @@ def test_the_slm_is_asked_to_drop_a_call_still_queued_when_the_tasks_budget_ends
     behind slow batches is dropped by Triton once the gateway has fallen back to the LLM,
     and the exported model's own queue limit no longer refuses calls still in budget."""
     upstream.script.append(infer_answer('{"role":"assistant","content":"Sunny."}'))
-    route = Route(
-        task="weather",
-        mode="slm",
-        llm_base_url=upstream.llm_url,
-        llm_model="gpt-4o",
-        slm_endpoint=upstream.slm_endpoint,
-        slm_timeout_s=20.0,
-    )
-    c, _ = gateway(route)
+    c, _ = gateway(slm_route(upstream, slm_timeout_s=20.0))
     with c:
         r = ask(c)
         assert (r.status_code, r.headers["x-slm-backend"]) == (200, "slm")

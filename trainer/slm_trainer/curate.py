@@ -525,13 +525,7 @@ def _normal_message(message: dict[str, Any]) -> dict[str, Any]:
 
 def exact_key(record: CallRecord) -> str:
     """Hash of normalised messages, tools and response: equal for calls that teach the same."""
-    doc = [
-        [_normal_message(m) for m in record.messages],
-        record.tools,
-        _normal_message(record.response),
-    ]
-    blob = json.dumps(doc, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return _call_hash(record, _normal_message)
 
 
 def redaction_key(record: CallRecord) -> str:
@@ -542,11 +536,12 @@ def redaction_key(record: CallRecord) -> str:
     different calls. Ids of tool calls are left out: the redactor never reads them, and an
     agent's retry gets new ones, so a repeat still costs a hash rather than a redaction.
     """
-    doc = [
-        [_without_ids(m) for m in record.messages],
-        record.tools,
-        _without_ids(record.response),
-    ]
+    return _call_hash(record, _without_ids)
+
+
+def _call_hash(record: CallRecord, message: Callable[[dict[str, Any]], Any]) -> str:
+    """sha256 of a call's messages and response (each through ``message``) and its tools."""
+    doc = [[message(m) for m in record.messages], record.tools, message(record.response)]
     blob = json.dumps(doc, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
