@@ -20,7 +20,7 @@ from slm_gateway.auth import AUTH_MODES, AUTH_NONE, DEFAULT_AUDIENCE
 from slm_gateway.capture import CaptureConfig
 from slm_gateway.decide import DEFAULT_PRICES
 from slm_gateway.metrics import REMOVED_TASK_GRACE_S
-from slm_gateway.routes import DEFAULT_LLM_TIMEOUT_S, DEFAULT_SLM_TIMEOUT_S, Price
+from slm_gateway.routes import DEFAULT_LLM_TIMEOUT_S, DEFAULT_SLM_TIMEOUT_S, Price, key_problem
 
 ENV_PREFIX = "SLM_GATEWAY_"
 DEFAULT_MAX_BODY = 1024 * 1024
@@ -477,6 +477,9 @@ def config_from_args(argv: Sequence[str] | None = None) -> GatewayConfig:
         key = _read_key_file(args.llm_api_key_file)
     elif args.llm_api_key_env:
         key = os.environ.get(args.llm_api_key_env, "")
+    if key_problem(key):  # every route of a routes file would be refused for it
+        source = "--llm-api-key-file" if args.llm_api_key_file else f"${args.llm_api_key_env}"
+        build_parser().error(f"the LLM key in {source} is unusable: {key_problem(key)}")
     capture = None
     if args.capture:
         capture = CaptureConfig(

@@ -36,6 +36,7 @@ from slm_gateway.routes import (
     Route,
     RouteError,
     RouteTable,
+    key_problem,
     route_from_task,
     secret_ref,
 )
@@ -452,7 +453,7 @@ class AgentTaskWatcher:
                 ref, "llm_key_unusable", f"key {field!r} is unusable ({type(exc).__name__})"
             )
             return ""
-        unsendable = _unsendable(value)
+        unsendable = key_problem(value)
         if unsendable:
             # Such a key would be refused by the route (it cannot go in a header: a line break
             # would inject one), and with it the task: every call a 404 model_not_found and
@@ -482,19 +483,6 @@ class AgentTaskWatcher:
     def _changed(self) -> None:
         if self.on_change is not None:
             self.on_change()
-
-
-def _unsendable(key: str) -> str:
-    """Why ``key`` cannot be sent in an ``Authorization`` header, or "" if it can: a line
-    break or NUL inside (a Secret made from a file of two lines), or a character HTTP/1.1
-    headers cannot carry (outside Latin-1). Never quotes the key."""
-    if any(c in key for c in ("\r", "\n", "\0")):
-        return "a line break or NUL character inside"
-    try:
-        key.encode("latin-1")
-    except UnicodeEncodeError:
-        return "a character an HTTP header cannot carry"
-    return ""
 
 
 def _task_key(obj: Mapping[str, Any]) -> str:

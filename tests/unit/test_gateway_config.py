@@ -378,6 +378,23 @@ def test_a_port_in_use_ends_the_start_in_one_line() -> None:
     )
 
 
+def test_a_local_llm_key_with_a_line_break_is_refused_at_start_without_showing_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A key file of two lines (or such a variable) made every route of a routes file
+    unusable: each call a 404 model_not_found, though the routes file was fine."""
+    key_file = tmp_path / "key"
+    key_file.write_text("sk-TESTSECRET-one\nsk-two\n")
+    monkeypatch.setenv("SLM_GATEWAY_LLM_API_KEY", "sk-TESTSECRET\r\nX-Injected: 1")
+    for argv in (["--llm-api-key-file", str(key_file)], []):
+        with pytest.raises(SystemExit) as exc:
+            config_from_args(["--namespace", "ns", *argv])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "is unusable: a line break or NUL character inside" in err
+        assert "TESTSECRET" not in err
+
+
 def test_an_unreadable_key_file_is_refused_in_one_line_without_its_path(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
