@@ -445,7 +445,7 @@ def _pipeline(
     service_account: str = "",
     served: str = "",
     data_recheck: dt.timedelta = dt.timedelta(minutes=5),
-    waited_for_data: bool = False,
+    waited_for_data: tuple[str, str, str] | None = None,
     images: b.Images = b.DEFAULT_IMAGES,
     data_prepared: tuple[str, str, str] | None = None,
     recorded: Sequence[Mapping[str, Any]] = (),
@@ -455,7 +455,8 @@ def _pipeline(
 
     ``data_prepared``: the DataPrepared condition the last status recorded for this revision,
     if any; it stands for the data-prep Job's result once that Job's pod is gone (see
-    :func:`_prepared_before`).
+    :func:`_prepared_before`). ``waited_for_data``: likewise the WaitingForData condition
+    (see :func:`_waiting_before`).
 
     ``recorded`` (the last status's candidates) and ``recorded_selected`` (its selectedModel):
     the fine-tune and export results read before, which stand for those no longer readable
@@ -512,34 +513,56 @@ def _pipeline(
     no_eval = (
         status == c.TRUE and not read_before and short is not None and short.eval_examples == 0
     )
-    if no_eval or (
-        status == c.FALSE
-        and short is not None
-        and short.examples is not None
-        and short.examples < need
+    # Waiting for data, as the last status said, and the finished Job's count unreadable
+    # since (its pod garbage-collected, its node scaled down): still waiting, as a result
+    # read once stands for DataPrepared. Failing the revision for good (JobFailed, or
+    # ResultMissing when nothing was held out) ended a wait the next recheck would have
+    # ended. A Job that crashed (its retries or its time spent) never counted: a failure.
+    count_gone = (
+        waited_for_data is not None
+        and status == c.FALSE
+        and dv is not None
+        and dv.result is None
+        and not dv.result_error
+        and dv.failure_reason not in ("BackoffLimitExceeded", "DeadlineExceeded")
+    )
+    if (
+        no_eval
+        or count_gone
+        or (
+            status == c.FALSE
+            and short is not None
+            and short.examples is not None
+            and short.examples < need
+        )
     ):
         # Too few calls captured yet: the normal state of a task created before its agents
         # have called it. Not a failure: the gateway keeps capturing, and the data-prep Job
         # runs again once the recheck interval has passed (deleted here, re-created by the
         # next pass, so the Job name stays the revision's and a restart anywhere converges).
-        assert short is not None
         again = ((dv.finished_at if dv is not None else None) or now) + data_recheck
-        have = (
-            f"{short.examples} curated example(s), none of them held out to score candidates on"
-            if no_eval
-            else f"{short.examples} of {need} curated examples (spec.dataset.minExamples)"
-        )
-        step.data = (
-            c.FALSE,
-            c.WAITING_FOR_DATA,
-            f"revision {rev}: {have}; the gateway keeps capturing calls, curating again "
-            f"at {_ts(again)}",
-        )
+        tail = f"the gateway keeps capturing calls, curating again at {_ts(again)}"
+        if short is None:
+            # The message written from this very Job's count (same recheck time) keeps it.
+            said = waited_for_data[2] if waited_for_data is not None else ""
+            message = (
+                said
+                if said.endswith(tail)
+                else f"revision {rev}: too few curated examples when it last curated; {tail}"
+            )
+        else:
+            have = (
+                f"{short.examples} curated example(s), none of them held out to score candidates on"
+                if no_eval
+                else f"{short.examples} of {need} curated examples (spec.dataset.minExamples)"
+            )
+            message = f"revision {rev}: {have}; {tail}"
+        step.data = (c.FALSE, c.WAITING_FOR_DATA, message)
         if apply is not None and data_job is not None and now >= again:
             apply.remove(data_job)
             step.rerun_jobs.append(data_name)
         return step
-    if status == c.UNKNOWN and waited_for_data:
+    if status == c.UNKNOWN and waited_for_data is not None:
         # The recheck's Job is pending or running: still waiting, as far as anyone can tell,
         # so the condition keeps its reason (no event, no transition every recheck).
         step.data = (
@@ -594,17 +617,20 @@ def _pipeline(
         entries.append(_candidate_entry(cand, rev, jname, view, passed))
     step.candidates = entries
     total = len(spec["candidates"])
+    failures = [(cd, o) for cd, _, o in finished if o[0] == c.FALSE]
+    fail_text = "; ".join(f"{cd['name']}: {o[2]}" for cd, o in failures)
     if running:
+        # A candidate that failed while others train is named now, not once they are done
+        # (hours later): someone may want to fix its settings before they finish.
         step.trained = (
             c.UNKNOWN,
             c.JOB_PENDING if stuck else c.JOB_RUNNING,
             f"revision {rev}: {total - running}/{total} candidates finished"
+            + (f"; failed: {fail_text}" if failures else "")
             + (f"; waiting: {'; '.join(stuck)}" if stuck else ""),
         )
         return step
-    failures = [(cd, o) for cd, _, o in finished if o[0] == c.FALSE]
     succeeded = [(cd, v) for cd, v, o in finished if o[0] == c.TRUE and v is not None]
-    fail_text = "; ".join(f"{cd['name']}: {o[2]}" for cd, o in failures)
     if not succeeded:
         step.trained = (
             c.FALSE,
@@ -790,6 +816,19 @@ def _prepared_before(prev: Mapping[str, Any], rev: str) -> tuple[str, str, str] 
     return recorded
 
 
+def _waiting_before(prev: Mapping[str, Any], rev: str) -> tuple[str, str, str] | None:
+    """DataReady as the last status recorded it, when it said revision ``rev`` (in training)
+    was waiting for data; else None.
+
+    Why: the count that made it wait is read from the data-prep pod's termination message,
+    and the pod can go before the recheck (see :func:`_pipeline`).
+    """
+    recorded = _recorded(prev, c.DATA_READY, ("", "", ""))
+    if (prev.get("revision") or {}).get("training") != rev or recorded[1] != c.WAITING_FOR_DATA:
+        return None
+    return recorded
+
+
 def _invalid_spec_step(prev: Mapping[str, Any], why: tuple[str, str, str], active: str) -> _Step:
     """The training outcome of an invalid spec beside a served model: none is trained.
 
@@ -846,6 +885,75 @@ def _served_step(step: _Step, prev: Mapping[str, Any], active: str) -> _Step:
         trained=_recorded(prev, c.TRAINED, step.trained),
         evaluated=evaluated,
         candidates=list(prev.get("candidates") or step.candidates),
+        terminal_failure=False,
+    )
+
+
+def _promoted_step(
+    step: _Step,
+    task: Mapping[str, Any],
+    jobs: Mapping[str, JobView],
+    rev: str,
+    served: str,
+    selected: Mapping[str, Any],
+) -> _Step:
+    """The served revision's outcome from what is known to serve it, when neither its Jobs
+    nor the last status tell it: each stage its pipeline cannot read any more passed.
+
+    Why: a revision is only served once its data was prepared, its candidates trained and
+    ``served`` (the candidate its Deployment serves) passed the gate. The last status records
+    that (:func:`_served_step`) only while it describes this revision alone: once an edit
+    trained another revision beside it and was reverted, it described the other one, and the
+    served revision, its pods garbage-collected, read ResultMissing (a Warning) for good while
+    it served. ``selected`` (status.selectedModel) gives the served candidate's figures when
+    it records this revision. A Job that is gone leaves its candidate without a state.
+    """
+    if step.evaluated[0] == c.TRUE:
+        return step
+    gone = "no longer readable"
+    ours = selected.get("revision") == rev
+    served = served or (str(selected.get("candidate") or "") if ours else "")
+    score = selected.get("score") if ours else None
+    name = task["metadata"]["name"]
+    entries = []
+    for cand, entry in zip(task["spec"]["candidates"], step.candidates, strict=True):
+        if entry.get("state") == PENDING:  # not reached, or its Job is gone
+            job = n.finetune_job_name(name, cand["name"], rev)
+            view = jobs.get(job)
+            entry = (
+                _candidate_entry(cand, rev, job, view, None)
+                if view is not None
+                else {"name": cand["name"], "revision": rev, "job": job}
+            )
+        if cand["name"] == served:
+            entry = {**entry, "state": SUCCEEDED, "progress": 100, "passedGate": True}
+            for key in ("score", "parameters"):
+                if ours and selected.get(key) is not None:
+                    entry.setdefault(key, selected[key])
+        entries.append(entry)
+    return dataclasses.replace(
+        step,
+        data=step.data
+        if step.data[0] == c.TRUE
+        else (
+            c.TRUE,
+            c.DATA_PREPARED,
+            f"revision {rev}: prepared before it was promoted (its data-prep result is {gone})",
+        ),
+        trained=step.trained
+        if step.trained[0] == c.TRUE
+        else (
+            c.TRUE,
+            c.TRAINING_SUCCEEDED,
+            f"revision {rev}: trained before it was promoted (its fine-tune results are {gone})",
+        ),
+        evaluated=(
+            c.TRUE,
+            c.GATE_PASSED,
+            f"revision {rev}: {served or 'its served candidate'} passed the gate when it was "
+            f"promoted{f' (score {score})' if score is not None else ''}; its results are {gone}",
+        ),
+        candidates=entries,
         terminal_failure=False,
     )
 
@@ -1155,10 +1263,7 @@ def _live_control(
                 "one is",
             )
             if deployed
-            else (
-                c.NO_SERVING_MODEL,
-                "all calls for this task go to the LLM until an SLM is served",
-            )
+            else (c.NO_SERVING_MODEL, NO_SERVING_MODEL_MESSAGE)
         )
         return (
             (c.UNKNOWN, c.NOT_SERVING, "no SLM is serving"),
@@ -1297,6 +1402,94 @@ def _live_control(
     return slo, fallback, mode, pct
 
 
+#: Why the route is ``llm`` while no model serves (FallbackActive's NoServingModel message).
+NO_SERVING_MODEL_MESSAGE = "all calls for this task go to the LLM until an SLM is served"
+
+
+def _route_llm(spec: Mapping[str, Any], prev: Mapping[str, Any]) -> Obj:
+    """The LLM fields of ``status.route``: the spec's, or the last route's while the spec's
+    cannot be used (see :func:`validate`).
+
+    Why: the gateway prefers these fields over the spec's. Kept as they were while any part
+    of the spec was invalid, an edit that changed the LLM along with something invalid (a
+    candidate on another claim) left the calls on the old LLM; taken from a spec whose LLM
+    is the invalid part, they would make the gateway drop the task's route and fail every
+    call, where the last usable LLM can still answer them.
+    """
+    llm = (spec.get("fallback") or {}).get("llm") or {}
+    if http_url_problem(str(llm.get("baseURL") or "")) or not llm.get("model"):
+        route = prev.get("route") or {}
+        return {k: route[k] for k in ("llmBaseURL", "llmModel", "llmPrice") if k in route}
+    return {
+        "llmBaseURL": llm["baseURL"],
+        "llmModel": llm["model"],
+        **({"llmPrice": dict(llm["price"])} if llm.get("price") else {}),
+    }
+
+
+def _route(
+    spec: Mapping[str, Any],
+    prev: Mapping[str, Any],
+    mode: str,
+    reason: str,
+    canary: int = 0,
+    endpoint: str = "",
+    selected: Mapping[str, Any] | None = None,
+) -> Obj:
+    """``status.route``: how the gateway routes the task's calls."""
+    budget = ((spec.get("serving") or {}).get("slo") or {}).get("slmTimeoutMs")
+    return {
+        "mode": mode,
+        **({"canaryPercent": canary} if mode == lv.MODE_CANARY else {}),
+        **_route_llm(spec, prev),
+        "metric": spec["evaluation"]["metric"],
+        **({"slmTimeoutMs": int(budget)} if budget is not None else {}),
+        "reason": reason,
+        **({"slmEndpoint": endpoint} if mode != lv.MODE_LLM else {}),
+        **(
+            {"confidenceThreshold": selected["threshold"]}
+            if mode != lv.MODE_LLM and selected and "threshold" in selected
+            else {}
+        ),
+    }
+
+
+def _events(prev: Mapping[str, Any], status: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """Events to post for ``status`` written over ``prev``: each condition's transition
+    (:func:`slm_operator.conditions.transitions`), and a Warning for each candidate of the
+    revision in training whose fine-tune newly failed.
+
+    Why the candidates: while others still train, Trained stays Unknown (JobRunning), so a
+    candidate's failure changed no condition's status or reason and no event said so, then
+    or once the others were done (PartiallyTrained is Normal). Posted when its entry in
+    ``status.candidates`` turns Failed, so once, and not beside Trained's own JobFailed
+    Warning (every candidate failed), which names them all.
+    """
+    prev_conds, conds = prev.get("conditions") or [], status.get("conditions") or []
+    events = c.transitions(prev_conds, conds)
+    training = (status.get("revision") or {}).get("training")
+    trained = c.find(conds, c.TRAINED) or {}
+    if not training or (trained.get("status"), trained.get("reason")) == (c.FALSE, c.JOB_FAILED):
+        return events
+    failed_before = {
+        (x.get("name"), x.get("revision"), x.get("job"))
+        for x in prev.get("candidates") or []
+        if x.get("state") == FAILED
+    }
+    for x in status.get("candidates") or []:
+        key = (x.get("name"), x.get("revision"), x.get("job"))
+        if x.get("revision") == training and x.get("state") == FAILED and key not in failed_before:
+            why = x.get("message") or "see Trained"
+            events.append(
+                (
+                    "Warning",
+                    c.JOB_FAILED,
+                    f"candidate {x['name']} of revision {training} failed: {why}",
+                )
+            )
+    return events
+
+
 def plan(obs: Observed) -> Plan:
     """What to apply, delete and report for one AgentTask (see the module docstring).
 
@@ -1336,6 +1529,8 @@ def plan(obs: Observed) -> Plan:
             "message": problem,
             "conditions": c.merge_conditions(prev_conds, conds),
         }
+        if not (active_rev and active_uri):  # (an invalid name keeps an older one's route)
+            out.status["route"] = _route(spec, prev, lv.MODE_LLM, NO_SERVING_MODEL_MESSAGE)
         out.events = c.transitions(prev_conds, out.status["conditions"])
         return out
 
@@ -1376,12 +1571,7 @@ def plan(obs: Observed) -> Plan:
             obs.trainer_service_account,
             "" if training_needed else active_cand,
             obs.data_recheck,
-            # The last status said this same revision was waiting for data.
-            (prev.get("revision") or {}).get("training") == rev
-            and any(
-                x.get("type") == c.DATA_READY and x.get("reason") == c.WAITING_FOR_DATA
-                for x in prev_conds
-            ),
+            _waiting_before(prev, rev),
             obs.images,
             _prepared_before(prev, rev if training_needed else active_rev),
             prev.get("candidates") or (),
@@ -1391,6 +1581,8 @@ def plan(obs: Observed) -> Plan:
 
     if not training_needed and not problem and step.selected is None:
         step = _served_step(step, prev, active_rev)
+        if active_uri:
+            step = _promoted_step(step, task, obs.jobs, active_rev, active_cand, prev_selected)
     selected: Obj | None = prev_selected if prev_selected.get("revision") == active_rev else None
     if not training_needed and step.selected is not None:
         selected = {**step.selected, **({"artifactURI": active_uri} if active_uri else {})}
@@ -1462,6 +1654,12 @@ def plan(obs: Observed) -> Plan:
             if decision.replicas != want:
                 live["lastScaleTime"] = now_us  # whole seconds cut cooldowns short
                 want = decision.replicas
+        if want > 0 and (prev.get("serving") or {}).get("desiredReplicas") == 0:
+            # Up from zero, whatever raised it (calls, or serving.minReplicas raised): the
+            # replica's startup budget starts now (_waking_from_zero). Stamped by autoscaling
+            # decisions alone, a raised minimum read as an outage (NoReadyReplicas, a Warning)
+            # while its replica loaded the model.
+            live["lastScaleTime"] = live.get("lastScaleTime") or now_us
         out.apply.append(
             b.triton_deployment(task, active_rev, active_uri, active_cand, want, obs.images)
         )
@@ -1592,7 +1790,6 @@ def plan(obs: Observed) -> Plan:
     else:
         phase = step.phase
 
-    budget = ((spec.get("serving") or {}).get("slo") or {}).get("slmTimeoutMs")
     status: Obj = {
         "observedGeneration": gen,
         "phase": phase,
@@ -1603,26 +1800,7 @@ def plan(obs: Observed) -> Plan:
             "training": rev if training_needed and not retrain_over else "",
         },
         "candidates": step.candidates,
-        "route": {
-            "mode": route_mode,
-            **({"canaryPercent": canary} if route_mode == lv.MODE_CANARY else {}),
-            "llmBaseURL": spec["fallback"]["llm"]["baseURL"],
-            "llmModel": spec["fallback"]["llm"]["model"],
-            **(
-                {"llmPrice": dict(spec["fallback"]["llm"]["price"])}
-                if spec["fallback"]["llm"].get("price")
-                else {}
-            ),
-            "metric": spec["evaluation"]["metric"],
-            **({"slmTimeoutMs": int(budget)} if budget is not None else {}),
-            "reason": fallback[2],
-            **({"slmEndpoint": endpoint} if route_mode != lv.MODE_LLM else {}),
-            **(
-                {"confidenceThreshold": selected["threshold"]}
-                if route_mode != lv.MODE_LLM and selected and "threshold" in selected
-                else {}
-            ),
-        },
+        "route": _route(spec, prev, route_mode, fallback[2], canary, endpoint, selected),
     }
     if selected:
         status["selectedModel"] = selected
@@ -1713,7 +1891,7 @@ def plan(obs: Observed) -> Plan:
         if usage:
             status["usage"] = usage
     out.status = status
-    out.events = c.transitions(prev_conds, status["conditions"])
+    out.events = _events(prev, status)
     if active_rev and active_uri:
         evaluated = parse_time((status.get("live") or {}).get("lastEvaluated"))
         out.next_window_s = next_window_s(window, evaluated, due, obs.now)
@@ -1755,4 +1933,6 @@ def with_apply_failures(
     desired = [x for x in planned.status.get("conditions") or [] if x.get("type") != c.READY]
     conditions = c.merge_conditions(prev_conds, [*desired, ready])
     status = {**planned.status, "conditions": conditions}
-    return dataclasses.replace(planned, status=status, events=c.transitions(prev_conds, conditions))
+    return dataclasses.replace(
+        planned, status=status, events=_events(task.get("status") or {}, status)
+    )

@@ -27,6 +27,7 @@ from slm_operator.plan import (
     metrics_due,
     plan,
     select,
+    with_apply_failures,
 )
 from slm_operator.prom import PromMetrics
 
@@ -2385,3 +2386,232 @@ def test_copies_a_window_could_not_judge_are_pooled_not_spent() -> None:
         task["status"] = plan(Observed(task, jobs, dep, at, m, min_window_s=10)).status
         modes.append(task["status"]["route"]["mode"])
     assert "canary" in modes and modes[-1] == "slm", modes
+
+
+def test_a_reverted_edit_leaves_a_served_revision_whose_pods_are_gone_as_it_passed() -> None:
+    """The served revision's trainer pods are garbage-collected (its Jobs stay Complete), an
+    edit trains another revision beside it and is reverted. The last status then described
+    the other revision, so the served one's pipeline was walked without results: DataReady
+    read ResultMissing (a Warning) for good while Ready was True. What is known to serve it
+    (its Deployment, status.selectedModel) says each stage passed, as when nothing was
+    trained in between."""
+    task, jobs, dep = _serving_task()
+    served = copy.deepcopy(task["status"])
+    gone = {k: dataclasses.replace(v, result=None) for k, v in jobs.items()}
+    later = NOW + dt.timedelta(hours=1)
+    _step(task, gone, dep, later, None)
+    task["spec"]["candidates"][0]["epochs"] = 5
+    task["metadata"]["generation"] = 2
+    p = _step(task, gone, dep, later + dt.timedelta(minutes=1), None)
+    assert p.status["revision"]["training"] not in ("", served["revision"]["active"])
+    del task["spec"]["candidates"][0]["epochs"]
+    task["metadata"]["generation"] = 3
+    at = later + dt.timedelta(minutes=2)
+    p = plan(Observed(task, gone, dep, at))
+    cs = conds(p.status)
+    for type_ in (c.DATA_READY, c.TRAINED, c.EVALUATED):
+        assert cs[type_] == conds(served)[type_], type_
+    assert cs[c.READY] == (c.TRUE, c.READY_REASON) and p.status["phase"] == "Serving"
+    assert not [e for e in p.events if e[0] == "Warning"], p.events
+    small = next(x for x in p.status["candidates"] if x["name"] == "small")
+    assert small["state"] == SUCCEEDED and small["passedGate"] is True and small["score"] == 0.9
+    assert p.status["selectedModel"] == served["selectedModel"]
+    assert not [o for o in p.apply if o["kind"] == "Job"] and p.delete_jobs == []
+    task["status"] = json.loads(json.dumps(p.status))
+    p = _settled(Observed(task, gone, dep, at + dt.timedelta(hours=5)))
+    assert conds(p.status)[c.DATA_READY] == (c.TRUE, c.DATA_PREPARED)
+
+
+@pytest.mark.parametrize("counted", ["too-few", "none-held-out"])
+def test_a_task_waiting_for_data_keeps_waiting_when_its_data_prep_pod_is_gone(
+    counted: str,
+) -> None:
+    """The data-prep Job found too few calls (or none to hold out), and its pod is garbage-
+    collected before the recheck: its count can no longer be read. The task used to fail for
+    good (JobFailed, or ResultMissing); it is still waiting for data, as the last status
+    said, and curates again once the recheck interval has passed."""
+    task = make_task()
+    rev = n.revision_of(task["spec"])
+    dn = n.data_job_name("weather", rev)
+    finished = NOW - dt.timedelta(seconds=5)
+    recheck = dt.timedelta(minutes=5)
+    if counted == "too-few":
+        res = result("prepare", ok=False, examples=10, message="too few examples")
+        why = "PodFailurePolicy: Container trainer failed with exit code 3 matching FailJob rule"
+        job = dataclasses.replace(
+            view(dn, "prepare", rev, FAILED, res, message=why, finished=finished),
+            failure_reason="PodFailurePolicy",
+        )
+    else:
+        res = result("prepare", examples=250, train_examples=250, eval_examples=0)
+        job = view(dn, "prepare", rev, SUCCEEDED, res, finished=finished)
+    p = plan(Observed(task, {dn: job}, None, NOW, data_recheck=recheck))
+    assert conds(p.status)[c.DATA_READY] == (c.FALSE, c.WAITING_FOR_DATA)
+    waiting = next(x for x in p.status["conditions"] if x["type"] == c.DATA_READY)
+    task["status"] = json.loads(json.dumps(p.status))
+
+    unread = dataclasses.replace(job, result=None)
+    p = _settled(
+        Observed(task, {dn: unread}, None, NOW + dt.timedelta(minutes=3), data_recheck=recheck)
+    )
+    assert conds(p.status)[c.DATA_READY] == (c.FALSE, c.WAITING_FOR_DATA)
+    assert c.find(p.status["conditions"], c.DATA_READY) == waiting  # the count it said stays
+    assert p.status["phase"] == "PreparingData" and p.events == []
+    assert kinds(p) == [("Job", dn)] and p.delete_jobs == []
+    task["status"] = json.loads(json.dumps(p.status))
+
+    p = plan(
+        Observed(task, {dn: unread}, None, NOW + dt.timedelta(minutes=6), data_recheck=recheck)
+    )
+    assert conds(p.status)[c.DATA_READY] == (c.FALSE, c.WAITING_FOR_DATA)
+    assert p.delete_jobs == [dn] and kinds(p) == [] and p.events == []
+    assert p.status["phase"] == "PreparingData"
+
+
+def test_a_crashed_recheck_whose_pod_is_gone_is_still_a_failure() -> None:
+    """Only a count stands for itself once its pod is gone: a data-prep Job that used up its
+    retries never counted, and fails the revision even while it was waiting for data."""
+    task = make_task()
+    rev = n.revision_of(task["spec"])
+    dn = n.data_job_name("weather", rev)
+    res = result("prepare", ok=False, examples=10, message="too few examples")
+    p = plan(Observed(task, {dn: view(dn, "prepare", rev, FAILED, res)}, None, NOW))
+    task["status"] = p.status
+    crashed = dataclasses.replace(
+        view(dn, "prepare", rev, FAILED, message="BackoffLimitExceeded: last pod Error (exit 1)"),
+        failure_reason="BackoffLimitExceeded",
+    )
+    p = plan(Observed(task, {dn: crashed}, None, NOW + dt.timedelta(minutes=1)))
+    assert conds(p.status)[c.DATA_READY] == (c.FALSE, c.JOB_FAILED)
+    assert p.status["phase"] == "Failed"
+
+
+def test_raising_min_replicas_on_a_task_scaled_to_zero_is_waking_not_an_outage() -> None:
+    """A task scaled to zero (minReplicas 0) gets serving.minReplicas 1: its replica starts
+    and loads the model, as when calls wake it. Only autoscaling decisions started the
+    startup budget, so this start read as an outage (NoReadyReplicas, a Warning, Ready
+    False); a replica still not ready past the budget is one."""
+    task, jobs, dep = _serving_task()
+    task["spec"]["serving"]["minReplicas"] = 0
+    idle = Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=0.0)
+    _step(task, jobs, dep, NOW, idle)
+
+    def replicas(wanted: int, ready: int) -> dict[str, Any]:
+        d = copy.deepcopy(dep)
+        d["spec"]["replicas"] = wanted
+        d["status"].update(
+            replicas=wanted, updatedReplicas=wanted, readyReplicas=ready, availableReplicas=ready
+        )
+        return d
+
+    t = NOW + dt.timedelta(hours=1)
+    _step(task, jobs, replicas(0, 0), t, idle)
+    assert conds(task["status"])[c.READY] == (c.TRUE, c.SCALED_TO_ZERO)
+    task["spec"]["serving"]["minReplicas"] = 1
+    task["metadata"]["generation"] += 1
+    for deployed in (replicas(0, 0), replicas(1, 0)):
+        t += dt.timedelta(seconds=5)
+        p = _step(task, jobs, deployed, t, None)
+        assert next(o for o in p.apply if o["kind"] == "Deployment")["spec"]["replicas"] == 1
+        cs = conds(p.status)
+        assert cs[c.READY] == (c.TRUE, c.WAKING_FROM_ZERO)
+        assert cs[c.FALLBACK_ACTIVE] == (c.TRUE, c.WAKING_FROM_ZERO)
+        assert p.status["phase"] == "Serving"
+        assert not [e for e in p.events if e[0] == "Warning"], p.events
+    p = _step(task, jobs, replicas(1, 0), t + dt.timedelta(seconds=WAKE_GRACE_S), None)
+    assert conds(p.status)[c.FALLBACK_ACTIVE] == (c.TRUE, c.NO_READY_REPLICAS)
+
+
+def test_an_invalid_edit_with_nothing_served_routes_to_the_llm_it_names() -> None:
+    """Nothing served, and one edit changes the LLM and breaks something else (a candidate on
+    another claim). The route was kept as it was, and the gateway, which prefers it over the
+    spec, kept calling the old LLM; it follows the spec's LLM. An LLM the gateway would
+    refuse is not put on the route: the last one keeps answering."""
+    task = make_task()
+    task["status"] = plan(Observed(task, {}, None, NOW)).status
+    assert task["status"]["route"]["llmModel"] == "gpt-4o"
+    task["metadata"]["generation"] = 2
+    task["spec"]["fallback"]["llm"].update(
+        model="gpt-4.1", price={"prompt": 0.002, "completion": 0.008}
+    )
+    task["spec"]["candidates"][0]["model"] = "pvc://other-claim/models/smol"
+    p = _settled(Observed(task, {}, None, NOW))
+    assert conds(p.status)[c.READY] == (c.FALSE, c.INVALID_SPEC)
+    route = p.status["route"]
+    assert route["mode"] == "llm" and route["llmModel"] == "gpt-4.1"
+    assert route["llmPrice"] == {"prompt": 0.002, "completion": 0.008}
+    task["status"] = p.status
+
+    task["spec"]["fallback"]["llm"]["baseURL"] = "https://llm.example.com/v1#chat"
+    p = plan(Observed(task, {}, None, NOW))
+    assert p.invalid and conds(p.status)[c.READY] == (c.FALSE, c.INVALID_SPEC)
+    assert p.status["route"]["llmBaseURL"] == "https://llm.example.com/v1"
+    assert p.status["route"]["llmModel"] == "gpt-4.1"
+
+
+def test_an_llm_the_gateway_would_refuse_never_reaches_a_served_tasks_route() -> None:
+    """A served task whose spec's LLM URL is invalid (admitted before the CRD's rule) keeps
+    live control, and its route keeps the last usable LLM: the gateway would drop a route
+    with this one and fail every call."""
+    task, jobs, dep = _serving_task()
+    task["spec"]["fallback"]["llm"]["baseURL"] = "https://llm.example.com/v1 "
+    p = _step(task, jobs, dep, NOW + dt.timedelta(seconds=10), HEALTHY)
+    assert p.invalid and conds(p.status)[c.SERVING][0] == c.TRUE
+    assert p.status["route"]["llmBaseURL"] == "https://llm.example.com/v1"
+
+
+def test_a_candidate_failing_while_others_train_is_named_in_trained_with_one_warning() -> None:
+    """small's fine-tune fails (OOM) while big still trains. Trained stayed "1/2 candidates
+    finished" and no event said anything, then or once big was done (PartiallyTrained is
+    Normal). Trained names the failure at once, and one Warning event is posted for it."""
+    task = make_task()
+    rev = n.revision_of(task["spec"])
+    jobs = jobs_through(task, "train")
+    fs, fb = (n.finetune_job_name("weather", cd, rev) for cd in ("small", "big"))
+    big_done = jobs[fb]
+    jobs[fs] = view(fs, "finetune", rev, RUNNING, candidate="small")
+    jobs[fb] = view(fb, "finetune", rev, RUNNING, candidate="big")
+    task["status"] = plan(Observed(task, jobs, None, NOW)).status
+    oom = "BackoffLimitExceeded: last pod OOMKilled (exit 137): step 130/400"
+    jobs[fs] = view(fs, "finetune", rev, FAILED, candidate="small", message=oom)
+    at = NOW + dt.timedelta(minutes=5)
+    p = _settled(Observed(task, jobs, None, at))
+    trained = c.find(p.status["conditions"], c.TRAINED)
+    assert trained is not None and (trained["status"], trained["reason"]) == (
+        c.UNKNOWN,
+        c.JOB_RUNNING,
+    )
+    assert "failed: small" in trained["message"] and oom in trained["message"]
+    assert [e[:2] for e in p.events] == [("Warning", c.JOB_FAILED)]
+    assert "candidate small" in p.events[0][2] and oom in p.events[0][2]
+    assert p.status["phase"] == "Training"
+    task["status"] = json.loads(json.dumps(p.status))
+    jobs[fb] = big_done
+    p = plan(Observed(task, jobs, None, at + dt.timedelta(hours=1)))
+    assert conds(p.status)[c.TRAINED] == (c.TRUE, c.PARTIALLY_TRAINED)
+    assert not [e for e in p.events if e[0] == "Warning"]  # said once, when it failed
+
+
+def test_the_last_candidate_to_fail_warns_too_and_an_all_failed_revision_warns_once() -> None:
+    """The Warning for a failed candidate comes whichever candidate fails last (Trained turns
+    PartiallyTrained, a Normal event, in that pass), also when the API server refused a child
+    in the same pass; when every candidate failed, Trained's JobFailed Warning names them
+    all and no candidate Warning repeats it."""
+    task = make_task()
+    rev = n.revision_of(task["spec"])
+    jobs = jobs_through(task, "train")
+    fs, fb = (n.finetune_job_name("weather", cd, rev) for cd in ("small", "big"))
+    jobs[fb] = view(fb, "finetune", rev, RUNNING, candidate="big")
+    task["status"] = plan(Observed(task, jobs, None, NOW)).status
+    jobs[fb] = view(fb, "finetune", rev, FAILED, candidate="big", message="DeadlineExceeded")
+    p = plan(Observed(task, jobs, None, NOW))
+    assert conds(p.status)[c.TRAINED] == (c.TRUE, c.PARTIALLY_TRAINED)
+    assert ("Warning", c.JOB_FAILED) in [e[:2] for e in p.events]
+    refused = with_apply_failures(task, p, [("Job", "weather-export", "quota")], NOW)
+    assert ("Warning", c.JOB_FAILED) in [e[:2] for e in refused.events]
+
+    jobs[fs] = view(fs, "finetune", rev, FAILED, candidate="small", message="OOMKilled")
+    p = plan(Observed(task, jobs, None, NOW))
+    assert conds(p.status)[c.TRAINED] == (c.FALSE, c.JOB_FAILED)
+    assert [e[:2] for e in p.events if e[0] == "Warning"] == [("Warning", c.JOB_FAILED)]
+    assert p.events[0][2].startswith("Trained=False")
