@@ -112,7 +112,8 @@ def _env_listen_address(name: str, default: str) -> str:
 
 RESYNC_SECONDS = _env_number("SLM_FLEET_RESYNC_SECONDS", 30)
 #: Prometheus that scrapes the gateway and Triton; unset disables live control (SLOMet stays
-#: Unknown with reason MetricsUnavailable, and the rollout does not advance past shadow).
+#: Unknown with reason MetricsUnavailable, and the rollout does not advance past shadow
+#: unless a task sets rollout.strategy: direct).
 PROMETHEUS_URL = _env_url("SLM_FLEET_PROMETHEUS_URL")
 SCRAPE_SECONDS = _env_number("SLM_FLEET_PROMETHEUS_SCRAPE_SECONDS", 15, most=3600)
 #: "true" skips verifying an https Prometheus's certificate (verified by default; a private CA
@@ -694,7 +695,8 @@ evaluation gate, Triton serving, scaling and SLO fallback. The flags are `kopf r
 
   SLM_FLEET_PROMETHEUS_URL                 Prometheus scraping the gateway and Triton; unset:
                                            no live control (no scaling, no SLO fallback, the
-                                           rollout stays at shadow)
+                                           rollout stays at shadow unless a task sets
+                                           rollout.strategy: direct)
   SLM_FLEET_PROMETHEUS_SCRAPE_SECONDS      its scrape interval (15); rates are read over two
   SLM_FLEET_PROMETHEUS_INSECURE_SKIP_VERIFY  true: skip verifying an https Prometheus's
                                            certificate (a private CA: REQUESTS_CA_BUNDLE)

@@ -1519,8 +1519,15 @@ def plan(obs: Observed) -> Plan:
         active_rev, active_uri, active_cand = _recorded_active(prev, obs.jobs, meta["name"])
     out.invalid = problem
     if problem and (n.task_name_problem(meta["name"]) or not (active_rev and active_uri)):
-        # Nothing served: nothing to keep under control until the spec is fixed.
-        conds = [cond(t, invalid_step) for t in c.ALL_TYPES if t != c.READY]
+        # Nothing served: nothing to keep under control until the spec is fixed. The calls
+        # go to the LLM meanwhile, and FallbackActive (the Fallback column) says so.
+        served_none = not (active_rev and active_uri)
+        fallback = (c.TRUE, c.NO_SERVING_MODEL, NO_SERVING_MODEL_MESSAGE)
+        conds = [
+            cond(t, fallback if served_none and t == c.FALLBACK_ACTIVE else invalid_step)
+            for t in c.ALL_TYPES
+            if t != c.READY
+        ]
         conds.append(cond(c.READY, (c.FALSE, c.INVALID_SPEC, problem)))
         out.status = {
             **dict(prev),
@@ -1529,7 +1536,7 @@ def plan(obs: Observed) -> Plan:
             "message": problem,
             "conditions": c.merge_conditions(prev_conds, conds),
         }
-        if not (active_rev and active_uri):  # (an invalid name keeps an older one's route)
+        if served_none:  # (an invalid name keeps an older one's route)
             out.status["route"] = _route(spec, prev, lv.MODE_LLM, NO_SERVING_MODEL_MESSAGE)
         out.events = c.transitions(prev_conds, out.status["conditions"])
         return out

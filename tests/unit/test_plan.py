@@ -2537,6 +2537,9 @@ def test_an_invalid_edit_with_nothing_served_routes_to_the_llm_it_names() -> Non
     task["spec"]["candidates"][0]["model"] = "pvc://other-claim/models/smol"
     p = _settled(Observed(task, {}, None, NOW))
     assert conds(p.status)[c.READY] == (c.FALSE, c.INVALID_SPEC)
+    # the Fallback column says where the calls go (it read Unknown)
+    assert conds(p.status)[c.FALLBACK_ACTIVE] == (c.TRUE, c.NO_SERVING_MODEL)
+    assert conds(p.status)[c.TRAINED] == (c.UNKNOWN, c.INVALID_SPEC)
     route = p.status["route"]
     assert route["mode"] == "llm" and route["llmModel"] == "gpt-4.1"
     assert route["llmPrice"] == {"prompt": 0.002, "completion": 0.008}
