@@ -1343,10 +1343,11 @@ def _live_control(
         for key in ("lastEvaluated", "agreementSince", "observed"):
             if key in prev:
                 live[key] = prev[key]
-        if not ro.mode:
-            ro = lv.rollout_step(
-                Rollout(lv.MODE_LLM, 0, ""), Metrics(), None, spec.get("rollout") or {}
-            )
+        rollout = spec.get("rollout") or {}
+        if not ro.mode or rollout.get("strategy") == "direct":
+            # Direct needs no window: an edit to it (the documented way out of a shadow
+            # that no metrics can advance) applies now, not only to a new revision.
+            ro = lv.rollout_step(Rollout(lv.MODE_LLM, 0, ""), Metrics(), None, rollout)
     for key in ("lastScaleTime", "scaleReason"):
         if key not in live and key in prev:
             live[key] = prev[key]

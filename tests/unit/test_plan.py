@@ -2618,3 +2618,22 @@ def test_the_last_candidate_to_fail_warns_too_and_an_all_failed_revision_warns_o
     assert conds(p.status)[c.TRAINED] == (c.FALSE, c.JOB_FAILED)
     assert [e[:2] for e in p.events if e[0] == "Warning"] == [("Warning", c.JOB_FAILED)]
     assert p.events[0][2].startswith("Trained=False")
+
+
+def test_switching_a_served_task_to_the_direct_rollout_serves_the_slm_without_metrics() -> None:
+    """Without Prometheus a progressive rollout stays at shadow, and the docs say to use
+    ``rollout.strategy: direct`` then. The edit left a served task in shadow for good (only
+    a task created with it, or a new revision, went direct): it applies at the next pass."""
+    task = make_task()
+    rev = n.revision_of(task["spec"])
+    jobs, dep = jobs_through(task, "export"), deployment(rev)
+    task["status"] = plan(Observed(task, jobs, dep, NOW)).status
+    assert task["status"]["route"]["mode"] == "shadow"
+    task["spec"]["rollout"] = {"strategy": "direct"}
+    task["metadata"]["generation"] = 2
+    p = plan(Observed(task, jobs, dep, NOW + dt.timedelta(minutes=1), None))
+    assert (p.status["route"]["mode"], p.status["live"]["rolloutReason"]) == (
+        "slm",
+        "DirectRollout",
+    )
+    assert not p.apply or all(o["kind"] != "Job" for o in p.apply)  # nothing retrained
