@@ -456,6 +456,38 @@ INVALID = [
         "spec.serving.resources",
         "needs a limit equal to it",
     ),
+    # Admitted before, then refused by Kubernetes in every Job and the Deployment (for
+    # serving.resources only once data prep, every fine-tune and export had run).
+    case(
+        "extended-resource-in-fractions",
+        {
+            "spec.serving.resources": {
+                "requests": {"example.com/fpga": "500m"},
+                "limits": {"example.com/fpga": "500m"},
+            }
+        },
+        "spec.serving.resources.requests",
+        "counted in whole units",
+    ),
+    case(
+        "hugepages-alone",
+        {"spec.training.resources": {"limits": {"hugepages-2Mi": "1Gi"}}},
+        "spec.training.resources",
+        "hugepages need a cpu or memory request or limit",
+    ),
+    case(
+        "hugepages-of-no-size",
+        {"spec.serving.resources": {"limits": {"memory": "2Gi", "hugepages-foo": "1Gi"}}},
+        "spec.serving.resources.limits",
+        "hugepages-<size> (such as hugepages-2Mi",
+    ),
+    case(
+        "llm-port-too-long-to-be-a-number",
+        {"spec.fallback.llm.baseURL": "http://llm.example.com:99999999999999999999/v1"},
+        # the rule's message with the value, not CEL's "type conversion error" for "string"
+        'baseURL: Invalid value: "http://llm.example.com:9999',
+        "port must be between 1 and 65535",
+    ),
     case(
         "unknown-toleration-operator",
         {"spec.serving.tolerations": [{"key": "nvidia.com/gpu", "operator": "In"}]},
