@@ -1369,11 +1369,16 @@ def create_app(
             await client.close()
             if capture is not None:
                 stats = await asyncio.to_thread(capture.close)
-                log.info(
-                    "capture flushed: %d written, %d dropped, %d redacted",
+                # The last word on drops counted while stopping (shutdown, upload_pending):
+                # they come after the listener closed, where no scrape can see them.
+                log.log(
+                    logging.WARNING if stats.dropped or stats.unsent else logging.INFO,
+                    "capture flushed: %d written, %d dropped, %d redacted, %d written to "
+                    "shards left in the spool for upload",
                     stats.written,
                     stats.dropped,
                     stats.redacted,
+                    stats.unsent,
                 )
 
     routes = [

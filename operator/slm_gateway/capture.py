@@ -202,10 +202,14 @@ class CaptureStats:
 # ---- the worker process ---------------------------------------------------------------------
 
 
+def shard_stamp(now: float) -> str:
+    """The time part of a shard's name (UTC, whole seconds): names sort by it."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+
+
 def shard_name(host: str, pid: int, index: int, seq: int, now: float) -> str:
     """Shard names sort by time, and never collide across replicas, restarts and workers."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
-    return f"calls-{stamp}-{host}-{pid}-w{index}-{seq:06d}"
+    return f"calls-{shard_stamp(now)}-{host}-{pid}-w{index}-{seq:06d}"
 
 
 def shard_host() -> str:
@@ -215,12 +219,14 @@ def shard_host() -> str:
 
 class ShardOwner(NamedTuple):
     """Who wrote a shard, from its name: the host part, the writer's pid, its worker slot (its
-    index), and the shard's number in that writer's sequence (one up per shard it opens)."""
+    index), the shard's number in that writer's sequence (one up per shard it opens), and
+    when it was opened (:func:`shard_stamp`)."""
 
     host: str
     pid: int
     slot: int
     seq: int
+    stamp: str = ""
 
 
 def shard_owner(name: str) -> ShardOwner | None:
@@ -238,17 +244,19 @@ def shard_owner(name: str) -> ShardOwner | None:
     head, pid, index, seq = parts[0].split("-", 2), parts[1], parts[2][1:], parts[3]
     if len(head) != 3 or not (pid.isdigit() and index.isdigit() and seq.isdigit()):
         return None
-    return ShardOwner(head[2], int(pid), int(index), int(seq))
+    return ShardOwner(head[2], int(pid), int(index), int(seq), head[1])
 
 
-def spool_records(root: Path, pid: int) -> Counter[str]:
+def spool_records(root: Path, pid: int, since: str = "") -> Counter[str]:
     """Whole records per task key in the shards worker ``pid`` left under ``root`` (a torn
-    last line, cut by a kill, is not one)."""
+    last line, cut by a kill, is not one), opened at ``since`` (a :func:`shard_stamp`) or
+    later: an earlier process with the same pid (a restarted container numbers its
+    processes alike) left the older ones, and reported them itself."""
     found: Counter[str] = Counter()
     with contextlib.suppress(OSError):
         for path in root.rglob("*"):
             owner = shard_owner(path.name)
-            if owner is None or owner.pid != pid or not path.is_file():
+            if owner is None or owner.pid != pid or owner.stamp < since or not path.is_file():
                 continue
             with contextlib.suppress(OSError):
                 lines = path.read_bytes().count(b"\n")
@@ -742,7 +750,7 @@ def _legacy_as_tools(request: bytes, tools: Any, message: dict[str, Any]) -> tup
     the trainer learned that the LLM answered it in text: a selector trained on such calls
     learned to hand back the very calls that chose a function.
     """
-    if not tools or tools == orjson.Fragment(b"[]"):
+    if not tools:
         functions = orjson.loads(request).get("functions")
         if isinstance(functions, list):
             tools = [{"type": "function", "function": f} for f in functions if isinstance(f, dict)]
@@ -785,7 +793,9 @@ def _request_parts(request: bytes) -> tuple[list[Any], Any]:
     messages = orjson.loads(memoryview(parts.messages))
     tools = bytes(parts.tools)
     if tools.startswith(b"[") and b"\n" not in tools and b"\r" not in tools:
-        return messages, orjson.Fragment(tools)
+        # An empty array as [], not a Fragment: a Fragment is true and equals nothing, so
+        # a legacy functions call sent with "tools": [] was kept with no tools.
+        return messages, orjson.Fragment(tools) if tools.strip(b"[] \t") else []
     return messages, orjson.loads(tools) or []
 
 
@@ -1013,6 +1023,7 @@ def unacknowledged_lines(
     index: int,
     acked: dict[str, tuple[int, int]],
     keys: Iterable[str],
+    since: str = "",
 ) -> dict[str, list[bytes]]:
     """The whole lines that the dead writer ``pid`` (worker slot ``index``, on ``host``) wrote
     to each task key's shards after the end it last acknowledged there (``acked``: the
@@ -1025,6 +1036,11 @@ def unacknowledged_lines(
     lines are acknowledged); the acknowledged shard holds new ones past its acknowledged size,
     and a later one only new ones. A last line without its newline (the kill cut the write
     short) is no record: recovery cuts it off, and it is not returned.
+
+    Only shards opened at ``since`` (the worker's start, a :func:`shard_stamp`) or later are
+    its own: a container restarted in the same pod gets the same hostname, the same capture
+    volume and, with the gateway as PID 1, the same worker pids, and the shards an earlier
+    container wrote were counted written as lost records of this one, lost in silence.
     """
     found: dict[str, list[bytes]] = {}
     for key in keys:
@@ -1035,6 +1051,8 @@ def unacknowledged_lines(
         for entry in entries:
             owner = shard_owner(entry.name)
             if owner is None or (owner.host, owner.pid, owner.slot) != (host, pid, index):
+                continue
+            if owner.stamp < since:
                 continue
             seq, size = acked.get(key, (0, 0))
             if owner.seq < seq:
@@ -1087,6 +1105,8 @@ class _Worker:
     """
 
     def __init__(self, ctx: Any, cfg: CaptureConfig, index: int, crashes: int = 0) -> None:
+        #: Before it starts: every shard it opens is named at this second or later.
+        self.since = shard_stamp(time.time())
         inbox_r, inbox_w = ctx.Pipe(duplex=False)
         outbox_r, outbox_w = ctx.Pipe(duplex=False)
         self.proc = ctx.Process(
@@ -1319,13 +1339,18 @@ class CaptureSink:
                 w.proc.kill()
                 w.proc.join(5)
                 w.closed.wait(5)  # its ack thread counts what it held, by task
+        if self._pump_thread is not None:
+            # A pump stuck in a send to a killed worker goes on once its pipe broke, and
+            # counts each batch it takes as dropped; draining the queue beside it here
+            # counted a batch it had taken, not yet counted, twice (as "_shutdown" too).
+            self._pump_thread.join(10)
         # A worker killed here (an upload hung past the deadline), or dead without a restart,
         # reported nothing of the shards it leaves in the spool, which goes with the pod:
         # their records were counted written, and are counted upload_pending now.
         if uploads(self.cfg.target):
             for w in workers:
                 if not w.reported_unsent:
-                    left = spool_records(shard_root(self.cfg), w.proc.pid)
+                    left = spool_records(shard_root(self.cfg), w.proc.pid, w.since)
                     if left:
                         self._count_unsent(left)
         # What a worker still holds, and what never left the queue, is lost: counted by task.
@@ -1474,7 +1499,13 @@ class CaptureSink:
             return lost
         try:
             found = unacknowledged_lines(
-                self._root, self._host, worker.proc.pid or 0, worker.index, worker.acked, lost
+                self._root,
+                self._host,
+                worker.proc.pid or 0,
+                worker.index,
+                worker.acked,
+                lost,
+                worker.since,
             )
         except OSError as exc:
             log.error("capture: cannot read the shards of worker %d: %s", worker.index, exc)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -55,6 +56,10 @@ def key_problem(key: str) -> str:
 
 class RouteError(ValueError):
     """A route cannot be built from what was given; the message says which field."""
+
+
+#: What a task's and its namespace's names may be (see :meth:`Route.__post_init__`).
+_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +121,14 @@ class Route:
     slm_target: Target = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # The task and its namespace name its capture folder: one path component each, or
+        # a routes file's "../x" wrote calls outside --capture. (Kubernetes names are.)
+        for part in filter(None, (self.task, self.namespace)):
+            if part in (".", "..") or not _NAME.fullmatch(part):
+                raise RouteError(
+                    f"task {self.task!r}: names of letters, digits, '.', '_' or '-' only "
+                    "(they name the task's capture folder)"
+                )
         if self.mode not in MODES:
             raise RouteError(f"task {self.task}: mode must be one of {', '.join(MODES)}")
         if not self.llm_base_url.startswith(("http://", "https://")):

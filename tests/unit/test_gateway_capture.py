@@ -277,19 +277,29 @@ def test_the_tools_are_written_as_the_agent_sent_them_on_one_line(encode: Any, t
     assert record.messages == body["messages"]
 
 
-def test_a_legacy_functions_call_is_recorded_in_the_tools_form() -> None:
+@pytest.mark.parametrize("tools", [None, [], "[ ]"], ids=["no-tools", "empty-tools", "spaced"])
+def test_a_legacy_functions_call_is_recorded_in_the_tools_form(tools: Any) -> None:
     """Recorded as it came, a ``functions`` call had no tools and an answer without a tool
     call: the trainer learned that the LLM answered it in text, and a selector learned to
-    hand back the very calls that chose a function."""
+    hand back the very calls that chose a function. With ``"tools": []`` beside the
+    functions it was recorded with the tool call but no tools at all."""
     from slm_trainer import metrics
     from slm_trainer.redact import default_redactor
 
     functions = [{"name": "get_weather", "parameters": {"type": "object"}}]
-    body = {"model": "t", "messages": [{"role": "user", "content": "hi"}], "functions": functions}
+    body: dict[str, Any] = {
+        "model": "t",
+        "messages": [{"role": "user", "content": "hi"}],
+        "functions": functions,
+    }
+    if tools is not None:
+        body["tools"] = [] if tools == "[ ]" else tools
     call = {"name": "get_weather", "arguments": '{"city": "Paris"}'}
     answer = {"role": "assistant", "content": None, "function_call": call}
     response = orjson.dumps({"choices": [{"message": answer}]})
     request = orjson.dumps(body)
+    if tools == "[ ]":
+        request = request.replace(b'"tools":[]', b'"tools":[ ]')
     captured = Captured("ns/t", "t", "gpt", "llm", request, response, 1.0, 1, 1, 5.0, "", "")
     record = CallRecord.from_dict(orjson.loads(capture_line(captured, default_redactor())[0]))
     assert record.tools == [{"type": "function", "function": functions[0]}]
@@ -359,6 +369,33 @@ def test_close_keeps_its_deadline_when_a_worker_is_stalled(tmp_path: Path) -> No
     stats = sink.stats
     assert stats.written + stats.dropped == stats.submitted == 60 and stats.pending == 0
     assert reasons == {capture.DROP_SHUTDOWN: stats.dropped}  # the killed worker's included
+
+
+def test_close_at_its_deadline_counts_each_queued_record_once(tmp_path: Path) -> None:
+    """With a stalled worker, close() kills it at its deadline; the pump, stuck in a send to
+    it, then goes on draining the queue. close() drained it beside the pump, and a batch the
+    pump had taken but not yet counted was counted twice (more dropped than submitted, the
+    rest under a made-up "_shutdown" task)."""
+    import signal
+
+    by_key: Counter[str] = Counter()
+    sink = CaptureSink(
+        CaptureConfig(target=str(tmp_path), batch_size=16, queue_size=100_000, queue_bytes=1 << 30),
+        on_dropped=lambda k, n, reason: by_key.update({k: n}),
+    )
+    sink.start()
+    pid = sink._workers[0].proc.pid or 0
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for i in range(30_000):
+            sink.submit(item(i))
+        time.sleep(0.5)  # the pump fills the pipe and blocks in a send
+        stats = sink.close(timeout=1.0)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert (stats.submitted, stats.written, stats.dropped, stats.pending) == (30_000, 0, 30_000, 0)
+    assert by_key == {"weather": 30_000}
 
 
 def test_a_full_queue_drops_counts_and_says_so(
@@ -749,6 +786,37 @@ def test_a_killed_worker_counts_its_records_as_dropped_at_once_and_is_replaced(
     # it, so the trainer (which reads *.jsonl only) sees all 5 records.
     assert shards(tmp_path, "*.part") == []
     assert sum(f.read_bytes().count(b"\n") for f in shards(tmp_path)) == 5
+
+
+def test_shards_an_earlier_container_left_under_a_worker_pid_are_not_its_records(
+    tmp_path: Path,
+) -> None:
+    """A container restarted in its pod keeps the hostname and the capture volume, and with
+    the gateway as PID 1 its workers get the same pids. A worker killed holding records it
+    never wrote had them counted written, matched against the earlier container's shards of
+    the same host, pid and slot: lost in silence. They are dropped, as worker_lost."""
+    reasons: Counter[str] = Counter()
+    sink = CaptureSink(
+        CaptureConfig(target=str(tmp_path), batch_size=8, restart_backoff_s=0.05),
+        on_dropped=lambda k, n, reason: reasons.update({reason: n}),
+    )
+    sink.start()
+    try:
+        pid = sink._workers[0].proc.pid or 0
+        name = capture.shard_name(capture.shard_host(), pid, 0, 1, time.time() - 3600)
+        earlier = tmp_path / "weather" / (name + ".jsonl")
+        earlier.parent.mkdir(parents=True, exist_ok=True)
+        earlier.write_bytes(b"".join(b'{"earlier": %d}\n' % i for i in range(50)))
+        os.kill(pid, signal.SIGSTOP)  # holds what it receives, never writes it
+        for i in range(20):
+            sink.submit(item(i))
+        assert wait_for(lambda: sink.depth() == 0)
+        os.kill(pid, signal.SIGKILL)
+        assert wait_for(lambda: sink.stats.pending == 0), sink.stats
+    finally:
+        stats = sink.close()
+    assert (stats.written, stats.dropped) == (0, 20)
+    assert reasons == {capture.DROP_WORKER: 20}
 
 
 def _asleep_writing_to_a_full_pipe(pid: int) -> bool:
