@@ -849,6 +849,16 @@ def test_select_ties_are_deterministic() -> None:
     assert select([], "best-score") is None
 
 
+def _with_replicas(dep: dict[str, Any], wanted: int, ready: int) -> dict[str, Any]:
+    """``dep`` scaled to ``wanted`` replicas, ``ready`` of them ready."""
+    d = copy.deepcopy(dep)
+    d["spec"]["replicas"] = wanted
+    d["status"].update(
+        replicas=wanted, updatedReplicas=wanted, readyReplicas=ready, availableReplicas=ready
+    )
+    return d
+
+
 def _serving_task() -> tuple[dict[str, Any], dict[str, JobView], dict[str, Any], dict[str, Any]]:
     task = make_task()
     task["spec"]["fallback"]["policy"] = {
@@ -1523,12 +1533,7 @@ def test_waking_from_zero_is_not_an_outage_for_the_replicas_startup_budget() -> 
     mode_before = task["status"]["live"]["rolloutMode"]
 
     def replicas(wanted: int, ready: int) -> dict[str, Any]:
-        d = copy.deepcopy(dep)
-        d["spec"]["replicas"] = wanted
-        d["status"].update(
-            replicas=wanted, updatedReplicas=wanted, readyReplicas=ready, availableReplicas=ready
-        )
-        return d
+        return _with_replicas(dep, wanted, ready)
 
     t = NOW + dt.timedelta(seconds=10)
     _step(task, jobs, replicas(0, 0), t, idle)
@@ -2497,12 +2502,7 @@ def test_raising_min_replicas_on_a_task_scaled_to_zero_is_waking_not_an_outage()
     _step(task, jobs, dep, NOW, idle)
 
     def replicas(wanted: int, ready: int) -> dict[str, Any]:
-        d = copy.deepcopy(dep)
-        d["spec"]["replicas"] = wanted
-        d["status"].update(
-            replicas=wanted, updatedReplicas=wanted, readyReplicas=ready, availableReplicas=ready
-        )
-        return d
+        return _with_replicas(dep, wanted, ready)
 
     t = NOW + dt.timedelta(hours=1)
     _step(task, jobs, replicas(0, 0), t, idle)
