@@ -105,6 +105,30 @@ def test_the_report_shows_the_figures_at_the_threshold_the_candidate_is_served_w
     assert "at_served_threshold" not in plain.metrics
 
 
+def test_a_generator_making_the_llms_parallel_calls_in_another_order_scores_them_right() -> None:
+    """Parallel calls are independent (BFCL checks them without order): a candidate that made
+    the LLM's two calls in the other order scored 0 on tool-call-ast and failed the gate."""
+
+    def parallel(*cities: str) -> dict[str, Any]:
+        calls = [tool_call("get_weather", {"city": c})["tool_calls"][0] for c in cities]
+        return {"role": "assistant", "tool_calls": calls}
+
+    recs = [
+        CallRecord(
+            task="t",
+            backend="llm",
+            messages=[{"role": "user", "content": f"weather in Oslo and Lima? ({i})"}],
+            tools=TOOLS,
+            response=parallel("Oslo", "Lima"),
+        )
+        for i in range(2)
+    ]
+    preds = [evaluate.Prediction(response=parallel("Lima", "Oslo"), confidence=0.9)] * 2
+    s = evaluate.score_candidate("gen", recs, preds, "tool-call", "tool-call-ast", 0.97)
+    assert s.metrics["tool_call_ast"] == 1.0 and s.metrics["exact_match"] == 0.0
+    assert s.score == 1.0 and s.coverage == 1.0 and s.meets_precision
+
+
 def test_candidate_info_reads_the_served_threshold(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps({"threshold": 0.42, "parameters": 7}))
     assert evaluate.candidate_info(tmp_path) == {"threshold": 0.42, "parameters": 7}

@@ -985,6 +985,74 @@ def test_a_base_model_path_under_home_is_loaded(
     assert manifest["base_model"] == "~/tiny"  # as the task names it
 
 
+def test_without_an_artifact_uri_the_result_reports_the_outputs_file_uri(
+    tmp_path: Path, tiny_minilm: Path
+) -> None:
+    """--artifact-uri's help promises file:// of the output by default, and the selector
+    reports that; a generative candidate reported no artifact URI at all."""
+    args = _tiny_stage(tmp_path, tiny_minilm, checkpoint_dir="", max_new_tokens=4)
+    args.artifact_uri = ""
+    result = generative.train_generative(args, Events())
+    assert result.ok, result.message
+    assert result.artifact_uri == Path(args.output).resolve().as_uri()
+
+
+@pytest.mark.parametrize(
+    ("modules", "named"),
+    [
+        ("nonexistent_layer", "no module named nonexistent_layer"),
+        ("q_proj,v_porj", "no module named v_porj"),  # peft ignored the typo: q_proj matched
+        ("norm", "Target module LlamaRMSNorm"),  # there, but no layer LoRA adapts
+        (".*nothing.*", "Target modules .*nothing.* not found"),
+    ],
+)
+def test_lora_target_modules_the_model_lacks_are_bad_arguments_naming_them(
+    tiny_minilm: Path, modules: str, named: str
+) -> None:
+    """peft's NoMatchingPeftModuleError crashed the stage (exit 1), which the Job retried
+    though every pod fails the same way; the message now names the modules and the model's
+    linear layers, and a single module name is a name (peft reads a string as a regex)."""
+    from slm_trainer.cli import BadArguments
+
+    args = SimpleNamespace(model=str(tiny_minilm), method="lora", lora_r=4, lora_alpha=8)
+    args.lora_dropout = 0.0
+    with pytest.raises(BadArguments) as exc:
+        generative.load_model(args, generative.Options(target_modules=modules), "cpu")
+    assert named in str(exc.value) and "its linear layers: down_proj, gate_proj" in str(exc.value)
+    one = generative.Options(target_modules="q_proj")
+    model, _, _ = generative.load_model(args, one, "cpu")
+    lora = [n for n, _ in model.named_parameters() if ".lora_A." in n]
+    assert lora and {n.split(".lora_A.")[0].rsplit(".", 1)[-1] for n in lora} == {"q_proj"}
+
+
+def test_lora_target_modules_the_model_lacks_exit_2_through_the_cli(
+    tmp_path: Path, tiny_minilm: Path
+) -> None:
+    """The whole stage: a usage error (exit 2, the message in the result), not a crash."""
+    from slm_contract import TrainerResult
+    from slm_trainer import cli
+
+    data = write_data(tmp_path / "data", 4, 1)
+    result_path = tmp_path / "result.json"
+    argv = [
+        f"--result-path={result_path}",
+        "finetune",
+        "--candidate=tiny",
+        f"--model={tiny_minilm}",
+        f"--data={data}",
+        f"--output={tmp_path / 'out'}",
+        "--path=generative",
+        "--epochs=1",
+        "--target-modules=qkv_proj",
+    ]
+    assert cli.main(argv) == cli.EXIT_BAD_ARGUMENTS
+    result = TrainerResult.from_json(result_path.read_text())
+    assert not result.ok and result.candidate == "tiny"
+    assert result.message.startswith(
+        "finetune: bad arguments: --target-modules: the base model has no module named qkv_proj"
+    )
+
+
 def test_sigterm_then_resume_ends_exactly_like_an_uninterrupted_run(
     tmp_path: Path, tiny_minilm: Path
 ) -> None:

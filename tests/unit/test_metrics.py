@@ -139,6 +139,17 @@ def test_json_validity(response: dict[str, Any], expected: bool | None) -> None:
     assert m.json_valid(response) is expected
 
 
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_not_valid_json(constant: str) -> None:
+    """Python's json reads NaN and Infinity, which RFC 8259 has not and strict parsers (an
+    agent's JSON.parse, Go's encoding/json) refuse: such arguments counted as valid JSON."""
+    arguments = f'{{"city": "Oslo", "days": {constant}}}'
+    assert m.json_valid(call("get_weather", arguments, as_string=False)) is False
+    assert m.parse_arguments(arguments) == (False, arguments)
+    assert m.json_valid({"content": constant}) is False
+    assert m.json_valid({"content": f"[{constant}]"}) is False
+
+
 def test_arguments_nested_too_deep_score_as_wrong_not_crash() -> None:
     """A logged or generated call whose arguments are too deep to decode is simply wrong."""
     deep = call("get_weather", "[" * 5000, as_string=False)
@@ -239,6 +250,45 @@ def test_ast_lists_compare_in_order() -> None:
     assert not m.ast_match(
         call("get_weather", {"city": "Oslo", "tags": ["b", "a"]}), ref, TOOLS
     ).match
+
+
+def calls(*made: tuple[str, dict[str, Any]]) -> dict[str, Any]:
+    """An answer making ``made`` (name, arguments) tool calls in parallel, in that order."""
+    return {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": f"c{i}", "type": "function", "function": {"name": n, "arguments": json.dumps(a)}}
+            for i, (n, a) in enumerate(made)
+        ],
+    }
+
+
+@pytest.mark.parametrize("use_bfcl", [True, False], ids=["bfcl", "builtin"])
+def test_parallel_calls_match_in_any_order_as_bfcl_checks_them(use_bfcl: bool) -> None:
+    """The same parallel calls in another order scored as wrong (paired by position), while
+    BFCL's parallel checker, whose rules the module follows, has no order: they match. Each
+    reference call still needs a call of its own, and exact match keeps the order."""
+    if use_bfcl and m.load_bfcl_checker() is None:
+        pytest.skip("bfcl-eval is not installed")
+    paris, oslo = ("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Oslo"})
+    alarm = ("set_alarm", {})
+    ref = calls(paris, oslo, alarm)
+    for swapped in (calls(oslo, paris, alarm), calls(alarm, oslo, paris)):
+        assert m.ast_match(swapped, ref, TOOLS, use_bfcl=use_bfcl).match
+        assert not m.exact_match(swapped, ref)
+    twice = m.ast_match(calls(paris, paris, alarm), ref, TOOLS, use_bfcl=use_bfcl)
+    assert not twice.match and twice.error == "no predicted call matches get_weather (call 1)"
+    assert not m.ast_match(calls(oslo, paris), ref, TOOLS, use_bfcl=use_bfcl).match
+
+
+def test_parallel_calls_pair_up_where_a_first_come_pick_would_not() -> None:
+    """Prediction 0 fits both reference calls and prediction 1 only the first: pairing each
+    reference with the first prediction that fits (BFCL's way) leaves reference 1 without
+    one, though a pairing exists."""
+    fits = {(0, 0), (0, 1), (1, 0)}
+    assert m.unpaired_call(2, lambda i, j: (i, j) in fits) is None
+    assert m.unpaired_call(2, lambda i, j: i == 0) == 1
 
 
 def test_a_reference_without_tool_call_matches_only_a_prediction_without_one() -> None:

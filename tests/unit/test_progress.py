@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 import urllib.request
@@ -56,6 +57,19 @@ def test_json_lines_and_gauges() -> None:
     assert last["percent"] == 100.0 and last["eta_seconds"] == 0.0 and last["epoch"] == 2
     assert gauge("slm_trainer_progress_percent", "smollm-a") == 100.0
     p.close()
+
+
+@pytest.mark.parametrize("loss", [math.nan, math.inf, -math.inf])
+def test_a_nan_or_infinite_loss_is_null_in_the_progress_line(loss: float) -> None:
+    """A diverged step's loss went out as ``"loss": NaN``, which is no JSON: strict readers
+    of the log refused the line. The line says null; the gauge keeps the value."""
+    events: list[dict[str, Any]] = []
+    p = Progress(events.append, "diverged", total_steps=4, env={}, clock=Clock())
+    event = p.update(1, loss=loss)
+    assert event["loss"] is None and events[-1]["loss"] is None
+    json.dumps(events[-1], allow_nan=False)
+    value = gauge("slm_trainer_loss", "diverged")
+    assert value is not None and (math.isnan(value) if math.isnan(loss) else value == loss)
 
 
 def test_eta_counts_only_steps_done_in_this_attempt() -> None:

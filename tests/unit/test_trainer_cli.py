@@ -178,6 +178,77 @@ def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str
     assert "error" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "knob",
+    [
+        "--head-learning-rate=-1",
+        "--head-learning-rate=0",
+        "--head-learning-rate=nan",
+        "--selector-max-tokens=0",
+        "--selector-max-tokens=2",
+    ],
+)
+def test_selector_knobs_out_of_range_are_refused_as_bad_arguments(
+    knob: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A negative head learning rate or no query tokens went unchecked: the selector trained
+    on them and reported a useless candidate as a success (exit 0)."""
+    argv = ["finetune", "--candidate=c", "--model=m", "--data=d", "--output=o", knob]
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == cli.EXIT_BAD_ARGUMENTS == 2
+    name = knob.split("=")[0].removeprefix("--").replace("-", "_")
+    assert f"finetune: {name} must be" in capsys.readouterr().err
+
+
+def test_a_stage_that_finds_its_arguments_unusable_exits_2_and_reports_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """LoRA target modules the base model does not have are known only once it is loaded:
+    peft's error crashed the stage (exit 1), and the Job retried what every pod refuses."""
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class Args:
+        """Refuses its arguments once it looks."""
+
+        candidate: str = field(default="c", metadata={"help": "candidate"})
+
+    def run(args: Any, progress: Any) -> TrainerResult:
+        raise cli.BadArguments("--target-modules: the base model has no module named qkv")
+
+    register_stage(monkeypatch, "picky", Args, run)
+    result_path = tmp_path / "result.json"
+    assert cli.main(["picky", f"--result-path={result_path}"]) == cli.EXIT_BAD_ARGUMENTS
+    result = TrainerResult.from_json(result_path.read_text())
+    assert not result.ok and result.candidate == "c"
+    assert result.message == (
+        "picky: bad arguments: --target-modules: the base model has no module named qkv"
+    )
+    assert "error: --target-modules" in capsys.readouterr().err
+
+
+def test_a_nan_in_an_event_is_written_as_null_never_as_invalid_json(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """json.dumps writes NaN and Infinity, which no JSON reader of the log accepts: a
+    diverged loss in a progress or trained event broke the line."""
+    nan, inf = float("nan"), float("inf")
+    cli.emit({"event": "trained", "final_loss": nan, "losses": [1.0, inf, -inf], "x": {nan: 1}})
+    line = capsys.readouterr().out
+
+    def refuse(constant: str) -> Any:
+        raise ValueError(constant)
+
+    event = json.loads(line, parse_constant=refuse)
+    assert event == {
+        "event": "trained",
+        "final_loss": None,
+        "losses": [1.0, None, None],
+        "x": {"nan": 1},
+    }
+
+
 def test_curate_end_to_end_writes_a_result_the_operator_can_read(tmp_path: Path) -> None:
     log = write_log(tmp_path / "calls.jsonl")
     result_path = tmp_path / "termination-log"
@@ -437,6 +508,47 @@ def test_a_base_model_path_that_does_not_exist_is_reported_not_retried(tmp_path:
         assert not result.ok and result.candidate == "c"
         assert result.message.startswith("base model '/nonexistent/model' not found")
         assert "does not exist" in result.message
+
+
+def test_a_base_model_directory_without_a_model_is_reported_not_retried(tmp_path: Path) -> None:
+    """A directory that exists but holds no model (the volume's wrong subpath, a copy not
+    made yet) passed the path check and crashed in the tokenizer ("Couldn't instantiate the
+    backend tokenizer ... install sentencepiece"): exit 1, retried to no avail."""
+    data = clean_split(tmp_path / "data")
+    empty = tmp_path / "models" / "smollm"
+    empty.mkdir(parents=True)
+    (empty / "README.md").write_text("copy pending\n")
+    result_path = tmp_path / "result.json"
+    for path in ("selector", "generative"):
+        proc = run_cli(*finetune_argv(data, tmp_path, str(empty), f"--path={path}"))
+        assert proc.returncode == cli.EXIT_REPORTED, proc.stderr
+        result = TrainerResult.from_json(result_path.read_text())
+        assert not result.ok and result.candidate == "c"
+        assert result.message == (
+            f"base model '{empty}' not found: the directory {empty} holds no model (it has no "
+            "config.json, no weight files (model.safetensors or pytorch_model.bin), no "
+            "tokenizer files (tokenizer.json, tokenizer_config.json or vocab.txt))"
+        )
+
+
+def test_a_base_model_directory_says_which_part_of_the_model_it_lacks(tmp_path: Path) -> None:
+    """A copy cut short keeps some files: the message names the ones still missing, and the
+    packaged all-MiniLM-L6-v2 (a sentence-transformers directory) has all it needs."""
+    from slm_trainer import finetune
+
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "config.json").write_text("{}")
+    (partial / "vocab.txt").write_text("[PAD]\n")
+    missing = finetune.missing_base_model(str(partial))
+    assert missing is not None and missing.endswith(
+        "(it has no weight files (model.safetensors or pytorch_model.bin))"
+    )
+    (partial / "model-00001-of-00002.safetensors").write_bytes(b"")
+    assert finetune.missing_base_model(str(partial)) is None
+    minilm = finetune.minilm_path()
+    if minilm is not None:
+        assert finetune.missing_base_model(minilm) is None
 
 
 def _export_of_one_file(tmp_path: Path, name: str, content: str) -> tuple[TrainerResult, Path]:

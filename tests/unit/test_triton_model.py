@@ -197,6 +197,20 @@ def test_a_call_whose_arguments_are_not_an_object_is_served_with_confidence_zero
     assert "tool_calls" not in msg and conf == 0.0
 
 
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_a_call_with_nan_or_infinity_in_its_arguments_is_served_with_confidence_zero(
+    backend: Any, monkeypatch: pytest.MonkeyPatch, number: str
+) -> None:
+    """Python's json reads NaN and Infinity (and 1e999 as infinity): the call was served with
+    arguments '{"days": NaN}', which no strict JSON parser (the agent's) accepts. It is
+    malformed now: handed back to the LLM."""
+    text = f'[{{"name": "get_weather", "arguments": {{"days": {number}}}}}]'
+    msg, conf = served(backend, monkeypatch, text)
+    assert "tool_calls" not in msg and conf == 0.0
+    assert msg["content"] == text and msg[backend.chatformat.MALFORMED] is True
+    json.dumps(msg, allow_nan=False)  # what is served is JSON
+
+
 def test_a_json_answer_without_tools_is_served_as_the_answer(
     backend: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

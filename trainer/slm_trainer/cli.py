@@ -15,9 +15,10 @@ is fixed here once for every stage:
 - the exit code: 0 when the result is ok; 3 when the stage ran and reported a failure (too
   few examples, no candidate passing: running it again gives the same answer); 1 when it
   crashed (an exception: maybe transient, so worth a retry); 2 for bad arguments (argparse's
-  convention); 143 when a training loop stopped on SIGTERM after a checkpoint (a new pod
-  resumes it). The operator's Jobs fail at once on 2 and 3 (:data:`EXIT_REPORTED` and a
-  podFailurePolicy) and spend ``backoffLimit`` only on crashes.
+  convention, and a stage's :class:`BadArguments`); 143 when a training loop stopped on
+  SIGTERM after a checkpoint (a new pod resumes it). The operator's Jobs fail at once on 2
+  and 3 (:data:`EXIT_REPORTED` and a podFailurePolicy) and spend ``backoffLimit`` only on
+  crashes.
 
 A stage is a module with an ``Args`` dataclass (its fields become ``--flags``; the field's
 ``metadata["help"]`` is the help text; the class docstring is the stage's description) and a
@@ -32,6 +33,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import math
 import os
 import sys
 import traceback
@@ -42,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from slm_contract import (
+    EXIT_BAD_ARGUMENTS,
     EXIT_CRASHED,
     EXIT_PREEMPTED,
     EXIT_REPORTED,
@@ -68,6 +71,13 @@ TERMINATION_LOG = "/dev/termination-log"
 _ARG_URIS: tuple[str, ...] = ()
 
 
+class BadArguments(ValueError):
+    """Arguments that parse but that the stage finds it cannot use once it looks (LoRA target
+    modules the base model does not have): raised by a stage, they end the run as argparse's
+    refusals do, with exit 2 (every pod would be refused the same way; a crash, exit 1, is
+    retried in vain), and the message is reported in the result."""
+
+
 def default_result_path() -> str:
     """The kubelet's termination message file when we can write it, else nothing."""
     return TERMINATION_LOG if os.access(TERMINATION_LOG, os.W_OK) else ""
@@ -80,9 +90,26 @@ def emit(event: dict[str, Any]) -> None:
     argument, and a stage's progress or warning may quote a URI or an error naming one.
     A lone surrogate (an argument or file name whose bytes are not UTF-8, as Python decodes
     it) is written as ``\\udcff``: stdout refuses it, and the stage would crash on a log line.
+    A NaN or infinite number (a diverged loss) is written as null: JSON has no such numbers,
+    and a line with ``NaN`` is refused by every strict reader of the log.
     """
-    line = redact_uris(json.dumps(event, ensure_ascii=False, default=str), *_ARG_URIS)
+    text = json.dumps(_finite(event), ensure_ascii=False, default=str, allow_nan=False)
+    line = redact_uris(text, *_ARG_URIS)
     print(line.encode("utf-8", "backslashreplace").decode("utf-8"), flush=True)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (in keys: by its text)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {
+            str(k) if isinstance(k, float) and not math.isfinite(k) else k: _finite(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _flag_type(tp: Any) -> tuple[Any, dict[str, Any]]:
@@ -176,9 +203,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in values.items()},
         }
     )
-    crashed = False
+    crashed = bad_arguments = False
     try:
         result = module.run(args, emit)
+    except BadArguments as exc:
+        sys.stderr.write(redact_uris(f"{parser.prog} {ns.stage}: error: {exc}\n", *_ARG_URIS))
+        bad_arguments = True
+        candidate = getattr(args, "candidate", None)
+        result = TrainerResult(
+            stage=module.CONTRACT_STAGE,
+            ok=False,
+            candidate=candidate if isinstance(candidate, str) else None,
+            message=f"{ns.stage}: bad arguments: {exc}",
+        )
     except Exception as exc:
         # The traceback's messages (fsspec's, aiohttp's) may quote the URI it failed on.
         sys.stderr.write(redact_uris("".join(traceback.format_exception(exc)), *_ARG_URIS))
@@ -215,4 +252,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if crashed:
         return EXIT_CRASHED
+    if bad_arguments:
+        return EXIT_BAD_ARGUMENTS
     return EXIT_PREEMPTED if preemption.sigterm_count() > sigterms_before else EXIT_REPORTED

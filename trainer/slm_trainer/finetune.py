@@ -41,6 +41,11 @@ ToolTower = Literal["frozen", "shared"]
 DeferHead = Literal["constant", "query"]
 
 
+#: The fewest query tokens a selector may be given: an encoder's two special tokens and one
+#: of the query's.
+MIN_QUERY_TOKENS = 3
+
+
 @dataclass
 class Args:
     """Fine-tune one candidate on train.jsonl and score it on eval.jsonl against the LLM."""
@@ -165,6 +170,13 @@ class Args:
             raise ValueError("calibration_fraction must be in [0, 0.9)")
         if self.calibration_folds not in (0, *range(2, 11)):
             raise ValueError("calibration_folds must be 0 or between 2 and 10")
+        if not 0.0 < self.head_learning_rate <= 1.0:
+            raise ValueError("head_learning_rate must be in (0, 1]")
+        if self.selector_max_tokens < MIN_QUERY_TOKENS:
+            raise ValueError(
+                f"selector_max_tokens must be >= {MIN_QUERY_TOKENS}: an encoder's own tokens "
+                "([CLS] and [SEP]) take 2, and fewer leave no room for the query"
+            )
 
 
 #: Names under which the packaged all-MiniLM-L6-v2 is found offline.
@@ -234,20 +246,65 @@ def _path_like(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or name in (".", "..")
 
 
+#: Files of a Hugging Face model directory, any one of which holds its weights (sharded
+#: checkpoints have an index beside their shards).
+WEIGHT_FILES = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model.bin.index.json",
+    "tf_model.h5",
+    "flax_model.msgpack",
+)
+#: Files any one of which a tokenizer loads from (fast, WordPiece, BPE, SentencePiece).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def _absent_model_files(folder: Path) -> list[str]:
+    """What ``folder`` lacks to load as a base model, on either path: the selector and the
+    generative trainer both read ``config.json``, the weights and a tokenizer from it (the
+    packaged all-MiniLM-L6-v2 and the tiny test models hold all three)."""
+    absent = []
+    if not (folder / "config.json").is_file():
+        absent.append("config.json")
+    if not any(any(folder.glob(pattern)) for pattern in WEIGHT_FILES):
+        absent.append("weight files (model.safetensors or pytorch_model.bin)")
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        absent.append("tokenizer files (tokenizer.json, tokenizer_config.json or vocab.txt)")
+    return absent
+
+
 def missing_base_model(name: str) -> str | None:
     """Why ``name`` cannot be a base model before anything is loaded, or None.
 
     A path-like name that is not a directory (``/models/smollm`` on a volume that was not
     mounted, a typo) would otherwise be tried as a hub id and end in transformers' unclear
-    "Repo id must be in the form ..." OSError, a crash the Job retries in vain.
+    "Repo id must be in the form ..." OSError, a crash the Job retries in vain. A directory
+    without a model in it (the volume's wrong subpath, a copy not made or cut short) crashed
+    the same way, in the tokenizer ("Couldn't instantiate the backend tokenizer ... install
+    sentencepiece"): it is missing too, and the message names what it lacks.
     """
     if not _path_like(name):
         return None
     path = Path(name).expanduser()
-    if path.is_dir():
-        return None
-    what = "is a file, not a model directory" if path.exists() else "does not exist"
-    return f"base model {name!r} not found: the local path {path} {what}"
+    if not path.is_dir():
+        what = "is a file, not a model directory" if path.exists() else "does not exist"
+        return f"base model {name!r} not found: the local path {path} {what}"
+    absent = _absent_model_files(path)
+    if absent:
+        return (
+            f"base model {name!r} not found: the directory {path} holds no model "
+            f"(it has no {', no '.join(absent)})"
+        )
+    return None
 
 
 def _not_found_reason(exc: BaseException) -> str | None:

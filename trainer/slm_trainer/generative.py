@@ -50,6 +50,7 @@ import hashlib
 import json
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -58,6 +59,7 @@ from typing import Any
 
 from slm_contract import CallRecord, TrainerResult
 from slm_trainer import metrics
+from slm_trainer.cli import BadArguments
 from slm_trainer.curate import ParseStats, read_split
 from slm_trainer.finetune import (
     BaseModelNotFound,
@@ -392,9 +394,8 @@ def load_model(args: Any, opts: Options, device: str, amp: Any = None) -> tuple[
     if method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
-        targets: str | list[str] = opts.target_modules
-        if "," in targets:
-            targets = [t.strip() for t in targets.split(",") if t.strip()]
+        targets = lora_targets(opts.target_modules)
+        check_lora_targets(model, targets)
         config = LoraConfig(
             r=int(args.lora_r),
             lora_alpha=int(args.lora_alpha),
@@ -403,8 +404,63 @@ def load_model(args: Any, opts: Options, device: str, amp: Any = None) -> tuple[
             bias="none",
             task_type="CAUSAL_LM",
         )
-        model = get_peft_model(model, config)
+        try:
+            model = get_peft_model(model, config)
+        except ValueError as exc:
+            if not _refuses_targets(exc):
+                raise
+            raise BadArguments(
+                f"--target-modules {opts.target_modules!r}: {exc} ({_linear_hint(model)})"
+            ) from exc
     return model, tokenizer, tools_in_template
+
+
+def _refuses_targets(exc: ValueError) -> bool:
+    """Whether peft raised ``exc`` over the target modules: none matched, or one is a layer
+    LoRA cannot adapt (a norm, an activation)."""
+    return type(exc).__name__ == "NoMatchingPeftModuleError" or "Target module" in str(exc)
+
+
+_MODULE_NAMES = re.compile(r"[\w.]+(\s*,\s*[\w.]+)*")
+
+
+def lora_targets(value: str) -> str | list[str]:
+    """peft's ``target_modules`` for ``--target-modules``: ``all-linear`` as it is, module
+    names (``q_proj`` or ``q_proj,v_proj``) as a list, anything else as a regular expression
+    that must match a module's full name. One name used to go to peft as a string, which
+    peft reads as a regular expression: ``q_proj`` matched no module of any model."""
+    value = value.strip()
+    if value != "all-linear" and _MODULE_NAMES.fullmatch(value):
+        return [t.strip() for t in value.split(",") if t.strip()]
+    return value
+
+
+def check_lora_targets(model: Any, targets: str | list[str]) -> None:
+    """Raise :class:`BadArguments` naming the module names in ``targets`` that no module of
+    ``model`` has (peft ignores them when another name matches: a typo in one went unseen)."""
+    if not isinstance(targets, list):
+        return
+    names = [name for name, _ in model.named_modules()]
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unknown:
+        raise BadArguments(
+            f"--target-modules: the base model has no module named {', '.join(unknown)} "
+            f"({_linear_hint(model)})"
+        )
+
+
+def _linear_hint(model: Any) -> str:
+    """The names of ``model``'s linear layers, which LoRA adapts, for a message."""
+    import torch
+
+    linear = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if name and (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D")
+        }
+    )
+    return "its linear layers: " + (", ".join(linear) or "none") + "; or all-linear"
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
@@ -911,7 +967,8 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
         llm_score=1.0,
         parameters=total_params,
         trainable_parameters=trainable_params,
-        artifact_uri=getattr(args, "artifact_uri", None) or None,
+        # as the selector reports it, and as --artifact-uri's help says: file:// of the output
+        artifact_uri=getattr(args, "artifact_uri", None) or out.resolve().as_uri(),
         threshold=threshold,
         examples=len(train_records) + len(eval_records),
         train_examples=len(examples),

@@ -13,14 +13,16 @@ Definitions (the reference is always the LLM's logged answer):
 - **exact match**: same tool calls (names and JSON-equal arguments, in order) and the same
   normalised text.
 - **JSON validity**: every tool call's arguments decode to a JSON object (for text answers:
-  the text decodes as JSON; ``None`` when the answer is neither).
+  the text decodes as JSON; ``None`` when the answer is neither). JSON as RFC 8259 defines
+  it: Python's ``NaN`` and ``Infinity`` are not.
 - **tool-call AST match**: the Berkeley Function Calling Leaderboard's rules. The reference
   call becomes BFCL's "possible answer" (its value for each argument; ``""`` for optional
   parameters it left out, plus the schema default), and the prediction is checked by
   ``bfcl_eval``'s own ``ast_checker`` when that package is importable, or by
   :func:`ast_match_builtin`, a faithful small port of the same rules (string values compared
   case- and punctuation-insensitively, ints accepted for floats, no unexpected or missing
-  parameters, optional ones may be omitted).
+  parameters, optional ones may be omitted). Parallel calls match in any order, one
+  predicted call for each reference call, as BFCL's parallel checker has it.
 - **selective prediction**: a candidate answers (accepts) a call when its label is not
   ``None`` and its confidence is at least the threshold; otherwise the call is deferred to the
   LLM. Precision is the share of accepted calls whose label equals the reference label; an
@@ -61,13 +63,27 @@ def normalize_text(text: str) -> str:
     return _WS_RE.sub(" ", text).strip().casefold()
 
 
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def strict_loads(text: str) -> Any:
+    """``json.loads`` without Python's extensions ``NaN``, ``Infinity`` and ``-Infinity``.
+
+    RFC 8259 has none of them and strict parsers (JavaScript's ``JSON.parse``, Go's
+    ``encoding/json``) refuse them: an answer holding one is not valid JSON to the agent
+    that receives it, so it must not score as valid here.
+    """
+    return json.loads(text, parse_constant=_not_json)
+
+
 def parse_arguments(arguments: Any) -> tuple[bool, Any]:
     """(valid, value) of a tool call's ``arguments``: a JSON object string, or a dict."""
     if isinstance(arguments, dict):
         return True, arguments
     if isinstance(arguments, str):
         try:
-            value = json.loads(arguments) if arguments.strip() else {}
+            value = strict_loads(arguments) if arguments.strip() else {}
         except (ValueError, RecursionError):  # not JSON, or nested too deep to decode
             return False, arguments
         return isinstance(value, dict), value
@@ -153,7 +169,7 @@ def json_valid(response: Mapping[str, Any] | None) -> bool | None:
     if not text:
         return None
     try:
-        json.loads(text)
+        strict_loads(text)
     except (ValueError, RecursionError):
         return False
     return True
@@ -511,6 +527,58 @@ class AstResult:
     error: str = ""
 
 
+def _call_match(
+    pcall: tuple[str, Any],
+    rcall: tuple[str, Any],
+    functions: Mapping[str, Mapping[str, Any]],
+    typed: set[str],
+    checker: Callable[..., dict[str, Any]] | None,
+) -> tuple[bool, str]:
+    """(match, checker used) of one predicted call against one reference call."""
+    (pname, pargs), (rname, rargs) = pcall, rcall
+    bfcl = checker is not None and isinstance(pargs, dict) and rname in typed
+    if pname != rname:  # both checkers refuse another function's call: no need to ask them
+        return False, "bfcl" if bfcl else "builtin"
+    function = functions.get(rname) or {
+        "name": rname,
+        "parameters": {"type": "dict", "properties": {k: {} for k in rargs}, "required": []},
+    }
+    answer = possible_answer(rname, rargs if isinstance(rargs, dict) else {}, function)
+    # BFCL's checker trusts the declared types: a parameter without one (untyped, or an
+    # anyOf/oneOf of several) would be checked as the type guessed for it, and an answer
+    # identical to the reference failed. The built-in port compares such values as given.
+    if bfcl and checker is not None:
+        try:
+            return bool(checker(function, {pname: pargs}, answer)["valid"]), "bfcl"
+        except Exception:  # schemas BFCL's checker does not handle (e.g. items-less arrays)
+            pass
+    return ast_match_builtin(pname, pargs, answer, function), "builtin"
+
+
+def unpaired_call(n: int, fits: Callable[[int, int], bool]) -> int | None:
+    """The first of ``n`` reference calls left without a prediction when the ``n`` predicted
+    calls are paired one to one with them (prediction ``i`` may take reference ``j`` when
+    ``fits(i, j)``), in any order; None when every reference call gets one.
+
+    A maximum bipartite matching (augmenting paths), trying each call's own position first:
+    BFCL's ``parallel_function_checker_no_order`` pairs greedily, and this finds a pairing
+    whenever that does (and also where a greedy first pick would take a call another needs).
+    """
+    owner: dict[int, int] = {}  # prediction -> the reference it is paired with
+
+    def place(j: int, seen: set[int]) -> bool:
+        for i in sorted(range(n), key=lambda i: i != j):
+            if i in seen or not fits(i, j):
+                continue
+            seen.add(i)
+            if i not in owner or place(owner[i], seen):
+                owner[i] = j
+                return True
+        return False
+
+    return next((j for j in range(n) if not place(j, set())), None)
+
+
 def ast_match(
     pred: Mapping[str, Any] | None,
     ref: Mapping[str, Any] | None,
@@ -519,11 +587,15 @@ def ast_match(
 ) -> AstResult:
     """Tool-call AST match of a predicted response against the logged one.
 
-    Calls are matched in order and must be as many as the reference's. A reference with no
-    tool call (the LLM answered in text) is matched by any prediction without one (and not a
-    deferral): BFCL scores relevance detection the same way, by whether a function was called.
-    Gate on ``exact-match`` where the text itself must be the LLM's. BFCL's checker is used
-    when available and the schema is one it understands; otherwise the built-in port.
+    The prediction must make as many calls as the reference, and each reference call must
+    be matched by a predicted call of its own, in any order: parallel calls are independent,
+    and BFCL checks them without order (``parallel_function_checker_no_order``); the
+    same calls in another order scored as wrong. ``exact-match`` keeps the order. A
+    reference with no tool call (the LLM answered in text) is matched by any prediction
+    without one (and not a deferral): BFCL scores relevance detection the same way, by
+    whether a function was called. Gate on ``exact-match`` where the text itself must be
+    the LLM's. BFCL's checker is used when available and the schema is one it understands;
+    otherwise the built-in port.
     """
     if is_deferral(pred):
         return AstResult(False, "builtin", "deferred")
@@ -533,33 +605,27 @@ def ast_match(
     if not rcalls:
         return AstResult(True, "builtin")
     # A tool whose parameters are not a schema at all has unknown, not no, parameters: it
-    # is left out here, so that its calls are compared as given (the fallback below).
+    # is left out here, so that its calls are compared as given (the fallback in _call_match).
     functions = {f["name"]: f for f in (gorilla_function(t) for t in tools if _parameters_known(t))}
     typed = {tool_name(t) for t in tools if _explicitly_typed(_parameters_of(t))}
     checker = load_bfcl_checker() if use_bfcl else None
-    used = "builtin"
-    for (pname, pargs), (rname, rargs) in zip(pcalls, rcalls, strict=True):
-        function = functions.get(rname) or {
-            "name": rname,
-            "parameters": {"type": "dict", "properties": {k: {} for k in rargs}, "required": []},
-        }
-        answer = possible_answer(rname, rargs if isinstance(rargs, dict) else {}, function)
-        ok: bool | None = None
-        # BFCL's checker trusts the declared types: a parameter without one (untyped, or an
-        # anyOf/oneOf of several) would be checked as the type guessed for it, and an answer
-        # identical to the reference failed. The built-in port compares such values as given.
-        if checker is not None and isinstance(pargs, dict) and rname in typed:
-            used = "bfcl"
-            try:
-                res = checker(function, {pname: pargs}, answer)
-                ok = bool(res["valid"])
-            except Exception:  # schemas BFCL's checker does not handle (e.g. items-less arrays)
-                used = "builtin"
-        if ok is None:
-            ok = ast_match_builtin(pname, pargs, answer, function)
-        if not ok:
-            return AstResult(False, used, f"{pname} does not match {rname}")
-    return AstResult(True, used)
+    verdicts: dict[tuple[int, int], bool] = {}
+    used: set[str] = set()
+
+    def fits(i: int, j: int) -> bool:
+        if (i, j) not in verdicts:
+            ok, how = _call_match(pcalls[i], rcalls[j], functions, typed, checker)
+            verdicts[i, j] = ok
+            used.add(how)
+        return verdicts[i, j]
+
+    missing = unpaired_call(len(rcalls), fits)
+    how = "bfcl" if "bfcl" in used else "builtin"
+    if missing is not None:
+        return AstResult(
+            False, how, f"no predicted call matches {rcalls[missing][0]} (call {missing})"
+        )
+    return AstResult(True, how)
 
 
 # ------------------------------------------------------------------------- selective prediction

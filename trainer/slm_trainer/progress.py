@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import ssl
 import threading
@@ -36,6 +37,16 @@ METRICS_PORT_ENV = "SLM_TRAINER_METRICS_PORT"
 METRICS_ADDR_ENV = "SLM_TRAINER_METRICS_ADDR"
 
 Emit = Callable[[dict[str, Any]], None]
+
+
+def _json_loss(loss: float | None) -> float | None:
+    """The loss as the progress line says it: rounded, and null when it is NaN or infinite
+    (a diverged step); JSON has no such numbers, and ``"loss": NaN`` broke every strict
+    reader of the log (the gauge still shows the NaN)."""
+    if loss is None or not math.isfinite(float(loss)):
+        return None
+    return round(float(loss), 6)
+
 
 _metrics_lock = threading.Lock()
 _gauges: tuple[Any, Any] | None = None
@@ -254,7 +265,7 @@ class Progress:
             "candidate": self.candidate,
             "step": step,
             "total_steps": self.total_steps,
-            "loss": None if loss is None else round(float(loss), 6),
+            "loss": _json_loss(loss),
             "percent": percent,
             "eta_seconds": eta,
             **extra,

@@ -370,8 +370,9 @@ def parse_answer(text: str, tools_offered: bool) -> dict[str, Any]:
     to write (:func:`target_text`): a JSON list of ``{"name", "arguments": {...}}``. Anything
     else is ``content``: without tools, a JSON answer such as ``{"name": "Alice Smith"}`` is
     the answer itself, not a call. With tools, text that tries the call format and breaks it
-    (``"arguments": "Paris"`` or ``null``, a missing ``arguments``) is content marked
-    :data:`MALFORMED`: not a call an agent could run, so it is never served (confidence 0).
+    (``"arguments": "Paris"`` or ``null``, a missing ``arguments``, a ``NaN`` or ``Infinity``
+    among the arguments) is content marked :data:`MALFORMED`: not a call an agent could run,
+    so it is never served (confidence 0).
     A leading ``<think>...</think>`` block (a thinking model's, empty or not) is not part of
     the answer: it is dropped first.
     """
@@ -385,9 +386,10 @@ def parse_answer(text: str, tools_offered: bool) -> dict[str, Any]:
             value = None
         calls = _trained_calls(value)
         if calls is not None and not _writable(calls):
-            # "\ud83d" alone decodes to a lone surrogate that no UTF-8 writer can encode: such
-            # a call could be neither logged, written to predictions nor sent back. The text
-            # itself is fine, so only a call is refused, plain JSON content is not.
+            # "\ud83d" alone decodes to a lone surrogate that no UTF-8 writer can encode, and
+            # NaN or Infinity (Python reads them, 1e999 too) are no JSON: such a call could
+            # be neither logged, written to predictions nor sent back as JSON an agent parses.
+            # The text itself is fine, so only a call is refused, plain JSON content is not.
             calls = None
         malformed = calls is None and _looks_like_calls(value)
     if calls is None:
@@ -413,9 +415,11 @@ def parse_answer(text: str, tools_offered: bool) -> dict[str, Any]:
 
 
 def _writable(value: Any) -> bool:
+    """Whether ``value`` is written as strict JSON in UTF-8 (no lone surrogate, no NaN or
+    Infinity, which strict parsers such as JavaScript's ``JSON.parse`` refuse)."""
     try:
-        json.dumps(value, ensure_ascii=False).encode()
-    except UnicodeEncodeError:
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode()
+    except ValueError:  # UnicodeEncodeError is one
         return False
     return True
 
