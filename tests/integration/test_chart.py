@@ -1270,6 +1270,181 @@ def test_operator_metrics_port_must_differ_from_its_health_port() -> None:
     assert "operator.metricsPort" in err and "operator.healthPort" in err, err
 
 
+def test_network_policy_without_the_charts_gateway_needs_the_triton_clients_listed() -> None:
+    """With gateway.enabled=false the Triton policy admitted inference calls only from this
+    release's gateway pods, which do not exist: a gateway run outside the chart could never
+    reach an SLM, and every call fell back to the LLM, silently. The chart now refuses that,
+    and admits the peers listed in networkPolicy.tritonClients (besides its own gateway)."""
+    err = helm_fails("gateway.enabled=false", "networkPolicy.enabled=true")
+    assert "networkPolicy.tritonClients" in err and "gateway.enabled=false" in err, err
+    client = "networkPolicy.tritonClients[0].namespaceSelector.matchLabels.team=gateways"
+    peer = {"namespaceSelector": {"matchLabels": {"team": "gateways"}}}
+
+    def inference_from(*values: str) -> list[dict[str, Any]]:
+        policy = by_kind(render(*values), "NetworkPolicy")["slm-triton"]["spec"]
+        inference = policy["ingress"][0]
+        assert inference["ports"] == [{"port": 8000, "protocol": "TCP"}]
+        peers: list[dict[str, Any]] = inference["from"]
+        return peers
+
+    assert inference_from("gateway.enabled=false", "networkPolicy.enabled=true", client) == [peer]
+    # With the chart's gateway: its pods, and the listed peers too.
+    own, listed = inference_from("networkPolicy.enabled=true", client)
+    assert own["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
+    assert listed == peer
+    assert inference_from("networkPolicy.enabled=true") == [own]
+    # rbac.clusterWide makes no Triton policy, so there is nothing to refuse.
+    wide = render("gateway.enabled=false", "networkPolicy.enabled=true", "rbac.clusterWide=true")
+    assert not by_kind(wide, "NetworkPolicy")
+
+
+# Fractional values, as `helm --set` passes them (text) and as --set-json does (numbers).
+FRACTIONAL = (
+    "operator.prometheusScrapeSeconds=7.5",
+    "operator.resyncSeconds=2.5",
+    "operator.dataRecheckSeconds=0.25",
+    "gateway.slmTimeoutMs=1500.5",
+    "gateway.llmTimeoutSeconds=60.5",
+    "gateway.agentAuth.cacheSeconds=0.5",
+    "gateway.prices.llm.prompt=0.003",
+    "gateway.prices.llm.completion=0.012",
+    "gateway.prices.slm.prompt=0.0002",
+    "gateway.prices.slm.completion=1e-5",
+    "monitoring.prometheusRule.agentErrorRatio=0.1",
+    "monitoring.prometheusRule.fallbackShare=0.3",
+)
+
+
+def test_fractional_values_given_with_set_render_as_the_same_numbers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`helm --set x=0.1` passes the text "0.1", and the schema wanted a number: only
+    --set-json worked. Text that is a decimal is now taken, and renders exactly as the number
+    does, in the gateway's flags, the operator's env and the alerts' PromQL."""
+    from slm_operator import main
+
+    on = (
+        CAPTURE_CLAIM,
+        "gateway.agentAuth.mode=serviceaccount",
+        *VARIANTS["monitoring"],
+    )
+    as_text = render_bare(*on, *FRACTIONAL)
+    as_numbers = render_bare(*on, json_values=FRACTIONAL)
+    assert as_text == as_numbers
+    gw = _gateway_config(as_text, monkeypatch)
+    assert (gw.slm_timeout_s, gw.llm_timeout_s, gw.agent_auth_cache_s) == (1.5005, 60.5, 0.5)
+    assert (gw.prices["llm"].prompt, gw.prices["llm"].completion) == (0.003, 0.012)
+    assert (gw.prices["slm"].prompt, gw.prices["slm"].completion) == (0.0002, 1e-5)
+    env = {e["name"]: e.get("value") for e in container(as_text, "slm-operator")["env"]}
+    known = len(main.SETTINGS_ERRORS)
+    for name, expected in (
+        ("SLM_FLEET_PROMETHEUS_SCRAPE_SECONDS", 7.5),
+        ("SLM_FLEET_RESYNC_SECONDS", 2.5),
+        ("SLM_FLEET_DATA_RECHECK_SECONDS", 0.25),
+    ):
+        monkeypatch.setenv(name, env[name])
+        assert main._env_number(name, 1, most=86400) == expected
+    assert not main.SETTINGS_ERRORS[known:], main.SETTINGS_ERRORS[known:]
+    rules = by_kind(as_text, "PrometheusRule")["slm"]["spec"]["groups"][0]["rules"]
+    exprs = {r["alert"]: r["expr"] for r in rules}
+    assert ") > 0.1\n" in exprs["SlmFleetAgentErrors"]
+    assert ") > 0.3\n" in exprs["SlmFleetSlmHandsBackMostCalls"]
+    monitor = by_kind(as_text, "ServiceMonitor")["slm-gateway"]["spec"]["endpoints"][0]
+    assert monitor["interval"] == "7500ms"
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("gateway.llmTimeoutSeconds=0.0", "it must be more than 0 and at most 3600."),
+        ("operator.prometheusScrapeSeconds=0.0001", "it must be at least 0.001 and at most 3600."),
+        ("monitoring.prometheusRule.agentErrorRatio=1.5", "it must be more than 0 and at most 1."),
+        ("gateway.prices.llm.prompt=cheap", "at '/gateway/prices/llm/prompt': 'cheap' does not"),
+        ("gateway.prices.slm.completion=-0.5", "'/gateway/prices/slm/completion': '-0.5' does not"),
+    ],
+)
+def test_fractional_values_given_as_text_keep_their_bounds(setting: str, message: str) -> None:
+    """The schema bounds only numbers; decimal text gets the same bounds from the chart, and
+    text that is no decimal is refused by the schema."""
+    err = helm_fails(CAPTURE_CLAIM, "monitoring.prometheusRule.enabled=true", setting)
+    assert message in err, err
+    if "out of range" in err:
+        assert f"{setting} is out of range" in err, err
+
+
+def test_gateway_pre_stop_sleep_must_end_before_its_grace_period() -> None:
+    """A preStop sleep as long as the grace period leaves the gateway no time to drain calls
+    and flush captures, and a longer one the API server refuses at apply, mid-upgrade: the
+    chart refuses both at render, naming the two values."""
+    for values in (
+        ("gateway.preStopSleepSeconds=60", "gateway.terminationGracePeriodSeconds=30"),
+        ("gateway.preStopSleepSeconds=30", "gateway.terminationGracePeriodSeconds=30"),
+        ("gateway.terminationGracePeriodSeconds=0",),
+    ):
+        err = helm_fails(CAPTURE_CLAIM, *values)
+        assert "gateway.preStopSleepSeconds" in err, err
+        assert "must be less than gateway.terminationGracePeriodSeconds" in err, err
+    pod = by_kind(
+        render("gateway.preStopSleepSeconds=29", "gateway.terminationGracePeriodSeconds=30"),
+        "Deployment",
+    )["slm-gateway"]["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 30
+
+
+def test_gateway_recreate_strategy_refuses_rolling_update_settings() -> None:
+    """The API server refuses a Deployment with strategy Recreate and rollingUpdate set."""
+    err = helm_fails(
+        CAPTURE_CLAIM,
+        "gateway.strategy.type=Recreate",
+        "gateway.strategy.rollingUpdate.maxSurge=1",
+    )
+    assert "gateway.strategy.type=Recreate" in err and "gateway.strategy.rollingUpdate" in err
+    spec = by_kind(
+        render("gateway.strategy.type=RollingUpdate", "gateway.strategy.rollingUpdate.maxSurge=1"),
+        "Deployment",
+    )["slm-gateway"]["spec"]
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1}}
+    assert _strategy(render("gateway.strategy.type=Recreate")) == "Recreate"
+
+
+def test_gateway_disruption_budget_takes_only_a_count_or_a_percentage() -> None:
+    """maxUnavailable took any string, which the API server refuses unless it is a
+    percentage: the schema now does."""
+    for bad in ("one", "150%", "-1"):
+        err = helm_fails(
+            CAPTURE_CLAIM, "gateway.replicas=2", f"gateway.podDisruptionBudget.maxUnavailable={bad}"
+        )
+        assert "values don't meet the specifications of the schema" in err, err
+        assert "/gateway/podDisruptionBudget/maxUnavailable" in err, err
+    for good, rendered in (("50%", "50%"), ("2", 2), ("0", 0)):
+        docs = render("gateway.replicas=3", f"gateway.podDisruptionBudget.maxUnavailable={good}")
+        assert (
+            by_kind(docs, "PodDisruptionBudget")["slm-gateway"]["spec"]["maxUnavailable"]
+            == rendered
+        )
+
+
+def test_release_name_with_a_dot_is_refused_not_renamed() -> None:
+    """Helm accepts `slm.fleet` as a release name, but the Service slm.fleet-gateway is no DNS
+    label: the API server refused it at apply. The chart refuses to render instead (renaming
+    would make the objects' names unpredictable, and change them across upgrades)."""
+    cp = helm(
+        "template",
+        "slm.fleet",
+        str(CHART),
+        "--kube-version",
+        kube_version(),
+        "--set",
+        CAPTURE_CLAIM,
+        check=False,
+    )
+    assert cp.returncode != 0, "a release name with a dot rendered"
+    assert 'release name "slm.fleet" contains a dot' in cp.stderr, cp.stderr
+    assert "slm-fleet" in cp.stderr, cp.stderr  # what to use instead
+    ok = helm("template", "slm-fleet", str(CHART), "--set", CAPTURE_CLAIM).stdout
+    assert "name: slm-fleet-gateway" in ok
+
+
 def test_schema_documents_every_value() -> None:
     schema = json.loads((CHART / "values.schema.json").read_text())
     assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"

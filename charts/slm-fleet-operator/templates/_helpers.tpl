@@ -1,4 +1,10 @@
+{{- /* Every object's name starts with the release name, as it is: not renamed, so that names
+stay predictable for users and across upgrades. Helm accepts dots in release names, but the
+Services' names (<release>-gateway) must be DNS labels, which the API server refuses with a dot. */ -}}
 {{- define "slm-fleet.fullname" -}}
+{{- if contains "." .Release.Name -}}
+{{- fail (printf "release name %q contains a dot: this chart names its objects after the release (Service %s-gateway, ...), and the API server refuses a Service name with a dot (it must be a DNS label). Install the release under a name without dots, e.g. %s." .Release.Name .Release.Name (replace "." "-" .Release.Name)) -}}
+{{- end -}}
 {{- printf "%s" .Release.Name | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
@@ -137,12 +143,54 @@ ServiceAccount's. Both, because a pod that lists pull secrets gets none from its
 by default, because the operator reads rates over at least two scrape intervals: a monitor
 scraping less often than the operator assumes leaves its windows with one sample or none. */ -}}
 {{- define "slm-fleet.scrapeInterval" -}}
-{{- $s := .root.Values.operator.prometheusScrapeSeconds -}}
+{{- $s := include "slm-fleet.prometheusScrapeSeconds" .root | float64 -}}
 {{- if .monitor.interval -}}
 {{- .monitor.interval -}}
-{{- else if eq (float64 (int $s)) (float64 $s) -}}
+{{- else if eq (float64 (int $s)) $s -}}
 {{- printf "%ds" (int $s) -}}
 {{- else -}}
 {{- printf "%dms" (int (round (mulf $s 1000) 0)) -}}
 {{- end -}}
+{{- end -}}
+
+{{- /*
+A value the schema takes as a number or as a decimal string, rendered as the number it is.
+`helm --set x=0.5` passes text ("0.5"); --set-json and values files pass a number: both render
+the same (0.5), and text gets here the bounds the schema checks only on numbers. Call with
+(dict "value" v "name" "gateway.llmTimeoutSeconds" "above" 0 "max" 3600); the bounds are
+optional: "min" (at least), "above" (more than), "max" (at most).
+*/ -}}
+{{- define "slm-fleet.decimal" -}}
+{{- $v := .value -}}
+{{- if kindIs "string" $v -}}
+{{-   if not (regexMatch "^[0-9]+(\\.[0-9]+)?([eE][-+]?[0-9]+)?$" $v) -}}
+{{-     fail (printf "%s=%q is not a number: give a decimal such as 0.5." .name $v) -}}
+{{-   end -}}
+{{- else if not (or (kindIs "float64" $v) (kindIs "int64" $v) (kindIs "int" $v)) -}}
+{{-   fail (printf "%s=%v is not a number: give a decimal such as 0.5." .name $v) -}}
+{{- end -}}
+{{- $f := float64 $v -}}
+{{- $want := list -}}
+{{- $ok := true -}}
+{{- if hasKey . "min" -}}
+{{-   $want = append $want (printf "at least %v" .min) -}}
+{{-   $ok = and $ok (ge $f (float64 .min)) -}}
+{{- end -}}
+{{- if hasKey . "above" -}}
+{{-   $want = append $want (printf "more than %v" .above) -}}
+{{-   $ok = and $ok (gt $f (float64 .above)) -}}
+{{- end -}}
+{{- if hasKey . "max" -}}
+{{-   $want = append $want (printf "at most %v" .max) -}}
+{{-   $ok = and $ok (le $f (float64 .max)) -}}
+{{- end -}}
+{{- if not $ok -}}
+{{-   fail (printf "%s=%v is out of range: it must be %s." .name $v (join " and " $want)) -}}
+{{- end -}}
+{{- $f -}}
+{{- end -}}
+
+{{- /* operator.prometheusScrapeSeconds, checked: the operator's env and the monitors' interval. */ -}}
+{{- define "slm-fleet.prometheusScrapeSeconds" -}}
+{{- include "slm-fleet.decimal" (dict "value" .Values.operator.prometheusScrapeSeconds "name" "operator.prometheusScrapeSeconds" "min" 0.001 "max" 3600) -}}
 {{- end -}}
