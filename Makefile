@@ -53,8 +53,9 @@ lock: ## Re-resolve the newest versions pyproject.toml allows into constraints.t
 binaries:
 	bash e2e/build-binaries.sh
 
-# Debian packages the tests start as real servers (Prometheus). Needs root or sudo; skipped
-# with a note when neither is available and the binary is already present.
+# Debian packages the tests need (Prometheus, libpython3.11, python3-venv). Does nothing when
+# all are present; otherwise needs root or passwordless sudo, and fails with the apt-get
+# command to run without them.
 system-deps:
 	@bash e2e/install-system-deps.sh
 

@@ -26,7 +26,10 @@ $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 # The package starts a system-wide Prometheus on :9090 (as its own user, prometheus) where
 # systemd or its init script runs; tests start their own on free ports, so stop that one, and
-# only that one: a developer's Prometheus or another checkout's test run stays up.
-$SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
-$SUDO pkill -x -U prometheus prometheus >/dev/null 2>&1 || true
+# only that one, and only when this run installed it: a Prometheus that was there before
+# (a developer's, another checkout's test run) stays up.
+if [[ " ${need[*]} " == *" prometheus "* ]]; then
+  $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
+  $SUDO pkill -x -U prometheus prometheus >/dev/null 2>&1 || true
+fi
 echo "installed: ${need[*]}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from slm_e2e.cluster import LocalCluster
+from slm_e2e.cluster import LocalCluster, free_port
 from slm_gateway.testing import stop_child
 
 #: 127.0.0.1 and ::1 as /proc/net/tcp and tcp6 write local addresses (hex).
@@ -160,21 +161,56 @@ class OperatorProcess:
         }
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> OperatorProcess:
-        import os
+    def start(self, attempts: int = 5) -> OperatorProcess:
+        """Start the operator; with a metrics port, until /metrics answers on it.
+
+        Why wait: the port was free when the test picked it, and the operator binds it
+        seconds later, in kopf's startup handler. Taken meanwhile (another test's server on
+        this shared machine), that handler fails and kopf retries it only after a minute,
+        without reconciling anything; so the operator is started again on another port.
+        """
         import sys
 
         exe = Path(sys.executable).parent / "slm-fleet-operator"
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        self.proc = subprocess.Popen(
-            [str(exe), "--namespace", self.namespace, "--verbose"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **self.env},
-            start_new_session=True,
-        )
-        log.close()
-        return self
+        for _ in range(attempts):
+            offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+            log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+            self.proc = subprocess.Popen(
+                [str(exe), "--namespace", self.namespace, "--verbose"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env},
+                start_new_session=True,
+            )
+            log.close()
+            if not self.metrics_url or self._metrics_bound(offset):
+                return self
+            stop_child(self.proc, 15)
+            port = free_port()
+            self.env["SLM_FLEET_METRICS_PORT"] = str(port)
+            self.metrics_url = f"http://127.0.0.1:{port}/metrics"
+        raise RuntimeError(f"the operator's metrics port was taken {attempts} times")
+
+    def _metrics_bound(self, offset: int, timeout: float = 60.0) -> bool:
+        """True once /metrics answers; False if the log says its port was taken."""
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with (
+                contextlib.suppress(OSError, urllib.error.URLError),
+                urllib.request.urlopen(self.metrics_url, timeout=2),
+            ):
+                return True
+            with open(self.log_path, "rb") as fh:
+                fh.seek(offset)
+                if b"Address already in use" in fh.read():
+                    return False
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"the operator exited ({self.proc.returncode}); see its log")
+            time.sleep(0.1)
+        raise TimeoutError(f"the operator's /metrics did not answer within {timeout:.0f}s")
 
     def kill(self) -> None:
         """SIGKILL: no cleanup handlers run, exactly like a node or OOM kill."""

@@ -186,38 +186,41 @@ def test_an_api_server_that_cannot_review_tokens_means_503_not_a_call_let_throug
     other's reviews), and the LLM never hears of it."""
     standin = llm_standin.start(expect_key=LLM_KEY)
     hole = blackhole()
-    kubeconfig = yaml.safe_load(Path(cluster.kubeconfig).read_text())
-    kubeconfig["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{hole.getsockname()[1]}"
-    dead = tmp_path / "dead.kubeconfig"
-    dead.write_text(yaml.safe_dump(kubeconfig))
-    routes = tmp_path / "routes.yaml"
-    routes.write_text(
-        yaml.safe_dump(
-            {"tasks": {TASK: {"llmBaseURL": standin.llm_base_url, "llmModel": "gpt-4o"}}}
+    gw: GatewayProcess | None = None
+    try:  # from here on, whatever fails stops the stand-in (its own session outlives pytest)
+        kubeconfig = yaml.safe_load(Path(cluster.kubeconfig).read_text())
+        kubeconfig["clusters"][0]["cluster"]["server"] = (
+            f"https://127.0.0.1:{hole.getsockname()[1]}"
         )
-    )
-    gw = start_gateway(
-        [
-            "--routes",
-            str(routes),
-            "--kubeconfig",
-            str(dead),
-            "--agent-auth",
-            "serviceaccount",
-        ],
-        env={"SLM_GATEWAY_LLM_API_KEY": LLM_KEY},
-        log_path=tmp_path / "gateway.log",
-    )
-    # Shaped like tokens for the gateway's audience, so that only the API server can judge.
-    tokens = [
-        ".".join(
-            base64.urlsafe_b64encode(json.dumps(part).encode()).rstrip(b"=").decode()
-            for part in ({"alg": "RS256"}, {"aud": [AUDIENCE], "exp": 4_000_000_000, "n": i})
+        dead = tmp_path / "dead.kubeconfig"
+        dead.write_text(yaml.safe_dump(kubeconfig))
+        routes = tmp_path / "routes.yaml"
+        routes.write_text(
+            yaml.safe_dump(
+                {"tasks": {TASK: {"llmBaseURL": standin.llm_base_url, "llmModel": "gpt-4o"}}}
+            )
         )
-        + ".c2ln"
-        for i in range(12)
-    ]
-    try:
+        gw = start_gateway(
+            [
+                "--routes",
+                str(routes),
+                "--kubeconfig",
+                str(dead),
+                "--agent-auth",
+                "serviceaccount",
+            ],
+            env={"SLM_GATEWAY_LLM_API_KEY": LLM_KEY},
+            log_path=tmp_path / "gateway.log",
+        )
+        # Shaped like tokens for the gateway's audience, so that only the API server can judge.
+        tokens = [
+            ".".join(
+                base64.urlsafe_b64encode(json.dumps(part).encode()).rstrip(b"=").decode()
+                for part in ({"alg": "RS256"}, {"aud": [AUDIENCE], "exp": 4_000_000_000, "n": i})
+            )
+            + ".c2ln"
+            for i in range(12)
+        ]
         started = time.monotonic()
         status, headers, body = call(gw, tokens[0])
         first = time.monotonic() - started
@@ -234,7 +237,8 @@ def test_an_api_server_that_cannot_review_tokens_means_503_not_a_call_let_throug
         assert standin.stats()["auth_expected"] == 0
         assert metric(gw, "slm_gateway_agent_auth", "unavailable") == 13
     finally:
-        gw.stop()
+        if gw is not None:
+            gw.stop()
         standin.stop()
         hole.close()
     print(f"\n503 after {first:.1f} s; 12 concurrent agents all answered in {together:.1f} s")

@@ -315,10 +315,12 @@ def test_gateway_without_rbac_waits_unready_then_serves_once_granted(
     nor turns ready: it says what is missing and retries, backing off; once the Role exists
     it lists the tasks, turns ready and sends the key from the Secret, in the same process."""
     standin = llm_standin.start(expect_key=LLM_KEY)
-    kubeconfig = service_account_kubeconfig(cluster, namespace, "gw", tmp_path / "gw.kubeconfig")
     log_path = tmp_path / "gateway.log"
     gw: GatewayProcess | None = None
     try:
+        kubeconfig = service_account_kubeconfig(
+            cluster, namespace, "gw", tmp_path / "gw.kubeconfig"
+        )
         create_key_secret(cluster, namespace)
         cluster.apply(agenttask(standin.llm_base_url), namespace)
         with ThreadPoolExecutor(1) as pool:

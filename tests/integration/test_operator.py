@@ -998,3 +998,29 @@ def test_a_job_created_again_under_its_name_survives_a_deletion_decided_on_the_o
         timeout=60,
         what="the Job that was read to be deleted",
     )
+
+
+def test_an_operator_whose_metrics_port_was_taken_starts_again_on_another(
+    cluster: ClusterHandle, namespace: str, tmp_path: Path, agenttask_crd: Path
+) -> None:
+    """The tests pick the operator's metrics port before it binds it; taken meanwhile (by
+    another server on this shared machine), kopf's startup handler failed and retried a
+    minute later, and the operator reconciled nothing until then: a flaky test."""
+    import socket
+
+    squat = socket.socket()
+    squat.bind(("127.0.0.1", 0))
+    squat.listen()
+    taken = squat.getsockname()[1]
+    log = tmp_path / "operator.log"
+    try:
+        op = OperatorProcess(cluster.kubeconfig, namespace, log, metrics_port=taken).start()
+        try:
+            assert f":{taken}/" not in op.metrics_url
+            with urllib.request.urlopen(op.metrics_url, timeout=5) as r:
+                assert b"slm_operator_" in r.read()
+        finally:
+            op.stop()
+    finally:
+        squat.close()
+    assert "Address already in use" in log.read_text()  # the first start met the clash
