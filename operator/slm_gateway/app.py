@@ -71,6 +71,7 @@ from slm_gateway.decide import (
     SLM,
     agree,
     canary_bucket,
+    cut_at_stop,
     estimate_tokens,
     fits_request,
     normalize_message,
@@ -457,8 +458,11 @@ class Gateway:
             slm_allowed=slm_b is not None and slm_b.available(now),
             llm_allowed=llm_b.available(now),
         )
-        if plan.primary == SLM and not slm_can_serve(req.body):
-            plan = PLAN_LLM  # e.g. n > 1 or tool_choice "none": only the LLM can answer it
+        wanted_slm = plan.primary == SLM or plan.reason == REASON_CIRCUIT_OPEN
+        if wanted_slm and not slm_can_serve(req.body):
+            # e.g. n > 1 or tool_choice "none": only the LLM can answer it, whatever the
+            # SLM's circuit says, and no fallback is counted against the SLM for it
+            plan = PLAN_LLM
         reason = plan.reason
         if plan.primary == SLM and slm_b is not None:
             # written before the breaker's claim: a body too deep to write is a 400 that
@@ -930,6 +934,8 @@ class Gateway:
         if verdict:
             return verdict
         message = normalize_message(answer, self._next_id())
+        if isinstance(message.get("content"), str) and req.body.get("stop"):
+            message["content"] = cut_at_stop(message["content"], req.body["stop"])
         ctok = estimate_tokens(len(orjson.dumps(message)))
         ptok = estimate_tokens(len(raw))
         doc = {
@@ -999,7 +1005,8 @@ class Gateway:
             elif verdict:
                 result = "error"
             else:
-                result = "agree" if agree(answer, llm_message, route.metric) else "disagree"
+                same = agree(answer, llm_message, route.metric, req.tools)
+                result = "agree" if same else "disagree"
         except Exception:
             log.exception("shadow call failed")
             result = "error"

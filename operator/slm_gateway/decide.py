@@ -7,9 +7,8 @@ The HTTP layer (:mod:`slm_gateway.app`) asks, then acts.
 
 from __future__ import annotations
 
-import math
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +16,7 @@ import orjson
 
 from slm_contract import MAX_COUNT
 from slm_gateway.routes import MODE_CANARY, MODE_LLM, MODE_SHADOW, MODE_SLM, Price
+from slm_trainer import metrics
 
 SLM = "slm"
 LLM = "llm"
@@ -131,10 +131,13 @@ def slm_verdict(answer: Any, confidence: Any, threshold: float) -> str:
     """Empty when the SLM's answer may be served, else the fallback reason.
 
     A ``{"defer": true}`` answer is the model handing the call back; a confidence that is
-    missing, not finite or below the threshold is not trusted; an answer that is not an
-    assistant message with content or tool calls cannot be served, nor one whose ``content``
-    next to tool calls is neither text nor null (agents' SDKs reject the whole completion),
-    nor a tool call whose ``arguments`` are not a JSON object (or one too deep to write).
+    missing or outside [0, 1] (the contract's calibrated probability: a model exporting
+    logits would pass any threshold) is bad output, one below the threshold is not trusted,
+    and an answer the model was cut off in (``finish_reason: "length"``) is bad output; an
+    answer that is not an assistant message with content or tool calls cannot be served,
+    nor one whose ``content`` next to tool calls is neither text nor null (agents' SDKs
+    reject the whole completion), nor a tool call whose ``arguments`` are not a JSON object
+    (or one too deep to write).
     """
     if not isinstance(answer, dict):
         return REASON_BAD_OUTPUT
@@ -143,11 +146,13 @@ def slm_verdict(answer: Any, confidence: Any, threshold: float) -> str:
     if (
         isinstance(confidence, bool)
         or not isinstance(confidence, int | float)
-        or not math.isfinite(confidence)
+        or not 0.0 <= confidence <= 1.0  # not a probability (logits?), NaN included
     ):
         return REASON_BAD_OUTPUT
     if confidence < threshold:
         return REASON_LOW_CONFIDENCE
+    if answer.get("finish_reason") == "length":
+        return REASON_BAD_OUTPUT  # cut at max_new_tokens: half an answer
     calls = answer.get("tool_calls")
     content = answer.get("content")
     if calls:
@@ -174,7 +179,9 @@ def slm_can_serve(body: Mapping[str, Any]) -> bool:
     with ``tool_choice: "none"`` or a ``tool_choice`` object other than one function (such as
     ``allowed_tools``), or in the legacy ``functions``/``function_call`` form (the SLM is
     served ``tools`` only, and answers with ``tool_calls``) goes to the LLM: the agent gets
-    what it asked for, and no fallback is counted against the SLM.
+    what it asked for, and no fallback is counted against the SLM. So does a request with a
+    ``strict`` tool: strict function calling is structured output too (the arguments follow
+    the schema exactly), which the SLM does not guarantee.
     """
     n = body.get("n")
     if n is not None and n != 1:
@@ -187,7 +194,27 @@ def slm_can_serve(body: Mapping[str, Any]) -> bool:
     if body.get("functions") is not None or body.get("function_call") is not None:
         return False
     fmt = body.get("response_format")
-    return not (isinstance(fmt, dict) and fmt.get("type") not in (None, "text"))
+    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+        return False
+    tools = body.get("tools")
+    return not isinstance(tools, list) or not any(_strict_tool(t) for t in tools)
+
+
+def _strict_tool(tool: Any) -> bool:
+    fn = tool.get("function") if isinstance(tool, dict) else None
+    return isinstance(fn, dict) and fn.get("strict") is True
+
+
+def cut_at_stop(text: str, stop: Any) -> str:
+    """``text`` up to the first of the request's ``stop`` sequences, as OpenAI serves it.
+
+    Why: agents (ReAct loops) set ``stop: ["Observation:"]`` and act on everything they get;
+    an SLM that writes past it made the agent read an observation it never made.
+    """
+    sequences = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    cuts = [text.find(s) for s in sequences if isinstance(s, str) and s]
+    found = [c for c in cuts if c >= 0]
+    return text[: min(found)] if found else text
 
 
 def fits_request(
@@ -284,20 +311,37 @@ def _text(message: Mapping[str, Any]) -> str:
     return " ".join(str(content or "").split())
 
 
-def agree(a: Mapping[str, Any], b: Mapping[str, Any], metric: str = "") -> bool:
-    """Do two assistant messages say the same thing, as the gate and the shadow measure it?
+def agree(
+    a: Mapping[str, Any],
+    b: Mapping[str, Any],
+    metric: str = "",
+    tools: Sequence[Mapping[str, Any]] = (),
+) -> bool:
+    """Does the SLM's message ``a`` say what the LLM's ``b`` says, under the task's metric?
 
-    With tool calls: the same multiset of (function name, arguments), arguments compared as
-    parsed JSON so key order and spacing don't count. Without: the same text up to whitespace.
-    With the task's metric ``label-accuracy`` (tool *selection* and classification tasks, whose
-    SLM picks a label rather than writing arguments) only the labels must match: the called
-    function names, or the text when neither calls a tool.
+    The gate's own definitions (:mod:`slm_trainer.metrics`, the evaluate stage's), so that
+    live agreement, which moves the rollout, measures what the gate measured:
+    ``tool-call-ast`` is BFCL's AST match against the request's ``tools`` (1 and 1.0 alike,
+    an optional argument left at its default, strings compared as BFCL does, parallel calls
+    in any order), ``exact-match`` the same calls in order and the same normalised text, and
+    ``label-accuracy`` the label (the first tool called, else the normalised text: the
+    gateway does not know whether a task classifies or selects tools). Compared by their
+    own rules before, 1 against 1.0 or "Paris" against "paris" disagreed live though the
+    gate had scored them right, and a canary the gate passed could not be promoted.
+
+    BFCL's own checker is not loaded here (the gateway's image does not ship bfcl-eval):
+    the trainer's built-in port of it decides, as it does wherever that package is absent.
+    Without a metric (a routes file that names none): the same calls as a multiset,
+    arguments as parsed JSON, or the same text up to whitespace.
     """
-    ca, cb = _calls(a), _calls(b)
+    if metric == "tool-call-ast":
+        return bool(metrics.ast_match(a, b, list(tools), use_bfcl=False).match)
+    if metric == "exact-match":
+        return bool(metrics.exact_match(a, b))
     if metric == "label-accuracy":
-        if ca or cb:
-            return sorted(n for n, _ in ca) == sorted(n for n, _ in cb)
-        return _text(a) == _text(b)
+        label = metrics.label_of(a, "classification")
+        return bool(metrics.label_correct(label, metrics.label_of(b, "classification")))
+    ca, cb = _calls(a), _calls(b)
     if ca or cb:
         return ca == cb
     return _text(a) == _text(b)

@@ -331,6 +331,7 @@ def route_from_entry(
         reason=reason,
         llm_price=price_from(entry.get("llmPrice"), name),
         llm_api_key=key,
+        metric=str(entry.get("metric") or ""),
     )
 
 

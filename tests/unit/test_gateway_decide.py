@@ -19,6 +19,7 @@ from slm_gateway.decide import (
     Price,
     agree,
     canary_bucket,
+    cut_at_stop,
     estimate_tokens,
     fits_request,
     normalize_message,
@@ -382,3 +383,120 @@ class TestToolContract:
     )
     def test_what_an_slm_can_serve(self, body: dict[str, Any], ok: bool) -> None:
         assert slm_can_serve(body) is ok
+
+
+BOOK = [
+    {
+        "type": "function",
+        "function": {
+            "name": "book",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string"},
+                    "price": {"type": "number"},
+                    "unit": {"type": "string", "default": "c"},
+                },
+                "required": ["city", "price"],
+            },
+        },
+    }
+]
+
+
+def _tc(*calls: tuple[str, str]) -> dict[str, Any]:
+    return {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": f"c{i}", "type": "function", "function": {"name": n, "arguments": a}}
+            for i, (n, a) in enumerate(calls)
+        ],
+    }
+
+
+def _txt(text: str) -> dict[str, Any]:
+    return {"role": "assistant", "content": text}
+
+
+@pytest.mark.parametrize(
+    ("metric", "task_type", "slm", "llm"),
+    [
+        ("tool-call-ast", "tool-call", _tc(("book", '{"city":"Paris","price":1}')),
+         _tc(("book", '{"city":"Paris","price":1.0}'))),
+        ("tool-call-ast", "tool-call", _tc(("book", '{"city":"paris","price":2}')),
+         _tc(("book", '{"city":"Paris","price":2}'))),
+        ("tool-call-ast", "tool-call", _tc(("book", '{"city":"Paris","price":2}')),
+         _tc(("book", '{"city":"Paris","price":2,"unit":"c"}'))),
+        ("tool-call-ast", "tool-call", _txt("No tool fits."), _txt("I cannot help with that.")),
+        ("tool-call-ast", "tool-call",
+         _tc(("book", '{"city":"A","price":1}'), ("book", '{"city":"B","price":1}')),
+         _tc(("book", '{"city":"B","price":1}'), ("book", '{"city":"A","price":1}'))),
+        ("exact-match", "tool-call", _tc(("book", '{"city":"Paris","price":1}')),
+         _tc(("book", '{"city":"Paris","price":1.0}'))),
+        ("exact-match", "classification", _txt("positive"), _txt("Positive")),
+        ("exact-match", "tool-call",
+         _tc(("book", '{"city":"A","price":1}'), ("book", '{"city":"B","price":1}')),
+         _tc(("book", '{"city":"B","price":1}'), ("book", '{"city":"A","price":1}'))),
+        ("exact-match", "tool-call", {**_tc(("book", '{"city":"A","price":1}')), "content": "Ok."},
+         _tc(("book", '{"city":"A","price":1}'))),
+        ("label-accuracy", "classification", _txt("positive"), _txt("Positive")),
+        ("label-accuracy", "tool-call", _tc(("book", "{}")), _tc(("book", "{}"), ("book", "{}"))),
+        ("label-accuracy", "tool-call", _tc(("other", "{}")), _tc(("book", "{}"))),
+    ],
+)  # fmt: skip
+def test_live_agreement_is_the_gates_verdict(
+    metric: str, task_type: str, slm: dict[str, Any], llm: dict[str, Any]
+) -> None:
+    """Shadow agreement moves the rollout, so it must measure what the gate measured: by
+    their own rules, 1 against 1.0, "paris" against "Paris", an optional argument left at
+    its default or two calls in another order disagreed live (a canary the gate passed was
+    held back), while exact-match took swapped calls or added text for agreement."""
+    from slm_trainer.generative import score_answer
+
+    gate = score_answer(metric, slm, llm, BOOK, task_type) == 1.0
+    assert agree(slm, llm, metric, BOOK) == gate
+
+
+@pytest.mark.parametrize("confidence", [5.0, -3.0, 1.0000001])
+def test_a_confidence_that_is_no_probability_is_bad_output(confidence: float) -> None:
+    """The contract's confidence is a calibrated probability: a model exporting logits
+    passed every threshold (5.0), or read as merely unsure (-3.0) and never tripped the
+    breaker."""
+    answer = {"role": "assistant", "content": "Paris"}
+    assert slm_verdict(answer, confidence, 0.5) == REASON_BAD_OUTPUT
+    assert slm_verdict(answer, 1.0, 0.5) == "" and slm_verdict(answer, 0.0, 0.0) == ""
+
+
+def test_an_answer_cut_at_the_models_token_limit_is_bad_output() -> None:
+    """A generative model stopped at max_new_tokens answers half a sentence; served as a
+    finished "stop" answer (with a threshold of 0, a routes file's default) the agent had no
+    way to tell."""
+    cut = {"role": "assistant", "content": "The weather in Par", "finish_reason": "length"}
+    assert slm_verdict(cut, 0.9, 0.0) == REASON_BAD_OUTPUT
+    assert slm_verdict({**cut, "finish_reason": "stop"}, 0.9, 0.0) == ""
+
+
+def test_a_request_with_a_strict_tool_goes_to_the_llm() -> None:
+    """Strict function calling promises arguments that follow the schema exactly, which the
+    SLM does not: it served {"city": "Paris"} for a strict tool requiring days too."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    strict = {"type": "function", "function": {**tool["function"], "strict": True}}
+    assert slm_can_serve({"tools": [tool]})
+    assert not slm_can_serve({"tools": [tool, strict]})
+
+
+@pytest.mark.parametrize(
+    ("stop", "served"),
+    [
+        ("Observation:", "Thought: look it up\n"),
+        (["\nFinal", "Observation:"], "Thought: look it up\n"),
+        (["never"], "Thought: look it up\nObservation: sunny\nFinal Answer: sunny"),
+        (None, "Thought: look it up\nObservation: sunny\nFinal Answer: sunny"),
+    ],
+)
+def test_an_slm_answer_ends_before_the_first_stop_sequence(stop: Any, served: str) -> None:
+    """A ReAct agent sets stop ["Observation:"] and acts on all it gets: the SLM's text past
+    it was served, and the agent read an observation no tool made."""
+    text = "Thought: look it up\nObservation: sunny\nFinal Answer: sunny"
+    assert cut_at_stop(text, stop) == served

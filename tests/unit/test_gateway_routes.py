@@ -418,3 +418,14 @@ def test_a_name_that_is_not_one_path_component_is_refused(task: str, namespace: 
             task=task, mode="llm", namespace=namespace, llm_base_url="http://llm/v1", llm_model="m"
         )
     Route(task="weather_tools.v2", mode="llm", llm_base_url="http://llm/v1", llm_model="m")
+
+
+def test_a_routes_file_entry_keeps_its_metric(tmp_path: Path) -> None:
+    """Its keys are status.route's, metric included: dropped, a selector task run from a
+    routes file had its shadow copies compared on their arguments (a selector serves {}),
+    and every copy disagreed."""
+    routes = tmp_path / "routes.yaml"
+    entry = {"llmBaseURL": "http://llm/v1", "llmModel": "m", "metric": "label-accuracy"}
+    routes.write_text(yaml.safe_dump({"tasks": {"pick-tool": entry}}))
+    [route] = load_routes_file(routes)
+    assert route.metric == "label-accuracy"

@@ -589,3 +589,32 @@ def test_the_slm_is_asked_to_drop_a_call_still_queued_when_the_tasks_budget_ends
         assert (r.status_code, r.headers["x-slm-backend"]) == (200, "slm")
     [(_, body)] = upstream.requests
     assert orjson.loads(body)["parameters"] == {"timeout": 20_000_000}
+
+
+def test_the_slms_text_is_served_up_to_the_requests_stop_sequence(upstream: Upstream) -> None:
+    """OpenAI never returns the stop sequence or what follows it; an agent's ReAct loop
+    relies on that."""
+    text = "Thought: look it up\nObservation: sunny\nFinal Answer: sunny"
+    upstream.script.append(
+        infer_answer(orjson.dumps({"role": "assistant", "content": text}).decode())
+    )
+    c, _ = gateway(slm_route(upstream))
+    with c:
+        r = ask(c, stop=["Observation:"])
+    assert r.headers["x-slm-backend"] == "slm"
+    assert r.json()["choices"][0]["message"]["content"] == "Thought: look it up\n"
+
+
+def test_a_request_only_the_llm_can_answer_is_no_circuit_open_fallback(upstream: Upstream) -> None:
+    """With the SLM's circuit open, a call the SLM could never have answered (n=2) was
+    counted as a circuit_open fallback, which the operator counts as a failed SLM call."""
+    for _ in range(3):  # three failures open the circuit (breaker_failures=3)
+        upstream.script.extend([respond(500, b"{}"), respond(200, orjson.dumps(COMPLETION))])
+    upstream.script.append(respond(200, orjson.dumps(COMPLETION)))
+    c, _ = gateway(slm_route(upstream))
+    with c:
+        for _ in range(3):
+            assert ask(c).headers["x-slm-fallback-reason"] == "slm_error"
+        r = ask(c, n=2)
+        assert r.status_code == 200 and "x-slm-fallback-reason" not in r.headers
+        assert metric(c, "slm_gateway_fallbacks_total", reason="circuit_open") == 0
