@@ -112,6 +112,9 @@ LATENCY_BUCKETS = (
     10.0,
     30.0,
     60.0,
+    120.0,
+    300.0,
+    600.0,  # the longest SLM budget (slmTimeoutMs): a p95 SLO up to it can be breached
 )
 _BOUNDS = (*LATENCY_BUCKETS, float("inf"))
 _LE: tuple[str, ...] = tuple(str(floatToGoString(b)) for b in _BOUNDS)  # type: ignore[no-untyped-call]

@@ -75,14 +75,23 @@ def queries(
             f"((sum(rate(slm_gateway_backend_calls_total{slm}[{window}])) or vector(0)) + "
             f"{open_rate})"
         ),
-        "request_rate": f"sum(rate(slm_gateway_requests_total{sel()}[{window}]))",
+        # A task no call reached since the gateway started has no requests series at all:
+        # read as "no data", it never scaled down (minReplicas 0: never to zero). The
+        # gateway routing it is scraped when its route-mode series is, so that reads 0.
+        "request_rate": (
+            f"sum(rate(slm_gateway_requests_total{sel()}[{window}])) "
+            f"or (0 * sum(slm_gateway_route_mode{sel()}))"
+        ),
         "queue_ms": (
             f"sum(rate(nv_inference_queue_duration_us{triton}[{window}])) / "
             f"sum(rate(nv_inference_request_success{triton}[{window}])) / 1000"
         ),
+        # The agree series starts with the first agreeing copy: until then, every copy
+        # disagreeing read as "not measured" rather than 0, and a canary that disagreed on
+        # everything kept its traffic. Still no data when there are no copies at all.
         "agreement": (
-            "sum(increase(slm_gateway_shadow_total"
-            f"{sel(result='agree')}[{agreement_window}])) / "
+            "(sum(increase(slm_gateway_shadow_total"
+            f"{sel(result='agree')}[{agreement_window}])) or vector(0)) / "
             "sum(increase(slm_gateway_shadow_total"
             f"{sel(result='agree|disagree')}[{agreement_window}]))"
         ),
@@ -90,8 +99,8 @@ def queries(
             "sum(increase(slm_gateway_shadow_total"
             f"{sel(result='agree|disagree')}[{agreement_window}]))"
         ),
-        "slm_share": (
-            f"sum(rate(slm_gateway_requests_total{slm}[{window}])) / "
+        "slm_share": (  # 0, not stale, when the SLM answered nothing
+            f"(sum(rate(slm_gateway_requests_total{slm}[{window}])) or vector(0)) / "
             f"sum(rate(slm_gateway_requests_total{sel()}[{window}]))"
         ),
         "captured_records": (f"sum(slm_gateway_capture_records_total{sel(result='written')})"),

@@ -142,3 +142,21 @@ def test_every_per_task_metric_is_labelled_namespace_and_task_first() -> None:
     """The removal reads the first two label values of each per-task metric as the task."""
     for metric in GatewayMetrics()._task_metrics():
         assert metric._labelnames[:2] == ("namespace", "task"), metric
+
+
+def test_latency_buckets_reach_the_longest_slo_a_task_may_set() -> None:
+    """Past the top finite bucket histogram_quantile answers that bucket's bound: with 60 s
+    on top, a p95 SLO above a minute (the CRD allows 600 s) could never be breached."""
+    from pathlib import Path
+
+    import yaml
+
+    from slm_gateway.metrics import LATENCY_BUCKETS
+
+    crd = yaml.safe_load(
+        (Path(__file__).parents[2] / "crds" / "slmfleet.dev_agenttasks.yaml").read_text()
+    )
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    slo = spec["properties"]["serving"]["properties"]["slo"]["properties"]
+    longest_ms = max(slo["p95LatencyMs"]["maximum"], slo["slmTimeoutMs"]["maximum"])
+    assert LATENCY_BUCKETS[-1] * 1000 >= longest_ms

@@ -199,3 +199,67 @@ def test_windows_and_agreement_ranges_never_overlap() -> None:
     shadow = [q for q in asked if "shadow_total" in q]
     assert shadow and all("[42500ms]" in q for q in shadow)
     assert all("[30s]" in q for q in asked if "shadow_total" not in q and "[" in q)
+
+
+def _promtool_values(series: list[dict[str, str]], names: list[str]) -> dict[str, str]:
+    """What Prometheus's own engine (promtool) returns for the operator's queries on these
+    series: each value as text ("0", "1", "0.5"), "none" when the query returns no sample."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    import yaml
+
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool comes with Debian's prometheus package (make setup installs it)"
+    q = queries("weather", "30s", "60s", namespace="agents")
+    got: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            got[name] = "other"
+            for expected in ("none", "0", "1", "0.5"):
+                samples = [] if expected == "none" else [{"labels": "{}", "value": float(expected)}]
+                test = {
+                    "interval": "15s",
+                    "input_series": series,
+                    "promql_expr_test": [
+                        {"expr": q[name], "eval_time": "5m", "exp_samples": samples}
+                    ],
+                }
+                path = f"{tmp}/t.yaml"
+                with open(path, "w") as fh:
+                    yaml.safe_dump({"rule_files": [], "tests": [test]}, fh)
+                run = subprocess.run([promtool, "test", "rules", path], capture_output=True)
+                if run.returncode == 0:
+                    got[name] = expected
+                    break
+    return got
+
+
+def _series(name: str, labels: str, values: str) -> dict[str, str]:
+    return {
+        "series": f'slm_gateway_{name}{{namespace="agents",task="weather"{labels}}}',
+        "values": values,
+    }
+
+
+def test_a_canary_that_disagrees_on_every_copy_reads_agreement_zero() -> None:
+    """The agree series starts with the first agreeing copy: with none, agreement read "not
+    measured", and a canary that disagreed on every copy kept its share of the traffic."""
+    disagreeing = [_series("shadow_total", ',result="disagree"', "0+5x40")]
+    assert _promtool_values(disagreeing, ["agreement"]) == {"agreement": "0"}
+    assert _promtool_values([], ["agreement"]) == {"agreement": "none"}  # no copies: unknown
+
+
+def test_a_routed_task_no_call_reached_has_request_rate_zero() -> None:
+    """A task idle since the gateway started has no requests series: read as no data, it
+    never scaled down (minReplicas 0: never to zero). Its route is scraped, so that is 0;
+    a gateway not scraped at all still reads as unknown."""
+    routed = [_series("route_mode", ',mode="slm"', "1x40")]
+    assert _promtool_values(routed, ["request_rate"]) == {"request_rate": "0"}
+    assert _promtool_values([], ["request_rate"]) == {"request_rate": "none"}
+
+
+def test_the_slm_share_is_zero_when_the_llm_answered_every_call() -> None:
+    llm_only = [_series("requests_total", ',backend="llm"', "0+5x40")]
+    assert _promtool_values(llm_only, ["slm_share"]) == {"slm_share": "0"}
