@@ -296,8 +296,19 @@ def _parse_cron(expr: str) -> _Cron:
         days,
         months,
         frozenset(d % 7 for d in weekdays),
-        fields[2] not in ("*", "?") and fields[4] not in ("*", "?"),
+        _restricted(fields[2]) and _restricted(fields[4]),
     )
+
+
+def _restricted(field: str) -> bool:
+    """Whether a day field restricts the days (for cron's rule that a day matching either
+    restricted day field fires). ``*`` and ``?`` do not, with a step of 1 too (``*/1``), as
+    Kubernetes CronJobs' parser reads them; ``*/2`` does."""
+    for part in field.split(","):
+        base, _, step = part.partition("/")
+        if base in ("*", "?") and (not step or int(step) == 1):
+            return False
+    return True
 
 
 def cron_problem(expr: str) -> str | None:
@@ -411,6 +422,7 @@ def retrain_step(
     schedule_fired: bool,
     last_seen: int | None = None,
     carried: int = 0,
+    may_trigger: bool = True,
 ) -> Retrain:
     """S6: start a new revision once ``minNewExamples`` new calls were captured since the last
     training (and, with a schedule, only when it fires).
@@ -425,9 +437,15 @@ def retrain_step(
     replica answering a little behind) is not carried: counting on from the baseline counts
     nothing twice, and at worst misses the restarted replica's share. What the gateways
     captured between the last window and a restart is left out.
+
+    ``may_trigger`` False (a revision is training): the count goes on, nothing starts; the
+    reason is left as it was (returned empty). Without a total (no gateway series yet) the
+    count waits, and so does the reason (empty too): an enabled retraining is not idle.
     """
-    if not cfg or not cfg.get("enabled", True) or captured is None:
+    if not cfg or not cfg.get("enabled", True):
         return Retrain(epoch, baseline, False, "RetrainingIdle", carried)
+    if captured is None:
+        return Retrain(epoch, baseline, False, "", carried)
     if baseline is None:
         return Retrain(epoch, captured, False, "CountingNewExamples")
     if captured < baseline:
@@ -435,6 +453,8 @@ def retrain_step(
             carried += max(0, last_seen - baseline)
         baseline = captured
     new = carried + captured - baseline
+    if not may_trigger:
+        return Retrain(epoch, baseline, False, "", carried)
     if new < int(cfg.get("minNewExamples", 1000)):
         return Retrain(epoch, baseline, False, "CountingNewExamples", carried)
     if cfg.get("schedule") and not schedule_fired:

@@ -1815,13 +1815,10 @@ def plan(obs: Observed) -> Plan:
     if serving_status:
         status["serving"] = serving_status
     retraining = dict(retrain_prev)
-    if (
-        is_serving
-        and (not training_needed or retrain_over)
-        and due
-        and m is not None
-        and not problem
-    ):
+    if is_serving and due and m is not None and not problem:
+        # While a revision trains, the count goes on (a gateway restarted meanwhile would
+        # otherwise lose what was captured since the trigger); only the trigger waits.
+        may_trigger = not training_needed or retrain_over
         rcfg = spec.get("retraining")
         # Only a retraining that is on reads its schedule (validate() vouches for its syntax).
         schedule = (rcfg or {}).get("schedule") if (rcfg or {}).get("enabled", True) else None
@@ -1842,8 +1839,10 @@ def plan(obs: Observed) -> Plan:
             fired,
             last_seen=None if raw_seen is None else int(raw_seen),
             carried=int(retrain_prev.get("carriedRecords") or 0),
+            may_trigger=may_trigger,
         )
-        retraining = {"epoch": r.epoch, "reason": r.reason}
+        reason = r.reason or str(retrain_prev.get("reason") or "CountingNewExamples")
+        retraining = {"epoch": r.epoch, "reason": reason}
         if r.baseline is not None:
             retraining["baselineRecords"] = r.baseline
         if r.carried:
@@ -1859,7 +1858,7 @@ def plan(obs: Observed) -> Plan:
             retraining["lastTriggered"] = retrain_prev["lastTriggered"]
         if "concludedRevision" in retrain_prev:
             retraining["concludedRevision"] = retrain_prev["concludedRevision"]
-        if schedule and m.captured_records is not None:
+        if schedule and m.captured_records is not None and may_trigger:
             retraining["scheduleCheckedAt"] = now  # the schedule was acted on up to now
         elif schedule and "scheduleCheckedAt" in retrain_prev:
             retraining["scheduleCheckedAt"] = retrain_prev["scheduleCheckedAt"]

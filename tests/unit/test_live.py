@@ -194,3 +194,17 @@ def test_a_tiny_qps_target_scales_to_the_maximum_instead_of_raising() -> None:
         5.0, 1e-308, 1, 1, 4, max_step=10, cooldown_s=0, seconds_since_scale=None
     )
     assert (decision.replicas, decision.reason) == (4, "ScaleUp")
+
+
+@pytest.mark.parametrize(
+    ("expr", "fires_on_a_tuesday"),
+    [("0 3 */1 * MON", False), ("0 3 * * MON", False), ("0 3 */2 * MON", True)],
+)
+def test_a_day_field_of_every_day_with_step_one_does_not_restrict(
+    expr: str, fires_on_a_tuesday: bool
+) -> None:
+    """Cron fires on a day matching either restricted day field. "*/1" restricts nothing
+    (as Kubernetes CronJobs read it): "0 3 */1 * MON" fired every day, not Mondays only."""
+    tuesday = dt.datetime(2026, 12, 1, 3, 0, tzinfo=dt.UTC)  # a Tuesday, an odd day
+    assert tuesday.weekday() == 1
+    assert cron_matches(expr, tuesday) is fires_on_a_tuesday

@@ -2637,3 +2637,42 @@ def test_switching_a_served_task_to_the_direct_rollout_serves_the_slm_without_me
         "DirectRollout",
     )
     assert not p.apply or all(o["kind"] != "Job" for o in p.apply)  # nothing retrained
+
+
+def test_calls_captured_while_a_retraining_trains_still_count_across_a_gateway_restart() -> None:
+    """The count was frozen while a revision trained: a gateway restarted meanwhile (a chart
+    upgrade during hours of training) lost every call captured since the trigger, and the
+    next retraining waited for minNewExamples all over again. The count goes on; only the
+    trigger waits for the revision to conclude."""
+    task, jobs, dep = _serving_task()
+    task["spec"]["retraining"] = {"minNewExamples": 100}
+    rev0, rev1 = n.revision_of(task["spec"]), n.revision_of(task["spec"], 1)
+    t = NOW
+    for total in (1000, 1100):  # baseline, then the trigger
+        _step(task, jobs, dep, t, captured(total))
+        t += dt.timedelta(seconds=10)
+    assert task["status"]["retraining"]["epoch"] == 1
+    for total in (2000, 4100, 30):  # 3000 captured while training, then a restart
+        _step(task, jobs, dep, t, captured(total))
+        t += dt.timedelta(seconds=10)
+        assert task["status"]["retraining"]["epoch"] == 1  # nothing starts meanwhile
+        assert task["status"]["revision"]["training"] == rev1
+        assert task["status"]["retraining"]["reason"] == "EnoughNewExamples"
+    lost = {**jobs, **retrained_jobs(task, rev0, rev1, scores=(0.88, 0.85))}
+    _step(task, lost, dep, t, captured(40))  # concluded: it lost to the served model
+    r = task["status"]["retraining"]
+    assert r["epoch"] == 2 and r["reason"] == "EnoughNewExamples"  # the 3000 counted
+
+
+def test_a_window_without_a_captured_count_keeps_the_retraining_reason() -> None:
+    """A restarted gateway that has captured nothing yet has no series: the reason flipped to
+    RetrainingIdle, which reads as "off", and back at the next window."""
+    task, jobs, dep = _serving_task()
+    task["spec"]["retraining"] = {"minNewExamples": 100}
+    t = NOW
+    reasons = []
+    for m in (captured(1000), captured(1050), HEALTHY, captured(1060)):
+        _step(task, jobs, dep, t, m)
+        reasons.append(task["status"]["retraining"]["reason"])
+        t += dt.timedelta(seconds=10)
+    assert reasons == ["CountingNewExamples"] * 4
