@@ -1343,7 +1343,7 @@ class CaptureSink:
             # A pump stuck in a send to a killed worker goes on once its pipe broke, and
             # counts each batch it takes as dropped; draining the queue beside it here
             # counted a batch it had taken, not yet counted, twice (as "_shutdown" too).
-            self._pump_thread.join(10)
+            self._pump_thread.join(30)
         # A worker killed here (an upload hung past the deadline), or dead without a restart,
         # reported nothing of the shards it leaves in the spool, which goes with the pod:
         # their records were counted written, and are counted upload_pending now.

@@ -476,8 +476,9 @@ def config_from_args(argv: Sequence[str] | None = None) -> GatewayConfig:
     if args.llm_api_key_file:
         key = _read_key_file(args.llm_api_key_file)
     elif args.llm_api_key_env:
-        key = os.environ.get(args.llm_api_key_env, "")
-    if key_problem(key):  # every route of a routes file would be refused for it
+        # Stripped as the file's is: a variable set from a Secret made of a file ends in one.
+        key = os.environ.get(args.llm_api_key_env, "").strip()
+    if args.routes and key_problem(key):  # every route of the file would be refused for it
         source = "--llm-api-key-file" if args.llm_api_key_file else f"${args.llm_api_key_env}"
         build_parser().error(f"the LLM key in {source} is unusable: {key_problem(key)}")
     capture = None

@@ -58,8 +58,8 @@ class RouteError(ValueError):
     """A route cannot be built from what was given; the message says which field."""
 
 
-#: What a task's and its namespace's names may be (see :meth:`Route.__post_init__`).
-_NAME = re.compile(r"[A-Za-z0-9._-]+")
+#: What a task's and its namespace's names may not hold (see :meth:`Route.__post_init__`).
+_NOT_ONE_COMPONENT = re.compile(r"[/\\\x00]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,10 +124,10 @@ class Route:
         # The task and its namespace name its capture folder: one path component each, or
         # a routes file's "../x" wrote calls outside --capture. (Kubernetes names are.)
         for part in filter(None, (self.task, self.namespace)):
-            if part in (".", "..") or not _NAME.fullmatch(part):
+            if part in (".", "..") or _NOT_ONE_COMPONENT.search(part):
                 raise RouteError(
-                    f"task {self.task!r}: names of letters, digits, '.', '_' or '-' only "
-                    "(they name the task's capture folder)"
+                    f"task {self.task!r}: a name must not be '.' or '..' nor hold '/', '\\' "
+                    "or NUL (it names the task's capture folder)"
                 )
         if self.mode not in MODES:
             raise RouteError(f"task {self.task}: mode must be one of {', '.join(MODES)}")

@@ -1344,9 +1344,11 @@ def _live_control(
             if key in prev:
                 live[key] = prev[key]
         rollout = spec.get("rollout") or {}
-        if not ro.mode or rollout.get("strategy") == "direct":
+        direct = rollout.get("strategy") == "direct"
+        if not ro.mode or (direct and ro.mode != lv.MODE_SLM and not earlier_pods):
             # Direct needs no window: an edit to it (the documented way out of a shadow
-            # that no metrics can advance) applies now, not only to a new revision.
+            # that no metrics can advance) applies now, not only to a new revision. While
+            # pods of an earlier template answer, the rollout holds, as a window says.
             ro = lv.rollout_step(Rollout(lv.MODE_LLM, 0, ""), Metrics(), None, rollout)
     for key in ("lastScaleTime", "scaleReason"):
         if key not in live and key in prev:

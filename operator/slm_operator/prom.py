@@ -77,10 +77,13 @@ def queries(
         ),
         # A task no call reached since the gateway started has no requests series at all:
         # read as "no data", it never scaled down (minReplicas 0: never to zero). The
-        # gateway routing it is scraped when its route-mode series is, so that reads 0.
+        # gateway routing it is scraped when its route-mode series is, so that reads 0, but
+        # only while no requests series exists: one too new for a rate (a gateway pod just
+        # replaced, serving calls) is still "no data", not an idle task to scale down.
         "request_rate": (
             f"sum(rate(slm_gateway_requests_total{sel()}[{window}])) "
-            f"or (0 * sum(slm_gateway_route_mode{sel()}))"
+            f"or (0 * sum(slm_gateway_route_mode{sel()}) "
+            f"unless on() count(slm_gateway_requests_total{sel()}))"
         ),
         "queue_ms": (
             f"sum(rate(nv_inference_queue_duration_us{triton}[{window}])) / "

@@ -386,13 +386,20 @@ def test_a_local_llm_key_with_a_line_break_is_refused_at_start_without_showing_i
     key_file = tmp_path / "key"
     key_file.write_text("sk-TESTSECRET-one\nsk-two\n")
     monkeypatch.setenv("SLM_GATEWAY_LLM_API_KEY", "sk-TESTSECRET\r\nX-Injected: 1")
+    routes = tmp_path / "routes.yaml"
+    routes.write_text("tasks: {}\n")
     for argv in (["--llm-api-key-file", str(key_file)], []):
         with pytest.raises(SystemExit) as exc:
-            config_from_args(["--namespace", "ns", *argv])
+            config_from_args(["--routes", str(routes), *argv])
         assert exc.value.code == 2
         err = capsys.readouterr().err
         assert "is unusable: a line break or NUL character inside" in err
         assert "TESTSECRET" not in err
+    # Watching a cluster, the local key is never used: nothing to refuse. A trailing line
+    # break (a variable set from a Secret made of a file) is no problem either.
+    config_from_args(["--namespace", "ns", "--llm-api-key-file", str(key_file)])
+    monkeypatch.setenv("SLM_GATEWAY_LLM_API_KEY", "sk-from-a-file\n")
+    assert config_from_args(["--routes", str(routes)]).llm_api_key == "sk-from-a-file"
 
 
 def test_an_unreadable_key_file_is_refused_in_one_line_without_its_path(

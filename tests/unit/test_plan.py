@@ -2676,3 +2676,23 @@ def test_a_window_without_a_captured_count_keeps_the_retraining_reason() -> None
         reasons.append(task["status"]["retraining"]["reason"])
         t += dt.timedelta(seconds=10)
     assert reasons == ["CountingNewExamples"] * 4
+
+
+def test_a_direct_rollout_holds_one_reason_while_earlier_pods_answer() -> None:
+    """A due window said WaitingForNewReplicas and the pass between windows DirectRollout:
+    the status was written anew on every pass of every rolling update."""
+    task = make_task()
+    task["spec"]["fallback"]["policy"] = {"windowSeconds": 10}
+    task["spec"]["rollout"] = {"strategy": "direct"}
+    rev = n.revision_of(task["spec"])
+    jobs = jobs_through(task, "export")
+    task["status"] = plan(Observed(task, jobs, deployment(rev), NOW)).status
+    dep = _with_replicas(deployment(rev), 2, 2)
+    dep["status"]["updatedReplicas"] = 1  # one pod of an earlier template still answers
+    reasons = set()
+    for i in range(4):
+        at = NOW + dt.timedelta(seconds=30 + 10 * (i // 2) + (3 if i % 2 else 0))
+        p = plan(Observed(task, jobs, dep, at, HEALTHY if i % 2 == 0 else None))
+        task["status"] = p.status
+        reasons.add(p.status["live"]["rolloutReason"])
+    assert reasons == {"WaitingForNewReplicas"}

@@ -258,6 +258,10 @@ def test_a_routed_task_no_call_reached_has_request_rate_zero() -> None:
     routed = [_series("route_mode", ',mode="slm"', "1x40")]
     assert _promtool_values(routed, ["request_rate"]) == {"request_rate": "0"}
     assert _promtool_values([], ["request_rate"]) == {"request_rate": "none"}
+    # A gateway pod just replaced, already serving: its counter is too new for a rate. Not
+    # an idle task (read 0, a busy task scaled down during every gateway rollout).
+    replaced = [*routed, _series("requests_total", ',backend="llm"', "_x19 50")]
+    assert _promtool_values(replaced, ["request_rate"]) == {"request_rate": "none"}
 
 
 def test_the_slm_share_is_zero_when_the_llm_answered_every_call() -> None:

@@ -2164,3 +2164,24 @@ def test_overlapping_findings_resolve_as_checking_every_kept_one_did(
         if all(span.end <= k.start or span.start >= k.end for k in expected):
             expected.append(span)
     assert _resolve_overlaps(spans) == sorted(expected, key=lambda s: s.start)
+
+
+@pytest.mark.parametrize(
+    ("text", "card"),
+    [
+        ("card 4111  1111  1111  1111  123", "4111  1111  1111  1111"),
+        (
+            "card 5555\u00a05555\u00a05555\u00a04444\u00a012/27",
+            "5555\u00a05555\u00a05555\u00a04444",
+        ),
+        ("amex 3782  822463  10005  1234", "3782  822463  10005"),
+        ("ref 12  4111  1111  1111  1111", "4111  1111  1111  1111"),
+    ],
+)
+def test_a_card_with_a_number_beside_it_is_still_found(
+    redactor: Redactor, text: str, card: str
+) -> None:
+    """The guard against rows of numbers in a table (tab-separated) was applied to every
+    separator: a card typed with two spaces and then its CVV or expiry date leaked."""
+    out = redactor.redact_text(text, RedactionState())
+    assert card not in out and "<CREDIT_CARD_1>" in out

@@ -1045,13 +1045,17 @@ PHONE_PATTERNS: tuple[Pattern, ...] = (
 # takes only one "-" or " " between groups: a number typed with two spaces, a tab (pasted from
 # a spreadsheet), a non-breaking space (what word processors and chat clients put between
 # digit groups) or dots was missed. The same separator throughout, so "2024.0101 1200-0000"
-# is no card; and no digit group with that separator right before or after, so a row of
-# numbers in a table ("2019\t2020\t2021\t2022\t2023") is no card either. Never a newline:
-# numbers one per line are a list.
-_CARD_SEPARATOR = r"(?P<sep>[ \t\u00a0\u2007\u202f]{2,3}|[\t\u00a0\u2007\u202f.])"
-# After the groups: no further group, and (looking back over the match) none before it.
+# is no card. Never a newline: numbers one per line are a list.
+_CARD_SEPARATOR = r"(?P<sep>[ \u00a0\u2007\u202f]{2,3}|[\u00a0\u2007\u202f.])"
+# Tabs separate a table's columns more often than a card's groups: a tab-separated card must
+# have no digit group with that separator right before or after it, so a row of numbers in
+# a table ("2019\t2020\t2021\t2022\t2023") is no card. (Not for the other separators: a card
+# typed with two spaces and then its CVV, "4111  1111  1111  1111  123", is one.)
+_TAB_SEPARATOR = r"(?P<sep>\t{1,3})"
 _CARD_4444_ALONE = r"(?!(?P=sep)\d)(?<!\d(?P=sep)\d{4}(?P=sep)\d{4}(?P=sep)\d{4}(?P=sep)\d{4})"
 _CARD_465_ALONE = r"(?!(?P=sep)\d)(?<!\d(?P=sep)\d{4}(?P=sep)\d{6}(?P=sep)\d{5})"
+_CARD_4444 = r"\b[2-6]\d{3}{sep}\d{4}(?P=sep)\d{4}(?P=sep)\d{4}\b"
+_CARD_465 = r"\b3[47]\d{2}{sep}\d{6}(?P=sep)\d{5}\b"
 CARD_PATTERNS: tuple[Pattern, ...] = (
     Pattern(
         "Mastercard 2-series",
@@ -1060,14 +1064,16 @@ CARD_PATTERNS: tuple[Pattern, ...] = (
     ),
     Pattern(
         "card in 4-digit groups, other separators",
-        r"\b[2-6]\d{3}" + _CARD_SEPARATOR + r"\d{4}(?P=sep)\d{4}(?P=sep)\d{4}\b" + _CARD_4444_ALONE,
+        _CARD_4444.replace("{sep}", _CARD_SEPARATOR),
         0.3,
     ),
     Pattern(
-        "Amex 4-6-5, other separators",
-        r"\b3[47]\d{2}" + _CARD_SEPARATOR + r"\d{6}(?P=sep)\d{5}\b" + _CARD_465_ALONE,
+        "card in 4-digit groups, tabs",
+        _CARD_4444.replace("{sep}", _TAB_SEPARATOR) + _CARD_4444_ALONE,
         0.3,
     ),
+    Pattern("Amex 4-6-5, other separators", _CARD_465.replace("{sep}", _CARD_SEPARATOR), 0.3),
+    Pattern("Amex 4-6-5, tabs", _CARD_465.replace("{sep}", _TAB_SEPARATOR) + _CARD_465_ALONE, 0.3),
 )
 # What Presidio's Luhn check strips from a match before reading its digits.
 _CARD_REPLACEMENT_PAIRS = [
