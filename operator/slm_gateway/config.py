@@ -19,8 +19,9 @@ from pathlib import Path
 from slm_gateway.auth import AUTH_MODES, AUTH_NONE, DEFAULT_AUDIENCE
 from slm_gateway.capture import CaptureConfig
 from slm_gateway.decide import DEFAULT_PRICES
+from slm_gateway.httpclient import header_value_problem
 from slm_gateway.metrics import REMOVED_TASK_GRACE_S
-from slm_gateway.routes import DEFAULT_LLM_TIMEOUT_S, DEFAULT_SLM_TIMEOUT_S, Price, key_problem
+from slm_gateway.routes import DEFAULT_LLM_TIMEOUT_S, DEFAULT_SLM_TIMEOUT_S, Price
 
 ENV_PREFIX = "SLM_GATEWAY_"
 DEFAULT_MAX_BODY = 1024 * 1024
@@ -478,9 +479,10 @@ def config_from_args(argv: Sequence[str] | None = None) -> GatewayConfig:
     elif args.llm_api_key_env:
         # Stripped as the file's is: a variable set from a Secret made of a file ends in one.
         key = os.environ.get(args.llm_api_key_env, "").strip()
-    if args.routes and key_problem(key):  # every route of the file would be refused for it
+    problem = header_value_problem(key) if args.routes else ""
+    if problem:  # every route of the routes file would be refused for it
         source = "--llm-api-key-file" if args.llm_api_key_file else f"${args.llm_api_key_env}"
-        build_parser().error(f"the LLM key in {source} is unusable: {key_problem(key)}")
+        build_parser().error(f"the LLM key in {source} is unusable: {problem}")
     capture = None
     if args.capture:
         capture = CaptureConfig(

@@ -126,6 +126,19 @@ def with_path(url: str, suffix: str) -> str:
     return urlunsplit(parts._replace(path=parts.path.rstrip("/") + suffix))
 
 
+def header_value_problem(value: str) -> str:
+    """Why ``value`` cannot go in an HTTP/1.1 header, or "" when it can: a line break or NUL
+    inside (it would inject a header; a Secret made from a file of two lines), or a
+    character outside Latin-1. Never quotes the value: it may be an API key."""
+    if any(c in value for c in _FORBIDDEN_IN_HEADERS):
+        return "a line break or NUL character inside"
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return "a character an HTTP header cannot carry"
+    return ""
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """Where one kind of request goes, parsed once when a route is built.
@@ -181,8 +194,9 @@ class Target:
             # The value is never shown: it may be an API key.
             if not name or any(c in name for c in (":", " ", *_FORBIDDEN_IN_HEADERS)):
                 raise ValueError(f"header name {name!r} is not a valid HTTP header name")
-            if any(c in value for c in _FORBIDDEN_IN_HEADERS):
-                raise ValueError(f"header {name} contains a line break or a NUL character")
+            problem = header_value_problem(value)
+            if problem:
+                raise ValueError(f"header {name} has {problem}")
             lines.append(f"{name}: {value}")
         try:
             head = ("\r\n".join(lines) + "\r\nContent-Length: ").encode("latin-1", "strict")

@@ -30,13 +30,13 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from slm_gateway.httpclient import header_value_problem
 from slm_gateway.routes import (
     DEFAULT_LLM_TIMEOUT_S,
     DEFAULT_SLM_TIMEOUT_S,
     Route,
     RouteError,
     RouteTable,
-    key_problem,
     route_from_task,
     secret_ref,
 )
@@ -453,7 +453,7 @@ class AgentTaskWatcher:
                 ref, "llm_key_unusable", f"key {field!r} is unusable ({type(exc).__name__})"
             )
             return ""
-        unsendable = key_problem(value)
+        unsendable = header_value_problem(value)
         if unsendable:
             # Such a key would be refused by the route (it cannot go in a header: a line break
             # would inject one), and with it the task: every call a 404 model_not_found and

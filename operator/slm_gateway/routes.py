@@ -41,19 +41,6 @@ DEFAULT_LLM_TIMEOUT_S = 120.0
 SLM_TIMEOUT_ANNOTATION = "slmfleet.dev/slm-timeout-ms"
 
 
-def key_problem(key: str) -> str:
-    """Why ``key`` cannot be sent in an ``Authorization`` header, or "" if it can: a line
-    break or NUL inside (a Secret made from a file of two lines), or a character HTTP/1.1
-    headers cannot carry (outside Latin-1). Never quotes the key."""
-    if any(c in key for c in ("\r", "\n", "\0")):
-        return "a line break or NUL character inside"
-    try:
-        key.encode("latin-1")
-    except UnicodeEncodeError:
-        return "a character an HTTP header cannot carry"
-    return ""
-
-
 class RouteError(ValueError):
     """A route cannot be built from what was given; the message says which field."""
 
