@@ -319,7 +319,7 @@ def agree(
 ) -> bool:
     """Does the SLM's message ``a`` say what the LLM's ``b`` says, under the task's metric?
 
-    The gate's own definitions (:mod:`slm_trainer.metrics`, the evaluate stage's), so that
+    The gate's own verdict (:func:`slm_trainer.metrics.answer_correct`, the selector's), so that
     live agreement, which moves the rollout, measures what the gate measured:
     ``tool-call-ast`` is BFCL's AST match against the request's ``tools`` (1 and 1.0 alike,
     an optional argument left at its default, strings compared as BFCL does, parallel calls
@@ -334,13 +334,9 @@ def agree(
     Without a metric (a routes file that names none): the same calls as a multiset,
     arguments as parsed JSON, or the same text up to whitespace.
     """
-    if metric == "tool-call-ast":
-        return bool(metrics.ast_match(a, b, list(tools), use_bfcl=False).match)
-    if metric == "exact-match":
-        return bool(metrics.exact_match(a, b))
-    if metric == "label-accuracy":
-        label = metrics.label_of(a, "classification")
-        return bool(metrics.label_correct(label, metrics.label_of(b, "classification")))
+    if metric in ("tool-call-ast", "exact-match", "label-accuracy"):
+        task_type = "tool-call" if metric == "tool-call-ast" else "classification"
+        return bool(metrics.answer_correct(metric, a, b, tools, task_type, use_bfcl=False))
     ca, cb = _calls(a), _calls(b)
     if ca or cb:
         return ca == cb

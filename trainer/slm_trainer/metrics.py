@@ -185,13 +185,14 @@ def answer_correct(
     ref: Mapping[str, Any] | None,
     tools: Sequence[Mapping[str, Any]],
     task_type: str,
+    use_bfcl: bool = True,
 ) -> bool:
     """Whether an answer, as served, is right under the gate's ``metric``: ``exact-match``,
     ``tool-call-ast`` on tool-call tasks, else (``label-accuracy``) its label."""
     if metric == "exact-match":
         return exact_match(pred, ref)
     if metric == "tool-call-ast" and task_type == "tool-call":
-        return ast_match(pred, ref, tools).match
+        return ast_match(pred, ref, tools, use_bfcl=use_bfcl).match
     return label_correct(label_of(pred, task_type), label_of(ref, task_type))
 
 
