@@ -455,8 +455,7 @@ def _pipeline(
 
     ``data_prepared``: the DataPrepared condition the last status recorded for this revision,
     if any; it stands for the data-prep Job's result once that Job's pod is gone (see
-    :func:`_prepared_before`). ``waited_for_data``: likewise the WaitingForData condition
-    (see :func:`_waiting_before`).
+    :func:`_data_ready_before`). ``waited_for_data``: likewise the WaitingForData condition.
 
     ``recorded`` (the last status's candidates) and ``recorded_selected`` (its selectedModel):
     the fine-tune and export results read before, which stand for those no longer readable
@@ -799,34 +798,25 @@ def _stale_exports(jobs: Mapping[str, JobView], rev: str, candidate: str) -> lis
     )
 
 
-def _prepared_before(prev: Mapping[str, Any], rev: str) -> tuple[str, str, str] | None:
-    """DataReady as the last status recorded it, when it said revision ``rev``'s data was
-    prepared; else None.
+def _data_ready_before(
+    prev: Mapping[str, Any], rev: str, recorded_as: tuple[str, str]
+) -> tuple[str, str, str] | None:
+    """DataReady as the last status recorded it, when it had ``recorded_as`` (status,
+    reason) for revision ``rev``; else None. A DataPrepared stands for the revision in
+    training or the served one, a WaitingForData for the one in training only.
 
     Why: a data-prep Job's result is read from its pod's termination message, and the pod
     can go (PodGC, a node scaled down) while the Job stays Complete, e.g. during hours of
-    fine-tuning. A result already read is not lost with it: failing the revision then
-    (ResultMissing) would throw away a training in progress.
+    fine-tuning, or before a wait for data is rechecked. A result already read is not lost
+    with it: failing the revision then (ResultMissing, JobFailed) would throw away a
+    training in progress, or end a wait the next recheck would have ended.
     """
     revision = prev.get("revision") or {}
-    described = revision.get("training") or revision.get("active")
+    described = revision.get("training")
+    if recorded_as[1] == c.DATA_PREPARED:
+        described = described or revision.get("active")
     recorded = _recorded(prev, c.DATA_READY, ("", "", ""))
-    if described != rev or recorded[:2] != (c.TRUE, c.DATA_PREPARED):
-        return None
-    return recorded
-
-
-def _waiting_before(prev: Mapping[str, Any], rev: str) -> tuple[str, str, str] | None:
-    """DataReady as the last status recorded it, when it said revision ``rev`` (in training)
-    was waiting for data; else None.
-
-    Why: the count that made it wait is read from the data-prep pod's termination message,
-    and the pod can go before the recheck (see :func:`_pipeline`).
-    """
-    recorded = _recorded(prev, c.DATA_READY, ("", "", ""))
-    if (prev.get("revision") or {}).get("training") != rev or recorded[1] != c.WAITING_FOR_DATA:
-        return None
-    return recorded
+    return recorded if described == rev and recorded[:2] == recorded_as else None
 
 
 def _invalid_spec_step(prev: Mapping[str, Any], why: tuple[str, str, str], active: str) -> _Step:
@@ -1581,9 +1571,11 @@ def plan(obs: Observed) -> Plan:
             obs.trainer_service_account,
             "" if training_needed else active_cand,
             obs.data_recheck,
-            _waiting_before(prev, rev),
+            _data_ready_before(prev, rev, (c.FALSE, c.WAITING_FOR_DATA)),
             obs.images,
-            _prepared_before(prev, rev if training_needed else active_rev),
+            _data_ready_before(
+                prev, rev if training_needed else active_rev, (c.TRUE, c.DATA_PREPARED)
+            ),
             prev.get("candidates") or (),
             prev_selected,
         )
