@@ -18,7 +18,7 @@ import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 MODE_LLM: Final = "llm"
 MODE_SHADOW: Final = "shadow"
@@ -38,7 +38,10 @@ class Metrics:
     shadow_samples: int | None = None  # SLM answers compared with the LLM so far
     slm_share: float | None = None  # fraction of calls answered by the SLM
     cost_saved_usd: float | None = None
-    captured_records: int | None = None  # call records the gateway has written for the task
+    captured_records: int | None = None  # call records the gateways have written for the task
+    #: The same by counter series (key: :mod:`slm_operator.prom`'s series key); None when
+    #: Prometheus has none, e.g. a gateway that has captured nothing for the task yet.
+    capture_counters: Mapping[str, CounterReading] | None = None
 
     @property
     def empty(self) -> bool:
@@ -404,59 +407,98 @@ def cron_fired(expr: str, since: dt.datetime | None, now: dt.datetime) -> bool:
     return False
 
 
+class CounterReading(NamedTuple):
+    """One gateway capture counter series as Prometheus last saw it."""
+
+    value: int
+    #: Whether the series' key includes its ``_created`` time (the gateway process's start for
+    #: it): then a restarted gateway is a new key, and a lower value under the same key can
+    #: only be a Prometheus replica answering behind. Without it (created series turned off) a
+    #: lower value is taken for a restart in place.
+    keyed_by_start: bool = True
+
+
+#: Counter series remembered in ``status.retraining.gatewayCounters``: every series read this
+#: window, then as many gone ones (a replaced pod, a scrape that failed for a while) as fit.
+#: A gone series is remembered so that, back, only what it gained meanwhile counts; one
+#: forgotten after this many newer ones came is counted whole if it ever comes back.
+MAX_REMEMBERED_COUNTERS: Final = 32
+
+
+def count_new_records(
+    remembered: Mapping[str, int] | None, readings: Mapping[str, CounterReading]
+) -> tuple[int, dict[str, int]]:
+    """S6's count: call records the gateways captured since the last window, and what to
+    remember for the next one.
+
+    Why per series, not the sum: the gateways' total goes down whenever one restarts (a
+    rollout, an OOM kill) and up again as it captures, so no threshold on the total tells a
+    restart from a lagging read. Compared with the last window series by series, a new series
+    (a new pod or process: its key includes its start) counts whole, a known one counts what
+    it gained, and one read lower than before counts nothing (a lagging read; restarts are new
+    keys). Only the records a gateway captured after its last scrape and before it stopped go
+    uncounted, as they must: Prometheus never saw them.
+
+    ``remembered`` None (the first window that counts): nothing is new yet, the readings are
+    the starting point; records captured before a model was served trained it already.
+    """
+    if remembered is None:
+        return 0, {k: r.value for k, r in readings.items()}
+    new = 0
+    kept: dict[str, int] = {}
+    for key, (value, keyed_by_start) in readings.items():
+        last = remembered.get(key)
+        if last is None:
+            new += value
+        elif value >= last:
+            new += value - last
+        elif not keyed_by_start:
+            new += value  # restarted in place: all it has now is new
+        else:
+            value = last  # behind: keep the higher reading, so nothing counts twice
+        kept[key] = value
+    for key, value in remembered.items():
+        if len(kept) >= MAX_REMEMBERED_COUNTERS:
+            break
+        kept.setdefault(key, value)
+    return new, kept
+
+
 @dataclass(frozen=True)
 class Retrain:
     epoch: int
-    baseline: int | None
+    #: New examples counted since the last trigger (0 right after one); None: unchanged.
+    new_records: int | None
     triggered: bool
     reason: str
-    #: New examples counted before the gateway's counters last went down, carried forward.
-    carried: int = 0
 
 
 def retrain_step(
     cfg: Mapping[str, Any] | None,
     epoch: int,
-    baseline: int | None,
-    captured: int | None,
+    new_records: int | None,
     schedule_fired: bool,
-    last_seen: int | None = None,
-    carried: int = 0,
     may_trigger: bool = True,
 ) -> Retrain:
     """S6: start a new revision once ``minNewExamples`` new calls were captured since the last
     training (and, with a schedule, only when it fires).
 
-    ``captured`` is the gateways' captured-record total, a sum of counters that goes down
-    whenever a gateway restarts (a rollout) or a gone replica's series goes stale. A total
-    below ``baseline`` (the total at the last trigger) is taken for such a restart: what was
-    counted up to ``last_seen`` (the total of the last window that had one) is carried
-    forward and the count goes on from the new total. Before, it restarted the count: a task
-    whose ``minNewExamples`` take longer to arrive than the gateway stays up never retrained.
-    A dip that stays above the baseline (one of several replicas restarting, a Prometheus
-    replica answering a little behind) is not carried: counting on from the baseline counts
-    nothing twice, and at worst misses the restarted replica's share. What the gateways
-    captured between the last window and a restart is left out.
-
-    ``may_trigger`` False (a revision is training): the count goes on, nothing starts; the
-    reason is left as it was (returned empty). Without a total (no gateway series yet) the
-    count waits, and so does the reason (empty too): an enabled retraining is not idle.
+    ``new_records``: counted since the last trigger (:func:`count_new_records`, window by
+    window); None when no gateway series could be read this window: the count waits, and so
+    does the reason (returned empty), for an enabled retraining is not idle. A paused
+    retraining (``enabled: false``) counts nothing either: once enabled again, what the
+    gateways gained meanwhile counts.
+    ``may_trigger`` False (a revision is training): the count goes on, nothing starts, and the
+    reason is left as it was (empty).
     """
     if not cfg or not cfg.get("enabled", True):
-        return Retrain(epoch, baseline, False, "RetrainingIdle", carried)
-    if captured is None:
-        return Retrain(epoch, baseline, False, "", carried)
-    if baseline is None:
-        return Retrain(epoch, captured, False, "CountingNewExamples")
-    if captured < baseline:
-        if last_seen is not None:
-            carried += max(0, last_seen - baseline)
-        baseline = captured
-    new = carried + captured - baseline
+        return Retrain(epoch, None, False, "RetrainingIdle")
+    if new_records is None:
+        return Retrain(epoch, None, False, "")
     if not may_trigger:
-        return Retrain(epoch, baseline, False, "", carried)
-    if new < int(cfg.get("minNewExamples", 1000)):
-        return Retrain(epoch, baseline, False, "CountingNewExamples", carried)
+        return Retrain(epoch, new_records, False, "")
+    if new_records < int(cfg.get("minNewExamples", 1000)):
+        return Retrain(epoch, new_records, False, "CountingNewExamples")
     if cfg.get("schedule") and not schedule_fired:
-        return Retrain(epoch, baseline, False, "WaitingForSchedule", carried)
-    return Retrain(epoch + 1, captured, True, "EnoughNewExamples")
+        return Retrain(epoch, new_records, False, "WaitingForSchedule")
+    return Retrain(epoch + 1, 0, True, "EnoughNewExamples")

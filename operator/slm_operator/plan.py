@@ -1823,27 +1823,24 @@ def plan(obs: Observed) -> Plan:
         # status without it scans from the last judged window, as before.
         checked = parse_time(retrain_prev.get("scheduleCheckedAt")) or last_eval
         fired = bool(schedule) and lv.cron_fired(str(schedule), checked, obs.now)
-        raw_baseline = retrain_prev.get("baselineRecords")
-        raw_seen = retrain_prev.get("capturedRecords")
+        enabled = bool(rcfg) and (rcfg or {}).get("enabled", True)
+        counted = _count_new_records(retrain_prev, m) if enabled else None
         r = lv.retrain_step(
-            rcfg,
-            epoch,
-            None if raw_baseline is None else int(raw_baseline),
-            m.captured_records,
-            fired,
-            last_seen=None if raw_seen is None else int(raw_seen),
-            carried=int(retrain_prev.get("carriedRecords") or 0),
-            may_trigger=may_trigger,
+            rcfg, epoch, None if counted is None else counted[0], fired, may_trigger=may_trigger
         )
         reason = r.reason or str(retrain_prev.get("reason") or "CountingNewExamples")
         retraining = {"epoch": r.epoch, "reason": reason}
-        if r.baseline is not None:
-            retraining["baselineRecords"] = r.baseline
-        if r.carried:
-            retraining["carriedRecords"] = r.carried
-        # A window without a total (a restarted gateway that has written nothing yet has no
-        # series) keeps the last one: the next total is compared with it.
-        seen = m.captured_records if m.captured_records is not None else raw_seen
+        new_records = r.new_records if r.new_records is not None else _new_records(retrain_prev)
+        if new_records is not None:
+            retraining["newRecords"] = new_records
+        counters = counted[1] if counted is not None else retrain_prev.get("gatewayCounters")
+        if counters is not None:
+            retraining["gatewayCounters"] = counters
+        # A window without series (a restarted gateway that has captured nothing yet) keeps
+        # the last total.
+        seen = m.captured_records
+        if seen is None:
+            seen = retrain_prev.get("capturedRecords")
         if seen is not None:
             retraining["capturedRecords"] = int(seen)
         if r.triggered:
@@ -1852,7 +1849,7 @@ def plan(obs: Observed) -> Plan:
             retraining["lastTriggered"] = retrain_prev["lastTriggered"]
         if "concludedRevision" in retrain_prev:
             retraining["concludedRevision"] = retrain_prev["concludedRevision"]
-        if schedule and m.captured_records is not None and may_trigger:
+        if schedule and m.capture_counters is not None and may_trigger:
             retraining["scheduleCheckedAt"] = now  # the schedule was acted on up to now
         elif schedule and "scheduleCheckedAt" in retrain_prev:
             retraining["scheduleCheckedAt"] = retrain_prev["scheduleCheckedAt"]
@@ -1937,3 +1934,33 @@ def with_apply_failures(
     return dataclasses.replace(
         planned, status=status, events=_events(task.get("status") or {}, status)
     )
+
+
+def _new_records(retrain_prev: Mapping[str, Any]) -> int | None:
+    """``status.retraining.newRecords``; from an older operator's status, the count it kept
+    as a baseline total (``baselineRecords``, ``carriedRecords``, ``capturedRecords``)."""
+    if "newRecords" in retrain_prev:
+        return int(retrain_prev["newRecords"])
+    if retrain_prev.get("baselineRecords") is None:
+        return None
+    seen = int(retrain_prev.get("capturedRecords") or 0)
+    carried = int(retrain_prev.get("carriedRecords") or 0)
+    return carried + max(0, seen - int(retrain_prev["baselineRecords"]))
+
+
+def _count_new_records(
+    retrain_prev: Mapping[str, Any], m: lv.Metrics
+) -> tuple[int, dict[str, int]] | None:
+    """New examples counted so far (since the last trigger), with this window's gains, and the
+    counter readings to remember; None when Prometheus has no gateway series for the task
+    (nothing captured yet, or no gateway scraped): the count waits."""
+    if m.capture_counters is None:
+        return None
+    # None at the first window that counts (or on an older operator's status, whose count
+    # goes on from what it had): the readings are where counting starts.
+    remembered = retrain_prev.get("gatewayCounters")
+    gained, counters = lv.count_new_records(
+        None if remembered is None else {str(k): int(v) for k, v in remembered.items()},
+        m.capture_counters,
+    )
+    return (_new_records(retrain_prev) or 0) + gained, counters

@@ -15,6 +15,8 @@ same-named tasks in two namespaces would share one queue time.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import re
@@ -24,7 +26,7 @@ from http import HTTPStatus
 from typing import Any
 
 from slm_contract import redact_uri, redact_uris
-from slm_operator.live import Metrics
+from slm_operator.live import CounterReading, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +108,46 @@ def queries(
             f"(sum(rate(slm_gateway_requests_total{slm}[{window}])) or vector(0)) / "
             f"sum(rate(slm_gateway_requests_total{sel()}[{window}]))"
         ),
-        "captured_records": (f"sum(slm_gateway_capture_records_total{sel(result='written')})"),
+        # By series, not summed: retraining counts what each one gained (see capture_counters).
+        "capture_totals": f"slm_gateway_capture_records_total{sel(result='written')}",
+        "capture_starts": f"slm_gateway_capture_records_created{sel(result='written')}",
         "cost_saved_usd": (
             f"sum(increase(slm_gateway_llm_equivalent_cost_usd_total{sel()}[{window}])) - "
             f"sum(increase(slm_gateway_cost_usd_total{sel()}[{window}]))"
         ),
     }
+
+
+#: Queries whose answer is read series by series (the others: one number).
+VECTOR_QUERIES = frozenset({"capture_totals", "capture_starts"})
+
+
+def capture_counters(totals: Any, starts: Any) -> dict[str, CounterReading] | None:
+    """The gateways' capture counters, one reading per series, keyed by a hash of the series'
+    labels and its ``_created`` time; None when there is none.
+
+    Why the start is in the key: a gateway restarted in place (same pod, same scrape target)
+    keeps its labels, and its counter starts again from zero; with the start in the key it is
+    a new series, counted whole (:func:`slm_operator.live.count_new_records`). The hash keeps
+    ``status.retraining.gatewayCounters`` short whatever labels the scrape adds.
+    """
+    created: dict[str, str] = {}
+    for s in starts or []:
+        with_name = dict(s.get("metric") or {})
+        with_name.pop("__name__", None)
+        created[json.dumps(with_name, sort_keys=True)] = str((s.get("value") or ["", ""])[1])
+    out: dict[str, CounterReading] = {}
+    for s in totals or []:
+        labels = dict(s.get("metric") or {})
+        labels.pop("__name__", None)
+        value = _scalar([s])
+        if value is None:
+            continue
+        ident = json.dumps(labels, sort_keys=True)
+        start = created.get(ident)
+        key = hashlib.sha256(f"{ident}\0{start or ''}".encode()).hexdigest()[:16]
+        out[key] = CounterReading(int(value), start is not None)
+    return out or None
 
 
 _STATUS_CODE = re.compile(r"HTTP Status Code (\d{3})")
@@ -245,6 +281,7 @@ class PromMetrics:
         w = self.window(window_seconds)
         agreement_w = self.agreement_window(window_seconds, agreement_since_s)
         values: dict[str, float | None] = {}
+        vectors: dict[str, Any] = {}
         deadline = time.monotonic() + self.deadline
         try:
             for name, q in queries(task, w, agreement_w, namespace).items():
@@ -253,7 +290,11 @@ class PromMetrics:
                     raise TimeoutError(f"no answer to all queries within {self.deadline:g}s")
                 # Connect and read timeouts both within what is left of the deadline.
                 timeout = min(self.timeout, left)
-                values[name] = _scalar(self.client.custom_query(q, timeout=(timeout, timeout)))
+                answer = self.client.custom_query(q, timeout=(timeout, timeout))
+                if name in VECTOR_QUERIES:
+                    vectors[name] = answer
+                else:
+                    values[name] = _scalar(answer)
         except Exception as exc:  # connection errors, HTTP errors, bad JSON, the deadline
             with self._lock:
                 first = not self.cooling_down()  # another task's failure already said so
@@ -269,9 +310,10 @@ class PromMetrics:
                 )
             return None
         samples = values.pop("shadow_samples")
-        captured = values.pop("captured_records")
+        counters = capture_counters(vectors.get("capture_totals"), vectors.get("capture_starts"))
         return Metrics(
             **values,
             shadow_samples=int(samples) if samples is not None else None,
-            captured_records=int(captured) if captured is not None else None,
+            captured_records=sum(r.value for r in counters.values()) if counters else None,
+            capture_counters=counters,
         )

@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,9 @@ class Stack:
     llm_base_url: str
     prom: LocalPrometheus
     operator: OperatorProcess
+    #: Replaces the gateway with a new process on a new port (a rollout of its pod),
+    #: scraped in its place; returns the new gateway's URL.
+    replace_gateway: Callable[[], str]
 
 
 @pytest.fixture
@@ -83,30 +86,28 @@ def stack(
             namespace,
             "--from-literal=api-key=sk-test-not-a-real-key-000000000000",
         )
-        gateway = start_gateway(
-            [
-                "--namespace",
-                namespace,
-                "--kubeconfig",
-                cluster.kubeconfig,
-                "--capture",
-                str(tmp_path / "capture"),
-                "--capture-spool",
-                str(tmp_path / "spool"),
-                "--slm-timeout-ms",
-                "1500",
-                "--breaker-failures",
-                "1000",
-            ],
-            log_path=tmp_path / "gateway.log",
-        )
-        parts.callback(lambda: print("---- gateway log tail\n" + gateway.log()[-2000:]))
-        parts.callback(gateway.stop)
+        gateway_args = [
+            "--namespace",
+            namespace,
+            "--kubeconfig",
+            cluster.kubeconfig,
+            "--capture",
+            str(tmp_path / "capture"),
+            "--capture-spool",
+            str(tmp_path / "spool"),
+            "--slm-timeout-ms",
+            "1500",
+            "--breaker-failures",
+            "1000",
+        ]
+        gateways = [start_gateway(gateway_args, log_path=tmp_path / "gateway.log")]
+        parts.callback(lambda: print("---- gateway log tail\n" + gateways[-1].log()[-2000:]))
+        parts.callback(lambda: gateways[-1].stop())
         host = lambda url: url.split("//", 1)[1].rstrip("/")  # noqa: E731
         prom = LocalPrometheus(
             tmp_path / "prom",
             {
-                "gateway": [host(gateway.url)],
+                "gateway": [host(gateways[0].url)],
                 "triton": [f"127.0.0.1:{triton.metrics_port}"],
             },
             scrape_interval=SCRAPE,
@@ -135,14 +136,22 @@ def stack(
             "--wait=false",
             check=False,
         )
+
+        def replace_gateway() -> str:
+            gateways[-1].stop()
+            gateways.append(start_gateway(gateway_args, log_path=tmp_path / "gateway.log"))
+            prom.reload({**prom.targets, "gateway": [host(gateways[-1].url)]})
+            return gateways[-1].url
+
         yield Stack(
             namespace,
-            gateway.url,
+            gateways[0].url,
             f"http://127.0.0.1:{triton.http_port}",
             fault,
             standin.llm_base_url,
             prom,
             op,
+            replace_gateway,
         )
 
 
@@ -290,6 +299,11 @@ class Traffic:
 
     def since(self, t: float) -> Counter[str]:
         return Counter(b for ts, b in self.log if ts >= t)
+
+    def send(self, count: int, first: int = 0) -> None:
+        """``count`` calls one after the other (no rate), numbered from ``first``."""
+        for i in range(first, first + count):
+            self._one(i)
 
 
 def condition(cluster: ClusterHandle, ns: str, type_: str) -> dict[str, Any]:
@@ -500,8 +514,8 @@ def test_new_calls_retrain_and_only_a_better_revision_replaces_the_served_one(
     st = status()
     assert rev1 != rev0 and st["revision"]["active"] == rev0
     assert st["retraining"]["reason"] == "EnoughNewExamples"
-    baseline = st["retraining"]["baselineRecords"]
-    assert baseline >= 60  # counted from the gateway's captured calls, through Prometheus
+    captured = st["retraining"]["capturedRecords"]
+    assert captured >= 60  # counted from the gateway's captured calls, through Prometheus
 
     # No calls now: the retrained model passes the gate but 0.93 < the served 0.95.
     finish_revision(cluster, s, rev1, score=0.93, export=False)
@@ -524,7 +538,7 @@ def test_new_calls_retrain_and_only_a_better_revision_replaces_the_served_one(
     with Traffic(s.gateway_url, rate=12) as traffic:
         rev2 = wait_for(lambda: training_at(2), timeout=90, what="retraining epoch 2")
         assert rev2 not in (rev0, rev1)
-        assert status()["retraining"]["baselineRecords"] >= baseline + 60
+        assert status()["retraining"]["capturedRecords"] >= captured + 60
         wait_for(
             lambda: (
                 not cluster.get_json("jobs", "-n", s.ns, "-l", f"{n.LABEL_REVISION}={rev1}")[
@@ -548,3 +562,45 @@ def test_new_calls_retrain_and_only_a_better_revision_replaces_the_served_one(
         wait_for(lambda: traffic.since(t_swap)["slm"] > 3, timeout=20, what="the SLM to answer")
     failures += traffic.failures
     assert failures == [], failures[:5]
+
+
+def test_calls_captured_on_both_sides_of_a_gateway_rollout_count_towards_retraining(
+    cluster: ClusterHandle, stack: Stack
+) -> None:
+    """S6 across a gateway rollout, on real parts: the new gateway's capture counter starts
+    from zero in a new series, and the old one's is gone from Prometheus. Counting each series'
+    gain, the 30 calls before and the 30 after make the 50 new examples asked for. Before, the
+    count went on from the total at the first reading (1), so only the new gateway's own 30
+    counted (29 new) and the retraining never started."""
+    s = stack
+    serve_task(
+        cluster,
+        s,
+        rollout={"strategy": "direct"},
+        fallback=fallback_with({"windowSeconds": 1, "breachWindows": 2, "recoveryWindows": 2}),
+        retraining={"minNewExamples": 50},
+    )
+
+    def retraining() -> dict[str, Any]:
+        return dict((get_task(cluster, s.ns, TASK).get("status") or {}).get("retraining") or {})
+
+    def counted(records: int) -> bool:
+        return retraining().get("capturedRecords") == records
+
+    # One call, read by a window: counting starts there (it trained the served model).
+    calls = Traffic(s.gateway_url, rate=1)
+    calls.send(1)
+    wait_for(lambda: counted(1), timeout=30, what="the first captured call to be read")
+    calls.send(30, first=1)
+    wait_for(lambda: counted(31), timeout=30, what="31 captured calls to be read")
+    assert retraining()["epoch"] == 0
+
+    calls = Traffic(s.replace_gateway(), rate=1)
+    calls.send(30, first=31)
+    wait_for(
+        lambda: retraining().get("epoch") == 1,
+        timeout=30,
+        what="retraining after 60 calls on both sides of the rollout",
+    )
+    assert retraining()["capturedRecords"] == 30  # the new gateway's own total
+    assert calls.failures == []

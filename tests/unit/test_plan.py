@@ -16,8 +16,9 @@ import yaml
 
 from slm_contract import TrainerResult
 from slm_operator import conditions as c
+from slm_operator import live as lv
 from slm_operator import naming as n
-from slm_operator.live import Metrics
+from slm_operator.live import CounterReading, Metrics
 from slm_operator.observe import FAILED, PENDING, RUNNING, SUCCEEDED, JobView, job_view
 from slm_operator.plan import (
     WAKE_GRACE_S,
@@ -882,13 +883,26 @@ def _step(
     m: Metrics | None,
 ) -> Any:
     p = plan(Observed(task, jobs, dep, at, m))
-    task["status"] = p.status
+    # What the API server keeps: a status field the CRD does not name is lost on write.
+    task["status"] = _stored(p.status)
     return p
 
 
-def captured(records: int) -> Metrics:
-    """A healthy window in which the gateway has captured ``records`` calls for the task."""
-    return Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=5, captured_records=records)
+def captured(records: int, gateway: str = "gateway-0") -> Metrics:
+    """A healthy window in which ``gateway`` (a counter series: a gateway pod or process) has
+    captured ``records`` calls for the task since it started."""
+    return captured_by({gateway: records})
+
+
+def captured_by(gateways: dict[str, int], *, keyed_by_start: bool = True) -> Metrics:
+    """A healthy window in which each gateway series has captured so many calls."""
+    return Metrics(
+        p95_latency_ms=80,
+        error_rate=0.0,
+        request_rate=5,
+        captured_records=sum(gateways.values()),
+        capture_counters={g: CounterReading(v, keyed_by_start) for g, v in gateways.items()},
+    )
 
 
 HEALTHY = Metrics(
@@ -1144,33 +1158,38 @@ def test_the_next_window_is_due_a_window_after_the_last_judged_one() -> None:
     assert plan(Observed(fresh, {}, None, NOW)).next_window_s is None
 
 
-def test_a_gateway_restart_does_not_lose_the_new_examples_counted_so_far() -> None:
-    """The captured-record total is a sum of gateway counters; a gateway rollout brings it
-    down. What was counted before goes on counting: 60 before the restart and 40 after make
-    the 100 new examples asked for. Before, the count started over at each restart."""
+def test_gateway_restarts_do_not_lose_the_new_examples_counted_so_far() -> None:
+    """A gateway rollout replaces the counter series: what was counted before goes on
+    counting, and so does what the new gateway captures, however its total compares with the
+    old one's. Before, a second restart lost everything counted between the two whenever the
+    new gateway's total passed the total at the first (549 counted as 69)."""
     task, jobs, dep = _serving_task()
-    task["spec"]["retraining"] = {"minNewExamples": 100, "enabled": True}
+    task["spec"]["retraining"] = {"minNewExamples": 550, "enabled": True}
     t = NOW
-    # baseline, 60 new, a window without a total (the new gateway has written nothing yet:
-    # no series), then the restarted gateway's own count
-    for m in (captured(1000), captured(1060), HEALTHY, captured(20)):
+    # the first count, 60 new, a window without series (the new gateway has written nothing
+    # yet), the replaced gateway's own count, its 440 more, then a second rollout
+    for m in (
+        captured(1000, "a"),
+        captured(1060, "a"),
+        HEALTHY,
+        captured(20, "b"),
+        captured(460, "b"),
+        captured(29, "c"),
+    ):
         _step(task, jobs, dep, t, m)
         t += dt.timedelta(seconds=10)
-    assert task["status"]["retraining"]["epoch"] == 0
-    assert task["status"]["retraining"]["carriedRecords"] == 60
-    assert task["status"]["retraining"]["baselineRecords"] == 20
-    _step(task, jobs, dep, t, captured(59))  # 60 + 39: not yet
-    assert task["status"]["retraining"]["epoch"] == 0
-    _step(task, jobs, dep, t + dt.timedelta(seconds=10), captured(60))
+    r = task["status"]["retraining"]
+    assert (r["epoch"], r["newRecords"], r["capturedRecords"]) == (0, 60 + 20 + 440 + 29, 29)
+    _step(task, jobs, dep, t, captured(30, "c"))
     assert task["status"]["retraining"]["epoch"] == 1
-    assert "carriedRecords" not in task["status"]["retraining"]
-    assert task["status"]["retraining"]["baselineRecords"] == 60
+    assert task["status"]["retraining"]["newRecords"] == 0
 
 
-def test_a_total_that_dips_and_recovers_above_the_baseline_is_not_counted_twice() -> None:
-    """One of several gateway replicas restarting, or a Prometheus replica answering a little
-    behind, lowers the total for a while without going below the count at the last trigger:
-    counting goes on from the baseline, so nothing is counted twice."""
+def test_a_restart_in_place_counts_whole_and_a_lagging_read_counts_nothing_twice() -> None:
+    """The same series read lower than before is a Prometheus replica answering behind (a
+    restarted gateway is a new series: its start is in the key), so the dip and its recovery
+    count nothing twice. Without start times (created series turned off) a lower reading is
+    taken for a restart in place, whose whole count is new."""
     task, jobs, dep = _serving_task()
     task["spec"]["retraining"] = {"minNewExamples": 100, "enabled": True}
     t = NOW
@@ -1178,8 +1197,63 @@ def test_a_total_that_dips_and_recovers_above_the_baseline_is_not_counted_twice(
         _step(task, jobs, dep, t, captured(total))
         t += dt.timedelta(seconds=10)
     assert task["status"]["retraining"]["epoch"] == 0
-    assert "carriedRecords" not in task["status"]["retraining"]
+    assert task["status"]["retraining"]["newRecords"] == 99
     _step(task, jobs, dep, t, captured(1100))
+    assert task["status"]["retraining"]["epoch"] == 1
+
+    task, jobs, dep = _serving_task()
+    task["spec"]["retraining"] = {"minNewExamples": 100, "enabled": True}
+    for i, total in enumerate((1000, 1060, 30)):
+        _step(
+            task,
+            jobs,
+            dep,
+            NOW + dt.timedelta(seconds=10 * i),
+            captured_by({"a": total}, keyed_by_start=False),
+        )
+    assert task["status"]["retraining"]["newRecords"] == 90
+
+
+def test_several_gateways_count_each_ones_gain() -> None:
+    """Three replicas: each series counts what it gained; one replaced meanwhile counts whole,
+    and the one it replaced (gone from Prometheus) is remembered, not counted again when a
+    read brings it back."""
+    task, jobs, dep = _serving_task()
+    task["spec"]["retraining"] = {"minNewExamples": 200, "enabled": True}
+    t = NOW
+    for m in (
+        captured_by({"a": 500, "b": 700, "c": 100}),
+        captured_by({"a": 540, "b": 710, "c": 130}),  # 80
+        captured_by({"a": 560, "b": 720, "d": 15}),  # c replaced by d: 30 + 15
+        captured_by({"a": 570, "b": 720, "c": 130, "d": 40}),  # c read again: nothing new
+    ):
+        _step(task, jobs, dep, t, m)
+        t += dt.timedelta(seconds=10)
+    r = task["status"]["retraining"]
+    assert (r["epoch"], r["newRecords"]) == (0, 80 + 45 + 35)
+    assert sorted(r["gatewayCounters"]) == ["a", "b", "c", "d"]
+    _step(task, jobs, dep, t, captured_by({"a": 600, "b": 730, "d": 41}))
+    assert task["status"]["retraining"]["epoch"] == 1
+
+
+def test_an_older_operators_count_goes_on_after_an_upgrade() -> None:
+    """A status an earlier operator wrote counted from a baseline total: its count so far is
+    kept, and the new counting starts from the next readings."""
+    task, jobs, dep = _serving_task()
+    task["spec"]["retraining"] = {"minNewExamples": 100, "enabled": True}
+    _step(task, jobs, dep, NOW, HEALTHY)
+    task["status"]["retraining"] = {
+        "epoch": 0,
+        "reason": "CountingNewExamples",
+        "baselineRecords": 1000,
+        "capturedRecords": 1050,
+        "carriedRecords": 20,
+    }
+    _step(task, jobs, dep, NOW + dt.timedelta(seconds=10), captured(1055))
+    r = task["status"]["retraining"]
+    assert (r["newRecords"], r["gatewayCounters"]) == (70, {"gateway-0": 1055})
+    assert "baselineRecords" not in r and "carriedRecords" not in r
+    _step(task, jobs, dep, NOW + dt.timedelta(seconds=20), captured(1085))
     assert task["status"]["retraining"]["epoch"] == 1
 
 
@@ -1189,8 +1263,8 @@ def test_retraining_starts_after_enough_new_calls_and_promotes_only_if_better() 
     rev0 = n.revision_of(task["spec"])
     t = NOW
 
-    _step(task, jobs, dep, t, captured(1000))  # baseline
-    assert task["status"]["retraining"]["baselineRecords"] == 1000
+    _step(task, jobs, dep, t, captured(1000))  # where counting starts
+    assert task["status"]["retraining"]["newRecords"] == 0
     t += dt.timedelta(seconds=10)
     _step(task, jobs, dep, t, captured(1050))
     assert task["status"]["retraining"]["epoch"] == 0
@@ -2652,16 +2726,30 @@ def test_calls_captured_while_a_retraining_trains_still_count_across_a_gateway_r
         _step(task, jobs, dep, t, captured(total))
         t += dt.timedelta(seconds=10)
     assert task["status"]["retraining"]["epoch"] == 1
-    for total in (2000, 4100, 30):  # 3000 captured while training, then a restart
-        _step(task, jobs, dep, t, captured(total))
+    for m in (captured(2000), captured(4100), captured(30, "b")):  # 3000, then a restart
+        _step(task, jobs, dep, t, m)
         t += dt.timedelta(seconds=10)
         assert task["status"]["retraining"]["epoch"] == 1  # nothing starts meanwhile
         assert task["status"]["revision"]["training"] == rev1
         assert task["status"]["retraining"]["reason"] == "EnoughNewExamples"
     lost = {**jobs, **retrained_jobs(task, rev0, rev1, scores=(0.88, 0.85))}
-    _step(task, lost, dep, t, captured(40))  # concluded: it lost to the served model
+    _step(task, lost, dep, t, captured(40, "b"))  # concluded: it lost to the served model
     r = task["status"]["retraining"]
     assert r["epoch"] == 2 and r["reason"] == "EnoughNewExamples"  # the 3000 counted
+
+
+def test_many_gateway_rollouts_do_not_grow_the_status_without_bound() -> None:
+    """Every rollout brings new counter series; gone ones are remembered only while there is
+    room, the ones read this window always."""
+    task, jobs, dep = _serving_task()
+    task["spec"]["retraining"] = {"minNewExamples": 10_000, "enabled": True}
+    for i in range(40):
+        m = captured_by({"steady": 100 + i, f"rollout-{i}": 1})
+        _step(task, jobs, dep, NOW + dt.timedelta(seconds=10 * i), m)
+    r = task["status"]["retraining"]
+    assert len(r["gatewayCounters"]) == lv.MAX_REMEMBERED_COUNTERS
+    assert {"steady", "rollout-39"} <= r["gatewayCounters"].keys()
+    assert r["newRecords"] == 39 + 39  # steady's gains, and each new series' one record
 
 
 def test_a_window_without_a_captured_count_keeps_the_retraining_reason() -> None:
