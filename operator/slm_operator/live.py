@@ -488,16 +488,19 @@ def retrain_step(
     does the reason (returned empty), for an enabled retraining is not idle. A paused
     retraining (``enabled: false``) counts nothing either: once enabled again, what the
     gateways gained meanwhile counts.
-    ``may_trigger`` False (a revision is training): the count goes on, nothing starts, and the
-    reason is left as it was (empty).
+    ``may_trigger`` False (a revision is training): the count goes on and nothing starts; the
+    reason is left as it was (empty: EnoughNewExamples for the retraining it started, say)
+    until the count is enough for the next, WaitingForRevision: what holds it back then is the
+    revision in training (or one that failed, until the spec is fixed), not the count.
     """
     if not cfg or not cfg.get("enabled", True):
         return Retrain(epoch, None, False, "RetrainingIdle")
     if new_records is None:
         return Retrain(epoch, None, False, "")
+    enough = new_records >= int(cfg.get("minNewExamples", 1000))
     if not may_trigger:
-        return Retrain(epoch, new_records, False, "")
-    if new_records < int(cfg.get("minNewExamples", 1000)):
+        return Retrain(epoch, new_records, False, "WaitingForRevision" if enough else "")
+    if not enough:
         return Retrain(epoch, new_records, False, "CountingNewExamples")
     if cfg.get("schedule") and not schedule_fired:
         return Retrain(epoch, new_records, False, "WaitingForSchedule")

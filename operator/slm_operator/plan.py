@@ -1600,6 +1600,11 @@ def plan(obs: Observed) -> Plan:
     retrain_over = retraining_beside and step.terminal_failure
     if retrain_over:  # never re-created (and so re-run) if deleted
         out.apply = [o for o in out.apply if o["kind"] != "Job"]
+    spec_revision_starts = (
+        training_needed
+        and not retraining_beside
+        and (prev.get("revision") or {}).get("training") != rev
+    )
     if training_needed and step.exported_uri:  # promote the new revision
         active_rev, active_uri, active_cand = (
             rev,
@@ -1854,6 +1859,11 @@ def plan(obs: Observed) -> Plan:
         elif schedule and "scheduleCheckedAt" in retrain_prev:
             retraining["scheduleCheckedAt"] = retrain_prev["scheduleCheckedAt"]
         # else no schedule (or a paused retraining): fires meanwhile are not owed later.
+    if spec_revision_starts and retraining.get("newRecords"):
+        # A spec edit's revision starts training (a retraining's count starts at its trigger):
+        # its data has the calls counted so far. Counted on, they would start a retraining as
+        # soon as it is promoted, on little more than what it trained on.
+        retraining["newRecords"] = 0
     if retrain_over:
         retraining["concludedRevision"] = rev
     elif retraining.get("concludedRevision") == active_rev:

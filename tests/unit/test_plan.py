@@ -2731,7 +2731,8 @@ def test_calls_captured_while_a_retraining_trains_still_count_across_a_gateway_r
         t += dt.timedelta(seconds=10)
         assert task["status"]["retraining"]["epoch"] == 1  # nothing starts meanwhile
         assert task["status"]["revision"]["training"] == rev1
-        assert task["status"]["retraining"]["reason"] == "EnoughNewExamples"
+        # enough for the next retraining, which waits for this one to conclude
+        assert task["status"]["retraining"]["reason"] == "WaitingForRevision"
     lost = {**jobs, **retrained_jobs(task, rev0, rev1, scores=(0.88, 0.85))}
     _step(task, lost, dep, t, captured(40, "b"))  # concluded: it lost to the served model
     r = task["status"]["retraining"]
@@ -2784,3 +2785,42 @@ def test_a_direct_rollout_holds_one_reason_while_earlier_pods_answer() -> None:
         task["status"] = p.status
         reasons.add(p.status["live"]["rolloutReason"])
     assert reasons == {"WaitingForNewReplicas"}
+
+
+def test_a_spec_edits_revision_starts_the_count_of_new_examples_again() -> None:
+    """Calls counted before a spec edit are in its revision's data: counted on, they started a
+    retraining as soon as that revision was promoted, on little more than it trained on."""
+    task, jobs, dep = _serving_task()
+    task["spec"]["retraining"] = {"minNewExamples": 100, "enabled": True}
+    _step(task, jobs, dep, NOW, captured(1000))
+    _step(task, jobs, dep, NOW + dt.timedelta(seconds=10), captured(1090))
+    assert task["status"]["retraining"]["newRecords"] == 90
+    task["metadata"]["generation"] = 2
+    task["spec"]["candidates"][0]["epochs"] = 5  # a new revision, trained and exported
+    new_rev = n.revision_of(task["spec"])
+    jobs = {**jobs, **jobs_through(task, "export")}
+    _step(task, jobs, dep, NOW + dt.timedelta(seconds=20), captured(1095))
+    assert task["status"]["revision"]["active"] == new_rev
+    assert task["status"]["retraining"]["newRecords"] == 0
+    _step(task, jobs, deployment(new_rev), NOW + dt.timedelta(seconds=30), captured(1110))
+    r = task["status"]["retraining"]
+    assert (r["epoch"], r["newRecords"], r["reason"]) == (0, 15, "CountingNewExamples")
+
+
+def test_enough_new_examples_behind_a_failed_spec_edit_say_what_holds_the_retraining() -> None:
+    """A spec edit whose revision fails holds S6 until the spec is fixed (a retraining would
+    train that spec again); the reason said CountingNewExamples with the count long past
+    minNewExamples."""
+    task, jobs, dep = _serving_task()
+    task["spec"]["retraining"] = {"minNewExamples": 100, "enabled": True}
+    _step(task, jobs, dep, NOW, captured(1000))
+    task["metadata"]["generation"] = 2
+    task["spec"]["candidates"][0]["epochs"] = 5
+    new_rev = n.revision_of(task["spec"])
+    dn = n.data_job_name("weather", new_rev)
+    failed = {**jobs, dn: view(dn, "prepare", new_rev, FAILED, None)}
+    for i, total in enumerate((1050, 1200, 1300)):
+        _step(task, failed, dep, NOW + dt.timedelta(seconds=10 * (i + 1)), captured(total))
+    r = task["status"]["retraining"]
+    assert (r["epoch"], r["newRecords"], r["reason"]) == (0, 250, "WaitingForRevision")
+    assert task["status"]["revision"]["training"] == new_rev
