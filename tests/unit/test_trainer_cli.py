@@ -186,13 +186,22 @@ def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str
         "--head-learning-rate=nan",
         "--selector-max-tokens=0",
         "--selector-max-tokens=2",
+        "--missing-tool-weight=-1",
+        "--missing-tool-weight=nan",
+        "--in-batch-weight=inf",
+        "--latency-samples=-1",
+        "--max-eval-examples=-1",
+        "--num-threads=-2",
+        "--max-new-tokens=0",
     ],
 )
 def test_selector_knobs_out_of_range_are_refused_as_bad_arguments(
     knob: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A negative head learning rate or no query tokens went unchecked: the selector trained
-    on them and reported a useless candidate as a success (exit 0)."""
+    on them and reported a useless candidate as a success (exit 0). So did a negative or NaN
+    loss weight (rewarding the wrong answer), and a negative sample count sliced calls off the
+    end instead of taking none."""
     argv = ["finetune", "--candidate=c", "--model=m", "--data=d", "--output=o", knob]
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)

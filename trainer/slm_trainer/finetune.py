@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -172,6 +173,15 @@ class Args:
             raise ValueError("calibration_folds must be 0 or between 2 and 10")
         if not 0.0 < self.head_learning_rate <= 1.0:
             raise ValueError("head_learning_rate must be in (0, 1]")
+        for name in ("missing_tool_weight", "in_batch_weight"):
+            # A negative weight rewards the wrong answer; NaN makes every loss NaN.
+            if not 0.0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0")
+        for name in ("latency_samples", "max_eval_examples", "num_threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1: no token leaves no answer to score")
         if self.selector_max_tokens < MIN_QUERY_TOKENS:
             raise ValueError(
                 f"selector_max_tokens must be >= {MIN_QUERY_TOKENS}: an encoder's own tokens "
