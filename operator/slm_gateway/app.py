@@ -819,9 +819,10 @@ class Gateway:
         call: _LLMCall,
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         """A non-2xx from the LLM: 4xx (the agent's request, or rate limits) is passed on as
-        the LLM said it, with an error body; anything else (5xx, or a 1xx or 3xx, which is no
-        answer either: an unfollowed redirect) becomes a 502 with our error body, never a
-        status an SDK would take for success or a redirect to follow.
+        the LLM said it, in OpenAI's error body (:func:`errors.upstream_4xx_body`); anything
+        else (5xx, or a 1xx or 3xx, which is no answer either: an unfollowed redirect) becomes
+        a 502 with our error body, never a status an SDK would take for success or a redirect
+        to follow.
 
         A 401 or 403 is a 502 too: the LLM was called with the task's key, not the agent's, so
         the agent's SDK must not read it as its own credentials being rejected. The endpoint
@@ -848,17 +849,7 @@ class Gateway:
         self.metrics.attempt(route.namespace, route.task, LLM, "status_4xx", spent)
         self.breakers.record(LLM, route.llm_log_url, call.llm_b, True, call.admitted)
         self.metrics.errors.labels(route.namespace, route.task, LLM, "llm_4xx").inc()
-        try:
-            doc = orjson.loads(body)
-            ok_body = isinstance(doc, dict) and isinstance(doc.get("error"), dict)
-        except orjson.JSONDecodeError:
-            ok_body = False
-        if not ok_body:
-            body = e.error_body(
-                f"The LLM backend rejected the request with HTTP {status}.",
-                type=e.RATE_LIMIT if status == 429 else e.INVALID_REQUEST,
-                code=e.CODE_UPSTREAM,
-            )
+        body = e.upstream_4xx_body(status, body, route.llm_api_key)
         headers = [_CT_JSON, _BACKEND_LLM]
         if retry_after:
             headers.append((b"retry-after", retry_after.encode("latin-1", "replace")))

@@ -181,7 +181,9 @@ def slm_can_serve(body: Mapping[str, Any]) -> bool:
     served ``tools`` only, and answers with ``tool_calls``) goes to the LLM: the agent gets
     what it asked for, and no fallback is counted against the SLM. So does a request with a
     ``strict`` tool: strict function calling is structured output too (the arguments follow
-    the schema exactly), which the SLM does not guarantee.
+    the schema exactly), which the SLM does not guarantee. And so does a request with a
+    custom (free-form input) tool, in ``tools`` or named by ``tool_choice``: the SLM is
+    trained on function tools only, and could neither call one nor tell when it should.
     """
     n = body.get("n")
     if n is not None and n != 1:
@@ -197,11 +199,16 @@ def slm_can_serve(body: Mapping[str, Any]) -> bool:
     if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
         return False
     tools = body.get("tools")
-    return not isinstance(tools, list) or not any(_strict_tool(t) for t in tools)
+    return not isinstance(tools, list) or not any(_llm_only_tool(t) for t in tools)
 
 
-def _strict_tool(tool: Any) -> bool:
-    fn = tool.get("function") if isinstance(tool, dict) else None
+def _llm_only_tool(tool: Any) -> bool:
+    """A custom tool, or a strict function (see :func:`slm_can_serve`)."""
+    if not isinstance(tool, dict):
+        return False
+    if tool.get("type") == "custom":
+        return True
+    fn = tool.get("function")
     return isinstance(fn, dict) and fn.get("strict") is True
 
 

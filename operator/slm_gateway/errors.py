@@ -9,6 +9,7 @@ anywhere on the request path; the HTTP layer turns it into a response with
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import orjson
 
@@ -76,3 +77,56 @@ def error_body(
 def invalid(message: str, param: str | None = None, code: str = CODE_INVALID_VALUE) -> GatewayError:
     """A 400 for a request the agent must fix."""
     return GatewayError(400, message, param=param, code=code)
+
+
+#: The longest reason from an LLM server that an agent gets in a rebuilt error body.
+MAX_UPSTREAM_REASON = 1000
+
+
+def upstream_4xx_body(status: int, body: bytes, secret: str = "") -> bytes:
+    """An LLM's 4xx answer as OpenAI's error body: as it came when it has that shape already,
+    else rebuilt around the LLM server's own reason.
+
+    Why: OpenAI-compatible servers word their refusals in their own shapes, vLLM's and
+    SGLang's ``{"object": "error", "message"}``, TGI's and llama.cpp's string ``error``,
+    FastAPI's ``detail`` (a string, or pydantic's list of errors), and an agent's SDK reads
+    only ``error.message``: replaced by a generic message, the reason (a context length
+    exceeded, an unsupported parameter) was lost. ``secret`` (the task's LLM key) is masked
+    should the server quote it, as the gateway never shows an agent that key.
+    """
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        doc = None
+    if isinstance(doc, dict) and isinstance(doc.get("error"), dict):
+        return body
+    message = f"The LLM backend rejected the request with HTTP {status}."
+    reason = _upstream_reason(doc)
+    if reason:
+        if secret:  # masked before the cut, which could leave part of it
+            reason = reason.replace(secret, "[redacted]")
+        message = f"{message[:-1]}: {reason[:MAX_UPSTREAM_REASON]}"
+    param = doc.get("param") if isinstance(doc, dict) else None
+    return error_body(
+        message,
+        type=RATE_LIMIT if status == 429 else INVALID_REQUEST,
+        param=param if isinstance(param, str) else None,
+        code=CODE_UPSTREAM,
+    )
+
+
+def _upstream_reason(doc: Any) -> str:
+    """The reason a non-OpenAI error body gives (see :func:`upstream_4xx_body`); "" when it
+    gives none."""
+    if not isinstance(doc, dict):
+        return ""
+    for key in ("message", "error", "detail"):
+        value = doc.get(key)
+        if key == "detail" and value is not None and not isinstance(value, str):
+            try:
+                value = orjson.dumps(value).decode()
+            except orjson.JSONEncodeError:  # nested deeper than orjson writes
+                continue
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return ""

@@ -337,7 +337,8 @@ def _validate_message(message: Any, i: int, tool_call_ids: set[str]) -> None:
                 raise invalid(f"Missing required parameter: '{p}'.", p, CODE_MISSING)
             raise _wrong_type(p, "a string", tcid)
     else:
-        _validate_content(content, i, required=True)
+        # A legacy function result may be null (openai-python types its content Optional).
+        _validate_content(content, i, required=role != "function")
 
 
 def _validate_tool_calls(calls: Any, p: str, ids: set[str]) -> None:
@@ -352,8 +353,15 @@ def _validate_tool_calls(calls: Any, p: str, ids: set[str]) -> None:
             raise _wrong_type(f"{q}.id", "a string", cid)
         ids.add(cid)
         kind = call.get("type", "function")
+        if kind == "custom":
+            custom = _custom(call, q)
+            if not isinstance(custom.get("input"), str):
+                raise _wrong_type(f"{q}.custom.input", "a string", custom.get("input"))
+            continue
         if kind != "function":
-            raise invalid(f"Invalid value for '{q}.type': {kind!r}.", f"{q}.type")
+            raise invalid(
+                f"Invalid value for '{q}.type': {kind!r}; use 'function' or 'custom'.", f"{q}.type"
+            )
         fn = call.get("function")
         if not isinstance(fn, dict):
             raise _wrong_type(f"{q}.function", "an object", fn)
@@ -394,11 +402,13 @@ def _validate_tool(tool: Any, i: int, seen: set[str]) -> str:
     if not isinstance(tool, dict):
         raise _wrong_type(p, "an object", tool)
     kind = tool.get("type")
+    if kind == "custom":
+        return _validate_custom_tool(tool, p, seen)
     if kind != "function":
         if kind is None:
             raise invalid(f"Missing required parameter: '{p}.type'.", f"{p}.type", CODE_MISSING)
         raise invalid(
-            f"Invalid value for '{p}.type': {kind!r}; only 'function' is supported.",
+            f"Invalid value for '{p}.type': {kind!r}; only 'function' and 'custom' are supported.",
             f"{p}.type",
         )
     fn = tool.get("function")
@@ -423,11 +433,7 @@ def _validate_tool(tool: Any, i: int, seen: set[str]) -> str:
             "underscores, dashes, dots or colons.",
             f"{p}.function.name",
         )
-    if name in seen:
-        raise invalid(f"Duplicate tool name {name!r} in '{p}'.", f"{p}.function.name")
-    desc = fn.get("description")
-    if desc is not None and not isinstance(desc, str):
-        raise _wrong_type(f"{p}.function.description", "a string", desc)
+    _validate_named(fn, name, p, "function", seen)
     strict = fn.get("strict")
     if strict is not None and not isinstance(strict, bool):
         raise _wrong_type(f"{p}.function.strict", "a boolean", strict)
@@ -436,6 +442,58 @@ def _validate_tool(tool: Any, i: int, seen: set[str]) -> str:
         if not isinstance(params, dict):
             raise _wrong_type(f"{p}.function.parameters", "a JSON Schema object", params)
         _validate_schema(params, f"{p}.function.parameters", depth=0)
+    return name
+
+
+def _validate_named(entry: dict[str, Any], name: str, p: str, kind: str, seen: set[str]) -> None:
+    """What a function and a custom tool (``kind``) share: a name no other tool has, and an
+    optional string description."""
+    if name in seen:
+        raise invalid(f"Duplicate tool name {name[:80]!r} in '{p}'.", f"{p}.{kind}.name")
+    desc = entry.get("description")
+    if desc is not None and not isinstance(desc, str):
+        raise _wrong_type(f"{p}.{kind}.description", "a string", desc)
+
+
+def _custom(obj: dict[str, Any], p: str) -> dict[str, Any]:
+    """The ``custom`` object of a custom tool, tool call or tool choice at ``p``, checked to
+    name the tool with a non-empty string."""
+    custom = obj.get("custom")
+    if not isinstance(custom, dict):
+        if custom is None:
+            raise invalid(f"Missing required parameter: '{p}.custom'.", f"{p}.custom", CODE_MISSING)
+        raise _wrong_type(f"{p}.custom", "an object", custom)
+    name = custom.get("name")
+    if not isinstance(name, str) or not name:
+        if name is None:
+            raise invalid(
+                f"Missing required parameter: '{p}.custom.name'.", f"{p}.custom.name", CODE_MISSING
+            )
+        raise _wrong_type(f"{p}.custom.name", "a non-empty string", name)
+    return custom
+
+
+def _validate_custom_tool(tool: dict[str, Any], p: str, seen: set[str]) -> str:
+    """A custom (free-form input) tool, as openai-python types it: ``{"type": "custom",
+    "custom": {"name", "description"?, "format"?}}``, with ``format`` ``{"type": "text"}`` or
+    ``{"type": "grammar", "grammar": {...}}``. Only the LLM answers a request that has one
+    (:func:`slm_gateway.decide.slm_can_serve`): the SLM knows function tools only."""
+    custom = _custom(tool, p)
+    name: str = custom["name"]
+    _validate_named(custom, name, p, "custom", seen)
+    fmt = custom.get("format")
+    if fmt is not None:
+        if not isinstance(fmt, dict):
+            raise _wrong_type(f"{p}.custom.format", "an object", fmt)
+        kind = fmt.get("type")
+        if kind not in ("text", "grammar"):
+            raise invalid(
+                f"Invalid value for '{p}.custom.format.type': {str(kind)[:40]!r}; use text or "
+                "grammar.",
+                f"{p}.custom.format.type",
+            )
+        if kind == "grammar" and not isinstance(fmt.get("grammar"), dict):
+            raise _wrong_type(f"{p}.custom.format.grammar", "an object", fmt.get("grammar"))
     return name
 
 
@@ -500,23 +558,38 @@ def _validate_tool_choice(choice: Any, names: frozenset[str]) -> None:
         return
     if not isinstance(choice, dict):
         raise _wrong_type("tool_choice", "a string or an object", choice)
-    if choice.get("type") == "allowed_tools":
+    kind = choice.get("type")
+    if kind == "allowed_tools":
         _validate_allowed_tools(choice.get("allowed_tools"), names)
         return
-    fn = choice.get("function")
-    if choice.get("type") != "function" or not isinstance(fn, dict):
-        raise invalid(
-            "'tool_choice' must be {'type': 'function', 'function': {'name': ...}}.",
-            "tool_choice",
-        )
-    name = fn.get("name")
-    if not isinstance(name, str):
-        raise _wrong_type("tool_choice.function.name", "a string", name)
+    if kind == "custom":
+        name = _custom(choice, "tool_choice")["name"]
+        param = "tool_choice.custom.name"
+    else:
+        fn = choice.get("function")
+        if kind != "function" or not isinstance(fn, dict):
+            raise invalid(f"'tool_choice' must be {_NAMED_TOOL}.", "tool_choice")
+        name = fn.get("name")
+        if not isinstance(name, str):
+            raise _wrong_type("tool_choice.function.name", "a string", name)
+        param = "tool_choice.function.name"
     if name not in names:
-        raise invalid(
-            f"'tool_choice' names {name[:80]!r}, which is not among 'tools'.",
-            "tool_choice.function.name",
-        )
+        raise invalid(f"'tool_choice' names {name[:80]!r}, which is not among 'tools'.", param)
+
+
+#: The shapes of a tool named in ``tool_choice``, for the messages of the 400s.
+_NAMED_TOOL = (
+    "{'type': 'function', 'function': {'name': ...}} or {'type': 'custom', 'custom': {'name': ...}}"
+)
+
+
+def _named_tool(entry: Any) -> str | None:
+    """The name an ``allowed_tools`` entry gives (a function or a custom tool), else None."""
+    if not isinstance(entry, dict):
+        return None
+    inner = entry.get("custom") if entry.get("type") == "custom" else entry.get("function")
+    name = inner.get("name") if isinstance(inner, dict) else None
+    return name if isinstance(name, str) else None
 
 
 def _validate_allowed_tools(allowed: Any, names: frozenset[str]) -> None:
@@ -536,12 +609,10 @@ def _validate_allowed_tools(allowed: Any, names: frozenset[str]) -> None:
     if not isinstance(tools, list) or not tools:
         raise _wrong_type("tool_choice.allowed_tools.tools", "a non-empty array", tools)
     for i, tool in enumerate(tools):
-        fn = tool.get("function") if isinstance(tool, dict) else None
-        name = fn.get("name") if isinstance(fn, dict) else None
-        if not isinstance(name, str):
+        name = _named_tool(tool)
+        if name is None:
             raise invalid(
-                f"'tool_choice.allowed_tools.tools[{i}]' must be {{'type': 'function', "
-                "'function': {'name': ...}}.",
+                f"'tool_choice.allowed_tools.tools[{i}]' must be {_NAMED_TOOL}.",
                 f"tool_choice.allowed_tools.tools[{i}]",
             )
         if name not in names:

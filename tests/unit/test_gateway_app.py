@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +22,10 @@ import pytest
 import yaml
 from starlette.testclient import TestClient
 
+from slm_contract import CallRecord
 from slm_e2e import llm_standin
 from slm_gateway.app import create_app
+from slm_gateway.capture import CaptureConfig
 from slm_gateway.config import GatewayConfig, config_from_args
 from slm_gateway.decide import canary_bucket
 from slm_gateway.routes import Route, RouteTable
@@ -717,6 +721,112 @@ def test_an_llm_that_rejects_the_gateways_key_is_a_502_not_the_agents_auth_error
     standin.control(llm_error_status=400, slm_fail=False)
     with client(route(standin)) as c:
         assert chat(c).status_code == 400  # a request the LLM rejects is still the agent's
+
+
+CUSTOM_TOOL = {"type": "custom", "custom": {"name": "apply_patch", "description": "A patch."}}
+
+
+@pytest.mark.parametrize("mode", ["slm", "shadow"])
+def test_a_request_with_a_custom_tool_is_the_llms_and_is_captured(
+    standin: llm_standin.StandIn, tmp_path: Path, mode: str
+) -> None:
+    """GPT-5's custom (free-form input) tools got a 400. The SLM is trained on function
+    tools only, so such a request goes to the LLM in every mode, without a fallback reason
+    and without a shadow copy, and its call is captured like any other."""
+    call = {"id": "c1", "type": "custom", "custom": {"name": "apply_patch", "input": "*** P"}}
+    history = [
+        {"role": "user", "content": "Patch it."},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "done"},
+    ]
+    named = {"type": "custom", "custom": {"name": "apply_patch"}}
+    requests: list[dict[str, Any]] = [
+        {"tools": [*TOOLS, CUSTOM_TOOL]},
+        {"tools": [*TOOLS, CUSTOM_TOOL], "tool_choice": named},
+        {"tools": [*TOOLS, CUSTOM_TOOL], "messages": history},
+    ]
+    capture = CaptureConfig(target=str(tmp_path))
+    with client(route(standin, mode=mode), capture=capture) as c:
+        for extra in requests:
+            r = chat(c, **extra)
+            assert r.status_code == 200, r.text
+            assert r.headers["x-slm-backend"] == "llm", extra
+            assert "x-slm-fallback-reason" not in r.headers
+        skipped = metric(c, "slm_gateway_shadow_total", result="skipped")
+    assert standin.stats()["slm_calls"] == 0
+    assert skipped == (3 if mode == "shadow" else 0)
+    lines = [line for f in tmp_path.rglob("*.jsonl") for line in f.read_text().splitlines()]
+    records = [CallRecord.from_json(line) for line in lines]
+    assert len(records) == 3 and all(rec.tools[-1] == CUSTOM_TOOL for rec in records)
+
+
+class _RawLLM(BaseHTTPRequestHandler):
+    """An LLM server that answers every call with ``reply``: (status, body bytes)."""
+
+    reply: tuple[int, bytes] = (200, b"{}")
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        status, body = self.reply
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def raw_llm() -> Iterator[ThreadingHTTPServer]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _RawLLM)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "reason"),
+    [
+        (  # vLLM's and SGLang's ErrorResponse
+            400,
+            b'{"object":"error","message":"maximum context length is 4096 tokens",'
+            b'"type":"BadRequestError","param":null,"code":400}',
+            "maximum context length is 4096 tokens",
+        ),
+        (  # TGI, llama.cpp, Ollama
+            422,
+            b'{"error":"Input validation error: inputs too long","error_type":"validation"}',
+            "Input validation error: inputs too long",
+        ),
+        (422, b'{"detail":"tool_choice required is not supported"}', "not supported"),
+        (422, b'{"detail":[{"loc":["body","messages"],"msg":"field required"}]}', "field required"),
+        (400, b'{"message":"bad header: Bearer ' + KEY.encode() + b'"}', "bad header: Bearer"),
+        (400, b'{"message":"' + b"x" * 5000 + b'"}', "x" * 1000),
+        (413, b"<html>too big</html>", ""),
+    ],
+    ids=["vllm", "tgi", "fastapi", "pydantic", "key-quoted", "long", "not-json"],
+)
+def test_an_llm_4xx_in_another_servers_shape_keeps_its_reason(
+    raw_llm: ThreadingHTTPServer, status: int, body: bytes, reason: str
+) -> None:
+    """Only OpenAI's ``{"error": {...}}`` kept the LLM's reason; from vLLM, TGI or a FastAPI
+    server the agent read "rejected the request with HTTP 400" and nothing about why. The
+    status stays the LLM's, the body is OpenAI's, the reason is cut at 1000 characters, and
+    the task's LLM key never shows, even when the server quotes it."""
+    _RawLLM.reply = (status, body)
+    url = f"http://127.0.0.1:{raw_llm.server_port}/v1"
+    task = Route(task="weather", mode="llm", llm_base_url=url, llm_model="m", llm_api_key=KEY)
+    with client(task) as c:
+        for stream in (False, True):
+            r = chat(c, stream=stream)
+            assert r.status_code == status and is_error_body(r, "upstream_error")
+            message = r.json()["error"]["message"]
+            assert message.startswith(f"The LLM backend rejected the request with HTTP {status}")
+            assert reason in message and KEY not in message
+            assert len(message) < 1100
+            assert reason or message.endswith(f"HTTP {status}.")  # nothing to quote
 
 
 SECRET = "sk-TESTSECRET1234567890abcdef"

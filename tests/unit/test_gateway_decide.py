@@ -376,6 +376,9 @@ class TestToolContract:
             ({"tool_choice": {"type": "function", "function": {"name": "a"}}}, True),
             # a subset of the tools this turn: the SLM was trained on the whole list
             ({"tool_choice": {"type": "allowed_tools", "allowed_tools": {}}}, False),
+            # a custom (free-form) tool: the SLM is trained on function tools only
+            ({"tools": [{"type": "custom", "custom": {"name": "apply_patch"}}]}, False),
+            ({"tool_choice": {"type": "custom", "custom": {"name": "apply_patch"}}}, False),
             # legacy function calling: the SLM is served tools and answers with tool_calls
             ({"functions": [{"name": "a"}]}, False),
             ({"function_call": "auto"}, False),

@@ -60,6 +60,46 @@ def test_openais_allowed_tools_choice_is_valid() -> None:
     assert parse_chat_request(body(tool_choice=choice)).body["tool_choice"] == choice
 
 
+CUSTOM = {
+    "type": "custom",
+    "custom": {
+        "name": "apply_patch",
+        "description": "Apply a patch",
+        "format": {"type": "grammar", "grammar": {"definition": "start: /.+/", "syntax": "lark"}},
+    },
+}
+
+
+def test_openais_custom_tools_are_valid_wherever_the_sdk_sends_them() -> None:
+    """GPT-5's custom (free-form input) tools, as openai-python types them: in ``tools``, as
+    a named ``tool_choice``, in ``allowed_tools`` and as an earlier turn's tool call. An agent
+    using one got a 400 before the LLM, which answers it, ever saw the request."""
+    call = {"id": "c1", "type": "custom", "custom": {"name": "apply_patch", "input": "*** P"}}
+    history = [
+        {"role": "user", "content": "Patch it."},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "done"},
+    ]
+    named = {"type": "custom", "custom": {"name": "apply_patch"}}
+    allowed = {
+        "type": "allowed_tools",
+        "allowed_tools": {"mode": "auto", "tools": [named, TOOL]},
+    }
+    for choice in (named, allowed):
+        req = parse_chat_request(body(messages=history, tools=[TOOL, CUSTOM], tool_choice=choice))
+        assert req.tool_names == frozenset({"get_weather", "apply_patch"})
+        assert req.body["tool_choice"] == choice and req.tools == [TOOL, CUSTOM]
+
+
+def test_a_function_result_may_be_null() -> None:
+    """openai-python types a legacy ``function`` message's content as Optional."""
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "function", "name": "get_weather", "content": None},
+    ]
+    assert len(parse_chat_request(body(messages=messages)).messages) == 2
+
+
 def test_a_full_tool_conversation_is_valid() -> None:
     messages = [
         {"role": "system", "content": "Pick tools."},
@@ -176,6 +216,44 @@ def test_a_full_tool_conversation_is_valid() -> None:
         (
             body(tool_choice={"type": "allowed_tools", "allowed_tools": {"mode": "auto"}}),
             "tool_choice.allowed_tools.tools",
+            "invalid_type",
+        ),
+        (
+            body(tools=[{"type": "custom", "custom": {"description": "x"}}]),
+            "tools[0].custom.name",
+            "missing_required_parameter",
+        ),
+        (body(tools=[{"type": "custom", "custom": "x"}]), "tools[0].custom", "invalid_type"),
+        (
+            body(tools=[{"type": "custom", "custom": {"name": "p", "format": {"type": "xml"}}}]),
+            "tools[0].custom.format.type",
+            "invalid_value",
+        ),
+        (
+            body(tools=[TOOL, {"type": "custom", "custom": {"name": "get_weather"}}]),
+            "tools[1].custom.name",
+            "invalid_value",
+        ),
+        (
+            body(tool_choice={"type": "custom", "custom": {"name": "nope"}}),
+            "tool_choice.custom.name",
+            "invalid_value",
+        ),
+        (
+            body(tool_choice={"type": "custom", "custom": {"name": ""}}),
+            "tool_choice.custom.name",
+            "invalid_type",
+        ),
+        (
+            body(
+                messages=[
+                    {
+                        "role": "assistant",
+                        "tool_calls": [{"id": "c", "type": "custom", "custom": {"name": "p"}}],
+                    }
+                ]
+            ),
+            "messages[0].tool_calls[0].custom.input",
             "invalid_type",
         ),
         (body(stream_options={"include_usage": True}), "stream_options", "invalid_value"),
