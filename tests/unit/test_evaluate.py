@@ -136,6 +136,22 @@ def test_candidate_info_reads_the_served_threshold(tmp_path: Path) -> None:
     assert evaluate.candidate_info(tmp_path) == {}
 
 
+def test_a_parameter_count_no_result_can_carry_leaves_the_size_unknown(tmp_path: Path) -> None:
+    """2**63 passed as a count, and the winner's TrainerResult then refused it: the stage
+    crashed (exit 1) after judging every candidate. The export stage applies the same rules."""
+    (tmp_path / "manifest.json").write_text(json.dumps({"parameters": 2**63, "threshold": 0.5}))
+    assert evaluate.candidate_info(tmp_path) == {"threshold": 0.5}
+    numbers, problems = evaluate.description_numbers(
+        {"parameters": 2.2e7, "trainable_parameters": 4, "score": 97.0, "threshold": True}
+    )
+    assert numbers == {"trainable_parameters": 4}
+    assert problems == [
+        "parameters 22000000.0 is not a non-negative integer",
+        "score 97.0 is not a number in [0, 1]",
+        "threshold true is not a number in [0, 1]",
+    ]
+
+
 @pytest.mark.parametrize("metric", ["tool-call-ast", "exact-match"])
 def test_a_selector_gated_on_whole_answers_is_scored_on_the_call_it_serves(metric: str) -> None:
     """A selector serves the tool it picks with "{}" arguments. Scored on the tool name it
@@ -260,6 +276,51 @@ def test_a_candidate_that_reaches_no_target_precision_fails_the_gate() -> None:
     assert evaluate.apply_gate([s], 1.0, None, None, "best-score") is None
     assert s.passes is False
     assert "no threshold reaches precision 0.97" in s.reasons
+
+
+def _weather_eval(tmp_path: Path, n: int) -> Path:
+    """A data folder whose eval.jsonl holds ``n`` calls the LLM answered with get_weather."""
+    calls = [
+        CallRecord(
+            task="t",
+            backend="llm",
+            messages=[{"role": "user", "content": f"weather {i}?"}],
+            tools=TOOLS,
+            response=tool_call("get_weather", {"city": f"c{i}"}),
+        )
+        for i in range(n)
+    ]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "eval.jsonl").write_text("".join(r.to_json() + "\n" for r in calls))
+    return data
+
+
+def test_a_candidate_that_reaches_no_target_precision_scores_0_answering_nothing(
+    tmp_path: Path,
+) -> None:
+    """Such a candidate answers nothing (targetPrecision's docs; finetune scores it 0 with the
+    threshold 1.0), yet the report gave it its best precision on the curve: "score 0.800 at
+    coverage 100.0%", a figure the gate never compares. That point stays on view apart."""
+    data = _weather_eval(tmp_path, 10)
+    # 8 of 10 right; the 2 wrong ones are the most confident: no threshold reaches 0.97
+    rows = [{"index": i, "label": "get_weather", "confidence": 0.9} for i in range(8)] + [
+        {"index": i, "label": "set_alarm", "confidence": 0.95} for i in (8, 9)
+    ]
+    _write_rows(tmp_path / "cands" / "a", rows)
+    args = _args_for(tmp_path, data, tmp_path / "cands")
+    args.plot = True
+    result = evaluate.run(args)
+    assert not result.ok
+    assert "a: score 0.000 at coverage 0.0% (no threshold reaches precision 0.97" in (
+        result.message
+    )
+    (cand,) = json.loads((tmp_path / "out" / "report.json").read_text())["candidates"]
+    assert (cand["score"], cand["coverage"], cand["threshold"]) == (0.0, 0.0, 1.0)
+    assert cand["metrics"]["at_threshold"] is None
+    best = cand["metrics"]["best_below_target"]
+    assert (best["precision"], best["coverage"]) == (0.8, 1.0)
+    assert (tmp_path / "out" / "report.png").is_file()
 
 
 def write_candidate(folder: Path, preds: list[evaluate.Prediction], params: int) -> None:
@@ -560,19 +621,7 @@ def test_predictions_on_another_scale_or_misaligned_are_the_candidates_error(
 def test_a_threshold_must_answer_more_than_a_lucky_call(tmp_path: Path) -> None:
     """The threshold is picked and scored on the same eval calls: one answering only the most
     confident call of a hundred, right, scored 1.0 and won. It must answer 10 of them."""
-    calls = [
-        CallRecord(
-            task="t",
-            backend="llm",
-            messages=[{"role": "user", "content": f"weather {i}?"}],
-            tools=TOOLS,
-            response=tool_call("get_weather", {"city": f"c{i}"}),
-        )
-        for i in range(100)
-    ]
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "eval.jsonl").write_text("".join(r.to_json() + "\n" for r in calls))
+    data = _weather_eval(tmp_path, 100)
     rows = [
         {"index": i, "label": "get_weather" if i == 0 else "set_alarm", "confidence": 1 - i / 200}
         for i in range(100)

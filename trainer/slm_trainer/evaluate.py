@@ -27,7 +27,10 @@ the candidate's finetune stage calibrated, which the report reads from ``selecto
 ``manifest.json`` or ``result.json`` and scores too (``metrics.at_served_threshold``).
 Confidences must lie in [0, 1]; predictions on another scale, or
 not one per eval call, are that candidate's error. A candidate's ``score`` is its chosen
-metric on the calls it answers at that threshold (on all calls when it has no confidence).
+metric on the calls it answers at that threshold (on all calls when it has no confidence);
+when no threshold reaches the target it answers nothing, so its score and coverage are 0 (as
+the finetune stage reports it) and the curve's best point is kept as
+``metrics.best_below_target``.
 ``llm_score`` is 1.0, because the references are the LLM's own answers. The gate
 (``min_score``, ``max_drop_vs_llm``) and the selection policy then pick the winner that the
 result reports. No candidate passing is a failed result (exit 3), with the reasons.
@@ -43,7 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from slm_contract import CallRecord, TaskType, TrainerResult
+from slm_contract import MAX_COUNT, CallRecord, TaskType, TrainerResult
 from slm_trainer import metrics
 from slm_trainer.curate import ParseStats, parse_lines, read_lines, writable
 from slm_trainer.generative import MIN_ACCEPTED, MIN_THRESHOLD
@@ -263,22 +266,30 @@ def score_candidate(
         # a smaller eval split.
         least = max(1, min(MIN_ACCEPTED, len(preds) // 10))
         chosen = metrics.pick_threshold(usable, target_precision, min_accepted=least)
+        out.curve = metrics.curve_as_dicts(curve)
         if chosen is None:
-            chosen = max(usable, key=lambda p: (p.precision if p.accepted else -1, p.coverage))
+            # Such a candidate answers nothing (targetPrecision's documentation), and the
+            # finetune stage gives it the threshold 1.0 and the score 0 (metrics.gate_score
+            # of None): reported here as its best point on the curve, it showed a score the
+            # gate never compares. That point stays on view for whoever lowers the target.
+            best = max(usable, key=lambda p: (p.precision if p.accepted else -1, p.coverage))
             out.meets_precision = False
             out.reasons.append(
                 f"no threshold reaches precision {target_precision:.2f}"
                 + (f" on at least {least} answered calls" if least > 1 else "")
             )
-        out.curve = metrics.curve_as_dicts(curve)
-        # Not rounded: the gateway compares served confidences with this value, and a
-        # threshold rounded up would defer calls the curve counted as accepted. The margin
-        # (halfway to the next lower confidence) answers the same eval calls.
-        margin = metrics.with_margin(chosen.threshold, answer_labels, conf)
-        out.threshold = max(floor, min(1.0, margin))
-        out.coverage = round(chosen.coverage, 6)
-        out.score = round(metrics.gate_score(chosen), 6)
-        m["at_threshold"] = asdict(chosen)
+            out.threshold, out.coverage, out.score = 1.0, 0.0, metrics.gate_score(None)
+            m["at_threshold"] = None
+            m["best_below_target"] = asdict(best)
+        else:
+            # Not rounded: the gateway compares served confidences with this value, and a
+            # threshold rounded up would defer calls the curve counted as accepted. The
+            # margin (halfway to the next lower confidence) answers the same eval calls.
+            margin = metrics.with_margin(chosen.threshold, answer_labels, conf)
+            out.threshold = max(floor, min(1.0, margin))
+            out.coverage = round(chosen.coverage, 6)
+            out.score = round(metrics.gate_score(chosen), 6)
+            m["at_threshold"] = asdict(chosen)
         if served_threshold is not None:
             m["at_served_threshold"] = asdict(
                 metrics.selective_point(answer_labels, conf, refs, served_threshold, verdict)
@@ -458,6 +469,42 @@ def run_selector_here(path: Path, records: Sequence[CallRecord], threads: int) -
     return preds
 
 
+def description_numbers(data: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The counts (``parameters``, ``trainable_parameters``), ``score`` and ``threshold`` of a
+    candidate's description (selector.json, manifest.json, result.json) that a
+    :class:`TrainerResult` can carry, and a sentence for each one present that it cannot.
+
+    One rule for the stages that read them: JSON's ``true`` is no threshold of 1.0, and
+    ``2.2e7`` no parameter count, though Python's ``isinstance`` says so. The evaluate stage
+    leaves such a value out (the candidate counts as of unknown size); the export stage
+    refuses the candidate before writing anything, where it used to serve the threshold 1.0
+    or crash on the result after the repository was in place.
+    """
+    valid: dict[str, Any] = {}
+    problems: list[str] = []
+    for name in ("parameters", "trainable_parameters"):
+        value = data.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_COUNT:
+            valid[name] = value
+        elif value is not None:
+            problems.append(f"{name} {_shown(value)} is not a non-negative integer")
+    for name in ("score", "threshold"):
+        value = data.get(name)
+        # NaN fails both comparisons
+        if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1:
+            valid[name] = float(value)
+        elif value is not None:
+            problems.append(f"{name} {_shown(value)} is not a number in [0, 1]")
+    return valid, problems
+
+
+def _shown(value: Any) -> str:
+    """A JSON value as a message quotes it: a scalar as written (cut), else its kind."""
+    if isinstance(value, str | int | float):
+        return json.dumps(value)[:40]
+    return "(an object)" if isinstance(value, dict) else "(an array)"
+
+
 def candidate_info(path: Path) -> dict[str, Any]:
     """Parameters, artifact URI and served threshold from selector.json, manifest.json (a
     generative candidate's) or result.json, when present."""
@@ -472,18 +519,10 @@ def candidate_info(path: Path) -> dict[str, Any]:
             if not isinstance(data, dict):
                 continue
             # what the winner's result would carry: a count and a URI, or nothing
-            parameters = data.get("parameters")
-            if isinstance(parameters, int) and not isinstance(parameters, bool) and parameters >= 0:
-                info["parameters"] = parameters
+            numbers, _ = description_numbers(data)
+            info.update({k: v for k, v in numbers.items() if k in ("parameters", "threshold")})
             if isinstance(data.get("artifact_uri"), str) and data["artifact_uri"]:
                 info["artifact_uri"] = data["artifact_uri"]
-            threshold = data.get("threshold")
-            if (
-                isinstance(threshold, int | float)
-                and not isinstance(threshold, bool)
-                and 0.0 <= threshold <= 1.0
-            ):
-                info["threshold"] = float(threshold)
     return info
 
 

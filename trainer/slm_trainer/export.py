@@ -2,8 +2,9 @@
 
 Why a stage of its own: serving must not depend on the training pod's file layout, and a
 repository must be complete before Triton sees it (Triton loads what it finds, half-written or
-not). This stage writes, into a temporary folder beside ``<output>`` (on the same volume) that
-is renamed into place at the end:
+not). This stage writes into a temporary folder beside ``<output>`` (in its parent folder,
+``<output>`` resolved first, so that ``--output .`` stages beside the repository, not in it),
+renamed into place at the end:
 
 - ``<output>/<model-name>/config.pbtxt``: Python backend, BYTES request in, BYTES response
   and FP32 confidence out, dynamic batching (:func:`slm_trainer.triton_model.render_config`);
@@ -23,6 +24,15 @@ local folder when the base is in the trainer's Hugging Face cache on the shared 
 serving pod mounts the same volume), else the hub id. ``--merge`` writes merged weights
 instead, for a repository that needs nothing else.
 
+``<output>`` must therefore not be the root of a mounted volume (``--output /models`` where
+the PVC is mounted at ``/models``): beside it is another filesystem, where the final rename
+fails (EXDEV) after the whole repository was written, and inside it there is no place to
+stage, since Triton loads every folder at the repository root, hidden ones too. Such an
+output is refused before anything is written (exit 2, every retry would fail the same way),
+asking for a folder inside the volume, which is what the operator passes
+(``<claim>/<task>/<revision>/model_repository``); Triton's ``--model-repository`` then
+points at that folder.
+
 A candidate folder may instead hold a closed-label selector (``selector.json`` and its
 sub-folders, written by the selector path of ``finetune``); it is copied to ``selector/`` and
 the backend answers (or defers) with the selector's calibrated confidence, loading it through
@@ -36,6 +46,7 @@ overriding ``--threshold``. The gateway applies the AgentTask's route threshold;
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -46,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from slm_contract import TaskType, TrainerResult
+from slm_trainer.cli import BadArguments
 
 CONTRACT_STAGE = "export"
 METADATA_SCHEMA = "slmfleet.dev/triton-model/v1"
@@ -175,6 +187,59 @@ def _check_selector_format(path: Path, selector: dict[str, Any]) -> None:
         )
 
 
+def _check_numbers(path: Path, description: dict[str, Any]) -> dict[str, Any]:
+    """The counts, score and threshold of ``description`` (read from ``path``), checked by
+    the evaluate stage's rules; :class:`UnreadableDescription` naming the ones that are not
+    what they claim. Checked before anything is written: a threshold of ``true`` was served
+    as 1.0, and a float parameter count crashed the result with the repository in place."""
+    from slm_trainer.evaluate import description_numbers
+
+    numbers, problems = description_numbers(description)
+    if problems:
+        raise UnreadableDescription(
+            f"cannot export: in {path}, {'; '.join(problems)}; finetune the candidate again"
+        )
+    return numbers
+
+
+def _repository_root(output: Path) -> Path:
+    """``output`` resolved, so that the staging folder beside it is on its filesystem;
+    :class:`BadArguments` when it is a mount point (see the module docstring)."""
+    out = Path(output).resolve()
+    if os.path.ismount(out):
+        raise BadArguments(_mount_point_message(out))
+    return out
+
+
+def _mount_point_message(out: Path) -> str:
+    return (
+        f"--output {out} is the root of a mounted volume: the repository is staged beside "
+        "it and renamed into place, which cannot cross filesystems, and staged inside it "
+        "Triton would load the half-written folder; pass a folder inside the volume (such as "
+        f"{out / 'model_repository'}) and point Triton's --model-repository at it"
+    )
+
+
+def _move_into_place(staging: Path, final: Path, old: Path) -> None:
+    """Replace ``final`` by ``staging`` (the previous one set aside as ``old``, then removed).
+
+    A bind mount of the same filesystem passes :func:`os.path.ismount` yet refuses the
+    rename (EXDEV): the staging folder is removed and the output refused as a mount point,
+    not left behind by a crash the Job retries in vain.
+    """
+    try:
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(staging, final)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        raise BadArguments(_mount_point_message(final.parent)) from exc
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def run(args: Args, emit: Emit) -> TrainerResult:
     from slm_trainer.generative import MANIFEST, weights_sha256
     from slm_trainer.triton_model import BACKEND_FILES, HERE, render_config
@@ -184,12 +249,16 @@ def run(args: Args, emit: Emit) -> TrainerResult:
     has_selector = (cand / "selector.json").is_file()
     manifest: dict[str, Any] = {}
     selector: dict[str, Any] = {}
+    manifest_numbers: dict[str, Any] = {}
+    selector_numbers: dict[str, Any] = {}
     try:
         if manifest_path.is_file():
             manifest = _read_description(manifest_path)
+            manifest_numbers = _check_numbers(manifest_path, manifest)
         if has_selector:
             selector = _read_description(cand / "selector.json")
             _check_selector_format(cand / "selector.json", selector)
+            selector_numbers = _check_numbers(cand / "selector.json", selector)
     except UnreadableDescription as exc:
         return TrainerResult(
             stage=CONTRACT_STAGE, ok=False, candidate=args.candidate, message=str(exc)
@@ -203,7 +272,7 @@ def run(args: Args, emit: Emit) -> TrainerResult:
             "was it written by the finetune stage?",
         )
 
-    out = Path(args.output)
+    out = _repository_root(args.output)
     final = out / args.model_name
     others = sorted(
         d.name
@@ -265,12 +334,7 @@ def run(args: Args, emit: Emit) -> TrainerResult:
     # the candidate's own calibrated threshold (a selector's confidence is the one served, if
     # any): the one its eval score was measured at
     own_threshold = next(
-        (
-            float(source["threshold"])
-            for source in (selector, manifest)
-            if isinstance(source.get("threshold"), int | float)
-        ),
-        None,
+        (n["threshold"] for n in (selector_numbers, manifest_numbers) if "threshold" in n), None
     )
     threshold = args.threshold if args.threshold is not None else own_threshold
     if threshold is not None:
@@ -286,7 +350,8 @@ def run(args: Args, emit: Emit) -> TrainerResult:
     )
     (staging / "config.pbtxt").write_text(config)
     info = manifest or selector  # what describes the served model
-    score = info.get("score")
+    numbers = manifest_numbers if manifest else selector_numbers
+    score = numbers.get("score")
     metadata = {
         "schema": METADATA_SCHEMA,
         "model_name": args.model_name,
@@ -299,8 +364,8 @@ def run(args: Args, emit: Emit) -> TrainerResult:
         "base_model_found_as": base_found or None,
         "method": info.get("method"),
         "merged": merged,
-        "parameters": info.get("parameters"),
-        "trainable_parameters": info.get("trainable_parameters"),
+        "parameters": numbers.get("parameters"),
+        "trainable_parameters": numbers.get("trainable_parameters"),
         "adapter_sha256": weights_sha256(cand),
         "eval_score": score,
         "llm_score": info.get("llm_score", 1.0),
@@ -314,14 +379,21 @@ def run(args: Args, emit: Emit) -> TrainerResult:
     }
     (staging / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
 
-    if final.exists():
-        old = out.parent / f".{out.name}.{args.model_name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, final)
+    # Built before the rename: a result the contract refuses must not follow a repository
+    # already in place.
+    result = TrainerResult(
+        stage=CONTRACT_STAGE,
+        ok=True,
+        candidate=args.candidate,
+        artifact_uri=args.artifact_uri or None,
+        threshold=threshold,
+        score=score,
+        parameters=numbers.get("parameters"),
+        trainable_parameters=numbers.get("trainable_parameters"),
+        message=f"Triton model {args.model_name!r} version {args.version} ({params['kind']}) "
+        f"written to {final}",
+    )
+    _move_into_place(staging, final, out.parent / f".{out.name}.{args.model_name}.old")
     emit(
         {
             "event": "exported",
@@ -331,15 +403,4 @@ def run(args: Args, emit: Emit) -> TrainerResult:
             "kind": params["kind"],
         }
     )
-    return TrainerResult(
-        stage=CONTRACT_STAGE,
-        ok=True,
-        candidate=args.candidate,
-        artifact_uri=args.artifact_uri or None,
-        threshold=threshold,
-        score=float(score) if isinstance(score, int | float) else None,
-        parameters=info.get("parameters"),
-        trainable_parameters=info.get("trainable_parameters"),
-        message=f"Triton model {args.model_name!r} version {args.version} ({params['kind']}) "
-        f"written to {final}",
-    )
+    return result
