@@ -68,6 +68,13 @@ def bfcl_records(n_relevant: int, n_irrelevant: int, seed: int = 7) -> list[dict
     return out
 
 
+def kinds(recs: list[dict[str, Any]]) -> str:
+    """How many of ``recs`` are of each BFCL category, as the demo says it: the capture gets
+    a random mix of the two (the seed fixes it), not the counts asked for each."""
+    n = sum(str(r.get("request_id", "")).startswith("live_multiple") for r in recs)
+    return f"{n} live_multiple + {len(recs) - n} live_irrelevance"
+
+
 # ---------------------------------------------------------------- traffic
 class Replay:
     """Replays call records through the gateway from a few threads; counts who answered."""
@@ -423,13 +430,14 @@ def run(work: Path, n_relevant: int, n_irrelevant: int) -> int:
             "--from-literal=api-key=sk-demo-0000000000000000000000",
         )
 
-        say(
-            f"loading BFCL calls: {n_relevant} live_multiple + {n_irrelevant} live_irrelevance "
-            "(the LLM stand-in answers with BFCL's ground truth)"
-        )
         recs = bfcl_records(n_relevant * 2, n_irrelevant * 2)
         capture_recs = recs[: n_relevant + n_irrelevant]
         live_recs = recs[n_relevant + n_irrelevant :]
+        say(
+            f"loading BFCL calls: {2 * n_relevant} live_multiple + {2 * n_irrelevant} "
+            f"live_irrelevance, mixed: {kinds(capture_recs)} to capture, {kinds(live_recs)} "
+            "for live traffic (the LLM stand-in answers with BFCL's ground truth)"
+        )
         answers = work / "llm-answers.jsonl"
         answers.write_text("".join(json.dumps(r) + "\n" for r in recs))
         standin = llm_standin.start(
@@ -671,8 +679,16 @@ def run(work: Path, n_relevant: int, n_irrelevant: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="slm-fleet-demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", type=Path, default=REPO / ".demo")
-    ap.add_argument("--relevant", type=int, default=300, help="live_multiple calls to capture")
-    ap.add_argument("--irrelevant", type=int, default=150, help="live_irrelevance calls")
+    ap.add_argument(
+        "--relevant",
+        type=int,
+        default=300,
+        help="live_multiple calls per half: twice as many are drawn and mixed with the "
+        "live_irrelevance ones; the capture takes the first half of the mix, live traffic the rest",
+    )
+    ap.add_argument(
+        "--irrelevant", type=int, default=150, help="live_irrelevance calls per half (likewise)"
+    )
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
