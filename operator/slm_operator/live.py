@@ -39,9 +39,10 @@ class Metrics:
     slm_share: float | None = None  # fraction of calls answered by the SLM
     cost_saved_usd: float | None = None
     captured_records: int | None = None  # call records the gateways have written for the task
-    #: The same by counter series (key: :mod:`slm_operator.prom`'s series key); None when
-    #: Prometheus has none, e.g. a gateway that has captured nothing for the task yet.
-    capture_counters: Mapping[str, CounterReading] | None = None
+    #: Calls the LLM answered, by gateway counter series (key: :mod:`slm_operator.prom`'s
+    #: series key): what retraining counts as new examples. None when Prometheus has none, e.g.
+    #: no call of the task answered by the LLM since the gateway started.
+    llm_answers: Mapping[str, CounterReading] | None = None
 
     @property
     def empty(self) -> bool:
@@ -408,7 +409,7 @@ def cron_fired(expr: str, since: dt.datetime | None, now: dt.datetime) -> bool:
 
 
 class CounterReading(NamedTuple):
-    """One gateway capture counter series as Prometheus last saw it."""
+    """One gateway counter series as Prometheus last saw it."""
 
     value: int
     #: Whether the series' key includes its ``_created`` time (the gateway process's start for
@@ -428,16 +429,16 @@ MAX_REMEMBERED_COUNTERS: Final = 32
 def count_new_records(
     remembered: Mapping[str, int] | None, readings: Mapping[str, CounterReading]
 ) -> tuple[int, dict[str, int]]:
-    """S6's count: call records the gateways captured since the last window, and what to
-    remember for the next one.
+    """S6's count: calls the LLM answered (through the gateways, which capture them) since the
+    last window, and what to remember for the next one.
 
     Why per series, not the sum: the gateways' total goes down whenever one restarts (a
-    rollout, an OOM kill) and up again as it captures, so no threshold on the total tells a
+    rollout, an OOM kill) and up again as it counts, so no threshold on the total tells a
     restart from a lagging read. Compared with the last window series by series, a new series
     (a new pod or process: its key includes its start) counts whole, a known one counts what
     it gained, and one read lower than before counts nothing (a lagging read; restarts are new
-    keys). Only the records a gateway captured after its last scrape and before it stopped go
-    uncounted, as they must: Prometheus never saw them.
+    keys). Only the calls a gateway answered after its last scrape and before it stopped go
+    uncounted: Prometheus never saw them.
 
     ``remembered`` None (the first window that counts): nothing is new yet, the readings are
     the starting point; records captured before a model was served trained it already.

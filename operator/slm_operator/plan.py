@@ -1854,7 +1854,7 @@ def plan(obs: Observed) -> Plan:
             retraining["lastTriggered"] = retrain_prev["lastTriggered"]
         if "concludedRevision" in retrain_prev:
             retraining["concludedRevision"] = retrain_prev["concludedRevision"]
-        if schedule and m.capture_counters is not None and may_trigger:
+        if schedule and m.llm_answers is not None and may_trigger:
             retraining["scheduleCheckedAt"] = now  # the schedule was acted on up to now
         elif schedule and "scheduleCheckedAt" in retrain_prev:
             retraining["scheduleCheckedAt"] = retrain_prev["scheduleCheckedAt"]
@@ -1963,14 +1963,14 @@ def _count_new_records(
 ) -> tuple[int, dict[str, int]] | None:
     """New examples counted so far (since the last trigger), with this window's gains, and the
     counter readings to remember; None when Prometheus has no gateway series for the task
-    (nothing captured yet, or no gateway scraped): the count waits."""
-    if m.capture_counters is None:
+    (no call answered by the LLM yet, or no gateway scraped): the count waits."""
+    if m.llm_answers is None:
         return None
     # None at the first window that counts (or on an older operator's status, whose count
     # goes on from what it had): the readings are where counting starts.
     remembered = retrain_prev.get("gatewayCounters")
     gained, counters = lv.count_new_records(
         None if remembered is None else {str(k): int(v) for k, v in remembered.items()},
-        m.capture_counters,
+        m.llm_answers,
     )
     return (_new_records(retrain_prev) or 0) + gained, counters

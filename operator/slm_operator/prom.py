@@ -108,9 +108,12 @@ def queries(
             f"(sum(rate(slm_gateway_requests_total{slm}[{window}])) or vector(0)) / "
             f"sum(rate(slm_gateway_requests_total{sel()}[{window}]))"
         ),
-        # By series, not summed: retraining counts what each one gained (see capture_counters).
-        "capture_totals": f"slm_gateway_capture_records_total{sel(result='written')}",
-        "capture_starts": f"slm_gateway_capture_records_created{sel(result='written')}",
+        "captured_records": f"sum(slm_gateway_capture_records_total{sel(result='written')})",
+        # The calls the LLM answered (the examples curate trains on; the SLM's own answers are
+        # captured too, but are no reference), by series, not summed: retraining counts what
+        # each one gained (see counter_readings).
+        "llm_answer_totals": f"slm_gateway_requests_total{sel(backend='llm')}",
+        "llm_answer_starts": f"slm_gateway_requests_created{sel(backend='llm')}",
         "cost_saved_usd": (
             f"sum(increase(slm_gateway_llm_equivalent_cost_usd_total{sel()}[{window}])) - "
             f"sum(increase(slm_gateway_cost_usd_total{sel()}[{window}]))"
@@ -119,12 +122,12 @@ def queries(
 
 
 #: Queries whose answer is read series by series (the others: one number).
-VECTOR_QUERIES = frozenset({"capture_totals", "capture_starts"})
+VECTOR_QUERIES = frozenset({"llm_answer_totals", "llm_answer_starts"})
 
 
-def capture_counters(totals: Any, starts: Any) -> dict[str, CounterReading] | None:
-    """The gateways' capture counters, one reading per series, keyed by a hash of the series'
-    labels and its ``_created`` time; None when there is none.
+def counter_readings(totals: Any, starts: Any) -> dict[str, CounterReading] | None:
+    """A gateway counter, one reading per series, keyed by a hash of the series' labels and
+    its ``_created`` time; None when there is none.
 
     Why the start is in the key: a gateway restarted in place (same pod, same scrape target)
     keeps its labels, and its counter starts again from zero; with the start in the key it is
@@ -310,10 +313,12 @@ class PromMetrics:
                 )
             return None
         samples = values.pop("shadow_samples")
-        counters = capture_counters(vectors.get("capture_totals"), vectors.get("capture_starts"))
+        captured = values.pop("captured_records")
         return Metrics(
             **values,
             shadow_samples=int(samples) if samples is not None else None,
-            captured_records=sum(r.value for r in counters.values()) if counters else None,
-            capture_counters=counters,
+            captured_records=int(captured) if captured is not None else None,
+            llm_answers=counter_readings(
+                vectors.get("llm_answer_totals"), vectors.get("llm_answer_starts")
+            ),
         )

@@ -240,6 +240,8 @@ class Traffic:
 
     url: str
     rate: float
+    #: Calls only the LLM may answer (a strict tool): what retraining counts as new examples.
+    llm_only: bool = False
     backends: Counter[str] = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)
     log: list[tuple[float, str]] = field(default_factory=list)
@@ -257,6 +259,7 @@ class Traffic:
                         "name": "get_weather",
                         "description": "Current weather",
                         "parameters": {"type": "object", "properties": {}},
+                        **({"strict": True} if self.llm_only else {}),
                     },
                 }
             ],
@@ -508,7 +511,8 @@ def test_new_calls_retrain_and_only_a_better_revision_replaces_the_served_one(
         dep = cluster.get_json("deployment", n.serving_name(TASK), "-n", s.ns)
         return str(dep["spec"]["template"]["metadata"]["labels"][n.LABEL_REVISION])
 
-    with Traffic(s.gateway_url, rate=12) as traffic:
+    # Calls the LLM answers are the new examples (the SLM serves everything else here).
+    with Traffic(s.gateway_url, rate=12, llm_only=True) as traffic:
         rev1 = wait_for(lambda: training_at(1), timeout=90, what="retraining epoch 1")
     failures = list(traffic.failures)
     st = status()
@@ -535,10 +539,12 @@ def test_new_calls_retrain_and_only_a_better_revision_replaces_the_served_one(
     )["items"]
 
     # Calls again: counting went on from the last trigger, so epoch 2 starts; rev1's Jobs go.
-    with Traffic(s.gateway_url, rate=12) as traffic:
+    with Traffic(s.gateway_url, rate=12, llm_only=True) as traffic:
         rev2 = wait_for(lambda: training_at(2), timeout=90, what="retraining epoch 2")
-        assert rev2 not in (rev0, rev1)
-        assert status()["retraining"]["capturedRecords"] >= captured + 60
+    failures += traffic.failures
+    assert rev2 not in (rev0, rev1)
+    assert status()["retraining"]["capturedRecords"] >= captured + 60
+    with Traffic(s.gateway_url, rate=12) as traffic:
         wait_for(
             lambda: (
                 not cluster.get_json("jobs", "-n", s.ns, "-l", f"{n.LABEL_REVISION}={rev1}")[
@@ -564,14 +570,15 @@ def test_new_calls_retrain_and_only_a_better_revision_replaces_the_served_one(
     assert failures == [], failures[:5]
 
 
-def test_calls_captured_on_both_sides_of_a_gateway_rollout_count_towards_retraining(
+def test_llm_answers_on_both_sides_of_a_gateway_rollout_count_towards_retraining(
     cluster: ClusterHandle, stack: Stack
 ) -> None:
-    """S6 across a gateway rollout, on real parts: the new gateway's capture counter starts
-    from zero in a new series, and the old one's is gone from Prometheus. Counting each series'
-    gain, the 30 calls before and the 30 after make the 50 new examples asked for. Before, the
-    count went on from the total at the first reading (1), so only the new gateway's own 30
-    counted (29 new) and the retraining never started."""
+    """S6 across a gateway rollout, on real parts: the new gateway's counters start from zero
+    in new series, and the old one's are gone from Prometheus. Counting each series' gain, the
+    30 LLM answers before and the 30 after make the 50 new examples asked for. Before, the
+    count went on from the total at the first reading, so only the new gateway's own 30
+    counted (29 new) and the retraining never started. Calls the SLM answered are captured
+    but are no new examples (curate does not train on them)."""
     s = stack
     serve_task(
         cluster,
@@ -584,23 +591,32 @@ def test_calls_captured_on_both_sides_of_a_gateway_rollout_count_towards_retrain
     def retraining() -> dict[str, Any]:
         return dict((get_task(cluster, s.ns, TASK).get("status") or {}).get("retraining") or {})
 
-    def counted(records: int) -> bool:
+    def captured(records: int) -> bool:
         return retraining().get("capturedRecords") == records
 
-    # One call, read by a window: counting starts there (it trained the served model).
-    calls = Traffic(s.gateway_url, rate=1)
-    calls.send(1)
-    wait_for(lambda: counted(1), timeout=30, what="the first captured call to be read")
-    calls.send(30, first=1)
-    wait_for(lambda: counted(31), timeout=30, what="31 captured calls to be read")
+    served = Traffic(s.gateway_url, rate=1)
+    served.send(30)  # answered by the SLM
+    assert served.backends == Counter({"slm": 30}), served.backends
+    wait_for(lambda: captured(30), timeout=30, what="30 captured calls to be read")
+    assert retraining().get("newRecords", 0) == 0
+    # One LLM answer, read by a window: counting starts there.
+    answered = Traffic(s.gateway_url, rate=1, llm_only=True)
+    answered.send(1)
+    wait_for(
+        lambda: captured(31) and "newRecords" in retraining(),
+        timeout=30,
+        what="the first LLM answer to be read",
+    )
+    answered.send(30, first=1)
+    wait_for(lambda: retraining().get("newRecords") == 30, timeout=30, what="30 new examples")
     assert retraining()["epoch"] == 0
 
-    calls = Traffic(s.replace_gateway(), rate=1)
-    calls.send(30, first=31)
+    answered = Traffic(s.replace_gateway(), rate=1, llm_only=True)
+    answered.send(30, first=31)
     wait_for(
         lambda: retraining().get("epoch") == 1,
         timeout=30,
-        what="retraining after 60 calls on both sides of the rollout",
+        what="retraining after 60 LLM answers on both sides of the rollout",
     )
     assert retraining()["capturedRecords"] == 30  # the new gateway's own total
-    assert calls.failures == []
+    assert answered.backends == Counter({"llm": 30}) and not answered.failures

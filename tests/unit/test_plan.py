@@ -901,7 +901,7 @@ def captured_by(gateways: dict[str, int], *, keyed_by_start: bool = True) -> Met
         error_rate=0.0,
         request_rate=5,
         captured_records=sum(gateways.values()),
-        capture_counters={g: CounterReading(v, keyed_by_start) for g, v in gateways.items()},
+        llm_answers={g: CounterReading(v, keyed_by_start) for g, v in gateways.items()},
     )
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from slm_operator.live import CounterReading
-from slm_operator.prom import PromMetrics, capture_counters, error_summary, queries
+from slm_operator.prom import PromMetrics, counter_readings, error_summary, queries
 
 GATEWAY_SELECTOR = re.compile(r"slm_gateway_\w+\{([^}]*)\}")
 # Triton's series: by model (the task's name), and the namespace its pod runs in, which the
@@ -279,24 +279,24 @@ def test_a_gateway_restarted_in_place_is_a_new_capture_counter() -> None:
     """Same pod, same scrape target, same labels: only the ``_created`` time tells the
     restarted gateway's counter from the old one, so that its count is not read as the old
     one's going down."""
-    labels = {"namespace": "agents", "task": "weather", "result": "written", "pod": "gw-0"}
-    before = capture_counters(
-        [_vector("500", __name__="slm_gateway_capture_records_total", **labels)],
-        [_vector("1799990000.5", __name__="slm_gateway_capture_records_created", **labels)],
+    labels = {"namespace": "agents", "task": "weather", "backend": "llm", "pod": "gw-0"}
+    before = counter_readings(
+        [_vector("500", __name__="slm_gateway_requests_total", **labels)],
+        [_vector("1799990000.5", __name__="slm_gateway_requests_created", **labels)],
     )
-    after = capture_counters(
+    after = counter_readings(
         [_vector("20", **labels)],
         [_vector("1799999000.25", **labels)],
     )
-    again = capture_counters([_vector("35", **labels)], [_vector("1799999000.25", **labels)])
+    again = counter_readings([_vector("35", **labels)], [_vector("1799999000.25", **labels)])
     assert before and after and again
     assert list(before.values()) == [CounterReading(500, True)]
     assert before.keys() != after.keys() and after.keys() == again.keys()
     # Without created series, the labels alone are the key, and the reading says so.
-    bare = capture_counters([_vector("20", **labels)], [])
+    bare = counter_readings([_vector("20", **labels)], [])
     assert bare and list(bare.values()) == [CounterReading(20, False)]
     # Another replica is another series; NaN is no reading; nothing at all is None.
-    two = capture_counters([_vector("1", pod="gw-0"), _vector("2", pod="gw-1")], [])
+    two = counter_readings([_vector("1", pod="gw-0"), _vector("2", pod="gw-1")], [])
     assert two and sorted(r.value for r in two.values()) == [1, 2]
-    assert capture_counters([_vector("NaN", pod="gw-0")], []) is None
-    assert capture_counters([], []) is None
+    assert counter_readings([_vector("NaN", pod="gw-0")], []) is None
+    assert counter_readings([], []) is None

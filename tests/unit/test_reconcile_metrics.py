@@ -99,5 +99,5 @@ def test_a_reconcile_within_the_judged_window_asks_prometheus_nothing(
     assert conds(kube.task["status"])[c.SLO_MET] == (c.TRUE, c.WITHIN_SLO)
 
     rc.reconcile(kube, "agents", "weather", NOW + dt.timedelta(seconds=10), prom)  # type: ignore[arg-type]
-    assert len(prometheus.queries) == 10  # every query of queries(), once
+    assert len(prometheus.queries) == 11  # every query of queries(), once
     assert kube.task["status"]["live"]["lastEvaluated"].startswith("2026-11-23T12:00:10")
