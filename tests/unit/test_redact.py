@@ -228,6 +228,11 @@ def test_secret_and_identifier_kinds(redactor: Redactor, text: str, kind: str) -
         "commit 3f786850e387550fdab836ed7e6dc881de23001b",
         "request 123e4567-e89b-12d3-a456-426614174000",
         "Placeholders <EMAIL_ADDRESS_1> and <API_KEY_2> stay as they are",
+        # runs of small numbers: page lists, sequences, scores (not phone numbers)
+        "« Previous 1 2 3 4 5 6 7 8 9 10 Next »",
+        "$ seq 1 10 | xargs\n1 2 3 4 5 6 7 8 9 10",
+        "Ratings: 5 4 4 5 3 5 4 5 5 4",
+        "phone survey scores 1 2 3 4 5 6 7 8 9 10",
     ],
 )
 def test_look_alikes_are_left_alone(redactor: Redactor, text: str) -> None:
@@ -2185,3 +2190,289 @@ def test_a_card_with_a_number_beside_it_is_still_found(
     separator: a card typed with two spaces and then its CVV or expiry date leaked."""
     out = redactor.redact_text(text, RedactionState())
     assert card not in out and "<CREDIT_CARD_1>" in out
+
+
+_ESCAPED_CSV = (
+    "phone,name,card\n+1 415 555 0132,Jane,x\n(415) 555-0199,Bob,x\n4111 1111 1111 1111,Carol\n"
+)
+_ESCAPED_ENV = (
+    "loaded env:\nghp_16C7e42F292c6912E7710c838347Ae178B4a\nAKIAIOSFODNN7EXAMPLE\n"
+    "\t203.0.113.7\r\nmail\u00a0jane@example.com\n"
+)
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        json.dumps,  # a tool result that is a JSON string literal
+        lambda text: json.dumps({"ts": 1, "line": text}) + "\n" + json.dumps({"ts": 2}),  # JSONL
+        lambda text: "body=" + repr(text),  # a repr'd string in a log line
+    ],
+    ids=["json-string", "json-lines", "repr"],
+)
+@pytest.mark.parametrize("decoded", [_ESCAPED_CSV, _ESCAPED_ENV], ids=["csv", "env"])
+def test_values_after_json_escapes_in_undecoded_text_are_found(
+    redactor: Redactor, encode: object, decoded: str
+) -> None:
+    """Text that is not decoded as a JSON object or array keeps its escapes, and the letter
+    of ``\\n`` glued onto the value after it: phone numbers, cards, keys and addresses after
+    an escaped line break leaked. They are found as in the decoded text, and the output is
+    still the same JSON with placeholders in it."""
+    assert callable(encode)
+    text = encode(decoded)
+    expected = sorted((s.kind, s.value) for s in redactor.find(decoded))
+    assert len(expected) >= 3
+    assert sorted((s.kind, s.value) for s in redactor.find(text)) == expected
+    out = redactor.redact_json_text(text, RedactionState())
+    assert not [value for _, value in expected if value in out]
+    if text.startswith('"'):
+        assert json.loads(out).count("<") == len(expected)
+
+
+def test_an_address_after_an_escaped_line_break_keeps_its_placeholder(redactor: Redactor) -> None:
+    """``to:\\njane@x.io`` read as the address ``njane@x.io``: the result was
+    ``to:\\<EMAIL_ADDRESS_1>``, no longer JSON, and a second placeholder for the address the
+    prompt had. A value found elsewhere is also replaced after an escape."""
+    rec = CallRecord(
+        task="t",
+        backend="llm",
+        messages=[
+            {"role": "user", "content": "mail jane@example.com, or call me at 4155550132"},
+            {"role": "tool", "tool_call_id": "1", "content": json.dumps("to:\njane@example.com")},
+            {"role": "tool", "tool_call_id": "2", "content": json.dumps("dialled:\n4155550132\n")},
+        ],
+        response={"role": "assistant", "content": "done"},
+    )
+    new, _ = redactor.redact_record(rec)
+    assert json.loads(new.messages[1]["content"]) == "to:\n<EMAIL_ADDRESS_1>"
+    assert json.loads(new.messages[2]["content"]) == "dialled:\n<PHONE_NUMBER_1>\n"
+    again, counts = redactor.redact_record(new)
+    assert counts == {} and again.messages == new.messages
+
+
+def test_escape_view_keeps_offsets_and_leaves_plain_text_alone() -> None:
+    from slm_trainer.redact import escape_view
+
+    plain = "no escapes here: jane@example.com"
+    assert escape_view(plain) is plain
+    text = r"a\nb\tc\\nd\u00a0e\u0026f\u00e9g\"h\xa0i"
+    view = escape_view(text)
+    assert len(view) == len(text)
+    assert view == 'a\n b\t c\\\\nd\u00a0     e     &f\\u00e9g\\"h\u00a0   i'
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        (
+            '{"msg":"login body={\\"user\\":\\"jane\\",\\"password\\":\\"hunter2xyz\\"}"}',
+            "hunter2xyz",
+        ),
+        ('{"msg":"headers={\\"x-api-key\\":\\"Zx81kq0Pa9LmW2vB7cQ4\\"}"}', "Zx81kq0Pa9LmW2vB7cQ4"),
+        ('{"msg":"config={\\"client_secret\\":\\"q8Zk2LmX9pW4rT7v\\"}"}', "q8Zk2LmX9pW4rT7v"),
+        ('log: body="{\\"password\\": \\"hunter2xyz\\"}"', "hunter2xyz"),
+        ('sent "{\\"api_key\\": \\"Zx81kq0Pa9LmW2vB7cQ4\\"}"', "Zx81kq0Pa9LmW2vB7cQ4"),
+        ('hdrs {\\"Authorization\\": \\"token 1a2b3c4d\\"}', "1a2b3c4d"),
+    ],
+)
+def test_secrets_under_escaped_json_keys_in_text_are_found(
+    redactor: Redactor, text: str, secret: str
+) -> None:
+    """JSON inside a JSON string (a JSON-lines log's request body) escapes its quotes, and
+    the label rules allowed only a bare quote before the ":": the password leaked where the
+    same body with plain quotes was redacted. The value ends at the escaped quote."""
+    lines = text + "\n" + text  # two log lines: not one JSON document
+    out = redactor.redact_json_text(lines, RedactionState())
+    assert secret not in out
+    assert out == lines.replace(secret, "<API_KEY_1>")
+
+
+@pytest.mark.parametrize(
+    ("prompt", "args", "answer"),
+    [
+        ("Authentication is required.", {"auth": "required"}, "auth marked required"),
+        ("Connect with oauth2", {"auth": "oauth2"}, "Using oauth2 now"),
+        (
+            "Deploy postgres",
+            {"image": "postgres", "env": [{"name": "DB_PASSWORD", "value": "postgres"}]},
+            "Deploying postgres",
+        ),
+        ("you're welcome to retry", {"username": "jane", "password": "welcome"}, "welcome"),
+        ("Unlock it for the 2024 audit", {"door": 1234, "pin": 2024}, "the 2024 audit"),
+        ("code 5555; ship 5555 units", {"otp": "5555", "qty": 5555}, "shipped 5555"),
+        ("fetch it in darkmode", {"headers": {"Cookie": "theme=darkmode"}}, "darkmode on"),
+    ],
+)
+def test_weak_values_under_secret_keys_are_replaced_only_there(
+    redactor: Redactor, prompt: str, args: dict[str, object], answer: str
+) -> None:
+    """A value under a secret's key is a secret there, but an ordinary word or short number
+    was also replaced all over the record: "Authentication is <API_KEY_1>.", the image name
+    ``postgres``, the year 2024, the quantity 5555 (which became a string)."""
+    response = _call(args)
+    response["content"] = answer
+    rec = CallRecord(
+        task="t",
+        backend="llm",
+        messages=[{"role": "user", "content": prompt}],
+        response=response,
+    )
+    new, counts = redactor.redact_record(rec)
+    assert new.messages[0]["content"] == prompt
+    assert new.response["content"] == answer
+    assert counts == {"API_KEY": 1}
+    new_args = json.loads(new.response["tool_calls"][0]["function"]["arguments"])
+    assert "<API_KEY_1>" in json.dumps(new_args)
+    for key in ("image", "door", "qty", "username"):
+        if key in args:
+            assert new_args[key] == args[key]
+
+
+def test_strong_values_under_secret_keys_and_cookies_are_still_replaced_everywhere(
+    redactor: Redactor,
+) -> None:
+    """Only weak values stay where their key is: a password mixing letters and digits, a
+    session id and a passphrase are replaced wherever else they occur, as before."""
+    rec = CallRecord(
+        task="t",
+        backend="llm",
+        messages=[
+            {
+                "role": "user",
+                "content": "log in with S3cr3tPw9x, session abcdef123456,"
+                " phrase correct horse battery staple",
+            }
+        ],
+        response=_call(
+            {
+                "password": "S3cr3tPw9x",
+                "headers": {"Cookie": "sid=abcdef123456"},
+                "passphrase": "correct horse battery staple",
+            }
+        ),
+    )
+    new, _ = redactor.redact_record(rec)
+    assert new.messages[0]["content"] == (
+        "log in with <API_KEY_1>, session <API_KEY_2>, phrase <API_KEY_3>"
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Buy 10 shares of IBM at limit 169.7162",
+        '{"symbol": "IBM", "limit_price": "169.7162"}',
+        '{"1. open": "164.8372", "3. low": "168.8986"}',
+    ],
+)
+def test_decimals_shaped_like_a_local_number_are_not_phone_numbers(
+    redactor: Redactor, text: str
+) -> None:
+    """``ddd.dddd`` matched the dotted phone pattern's local form (its area code optional), so
+    prices in a stock time series became <PHONE_NUMBER_n>."""
+    assert redactor.redact_json_text(text, RedactionState()) == text
+
+
+def test_random_four_place_decimals_are_not_phone_numbers(redactor: Redactor) -> None:
+    import random
+
+    rng = random.Random(0)
+    values = [f"{rng.uniform(100, 200):.4f}" for _ in range(300)]
+    assert [v for v in values if redactor.find(v, "price")] == []
+
+
+@pytest.mark.parametrize("text", ["call me at 415.555.0132", "phone: 415.555.0132"])
+def test_dotted_phone_numbers_with_an_area_code_are_still_found(
+    redactor: Redactor, text: str
+) -> None:
+    assert [s.value for s in redactor.find(text)] == ["415.555.0132"]
+
+
+@pytest.mark.parametrize(
+    "phone", ["01 42 68 53 00", "06 12 34 56 78", "+33 1 42 68 53 00", "+45 32 12 34 56"]
+)
+def test_phone_numbers_in_two_digit_groups_are_still_found(redactor: Redactor, phone: str) -> None:
+    assert [s.value for s in redactor.find(f"call {phone}")] == [phone]
+
+
+def test_items_of_content_and_tool_calls_that_are_no_objects_are_scanned(
+    redactor: Redactor,
+) -> None:
+    """The contract accepts a content list of lists and tool calls that are strings or
+    lists; such items were passed through unscanned."""
+    line = json.dumps(
+        {
+            "task": "t",
+            "backend": "llm",
+            "messages": [
+                {"role": "user", "content": [["mail jane@example.com"], 4111111111111111]}
+            ],
+            "response": {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": ["send_mail(to=jane@example.com)", ["4111 1111 1111 1111"]],
+            },
+        }
+    )
+    new, counts = redactor.redact_record(CallRecord.from_json(line))
+    out = new.to_json()
+    assert "jane@example.com" not in out and "4111" not in out
+    assert new.messages[0]["content"] == [["mail <EMAIL_ADDRESS_1>"], "<CREDIT_CARD_1>"]
+    assert new.response["tool_calls"] == ["send_mail(to=<EMAIL_ADDRESS_1>)", ["<CREDIT_CARD_1>"]]
+    assert counts == {"CREDIT_CARD": 2, "EMAIL_ADDRESS": 2}
+
+
+class _CountingLemmas(list[str]):
+    """A token list that counts the lemmas read one by one (as the context walk reads them)."""
+
+    reads = 0
+
+    def __getitem__(self, index: object) -> object:  # type: ignore[override]
+        type(self).reads += 1
+        return super().__getitem__(index)  # type: ignore[index]
+
+
+def test_context_words_cost_no_walk_over_tokens_that_are_no_keywords() -> None:
+    """Presidio's walk for context words steps over every token that is no keyword (stop
+    words, punctuation, "::1") until it has enough, so in ``"::1 " * 25000`` each of the
+    25,000 matches walked to the text's ends: 146 s for 100 KB. Per match, the lemmas read
+    must not grow with the text."""
+    from slm_trainer.redact import BlankSpacyNlpEngine, LinearContextEnhancer
+
+    text = "::1 " * 5000
+    engine = BlankSpacyNlpEngine()
+    engine.load()
+    artifacts = engine.process_text(text, "en")
+    artifacts.lemmas = _CountingLemmas(artifacts.lemmas)
+    enhancer = LinearContextEnhancer()
+    enhancer._extract_surrounding_words(artifacts, "::1", 0)  # builds the per-text index
+    _CountingLemmas.reads = 0
+    starts = range(4 * 1000, 4 * 1200, 4)
+    for start in starts:
+        assert enhancer._extract_surrounding_words(artifacts, "::1", start) == []
+    assert _CountingLemmas.reads <= 10 * len(starts)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Please call me at (415) 555-0132 or on my mobile, the card is 4111 1111 1111 1111.",
+        '{"phone": "4155550132", "notes": "the customer, who is a , - ; of the at in", "x": 1}',
+        "a, b ; c: d::1 e -- f ( g ) phone tel 203.0.113.7 and the of ::1 last",
+    ],
+)
+def test_context_words_are_presidios(text: str) -> None:
+    """The keyword index gives each match the context words Presidio's own walk gives."""
+    from presidio_analyzer.context_aware_enhancers import LemmaContextAwareEnhancer
+
+    from slm_trainer.redact import BlankSpacyNlpEngine, LinearContextEnhancer
+
+    engine = BlankSpacyNlpEngine()
+    engine.load()
+    artifacts = engine.process_text(text, "en")
+    ours, stock = LinearContextEnhancer(), LemmaContextAwareEnhancer()
+    for token in artifacts.tokens:
+        args = (artifacts, token.text, token.idx)
+        assert sorted(ours._extract_surrounding_words(*args)) == sorted(
+            stock._extract_surrounding_words(*args)
+        )

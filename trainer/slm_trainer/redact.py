@@ -45,8 +45,9 @@ or letters alone when quoted or a long passphrase, since prose says "the passwor
 far more often (:func:`stated_password`).
 
 A few plausibility filters then drop the matches that most often turn out not to be PII in
-agent traffic: bare digit runs taken for phone numbers with no phone word nearby (order ids,
-timestamps), numbers glued to identifiers (``INV-2024-000123``) and four-part version numbers
+agent traffic: bare digit runs and dotted ``ddd.dddd`` taken for phone numbers with no phone
+word nearby (order ids, timestamps, prices), runs of small numbers (``1 2 3 4 5``, page lists
+and scores), numbers glued to identifiers (``INV-2024-000123``) and four-part version numbers
 read as IPv4 addresses (``version 10.2.1.3``), and ``user@host`` that is a URL's user and
 host (``ftp://anonymous@ftp.example.org``) or an scp-style remote (``git@github.com:org/r.git``)
 rather than a mailbox. A JSON integer is judged by its key too: under an identifier's or a
@@ -65,11 +66,18 @@ A value is often recognisable in one place only: the phone number next to "call 
 key after ``api_key=``, the password after ``password:``, while the tool call that uses it has
 just ``{"to": "4155550132"}``. So once a record has been scanned, every value given a
 placeholder anywhere in it is also replaced wherever else it occurs in that record, tool-call
-arguments and JSON keys included (:class:`KnownValues`). Everything a message carries is
-scanned: text, the strings of image, audio and file parts (not base64 payloads, see
-:func:`opaque_payload`), every tool-call kind, the keys of JSON objects (see
+arguments and JSON keys included (:class:`KnownValues`); but a secret known only by its key
+or label that is a word or a short number (``{"auth": "required"}``, ``{"pin": 2024}``,
+``password: welcome``) is replaced only where its key or label is, since elsewhere in the
+record it is far more often the word or the number (:func:`_strong_secret`). Everything a
+message carries is scanned: text, the strings of image, audio and file parts (not base64
+payloads, see :func:`opaque_payload`), every tool-call kind, the keys of JSON objects (see
 :meth:`Redactor.redact_json_value` for keys that redact alike) and a participant's ``name``
-(see :func:`participant_name`).
+(see :func:`participant_name`). Text that keeps its JSON escapes (a tool result that is a JSON
+string literal, JSON-lines logs, a repr'd request body) is scanned as if ``\\n``, ``\\t``
+and the like were decoded, offsets unchanged (:func:`escape_view`): a value right after an
+escaped line break is found, and so is a secret under an escaped key
+(``\\"password\\":\\"...\\"``).
 
 What is NOT detected: names of people, organisations and places. That needs a named-entity
 model and none can be downloaded in this project's environments; a blank spaCy pipeline only
@@ -199,6 +207,9 @@ _VERSION_CONTEXT_RE = re.compile(
 )
 # Dotted phone formats in use: 415.555.0199 (North America), 01.42.68.53.00 (France).
 _DOTTED_PHONE_RE = re.compile(r"(?:\(?\d{3}\)?\.)?\d{3}\.\d{4}|0\d(?:\.\d{2}){4}")
+# Phone-number matches that count only with a phone word nearby: a bare digit run (an order
+# id, a timestamp) and a dotted local number, shaped like a price or a measurement (169.7162).
+_NEEDS_PHONE_CONTEXT_RE = re.compile(r"\d+|\d{3}\.\d{4}")
 # A JSON key whose value is a secret whatever it looks like. The name may carry any prefix
 # (``aws_secret_key``, ``DB_PWD``, ``Set-Cookie``) but must end with the secret's word, so
 # ``secret_key_rotation_days`` or ``password_hint`` do not count; ``pass`` only as a word of
@@ -563,6 +574,13 @@ class LinearContextEnhancer(LemmaContextAwareEnhancer):
     1.9 s, a 900,000-character one would take most of a minute, and a capture worker stalls
     that long. Here the token is found by bisection over token ends and keywords are a set,
     both built once per text.
+
+    The context words are the nearest keyword tokens on either side (stop words and
+    punctuation are skipped, not counted). The stock walk steps over every token that is no
+    keyword until it has enough, so where none is (``"::1 " * 25000``: a colon splits a
+    keyword, and "::1" yields none) each match walked to the text's ends: 146 s for 100 KB.
+    Here the positions of the keyword tokens are listed once per text, and each match's are
+    a slice of that list, found by bisection.
     """
 
     def _extract_surrounding_words(
@@ -572,22 +590,33 @@ class LinearContextEnhancer(LemmaContextAwareEnhancer):
             return [""]
         index = getattr(nlp_artifacts, "_slm_context_index", None)
         if index is None:
-            ends = [
-                i + len(t)
-                for i, t in zip(nlp_artifacts.tokens_indices, nlp_artifacts.tokens, strict=True)
-            ]
-            index = (ends, frozenset(nlp_artifacts.keywords))
+            index = self._context_index(nlp_artifacts)
             nlp_artifacts._slm_context_index = index  # type: ignore[attr-defined]
-        ends, keywords = index
+        ends, positions, words = index
         # The first token that ends after the match starts: the stock loop's condition
         # ("starts at it, or covers it"), since tokens are ordered and never empty.
         token = bisect_right(ends, start)
         if token == len(ends):
             raise ValueError(f"Did not find word {word!r} in the list of tokens")
-        lemmas = nlp_artifacts.lemmas
-        backward = self._add_n_words(token, self.context_prefix_count, lemmas, keywords, True)
-        forward = self._add_n_words(token, self.context_suffix_count, lemmas, keywords, False)
+        # The stock walk's words, in its order: from the match's token back, then forward;
+        # each takes one keyword more than its count, the match's own token included.
+        at = bisect_right(positions, token)
+        backward = words[max(0, at - self.context_prefix_count - 1) : at][::-1]
+        at = bisect.bisect_left(positions, token)
+        forward = words[at : at + self.context_suffix_count + 1]
         return list(set(backward + forward))
+
+    @staticmethod
+    def _context_index(nlp_artifacts: NlpArtifacts) -> tuple[list[int], list[int], list[str]]:
+        """Token ends, and the positions and lower-cased lemmas of the keyword tokens."""
+        ends = [
+            i + len(t)
+            for i, t in zip(nlp_artifacts.tokens_indices, nlp_artifacts.tokens, strict=True)
+        ]
+        keywords = frozenset(nlp_artifacts.keywords)
+        lowered = [lemma.lower() for lemma in nlp_artifacts.lemmas]
+        positions = [i for i, lemma in enumerate(lowered) if lemma in keywords]
+        return ends, positions, [lowered[i] for i in positions]
 
 
 class OfflineEmailRecognizer(EmailRecognizer):
@@ -978,10 +1007,13 @@ def discord_bot_token(token: str) -> bool:
 
 # A value whose only hint is its label. Lower score: a vendor pattern or a JWT covering the
 # same value wins. Passwords may hold any printable character except quotes and brackets.
+# The quotes may be escaped (``\"api_key\":\"...\"``: JSON inside a JSON string, a log
+# line's request body), and the value ends at an escaped quote.
 ASSIGNED_SECRET_PATTERNS: tuple[Pattern, ...] = (
     Pattern(
         "assigned secret",
-        r"(?<=" + _SECRET_NAMES + r"[\"']?\s*[:=]\s*[\"']?)[^\s\"'`,;<>(){}\[\]]{12,}",
+        r"(?<=" + _SECRET_NAMES + r"(?:\\?[\"'])?\s*[:=]\s*(?:\\?[\"'])?)"
+        r"(?:[^\s\"'`,;<>(){}\[\]\\]|\\(?![\"'])){12,}",
         0.6,
     ),
     Pattern("bearer token", r"(?<=\b(?i:bearer)\s+)[A-Za-z0-9_\-.~+/]{20,}=*", 0.6),
@@ -1156,13 +1188,20 @@ _URL_CREDENTIALS_HINT = r"://[^\s/?#@:]*:[^\s/?#]+@"
 _RECORD_WIDE_KEY = "slm_record_wide"
 
 
-def _strong_url_password(password: str) -> bool:
-    """Whether a URL's password is distinctive enough to replace wherever else it occurs.
+def _strong_secret(password: str) -> bool:
+    """Whether a secret found by its label or key alone (a URL's password, ``password=...``,
+    ``{"auth": ...}``, a cookie's value) is distinctive enough to replace wherever else it
+    occurs.
 
     ``mysql://root:root@localhost`` is a credential in the URL, but replacing "root" all over
-    the record ("run as root", the user name) would garble text that holds no secret. Eight
-    characters mixing letters with digits or symbols are not a word or a number.
+    the record ("run as root", the user name) would garble text that holds no secret; so would
+    ``{"auth": "required"}`` in "Authentication is required", ``{"pin": 2024}`` in "the 2024
+    audit" or ``{"otp": "5555", "qty": 5555}`` in the quantity. Eight characters mixing
+    letters with digits or symbols are not a word or a number, nor are random mixed-case
+    letters (:func:`random_letters`). A weak one is replaced only where its label is.
     """
+    if random_letters(password):
+        return True
     return len(password) >= 8 and not password.isalpha() and not password.isdigit()
 
 
@@ -1217,7 +1256,7 @@ class _UrlCredentialsRecognizer(_CredentialSpanRecognizer):
     "e-mail" and swallowed the host. Only the password is the match, so the model still sees
     ``postgres://admin:<API_KEY_1>@db.internal:5432/app``: the scheme, user and host. Any
     password counts, however short (its label is the URL syntax itself); only a strong one
-    is also replaced elsewhere in the record (:func:`_strong_url_password`).
+    is also replaced elsewhere in the record (:func:`_strong_secret`).
     """
 
     NAME = "SlmUrlCredentialsRecognizer"
@@ -1225,7 +1264,7 @@ class _UrlCredentialsRecognizer(_CredentialSpanRecognizer):
 
     def spans(self, text: str) -> list[tuple[int, int, bool]]:
         return [
-            (match.start(1), match.end(1), _strong_url_password(match.group(1)))
+            (match.start(1), match.end(1), _strong_secret(match.group(1)))
             for match in _URL_CREDENTIALS_RE.finditer(text)
             if not _URL_PASSWORD_STAND_IN_RE.fullmatch(match.group(1))
         ]
@@ -1233,14 +1272,18 @@ class _UrlCredentialsRecognizer(_CredentialSpanRecognizer):
 
 # A password after its label in text, by the rule the JSON path applies to a value under a
 # key of that name: ``password=CorrectHorseBatteryStaple``, ``Password=S3cr3tPw!;`` in an
-# ADO.NET string, ``&password=...`` in a JDBC URL, ``pwd: hunter2``, ``"passphrase": "..."``.
+# ADO.NET string, ``&password=...`` in a JDBC URL, ``pwd: hunter2``, ``"passphrase": "..."``,
+# and JSON inside a JSON string (``\"password\":\"hunter2xyz\"``: a log line's request body).
 # The label may carry a prefix (DB_PASSWORD, PGPASSWORD) and must end right before the
-# separator. Group 2: a double-quoted value, 3: a single-quoted one, 4: a bare one (";", ",",
-# quotes, brackets and whitespace end it, and "&" in a URL's query). Lengths are bounded so
-# the search stays linear.
+# separator. Group ``quote`` opens a double-quoted value (escaped or not; the same quote
+# closes it), group 3 is that value, 4 a single-quoted one, 5 a bare one (";", ",", quotes,
+# brackets, backslashes and whitespace end it, and "&" in a URL's query). Lengths are
+# bounded so the search stays linear.
 _LABELLED_PASSWORD_RE = re.compile(
-    r"(?P<label>(?i:password|passwd|passphrase|pwd|(?<![A-Za-z])pw))[\"']?[ \t]*[:=][ \t]*"
-    r"(?:\"([^\"\\\n]{1,256})\"|'([^'\\\n]{1,256})'|([^\s\"'`,;<>(){}\[\]\\]{1,256}))"
+    r"(?P<label>(?i:password|passwd|passphrase|pwd|(?<![A-Za-z])pw))"
+    r"(?:\\?[\"'])?[ \t]*[:=][ \t]*"
+    r"(?:(?P<quote>\\?\")([^\"\\\n]{1,256})(?P=quote)|'([^'\\\n]{1,256})'"
+    r"|([^\s\"'`,;<>(){}\[\]\\]{1,256}))"
 )
 # The label's prefix (DB_ in DB_PASSWORD), to see what precedes the whole name.
 _LABEL_PREFIX_RE = re.compile(r"[\w.-]{0,64}$")
@@ -1354,7 +1397,7 @@ _PASSWORD_AFTER_VALUE_RE = re.compile(
     r"(?i:password|passwd|passphrase|pw)(?![A-Za-z0-9])"
 )
 # A login pair: "login with admin / P@ssw0rd", "credentials: admin/S3cret!x", "user/pass:
-# admin/P@ssw0rd". Group ``user``, then the password as in _LABELLED_PASSWORD_RE (2, 3, 4).
+# admin/P@ssw0rd". Group ``user``, then the password: 2 double-, 3 single-quoted, 4 bare.
 _LOGIN_PAIR_RE = re.compile(
     r"(?<![A-Za-z0-9])(?i:log[ -]?in|sign[ -]?in|credentials?|creds"
     r"|user(?:name)?[ \t]{0,4}/[ \t]{0,4}(?:pass(?:word)?|pwd?))(?![A-Za-z0-9])"
@@ -1517,10 +1560,10 @@ class _LabelledSecretRecognizer(_CredentialSpanRecognizer):
     def spans(self, text: str) -> list[tuple[int, int, bool]]:
         found: list[tuple[int, int, bool]] = []
         for match in _LABELLED_PASSWORD_RE.finditer(text):
-            group = next(g for g in (2, 3, 4) if match.group(g) is not None)
+            group = next(g for g in (3, 4, 5) if match.group(g) is not None)
             start, end = match.span(group)
             value = match.group(group)
-            if group == 4 and "&" in value:
+            if group == 5 and "&" in value:
                 prefix = _LABEL_PREFIX_RE.search(text, max(0, match.start() - 64), match.start())
                 name_start = prefix.start() if prefix else match.start()
                 if text[name_start - 1 : name_start] in ("?", "&"):  # a URL query's field
@@ -1528,7 +1571,7 @@ class _LabelledSecretRecognizer(_CredentialSpanRecognizer):
                     end = start + len(value)
             after = text[end : end + 1]
             if labelled_password(value, match.group("label"), after):
-                found.append((start, end, _strong_url_password(value)))
+                found.append((start, end, _strong_secret(value)))
         found += self._stated(text)
         for header in _COOKIE_HEADER_RE.finditer(text):
             offset = header.start(1)
@@ -1538,7 +1581,7 @@ class _LabelledSecretRecognizer(_CredentialSpanRecognizer):
                     continue
                 if _URL_PASSWORD_STAND_IN_RE.fullmatch(value):
                     continue
-                found.append((offset + pair.start(2), offset + pair.end(2), True))
+                found.append((offset + pair.start(2), offset + pair.end(2), _strong_secret(value)))
         return found
 
     @staticmethod
@@ -1553,7 +1596,7 @@ class _LabelledSecretRecognizer(_CredentialSpanRecognizer):
                 value = value.rstrip(".,:")
                 end = start + len(value)
             if stated_password(value, text[end : end + 1], quoted, words):
-                found.append((start, end, _strong_url_password(value)))
+                found.append((start, end, _strong_secret(value)))
 
         for match in _STATED_PASSWORD_RE.finditer(text):
             verb = match.group("verb")
@@ -1581,7 +1624,8 @@ class _LabelledSecretRecognizer(_CredentialSpanRecognizer):
 # ``cred``: the credential (RFC 6750's b64token). The assigned-secret pattern takes only 20+
 # random-looking characters after "Bearer", which a short test or session token is not.
 _AUTH_CREDENTIAL_RE = re.compile(
-    r"(?:(?P<auth>(?i:\b(?:proxy-)?authorization))[\"']?[ \t]*[:=][ \t]*[\"']?)?"
+    r"(?:(?P<auth>(?i:\b(?:proxy-)?authorization))"
+    r"(?:\\?[\"'])?[ \t]*[:=][ \t]*(?:\\?[\"'])?)?"
     r"(?P<scheme>(?i:\b(?:bearer|token|bot|apikey|api-key)))[ \t]{1,16}"
     r"(?P<cred>[A-Za-z0-9\-._~+/]{1,1024}+=*+)(?![^\s\"'`,;:!?<>(){}\[\]\\|&])"
 )
@@ -1655,7 +1699,7 @@ class _AuthCredentialsRecognizer(_CredentialSpanRecognizer):
     ``Authorization: Bearer <API_KEY_1>`` and ``curl -u admin:<API_KEY_1>``. The ``-u`` option
     counts only in a curl command line (``docker run -u 1000:1000`` is a uid and gid), and
     only its password (after the first ":") is replaced, as for a URL's credentials; a weak
-    one only where it was found (:func:`_strong_url_password`).
+    one only where it was found (:func:`_strong_secret`).
     """
 
     NAME = "SlmAuthCredentialsRecognizer"
@@ -1684,7 +1728,7 @@ class _AuthCredentialsRecognizer(_CredentialSpanRecognizer):
                 if colon and curl_password(password, quoted):
                     start = option.start(group) + len(user) + 1
                     found.append((start, start + len(password)))
-        return [(a, b, _strong_url_password(text[a:b])) for a, b in found]
+        return [(a, b, _strong_secret(text[a:b])) for a, b in found]
 
 
 class _FormattedPhoneRecognizer(PatternRecognizer):
@@ -1857,6 +1901,17 @@ def _counts_up(value: str) -> bool:
     return len(groups) > 2 and all(b - a == 1 for a, b in itertools.pairwise(groups))
 
 
+def _small_numbers(value: str) -> bool:
+    """Whether a phone-shaped ``value`` is small numbers one space apart, two of them single
+    digits: a page list ("1 2 3 ... 10"), scores ("5 4 4 5 3") or a sequence.
+
+    A phone number's groups have two digits or more, but for a country code or the first digit
+    of a national number ("33 1 42 68 53 00"); France's "01 42 68 53 00" has two in each.
+    """
+    sizes = [len(g) if g.isdigit() else 0 for g in value.split(" ")]
+    return 0 not in sizes and max(sizes) <= 2 and sizes.count(1) >= 2
+
+
 def _refine(span: Span, text: str, context: str) -> Span | None:
     """Trim or drop the look-alikes common in agent traffic (see the module docstring)."""
     before = text[max(0, span.start - 40) : span.start]
@@ -1896,7 +1951,9 @@ def _refine(span: Span, text: str, context: str) -> Span | None:
             and not _DOTTED_PHONE_RE.fullmatch(span.value)
         ):
             return None  # "126.0.6478.127", "13.4050": versions and coordinates
-        bare = re.fullmatch(r"\d+", span.value) is not None
+        if _small_numbers(span.value):
+            return None
+        bare = _NEEDS_PHONE_CONTEXT_RE.fullmatch(span.value) is not None
         if number and _ID_KEY_RE.search(key_words) and not _PHONE_KEY_RE.search(key_words):
             return None  # "contact_id": an identifier, whatever "contact" suggests
         if bare and not _PHONE_CONTEXT_RE.search(before + " " + key_words):
@@ -1988,6 +2045,54 @@ _PLAIN_KEY_RE = re.compile(r"[A-Za-z_-]{0,19}")
 #: span cache's memory stays bounded whatever the size of what agents send (see Redactor).
 LONG_TEXT_CHARS = 2048
 
+# A backslash escape as JSON (and most languages' string literals) writes one: a backslash and
+# one character, "\u" and four hex digits, or Python's "\x" and two (a repr'd string in a log).
+# Matched left to right, so the "\\" of an escaped backslash is one pair and the "n" after it
+# stays a letter.
+_ESCAPE_RE = re.compile(r"\\(?:u[0-9A-Fa-f]{4}|x[0-9A-Fa-f]{2}|.)", re.DOTALL)
+# The escapes of whitespace whose letter would otherwise glue onto the next word.
+_CONTROL_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "b": " ", "f": " "}
+
+
+def _unescaped_char(match: re.Match[str]) -> str:
+    """One escape as :func:`escape_view` shows it: what it stands for, padded to its length."""
+    escape = match.group()
+    if len(escape) == 2:
+        char = _CONTROL_ESCAPES.get(escape[1])
+        # The decoded character first: an escaped backslash then an escaped line break (a
+        # shell's continued line) still reads as continued, as in the decoded text.
+        return escape if char is None else char + " "
+    char = chr(int(escape[2:], 16))
+    pad = " " * (len(escape) - 1)
+    if char.isspace():
+        return char + pad
+    if not char.isprintable():  # a control or zero-width character: a word break
+        return " " + pad
+    if char.isalnum():  # part of a word ("caf\u00e9"), as it was before
+        return escape
+    # Punctuation Go writes escaped (\u0026, \u003c, \u003e): next to what follows it, as in
+    # "\u0026password=..." of a URL's query.
+    return pad + char
+
+
+def escape_view(text: str) -> str:
+    """``text`` as the recognizers scan it: each JSON escape of whitespace or punctuation
+    replaced by what it stands for, padded with spaces to the same length.
+
+    Why: text that is not decoded as a JSON object or array (a tool result that is a JSON
+    string literal, JSON-lines logs, a repr'd request body with Python's ``\\xa0``) keeps its
+    escapes, and the letter of ``\\n`` glued onto the value after it: ``\\nghp_...`` had no
+    word boundary before the key, ``\\n+1 415 555 0132`` looked like part of an identifier,
+    and ``to:\\njane@x.io`` became ``to:\\<EMAIL_ADDRESS_1>`` (the address read as
+    ``njane@x.io``). The view has the same length, so every offset found in it is the
+    original's, and the values replaced are the original's text; a string without a
+    backslash is its own view. Escapes of letters and digits (``caf\\u00e9``), quotes and
+    backslashes stay as they are: they glue nothing, and the label rules read ``\\"``.
+    """
+    if "\\" not in text:
+        return text
+    return _ESCAPE_RE.sub(_unescaped_char, text)
+
 
 class Redactor:
     """Finds and replaces PII and secrets; build once (about a second), reuse for every call.
@@ -2049,14 +2154,15 @@ class Redactor:
     def _find(self, text: str, context: str) -> tuple[Span, ...]:
         if len(text) > MAX_TEXT_CHARS:  # spaCy would refuse it only if a match were tokenized
             raise TextTooLong(f"text of {len(text)} characters is over {MAX_TEXT_CHARS}")
-        kinds = possible_kinds(text, self.kinds) if self.gate else self.kinds
+        view = escape_view(text)  # the same offsets; values are taken from ``text``
+        kinds = possible_kinds(view, self.kinds) if self.gate else self.kinds
         if not kinds:
             return ()
         results: list[RecognizerResult] = self._analyzer.analyze(
-            text=text,
+            text=view,
             language="en",
             entities=list(kinds),
-            nlp_artifacts=LazyNlpArtifacts(self._nlp, text),
+            nlp_artifacts=LazyNlpArtifacts(self._nlp, view),
         )
         spans = [
             Span(
@@ -2070,7 +2176,7 @@ class Redactor:
             for r in results
             if r.score > 0 and not PLACEHOLDER_RE.fullmatch(text[r.start : r.end])
         ]
-        refined = (_refine(s, text, context) for s in spans)
+        refined = (_refine(s, view, context) for s in spans)
         return tuple(_resolve_overlaps(s for s in refined if s is not None))
 
     def redact_text(self, text: str, state: RedactionState | None = None, context: str = "") -> str:
@@ -2151,7 +2257,7 @@ class Redactor:
             # {"password": 20241999}, {"api_key": 98765432109876543210}: a number under a
             # secret's key is that secret, whatever the recognizers make of its digits; not
             # a flag or a small setting ({"require_pin": 1}, a GPIO {"pin": 13})
-            return state.placeholder(API_KEY, str(value))
+            return _key_secret(str(value), state)
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**6:
             as_text = str(value)
             redacted = self.redact_text(as_text, state, context=_INT_CONTEXT + key)
@@ -2441,12 +2547,15 @@ def _map_part(part: Any, p: _Pass) -> Any:
     Why all of them: an ``image_url`` part's URL can be a pre-signed link with a key id and an
     e-mail in its query string, a ``file`` part has a filename, an ``input_audio`` part a
     transcript field in some providers. Their base64 payloads (``data:`` URLs, audio data) are
-    left alone (:func:`opaque_payload`).
+    left alone (:func:`opaque_payload`). A part that is no object (a list of strings, a
+    number) is scanned as a JSON value: the contract accepts it, so it reaches the log too.
     """
     if isinstance(part, str):
         return p.text(part)
+    if isinstance(part, list):
+        return [_map_part(item, p) for item in part]
     if not isinstance(part, dict):
-        return part
+        return p.value(part, "")
     out: dict[str, Any] = {}
     for key, value in part.items():
         if key in _STRUCTURAL_PART_KEYS:
@@ -2460,9 +2569,11 @@ def _map_part(part: Any, p: _Pass) -> Any:
 
 def _map_tool_call(call: Any, p: _Pass) -> Any:
     """A tool call of any type: ``function`` (its arguments), ``custom`` (its free-text
-    input), or whatever comes next; its id, type and tool name are kept."""
+    input), or whatever comes next; its id, type and tool name are kept. One that is no
+    object (a string such as ``send_mail(to='jane@example.com')``, a list) is scanned as a
+    JSON value, since the contract accepts it."""
     if not isinstance(call, dict):
-        return call
+        return p.field(call, "")
     out: dict[str, Any] = {}
     for key, value in call.items():
         if key in _STRUCTURAL_MESSAGE_KEYS:
@@ -2548,7 +2659,8 @@ class KnownValues:
     Each occurrence gets the placeholder (and count) of the first finding. Matched literally:
     the value as found, as JSON would escape it, an e-mail in lower case, and a phone or card
     number's bare digits; never glued to a letter or digit on either side ("1645" is not
-    replaced inside "16450"), and never under :data:`MIN_KNOWN_VALUE_CHARS`.
+    replaced inside "16450"; in text that keeps JSON escapes, the letter of a ``\\n`` before
+    it does not count, see :func:`escape_view`), and never under :data:`MIN_KNOWN_VALUE_CHARS`.
 
     Cost: one regex of every value, longest first, their common prefixes shared (a trie), so
     a string is scanned once in time that hardly depends on how many values there are (a
@@ -2581,6 +2693,7 @@ class KnownValues:
             elif kind == CREDIT_CARD:
                 digits = normalize_value(kind, core)
                 forms.update((digits, digits.lstrip("+")))
+            forms.update([escape_view(form) for form in forms])  # as replace() reads them
             for form in forms:
                 if len(form) >= MIN_KNOWN_VALUE_CHARS:
                     self._table.setdefault(form, (kind, value))
@@ -2606,7 +2719,18 @@ class KnownValues:
             kind, value = self._table[match.group()]
             return state.placeholder(kind, value)
 
-        return self._pattern().sub(placeholder, text)
+        view = escape_view(text)
+        if view is text:
+            return self._pattern().sub(placeholder, text)
+        # Found in the view, where "\n" does not glue its letter onto the value after it (as
+        # for the recognizers); replaced in the text, at the same offsets.
+        out: list[str] = []
+        pos = 0
+        for match in self._pattern().finditer(view):
+            out += (text[pos : match.start()], placeholder(match))
+            pos = match.end()
+        out.append(text[pos:])
+        return "".join(out)
 
     def _pattern(self) -> re.Pattern[str]:
         if self._regex is None:
@@ -2687,11 +2811,11 @@ def _redact_secret_value(value: str, state: RedactionState, key: str = "") -> st
     if _PWD_KEY_RE.fullmatch(key) and _PATH_VALUE_RE.fullmatch(value.strip()):
         return value
     if _secret_value(value) or (_password_key(key) and re.fullmatch(r"\d{4,}", value.strip())):
-        return state.placeholder(API_KEY, value)  # a PIN or a one-time code is short
+        return _key_secret(value, state)  # a PIN or a one-time code is short
     match = _AUTH_SCHEME_VALUE_RE.fullmatch(value)
     if match and _secret_value(match.group(2)):
         start, end = match.span(2)
-        return value[:start] + state.placeholder(API_KEY, match.group(2)) + value[end:]
+        return value[:start] + _key_secret(match.group(2), state) + value[end:]
     if (
         not match
         and _password_key(key)
@@ -2700,8 +2824,15 @@ def _redact_secret_value(value: str, state: RedactionState, key: str = "") -> st
     ):
         # "correct horse battery staple": spaced, so no password-like token, but under a
         # secret's key it is the secret all the same
-        return state.placeholder(API_KEY, value)
+        return _key_secret(value, state)
     return value
+
+
+def _key_secret(value: str, state: RedactionState) -> str:
+    """The placeholder of a secret known only by its key, replaced elsewhere in the record
+    only when it is strong (:func:`_strong_secret`): ``{"auth": "required"}`` is a secret
+    under its key, not in "Authentication is required"."""
+    return state.placeholder(API_KEY, value, record_wide=_strong_secret(value.strip()))
 
 
 #: A secret's key whose value is that secret also as a number, a short code or a spaced
@@ -2753,7 +2884,7 @@ def redact_cookie_values(value: str, state: RedactionState) -> str:
         if _URL_PASSWORD_STAND_IN_RE.fullmatch(secret):
             continue
         out.append(value[pos : match.start(2)])
-        out.append(state.placeholder(API_KEY, secret))
+        out.append(_key_secret(secret, state))
         pos = match.end(2)
     if not out:
         return value
