@@ -415,6 +415,109 @@ def test_max_examples_keeps_the_calls_with_the_smallest_hash_whatever_the_order(
     assert f"{left_out} distinct calls beyond max_examples {bound} left out" in again.message
 
 
+def test_max_examples_is_reached_when_near_duplicates_thin_the_sample(tmp_path: Path) -> None:
+    """The sample was drawn among distinct calls before near duplicates were dropped: with
+    three near copies of each request (an agent's retries in other casing), 300 distinct
+    calls gave 39 examples for a maxExamples of 100, and a task whose minExamples equals it
+    waited for data for ever. Curate now reads on, in hash order, until it has 100."""
+    lines = []
+    for i in range(100):
+        text = f"Will it rain in {CITIES[i % 18]} on day {i} of the trip? Answer in {i % 3} lines"
+        lines += [
+            call(variant, "get_weather", {"city": CITIES[i % 18], "day": i})
+            for variant in (text, text.upper(), text.lower() + "!")
+        ]
+    result, report, out = curate(tmp_path, lines, min_examples=100, max_examples=100)
+    assert result.ok, result.message
+    assert report["examples"] == 100
+    assert report["near_duplicates"] + report["beyond_max_examples"] + 100 == 300
+    kept = {exact_key(r): r for r in read(out / "train.jsonl") + read(out / "eval.jsonl")}
+    assert len({r.response["tool_calls"][0]["function"]["arguments"] for r in kept.values()}) == 100
+    # the first 100 in hash order of what curate keeps without the bound, as before
+    _, _, whole_out = curate(tmp_path, lines, out="whole", min_examples=1)
+    whole = {
+        exact_key(r): r for r in read(whole_out / "train.jsonl") + read(whole_out / "eval.jsonl")
+    }
+    assert kept == {k: r for k, r in whole.items() if k <= max(kept)}
+
+
+def test_near_duplicates_need_the_same_system_prompt_and_tools(tmp_path: Path) -> None:
+    """The near-duplicate text leaves the system prompt out, and the tools offered were never
+    looked at: a template that puts the ticket in the system prompt and asks a fixed question
+    made every call "the very same words" (59 of 60 dropped, and the task waited for data for
+    ever), and two agent steps that send the same user text with their own tools lost one
+    of each pair."""
+    tickets = []
+    for i in range(30):
+        label = ("billing", "shipping", "login")[i % 3]
+        ticket = f"Ticket {10000 + 37 * i} from {CITIES[i % 18]}: a {label} problem, case {i}"
+        tickets.append(
+            {
+                **call("Classify the ticket above. Answer with one word.", content=label),
+                "tools": [],
+                "messages": [
+                    {"role": "system", "content": f"You triage support tickets.\n\n{ticket}"},
+                    {"role": "user", "content": "Classify the ticket above. Answer with one word."},
+                ],
+            }
+        )
+    steps = []
+    for i in range(15):
+        text = f"I land in {CITIES[i % 18]} on the {i + 1}th with {i % 4 + 2} colleagues"
+        for tool, system in (
+            ("search_flights", "You book flights."),
+            ("search_hotels", "You book hotels."),
+        ):
+            step = call(text, tool, {"to": CITIES[i % 18], "day": i + 1})
+            step["messages"][0]["content"] = system
+            step["tools"] = [{"type": "function", "function": {"name": tool}}]
+            steps.append(step)
+    result, report, _ = curate(tmp_path, tickets + steps, min_examples=10, scrub_pii=False)
+    assert result.ok, result.message
+    assert (report["examples"], report["near_duplicates"]) == (60, 0)
+
+    # The same system prompt and tools: the same words answered two ways are still one.
+    again = [tickets[0], {**tickets[0], "response": {"role": "assistant", "content": "login"}}]
+    _, report, _ = curate(tmp_path, again + tool_calls(12, 0, 0), out="again", scrub_pii=False)
+    assert report["near_duplicates"] == 1
+
+
+def test_answers_of_the_served_slm_are_counted_never_curated(tmp_path: Path) -> None:
+    """Once a task is served by its SLM the gateway captures the SLM's answers too; curate
+    trained and evaluated on them (a candidate learnt its predecessor's mistakes and was
+    scored against them). Only the LLM's answers are examples; the others are counted."""
+    llm = tool_calls(12, 0, 0)
+    slm = [
+        {
+            **call(f"Is it sunny in {c} for the picnic on the {i}th? {i}", "book_table"),
+            "backend": "slm",
+        }
+        for i, c in enumerate(CITIES[:8])
+    ]
+    result, report, out = curate(tmp_path, [*slm[:4], *llm, *slm[4:]], min_examples=5)
+    assert result.ok, result.message
+    kept = read(out / "train.jsonl") + read(out / "eval.jsonl")
+    assert len(kept) == 12 and {r.backend for r in kept} == {"llm"}
+    assert report["not_llm_answer"] == 8
+    assert "8 not answered by the LLM (8 slm)" in result.message
+    accounted = (
+        report["malformed_total"]
+        + report["other_task"]
+        + report["not_llm_answer"]
+        + report["exact_duplicates"]
+        + report["near_duplicates"]
+        + report["beyond_max_examples"]
+        + report["examples"]
+    )
+    assert accounted == report["read"] == 20
+    records = [CallRecord.from_dict(r) for r in slm + llm]
+    assert distinct_count(records) == 12  # what discover proposes as minExamples
+
+    only_slm, report, _ = curate(tmp_path, slm, out="only_slm", min_examples=5)
+    assert not only_slm.ok and only_slm.examples == 0
+    assert "8 not answered by the LLM" in only_slm.message
+
+
 def test_near_duplicates_just_above_the_threshold_are_dropped(tmp_path: Path) -> None:
     """Judged on the MinHash estimate (about 0.026 off at 128 permutations) by an index built
     at the threshold, 47 of these 60 pairs were both kept, and could straddle the train/eval
@@ -547,7 +650,8 @@ def test_odd_but_valid_shapes_never_crash(tmp_path: Path) -> None:
     assert result.ok, result.message
     assert report["malformed"] == {"invalid_json": 1}
     assert report["examples"] == 4
-    assert report["strata"]["tool:?"] == {"train": 1, "eval": 1}
+    assert report["strata"]["tool:?"]["train"] + report["strata"]["tool:?"]["eval"] == 2
+    assert report["eval"] == 1  # 10 % of 4, and at least one
 
 
 @pytest.mark.parametrize("scrub_pii", [True, False])
@@ -640,16 +744,18 @@ def test_split_is_deterministic_order_independent_and_stratified(tmp_path: Path)
     keys = {exact_key(r) for r in read(out1 / "eval.jsonl")}
     assert keys == {exact_key(r) for r in read(out3 / "eval.jsonl")}
 
+    # 10 % of 28 is 2.8: 2 of the 2.0 of get_weather, 1 of the 0.6 of book_table, none of
+    # the 0.2 of send_email
     assert rep1["strata"] == {
         "tool:book_table": {"train": 5, "eval": 1},
         "tool:get_weather": {"train": 18, "eval": 2},
-        "tool:send_email": {"train": 1, "eval": 1},
+        "tool:send_email": {"train": 2, "eval": 0},
     }
-    assert (r1.examples, r1.train_examples, r1.eval_examples) == (28, 24, 4)
+    assert (r1.examples, r1.train_examples, r1.eval_examples) == (28, 25, 3)
 
     _, rep_seed, _ = curate(tmp_path, lines, out="d", seed=1)
     other = {exact_key(r) for r in read(tmp_path / "d" / "eval.jsonl")}
-    assert other != keys and rep_seed["eval"] == 4
+    assert other != keys and rep_seed["eval"] == 3
 
 
 def test_classification_answers_are_strata(tmp_path: Path) -> None:
@@ -659,8 +765,9 @@ def test_classification_answers_are_strata(tmp_path: Path) -> None:
         for i, lab in enumerate(labels)
     ]
     _, report, _ = curate(tmp_path, lines, eval_fraction=0.25)
+    # a quarter of 20 is 5: the half left over after whole shares goes to the larger stratum
     assert report["strata"] == {
-        "label:negative": {"train": 4, "eval": 2},
+        "label:negative": {"train": 5, "eval": 1},
         "label:neutral": {"train": 3, "eval": 1},
         "label:positive": {"train": 7, "eval": 3},
     }
@@ -746,12 +853,40 @@ def test_invalid_arguments_are_rejected(tmp_path: Path, bad: dict[str, Any]) -> 
 def test_assign_split_pools_singletons_and_keeps_both_sides() -> None:
     strata = ["a", "a", "b", "b", "b", "b", "b", "b", "b", "b", "b", "b", "u1", "u2", "u3"]
     keys = [f"k{i}" for i in range(len(strata))]
-    is_eval = assign_split(strata, keys, 0.1, seed=0)
-    by = {s: [e for t, e in zip(strata, is_eval, strict=True) if t == s] for s in set(strata)}
-    assert sorted(by["a"]) == [False, True]
-    assert sum(by["b"]) == 1
-    assert sum(by["u1"] + by["u2"] + by["u3"]) == 1  # the pooled "rare" stratum
+    by_stratum = {"a": [0, 1], "b": list(range(2, 12)), "rare": [12, 13, 14]}
+
+    def eval_of(fraction: float) -> dict[str, int]:
+        is_eval = assign_split(strata, keys, fraction, seed=0)
+        return {s: sum(is_eval[i] for i in members) for s, members in by_stratum.items()}
+
+    # 1.5 of 15, rounded up to 2: b's whole share, then the largest remainder (rare's 0.3)
+    assert eval_of(0.1) == {"a": 0, "b": 1, "rare": 1}
+    # never every member of a stratum: each is also trained on
+    assert eval_of(0.9) == {"a": 1, "b": 9, "rare": 2}
+    assert eval_of(0.01) == {"a": 0, "b": 1, "rare": 0}  # at least one in eval
     assert assign_split(strata, keys, 0.0, seed=0) == [False] * len(strata)
+    assert assign_split(["a"], ["k"], 0.5, seed=0) == [False]
+
+
+def test_the_share_held_out_is_eval_fraction_however_small_the_strata(tmp_path: Path) -> None:
+    """Every stratum of two or more gave at least one eval example: with 60 tools called
+    twice each, half the examples were held out at evalFraction 0.05, and the model trained
+    on half of what it could. The common strata still get their share."""
+    lines = [
+        call(
+            f"Please run job {t * 100 + i} on host {CITIES[(t + i) % 18]} with label L{t}",
+            f"tool_{t}",
+            {"job": t * 100 + i},
+        )
+        for t in range(60)
+        for i in range(2)
+    ]
+    lines += tool_calls(40, 0, 0)
+    result, report, out = curate(tmp_path, lines, eval_fraction=0.05, stratify_by="tool")
+    assert result.ok, result.message
+    assert (report["examples"], report["train"], report["eval"]) == (160, 152, 8)
+    assert report["strata"]["tool:get_weather"] == {"train": 38, "eval": 2}
+    assert len(read(out / "eval.jsonl")) == 8
 
 
 def test_shingles_and_stratum() -> None:

@@ -364,6 +364,10 @@ def test_malformed_lines_are_counted_in_the_report_never_fatal(
     assert "6 malformed lines skipped" in result.message
     report = json.loads((tmp_path / "out" / "discover_report.json").read_text())
     assert report["records"] == 8
+    # The record too deep to write back is found after the sample is drawn: it was counted
+    # both malformed and valid, so the report's counts did not add up to the lines read.
+    assert report["valid_records"] == 8 and report["left_out_by_sample"] == 0
+    assert report["lines"] == report["blank"] + report["malformed_total"] + report["valid_records"]
     assert report["malformed"] == {
         "invalid_json": 2,
         "invalid_model": 1,

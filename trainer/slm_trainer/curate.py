@@ -7,28 +7,38 @@ repeat most. This stage, in order:
 
 1. parses each JSON line into a :class:`slm_contract.CallRecord`; a malformed line is counted
    by reason and skipped, never fatal, and the first few are kept with their line numbers;
+   only the LLM's answers go on: the gateway also captures the calls the served SLM answered,
+   and those are counted (``not_llm_answer``), never trained or evaluated on;
 2. scrubs PII and secrets (:mod:`slm_trainer.redact`; on by default);
 3. drops exact duplicates (same normalised messages, tools and response; tool-call ids and
    whitespace don't count) and near duplicates (MinHash LSH over the word 3-grams of the
    conversation before the answer: user turns, earlier tool calls with their arguments and
-   tool results, not the system prompt; Jaccard >= ``near_dup_threshold``) that the LLM
-   answered with the same tool calls or JSON (any text answer counts as the same), or that
-   use the very same words (one request answered two ways: one label is noise). A near
-   duplicate with another structured answer (a templated request that differs in an order
-   number, in the request and the tool call's arguments alike) is an example of its own: it
-   teaches filling that slot, and an eval split of such calls tests exactly that. Of identical
-   calls the earliest captured is kept (timestamp, then request id); near duplicates are
-   compared in the order of their content hash. So the same calls give the same output,
-   byte for byte, whatever order the log holds them in: gateway replicas write shards in
-   an order that depends on timing, and a model must not change because of that;
-   with ``max_examples`` only the distinct calls with the smallest content hash are held
-   (:class:`_Sample`): a log only grows, and curate holds each call it keeps (about 9 KB);
+   tool results, not the system prompt; Jaccard >= ``near_dup_threshold``) among calls with
+   the same system and developer turns and the same tools offered, that the LLM answered
+   with the same tool calls or JSON (any text answer counts as the same), or that use the
+   very same words in the very same request (one request answered two ways: one label is
+   noise). A near duplicate with another structured answer (a templated request that
+   differs in an order number, in the request and the tool call's arguments alike) is an
+   example of its own: it teaches filling that slot, and an eval split of such calls tests
+   exactly that. Of identical calls the earliest captured is kept (timestamp, then request
+   id); near duplicates are compared in the order of their content hash. So the same calls
+   give the same output, byte for byte, whatever order the log holds them in: gateway
+   replicas write shards in an order that depends on timing, and a model must not change
+   because of that; with ``max_examples`` the examples are the first ``max_examples`` in
+   content-hash order once near duplicates are out. Curate holds a sample of the distinct
+   calls with the smallest hash, a quarter above ``max_examples`` (:class:`_Sample`), since
+   a log only grows and curate holds each call it keeps (about 9 KB); where near duplicates
+   leave fewer, the log is read again for the next calls;
 4. splits train/eval, stratified by label (the first tool call's name, a short classification
-   answer, or one stratum for free text), so every tool with two or more examples is in both
-   splits. Within a stratum the eval examples are those with the smallest seeded hash of their
-   content: the split does not depend on the log's order and, as the log grows between
-   retrainings, an example rarely moves from eval to train (which would contaminate the eval
-   of the next candidate).
+   answer, or one stratum for free text): ``eval_fraction`` of all examples, spread over the
+   strata in proportion to their size (:func:`eval_counts`), so a stratum with few examples
+   may have none in eval. Within a stratum the eval examples are those with the smallest
+   seeded hash of their content, so the split does not depend on the log's order. It is not
+   stable as the log grows: new examples of smaller hash take eval places, and the
+   proportional spread moves places between small strata, so between retrainings some
+   examples move from eval to train (about one in eight of the first eval set after three
+   appends of a tenth each, in a log of a few hundred calls). Each run's split is still
+   disjoint; a candidate's score is only comparable with scores on the same eval set.
 
 Outputs in ``output_dir``: ``train.jsonl`` and ``eval.jsonl`` (call records, in the order of
 their content hash, which also mixes a log's runs of one tool before training reads it) and
@@ -57,6 +67,11 @@ from slm_contract import CallRecord, ContractError, TrainerResult, redact_uri, r
 
 #: The contract's name for this stage in TrainerResult.
 CONTRACT_STAGE = "prepare"
+
+#: The only backend whose answers are trained on. The gateway also captures the calls the
+#: served SLM answered (``slm``): trained on, a candidate would learn its predecessor's
+#: mistakes, and an eval set of them would score candidates against the SLM, not the LLM.
+TRAINED_BACKEND = "llm"
 
 #: What an error sample says of a record refused after parsing; never its content, which
 #: may hold what redaction would have removed.
@@ -92,11 +107,15 @@ class Args:
         default=0.9,
         metadata={
             "help": "Jaccard similarity of conversations (user turns, earlier tool calls and "
-            "results) above which a record answered with the same tool calls or JSON (or any "
-            "text) is a near duplicate; 1.0 turns it off"
+            "results) above which a record with the same system prompt and tools, answered "
+            "with the same tool calls or JSON (or any text), is a near duplicate; 1.0 turns "
+            "it off"
         },
     )
-    eval_fraction: float = field(default=0.1, metadata={"help": "share of each stratum for eval"})
+    eval_fraction: float = field(
+        default=0.1,
+        metadata={"help": "share of the examples held out for eval, spread over the strata"},
+    )
     stratify_by: StratifyBy = field(
         default="auto",
         metadata={"help": "auto: tool name, else short answer; tool; content; none"},
@@ -109,9 +128,9 @@ class Args:
     max_examples: int = field(
         default=0,
         metadata={
-            "help": "keep at most this many distinct calls: those with the smallest content "
-            "hash, a uniform sample whatever the log's order; memory then stays bounded as the "
-            "log grows (0: keep every call)"
+            "help": "keep at most this many examples: the first in content-hash order once "
+            "near duplicates are out, a uniform sample whatever the log's order; memory then "
+            "stays bounded as the log grows (0: keep every call)"
         },
     )
     max_error_samples: int = field(
@@ -620,6 +639,65 @@ def conversation_shape(record: CallRecord) -> str:
     return "|".join(shape)
 
 
+def _offered_name(tool: Any) -> str:
+    """The name of a tool the request offers: ``function`` and ``custom`` tools carry it in
+    the object named by their type, an older flat shape at the top."""
+    if not isinstance(tool, dict):
+        return "?"
+    body = tool.get(str(tool.get("type") or "function"))
+    name = body.get("name") if isinstance(body, dict) else tool.get("name")
+    return str(name or "?")
+
+
+def _blake(doc: Any) -> str:
+    """A short, stable digest of a JSON-able ``doc``: the near-duplicate index holds a few
+    of them for every call kept, so not the texts themselves."""
+    blob = json.dumps(doc, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
+
+
+def _instructions(record: CallRecord) -> list[str]:
+    """The system and developer turns, whitespace normalised."""
+    return [
+        _normal_message(m)["content"] for m in record.messages if m.get("role") in _NOT_CONVERSATION
+    ]
+
+
+def near_group(record: CallRecord) -> str:
+    """Which calls may be near duplicates of each other: those at the same step of the agent
+    loop (:func:`conversation_shape`) with the same system and developer turns and the same
+    tools offered (by name, in any order).
+
+    Why: the near-duplicate text leaves the instructions out (an agent's long system prompt
+    would make all its calls look alike), but they are part of the request. A template that
+    puts the ticket in the system prompt and asks a fixed question in the user turn made every
+    call "the very same words", and 59 of 60 were dropped; two agent steps that send the same
+    user text with their own tools lost one of each pair. A digest, as the index holds one
+    for every call kept.
+    """
+    names = sorted(_offered_name(t) for t in record.tools)
+    return _blake([conversation_shape(record), _instructions(record), names])
+
+
+def request_digest(record: CallRecord) -> str:
+    """A digest of the instructions and the tools offered, schemas included (in any order):
+    with :func:`near_group` equal, the rest of the request a "same words" duplicate must
+    also share. Tools of the same names may be described apart (an enum of today's items),
+    and then the same words may well be answered otherwise."""
+    tools = sorted(json.dumps(t, sort_keys=True, ensure_ascii=False) for t in record.tools)
+    return _blake([_instructions(record), tools])
+
+
+#: What :meth:`_NearDuplicateFilter.is_duplicate` compares of a call, after its key: the
+#: conversation's text, :func:`near_group`, :func:`answer_signature`, :func:`request_digest`.
+NearKey = tuple[str, str, str, str]
+
+
+def near_key(record: CallRecord) -> NearKey:
+    """Everything the near-duplicate filter needs of ``record``, computed once."""
+    return dedupe_text(record), near_group(record), answer_signature(record), request_digest(record)
+
+
 def answer_signature(record: CallRecord) -> str:
     """A digest of the LLM's structured answer, normalised (no ids, no whitespace): tool
     calls, or content that is a JSON object or array. Two near-duplicate requests are one
@@ -682,26 +760,54 @@ def assign_split(
     """For each record, True when it goes to eval. Pure and order-independent.
 
     Strata with a single member are pooled into one ``rare`` stratum first so that a set of
-    unique short answers still yields an eval split. A stratum of n >= 2 gives
-    ``n * eval_fraction`` eval examples (halves round up), at least 1 and at most n - 1 (when
-    ``eval_fraction`` > 0).
+    unique short answers still yields an eval split. The eval set holds ``eval_fraction`` of
+    all records (halves round up; at least one when ``eval_fraction`` > 0 and there are two
+    records), spread over the strata by :func:`eval_counts`; within a stratum, the records
+    of smallest seeded hash (:func:`split_rank`) go to eval.
     """
     sizes = Counter(strata)
     groups: dict[str, list[int]] = defaultdict(list)
     for i, s in enumerate(strata):
         groups["rare" if sizes[s] < 2 else s].append(i)
     is_eval = [False] * len(strata)
-    if eval_fraction <= 0:
-        return is_eval
-    for _, members in sorted(groups.items()):
-        n = len(members)
-        if n < 2:
-            continue
-        n_eval = min(n - 1, max(1, math.floor(n * eval_fraction + 0.5)))  # half rounds up
+    quotas = eval_counts({s: len(m) for s, m in groups.items()}, eval_fraction)
+    for s, members in groups.items():
         ranked = sorted(members, key=lambda i: split_rank(seed, keys[i]))
-        for i in ranked[:n_eval]:
+        for i in ranked[: quotas[s]]:
             is_eval[i] = True
     return is_eval
+
+
+def eval_counts(sizes: dict[str, int], eval_fraction: float) -> dict[str, int]:
+    """How many eval examples each stratum of ``sizes`` gives: ``eval_fraction`` of the total
+    (halves round up), each stratum its whole share, then one more to the strata with the
+    largest remainders (the larger stratum first on a tie) until the total is reached; never
+    a stratum's every member, so each of its examples is also trained on.
+
+    Why not a share of each stratum rounded up to one: with many small strata (60 tools of 2
+    calls each) half the examples were held out at an eval fraction of 0.05, and a model
+    trained on half of what it could. A stratum too small for a whole share may now have no
+    eval example; the common strata always get theirs.
+    """
+    counts = dict.fromkeys(sizes, 0)
+    eligible = {s: n for s, n in sizes.items() if n >= 2}
+    total = sum(eligible.values())
+    if eval_fraction <= 0 or not total:
+        return counts
+    target = max(1, math.floor(total * eval_fraction + 0.5))
+    for s, n in eligible.items():
+        counts[s] = min(n - 1, math.floor(n * eval_fraction))
+    by_remainder = sorted(
+        eligible, key=lambda s: (-(eligible[s] * eval_fraction - counts[s]), -eligible[s], s)
+    )
+    left = target - sum(counts.values())
+    for s in by_remainder:
+        if left <= 0:
+            break
+        if counts[s] < eligible[s] - 1:
+            counts[s] += 1
+            left -= 1
+    return counts
 
 
 # ------------------------------------------------------------------------------ the stage
@@ -757,13 +863,16 @@ class _NearDuplicateFilter:
         self._lsh = MinHashLSH(
             threshold=max(0.1, threshold - _LSH_MARGIN), num_perm=num_perm, weights=_LSH_WEIGHTS
         )
-        self._kept: dict[str, tuple[str, str, Any, array[int]]] = {}
+        self._kept: dict[str, tuple[str, str, str, Any, array[int]]] = {}
         self.threshold = threshold
 
-    def is_duplicate(self, key: str, text: str, group: str = "", answer: str = "") -> bool:
+    def is_duplicate(
+        self, key: str, text: str, group: str = "", answer: str = "", request: str = ""
+    ) -> bool:
         """True if ``text`` is a near duplicate of a call already kept in the same ``group``
-        with the same ``answer`` (:func:`answer_signature`), or with the very same words (the
-        same request answered two ways: one label is noise); otherwise keep it.
+        (:func:`near_group`) with the same ``answer`` (:func:`answer_signature`), or with the
+        very same words and the same ``request`` (:func:`request_digest`): the same request
+        answered two ways, where one label is noise. Otherwise keep it.
 
         Why the answer: compared on the request alone, calls of one long template that
         differ in an order number, in the request and in the tool call's arguments alike,
@@ -782,7 +891,7 @@ class _NearDuplicateFilter:
         hashes = _gram_hashes(grams)
         members: set[int] | None = None
         for other in self._lsh.query(mh):
-            other_group, other_answer, other_mh, other_hashes = self._kept[other]
+            other_group, other_answer, other_request, other_mh, other_hashes = self._kept[other]
             if other_group != group:
                 continue
             estimate = mh.jaccard(other_mh)
@@ -793,10 +902,10 @@ class _NearDuplicateFilter:
                     members = set(hashes)
                 if _jaccard(members, other_hashes) < self.threshold:
                     continue
-            if other_answer == answer or other_hashes == hashes:
+            if other_answer == answer or (other_hashes == hashes and other_request == request):
                 return True
         self._lsh.insert(key, mh)
-        self._kept[key] = (group, answer, mh, hashes)
+        self._kept[key] = (group, answer, request, mh, hashes)
         return False
 
 
@@ -806,16 +915,19 @@ def distinct_count(
     num_perm: int = 128,
     seed: int = 0,
 ) -> int:
-    """How many of ``records`` curate keeps with these settings: exact and near duplicates
-    out, compared in the order of their content hash as :func:`run` compares them. Without
-    redaction, which mostly merges calls (one template, two users) but can, rarely, tell two
-    apart (a value redacted in one call's answer and not in the other's): the count can be a
-    few off curate's, lower as a rule."""
-    texts: dict[str, tuple[str, str, str]] = {}
+    """How many of ``records`` curate keeps with these settings: the LLM's answers, exact and
+    near duplicates out, compared in the order of their content hash as :func:`run` compares
+    them. Without redaction, which mostly merges calls (one template, two users) but can,
+    rarely, tell two apart (a value redacted in one call's answer and not in the other's):
+    the count can be a few off curate's, lower as a rule. Discover proposes it as a task's
+    minExamples, so the SLM's answers, which curate leaves out, must not count."""
+    texts: dict[str, NearKey] = {}
     for record in records:
+        if record.backend != TRAINED_BACKEND:  # curate leaves them out
+            continue
         key = exact_key(record)
         if key not in texts:
-            texts[key] = (dedupe_text(record), conversation_shape(record), answer_signature(record))
+            texts[key] = near_key(record)
     if near_dup_threshold >= 1.0:
         return len(texts)
     near = _NearDuplicateFilter(near_dup_threshold, num_perm, seed)
@@ -861,9 +973,7 @@ class _Entry:
     stratum: str
     line: str
     redactions: dict[str, int]
-    near_text: str
-    near_group: str
-    near_answer: str
+    near: NearKey  # what the near-duplicate filter compares; empty without it
 
     def later_than(self, rank: tuple[float, str], digest: str) -> bool:
         """Whether a capture ranked ``rank`` with ``digest`` should replace this one: it is
@@ -905,15 +1015,14 @@ def _entry(
         stratum=stratum(record, stratify_by),
         line=record.to_json(),
         redactions=counts,
-        near_text=dedupe_text(record) if near else "",
-        near_group=conversation_shape(record) if near else "",
-        near_answer=answer_signature(record) if near else "",
+        near=near_key(record) if near else ("", "", "", ""),
     )
 
 
 class _Sample:
     """Which distinct calls curate holds under ``max_examples``: those with the smallest
-    content hash (``_Entry.key``), decided as the log is read.
+    content hash (``_Entry.key``), decided as the log is read; ``limit`` is
+    :func:`_sample_size`, a margin above ``max_examples``.
 
     Why: curate holds every distinct call it keeps (about 9 KB each with near-duplicate
     detection), and a task's log only grows: retraining on growth re-reads all of it. Past
@@ -928,7 +1037,7 @@ class _Sample:
         self.limit = limit
         self._heap: list[tuple[int, str]] = []  # max-heap of held keys; stale ones are skipped
         #: Distinct calls set aside; a key here never comes back, since the largest held
-        #: key only goes down once the sample is full.
+        #: key only goes down once the sample is full. Each is larger than every held key.
         self.beyond: set[str] = set()
 
     def _largest(self, held: dict[str, _Entry]) -> str:
@@ -955,58 +1064,116 @@ class _Sample:
             self.beyond.add(out)
 
 
-def _curate(
-    args: Args, files: Sequence[Shard], started: float, progress: Progress | None
-) -> TrainerResult:
-    """The stage proper, over shards known to exist."""
-    stats = ParseStats()
-    exact_dupes = 0
-    near_dupes = 0
-    # Identical calls (by content, before and after redaction) share one entry: the earliest
-    # capture. Raw keys map to the entry, so a repeat costs a hash, not a redaction. With
-    # redaction the raw key is :func:`redaction_key`, not :func:`exact_key`: the redactor
-    # sees whitespace, so two captures of one call may redact apart, and a capture must be
-    # redacted as itself for the output not to depend on which of them came first.
-    entry_of: dict[str, str] = {}
-    unique: dict[str, _Entry] = {}
-    redacted: dict[str, dict[str, int]] = {}
-    sample = _Sample(args.max_examples)
+#: How many distinct calls a sample holds, as a multiple of ``max_examples``: near duplicates
+#: are only found among held calls, and each one leaves a place that the margin fills. Where
+#: they are more than the margin, the log is read again for the next calls in hash order
+#: (:func:`_fetch`), so memory stays within this factor of ``max_examples``.
+_SAMPLE_MARGIN = 1.25
 
-    redactor = None
-    # What the redactor raises for a string it refuses to analyse (over MAX_TEXT_CHARS); the
-    # empty tuple catches nothing when nothing is redacted.
+
+def _sample_size(max_examples: int) -> int:
+    """The distinct calls held at a time under ``max_examples`` (0: no bound)."""
+    return math.ceil(max_examples * _SAMPLE_MARGIN)
+
+
+@dataclass
+class _Read:
+    """What the first reading of the log found: every count of the report but the near
+    duplicates, and the held calls (all of them without ``max_examples``)."""
+
+    unique: dict[str, _Entry] = field(default_factory=dict)
+    #: Raw key of every distinct capture read -> its content hash after redaction, so that
+    #: a later reading finds a call's captures without redacting the others again.
+    entry_of: dict[str, str] = field(default_factory=dict)
+    #: What was scrubbed from each distinct call, kept or not, by raw key.
+    redacted: dict[str, dict[str, int]] = field(default_factory=dict)
+    exact_dupes: int = 0
+    not_llm: Counter[str] = field(default_factory=Counter)
+    beyond: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class _Redaction:
+    """The redactor (None when PII is not scrubbed) and what it raises for a string it will
+    not analyse (over MAX_TEXT_CHARS); the empty tuple catches nothing."""
+
+    redactor: Any = None
     too_long: tuple[type[Exception], ...] = ()
-    if args.scrub_pii:
+
+    @classmethod
+    def of(cls, scrub_pii: bool) -> _Redaction:
+        if not scrub_pii:
+            return cls()
         from slm_trainer.redact import TextTooLong, default_redactor
 
-        redactor = default_redactor()
-        too_long = (TextTooLong,)
-    near_wanted = args.near_dup_threshold < 1.0
+        return cls(default_redactor(), (TextTooLong,))
 
-    records = parse_lines(read_lines(files), stats, args.task, args.max_error_samples)
-    call_key = exact_key if redactor is None else redaction_key
-    for n, record in enumerate(records, start=1):
+    def call_key(self, record: CallRecord) -> str:
+        """Identical calls share this key before redaction. With redaction it is
+        :func:`redaction_key`, not :func:`exact_key`: the redactor sees whitespace, so two
+        captures of one call may redact apart, and a capture must be redacted as itself for
+        the output not to depend on which of them came first."""
+        return exact_key(record) if self.redactor is None else redaction_key(record)
+
+
+def _llm_answers(
+    args: Args, files: Sequence[Shard], stats: ParseStats, not_llm: Counter[str]
+) -> Iterator[CallRecord]:
+    """The task's valid records that the LLM answered; the others are counted in ``not_llm``
+    by backend (the report says how many, never silently)."""
+    for record in parse_lines(read_lines(files), stats, args.task, args.max_error_samples):
+        if record.backend == TRAINED_BACKEND:
+            yield record
+        else:
+            not_llm[record.backend] += 1
+
+
+def _replaces(held: _Entry, record: CallRecord, rank: tuple[float, str]) -> str:
+    """The digest of ``record`` when it is an earlier capture than ``held`` and so takes its
+    place; "" when ``held`` stays. A later capture costs no digest (a serialisation)."""
+    if rank > held.rank:
+        return ""
+    digest = _digest(record)
+    return digest if held.later_than(rank, digest) else ""
+
+
+def _first_read(
+    args: Args,
+    files: Sequence[Shard],
+    stats: ParseStats,
+    redaction: _Redaction,
+    progress: Progress | None,
+) -> _Read:
+    """Read the whole log once: count every record and hold the earliest capture of each
+    distinct call in the sample (every one without ``max_examples``)."""
+    found = _Read()
+    # Identical calls (by content, before and after redaction) share one entry: the earliest
+    # capture. Raw keys map to the entry, so a repeat costs a hash, not a redaction.
+    entry_of, unique = found.entry_of, found.unique
+    sample = _Sample(_sample_size(args.max_examples))
+    found.beyond = sample.beyond
+    near_wanted = args.near_dup_threshold < 1.0
+    for n, record in enumerate(_llm_answers(args, files, stats, found.not_llm), start=1):
         if n % 1000 == 0:
             _emit(progress, phase="dedup", records=n, kept=len(unique))
         try:
             # Identical calls are the bulk of a log: drop them before paying for redaction.
-            raw_key = call_key(record)
+            raw_key = redaction.call_key(record)
             rank = (record.timestamp, record.request_id)
             known = entry_of.get(raw_key, "")
             held = unique.get(known)
             digest = ""
             if held is not None:
-                exact_dupes += 1
-                # Computing a digest costs a serialisation: a later capture skips it.
-                if rank > held.rank:
-                    continue
-                digest = _digest(record)
-                if not held.later_than(rank, digest):
+                found.exact_dupes += 1
+                digest = _replaces(held, record, rank)
+                if not digest:
                     continue
             elif known and sample.excludes(known, unique):
-                exact_dupes += 1  # a repeat of a call set aside by max_examples
+                found.exact_dupes += 1  # a repeat of a call set aside by max_examples
                 continue
-            entry = _entry(record, rank, raw_key, redactor, args.stratify_by, near_wanted, digest)
+            entry = _entry(
+                record, rank, raw_key, redaction.redactor, args.stratify_by, near_wanted, digest
+            )
         except RecursionError:
             # JSON decodes deeper than dataclasses.asdict and the encoder can walk back: such
             # a record could not be written out, so it is malformed rather than fatal.
@@ -1015,48 +1182,123 @@ def _curate(
         except UnicodeEncodeError:  # the contract refuses lone surrogates; never fatal anyway
             stats.skip("invalid_unicode", INVALID_UNICODE_ERROR, args.max_error_samples)
             continue
-        except too_long:
+        except redaction.too_long:
             # A string the redactor will not analyse cannot be written redacted, nor may it
             # be written unredacted: the record is dropped and counted, the stage goes on.
             stats.skip("too_long", TOO_LONG_ERROR, args.max_error_samples)
             continue
         entry_of[raw_key] = entry.key
-        if entry.redactions:  # what was scrubbed from each distinct call, kept or not
-            redacted[raw_key] = entry.redactions
+        if entry.redactions:
+            found.redacted[raw_key] = entry.redactions
         # An earlier capture with the same raw key redacts alike, so it takes the place of
         # ``held`` under the same key below; no other call's entry is ever dropped for it.
         if sample.excludes(entry.key, unique):
             if entry.key in sample.beyond:
-                exact_dupes += 1  # equal, once redacted, to a call already set aside
+                found.exact_dupes += 1  # equal, once redacted, to a call already set aside
             else:
                 sample.beyond.add(entry.key)
             continue
         other = unique.get(entry.key)
         if other is not None and other is not held:
             # equal once the PII is gone, e.g. one template, two users
-            exact_dupes += 1
+            found.exact_dupes += 1
         if other is None or other.later_than(entry.rank, entry.digest):
             unique[entry.key] = entry
             if other is None:
                 sample.added(entry.key, unique)
+    return found
+
+
+def _fetch(
+    args: Args,
+    files: Sequence[Shard],
+    wanted: set[str],
+    entry_of: dict[str, str],
+    redaction: _Redaction,
+) -> dict[str, _Entry]:
+    """Read the log again for the distinct calls ``wanted`` (content hashes the first reading
+    set aside), each as its earliest capture, as :func:`_first_read` would have held it.
+    Counts were all taken by the first reading: nothing is counted here."""
+    unique: dict[str, _Entry] = {}
+    near_wanted = args.near_dup_threshold < 1.0
+    refused: tuple[type[Exception], ...] = (RecursionError, UnicodeEncodeError)
+    refused += redaction.too_long
+    for record in _llm_answers(args, files, ParseStats(), Counter()):
+        try:
+            raw_key = redaction.call_key(record)
+            key = entry_of.get(raw_key, "")
+            if key not in wanted:
+                continue
+            rank = (record.timestamp, record.request_id)
+            held = unique.get(key)
+            digest = ""
+            if held is not None:
+                digest = _replaces(held, record, rank)
+                if not digest:
+                    continue
+            entry = _entry(
+                record, rank, raw_key, redaction.redactor, args.stratify_by, near_wanted, digest
+            )
+        except refused:
+            continue  # counted as malformed by the first reading
+        if entry.key == key:  # as the first reading redacted it: it always is
+            unique[key] = entry
+    return unique
+
+
+def _filter_near(
+    unique: dict[str, _Entry],
+    near: _NearDuplicateFilter | None,
+    kept: list[tuple[str, str, str]],
+    limit: int,
+) -> int:
+    """Move ``unique``'s calls, in the order of their content hash, to ``kept`` (stratum, key,
+    line) until it holds ``limit`` (0: no bound), near duplicates out. Returns how many near
+    duplicates were found; the calls not looked at are dropped.
+    """
+    dupes = 0
+    for key in sorted(unique):
+        if limit and len(kept) >= limit:
+            break
+        entry = unique.pop(key)  # the texts go as soon as they are filtered
+        if near is not None and near.is_duplicate(key, *entry.near):
+            dupes += 1
+        else:
+            kept.append((entry.stratum, key, entry.line))
+    unique.clear()
+    return dupes
+
+
+def _curate(
+    args: Args, files: Sequence[Shard], started: float, progress: Progress | None
+) -> TrainerResult:
+    """The stage proper, over shards known to exist."""
+    stats = ParseStats()
+    redaction = _Redaction.of(args.scrub_pii)
+    found = _first_read(args, files, stats, redaction, progress)
+    distinct = len(found.unique) + len(found.beyond)
 
     near = (
         _NearDuplicateFilter(args.near_dup_threshold, args.num_perm, args.seed)
-        if near_wanted
+        if args.near_dup_threshold < 1.0
         else None
     )
     kept: list[tuple[str, str, str]] = []
-    for key in sorted(unique):
-        entry = unique.pop(key)  # the texts go as soon as they are filtered
-        if near is not None and near.is_duplicate(
-            key, entry.near_text, entry.near_group, entry.near_answer
-        ):
-            near_dupes += 1
-            continue
-        kept.append((entry.stratum, key, entry.line))
-    records_redacted = len(redacted)
+    near_dupes = _filter_near(found.unique, near, kept, args.max_examples)
+    # Near duplicates left fewer than max_examples although the log holds more distinct
+    # calls: the next ones in hash order are read, a sample at a time, until it is reached.
+    # With minExamples equal to maxExamples the task would otherwise wait for data for ever.
+    left = found.beyond
+    while args.max_examples and len(kept) < args.max_examples and left:
+        wanted = set(heapq.nsmallest(_sample_size(args.max_examples), left))
+        left -= wanted
+        _emit(progress, phase="resample", kept=len(kept), reading=len(wanted))
+        more = _fetch(args, files, wanted, found.entry_of, redaction)
+        near_dupes += _filter_near(more, near, kept, args.max_examples)
+    # every distinct call is kept, a near duplicate, or was never looked at
+    beyond = distinct - near_dupes - len(kept)
     redactions: Counter[str] = Counter()
-    for counts in redacted.values():
+    for counts in found.redacted.values():
         redactions.update(counts)
 
     strata = [s for s, _, _ in kept]
@@ -1069,6 +1311,7 @@ def _curate(
     for s, e in zip(strata, is_eval, strict=True):
         per_stratum[s]["eval" if e else "train"] += 1
 
+    not_llm = sum(found.not_llm.values())
     report = {
         "input": printable_name(redact_uri(str(args.input))),
         "files": [printable_name(str(p)) for p in files],
@@ -1085,18 +1328,23 @@ def _curate(
         },
         "lines": stats.lines,
         "blank": stats.blank,
+        # read == malformed_total + other_task + not_llm_answer + exact_duplicates
+        #         + near_duplicates + beyond_max_examples + examples
         "read": stats.lines - stats.blank,
         "other_task": stats.other_task,
+        # answered by the served SLM (or another backend), never trained or evaluated on
+        "not_llm_answer": not_llm,
+        "not_llm_answer_by_backend": dict(sorted(found.not_llm.items())),
         "malformed": dict(sorted(stats.malformed.items())),
         "malformed_total": sum(stats.malformed.values()),
         "error_samples": stats.errors,
         "redactions": dict(sorted(redactions.items())),
-        "records_redacted": records_redacted,
-        "exact_duplicates": exact_dupes,
+        "records_redacted": len(found.redacted),
+        "exact_duplicates": found.exact_dupes,
         "near_duplicates": near_dupes,
         # distinct calls left out by max_examples (each with a larger content hash than
-        # every call kept), before near duplicates were looked for among the rest
-        "beyond_max_examples": len(sample.beyond),
+        # every call kept), near duplicates of the calls kept not counted among them
+        "beyond_max_examples": beyond,
         "examples": len(kept),
         "train": len(train),
         "eval": len(evals),
@@ -1111,12 +1359,17 @@ def _curate(
         f"{len(kept)} examples ({len(train)} train / {len(evals)} eval, {len(per_stratum)} strata) "
         f"from {report['read']} records: {report['malformed_total']} malformed, "
         + (f"{stats.other_task} of other tasks (--task {args.task}), " if stats.other_task else "")
-        + f"{exact_dupes} exact and {near_dupes} near duplicates dropped, "
+        + (
+            f"{not_llm} not answered by the LLM "
+            f"({', '.join(f'{n} {b}' for b, n in sorted(found.not_llm.items()))}), "
+            if not_llm
+            else ""
+        )
+        + f"{found.exact_dupes} exact and {near_dupes} near duplicates dropped, "
         f"{sum(redactions.values())} redactions"
         + (
-            f", {len(sample.beyond)} distinct calls beyond max_examples {args.max_examples} "
-            "left out"
-            if sample.beyond
+            f", {beyond} distinct calls beyond max_examples {args.max_examples} left out"
+            if beyond
             else ""
         )
     )

@@ -735,16 +735,7 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
         )
     except CallLogUnreadable as exc:  # say why, rather than "too few calls to cluster: 0"
         return TrainerResult(stage=CONTRACT_STAGE, ok=False, message=str(exc))
-    # Every line read is blank, malformed or a valid record, so this is every valid record,
-    # and what the sample left out of them is said in the report and the message.
-    valid = stats.lines - stats.blank - sum(stats.malformed.values())
-    left_out = valid - len(sample)
-    sample_note = (
-        f"; {left_out} of {valid} valid calls left out of the --max-records sample of "
-        f"{args.max_records}"
-        if left_out
-        else ""
-    )
+    left_out = stats.lines - stats.blank - sum(stats.malformed.values()) - len(sample)
     # Checked on the sample only (writing it back is the costly part of the check): a record
     # too deep to write would crash the stage when its cluster's file is written.
     records = [r for r in sample if writable(r)]
@@ -755,6 +746,16 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
         # training data: none of them may carry what curate would have redacted.
         _emit(emit, phase="redact", records=len(records))
         records = _redacted(records, stats)
+    # Every line read is blank, malformed or a valid record, so this is every valid record:
+    # taken after the checks above, as a call they drop is counted malformed, not valid
+    # (lines == blank + malformed_total + valid_records; records + left_out == valid_records).
+    valid = stats.lines - stats.blank - sum(stats.malformed.values())
+    sample_note = (
+        f"; {left_out} of {valid} valid calls left out of the --max-records sample of "
+        f"{args.max_records}"
+        if left_out
+        else ""
+    )
     skipped = stats.skipped_note() + sample_note
     if len(records) < 3:
         return TrainerResult(
