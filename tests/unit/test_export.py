@@ -161,3 +161,14 @@ def test_a_valid_description_is_exported_with_its_numbers(tmp_path: Path) -> Non
     assert (result.threshold, result.score, result.parameters) == (1.0, 1.0, 7)
     meta = json.loads((tmp_path / "repo" / "weather" / "metadata.json").read_text())
     assert (meta["eval_threshold"], meta["eval_score"], meta["parameters"]) == (1.0, 1.0, 7)
+
+
+def test_a_base_named_under_home_is_served_from_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """finetune trains from ``~/tiny`` (Job arguments see no shell, so it expands the name
+    itself); export wrote ``~/tiny`` as a hub id into ``config.pbtxt``, and Triton could not
+    load the model."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / "tiny").mkdir(parents=True)
+    assert export.resolve_base("~/tiny") == (str((tmp_path / "home" / "tiny").resolve()), "path")

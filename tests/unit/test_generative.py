@@ -292,6 +292,40 @@ def test_gemma2_gets_the_system_text_in_the_first_user_turn(tiny_minilm: Path) -
     assert "Be brief.\n\n" + rec.messages[0]["content"] in prompt
 
 
+def test_a_template_that_dates_its_prompts_renders_the_same_prompt_every_day(
+    tiny_minilm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Llama-3.1/3.2-Instruct write today's date into every prompt (``strftime_now``) unless
+    given a ``date_string``: the model was trained and evaluated on the training day's prompts
+    and served each later day's, which it never saw."""
+    import datetime as dt
+
+    import transformers.utils.chat_template_utils as template_utils
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_minilm))
+    tok.chat_template = (  # Llama-3.2-Instruct's opening, verbatim in the date part
+        "{%- if not date_string is defined %}{%- if strftime_now is defined %}"
+        '{%- set date_string = strftime_now("%d %b %Y") %}{%- else %}'
+        '{%- set date_string = "26 Jul 2024" %}{%- endif %}{%- endif %}'
+        "Today Date: {{ date_string }}\n{% for m in messages %}{{ m.content }}{% endfor %}"
+    )
+
+    class Clock(dt.datetime):
+        today = dt.datetime(2026, 12, 1)
+
+        @classmethod
+        def now(cls, tz: Any = None) -> Any:
+            return cls.today
+
+    monkeypatch.setattr(template_utils, "datetime", Clock)
+    rec = record(0)
+    trained = chatformat.render(tok, rec.messages, None, False)  # the finetune Job's day
+    Clock.today = dt.datetime(2027, 1, 15)
+    assert "Today Date: " in trained
+    assert chatformat.render(tok, rec.messages, None, False) == trained  # a Triton pod's day
+
+
 def _tool_turns(*results: str) -> list[dict[str, Any]]:
     """A user ask, the LLM's parallel calls, and one tool message per result."""
     calls = [
@@ -856,6 +890,71 @@ def test_gpus_without_native_bf16_compute_in_fp16_and_cpus_in_fp32(
     assert runtime.serving_dtype("cuda") is torch.float16  # the T4 above
     assert runtime.serving_dtype("cuda:0", bf16_native=True) is torch.bfloat16
     assert asked == [False, False]
+
+
+def test_serving_uses_the_precision_the_threshold_was_picked_in_where_the_device_has_it() -> None:
+    """A threshold picked on bf16 confidences (a trainer on an Ampere GPU) was applied to the
+    model served in fp32 (a CPU pod), whose confidences differ: calls near the threshold were
+    answered or deferred otherwise than evaluated."""
+    from slm_trainer.triton_model import runtime
+
+    assert runtime.recorded_dtype("bfloat16", "cpu") == (torch.bfloat16, None)
+    assert runtime.recorded_dtype("float32", "cuda:0", bf16_native=True) == (torch.float32, None)
+    assert runtime.recorded_dtype("float16", "cpu") == (torch.float16, None)
+    assert runtime.recorded_dtype("bfloat16", "cuda:0", bf16_native=True) == (torch.bfloat16, None)
+    # A GPU that only emulates bf16 (T4, V100) serves in fp16, saying so.
+    dtype, warning = runtime.recorded_dtype("bfloat16", "cuda:0", bf16_native=False)
+    assert dtype is torch.float16
+    assert warning is not None and "bfloat16" in warning and "serving in float16" in warning
+    dtype, warning = runtime.recorded_dtype("int4", "cpu")
+    assert dtype is torch.float32 and warning is not None and "'int4'" in warning
+    # A repository exported before the precision was recorded is served as it always was.
+    assert runtime.recorded_dtype(None, "cpu") == (torch.float32, None)
+    assert runtime.recorded_dtype("", "cuda:0", bf16_native=True) == (torch.bfloat16, None)
+
+
+def _exported(tmp_path: Path, cand: Path, base: Path, merge: bool = False) -> Path:
+    """The candidate exported as model ``weather`` into ``tmp_path/repo``: its folder."""
+    args = export.Args(
+        candidate="tiny",
+        model=str(base),
+        candidate_dir=cand,
+        output=tmp_path / "repo",
+        model_name="weather",
+        merge=merge,
+    )
+    result = export.run(args, Events())
+    assert result.ok, result.message
+    return tmp_path / "repo" / "weather"
+
+
+def test_the_evaluation_precision_is_recorded_and_passed_to_serving(
+    tmp_path: Path, tiny_minilm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from slm_trainer.triton_model import runtime
+
+    # the trainer on an Ampere GPU: the served model it scores is in bf16
+    monkeypatch.setattr(runtime, "serving_dtype", lambda device, bf16_native=None: torch.bfloat16)
+    loaded: list[Any] = []
+    load_model = runtime.load_model
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        loaded.append(kwargs.get("dtype"))
+        return load_model(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "load_model", spy)
+    monkeypatch.setattr(generative, "evaluate", _scripted_evaluation([0.9], [True]))
+    data = write_data(tmp_path / "data", 4, 1)
+    args = stage_args(tmp_path, tiny_minilm, data, epochs=1, checkpoint_dir="")
+    assert generative.train_generative(args, Events()).ok
+    assert loaded == [torch.bfloat16]
+    assert json.loads((Path(args.output) / "manifest.json").read_text())["eval_dtype"] == "bfloat16"
+    root = _exported(tmp_path, Path(args.output), tiny_minilm)
+    assert (
+        'key: "eval_dtype"\n  value: { string_value: "bfloat16" }'
+        in (root / "config.pbtxt").read_text()
+    )
+    assert json.loads((root / "metadata.json").read_text())["eval_dtype"] == "bfloat16"
 
 
 def test_on_a_gpu_weights_are_placed_on_it_as_read_never_whole_in_host_memory() -> None:
@@ -1601,3 +1700,78 @@ def test_an_export_killed_midway_leaves_nothing_triton_would_load(
         export.run(args, Events())
     assert [p.name for p in (tmp_path / "repo").iterdir()] == ["weather"]
     assert (tmp_path / "repo" / "weather" / "1" / "model.py").is_file()
+
+
+def _lora_candidate(directory: Path, base: Path, tokenizer: Any, **manifest: Any) -> Path:
+    """A LoRA candidate folder on ``base`` with ``tokenizer``: an adapter whose update is not
+    zero (a trained one's), and its manifest."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = LoraConfig(
+        r=4, target_modules="all-linear", task_type="CAUSAL_LM", init_lora_weights=False
+    )
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    get_peft_model(model, config).save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    description = {"weights": "adapter", "base_model": str(base), "tools_in_template": True}
+    (directory / "manifest.json").write_text(json.dumps({**description, **manifest}))
+    return directory
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_the_exported_tokenizer_renders_the_prompt_the_candidate_was_trained_with(
+    tmp_path: Path, tiny_minilm: Path, merge: bool
+) -> None:
+    """Hermes-2-Pro/3 and Command-R ship a ``tool_use`` template beside a ``default`` one that
+    ignores tools, and transformers saves it in a sub-folder the export left behind: the
+    candidate trained with its tools in the prompt was served without them."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_minilm))
+    tok.chat_template = {
+        "default": generative.DEFAULT_CHAT_TEMPLATE_NO_TOOLS,
+        "tool_use": generative.DEFAULT_CHAT_TEMPLATE,
+    }
+    cand = _lora_candidate(tmp_path / "cand", tiny_minilm, tok)
+    artifacts = _exported(tmp_path, cand, tiny_minilm, merge) / "1" / "artifacts"
+    served = AutoTokenizer.from_pretrained(str(artifacts))
+    rec = record(0)
+    trained = chatformat.render(AutoTokenizer.from_pretrained(str(cand)), rec.messages, TOOLS, True)
+    assert "get_weather" in trained
+    assert chatformat.render(served, rec.messages, TOOLS, True) == trained
+
+
+@pytest.mark.parametrize("eval_dtype", ["float32", "bfloat16"])
+def test_merged_weights_serve_the_confidences_that_were_evaluated(
+    tmp_path: Path, tiny_minilm: Path, eval_dtype: str
+) -> None:
+    """A base stored in bf16 (as hub checkpoints are) was merged in transformers' default
+    precision, bf16, while the evaluation merged it in its own (fp32 on a CPU trainer): the
+    merged repository served other confidences than those its threshold was picked on."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slm_trainer.triton_model import runtime
+
+    base = tmp_path / "base"
+    tok = AutoTokenizer.from_pretrained(str(tiny_minilm))
+    AutoModelForCausalLM.from_pretrained(str(tiny_minilm), dtype=torch.bfloat16).save_pretrained(
+        str(base)
+    )
+    tok.save_pretrained(str(base))
+    cand = _lora_candidate(tmp_path / "cand", base, tok, eval_dtype=eval_dtype)
+    artifacts = _exported(tmp_path, cand, base, merge=True) / "1" / "artifacts"
+    evaluated = generative._served_model(
+        cand, SimpleNamespace(model=str(base)), "cpu", runtime.dtype_named(eval_dtype)
+    )
+    dtype, warning = runtime.recorded_dtype(eval_dtype, "cpu")  # as model.py loads it
+    served, served_tok = runtime.load_model(artifacts, None, device="cpu", dtype=dtype)
+    assert warning is None and not (artifacts / "adapter_config.json").exists()
+    prompts = [chatformat.render(served_tok, record(i).messages, TOOLS, True) for i in range(3)]
+    ids = served_tok(prompts[0], add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():  # the probabilities the confidences are made of
+        assert torch.equal(served(ids).logits, evaluated(ids).logits)
+    assert runtime.generate(served, served_tok, prompts, 6) == runtime.generate(
+        evaluated, served_tok, prompts, 6
+    )

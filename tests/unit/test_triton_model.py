@@ -319,3 +319,35 @@ def test_the_written_parameters_load_as_written(backend: Any) -> None:
     assert backend._settings(params) == ("selector+generative", 64, 2)
     assert backend._settings({}) == ("generative", 256, 0)
     assert backend._settings({"cpu_threads": ""}) == ("generative", 256, 0)
+
+
+@pytest.mark.parametrize(
+    ("recorded", "dtype", "warned"),
+    [("bfloat16", "bfloat16", False), ("int4", "float32", True), (None, "float32", False)],
+)
+def test_the_model_is_loaded_in_the_precision_its_evaluation_recorded(
+    backend: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    recorded: str | None,
+    dtype: str,
+    warned: bool,
+) -> None:
+    """The threshold was picked on confidences computed in the trainer's precision (bf16 on
+    an Ampere GPU); served in fp32 on a CPU pod they differ, and nothing said so."""
+    torch = pytest.importorskip("torch")
+    asked: dict[str, Any] = {}
+
+    def load_model(path: str, base: str | None, device: str, dtype: Any = None) -> Any:
+        asked.update(device=device, dtype=dtype)
+        return object(), Tokenizer()
+
+    monkeypatch.setattr(backend.runtime, "load_model", load_model)
+    params = {"kind": "generative", **({"eval_dtype": recorded} if recorded else {})}
+    config = {"parameters": {k: {"string_value": v} for k, v in params.items()}}
+    with caplog.at_level("WARNING"):
+        backend.TritonPythonModel().initialize(
+            {"model_config": json.dumps(config), "model_instance_kind": "CPU"}
+        )
+    assert asked == {"device": "cpu", "dtype": getattr(torch, dtype)}
+    assert ("confidences may differ" in caplog.text) == warned

@@ -109,12 +109,16 @@ class Args:
 def resolve_base(model: str) -> tuple[str, str]:
     """(what the backend loads, how it was found) for a base model id or path.
 
-    A local folder is used as it is. A hub id is looked up in the local Hugging Face cache
-    only (``HF_HOME`` on the shared volume in a Job): serving pods mount that volume read-only
-    and have no hub access. If it is not cached the id is kept and the serving image must
-    reach the hub.
+    A local folder is used as it is, found as finetune found the one it trained from
+    (:func:`slm_trainer.finetune.resolve_model_path`: ``~/models/x`` expanded, since Job
+    arguments see no shell; written as a hub id, Triton could not load it). A hub id is
+    looked up in the local Hugging Face cache only (``HF_HOME`` on the shared volume in a
+    Job): serving pods mount that volume read-only and have no hub access. If it is not
+    cached the id is kept and the serving image must reach the hub.
     """
-    path = Path(model)
+    from slm_trainer.finetune import resolve_model_path
+
+    path = Path(resolve_model_path(model))
     if path.is_dir():
         return str(path.resolve()), "path"
     try:
@@ -126,21 +130,44 @@ def resolve_base(model: str) -> tuple[str, str]:
 
 
 def _copy_artifacts(candidate_dir: Path, dest: Path) -> list[str]:
+    """Copy the candidate's serving files into ``dest``; the names copied.
+
+    The tokenizer's named chat templates are a folder of their own (transformers writes
+    ``tool_use`` and the like, as Hermes and Command-R ship them, into
+    ``additional_chat_templates/``): without it the served tokenizer had only its
+    ``default`` template, which for those models ignores tools, and a candidate trained with
+    its tools in the prompt was served without them.
+    """
+    from transformers.utils.hub import CHAT_TEMPLATE_DIR
+
     dest.mkdir(parents=True, exist_ok=True)
     copied = []
     for item in sorted(candidate_dir.iterdir()):
         if item.is_file() and item.name not in NOT_SERVED and not item.name.endswith(".tmp"):
             shutil.copy2(item, dest / item.name)
             copied.append(item.name)
+        elif item.is_dir() and item.name == CHAT_TEMPLATE_DIR:
+            shutil.copytree(item, dest / item.name, ignore=shutil.ignore_patterns("*.tmp"))
+            copied.append(item.name)
     return copied
 
 
-def _merge_adapter(candidate_dir: Path, base: str, dest: Path) -> None:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _merge_adapter(candidate_dir: Path, base: str, dest: Path, eval_dtype: str | None) -> None:
+    """Write the adapter merged into its base, with the candidate's tokenizer, into ``dest``.
 
-    model = AutoModelForCausalLM.from_pretrained(base)
-    model = PeftModel.from_pretrained(model, str(candidate_dir)).merge_and_unload()
+    Merged exactly as the evaluation merged it (:func:`runtime.load_model`), in the
+    precision it recorded (the manifest's ``eval_dtype``): loaded in transformers' default
+    precision instead (bf16 for most hub checkpoints), the merged weights differed from the
+    evaluated ones, and so did the confidences the threshold was picked on. A candidate with
+    no record is merged in fp32, the most precise weights to cast from when served.
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    from slm_trainer.triton_model import runtime
+
+    dtype = runtime.dtype_named(eval_dtype) or torch.float32
+    model, _ = runtime.load_model(candidate_dir, base, device="cpu", dtype=dtype)
     model.save_pretrained(str(dest))
     AutoTokenizer.from_pretrained(str(candidate_dir)).save_pretrained(str(dest))
 
@@ -312,7 +339,7 @@ def run(args: Args, emit: Emit) -> TrainerResult:
         artifacts = version_dir / "artifacts"
         if adapter and args.merge:
             emit({"event": "merge", "base_model": base_model})
-            _merge_adapter(cand, base_model, artifacts)
+            _merge_adapter(cand, base_model, artifacts, manifest.get("eval_dtype"))
             merged = True
             (artifacts / MANIFEST).write_text(manifest_path.read_text())
         else:
@@ -322,6 +349,8 @@ def run(args: Args, emit: Emit) -> TrainerResult:
             params["base_model"] = base_model
         params["max_new_tokens"] = str(manifest.get("max_new_tokens", 256))
         params["tools_in_template"] = "true" if manifest.get("tools_in_template") else "false"
+        if manifest.get("eval_dtype"):  # what model.py loads the weights in, where it can
+            params["eval_dtype"] = str(manifest["eval_dtype"])
     if has_selector:
         kinds.append("selector")
         shutil.copytree(
@@ -364,6 +393,7 @@ def run(args: Args, emit: Emit) -> TrainerResult:
         "base_model_found_as": base_found or None,
         "method": info.get("method"),
         "merged": merged,
+        "eval_dtype": info.get("eval_dtype"),
         "parameters": numbers.get("parameters"),
         "trainable_parameters": numbers.get("trainable_parameters"),
         "adapter_sha256": weights_sha256(cand),

@@ -718,6 +718,9 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
 
     device = _device()
     amp = compute_dtype(device)
+    # The precision the final evaluation runs in: its confidences pick the threshold, so the
+    # manifest records it and serving loads the model in it (runtime.recorded_dtype).
+    eval_dtype = runtime.serving_dtype(device)
     if opts.num_threads > 0:
         torch.set_num_threads(opts.num_threads)
     set_seed(opts.seed)
@@ -869,7 +872,7 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
             # unquantized base). Confidences of the training-time model differ by a few units
             # in the last place, enough to defer a call the threshold was picked to answer.
             del model  # free it before the served one is loaded
-            model = _served_model(out, args, device)
+            model = _served_model(out, args, device, eval_dtype)
             t_eval = time.monotonic()
             accuracy, predictions = evaluate(
                 model, tokenizer, eval_records, tools_in_template, args, opts, examples, sigterm
@@ -924,6 +927,7 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
         "format": chatformat.FORMAT,
         "weights": "adapter" if args.method in ("lora", "qlora") else "full",
         "tools_in_template": tools_in_template,
+        "eval_dtype": runtime.dtype_name(eval_dtype),
         "task_type": getattr(args, "task_type", ""),
         "metric": args.metric,
         "max_new_tokens": max_new_tokens(examples, opts),
@@ -1052,11 +1056,12 @@ def _release_memory(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def _served_model(out: Path, args: Any, device: str) -> Any:
+def _served_model(out: Path, args: Any, device: str, dtype: Any) -> Any:
     """The candidate as serving and export load it (:func:`runtime.load_model`): a LoRA
-    adapter merged into its base, in the serving precision; for QLoRA the base loaded
-    unquantized (peft's merge into a 4-bit layer re-rounds it to 4 bits, so nothing merges
-    there). The scores and confidences the threshold is chosen from are the served model's."""
+    adapter merged into its base, in ``dtype`` (the serving precision the manifest records);
+    for QLoRA the base loaded unquantized (peft's merge into a 4-bit layer re-rounds it to 4
+    bits, so nothing merges there). The scores and confidences the threshold is chosen from
+    are the served model's."""
     import gc
 
     import torch
@@ -1064,7 +1069,9 @@ def _served_model(out: Path, args: Any, device: str) -> Any:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    model, _ = runtime.load_model(out, resolve_model_path(str(args.model)), device=device)
+    model, _ = runtime.load_model(
+        out, resolve_model_path(str(args.model)), device=device, dtype=dtype
+    )
     return model
 
 

@@ -216,8 +216,14 @@ def _system_in_user(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"role": "user", "content": system}, *rest]
 
 
+#: The date written into prompts by templates that date them (``date_string``): the one
+#: Llama 3.1/3.2's own template falls back to when it has no clock.
+TEMPLATE_DATE = "26 Jul 2024"
+
+
 def _apply(tokenizer: Any, messages: list[dict[str, Any]], kwargs: dict[str, Any]) -> str:
-    """``apply_chat_template`` with thinking off where the template has the switch.
+    """``apply_chat_template`` with thinking off where the template has the switch, and a
+    fixed date.
 
     Qwen3-style templates write an empty ``<think>\\n\\n</think>\\n\\n`` block before the last
     assistant turn, but put it in the generation prompt only with ``enable_thinking=False``.
@@ -225,9 +231,15 @@ def _apply(tokenizer: Any, messages: list[dict[str, Any]], kwargs: dict[str, Any
     token, so decoding kept it) and no served answer parsed as a tool call. With it the prompt
     ends with the empty block, in training and in serving alike, and the answer is the
     completion.
+
+    Llama 3.1/3.2-Instruct templates write today's date into every prompt unless given a
+    ``date_string``: the model was trained and evaluated on prompts of the training day and
+    served prompts of each later day, which it never saw. Training, evaluation and serving
+    all render here, so one fixed date keeps their prompts identical.
     """
+    kwargs = {**kwargs, "date_string": TEMPLATE_DATE}
     if "enable_thinking" in _template_text(tokenizer):
-        kwargs = {**kwargs, "enable_thinking": False}
+        kwargs["enable_thinking"] = False
     return str(tokenizer.apply_chat_template(messages, **kwargs))
 
 

@@ -10,7 +10,10 @@ in its own stub process, so it imports only its sibling files (``chatformat.py``
 - ``kind``: ``generative``, ``selector`` or ``selector+generative``; ``selector``: the
   selector's folder; ``task_type``;
 - ``max_new_tokens``, ``tools_in_template``, optional ``cpu_threads``; ``threshold`` is
-  written for people reading the repository (the gateway applies the task's own).
+  written for people reading the repository (the gateway applies the task's own);
+- ``eval_dtype``: the precision the trainer evaluated the candidate in (its threshold was
+  picked on those confidences), served in where the device computes it
+  (:func:`runtime.recorded_dtype`); absent in older repositories, served as before.
 
 One ``execute`` call answers every row of every request it is given in one padded batch
 (dynamic batching gathers them). A conversation the chat template cannot render, or one that
@@ -23,6 +26,7 @@ own; the other requests of the batch are still answered.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from typing import Any
@@ -72,6 +76,15 @@ def _settings(params: dict[str, str]) -> tuple[str, int, int]:
         if numbers[name] < low:
             raise ValueError(f"parameter {name} is {raw!r}; expected an integer >= {low}")
     return kind, numbers["max_new_tokens"], numbers["cpu_threads"]
+
+
+def _warn(message: str) -> None:
+    """A warning in Triton's log (the server's own logger), or Python's outside Triton."""
+    logger = getattr(pb_utils, "Logger", None)
+    if logger is not None:
+        logger.log_warn(message)
+    else:
+        logging.getLogger(__name__).warning(message)
 
 
 def _load_selector(path: str, device: str, threads: int) -> Any:
@@ -167,8 +180,11 @@ class TritonPythonModel:
         artifacts = os.path.join(HERE, params.get("artifacts", "artifacts"))
         self.model = self.tokenizer = self.selector = None
         if "generative" in self.kind:
+            dtype, warning = runtime.recorded_dtype(params.get("eval_dtype"), device)
+            if warning:
+                _warn(f"model {config.get('name', '')!r}: {warning}")
             self.model, self.tokenizer = runtime.load_model(
-                artifacts, params.get("base_model") or None, device=device
+                artifacts, params.get("base_model") or None, device=device, dtype=dtype
             )
         if "selector" in self.kind:
             self.selector = _load_selector(

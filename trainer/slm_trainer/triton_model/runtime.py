@@ -79,6 +79,56 @@ def serving_dtype(device: str, bf16_native: bool | None = None) -> Any:
     return torch.bfloat16 if bf16_native else torch.float16
 
 
+#: The precisions a candidate's evaluation may have run in, by the name its manifest records
+#: (``eval_dtype``) and ``config.pbtxt`` passes on.
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def dtype_name(dtype: Any) -> str:
+    """``torch.bfloat16`` as the manifest records it: ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_named(name: str | None) -> Any:
+    """The torch dtype a manifest's ``eval_dtype`` names, or None for a name not in
+    :data:`DTYPE_NAMES` (no record, an edited ``config.pbtxt``)."""
+    import torch
+
+    return getattr(torch, name) if name in DTYPE_NAMES else None
+
+
+def recorded_dtype(
+    recorded: str | None, device: str, bf16_native: bool | None = None
+) -> tuple[Any, str | None]:
+    """(the dtype to serve in on ``device``, a warning or None) for a candidate evaluated in
+    the ``recorded`` precision.
+
+    Why: the threshold was picked on confidences the trainer computed in its own device's
+    precision (bf16 on an Ampere GPU), and the same model in fp32 (a CPU pod) gives other
+    confidences, enough to move calls across the threshold. So serving uses the recorded
+    one wherever the device computes it: fp32 and fp16 anywhere, bf16 on a CPU (torch runs
+    it there) and on a GPU that computes it natively (emulated bf16 on a T4 or V100 is too
+    slow to serve, as :func:`serving_dtype` says). Otherwise :func:`serving_dtype`, with a
+    warning that the served confidences may differ from the evaluated ones. No record (a
+    candidate exported before it was kept) also means :func:`serving_dtype`, without warning:
+    what such repositories were always served in.
+    """
+    fallback = serving_dtype(device, bf16_native)
+    if not recorded:
+        return fallback, None
+    dtype = dtype_named(recorded)
+    if dtype is None:
+        why = f"unknown evaluation dtype {recorded!r} (expected one of {', '.join(DTYPE_NAMES)})"
+    elif recorded == "bfloat16" and device.startswith("cuda") and fallback is not dtype:
+        why = f"the candidate was evaluated in bfloat16, which {device} does not compute natively"
+    else:
+        return dtype, None
+    return fallback, (
+        f"{why}: serving in {dtype_name(fallback)}; confidences may differ from the evaluated "
+        "ones, and calls near the threshold may be answered or deferred otherwise"
+    )
+
+
 def placement(device: str) -> dict[str, Any]:
     """``from_pretrained``'s placement for ``device``: on a GPU the weights go onto it as they
     are read, and the adapter merges there. Loaded on the host first, a 1.5B model in bf16
@@ -91,18 +141,22 @@ def load_model(
     model_dir: str | os.PathLike[str],
     base_model: str | None = None,
     device: str = "cpu",
+    dtype: Any = None,
 ) -> tuple[Any, Any]:
     """(model, tokenizer) from a candidate artifact: merged weights, or base + LoRA adapter.
 
     ``model_dir`` holds the tokenizer and either full weights or ``adapter_config.json``; for
     an adapter the base comes from ``base_model`` (a local path or hub id), else from the
-    adapter's own ``base_model_name_or_path``. Weights in :func:`serving_dtype`, placed on a
-    GPU as they are read (:func:`placement`).
+    adapter's own ``base_model_name_or_path``. Weights in ``dtype`` (the adapter merged in
+    it), by default :func:`serving_dtype`, placed on a GPU as they are read
+    (:func:`placement`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(model_dir)
-    kwargs = {"dtype": serving_dtype(device), **placement(device)}
+    if dtype is None:
+        dtype = serving_dtype(device)
+    kwargs = {"dtype": dtype, **placement(device)}
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     adapter_cfg = path / "adapter_config.json"
     if adapter_cfg.is_file():
