@@ -2250,6 +2250,26 @@ def test_an_address_after_an_escaped_line_break_keeps_its_placeholder(redactor: 
     assert counts == {} and again.messages == new.messages
 
 
+def test_an_address_quoted_in_code_keeps_its_placeholder(redactor: Redactor) -> None:
+    """Presidio's pattern allows "'" in a local part, so ``to='jane@x.io'`` matched with the
+    opening quote: a placeholder of its own, where the prompt's address had another."""
+    rec = CallRecord(
+        task="t",
+        backend="llm",
+        messages=[{"role": "user", "content": "mail jane@example.com the report"}],
+        response={
+            "role": "assistant",
+            "content": "Running send_mail(to='jane@example.com') and `jane@example.com`",
+        },
+    )
+    new, counts = redactor.redact_record(rec)
+    assert new.messages[0]["content"] == "mail <EMAIL_ADDRESS_1> the report"
+    assert new.response["content"] == (
+        "Running send_mail(to='<EMAIL_ADDRESS_1>') and `<EMAIL_ADDRESS_1>`"
+    )
+    assert counts == {"EMAIL_ADDRESS": 3}
+
+
 def test_escape_view_keeps_offsets_and_leaves_plain_text_alone() -> None:
     from slm_trainer.redact import escape_view
 

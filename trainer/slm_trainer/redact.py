@@ -1934,6 +1934,9 @@ def _refine(span: Span, text: str, context: str) -> Span | None:
         # whole; no real mailbox uses "=", the key does.
         local = span.value.rsplit("@", 1)[0]
         cut = local.rfind("=") + 1
+        # It allows "'" and "`" too, so "to='jane@x.io'" in code matched with the opening
+        # quote, and got a placeholder of its own instead of the address's everywhere else.
+        cut += len(local[cut:]) - len(local[cut:].lstrip("'`"))
         if cut:
             span = dataclasses.replace(span, start=span.start + cut, value=span.value[cut:])
         return None if _url_login(text, span) else span
