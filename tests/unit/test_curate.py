@@ -441,6 +441,32 @@ def test_max_examples_is_reached_when_near_duplicates_thin_the_sample(tmp_path: 
     assert kept == {k: r for k, r in whole.items() if k <= max(kept)}
 
 
+def test_retries_stamped_with_a_time_and_request_id_are_one_example(tmp_path: Path) -> None:
+    """An agent framework stamps every call; on a short request a retry's one changed token
+    put it far below the similarity threshold, and the copies landed on both sides of the
+    split (every eval example had its twin in train). A date or a number that is the request
+    still tells calls apart."""
+    retries = []
+    for i in range(12):
+        for k in range(3):
+            stamp = f"2026-12-0{k + 1}T10:{i:02d}:00Z req-{(i * 7919 + k * 104729):08x}ab"
+            retries.append(
+                call(
+                    f"[{stamp}] What is the weather in {CITIES[i]} tomorrow?",
+                    "get_weather",
+                    {"city": CITIES[i]},
+                    call_id=f"r{i}-{k}",
+                )
+            )
+    days = [
+        call(f"Book a table in {CITIES[0]} on 2026-12-{d:02d}", "book_table", {"day": d})
+        for d in range(1, 13)
+    ]
+    result, report, _ = curate(tmp_path, retries + days, min_examples=10, scrub_pii=False)
+    assert result.ok, result.message
+    assert (report["examples"], report["near_duplicates"]) == (24, 24)
+
+
 def test_near_duplicates_need_the_same_system_prompt_and_tools(tmp_path: Path) -> None:
     """The near-duplicate text leaves the system prompt out, and the tools offered were never
     looked at: a template that puts the ticket in the system prompt and asks a fixed question

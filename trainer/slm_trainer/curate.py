@@ -594,6 +594,17 @@ def writable(record: CallRecord) -> bool:
 _NOT_CONVERSATION = frozenset({"system", "developer"})
 
 
+#: Tokens an agent framework stamps on every call, retries included: a time of day, a UUID, a
+#: hex request id, an epoch. In the near-duplicate text they read as one placeholder.
+_VOLATILE_RE = re.compile(
+    r"\b\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?"
+    r"|\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b"
+    r"|\b(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{8,}\b"
+    r"|\b\d{10,}\b",
+    re.IGNORECASE,
+)
+
+
 def dedupe_text(record: CallRecord) -> str:
     """The conversation that determines the answer, as text for near-duplicate detection.
 
@@ -601,7 +612,11 @@ def dedupe_text(record: CallRecord) -> str:
     tool calls (name and canonical arguments) and the tool results. A multi-step agent call
     repeats the user's request at every step, so the user turns alone would make each later
     step (same request, one more tool call and result) a near duplicate of the first and
-    drop it. A call with a single user turn gives exactly that turn's text.
+    drop it. A call with a single user turn gives exactly that turn's text, but for the
+    stamps an agent framework puts on every call (:data:`_VOLATILE_RE`): on a short request
+    the one changed token of a retry put it far below the similarity threshold, and its
+    copies landed on both sides of the split, each eval example with its twin in train.
+    Bare dates and short numbers stay: they are the request.
     """
     parts: list[str] = []
     for message in record.messages:
@@ -617,7 +632,7 @@ def dedupe_text(record: CallRecord) -> str:
                 else json.dumps(arguments, sort_keys=True, ensure_ascii=False)
             )
             parts.append(f"{name or ''} {args}".strip())
-    return "\n".join(parts)
+    return _VOLATILE_RE.sub("<id>", "\n".join(parts))
 
 
 def conversation_shape(record: CallRecord) -> str:
