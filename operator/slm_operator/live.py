@@ -420,7 +420,8 @@ class CounterReading(NamedTuple):
 
 
 #: Counter series remembered in ``status.retraining.gatewayCounters``: every series read this
-#: window, then as many gone ones (a replaced pod, a scrape that failed for a while) as fit.
+#: window, then as many gone ones (a replaced pod, a scrape that failed for a while) as fit,
+#: the most recently read first.
 #: A gone series is remembered so that, back, only what it gained meanwhile counts; one
 #: forgotten after this many newer ones came is counted whole if it ever comes back.
 MAX_REMEMBERED_COUNTERS: Final = 32
@@ -438,7 +439,13 @@ def count_new_records(
     (a new pod or process: its key includes its start) counts whole, a known one counts what
     it gained, and one read lower than before counts nothing (a lagging read; restarts are new
     keys). Only the calls a gateway answered after its last scrape and before it stopped go
-    uncounted: Prometheus never saw them.
+    uncounted: Prometheus never saw them. Without start times (``_created`` series dropped by
+    the scrape) a restart in place is told by the reading falling below half the last one;
+    one that counts more than that before its first scrape is counted from the last reading
+    on.
+
+    ``remembered`` and the returned readings are in the order last read, most recent first:
+    the gone series forgotten first, when there is no room, are those gone the longest.
 
     ``remembered`` None (the first window that counts): nothing is new yet, the readings are
     the starting point; records captured before a model was served trained it already.
@@ -453,8 +460,11 @@ def count_new_records(
             new += value
         elif value >= last:
             new += value - last
-        elif not keyed_by_start:
-            new += value  # restarted in place: all it has now is new
+        elif not keyed_by_start and value < last // 2:
+            # Restarted in place, as far as can be told without its start: all it has now is
+            # new. A reading only a little lower is a Prometheus replica behind, which counted
+            # whole would start a retraining on what was counted already.
+            new += value
         else:
             value = last  # behind: keep the higher reading, so nothing counts twice
         kept[key] = value

@@ -1829,18 +1829,23 @@ def plan(obs: Observed) -> Plan:
         checked = parse_time(retrain_prev.get("scheduleCheckedAt")) or last_eval
         fired = bool(schedule) and lv.cron_fired(str(schedule), checked, obs.now)
         enabled = bool(rcfg) and (rcfg or {}).get("enabled", True)
-        counted = _count_new_records(retrain_prev, m) if enabled else None
+        counted = _count_new_records(retrain_prev, m, spec_revision_starts) if enabled else None
         r = lv.retrain_step(
             rcfg, epoch, None if counted is None else counted[0], fired, may_trigger=may_trigger
         )
         reason = r.reason or str(retrain_prev.get("reason") or "CountingNewExamples")
+        if not r.reason and counted is not None and reason == "WaitingForRevision":
+            reason = "CountingNewExamples"  # not enough any more: a spec edit started it again
         retraining = {"epoch": r.epoch, "reason": reason}
         new_records = r.new_records if r.new_records is not None else _new_records(retrain_prev)
         if new_records is not None:
             retraining["newRecords"] = new_records
-        counters = counted[1] if counted is not None else retrain_prev.get("gatewayCounters")
-        if counters is not None:
-            retraining["gatewayCounters"] = counters
+        if counted is not None:
+            retraining["gatewayCounters"] = [
+                {"series": k, "count": v} for k, v in counted[1].items()
+            ]
+        elif "gatewayCounters" in retrain_prev:
+            retraining["gatewayCounters"] = retrain_prev["gatewayCounters"]
         # A window without series (a restarted gateway that has captured nothing yet) keeps
         # the last total.
         seen = m.captured_records
@@ -1959,18 +1964,24 @@ def _new_records(retrain_prev: Mapping[str, Any]) -> int | None:
 
 
 def _count_new_records(
-    retrain_prev: Mapping[str, Any], m: lv.Metrics
+    retrain_prev: Mapping[str, Any], m: lv.Metrics, restart: bool
 ) -> tuple[int, dict[str, int]] | None:
-    """New examples counted so far (since the last trigger), with this window's gains, and the
-    counter readings to remember; None when Prometheus has no gateway series for the task
-    (no call answered by the LLM yet, or no gateway scraped): the count waits."""
+    """New examples counted so far (since the last trigger; from 0 when ``restart``: a spec
+    edit's revision starts training), with this window's gains, and the counter readings to
+    remember, most recently read first (a list in status: the API server returns a map's keys
+    sorted, which would forget gone series by hash rather than by age); None when Prometheus
+    has no gateway series for the task (no call answered by the LLM yet, or no gateway
+    scraped): the count waits."""
     if m.llm_answers is None:
         return None
     # None at the first window that counts (or on an older operator's status, whose count
     # goes on from what it had): the readings are where counting starts.
     remembered = retrain_prev.get("gatewayCounters")
     gained, counters = lv.count_new_records(
-        None if remembered is None else {str(k): int(v) for k, v in remembered.items()},
+        None
+        if not isinstance(remembered, list)
+        else {str(c["series"]): int(c["count"]) for c in remembered if isinstance(c, Mapping)},
         m.llm_answers,
     )
-    return (_new_records(retrain_prev) or 0) + gained, counters
+    so_far = 0 if restart else _new_records(retrain_prev) or 0
+    return so_far + gained, counters

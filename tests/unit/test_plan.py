@@ -1188,8 +1188,10 @@ def test_gateway_restarts_do_not_lose_the_new_examples_counted_so_far() -> None:
 def test_a_restart_in_place_counts_whole_and_a_lagging_read_counts_nothing_twice() -> None:
     """The same series read lower than before is a Prometheus replica answering behind (a
     restarted gateway is a new series: its start is in the key), so the dip and its recovery
-    count nothing twice. Without start times (created series turned off) a lower reading is
-    taken for a restart in place, whose whole count is new."""
+    count nothing twice. Without start times (created series dropped by the scrape) a reading
+    below half the last is taken for a restart in place, whose whole count is new, and one a
+    little lower still for a read behind: counted whole, it started a retraining on 60 new
+    calls."""
     task, jobs, dep = _serving_task()
     task["spec"]["retraining"] = {"minNewExamples": 100, "enabled": True}
     t = NOW
@@ -1202,8 +1204,8 @@ def test_a_restart_in_place_counts_whole_and_a_lagging_read_counts_nothing_twice
     assert task["status"]["retraining"]["epoch"] == 1
 
     task, jobs, dep = _serving_task()
-    task["spec"]["retraining"] = {"minNewExamples": 100, "enabled": True}
-    for i, total in enumerate((1000, 1060, 30)):
+    task["spec"]["retraining"] = {"minNewExamples": 1000, "enabled": True}
+    for i, total in enumerate((1000, 1060, 1050, 1070, 30)):
         _step(
             task,
             jobs,
@@ -1211,7 +1213,8 @@ def test_a_restart_in_place_counts_whole_and_a_lagging_read_counts_nothing_twice
             NOW + dt.timedelta(seconds=10 * i),
             captured_by({"a": total}, keyed_by_start=False),
         )
-    assert task["status"]["retraining"]["newRecords"] == 90
+    r = task["status"]["retraining"]
+    assert (r["epoch"], r["newRecords"]) == (0, 60 + 10 + 30)
 
 
 def test_several_gateways_count_each_ones_gain() -> None:
@@ -1231,7 +1234,7 @@ def test_several_gateways_count_each_ones_gain() -> None:
         t += dt.timedelta(seconds=10)
     r = task["status"]["retraining"]
     assert (r["epoch"], r["newRecords"]) == (0, 80 + 45 + 35)
-    assert sorted(r["gatewayCounters"]) == ["a", "b", "c", "d"]
+    assert [c["series"] for c in r["gatewayCounters"]] == ["a", "b", "c", "d"]
     _step(task, jobs, dep, t, captured_by({"a": 600, "b": 730, "d": 41}))
     assert task["status"]["retraining"]["epoch"] == 1
 
@@ -1251,7 +1254,7 @@ def test_an_older_operators_count_goes_on_after_an_upgrade() -> None:
     }
     _step(task, jobs, dep, NOW + dt.timedelta(seconds=10), captured(1055))
     r = task["status"]["retraining"]
-    assert (r["newRecords"], r["gatewayCounters"]) == (70, {"gateway-0": 1055})
+    assert (r["newRecords"], r["gatewayCounters"]) == (70, [{"series": "gateway-0", "count": 1055}])
     assert "baselineRecords" not in r and "carriedRecords" not in r
     _step(task, jobs, dep, NOW + dt.timedelta(seconds=20), captured(1085))
     assert task["status"]["retraining"]["epoch"] == 1
@@ -2749,7 +2752,9 @@ def test_many_gateway_rollouts_do_not_grow_the_status_without_bound() -> None:
         _step(task, jobs, dep, NOW + dt.timedelta(seconds=10 * i), m)
     r = task["status"]["retraining"]
     assert len(r["gatewayCounters"]) == lv.MAX_REMEMBERED_COUNTERS
-    assert {"steady", "rollout-39"} <= r["gatewayCounters"].keys()
+    # read this window first, then the gone ones most recently read first
+    expected = ["steady", "rollout-39", *(f"rollout-{i}" for i in range(38, 8, -1))]
+    assert [c["series"] for c in r["gatewayCounters"]] == expected
     assert r["newRecords"] == 39 + 39  # steady's gains, and each new series' one record
 
 
@@ -2824,3 +2829,45 @@ def test_enough_new_examples_behind_a_failed_spec_edit_say_what_holds_the_retrai
     r = task["status"]["retraining"]
     assert (r["epoch"], r["newRecords"], r["reason"]) == (0, 250, "WaitingForRevision")
     assert task["status"]["revision"]["training"] == new_rev
+
+
+def _api_server_sorted(task: dict[str, Any]) -> None:
+    """``task`` as the API server returns it: every map's keys sorted (Go's JSON encoding)."""
+    task["status"] = json.loads(json.dumps(task["status"], sort_keys=True))
+
+
+def test_the_series_forgotten_first_are_those_gone_longest_whatever_their_hash() -> None:
+    """The readings were a map, and the API server returns a map's keys sorted: once full,
+    the gone series forgotten were those of the smallest hash, a series gone a moment ago
+    among them, whose next reading then counted whole."""
+    task, jobs, dep = _serving_task()
+    task["spec"]["retraining"] = {"minNewExamples": 10_000, "enabled": True}
+    old = {f"a{i:02d}": 1 for i in range(lv.MAX_REMEMBERED_COUNTERS)}  # gone since
+    t = NOW
+    for m in (captured_by({**old, "z": 1}), captured_by({"x": 50}), captured_by({"x": 50})):
+        _step(task, jobs, dep, t, m)
+        _api_server_sorted(task)
+        t += dt.timedelta(seconds=10)
+    _step(task, jobs, dep, t, captured_by({"y": 5}))  # x gone a window: still remembered
+    _api_server_sorted(task)
+    _step(task, jobs, dep, t + dt.timedelta(seconds=10), captured_by({"x": 60, "y": 5}))
+    assert task["status"]["retraining"]["newRecords"] == 50 + 5 + 10
+
+
+def test_a_spec_edit_that_starts_the_count_again_says_counting_not_waiting() -> None:
+    """Enough new examples while a revision trained said WaitingForRevision; a spec edit then
+    started the count again, and the reason kept saying it was enough for the whole training
+    of the new revision."""
+    task, jobs, dep = _serving_task()
+    task["spec"]["retraining"] = {"minNewExamples": 100, "enabled": True}
+    _step(task, jobs, dep, NOW, captured(1000))
+    task["metadata"]["generation"] = 2
+    task["spec"]["candidates"][0]["epochs"] = 5
+    _step(task, jobs, dep, NOW + dt.timedelta(seconds=10), captured(1010))  # training starts
+    _step(task, jobs, dep, NOW + dt.timedelta(seconds=20), captured(1200))
+    assert task["status"]["retraining"]["reason"] == "WaitingForRevision"
+    task["metadata"]["generation"] = 3
+    task["spec"]["candidates"][0]["epochs"] = 6  # edited again while it trains
+    _step(task, jobs, dep, NOW + dt.timedelta(seconds=30), captured(1230))
+    r = task["status"]["retraining"]
+    assert (r["newRecords"], r["reason"]) == (0, "CountingNewExamples")
