@@ -17,6 +17,7 @@ from fsspec.registry import known_implementations
 from fsspec.spec import AbstractFileSystem
 
 from slm_contract import CallRecord, TrainerResult
+from slm_trainer import curate as curate_mod
 from slm_trainer.curate import (
     Args,
     assign_split,
@@ -439,6 +440,67 @@ def test_max_examples_is_reached_when_near_duplicates_thin_the_sample(tmp_path: 
         exact_key(r): r for r in read(whole_out / "train.jsonl") + read(whole_out / "eval.jsonl")
     }
     assert kept == {k: r for k, r in whole.items() if k <= max(kept)}
+
+
+def test_reading_on_holds_no_more_calls_than_a_sample(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each further reading fetched a whole sample (1.25 x maxExamples) beside the examples
+    already kept: up to 2.25 x held at once, where the docs promise 1.25 x."""
+    lines = []
+    for i in range(110):
+        text = f"Will it rain in {CITIES[i % 18]} on day {i} of the trip? Answer in {i % 3} lines"
+        lines += [
+            call(variant, "get_weather", {"city": CITIES[i % 18], "day": i})
+            for variant in (text, text.upper(), text.lower() + "!", text + " Thanks", text + "?")
+        ]
+    held: list[int] = []
+    fetch = curate_mod._fetch
+    kept_now: list[int] = [0]
+
+    def counting_fetch(*a: Any) -> Any:
+        more = fetch(*a)
+        held.append(kept_now[0] + len(more))
+        return more
+
+    filter_near = curate_mod._filter_near
+
+    def counting_filter(unique: Any, near: Any, kept: list[Any], limit: int) -> int:
+        dupes = filter_near(unique, near, kept, limit)
+        kept_now[0] = len(kept)  # beside what the next reading fetches
+        return dupes
+
+    monkeypatch.setattr(curate_mod, "_fetch", counting_fetch)
+    monkeypatch.setattr(curate_mod, "_filter_near", counting_filter)
+    result, report, _ = curate(tmp_path, lines, min_examples=100, max_examples=100)
+    assert result.ok and report["examples"] == 100, result.message
+    assert held and max(held) <= 125, held
+
+
+def test_calls_with_custom_tools_are_counted_and_never_curated(tmp_path: Path) -> None:
+    """The gateway now takes OpenAI's custom (free-form) tools, sends such calls to the LLM
+    and captures them; curate trained on them as function calls with no name, which the SLM
+    would have learnt to make, on requests it is never sent."""
+    custom = {"type": "custom", "custom": {"name": "apply_patch"}}
+    offered = [{**c, "tools": [*c["tools"], custom]} for c in tool_calls(4, 0, 0)]
+    answered = []
+    for i, c in enumerate(tool_calls(3, 0, 0)):
+        c = {**c, "tools": [*c["tools"], custom], "messages": [*c["messages"]]}
+        c["messages"][1] = {"role": "user", "content": f"patch file {i} of the repo please"}
+        c["response"] = {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": f"p{i}", "type": "custom", "custom": {"name": "apply_patch", "input": "x"}}
+            ],
+        }
+        answered.append(c)
+    result, report, out = curate(tmp_path, tool_calls() + offered + answered, scrub_pii=False)
+    assert result.ok, result.message
+    assert report["llm_only_tools"] == 7 and "7 with custom tools" in result.message
+    written = read(out / "train.jsonl") + read(out / "eval.jsonl")
+    assert all(t.get("type", "function") == "function" for r in written for t in r.tools)
+    assert report["examples"] == len(tool_calls())
 
 
 def test_retries_stamped_with_a_time_and_request_id_are_one_example(tmp_path: Path) -> None:

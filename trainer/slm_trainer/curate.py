@@ -8,7 +8,9 @@ repeat most. This stage, in order:
 1. parses each JSON line into a :class:`slm_contract.CallRecord`; a malformed line is counted
    by reason and skipped, never fatal, and the first few are kept with their line numbers;
    only the LLM's answers go on: the gateway also captures the calls the served SLM answered,
-   and those are counted (``not_llm_answer``), never trained or evaluated on;
+   and those are counted (``not_llm_answer``), never trained or evaluated on; so are calls
+   with a custom (free-form) tool offered or called (``llm_only_tools``), which the gateway
+   never sends to an SLM;
 2. scrubs PII and secrets (:mod:`slm_trainer.redact`; on by default);
 3. drops exact duplicates (same normalised messages, tools and response; tool-call ids and
    whitespace don't count) and near duplicates (MinHash LSH over the word 3-grams of the
@@ -72,6 +74,8 @@ CONTRACT_STAGE = "prepare"
 #: served SLM answered (``slm``): trained on, a candidate would learn its predecessor's
 #: mistakes, and an eval set of them would score candidates against the SLM, not the LLM.
 TRAINED_BACKEND = "llm"
+#: How the report counts calls the LLM answered that offer or make a custom tool call.
+LLM_ONLY_TOOLS = "llm_only_tools"
 
 #: What an error sample says of a record refused after parsing; never its content, which
 #: may hold what redaction would have removed.
@@ -938,7 +942,7 @@ def distinct_count(
     minExamples, so the SLM's answers, which curate leaves out, must not count."""
     texts: dict[str, NearKey] = {}
     for record in records:
-        if record.backend != TRAINED_BACKEND:  # curate leaves them out
+        if record.backend != TRAINED_BACKEND or llm_only_tools(record):  # curate leaves them out
             continue
         key = exact_key(record)
         if key not in texts:
@@ -1131,16 +1135,34 @@ class _Redaction:
         return exact_key(record) if self.redactor is None else redaction_key(record)
 
 
+def llm_only_tools(record: CallRecord) -> bool:
+    """Whether a call offers or makes a tool call other than a function's (OpenAI's custom,
+    free-form tools): the gateway sends such calls to the LLM, so the SLM is never asked them,
+    and a chat format knows function calls only (it read a custom call as one with no name,
+    which the SLM would have learnt to make)."""
+
+    def other(item: Any) -> bool:
+        return isinstance(item, dict) and item.get("type", "function") != "function"
+
+    calls = record.response.get("tool_calls")
+    return any(other(t) for t in record.tools) or (
+        isinstance(calls, list) and any(other(c) for c in calls)
+    )
+
+
 def _llm_answers(
-    args: Args, files: Sequence[Shard], stats: ParseStats, not_llm: Counter[str]
+    args: Args, files: Sequence[Shard], stats: ParseStats, left_out: Counter[str]
 ) -> Iterator[CallRecord]:
-    """The task's valid records that the LLM answered; the others are counted in ``not_llm``
-    by backend (the report says how many, never silently)."""
+    """The task's valid records that the LLM answered with function tools at most; the others
+    are counted in ``left_out``, by backend or as ``llm_only_tools`` (the report says how
+    many, never silently)."""
     for record in parse_lines(read_lines(files), stats, args.task, args.max_error_samples):
-        if record.backend == TRAINED_BACKEND:
-            yield record
+        if record.backend != TRAINED_BACKEND:
+            left_out[record.backend] += 1
+        elif llm_only_tools(record):
+            left_out[LLM_ONLY_TOOLS] += 1
         else:
-            not_llm[record.backend] += 1
+            yield record
 
 
 def _replaces(held: _Entry, record: CallRecord, rank: tuple[float, str]) -> str:
@@ -1305,7 +1327,8 @@ def _curate(
     # With minExamples equal to maxExamples the task would otherwise wait for data for ever.
     left = found.beyond
     while args.max_examples and len(kept) < args.max_examples and left:
-        wanted = set(heapq.nsmallest(_sample_size(args.max_examples), left))
+        # what is still missing, with the margin: kept and fetched stay within the bound
+        wanted = set(heapq.nsmallest(_sample_size(args.max_examples - len(kept)), left))
         left -= wanted
         _emit(progress, phase="resample", kept=len(kept), reading=len(wanted))
         more = _fetch(args, files, wanted, found.entry_of, redaction)
@@ -1326,6 +1349,7 @@ def _curate(
     for s, e in zip(strata, is_eval, strict=True):
         per_stratum[s]["eval" if e else "train"] += 1
 
+    llm_only = found.not_llm.pop(LLM_ONLY_TOOLS, 0)
     not_llm = sum(found.not_llm.values())
     report = {
         "input": printable_name(redact_uri(str(args.input))),
@@ -1343,13 +1367,15 @@ def _curate(
         },
         "lines": stats.lines,
         "blank": stats.blank,
-        # read == malformed_total + other_task + not_llm_answer + exact_duplicates
-        #         + near_duplicates + beyond_max_examples + examples
+        # read == malformed_total + other_task + not_llm_answer + llm_only_tools
+        #         + exact_duplicates + near_duplicates + beyond_max_examples + examples
         "read": stats.lines - stats.blank,
         "other_task": stats.other_task,
         # answered by the served SLM (or another backend), never trained or evaluated on
         "not_llm_answer": not_llm,
         "not_llm_answer_by_backend": dict(sorted(found.not_llm.items())),
+        # answered by the LLM, but with a custom tool offered or called: no SLM is asked those
+        "llm_only_tools": llm_only,
         "malformed": dict(sorted(stats.malformed.items())),
         "malformed_total": sum(stats.malformed.values()),
         "error_samples": stats.errors,
@@ -1380,6 +1406,7 @@ def _curate(
             if not_llm
             else ""
         )
+        + (f"{llm_only} with custom tools (the LLM's alone), " if llm_only else "")
         + f"{found.exact_dupes} exact and {near_dupes} near duplicates dropped, "
         f"{sum(redactions.values())} redactions"
         + (
