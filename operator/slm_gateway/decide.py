@@ -182,8 +182,10 @@ def slm_can_serve(body: Mapping[str, Any]) -> bool:
     what it asked for, and no fallback is counted against the SLM. So does a request with a
     ``strict`` tool: strict function calling is structured output too (the arguments follow
     the schema exactly), which the SLM does not guarantee. And so does a request with a
-    custom (free-form input) tool, in ``tools`` or named by ``tool_choice``: the SLM is
-    trained on function tools only, and could neither call one nor tell when it should.
+    custom (free-form input) tool, in ``tools``, named by ``tool_choice`` or called earlier
+    in the conversation: the SLM is trained on function tools only, could neither call one
+    nor tell when it should, and its chat format would show an earlier custom call as a call
+    without a name.
     """
     n = body.get("n")
     if n is not None and n != 1:
@@ -199,7 +201,18 @@ def slm_can_serve(body: Mapping[str, Any]) -> bool:
     if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
         return False
     tools = body.get("tools")
-    return not isinstance(tools, list) or not any(_llm_only_tool(t) for t in tools)
+    if isinstance(tools, list) and any(_llm_only_tool(t) for t in tools):
+        return False
+    messages = body.get("messages")
+    return not isinstance(messages, list) or not any(_custom_call_in(m) for m in messages)
+
+
+def _custom_call_in(message: Any) -> bool:
+    """Whether a message of the history holds a custom tool call (see :func:`slm_can_serve`)."""
+    calls = message.get("tool_calls") if isinstance(message, dict) else None
+    return isinstance(calls, list) and any(
+        isinstance(c, dict) and c.get("type") == "custom" for c in calls
+    )
 
 
 def _llm_only_tool(tool: Any) -> bool:

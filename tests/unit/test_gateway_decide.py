@@ -379,6 +379,28 @@ class TestToolContract:
             # a custom (free-form) tool: the SLM is trained on function tools only
             ({"tools": [{"type": "custom", "custom": {"name": "apply_patch"}}]}, False),
             ({"tool_choice": {"type": "custom", "custom": {"name": "apply_patch"}}}, False),
+            # a custom call earlier in the conversation, function tools only now
+            (
+                {
+                    "messages": [
+                        {"role": "user", "content": "fix it"},
+                        {
+                            "role": "assistant",
+                            "content": None,
+                            "tool_calls": [
+                                {
+                                    "id": "c1",
+                                    "type": "custom",
+                                    "custom": {"name": "apply_patch", "input": "x"},
+                                }
+                            ],
+                        },
+                        {"role": "tool", "tool_call_id": "c1", "content": "done"},
+                    ],
+                    "tools": [{"type": "function", "function": {"name": "run_tests"}}],
+                },
+                False,
+            ),
             # legacy function calling: the SLM is served tools and answers with tool_calls
             ({"functions": [{"name": "a"}]}, False),
             ({"function_call": "auto"}, False),
