@@ -1819,8 +1819,9 @@ def plan(obs: Observed) -> Plan:
         # otherwise lose what was captured since the trigger); only the trigger waits.
         may_trigger = not training_needed or retrain_over
         rcfg = spec.get("retraining")
+        enabled = bool(rcfg) and (rcfg or {}).get("enabled", True)
         # Only a retraining that is on reads its schedule (validate() vouches for its syntax).
-        schedule = (rcfg or {}).get("schedule") if (rcfg or {}).get("enabled", True) else None
+        schedule = (rcfg or {}).get("schedule") if enabled else None
         # The schedule is scanned from the last window that ran this step with a count
         # (status.retraining.scheduleCheckedAt), not from the last judged window: a window
         # that could not act (no ready replica, e.g. scaled to zero at night, or no captured
@@ -1828,7 +1829,6 @@ def plan(obs: Observed) -> Plan:
         # status without it scans from the last judged window, as before.
         checked = parse_time(retrain_prev.get("scheduleCheckedAt")) or last_eval
         fired = bool(schedule) and lv.cron_fired(str(schedule), checked, obs.now)
-        enabled = bool(rcfg) and (rcfg or {}).get("enabled", True)
         counted = _count_new_records(retrain_prev, m, spec_revision_starts) if enabled else None
         r = lv.retrain_step(
             rcfg, epoch, None if counted is None else counted[0], fired, may_trigger=may_trigger

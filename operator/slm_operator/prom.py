@@ -134,23 +134,23 @@ def counter_readings(totals: Any, starts: Any) -> dict[str, CounterReading] | No
     a new series, counted whole (:func:`slm_operator.live.count_new_records`). The hash keeps
     ``status.retraining.gatewayCounters`` short whatever labels the scrape adds.
     """
-    created: dict[str, str] = {}
-    for s in starts or []:
-        with_name = dict(s.get("metric") or {})
-        with_name.pop("__name__", None)
-        created[json.dumps(with_name, sort_keys=True)] = str((s.get("value") or ["", ""])[1])
+    created = {_series(s): str((s.get("value") or ["", ""])[1]) for s in starts or []}
     out: dict[str, CounterReading] = {}
     for s in totals or []:
-        labels = dict(s.get("metric") or {})
-        labels.pop("__name__", None)
         value = _scalar([s])
         if value is None:
             continue
-        ident = json.dumps(labels, sort_keys=True)
+        ident = _series(s)
         start = created.get(ident)
         key = hashlib.sha256(f"{ident}\0{start or ''}".encode()).hexdigest()[:16]
         out[key] = CounterReading(int(value), start is not None)
     return out or None
+
+
+def _series(sample: Any) -> str:
+    """A series' labels but its name, as text: a counter and its ``_created`` share them."""
+    labels = {k: v for k, v in (sample.get("metric") or {}).items() if k != "__name__"}
+    return json.dumps(labels, sort_keys=True)
 
 
 _STATUS_CODE = re.compile(r"HTTP Status Code (\d{3})")

@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 from slm_contract import CallRecord, ContractError, TrainerResult, redact_uri, redact_uris
+from slm_trainer import metrics
 
 #: The contract's name for this stage in TrainerResult.
 CONTRACT_STAGE = "prepare"
@@ -658,16 +659,6 @@ def conversation_shape(record: CallRecord) -> str:
     return "|".join(shape)
 
 
-def _offered_name(tool: Any) -> str:
-    """The name of a tool the request offers: ``function`` and ``custom`` tools carry it in
-    the object named by their type, an older flat shape at the top."""
-    if not isinstance(tool, dict):
-        return "?"
-    body = tool.get(str(tool.get("type") or "function"))
-    name = body.get("name") if isinstance(body, dict) else tool.get("name")
-    return str(name or "?")
-
-
 def _blake(doc: Any) -> str:
     """A short, stable digest of a JSON-able ``doc``: the near-duplicate index holds a few
     of them for every call kept, so not the texts themselves."""
@@ -694,7 +685,7 @@ def near_group(record: CallRecord) -> str:
     user text with their own tools lost one of each pair. A digest, as the index holds one
     for every call kept.
     """
-    names = sorted(_offered_name(t) for t in record.tools)
+    names = sorted(metrics.tool_name(t) for t in record.tools)
     return _blake([conversation_shape(record), _instructions(record), names])
 
 
