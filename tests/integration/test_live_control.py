@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from test_operator import CLAIM, agenttask, get_task, storage  # noqa: F401
 
 from slm_contract import TrainerResult
@@ -309,6 +310,23 @@ class Traffic:
             self._one(i)
 
 
+def gateway_mode(s: Stack) -> str:
+    """The mode the gateway routes the task in, from its own ``slm_gateway_route_mode``
+    gauge: the task's status changes first, and the gateway follows it through its watch."""
+    with urllib.request.urlopen(f"{s.gateway_url}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if (
+                sample.name == "slm_gateway_route_mode"
+                and sample.value == 1
+                and (labels.get("namespace"), labels.get("task")) == (s.ns, TASK)
+            ):
+                return labels["mode"]
+    return ""
+
+
 def condition(cluster: ClusterHandle, ns: str, type_: str) -> dict[str, Any]:
     for cond in (get_task(cluster, ns, TASK).get("status") or {}).get("conditions") or []:
         if cond["type"] == type_:
@@ -594,6 +612,8 @@ def test_llm_answers_on_both_sides_of_a_gateway_rollout_count_towards_retraining
     def captured(records: int) -> bool:
         return retraining().get("capturedRecords") == records
 
+    # The task's status says slm first; the gateway's watch follows.
+    wait_for(lambda: gateway_mode(s) == "slm", timeout=30, what="the gateway to route to the SLM")
     served = Traffic(s.gateway_url, rate=1)
     served.send(30)  # answered by the SLM
     assert served.backends == Counter({"slm": 30}), served.backends
