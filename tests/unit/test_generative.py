@@ -1775,3 +1775,26 @@ def test_merged_weights_serve_the_confidences_that_were_evaluated(
     assert runtime.generate(served, served_tok, prompts, 6) == runtime.generate(
         evaluated, served_tok, prompts, 6
     )
+
+
+def test_a_diverged_loss_is_written_as_null_so_strict_json_readers_accept_the_manifest(
+    tmp_path: Path, tiny_minilm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An fp16 overflow or a too-high learning rate ends training on a NaN loss. The manifest
+    said ``"final_loss": NaN``, which is not JSON: jq, Go and JavaScript readers (a
+    dashboard, an audit job) refuse the whole file. The loss is null there, as in the log."""
+    answer_loss = generative.answer_loss
+    monkeypatch.setattr(
+        generative, "answer_loss", lambda *a, **kw: answer_loss(*a, **kw) * float("nan")
+    )
+    monkeypatch.setattr(generative, "evaluate", _scripted_evaluation([0.9], [True]))
+    data = write_data(tmp_path / "data", 4, 1)
+    args = stage_args(tmp_path, tiny_minilm, data, epochs=1, checkpoint_dir="")
+    assert generative.train_generative(args, Events()).ok
+
+    def strict(text: str) -> Any:
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+
+    out = Path(args.output)
+    assert strict((out / "manifest.json").read_text())["final_loss"] is None
+    assert set(strict((out / "trainer_state.json").read_text())["losses"]) == {None}

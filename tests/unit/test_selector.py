@@ -1094,3 +1094,23 @@ def test_a_classification_selector_serves_the_llms_spelling_of_its_label(tmp_pat
         "refund_request", 0.9, "classification", loaded.answer_text("refund_request")
     )
     assert answer["content"] == "REFUND_REQUEST" and answer["label"] == "refund_request"
+
+
+def test_a_diverged_loss_leaves_strict_json_behind(
+    small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A NaN loss was written as ``NaN`` into selector.json, which is not JSON: strict
+    readers (jq, Go, a dashboard) refused the whole manifest. It is null there."""
+    from slm_trainer import selector as sel
+
+    loss = sel.Selector.training_loss
+    monkeypatch.setattr(sel.Selector, "training_loss", lambda s, b: loss(s, b) * float("nan"))
+    args = fine_args(small_data, tmp_path, epochs=1, max_steps=1)
+    result = finetune.run(args, lambda e: None)
+
+    def strict(text: str) -> Any:
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+
+    manifest = strict((Path(args.output) / "selector.json").read_text())
+    assert manifest["final_loss"] is None, result
+    strict((Path(args.output) / "eval_report.json").read_text())

@@ -93,22 +93,25 @@ def emit(event: dict[str, Any]) -> None:
     A NaN or infinite number (a diverged loss) is written as null: JSON has no such numbers,
     and a line with ``NaN`` is refused by every strict reader of the log.
     """
-    text = json.dumps(_finite(event), ensure_ascii=False, default=str, allow_nan=False)
+    text = json.dumps(finite(event), ensure_ascii=False, default=str, allow_nan=False)
     line = redact_uris(text, *_ARG_URIS)
     print(line.encode("utf-8", "backslashreplace").decode("utf-8"), flush=True)
 
 
-def _finite(value: Any) -> Any:
-    """``value`` with every NaN or infinite float replaced by None (in keys: by its text)."""
+def finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (in keys: by its text).
+
+    For every JSON file a stage writes as well as its log lines: a diverged loss wrote
+    ``"final_loss": NaN`` into a candidate's manifest, which no strict JSON reader accepts."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
         return {
-            str(k) if isinstance(k, float) and not math.isfinite(k) else k: _finite(v)
+            str(k) if isinstance(k, float) and not math.isfinite(k) else k: finite(v)
             for k, v in value.items()
         }
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [finite(v) for v in value]
     return value
 
 

@@ -48,6 +48,7 @@ from typing import Any, Literal
 
 from slm_contract import MAX_COUNT, CallRecord, TaskType, TrainerResult
 from slm_trainer import metrics
+from slm_trainer.cli import finite
 from slm_trainer.curate import ParseStats, parse_lines, read_lines, writable
 from slm_trainer.generative import MIN_ACCEPTED, MIN_THRESHOLD
 from slm_trainer.triton_model import chatformat
@@ -593,17 +594,6 @@ def _no_candidates_message(args: Args) -> str:
     )
 
 
-def _finite(value: Any) -> Any:
-    """``value`` with every NaN or infinite float replaced by None, for strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _out_of_memory(exc: BaseException) -> bool:
     """A host or GPU out-of-memory error (``MemoryError``, torch's ``OutOfMemoryError``).
 
@@ -701,7 +691,7 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
     args.output.mkdir(parents=True, exist_ok=True)
     # strict JSON: a NaN or an infinity (a latency summary, a figure of a broken candidate)
     # is written as null, which every reader parses
-    report = _finite(report)
+    report = finite(report)
     (args.output / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     if args.plot:
         plot_report(report, args.output / "report.png")

@@ -59,7 +59,7 @@ from typing import Any
 
 from slm_contract import CallRecord, TrainerResult
 from slm_trainer import metrics
-from slm_trainer.cli import BadArguments
+from slm_trainer.cli import BadArguments, finite
 from slm_trainer.curate import ParseStats, read_split
 from slm_trainer.finetune import (
     BaseModelNotFound,
@@ -861,7 +861,7 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
             model.save_pretrained(str(out))
             tokenizer.save_pretrained(str(out))
             (out / "trainer_state.json").write_text(
-                json.dumps({"total_steps": total, "losses": losses}) + "\n"
+                json.dumps(finite({"total_steps": total, "losses": losses})) + "\n"
             )
 
             # optimizer moments, scheduler and scaler are not needed any more: free them
@@ -953,7 +953,7 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
         "eval_seconds": round(eval_seconds, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    (out / MANIFEST).write_text(json.dumps(finite(manifest), indent=2) + "\n")
     emit(
         {
             "event": "eval",

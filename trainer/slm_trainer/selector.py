@@ -105,6 +105,7 @@ from torch import nn
 
 from slm_contract import CallRecord, TrainerResult
 from slm_trainer import metrics, preemption
+from slm_trainer.cli import finite
 from slm_trainer.curate import ParseStats, read_split
 from slm_trainer.finetune import (
     BaseModelNotFound,
@@ -1364,7 +1365,7 @@ def save_selector(
         **dict(extra_manifest),
     }
     tmp = output / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(finite(manifest), indent=2, sort_keys=True) + "\n")
     os.replace(tmp, output / MANIFEST)
     selector.manifest = manifest
     return manifest
@@ -1595,7 +1596,7 @@ def run_selector(
         bundle_base=args.bundle_base,
     )
     _write_predictions(output / PREDICTIONS, eval_ex, preds, selector.threshold)
-    (output / "eval_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (output / "eval_report.json").write_text(json.dumps(finite(report), indent=2) + "\n")
     del manifest
     relevant_note = (
         f", {at['relevant_coverage']:.1%} of calls that need a tool, "
