@@ -506,8 +506,17 @@ def triton_deployment(
     name = n.serving_name(task_name)
     selector = {n.LABEL_TASK: task_name, n.LABEL_STAGE: n.STAGE_SERVING}
     pod_labels = n.labels(task_name, n.STAGE_SERVING, revision, candidate)
-    volumes: list[Obj] = [{"name": "tmp", "emptyDir": {}}]
-    mounts: list[Obj] = [{"name": "tmp", "mountPath": "/tmp"}]
+    # Triton's Python backend passes every request and response through shared memory in
+    # /dev/shm, one pool per model instance; a container runtime's default 64 MiB fills with a
+    # few instances or a batch of long prompts, and the model fails to load or answer.
+    volumes: list[Obj] = [
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+    ]
+    mounts: list[Obj] = [
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
     if claim:
         volumes.append(
             {

@@ -429,6 +429,18 @@ def test_triton_deployment_serves_the_revision_repository() -> None:
     assert workspace["persistentVolumeClaim"] == {"claimName": "old-claim", "readOnly": True}
 
 
+def test_triton_gets_a_memory_backed_dev_shm_for_its_python_backend() -> None:
+    """The Python backend's shared-memory pools live in /dev/shm; the runtime's 64 MiB
+    default is too small for a few model instances ("Failed to increase the shared memory
+    pool size"), so the pod mounts a memory-backed emptyDir there, as the trainer's do."""
+    pod = b.triton_deployment(make_task(), "r1", "s3://bucket/repo", "small", 1)["spec"][
+        "template"
+    ]["spec"]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == "/dev/shm")
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["emptyDir"]["medium"] == "Memory"
+
+
 @pytest.mark.parametrize(
     ("resources", "threads"),
     [
