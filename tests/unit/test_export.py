@@ -163,6 +163,27 @@ def test_a_valid_description_is_exported_with_its_numbers(tmp_path: Path) -> Non
     assert (meta["eval_threshold"], meta["eval_score"], meta["parameters"]) == (1.0, 1.0, 7)
 
 
+def test_a_selector_with_a_generator_reports_the_score_measured_at_the_served_threshold(
+    tmp_path: Path,
+) -> None:
+    """Side by side, the selector's confidence is served, so its threshold is recorded; the
+    score beside it was the generator's, measured at another threshold (0.9 at 0.3 reported
+    as if at 0.7). Score and threshold now come from the same description."""
+    cand = _candidate(tmp_path, threshold=0.7, score=0.6)
+    (cand / "manifest.json").write_text(
+        json.dumps({"weights": "full", "score": 0.9, "threshold": 0.3, "max_new_tokens": 16})
+    )
+    code, result = _export(tmp_path, cand, tmp_path / "repo")
+    assert code == 0, result.message
+    assert (result.threshold, result.score) == (0.7, 0.6)
+    meta = json.loads((tmp_path / "repo" / "weather" / "metadata.json").read_text())
+    assert (meta["kind"], meta["eval_threshold"], meta["eval_score"]) == (
+        "selector+generative",
+        0.7,
+        0.6,
+    )
+
+
 def test_a_base_named_under_home_is_served_from_its_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -12,7 +12,8 @@ renamed into place at the end:
   ``runtime.py`` (the same prompt rendering and confidence code the trainer evaluated with)
   and ``artifacts/`` (tokenizer + LoRA adapter, or merged weights with ``--merge``);
 - ``<output>/<model-name>/metadata.json``: base model, parameters, adapter sha256, eval score,
-  threshold, creation time: what the operator and humans check before promoting.
+  threshold, creation time: for people and tools inspecting the repository (the operator
+  reads the export stage's result instead).
 
 The model folder holds one version: ``config.pbtxt``'s parameters (kind, threshold, base
 model) describe it. Exporting the same version again replaces the folder whole; another
@@ -361,10 +362,13 @@ def run(args: Args, emit: Emit) -> TrainerResult:
         params["selector"] = "selector"
     params["kind"] = "+".join(sorted(kinds, reverse=True))  # "selector+generative"
     # the candidate's own calibrated threshold (a selector's confidence is the one served, if
-    # any): the one its eval score was measured at
-    own_threshold = next(
-        (n["threshold"] for n in (selector_numbers, manifest_numbers) if "threshold" in n), None
+    # any), and the score measured there: a selector+generative folder's manifest.json has a
+    # score at the generator's own threshold, which is not the one served
+    measured = next(
+        (n for n in (selector_numbers, manifest_numbers) if "threshold" in n),
+        manifest_numbers if manifest else selector_numbers,
     )
+    own_threshold = measured.get("threshold")
     threshold = args.threshold if args.threshold is not None else own_threshold
     if threshold is not None:
         params["threshold"] = str(threshold)
@@ -379,8 +383,8 @@ def run(args: Args, emit: Emit) -> TrainerResult:
     )
     (staging / "config.pbtxt").write_text(config)
     info = manifest or selector  # what describes the served model
-    numbers = manifest_numbers if manifest else selector_numbers
-    score = numbers.get("score")
+    numbers = manifest_numbers if manifest else selector_numbers  # the served model's size
+    score = measured.get("score")
     metadata = {
         "schema": METADATA_SCHEMA,
         "model_name": args.model_name,
