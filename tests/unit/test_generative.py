@@ -1001,6 +1001,50 @@ def test_the_served_model_is_loaded_onto_the_gpu_it_serves_from(
     assert asked["device_map"] == {"": "cuda:0"} and asked["dtype"] is torch.bfloat16
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda:1"])
+def test_a_served_adapter_is_read_onto_its_instances_device(
+    tmp_path: Path, tiny_minilm: Path, monkeypatch: pytest.MonkeyPatch, device: str
+) -> None:
+    """peft reads an adapter onto its own idea of the device (the first GPU whenever one is
+    visible) unless told: a CPU instance on a GPU node made a CUDA context in every Triton
+    stub, and a KIND_GPU instance on cuda:1 staged its adapter on cuda:0."""
+    import shutil
+
+    import peft
+    import transformers
+
+    from slm_trainer.triton_model import runtime
+
+    served = tmp_path / "adapter"
+    shutil.copytree(tiny_minilm, served)
+    (served / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "b"}))
+    asked: dict[str, Any] = {}
+
+    class Loaded:
+        config = SimpleNamespace(use_cache=False)
+
+        def merge_and_unload(self) -> Loaded:
+            return self
+
+        def to(self, device: str) -> Loaded:
+            return self
+
+        def eval(self) -> Loaded:
+            return self
+
+    def from_adapter(model: Any, path: str, **kwargs: Any) -> Loaded:
+        asked.update(kwargs)
+        return Loaded()
+
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **kw: Loaded()
+    )
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained", from_adapter)
+    monkeypatch.setattr(runtime, "serving_dtype", lambda device: torch.float32)
+    runtime.load_model(served, device=device)
+    assert asked.get("torch_device") == device
+
+
 def test_qlora_loads_a_double_quantized_nf4_base_whole_on_the_gpu() -> None:
     kwargs = generative.from_pretrained_kwargs("qlora", "cuda", torch.bfloat16)
     quant = kwargs.pop("quantization_config")

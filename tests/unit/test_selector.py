@@ -1114,3 +1114,28 @@ def test_a_diverged_loss_leaves_strict_json_behind(
     manifest = strict((Path(args.output) / "selector.json").read_text())
     assert manifest["final_loss"] is None, result
     strict((Path(args.output) / "eval_report.json").read_text())
+
+
+def test_a_selector_adapter_is_read_onto_the_cpu_beside_its_base(
+    small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The base is read onto the CPU and moved with the head; peft, untold, reads the adapter
+    onto the first GPU whenever one is visible, so a Triton CPU instance on a GPU node made a
+    CUDA context (hundreds of MiB of GPU memory per instance) to load it."""
+    import peft
+
+    from slm_trainer import selector as sel
+
+    args = fine_args(small_data, tmp_path, epochs=1, max_steps=1)
+    assert finetune.run(args, lambda e: None).ok
+    asked: list[dict[str, Any]] = []
+    original = peft.PeftModel.from_pretrained
+
+    def spy(model: Any, path: str, **kwargs: Any) -> Any:
+        asked.append(kwargs)
+        return original(model, path, **kwargs)
+
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained", spy)
+    loaded = sel.load_selector(Path(args.output), num_threads=2, device="cpu")
+    assert [a.get("torch_device") for a in asked] == ["cpu"]
+    assert str(loaded.device) == "cpu"

@@ -813,7 +813,9 @@ def load_selector(
         frozen = base.eval()
         encoder: nn.Module = AutoModel.from_pretrained(str(root / "encoder"), dtype=torch.float32)
     else:
-        encoder = PeftModel.from_pretrained(base, str(root / "adapter"))
+        # read beside the base, on the CPU, then moved with it: peft reads an adapter onto the
+        # first GPU whenever one is visible, which gave a CPU instance a CUDA context
+        encoder = PeftModel.from_pretrained(base, str(root / "adapter"), torch_device="cpu")
     net = SelectorNet(encoder, dim, frozen, config.tool_tower, config.defer_head)
     head = load_file(str(root / HEAD_FILE))
     expected = set(head_state(net))

@@ -164,7 +164,8 @@ def load_model(
 
         base = base_model or json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
         model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-        model = PeftModel.from_pretrained(model, str(path))
+        # peft reads the adapter onto the first GPU whenever one is visible, unless told
+        model = PeftModel.from_pretrained(model, str(path), torch_device=device)
         model = model.merge_and_unload()  # serving needs no LoRA indirection per layer
     else:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
