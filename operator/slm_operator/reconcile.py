@@ -248,17 +248,27 @@ def reconcile(
         try:
             kube.apply(obj)
         except KubeError as e:
-            # A Job built by an older operator version for the same revision: Jobs are
-            # immutable and the existing one does the same work, so keep it.
+            child, why = obj["metadata"]["name"], e.message or str(e)
             if obj["kind"] == "Job" and e.status == 422 and "immutable" in e.message:
-                log.info("keeping existing Job %s: %s", obj["metadata"]["name"], e.message)
-                continue
-            if e.retryable:
+                # A Job built by an older operator version for the same revision: Jobs are
+                # immutable and the existing one does the same work, so keep it.
+                if child in obs.jobs:
+                    log.info("keeping existing Job %s: %s", child, e.message)
+                    continue
+                # Not this task's: another task's child has the name (task "a" with candidate
+                # "b-data" and task "a-ft-b" name a Job alike). Kept silently, this task
+                # waited for ever on a Job that does other work.
+                # (The API server's own words dump the whole pod template: left out.)
+                why = (
+                    "a Job of this name exists and belongs to something else (another "
+                    "AgentTask's child?), and Jobs are immutable; rename this task or its "
+                    "candidate"
+                )
+            elif e.retryable:
                 busy = busy or e
                 continue
             # Refused for good (RBAC, quota, an admission webhook, validation): say so in
             # the status, which is still written, and go on with the other children.
-            child, why = obj["metadata"]["name"], e.message or str(e)
             refused.append((obj["kind"], child, why))
             if obj["kind"] == "Job" and child not in obs.jobs:
                 refused_jobs[child] = refused_job(obj, why)

@@ -108,6 +108,50 @@ def test_a_child_the_api_server_refuses_is_named_in_ready_and_status_is_still_wr
     assert "refused to create it" in kube.task["status"]["message"]
 
 
+IMMUTABLE = (
+    'Job.batch "weather-data-0123456789" is invalid: spec.template: Invalid value: ...: '
+    "field is immutable"
+)
+
+
+def test_a_job_name_taken_by_another_tasks_job_is_reported_not_waited_on() -> None:
+    """Job names are task + stage + candidate + revision, so task "a" with candidate "b-data"
+    and task "a-ft-b" can name a Job alike. The apply lands on the other task's Job and is
+    refused as immutable; that was kept as this task's Job, which then waited for ever,
+    "Job created, waiting for its pod to run"."""
+    kube = Cluster(_task(), KubeError(422, IMMUTABLE, "Invalid"))
+    rc.reconcile(kube, "agents", "weather")  # type: ignore[arg-type]
+    ready = _ready(kube.task)
+    assert (ready["status"], ready["reason"]) == (c.FALSE, c.APPLY_FAILED)
+    assert "belongs to something else" in ready["message"]
+    data = c.find(kube.task["status"]["conditions"], c.DATA_READY)
+    assert data is not None and "Job created" not in data["message"]
+
+
+def test_this_tasks_own_job_refused_as_immutable_is_kept() -> None:
+    """An older operator version built the revision's Job with another template: the same
+    work, so it is kept and followed, not reported."""
+    kube = Cluster(_task(), KubeError(422, IMMUTABLE, "Invalid"))
+    rc.reconcile(kube, "agents", "weather")  # type: ignore[arg-type]
+    rev = kube.task["status"]["revision"]["training"]
+    task = _task()
+    kube = Cluster(task, KubeError(422, IMMUTABLE, "Invalid"))
+    kube.jobs = [
+        {
+            "metadata": {
+                "name": n.data_job_name("weather", rev),
+                "labels": n.labels("weather", n.STAGE_PREPARE, rev),
+                "ownerReferences": [{"uid": task["metadata"]["uid"]}],
+            },
+            "status": {"active": 1},
+        }
+    ]
+    rc.reconcile(kube, "agents", "weather")  # type: ignore[arg-type]
+    ready = _ready(kube.task)
+    assert ready["reason"] != c.APPLY_FAILED, ready
+    assert not [e for e in kube.events if e[1] == c.APPLY_FAILED]
+
+
 def test_a_refusal_message_is_bounded() -> None:
     kube = Cluster(_task(), KubeError(403, "denied: " + "x" * 50_000, "Forbidden"))
     rc.reconcile(kube, "agents", "weather")  # type: ignore[arg-type]
