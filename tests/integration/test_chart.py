@@ -378,6 +378,24 @@ def test_replicated_gateway_refuses_a_single_node_capture_claim() -> None:
         assert "gateway.replicas" in err and mode in err and "ReadWriteMany" in err, err
 
 
+def test_capture_claim_the_chart_creates_must_be_writable() -> None:
+    """The gateway writes its captures to the claim the chart creates: with ReadOnlyMany
+    alone that is a new, empty volume nothing may write to (provisioners refuse it or mount it
+    read-only), so the gateway could capture nothing. A writable mode is required; a read-only
+    mode beside one is kept, and the strategy still follows ReadWriteMany alone."""
+    created = "gateway.capture.persistence.create=true"
+    err = helm_fails(created, "gateway.capture.persistence.accessModes={ReadOnlyMany}")
+    assert "values don't meet the specifications of the schema" in err
+    assert "at '/gateway/capture/persistence/accessModes'" in err, err
+    assert "'ReadWriteOnce', 'ReadWriteMany', 'ReadWriteOncePod'" in err, err
+    for modes, strategy in (
+        ("{ReadWriteMany,ReadOnlyMany}", "RollingUpdate"),
+        ("{ReadOnlyMany,ReadWriteOnce}", "Recreate"),
+    ):
+        docs = render_bare(created, f"gateway.capture.persistence.accessModes={modes}")
+        assert _strategy(docs) == strategy, modes
+
+
 def _quickstart_sets(text: str) -> tuple[str, list[str]]:
     """The namespace and --set values of the first `helm install` command in ``text``."""
     import shlex
@@ -1231,6 +1249,57 @@ def test_alerts_fire_on_faults_as_they_happen(tmp_path: Path) -> None:
     assert not failed, "\n".join(failed)
 
 
+def install_notes(tmp_path: Path, *values: str, namespace: str = "slm-system") -> str:
+    """What `helm install` prints after NOTES:, for these values (on top of values.yaml).
+    `helm template` renders no notes and `helm install --dry-run` needs a cluster, so a copy of
+    the chart renders NOTES.txt through tpl, with the same engine, helpers and values."""
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart)
+    shutil.copy(chart / "templates" / "NOTES.txt", chart / "notes.txt")
+    shown = "templates/notes-as-configmap.yaml"
+    (chart / shown).write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\n"
+        'data:\n  notes: {{ tpl (.Files.Get "notes.txt") . | toJson }}\n'
+    )
+    out = helm(
+        "template", "slm", str(chart), "-n", namespace, "--kube-version", kube_version(),
+        "--show-only", shown, *sets(list(values)),
+    ).stdout  # fmt: skip
+    notes: str = yaml.safe_load(out)["data"]["notes"]
+    return notes
+
+
+def test_install_notes_give_a_capture_claims_dataset_uri_only_to_tasks_that_can_mount_it(
+    tmp_path: Path,
+) -> None:
+    """A pod mounts claims of its own namespace only, and the capture claim is in the release
+    namespace. The notes told a release watching only team-a to point dataset.uri at
+    pvc://<claim>/calls/slm-system/<task>/, where no task is reconciled and which no task in
+    team-a can mount; they now say so, and name the object-store target for tasks elsewhere."""
+    uri = "pvc://agent-call-logs/calls/slm-system/<task>/"
+    elsewhere = "tasks in other namespaces cannot mount this claim"
+    for claim in (CAPTURE_CLAIM, "gateway.capture.persistence.create=true"):
+        notes = install_notes(tmp_path / claim, claim, "watchNamespaces={team-a}")
+        assert "dataset.uri:     none: the captures go to the claim" in notes, notes
+        assert "pvc://" not in notes, notes
+        assert "Tasks in team-a cannot mount it: set\n" in notes, notes
+        assert "gateway.capture.target to an object store" in notes, notes
+        assert "add slm-system to watchNamespaces" in notes, notes
+    # The release namespace watched alone: its tasks read the claim, nothing to add.
+    notes = install_notes(tmp_path / "alone", CAPTURE_CLAIM)
+    assert uri in notes and elsewhere not in notes, notes
+    # Watched with others, or every namespace: the claim serves the release namespace's tasks.
+    for i, watched in enumerate(("watchNamespaces={team-a,slm-system}", "rbac.clusterWide=true")):
+        notes = install_notes(tmp_path / str(i), CAPTURE_CLAIM, watched)
+        assert uri in notes and elsewhere in notes and "gateway.capture.target" in notes, notes
+    # An object store serves every namespace.
+    notes = install_notes(
+        tmp_path / "remote", "gateway.capture.target=s3://b/calls", "watchNamespaces={team-a}"
+    )
+    assert "dataset.uri:     s3://b/calls/<namespace>/<task>/" in notes, notes
+    assert "cannot mount" not in notes, notes
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [
@@ -1245,6 +1314,53 @@ def test_schema_rejects_bad_values_readably(value: str, message: str) -> None:
     err = helm_fails(value)
     assert "values don't meet the specifications of the schema" in err
     assert message in err, err
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "gateway.capture.persistence.size=-5Gi",
+        "gateway.capture.persistence.size=0Gi",
+        "gateway.capture.persistence.size=0.0",
+        "gateway.capture.emptyDirSizeLimit=-1Gi",
+        "gateway.capture.spoolSizeLimit=-1Gi",
+        "gateway.resources.requests.cpu=-1",
+        "gateway.resources.limits.memory=-512Mi",
+        "operator.resources.requests.memory=-1Mi",
+        "operator.resources.limits.cpu=-0.5",
+    ],
+)
+def test_schema_refuses_sizes_the_api_server_refuses(value: str) -> None:
+    """helm lint --strict passed negative quantities (and a claim of size zero), and the API
+    server refused the objects halfway through the install ("must be greater than zero")."""
+    err = helm_fails("gateway.capture.ephemeral=true", value)
+    assert "values don't meet the specifications of the schema" in err
+    assert f"at '/{value.split('=')[0].replace('.', '/')}'" in err, err
+
+
+def test_schema_keeps_every_quantity_the_api_server_takes() -> None:
+    """Zero requests and size limits, signed-plus and exponent forms, numbers given with
+    --set: the API server takes them, so the schema must too."""
+    docs = render_bare(
+        "gateway.capture.ephemeral=true",
+        "gateway.capture.spoolSizeLimit=+1.5Gi",
+        "gateway.resources.requests.cpu=0",
+        "gateway.resources.limits.cpu=2",
+        "operator.resources.requests.memory=1e9",
+        "operator.resources.limits.cpu=.5",
+        json_values=('gateway.capture.emptyDirSizeLimit="0"',),
+    )
+    volume = capture_volume(docs)
+    assert volume is not None and str(volume["emptyDir"]["sizeLimit"]) == "0"
+    for size in ("1Gi", "0.5Gi", ".5Ti", "+10Gi", "500M", "1e3"):
+        claim = by_kind(
+            render_bare(
+                "gateway.capture.persistence.create=true",
+                f"gateway.capture.persistence.size={size}",
+            ),
+            "PersistentVolumeClaim",
+        )["slm-gateway-capture"]
+        assert claim["spec"]["resources"]["requests"]["storage"] == size
 
 
 def test_alert_groups_follow_what_is_deployed() -> None:
