@@ -388,9 +388,15 @@ def test_capture_claim_the_chart_creates_must_be_writable() -> None:
     assert "values don't meet the specifications of the schema" in err
     assert "at '/gateway/capture/persistence/accessModes'" in err, err
     assert "'ReadWriteOnce', 'ReadWriteMany', 'ReadWriteOncePod'" in err, err
+    # the API server refuses ReadWriteOncePod beside another mode, mid-install
+    err = helm_fails(
+        created, "gateway.capture.persistence.accessModes={ReadWriteOncePod,ReadWriteOnce}"
+    )
+    assert "at '/gateway/capture/persistence/accessModes'" in err, err
     for modes, strategy in (
         ("{ReadWriteMany,ReadOnlyMany}", "RollingUpdate"),
         ("{ReadOnlyMany,ReadWriteOnce}", "Recreate"),
+        ("{ReadWriteOncePod}", "Recreate"),
     ):
         docs = render_bare(created, f"gateway.capture.persistence.accessModes={modes}")
         assert _strategy(docs) == strategy, modes
