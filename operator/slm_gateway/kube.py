@@ -6,12 +6,12 @@ A watch delivers the status change in milliseconds, with no restart.
 
 The official ``kubernetes`` client's watch runs in one daemon thread: list (which sets the
 whole table and marks it ready), then watch from the list's resourceVersion; when the watch
-ends (``resync_s``, or a 410 Gone) it lists again, which also re-reads the API keys from
-their Secrets. Failures (and watches that end at once) back off and retry, up to 30 s apart;
-the last good table keeps serving meanwhile. A second daemon thread reads the named Secrets
-again every ``secret_refresh_s``, since they cannot be watched: a rotated key or a Secret
-created after its task is in use within seconds. Only ``get`` on the named Secrets and
-``list``/``watch`` on agenttasks are needed.
+ends (``resync_s``, or a 410 Gone) it lists again, reading only the Secrets no task named
+before (the key refresh below keeps the others current). Failures (and watches that end at
+once) back off and retry, up to 30 s apart; the last good table keeps serving meanwhile. A
+second daemon thread reads the named Secrets again every ``secret_refresh_s``, since they
+cannot be watched: a rotated key or a Secret created after its task is in use within
+seconds. Only ``get`` on the named Secrets and ``list``/``watch`` on agenttasks are needed.
 
 Every call to the API server has a client-side timeout (``request_timeout``; the watch its
 own, longer one): a list or a Secret read whose answer never comes (a stalled connection, an
@@ -223,12 +223,7 @@ class AgentTaskWatcher:
             for obj in listing.get("items", [])
             if isinstance(obj, Mapping) and self._serves(obj)
         ]
-        # Each Secret is read once per list, however many tasks name it.
-        keys: dict[SecretRef, str] = {}
-        for obj in items:
-            ref = secret_ref(obj)
-            if ref is not None and ref not in keys:
-                keys[ref] = self._read_key(core, ref)
+        keys, cached = self._list_keys(core, items)
         tasks: dict[str, tuple[Mapping[str, Any], str]] = {}
         routes = []
         with self._lock:
@@ -240,17 +235,53 @@ class AgentTaskWatcher:
                 if route is not None:
                     routes.append(route)
             self._tasks = tasks
-            self._cached.clear()  # every key just read
+            # As after an event: a refresh that read these Secrets meanwhile still updates them.
+            self._cached = {key for key, (obj, _) in tasks.items() if secret_ref(obj) in cached}
             self._refused &= set(tasks)
             self._versions = {key: self._next_seq() for key in tasks}
             self.table.replace_all(routes)
-        # Forget the Secrets no task names any more (a stale key must not come back with one).
-        for ref in set(self._keys) - set(keys):
+        # Forget the Secrets no task names any more: a stale key or problem must not come back
+        # with a task that names one again (it would be taken as known, not read).
+        for ref in (set(self._keys) | set(self._key_problems)) - set(keys):
             self._keys.pop(ref, None)
             self._key_problems.pop(ref, None)
         self._changed()
         log.info("routes listed: %d task(s)", len(routes))
         return str(listing.get("metadata", {}).get("resourceVersion", ""))
+
+    def _list_keys(
+        self, core: Any, items: list[Mapping[str, Any]]
+    ) -> tuple[dict[SecretRef, str], set[SecretRef]]:
+        """The key of each Secret the listed tasks name, and the Secrets whose key was the one
+        last read rather than read now.
+
+        Each Secret is read once per list, however many tasks name it, and only when no key
+        of it is known (see :meth:`_known_key`). Why: the watch is closed while a list runs,
+        so reading every Secret in turn held up every route change for as many slow reads as
+        there are Secrets (a degraded KMS: 8 Secrets at 1 s each kept a task's switch to the
+        LLM waiting 8 s), at every resync and every 410.
+        """
+        keys: dict[SecretRef, str] = {}
+        cached: set[SecretRef] = set()
+        for obj in items:
+            ref = secret_ref(obj)
+            if ref is None or ref in keys:
+                continue
+            known = self._known_key(ref)
+            if known is None:
+                keys[ref] = self._read_key(core, ref)
+            else:
+                keys[ref] = known
+                cached.add(ref)
+        return keys, cached
+
+    def _known_key(self, ref: SecretRef) -> str | None:
+        """The key last read from ``ref`` ("" when it was missing or unusable), or None when
+        the watch thread must read the Secret itself: one not read before, or any where no
+        refresh loop runs to keep the keys current."""
+        if self.secret_refresh_s <= 0 or (ref not in self._keys and ref not in self._key_problems):
+            return None
+        return self._keys.get(ref, "")
 
     def _follow(self, custom: Any, core: Any, rv: str) -> None:
         k8s: Any = importlib.import_module("kubernetes")
@@ -304,13 +335,13 @@ class AgentTaskWatcher:
         ref = secret_ref(obj)
         api_key, cached = "", False
         if ref is not None:
-            known = ref in self._keys or ref in self._key_problems
             # A Secret already read (or found missing or unreadable) is left to the refresh
             # loop: read here on every event of its task, one slow read (a degraded KMS) held
             # up every route change queued behind it on this one watch thread, another task's
             # fallback to the LLM included. A Secret first named here is read at once.
-            cached = known and self.secret_refresh_s > 0
-            api_key = self._keys.get(ref, "") if cached else self._read_key(core, ref)
+            known = self._known_key(ref)
+            cached = known is not None
+            api_key = known if known is not None else self._read_key(core, ref)
         with self._lock:
             self._install(key, obj, api_key)
             if cached:
@@ -355,13 +386,14 @@ class AgentTaskWatcher:
     def problems(self) -> dict[tuple[str, str], str]:
         """(namespace, task) -> why the gateway cannot serve the task as its spec says.
 
-        ``route_refused``: no route at all (an LLM URL or status the gateway cannot use;
-        every call for the task fails); ``llm_key_missing`` (the Secret or its key is not
-        there), ``llm_key_unreadable`` (RBAC, an API error: the last key read stays in use)
-        or ``llm_key_unusable`` (not base64 of UTF-8 text, or a key no HTTP header can carry:
-        a line break or NUL inside, a character outside Latin-1): calls go to the LLM without the
-        task's key, and it answers 401. Why: the gateway may not write a task's status, and
-        a log line is easy to miss; these become ``slm_gateway_route_problem`` and an alert.
+        ``route_refused``: no route at all (an LLM URL or status the gateway cannot use; every
+        call for the task fails); ``llm_key_missing`` (the Secret or its key is not there, or
+        the key is empty), ``llm_key_unreadable`` (RBAC, an API error: the last key read stays
+        in use) or ``llm_key_unusable`` (not base64 of UTF-8 text, or a key no HTTP header can
+        carry: a line break or NUL inside, a character outside Latin-1): calls go to the LLM
+        without the task's key, and it answers 401. Why: the gateway may not write a task's
+        status, and a log line is easy to miss; these become ``slm_gateway_route_problem`` and
+        an alert.
         """
         with self._lock:
             out: dict[tuple[str, str], str] = {}
@@ -452,6 +484,12 @@ class AgentTaskWatcher:
             self._problem(
                 ref, "llm_key_unusable", f"key {field!r} is unusable ({type(exc).__name__})"
             )
+            return ""
+        if not value:
+            # An empty key (``--from-literal=api-key=`` with an unset shell variable) went out
+            # as no Authorization at all, with no problem reported: it is a missing key.
+            self._keys.pop(ref, None)
+            self._problem(ref, "llm_key_missing", f"has an empty key {field!r}")
             return ""
         unsendable = header_value_problem(value)
         if unsendable:

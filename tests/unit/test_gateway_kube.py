@@ -701,3 +701,87 @@ def test_a_key_no_header_can_carry_is_unusable_and_the_task_is_still_served(
     assert auth(watcher, "weather") == f"Bearer {NEW_KEY}"
     assert watcher.problems() == {}
     assert KEY not in caplog.text and NEW_KEY not in caplog.text
+
+
+# ---- a list while the Secrets are slow ----------------------------------------------------
+
+
+class CountingCore(FakeCore):
+    """Counts the Secret reads made outside the refresh thread, by Secret name."""
+
+    def __init__(self, keys: dict[str, str]) -> None:
+        super().__init__(keys)
+        self.watch_reads: list[str] = []
+
+    def read_namespaced_secret(self, name: str, namespace: str, **kwargs: Any) -> _Secret:
+        if threading.current_thread().name != "refresher":
+            self.watch_reads.append(name)
+        return super().read_namespaced_secret(name, namespace, **kwargs)
+
+
+def test_a_list_again_reads_only_the_secrets_no_task_named_before(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The watch is closed while a list runs, and every list (each resync, each 410) read
+    every Secret the tasks name, one after another: with a degraded KMS (8 Secrets at 1 s a
+    read) a task's switch to the LLM reached the routes 8 s late. A list now reads only a
+    Secret no task named before; the others' keys are the refresh loop's, as for events."""
+    first = [task("a"), task("b", secret="other")]
+    again = [task("a", mode="llm"), task("b", secret="other"), task("c", secret="fresh")]
+    core = CountingCore({"llm-key": KEY, "other": "sk-other", "fresh": NEW_KEY})
+    watcher, custom, _ = run_loop(
+        monkeypatch, [first, again], [[GONE], []], stop_after=2, core=core
+    )
+    assert custom.list_calls == 2
+    assert core.watch_reads == ["llm-key", "other", "fresh"]  # each once, "fresh" when named
+    assert auth(watcher, "a") == f"Bearer {KEY}" and auth(watcher, "c") == f"Bearer {NEW_KEY}"
+    route = watcher.table.get("a")
+    assert route is not None and route.mode == "llm"
+
+
+def test_a_refresh_in_flight_during_a_list_still_updates_the_tasks_it_listed() -> None:
+    """A list that takes a key it did not read is no newer than a refresh running meanwhile:
+    the rotated key that refresh read still reaches the tasks the list installed. And a Secret
+    no task names any more is forgotten, so a task that names it again reads it at once."""
+    core = SlowCore({"llm-key": KEY, "other": "sk-other"})
+    watcher = listed(core, task("weather"), task("b", secret="other"))
+    core.keys["llm-key"] = NEW_KEY  # rotated, then read by a refresh that is slow to finish
+    refresher = threading.Thread(target=watcher.refresh_keys, args=(core,), name="refresher")
+    refresher.start()
+    assert core.entered.wait(10)
+    lists: list[list[dict[str, Any]] | Exception] = [
+        [task("weather", mode="llm"), task("b", secret="other")],
+        [task("weather", mode="llm")],  # "other" is named by no task now
+    ]
+    custom = FakeCustom(lists, [[]], stop_after=10**6, stop=lambda: None)
+    watcher._relist(custom, core)
+    core.go.set()
+    refresher.join(10)
+    assert auth(watcher, "weather") == f"Bearer {NEW_KEY}"
+    watcher._relist(custom, core)
+    del core.keys["other"]  # gone, then a task names it again: its old key must not return
+    reads = core.reads
+    watcher._apply_event("ADDED", task("b", secret="other"), core)
+    assert core.reads == reads + 1
+    assert auth(watcher, "b") is None
+    assert watcher.problems() == {("agents", "b"): "llm_key_missing"}
+
+
+@pytest.mark.parametrize("empty", ["", " \n"], ids=["empty", "blank"])
+def test_an_empty_key_is_reported_as_missing(caplog: pytest.LogCaptureFixture, empty: str) -> None:
+    """A Secret made with ``--from-literal=api-key=$KEY`` and KEY unset holds an empty key. It
+    was taken as a good one: no problem reported and nothing logged, while every LLM call
+    went out without Authorization and got a 401. It is now a missing key: reported as
+    llm_key_missing, with one warning that says the key is empty."""
+    caplog.set_level(logging.DEBUG, logger="slm_gateway")
+    core = FakeCore({"llm-key": empty})
+    watcher = listed(core, task("weather"))
+    watcher.refresh_keys(core)  # read again: still one warning, not one per read
+    assert auth(watcher, "weather") is None
+    assert watcher.problems() == {("agents", "weather"): "llm_key_missing"}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["Secret agents/llm-key for the LLM key has an empty key 'api-key'"]
+    core.keys["llm-key"] = KEY  # the Secret is fixed
+    watcher.refresh_keys(core)
+    assert auth(watcher, "weather") == f"Bearer {KEY}"
+    assert watcher.problems() == {}
