@@ -85,6 +85,8 @@ log = logging.getLogger(__name__)
 
 SHARD_SUFFIX = ".jsonl"
 PART_SUFFIX = ".jsonl.part"
+#: Under a writer's root: the lock files that say which writers are alive (ShardWriter).
+ALIVE_DIR = ".writers"
 #: Back-off between tries of failed uploads (an object store outage), doubling up to the max.
 RETRY_MIN_S = 5.0
 RETRY_MAX_S = 300.0
@@ -177,6 +179,9 @@ class CaptureConfig:
     #: The most bytes of shards a URI target's spool holds (open or waiting for upload), shared
     #: by the workers; past it new records are dropped and counted (``spool_full``).
     max_spool_bytes: int = 1024 * 1024 * 1024
+    #: How long one upload may hold up a worker before it writes records again; the upload
+    #: goes on in the background, and the shard is tried again later (ShardWriter).
+    upload_timeout_s: float = 60.0
 
 
 @dataclass
@@ -277,7 +282,17 @@ class ShardWriter:
 
     Each shard is held under an exclusive ``flock`` from its opening until it is published
     and its upload tried, so that no other writer, in this process or another one on the
-    same files, takes it for an orphan meanwhile (:meth:`recover_orphans`).
+    same files, takes it for an orphan meanwhile (:meth:`recover_orphans`). A shard waiting for
+    a retry is not held open: it is this writer's by its name, and the writer holds one lock
+    for all of them (:meth:`_hold_alive`), taken before the shard's own lock is let go. An
+    open file per waiting shard ran a long outage into the open-files limit: new records
+    could not be written, and once the store was back no upload could open its shard.
+
+    ``upload_timeout_s`` (0: no bound) bounds how long one upload holds up the writer: a store
+    that accepts connections and never answers held the worker's loop for as long as the
+    filesystem's own timeouts and retries took (minutes), while no record was written. The
+    upload is not cut short (a thread cannot be), it goes on in the background; the shard
+    waits for a retry, and no other upload starts until that one has ended.
 
     With ``publish``, ``max_spool_bytes`` (0: no bound) bounds the bytes of this writer's
     shards in the spool, open or waiting for upload: :meth:`has_room` says whether a write
@@ -293,6 +308,7 @@ class ShardWriter:
         publish: Callable[[Path, str], None] | None = None,
         clock: Callable[[], float] = time.time,
         max_spool_bytes: int = 0,
+        upload_timeout_s: float = 0.0,
     ) -> None:
         self.root = root
         self.index = index
@@ -301,17 +317,20 @@ class ShardWriter:
         self.publish = publish
         self.clock = clock
         self.max_spool_bytes = max_spool_bytes
+        self.upload_timeout_s = upload_timeout_s
         self.host = shard_host()
         self.pid = os.getpid()
         self._seq = 0
         self._open: dict[str, tuple[Any, Path, float, int]] = {}
         self._open_lines: Counter[str] = Counter()  # records in each open shard
         self._next_sweep = clock() + max_seconds
-        #: Published locally, upload failed: (records, bytes) of each.
+        #: Published locally, upload failed or not tried yet: (records, bytes) of each.
         self._pending: dict[Path, tuple[int, int]] = {}
-        #: The open files (and so the flocks) of pending shards: held until uploaded, so no
-        #: other writer's sweep takes one (it would be uploaded and counted twice).
-        self._held: dict[Path, Any] = {}
+        #: The lock that says this writer is alive, held while any shard is pending, so that
+        #: no other writer's sweep takes one (it would be uploaded and counted twice).
+        self._alive_fd: int | None = None
+        #: An upload that outlasted ``upload_timeout_s`` and still runs.
+        self._stuck: threading.Thread | None = None
         self._retry_at = 0.0
         self._retry_delay = RETRY_MIN_S
 
@@ -363,19 +382,67 @@ class ShardWriter:
         for key in list(self._open):
             self._close(key)
 
-    def _release(self, path: Path) -> None:
-        """Close a pending shard's held file (its lock goes with it): uploaded, or gone."""
-        fh = self._held.pop(path, None)
-        if fh is not None:
-            with contextlib.suppress(OSError):
-                fh.close()
+    def _alive_lock(self, host: str, pid: int, slot: int) -> Path:
+        """The lock file of the writer ``pid`` in worker slot ``slot`` on ``host``."""
+        return self.root / ALIVE_DIR / f"{host}-{pid}-w{slot}.lock"
 
-    def _hold_if_pending(self, path: Path, fh: Any) -> None:
-        """Keep ``fh`` (its lock) while ``path``'s upload waits for a retry, else close it."""
-        if path in self._pending:
-            self._held[path] = fh
-        else:
-            fh.close()
+    def _hold_alive(self) -> None:
+        """Hold this writer's lock (it has shards waiting for upload). Taken before the lock of
+        the shard that starts waiting is let go, so a sweep never finds both free."""
+        if self._alive_fd is not None:
+            return
+        path = self._alive_lock(self.host, self.pid, self.index)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            log.warning("capture: cannot create the lock file %s: %s", path, exc)
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:  # another writer in this process and slot (tests only)
+            os.close(fd)
+            log.warning("capture: cannot lock %s: %s", path, exc)
+            return
+        self._alive_fd = fd
+
+    def _let_go_if_idle(self) -> None:
+        """Release this writer's lock once no shard of it waits for upload."""
+        if self._alive_fd is not None and not self._pending:
+            os.close(self._alive_fd)
+            self._alive_fd = None
+
+    def _owner_alive(self, name: str) -> bool:
+        """Whether the writer of shard ``name`` (another one than this) is alive and holds it
+        for a retry of its upload: it holds its lock (:meth:`_hold_alive`)."""
+        owner = shard_owner(name)
+        if owner is None or (owner.host, owner.pid, owner.slot) == (
+            self.host,
+            self.pid,
+            self.index,
+        ):
+            return False  # ours are all in self._pending: this one a predecessor's
+        try:
+            fd = os.open(self._alive_lock(owner.host, owner.pid, owner.slot), os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def _keep(self, path: Path, records: int = -1, size: int = -1) -> None:
+        """Register a published shard as waiting for its upload, with its records and bytes
+        (counted from the file when not given: a recovered shard)."""
+        if records < 0 or size < 0:
+            with contextlib.suppress(OSError):
+                data = path.read_bytes()
+                records, size = data.count(b"\n"), len(data)
+        self._hold_alive()
+        self._pending[path] = (max(0, records), max(0, size))
 
     def position(self, key: str) -> tuple[int, int]:
         """(sequence number, size) of ``key``'s open shard: where the lines written to it so
@@ -458,6 +525,10 @@ class ShardWriter:
         worker or gateway), or it has not been written for longer than ``max_seconds +
         grace_s`` (a replica gone for good). A partial last line (the write the crash cut
         short) is cut off, so every published line is a whole record.
+
+        With ``publish`` the shards taken wait for :meth:`retry_uploads` like a failed upload:
+        uploaded here, before the worker reported ready, a store that hangs kept the gateway
+        from starting at all.
         """
         now = self.clock()
         published = 0
@@ -490,8 +561,7 @@ class ShardWriter:
         """Publish (a ``.part``) or upload (a ``.jsonl``) one shard if no one holds its lock;
         False if someone does, or if it was renamed before the lock was had (its owner
         published it: the name now leads to another file, or to none)."""
-        fh = open(path, "r+b")  # noqa: SIM115 - held past this call while its upload waits
-        try:
+        with open(path, "r+b") as fh:
             try:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -501,9 +571,10 @@ class ShardWriter:
             if path.name.endswith(PART_SUFFIX):
                 self._publish_orphan(fh, path)
                 return True
-            return self._upload(path)
-        finally:
-            self._hold_if_pending(_published(path), fh)
+            if self._owner_alive(path.name):
+                return False  # its live writer keeps it for a retry
+            self._keep(path)
+            return True
 
     def sweep_orphans(self) -> None:
         """:meth:`recover_orphans`, at most once per ``max_seconds``: what a gateway replica
@@ -522,19 +593,18 @@ class ShardWriter:
         ``force`` (shutdown) at once."""
         if not self._pending or (self.clock() < self._retry_at and not force):
             return
-        for path in sorted(self._pending):
-            records, size = self._pending.pop(path)
-            if not path.exists():
-                self._release(path)
-                continue
-            if not self._upload(path, records, size):
-                break
-            self._release(path)
-        else:
-            self._retry_delay = RETRY_MIN_S
-            return
-        self._retry_at = self.clock() + self._retry_delay
-        self._retry_delay = min(RETRY_MAX_S, 2 * self._retry_delay)
+        try:
+            for path in sorted(self._pending):
+                records, size = self._pending.pop(path)
+                if path.exists() and not self._upload(path, records, size):
+                    break
+            else:
+                self._retry_delay = RETRY_MIN_S
+                return
+            self._retry_at = self.clock() + self._retry_delay
+            self._retry_delay = min(RETRY_MAX_S, 2 * self._retry_delay)
+        finally:
+            self._let_go_if_idle()
 
     @property
     def pending_uploads(self) -> int:
@@ -543,19 +613,14 @@ class ShardWriter:
     def _upload(self, path: Path, records: int = -1, size: int = -1) -> bool:
         """Upload one finished shard; on failure keep it for :meth:`retry_uploads`, with its
         records and bytes (counted from the file when not given: a recovered shard)."""
-        assert self.publish is not None
         try:
-            self.publish(path, path.relative_to(self.root).as_posix())
+            self._put(path)
         except Exception as exc:  # an object store outage: keep the shard, try again later
             if isinstance(exc, FileNotFoundError) and not path.exists():
                 return True  # another worker's sweep uploaded it first
             if not self._pending:
                 self._retry_at = self.clock() + self._retry_delay
-            if records < 0 or size < 0:
-                with contextlib.suppress(OSError):
-                    data = path.read_bytes()
-                    records, size = data.count(b"\n"), len(data)
-            self._pending[path] = (max(0, records), max(0, size))
+            self._keep(path, records, size)
             log.warning(
                 "capture: cannot upload shard %s (%s); kept in the spool, %d waiting",
                 path.name,
@@ -564,6 +629,33 @@ class ShardWriter:
             )
             return False
         return True
+
+    def _put(self, path: Path) -> None:
+        """Run ``publish`` on one shard, waiting at most ``upload_timeout_s`` for it (see the
+        class); TimeoutError if it runs on, or if an earlier one still does."""
+        assert self.publish is not None
+        publish, relative = self.publish, path.relative_to(self.root).as_posix()
+        if self.upload_timeout_s <= 0:
+            publish(path, relative)
+            return
+        if self._stuck is not None and self._stuck.is_alive():
+            raise TimeoutError("an earlier upload still runs")
+        failed: list[Exception] = []
+
+        def run() -> None:
+            try:
+                publish(path, relative)
+            except Exception as exc:  # re-raised by the waiting thread
+                failed.append(exc)
+
+        thread = threading.Thread(target=run, name="slm-capture-upload", daemon=True)
+        thread.start()
+        thread.join(self.upload_timeout_s)
+        if thread.is_alive():
+            self._stuck = thread
+            raise TimeoutError(f"the upload still runs after {self.upload_timeout_s:g} s")
+        if failed:
+            raise failed[0]
 
     def _is_dead_sibling(self, name: str) -> bool:
         """True for a shard of this host and worker slot written by a process now gone."""
@@ -590,27 +682,30 @@ class ShardWriter:
                 size = _last_newline_end(fh, size)
                 fh.truncate(size)
                 log.warning("capture: cut a partial last record from %s", path.name)
-        self._finish(path, size)
+        self._finish(path, size, upload=False)
 
     def _close(self, key: str) -> None:
         """Publish ``key``'s shard; its lock is released (the file closed) only after the
         upload was tried, so no sweep uploads it at the same time."""
         fh, path, _, size = self._open.pop(key)
         records = self._open_lines.pop(key, -1)
-        try:
+        with fh:
             self._finish(path, size, records)
-        finally:
-            self._hold_if_pending(_published(path), fh)
 
-    def _finish(self, path: Path, size: int, records: int = -1) -> None:
-        """Publish a closed ``.part`` shard as ``.jsonl`` (and upload it); drop it if empty."""
+    def _finish(self, path: Path, size: int, records: int = -1, upload: bool = True) -> None:
+        """Publish a closed ``.part`` shard as ``.jsonl`` and upload it (or, without ``upload``,
+        leave that to :meth:`retry_uploads`); drop it if empty."""
         if size == 0:
             path.unlink(missing_ok=True)
             return
         final = _published(path)
         os.replace(path, final)
-        if self.publish is not None:
+        if self.publish is None:
+            return
+        if upload:
             self._upload(final, records, size)
+        else:
+            self._keep(final, records, size)
 
 
 def _published(path: Path) -> Path:
@@ -819,6 +914,20 @@ def batch_scheduling() -> bool:
     return True
 
 
+def raise_open_files_limit() -> None:
+    """Raise this process's soft limit of open files to its hard limit.
+
+    Why: a worker holds a file per task with an open shard, and the soft limit is as low as
+    1024 in many container runtimes, which a gateway with many tasks can reach; past it,
+    records are dropped as ``write_failed``."""
+    import resource
+
+    with contextlib.suppress(ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _rotate(writer: ShardWriter) -> None:
     """Rotation and upload retries; a failure there loses nothing (the lines are on disk, and
     an unpublished ``.part`` is recovered as an orphan) and must not stop the worker."""
@@ -919,14 +1028,18 @@ def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, inde
         cfg.max_shard_seconds,
         publish,
         max_spool_bytes=max(1, spool_share) if publish is not None else 0,
+        upload_timeout_s=cfg.upload_timeout_s,
     )
+    raise_open_files_limit()
+    # Ready first: the shards found are only registered here, their uploads are tried in the
+    # loop below, so a store that hangs cannot keep the gateway from starting.
+    outbox.send(("ready", os.getpid()))
     try:
         writer.recover_orphans()
-    except OSError as exc:  # an unreadable root must not stop capture from starting
+    except OSError as exc:  # an unreadable root must not stop capture
         log.warning("capture: cannot look for orphaned shards: %s", exc)
     sweeps = index == 0  # one worker per replica publishes stale shards of lost replicas
     full_logged_at = -math.inf
-    outbox.send(("ready", os.getpid()))
     while True:
         try:
             if not inbox.poll(min(1.0, writer.next_deadline())):
@@ -1080,6 +1193,9 @@ def _send_quietly(conn: Connection, message: Any) -> None:
         conn.send(message)
 
 
+#: How long a failed start waits for the workers it had started to stop before killing them.
+START_STOP_TIMEOUT_S = 10.0
+
 #: A worker that ran this long before dying is not crash-looping: its successor starts the
 #: back-off over.
 HEALTHY_UPTIME_S = 60.0
@@ -1216,13 +1332,31 @@ class CaptureSink:
                 spool_dir(self.cfg.spool, self.cfg.target),
                 stray[0],
             )
-        for i in range(max(1, self.cfg.workers)):
-            self._workers.append(self._spawn(i))
+        try:
+            for i in range(max(1, self.cfg.workers)):
+                self._workers.append(self._spawn(i))
+        except BaseException:
+            self._stop_started()
+            raise
         self._pump_thread = threading.Thread(
             target=self._pump, name="slm-capture-pump", daemon=True
         )
         self._pump_thread.start()
         self._started = True
+
+    def _stop_started(self) -> None:
+        """Stop the workers a failed :meth:`start` had started. Why: they ignore SIGTERM, and
+        the interpreter's exit joins them, so the gateway whose start failed never exited."""
+        with self._lock:
+            self._closing = True  # their ack threads must not restart them
+        try:
+            self._stop_workers(list(self._workers), time.monotonic() + START_STOP_TIMEOUT_S)
+        finally:
+            for w in self._workers:
+                w.send_conn.close()
+            self._workers.clear()
+            with self._lock:
+                self._closing = False
 
     def _spawn(self, index: int, crashes: int = 0) -> _Worker:
         worker = _Worker(self._ctx, self.cfg, index, crashes)
@@ -1230,7 +1364,10 @@ class CaptureSink:
             worker.proc.kill()
             worker.proc.join(5)
             _release(worker)
-            raise RuntimeError("capture worker did not start (redactor import too slow?)")
+            raise RuntimeError(
+                f"capture worker {index} did not report ready within "
+                f"{self.cfg.start_timeout_s:g} s (loading the redactor, or its start-up)"
+            )
         try:
             msg = worker.recv_conn.recv()
         except EOFError:
@@ -1320,25 +1457,7 @@ class CaptureSink:
         if self._pump_thread is not None:
             self._pump_thread.join(max(0.0, deadline - time.monotonic()))
         workers = list(self._workers)
-        # The stop signal goes from threads of its own: a stalled worker's full pipe blocked
-        # close() past its deadline, until the kubelet's SIGKILL lost everything uncounted.
-        # A pump still stuck in a send means the deadline has passed: no second writer on its
-        # pipe, the workers are killed below.
-        if self._pump_thread is None or not self._pump_thread.is_alive():
-            for w in workers:
-                if w.alive:
-                    threading.Thread(
-                        target=_send_quietly, args=(w.send_conn, None), daemon=True
-                    ).start()
-        for w in workers:
-            w.closed.wait(max(0.0, deadline - time.monotonic()))
-            w.proc.join(max(0.0, deadline - time.monotonic()))
-            if w.proc.is_alive():
-                log.error("capture worker %s did not stop in time; killing it", w.proc.pid)
-                w.killed_by_close = True
-                w.proc.kill()
-                w.proc.join(5)
-                w.closed.wait(5)  # its ack thread counts what it held, by task
+        self._stop_workers(workers, deadline)
         if self._pump_thread is not None:
             # A pump stuck in a send to a killed worker goes on once its pipe broke, and
             # counts each batch it takes as dropped; draining the queue beside it here
@@ -1370,6 +1489,28 @@ class CaptureSink:
         if lost:
             log.error("capture: %d records were not written before shutdown", sum(lost.values()))
         return self.stats
+
+    def _stop_workers(self, workers: list[_Worker], deadline: float) -> None:
+        """Tell the workers to stop, wait for them until ``deadline``, then kill the rest."""
+        # The stop signal goes from threads of its own: a stalled worker's full pipe blocked
+        # close() past its deadline, until the kubelet's SIGKILL lost everything uncounted.
+        # A pump still stuck in a send means the deadline has passed: no second writer on its
+        # pipe, the workers are killed below.
+        if self._pump_thread is None or not self._pump_thread.is_alive():
+            for w in workers:
+                if w.alive:
+                    threading.Thread(
+                        target=_send_quietly, args=(w.send_conn, None), daemon=True
+                    ).start()
+        for w in workers:
+            w.closed.wait(max(0.0, deadline - time.monotonic()))
+            w.proc.join(max(0.0, deadline - time.monotonic()))
+            if w.proc.is_alive():
+                log.error("capture worker %s did not stop in time; killing it", w.proc.pid)
+                w.killed_by_close = True
+                w.proc.kill()
+                w.proc.join(5)
+                w.closed.wait(5)  # its ack thread counts what it held, by task
 
     # -- helper threads --
     def _pump(self) -> None:

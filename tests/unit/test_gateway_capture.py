@@ -428,17 +428,7 @@ def test_shards_left_by_a_worker_killed_at_close_are_counted_upload_pending(
     kills the worker at its deadline, and the shards in its spool (which goes with the pod)
     stayed counted as written, with no loss reported. They are upload_pending now."""
     pytest.importorskip("fsspec")
-    import socket
-    import threading
-
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
-    held: list[Any] = []
-    threading.Thread(
-        target=lambda: [held.append(server.accept()) for _ in iter(int, 1)], daemon=True
-    ).start()
-    port = server.getsockname()[1]
+    server, port = _hanging_store()
     dropped: Counter[str] = Counter()
     sink = CaptureSink(
         CaptureConfig(target=f"ftp://127.0.0.1:{port}/calls", spool=str(tmp_path / "spool")),
@@ -492,6 +482,20 @@ def test_an_upload_cut_short_leaves_no_torn_shard_where_the_trainer_reads(
     assert not list(remote.rglob("*.part")) and not local.exists()
 
 
+class FlakyStore:
+    """An upload hook that fails while ``outage`` is set, and keeps what it uploaded."""
+
+    def __init__(self) -> None:
+        self.outage = True
+        self.uploaded: list[str] = []
+
+    def __call__(self, local: Path, relative: str) -> None:
+        if self.outage:
+            raise OSError("connection timed out")
+        self.uploaded.append(relative)
+        local.unlink()
+
+
 def test_a_shard_waiting_for_its_upload_stays_locked_against_other_writers(
     tmp_path: Path,
 ) -> None:
@@ -523,7 +527,7 @@ def test_a_shard_waiting_for_its_upload_stays_locked_against_other_writers(
     outage = False
     one.retry_uploads(force=True)  # the owner uploads it once the store is back
     assert len(uploaded) == 1 and shards(tmp_path) == []  # once, by its owner
-    assert one.pending_uploads == 0 and not one._held
+    assert one.pending_uploads == 0 and one._alive_fd is None  # its lock let go: none waits
 
 
 def test_uri_targets_upload_finished_shards_through_fsspec(tmp_path: Path) -> None:
@@ -583,6 +587,7 @@ def test_a_failed_upload_is_kept_and_tried_again_until_it_lands(tmp_path: Path) 
     left.rename(finished)  # published locally, never uploaded
     successor = ShardWriter(tmp_path, 0, 1 << 20, 60, publish=publish, clock=clock)
     assert successor.recover_orphans() == 1
+    successor.retry_uploads()  # recovered shards wait for the worker's loop to upload them
     assert uploaded[finished.relative_to(tmp_path).as_posix()] == b'{"r":3}\n'
     assert shards(tmp_path) == []
 
@@ -1149,6 +1154,7 @@ def test_a_stalled_writers_open_shard_is_never_taken_and_a_dead_ones_still_is(
     (left,) = shards(spool, "*.jsonl.part")
     os.utime(left, (clock.now - 400, clock.now - 400))
     assert w0.recover_orphans() == 1
+    w0.retry_uploads()
     assert [p.read_bytes() for p in shards(remote / "ns" / "c")] == [b'{"r":"C1"}\n']
 
 
@@ -1399,3 +1405,143 @@ def test_a_served_call_with_odd_llm_usage_is_answered_and_captured_readably(
     assert len(lines) == 1
     record = CallRecord.from_json(lines[0])  # what curate reads: not a malformed line
     assert record.response["content"] == "Sunny." and record.prompt_tokens >= 0
+
+
+def _hanging_store() -> tuple[Any, int]:
+    """A server that accepts connections and never answers (a black-holed endpoint)."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held: list[Any] = []
+    threading.Thread(
+        target=lambda: [held.append(server.accept()) for _ in iter(int, 1)], daemon=True
+    ).start()
+    return server, server.getsockname()[1]
+
+
+def test_a_store_that_hangs_neither_holds_back_the_start_nor_stops_capture(
+    tmp_path: Path,
+) -> None:
+    """A gateway restarted while its object store hangs, with a shard an earlier run left in
+    the spool: the worker uploaded it before it reported ready, the gateway gave up after
+    start_timeout_s and never started (blaming the redactor). The shard now waits for the
+    worker's loop, whose uploads are bounded, so records are written meanwhile."""
+    pytest.importorskip("fsspec")
+    server, port = _hanging_store()
+    target, spool = f"ftp://127.0.0.1:{port}/calls", tmp_path / "spool"
+    left = capture.spool_dir(str(spool), target) / "ns" / "task"
+    left.mkdir(parents=True)
+    old = left / (shard_name("gateway-old-pod", 4242, 0, 1, time.time() - 900) + ".jsonl")
+    old.write_bytes(b'{"a":1}\n')
+    os.utime(old, (time.time() - 900, time.time() - 900))
+    sink = CaptureSink(
+        CaptureConfig(target=target, spool=str(spool), start_timeout_s=15.0, upload_timeout_s=0.5)
+    )
+    try:
+        sink.start()
+        for i in range(5):
+            assert sink.submit(item(i))
+        assert wait_for(lambda: sink.stats.written == 5, 10), sink.stats
+        assert sink._workers[0].alive
+    finally:
+        began = time.monotonic()
+        stats = sink.close(timeout=10)
+        server.close()
+    assert time.monotonic() - began < 5  # no upload held the worker's shutdown either
+    assert (stats.written, stats.dropped) == (5, 0)
+    assert old.read_bytes() == b'{"a":1}\n'  # still in the spool for the next start
+
+
+def test_a_worker_late_to_report_ready_is_named_for_what_it_is(tmp_path: Path) -> None:
+    """The error blamed the redactor's import, whereas the worker's start-up (then: uploads of
+    what was left in the spool) could be what took the time."""
+    sink = CaptureSink(CaptureConfig(target=str(tmp_path), start_timeout_s=0.05))
+    with pytest.raises(RuntimeError, match=r"did not report ready within 0\.05 s"):
+        sink.start()
+
+
+def test_a_failed_start_stops_the_workers_it_had_started(tmp_path: Path) -> None:
+    """Worker 1 failing to start left worker 0 running: it ignores SIGTERM, close() did
+    nothing for a sink never started, and the interpreter's exit joined it for ever, so the
+    gateway whose start failed never exited."""
+    sink = CaptureSink(CaptureConfig(target=str(tmp_path), workers=2))
+    started: list[Any] = []
+    real = sink._spawn
+
+    def spawn(index: int, crashes: int = 0) -> Any:
+        if index == 1:
+            raise RuntimeError("capture worker 1 could not start: no redactor")
+        worker = real(index, crashes)
+        started.append(worker.proc)
+        return worker
+
+    sink._spawn = spawn  # type: ignore[method-assign]
+    try:
+        with pytest.raises(RuntimeError, match="no redactor"):
+            sink.start()
+        assert len(started) == 1 and not started[0].is_alive()
+        assert sink._workers == []
+    finally:
+        for proc in started:
+            proc.kill()
+            proc.join(5)
+
+
+def test_shards_waiting_for_their_upload_hold_no_open_files(tmp_path: Path) -> None:
+    """Each shard waiting for its upload kept an open file (its lock): a long outage reached
+    the open-files limit, new records were dropped (write_failed), and once the store was
+    back no upload could open its shard. The shards still cannot be taken by another
+    writer, in another process, while their writer lives."""
+    import subprocess
+    import sys
+
+    store = FlakyStore()
+    w = ShardWriter(tmp_path, 0, 1 << 20, 300, publish=store, clock=Clock())
+    before = len(os.listdir("/proc/self/fd"))
+    for i in range(50):
+        w.write(f"ns/t{i}", [b'{"r":%d}\n' % i])
+    w.close_all()
+    assert w.pending_uploads == 50
+    # One lock for them all (other tests' helper threads may open or close a few meanwhile).
+    assert len(os.listdir("/proc/self/fd")) - before <= 5
+    for path in shards(tmp_path):
+        os.utime(path, (time.time() - 10_000, time.time() - 10_000))  # stale, as in an outage
+    sweep = (
+        "import sys; from pathlib import Path; from slm_gateway.capture import ShardWriter; "
+        "w = ShardWriter(Path(sys.argv[1]), 1, 1 << 20, 300, publish=lambda *a: None); "
+        "print(w.recover_orphans())"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", sweep, str(tmp_path)], capture_output=True, text=True, check=True
+    )
+    assert other.stdout.strip() == "0" and len(shards(tmp_path)) == 50
+    store.outage = False
+    w.retry_uploads(force=True)
+    assert len(store.uploaded) == 50 and shards(tmp_path) == [] and w.pending_uploads == 0
+    assert len(os.listdir("/proc/self/fd")) <= before
+
+
+def test_a_worker_may_open_as_many_files_as_its_hard_limit_allows(tmp_path: Path) -> None:
+    """A worker holds a file per task with an open shard; the soft limit (1024 in many
+    container runtimes) is raised to the hard one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(256, hard)
+    if low == hard:
+        pytest.skip("the hard limit of open files is too low to lower the soft one")
+    sink = CaptureSink(CaptureConfig(target=str(tmp_path)))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+    try:
+        sink.start()  # the worker inherits the low soft limit
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        limits = Path(f"/proc/{sink._workers[0].proc.pid}/limits").read_text()
+    finally:
+        sink.close()
+    (line,) = [row for row in limits.splitlines() if row.startswith("Max open files")]
+    assert line.split()[3:5] == [str(hard), str(hard)]
