@@ -43,6 +43,7 @@ from slm_gateway.auth import (
     Identity,
     TokenReviewer,
     bearer_token,
+    for_other_audiences_too,
     may_call,
     token_reviewer,
 )
@@ -116,6 +117,11 @@ _MAX_REQUEST_ID = 128
 _LLM_AUTH_STATUSES = frozenset({401, 403})
 #: The errors metric's code for them: the task's LLM key Secret needs fixing.
 _CODE_LLM_AUTH = "llm_auth"
+#: A bare model name that tasks of several namespaces have (a 400: the task exists, the
+#: agent must name which; model_not_found would say it does not).
+_CODE_MODEL_AMBIGUOUS = "model_ambiguous"
+#: The most ``namespace/task`` ids an ambiguous model's error lists.
+_MAX_KEYS_SHOWN = 10
 #: One warning per task per this many seconds while its key is rejected; the metric counts all.
 _AUTH_LOG_INTERVAL_S = 60.0
 
@@ -283,13 +289,7 @@ class Gateway:
                 )
             route = self._route(name, agent)
             if route is None:
-                raise GatewayError(
-                    404,
-                    f"The model {name[:200]!r} does not exist: no AgentTask of that name is "
-                    "routed by this gateway.",
-                    param="model",
-                    code=e.CODE_MODEL_NOT_FOUND,
-                )
+                raise self._unknown_model(name, agent)
             if agent is not None:
                 self._authorize(agent, route)
             if (
@@ -354,6 +354,12 @@ class Gateway:
             ) from None
         if agent is None:
             self._auth_count["invalid"].inc()
+            if for_other_audiences_too(token, self.auth.audience):
+                raise _unauthenticated(
+                    "The API key is a ServiceAccount token minted for other audiences besides "
+                    f"{self.auth.audience!r}: mint one for that audience alone, so that a "
+                    "gateway key is no credential anywhere else."
+                )
             raise _unauthenticated(
                 "The API key is not a valid ServiceAccount token for this gateway: expired, "
                 f"of a deleted account or pod, or not minted for the audience "
@@ -362,13 +368,43 @@ class Gateway:
         return agent
 
     def _route(self, name: str, agent: Identity | None) -> Route | None:
-        """The route of task ``name``; for an authenticated agent, a bare name is looked up in
-        its own namespace first (names are unique per namespace only)."""
-        if agent is not None and "/" not in name:
-            route = self.table.get(f"{agent.namespace}/{name}")
-            if route is not None:
-                return route
-        return self.table.get(name)
+        """The route of task ``name`` (a bare name, or ``namespace/name``).
+
+        For an authenticated agent a bare name means a task of its own namespace (names are
+        unique per namespace only), else a task without a namespace (a routes file's): never
+        another namespace's, whose name the agent would then learn from a 403 though
+        ``/v1/models`` hides it. Naming ``namespace/name`` itself, it gets that 403.
+        """
+        if agent is None or "/" in name:
+            return self.table.get(name)
+        route = self.table.get(f"{agent.namespace}/{name}")
+        if route is not None:
+            return route
+        route = self.table.get(name)
+        return route if route is not None and not route.namespace else None
+
+    def _unknown_model(self, name: str, agent: Identity | None) -> GatewayError:
+        """Why ``name`` has no route: a 404, or a 400 when the bare name is that of tasks in
+        several namespaces, which the agent must then name as ``namespace/name``."""
+        shown = repr(name[:200])
+        keys = () if agent is not None or "/" in name else self.table.keys_named(name)
+        if len(keys) > 1:
+            listed = ", ".join(repr(k) for k in keys[:_MAX_KEYS_SHOWN])
+            more = f" and {len(keys) - _MAX_KEYS_SHOWN} more" if len(keys) > _MAX_KEYS_SHOWN else ""
+            return e.invalid(
+                f"The model {shown} is ambiguous: AgentTasks of that name are routed in "
+                f"{len(keys)} namespaces. Name one as namespace/task: {listed}{more}.",
+                "model",
+                _CODE_MODEL_AMBIGUOUS,
+            )
+        where = f" in namespace {agent.namespace!r}" if agent is not None else ""
+        return GatewayError(
+            404,
+            f"The model {shown} does not exist: no AgentTask of that name{where} is routed by "
+            "this gateway.",
+            param="model",
+            code=e.CODE_MODEL_NOT_FOUND,
+        )
 
     def _authorize(self, agent: Identity, route: Route) -> None:
         if not may_call(agent, route.namespace):

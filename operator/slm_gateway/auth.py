@@ -8,15 +8,18 @@ the API server whether the token is valid for its audience (a TokenReview, the w
 kubelet and every aggregated API server authenticate callers), and lets a ServiceAccount call
 the tasks of its own namespace only: the namespace is the tenancy boundary, as it is for the
 AgentTasks themselves. No token, an invalid or expired one, or one minted for another
-audience (a token meant for the API server must not double as a gateway key) is a 401; a
+audience (a token meant for the API server must not double as a gateway key), or one minted
+for other audiences besides ours (it would double as a key elsewhere) is a 401; a
 ServiceAccount of another namespace gets a 403. Tokens are never logged.
 
 Reviews are cached by the token's SHA-256 for ``ttl_s`` (60 s), never past the token's own
 ``exp``, and refusals for ``negative_ttl_s`` (5 s), so the API server sees one review per
 agent and minute instead of one per call; concurrent calls with one token share one review.
 What no review could accept (no JWT of a sane size, or its unchecked claims lack our audience
-or an expiry, or have expired) is refused without a review: garbage, a token for another
-audience and a stale projected token cost the API server nothing.
+or an expiry, name another audience too, or have expired) is refused without a review:
+garbage, a token for another audience and a stale projected token cost the API server nothing.
+The claims read unchecked only ever refuse a token: the TokenReview decides who it belongs to,
+and the signature it checks covers those claims.
 So a deleted ServiceAccount or pod keeps its access for at most ``ttl_s`` (plus the API
 server's own cache of token reviews, about 10 s). When the API server
 cannot answer, calls get a 503 (``auth_unavailable``; OpenAI SDKs retry it) rather than being
@@ -140,10 +143,28 @@ def token_expiry(token: str) -> float | None:
     return _expiry(token_claims(token) or {})
 
 
+def _audiences(claims: Mapping[str, Any]) -> list[Any]:
+    """The ``aud`` claim as a list (a JWT may give a single audience as a string)."""
+    aud = claims.get("aud")
+    return aud if isinstance(aud, list) else [aud]
+
+
+def for_other_audiences_too(token: str, audience: str) -> bool:
+    """Whether the token's unchecked ``aud`` names ``audience`` and others besides.
+
+    Such a token is refused (see :func:`reviewable_until`): a TokenReview for our audience
+    accepts it, yet the API server, or whatever service the other audience names, accepts
+    it as well, so a leaked gateway key would be a credential there too, and the reverse.
+    """
+    auds = _audiences(token_claims(token) or {})
+    return audience in auds and any(a != audience for a in auds)
+
+
 def reviewable_until(token: str, audience: str, now: float) -> float | None:
     """The token's ``exp`` if it could be a live token for us, else None. Only a bound
     ServiceAccount token can pass a review for our audience, and it names the audience
-    (``aud``) and expires (``exp``).
+    (``aud``) and expires (``exp``). One that names other audiences too passes a review but
+    is refused here all the same (:func:`for_other_audiences_too`).
 
     Why before the review: anything else would be refused by the API server anyway, and each
     such string cost one TokenReview. An expired token in particular: the API server still
@@ -153,9 +174,9 @@ def reviewable_until(token: str, audience: str, now: float) -> float | None:
     if not looks_like_a_service_account_token(token):
         return None
     claims = token_claims(token) or {}
-    aud = claims.get("aud")
+    auds = _audiences(claims)
     exp = _expiry(claims)
-    if audience not in (aud if isinstance(aud, list) else [aud]) or exp is None or exp <= now:
+    if audience not in auds or any(a != audience for a in auds) or exp is None or exp <= now:
         return None
     return exp
 

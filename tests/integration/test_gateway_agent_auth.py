@@ -35,11 +35,15 @@ AUDIENCE = "slm-fleet-gateway"
 
 
 def call(
-    gw: GatewayProcess, token: str | None, path: str = "/v1/chat/completions", *more: str
+    gw: GatewayProcess,
+    token: str | None,
+    path: str = "/v1/chat/completions",
+    *more: str,
+    model: str = TASK,
 ) -> tuple[int, dict[str, str], dict[str, Any]]:
     """One request; ``more`` are further tokens sent in Authorization headers of their own."""
     body = {
-        "model": TASK,
+        "model": model,
         "messages": [{"role": "user", "content": "Weather in Oslo?"}],
         "tools": TOOLS,
     }
@@ -114,13 +118,18 @@ def test_agents_call_their_own_namespaces_tasks_with_a_service_account_token(
             "another namespace": (token(cluster, other, "intruder", AUDIENCE), 403, ""),
         }
         for what, (tok, want, code) in refused.items():
-            status, headers, body = call(gw, tok)
+            # The intruder names the task with its namespace: a bare name means a task of
+            # its own namespace, and is a 404 (the next assertions after the loop).
+            status, headers, body = call(gw, tok, model=f"{ns}/{TASK}")
             assert status == want, (what, status, body)
             assert body["error"]["code"] == (code or body["error"]["code"]), what
             if want == 401:
                 assert headers["www-authenticate"].startswith("Bearer"), what
         assert body["error"]["code"] == "permission_denied"
         assert f"ServiceAccount {other}/intruder may not call task" in body["error"]["message"]
+        status, _, body = call(gw, refused["another namespace"][0])
+        assert status == 404 and body["error"]["code"] == "model_not_found"
+        assert f"'{ns}'" not in body["error"]["message"]  # the task's namespace stays unnamed
         assert standin.stats()["auth_expected"] == answered
 
         # Two Authorization headers are refused on both paths, whichever comes first.

@@ -7,6 +7,7 @@ operator would notice: who answered, why it fell back, what error body came back
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import threading
@@ -25,6 +26,7 @@ from starlette.testclient import TestClient
 from slm_contract import CallRecord
 from slm_e2e import llm_standin
 from slm_gateway.app import create_app
+from slm_gateway.auth import TokenReviewer, token_claims
 from slm_gateway.capture import CaptureConfig
 from slm_gateway.config import GatewayConfig, config_from_args
 from slm_gateway.decide import canary_bucket
@@ -604,6 +606,91 @@ def test_same_named_tasks_of_two_namespaces_have_their_own_series(
         assert metric(c, count, namespace="team-b", task="weather", backend="llm") == 1
         tokens = "slm_gateway_tokens_total"
         assert metric(c, tokens, namespace="team-b", task="weather", kind="prompt") > 0
+
+
+def test_a_name_two_namespaces_use_is_ambiguous_not_missing(standin: llm_standin.StandIn) -> None:
+    """Without agent auth, team-b applying a task named like team-a's must not make team-a's
+    agent read that its task "does not exist": the answer says which ids to use."""
+    a = route(standin, namespace="team-a")
+    b = route(standin, namespace="team-b")
+    with client(a, b, route(standin, "extract", namespace="team-b")) as c:
+        r = chat(c, model="weather")
+        assert r.status_code == 400 and is_error_body(r, "model_ambiguous")
+        assert r.json()["error"]["param"] == "model"
+        assert "'team-a/weather', 'team-b/weather'" in r.json()["error"]["message"]
+        assert chat(c, headers={"X-Agent-Task": "weather"}).status_code == 400
+        assert chat(c, model="team-a/weather").status_code == 200
+        assert chat(c, model="extract").status_code == 200  # unique: the bare name serves
+        r = chat(c, model="nosuch")
+        assert r.status_code == 404 and is_error_body(r, "model_not_found")
+
+
+def sa_token(namespace: str, *audiences: str) -> str:
+    """A token shaped like a ServiceAccount's; the fake review of :func:`authed_client`
+    vouches for the account its ``sub`` names (the real API server's reviews are in
+    tests/integration/test_gateway_agent_auth.py)."""
+    claims = {
+        "aud": list(audiences or ["slm-fleet-gateway"]),
+        "exp": 4_000_000_000,
+        "sub": f"system:serviceaccount:{namespace}:agent",
+    }
+
+    def part(d: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(orjson.dumps(d)).rstrip(b"=").decode()
+
+    return f"{part({'alg': 'RS256'})}.{part(claims)}.c2ln"
+
+
+def authed_client(monkeypatch: pytest.MonkeyPatch, *routes: Route) -> TestClient:
+    """A gateway with --agent-auth serviceaccount whose TokenReviews accept every token."""
+    from slm_gateway import app as app_module
+
+    def review(api: Any, token: str, audience: str) -> dict[str, Any]:
+        username = (token_claims(token) or {})["sub"]
+        return {"authenticated": True, "audiences": [audience], "user": {"username": username}}
+
+    def reviewer(kubeconfig: Any, audience: str, ttl_s: float, **kw: Any) -> TokenReviewer:
+        return TokenReviewer(None, audience, review=review)
+
+    monkeypatch.setattr(app_module, "token_reviewer", reviewer)
+    return client(*routes, agent_auth="serviceaccount")
+
+
+def test_an_agents_bare_name_never_resolves_in_another_namespace(
+    standin: llm_standin.StandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/v1/models hides other namespaces' tasks from an agent; a bare name must not reveal
+    them either (it got a 403 naming team-b's task). Naming team-b/payroll itself, the agent
+    is refused as before."""
+    routes = (
+        route(standin, namespace="team-a"),
+        route(standin, "payroll", namespace="team-b"),
+        route(standin, "search"),  # from a routes file: no namespace, any agent may call it
+    )
+    with authed_client(monkeypatch, *routes) as c:
+        auth = {"Authorization": f"Bearer {sa_token('team-a')}"}
+        assert chat(c, headers=auth).status_code == 200
+        assert chat(c, model="search", headers=auth).status_code == 200
+        r = chat(c, model="payroll", headers=auth)
+        assert r.status_code == 404 and is_error_body(r, "model_not_found")
+        assert "team-b" not in r.text and "namespace 'team-a'" in r.text
+        r = chat(c, model="team-b/payroll", headers=auth)
+        assert r.status_code == 403 and is_error_body(r, "permission_denied")
+        ids = [m["id"] for m in c.get("/v1/models", headers=auth).json()["data"]]
+        assert ids == ["search", "weather"]
+
+
+def test_a_token_for_the_api_server_too_is_refused_saying_why(
+    standin: llm_standin.StandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README promises that a token for the API server is no gateway key: one minted for
+    both audiences passed the TokenReview for the gateway's and was served."""
+    with authed_client(monkeypatch, route(standin, namespace="team-a")) as c:
+        both = sa_token("team-a", "slm-fleet-gateway", "https://kubernetes.default.svc")
+        r = chat(c, headers={"Authorization": f"Bearer {both}"})
+        assert r.status_code == 401 and is_error_body(r, "invalid_api_key")
+        assert "other audiences besides 'slm-fleet-gateway'" in r.json()["error"]["message"]
+        assert chat(c, headers={"Authorization": f"Bearer {sa_token('team-a')}"}).status_code == 200
 
 
 TOOLS = [

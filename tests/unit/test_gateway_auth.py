@@ -289,6 +289,17 @@ def test_tokens_that_no_review_could_accept_cost_no_review() -> None:
     assert asyncio.run(r.identify(aud_string)) is not None  # a single audience as a string
 
 
+def test_a_token_for_other_audiences_too_is_refused_without_a_review() -> None:
+    """A token minted for the gateway and the API server at once passes a TokenReview for
+    the gateway's audience, yet would let a leaked gateway key call the API server (and an
+    API credential call the gateway): it is refused, and costs no review."""
+    now = [1000.0]
+    both = jwt({"aud": [AUD, "https://kubernetes.default.svc"], "exp": 4_000_000_000})
+    r, reviews = reviewer({both: review()}, now)
+    assert asyncio.run(r.identify(both)) is None
+    assert reviews.asked == []
+
+
 def test_a_refusal_is_cached_even_for_a_token_about_to_expire() -> None:
     now = [1000.0]
     soon = agent_jwt(exp=1001)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import random
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 import yaml
 
 from slm_gateway.routes import (
+    MODES,
     SLM_TIMEOUT_ANNOTATION,
     Route,
     RouteError,
@@ -202,6 +204,47 @@ class TestTable:
         assert t.get("c") is None
         t.remove("nope")
         assert [r.key for r in t.routes()] == ["a"]
+
+    def test_a_name_that_becomes_ambiguous_and_unique_again_follows(self) -> None:
+        """Each watch event re-indexes only its own name; the name's resolution must
+        still follow every step, as a whole rebuild (replace_all) would have it."""
+        t = RouteTable()
+        t.replace_all([route("w", "ns1"), route("x", "ns1")])
+        assert t.get("w") is t.get("ns1/w") and t.keys_named("w") == ("ns1/w",)
+        t.upsert(route("w", "ns2"))
+        assert t.get("w") is None and t.keys_named("w") == ("ns1/w", "ns2/w")
+        assert t.get("ns2/w") is not None and t.get("x") is t.get("ns1/x")
+        t.remove("ns1/w")
+        assert t.get("w") is t.get("ns2/w") is not None and t.keys_named("w") == ("ns2/w",)
+        t.upsert(route("w"))  # a routes file's task: its key is its name, and wins
+        assert t.get("w") is not None and t.get("w").namespace == ""
+        t.remove("w")
+        t.remove("ns2/w")
+        assert t.get("w") is None and t.keys_named("w") == ()
+
+    def test_watch_events_and_rebuilds_index_by_the_same_rule(self) -> None:
+        """After any run of events, and after a rebuild of the same routes, a key finds its
+        route and a bare name its route without a namespace, else its only route."""
+        rng = random.Random(7)
+        t, rebuilt = RouteTable(), RouteTable()
+        live: dict[str, Route] = {}
+        for _ in range(500):
+            r = route(rng.choice("abc"), rng.choice(["", "ns1", "ns2"]), rng.choice(MODES))
+            if rng.random() < 0.3:
+                t.remove(r.key)
+                live.pop(r.key, None)
+            else:
+                t.upsert(r)
+                live[r.key] = r
+            rebuilt.replace_all(live.values())
+            for table in (t, rebuilt):
+                for key, r in live.items():
+                    assert table.get(key) == r
+                for name in "abc":
+                    named = sorted(k for k, r in live.items() if r.task == name)
+                    only = live[named[0]] if len(named) == 1 else None
+                    assert table.get(name) == live.get(name, only)
+                    assert table.keys_named(name) == tuple(named)
 
 
 @pytest.mark.parametrize(
