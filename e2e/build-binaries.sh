@@ -13,6 +13,10 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/versions.env"
 
 CACHE="${SLM_FLEET_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/slm-fleet}"
+# Absolute: the builds run `go build -o` after a cd into their work folder, where a relative
+# cache would name another place (the binaries landed under the work folder, and the build
+# failed as "missing" them).
+CACHE="$(realpath -m "$CACHE")"
 BIN_ROOT="$CACHE/bin"
 WORK="$CACHE/work"
 export GOTOOLCHAIN=local
@@ -41,6 +45,15 @@ done_or_reset() {
   return 1
 }
 
+# json_field KEY: the KEY of the JSON object on stdin; empty when it has none or is no JSON.
+json_field() {
+  python3 -c 'import json, sys
+try:
+    print(json.load(sys.stdin).get(sys.argv[1]) or "")
+except ValueError:
+    pass' "$1"
+}
+
 finish() {  # finish DIR BIN...: verify every binary exists, then stamp the folder
   local dir="$1"; shift
   local b
@@ -53,8 +66,13 @@ build_kubernetes() {
   done_or_reset "$dir" && { log "kubernetes $v: cached"; return; }
   local w="$WORK/kubernetes-$v"; rm -rf "$w"; mkdir -p "$w" "$dir.tmp"
   log "kubernetes $v: resolving staging modules"
-  local gomod
-  gomod="$(cd "$w" && go mod download -json "k8s.io/kubernetes@$v" | python3 -c 'import json,sys;print(json.load(sys.stdin)["GoMod"])')"
+  local info gomod
+  # On failure (proxy unreachable, unknown version) go says why in the JSON's Error field.
+  if ! info="$(cd "$w" && go mod download -json "k8s.io/kubernetes@$v")" \
+      || ! gomod="$(json_field GoMod <<<"$info")" || [ -z "$gomod" ]; then
+    log "kubernetes $v: 'go mod download -json k8s.io/kubernetes@$v' failed: $(json_field Error <<<"$info")"
+    exit 1
+  fi
   local staging_ver="v0.${v#v1.}"
   {
     echo "module slmfleet.local/k8sbuild"

@@ -6,7 +6,12 @@
 set -euo pipefail
 need=()
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
-{ /sbin/ldconfig -p 2>/dev/null || ldconfig -p 2>/dev/null; } | grep -q 'libpython3\.11\.so\.1\.0' || need+=(libpython3.11)
+# The listing is read whole before grep sees it: piped into `grep -q`, which stops at the first
+# match, ldconfig was sometimes still writing and died of SIGPIPE, and under pipefail that
+# failure read as "libpython3.11 missing" (a needless apt-get, or a failed setup without root).
+# ldconfig lives in /sbin, which a user's PATH may lack.
+libs="$(PATH="$PATH:/usr/sbin:/sbin" ldconfig -p 2>/dev/null || true)"
+grep -q 'libpython3\.11\.so\.1\.0' <<<"$libs" || need+=(libpython3.11)
 python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 [ ${#need[@]} -eq 0 ] && exit 0
 SUDO=""

@@ -9,7 +9,6 @@ namespaces, CRDs and nodes.
 from __future__ import annotations
 
 import os
-import signal
 import threading
 import uuid
 from collections.abc import Iterator
@@ -21,26 +20,19 @@ import yaml
 
 from slm_e2e.binaries import BinariesMissing, go_available, locate
 from slm_e2e.cluster import CONTEXT, LocalCluster
+from slm_e2e.signals import interrupt_on_stop_signals
 from slm_e2e.testing import ClusterHandle, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    # Once: a CI timeout signals the whole process group, so make passes a second SIGTERM on
-    # while pytest handles the first, and a second KeyboardInterrupt in the middle of it let
-    # pytest delete its temporary folder (the cluster's pid file) before the fixtures' teardown
-    # could read it, leaving etcd, the apiserver and the rest running.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def pytest_configure(config: pytest.Config) -> None:
-    """A CI timeout or a Ctrl-C in another terminal sends SIGTERM. Python's default would end
-    the run at once and leave etcd, the apiserver, Prometheus and tritonserver running; as a
-    KeyboardInterrupt pytest stops the test and still runs every fixture's teardown."""
+    """A CI timeout or a Ctrl-C in another terminal sends SIGTERM, a closed terminal SIGHUP.
+    Python's default would end the run at once and leave etcd, the apiserver, Prometheus and
+    tritonserver running; as a KeyboardInterrupt pytest stops the test and still runs every
+    fixture's teardown."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)
+        interrupt_on_stop_signals()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

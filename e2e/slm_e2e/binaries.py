@@ -33,10 +33,13 @@ def read_versions(path: Path = VERSIONS_FILE) -> dict[str, str]:
 
 
 def cache_root() -> Path:
+    """The cache build-binaries.sh builds into, made absolute as the script makes it: a
+    relative ``SLM_FLEET_CACHE`` names a folder under the current directory, and the cluster
+    hands these paths to processes that run elsewhere (``cwd`` is the cluster's folder)."""
     if os.environ.get("SLM_FLEET_CACHE"):
-        return Path(os.environ["SLM_FLEET_CACHE"])
+        return Path(os.environ["SLM_FLEET_CACHE"]).resolve()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "slm-fleet"
+    return (Path(base) / "slm-fleet").resolve()
 
 
 @dataclass(frozen=True)

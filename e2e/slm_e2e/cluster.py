@@ -37,6 +37,7 @@ import yaml
 
 from slm_e2e import pki as pkimod
 from slm_e2e.binaries import Binaries, BinariesMissing, locate
+from slm_e2e.signals import STOP_SIGNALS, interrupt_on_stop_signals
 
 CONTEXT = "slm-fleet-local"
 TRAINER_LABEL = "slmfleet.dev/component"
@@ -297,13 +298,12 @@ class LocalCluster:
     def up(self) -> State:
         """Start everything and wait until nodes are Ready; idempotent if already running.
 
-        A start that fails or is interrupted (a Ctrl-C, a SIGTERM turned into an exception)
-        stops what it had started, keeping the logs: every caller, the CLI, the test fixture
-        and the demo, would otherwise have to, and the state file is the only record of the
-        pids."""
+        A start that fails or is interrupted (a Ctrl-C, a SIGTERM or SIGHUP turned into an
+        exception) stops what it had started, keeping the logs: every caller, the CLI, the
+        test fixture and the demo, would otherwise have to, and the state file is the only
+        record of the pids."""
         existing = State.load(self.dir)
-        if existing and self._all_running(existing):
-            self.state = existing
+        if existing and self._reusable(existing):
             return existing
         if existing:
             self.down(quiet=True)
@@ -601,6 +601,19 @@ class LocalCluster:
     def _all_running(self, st: State) -> bool:
         return all(_pid_alive(st.pids.get(c, -1), st.binaries.get(c)) for c in COMPONENTS)
 
+    def _reusable(self, st: State) -> bool:
+        """Whether ``st`` is a finished start that still serves: every component running, the
+        apiserver ready and every node Ready.
+
+        Running is not enough: a start killed after it spawned the last component (SIGKILL, a
+        crash) leaves all five alive but maybe no nodes yet, and ``ready_seconds`` is only
+        written once a start finished."""
+        if st.ready_seconds <= 0 or not self._all_running(st):
+            return False
+        self.state = st
+        url = f"https://127.0.0.1:{st.ports.get('apiserver')}/readyz"
+        return self._get(url, tls=True)[0] == 200 and self._nodes_ready()
+
     def _stop_one(self, name: str, grace: float = 10.0) -> None:
         pid = self.state.pids.get(name)
         binary = self.state.binaries.get(name)
@@ -629,7 +642,7 @@ class LocalCluster:
         stopped = []
         # A second Ctrl-C or SIGTERM (common while each component gets 10 s of grace) must not
         # cut the loop short and leave the rest running: held until every one is stopped.
-        held = {signal.SIGINT, signal.SIGTERM}
+        held = {signal.SIGINT, *STOP_SIGNALS}
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, held)
         try:
             for name in reversed(COMPONENTS):
@@ -693,6 +706,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpus-per-node", type=int, default=8)
     ap.add_argument("--timeout", type=float, default=90.0, help="seconds to wait per component")
     a = ap.parse_args(argv)
+    # up() stops what it started when interrupted; SIGTERM and SIGHUP as well, this way.
+    interrupt_on_stop_signals()
     c = LocalCluster(a.dir or default_dir(), a.gpu_nodes, a.cpu_nodes, a.gpus_per_node, a.timeout)
     try:
         if a.command == "up":
@@ -710,6 +725,9 @@ def main(argv: list[str] | None = None) -> int:
     except (BinariesMissing, ClusterError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing it started was left running", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -40,6 +40,7 @@ from slm_e2e.binaries import locate
 from slm_e2e.cluster import LocalCluster
 from slm_e2e.kubelet import finish_pod
 from slm_e2e.prometheus import LocalPrometheus
+from slm_e2e.signals import STOP_SIGNALS, interrupt_on_stop_signals
 from slm_e2e.testing import ClusterHandle, OperatorProcess, wait_for
 from slm_gateway.testing import stop_child
 
@@ -667,8 +668,8 @@ def run(work: Path, n_relevant: int, n_irrelevant: int) -> int:
         print("=========================================================")
         return 0 if not live.failures else 1
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut cleanup
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for sig in (*STOP_SIGNALS, signal.SIGINT):  # a second signal must not cut cleanup
+            signal.signal(sig, signal.SIG_IGN)
         for thing in reversed(stack):
             try:
                 thing.stop() if not isinstance(thing, LocalCluster) else thing.down()
@@ -692,10 +693,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    def _interrupt(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, _interrupt)  # so that `finally` stops every server
+    interrupt_on_stop_signals()  # SIGTERM, SIGHUP: so that `finally` stops every server
     try:
         return run(a.dir, a.relevant, a.irrelevant)
     except KeyboardInterrupt:

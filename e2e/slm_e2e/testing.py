@@ -183,7 +183,15 @@ class OperatorProcess:
                 start_new_session=True,
             )
             log.close()
-            if not self.metrics_url or self._metrics_bound(offset):
+            try:
+                bound = not self.metrics_url or self._metrics_bound(offset)
+            except BaseException:
+                # Interrupted (Ctrl-C, a SIGTERM turned into an exception), timed out or
+                # exited: the caller gets no handle to stop it with, so it goes now, with
+                # whatever it started (no grace: a second Ctrl-C must not find it running).
+                stop_child(self.proc, 0)
+                raise
+            if bound:
                 return self
             stop_child(self.proc, 15)
             port = free_port()
