@@ -3,10 +3,12 @@ Counter and Histogram would for the same observations."""
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from slm_gateway.metrics import LATENCY_BUCKETS, GatewayMetrics
+from slm_gateway.metrics import LATENCY_BUCKETS, GatewayMetrics, LatencyHistogram
 
 LABELS = ["namespace", "task", "backend"]
 
@@ -160,3 +162,50 @@ def test_latency_buckets_reach_the_longest_slo_a_task_may_set() -> None:
     slo = spec["properties"]["serving"]["properties"]["slo"]["properties"]
     longest_ms = max(slo["p95LatencyMs"]["maximum"], slo["slmTimeoutMs"]["maximum"])
     assert LATENCY_BUCKETS[-1] * 1000 >= longest_ms
+
+
+def prometheus_quantile(q: float, buckets: list[tuple[str, float]]) -> float:
+    """histogram_quantile as Prometheus computes it on a classic histogram (bucketQuantile in
+    prometheus/promql/quantile.go): the first bucket whose cumulative count reaches the rank
+    q * count, interpolated linearly between its bounds; in the +Inf bucket, the top finite
+    bound."""
+    bounds = [float(le) for le, _ in buckets]
+    counts = [count for _, count in buckets]
+    rank = q * counts[-1]
+    b = next((i for i, count in enumerate(counts[:-1]) if count >= rank), len(counts) - 1)
+    if b == len(counts) - 1:
+        return bounds[-2]
+    start, below = (bounds[b - 1], counts[b - 1]) if b else (0.0, 0.0)
+    return start + (bounds[b] - start) * (rank - below) / (counts[b] - below)
+
+
+# Calls of a window as {latency in seconds: calls}, and their true p95: every call alike at
+# latencies from 1.1 ms to 590 s, and a slow 6 % behind a fast 94 %.
+P95_CASES = [({s: 20}, s) for s in (0.0011, 0.0042, 0.033, 0.11, 0.55, 1.1, 2.6, 41.0, 590.0)]
+P95_CASES += [({0.1: 94, 2.4: 6}, 2.4), ({0.02: 94, 7.0: 6}, 7.0)]
+
+
+@pytest.mark.parametrize(("calls", "true_p95"), P95_CASES)
+def test_the_p95_read_from_the_latency_buckets_is_near_the_true_one(
+    calls: dict[float, int], true_p95: float
+) -> None:
+    """The operator judges the SLO on histogram_quantile(0.95) of these buckets. With the old
+    1 -> 2.5 s bucket, calls of 1.1 s read 2.4 s (breaching a 2000 ms SLO they meet) and a
+    6 % at 2.4 s behind fast calls read 1.25 s (meeting a 1500 ms SLO they break). Buckets at
+    most 4/3 wide keep the reading in the true p95's bucket: a third above to a quarter below."""
+    histogram = LatencyHistogram()
+    for seconds, n in calls.items():
+        for _ in range(n):
+            histogram.observe(seconds)
+    read = prometheus_quantile(0.95, histogram.buckets())
+    assert true_p95 * 3 / 4 <= read <= true_p95 * 4 / 3, read
+
+
+def test_latency_buckets_are_at_most_a_third_apart_and_keep_the_old_bounds() -> None:
+    """The resolution docs/metrics.md and the CRD's p95LatencyMs state, at a bounded number of
+    series per histogram; the old bounds stay, so queries naming them keep their meaning."""
+    assert LATENCY_BUCKETS[0] == 0.001
+    assert max(b / a for a, b in pairwise(LATENCY_BUCKETS)) <= 4 / 3 + 1e-9
+    assert len(LATENCY_BUCKETS) == 59
+    old = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+    assert set(old) <= set(LATENCY_BUCKETS)

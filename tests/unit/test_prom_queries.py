@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from slm_gateway.metrics import GatewayMetrics
 from slm_operator.live import CounterReading
 from slm_operator.prom import PromMetrics, counter_readings, error_summary, queries
 
@@ -203,9 +204,13 @@ def test_windows_and_agreement_ranges_never_overlap() -> None:
     assert all("[30s]" in q for q in asked if "shadow_total" not in q and "[" in q)
 
 
-def _promtool_values(series: list[dict[str, str]], names: list[str]) -> dict[str, str]:
+def _promtool_values(
+    series: list[dict[str, str]], names: list[str], above: float | None = None
+) -> dict[str, str]:
     """What Prometheus's own engine (promtool) returns for the operator's queries on these
-    series: each value as text ("0", "1", "0.5"), "none" when the query returns no sample."""
+    series: each value as text ("0", "1", "0.5"), "none" when the query returns no sample.
+    With ``above``, whether each value is above it ("1" or "0"), as an SLO judges it
+    (slm_operator.live.slo_breached)."""
     import shutil
     import subprocess
     import tempfile
@@ -218,15 +223,14 @@ def _promtool_values(series: list[dict[str, str]], names: list[str]) -> dict[str
     got: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
+            expr = q[name] if above is None else f"({q[name]}) > bool {above}"
             got[name] = "other"
             for expected in ("none", "0", "1", "0.5"):
                 samples = [] if expected == "none" else [{"labels": "{}", "value": float(expected)}]
                 test = {
                     "interval": "15s",
                     "input_series": series,
-                    "promql_expr_test": [
-                        {"expr": q[name], "eval_time": "5m", "exp_samples": samples}
-                    ],
+                    "promql_expr_test": [{"expr": expr, "eval_time": "5m", "exp_samples": samples}],
                 }
                 path = f"{tmp}/t.yaml"
                 with open(path, "w") as fh:
@@ -243,6 +247,45 @@ def _series(name: str, labels: str, values: str) -> dict[str, str]:
         "series": f'slm_gateway_{name}{{namespace="agents",task="weather"{labels}}}',
         "values": values,
     }
+
+
+def _gateway_slm_latencies(calls: dict[float, int]) -> list[dict[str, str]]:
+    """The gateway's own latency bucket series for the SLM when each 15 s scrape adds these
+    calls ({latency in seconds: calls}): the bucket layout the operator's p95 is read from."""
+    m = GatewayMetrics()
+    for seconds, n in calls.items():
+        for _ in range(n):
+            m.attempt("agents", "weather", "slm", "ok", seconds)
+    return [
+        _series(
+            "backend_duration_seconds_bucket",
+            f',backend="slm",le="{s.labels["le"]}"',
+            f"0+{s.value:g}x40",
+        )
+        for family in m.registry.collect()
+        for s in family.samples
+        if s.name == "slm_gateway_backend_duration_seconds_bucket"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("calls", "p95_slo_ms", "breached"),
+    [
+        ({1.1: 20}, 2000, "0"),
+        ({0.55: 20}, 750, "0"),
+        ({0.1: 94, 2.4: 6}, 1500, "1"),
+    ],
+)
+def test_the_slo_p95_is_judged_as_the_slm_calls_took(
+    calls: dict[float, int], p95_slo_ms: float, breached: str
+) -> None:
+    """histogram_quantile interpolates inside the bucket the p95 falls in. On the gateway's old
+    1 -> 2.5 s bucket an SLM answering every call in 1.1 s read 2425 ms and breached a
+    2000 ms SLO (fallback on for good), calls of 0.55 s read 975 ms against 750 ms, and a 6 %
+    at 2.4 s behind fast calls read 1250 ms, meeting a 1500 ms SLO it breaks."""
+    series = _gateway_slm_latencies(calls)
+    got = _promtool_values(series, ["p95_latency_ms"], above=p95_slo_ms)
+    assert got == {"p95_latency_ms": breached}
 
 
 def test_a_canary_that_disagrees_on_every_copy_reads_agreement_zero() -> None:
