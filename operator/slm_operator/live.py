@@ -7,8 +7,9 @@ must remember between windows (streaks, the rollout mode, when it last scaled) l
 ``status.live`` and ``status.route``, so a restarted operator continues where it stopped.
 
 Missing metrics never cause a change: the last decision is kept and the SLOMet condition says
-``MetricsUnavailable``. Scaling up is immediate, scaling down waits for a cool-down, and each
-step is bounded, as in the usual autoscaler designs.
+``MetricsUnavailable`` (under an SLO fallback a window without SLM samples keeps the last
+verdict instead, as it keeps the fallback). Scaling up is immediate, scaling down waits for a
+cool-down, and each step is bounded, as in the usual autoscaler designs.
 """
 
 from __future__ import annotations
@@ -132,9 +133,12 @@ def fallback_step(
         return FallbackState(True, prev.breach_streak, 0, "NoReadyReplicas")
     prev = outage_over(prev, ready_replicas)
     if breached is None:
-        return FallbackState(
-            prev.active, prev.breach_streak, prev.healthy_streak, "MetricsUnavailable"
-        )
+        # A window without a verdict (no SLM sample: sparse calls, which under fallback reach
+        # the SLM only as shadow copies) changes nothing, the reason of an active fallback
+        # included: renamed MetricsUnavailable and back, every other window posted the breach
+        # as a new Warning.
+        held = prev.reason if prev.active and prev.reason else "MetricsUnavailable"
+        return FallbackState(prev.active, prev.breach_streak, prev.healthy_streak, held)
     if breached:
         streak = prev.breach_streak + 1
         active = prev.active or streak >= breach_windows

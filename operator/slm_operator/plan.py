@@ -1183,6 +1183,34 @@ def _scaled_to_zero_message() -> str:
 WAKE_GRACE_S = 600.0
 
 
+def _autoscale(
+    spec: Mapping[str, Any],
+    m: Metrics,
+    want: int,
+    live_prev: Mapping[str, Any],
+    now: dt.datetime,
+) -> lv.ScaleDecision:
+    """The autoscaler's decision for a judged window, from the spec's bounds and cool-down
+    and the last change (``status.live.lastScaleTime``)."""
+    sv = spec.get("serving") or {}
+    scaling = sv.get("scaling") or {}
+    last_scale = parse_time(live_prev.get("lastScaleTime"))
+    return lv.decide_replicas(
+        m.request_rate,
+        float((sv.get("slo") or {}).get("targetQpsPerReplica", 10)),
+        want,
+        int(sv.get("minReplicas", 1)),
+        int(sv.get("maxReplicas", 4)),
+        max_step=int(scaling.get("maxStep", 2)),
+        cooldown_s=float(scaling.get("scaleDownCooldownSeconds", 60)),
+        # a change stamped in the future (a leader's clock ahead) does not block
+        # scale-down for the skew: counted as long ago
+        seconds_since_scale=(
+            (now - last_scale).total_seconds() if last_scale and last_scale <= now else None
+        ),
+    )
+
+
 def _waking_from_zero(
     prev_conds: Sequence[Mapping[str, Any]], last_scale: str | None, now: dt.datetime
 ) -> bool:
@@ -1220,6 +1248,7 @@ def _live_control(
     scaled_to_zero: bool = False,
     earlier_pods: bool = False,
     waking: bool = False,
+    edited: bool = False,
 ) -> tuple[tuple[str, str, str], tuple[str, str, str], str, int]:
     """SLOMet and FallbackActive conditions plus the route mode; fills ``live`` (status.live).
 
@@ -1233,6 +1262,8 @@ def _live_control(
     ``earlier_pods``: pods of an earlier Deployment template may still answer
     (:func:`_earlier_pods_answer`): the rollout step holds (a canary that breaches still goes
     back to shadow) and the shadow copies of the window are not counted towards agreement.
+    ``edited``: the spec changed since the last status: the last window's measurements are
+    judged again against the SLO it sets (:func:`_judged_again`).
 
     Streaks only advance once per window (``due``), so re-running the reconcile within a
     window changes nothing: the decision stays level-triggered and restart-safe.
@@ -1329,10 +1360,19 @@ def _live_control(
             )
             if v is not None
         }
+        if breached is None and fb.active:
+            # No SLM sample in the window (sparse calls: under fallback the SLM sees only shadow
+            # copies) leaves the verdict of the last window that had some, as it leaves the
+            # fallback: SLOMet said MetricsUnavailable and then breached again, a Warning
+            # every other window.
+            breached = prev.get("sloBreached")
+            live["observed"] = {**_slm_measured(prev.get("observed")), **live["observed"]}
     else:
         for key in ("lastEvaluated", "agreementSince", "observed"):
             if key in prev:
                 live[key] = prev[key]
+        if edited:
+            breached = _judged_again(live.get("observed"), slo_spec, breached)
         rollout = spec.get("rollout") or {}
         direct = rollout.get("strategy") == "direct"
         if not ro.mode or (direct and ro.mode != lv.MODE_SLM and not earlier_pods):
@@ -1358,12 +1398,7 @@ def _live_control(
     if breached is not None:
         live["sloBreached"] = breached
     obs_m = live.get("observed") or {}
-    p95_lim = float(slo_spec.get("p95LatencyMs", 500))
-    err_lim = float(slo_spec.get("maxErrorRate", 0.01))
-    detail = (
-        f"p95 {obs_m.get('p95LatencyMs', float('nan')):.0f} ms (SLO {p95_lim:.0f} ms), "
-        f"error rate {_pct(obs_m.get('errorRate', 0.0))} (SLO {_pct(err_lim)})"
-    )
+    detail = _slo_detail(obs_m, slo_spec)
     unanswered = m is None and not not_due
     if breached is None or (unanswered and not obs_m):
         slo = (c.UNKNOWN, c.METRICS_UNAVAILABLE, "no live metrics for this task's SLM yet")
@@ -1390,9 +1425,81 @@ def _live_control(
         if ro.mode == lv.MODE_CANARY:
             windows = int((spec.get("rollout") or {}).get("canaryWindows", 3))
             rollout += f", {ro.canary_healthy} of {windows} healthy windows before promotion"
-        fallback = (c.FALSE, c.SLM_SERVING, f"the SLM serves this task (rollout {rollout})")
+        fallback = (c.FALSE, c.SLM_SERVING, _serving_message(ro.mode, rollout))
     mode, pct = lv.route_mode(ro, fb)
     return slo, fallback, mode, pct
+
+
+#: Measurements of the SLM itself in ``status.live.observed``: what an SLO verdict rests on.
+_SLM_MEASURED = ("p95LatencyMs", "errorRate")
+
+
+def _slm_measured(observed: Mapping[str, Any] | None) -> Obj:
+    return {k: v for k, v in (observed or {}).items() if k in _SLM_MEASURED}
+
+
+def _judged_again(
+    observed: Mapping[str, Any] | None, slo: Mapping[str, Any], last: bool | None
+) -> bool | None:
+    """The last window's measurements judged against ``slo``, or ``last`` when none is kept.
+
+    Why: an SLO edit applies at once to what SLOMet says; until the next window the last
+    verdict, worded with the new limits, read "SLO breached: p95 900 ms (SLO 1000 ms)". Only
+    on an edit: the kept measurements are rounded, and one within the rounding of a limit
+    would otherwise flip the verdict between windows.
+    """
+    kept = observed or {}
+    again = lv.slo_breached(
+        Metrics(p95_latency_ms=kept.get("p95LatencyMs"), error_rate=kept.get("errorRate")), slo
+    )
+    return last if again is None else again
+
+
+def _slo_detail(observed: Mapping[str, Any], slo: Mapping[str, Any]) -> str:
+    """The last window's p95 latency and error rate beside their SLO, for SLOMet.
+
+    Either may be missing (no SLM answer timed in the window, say, when its circuit was open):
+    it is "not measured", not "nan ms" or a made-up 0.0%.
+    """
+    p95, err = observed.get("p95LatencyMs"), observed.get("errorRate")
+    p95_lim = float(slo.get("p95LatencyMs", 500))
+    err_lim = float(slo.get("maxErrorRate", 0.01))
+    return (
+        f"p95 {'not measured' if p95 is None else f'{p95:.0f} ms'} (SLO {p95_lim:.0f} ms), "
+        f"error rate {'not measured' if err is None else _pct(err)} (SLO {_pct(err_lim)})"
+    )
+
+
+def _serving_message(mode: str, rollout: str) -> str:
+    """FallbackActive's message (and the route's reason) while no fallback is on.
+
+    In shadow the LLM still answers every call: saying that the SLM serves them misled
+    whoever read why the SLM's answers were not reaching anyone.
+    """
+    if mode == lv.MODE_SHADOW:
+        return (
+            "the LLM answers this task's calls; the SLM gets shadow copies for comparison "
+            f"(rollout {rollout})"
+        )
+    return f"the SLM serves this task (rollout {rollout})"
+
+
+def _ready_message(model: str, earlier_pods: bool, mode: str) -> str:
+    """Ready's message for a served ``model`` with no fallback on.
+
+    In shadow the LLM answers every call: "serves the task's calls" said otherwise.
+    """
+    if earlier_pods:
+        return (
+            f"{model} is rolling out; until its replicas are ready, those of the Deployment's "
+            "previous template answer"
+        )
+    if mode == lv.MODE_SHADOW:
+        return (
+            f"{model} is in shadow: the LLM answers the task's calls and the model gets copies "
+            "of them, until its agreement with the LLM starts a canary"
+        )
+    return f"{model} serves the task's calls"
 
 
 #: Why the route is ``llm`` while no model serves (FallbackActive's NoServingModel message).
@@ -1634,29 +1741,17 @@ def plan(obs: Observed) -> Plan:
     live: Obj = {}
     if active_rev and active_uri:
         want = desired_replicas(spec, prev)
-        # Scale only while replicas serve (not while the first ones start), except from zero:
+        decision = _autoscale(spec, m, want, live_prev, obs.now) if due and m is not None else None
+        # Up only while replicas serve (not while the first ones start), except from zero:
         # a task scaled to zero has no replica to wait for, and its calls (answered by the
-        # LLM meanwhile) must bring one back.
-        if due and m is not None and (ready > 0 or want == 0):
-            sv = spec.get("serving") or {}
-            scaling = sv.get("scaling") or {}
-            last_scale = parse_time(live_prev.get("lastScaleTime"))
-            decision = lv.decide_replicas(
-                m.request_rate,
-                float((sv.get("slo") or {}).get("targetQpsPerReplica", 10)),
-                want,
-                int(sv.get("minReplicas", 1)),
-                int(sv.get("maxReplicas", 4)),
-                max_step=int(scaling.get("maxStep", 2)),
-                cooldown_s=float(scaling.get("scaleDownCooldownSeconds", 60)),
-                # a change stamped in the future (a leader's clock ahead) does not block
-                # scale-down for the skew: counted as long ago
-                seconds_since_scale=(
-                    (obs.now - last_scale).total_seconds()
-                    if last_scale and last_scale <= obs.now
-                    else None
-                ),
-            )
+        # LLM meanwhile) must bring one back. Down (after the usual cool-down) whether or
+        # not a replica is ready, once the model has served (live state; a first rollout
+        # keeps its replica): a replica woken from zero that never became ready (no GPU
+        # node, a crash loop) kept a task with minReplicas 0 at one replica, in an outage,
+        # for good once its calls stopped.
+        if decision is not None and (
+            ready > 0 or want == 0 or (bool(live_prev) and decision.replicas <= want)
+        ):
             live["scaleReason"] = decision.reason
             if decision.replicas != want:
                 live["lastScaleTime"] = now_us  # whole seconds cut cooldowns short
@@ -1744,6 +1839,7 @@ def plan(obs: Observed) -> Plan:
         scaled_to_zero=scaled_to_zero,
         earlier_pods=earlier_pods,
         waking=waking,
+        edited=int(prev.get("observedGeneration") or 0) != gen,
     )
     pipeline = [(c.DATA_READY, step.data), (c.TRAINED, step.trained), (c.EVALUATED, step.evaluated)]
     if problem:
@@ -1752,10 +1848,7 @@ def plan(obs: Observed) -> Plan:
         ready_c = (
             c.TRUE,
             c.READY_REASON,
-            f"{active_cand} (revision {active_rev}) is rolling out; until its replicas are "
-            "ready, those of the Deployment's previous template answer"
-            if earlier_pods
-            else f"{active_cand} (revision {active_rev}) serves the task's calls",
+            _ready_message(f"{active_cand} (revision {active_rev})", earlier_pods, route_mode),
         )
     elif is_serving:
         ready_c = (c.FALSE, fallback[1], fallback[2])

@@ -12,12 +12,14 @@ from slm_operator.live import (
     MODE_CANARY,
     MODE_SHADOW,
     MODE_SLM,
+    FallbackState,
     Metrics,
     Rollout,
     cron_fired,
     cron_matches,
     cron_problem,
     decide_replicas,
+    fallback_step,
     rollout_step,
 )
 
@@ -208,3 +210,13 @@ def test_a_day_field_of_every_day_with_step_one_does_not_restrict(
     tuesday = dt.datetime(2026, 12, 1, 3, 0, tzinfo=dt.UTC)  # a Tuesday, an odd day
     assert tuesday.weekday() == 1
     assert cron_matches(expr, tuesday) is fires_on_a_tuesday
+
+
+def test_a_window_without_verdict_keeps_an_active_fallbacks_reason() -> None:
+    """Renamed MetricsUnavailable, a breach under sparse calls read as a new one every other
+    window; only an inactive fallback says MetricsUnavailable."""
+    for reason in ("SLOBreached", "Recovering"):
+        on = FallbackState(True, 0, 1, reason)
+        assert fallback_step(None, 1, on, 2, 3) == on
+    off = FallbackState(False, 1, 0, "SLOAtRisk")
+    assert fallback_step(None, 1, off, 2, 3) == FallbackState(False, 1, 0, "MetricsUnavailable")

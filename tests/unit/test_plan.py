@@ -1025,6 +1025,84 @@ def test_missing_metrics_keep_the_last_decision() -> None:
     assert conds(task["status"])[c.SLO_MET] == (c.UNKNOWN, c.METRICS_UNAVAILABLE)
 
 
+def test_a_window_without_slm_samples_under_fallback_changes_nothing() -> None:
+    """Sparse calls under an SLO fallback: a window with no SLM sample has no verdict. It
+    renamed the fallback (and Ready) MetricsUnavailable and SLOMet Unknown, and the next
+    breached window posted SLOBreached Warnings again, every other window. It keeps the
+    reason, the verdict and its figures; an inactive fallback still says MetricsUnavailable."""
+    task, jobs, dep = _serving_task()
+    t = NOW
+    for _ in range(2):
+        t += dt.timedelta(seconds=10)
+        _step(task, jobs, dep, t, SLOW)
+    breached = task["status"]["conditions"]
+    assert conds(task["status"])[c.FALLBACK_ACTIVE] == (c.TRUE, c.SLO_BREACHED)
+    for m in (Metrics(request_rate=0.01), SLOW, Metrics(request_rate=0.01), SLOW):
+        t += dt.timedelta(seconds=10)
+        p = _step(task, jobs, dep, t, m)
+        assert task["status"]["conditions"] == breached, m  # messages and times included
+        assert p.events == [], m
+    _settled(Observed(task, jobs, dep, t + dt.timedelta(seconds=1), metrics_not_due=True))
+    # Recovering: the healthy windows counted so far stay, and so does the reason.
+    t += dt.timedelta(seconds=10)
+    _step(task, jobs, dep, t, HEALTHY)
+    t += dt.timedelta(seconds=10)
+    p = _step(task, jobs, dep, t, Metrics(request_rate=0.01))
+    assert conds(p.status)[c.FALLBACK_ACTIVE] == (c.TRUE, c.RECOVERING)
+    assert conds(p.status)[c.SLO_MET] == (c.TRUE, c.WITHIN_SLO)
+    assert p.status["live"]["healthyStreak"] == 1 and p.events == []
+
+
+@pytest.mark.parametrize(
+    ("m", "says", "not_says"),
+    [
+        (Metrics(error_rate=1.0, request_rate=5), "p95 not measured", "nan"),
+        (Metrics(p95_latency_ms=900, request_rate=5), "error rate not measured", "0.0%"),
+    ],
+)
+def test_slo_met_names_what_was_not_measured(m: Metrics, says: str, not_says: str) -> None:
+    """A window with an error rate but no latency sample (the SLM's circuit open all window)
+    read "p95 nan ms"; one without an error rate, "error rate 0.0%"."""
+    task, jobs, dep = _serving_task()
+    p = _step(task, jobs, dep, NOW + dt.timedelta(seconds=10), m)
+    slo = c.find(p.status["conditions"], c.SLO_MET)
+    assert slo is not None and (slo["status"], slo["reason"]) == (c.FALSE, c.SLO_BREACHED)
+    assert says in slo["message"] and not_says not in slo["message"], slo["message"]
+
+
+def test_an_slo_edit_judges_the_last_window_again_at_once() -> None:
+    """SLOMet said "SLO breached: p95 900 ms (SLO 1000 ms)" after the SLO was raised, until
+    the next window: the last window is judged against the SLO the edit sets."""
+    task, jobs, dep = _serving_task()
+    t = NOW + dt.timedelta(seconds=10)
+    _step(task, jobs, dep, t, SLOW)
+    assert conds(task["status"])[c.SLO_MET] == (c.FALSE, c.SLO_BREACHED)
+    task["spec"]["serving"]["slo"] = {"p95LatencyMs": 1000}
+    task["metadata"]["generation"] += 1
+    edit = Observed(task, jobs, dep, t + dt.timedelta(seconds=1), metrics_not_due=True)
+    p = _settled(edit)
+    slo = c.find(p.status["conditions"], c.SLO_MET)
+    assert slo is not None and (slo["status"], slo["reason"]) == (c.TRUE, c.WITHIN_SLO)
+    assert slo["message"].startswith("within SLO: p95 900 ms (SLO 1000 ms)")
+    assert conds(p.status)[c.FALLBACK_ACTIVE][0] == c.FALSE  # streaks wait for a window
+
+
+def test_in_shadow_the_conditions_say_the_llm_answers() -> None:
+    """Shadow rollout: the LLM answers every call and the SLM gets copies. FallbackActive,
+    the route's reason and Ready said the SLM serves them."""
+    task, jobs, dep = _serving_task()
+    measuring = dataclasses.replace(HEALTHY, agreement=None, shadow_samples=None)
+    p = _step(task, jobs, dep, NOW + dt.timedelta(seconds=10), measuring)
+    assert p.status["route"]["mode"] == "shadow"
+    fb = c.find(p.status["conditions"], c.FALLBACK_ACTIVE)
+    ready = c.find(p.status["conditions"], c.READY)
+    assert fb is not None and (fb["status"], fb["reason"]) == (c.FALSE, c.SLM_SERVING)
+    assert fb["message"].startswith("the LLM answers this task's calls; the SLM gets shadow")
+    assert p.status["route"]["reason"] == fb["message"]
+    assert ready is not None and (ready["status"], ready["reason"]) == (c.TRUE, c.READY_REASON)
+    assert "the LLM answers" in ready["message"] and "serves" not in ready["message"]
+
+
 def test_rollout_goes_shadow_canary_slm_on_agreement() -> None:
     task, jobs, dep = _serving_task()
     t = NOW
@@ -1641,6 +1719,53 @@ def test_waking_from_zero_is_not_an_outage_for_the_replicas_startup_budget() -> 
     assert conds(p.status)[c.FALLBACK_ACTIVE] == (c.TRUE, c.NO_READY_REPLICAS)
     assert conds(p.status)[c.READY][0] == c.FALSE
     assert ("Warning", c.NO_READY_REPLICAS) in [(e[0], e[1]) for e in p.events]
+
+
+def test_a_woken_replica_that_never_gets_ready_goes_back_to_zero_once_calls_stop() -> None:
+    """minReplicas 0: calls wake an idle task, its replica never becomes ready (no GPU node, a
+    crash loop), and the calls stop. It stayed at one replica for good (NoReadyReplicas, a
+    Warning, Ready False); it scales back to zero after the usual scale-down cool-down, as a
+    ready replica would."""
+    task, jobs, dep = _serving_task()
+    task["spec"]["serving"]["minReplicas"] = 0
+    idle = Metrics(request_rate=0.0)
+    t = NOW + dt.timedelta(seconds=10)
+    _step(task, jobs, dep, t, idle)
+    t += dt.timedelta(seconds=10)
+    _step(task, jobs, _with_replicas(dep, 0, 0), t, idle)
+    assert conds(task["status"])[c.READY] == (c.TRUE, c.SCALED_TO_ZERO)
+    t += dt.timedelta(seconds=10)
+    _step(task, jobs, _with_replicas(dep, 0, 0), t, Metrics(request_rate=0.5))
+    assert task["status"]["serving"]["desiredReplicas"] == 1
+    woke_at, stuck = t, _with_replicas(dep, 1, 0)
+    cooldown = dt.timedelta(seconds=60)  # scaling.scaleDownCooldownSeconds' default
+    while t + dt.timedelta(seconds=10) < woke_at + cooldown:  # cooling down: kept
+        t += dt.timedelta(seconds=10)
+        _step(task, jobs, stuck, t, idle)
+        assert task["status"]["serving"]["desiredReplicas"] == 1
+    t = woke_at + cooldown
+    p = _step(task, jobs, stuck, t, idle)
+    assert next(o for o in p.apply if o["kind"] == "Deployment")["spec"]["replicas"] == 0
+    assert task["status"]["serving"]["desiredReplicas"] == 0
+    assert task["status"]["live"]["scaleReason"] == "ScaleDown"
+    assert conds(task["status"])[c.READY] == (c.TRUE, c.SCALED_TO_ZERO)
+    assert conds(task["status"])[c.FALLBACK_ACTIVE] == (c.TRUE, c.SCALED_TO_ZERO)
+    assert not [e for e in p.events if e[0] == "Warning"], p.events
+
+
+def test_a_first_rollout_keeps_its_replica_while_it_starts_though_idle() -> None:
+    """The scale-down without a ready replica is for a model that served: a new task with
+    minReplicas 0 and no calls still starts its replica (which shows the model loads) and is
+    scaled to zero once it served, as before."""
+    task = make_task()
+    task["spec"]["serving"]["minReplicas"] = 0
+    rev = n.revision_of(task["spec"])
+    jobs = jobs_through(task, "export")
+    starting = deployment(rev, available=False, ready=0)
+    for i in range(3):
+        p = _step(task, jobs, starting, NOW + dt.timedelta(minutes=i), Metrics(request_rate=0.0))
+        assert next(o for o in p.apply if o["kind"] == "Deployment")["spec"]["replicas"] == 1
+        assert conds(p.status)[c.FALLBACK_ACTIVE] == (c.TRUE, c.NO_SERVING_MODEL)
 
 
 def test_a_first_rollout_waiting_for_replicas_is_not_an_outage() -> None:
