@@ -37,8 +37,10 @@ Why it is built this way:
   same slot publishes it at start, and worker 0 of every replica sweeps for shards untouched
   longer than any live writer keeps one open (a replica gone for good); a cut-off last line is
   trimmed (:meth:`ShardWriter.recover_orphans`). A writer holds an exclusive ``flock`` on each
-  shard from opening it until it is published and uploaded, and recovery takes only a shard
-  whose lock it can get: the kernel releases the lock when its holder dies, however it dies,
+  shard from opening it until it is published and its upload tried, and one lock of its own
+  while any of its shards wait for a retry (a shard taken over from a dead writer is renamed
+  into the taker's sequence first); recovery takes only a shard whose lock it can get and
+  whose writer's lock is free: the kernel releases a lock when its holder dies, however it dies,
   whereas "untouched for a while" was also true of a live writer stalled in an upload, whose
   open shard was then published under it and its later lines lost.
 - **A failed upload is tried again, and the spool is bounded.** With a URI target, a shard
@@ -442,7 +444,36 @@ class ShardWriter:
                 data = path.read_bytes()
                 records, size = data.count(b"\n"), len(data)
         self._hold_alive()
-        self._pending[path] = (max(0, records), max(0, size))
+        self._pending[self._adopt(path)] = (max(0, records), max(0, size))
+
+    def _adopt(self, path: Path) -> Path:
+        """``path`` renamed into this writer's own sequence, if another (dead) writer named it.
+
+        Why: a shard waiting for upload is protected by its writer's lock, found through the
+        writer its name gives; under a dead writer's name every other worker's sweep found that
+        lock free and took the shard too, so it was uploaded and counted once per worker.
+        Called while the caller still holds the shard's ``flock``, and after this writer's own
+        lock is held, so no sweep finds the shard unprotected in between. The cost: a writer
+        killed after its upload and before it deleted the local copy has that shard uploaded
+        again under the new name, not over the old one (curate drops the exact duplicates).
+        """
+        owner = shard_owner(path.name)
+        if owner is not None and (owner.host, owner.pid, owner.slot) == (
+            self.host,
+            self.pid,
+            self.index,
+        ):
+            return path
+        self._seq += 1
+        adopted = path.with_name(
+            shard_name(self.host, self.pid, self.index, self._seq, self.clock()) + SHARD_SUFFIX
+        )
+        try:
+            os.replace(path, adopted)
+        except OSError as exc:
+            log.warning("capture: cannot take over shard %s: %s", path.name, exc)
+            return path
+        return adopted
 
     def position(self, key: str) -> tuple[int, int]:
         """(sequence number, size) of ``key``'s open shard: where the lines written to it so

@@ -588,7 +588,9 @@ def test_a_failed_upload_is_kept_and_tried_again_until_it_lands(tmp_path: Path) 
     successor = ShardWriter(tmp_path, 0, 1 << 20, 60, publish=publish, clock=clock)
     assert successor.recover_orphans() == 1
     successor.retry_uploads()  # recovered shards wait for the worker's loop to upload them
-    assert uploaded[finished.relative_to(tmp_path).as_posix()] == b'{"r":3}\n'
+    # uploaded once, into the same task's folder (renamed into the successor's sequence)
+    (taken,) = [k for k, v in uploaded.items() if v == b'{"r":3}\n']
+    assert taken.rsplit("/", 1)[0] == finished.parent.relative_to(tmp_path).as_posix()
     assert shards(tmp_path) == []
 
 
@@ -1452,7 +1454,8 @@ def test_a_store_that_hangs_neither_holds_back_the_start_nor_stops_capture(
         server.close()
     assert time.monotonic() - began < 5  # no upload held the worker's shutdown either
     assert (stats.written, stats.dropped) == (5, 0)
-    assert old.read_bytes() == b'{"a":1}\n'  # still in the spool for the next start
+    # still in the spool for the next start (taken over: renamed into the worker's sequence)
+    assert [p.read_bytes() for p in left.glob("*.jsonl")] == [b'{"a":1}\n']
 
 
 def test_a_worker_late_to_report_ready_is_named_for_what_it_is(tmp_path: Path) -> None:
@@ -1545,3 +1548,37 @@ def test_a_worker_may_open_as_many_files_as_its_hard_limit_allows(tmp_path: Path
         sink.close()
     (line,) = [row for row in limits.splitlines() if row.startswith("Max open files")]
     assert line.split()[3:5] == [str(hard), str(hard)]
+
+
+@pytest.mark.parametrize("suffix", [capture.SHARD_SUFFIX, capture.PART_SUFFIX])
+def test_a_dead_writers_shard_is_taken_and_uploaded_by_one_worker_only(
+    tmp_path: Path, suffix: str
+) -> None:
+    """A shard waiting for upload is protected by its writer's lock, found through the writer
+    its name gives. Taken over from a dead writer, it kept the dead writer's name, whose lock
+    is always free, so a second worker's sweep took it too: uploaded and counted twice."""
+    shard = tmp_path / "ns" / "t" / (capture.shard_name("gone", 999_999, 0, 1, 0.0) + suffix)
+    shard.parent.mkdir(parents=True)
+    shard.write_bytes(b'{"a":1}\n{"a":2}\n')
+    os.utime(shard, (1.0, 1.0))  # untouched for longer than any live writer keeps a shard
+    uploads: list[str] = []
+
+    def store_down(local: Path, relative: str) -> None:
+        raise OSError("store down")
+
+    a = capture.ShardWriter(tmp_path, 0, 1 << 20, 60.0, store_down)
+    b = capture.ShardWriter(tmp_path, 1, 1 << 20, 60.0, store_down)
+    a.recover_orphans()
+    b.recover_orphans()
+    assert (a.pending_uploads, b.pending_uploads) == (1, 0)
+    assert dict(a.unsent()) == {"ns/t": 2} and not b.unsent()
+
+    def store_back(local: Path, relative: str) -> None:
+        uploads.append(relative)
+        local.unlink()
+
+    a.publish = b.publish = store_back
+    for w in (a, b):
+        w.retry_uploads(force=True)
+    assert len(uploads) == 1 and uploads[0].startswith("ns/t/"), uploads
+    assert not list((tmp_path / "ns" / "t").iterdir())
