@@ -364,10 +364,8 @@ def run(args: Args, emit: Emit) -> TrainerResult:
     # the candidate's own calibrated threshold (a selector's confidence is the one served, if
     # any), and the score measured there: a selector+generative folder's manifest.json has a
     # score at the generator's own threshold, which is not the one served
-    measured = next(
-        (n for n in (selector_numbers, manifest_numbers) if "threshold" in n),
-        manifest_numbers if manifest else selector_numbers,
-    )
+    numbers = manifest_numbers if manifest else selector_numbers  # the served model's size
+    measured = next((n for n in (selector_numbers, manifest_numbers) if "threshold" in n), numbers)
     own_threshold = measured.get("threshold")
     threshold = args.threshold if args.threshold is not None else own_threshold
     if threshold is not None:
@@ -383,7 +381,6 @@ def run(args: Args, emit: Emit) -> TrainerResult:
     )
     (staging / "config.pbtxt").write_text(config)
     info = manifest or selector  # what describes the served model
-    numbers = manifest_numbers if manifest else selector_numbers  # the served model's size
     score = measured.get("score")
     metadata = {
         "schema": METADATA_SCHEMA,
