@@ -1425,7 +1425,7 @@ def _live_control(
         if ro.mode == lv.MODE_CANARY:
             windows = int((spec.get("rollout") or {}).get("canaryWindows", 3))
             rollout += f", {ro.canary_healthy} of {windows} healthy windows before promotion"
-        fallback = (c.FALSE, c.SLM_SERVING, _serving_message(ro.mode, rollout))
+        fallback = (c.FALSE, c.SLM_SERVING, _serving_message(ro, rollout))
     mode, pct = lv.route_mode(ro, fb)
     return slo, fallback, mode, pct
 
@@ -1470,15 +1470,20 @@ def _slo_detail(observed: Mapping[str, Any], slo: Mapping[str, Any]) -> str:
     )
 
 
-def _serving_message(mode: str, rollout: str) -> str:
+def _serving_message(ro: Rollout, rollout: str) -> str:
     """FallbackActive's message (and the route's reason) while no fallback is on.
 
-    In shadow the LLM still answers every call: saying that the SLM serves them misled
-    whoever read why the SLM's answers were not reaching anyone.
+    In shadow the LLM still answers every call, and in a canary most of them: saying that
+    the SLM serves them misled whoever read why the SLM's answers were not reaching anyone.
     """
-    if mode == lv.MODE_SHADOW:
+    if ro.mode == lv.MODE_SHADOW:
         return (
             "the LLM answers this task's calls; the SLM gets shadow copies for comparison "
+            f"(rollout {rollout})"
+        )
+    if ro.mode == lv.MODE_CANARY:
+        return (
+            f"the SLM serves {ro.canary_percent}% of this task's calls and the LLM the rest "
             f"(rollout {rollout})"
         )
     return f"the SLM serves this task (rollout {rollout})"

@@ -1103,6 +1103,18 @@ def test_in_shadow_the_conditions_say_the_llm_answers() -> None:
     assert "the LLM answers" in ready["message"] and "serves" not in ready["message"]
 
 
+def test_in_a_canary_the_conditions_say_what_share_the_slm_answers() -> None:
+    """A canary sends canaryPercent of the calls to the SLM: FallbackActive and the route's
+    reason said "the SLM serves this task", as after promotion."""
+    task, jobs, dep = _serving_task()
+    p = _step(task, jobs, dep, NOW, HEALTHY)
+    assert (p.status["route"]["mode"], p.status["route"]["canaryPercent"]) == ("canary", 25)
+    fb = c.find(p.status["conditions"], c.FALLBACK_ACTIVE)
+    assert fb is not None and (fb["status"], fb["reason"]) == (c.FALSE, c.SLM_SERVING)
+    assert fb["message"].startswith("the SLM serves 25% of this task's calls and the LLM the rest")
+    assert p.status["route"]["reason"] == fb["message"]
+
+
 def test_rollout_goes_shadow_canary_slm_on_agreement() -> None:
     task, jobs, dep = _serving_task()
     t = NOW
