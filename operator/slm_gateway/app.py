@@ -960,9 +960,7 @@ class Gateway:
         answer, verdict = await self._ask_slm(route, req, slm_b, payload)
         if verdict:
             return verdict
-        message = normalize_message(answer, self._next_id())
-        if isinstance(message.get("content"), str) and req.body.get("stop"):
-            message["content"] = cut_at_stop(message["content"], req.body["stop"])
+        message = _served_message(answer, req, self._next_id())
         ctok = estimate_tokens(len(orjson.dumps(message)))
         ptok = estimate_tokens(len(raw))
         doc = {
@@ -1032,7 +1030,10 @@ class Gateway:
             elif verdict:
                 result = "error"
             else:
-                same = agree(answer, llm_message, route.metric, req.tools)
+                # Judged as it would be served (stop sequences cut, arguments as JSON text):
+                # the raw answer disagreed where the agent would have read the LLM's answer.
+                served = _served_message(answer, req, self._next_id())
+                same = agree(served, llm_message, route.metric, req.tools)
                 result = "agree" if same else "disagree"
         except Exception:
             log.exception("shadow call failed")
@@ -1209,6 +1210,19 @@ def _llm_tokens(
             size = len(body)
         ctok = estimate_tokens(size)
     return ptok or estimate_tokens(len(call.raw)), ctok
+
+
+def _served_message(answer: Mapping[str, Any], req: ChatRequest, call_id: str) -> dict[str, Any]:
+    """A usable SLM answer as the assistant message an agent is served: normalised, and its
+    text cut at the request's ``stop`` sequences.
+
+    Why one helper: the shadow comparison must judge what the SLM would serve, so that live
+    agreement, which moves the rollout, measures the answer agents would get.
+    """
+    message = normalize_message(answer, call_id)
+    if isinstance(message.get("content"), str) and req.body.get("stop"):
+        message["content"] = cut_at_stop(message["content"], req.body["stop"])
+    return message
 
 
 def _infer_payload(req: ChatRequest, route: Route) -> bytes:

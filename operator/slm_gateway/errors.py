@@ -92,14 +92,18 @@ def upstream_4xx_body(status: int, body: bytes, secret: str = "") -> bytes:
     FastAPI's ``detail`` (a string, or pydantic's list of errors), and an agent's SDK reads
     only ``error.message``: replaced by a generic message, the reason (a context length
     exceeded, an unsupported parameter) was lost. ``secret`` (the task's LLM key) is masked
-    should the server quote it, as the gateway never shows an agent that key.
+    should the server quote it, in a body passed on as it came too, as the gateway never
+    shows an agent that key.
     """
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
         doc = None
     if isinstance(doc, dict) and isinstance(doc.get("error"), dict):
-        return body
+        kept = _masked_body(body, doc, secret)
+        if kept is not None:
+            return kept
+        doc = None  # too deep to mask: rebuilt below, with no reason to quote
     message = f"The LLM backend rejected the request with HTTP {status}."
     reason = _upstream_reason(doc)
     if reason:
@@ -113,6 +117,34 @@ def upstream_4xx_body(status: int, body: bytes, secret: str = "") -> bytes:
         param=param if isinstance(param, str) else None,
         code=CODE_UPSTREAM,
     )
+
+
+def _masked_body(body: bytes, doc: dict[str, Any], secret: str) -> bytes | None:
+    """An OpenAI-shaped error ``body`` (``doc`` decoded) with ``secret`` masked in each of
+    its strings: as it came when it quotes no secret, else re-encoded; None when it is
+    nested too deep to mask or to write again.
+
+    Why decoded: a server may write any character of the key as a JSON escape, which a
+    search of the bytes would miss.
+    """
+    if not secret:
+        return body
+    try:
+        masked = _mask(doc, secret)
+        return body if masked == doc else orjson.dumps(masked)
+    except (RecursionError, orjson.JSONEncodeError):
+        return None
+
+
+def _mask(value: Any, secret: str) -> Any:
+    """``value`` with ``secret`` replaced in every string of it, keys included."""
+    if isinstance(value, str):
+        return value.replace(secret, "[redacted]")
+    if isinstance(value, list):
+        return [_mask(item, secret) for item in value]
+    if isinstance(value, dict):
+        return {_mask(k, secret): _mask(v, secret) for k, v in value.items()}
+    return value
 
 
 def _upstream_reason(doc: Any) -> str:

@@ -13,6 +13,7 @@ import contextlib
 import json
 import re
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -179,11 +180,11 @@ def llm_route(up: Upstream) -> Route:
     return Route(task="weather", mode="llm", llm_base_url=up.llm_url, llm_model="gpt-4o")
 
 
-def slm_route(up: Upstream, **extra: Any) -> Route:
-    """A task in mode slm whose LLM and Triton are both ``up``."""
+def slm_route(up: Upstream, mode: str = "slm", **extra: Any) -> Route:
+    """A task in ``mode`` (slm unless told) whose LLM and Triton are both ``up``."""
     return Route(
         task="weather",
-        mode="slm",
+        mode=mode,
         llm_base_url=up.llm_url,
         llm_model="gpt-4o",
         slm_endpoint=up.slm_endpoint,
@@ -618,3 +619,111 @@ def test_a_request_only_the_llm_can_answer_is_no_circuit_open_fallback(upstream:
         r = ask(c, n=2)
         assert r.status_code == 200 and "x-slm-fallback-reason" not in r.headers
         assert metric(c, "slm_gateway_fallbacks_total", reason="circuit_open") == 0
+
+
+# ------------------------------------------------------------ shadow judges the served answer
+
+
+def shadow_result(c: TestClient) -> str:
+    """The one shadow comparison's result label, once the background copy has counted it."""
+    results = ("agree", "disagree", "error", "defer", "skipped")
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        counted = [r for r in results if metric(c, "slm_gateway_shadow_total", result=r)]
+        if counted:
+            return counted[0]
+        time.sleep(0.02)
+    return ""
+
+
+def completion_of(message: dict[str, Any]) -> bytes:
+    doc = dict(COMPLETION, choices=[{"index": 0, "message": message, "finish_reason": "stop"}])
+    return orjson.dumps(doc)
+
+
+@pytest.mark.parametrize("task_metric", ["exact-match", "label-accuracy", ""])
+def test_shadow_agreement_judges_the_slm_text_cut_at_stop_as_served(
+    upstream: Upstream, task_metric: str
+) -> None:
+    """A ReAct agent's ``stop: ["Observation:"]``: the LLM stops before it, the SLM writes
+    past it. Served, the SLM's text is cut there and reads as the LLM's; judged raw in
+    shadow it disagreed, lowering the agreement that gates the task's rollout."""
+    llm = {"role": "assistant", "content": "Thought: look it up\n"}
+    slm = {"role": "assistant", "content": "Thought: look it up\nObservation: 42"}
+    upstream.script.extend(
+        [respond(200, completion_of(llm)), infer_answer(orjson.dumps(slm).decode())]
+    )
+    c, _ = gateway(slm_route(upstream, mode="shadow", metric=task_metric))
+    with c:
+        r = ask(c, stop=["Observation:"])
+        assert r.headers["x-slm-backend"] == "llm"
+        assert shadow_result(c) == "agree"
+
+
+@pytest.mark.parametrize("task_metric", ["tool-call-ast", "exact-match"])
+def test_shadow_agreement_judges_a_call_without_arguments_as_served(
+    upstream: Upstream, task_metric: str
+) -> None:
+    """An SLM call with no ``arguments`` key is served with ``"{}"``, the LLM's own call."""
+    tools = [{"type": "function", "function": {"name": "now", "parameters": {"type": "object"}}}]
+    call = {"id": "c1", "type": "function", "function": {"name": "now", "arguments": "{}"}}
+    llm = {"role": "assistant", "content": None, "tool_calls": [call]}
+    slm = {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "now"}}]}
+    upstream.script.extend(
+        [respond(200, completion_of(llm)), infer_answer(orjson.dumps(slm).decode())]
+    )
+    c, _ = gateway(slm_route(upstream, mode="shadow", metric=task_metric))
+    with c:
+        assert ask(c, tools=tools).headers["x-slm-backend"] == "llm"
+        assert shadow_result(c) == "agree"
+
+
+# ------------------------------------------------------------------ the task's LLM key
+
+
+KEY = "sk-task-SECRET-0123456789"
+
+
+def echo_authorization(upstream: Upstream, escaped: bool) -> Action:
+    """A 404 in OpenAI's own error shape that quotes the request's Authorization header, as
+    some proxies do in "model not found for request with ..." messages; ``escaped``: with the
+    key's first character written as a JSON escape, which a search of the bytes misses."""
+
+    async def action(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes
+    ) -> bool:
+        head = upstream.requests[-1][0].decode()
+        auth = re.search(r"(?im)^authorization:\s*(.*?)\r?$", head)
+        quoted = auth.group(1) if auth else ""
+        error = {"message": f"model not found for {quoted}", "type": "invalid_request_error"}
+        doc = orjson.dumps(
+            {"error": dict(error, param="model", code="model_not_found"), "echo": quoted}
+        )
+        if escaped:
+            doc = doc.replace(KEY.encode(), b"\\u%04x" % ord(KEY[0]) + KEY[1:].encode())
+        return await respond(404, doc)(reader, writer, body)
+
+    return action
+
+
+@pytest.mark.parametrize("escaped", [False, True], ids=["plain", "json-escaped"])
+def test_an_llm_error_in_openais_shape_never_shows_the_tasks_key(
+    upstream: Upstream, escaped: bool
+) -> None:
+    """An LLM error already in OpenAI's shape is passed on as it came, and one that quoted
+    the gateway's Authorization header showed the agent the task's LLM key. The key is now
+    masked there too, and the rest of the body is still the LLM's."""
+    upstream.script.extend([echo_authorization(upstream, escaped) for _ in range(2)])
+    route = Route(
+        task="weather", mode="llm", llm_base_url=upstream.llm_url, llm_model="m", llm_api_key=KEY
+    )
+    c, _ = gateway(route)
+    with c:
+        for stream in (False, True):
+            r = ask(c, stream=stream)
+            assert r.status_code == 404 and KEY not in r.text, stream
+            doc = r.json()
+            assert doc["error"]["message"] == "model not found for Bearer [redacted]"
+            assert doc["error"]["code"] == "model_not_found" and doc["error"]["param"] == "model"
+            assert doc["echo"] == "Bearer [redacted]"
+    assert KEY.encode() in upstream.requests[-1][0]  # the key did travel, to the LLM alone
