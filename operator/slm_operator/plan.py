@@ -188,11 +188,31 @@ def validate(task: Mapping[str, Any], reserved_accounts: Collection[str] = ()) -
     return None
 
 
+def answers_no_call(result: TrainerResult) -> bool:
+    """Whether a result says its candidate answers no call: score 0 at threshold 1.0.
+
+    The contract has no coverage field; this is how the finetune stage reports a candidate
+    whose confidence reached ``targetPrecision`` at no threshold (``metrics.gate_score`` of
+    no point, and the threshold 1.0), and a score of 0 means no call it answers is right.
+    """
+    return result.score == 0.0 and result.threshold is not None and result.threshold >= 1.0
+
+
 def gate_verdict(result: TrainerResult, gate: Mapping[str, Any]) -> tuple[bool, str]:
-    """Does a candidate pass the gate? Returns the verdict and a one-line reason."""
+    """Does a candidate pass the gate? Returns the verdict and a one-line reason.
+
+    A candidate that answers no call never passes, whatever the gate: ``minScore: 0`` or
+    ``maxDropVsLLM: 1`` let it through, and the operator then exported and served a model
+    that hands every call back to the LLM (the evaluate stage refuses it too).
+    """
     score = result.score
     if score is None:
         return False, "reported no score"
+    if answers_no_call(result):
+        return False, (
+            "answers no call (score 0 at threshold 1.0: no confidence threshold reached "
+            "targetPrecision), so every call would go to the LLM"
+        )
     parts = []
     ok = True
     if gate.get("minScore") is not None:

@@ -230,6 +230,36 @@ def test_a_candidate_without_confidences_that_defers_every_call_does_not_pass(me
     assert "answers no call" in s.reasons
 
 
+def test_a_generator_copying_the_llms_text_answers_is_right_under_label_accuracy() -> None:
+    """The LLM answered one call of four in text (no tool fits). A generator that answered
+    every call as the LLM did counted that text answer wrong under label-accuracy, so it
+    reached no threshold, answered nothing and failed the gate. A selector's deferral on the
+    same call stays no answer."""
+    recs = records()
+    copy = [
+        evaluate.Prediction(response=r.response, confidence=c)
+        for r, c in zip(recs, (0.6, 0.7, 0.8, 0.9), strict=True)
+    ]
+    s = evaluate.score_candidate("copy", recs, copy, "tool-call", "label-accuracy", 0.97)
+    assert s.score == 1.0 and s.coverage == 1.0 and s.meets_precision and not s.reasons
+    assert evaluate.apply_gate([s], 1.0, 0.9, None, "best-score") is s
+    sel = evaluate.score_candidate("sel", recs, SELECTOR, "tool-call", "label-accuracy", 0.97)
+    assert sel.coverage == 0.5 and sel.curve[0]["accepted"] == 3  # the deferral answers nothing
+
+
+def test_a_prediction_row_with_neither_label_nor_response_defers(tmp_path: Path) -> None:
+    """The documented meaning of a row without a label: defer. Such a row of a generator was
+    scored as a text answer, right wherever the LLM answered in text."""
+    recs = records()
+    rows = [{"index": i, "response": r.response, "confidence": 0.9} for i, r in enumerate(recs[:3])]
+    rows.append({"index": 3, "confidence": 0.95})  # not run: no label, no response
+    _write_rows(tmp_path / "gen", rows)
+    preds = evaluate.read_predictions(tmp_path / "gen" / "predictions.jsonl", recs)
+    s = evaluate.score_candidate("gen", recs, preds, "tool-call", "tool-call-ast", 0.97)
+    assert s.coverage == 0.75 and s.score == 1.0
+    assert s.curve[0]["accepted"] == 3
+
+
 def test_gate_and_selection_policies() -> None:
     def cand(name: str, score: float, params: int, coverage: float = 0.5) -> Any:
         return evaluate.CandidateScore(
@@ -514,6 +544,22 @@ def test_arguments_are_checked() -> None:
         evaluate.Args(data=Path("d"), output=Path("o"))
     with pytest.raises(ValueError, match="target_precision"):
         evaluate.Args(data=Path("d"), output=Path("o"), candidates="a", target_precision=0)
+
+
+@pytest.mark.parametrize("flag", ["--min-score", "--max-drop-vs-llm"])
+@pytest.mark.parametrize("value", ["nan", "-inf"])
+def test_a_gate_value_that_is_not_a_finite_number_is_refused(
+    tmp_path: Path, flag: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--min-score nan`` passed the check (NaN is not > 1) and then read as unset (NaN is
+    not >= 0): the stage ran without the gate the user asked for."""
+    from slm_trainer import cli
+
+    argv = ["evaluate", f"--data={tmp_path}", f"--output={tmp_path}", "--candidates=a"]
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*argv, f"{flag}={value}"])
+    assert exc.value.code == 2
+    assert "must be a finite number" in capsys.readouterr().err
 
 
 def _write_rows(folder: Path, rows: list[dict[str, Any]], params: int = 1_000) -> None:

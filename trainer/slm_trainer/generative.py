@@ -605,14 +605,13 @@ def score_answer(
 
     The definitions live in :mod:`slm_trainer.metrics` (shared with the evaluate stage and the
     benchmarks): ``tool-call-ast`` is BFCL's AST match of names and arguments,
-    ``label-accuracy`` compares the chosen tool (or label), ``exact-match`` the normalised
-    answer.
+    ``label-accuracy`` compares the chosen tool (or label; a text answer where the LLM called
+    no tool is right), ``exact-match`` the normalised answer.
     """
     if metric == "tool-call-ast":
         return float(metrics.ast_match(predicted, reference, list(tools)).match)
     if metric == "label-accuracy":
-        pred, ref = metrics.label_of(predicted, task_type), metrics.label_of(reference, task_type)
-        return float(metrics.label_correct(pred, ref))
+        return float(metrics.answer_label_correct(predicted, reference, task_type))
     return float(metrics.exact_match(predicted, reference))
 
 

@@ -176,7 +176,25 @@ def json_valid(response: Mapping[str, Any] | None) -> bool | None:
 
 
 def label_correct(pred_label: str | None, ref_label: str | None) -> bool:
+    """Whether a selector's choice names the reference's label. ``None`` is its deferral,
+    which answers nothing and so is never right, even where the LLM called no tool."""
     return pred_label is not None and pred_label == ref_label
+
+
+def answer_label_correct(
+    pred: Mapping[str, Any] | None, ref: Mapping[str, Any] | None, task_type: str
+) -> bool:
+    """Whether a served message has the reference's label: the label-accuracy verdict of an
+    answer, not of a selector's choice (:func:`label_correct`).
+
+    A message that calls no tool has the label None, and where the LLM called none either it
+    said what the LLM said (a text answer on a tool-call task): right. Judged by
+    :func:`label_correct`, a generator copying the LLM scored 0 on every such call. A
+    deferral, or no message at all, answers nothing and is never right.
+    """
+    if pred is None or is_deferral(pred):
+        return False
+    return label_of(pred, task_type) == label_of(ref, task_type)
 
 
 def answer_correct(
@@ -193,7 +211,7 @@ def answer_correct(
         return exact_match(pred, ref)
     if metric == "tool-call-ast" and task_type == "tool-call":
         return ast_match(pred, ref, tools, use_bfcl=use_bfcl).match
-    return label_correct(label_of(pred, task_type), label_of(ref, task_type))
+    return answer_label_correct(pred, ref, task_type)
 
 
 # ------------------------------------------------------------------------- AST matching
