@@ -1233,7 +1233,8 @@ def test_email_and_slack_searches_stay_linear_on_adversarial_text(uncached: Reda
 
 def test_bounded_email_search_finds_what_presidios_pattern_finds() -> None:
     """The e-mail search runs Presidio's pattern only around each "@"; on the labelled set and
-    on edge cases it must give the spans a search over the whole text gives."""
+    on edge cases it must give the spans a search over the whole text gives. (An address whose
+    "@" a URL spells "%40" is found by ours alone.)"""
     from slm_trainer.redact import GluedEmailRecognizer
 
     recognizer = GluedEmailRecognizer()
@@ -1246,7 +1247,7 @@ def test_bounded_email_search_finds_what_presidios_pattern_finds() -> None:
     ]
     for _, regex in recognizer._COMPILED:
         for text in texts:
-            ours = list(recognizer._matches(text, regex))
+            ours = [(a, b) for a, b in recognizer._matches(text, regex) if "@" in text[a:b]]
             theirs = [m.span() for m in regex.finditer(text)]
             assert [end for _, end in ours] == [end for _, end in theirs], text
             for (start, _end), (full_start, _) in zip(ours, theirs, strict=True):
@@ -2496,3 +2497,172 @@ def test_context_words_are_presidios(text: str) -> None:
         assert sorted(ours._extract_surrounding_words(*args)) == sorted(
             stock._extract_surrounding_words(*args)
         )
+
+
+# ---- a review on 2026-12-05: values glued to unspaced scripts, phone extensions written
+# "ext.", secrets and addresses in URL query strings, signed URLs -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        ("メールはjane.doe@example.comです", "メールは<EMAIL_ADDRESS_1>です"),
+        ("邮箱jane.doe@example.com谢谢", "邮箱<EMAIL_ADDRESS_1>谢谢"),
+        ("jane.doe@example.com으로 보내 주세요", "<EMAIL_ADDRESS_1>으로 보내 주세요"),
+        ("请拨打+86 138 0013 8000联系我", "请拨打<PHONE_NUMBER_1>联系我"),
+        ("+82 10-1234-5678로 전화 주세요", "<PHONE_NUMBER_1>로 전화 주세요"),
+        ("โทร+66 2 123 4567ครับ", "โทร<PHONE_NUMBER_1>ครับ"),
+        ("IP是10.0.0.1吗", "IP是<IP_ADDRESS_1>吗"),
+        ("卡号4111111111111111", "卡号<CREDIT_CARD_1>"),
+        ("키는sk-abcdefghijklmnopqrstuvwxyzABCDEF123456입니다", "키는<API_KEY_1>입니다"),
+    ],
+    ids=[
+        "ja-email",
+        "zh-email",
+        "ko-email",
+        "zh-phone",
+        "ko-phone",
+        "th-phone",
+        "ip",
+        "card",
+        "key",
+    ],
+)
+def test_values_glued_to_unspaced_scripts_are_replaced(
+    redactor: Redactor, text: str, redacted: str
+) -> None:
+    """Chinese, Japanese and Thai put no space between words, and Korean glues its particles to
+    the word before them: each of these values sat against letters that a regex counts as word
+    characters, and reached the training set in clear."""
+    assert redactor.redact_text(text, RedactionState()) == redacted
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        ("info@日本語.jp", "<EMAIL_ADDRESS_1>"),
+        ("写信给 用户@例子.中国 吧", "写信给 <EMAIL_ADDRESS_1> 吧"),
+        ("会议在2024年3月12日14点30分举行", "会议在2024年3月12日14点30分举行"),
+        ("价格1299元\uff0c折扣200元\uff0c第1章第2节", "价格1299元\uff0c折扣200元\uff0c第1章第2节"),
+    ],
+    ids=["ja-domain", "zh-address", "zh-date", "zh-numbers"],
+)
+def test_text_in_unspaced_scripts_keeps_its_addresses_and_its_numbers(
+    redactor: Redactor, text: str, redacted: str
+) -> None:
+    """Addresses written in the script itself are still found, and dates, prices and chapter
+    numbers between its letters are still no phone numbers."""
+    assert redactor.redact_text(text, RedactionState()) == redacted
+
+
+@pytest.mark.parametrize(
+    "phone",
+    [
+        "212-736-5000 ext. 42",
+        "(212) 736-5000 ext. 7",
+        "212.736.5000 Ext. 7",
+        "+44 20 7946 0958 ext. 12",
+    ],
+)
+def test_a_phone_number_with_an_extension_written_ext_dot_is_replaced(
+    redactor: Redactor, phone: str
+) -> None:
+    """The "." of "ext." made the whole number look like a version number, so it was dropped,
+    in text and under a ``phone`` key alike."""
+    out = redactor.redact_text(f"call {phone} today", RedactionState())
+    assert out == "call <PHONE_NUMBER_1> today"
+    doc = json.loads(redactor.redact_json_text(json.dumps({"phone": phone}), RedactionState()))
+    assert doc == {"phone": "<PHONE_NUMBER_1>"}
+
+
+def test_a_key_in_a_url_query_leaves_the_other_fields_and_is_replaced_elsewhere(
+    redactor: Redactor,
+) -> None:
+    """The key's value ran on over every later field (``?api_key=<API_KEY_1>`` alone was left of
+    the URL), and that longer value was what the record's second pass looked for, so the bare
+    key in the user's turn stayed in clear."""
+    url = "https://api.example.com/v1/search?api_key=Zx81kq0Pa9LmW2vB7cQ4&q=red+shoes&page=2#top"
+    rec = _record("Search red shoes. My key for the shop API is Zx81kq0Pa9LmW2vB7cQ4", {"url": url})
+    new, _ = redactor.redact_record(rec)
+    assert new.messages[1]["content"] == "Search red shoes. My key for the shop API is <API_KEY_1>"
+    args = json.loads(new.response["tool_calls"][0]["function"]["arguments"])
+    assert args == {"url": url.replace("Zx81kq0Pa9LmW2vB7cQ4", "<API_KEY_1>")}
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        (
+            "client_id=abc&client_secret=Zx81kq0Pa9LmW2vB7cQ4&grant_type=client_credentials",
+            "client_id=abc&client_secret=<API_KEY_1>&grant_type=client_credentials",
+        ),
+        (
+            "https://app.example.com/cb?access_token=Zx81kq0Pa9LmW2vB7cQ4#state=1",
+            "https://app.example.com/cb?access_token=<API_KEY_1>#state=1",
+        ),
+        (
+            "https://db.example.com/?password=abc123xyz#frag",
+            "https://db.example.com/?password=<API_KEY_1>#frag",
+        ),
+        # Outside a query "&" and "#" may be the secret's own (a Django SECRET_KEY).
+        ("SECRET_KEY=k#8&x9zq!m2@pl4^wr7*ty1", "SECRET_KEY=<API_KEY_1>"),
+    ],
+)
+def test_a_secret_in_a_url_query_ends_at_the_next_field_or_the_fragment(
+    redactor: Redactor, text: str, redacted: str
+) -> None:
+    assert redactor.redact_text(text, RedactionState()) == redacted
+
+
+def test_a_percent_encoded_address_in_a_url_gets_the_address_placeholder(
+    redactor: Redactor,
+) -> None:
+    """``jane.doe%40example.com`` in a URL's query was left in clear, even where the record's
+    prose had the same address replaced."""
+    url = "https://shop.example.com/api/orders?customer_email=jane.doe%40example.com&limit=5"
+    new, counts = redactor.redact_record(_record("Orders of Jane.Doe@example.com?", {"url": url}))
+    assert new.messages[1]["content"] == "Orders of <EMAIL_ADDRESS_1>?"
+    args = json.loads(new.response["tool_calls"][0]["function"]["arguments"])
+    assert args == {"url": url.replace("jane.doe%40example.com", "<EMAIL_ADDRESS_1>")}
+    assert counts == {"EMAIL_ADDRESS": 2}
+    text = "GET /v1/customers?email=john.smith%40acme.co.uk"
+    out = redactor.redact_text(text, RedactionState())
+    assert out == "GET /v1/customers?email=<EMAIL_ADDRESS_1>"
+
+
+# Random hex as a GCS V4 signature is (a repeated pattern has too little entropy for a key).
+_GCS_SIGNATURE = "7c2e9b0d41f8a63e5d27c9b184f06a3d9e1b5c7a2f4d8e6b0c3a9f1d7e5b2c48" * 8
+_SAS_SIG = "sig=k8Lz3q%2FhT7yXv0p9mB4nQ1sR6wE2uY5iO8aD3fG7hJk%3D"
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        (
+            "https://acct.blob.core.windows.net/r/q3.pdf?sv=2022-11-02&sp=r&se=2030-01-01&"
+            + _SAS_SIG,
+            "https://acct.blob.core.windows.net/r/q3.pdf?sv=2022-11-02&sp=r&se=2030-01-01&sig=<API_KEY_1>",
+        ),
+        (
+            "BlobEndpoint=https://acct.blob.core.windows.net/;SharedAccessSignature=sv=2022-11-02&"
+            + _SAS_SIG,
+            "BlobEndpoint=https://acct.blob.core.windows.net/;SharedAccessSignature=<API_KEY_1>",
+        ),
+        (
+            "https://storage.googleapis.com/b/r.pdf?X-Goog-Algorithm=GOOG4-RSA-SHA256"
+            "&X-Goog-Credential=uploader%40my-proj.iam.gserviceaccount.com%2F20240101%2Fauto"
+            "&X-Goog-Date=20240101T000000Z&X-Goog-Signature=" + _GCS_SIGNATURE,
+            "https://storage.googleapis.com/b/r.pdf?X-Goog-Algorithm=GOOG4-RSA-SHA256"
+            "&X-Goog-Credential=<EMAIL_ADDRESS_1>%2F20240101%2Fauto"
+            "&X-Goog-Date=20240101T000000Z&X-Goog-Signature=<API_KEY_1>",
+        ),
+        ("the function signature: getWeatherForecast(location)", None),
+    ],
+    ids=["azure-sas-url", "azure-connection-string", "gcs-signed-url", "prose"],
+)
+def test_the_signature_of_a_signed_url_is_replaced(
+    redactor: Redactor, text: str, redacted: str | None
+) -> None:
+    """Anyone holding a signed URL can fetch the object until it expires, so its signature is a
+    credential; Azure SAS and GCS V4 links passed whole."""
+    assert redactor.redact_text(text, RedactionState()) == (redacted or text)

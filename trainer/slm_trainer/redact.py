@@ -12,7 +12,8 @@ downloaded) and these recognizers:
 
 - Presidio's own pattern recognizers for ``EMAIL_ADDRESS`` (its top-level-domain check is
   pointed at tldextract's bundled suffix snapshot, never the network; an address glued to a
-  file name's ``-cv.pdf`` is cut back to its valid domain), ``PHONE_NUMBER``
+  file name's ``-cv.pdf`` is cut back to its valid domain; one whose "@" a URL spells
+  ``%40`` is found too, with the placeholder of its plain spelling), ``PHONE_NUMBER``
   (python-phonenumbers, several regions, plus a pattern for formatted North American numbers
   such as ``(555) 123-4567`` that libphonenumber rejects as unassigned), ``CREDIT_CARD`` (Luhn
   checked), ``IP_ADDRESS`` (v4 and v6, parsed by :mod:`ipaddress`) and ``IBAN_CODE`` (ISO 7064
@@ -23,12 +24,15 @@ downloaded) and these recognizers:
   URLs and bot tokens, PyPI, Twilio, Square, DigitalOcean, Vault and ~40 more fixed-prefix
   formats (:data:`_PREFIXED_TOKENS`), generic ``api_key=...`` / ``token: ...`` /
   ``Bearer ...`` assignments whose value is long and random-looking (random mixed-case
-  letters without a digit too), shorter letter-and-digit credentials after ``Bearer`` or an
-  ``Authorization:`` header's scheme, HTTP Basic credentials ``Basic <base64>`` whose base64
-  decodes to ``user:password``, and the password of a URL's ``scheme://user:password@host``
-  and of curl's ``-u user:password``, also across continued lines), ``JWT`` (three base64url
-  segments whose header decodes to a JSON object) and ``PRIVATE_KEY`` (PEM
-  ``-----BEGIN ... PRIVATE KEY-----`` blocks, also when cut off before their END line).
+  letters without a digit too; in a URL's query the value ends at the next ``&`` or the
+  ``#``), the signature of an Azure SAS or GCS signed URL (``sig=``,
+  ``SharedAccessSignature=``, ``X-Goog-Signature=``), shorter letter-and-digit credentials
+  after ``Bearer`` or an ``Authorization:`` header's scheme, HTTP Basic credentials
+  ``Basic <base64>`` whose base64 decodes to ``user:password``, and the password of a URL's
+  ``scheme://user:password@host`` and of curl's ``-u user:password``, also across continued
+  lines), ``JWT`` (three base64url segments whose header decodes to a JSON object) and
+  ``PRIVATE_KEY`` (PEM ``-----BEGIN ... PRIVATE KEY-----`` blocks, also when cut off before
+  their END line).
 
 JSON values under a key named like a secret (``password``, ``client_secret``, ``secret_key``,
 ``AccountKey``, ``passphrase``, ``pwd``, ``Authorization``, ``Proxy-Authorization``...) are
@@ -77,7 +81,9 @@ payloads, see :func:`opaque_payload`), every tool-call kind, the keys of JSON ob
 string literal, JSON-lines logs, a repr'd request body) is scanned as if ``\\n``, ``\\t``
 and the like were decoded, offsets unchanged (:func:`escape_view`): a value right after an
 escaped line break is found, and so is a secret under an escaped key
-(``\\"password\\":\\"...\\"``).
+(``\\"password\\":\\"...\\"``). Likewise the letters of scripts written without spaces
+(Chinese, Japanese, Thai) and Korean's glued particles are scanned as spaces where they touch
+a value (:func:`spaced_view`): ``メールはjane.doe@example.comです`` holds an address.
 
 What is NOT detected: names of people, organisations and places. That needs a named-entity
 model and none can be downloaded in this project's environments; a blank spaCy pipeline only
@@ -105,6 +111,7 @@ import json
 import math
 import re
 import sys
+import urllib.parse
 from bisect import bisect_right
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
@@ -207,6 +214,9 @@ _VERSION_CONTEXT_RE = re.compile(
 )
 # Dotted phone formats in use: 415.555.0199 (North America), 01.42.68.53.00 (France).
 _DOTTED_PHONE_RE = re.compile(r"(?:\(?\d{3}\)?\.)?\d{3}\.\d{4}|0\d(?:\.\d{2}){4}")
+# What ends a phone number's digits and punctuation: its extension's label ("ext.", "x", "#"),
+# whose "." is no version's or decimal's.
+_PHONE_EXTENSION_LABEL_RE = re.compile(r"[^\d\s()+./-]")
 # Phone-number matches that count only with a phone word nearby: a bare digit run (an order
 # id, a timestamp) and a dotted local number, shaped like a price or a measurement (169.7162).
 _NEEDS_PHONE_CONTEXT_RE = re.compile(r"\d+|\d{3}\.\d{4}")
@@ -329,7 +339,11 @@ class RedactionState:
 def normalize_value(kind: str, value: str) -> str:
     """The identity of a value for numbering: formatting differences don't make a new entity."""
     if kind == EMAIL_ADDRESS:
-        return value.strip().lower()
+        # jane.doe%40example.com in a URL is the jane.doe@example.com of the prose around it
+        address = value.strip()
+        if "@" not in address:
+            address = urllib.parse.unquote(address)
+        return address.lower()
     if kind == PHONE_NUMBER:
         return phone_forms(value)[0]
     if kind == CREDIT_CARD:
@@ -638,6 +652,23 @@ class OfflineEmailRecognizer(EmailRecognizer):
         return bool(self._extract(pattern_text.rsplit("@", 1)[-1]).fqdn)
 
 
+# An address's "@", or the "%40" that spells it in a URL (``?email=jane.doe%40example.com``).
+_AT_SIGN_RE = re.compile(r"@|%40")
+
+
+def at_sign_written(value: str) -> str:
+    """An address found with its "@" percent-encoded (``jane.doe%40example.com``, in a URL's
+    query or a signed URL's credential) with that "@" written as one; other values unchanged.
+
+    The "%40" that stands for the "@" is the last one: no domain holds a "%". Nothing else is
+    decoded, so every character but the "@" keeps its offset.
+    """
+    if "@" in value or "%40" not in value:
+        return value
+    local, _, domain = value.rpartition("%40")
+    return local + "@" + domain
+
+
 # The longest local part (RFC 5321: 64) and domain (RFC 1035: 253, so 255 with slack) that an
 # address found in text may have. Beyond these only the last 64 characters before the "@" and
 # the first 255 after it are read: enough for every real address, and the bound that keeps the
@@ -660,7 +691,9 @@ class GluedEmailRecognizer(OfflineEmailRecognizer):
     each "@": from the start of the local-part characters before it (at most
     :data:`EMAIL_LOCAL_MAX_CHARS`) to at most :data:`EMAIL_DOMAIN_MAX_CHARS` after it, and only
     where a domain follows. The matches are Presidio's (a unit test compares them on the
-    labelled set), but for an over-long local part, of which the last 64 characters are taken.
+    labelled set), but for an over-long local part, of which the last 64 characters are taken,
+    and for an address whose "@" a URL spells "%40" (``?email=jane.doe%40example.com``), which
+    Presidio never finds and is matched here as if its "@" were written.
     """
 
     NAME = "GluedEmailRecognizer"
@@ -693,10 +726,12 @@ class GluedEmailRecognizer(OfflineEmailRecognizer):
         for pattern, regex in self._COMPILED:
             for start, end in self._matches(text, regex):
                 value = text[start:end]
-                if not self.validate_result(value):
-                    end = start + self._glued_address_end(value)
-                    if end == start:
+                address = at_sign_written(value)
+                if not self.validate_result(address):
+                    cut = self._glued_address_end(address)
+                    if cut == 0:
                         continue
+                    end = start + cut + len(value) - len(address)  # a "%40" is 2 longer
                 explanation = self.build_regex_explanation(
                     self.NAME, pattern.name, pattern.regex, pattern.score, True, 0
                 )
@@ -716,7 +751,8 @@ class GluedEmailRecognizer(OfflineEmailRecognizer):
         return EntityRecognizer.remove_duplicates(results)
 
     def _matches(self, text: str, regex: re.Pattern[str]) -> Iterable[tuple[int, int]]:
-        """The spans ``regex.finditer(text)`` would give, each found from its "@".
+        """The spans ``regex.finditer(text)`` would give, each found from its "@", and those
+        it would give if each "%40" were an "@".
 
         A match holds exactly one "@" (neither part of the pattern allows one), so each "@"
         is tried once: the pattern is matched at the candidate starts in the run of local-part
@@ -725,23 +761,22 @@ class GluedEmailRecognizer(OfflineEmailRecognizer):
         counts as a word boundary. Work per "@" is bounded by the two limits.
         """
         last_end = 0
-        at = text.find("@")
-        while at >= 0:
-            next_at = text.find("@", at + 1)
+        for sign in _AT_SIGN_RE.finditer(text):
+            at, after = sign.span()
             lo = max(last_end, at - EMAIL_LOCAL_MAX_CHARS)
-            hi = min(len(text), at + 1 + EMAIL_DOMAIN_MAX_CHARS)
-            if at > lo and self._DOMAIN_RE.match(text, at + 1, hi):
+            hi = min(len(text), after + EMAIL_DOMAIN_MAX_CHARS)
+            if at > lo and self._DOMAIN_RE.match(text, after, hi):
                 start = at
                 while start > lo and _EMAIL_LOCAL_CHAR_RE.match(text, start - 1):
                     start -= 1
-                window = text[start:hi]
+                # A "%40" is read as the "@" it encodes; past it, offsets shift by two.
+                window = text[start:at] + "@" + text[after:hi]
                 for offset in range(at - start):
                     match = regex.match(window, offset)
                     if match is not None and match.end() > at - start:
-                        last_end = start + match.end()
+                        last_end = start + match.end() + (after - at - 1)
                         yield start + match.start(), last_end
                         break
-            at = next_at
 
     def _glued_address_end(self, value: str) -> int:
         """The length of the longest valid address ``value`` starts with (0: none)."""
@@ -815,10 +850,12 @@ class _VendorKeyRecognizer(_SecretRecognizer):
 
 
 # The name may carry any prefix (OPENAI_API_KEY, x-api-key, github_token) but must end right
-# before the separator, so "max_tokens: 1024" or "password_hint=..." do not count.
+# before the separator, so "max_tokens: 1024" or "password_hint=..." do not count. A signed
+# URL's signature is its credential: Azure SAS's ``sig=`` (and a connection string's
+# ``SharedAccessSignature=``, the whole SAS token), GCS's ``X-Goog-Signature=``.
 _SECRET_NAMES = (
     r"(?i:api[_-]?key|apikey|secret|token|password|passwd|passphrase|access[_-]?key"
-    r"|(?:secret|encryption|signing|master|account|shared|storage)[_-]?key)"
+    r"|(?:secret|encryption|signing|master|account|shared|storage)[_-]?key|sig|signature)"
 )
 
 # Keys whose pattern alone could match a slug or a word: kept only if random-looking.
@@ -1008,12 +1045,18 @@ def discord_bot_token(token: str) -> bool:
 # A value whose only hint is its label. Lower score: a vendor pattern or a JWT covering the
 # same value wins. Passwords may hold any printable character except quotes and brackets.
 # The quotes may be escaped (``\"api_key\":\"...\"``: JSON inside a JSON string, a log
-# line's request body), and the value ends at an escaped quote.
+# line's request body), and the value ends at an escaped quote. The value of a URL query's
+# field (``?api_key=...&q=red+shoes``) ends at the next field's "&" or the fragment's "#",
+# which elsewhere may be a secret's own characters (Django's SECRET_KEY holds both).
+_QUERY_FIELD_BEFORE = r"[?&][\w.-]{1,64}="
+# What ends the value of a URL query's field: the next field, or the fragment.
+_QUERY_VALUE_END_RE = re.compile(r"[&#]")
 ASSIGNED_SECRET_PATTERNS: tuple[Pattern, ...] = (
     Pattern(
         "assigned secret",
         r"(?<=" + _SECRET_NAMES + r"(?:\\?[\"'])?\s*[:=]\s*(?:\\?[\"'])?)"
-        r"(?:[^\s\"'`,;<>(){}\[\]\\]|\\(?![\"'])){12,}",
+        r"(?:(?<=" + _QUERY_FIELD_BEFORE + r")[^\s\"'`,;<>(){}\[\]\\&#]{12,}"
+        r"|(?<!" + _QUERY_FIELD_BEFORE + r")(?:[^\s\"'`,;<>(){}\[\]\\]|\\(?![\"'])){12,})",
         0.6,
     ),
     Pattern("bearer token", r"(?<=\b(?i:bearer)\s+)[A-Za-z0-9_\-.~+/]{20,}=*", 0.6),
@@ -1563,11 +1606,11 @@ class _LabelledSecretRecognizer(_CredentialSpanRecognizer):
             group = next(g for g in (3, 4, 5) if match.group(g) is not None)
             start, end = match.span(group)
             value = match.group(group)
-            if group == 5 and "&" in value:
+            if group == 5 and ("&" in value or "#" in value):
                 prefix = _LABEL_PREFIX_RE.search(text, max(0, match.start() - 64), match.start())
                 name_start = prefix.start() if prefix else match.start()
                 if text[name_start - 1 : name_start] in ("?", "&"):  # a URL query's field
-                    value = value.split("&", 1)[0]
+                    value = _QUERY_VALUE_END_RE.split(value, maxsplit=1)[0]
                     end = start + len(value)
             after = text[end : end + 1]
             if labelled_password(value, match.group("label"), after):
@@ -1844,7 +1887,7 @@ def possible_kinds(text: str, kinds: Sequence[str] = KINDS) -> tuple[str, ...]:
 
     def possible(kind: str) -> bool:
         if kind == EMAIL_ADDRESS:
-            return "@" in text
+            return "@" in text or "%40" in text
         if kind == PHONE_NUMBER:
             # libphonenumber's shortest national numbers have 4 digits (German pagers, and
             # numbers of AT, LU, NU, SH, TK, UY...), found without a "+" in their region,
@@ -1932,7 +1975,7 @@ def _refine(span: Span, text: str, context: str) -> Span | None:
     if span.kind == EMAIL_ADDRESS:
         # RFC 5322 allows "=" in the local part, so "user=jane@x.io" in a log line matches
         # whole; no real mailbox uses "=", the key does.
-        local = span.value.rsplit("@", 1)[0]
+        local = at_sign_written(span.value).rsplit("@", 1)[0]
         cut = local.rfind("=") + 1
         # It allows "'" and "`" too, so "to='jane@x.io'" in code matched with the opening
         # quote, and got a placeholder of its own instead of the address's everywhere else.
@@ -1948,10 +1991,11 @@ def _refine(span: Span, text: str, context: str) -> Span | None:
             return None
         if re.match(r"[.,]\d", after) or re.search(r"\d[.,]$", before):
             return None
+        number_part = _PHONE_EXTENSION_LABEL_RE.split(span.value, maxsplit=1)[0].rstrip()
         if (
-            "." in span.value
-            and "+" not in span.value
-            and not _DOTTED_PHONE_RE.fullmatch(span.value)
+            "." in number_part
+            and "+" not in number_part
+            and not _DOTTED_PHONE_RE.fullmatch(number_part)
         ):
             return None  # "126.0.6478.127", "13.4050": versions and coordinates
         if _small_numbers(span.value):
@@ -1991,6 +2035,8 @@ def _url_login(text: str, span: Span) -> bool:
     model can no longer learn them, and ``git@github.com`` names no person. A real password
     in the URL is found by :class:`_UrlCredentialsRecognizer` whatever this says.
     """
+    if "@" not in span.value:
+        return False  # a "%40" is an "@" inside a URL's field, never the one before its host
     at = span.start + span.value.rfind("@")
     slashes = text.rfind("://", max(0, span.start - 256), span.start)
     # From the "://" to the "@", nothing may end the authority: not a path, a query, a quote.
@@ -2097,6 +2143,57 @@ def escape_view(text: str) -> str:
     return _ESCAPE_RE.sub(_unescaped_char, text)
 
 
+# Letters of the scripts written without spaces between words (Chinese, Japanese, Thai, Lao,
+# Khmer, Myanmar) and of Korean, whose particles are glued to the word before them. Their
+# digits are left out: they are digits to every recognizer.
+_UNSPACED_SCRIPT_RE = re.compile(
+    "["
+    "\u0e00-\u0e4f\u0e5a-\u0e7f"  # Thai
+    "\u0e80-\u0ecf\u0eda-\u0eff"  # Lao
+    "\u1000-\u103f\u104a-\u108f\u109a-\u109f"  # Myanmar
+    "\u1100-\u11ff"  # Hangul Jamo
+    "\u1780-\u17df\u17ea-\u17ff"  # Khmer
+    "\u2e80-\u2fdf\u3005-\u3007\u3021-\u3029\u3031-\u3035\u303b\u303c"  # radicals, marks
+    "\u3040-\u30ff\u3100-\u31ff"  # Hiragana, Katakana, Bopomofo, Hangul compatibility Jamo
+    "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # CJK ideographs
+    "\ua960-\ua97f\uac00-\ud7ff"  # Hangul syllables
+    "\uff66-\uffdc"  # halfwidth Katakana and Hangul
+    "\U00020000-\U0003134f"  # CJK ideographs, extensions B to H
+    "]+"
+)
+
+
+def _glues(char: str) -> bool:
+    """Whether ``char`` next to a run of an unspaced script could be part of a finding."""
+    return char.isalnum() or char in "_+"
+
+
+def _spaced_run(match: re.Match[str]) -> str:
+    """A run of an unspaced script as :func:`spaced_view` shows it."""
+    text, start, end = match.string, match.start(), match.end()
+    before, after = text[start - 1 : start], text[end : end + 1]
+    if "@" in (before, after) or not (_glues(before) or _glues(after)):
+        return match.group()
+    return " " * (end - start)
+
+
+def spaced_view(view: str) -> str:
+    """``view`` with each run of an unspaced script glued to a finding shown as spaces, one
+    for each character, so that every offset stays the original's.
+
+    Why: Chinese, Japanese and Thai put no space between words, and Korean glues its particles
+    to the word before them, so an address, number or key sits right against letters that are
+    word characters to a regex: ``メールはjane.doe@example.comです`` (the domain ran on into
+    ``comです`` and failed its check), ``请拨打+86 138 0013 8000联系我``, ``IP是10.0.0.1吗``,
+    ``卡号4111111111111111``, ``jane.doe@example.com으로`` were all left in clear, since every
+    ``\\b``, every "not inside a longer word" test and the phone filters saw a letter where
+    they wanted a separator. A run is kept as it is where it touches an "@" or glues to
+    nothing (an address written in the script itself, ``info@日本語.jp``, ``用户@例子.中国``),
+    so what was found before is still found.
+    """
+    return _UNSPACED_SCRIPT_RE.sub(_spaced_run, view)
+
+
 class Redactor:
     """Finds and replaces PII and secrets; build once (about a second), reuse for every call.
 
@@ -2157,7 +2254,8 @@ class Redactor:
     def _find(self, text: str, context: str) -> tuple[Span, ...]:
         if len(text) > MAX_TEXT_CHARS:  # spaCy would refuse it only if a match were tokenized
             raise TextTooLong(f"text of {len(text)} characters is over {MAX_TEXT_CHARS}")
-        view = escape_view(text)  # the same offsets; values are taken from ``text``
+        # The same offsets as ``text``, whose characters are the values (see both views).
+        view = spaced_view(escape_view(text))
         kinds = possible_kinds(view, self.kinds) if self.gate else self.kinds
         if not kinds:
             return ()

@@ -1018,6 +1018,48 @@ def third_review_examples(rng: random.Random) -> list[Example]:
     return positives + negatives
 
 
+def fourth_review_examples() -> list[Example]:
+    """Session 27's review: values glued to text in scripts written without spaces (Chinese,
+    Japanese, Korean), phone extensions written "ext.", a key inside a URL query followed by
+    other fields, a percent-encoded address in a URL, an Azure SAS signature; and negatives
+    those rules must leave alone (dates and prices in Chinese, a query without a secret)."""
+    return [
+        ("メールはyuki.tanaka@example.co.jpです", [("EMAIL_ADDRESS", "yuki.tanaka@example.co.jp")]),
+        ("请把报告发到li.wei@corp.example.com谢谢", [("EMAIL_ADDRESS", "li.wei@corp.example.com")]),
+        ("minji.kim@example.kr으로 보내 주세요", [("EMAIL_ADDRESS", "minji.kim@example.kr")]),
+        ("请拨打+86 139 1234 5678联系我", [("PHONE_NUMBER", "+86 139 1234 5678")]),
+        ("電話番号は+81-3-1234-5678です", [("PHONE_NUMBER", "+81-3-1234-5678")]),
+        ("+82 10-9876-5432로 전화 주세요", [("PHONE_NUMBER", "+82 10-9876-5432")]),
+        ("服务器IP是192.168.10.24吗", [("IP_ADDRESS", "192.168.10.24")]),
+        ("卡号5555555555554444\uff0c有效期12/27", [("CREDIT_CARD", "5555555555554444")]),
+        (
+            "키는sk-proj-Q7xLm2Rw9Kp4Tz8Vb3Nc6Yd1Hf5Jg0Sa입니다",
+            [("API_KEY", "sk-proj-Q7xLm2Rw9Kp4Tz8Vb3Nc6Yd1Hf5Jg0Sa")],
+        ),
+        (
+            "Please call me back at (212) 736-5000 ext. 41, ticket 7",
+            [("PHONE_NUMBER", "(212) 736-5000 ext. 41")],
+        ),
+        ('{"phone": "646-555-0187 ext. 3"}', [("PHONE_NUMBER", "646-555-0187 ext. 3")]),
+        (
+            "GET https://api.example.com/v1/search?api_key=Hq72mZp0Lx4Rk9Vw1Tb8&q=red+shoes&page=2",
+            [("API_KEY", "Hq72mZp0Lx4Rk9Vw1Tb8")],
+        ),
+        (
+            "GET /v1/customers?email=john.smith%40acme.co.uk&limit=5",
+            [("EMAIL_ADDRESS", "john.smith%40acme.co.uk")],
+        ),
+        (
+            "Download https://acct.blob.core.windows.net/reports/q3.pdf?sv=2022-11-02&sp=r&se=2030-01-01&sig=Pq4Zr8t%2BWm2Kx7Yb0Nc5Vd9Lh3Jf6Gs1Ta%3D",
+            [("API_KEY", "Pq4Zr8t%2BWm2Kx7Yb0Nc5Vd9Lh3Jf6Gs1Ta%3D")],
+        ),
+        ("会议在2024年3月12日14点30分举行\uff0c共有1203人参加", []),
+        ("价格1299元\uff0c折扣200元\uff0c第1章第2节", []),
+        ("the function signature: getWeatherForecast(location, unit)", []),
+        ("sort=price&page=12&per_page=50#results", []),
+    ]
+
+
 def main() -> None:
     rng = random.Random(SEED)
     examples: list[Example] = []
@@ -1076,6 +1118,7 @@ def main() -> None:
     examples += review_examples(random.Random(SEED + 3))
     examples += auth_review_examples(random.Random(SEED + 4))
     examples += third_review_examples(random.Random(SEED + 5))
+    examples += fourth_review_examples()
     for text, ents in examples:
         for _, value in ents:
             assert value in text, (value, text)
