@@ -28,13 +28,14 @@ def parse_time(value: str | None) -> dt.datetime | None:
     return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
-def _short(text: str, limit: int = MAX_MESSAGE) -> str:
+def short_message(text: str, limit: int = MAX_MESSAGE) -> str:
     """``text`` in one line of at most ``limit`` characters, its URIs redacted.
 
-    Why redact here: every message of this module goes into a condition or an Event, and
-    a trainer image older than its redaction (or any container's log tail) may name a dataset
-    URI with its user info or a signed query; cut before it is cut short, so that a URI whose
-    scheme falls off the end is not left bare.
+    Why redact here: every message made with it (this module's, and the trainer's words the
+    plan quotes) goes into a condition or an Event, and a trainer image older than its
+    redaction (or any container's log tail) may name a dataset URI with its user info or a
+    signed query; cut before it is cut short, so that a URI whose scheme falls off the end is
+    not left bare.
     """
     text = " ".join(redact_uris(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -75,7 +76,9 @@ def refused_job(job: Mapping[str, Any], why: str) -> JobView:
     like one whose pod cannot be created.
     """
     # A built Job has no status and no pods: job_view reads it as pending.
-    return replace(job_view(job, ()), waiting=_short(f"the API server refused to create it: {why}"))
+    return replace(
+        job_view(job, ()), waiting=short_message(f"the API server refused to create it: {why}")
+    )
 
 
 def _conditions(job: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
@@ -104,9 +107,11 @@ def _last_failure(pods: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None
     return None
 
 
-#: The trainer's advice after a SIGTERM (slm_trainer.generative): true for a preempted pod,
-#: whose Job starts another; not for a Job the operator reports failed, which is not rerun.
-_RERUN_ADVICE = re.compile(r"[;,.]?\s*rerun to resume\.?\s*$")
+#: The trainer's advice after a SIGTERM (slm_trainer.generative.RERUN_TO_RESUME, which both
+#: training paths end with): true for a preempted pod, whose Job starts another; not for a
+#: Job the operator reports failed, which is not rerun. The second form is a selector's in
+#: trainer images before the two shared those words ("preempted; resumable (...; resumable)").
+_RERUN_ADVICE = re.compile(r"[;,.]?\s*rerun to resume\.?\s*$|;\s*resumable(?=\s*[();]|\s*$)")
 
 
 def failure_message(job_condition: Mapping[str, Any], last: Mapping[str, Any] | None) -> str:
@@ -121,7 +126,7 @@ def failure_message(job_condition: Mapping[str, Any], last: Mapping[str, Any] | 
     """
     reason = str(job_condition.get("reason") or "Failed")
     if last is None:
-        return _short(f"{reason}: {job_condition.get('message') or 'the Job failed'}")
+        return short_message(f"{reason}: {job_condition.get('message') or 'the Job failed'}")
     code = last.get("exitCode")
     head = f"{reason}: last pod {last.get('reason') or 'terminated'}"
     head += f" (exit {code})" if code is not None else ""
@@ -133,10 +138,10 @@ def failure_message(job_condition: Mapping[str, Any], last: Mapping[str, Any] | 
         # before it is cut: a URI whose scheme were cut off could no longer be recognised.
         tail = " ".join(redact_uris(raw).split())
         room = MAX_MESSAGE - len(head) - 2
-        return _short(f"{head}: {tail if len(tail) <= room else '...' + tail[3 - room :]}")
+        return short_message(f"{head}: {tail if len(tail) <= room else '...' + tail[3 - room :]}")
     if reason == "DeadlineExceeded":
         said = _RERUN_ADVICE.sub("", said)
-    return _short(f"{head}: {said}" if said else head)
+    return short_message(f"{head}: {said}" if said else head)
 
 
 def pod_job_name(pod: Mapping[str, Any]) -> str | None:
@@ -198,7 +203,7 @@ def pod_waiting(pod: Mapping[str, Any]) -> str:
             and cond.get("status") == "False"
             and cond.get("reason") == "Unschedulable"
         ):
-            return _short(f"pod {name} cannot be scheduled: {cond.get('message', '')}", 300)
+            return short_message(f"pod {name} cannot be scheduled: {cond.get('message', '')}", 300)
     for cs in [
         *(status.get("initContainerStatuses") or []),
         *(status.get("containerStatuses") or []),
@@ -217,13 +222,13 @@ def pod_waiting(pod: Mapping[str, Any]) -> str:
         if reason in ("ErrImagePull", "ImagePullBackOff"):
             # The kubelet alternates the two, with a new message each time: one stable phrase,
             # or the condition (and the task's status) would be rewritten every back-off.
-            return _short(f"pod {name} cannot pull image {cs.get('image', '?')}", 300)
+            return short_message(f"pod {name} cannot pull image {cs.get('image', '?')}", 300)
         detail = f": {waiting['message']}" if waiting.get("message") else ""
         if last and reason == "CrashLoopBackOff":
             # How the container last ended says more than the back-off (whose duration ticks).
             # Other reasons keep their own words: lastState outlives any restart.
             detail = f" (last exit code {last.get('exitCode')}, {last.get('reason', '?')})"
-        return _short(f"pod {name}: {reason}{detail}", 300)
+        return short_message(f"pod {name}: {reason}{detail}", 300)
     return ""
 
 
@@ -287,7 +292,10 @@ def failed_creates(
             msg = msg.removeprefix("(combined from similar events): ")
             msg = _REFUSED_POD_NAME_RE.sub(r"\1 ", msg.removeprefix("Error creating: "))
             newest[name] = (when, msg)
-    return {name: _short(f"cannot create its pod: {msg}", 300) for name, (_, msg) in newest.items()}
+    return {
+        name: short_message(f"cannot create its pod: {msg}", 300)
+        for name, (_, msg) in newest.items()
+    }
 
 
 def serving_waiting(pods: Iterable[Mapping[str, Any]]) -> str:
@@ -393,7 +401,7 @@ def job_view(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]]) -> JobVi
         state=state,
         result=result,
         result_error=result_error,
-        message=_short(message),
+        message=short_message(message),
         progress=progress,
         seconds=seconds,
         finished_at=finished,

@@ -30,7 +30,15 @@ from slm_operator import conditions as c
 from slm_operator import live as lv
 from slm_operator import naming as n
 from slm_operator.live import FallbackState, Metrics, Rollout
-from slm_operator.observe import FAILED, PENDING, RUNNING, SUCCEEDED, JobView, parse_time
+from slm_operator.observe import (
+    FAILED,
+    PENDING,
+    RUNNING,
+    SUCCEEDED,
+    JobView,
+    parse_time,
+    short_message,
+)
 
 #: How long a succeeded Job may lack a readable result before we call it ResultMissing; the
 #: Job controller can mark a Job complete a moment before the pod's message is visible.
@@ -272,6 +280,23 @@ def limit_raised(view: JobView | None, task: Mapping[str, Any]) -> bool:
     if view.failure_reason == "BackoffLimitExceeded":
         return 0 < view.failed_pods <= retries
     return False
+
+
+#: The most of the data-prep Job's own message (curate's) a WaitingForData condition quotes.
+CURATE_SAID_MAX = 300
+
+
+def _curate_said(result: TrainerResult) -> str:
+    """What curate said of the calls it read, for a WaitingForData message, or "".
+
+    Why: the counts alone read as "no calls yet" whatever the cause, while curate names the
+    folder it found no call log in (a dataset.uri with a typo waits for good) or why it
+    rejected the records it read (another schema version, say). Its message is the same on
+    every recheck of the same calls, so the condition does not flap; it is cut short, as it
+    may be long, and it stays before the recheck time, whose words end every such message.
+    """
+    said = short_message(result.message, CURATE_SAID_MAX) if result.message else ""
+    return f"; the data-prep Job said: {said}" if said else ""
 
 
 def _job_outcome(view: JobView | None, now: dt.datetime) -> tuple[str, str, str]:
@@ -575,7 +600,7 @@ def _pipeline(
                 if no_eval
                 else f"{short.examples} of {need} curated examples (spec.dataset.minExamples)"
             )
-            message = f"revision {rev}: {have}; {tail}"
+            message = f"revision {rev}: {have}{_curate_said(short)}; {tail}"
         step.data = (c.FALSE, c.WAITING_FOR_DATA, message)
         if apply is not None and data_job is not None and now >= again:
             apply.remove(data_job)

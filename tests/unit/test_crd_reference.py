@@ -59,6 +59,55 @@ def test_reference_lists_every_spec_field_with_its_default() -> None:
     assert "immutable" in rows["spec.taskType"]
 
 
+def _spec_description(*path: str) -> str:
+    """The CRD's description of the spec field at ``path``, in one line."""
+    crd = yaml.safe_load((REPO / "crds" / "slmfleet.dev_agenttasks.yaml").read_text())
+    field = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    for name in path:
+        field = field.get("items", field)["properties"][name]
+    return " ".join(field["description"].split())
+
+
+def test_pii_scrubbing_says_which_parts_of_a_call_are_scrubbed() -> None:
+    """It promised personal data gone "from the logged calls before any model sees them",
+    but tool definitions are kept as logged (the agent developer's code, which the model
+    must see verbatim): an address in one reaches the training data."""
+    import json
+
+    from slm_contract import CallRecord
+    from slm_trainer.redact import default_redactor
+
+    email = "jane.doe@example.com"
+    tools = [{"type": "function", "function": {"name": "send", "description": f"From {email}"}}]
+    call = {"id": "c", "type": "function", "function": {"name": "send", "arguments": "{}"}}
+    call["function"]["arguments"] = json.dumps({"to": email})
+    record = CallRecord(
+        task="t",
+        backend="llm",
+        tools=tools,
+        messages=[{"role": "user", "content": f"mail {email}"}],
+        response={"role": "assistant", "content": None, "tool_calls": [call]},
+    )
+    scrubbed, _ = default_redactor().redact_record(record)
+    assert email not in json.dumps([scrubbed.messages, scrubbed.response])
+    assert scrubbed.tools == tools
+    text = _spec_description("dataset", "piiScrubbing")
+    assert "messages, tool-call arguments, tool results and answers" in text
+    assert "Tool definitions (tools, written by the agent's developer) are kept as they are" in text
+
+
+def test_max_seq_length_says_what_each_training_path_does_with_a_longer_example() -> None:
+    """It said "longer examples are truncated", which only a selector does: a causal LM
+    leaves them out of training (test_generative counts them in its result)."""
+    text = _spec_description("candidates", "maxSeqLength")
+    assert "truncated" not in text
+    assert (
+        "A selector (an encoder base model, or any model on a classification task) truncates"
+        in text
+    )
+    assert "A causal LM leaves a longer example out of training" in text
+
+
 def _schedule_rule() -> re.Pattern[str]:
     """The RE2 pattern of spec.retraining.schedule's CEL rule, as Python's re (the rule uses
     only syntax both share: classes, groups, alternation, repetition, (?i:...))."""

@@ -1253,6 +1253,7 @@ def test_sigterm_then_resume_ends_exactly_like_an_uninterrupted_run(
     first = generative.train_generative(interrupted, kill_at_step_3)
     assert signal.getsignal(signal.SIGTERM) == previous
     assert not first.ok and "preempted" in first.message and "3 of 6" in first.message
+    assert first.message.endswith(generative.RERUN_TO_RESUME)  # the selector's words too
     assert (Path(interrupted.checkpoint_dir) / generative.CHECKPOINT_FILE).is_file()
     assert not (Path(interrupted.output) / "manifest.json").exists()
 
@@ -1470,6 +1471,24 @@ def test_a_malformed_line_in_a_split_is_skipped_and_counted_not_a_crash(
     note = "2 malformed lines skipped (1 invalid_json, 1 invalid_utf8; first: train.jsonl line 5)"
     assert note in result.message
     assert any(note in e["message"] for e in events.of("warning"))
+
+
+def test_training_examples_longer_than_max_seq_length_are_counted_in_the_result(
+    tmp_path: Path, tiny_minilm: Path
+) -> None:
+    """maxSeqLength leaves a longer training example out on this path (a selector truncates
+    one instead). The count was only in a log line: the result, which the Job reports, told
+    of a model trained on the short calls alone as if every call had been used."""
+    args = _tiny_stage(tmp_path, tiny_minilm, checkpoint_dir="", max_new_tokens=4)
+    long = dataclasses.replace(
+        record(7), messages=[{"role": "user", "content": " ".join(["lima weather please"] * 250)}]
+    )
+    with (Path(args.data) / "train.jsonl").open("a") as fh:
+        fh.write(long.to_json() + "\n")
+    result = generative.train_generative(args, Events())
+    assert result.ok, result.message
+    assert result.train_examples == 4
+    assert "training examples left out: 1 longer than max_seq_length (512 tokens)" in result.message
 
 
 @pytest.mark.slow

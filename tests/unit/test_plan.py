@@ -377,6 +377,34 @@ def test_too_few_examples_waits_for_data_and_curates_again_after_the_recheck() -
     assert again.events == []
 
 
+def test_waiting_for_data_says_what_the_data_prep_job_found() -> None:
+    """A dataset.uri with a typo finds no call log, and a log of another schema version has
+    only rejected records: curate says which, and the condition said "0 of 200 curated
+    examples; the gateway keeps capturing calls" for both, as if the calls were still to
+    come. Its words are quoted, cut short when long, before the recheck time."""
+    task = make_task()
+    rev = n.revision_of(task["spec"])
+    dn = n.data_job_name("weather", rev)
+    recheck = dt.timedelta(minutes=5)
+    said = "no call log at /data/agent/wether yet (0 examples)"
+
+    def waiting(message: str) -> str:
+        res = result("prepare", ok=False, examples=0, message=message)
+        jobs = {dn: view(dn, "prepare", rev, FAILED, res, finished=NOW)}
+        p = plan(Observed(task, jobs, None, NOW, data_recheck=recheck))
+        assert conds(p.status)[c.DATA_READY] == (c.FALSE, c.WAITING_FOR_DATA)
+        return next(x["message"] for x in p.status["conditions"] if x["type"] == c.DATA_READY)
+
+    assert waiting(said) == (
+        f"revision {rev}: 0 of 200 curated examples (spec.dataset.minExamples); the data-prep "
+        f"Job said: {said}; the gateway keeps capturing calls, curating again at "
+        "2026-11-23T12:05:00Z"
+    )
+    long = waiting("300 malformed records: " + "schema v2 " * 500)
+    assert "the data-prep Job said: 300 malformed records: schema v2" in long
+    assert len(long) < 500 and long.endswith("curating again at 2026-11-23T12:05:00Z")
+
+
 def test_curated_calls_with_none_held_out_wait_for_data_instead_of_training() -> None:
     """``minExamples: 1`` and a log of one distinct call: curate succeeds with no held-out
     call. Training every candidate on GPUs then ended in "reported no score" at the gate;

@@ -434,7 +434,7 @@ def test_sigterm_saves_and_a_rerun_resumes_to_the_same_result(
             os.kill(os.getpid(), signal.SIGTERM)  # what the kubelet sends on preemption
 
     stopped, events = _run(small_data, tmp_path / "resumed", preempt)
-    assert not stopped.ok and stopped.message.startswith("preempted; resumable")
+    assert not stopped.ok and stopped.message.startswith("preempted by SIGTERM at step 5/")
     assert not (tmp_path / "resumed" / "artifact" / "selector.json").exists()
     state = (tmp_path / "resumed" / "ckpt" / "selector-state.pt").stat()
     assert state.st_size > 0
@@ -451,6 +451,53 @@ def test_sigterm_saves_and_a_rerun_resumes_to_the_same_result(
     ma = json.loads((tmp_path / "straight" / "artifact" / "selector.json").read_text())
     mb = json.loads((tmp_path / "resumed" / "artifact" / "selector.json").read_text())
     assert ma["temperature"] == mb["temperature"] and ma["final_loss"] == mb["final_loss"]
+
+
+def test_a_sigterm_result_gives_the_advice_the_operator_drops_past_a_jobs_deadline(
+    small_data: Path, tmp_path: Path
+) -> None:
+    """A fine-tune Job past activeDeadlineSeconds gets SIGTERM too, and nothing reruns it:
+    the operator cuts the trainer's rerun advice from its failure, but only in the generative
+    path's words, so a selector's Job still said "preempted; resumable" in its condition."""
+    from slm_operator.observe import failure_message
+
+    def preempt(step: int) -> None:
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stopped, _ = _run(small_data, tmp_path / "stopped", preempt)
+    assert not stopped.ok
+    deadline = {"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}
+    said = failure_message(
+        deadline, {"exitCode": 143, "reason": "Error", "message": stopped.to_json()}
+    )
+    assert said == "DeadlineExceeded: last pod Error (exit 143): preempted by SIGTERM at step 2/8"
+    # A preempted pod's own result keeps it: its Job starts another pod, which resumes.
+    from slm_trainer.generative import RERUN_TO_RESUME
+
+    assert stopped.message == f"preempted by SIGTERM at step 2/8; {RERUN_TO_RESUME}"
+
+
+@pytest.mark.parametrize(
+    ("old", "kept"),
+    [
+        ("preempted; resumable (preempted at step 130/400; resumable)", "at step 130/400)"),
+        ("preempted; resumable (preempted after fold 2/4; resumable)", "after fold 2/4)"),
+    ],
+)
+def test_a_selector_image_of_before_drops_its_resume_advice_past_a_jobs_deadline_too(
+    old: str, kept: str
+) -> None:
+    """The operator also runs trainer images older than the shared words (a pinned
+    training.image), whose selector said "resumable" twice."""
+    from slm_operator.observe import failure_message
+
+    result = TrainerResult(stage="finetune", ok=False, candidate="c", message=old).to_json()
+    deadline = {"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}
+    said = failure_message(deadline, {"exitCode": 143, "reason": "Error", "message": result})
+    assert "resum" not in said and said.endswith(kept)
+    preempted = {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}
+    assert failure_message(preempted, {"exitCode": 143, "message": result}).endswith(old)
 
 
 def test_an_unreadable_checkpoint_or_fold_cache_is_set_aside_not_fatal(
@@ -639,7 +686,7 @@ def test_crossfit_calibrates_on_every_training_call_and_resumes_fold_by_fold(
             os.kill(os.getpid(), signal.SIGTERM)
 
     stopped, _ = run(tmp_path / "resumed", preempt)
-    assert not stopped.ok and stopped.message.startswith("preempted; resumable")
+    assert not stopped.ok and stopped.message.startswith("preempted by SIGTERM at step 2/4")
     ckpt = tmp_path / "resumed" / "ckpt"
     assert (ckpt / "fold0-logits.pt").is_file() and not (ckpt / "fold1-logits.pt").exists()
 

@@ -75,6 +75,11 @@ CONTRACT_STAGE = "finetune"
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA = "slmfleet.dev/generative-candidate/v1"
 CHECKPOINT_FILE = "checkpoint.pt"
+#: How a run stopped by SIGTERM ends its result's message, in both training paths (the
+#: selector's imports it). True for a preempted pod, whose Job starts another that resumes;
+#: false for a Job past activeDeadlineSeconds, which nothing reruns, so the operator cuts
+#: these words from such a failure (slm_operator.observe): they must be the same in both.
+RERUN_TO_RESUME = "rerun to resume"
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -895,7 +900,9 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
                     )
     except Preempted as stop:
         where = f"; checkpoint saved in {ckpt_dir}" if ckpt_dir else " (no checkpoint dir)"
-        message = f"preempted by SIGTERM ({stop.args[0]} of {total} steps){where}; rerun to resume"
+        message = (
+            f"preempted by SIGTERM ({stop.args[0]} of {total} steps){where}; {RERUN_TO_RESUME}"
+        )
         emit({"event": "preempted", "candidate": args.candidate, "message": message})
         return _fail(args, message)
     finally:
@@ -981,8 +988,27 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
         message=f"{args.method} on {total} steps, final loss {losses[-1]:.4f}"
         + _score_note(score, accuracy, args.metric, len(eval_records), len(not_evaluated))
         + _threshold_note(threshold, at_threshold, target_precision)
+        + _left_out_note(skipped, int(args.max_seq_length))
         + malformed_note,
     )
+
+
+def _left_out_note(skipped: dict[str, int], max_seq_length: int) -> str:
+    """The training examples left out, for the result's message (the Job's report).
+
+    Why there and not only in a warning line: an example longer than ``maxSeqLength`` is
+    dropped here, not truncated as a selector's input is (the CRD says so), and one who set
+    it too low had a model trained on the short calls only, with a result that read as if
+    every call had been used. A few counts: the message stays far below the 4 KiB a
+    termination message holds.
+    """
+    why = (
+        ("too_long", f"longer than max_seq_length ({max_seq_length} tokens)"),
+        ("unrenderable", "that the chat template cannot render"),
+        ("empty_answer", "with no answer tokens"),
+    )
+    parts = [f"{skipped[key]} {what}" for key, what in why if skipped.get(key)]
+    return f"; training examples left out: {', '.join(parts)}" if parts else ""
 
 
 def _score_note(

@@ -113,6 +113,7 @@ from slm_trainer.finetune import (
     resolve_model_path,
     split_identifier,
 )
+from slm_trainer.generative import RERUN_TO_RESUME
 from slm_trainer.preemption import SigtermFlag, load_or_set_aside, save_atomically
 from slm_trainer.progress import Progress
 from slm_trainer.triton_model import chatformat, runtime
@@ -1104,7 +1105,7 @@ def train_selector(
                 ):
                     _save_checkpoint(checkpoint_dir, net, optimizer, scheduler, step, fp, losses)
                 if sigterm.received and step < total:
-                    raise Preempted(f"preempted at step {step}/{total}; resumable")
+                    raise Preempted(f"preempted by SIGTERM at step {step}/{total}")
     finally:
         progress.close()
     net.eval()
@@ -1269,9 +1270,9 @@ def train_crossfit(
                 save_atomically(done, cache)
             del out
             if preemption.sigterm_count() > sigterms:
-                raise Preempted(f"preempted after fold {f + 1}/{k}; resumable")
+                raise Preempted(f"preempted by SIGTERM after fold {f + 1}/{k}")
         if preemption.sigterm_count() > sigterms:
-            raise Preempted(f"preempted before the final model ({k} folds done); resumable")
+            raise Preempted(f"preempted by SIGTERM before the final model ({k} folds done)")
         final = train_selector(
             base,
             train_examples,
@@ -1545,7 +1546,9 @@ def run_selector(
             stage="finetune",
             ok=False,
             candidate=args.candidate,
-            message=f"preempted; resumable ({exc})",
+            # in the generative path's words, which the operator cuts from a Job it reports
+            # failed past its deadline (nothing reruns that one)
+            message=f"{exc}; {RERUN_TO_RESUME}",
         )
     except NoTrainableExamples:  # every trainable call went to calibration
         return untrainable
