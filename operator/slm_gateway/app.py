@@ -719,6 +719,7 @@ class Gateway:
         the half answer as a training example; so it ends like any other broken stream.
         """
         include_usage = call.req.include_usage
+        secret = call.route.llm_api_key
         splitter = EventSplitter()
         first = True
         done = False
@@ -757,6 +758,8 @@ class Gateway:
                         done = True
                     elif data is not None:
                         doc = orjson.loads(data)
+                        if secret:
+                            event, doc = _unquoted(event, data, doc, secret)
                         assembled.add(doc)
                         if is_usage_only(doc) and not include_usage:
                             continue
@@ -1282,6 +1285,29 @@ def _refuses_stream_options(status: int, body: bytes) -> bool:
     else:
         texts.append(detail)
     return any(isinstance(t, str) and _STREAM_OPTIONS_REFUSAL.search(t) for t in texts)
+
+
+def _unquoted(event: bytes, data: bytes, doc: Any, secret: str) -> tuple[bytes, Any]:
+    """One event of an LLM's stream (its ``data`` and ``doc`` decoded) with the task's LLM
+    key, ``secret``, masked should the LLM have quoted it: as it came when it does not.
+
+    Why: an LLM may end a stream it had begun with OpenAI's error event, and one that
+    quoted the gateway's Authorization header showed the agent the task's key, which the
+    gateway never shows an agent (a 4xx is masked too: :func:`errors.upstream_4xx_body`).
+    Every token passes here, so only data that may hold the key is searched decoded: its
+    bytes, or a JSON escape that could hide one of its characters. A bearer token (RFC 6750)
+    is letters, digits and ``-._~+/=``, which JSON writes as they are, as ``\\uXXXX``, or
+    (``/``) as ``\\/``. The event's other fields (``event:``, ``id:``) are kept.
+    """
+    if secret.encode() not in data and b"\\u" not in data and b"\\/" not in data:
+        return event, doc
+    masked = e.mask_secret(data, doc, secret)
+    if masked is None:  # too deep to search: never relayed unsearched
+        raise StreamFormatError("an event is nested too deep to search for the LLM key")
+    if masked is data:
+        return event, doc
+    lines = [line for line in event.split(b"\n") if not line.startswith(b"data:")]
+    return b"\n".join([*lines, b"data: " + masked]), orjson.loads(masked)
 
 
 def _error_code(err: UpstreamError) -> str:

@@ -100,7 +100,7 @@ def upstream_4xx_body(status: int, body: bytes, secret: str = "") -> bytes:
     except orjson.JSONDecodeError:
         doc = None
     if isinstance(doc, dict) and isinstance(doc.get("error"), dict):
-        kept = _masked_body(body, doc, secret)
+        kept = mask_secret(body, doc, secret)
         if kept is not None:
             return kept
         doc = None  # too deep to mask: rebuilt below, with no reason to quote
@@ -119,13 +119,14 @@ def upstream_4xx_body(status: int, body: bytes, secret: str = "") -> bytes:
     )
 
 
-def _masked_body(body: bytes, doc: dict[str, Any], secret: str) -> bytes | None:
-    """An OpenAI-shaped error ``body`` (``doc`` decoded) with ``secret`` masked in each of
-    its strings: as it came when it quotes no secret, else re-encoded; None when it is
-    nested too deep to mask or to write again.
+def mask_secret(body: bytes, doc: Any, secret: str) -> bytes | None:
+    """A JSON ``body`` from an LLM server (``doc`` decoded) with ``secret`` replaced by
+    ``[redacted]`` in each of its strings: the very ``body`` object when it quotes no secret,
+    else re-encoded; None when it is nested too deep to mask or to write again.
 
     Why decoded: a server may write any character of the key as a JSON escape, which a
-    search of the bytes would miss.
+    search of the bytes would miss. Used for an error body (:func:`upstream_4xx_body`) and
+    for each event of a streamed answer that may quote the key.
     """
     if not secret:
         return body

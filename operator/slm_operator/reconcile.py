@@ -251,9 +251,14 @@ def reconcile(
             child, why = obj["metadata"]["name"], e.message or str(e)
             if obj["kind"] == "Job" and e.status == 422 and "immutable" in e.message:
                 # A Job built by an older operator version for the same revision: Jobs are
-                # immutable and the existing one does the same work, so keep it.
+                # immutable and the existing one does the same work, so keep it. The API
+                # server's own words are left out: they dump the whole new pod template,
+                # the dataset URI (credentials and all) among the data-prep Job's args.
                 if child in obs.jobs:
-                    log.info("keeping existing Job %s: %s", child, e.message)
+                    log.info(
+                        "keeping existing Job %s: its pod template differs and Jobs are immutable",
+                        child,
+                    )
                     continue
                 # Not this task's: another task's child has the name (task "a" with candidate
                 # "b-data" and task "a-ft-b" name a Job alike). Kept silently, this task

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import threading
 import uuid
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -1271,6 +1273,52 @@ def test_an_empty_prefix_with_a_signature_waits_without_showing_it(
     result = run(Args(input=uri, output_dir=tmp_path / "o"))
     assert (result.ok, result.examples) == (False, 0)
     assert result.message == f"no call log at memory://{memory_prefix}/ yet (0 examples)"
+
+
+@pytest.fixture
+def http_log() -> Iterator[str]:
+    """A call log served over plain HTTP on 127.0.0.1 (a bad line among good ones); the URL
+    of its directory. Any path under it answers with the log."""
+    body = b"".join(json.dumps(line).encode() + b"\n" for line in tool_calls(6, 0, 0))
+    body += b"{oops\n"
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *_: Any) -> None:  # keeps the test's output clean
+            pass
+
+        def _answer(self, head: bool) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if not head:
+                self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            self._answer(head=False)
+
+        def do_HEAD(self) -> None:
+            self._answer(head=True)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/calls"
+    server.shutdown()
+    thread.join(5)
+
+
+def test_an_http_shards_name_in_the_report_drops_the_urls_query(
+    tmp_path: Path, http_log: str
+) -> None:
+    """An http(s) call log's URL may carry a signature or SAS token in its query. The report
+    redacted it from ``input`` and ``files`` but quoted the shard's name with it, in each
+    error sample (``log.jsonl?token=...``)."""
+    out = tmp_path / "o"
+    run(Args(input=f"{http_log}/log.jsonl?token={SECRET}#frag", output_dir=out))
+    report_text = (out / "curate_report.json").read_text()
+    samples = json.loads(report_text)["error_samples"]
+    assert [(s["file"], s["reason"]) for s in samples] == [("log.jsonl", "invalid_json")]
+    assert SECRET not in report_text
 
 
 def test_a_local_shard_the_trainer_may_not_read_fails_with_a_readable_message(

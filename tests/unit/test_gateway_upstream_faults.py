@@ -684,23 +684,40 @@ def test_shadow_agreement_judges_a_call_without_arguments_as_served(
 KEY = "sk-task-SECRET-0123456789"
 
 
+def keyed_route(up: Upstream) -> Route:
+    """An LLM task whose LLM key is :data:`KEY`."""
+    return Route(
+        task="weather", mode="llm", llm_base_url=up.llm_url, llm_model="m", llm_api_key=KEY
+    )
+
+
+def quoting_authorization(
+    upstream: Upstream, escaped: bool, write: Callable[[str], bytes]
+) -> bytes:
+    """What ``write`` makes of the last request's Authorization header; ``escaped``: with the
+    key's first character written as a JSON escape, which a search of the bytes misses."""
+    auth = re.search(r"(?im)^authorization:\s*(.*?)\r?$", upstream.requests[-1][0].decode())
+    out = write(auth.group(1) if auth else "")
+    if escaped:
+        out = out.replace(KEY.encode(), b"\\u%04x" % ord(KEY[0]) + KEY[1:].encode())
+    return out
+
+
 def echo_authorization(upstream: Upstream, escaped: bool) -> Action:
     """A 404 in OpenAI's own error shape that quotes the request's Authorization header, as
-    some proxies do in "model not found for request with ..." messages; ``escaped``: with the
-    key's first character written as a JSON escape, which a search of the bytes misses."""
+    some proxies do in "model not found for request with ..." messages; ``escaped`` as in
+    :func:`quoting_authorization`."""
+
+    def write(quoted: str) -> bytes:
+        error = {"message": f"model not found for {quoted}", "type": "invalid_request_error"}
+        return orjson.dumps(
+            {"error": dict(error, param="model", code="model_not_found"), "echo": quoted}
+        )
 
     async def action(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes
     ) -> bool:
-        head = upstream.requests[-1][0].decode()
-        auth = re.search(r"(?im)^authorization:\s*(.*?)\r?$", head)
-        quoted = auth.group(1) if auth else ""
-        error = {"message": f"model not found for {quoted}", "type": "invalid_request_error"}
-        doc = orjson.dumps(
-            {"error": dict(error, param="model", code="model_not_found"), "echo": quoted}
-        )
-        if escaped:
-            doc = doc.replace(KEY.encode(), b"\\u%04x" % ord(KEY[0]) + KEY[1:].encode())
+        doc = quoting_authorization(upstream, escaped, write)
         return await respond(404, doc)(reader, writer, body)
 
     return action
@@ -714,10 +731,7 @@ def test_an_llm_error_in_openais_shape_never_shows_the_tasks_key(
     the gateway's Authorization header showed the agent the task's LLM key. The key is now
     masked there too, and the rest of the body is still the LLM's."""
     upstream.script.extend([echo_authorization(upstream, escaped) for _ in range(2)])
-    route = Route(
-        task="weather", mode="llm", llm_base_url=upstream.llm_url, llm_model="m", llm_api_key=KEY
-    )
-    c, _ = gateway(route)
+    c, _ = gateway(keyed_route(upstream))
     with c:
         for stream in (False, True):
             r = ask(c, stream=stream)
@@ -726,4 +740,44 @@ def test_an_llm_error_in_openais_shape_never_shows_the_tasks_key(
             assert doc["error"]["message"] == "model not found for Bearer [redacted]"
             assert doc["error"]["code"] == "model_not_found" and doc["error"]["param"] == "model"
             assert doc["echo"] == "Bearer [redacted]"
+    assert KEY.encode() in upstream.requests[-1][0]  # the key did travel, to the LLM alone
+
+
+def stream_quoting_authorization(upstream: Upstream, escaped: bool, first: bytes) -> Action:
+    """A streamed answer that began (``first``) and then ended with OpenAI's error event
+    quoting the request's Authorization header; ``escaped`` as in
+    :func:`quoting_authorization`."""
+
+    def write(quoted: str) -> bytes:
+        error = {"message": f"upstream rejected credentials {quoted}", "code": "invalid_api_key"}
+        return b"event: error\ndata: " + orjson.dumps({"error": error}) + b"\n\n"
+
+    async def action(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes
+    ) -> bool:
+        event = quoting_authorization(upstream, escaped, write)
+        return await sse([first, event, b"data: [DONE]\n\n"], "chunked")(reader, writer, body)
+
+    return action
+
+
+@pytest.mark.parametrize("escaped", [False, True], ids=["plain", "json-escaped"])
+def test_a_streamed_llm_error_never_shows_the_tasks_key(upstream: Upstream, escaped: bool) -> None:
+    """A stream that had begun can only end in an error event, and one that quoted the
+    gateway's Authorization header showed the agent the task's LLM key, which a 4xx no longer
+    did. The key is masked in the event too; the events that do not quote it, a JSON escape
+    included, are relayed as the LLM wrote them."""
+    first = chunk("caf\u00e9 ").replace("\u00e9".encode(), b"\\u00e9")  # as Python's json writes it
+    upstream.script.append(stream_quoting_authorization(upstream, escaped, first))
+    c, _ = gateway(keyed_route(upstream))
+    with c:
+        r = ask(c, stream=True)
+    assert r.status_code == 200 and KEY not in r.text
+    assert r.text.startswith(first.decode())  # byte for byte
+    events = events_of(r.text.replace("event: error\n", ""))
+    # The stream ends at the error event, or with the LLM's [DONE] when it came with it.
+    (error,) = [ev["error"] for ev in events if isinstance(ev, dict) and "error" in ev]
+    assert error["message"] == "upstream rejected credentials Bearer [redacted]"
+    assert error["code"] == "invalid_api_key"
+    assert "event: error\ndata: " in r.text  # the event's other fields are kept
     assert KEY.encode() in upstream.requests[-1][0]  # the key did travel, to the LLM alone

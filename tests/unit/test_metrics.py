@@ -159,6 +159,22 @@ def test_arguments_nested_too_deep_score_as_wrong_not_crash() -> None:
     assert not m.ast_match(deep, REF, [WEATHER_TOOL]).match
 
 
+@pytest.mark.parametrize("use_bfcl", [True, False])
+def test_reference_arguments_that_are_a_list_of_objects_score_as_wrong_not_crash(
+    use_bfcl: bool,
+) -> None:
+    """A logged call to a tool the request does not declare, whose arguments are a JSON list
+    of objects, raised TypeError (unhashable dict): evaluate crashed, and the gateway counted
+    the shadow copy as an error. Arguments must be an object, so it scores as wrong, as a
+    list of strings always did, even against the same list."""
+    ref = call("lookup", [{"k": True}])
+    for pred in (call("lookup", [[True]]), ref, call("lookup", ["k"])):
+        assert not m.ast_match(pred, ref, TOOLS, use_bfcl=use_bfcl).match
+        assert not m.answer_correct("tool-call-ast", pred, ref, TOOLS, "tool-call", use_bfcl)
+    strings = call("lookup", ["k"])  # the shape that never raised: scored the same way
+    assert not m.ast_match(strings, strings, TOOLS, use_bfcl=use_bfcl).match
+
+
 # ------------------------------------------------------------------ AST match
 
 AST_CASES = [

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import json
+import logging
 from typing import Any
 
 import pytest
 from test_plan import make_task
 from test_reconcile_status import merge_patch
 
+from slm_operator import builders as b
 from slm_operator import conditions as c
 from slm_operator import naming as n
 from slm_operator import reconcile as rc
@@ -128,14 +131,17 @@ def test_a_job_name_taken_by_another_tasks_job_is_reported_not_waited_on() -> No
     assert data is not None and "Job created" not in data["message"]
 
 
-def test_this_tasks_own_job_refused_as_immutable_is_kept() -> None:
-    """An older operator version built the revision's Job with another template: the same
-    work, so it is kept and followed, not reported."""
-    kube = Cluster(_task(), KubeError(422, IMMUTABLE, "Invalid"))
+def _revision(task: dict[str, Any]) -> str:
+    """The training revision the operator gives ``task``."""
+    kube = Cluster(copy.deepcopy(task))
     rc.reconcile(kube, "agents", "weather")  # type: ignore[arg-type]
-    rev = kube.task["status"]["revision"]["training"]
-    task = _task()
-    kube = Cluster(task, KubeError(422, IMMUTABLE, "Invalid"))
+    return str(kube.task["status"]["revision"]["training"])
+
+
+def _holding_own_job(task: dict[str, Any], rev: str, refuse: KubeError) -> Cluster:
+    """A cluster that holds ``task``'s data-prep Job of revision ``rev`` and refuses every
+    Job apply with ``refuse``."""
+    kube = Cluster(task, refuse)
     kube.jobs = [
         {
             "metadata": {
@@ -146,10 +152,42 @@ def test_this_tasks_own_job_refused_as_immutable_is_kept() -> None:
             "status": {"active": 1},
         }
     ]
+    return kube
+
+
+def test_this_tasks_own_job_refused_as_immutable_is_kept() -> None:
+    """An older operator version built the revision's Job with another template: the same
+    work, so it is kept and followed, not reported."""
+    task = _task()
+    kube = _holding_own_job(task, _revision(task), KubeError(422, IMMUTABLE, "Invalid"))
     rc.reconcile(kube, "agents", "weather")  # type: ignore[arg-type]
     ready = _ready(kube.task)
     assert ready["reason"] != c.APPLY_FAILED, ready
     assert not [e for e in kube.events if e[1] == c.APPLY_FAILED]
+
+
+def test_keeping_an_own_job_never_logs_the_dataset_credentials(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The API server's "field is immutable" answer dumps the whole new pod template, the
+    data-prep Job's ``--input=<dataset URI>`` among its args, and it was logged as it came:
+    a URI's credentials went into the operator's log. The log now names the Job alone."""
+    secret = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
+    task = _task()
+    task["spec"]["dataset"]["uri"] = f"s3://AKIAIOSFODNN7EXAMPLE:{secret}@calls-bucket/router/"
+    rev = _revision(task)
+    template = b.data_prep_job(task, rev)["spec"]["template"]
+    assert secret in json.dumps(template)  # what the API server quotes holds it
+    said = (
+        f'Job.batch "{n.data_job_name("weather", rev)}" is invalid: spec.template: '
+        f"Invalid value: {json.dumps(template)}: field is immutable"
+    )
+    kube = _holding_own_job(task, rev, KubeError(422, said, "Invalid"))
+    with caplog.at_level(logging.DEBUG):
+        rc.reconcile(kube, "agents", "weather")  # type: ignore[arg-type]
+    assert f"keeping existing Job {n.data_job_name('weather', rev)}" in caplog.text
+    assert secret not in caplog.text
+    assert _ready(kube.task)["reason"] != c.APPLY_FAILED
 
 
 def test_a_refusal_message_is_bounded() -> None:

@@ -64,6 +64,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
+from urllib.parse import urlsplit
 
 from slm_contract import CallRecord, ContractError, TrainerResult, redact_uri, redact_uris
 from slm_trainer import metrics
@@ -254,7 +255,11 @@ class RemoteShard:
 
     @property
     def name(self) -> str:
-        return self.path.rstrip("/").rsplit("/", 1)[-1]
+        """The file's name: the last segment of its path, without an http(s) URL's query or
+        fragment (a signature, a SAS token), as the report quotes it next to the redacted
+        URI. Only a path that is a URL is cut there: an object key may hold a ``?``."""
+        path = urlsplit(self.path).path if "://" in self.path else self.path
+        return path.rstrip("/").rsplit("/", 1)[-1]
 
     def open(self, mode: str = "rb") -> BinaryIO:
         if mode != "rb":

@@ -558,11 +558,14 @@ def _call_match(
     bfcl = checker is not None and isinstance(pargs, dict) and rname in typed
     if pname != rname:  # both checkers refuse another function's call: no need to ask them
         return False, "bfcl" if bfcl else "builtin"
+    # Arguments that are not an object (a JSON list, a string) name no parameters: iterated
+    # as keys, a list of objects raised TypeError (unhashable dict) instead of a mismatch.
+    ref_args = rargs if isinstance(rargs, dict) else {}
     function = functions.get(rname) or {
         "name": rname,
-        "parameters": {"type": "dict", "properties": {k: {} for k in rargs}, "required": []},
+        "parameters": {"type": "dict", "properties": {k: {} for k in ref_args}, "required": []},
     }
-    answer = possible_answer(rname, rargs if isinstance(rargs, dict) else {}, function)
+    answer = possible_answer(rname, ref_args, function)
     # BFCL's checker trusts the declared types: a parameter without one (untyped, or an
     # anyOf/oneOf of several) would be checked as the type guessed for it, and an answer
     # identical to the reference failed. The built-in port compares such values as given.
