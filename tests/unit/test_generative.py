@@ -438,6 +438,25 @@ def test_parallel_tool_results_become_one_user_turn_where_roles_must_alternate(
     assert turn.startswith("<start_of_turn>user\nTool result: sunny\n\nsnow<end_of_turn>")
 
 
+def test_a_user_turn_after_tool_results_joins_their_turn_where_roles_must_alternate(
+    tiny_minilm: Path,
+) -> None:
+    """A user message right after the tool results made two user turns in a row under
+    Gemma's template: the call was left out of training and always handed back at serving."""
+    tok = templated(tiny_minilm, "gemma2")
+    tools_in_template = generative.prepare_tokenizer(tok)
+    messages = [*_tool_turns("sunny"), {"role": "user", "content": "And in Celsius?"}]
+    prompts, rendered = chatformat.render_each(tok, [(messages, TOOLS)], tools_in_template)
+    assert rendered == [0]  # served, not handed back
+    turn = prompts[0][prompts[0].rindex("<start_of_turn>user\n") :]
+    assert turn.startswith(
+        "<start_of_turn>user\nTool result: sunny\n\nAnd in Celsius?<end_of_turn>"
+    )
+    _, prompt, completion = generative.encode(tok, _answered(messages), tools_in_template)
+    assert prompt == prompts[0]  # trained on the prompt it is served
+    assert completion.startswith("21 C in Paris.")
+
+
 def test_a_call_with_a_lone_surrogate_escape_is_malformed_not_a_crash() -> None:
     """``"\\ud83d"`` decodes to a lone surrogate that no UTF-8 writer encodes: the finetune
     stage crashed writing its predictions on every retry, and Triton failed the batch."""

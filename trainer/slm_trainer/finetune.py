@@ -247,6 +247,14 @@ class BaseModelNotFound(Exception):
     """
 
 
+class BaseModelUnusable(BaseModelNotFound):
+    """The base model exists but cannot be trained on the path it was sent to: a causal LM
+    whose tokenizer has no end-of-sequence token (an encoder's, BERT's) could never learn
+    where its answer ends. Reported as a missing model is (ok false, exit 3), and for the same
+    reason: every rerun fails alike, so a retry only wastes the Job's backoffLimit.
+    """
+
+
 def _path_like(name: str) -> bool:
     """True for names that can only mean a local path: absolute, ``./``, ``../`` or ``~``.
 
@@ -365,28 +373,75 @@ def loading_base_model(name: str) -> Iterator[None]:
         raise BaseModelNotFound(f"base model {name!r} not found: {reason}") from exc
 
 
-def is_encoder_model(name: str) -> bool:
-    """True for sentence-transformers / BERT-like encoders (the selector's base models).
+#: Files that only a sentence-transformers model has: an embedding model, whatever its
+#: architecture (BERT, or a decoder such as e5-mistral), so a selector's base.
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "config_sentence_transformers.json")
+#: Ends of architecture names with a text-generating head: a causal LM (or seq2seq) model.
+GENERATIVE_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
-    Decided from the local config when there is one, else from the name. Generative models
-    go to the causal-LM path.
-    """
-    resolved = resolve_model_path(name)
-    folder = Path(resolved)
-    if folder.is_dir():
-        if (folder / "modules.json").is_file() or (
-            folder / "config_sentence_transformers.json"
-        ).is_file():
-            return True
-        try:
-            config = json.loads((folder / "config.json").read_text())
-        except (OSError, ValueError):
-            return False
-        return str(config.get("model_type", "")).lower() in ENCODER_TYPES
+
+def _hub_file(repo_id: str, filename: str) -> Path | None:
+    """``filename`` of the hub model ``repo_id``: from the Hugging Face cache, else downloaded
+    unless HF_HUB_OFFLINE is set (a few kilobytes; training downloads the whole model next).
+    None when it cannot be had."""
+    try:
+        from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo_id, filename)
+        if isinstance(cached, str):
+            return Path(cached)
+        if cached is not None or constants.HF_HUB_OFFLINE:  # known to be absent, or no asking
+            return None
+        return Path(hf_hub_download(repo_id, filename))
+    except Exception:  # no such repository or file, an invalid id, no network: not a config
+        return None
+
+
+def _model_json(name: str, filename: str) -> Any:
+    """``filename`` of the model ``name`` (its local folder's, else the hub's), parsed; None
+    when there is none to read."""
+    folder = Path(resolve_model_path(name))
+    path = folder / filename if folder.is_dir() else _hub_file(name, filename)
+    try:
+        return json.loads(path.read_text()) if path is not None else None
+    except (OSError, ValueError):
+        return None
+
+
+def _config_says_encoder(config: dict[str, Any]) -> bool:
+    """Whether a ``config.json`` is an encoder's: a known encoder ``model_type``, or else
+    architectures that are bare models or masked-LM heads, none of them generating text."""
+    if str(config.get("model_type", "")).lower() in ENCODER_TYPES:
+        return True
+    architectures = [str(a) for a in config.get("architectures") or ()]
+    if any(a.endswith(GENERATIVE_HEADS) for a in architectures):
+        return False
+    return any(a.endswith(("Model", "ForMaskedLM")) for a in architectures)
+
+
+def _name_says_encoder(name: str) -> bool:
+    """The last resort, when no config can be read: encoder families' usual names."""
     lowered = name.lower()
     return lowered.startswith("sentence-transformers/") or any(
         k in lowered for k in ("minilm", "bert", "mpnet", "bge-", "e5-")
     )
+
+
+def is_encoder_model(name: str) -> bool:
+    """True for sentence-transformers / BERT-like encoders (the selector's base models).
+
+    Decided by the model's own files wherever they can be read: its local folder, else the
+    Hugging Face cache, else the hub (unless HF_HUB_OFFLINE). Why not by the name: encoders
+    such as thenlper/gte-small or Snowflake/snowflake-arctic-embed-s name none of the usual
+    families, went to the causal-LM path, trained a BERT as a text generator and crashed
+    at evaluation on every retry. The name decides only when no file can be read.
+    """
+    if any(_model_json(name, f) is not None for f in SENTENCE_TRANSFORMERS_FILES):
+        return True
+    config = _model_json(name, "config.json")
+    if isinstance(config, dict):
+        return _config_says_encoder(config)
+    return _name_says_encoder(name)
 
 
 def split_identifier(name: str) -> str:

@@ -63,6 +63,7 @@ from slm_trainer.cli import BadArguments, finite
 from slm_trainer.curate import ParseStats, read_split
 from slm_trainer.finetune import (
     BaseModelNotFound,
+    BaseModelUnusable,
     loading_base_model,
     missing_base_model,
     resolve_model_path,
@@ -388,6 +389,14 @@ def load_model(args: Any, opts: Options, device: str, amp: Any = None) -> tuple[
     source = resolve_model_path(str(args.model))
     with loading_base_model(str(args.model)):
         tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.eos_token is None:
+        # checked before the model loads and trains: without one, no answer could end, and
+        # the evaluation failed only after the whole training, again on every retry
+        raise BaseModelUnusable(
+            f"base model {str(args.model)!r} cannot be fine-tuned as a causal LM: its "
+            "tokenizer has no end-of-sequence token, so a generated answer could not end "
+            "(an encoder such as BERT trains as a selector)"
+        )
     tools_in_template = prepare_tokenizer(tokenizer)
     method = args.method
     kwargs = from_pretrained_kwargs(method, device, amp)

@@ -1079,6 +1079,8 @@ def train_selector(
         offset=progress_offset,
         overall_total=progress_total,
     )
+    if start > 0:  # a resumed pod says where it stands before its next step (or calibration)
+        progress.update(start, losses[-1] if losses else None, **line_fields)
     try:
         with SigtermFlag() as sigterm:
             while step < total:
@@ -1309,6 +1311,23 @@ def _progress(emit: Emit | None, extra: Mapping[str, Any] | None, **event: Any) 
 # ============================================================================ artifact
 
 
+#: What the bundled base leaves out: other runtimes' exports and the hub's notes.
+NOT_BUNDLED = ("*.onnx", "*.h5", "*.msgpack", "onnx", "openvino", "README.md", ".gitattributes")
+
+
+def _bundle_ignore(base: Path) -> Callable[[Any, list[str]], set[str]]:
+    """``copytree``'s ignore for bundling ``base``: :data:`NOT_BUNDLED`, and PyTorch ``.bin``
+    files only when safetensors weights are there.
+
+    Why not always: transformers loads ``model.safetensors`` first, so a ``.bin`` beside it
+    is a second copy of the weights; but a base that has only ``pytorch_model.bin`` (a valid
+    base model for the stage) was bundled without weights, and the artifact that passed the
+    gate failed to load in Triton.
+    """
+    patterns = [*NOT_BUNDLED, "*.bin"] if any(base.glob("*.safetensors")) else [*NOT_BUNDLED]
+    return shutil.ignore_patterns(*patterns)
+
+
 def save_selector(
     selector: Selector,
     output: Path,
@@ -1333,20 +1352,7 @@ def save_selector(
         target = output / "base"
         if target.exists():
             shutil.rmtree(target)
-        shutil.copytree(
-            base_path,
-            target,
-            ignore=shutil.ignore_patterns(
-                "*.bin",
-                "*.onnx",
-                "*.h5",
-                "*.msgpack",
-                "onnx",
-                "openvino",
-                "README.md",
-                ".gitattributes",
-            ),
-        )
+        shutil.copytree(base_path, target, ignore=_bundle_ignore(Path(base_path)))
         files.append("base/")
     save_file(
         {k: v.detach().cpu().contiguous() for k, v in head_state(net).items()},

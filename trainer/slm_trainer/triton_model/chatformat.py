@@ -145,17 +145,22 @@ def _tools_in_system(messages: list[dict[str, Any]], tools: list[dict[str, Any]]
 
 def _without_tool_role(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """For templates that reject or drop the ``tool`` role: tool results become user turns,
-    and the results of parallel calls one turn (Gemma's template wants roles to alternate)."""
+    and the results of parallel calls one turn (Gemma's template wants roles to alternate).
+
+    A user message right after the results joins their turn too: as a turn of its own it
+    made two user turns in a row, which Gemma's template refuses, so such a call was left
+    out of training and always handed back to the LLM at serving.
+    """
     out: list[dict[str, Any]] = []
     after_result = False  # the last turn in out holds tool results
     for m in messages:
-        if m["role"] != "tool":
-            out.append(m)
-        elif after_result:
+        if after_result and m["role"] in ("tool", "user"):
             out[-1] = {"role": "user", "content": out[-1]["content"] + "\n\n" + m["content"]}
-        else:
+        elif m["role"] == "tool":
             out.append({"role": "user", "content": "Tool result: " + m["content"]})
-        after_result = m["role"] == "tool"
+        else:
+            out.append(m)
+        after_result = m["role"] == "tool" or (after_result and m["role"] == "user")
     return out
 
 
