@@ -102,6 +102,13 @@ def _collection(api_version: str, plural: str, namespace: str | None) -> str:
     return f"{root}/namespaces/{namespace}/{plural}" if namespace else f"{root}/{plural}"
 
 
+def _child_path(obj: Mapping[str, Any]) -> str:
+    """The API path of the child ``obj`` (a built Job, Deployment or Service) names."""
+    plural = PLURALS[(obj["apiVersion"], obj["kind"])]
+    meta = obj["metadata"]
+    return f"{_collection(obj['apiVersion'], plural, meta['namespace'])}/{meta['name']}"
+
+
 class Kube:
     def __init__(self, api: client.ApiClient, field_manager: str = n.FIELD_MANAGER) -> None:
         self.api = api
@@ -175,15 +182,24 @@ class Kube:
     # ---------------------------------------------------------------- writes
     def apply(self, obj: Mapping[str, Any]) -> Any:
         """Server-side apply with the operator's single field manager (force: we own these)."""
-        plural = PLURALS[(obj["apiVersion"], obj["kind"])]
-        meta = obj["metadata"]
-        path = f"{_collection(obj['apiVersion'], plural, meta['namespace'])}/{meta['name']}"
         return self.request(
             "PATCH",
-            path,
+            _child_path(obj),
             body=obj,
             content_type="application/apply-patch+yaml",
             query=[("fieldManager", self.field_manager), ("force", "true")],
+        )
+
+    def merge_patch(self, obj: Mapping[str, Any], patch: Mapping[str, Any]) -> Any:
+        """JSON merge patch (RFC 7386) of the child ``obj`` names: a list in ``patch`` replaces
+        the stored one whole, where server-side apply merges keyed lists item by item (see
+        :func:`slm_operator.reconcile.replace_hand_edits`)."""
+        return self.request(
+            "PATCH",
+            _child_path(obj),
+            body=patch,
+            content_type="application/merge-patch+json",
+            query=[("fieldManager", self.field_manager)],
         )
 
     def delete(

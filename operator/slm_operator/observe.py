@@ -66,6 +66,31 @@ class JobView:
     failed_pods: int = 0
 
 
+def owned(obj: Mapping[str, Any] | None, uid: str) -> bool:
+    """Whether ``obj`` names the object of ``uid`` among its ownerReferences."""
+    refs = ((obj or {}).get("metadata") or {}).get("ownerReferences") or []
+    return any(ref.get("uid") == uid for ref in refs)
+
+
+def task_child(obj: Mapping[str, Any] | None, task: str, uid: str) -> bool:
+    """Whether ``obj`` is the child of the AgentTask ``task`` (of ``uid``): owned by it, or
+    left with no ownerReferences at all while its labels say this operator made it for
+    ``task``.
+
+    Why: ownerReferences removed by hand (``kubectl edit``, a tool that strips them) made the
+    task's Deployment read as missing for one pass: the route went to the LLM, a Warning
+    NoReadyReplicas was posted and the conditions flipped while every replica stayed ready,
+    and the pass's own apply put the reference back. As for a Service deleted by hand, which
+    is back before the gateway calls again, a state this very pass repairs is not reported.
+    One that names any other owner is someone else's and stays foreign.
+    """
+    meta = (obj or {}).get("metadata") or {}
+    if meta.get("ownerReferences"):
+        return owned(obj, uid)
+    labels = meta.get("labels") or {}
+    return (labels.get(n.MANAGED_BY), labels.get(n.LABEL_TASK)) == (n.FIELD_MANAGER, task)
+
+
 def refused_job(job: Mapping[str, Any], why: str) -> JobView:
     """The view of a Job the API server refused to create: pending, ``why`` as its wait.
 

@@ -99,6 +99,10 @@ class Observed:
     #: Prometheus scrape intervals: :meth:`slm_operator.prom.PromMetrics.range_s`); windows
     #: are judged every ``max(windowSeconds, min_window_s)`` (:func:`metrics_due`).
     min_window_s: float = 0.0
+    #: The Deployment this pass built was not written (refused for good, or the API server
+    #: busy): a revision exported since is not promoted. What the Deployment serves is still
+    #: the revision that status names, whose Jobs are kept (see :func:`plan`).
+    deployment_refused: bool = False
 
 
 @dataclass
@@ -1762,7 +1766,11 @@ def plan(obs: Observed) -> Plan:
         and not retraining_beside
         and (prev.get("revision") or {}).get("training") != rev
     )
-    if training_needed and step.exported_uri:  # promote the new revision
+    # Promoted once its Deployment is written: a refused one (a hand edit the API server
+    # rejects, a quota, an admission policy) left the status naming a revision no pod served,
+    # with the Jobs of the one still served deleted as abandoned. Not promoted, it stays in
+    # revision.training and the next pass promotes it if the Deployment is taken then.
+    if training_needed and step.exported_uri and not obs.deployment_refused:
         active_rev, active_uri, active_cand = (
             rev,
             step.exported_uri,
@@ -1854,6 +1862,13 @@ def plan(obs: Observed) -> Plan:
             "readyReplicas": ready,
             "desiredReplicas": want,
         }
+    elif step.exported_uri and step.selected is not None and obs.deployment_refused:
+        serving = (
+            c.FALSE,
+            c.DEPLOYMENT_PROGRESSING,
+            f"the API server did not take the Deployment of {step.selected['candidate']} "
+            f"(revision {rev}); it is applied again at every pass",
+        )
     elif step.selected is not None and step.evaluated[0] == c.TRUE:
         serving = (
             c.FALSE,
@@ -1932,7 +1947,7 @@ def plan(obs: Observed) -> Plan:
     elif is_serving or scaled_to_zero or waking:  # a retraining beside: revision.training
         phase = PHASE_SERVING
     elif training_needed and not step.terminal_failure:
-        phase = step.phase
+        phase = PHASE_DEPLOYING if step.exported_uri else step.phase  # (a refused Deployment)
     elif active_rev and active_uri:
         phase = PHASE_DEPLOYING
     elif step.terminal_failure:

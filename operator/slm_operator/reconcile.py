@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from slm_operator import naming as n
@@ -22,9 +22,11 @@ from slm_operator.observe import (
     JobView,
     failed_creates,
     job_view,
+    owned,
     pod_of_job,
     refused_job,
     serving_waiting,
+    task_child,
 )
 from slm_operator.plan import (
     Observed,
@@ -43,6 +45,9 @@ log = logging.getLogger(__name__)
 _missing_account_logged: set[tuple[str, str]] = set()
 #: Namespaces already told (in the log) that the operator may not list Events there.
 _events_forbidden_logged: set[str] = set()
+#: The Event reason that says a hand edit of the task's Deployment or Service was replaced
+#: (:func:`replace_hand_edits`).
+HAND_EDIT_REPLACED = "HandEditReplaced"
 
 
 class ChildWriteBusy(KubeError):
@@ -61,11 +66,18 @@ class ChildWriteBusy(KubeError):
         self.plan = plan
 
 
-def _owned(obj: dict[str, Any] | None, uid: str) -> bool:
-    return bool(obj) and any(
-        ref.get("uid") == uid
-        for ref in (obj or {}).get("metadata", {}).get("ownerReferences") or []
-    )
+@dataclasses.dataclass
+class _Writes:
+    """What became of one pass's child writes."""
+
+    #: (kind, name, the API server's reason) of each write refused for good.
+    refused: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    #: Views of the Jobs the API server refused to create, pending for its reason.
+    refused_jobs: dict[str, JobView] = dataclasses.field(default_factory=dict)
+    #: The first busy answer (429, 5xx): raised once the status is written.
+    busy: KubeError | None = None
+    #: The Deployment was not written, refused or busy (:attr:`Observed.deployment_refused`).
+    deployment_unwritten: bool = False
 
 
 def trainer_account(kube: Kube, task: dict[str, Any], default: str) -> str:
@@ -138,10 +150,12 @@ def observe(
     jobs = {
         j["metadata"]["name"]: job_view(j, pods)
         for j in kube.list("batch/v1", "jobs", namespace, selector)
-        if _owned(j, uid)
+        if owned(j, uid)
     }
     jobs = _with_failed_creates(kube, namespace, jobs, pods)
     dep = kube.get("apps/v1", "deployments", namespace, n.serving_name(name))
+    if not task_child(dep, name, uid):
+        dep = None  # someone else's: this task has none (its apply will say so)
     metrics = None
     # Prometheus only when the plan will judge a window: a task is reconciled on every event
     # of its Jobs, pods and Deployment and every resync, but judged once per window.
@@ -149,7 +163,7 @@ def observe(
     # two judged windows never read the same samples (PromMetrics.range_s).
     min_window = prom.range_s(metrics_window(task["spec"])) if prom is not None else 0.0
     not_due = not metrics_due(task, now, min_window)
-    if prom is not None and _owned(dep, uid) and not not_due:
+    if prom is not None and dep is not None and not not_due:
         metrics = prom.task_metrics(
             name,
             metrics_window(task["spec"]),
@@ -159,7 +173,7 @@ def observe(
     return Observed(
         task=task,
         jobs=jobs,
-        deployment=dep if _owned(dep, uid) else None,
+        deployment=dep,
         now=now,
         metrics=metrics,
         trainer_service_account=trainer_account(kube, task, trainer_service_account),
@@ -237,72 +251,172 @@ def reconcile(
     if obs is None:
         return None
     p = plan(obs)
-    refused: list[tuple[str, str, str]] = []
-    refused_jobs: dict[str, JobView] = {}
-    # A busy answer (429, 5xx: an admission webhook down, etcd changing leader) is retried,
-    # but only after the status is written: it carries the live-control decisions (fallback,
-    # the route the gateway follows), which must not wait out a webhook outage behind the
-    # Deployment that every pass of a serving task applies again.
-    busy: KubeError | None = None
+    writes = _apply_children(kube, obs, p)
+    if writes.refused_jobs or writes.deployment_unwritten:
+        # Planned again with what is really there: refused Jobs pending for the API server's
+        # reason (the stage's condition, the phase and the candidates say they were refused,
+        # not "created"), and a revision whose Deployment was not written not promoted (its
+        # status, route and Jobs stay the served revision's). The plan is pure.
+        p = plan(
+            dataclasses.replace(
+                obs,
+                jobs={**obs.jobs, **writes.refused_jobs},
+                deployment_refused=writes.deployment_unwritten,
+            )
+        )
+    _delete_jobs(kube, obs, p, writes)
+    p = with_apply_failures(obs.task, p, writes.refused, obs.now)
+    _write_status(kube, obs, p, writes.refused)
+    if writes.busy is not None:
+        raise ChildWriteBusy(writes.busy, p)
+    return p
+
+
+def _apply_children(kube: Kube, obs: Observed, p: Plan) -> _Writes:
+    """Apply the planned children; a write refused or busy is noted and the others go on.
+
+    A busy answer (429, 5xx: an admission webhook down, etcd changing leader) is retried, but
+    only after the status is written: it carries the live-control decisions (fallback, the
+    route the gateway follows), which must not wait out a webhook outage behind the
+    Deployment that every pass of a serving task applies again.
+    """
+    writes = _Writes()
     for obj in p.apply:
         try:
-            kube.apply(obj)
+            _apply(kube, obs, obj)
         except KubeError as e:
-            child, why = obj["metadata"]["name"], e.message or str(e)
-            if obj["kind"] == "Job" and e.status == 422 and "immutable" in e.message:
-                # A Job built by an older operator version for the same revision: Jobs are
-                # immutable and the existing one does the same work, so keep it. The API
-                # server's own words are left out: they dump the whole new pod template,
-                # the dataset URI (credentials and all) among the data-prep Job's args.
-                if child in obs.jobs:
-                    log.info(
-                        "keeping existing Job %s: its pod template differs and Jobs are immutable",
-                        child,
-                    )
-                    continue
-                # Not this task's: another task's child has the name (task "a" with candidate
-                # "b-data" and task "a-ft-b" name a Job alike). Kept silently, this task
-                # waited for ever on a Job that does other work.
-                # (The API server's own words dump the whole pod template: left out.)
-                why = (
-                    "a Job of this name exists and belongs to something else (another "
-                    "AgentTask's child?), and Jobs are immutable; rename this task or its "
-                    "candidate"
-                )
-            elif e.retryable:
-                busy = busy or e
-                continue
-            # Refused for good (RBAC, quota, an admission webhook, validation): say so in
-            # the status, which is still written, and go on with the other children.
-            refused.append((obj["kind"], child, why))
-            if obj["kind"] == "Job" and child not in obs.jobs:
-                refused_jobs[child] = refused_job(obj, why)
-    if refused_jobs:
-        # Planned again with the refused Jobs pending for the API server's reason: the
-        # stage's condition, the phase and the candidates say they were refused, not
-        # "created" (the plan is pure, so this is the plan of what is really there).
-        p = plan(dataclasses.replace(obs, jobs={**obs.jobs, **refused_jobs}))
+            _note_refusal(obs, obj, e, writes)
+    return writes
+
+
+def _note_refusal(obs: Observed, obj: Mapping[str, Any], e: KubeError, writes: _Writes) -> None:
+    child, why = obj["metadata"]["name"], e.message or str(e)
+    if obj["kind"] == "Job" and e.status == 422 and "immutable" in e.message:
+        # A Job built by an older operator version for the same revision: Jobs are
+        # immutable and the existing one does the same work, so keep it. The API server's
+        # own words are left out: they dump the whole new pod template, the dataset URI
+        # (credentials and all) among the data-prep Job's args.
+        if child in obs.jobs:
+            log.info(
+                "keeping existing Job %s: its pod template differs and Jobs are immutable", child
+            )
+            return
+        # Not this task's: another task's child has the name (task "a" with candidate "b-data"
+        # and task "a-ft-b" name a Job alike). Kept silently, this task waited for ever on a
+        # Job that does other work. (The API server's own words dump the pod template: left
+        # out.)
+        why = (
+            "a Job of this name exists and belongs to something else (another AgentTask's "
+            "child?), and Jobs are immutable; rename this task or its candidate"
+        )
+    elif e.retryable:
+        writes.busy = writes.busy or e
+        writes.deployment_unwritten |= obj["kind"] == "Deployment"
+        return
+    # Refused for good (RBAC, quota, an admission webhook, validation): say so in the status,
+    # which is still written, and go on with the other children.
+    writes.refused.append((obj["kind"], child, why))
+    writes.deployment_unwritten |= obj["kind"] == "Deployment"
+    if obj["kind"] == "Job" and child not in obs.jobs:
+        writes.refused_jobs[child] = refused_job(obj, why)
+
+
+def _apply(kube: Kube, obs: Observed, obj: Mapping[str, Any]) -> None:
+    """Server-side apply ``obj``; this task's Deployment or Service refused as invalid has
+    its hand edits replaced (:func:`replace_hand_edits`) and is applied once more."""
+    try:
+        kube.apply(obj)
+    except KubeError as e:
+        if e.status != 422 or not _ours(kube, obs, obj):
+            raise
+        replace_hand_edits(kube, obs.task, obj)
+
+
+def _ours(kube: Kube, obs: Observed, obj: Mapping[str, Any]) -> bool:
+    """Whether the live Deployment or Service ``obj`` names is this task's.
+
+    The Deployment was read by :func:`observe`; the Service is read only now, after the API
+    server refused its apply, so that a healthy pass costs no extra request.
+    """
+    if obj["kind"] == "Deployment":
+        return obs.deployment is not None
+    if obj["kind"] != "Service":
+        return False
+    meta = obs.task["metadata"]
+    try:
+        live = kube.get("v1", "services", meta["namespace"], obj["metadata"]["name"])
+    except KubeError:
+        return False  # not known to be this task's: the refusal stands as it came
+    return task_child(live, meta["name"], meta["uid"])
+
+
+def replace_hand_edits(kube: Kube, task: Mapping[str, Any], obj: Mapping[str, Any]) -> None:
+    """Set the live object's spec (its lists whole) and labels and annotations to the built
+    ``obj`` with one JSON merge patch, then apply ``obj`` again; raises the API server's
+    refusal of either.
+
+    Why: server-side apply merges a keyed list item by item, so a hand edit of an item's key
+    (the Service's port 8000 patched to 9999, the container's port 8000 to 9000) leaves that
+    item beside the one the operator applies, and the API server refuses the pair
+    ('spec.ports[1].name: Duplicate value: "http"'): Ready was False (ApplyFailed) for good
+    while the Service had no port 8000 and the gateway's SLM endpoint was dead. A merge patch
+    replaces lists whole. The labels and annotations go with the spec because a Deployment's
+    say which revision its containers serve. Not deleted and created again: a refusal that is
+    no such edit (a ValidatingAdmissionPolicy's denial is a 422 too) would become an outage.
+    """
+    meta = obj["metadata"]
+    kube.merge_patch(
+        obj,
+        {
+            "metadata": {key: meta[key] for key in ("labels", "annotations") if key in meta},
+            "spec": obj["spec"],
+        },
+    )
+    kube.apply(obj)
+    # The API server's words are left out: a Deployment's may quote its pod template.
+    said = (
+        f"{obj['kind']} {meta['name']} had been edited by hand in a way server-side apply "
+        "cannot merge (the API server refused it as invalid); its spec was set back to what "
+        "the operator builds"
+    )
+    log.warning(
+        "AgentTask %s/%s: %s", task["metadata"]["namespace"], task["metadata"]["name"], said
+    )
+    kube.event(task, "Warning", HAND_EDIT_REPLACED, said)
+
+
+def _delete_jobs(kube: Kube, obs: Observed, p: Plan, writes: _Writes) -> None:
     for job in p.delete_jobs:
         seen = obs.jobs.get(job)
         try:
-            kube.delete("batch/v1", "jobs", namespace, job, uid=seen.uid if seen else "")
+            kube.delete(
+                "batch/v1",
+                "jobs",
+                obs.task["metadata"]["namespace"],
+                job,
+                uid=seen.uid if seen else "",
+            )
         except KubeError as e:
             if e.retryable:
-                busy = busy or e
+                writes.busy = writes.busy or e
                 continue
             # Refused for good (RBAC without `delete` on Jobs, a webhook): as for a refused
             # write, the status says so and is still written. Raised, it stopped every pass
             # before the status, which stayed at its last write while the log alone said why.
-            refused.append(("Job", job, f"deleting it: {e.message or e}"))
-    p = with_apply_failures(obs.task, p, refused, obs.now)
-    previous = obs.task.get("status") or {}
+            writes.refused.append(("Job", job, f"deleting it: {e.message or e}"))
+
+
+def _write_status(kube: Kube, obs: Observed, p: Plan, refused: list[tuple[str, str, str]]) -> None:
+    """Write the planned status if it changed, then post its Events and log the refusals."""
+    meta, previous = obs.task["metadata"], obs.task.get("status") or {}
+    namespace, name = meta["namespace"], meta["name"]
     if p.status != previous:
         try:
             kube.patch_status(
                 namespace,
                 name,
                 _replacing_patch(previous, p.status),
-                resource_version=obs.task["metadata"].get("resourceVersion"),
+                resource_version=meta.get("resourceVersion"),
             )
         except KubeError as e:
             if e.status == 409:
@@ -323,8 +437,5 @@ def reconcile(
                 name,
                 ", ".join(f"{kind} {child}: {why}" for kind, child, why in refused),
             )
-    if p.invalid and p.status != previous:
-        log.error("AgentTask %s/%s has an invalid spec: %s", namespace, name, p.invalid)
-    if busy is not None:
-        raise ChildWriteBusy(busy, p)
-    return p
+        if p.invalid:
+            log.error("AgentTask %s/%s has an invalid spec: %s", namespace, name, p.invalid)

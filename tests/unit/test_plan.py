@@ -509,6 +509,24 @@ def test_spec_change_trains_new_revision_while_old_keeps_serving() -> None:
     assert sorted(p3.delete_jobs) == sorted(old_jobs)
 
 
+def test_a_first_deployment_the_api_server_did_not_take_is_not_reported_as_served() -> None:
+    """The first revision exported and its Deployment refused (a GPU quota): the status named
+    it the active revision, "waiting for Triton replicas ... to become ready", of a
+    Deployment that did not exist. It stays in training, and Serving says the Deployment was
+    not taken; the next pass that writes it promotes the revision as usual."""
+    task = make_task()
+    rev = n.revision_of(task["spec"])
+    jobs = jobs_through(task, "export")
+    p = plan(Observed(task, jobs, None, NOW, deployment_refused=True))
+    assert p.status["revision"] == {"active": "", "training": rev}
+    assert conds(p.status)[c.SERVING] == (c.FALSE, c.DEPLOYMENT_PROGRESSING)
+    serving = c.find(p.status["conditions"], c.SERVING)
+    assert serving is not None and "did not take the Deployment of small" in serving["message"]
+    assert p.status["phase"] == "Deploying" and p.status["route"]["mode"] == "llm"
+    assert "selectedModel" not in p.status and p.delete_jobs == []
+    assert plan(Observed(task, jobs, None, NOW)).status["revision"]["active"] == rev
+
+
 def test_a_gate_edit_judges_the_trained_candidates_again_and_trains_nothing() -> None:
     """Both candidates trained and missed the gate; the engineer lowers it. The revision used
     to hash the gate, so the finished fine-tunes were deleted and trained again from scratch

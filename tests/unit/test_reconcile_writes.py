@@ -1,4 +1,5 @@
-"""What a reconcile writes when the API server refuses a child, or the task changed meanwhile."""
+"""What a reconcile writes when the API server refuses a child, a child was edited by hand, or
+the task changed meanwhile."""
 
 from __future__ import annotations
 
@@ -35,12 +36,24 @@ class Cluster:
         self.refuse_delete: KubeError | None = None
         self.deleted: list[str] = []
         self.jobs: list[dict[str, Any]] = []
+        #: Objects ``get`` finds, by plural (one each: the task's Deployment and Service).
+        self.objects: dict[str, dict[str, Any]] = {}
+        self.patches: list[tuple[str, dict[str, Any]]] = []
+        self.refuse_patch: KubeError | None = None
+        self.refuse_deployment: KubeError | None = None
 
     def get_task(self, namespace: str, name: str) -> dict[str, Any]:
         return copy.deepcopy(self.task)
 
-    def get(self, *_: Any) -> None:
-        return None
+    def get(self, api_version: str, plural: str, *_: Any) -> dict[str, Any] | None:
+        return copy.deepcopy(self.objects.get(plural))
+
+    def merge_patch(self, obj: dict[str, Any], patch: dict[str, Any]) -> None:
+        self.patches.append((obj["kind"], copy.deepcopy(patch)))
+        if self.refuse_patch is not None:
+            raise self.refuse_patch
+        plural = f"{obj['kind'].lower()}s"
+        self.objects[plural] = merge_patch(self.objects.get(plural), patch)
 
     def list(self, api_version: str, plural: str, *_: Any, **__: Any) -> list[dict[str, Any]]:
         return copy.deepcopy(self.jobs) if plural == "jobs" else []
@@ -48,6 +61,8 @@ class Cluster:
     def apply(self, obj: dict[str, Any]) -> None:
         if self.refuse is not None and obj["kind"] == "Job":
             raise self.refuse
+        if self.refuse_deployment is not None and obj["kind"] == "Deployment":
+            raise self.refuse_deployment
         self.applied.append(f"{obj['kind']}/{obj['metadata']['name']}")
 
     def delete(self, api_version: str, plural: str, namespace: str, name: str, uid: str) -> None:
@@ -236,13 +251,8 @@ def test_a_busy_child_write_does_not_hold_back_the_fallback_decision(
     monkeypatch.setattr(rc, "observe", lambda *a, **k: obs)
     webhook = KubeError(500, 'failed calling webhook "validate.kyverno.svc"', "InternalError")
 
-    class Webhooked(Cluster):
-        def apply(self, obj: dict[str, Any]) -> None:
-            if obj["kind"] == "Deployment":
-                raise webhook
-            super().apply(obj)
-
-    kube = Webhooked(task)
+    kube = Cluster(task)
+    kube.refuse_deployment = webhook
     with pytest.raises(KubeError) as raised:
         rc.reconcile(kube, "agents", "weather")  # type: ignore[arg-type]
     assert raised.value.retryable and str(raised.value) == str(webhook)  # retried as before
@@ -315,3 +325,221 @@ def test_status_is_written_only_onto_the_object_that_was_read() -> None:
     assert kube.status_writes == [{"resourceVersion": "4711"}]
     assert raised.value.retryable
     assert not kube.events  # nothing is announced about a status that was not written
+
+
+def _ports(obj: dict[str, Any]) -> dict[str, int]:
+    """Port number by name, of a Service or of a Deployment's containers."""
+    if obj["kind"] == "Service":
+        return {p["name"]: p["port"] for p in obj["spec"]["ports"]}
+    containers = obj["spec"]["template"]["spec"]["containers"]
+    return {p["name"]: p["containerPort"] for c_ in containers for p in c_.get("ports") or []}
+
+
+class HandEdited(Cluster):
+    """A cluster holding the task's Deployment and Service, as server-side apply treats them:
+    a port edited by hand under another number stays beside the applied one (keyed lists are
+    merged item by item), and the API server refuses the duplicate port name."""
+
+    def apply(self, obj: dict[str, Any]) -> None:
+        live = self.objects.get(f"{obj['kind'].lower()}s")
+        if live is not None and _ports(live) != _ports(obj):
+            where = "spec.ports[1]" if obj["kind"] == "Service" else "spec.template.spec."
+            raise KubeError(
+                422,
+                f'{obj["kind"]} "weather-slm" is invalid: {where}...name: Duplicate value: "http"',
+                "Invalid",
+            )
+        super().apply(obj)
+
+
+def _served(task: dict[str, Any], dep: dict[str, Any]) -> dict[str, Any]:
+    """The Triton Deployment ``task`` serves from, as the API server holds it: built by the
+    operator (labels, owner) with ``dep``'s status."""
+    facts = dep["metadata"]["annotations"]
+    built = b.triton_deployment(
+        task,
+        facts[n.LABEL_REVISION],
+        facts[n.ANNOTATION_ARTIFACT],
+        facts[n.ANNOTATION_CANDIDATE],
+        int(dep["spec"]["replicas"]),
+    )
+    built["metadata"]["generation"] = 1
+    return {**built, "status": copy.deepcopy(dep["status"])}
+
+
+def _serving_cluster(
+    monkeypatch: pytest.MonkeyPatch, kube_type: type[Cluster] = HandEdited
+) -> Cluster:
+    """A cluster whose task serves, with its Deployment and Service as the operator built them."""
+    import test_plan as tp
+
+    from slm_operator.plan import Observed
+
+    task, jobs, dep = tp._serving_task()
+    task["metadata"]["resourceVersion"] = "42"
+    kube = kube_type(task)
+    kube.objects = {"deployments": _served(task, dep), "services": b.triton_service(task)}
+    monkeypatch.setattr(
+        rc,
+        "observe",
+        lambda *a, **k: Observed(
+            copy.deepcopy(kube.task), jobs, kube.objects["deployments"], tp.NOW
+        ),
+    )
+    return kube
+
+
+@pytest.mark.parametrize(
+    ("plural", "path"),
+    [
+        ("services", ("spec", "ports", 0, "port")),
+        ("deployments", ("spec", "template", "spec", "containers", 0, "ports", 0, "containerPort")),
+    ],
+    ids=["service-port", "container-port"],
+)
+def test_a_port_edited_by_hand_is_set_back_and_the_task_stays_ready(
+    monkeypatch: pytest.MonkeyPatch, plural: str, path: tuple[Any, ...]
+) -> None:
+    """`kubectl patch` moved the Service's port 8000 to 9999 (or the container's to 9000):
+    every apply after it added 8000 beside it and the API server refused the pair, so Ready
+    stayed False (ApplyFailed) for good while the gateway's endpoint, port 8000, was dead.
+    The hand edit is replaced with one merge patch of the built spec, and said so."""
+    kube = _serving_cluster(monkeypatch)
+    rc.reconcile(kube, "agents", "weather")  # type: ignore[arg-type]
+    assert _ready(kube.task)["status"] == c.TRUE
+    edited: Any = kube.objects[plural]
+    for key in path[:-1]:
+        edited = edited[key]
+    edited[path[-1]] = 9999
+
+    rc.reconcile(kube, "agents", "weather")  # type: ignore[arg-type]
+    ready = _ready(kube.task)
+    assert (ready["status"], ready["reason"]) == (c.TRUE, c.READY_REASON), ready
+    assert _ports(kube.objects[plural])["http"] == 8000  # the endpoint answers again
+    assert [kind for kind, _ in kube.patches] == [kube.objects[plural]["kind"]]
+    assert ("Warning", rc.HAND_EDIT_REPLACED) in {(t, r) for t, r, _ in kube.events}
+
+
+def test_a_refusal_a_merge_patch_cannot_lift_stays_apply_failed_and_nothing_is_deleted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A ValidatingAdmissionPolicy's denial is a 422 too: the merge patch is refused alike, and
+    the task says why in the API server's words; the Service is not deleted and created again
+    (that would turn a refused update into an outage)."""
+    kube = _serving_cluster(monkeypatch)
+    kube.objects["services"]["spec"]["ports"][0]["port"] = 9999
+    policy = (
+        'services "weather-slm" is forbidden: ValidatingAdmissionPolicy "no-edits" with '
+        'binding "no-edits" denied request: ports are frozen'
+    )
+    kube.refuse_patch = KubeError(422, policy, "Invalid")
+    rc.reconcile(kube, "agents", "weather")  # type: ignore[arg-type]
+    ready = _ready(kube.task)
+    assert (ready["status"], ready["reason"]) == (c.FALSE, c.APPLY_FAILED)
+    assert (
+        ready["message"].startswith("Service weather-slm was refused: ")
+        and "frozen" in ready["message"]
+    )
+    assert [kind for kind, _ in kube.patches] == ["Service"] and not kube.deleted
+    assert rc.HAND_EDIT_REPLACED not in {r for _, r, _ in kube.events}
+
+
+def test_someone_elses_service_is_not_patched(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Service of the task's name that another owner holds is not the task's to rewrite."""
+    kube = _serving_cluster(monkeypatch)
+    foreign = kube.objects["services"]
+    foreign["metadata"]["ownerReferences"] = [{"uid": "someone-else", "kind": "Application"}]
+    foreign["spec"]["ports"][0]["port"] = 9999
+    rc.reconcile(kube, "agents", "weather")  # type: ignore[arg-type]
+    assert _ready(kube.task)["reason"] == c.APPLY_FAILED and not kube.patches
+
+
+GPU_QUOTA = (
+    'deployments.apps "weather-slm" is forbidden: exceeded quota: gpus, requested: '
+    "requests.nvidia.com/gpu=1, used: requests.nvidia.com/gpu=4, limited: requests.nvidia.com/gpu=4"
+)
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        KubeError(403, GPU_QUOTA, "Forbidden"),
+        KubeError(422, 'deployments.apps "weather-slm" is forbidden: policy says no', "Invalid"),
+        KubeError(500, 'failed calling webhook "validate.kyverno.svc"', "InternalError"),
+    ],
+    ids=["quota", "policy", "webhook-down"],
+)
+def test_a_new_revision_whose_deployment_is_refused_is_not_shown_served(
+    monkeypatch: pytest.MonkeyPatch, refusal: KubeError
+) -> None:
+    """A retrained revision passed and exported, and the Deployment's update to it was refused
+    (a GPU quota, a policy) or not answered: status said the new revision served (revision,
+    selectedModel, Serving, the route) and the served revision's Jobs were deleted, while the
+    old pods went on serving. It stays a revision in training until its Deployment is taken."""
+    import test_plan as tp
+
+    from slm_operator.plan import Observed, plan
+
+    task = make_task()
+    old_rev = n.revision_of(task["spec"])
+    old_jobs = tp.jobs_through(task, "export")
+    dep = _served(task, tp.deployment(old_rev))
+    task["status"] = plan(Observed(task, old_jobs, dep, tp.NOW)).status
+    task["spec"]["candidates"][0]["epochs"] = 5
+    task["metadata"].update(generation=2, resourceVersion="43")
+    new_rev = n.revision_of(task["spec"])
+    jobs = {**old_jobs, **tp.jobs_through(task, "export")}
+    monkeypatch.setattr(
+        rc, "observe", lambda *a, **k: Observed(copy.deepcopy(task), jobs, dep, tp.NOW)
+    )
+
+    kube = Cluster(task)
+    kube.refuse_deployment = refusal
+    kube.objects = {"deployments": dep}
+    kube.refuse_patch = refusal  # a policy refuses the repair alike
+    try:
+        rc.reconcile(kube, "agents", "weather")  # type: ignore[arg-type]
+    except KubeError as e:
+        assert e.retryable and refusal.retryable  # busy: retried, once the status is written
+    status = kube.task["status"]
+    assert status["revision"] == {"active": old_rev, "training": new_rev}
+    assert status["selectedModel"]["revision"] == old_rev
+    serving = c.find(status["conditions"], c.SERVING)
+    assert serving is not None and serving["status"] == c.TRUE and old_rev in serving["message"]
+    assert new_rev not in json.dumps(status["route"])
+    assert not kube.deleted  # the served revision's Jobs are kept
+    if not refusal.retryable:
+        ready = _ready(kube.task)
+        assert ready["reason"] == c.APPLY_FAILED and "Deployment weather-slm" in ready["message"]
+
+
+@pytest.mark.parametrize("owner", ["", "someone-else"], ids=["removed", "another-owner"])
+def test_a_deployment_whose_owner_reference_was_removed_by_hand_is_still_the_tasks(
+    owner: str,
+) -> None:
+    """ownerReferences removed from the Triton Deployment by hand (`kubectl edit`, a tool that
+    strips them): the pass that saw it read "no Deployment", sent the route to the LLM and
+    posted a Warning NoReadyReplicas while every replica stayed ready, and its own apply put
+    the reference back. Labelled by the operator for this task and owned by no one, it is the
+    task's; one that names another owner stays someone else's."""
+    import test_plan as tp
+
+    task, _, dep = tp._serving_task()
+    task["metadata"]["resourceVersion"] = "42"
+    kube = Cluster(task)
+    kube.objects = {"deployments": _served(task, dep)}
+    rc.reconcile(kube, "agents", "weather", tp.NOW)  # type: ignore[arg-type]
+    before, posted = copy.deepcopy(kube.task["status"]), len(kube.events)
+    assert _ready(kube.task)["status"] == c.TRUE
+
+    kube.objects["deployments"]["metadata"]["ownerReferences"] = (
+        [{"uid": owner, "kind": "Application", "name": "x"}] if owner else []
+    )
+    rc.reconcile(kube, "agents", "weather", tp.NOW)  # type: ignore[arg-type]
+    serving = c.find(kube.task["status"]["conditions"], c.SERVING)
+    assert serving is not None
+    if owner:
+        assert serving["status"] != c.TRUE  # not this task's Deployment
+        return
+    assert kube.task["status"] == before and len(kube.events) == posted
+    assert serving["status"] == c.TRUE and kube.task["status"]["route"]["mode"] != "llm"
