@@ -758,7 +758,7 @@ class Gateway:
                         done = True
                     elif data is not None:
                         doc = orjson.loads(data)
-                        if secret:
+                        if secret and isinstance(doc, dict) and "error" in doc:
                             event, doc = _unquoted(event, data, doc, secret)
                         assembled.add(doc)
                         if is_usage_only(doc) and not include_usage:
@@ -1036,7 +1036,7 @@ class Gateway:
                 # Judged as it would be served (stop sequences cut, arguments as JSON text):
                 # the raw answer disagreed where the agent would have read the LLM's answer.
                 served = _served_message(answer, req, self._next_id())
-                same = agree(served, llm_message, route.metric, req.tools)
+                same = agree(served, llm_message, route.metric, req.tools, route.task_type)
                 result = "agree" if same else "disagree"
         except Exception:
             log.exception("shadow call failed")
@@ -1288,14 +1288,16 @@ def _refuses_stream_options(status: int, body: bytes) -> bool:
 
 
 def _unquoted(event: bytes, data: bytes, doc: Any, secret: str) -> tuple[bytes, Any]:
-    """One event of an LLM's stream (its ``data`` and ``doc`` decoded) with the task's LLM
-    key, ``secret``, masked should the LLM have quoted it: as it came when it does not.
+    """An error event of an LLM's stream (its ``data`` and ``doc`` decoded) with the task's
+    LLM key, ``secret``, masked should the LLM have quoted it: as it came when it does not.
+    Only error events: an answer's text is the model's, and a placeholder key ("EMPTY",
+    "ollama") is a word an answer may well hold.
 
     Why: an LLM may end a stream it had begun with OpenAI's error event, and one that
     quoted the gateway's Authorization header showed the agent the task's key, which the
     gateway never shows an agent (a 4xx is masked too: :func:`errors.upstream_4xx_body`).
-    Every token passes here, so only data that may hold the key is searched decoded: its
-    bytes, or a JSON escape that could hide one of its characters. A bearer token (RFC 6750)
+    Only data that may hold the key is searched decoded: its bytes, or a JSON escape that
+    could hide one of its characters. A bearer token (RFC 6750)
     is letters, digits and ``-._~+/=``, which JSON writes as they are, as ``\\uXXXX``, or
     (``/``) as ``\\/``. The event's other fields (``event:``, ``id:``) are kept.
     """

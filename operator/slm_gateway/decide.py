@@ -336,6 +336,7 @@ def agree(
     b: Mapping[str, Any],
     metric: str = "",
     tools: Sequence[Mapping[str, Any]] = (),
+    task_type: str = "",
 ) -> bool:
     """Does the SLM's message ``a`` say what the LLM's ``b`` says, under the task's metric?
 
@@ -344,10 +345,13 @@ def agree(
     ``tool-call-ast`` is BFCL's AST match against the request's ``tools`` (1 and 1.0 alike,
     an optional argument left at its default, strings compared as BFCL does, parallel calls
     in any order), ``exact-match`` the same calls in order and the same normalised text, and
-    ``label-accuracy`` the label (the first tool called, else the normalised text: the
-    gateway does not know whether a task classifies or selects tools). Compared by their
-    own rules before, 1 against 1.0 or "Paris" against "paris" disagreed live though the
-    gate had scored them right, and a canary the gate passed could not be promoted.
+    ``label-accuracy`` the label as the task's ``task_type`` has it: a tool-call task's is the
+    first tool called (two answers in words, neither calling a tool, agree, as the gate
+    scores them), a classification task's the tool called, else the normalised text. Without
+    a task type (a routes file that names none) a call that offers tools is taken for a
+    tool-call task's. Compared by their own rules before, 1 against 1.0 or "Paris" against
+    "paris" disagreed live though the gate had scored them right, and a canary the gate
+    passed could not be promoted.
 
     BFCL's own checker is not loaded here (the gateway's image does not ship bfcl-eval):
     the trainer's built-in port of it decides, as it does wherever that package is absent.
@@ -355,7 +359,10 @@ def agree(
     arguments as parsed JSON, or the same text up to whitespace.
     """
     if metric in ("tool-call-ast", "exact-match", "label-accuracy"):
-        task_type = "tool-call" if metric == "tool-call-ast" else "classification"
+        if metric == "tool-call-ast":
+            task_type = "tool-call"
+        elif not task_type:
+            task_type = "tool-call" if tools else "classification"
         return bool(metrics.answer_correct(metric, a, b, tools, task_type, use_bfcl=False))
     ca, cb = _calls(a), _calls(b)
     if ca or cb:

@@ -91,6 +91,9 @@ class Route:
     confidence_threshold: float = 0.0
     #: The task's evaluation metric; shadow agreement is measured with it.
     metric: str = ""
+    #: The task's ``spec.taskType``, which decides what label-accuracy compares; "" (a routes
+    #: file that names none): judged from the call, a tool-call task's when it offers tools.
+    task_type: str = ""
     slm_timeout_s: float = DEFAULT_SLM_TIMEOUT_S
     llm_timeout_s: float = DEFAULT_LLM_TIMEOUT_S
     reason: str = ""
@@ -264,6 +267,7 @@ def route_from_task(
         canary_percent=int(_num(route.get("canaryPercent", 0), "canaryPercent", name)),
         confidence_threshold=_num(threshold, "confidenceThreshold", name),
         metric=str(route.get("metric") or (spec.get("evaluation") or {}).get("metric") or ""),
+        task_type=str(spec.get("taskType") or "tool-call"),  # the CRD's default
         slm_timeout_s=timeout_s,
         llm_timeout_s=llm_timeout_s,
         reason=reason,
@@ -319,6 +323,7 @@ def route_from_entry(
         llm_price=price_from(entry.get("llmPrice"), name),
         llm_api_key=key,
         metric=str(entry.get("metric") or ""),
+        task_type=str(entry.get("taskType") or ""),
     )
 
 

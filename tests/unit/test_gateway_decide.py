@@ -468,6 +468,8 @@ def _txt(text: str) -> dict[str, Any]:
         ("label-accuracy", "classification", _txt("positive"), _txt("Positive")),
         ("label-accuracy", "tool-call", _tc(("book", "{}")), _tc(("book", "{}"), ("book", "{}"))),
         ("label-accuracy", "tool-call", _tc(("other", "{}")), _tc(("book", "{}"))),
+        ("label-accuracy", "tool-call", _txt("No tool fits."), _txt("I cannot help with that.")),
+        ("label-accuracy", "classification", _txt("positive"), _txt("negative")),
     ],
 )  # fmt: skip
 def test_live_agreement_is_the_gates_verdict(
@@ -480,7 +482,9 @@ def test_live_agreement_is_the_gates_verdict(
     from slm_trainer.generative import score_answer
 
     gate = score_answer(metric, slm, llm, BOOK, task_type) == 1.0
-    assert agree(slm, llm, metric, BOOK) == gate
+    assert agree(slm, llm, metric, BOOK, task_type) == gate
+    # A routes file may name no task type: a call that offers tools is a tool-call task's.
+    assert agree(slm, llm, metric, BOOK if task_type == "tool-call" else ()) == gate
 
 
 @pytest.mark.parametrize("confidence", [5.0, -3.0, 1.0000001])

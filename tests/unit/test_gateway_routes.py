@@ -51,6 +51,16 @@ def test_a_new_task_is_served_by_its_llm() -> None:
     assert not r.has_slm
 
 
+def test_a_route_knows_its_tasks_type_for_live_agreement() -> None:
+    """label-accuracy compares a tool-call task's tools and a classification task's labels:
+    the gateway judged every task as a classification, so two answers in words of a tool-call
+    task disagreed live while the gate scored them right."""
+    assert route_from_task(TASK).task_type == "tool-call"  # the CRD's default
+    classify = copy.deepcopy(TASK)
+    classify["spec"]["taskType"] = "classification"
+    assert route_from_task(classify).task_type == "classification"
+
+
 def test_status_route_overrides_the_spec() -> None:
     r = route_from_task(
         with_status(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import json
 import re
 import threading
@@ -741,6 +742,22 @@ def test_an_llm_error_in_openais_shape_never_shows_the_tasks_key(
             assert doc["error"]["code"] == "model_not_found" and doc["error"]["param"] == "model"
             assert doc["echo"] == "Bearer [redacted]"
     assert KEY.encode() in upstream.requests[-1][0]  # the key did travel, to the LLM alone
+
+
+def test_a_streamed_answer_holding_the_key_as_words_is_relayed_as_written(
+    upstream: Upstream,
+) -> None:
+    """Only an error event is searched for the task's key: a local server's placeholder key
+    ("ollama", "EMPTY") is a word an answer may hold, and masking answers rewrote them for
+    the agent and for the capture ("Install [redacted] with: ...")."""
+    said = [chunk("Install ollama with: curl -fsSL https://ollama.com/install.sh | sh")]
+    upstream.script.append(sse([*said, b"data: [DONE]\n\n"], "chunked"))
+    route = dataclasses.replace(keyed_route(upstream), llm_api_key="ollama")
+    c, _ = gateway(route)
+    with c:
+        r = ask(c, stream=True)
+    assert r.status_code == 200 and r.text.startswith(said[0].decode())  # byte for byte
+    assert "[redacted]" not in r.text
 
 
 def stream_quoting_authorization(upstream: Upstream, escaped: bool, first: bytes) -> Action:
