@@ -2666,3 +2666,81 @@ def test_the_signature_of_a_signed_url_is_replaced(
     """Anyone holding a signed URL can fetch the object until it expires, so its signature is a
     credential; Azure SAS and GCS V4 links passed whole."""
     assert redactor.redact_text(text, RedactionState()) == (redacted or text)
+
+
+# ---- a review of the fixes of 2026-12-05: a "%40" address in a URL's path, version numbers
+# glued to Chinese, Japanese or Korean words ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        (
+            "see https://api.example.com/v1/users/jane%40example.com and jane@example.com",
+            "see https://api.example.com/v1/users/<EMAIL_ADDRESS_1> and <EMAIL_ADDRESS_1>",
+        ),
+        ("GET /users/jane%40example.com HTTP/1.1", "GET /users/<EMAIL_ADDRESS_1> HTTP/1.1"),
+        (
+            "https://example.com/u/jane%40example.com/profile#top",
+            "https://example.com/u/<EMAIL_ADDRESS_1>/profile#top",
+        ),
+        (
+            "https://example.com/?email=jane%40example.com&x=1",
+            "https://example.com/?email=<EMAIL_ADDRESS_1>&x=1",
+        ),
+    ],
+    ids=["api-path-and-prose", "request-line", "path-and-fragment", "query"],
+)
+def test_a_percent_encoded_address_in_a_url_path_leaves_the_host_and_path(
+    redactor: Redactor, text: str, redacted: str
+) -> None:
+    """The address's local part was read back over the whole URL (a "/" may be in one), so the
+    host and path were replaced with it (``GET /<EMAIL_ADDRESS_1> HTTP/1.1``), and the
+    address in the prose beside it got a placeholder of its own."""
+    assert redactor.redact_text(text, RedactionState()) == redacted
+
+
+def test_a_percent_encoded_address_in_a_url_path_shares_the_records_placeholder(
+    redactor: Redactor,
+) -> None:
+    url = "https://api.example.com/v1/users/jane%40example.com/orders"
+    new, counts = redactor.redact_record(_record("Orders of jane@example.com?", {"url": url}))
+    assert new.messages[1]["content"] == "Orders of <EMAIL_ADDRESS_1>?"
+    args = json.loads(new.response["tool_calls"][0]["function"]["arguments"])
+    assert args == {"url": "https://api.example.com/v1/users/<EMAIL_ADDRESS_1>/orders"}
+    assert counts == {"EMAIL_ADDRESS": 2}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "固件版本2.0.0.1",
+        "升级到1.2.3.4版本",
+        "バージョン1.0.0.1をインストール",
+        "버전1.0.0.1을 설치하세요",
+        "第1.2.3.4条规定",
+        "当前版本号是10.2.1.3",
+        "버전은 1.0.0.1입니다",
+    ],
+)
+def test_version_numbers_glued_to_cjk_words_are_kept(redactor: Redactor, text: str) -> None:
+    """Once values glued to unspaced scripts were found, a four-part version beside the word
+    for "version" (or a clause's number) in those scripts read as an IP address."""
+    assert redactor.redact_text(text, RedactionState()) == text
+    doc = json.dumps({"note": text}, ensure_ascii=False)
+    assert redactor.redact_json_text(doc, RedactionState()) == doc
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        ("服务器IP是192.168.10.24吗", "服务器IP是<IP_ADDRESS_1>吗"),
+        ("IP是10.0.0.1吗", "IP是<IP_ADDRESS_1>吗"),
+        ("从192.168.1.1下载固件", "从<IP_ADDRESS_1>下载固件"),
+        ("第192.168.1.1号服务器", "第<IP_ADDRESS_1>号服务器"),
+    ],
+)
+def test_ip_addresses_glued_to_other_cjk_words_are_still_replaced(
+    redactor: Redactor, text: str, redacted: str
+) -> None:
+    assert redactor.redact_text(text, RedactionState()) == redacted

@@ -677,6 +677,9 @@ EMAIL_LOCAL_MAX_CHARS = 64
 EMAIL_DOMAIN_MAX_CHARS = 255
 # Presidio's local-part characters (its e-mail pattern's character class, dot included).
 _EMAIL_LOCAL_CHAR_RE = re.compile(r"[!#$%&'*+\-/=?^_`{|}~.\w]")
+# The same without what separates a URL's parts ("/", "?", "&", "=", "#"; ":" is in neither):
+# a "%40" occurs only inside a URL, so an address spelt with one starts after the last of them.
+_URL_EMAIL_LOCAL_CHAR_RE = re.compile(r"[!$%'*+\-^_`{|}~.\w]")
 
 
 class GluedEmailRecognizer(OfflineEmailRecognizer):
@@ -759,6 +762,11 @@ class GluedEmailRecognizer(OfflineEmailRecognizer):
         characters before it, leftmost first as a search would, never before the end of the
         previous match. The text is sliced to the bounded window, so a start cut by the bound
         counts as a word boundary. Work per "@" is bounded by the two limits.
+
+        A "%40" is only ever inside a URL, so its local part stops at the URL's separators:
+        read with all of Presidio's characters, ``https://api.example.com/v1/users/jane%40x.io``
+        was an address from the host on, and its placeholder was not the one of the
+        ``jane@x.io`` elsewhere in the record.
         """
         last_end = 0
         for sign in _AT_SIGN_RE.finditer(text):
@@ -767,7 +775,9 @@ class GluedEmailRecognizer(OfflineEmailRecognizer):
             hi = min(len(text), after + EMAIL_DOMAIN_MAX_CHARS)
             if at > lo and self._DOMAIN_RE.match(text, after, hi):
                 start = at
-                while start > lo and _EMAIL_LOCAL_CHAR_RE.match(text, start - 1):
+                url = sign.group() != "@"
+                local_char = _URL_EMAIL_LOCAL_CHAR_RE if url else _EMAIL_LOCAL_CHAR_RE
+                while start > lo and local_char.match(text, start - 1):
                     start -= 1
                 # A "%40" is read as the "@" it encodes; past it, offsets shift by two.
                 window = text[start:at] + "@" + text[after:hi]
@@ -1927,6 +1937,18 @@ _PHONE_KEY_RE = re.compile(
 #: A key that names a version by its last word ("app_version", "firmware"): its four-part
 #: value is no IP address. "build_server", "fw" (a firewall) or "v" name hosts or anything.
 _VERSION_KEY_RE = re.compile(r"\b(?:version|ver|firmware|release|revision)$", re.IGNORECASE)
+# The same words in Chinese, Japanese and Korean ("版本", "固件", "バージョン", "버전"), glued to a
+# four-part number on either side ("固件版本2.0.0.1", "升级到1.2.3.4版本", "버전은 1.0.0.1"), with
+# a "number" word, a colon of either width or an "is" particle between word and value; and the
+# "第 … 条" that numbers a clause, chapter or section ("第1.2.3.4条规定"). An IP address glued to
+# other words ("服务器IP是192.168.10.24吗") has none of them.
+_CJK_VERSION_WORD = r"(?:版本?|固件|バージョン|버전)"
+_CJK_VERSION_BEFORE_RE = re.compile(
+    _CJK_VERSION_WORD + r"(?:号|號|번호)?\s*(?:[:\uff1a=]|是|为|為|は|은|는)?\s*$"
+)
+_CJK_VERSION_AFTER_RE = re.compile(r"\s*" + _CJK_VERSION_WORD)
+_CJK_CLAUSE_BEFORE_RE = re.compile(r"第\s*$")
+_CJK_CLAUSE_AFTER_RE = re.compile(r"\s*[条章节條節款]")
 
 
 #: Marks the context (JSON key) of a JSON integer redacted as text (see _refine).
@@ -1955,8 +1977,26 @@ def _small_numbers(value: str) -> bool:
     return 0 not in sizes and max(sizes) <= 2 and sizes.count(1) >= 2
 
 
-def _refine(span: Span, text: str, context: str) -> Span | None:
-    """Trim or drop the look-alikes common in agent traffic (see the module docstring)."""
+def _cjk_versioned(span: Span, written: str) -> bool:
+    """Whether the words of Chinese, Japanese or Korean around ``span`` in ``written`` make its
+    four-part number a version or a clause's number rather than an IP address.
+
+    Read in the text as written: :func:`spaced_view` shows those words as spaces, so in the
+    view ``固件版本2.0.0.1`` is a bare number, and was replaced as an address.
+    """
+    before = written[max(0, span.start - 40) : span.start]
+    after = written[span.end : span.end + 40]
+    if _CJK_VERSION_BEFORE_RE.search(before) or _CJK_VERSION_AFTER_RE.match(after):
+        return True
+    return bool(_CJK_CLAUSE_BEFORE_RE.search(before) and _CJK_CLAUSE_AFTER_RE.match(after))
+
+
+def _refine(span: Span, text: str, context: str, written: str) -> Span | None:
+    """Trim or drop the look-alikes common in agent traffic (see the module docstring).
+
+    ``text`` is what the recognizers scanned (:func:`spaced_view`), ``written`` the same before
+    its unspaced scripts were blanked, for the checks that read the words of those scripts.
+    """
     before = text[max(0, span.start - 40) : span.start]
     after = text[span.end : span.end + 2]
     whole = span.start == 0 and span.end == len(text)  # the match is the whole JSON value
@@ -2012,8 +2052,10 @@ def _refine(span: Span, text: str, context: str) -> Span | None:
         return dataclasses.replace(span, end=span.start + len(value), value=value)
     if span.kind == IP_ADDRESS and "." in span.value and ":" not in span.value:
         # "version 10.2.1.3" in text, {"app_version": "10.2.1.3"} in JSON
-        versioned = _VERSION_CONTEXT_RE.search(before) or (
-            whole and _VERSION_KEY_RE.search(key_words)
+        versioned = (
+            _VERSION_CONTEXT_RE.search(before)
+            or _cjk_versioned(span, written)
+            or (whole and _VERSION_KEY_RE.search(key_words))
         )
         return None if versioned else span
     return span
@@ -2255,7 +2297,8 @@ class Redactor:
         if len(text) > MAX_TEXT_CHARS:  # spaCy would refuse it only if a match were tokenized
             raise TextTooLong(f"text of {len(text)} characters is over {MAX_TEXT_CHARS}")
         # The same offsets as ``text``, whose characters are the values (see both views).
-        view = spaced_view(escape_view(text))
+        written = escape_view(text)
+        view = spaced_view(written)
         kinds = possible_kinds(view, self.kinds) if self.gate else self.kinds
         if not kinds:
             return ()
@@ -2277,7 +2320,7 @@ class Redactor:
             for r in results
             if r.score > 0 and not PLACEHOLDER_RE.fullmatch(text[r.start : r.end])
         ]
-        refined = (_refine(s, view, context) for s in spans)
+        refined = (_refine(s, view, context, written) for s in spans)
         return tuple(_resolve_overlaps(s for s in refined if s is not None))
 
     def redact_text(self, text: str, state: RedactionState | None = None, context: str = "") -> str:

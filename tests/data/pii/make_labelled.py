@@ -1057,6 +1057,12 @@ def fourth_review_examples() -> list[Example]:
         ("价格1299元\uff0c折扣200元\uff0c第1章第2节", []),
         ("the function signature: getWeatherForecast(location, unit)", []),
         ("sort=price&page=12&per_page=50#results", []),
+        # Version and clause numbers glued to the same scripts are no IP addresses.
+        ("固件版本2.0.0.1已发布", []),
+        ("请升级到1.2.3.4版本后重试", []),
+        ("バージョン1.0.0.1をインストールしてください", []),
+        ("버전1.0.0.1을 설치하세요", []),
+        ("根据第1.2.3.4条规定处理", []),
     ]
 
 
