@@ -72,23 +72,32 @@ def owned(obj: Mapping[str, Any] | None, uid: str) -> bool:
     return any(ref.get("uid") == uid for ref in refs)
 
 
-def task_child(obj: Mapping[str, Any] | None, task: str, uid: str) -> bool:
+def task_child(
+    obj: Mapping[str, Any] | None, task: str, uid: str, serves: str | None = None
+) -> bool:
     """Whether ``obj`` is the child of the AgentTask ``task`` (of ``uid``): owned by it, or
     left with no ownerReferences at all while its labels say this operator made it for
-    ``task``.
+    ``task`` and, when ``serves`` is given, its revision annotation names that revision (the
+    one the task's status says is served).
 
     Why: ownerReferences removed by hand (``kubectl edit``, a tool that strips them) made the
     task's Deployment read as missing for one pass: the route went to the LLM, a Warning
     NoReadyReplicas was posted and the conditions flipped while every replica stayed ready,
     and the pass's own apply put the reference back. As for a Service deleted by hand, which
     is back before the gateway calls again, a state this very pass repairs is not reported.
-    One that names any other owner is someone else's and stays foreign.
+    One that names any other owner is someone else's and stays foreign. ``serves``: a task
+    deleted with ``--cascade=orphan`` and created again has no status, and its first pass took
+    the old Deployment for its own: nothing trained, no model was selected, and the route
+    served every SLM answer at threshold 0.
     """
     meta = (obj or {}).get("metadata") or {}
     if meta.get("ownerReferences"):
         return owned(obj, uid)
     labels = meta.get("labels") or {}
-    return (labels.get(n.MANAGED_BY), labels.get(n.LABEL_TASK)) == (n.FIELD_MANAGER, task)
+    if (labels.get(n.MANAGED_BY), labels.get(n.LABEL_TASK)) != (n.FIELD_MANAGER, task):
+        return False
+    revision = (meta.get("annotations") or {}).get(n.LABEL_REVISION)
+    return serves is None or (bool(serves) and revision == serves)
 
 
 def refused_job(job: Mapping[str, Any], why: str) -> JobView:

@@ -50,6 +50,15 @@ _events_forbidden_logged: set[str] = set()
 HAND_EDIT_REPLACED = "HandEditReplaced"
 
 
+class HandEditReplacedBusy(KubeError):
+    """The merge patch of :func:`replace_hand_edits` was taken but the apply after it got a
+    busy answer: retried as busy, while the object already holds what the operator built (a
+    Deployment so patched serves the new revision, which the status must then say)."""
+
+    def __init__(self, cause: KubeError) -> None:
+        super().__init__(cause.status, cause.message, cause.reason)
+
+
 class ChildWriteBusy(KubeError):
     """A child write or deletion got a busy answer (429, 5xx), raised after the pass wrote
     the task's status: retried like any busy answer, but ``plan``, whose status is now the
@@ -154,8 +163,9 @@ def observe(
     }
     jobs = _with_failed_creates(kube, namespace, jobs, pods)
     dep = kube.get("apps/v1", "deployments", namespace, n.serving_name(name))
-    if not task_child(dep, name, uid):
-        dep = None  # someone else's: this task has none (its apply will say so)
+    served = ((task.get("status") or {}).get("revision") or {}).get("active") or ""
+    if not task_child(dep, name, uid, serves=served):
+        dep = None  # someone else's: this task has none (its apply will say so or adopt it)
     metrics = None
     # Prometheus only when the plan will judge a window: a task is reconciled on every event
     # of its Jobs, pods and Deployment and every resync, but judged once per window.
@@ -311,7 +321,8 @@ def _note_refusal(obs: Observed, obj: Mapping[str, Any], e: KubeError, writes: _
         )
     elif e.retryable:
         writes.busy = writes.busy or e
-        writes.deployment_unwritten |= obj["kind"] == "Deployment"
+        if not isinstance(e, HandEditReplacedBusy):
+            writes.deployment_unwritten |= obj["kind"] == "Deployment"
         return
     # Refused for good (RBAC, quota, an admission webhook, validation): say so in the status,
     # which is still written, and go on with the other children.
@@ -345,7 +356,9 @@ def _ours(kube: Kube, obs: Observed, obj: Mapping[str, Any]) -> bool:
     meta = obs.task["metadata"]
     try:
         live = kube.get("v1", "services", meta["namespace"], obj["metadata"]["name"])
-    except KubeError:
+    except KubeError as e:
+        if e.retryable:
+            raise  # busy: the pass is retried, and the Service read again
         return False  # not known to be this task's: the refusal stands as it came
     return task_child(live, meta["name"], meta["uid"])
 
@@ -353,7 +366,8 @@ def _ours(kube: Kube, obs: Observed, obj: Mapping[str, Any]) -> bool:
 def replace_hand_edits(kube: Kube, task: Mapping[str, Any], obj: Mapping[str, Any]) -> None:
     """Set the live object's spec (its lists whole) and labels and annotations to the built
     ``obj`` with one JSON merge patch, then apply ``obj`` again; raises the API server's
-    refusal of either.
+    refusal of either (:class:`HandEditReplacedBusy` for a busy answer to the apply after
+    the patch was taken).
 
     Why: server-side apply merges a keyed list item by item, so a hand edit of an item's key
     (the Service's port 8000 patched to 9999, the container's port 8000 to 9000) leaves that
@@ -372,7 +386,8 @@ def replace_hand_edits(kube: Kube, task: Mapping[str, Any], obj: Mapping[str, An
             "spec": obj["spec"],
         },
     )
-    kube.apply(obj)
+    # Said once the patch is taken: the apply after it only claims the fields for the
+    # operator again, and a retry that finds nothing to replace would never say it.
     # The API server's words are left out: a Deployment's may quote its pod template.
     said = (
         f"{obj['kind']} {meta['name']} had been edited by hand in a way server-side apply "
@@ -383,6 +398,12 @@ def replace_hand_edits(kube: Kube, task: Mapping[str, Any], obj: Mapping[str, An
         "AgentTask %s/%s: %s", task["metadata"]["namespace"], task["metadata"]["name"], said
     )
     kube.event(task, "Warning", HAND_EDIT_REPLACED, said)
+    try:
+        kube.apply(obj)
+    except KubeError as e:
+        if e.retryable:
+            raise HandEditReplacedBusy(e) from e
+        raise
 
 
 def _delete_jobs(kube: Kube, obs: Observed, p: Plan, writes: _Writes) -> None:

@@ -17,6 +17,7 @@ from slm_operator import conditions as c
 from slm_operator import naming as n
 from slm_operator import reconcile as rc
 from slm_operator.kube import KubeError, TaskChanged
+from slm_operator.observe import task_child
 
 QUOTA = (
     'jobs.batch "weather-data-0123456789" is forbidden: exceeded quota: no-jobs, requested: '
@@ -543,3 +544,96 @@ def test_a_deployment_whose_owner_reference_was_removed_by_hand_is_still_the_tas
         return
     assert kube.task["status"] == before and len(kube.events) == posted
     assert serving["status"] == c.TRUE and kube.task["status"]["route"]["mode"] != "llm"
+
+
+def test_a_service_read_that_is_busy_retries_the_pass_instead_of_refusing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a Service's 422 the operator reads the Service to see whose it is; a busy answer
+    to that read made the repairable edit read as refused for good (Ready False ApplyFailed,
+    a Warning) until the next resync, instead of a retry."""
+
+    class BusyRead(HandEdited):
+        busy_reads = 1
+
+        def get(self, api_version: str, plural: str, *rest: Any) -> Any:
+            if plural == "services" and self.busy_reads:
+                self.busy_reads -= 1
+                raise KubeError(503, "etcdserver: request timed out", "ServiceUnavailable")
+            return super().get(api_version, plural, *rest)
+
+    kube = _serving_cluster(monkeypatch, BusyRead)
+    kube.objects["services"]["spec"]["ports"][0]["port"] = 9999
+    with pytest.raises(rc.ChildWriteBusy):
+        rc.reconcile(kube, "agents", "weather")  # type: ignore[arg-type]
+    assert _ready(kube.task)["status"] == c.TRUE
+    assert c.APPLY_FAILED not in {r for _, r, _ in kube.events}
+    rc.reconcile(kube, "agents", "weather")  # type: ignore[arg-type]  # the retry repairs it
+    assert _ports(kube.objects["services"])["http"] == 8000
+
+
+def test_a_hand_edit_replaced_before_a_busy_apply_is_said_and_its_revision_served(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Revision 2 exported while the container port was edited by hand: the merge patch wrote
+    revision 2's Deployment and the apply after it was busy. The status said revision 1 still
+    served, and HandEditReplaced was never posted (the retry found nothing to replace)."""
+    import test_plan as tp
+
+    from slm_operator.plan import Observed, plan
+
+    task = tp.make_task()
+    task["metadata"]["resourceVersion"] = "1"
+    rev1 = n.revision_of(task["spec"])
+    jobs = dict(tp.jobs_through(task, "export"))
+    live = _served(task, tp.deployment(rev1))
+    task["status"] = plan(Observed(task, jobs, live, tp.NOW)).status
+    task["spec"]["candidates"][0]["epochs"] = 5
+    task["metadata"]["generation"] = 2
+    rev2 = n.revision_of(task["spec"])
+    jobs.update(tp.jobs_through(task, "export"))
+
+    class BusyAfterPatch(HandEdited):
+        deployment_applies = 0
+
+        def apply(self, obj: dict[str, Any]) -> None:
+            if obj["kind"] == "Deployment":
+                self.deployment_applies += 1
+                if self.deployment_applies == 2:  # the apply right after the merge patch
+                    raise KubeError(503, "etcdserver: leader changed", "ServiceUnavailable")
+            super().apply(obj)
+
+    kube = BusyAfterPatch(task)
+    kube.objects = {"deployments": live, "services": None}
+    live["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = 9000
+    monkeypatch.setattr(
+        rc,
+        "observe",
+        lambda *a, **k: Observed(
+            copy.deepcopy(kube.task), jobs, copy.deepcopy(kube.objects["deployments"]), tp.NOW
+        ),
+    )
+    with pytest.raises(rc.ChildWriteBusy):
+        rc.reconcile(kube, "agents", "weather")  # type: ignore[arg-type]
+    assert kube.objects["deployments"]["metadata"]["annotations"][n.LABEL_REVISION] == rev2
+    assert kube.task["status"]["revision"]["active"] == rev2
+    assert ("Warning", rc.HAND_EDIT_REPLACED) in {(t, r) for t, r, _ in kube.events}
+
+
+def test_an_orphaned_deployment_is_a_new_tasks_only_if_its_status_serves_that_revision() -> None:
+    """`kubectl delete agenttask --cascade=orphan`, then the same task applied again (new uid,
+    no status): its first pass took the old Deployment for its own, so nothing trained, no
+    model was selected and the route served every SLM answer at threshold 0. An ownerless
+    Deployment is the task's only when the task's status names the revision it serves (its
+    ownerReferences removed by hand)."""
+    import test_plan as tp
+
+    task = tp.make_task()
+    rev = n.revision_of(task["spec"])
+    orphan = _served(task, tp.deployment(rev))
+    orphan["metadata"]["ownerReferences"] = []
+    uid = task["metadata"]["uid"]
+    assert task_child(orphan, "weather", uid, serves=rev)
+    assert not task_child(orphan, "weather", uid, serves="")  # a new task: no status yet
+    assert not task_child(orphan, "weather", uid, serves="0123456789")
+    assert not task_child(orphan, "other", uid, serves=rev)
