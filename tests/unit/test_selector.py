@@ -360,6 +360,107 @@ def test_dispatch_reads_a_hub_models_config_from_the_cache_before_its_name(
     assert not selector("HuggingFaceTB/SmolLM2-135M-Instruct")
 
 
+class HubCalls:
+    """Stands in for every way the dispatch could reach the hub, recording each call: a
+    decision with the hub unreachable took 46 to 70 s when files were downloaded with
+    retries."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, infos: dict[str, Any]) -> None:
+        import huggingface_hub
+        from huggingface_hub import constants, file_download
+
+        self.calls: list[tuple[str, Any]] = []
+        self.infos = infos
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(huggingface_hub.HfApi, "model_info", self.model_info)
+        monkeypatch.setattr(huggingface_hub, "hf_hub_download", self.download)
+        monkeypatch.setattr(file_download, "hf_hub_download", self.download)
+
+    def model_info(self, repo_id: str, **kwargs: Any) -> Any:
+        self.calls.append(("model_info", repo_id))
+        assert 0 < kwargs.get("timeout", 0) <= 10, "the hub is asked with a short timeout"
+        info = self.infos.get(repo_id)
+        if info is None:
+            raise OSError("the hub is unreachable")
+        return info
+
+    def download(self, repo_id: str, filename: str, **kwargs: Any) -> str:
+        self.calls.append(("hf_hub_download", repo_id))
+        raise OSError("the hub is unreachable")
+
+
+def test_a_cached_config_decides_without_asking_the_hub(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With HF_HUB_OFFLINE unset and the hub unreachable, a causal LM whose config.json is
+    in the cache waited 46 s for downloads of its sentence-transformers files, retried 5
+    times each, before the cached config decided."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    llama = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    cache_model(cache, "acme/tiny-llm", {"config.json": llama})
+    cache_model(cache, "acme/tinybert-chat", {"config.json": llama})
+    cache_model(cache, "thenlper/gte-small", {"config.json": {"model_type": "bert"}})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    hub = HubCalls(monkeypatch, {})
+
+    assert not finetune.is_encoder_model("acme/tiny-llm")
+    assert not finetune.is_encoder_model("acme/tinybert-chat")
+    assert finetune.is_encoder_model("thenlper/gte-small")
+    assert hub.calls == []
+
+
+def test_an_uncached_model_is_judged_by_one_short_hub_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not in the cache, a model is described by the hub in one request, no retries; with
+    no answer its name decides."""
+    from types import SimpleNamespace
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    hub = HubCalls(
+        monkeypatch,
+        {
+            "Snowflake/snowflake-arctic-embed-s": SimpleNamespace(
+                library_name="sentence-transformers", tags=["bert"], config={}
+            ),
+            "acme/embedder": SimpleNamespace(
+                library_name=None, tags=["sentence-transformers"], config=None
+            ),
+            "acme/tinybert-chat": SimpleNamespace(
+                library_name="transformers",
+                tags=["text-generation"],
+                config={"model_type": "llama", "architectures": ["LlamaForCausalLM"]},
+            ),
+            "Alibaba-NLP/gte-base-en-v1.5": SimpleNamespace(
+                library_name="transformers",
+                tags=[],
+                config={"model_type": "new", "architectures": ["NewModel"]},
+            ),
+        },
+    )
+    expected = {
+        "Snowflake/snowflake-arctic-embed-s": True,
+        "acme/embedder": True,
+        "acme/tinybert-chat": False,  # "bert" in its name, a Llama by the hub's config
+        "Alibaba-NLP/gte-base-en-v1.5": True,
+        "BAAI/bge-small-en-v1.5": True,  # the hub does not answer: its name decides
+        "HuggingFaceTB/SmolLM2-135M-Instruct": False,
+    }
+    for model, encoder in expected.items():
+        hub.calls.clear()
+        assert finetune.is_encoder_model(model) is encoder, model
+        assert hub.calls == [("model_info", model)], model
+    # offline, the hub is not asked at all
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub.calls.clear()
+    assert not finetune.is_encoder_model("acme/embedder")
+    assert hub.calls == []
+
+
 def test_selector_refuses_qlora_without_a_gpu(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

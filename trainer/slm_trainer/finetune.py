@@ -380,32 +380,66 @@ SENTENCE_TRANSFORMERS_FILES = ("modules.json", "config_sentence_transformers.jso
 GENERATIVE_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 
-def _hub_file(repo_id: str, filename: str) -> Path | None:
-    """``filename`` of the hub model ``repo_id``: from the Hugging Face cache, else downloaded
-    unless HF_HUB_OFFLINE is set (a few kilobytes; training downloads the whole model next).
-    None when it cannot be had."""
+#: The files a model's kind is decided by: a sentence-transformers file, else its config.
+MODEL_FILES = (*SENTENCE_TRANSFORMERS_FILES, "config.json")
+#: Seconds the one hub request may take: without a reachable hub a model is judged by its
+#: name this much later, not a minute later as when each file's download retried 5 times.
+HUB_TIMEOUT_S = 5.0
+
+
+def _read_json(path: str | Path) -> Any:
+    """The JSON file at ``path``, parsed; None when it cannot be read or parsed."""
     try:
-        from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
-
-        cached = try_to_load_from_cache(repo_id, filename)
-        if isinstance(cached, str):
-            return Path(cached)
-        if cached is not None or constants.HF_HUB_OFFLINE:  # known to be absent, or no asking
-            return None
-        return Path(hf_hub_download(repo_id, filename))
-    except Exception:  # no such repository or file, an invalid id, no network: not a config
-        return None
-
-
-def _model_json(name: str, filename: str) -> Any:
-    """``filename`` of the model ``name`` (its local folder's, else the hub's), parsed; None
-    when there is none to read."""
-    folder = Path(resolve_model_path(name))
-    path = folder / filename if folder.is_dir() else _hub_file(name, filename)
-    try:
-        return json.loads(path.read_text()) if path is not None else None
+        return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+def _cached_files(repo_id: str) -> dict[str, Any]:
+    """What the Hugging Face cache knows of hub model ``repo_id``'s :data:`MODEL_FILES`,
+    without the network: each file's parsed JSON, or None for one cached as absent (or
+    unreadable). A file the cache knows nothing of is left out: only the hub could tell."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = {f: try_to_load_from_cache(repo_id, f) for f in MODEL_FILES}
+    except Exception:  # an invalid repo id: nothing cached under it
+        return {}
+    return {
+        f: _read_json(cached) if isinstance(cached, str) else None
+        for f, cached in found.items()
+        if cached is not None
+    }
+
+
+def _files_say_encoder(files: dict[str, Any]) -> bool | None:
+    """The verdict of a model's files (name -> parsed JSON or None): any sentence-transformers
+    file means an encoder, else its config decides; None when there is no config to read."""
+    if any(files.get(f) is not None for f in SENTENCE_TRANSFORMERS_FILES):
+        return True
+    config = files.get("config.json")
+    return _config_says_encoder(config) if isinstance(config, dict) else None
+
+
+def _hub_says_encoder(repo_id: str) -> bool | None:
+    """Ask the hub, when the cache cannot tell, in ONE request with a short timeout and no
+    retries: downloading each file retried 5 times with backoff, so with the hub unreachable
+    every decision took 46 to 70 s. None when the hub cannot answer (HF_HUB_OFFLINE, no
+    network, no such repository) or its answer names no kind."""
+    try:
+        from huggingface_hub import HfApi, constants
+
+        if constants.HF_HUB_OFFLINE:
+            return None
+        info = HfApi().model_info(repo_id, timeout=HUB_TIMEOUT_S)
+    except Exception:  # no network, a timeout, no such repository: the name decides
+        return None
+    if "sentence-transformers" in (info.library_name, *(info.tags or ())):
+        return True
+    config = info.config
+    if isinstance(config, dict) and (config.get("model_type") or config.get("architectures")):
+        return _config_says_encoder(config)
+    return None
 
 
 def _config_says_encoder(config: dict[str, Any]) -> bool:
@@ -427,21 +461,33 @@ def _name_says_encoder(name: str) -> bool:
     )
 
 
+def _model_says_encoder(name: str) -> bool | None:
+    """The verdict of the model's own files: its local folder's, else the Hugging Face
+    cache's (no network), else the hub's description of it, asked only when the cache has
+    no config for it. None when none of them can tell."""
+    folder = Path(resolve_model_path(name))
+    if folder.is_dir():
+        return _files_say_encoder({f: _read_json(folder / f) for f in MODEL_FILES})
+    files = _cached_files(name)
+    verdict = _files_say_encoder(files)
+    # a config cached as absent answers too: only a cache that knows nothing asks the hub
+    if verdict is None and "config.json" not in files:
+        return _hub_says_encoder(name)
+    return verdict
+
+
 def is_encoder_model(name: str) -> bool:
     """True for sentence-transformers / BERT-like encoders (the selector's base models).
 
     Decided by the model's own files wherever they can be read: its local folder, else the
-    Hugging Face cache, else the hub (unless HF_HUB_OFFLINE). Why not by the name: encoders
-    such as thenlper/gte-small or Snowflake/snowflake-arctic-embed-s name none of the usual
-    families, went to the causal-LM path, trained a BERT as a text generator and crashed
-    at evaluation on every retry. The name decides only when no file can be read.
+    Hugging Face cache, else the hub (one short request, unless HF_HUB_OFFLINE). Why not by
+    the name: encoders such as thenlper/gte-small or Snowflake/snowflake-arctic-embed-s name
+    none of the usual families, went to the causal-LM path, trained a BERT as a text
+    generator and crashed at evaluation on every retry. The name decides only when no file
+    can be read.
     """
-    if any(_model_json(name, f) is not None for f in SENTENCE_TRANSFORMERS_FILES):
-        return True
-    config = _model_json(name, "config.json")
-    if isinstance(config, dict):
-        return _config_says_encoder(config)
-    return _name_says_encoder(name)
+    verdict = _model_says_encoder(name)
+    return _name_says_encoder(name) if verdict is None else verdict
 
 
 def split_identifier(name: str) -> str:
