@@ -347,11 +347,11 @@ def agree(
     in any order), ``exact-match`` the same calls in order and the same normalised text, and
     ``label-accuracy`` the label as the task's ``task_type`` has it: a tool-call task's is the
     first tool called (two answers in words, neither calling a tool, agree, as the gate
-    scores them), a classification task's the tool called, else the normalised text. Without
-    a task type (a routes file that names none) a call that offers tools is taken for a
-    tool-call task's. Compared by their own rules before, 1 against 1.0 or "Paris" against
-    "paris" disagreed live though the gate had scored them right, and a canary the gate
-    passed could not be promoted.
+    scores them), a classification task's the tool called, else the normalised text, which is
+    also the rule without a task type (a routes file that names none): a classification task
+    may offer tools too, and two different labels would have agreed. Compared by their own
+    rules before, 1 against 1.0 or "Paris" against "paris" disagreed live though the gate had
+    scored them right, and a canary the gate passed could not be promoted.
 
     BFCL's own checker is not loaded here (the gateway's image does not ship bfcl-eval):
     the trainer's built-in port of it decides, as it does wherever that package is absent.
@@ -362,7 +362,7 @@ def agree(
         if metric == "tool-call-ast":
             task_type = "tool-call"
         elif not task_type:
-            task_type = "tool-call" if tools else "classification"
+            task_type = "classification"
         return bool(metrics.answer_correct(metric, a, b, tools, task_type, use_bfcl=False))
     ca, cb = _calls(a), _calls(b)
     if ca or cb:

@@ -92,7 +92,7 @@ class Route:
     #: The task's evaluation metric; shadow agreement is measured with it.
     metric: str = ""
     #: The task's ``spec.taskType``, which decides what label-accuracy compares; "" (a routes
-    #: file that names none): judged from the call, a tool-call task's when it offers tools.
+    #: file that names none): compared as a classification task's labels.
     task_type: str = ""
     slm_timeout_s: float = DEFAULT_SLM_TIMEOUT_S
     llm_timeout_s: float = DEFAULT_LLM_TIMEOUT_S
@@ -276,6 +276,21 @@ def route_from_task(
     )
 
 
+#: The CRD's ``spec.taskType`` values, which a routes file's ``taskType`` may name.
+TASK_TYPES = ("tool-call", "classification", "extraction", "generation")
+
+
+def _task_type(value: Any, name: str) -> str:
+    """A routes file's ``taskType``: one of :data:`TASK_TYPES`, or "" when it names none. A
+    misspelt one is refused, as a wrong ``mode`` is: taken as given, it changed silently what
+    live agreement compares."""
+    if value is None or value == "":
+        return ""
+    if value not in TASK_TYPES:
+        raise RouteError(f"task {name}: taskType must be one of {', '.join(TASK_TYPES)}")
+    return str(value)
+
+
 def route_from_entry(
     name: str,
     entry: Mapping[str, Any],
@@ -286,7 +301,8 @@ def route_from_entry(
     environ: Mapping[str, str] | None = None,
 ) -> Route:
     """A route from a static file's ``tasks.<name>`` entry (same keys as ``status.route``,
-    plus ``slmModel``, ``slmTimeoutMs``, and ``apiKeyEnv`` / ``apiKeyFile`` for the key)."""
+    plus ``slmModel``, ``slmTimeoutMs``, ``taskType``, and ``apiKeyEnv`` / ``apiKeyFile`` for
+    the key)."""
     env = os.environ if environ is None else environ
     key = default_api_key
     if entry.get("apiKeyEnv"):
@@ -323,7 +339,7 @@ def route_from_entry(
         llm_price=price_from(entry.get("llmPrice"), name),
         llm_api_key=key,
         metric=str(entry.get("metric") or ""),
-        task_type=str(entry.get("taskType") or ""),
+        task_type=_task_type(entry.get("taskType"), name),
     )
 
 

@@ -17,6 +17,7 @@ from slm_gateway.routes import (
     RouteError,
     RouteTable,
     load_routes_file,
+    route_from_entry,
     route_from_task,
     secret_ref,
 )
@@ -59,6 +60,16 @@ def test_a_route_knows_its_tasks_type_for_live_agreement() -> None:
     classify = copy.deepcopy(TASK)
     classify["spec"]["taskType"] = "classification"
     assert route_from_task(classify).task_type == "classification"
+
+
+def test_a_routes_file_names_a_task_type_of_the_crd_or_none() -> None:
+    """A misspelt taskType was taken as given and changed silently what live agreement
+    compares; none leaves labels compared as a classification's, as before it existed."""
+    entry = {"llmBaseURL": "http://127.0.0.1:1/v1", "llmModel": "m"}
+    assert route_from_entry("t", entry).task_type == ""
+    assert route_from_entry("t", {**entry, "taskType": "tool-call"}).task_type == "tool-call"
+    with pytest.raises(RouteError, match="taskType must be one of"):
+        route_from_entry("t", {**entry, "taskType": "Classification"})
 
 
 def test_status_route_overrides_the_spec() -> None:
