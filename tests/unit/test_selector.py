@@ -394,7 +394,9 @@ def test_a_cached_config_decides_without_asking_the_hub(
 ) -> None:
     """With HF_HUB_OFFLINE unset and the hub unreachable, a causal LM whose config.json is
     in the cache waited 46 s for downloads of its sentence-transformers files, retried 5
-    times each, before the cached config decided."""
+    times each, before the cached config decided. An encoder's cached config decides with
+    no request; a causal LM's asks the hub once, briefly, whether the model is a
+    sentence-transformers one after all (next test), and the config decides without it."""
     from huggingface_hub import constants
 
     cache = tmp_path / "hub"
@@ -405,10 +407,31 @@ def test_a_cached_config_decides_without_asking_the_hub(
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     hub = HubCalls(monkeypatch, {})
 
-    assert not finetune.is_encoder_model("acme/tiny-llm")
-    assert not finetune.is_encoder_model("acme/tinybert-chat")
     assert finetune.is_encoder_model("thenlper/gte-small")
     assert hub.calls == []
+    assert not finetune.is_encoder_model("acme/tiny-llm")
+    assert not finetune.is_encoder_model("acme/tinybert-chat")
+    assert hub.calls == [("model_info", "acme/tiny-llm"), ("model_info", "acme/tinybert-chat")]
+
+
+def test_a_sentence_transformers_model_stays_an_encoder_once_its_config_is_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading a selector's base caches its config.json but not modules.json: a
+    sentence-transformers model whose config names a generating head was a selector on its
+    first run and a causal LM on the next (a Job's retry, a retraining)."""
+    from types import SimpleNamespace
+
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    qwen = {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}
+    info = SimpleNamespace(library_name="sentence-transformers", tags=[], config=qwen)
+    HubCalls(monkeypatch, {"acme/st-embedder": info})
+    assert finetune.is_encoder_model("acme/st-embedder")  # nothing cached: the hub says
+    cache_model(cache, "acme/st-embedder", {"config.json": qwen})
+    assert finetune.is_encoder_model("acme/st-embedder")  # its config cached since
 
 
 def test_an_uncached_model_is_judged_by_one_short_hub_request(

@@ -463,16 +463,24 @@ def _name_says_encoder(name: str) -> bool:
 
 def _model_says_encoder(name: str) -> bool | None:
     """The verdict of the model's own files: its local folder's, else the Hugging Face
-    cache's (no network), else the hub's description of it, asked only when the cache has
-    no config for it. None when none of them can tell."""
+    cache's (no network), else the hub's description of it. None when none of them can tell.
+
+    The hub is asked when the cache has no config, and when a cached config says "no
+    encoder" while the cache knows nothing of the sentence-transformers files: loading a
+    selector's base caches its config but not ``modules.json``, so a sentence-transformers
+    model whose config names a generating head was a selector on its first run and a causal
+    LM on its next (a Job's retry, a retraining). The hub's answer, when it gives one, wins.
+    """
     folder = Path(resolve_model_path(name))
     if folder.is_dir():
         return _files_say_encoder({f: _read_json(folder / f) for f in MODEL_FILES})
     files = _cached_files(name)
     verdict = _files_say_encoder(files)
+    unknown_st = any(f not in files for f in SENTENCE_TRANSFORMERS_FILES)
     # a config cached as absent answers too: only a cache that knows nothing asks the hub
-    if verdict is None and "config.json" not in files:
-        return _hub_says_encoder(name)
+    if (verdict is None and "config.json" not in files) or (verdict is False and unknown_st):
+        hub = _hub_says_encoder(name)
+        return verdict if hub is None else hub
     return verdict
 
 
