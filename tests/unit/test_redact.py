@@ -2721,6 +2721,9 @@ def test_a_percent_encoded_address_in_a_url_path_shares_the_records_placeholder(
         "第1.2.3.4条规定",
         "当前版本号是10.2.1.3",
         "버전은 1.0.0.1입니다",
+        "版本为\uff1a2.0.0.1",
+        "バージョン番号は1.0.0.1です",
+        "버전 번호: 1.0.0.1",
     ],
 )
 def test_version_numbers_glued_to_cjk_words_are_kept(redactor: Redactor, text: str) -> None:
@@ -2744,3 +2747,24 @@ def test_ip_addresses_glued_to_other_cjk_words_are_still_replaced(
     redactor: Redactor, text: str, redacted: str
 ) -> None:
     assert redactor.redact_text(text, RedactionState()) == redacted
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        ("请检查192.168.1.20固件版本", "请检查<IP_ADDRESS_1>固件版本"),
+        ("设备10.0.0.5版本过旧", "设备<IP_ADDRESS_1>版本过旧"),
+        ("ルーター192.168.0.1バージョン確認", "ルーター<IP_ADDRESS_1>バージョン確認"),
+        ("节点10.0.0.7 버전 확인", "节点<IP_ADDRESS_1> 버전 확인"),
+    ],
+)
+def test_an_ip_address_named_before_a_cjk_version_word_is_replaced(
+    redactor: Redactor, text: str, redacted: str
+) -> None:
+    """A version word after any four-part number kept it, so a device's address named before
+    its firmware or version ("请检查192.168.1.20固件版本") leaked; only an upgrade verb before
+    the number ("升级到1.2.3.4版本") makes it a version."""
+    assert redactor.redact_text(text, RedactionState()) == redacted
+    doc = json.dumps({"note": text}, ensure_ascii=False)
+    expected = json.dumps({"note": redacted}, ensure_ascii=False)
+    assert redactor.redact_json_text(doc, RedactionState()) == expected

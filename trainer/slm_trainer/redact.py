@@ -1937,16 +1937,23 @@ _PHONE_KEY_RE = re.compile(
 #: A key that names a version by its last word ("app_version", "firmware"): its four-part
 #: value is no IP address. "build_server", "fw" (a firewall) or "v" name hosts or anything.
 _VERSION_KEY_RE = re.compile(r"\b(?:version|ver|firmware|release|revision)$", re.IGNORECASE)
-# The same words in Chinese, Japanese and Korean ("版本", "固件", "バージョン", "버전"), glued to a
-# four-part number on either side ("固件版本2.0.0.1", "升级到1.2.3.4版本", "버전은 1.0.0.1"), with
-# a "number" word, a colon of either width or an "is" particle between word and value; and the
+# The same words in Chinese, Japanese and Korean ("版本", "固件", "バージョン", "버전") before a
+# four-part number ("固件版本2.0.0.1", "버전은 1.0.0.1"), with a "number" word, a colon of either
+# width or an "is" particle, or two of them ("为" and a colon), between word and value; after
+# it only when an upgrade verb comes right before the number ("升级到1.2.3.4版本"), since an
+# address is often named before the device's version ("请检查192.168.1.20固件版本"); and the
 # "第 … 条" that numbers a clause, chapter or section ("第1.2.3.4条规定"). An IP address glued to
 # other words ("服务器IP是192.168.10.24吗") has none of them.
 _CJK_VERSION_WORD = r"(?:版本?|固件|バージョン|버전)"
 _CJK_VERSION_BEFORE_RE = re.compile(
-    _CJK_VERSION_WORD + r"(?:号|號|번호)?\s*(?:[:\uff1a=]|是|为|為|は|은|는)?\s*$"
+    _CJK_VERSION_WORD
+    + r"(?:\s*(?:号|號|番号|번호))?(?:\s*(?:[:\uff1a=]|是|为|為|は|은|는)){0,2}\s*$"
 )
 _CJK_VERSION_AFTER_RE = re.compile(r"\s*" + _CJK_VERSION_WORD)
+_CJK_UPGRADE_BEFORE_RE = re.compile(
+    r"(?:(?:升[级級]|更新|降[级級]|回[滚滾]|回退)[到至]|アップデート|アップグレード|업데이트|업그레이드)"
+    r"\s*$"
+)
 _CJK_CLAUSE_BEFORE_RE = re.compile(r"第\s*$")
 _CJK_CLAUSE_AFTER_RE = re.compile(r"\s*[条章节條節款]")
 
@@ -1986,7 +1993,8 @@ def _cjk_versioned(span: Span, written: str) -> bool:
     """
     before = written[max(0, span.start - 40) : span.start]
     after = written[span.end : span.end + 40]
-    if _CJK_VERSION_BEFORE_RE.search(before) or _CJK_VERSION_AFTER_RE.match(after):
+    upgraded = _CJK_UPGRADE_BEFORE_RE.search(before) and _CJK_VERSION_AFTER_RE.match(after)
+    if _CJK_VERSION_BEFORE_RE.search(before) or upgraded:
         return True
     return bool(_CJK_CLAUSE_BEFORE_RE.search(before) and _CJK_CLAUSE_AFTER_RE.match(after))
 
