@@ -1297,9 +1297,9 @@ def _unquoted(event: bytes, data: bytes, doc: Any, secret: str) -> tuple[bytes, 
     quoted the gateway's Authorization header showed the agent the task's key, which the
     gateway never shows an agent (a 4xx is masked too: :func:`errors.upstream_4xx_body`).
     Only data that may hold the key is searched decoded: its bytes, or a JSON escape that
-    could hide one of its characters. A bearer token (RFC 6750)
-    is letters, digits and ``-._~+/=``, which JSON writes as they are, as ``\\uXXXX``, or
-    (``/``) as ``\\/``. The event's other fields (``event:``, ``id:``) are kept.
+    could hide one of its characters. A bearer token (RFC 6750) is letters, digits and
+    ``-._~+/=``, which JSON writes as they are, as ``\\uXXXX``, or (``/``) as ``\\/``. The
+    event's other fields (``event:``, ``id:``) are kept.
     """
     if secret.encode() not in data and b"\\u" not in data and b"\\/" not in data:
         return event, doc

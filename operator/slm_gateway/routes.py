@@ -20,10 +20,11 @@ import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 
+from slm_contract import TaskType
 from slm_gateway.httpclient import JSON_HEADERS, Target, safe_url, with_path
 
 MODE_LLM = "llm"
@@ -277,7 +278,7 @@ def route_from_task(
 
 
 #: The CRD's ``spec.taskType`` values, which a routes file's ``taskType`` may name.
-TASK_TYPES = ("tool-call", "classification", "extraction", "generation")
+TASK_TYPES: tuple[str, ...] = get_args(TaskType)
 
 
 def _task_type(value: Any, name: str) -> str:
