@@ -22,7 +22,8 @@ The same answer comes from ``POST /v2/models/<name>/infer`` (KServe v2, the tens
 
 Faults, by flag, by ``SLM_STANDIN_*`` environment variable, or live through
 ``POST /_control`` with a JSON object of the same names: ``llm_latency_ms``,
-``llm_error_every`` (every Nth call fails), ``llm_error_status``, ``slm_latency_ms``,
+``llm_error_every`` (every Nth call fails), ``llm_error_status``, ``llm_error_retry_after``
+(a ``Retry-After`` value sent with every LLM error, empty: none), ``slm_latency_ms``,
 ``slm_fail`` (every infer call fails with ``slm_error_status``), ``slm_confidence``,
 ``slm_defer``, ``slm_different`` (answers that disagree with the LLM's), and for streamed
 answers ``llm_stream_delay_ms`` (a pause before each event after the first) and
@@ -64,6 +65,7 @@ SETTINGS: dict[str, Any] = {
     "llm_latency_ms": 0.0,
     "llm_error_every": 0,
     "llm_error_status": 500,
+    "llm_error_retry_after": "",
     "slm_latency_ms": 0.0,
     "slm_fail": False,
     "slm_error_status": 500,
@@ -189,7 +191,11 @@ class StandInApp:
             status, out = self.control(body)
         else:
             status, out = 404, b'{"error":{"message":"not found","type":"invalid_request_error"}}'
-        await send({"type": "http.response.start", "status": status, "headers": _JSON})
+        headers = _JSON
+        retry_after = self.settings["llm_error_retry_after"]
+        if status >= 400 and retry_after and path.endswith("/chat/completions"):
+            headers = [*_JSON, (b"retry-after", str(retry_after).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": out})
 
     async def chat(self, scope: Scope, body: bytes) -> tuple[int, bytes | list[bytes]]:

@@ -861,7 +861,7 @@ class Gateway:
         the LLM said it, in OpenAI's error body (:func:`errors.upstream_4xx_body`); anything
         else (5xx, or a 1xx or 3xx, which is no answer either: an unfollowed redirect) becomes
         a 502 with our error body, never a status an SDK would take for success or a redirect
-        to follow.
+        to follow; the LLM's ``Retry-After`` goes with it.
 
         A 401 or 403 is a 502 too: the LLM was called with the task's key, not the agent's, so
         the agent's SDK must not read it as its own credentials being rejected. The endpoint
@@ -884,7 +884,12 @@ class Gateway:
             self.metrics.errors.labels(
                 route.namespace, route.task, LLM, _CODE_LLM_AUTH if auth else e.CODE_UPSTREAM
             ).inc()
-            raise GatewayError(502, message, type=e.SERVER_ERROR, code=e.CODE_UPSTREAM)
+            # An overloaded LLM's 503 says when to come back; the agent's SDK, which retries a
+            # 502 anyway, would otherwise retry at once and add to the overload.
+            headers = {"Retry-After": retry_after} if retry_after and not auth else None
+            raise GatewayError(
+                502, message, type=e.SERVER_ERROR, code=e.CODE_UPSTREAM, headers=headers
+            )
         self.metrics.attempt(route.namespace, route.task, LLM, "status_4xx", spent)
         self.breakers.record(LLM, route.llm_log_url, call.llm_b, True, call.admitted)
         self.metrics.errors.labels(route.namespace, route.task, LLM, "llm_4xx").inc()

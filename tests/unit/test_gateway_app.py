@@ -1073,6 +1073,24 @@ def test_an_llm_stream_that_breaks_off_ends_with_an_error_event(
         assert metric(c, "slm_gateway_requests_total") == 0  # not an answered call
 
 
+def test_an_overloaded_llm_s_retry_after_reaches_the_agent(
+    standin: llm_standin.StandIn,
+) -> None:
+    """An LLM that answers 503 with ``Retry-After`` tells clients when to come back; the agent
+    gets a 502 (the gateway's own error body) but the same ``Retry-After``, so its SDK's retry
+    waits instead of adding to the overload, whether the call streams or not. A rejected LLM
+    key (401) is the platform's problem, with no retry time to pass on."""
+    standin.control(llm_error_every=1, llm_error_status=503, llm_error_retry_after="17")
+    with client(route(standin), breaker_failures=100) as c:
+        for stream in (False, True):
+            r = chat(c, stream=stream)
+            assert r.status_code == 502 and is_error_body(r, "upstream_error")
+            assert r.headers["retry-after"] == "17"
+        standin.control(llm_error_status=401)
+        r = chat(c)
+        assert r.status_code == 502 and "retry-after" not in r.headers
+
+
 def test_an_llm_stream_past_its_deadline_ends_with_a_timeout_event(
     standin: llm_standin.StandIn,
 ) -> None:
