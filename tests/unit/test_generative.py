@@ -457,6 +457,72 @@ def test_a_user_turn_after_tool_results_joins_their_turn_where_roles_must_altern
     assert completion.startswith("21 C in Paris.")
 
 
+def test_developer_and_function_messages_reach_the_prompt_in_every_family(
+    tiny_minilm: Path,
+) -> None:
+    """The gateway accepts OpenAI's "developer" message (the system prompt of newer APIs) and
+    legacy "function" results. The small models' templates know neither role: Qwen's and
+    Phi's dropped the text silently, in training and serving alike, and Gemma's refused the
+    whole conversation, so such calls were never trained on and always handed back."""
+    developer = {"role": "developer", "content": "Answer in Celsius."}
+    legacy = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "function_call": None,
+            "tool_calls": [
+                {
+                    "id": "c0",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": "{}"},
+                }
+            ],
+        },
+        {"role": "function", "name": "get_weather", "content": "sunny_21c"},
+    ]
+    for family in ("qwen3", "phi3_5_mini", "phi4_mini", "gemma2"):
+        tok = templated(tiny_minilm, family)
+        tools_in_template = generative.prepare_tokenizer(tok)
+        for messages in (
+            [developer, *record(0).messages],
+            [{"role": "system", "content": "Be brief."}, developer, *record(0).messages],
+            [developer, *legacy],
+        ):
+            prompts, rendered = chatformat.render_each(tok, [(messages, TOOLS)], tools_in_template)
+            assert rendered == [0], family  # served, not handed back
+            assert "Answer in Celsius." in prompts[0], family
+            if len(messages) == 4:
+                assert "sunny_21c" in prompts[0], family
+        # a system prompt and a developer message are one system text, in that order
+        both = [{"role": "system", "content": "Be brief."}, developer, *record(0).messages]
+        prompt = chatformat.render(tok, both, TOOLS, tools_in_template)
+        assert "Be brief.\n\nAnswer in Celsius." in prompt, family
+
+
+def test_a_call_with_blank_arguments_trains_the_call_serving_accepts() -> None:
+    """A legacy function call without arguments is captured as ``"arguments": ""``. Trained
+    as that string, the model learnt to write a call serving refuses as malformed (served
+    with confidence 0); the gateway and the scorer read blank arguments as ``{}``."""
+    for blank in ("", "  "):
+        response = {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c",
+                    "type": "function",
+                    "function": {"name": "get_time", "arguments": blank},
+                }
+            ],
+        }
+        target = chatformat.target_text(response)
+        assert target == '[{"name": "get_time", "arguments": {}}]'
+        served = chatformat.parse_answer(target, tools_offered=True)
+        assert not served.get("malformed_tool_call")
+        assert served["tool_calls"][0]["function"]["arguments"] == "{}"
+
+
 def test_a_call_with_a_lone_surrogate_escape_is_malformed_not_a_crash() -> None:
     """``"\\ud83d"`` decodes to a lone surrogate that no UTF-8 writer encodes: the finetune
     stage crashed writing its predictions on every retry, and Triton failed the batch."""

@@ -92,7 +92,14 @@ def _text(content: Any) -> str:
 
 
 def _arguments(raw: Any) -> Any:
-    """OpenAI sends arguments as a JSON string; compare and serialise them as objects."""
+    """OpenAI sends arguments as a JSON string; compare and serialise them as objects.
+
+    Blank arguments are no arguments, ``{}``, as the gateway and the scorer read them (a
+    legacy ``function_call`` without arguments is captured as ``""``): kept as the string,
+    the model learnt to write ``"arguments": ""``, which serving refuses as a malformed call.
+    """
+    if isinstance(raw, str) and not raw.strip():
+        return {}
     if isinstance(raw, str):
         try:
             return json.loads(raw)
@@ -122,15 +129,29 @@ def target_text(response: dict[str, Any]) -> str:
     return _text(response.get("content")).strip()
 
 
+#: Roles the chat templates know under another name: OpenAI's "developer" message is the
+#: system prompt of newer APIs, a "function" message the result of a legacy function call.
+#: The templates of small models render neither: Qwen's and Phi's dropped the text silently,
+#: Gemma's refused the whole conversation.
+_TEMPLATE_ROLE = {"developer": "system", "function": "tool"}
+
+
 def _plain_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Messages with text content only; earlier assistant tool calls become their JSON text."""
-    out = []
+    """Messages with text content only, in the roles templates know; earlier assistant tool
+    calls become their JSON text. Adjacent system messages (a system prompt and a developer
+    message) become one: most templates read only the first message as the system prompt."""
+    out: list[dict[str, Any]] = []
     for m in messages:
         role = str(m.get("role", "user"))
+        role = _TEMPLATE_ROLE.get(role, role)
         if role == "assistant" and m.get("tool_calls"):
             content = target_text(m)
         else:
             content = _text(m.get("content"))
+        if role == "system" and out and out[-1]["role"] == "system":
+            joined = "\n\n".join(t for t in (out[-1]["content"], content) if t)
+            out[-1] = {"role": "system", "content": joined}
+            continue
         out.append({"role": role, "content": content})
     return out
 
