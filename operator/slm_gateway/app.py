@@ -886,9 +886,9 @@ class Gateway:
             ).inc()
             # An overloaded LLM's 503 says when to come back; the agent's SDK, which retries a
             # 502 anyway, would otherwise retry at once and add to the overload.
-            headers = {"Retry-After": retry_after} if retry_after and not auth else None
+            come_back = {"Retry-After": retry_after} if retry_after and not auth else None
             raise GatewayError(
-                502, message, type=e.SERVER_ERROR, code=e.CODE_UPSTREAM, headers=headers
+                502, message, type=e.SERVER_ERROR, code=e.CODE_UPSTREAM, headers=come_back
             )
         self.metrics.attempt(route.namespace, route.task, LLM, "status_4xx", spent)
         self.breakers.record(LLM, route.llm_log_url, call.llm_b, True, call.admitted)
@@ -1157,6 +1157,10 @@ class Gateway:
         known: set[tuple[str, str]] = set()
         for r in self.table.routes():
             m.route_mode.labels(r.namespace, r.task, r.mode).set(1)
+            if r.has_slm:
+                # At 0 from this scrape on, so the operator's first window after the SLM's
+                # first failure or disagreement reads it (slm_gateway.metrics).
+                m.expect_slm(r.namespace, r.task)
             used.update((r.llm_log_url, r.slm_log_url))
             known.add((r.namespace, r.task))
         m.route_problem.clear()

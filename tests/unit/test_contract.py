@@ -14,6 +14,7 @@ from slm_contract import (
     CallRecord,
     ContractError,
     TrainerResult,
+    http_url_problem,
     redact_uri,
     redact_uris,
 )
@@ -153,6 +154,44 @@ def test_a_result_with_a_wrongly_typed_or_too_deep_field_is_a_contract_error(
     assert (ok.candidate, ok.artifact_uri, ok.message) == ("a", None, "")
 
 
+#: A key pasted into the wrong field of a call-log line.
+PASTED = "OPENAI_API_KEY=sk-proj-AbCdEfGhIjKlMnOpQrSt"
+
+
+@pytest.mark.parametrize(
+    ("fields", "said"),
+    [
+        ({"prompt_tokens": PASTED}, "prompt_tokens must be a non-negative integer, got str"),
+        ({"completion_tokens": [PASTED]}, "completion_tokens must be a non-negative integer"),
+        ({"prompt_tokens": -7}, "prompt_tokens must be a non-negative integer, got a negative"),
+        ({"redactions": {PASTED: "x"}}, "redactions must be a non-negative integer for every"),
+        ({"redactions": {"EMAIL": PASTED}}, "redactions must be a non-negative integer"),
+        ({"schema": PASTED}, "unsupported call record schema, expected slmfleet.dev/"),
+    ],
+)
+def test_a_refused_call_record_field_is_named_never_quoted(
+    fields: dict[str, Any], said: str
+) -> None:
+    """The error reaches curate's and discover's reports as an error sample, whose parser
+    promises it says what is wrong, never what the line holds: a key pasted into
+    prompt_tokens, or a redactions kind, was quoted there."""
+    with pytest.raises(ContractError) as caught:
+        CallRecord.from_json(json.dumps(_call(**fields)))
+    assert str(caught.value).startswith(said)
+    assert "sk-proj" not in str(caught.value) and "-7" not in str(caught.value)
+
+
+def test_a_refused_result_field_is_named_never_quoted() -> None:
+    """The operator quotes this error in the task's conditions and Events."""
+    for raw in (
+        f'{{"stage": "prepare", "ok": true, "examples": "{PASTED}"}}',
+        f'{{"stage": "prepare", "ok": true, "schema": "{PASTED}"}}',
+    ):
+        with pytest.raises(ContractError) as caught:
+            TrainerResult.from_json(raw)
+        assert "sk-proj" not in str(caught.value), str(caught.value)
+
+
 def test_non_finite_numbers_are_refused() -> None:
     with pytest.raises(ContractError, match="latency_ms must be finite"):
         CallRecord.from_json(json.dumps(_call()).replace("812.345", "NaN"))
@@ -238,3 +277,41 @@ def test_a_colon_after_a_path_less_uri_is_the_sentences(message: str, shown: str
     """Taken for part of a port, it made the real port look invalid, and both were dropped:
     the message lost the one detail that says where the call went."""
     assert redact_uris(message) == shown
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("https://api.openai.com\\v1", "host contains a character"),
+        ("https://llm{1}.example.com/v1", "host contains a character"),
+        ("https://ho|st.example.com/v1", "host contains a character"),
+        ("https://ho^st/v1", "host contains a character"),
+        ("https://ho`st/v1", "host contains a character"),
+        ("https://host%zz/v1", "%-escape in the URL's host"),
+        ("https://host%41/v1", "%-escape in the URL's host"),
+        (f"https://api.example.com:{SECRET}/v1", "port"),  # still named as the port's problem
+    ],
+)
+def test_a_host_the_crds_isurl_refuses_is_refused(url: str, said: str) -> None:
+    """Python's urlsplit takes these hosts, Go's net/url (the CRD's CEL isURL) does not:
+    discover proposed manifests that `kubectl apply` refused, and the operator started work
+    on a task whose URL admission would have refused."""
+    why = http_url_problem(url)
+    assert why is not None and said in why
+    assert "TESTSECRET" not in why
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://api.openai.com/v1",
+        "http://vllm.llm.svc:8000/v1",
+        "http://[::1]:8000/v1",
+        "http://10.0.0.5:8000/x",
+        "https://host:/v1",  # an empty port is the scheme's, as for Go
+        "https://api.openai.com/v1?api-version=1",
+        "https://res.openai.azure.com/openai/v1?api-version=2024-10-21",
+    ],
+)
+def test_an_ordinary_endpoint_url_is_accepted(url: str) -> None:
+    assert http_url_problem(url) is None

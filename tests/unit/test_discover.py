@@ -493,6 +493,35 @@ def test_calls_with_an_empty_answer_neither_count_nor_vote_the_task_type(
     assert prepared.ok and prepared.examples == 5, prepared.message
 
 
+def test_the_served_slms_calls_neither_name_the_fallback_model_nor_vote_the_task_type(
+    tmp_path: Path, by_axis: None
+) -> None:
+    """The gateway logs a call the served SLM answered with the task's name as its model:
+    discover proposed that name as the fallback LLM's model (every fallback call would ask
+    the LLM for a model it does not have), and the SLM's answers, which curate never trains
+    on, voted the task type."""
+    llm = [replace(weather(i), model="gpt-4o") for i in range(6)]
+    slm = [
+        replace(weather(i), backend="slm", model="get-weather", response={"content": "Sunny"})
+        for i in range(10)
+    ]
+    result, report, manifests = discovered(
+        tmp_path,
+        llm + slm + [alarm(i) for i in range(10)],
+        max_clusters=2,
+        min_cluster_size=2,
+        scrub_pii=False,
+    )
+    assert result.ok, result.message
+    spec = manifests["get-weather"]["spec"]
+    assert spec["fallback"]["llm"]["model"] == "gpt-4o"
+    assert spec["taskType"] == "tool-call"
+    info = next(c for c in report["clusters"] if c["name"] == "get-weather")
+    assert info["task_types"] == {"tool-call": 6}
+    # A log of the SLM's calls only names no LLM model: the default, not the task's name.
+    assert discover.log_model(slm, []) == discover.DEFAULT_LLM_MODEL
+
+
 def test_a_log_of_one_tool_is_one_agent_task_not_two(tmp_path: Path, by_axis: None) -> None:
     """k-means always makes >= 2 clusters: one get_weather task, asked about cities and
     towns, became get-weather and get-weather-2, each training on half the calls."""

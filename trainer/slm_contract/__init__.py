@@ -129,6 +129,16 @@ def redact_uri(uri: str) -> str:
     return redact_uris(uri)
 
 
+#: What Go's net/url (the CRD's CEL ``isURL``) accepts in a host, port included: letters,
+#: digits, the unreserved ``-._~``, the sub-delims, ``:`` before a port, the brackets of an
+#: IPv6 literal and ``<>"``. Python's urlsplit takes more (``\\ { } | ^ ```), so a URL
+#: the operator accepted could fail admission, or discover propose a manifest ``kubectl apply``
+#: refuses.
+_HOST_CHARS = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=:[]<>\""
+)
+
+
 def http_url_problem(url: str) -> str | None:
     """Why ``url`` cannot be an endpoint the gateway calls over HTTP, or None when it can.
 
@@ -138,10 +148,11 @@ def http_url_problem(url: str) -> str | None:
     CRD's CEL rules on ``fallback.llm.baseURL`` say the same at admission.
 
     A port outside 1..65535, user info (``user:password@``, which belongs in a Secret), a
-    fragment (HTTP never sends it, so whatever it meant would silently not happen) and a
+    fragment (HTTP never sends it, so whatever it meant would silently not happen), a
     space, control or non-ASCII character (a trailing space pasted with the URL, a line break
-    that would inject a header) are refused. Every message names the problem, never a part of
-    the URL: callers log it, and the URL's user info or query may hold a key.
+    that would inject a header) and a host character the CRD's ``isURL`` refuses (a
+    backslash, a brace, a ``%`` escape) are refused. Every message names the problem, never
+    a part of the URL: callers log it, and the URL's user info or query may hold a key.
     """
     if any(c.isspace() or not " " < c < "\x7f" for c in url):
         return "the URL contains a space, a control character or a non-ASCII character"
@@ -157,6 +168,10 @@ def http_url_problem(url: str) -> str | None:
         return "a fragment (#...) in the URL is not supported"
     if not parts.hostname:
         return "the URL has no host"
+    if "%" in parts.netloc:
+        return "a %-escape in the URL's host is not supported"
+    if not _HOST_CHARS.issuperset(parts.netloc):
+        return "the URL's host contains a character a host name may not hold (such as \\ { } | ^ `)"
     try:
         port = parts.port
     except ValueError:  # its text quotes the port part, which is not ours to show
@@ -260,7 +275,7 @@ class TrainerResult:
         ):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-                raise ContractError(f"{name} must be a non-negative integer, got {v!r}")
+                raise ContractError(f"{name} must be a non-negative integer, got {_kind(v)}")
             if v is not None and v >= MAX_COUNT:  # the operator's float() and status writes
                 raise ContractError(f"{name} must be below 2**63, got {v.bit_length()} bits")
 
@@ -301,7 +316,7 @@ class TrainerResult:
             raise ContractError("termination message must be a JSON object")
         schema = data.get("schema", RESULT_SCHEMA)
         if schema != RESULT_SCHEMA:
-            raise ContractError(f"unsupported result schema {schema!r}, expected {RESULT_SCHEMA}")
+            raise ContractError(f"unsupported result schema, expected {RESULT_SCHEMA}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -360,7 +375,7 @@ class CallRecord:
             raise ContractError("a call record must be a JSON object")
         schema = data.get("schema", CALL_RECORD_SCHEMA)
         if schema != CALL_RECORD_SCHEMA:
-            raise ContractError(f"unsupported call record schema {schema!r}")
+            raise ContractError(f"unsupported call record schema, expected {CALL_RECORD_SCHEMA}")
         for name in ("task", "backend"):
             if not isinstance(data.get(name), str) or not data[name]:
                 raise ContractError(f"{name} must be a non-empty string")
@@ -406,8 +421,8 @@ class CallRecord:
             counts: dict[str, int] = {}
             for kind, n in redactions.items():
                 if not isinstance(kind, str):
-                    raise ContractError(f"redactions kinds must be strings, got {kind!r}")
-                counts[kind] = _count(n, "redactions", f" for {kind!r}")
+                    raise ContractError(f"redactions kinds must be strings, got {_kind(kind)}")
+                counts[kind] = _count(n, "redactions", " for every kind")
             values["redactions"] = counts
         try:
             return cls(**values)
@@ -441,6 +456,14 @@ class CallRecord:
 MAX_COUNT = 2**63
 
 
+def _kind(value: Any) -> str:
+    """What a refused value is, never what it holds: the message reaches discover's report
+    and the operator's conditions, and a malformed line may hold a key pasted into a count."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+        return "a negative number"
+    return type(value).__name__
+
+
 def _count(value: Any, name: str, what: str = "") -> int:
     """A non-negative whole number; JSON has one number type, so 3.0 counts as 3.
 
@@ -449,7 +472,7 @@ def _count(value: Any, name: str, what: str = "") -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ContractError(f"{name} must be a non-negative integer{what}, got {value!r}")
+        raise ContractError(f"{name} must be a non-negative integer{what}, got {_kind(value)}")
     if value >= MAX_COUNT:  # JSON encoders (orjson, msgspec) stop at 64 bits
         raise ContractError(f"{name} must be below 2**63{what}, got {value.bit_length()} bits")
     return value

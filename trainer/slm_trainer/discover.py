@@ -26,12 +26,12 @@ How:
 3. each cluster is named from its most called tools and its most distinctive words
    (TF-IDF of the cluster against the rest), for example ``get-weather-forecast``;
 4. the report (``discover_report.json``) lists sizes, example prompts, top tools, keywords,
-   the dominant task type (voted by the calls with an answer only), the calls with an empty
-   answer, the merges made and, where the records carry labels (their ``task`` field, or the
-   first tool called), the clusters' purity; also the malformed lines skipped, counted by
-   the same reasons as curate's (the same parser reads the log) with the first few quoted,
-   and ``valid_records``, ``max_records`` and ``left_out_by_sample``: what step 0's sample
-   did not cluster;
+   the dominant task type (voted by the LLM's answers only, see :func:`votes_task_type`),
+   the calls with an empty answer, the merges made and, where the records carry labels
+   (their ``task`` field, or the first tool called), the clusters' purity; also the
+   malformed lines skipped, counted by the same reasons as curate's (the same parser reads
+   the log) with the first few quoted, and ``valid_records``, ``max_records`` and
+   ``left_out_by_sample``: what step 0's sample did not cluster;
 5. for every cluster with at least ``min_cluster_size`` distinct calls (what curate keeps of
    it: calls with an empty answer out, by curate's own :func:`~slm_trainer.curate.has_answer`,
    exact and near duplicates out: agents retry), the cluster's answered records go to
@@ -59,6 +59,7 @@ from typing import Any, Literal
 from slm_contract import CallRecord, TrainerResult, http_url_problem, redact_uri
 from slm_trainer import metrics
 from slm_trainer.curate import (
+    TRAINED_BACKEND,
     CallLogUnreadable,
     ParseStats,
     as_location,
@@ -185,7 +186,8 @@ class Args:
         default="https://api.openai.com/v1", metadata={"help": "fallback LLM base URL"}
     )
     llm_model: str = field(
-        default="", metadata={"help": "fallback LLM model (default: the log's most common)"}
+        default="",
+        metadata={"help": "fallback LLM model (default: the LLM's most common in the log)"},
     )
     llm_secret: str = field(
         default="", metadata={"help": "Secret name of the LLM API key (none if empty)"}
@@ -311,6 +313,14 @@ def task_type_of(record: CallRecord) -> str:
     return "generation"
 
 
+def votes_task_type(record: CallRecord) -> bool:
+    """Whether a call votes on its cluster's task type: an answer the LLM gave. An empty
+    answer would vote "generation" and curate drops it; the served SLM's answers (backend
+    ``slm``) are never trained on, and its mistakes must not choose a taskType that an
+    AgentTask cannot change once created."""
+    return record.backend == TRAINED_BACKEND and has_answer(record.response)
+
+
 def purity(assignments: Sequence[int], labels: Sequence[str]) -> float:
     """Share of clustered points whose label is their cluster's majority label (noise: -1)."""
     groups: dict[int, Counter[str]] = {}
@@ -425,12 +435,11 @@ def choose_hdbscan(embeddings: Any, min_cluster_size: int) -> list[int]:
 
 
 def task_key(members: Iterable[CallRecord]) -> tuple[str | None, str | None]:
-    """(dominant tool, task type) of a cluster, from its calls with an answer only: an empty
-    answer calls no tool and teaches nothing (curate drops it), so it must not decide the
-    task type, which an AgentTask cannot change once created. (None, None): no answer."""
-    answered = [r for r in members if has_answer(r.response)]
-    tools = Counter(t for r in answered for t in called_tools(r)[:1])
-    types = Counter(task_type_of(r) for r in answered)
+    """(dominant tool, task type) of a cluster, from the calls that vote
+    (:func:`votes_task_type`): the LLM's answers. (None, None): none."""
+    voters = [r for r in members if votes_task_type(r)]
+    tools = Counter(t for r in voters for t in called_tools(r)[:1])
+    types = Counter(task_type_of(r) for r in voters)
     tool = tools.most_common(1)[0][0] if tools else None
     return tool, (types.most_common(1)[0][0] if types else None)
 
@@ -828,11 +837,12 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
     for c in order:
         members = [i for i, a in enumerate(assignments) if a == c]
         # What the task's curate keeps: a call with an empty answer is dropped there
-        # (empty_response), so it neither counts towards minExamples nor votes the task type.
+        # (empty_response), so it neither counts towards minExamples nor votes the task type;
+        # nor does an answer the served SLM gave (votes_task_type).
         answered = [i for i in members if has_answer(records[i].response)]
         tools = Counter(t for i in members for t in called_tools(records[i])[:1])
         no_tool = sum(1 for i in members if not called_tools(records[i]))
-        types = Counter(task_type_of(records[i]) for i in answered)
+        types = Counter(task_type_of(records[i]) for i in members if votes_task_type(records[i]))
         top_tools = [t for t, _ in tools.most_common(3)]
         name = cluster_name(top_tools, keywords.get(c, []), taken, args.name_prefix)
         task_type = types.most_common(1)[0][0] if types else None
@@ -938,10 +948,16 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
 
 
 def log_model(records: Sequence[CallRecord], warnings: list[str]) -> str:
-    """The log's most common model, for the manifests' fallback LLM; the default when the log
-    names none, or when its name is longer than an AgentTask may carry (said in ``warnings``:
-    every manifest would fail admission)."""
-    found = Counter(r.model for r in records if r.model).most_common(1)
+    """The LLM's most common model in the log, for the manifests' fallback LLM; the default
+    when the log names none, or when its name is longer than an AgentTask may carry (said in
+    ``warnings``: every manifest would fail admission).
+
+    Only the LLM's calls count: the gateway logs a call the served SLM answered with the
+    task's name as its model, and a fallback to that name would send every fallback call to
+    an LLM model that does not exist."""
+    found = Counter(
+        r.model for r in records if r.model and r.backend == TRAINED_BACKEND
+    ).most_common(1)
     if not found:
         return DEFAULT_LLM_MODEL
     model = found[0][0]
