@@ -54,6 +54,9 @@ except ValueError:
     pass' "$1"
 }
 
+# kube_minor: the minor of KUBERNETES_VERSION (36 for v1.36.3), which kubectl and helm report.
+kube_minor() { local m="${KUBERNETES_VERSION#v1.}"; echo "${m%%.*}"; }
+
 finish() {  # finish DIR BIN...: verify every binary exists, then stamp the folder
   local dir="$1"; shift
   local b
@@ -99,7 +102,7 @@ import (
 )
 GO
   (cd "$w" && go mod tidy)
-  local minor="${v#v1.}"; minor="${minor%%.*}"
+  local minor; minor="$(kube_minor)"
   local pkg ld
   for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     ld+=" -X $pkg.gitVersion=$v -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
@@ -151,15 +154,18 @@ build_kwok() {
 }
 
 build_helm() {
-  local v="$HELM_VERSION" dir="$BIN_ROOT/helm-$HELM_VERSION"
-  done_or_reset "$dir" && { log "helm $v: cached"; return; }
+  # The Kubernetes minor is baked into helm (below), so it is part of the folder's name: keyed
+  # by HELM_VERSION alone, a bumped KUBERNETES_VERSION found the old helm "cached", and it
+  # went on rendering charts for the old minor. Keep in step with slm_e2e/binaries.py.
+  local minor; minor="$(kube_minor)"
+  local v="$HELM_VERSION" dir="$BIN_ROOT/helm-$HELM_VERSION-k8s1.$minor"
+  done_or_reset "$dir" && { log "helm $v (Kubernetes 1.$minor): cached"; return; }
   rm -rf "$dir.tmp"; mkdir -p "$dir.tmp"
-  local minor="${KUBERNETES_VERSION#v1.}"; minor="${minor%%.*}"
   local ld="-s -w -X helm.sh/helm/v3/internal/version.version=$v"
   # Without these helm assumes Kubernetes 1.20 for .Capabilities and 'helm lint'.
   ld+=" -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$minor"
   ld+=" -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$minor"
-  log "helm $v: compiling"
+  log "helm $v (Kubernetes 1.$minor): compiling"
   GOBIN="$dir.tmp" go install -trimpath -ldflags "$ld" "helm.sh/helm/v3/cmd/helm@$v"
   finish "$dir.tmp" helm
   mv "$dir.tmp" "$dir"

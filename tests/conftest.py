@@ -59,20 +59,34 @@ def _binaries_or_skip() -> Any:
         pytest.fail(f"{exc}; then run the tests again", pytrace=False)
 
 
+def _refuse_foreign_kubeconfig(kc: str) -> None:
+    """End the session unless ``kc`` is one kubeconfig file whose current context is a local
+    slm-fleet cluster. A list of files (``a:b``, as kubectl merges them) is refused as well:
+    it crashed here with FileNotFoundError, and the kubectl these tests run is handed
+    ``--kubeconfig``, which takes one file, so no SLM_FLEET_ALLOW_FOREIGN_CLUSTER helps."""
+    if os.pathsep in kc:
+        pytest.exit(
+            f"KUBECONFIG={kc} lists several files; the tests take one: set it to the local "
+            f"slm-fleet cluster's kubeconfig alone (context {CONTEXT!r}), or unset it",
+            returncode=2,
+        )
+    cfg = yaml.safe_load(Path(kc).read_text())
+    if cfg.get("current-context") != CONTEXT and not os.environ.get(
+        "SLM_FLEET_ALLOW_FOREIGN_CLUSTER"
+    ):
+        pytest.exit(
+            f"KUBECONFIG={kc} is not a local slm-fleet cluster (context {CONTEXT!r}); "
+            "unset it, or set SLM_FLEET_ALLOW_FOREIGN_CLUSTER=1 if you really mean it",
+            returncode=2,
+        )
+
+
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterHandle]:
     bins = _binaries_or_skip()
     kc = os.environ.get("KUBECONFIG")
     if kc:
-        cfg = yaml.safe_load(Path(kc).read_text())
-        if cfg.get("current-context") != CONTEXT and not os.environ.get(
-            "SLM_FLEET_ALLOW_FOREIGN_CLUSTER"
-        ):
-            pytest.exit(
-                f"KUBECONFIG={kc} is not a local slm-fleet cluster (context {CONTEXT!r}); "
-                "unset it, or set SLM_FLEET_ALLOW_FOREIGN_CLUSTER=1 if you really mean it",
-                returncode=2,
-            )
+        _refuse_foreign_kubeconfig(kc)
         yield ClusterHandle(kc, bins.kubectl.parent, bins.kubectl, None)
         return
     local = LocalCluster(tmp_path_factory.mktemp("cluster"))

@@ -60,14 +60,22 @@ class Binaries:
         return read_versions()["KUBERNETES_VERSION"]
 
 
+def kubernetes_minor(version: str) -> str:
+    """``36`` for ``v1.36.3``: what build-binaries.sh's ``kube_minor`` says."""
+    return version.removeprefix("v1.").split(".")[0]
+
+
 def component_dirs() -> dict[str, Path]:
     v = read_versions()
     root = cache_root() / "bin"
+    # helm has the Kubernetes minor baked in (for .Capabilities and `helm lint`), so its
+    # folder names it: a bumped KUBERNETES_VERSION needs a helm of its own.
+    helm = f"helm-{v['HELM_VERSION']}-k8s1.{kubernetes_minor(v['KUBERNETES_VERSION'])}"
     return {
         "kubernetes": root / f"kubernetes-{v['KUBERNETES_VERSION']}",
         "etcd": root / f"etcd-{v['ETCD_VERSION']}",
         "kwok": root / f"kwok-{v['KWOK_VERSION']}",
-        "helm": root / f"helm-{v['HELM_VERSION']}",
+        "helm": root / helm,
     }
 
 

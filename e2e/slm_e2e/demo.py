@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
 import os
 import random
@@ -114,7 +115,10 @@ class Replay:
                 backend = r.headers.get("x-slm-backend", "?")
                 reason = r.headers.get("x-slm-fallback-reason")
                 r.read()
-        except (urllib.error.URLError, OSError) as exc:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            # HTTPException too (a body cut short, a malformed status line): it is no OSError,
+            # and escaping here it ended the worker thread silently, uncounted, so a demo
+            # whose gateway cut every answer reported "failed agent calls: 0".
             with self._lock:
                 self.failures.append(repr(exc))
             return
@@ -154,6 +158,15 @@ class Replay:
 
 
 # ---------------------------------------------------------------- playing the kubelet
+def _default_stop_signals() -> None:
+    """Run in a trainer's child process before it execs: the signals that stop a trainer get
+    their default action back. An ignored signal stays ignored across exec, and the demo
+    ignores them while it cleans up (and after a first SIGTERM): a trainer started then, in a
+    session of its own, ignored every SIGTERM, SIGHUP and Ctrl-C, and outlived the demo."""
+    for sig in (*STOP_SIGNALS, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 class TrainerKubelet:
     """Runs each trainer pod's container locally, exactly as the Job specifies, then reports
     the container's termination message into the pod status."""
@@ -166,14 +179,19 @@ class TrainerKubelet:
         self.errors: list[str] = []
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.child: subprocess.Popen[bytes] | None = None
+        # Held by stop() and around _run's check-then-start: without it the loop could check
+        # ``stopping``, lose the race to stop(), and start the next trainer after stop() had
+        # looked for one to kill; that trainer outlived the demo.
+        self._spawn_lock = threading.Lock()
 
     def stop(self) -> None:
         """Stop the loop and the trainer it runs (a demo that fails, times out or is stopped
         left a training process running: it ran in this process's group, from a daemon
         thread no one waited for)."""
-        self.stopping.set()
-        self.gate.set()
-        child = self.child
+        with self._spawn_lock:
+            self.stopping.set()
+            self.gate.set()
+            child = self.child
         if child is not None and child.poll() is None:
             stop_child(child, 10.0)  # a trainer checkpoints on SIGTERM
 
@@ -203,16 +221,19 @@ class TrainerKubelet:
             f"(the Job's exact command and args; /workspace -> {self.pv})"
         )
         t = time.monotonic()
-        with open(self.logs / f"{name}.log", "wb") as log:
-            self.child = subprocess.Popen(
+        with open(self.logs / f"{name}.log", "wb") as log, self._spawn_lock:
+            if self.stopping.is_set():  # stop() came first: it will not look for this one
+                return
+            self.child = child = subprocess.Popen(
                 [exe, stage, *args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
                 cwd=self.pv,
                 start_new_session=True,
+                preexec_fn=_default_stop_signals,
             )
-            rc = self.child.wait()
+        rc = child.wait()
         message = result.read_text() if result.exists() else f"no result (exit {rc})"
         say(f"kubelet: {name} exited {rc} after {time.monotonic() - t:.0f}s: {message[:160]}")
         finish_pod(self.cluster, NS, pod, message, exit_code=rc)
@@ -233,6 +254,8 @@ class TrainerKubelet:
             )
             pods = json.loads(cp.stdout)["items"] if cp.returncode == 0 else []
             for pod in pods:
+                if self.stopping.is_set():  # the demo is ending: start no further trainer
+                    return
                 name = pod["metadata"]["name"]
                 if name in self.done or pod.get("status", {}).get("phase") != "Running":
                     continue
@@ -314,12 +337,13 @@ def manifest(llm_base_url: str, model: str) -> dict[str, Any]:
     }
 
 
-def evaluation_report(revision_dir: Path, spec: dict[str, Any], out: Path) -> str:
+def evaluation_report(revision_dir: Path, spec: dict[str, Any], out: Path) -> tuple[str, bool]:
     """``slm-trainer evaluate`` on the served revision's candidates, with the task's metric,
     gate and target precision: ``report.json`` and ``report.png`` (scores per candidate,
     coverage/precision curve) in ``out``, as a platform engineer would run it to see why a
     candidate won. The operator gates on the fine-tune Jobs' results and runs no such stage,
-    so without this the demo had no plot to show. Returns evaluate's one-line verdict."""
+    so without this the demo had no plot to show. Returns evaluate's one-line verdict, and
+    whether it succeeded (exit 0: it ran and the served revision passed the gate)."""
     ev = spec["evaluation"]
     gate = ev.get("gate") or {}
     args = [
@@ -334,12 +358,13 @@ def evaluation_report(revision_dir: Path, spec: dict[str, Any], out: Path) -> st
         "--max-drop-vs-llm", str(gate.get("maxDropVsLLM", -1.0)),
     ]  # fmt: skip
     cp = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+    ok = cp.returncode == 0
     for line in reversed(cp.stdout.splitlines()):
         with contextlib.suppress(ValueError):
             event = json.loads(line)
             if event.get("event") == "result":
-                return str(event.get("message", ""))
-    return f"evaluate exited {cp.returncode}: {cp.stderr.strip()[-300:]}"
+                return str(event.get("message", "")), ok
+    return f"evaluate exited {cp.returncode}: {cp.stderr.strip()[-300:]}", ok
 
 
 def prom_query(prom: LocalPrometheus, q: str) -> float | None:
@@ -351,6 +376,16 @@ def prom_query(prom: LocalPrometheus, q: str) -> float | None:
     except (IndexError, KeyError, ValueError):
         return None
     return None if v != v else v
+
+
+def end_summary(failed: list[str]) -> int:
+    """Close the summary table and return the demo's exit code: 1 when any stage failed,
+    named on a line of its own. Only failed live calls used to count, so a demo whose
+    capture, rollout or closing evaluation had failed still ended with exit 0."""
+    if failed:
+        print(f"{'failed stages':<22}{'; '.join(failed)}")
+    print("=========================================================")
+    return 1 if failed else 0
 
 
 def pct(values: list[float], q: float) -> float:
@@ -376,6 +411,7 @@ def run(work: Path, n_relevant: int, n_irrelevant: int) -> int:
     pv = work / "pv"
     pv.mkdir()
     stack: list[Any] = []
+    failed: list[str] = []  # stages that went wrong: the demo shows the rest, then exits 1
     try:
         say(
             "starting the local Kubernetes control plane (etcd, apiserver, scheduler, "
@@ -498,6 +534,8 @@ def run(work: Path, n_relevant: int, n_irrelevant: int) -> int:
         rp = Replay(gateway.url, capture_recs, rate=None, workers=8).start()
         rp.join()
         say(f"captured {rp.total()} calls ({dict(rp.backends)}); failures: {len(rp.failures)}")
+        if rp.failures:
+            failed.append(f"capture ({len(rp.failures)} failed agent calls)")
         time.sleep(6)  # one capture shard rotation
         kubelet.gate.set()
 
@@ -582,6 +620,7 @@ def run(work: Path, n_relevant: int, n_irrelevant: int) -> int:
             time.sleep(0.5)
         else:
             say(f"the rollout stayed at {last_mode} (not enough agreeing shadow samples yet)")
+            failed.append(f"rollout (stayed at {last_mode or 'no route'}, never reached slm)")
         say(
             "serving: calls the selector is confident about are answered by the SLM; the rest "
             "(low confidence, or no fitting tool) fall back to the LLM per request"
@@ -661,12 +700,17 @@ def run(work: Path, n_relevant: int, n_irrelevant: int) -> int:
         )
         revision = (s.get("revision") or {}).get("active", "")
         if revision:
-            verdict = evaluation_report(pv / TASK / revision, spec, work / "evaluation")
+            verdict, ok = evaluation_report(pv / TASK / revision, spec, work / "evaluation")
             print(f"{'evaluation':<22}{verdict}")
             if (work / "evaluation" / "report.png").is_file():
                 print(f"{'eval plot':<22}{work / 'evaluation' / 'report.png'}")
-        print("=========================================================")
-        return 0 if not live.failures else 1
+            if not ok:
+                failed.append("evaluation (slm-trainer evaluate failed)")
+        else:
+            failed.append("evaluation (no active revision to evaluate)")
+        if live.failures:
+            failed.append(f"live traffic ({len(live.failures)} failed agent calls)")
+        return end_summary(failed)
     finally:
         for sig in (*STOP_SIGNALS, signal.SIGINT):  # a second signal must not cut cleanup
             signal.signal(sig, signal.SIG_IGN)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,14 +64,19 @@ def _key() -> ec.EllipticCurvePrivateKey:
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
+    """Write ``key`` to a file that is its owner's alone from the start: written first and
+    made 0600 after, it was readable by everyone (the umask's 0644) while the key went in.
+    A key file left by an earlier run is replaced, not reused with its old mode."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
         )
-    )
-    path.chmod(0o600)
 
 
 def _name(cn: str, org: str | None = None) -> x509.Name:
@@ -95,7 +101,10 @@ def _builder(subject: x509.Name, issuer: x509.Name, public_key: object) -> x509.
 
 def generate(directory: Path) -> Pki:
     """Create CA, apiserver serving cert, admin client cert and the service-account key pair."""
-    directory.mkdir(parents=True, exist_ok=True)
+    # 0700: the private keys' folder is the owner's alone too (the cluster's own folder
+    # above it may be shared). chmod as well, for a folder an earlier run left 0755.
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory.chmod(0o700)
     pki = Pki(directory)
 
     ca_key = _key()

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from slm_e2e import binaries
+from slm_e2e.binaries import component_dirs
 from slm_e2e.testing import wait_for
 
 SCRIPT = Path(__file__).resolve().parents[2] / "e2e" / "build-binaries.sh"
@@ -27,7 +29,7 @@ def _version(key: str) -> str:
 
 
 def test_a_second_build_waits_for_the_first_then_finds_the_binaries_cached(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if not (Path("/usr/local/go/bin/go").exists() or shutil.which("go")):
         pytest.skip("the script needs the Go toolchain")
@@ -35,7 +37,8 @@ def test_a_second_build_waits_for_the_first_then_finds_the_binaries_cached(
         pytest.skip("flock (util-linux) is not installed: the script builds without a lock")
     cache = tmp_path / "cache"
     # What the first build will have left when it is done: a finished helm folder.
-    done = cache / "bin" / f"helm-{_version('HELM_VERSION')}"
+    monkeypatch.setenv("SLM_FLEET_CACHE", str(cache))
+    done = component_dirs()["helm"]
     done.mkdir(parents=True)
     env = {**os.environ, "SLM_FLEET_CACHE": str(cache)}
     with open(cache / "build.lock", "w") as first:
@@ -68,7 +71,8 @@ def test_a_second_build_waits_for_the_first_then_finds_the_binaries_cached(
 SYSDEPS = SCRIPT.parent / "install-system-deps.sh"
 
 #: A `go` that compiles nothing: `go build -o OUT` creates OUT relative to the current folder,
-#: as the real one does; `go mod download` fails as it does when the module proxy is down.
+#: as the real one does; `go install` puts in $GOBIN a "binary" that holds its -ldflags (what
+#: it would have baked in); `go mod download` fails as it does when the module proxy is down.
 GO_STANDIN = """#!/bin/sh
 case "$1" in
   version) echo "go version go1.26.0 linux/amd64 (stand-in)";;
@@ -79,6 +83,10 @@ case "$1" in
   build) out=""; prev=""
          for a in "$@"; do [ "$prev" = "-o" ] && out="$a"; prev="$a"; done
          mkdir -p "$(dirname "$out")"; : > "$out"; chmod +x "$out";;
+  install) ld=""; prev=""
+         for a in "$@"; do [ "$prev" = "-ldflags" ] && ld="$a"; prev="$a"; done
+         name="${prev%@*}"; name="${name##*/}"
+         mkdir -p "$GOBIN"; echo "$ld" > "$GOBIN/$name"; chmod +x "$GOBIN/$name";;
 esac
 """
 
@@ -116,6 +124,40 @@ def test_a_relative_cache_is_built_into_that_folder_of_the_current_directory(
     assert cp.returncode == 0, cp.stderr
     built = tmp_path / "relcache" / "bin" / f"etcd-{_version('ETCD_VERSION')}"
     assert (built / "etcd").is_file() and (built / ".complete").is_file(), cp.stderr
+
+
+def test_a_kubernetes_bump_gets_a_helm_built_for_the_new_minor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """helm is built with the Kubernetes minor baked in (.Capabilities, `helm lint`) but was
+    cached by HELM_VERSION alone: after a KUBERNETES_VERSION bump the build said "cached" and
+    the tools kept a helm that rendered charts for the old minor."""
+    e2e = tmp_path / "e2e"
+    e2e.mkdir()
+    shutil.copy(SCRIPT, e2e / SCRIPT.name)
+    versions = (SCRIPT.parent / "versions.env").read_text()
+    env = _stand_ins(tmp_path / "stand-ins", {"go": GO_STANDIN})
+    env["SLM_FLEET_CACHE"] = str(tmp_path / "cache")
+    for kube in ("v1.36.3", "v1.37.0"):  # a helm built, then Kubernetes bumped
+        bumped = "".join(
+            f"KUBERNETES_VERSION={kube}\n" if line.startswith("KUBERNETES_VERSION=") else line
+            for line in versions.splitlines(keepends=True)
+        )
+        (e2e / "versions.env").write_text(bumped)
+        argv = ["bash", str(e2e / SCRIPT.name), "helm"]
+        cp = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+        assert cp.returncode == 0, cp.stderr
+    helm = _helm_of(e2e / "versions.env", tmp_path / "cache", monkeypatch)
+    assert "helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=37" in helm, cp.stderr
+
+
+def _helm_of(versions: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """What the tools (tests, chart checks) find as helm for ``versions``: here the stand-in's
+    record of the flags it was built with."""
+    read = binaries.read_versions
+    monkeypatch.setattr(binaries, "read_versions", lambda path=versions: read(path))
+    monkeypatch.setenv("SLM_FLEET_CACHE", str(cache))
+    return binaries.locate(("helm",)).helm.read_text()
 
 
 def test_the_cache_root_of_the_cluster_tool_is_absolute(
