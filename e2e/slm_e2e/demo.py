@@ -500,7 +500,12 @@ def run(work: Path, n_relevant: int, n_irrelevant: int) -> int:
         )
         stack.append(gateway)
         prom = LocalPrometheus(
-            work / "prometheus", {"gateway": [gateway.url.split("//")[1]]}, 1.0
+            work / "prometheus",
+            {"gateway": [gateway.url.split("//")[1]]},
+            1.0,
+            # the namespace a cluster's PodMonitor adds: the operator reads Triton's queue
+            # time by it (status.live.observed.queueMs)
+            labels={"triton": {"namespace": NS}},
         ).start()
         stack.append(prom)
         op = OperatorProcess(

@@ -34,11 +34,21 @@ def prometheus_binary() -> str:
 
 
 class LocalPrometheus:
+    """``labels``: job name -> labels added to that job's targets, as a cluster's scrape adds
+    them. Why: the operator selects Triton's series by ``namespace`` (the Prometheus
+    Operator's target label for the pod's namespace), which Triton does not export; scraped
+    without it, a task's queue time is never measured."""
+
     def __init__(
-        self, workdir: Path, targets: dict[str, list[str]], scrape_interval: float = 1.0
+        self,
+        workdir: Path,
+        targets: dict[str, list[str]],
+        scrape_interval: float = 1.0,
+        labels: dict[str, dict[str, str]] | None = None,
     ) -> None:
         self.dir = workdir
         self.targets = targets  # job name -> ["127.0.0.1:port", ...]
+        self.labels = labels or {}
         self.interval = scrape_interval
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -53,7 +63,10 @@ class LocalPrometheus:
         return {
             "global": {"scrape_interval": iv, "evaluation_interval": iv, "scrape_timeout": iv},
             "scrape_configs": [
-                {"job_name": job, "static_configs": [{"targets": list(t)}]}
+                {
+                    "job_name": job,
+                    "static_configs": [{"targets": list(t), "labels": self.labels.get(job, {})}],
+                }
                 for job, t in self.targets.items()
             ],
         }

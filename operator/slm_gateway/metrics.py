@@ -81,6 +81,14 @@ calls, tokens, cost) are plain numbers in :class:`ServedStats` and :class:`Attem
 updated by the event loop and turned into metric families only when ``/metrics`` is
 scraped. A prometheus_client child takes a lock on every ``inc`` and ``observe``; the nine
 updates of a call cost more than the rest of its routing decision.
+
+The series the operator's live control divides or compares (an SLM's attempts by result and
+their latency, the shadow copies it judges, the calls kept from an SLM whose circuit is
+open) are exported at 0 from the first scrape that sees a route with an SLM
+(:meth:`GatewayMetrics.expect_slm`), not from their first event. Why: ``rate()`` and
+``increase()`` need two samples of a series, so a series born at the first error was left
+out of the window it appeared in, and ``or vector(0)`` read that window's error rate as 0
+and its agreement as 1: an SLM that began failing or disagreeing looked healthy for a window.
 """
 
 from __future__ import annotations
@@ -95,6 +103,9 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
+
+from slm_gateway.backends import BAD_OUTPUT, TIMEOUT
+from slm_gateway.decide import REASON_CIRCUIT_OPEN, REASON_DEFER, REASON_LOW_CONFIDENCE, SLM
 
 # Ten bounds a decade, each at most 4/3 of the one below (1 ms to 600 s: 59 bounds and +Inf).
 # histogram_quantile interpolates linearly inside the bucket the p95 falls in, so the SLO is
@@ -122,6 +133,13 @@ _K = TypeVar("_K", bound=tuple[str, ...])
 
 # How long the series of a removed task are still exported (see the module docstring).
 REMOVED_TASK_GRACE_S = 600.0
+
+# What a route with an SLM exports at 0 before its first event (GatewayMetrics.expect_slm):
+# every result of an SLM attempt (the error rate is the failed ones over all of them), the
+# shadow results agreement reads, and the fallback reason the error rate counts as failed.
+SLM_RESULTS = ("ok", "error", TIMEOUT, BAD_OUTPUT, REASON_LOW_CONFIDENCE, REASON_DEFER)
+JUDGED_SHADOW_RESULTS = ("agree", "disagree")
+FAILED_FALLBACK_REASONS = (REASON_CIRCUIT_OPEN,)
 
 
 class LatencyHistogram:
@@ -321,6 +339,9 @@ class GatewayMetrics:
         self._backend_duration: dict[tuple[str, str, str], LatencyHistogram] = {}
         # (namespace, task) -> when it was first seen missing from the route table
         self._gone_since: dict[tuple[str, str], float] = {}
+        # The tasks whose SLM series expect_slm has created: one set lookup per route and
+        # scrape once they exist.
+        self._expected: set[tuple[str, str]] = set()
         r.register(_HotCollector(self))
         self.errors = Counter(
             p + "errors",
@@ -456,6 +477,7 @@ class GatewayMetrics:
                 removed.append(task)
         for task in removed:
             del self._gone_since[task]
+            self._expected.discard(task)
             self._llm_equivalent.pop(task, None)
             _drop_task(self._served, task)
             _drop_task(self._attempts, task)
@@ -476,13 +498,32 @@ class GatewayMetrics:
             found = self._served[key] = ServedStats(equivalent)
         return found
 
+    def expect_slm(self, namespace: str, task: str) -> None:
+        """Create at 0 the series of a task with an SLM that the operator's queries divide or
+        compare (see the module docstring); event loop only, called for each route at each
+        scrape. A task removed (:meth:`forget_removed_tasks`) and routed again gets them
+        anew."""
+        key = (namespace, task)
+        if key in self._expected:
+            return
+        self._expected.add(key)
+        for result in SLM_RESULTS:
+            self._attempt_stats((namespace, task, SLM, result))
+        for result in JUDGED_SHADOW_RESULTS:
+            self.shadow.labels(namespace, task, result)
+        for reason in FAILED_FALLBACK_REASONS:
+            self.fallbacks.labels(namespace, task, reason)
+
     def attempt(self, namespace: str, task: str, backend: str, result: str, seconds: float) -> None:
         """Count one upstream attempt and its latency; event loop only."""
-        key = (namespace, task, backend, result)
+        self._attempt_stats((namespace, task, backend, result)).observe(seconds)
+
+    def _attempt_stats(self, key: tuple[str, str, str, str]) -> AttemptStats:
+        """The attempts of one (namespace, task, backend, result), created at 0 if new."""
         found = self._attempts.get(key)
         if found is None:
             duration = self._backend_duration.get(key[:3])
             if duration is None:
                 duration = self._backend_duration[key[:3]] = LatencyHistogram()
             found = self._attempts[key] = AttemptStats(duration)
-        found.observe(seconds)
+        return found

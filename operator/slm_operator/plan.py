@@ -1153,9 +1153,20 @@ def agreement_since_s(task: Mapping[str, Any], now: dt.datetime) -> float | None
     Why: each copy is judged in one window only (:func:`_agreement_since`), so one burst of
     agreeing copies is one healthy window, not ``canaryWindows`` of them.
     """
-    live = (task.get("status") or {}).get("live") or {}
+    since = _agreement_start((task.get("status") or {}).get("live") or {}, now)
+    return None if since is None else (now - since).total_seconds()
+
+
+def _agreement_start(live: Mapping[str, Any], now: dt.datetime) -> dt.datetime | None:
+    """When the shadow copies not judged yet began, as of ``now``; None for a task never
+    judged, and for a start in the future.
+
+    Why a future start counts as none: it was stamped by a leader whose clock ran ahead
+    (as :func:`metrics_due` allows for ``lastEvaluated``). Read as 0 s, every window read no
+    copies and kept that start, so the rollout stood still for as long as the skew.
+    """
     since = parse_time(live.get("agreementSince")) or parse_time(live.get("lastEvaluated"))
-    return None if since is None else max(0.0, (now - since).total_seconds())
+    return None if since is None or since > now else since
 
 
 def _agreement_since(
@@ -1177,12 +1188,15 @@ def _agreement_since(
     min_samples = int((spec.get("rollout") or {}).get("shadowMinSamples", 50))
     if judged and m.shadow_samples is not None and m.shadow_samples >= min_samples:
         return now
-    since = prev.get("agreementSince") or prev.get("lastEvaluated")
-    if since:
-        return str(since)
-    # Never judged: this window read one window back (PromMetrics.agreement_window).
     at = parse_time(now)
-    return now if at is None else _micro_ts(at - dt.timedelta(seconds=window))
+    if at is None:
+        return now
+    since = _agreement_start(prev, at)
+    if since is not None:
+        return str(prev.get("agreementSince") or prev.get("lastEvaluated"))
+    # Never judged, or a start in the future: this window read one window back
+    # (PromMetrics.agreement_window), and its copies pool on from there.
+    return _micro_ts(at - dt.timedelta(seconds=window))
 
 
 def next_window_s(window: float, last: dt.datetime | None, judged: bool, now: dt.datetime) -> float:

@@ -112,6 +112,9 @@ def stack(
                 "triton": [f"127.0.0.1:{triton.metrics_port}"],
             },
             scrape_interval=SCRAPE,
+            # As the chart's PodMonitor labels a serving pod's series: the operator reads a
+            # task's Triton queue time by its namespace.
+            labels={"triton": {"namespace": namespace}},
         ).start()
         parts.callback(prom.stop)
         op = OperatorProcess(
@@ -459,6 +462,17 @@ def test_replicas_follow_load_and_shadow_agreement_drives_promotion(
         assert "live" in st, json.dumps(st, indent=1)
         live = st["live"]
         assert live["observed"]["agreement"] >= 0.9
+        # Triton's queue time per request, read from its own series (status.live.observed).
+        wait_for(
+            lambda: (
+                (get_task(cluster, s.ns, TASK)["status"]["live"].get("observed") or {}).get(
+                    "queueMs"
+                )
+                is not None
+            ),
+            timeout=30,
+            what="status.live.observed.queueMs measured from Triton's series",
+        )
         # In slm mode the SLM answers: the task's usage reports a non-zero SLM share.
         wait_for(
             lambda: (

@@ -209,3 +209,72 @@ def test_latency_buckets_are_at_most_a_third_apart_and_keep_the_old_bounds() -> 
     assert len(LATENCY_BUCKETS) == 59
     old = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
     assert set(old) <= set(LATENCY_BUCKETS)
+
+
+def first_scrape(*routes: object) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The samples of a gateway's first ``/metrics`` right after it loaded these routes, before
+    any call (``_created`` timestamps left out)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    from starlette.testclient import TestClient
+
+    from slm_gateway.app import create_app
+    from slm_gateway.config import GatewayConfig
+    from slm_gateway.routes import RouteTable
+
+    table = RouteTable()
+    table.replace_all(routes)  # type: ignore[arg-type]
+    with TestClient(create_app(GatewayConfig(), table)) as c:
+        text = c.get("/metrics").text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if not s.name.endswith("_created")
+    }
+
+
+def test_a_route_with_an_slm_exports_what_live_control_reads_at_zero_before_any_call() -> None:
+    """rate() needs two samples of a series: a failure series born at the SLM's first error
+    was left out of that window, which read an error rate of 0 (and a shadow copy's first
+    disagreement, agreement 1). Each series the operator's error rate and agreement divide
+    is there at 0 from the first scrape; a route without an SLM exports none of them."""
+    from slm_gateway.routes import Route
+
+    llm = {"llm_base_url": "http://127.0.0.1:9/v1", "llm_model": "gpt-4o", "llm_api_key": "k"}
+    got = first_scrape(
+        Route(
+            task="weather",
+            namespace="agents",
+            mode="shadow",
+            slm_endpoint="http://127.0.0.1:9",
+            **llm,
+        ),
+        Route(task="plain", namespace="agents", mode="llm", **llm),
+    )
+
+    def value(name: str, **labels: str) -> float | None:
+        key = (name, tuple(sorted({"namespace": "agents", "task": "weather", **labels}.items())))
+        return got.get(key)
+
+    for result in ("ok", "error", "timeout", "bad_output", "low_confidence", "defer"):
+        assert value("slm_gateway_backend_calls_total", backend="slm", result=result) == 0, result
+    for result in ("agree", "disagree"):
+        assert value("slm_gateway_shadow_total", result=result) == 0, result
+    assert value("slm_gateway_fallbacks_total", reason="circuit_open") == 0
+    assert value("slm_gateway_backend_duration_seconds_count", backend="slm") == 0
+    assert not [key for key in got if ("task", "plain") in key[1] and "route_mode" not in key[0]]
+
+
+def test_the_zero_series_of_a_removed_task_go_and_come_back_with_its_route() -> None:
+    """The series created at 0 go with the task's other series once it is gone for the grace
+    (no dead series kept), and a task routed again later has them again."""
+    m = GatewayMetrics()
+    m.expect_slm("ns", "t")
+    assert task_series(m) == {("ns", "t")}
+    assert m.forget_removed_tasks(set(), now=100.0, grace_s=0.0) == [("ns", "t")]
+    assert task_series(m) == set()
+    m.expect_slm("ns", "t")
+    assert (
+        "slm_gateway_shadow_total",
+        (("namespace", "ns"), ("result", "disagree"), ("task", "t")),
+    ) in samples(m.registry)

@@ -2647,6 +2647,41 @@ def test_each_shadow_copy_is_judged_in_one_window_only(
     _settled(Observed(task, jobs, dep, at, metrics_not_due=True, min_window_s=10))
 
 
+def _judge_windows(
+    task: dict[str, Any],
+    jobs: dict[str, JobView],
+    dep: dict[str, Any],
+    fake: _ShadowCopies,
+    seconds: range,
+) -> list[str]:
+    """The route mode after each 10 s window judged at ``NOW + seconds``, on the shadow copies
+    ``fake`` answers for, as the reconcile reads them (agreement since agreementSince)."""
+    prom = PromMetrics("http://127.0.0.1:1", scrape_interval_s=5)
+    prom.client = fake  # type: ignore[assignment]
+    modes = []
+    for s in seconds:
+        at = NOW + dt.timedelta(seconds=s)
+        fake.now = at
+        m = prom.task_metrics("weather", 10, "agents", agreement_since_s(task, at))
+        task["status"] = plan(Observed(task, jobs, dep, at, m, min_window_s=10)).status
+        modes.append(task["status"]["route"]["mode"])
+    return modes
+
+
+def test_shadow_copies_stamped_in_the_future_by_a_skewed_leader_do_not_freeze_the_rollout() -> None:
+    """A previous leader whose clock ran 10 minutes ahead stamped agreementSince (and
+    lastEvaluated) in the future. Read as 0 s of copies, every window read none ("1ms") and
+    kept that start, so the shadow rollout stood still until the clock caught up. A start in
+    the future now counts as none: the window reads one window back and pools from there."""
+    task, jobs, dep = _serving_task()  # windowSeconds 10, shadowMinSamples 20
+    fake = _ShadowCopies([NOW + dt.timedelta(seconds=s) for s in range(-10, 200)])  # one a second
+    ahead = (NOW + dt.timedelta(minutes=10)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    task["status"]["live"].update(agreementSince=ahead, lastEvaluated=ahead)
+    modes = _judge_windows(task, jobs, dep, fake, range(0, 150, 10))
+    assert "slm" in modes, modes
+    assert task["status"]["live"]["agreementSince"] < ahead
+
+
 def test_copies_a_window_could_not_judge_are_pooled_not_spent() -> None:
     """A window with enough fresh copies but no SLO verdict (no SLM latency sample in its
     short range, common at low traffic) cannot count for a canary; it used to spend the
@@ -2654,18 +2689,10 @@ def test_copies_a_window_could_not_judge_are_pooled_not_spent() -> None:
     "latency, too few new copies" never counted a healthy window: the demo stayed at canary.
     Such copies now pool on to the next window that has a verdict."""
     task, jobs, dep = _serving_task()  # windowSeconds 10, shadowMinSamples 20
-    prom = PromMetrics("http://127.0.0.1:1", scrape_interval_s=5)
     copies = [NOW + dt.timedelta(seconds=s) for s in range(-10, 400)]  # one a second
     # The windows whose pool has just reached 20 copies have no latency sample.
     fake = _ShadowCopies(copies, no_latency=lambda at: int((at - NOW).total_seconds()) % 20 == 10)
-    prom.client = fake  # type: ignore[assignment]
-    modes = []
-    for s in range(0, 400, 10):
-        at = NOW + dt.timedelta(seconds=s)
-        fake.now = at
-        m = prom.task_metrics("weather", 10, "agents", agreement_since_s(task, at))
-        task["status"] = plan(Observed(task, jobs, dep, at, m, min_window_s=10)).status
-        modes.append(task["status"]["route"]["mode"])
+    modes = _judge_windows(task, jobs, dep, fake, range(0, 400, 10))
     assert "canary" in modes and modes[-1] == "slm", modes
 
 

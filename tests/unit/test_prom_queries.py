@@ -343,3 +343,43 @@ def test_a_gateway_restarted_in_place_is_a_new_capture_counter() -> None:
     assert two and sorted(r.value for r in two.values()) == [1, 2]
     assert counter_readings([_vector("NaN", pod="gw-0")], []) is None
     assert counter_readings([], []) is None
+
+
+def test_an_slm_that_starts_failing_reads_as_failing_in_the_first_window() -> None:
+    """The SLM answered every call and agreed on every shadow copy for five minutes; in the
+    last scrape interval of the judged window most calls fail and most copies disagree. Series born
+    at their first event (no sample before it) were left out of that window by rate(): its
+    error rate read 0 and its agreement 1, a healthy window. The gateway's first scrape of a
+    route with an SLM has them at 0, so the first window already reads the failures."""
+    from test_gateway_metrics import first_scrape
+
+    from slm_gateway.routes import Route
+
+    at_start = first_scrape(
+        Route(
+            task="weather",
+            namespace="agents",
+            mode="canary",
+            llm_base_url="http://127.0.0.1:9/v1",
+            llm_model="gpt-4o",
+            slm_endpoint="http://127.0.0.1:9",
+        )
+    )
+
+    def failures(name: str, labels: str) -> dict[str, str]:
+        """A failure series, every 15 s: 0 until t=285 if the gateway's first scrape had it
+        (no sample at all if not), then 8 more per scrape from t=300 (the judged one)."""
+        want = re.findall(r'(\w+)="([^"]*)"', f'namespace="agents",task="weather"{labels}')
+        exported = (f"slm_gateway_{name}", tuple(sorted(want))) in at_start
+        return _series(name, labels, f"{'0x19' if exported else '_x20'} 8 16 24")
+
+    # The SLM's own successes, counted since it first answered: +10 a scrape, then +2.
+    healthy = "0+10x19 192 194 196"
+    inputs = [
+        _series("backend_calls_total", ',backend="slm",result="ok"', healthy),
+        failures("backend_calls_total", ',backend="slm",result="error"'),
+        _series("shadow_total", ',result="agree"', healthy),
+        failures("shadow_total", ',result="disagree"'),
+    ]
+    assert _promtool_values(inputs, ["error_rate"], above=0.05) == {"error_rate": "1"}
+    assert _promtool_values(inputs, ["agreement"], above=0.9) == {"agreement": "0"}
