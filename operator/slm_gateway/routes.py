@@ -50,6 +50,15 @@ class RouteError(ValueError):
 _NOT_ONE_COMPONENT = re.compile(r"[/\\\x00]")
 
 
+def _http_url(url: str) -> bool:
+    """Whether ``url`` names the http or https scheme, in any case: URL schemes are
+    case-insensitive, and admission (the CRD's ``isURL``), the operator and the HTTP client
+    take ``HTTPS://...``; refused here, such a task's route was dropped and every call for it
+    failed while the operator trained its model."""
+    scheme, sep, _ = url.partition("://")
+    return bool(sep) and scheme.lower() in ("http", "https")
+
+
 @dataclass(frozen=True, slots=True)
 class Price:
     """US dollars per 1,000 tokens for one backend."""
@@ -122,9 +131,9 @@ class Route:
                 )
         if self.mode not in MODES:
             raise RouteError(f"task {self.task}: mode must be one of {', '.join(MODES)}")
-        if not self.llm_base_url.startswith(("http://", "https://")):
+        if not _http_url(self.llm_base_url):
             raise RouteError(f"task {self.task}: llmBaseURL must be an http(s) URL")
-        if self.slm_endpoint and not self.slm_endpoint.startswith(("http://", "https://")):
+        if self.slm_endpoint and not _http_url(self.slm_endpoint):
             raise RouteError(f"task {self.task}: slmEndpoint must be an http(s) URL")
         if not 0 <= self.canary_percent <= 100:
             raise RouteError(f"task {self.task}: canaryPercent must be within 0..100")

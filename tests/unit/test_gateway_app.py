@@ -30,7 +30,7 @@ from slm_gateway.auth import TokenReviewer, token_claims
 from slm_gateway.capture import CaptureConfig
 from slm_gateway.config import GatewayConfig, config_from_args
 from slm_gateway.decide import canary_bucket
-from slm_gateway.routes import Route, RouteTable
+from slm_gateway.routes import Route, RouteError, RouteTable
 
 KEY = "sk-test-0123456789abcdef"
 AGENT_TOKEN = "Bearer agent-own-token-should-never-travel"
@@ -426,6 +426,30 @@ def test_a_canary_keeps_measuring_agreement_on_the_calls_the_llm_answers(
                 break
             time.sleep(0.02)
     assert agree == llm_answered > 0
+
+
+def test_a_url_scheme_in_capitals_is_served_as_admission_accepted_it(
+    standin: llm_standin.StandIn,
+) -> None:
+    """URL schemes are case-insensitive: admission, the operator and the HTTP client take
+    ``HTTPS://...``. The route refused it, so the task had no route and every agent call for
+    it failed while the operator trained its model."""
+    upper = lambda url: url.replace("http://", "HTTP://", 1)  # noqa: E731
+    r = route(
+        standin,
+        mode="slm",
+        llm_base_url=upper(standin.llm_base_url),
+        slm_endpoint=upper(standin.slm_endpoint),
+    )
+    with client(r) as c:
+        res = chat(c, tools=TOOLS)
+        assert res.status_code == 200 and res.headers["x-slm-backend"] == "slm"
+        standin.control(slm_fail=True)
+        res = chat(c, tools=TOOLS)
+        assert res.status_code == 200 and res.headers["x-slm-backend"] == "llm"
+    for url in ("ftp://h/v1", "HTTPX://h/v1", "https:/h/v1"):
+        with pytest.raises(RouteError):
+            route(standin, llm_base_url=url)
 
 
 def test_llm_failures_map_to_502_504_and_pass_4xx_through(
