@@ -141,7 +141,7 @@ def _last_failure(pods: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None
     return None
 
 
-#: The trainer's advice after a SIGTERM (slm_trainer.generative.RERUN_TO_RESUME, which both
+#: The trainer's advice after a SIGTERM (slm_trainer.preemption.RERUN_TO_RESUME, which both
 #: training paths end with): true for a preempted pod, whose Job starts another; not for a
 #: Job the operator reports failed, which is not rerun. The second form is a selector's in
 #: trainer images before the two shared those words ("preempted; resumable (...; resumable)").

@@ -1208,11 +1208,61 @@ def test_the_resume_fingerprint_ignores_what_does_not_change_the_weights(
     args = stage_args(tmp_path, tiny_minilm, data)
     opts = generative.Options.from_args(args)
     train = Path(args.data) / "train.jsonl"
-    base = generative.fingerprint(args, opts, train)
+    ex = [generative.Example((5, 6, 7, 8), 2)]
+    base = generative.fingerprint(args, opts, train, ex)
     for same in ({"max_eval_examples": 2}, {"save_steps": 7}, {"max_new_tokens": 32}):
-        assert generative.fingerprint(args, dataclasses.replace(opts, **same), train) == base
+        assert generative.fingerprint(args, dataclasses.replace(opts, **same), train, ex) == base
     for other in ({"seed": 1}, {"batch_size": 2}, {"packing": False}):
-        assert generative.fingerprint(args, dataclasses.replace(opts, **other), train) != base
+        assert generative.fingerprint(args, dataclasses.replace(opts, **other), train, ex) != base
+
+
+def test_the_resume_fingerprint_changes_with_the_examples_and_the_trainer_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same train.jsonl rendered or tokenised otherwise (a newer chat format, a hub
+    model whose template changed), or trained by another version of the loop, is another
+    run: its checkpoint must not be resumed."""
+    data = write_data(tmp_path / "data", 2, 1)
+    args = stage_args(tmp_path, tmp_path / "model", data)
+    opts = generative.Options.from_args(args)
+    train = data / "train.jsonl"
+    ex = [generative.Example((5, 6, 7, 8), 2)]
+    base = generative.fingerprint(args, opts, train, ex)
+    for other in ([generative.Example((5, 6, 7, 9), 2)], [generative.Example((5, 6, 7, 8), 3)]):
+        assert generative.fingerprint(args, opts, train, other) != base
+    monkeypatch.setattr(generative, "CODE_VERSION", generative.CODE_VERSION + 1)
+    assert generative.fingerprint(args, opts, train, ex) != base
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_examples_rendered_otherwise_is_not_resumed(
+    tmp_path: Path, tiny_minilm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run preempted under one trainer version, rerun by a newer one that renders the
+    same calls otherwise (as the chat-format change of 'developer' messages did), resumed
+    the old checkpoint: a model trained half on one text and half on another."""
+    data = write_data(tmp_path / "data", 12, 2)
+    args = stage_args(tmp_path, tiny_minilm, data)
+
+    def kill_at_step_3(event: dict[str, Any]) -> None:
+        if event.get("event") == "progress" and event["step"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    first = generative.train_generative(args, kill_at_step_3)
+    assert not first.ok and "3 of 6" in first.message
+    real_split = chatformat.split_example
+
+    def newer_split(tok: Any, messages: Any, tools: Any, response: Any, tit: bool) -> Any:
+        system = {"role": "system", "content": "You are a helpful assistant."}
+        return real_split(tok, [system, *messages], tools, response, tit)
+
+    monkeypatch.setattr(chatformat, "split_example", newer_split)
+    events = Events()
+    second = generative.train_generative(args, events)
+    assert second.ok, second.message
+    assert not events.of("resume")
+    assert any("other run" in e["message"] for e in events.of("warning"))
+    assert [e["step"] for e in events.of("progress")] == list(range(1, 7))
 
 
 def test_a_base_model_path_under_home_is_loaded(
@@ -1465,13 +1515,9 @@ def test_an_unreadable_checkpoint_is_set_aside_and_the_run_starts_fresh(
     assert "starting fresh" in warning["message"] and not events.of("resume")
     (aside,) = ckpt.glob(generative.CHECKPOINT_FILE + ".corrupt-*")
     assert aside.read_bytes() == torn[: len(torn) // 2]  # kept for a look
-    resumable = generative.load_checkpoint(
-        ckpt,
-        generative.fingerprint(
-            args, generative.Options.from_args(args), Path(args.data) / "train.jsonl"
-        ),
-    )
-    assert resumable is not None and resumable["step"] == 1  # the new run's own checkpoint
+    resumable = torch.load(ckpt / generative.CHECKPOINT_FILE, weights_only=False)
+    assert resumable["step"] == 1  # the new run's own checkpoint
+    assert generative.load_checkpoint(ckpt, resumable["fingerprint"]) is not None
 
 
 @pytest.mark.slow

@@ -1283,6 +1283,43 @@ def test_sigterm_in_a_fold_s_last_step_stops_the_crossfit_run(tmp_path: Path) ->
     assert not (tmp_path / "fold1").exists()
 
 
+def test_sigterm_while_a_fold_is_set_up_stops_that_fold_after_one_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGTERM while fold 2's model was built (taken by the cross-fitting's own handler)
+    was not seen by the fold's loop, whose flag started lowered: the fold trained all its
+    steps while the grace period ran out (crossfit_sigterm_setup.py)."""
+    import torch
+
+    from slm_trainer import selector
+
+    torch.set_num_threads(1)
+    ex = selector.examples_from_records(support_records(1), "tool-call")
+    builds: list[int] = []
+    real_build = selector.build_net
+
+    def build_net(config: Any, device: Any) -> Any:
+        builds.append(1)
+        if len(builds) == 2:  # fold 2/2 is being set up
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_build(config, device)
+
+    monkeypatch.setattr(selector, "build_net", build_net)
+    steps: list[tuple[int, int]] = []
+    config = _tiny_config(calibration_folds=2, epochs=3, max_steps=6)
+    with pytest.raises(selector.Preempted, match="at step 1/6"):
+        selector.train_crossfit(
+            config,
+            ex,
+            tmp_path,
+            "d",
+            emit=lambda e: None,
+            step_hook=lambda step: steps.append((len(builds), step)),
+        )
+    assert [s for fold, s in steps if fold == 2] == [1]  # and its checkpoint saved there
+    assert torch_load(tmp_path / "fold1" / selector.CHECKPOINT)["step"] == 1
+
+
 def test_with_no_calibration_call_the_selector_answers_nothing_and_says_so(
     small_data: Path, tmp_path: Path
 ) -> None:

@@ -15,8 +15,9 @@ is fixed here once for every stage:
 - the exit code: 0 when the result is ok; 3 when the stage ran and reported a failure (too
   few examples, no candidate passing: running it again gives the same answer); 1 when it
   crashed (an exception: maybe transient, so worth a retry); 2 for bad arguments (argparse's
-  convention, and a stage's :class:`BadArguments`); 143 when a training loop stopped on
-  SIGTERM after a checkpoint (a new pod resumes it). The operator's Jobs fail at once on 2
+  convention, and a stage's :class:`BadArguments`); 143 when SIGTERM stopped the stage: a
+  training loop after saving a checkpoint (a new pod resumes it), any other part of a stage
+  at once (:class:`slm_trainer.preemption.StageSigterm`). The operator's Jobs fail at once on 2
   and 3 (:data:`EXIT_REPORTED` and a podFailurePolicy) and spend ``backoffLimit`` only on
   crashes.
 
@@ -184,9 +185,15 @@ def write_result(result: TrainerResult, path: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # SIGTERMs of this run only: the module's flag stays set once any earlier run in the
-    # process saw one, and a later run's reported failure then read as preempted (143).
-    sigterms_before = preemption.sigterm_count()
+    # Installed first: as the container's PID 1 the trainer would otherwise drop a SIGTERM
+    # (the kernel's rule for PID 1 without a handler) and run on until SIGKILL. It counts
+    # this run's SIGTERMs only: an earlier run in the process that saw one must not make a
+    # later run's reported failure read as preempted (143).
+    with preemption.StageSigterm() as sigterm:
+        return _run_stage(argv, sigterm)
+
+
+def _run_stage(argv: Sequence[str] | None, sigterm: preemption.StageSigterm) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     module = importlib.import_module(STAGES[ns.stage])
@@ -207,12 +214,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
     )
     crashed = bad_arguments = False
+    candidate = getattr(args, "candidate", None)
     try:
-        result = module.run(args, emit)
+        try:
+            sigterm.arm()
+            result = module.run(args, emit)
+        finally:
+            sigterm.disarm()  # the result below is written whole, whatever comes now
+    except preemption.Terminated:
+        # Outside a training loop: what the stage wrote is whole (see StageSigterm), and a
+        # finetune's next pod resumes from its last checkpoint.
+        result = TrainerResult(
+            stage=module.CONTRACT_STAGE,
+            ok=False,
+            candidate=candidate if isinstance(candidate, str) else None,
+            message=f"{ns.stage} preempted by SIGTERM before it finished; "
+            f"{preemption.RERUN_TO_RESUME}",
+        )
     except BadArguments as exc:
         sys.stderr.write(redact_uris(f"{parser.prog} {ns.stage}: error: {exc}\n", *_ARG_URIS))
         bad_arguments = True
-        candidate = getattr(args, "candidate", None)
         result = TrainerResult(
             stage=module.CONTRACT_STAGE,
             ok=False,
@@ -257,4 +278,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CRASHED
     if bad_arguments:
         return EXIT_BAD_ARGUMENTS
-    return EXIT_PREEMPTED if preemption.sigterm_count() > sigterms_before else EXIT_REPORTED
+    return EXIT_PREEMPTED if sigterm.received() else EXIT_REPORTED

@@ -51,6 +51,7 @@ import json
 import math
 import random
 import re
+import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -68,7 +69,12 @@ from slm_trainer.finetune import (
     missing_base_model,
     resolve_model_path,
 )
-from slm_trainer.preemption import SigtermFlag, load_or_set_aside, save_atomically
+from slm_trainer.preemption import (
+    RERUN_TO_RESUME,
+    SigtermFlag,
+    load_or_set_aside,
+    save_atomically,
+)
 from slm_trainer.progress import Progress
 from slm_trainer.triton_model import chatformat, runtime
 
@@ -76,11 +82,6 @@ CONTRACT_STAGE = "finetune"
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA = "slmfleet.dev/generative-candidate/v1"
 CHECKPOINT_FILE = "checkpoint.pt"
-#: How a run stopped by SIGTERM ends its result's message, in both training paths (the
-#: selector's imports it). True for a preempted pod, whose Job starts another that resumes;
-#: false for a Job past activeDeadlineSeconds, which nothing reruns, so the operator cuts
-#: these words from such a failure (slm_operator.observe): they must be the same in both.
-RERUN_TO_RESUME = "rerun to resume"
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -521,11 +522,36 @@ def answer_loss(
 # --------------------------------------------------------------------------- checkpoints
 
 
-def fingerprint(args: Any, opts: Options, train_path: Path) -> str:
-    """What a checkpoint must match to be resumed: same model, data and hyper-parameters."""
+#: Part of the resume fingerprint: raise it when a change to this module changes what a
+#: checkpoint means for the same examples and arguments (the loss, the step order, what a
+#: checkpoint holds). A checkpoint of another version is then another run's, and training
+#: starts from step 0 instead of mixing the two. A change in how calls are rendered or
+#: tokenised (chatformat, the model's chat template) needs no bump: the examples are
+#: fingerprinted too (:func:`examples_digest`).
+CODE_VERSION = 1
+
+
+def examples_digest(examples: Sequence[Example]) -> str:
+    """A digest of what the loop trains on: each example's token ids and prompt length, in
+    order (little-endian, so the same on every machine)."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(struct.pack(f"<2q{len(ex.input_ids)}q", ex.n_prompt, len(ex), *ex.input_ids))
+    return h.hexdigest()
+
+
+def fingerprint(args: Any, opts: Options, train_path: Path, examples: Sequence[Example]) -> str:
+    """What a checkpoint must match to be resumed: same model, data, hyper-parameters, and
+    the same examples made of the data by the same trainer code.
+
+    The file's bytes alone were not enough: a newer trainer that renders the same calls
+    otherwise (another chat format), or a hub model whose tokenizer or chat template
+    changed, resumed the old run's checkpoint and finished a model trained half on one text
+    and half on another."""
     h = hashlib.sha256()
     if train_path.is_file():
         h.update(hashlib.sha256(train_path.read_bytes()).digest())
+    h.update(examples_digest(examples).encode())
     keys = (
         "model",
         "method",
@@ -536,7 +562,8 @@ def fingerprint(args: Any, opts: Options, train_path: Path) -> str:
         "learning_rate",
         "max_seq_length",
     )
-    spec = {k: str(getattr(args, k, None)) for k in keys}
+    spec: dict[str, Any] = {k: str(getattr(args, k, None)) for k in keys}
+    spec["code"] = CODE_VERSION
     # What decides the trained weights only: a rerun that changes how it evaluates or how
     # often it checkpoints (a smaller --max-eval-examples after an eval ran out of memory)
     # resumes the training, which it threw away before.
@@ -803,7 +830,7 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
     pad_id = int(tokenizer.pad_token_id)
 
     ckpt_dir = Path(args.checkpoint_dir) if getattr(args, "checkpoint_dir", None) else None
-    fp = fingerprint(args, opts, data / "train.jsonl")
+    fp = fingerprint(args, opts, data / "train.jsonl", examples)
     losses: list[float] = []
     start = 0
     payload = load_checkpoint(ckpt_dir, fp)

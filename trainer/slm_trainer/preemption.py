@@ -1,57 +1,195 @@
-"""What both training loops (selector and generative) need to survive preemption.
+"""What the stages and both training loops (selector and generative) need to survive
+preemption.
 
 Why a module of its own: a spot or preemptible GPU node gives a pod SIGTERM and a grace
-period. Both loops must then save at the next step boundary and exit cleanly, and a save must
-never leave a torn file that the restarted pod would trust. Kept free of torch at import time,
-so ``--help`` stays light.
+period. Both loops must then save at the next step boundary and exit cleanly, any other part
+of a stage must end promptly (:class:`StageSigterm`), and a save must never leave a torn file
+that the restarted pod would trust. Kept free of torch at import time, so ``--help`` stays
+light.
 """
 
 from __future__ import annotations
 
+import _thread
 import os
 import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, Self
 
-#: How many SIGTERMs any :class:`SigtermFlag` in this process saw. A caller compares it with
+#: How a run stopped by SIGTERM ends its result's message, in every stage and both training
+#: paths (generative and selector re-export it). True for a preempted pod, whose Job starts
+#: another that resumes; false for a Job past activeDeadlineSeconds, which nothing reruns, so
+#: the operator cuts these words from such a failure (slm_operator.observe): they must be the
+#: same everywhere.
+RERUN_TO_RESUME = "rerun to resume"
+
+#: How many SIGTERMs any handler of this module saw in this process. A caller compares it with
 #: its own start (the CLI, to exit with the code the Job retries when its run was preempted;
 #: cross-fitting, which trains one model per fold), so that a SIGTERM an earlier run in the
 #: same process saw does not count for it.
 _sigterm_count = 0
+
+#: ``_sigterm_count`` when the current run began: the CLI's stage, or, for a training called
+#: directly (tests, cross-fitting's folds), its outermost handler. None between runs.
+_run_start: int | None = None
 
 
 def sigterm_count() -> int:
     return _sigterm_count
 
 
-class SigtermFlag:
-    """Turns SIGTERM into a flag the loop checks after each step.
+def _count_sigterm() -> None:
+    global _sigterm_count
+    _sigterm_count += 1
 
-    The handler only sets the flag (no I/O in a signal handler). It is installed only in the
-    main thread, where Python allows it; elsewhere the flag simply never rises.
+
+class Terminated(BaseException):
+    """SIGTERM outside a training loop: the stage ends now (the CLI exits 143).
+
+    A BaseException, as KeyboardInterrupt is, because stage code catches Exception where a
+    call may fail for its own reasons: the chat template that refuses a conversation would
+    take it for that and go on, and :func:`load_or_set_aside` would set a sound checkpoint
+    aside as unreadable because its load was interrupted.
+    """
+
+
+class _SigtermHandler:
+    """Installs ``_handle`` for SIGTERM while the ``with`` block runs, and marks a run.
+
+    Installed only in the main thread, where Python allows it. The outermost handler of a
+    run records where the run's SIGTERMs start counting (:func:`sigterm_in_this_run`).
     """
 
     def __init__(self) -> None:
-        self.received = False
         self._previous: Any = None
         self._installed = False
+        self._outermost = False
 
-    def __enter__(self) -> SigtermFlag:
+    def __enter__(self) -> Self:
+        global _run_start
+        self._outermost = _run_start is None
+        if self._outermost:
+            _run_start = _sigterm_count
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
             self._installed = True
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        global _sigterm_count
-        self.received = True
-        _sigterm_count += 1
+        _count_sigterm()
 
     def __exit__(self, *exc: object) -> None:
+        global _run_start
         if self._installed:
             signal.signal(signal.SIGTERM, self._previous)
+            self._installed = False
+        if self._outermost:
+            _run_start = None
+
+
+def sigterm_in_this_run() -> bool:
+    """Whether a SIGTERM came since the current run began (False outside a run)."""
+    return _run_start is not None and _sigterm_count > _run_start
+
+
+class SigtermFlag(_SigtermHandler):
+    """Turns SIGTERM into a flag a training loop checks after each step.
+
+    The handler only sets the flag (no I/O in a signal handler); in a thread other than the
+    main one the flag never rises. It starts raised when a SIGTERM came earlier in the run:
+    one during a loop's setup (loading the model, tokenising, a cross-fitted fold's build),
+    taken by the CLI's or an outer loop's handler, would otherwise be forgotten, and the
+    loop would train to its end while the grace period runs out.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received = False
+
+    def __enter__(self) -> Self:
+        super().__enter__()
+        self.received = self.received or sigterm_in_this_run()
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = True
+        _count_sigterm()
+
+
+class StageSigterm(_SigtermHandler):
+    """The CLI's SIGTERM handler for a whole stage: outside a training loop, end the stage.
+
+    Why: the operator's Jobs run ``slm-trainer`` as the container's PID 1, and the kernel
+    drops a signal to PID 1 that has no handler. Before this one, a SIGTERM while a stage
+    loaded its data or model, calibrated, evaluated, saved, curated or exported was lost; the
+    pod ran until the kubelet's SIGKILL (exit 137: no result, no checkpoint of the work since
+    the last one). Raising :class:`Terminated` ends the stage as the default action ends any
+    other process, except that ``finally`` blocks run and the CLI reports the preemption.
+    That is safe for what the stages write: checkpoints, curated splits and exported
+    repositories are written to a temporary name and renamed, so an interrupted write leaves
+    the previous file (or none), never a torn one under the trusted name; the rest of a
+    candidate's output is read only once its Job has succeeded, and the Job's next pod
+    writes it again.
+
+    Inside a training loop its :class:`SigtermFlag` replaces this handler (and puts it back
+    when the loop ends), so the loop saves its checkpoint at the next step instead. The
+    handler raises only between :meth:`arm` and :meth:`disarm` (the stage's ``run``), and
+    once: the CLI's own result writing, and the cleanup that an earlier SIGTERM started,
+    are never interrupted.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._start = _sigterm_count
+        self._armed = False
+        self._asked_again = False
+
+    def received(self) -> bool:
+        """Whether a SIGTERM came since the stage began."""
+        return _sigterm_count > self._start
+
+    def arm(self) -> None:
+        """From now on a SIGTERM ends the stage; one that came already ends it at once."""
+        if self.received():
+            raise Terminated
+        self._armed = True
+
+    def disarm(self) -> None:
+        self._armed = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if not self._asked_again:
+            _count_sigterm()
+        self._asked_again = False
+        if not self._armed:
+            return
+        if _importing(frame):
+            # C code that imports a module clears whatever the import raised (torch's own
+            # start-up imports numpy so), and the stage went on as if no SIGTERM had come:
+            # the same signal is handled again shortly, by then outside the import.
+            self._asked_again = True
+            retry = threading.Timer(_RETRY_SECONDS, _thread.interrupt_main, (signal.SIGTERM,))
+            retry.daemon = True
+            retry.start()
+            return
+        self._armed = False
+        raise Terminated
+
+
+#: How soon :class:`StageSigterm` handles again a SIGTERM that came during an import.
+_RETRY_SECONDS = 0.05
+
+
+def _importing(frame: FrameType | None) -> bool:
+    """Whether ``frame`` runs inside an import (module code, or the import machinery)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def save_atomically(payload: Any, path: Path) -> Path:

@@ -113,8 +113,12 @@ from slm_trainer.finetune import (
     resolve_model_path,
     split_identifier,
 )
-from slm_trainer.generative import RERUN_TO_RESUME
-from slm_trainer.preemption import SigtermFlag, load_or_set_aside, save_atomically
+from slm_trainer.preemption import (
+    RERUN_TO_RESUME,
+    SigtermFlag,
+    load_or_set_aside,
+    save_atomically,
+)
 from slm_trainer.progress import Progress
 from slm_trainer.triton_model import chatformat, runtime
 
@@ -1221,7 +1225,10 @@ def train_crossfit(
     Progress is one 0-100 % over the K+1 trainings (each line names its ``fold``). SIGTERM
     stops the run at the next fold boundary too: a fold's own loop raises :class:`Preempted`
     only when the signal comes before its last step, and one during that step let the next
-    fold train on until the grace period ran out (SIGKILL, the step's work lost).
+    fold train on until the grace period ran out (SIGKILL, the step's work lost). One that
+    comes while a fold is set up (its encoder loaded, its calls tokenised), taken by the
+    ``with`` below, stops that fold after its first step: the fold's own flag starts raised
+    (:class:`slm_trainer.preemption.SigtermFlag`).
     """
     k = config.calibration_folds
     base = replace(config, calibration_fraction=0.0, calibration_folds=0)
