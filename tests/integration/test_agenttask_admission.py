@@ -100,6 +100,14 @@ NINE_CANDIDATES = [
 
 INVALID = [
     case(
+        # Kubernetes' Job controller overflows on such a limit and fails the Job at once;
+        # the operator then took it for a raised limit and created the Job again, forever
+        "job-time-limit-past-what-a-job-can-hold",
+        {"spec.training.activeDeadlineSeconds": 9999999999},
+        "spec.training.activeDeadlineSeconds",
+        "should be less than or equal to 31536000",
+    ),
+    case(
         "negative-llm-price",
         {"spec.fallback.llm.price": {"prompt": -0.001, "completion": 0.01}},
         "spec.fallback.llm.price.prompt",

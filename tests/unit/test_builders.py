@@ -90,6 +90,36 @@ def test_cross_fitted_calibration_is_passed_only_when_asked_for() -> None:
     assert folds(b.finetune_job(task, "r", cand)) == ["--calibration-folds=4"]
 
 
+def test_a_time_limit_stored_past_what_a_job_can_hold_is_held_to_the_crds_maximum() -> None:
+    """A task stored before the CRD had a maximum may ask for 9999999999 s. Kubernetes' Job
+    controller overflows on it and fails the Job at once, which read as a raised limit: the
+    Job was deleted and created again in a loop that never ended."""
+    task = make_task()
+    task["spec"]["training"]["activeDeadlineSeconds"] = 9_999_999_999
+    cand = task["spec"]["candidates"][0]
+    for job in (b.data_prep_job(task, "r"), b.finetune_job(task, "r", cand)):
+        assert job["spec"]["activeDeadlineSeconds"] == 31_536_000
+
+
+def test_finetune_pods_get_the_time_to_save_their_checkpoint_on_sigterm() -> None:
+    """A full fine-tune writes its weights and two AdamW moments on SIGTERM (4.3 GB for a
+    360M model), which the default 30 s grace period cut short with SIGKILL on a slow
+    volume. Data prep and export save nothing and keep the default (field left out)."""
+    task = make_task()
+    cand = task["spec"]["candidates"][0]
+
+    def grace(job: dict) -> Any:
+        return job["spec"]["template"]["spec"].get("terminationGracePeriodSeconds")
+
+    expected = {"full": 300, "lora": 120, "qlora": 120}
+    for method, seconds in expected.items():
+        assert grace(b.finetune_job(task, "r", {**cand, "method": method})) == seconds
+    assert grace(b.finetune_job(task, "r", {k: v for k, v in cand.items() if k != "method"})) == 120
+    assert grace(b.data_prep_job(task, "r")) is None
+    artifact = "pvc://slm-work/weather/r/candidates/small"
+    assert grace(b.export_job(task, "r", cand, artifact, 0.5)) is None
+
+
 def _trainer_pods(task: dict, account: str = "") -> list[dict]:
     cand = task["spec"]["candidates"][0]
     jobs = [
