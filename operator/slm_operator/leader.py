@@ -9,21 +9,28 @@ watches (its caches stay warm) but only the holder of the Lease reconciles.
 The rules are client-go's ``leaderelection``, which platform engineers already know from
 kube-controller-manager and every controller-runtime operator:
 
-- A lease is free when it has no holder (released), when it does not exist, or when its
-  record has not changed for ``leaseDurationSeconds`` *as measured on this process's own
-  monotonic clock* from when this process first saw that record. The holder's ``renewTime``
-  is never compared with the local wall clock: with clock skew between nodes that comparison
-  lets two replicas lead at once.
+- A lease is free when it has no holder (released), or when its record has not changed for
+  ``leaseDurationSeconds`` *as measured on this process's own monotonic clock* from when this
+  process first saw that record. The holder's ``renewTime`` is never compared with the local
+  wall clock: with clock skew between nodes that comparison lets two replicas lead at once.
+  A Lease that does not exist is judged as the record this process read last: free at once
+  when it read none (a fresh install) or held it itself, and otherwise once that record's
+  holder could have renewed for the last time. A Lease deleted under a live leader (``kubectl
+  delete``, a cleanup script) is thus not taken while that leader leads on until its next
+  renewal; it recreates the Lease itself.
 - Taking or renewing is an update carrying the ``resourceVersion`` that was read: of two
   replicas racing for a free lease, the API server lets one win (409 for the other).
 - The leader renews every ``retry`` seconds and stops leading when it could not renew for
-  ``renew_deadline`` seconds, which is shorter than the lease. A renewal that hangs is not
-  waited for past that deadline (each call has its own short timeout and no HTTP retries),
-  and the operator then stands by, or exits when a reconcile is running
-  (:mod:`slm_operator.main`), as controller-runtime's managers do: a reconcile already
-  running in a thread cannot be interrupted any other way, and it must not write on after
-  another replica took over. The pod restarts as a standby, and takes its own dead
-  predecessor's lease at once (same pod name) instead of waiting it out.
+  ``renew_deadline`` seconds, which is shorter than the lease. After a renewal that failed it
+  tries again sooner, in half the time left to that deadline (at most ``retry``, at least
+  :data:`MIN_RETRY_SECONDS`), so that even with a retry period close to the deadline one
+  failed call does not end its leadership. A renewal that hangs is not waited for past that
+  deadline (each call has its own short timeout and no HTTP retries), and the operator then
+  stands by, or exits when a reconcile is running (:mod:`slm_operator.main`), as
+  controller-runtime's managers do: a reconcile already running in a thread cannot be
+  interrupted any other way, and it must not write on after another replica took over. The
+  pod restarts as a standby, and takes its own dead predecessor's lease at once (same pod
+  name) instead of waiting it out.
 - On shutdown (SIGTERM, a rollout) the leader waits for its running reconciles, then releases
   the lease, so the standby takes over within about one retry period instead of one lease
   duration.
@@ -68,6 +75,20 @@ ENV_RETRY = "SLM_FLEET_LEADER_ELECTION_RETRY_SECONDS"
 #: The pod's name (the chart sets it from the downward API); the host name otherwise.
 ENV_POD_NAME = "SLM_FLEET_POD_NAME"
 
+#: The shortest wait between a leader's retries of a failed renewal, so that an API server that
+#: fails fast is not called in a busy loop as the deadline nears (less when the settings leave
+#: less room between the retry period and the renew deadline).
+MIN_RETRY_SECONDS = 0.2
+
+#: The fields of a Lease's spec that make up its holder record (see :func:`free_for`).
+_RECORD_KEYS = (
+    "holderIdentity",
+    "renewTime",
+    "acquireTime",
+    "leaseDurationSeconds",
+    "leaseTransitions",
+)
+
 
 @dataclass(frozen=True)
 class LeaseSettings:
@@ -109,6 +130,8 @@ class LeaseSettings:
             numbers[var] = value
         lease, renew, retry = numbers[ENV_DURATION], numbers[ENV_RENEW], numbers[ENV_RETRY]
         if not retry < renew < lease:
+            # retry < renew: the first renewal try comes before the deadline, and the retries
+            # after a failed one come sooner (LeaderElector._next_wait), so it tries again.
             raise ValueError(
                 f"leader election needs {ENV_RETRY} < {ENV_RENEW} < {ENV_DURATION} "
                 f"(got {retry:g} < {renew:g} < {lease:g}): the leader must give up before "
@@ -236,6 +259,10 @@ class LeaderElector:
         self._renewed_at = 0.0
         #: The attempt in flight (a thread), awaited before the lease is released.
         self._attempt: asyncio.Future[bool] | None = None
+        # Set by stop(): run() ends even if the cancel that came before was lost (Python
+        # 3.11's asyncio.wait_for drops a cancel that lands as its awaited attempt ends), so
+        # it cannot take back the Lease stop() has just released.
+        self._stopping = False
         self._last_error = ""
         #: Another replica named as holder by the last read ("" when none was).
         self._other_holder = ""
@@ -279,25 +306,9 @@ class LeaderElector:
         self._attempt_at = self.clock()
         lease = self._get()
         if lease is None:
-            self.kube.request(
-                "POST",
-                self._path,
-                body=lease_body(None, s, now_rfc3339(), None),
-                timeout=self._timeout(),
-            )
-            self._seen = None
-            return True
+            return self._create()
         spec = lease.get("spec") or {}
-        record = tuple(
-            spec.get(k)
-            for k in (
-                "holderIdentity",
-                "renewTime",
-                "acquireTime",
-                "leaseDurationSeconds",
-                "leaseTransitions",
-            )
-        )
+        record = tuple(spec.get(k) for k in _RECORD_KEYS)
         # Seen when the answer came (not when it was asked for): a slow GET never makes a
         # record look older than it is.
         now = self.clock()
@@ -312,6 +323,28 @@ class LeaderElector:
         self._other_holder = ""
         updated = lease_body(spec, s, now_rfc3339(), lease["metadata"])
         self.kube.request("PUT", f"{self._path}/{s.name}", body=updated, timeout=self._timeout())
+        return True
+
+    def _create(self) -> bool:
+        """Create the Lease, found absent, unless the holder this process read last may still
+        lead: True if this replica holds it now.
+
+        Someone deleted it; its last holder leads on until its next renewal, which recreates
+        it. Creating it at once made two leaders until then, so absent binds as that record
+        did: for its ``leaseDurationSeconds`` from when this process first read it.
+        """
+        s = self.settings
+        if self._seen is not None:
+            last = dict(zip(_RECORD_KEYS, self._seen[0], strict=True))
+            if not free_for(last, s.identity, self._seen[1], self.clock(), s.pod):
+                return False
+        self.kube.request(
+            "POST",
+            self._path,
+            body=lease_body(None, s, now_rfc3339(), None),
+            timeout=self._timeout(),
+        )
+        self._seen = None
         return True
 
     def release(self) -> None:
@@ -396,24 +429,37 @@ class LeaderElector:
         self._last_error = ""
         return held
 
+    def _next_wait(self, held: bool) -> float:
+        """Seconds until the next attempt, after one that ``held`` the lease or not."""
+        s = self.settings
+        if not self.leading:
+            # Candidates spread their attempts (client-go's jitter).
+            return s.retry_seconds * (1.0 + random.random() * 0.2)
+        # A leader renews on time, and never sleeps past its renew deadline: after renewals
+        # that failed fast (a 503, a refused connection) a whole retry period could run past
+        # it, and with settings where retry + renew deadline exceed the lease, past the moment
+        # a standby may take over: two leaders at once.
+        left = max(0.0, self._renewed_at + s.renew_deadline_seconds - self.clock())
+        if held:
+            return min(s.retry_seconds, left)
+        # After a failure, sooner: with retry 6 and deadline 10 a whole retry period left one
+        # try (at 6 s) before the leader stepped down at 10 s. Half of what is left makes the
+        # next try land before the deadline; the floor keeps that from becoming a busy loop.
+        floor = min(MIN_RETRY_SECONDS, (s.renew_deadline_seconds - s.retry_seconds) / 2)
+        return min(s.retry_seconds, max(floor, left / 2), left)
+
     async def run(self) -> None:
         """Campaign and renew until cancelled."""
-        s = self.settings
-        while True:
-            self._step(await self.attempt())
-            # Candidates spread their attempts (client-go's jitter); a leader renews on time.
-            wait = s.retry_seconds * (1.0 if self.leading else 1.0 + random.random() * 0.2)
-            if self.leading:
-                # Not past its renew deadline either: after renewals that failed fast (a 503,
-                # a refused connection) a whole retry period could run past it, and with
-                # settings where retry + renew deadline exceed the lease, past the moment a
-                # standby may take over: two leaders at once.
-                left = self._renewed_at + s.renew_deadline_seconds - self.clock()
-                wait = min(wait, max(0.0, left))
-            await asyncio.sleep(wait)
+        while not self._stopping:
+            held = await self.attempt()
+            if self._stopping:
+                return
+            self._step(held)
+            await asyncio.sleep(self._next_wait(held))
 
     async def stop(self) -> None:
         """After :meth:`run` was cancelled: let an attempt in flight end, then release."""
+        self._stopping = True
         attempt = self._attempt
         if attempt is not None and not attempt.done():
             await asyncio.wait([attempt], timeout=self._round_trip_s())

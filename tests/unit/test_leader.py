@@ -7,6 +7,7 @@ is in tests/integration/test_leader_election.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 import subprocess
@@ -214,6 +215,155 @@ def test_a_leader_that_reads_another_holder_stops_at_once() -> None:
     e._other_holder = "other_2"
     e._step(False)
     assert not e.leading and events == ["started", "stopped"]
+
+
+class _Leases:
+    """An API server holding one Lease in memory: GET, POST (409 when it exists), PUT (409 on
+    a stale resourceVersion), and ``delete`` as ``kubectl delete lease`` does it. Every call
+    is recorded with the time on ``clock``; from ``failing_from`` on, each is answered 503."""
+
+    def __init__(self, clock: list[float]) -> None:
+        self.clock = clock
+        self.lease: dict[str, Any] | None = None
+        self.version = 0
+        self.calls: list[tuple[float, str]] = []
+        self.failing_from = float("inf")
+
+    def request(self, method: str, path: str, body: Any = None, **_: Any) -> Any:
+        self.calls.append((self.clock[0], method))
+        if self.clock[0] >= self.failing_from:
+            raise KubeError(503, "etcd leader changed", "ServiceUnavailable")
+        if method == "GET":
+            if self.lease is None:
+                raise KubeError(404, "not found", "NotFound")
+            return self.lease
+        if (method == "POST") != (self.lease is None) or (
+            method == "PUT"
+            and body["metadata"].get("resourceVersion") != self.lease["metadata"]["resourceVersion"]
+        ):
+            raise KubeError(409, "conflict", "Conflict")
+        self.version += 1
+        body["metadata"]["resourceVersion"] = str(self.version)
+        self.lease = body
+        return body
+
+    def delete(self) -> None:
+        self.lease = None
+
+    def holder(self) -> str:
+        return str((self.lease or {}).get("spec", {}).get("holderIdentity") or "")
+
+
+def _electors(leases: _Leases, *identities: str) -> list[LeaderElector]:
+    """Candidates on ``leases`` with the default terms, on its clock."""
+    return [
+        LeaderElector(
+            cast(Any, leases),
+            dataclasses.replace(SETTINGS, identity=identity),
+            lambda: None,
+            lambda: None,
+            clock=lambda: leases.clock[0],
+        )
+        for identity in identities
+    ]
+
+
+def test_a_lease_deleted_under_a_live_leader_is_not_taken_by_its_standby() -> None:
+    """`kubectl delete lease` while a leads and b stands by: b created a new Lease at its next
+    try and led at once, while a led on until its own next renewal read b's name: two
+    leaders. b now waits as if a's last record were still there; a recreates the Lease."""
+    now = [100.0]
+    leases = _Leases(now)
+    a, b = _electors(leases, "a_1", "b_2")
+    assert a.try_acquire_or_renew()  # nothing there yet (a fresh install): created at once
+    now[0] = 101.0
+    assert not b.try_acquire_or_renew()
+    now[0] = 102.0
+    assert a.try_acquire_or_renew()  # a renews, b sees it at 103
+    now[0] = 103.0
+    assert not b.try_acquire_or_renew()
+    leases.delete()
+    now[0] = 103.5
+    assert not b.try_acquire_or_renew()
+    assert leases.lease is None  # b did not create it
+    now[0] = 104.0
+    assert a.try_acquire_or_renew()  # the leader recreates it at its next renewal
+    assert leases.holder() == "a_1"
+    now[0] = 105.0
+    assert not b.try_acquire_or_renew()
+    # Deleted again, and a dies with it: b takes over once a's last record it read has
+    # been silent for leaseDurationSeconds (15 s from 105), as after any leader's death.
+    leases.delete()
+    now[0] = 119.9
+    assert not b.try_acquire_or_renew() and leases.lease is None
+    now[0] = 120.0
+    assert b.try_acquire_or_renew() and leases.holder() == "b_2"
+
+
+def test_a_leader_whose_renewal_fails_tries_again_before_its_deadline() -> None:
+    """retry 6 < renew deadline 10 < lease 15 are accepted settings, whose message promises
+    the leader tries more than once before it gives up. A renewal answered 503 at 6 s was
+    its only try: it slept a whole retry period, past its deadline, and stepped down at 10 s.
+    It tries again sooner now, and still steps down at its deadline."""
+    now = [0.0]
+    leases = _Leases(now)
+    leases.failing_from = 5.0
+    settings = LeaseSettings("fleet", "op", "me_1", 15, 10, 6)
+    stopped: list[float] = []
+    e = LeaderElector(
+        cast(Any, leases), settings, lambda: None, lambda: stopped.append(now[0]), lambda: now[0]
+    )
+    real_sleep = asyncio.sleep
+
+    class SteppedDown(Exception):
+        pass
+
+    async def sleep_on_the_fake_clock(seconds: float) -> None:
+        # The loop ends here, not by a cancel: Python 3.11's wait_for can swallow a cancel
+        # that comes as the attempt ends, and the loop then went on spinning on this clock.
+        if stopped:
+            raise SteppedDown
+        now[0] += seconds
+        await real_sleep(0)
+
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(SteppedDown):
+        mp.setattr(asyncio, "sleep", sleep_on_the_fake_clock)
+        asyncio.run(asyncio.wait_for(e.run(), timeout=10))
+    renewals = [t for t, method in leases.calls if method == "GET" and t > 0]
+    assert len(renewals) >= 2, leases.calls
+    assert all(t < 10 for t in renewals), repr(renewals)
+    assert len(renewals) <= 10, renewals  # sooner, but no busy loop
+    assert 10 <= stopped[0] < 10.5, stopped
+
+
+def test_a_stopped_elector_takes_nothing_back_when_its_cancel_was_lost() -> None:
+    """Python 3.11's wait_for drops a cancel that lands as its attempt ends. The operator
+    cancels run() and then calls stop(), which releases the Lease; a run() that missed its
+    cancel went on and took the released Lease back while the process exited."""
+    now = [0.0]
+    leases = _Leases(now)
+    settings = LeaseSettings("fleet", "op", "me_1", 15, 10, 2)
+    e = LeaderElector(cast(Any, leases), settings, lambda: None, lambda: None, lambda: now[0])
+    real_sleep = asyncio.sleep
+
+    async def sleep_on_the_fake_clock(seconds: float) -> None:
+        if now[0] > 60:  # a minute on the fake clock after stop(): it went on campaigning
+            raise RuntimeError(f"run() still going after stop(): {leases.calls}")
+        now[0] += seconds
+        await real_sleep(0)
+
+    async def scenario() -> None:
+        runner = asyncio.ensure_future(e.run())  # never cancelled: the lost cancel
+        while not e.leading:
+            await real_sleep(0)
+        await e.stop()
+        released = len(leases.calls)
+        await runner  # it ends by itself
+        assert [m for _, m in leases.calls[released:]] == []  # and wrote nothing more
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(asyncio, "sleep", sleep_on_the_fake_clock)
+        asyncio.run(scenario())
 
 
 # ---- the elector against HTTP servers that misbehave (real sockets on 127.0.0.1) ----
