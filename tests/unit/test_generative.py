@@ -314,8 +314,9 @@ def test_a_template_that_dates_its_prompts_renders_the_same_prompt_every_day(
     tiny_minilm: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Llama-3.1/3.2-Instruct write today's date into every prompt (``strftime_now``) unless
-    given a ``date_string``: the model was trained and evaluated on the training day's prompts
-    and served each later day's, which it never saw."""
+    given a ``date_string``, and SmolLM3's whatever it is given: the model was trained and
+    evaluated on the training day's prompts and served each later day's, which it never saw
+    (and a fine-tune preempted before midnight could not resume after it)."""
     import datetime as dt
 
     import transformers.utils.chat_template_utils as template_utils
@@ -338,10 +339,19 @@ def test_a_template_that_dates_its_prompts_renders_the_same_prompt_every_day(
 
     monkeypatch.setattr(template_utils, "datetime", Clock)
     rec = record(0)
-    trained = chatformat.render(tok, rec.messages, None, False)  # the finetune Job's day
-    Clock.today = dt.datetime(2027, 1, 15)
-    assert "Today Date: " in trained
-    assert chatformat.render(tok, rec.messages, None, False) == trained  # a Triton pod's day
+    llama = tok.chat_template
+    smollm3 = (  # SmolLM3's: the clock read whatever date_string says, in two formats
+        '{%- set today = strftime_now("%d %B %Y") -%}'
+        "Today Date: {{ today }} ({{ strftime_now('%Y') }})\n"
+        "{% for m in messages %}{{ m.content }}{% endfor %}"
+    )
+    for template, day in ((llama, "26 Jul 2024"), (smollm3, "26 July 2024 (2024)")):
+        tok.chat_template = template
+        Clock.today = dt.datetime(2026, 12, 1)
+        trained = chatformat.render(tok, rec.messages, None, False)  # the finetune Job's day
+        Clock.today = dt.datetime(2027, 1, 15)
+        assert f"Today Date: {day}\n" in trained
+        assert chatformat.render(tok, rec.messages, None, False) == trained  # a Triton pod's
 
 
 def _tool_turns(*results: str) -> list[dict[str, Any]]:

@@ -109,13 +109,46 @@ def test_a_sigterm_inside_an_import_is_not_lost_to_code_that_swallows_it(
     def run(args: Args, emit: Any) -> TrainerResult:
         import swallowing_module  # noqa: F401
 
-        _wait_for_signal()
+        time.sleep(2.0)  # one blocking call (a big read, a socket wait): interrupted too
         after.append("ran on")
         return TrainerResult(stage="finetune", ok=True, candidate=args.candidate)
 
     register(monkeypatch, run)
+    started = time.monotonic()
     code = cli.main(["sigterm-stage", f"--result-path={tmp_path / 'result.json'}"])
     assert code == EXIT_PREEMPTED and not after
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_sigterm_retried_after_an_import_does_not_reach_the_next_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, as_pid1: None
+) -> None:
+    """The retry of a SIGTERM that came inside an import fired after its stage had
+    returned, into the next run in the same process, which it ended as preempted."""
+    (tmp_path / "swallowing_module_quick.py").write_text(
+        "import os, signal\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "except BaseException:\n"
+        "    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "swallowing_module_quick", raising=False)
+
+    def first(args: Args, emit: Any) -> TrainerResult:
+        import swallowing_module_quick  # noqa: F401
+
+        return TrainerResult(stage="finetune", ok=True, candidate=args.candidate)
+
+    def second(args: Args, emit: Any) -> TrainerResult:
+        _wait_for_signal()
+        return TrainerResult(stage="finetune", ok=True, candidate=args.candidate)
+
+    register(monkeypatch, first)
+    cli.main(["sigterm-stage", f"--result-path={tmp_path / 'first.json'}"])
+    register(monkeypatch, second)
+    assert cli.main(["sigterm-stage", f"--result-path={tmp_path / 'second.json'}"]) == 0
+    assert json.loads((tmp_path / "second.json").read_text())["ok"] is True
 
 
 def test_a_training_loop_honours_a_sigterm_that_came_earlier_in_its_run() -> None:

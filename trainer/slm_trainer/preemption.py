@@ -10,7 +10,6 @@ light.
 
 from __future__ import annotations
 
-import _thread
 import os
 import signal
 import threading
@@ -146,6 +145,7 @@ class StageSigterm(_SigtermHandler):
         self._start = _sigterm_count
         self._armed = False
         self._asked_again = False
+        self._retry: threading.Timer | None = None
 
     def received(self) -> bool:
         """Whether a SIGTERM came since the stage began."""
@@ -158,7 +158,11 @@ class StageSigterm(_SigtermHandler):
         self._armed = True
 
     def disarm(self) -> None:
+        """The stage is over: no SIGTERM ends it now, nor a retry still pending from one."""
         self._armed = False
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
 
     def _handle(self, signum: int, frame: Any) -> None:
         if not self._asked_again:
@@ -169,11 +173,13 @@ class StageSigterm(_SigtermHandler):
         if _importing(frame):
             # C code that imports a module clears whatever the import raised (torch's own
             # start-up imports numpy so), and the stage went on as if no SIGTERM had come:
-            # the same signal is handled again shortly, by then outside the import.
+            # the same signal is sent again shortly, by then outside the import. A real
+            # signal, not _thread.interrupt_main, which only sets Python's flag and so left
+            # a sleep or a socket wait after the import to run to its end.
             self._asked_again = True
-            retry = threading.Timer(_RETRY_SECONDS, _thread.interrupt_main, (signal.SIGTERM,))
-            retry.daemon = True
-            retry.start()
+            self._retry = threading.Timer(_RETRY_SECONDS, _signal_main_thread)
+            self._retry.daemon = True
+            self._retry.start()
             return
         self._armed = False
         raise Terminated
@@ -181,6 +187,13 @@ class StageSigterm(_SigtermHandler):
 
 #: How soon :class:`StageSigterm` handles again a SIGTERM that came during an import.
 _RETRY_SECONDS = 0.05
+
+
+def _signal_main_thread() -> None:
+    """SIGTERM to the main thread, where Python runs signal handlers."""
+    ident = threading.main_thread().ident
+    if ident is not None:
+        signal.pthread_kill(ident, signal.SIGTERM)
 
 
 def _importing(frame: FrameType | None) -> bool:

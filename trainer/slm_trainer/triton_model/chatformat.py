@@ -17,6 +17,8 @@ calls only when the request offered tools and only in exactly that format
 
 from __future__ import annotations
 
+import datetime as dt
+import functools
 import json
 import re
 from collections.abc import Sequence
@@ -245,6 +247,33 @@ def _system_in_user(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 #: The date written into prompts by templates that date them (``date_string``): the one
 #: Llama 3.1/3.2's own template falls back to when it has no clock.
 TEMPLATE_DATE = "26 Jul 2024"
+#: The same day for templates that read the clock themselves (``strftime_now``: SmolLM3's).
+TEMPLATE_NOW = dt.datetime(2024, 7, 26)
+#: A ``strftime_now`` call with a literal format, as templates write it.
+_STRFTIME_NOW = re.compile(r"""strftime_now\(\s*(['"])(.*?)\1\s*\)""")
+
+
+@functools.lru_cache(maxsize=16)
+def _clock_pinned(template: str) -> str:
+    """``template`` with ``strftime_now`` answering :data:`TEMPLATE_NOW` instead of today.
+
+    Why: a template such as SmolLM3's writes ``strftime_now("%d %B %Y")`` into every prompt
+    whatever ``date_string`` says, so a model was trained on prompts of its training day and
+    served prompts of each later day (the Llama problem ``date_string`` solves), and a
+    fine-tune preempted before midnight could not resume after it (its checkpoint is bound to
+    the tokenised prompts). transformers gives templates no way to set the clock (a callable
+    passed in is replaced by a string), so a macro of the same name, defined first, shadows
+    the global: it answers each format the template names, formatted in Python.
+    """
+    formats = sorted({m.group(2) for m in _STRFTIME_NOW.finditer(template)})
+    answers = json.dumps({f: TEMPLATE_NOW.strftime(f) for f in formats})
+    other = json.dumps(TEMPLATE_NOW.strftime("%Y-%m-%d"))
+    macro = (
+        "{%- macro strftime_now(format) -%}"
+        f"{{{{- {answers}.get(format, {other}) -}}}}"
+        "{%- endmacro -%}"
+    )
+    return macro + template
 
 
 def _apply(tokenizer: Any, messages: list[dict[str, Any]], kwargs: dict[str, Any]) -> str:
@@ -264,8 +293,12 @@ def _apply(tokenizer: Any, messages: list[dict[str, Any]], kwargs: dict[str, Any
     all render here, so one fixed date keeps their prompts identical.
     """
     kwargs = {**kwargs, "date_string": TEMPLATE_DATE}
-    if "enable_thinking" in _template_text(tokenizer):
+    text = _template_text(tokenizer)
+    if "enable_thinking" in text:
         kwargs["enable_thinking"] = False
+    if "strftime_now" in text:
+        template = tokenizer.get_chat_template(None, kwargs.get("tools"))
+        kwargs["chat_template"] = _clock_pinned(template)
     return str(tokenizer.apply_chat_template(messages, **kwargs))
 
 
