@@ -295,11 +295,33 @@ def _apply_children(kube: Kube, obs: Observed, p: Plan) -> _Writes:
         try:
             _apply(kube, obs, obj)
         except KubeError as e:
-            _note_refusal(obs, obj, e, writes)
+            _note_refusal(kube, obs, obj, e, writes)
     return writes
 
 
-def _note_refusal(obs: Observed, obj: Mapping[str, Any], e: KubeError, writes: _Writes) -> None:
+def _patch_job_limits(kube: Kube, job: Mapping[str, Any], writes: _Writes) -> None:
+    """Set the task's limits on a kept Job whose pod template an older operator built.
+
+    Why: the API server refuses a whole apply that changes an immutable pod template, the
+    limits with it, so a limit raised for a fine-tune about to run out of time reached no Job
+    an older operator had created (its pod template lacks the grace period this version
+    gives fine-tune pods); the Job died at the old limit and started again from its last
+    checkpoint. The limits are mutable: a merge patch of them alone is accepted, and one
+    that changes nothing is no write.
+    """
+    limits = {k: job["spec"][k] for k in ("activeDeadlineSeconds", "backoffLimit")}
+    try:
+        kube.merge_patch(job, {"spec": limits})
+    except KubeError as e:
+        if e.retryable:
+            writes.busy = writes.busy or e
+        else:
+            writes.refused.append(("Job", job["metadata"]["name"], e.message or str(e)))
+
+
+def _note_refusal(
+    kube: Kube, obs: Observed, obj: Mapping[str, Any], e: KubeError, writes: _Writes
+) -> None:
     child, why = obj["metadata"]["name"], e.message or str(e)
     if obj["kind"] == "Job" and e.status == 422 and "immutable" in e.message:
         # A Job built by an older operator version for the same revision: Jobs are
@@ -310,6 +332,7 @@ def _note_refusal(obs: Observed, obj: Mapping[str, Any], e: KubeError, writes: _
             log.info(
                 "keeping existing Job %s: its pod template differs and Jobs are immutable", child
             )
+            _patch_job_limits(kube, obj, writes)
             return
         # Not this task's: another task's child has the name (task "a" with candidate "b-data"
         # and task "a-ft-b" name a Job alike). Kept silently, this task waited for ever on a

@@ -182,6 +182,24 @@ def test_this_tasks_own_job_refused_as_immutable_is_kept() -> None:
     assert not [e for e in kube.events if e[1] == c.APPLY_FAILED]
 
 
+def test_a_kept_job_gets_the_tasks_limits_though_its_template_is_an_older_operators() -> None:
+    """The API server refuses a whole apply that changes an immutable pod template, the
+    limits with it: a limit raised for a fine-tune about to run out of time never reached a
+    Job an older operator had built, which died at the old limit. The limits alone are
+    patched now; a patch refused is reported like any refused write."""
+    task = _task()
+    task["spec"]["training"] = {"activeDeadlineSeconds": 43200, "backoffLimit": 5}
+    kube = _holding_own_job(task, _revision(task), KubeError(422, IMMUTABLE, "Invalid"))
+    rc.reconcile(kube, "agents", "weather")  # type: ignore[arg-type]
+    assert ("Job", {"spec": {"activeDeadlineSeconds": 43200, "backoffLimit": 5}}) in kube.patches
+    assert _ready(kube.task)["reason"] != c.APPLY_FAILED
+
+    kube = _holding_own_job(task, _revision(task), KubeError(422, IMMUTABLE, "Invalid"))
+    kube.refuse_patch = KubeError(403, "jobs.batch is forbidden: cannot patch", "Forbidden")
+    rc.reconcile(kube, "agents", "weather")  # type: ignore[arg-type]
+    assert _ready(kube.task)["reason"] == c.APPLY_FAILED
+
+
 def test_keeping_an_own_job_never_logs_the_dataset_credentials(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
