@@ -89,12 +89,10 @@ def test_a_sigterm_while_a_stage_loads_ends_it_with_143_and_a_result(
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # put back as it was
 
 
-def test_a_sigterm_inside_an_import_is_not_lost_to_code_that_swallows_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, as_pid1: None
-) -> None:
-    """torch's start-up imports numpy from C and clears whatever that raised: a SIGTERM
-    handled there vanished and the stage went on. Here a module swallows it the same way."""
-    (tmp_path / "swallowing_module.py").write_text(
+def swallowing_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """A module ``name`` whose import SIGTERMs the process and swallows what that raised,
+    as torch's start-up does with numpy's import."""
+    (tmp_path / f"{name}.py").write_text(
         "import os, signal, time\n"
         "try:\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
@@ -103,7 +101,15 @@ def test_a_sigterm_inside_an_import_is_not_lost_to_code_that_swallows_it(
         "    pass\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "swallowing_module", raising=False)
+    monkeypatch.delitem(sys.modules, name, raising=False)
+
+
+def test_a_sigterm_inside_an_import_is_not_lost_to_code_that_swallows_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, as_pid1: None
+) -> None:
+    """torch's start-up imports numpy from C and clears whatever that raised: a SIGTERM
+    handled there vanished and the stage went on. Here a module swallows it the same way."""
+    swallowing_module(tmp_path, monkeypatch, "swallowing_module")
     after: list[str] = []
 
     def run(args: Args, emit: Any) -> TrainerResult:
@@ -125,15 +131,7 @@ def test_a_sigterm_retried_after_an_import_does_not_reach_the_next_run(
 ) -> None:
     """The retry of a SIGTERM that came inside an import fired after its stage had
     returned, into the next run in the same process, which it ended as preempted."""
-    (tmp_path / "swallowing_module_quick.py").write_text(
-        "import os, signal\n"
-        "try:\n"
-        "    os.kill(os.getpid(), signal.SIGTERM)\n"
-        "except BaseException:\n"
-        "    pass\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "swallowing_module_quick", raising=False)
+    swallowing_module(tmp_path, monkeypatch, "swallowing_module_quick")
 
     def first(args: Args, emit: Any) -> TrainerResult:
         import swallowing_module_quick  # noqa: F401
