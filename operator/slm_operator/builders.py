@@ -311,12 +311,6 @@ def min_examples(spec: Mapping[str, Any]) -> int:
     return int((spec.get("dataset") or {}).get("minExamples", DEFAULT_MIN_EXAMPLES))
 
 
-#: The data-prep Job's ``--max-examples`` when spec.dataset.maxExamples is unset. Not a CRD
-#: default: a default added to the schema shows up in every stored task's spec.dataset, which
-#: is part of the revision hash, so upgrading the operator would retrain every task.
-DEFAULT_MAX_EXAMPLES = 100_000
-
-
 def data_prep_job(
     task: Mapping[str, Any],
     revision: str,
@@ -340,7 +334,10 @@ def data_prep_job(
         f"--output-dir={revision_dir(task, revision)}/data",
         f"--eval-fraction={ds.get('evalFraction', 0.2)}",
         f"--min-examples={min_examples(task['spec'])}",
-        f"--max-examples={int(ds.get('maxExamples', DEFAULT_MAX_EXAMPLES))}",
+        # Unset, curate's own default bounds it (slm_contract.DEFAULT_MAX_EXAMPLES): a trainer
+        # image older than the flag (a task may pin one) refuses the whole command line. Not
+        # a CRD default either: it would join every stored spec, and so the revision hash.
+        *([f"--max-examples={int(ds['maxExamples'])}"] if "maxExamples" in ds else []),
         "--scrub-pii" if ds.get("piiScrubbing", True) else "--no-scrub-pii",
         f"--stratify-by={stratify}",
     ]

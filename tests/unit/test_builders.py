@@ -417,9 +417,10 @@ def test_pii_scrubbing_can_be_turned_off() -> None:
 
 
 def test_the_data_prep_job_bounds_what_curate_holds_and_the_trainer_parses_it() -> None:
-    """A task's log only grows; the data-prep Job always passes a bound (the task's, or
-    100,000 when unset, which adds nothing to the stored spec and so to the revision hash),
-    and the trainer's own command line reads it."""
+    """A task's log only grows; curate is always bounded (the task's bound, or 100,000 when
+    unset, which adds nothing to the stored spec and so to the revision hash). Unset, the
+    flag is left out and curate's own default applies: a task that pins a trainer image
+    older than the flag had every data-prep Job refused (exit 2) after an operator upgrade."""
     from slm_trainer import cli
 
     task = make_task()
@@ -429,7 +430,8 @@ def test_the_data_prep_job_bounds_what_curate_holds_and_the_trainer_parses_it() 
             task["spec"]["dataset"]["maxExamples"] = bound
         job = b.data_prep_job(task, "r")
         ctr = job["spec"]["template"]["spec"]["containers"][0]
-        assert f"--max-examples={expected}" in ctr["args"]
+        flags = [a for a in ctr["args"] if a.startswith("--max-examples")]
+        assert flags == ([] if bound is None else [f"--max-examples={bound}"])
         assert ctr["command"] == ["slm-trainer", "curate"]
         parsed = cli.build_parser().parse_args(ctr["command"][1:] + ctr["args"])
         assert parsed.max_examples == expected

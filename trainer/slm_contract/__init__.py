@@ -41,6 +41,12 @@ EXIT_PREEMPTED = 143
 #: Exit codes no retry changes: a trainer Job fails at once on them.
 DEFINITE_EXIT_CODES = (EXIT_BAD_ARGUMENTS, EXIT_REPORTED)
 
+#: The most curated examples curate keeps when not told (``spec.dataset.maxExamples`` unset).
+#: The trainer's own default, so the operator passes ``--max-examples`` only when a task sets
+#: it: a trainer image older than the flag (a task that pins one) refused the whole command
+#: line, and every data-prep Job failed at once after an operator upgrade.
+DEFAULT_MAX_EXAMPLES = 100_000
+
 #: What `slm-trainer <stage>` reports: prepare is curate (S2), then discover (S3), finetune
 #: (S5), evaluate and export.
 STAGES = ("prepare", "discover", "finetune", "evaluate", "export")

@@ -66,7 +66,14 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal
 from urllib.parse import urlsplit
 
-from slm_contract import CallRecord, ContractError, TrainerResult, redact_uri, redact_uris
+from slm_contract import (
+    DEFAULT_MAX_EXAMPLES,
+    CallRecord,
+    ContractError,
+    TrainerResult,
+    redact_uri,
+    redact_uris,
+)
 from slm_trainer import metrics
 
 #: The contract's name for this stage in TrainerResult.
@@ -132,11 +139,11 @@ class Args:
     )
     num_perm: int = field(default=128, metadata={"help": "MinHash permutations"})
     max_examples: int = field(
-        default=0,
+        default=DEFAULT_MAX_EXAMPLES,
         metadata={
             "help": "keep at most this many examples: the first in content-hash order once "
             "near duplicates are out, a uniform sample whatever the log's order; memory then "
-            "stays bounded as the log grows (0: keep every call)"
+            f"stays bounded as the log grows (default {DEFAULT_MAX_EXAMPLES}; 0: keep every call)"
         },
     )
     max_error_samples: int = field(
