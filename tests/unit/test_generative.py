@@ -1562,6 +1562,32 @@ def test_calls_the_template_cannot_render_are_skipped_and_counted(
 
 
 @pytest.mark.slow
+def test_training_examples_past_the_models_context_are_left_out_not_crashed_on(
+    tmp_path: Path, tiny_minilm: Path
+) -> None:
+    """maxSeqLength may exceed what the model's positions cover (GPT-2's 1024, with learned
+    positions): such examples crashed training (an index error in the position table, a
+    device-side assert on a GPU), which the Job retried as a crash. They are left out and
+    counted, as those past maxSeqLength are, and the message names the bound that applied."""
+    model_dir = tmp_path / "short-context"
+    shutil.copytree(tiny_minilm, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["max_position_embeddings"] = 256
+    (model_dir / "config.json").write_text(json.dumps(config))
+    args = _tiny_stage(tmp_path, model_dir, checkpoint_dir="", max_seq_length=512)
+    long = dataclasses.replace(
+        record(7),
+        messages=[{"role": "user", "content": " ".join(["lima weather please"] * 100)}],
+    )
+    with (Path(args.data) / "train.jsonl").open("a") as fh:
+        fh.write(long.to_json() + "\n")
+    result = generative.train_generative(args, Events())
+    assert result.ok, result.message
+    assert result.train_examples == 4
+    said = "1 longer than the model's context, 256 tokens (max_seq_length 512)"
+    assert said in result.message
+
+
 def test_eval_calls_too_long_for_the_context_count_as_handed_back(
     tmp_path: Path, tiny_minilm: Path
 ) -> None:

@@ -1428,6 +1428,59 @@ def test_a_classification_selector_serves_the_llms_spelling_of_its_label(tmp_pat
     assert answer["content"] == "REFUND_REQUEST" and answer["label"] == "refund_request"
 
 
+def test_a_classification_selectors_result_speaks_of_labels_not_tools(tmp_path: Path) -> None:
+    """Gated on exact-match, a classification selector's result explained its score as
+    that of "the chosen tool with '{}' arguments": a task with no tools at all."""
+    records = [
+        CallRecord(
+            task="t",
+            backend="llm",
+            messages=[{"role": "user", "content": f"{ask} ({n})"}],
+            response={"role": "assistant", "content": label},
+        )
+        for label, ask in (("refund", "I want my money back"), ("billing", "charged twice"))
+        for n in range(6)
+    ]
+    data = write_split(records, tmp_path / "data")
+    args = fine_args(
+        data, tmp_path, task_type="classification", metric="exact-match", epochs=1, max_steps=2
+    )
+    result = finetune.run(args, lambda e: None)
+    assert result.ok, result.message
+    assert "the chosen label's text" in result.message
+    assert "tool" not in result.message and "'{}'" not in result.message
+
+
+def test_a_result_claims_no_figure_of_calls_the_eval_split_lacks() -> None:
+    """A selector that answered nothing read "precision 100.0%", and an eval split without
+    no-tool calls "100.0% of no-tool calls deferred": percentages of empty sets, as if
+    measured."""
+    from types import SimpleNamespace
+
+    sel = pytest.importorskip("slm_trainer.selector")
+    needs_tool = [SimpleNamespace(ref_label="get_time")] * 3
+    nothing = {
+        "accepted": 0,
+        "coverage": 0.0,
+        "precision": 1.0,
+        "relevant_coverage": 0.0,
+        "irrelevant_deferral": 1.0,
+    }
+    assert sel._measured(nothing, needs_tool, "tool-call", 0.9) == (
+        "answers 0.0% of eval calls, 0.0% of calls that need a tool, no no-tool calls in "
+        "the eval split; no call answered at threshold 0.900"
+    )
+    mixed = [*needs_tool, SimpleNamespace(ref_label=None)]
+    answered = {**nothing, "accepted": 2, "coverage": 0.5, "relevant_coverage": 2 / 3}
+    assert sel._measured(answered, mixed, "tool-call", 0.9) == (
+        "answers 50.0% of eval calls, 66.7% of calls that need a tool, 100.0% of no-tool "
+        "calls deferred; precision 100.0% at threshold 0.900"
+    )
+    assert sel._measured(answered, mixed, "classification", 0.9) == (
+        "answers 50.0% of eval calls; precision 100.0% at threshold 0.900"
+    )
+
+
 def test_a_diverged_loss_leaves_strict_json_behind(
     small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -786,6 +786,7 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
     examples: list[Example] = []
     skipped = {"too_long": 0, "empty_answer": 0, "unrenderable": 0}
     render_error = ""
+    max_len, bound = _training_length(int(args.max_seq_length), runtime.context_limit(model))
     for rec in train_records:
         try:
             ex, _, _ = encode(tokenizer, rec, tools_in_template)
@@ -795,7 +796,7 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
             continue
         if len(ex) <= ex.n_prompt:
             skipped["empty_answer"] += 1
-        elif len(ex) > int(args.max_seq_length):
+        elif len(ex) > max_len:
             skipped["too_long"] += 1
         else:
             examples.append(ex)
@@ -804,14 +805,13 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
             {
                 "event": "warning",
                 "message": f"skipped training examples: {skipped} "
-                f"(max_seq_length {args.max_seq_length} tokens){render_error[:300]}",
+                f"(longest kept: {bound}){render_error[:300]}",
             }
         )
     if not examples:
         return _fail(
             args,
-            f"no usable training example (max_seq_length {args.max_seq_length}): {skipped}"
-            + malformed_note,
+            f"no usable training example (longest kept: {bound}): {skipped}" + malformed_note,
         )
 
     epochs = max(1, int(args.epochs))
@@ -1024,12 +1024,26 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
         message=f"{args.method} on {total} steps, final loss {losses[-1]:.4f}"
         + _score_note(score, accuracy, args.metric, len(eval_records), len(not_evaluated))
         + _threshold_note(threshold, at_threshold, target_precision)
-        + _left_out_note(skipped, int(args.max_seq_length))
+        + _left_out_note(skipped, bound)
         + malformed_note,
     )
 
 
-def _left_out_note(skipped: dict[str, int], max_seq_length: int) -> str:
+def _training_length(max_seq_length: int, context: int | None) -> tuple[int, str]:
+    """The most tokens a training example may hold, and how messages name that bound.
+
+    Why the model's context too: ``maxSeqLength`` may exceed what a model with learned
+    positions covers (GPT-2's 1024). Longer examples crashed training (an index error in the
+    position embedding; a device-side assert on a GPU), a crash the Job retried
+    ``backoffLimit`` times. Evaluation and serving already hand such prompts back; training
+    leaves them out, as it leaves out those past ``maxSeqLength``.
+    """
+    if context is not None and context < max_seq_length:
+        return context, f"the model's context, {context} tokens (max_seq_length {max_seq_length})"
+    return max_seq_length, f"max_seq_length ({max_seq_length} tokens)"
+
+
+def _left_out_note(skipped: dict[str, int], bound: str) -> str:
     """The training examples left out, for the result's message (the Job's report).
 
     Why there and not only in a warning line: an example longer than ``maxSeqLength`` is
@@ -1039,7 +1053,7 @@ def _left_out_note(skipped: dict[str, int], max_seq_length: int) -> str:
     termination message holds.
     """
     why = (
-        ("too_long", f"longer than max_seq_length ({max_seq_length} tokens)"),
+        ("too_long", f"longer than {bound}"),
         ("unrenderable", "that the chat template cannot render"),
         ("empty_answer", "with no answer tokens"),
     )

@@ -1405,6 +1405,34 @@ def data_digest(*paths: Path) -> str:
     return h.hexdigest()
 
 
+def _measured(
+    at: Mapping[str, Any], examples: Sequence[Example], task_type: str, threshold: float
+) -> str:
+    """What a result's message says of the eval split, each figure only where its calls
+    exist: a percentage of no calls (a precision of 100 % when none was answered, 100 % of
+    no-tool calls deferred when the eval split held none) read as measured."""
+    precision = f"precision {at['precision']:.1%}" if at["accepted"] else "no call answered"
+    return (
+        f"answers {at['coverage']:.1%} of eval calls{_relevant_note(at, examples, task_type)}; "
+        f"{precision} at threshold {threshold:.3f}"
+    )
+
+
+def _relevant_note(at: Mapping[str, Any], examples: Sequence[Example], task_type: str) -> str:
+    """The tool-call figures of :func:`_measured`."""
+    if task_type != "tool-call":
+        return ""
+    n_relevant = sum(1 for ex in examples if ex.ref_label is not None)
+    parts = []
+    if n_relevant:
+        parts.append(f"{at['relevant_coverage']:.1%} of calls that need a tool")
+    if len(examples) > n_relevant:
+        parts.append(f"{at['irrelevant_deferral']:.1%} of no-tool calls deferred")
+    else:
+        parts.append("no no-tool calls in the eval split")
+    return ", " + ", ".join(parts)
+
+
 def evaluate_predictions(
     examples: Sequence[Example],
     preds: Sequence[tuple[str | None, float]],
@@ -1585,12 +1613,15 @@ def run_selector(
         served = served_point(eval_records, preds, selector.threshold, task_type, args.metric)
         report["at_threshold_served"] = served
         score = selector_score(served)
+        tools = task_type == "tool-call"
         served_note = (
-            f"; score {score:.1%} is the {args.metric} precision of the answers it serves, the "
-            "chosen tool with '{}' arguments"
+            f"; score {score:.1%} is the {args.metric} precision of the answers it serves, "
+            + ("the chosen tool with '{}' arguments" if tools else "the chosen label's text")
             + (
-                f" ({at['correct'] - served['correct']} answered calls with the right tool "
-                "need arguments; gate selectors on label-accuracy to score tool choice)"
+                f" ({at['correct'] - served['correct']} answered calls with the right "
+                + ("tool need arguments" if tools else "label differ from the LLM's text")
+                + "; gate selectors on label-accuracy to score "
+                + ("tool choice)" if tools else "the label chosen)")
                 if at["correct"] > served["correct"]
                 else ""
             )
@@ -1616,15 +1647,8 @@ def run_selector(
     _write_predictions(output / PREDICTIONS, eval_ex, preds, selector.threshold)
     (output / "eval_report.json").write_text(json.dumps(finite(report), indent=2) + "\n")
     del manifest
-    relevant_note = (
-        f", {at['relevant_coverage']:.1%} of calls that need a tool, "
-        f"{at['irrelevant_deferral']:.1%} of no-tool calls deferred"
-        if task_type == "tool-call"
-        else ""
-    )
     measured = (
-        f"answers {at['coverage']:.1%} of eval calls{relevant_note}; precision "
-        f"{at['precision']:.1%} at threshold {selector.threshold:.3f}{served_note}"
+        _measured(at, eval_ex, task_type, selector.threshold) + served_note
         if eval_ex
         else f"no eval calls in {eval_path}, no score; threshold {selector.threshold:.3f}"
     )
