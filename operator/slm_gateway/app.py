@@ -10,7 +10,9 @@ upstream calls go through :mod:`slm_gateway.backends`.
 The other endpoints (``/v1/models``, ``/healthz``, ``/readyz``, ``/metrics``) are ordinary
 Starlette routes. Every error, including unknown paths and methods, has an OpenAI-style
 body; an unexpected exception becomes a 500 with such a body and a log line without request
-data, never a traceback page.
+data, never a traceback page. A chat completion still running when uvicorn cancels it at the
+end of its graceful shutdown (``--graceful-timeout-s``) gets a 503 ``shutting_down``, or an
+error event ending its stream when the stream had begun, before the cancel goes on.
 """
 
 from __future__ import annotations
@@ -124,10 +126,24 @@ _CODE_MODEL_AMBIGUOUS = "model_ambiguous"
 _MAX_KEYS_SHOWN = 10
 #: One warning per task per this many seconds while its key is rejected; the metric counts all.
 _AUTH_LOG_INTERVAL_S = 60.0
+#: The code of a call still running when the graceful shutdown ran out (a 503, or a stream's
+#: error event): another replica can answer it, so the agent's SDK should retry.
+_CODE_SHUTTING_DOWN = "shutting_down"
+_SHUTTING_DOWN_MESSAGE = (
+    "The gateway is shutting down and stopped this call before it was answered; retry it."
+)
+#: The backend_calls_total result of an LLM stream whose agent hung up: the LLM worked on it,
+#: but it neither failed nor answered anyone.
+_RESULT_CLIENT_DISCONNECTED = "client_disconnected"
 
 
 class _ClientGone(Exception):
     """The agent disconnected before its body arrived; there is no one to answer."""
+
+
+class _StreamCancelled(asyncio.CancelledError):
+    """A cancel that reached a stream after its head was sent: the stream has ended with its
+    error event, so no 503 may follow. Still a cancel: it propagates like the one it replaces."""
 
 
 @dataclass(slots=True)
@@ -262,6 +278,7 @@ class Gateway:
         t0 = time.perf_counter()
         task_hdr = request_id = authorization = None
         length: bytes | None = None
+        route: Route | None = None
         for k, v in scope["headers"]:
             if k == b"content-length":
                 length = v
@@ -309,6 +326,13 @@ class Gateway:
                 self.metrics.invalid.labels(err.code or str(status)).inc()
         except _ClientGone:
             return
+        except asyncio.CancelledError as cancel:
+            # uvicorn cancels the calls still running at --graceful-timeout-s. Answered here,
+            # the agent gets an error its SDK retries (on another replica) rather than
+            # uvicorn's plain-text 500; the cancel itself goes on, as a cancel must.
+            if not isinstance(cancel, _StreamCancelled):
+                await _send_whole(send, *self._shutting_down(route))
+            raise
         except Exception:
             log.exception("internal error while serving a chat completion")
             status = 500
@@ -318,9 +342,23 @@ class Gateway:
                 code=e.CODE_INTERNAL,
             )
             headers = [_CT_JSON]
-        headers.append((b"content-length", str(len(body)).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await _send_whole(send, status, headers, body)
+
+    def _shutting_down(self, route: Route | None) -> Answer:
+        """The 503 of a call cancelled at the end of the graceful shutdown, counted and logged
+        (one line, no request data). Counted under the LLM, the backend every error of a
+        routed call is counted under; one cancelled before it was routed has no task to count
+        it under. No scrape may come after the listener closed: the log line is the record."""
+        if route is not None:
+            self.metrics.errors.labels(route.namespace, route.task, LLM, _CODE_SHUTTING_DOWN).inc()
+        log.warning(
+            "a call%s was still running when the graceful shutdown timeout ran out: "
+            "answered 503 %s",
+            f" of task {route.key}" if route is not None else "",
+            _CODE_SHUTTING_DOWN,
+        )
+        body = e.error_body(_SHUTTING_DOWN_MESSAGE, type=e.SERVER_ERROR, code=_CODE_SHUTTING_DOWN)
+        return 503, [_CT_JSON, (b"retry-after", b"1")], body
 
     def _next_id(self) -> str:
         return f"{self._id_prefix}{next(self._id_counter):012x}"
@@ -645,11 +683,26 @@ class Gateway:
     async def _relay(
         self, call: _LLMCall, upstream: LLMStream, t: float, send: Send, receive: Receive
     ) -> None:
-        """Pass the LLM's events on as they come; then count, shadow and capture the answer."""
-        route = call.route
+        """Pass the LLM's events on as they come; then count, shadow and capture the answer.
+
+        A cancel once the head went out (uvicorn's, at the end of its graceful shutdown) ends
+        the stream with an error event, wherever it came: the agent's SDK raises it, where a
+        stream cut short without one would read as an answer cut short."""
         await send(
             {"type": "http.response.start", "status": 200, "headers": self._sse_headers(call)}
         )
+        try:
+            await self._relay_events(call, upstream, t, send, receive)
+        except asyncio.CancelledError:
+            try:
+                await self._stream_cancelled(call, send)
+            finally:  # a second cancel while the event is sent is still no place for a 503
+                raise _StreamCancelled() from None
+
+    async def _relay_events(
+        self, call: _LLMCall, upstream: LLMStream, t: float, send: Send, receive: Receive
+    ) -> None:
+        route = call.route
         assembled = StreamAssembler()
         gone = asyncio.ensure_future(receive())  # completes when the agent disconnects
         try:
@@ -660,12 +713,10 @@ class Gateway:
             failure = ("error", e.CODE_INTERNAL, "The gateway failed while streaming the answer.")
         finally:
             gone.cancel()
-        if failure == _GONE:
-            self.metrics.streams.labels(
-                route.namespace, route.task, LLM, "client_disconnected"
-            ).inc()
-            return  # leaving the upstream's context closes the LLM's connection
         spent = time.perf_counter() - t
+        if failure == _GONE:
+            self._llm_hung_up(call, assembled, spent)
+            return  # leaving the upstream's context closes the LLM's connection
         if failure is not None:
             result, code, text = failure
             if code == e.CODE_INTERNAL:  # the gateway's fault, not the LLM's: no breaker
@@ -673,9 +724,7 @@ class Gateway:
             else:
                 self._llm_broken(call, result, code, spent)
             self.metrics.streams.labels(route.namespace, route.task, LLM, "failed").inc()
-            tail = b""
-            if text:  # OpenAI's SDKs raise an APIError on an event holding "error"
-                tail = b"data: " + e.error_body(text, type=e.SERVER_ERROR, code=code) + b"\n\n"
+            tail = _error_event(text, code) if text else b""
             await send({"type": "http.response.body", "body": tail, "more_body": False})
             return
         await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -693,6 +742,40 @@ class Gateway:
         except Exception:
             log.exception("internal error while counting a streamed answer")
             self.metrics.errors.labels(route.namespace, route.task, LLM, e.CODE_INTERNAL).inc()
+
+    async def _stream_cancelled(self, call: _LLMCall, send: Send) -> None:
+        """End a stream cancelled at the end of the graceful shutdown with an error event
+        (its head went out: the status cannot change), counted as a failed stream. The LLM
+        did not fail: its breaker learns nothing."""
+        route = call.route
+        self.metrics.errors.labels(route.namespace, route.task, LLM, _CODE_SHUTTING_DOWN).inc()
+        self.metrics.streams.labels(route.namespace, route.task, LLM, "failed").inc()
+        log.warning(
+            "a streamed call of task %s was still running when the graceful shutdown timeout "
+            "ran out: ended with an error event %s",
+            route.key,
+            _CODE_SHUTTING_DOWN,
+        )
+        tail = _error_event(_SHUTTING_DOWN_MESSAGE, _CODE_SHUTTING_DOWN)
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+    def _llm_hung_up(self, call: _LLMCall, assembled: StreamAssembler, spent: float) -> None:
+        """Count an LLM stream whose agent hung up. The LLM worked on it until then, so the
+        attempt, its latency, and the tokens of what it had sent (estimated: its usage comes
+        last) and their cost count; no answer (nothing captured) and no breaker outcome (the
+        LLM did not fail). Without them the LLM's calls and spend read lower than what it did
+        and billed."""
+        route = call.route
+        self.metrics.streams.labels(
+            route.namespace, route.task, LLM, _RESULT_CLIENT_DISCONNECTED
+        ).inc()
+        self.metrics.attempt(route.namespace, route.task, LLM, _RESULT_CLIENT_DISCONNECTED, spent)
+        if assembled.chunks:
+            ptok, ctok = _llm_tokens(call, assembled.message(), assembled.usage, b"")
+        else:  # it had sent nothing yet: the prompt alone
+            ptok, ctok = estimate_tokens(len(call.raw)), 0
+        cost, llm_cost = self._costs(route, LLM, ptok, ctok)
+        self.metrics.served(route.namespace, route.task, LLM).spend(ptok, ctok, cost, llm_cost)
 
     async def _pump(
         self,
@@ -1064,14 +1147,9 @@ class Gateway:
         """Count an answered call and hand it to capture (``body`` None: counted as a
         capture dropped because it cannot be written, as the capture workers count theirs)."""
         latency = time.perf_counter() - t0
-        llm_price = route.llm_price or self._llm_price  # the task's own LLM price, if it has one
-        price = llm_price if backend == LLM else self.prices.get(backend)
+        cost, llm_cost = self._costs(route, backend, ptok, ctok)
         self.metrics.served(route.namespace, route.task, backend).observe(
-            latency,
-            ptok,
-            ctok,
-            price.cost(ptok, ctok) if price is not None else 0.0,
-            llm_price.cost(ptok, ctok),
+            latency, ptok, ctok, cost, llm_cost
         )
         if self.capture is None:
             return
@@ -1095,6 +1173,13 @@ class Gateway:
                     reason,
                 )
             )
+
+    def _costs(self, route: Route, backend: str, ptok: int, ctok: int) -> tuple[float, float]:
+        """The estimated cost of ``ptok`` + ``ctok`` tokens on ``backend``, and on the LLM."""
+        llm_price = route.llm_price or self._llm_price  # the task's own LLM price, if it has one
+        price = llm_price if backend == LLM else self.prices.get(backend)
+        cost = price.cost(ptok, ctok) if price is not None else 0.0
+        return cost, llm_price.cost(ptok, ctok)
 
     # ---- the other endpoints --------------------------------------------------------------
     async def models(self, request: Request) -> Response:
@@ -1202,6 +1287,19 @@ def _unauthenticated(message: str) -> GatewayError:
         code=e.CODE_INVALID_API_KEY,
         headers={"WWW-Authenticate": 'Bearer realm="slm-gateway"'},
     )
+
+
+async def _send_whole(send: Send, status: int, headers: Headers, body: bytes) -> None:
+    """Send an answer whose body is known whole (``headers`` gets its Content-Length)."""
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _error_event(message: str, code: str) -> bytes:
+    """An ``error`` event as OpenAI ends a stream that failed after it began (its SDKs raise
+    an APIError on an event holding "error")."""
+    return b"data: " + e.error_body(message, type=e.SERVER_ERROR, code=code) + b"\n\n"
 
 
 def _llm_tokens(

@@ -11,6 +11,7 @@ data to leak).
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
@@ -73,11 +74,34 @@ def serve(cfg: GatewayConfig) -> None:
         log_level=cfg.log_level.lower(),
         server_header=False,
         proxy_headers=False,
-        timeout_graceful_shutdown=int(cfg.graceful_timeout_s),
+        # As given: uvicorn types it int but only hands it to asyncio.timeout, which takes
+        # a float; int() cut 0.9 s to 0, cancelling every running call at once.
+        timeout_graceful_shutdown=cfg.graceful_timeout_s,  # type: ignore[arg-type]
         backlog=2048,
     )
+    # After the Config: it configures uvicorn's loggers.
+    logging.getLogger("uvicorn.error").addFilter(_no_cancel_traceback)
     tune_gc()
     uvicorn.Server(config).run(sockets=[sock])
+
+
+def _no_cancel_traceback(record: logging.LogRecord) -> bool:
+    """Drop uvicorn's "Exception in ASGI application" record of a cancelled request.
+
+    Why: uvicorn cancels the requests still running when ``--graceful-timeout-s`` runs out,
+    and logs each cancel coming back out of the app with a traceback. A cancel is no failure
+    of the gateway: it answered those calls (a 503, or an error event ending a stream) and
+    logged one line for each, and uvicorn's own line says how many it cancelled.
+    """
+    exc = record.exc_info
+    cancelled = (
+        exc is not None and exc[0] is not None and issubclass(exc[0], asyncio.CancelledError)
+    )
+    return not (cancelled and str(record.msg).startswith(_UVICORN_APP_FAILED))
+
+
+#: How uvicorn's HTTP protocols begin the record of an exception out of the app.
+_UVICORN_APP_FAILED = "Exception in ASGI application"
 
 
 def tune_gc() -> None:

@@ -12,12 +12,14 @@ namespace empty for routes from a static file; ``backend`` is ``slm`` or ``llm``
   attempt, failed and shadow SLM attempts included; the SLO's SLM p95 is read from here.
 - ``slm_gateway_backend_calls_total{namespace,task,backend,result}``: every upstream attempt by
   result: ``ok``, ``error``, ``timeout``, ``bad_output``, ``low_confidence``, ``defer``, and for
-  the LLM also ``connect`` and ``status_4xx``; an SLM error rate is
+  the LLM also ``connect``, ``status_4xx`` and ``client_disconnected`` (a stream whose agent
+  hung up; its tokens so far are counted too); an SLM error rate is
   ``result=~"error|timeout|bad_output"`` over the total.
 - ``slm_gateway_errors_total{namespace,task,backend,code}``: calls answered with an error, by
   code (``upstream_error``, ``upstream_timeout``, ``upstream_unavailable``, ``llm_4xx``, and
   ``llm_auth``: the LLM answered 401 or 403 to the task's key, the agent got a 502;
-  ``internal_error``: the gateway failed while relaying a stream).
+  ``internal_error``: the gateway failed while relaying a stream; ``shutting_down``: the call
+  was still running when the graceful shutdown ran out).
 - ``slm_gateway_invalid_requests_total{code}``: requests rejected before routing (4xx).
 - ``slm_gateway_agent_auth_total{result}`` and ``slm_gateway_token_reviews_total{result}``:
   with ``--agent-auth serviceaccount``, how calls fared (``ok``, ``missing``, ``invalid``,
@@ -27,8 +29,9 @@ namespace empty for routes from a static file; ``backend`` is ``slm`` or ``llm``
   the LLM instead, counted when they are sent there (also when the LLM then fails, or its own
   circuit is open): the reason is the SLM's side, which the operator's SLM error rate reads.
 - ``slm_gateway_tokens_total{namespace,task,backend,kind}``: prompt and completion tokens
-  (estimated from bytes where the backend reports none: always for the SLM, and for LLM
-  servers that send no ``usage``; see :func:`slm_gateway.decide.estimate_tokens`).
+  (estimated from bytes where the backend reports none: always for the SLM, for LLM servers
+  that send no ``usage``, and for LLM streams whose agent hung up; see
+  :func:`slm_gateway.decide.estimate_tokens`).
 - ``slm_gateway_cost_usd_total{namespace,task,backend}``: estimated spend at the configured
   prices.
 - ``slm_gateway_llm_equivalent_cost_usd_total{namespace,task}``: what the same tokens would
@@ -62,8 +65,9 @@ namespace empty for routes from a static file; ``backend`` is ``slm`` or ``llm``
 - ``slm_gateway_capture_queue_depth``: records waiting to be redacted and written.
 - ``slm_gateway_streams_total{namespace,task,backend,result}``: streamed answers (``"stream":
   true``) by how they ended: ``complete``, ``client_disconnected`` (the agent closed the
-  connection first; the LLM call was cut off there) or ``failed`` (the LLM's stream broke off
-  after it had begun; its code is in ``slm_gateway_errors_total``).
+  connection first; the LLM call was cut off there) or ``failed`` (the stream broke off after
+  it had begun: the LLM's, or cut by the gateway's shutdown; its code is in
+  ``slm_gateway_errors_total``).
 - ``slm_gateway_stream_first_chunk_seconds{namespace,task,backend}``: histogram of the time
   from a streamed request to its first event sent to the agent (time to first token).
 
@@ -194,6 +198,15 @@ class ServedStats:
     ) -> None:
         self.requests += 1
         self.duration.observe(seconds)
+        # spend()'s lines, not a call to it: this runs on every answered call
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+        self.cost += cost
+        self.llm_equivalent.value += llm
+
+    def spend(self, prompt_tokens: int, completion_tokens: int, cost: float, llm: float) -> None:
+        """Tokens and cost alone: of an LLM stream whose agent hung up, which the LLM worked
+        on (and bills) though no call was answered."""
         self.prompt_tokens += prompt_tokens
         self.completion_tokens += completion_tokens
         self.cost += cost

@@ -68,6 +68,21 @@ def test_attempts_export_like_prometheus_client_metrics() -> None:
     assert {k: v for k, v in samples(ours.registry).items() if k[0] in names} == want
 
 
+def test_spend_alone_counts_tokens_and_cost_but_no_answered_call() -> None:
+    # An LLM stream whose agent hung up: the LLM billed it, nobody was answered.
+    m = GatewayMetrics()
+    m.served("team-a", "weather", "llm").observe(0.5, 10, 20, 1.0, 1.0)
+    m.served("team-a", "weather", "llm").spend(3, 4, 0.25, 0.5)
+    got = samples(m.registry)
+    key = (("backend", "llm"), ("namespace", "team-a"), ("task", "weather"))
+    assert got[("slm_gateway_requests_total", key)] == 1
+    assert got[("slm_gateway_request_duration_seconds_count", key)] == 1
+    assert got[("slm_gateway_tokens_total", (*key[:1], ("kind", "prompt"), *key[1:]))] == 13
+    assert got[("slm_gateway_tokens_total", (*key[:1], ("kind", "completion"), *key[1:]))] == 24
+    assert got[("slm_gateway_cost_usd_total", key)] == 1.25
+    assert got[("slm_gateway_llm_equivalent_cost_usd_total", key[1:])] == 1.5
+
+
 def test_the_exposition_has_the_documented_names_and_a_created_timestamp() -> None:
     m = GatewayMetrics()
     m.served("team-a", "weather", "llm").observe(0.01, 10, 2, 0.1, 0.1)

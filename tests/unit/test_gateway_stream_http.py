@@ -92,6 +92,17 @@ def test_events_reach_the_agent_while_the_llm_is_still_generating(gateway: Gatew
 
 def test_an_agent_that_hangs_up_mid_stream_cuts_the_llm_call(gateway: GatewayProcess) -> None:
     before = metric(gateway, "slm_gateway_streams_total", result="client_disconnected")
+    llm = {"backend": "llm"}
+    cut_off = {**llm, "result": "client_disconnected"}
+    counted = {  # the LLM's attempts cut off, tokens, spend and answers before
+        name: metric(gateway, name, **labels)
+        for name, labels in (
+            ("slm_gateway_backend_calls_total", cut_off),
+            ("slm_gateway_tokens_total", llm),
+            ("slm_gateway_cost_usd_total", llm),
+            ("slm_gateway_requests_total", llm),
+        )
+    }
     raw = request()
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as sock:
         sock.sendall(
@@ -110,6 +121,14 @@ def test_an_agent_that_hangs_up_mid_stream_cuts_the_llm_call(gateway: GatewayPro
             break
         time.sleep(0.05)
     assert metric(gateway, "slm_gateway_streams_total", result="client_disconnected") == before + 1
+    # The LLM worked on the call (and bills it): the attempt, its tokens so far and their
+    # cost are counted, though it answered nobody.
+    attempts = metric(gateway, "slm_gateway_backend_calls_total", **cut_off)
+    assert attempts == counted["slm_gateway_backend_calls_total"] + 1
+    for name in ("slm_gateway_tokens_total", "slm_gateway_cost_usd_total"):
+        assert metric(gateway, name, **llm) > counted[name], name
+    answered = metric(gateway, "slm_gateway_requests_total", **llm)
+    assert answered == counted["slm_gateway_requests_total"]
     # ... and it goes on serving.
     conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
     conn.request("POST", "/v1/chat/completions", body=request(stream=False))
