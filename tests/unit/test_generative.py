@@ -1561,7 +1561,6 @@ def test_calls_the_template_cannot_render_are_skipped_and_counted(
     assert deferred["prediction"] == {"defer": True} and deferred["confidence"] == 0.0
 
 
-@pytest.mark.slow
 def test_training_examples_past_the_models_context_are_left_out_not_crashed_on(
     tmp_path: Path, tiny_minilm: Path
 ) -> None:
@@ -1588,6 +1587,7 @@ def test_training_examples_past_the_models_context_are_left_out_not_crashed_on(
     assert said in result.message
 
 
+@pytest.mark.slow
 def test_eval_calls_too_long_for_the_context_count_as_handed_back(
     tmp_path: Path, tiny_minilm: Path
 ) -> None:
