@@ -198,11 +198,7 @@ class ServedStats:
     ) -> None:
         self.requests += 1
         self.duration.observe(seconds)
-        # spend()'s lines, not a call to it: this runs on every answered call
-        self.prompt_tokens += prompt_tokens
-        self.completion_tokens += completion_tokens
-        self.cost += cost
-        self.llm_equivalent.value += llm
+        self.spend(prompt_tokens, completion_tokens, cost, llm)
 
     def spend(self, prompt_tokens: int, completion_tokens: int, cost: float, llm: float) -> None:
         """Tokens and cost alone: of an LLM stream whose agent hung up, which the LLM worked

@@ -88,6 +88,15 @@ class _Writes:
     #: The Deployment was not written, refused or busy (:attr:`Observed.deployment_refused`).
     deployment_unwritten: bool = False
 
+    def failed(self, kind: str, name: str, e: KubeError, doing: str = "") -> None:
+        """A write the API server did not take: a busy answer (429, 5xx) is retried once the
+        status is written; one refused for good is said in the status, which is still written
+        (raised, it stopped every pass before the status, and the log alone said why)."""
+        if e.retryable:
+            self.busy = self.busy or e
+        else:
+            self.refused.append((kind, name, f"{doing}{e.message or e}"))
+
 
 def trainer_account(kube: Kube, task: dict[str, Any], default: str) -> str:
     """The operator's default trainer ServiceAccount if it exists in the task's namespace.
@@ -313,10 +322,7 @@ def _patch_job_limits(kube: Kube, job: Mapping[str, Any], writes: _Writes) -> No
     try:
         kube.merge_patch(job, {"spec": limits})
     except KubeError as e:
-        if e.retryable:
-            writes.busy = writes.busy or e
-        else:
-            writes.refused.append(("Job", job["metadata"]["name"], e.message or str(e)))
+        writes.failed("Job", job["metadata"]["name"], e)
 
 
 def _note_refusal(
@@ -440,14 +446,8 @@ def _delete_jobs(kube: Kube, obs: Observed, p: Plan, writes: _Writes) -> None:
                 job,
                 uid=seen.uid if seen else "",
             )
-        except KubeError as e:
-            if e.retryable:
-                writes.busy = writes.busy or e
-                continue
-            # Refused for good (RBAC without `delete` on Jobs, a webhook): as for a refused
-            # write, the status says so and is still written. Raised, it stopped every pass
-            # before the status, which stayed at its last write while the log alone said why.
-            writes.refused.append(("Job", job, f"deleting it: {e.message or e}"))
+        except KubeError as e:  # RBAC without `delete` on Jobs, a webhook, a busy server
+            writes.failed("Job", job, e, doing="deleting it: ")
 
 
 def _write_status(kube: Kube, obs: Observed, p: Plan, refused: list[tuple[str, str, str]]) -> None:

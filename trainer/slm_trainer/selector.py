@@ -1613,15 +1613,17 @@ def run_selector(
         served = served_point(eval_records, preds, selector.threshold, task_type, args.metric)
         report["at_threshold_served"] = served
         score = selector_score(served)
-        tools = task_type == "tool-call"
+        answer, short, chosen = (
+            ("the chosen tool with '{}' arguments", "tool need arguments", "tool choice")
+            if task_type == "tool-call"
+            else ("the chosen label's text", "label differ from the LLM's text", "the label chosen")
+        )
         served_note = (
             f"; score {score:.1%} is the {args.metric} precision of the answers it serves, "
-            + ("the chosen tool with '{}' arguments" if tools else "the chosen label's text")
+            f"{answer}"
             + (
-                f" ({at['correct'] - served['correct']} answered calls with the right "
-                + ("tool need arguments" if tools else "label differ from the LLM's text")
-                + "; gate selectors on label-accuracy to score "
-                + ("tool choice)" if tools else "the label chosen)")
+                f" ({at['correct'] - served['correct']} answered calls with the right {short}; "
+                f"gate selectors on label-accuracy to score {chosen})"
                 if at["correct"] > served["correct"]
                 else ""
             )
