@@ -1392,6 +1392,22 @@ def test_class_label_texts_keep_the_llms_most_frequent_spelling() -> None:
 
 
 @pytest.mark.slow
+def labelled_calls(asks: dict[str, list[str]], repeats: int) -> list[CallRecord]:
+    """Classification calls: each ask of each label ``repeats`` times, the LLM answering with
+    the label."""
+    return [
+        CallRecord(
+            task="t",
+            backend="llm",
+            messages=[{"role": "user", "content": f"{ask} ({n})"}],
+            response={"role": "assistant", "content": label},
+        )
+        for label, texts in asks.items()
+        for ask in texts
+        for n in range(repeats)
+    ]
+
+
 def test_a_classification_selector_serves_the_llms_spelling_of_its_label(tmp_path: Path) -> None:
     """Labels are compared normalised, so the artifact's labels are case folded; served as
     such, an agent that matched the LLM's "REFUND_REQUEST" got "refund_request" while the
@@ -1401,17 +1417,7 @@ def test_a_classification_selector_serves_the_llms_spelling_of_its_label(tmp_pat
         "REFUND_REQUEST": ["I want my money back", "refund my order please"],
         "Billing": ["my card was charged twice", "the invoice amount is wrong"],
     }
-    records = [
-        CallRecord(
-            task="t",
-            backend="llm",
-            messages=[{"role": "user", "content": f"{ask} ({n})"}],
-            response={"role": "assistant", "content": label},
-        )
-        for label, texts in asks.items()
-        for ask in texts
-        for n in range(4)
-    ]
+    records = labelled_calls(asks, 4)
     data = write_split(records, tmp_path / "data")
     args = fine_args(data, tmp_path, task_type="classification", epochs=1, max_steps=2)
     result = finetune.run(args, lambda e: None)
@@ -1431,16 +1437,7 @@ def test_a_classification_selector_serves_the_llms_spelling_of_its_label(tmp_pat
 def test_a_classification_selectors_result_speaks_of_labels_not_tools(tmp_path: Path) -> None:
     """Gated on exact-match, a classification selector's result explained its score as
     that of "the chosen tool with '{}' arguments": a task with no tools at all."""
-    records = [
-        CallRecord(
-            task="t",
-            backend="llm",
-            messages=[{"role": "user", "content": f"{ask} ({n})"}],
-            response={"role": "assistant", "content": label},
-        )
-        for label, ask in (("refund", "I want my money back"), ("billing", "charged twice"))
-        for n in range(6)
-    ]
+    records = labelled_calls({"refund": ["I want my money back"], "billing": ["charged twice"]}, 6)
     data = write_split(records, tmp_path / "data")
     args = fine_args(
         data, tmp_path, task_type="classification", metric="exact-match", epochs=1, max_steps=2
