@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from slm_contract import MAX_COUNT
+from slm_contract import MAX_COUNT, llm_only_request
 from slm_gateway.routes import MODE_CANARY, MODE_LLM, MODE_SHADOW, MODE_SLM, Price
 from slm_trainer import metrics
 
@@ -185,7 +185,9 @@ def slm_can_serve(body: Mapping[str, Any]) -> bool:
     custom (free-form input) tool, in ``tools``, named by ``tool_choice`` or called earlier
     in the conversation: the SLM is trained on function tools only, could neither call one
     nor tell when it should, and its chat format would show an earlier custom call as a call
-    without a name.
+    without a name. Those checks of ``tools`` and ``messages`` are
+    :func:`slm_contract.llm_only_request`, which curate shares: a call the SLM is never asked
+    must not be one it is trained or gated on.
     """
     n = body.get("n")
     if n is not None and n != 1:
@@ -200,29 +202,7 @@ def slm_can_serve(body: Mapping[str, Any]) -> bool:
     fmt = body.get("response_format")
     if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
         return False
-    tools = body.get("tools")
-    if isinstance(tools, list) and any(_llm_only_tool(t) for t in tools):
-        return False
-    messages = body.get("messages")
-    return not isinstance(messages, list) or not any(_custom_call_in(m) for m in messages)
-
-
-def _custom_call_in(message: Any) -> bool:
-    """Whether a message of the history holds a custom tool call (see :func:`slm_can_serve`)."""
-    calls = message.get("tool_calls") if isinstance(message, dict) else None
-    return isinstance(calls, list) and any(
-        isinstance(c, dict) and c.get("type") == "custom" for c in calls
-    )
-
-
-def _llm_only_tool(tool: Any) -> bool:
-    """A custom tool, or a strict function (see :func:`slm_can_serve`)."""
-    if not isinstance(tool, dict):
-        return False
-    if tool.get("type") == "custom":
-        return True
-    fn = tool.get("function")
-    return isinstance(fn, dict) and fn.get("strict") is True
+    return not llm_only_request(body.get("tools"), body.get("messages"))
 
 
 def cut_at_stop(text: str, stop: Any) -> str:

@@ -15,6 +15,7 @@ from slm_contract import (
     ContractError,
     TrainerResult,
     http_url_problem,
+    llm_only_request,
     redact_uri,
     redact_uris,
 )
@@ -315,3 +316,30 @@ def test_a_host_the_crds_isurl_refuses_is_refused(url: str, said: str) -> None:
 )
 def test_an_ordinary_endpoint_url_is_accepted(url: str) -> None:
     assert http_url_problem(url) is None
+
+
+FUNCTION = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+STRICT = {"type": "function", "function": {**FUNCTION["function"], "strict": True}}
+CUSTOM_CALL = {"id": "c0", "type": "custom", "custom": {"name": "run_sql", "input": "select 1"}}
+USER = {"role": "user", "content": "weather in Paris?"}
+
+
+@pytest.mark.parametrize(
+    ("tools", "messages", "llm_only"),
+    [
+        ([FUNCTION], [USER], False),
+        ([FUNCTION, STRICT], [USER], True),
+        ([{"type": "custom", "custom": {"name": "run_sql"}}], [USER], True),
+        ([FUNCTION], [USER, {"role": "assistant", "tool_calls": [CUSTOM_CALL]}], True),
+        # a tool call without a type is a function's, and odd values are nobody's business here
+        ([FUNCTION], [USER, {"role": "assistant", "tool_calls": [{"id": "c"}]}], False),
+        ([{"type": "function", "function": {"name": "f", "strict": "yes"}}], [USER], False),
+        (None, None, False),
+        ("tools", [USER, "text", {"tool_calls": "x"}], False),
+    ],
+)
+def test_what_only_the_llm_answers(tools: Any, messages: Any, llm_only: bool) -> None:
+    """One definition for the gateway (which never sends such a request to an SLM) and for
+    curate (which must then never train or gate on it): a strict function, a custom tool, a
+    custom call earlier in the conversation."""
+    assert llm_only_request(tools, messages) is llm_only

@@ -25,6 +25,7 @@ from slm_trainer.curate import (
     assign_split,
     distinct_count,
     exact_key,
+    llm_only_tools,
     run,
     shingles,
     stratum,
@@ -503,6 +504,78 @@ def test_calls_with_custom_tools_are_counted_and_never_curated(tmp_path: Path) -
     written = read(out / "train.jsonl") + read(out / "eval.jsonl")
     assert all(t.get("type", "function") == "function" for r in written for t in r.tools)
     assert report["examples"] == len(tool_calls())
+
+
+def strict_and_custom_history_calls() -> list[dict[str, Any]]:
+    """Calls the gateway never sends to an SLM that curate trained on: 4 with a strict
+    function offered, 3 with a custom call earlier in the conversation."""
+    strict = []
+    for i, c in enumerate(tool_calls(4, 0, 0)):
+        tools = [{**t, "function": {**t["function"], "strict": True}} for t in c["tools"]]
+        user = {"role": "user", "content": f"Strictly, how hot is it in {CITIES[i]} on day {i}?"}
+        strict.append({**c, "tools": tools, "messages": [c["messages"][0], user]})
+    history = []
+    for i, c in enumerate(tool_calls(3, 0, 0)):
+        custom = {"id": f"x{i}", "type": "custom", "custom": {"name": "run_sql", "input": "1"}}
+        earlier = [
+            {"role": "user", "content": f"Count the rows of table {i}, then check the weather"},
+            {"role": "assistant", "content": None, "tool_calls": [custom]},
+            {"role": "tool", "tool_call_id": f"x{i}", "content": str(i)},
+        ]
+        history.append({**c, "messages": [c["messages"][0], *earlier]})
+    return strict + history
+
+
+def test_calls_with_a_strict_tool_or_an_earlier_custom_call_are_never_curated(
+    tmp_path: Path,
+) -> None:
+    """The gateway sends a request with a strict function, or with a custom call in its
+    history, to the LLM; curate trained and gated on such calls (and discover counted them
+    toward minExamples), so a candidate was scored on calls it is never asked."""
+    odd = strict_and_custom_history_calls()
+    result, report, out = curate(tmp_path, tool_calls() + odd, scrub_pii=False)
+    assert result.ok, result.message
+    assert report["llm_only_tools"] == 7
+    assert "7 with custom tools or strict functions" in result.message
+    assert report["examples"] == len(tool_calls())
+    written = read(out / "train.jsonl") + read(out / "eval.jsonl")
+    assert not any(t["function"].get("strict") for r in written for t in r.tools)
+    records = [CallRecord.from_dict(r) for r in tool_calls() + odd]
+    assert distinct_count(records) == len(tool_calls())  # what discover proposes
+
+
+def test_curate_leaves_out_exactly_what_the_gateway_never_sends_to_an_slm() -> None:
+    """Both sides read the same request fields the same way: a call is curated when, and
+    only when, the gateway could send its request to an SLM (tools and history alike)."""
+    from slm_gateway.decide import slm_can_serve
+
+    for c in tool_calls(2, 0, 0) + strict_and_custom_history_calls():
+        record = CallRecord.from_dict(c)
+        body = {"model": "m", "messages": record.messages, "tools": record.tools}
+        assert slm_can_serve(body) is not llm_only_tools(record), c["messages"]
+
+
+def test_an_answer_of_blank_text_parts_or_an_image_alone_is_empty(tmp_path: Path) -> None:
+    """Blank content is no answer, and nor is blank text in content parts or an image part
+    alone: the chat format trains all of them as an empty answer, which curate kept as an
+    example (the SLM learnt to answer nothing)."""
+    empty = [
+        [{"type": "text", "text": "   "}],
+        [{"type": "text", "text": ""}, {"type": "text", "text": "\n"}],
+        [{"type": "image_url", "image_url": {"url": "https://x.example/a.png"}}],
+    ]
+    odd = [
+        {**c, "response": {"role": "assistant", "content": e}}
+        for c, e in zip(tool_calls(3, 0, 0), empty, strict=True)
+    ]
+    spoken = {
+        **tool_calls(4, 0, 0)[3],
+        "response": {"role": "assistant", "content": [{"type": "text", "text": " It is sunny. "}]},
+    }
+    result, report, _ = curate(tmp_path, tool_calls(12, 0, 0)[4:] + odd + [spoken], min_examples=5)
+    assert result.ok, result.message
+    assert report["malformed"] == {"empty_response": 3}
+    assert report["examples"] == 9
 
 
 def test_retries_stamped_with_a_time_and_request_id_are_one_example(tmp_path: Path) -> None:

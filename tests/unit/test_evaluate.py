@@ -539,6 +539,24 @@ def test_malformed_eval_lines_are_counted_in_the_report_never_fatal(tmp_path: Pa
     assert report["candidates"][0]["metrics"]["examples"] == 3
 
 
+def test_blank_eval_lines_are_counted_as_curate_and_discover_count_them(tmp_path: Path) -> None:
+    """The report counted blank lines among eval_lines and nowhere else, so its lines did
+    not add up to the calls scored and the lines skipped."""
+    good = [r.to_json() for r in records()]
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = [good[0], "", good[1], "{broken", "  ", good[2], good[3], ""]
+    (data / "eval.jsonl").write_text("".join(line + "\n" for line in lines))
+    write_candidate(tmp_path / "cands" / "selector", SELECTOR, 22_000_000)
+    args = evaluate.Args(
+        data=data, output=tmp_path / "out", candidates_dir=tmp_path / "cands", plot=False
+    )
+    assert evaluate.run(args).eval_examples == 4
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["blank"] == 3 and report["malformed_total"] == 1
+    assert report["eval_lines"] == 8 == report["eval_examples"] + report["blank"] + 1
+
+
 def test_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="candidates"):
         evaluate.Args(data=Path("d"), output=Path("o"))

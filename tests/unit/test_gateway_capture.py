@@ -326,6 +326,31 @@ def test_a_number_wider_than_64_bits_is_written_as_the_gateway_read_it() -> None
     assert record["tools"] == []
 
 
+def test_an_integer_wider_than_64_bits_in_the_tools_is_written_as_the_gateway_serves_it() -> None:
+    """The tools were copied into the line as the agent wrote them, so the trainer read a
+    schema's ``maximum`` of 2**64 as an integer, while the gateway (orjson) reads it, and
+    serves it to the SLM, as a float: the model was trained on another prompt than the one it
+    is served. A 19-digit run in a string is kept as it is either way."""
+    from slm_trainer.redact import default_redactor
+
+    schema = (
+        b'{"type":"object","properties":{"n":{"type":"integer","maximum":18446744073709551616,'
+        b'"minimum":-9223372036854775809,"description":"an id like 1234567890123456789"}}}'
+    )
+    request = (
+        b'{"model":"t","messages":[{"role":"user","content":"pick"}],"tools":[{"type":"function",'
+        b'"function":{"name":"pick","parameters":' + schema + b"}}]}"
+    )
+    response = orjson.dumps({"choices": [{"message": {"role": "assistant", "content": "ok"}}]})
+    captured = Captured("ns/t", "t", "gpt", "llm", request, response, 1.0, 1, 1, 5.0, "", "")
+    record = CallRecord.from_json(capture_line(captured, default_redactor())[0].decode())
+    served = orjson.loads(request)["tools"]
+    # as the chat format renders them: 1.8446744073709552e+19, never 18446744073709551616
+    assert json.dumps(record.tools) == json.dumps(served)
+    n = record.tools[0]["function"]["parameters"]["properties"]["n"]
+    assert n["description"] == "an id like 1234567890123456789"
+
+
 def test_close_keeps_its_deadline_when_a_worker_is_stalled(tmp_path: Path) -> None:
     """A worker that stops reading (a hung upload, an NFS stall) filled its pipe, and close()
     blocked sending it the stop signal, past its deadline, until the kubelet's SIGKILL: the

@@ -484,6 +484,48 @@ def _count(value: Any, name: str, what: str = "") -> int:
     return value
 
 
+# ---- calls only the LLM answers -----------------------------------------------------------
+# The gateway never sends some requests to an SLM, and curate must leave exactly those out of
+# training and evaluation: a model trained or gated on calls it is never asked learns (and is
+# scored on) the wrong thing. One definition here keeps the two sides from drifting apart.
+
+
+def _not_a_function(item: Any) -> bool:
+    """A tool or tool call of another type than a function's (OpenAI's custom, free-form
+    tools); a tool call without a type is a function's, as the API reads it."""
+    return isinstance(item, dict) and item.get("type", "function") != "function"
+
+
+def _llm_only_tool(tool: Any) -> bool:
+    """A tool other than a function, or a strict function (see :func:`llm_only_request`)."""
+    if _not_a_function(tool):
+        return True
+    fn = tool.get("function") if isinstance(tool, dict) else None
+    return isinstance(fn, dict) and fn.get("strict") is True
+
+
+def holds_custom_call(message: Any) -> bool:
+    """Whether a message (of the history, or an answer) holds a tool call other than a
+    function's."""
+    calls = message.get("tool_calls") if isinstance(message, dict) else None
+    return isinstance(calls, list) and any(_not_a_function(c) for c in calls)
+
+
+def llm_only_request(tools: Any, messages: Any) -> bool:
+    """Whether a chat request's ``tools`` or ``messages`` make it the LLM's alone.
+
+    A custom (free-form input) tool offered, or a custom call earlier in the conversation:
+    the SLM is trained on function tools only, could neither call one nor tell when it
+    should, and its chat format would show an earlier custom call as a call without a name.
+    A ``strict`` function: strict function calling is structured output (the arguments
+    follow the schema exactly), which the SLM does not guarantee. Values of the wrong type
+    count as nothing here; validating them is the reader's job.
+    """
+    if isinstance(tools, list) and any(_llm_only_tool(t) for t in tools):
+        return True
+    return isinstance(messages, list) and any(holds_custom_call(m) for m in messages)
+
+
 # ---- the served model's interface --------------------------------------------------------
 # The export stage writes a Triton model with exactly these tensors, and the gateway calls it
 # with them. Both are BYTES tensors of shape [1] holding UTF-8 JSON, plus an FP32 confidence.

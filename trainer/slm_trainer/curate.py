@@ -9,8 +9,8 @@ repeat most. This stage, in order:
    by reason and skipped, never fatal, and the first few are kept with their line numbers;
    only the LLM's answers go on: the gateway also captures the calls the served SLM answered,
    and those are counted (``not_llm_answer``), never trained or evaluated on; so are calls
-   with a custom (free-form) tool offered or called (``llm_only_tools``), which the gateway
-   never sends to an SLM;
+   with a custom (free-form) tool offered or called, or a strict function offered
+   (``llm_only_tools``), which the gateway never sends to an SLM;
 2. scrubs PII and secrets (:mod:`slm_trainer.redact`; on by default);
 3. drops exact duplicates (same normalised messages, tools and response; tool-call ids and
    whitespace don't count) and near duplicates (MinHash LSH over the word 3-grams of the
@@ -71,6 +71,8 @@ from slm_contract import (
     CallRecord,
     ContractError,
     TrainerResult,
+    holds_custom_call,
+    llm_only_request,
     redact_uri,
     redact_uris,
 )
@@ -83,7 +85,8 @@ CONTRACT_STAGE = "prepare"
 #: served SLM answered (``slm``): trained on, a candidate would learn its predecessor's
 #: mistakes, and an eval set of them would score candidates against the SLM, not the LLM.
 TRAINED_BACKEND = "llm"
-#: How the report counts calls the LLM answered that offer or make a custom tool call.
+#: How the report counts calls the LLM answered that the gateway never sends to an SLM (a
+#: custom tool offered or called, a strict function offered; see :func:`llm_only_tools`).
 LLM_ONLY_TOOLS = "llm_only_tools"
 
 #: What an error sample says of a record refused after parsing; never its content, which
@@ -401,11 +404,12 @@ def malformed_reason(exc: ContractError) -> str:
 
 
 def has_answer(response: dict[str, Any]) -> bool:
-    """A response teaches something only with text or at least one tool call."""
-    content = response.get("content")
-    if isinstance(content, str) and content.strip():
-        return True
-    if isinstance(content, list) and content:
+    """A response teaches something only with text or at least one tool call.
+
+    Text given as content parts counts by the text in them, as the chat format trains it: a
+    blank text part or an image alone is trained as an empty answer, as blank content is.
+    """
+    if metrics.text_of(response.get("content")).strip():
         return True
     calls = response.get("tool_calls")
     return isinstance(calls, list) and len(calls) > 0
@@ -1139,18 +1143,13 @@ class _Redaction:
 
 
 def llm_only_tools(record: CallRecord) -> bool:
-    """Whether a call offers or makes a tool call other than a function's (OpenAI's custom,
-    free-form tools): the gateway sends such calls to the LLM, so the SLM is never asked them,
-    and a chat format knows function calls only (it read a custom call as one with no name,
-    which the SLM would have learnt to make)."""
-
-    def other(item: Any) -> bool:
-        return isinstance(item, dict) and item.get("type", "function") != "function"
-
-    calls = record.response.get("tool_calls")
-    return any(other(t) for t in record.tools) or (
-        isinstance(calls, list) and any(other(c) for c in calls)
-    )
+    """Whether the gateway never sends a call like this one to an SLM
+    (:func:`slm_contract.llm_only_request`: a custom, free-form tool offered or called earlier,
+    or a strict function offered), or the LLM answered it with a custom call. The SLM is never
+    asked such calls, so training or gating on them teaches and scores the wrong thing; and a
+    chat format knows function calls only (it read a custom call as one with no name, which
+    the SLM would have learnt to make)."""
+    return llm_only_request(record.tools, record.messages) or holds_custom_call(record.response)
 
 
 def _llm_answers(
@@ -1377,7 +1376,8 @@ def _curate(
         # answered by the served SLM (or another backend), never trained or evaluated on
         "not_llm_answer": not_llm,
         "not_llm_answer_by_backend": dict(sorted(found.not_llm.items())),
-        # answered by the LLM, but with a custom tool offered or called: no SLM is asked those
+        # answered by the LLM, but with a custom tool offered or called or a strict function
+        # offered: no SLM is asked those
         "llm_only_tools": llm_only,
         "malformed": dict(sorted(stats.malformed.items())),
         "malformed_total": sum(stats.malformed.values()),
@@ -1409,7 +1409,11 @@ def _curate(
             if not_llm
             else ""
         )
-        + (f"{llm_only} with custom tools (the LLM's alone), " if llm_only else "")
+        + (
+            f"{llm_only} with custom tools or strict functions (the LLM's alone), "
+            if llm_only
+            else ""
+        )
         + f"{found.exact_dupes} exact and {near_dupes} near duplicates dropped, "
         f"{sum(redactions.values())} redactions"
         + (

@@ -688,7 +688,9 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
     winner = apply_gate(scores, llm_score, min_score, max_drop, args.selection_policy)
     report = {
         "eval_examples": len(records),
+        # eval_lines == eval_examples + blank + malformed_total, as curate and discover count
         "eval_lines": stats.lines,
+        "blank": stats.blank,
         "malformed": dict(sorted(stats.malformed.items())),
         "malformed_total": sum(stats.malformed.values()),
         "error_samples": stats.errors,
