@@ -539,6 +539,14 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         RESYNC_SECONDS,
         TRAINER_SERVICE_ACCOUNT or "(namespace default)",
     )
+    if prom is None:
+        # Said once here: the tasks' SLOMet and Ready say it too, but whoever reads the
+        # operator's log for why no canary ever starts looks here first.
+        log.warning(
+            "no Prometheus configured (SLM_FLEET_PROMETHEUS_URL unset): live control is off "
+            "(no SLO fallback, autoscaling or canary); a task rolled out progressively stays "
+            "in shadow, and rollout.strategy: direct serves a model without live metrics"
+        )
 
 
 def _started_leading(rt: Runtime) -> None:

@@ -64,6 +64,10 @@ class JobView:
     #: many of its pods failed: whether a limit raised since would have let it finish.
     failure_reason: str = ""
     failed_pods: int = 0
+    #: Whether a pod of the Job is seen to have run (running, or ended). A failed Job with
+    #: none may have failed before any pod of it ran (unschedulable until its deadline);
+    #: the plan then says what its pod last waited for (:func:`never_ran_message`).
+    pod_ran: bool = False
 
 
 def owned(obj: Mapping[str, Any] | None, uid: str) -> bool:
@@ -176,6 +180,28 @@ def failure_message(job_condition: Mapping[str, Any], last: Mapping[str, Any] | 
     if reason == "DeadlineExceeded":
         said = _RERUN_ADVICE.sub("", said)
     return short_message(f"{head}: {said}" if said else head)
+
+
+#: What a failed Job's message says after the Job controller's reason when its last pod never
+#: ran. "Last": an earlier pod may have run (evicted, then a replacement no node could take).
+NEVER_RAN = "; its last pod never ran: "
+
+
+def never_ran_message(failure: str, waiting: str) -> str:
+    """A failed Job's message when its last pod never ran, with what that pod waited for,
+    e.g. ``DeadlineExceeded: Job was active longer than specified deadline; its last pod never
+    ran: pod x cannot be scheduled: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu.``
+
+    Why: a Job past activeDeadlineSeconds deletes its pod, so the scheduler's reason (no
+    node with a free GPU) went with it, and the message alone told the user to raise the
+    deadline when the cluster lacked GPUs.
+    """
+    return short_message(f"{failure}{NEVER_RAN}{waiting}")
+
+
+def _ran(pod: Mapping[str, Any]) -> bool:
+    phase = (pod.get("status") or {}).get("phase")
+    return phase in ("Running", "Succeeded", "Failed") or _terminated(pod) is not None
 
 
 def pod_job_name(pod: Mapping[str, Any]) -> str | None:
@@ -443,4 +469,5 @@ def job_view(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]]) -> JobVi
         uid=str(meta.get("uid", "")),
         failure_reason=failure_reason,
         failed_pods=int(status.get("failed") or 0),
+        pod_ran=any(map(_ran, own)),
     )

@@ -32,10 +32,12 @@ from slm_operator import naming as n
 from slm_operator.live import FallbackState, Metrics, Rollout
 from slm_operator.observe import (
     FAILED,
+    NEVER_RAN,
     PENDING,
     RUNNING,
     SUCCEEDED,
     JobView,
+    never_ran_message,
     parse_time,
     short_message,
 )
@@ -65,6 +67,34 @@ PHASES = (
 )
 
 Obj = dict[str, Any]
+
+#: The longest condition message and ``status.message``. Each is read in ``kubectl describe``
+#: (Ready's in ``kubectl get`` too), and with eight failed candidates, each quoting its pod,
+#: Trained, Ready and the phase message reached 3.7 KiB.
+MESSAGE_LIMIT = 1024
+#: The most a list of candidates (those that failed, those whose pod waits) takes of Trained's
+#: message while the other list is there too; alone, twice as much.
+CANDIDATE_LIST_LIMIT = 448
+_CUT_SHORT = " (cut short: status.candidates has each one's message)"
+
+
+def _capped(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """``text``, cut to ``limit`` characters with an ellipsis when it is longer."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _listed(parts: Sequence[str], limit: int = CANDIDATE_LIST_LIMIT) -> str:
+    """``parts`` (one per candidate) joined, in ``limit`` characters at most.
+
+    Why each part is cut to its share rather than the whole cut at the end: every candidate
+    stays named with the start of its reason, and ``status.candidates`` has the rest.
+    """
+    text = "; ".join(parts)
+    if len(text) <= limit:
+        return text
+    room = limit - len(_CUT_SHORT)
+    share = max(room // max(len(parts), 1) - 2, 24)
+    return _capped("; ".join(_capped(x, share) for x in parts), room) + _CUT_SHORT
 
 
 @dataclass(frozen=True)
@@ -103,6 +133,10 @@ class Observed:
     #: busy): a revision exported since is not promoted. What the Deployment serves is still
     #: the revision that status names, whose Jobs are kept (see :func:`plan`).
     deployment_refused: bool = False
+    #: Whether the operator has a Prometheus to ask (SLM_FLEET_PROMETHEUS_URL); None when the
+    #: caller does not say. Without one, live control is off: SLOMet and Ready say so, where
+    #: they said "no live metrics yet" and "until a canary starts" for good.
+    prometheus_configured: bool | None = None
 
 
 @dataclass
@@ -420,20 +454,11 @@ def _recorded_result(
         view.state != SUCCEEDED or view.result is not None or view.result_error
     ):
         return view
-    entry = next(
-        (
-            x
-            for x in recorded
-            if x.get("name") == candidate
-            and x.get("revision") == rev
-            and x.get("job") == job
-            and (view is None or view.name == job)
-            and x.get("state") == SUCCEEDED
-        ),
-        None,
-    )
+    if view is not None and view.name != job:
+        return view
+    entry = _entry_of(recorded, rev, candidate, job)
     record = entry.get("result") if entry is not None else None
-    if entry is None or not isinstance(record, Mapping):
+    if entry is None or entry.get("state") != SUCCEEDED or not isinstance(record, Mapping):
         return view
     values: dict[str, Any] = {attr: record.get(key) for key, attr in _RECORDED_FIELDS}
     params = values["parameters"]
@@ -457,6 +482,41 @@ def _recorded_result(
             name=job, stage="finetune", revision=rev, candidate=candidate, state=SUCCEEDED
         )
     return dataclasses.replace(view, result=result)
+
+
+def _entry_of(
+    recorded: Sequence[Mapping[str, Any]], rev: str, candidate: str, job: str
+) -> Mapping[str, Any] | None:
+    """The last status's entry of ``candidate``'s fine-tune Job ``job`` in ``rev``, if any."""
+    return next(
+        (
+            x
+            for x in recorded
+            if (x.get("name"), x.get("revision"), x.get("job")) == (candidate, rev, job)
+        ),
+        None,
+    )
+
+
+def _last_wait(view: JobView | None, entry: Mapping[str, Any] | None) -> JobView | None:
+    """``view`` of a fine-tune that failed before a pod of it ran, with what its pod waited
+    for as ``entry`` (its entry in the last status's candidates) recorded it
+    (:func:`slm_operator.observe.never_ran_message`).
+
+    Why from status: a Job past its deadline deletes the pod that waited (no node with a free
+    GPU), so the pass that sees it failed no longer sees why it never ran. The candidate's
+    entry said so while it waited; once the failure is written with it, that entry keeps it,
+    so the message does not change from one pass to the next.
+    """
+    if view is None or view.state != FAILED or view.pod_ran:
+        return view
+    entry = entry or {}
+    said = str(entry.get("message") or "")
+    if entry.get("state") == PENDING and said:
+        return dataclasses.replace(view, message=never_ran_message(view.message, said))
+    if entry.get("state") == FAILED and said.startswith(view.message + NEVER_RAN):
+        return dataclasses.replace(view, message=said)
+    return view
 
 
 def _recorded_export(
@@ -643,6 +703,7 @@ def _pipeline(
     for cand in spec["candidates"]:
         jname = n.finetune_job_name(name, cand["name"], rev)
         view = _recorded_result(jobs.get(jname), recorded, rev, cand["name"], jname)
+        view = _last_wait(view, _entry_of(recorded, rev, cand["name"], jname))
         # A finished fine-tune whose Job is gone (its result recorded) is not trained again:
         # the run would rewrite the candidate's output under the export reading it.
         if apply is not None and (jname in jobs or view is None):
@@ -666,7 +727,8 @@ def _pipeline(
     step.candidates = entries
     total = len(spec["candidates"])
     failures = [(cd, o) for cd, _, o in finished if o[0] == c.FALSE]
-    fail_text = "; ".join(f"{cd['name']}: {o[2]}" for cd, o in failures)
+    room = CANDIDATE_LIST_LIMIT * (1 if failures and stuck else 2)
+    fail_text = _listed([f"{cd['name']}: {o[2]}" for cd, o in failures], room)
     if running:
         # A candidate that failed while others train is named now, not once they are done
         # (hours later): someone may want to fix its settings before they finish.
@@ -675,7 +737,7 @@ def _pipeline(
             c.JOB_PENDING if stuck else c.JOB_RUNNING,
             f"revision {rev}: {total - running}/{total} candidates finished"
             + (f"; failed: {fail_text}" if failures else "")
-            + (f"; waiting: {'; '.join(stuck)}" if stuck else ""),
+            + (f"; waiting: {_listed(stuck, room)}" if stuck else ""),
         )
         return step
     succeeded = [(cd, v) for cd, v, o in finished if o[0] == c.TRUE and v is not None]
@@ -1312,6 +1374,7 @@ def _live_control(
     earlier_pods: bool = False,
     waking: bool = False,
     edited: bool = False,
+    blind: str = "",
 ) -> tuple[tuple[str, str, str], tuple[str, str, str], str, int]:
     """SLOMet and FallbackActive conditions plus the route mode; fills ``live`` (status.live).
 
@@ -1327,6 +1390,7 @@ def _live_control(
     back to shadow) and the shadow copies of the window are not counted towards agreement.
     ``edited``: the spec changed since the last status: the last window's measurements are
     judged again against the SLO it sets (:func:`_judged_again`).
+    ``blind``: why live control has no metrics at all (:func:`_metrics_blind`), or "".
 
     Streaks only advance once per window (``due``), so re-running the reconcile within a
     window changes nothing: the decision stays level-triggered and restart-safe.
@@ -1475,6 +1539,13 @@ def _live_control(
             c.METRICS_UNAVAILABLE,
             f"Prometheus did not answer; keeping the last decision ({detail})",
         )
+    if blind:
+        slo = (
+            c.UNKNOWN,
+            c.METRICS_UNAVAILABLE,
+            f"{blind}: live control is off (no SLO check, fallback on a breach, autoscaling "
+            "or canary) until it has live metrics",
+        )
     if fb.active:
         windows = int(policy.get("recoveryWindows", 5))
         fallback = (
@@ -1486,8 +1557,7 @@ def _live_control(
     else:
         rollout = ro.mode
         if ro.mode == lv.MODE_CANARY:
-            windows = int((spec.get("rollout") or {}).get("canaryWindows", 3))
-            rollout += f", {ro.canary_healthy} of {windows} healthy windows before promotion"
+            rollout += f", {_canary_windows(ro.canary_healthy, spec)}"
         fallback = (c.FALSE, c.SLM_SERVING, _serving_message(ro, rollout))
     mode, pct = lv.route_mode(ro, fb)
     return slo, fallback, mode, pct
@@ -1552,22 +1622,82 @@ def _serving_message(ro: Rollout, rollout: str) -> str:
     return f"the SLM serves this task (rollout {rollout})"
 
 
-def _ready_message(model: str, earlier_pods: bool, mode: str) -> str:
-    """Ready's message for a served ``model`` with no fallback on.
+def _canary_windows(healthy: int, spec: Mapping[str, Any]) -> str:
+    """How far a canary is from its promotion, in FallbackActive's and Ready's words."""
+    windows = int((spec.get("rollout") or {}).get("canaryWindows", 3))
+    return f"{healthy} of {windows} healthy windows before promotion"
 
-    In shadow the LLM answers every call: "serves the task's calls" said otherwise.
+
+def _ready_message(
+    model: str,
+    earlier_pods: bool,
+    mode: str,
+    live: Mapping[str, Any],
+    spec: Mapping[str, Any],
+    blind: str = "",
+) -> str:
+    """Ready's message for a served ``model`` with no fallback on; ``live`` is status.live.
+
+    In shadow the LLM answers every call, and in a canary most of them: "serves the task's
+    calls" said otherwise. A shadow with no metrics at all (``blind``) never starts a canary:
+    it says so, and what serves the model without them.
     """
     if earlier_pods:
         return (
             f"{model} is rolling out; until its replicas are ready, those of the Deployment's "
             "previous template answer"
         )
+    if mode == lv.MODE_SHADOW and blind:
+        return (
+            f"{model} is in shadow: the LLM answers the task's calls and the model gets copies "
+            f"of them; {blind}, and no canary starts without live metrics: set "
+            "rollout.strategy: direct to serve the model without them"
+        )
     if mode == lv.MODE_SHADOW:
         return (
             f"{model} is in shadow: the LLM answers the task's calls and the model gets copies "
             "of them, until its agreement with the LLM starts a canary"
         )
+    if mode == lv.MODE_CANARY:
+        healthy = int(live.get("canaryHealthyWindows", 0))
+        return (
+            f"{model} serves {live.get('canaryPercent', 0)}% of the task's calls in a canary "
+            f"and the LLM the rest ({_canary_windows(healthy, spec)})"
+        )
     return f"{model} serves the task's calls"
+
+
+def _metrics_blind(obs: Observed, live_prev: Mapping[str, Any]) -> str:
+    """Why live control has had no metrics for this task at all, or "" when it has had some
+    (or was not asked in this pass).
+
+    Why: without a Prometheus (the chart's default) or with one that never answered, SLOMet
+    said "no live metrics for this task's SLM yet" and Ready that the model stays in shadow
+    "until its agreement with the LLM starts a canary", for good: nothing said that live
+    control was off, nor that ``rollout.strategy: direct`` serves a model without it.
+    ``status.live.lastEvaluated`` is written only by a window judged on metrics.
+    """
+    if obs.metrics is not None:
+        return ""
+    if obs.prometheus_configured is False:
+        return "no Prometheus is configured (SLM_FLEET_PROMETHEUS_URL)"
+    if obs.metrics_not_due or live_prev.get("lastEvaluated"):
+        return ""
+    if obs.prometheus_configured:
+        return "Prometheus (SLM_FLEET_PROMETHEUS_URL) has not answered for this task yet"
+    return (
+        "no Prometheus has answered for this task (SLM_FLEET_PROMETHEUS_URL unset, or "
+        "Prometheus unreachable)"
+    )
+
+
+def _outage_message(model: str, serving_status: Mapping[str, Any], waiting: str) -> str:
+    """Ready's message while no replica of a ``model`` that served is ready, with why a
+    Triton pod is stuck (``waiting``: its scheduler's or kubelet's words), when one is."""
+    counts = f"{serving_status.get('readyReplicas', 0)}/{serving_status.get('desiredReplicas', 0)}"
+    return f"{model} has no ready Triton replica ({counts}); calls go to the LLM until one is" + (
+        f"; {waiting}" if waiting else ""
+    )
 
 
 #: Why the route is ``llm`` while no model serves (FallbackActive's NoServingModel message).
@@ -1678,7 +1808,7 @@ def plan(obs: Observed) -> Plan:
     out = Plan()
 
     def cond(t: str, triple: tuple[str, str, str]) -> Obj:
-        return c.condition(t, triple[0], triple[1], triple[2], gen, now)
+        return c.condition(t, triple[0], triple[1], _capped(triple[2]), gen, now)
 
     invalid_step = (c.UNKNOWN, c.INVALID_SPEC, "the spec is invalid; see Ready")
     problem = validate(task, obs.reserved_accounts)
@@ -1701,7 +1831,7 @@ def plan(obs: Observed) -> Plan:
             **dict(prev),
             "observedGeneration": gen,
             "phase": PHASE_FAILED,
-            "message": problem,
+            "message": _capped(problem),
             "conditions": c.merge_conditions(prev_conds, conds),
         }
         if served_none:  # (an invalid name keeps an older one's route)
@@ -1901,6 +2031,7 @@ def plan(obs: Observed) -> Plan:
         )
     )
 
+    blind = _metrics_blind(obs, live_prev)
     slo, fallback, route_mode, canary = _live_control(
         spec,
         is_serving,
@@ -1919,15 +2050,20 @@ def plan(obs: Observed) -> Plan:
         earlier_pods=earlier_pods,
         waking=waking,
         edited=int(prev.get("observedGeneration") or 0) != gen,
+        blind=blind,
     )
     pipeline = [(c.DATA_READY, step.data), (c.TRAINED, step.trained), (c.EVALUATED, step.evaluated)]
+    # A model that served has no ready replica (a crash loop, a drain): an outage, not a
+    # rollout (which a first deployment without live state still is).
+    outage = not is_serving and fallback[1] == c.NO_READY_REPLICAS
     if problem:
         ready_c = (c.FALSE, c.INVALID_SPEC, problem)
     elif is_serving and fallback[0] == c.FALSE:
+        model = f"{active_cand} (revision {active_rev})"
         ready_c = (
             c.TRUE,
             c.READY_REASON,
-            _ready_message(f"{active_cand} (revision {active_rev})", earlier_pods, route_mode),
+            _ready_message(model, earlier_pods, route_mode, live, spec, blind),
         )
     elif is_serving:
         ready_c = (c.FALSE, fallback[1], fallback[2])
@@ -1944,6 +2080,13 @@ def plan(obs: Observed) -> Plan:
             f"{active_cand} (revision {active_rev}) is starting a replica for calls that came "
             "back after it scaled to zero; the LLM answers them until it is ready",
         )
+    elif outage:
+        model = f"{active_cand} (revision {active_rev})"
+        ready_c = (
+            c.FALSE,
+            c.NO_READY_REPLICAS,
+            _outage_message(model, serving_status, obs.serving_waiting),
+        )
     else:
         blocking = next((t for _, t in pipeline if t[0] != c.TRUE), serving)
         ready_c = (c.FALSE, blocking[1], blocking[2])
@@ -1958,8 +2101,8 @@ def plan(obs: Observed) -> Plan:
 
     if problem:
         phase = PHASE_FAILED  # as for any invalid spec: someone has to fix it
-    elif is_serving or scaled_to_zero or waking:  # a retraining beside: revision.training
-        phase = PHASE_SERVING
+    elif is_serving or scaled_to_zero or waking or outage:  # a retraining: revision.training
+        phase = PHASE_SERVING  # (an outage: Ready and FallbackActive say NoReadyReplicas)
     elif training_needed and not step.terminal_failure:
         phase = PHASE_DEPLOYING if step.exported_uri else step.phase  # (a refused Deployment)
     elif active_rev and active_uri:
@@ -1972,7 +2115,7 @@ def plan(obs: Observed) -> Plan:
     status: Obj = {
         "observedGeneration": gen,
         "phase": phase,
-        "message": ready_c[2],
+        "message": _capped(ready_c[2]),
         "conditions": c.merge_conditions(prev_conds, conds),
         "revision": {
             "active": active_rev,
@@ -2091,7 +2234,7 @@ def plan(obs: Observed) -> Plan:
 
 #: Longest Ready message listing the children the API server refused (an admission webhook's
 #: or a quota's message can be long; a condition is read in `kubectl describe`).
-APPLY_FAILED_MESSAGE_LIMIT = 1024
+APPLY_FAILED_MESSAGE_LIMIT = MESSAGE_LIMIT
 
 
 def with_apply_failures(
@@ -2112,8 +2255,7 @@ def with_apply_failures(
     gen = int(task["metadata"].get("generation") or 0)
     prev_conds = (task.get("status") or {}).get("conditions") or []
     text = "; ".join(f"{kind} {name} was refused: {message}" for kind, name, message in failures)
-    if len(text) > APPLY_FAILED_MESSAGE_LIMIT:
-        text = text[: APPLY_FAILED_MESSAGE_LIMIT - 1] + "…"
+    text = _capped(text, APPLY_FAILED_MESSAGE_LIMIT)
     ready = c.condition(c.READY, c.FALSE, c.APPLY_FAILED, text, gen, _ts(now))
     desired = [x for x in planned.status.get("conditions") or [] if x.get("type") != c.READY]
     conditions = c.merge_conditions(prev_conds, [*desired, ready])

@@ -202,6 +202,7 @@ def observe(
         images=images,
         metrics_not_due=not_due,
         min_window_s=min_window,
+        prometheus_configured=prom is not None,
     )
 
 

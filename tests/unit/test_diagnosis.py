@@ -1,0 +1,311 @@
+"""What the task's status says when something is wrong: the cause, in words a user can act on.
+
+Each test reproduces, on plain dicts, a case a reviewer found on a live cluster where the
+conditions hid the cause (a deadline that hid an unschedulable pod, live control off without
+a word, a crash loop read as a rollout) or grew without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import logging
+from typing import Any
+
+import pytest
+from test_plan import (
+    HEALTHY,
+    NOW,
+    _serving_task,
+    _step,
+    _stored,
+    _with_replicas,
+    conds,
+    jobs_through,
+    make_task,
+)
+
+from slm_operator import conditions as c
+from slm_operator import naming as n
+from slm_operator.observe import FAILED, PENDING, RUNNING, JobView, job_view
+from slm_operator.plan import Observed, plan
+
+#: The longest condition message and status.message (plan.MESSAGE_LIMIT): a kibibyte.
+MESSAGE_LIMIT = 1024
+
+UNSCHEDULABLE = (
+    "pod weather-ft-small-x cannot be scheduled: 0/3 nodes are available: 3 Insufficient "
+    "nvidia.com/gpu."
+)
+
+
+def _cond(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    found = c.find(status["conditions"], type_)
+    assert found is not None
+    return dict(found)
+
+
+def _finetune_job(task: dict[str, Any], cand: str, **status: Any) -> dict[str, Any]:
+    rev = n.revision_of(task["spec"])
+    return {
+        "metadata": {
+            "name": n.finetune_job_name("weather", cand, rev),
+            "uid": f"uid-{cand}",
+            "labels": {
+                n.LABEL_STAGE: "finetune",
+                n.LABEL_REVISION: rev,
+                n.LABEL_CANDIDATE: cand,
+            },
+        },
+        "status": status,
+    }
+
+
+def _one_candidate() -> dict[str, Any]:
+    """A task of one candidate whose fine-tune may run for 60 s (the reviewer's)."""
+    return make_task(
+        candidates=[{"name": "small", "model": "org/tiny", "method": "lora"}],
+        training={"gpus": 12, "backoffLimit": 0, "activeDeadlineSeconds": 60},
+    )
+
+
+def _deadline_exceeded(task: dict[str, Any], cand: str) -> JobView:
+    """A fine-tune Job past activeDeadlineSeconds (61 s after it started), its pod deleted by
+    the Job controller."""
+    job = _finetune_job(
+        task,
+        cand,
+        conditions=[
+            {
+                "type": "Failed",
+                "status": "True",
+                "reason": "DeadlineExceeded",
+                "message": "Job was active longer than specified deadline",
+                "lastTransitionTime": "2026-11-23T11:59:01Z",
+            }
+        ],
+        failed=1,
+        startTime="2026-11-23T11:58:00Z",
+    )
+    return job_view(job, [])
+
+
+def test_a_deadline_hit_before_the_pod_ran_keeps_why_it_never_ran() -> None:
+    """Finding 1: an unschedulable fine-tune pod (training.gpus above any node's) until
+    activeDeadlineSeconds said only "DeadlineExceeded: Job was active longer than specified
+    deadline": the scheduler's reason, shown while it waited, was lost with the pod, and the
+    user raised the deadline instead of adding GPUs."""
+    task = _one_candidate()
+    rev = n.revision_of(task["spec"])
+    jobs = jobs_through(task, "data")
+    name = n.finetune_job_name("weather", "small", rev)
+    waiting = JobView(name, "finetune", rev, "small", PENDING, waiting=UNSCHEDULABLE)
+    task["status"] = _stored(plan(Observed(task, {**jobs, name: waiting}, None, NOW)).status)
+    assert UNSCHEDULABLE in _cond(task["status"], c.TRAINED)["message"]
+
+    failed = {**jobs, name: _deadline_exceeded(task, "small")}
+    first = _stored(plan(Observed(task, failed, None, NOW)).status)
+    trained = _cond(first, c.TRAINED)
+    assert (trained["status"], trained["reason"]) == (c.FALSE, c.JOB_FAILED)
+    said = (
+        "DeadlineExceeded: Job was active longer than specified deadline; its last pod never ran: "
+        + UNSCHEDULABLE
+    )
+    assert trained["message"].endswith(said)
+    assert first["message"] == _cond(first, c.READY)["message"] == trained["message"]
+    assert first["candidates"][0]["message"] == said
+
+    # Level-triggered: the next passes (the pod long gone) say the same, so nothing is written.
+    task["status"] = first
+    again = _stored(plan(Observed(task, failed, None, NOW + dt.timedelta(minutes=5))).status)
+    assert again["conditions"] == first["conditions"]
+    assert again["candidates"] == first["candidates"]
+
+
+def test_a_failed_job_whose_pod_ran_is_not_said_to_have_never_run() -> None:
+    """A pod seen running (or ended) ran: its Job's failure says how the pod ended, and the
+    wait recorded before it ran is not quoted."""
+    task = _one_candidate()
+    rev = n.revision_of(task["spec"])
+    name = n.finetune_job_name("weather", "small", rev)
+    pod = {
+        "metadata": {"name": f"{name}-x", "labels": {"job-name": name}},
+        "status": {"phase": "Running", "containerStatuses": [{"name": "trainer"}]},
+    }
+    view = _deadline_exceeded(task, "small")
+    assert not view.pod_ran
+    ran = job_view(_finetune_job(task, "small", **{"conditions": []}), [pod])
+    assert ran.state == RUNNING and ran.pod_ran
+    jobs = {**jobs_through(task, "data"), name: dataclasses.replace(view, pod_ran=True)}
+    task["status"] = {
+        "candidates": [
+            {"name": "small", "revision": rev, "job": name, "state": PENDING, "message": "x"}
+        ]
+    }
+    status = plan(Observed(task, jobs, None, NOW)).status
+    assert status["candidates"][0]["state"] == FAILED
+    assert "never ran" not in status["candidates"][0]["message"]
+
+
+def _long_failure(i: int) -> str:
+    return f"BackoffLimitExceeded: last pod Error (exit 1): {'Traceback line ' * 30}{i}"
+
+
+NAMES = [f"cand{i}" for i in range(8)]
+
+
+def _eight_candidates(state: str, why: list[str]) -> dict[str, Any]:
+    """The status of a task of eight candidates whose fine-tunes are all in ``state``, each
+    for its own (long) reason: its failure, or why its pod waits."""
+    task = make_task(candidates=[{"name": x, "model": "org/tiny", "method": "lora"} for x in NAMES])
+    rev = n.revision_of(task["spec"])
+    jobs = jobs_through(task, "data")
+    said = "message" if state == FAILED else "waiting"
+    for x, text in zip(NAMES, why, strict=True):
+        jn = n.finetune_job_name("weather", x, rev)
+        jobs[jn] = JobView(jn, "finetune", rev, x, state, **{said: text})
+    return plan(Observed(task, jobs, None, NOW)).status
+
+
+def test_eight_failed_candidates_keep_every_message_within_a_kibibyte() -> None:
+    """Finding 4: Trained, Ready and status.message joined every candidate's message (each
+    up to 512 characters) and reached 3.7 KiB with eight failed candidates."""
+    status = _eight_candidates(FAILED, [_long_failure(i) for i in range(8)])
+    trained = _cond(status, c.TRAINED)
+    assert trained["reason"] == c.JOB_FAILED
+    for message in (trained["message"], _cond(status, c.READY)["message"], status["message"]):
+        assert len(message) <= MESSAGE_LIMIT
+        assert all(f"{x}: Job" in message for x in NAMES)  # every candidate named
+        assert "status.candidates" in message  # where the rest is
+    # status.candidates keeps each one's whole message.
+    assert [e["message"] for e in status["candidates"]] == [_long_failure(i) for i in range(8)]
+
+
+def test_eight_waiting_candidates_keep_trained_within_a_kibibyte() -> None:
+    """Finding 4: the JobPending "waiting:" list grew the same way."""
+    why = f"{UNSCHEDULABLE} preemption: 0/3 nodes are available: 3 Preemption {'x' * 200}"
+    status = _eight_candidates(PENDING, [f"{why} {i}" for i in range(8)])
+    trained = _cond(status, c.TRAINED)
+    assert trained["reason"] == c.JOB_PENDING
+    assert len(trained["message"]) <= MESSAGE_LIMIT and len(status["message"]) <= MESSAGE_LIMIT
+    assert all(f"{x}: pod" in trained["message"] for x in NAMES)
+
+
+@pytest.mark.parametrize(
+    ("configured", "says"),
+    [
+        (False, "no Prometheus is configured (SLM_FLEET_PROMETHEUS_URL)"),
+        (True, "Prometheus (SLM_FLEET_PROMETHEUS_URL) has not answered for this task yet"),
+        (None, "SLM_FLEET_PROMETHEUS_URL unset, or Prometheus unreachable"),
+    ],
+)
+def test_without_any_live_metrics_slo_met_and_ready_say_live_control_is_off(
+    configured: bool | None, says: str
+) -> None:
+    """Finding 3: with no Prometheus (the chart's default) or one that never answered, SLOMet
+    said "no live metrics for this task's SLM yet" and Ready that the model stays in shadow
+    "until its agreement with the LLM starts a canary", for good."""
+    task, jobs, dep = _serving_task()
+    for minutes in (0, 1):  # every pass says the same
+        at = NOW + dt.timedelta(minutes=minutes)
+        told = {} if configured is None else {"prometheus_configured": configured}
+        p = plan(Observed(task, jobs, dep, at, None, **told))
+        task["status"] = _stored(p.status)
+        assert p.status["route"]["mode"] == "shadow"
+        slo, ready = _cond(p.status, c.SLO_MET), _cond(p.status, c.READY)
+        assert (slo["status"], slo["reason"]) == (c.UNKNOWN, c.METRICS_UNAVAILABLE)
+        assert says in slo["message"] and "live control is off" in slo["message"]
+        assert says in ready["message"] and "rollout.strategy: direct" in ready["message"]
+        assert "until its agreement" not in ready["message"]
+
+
+def test_a_prometheus_that_answered_before_and_not_now_keeps_the_last_decision() -> None:
+    """Once it has answered for the task, a silent Prometheus is a passing outage: SLOMet
+    keeps its words for that, and Ready its shadow wording."""
+    task, jobs, dep = _serving_task()
+    quiet = dataclasses.replace(HEALTHY, agreement=None, shadow_samples=None)
+    _step(task, jobs, dep, NOW, quiet)
+    p = plan(Observed(task, jobs, dep, NOW + dt.timedelta(seconds=10), None))
+    assert _cond(p.status, c.SLO_MET)["message"].startswith("Prometheus did not answer")
+    assert "until its agreement" in _cond(p.status, c.READY)["message"]
+
+
+def test_an_operator_without_prometheus_says_so_once_at_startup(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Finding 3: nothing in the operator's log said that live control was off."""
+    import kopf
+
+    from slm_operator import main
+
+    async def idle() -> None:
+        return None
+
+    monkeypatch.delenv("SLM_FLEET_LEADER_ELECTION_LEASE", raising=False)
+    for attr, value in (
+        ("_runtime", None),
+        ("PROMETHEUS_URL", ""),
+        ("METRICS_PORT", 0),
+        ("load_api_client", lambda: None),
+        ("Kube", lambda api: None),
+        ("_resync_loop", idle),
+    ):
+        monkeypatch.setattr(main, attr, value)
+    with caplog.at_level(logging.INFO, logger="slm_operator"):
+        asyncio.run(main.startup(settings=kopf.OperatorSettings()))
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        "SLM_FLEET_PROMETHEUS_URL unset" in x and "live control is off" in x for x in said
+    ), said
+
+
+def _after_a_window(task: dict[str, Any], jobs: dict[str, JobView], dep: dict[str, Any]) -> None:
+    _step(task, jobs, dep, NOW, dataclasses.replace(HEALTHY, agreement=None, shadow_samples=None))
+    assert task["status"]["live"]
+
+
+def test_a_served_model_with_every_replica_down_is_an_outage_not_a_rollout() -> None:
+    """Finding 5: every replica of a model that served crash-looping read phase Deploying and
+    Ready DeploymentProgressing (as if a first rollout), where the README says
+    NoReadyReplicas, a Warning."""
+    task, jobs, dep = _serving_task()
+    _after_a_window(task, jobs, dep)
+    crash = "pod weather-slm-x: CrashLoopBackOff (last exit code 1, Error)"
+    down = _with_replicas(dep, 1, 0)
+    p = plan(Observed(task, jobs, down, NOW + dt.timedelta(seconds=10), serving_waiting=crash))
+    ready = _cond(p.status, c.READY)
+    assert (ready["status"], ready["reason"]) == (c.FALSE, c.NO_READY_REPLICAS)
+    assert crash in ready["message"] and p.status["message"] == ready["message"]
+    assert p.status["phase"] == "Serving"
+    assert ("Warning", c.NO_READY_REPLICAS) in [(k, r) for k, r, _ in p.events]
+    assert conds(p.status)[c.FALLBACK_ACTIVE] == (c.TRUE, c.NO_READY_REPLICAS)
+
+
+def test_a_first_rollout_without_ready_replicas_is_still_deploying() -> None:
+    """A model that never served (no live state) is rolling out, not down."""
+    task = make_task()
+    rev = n.revision_of(task["spec"])
+    jobs = jobs_through(task, "export")
+    task["status"] = _stored(plan(Observed(task, jobs, None, NOW)).status)
+    p = plan(Observed(task, jobs, _with_replicas(_serving_task()[2], 1, 0), NOW))
+    assert p.status["revision"]["active"] == rev
+    assert p.status["phase"] == "Deploying"
+    assert conds(p.status)[c.READY] == (c.FALSE, c.DEPLOYMENT_PROGRESSING)
+
+
+def test_in_a_canary_ready_says_what_share_the_model_serves() -> None:
+    """Finding 7: during a canary, Ready and status.message said "<model> serves the task's
+    calls" while the LLM answered 75% of them."""
+    task, jobs, dep = _serving_task()
+    p = _step(task, jobs, dep, NOW, HEALTHY)
+    assert (p.status["route"]["mode"], p.status["route"]["canaryPercent"]) == ("canary", 25)
+    ready = _cond(p.status, c.READY)
+    assert (ready["status"], ready["reason"]) == (c.TRUE, c.READY_REASON)
+    assert ready["message"].endswith(
+        "serves 25% of the task's calls in a canary and the LLM the rest "
+        "(0 of 3 healthy windows before promotion)"
+    )
+    assert p.status["message"] == ready["message"]
+    fb = _cond(p.status, c.FALLBACK_ACTIVE)
+    assert "0 of 3 healthy windows before promotion" in fb["message"]
