@@ -137,6 +137,11 @@ class Route:
             raise RouteError(f"task {self.task}: slmEndpoint must be an http(s) URL")
         if not 0 <= self.canary_percent <= 100:
             raise RouteError(f"task {self.task}: canaryPercent must be within 0..100")
+        # The gateway serves an SLM answer unless its confidence (in [0, 1]) is below the
+        # threshold: a NaN or negative one turned that gate off, serving every answer, and one
+        # above 1 answers nothing. The trainer reports thresholds in [0, 1] only.
+        if not 0.0 <= self.confidence_threshold <= 1.0:
+            raise RouteError(f"task {self.task}: confidenceThreshold must be within 0..1")
         # A budget of 0 or less (or NaN) would never expire: a hung SLM would then hold every
         # call instead of costing it its budget and falling back.
         for name, value in (
@@ -212,6 +217,32 @@ def _num(value: Any, name: str, task: str) -> float:
     return float(value)
 
 
+def _canary_percent(value: Any, task: str) -> int:
+    """``canaryPercent`` as the whole percent :class:`Route` checks: int() of .inf or .nan
+    raised a bare OverflowError or ValueError, which the callers (catching RouteError per
+    task) did not expect."""
+    percent = _num(value, "canaryPercent", task)
+    if not math.isfinite(percent):
+        raise RouteError(f"task {task}: canaryPercent must be within 0..100")
+    return int(percent)
+
+
+def _annotated_timeout_s(value: Any, task: str) -> float:
+    """The SLM budget in seconds from the task's :data:`SLM_TIMEOUT_ANNOTATION`. A value that
+    is not a positive number of milliseconds is refused naming the annotation: refused later
+    by :class:`Route`, it named ``slmTimeoutMs``, a field the task does not set."""
+    try:
+        seconds = float(value) / 1000.0
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise RouteError(
+            f"task {task}: annotation {SLM_TIMEOUT_ANNOTATION} must be a positive number of "
+            "milliseconds"
+        )
+    return seconds
+
+
 def secret_ref(task: Mapping[str, Any]) -> tuple[str, str, str] | None:
     """(namespace, secret name, key) of the task's LLM API key, or None when it needs none."""
     ref = (((task.get("spec") or {}).get("fallback") or {}).get("llm") or {}).get("apiKeySecretRef")
@@ -261,12 +292,7 @@ def route_from_task(
     else:
         annotated = (meta.get("annotations") or {}).get(SLM_TIMEOUT_ANNOTATION)
         if annotated:
-            try:
-                timeout_s = float(annotated) / 1000.0
-            except ValueError:
-                raise RouteError(
-                    f"task {name}: annotation {SLM_TIMEOUT_ANNOTATION} must be milliseconds"
-                ) from None
+            timeout_s = _annotated_timeout_s(annotated, name)
     return Route(
         task=name,
         namespace=str(meta.get("namespace") or ""),
@@ -274,7 +300,7 @@ def route_from_task(
         llm_base_url=base,
         llm_model=model,
         slm_endpoint=str(endpoint),
-        canary_percent=int(_num(route.get("canaryPercent", 0), "canaryPercent", name)),
+        canary_percent=_canary_percent(route.get("canaryPercent", 0), name),
         confidence_threshold=_num(threshold, "confidenceThreshold", name),
         metric=str(route.get("metric") or (spec.get("evaluation") or {}).get("metric") or ""),
         task_type=str(spec.get("taskType") or "tool-call"),  # the CRD's default
@@ -339,7 +365,7 @@ def route_from_entry(
         llm_model=model,
         slm_endpoint=endpoint,
         slm_model=str(entry.get("slmModel") or ""),
-        canary_percent=int(_num(entry.get("canaryPercent", 0), "canaryPercent", name)),
+        canary_percent=_canary_percent(entry.get("canaryPercent", 0), name),
         confidence_threshold=_num(
             entry.get("confidenceThreshold", 0.0), "confidenceThreshold", name
         ),

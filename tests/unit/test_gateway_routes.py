@@ -284,13 +284,19 @@ def test_a_url_with_an_impossible_port_is_a_route_error(field: str, url: str) ->
         route_from_task(task)
 
 
-@pytest.mark.parametrize("annotated", ["0", "-5", "nan", "inf"])
+@pytest.mark.parametrize("annotated", ["0", "-5", "nan", "inf", "1e-400", "abc"])
 def test_an_slm_budget_that_is_not_positive_is_a_route_error(annotated: str) -> None:
-    """aiohttp takes a total timeout <= 0 as no timeout: a hung SLM would hold every call."""
+    """aiohttp takes a total timeout <= 0 as no timeout: a hung SLM would hold every call.
+    The refusal names the annotation the task sets: "0" was refused as "slmTimeoutMs must be
+    a positive number", a field that task does not have."""
     task = with_status({"mode": "slm", "slmEndpoint": "http://s:8000"})
     task["metadata"]["annotations"] = {SLM_TIMEOUT_ANNOTATION: annotated}
-    with pytest.raises(RouteError, match="slmTimeoutMs"):
+    with pytest.raises(RouteError) as refused:
         route_from_task(task)
+    assert str(refused.value) == (
+        f"task weather: annotation {SLM_TIMEOUT_ANNOTATION} must be a positive number of "
+        "milliseconds"
+    )
     task["metadata"]["annotations"] = {SLM_TIMEOUT_ANNOTATION: "250"}
     assert route_from_task(task).slm_timeout_s == 0.25
 
@@ -494,3 +500,54 @@ def test_a_routes_file_entry_keeps_its_metric(tmp_path: Path) -> None:
     routes.write_text(yaml.safe_dump({"tasks": {"pick-tool": entry}}))
     [route] = load_routes_file(routes)
     assert route.metric == "label-accuracy"
+
+
+ROUTES_ENTRY = {
+    "mode": "slm",
+    "llmBaseURL": "http://llm/v1",
+    "llmModel": "m",
+    "slmEndpoint": "http://triton:8000",
+}
+
+
+def refusals(tmp_path: Path, mode: str, key: str, value: str) -> tuple[str, str]:
+    """Why a routes file's entry and a task's status.route are refused with ``key: value``
+    (``value`` as YAML writes it, such as ``.nan``)."""
+    routes = tmp_path / "routes.yaml"
+    entry = yaml.safe_dump({"tasks": {"t": {**ROUTES_ENTRY, "mode": mode}}})
+    routes.write_text(f"{entry}    {key}: {value}\n")
+    with pytest.raises(RouteError) as from_file:
+        load_routes_file(routes)
+    task = with_status({"mode": mode, "slmEndpoint": "http://s:8000", key: yaml.safe_load(value)})
+    with pytest.raises(RouteError) as from_status:
+        route_from_task(task)
+    return str(from_file.value), str(from_status.value)
+
+
+@pytest.mark.parametrize("threshold", [".nan", "-1", "-.inf", "1.5", ".inf"])
+def test_a_confidence_threshold_outside_0_to_1_is_refused_naming_it(
+    tmp_path: Path, threshold: str
+) -> None:
+    """A confidence is within [0, 1] and the SLM's answer is served unless it is below the
+    threshold: a routes file's NaN or negative threshold loaded and served every answer, however
+    unsure, and one above 1 served none."""
+    assert refusals(tmp_path, "slm", "confidenceThreshold", threshold) == (
+        "task t: confidenceThreshold must be within 0..1",
+        "task weather: confidenceThreshold must be within 0..1",
+    )
+
+
+def test_the_ends_of_the_confidence_range_are_thresholds() -> None:
+    for threshold in (0, 0.0, 1, 1.0):
+        route = route_from_entry("t", {**ROUTES_ENTRY, "confidenceThreshold": threshold})
+        assert route.confidence_threshold == threshold
+
+
+@pytest.mark.parametrize("percent", [".inf", "-.inf", ".nan"])
+def test_a_canary_percent_that_is_not_finite_is_a_route_error(tmp_path: Path, percent: str) -> None:
+    """int(.inf) raised a bare OverflowError (int(.nan) a ValueError) out of the routes file's
+    load and the watch, which handle a RouteError per task."""
+    assert refusals(tmp_path, "canary", "canaryPercent", percent) == (
+        "task t: canaryPercent must be within 0..100",
+        "task weather: canaryPercent must be within 0..100",
+    )
