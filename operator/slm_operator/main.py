@@ -730,6 +730,29 @@ evaluation gate, Triton serving, scaling and SLO fallback. The flags are `kopf r
 """
 
 
+def _kopf_run_watches_a_namespace(args: list[str]) -> bool:
+    """Whether ``kopf run`` given ``args`` watches one namespace or more, or all of them.
+
+    Asked of kopf's own command rather than matched against the flags' spellings: click also
+    takes ``-nNS``, ``-vnNS`` and the ``KOPF_RUN_*`` variables (a string match refused them,
+    though kopf would have run), and knows that in ``-L -n`` the ``-n`` is --liveness's
+    value. Parsed leniently: a flag kopf does not know is left for kopf to report.
+    """
+    from kopf.cli import main as kopf_main
+
+    # Under its group's context, as kopf runs it, so that the KOPF_RUN_* variables count.
+    with kopf_main.make_context("kopf", ["run"], resilient_parsing=True) as group:
+        run = kopf_main.commands["run"].make_context(
+            "run", list(args), parent=group, resilient_parsing=True
+        )
+    # KOPF_RUN_NAMESPACE is the variable kopf's run itself still adds as a namespace.
+    return bool(
+        run.params.get("namespaces")
+        or run.params.get("clusterwide")
+        or os.environ.get("KOPF_RUN_NAMESPACE")
+    )
+
+
 def cli() -> None:
     """Console entry point: ``kopf run --standalone -m slm_operator.main`` plus your flags."""
     from kopf.cli import main as kopf_main
@@ -741,10 +764,7 @@ def cli() -> None:
     if SETTINGS_ERRORS:
         sys.stderr.write("".join(f"slm-fleet-operator: {e}\n" for e in SETTINGS_ERRORS))
         raise SystemExit(2)
-    if not any(
-        a in ("-n", "--namespace", "-A", "--all-namespaces") or a.startswith("--namespace=")
-        for a in args
-    ):
+    if not _kopf_run_watches_a_namespace(args):
         sys.stderr.write(
             "slm-fleet-operator: pass --namespace NS (repeatable) or --all-namespaces\n"
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -238,6 +238,8 @@ def pod_of_job(pod: Mapping[str, Any], name: str, uid: str | None) -> bool:
 STUCK_WAITING_REASONS = frozenset(
     {
         "ErrImagePull",
+        "RegistryUnavailable",
+        "SignatureValidationFailed",
         "ImagePullBackOff",
         "InvalidImageName",
         "CreateContainerConfigError",
@@ -248,12 +250,14 @@ STUCK_WAITING_REASONS = frozenset(
 )
 
 
-def pod_waiting(pod: Mapping[str, Any]) -> str:
+def pod_waiting(pod: Mapping[str, Any], mounts: Mapping[str, str] | None = None) -> str:
     """Why a pod that is not running yet waits, or "" when nothing says it is stuck.
 
-    Why: a trainer Job whose pod cannot be scheduled (no node with a free GPU) or cannot pull
-    its image stays "pending" for good; without the scheduler's or kubelet's reason in the
-    task's conditions, a platform engineer sees a task that never trains and no cause.
+    Why: a trainer Job whose pod cannot be scheduled (no node with a free GPU), pull its image
+    or mount its volumes stays "pending" for good; without the scheduler's or kubelet's reason
+    in the task's conditions, a platform engineer sees a task that never trains and no cause.
+    ``mounts`` (pod uid -> why, :func:`mount_failures`): a pod's status says nothing of its
+    volumes, only Events do, which the caller reads.
     """
     name = pod["metadata"].get("name", "")
     status = pod.get("status") or {}
@@ -279,17 +283,77 @@ def pod_waiting(pod: Mapping[str, Any]) -> str:
             reason = "CrashLoopBackOff"
         if reason not in STUCK_WAITING_REASONS:
             continue
-        if reason in ("ErrImagePull", "ImagePullBackOff"):
-            # The kubelet alternates the two, with a new message each time: one stable phrase,
-            # or the condition (and the task's status) would be rewritten every back-off.
-            return short_message(f"pod {name} cannot pull image {cs.get('image', '?')}", 300)
+        if reason in _PULL_FAILURES or reason == "ImagePullBackOff":
+            return _pull_failure(name, cs, reason, str(waiting.get("message") or ""))
         detail = f": {waiting['message']}" if waiting.get("message") else ""
         if last and reason == "CrashLoopBackOff":
             # How the container last ended says more than the back-off (whose duration ticks).
             # Other reasons keep their own words: lastState outlives any restart.
             detail = f" (last exit code {last.get('exitCode')}, {last.get('reason', '?')})"
         return short_message(f"pod {name}: {reason}{detail}", 300)
+    why = (mounts or {}).get(str(pod["metadata"].get("uid", "")))
+    if why and setting_up(pod):
+        return short_message(f"pod {name} cannot mount its volumes: {why}", 300)
     return ""
+
+
+#: Waiting reasons of a failed image pull, whose message is the cause in the kubelet's (or the
+#: container runtime's) words; the kubelet names the last of them in the back-off's message.
+_PULL_FAILURES = ("ErrImagePull", "RegistryUnavailable", "SignatureValidationFailed")
+#: ImagePullBackOff's message since Kubernetes 1.32: 'Back-off pulling image "Y": ErrImagePull:
+#: <cause>'; before, 'Back-off pulling image "Y"' alone.
+_BACK_OFF_CAUSE_RE = re.compile(
+    rf'^Back-off pulling image "[^"]*": (?:(?:{"|".join(_PULL_FAILURES)}): )?(?P<cause>.+)$', re.S
+)
+
+
+def _pull_failure(name: str, cs: Mapping[str, Any], reason: str, message: str) -> str:
+    """Why a container cannot pull its image: ``pod X cannot pull image Y: <cause>``.
+
+    Why the cause: "cannot pull image" alone does not tell a missing tag from a registry that
+    wants credentials (401 Unauthorized) or cannot be reached. Why the same words for the
+    failed pull and the back-off after it: the kubelet alternates the two, and two texts
+    would rewrite the condition (and the task's status) every back-off. Since Kubernetes 1.32
+    the back-off's message ends with the failed pull's, so both read the same. On an older
+    kubelet the back-off says no cause: the text then alternates between the two forms, once
+    per pull attempt (the kubelet's back-off doubles up to five minutes between them).
+    """
+    if reason == "ImagePullBackOff":
+        found = _BACK_OFF_CAUSE_RE.match(message)
+        message = found["cause"] if found else ""
+    said = f"pod {name} cannot pull image {cs.get('image', '?')}"
+    return short_message(f"{said}: {message}" if message.strip() else said, 300)
+
+
+#: A container's waiting reason while the kubelet sets its pod up (the sandbox, the volumes,
+#: the image pulls): ContainerCreating, or PodInitializing in a pod with init containers (a
+#: sidecar injector's, say).
+_SETTING_UP = frozenset({"ContainerCreating", "PodInitializing"})
+
+
+def setting_up(pod: Mapping[str, Any]) -> bool:
+    """Whether a pod is on a node and none of its containers has been created yet.
+
+    Why: such a pod may wait for its volumes for good (a ReadWriteOnce claim attached to
+    another node), and its status does not say so; only the Events of the attach/detach
+    controller and the kubelet do (:func:`mount_failures`). Volumes are mounted before any
+    container is created, so a pod with a container past this point has them all.
+    """
+    status = pod.get("status") or {}
+    if status.get("phase", "Pending") != "Pending":
+        return False
+    scheduled = bool((pod.get("spec") or {}).get("nodeName")) or any(
+        cond.get("type") == "PodScheduled" and cond.get("status") == "True"
+        for cond in status.get("conditions") or []
+    )
+    containers = [
+        *(status.get("initContainerStatuses") or []),
+        *(status.get("containerStatuses") or []),
+    ]
+    return scheduled and all(
+        ((cs.get("state") or {}).get("waiting") or {}).get("reason") in _SETTING_UP
+        for cs in containers
+    )
 
 
 def _between_crashes(
@@ -323,6 +387,30 @@ def _event_time(ev: Mapping[str, Any]) -> dt.datetime:
         return _NO_TIME
 
 
+def _newest_messages(
+    events: Iterable[Mapping[str, Any]],
+    key: Callable[[Mapping[str, Any]], str | None],
+    rank: Callable[[Mapping[str, Any]], int] = lambda ev: 0,
+) -> dict[str, str]:
+    """The message of the newest Event per ``key`` (Events it gives None for are left out)
+    among those of the highest ``rank``, without the aggregation prefix.
+
+    Why the prefix goes: the event recorder adds it once similar Events come often, and a
+    message read into a condition must not change (and have the status written) unless the
+    reason does.
+    """
+    newest: dict[str, tuple[tuple[int, dt.datetime], str]] = {}
+    for ev in events:
+        k = key(ev)
+        if k is None:
+            continue
+        order = (rank(ev), _event_time(ev))
+        if k not in newest or order >= newest[k][0]:
+            msg = str(ev.get("message", "")).removeprefix("(combined from similar events): ")
+            newest[k] = (order, msg)
+    return {k: msg for k, (_, msg) in newest.items()}
+
+
 def failed_creates(
     events: Iterable[Mapping[str, Any]], uids: Mapping[str, str] | None = None
 ) -> dict[str, str]:
@@ -337,40 +425,82 @@ def failed_creates(
     change from one retry to the next, and the reason goes into a condition message, which
     must not change (and have the status written) unless the reason does.
     """
-    newest: dict[str, tuple[dt.datetime, str]] = {}
-    for ev in events:
+
+    def job(ev: Mapping[str, Any]) -> str | None:
         obj = ev.get("involvedObject") or {}
         if ev.get("reason") != "FailedCreate" or obj.get("kind") != "Job":
-            continue
+            return None
         name = str(obj.get("name", ""))
         want, uid = (uids or {}).get(name), obj.get("uid")
-        if want and uid and uid != want:
-            continue
-        when = _event_time(ev)
-        if name not in newest or when >= newest[name][0]:
-            msg = str(ev.get("message", ""))
-            msg = msg.removeprefix("(combined from similar events): ")
-            msg = _REFUSED_POD_NAME_RE.sub(r"\1 ", msg.removeprefix("Error creating: "))
-            newest[name] = (when, msg)
+        return None if want and uid and uid != want else name
+
     return {
-        name: short_message(f"cannot create its pod: {msg}", 300)
-        for name, (_, msg) in newest.items()
+        name: short_message(
+            "cannot create its pod: "
+            + _REFUSED_POD_NAME_RE.sub(r"\1 ", msg.removeprefix("Error creating: ")),
+            300,
+        )
+        for name, msg in _newest_messages(events, job).items()
     }
 
 
-def serving_waiting(pods: Iterable[Mapping[str, Any]]) -> str:
-    """Why a Triton pod of the task is not ready, from the first stuck one, or ""."""
+#: The Event reasons that say why a pod's volumes are not attached or mounted: the
+#: attach/detach controller's (a ReadWriteOnce volume attached to another node: Multi-Attach
+#: error) and the kubelet's.
+MOUNT_FAILURE_REASONS = ("FailedAttachVolume", "FailedMount")
+#: How the kubelet's own time-out begins, which it posts every two minutes beside the cause.
+_MOUNT_TIMEOUT = "Unable to attach or mount volumes"
+#: A cloud API's request id in a CSI driver's error ("RequestID: 5b6c...,"), new every attempt.
+_REQUEST_ID_RE = re.compile(r"\brequest[ _-]?id\s*[:=]\s*[\w-]+,?\s*", re.I)
+
+
+def mount_failures(events: Iterable[Mapping[str, Any]], uids: Collection[str]) -> dict[str, str]:
+    """Why each pod of ``uids`` cannot attach or mount its volumes: pod uid -> the newest
+    message of its ``FailedAttachVolume`` and ``FailedMount`` core/v1 Events.
+
+    The kubelet's time-out ("Unable to attach or mount volumes: unmounted volumes=[data] ...:
+    timed out waiting for the condition") counts only while nothing says more: it comes every
+    two minutes beside the cause (a Multi-Attach error, a failed SetUp), and taking the newest
+    of the two would rewrite the condition (and the task's status) each time. For the same
+    reason a cloud API's request id is left out.
+    """
+
+    def pod(ev: Mapping[str, Any]) -> str | None:
+        obj = ev.get("involvedObject") or {}
+        uid = str(obj.get("uid", ""))
+        wanted = ev.get("reason") in MOUNT_FAILURE_REASONS and obj.get("kind") == "Pod"
+        return uid if wanted and uid in uids else None
+
+    def says_more(ev: Mapping[str, Any]) -> int:
+        return 0 if _MOUNT_TIMEOUT in str(ev.get("message", "")) else 1
+
+    return {
+        uid: _REQUEST_ID_RE.sub("", msg)
+        for uid, msg in _newest_messages(events, pod, says_more).items()
+    }
+
+
+def serving_waiting(
+    pods: Iterable[Mapping[str, Any]], mounts: Mapping[str, str] | None = None
+) -> str:
+    """Why a Triton pod of the task is not ready, from the first stuck one, or "".
+    ``mounts``: why pods cannot mount their volumes (:func:`pod_waiting`)."""
     for pod in pods:
         if (pod["metadata"].get("labels") or {}).get(n.LABEL_COMPONENT) != "triton":
             continue
-        why = pod_waiting(pod)
+        why = pod_waiting(pod, mounts)
         if why:
             return why
     return ""
 
 
-def job_view(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]]) -> JobView:
-    """Summarise a trainer Job and its pods (pods of other Jobs are ignored)."""
+def job_view(
+    job: Mapping[str, Any],
+    pods: Iterable[Mapping[str, Any]],
+    mounts: Mapping[str, str] | None = None,
+) -> JobView:
+    """Summarise a trainer Job and its pods (pods of other Jobs are ignored). ``mounts``: why
+    pods cannot mount their volumes (:func:`pod_waiting`)."""
     meta = job["metadata"]
     labels = meta.get("labels") or {}
     status = job.get("status") or {}
@@ -452,7 +582,7 @@ def job_view(job: Mapping[str, Any], pods: Iterable[Mapping[str, Any]]) -> JobVi
     seconds = (finished - started).total_seconds() if started and finished else None
     waiting = ""
     if state == PENDING:
-        waiting = next((w for w in map(pod_waiting, own) if w), "")
+        waiting = next((w for w in (pod_waiting(p, mounts) for p in own) if w), "")
     return JobView(
         name=meta["name"],
         stage=labels.get(n.LABEL_STAGE, ""),

@@ -18,14 +18,17 @@ from slm_operator import naming as n
 from slm_operator.builders import DEFAULT_IMAGES, Images
 from slm_operator.kube import Kube, KubeError, TaskChanged, TaskGone
 from slm_operator.observe import (
+    MOUNT_FAILURE_REASONS,
     PENDING,
     JobView,
     failed_creates,
     job_view,
+    mount_failures,
     owned,
     pod_of_job,
     refused_job,
     serving_waiting,
+    setting_up,
     task_child,
 )
 from slm_operator.plan import (
@@ -165,8 +168,9 @@ def observe(
     uid = task["metadata"]["uid"]
     selector = f"{n.LABEL_TASK}={name}"
     pods = kube.list("v1", "pods", namespace, selector)
+    mounts = _mount_failures(kube, namespace, pods)
     jobs = {
-        j["metadata"]["name"]: job_view(j, pods)
+        j["metadata"]["name"]: job_view(j, pods, mounts)
         for j in kube.list("batch/v1", "jobs", namespace, selector)
         if owned(j, uid)
     }
@@ -197,13 +201,59 @@ def observe(
         metrics=metrics,
         trainer_service_account=trainer_account(kube, task, trainer_service_account),
         data_recheck=dt.timedelta(seconds=data_recheck_s),
-        serving_waiting=serving_waiting(pods),
+        serving_waiting=serving_waiting(pods, mounts),
         reserved_accounts=frozenset(reserved_accounts),
         images=images,
         metrics_not_due=not_due,
         min_window_s=min_window,
         prometheus_configured=prom is not None,
     )
+
+
+def _list_events(kube: Kube, namespace: str, fields: str) -> list[dict[str, Any]]:
+    """The core/v1 Events of ``namespace`` that the field selector ``fields`` selects; none
+    where the operator may not list them (logged once per namespace).
+
+    Why a 403 is no error: RBAC without the events `list` rule (an older chart, a hand-made
+    Role) loses only the reason a pod waits, an extra; it must not stop the reconcile (every
+    new Job is podless for a moment, and every new pod in ContainerCreating).
+    """
+    try:
+        return kube.list("v1", "events", namespace, fields=fields)
+    except KubeError as e:
+        if e.status != 403:
+            raise
+        if namespace not in _events_forbidden_logged:
+            _events_forbidden_logged.add(namespace)
+            log.warning(
+                "may not list Events in %s: a Job whose pod cannot be created (quota, Pod "
+                "Security) or a pod that cannot mount its volumes will not say why in the "
+                "task's conditions",
+                namespace,
+            )
+        return []
+
+
+def _mount_failures(kube: Kube, namespace: str, pods: list[dict[str, Any]]) -> dict[str, str]:
+    """Why pods of the task that wait in ContainerCreating cannot mount their volumes (pod uid
+    -> message, :func:`slm_operator.observe.mount_failures`).
+
+    Events are read only when such a pod exists, so a healthy task costs no extra request.
+    One list per reason, because a field selector cannot say "this reason or that": a single
+    list of every pod Event of the namespace (Scheduled, Pulling, Pulled, Created, Started for
+    each pod of every workload there) would bring its whole recent history over the wire and
+    into the operator on each such pass, where the two selected lists are filtered by the
+    API server and usually empty.
+    """
+    uids = {str(p["metadata"]["uid"]) for p in pods if p["metadata"].get("uid") and setting_up(p)}
+    if not uids:
+        return {}
+    events = [
+        ev
+        for reason in MOUNT_FAILURE_REASONS
+        for ev in _list_events(kube, namespace, f"involvedObject.kind=Pod,reason={reason}")
+    ]
+    return mount_failures(events, uids)
 
 
 def _with_failed_creates(
@@ -220,23 +270,7 @@ def _with_failed_creates(
     ]
     if not podless:
         return jobs
-    try:
-        events = kube.list(
-            "v1", "events", namespace, fields="involvedObject.kind=Job,reason=FailedCreate"
-        )
-    except KubeError as e:
-        if e.status != 403:
-            raise
-        # RBAC without the events `list` rule (older chart, hand-made Role): the reason is an
-        # extra, and every new Job is podless for a moment; it must not stop the reconcile.
-        if namespace not in _events_forbidden_logged:
-            _events_forbidden_logged.add(namespace)
-            log.warning(
-                "may not list Events in %s: a Job whose pod cannot be created (quota, Pod "
-                "Security) will not say why in the task's conditions",
-                namespace,
-            )
-        return jobs
+    events = _list_events(kube, namespace, "involvedObject.kind=Job,reason=FailedCreate")
     reasons = failed_creates(events, {v.name: v.uid for v in podless})
     out = dict(jobs)
     for v in podless:

@@ -825,30 +825,41 @@ def test_a_pending_jobs_view_says_why_its_pod_does_not_run() -> None:
     assert v.waiting == (
         "pod j-x cannot be scheduled: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
     )
-    # The kubelet alternates ErrImagePull and ImagePullBackOff, each with its own message: the
-    # reason must read the same for both, or the task's status is rewritten every back-off.
-    pulls = [
-        job_view(
-            _job("j"),
-            [
-                _pending_pod(
-                    "j",
-                    containerStatuses=[
-                        {
-                            "name": "trainer",
-                            "image": "ghcr.io/x/trainer:nope",
-                            "state": {"waiting": {"reason": reason, "message": message}},
-                        }
-                    ],
-                )
+
+    # The kubelet alternates ErrImagePull and ImagePullBackOff; since Kubernetes 1.32 the
+    # back-off's message ends with the failed pull's, so both say the same cause in the same
+    # words, or the task's status would be rewritten every back-off.
+    def pulling(reason: str, message: str) -> str:
+        pod = _pending_pod(
+            "j",
+            containerStatuses=[
+                {
+                    "name": "trainer",
+                    "image": "ghcr.io/x/trainer:nope",
+                    "state": {"waiting": {"reason": reason, "message": message}},
+                }
             ],
-        ).waiting
-        for reason, message in (
-            ("ErrImagePull", "rpc error: code = NotFound desc = failed to pull and unpack"),
-            ("ImagePullBackOff", 'Back-off pulling image "ghcr.io/x/trainer:nope"'),
         )
+        return job_view(_job("j"), [pod]).waiting
+
+    cause = 'failed to pull and unpack image "ghcr.io/x/trainer:nope": 401 Unauthorized'
+    back_off = 'Back-off pulling image "ghcr.io/x/trainer:nope"'
+    pulls = [
+        pulling("ErrImagePull", cause),
+        pulling("ImagePullBackOff", f"{back_off}: ErrImagePull: {cause}"),
     ]
-    assert pulls == ["pod j-x cannot pull image ghcr.io/x/trainer:nope"] * 2
+    assert pulls == [f"pod j-x cannot pull image ghcr.io/x/trainer:nope: {cause}"] * 2
+    # The runtime's other pull failures, named in the back-off the same way.
+    unavailable = "image pull failed for ghcr.io/x/trainer:nope because the registry is unavailable"
+    assert pulling("RegistryUnavailable", unavailable) == pulling(
+        "ImagePullBackOff", f"{back_off}: RegistryUnavailable: {unavailable}"
+    )
+    # A kubelet older than 1.32 says no cause in the back-off: the image alone, so there the
+    # text alternates between the two forms, once per pull attempt (minutes apart at most).
+    assert (
+        pulling("ImagePullBackOff", back_off) == "pod j-x cannot pull image ghcr.io/x/trainer:nope"
+    )
+    assert len(pulling("ErrImagePull", "x" * 1000)) == 300
     starting = _pending_pod(
         "j",
         containerStatuses=[
@@ -1047,3 +1058,61 @@ def test_a_base_model_on_the_storage_claim_is_opened_where_the_claim_is_mounted(
     hub = make_task(candidates=[{"name": "small", "model": "HuggingFaceTB/SmolLM2-135M"}])
     args = b.finetune_job(hub, "r", hub["spec"]["candidates"][0])["spec"]["template"]["spec"]
     assert "--model=HuggingFaceTB/SmolLM2-135M" in args["containers"][0]["args"]
+
+
+def _operator_cli(
+    monkeypatch: pytest.MonkeyPatch, args: list[str], env: dict[str, str] | None = None
+) -> list[str] | None:
+    """The argv slm-fleet-operator hands to kopf for ``args``, or None when it refuses them
+    (exit 2). Kopf's own parsing is real; only its run is replaced."""
+    from kopf.cli import main as kopf_main
+
+    from slm_operator.main import cli
+
+    for name in ("KOPF_RUN_NAMESPACE", "KOPF_RUN_NAMESPACES", "KOPF_RUN_CLUSTERWIDE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in (env or {}).items():
+        monkeypatch.setenv(name, value)
+    ran: list[list[str]] = []
+    monkeypatch.setattr(kopf_main, "main", lambda *a, **kw: ran.append(list(sys.argv)))
+    monkeypatch.setattr(sys, "argv", ["slm-fleet-operator", *args])
+    try:
+        cli()
+    except SystemExit as exc:
+        assert exc.code == 2
+        return None
+    return ran[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (["-nsupport-agent"], {}),
+        (["-vnsupport-agent"], {}),
+        (["--namespace=support-agent"], {}),
+        (["-n", "support-agent"], {}),
+        (["-A"], {}),
+        (["--verbose"], {"KOPF_RUN_NAMESPACES": "support-agent"}),
+        ([], {"KOPF_RUN_NAMESPACE": "support-agent"}),
+    ],
+)
+def test_the_operator_takes_every_namespace_form_kopf_takes(
+    monkeypatch: pytest.MonkeyPatch, args: list[str], env: dict[str, str]
+) -> None:
+    """The operator's CLI (slm-fleet-operator, in slm_operator.main) refused
+    ``-nsupport-agent``, which kopf run takes as --namespace support-agent, with "pass
+    --namespace NS"."""
+    kopf_argv = ["kopf", "run", "--standalone", "-m", "slm_operator.main", *args]
+    assert _operator_cli(monkeypatch, args, env) == kopf_argv
+
+
+@pytest.mark.parametrize("args", [[], ["--verbose"], ["--liveness", "-n"], ["--", "-nx"]])
+def test_the_operator_without_a_namespace_says_to_pass_one(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
+    """In ``--liveness -n`` the ``-n`` is the liveness endpoint: kopf would have watched every
+    namespace it may see, as with no flag at all."""
+    assert _operator_cli(monkeypatch, args) is None
+    assert capsys.readouterr().err == (
+        "slm-fleet-operator: pass --namespace NS (repeatable) or --all-namespaces\n"
+    )

@@ -28,6 +28,8 @@ from test_plan import (
 
 from slm_operator import conditions as c
 from slm_operator import naming as n
+from slm_operator import reconcile as rc
+from slm_operator.kube import KubeError
 from slm_operator.observe import FAILED, PENDING, RUNNING, JobView, job_view
 from slm_operator.plan import Observed, plan
 
@@ -309,3 +311,247 @@ def test_in_a_canary_ready_says_what_share_the_model_serves() -> None:
     assert p.status["message"] == ready["message"]
     fb = _cond(p.status, c.FALLBACK_ACTIVE)
     assert "0 of 3 healthy windows before promotion" in fb["message"]
+
+
+MULTI_ATTACH = (
+    'Multi-Attach error for volume "pvc-1234" Volume is already used by pod(s) '
+    "weather-slm-7d9f-abcde"
+)
+MOUNT_TIMEOUT = (
+    "Unable to attach or mount volumes: unmounted volumes=[work], unattached volumes=[work "
+    "kube-api-access-x]: timed out waiting for the condition"
+)
+
+
+class EventsKube:
+    """Just enough of :class:`slm_operator.kube.Kube` for ``reconcile.observe``: the task, its
+    pods and Jobs, no Deployment, and the Events that the field selector selects (as the API
+    server filters them); every list is recorded."""
+
+    def __init__(
+        self,
+        task: dict[str, Any],
+        pods: list[dict[str, Any]],
+        jobs: list[dict[str, Any]],
+        events: list[dict[str, Any]] | None = None,
+        forbidden: bool = False,
+    ) -> None:
+        self.task, self.pods, self.jobs = task, pods, jobs
+        self.events, self.forbidden = events or [], forbidden
+        self.lists: list[tuple[str, str | None]] = []
+
+    def get_task(self, namespace: str, name: str) -> dict[str, Any]:
+        return self.task
+
+    def get(self, *args: Any) -> None:
+        return None
+
+    def list(
+        self,
+        api: str,
+        plural: str,
+        namespace: str,
+        selector: str | None = None,
+        fields: str | None = None,
+    ) -> list[dict[str, Any]]:
+        self.lists.append((plural, fields))
+        if plural != "events":
+            return {"pods": self.pods, "jobs": self.jobs}[plural]
+        if self.forbidden:
+            raise KubeError(403, "events is forbidden")
+        wanted = dict(f.split("=", 1) for f in (fields or "").split(",") if f)
+        return [
+            ev
+            for ev in self.events
+            if all(
+                (ev["involvedObject"]["kind"] if k == "involvedObject.kind" else ev[k]) == v
+                for k, v in wanted.items()
+            )
+        ]
+
+
+def _data_job_and_pod(**status: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The reviewer's case: a data-prep pod on a node, its container in ContainerCreating
+    (or ``status``), of a Job the task owns."""
+    task = _one_candidate()
+    rev = n.revision_of(task["spec"])
+    name = n.data_job_name("weather", rev)
+    job = {
+        "metadata": {
+            "name": name,
+            "uid": "job-uid",
+            "ownerReferences": [{"uid": task["metadata"]["uid"]}],
+            "labels": {n.LABEL_STAGE: "prepare", n.LABEL_REVISION: rev},
+        },
+        "status": {"active": 1},
+    }
+    pod = {
+        "metadata": {
+            "name": f"{name}-abcde",
+            "uid": "pod-uid",
+            "labels": {n.LABEL_TASK: "weather", "job-name": name},
+        },
+        "spec": {"nodeName": "node-1"},
+        "status": status
+        or {
+            "phase": "Pending",
+            "conditions": [{"type": "PodScheduled", "status": "True"}],
+            "containerStatuses": [
+                {"name": "trainer", "state": {"waiting": {"reason": "ContainerCreating"}}}
+            ],
+        },
+    }
+    return task, job, pod
+
+
+def _mount_event(
+    pod: dict[str, Any], reason: str, message: str, at: str, uid: str = ""
+) -> dict[str, Any]:
+    return {
+        "type": "Warning",
+        "reason": reason,
+        "message": message,
+        "lastTimestamp": at,
+        "involvedObject": {
+            "kind": "Pod",
+            "name": pod["metadata"]["name"],
+            "uid": uid or pod["metadata"]["uid"],
+        },
+    }
+
+
+def test_a_pod_that_cannot_mount_its_volumes_says_why() -> None:
+    """Finding 2: a data-prep pod stuck in ContainerCreating (its ReadWriteOnce claim attached
+    to another node) read "Job created, waiting for its pod to run" until its deadline: the
+    pod's status says nothing of its volumes, only Events do."""
+    task, job, pod = _data_job_and_pod()
+    said = f"pod {pod['metadata']['name']} cannot mount its volumes: {MULTI_ATTACH}"
+    events = [
+        _mount_event(pod, "FailedAttachVolume", MULTI_ATTACH, "2026-11-23T11:50:00Z"),
+        # An earlier pod of the same name, and the kubelet's time-out beside the cause.
+        _mount_event(pod, "FailedMount", "MountVolume.SetUp failed", "2026-11-23T11:59:00Z", "x"),
+        _mount_event(pod, "FailedMount", MOUNT_TIMEOUT, "2026-11-23T11:52:00Z"),
+    ]
+    kube = EventsKube(task, [pod], [job], events)
+    obs = rc.observe(kube, "agents", "weather", NOW)  # type: ignore[arg-type]
+    assert obs is not None
+    assert obs.jobs[job["metadata"]["name"]].waiting == said
+    data = _cond(plan(obs).status, c.DATA_READY)
+    assert data["reason"] == c.JOB_PENDING
+    assert data["message"].endswith(f"Job {job['metadata']['name']} is waiting: {said}")
+    # Two lists (a field selector cannot OR two reasons), each only of pod Events.
+    assert [f for plural, f in kube.lists if plural == "events"] == [
+        "involvedObject.kind=Pod,reason=FailedAttachVolume",
+        "involvedObject.kind=Pod,reason=FailedMount",
+    ]
+
+    # Stable from pass to pass: a newer time-out, and the recorder's aggregation of the same
+    # cause, leave the words (and so the status) as they were.
+    kube.events += [
+        _mount_event(pod, "FailedMount", MOUNT_TIMEOUT, "2026-11-23T11:58:00Z"),
+        _mount_event(
+            pod,
+            "FailedAttachVolume",
+            f"(combined from similar events): {MULTI_ATTACH}",
+            "2026-11-23T11:57:00Z",
+        ),
+    ]
+    again = rc.observe(kube, "agents", "weather", NOW)  # type: ignore[arg-type]
+    assert again is not None and again.jobs[job["metadata"]["name"]].waiting == said
+    # With nothing but the time-out, the time-out is what there is to say.
+    kube.events = [_mount_event(pod, "FailedMount", MOUNT_TIMEOUT, "2026-11-23T11:58:00Z")]
+    only = rc.observe(kube, "agents", "weather", NOW)  # type: ignore[arg-type]
+    assert only is not None
+    assert only.jobs[job["metadata"]["name"]].waiting.endswith(
+        "cannot mount its volumes: " + MOUNT_TIMEOUT
+    )
+
+
+def test_a_triton_pod_that_cannot_mount_its_volumes_is_named_in_serving() -> None:
+    """Finding 2, serving side: a Triton replica whose model volume cannot be attached."""
+    task, _, pod = _data_job_and_pod()
+    pod["metadata"].update(name="weather-slm-1", labels={n.LABEL_COMPONENT: "triton"})
+    pod["spec"] = {}  # scheduled, said by its condition alone
+    cause = (
+        'MountVolume.MountDevice failed for volume "pvc-9" : rpc error: RequestID: 5b6c-77, boom'
+    )
+    events = [_mount_event(pod, "FailedMount", cause, "2026-11-23T11:50:00Z")]
+    obs = rc.observe(EventsKube(task, [pod], [], events), "agents", "weather", NOW)  # type: ignore[arg-type]
+    assert obs is not None
+    assert obs.serving_waiting == (
+        "pod weather-slm-1 cannot mount its volumes: MountVolume.MountDevice failed for volume "
+        '"pvc-9" : rpc error: boom'
+    )
+
+
+@pytest.mark.parametrize(
+    "status",
+    [
+        {"phase": "Running", "containerStatuses": [{"name": "trainer", "state": {"running": {}}}]},
+        {  # not on a node yet: the scheduler's reason is in its status
+            "phase": "Pending",
+            "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}],
+        },
+        {  # past its volumes: the kubelet's reason is in its status
+            "phase": "Pending",
+            "containerStatuses": [
+                {"name": "trainer", "state": {"waiting": {"reason": "ErrImagePull"}}}
+            ],
+        },
+    ],
+)
+def test_a_task_without_a_pod_in_container_creating_lists_no_events(
+    status: dict[str, Any],
+) -> None:
+    """Finding 2: a healthy task costs no extra request; Events are read only for a pod
+    that waits in ContainerCreating, whose status cannot say why."""
+    task, job, pod = _data_job_and_pod(**status)
+    if status["phase"] != "Running":
+        pod["spec"] = {}
+    kube = EventsKube(task, [pod], [job])
+    assert rc.observe(kube, "agents", "weather", NOW) is not None  # type: ignore[arg-type]
+    assert [plural for plural, _ in kube.lists] == ["pods", "jobs"]
+
+
+def test_a_forbidden_event_list_leaves_a_creating_pod_waiting_without_a_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Finding 2: RBAC without the events `list` rule must not stop the reconcile of a task
+    whose pod is being set up (every new pod is, for a moment); it is said in the log."""
+    task, job, pod = _data_job_and_pod()
+    rc._events_forbidden_logged.discard("agents")
+    with caplog.at_level(logging.WARNING, logger="slm_operator"):
+        obs = rc.observe(EventsKube(task, [pod], [job], forbidden=True), "agents", "weather", NOW)  # type: ignore[arg-type]
+    assert obs is not None and obs.jobs[job["metadata"]["name"]].waiting == ""
+    warned = [r.getMessage() for r in caplog.records if "may not list Events" in r.getMessage()]
+    assert len(warned) == 1 and "cannot mount its volumes" in warned[0]
+
+
+def test_data_ready_says_why_the_image_cannot_be_pulled() -> None:
+    """Finding 6: DataReady said only "pod X cannot pull image Y" while the kubelet said why
+    (401 Unauthorized: the registry wants credentials); the README promises its words."""
+    cause = 'failed to pull and unpack image "ghcr.io/x/slm-trainer:0.1.0": 401 Unauthorized'
+    said = []
+    for reason, message in (
+        ("ErrImagePull", cause),
+        (
+            "ImagePullBackOff",
+            f'Back-off pulling image "ghcr.io/x/slm-trainer:0.1.0": ErrImagePull: {cause}',
+        ),
+    ):
+        waiting = {"reason": reason, "message": message}
+        task, job, pod = _data_job_and_pod(
+            phase="Pending",
+            containerStatuses=[
+                {
+                    "name": "trainer",
+                    "image": "ghcr.io/x/slm-trainer:0.1.0",
+                    "state": {"waiting": waiting},
+                }
+            ],
+        )
+        obs = rc.observe(EventsKube(task, [pod], [job]), "agents", "weather", NOW)  # type: ignore[arg-type]
+        assert obs is not None
+        said.append(_cond(plan(obs).status, c.DATA_READY)["message"])
+    assert said[0] == said[1]
+    assert said[0].endswith("cannot pull image ghcr.io/x/slm-trainer:0.1.0: " + cause)
