@@ -1663,21 +1663,26 @@ def test_the_optimizer_is_freed_before_the_final_evaluation(
     tmp_path: Path, tiny_minilm: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """AdamW's moments (twice the trainable weights) stayed allocated while the held-out
-    split was generated, on the GPU that generation needs."""
+    split was generated, on the GPU that generation needs; and so did the trained weights
+    themselves (for full fine-tuning, the whole fp32 model), held by the last step's loss."""
     import weakref
 
     made: list[Any] = []
+    params: list[Any] = []
 
     class AdamW(torch.optim.AdamW):  # type: ignore[misc,name-defined]
         def __init__(self, *a: Any, **k: Any) -> None:
             super().__init__(*a, **k)
             made.append(weakref.ref(self))
+            params.extend(weakref.ref(p) for g in self.param_groups for p in g["params"])
 
     alive: list[int] = []
+    alive_params: list[int] = []
     evaluate = generative.evaluate
 
     def checking(*a: Any, **k: Any) -> Any:
         alive.append(sum(ref() is not None for ref in made))
+        alive_params.append(sum(ref() is not None for ref in params))
         return evaluate(*a, **k)
 
     monkeypatch.setattr(torch.optim, "AdamW", AdamW)
@@ -1685,6 +1690,7 @@ def test_the_optimizer_is_freed_before_the_final_evaluation(
     args = _tiny_stage(tmp_path, tiny_minilm, checkpoint_dir="", method="full")
     assert generative.train_generative(args, Events()).ok
     assert len(made) == 1 and alive == [0]
+    assert params and alive_params == [0]
 
 
 def _scripted_evaluation(

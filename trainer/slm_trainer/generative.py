@@ -907,6 +907,9 @@ def train_generative(args: Any, emit: Emit) -> TrainerResult:
             # optimizer moments, scheduler and scaler are not needed any more: free them
             # before generation needs the memory (for full fine-tuning, twice the weights)
             del opt, sched, scaler, trainable, payload
+            # The last step's loss keeps its autograd graph, which holds every trainable
+            # parameter: for full fine-tuning the whole fp32 model, kept beside the served one.
+            loss = batch = None
             _release_memory(device)
             # Scored as served: the adapter merged, in the serving precision (QLoRA: into the
             # unquantized base). Confidences of the training-time model differ by a few units
