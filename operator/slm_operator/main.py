@@ -9,6 +9,8 @@ Design choices:
   written by the reconcile.
 - Events on the AgentTask and on its Jobs, pods and Deployment trigger a reconcile of the
   task; a periodic resync covers anything missed (level-triggered: no event is essential).
+  The event of the operator's own status write does not, when that pass left nothing more
+  to do (:meth:`Runtime.own_write`).
 - Per task, at most one reconcile runs at a time; triggers that arrive meanwhile coalesce
   into one more pass. Retryable API errors (conflicts, 429, 5xx) back off exponentially, with
   at most one retry pending per task; other errors wait for the resync and are logged once.
@@ -24,7 +26,9 @@ Design choices:
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
+import itertools
 import logging
 import math
 import os
@@ -33,7 +37,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -267,6 +271,31 @@ class Runtime:
     #: ends.
     _running: int = 0
     _running_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Per task, the resourceVersion of the operator's own last status write, recorded by the
+    #: reconcile thread as soon as the API server answered it (:meth:`wrote_status`).
+    _own_versions: dict[Key, str] = field(default_factory=dict)
+    _own_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def wrote_status(self, key: Key, version: str) -> None:
+        """The reconcile of ``key`` wrote its status, now at ``version``, and left nothing
+        more to do (:func:`slm_operator.reconcile.reconcile`'s ``status_written``)."""
+        with self._own_lock:
+            self._own_versions[key] = version
+
+    def own_write(self, key: Key, version: str | None) -> bool:
+        """Whether an event of ``key`` at ``version`` shows the operator's own status write.
+
+        Why skip its pass: that pass read the object just as the write left it (the write
+        names the resourceVersion it read, so nothing came between), planned nothing more,
+        and cost as many API calls as the pass that wrote, which doubled the requests of
+        every serving task at each live-control window. Any other change has another
+        resourceVersion. Recorded from the thread rather than when the pass ends, because
+        the event can come first, while the pass still runs, and would ask for another.
+        A kopf re-list brings the same version again and is skipped too: the resync still
+        reconciles every task.
+        """
+        with self._own_lock:
+            return bool(version) and self._own_versions.get(key) == version
 
     def in_flight(self) -> int:
         with self._running_lock:
@@ -295,6 +324,8 @@ class Runtime:
         """Drop ``key``'s state (it was deleted), unless a pass of it is running: that pass
         must still see ``running`` so that a task created again under the same name does not
         get a second, concurrent pass; it drops the state itself when it ends."""
+        with self._own_lock:
+            self._own_versions.pop(key, None)
         st = self.states.get(key)
         if st is None:
             return
@@ -358,6 +389,7 @@ async def _pass(rt: Runtime, key: Key, st: _KeyState) -> bool:
             DATA_RECHECK_SECONDS,
             reserved_accounts=RESERVED_SERVICE_ACCOUNTS,
             images=IMAGES,
+            status_written=functools.partial(rt.wrote_status, key),
         )
     except NotLeading:
         return True  # stepped down meanwhile: the new leader reconciles it
@@ -491,6 +523,30 @@ def configure(settings: kopf.OperatorSettings) -> None:
     for resource, selector in CHILD_WATCHES.items():
         settings.watching.label_selectors[resource] = selector
     settings.networking.request_timeout = 60
+    settings.networking.error_backoffs = _EndlessBackoffs()
+
+
+#: The longest wait between two tries of one of kopf's own API requests (:class:`_EndlessBackoffs`).
+MAX_API_BACKOFF_SECONDS = 21.0
+
+
+class _EndlessBackoffs:
+    """kopf's waits between tries of a request that got a 5xx or 403: its own first steps,
+    then every :data:`MAX_API_BACKOFF_SECONDS`, for good.
+
+    Why endless: kopf tries as many times as the sequence has entries (by default 8, about
+    54 s), then raises, and its watch loop does not catch that: after a minute of 503s from
+    a load balancer in front of the API server (control-plane maintenance), or of 403s while
+    a Role is recreated, every watcher died, at once on every replica, and the operator
+    exited with a traceback per watch, or hung, reconciling nothing. A refused connection is
+    ridden out as long; now these answers are too. Why a class: kopf iterates the setting
+    afresh for each request, and takes a sequence without a length as one without an end.
+    """
+
+    def __iter__(self) -> Iterator[float]:
+        return itertools.chain(
+            (1.0, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0), itertools.repeat(MAX_API_BACKOFF_SECONDS)
+        )
 
 
 @kopf.on.startup()
@@ -635,9 +691,15 @@ async def cleanup(**_: Any) -> None:
 
 @kopf.on.event(n.GROUP, n.VERSION, n.PLURAL)
 async def on_task(
-    type: str, namespace: str | None, name: str, uid: str | None = None, **_: Any
+    type: str,
+    namespace: str | None,
+    name: str,
+    uid: str | None = None,
+    body: Mapping[str, Any] | None = None,
+    **_: Any,
 ) -> None:
-    """Track which AgentTasks exist, and reconcile one whenever it changes.
+    """Track which AgentTasks exist, and reconcile one whenever it changes, unless the change
+    is the operator's own status write that left nothing to do (:meth:`Runtime.own_write`).
 
     Why the uid: kopf queues events per object uid, so a task deleted and created again under
     the same name (``kubectl replace --force``, an Argo CD ``Replace=true`` sync) has two
@@ -662,6 +724,9 @@ async def on_task(
     if uid:
         rt.uids[key] = uid
     rt.known.add(key)
+    if rt.own_write(key, ((body or {}).get("metadata") or {}).get("resourceVersion")):
+        log.debug("AgentTask %s/%s: the event of its own status write; no pass for it", *key)
+        return
     await trigger(key, urgent=True)
 
 

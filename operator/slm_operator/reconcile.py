@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import logging
-from collections.abc import Collection, Mapping
+import threading
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from slm_operator import naming as n
@@ -48,9 +50,25 @@ log = logging.getLogger(__name__)
 _missing_account_logged: set[tuple[str, str]] = set()
 #: Namespaces already told (in the log) that the operator may not list Events there.
 _events_forbidden_logged: set[str] = set()
+#: Guards the two sets above: reconciles run in threads, several at once.
+_logged_lock = threading.Lock()
 #: The Event reason that says a hand edit of the task's Deployment or Service was replaced
 #: (:func:`replace_hand_edits`).
 HAND_EDIT_REPLACED = "HandEditReplaced"
+
+
+def _first_time(logged: set[Any], key: Any) -> bool:
+    """Add ``key`` to ``logged``; True only for the one caller that added it.
+
+    Why a lock: reconciles run concurrently in threads, and a check then an add let several
+    passes find a namespace new at once (nine tasks created together logged the missing
+    ServiceAccount twice).
+    """
+    with _logged_lock:
+        if key in logged:
+            return False
+        logged.add(key)
+        return True
 
 
 class HandEditReplacedBusy(KubeError):
@@ -119,8 +137,7 @@ def trainer_account(kube: Kube, task: dict[str, Any], default: str) -> str:
         if e.status != 403:
             raise
         found = True  # not allowed to look: trust the configuration
-    if not found and (namespace, default) not in _missing_account_logged:
-        _missing_account_logged.add((namespace, default))
+    if not found and _first_time(_missing_account_logged, (namespace, default)):
         log.warning(
             "trainer ServiceAccount %s/%s does not exist: trainer pods there run as the "
             "default ServiceAccount and cannot report progress (the chart creates it in the "
@@ -129,7 +146,8 @@ def trainer_account(kube: Kube, task: dict[str, Any], default: str) -> str:
             default,
         )
     elif found:
-        _missing_account_logged.discard((namespace, default))
+        with _logged_lock:
+            _missing_account_logged.discard((namespace, default))
     return default if found else ""
 
 
@@ -223,8 +241,7 @@ def _list_events(kube: Kube, namespace: str, fields: str) -> list[dict[str, Any]
     except KubeError as e:
         if e.status != 403:
             raise
-        if namespace not in _events_forbidden_logged:
-            _events_forbidden_logged.add(namespace)
+        if _first_time(_events_forbidden_logged, namespace):
             log.warning(
                 "may not list Events in %s: a Job whose pod cannot be created (quota, Pod "
                 "Security) or a pod that cannot mount its volumes will not say why in the "
@@ -290,7 +307,15 @@ def reconcile(
     *,
     reserved_accounts: Collection[str] = (),
     images: Images = DEFAULT_IMAGES,
+    status_written: Callable[[str], None] | None = None,
 ) -> Plan | None:
+    """One pass over the task ``namespace/name``; its plan, or None while it is deleted.
+
+    ``status_written`` is called, from this thread, with the resourceVersion the API server
+    gave this pass's status write, as soon as it is answered and only when the write leaves
+    nothing more to do (:func:`_settled`): the caller then knows the watch event that write
+    causes as its own, and need not reconcile again for it.
+    """
     obs = observe(
         kube,
         namespace,
@@ -320,7 +345,7 @@ def reconcile(
         )
     _delete_jobs(kube, obs, p, writes)
     p = with_apply_failures(obs.task, p, writes.refused, obs.now)
-    _write_status(kube, obs, p, writes.refused)
+    _write_status(kube, obs, p, writes.refused, _if_settled(status_written, obs, p, writes))
     if writes.busy is not None:
         raise ChildWriteBusy(writes.busy, p)
     return p
@@ -485,13 +510,78 @@ def _delete_jobs(kube: Kube, obs: Observed, p: Plan, writes: _Writes) -> None:
             writes.failed("Job", job, e, doing="deleting it: ")
 
 
-def _write_status(kube: Kube, obs: Observed, p: Plan, refused: list[tuple[str, str, str]]) -> None:
-    """Write the planned status if it changed, then post its Events and log the refusals."""
+def _if_settled(
+    status_written: Callable[[str], None] | None, obs: Observed, p: Plan, writes: _Writes
+) -> Callable[[str], None] | None:
+    """``status_written`` if this pass writes a status and that write is :func:`_settled`;
+    None otherwise (the write's watch event then reconciles again, as any change does).
+
+    A pass with a child write the API server did not take is never settled: what it wrote
+    was planned around the refusal, and the next pass must try the write again. Nor is a
+    write without the resourceVersion read as its precondition: another client's change
+    could then land between the read and the write, unseen by this pass.
+    """
+    if status_written is None or writes.refused or writes.busy is not None:
+        return None
+    if not obs.task["metadata"].get("resourceVersion"):
+        return None
+    if p.status == (obs.task.get("status") or {}):
+        return None  # nothing to write: no event comes
+    return status_written if _settled(obs, p) else None
+
+
+def _settled(obs: Observed, p: Plan) -> bool:
+    """Whether a pass that read back the status ``p`` writes, with the same children, would
+    do nothing more: the same status, no Event, no child write ``p`` did not make.
+
+    Why ask: the status write comes back as a watch event, and a pass for it cost as many API
+    calls as this one (the task, its pods, Jobs and Deployment, the applies) to find nothing
+    to do, doubling the requests of every serving task at each live-control window. Mostly
+    the plan is such a fixed point; not always: a retraining is decided in one pass (its
+    status) and its data-prep Job created by the next, which that event must still start.
+    The plan is pure and takes well under a millisecond. Asked as the next pass would see
+    the task: the status as the API server stores it (JSON), and Prometheus read only if
+    that status leaves a window due (:func:`observe`).
+    """
+    task = {**obs.task, "status": json.loads(json.dumps(p.status))}
+    not_due = not metrics_due(task, obs.now, obs.min_window_s)
+    again = plan(
+        dataclasses.replace(
+            obs, task=task, metrics=None if not_due else obs.metrics, metrics_not_due=not_due
+        )
+    )
+    return (
+        again.status == task["status"]
+        and not again.events
+        and all(obj in p.apply for obj in again.apply)
+        and set(again.delete_jobs) <= set(p.delete_jobs)
+    )
+
+
+def _resource_version(answer: Any) -> str:
+    """The resourceVersion of the object the API server answered a write with; empty if none."""
+    meta = answer.get("metadata") if isinstance(answer, dict) else None
+    version = meta.get("resourceVersion") if isinstance(meta, dict) else None
+    return version if isinstance(version, str) else ""
+
+
+def _write_status(
+    kube: Kube,
+    obs: Observed,
+    p: Plan,
+    refused: list[tuple[str, str, str]],
+    written: Callable[[str], None] | None = None,
+) -> None:
+    """Write the planned status if it changed, then post its Events and log the refusals.
+
+    ``written`` gets the new resourceVersion right after the write, before the Events are
+    posted: the write's watch event may be handled while they are.
+    """
     meta, previous = obs.task["metadata"], obs.task.get("status") or {}
     namespace, name = meta["namespace"], meta["name"]
     if p.status != previous:
         try:
-            kube.patch_status(
+            answer = kube.patch_status(
                 namespace,
                 name,
                 _replacing_patch(previous, p.status),
@@ -507,6 +597,9 @@ def _write_status(kube: Kube, obs: Observed, p: Plan, refused: list[tuple[str, s
                 # children go with it (owner references).
                 raise TaskGone(namespace, name) from e
             raise
+        version = _resource_version(answer)
+        if written is not None and version:
+            written(version)
         for type_, reason, message in p.events:
             kube.event(obs.task, type_, reason, message)
         if refused:
