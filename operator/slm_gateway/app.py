@@ -60,7 +60,7 @@ from slm_gateway.backends import (
     new_client,
 )
 from slm_gateway.breaker import STATE_VALUES, CircuitBreaker
-from slm_gateway.capture import DROP_ENCODE, Captured, CaptureSink
+from slm_gateway.capture import DROP_ENCODE, Captured, CaptureSink, llm_only_call
 from slm_gateway.config import GatewayConfig
 from slm_gateway.decide import (
     LLM,
@@ -919,7 +919,18 @@ class Gateway:
         if call.shadow and call.slm_b is not None:
             self._start_shadow(route, call.req, message, call.rid, call.slm_b)
         self._served(
-            route, LLM, route.llm_model, call.raw, body, call.t0, ptok, ctok, call.rid, call.reason
+            route,
+            LLM,
+            route.llm_model,
+            call.raw,
+            body,
+            call.t0,
+            ptok,
+            ctok,
+            call.rid,
+            call.reason,
+            # the record's mark; without capture there is no record to mark
+            self.capture is not None and llm_only_call(call.req.body),
         )
 
     def _llm_headers(self, call: _LLMCall) -> Headers:
@@ -1143,9 +1154,12 @@ class Gateway:
         ctok: int,
         rid: str,
         reason: str,
+        llm_only: bool = False,
     ) -> None:
         """Count an answered call and hand it to capture (``body`` None: counted as a
-        capture dropped because it cannot be written, as the capture workers count theirs)."""
+        capture dropped because it cannot be written, as the capture workers count theirs).
+        ``llm_only``: the request is the LLM's alone (:func:`llm_only_call`); an SLM's
+        answer never is."""
         latency = time.perf_counter() - t0
         cost, llm_cost = self._costs(route, backend, ptok, ctok)
         self.metrics.served(route.namespace, route.task, backend).observe(
@@ -1171,6 +1185,7 @@ class Gateway:
                     time.time(),
                     rid,
                     reason,
+                    llm_only,
                 )
             )
 

@@ -71,7 +71,7 @@ import socket
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_for_exit
@@ -82,6 +82,7 @@ import msgspec
 import orjson
 
 from slm_contract import CALL_RECORD_SCHEMA, redact_uri
+from slm_gateway.decide import slm_can_serve
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,8 @@ class Captured(NamedTuple):
     ``request`` is the agent's raw request body and ``response`` the raw OpenAI response body
     it received; the worker takes ``messages``, ``tools`` and the assistant message out of
     them. ``key`` is the task's route key, which is also its directory under the capture root.
+    ``llm_only``: the request is the LLM's alone (:func:`llm_only_call`), written as the
+    record's ``llm_only`` so that curate leaves it out.
     """
 
     key: str
@@ -146,6 +149,7 @@ class Captured(NamedTuple):
     timestamp: float
     request_id: str
     fallback_reason: str
+    llm_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -846,25 +850,53 @@ def capture_line(item: Captured, redactor: Any) -> tuple[bytes, dict[str, int]]:
     if isinstance(message, dict) and message.get("function_call") is not None:
         tools, message = _legacy_as_tools(item.request, tools, message)
     messages, response, counts = redactor.redact_messages(messages, message)
-    line = orjson.dumps(
-        {
-            "task": item.task,
-            "messages": messages,
-            "response": response,
-            "backend": item.backend,
-            "model": item.model,
-            "tools": tools,
-            "latency_ms": round(item.latency_ms, 3),
-            "prompt_tokens": item.prompt_tokens,
-            "completion_tokens": item.completion_tokens,
-            "timestamp": item.timestamp,
-            "request_id": item.request_id,
-            "fallback_reason": item.fallback_reason,
-            "redactions": dict(sorted(counts.items())),
-            "schema": CALL_RECORD_SCHEMA,
-        }
-    )
-    return line + b"\n", counts
+    record = {
+        "task": item.task,
+        "messages": messages,
+        "response": response,
+        "backend": item.backend,
+        "model": item.model,
+        "tools": tools,
+        "latency_ms": round(item.latency_ms, 3),
+        "prompt_tokens": item.prompt_tokens,
+        "completion_tokens": item.completion_tokens,
+        "timestamp": item.timestamp,
+        "request_id": item.request_id,
+        "fallback_reason": item.fallback_reason,
+        "redactions": dict(sorted(counts.items())),
+    }
+    if item.llm_only:  # written only when true, as CallRecord.to_json writes it
+        record["llm_only"] = True
+    record["schema"] = CALL_RECORD_SCHEMA
+    return orjson.dumps(record) + b"\n", counts
+
+
+#: The legacy form's fields. They alone send a call to the LLM, but capture writes such a
+#: call as a tools call on purpose (:func:`_legacy_as_tools`), and the SLM is trained on it.
+_LEGACY_FIELDS = ("functions", "function_call")
+
+
+def llm_only_call(body: Mapping[str, Any]) -> bool:
+    """Whether the gateway never sends a request like this one to an SLM
+    (:func:`slm_gateway.decide.slm_can_serve`), its legacy form aside; a call record's
+    ``llm_only``.
+
+    Why the record says so: ``n``, ``logprobs``, ``response_format`` and ``tool_choice`` are
+    not in it, and curate trained on such calls: a text answer that ``tool_choice: "none"``
+    forced, with tools offered, taught the SLM to answer in text where it would choose a
+    tool. A legacy request is judged in its current form, the functions as tools (a strict
+    one is the LLM's alone) and ``function_call: "none"``, which forces text the same way,
+    as ``tool_choice: "none"``: a call capture writes without its functions (answered in
+    text) would otherwise not show them.
+    """
+    if not any(name in body for name in _LEGACY_FIELDS):
+        return not slm_can_serve(body)
+    current = {k: v for k, v in body.items() if k not in _LEGACY_FIELDS}
+    if not body.get("tools"):
+        current["tools"] = _functions_as_tools(body.get("functions"), body.get("tools"))
+    if body.get("function_call") == "none":
+        current["tool_choice"] = "none"
+    return not slm_can_serve(current)
 
 
 def _legacy_as_tools(request: bytes, tools: Any, message: dict[str, Any]) -> tuple[Any, Any]:
@@ -877,15 +909,20 @@ def _legacy_as_tools(request: bytes, tools: Any, message: dict[str, Any]) -> tup
     learned to hand back the very calls that chose a function.
     """
     if not tools:
-        functions = orjson.loads(request).get("functions")
-        if isinstance(functions, list):
-            tools = [{"type": "function", "function": f} for f in functions if isinstance(f, dict)]
+        tools = _functions_as_tools(orjson.loads(request).get("functions"), tools)
     call = message["function_call"]
     if isinstance(call, dict) and not message.get("tool_calls"):
         message = {k: v for k, v in message.items() if k != "function_call"}
         fn = {"name": call.get("name"), "arguments": call.get("arguments", "")}
         message["tool_calls"] = [{"id": "call_0", "type": "function", "function": fn}]
     return tools, message
+
+
+def _functions_as_tools(functions: Any, otherwise: Any) -> Any:
+    """A legacy ``functions`` list as ``tools``; ``otherwise`` when it is not a list."""
+    if not isinstance(functions, list):
+        return otherwise
+    return [{"type": "function", "function": f} for f in functions if isinstance(f, dict)]
 
 
 class _RequestParts(msgspec.Struct):

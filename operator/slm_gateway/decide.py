@@ -187,7 +187,10 @@ def slm_can_serve(body: Mapping[str, Any]) -> bool:
     nor tell when it should, and its chat format would show an earlier custom call as a call
     without a name. Those checks of ``tools`` and ``messages`` are
     :func:`slm_contract.llm_only_request`, which curate shares: a call the SLM is never asked
-    must not be one it is trained or gated on.
+    must not be one it is trained or gated on. The other checks read fields a call record
+    does not hold, so capture writes their verdict as the record's ``llm_only``
+    (:func:`slm_gateway.capture.llm_only_call`), the legacy form aside: capture records it
+    in the ``tools`` form for training on purpose.
     """
     n = body.get("n")
     if n is not None and n != 1:

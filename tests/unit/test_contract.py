@@ -111,6 +111,8 @@ def test_a_record_as_the_gateway_writes_it_round_trips() -> None:
         ("latency_ms", 10**4000),
         ("prompt_tokens", 2**63),  # past what the JSON encoders write back
         ("redactions", {"EMAIL_ADDRESS": 10**30}),
+        ("llm_only", "true"),
+        ("llm_only", 1),
     ],
 )
 def test_a_wrongly_typed_field_is_refused_by_name(field: str, value: Any) -> None:
@@ -119,6 +121,19 @@ def test_a_wrongly_typed_field_is_refused_by_name(field: str, value: Any) -> Non
     with pytest.raises(ContractError) as caught:
         CallRecord.from_json(json.dumps(_call(**{field: value})))
     assert str(caught.value).startswith(f"{field} ")
+
+
+def test_the_llm_only_mark_is_optional_and_written_only_when_true() -> None:
+    """The gateway marks a call no SLM is sent for a field the record does not hold
+    (tool_choice "none"), and curate leaves it out; a mark lost on the way (discover writes
+    a cluster's records back) would have it trained on again. An older gateway's record has
+    no mark and reads as unmarked; an unmarked record's line is what it was before."""
+    marked = CallRecord.from_json(json.dumps(_call(llm_only=True)))
+    assert marked.llm_only is True
+    assert json.loads(marked.to_json())["llm_only"] is True
+    assert CallRecord.from_json(marked.to_json()) == marked
+    plain = CallRecord.from_json(json.dumps(_call()))
+    assert plain.llm_only is False and "llm_only" not in json.loads(plain.to_json())
 
 
 def test_a_result_with_a_number_past_a_doubles_range_is_a_contract_error() -> None:

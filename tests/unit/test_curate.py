@@ -536,12 +536,28 @@ def test_calls_with_a_strict_tool_or_an_earlier_custom_call_are_never_curated(
     result, report, out = curate(tmp_path, tool_calls() + odd, scrub_pii=False)
     assert result.ok, result.message
     assert report["llm_only_tools"] == 7
-    assert "7 with custom tools or strict functions" in result.message
+    assert "7 with custom tools, strict functions or marked llm_only" in result.message
     assert report["examples"] == len(tool_calls())
     written = read(out / "train.jsonl") + read(out / "eval.jsonl")
     assert not any(t["function"].get("strict") for r in written for t in r.tools)
     records = [CallRecord.from_dict(r) for r in tool_calls() + odd]
     assert distinct_count(records) == len(tool_calls())  # what discover proposes
+
+
+def test_calls_the_gateway_marked_llm_only_are_never_curated(tmp_path: Path) -> None:
+    """tool_choice "none", n > 1, logprobs and a JSON response_format are not in the record:
+    curate trained on such calls (the text answer "none" forced, with tools offered, as if
+    the LLM had chosen text) until the gateway marked them llm_only."""
+    forced = [
+        {**c, "llm_only": True, "response": {"role": "assistant", "content": f"Mild, {i} C"}}
+        for i, c in enumerate(tool_calls(4, 0, 0))
+    ]
+    result, report, out = curate(tmp_path, tool_calls()[4:] + forced, scrub_pii=False)
+    assert result.ok, result.message
+    assert (report["llm_only_tools"], report["examples"]) == (4, len(tool_calls()) - 4)
+    written = read(out / "train.jsonl") + read(out / "eval.jsonl")
+    assert not any(r.llm_only or not r.response.get("tool_calls") for r in written)
+    assert distinct_count(CallRecord.from_dict(r) for r in forced) == 0  # what discover proposes
 
 
 def test_curate_leaves_out_exactly_what_the_gateway_never_sends_to_an_slm() -> None:
@@ -576,6 +592,20 @@ def test_an_answer_of_blank_text_parts_or_an_image_alone_is_empty(tmp_path: Path
     assert result.ok, result.message
     assert report["malformed"] == {"empty_response": 3}
     assert report["examples"] == 9
+
+
+def test_an_answer_the_chat_format_trains_as_text_is_not_empty(tmp_path: Path) -> None:
+    """A bare string part and a non-string text are trained as their text by the chat
+    format; curate judged them by another rule and dropped them as empty_response."""
+    odd = [["It is sunny"], [{"type": "text", "text": 42}]]
+    answers = [
+        {**c, "response": {"role": "assistant", "content": e}}
+        for c, e in zip(tool_calls(2, 0, 0), odd, strict=True)
+    ]
+    result, report, _ = curate(tmp_path, tool_calls(12, 0, 0)[2:] + answers, min_examples=5)
+    assert result.ok, result.message
+    assert report["malformed"] == {}
+    assert report["examples"] == 12
 
 
 def test_retries_stamped_with_a_time_and_request_id_are_one_example(tmp_path: Path) -> None:
@@ -805,16 +835,17 @@ def test_odd_but_valid_shapes_never_crash(tmp_path: Path) -> None:
     odd = [
         "[" * 100_000,  # too deep for the JSON decoder
         {**call("a"), "response": {"role": "assistant", "tool_calls": [{"function": "oops"}]}},
+        # no call the chat format can read, so it trains an empty answer: empty_response
         {**call("b"), "response": {"role": "assistant", "tool_calls": ["x", None]}},
         {**call("c", content="ok"), "messages": [{"role": "user", "content": 42}]},
         {**call("d", content="fine"), "messages": [{"role": "user", "content": [1, {"text": 2}]}]},
     ]
     result, report, _ = curate(tmp_path, odd, min_examples=1)
     assert result.ok, result.message
-    assert report["malformed"] == {"invalid_json": 1}
-    assert report["examples"] == 4
-    assert report["strata"]["tool:?"]["train"] + report["strata"]["tool:?"]["eval"] == 2
-    assert report["eval"] == 1  # 10 % of 4, and at least one
+    assert report["malformed"] == {"invalid_json": 1, "empty_response": 1}
+    assert report["examples"] == 3
+    assert report["strata"]["tool:?"]["train"] + report["strata"]["tool:?"]["eval"] == 1
+    assert report["eval"] == 1  # 10 % of 3, and at least one
 
 
 @pytest.mark.parametrize("scrub_pii", [True, False])

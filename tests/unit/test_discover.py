@@ -522,6 +522,31 @@ def test_the_served_slms_calls_neither_name_the_fallback_model_nor_vote_the_task
     assert discover.log_model(slm, []) == discover.DEFAULT_LLM_MODEL
 
 
+def test_calls_only_the_llm_is_sent_do_not_vote_the_task_type(
+    tmp_path: Path, by_axis: None
+) -> None:
+    """Curate leaves out the calls the gateway never sends to an SLM (a strict function
+    offered): 8 such get_weather calls outvoted 5 text answers, and the cluster was proposed
+    as a tool-call task, a taskType no AgentTask can change, whose curated data held no tool
+    call."""
+    text = "Mild, around 15 degrees with a light breeze; pack a jacket rather than sunscreen."
+    strict = [{"type": "function", "function": {"name": "get_weather", "strict": True}}]
+    calls = [replace(weather(i), tools=strict) for i in range(8)]
+    calls += [replace(weather(i), response={"content": text}) for i in range(5, 10)]
+    result, report, manifests = discovered(
+        tmp_path,
+        calls + [alarm(i) for i in range(10)],
+        max_clusters=2,
+        min_cluster_size=2,
+        scrub_pii=False,
+    )
+    assert result.ok, result.message
+    info = next(c for c in report["clusters"] if c["size"] == 13)
+    assert info["task_types"] == {"generation": 5} and info["distinct"] == 5
+    spec = manifests[info["name"]]["spec"]
+    assert (spec["taskType"], spec["dataset"]["minExamples"]) == ("generation", 5)
+
+
 def test_a_log_of_one_tool_is_one_agent_task_not_two(tmp_path: Path, by_axis: None) -> None:
     """k-means always makes >= 2 clusters: one get_weather task, asked about cities and
     towns, became get-weather and get-weather-2, each training on half the calls."""

@@ -871,6 +871,46 @@ def test_a_request_with_a_custom_tool_is_the_llms_and_is_captured(
     assert len(records) == 3 and all(rec.tools[-1] == CUSTOM_TOOL for rec in records)
 
 
+def test_a_call_only_the_llm_is_sent_is_captured_marked_and_left_out_by_curate(
+    standin: llm_standin.StandIn, tmp_path: Path
+) -> None:
+    """tool_choice "none", n > 1 and the like never go to an SLM, but the record holds none
+    of those fields, and curate trained on them: the text answer "none" forced, with tools
+    offered, taught the SLM to answer in text where it would call a tool. The gateway marks
+    the record; a legacy functions call, which capture writes as a tools call for training
+    on purpose, stays unmarked."""
+    from slm_trainer import curate
+
+    functions = [{"name": "get_weather", "parameters": {"type": "object"}}]
+    requests: list[dict[str, Any]] = [
+        {"tools": TOOLS, "tool_choice": "none"},
+        {"n": 2},
+        {"tools": TOOLS},
+        {"functions": functions},
+    ]
+    capture = CaptureConfig(target=str(tmp_path / "calls"))
+    with client(route(standin), capture=capture) as c:
+        for i, extra in enumerate(requests):
+            content = f"Weather in Paris, call {i}?"
+            r = chat(c, messages=[{"role": "user", "content": content}], **extra)
+            assert r.status_code == 200, r.text
+    lines = [line for f in tmp_path.rglob("*.jsonl") for line in f.read_text().splitlines()]
+    marks = {
+        CallRecord.from_json(line).messages[0]["content"]: CallRecord.from_json(line).llm_only
+        for line in lines
+    }
+    assert [marks[f"Weather in Paris, call {i}?"] for i in range(4)] == [True, True, False, False]
+    prep = curate.Args(
+        input=tmp_path / "calls" / "weather",
+        output_dir=tmp_path / "prep",
+        min_examples=1,
+        scrub_pii=False,
+    )
+    result = curate.run(prep)
+    report = orjson.loads((tmp_path / "prep" / "curate_report.json").read_bytes())
+    assert (report["llm_only_tools"], report["examples"]) == (2, 2), result.message
+
+
 class _RawLLM(BaseHTTPRequestHandler):
     """An LLM server that answers every call with ``reply``: (status, body bytes)."""
 

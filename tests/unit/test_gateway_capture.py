@@ -277,6 +277,66 @@ def test_the_tools_are_written_as_the_agent_sent_them_on_one_line(encode: Any, t
     assert record.messages == body["messages"]
 
 
+_FUNCTIONS = [{"name": "get_weather", "parameters": {"type": "object"}}]
+_TOOLS = [{"type": "function", "function": _FUNCTIONS[0]}]
+_ALLOWED = {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": _TOOLS}}
+
+
+@pytest.mark.parametrize(
+    ("extra", "marked"),
+    [
+        ({"tools": _TOOLS}, False),
+        ({"tools": _TOOLS, "tool_choice": "none"}, True),
+        ({"tools": _TOOLS, "tool_choice": _ALLOWED}, True),
+        ({"n": 2}, True),
+        ({"logprobs": True}, True),
+        ({"response_format": {"type": "json_object"}}, True),
+        ({"response_format": {"type": "text"}}, False),
+        ({"tools": [{"type": "function", "function": {**_FUNCTIONS[0], "strict": True}}]}, True),
+        # the legacy form alone is trained on: capture writes it as a tools call on purpose
+        ({"functions": _FUNCTIONS}, False),
+        ({"functions": _FUNCTIONS, "function_call": {"name": "get_weather"}}, False),
+        ({"functions": _FUNCTIONS, "function_call": "none"}, True),
+        ({"functions": [{**_FUNCTIONS[0], "strict": True}]}, True),
+    ],
+)
+def test_a_call_no_slm_is_sent_is_marked_in_its_record(extra: Any, marked: bool) -> None:
+    """n, logprobs, response_format and tool_choice are not in the record, so curate
+    trained on calls the gateway never sends to an SLM (the text answer tool_choice "none"
+    forced, with tools offered, as if the LLM had chosen text). The mark is the gateway's
+    own decision, the legacy form aside; the line is still CallRecord.to_json's."""
+    from slm_gateway.decide import slm_can_serve
+    from slm_gateway.validate import parse_chat_request
+    from slm_trainer.redact import default_redactor
+
+    messages = [{"role": "user", "content": "hi"}]
+    body = parse_chat_request(orjson.dumps({"model": "t", "messages": messages, **extra})).body
+    assert capture.llm_only_call(body) is marked
+    if "functions" not in extra:
+        assert marked is not slm_can_serve(body)
+    answer = {"role": "assistant", "content": "ok"}
+    response = orjson.dumps({"choices": [{"message": answer}]})
+    captured = Captured(
+        "ns/t",
+        "t",
+        "gpt",
+        "llm",
+        orjson.dumps(body),
+        response,
+        1.0,
+        1,
+        1,
+        5.0,
+        "r",
+        "",
+        capture.llm_only_call(body),
+    )
+    line, _ = capture_line(captured, default_redactor())
+    record = CallRecord.from_json(line.decode())
+    assert record.llm_only is marked
+    assert line == record.to_json().encode() + b"\n"
+
+
 @pytest.mark.parametrize("tools", [None, [], "[ ]"], ids=["no-tools", "empty-tools", "spaced"])
 def test_a_legacy_functions_call_is_recorded_in_the_tools_form(tools: Any) -> None:
     """Recorded as it came, a ``functions`` call had no tools and an answer without a tool

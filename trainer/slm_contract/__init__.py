@@ -354,6 +354,14 @@ class CallRecord:
     messages and the response before writing; ``tools`` (the agent's own tool schemas, which
     a model must see verbatim to call them) are written as sent, so an agent must not put a
     secret in a tool's description or defaults.
+
+    ``llm_only`` is true when the gateway would never send the call to an SLM for a reason
+    the other fields do not show (``n`` > 1, ``logprobs``, a ``response_format`` other than
+    text, ``tool_choice: "none"`` or ``allowed_tools``): curate leaves such a call out, as
+    it does one whose tools or messages are the LLM's alone (:func:`llm_only_request`). It
+    is written only when true, so an ordinary call's line is what it was before the field
+    existed; a record without it (an older gateway's) reads as false, and a reader that
+    predates it ignores it as it ignores every field it does not know.
     """
 
     task: str
@@ -369,10 +377,14 @@ class CallRecord:
     request_id: str = ""
     fallback_reason: str = ""
     redactions: dict[str, int] = field(default_factory=dict)
+    llm_only: bool = False
     schema: str = field(default=CALL_RECORD_SCHEMA)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"), ensure_ascii=False)
+        doc = asdict(self)
+        if not self.llm_only:
+            del doc["llm_only"]  # written only when true (see the class docstring)
+        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
     def from_dict(cls, data: Any) -> CallRecord:
@@ -407,6 +419,10 @@ class CallRecord:
         for name in ("model", "request_id", "fallback_reason"):
             if name in values and not isinstance(values[name], str):
                 raise ContractError(f"{name} must be a string, got {type(values[name]).__name__}")
+        if not isinstance(values.get("llm_only", False), bool):
+            raise ContractError(
+                f"llm_only must be true or false, got {type(values['llm_only']).__name__}"
+            )
         for name in ("latency_ms", "timestamp"):
             if name in values:
                 number = _finite_or_none(values[name], name)

@@ -8,9 +8,11 @@ repeat most. This stage, in order:
 1. parses each JSON line into a :class:`slm_contract.CallRecord`; a malformed line is counted
    by reason and skipped, never fatal, and the first few are kept with their line numbers;
    only the LLM's answers go on: the gateway also captures the calls the served SLM answered,
-   and those are counted (``not_llm_answer``), never trained or evaluated on; so are calls
-   with a custom (free-form) tool offered or called, or a strict function offered
-   (``llm_only_tools``), which the gateway never sends to an SLM;
+   and those are counted (``not_llm_answer``), never trained or evaluated on; so are the
+   calls the gateway never sends to an SLM (``llm_only_tools``): a custom (free-form) tool
+   offered or called, a strict function offered, or a record the gateway marked
+   ``llm_only`` (``n`` > 1, ``logprobs``, a non-text ``response_format``, ``tool_choice:
+   "none"``: fields the record does not hold);
 2. scrubs PII and secrets (:mod:`slm_trainer.redact`; on by default);
 3. drops exact duplicates (same normalised messages, tools and response; tool-call ids and
    whitespace don't count) and near duplicates (MinHash LSH over the word 3-grams of the
@@ -77,6 +79,7 @@ from slm_contract import (
     redact_uris,
 )
 from slm_trainer import metrics
+from slm_trainer.triton_model import chatformat
 
 #: The contract's name for this stage in TrainerResult.
 CONTRACT_STAGE = "prepare"
@@ -86,7 +89,8 @@ CONTRACT_STAGE = "prepare"
 #: mistakes, and an eval set of them would score candidates against the SLM, not the LLM.
 TRAINED_BACKEND = "llm"
 #: How the report counts calls the LLM answered that the gateway never sends to an SLM (a
-#: custom tool offered or called, a strict function offered; see :func:`llm_only_tools`).
+#: custom tool offered or called, a strict function offered, a record marked ``llm_only``;
+#: see :func:`llm_only_tools`).
 LLM_ONLY_TOOLS = "llm_only_tools"
 
 #: What an error sample says of a record refused after parsing; never its content, which
@@ -406,13 +410,12 @@ def malformed_reason(exc: ContractError) -> str:
 def has_answer(response: dict[str, Any]) -> bool:
     """A response teaches something only with text or at least one tool call.
 
-    Text given as content parts counts by the text in them, as the chat format trains it: a
-    blank text part or an image alone is trained as an empty answer, as blank content is.
+    Judged by the very turn the chat format trains (:func:`chatformat.target_text`), not by
+    a rule of its own: a blank text part is trained as an empty answer, as blank content is,
+    while a bare string part or a non-string text is trained as its text; a second rule had
+    dropped such answers as empty, or kept empty ones.
     """
-    if metrics.text_of(response.get("content")).strip():
-        return True
-    calls = response.get("tool_calls")
-    return isinstance(calls, list) and len(calls) > 0
+    return bool(chatformat.target_text(response))
 
 
 def parse_lines(
@@ -1145,11 +1148,18 @@ class _Redaction:
 def llm_only_tools(record: CallRecord) -> bool:
     """Whether the gateway never sends a call like this one to an SLM
     (:func:`slm_contract.llm_only_request`: a custom, free-form tool offered or called earlier,
-    or a strict function offered), or the LLM answered it with a custom call. The SLM is never
-    asked such calls, so training or gating on them teaches and scores the wrong thing; and a
-    chat format knows function calls only (it read a custom call as one with no name, which
-    the SLM would have learnt to make)."""
-    return llm_only_request(record.tools, record.messages) or holds_custom_call(record.response)
+    or a strict function offered; or the gateway marked the record ``llm_only`` for a field
+    the record does not hold, such as ``tool_choice: "none"``), or the LLM answered it with a
+    custom call. The SLM is never asked such calls, so training or gating on them teaches and
+    scores the wrong thing (a text answer ``tool_choice: "none"`` forced taught the SLM to
+    answer in text where it would choose a tool); and a chat format knows function calls
+    only (it read a custom call as one with no name, which the SLM would have learnt to
+    make)."""
+    return (
+        record.llm_only
+        or llm_only_request(record.tools, record.messages)
+        or holds_custom_call(record.response)
+    )
 
 
 def _llm_answers(
@@ -1376,8 +1386,8 @@ def _curate(
         # answered by the served SLM (or another backend), never trained or evaluated on
         "not_llm_answer": not_llm,
         "not_llm_answer_by_backend": dict(sorted(found.not_llm.items())),
-        # answered by the LLM, but with a custom tool offered or called or a strict function
-        # offered: no SLM is asked those
+        # answered by the LLM, but with a custom tool offered or called, a strict function
+        # offered or a record marked llm_only: no SLM is asked those
         "llm_only_tools": llm_only,
         "malformed": dict(sorted(stats.malformed.items())),
         "malformed_total": sum(stats.malformed.values()),
@@ -1410,7 +1420,7 @@ def _curate(
             else ""
         )
         + (
-            f"{llm_only} with custom tools or strict functions (the LLM's alone), "
+            f"{llm_only} with custom tools, strict functions or marked llm_only (the LLM's alone), "
             if llm_only
             else ""
         )

@@ -26,12 +26,12 @@ How:
 3. each cluster is named from its most called tools and its most distinctive words
    (TF-IDF of the cluster against the rest), for example ``get-weather-forecast``;
 4. the report (``discover_report.json``) lists sizes, example prompts, top tools, keywords,
-   the dominant task type (voted by the LLM's answers only, see :func:`votes_task_type`),
-   the calls with an empty answer, the merges made and, where the records carry labels
-   (their ``task`` field, or the first tool called), the clusters' purity; also the
-   malformed lines skipped, counted by the same reasons as curate's (the same parser reads
-   the log) with the first few quoted, and ``valid_records``, ``max_records`` and
-   ``left_out_by_sample``: what step 0's sample did not cluster;
+   the dominant task type (voted only by the LLM's answers that curate trains on, see
+   :func:`votes_task_type`), the calls with an empty answer, the merges made and, where the
+   records carry labels (their ``task`` field, or the first tool called), the clusters'
+   purity; also the malformed lines skipped, counted by the same reasons as curate's (the
+   same parser reads the log) with the first few quoted, and ``valid_records``,
+   ``max_records`` and ``left_out_by_sample``: what step 0's sample did not cluster;
 5. for every cluster with at least ``min_cluster_size`` distinct calls (what curate keeps of
    it: calls with an empty answer out, by curate's own :func:`~slm_trainer.curate.has_answer`,
    exact and near duplicates out: agents retry), the cluster's answered records go to
@@ -67,6 +67,7 @@ from slm_trainer.curate import (
     exact_key,
     has_answer,
     input_files,
+    llm_only_tools,
     parse_lines,
     printable_name,
     read_lines,
@@ -314,11 +315,18 @@ def task_type_of(record: CallRecord) -> str:
 
 
 def votes_task_type(record: CallRecord) -> bool:
-    """Whether a call votes on its cluster's task type: an answer the LLM gave. An empty
-    answer would vote "generation" and curate drops it; the served SLM's answers (backend
-    ``slm``) are never trained on, and its mistakes must not choose a taskType that an
-    AgentTask cannot change once created."""
-    return record.backend == TRAINED_BACKEND and has_answer(record.response)
+    """Whether a call votes on its cluster's task type: an answer the LLM gave to a call
+    curate trains on. An empty answer would vote "generation" and curate drops it; the served
+    SLM's answers (backend ``slm``) are never trained on, and its mistakes must not choose a
+    taskType that an AgentTask cannot change once created; nor must the calls only the LLM
+    is sent (:func:`~slm_trainer.curate.llm_only_tools`, strict functions, custom tools):
+    a cluster of strict tool calls and text answers became a tool-call task whose curated
+    data held no tool call."""
+    return (
+        record.backend == TRAINED_BACKEND
+        and not llm_only_tools(record)
+        and has_answer(record.response)
+    )
 
 
 def purity(assignments: Sequence[int], labels: Sequence[str]) -> float:
@@ -838,7 +846,8 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
         members = [i for i, a in enumerate(assignments) if a == c]
         # What the task's curate keeps: a call with an empty answer is dropped there
         # (empty_response), so it neither counts towards minExamples nor votes the task type;
-        # nor does an answer the served SLM gave (votes_task_type).
+        # nor does an answer the served SLM gave, or a call only the LLM is sent
+        # (votes_task_type; distinct_count leaves both out as curate does).
         answered = [i for i in members if has_answer(records[i].response)]
         tools = Counter(t for i in members for t in called_tools(records[i])[:1])
         no_tool = sum(1 for i in members if not called_tools(records[i]))
