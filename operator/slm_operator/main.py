@@ -226,6 +226,10 @@ class _KeyState:
     dirty: bool = False
     #: That trigger was the AgentTask's own event: it runs even after a failed pass.
     urgent: bool = False
+    #: The resourceVersions of the AgentTask's events that came while a pass ran, judged when
+    #: it ends (:func:`_changed_meanwhile`): one that is not its own settled write marks it
+    #: ``dirty`` and ``urgent``.
+    versions: set[str] = field(default_factory=set)
     failures: int = 0
     #: The one pending retry of this task; while it is pending, resyncs and child events wait
     #: for it instead of starting passes of their own.
@@ -289,9 +293,10 @@ class Runtime:
         names the resourceVersion it read, so nothing came between), planned nothing more,
         and cost as many API calls as the pass that wrote, which doubled the requests of
         every serving task at each live-control window. Any other change has another
-        resourceVersion. Recorded from the thread rather than when the pass ends, because
-        the event can come first, while the pass still runs, and would ask for another.
-        A kopf re-list brings the same version again and is skipped too: the resync still
+        resourceVersion. Recorded from the thread, as soon as the write is answered,
+        because the event often comes while the pass still runs; one that comes even before
+        this is recorded is judged when the pass ends (:func:`_changed_meanwhile`). A kopf
+        re-list brings the same version again and is skipped too: the resync still
         reconciles every task.
         """
         with self._own_lock:
@@ -341,19 +346,24 @@ _runtime: Runtime | None = None
 _metrics_served: list[int] = []
 
 
-async def trigger(key: Key, *, urgent: bool = False) -> None:
+async def trigger(key: Key, *, urgent: bool = False, version: str | None = None) -> None:
     """Reconcile ``key`` now, or once more after the reconcile already running for it.
 
     ``urgent``: the AgentTask itself changed (or its retry is due), so it runs even while a
     retry is pending; resyncs and child events then leave the task to that retry.
+    ``version``: the resourceVersion of the AgentTask event that asks (urgent, then). While a
+    pass runs it is only noted, and judged when the pass ends (:func:`_changed_meanwhile`).
     """
     rt = _runtime
     if rt is None or key not in rt.known or not rt.leading:
         return
     st = rt.states.setdefault(key, _KeyState())
     if st.running:
-        st.dirty = True
-        st.urgent = st.urgent or urgent
+        if version:
+            st.versions.add(version)
+        else:
+            st.dirty = True
+            st.urgent = st.urgent or urgent
         return
     if st.retry is not None and not urgent:
         return
@@ -361,7 +371,10 @@ async def trigger(key: Key, *, urgent: bool = False) -> None:
     try:
         while True:
             st.dirty = st.urgent = False
+            st.versions.clear()
             ok = await _pass(rt, key, st)
+            if _changed_meanwhile(rt, key, st):
+                st.dirty = st.urgent = True
             # After a failure only the task's own change runs again at once; anything else
             # waits for the retry or the resync, or a failing task would fail at event rate.
             if not (st.urgent if not ok else st.dirty) or key not in rt.known or not rt.leading:
@@ -370,6 +383,19 @@ async def trigger(key: Key, *, urgent: bool = False) -> None:
         st.running = False
         if key not in rt.known:
             rt.forget(key)  # deleted while it ran
+
+
+def _changed_meanwhile(rt: Runtime, key: Key, st: _KeyState) -> bool:
+    """Whether an event of the AgentTask that came while the pass ran shows a change other
+    than that pass's own settled status write; the noted versions are dropped.
+
+    Why judged when the pass ends: on a real API server the watch event of the status write
+    often reaches :func:`on_task` before the reconcile thread has read the PATCH's answer
+    and called :meth:`Runtime.wrote_status`, so judged on arrival it looked like another
+    writer's change and cost a second, idle pass (54 passes for 30 status writes).
+    """
+    versions, st.versions = st.versions, set()
+    return any(not rt.own_write(key, version) for version in versions)
 
 
 async def _pass(rt: Runtime, key: Key, st: _KeyState) -> bool:
@@ -724,10 +750,11 @@ async def on_task(
     if uid:
         rt.uids[key] = uid
     rt.known.add(key)
-    if rt.own_write(key, ((body or {}).get("metadata") or {}).get("resourceVersion")):
+    version = ((body or {}).get("metadata") or {}).get("resourceVersion")
+    if rt.own_write(key, version):
         log.debug("AgentTask %s/%s: the event of its own status write; no pass for it", *key)
         return
-    await trigger(key, urgent=True)
+    await trigger(key, urgent=True, version=version if isinstance(version, str) else None)
 
 
 async def _on_child(labels: Mapping[str, str], namespace: str | None) -> None:
@@ -801,14 +828,22 @@ def _kopf_run_watches_a_namespace(args: list[str]) -> bool:
     Asked of kopf's own command rather than matched against the flags' spellings: click also
     takes ``-nNS``, ``-vnNS`` and the ``KOPF_RUN_*`` variables (a string match refused them,
     though kopf would have run), and knows that in ``-L -n`` the ``-n`` is --liveness's
-    value. Parsed leniently: a flag kopf does not know is left for kopf to report.
+    value. Parsed leniently: a flag kopf does not know is left for kopf to report, and
+    skipped here, so that a namespace given after it still counts (click's lenient parse
+    alone stopped at ``--bogus`` in ``--bogus -n NS``, and the operator said "pass
+    --namespace NS" where kopf says "No such option: --bogus").
     """
     from kopf.cli import main as kopf_main
 
     # Under its group's context, as kopf runs it, so that the KOPF_RUN_* variables count.
     with kopf_main.make_context("kopf", ["run"], resilient_parsing=True) as group:
         run = kopf_main.commands["run"].make_context(
-            "run", list(args), parent=group, resilient_parsing=True
+            "run",
+            list(args),
+            parent=group,
+            resilient_parsing=True,
+            ignore_unknown_options=True,
+            allow_extra_args=True,
         )
     # KOPF_RUN_NAMESPACE is the variable kopf's run itself still adds as a namespace.
     return bool(

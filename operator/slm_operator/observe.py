@@ -41,6 +41,20 @@ def short_message(text: str, limit: int = MAX_MESSAGE) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def with_tail(head: str, tail: str, limit: int = MAX_MESSAGE) -> str:
+    """``head: tail`` as :func:`short_message` makes it, but cut at the start of ``tail``
+    (``...`` in its place) rather than at the end, where what says the most comes last: a
+    log's last lines, the cause a wrapped error ends with.
+
+    Redacted before it is cut: a URI whose scheme were cut off could no longer be recognised.
+    """
+    tail = " ".join(redact_uris(tail).split())
+    room = limit - len(head) - 2
+    if len(tail) > room:
+        tail = "..." + tail[len(tail) - max(room - 3, 0) :]
+    return short_message(f"{head}: {tail}", limit)
+
+
 @dataclass(frozen=True)
 class JobView:
     name: str
@@ -172,11 +186,8 @@ def failure_message(job_condition: Mapping[str, Any], last: Mapping[str, Any] | 
     try:
         said = TrainerResult.from_json(raw).message if raw else ""
     except ContractError:
-        # Not a result: the container's log tail, whose last lines say the most. Redacted
-        # before it is cut: a URI whose scheme were cut off could no longer be recognised.
-        tail = " ".join(redact_uris(raw).split())
-        room = MAX_MESSAGE - len(head) - 2
-        return short_message(f"{head}: {tail if len(tail) <= room else '...' + tail[3 - room :]}")
+        # Not a result: the container's log tail, whose last lines say the most.
+        return with_tail(head, raw)
     if reason == "DeadlineExceeded":
         said = _RERUN_ADVICE.sub("", said)
     return short_message(f"{head}: {said}" if said else head)
@@ -307,22 +318,50 @@ _BACK_OFF_CAUSE_RE = re.compile(
 )
 
 
+#: The gRPC wrapper of the container runtime's error ("rpc error: code = Unknown desc = ").
+_RPC_ERROR_RE = re.compile(r"^rpc error: code = \w+ desc = ")
+#: containerd's steps before the cause, each naming the image the message already names.
+_PULL_STEPS_RE = re.compile(
+    r'^(?:(?:failed to pull and unpack image|failed to resolve reference) "[^"]*": )+'
+)
+#: The addresses of a Go network error ("dial tcp 140.82.112.34:443: ", "read tcp
+#: 10.244.1.5:41234->140.82.112.34:443: "): the registry's address and the local port
+#: change from one pull attempt to the next.
+_NET_ADDRESSES_RE = re.compile(r"\b(dial|read|write) (tcp|udp)([46]?) [^\s>]+?(?:->\S+?)?: ")
+
+
+def _pull_cause(message: str) -> str:
+    """The cause in a failed pull's message, without the wrappers and addresses around it.
+
+    Why: containerd's message is the gRPC wrapper, then the image named twice, then the
+    cause ('rpc error: code = Unknown desc = failed to pull and unpack image "IMG": failed
+    to resolve reference "IMG": ... 401 Unauthorized'), and cut to length from the start,
+    the cause was what went. The network addresses go because they change every attempt,
+    and would rewrite the condition (and the task's status) each time.
+    """
+    message = _PULL_STEPS_RE.sub("", _RPC_ERROR_RE.sub("", message.strip()))
+    return _NET_ADDRESSES_RE.sub(r"\1 \2\3: ", message)
+
+
 def _pull_failure(name: str, cs: Mapping[str, Any], reason: str, message: str) -> str:
-    """Why a container cannot pull its image: ``pod X cannot pull image Y: <cause>``.
+    """Why a container cannot pull its image: ``pod X cannot pull image Y: <cause>``, cut
+    before the cause (:func:`with_tail`) where it is long.
 
     Why the cause: "cannot pull image" alone does not tell a missing tag from a registry that
-    wants credentials (401 Unauthorized) or cannot be reached. Why the same words for the
-    failed pull and the back-off after it: the kubelet alternates the two, and two texts
-    would rewrite the condition (and the task's status) every back-off. Since Kubernetes 1.32
-    the back-off's message ends with the failed pull's, so both read the same. On an older
-    kubelet the back-off says no cause: the text then alternates between the two forms, once
-    per pull attempt (the kubelet's back-off doubles up to five minutes between them).
+    wants credentials (401 Unauthorized) or cannot be reached (:func:`_pull_cause`). Why the
+    same words for the failed pull and the back-off after it: the kubelet alternates the two,
+    and two texts would rewrite the condition (and the task's status) every back-off. Since
+    Kubernetes 1.32 the back-off's message ends with the failed pull's, so both read the
+    same. On an older kubelet the back-off says no cause: the text then alternates between
+    the two forms, once per pull attempt (the kubelet's back-off doubles up to five minutes
+    between them).
     """
     if reason == "ImagePullBackOff":
         found = _BACK_OFF_CAUSE_RE.match(message)
         message = found["cause"] if found else ""
     said = f"pod {name} cannot pull image {cs.get('image', '?')}"
-    return short_message(f"{said}: {message}" if message.strip() else said, 300)
+    cause = _pull_cause(message)
+    return with_tail(said, cause, 300) if cause else short_message(said, 300)
 
 
 #: A container's waiting reason while the kubelet sets its pod up (the sandbox, the volumes,
@@ -454,22 +493,45 @@ _MOUNT_TIMEOUT = "Unable to attach or mount volumes"
 _REQUEST_ID_RE = re.compile(r"\brequest[ _-]?id\s*[:=]\s*[\w-]+,?\s*", re.I)
 
 
+#: The Event reasons that say a pod got past a point its volumes must be past: attached (the
+#: attach/detach controller's), or its image pulled and its containers started (the kubelet
+#: pulls only once every volume is mounted).
+MOUNT_PROGRESS_REASONS = ("SuccessfulAttachVolume", "Pulling", "Pulled", "Created", "Started")
+
+
+def _pod_uid(ev: Mapping[str, Any], reasons: Collection[str]) -> str | None:
+    """The uid of the pod an Event of one of ``reasons`` is about; None for any other."""
+    obj = ev.get("involvedObject") or {}
+    if ev.get("reason") not in reasons or obj.get("kind") != "Pod":
+        return None
+    return str(obj.get("uid", ""))
+
+
 def mount_failures(events: Iterable[Mapping[str, Any]], uids: Collection[str]) -> dict[str, str]:
     """Why each pod of ``uids`` cannot attach or mount its volumes: pod uid -> the newest
     message of its ``FailedAttachVolume`` and ``FailedMount`` core/v1 Events.
 
-    The kubelet's time-out ("Unable to attach or mount volumes: unmounted volumes=[data] ...:
+    A failure older than one of the pod's progress Events (:data:`MOUNT_PROGRESS_REASONS`)
+    is over: a Multi-Attach error resolved, the pod attached and pulling its image (still in
+    ContainerCreating), was named as the cause until its Event expired (an hour). The
+    kubelet's time-out ("Unable to attach or mount volumes: unmounted volumes=[data] ...:
     timed out waiting for the condition") counts only while nothing says more: it comes every
     two minutes beside the cause (a Multi-Attach error, a failed SetUp), and taking the newest
     of the two would rewrite the condition (and the task's status) each time. For the same
     reason a cloud API's request id is left out.
     """
+    events = list(events)
+    progress: dict[str, dt.datetime] = {}
+    for ev in events:
+        uid = _pod_uid(ev, MOUNT_PROGRESS_REASONS)
+        if uid is not None:
+            progress[uid] = max(progress.get(uid, _NO_TIME), _event_time(ev))
 
     def pod(ev: Mapping[str, Any]) -> str | None:
-        obj = ev.get("involvedObject") or {}
-        uid = str(obj.get("uid", ""))
-        wanted = ev.get("reason") in MOUNT_FAILURE_REASONS and obj.get("kind") == "Pod"
-        return uid if wanted and uid in uids else None
+        uid = _pod_uid(ev, MOUNT_FAILURE_REASONS)
+        if uid is None or uid not in uids:
+            return None
+        return None if _event_time(ev) < progress.get(uid, _NO_TIME) else uid
 
     def says_more(ev: Mapping[str, Any]) -> int:
         return 0 if _MOUNT_TIMEOUT in str(ev.get("message", "")) else 1

@@ -20,7 +20,6 @@ from slm_operator import naming as n
 from slm_operator.builders import DEFAULT_IMAGES, Images
 from slm_operator.kube import Kube, KubeError, TaskChanged, TaskGone
 from slm_operator.observe import (
-    MOUNT_FAILURE_REASONS,
     PENDING,
     JobView,
     failed_creates,
@@ -255,20 +254,18 @@ def _mount_failures(kube: Kube, namespace: str, pods: list[dict[str, Any]]) -> d
     """Why pods of the task that wait in ContainerCreating cannot mount their volumes (pod uid
     -> message, :func:`slm_operator.observe.mount_failures`).
 
-    Events are read only when such a pod exists, so a healthy task costs no extra request.
-    One list per reason, because a field selector cannot say "this reason or that": a single
-    list of every pod Event of the namespace (Scheduled, Pulling, Pulled, Created, Started for
-    each pod of every workload there) would bring its whole recent history over the wire and
-    into the operator on each such pass, where the two selected lists are filtered by the
-    API server and usually empty.
+    Events are read only when such a pod exists (usually one at most), so a healthy task
+    costs no extra request: one list per such pod, of its own Events alone (the API server
+    selects them by its uid). Its own, and not only its failures: a failure its progress
+    Events (attached, pulling its image) came after is over. Not a list of every pod Event of
+    the namespace, which would bring the recent history of every workload there over the
+    wire and into the operator on each such pass.
     """
-    uids = {str(p["metadata"]["uid"]) for p in pods if p["metadata"].get("uid") and setting_up(p)}
-    if not uids:
-        return {}
+    uids = sorted(
+        {str(p["metadata"]["uid"]) for p in pods if p["metadata"].get("uid") and setting_up(p)}
+    )
     events = [
-        ev
-        for reason in MOUNT_FAILURE_REASONS
-        for ev in _list_events(kube, namespace, f"involvedObject.kind=Pod,reason={reason}")
+        ev for uid in uids for ev in _list_events(kube, namespace, f"involvedObject.uid={uid}")
     ]
     return mount_failures(events, uids)
 

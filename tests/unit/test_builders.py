@@ -842,13 +842,14 @@ def test_a_pending_jobs_view_says_why_its_pod_does_not_run() -> None:
         )
         return job_view(_job("j"), [pod]).waiting
 
+    # containerd's steps before the cause name the image again: left out.
     cause = 'failed to pull and unpack image "ghcr.io/x/trainer:nope": 401 Unauthorized'
     back_off = 'Back-off pulling image "ghcr.io/x/trainer:nope"'
     pulls = [
         pulling("ErrImagePull", cause),
         pulling("ImagePullBackOff", f"{back_off}: ErrImagePull: {cause}"),
     ]
-    assert pulls == [f"pod j-x cannot pull image ghcr.io/x/trainer:nope: {cause}"] * 2
+    assert pulls == ["pod j-x cannot pull image ghcr.io/x/trainer:nope: 401 Unauthorized"] * 2
     # The runtime's other pull failures, named in the back-off the same way.
     unavailable = "image pull failed for ghcr.io/x/trainer:nope because the registry is unavailable"
     assert pulling("RegistryUnavailable", unavailable) == pulling(
@@ -1061,10 +1062,15 @@ def test_a_base_model_on_the_storage_claim_is_opened_where_the_claim_is_mounted(
 
 
 def _operator_cli(
-    monkeypatch: pytest.MonkeyPatch, args: list[str], env: dict[str, str] | None = None
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    env: dict[str, str] | None = None,
+    *,
+    kopf_runs: bool = False,
 ) -> list[str] | None:
-    """The argv slm-fleet-operator hands to kopf for ``args``, or None when it refuses them
-    (exit 2). Kopf's own parsing is real; only its run is replaced."""
+    """The argv slm-fleet-operator hands to kopf for ``args``, or None when it (or, with
+    ``kopf_runs``, kopf itself) refuses them (exit 2). Kopf's own parsing is real; only its
+    run is replaced, unless ``kopf_runs``."""
     from kopf.cli import main as kopf_main
 
     from slm_operator.main import cli
@@ -1074,7 +1080,8 @@ def _operator_cli(
     for name, value in (env or {}).items():
         monkeypatch.setenv(name, value)
     ran: list[list[str]] = []
-    monkeypatch.setattr(kopf_main, "main", lambda *a, **kw: ran.append(list(sys.argv)))
+    if not kopf_runs:
+        monkeypatch.setattr(kopf_main, "main", lambda *a, **kw: ran.append(list(sys.argv)))
     monkeypatch.setattr(sys, "argv", ["slm-fleet-operator", *args])
     try:
         cli()
@@ -1116,3 +1123,18 @@ def test_the_operator_without_a_namespace_says_to_pass_one(
     assert capsys.readouterr().err == (
         "slm-fleet-operator: pass --namespace NS (repeatable) or --all-namespaces\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [(["--bogus", "-n", "support-agent"], "--bogus"), (["-z", "-nsupport-agent"], "-z")],
+)
+def test_an_unknown_flag_before_the_namespace_is_named_by_kopf(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], args: list[str], flag: str
+) -> None:
+    """A mistyped flag before ``-n NS`` was answered "pass --namespace NS", a namespace that
+    was given, where kopf names the flag it does not know."""
+    assert _operator_cli(monkeypatch, args, kopf_runs=True) is None
+    err = capsys.readouterr().err
+    assert "No such option" in err and flag in err
+    assert "pass --namespace" not in err

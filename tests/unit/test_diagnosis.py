@@ -30,7 +30,7 @@ from slm_operator import conditions as c
 from slm_operator import naming as n
 from slm_operator import reconcile as rc
 from slm_operator.kube import KubeError
-from slm_operator.observe import FAILED, PENDING, RUNNING, JobView, job_view
+from slm_operator.observe import FAILED, PENDING, RUNNING, JobView, job_view, pod_waiting
 from slm_operator.plan import Observed, plan
 
 #: The longest condition message and status.message (plan.MESSAGE_LIMIT): a kibibyte.
@@ -360,14 +360,13 @@ class EventsKube:
         if self.forbidden:
             raise KubeError(403, "events is forbidden")
         wanted = dict(f.split("=", 1) for f in (fields or "").split(",") if f)
-        return [
-            ev
-            for ev in self.events
-            if all(
-                (ev["involvedObject"]["kind"] if k == "involvedObject.kind" else ev[k]) == v
-                for k, v in wanted.items()
-            )
-        ]
+
+        def field(ev: dict[str, Any], key: str) -> Any:
+            if key.startswith("involvedObject."):
+                return ev["involvedObject"].get(key.removeprefix("involvedObject."))
+            return ev.get(key)
+
+        return [ev for ev in self.events if all(field(ev, k) == v for k, v in wanted.items())]
 
 
 def _data_job_and_pod(**status: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -439,11 +438,8 @@ def test_a_pod_that_cannot_mount_its_volumes_says_why() -> None:
     data = _cond(plan(obs).status, c.DATA_READY)
     assert data["reason"] == c.JOB_PENDING
     assert data["message"].endswith(f"Job {job['metadata']['name']} is waiting: {said}")
-    # Two lists (a field selector cannot OR two reasons), each only of pod Events.
-    assert [f for plural, f in kube.lists if plural == "events"] == [
-        "involvedObject.kind=Pod,reason=FailedAttachVolume",
-        "involvedObject.kind=Pod,reason=FailedMount",
-    ]
+    # One list, of this pod's own Events alone.
+    assert [f for plural, f in kube.lists if plural == "events"] == ["involvedObject.uid=pod-uid"]
 
     # Stable from pass to pass: a newer time-out, and the recorder's aggregation of the same
     # cause, leave the words (and so the status) as they were.
@@ -464,6 +460,33 @@ def test_a_pod_that_cannot_mount_its_volumes_says_why() -> None:
     assert only is not None
     assert only.jobs[job["metadata"]["name"]].waiting.endswith(
         "cannot mount its volumes: " + MOUNT_TIMEOUT
+    )
+
+
+def test_a_mount_failure_that_is_over_is_not_the_cause_of_a_pod_pulling_its_image() -> None:
+    """The reviewer's case: the Multi-Attach error resolved (the volume attached on this
+    node) and the pod, still in ContainerCreating, pulls its image; it was said not to mount
+    its volumes until the failure's Event expired, an hour later."""
+    task, job, pod = _data_job_and_pod()
+    attached = 'AttachVolume.Attach succeeded for volume "pvc-1234"'
+    events = [
+        _mount_event(pod, "FailedAttachVolume", MULTI_ATTACH, "2026-11-23T11:50:00Z"),
+        _mount_event(pod, "FailedMount", MOUNT_TIMEOUT, "2026-11-23T11:52:00Z"),
+        _mount_event(pod, "SuccessfulAttachVolume", attached, "2026-11-23T11:53:00Z"),
+        _mount_event(pod, "Pulling", f'Pulling image "{IMAGE}"', "2026-11-23T11:53:05Z"),
+    ]
+    kube = EventsKube(task, [pod], [job], events)
+    obs = rc.observe(kube, "agents", "weather", NOW)  # type: ignore[arg-type]
+    assert obs is not None and obs.jobs[job["metadata"]["name"]].waiting == ""
+    # Attached, then its mount failed: that failure is the cause.
+    kube.events = [
+        events[2],
+        _mount_event(pod, "FailedMount", "MountVolume.SetUp failed", "2026-11-23T11:54:00Z"),
+    ]
+    again = rc.observe(kube, "agents", "weather", NOW)  # type: ignore[arg-type]
+    assert again is not None
+    assert again.jobs[job["metadata"]["name"]].waiting.endswith(
+        "cannot mount its volumes: MountVolume.SetUp failed"
     )
 
 
@@ -554,4 +577,78 @@ def test_data_ready_says_why_the_image_cannot_be_pulled() -> None:
         assert obs is not None
         said.append(_cond(plan(obs).status, c.DATA_READY)["message"])
     assert said[0] == said[1]
-    assert said[0].endswith("cannot pull image ghcr.io/x/slm-trainer:0.1.0: " + cause)
+    assert said[0].endswith("cannot pull image ghcr.io/x/slm-trainer:0.1.0: 401 Unauthorized")
+
+
+IMAGE = "ghcr.io/slm-fleet/trainer:0.1.0"
+#: How containerd words a failed pull, as the kubelet puts it in the container's waiting
+#: message: the gRPC wrapper, the image twice, then the cause.
+CONTAINERD = (
+    f'rpc error: code = {{code}} desc = failed to pull and unpack image "{IMAGE}": '
+    f'failed to resolve reference "{IMAGE}": {{cause}}'
+)
+PULL_CAUSES = {
+    "401 Unauthorized": (
+        "Unknown",
+        "failed to authorize: failed to fetch anonymous token: unexpected status from GET "
+        "request to https://ghcr.io/token?scope=repository%3Aslm-fleet%2Ftrainer%3Apull"
+        "&service=ghcr.io: 401 Unauthorized",
+    ),
+    "dial tcp: i/o timeout": (
+        "DeadlineExceeded",
+        'failed to do request: Head "https://ghcr.io/v2/slm-fleet/trainer/manifests/0.1.0": '
+        "dial tcp 140.82.112.34:443: i/o timeout",
+    ),
+    f"{IMAGE}: not found": ("NotFound", f"{IMAGE}: not found"),
+}
+
+
+def _pulling(message: str, reason: str = "ErrImagePull", image: str = IMAGE) -> str:
+    """What the status says of a trainer pod whose pull failed with ``message``."""
+    pod = {
+        "metadata": {"name": "weather-ft-small-6950bed916-smqzt", "uid": "u"},
+        "spec": {"nodeName": "node-1"},
+        "status": {
+            "phase": "Pending",
+            "containerStatuses": [
+                {
+                    "name": "trainer",
+                    "image": image,
+                    "state": {"waiting": {"reason": reason, "message": message}},
+                }
+            ],
+        },
+    }
+    return pod_waiting(pod)
+
+
+@pytest.mark.parametrize("cause", list(PULL_CAUSES))
+def test_a_failed_pull_keeps_the_cause_containerd_ends_its_message_with(cause: str) -> None:
+    """The reviewer's containerd messages (294 to 356 characters) were cut at 300 from the
+    start: the condition named the image three times and lost the 401 or the time-out."""
+    code, text = PULL_CAUSES[cause]
+    said = _pulling(CONTAINERD.format(code=code, cause=text))
+    assert said.startswith(f"pod weather-ft-small-6950bed916-smqzt cannot pull image {IMAGE}: ")
+    assert said.endswith(cause) and len(said) <= 300
+    assert "rpc error" not in said and "failed to resolve reference" not in said
+
+
+def test_a_long_pull_failure_is_cut_before_its_cause_and_reads_the_same_every_attempt() -> None:
+    """Too long even without containerd's wrappers (a long image name): the start of the
+    cause goes, not its end. The registry's address and the local port change from one pull
+    attempt to the next; the status must not be rewritten for that."""
+    image = f"registry.example.com/{'platform/' * 12}trainer:0.1.0"
+    head = f'failed to do request: Head "https://registry.example.com/v2/{"x/" * 40}manifests"'
+    attempts = [
+        f"{head}: read tcp 10.244.1.5:41234->140.82.112.34:443: read: connection reset by peer",
+        f"{head}: read tcp 10.244.1.5:52871->[2606:50c0::154]:443: read: connection reset by peer",
+    ]
+    said = [_pulling(CONTAINERD.format(code="Unknown", cause=a), image=image) for a in attempts]
+    back_off = f'Back-off pulling image "{image}": ErrImagePull: {attempts[1]}'
+    said.append(_pulling(back_off, "ImagePullBackOff", image))
+    assert said[0] == said[1] == said[2]
+    assert len(said[0]) == 300
+    assert said[0].startswith(
+        f"pod weather-ft-small-6950bed916-smqzt cannot pull image {image}: ..."
+    )
+    assert said[0].endswith('/manifests": read tcp: read: connection reset by peer')
