@@ -13,11 +13,12 @@ second daemon thread reads the named Secrets again every ``secret_refresh_s``, s
 cannot be watched: a rotated key or a Secret created after its task is in use within
 seconds. Only ``get`` on the named Secrets and ``list``/``watch`` on agenttasks are needed.
 
-Every call to the API server has a client-side timeout (``request_timeout``; the watch its
-own, longer one): a list or a Secret read whose answer never comes (a stalled connection, an
-API server that hangs) would otherwise block its thread for good, silently freezing every
-route (a deleted task still routed, a switch to the LLM never arriving) while /readyz said
-ready. A timed-out list fails like any other: logged, backed off, listed again.
+Every call to the API server has a client-side timeout (``request_timeout``; the watch at
+most :data:`WATCH_IDLE_S` without a byte): a list or a Secret read whose answer never comes
+(a stalled connection, an API server that hangs) would otherwise block its thread for good,
+silently freezing every route (a deleted task still routed, a switch to the LLM never
+arriving) while /readyz said ready. A timed-out list or watch fails like any other: logged,
+backed off, listed again.
 """
 
 from __future__ import annotations
@@ -60,6 +61,13 @@ MAX_BACKOFF_S = 30.0
 #: stalled call gives up after about 2 minutes at most; a healthy list or read takes well
 #: under a second.
 REQUEST_TIMEOUT_S = (5.0, 30.0)
+#: The longest a watch may go without a byte before it is dropped and the tasks listed again.
+#: The watch asks for bookmarks, which the API server sends on a quiet watch about once a
+#: minute, so a live one is never this silent. Why a limit: a connection that went dead
+#: without a reset (a control-plane node lost behind a VIP, a dropped NAT entry) was only
+#: noticed at the end of the watch's whole time limit: a route change, a deleted task or a
+#: switch to the LLM reached the gateway 5.5 minutes late while the API server answered.
+WATCH_IDLE_S = 90.0
 
 
 def api_client(kubeconfig: str | None = None) -> Any:
@@ -99,6 +107,7 @@ class AgentTaskWatcher:
         on_change: Callable[[], None] | None = None,
         only_namespaces: frozenset[str] | None = None,
         request_timeout: tuple[float, float] = REQUEST_TIMEOUT_S,
+        watch_idle_s: float = WATCH_IDLE_S,
     ) -> None:
         self.table = table
         self.namespace = namespace
@@ -111,6 +120,7 @@ class AgentTaskWatcher:
         self.version = version
         self.on_change = on_change
         self.request_timeout = request_timeout
+        self.watch_idle_s = watch_idle_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._refresher: threading.Thread | None = None
@@ -295,7 +305,9 @@ class AgentTaskWatcher:
                 resource_version=rv,
                 timeout_seconds=self.resync_s,
                 allow_watch_bookmarks=True,
-                _request_timeout=self.resync_s + 30,
+                # (connect, read): the read limit bounds each wait for a byte, not the
+                # watch, which the API server ends after timeout_seconds.
+                _request_timeout=(self.request_timeout[0], self.watch_idle_s),
             ):
                 if self._stop.is_set():
                     return

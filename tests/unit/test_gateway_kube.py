@@ -410,7 +410,9 @@ class StallingAPI:
     a proxy hangs). A watch ends at once with no events. Stalled handlers are let go at
     ``close``."""
 
-    def __init__(self, answer: Callable[[str], dict[str, Any] | None]) -> None:
+    def __init__(
+        self, answer: Callable[[str], dict[str, Any] | None], silent_watch: bool = False
+    ) -> None:
         self.answer = answer
         self.paths: list[str] = []
         self.release = threading.Event()
@@ -424,6 +426,16 @@ class StallingAPI:
 
             def do_GET(self) -> None:
                 api.paths.append(self.path)
+                if "watch=" in self.path and silent_watch:
+                    # The watch is answered, then not a byte more, and the connection stays
+                    # open: a peer gone without a reset (a node lost behind a VIP).
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    self.wfile.flush()
+                    api.release.wait(30)
+                    return
                 if "watch=" in self.path:
                     body = b""
                 else:
@@ -488,8 +500,8 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float = 15.0) -> Non
 def stalling_api() -> Iterator[Callable[..., StallingAPI]]:
     made: list[StallingAPI] = []
 
-    def make(answer: Callable[[str], dict[str, Any] | None]) -> StallingAPI:
-        made.append(StallingAPI(answer))
+    def make(answer: Callable[[str], dict[str, Any] | None], **kw: Any) -> StallingAPI:
+        made.append(StallingAPI(answer, **kw))
         return made[-1]
 
     yield make
@@ -497,7 +509,7 @@ def stalling_api() -> Iterator[Callable[..., StallingAPI]]:
         api.close()
 
 
-def watch_against(api: StallingAPI, tmp_path: Path) -> AgentTaskWatcher:
+def watch_against(api: StallingAPI, tmp_path: Path, **kw: Any) -> AgentTaskWatcher:
     """A started watcher on ``api`` with short request timeouts and quick back-off."""
     watcher = AgentTaskWatcher(
         RouteTable(),
@@ -505,6 +517,7 @@ def watch_against(api: StallingAPI, tmp_path: Path) -> AgentTaskWatcher:
         kubeconfig=api.kubeconfig(tmp_path),
         secret_refresh_s=0,
         request_timeout=(1.0, 0.2),
+        **kw,
     )
     watcher._stop = QuickEvent()
     watcher.start()
@@ -547,6 +560,38 @@ def test_a_list_that_never_answers_times_out_and_the_next_list_picks_up_the_chan
         wait_for(
             lambda: [(r.task, r.mode) for r in watcher.table.routes()] == [("weather", "llm")],
             "the change made while the list stalled never reached the routes",
+        )
+    finally:
+        watcher.stop()
+
+
+def test_a_watch_gone_silent_is_dropped_and_the_change_made_meanwhile_arrives(
+    stalling_api: Callable[..., StallingAPI], tmp_path: Path
+) -> None:
+    """A watch whose connection went dead without a reset (a control-plane node lost behind a
+    VIP) was noticed only at the end of its whole time limit (5.5 minutes with the default
+    resync) while the API server answered new connections: a switch to the LLM and a deleted
+    task reached the gateway that late. A watch silent for ``watch_idle_s`` (longer than the
+    API server's once-a-minute bookmarks) is now dropped and the tasks listed again."""
+    state = {"lists": 0}
+
+    def answer(path: str) -> dict[str, Any] | None:
+        state["lists"] += 1
+        if state["lists"] == 1:
+            return listing(
+                task("weather", secret=None, mode="slm", slmEndpoint="http://triton:8000"),
+                task("gone", secret=None, mode="slm", slmEndpoint="http://triton:8000"),
+            )
+        return listing(task("weather", secret=None, mode="llm"))
+
+    api = stalling_api(answer, silent_watch=True)
+    watcher = watch_against(api, tmp_path, resync_s=300, watch_idle_s=0.5)
+    try:
+        wait_for(lambda: watcher.table.ready, "first list not applied")
+        wait_for(
+            lambda: [(r.task, r.mode) for r in watcher.table.routes()] == [("weather", "llm")],
+            "a silent watch was kept: the change made meanwhile never reached the routes",
+            timeout=10.0,
         )
     finally:
         watcher.stop()
