@@ -493,10 +493,21 @@ _MOUNT_TIMEOUT = "Unable to attach or mount volumes"
 _REQUEST_ID_RE = re.compile(r"\brequest[ _-]?id\s*[:=]\s*[\w-]+,?\s*", re.I)
 
 
-#: The Event reasons that say a pod got past a point its volumes must be past: attached (the
-#: attach/detach controller's), or its image pulled and its containers started (the kubelet
-#: pulls only once every volume is mounted).
-MOUNT_PROGRESS_REASONS = ("SuccessfulAttachVolume", "Pulling", "Pulled", "Created", "Started")
+#: The kubelet's Event reasons that say a pod got past every volume: its image pulled and its
+#: containers started (the kubelet pulls only once every volume is mounted).
+MOUNT_PROGRESS_REASONS = ("Pulling", "Pulled", "Created", "Started")
+#: The attach/detach controller's Event that one volume (named in it) is attached: progress
+#: for that volume only. Why not the pod's: a pod with two claims (a data-prep pod mounts the
+#: capture claim and the workspace) has the second attached seconds after the first's
+#: Multi-Attach error, which the controller reports once and which still holds.
+ATTACHED_REASON = "SuccessfulAttachVolume"
+_VOLUME_RE = re.compile(r'volume "([^"]+)"')
+
+
+def _volume(ev: Mapping[str, Any]) -> str | None:
+    """The volume an Event's message names (``... for volume "pvc-1234" ...``), if any."""
+    found = _VOLUME_RE.search(str(ev.get("message", "")))
+    return found[1] if found else None
 
 
 def _pod_uid(ev: Mapping[str, Any], reasons: Collection[str]) -> str | None:
@@ -511,9 +522,10 @@ def mount_failures(events: Iterable[Mapping[str, Any]], uids: Collection[str]) -
     """Why each pod of ``uids`` cannot attach or mount its volumes: pod uid -> the newest
     message of its ``FailedAttachVolume`` and ``FailedMount`` core/v1 Events.
 
-    A failure older than one of the pod's progress Events (:data:`MOUNT_PROGRESS_REASONS`)
-    is over: a Multi-Attach error resolved, the pod attached and pulling its image (still in
-    ContainerCreating), was named as the cause until its Event expired (an hour). The
+    A failure older than one of the pod's progress Events (:data:`MOUNT_PROGRESS_REASONS`,
+    or an attach of the volume it names, :data:`ATTACHED_REASON`) is over: a Multi-Attach
+    error resolved, the pod attached and pulling its image (still in ContainerCreating), was
+    named as the cause until its Event expired (an hour). The
     kubelet's time-out ("Unable to attach or mount volumes: unmounted volumes=[data] ...:
     timed out waiting for the condition") counts only while nothing says more: it comes every
     two minutes beside the cause (a Multi-Attach error, a failed SetUp), and taking the newest
@@ -521,17 +533,21 @@ def mount_failures(events: Iterable[Mapping[str, Any]], uids: Collection[str]) -
     reason a cloud API's request id is left out.
     """
     events = list(events)
-    progress: dict[str, dt.datetime] = {}
+    # Per pod uid (the kubelet's progress) and per (uid, volume) (an attach).
+    progress: dict[Any, dt.datetime] = {}
     for ev in events:
-        uid = _pod_uid(ev, MOUNT_PROGRESS_REASONS)
-        if uid is not None:
-            progress[uid] = max(progress.get(uid, _NO_TIME), _event_time(ev))
+        key: Any = _pod_uid(ev, MOUNT_PROGRESS_REASONS)
+        if key is None and (attached := _pod_uid(ev, (ATTACHED_REASON,))) is not None:
+            key = (attached, _volume(ev))
+        if key is not None:
+            progress[key] = max(progress.get(key, _NO_TIME), _event_time(ev))
 
     def pod(ev: Mapping[str, Any]) -> str | None:
         uid = _pod_uid(ev, MOUNT_FAILURE_REASONS)
         if uid is None or uid not in uids:
             return None
-        return None if _event_time(ev) < progress.get(uid, _NO_TIME) else uid
+        since = max(progress.get(uid, _NO_TIME), progress.get((uid, _volume(ev)), _NO_TIME))
+        return None if _event_time(ev) < since else uid
 
     def says_more(ev: Mapping[str, Any]) -> int:
         return 0 if _MOUNT_TIMEOUT in str(ev.get("message", "")) else 1

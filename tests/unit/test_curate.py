@@ -608,6 +608,25 @@ def test_an_answer_the_chat_format_trains_as_text_is_not_empty(tmp_path: Path) -
     assert report["examples"] == 12
 
 
+def test_answers_with_no_text_of_any_kind_are_counted_not_trained_nor_fatal(
+    tmp_path: Path,
+) -> None:
+    """``tool_calls`` that is a number crashed the whole stage (every rerun of the task's data
+    prep), and a null text part or object content was trained as Python's "None" or a dict's
+    repr; each is now an empty answer, counted and skipped."""
+    odd: list[dict[str, Any]] = [
+        {"role": "assistant", "tool_calls": 5},
+        {"role": "assistant", "tool_calls": True},
+        {"role": "assistant", "content": [{"type": "text", "text": None}]},
+        {"role": "assistant", "content": {"type": "text", "text": "hi"}},
+    ]
+    answers = [{**c, "response": r} for c, r in zip(tool_calls(4, 0, 0), odd, strict=True)]
+    result, report, _ = curate(tmp_path, tool_calls(14, 0, 0)[4:] + answers, min_examples=5)
+    assert result.ok, result.message
+    assert report["malformed"] == {"empty_response": 4}
+    assert report["examples"] == 10
+
+
 def test_retries_stamped_with_a_time_and_request_id_are_one_example(tmp_path: Path) -> None:
     """An agent framework stamps every call; on a short request a retry's one changed token
     put it far below the similarity threshold, and the copies landed on both sides of the

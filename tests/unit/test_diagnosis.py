@@ -490,6 +490,23 @@ def test_a_mount_failure_that_is_over_is_not_the_cause_of_a_pod_pulling_its_imag
     )
 
 
+def test_another_claims_attach_does_not_end_a_multi_attach_error() -> None:
+    """A data-prep pod mounts the capture claim and the workspace: the workspace attached
+    seconds after the capture claim's Multi-Attach error (which the attach/detach controller
+    reports once, and which still held), and the cause was dropped."""
+    task, job, pod = _data_job_and_pod()
+    other = 'AttachVolume.Attach succeeded for volume "pvc-work"'
+    events = [
+        _mount_event(pod, "FailedAttachVolume", MULTI_ATTACH, "2026-11-23T11:50:00Z"),
+        _mount_event(pod, "SuccessfulAttachVolume", other, "2026-11-23T11:50:06Z"),
+    ]
+    obs = rc.observe(EventsKube(task, [pod], [job], events), "agents", "weather", NOW)  # type: ignore[arg-type]
+    assert obs is not None
+    assert obs.jobs[job["metadata"]["name"]].waiting.endswith(
+        "cannot mount its volumes: " + MULTI_ATTACH
+    )
+
+
 def test_a_triton_pod_that_cannot_mount_its_volumes_is_named_in_serving() -> None:
     """Finding 2, serving side: a Triton replica whose model volume cannot be attached."""
     task, _, pod = _data_job_and_pod()

@@ -77,20 +77,23 @@ def template_supports_tools(tokenizer: Any) -> bool:
 
 
 def _text(content: Any) -> str:
-    """OpenAI content may be null, a string, or a list of typed parts; templates want text."""
-    if content is None:
-        return ""
+    """OpenAI content may be null, a string, or a list of typed parts; templates want text.
+
+    A part's null text, and content of any other kind (an object, a boolean), is no text:
+    written as Python's repr ("None", "{'type': ...}"), it was trained as the answer.
+    """
     if isinstance(content, str):
         return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if isinstance(part, dict):
-                parts.append(str(part.get("text", "")))
-            else:
-                parts.append(str(part))
-        return "".join(parts)
-    return str(content)
+    if not isinstance(content, list):
+        return ""
+    parts = []
+    for part in content:
+        if isinstance(part, dict):
+            text = part.get("text")
+            parts.append("" if text is None else str(text))
+        elif part is not None:
+            parts.append(str(part))
+    return "".join(parts)
 
 
 def _arguments(raw: Any) -> Any:
@@ -113,7 +116,8 @@ def _arguments(raw: Any) -> Any:
 def calls_of(message: dict[str, Any]) -> list[dict[str, Any]]:
     """``[{"name", "arguments"}]`` from an assistant message's OpenAI ``tool_calls``."""
     calls = []
-    for call in message.get("tool_calls") or []:
+    listed = message.get("tool_calls")
+    for call in listed if isinstance(listed, list) else []:  # a number here crashed curate
         if not isinstance(call, dict):
             continue
         fn = call.get("function") if isinstance(call.get("function"), dict) else call
