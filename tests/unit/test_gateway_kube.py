@@ -509,6 +509,25 @@ def stalling_api() -> Iterator[Callable[..., StallingAPI]]:
         api.close()
 
 
+def two_routes_then_a_switch(
+    stalled: Callable[[], bool] = lambda: False,
+) -> Callable[[str], dict[str, Any] | None]:
+    """A :class:`StallingAPI`'s list answers: first two tasks served by their SLM; then (no
+    answer while ``stalled``) one of them switched to the LLM and the other deleted."""
+    lists = [0]
+
+    def answer(path: str) -> dict[str, Any] | None:
+        lists[0] += 1
+        if lists[0] == 1:
+            return listing(
+                task("weather", secret=None, mode="slm", slmEndpoint="http://triton:8000"),
+                task("gone", secret=None, mode="slm", slmEndpoint="http://triton:8000"),
+            )
+        return None if stalled() else listing(task("weather", secret=None, mode="llm"))
+
+    return answer
+
+
 def watch_against(api: StallingAPI, tmp_path: Path, **kw: Any) -> AgentTaskWatcher:
     """A started watcher on ``api`` with short request timeouts and quick back-off."""
     watcher = AgentTaskWatcher(
@@ -534,20 +553,8 @@ def test_a_list_that_never_answers_times_out_and_the_next_list_picks_up_the_chan
     said ready, and nothing was logged. The list now times out, is logged, backed off and
     listed again, and the API server's answer, once it comes, is in the table."""
     caplog.set_level(logging.WARNING, logger="slm_gateway.kube")
-    state = {"lists": 0, "stalled": True}
-
-    def answer(path: str) -> dict[str, Any] | None:
-        state["lists"] += 1
-        if state["lists"] == 1:
-            return listing(
-                task("weather", secret=None, mode="slm", slmEndpoint="http://triton:8000"),
-                task("gone", secret=None, mode="slm", slmEndpoint="http://triton:8000"),
-            )
-        if state["stalled"]:
-            return None
-        return listing(task("weather", secret=None, mode="llm"))
-
-    api = stalling_api(answer)
+    state = {"stalled": True}
+    api = stalling_api(two_routes_then_a_switch(lambda: state["stalled"]))
     watcher = watch_against(api, tmp_path)
     try:
         wait_for(lambda: watcher.table.ready, "first list not applied")
@@ -573,18 +580,7 @@ def test_a_watch_gone_silent_is_dropped_and_the_change_made_meanwhile_arrives(
     resync) while the API server answered new connections: a switch to the LLM and a deleted
     task reached the gateway that late. A watch silent for ``watch_idle_s`` (longer than the
     API server's once-a-minute bookmarks) is now dropped and the tasks listed again."""
-    state = {"lists": 0}
-
-    def answer(path: str) -> dict[str, Any] | None:
-        state["lists"] += 1
-        if state["lists"] == 1:
-            return listing(
-                task("weather", secret=None, mode="slm", slmEndpoint="http://triton:8000"),
-                task("gone", secret=None, mode="slm", slmEndpoint="http://triton:8000"),
-            )
-        return listing(task("weather", secret=None, mode="llm"))
-
-    api = stalling_api(answer, silent_watch=True)
+    api = stalling_api(two_routes_then_a_switch(), silent_watch=True)
     watcher = watch_against(api, tmp_path, resync_s=300, watch_idle_s=0.5)
     try:
         wait_for(lambda: watcher.table.ready, "first list not applied")
