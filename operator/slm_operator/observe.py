@@ -537,9 +537,12 @@ def mount_failures(events: Iterable[Mapping[str, Any]], uids: Collection[str]) -
     progress: dict[Any, dt.datetime] = {}
     for ev in events:
         key: Any = _pod_uid(ev, MOUNT_PROGRESS_REASONS)
+        keys: list[Any] = [key]
         if key is None and (attached := _pod_uid(ev, (ATTACHED_REASON,))) is not None:
-            key = (attached, _volume(ev))
-        if key is not None:
+            # Its own volume's failures are over; so is the kubelet's time-out, which names
+            # no volume that way ("unattached volumes=[capture]") and comes back while one is.
+            keys = [(attached, _volume(ev)), (attached, None)]
+        for key in filter(None, keys):
             progress[key] = max(progress.get(key, _NO_TIME), _event_time(ev))
 
     def pod(ev: Mapping[str, Any]) -> str | None:

@@ -507,6 +507,20 @@ def test_another_claims_attach_does_not_end_a_multi_attach_error() -> None:
     )
 
 
+def test_the_kubelets_time_out_is_over_once_a_volume_attached_after_it() -> None:
+    """The kubelet's time-out names no volume as an attach does ("unattached volumes=[...]"),
+    so once the volume attached it was still given as the cause until the image pull began."""
+    task, job, pod = _data_job_and_pod()
+    attached = 'AttachVolume.Attach succeeded for volume "pvc-1234"'
+    events = [
+        _mount_event(pod, "FailedAttachVolume", MULTI_ATTACH, "2026-11-23T11:50:00Z"),
+        _mount_event(pod, "FailedMount", MOUNT_TIMEOUT, "2026-11-23T11:52:00Z"),
+        _mount_event(pod, "SuccessfulAttachVolume", attached, "2026-11-23T11:53:00Z"),
+    ]
+    obs = rc.observe(EventsKube(task, [pod], [job], events), "agents", "weather", NOW)  # type: ignore[arg-type]
+    assert obs is not None and obs.jobs[job["metadata"]["name"]].waiting == ""
+
+
 def test_a_triton_pod_that_cannot_mount_its_volumes_is_named_in_serving() -> None:
     """Finding 2, serving side: a Triton replica whose model volume cannot be attached."""
     task, _, pod = _data_job_and_pod()

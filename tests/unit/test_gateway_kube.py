@@ -411,7 +411,10 @@ class StallingAPI:
     ``close``."""
 
     def __init__(
-        self, answer: Callable[[str], dict[str, Any] | None], silent_watch: bool = False
+        self,
+        answer: Callable[[str], dict[str, Any] | None],
+        silent_watch: bool = False,
+        bookmarks: int = 0,
     ) -> None:
         self.answer = answer
         self.paths: list[str] = []
@@ -435,6 +438,25 @@ class StallingAPI:
                     self.end_headers()
                     self.wfile.flush()
                     api.release.wait(30)
+                    return
+                if "watch=" in self.path and bookmarks:
+                    # A quiet, healthy watch: a BOOKMARK every 0.2 s, then its end.
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    for i in range(bookmarks):
+                        line = json.dumps(
+                            {
+                                "type": "BOOKMARK",
+                                "object": {"metadata": {"resourceVersion": str(i)}},
+                            }
+                        ).encode()
+                        line += b"\n"
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                    self.wfile.write(b"0\r\n\r\n")
                     return
                 if "watch=" in self.path:
                     body = b""
@@ -589,6 +611,23 @@ def test_a_watch_gone_silent_is_dropped_and_the_change_made_meanwhile_arrives(
             "a silent watch was kept: the change made meanwhile never reached the routes",
             timeout=10.0,
         )
+    finally:
+        watcher.stop()
+
+
+def test_a_quiet_watch_that_gets_bookmarks_is_kept(
+    stalling_api: Callable[..., StallingAPI], tmp_path: Path
+) -> None:
+    """The idle limit bounds each wait for a byte, not the watch's length: a quiet, healthy
+    watch (the API server bookmarks it once a minute) must never be dropped by it, or every
+    gateway would list every task again each ``watch_idle_s``."""
+    api = stalling_api(two_routes_then_a_switch(), bookmarks=12)  # 2.4 s of bookmarks
+    watcher = watch_against(api, tmp_path, resync_s=300, watch_idle_s=0.6)
+    try:
+        wait_for(lambda: watcher.table.ready, "first list not applied")
+        time.sleep(1.8)  # three idle limits, each far longer than between two bookmarks
+        assert api.lists() == 1
+        assert sorted(r.task for r in watcher.table.routes()) == ["gone", "weather"]
     finally:
         watcher.stop()
 
