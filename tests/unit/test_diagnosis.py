@@ -478,6 +478,11 @@ def test_a_mount_failure_that_is_over_is_not_the_cause_of_a_pod_pulling_its_imag
     kube = EventsKube(task, [pod], [job], events)
     obs = rc.observe(kube, "agents", "weather", NOW)  # type: ignore[arg-type]
     assert obs is not None and obs.jobs[job["metadata"]["name"]].waiting == ""
+    # Attached, not pulling yet: the kubelet's time-out, which names no volume as an attach
+    # does ("unattached volumes=[...]"), is over too; it was the cause until the pull began.
+    kube.events = events[:3]
+    attached_only = rc.observe(kube, "agents", "weather", NOW)  # type: ignore[arg-type]
+    assert attached_only is not None and attached_only.jobs[job["metadata"]["name"]].waiting == ""
     # Attached, then its mount failed: that failure is the cause.
     kube.events = [
         events[2],
@@ -505,20 +510,6 @@ def test_another_claims_attach_does_not_end_a_multi_attach_error() -> None:
     assert obs.jobs[job["metadata"]["name"]].waiting.endswith(
         "cannot mount its volumes: " + MULTI_ATTACH
     )
-
-
-def test_the_kubelets_time_out_is_over_once_a_volume_attached_after_it() -> None:
-    """The kubelet's time-out names no volume as an attach does ("unattached volumes=[...]"),
-    so once the volume attached it was still given as the cause until the image pull began."""
-    task, job, pod = _data_job_and_pod()
-    attached = 'AttachVolume.Attach succeeded for volume "pvc-1234"'
-    events = [
-        _mount_event(pod, "FailedAttachVolume", MULTI_ATTACH, "2026-11-23T11:50:00Z"),
-        _mount_event(pod, "FailedMount", MOUNT_TIMEOUT, "2026-11-23T11:52:00Z"),
-        _mount_event(pod, "SuccessfulAttachVolume", attached, "2026-11-23T11:53:00Z"),
-    ]
-    obs = rc.observe(EventsKube(task, [pod], [job], events), "agents", "weather", NOW)  # type: ignore[arg-type]
-    assert obs is not None and obs.jobs[job["metadata"]["name"]].waiting == ""
 
 
 def test_a_triton_pod_that_cannot_mount_its_volumes_is_named_in_serving() -> None:
