@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
-import itertools
 import logging
 import math
 import os
@@ -37,7 +36,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -549,30 +548,27 @@ def configure(settings: kopf.OperatorSettings) -> None:
     for resource, selector in CHILD_WATCHES.items():
         settings.watching.label_selectors[resource] = selector
     settings.networking.request_timeout = 60
-    settings.networking.error_backoffs = _EndlessBackoffs()
+    settings.networking.error_backoffs = API_BACKOFFS
 
 
-#: The longest wait between two tries of one of kopf's own API requests (:class:`_EndlessBackoffs`).
+#: The longest wait between two tries of one of kopf's own API requests.
 MAX_API_BACKOFF_SECONDS = 21.0
+#: How long kopf keeps trying one of its own API requests that gets a 5xx or 403.
+API_RETRY_SECONDS = 600.0
 
 
-class _EndlessBackoffs:
-    """kopf's waits between tries of a request that got a 5xx or 403: its own first steps,
-    then every :data:`MAX_API_BACKOFF_SECONDS`, for good.
-
-    Why endless: kopf tries as many times as the sequence has entries (by default 8, about
-    54 s), then raises, and its watch loop does not catch that: after a minute of 503s from
-    a load balancer in front of the API server (control-plane maintenance), or of 403s while
-    a Role is recreated, every watcher died, at once on every replica, and the operator
-    exited with a traceback per watch, or hung, reconciling nothing. A refused connection is
-    ridden out as long; now these answers are too. Why a class: kopf iterates the setting
-    afresh for each request, and takes a sequence without a length as one without an end.
-    """
-
-    def __iter__(self) -> Iterator[float]:
-        return itertools.chain(
-            (1.0, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0), itertools.repeat(MAX_API_BACKOFF_SECONDS)
-        )
+#: kopf's waits between tries of a request that got a 5xx or 403: its own first steps, then
+#: every :data:`MAX_API_BACKOFF_SECONDS`, about :data:`API_RETRY_SECONDS` in all; then kopf
+#: raises. Why ten minutes, not kopf's 54 s: its watch loop does not catch that error, so after
+#: a minute of 503s from a load balancer in front of the API server (control-plane
+#: maintenance), or of 403s while a Role is recreated, every watcher died, at once on every
+#: replica, and the operator exited with a traceback per watch or hung, reconciling nothing.
+#: Why not endless: kopf falls back only on the error, e.g. to the namespaces it was given
+#: when it may not list namespaces (namespace-scoped RBAC); without an end it never watched.
+_FIRST_BACKOFFS = (1.0, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0)
+API_BACKOFFS = _FIRST_BACKOFFS + (MAX_API_BACKOFF_SECONDS,) * math.ceil(
+    (API_RETRY_SECONDS - sum(_FIRST_BACKOFFS)) / MAX_API_BACKOFF_SECONDS
+)
 
 
 @kopf.on.startup()

@@ -1142,8 +1142,7 @@ REAL_FAULTS: list[tuple[str, list[dict[str, str]], dict[str, str] | None, str]] 
         {"endpoint": "http://t:8000"},
         "",
     ),
-    # A served model whose Triton replicas are all gone while agents call it: the operator
-    # says Deploying, and FallbackActive is True (NoReadyReplicas), which the alert names.
+    # A first deployment whose replicas never became ready while agents call the task.
     (
         "SlmFleetServingTaskOnFallback",
         [
@@ -1152,8 +1151,7 @@ REAL_FAULTS: list[tuple[str, list[dict[str, str]], dict[str, str] | None, str]] 
                 TASK_LABELS + ',type="FallbackActive",status="True"',
                 "1x60",
             ),
-            _series("slm_operator_task_phase", TASK_LABELS + ',phase="Serving"', "1x5 0x55"),
-            _series("slm_operator_task_phase", TASK_LABELS + ',phase="Deploying"', "0x5 1x55"),
+            _series("slm_operator_task_phase", TASK_LABELS + ',phase="Deploying"', "1x60"),
             _series("slm_gateway_requests_total", TASK_LABELS + ',backend="llm"', "0+60x60"),
         ],
         {"namespace": A, "task": T},
@@ -1173,7 +1171,9 @@ REAL_FAULTS: list[tuple[str, list[dict[str, str]], dict[str, str] | None, str]] 
         {"namespace": A, "task": T, "reason": "write_failed"},
         "",
     ),
-    # A served model whose SLO is breached: phase Serving, Ready False, FallbackActive True.
+    # A served model whose SLO is breached, or with no ready replica (Ready NoReadyReplicas):
+    # phase Serving, Ready False, FallbackActive True (it alerts without calls too: the
+    # table's case above).
     (
         "SlmFleetServingTaskOnFallback",
         [
