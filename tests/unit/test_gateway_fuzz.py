@@ -250,12 +250,6 @@ def assert_openai_error(status: int, content_type: str, raw: bytes) -> None:
 
 
 @pytest.fixture(scope="module")
-def standin() -> Iterator[llm_standin.StandIn]:
-    with llm_standin.start() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
 def client(standin: llm_standin.StandIn) -> Iterator[TestClient]:
     table = RouteTable()
     table.replace_all(

@@ -36,12 +36,6 @@ TOOLS: list[Any] = [
 ASK = [{"role": "user", "content": "What is the weather in Lyon?"}]
 
 
-@pytest.fixture(scope="module")
-def standin() -> Iterator[llm_standin.StandIn]:
-    with llm_standin.start() as s:
-        yield s
-
-
 @pytest.fixture(autouse=True)
 def reset(standin: llm_standin.StandIn) -> None:
     standin.control(**llm_standin.SETTINGS, reset_stats=True)

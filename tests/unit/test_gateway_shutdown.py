@@ -33,12 +33,6 @@ from slm_gateway.routes import Route, RouteTable
 from slm_gateway.testing import GatewayProcess, start_gateway
 
 
-@pytest.fixture(scope="module")
-def standin() -> Iterator[llm_standin.StandIn]:
-    with llm_standin.start() as s:
-        yield s
-
-
 @pytest.fixture(autouse=True)
 def reset(standin: llm_standin.StandIn) -> None:
     standin.control(**llm_standin.SETTINGS, reset_stats=True)
