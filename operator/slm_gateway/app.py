@@ -84,6 +84,7 @@ from slm_gateway.decide import (
     slm_verdict,
 )
 from slm_gateway.errors import GatewayError
+from slm_gateway.httpclient import OutOfFileDescriptors
 from slm_gateway.metrics import GatewayMetrics
 from slm_gateway.routes import MODE_CANARY, Route, RouteTable, load_routes_file
 from slm_gateway.sse import (
@@ -131,6 +132,13 @@ _AUTH_LOG_INTERVAL_S = 60.0
 _CODE_SHUTTING_DOWN = "shutting_down"
 _SHUTTING_DOWN_MESSAGE = (
     "The gateway is shutting down and stopped this call before it was answered; retry it."
+)
+#: The 5xx codes counted in slm_gateway_errors_total where they are raised, with the attempt
+#: and the breaker outcome that go with them (:meth:`Gateway._llm_broken`,
+#: :meth:`Gateway._llm_allowed`, :meth:`Gateway._llm_failure`). Any other 5xx of a routed
+#: call is counted where it is answered (:func:`_counted_when_answered`).
+_COUNTED_WHERE_RAISED = frozenset(
+    {e.CODE_UPSTREAM, e.CODE_UPSTREAM_TIMEOUT, e.CODE_UPSTREAM_UNAVAILABLE}
 )
 #: The backend_calls_total result of an LLM stream whose agent hung up: the LLM worked on it,
 #: but it neither failed nor answered anyone.
@@ -324,6 +332,10 @@ class Gateway:
             headers = [_CT_JSON, *((k.encode(), v.encode()) for k, v in err.headers.items())]
             if status < 500:
                 self.metrics.invalid.labels(err.code or str(status)).inc()
+            elif route is not None and _counted_when_answered(err):
+                self.metrics.errors.labels(
+                    route.namespace, route.task, LLM, err.code or str(status)
+                ).inc()
         except _ClientGone:
             return
         except asyncio.CancelledError as cancel:
@@ -1022,6 +1034,13 @@ class Gateway:
         admitted = time.monotonic()  # just after the caller's breakers.allow
         try:
             answer, confidence = await self.upstreams.slm(route, body)
+        except OutOfFileDescriptors:
+            # The gateway's shortage, not the SLM's failure: no breaker outcome (a half-open
+            # probe's claim expires after the cooldown), or a burst of calls opened the SLM's
+            # circuit for its cooldown after the descriptors were free again; and no line per
+            # call, as the client already says it once per 10 s. The LLM can still answer.
+            self.metrics.attempt(route.namespace, route.task, SLM, "error", time.perf_counter() - t)
+            return None, REASON_ERROR
         except Exception as exc:
             # Whatever went wrong asking the SLM, the LLM can still answer: the agent never
             # gets a 500 for it. A failure the adapter does not know (a bug, a session closing
@@ -1292,6 +1311,15 @@ def _model_entry(route: Route, model_id: str) -> dict[str, Any]:
 
 #: Stands for "two Authorization headers came" (no header value can hold a NUL byte).
 _TWO_AUTH = "\x00two"
+
+
+def _counted_when_answered(err: GatewayError) -> bool:
+    """Whether a routed call's ``err`` is counted in slm_gateway_errors_total as it is
+    answered: a 5xx not counted where it was raised. Why: the HTTP client's
+    ``out_of_file_descriptors`` 503 reaches the answer uncounted, and an operator alerting on
+    that metric saw a gateway turning agents away as a healthy one; the upstream codes, counted
+    where raised, must not count twice."""
+    return err.status >= 500 and err.code not in _COUNTED_WHERE_RAISED
 
 
 def _unauthenticated(message: str) -> GatewayError:

@@ -125,6 +125,11 @@ DROP_SPOOL_FULL = "spool_full"
 #: counted as written too; the next worker started on the same spool uploads them, but a pod's
 #: spool (an emptyDir) goes with the pod, so they count as lost until then.
 DROP_UPLOAD_PENDING = "upload_pending"
+#: Written to a shard that was deleted while open (its task's folder removed under the gateway,
+#: e.g. someone resetting the task's data): counted as written when written, then as this when
+#: the writer finds the shard gone (ShardWriter.take_removed); the records after go to a new
+#: shard.
+DROP_SHARD_REMOVED = "shard_removed"
 
 
 class Captured(NamedTuple):
@@ -195,7 +200,9 @@ class CaptureStats:
     """Totals since start; ``pending`` is submitted but neither written nor dropped yet.
 
     ``unsent`` are written records (so not in ``dropped``) in shards their stopped worker could
-    not upload; the ``on_dropped`` hook gets them with the reason ``upload_pending``.
+    not upload; the ``on_dropped`` hook gets them with the reason ``upload_pending``. Records
+    whose shard was deleted while open (``shard_removed``) move from ``written`` to
+    ``dropped`` when their worker finds the shard gone.
     """
 
     submitted: int = 0
@@ -329,6 +336,9 @@ class ShardWriter:
         self._seq = 0
         self._open: dict[str, tuple[Any, Path, float, int]] = {}
         self._open_lines: Counter[str] = Counter()  # records in each open shard
+        #: Records per task key lost with an open shard deleted under this writer, not yet
+        #: taken by take_removed.
+        self._removed: Counter[str] = Counter()
         self._next_sweep = clock() + max_seconds
         #: Published locally, upload failed or not tried yet: (records, bytes) of each.
         self._pending: dict[Path, tuple[int, int]] = {}
@@ -345,9 +355,17 @@ class ShardWriter:
         the shard is cut back to what it held, so lines counted as dropped never appear in
         it later (a buffered file wrote them at its next flush).
 
+        A shard deleted while open (its task's folder removed) is given up first, its records
+        counted lost (:meth:`take_removed`), and the lines go to a new shard: written to the
+        deleted file's open handle, they were counted written and lost, and its rename at
+        rotation failed. One ``fstat`` per task and batch finds it.
+
         A shard that reached ``max_bytes`` is rotated here, or with ``rotate=False`` by the
         next :meth:`rotate_expired` (the worker acknowledges its batch first, so that an upload
         that stalls does not hold back the acknowledgement of lines already written)."""
+        found = self._open.get(key)
+        if found is not None and _unlinked(found[0]):
+            self._give_up(key)
         fh, path, opened, size = self._shard(key)
         data = memoryview(b"".join(lines))
         try:
@@ -385,8 +403,47 @@ class ShardWriter:
         return max(0.0, oldest + self.max_seconds - self.clock())
 
     def close_all(self) -> None:
+        """Publish every open shard. One that cannot be published (a read-only disk) is left
+        as its ``.part``, which a later recovery publishes (:meth:`recover_orphans`), and is
+        logged once for all; it no longer keeps the shards after it from being published
+        (they stayed ``.part`` too, unread by the trainer). A shard deleted while open is
+        counted lost, not an error (:meth:`_close`)."""
+        failed: list[tuple[str, OSError]] = []
         for key in list(self._open):
-            self._close(key)
+            try:
+                self._close(key)
+            except OSError as exc:
+                failed.append((key, exc))
+        if failed:
+            log.error(
+                "capture: cannot publish %d shard(s) (of %s): %s; they stay as .jsonl.part and "
+                "are published when a worker recovers them",
+                len(failed),
+                ", ".join(sorted({key for key, _ in failed})),
+                failed[0][1],
+            )
+
+    def take_removed(self) -> Counter[str]:
+        """Records per task key lost since the last call with open shards that were deleted
+        (counted written when written); the worker reports them as ``shard_removed``."""
+        removed, self._removed = self._removed, Counter()
+        return removed
+
+    def _give_up(self, key: str) -> None:
+        """Forget ``key``'s open shard, deleted under this writer, counting its records lost."""
+        fh, path, _, _ = self._open.pop(key)
+        records = self._open_lines.pop(key, 0)
+        with contextlib.suppress(OSError):
+            fh.close()
+        if records > 0:
+            self._removed[key] += records
+        log.warning(
+            "capture: the shard %s of %s was deleted while open (its folder removed?); its %d "
+            "record(s) are lost (counted dropped, shard_removed), the next ones go to a new shard",
+            path.name,
+            key,
+            max(0, records),
+        )
 
     def _alive_lock(self, host: str, pid: int, slot: int) -> Path:
         """The lock file of the writer ``pid`` in worker slot ``slot`` on ``host``."""
@@ -722,6 +779,9 @@ class ShardWriter:
     def _close(self, key: str) -> None:
         """Publish ``key``'s shard; its lock is released (the file closed) only after the
         upload was tried, so no sweep uploads it at the same time."""
+        if _unlinked(self._open[key][0]):
+            self._give_up(key)  # nothing left to publish: its rename would fail
+            return
         fh, path, _, size = self._open.pop(key)
         records = self._open_lines.pop(key, -1)
         with fh:
@@ -741,6 +801,15 @@ class ShardWriter:
             self._upload(final, records, size)
         else:
             self._keep(final, records, size)
+
+
+def _unlinked(fh: Any) -> bool:
+    """Whether an open shard's file was deleted (no name leads to it any more): whatever is
+    written to it is lost, and it cannot be published."""
+    try:
+        return os.fstat(fh.fileno()).st_nlink == 0
+    except (OSError, ValueError):  # closed meanwhile: not a deletion
+        return False
 
 
 def _published(path: Path) -> Path:
@@ -1003,18 +1072,38 @@ def batch_scheduling() -> bool:
     return True
 
 
-def raise_open_files_limit() -> None:
-    """Raise this process's soft limit of open files to its hard limit.
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise this process's soft limit of open files to its hard limit; (the soft limit
+    before, the soft limit now).
 
-    Why: a worker holds a file per task with an open shard, and the soft limit is as low as
-    1024 in many container runtimes, which a gateway with many tasks can reach; past it,
-    records are dropped as ``write_failed``."""
+    Why: the soft limit is as low as 1024 in many container runtimes. A capture worker holds
+    a file per task with an open shard, and past the limit its records are dropped as
+    ``write_failed``; the gateway process (:func:`slm_gateway.main.serve`) holds a socket per
+    agent call and one per LLM call, and at about 500 concurrent calls agents got connection
+    resets and 502s, which opened the LLM's circuit. An unlimited hard limit is taken as the
+    kernel's most (``fs.nr_open``), which is what setting it can reach."""
     import resource
 
-    with contextlib.suppress(ValueError, OSError):
+    try:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft != hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        return -1, -1
+    target = hard if hard != resource.RLIM_INFINITY else _nr_open()
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        return soft, soft
+    return soft, target
+
+
+def _nr_open() -> int:
+    """The most open files the kernel lets a process have (Linux's ``fs.nr_open``)."""
+    try:
+        return int(Path("/proc/sys/fs/nr_open").read_text())
+    except (OSError, ValueError):
+        return 1024 * 1024  # the kernel's default
 
 
 def _rotate(writer: ShardWriter) -> None:
@@ -1073,13 +1162,16 @@ class _Ack:
     """What a worker reports on (part of) a batch: its records per task key, written or dropped
     by reason; the redactions in them; and where each written key's shard now ends, its
     sequence number and size (:meth:`ShardWriter.position`), which is what the gateway reads a
-    dead worker's shards against (:func:`unacknowledged_lines`)."""
+    dead worker's shards against (:func:`unacknowledged_lines`); and ``removed``, records of
+    earlier batches, acknowledged as written, lost with a shard deleted while open
+    (:meth:`ShardWriter.take_removed`): not part of this batch."""
 
     written: Counter[str] = field(default_factory=Counter)
     dropped: dict[str, Counter[str]] = field(default_factory=dict)
     redacted: Counter[str] = field(default_factory=Counter)
     kinds: Counter[str] = field(default_factory=Counter)
     positions: dict[str, tuple[int, int]] = field(default_factory=dict)
+    removed: Counter[str] = field(default_factory=Counter)
 
     def drop(self, reason: str, key: str, n: int) -> None:
         self.dropped.setdefault(reason, Counter())[key] += n
@@ -1088,7 +1180,47 @@ class _Ack:
         """The pipe message; ``final`` says the batch is done (the gateway stops holding it)."""
         by_reason = {reason: dict(keys) for reason, keys in self.dropped.items() if keys}
         written, redacted, kinds = dict(self.written), dict(self.redacted), dict(self.kinds)
-        return ("ack", written, by_reason, redacted, kinds, self.positions, final)
+        removed = dict(self.removed)
+        return ("ack", written, by_reason, redacted, kinds, self.positions, final, removed)
+
+
+class _WriteFailures:
+    """Says that a task's shard cannot be written (a full or read-only disk) at most once per
+    :data:`FULL_LOG_INTERVAL_S` per task, with the records dropped since the last line, and
+    once when it is written again.
+
+    Why: one error per failed batch was about 190 lines a second under load, burying every
+    other line of the log; the drops are counted (``write_failed``) either way."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._logged_at: dict[str, float] = {}  # tasks failing now: when last said
+        self._unsaid: Counter[str] = Counter()  # records dropped since then
+
+    def failed(self, key: str, records: int, exc: OSError) -> None:
+        self._unsaid[key] += records
+        now = self.clock()
+        if now - self._logged_at.get(key, -math.inf) < FULL_LOG_INTERVAL_S:
+            return
+        log.error(
+            "capture: cannot write the shard of %s: %s; %d record(s) dropped (write_failed), "
+            "said again at most every %g s while it lasts",
+            key,
+            exc,
+            self._unsaid.pop(key),
+            FULL_LOG_INTERVAL_S,
+        )
+        self._logged_at[key] = now
+
+    def written(self, key: str) -> None:
+        if self._logged_at.pop(key, None) is None:
+            return
+        log.warning(
+            "capture: writing the shard of %s again; %d more record(s) were dropped "
+            "(write_failed) since the last message",
+            key,
+            self._unsaid.pop(key, 0),
+        )
 
 
 def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, index: int) -> None:
@@ -1129,6 +1261,7 @@ def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, inde
         log.warning("capture: cannot look for orphaned shards: %s", exc)
     sweeps = index == 0  # one worker per replica publishes stale shards of lost replicas
     full_logged_at = -math.inf
+    write_failures = _WriteFailures()
     while True:
         try:
             if not inbox.poll(min(1.0, writer.next_deadline())):
@@ -1167,6 +1300,7 @@ def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, inde
                 # shards, this batch's lines in them too: those are acknowledged first, or a
                 # worker killed before its acknowledgement left them counted as lost by a
                 # gateway that can no longer find them in the spool, though uploaded.
+                ack.removed.update(writer.take_removed())
                 outbox.send(ack.message(final=False))
                 ack = _Ack()
             if not writer.has_room(size):
@@ -1183,9 +1317,10 @@ def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, inde
                 try:
                     writer.write(key, lines, rotate=False)
                 except OSError as exc:  # e.g. a full disk: this task's lines of the batch
-                    log.error("capture: cannot write the shard of %s: %s", key, exc)
+                    write_failures.failed(key, len(lines), exc)
                     ack.drop(DROP_WRITE, key, len(lines))
                 else:
+                    write_failures.written(key)
                     ack.written[key] += len(lines)
                     ack.positions[key] = writer.position(key)
             if key in kinds:
@@ -1194,12 +1329,15 @@ def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, inde
         # Acknowledged before rotating: an upload that stalls (an object-store outage) must
         # not leave written lines unacknowledged for long. (Should the worker die first, the
         # gateway finds them in its shards all the same: unacknowledged_lines.)
+        ack.removed.update(writer.take_removed())
         outbox.send(ack.message(final=True))
         _rotate(writer)
     unsent: Counter[str] = Counter()
+    removed: Counter[str] = Counter()
     try:
         writer.close_all()
         writer.retry_uploads(force=True)
+        removed = writer.take_removed()  # found at rotation since the last batch, or now
         unsent = writer.unsent()
         if unsent:
             log.error(
@@ -1212,7 +1350,7 @@ def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, inde
             )
     finally:
         with contextlib.suppress(OSError):
-            outbox.send(("closed", os.getpid(), dict(unsent)))
+            outbox.send(("closed", os.getpid(), dict(unsent), dict(removed)))
 
 
 # ---- the gateway side -----------------------------------------------------------------------
@@ -1669,12 +1807,14 @@ class CaptureSink:
                 worker.reported_unsent = True
                 if len(msg) > 2 and msg[2]:
                     self._count_unsent(msg[2])
+                if len(msg) > 3 and msg[3]:
+                    self._count_removed(msg[3])
                 if not self._closing:
                     # Stopped unasked (a shard it could not rotate ends its loop): a dead
                     # worker like any other, or the pump would feed a closed pipe for good.
                     self._died(worker)
                 break
-            _, written, dropped, redacted, kinds, positions, final = msg
+            _, written, dropped, redacted, kinds, positions, final, removed = msg
             with worker.lock:
                 if worker.inflight:
                     if final:
@@ -1687,6 +1827,8 @@ class CaptureSink:
             self._count_written(written, redacted, kinds)
             for reason, by_key in dropped.items():
                 self._count_dropped(by_key, reason)
+            if removed:
+                self._count_removed(removed)
         worker.recv_conn.close()
         worker.closed.set()
 
@@ -1826,6 +1968,24 @@ class CaptureSink:
         if self._on_dropped:
             for key, n in by_key.items():
                 self._on_dropped(key, n, DROP_UPLOAD_PENDING)
+
+    def _count_removed(self, by_key: dict[str, int]) -> None:
+        """Report records lost with a shard deleted while open (``shard_removed``): counted
+        written when they were written, they move to ``dropped`` in the stats, so that the
+        last log line's counts are what the shards hold; the written metric, a counter, keeps
+        them."""
+        n = sum(by_key.values())
+        with self._lock:
+            self.stats.written -= n
+            self.stats.dropped += n
+        log.error(
+            "capture: %d record(s) were written to shards deleted while open (a task's folder "
+            "removed?) and are lost",
+            n,
+        )
+        if self._on_dropped:
+            for key, k in by_key.items():
+                self._on_dropped(key, k, DROP_SHARD_REMOVED)
 
     def _count_dropped(self, by_key: dict[str, int] | Counter[str], reason: str) -> None:
         with self._lock:

@@ -39,16 +39,22 @@ What it does:
   a slow agent slows the LLM's connection instead of filling the gateway's memory. The
   connection goes back to the pool only if the answer was read to its end.
 
-Errors: :class:`TimeoutError` when the deadline passes, :class:`HTTPClientError` for
-everything else (refused, reset, malformed answer, answer over ``max_body`` bytes), with a
-message that never contains request headers, so never an API key.
+Errors: :class:`TimeoutError` when the deadline passes, :class:`OutOfFileDescriptors` when
+this process has no file descriptor left for a new connection (the gateway's shortage, not the
+upstream's failure), :class:`HTTPClientError` for everything else (refused, reset, malformed
+answer, answer over ``max_body`` bytes), with a message that never contains request headers,
+so never an API key.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import logging
+import os
 import ssl as ssl_module
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -58,6 +64,7 @@ from urllib.parse import SplitResult, urlsplit, urlunsplit
 import httptools
 
 from slm_contract import http_url_problem
+from slm_gateway.errors import SERVER_ERROR, GatewayError
 
 #: Headers every request carries: both upstreams take and return JSON.
 JSON_HEADERS: tuple[tuple[str, str], ...] = (
@@ -68,12 +75,60 @@ JSON_HEADERS: tuple[tuple[str, str], ...] = (
     ("User-Agent", "slm-gateway"),
 )
 
+log = logging.getLogger(__name__)
+
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _FORBIDDEN_IN_HEADERS = ("\r", "\n", "\0")
+#: At most one "out of file descriptors" warning per this many seconds.
+OUT_OF_FILES_LOG_INTERVAL_S = 10.0
 
 
 class HTTPClientError(Exception):
     """A call failed for a reason other than its deadline; the message is safe to log."""
+
+
+#: The ``code`` of the 503 an agent gets when the gateway has no file descriptor left.
+CODE_OUT_OF_FILES = "out_of_file_descriptors"
+
+
+class OutOfFileDescriptors(GatewayError):
+    """No connection could be opened: this process has no file descriptor left (``EMFILE``,
+    or the system none, ``ENFILE``). The answer is a 503 in OpenAI's error body, with
+    ``Retry-After: 1`` (another replica, or this one a moment later, answers the retry).
+
+    Why not an :class:`HTTPClientError`: the caller takes those for the upstream failing,
+    and under a burst of calls (about 500 concurrent ones with a soft limit of 1024) five of
+    them opened the LLM's circuit for every task on it, long after the descriptors were free
+    again. The shortage is the gateway's own, so this is the gateway's error: the request path
+    answers any :class:`~slm_gateway.errors.GatewayError` as it is, and no breaker sees it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            503,
+            "The gateway is out of file descriptors (too many calls at once for its limit of "
+            "open files); retry shortly.",
+            type=SERVER_ERROR,
+            code=CODE_OUT_OF_FILES,
+            headers={"Retry-After": "1"},
+        )
+
+
+def out_of_file_descriptors(exc: OSError) -> bool:
+    """Whether a failure to connect came from this process having no file descriptor left.
+
+    ``EMFILE``/``ENFILE`` say so, but a host name is looked up first, and a lookup that cannot
+    open ``/etc/hosts`` or a socket to the resolver fails in its own words (uvloop's reads
+    "Name or service not known"): any other failure is checked by opening one descriptor.
+    Only on the failure path, so a connect costs nothing more."""
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        return True
+    try:
+        fd = os.open(os.devnull, os.O_RDONLY)
+    except OSError as probe:
+        return probe.errno in (errno.EMFILE, errno.ENFILE)
+    os.close(fd)
+    return False
 
 
 def _split(url: str) -> SplitResult:
@@ -526,6 +581,8 @@ class Client:
         self._ssl = ssl_context
         self._origins: dict[tuple[str, str, int], _Origin] = {}
         self._closed = False
+        self._out_of_files_said_at = float("-inf")
+        self._out_of_files_unsaid = 0
 
     def _ssl_context(self) -> ssl_module.SSLContext:
         if self._ssl is None:
@@ -704,10 +761,30 @@ class Client:
                 f"TLS handshake failed ({exc.reason or type(exc).__name__})"
             ) from None
         except OSError as exc:
+            if out_of_file_descriptors(exc):
+                self._say_out_of_files()
+                raise OutOfFileDescriptors() from None
             raise HTTPClientError(
                 f"cannot connect ({exc.strerror or type(exc).__name__})"
             ) from None
         return protocol
+
+    def _say_out_of_files(self) -> None:
+        """Log that connections fail for want of file descriptors, at most once per
+        :data:`OUT_OF_FILES_LOG_INTERVAL_S`, with the count since the last line: the agents'
+        503s say it, and the operator, who must raise the limit or add replicas, needs to
+        read it too, once, not once per call of a burst."""
+        self._out_of_files_unsaid += 1
+        now = time.monotonic()
+        if now - self._out_of_files_said_at < OUT_OF_FILES_LOG_INTERVAL_S:
+            return
+        log.warning(
+            "%d upstream connection(s) could not be opened: this process is out of file "
+            "descriptors (too many calls at once for its limit of open files); answered 503 %s",
+            self._out_of_files_unsaid,
+            CODE_OUT_OF_FILES,
+        )
+        self._out_of_files_said_at, self._out_of_files_unsaid = now, 0
 
     async def _exchange(
         self,
@@ -780,4 +857,12 @@ def _expire(waiter: asyncio.Future[Any], what: str) -> None:
         waiter.set_exception(TimeoutError(what))
 
 
-__all__ = ["JSON_HEADERS", "Client", "HTTPClientError", "Response", "StreamedResponse", "Target"]
+__all__ = [
+    "JSON_HEADERS",
+    "Client",
+    "HTTPClientError",
+    "OutOfFileDescriptors",
+    "Response",
+    "StreamedResponse",
+    "Target",
+]

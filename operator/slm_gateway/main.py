@@ -45,6 +45,7 @@ def serve(cfg: GatewayConfig) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    open_files_limit()
     try:
         app = create_app(cfg)
     except AuthNotConfigured as exc:
@@ -83,6 +84,26 @@ def serve(cfg: GatewayConfig) -> None:
     logging.getLogger("uvicorn.error").addFilter(_no_cancel_traceback)
     tune_gc()
     uvicorn.Server(config).run(sockets=[sock])
+
+
+def open_files_limit() -> int:
+    """Raise the gateway's soft limit of open files to its hard limit, say which it is, and
+    return it.
+
+    Why: every agent call holds a socket, and every LLM call another one; with the soft limit
+    many container runtimes set (1024), about 500 concurrent calls took them all: agents got
+    connection resets, and 502s that opened the LLM's circuit for every task on it. The
+    capture workers raised theirs; the process holding the sockets did not. Said once, at
+    start, so that a shortage of descriptors can be told apart from a low limit."""
+    from slm_gateway.capture import raise_open_files_limit
+
+    before, now = raise_open_files_limit()
+    logger = logging.getLogger("slm_gateway")
+    if now != before:
+        logger.info("open files: soft limit %d (raised from %d)", now, before)
+    else:
+        logger.info("open files: soft limit %d", now)
+    return now
 
 
 def _no_cancel_traceback(record: logging.LogRecord) -> bool:

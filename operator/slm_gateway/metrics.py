@@ -19,7 +19,8 @@ namespace empty for routes from a static file; ``backend`` is ``slm`` or ``llm``
   code (``upstream_error``, ``upstream_timeout``, ``upstream_unavailable``, ``llm_4xx``, and
   ``llm_auth``: the LLM answered 401 or 403 to the task's key, the agent got a 502;
   ``internal_error``: the gateway failed while relaying a stream; ``shutting_down``: the call
-  was still running when the graceful shutdown ran out).
+  was still running when the graceful shutdown ran out; ``out_of_file_descriptors``: the
+  gateway had no file descriptor left to connect to the LLM, a 503).
 - ``slm_gateway_invalid_requests_total{code}``: requests rejected before routing (4xx).
 - ``slm_gateway_agent_auth_total{result}`` and ``slm_gateway_token_reviews_total{result}``:
   with ``--agent-auth serviceaccount``, how calls fared (``ok``, ``missing``, ``invalid``,
@@ -55,10 +56,12 @@ namespace empty for routes from a static file; ``backend`` is ``slm`` or ``llm``
   full disk), ``worker_lost`` (held by a capture worker that died before writing it whole to a
   shard, counted when it dies; lines it wrote but never acknowledged are found in its shards
   and counted ``written``), ``shutdown`` (not written before the gateway stopped), ``spool_full`` (a
-  URI target's local spool reached ``--capture-spool-mb``: uploads have been failing) or
+  URI target's local spool reached ``--capture-spool-mb``: uploads have been failing),
   ``upload_pending`` (written to the spool, so also counted ``written``, but not uploaded when
   its worker stopped; a later gateway on the same spool uploads them, a pod's spool goes with
-  the pod).
+  the pod) or ``shard_removed`` (written, so also counted ``written``, to a shard deleted
+  while open: its task's folder removed under the gateway; the next records go to a new
+  shard).
 - ``slm_gateway_capture_redacted_records_total{namespace,task}`` and
   ``slm_gateway_capture_redactions_total{kind}``: records with at least one redaction and the
   entities replaced, by kind (EMAIL_ADDRESS, API_KEY, ...).
@@ -417,7 +420,7 @@ class GatewayMetrics:
         self.capture_dropped = Counter(
             p + "capture_dropped_records",
             "Call records not written, by why (queue_full, redaction_failed, encode_failed, "
-            "write_failed, worker_lost, shutdown, spool_full, upload_pending).",
+            "write_failed, worker_lost, shutdown, spool_full, upload_pending, shard_removed).",
             ["namespace", "task", "reason"],
             registry=r,
         )

@@ -1099,7 +1099,8 @@ def test_a_failed_rotation_neither_stops_the_worker_nor_drops_later_records(
 ) -> None:
     """A shard that cannot be published when it comes of age (its folder removed here) ended
     the worker's loop, and a restart with the redactor's seconds of CPU followed; now the
-    failure is logged, the worker carries on, and the next records are written."""
+    worker carries on, and the next records are written. The record in the removed shard is
+    lost, and counted so (it stayed counted as written)."""
     import shutil
 
     sink = CaptureSink(CaptureConfig(target=str(tmp_path), max_shard_seconds=0.5))
@@ -1108,15 +1109,15 @@ def test_a_failed_rotation_neither_stops_the_worker_nor_drops_later_records(
         pid = sink._workers[0].proc.pid
         sink.submit(item(0, key="gone"))
         assert wait_for(lambda: sink.stats.written == 1)
-        shutil.rmtree(tmp_path / "gone")  # the open shard's rename at rotation now fails
-        time.sleep(1.5)  # past its age: the rotation is tried, and fails
+        shutil.rmtree(tmp_path / "gone")  # the open shard's rename at rotation would fail
+        time.sleep(1.5)  # past its age: the rotation is tried
         for i in range(5):
             sink.submit(item(100 + i))
-        assert wait_for(lambda: sink.stats.written == 6), sink.stats
+        assert wait_for(lambda: sink.stats.pending == 0 and sink.stats.dropped == 1), sink.stats
         assert sink._workers[0].proc.pid == pid and sink._workers[0].alive
     finally:
         stats = sink.close()
-    assert (stats.written, stats.dropped, stats.pending) == (6, 0, 0)
+    assert (stats.written, stats.dropped, stats.pending) == (5, 1, 0)
     assert sum(len(p.read_bytes().splitlines()) for p in shards(tmp_path / "weather")) == 5
 
 
@@ -1175,6 +1176,140 @@ def test_a_shard_that_cannot_be_written_drops_its_records_saying_why(tmp_path: P
     assert {(k, reason) for k, _, reason in dropped} == {("weather", capture.DROP_WRITE)}
     assert sum(n for _, n, _ in dropped) == 2
     assert sum(f.read_bytes().count(b"\n") for f in shards(tmp_path / "ns" / "extract")) == 2
+
+
+def test_a_task_folder_removed_under_an_open_shard_loses_only_what_it_held(
+    tmp_path: Path,
+) -> None:
+    """A task's folder removed while its shard was open (someone resetting the task's data):
+    later records went on into the deleted file, counted written and lost, and closing then
+    failed on that shard and left every other task's shard unpublished. Now the loss is
+    counted, the next records go to a new shard, and the other tasks are published."""
+    import shutil
+
+    w = ShardWriter(tmp_path, 0, 1 << 20, 3600, clock=Clock())
+    w.write("weather", [b'{"a":1}\n', b'{"a":2}\n'])
+    w.write("ns/extract", [b'{"o":1}\n'])
+    shutil.rmtree(tmp_path / "weather")
+    w.write("weather", [b'{"b":1}\n'])
+    w.close_all()
+    assert [p.read_bytes() for p in shards(tmp_path / "weather")] == [b'{"b":1}\n']
+    assert [p.read_bytes() for p in shards(tmp_path / "ns")] == [b'{"o":1}\n']
+    assert shards(tmp_path, "*.part") == []
+    assert w.take_removed() == {"weather": 2} and w.take_removed() == {}
+
+
+def test_a_shard_removed_before_it_is_published_is_counted_and_the_others_still_are(
+    tmp_path: Path,
+) -> None:
+    """Closing stopped at the first shard it could not publish (removed here): the shards
+    after it stayed ``.jsonl.part``, never read by the trainer."""
+    w = ShardWriter(tmp_path, 0, 1 << 20, 3600, clock=Clock())
+    for key in ("a", "b", "c"):
+        w.write(key, [b"{}\n"] * 3)
+    next((tmp_path / "a").glob("*.part")).unlink()
+    w.close_all()
+    assert sorted(p.parent.name for p in shards(tmp_path)) == ["b", "c"]
+    assert shards(tmp_path, "*.part") == [] and w.take_removed() == {"a": 3}
+
+
+def test_a_shard_that_cannot_be_published_leaves_the_others_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One shard whose rename fails (a read-only folder) is logged once and left as its
+    ``.part`` for recovery; it no longer keeps the shards after it from being published."""
+    w = ShardWriter(tmp_path, 0, 1 << 20, 3600, clock=Clock())
+    for key in ("a", "b"):
+        w.write(key, [b"{}\n"])
+    real = os.replace
+
+    def replace(src: Any, dst: Any) -> None:
+        if Path(src).parent.name == "a":
+            raise PermissionError(13, "Permission denied")
+        real(src, dst)
+
+    with caplog.at_level("ERROR", logger="slm_gateway.capture"), monkeypatch.context() as m:
+        m.setattr(capture.os, "replace", replace)
+        w.close_all()
+    assert [p.parent.name for p in shards(tmp_path)] == ["b"]
+    assert [p.parent.name for p in shards(tmp_path, "*.part")] == ["a"]  # left for recovery
+    assert len(caplog.records) == 1 and "cannot publish 1 shard" in caplog.records[0].getMessage()
+    assert w.take_removed() == {}  # its lines are on disk: a later recovery publishes them
+
+
+def test_records_lost_with_a_removed_task_folder_are_counted_dropped(tmp_path: Path) -> None:
+    """The gateway end to end: the records written to a shard whose folder was removed are
+    counted dropped (``shard_removed``) instead of written, the later ones are written to a
+    new shard, and the other task's shard is published at shutdown."""
+    import shutil
+
+    dropped: list[tuple[str, int, str]] = []
+    sink = CaptureSink(
+        CaptureConfig(target=str(tmp_path)),
+        on_dropped=lambda k, n, reason: dropped.append((k, n, reason)),
+    )
+    sink.start()
+    try:
+        for i in range(3):
+            sink.submit(item(i))
+            sink.submit(item(i, key="ns/extract"))
+        assert wait_for(lambda: sink.stats.written == 6), sink.stats
+        shutil.rmtree(tmp_path / "weather")
+        for i in range(3, 13):
+            sink.submit(item(i))
+        for i in range(3, 6):
+            sink.submit(item(i, key="ns/extract"))
+        assert wait_for(lambda: sink.stats.pending == 0), sink.stats
+    finally:
+        stats = sink.close()
+    assert (stats.submitted, stats.written, stats.dropped, stats.pending) == (19, 16, 3, 0)
+    assert dropped == [("weather", 3, capture.DROP_SHARD_REMOVED)]
+    assert sum(p.read_bytes().count(b"\n") for p in shards(tmp_path / "weather")) == 10
+    assert sum(p.read_bytes().count(b"\n") for p in shards(tmp_path / "ns")) == 6
+    assert shards(tmp_path, "*.part") == []
+
+
+def test_a_disk_that_cannot_be_written_is_logged_once_per_interval_and_when_it_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full or read-only disk logged one error per batch (about 190 lines a second under
+    load); now one line per interval with the count since the last one, and one line when
+    the shard is written again. The worker runs here, on a thread, with its real redactor."""
+    import multiprocessing as mp
+    import threading
+
+    monkeypatch.setattr(capture.signal, "signal", lambda *_: None)
+    monkeypatch.setattr(capture, "batch_scheduling", lambda: False)
+    monkeypatch.setattr(capture, "raise_open_files_limit", lambda: (0, 0))
+    blocker = tmp_path / "weather"
+    blocker.write_bytes(b"a file where the task's folder goes: its shard cannot be written")
+    inbox_r, inbox_w = mp.Pipe(duplex=False)
+    outbox_r, outbox_w = mp.Pipe(duplex=False)
+    worker = threading.Thread(
+        target=capture._worker_main, args=(inbox_r, outbox_w, CaptureConfig(str(tmp_path)), 0)
+    )
+
+    def batch(i: int) -> tuple[Any, ...]:
+        inbox_w.send([item(i)])
+        while True:
+            msg = outbox_r.recv()
+            if msg[0] == "ack":
+                return tuple(msg)
+
+    with caplog.at_level("INFO", logger="slm_gateway.capture"):
+        worker.start()
+        assert outbox_r.recv()[0] == "ready"
+        acks = [batch(i) for i in range(30)]
+        blocker.unlink()
+        acks.append(batch(30))
+        inbox_w.send(None)
+        worker.join(30)
+    assert [a[2] for a in acks[:30]] == [{capture.DROP_WRITE: {"weather": 1}}] * 30
+    assert acks[30][1] == {"weather": 1}
+    lines = [r.getMessage() for r in caplog.records if "weather" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("capture: cannot write the shard of weather")
+    assert "writing the shard of weather again" in lines[1] and "29 more" in lines[1]
 
 
 def test_a_stalled_writers_open_shard_is_never_taken_and_a_dead_ones_still_is(

@@ -3,6 +3,7 @@ Counter and Histogram would for the same observations."""
 
 from __future__ import annotations
 
+import re
 from itertools import pairwise
 
 import pytest
@@ -293,3 +294,37 @@ def test_the_zero_series_of_a_removed_task_go_and_come_back_with_its_route() -> 
         "slm_gateway_shadow_total",
         (("namespace", "ns"), ("result", "disagree"), ("task", "t")),
     ) in samples(m.registry)
+
+
+def test_every_capture_drop_reason_is_explained_wherever_the_reasons_are_listed() -> None:
+    """A reason left out (``shard_removed``) was a label value an operator found on the
+    SlmFleetCaptureDropping alert with nothing saying what it meant or what to do."""
+    from pathlib import Path
+
+    from slm_gateway import capture, metrics
+
+    repo = Path(__file__).resolve().parents[2]
+    reasons = {v for k, v in vars(capture).items() if k.startswith("DROP_")}
+    assert "shard_removed" in reasons
+    rule = (repo / "charts/slm-fleet-operator/templates/prometheusrule.yaml").read_text()
+    (alert,) = [line for line in rule.splitlines() if "Records are lost for retraining" in line]
+    (doc_row,) = [
+        line
+        for line in (repo / "docs/metrics.md").read_text().splitlines()
+        if line.startswith("| `slm_gateway_capture_dropped_records_total`")
+    ]
+    listed = {
+        "metrics.py docstring": metrics.__doc__ or "",
+        "help text": next(
+            line
+            for line in generate_latest(GatewayMetrics().registry).decode().splitlines()
+            if line.startswith("# HELP slm_gateway_capture_dropped_records_total ")
+        ),
+        "docs/metrics.md": doc_row,
+        "SlmFleetCaptureDropping description": alert,
+    }
+    missing = {
+        where: sorted(r for r in reasons if not re.search(rf"\b{r}\b", text))
+        for where, text in listed.items()
+    }
+    assert not any(missing.values()), missing

@@ -695,3 +695,86 @@ def test_a_slow_reader_stops_the_socket_being_read() -> None:
             await client.close()
 
     run(go())
+
+
+# ---------------------------------------------------------------------------- open files
+
+#: Run in a child process, whose soft limit of open files is lowered and every free file
+#: descriptor taken before one call: prints what that call raised, then the status of a call
+#: made once the descriptors are free again.
+_OUT_OF_FILES = """
+import asyncio, json, os, resource, sys
+
+from slm_gateway.httpclient import Client, Target
+
+
+async def answer(reader, writer):
+    await reader.readuntil(b"\\r\\n\\r\\n")
+    await reader.readexactly(2)
+    writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\n{}")
+    await writer.drain()
+
+
+async def main():
+    srv = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    client = Client()
+    target = Target.parse(f"http://{sys.argv[2]}:{port}/v1/chat/completions")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 256), hard))
+    held = []
+    try:
+        while True:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        pass
+    try:
+        await client.post(target, b"{}", 5)
+        full = ["answered"]
+    except Exception as exc:
+        full = [type(exc).__name__, getattr(exc, "status", 0), str(exc)]
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    after = (await client.post(target, b"{}", 5)).status
+    print(json.dumps({"full": full, "after": after}))
+
+
+if sys.argv[1] == "uvloop":
+    import uvloop
+
+    uvloop.install()
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_a_gateway_out_of_file_descriptors_is_no_upstream_failure(loop: str, host: str) -> None:
+    """With every file descriptor taken (about 500 concurrent calls under a soft limit of
+    1024), a connect failed as ``cannot connect (Too many open files)``, an upstream failure:
+    five of them opened the LLM's circuit for every task on it. It is the gateway's own
+    shortage now, an error of its own that the gateway answers with a 503 saying so, and that
+    never reaches the breaker. With a host name the lookup fails first (uvloop reads it as an
+    unknown name): the shortage is found all the same."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", _OUT_OF_FILES, loop, host],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    name, status, message = result["full"]
+    assert (name, status) == ("OutOfFileDescriptors", 503), result
+    assert "out of file descriptors" in message
+    assert result["after"] == 200
