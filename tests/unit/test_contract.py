@@ -250,6 +250,14 @@ SECRET = "sk-TESTSECRET1234567890abcdef"
         (f"https://alice:{SECRET}/x@h/p", "https://alice/x@h/p"),
         ("s3://bucket/calls/ns/task/", "s3://bucket/calls/ns/task/"),
         ("/data/calls?not-a-query", "/data/calls?not-a-query"),  # a local path is a path
+        # a quote is legal in user info and in a query: one URI holds no closing quote
+        (
+            "https://svc-logs:Kq7'x9Vf2LmZ@logs.example.com/calls/",
+            "https://logs.example.com/calls/",
+        ),
+        ("https://host/calls/?sig=abc'defSECRET", "https://host/calls/"),
+        (f"https://alice:{SECRET}'x#y@h/p", "https://alice"),
+        (f"s3://b/k?sig={SECRET} 'x", "s3://b/k"),  # a typed space in a URI is still its own
     ],
 )
 def test_redact_uri_keeps_scheme_host_port_path_only(uri: str, shown: str) -> None:
@@ -273,6 +281,31 @@ def test_redact_uris_also_hides_a_known_uris_secrets_quoted_without_the_scheme()
     out = redact_uris(text, uri)
     assert "TESTSECRET" not in out
     assert "dav.example.com/calls" in out
+
+
+@pytest.mark.parametrize(
+    ("message", "shown"),
+    [
+        (
+            "GET https://svc-logs:Kq7'x9Vf2LmZ@logs.example.com/calls/ failed",
+            "GET https://logs.example.com/calls/ failed",
+        ),
+        ("GET https://host/calls/?sig=abc'defSECRET failed", "GET https://host/calls/ failed"),
+        ("GET https://host/?sig=abc'.defSECRET.", "GET https://host/."),
+        (f"at https://alice:{SECRET}'x#y@h/p now", "at https://alice now"),
+        # a quote that closes a quoted URI is the sentence's, not the URI's
+        ("cannot open 'https://h/calls?sig=abc': denied", "cannot open 'https://h/calls': denied"),
+        ("OSError('https://h/calls?sig=abc')", "OSError('https://h/calls')"),
+        ("['https://a/x?s=1', 'https://b/y']", "['https://a/x', 'https://b/y']"),
+        ("{'u': 'https://a/x?s=1'}", "{'u': 'https://a/x'}"),
+        ("'http://prometheus:9090' is down", "'http://prometheus:9090' is down"),
+        ("'https://h/p' for alice@example.com", "'https://h/p' for alice@example.com"),
+    ],
+)
+def test_a_quote_inside_a_uri_hides_no_secret_behind_it(message: str, shown: str) -> None:
+    """A quote is legal in user info and in a query, and ended the part it stood in: what
+    followed it, the rest of a password or a signature, was shown as prose."""
+    assert redact_uris(message) == shown
 
 
 @pytest.mark.parametrize(

@@ -1027,6 +1027,41 @@ def test_directory_of_shards_and_task_filter(tmp_path: Path) -> None:
     assert "1 of other tasks (--task assistant)" in result.message
 
 
+@pytest.mark.timeout(60)  # a FIFO opened for reading blocks for ever: never open one
+def test_jsonl_entries_that_are_not_files_are_reported_never_opened(tmp_path: Path) -> None:
+    """A dangling link, a FIFO or a folder named ``*.jsonl`` was left out without a word:
+    curate succeeded on fewer records, and nothing said that a shard was not read."""
+    shards = tmp_path / "log"
+    shards.mkdir()
+    write_log(shards / "a-good.jsonl", tool_calls(12, 0, 0))
+    os.symlink(tmp_path / "gone" / "shard.jsonl", shards / "b-broken.jsonl")
+    os.mkfifo(shards / "c-fifo.jsonl")
+    (shards / "d-folder.jsonl").mkdir()
+    os.symlink(shards / "a-good.jsonl", shards / "e-link.jsonl")  # a link to a file is read
+    out = tmp_path / "out"
+    result = run(Args(input=shards, output_dir=out))
+    assert result.ok, result.message
+    report = json.loads((out / "curate_report.json").read_text())
+    assert [Path(f).name for f in report["files"]] == ["a-good.jsonl", "e-link.jsonl"]
+    assert report["skipped_entries"] == [
+        {"name": "b-broken.jsonl", "kind": "dangling link"},
+        {"name": "c-fifo.jsonl", "kind": "fifo"},
+        {"name": "d-folder.jsonl", "kind": "directory"},
+    ]
+    assert result.message.endswith(
+        ", 3 *.jsonl entries skipped, not files (b-broken.jsonl: dangling link, "
+        "c-fifo.jsonl: fifo, d-folder.jsonl: directory)"
+    ), result.message
+    # with no shard left to read, the wait for data says why as well
+    (shards / "a-good.jsonl").unlink()
+    (shards / "e-link.jsonl").unlink()
+    waiting = run(Args(input=shards, output_dir=out))
+    assert waiting.examples == 0 and not waiting.ok
+    assert "3 *.jsonl entries skipped, not files (b-broken.jsonl: dangling link" in (
+        waiting.message
+    ), waiting.message
+
+
 def test_a_shard_whose_name_is_not_utf8_is_named_with_an_escape(tmp_path: Path) -> None:
     """A file name on Linux is bytes; one that is not UTF-8 reaches Python as a lone
     surrogate, and curate crashed writing its report after train.jsonl and eval.jsonl were

@@ -529,3 +529,30 @@ def test_an_slm_answer_ends_before_the_first_stop_sequence(stop: Any, served: st
     it was served, and the agent read an observation no tool made."""
     text = "Thought: look it up\nObservation: sunny\nFinal Answer: sunny"
     assert cut_at_stop(text, stop) == served
+
+
+def test_identical_answers_with_an_empty_string_argument_agree() -> None:
+    """BFCL's possible answer writes "may be omitted" as ``""``, and the built-in checker
+    dropped every ``""`` it accepted: an SLM answer identical to the LLM's, passing
+    ``"promo_code": ""``, disagreed live, and the canary was held back for it."""
+    promo = {
+        "type": "function",
+        "function": {
+            "name": "book",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string"},
+                    "promo_code": {"type": "string"},
+                    "channel": {"enum": ["", "web", "app"]},
+                },
+                "required": ["city"],
+            },
+        },
+    }
+    llm = _tc(("book", '{"city": "Paris", "promo_code": "", "channel": ""}'))
+    assert agree(llm, llm, "tool-call-ast", [promo])
+    assert agree(_tc(("book", '{"city": "Paris"}')), llm, "tool-call-ast", [promo])
+    assert not agree(
+        _tc(("book", '{"city": "Paris", "promo_code": "X1"}')), llm, "tool-call-ast", [promo]
+    )

@@ -7,6 +7,7 @@ import json
 import math
 import random
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -249,6 +250,84 @@ def test_ast_match(case: str, pred: dict[str, Any], expected: bool, use_bfcl: bo
         pytest.skip("bfcl-eval is not installed")
     result = m.ast_match(pred, REF, TOOLS, use_bfcl=use_bfcl)
     assert result.match is expected, result
+
+
+PROMO_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "book",
+        "parameters": {
+            "type": "object",
+            "required": ["city"],
+            "properties": {
+                "city": {"type": "string"},
+                "promo_code": {"type": "string"},
+                "channel": {"enum": ["", "web", "app"]},  # no type: the built-in checker's
+                "note": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            },
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("use_bfcl", [True, False], ids=["bfcl", "builtin"])
+def test_an_empty_string_argument_matches_the_same_empty_string(use_bfcl: bool) -> None:
+    """BFCL writes "may be omitted" as ``""`` in a possible answer, and its string checker
+    accepts ``""`` for it; the built-in port dropped every accepted ``""``, so an answer
+    identical to the reference, passing an empty string, was scored wrong."""
+    ref = call("book", {"city": "Paris", "promo_code": "", "channel": "", "note": ""})
+    assert m.ast_match(ref, ref, [PROMO_TOOL], use_bfcl=use_bfcl).match
+    assert m.ast_match(call("book", {"city": "Paris"}), ref, [PROMO_TOOL], use_bfcl=use_bfcl).match
+    for wrong in ({"channel": "web"}, {"promo_code": "X1"}, {"note": "late"}):
+        pred = call("book", {"city": "Paris", **wrong})
+        assert not m.ast_match(pred, ref, [PROMO_TOOL], use_bfcl=use_bfcl).match, wrong
+
+
+_FUZZ_SCHEMAS: list[tuple[dict[str, Any], Callable[[random.Random], Any]]] = [
+    ({"type": "string"}, lambda r: r.choice(["", "Paris", "New York, NY", "a-b_c", " "])),
+    ({"type": "integer"}, lambda r: r.randint(-3, 3)),
+    ({"type": "number"}, lambda r: r.choice([0, 2, 1.5, -0.25])),
+    ({"type": "boolean"}, lambda r: r.random() < 0.5),
+    (
+        {"type": "array", "items": {"type": "string"}},
+        lambda r: [r.choice(["", "x", "Y z"]) for _ in range(r.randint(0, 3))],
+    ),
+    (
+        {"type": "object", "properties": {"k": {"type": "string"}, "n": {"type": "integer"}}},
+        lambda r: {"k": r.choice(["", "v"]), "n": r.randint(0, 2)},
+    ),
+    ({"enum": ["", "web", "app"]}, lambda r: r.choice(["", "web", "app"])),
+    ({"anyOf": [{"type": "string"}, {"type": "null"}]}, lambda r: r.choice(["", "late"])),
+    ({"anyOf": [{"type": "integer"}, {"type": "string"}]}, lambda r: r.choice(["", 4, "4"])),
+    ({}, lambda r: r.choice(["", "free text"])),
+]
+
+
+@pytest.mark.parametrize("use_bfcl", [True, False], ids=["bfcl", "builtin"])
+@pytest.mark.parametrize("seed", range(40))
+def test_any_answer_matches_itself(seed: int, use_bfcl: bool) -> None:
+    """Whatever the schema and the arguments (empty strings included), the reference's own
+    call is a match: the gateway compares identical SLM and LLM answers this way."""
+    rng = random.Random(seed)
+    props: dict[str, Any] = {}
+    args: dict[str, Any] = {}
+    for i in range(rng.randint(1, 6)):
+        schema, value = rng.choice(_FUZZ_SCHEMAS)
+        props[f"p{i}"] = dict(schema)
+        if rng.random() < 0.3:
+            props[f"p{i}"]["default"] = value(rng)
+        if rng.random() < 0.8:
+            args[f"p{i}"] = value(rng)
+    required = [p for p in args if rng.random() < 0.5]
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "f",
+            "parameters": {"type": "object", "properties": props, "required": required},
+        },
+    }
+    ref = call("f", args)
+    assert m.ast_match(ref, ref, [tool], use_bfcl=use_bfcl).match, (props, args)
 
 
 def test_bfcl_checker_is_used_without_leaving_its_stub_behind() -> None:

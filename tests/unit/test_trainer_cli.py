@@ -455,6 +455,43 @@ def test_curate_never_prints_the_credentials_of_its_input(
     )
 
 
+@pytest.mark.parametrize(
+    ("uri", "secret"),
+    [
+        ("https://svc-logs:Kq7'x9Vf2LmZ@logs.example.com/calls/", "x9Vf2LmZ"),
+        ("https://logs.example.com/calls/?sig=abc'defSECRET", "defSECRET"),
+    ],
+)
+def test_a_quote_in_the_inputs_credentials_hides_no_part_of_them(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    uri: str,
+    secret: str,
+) -> None:
+    """A quote is legal in user info and in a query: it ended the part the redaction cut, and
+    the rest of the password or signature reached the result message, and the AgentTask's
+    conditions and Events from there."""
+    from slm_trainer import curate
+
+    monkeypatch.setattr(curate, "remote_shards", lambda uri: [])  # nothing there yet
+    result_path = tmp_path / "result.json"
+    code = cli.main(
+        [
+            "curate",
+            f"--input={uri}",
+            f"--output-dir={tmp_path / 'o'}",
+            f"--result-path={result_path}",
+        ]
+    )
+    assert code == cli.EXIT_REPORTED
+    out, err = capsys.readouterr()
+    for text in (out, err, result_path.read_text()):
+        assert secret not in text and "Kq7" not in text
+    message = TrainerResult.from_json(result_path.read_text()).message
+    assert message == "no call log at https://logs.example.com/calls/ yet (0 examples)"
+
+
 WEATHER_TOOL = {
     "type": "function",
     "function": {

@@ -64,16 +64,34 @@ class ContractError(ValueError):
 # URI came from. So every message names a URI by scheme, host, port and path only.
 # What no URI part here runs across: white space, quotes, angle brackets, and a backslash (a
 # JSON escape: a URI quoted in a JSON line ends before ``\"``, which must stay intact).
+# A ``'`` is legal in user info and in a query, though, and what followed it (the rest of a
+# password, of a signature) was shown as prose: so a quote stays in the user info and host
+# when an ``@`` follows before any white space, and in a query or fragment unless only
+# trailing punctuation comes between it and the URI's end (``'https://h/p?s=1'.``).
 _NOT = r"\s'\"<>\\"
-_END = rf"[^{_NOT}.,;:)\]#]"  # a query or fragment does not end on trailing punctuation
-_URI = re.compile(
-    r"(?i)\b([a-z][a-z0-9+.-]*://)"  # scheme
-    rf"(?:[^{_NOT}/?#]*@)?"  # user info, dropped
-    rf"([^{_NOT}/?#]*)"  # host[:port], kept
-    rf"([^{_NOT}?#]*)"  # path, kept
-    rf"(?:\?(?:[^{_NOT}#]*{_END})?)?"  # query, dropped
-    rf"(?:#(?:[^{_NOT}]*{_END})?)?"  # fragment, dropped
-)
+_AUTH_QUOTE = r"'(?=[^\s\"<>\\]*@)"
+_TAIL_QUOTE = rf"'(?![.,;:)\]}}]*(?:[{_NOT}]|$))"
+
+
+def _uri_pattern(stop: str, authority_quote: str, tail_quote: str) -> re.Pattern[str]:
+    """A URI's parts, none running across a character of ``stop``, or across a quote unless
+    ``authority_quote`` (user info, host) or ``tail_quote`` (query, fragment) allows it."""
+    end = rf"[^{stop}.,;:)\]#]"  # a query or fragment does not end on trailing punctuation
+    anything = rf"[^{stop}]" if stop else r"[\s\S]"
+    return re.compile(
+        r"(?i)\b([a-z][a-z0-9+.-]*://)"  # scheme
+        rf"(?:(?:[^{stop}/?#]|{authority_quote})*@)?"  # user info, dropped
+        rf"((?:[^{stop}/?#]|{authority_quote})*)"  # host[:port], kept
+        rf"([^{stop}?#]*)"  # path, kept
+        rf"(?:\?(?:(?:[^{stop}#]|{tail_quote})*{end})?)?"  # query, dropped
+        rf"(?:#(?:(?:{anything}|{tail_quote})*{end})?)?"  # fragment, dropped
+    )
+
+
+#: Every URI in free text, where a quote or a space may end one.
+_URI = _uri_pattern(_NOT, _AUTH_QUOTE, _TAIL_QUOTE)
+#: One URI, all of it: nothing in it ends it early (``(?!)`` never matches).
+_ONE_URI = _uri_pattern("", "(?!)", "(?!)")
 
 
 def _kept(m: re.Match[str]) -> str:
@@ -131,8 +149,13 @@ def redact_uris(text: str, *uris: str) -> str:
 
 
 def redact_uri(uri: str) -> str:
-    """One URI as a message may show it (see :func:`redact_uris`): no user info, no query."""
-    return redact_uris(uri)
+    """One URI as a message may show it (see :func:`redact_uris`): no user info, no query.
+
+    Read as one URI throughout: a quote or space in its password or query (legal, or typed)
+    is part of it, where in free text it could end it. Cut at one, the rest of the secret
+    was shown, and a later :func:`redact_uris` with the full URI no longer found it.
+    """
+    return _ONE_URI.sub(_kept, uri)
 
 
 #: What Go's net/url (the CRD's CEL ``isURL``) accepts in a host, port included: letters,

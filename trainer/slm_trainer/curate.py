@@ -46,7 +46,8 @@ repeat most. This stage, in order:
 
 Outputs in ``output_dir``: ``train.jsonl`` and ``eval.jsonl`` (call records, in the order of
 their content hash, which also mixes a log's runs of one tool before training reads it) and
-``curate_report.json`` (every count). Heavy imports (Presidio, datasketch) happen inside the
+``curate_report.json`` (every count, and the folder's ``*.jsonl`` entries that are not
+files, never read). Heavy imports (Presidio, datasketch) happen inside the
 functions that need them, so ``slm-trainer curate --help`` stays instant.
 """
 
@@ -59,10 +60,11 @@ import json
 import math
 import os
 import re
+import stat
 import time
 from array import array
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -366,12 +368,43 @@ def remote_shards(uri: str) -> list[RemoteShard]:
         ) from exc
 
 
-def input_files(path: str | Path) -> list[Shard]:
-    """The shards to read: the file itself, or a directory's ``*.jsonl`` in name order; an
-    fsspec URI is listed the same way through its filesystem (:func:`remote_shards`)."""
+def not_a_file(entry: Path) -> str:
+    """What a listed ``*.jsonl`` entry is when it is no regular file (``"dangling link"``,
+    ``"fifo"``, ``"directory"``...), or "" when it is one (a link to one is one).
+
+    ``stat`` only, never ``open``: a FIFO opened for reading blocks until something writes
+    to it, and the stage would hang until its Job's deadline.
+    """
+    try:
+        mode = entry.stat().st_mode
+    except FileNotFoundError:
+        return "dangling link" if entry.is_symlink() else ""  # "": removed since listed
+    except OSError:  # a link loop, a denied stat
+        return "dangling link" if entry.is_symlink() else "unreadable"
+    if stat.S_ISREG(mode):
+        return ""
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISFIFO(mode):
+        return "fifo"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return "not a regular file"
+
+
+def list_input(path: str | Path) -> tuple[list[Shard], list[dict[str, str]]]:
+    """The shards to read (see :func:`input_files`), and the local folder's ``*.jsonl``
+    entries that are not files (``{"name", "kind"}``, in name order), which are not read.
+
+    Why these are listed: a dangling link, a FIFO or a folder named like a shard was left
+    out without a word, and curate trained on fewer records than the log holds with nothing
+    to say so; now the report lists them and the result message counts them.
+    """
     if isinstance(path, str):
         if is_uri(path):
-            return list(remote_shards(path))
+            return list(remote_shards(path)), []
         path = Path(path)
     if path.is_dir():
         try:
@@ -383,8 +416,32 @@ def input_files(path: str | Path) -> list[Shard]:
                 f"cannot list the call log folder {printable_name(str(path))}: permission "
                 f"denied; {_LOCAL_ACCESS_HINT}"
             ) from exc
-        return sorted(p for p in entries if p.name.endswith(".jsonl") and p.is_file())
-    return [path]
+        shards = sorted(p for p in entries if p.name.endswith(".jsonl"))
+        kinds = [(p, not_a_file(p)) for p in shards]
+        skipped = [{"name": printable_name(p.name), "kind": k} for p, k in kinds if k]
+        # exists(): not a file that was removed since the listing (no shard, nothing to say)
+        return [p for p, k in kinds if not k and p.exists()], skipped
+    return [path], []
+
+
+def skipped_note(skipped: Sequence[Mapping[str, str]], named: int = 3) -> str:
+    """``"2 *.jsonl entries skipped, not files (a.jsonl: fifo, b.jsonl: directory)"``, the
+    first ``named`` of them by name, or "" when none: for the result message, which the
+    contract caps (the report lists them all)."""
+    if not skipped:
+        return ""
+    n = len(skipped)
+    shown = ", ".join(f"{e['name']}: {e['kind']}" for e in skipped[:named])
+    more = f" and {n - named} more" if n > named else ""
+    return f"{n} *.jsonl {'entry' if n == 1 else 'entries'} skipped, not files ({shown}{more})"
+
+
+def input_files(path: str | Path) -> list[Shard]:
+    """The shards to read: the file itself, or a directory's ``*.jsonl`` that are files (or
+    links to files), in name order; an fsspec URI is listed the same way through its
+    filesystem (:func:`remote_shards`). What else is named ``*.jsonl`` is never opened
+    (:func:`list_input` names it)."""
+    return list_input(path)[0]
 
 
 def malformed_reason(exc: ContractError) -> str:
@@ -972,20 +1029,23 @@ def run(args: Args, progress: Progress | None = None) -> TrainerResult:
     """Run the stage; every outcome, including a missing input, is a TrainerResult."""
     started = time.monotonic()
     try:
-        files = input_files(args.input)
+        files, skipped = list_input(args.input)
         missing = [printable_name(str(p)) for p in files if isinstance(p, Path) and not p.is_file()]
         if not files or missing:
             # Zero examples rather than an error: a task's log directory appears with its
             # first captured call, so the operator waits and curates again (DataReady
             # WaitingForData).
+            note = skipped_note(skipped)
             return TrainerResult(
                 stage=CONTRACT_STAGE,
                 ok=False,
                 examples=0,
                 message=f"no call log at {printable_name(redact_uri(str(args.input)))} yet "
-                "(0 examples)" + (f" ({', '.join(missing)})" if missing else ""),
+                "(0 examples)"
+                + (f" ({', '.join(missing)})" if missing else "")
+                + (f"; {note}" if note else ""),
             )
-        return _curate(args, files, started, progress)
+        return _curate(args, files, started, progress, skipped)
     except CallLogUnreadable as exc:
         # No example count: the operator reads a count below minExamples as "wait for data",
         # and an unreadable location must fail visibly instead of waiting for ever.
@@ -1319,9 +1379,14 @@ def _filter_near(
 
 
 def _curate(
-    args: Args, files: Sequence[Shard], started: float, progress: Progress | None
+    args: Args,
+    files: Sequence[Shard],
+    started: float,
+    progress: Progress | None,
+    skipped: Sequence[Mapping[str, str]] = (),
 ) -> TrainerResult:
-    """The stage proper, over shards known to exist."""
+    """The stage proper, over shards known to exist; ``skipped`` names the entries of the
+    input folder that looked like shards but are not files (:func:`list_input`)."""
     stats = ParseStats()
     redaction = _Redaction.of(args.scrub_pii)
     found = _first_read(args, files, stats, redaction, progress)
@@ -1366,6 +1431,8 @@ def _curate(
     report = {
         "input": printable_name(redact_uri(str(args.input))),
         "files": [printable_name(str(p)) for p in files],
+        # *.jsonl entries of the input folder never read: a dangling link, a FIFO, a folder
+        "skipped_entries": [dict(e) for e in skipped],
         "settings": {
             "task": args.task,
             "scrub_pii": args.scrub_pii,
@@ -1431,6 +1498,7 @@ def _curate(
             if beyond
             else ""
         )
+        + (f", {skipped_note(skipped)}" if skipped else "")
     )
     if len(kept) < args.min_examples:
         return TrainerResult(

@@ -392,6 +392,13 @@ def _branch_for(schema: Mapping[str, Any], value: Any) -> Mapping[str, Any]:
 
 
 def _value_ok(value: Any, accepted: Sequence[Any], schema: Mapping[str, Any]) -> bool:
+    """Whether one argument's ``value`` is among the ``accepted`` ones, by BFCL's rules.
+
+    ``""`` in ``accepted`` means "may be omitted", and is also the reference's own value
+    when it sent an empty string: BFCL's string checker accepts ``""`` for it. It is left
+    out only where the answer's type is inferred from the accepted values; dropped from the
+    string comparison too, an answer identical to the reference was scored wrong.
+    """
     schema = _branch_for(schema, value)
     kind = gorilla_type(schema)
     if kind == "float" and type(value) is int:
@@ -433,7 +440,7 @@ def _value_ok(value: Any, accepted: Sequence[Any], schema: Mapping[str, Any]) ->
             return False
     if isinstance(value, str):
         return bfcl_standardize(value) in [
-            bfcl_standardize(a) for a in candidates if isinstance(a, str)
+            bfcl_standardize(a) for a in accepted if isinstance(a, str)
         ]
     return value in candidates
 
