@@ -567,6 +567,36 @@ def test_a_log_of_one_tool_is_one_agent_task_not_two(tmp_path: Path, by_axis: No
     assert "2 clusters calling get_weather merged into get-weather" in result.message
 
 
+def test_jsonl_entries_that_are_not_files_are_reported_never_read(
+    tmp_path: Path, by_axis: None
+) -> None:
+    """A dangling link or a FIFO named like a shard was left out without a word: discover
+    proposed tasks from fewer calls than the log holds and nothing said so. (A FIFO opened
+    would block the stage for good.)"""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    calls = [rec(f"Weather in the city of {c} tomorrow?", "get_weather") for c in CITIES[:6]]
+    (logs / "a.jsonl").write_text("".join(r.to_json() + "\n" for r in calls))
+    (logs / "b.jsonl").symlink_to(tmp_path / "gone.jsonl")
+    os.mkfifo(logs / "c.jsonl")
+    out = tmp_path / "out"
+    result = discover.run(
+        discover.Args(
+            input=logs, output_dir=out, max_clusters=2, min_cluster_size=2, scrub_pii=False
+        )
+    )
+    assert result.ok, result.message
+    assert result.examples == 6
+    assert "2 *.jsonl entries skipped, not files (b.jsonl: dangling link, c.jsonl: fifo)" in (
+        result.message
+    )
+    report = json.loads((out / "discover_report.json").read_text())
+    assert report["skipped_entries"] == [
+        {"name": "b.jsonl", "kind": "dangling link"},
+        {"name": "c.jsonl", "kind": "fifo"},
+    ]
+
+
 def test_clusters_without_a_dominant_tool_and_with_other_templates_are_not_merged() -> None:
     """Two generation tasks (summaries, translations) share (no tool, generation), but not
     their prompt template."""

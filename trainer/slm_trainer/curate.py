@@ -191,6 +191,10 @@ class ParseStats:
     #: refuses (too long to redact, too deep to write) came from.
     source: str = ""
     lineno: int = 0
+    #: The input folder's ``*.jsonl`` entries that are not files, never read
+    #: (:func:`list_input`): for a stage that reads through :func:`read_records`-style
+    #: helpers and reports them beside the malformed lines.
+    not_files: list[dict[str, str]] = field(default_factory=list)
 
     def skip(self, reason: str, error: str, max_error_samples: int = 5) -> None:
         """Count the current line as malformed for ``reason``; keep it among the first few.

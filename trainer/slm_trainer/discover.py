@@ -66,11 +66,12 @@ from slm_trainer.curate import (
     distinct_count,
     exact_key,
     has_answer,
-    input_files,
+    list_input,
     llm_only_tools,
     parse_lines,
     printable_name,
     read_lines,
+    skipped_note,
     writable,
 )
 
@@ -674,10 +675,11 @@ def read_records(
     Calls with an empty answer are kept: they still show which tasks recur. ``path`` may be
     an fsspec URI; an unreadable one raises :class:`CallLogUnreadable`.
     """
-    lines = read_lines(input_files(path))
+    stats = stats if stats is not None else ParseStats()
+    files, stats.not_files = list_input(path)
     yield from parse_lines(
-        lines,
-        stats if stats is not None else ParseStats(),
+        read_lines(files),
+        stats,
         max_error_samples=max_error_samples,
         require_answer=False,
     )
@@ -774,6 +776,8 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
         else ""
     )
     skipped = stats.skipped_note() + sample_note
+    if stats.not_files:  # a dangling link, a FIFO: never read, said rather than dropped
+        skipped += f"; {skipped_note(stats.not_files)}"
     if len(records) < 3:
         return TrainerResult(
             stage=CONTRACT_STAGE,
@@ -911,6 +915,7 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
         "malformed": dict(sorted(stats.malformed.items())),
         "malformed_total": sum(stats.malformed.values()),
         "error_samples": stats.errors,
+        "skipped_entries": stats.not_files,
         "valid_records": valid,
         "max_records": args.max_records,
         "left_out_by_sample": left_out,
