@@ -1353,6 +1353,7 @@ def test_schema_keeps_every_quantity_the_api_server_takes() -> None:
         "gateway.resources.requests.cpu=0",
         "gateway.resources.limits.cpu=2",
         "operator.resources.requests.memory=1e9",
+        "operator.resources.limits.memory=1Gi",  # not below the request: refused then
         "operator.resources.limits.cpu=.5",
         json_values=('gateway.capture.emptyDirSizeLimit="0"',),
     )
@@ -1511,6 +1512,76 @@ def test_gateway_pre_stop_sleep_must_end_before_its_grace_period() -> None:
         "Deployment",
     )["slm-gateway"]["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] == 30
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            ("operator.resources.requests.memory=1Gi",),  # the default limit is 512Mi
+            "operator.resources.requests.memory (1Gi) is above "
+            "operator.resources.limits.memory (512Mi)",
+        ),
+        (
+            ("gateway.resources.limits.memory=256Mi",),  # the default request is 512Mi
+            "gateway.resources.requests.memory (512Mi) is above "
+            "gateway.resources.limits.memory (256Mi)",
+        ),
+        (
+            ("operator.resources.requests.cpu=2", "operator.resources.limits.cpu=1500m"),
+            "operator.resources.requests.cpu (2) is above operator.resources.limits.cpu (1500m)",
+        ),
+        (
+            ("gateway.resources.requests.cpu=1.5", "gateway.resources.limits.cpu=1"),
+            "gateway.resources.requests.cpu (1.5) is above gateway.resources.limits.cpu (1)",
+        ),
+        (
+            (
+                "gateway.resources.requests.ephemeral-storage=1.1G",
+                "gateway.resources.limits.ephemeral-storage=1Gi",
+            ),
+            "gateway.resources.requests.ephemeral-storage (1.1G) is above "
+            "gateway.resources.limits.ephemeral-storage (1Gi)",
+        ),
+        (
+            ("operator.resources.requests.memory=2e9", "operator.resources.limits.memory=1G"),
+            "operator.resources.requests.memory (2e9) is above "
+            "operator.resources.limits.memory (1G)",
+        ),
+    ],
+)
+def test_resource_requests_above_their_limits_are_refused(
+    values: tuple[str, ...], message: str
+) -> None:
+    """The schema takes each quantity alone; a request above its limit the API server refused
+    at apply, halfway through an install or upgrade (the release failed, half-applied). The
+    chart compares them as quantities at render and names both values."""
+    err = helm_fails(CAPTURE_CLAIM, *values)
+    assert message in err, err
+    assert "raise the limit too" in err, err
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        ("operator.resources.requests.cpu=500m", "operator.resources.limits.cpu=1"),
+        ("operator.resources.requests.memory=512Mi", "operator.resources.limits.memory=0.5Gi"),
+        ("gateway.resources.requests.cpu=1", "gateway.resources.limits.cpu=1000m"),
+        ("gateway.resources.requests.memory=1G", "gateway.resources.limits.memory=1Gi"),
+        ("gateway.resources.requests.memory=1e9", "gateway.resources.limits.memory=1G"),
+        ("gateway.resources.requests.cpu=4",),  # no cpu limit by default: nothing to exceed
+        ("operator.resources.limits.memory=256Mi", "operator.resources.requests.memory=256Mi"),
+    ],
+)
+def test_resource_requests_at_or_below_their_limits_render(values: tuple[str, ...]) -> None:
+    """Equal quantities written differently (500m and 0.5, 512Mi and 0.5Gi) are equal."""
+    docs = render(*values)
+    for v in values:
+        key, _, want = v.partition("=")
+        component, _, path = key.partition(".resources.")
+        kind, _, name = path.partition(".")
+        got = container(docs, f"slm-{component}")["resources"][kind][name]
+        assert str(got) == want, (v, got)
 
 
 def test_gateway_recreate_strategy_refuses_rolling_update_settings() -> None:
@@ -1916,3 +1987,165 @@ def test_existing_capture_claims_access_mode_is_looked_up(
     refused = install("gateway.capture.existingClaim=calls-rwo", "gateway.replicas=2", check=False)
     assert refused.returncode != 0
     assert "gateway.replicas" in refused.stderr and "ReadWriteOnce" in refused.stderr
+
+
+def test_the_capture_claim_the_chart_created_is_not_changed_under_it(
+    cluster: ClusterHandle, namespace: str, agenttask_crd: Path
+) -> None:
+    """A claim's access modes and storage class cannot change, nor its size shrink (or grow
+    while unbound): the API server refused such an upgrade of the claim the chart created, but
+    only after updating the gateway Deployment (2 replicas rolling on a ReadWriteOnce claim),
+    and the release was marked failed. The chart reads its own claim back at install and
+    upgrade, refuses those changes at render, and takes its access modes from the live claim;
+    a reinstall adopting the claim kept on uninstall is held to it the same way."""
+    ns = namespace
+    name = f"slm-{ns.removeprefix('t-')}"
+    kc = ["--kubeconfig", cluster.kubeconfig, "-n", ns]
+    claim = f"{name}-gateway-capture"
+    created = [
+        f"watchNamespaces={{{ns}}}",
+        "gateway.capture.persistence.create=true",
+        "gateway.capture.persistence.size=1Gi",
+        # No such StorageClass: the claim stays Pending, which is all this needs.
+        "gateway.capture.persistence.storageClassName=fast",
+    ]
+
+    def install(*values: str) -> subprocess.CompletedProcess[str]:
+        return helm("install", name, str(CHART), *kc, *sets([*created, *values]), check=False)
+
+    def upgrade_(*values: str) -> subprocess.CompletedProcess[str]:
+        return helm(
+            "upgrade", name, str(CHART), *kc, "--reuse-values", *sets(list(values)), check=False
+        )
+
+    def status() -> tuple[str, int]:
+        info = json.loads(helm("status", name, *kc, "-o", "json").stdout)
+        return info["info"]["status"], info["version"]
+
+    def gateway() -> dict[str, Any]:
+        spec: dict[str, Any] = cluster.get_json("deployment", f"{name}-gateway", "-n", ns)["spec"]
+        return spec
+
+    assert install().returncode == 0
+    try:
+        before = gateway()
+        assert before["replicas"] == 1 and before["strategy"] == {"type": "Recreate"}
+        # What the replica refusal used to advise: refused at render, nothing applied.
+        cp = upgrade_(
+            "gateway.replicas=2", "gateway.capture.persistence.accessModes={ReadWriteMany}"
+        )
+        assert cp.returncode != 0
+        err = cp.stderr
+        assert "is immutable" not in err, err  # not the API server's refusal, mid-upgrade
+        assert f"the capture claim {claim} this chart created is ReadWriteOnce" in err, err
+        assert "create a ReadWriteMany claim" in err and "gateway.capture.existingClaim" in err
+        assert status() == ("deployed", 1)
+        assert gateway() == before
+        # The replica refusal no longer advises what cannot be done to an existing claim.
+        err = upgrade_("gateway.replicas=2").stderr
+        assert "gateway.replicas=2" in err and "gateway.capture.existingClaim" in err, err
+        assert "persistence.accessModes" not in err, err
+        for change, message in (
+            ("gateway.capture.persistence.storageClassName=slow", "storageClassName fast"),
+            ("gateway.capture.persistence.size=512Mi", "smaller than the 1Gi"),
+            ("gateway.capture.persistence.size=2Gi", "not bound yet"),
+        ):
+            cp = upgrade_(change)
+            assert cp.returncode != 0 and message in cp.stderr, (change, cp.stderr)
+            assert "is immutable" not in cp.stderr, cp.stderr
+        assert status() == ("deployed", 1)
+        # An unset class keeps the claim's: the upgrade does not try to clear it.
+        assert upgrade_("gateway.capture.persistence.storageClassName=").returncode == 0
+        live = cluster.get_json("pvc", claim, "-n", ns)["spec"]
+        assert live["storageClassName"] == "fast" and live["accessModes"] == ["ReadWriteOnce"]
+        assert status() == ("deployed", 2)
+        # Uninstalled, the claim is kept; a reinstall adopts it, so it is held to it too.
+        helm("uninstall", name, *kc, "--wait", "--timeout", "120s")
+        cluster.get_json("pvc", claim, "-n", ns)
+        cp = install("gateway.capture.persistence.accessModes={ReadWriteMany}")
+        assert cp.returncode != 0 and "this chart created is ReadWriteOnce" in cp.stderr, cp.stderr
+        deployments = cluster.get_json("deployments", "-n", ns)["items"]
+        assert deployments == []
+        assert install().returncode == 0
+        assert status() == ("deployed", 1)
+    finally:
+        helm("uninstall", name, *kc, "--wait", "--timeout", "120s", check=False)
+
+
+def test_the_capture_claim_the_chart_created_grows_only_where_the_api_server_lets_it(
+    cluster: ClusterHandle, namespace: str, agenttask_crd: Path
+) -> None:
+    """A bound claim grows only on a StorageClass with allowVolumeExpansion (the admission
+    plugin refuses it otherwise, mid-upgrade): refused at render there, applied where it can.
+    A ReadWriteMany claim found live takes more gateway replicas, rolling."""
+    ns = namespace
+    kc = ["--kubeconfig", cluster.kubeconfig, "-n", ns]
+    names = {expands: f"{ns}-{'exp' if expands else 'noexp'}" for expands in (True, False)}
+    try:
+        for expands, name in names.items():
+            release = f"slm-{name.removeprefix('t-')}"
+            cluster.apply(
+                [
+                    {
+                        "apiVersion": "storage.k8s.io/v1",
+                        "kind": "StorageClass",
+                        "metadata": {"name": name},
+                        "provisioner": "example.com/none",
+                        "allowVolumeExpansion": expands,
+                    },
+                    {  # bound to the claim the chart will create, as a provisioner would
+                        "apiVersion": "v1",
+                        "kind": "PersistentVolume",
+                        "metadata": {"name": name},
+                        "spec": {
+                            "capacity": {"storage": "1Gi"},
+                            "accessModes": ["ReadWriteMany"],
+                            "storageClassName": name,
+                            "hostPath": {"path": "/tmp/captures"},
+                            "claimRef": {"namespace": ns, "name": f"{release}-gateway-capture"},
+                        },
+                    },
+                ]
+            )
+            helm(
+                "install", release, str(CHART), *kc,
+                *sets([
+                    f"watchNamespaces={{{ns}}}",
+                    "gateway.capture.persistence.create=true",
+                    "gateway.capture.persistence.size=1Gi",
+                    f"gateway.capture.persistence.storageClassName={name}",
+                    "gateway.capture.persistence.accessModes={ReadWriteMany}",
+                ]),
+            )  # fmt: skip
+            wait_for(
+                lambda r=release: (
+                    cluster.get_json("pvc", f"{r}-gateway-capture", "-n", ns)["status"]["phase"]
+                    == "Bound"
+                ),
+                timeout=60,
+                what=f"{release}'s capture claim bound",
+            )
+            cp = helm(
+                "upgrade", release, str(CHART), *kc, "--reuse-values",
+                *sets(["gateway.capture.persistence.size=2Gi", "gateway.replicas=2"]),
+                check=False,
+            )  # fmt: skip
+            claim = cluster.get_json("pvc", f"{release}-gateway-capture", "-n", ns)["spec"]
+            gateway = cluster.get_json("deployment", f"{release}-gateway", "-n", ns)["spec"]
+            if expands:
+                assert cp.returncode == 0, cp.stderr
+                assert claim["resources"]["requests"]["storage"] == "2Gi"
+                assert gateway["replicas"] == 2
+                assert gateway["strategy"]["type"] == "RollingUpdate"
+            else:
+                assert cp.returncode != 0
+                assert f"its StorageClass {name} does not allow volume expansion" in cp.stderr
+                assert "is forbidden" not in cp.stderr, cp.stderr  # not the admission plugin
+                assert claim["resources"]["requests"]["storage"] == "1Gi"
+                assert gateway["replicas"] == 1
+    finally:
+        for name in names.values():
+            release = f"slm-{name.removeprefix('t-')}"
+            helm("uninstall", release, *kc, "--wait", "--timeout", "120s", check=False)
+            cluster.kubectl("delete", "pvc", f"{release}-gateway-capture", "-n", ns, check=False)
+            cluster.kubectl("delete", "pv,storageclass", name, "--wait=false", check=False)
