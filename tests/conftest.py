@@ -8,7 +8,10 @@ namespaces, CRDs and nodes.
 
 from __future__ import annotations
 
+import atexit
 import os
+import signal
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -20,7 +23,7 @@ import yaml
 
 from slm_e2e.binaries import BinariesMissing, go_available, locate
 from slm_e2e.cluster import CONTEXT, LocalCluster
-from slm_e2e.signals import interrupt_on_stop_signals
+from slm_e2e.signals import STOP_SIGNALS, interrupt_on_stop_signals
 from slm_e2e.testing import ClusterHandle, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,6 +36,25 @@ def pytest_configure(config: pytest.Config) -> None:
     fixture's teardown."""
     if threading.current_thread() is threading.main_thread():
         interrupt_on_stop_signals()
+
+
+def pytest_keyboard_interrupt(excinfo: pytest.ExceptionInfo[BaseException]) -> None:
+    """Once a Ctrl-C or a stop signal has ended the tests, ignore further ones while the
+    fixtures stop their servers, as the demo's cleanup does. A second Ctrl-C while one server
+    took its time to stop (tritonserver) cut the teardown short, and every fixture after it,
+    the control plane's included, left its servers running. Not after ``-x`` or
+    ``--maxfail`` (pytest stops the same way): no one has asked to stop there."""
+    if not isinstance(excinfo.value, KeyboardInterrupt) or isinstance(
+        excinfo.value, pytest.Session.Interrupted
+    ):
+        return
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, *STOP_SIGNALS):
+            signal.signal(sig, signal.SIG_IGN)
+        print(
+            "\nstopping the servers the tests started; Ctrl-C is ignored until then",
+            file=sys.stderr,
+        )
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -91,11 +113,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterHandle]
         return
     local = LocalCluster(tmp_path_factory.mktemp("cluster"))
     state = local.up()  # a failed or interrupted start stops what it started
+    # A KeyboardInterrupt in an earlier fixture's teardown (a Ctrl-C while the tests were
+    # being torn down) skips this one's: stopped at exit then, since the next run deletes the
+    # state file, the only record of the pids. down() is a no-op on a stopped cluster.
+    atexit.register(local.down)
     print(f"\nlocal control plane ready in {state.ready_seconds}s at {local.dir}")
     try:
         yield ClusterHandle(str(local.kubeconfig), bins.kubectl.parent, bins.kubectl, local)
     finally:
         local.down()
+        atexit.unregister(local.down)
 
 
 @pytest.fixture

@@ -45,6 +45,8 @@ GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 #: Starts of one component on fresh ports before a port race is reported as an error.
 PORT_ATTEMPTS = 4
+#: The annotation on the nodes ``up`` creates, by which kwok knows the nodes it plays.
+FAKE_NODE_ANNOTATION, FAKE_NODE_VALUE = "kwok.x-k8s.io/node", "fake"
 
 
 class ClusterError(RuntimeError):
@@ -112,6 +114,24 @@ class State:
         tmp.replace(p)
 
 
+def fake_nodes_ready(nodes: Sequence[dict[str, Any]], expected: int) -> bool:
+    """Whether at least ``expected`` of the fake nodes ``up`` created (kwok's annotation) exist
+    and every one of them is Ready. Other nodes do not count: one a user added by hand has no
+    kubelet here and is never Ready, and it made ``up`` throw the whole cluster away."""
+    fake = [
+        n
+        for n in nodes
+        if n.get("metadata", {}).get("annotations", {}).get(FAKE_NODE_ANNOTATION) == FAKE_NODE_VALUE
+    ]
+    return len(fake) >= expected and all(
+        any(
+            c.get("type") == "Ready" and c.get("status") == "True"
+            for c in n.get("status", {}).get("conditions", [])
+        )
+        for n in fake
+    )
+
+
 def _pid_alive(pid: int, binary: str | None = None) -> bool:
     """True when pid runs and (if given) is still our binary, not a recycled pid."""
     try:
@@ -144,6 +164,8 @@ class LocalCluster:
         self.kubeconfig = self.dir / "kubeconfig"
         self.state = State(dir=str(self.dir))
         self._bins: Binaries | None = None
+        #: Whether the last :meth:`up` kept a cluster that was already running.
+        self.reused = False
         #: Where each component's log stood when it was last spawned: logs are appended to
         #: across starts, and only this start's lines say why it failed.
         self._log_starts: dict[str, int] = {}
@@ -295,17 +317,30 @@ class LocalCluster:
         return cp
 
     # ---------------------------------------------------------------- up
-    def up(self) -> State:
-        """Start everything and wait until nodes are Ready; idempotent if already running.
+    def up(self, say: Callable[[str], None] | None = None) -> State:
+        """Start everything and wait until nodes are Ready; idempotent if already running
+        (then :attr:`reused` is set and the old start's state returned).
+
+        A cluster in the directory that cannot be reused is stopped and started from scratch:
+        new certificates and an empty etcd, so every object in it is gone and kubeconfigs
+        written before stop working. ``say`` is told why first, since that is no small thing.
 
         A start that fails or is interrupted (a Ctrl-C, a SIGTERM or SIGHUP turned into an
         exception) stops what it had started, keeping the logs: every caller, the CLI, the
         test fixture and the demo, would otherwise have to, and the state file is the only
         record of the pids."""
         existing = State.load(self.dir)
-        if existing and self._reusable(existing):
+        why = self._not_reusable(existing) if existing else None
+        self.reused = existing is not None and why is None
+        if existing and why is None:
             return existing
         if existing:
+            if say:
+                say(
+                    f"the control plane in {self.dir} cannot be reused ({why}): starting it "
+                    "from scratch, with every object and certificate new (kubeconfigs written "
+                    "before stop working)"
+                )
             self.down(quiet=True)
         try:
             return self._start_all()
@@ -430,7 +465,8 @@ class LocalCluster:
                     f"--kubeconfig={kc}",
                     f"--server-address=127.0.0.1:{self.state.ports['kwok']}",
                     "--manage-all-nodes=false",
-                    "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+                    "--manage-nodes-with-annotation-selector="
+                    f"{FAKE_NODE_ANNOTATION}={FAKE_NODE_VALUE}",
                     "--cidr=10.244.0.1/16",
                     "--node-ip=10.0.0.1",
                     "--node-lease-duration-seconds=40",
@@ -477,14 +513,7 @@ class LocalCluster:
         cp = self.kubectl("get", "nodes", "-o", "json", check=False)
         if cp.returncode != 0:
             return False
-        items = json.loads(cp.stdout)["items"]
-        if len(items) < self.gpu_nodes + self.cpu_nodes:
-            return False
-        for n in items:
-            conds = {c["type"]: c["status"] for c in n.get("status", {}).get("conditions", [])}
-            if conds.get("Ready") != "True":
-                return False
-        return True
+        return fake_nodes_ready(json.loads(cp.stdout)["items"], self.gpu_nodes + self.cpu_nodes)
 
     def _write_kubeconfig(self, p: pkimod.Pki) -> None:
         """The admin kubeconfig, naming the PKI files rather than holding their contents.
@@ -587,7 +616,7 @@ class LocalCluster:
                         "name": name,
                         "labels": labels,
                         "annotations": {
-                            "kwok.x-k8s.io/node": "fake",
+                            FAKE_NODE_ANNOTATION: FAKE_NODE_VALUE,
                             "node.alpha.kubernetes.io/ttl": "0",
                         },
                     },
@@ -598,21 +627,29 @@ class LocalCluster:
         return nodes
 
     # ---------------------------------------------------------------- down / status
-    def _all_running(self, st: State) -> bool:
-        return all(_pid_alive(st.pids.get(c, -1), st.binaries.get(c)) for c in COMPONENTS)
-
-    def _reusable(self, st: State) -> bool:
-        """Whether ``st`` is a finished start that still serves: every component running, the
-        apiserver ready and every node Ready.
+    def _not_reusable(self, st: State) -> str | None:
+        """Why ``st`` cannot be reused, or None when it is a finished start that still serves:
+        every component running, the apiserver ready and every fake node it made Ready.
 
         Running is not enough: a start killed after it spawned the last component (SIGKILL, a
         crash) leaves all five alive but maybe no nodes yet, and ``ready_seconds`` is only
         written once a start finished."""
-        if st.ready_seconds <= 0 or not self._all_running(st):
-            return False
+        if not st.pids:
+            return "it was stopped"
+        dead = [c for c in COMPONENTS if not _pid_alive(st.pids.get(c, -1), st.binaries.get(c))]
+        if len(dead) == len(COMPONENTS):
+            return "none of its components is running"
+        if dead:
+            return f"{', '.join(dead)} {'is' if len(dead) == 1 else 'are'} not running"
+        if st.ready_seconds <= 0:
+            return "its last start did not finish"
         self.state = st
         url = f"https://127.0.0.1:{st.ports.get('apiserver')}/readyz"
-        return self._get(url, tls=True)[0] == 200 and self._nodes_ready()
+        if self._get(url, tls=True)[0] != 200:
+            return "kube-apiserver is not ready"
+        if not self._nodes_ready():
+            return f"not all {self.gpu_nodes + self.cpu_nodes} fake nodes are Ready"
+        return None
 
     def _stop_one(self, name: str, grace: float = 10.0) -> None:
         pid = self.state.pids.get(name)
@@ -693,6 +730,10 @@ def main(argv: list[str] | None = None) -> int:
         prog="slm-fleet-cluster",
         description="Run a real local Kubernetes control plane (etcd, kube-apiserver, "
         "kube-controller-manager, kube-scheduler, kwok fake nodes) on 127.0.0.1.",
+        epilog="up keeps a cluster already running in --dir; one that is not (a component "
+        "stopped, a fake node not Ready) is started over from scratch, every object and "
+        "certificate new. status prints the cluster as JSON and exits 0 only when every "
+        "component runs and the apiserver is ready, 1 otherwise (for scripts and CI).",
     )
     ap.add_argument("command", choices=["up", "down", "status"])
     ap.add_argument(
@@ -711,8 +752,14 @@ def main(argv: list[str] | None = None) -> int:
     c = LocalCluster(a.dir or default_dir(), a.gpu_nodes, a.cpu_nodes, a.gpus_per_node, a.timeout)
     try:
         if a.command == "up":
-            st = c.up()
-            print(f"control plane ready in {st.ready_seconds}s", file=sys.stderr)
+            st = c.up(say=lambda msg: print(msg, file=sys.stderr))
+            if c.reused:
+                print(
+                    f"control plane already running (started in {st.ready_seconds}s)",
+                    file=sys.stderr,
+                )
+            else:
+                print(f"control plane ready in {st.ready_seconds}s", file=sys.stderr)
             print(f"export KUBECONFIG={st.kubeconfig}")
         elif a.command == "down":
             stopped = c.down()
@@ -721,7 +768,10 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
         else:
-            print(json.dumps(c.status(), indent=2))
+            status = c.status()
+            print(json.dumps(status, indent=2))
+            # a script or CI step asking "is it up?" gets its answer from the exit code
+            return 0 if status["running"] and status.get("apiserverReady") else 1
     except (BinariesMissing, ClusterError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -29,6 +29,11 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 def interrupt_on_stop_signals() -> None:
     """Turn the first SIGTERM or SIGHUP into a KeyboardInterrupt; ignore later ones.
 
+    A signal the program was started with ignored stays ignored: ``nohup make test &`` or
+    ``nohup make demo &`` asks for the run to outlive its terminal, and a handler installed
+    over the inherited SIG_IGN stopped it at the hangup.
+
     Call from the main thread (only it may set signal handlers)."""
     for s in STOP_SIGNALS:
-        signal.signal(s, _interrupt)
+        if signal.getsignal(s) is not signal.SIG_IGN:
+            signal.signal(s, _interrupt)

@@ -35,6 +35,13 @@ def _kill(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def _default_stop_signals() -> None:
+    """Run in a driver before it execs. An ignored signal stays ignored across exec: under
+    ``nohup make test &`` every driver got SIGHUP and SIGINT ignored, and kept them so."""
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_DFL)
+
+
 # ---------------------------------------------------------------- up after a killed up
 @pytest.fixture
 def running_components() -> Iterator[dict[str, int]]:
@@ -93,15 +100,20 @@ def test_up_reuses_only_a_cluster_that_finished_starting_and_still_serves(
     )
     monkeypatch.setattr(LocalCluster, "_nodes_ready", lambda self: serving)
 
-    st = LocalCluster(tmp_path).up()
+    said: list[str] = []
+    c = LocalCluster(tmp_path)
+    st = c.up(say=said.append)
 
+    assert c.reused is reused
     if reused:
-        assert (st, started) == (old, [])
+        assert (st, started, said) == (old, [], [])
         assert not any(_gone(pid) for pid in running_components.values())
     else:
         assert st is fresh, f"reused a cluster that is not ready: {st}"
         assert started == [True]
         assert all(_gone(pid) for pid in running_components.values()), "old components left"
+        # why, before all its objects and certificates are replaced
+        assert len(said) == 1 and "from scratch" in said[0], said
 
 
 # ---------------------------------------------------------------- an interrupted operator start
@@ -251,6 +263,7 @@ def test_a_stop_signal_stops_every_server_the_program_started(
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_default_stop_signals,
         )
     server = 0
     try:
@@ -273,3 +286,148 @@ def test_a_stop_signal_stops_every_server_the_program_started(
         driver.wait(timeout=10)
         if server:
             _kill([server])
+
+
+# ---------------------------------------------------------------- a Ctrl-C during teardown
+#: The session's real ``cluster`` fixture (tests/conftest.py as a plugin), its start replaced by
+#: five stand-ins whose argv holds the cluster's directory as the real components' do, and a
+#: server torn down before it that takes a while to stop, as tritonserver does.
+CLUSTER_FIXTURE_DRIVER = textwrap.dedent("""
+    import os, pathlib, sys, time, types
+    import pytest
+    import conftest
+    from slm_e2e import cluster
+
+    MARK = pathlib.Path(os.environ["MARK"])
+    STANDIN = "import time; time.sleep(300)"
+
+    def start_all(self):
+        self.state = cluster.State(dir=str(self.dir), ready_seconds=0.1)
+        for name in cluster.COMPONENTS:
+            self._spawn(name, [sys.executable, "-c", STANDIN, str(self.dir)])
+        (MARK / "cluster-dir").write_text(str(self.dir))
+        return self.state
+
+    cluster.LocalCluster._start_all = start_all
+    conftest._binaries_or_skip = lambda: types.SimpleNamespace(kubectl=pathlib.Path("kubectl"))
+
+    @pytest.fixture(scope="session")
+    def slow_server(cluster):
+        yield
+        (MARK / "tearing-down").write_text("")
+        time.sleep(float(os.environ["TEARDOWN_S"]))
+        (MARK / "torn-down").write_text("")
+
+    def test_long(slow_server):
+        (MARK / "started").write_text("")
+        time.sleep(float(os.environ["TEST_S"]))
+""")
+
+
+def _pids_with_arg(arg: str) -> list[int]:
+    """Processes whose argv holds ``arg``: what a leaked cluster component looks like."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and not _gone(int(proc.name)):
+            with contextlib.suppress(OSError):
+                if arg.encode() in (proc / "cmdline").read_bytes().split(b"\0"):
+                    pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.parametrize(
+    ("when", "test_s", "teardown_s"),
+    [
+        # Ctrl-C stops the test, a second one lands while a server takes its time to stop
+        ("a second Ctrl-C during teardown", 60, 4),
+        # the tests passed and the user hits Ctrl-C once while the servers are being stopped
+        ("a Ctrl-C during teardown", 0, 60),
+    ],
+)
+def test_a_ctrl_c_during_teardown_leaves_no_cluster_running(
+    tmp_path: Path, when: str, test_s: float, teardown_s: float
+) -> None:
+    """A KeyboardInterrupt in an earlier fixture's teardown skipped the cluster's: etcd, the
+    apiserver and the rest stayed running, and the next run wiped their pid file."""
+    mark = tmp_path / "mark"
+    mark.mkdir()
+    (mark / "test_cluster_session.py").write_text(CLUSTER_FIXTURE_DRIVER)
+    path = os.pathsep.join(str(REPO / d) for d in ("tests", "e2e", "operator", "trainer"))
+    env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
+    env |= {"MARK": str(mark), "PYTHONPATH": path, "TEST_S": str(test_s)}
+    env |= {"TEARDOWN_S": str(teardown_s)}
+    argv = [sys.executable, "-m", "pytest", "-p", "conftest", "-p", "no:cacheprovider", "-q",
+            "-s", "--rootdir", str(mark), f"--basetemp={tmp_path / 'bt'}",
+            str(mark / "test_cluster_session.py")]  # fmt: skip
+    with (tmp_path / "out").open("w") as out:
+        driver = subprocess.Popen(
+            argv, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=_default_stop_signals,
+        )  # fmt: skip
+    cluster_dir = ""
+    try:
+        if test_s:
+            wait_for(lambda: (mark / "started").exists() or driver.poll() is not None,
+                     timeout=60, interval=0.05, what="the test to start")  # fmt: skip
+            driver.send_signal(signal.SIGINT)
+        wait_for(lambda: (mark / "tearing-down").exists() or driver.poll() is not None,
+                 timeout=60, interval=0.05, what="the slow teardown")  # fmt: skip
+        cluster_dir = (mark / "cluster-dir").read_text()
+        assert driver.poll() is None, (tmp_path / "out").read_text()
+        driver.send_signal(signal.SIGINT)
+        driver.wait(timeout=60)
+        log = (tmp_path / "out").read_text()
+        wait_for(lambda: not _pids_with_arg(cluster_dir), timeout=15,
+                 what=f"the cluster to be stopped after {when}:\n{log}")  # fmt: skip
+        if test_s:  # the second Ctrl-C was ignored: the slow server was still stopped in full
+            assert (mark / "torn-down").exists(), log
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=10)
+        if cluster_dir:
+            _kill(_pids_with_arg(cluster_dir))
+
+
+# ---------------------------------------------------------------- nohup
+IGNORED_HUP_DRIVER = textwrap.dedent("""
+    import pathlib, sys, time
+    from slm_e2e.signals import interrupt_on_stop_signals
+
+    interrupt_on_stop_signals()
+    pathlib.Path(sys.argv[1]).write_text("")
+    time.sleep(60)
+""")
+
+
+def test_a_run_started_with_hangups_ignored_survives_a_hangup(tmp_path: Path) -> None:
+    """``nohup make test &`` starts pytest (and ``nohup make demo &`` the demo) with SIGHUP
+    ignored; the handler installed over it stopped the run when the terminal closed."""
+    ready = tmp_path / "ready"
+    path = os.pathsep.join(str(REPO / d) for d in ("e2e", "operator"))
+
+    def like_nohup() -> None:
+        _default_stop_signals()
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", IGNORED_HUP_DRIVER, str(ready)],
+        env={**os.environ, "PYTHONPATH": path},
+        start_new_session=True,
+        preexec_fn=like_nohup,
+    )
+    try:
+        wait_for(lambda: ready.exists() or proc.poll() is not None, timeout=30, what="the run")
+        proc.send_signal(signal.SIGHUP)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=2)
+        assert proc.poll() is None, (
+            f"stopped by a hangup it was started to ignore: {proc.returncode}"
+        )
+        proc.send_signal(signal.SIGTERM)  # not ignored: still a KeyboardInterrupt, which
+        proc.wait(timeout=10)  # Python ends with SIGINT when nothing catches it
+        assert proc.returncode == -signal.SIGINT
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait(timeout=10)
