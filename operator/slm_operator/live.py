@@ -1,14 +1,15 @@
 """Live control decisions as pure functions: replicas, SLO fallback with hysteresis, rollout.
 
 The operator evaluates a serving task once per ``fallback.policy.windowSeconds`` (or two
-Prometheus scrape intervals when longer, so that two windows never read the same samples) from a
-:class:`Metrics` snapshot (queried from Prometheus by :mod:`slm_operator.prom`). Everything it
+Prometheus scrape intervals when longer; each window reads from the sample the one before ended
+on, so every counter step is judged in exactly one window) from a :class:`Metrics` snapshot
+(queried from Prometheus by :mod:`slm_operator.prom`). Everything it
 must remember between windows (streaks, the rollout mode, when it last scaled) lives in
 ``status.live`` and ``status.route``, so a restarted operator continues where it stopped.
 
 Missing metrics never cause a change: the last decision is kept and the SLOMet condition says
-``MetricsUnavailable`` (under an SLO fallback a window without SLM samples keeps the last
-verdict instead, as it keeps the fallback). Scaling up is immediate, scaling down waits for a
+``MetricsUnavailable`` (a window without SLM samples keeps the last verdict instead, its
+figures and its streaks). Scaling up is immediate, scaling down waits for a
 cool-down, and each step is bounded, as in the usual autoscaler designs.
 """
 

@@ -125,7 +125,7 @@ class Observed:
     #: (:func:`metrics_due` was False): the last judgement stands as it is, which is not the
     #: same as "Prometheus did not answer" (MetricsUnavailable).
     metrics_not_due: bool = False
-    #: The shortest window the metrics source measures without re-reading samples (two
+    #: The shortest window the metrics source measures without re-reading counter steps (two
     #: Prometheus scrape intervals: :meth:`slm_operator.prom.PromMetrics.range_s`); windows
     #: are judged every ``max(windowSeconds, min_window_s)`` (:func:`metrics_due`).
     min_window_s: float = 0.0
@@ -1177,12 +1177,14 @@ def metrics_window(spec: Mapping[str, Any]) -> float:
 
 
 def judged_window(spec: Mapping[str, Any], min_window_s: float = 0.0) -> float:
-    """Seconds between two judged windows: ``windowSeconds``, or ``min_window_s`` (the range
-    each rate query reads, two scrape intervals) when longer.
+    """Seconds between two judged windows: ``windowSeconds``, or ``min_window_s`` (two scrape
+    intervals, the shortest span a rate can be read over) when longer.
 
-    Why not ``windowSeconds`` alone: judged more often than the queries' range, consecutive
-    windows read the same samples, and one latency spike counted as ``breachWindows``
-    consecutive breached windows (see :meth:`slm_operator.prom.PromMetrics.range_s`).
+    Why not ``windowSeconds`` alone: judged more often than that, consecutive windows read
+    the same counter steps, and one latency spike counted as ``breachWindows`` consecutive
+    breached windows (see :meth:`slm_operator.prom.PromMetrics.range_s`). The queries read
+    one scrape interval more than this (:meth:`slm_operator.prom.PromMetrics.read_s`), so
+    that consecutive windows share their boundary sample and the step across it is judged.
     """
     return max(metrics_window(spec), min_window_s)
 
@@ -1375,6 +1377,7 @@ def _live_control(
     waking: bool = False,
     edited: bool = False,
     blind: str = "",
+    quiet_before: bool = False,
 ) -> tuple[tuple[str, str, str], tuple[str, str, str], str, int]:
     """SLOMet and FallbackActive conditions plus the route mode; fills ``live`` (status.live).
 
@@ -1391,6 +1394,8 @@ def _live_control(
     ``edited``: the spec changed since the last status: the last window's measurements are
     judged again against the SLO it sets (:func:`_judged_again`).
     ``blind``: why live control has no metrics at all (:func:`_metrics_blind`), or "".
+    ``quiet_before``: the last judged window had no SLM call (:func:`_quiet_before`): SLOMet
+    says so until the next window.
 
     Streaks only advance once per window (``due``), so re-running the reconcile within a
     window changes nothing: the decision stays level-triggered and restart-safe.
@@ -1487,14 +1492,20 @@ def _live_control(
             )
             if v is not None
         }
-        if breached is None and fb.active:
-            # No SLM sample in the window (sparse calls: under fallback the SLM sees only shadow
-            # copies) leaves the verdict of the last window that had some, as it leaves the
-            # fallback: SLOMet said MetricsUnavailable and then breached again, a Warning
-            # every other window.
+        quiet = breached is None and prev.get("sloBreached") is not None
+        if quiet:
+            # No SLM call in the window (sparse calls; under fallback the SLM sees only shadow
+            # copies) leaves the verdict of the last window that had some, with its figures,
+            # as it leaves the streaks (lv.fallback_step): SLOMet said MetricsUnavailable and
+            # then breached again, an Event each way and a Warning every other window.
             breached = prev.get("sloBreached")
             live["observed"] = {**_slm_measured(prev.get("observed")), **live["observed"]}
+            if not fb.active:
+                # fallback_step names a window without a verdict MetricsUnavailable; this one
+                # has the last window's.
+                fb = dataclasses.replace(fb, reason="SLOAtRisk" if fb.breach_streak else "SLOMet")
     else:
+        quiet = quiet_before
         for key in ("lastEvaluated", "agreementSince", "observed"):
             if key in prev:
                 live[key] = prev[key]
@@ -1533,6 +1544,8 @@ def _live_control(
         slo = (c.FALSE, c.SLO_BREACHED, f"SLO breached: {detail}")
     else:
         slo = (c.TRUE, c.WITHIN_SLO, f"within SLO: {detail}")
+    if quiet and slo[1] != c.METRICS_UNAVAILABLE:
+        slo = (slo[0], slo[1], QUIET_WINDOW + slo[2])
     if unanswered and breached is not None:
         slo = (
             c.UNKNOWN,
@@ -1565,6 +1578,20 @@ def _live_control(
 
 #: Measurements of the SLM itself in ``status.live.observed``: what an SLO verdict rests on.
 _SLM_MEASURED = ("p95LatencyMs", "errorRate")
+
+#: How SLOMet's message starts after a window with no SLM call (it keeps the last verdict).
+QUIET_WINDOW = "no SLM call in the last window; last verdict: "
+
+
+def _quiet_before(prev_conds: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether the last judged window had no SLM call, as SLOMet said.
+
+    Why from the condition: status.live keeps the figures of the last window with calls, and
+    nothing else tells a quiet window from it; reconciles until the next window must say
+    what the one after it said, or SLOMet's message would change at every reconcile.
+    """
+    slo = c.find(prev_conds, c.SLO_MET) or {}
+    return str(slo.get("message") or "").startswith(QUIET_WINDOW)
 
 
 def _slm_measured(observed: Mapping[str, Any] | None) -> Obj:
@@ -2051,6 +2078,7 @@ def plan(obs: Observed) -> Plan:
         waking=waking,
         edited=int(prev.get("observedGeneration") or 0) != gen,
         blind=blind,
+        quiet_before=_quiet_before(prev_conds),
     )
     pipeline = [(c.DATA_READY, step.data), (c.TRAINED, step.trained), (c.EVALUATED, step.evaluated)]
     # A model that served has no ready replica (a crash loop, a drain): an outage, not a
@@ -2210,11 +2238,16 @@ def plan(obs: Observed) -> Plan:
     if is_serving:
         status["live"] = live
         usage = dict(prev.get("usage") or {})
-        if due and m is not None:
-            if m.slm_share is not None:
-                usage["slmShare"] = round(m.slm_share, 4)
+        if due and m is not None and m.slm_share is not None:
+            # From the last window with calls, both: one without any has no share (0 of 0),
+            # and its saving of 0 beside the share of an earlier window read as a share that
+            # saved nothing. Kept, not dropped: usage says what the task last did, and does
+            # not come and go with every quiet window.
+            usage["slmShare"] = round(m.slm_share, 4)
             if m.cost_saved_usd is not None:
                 usage["costSavedUSD"] = round(m.cost_saved_usd, 4)
+            else:
+                usage.pop("costSavedUSD", None)
             usage["windowSeconds"] = int(window)
         if usage:
             status["usage"] = usage

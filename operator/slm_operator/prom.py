@@ -180,6 +180,29 @@ def error_summary(exc: BaseException, url: str = "") -> str:
     return str(redact_uris(text, url))
 
 
+def _duration(seconds: float) -> str:
+    """A PromQL range: whole seconds as such (``"45s"``), others in milliseconds, rounded
+    down (``"1500ms"``)."""
+    ms = math.floor(seconds * 1000 + 1e-6)
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
+def unstretched(count: float | None, span_s: float, scrape_s: float) -> float | None:
+    """A count increase() read over ``span_s`` plus one scrape interval, as it was over the
+    ``span_s`` its samples cover.
+
+    Why: increase() extrapolates what the samples in its range show to the whole range.
+    Read over the span plus the scrape interval shared with the window before
+    (:meth:`PromMetrics.read_s`), its samples cover the span, and a burst of 20 shadow copies
+    read ``20 * (span + scrape) / span`` (40 with two scrapes a window), counted as that
+    many towards ``shadowMinSamples``. Only counts are scaled: a rate divides the same
+    stretch out, and a ratio or quantile of two stretched increases is not changed.
+    """
+    if count is None or span_s <= 0:
+        return count
+    return count * span_s / (span_s + scrape_s)
+
+
 def _scalar(result: Any) -> float | None:
     if not result:
         return None
@@ -239,36 +262,59 @@ class PromMetrics:
         return time.monotonic() < self._quiet_until
 
     def range_s(self, window_seconds: float) -> int:
-        """Seconds each rate query of a window reads: ``windowSeconds``, or two scrape
-        intervals when longer (a rate needs two samples).
+        """Seconds a judged window spans: ``windowSeconds``, or two scrape intervals when
+        longer (a rate needs two samples); windows are judged this often, no more.
 
-        Why it is also the shortest time between two judged windows (the reconcile passes it
-        to :func:`slm_operator.plan.metrics_due` as ``min_window_s``): windows judged more
-        often than their queries' range re-read the same samples, so one latency spike
-        counted as ``breachWindows`` consecutive breaches. Judging every
-        ``max(windowSeconds, range)`` keeps consecutive windows apart (but for the 50 ms
-        timer slack ``metrics_due`` allows); raising the CRD's minimum instead could not
-        follow the operator's scrape interval.
+        Why it is the shortest time between two judged windows (the reconcile passes it to
+        :func:`slm_operator.plan.metrics_due` as ``min_window_s``): windows judged more often
+        than they span re-read the same counter steps, so one latency spike counted as
+        ``breachWindows`` consecutive breaches. Judging every ``max(windowSeconds, range)``
+        keeps consecutive windows apart (but for the 50 ms timer slack ``metrics_due``
+        allows); raising the CRD's minimum instead could not follow the operator's scrape
+        interval. Each query reads one scrape interval more than this (:meth:`window`).
         """
         return max(math.ceil(window_seconds), math.ceil(2 * self.scrape))
 
+    def read_s(self, span_s: float) -> float:
+        """Seconds a query reads for a window spanning ``span_s``: one scrape interval more.
+
+        Why: a range holds the samples inside it, and rate() and increase() see only the
+        steps between those. Reading exactly the span, consecutive windows shared no sample,
+        so the step from the last sample of one window to the first of the next was in
+        neither: about half the bursts of SLM errors or shadow disagreements were never
+        judged. One scrape interval more, consecutive windows share their boundary sample:
+        every step is in one window, and in one only (a window reads the steps after its
+        first sample, so a latency spike still breaches one window, not two).
+        """
+        return span_s + self.scrape
+
     def window(self, window_seconds: float) -> str:
-        return f"{self.range_s(window_seconds)}s"
+        """The range each rate of a window reads (:meth:`read_s` of :meth:`range_s`)."""
+        return _duration(self.read_s(self.range_s(window_seconds)))
+
+    def agreement_span_s(self, window_seconds: float, since_s: float | None) -> float:
+        """Seconds of shadow copies the agreement of a window covers: since
+        ``status.live.agreementSince`` (at most :data:`AGREEMENT_MAX_S`), or one window for
+        a task never judged; in whole milliseconds, rounded down."""
+        if since_s is None:
+            return float(self.range_s(window_seconds))
+        return max(1, math.floor(min(since_s, AGREEMENT_MAX_S) * 1000)) / 1000
 
     def agreement_window(self, window_seconds: float, since_s: float | None) -> str:
-        """The range live agreement is read over: the shadow copies not judged yet.
+        """The range live agreement is read over: the shadow copies not judged yet, plus one
+        scrape interval (:meth:`read_s`: the sample the last judged window ended on).
 
         ``since_s``: seconds since ``status.live.agreementSince`` (see
         :func:`slm_operator.plan.agreement_since_s`); None for a task never judged, which reads
         one window. Why not a fixed range: a range longer than the window (it was at least
         60 s) let consecutive windows read the same copies, so one burst of agreeing copies
         counted as ``canaryWindows`` healthy windows. Copies too few to judge are pooled with
-        the next window's instead, up to :data:`AGREEMENT_MAX_S`; whole milliseconds, rounded
-        down, so no copy is read twice.
+        the next window's instead, up to :data:`AGREEMENT_MAX_S`. The range starts on the
+        sample the window that spent the last copies ended on, so each copy is read by one
+        window: none twice, and none lost between two (:meth:`read_s`); the count is scaled
+        back to the span (:func:`unstretched`).
         """
-        if since_s is None:
-            return self.window(window_seconds)
-        return f"{max(1, math.floor(min(since_s, AGREEMENT_MAX_S) * 1000))}ms"
+        return _duration(self.read_s(self.agreement_span_s(window_seconds, since_s)))
 
     def task_metrics(
         self,
@@ -312,11 +358,17 @@ class PromMetrics:
                     self.cooldown,
                 )
             return None
-        samples = values.pop("shadow_samples")
+        span = self.range_s(window_seconds)
+        samples = unstretched(
+            values.pop("shadow_samples"),
+            self.agreement_span_s(window_seconds, agreement_since_s),
+            self.scrape,
+        )
+        values["cost_saved_usd"] = unstretched(values.get("cost_saved_usd"), span, self.scrape)
         captured = values.pop("captured_records")
         return Metrics(
             **values,
-            shadow_samples=int(samples) if samples is not None else None,
+            shadow_samples=round(samples) if samples is not None else None,
             captured_records=int(captured) if captured is not None else None,
             llm_answers=counter_readings(
                 vectors.get("llm_answer_totals"), vectors.get("llm_answer_starts")

@@ -199,8 +199,8 @@ def observe(
     metrics = None
     # Prometheus only when the plan will judge a window: a task is reconciled on every event
     # of its Jobs, pods and Deployment and every resync, but judged once per window.
-    # Windows are no shorter than the range the queries read (two scrape intervals), so that
-    # two judged windows never read the same samples (PromMetrics.range_s).
+    # Windows are no shorter than two scrape intervals, so that two judged windows never
+    # read the same counter step (PromMetrics.range_s; the queries read one interval more).
     min_window = prom.range_s(metrics_window(task["spec"])) if prom is not None else 0.0
     not_due = not metrics_due(task, now, min_window)
     if prom is not None and dep is not None and not not_due:

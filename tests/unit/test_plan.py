@@ -1091,7 +1091,7 @@ def test_a_window_without_slm_samples_under_fallback_changes_nothing() -> None:
     """Sparse calls under an SLO fallback: a window with no SLM sample has no verdict. It
     renamed the fallback (and Ready) MetricsUnavailable and SLOMet Unknown, and the next
     breached window posted SLOBreached Warnings again, every other window. It keeps the
-    reason, the verdict and its figures; an inactive fallback still says MetricsUnavailable."""
+    reason, the verdict and its figures; SLOMet says that the window had no SLM call."""
     task, jobs, dep = _serving_task()
     t = NOW
     for _ in range(2):
@@ -1102,7 +1102,12 @@ def test_a_window_without_slm_samples_under_fallback_changes_nothing() -> None:
     for m in (Metrics(request_rate=0.01), SLOW, Metrics(request_rate=0.01), SLOW):
         t += dt.timedelta(seconds=10)
         p = _step(task, jobs, dep, t, m)
-        assert task["status"]["conditions"] == breached, m  # messages and times included
+        want = copy.deepcopy(breached)
+        if m is not SLOW:
+            slo = c.find(want, c.SLO_MET)
+            assert slo is not None
+            slo["message"] = "no SLM call in the last window; last verdict: " + slo["message"]
+        assert task["status"]["conditions"] == want, m  # messages and times included
         assert p.events == [], m
     _settled(Observed(task, jobs, dep, t + dt.timedelta(seconds=1), metrics_not_due=True))
     # Recovering: the healthy windows counted so far stay, and so does the reason.
@@ -1113,6 +1118,73 @@ def test_a_window_without_slm_samples_under_fallback_changes_nothing() -> None:
     assert conds(p.status)[c.FALLBACK_ACTIVE] == (c.TRUE, c.RECOVERING)
     assert conds(p.status)[c.SLO_MET] == (c.TRUE, c.WITHIN_SLO)
     assert p.status["live"]["healthyStreak"] == 1 and p.events == []
+
+
+#: What a real Prometheus answers for a window in which no call reached the task.
+IDLE = Metrics(
+    p95_latency_ms=None,
+    error_rate=None,
+    request_rate=0.0,
+    agreement=None,
+    shadow_samples=0,
+    slm_share=None,
+    cost_saved_usd=0.0,
+)
+
+
+def test_a_window_without_slm_calls_keeps_the_last_verdict() -> None:
+    """A quiet window (no SLM call: no latency, no error rate) had a verdict only under
+    fallback: otherwise SLOMet went True -> Unknown MetricsUnavailable "no live metrics for
+    this task's SLM yet" -> True, an Event each way, and status.usage kept the last slmShare
+    beside the quiet window's costSavedUSD 0. The last verdict holds, with its figures, and
+    SLOMet says the window had no call; usage stays the last window with calls."""
+    task, jobs, dep = _serving_task()
+    busy = dataclasses.replace(HEALTHY, slm_share=0.6, cost_saved_usd=0.12)
+    t = NOW + dt.timedelta(seconds=10)
+    _step(task, jobs, dep, t, busy)
+    slo = c.find(task["status"]["conditions"], c.SLO_MET)
+    assert slo is not None and (slo["status"], slo["reason"]) == (c.TRUE, c.WITHIN_SLO)
+    usage = task["status"]["usage"]
+    assert (usage["slmShare"], usage["costSavedUSD"]) == (0.6, 0.12)
+    t += dt.timedelta(seconds=10)
+    p = _step(task, jobs, dep, t, IDLE)
+    quiet = c.find(task["status"]["conditions"], c.SLO_MET)
+    assert quiet is not None
+    assert (quiet["status"], quiet["reason"]) == (c.TRUE, c.WITHIN_SLO)
+    assert quiet["message"] == "no SLM call in the last window; last verdict: " + slo["message"]
+    assert p.events == []
+    live = task["status"]["live"]
+    assert live["sloBreached"] is False and live["observed"]["p95LatencyMs"] == 80
+    assert live["fallbackReason"] == "SLOMet"
+    assert task["status"]["usage"] == usage  # both from the last window with calls
+    # Reconciles within the quiet window say the same.
+    settled = _settled(Observed(task, jobs, dep, t + dt.timedelta(seconds=1), metrics_not_due=True))
+    assert c.find(settled.status["conditions"], c.SLO_MET) == quiet
+    t += dt.timedelta(seconds=10)
+    p = _step(task, jobs, dep, t, busy)
+    assert c.find(task["status"]["conditions"], c.SLO_MET) == slo  # times included
+    assert p.events == []
+
+
+def test_quiet_windows_between_breaches_neither_count_nor_reset_the_streak() -> None:
+    """A task over its SLO with a quiet window between breached ones, before fallback: each
+    breached window after a quiet one posted a new SLOBreached Warning, and SLOMet said
+    MetricsUnavailable in between. The quiet windows keep the verdict and the streak."""
+    task, jobs, dep = _serving_task()
+    task["spec"]["fallback"]["policy"]["breachWindows"] = 5
+    t = NOW
+    events: list[tuple[str, str, str]] = []
+    for m in (HEALTHY, SLOW, IDLE, SLOW, IDLE, SLOW):
+        t += dt.timedelta(seconds=10)
+        events += _step(task, jobs, dep, t, m).events
+        live = task["status"]["live"]
+        if m is not HEALTHY:
+            assert conds(task["status"])[c.SLO_MET] == (c.FALSE, c.SLO_BREACHED), m
+            assert live["fallbackReason"] == "SLOAtRisk", m
+    assert [e[:2] for e in events if e[0] == "Warning"] == [("Warning", c.SLO_BREACHED)]
+    assert not any(c.METRICS_UNAVAILABLE in e[1] for e in events)
+    assert task["status"]["live"]["breachStreak"] == 3
+    assert conds(task["status"])[c.FALLBACK_ACTIVE][0] == c.FALSE
 
 
 @pytest.mark.parametrize(
@@ -2584,13 +2656,26 @@ def test_windows_are_judged_no_more_often_than_the_queries_range() -> None:
 
 class _ShadowCopies:
     """A Prometheus client that answers the agreement queries from shadow copies at given
-    times (all agreeing) over the range each query names, and healthy figures otherwise."""
+    times (all agreeing) as Prometheus reads them, and healthy figures otherwise: the counter
+    scraped every 5 s (half a second before each judged window), increase() the step from the
+    first to the last sample in the range each query names, stretched to the whole range."""
+
+    SCRAPE_S = 5
 
     def __init__(self, copies: list[dt.datetime], no_latency: Any = None) -> None:
         self.copies = copies
         self.now = NOW
         #: Whether the SLO queries have no sample at a time (no SLM call in their range).
         self.no_latency = no_latency or (lambda at: False)
+
+    def _samples(self, start: dt.datetime) -> list[dt.datetime]:
+        """The scrape times in (start, now]."""
+        k = math.floor(((start - NOW).total_seconds() + 0.5) / self.SCRAPE_S) + 1
+        out = []
+        while (at := NOW + dt.timedelta(seconds=k * self.SCRAPE_S - 0.5)) <= self.now:
+            out.append(at)
+            k += 1
+        return out
 
     def custom_query(self, q: str, **_: Any) -> list[dict[str, Any]]:
         if "capture_records_total" in q:
@@ -2601,8 +2686,15 @@ class _ShadowCopies:
         if "shadow_total" in q:
             amount, unit = re.findall(r"\[(\d+)(ms|s)\]", q)[0]
             span = dt.timedelta(milliseconds=int(amount) * (1 if unit == "ms" else 1000))
-            n_copies = sum(1 for c_ in self.copies if self.now - span < c_ <= self.now)
-            value = (1.0 if n_copies else math.nan) if "/" in q else float(n_copies)
+            samples = self._samples(self.now - span)
+            if len(samples) < 2:
+                return []
+            seen = [sum(1 for c_ in self.copies if c_ <= at) for at in (samples[0], samples[-1])]
+            n_copies = seen[1] - seen[0]
+            if "/" in q:
+                value = 1.0 if n_copies else math.nan
+            else:
+                value = n_copies * span / (samples[-1] - samples[0])
         return [{"metric": {}, "value": [0, str(value)]}]
 
 

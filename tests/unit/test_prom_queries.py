@@ -181,16 +181,22 @@ def test_a_hung_prometheus_costs_one_deadline_then_nothing_during_the_cooldown(
     assert len(conns) == 2  # asked again after the cool-down
 
 
-def test_windows_and_agreement_ranges_never_overlap() -> None:
-    """Rates read windowSeconds or two scrape intervals, and windows are judged no more often
-    (plan.metrics_due's min_window_s); agreement reads the copies not judged yet, in whole
-    milliseconds rounded down, at most an hour; a task never judged reads one window."""
+def test_each_window_reads_one_scrape_interval_more_than_it_spans() -> None:
+    """Windows are judged every windowSeconds or two scrape intervals (plan.metrics_due's
+    min_window_s: range_s); each rate reads one scrape interval more, so that consecutive
+    windows share their boundary sample and the counter step across it is in one of them
+    (reading exactly the span, it was in neither: about half the bursts were never judged).
+    Agreement reads the copies not judged yet, the same interval more, in whole milliseconds
+    rounded down, the time since agreementSince capped at an hour; a task never judged reads
+    one window."""
     prom = PromMetrics("http://prometheus.example:9090", scrape_interval_s=15)
     assert (prom.range_s(5), prom.range_s(45)) == (30, 45)
-    assert prom.window(5) == "30s"
-    assert prom.agreement_window(5, None) == "30s"
-    assert prom.agreement_window(5, 30.0123456) == "30012ms"
-    assert prom.agreement_window(5, 86400) == "3600000ms"
+    assert prom.window(5) == "45s"
+    assert prom.window(45) == "60s"
+    assert prom.agreement_window(5, None) == "45s"
+    assert prom.agreement_window(5, 30.0123456) == "45012ms"
+    assert prom.agreement_window(5, 86400) == "3615s"
+    assert PromMetrics("http://p:9090", scrape_interval_s=0.5).window(1) == "1500ms"
     asked: list[str] = []
 
     def answer(query: str, **_: object) -> list[object]:
@@ -200,8 +206,124 @@ def test_windows_and_agreement_ranges_never_overlap() -> None:
     prom.client.custom_query = answer  # type: ignore[method-assign]
     prom.task_metrics("weather", 5, namespace="agents", agreement_since_s=42.5)
     shadow = [q for q in asked if "shadow_total" in q]
-    assert shadow and all("[42500ms]" in q for q in shadow)
-    assert all("[30s]" in q for q in asked if "shadow_total" not in q and "[" in q)
+    assert shadow and all("[57500ms]" in q for q in shadow)
+    assert all("[45s]" in q for q in asked if "shadow_total" not in q and "[" in q)
+
+
+def test_counts_read_over_the_extra_interval_are_not_inflated() -> None:
+    """increase() stretches what the samples in its range show to the whole range: over the
+    span plus one scrape interval, a count is (span + scrape) / span too high (a burst of 20
+    shadow copies read 40 and counted 40 towards shadowMinSamples). Counts are scaled back;
+    rates and ratios need nothing (rate() divides by the span the samples cover)."""
+    prom = PromMetrics("http://prometheus.example:9090", scrape_interval_s=15)
+
+    def answer(query: str, **_: object) -> list[object]:
+        if "shadow_total" in query and "/" not in query:
+            value = "60"  # over 45 s + 15 s: 45 s of copies
+        elif "cost_usd" in query:
+            value = "0.9"  # over 30 s + 15 s
+        else:
+            value = "0.5"
+        return [{"metric": {}, "value": [1800000000.0, value]}]
+
+    prom.client.custom_query = answer  # type: ignore[method-assign]
+    m = prom.task_metrics("weather", 5, namespace="agents", agreement_since_s=45)
+    assert m is not None
+    assert m.shadow_samples == 45
+    assert m.cost_saved_usd == pytest.approx(0.6)
+    assert (m.p95_latency_ms, m.error_rate, m.agreement, m.slm_share) == (0.5, 0.5, 0.5, 0.5)
+    assert m.request_rate == 0.5
+    # A task never judged reads one window (30 s) plus the interval.
+    first = prom.task_metrics("weather", 5, namespace="agents")
+    assert first is not None and first.shadow_samples == 40
+
+
+def _scalar_answer(answer: Any) -> float:
+    return float(answer[0]["value"][1]) if answer else 0.0
+
+
+def _serve_gateway_metrics(m: GatewayMetrics, lock: threading.Lock) -> tuple[str, Any]:
+    """The gateway's exposition of ``m`` on a free 127.0.0.1 port, as a scrape sees it."""
+    import http.server
+
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    class Scrape(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            with lock:
+                body = generate_latest(m.registry)
+            self.send_response(200)
+            self.send_header("content-type", CONTENT_TYPE_LATEST)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Scrape)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return f"127.0.0.1:{srv.server_port}", srv
+
+
+def test_a_real_prometheus_reads_every_burst_between_windows_once(tmp_path: Any) -> None:
+    """A real Prometheus scraping the gateway's exposition every 0.5 s; windows judged every
+    range_s (1 s), as the operator does. Bursts of 20 disagreeing shadow copies at random
+    times: the windows together read as many copies as were made. Reading exactly its span,
+    each window missed the step across its boundary (148 of 400 copies read: bursts never
+    judged, and those read counted double). Slow SLM calls, once in a while: each is one
+    window with a p95 over the SLO, never two (a window shares only its first sample with
+    the one before, so it reads only the steps after it) and never none."""
+    import random
+
+    from slm_e2e.prometheus import LocalPrometheus
+
+    gw, lock = GatewayMetrics(), threading.Lock()
+    with lock:
+        gw.expect_slm("agents", "weather")
+    target, srv = _serve_gateway_metrics(gw, lock)
+    prom_server = LocalPrometheus(tmp_path, {"gateway": [target]}, scrape_interval=0.5).start()
+    try:
+        prom = PromMetrics(prom_server.url, scrape_interval_s=0.5)
+        span = prom.range_s(1)
+        scraped = 'count_over_time(slm_gateway_shadow_total{result="disagree"}[10s])'
+        deadline = time.monotonic() + 15
+        while _scalar_answer(prom.client.custom_query(scraped)) < 4:
+            assert time.monotonic() < deadline, "Prometheus scraped nothing"
+            time.sleep(0.2)
+        rnd = random.Random(7)
+        copies, spikes, read, breached = 0, 0, 0, 0
+        last = time.monotonic()
+        next_burst = last + rnd.uniform(0.2, 0.8)
+        next_spike = last + 2.3
+        windows = 12
+        for k in range(windows + 2):  # two quiet windows at the end read the last bursts
+            due = last + span
+            while (now := time.monotonic()) < due:
+                if k < windows and now >= next_burst:
+                    with lock:
+                        gw.shadow.labels("agents", "weather", "disagree").inc(20)
+                    copies += 20
+                    next_burst = now + rnd.uniform(0.4, 1.2)
+                if k < windows and now >= next_spike:
+                    with lock:
+                        for _ in range(20):
+                            gw.attempt("agents", "weather", "slm", "ok", 2.0)
+                    spikes += 1
+                    next_spike = now + 3.1 * span
+                time.sleep(0.01)
+            m = prom.task_metrics("weather", 1, "agents", agreement_since_s=now - last)
+            last = now
+            assert m is not None
+            read += m.shadow_samples or 0
+            breached += bool(m.p95_latency_ms is not None and m.p95_latency_ms > 1000)
+    finally:
+        prom_server.stop()
+        srv.shutdown()
+        srv.server_close()
+    assert copies >= 200 and spikes >= 3
+    assert abs(read - copies) <= 0.1 * copies, (read, copies)
+    assert breached == spikes, (breached, spikes)
 
 
 def _promtool_values(
