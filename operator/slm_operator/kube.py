@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import email.utils
 import json
 import logging
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from kubernetes import client, config
@@ -76,6 +77,34 @@ class TaskChanged(KubeError):
         )
 
 
+class Listed(list[dict[str, Any]]):
+    """The items of a list answer, and ``served_at``: the API server's clock when it answered
+    (its ``Date`` header), None without one.
+
+    Why: Job times are the control plane's clock, and an operator node's clock minutes off
+    it misjudged how long ago a Job finished (see :attr:`slm_operator.plan.Observed.server_now`).
+    A list still, so that every caller that only iterates the items is unchanged.
+    """
+
+    def __init__(
+        self, items: Iterable[dict[str, Any]] = (), served_at: dt.datetime | None = None
+    ) -> None:
+        super().__init__(items)
+        self.served_at = served_at
+
+
+def http_date(value: str | None) -> dt.datetime | None:
+    """An HTTP ``Date`` header (RFC 9110: ``Mon, 23 Nov 2026 12:00:00 GMT``) as an aware
+    datetime; None for none and for one that cannot be read."""
+    if not value:
+        return None
+    try:
+        at = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return at if at.tzinfo is not None else at.replace(tzinfo=dt.UTC)
+
+
 def load_api_client() -> client.ApiClient:
     """In-cluster credentials when running in a pod, else the local kubeconfig."""
     try:
@@ -124,6 +153,18 @@ class Kube:
         content_type: str = "application/json",
         timeout: float = 30,
     ) -> Any:
+        return self._exchange(method, path, body, query, content_type, timeout)[0]
+
+    def _exchange(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: list[tuple[str, str]] | None = None,
+        content_type: str = "application/json",
+        timeout: float = 30,
+    ) -> tuple[Any, Mapping[str, str]]:
+        """:meth:`request`'s answer, and the headers it came with."""
         headers = {"Accept": "application/json", "Content-Type": content_type}
         # Bodies stay dicts: the client's REST layer serialises JSON (and JSON-as-YAML for
         # server-side apply) itself; a pre-serialised string would be encoded twice.
@@ -149,7 +190,7 @@ class Kube:
             if not isinstance(st, dict):  # a proxy's "service unavailable", null, a list
                 raise KubeError(resp.status, raw)
             raise KubeError(resp.status, str(st.get("message", raw)), str(st.get("reason", "")))
-        return json.loads(raw) if raw else None
+        return (json.loads(raw) if raw else None), (resp.headers or {})
 
     # ---------------------------------------------------------------- reads
     def get(self, api_version: str, plural: str, namespace: str, name: str) -> Any | None:
@@ -167,13 +208,15 @@ class Kube:
         namespace: str | None,
         selector: str | None = None,
         fields: str | None = None,
-    ) -> list[dict[str, Any]]:
+    ) -> Listed:
+        """The objects the selectors select, and when the API server listed them."""
         query = [("labelSelector", selector)] if selector else []
         if fields:
             query.append(("fieldSelector", fields))
-        data = self.request("GET", _collection(api_version, plural, namespace), query=query)
-        items: list[dict[str, Any]] = data.get("items") or []
-        return items
+        data, headers = self._exchange(
+            "GET", _collection(api_version, plural, namespace), query=query
+        )
+        return Listed(data.get("items") or [], http_date(headers.get("Date")))
 
     def get_task(self, namespace: str, name: str) -> dict[str, Any] | None:
         result: dict[str, Any] | None = self.get(TASK_API, n.PLURAL, namespace, name)

@@ -22,10 +22,25 @@ PENDING, RUNNING, SUCCEEDED, FAILED = "Pending", "Running", "Succeeded", "Failed
 MAX_MESSAGE = 512
 
 
-def parse_time(value: str | None) -> dt.datetime | None:
-    if not value:
+def parse_time(value: object) -> dt.datetime | None:
+    """An RFC 3339 time as an aware datetime in UTC; None for none, and for a value that is
+    no time at all.
+
+    Why lenient: besides the API server's own times, the plan reads status times that any
+    client may have written (``kubectl edit --subresource=status``, a backup restored), and
+    the API server's date-time check takes a lowercase "t" or "z"; an older CRD without the
+    check took any string. Raised, such a time failed every reconcile of its task: live
+    control, conditions and status stood still for good. A time without a zone is UTC, as
+    every time the operator writes; one that is none counts as absent, and the next write
+    replaces it.
+    """
+    if not isinstance(value, str) or not value.strip():
         return None
-    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    try:
+        at = dt.datetime.fromisoformat(value.strip().upper().replace("Z", "+00:00"))
+        return at.replace(tzinfo=dt.UTC) if at.tzinfo is None else at.astimezone(dt.UTC)
+    except (ValueError, OverflowError):  # OverflowError: year 1 or 9999 moved into UTC
+        return None
 
 
 def short_message(text: str, limit: int = MAX_MESSAGE) -> str:

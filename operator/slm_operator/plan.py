@@ -137,6 +137,12 @@ class Observed:
     #: caller does not say. Without one, live control is off: SLOMet and Ready say so, where
     #: they said "no live metrics yet" and "until a canary starts" for good.
     prometheus_configured: bool | None = None
+    #: The API server's clock when it listed the task's Jobs (the Date of its answer); None
+    #: when not known (``now`` stands in). Job times (finished, completed) are the control
+    #: plane's clock, so the time since a Job finished is measured on it: on the operator's,
+    #: a node a few minutes ahead ran data prep again back to back, and failed a Job that had
+    #: just succeeded for a result not read yet (ResultMissing).
+    server_now: dt.datetime | None = None
 
 
 @dataclass
@@ -561,6 +567,9 @@ def _pipeline(
     recorded_selected: Mapping[str, Any] | None = None,
 ) -> _Step:
     """Walk one revision's pipeline; append the Jobs it needs to ``apply`` when given.
+
+    ``now``: the clock the Jobs' times are compared with (the API server's where known:
+    :attr:`Observed.server_now`).
 
     ``data_prepared``: the DataPrepared condition the last status recorded for this revision,
     if any; it stands for the data-prep Job's result once that Job's pod is gone (see
@@ -1203,34 +1212,56 @@ def metrics_due(task: Mapping[str, Any], now: dt.datetime, min_window_s: float =
     window = judged_window(task.get("spec") or {}, min_window_s)
     if last is None:
         return True
-    elapsed = (now - last).total_seconds()
-    # A window judged "in the future" was stamped by a leader whose clock ran ahead: waiting
-    # for it would freeze live control (fallback included) for as long as the skew.
-    return elapsed < 0 or elapsed >= window - 0.05
+    # A window judged "in the future" was stamped by a clock ahead of this one (another
+    # leader's, or this one before it stepped back): up to a window ahead, it is next due a
+    # window after that stamp (at most two windows from now), as judged at once it read the
+    # samples of the window before again (one latency spike, two breached windows). Further
+    # ahead, waiting for it would freeze live control (fallback included) for the skew.
+    return _skewed(last, now, window) or (now - last).total_seconds() >= window - 0.05
 
 
-def agreement_since_s(task: Mapping[str, Any], now: dt.datetime) -> float | None:
+def _skewed(stamp: dt.datetime, now: dt.datetime, period_s: float) -> bool:
+    """Whether a status time ``stamp`` is more than ``period_s`` seconds ahead of ``now``.
+
+    Why: status times are stamped by whichever replica led, on its node's clock. One a
+    little ahead of this clock (a clock stepped back by NTP, a new leader a few seconds
+    behind the old) is taken at its word; counted as long ago, it had a window judged twice
+    on the same samples and a wake-up from zero read as an outage. One more than the period
+    it times ahead comes from a badly skewed clock: taken at its word, it would hold live
+    control up for as long as the skew, so the callers treat it as none.
+    """
+    return (stamp - now).total_seconds() > period_s
+
+
+def agreement_since_s(
+    task: Mapping[str, Any], now: dt.datetime, min_window_s: float = 0.0
+) -> float | None:
     """Seconds of shadow copies not judged yet, for the agreement queries of the window
     judged at ``now``: since ``status.live.agreementSince`` (an older status: since the last
-    judged window); None for a task never judged.
+    judged window), 0 for a start a little ahead of ``now``; None for a task never judged.
+    ``min_window_s`` as for :func:`metrics_due`.
 
     Why: each copy is judged in one window only (:func:`_agreement_since`), so one burst of
     agreeing copies is one healthy window, not ``canaryWindows`` of them.
     """
-    since = _agreement_start((task.get("status") or {}).get("live") or {}, now)
-    return None if since is None else (now - since).total_seconds()
+    window = judged_window(task.get("spec") or {}, min_window_s)
+    since = _agreement_start((task.get("status") or {}).get("live") or {}, now, window)
+    return None if since is None else max(0.0, (now - since).total_seconds())
 
 
-def _agreement_start(live: Mapping[str, Any], now: dt.datetime) -> dt.datetime | None:
+def _agreement_start(
+    live: Mapping[str, Any], now: dt.datetime, window: float
+) -> dt.datetime | None:
     """When the shadow copies not judged yet began, as of ``now``; None for a task never
-    judged, and for a start in the future.
+    judged, and for a start more than a ``window`` in the future.
 
-    Why a future start counts as none: it was stamped by a leader whose clock ran ahead
-    (as :func:`metrics_due` allows for ``lastEvaluated``). Read as 0 s, every window read no
-    copies and kept that start, so the rollout stood still for as long as the skew.
+    Why such a start counts as none: it was stamped by a clock far ahead (as
+    :func:`metrics_due` allows for ``lastEvaluated``). Read as 0 s, every window read no
+    copies and kept that start, so the rollout stood still for as long as the skew. A start
+    less far ahead (:func:`_skewed`) is kept: the copies pool on from it, none read twice.
     """
     since = parse_time(live.get("agreementSince")) or parse_time(live.get("lastEvaluated"))
-    return None if since is None or since > now else since
+    return None if since is None or _skewed(since, now, window) else since
 
 
 def _agreement_since(
@@ -1255,10 +1286,10 @@ def _agreement_since(
     at = parse_time(now)
     if at is None:
         return now
-    since = _agreement_start(prev, at)
+    since = _agreement_start(prev, at, window)
     if since is not None:
-        return str(prev.get("agreementSince") or prev.get("lastEvaluated"))
-    # Never judged, or a start in the future: this window read one window back
+        return _micro_ts(since)
+    # Never judged, or a start far in the future: this window read one window back
     # (PromMetrics.agreement_window), and its copies pool on from there.
     return _micro_ts(at - dt.timedelta(seconds=window))
 
@@ -1270,12 +1301,13 @@ def next_window_s(window: float, last: dt.datetime | None, judged: bool, now: dt
     wake-up of its own a task with no events was reconciled only at the resync (30 s by
     default), so a 5 s window was judged every 30 s. A window judged now, or due but not
     judged (Prometheus did not answer), is next due a whole window later: a Prometheus that
-    is down must not turn the wake-up into a loop.
+    is down must not turn the wake-up into a loop. A window stamped a little in the future
+    is due a window after its stamp; one further ahead is due already (:func:`metrics_due`).
     """
     if judged or last is None:
         return window
     remaining = window - (now - last).total_seconds()
-    return remaining if remaining > 0.05 else window
+    return remaining if 0.05 < remaining <= 2 * window else window
 
 
 def desired_replicas(spec: Mapping[str, Any], previous: Mapping[str, Any]) -> int:
@@ -1348,7 +1380,9 @@ def _waking_from_zero(
     (NoReadyReplicas: a Warning, Ready False, Argo CD Degraded), every wake-up of an idle
     task looked like one, though the LLM answers meanwhile just as it did while scaled to
     zero. It is one for the replica's startup budget after the scale-up (``last_scale``);
-    a replica that does not come up within it is an outage again.
+    a replica that does not come up within it is an outage again. A scale-up stamped ahead
+    of this clock (by a leader whose clock ran ahead) is one just made, unless the stamp is
+    more than the budget ahead (:func:`_skewed`): that must not hide an outage for the skew.
     """
     prev_fb = c.find(prev_conds, c.FALLBACK_ACTIVE) or {}
     if prev_fb.get("status") != c.TRUE or prev_fb.get("reason") not in (
@@ -1357,7 +1391,11 @@ def _waking_from_zero(
     ):
         return False
     scaled = parse_time(last_scale)
-    return scaled is not None and 0 <= (now - scaled).total_seconds() < WAKE_GRACE_S
+    return (
+        scaled is not None
+        and not _skewed(scaled, now, WAKE_GRACE_S)
+        and (now - scaled).total_seconds() < WAKE_GRACE_S
+    )
 
 
 def _live_control(
@@ -1500,6 +1538,8 @@ def _live_control(
             # then breached again, an Event each way and a Warning every other window.
             breached = prev.get("sloBreached")
             live["observed"] = {**_slm_measured(prev.get("observed")), **live["observed"]}
+            if edited:  # an SLO edit judges the kept figures again, as outside a window
+                breached = _judged_again(live["observed"], slo_spec, breached)
             if not fb.active:
                 # fallback_step names a window without a verdict MetricsUnavailable; this one
                 # has the last window's.
@@ -1897,7 +1937,7 @@ def plan(obs: Observed) -> Plan:
             task,
             rev if training_needed else active_rev,
             obs.jobs,
-            obs.now,
+            obs.server_now or obs.now,
             out.apply if training_needed else None,
             must_beat,
             obs.trainer_service_account,

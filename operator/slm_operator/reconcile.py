@@ -18,7 +18,7 @@ from typing import Any
 
 from slm_operator import naming as n
 from slm_operator.builders import DEFAULT_IMAGES, Images
-from slm_operator.kube import Kube, KubeError, TaskChanged, TaskGone
+from slm_operator.kube import Kube, KubeError, Listed, TaskChanged, TaskGone
 from slm_operator.observe import (
     PENDING,
     JobView,
@@ -186,11 +186,8 @@ def observe(
     selector = f"{n.LABEL_TASK}={name}"
     pods = kube.list("v1", "pods", namespace, selector)
     mounts = _mount_failures(kube, namespace, pods)
-    jobs = {
-        j["metadata"]["name"]: job_view(j, pods, mounts)
-        for j in kube.list("batch/v1", "jobs", namespace, selector)
-        if owned(j, uid)
-    }
+    listed = kube.list("batch/v1", "jobs", namespace, selector)
+    jobs = {j["metadata"]["name"]: job_view(j, pods, mounts) for j in listed if owned(j, uid)}
     jobs = _with_failed_creates(kube, namespace, jobs, pods)
     dep = kube.get("apps/v1", "deployments", namespace, n.serving_name(name))
     served = ((task.get("status") or {}).get("revision") or {}).get("active") or ""
@@ -208,7 +205,7 @@ def observe(
             name,
             metrics_window(task["spec"]),
             namespace=namespace,
-            agreement_since_s=agreement_since_s(task, now),
+            agreement_since_s=agreement_since_s(task, now, min_window),
         )
     return Observed(
         task=task,
@@ -224,6 +221,8 @@ def observe(
         metrics_not_due=not_due,
         min_window_s=min_window,
         prometheus_configured=prom is not None,
+        # The Jobs' times are the control plane's clock: compared with the API server's.
+        server_now=listed.served_at if isinstance(listed, Listed) else None,
     )
 
 

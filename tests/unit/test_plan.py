@@ -1221,6 +1221,26 @@ def test_an_slo_edit_judges_the_last_window_again_at_once() -> None:
     assert conds(p.status)[c.FALLBACK_ACTIVE][0] == c.FALSE  # streaks wait for a window
 
 
+def test_an_slo_edit_in_a_window_without_slm_calls_judges_the_kept_figures_again() -> None:
+    """An SLO raised in an apply that lands on a judged window with no SLM call (the operator
+    was down, or the window was due): SLOMet kept "SLO breached: p95 900 ms (SLO 1000 ms)",
+    worded with the new limit, until the SLM got a call again."""
+    task, jobs, dep = _serving_task()
+    t = NOW + dt.timedelta(seconds=10)
+    _step(task, jobs, dep, t, SLOW)
+    assert conds(task["status"])[c.SLO_MET] == (c.FALSE, c.SLO_BREACHED)
+    task["spec"]["serving"]["slo"] = {"p95LatencyMs": 1000}
+    task["metadata"]["generation"] += 1
+    t += dt.timedelta(seconds=10)
+    _step(task, jobs, dep, t, IDLE)
+    slo = c.find(task["status"]["conditions"], c.SLO_MET)
+    assert slo is not None and (slo["status"], slo["reason"]) == (c.TRUE, c.WITHIN_SLO)
+    assert slo["message"].startswith(
+        "no SLM call in the last window; last verdict: within SLO: p95 900 ms (SLO 1000 ms)"
+    )
+    assert task["status"]["live"]["sloBreached"] is False
+
+
 def test_in_shadow_the_conditions_say_the_llm_answers() -> None:
     """Shadow rollout: the LLM answers every call and the SLM gets copies. FallbackActive,
     the route's reason and Ready said the SLM serves them."""
@@ -3189,3 +3209,169 @@ def test_a_spec_edit_that_starts_the_count_again_says_counting_not_waiting() -> 
     _step(task, jobs, dep, NOW + dt.timedelta(seconds=30), captured(1230))
     r = task["status"]["retraining"]
     assert (r["newRecords"], r["reason"]) == (0, "CountingNewExamples")
+
+
+def _micro(at: dt.datetime) -> str:
+    return at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@pytest.mark.parametrize(
+    ("stamp", "read"),
+    [
+        ("2026-11-23t12:00:00z", True),  # lowercase: the API server's date-time check takes it
+        ("2026-11-23T12:00:00", True),  # no zone: UTC
+        ("2026-11-23T13:00:00+01:00", True),
+        ("yesterday", False),  # what an older CRD without the format let anyone write
+        ("", False),
+    ],
+    ids=["lowercase", "zoneless", "offset", "garbage", "empty"],
+)
+def test_a_status_time_another_tool_wrote_is_read_or_replaced_never_a_crash(
+    stamp: str, read: bool
+) -> None:
+    """A status time written by another client (kubectl edit --subresource=status, a backup
+    tool) ending in a lowercase "z" raised ValueError in every reconcile of the task: live
+    control, its conditions and its status stood still for good. Such a time is read as the
+    time it says (no zone: UTC); one that is no time at all counts as absent, and the next
+    write replaces it."""
+    task, jobs, dep = _serving_task()  # windowSeconds 10
+    task["spec"]["retraining"] = {"minNewExamples": 100, "schedule": "0 2 * * *"}
+    _step(task, jobs, dep, NOW - dt.timedelta(seconds=10), captured(1000))
+    for key in ("lastEvaluated", "agreementSince", "lastScaleTime"):
+        task["status"]["live"][key] = stamp
+    task["status"]["retraining"]["scheduleCheckedAt"] = stamp
+    # Read: the window judged at NOW is the last one (not due 5 s later); absent: due.
+    assert metrics_due(task, NOW + dt.timedelta(seconds=5)) is not read
+    busy = dataclasses.replace(captured(1010), request_rate=35)
+    t = NOW + dt.timedelta(seconds=10)
+    p = _step(task, jobs, dep, t, busy)
+    assert conds(p.status)[c.SLO_MET] == (c.TRUE, c.WITHIN_SLO)
+    assert task["status"]["live"]["lastEvaluated"] == _micro(t)
+    assert next(o for o in p.apply if o["kind"] == "Deployment")["spec"]["replicas"] == 3
+    assert task["status"]["live"]["lastScaleTime"] == _micro(t)
+    assert task["status"]["retraining"]["scheduleCheckedAt"] == _ts(t)
+    _settled(Observed(task, jobs, dep, t + dt.timedelta(seconds=1), metrics_not_due=True))
+
+
+def _ts(at: dt.datetime) -> str:
+    return at.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@pytest.mark.parametrize(("back", "due"), [(3, False), (300, True)])
+def test_a_window_stamped_by_a_clock_a_little_ahead_is_not_judged_again_at_once(
+    back: int, due: bool
+) -> None:
+    """The clock stepped back a few seconds (an NTP correction, or a new leader a little
+    behind the old): lastEvaluated was in the future, which counted as due at once, so the
+    next reconcile judged a second window on the same samples, and one latency spike made
+    breachWindows (2) breached windows: fallback on. A stamp less than a window ahead is
+    taken at its word; one further ahead is a badly skewed clock's, due at once, or live
+    control would stand still for as long as the skew."""
+    task, jobs, dep = _serving_task()  # windowSeconds 10, breachWindows 2
+    _step(task, jobs, dep, NOW, HEALTHY)
+    t = NOW + dt.timedelta(seconds=10)
+    _step(task, jobs, dep, t, SLOW)  # one spike: 1 of 2 breached windows
+    later = t + dt.timedelta(seconds=1) - dt.timedelta(seconds=back)
+    assert metrics_due(task, later) is due
+    p = _step(task, jobs, dep, later, SLOW)  # Prometheus still shows the same spike
+    live = task["status"]["live"]
+    if due:
+        assert live["lastEvaluated"] == _micro(later)
+        return
+    assert live["breachStreak"] == 1
+    assert conds(task["status"])[c.FALLBACK_ACTIVE][0] == c.FALSE
+    assert p.next_window_s == pytest.approx(12.0)  # a window after the stamp
+    assert not metrics_due(task, t + dt.timedelta(seconds=9))
+    assert metrics_due(task, t + dt.timedelta(seconds=10))
+
+
+def test_a_scale_up_is_not_made_twice_on_one_burst_by_a_clock_stepped_back() -> None:
+    """maxStep 2: one burst raised the replicas by 2, and a reconcile a second later whose
+    clock had stepped back 3 s judged the burst again and raised them by 2 more."""
+    task, jobs, dep = _serving_task()
+    task["spec"]["serving"]["maxReplicas"] = 8
+    task["spec"]["serving"]["scaling"] = {"maxStep": 2}
+    burst = Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=75)
+    seen = []
+    for at in (NOW + dt.timedelta(seconds=10), NOW + dt.timedelta(seconds=8)):
+        p = _step(task, jobs, dep, at, burst)
+        seen.append(next(o for o in p.apply if o["kind"] == "Deployment")["spec"]["replicas"])
+    assert seen == [3, 3]
+
+
+@pytest.mark.parametrize(
+    ("skew", "waking"),
+    [(dt.timedelta(0), True), (dt.timedelta(minutes=-2), True), (dt.timedelta(minutes=-11), False)],
+    ids=["same-clock", "2-min-behind", "11-min-behind"],
+)
+def test_a_wake_from_zero_stamped_by_a_clock_ahead_is_still_a_wake(
+    skew: dt.timedelta, waking: bool
+) -> None:
+    """A leader wakes a task scaled to zero and fails over; the new leader's clock is behind,
+    so lastScaleTime is in its future. That read as no wake-up at all: Ready False
+    NoReadyReplicas and a Warning while the replica loaded the model. A stamp up to the
+    startup budget ahead counts as just scaled; one further ahead is a badly skewed clock's,
+    which must not hide an outage for as long as the skew."""
+    task, jobs, dep = _serving_task()
+    task["spec"]["serving"]["minReplicas"] = 0
+    idle = Metrics(p95_latency_ms=80, error_rate=0.0, request_rate=0.0)
+    _step(task, jobs, dep, NOW, idle)
+    t = NOW + dt.timedelta(seconds=10)
+    _step(task, jobs, _with_replicas(dep, 0, 0), t, idle)
+    t += dt.timedelta(seconds=10)
+    _step(task, jobs, _with_replicas(dep, 0, 0), t, Metrics(request_rate=5.0))  # wakes it
+    assert task["status"]["live"]["lastScaleTime"] == _micro(t)
+    p = _step(task, jobs, _with_replicas(dep, 1, 0), t + dt.timedelta(seconds=20) + skew, None)
+    warnings = [e[1] for e in p.events if e[0] == "Warning"]
+    if waking:
+        assert conds(p.status)[c.READY] == (c.TRUE, c.WAKING_FROM_ZERO)
+        assert warnings == []
+    else:
+        assert conds(p.status)[c.READY] == (c.FALSE, c.NO_READY_REPLICAS)
+
+
+@pytest.mark.parametrize(("ahead", "server_later", "rerun"), [(6, 0, False), (6, 5, True)])
+def test_a_data_recheck_is_timed_on_the_api_servers_clock(
+    ahead: int, server_later: int, rerun: bool
+) -> None:
+    """A Job's finish time is the control plane's clock; the recheck was timed on the
+    operator's, so an operator node 5+ minutes ahead re-ran data prep back to back. The API
+    server's clock (the Date of its Jobs list, Observed.server_now) times it."""
+    task = make_task()
+    rev = n.revision_of(task["spec"])
+    dn = n.data_job_name("weather", rev)
+    short = result("prepare", ok=False, examples=37, message="too few examples after curation")
+    jobs = {dn: view(dn, "prepare", rev, FAILED, short, finished=NOW - dt.timedelta(seconds=10))}
+    server = NOW + dt.timedelta(minutes=server_later)
+    p = plan(
+        Observed(
+            task,
+            jobs,
+            None,
+            NOW + dt.timedelta(minutes=ahead),
+            data_recheck=dt.timedelta(minutes=5),
+            server_now=server,
+        )
+    )
+    assert p.delete_jobs == ([dn] if rerun else [])
+    assert conds(p.status)[c.DATA_READY] == (c.FALSE, c.WAITING_FOR_DATA)
+
+
+@pytest.mark.parametrize(("server_later", "missing"), [(0, False), (3, True)])
+def test_a_just_succeeded_jobs_result_is_awaited_on_the_api_servers_clock(
+    server_later: int, missing: bool
+) -> None:
+    """An operator node 2+ minutes ahead of the control plane turned a Job that had just
+    succeeded (its result not read yet) into ResultMissing and the task Failed."""
+    task = make_task()
+    rev = n.revision_of(task["spec"])
+    dn = n.data_job_name("weather", rev)
+    jobs = {dn: view(dn, "prepare", rev, SUCCEEDED, None, finished=NOW - dt.timedelta(seconds=2))}
+    server = NOW + dt.timedelta(minutes=server_later)
+    p = plan(Observed(task, jobs, None, NOW + dt.timedelta(minutes=3), server_now=server))
+    if missing:
+        assert conds(p.status)[c.DATA_READY] == (c.FALSE, c.RESULT_MISSING)
+    else:
+        assert conds(p.status)[c.DATA_READY] == (c.UNKNOWN, c.AWAITING_RESULT)
+        assert p.status["phase"] == "PreparingData"
+        assert [e for e in p.events if e[0] == "Warning"] == []
