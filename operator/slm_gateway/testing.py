@@ -77,7 +77,7 @@ class GatewayProcess:
 
 def stop_child(proc: subprocess.Popen[bytes], grace: float) -> int:
     """SIGTERM ``proc``, and SIGKILL its whole session if it has not exited after ``grace``
-    seconds; returns its exit status.
+    seconds (at once, with no SIGTERM, for a ``grace`` of 0); returns its exit status.
 
     Every server these helpers start runs in a session of its own (``start_new_session``),
     so its process group holds whatever it started (the gateway's capture workers,
@@ -85,7 +85,13 @@ def stop_child(proc: subprocess.Popen[bytes], grace: float) -> int:
     children in order (capture flushes); the SIGKILL goes to the group, since a process
     killed alone would leave those children running, holding ports and CPU.
     """
-    if proc.poll() is None:
+    if proc.poll() is None and grace <= 0:
+        # No time to stop in order: the whole session at once. A SIGTERM first, and a
+        # process that died of it before the zero-second wait left its children running.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    elif proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
         try:

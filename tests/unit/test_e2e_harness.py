@@ -119,9 +119,11 @@ def test_up_reuses_only_a_cluster_that_finished_starting_and_still_serves(
 # ---------------------------------------------------------------- an interrupted operator start
 FAKE_OPERATOR = """#!/bin/sh
 # Stand-in for slm-fleet-operator: starts a child, never serves /metrics.
+# Each pid is written whole before its file appears, the operator's first: the test reads
+# both as soon as the child's exists.
+echo $$ > "$FAKE_PIDS/.operator" && mv "$FAKE_PIDS/.operator" "$FAKE_PIDS/operator"
 sleep 300 &
-echo $! > "$FAKE_PIDS/child"
-echo $$ > "$FAKE_PIDS/operator"
+echo $! > "$FAKE_PIDS/.child" && mv "$FAKE_PIDS/.child" "$FAKE_PIDS/child"
 wait
 """
 
