@@ -773,14 +773,19 @@ class Client:
         """Log that connections fail for want of file descriptors, at most once per
         :data:`OUT_OF_FILES_LOG_INTERVAL_S`, with the count since the last line: the agents'
         503s say it, and the operator, who must raise the limit or add replicas, needs to
-        read it too, once, not once per call of a burst."""
+        read it too, once, not once per call of a burst.
+
+        The client serves both kinds of call and does not know which one failed, so the
+        line says what happens to each: an LLM call is answered 503, an SLM call falls back
+        to the LLM (its agent gets a 200); "answered 503" alone was wrong for the latter."""
         self._out_of_files_unsaid += 1
         now = time.monotonic()
         if now - self._out_of_files_said_at < OUT_OF_FILES_LOG_INTERVAL_S:
             return
         log.warning(
             "%d upstream connection(s) could not be opened: this process is out of file "
-            "descriptors (too many calls at once for its limit of open files); answered 503 %s",
+            "descriptors (too many calls at once for its limit of open files); LLM calls are "
+            "answered 503 %s, SLM calls fall back to the LLM",
             self._out_of_files_unsaid,
             CODE_OUT_OF_FILES,
         )

@@ -224,3 +224,10 @@ def test_an_slm_call_short_of_descriptors_falls_back_without_opening_the_slm_cir
         assert _metric(c, "slm_gateway_fallbacks_total", reason="slm_error") == 6
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == []
+    # The client's warning is shared by both kinds of call: it said "answered 503" while
+    # every agent here got a 200 from the LLM.
+    (said,) = [
+        r.getMessage() for r in caplog.records if "out of file descriptors" in r.getMessage()
+    ]
+    assert "SLM calls fall back to the LLM" in said, said
+    assert "; answered 503" not in said, said

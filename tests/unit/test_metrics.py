@@ -283,6 +283,108 @@ def test_an_empty_string_argument_matches_the_same_empty_string(use_bfcl: bool) 
         assert not m.ast_match(pred, ref, [PROMO_TOOL], use_bfcl=use_bfcl).match, wrong
 
 
+NULL_DEFAULT_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "required": ["city"],
+            "properties": {"city": {"type": "string"}, "unit": {"type": "string", "default": None}},
+        },
+    },
+}
+# pydantic's ``unit: str | None = None``: no "type", so only the built-in checker reads it.
+PYDANTIC_NULL_DEFAULT_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "required": ["city"],
+            "properties": {
+                "city": {"type": "string"},
+                "unit": {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None},
+            },
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("use_bfcl", [True, False], ids=["bfcl", "builtin"])
+@pytest.mark.parametrize("tool", [NULL_DEFAULT_TOOL, PYDANTIC_NULL_DEFAULT_TOOL])
+def test_a_string_that_standardises_to_empty_is_not_an_omitted_parameter(
+    tool: dict[str, Any], use_bfcl: bool
+) -> None:
+    """A parameter the reference left out whose default is not a string (``null``) is
+    accepted as ``["", None]``: BFCL reads the answer as a variable (its type is not the
+    parameter's) and compares values as they are, so ``"-"`` or ``" "`` is not ``""``. The
+    built-in port standardised them to ``""`` and agreed where BFCL, the gate, did not."""
+    if use_bfcl and m.load_bfcl_checker() is None:
+        pytest.skip("bfcl-eval is not installed")
+    ref = call("get_weather", {"city": "Paris"})
+    for same in ({}, {"unit": None}):
+        pred = call("get_weather", {"city": "Paris", **same})
+        assert m.ast_match(pred, ref, [tool], use_bfcl=use_bfcl).match, same
+    for unit in ("-", " ", "C"):
+        pred = call("get_weather", {"city": "Paris", "unit": unit})
+        assert not m.ast_match(pred, ref, [tool], use_bfcl=use_bfcl).match, unit
+
+
+def _grid_tool(kind: str, required: bool, default: Any) -> dict[str, Any]:
+    a: dict[str, Any] = {"type": kind}
+    if default is not ...:
+        a["default"] = default
+    return {
+        "type": "function",
+        "function": {
+            "name": "f",
+            "parameters": {
+                "type": "object",
+                "properties": {"a": a, "b": {"type": "string"}},
+                "required": (["a"] if required else []) + ["b"],
+            },
+        },
+    }
+
+
+_NO_ARG = object()
+
+
+def test_the_builtin_checker_agrees_with_bfcl_on_defaults_and_empty_looking_strings() -> None:
+    """On every combination of a parameter's type, requiredness and default (none, "",
+    "x", 0, [], null), a reference value (omitted, empty-looking or typed) and a predicted
+    one, the built-in port gives BFCL's verdict wherever BFCL's checker is the one used.
+    Left out are the references BFCL cannot compare to themselves (an object where the
+    schema says string, or a string of spaces where it says a number): the port matches an
+    answer identical to the reference on purpose there (see test_any_answer_matches_itself)."""
+    if m.load_bfcl_checker() is None:
+        pytest.skip("bfcl-eval is not installed")
+    values: list[Any] = ["", " ", "-", "x", 5, [], [""], {"k": ""}, {}, None]
+    differ = []
+    for kind in ("string", "integer", "array", "object", "number", "boolean"):
+        for required in (True, False):
+            for default in (..., "", "x", 0, [], None):
+                tool = _grid_tool(kind, required, default)
+                for ref_value in [_NO_ARG, *values]:
+                    ref_args = {"b": "q"} if ref_value is _NO_ARG else {"b": "q", "a": ref_value}
+                    ref = call("f", ref_args)
+                    if required and ref_value is _NO_ARG:
+                        continue
+                    if not m.ast_match(ref, ref, [tool], use_bfcl=True).match:
+                        continue  # BFCL refuses the reference's own answer: the port does not
+                    for pred_value in [_NO_ARG, *values]:
+                        pred_args = dict(ref_args, a=pred_value)
+                        if pred_value is _NO_ARG:
+                            del pred_args["a"]
+                        pred = call("f", pred_args)
+                        bfcl = m.ast_match(pred, ref, [tool], use_bfcl=True)
+                        builtin = m.ast_match(pred, ref, [tool], use_bfcl=False)
+                        if bfcl.checker == "bfcl" and bfcl.match != builtin.match:
+                            differ.append((kind, required, default, ref_args, pred_args))
+    assert not differ, differ[:10]
+
+
 _FUZZ_SCHEMAS: list[tuple[dict[str, Any], Callable[[random.Random], Any]]] = [
     ({"type": "string"}, lambda r: r.choice(["", "Paris", "New York, NY", "a-b_c", " "])),
     ({"type": "integer"}, lambda r: r.randint(-3, 3)),

@@ -66,10 +66,14 @@ class ContractError(ValueError):
 # JSON escape: a URI quoted in a JSON line ends before ``\"``, which must stay intact).
 # A ``'`` is legal in user info and in a query, though, and what followed it (the rest of a
 # password, of a signature) was shown as prose: so a quote stays in the user info and host
-# when an ``@`` follows before any white space, and in a query or fragment unless only
-# trailing punctuation comes between it and the URI's end (``'https://h/p?s=1'.``).
+# when an ``@`` follows before any white space, other quote or comma, and in a query or
+# fragment unless only trailing punctuation comes between it and the URI's end
+# (``'https://h/p?s=1'.``). The look for the ``@`` stops at the next quote or comma: run on
+# to any later ``@``, the quote closing ``'https://h:9090',user='bob@corp.com'`` was read as
+# user info (the URI became ``https://corp.com`` and the text between was lost), and each
+# quote of a text looked to its end, so redacting took time in the square of its length.
 _NOT = r"\s'\"<>\\"
-_AUTH_QUOTE = r"'(?=[^\s\"<>\\]*@)"
+_AUTH_QUOTE = r"'(?=[^\s\"'<>\\,]*@)"
 _TAIL_QUOTE = rf"'(?![.,;:)\]}}]*(?:[{_NOT}]|$))"
 
 
@@ -79,7 +83,9 @@ def _uri_pattern(stop: str, authority_quote: str, tail_quote: str) -> re.Pattern
     end = rf"[^{stop}.,;:)\]#]"  # a query or fragment does not end on trailing punctuation
     anything = rf"[^{stop}]" if stop else r"[\s\S]"
     return re.compile(
-        r"(?i)\b([a-z][a-z0-9+.-]*://)"  # scheme
+        # scheme: at most 32 characters (real ones are far shorter); unbounded, it was read to
+        # the end of the text from every word of "a.a.a.…", in time quadratic in the text
+        r"(?i)\b([a-z][a-z0-9+.-]{0,31}://)"
         rf"(?:(?:[^{stop}/?#]|{authority_quote})*@)?"  # user info, dropped
         rf"((?:[^{stop}/?#]|{authority_quote})*)"  # host[:port], kept
         rf"([^{stop}?#]*)"  # path, kept

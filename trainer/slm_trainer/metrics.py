@@ -20,8 +20,9 @@ Definitions (the reference is always the LLM's logged answer):
   parameters it left out, plus the schema default), and the prediction is checked by
   ``bfcl_eval``'s own ``ast_checker`` when that package is importable, or by
   :func:`ast_match_builtin`, a faithful small port of the same rules (string values compared
-  case- and punctuation-insensitively, ints accepted for floats, no unexpected or missing
-  parameters, optional ones may be omitted). Parallel calls match in any order, one
+  case- and punctuation-insensitively, except where BFCL reads the answer as a variable and
+  compares it as it is, ints accepted for floats, no unexpected or missing parameters,
+  optional ones may be omitted). Parallel calls match in any order, one
   predicted call for each reference call, as BFCL's parallel checker has it.
 - **selective prediction**: a candidate answers (accepts) a call when its label is not
   ``None`` and its confidence is at least the threshold; otherwise the call is deferred to the
@@ -395,49 +396,63 @@ def _value_ok(value: Any, accepted: Sequence[Any], schema: Mapping[str, Any]) ->
     """Whether one argument's ``value`` is among the ``accepted`` ones, by BFCL's rules.
 
     ``""`` in ``accepted`` means "may be omitted", and is also the reference's own value
-    when it sent an empty string: BFCL's string checker accepts ``""`` for it. It is left
-    out only where the answer's type is inferred from the accepted values; dropped from the
-    string comparison too, an answer identical to the reference was scored wrong.
+    when it sent an empty string: BFCL's string checker accepts ``""`` for it (an answer
+    identical to the reference was scored wrong when it was dropped there too).
+
+    BFCL's ``is_variable`` rule decides how a value is compared: when the first accepted
+    value that is not ``""`` has another type than the parameter's (a ``null`` default of a
+    string parameter, a string where the schema says integer), the answer is a "variable"
+    and is compared as it is, not standardised. Standardised, ``"-"`` or ``" "`` became
+    ``""`` and matched an omitted parameter, so the gateway's live agreement agreed where
+    the gate's BFCL checker did not. Objects, and lists of objects, are compared as such
+    whatever the schema says (their accepted form is not the value itself: see
+    :func:`_accepted`), so that an answer identical to the reference always matches.
     """
     schema = _branch_for(schema, value)
     kind = gorilla_type(schema)
     if kind == "float" and type(value) is int:
         value = float(value)
+    if isinstance(value, tuple):
+        value = list(value)
     candidates = [a for a in accepted if a != ""]
     # An object value is compared as one whatever the schema says (an untyped or "$ref"
     # parameter, or a tool the request did not list): never as a string.
-    if kind == "dict" or (isinstance(value, dict) and kind == "string"):
-        if not isinstance(value, dict):
-            return False
+    if isinstance(value, dict) and kind in ("dict", "string"):
         props = schema.get("properties") or {}
         return any(_dict_ok(value, a, props) for a in candidates if isinstance(a, dict))
-    if kind in ("array", "tuple", "string") and isinstance(value, list | tuple):
-        value = list(value)
-        items = schema.get("items") or {}
-        if gorilla_type(items) == "dict" or (
-            kind == "string" and value and all(isinstance(v, dict) for v in value)
-        ):
-            return any(
-                isinstance(a, list)
-                and len(a) == len(value)
-                and all(
-                    isinstance(v, dict) and _dict_ok(v, ai, items.get("properties") or {})
-                    for v, ai in zip(value, a, strict=True)
-                )
-                for a in candidates
-            )
-        std = [bfcl_standardize(v) if isinstance(v, str) else v for v in value]
+    items = schema.get("items") or {}
+    if (
+        kind in ("array", "tuple", "string")
+        and isinstance(value, list)
+        and (
+            gorilla_type(items) == "dict"
+            or (kind == "string" and value and all(isinstance(v, dict) for v in value))
+        )
+    ):
         return any(
             isinstance(a, list)
-            and std == [bfcl_standardize(x) if isinstance(x, str) else x for x in a]
+            and len(a) == len(value)
+            and all(
+                isinstance(v, dict) and _dict_ok(v, ai, items.get("properties") or {})
+                for v, ai in zip(value, a, strict=True)
+            )
             for a in candidates
         )
     expected = _PY_TYPES.get(kind, str)
+    ans_type = next((type(a) for a in candidates), None)
+    if ans_type is not None and ans_type is not expected:  # BFCL's is_variable
+        return type(value) in (expected, ans_type) and value in accepted
+    if kind in ("array", "tuple", "string") and isinstance(value, list):
+        # BFCL's list checker reads each accepted value as a list: an accepted "" is [].
+        lists = [a for a in accepted if isinstance(a, list)]
+        if "" in accepted and kind != "string":
+            lists.append([])
+        std = [bfcl_standardize(v) if isinstance(v, str) else v for v in value]
+        return any(
+            std == [bfcl_standardize(x) if isinstance(x, str) else x for x in a] for a in lists
+        )
     if type(value) is not expected:
-        # BFCL treats a value of the possible answer's own type as a variable and compares it.
-        ans_type = next((type(a) for a in candidates), None)
-        if ans_type is None or type(value) is not ans_type:
-            return False
+        return False
     if isinstance(value, str):
         return bfcl_standardize(value) in [
             bfcl_standardize(a) for a in accepted if isinstance(a, str)
