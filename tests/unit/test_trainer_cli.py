@@ -424,6 +424,22 @@ def test_a_uri_with_credentials_is_never_printed_nor_reported(
     assert "Traceback" in err and "OSError" in err
 
 
+def curate_reported(tmp_path: Path, uri: str) -> Path:
+    """Run ``curate --input=uri`` in this process; it must end with a reported result (exit
+    3, not a crash). The result file's path."""
+    result_path = tmp_path / "result.json"
+    code = cli.main(
+        [
+            "curate",
+            f"--input={uri}",
+            f"--output-dir={tmp_path / 'o'}",
+            f"--result-path={result_path}",
+        ]
+    )
+    assert code == cli.EXIT_REPORTED
+    return result_path
+
+
 @pytest.mark.parametrize(
     "uri",
     [
@@ -435,16 +451,7 @@ def test_curate_never_prints_the_credentials_of_its_input(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], uri: str
 ) -> None:
     """The reviewer's case: a dataset URI whose driver is not installed in the image."""
-    result_path = tmp_path / "result.json"
-    code = cli.main(
-        [
-            "curate",
-            f"--input={uri}",
-            f"--output-dir={tmp_path / 'o'}",
-            f"--result-path={result_path}",
-        ]
-    )
-    assert code == cli.EXIT_REPORTED
+    result_path = curate_reported(tmp_path, uri)
     out, err = capsys.readouterr()
     for text in (out, err, result_path.read_text()):
         assert "TESTSECRET" not in text
@@ -475,16 +482,7 @@ def test_a_quote_in_the_inputs_credentials_hides_no_part_of_them(
     from slm_trainer import curate
 
     monkeypatch.setattr(curate, "remote_shards", lambda uri: [])  # nothing there yet
-    result_path = tmp_path / "result.json"
-    code = cli.main(
-        [
-            "curate",
-            f"--input={uri}",
-            f"--output-dir={tmp_path / 'o'}",
-            f"--result-path={result_path}",
-        ]
-    )
-    assert code == cli.EXIT_REPORTED
+    result_path = curate_reported(tmp_path, uri)
     out, err = capsys.readouterr()
     for text in (out, err, result_path.read_text()):
         assert secret not in text and "Kq7" not in text
