@@ -481,6 +481,15 @@ def run(work: Path, n_relevant: int, n_irrelevant: int) -> int:
             answers=answers, log_path=work / "logs/llm-standin.log", llm_latency_ms=60
         )
         stack.append(standin)
+        # The key's owner says where it may go; the gateway sends it nowhere else.
+        c.kubectl(
+            "annotate",
+            "secret",
+            "llm-key",
+            "-n",
+            NS,
+            f"slmfleet.dev/llm-hosts=127.0.0.1:{standin.port}",
+        )
         gateway = start_gateway(
             [
                 "--namespace",

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -41,6 +41,7 @@ from starlette.routing import Route as HTTPRoute
 from slm_gateway import errors as e
 from slm_gateway.auth import (
     AUTH_SERVICEACCOUNT,
+    AuthRateLimited,
     AuthUnavailable,
     Identity,
     TokenReviewer,
@@ -73,14 +74,17 @@ from slm_gateway.decide import (
     REASON_TIMEOUT,
     SLM,
     agree,
+    answer_limit,
     canary_bucket,
     cut_at_stop,
     estimate_tokens,
     fits_request,
     normalize_message,
+    over_limit,
     plan_request,
     reported_usage,
     slm_can_serve,
+    slm_completion_tokens,
     slm_verdict,
 )
 from slm_gateway.errors import GatewayError
@@ -120,6 +124,10 @@ _MAX_REQUEST_ID = 128
 _LLM_AUTH_STATUSES = frozenset({401, 403})
 #: The errors metric's code for them: the task's LLM key Secret needs fixing.
 _CODE_LLM_AUTH = "llm_auth"
+_CODE_AUTH_RATE_LIMITED = "auth_rate_limited"
+#: The code (in the 502's body and the errors metric) of an LLM call not made because the
+#: task's key Secret does not let the key go to that LLM's host (:attr:`Route.llm_blocked`).
+_CODE_LLM_HOST_NOT_ALLOWED = "llm_host_not_allowed"
 #: A bare model name that tasks of several namespaces have (a 400: the task exists, the
 #: agent must name which; model_not_found would say it does not).
 _CODE_MODEL_AMBIGUOUS = "model_ambiguous"
@@ -259,7 +267,7 @@ class Gateway:
         # The outcome counters, labelled once: ``labels()`` on every call cost a microsecond.
         self._auth_count = {
             r: self.metrics.agent_auth.labels(r)
-            for r in ("ok", "missing", "invalid", "forbidden", "unavailable")
+            for r in ("ok", "missing", "invalid", "forbidden", "rate_limited", "unavailable")
         }
         self.capture = capture
         self.breakers = Breakers(cfg.breaker_failures, cfg.breaker_cooldown_s, self.metrics)
@@ -377,8 +385,9 @@ class Gateway:
 
     # ---- agent authentication (--agent-auth serviceaccount) --------------------------------
     async def _authenticate(self, authorization: str | None) -> Identity:
-        """The calling agent's ServiceAccount, or a 401 (no or bad token) or 503 (the API
-        server cannot say). The token itself is never logged or echoed."""
+        """The calling agent's ServiceAccount, or a 401 (no or bad token), 429 (too many new
+        tokens to review right now) or 503 (the API server cannot say). The token itself is
+        never logged or echoed."""
         assert self.auth is not None
         if authorization == _TWO_AUTH:
             self._auth_count["invalid"].inc()
@@ -392,6 +401,18 @@ class Gateway:
             )
         try:
             agent = await self.auth.identify(token)
+        except AuthRateLimited:
+            self._auth_count["rate_limited"].inc()
+            raise GatewayError(
+                429,
+                "Too many agent tokens never seen valid right now: the gateway reviews at "
+                f"most {self.auth.reviews_per_s:g} of them a second (after a burst) with the "
+                "Kubernetes API server; retry shortly. A token it has found valid before is "
+                "never held back.",
+                type=e.RATE_LIMIT,
+                code=_CODE_AUTH_RATE_LIMITED,
+                headers={"Retry-After": "1"},
+            ) from None
         except AuthUnavailable:
             self._auth_count["unavailable"].inc()
             raise GatewayError(
@@ -588,6 +609,8 @@ class Gateway:
     async def _llm(self, call: _LLMCall) -> Answer:
         route, req, raw = call.route, call.req, call.raw
         assert self.upstreams is not None
+        if route.llm_blocked:
+            raise _key_withheld(route)
         body = req.body
         if req.model != route.llm_model:
             body["model"] = route.llm_model
@@ -647,6 +670,8 @@ class Gateway:
         """
         route, req = call.route, call.req
         assert self.upstreams is not None
+        if route.llm_blocked:
+            raise _key_withheld(route)
         body = req.body
         body["model"] = route.llm_model
         asked = body.get("stream_options")
@@ -1059,9 +1084,12 @@ class Gateway:
                 return None, REASON_TIMEOUT
             return None, REASON_BAD_OUTPUT if kind == BAD_OUTPUT else REASON_ERROR
         spent = time.perf_counter() - t
-        verdict = slm_verdict(answer, confidence, route.confidence_threshold)
+        limit = answer_limit(req.body)
+        verdict = slm_verdict(answer, confidence, route.confidence_threshold, limit)
         if not verdict and not fits_request(answer, req.body, req.tool_names):
             verdict = REASON_BAD_OUTPUT
+        if not verdict and over_limit(answer, limit):  # a model that ignores the limit
+            verdict = REASON_DEFER
         bad = verdict == REASON_BAD_OUTPUT
         self.breakers.record(SLM, route.slm_log_url, slm_b, not bad, admitted)
         result = BAD_OUTPUT if bad else verdict or "ok"
@@ -1082,7 +1110,12 @@ class Gateway:
         if verdict:
             return verdict
         message = _served_message(answer, req, self._next_id())
-        ctok = estimate_tokens(len(orjson.dumps(message)))
+        # The model's own count, else an estimate from the text: a selector's label is held
+        # to no limit (over_limit), so its estimate is capped at the agent's, as served.
+        ctok = slm_completion_tokens(answer)
+        limit = answer_limit(req.body)
+        if limit is not None:
+            ctok = min(ctok, limit)
         ptok = estimate_tokens(len(raw))
         doc = {
             "id": f"chatcmpl-{rid}",
@@ -1271,26 +1304,29 @@ class Gateway:
     async def metrics_endpoint(self, request: Request) -> Response:
         m = self.metrics
         m.routes.set(len(self.table))
-        m.route_mode.clear()
         used: set[str] = set()
         known: set[tuple[str, str]] = set()
+        modes: set[tuple[str, str, str]] = set()
         for r in self.table.routes():
-            m.route_mode.labels(r.namespace, r.task, r.mode).set(1)
+            modes.add((r.namespace, r.task, r.mode))
             if r.has_slm:
                 # At 0 from this scrape on, so the operator's first window after the SLM's
                 # first failure or disagreement reads it (slm_gateway.metrics).
                 m.expect_slm(r.namespace, r.task)
             used.update((r.llm_log_url, r.slm_log_url))
             known.add((r.namespace, r.task))
-        m.route_problem.clear()
-        problems = self.route_problems() if self.route_problems is not None else {}
-        for (namespace, task), reason in problems.items():
-            m.route_problem.labels(namespace, task, reason).set(1)
+        # Replaced, not cleared and set again: an earlier scrape's text may be being written
+        # in a thread meanwhile (slm_gateway.metrics.GatewayMetrics.exposition).
+        m.set_route_modes(modes)
+        m.set_route_problems(self.route_problems() if self.route_problems is not None else {})
         self.breakers.prune(used)
         m.forget_removed_tasks(known, time.monotonic(), self.cfg.removed_task_metrics_s)
         if self.capture is not None:
             m.capture_queue.set(self.capture.depth())
-        return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+        # The text (about 20 KB a task) is written in a thread: on the loop, a scrape of 800
+        # tasks held every agent call for 3.5 s. Only the per-call numbers are copied here.
+        text = await asyncio.to_thread(m.exposition())
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def drain_shadows(self, timeout: float) -> None:
@@ -1320,6 +1356,17 @@ def _counted_when_answered(err: GatewayError) -> bool:
     that metric saw a gateway turning agents away as a healthy one; the upstream codes, counted
     where raised, must not count twice."""
     return err.status >= 500 and err.code not in _COUNTED_WHERE_RAISED
+
+
+def _key_withheld(route: Route) -> GatewayError:
+    """The 502 of an LLM call not made: the task's key Secret does not let its key go to the
+    task's LLM host. The message names the Secret, the host and the fix. Not the LLM's
+    failure, so no attempt and no breaker outcome; counted where answered (code
+    ``llm_host_not_allowed``). The route watcher logs it once when it starts, and reports it
+    as a route problem: a log line per call would bury everything else."""
+    return GatewayError(
+        502, route.llm_blocked, type=e.SERVER_ERROR, code=_CODE_LLM_HOST_NOT_ALLOWED
+    )
 
 
 def _unauthenticated(message: str) -> GatewayError:
@@ -1381,7 +1428,7 @@ def _served_message(answer: Mapping[str, Any], req: ChatRequest, call_id: str) -
 def _infer_payload(req: ChatRequest, route: Route) -> bytes:
     """The SLM's infer request for a call; a 400 if the call is too deep to write."""
     try:
-        return infer_body(req.messages, req.tools, route.slm_timeout_s)
+        return infer_body(req.messages, req.tools, route.slm_timeout_s, answer_limit(req.body))
     except orjson.JSONEncodeError:
         raise too_deep() from None
 
@@ -1550,6 +1597,7 @@ def create_app(
             cfg.agent_auth_audience,
             cfg.agent_auth_cache_s,
             on_review=lambda result: metrics.token_reviews.labels(result).inc(),
+            reviews_per_s=cfg.agent_auth_reviews_per_s,
         )
     gw = Gateway(cfg, table, metrics=metrics, capture=capture, auth=auth)
 

@@ -19,10 +19,23 @@ What no review could accept (no JWT of a sane size, or its unchecked claims lack
 or an expiry, name another audience too, or have expired) is refused without a review:
 garbage, a token for another audience and a stale projected token cost the API server nothing.
 The claims read unchecked only ever refuse a token: the TokenReview decides who it belongs to,
-and the signature it checks covers those claims.
-So a deleted ServiceAccount or pod keeps its access for at most ``ttl_s`` (plus the API
-server's own cache of token reviews, about 10 s). When the API server
-cannot answer, calls get a 503 (``auth_unavailable``; OpenAI SDKs retry it) rather than being
+and the signature it checks covers those claims. A forged token with our audience, a future
+expiry and a made-up signature does need a review, and a caller can make endless such tokens
+that no cache matches (2,000 made 2,000 TokenReviews in 4.4 s, and an API server that
+throttles the gateway then failed real agents with 503s): tokens never found valid are
+reviewed at ``reviews_per_s`` (100) a second at most, after a burst of five times that (500),
+and the calls past it get a 429 (``auth_rate_limited``, ``Retry-After: 1``) without a review.
+A token the API server has found valid is never held back by it: cached, it needs no review,
+and once its cache entry lapses it is reviewed again without taking from the budget (its
+digest is remembered until its own ``exp``, see :class:`TokenReviewer`), so a flood of
+forged tokens, or ``ttl_s`` 0, cannot lock out an agent already seen. A never-seen token can
+get a 429 during such a flood, or when more new pods start at once than the burst holds:
+OpenAI SDKs retry a 429 twice, a second apart, and then give up.
+
+A deleted ServiceAccount or pod keeps its access for at most ``ttl_s`` (plus the API server's
+own cache of token reviews, about 10 s): a token found valid is still reviewed again once its
+cache entry lapses, and forgotten when that review refuses it. When the API server cannot
+answer, calls get a 503 (``auth_unavailable``; OpenAI SDKs retry it) rather than being
 let through: fail closed. After a failed review no other is asked for a second, so calls get
 that 503 at once rather than each waiting out a connect timeout; cached tokens keep working.
 
@@ -57,6 +70,11 @@ DEFAULT_AUDIENCE = "slm-fleet-gateway"
 REVIEW_THREADS = 16
 #: (connect, read) seconds for one TokenReview: a call waits for it.
 REVIEW_TIMEOUT_S = (2.0, 5.0)
+#: TokenReviews a second for tokens never found valid, sustained (see :class:`ReviewBudget`).
+DEFAULT_REVIEWS_PER_S = 100.0
+#: The budget's burst, in seconds of its rate: 500 reviews at the default rate, so that a
+#: fleet of that many new pods starting at once is let in without a 429.
+REVIEW_BURST_S = 5.0
 _SA_PREFIX = "system:serviceaccount:"
 
 
@@ -73,6 +91,14 @@ class Identity:
 
 class AuthUnavailable(Exception):
     """The API server could not review a token (down, slow, or refusing the gateway)."""
+
+
+class AuthRateLimited(AuthUnavailable):
+    """Too many tokens not in the cache right now: no review was asked for (a 429).
+
+    An :class:`AuthUnavailable` too, so that code that knows only that one still refuses the
+    call (a 503 the SDKs retry) rather than letting it through or failing it with a 500.
+    """
 
 
 class AuthNotConfigured(Exception):
@@ -199,6 +225,39 @@ def looks_like_a_service_account_token(token: str) -> bool:
     return len(token) <= MAX_TOKEN_BYTES and _JWT.fullmatch(token) is not None
 
 
+@dataclass(slots=True)
+class ReviewBudget:
+    """A token bucket: ``rate`` reviews a second, up to ``burst`` of them at once.
+
+    Why: every review of a token never found valid is a request to the API server, and a
+    caller decides how many of those it sends (forged tokens never repeat). A TokenReview is
+    cheap for the API server (no etcd write), so the bound is only there against such a
+    flood: an agent fleet's own new tokens (one per pod, rotated hourly) stay far below it,
+    and a burst of :data:`REVIEW_BURST_S` seconds' worth lets a fleet of pods start at once.
+    Tokens found valid before do not take from it (see :class:`TokenReviewer`).
+    """
+
+    rate: float
+    burst: float
+    level: float
+    at: float
+
+    @classmethod
+    def full(cls, rate: float, now: float) -> ReviewBudget:
+        """A full bucket; the burst is :data:`REVIEW_BURST_S` seconds' worth, at least one."""
+        burst = max(1.0, REVIEW_BURST_S * rate)
+        return cls(rate, burst, burst, now)
+
+    def take(self, now: float) -> bool:
+        """Whether one review may be asked for at ``now``; if so, it is taken."""
+        self.level = min(self.burst, self.level + max(0.0, now - self.at) * self.rate)
+        self.at = now
+        if self.level < 1:
+            return False
+        self.level -= 1
+        return True
+
+
 class _StillDown(AuthUnavailable):
     """No review asked for: another failed a moment ago (see ``retry_after_s``)."""
 
@@ -245,6 +304,15 @@ class TokenReviewer:
     While the API server fails, reviews are not asked for again for ``retry_after_s``: every
     uncached token gets its 503 at once instead of each call waiting out a connect timeout
     (the thread pool would queue them). Tokens already cached keep working meanwhile.
+    Reviews of tokens never found valid are asked for at ``reviews_per_s`` at most
+    (:class:`ReviewBudget`); calls that share one review take one from it. The digests of
+    tokens the API server found valid are remembered until the token's own ``exp``, so that
+    such a token is reviewed again (when its cache entry lapses, or at every call with
+    ``ttl_s`` 0) without taking from the budget: a caller cannot make more of them than the
+    ServiceAccount tokens it holds, and a flood of forged ones must not lock out an agent
+    already seen. At most ``max_entries`` digests are remembered (about 120 bytes each: 1.2 MB
+    for the default 10,000), the oldest pushed out first; a token pushed out only takes from
+    the budget again. A token a later review refuses is forgotten at once.
     """
 
     def __init__(
@@ -256,6 +324,7 @@ class TokenReviewer:
         negative_ttl_s: float = 5.0,
         max_entries: int = 10_000,
         retry_after_s: float = 1.0,
+        reviews_per_s: float = DEFAULT_REVIEWS_PER_S,
         review: Callable[[Any, str, str], Mapping[str, Any]] = _review_with,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
@@ -277,6 +346,9 @@ class TokenReviewer:
         #: that a flood of bad tokens cannot push the good ones out; both evict oldest first.
         self._good: dict[bytes, tuple[float, Identity]] = {}
         self._bad: dict[bytes, float] = {}
+        #: sha256(token) -> its ``exp`` (wall time), for tokens the API server found valid:
+        #: reviewed again without taking from the budget. Insertion order is oldest first.
+        self._valid: dict[bytes, float] = {}
         self._pending: dict[bytes, asyncio.Task[Identity | None]] = {}
         self._down_until = 0.0
         #: Reviews run on threads of their own: on asyncio's default pool (6 threads on 2
@@ -285,11 +357,14 @@ class TokenReviewer:
             max_workers=REVIEW_THREADS, thread_name_prefix="token-review"
         )
         self._failing = False
+        self.reviews_per_s = reviews_per_s
+        self._budget = ReviewBudget.full(reviews_per_s, clock())
 
     async def identify(self, token: str) -> Identity | None:
         """The token's ServiceAccount, None if it is not a valid agent token for us.
 
-        Raises :class:`AuthUnavailable` when the API server could not say.
+        Raises :class:`AuthUnavailable` when the API server could not say, and
+        :class:`AuthRateLimited` when too many other tokens are being reviewed right now.
         """
         if len(token) > MAX_TOKEN_BYTES:
             return None
@@ -314,6 +389,12 @@ class TokenReviewer:
                 return None
             if now < self._down_until:
                 raise _StillDown("the API server failed a review a moment ago")
+            # Neither remembered as a refusal nor an outage: the token is reviewed on the
+            # next call that finds room, and other tokens are not held back. A token found
+            # valid before needs no room (its exp, which the entry ends with, is still ahead:
+            # reviewable_until checked it).
+            if digest not in self._valid and not self._budget.take(now):
+                raise AuthRateLimited(f"more than {self.reviews_per_s:g} new tokens a second")
             # A task of its own: a caller that is cancelled (shutdown, a client gone) does
             # not take the review with it, and every caller sharing it gets its outcome.
             review = asyncio.ensure_future(self._review_and_remember(digest, token, exp))
@@ -359,8 +440,10 @@ class TokenReviewer:
     def _remember(self, digest: bytes, identity: Identity | None, exp: float) -> None:
         now = self._clock()
         if identity is None:  # a refusal stands whatever the token's exp
+            self._valid.pop(digest, None)
             _bounded_put(self._bad, digest, now + self.negative_ttl_s, self.max_entries // 10 or 1)
             return
+        _bounded_put(self._valid, digest, exp, self.max_entries)
         ttl = min(self.ttl_s, exp - self._wall())
         if ttl > 0:
             _bounded_put(self._good, digest, (now + ttl, identity), self.max_entries)
@@ -387,6 +470,7 @@ def token_reviewer(
     audience: str,
     ttl_s: float,
     on_review: Callable[[str], None] = lambda result: None,
+    reviews_per_s: float = DEFAULT_REVIEWS_PER_S,
 ) -> TokenReviewer:
     """A reviewer with the gateway's Kubernetes credentials (in-cluster or ``kubeconfig``),
     on a client that does not retry: urllib3's default retries turned a 2 s connect timeout
@@ -409,7 +493,13 @@ def token_reviewer(
     # on a 2-CPU node: urllib3 warned and opened new connections past it).
     cfg.connection_pool_maxsize = REVIEW_THREADS
     client = importlib.import_module("kubernetes.client")
-    return TokenReviewer(client.ApiClient(cfg), audience, ttl_s=ttl_s, on_review=on_review)
+    return TokenReviewer(
+        client.ApiClient(cfg),
+        audience,
+        ttl_s=ttl_s,
+        reviews_per_s=reviews_per_s,
+        on_review=on_review,
+    )
 
 
 def _credentials_problem(exc: BaseException) -> str:

@@ -70,7 +70,10 @@ def new_client(limit: int = 1024) -> Client:
 
 
 def infer_body(
-    messages: list[dict[str, Any]], tools: list[dict[str, Any]], timeout_s: float = 0.0
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]],
+    timeout_s: float = 0.0,
+    max_tokens: int | None = None,
 ) -> bytes:
     """A KServe v2 infer request with one BYTES tensor holding ``{"messages", "tools"}``.
 
@@ -78,8 +81,16 @@ def infer_body(
     still queued when the gateway's SLM budget is spent is dropped by Triton instead of
     computed for nobody. The exported model's own queue limit is the longest budget a task
     may set; Triton lets a request shorten it, never lengthen it.
+
+    ``max_tokens`` (the request's limit, :func:`slm_gateway.decide.answer_limit`) goes in
+    the tensor next to them: the model generates at most that many tokens. A repository
+    exported before it was sent ignores the field (the model reads only the keys it knows),
+    and the gateway holds that answer to the limit itself.
     """
-    inner = orjson.dumps({"messages": messages, "tools": tools})
+    doc: dict[str, Any] = {"messages": messages, "tools": tools}
+    if max_tokens is not None:
+        doc["max_tokens"] = max_tokens
+    inner = orjson.dumps(doc)
     head = _INFER_PREFIX
     if timeout_s > 0:
         head = b'{"parameters":{"timeout":%d},' % max(1, round(timeout_s * 1e6)) + head[1:]

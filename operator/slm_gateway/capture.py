@@ -950,8 +950,9 @@ def llm_only_call(body: Mapping[str, Any]) -> bool:
     (:func:`slm_gateway.decide.slm_can_serve`), its legacy form aside; a call record's
     ``llm_only``.
 
-    Why the record says so: ``n``, ``logprobs``, ``response_format`` and ``tool_choice`` are
-    not in it, and curate trained on such calls: a text answer that ``tool_choice: "none"``
+    Why the record says so: ``n``, ``logprobs``, ``response_format``, ``tool_choice``,
+    ``modalities``, ``audio`` and ``web_search_options`` are not in it, and curate trained on
+    such calls: a text answer that ``tool_choice: "none"``
     forced, with tools offered, taught the SLM to answer in text where it would choose a
     tool. A legacy request is judged in its current form, the functions as tools (a strict
     one is the LLM's alone) and ``function_call: "none"``, which forces text the same way,

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slm_gateway.auth import AUTH_MODES, AUTH_NONE, DEFAULT_AUDIENCE
+from slm_gateway.auth import AUTH_MODES, AUTH_NONE, DEFAULT_AUDIENCE, DEFAULT_REVIEWS_PER_S
 from slm_gateway.capture import CaptureConfig
 from slm_gateway.decide import DEFAULT_PRICES
 from slm_gateway.httpclient import header_value_problem
@@ -86,6 +86,9 @@ class GatewayConfig:
     agent_auth: str = AUTH_NONE
     agent_auth_audience: str = DEFAULT_AUDIENCE
     agent_auth_cache_s: float = 60.0
+    #: TokenReviews a second for tokens never found valid (a burst of five times that); past
+    #: it a 429. Tokens found valid before are not limited (see slm_gateway.auth).
+    agent_auth_reviews_per_s: float = DEFAULT_REVIEWS_PER_S
 
 
 def _env(name: str, default: str) -> str:
@@ -311,6 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a reviewed token is trusted before it is reviewed again (default "
         "%(default)s; never past the token's own expiry)",
     )
+    auth.add_argument(
+        "--agent-auth-reviews-per-second",
+        type=float,
+        default=_env_float("AGENT_AUTH_REVIEWS_PER_SECOND", DEFAULT_REVIEWS_PER_S),
+        help="TokenReviews a second, at most, for tokens never found valid, after a burst of "
+        "five times as many (default %(default)s): past it a call gets a 429 without a review, "
+        "so that made-up tokens cannot flood the API server; tokens the API server found valid "
+        "before are reviewed again without limit",
+    )
 
     srv = p.add_argument_group("server")
     # An empty SLM_GATEWAY_HOST is taken as unset (as Kubernetes manifests write "not set"):
@@ -363,6 +375,8 @@ _LOWER_BOUNDS: tuple[tuple[str, str, float, bool], ...] = (
     ("--body-timeout-s", "body_timeout_s", 0.0, False),
     ("--removed-task-metrics-s", "removed_task_metrics_s", 0.0, True),
     ("--agent-auth-cache-seconds", "agent_auth_cache_seconds", 0.0, True),
+    # 0 would refuse every token not yet cached.
+    ("--agent-auth-reviews-per-second", "agent_auth_reviews_per_second", 0.0, False),
     # 0 or less made every call a 413.
     ("--max-body-bytes", "max_body_bytes", MIN_MAX_BODY, True),
     # 0 skipped every shadow comparison: a shadow task never gathered the agreement its
@@ -529,4 +543,5 @@ def config_from_args(argv: Sequence[str] | None = None) -> GatewayConfig:
         agent_auth=args.agent_auth,
         agent_auth_audience=args.agent_auth_audience.strip(),
         agent_auth_cache_s=args.agent_auth_cache_seconds,
+        agent_auth_reviews_per_s=args.agent_auth_reviews_per_second,
     )

@@ -7,9 +7,10 @@ The HTTP layer (:mod:`slm_gateway.app`) asks, then acts.
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -127,7 +128,7 @@ def _object_arguments(args: Any) -> bool:
         return False
 
 
-def slm_verdict(answer: Any, confidence: Any, threshold: float) -> str:
+def slm_verdict(answer: Any, confidence: Any, threshold: float, limit: int | None = None) -> str:
     """Empty when the SLM's answer may be served, else the fallback reason.
 
     A ``{"defer": true}`` answer is the model handing the call back; a confidence that is
@@ -138,6 +139,12 @@ def slm_verdict(answer: Any, confidence: Any, threshold: float) -> str:
     nor one whose ``content`` next to tool calls is neither text nor null (agents' SDKs
     reject the whole completion), nor a tool call whose ``arguments`` are not a JSON object
     (or one too deep to write).
+
+    Except an answer cut at the request's own ``limit`` (:func:`answer_limit`; the model
+    reports as many tokens as the limit): the agent's budget stopped it, not the SLM's
+    failing, so it is a hand-back (``defer``), whatever its confidence (the model serves a
+    cut answer with 0). As bad output it counted in the SLM's error rate, which rolls a
+    canary back, and against its circuit, shared by every agent of the model.
     """
     if not isinstance(answer, dict):
         return REASON_BAD_OUTPUT
@@ -149,6 +156,12 @@ def slm_verdict(answer: Any, confidence: Any, threshold: float) -> str:
         or not 0.0 <= confidence <= 1.0  # not a probability (logits?), NaN included
     ):
         return REASON_BAD_OUTPUT
+    if (
+        limit is not None
+        and answer.get("finish_reason") == "length"
+        and reported_usage(answer.get("usage"))[1] >= limit
+    ):
+        return REASON_DEFER  # cut at the agent's own limit
     if confidence < threshold:
         return REASON_LOW_CONFIDENCE
     if answer.get("finish_reason") == "length":
@@ -170,22 +183,85 @@ def slm_verdict(answer: Any, confidence: Any, threshold: float) -> str:
     return REASON_BAD_OUTPUT
 
 
+def answer_limit(body: Mapping[str, Any]) -> int | None:
+    """The most tokens the request lets its answer have: the smaller of ``max_tokens`` and
+    ``max_completion_tokens`` where both are set (validation took only integers >= 1), None
+    where neither is. The SLM is sent it (:func:`slm_gateway.backends.infer_body`) and its
+    answer is held to it (:func:`slm_verdict`, :func:`over_limit`), as the LLM's is."""
+    limits = [
+        v
+        for v in (body.get("max_tokens"), body.get("max_completion_tokens"))
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    ]
+    return min(limits) if limits else None
+
+
+def slm_completion_tokens(answer: Mapping[str, Any]) -> int:
+    """The completion tokens of a usable SLM answer, as the agent is served them.
+
+    The count the model reported (``usage.completion_tokens``: a generated answer of a
+    repository exported with the token limit), else an estimate of the text it wrote: its
+    content and each call's name and arguments. A selector's label comes with no count, nor
+    does any answer of an older repository. Why the text and not the message's JSON, as
+    before: the wrapping (role, ids, keys) was counted as about ten tokens more, and a
+    classification agent's ``max_tokens`` of 3 would have sent a one-word label to the LLM
+    (:func:`over_limit`).
+    """
+    reported = reported_usage(answer.get("usage"))[1]
+    if reported:
+        return reported
+    content = answer.get("content")
+    size = len(content.encode()) if isinstance(content, str) else 0
+    for call in answer.get("tool_calls") or []:
+        fn = call["function"]
+        args = fn.get("arguments", "{}")
+        text = args if isinstance(args, str) else orjson.dumps(args).decode()
+        size += len(str(fn["name"]).encode()) + len(text.encode())
+    return estimate_tokens(size)
+
+
+def over_limit(answer: Mapping[str, Any], limit: int | None) -> bool:
+    """Whether a usable SLM answer has more tokens than the request allows: the count the
+    model reported (``usage.completion_tokens``) above ``limit``, or, for an answer with
+    neither a count nor a ``label``, the estimate of its text
+    (:func:`slm_completion_tokens`) above it. Why: a repository exported before the limit
+    was sent ignores it and answers in full, so its answer comes back finished and longer
+    than the agent allowed; it is handed back as one cut there would be (``defer``).
+
+    A selector's answer (a classification label or a tool choice, with its ``label``) is
+    never held to the limit by the estimate: a label is what the LLM would name in a token
+    or two, and ~4 bytes a token is too coarse to judge one by ("positive" came out 2
+    tokens, so every classification call with ``max_tokens: 1`` went to the LLM). The
+    estimate still stands for the usage it is served with (:func:`slm_completion_tokens`).
+    """
+    if limit is None:
+        return False
+    reported = reported_usage(answer.get("usage"))[1]
+    if reported:
+        return reported > limit
+    return "label" not in answer and slm_completion_tokens(answer) > limit
+
+
 def slm_can_serve(body: Mapping[str, Any]) -> bool:
     """Whether an SLM answer could satisfy this request at all.
 
     An exported SLM gives one choice, no log-probabilities and no structured-output
-    guarantee, and it answers with a tool call whenever it picks one. So a request for
-    several choices (``n`` > 1), for ``logprobs``, for a ``response_format`` other than text,
-    with ``tool_choice: "none"`` or a ``tool_choice`` object other than one function (such as
-    ``allowed_tools``), or in the legacy ``functions``/``function_call`` form (the SLM is
-    served ``tools`` only, and answers with ``tool_calls``) goes to the LLM: the agent gets
-    what it asked for, and no fallback is counted against the SLM. So does a request with a
-    ``strict`` tool: strict function calling is structured output too (the arguments follow
-    the schema exactly), which the SLM does not guarantee. And so does a request with a
-    custom (free-form input) tool, in ``tools``, named by ``tool_choice`` or called earlier
-    in the conversation: the SLM is trained on function tools only, could neither call one
-    nor tell when it should, and its chat format would show an earlier custom call as a call
-    without a name. Those checks of ``tools`` and ``messages`` are
+    guarantee, writes text only, searches nothing, and it answers with a tool call whenever
+    it picks one. So a request for several choices (``n`` > 1), for ``logprobs``, for a
+    ``response_format`` other than text, for ``modalities`` other than text or ``audio``
+    output, with ``web_search_options``, with ``tool_choice: "none"`` or a ``tool_choice``
+    object other than one function (such as ``allowed_tools``), or in the legacy
+    ``functions``/``function_call`` form (the SLM is served ``tools`` only, and answers with
+    ``tool_calls``) goes to the LLM: the agent gets what it asked for, and no fallback is
+    counted against the SLM. So does a request with a ``strict`` tool: strict function
+    calling is structured output too (the arguments follow the schema exactly), which the
+    SLM does not guarantee. And so does a request with a custom (free-form input) tool, in
+    ``tools``, named by ``tool_choice`` or called earlier in the conversation: the SLM is
+    trained on function tools only, could neither call one nor tell when it should, and its
+    chat format would show an earlier custom call as a call without a name; and one with an
+    image, audio or file content part anywhere in the conversation: the SLM reads text only,
+    and answered a photo's question from the words alone. Those checks of ``tools`` and
+    ``messages`` are
     :func:`slm_contract.llm_only_request`, which curate shares: a call the SLM is never asked
     must not be one it is trained or gated on. The other checks read fields a call record
     does not hold, so capture writes their verdict as the record's ``llm_only``
@@ -205,6 +281,11 @@ def slm_can_serve(body: Mapping[str, Any]) -> bool:
     fmt = body.get("response_format")
     if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
         return False
+    if body.get("audio") is not None or body.get("web_search_options") is not None:
+        return False
+    modalities = body.get("modalities")
+    if isinstance(modalities, list) and any(m != "text" for m in modalities):
+        return False
     return not llm_only_request(body.get("tools"), body.get("messages"))
 
 
@@ -220,15 +301,222 @@ def cut_at_stop(text: str, stop: Any) -> str:
     return text[: min(found)] if found else text
 
 
+@dataclass(frozen=True, slots=True)
+class _Schema:
+    """What :func:`_fits` judges of one JSON Schema, the rest of it dropped: ``types`` (None:
+    any), ``enum`` (None: any value), ``properties``, ``required``, ``closed``
+    (``additionalProperties: false``), ``items`` (one schema, or the tuple form's list) and
+    ``never`` (the ``false`` schema)."""
+
+    types: frozenset[str] | None = None
+    enum: tuple[Any, ...] | None = None
+    properties: Mapping[str, _Schema] = field(default_factory=dict)
+    required: tuple[str, ...] = ()
+    closed: bool = False
+    items: _Schema | tuple[_Schema, ...] | None = None
+    never: bool = False
+
+
+_ANY = _Schema()
+_NEVER = _Schema(never=True)
+#: Deeper than a validated schema nests (:func:`slm_gateway.validate._validate_schema`
+#: refuses past 32); below it nothing is judged.
+_MAX_SCHEMA_DEPTH = 40
+
+
+def _compile(schema: Any, depth: int = 0) -> _Schema:
+    """A tool's ``parameters`` as :class:`_Schema`; what is not a schema the gateway reads
+    (a keyword it does not judge, a value of the wrong shape) accepts anything."""
+    if schema is False:
+        return _NEVER
+    if not isinstance(schema, dict) or depth > _MAX_SCHEMA_DEPTH:
+        return _ANY
+    kind = schema.get("type")
+    kinds = kind if isinstance(kind, list) else [kind] if isinstance(kind, str) else None
+    types = frozenset(k for k in kinds if isinstance(k, str)) if kinds is not None else None
+    if types is not None and schema.get("nullable") is True:
+        types |= {"null"}  # OpenAPI's spelling of ["string", "null"]: not refused here
+    enum = schema.get("enum")
+    props = schema.get("properties")
+    properties = (
+        {k: _compile(v, depth + 1) for k, v in props.items() if isinstance(k, str)}
+        if isinstance(props, dict)
+        else {}
+    )
+    required = schema.get("required")
+    items = schema.get("items")
+    compiled_items: _Schema | tuple[_Schema, ...] | None = None
+    if isinstance(items, list):
+        compiled_items = tuple(_compile(v, depth + 1) for v in items)
+    elif items is not None:
+        compiled_items = _compile(items, depth + 1)
+    return _Schema(
+        types=types,
+        enum=tuple(enum) if isinstance(enum, list) else None,
+        properties=properties,
+        required=tuple(r for r in required if isinstance(r, str))
+        if isinstance(required, list)
+        else (),
+        # with patternProperties, which keys they admit is not judged: no key is refused
+        closed=schema.get("additionalProperties") is False and "patternProperties" not in schema,
+        items=compiled_items,
+    )
+
+
+def _is_type(value: Any, kind: str) -> bool:
+    """Whether ``value`` (decoded JSON) is of the JSON Schema type ``kind``; an unknown type
+    name (validation refuses those in a request) accepts anything."""
+    if kind == "string":
+        return isinstance(value, str)
+    if kind == "integer":  # 3.0 is an integer in JSON Schema; a boolean is none
+        if isinstance(value, float):
+            return value.is_integer()
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind == "boolean":
+        return isinstance(value, bool)
+    if kind == "array":
+        return isinstance(value, list)
+    if kind == "object":
+        return isinstance(value, dict)
+    if kind == "null":
+        return value is None
+    return True
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    """JSON equality, as ``enum`` compares: 1 and 1.0 are equal, ``true`` and 1 are not
+    (Python says ``True == 1``)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_json(v, b[k]) for k, v in a.items())
+    return type(a) is type(b) and a == b
+
+
+def _fits(schema: _Schema, value: Any, *, required: bool = True) -> bool:
+    """Whether ``value`` keeps ``schema``: its type, enum, required and (when closed) only
+    known keys, each property and item in turn. ``required=False`` leaves out this level's
+    required keys (a selector's ``{}``, see :func:`arguments_fit`)."""
+    if schema.never:
+        return False
+    if schema.types is not None and not any(_is_type(value, k) for k in schema.types):
+        return False
+    if schema.enum is not None and not any(_same_json(value, e) for e in schema.enum):
+        return False
+    if isinstance(value, dict):
+        if required and not all(key in value for key in schema.required):
+            return False
+        if schema.closed and not value.keys() <= schema.properties.keys():
+            return False
+        return all(_fits(sub, value[key]) for key, sub in schema.properties.items() if key in value)
+    if isinstance(value, list) and schema.items is not None:
+        if isinstance(schema.items, tuple):  # the tuple form: item i against schema i
+            return all(_fits(sub, v) for sub, v in zip(schema.items, value, strict=False))
+        items = schema.items
+        return all(_fits(items, v) for v in value)
+    return True
+
+
+#: Compiled ``parameters`` schemas of the tools SLM answers called, by a digest of the
+#: schema's JSON (as :data:`slm_gateway.validate._TOOLS_SEEN` keeps tool lists): an agent
+#: sends the same tools on every call, and compiling a schema again on every answer cost
+#: several times what finding and hashing it does. Only called tools' schemas are hashed,
+#: not the whole list with its descriptions, and only they are held, compiled.
+_SCHEMAS_SEEN: dict[bytes, _Schema] = {}
+_SCHEMAS_SEEN_MAX = 1024
+
+
+def _parameters(tools: Any, name: str) -> Any:
+    """The ``parameters`` of the function tool ``name`` in ``tools``; None (any arguments)
+    when it has none or there is no such function."""
+    if not isinstance(tools, list):
+        return None
+    for tool in tools:
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(fn, dict) and fn.get("name") == name and tool.get("type") == "function":
+            return fn.get("parameters")
+    return None
+
+
+def _argument_schema(tools: Any, name: str) -> _Schema:
+    """The compiled ``parameters`` of the tool ``name``, from the cache."""
+    params = _parameters(tools, name)
+    if not isinstance(params, dict):
+        return _compile(params)  # none, or true or false: nothing to compile
+    try:
+        key = hashlib.blake2b(orjson.dumps(params), digest_size=16).digest()
+    except orjson.JSONEncodeError:  # validation refuses such tools; nothing to cache by
+        return _compile(params)
+    schema = _SCHEMAS_SEEN.get(key)
+    if schema is None:
+        if len(_SCHEMAS_SEEN) >= _SCHEMAS_SEEN_MAX:
+            _SCHEMAS_SEEN.clear()
+        schema = _SCHEMAS_SEEN[key] = _compile(params)
+    return schema
+
+
+def _decoded_arguments(args: Any) -> Any:
+    """A call's arguments as decoded JSON (no arguments: ``{}``); None when unreadable."""
+    if not isinstance(args, str):
+        return args
+    text = args.strip()
+    if not text:
+        return {}
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def arguments_fit(answer: Mapping[str, Any], tools: Any) -> bool:
+    """Whether each tool call of an SLM answer keeps its tool's ``parameters`` schema in the
+    request's ``tools``, so that the agent's tool can run it.
+
+    Judged: the arguments are an object; the ``required`` keys are present; no key outside
+    ``properties`` where ``additionalProperties`` is false; ``enum`` membership (JSON
+    equality: ``true`` is not 1); the JSON ``type`` (``string``, ``integer``: an integer or a
+    float such as 3.0, never a boolean, ``number``, ``boolean``, ``array``, ``object``,
+    ``null``, or a list of them); all of it in nested ``properties`` of objects and ``items``
+    of arrays. Not judged, and so accepted: every other keyword (``anyOf``, ``oneOf``,
+    ``allOf``, ``$ref``, ``pattern``, ``format``, ``minimum``, ``const``,
+    ``patternProperties``...): a half-understood check would send good answers to the LLM,
+    and the LLM's own answers are not checked either. OpenAPI's ``nullable: true`` lets a
+    null through.
+
+    A selector (a closed-label model) chooses the tool, not its arguments: by design it
+    answers the chosen tool with ``{}`` and its ``label``
+    (``slm_trainer.triton_model.chatformat.selector_answer``). Such an answer, exactly
+    ``{}`` with a ``label``, is not held to ``required``; anything else is.
+    """
+    selector = "label" in answer
+    for call in answer.get("tool_calls") or []:
+        fn = call["function"]
+        args = _decoded_arguments(fn.get("arguments", "{}"))
+        if not isinstance(args, dict):
+            return False
+        schema = _argument_schema(tools, fn["name"])
+        if not _fits(schema, args, required=not (selector and args == {})):
+            return False
+    return True
+
+
 def fits_request(
     answer: Mapping[str, Any], body: Mapping[str, Any], tool_names: frozenset[str]
 ) -> bool:
     """Whether a usable SLM answer keeps the request's tool contract.
 
-    Every call must name one of the request's tools (an agent cannot run any other);
-    ``tool_choice: "required"`` needs at least one call, and a named ``tool_choice`` needs
-    every call to name that function, and ``parallel_tool_calls: false`` allows at most one
-    call. An answer that breaks it is bad output, and the LLM answers instead.
+    Every call must name one of the request's tools (an agent cannot run any other), with
+    arguments that tool's schema accepts (:func:`arguments_fit`: the agent's tool would fail
+    on others); ``tool_choice: "required"`` needs at least one call, and a named
+    ``tool_choice`` needs every call to name that function, and ``parallel_tool_calls:
+    false`` allows at most one call. An answer that breaks it is bad output, and the LLM
+    answers instead.
     """
     calls = answer.get("tool_calls") or []
     names = [c["function"]["name"] for c in calls]
@@ -236,6 +524,8 @@ def fits_request(
         return False
     if len(names) > 1 and body.get("parallel_tool_calls") is False:
         return False  # the agent asked for at most one call per turn
+    if names and not arguments_fit(answer, body.get("tools")):
+        return False
     choice = body.get("tool_choice")
     if choice == "required":
         return bool(names)

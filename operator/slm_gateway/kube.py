@@ -13,6 +13,10 @@ second daemon thread reads the named Secrets again every ``secret_refresh_s``, s
 cannot be watched: a rotated key or a Secret created after its task is in use within
 seconds. Only ``get`` on the named Secrets and ``list``/``watch`` on agenttasks are needed.
 
+A Secret's key goes only to the LLM hosts its ``slmfleet.dev/llm-hosts`` annotation lists
+(:func:`slm_gateway.routes.key_may_go_to`); none without it. Why: whoever may edit an
+AgentTask chooses its LLM URL, but only the Secret's owner may choose where the key goes.
+
 Every call to the API server has a client-side timeout (``request_timeout``; the watch at
 most :data:`WATCH_IDLE_S` without a byte): a list or a Secret read whose answer never comes
 (a stalled connection, an API server that hangs) would otherwise block its thread for good,
@@ -35,9 +39,12 @@ from slm_gateway.httpclient import header_value_problem
 from slm_gateway.routes import (
     DEFAULT_LLM_TIMEOUT_S,
     DEFAULT_SLM_TIMEOUT_S,
+    LLM_HOSTS_ANNOTATION,
+    LLMHost,
     Route,
     RouteError,
     RouteTable,
+    parse_llm_hosts,
     route_from_task,
     secret_ref,
 )
@@ -46,6 +53,11 @@ log = logging.getLogger(__name__)
 
 #: (namespace, Secret name, key in it) of a task's LLM API key.
 SecretRef = tuple[str, str, str]
+#: What a Secret gives a task: its key ("" for none) and the hosts the key may be sent to
+#: (its :data:`~slm_gateway.routes.LLM_HOSTS_ANNOTATION`). Compared as one value, so a
+#: refresh that finds either changed rebuilds the tasks' routes.
+LLMKey = tuple[str, frozenset[LLMHost]]
+NO_KEY: LLMKey = ("", frozenset())
 
 GROUP = "slmfleet.dev"
 VERSION = "v1alpha1"
@@ -129,7 +141,7 @@ class AgentTaskWatcher:
         # Each task's latest object and the API key its route was built with: what a key
         # refresh rebuilds from. Written with the table under _lock, so a refresh can neither
         # bring back a task an event just deleted nor put back an older status.
-        self._tasks: dict[str, tuple[Mapping[str, Any], str]] = {}
+        self._tasks: dict[str, tuple[Mapping[str, Any], LLMKey]] = {}
         # Each task's install number (from _seq), bumped whenever its route is set or removed:
         # a key refresh, which reads the Secrets without the lock, installs what it read only
         # for the tasks whose number is still the one it noted before the reads. Else a slow
@@ -138,11 +150,14 @@ class AgentTaskWatcher:
         self._seq = 0
         self._lock = threading.Lock()
         # The last key read from each Secret, kept through a read that fails for a moment.
-        self._keys: dict[SecretRef, str] = {}
+        self._keys: dict[SecretRef, LLMKey] = {}
         # What is wrong with each Secret's key: (reason code, message), see :meth:`problems`.
         self._key_problems: dict[SecretRef, tuple[str, str]] = {}
         # The tasks whose route was refused (an unusable LLM URL or status), by task key.
         self._refused: set[str] = set()
+        # The tasks whose key may not go to their LLM's host (the Secret does not allow it),
+        # by task key: why (Route.llm_blocked), logged when it starts or changes.
+        self._blocked: dict[str, str] = {}
         # The tasks an event installed with the key last read, not one it read itself: a
         # refresh that read the Secret meanwhile still updates them (see refresh_keys).
         self._cached: set[str] = set()
@@ -234,12 +249,12 @@ class AgentTaskWatcher:
             if isinstance(obj, Mapping) and self._serves(obj)
         ]
         keys, cached = self._list_keys(core, items)
-        tasks: dict[str, tuple[Mapping[str, Any], str]] = {}
+        tasks: dict[str, tuple[Mapping[str, Any], LLMKey]] = {}
         routes = []
         with self._lock:
             for obj in items:
                 ref = secret_ref(obj)
-                api_key = keys[ref] if ref is not None else ""
+                api_key = keys[ref] if ref is not None else NO_KEY
                 tasks[_task_key(obj)] = (obj, api_key)
                 route = self._build(obj, api_key)
                 if route is not None:
@@ -248,6 +263,7 @@ class AgentTaskWatcher:
             # As after an event: a refresh that read these Secrets meanwhile still updates them.
             self._cached = {key for key, (obj, _) in tasks.items() if secret_ref(obj) in cached}
             self._refused &= set(tasks)
+            self._blocked = {k: v for k, v in self._blocked.items() if k in tasks}
             self._versions = {key: self._next_seq() for key in tasks}
             self.table.replace_all(routes)
         # Forget the Secrets no task names any more: a stale key or problem must not come back
@@ -261,7 +277,7 @@ class AgentTaskWatcher:
 
     def _list_keys(
         self, core: Any, items: list[Mapping[str, Any]]
-    ) -> tuple[dict[SecretRef, str], set[SecretRef]]:
+    ) -> tuple[dict[SecretRef, LLMKey], set[SecretRef]]:
         """The key of each Secret the listed tasks name, and the Secrets whose key was the one
         last read rather than read now.
 
@@ -271,7 +287,7 @@ class AgentTaskWatcher:
         there are Secrets (a degraded KMS: 8 Secrets at 1 s each kept a task's switch to the
         LLM waiting 8 s), at every resync and every 410.
         """
-        keys: dict[SecretRef, str] = {}
+        keys: dict[SecretRef, LLMKey] = {}
         cached: set[SecretRef] = set()
         for obj in items:
             ref = secret_ref(obj)
@@ -285,13 +301,13 @@ class AgentTaskWatcher:
                 cached.add(ref)
         return keys, cached
 
-    def _known_key(self, ref: SecretRef) -> str | None:
-        """The key last read from ``ref`` ("" when it was missing or unusable), or None when
-        the watch thread must read the Secret itself: one not read before, or any where no
-        refresh loop runs to keep the keys current."""
+    def _known_key(self, ref: SecretRef) -> LLMKey | None:
+        """The key last read from ``ref`` (:data:`NO_KEY` when it was missing or unusable), or
+        None when the watch thread must read the Secret itself: one not read before, or any
+        where no refresh loop runs to keep the keys current."""
         if self.secret_refresh_s <= 0 or (ref not in self._keys and ref not in self._key_problems):
             return None
-        return self._keys.get(ref, "")
+        return self._keys.get(ref, NO_KEY)
 
     def _follow(self, custom: Any, core: Any, rv: str) -> None:
         k8s: Any = importlib.import_module("kubernetes")
@@ -342,10 +358,11 @@ class AgentTaskWatcher:
                 self._cached.discard(key)
                 self._versions.pop(key, None)
                 self._refused.discard(key)
+                self._blocked.pop(key, None)
                 self.table.remove(key)
             return
         ref = secret_ref(obj)
-        api_key, cached = "", False
+        api_key, cached = NO_KEY, False
         if ref is not None:
             # A Secret already read (or found missing or unreadable) is left to the refresh
             # loop: read here on every event of its task, one slow read (a degraded KMS) held
@@ -359,7 +376,7 @@ class AgentTaskWatcher:
             if cached:
                 self._cached.add(key)
 
-    def _install(self, key: str, obj: Mapping[str, Any], api_key: str) -> None:
+    def _install(self, key: str, obj: Mapping[str, Any], api_key: LLMKey) -> None:
         """Remember the task and route it with ``api_key``, or drop its route when it cannot
         be served; the caller holds ``_lock``."""
         self._tasks[key] = (obj, api_key)
@@ -376,14 +393,16 @@ class AgentTaskWatcher:
         self._seq += 1
         return self._seq
 
-    def _build(self, obj: Mapping[str, Any], api_key: str) -> Route | None:
+    def _build(self, obj: Mapping[str, Any], api_key: LLMKey) -> Route | None:
         """The task's route, or None (logged, and in :meth:`problems`) when it cannot be
-        served; the caller holds ``_lock``."""
+        served; the caller holds ``_lock``. A route whose key its Secret does not let go to
+        the task's LLM is built without it (logged, and in :meth:`problems`, too)."""
         key = _task_key(obj)
         try:
             route = route_from_task(
                 obj,
-                api_key=api_key,
+                api_key=api_key[0],
+                key_hosts=api_key[1],
                 default_slm_timeout_s=self.default_slm_timeout_s,
                 llm_timeout_s=self.llm_timeout_s,
             )
@@ -391,18 +410,36 @@ class AgentTaskWatcher:
             if key not in self._refused:  # once per refusal, not at every refresh or resync
                 log.warning("AgentTask skipped: %s", exc)
             self._refused.add(key)
+            self._blocked.pop(key, None)
             return None
         self._refused.discard(key)
+        self._note_blocked(key, route.llm_blocked)
         return route
+
+    def _note_blocked(self, key: str, why: str) -> None:
+        """Note whether the task's key is withheld from its LLM, and log it when that starts,
+        changes or ends: routes are rebuilt at every event, resync and rotated key, and a
+        warning each time would bury everything else. The caller holds ``_lock``."""
+        if self._blocked.get(key, "") == why:
+            return
+        if why:
+            self._blocked[key] = why
+            log.warning("AgentTask %s: LLM calls refused (502): %s", key, why)
+        else:
+            self._blocked.pop(key)
+            log.info("AgentTask %s: its LLM key may go to its LLM again", key)
 
     def problems(self) -> dict[tuple[str, str], str]:
         """(namespace, task) -> why the gateway cannot serve the task as its spec says.
 
         ``route_refused``: no route at all (an LLM URL or status the gateway cannot use; every
-        call for the task fails); ``llm_key_missing`` (the Secret or its key is not there, or
-        the key is empty), ``llm_key_unreadable`` (RBAC, an API error: the last key read stays
-        in use) or ``llm_key_unusable`` (not base64 of UTF-8 text, or a key no HTTP header can
-        carry: a line break or NUL inside, a character outside Latin-1): calls go to the LLM
+        call for the task fails); ``llm_host_not_allowed``: the task's LLM URL is on a host
+        its key's Secret does not list in its ``slmfleet.dev/llm-hosts`` annotation, so the
+        key is not sent and every LLM call is answered 502; ``llm_key_missing`` (the Secret or
+        its key is not there, or the key is empty), ``llm_key_unreadable`` (RBAC, an API
+        error: the last key read stays in use) or ``llm_key_unusable`` (not base64 of UTF-8
+        text, or a key no HTTP header can carry: a line break or NUL inside, a character
+        outside Latin-1): calls go to the LLM
         without the task's key, and it answers 401. Why: the gateway may not write a task's
         status, and a log line is easy to miss; these become ``slm_gateway_route_problem`` and
         an alert.
@@ -415,6 +452,8 @@ class AgentTaskWatcher:
                 ref = secret_ref(obj)
                 if key in self._refused:
                     out[where] = "route_refused"
+                elif key in self._blocked:
+                    out[where] = "llm_host_not_allowed"
                 elif ref is not None and (known := self._key_problems.get(ref)) is not None:
                     out[where] = known[0]
             return out
@@ -461,11 +500,13 @@ class AgentTaskWatcher:
             log.info("LLM key changed for %d task(s)", changed)
             self._changed()
 
-    def _read_key(self, core: Any, ref: SecretRef) -> str:
-        """The API key in the Secret ``ref``, or "" for none (the task is then served
-        without one). A Secret that is gone or holds no usable key gives ""; a read that fails
-        otherwise (429, 5xx, a timeout, RBAC) keeps the last key read: a resync or a refresh
-        that misses once must not turn a working key into minutes of 401s."""
+    def _read_key(self, core: Any, ref: SecretRef) -> LLMKey:
+        """The API key in the Secret ``ref`` and the hosts it may go to, or :data:`NO_KEY`
+        (the task is then served without one). A Secret that is gone or holds no usable key
+        gives none; a read that fails otherwise (429, 5xx, a timeout, RBAC) keeps the last key
+        read: a resync or a refresh that misses once must not turn a working key into minutes
+        of 401s. The hosts are the Secret's own annotation, which only those who may edit the
+        Secret can set: none (no annotation) lets the key go nowhere."""
         ns, name, field = ref
         try:
             secret = core.read_namespaced_secret(name, ns, _request_timeout=self.request_timeout)
@@ -475,9 +516,9 @@ class AgentTaskWatcher:
                 self._problem(
                     ref, "llm_key_missing", "does not exist; the task is served without a key"
                 )
-                return ""
-            last = self._keys.get(ref, "")
-            kept = "; the last key read stays in use" if last else ""
+                return NO_KEY
+            last = self._keys.get(ref, NO_KEY)
+            kept = "; the last key read stays in use" if last[0] else ""
             why = f"is not readable: {_summary(exc)}{_secret_hint(exc)}{kept}"
             self._problem(ref, "llm_key_unreadable", why)
             return last
@@ -485,7 +526,7 @@ class AgentTaskWatcher:
         if raw is None:
             self._keys.pop(ref, None)
             self._problem(ref, "llm_key_missing", f"has no key {field!r}")
-            return ""
+            return NO_KEY
         # A key that is not base64 text of UTF-8 would otherwise fail the whole list, and so
         # every task of the namespace; the task is served without a key, as when unreadable.
         try:
@@ -496,13 +537,13 @@ class AgentTaskWatcher:
             self._problem(
                 ref, "llm_key_unusable", f"key {field!r} is unusable ({type(exc).__name__})"
             )
-            return ""
+            return NO_KEY
         if not value:
             # An empty key (``--from-literal=api-key=`` with an unset shell variable) went out
             # as no Authorization at all, with no problem reported: it is a missing key.
             self._keys.pop(ref, None)
             self._problem(ref, "llm_key_missing", f"has an empty key {field!r}")
-            return ""
+            return NO_KEY
         unsendable = header_value_problem(value)
         if unsendable:
             # Such a key would be refused by the route (it cannot go in a header: a line break
@@ -510,10 +551,12 @@ class AgentTaskWatcher:
             # the problem read route_refused. A key problem, the task served without it.
             self._keys.pop(ref, None)
             self._problem(ref, "llm_key_unusable", f"key {field!r} is unusable ({unsendable})")
-            return ""
-        self._keys[ref] = value
+            return NO_KEY
+        annotations = getattr(getattr(secret, "metadata", None), "annotations", None) or {}
+        read = (value, parse_llm_hosts(annotations.get(LLM_HOSTS_ANNOTATION)))
+        self._keys[ref] = read
         self._problem(ref, "", None)
-        return value
+        return read
 
     def _problem(self, ref: SecretRef, reason: str, problem: str | None) -> None:
         """Note a Secret's problem (``reason``: a code for :meth:`problems`) and log it when it

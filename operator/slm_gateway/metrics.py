@@ -24,8 +24,9 @@ namespace empty for routes from a static file; ``backend`` is ``slm`` or ``llm``
 - ``slm_gateway_invalid_requests_total{code}``: requests rejected before routing (4xx).
 - ``slm_gateway_agent_auth_total{result}`` and ``slm_gateway_token_reviews_total{result}``:
   with ``--agent-auth serviceaccount``, how calls fared (``ok``, ``missing``, ``invalid``,
-  ``forbidden``, ``unavailable``) and the TokenReviews behind them (``authenticated``,
-  ``rejected``, ``failed``; one per token and cache period, see :mod:`slm_gateway.auth`).
+  ``forbidden``, ``rate_limited``, ``unavailable``) and the TokenReviews behind them
+  (``authenticated``, ``rejected``, ``failed``; one per token and cache period, see
+  :mod:`slm_gateway.auth`).
 - ``slm_gateway_fallbacks_total{namespace,task,reason}``: calls meant for the SLM that went to
   the LLM instead, counted when they are sent there (also when the LLM then fails, or its own
   circuit is open): the reason is the SLM's side, which the operator's SLM error rate reads.
@@ -47,7 +48,8 @@ namespace empty for routes from a static file; ``backend`` is ``slm`` or ``llm``
 - ``slm_gateway_route_problem{namespace,task,reason}``: 1 for each AgentTask the gateway cannot
   serve as its spec says: ``route_refused`` (no route: every call for it fails),
   ``llm_key_missing``, ``llm_key_unreadable`` or ``llm_key_unusable`` (its LLM key Secret;
-  see :meth:`slm_gateway.kube.AgentTaskWatcher.problems`).
+  see :meth:`slm_gateway.kube.AgentTaskWatcher.problems`), ``llm_host_not_allowed`` (the
+  Secret's ``slmfleet.dev/llm-hosts`` does not list the task's LLM host: the key is not sent).
 - ``slm_gateway_capture_records_total{namespace,task,result}``: ``written`` or ``dropped``.
 - ``slm_gateway_capture_dropped_records_total{namespace,task,reason}``: the dropped records by
   why: ``queue_full`` (the workers cannot keep up), ``redaction_failed`` (the redactor failed on
@@ -87,7 +89,9 @@ The series touched on every answered call (requests, request and backend duratio
 calls, tokens, cost) are plain numbers in :class:`ServedStats` and :class:`AttemptStats`,
 updated by the event loop and turned into metric families only when ``/metrics`` is
 scraped. A prometheus_client child takes a lock on every ``inc`` and ``observe``; the nine
-updates of a call cost more than the rest of its routing decision.
+updates of a call cost more than the rest of its routing decision. A scrape copies them on
+the event loop and writes the text in a thread (:meth:`GatewayMetrics.exposition`), so agent
+calls are not held while a large exposition is written.
 
 The series the operator's live control divides or compares (an SLM's attempts by result and
 their latency, the shadow copies it judges, the calls kept from an SLM whose circuit is
@@ -102,10 +106,11 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from collections.abc import Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextvars import ContextVar
+from typing import Any, NamedTuple, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
@@ -173,6 +178,14 @@ class LatencyHistogram:
             out.append((le, float(total)))
         return out
 
+    def copy(self) -> LatencyHistogram:
+        """The counts as they are now (see :class:`_HotNumbers`)."""
+        new = LatencyHistogram.__new__(LatencyHistogram)
+        new.counts = self.counts.copy()
+        new.sum = self.sum
+        new.created = self.created
+        return new
+
 
 class ServedStats:
     """Everything counted for an answered call of one (namespace, task, backend)."""
@@ -211,6 +224,19 @@ class ServedStats:
         self.cost += cost
         self.llm_equivalent.value += llm
 
+    def copy(self, llm_equivalent: LlmEquivalent) -> ServedStats:
+        """The numbers as they are now, sharing the copy of the task's ``llm_equivalent``
+        (see :class:`_HotNumbers`)."""
+        new = ServedStats.__new__(ServedStats)
+        new.requests = self.requests
+        new.duration = self.duration.copy()
+        new.prompt_tokens = self.prompt_tokens
+        new.completion_tokens = self.completion_tokens
+        new.cost = self.cost
+        new.llm_equivalent = llm_equivalent
+        new.created = self.created
+        return new
+
 
 class LlmEquivalent:
     """What a task's calls would have cost on the LLM, shared by its two backends."""
@@ -220,6 +246,12 @@ class LlmEquivalent:
     def __init__(self) -> None:
         self.value = 0.0
         self.created = time.time()
+
+    def copy(self) -> LlmEquivalent:
+        new = LlmEquivalent.__new__(LlmEquivalent)
+        new.value = self.value
+        new.created = self.created
+        return new
 
 
 class AttemptStats:
@@ -237,6 +269,37 @@ class AttemptStats:
         self.count += 1
         self.duration.observe(seconds)
 
+    def copy(self, duration: LatencyHistogram) -> AttemptStats:
+        """The count as it is now, with the copy of its backend's latencies (see
+        :class:`_HotNumbers`)."""
+        new = AttemptStats.__new__(AttemptStats)
+        new.count = self.count
+        new.duration = duration
+        new.created = self.created
+        return new
+
+
+class _HotNumbers(NamedTuple):
+    """A copy of the per-call numbers taken on the event loop, which alone updates them, for
+    an exposition written in another thread (:meth:`GatewayMetrics.exposition`): the loop
+    goes on counting calls meanwhile, and the thread must not read a histogram half updated
+    or a dict changing size. Copying is a small part of writing them out (about 20 KB of
+    text a task)."""
+
+    served: dict[tuple[str, str, str], ServedStats]
+    equivalent: dict[tuple[str, str], LlmEquivalent]
+    attempts: dict[tuple[str, str, str, str], AttemptStats]
+    durations: dict[tuple[str, str, str], LatencyHistogram]
+
+
+# The snapshot an exposition being written in this context reads instead of the live numbers,
+# with the collector it belongs to (many GatewayMetrics may live in one process). A context
+# variable, set only while :meth:`GatewayMetrics.exposition`'s function runs: two scrapes
+# written at once, each in its own thread, read each their own.
+_SNAPSHOT: ContextVar[tuple[_HotCollector, _HotNumbers] | None] = ContextVar(
+    "slm_gateway_metrics_snapshot", default=None
+)
+
 
 class _HotCollector(Collector):
     """Exports :class:`ServedStats` and :class:`AttemptStats` as Prometheus metric families,
@@ -248,7 +311,22 @@ class _HotCollector(Collector):
     def describe(self) -> list[Metric]:
         return list(self._families({}, {}, {}, {}))
 
+    def snapshot(self) -> _HotNumbers:
+        """Copy every per-call number; event loop only."""
+        m = self.m
+        durations = {k: h.copy() for k, h in m._backend_duration.items()}
+        equivalent = {k: e.copy() for k, e in m._llm_equivalent.items()}
+        return _HotNumbers(
+            {k: st.copy(equivalent[k[:2]]) for k, st in m._served.items()},
+            equivalent,
+            {k: at.copy(durations[k[:3]]) for k, at in m._attempts.items()},
+            durations,
+        )
+
     def collect(self) -> Iterator[Metric]:
+        frozen = _SNAPSHOT.get()
+        if frozen is not None and frozen[0] is self:
+            return self._families(*frozen[1])
         m = self.m
         # list(): a scrape from another thread must not see the dicts change size under it.
         return self._families(
@@ -323,19 +401,42 @@ def _add_histogram(
     )
 
 
-def _drop_task(stats: dict[_K, Any], task: tuple[str, str]) -> None:
-    """Delete the entries of one (namespace, task) from a dict keyed by label tuples."""
-    for key in [k for k in stats if k[:2] == task]:
+def _drop_tasks(stats: dict[_K, Any], tasks: set[tuple[str, str]]) -> None:
+    """Delete the entries of these (namespace, task) pairs from a dict keyed by label tuples,
+    in one pass over it: a pass per task made removing many tasks at once quadratic."""
+    for key in [k for k in stats if k[:2] in tasks]:
         del stats[key]
 
 
-def _labelled_tasks(metric: Counter | Gauge | Histogram) -> set[tuple[str, str]]:
-    """The (namespace, task) pairs of every series of a metric labelled ``namespace, task,
-    ...``. prometheus_client has no public way to list a metric's label values but to collect
-    every sample; its children dict is read under its own lock, as it does itself (capture
-    workers add series from their threads)."""
+def _series(metric: Counter | Gauge | Histogram) -> set[tuple[str, ...]]:
+    """The label values of every series of a metric. prometheus_client (0.26) has no public
+    way to list them but to collect every sample, and its ``remove_by_labels`` scans every
+    series for each call, so removing n tasks that way was quadratic. Its children dict is
+    read under its own lock, as prometheus_client does itself (capture workers add series
+    from their threads); the only use of its private attributes in the gateway."""
     with metric._lock:
-        return {(str(k[0]), str(k[1])) for k in metric._metrics}
+        return {tuple(key) for key in metric._metrics}
+
+
+def _remove_series(
+    metric: Counter | Gauge | Histogram, drop: Callable[[tuple[str, ...]], bool]
+) -> None:
+    """Remove every series of a metric whose label values ``drop`` picks, in one pass."""
+    for key in _series(metric):
+        if drop(key):
+            metric.remove(*key)
+
+
+def _show_only(gauge: Gauge, wanted: Iterable[tuple[str, ...]]) -> None:
+    """Set the gauge to 1 for each label tuple of ``wanted`` and remove its other series,
+    the wanted ones first: no moment without a series that stays. Why not clear() and set
+    again: the exposition of an earlier scrape is written in another thread
+    (:meth:`GatewayMetrics.exposition`) while the next scrape updates the gauges on the
+    loop, and Prometheus marks a series missing from one scrape stale."""
+    keep = {tuple(str(v) for v in key) for key in wanted}
+    for key in keep:
+        gauge.labels(*key).set(1)
+    _remove_series(gauge, lambda key: key not in keep)
 
 
 class GatewayMetrics:
@@ -354,7 +455,8 @@ class GatewayMetrics:
         # The tasks whose SLM series expect_slm has created: one set lookup per route and
         # scrape once they exist.
         self._expected: set[tuple[str, str]] = set()
-        r.register(_HotCollector(self))
+        self._hot = _HotCollector(self)
+        r.register(self._hot)
         self.errors = Counter(
             p + "errors",
             "Calls answered with an error.",
@@ -368,7 +470,8 @@ class GatewayMetrics:
             p + "agent_auth",
             "Agent authentication outcomes with --agent-auth serviceaccount: ok, missing (no "
             "token), invalid (not a live token for the gateway's audience), forbidden (a "
-            "ServiceAccount of another namespace than the task's), unavailable (the API "
+            "ServiceAccount of another namespace than the task's), rate_limited (an unknown token "
+            "past --agent-auth-reviews-per-second; the call got a 429), unavailable (the API "
             "server could not review the token; the call got a 503).",
             ["result"],
             registry=r,
@@ -479,7 +582,7 @@ class GatewayMetrics:
         seen = {k[:2] for k in self._served} | {k[:2] for k in self._attempts}
         seen |= set(self._llm_equivalent)
         for metric in self._task_metrics():
-            seen |= _labelled_tasks(metric)
+            seen |= {(k[0], k[1]) for k in _series(metric)}
         for task in known:
             self._gone_since.pop(task, None)
         removed: list[tuple[str, str]] = []
@@ -487,17 +590,53 @@ class GatewayMetrics:
             since = self._gone_since.setdefault(task, now)
             if now - since >= grace_s:
                 removed.append(task)
+        if not removed:
+            return removed
+        # One pass over each dict and metric for all of them: 800 tasks removed one by one
+        # took 3.3 s of the event loop, each scanning every series of nine metrics.
+        gone = set(removed)
         for task in removed:
             del self._gone_since[task]
             self._expected.discard(task)
             self._llm_equivalent.pop(task, None)
-            _drop_task(self._served, task)
-            _drop_task(self._attempts, task)
-            _drop_task(self._backend_duration, task)
-            labels = {"namespace": task[0], "task": task[1]}
-            for metric in self._task_metrics():
-                metric.remove_by_labels(labels)
+        _drop_tasks(self._served, gone)
+        _drop_tasks(self._attempts, gone)
+        _drop_tasks(self._backend_duration, gone)
+        for metric in self._task_metrics():
+            _remove_series(metric, lambda key: key[:2] in gone)
         return removed
+
+    def set_route_modes(self, modes: Iterable[tuple[str, str, str]]) -> None:
+        """``slm_gateway_route_mode`` at 1 for each (namespace, task, mode) and for no other;
+        event loop only."""
+        _show_only(self.route_mode, modes)
+
+    def set_route_problems(self, problems: Mapping[tuple[str, str], str]) -> None:
+        """``slm_gateway_route_problem`` at 1 for each (namespace, task): reason and for no
+        other; event loop only."""
+        _show_only(self.route_problem, [(ns, task, why) for (ns, task), why in problems.items()])
+
+    def exposition(self) -> Callable[[], bytes]:
+        """Copy the per-call numbers now (event loop only), and return a function that writes
+        the text exposition with them and the prometheus_client metrics as they are when it
+        runs; it may run in another thread, and does on /metrics.
+
+        Why: the text of 800 tasks (about 20 KB each) took 3.5 s to write, and written on the
+        event loop every agent call made meanwhile waited as long. prometheus_client's
+        metrics are safe to collect from another thread (each reads its series under its
+        lock, as the capture workers' updates take it); the per-call numbers are not, so the
+        thread reads a copy (:class:`_HotNumbers`).
+        """
+        frozen = (self._hot, self._hot.snapshot())
+
+        def write() -> bytes:
+            token = _SNAPSHOT.set(frozen)
+            try:
+                return generate_latest(self.registry)
+            finally:
+                _SNAPSHOT.reset(token)
+
+        return write
 
     def served(self, namespace: str, task: str, backend: str) -> ServedStats:
         """The stats of answered calls of one (namespace, task, backend); event loop only."""

@@ -13,6 +13,7 @@ lock.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -21,6 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -40,6 +42,16 @@ DEFAULT_LLM_TIMEOUT_S = 120.0
 #: Annotation that sets a task's SLM budget when spec.serving.slo.slmTimeoutMs (copied by the
 #: operator to status.route.slmTimeoutMs, which wins) is unset.
 SLM_TIMEOUT_ANNOTATION = "slmfleet.dev/slm-timeout-ms"
+#: Annotation on an LLM key Secret: where its key may be sent, ``host`` or ``host:port``,
+#: comma-separated (see :func:`parse_llm_hosts`). Set by the Secret's owner, who alone decides
+#: where the key goes; a Secret without it lets its key go nowhere.
+LLM_HOSTS_ANNOTATION = "slmfleet.dev/llm-hosts"
+#: One entry of that annotation: a host (``*.`` in front for any subdomain) and its port, or
+#: None for https on 443 only (see :func:`key_may_go_to`).
+LLMHost = tuple[str, int | None]
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+#: What an entry without a port allows: the key goes encrypted, whatever the task's URL says.
+_HTTPS_DEFAULT = ("https", 443)
 
 
 class RouteError(ValueError):
@@ -110,6 +122,12 @@ class Route:
     #: What this task's LLM costs (spec.fallback.llm.price); None: the gateway's --price llm.
     llm_price: Price | None = None
     llm_api_key: str = field(default="", repr=False)
+    #: Why the task's LLM must not be called ("" when it may): its key's Secret does not let
+    #: the key go to this LLM's host (:func:`key_withheld`). The key is then left out of the
+    #: route, and every LLM call answered with a 502 carrying this message, without calling
+    #: the LLM at all: unauthenticated, it would only answer 401, and the call would tell
+    #: whoever runs that server what the agent asked.
+    llm_blocked: str = ""
     llm_url: str = field(init=False, default="", repr=False)
     slm_url: str = field(init=False, default="", repr=False)
     #: ``llm_url`` and ``slm_url`` as logs and the circuit gauge's ``endpoint`` label show
@@ -252,10 +270,157 @@ def secret_ref(task: Mapping[str, Any]) -> tuple[str, str, str] | None:
     return ns, str(ref["name"]), str(ref.get("key") or "api-key")
 
 
+def parse_llm_hosts(value: object) -> frozenset[LLMHost]:
+    """The hosts a Secret's :data:`LLM_HOSTS_ANNOTATION` lets its key go to.
+
+    Each comma-separated entry is ``host`` or ``host:port`` (an IPv6 literal in brackets,
+    ``[::1]:8000``); a leading ``*.`` matches any subdomain (``*.openai.azure.com``: not
+    ``openai.azure.com`` itself). Hosts are compared without case and without a trailing dot,
+    IP literals in their canonical form. An entry without a port allows https on 443 only; one
+    with a port allows that port with either scheme (``127.0.0.1:8000`` for a local server
+    over http; ``llm.local:80`` for http on its default port): who lists a bare host means the
+    public API, and an AgentTask editor must not be able to make the key go unencrypted by
+    writing ``http://`` in the task's URL. An entry that is none of these (a port that is not
+    a number, a bare ``*``, a scheme) allows nothing: a typo must never widen the list.
+    """
+    if not isinstance(value, str):
+        return frozenset()
+    hosts = set()
+    for entry in value.split(","):
+        parsed = _host_entry(entry.strip())
+        if parsed is not None:
+            hosts.add(parsed)
+    return frozenset(hosts)
+
+
+def _host_entry(entry: str) -> LLMHost | None:
+    """One entry of :func:`parse_llm_hosts`, or None when it is not a host[:port]."""
+    port: int | None = None
+    if entry.startswith("["):  # [IPv6] or [IPv6]:port
+        host, bracket, rest = entry[1:].partition("]")
+        if not bracket:
+            return None
+        if rest:
+            if not rest.startswith(":"):
+                return None
+            port = _port(rest[1:])
+            if port is None:
+                return None
+    elif entry.count(":") == 1:
+        host, _, text = entry.partition(":")
+        port = _port(text)
+        if port is None:
+            return None
+    else:  # a name, an IPv4 address, or a bare IPv6 literal (no port)
+        host = entry
+    wildcard = host.startswith("*.")
+    name = _host_name(host[2:] if wildcard else host)
+    if not name or "*" in name or (wildcard and ":" in name):
+        return None
+    return ("*." + name if wildcard else name), port
+
+
+def _port(text: str) -> int | None:
+    if not (text.isascii() and text.isdigit()):
+        return None
+    port = int(text)
+    return port if 0 < port < 65536 else None
+
+
+def _host_name(host: str) -> str:
+    """``host`` as compared: lower case, no trailing dot, an IP literal in canonical form;
+    "" for one that holds what no host name may (a space, a slash, a bracket, user info)."""
+    host = host.lower().rstrip(".")
+    if not host or any(c in host for c in " \t/\\@[]?#%") or not host.isascii():
+        return ""
+    try:
+        return ipaddress.ip_address(host).compressed
+    except ValueError:
+        return host
+
+
+def llm_origin(url: str) -> tuple[str, int] | None:
+    """(host, port) that a call to ``url`` connects to, as :func:`parse_llm_hosts` compares
+    hosts; None for a URL the gateway cannot call (no http(s) scheme, no host, a bad port).
+
+    The host is what ``urlsplit`` reads, as the gateway's HTTP client does: user info is not
+    the host (``http://api.openai.com@evil.example/`` connects to ``evil.example``). A
+    backslash in the authority is refused outright: other URL parsers read it as a slash.
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    default = _DEFAULT_PORTS.get(parts.scheme.lower())
+    if default is None or "\\" in parts.netloc:
+        return None
+    host = _host_name(parts.hostname or "")
+    if not host:
+        return None
+    return host, port or default
+
+
+def llm_host(url: str) -> str:
+    """The ``host`` or ``host:port`` to add to a Secret's :data:`LLM_HOSTS_ANNOTATION` so its
+    key may go to ``url`` ("" for a URL the gateway cannot call): the bare host only for https
+    on 443, which is all a bare host allows (http on port 80 is ``host:80``)."""
+    origin = llm_origin(url)
+    if origin is None:
+        return ""
+    host, port = origin
+    shown = f"[{host}]" if ":" in host else host
+    return shown if (urlsplit(url).scheme.lower(), port) == _HTTPS_DEFAULT else f"{shown}:{port}"
+
+
+def key_may_go_to(url: str, hosts: Iterable[LLMHost]) -> bool:
+    """Whether a Secret that allows ``hosts`` (:func:`parse_llm_hosts`) lets its key go with a
+    call to ``url``. Pure; no hosts allow nothing.
+
+    Why: a task's LLM URL is written by whoever may create or patch the AgentTask (its spec,
+    or the status the operator copies), while the key belongs to the Secret's owner. Without
+    this check anyone allowed to edit tasks, but not to read Secrets, pointed a task at a
+    server of theirs and received the platform's key in its Authorization header. An entry
+    without a port allows https on 443 only: with the URL's default port it also allowed
+    ``http://`` on 80, and so an AgentTask editor could have the key sent unencrypted.
+    """
+    origin = llm_origin(url)
+    if origin is None:
+        return False
+    host, port = origin
+    scheme = urlsplit(url).scheme.lower()
+    for allowed, allowed_port in hosts:
+        if allowed_port is None:
+            if (scheme, port) != _HTTPS_DEFAULT:
+                continue
+        elif allowed_port != port:
+            continue
+        if allowed.startswith("*."):
+            if host.endswith(allowed[1:]) and len(host) > len(allowed) - 1:
+                return True
+        elif host == allowed:
+            return True
+    return False
+
+
+def key_withheld(task: str, secret: str, url: str) -> str:
+    """What an agent is told (and the log says) when the task's key from ``secret``
+    (``namespace/name``) may not go to ``url``: the Secret, the host and the exact fix. Never
+    the key, nor the URL beyond its host (its query may hold a key)."""
+    host = llm_host(url) or safe_url(url)
+    return (
+        f"The gateway did not call the LLM of task {task!r}: its LLM key (Secret {secret}) may "
+        f"not be sent to {host}, which the Secret's {LLM_HOSTS_ANNOTATION} annotation does not "
+        f"list. The Secret's owner must add {host} to the Secret's {LLM_HOSTS_ANNOTATION} "
+        "annotation (or the task must use an LLM URL the Secret allows)."
+    )
+
+
 def route_from_task(
     task: Mapping[str, Any],
     *,
     api_key: str = "",
+    key_hosts: frozenset[LLMHost] | None = None,
     default_slm_timeout_s: float = DEFAULT_SLM_TIMEOUT_S,
     llm_timeout_s: float = DEFAULT_LLM_TIMEOUT_S,
 ) -> Route:
@@ -263,6 +428,11 @@ def route_from_task(
 
     A mode other than ``llm`` without an SLM endpoint cannot be served as asked, so it degrades
     to ``llm`` (and says so in ``reason``) rather than failing every call.
+
+    ``key_hosts``: where the Secret that ``api_key`` came from lets it go
+    (:func:`parse_llm_hosts`); None for a key the gateway's own configuration gave (a routes
+    file), which goes to any LLM. A key that may not go to the task's LLM URL is left out of
+    the route, whose LLM calls are then refused with :attr:`Route.llm_blocked`.
     """
     meta = task.get("metadata") or {}
     name = meta.get("name")
@@ -293,6 +463,11 @@ def route_from_task(
         annotated = (meta.get("annotations") or {}).get(SLM_TIMEOUT_ANNOTATION)
         if annotated:
             timeout_s = _annotated_timeout_s(annotated, name)
+    blocked = ""
+    if api_key and key_hosts is not None and not key_may_go_to(base, key_hosts):
+        ref = secret_ref(task)
+        secret = "/".join(filter(None, ref[:2])) if ref else "(none named)"
+        api_key, blocked = "", key_withheld(name, secret, base)
     return Route(
         task=name,
         namespace=str(meta.get("namespace") or ""),
@@ -309,6 +484,7 @@ def route_from_task(
         reason=reason,
         llm_price=price_from(route.get("llmPrice", llm.get("price")), name),
         llm_api_key=api_key,
+        llm_blocked=blocked,
     )
 
 

@@ -249,6 +249,13 @@ def _validate_options(body: dict[str, Any]) -> None:
     _integer(body, "top_logprobs", 0, 20)
     for flag in ("parallel_tool_calls", "logprobs", "store"):
         _boolean(body, flag)
+    if body.get("top_logprobs") is not None and body.get("logprobs") is not True:
+        # OpenAI's own 400: passed on, an LLM server may ignore it and an SLM answered it,
+        # without the log-probabilities the agent asked for
+        raise invalid(
+            "The 'top_logprobs' parameter is only allowed when 'logprobs' is enabled.",
+            "top_logprobs",
+        )
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise _wrong_type("user", "a string", user)

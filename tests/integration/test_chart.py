@@ -509,6 +509,12 @@ def test_agent_auth_renders_flags_the_gateway_takes_and_a_tokenreview_role() -> 
         "slm-fleet-gateway",
         30.0,
     )
+    assert cfg.agent_auth_reviews_per_s == 100.0
+    # The TokenReview rate for tokens not yet cached (past it a 429), and its bounds.
+    fast = render("gateway.agentAuth.mode=serviceaccount", "gateway.agentAuth.reviewsPerSecond=200")
+    assert config_from_args(container(fast, "slm-gateway")["args"]).agent_auth_reviews_per_s == 200
+    err = helm_fails(CAPTURE_CLAIM, "gateway.agentAuth.reviewsPerSecond=0")
+    assert "reviewsPerSecond" in err
     role = by_kind(docs, "ClusterRole")["slm-gateway-tokenreview"]
     assert role["rules"] == [
         {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}
@@ -1898,6 +1904,10 @@ def test_installed_service_accounts_are_enough_for_operator_and_gateway(
     ns = namespace
     cluster.kubectl(
         "create", "secret", "generic", KEY_SECRET, "-n", ns, "--from-literal=api-key=sk-test"
+    )
+    # Where its key may go (the LLM of test_operator's task): else it would go nowhere.
+    cluster.kubectl(
+        "annotate", "secret", KEY_SECRET, "-n", ns, "slmfleet.dev/llm-hosts=127.0.0.1:9"
     )
     op_kc = sa_kubeconfig(cluster, ns, f"{release}-operator", tmp_path / "operator.kubeconfig")
     gw_kc = sa_kubeconfig(cluster, ns, f"{release}-gateway", tmp_path / "gateway.kubeconfig")

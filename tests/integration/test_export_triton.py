@@ -200,6 +200,30 @@ def test_a_malformed_request_is_a_triton_error_not_a_crash(
     assert f'nv_inference_request_failure{{model="{MODEL_NAME}",' in metrics
 
 
+def test_a_generative_model_answers_within_the_gateways_token_limit(server: TritonServer) -> None:
+    """The gateway's own infer request, with an agent's ``max_tokens`` of 2: the model
+    generated up to its max_new_tokens (24) whatever the agent allowed. It stops at 2 now,
+    says so (``length``, confidence 0), and reports the tokens it generated."""
+    from slm_gateway.backends import infer_body, parse_infer_response
+
+    base = server.http_url if server.http_url.startswith("http") else f"http://{server.http_url}"
+    url = f"{base}/v2/models/{MODEL_NAME}/infer"
+    messages = [{"role": "user", "content": "weather in Oslo?"}]
+
+    def ask(limit: int | None) -> tuple[Any, Any]:
+        body = infer_body(messages, TOOLS, 20.0, limit)
+        req = urllib.request.Request(url, data=body, headers={"Content-Type": "text/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return parse_infer_response(r.read())
+
+    full, _ = ask(None)
+    cut, confidence = ask(2)
+    assert len(str(cut.get("content"))) < len(str(full.get("content")))
+    assert full["usage"]["completion_tokens"] > 2  # so the limit cut something
+    assert cut["usage"]["completion_tokens"] == 2
+    assert (cut["finish_reason"], confidence) == ("length", 0.0)
+
+
 #: What Mistral's and Llama 2's chat templates do with two user turns in a row.
 ALTERNATING_ROLES = (
     "{%- for m in messages %}{%- if not loop.first and m['role'] == loop.previtem['role'] %}"

@@ -17,13 +17,21 @@ import re
 import socket
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from test_gateway_live_routes import LLM_KEY, TASK, TOOLS, agenttask, create_key_secret
+from test_gateway_live_routes import (
+    LLM_KEY,
+    TASK,
+    TOOLS,
+    agenttask,
+    create_key_secret,
+    llm_host,
+)
 
 from slm_e2e import llm_standin
 from slm_e2e.testing import ClusterHandle, wait_for
@@ -86,7 +94,7 @@ def test_agents_call_their_own_namespaces_tasks_with_a_service_account_token(
     try:
         for where, sa in ((ns, "agent"), (other, "intruder")):
             cluster.kubectl("create", "serviceaccount", sa, "-n", where)
-        create_key_secret(cluster, ns)
+        create_key_secret(cluster, ns, llm_host(standin))
         cluster.apply(agenttask(standin.llm_base_url), ns)
         gw = start_gateway(
             [
@@ -257,3 +265,104 @@ def test_an_api_server_that_cannot_review_tokens_means_503_not_a_call_let_throug
     log = (tmp_path / "gateway.log").read_text()
     assert log.count("agent tokens cannot be reviewed") == 1
     assert "Retrying" not in log and tokens[0] not in log
+
+
+def forged_tokens(n: int) -> list[str]:
+    """Shaped like ServiceAccount tokens for the gateway (its audience alone, a future expiry)
+    with made-up signatures: only a TokenReview can refuse them, and none repeats."""
+
+    def part(d: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()
+
+    claims = {"aud": [AUDIENCE], "exp": int(time.time()) + 3600}
+    return [
+        f"{part({'alg': 'RS256'})}.{part({**claims, 'n': i})}.{part({'sig': uuid.uuid4().hex})}"
+        for i in range(n)
+    ]
+
+
+def test_forged_tokens_get_429s_past_a_review_rate_and_agents_are_still_served(
+    cluster: ClusterHandle, agenttask_crd: Path, namespace: str, tmp_path: Path
+) -> None:
+    """2,000 forged tokens made 2,000 TokenReviews in 4.4 s (the refusal cache never matches
+    a token that never repeats), and an API server throttling the gateway then failed real
+    agents with 503s. With the defaults the gateway reviews at most 100 tokens never found
+    valid a second after a burst of 500; the other calls get a 429 the SDKs retry. An agent
+    whose token is cached is served all along, and a new agent gets through as soon as there
+    is room."""
+    ns = namespace
+    standin = llm_standin.start(expect_key=LLM_KEY)
+    gw: GatewayProcess | None = None
+    stop = threading.Event()
+    try:
+        cluster.kubectl("create", "serviceaccount", "agent", "-n", ns)
+        create_key_secret(cluster, ns, llm_host(standin))
+        cluster.apply(agenttask(standin.llm_base_url), ns)
+        gw = start_gateway(
+            [
+                "--namespace",
+                ns,
+                "--kubeconfig",
+                cluster.kubeconfig,
+                "--agent-auth",
+                "serviceaccount",
+            ],
+            log_path=tmp_path / "gateway.log",
+        )
+        agent, newcomer = (token(cluster, ns, "agent", AUDIENCE) for _ in range(2))
+        wait_for(lambda: call(gw, agent)[0] == 200, timeout=30, what="the task's route")
+        assert gw is not None
+
+        def reviews() -> float:
+            return sum(
+                metric(gw, "slm_gateway_token_reviews", r)
+                for r in ("authenticated", "rejected", "failed")
+            )
+
+        answers: list[tuple[int, str, str]] = []
+
+        def flood(tokens: list[str]) -> None:
+            for tok in tokens:
+                if stop.is_set():
+                    return
+                status, headers, body = call(gw, tok)
+                answers.append((status, headers.get("retry-after", ""), body["error"]["code"]))
+
+        forged = [forged_tokens(2000) for _ in range(8)]
+        before, started = reviews(), time.monotonic()
+        agent_statuses, newcomer_tries = [], 0
+        with ThreadPoolExecutor(8) as pool:
+            floods = [pool.submit(flood, tokens) for tokens in forged]
+            while time.monotonic() - started < 4:
+                agent_statuses.append(call(gw, agent)[0])
+                if newcomer_tries >= 0:
+                    newcomer_tries += 1
+                    if call(gw, newcomer)[0] == 200:
+                        newcomer_tries = -newcomer_tries  # through, after that many tries
+                time.sleep(0.05)
+            stop.set()
+            for f in floods:
+                f.result()
+        elapsed = time.monotonic() - started
+        reviewed = reviews() - before
+
+        limited = [a for a in answers if a[0] == 429]
+        print(
+            f"\n{len(answers)} forged calls in {elapsed:.1f} s: {reviewed:.0f} TokenReviews, "
+            f"{len(limited)} answered 429; the new agent "
+            + (f"got through on try {-newcomer_tries}" if newcomer_tries < 0 else "waited")
+        )
+        assert reviewed <= 500 + 100 * elapsed + 1
+        assert len(limited) > len(answers) / 2
+        assert set(limited) == {(429, "1", "auth_rate_limited")}
+        assert {a[0] for a in answers} == {401, 429}
+        assert agent_statuses == [200] * len(agent_statuses)
+        # No backoff outlives the flood: a new token is reviewed at once.
+        assert newcomer_tries < 0 or call(gw, newcomer)[0] == 200
+        assert metric(gw, "slm_gateway_agent_auth", "rate_limited") == len(limited)
+        assert metric(gw, "slm_gateway_token_reviews", "failed") == 0
+    finally:
+        stop.set()
+        if gw is not None:
+            gw.stop()
+        standin.stop()

@@ -33,6 +33,7 @@ from slm_gateway.testing import GatewayProcess, start_gateway
 pytestmark = pytest.mark.integration
 
 TASK = "weather"
+LLM_HOSTS = "slmfleet.dev/llm-hosts"
 LLM_KEY = "sk-live-FROMTHESECRET-0123456789abcdef"
 FAULTY = Path(__file__).resolve().parents[1] / "data" / "triton_faulty" / "faulty"
 TOOLS = [
@@ -111,11 +112,20 @@ def chat(gw: GatewayProcess) -> tuple[int, dict[str, str], dict[str, Any]]:
         return exc.code, dict(exc.headers), json.loads(exc.read())
 
 
-def create_key_secret(cluster: ClusterHandle, ns: str) -> None:
-    """The Secret the test task's spec.fallback.llm.apiKeySecretRef names, holding LLM_KEY."""
+def create_key_secret(cluster: ClusterHandle, ns: str, allow: str | None) -> None:
+    """The Secret the test task's spec.fallback.llm.apiKeySecretRef names, holding LLM_KEY,
+    whose key may go to ``allow`` (its slmfleet.dev/llm-hosts annotation, set as the docs
+    say; None: not annotated, so its key goes nowhere)."""
     cluster.kubectl(
         "create", "secret", "generic", "llm-key", "-n", ns, f"--from-literal=api-key={LLM_KEY}"
     )
+    if allow is not None:
+        cluster.kubectl("annotate", "secret", "llm-key", "-n", ns, f"{LLM_HOSTS}={allow}")
+
+
+def llm_host(standin: llm_standin.StandIn) -> str:
+    """What a Secret's slmfleet.dev/llm-hosts must list for its key to reach ``standin``."""
+    return f"127.0.0.1:{standin.port}"
 
 
 def patch_route(cluster: ClusterHandle, ns: str, route: dict[str, Any]) -> None:
@@ -143,7 +153,7 @@ def test_route_changes_apply_live_from_agenttask_status(
     standin = llm_standin.start(expect_key=LLM_KEY)
     gw: GatewayProcess | None = None
     try:
-        create_key_secret(cluster, namespace)
+        create_key_secret(cluster, namespace, llm_host(standin))
         cluster.apply(agenttask(standin.llm_base_url), namespace)
         gw = start_gateway(
             [
@@ -240,8 +250,10 @@ def test_llm_key_follows_its_secret_live(
 ) -> None:
     """The LLM key follows the task's Secret with no restart and no resync (the default
     --resync-seconds is 5 minutes): a Secret created after its task (``kubectl apply -f
-    dir/`` applies agenttask.yaml first), then rotated, then deleted. The gateway may only
-    ``get`` that Secret, so it cannot watch it; it reads it again every few seconds."""
+    dir/`` applies agenttask.yaml first), then annotated with the hosts its key may go to,
+    then rotated, then deleted. The gateway may only ``get`` that Secret, so it cannot watch
+    it; it reads it again every few seconds. Until its owner lets the key go to the task's
+    LLM host, the key is sent nowhere: anyone who may edit the task chooses its LLM URL."""
     rotated = "sk-live-ROTATED-fedcba9876543210"
     standin = llm_standin.start(expect_key=rotated)
     gw: GatewayProcess | None = None
@@ -262,12 +274,32 @@ def test_llm_key_follows_its_secret_live(
         assert calls_with("auth_missing")
         assert route_problems(gw) == {(namespace, TASK, "llm_key_missing")}
 
-        # 2. The Secret appears: its key is sent (LLM_KEY, not the one the stand-in expects).
-        create_key_secret(cluster, namespace)
+        # 2. The Secret appears, not annotated: its key goes nowhere. The LLM is not called,
+        #    and the agent is told which Secret, which host and what to do.
+        create_key_secret(cluster, namespace, allow=None)
+        _, _, body = wait_for(
+            lambda: (r := chat(gw))[0] == 502 and r,  # type: ignore[arg-type]
+            timeout=30,
+            what="the unannotated Secret to be read",
+        )
+        host = llm_host(standin)
+        assert body["error"]["code"] == "llm_host_not_allowed"
+        assert f"Secret {namespace}/llm-key" in body["error"]["message"]
+        assert f"add {host} to the Secret's {LLM_HOSTS} annotation" in body["error"]["message"]
+        calls = standin.stats()["llm_calls"]
+        assert chat(gw)[0] == 502  # type: ignore[arg-type]
+        assert standin.stats()["llm_calls"] == calls
+        assert route_problems(gw) == {(namespace, TASK, "llm_host_not_allowed")}
+
+        # 3. Its owner lets the key go to the stand-in: it is sent (LLM_KEY, not the one the
+        #    stand-in expects).
+        cluster.kubectl(
+            "annotate", "secret", "llm-key", "-n", namespace, f"{LLM_HOSTS}=api.openai.com,{host}"
+        )
         wait_for(lambda: calls_with("auth_other"), timeout=30, what="the Secret's key")
         assert route_problems(gw) == set()
 
-        # 3. The key is rotated in place: the new key is sent.
+        # 4. The key is rotated in place: the new key is sent.
         cluster.kubectl(
             "patch",
             "secret",
@@ -280,7 +312,7 @@ def test_llm_key_follows_its_secret_live(
         )
         wait_for(lambda: calls_with("auth_expected"), timeout=30, what="the rotated key")
 
-        # 4. The Secret is deleted: no key is sent any more.
+        # 5. The Secret is deleted: no key is sent any more.
         cluster.kubectl("delete", "secret", "llm-key", "-n", namespace)
         wait_for(lambda: calls_with("auth_missing"), timeout=30, what="the key to be dropped")
         assert gw.proc.pid == pid and gw.proc.poll() is None
@@ -321,7 +353,7 @@ def test_gateway_without_rbac_waits_unready_then_serves_once_granted(
         kubeconfig = service_account_kubeconfig(
             cluster, namespace, "gw", tmp_path / "gw.kubeconfig"
         )
-        create_key_secret(cluster, namespace)
+        create_key_secret(cluster, namespace, llm_host(standin))
         cluster.apply(agenttask(standin.llm_base_url), namespace)
         with ThreadPoolExecutor(1) as pool:
             starting = pool.submit(

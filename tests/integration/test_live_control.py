@@ -87,6 +87,15 @@ def stack(
             namespace,
             "--from-literal=api-key=sk-test-not-a-real-key-000000000000",
         )
+        # The key may go to the stand-in only: the gateway sends it nowhere else.
+        cluster.kubectl(
+            "annotate",
+            "secret",
+            "llm-key",
+            "-n",
+            namespace,
+            f"slmfleet.dev/llm-hosts=127.0.0.1:{standin.port}",
+        )
         gateway_args = [
             "--namespace",
             namespace,

@@ -394,6 +394,10 @@ FUNCTION = {"type": "function", "function": {"name": "get_weather", "parameters"
 STRICT = {"type": "function", "function": {**FUNCTION["function"], "strict": True}}
 CUSTOM_CALL = {"id": "c0", "type": "custom", "custom": {"name": "run_sql", "input": "select 1"}}
 USER = {"role": "user", "content": "weather in Paris?"}
+TEXT = {"type": "text", "text": "weather in this city?"}
+IMAGE = {"type": "image_url", "image_url": {"url": "https://x.example/paris.png"}}
+AUDIO = {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}
+REFUSAL = {"type": "refusal", "refusal": "I cannot help with that."}
 
 
 @pytest.mark.parametrize(
@@ -408,10 +412,18 @@ USER = {"role": "user", "content": "weather in Paris?"}
         ([{"type": "function", "function": {"name": "f", "strict": "yes"}}], [USER], False),
         (None, None, False),
         ("tools", [USER, "text", {"tool_calls": "x"}], False),
+        # the SLM reads text: an image, audio or file part anywhere is the LLM's
+        ([FUNCTION], [{"role": "user", "content": [TEXT, IMAGE]}], True),
+        ([FUNCTION], [{"role": "user", "content": [AUDIO]}, USER], True),
+        ([FUNCTION], [{"role": "user", "content": [TEXT, {"type": "file", "file": {}}]}], True),
+        ([FUNCTION], [{"role": "user", "content": [TEXT]}], False),
+        ([FUNCTION], [USER, {"role": "assistant", "content": [REFUSAL]}, USER], False),
+        ([FUNCTION], [{"role": "user", "content": ["bare", {"text": "x"}, 1]}], False),
     ],
 )
 def test_what_only_the_llm_answers(tools: Any, messages: Any, llm_only: bool) -> None:
     """One definition for the gateway (which never sends such a request to an SLM) and for
     curate (which must then never train or gate on it): a strict function, a custom tool, a
-    custom call earlier in the conversation."""
+    custom call earlier in the conversation, an image, audio or file part (the SLM reads
+    text only: it answered a photo's question from the words alone)."""
     assert llm_only_request(tools, messages) is llm_only

@@ -12,7 +12,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -834,6 +834,94 @@ def test_an_llm_that_rejects_the_gateways_key_is_a_502_not_the_agents_auth_error
         assert chat(c).status_code == 400  # a request the LLM rejects is still the agent's
 
 
+class _SecretMeta:
+    def __init__(self, annotations: dict[str, str]) -> None:
+        self.annotations = annotations
+
+
+class _KeySecret:
+    """The task's key Secret as the Kubernetes client reads it: the key, and its owner's
+    annotations."""
+
+    def __init__(self, annotations: dict[str, str]) -> None:
+        self.data = {"api-key": base64.b64encode(KEY.encode()).decode()}
+        self.metadata = _SecretMeta(annotations)
+
+
+class _OneList:
+    """One list of AgentTasks, as CustomObjectsApi answers it."""
+
+    def __init__(self, *items: dict[str, Any]) -> None:
+        self.items = list(items)
+
+    def list_namespaced_custom_object(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return {"items": self.items, "metadata": {"resourceVersion": "1"}}
+
+
+@pytest.mark.parametrize(
+    "hosts",
+    [None, "", "api.openai.com, *.openai.azure.com", "127.0.0.1", "127.0.0.1:1, 127.0.0.1:*"],
+    ids=["unannotated", "empty", "other-hosts", "other-port", "no-such-entry"],
+)
+def test_a_tasks_key_never_reaches_an_llm_host_its_secret_does_not_allow(
+    standin: llm_standin.StandIn, hosts: str | None
+) -> None:
+    """Anyone who may create or patch AgentTasks but not read Secrets set a task's LLM to a
+    server of theirs, named the platform's key Secret, and received the key as ``Bearer``.
+    Routed through the real watcher from the Secret as the API server gives it, the key now
+    goes only to a host the Secret's slmfleet.dev/llm-hosts annotation lists: otherwise the
+    LLM is not called at all (streamed or not), and the agent gets a 502 naming the Secret,
+    the host and the fix, counted under code llm_host_not_allowed. The LLM's circuit, shared
+    by every task on that URL, learns nothing from it."""
+    from slm_gateway.kube import AgentTaskWatcher
+
+    host = f"127.0.0.1:{standin.port}"
+    annotations: dict[str, str] = {}
+
+    class Core:
+        def read_namespaced_secret(self, name: str, namespace: str, **kw: Any) -> _KeySecret:
+            return _KeySecret(annotations)
+
+    def served(with_annotations: dict[str, str]) -> RouteTable:
+        annotations.clear()
+        annotations.update(with_annotations)
+        watcher = AgentTaskWatcher(RouteTable(), "agents")
+        task = {
+            "metadata": {"name": "weather", "namespace": "agents"},
+            "spec": {
+                "fallback": {
+                    "llm": {
+                        "baseURL": standin.llm_base_url,
+                        "model": "gpt-4o",
+                        "apiKeySecretRef": {"name": "platform-key"},
+                    }
+                }
+            },
+        }
+        watcher._relist(_OneList(task), Core())
+        return watcher.table
+
+    table = served({} if hosts is None else {"slmfleet.dev/llm-hosts": hosts})
+    with client(*table.routes()) as c:
+        replies = [chat(c), chat(c, stream=True), chat(c), chat(c), chat(c)]
+        assert [r.status_code for r in replies] == [502] * 5
+        for r in replies:
+            assert is_error_body(r, "llm_host_not_allowed")
+            message = r.json()["error"]["message"]
+            assert "agents/platform-key" in message and "weather" in message
+            assert f"add {host} to the Secret's slmfleet.dev/llm-hosts annotation" in message
+            assert KEY not in r.text
+        assert metric(c, "slm_gateway_errors_total", code="llm_host_not_allowed") == 5
+        assert metric(c, "slm_gateway_circuit_state", backend="llm") == 0
+    assert standin.stats()["llm_calls"] == 0  # the key, and the call, never left the gateway
+    # The Secret's owner allows the stand-in's host: the key goes there, and the calls work.
+    table = served({"slmfleet.dev/llm-hosts": f"api.openai.com, {host}"})
+    with client(*table.routes()) as c:
+        assert chat(c).status_code == 200 and chat(c, stream=True).status_code == 200
+    stats = standin.stats()
+    assert (stats["auth_expected"], stats["auth_other"], stats["auth_missing"]) == (2, 0, 0)
+
+
 CUSTOM_TOOL = {"type": "custom", "custom": {"name": "apply_patch", "description": "A patch."}}
 
 
@@ -1239,3 +1327,138 @@ def test_a_bug_while_relaying_ends_the_stream_with_an_error_event(
         monkeypatch.undo()
         r, events = stream_chat(c)
         assert events[-1] == "[DONE]"
+
+
+def test_an_slm_call_its_own_tool_schema_rejects_is_answered_by_the_llm(
+    standin: llm_standin.StandIn,
+) -> None:
+    """The stand-in SLM calls get_weather with ``{}``; the request's schema requires a city,
+    so the agent's tool would fail on it: the LLM answers (slm_bad_output), and the same call
+    is served from the SLM when the schema asks for nothing."""
+    params = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+    }
+    strict_city = [{"type": "function", "function": {"name": "get_weather", "parameters": params}}]
+    with client(route(standin, mode="slm")) as c:
+        r = chat(c, tools=strict_city)
+        assert r.status_code == 200 and r.headers["x-slm-backend"] == "llm"
+        assert r.headers["x-slm-fallback-reason"] == "slm_bad_output"
+        assert metric(c, "slm_gateway_fallbacks_total", reason="slm_bad_output") == 1
+        assert chat(c, tools=TOOLS).headers["x-slm-backend"] == "slm"
+
+
+IMAGE_PART = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+
+
+@pytest.mark.parametrize("mode", ["slm", "shadow"])
+def test_a_request_with_an_image_is_the_llms_and_is_captured_llm_only(
+    standin: llm_standin.StandIn, tmp_path: Path, mode: str
+) -> None:
+    """The SLM reads text only: asked about a photo it answered from the words alone, a
+    shadow copy counted that as agreement, and the call was captured for training. Such a
+    request, and one asking for audio or a web search, goes to the LLM, without a fallback
+    reason or a shadow copy, and its record is marked llm_only."""
+    text = {"type": "text", "text": "What is the weather in the city in this photo?"}
+    requests: list[dict[str, Any]] = [
+        {"tools": TOOLS, "messages": [{"role": "user", "content": [text, IMAGE_PART]}]},
+        {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}},
+        {"web_search_options": {}},
+    ]
+    capture = CaptureConfig(target=str(tmp_path))
+    with client(route(standin, mode=mode), capture=capture) as c:
+        for extra in requests:
+            r = chat(c, **extra)
+            assert r.status_code == 200, r.text
+            assert r.headers["x-slm-backend"] == "llm", extra
+            assert "x-slm-fallback-reason" not in r.headers
+    assert standin.stats()["slm_calls"] == 0
+    lines = [line for f in tmp_path.rglob("*.jsonl") for line in f.read_text().splitlines()]
+    records = [CallRecord.from_json(line) for line in lines]
+    assert len(records) == 3 and all(rec.llm_only for rec in records)
+
+
+def test_top_logprobs_without_logprobs_is_a_400_naming_it(standin: llm_standin.StandIn) -> None:
+    """OpenAI refuses it; the gateway let an SLM answer it (without log-probabilities)."""
+    with client(route(standin, mode="slm")) as c:
+        r = chat(c, top_logprobs=2)
+        assert r.status_code == 400 and is_error_body(r, "invalid_value")
+        assert r.json()["error"]["param"] == "top_logprobs"
+        assert r.json()["error"]["type"] == "invalid_request_error"
+    assert standin.stats()["slm_calls"] == 0
+
+
+def test_a_scrape_of_many_tasks_leaves_the_event_loop_free(
+    standin: llm_standin.StandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/metrics of 800 tasks took 3.5 s to write, on the event loop: every agent call made
+    meanwhile waited as long (3.35 s, against 3 ms without a scrape). The loop now only
+    snapshots the per-call numbers; the text is written in another thread. Checked by which
+    thread writes it, not by timing the loop (this machine is shared; the figures are in
+    the fix's note), and the text is the whole of it."""
+    import asyncio
+    import threading
+
+    import httpx
+
+    from slm_gateway.metrics import GatewayMetrics
+
+    n = 500
+    table = RouteTable()
+    table.replace_all([route(standin, f"t{i:03d}", mode="shadow") for i in range(n)])
+    metrics = GatewayMetrics()
+    for i in range(n):
+        metrics.served("", f"t{i:03d}", "llm").observe(0.2, 10, 5, 0.001, 0.001)
+        metrics.attempt("", f"t{i:03d}", "llm", "ok", 0.2)
+        metrics.attempt("", f"t{i:03d}", "slm", "ok", 0.05)
+        metrics.shadow.labels("", f"t{i:03d}", "agree").inc()
+    writers: list[int] = []
+    exposition = metrics.exposition
+
+    def watched() -> Callable[[], bytes]:
+        write = exposition()
+
+        def in_thread() -> bytes:
+            writers.append(threading.get_ident())
+            return write()
+
+        return in_thread
+
+    monkeypatch.setattr(metrics, "exposition", watched)
+    app = create_app(GatewayConfig(), table, metrics=metrics)
+
+    async def scrape() -> tuple[int, bytes]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as c:
+            r = await c.get("/metrics")
+        assert r.status_code == 200
+        return threading.get_ident(), r.content
+
+    loop_thread, body = asyncio.run(scrape())
+    assert len(body) > 5_000_000  # about 20 KB a task
+    assert writers and loop_thread not in writers
+    assert body.count(b'slm_gateway_shadow_total{namespace="",result="agree"') == n
+
+
+def test_the_scrape_is_the_registrys_own_exposition(standin: llm_standin.StandIn) -> None:
+    """Writing /metrics in a thread from a snapshot changes none of it: the same families,
+    samples and values (and _created timestamps) as the registry exports itself."""
+    from prometheus_client import generate_latest
+
+    from slm_gateway.metrics import GatewayMetrics
+
+    metrics = GatewayMetrics()
+    table = RouteTable()
+    table.replace_all([route(standin, mode="shadow"), route(standin, "plain")])
+    with TestClient(create_app(GatewayConfig(), table, metrics=metrics)) as c:
+        assert chat(c).status_code == 200
+        assert chat(c, model="plain").status_code == 200
+        for _ in range(100):  # the shadow copy's result is counted after the answer
+            if metric(c, "slm_gateway_shadow_total", task="weather") == 1:
+                break
+            time.sleep(0.02)
+        assert metric(c, "slm_gateway_shadow_total", task="weather") == 1
+        text = c.get("/metrics").content
+    assert text == generate_latest(metrics.registry)
+    assert b'slm_gateway_requests_total{backend="llm",namespace="",task="plain"} 1.0' in text

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import os
 import subprocess
@@ -21,6 +22,7 @@ import pytest
 
 from slm_gateway.auth import (
     AuthNotConfigured,
+    AuthRateLimited,
     AuthUnavailable,
     Identity,
     TokenReviewer,
@@ -356,3 +358,154 @@ def test_a_kubeconfig_that_is_not_one_is_named_by_its_error_type_only(tmp_path: 
         token_reviewer(str(bad), AUD, 60.0)
     assert "TESTSECRET" not in str(exc.value)
     assert str(exc.value).endswith("could be loaded (ParserError)")
+
+
+def outcomes(r: TokenReviewer, tokens: Any) -> list[Any]:
+    """``identify`` of each token in turn: its identity, or the exception it raised."""
+
+    async def run() -> list[Any]:
+        out: list[Any] = []
+        for t in tokens:
+            try:
+                out.append(await r.identify(t))
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+    return asyncio.run(run())
+
+
+def test_new_tokens_are_reviewed_at_a_bounded_rate_and_the_rest_told_to_come_back() -> None:
+    """Forged tokens shaped like ours (our audience, a future expiry, a random signature)
+    never repeat, so no cache matched them and each cost a TokenReview: 2,000 in 4.4 s, and
+    an API server that throttles the gateway then failed real agents with 503s. After a burst
+    of 500, at most 100 tokens a second are reviewed; the others are refused at once as rate
+    limited (a 429 the SDKs retry), which neither holds back reviews as an outage does nor
+    touches the tokens already cached."""
+    now = [1000.0]
+    forged = [agent_jwt(sub=f"forged-{i}") for i in range(700)]
+    fresh = agent_jwt(sub="fresh")
+    answers = {
+        GOOD: review(),
+        fresh: review(),
+        **dict.fromkeys(forged, review(authenticated=False)),
+    }
+    r, reviews = reviewer(answers, now)
+    assert asyncio.run(r.identify(GOOD)) == Identity("agents", "router")
+
+    results = outcomes(r, forged)
+    assert len(reviews.asked) == 500  # the burst, GOOD's review included
+    assert results[:499] == [None] * 499
+    assert all(isinstance(x, AuthRateLimited) for x in results[499:])
+    assert asyncio.run(r.identify(GOOD)) == Identity("agents", "router")  # cached: no review
+    assert len(reviews.asked) == 500
+
+    now[0] += 0.1  # ten reviews' worth: no outage backoff stands in a new token's way
+    assert asyncio.run(r.identify(fresh)) == Identity("agents", "router")
+    # Refused tokens were not remembered as refused: each is reviewed once there is room.
+    assert outcomes(r, forged[499:508]) == [None] * 9
+    assert len(reviews.asked) == 510
+
+    now[0] += 60  # an idle minute saves up no more than the burst
+    more = [agent_jwt(sub=f"more-{i}") for i in range(600)]
+    reviews.answers = {**answers, **dict.fromkeys(more, review(authenticated=False))}
+    results = outcomes(r, more)
+    assert len(reviews.asked) == 1010
+    assert sum(isinstance(x, AuthRateLimited) for x in results) == 100
+
+
+def test_the_review_rate_is_a_setting_and_calls_sharing_a_review_take_one() -> None:
+    now = [1000.0]
+    tokens = [agent_jwt(sub=f"agent-{i}") for i in range(12)]
+    r, reviews = reviewer(dict.fromkeys(tokens, review()), now, reviews_per_s=2)
+
+    async def run() -> list[Any]:
+        calls = (r.identify(t) for t in tokens for _ in range(10))
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    results = asyncio.run(run())
+    # A burst of five seconds' worth: ten tokens reviewed, ten calls sharing each review.
+    assert results[:100] == [Identity("agents", "router")] * 100
+    assert all(isinstance(x, AuthRateLimited) for x in results[100:])
+    assert reviews.asked == tokens[:10]
+    now[0] += 0.5  # one more review a half second at 2 a second
+    last = outcomes(r, tokens[10:])
+    assert last[0] == Identity("agents", "router") and isinstance(last[1], AuthRateLimited)
+
+
+def test_a_token_once_found_valid_is_not_held_back_by_a_flood_of_new_ones() -> None:
+    """The review budget covered every token not in the cache, real agents' too: an agent
+    reviewed before was locked out by a flood of forged tokens as soon as its 60 s cache
+    entry lapsed (a 429 at every call from second 60 on, for as long as the flood lasted).
+    A token the API server has found valid is reviewed again when its cache entry lapses
+    (its pod or ServiceAccount may be gone) without taking from the budget: only tokens never
+    found valid do. One it then refuses takes from the budget again, like any other."""
+    now = [1000.0]
+    r, reviews = reviewer({GOOD: review()}, now, reviews_per_s=2)
+    assert asyncio.run(r.identify(GOOD)) == Identity("agents", "router")
+    limited = 0
+    for second in range(70):  # ten forged tokens a second: five times the rate
+        forged = [agent_jwt(sub=f"forged-{second}-{i}") for i in range(10)]
+        reviews.answers = {GOOD: review(), **dict.fromkeys(forged, review(authenticated=False))}
+        limited += sum(isinstance(x, AuthRateLimited) for x in outcomes(r, forged))
+        assert outcomes(r, [GOOD]) == [Identity("agents", "router")], f"second {second}"
+        now[0] += 1
+    assert limited >= 500  # the flood was held to the rate all along
+    assert reviews.asked.count(GOOD) == 2  # reviewed again once its 60 s had passed
+    # Its ServiceAccount is deleted: the next review (no budget needed) refuses it, and it
+    # is a token like any other again.
+    reviews.answers = {GOOD: review(authenticated=False)}
+    now[0] += 60
+    assert outcomes(r, [GOOD]) == [None]
+    now[0] += 6  # past the refusal's 5 s; the flood left no room
+    forged = [agent_jwt(sub=f"last-{i}") for i in range(20)]
+    reviews.answers = {GOOD: review(), **dict.fromkeys(forged, review(authenticated=False))}
+    outcomes(r, forged)
+    assert isinstance(outcomes(r, [GOOD])[0], AuthRateLimited)
+
+
+def test_without_a_cache_an_agent_is_not_limited_by_its_own_calls() -> None:
+    """With ``--agent-auth-cache-seconds 0`` every call is reviewed: one agent calling more
+    often than the review rate got 429s for its own token. A token found valid takes nothing
+    from the budget, so such an agent is reviewed at every call and never refused."""
+    now = [1000.0]
+    r, reviews = reviewer({GOOD: review()}, now, ttl_s=0.0)
+    results = []
+    for i in range(1000):  # 200 calls a second for 5 s, one token
+        now[0] = 1000.0 + i / 200
+        results += outcomes(r, [GOOD])
+    assert results == [Identity("agents", "router")] * 1000
+    assert len(reviews.asked) == 1000
+
+
+def test_a_fleet_of_new_pods_starting_at_once_is_let_in_by_the_default_burst() -> None:
+    """300 agent pods started at once, each with a token never seen: past a burst of 100,
+    96 of them still had a 429 after the OpenAI SDK's two retries (a second apart). The
+    default burst is 500 reviews, then 100 a second; past it a never-seen token gets 429."""
+    now = [1000.0]
+    pods = [agent_jwt(sub=f"pod-{i}") for i in range(300)]
+    fleet = [agent_jwt(sub=f"fleet-{i}") for i in range(600)]
+    r, reviews = reviewer(dict.fromkeys(pods + fleet, review()), now)
+    results = []
+    for i, token in enumerate(pods):
+        now[0] = 1000.0 + i / 3000  # all within 0.1 s
+        results += outcomes(r, [token])
+    assert results == [Identity("agents", "router")] * 300
+    now[0] += 60  # the burst is back; 600 new pods at one instant
+    results = outcomes(r, fleet)
+    assert results[:500] == [Identity("agents", "router")] * 500
+    assert all(isinstance(x, AuthRateLimited) for x in results[500:])
+    now[0] += 1  # the SDK's retry a second later: 100 more
+    assert outcomes(r, fleet[500:]) == [Identity("agents", "router")] * 100
+    assert len(reviews.asked) == 900
+
+
+def test_the_tokens_found_valid_are_remembered_in_bounded_memory() -> None:
+    """At most ``max_entries`` digests (32 bytes and an expiry each), oldest first out: a
+    token pushed out takes from the budget again at its next review, nothing worse."""
+    now = [1000.0]
+    tokens = [agent_jwt(sub=f"agent-{i}") for i in range(25)]
+    r, _ = reviewer(dict.fromkeys(tokens, review()), now, max_entries=10)
+    assert outcomes(r, tokens) == [Identity("agents", "router")] * 25
+    assert len(r._valid) == 10
+    assert all(hashlib.sha256(t.encode()).digest() in r._valid for t in tokens[15:])

@@ -53,6 +53,9 @@ BAD = [
     # every shadow comparison skipped: a shadow task could never be promoted
     ("--max-shadow-inflight", "0", "at least 1"),
     ("--max-shadow-inflight", "-1", "at least 1"),
+    # every token not yet cached refused as rate limited
+    ("--agent-auth-reviews-per-second", "0", "above 0"),
+    ("--agent-auth-reviews-per-second", "nan", "a finite number above 0"),
 ]
 
 
@@ -137,6 +140,7 @@ ENV_NUMBERS = [
     ("SLM_GATEWAY_BODY_TIMEOUT_S", "--body-timeout-s", "a number"),
     ("SLM_GATEWAY_REMOVED_TASK_METRICS_S", "--removed-task-metrics-s", "a number"),
     ("SLM_GATEWAY_AGENT_AUTH_CACHE_SECONDS", "--agent-auth-cache-seconds", "a number"),
+    ("SLM_GATEWAY_AGENT_AUTH_REVIEWS_PER_SECOND", "--agent-auth-reviews-per-second", "a number"),
 ]
 OPERATOR_DIR = Path(__file__).resolve().parents[2] / "operator"
 
@@ -283,6 +287,7 @@ def test_agent_auth_settings_reach_the_config() -> None:
         "slm-fleet-gateway",
         60.0,
     )
+    assert cfg.agent_auth_reviews_per_s == 100.0
     cfg = config_from_args(
         [
             "--namespace",
@@ -293,6 +298,8 @@ def test_agent_auth_settings_reach_the_config() -> None:
             " agents.example.com ",
             "--agent-auth-cache-seconds",
             "15",
+            "--agent-auth-reviews-per-second",
+            "2.5",
         ]
     )
     assert (cfg.agent_auth, cfg.agent_auth_audience, cfg.agent_auth_cache_s) == (
@@ -300,6 +307,7 @@ def test_agent_auth_settings_reach_the_config() -> None:
         "agents.example.com",
         15.0,
     )
+    assert cfg.agent_auth_reviews_per_s == 2.5
 
 
 def test_a_log_level_is_taken_in_any_case() -> None:

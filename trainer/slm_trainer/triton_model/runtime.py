@@ -10,7 +10,8 @@ The confidence of a generated answer is the mean probability the model gave to e
 chose (greedy decoding, neutral whatever the base model's ``generation_config`` asks:
 :func:`greedy_settings`), end-of-sequence token included: low when the model hesitated anywhere
 in the answer, e.g. on a tool name or an argument value. An answer cut at ``max_new_tokens``
-gets 0: it is incomplete, and a model stuck repeating itself is sure of every token.
+(or at the request's own limit, in serving) gets 0: it is incomplete, and a model stuck
+repeating itself is sure of every token.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +55,7 @@ class Answer:
     confidence: float
     # "stop" (end-of-sequence generated), "length" (cut at max tokens) or TOO_LONG (not run)
     finish_reason: str
-    tokens: int
+    tokens: int  # the answer's tokens, the end-of-sequence token not counted
 
 
 def pick_device(kind: str = "AUTO", device_id: int = 0) -> str:
@@ -183,10 +185,25 @@ def generate(
     prompts: list[str],
     max_new_tokens: int,
     batch_size: int = 8,
+    limits: Sequence[int | None] | None = None,
 ) -> list[Answer]:
     """Greedy answers for rendered prompts, batched by length, in the order given.
 
-    A prompt that, with ``max_new_tokens`` more, would not fit the model's context
+    ``limits`` (serving) holds each prompt's own token limit, the request's ``max_tokens``
+    (None: none): its answer has at most the smaller of that and ``max_new_tokens`` tokens,
+    and one cut there says ``length`` with confidence 0 as one cut at ``max_new_tokens``
+    does. A limit below ``max_new_tokens`` is generated one token past: an answer is cut
+    only when it reached the limit and that next token is not the end of the sequence. Why:
+    the end token is no answer token (the LLM counts none), and with the limit as the whole
+    budget a complete answer of exactly ``max_tokens`` tokens had no room for it, came back
+    ``length`` and went to the LLM (a one-token label under ``max_tokens: 1`` never served).
+    Why per prompt: requests with different limits share a padded batch, which runs to the
+    largest of their budgets; each answer is then cut at its own. Greedy decoding writes a
+    row's tokens whatever the batch runs on for, so the cut answer is the one a generation
+    stopped at that limit writes. Evaluation passes none. ``tokens`` counts the answer's
+    tokens, the end token not included (what the gateway serves as the usage).
+
+    A prompt that, with its budget more, would not fit the model's context
     (:func:`context_limit`) is not run: its answer is empty, with confidence 0 and finish
     reason :data:`TOO_LONG`, so the call goes back to the LLM. Why not run it anyway: a model
     with learned positions (GPT-2's kind) indexes past its position table, which on a GPU is
@@ -205,9 +222,15 @@ def generate(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     answers: list[Answer | None] = [None] * len(prompts)
+    caps = limits if limits is not None else [None] * len(prompts)
+    # the most answer tokens each prompt may have, and the tokens generated for it: one more
+    # under a limit, to tell an answer that ends there from one cut there
+    budgets = [min(max_new_tokens, cap) if cap else max_new_tokens for cap in caps]
+    runs = [min(max_new_tokens, cap + 1) if cap else max_new_tokens for cap in caps]
     limit = context_limit(model)
     for i, seq in enumerate(encoded):
-        if limit is not None and len(seq) + max_new_tokens > limit:
+        # the token past the budget is generated from positions within it: the budget fits
+        if limit is not None and len(seq) + budgets[i] > limit:
             answers[i] = Answer(text="", confidence=0.0, finish_reason=TOO_LONG, tokens=0)
     runnable = [i for i in range(len(prompts)) if answers[i] is None]
     order = sorted(runnable, key=lambda i: len(encoded[i]))
@@ -226,28 +249,29 @@ def generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 logits_processor=LogitsProcessorList([recorder]),
-                **greedy_settings(max_new_tokens, eos_ids, pad_id),
+                **greedy_settings(max(runs[i] for i in idx), eos_ids, pad_id),
             )
         new = out.sequences[:, width:]
         chosen, argmax = recorder.result(new.shape[1])  # (batch, generated) each, on the CPU
         new = new.cpu()
         for row, i in enumerate(idx):
-            toks = new[row].tolist()
+            toks = new[row].tolist()[: runs[i]]  # this prompt's own run
+            # an end token within the run ends the answer (at most budgets[i] tokens before it)
             end = next((k for k, t in enumerate(toks) if t in eos_ids), None)
             n = len(toks) if end is None else end + 1
             n = min(n, chosen.shape[1])
             # greedy picks the argmax of the scores the recorder saw, so their top probability
             # is the chosen token's; anything else changing the pick makes it untrustworthy
             recorded = bool(n) and bool(torch.equal(argmax[row, :n], new[row, :n]))
-            # cut at max_new_tokens: incomplete whatever the model's certainty (it may loop)
+            # cut at its budget: incomplete whatever the model's certainty (it may loop)
             conf = float(chosen[row, :n].mean()) if recorded and end is not None else 0.0
-            body = toks if end is None else toks[:end]
+            body = toks[: budgets[i]] if end is None else toks[:end]
             text = tokenizer.decode(body, skip_special_tokens=True)
             answers[i] = Answer(
                 text=text,
                 confidence=served_confidence(max(0.0, conf)),  # capped below 1.0
                 finish_reason="length" if end is None else "stop",
-                tokens=n,
+                tokens=len(body),  # the end token is none of the answer's
             )
     return [a for a in answers if a is not None]
 
