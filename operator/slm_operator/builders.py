@@ -338,6 +338,9 @@ def data_prep_job(
         # image older than the flag (a task may pin one) refuses the whole command line. Not
         # a CRD default either: it would join every stored spec, and so the revision hash.
         *([f"--max-examples={int(ds['maxExamples'])}"] if "maxExamples" in ds else []),
+        # Passed only when set, for the same reason. Part of the dataset, so of the revision:
+        # setting or moving the cutoff curates and trains again without the calls before it.
+        *([f"--not-before={ds['notBefore']}"] if ds.get("notBefore") else []),
         "--scrub-pii" if ds.get("piiScrubbing", True) else "--no-scrub-pii",
         f"--stratify-by={stratify}",
     ]

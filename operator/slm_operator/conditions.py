@@ -70,6 +70,10 @@ SCALED_TO_ZERO: Final = "ScaledToZero"
 #: it is ready, as while scaled to zero. Healthy and a Normal event, for the replica's
 #: startup budget; past it, NoReadyReplicas.
 WAKING_FROM_ZERO: Final = "WakingFromZero"
+#: A Service of the task's serving name (``<task>-slm``) exists and is someone else's (made
+#: by hand or by another tool): it is not applied, and the route does not name it, so every
+#: call goes to the LLM (Serving False, FallbackActive True). Someone has to free the name.
+SERVICE_NAME_TAKEN: Final = "ServiceNameTaken"
 NOT_SERVING: Final = "NotServing"
 SLM_SERVING: Final = "SLMServing"
 NO_SERVING_MODEL: Final = "NoServingModel"
@@ -77,6 +81,12 @@ READY_REASON: Final = "Ready"
 #: The API server refused to create or update a child (RBAC, quota, an admission webhook,
 #: validation); the message carries its words. Retrying does not help: someone has to act.
 APPLY_FAILED: Final = "ApplyFailed"
+
+# ---- Event reasons of no condition --------------------------------------------------------
+#: A Warning Event, once per task and operator process: the API server dropped status fields
+#: this operator wrote, which the cluster's AgentTask CRD does not declare (an older CRD:
+#: ``helm upgrade`` never updates CRDs). The message names them and says what to apply.
+CRD_OUTDATED: Final = "CRDOutdated"
 
 #: Reasons that deserve a Warning event rather than a Normal one.
 WARNING_REASONS: Final = frozenset(
@@ -88,6 +98,7 @@ WARNING_REASONS: Final = frozenset(
         SERVED_BELOW_GATE,
         SLO_BREACHED,
         NO_READY_REPLICAS,
+        SERVICE_NAME_TAKEN,
         APPLY_FAILED,
     }
 )

@@ -4,6 +4,11 @@ Why not the typed client classes: the operator handles five kinds as plain dicts
 the pure builders produce and the planner reads), and one generic request path keeps retries,
 error mapping and server-side apply in one place. Authentication, TLS and proxies still come
 from the official ``kubernetes`` client's configuration.
+
+Every write reads the API server's ``Warning`` headers (:func:`warnings`): a field the
+server dropped (a status field an older AgentTask CRD lacks, a child field an older
+Kubernetes does not know) is an error in the log, once per message and process, never lost
+in silence.
 """
 
 from __future__ import annotations
@@ -13,11 +18,15 @@ import datetime as dt
 import email.utils
 import json
 import logging
+import re
 import socket
-from collections.abc import Iterable, Mapping
+import threading
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from kubernetes import client, config
+from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, ProxyError, ReadTimeoutError
 
 from slm_operator import naming as n
 
@@ -33,9 +42,54 @@ PLURALS = {
 }
 TASK_API = f"{n.GROUP}/{n.VERSION}"
 
+#: What to do when the API server drops AgentTask status fields: ``helm upgrade`` never
+#: updates CRDs, so the cluster's is the one the first install brought.
+CRD_ADVICE = (
+    "the AgentTask CRD is older than this operator: apply the CRD of the chart this operator "
+    "came with (kubectl apply --server-side --force-conflicts -f "
+    "charts/slm-fleet-operator/crds/); helm upgrade never updates CRDs"
+)
+#: Warning kinds (:func:`warning_counts`): a field the API server dropped, or anything else
+#: (a deprecation, an admission webhook's words).
+UNKNOWN_FIELD, OTHER_WARNING = "unknown_field", "other"
+#: How the API server refuses a server-side apply holding a field its schema lacks.
+_NOT_IN_SCHEMA = "field not declared in schema"
+
+#: One RFC 7234 warning-value: code, agent, quoted text, optional quoted date. Several join
+#: with commas into one header value, and a quoted text may hold commas itself.
+_WARNING = re.compile(r'(\d{3})\s+(\S+)\s+"((?:[^"\\]|\\.)*)"(?:\s+"[^"]*")?')
+#: How the API server says it dropped a field of a JSON or merge patch (strict decoding, the
+#: default ``fieldValidation=Warn``). Server-side apply does not drop one: it refuses the
+#: whole apply (``field not declared in schema``), an error the caller sees.
+_UNKNOWN_FIELD = re.compile(r'^unknown field "([^"]+)"')
+#: (kind, warning) pairs already logged by this process.
+_warnings_logged: set[tuple[str, str]] = set()
+#: Warnings this process got, by (kind, :data:`UNKNOWN_FIELD` or :data:`OTHER_WARNING`).
+_warning_counts: Counter[tuple[str, str]] = Counter()
+#: Guards the two above: reconciles write from several threads at once.
+_warnings_lock = threading.Lock()
+
+
+#: The status of a :class:`KubeError` for a request that reached no API server: the connection
+#: was refused, its host has no address, or connecting timed out. Nothing answered, so
+#: nothing is loaded by trying again soon (the reconcile retries it at most 15 s apart).
+UNREACHABLE = 0
+#: ...for a request the API server took and did not answer within the client's timeout: the
+#: usual sign of an overloaded one, so it is retried as the API server's own 504 (reason
+#: Timeout) is, with the long back-off.
+TIMED_OUT = 504
+#: ...for a request whose connection closed without a whole answer (reset or closed
+#: mid-answer, TLS failed, an answer that is not HTTP): retried as a proxy's 502 is.
+NO_ANSWER = 502
+
 
 class KubeError(Exception):
-    """An API call failed. ``retryable`` says whether backing off and retrying can help."""
+    """An API call failed. ``retryable`` says whether backing off and retrying can help.
+
+    ``status`` is the answer's HTTP status, or for a request that got none
+    :data:`UNREACHABLE` (0, reason ``Unreachable``), :data:`TIMED_OUT` (504, ``Timeout``) or
+    :data:`NO_ANSWER` (502, ``NoAnswer``): see :func:`unanswered`.
+    """
 
     def __init__(self, status: int, message: str, reason: str = "") -> None:
         super().__init__(f"HTTP {status} {reason}: {message}".strip())
@@ -45,7 +99,12 @@ class KubeError(Exception):
 
     @property
     def retryable(self) -> bool:
-        return self.status in (0, 409, 429) or self.status >= 500
+        if self.status == 500 and _NOT_IN_SCHEMA in self.message:
+            # Server-side apply of a field this cluster's API does not have (an older
+            # Kubernetes): refused as a 500, yet no retry can help; retried, the task backed
+            # off for ever without saying why instead of showing ApplyFailed.
+            return False
+        return self.status in (UNREACHABLE, 409, 429) or self.status >= 500
 
 
 class TaskGone(KubeError):
@@ -105,6 +164,97 @@ def http_date(value: str | None) -> dt.datetime | None:
     return at if at.tzinfo is not None else at.replace(tzinfo=dt.UTC)
 
 
+def unanswered(exc: Exception) -> KubeError:
+    """The error of a request that got no HTTP answer, from what the client raised (urllib3's
+    error; after its retries, a GET's is in a :class:`MaxRetryError`).
+
+    Why only a failed connect is :data:`UNREACHABLE`: that status is retried at most 15 s
+    apart and lets events and resyncs through (an API server coming back is used at once).
+    A read timeout was one too, and an API server overloaded into timeouts, alternating
+    with its 429s, got a pass per task about every second instead of one in five minutes.
+    """
+    cause: BaseException | None = exc
+    while isinstance(cause, MaxRetryError | ProxyError):
+        cause = cause.reason if isinstance(cause, MaxRetryError) else cause.original_error
+    if isinstance(cause, ConnectTimeoutError):  # NewConnectionError, NameResolutionError too
+        return KubeError(UNREACHABLE, str(exc), "Unreachable")
+    if isinstance(cause, ReadTimeoutError | TimeoutError):
+        return KubeError(TIMED_OUT, str(exc), "Timeout")
+    return KubeError(NO_ANSWER, str(exc), "NoAnswer")
+
+
+def warnings(headers: Mapping[str, str]) -> list[str]:
+    """The texts of the ``Warning`` headers of an answer (RFC 7234: ``299 - "text"``), their
+    quoting undone; none for none and for a value that is no warning."""
+    value = headers.get("Warning") or ""
+    return [re.sub(r"\\(.)", r"\1", m.group(3)) for m in _WARNING.finditer(value)]
+
+
+def unknown_field(text: str) -> str | None:
+    """The field an API server warning says it dropped (``status.retraining.newRecords``);
+    None for a warning about anything else."""
+    m = _UNKNOWN_FIELD.match(text)
+    return m.group(1) if m else None
+
+
+def warning_counts() -> dict[tuple[str, str], int]:
+    """Warnings this process got on its writes, by (kind, :data:`UNKNOWN_FIELD` or
+    :data:`OTHER_WARNING`): ``slm_operator_api_warnings_total``."""
+    with _warnings_lock:
+        return dict(_warning_counts)
+
+
+def _heed(kind: str, what: str, texts: Iterable[str]) -> None:
+    """Count the warnings the API server sent on a write of ``what`` (a ``kind``), and log
+    each distinct one once per process: a dropped field as an error with what to do, any
+    other as a warning. Once, because every pass writes again and gets the same words; the
+    count (:func:`warning_counts`) goes on. The texts carry field names, never values."""
+    for text in texts:
+        field = unknown_field(text)
+        with _warnings_lock:
+            _warning_counts[(kind, UNKNOWN_FIELD if field else OTHER_WARNING)] += 1
+            if (kind, text) in _warnings_logged:
+                continue
+            _warnings_logged.add((kind, text))
+        if field and kind == n.KIND:
+            log.error(
+                "the API server dropped %s from the status written to %s (and will from "
+                "every AgentTask's): %s",
+                field,
+                what,
+                CRD_ADVICE,
+            )
+        elif field:
+            log.error(
+                "the API server dropped %s from the %s written to %s: the cluster's API does "
+                "not know a field this operator sets (an older Kubernetes than this operator "
+                "supports?), and what it does is missing from every %s this operator writes",
+                field,
+                kind,
+                what,
+                kind,
+            )
+        else:
+            log.warning("the API server warned on a write to %s: %s", what, text[:512])
+
+
+class Written(dict[str, Any]):
+    """The object the API server answered a write with, and its ``warnings`` about the write.
+
+    A dict still, so that every caller that reads the answer is unchanged; ``unknown_fields``
+    are those the server dropped (:func:`unknown_field`): reconcile tells the task's owner
+    about its own (:func:`slm_operator.reconcile._tell_crd_outdated`).
+    """
+
+    def __init__(self, answer: Any = None, warnings: Iterable[str] = ()) -> None:
+        super().__init__(answer if isinstance(answer, dict) else {})
+        self.warnings = tuple(warnings)
+
+    @property
+    def unknown_fields(self) -> tuple[str, ...]:
+        return tuple(f for f in map(unknown_field, self.warnings) if f)
+
+
 def load_api_client() -> client.ApiClient:
     """In-cluster credentials when running in a pod, else the local kubeconfig."""
     try:
@@ -136,6 +286,12 @@ def _child_path(obj: Mapping[str, Any]) -> str:
     plural = PLURALS[(obj["apiVersion"], obj["kind"])]
     meta = obj["metadata"]
     return f"{_collection(obj['apiVersion'], plural, meta['namespace'])}/{meta['name']}"
+
+
+def _named(obj: Mapping[str, Any]) -> str:
+    """``Kind namespace/name`` of a built child, as the log names it."""
+    meta = obj["metadata"]
+    return f"{obj['kind']} {meta.get('namespace')}/{meta['name']}"
 
 
 class Kube:
@@ -180,7 +336,7 @@ class Kube:
             resp = self.api.call_api(*params, _request_timeout=timeout)
             resp.read()
         except Exception as exc:  # connection refused, TLS, timeouts
-            raise KubeError(0, str(exc), "ConnectionError") from exc
+            raise unanswered(exc) from exc
         raw = resp.data.decode() if isinstance(resp.data, bytes) else (resp.data or "")
         if resp.status >= 400:
             try:
@@ -223,26 +379,48 @@ class Kube:
         return result
 
     # ---------------------------------------------------------------- writes
-    def apply(self, obj: Mapping[str, Any]) -> Any:
+    def _write(
+        self,
+        kind: str,
+        what: str,
+        path: str,
+        body: Any,
+        content_type: str,
+        query: Sequence[tuple[str, str]],
+    ) -> Written:
+        """PATCH ``path``; the answer, with the API server's warnings, which are heeded
+        (:func:`_heed`): it takes a write whose fields it does not know, drops them, and
+        says so only there."""
+        answer, headers = self._exchange(
+            "PATCH", path, body=body, query=[*query], content_type=content_type
+        )
+        said = warnings(headers)
+        if said:
+            _heed(kind, what, said)
+        return Written(answer, said)
+
+    def apply(self, obj: Mapping[str, Any]) -> Written:
         """Server-side apply with the operator's single field manager (force: we own these)."""
-        return self.request(
-            "PATCH",
+        return self._write(
+            obj["kind"],
+            _named(obj),
             _child_path(obj),
-            body=obj,
-            content_type="application/apply-patch+yaml",
-            query=[("fieldManager", self.field_manager), ("force", "true")],
+            obj,
+            "application/apply-patch+yaml",
+            [("fieldManager", self.field_manager), ("force", "true")],
         )
 
-    def merge_patch(self, obj: Mapping[str, Any], patch: Mapping[str, Any]) -> Any:
+    def merge_patch(self, obj: Mapping[str, Any], patch: Mapping[str, Any]) -> Written:
         """JSON merge patch (RFC 7386) of the child ``obj`` names: a list in ``patch`` replaces
         the stored one whole, where server-side apply merges keyed lists item by item (see
         :func:`slm_operator.reconcile.replace_hand_edits`)."""
-        return self.request(
-            "PATCH",
+        return self._write(
+            obj["kind"],
+            _named(obj),
             _child_path(obj),
-            body=patch,
-            content_type="application/merge-patch+json",
-            query=[("fieldManager", self.field_manager)],
+            patch,
+            "application/merge-patch+json",
+            [("fieldManager", self.field_manager)],
         )
 
     def delete(
@@ -280,7 +458,7 @@ class Kube:
         name: str,
         status: Mapping[str, Any],
         resource_version: str | None = None,
-    ) -> Any:
+    ) -> Written:
         """Merge-patch the AgentTask's status; with ``resource_version``, only onto that version.
 
         Why the resourceVersion and not the uid: the API server silently drops
@@ -289,17 +467,21 @@ class Kube:
         resourceVersion in the body is honoured: the write is refused with 409 Conflict when
         the object changed since it was read, which includes "deleted and created again
         under the same name" (a new object never has an old resourceVersion).
+
+        The answer's ``unknown_fields`` are status fields the task's CRD does not declare:
+        the write is taken and they are pruned (an older CRD, see :data:`CRD_ADVICE`).
         """
         path = f"{_collection(TASK_API, n.PLURAL, namespace)}/{name}/status"
         body: dict[str, Any] = {"status": status}
         if resource_version:
             body["metadata"] = {"resourceVersion": resource_version}
-        return self.request(
-            "PATCH",
+        return self._write(
+            n.KIND,
+            f"AgentTask {namespace}/{name}",
             path,
-            body=body,
-            content_type="application/merge-patch+json",
-            query=[("fieldManager", self.field_manager)],
+            body,
+            "application/merge-patch+json",
+            [("fieldManager", self.field_manager)],
         )
 
     def event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:

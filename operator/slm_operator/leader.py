@@ -60,7 +60,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from slm_operator import naming as n
-from slm_operator.kube import Kube, KubeError
+from slm_operator.kube import NO_ANSWER, Kube, KubeError
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +297,9 @@ class LeaderElector:
                 return None
             raise
         if not isinstance(lease, dict) or not isinstance(lease.get("metadata"), dict):
-            raise KubeError(0, "the answer to a GET of the Lease is not a Lease", "BadResponse")
+            raise KubeError(
+                NO_ANSWER, "the answer to a GET of the Lease is not a Lease", "BadResponse"
+            )
         return lease
 
     def try_acquire_or_renew(self) -> bool:

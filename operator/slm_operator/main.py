@@ -14,6 +14,10 @@ Design choices:
 - Per task, at most one reconcile runs at a time; triggers that arrive meanwhile coalesce
   into one more pass. Retryable API errors (conflicts, 429, 5xx) back off exponentially, with
   at most one retry pending per task; other errors wait for the resync and are logged once.
+  An API server that cannot be reached is retried at most 15 s apart, and while a task waits
+  for that retry any event or resync of it runs a pass at once (the API server may be back);
+  once it has answered a failure (a timeout, 429, 5xx) since the task's last pass that
+  worked, the long back-off holds.
 - With ``SLM_FLEET_LEADER_ELECTION_LEASE`` set, replicas elect a leader on that Lease
   (:mod:`slm_operator.leader`): all of them watch, only the leader reconciles, and a standby
   takes over within the lease duration (at once when the leader shuts down cleanly). A
@@ -44,7 +48,14 @@ import kopf
 
 from slm_operator import naming as n
 from slm_operator.builders import DEFAULT_TRAINER_IMAGE, DEFAULT_TRITON_IMAGE, Images
-from slm_operator.kube import Kube, KubeError, TaskGone, load_api_client, without_retries
+from slm_operator.kube import (
+    UNREACHABLE,
+    Kube,
+    KubeError,
+    TaskGone,
+    load_api_client,
+    without_retries,
+)
 from slm_operator.leader import LeaderElector, LeaseSettings
 from slm_operator.metrics import RESULT_ERROR, RESULT_OK, RESULT_RETRY, OperatorMetrics, serve
 from slm_operator.plan import Plan
@@ -174,6 +185,11 @@ BASE_BACKOFF = 1.0
 #: ...up to this: an API server answering 429 or 5xx for minutes is overloaded, and every
 #: failing task retrying faster would keep it so.
 MAX_BACKOFF = 300.0
+#: ...or up to this while every failure since the last pass that worked reached no API server
+#: (down, restarting: :data:`~slm_operator.kube.UNREACHABLE`): nothing answered, so nothing is
+#: overloaded by a retry, and once it is back every second of a longer wait is lag (a 5-minute
+#: outage left tasks untouched for minutes after it).
+MAX_UNREACHABLE_BACKOFF = 15.0
 #: Objects per page of the initial LIST of each watch (kopf lists everything at once otherwise).
 LIST_CHUNK_SIZE = 500
 #: Labels every Job and Deployment the operator builds carries (:func:`naming.labels`).
@@ -213,9 +229,26 @@ POD_FILTER: Mapping[str, Any] = {
 Key = tuple[str, str]
 
 
-def backoff(failures: int) -> float:
-    """Seconds before retrying after ``failures`` retryable failures in a row: 1, 2, 4 ... 300."""
-    return float(min(MAX_BACKOFF, BASE_BACKOFF * 2 ** min(max(failures, 1) - 1, 30)))
+def backoff(failures: int, most: float = MAX_BACKOFF) -> float:
+    """Seconds before retrying after ``failures`` retryable failures in a row: 1, 2, 4 ...
+    up to ``most`` (300)."""
+    return float(min(most, BASE_BACKOFF * 2 ** min(max(failures, 1) - 1, 30)))
+
+
+def retry_delay(unreachable: int, answered: int) -> float:
+    """Seconds before retrying a task whose retryable failures since its last pass that
+    worked are ``unreachable`` ones (no API server reached) and ``answered`` ones (409, 429,
+    5xx, a timeout).
+
+    Any answered failure sets the pace (1 s doubling to 300 s, counted over those alone):
+    the API server is there and overloaded, and a refused connection between its 429s says
+    nothing better (a load balancer shedding load refuses some connections). Only an API
+    server nothing reached is retried at most 15 s apart; one that starts answering 503
+    after an outage backs off from 1 s, its outage not counted.
+    """
+    if answered:
+        return backoff(answered)
+    return backoff(unreachable, MAX_UNREACHABLE_BACKOFF)
 
 
 @dataclass
@@ -229,9 +262,14 @@ class _KeyState:
     #: it ends (:func:`_changed_meanwhile`): one that is not its own settled write marks it
     #: ``dirty`` and ``urgent``.
     versions: set[str] = field(default_factory=set)
-    failures: int = 0
+    #: Retryable failures since the last pass that worked: of passes that reached no API
+    #: server, and of passes it answered (409, 429, 5xx, a timeout): :func:`retry_delay`.
+    #: Only a pass that works sets both back to 0.
+    unreachable: int = 0
+    answered: int = 0
     #: The one pending retry of this task; while it is pending, resyncs and child events wait
-    #: for it instead of starting passes of their own.
+    #: for it instead of starting passes of their own (unless no failure since the last pass
+    #: that worked was answered, see :func:`_waits_for_retry`).
     retry: asyncio.TimerHandle | None = None
     #: The last non-retryable error logged for this task: the same one is not logged again at
     #: every resync.
@@ -335,7 +373,7 @@ class Runtime:
             return
         st.cancel_retry()
         st.cancel_window()
-        st.failures, st.last_error = 0, ""
+        st.unreachable, st.answered, st.last_error = 0, 0, ""
         if not st.running:
             del self.states[key]
 
@@ -349,7 +387,8 @@ async def trigger(key: Key, *, urgent: bool = False, version: str | None = None)
     """Reconcile ``key`` now, or once more after the reconcile already running for it.
 
     ``urgent``: the AgentTask itself changed (or its retry is due), so it runs even while a
-    retry is pending; resyncs and child events then leave the task to that retry.
+    retry is pending; resyncs and child events then leave the task to that retry, unless no
+    pass since the last one that worked reached the API server (:func:`_waits_for_retry`).
     ``version``: the resourceVersion of the AgentTask event that asks (urgent, then). While a
     pass runs it is only noted, and judged when the pass ends (:func:`_changed_meanwhile`).
     """
@@ -365,7 +404,9 @@ async def trigger(key: Key, *, urgent: bool = False, version: str | None = None)
             st.urgent = st.urgent or urgent
         return
     if st.retry is not None and not urgent:
-        return
+        if _waits_for_retry(st):
+            return
+        st.cancel_retry()
     st.running = True
     try:
         while True:
@@ -382,6 +423,23 @@ async def trigger(key: Key, *, urgent: bool = False, version: str | None = None)
         st.running = False
         if key not in rt.known:
             rt.forget(key)  # deleted while it ran
+
+
+def _waits_for_retry(st: _KeyState) -> bool:
+    """Whether a resync or child event of a task whose retry is pending leaves it to that
+    retry, rather than cancelling it and running a pass now.
+
+    It does once the API server has answered a failure since the task's last pass that
+    worked (a conflict, 429, 5xx, a timeout): an overloaded server gets no more passes than
+    the back-off allows, even while connections to it are refused in between (a flapping
+    server let a pass through about every second). Not while no pass reached it at all: the
+    event itself shows that the API server is back (its watches listed again), and a resync
+    is cheap to try; left to the retry, whose back-off grew through the outage, a 90 s outage
+    left every task untouched for 35 s after it (a Job completed meanwhile, DataReady late).
+    The AgentTask's own event after the outage does not help: the watch lists it again at
+    the version of the operator's last status write, which is skipped as its own.
+    """
+    return st.answered > 0
 
 
 def _changed_meanwhile(rt: Runtime, key: Key, st: _KeyState) -> bool:
@@ -427,17 +485,20 @@ async def _pass(rt: Runtime, key: Key, st: _KeyState) -> bool:
         log.debug("AgentTask %s/%s does not exist any more; forgotten", *key)
         rt.known.discard(key)
         rt.uids.pop(key, None)
-        st.failures, st.last_error = 0, ""
+        st.unreachable, st.answered, st.last_error = 0, 0, ""
         st.cancel_retry()
         st.cancel_window()
         METRICS.forget_task(*key)
         return True
     except KubeError as e:
         METRICS.reconciles.labels(RESULT_RETRY if e.retryable else RESULT_ERROR).inc()
-        st.failures += 1
         st.cancel_window()
         if e.retryable:
-            delay = _schedule_retry(rt, key, st, backoff(st.failures))
+            if e.status == UNREACHABLE:
+                st.unreachable += 1
+            else:
+                st.answered += 1
+            delay = _schedule_retry(rt, key, st, retry_delay(st.unreachable, st.answered))
             log.info("reconcile %s/%s failed (%s); retrying in %.1fs", *key, e, delay)
         else:
             st.cancel_retry()
@@ -447,14 +508,13 @@ async def _pass(rt: Runtime, key: Key, st: _KeyState) -> bool:
         return False
     except Exception as e:
         METRICS.reconciles.labels(RESULT_ERROR).inc()
-        st.failures += 1
         st.cancel_retry()
         st.cancel_window()
         _log_once(st, key, repr(e), "reconcile %s/%s crashed (%s); the resync retries it", True)
         return False
     finally:
         METRICS.duration.observe(time.monotonic() - started)
-    st.failures, st.last_error = 0, ""
+    st.unreachable, st.answered, st.last_error = 0, 0, ""
     st.cancel_retry()
     if not rt.leading:  # shutting down: nothing more to schedule or export
         st.cancel_window()
@@ -486,8 +546,15 @@ def _log_once(st: _KeyState, key: Key, error: str, msg: str, trace: bool = False
 
 
 def _schedule_retry(rt: Runtime, key: Key, st: _KeyState, delay: float) -> float:
-    """Retry ``key`` after ``delay`` unless a retry is already pending; when it runs."""
+    """Retry ``key`` after ``delay`` unless a retry is already pending; when it runs.
+
+    A pending retry is moved sooner only while no failure since the last pass that worked
+    was answered (:func:`_waits_for_retry`): one the API server's 429s or 5xx set holds, or
+    a refused connection between them would cut their back-off short.
+    """
     loop = asyncio.get_running_loop()
+    if st.retry is not None and not st.answered and st.retry.when() > loop.time() + delay:
+        st.cancel_retry()
     if st.retry is None:
         st.retry = loop.call_later(delay, _retry_due, rt, key, st)
     return max(0.0, st.retry.when() - loop.time())

@@ -16,18 +16,43 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from slm_operator import conditions as c
+from slm_operator import kube
 from slm_operator.plan import PHASES  # every phase: a task's old phase reads 0, not a stale 1
 
 log = logging.getLogger(__name__)
 
 STATUSES = (c.TRUE, c.FALSE, c.UNKNOWN)
 RESULT_OK, RESULT_RETRY, RESULT_ERROR = "ok", "retry", "error"
+
+
+class ApiWarnings:
+    """``slm_operator_api_warnings_total``: the API server's warnings on the operator's
+    writes, by kind and ``warning`` (``unknown_field``: it dropped a field the operator
+    wrote, e.g. a status field an older AgentTask CRD lacks; ``other``: a deprecation, an
+    admission webhook's words).
+
+    Read at each scrape from the adapter's count (:func:`slm_operator.kube.warning_counts`),
+    which counts for the whole process: the adapter needs no handle on the metrics.
+    """
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "slm_operator_api_warnings",
+            "Warnings the API server sent on the operator's writes, by the kind written and "
+            "warning: unknown_field (it dropped a field the operator wrote: an AgentTask CRD "
+            "older than the operator, or a Kubernetes older than it supports) or other.",
+            labels=["kind", "warning"],
+        )
+        for (kind, warning), count in sorted(kube.warning_counts().items()):
+            family.add_metric([kind, warning], count)
+        yield family
 
 
 class OperatorMetrics:
@@ -67,6 +92,7 @@ class OperatorMetrics:
             "is off), 0 while it stands by.",
             registry=r,
         )
+        r.register(ApiWarnings())
         self._lock = threading.Lock()
 
     def observe_task(self, namespace: str, task: str, status: Mapping[str, Any]) -> None:

@@ -97,6 +97,11 @@ class JobView:
     #: none may have failed before any pod of it ran (unschedulable until its deadline);
     #: the plan then says what its pod last waited for (:func:`never_ran_message`).
     pod_ran: bool = False
+    #: The Job has a deletionTimestamp: it is being deleted, and stays while ``finalizers``
+    #: (another controller's) hold it. Its view is then pending, with no result: what it
+    #: said belongs to the run being deleted (:func:`job_view`).
+    deleting: bool = False
+    finalizers: tuple[str, ...] = ()
 
 
 def owned(obj: Mapping[str, Any] | None, uid: str) -> bool:
@@ -131,6 +136,32 @@ def task_child(
         return False
     revision = (meta.get("annotations") or {}).get(n.LABEL_REVISION)
     return serves is None or (bool(serves) and revision == serves)
+
+
+def earlier_incarnation(obj: Mapping[str, Any] | None, task: str, uid: str) -> bool:
+    """Whether ``obj`` is a child this operator made for an earlier AgentTask named ``task``:
+    its labels say the operator made it for ``task``, and its ownerReferences name only
+    AgentTasks of that name, none of them ``uid`` (the task now of that name).
+
+    Why: a task deleted and created again under its name before the garbage collector
+    removed its Deployment and Service finds them owned by the old uid. They are what the
+    task would make, and server-side apply takes them over (the ownerReference replaced);
+    called someone else's, they were never applied and Ready said ApplyFailed "belongs to
+    something else" until the garbage collector deleted them. A label alone proves nothing
+    (anyone can copy it), so an owner of another kind or name keeps the object foreign.
+    """
+    meta = (obj or {}).get("metadata") or {}
+    labels = meta.get("labels") or {}
+    if (labels.get(n.MANAGED_BY), labels.get(n.LABEL_TASK)) != (n.FIELD_MANAGER, task):
+        return False
+    refs = meta.get("ownerReferences") or []
+    return bool(refs) and all(
+        ref.get("kind") == n.KIND
+        and str(ref.get("apiVersion") or "").split("/")[0] == n.GROUP
+        and ref.get("name") == task
+        and ref.get("uid") != uid
+        for ref in refs
+    )
 
 
 def refused_job(job: Mapping[str, Any], why: str) -> JobView:
@@ -590,6 +621,22 @@ def serving_waiting(
     return ""
 
 
+def replica_failure(deployment: Mapping[str, Any] | None) -> str:
+    """Why the Deployment cannot create its pods, from its ``ReplicaFailure`` condition (the
+    ReplicaSet controller's words: a LimitRange's maximum, a quota), or "".
+
+    Why: a pod that admission refuses never exists, so no pod says why (:func:`serving_waiting`
+    has nothing to read), and Serving said "waiting for Triton replicas ... (0/2)" for good.
+    The refused pod's generated name is left out: it is new on every retry, and the reason
+    goes into a condition message, which must not change unless the reason does.
+    """
+    for cond in ((deployment or {}).get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "ReplicaFailure" and cond.get("status") == "True":
+            said = _REFUSED_POD_NAME_RE.sub(r"\1 ", str(cond.get("message") or ""))
+            return short_message(f"cannot create its pods: {said or cond.get('reason', '')}", 300)
+    return ""
+
+
 def job_view(
     job: Mapping[str, Any],
     pods: Iterable[Mapping[str, Any]],
@@ -599,6 +646,24 @@ def job_view(
     pods cannot mount their volumes (:func:`pod_waiting`)."""
     meta = job["metadata"]
     labels = meta.get("labels") or {}
+    if meta.get("deletionTimestamp"):
+        # Deleted (by the operator: a data recheck, a rerun; or by hand), and kept by
+        # another controller's finalizer. Read as it was, its old result was taken for the
+        # current one at every pass (a recheck deleted it again and again, and said "curating
+        # again at" a time long past); the plan waits for it to go instead.
+        finalizers = tuple(str(f) for f in meta.get("finalizers") or ())
+        held = f" (finalizers: {', '.join(finalizers)})" if finalizers else ""
+        return JobView(
+            name=meta["name"],
+            stage=labels.get(n.LABEL_STAGE, ""),
+            revision=labels.get(n.LABEL_REVISION, ""),
+            candidate=labels.get(n.LABEL_CANDIDATE),
+            state=PENDING,
+            waiting=short_message(f"waiting for Job {meta['name']} to be deleted{held}", 300),
+            uid=str(meta.get("uid", "")),
+            deleting=True,
+            finalizers=finalizers,
+        )
     status = job.get("status") or {}
     conds = _conditions(job)
     own = [p for p in pods if pod_of_job(p, meta["name"], meta.get("uid"))]

@@ -143,6 +143,13 @@ class Observed:
     #: a node a few minutes ahead ran data prep again back to back, and failed a Job that had
     #: just succeeded for a result not read yet (ResultMissing).
     server_now: dt.datetime | None = None
+    #: The kinds ("Deployment", "Service") whose object of the task's serving name exists and
+    #: is not this task's (:func:`slm_operator.observe.task_child`): a user's or a Helm
+    #: chart's. The operator does not apply those: server-side apply with force would take
+    #: one over, and the garbage collector delete it with the task. Nor does it route calls
+    #: to such a Service (:func:`_service_taken`). One a deleted task of the same name left
+    #: is not among them (:func:`slm_operator.observe.earlier_incarnation`).
+    foreign_children: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -345,6 +352,8 @@ def _curate_said(result: TrainerResult) -> str:
 
 def _job_outcome(view: JobView | None, now: dt.datetime) -> tuple[str, str, str]:
     """(status, reason, message) of one trainer Job in condition terms."""
+    if view is not None and view.deleting:
+        return c.UNKNOWN, c.JOB_PENDING, view.waiting  # "waiting for Job x to be deleted"
     if view is not None and view.waiting:
         return c.UNKNOWN, c.JOB_PENDING, f"Job {view.name} is waiting: {view.waiting}"
     if view is None or view.state == PENDING:
@@ -565,6 +574,7 @@ def _pipeline(
     data_prepared: tuple[str, str, str] | None = None,
     recorded: Sequence[Mapping[str, Any]] = (),
     recorded_selected: Mapping[str, Any] | None = None,
+    deleting: Mapping[str, JobView] | None = None,
 ) -> _Step:
     """Walk one revision's pipeline; append the Jobs it needs to ``apply`` when given.
 
@@ -578,6 +588,9 @@ def _pipeline(
     ``recorded`` (the last status's candidates) and ``recorded_selected`` (its selectedModel):
     the fine-tune and export results read before, which stand for those no longer readable
     (see :func:`_recorded_result` and :func:`_recorded_export`).
+
+    ``deleting``: the views of this task's Jobs being deleted (:attr:`JobView.deleting`),
+    left out of ``jobs``; a step whose Job is one of them waits for it, in its words.
 
     ``must_beat``: for a retraining on new data, the served model's score; a candidate is
     promoted only if it passes the gate *and* scores higher.
@@ -614,7 +627,8 @@ def _pipeline(
     if apply is not None and limit_raised(dv, task):  # (apply: this revision is trained)
         step.rerun_jobs.append(data_name)
         dv = None  # runs again: pending until the next pass creates it
-    status, reason, msg = _job_outcome(dv, now)
+    held = deleting or {}
+    status, reason, msg = _job_outcome(dv if dv is not None else held.get(data_name), now)
     read_before = data_prepared is not None and (
         gone
         or (dv is not None and dv.state == SUCCEEDED and dv.result is None and not dv.result_error)
@@ -713,6 +727,7 @@ def _pipeline(
         jname = n.finetune_job_name(name, cand["name"], rev)
         view = _recorded_result(jobs.get(jname), recorded, rev, cand["name"], jname)
         view = _last_wait(view, _entry_of(recorded, rev, cand["name"], jname))
+        view = view if view is not None else held.get(jname)  # pending while it is deleted
         # A finished fine-tune whose Job is gone (its result recorded) is not trained again:
         # the run would rewrite the candidate's output under the export reading it.
         if apply is not None and (jname in jobs or view is None):
@@ -1416,6 +1431,7 @@ def _live_control(
     edited: bool = False,
     blind: str = "",
     quiet_before: bool = False,
+    service_taken: str = "",
 ) -> tuple[tuple[str, str, str], tuple[str, str, str], str, int]:
     """SLOMet and FallbackActive conditions plus the route mode; fills ``live`` (status.live).
 
@@ -1434,13 +1450,17 @@ def _live_control(
     ``blind``: why live control has no metrics at all (:func:`_metrics_blind`), or "".
     ``quiet_before``: the last judged window had no SLM call (:func:`_quiet_before`): SLOMet
     says so until the next window.
+    ``service_taken``: why the model is not served although it may have ready replicas
+    (:func:`_service_taken`), or "".
 
     Streaks only advance once per window (``due``), so re-running the reconcile within a
     window changes nothing: the decision stays level-triggered and restart-safe.
     """
     if not is_serving:
         why = (
-            (c.SCALED_TO_ZERO, _scaled_to_zero_message())
+            (c.SERVICE_NAME_TAKEN, f"all calls for this task go to the LLM: {service_taken}")
+            if service_taken
+            else (c.SCALED_TO_ZERO, _scaled_to_zero_message())
             if scaled_to_zero
             else (
                 c.WAKING_FROM_ZERO,
@@ -1771,6 +1791,28 @@ def _outage_message(model: str, serving_status: Mapping[str, Any], waiting: str)
 NO_SERVING_MODEL_MESSAGE = "all calls for this task go to the LLM until an SLM is served"
 
 
+def _service_taken(obs: Observed) -> str:
+    """Why the task's calls must not go to its Service: one of its serving name exists and
+    is someone else's (:attr:`Observed.foreign_children`), or "".
+
+    Why: that Service is not applied (it would be taken over), so it selects whatever pods
+    its owner chose; a route naming ``http://<task>-slm.<ns>.svc:8000`` sent those pods the
+    shadow copies of the agents' calls (prompts, tool arguments), judged their answers and
+    walked the rollout on. Unless the task's own ``serving-endpoint`` annotation points the
+    gateway elsewhere, the model is not served until the name is freed.
+    """
+    meta = obs.task["metadata"]
+    if "Service" not in obs.foreign_children or (meta.get("annotations") or {}).get(
+        n.ANNOTATION_ENDPOINT
+    ):
+        return ""
+    return (
+        f"Service {n.serving_name(meta['name'])} belongs to something else (no ownerReference "
+        "to this AgentTask: made by hand or by another tool?), so the SLM gets none of this "
+        "task's calls: rename this task or the Service"
+    )
+
+
 def _route_llm(spec: Mapping[str, Any], prev: Mapping[str, Any]) -> Obj:
     """The LLM fields of ``status.route``: the spec's, or the last route's while the spec's
     cannot be used (see :func:`validate`).
@@ -1880,8 +1922,13 @@ def plan(obs: Observed) -> Plan:
     invalid_step = (c.UNKNOWN, c.INVALID_SPEC, "the spec is invalid; see Ready")
     problem = validate(task, obs.reserved_accounts)
     active_rev, active_uri, active_cand, replicas, ready = _deployment_facts(obs.deployment)
+    # A Job being deleted (kept by another controller's finalizer) counts as gone, which it
+    # is about to be: its result is not read, and it is neither deleted again nor applied
+    # while its name is taken; the step that waits for it says so (:func:`_job_outcome`).
+    jobs = {name: v for name, v in obs.jobs.items() if not v.deleting}
+    deleting = {name: v for name, v in obs.jobs.items() if v.deleting}
     if obs.deployment is None:  # deleted: the revision status last reported still serves
-        active_rev, active_uri, active_cand = _recorded_active(prev, obs.jobs, meta["name"])
+        active_rev, active_uri, active_cand = _recorded_active(prev, jobs, meta["name"])
     out.invalid = problem
     if problem and (n.task_name_problem(meta["name"]) or not (active_rev and active_uri)):
         # Nothing served: nothing to keep under control until the spec is fixed. The calls
@@ -1936,7 +1983,7 @@ def plan(obs: Observed) -> Plan:
         else _pipeline(
             task,
             rev if training_needed else active_rev,
-            obs.jobs,
+            jobs,
             obs.server_now or obs.now,
             out.apply if training_needed else None,
             must_beat,
@@ -1950,13 +1997,14 @@ def plan(obs: Observed) -> Plan:
             ),
             prev.get("candidates") or (),
             prev_selected,
+            deleting=deleting,
         )
     )
 
     if not training_needed and not problem and step.selected is None:
         step = _served_step(step, prev, active_rev)
         if active_uri:
-            step = _promoted_step(step, task, obs.jobs, active_rev, active_cand, prev_selected)
+            step = _promoted_step(step, task, jobs, active_rev, active_cand, prev_selected)
     selected: Obj | None = prev_selected if prev_selected.get("revision") == active_rev else None
     if not training_needed and step.selected is not None:
         selected = {**step.selected, **({"artifactURI": active_uri} if active_uri else {})}
@@ -2088,6 +2136,11 @@ def plan(obs: Observed) -> Plan:
         )
     else:
         serving = (c.FALSE, c.NO_MODEL, "no model has passed the evaluation gate yet")
+    service_taken = _service_taken(obs) if active_rev and active_uri else ""
+    if service_taken:
+        # Its replicas are kept (the Deployment is the task's), but no call reaches them:
+        # not serving, so the route is llm, without an endpoint, and the rollout waits.
+        serving = (c.FALSE, c.SERVICE_NAME_TAKEN, service_taken)
     is_serving = serving[0] == c.TRUE
     scaled_to_zero = serving[1] == c.SCALED_TO_ZERO
     waking = (
@@ -2119,6 +2172,7 @@ def plan(obs: Observed) -> Plan:
         edited=int(prev.get("observedGeneration") or 0) != gen,
         blind=blind,
         quiet_before=_quiet_before(prev_conds),
+        service_taken=service_taken,
     )
     pipeline = [(c.DATA_READY, step.data), (c.TRAINED, step.trained), (c.EVALUATED, step.evaluated)]
     # A model that served has no ready replica (a crash loop, a drain): an outage, not a
@@ -2267,7 +2321,11 @@ def plan(obs: Observed) -> Plan:
             # every reconcile until a replica is ready would ask Prometheus all its queries.
             live["lastEvaluated"] = now_us
         merged = {**live_prev, **live}
-        if not merged.get("fallback") or merged.get("fallbackReason") in lv.NO_REPLICA_REASONS:
+        # Not while the Service's name is taken: no fallback to recover from once it is
+        # freed (lv.outage_over ends only those for want of a replica), the rollout goes on.
+        if not service_taken and (
+            not merged.get("fallback") or merged.get("fallbackReason") in lv.NO_REPLICA_REASONS
+        ):
             # FallbackActive is True for want of a replica (NoReadyReplicas, ScaledToZero,
             # WakingFromZero): status.live says so, in the condition's words. An SLO fallback
             # that was already on keeps its reason, so that its recovery windows still apply
@@ -2298,10 +2356,14 @@ def plan(obs: Observed) -> Plan:
         out.next_window_s = next_window_s(window, evaluated, due, obs.now)
 
     keep = {active_rev, rev} if training_needed else {active_rev}
-    abandoned = {name for name, v in obs.jobs.items() if v.revision not in keep}
+    abandoned = {name for name, v in jobs.items() if v.revision not in keep}
     out.delete_jobs = sorted(abandoned | set(step.rerun_jobs if training_needed else ()))
     if problem:
         out.delete_jobs = []  # an invalid edit is likely undone: keep what has been trained
+    # Created once the name is free: the Job watch reports the deletion.
+    out.apply = [
+        o for o in out.apply if not (o["kind"] == "Job" and o["metadata"]["name"] in deleting)
+    ]
     return out
 
 

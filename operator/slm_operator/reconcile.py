@@ -16,18 +16,29 @@ import threading
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
+from slm_operator import conditions as c
 from slm_operator import naming as n
 from slm_operator.builders import DEFAULT_IMAGES, Images
-from slm_operator.kube import Kube, KubeError, Listed, TaskChanged, TaskGone
+from slm_operator.kube import (
+    CRD_ADVICE,
+    Kube,
+    KubeError,
+    Listed,
+    TaskChanged,
+    TaskGone,
+    Written,
+)
 from slm_operator.observe import (
     PENDING,
     JobView,
+    earlier_incarnation,
     failed_creates,
     job_view,
     mount_failures,
     owned,
     pod_of_job,
     refused_job,
+    replica_failure,
     serving_waiting,
     setting_up,
     task_child,
@@ -49,7 +60,9 @@ log = logging.getLogger(__name__)
 _missing_account_logged: set[tuple[str, str]] = set()
 #: Namespaces already told (in the log) that the operator may not list Events there.
 _events_forbidden_logged: set[str] = set()
-#: Guards the two sets above: reconciles run in threads, several at once.
+#: Tasks (namespace, name, uid) already told, in an Event, that their CRD is outdated.
+_crd_outdated_told: set[tuple[str, str, str]] = set()
+#: Guards the sets above: reconciles run in threads, several at once.
 _logged_lock = threading.Lock()
 #: The Event reason that says a hand edit of the task's Deployment or Service was replaced
 #: (:func:`replace_hand_edits`).
@@ -190,9 +203,12 @@ def observe(
     jobs = {j["metadata"]["name"]: job_view(j, pods, mounts) for j in listed if owned(j, uid)}
     jobs = _with_failed_creates(kube, namespace, jobs, pods)
     dep = kube.get("apps/v1", "deployments", namespace, n.serving_name(name))
+    foreign = _foreign_children(kube, namespace, name, uid, dep)
     served = ((task.get("status") or {}).get("revision") or {}).get("active") or ""
     if not task_child(dep, name, uid, serves=served):
-        dep = None  # someone else's: this task has none (its apply will say so or adopt it)
+        # Not the one this task serves: its apply adopts one the operator made for the task
+        # (an orphan); someone else's is not applied at all (``foreign``).
+        dep = None
     metrics = None
     # Prometheus only when the plan will judge a window: a task is reconciled on every event
     # of its Jobs, pods and Deployment and every resync, but judged once per window.
@@ -215,7 +231,8 @@ def observe(
         metrics=metrics,
         trainer_service_account=trainer_account(kube, task, trainer_service_account),
         data_recheck=dt.timedelta(seconds=data_recheck_s),
-        serving_waiting=serving_waiting(pods, mounts),
+        # No pod to say why (admission refused them all): the ReplicaSet controller says.
+        serving_waiting=serving_waiting(pods, mounts) or replica_failure(dep),
         reserved_accounts=frozenset(reserved_accounts),
         images=images,
         metrics_not_due=not_due,
@@ -223,6 +240,32 @@ def observe(
         prometheus_configured=prom is not None,
         # The Jobs' times are the control plane's clock: compared with the API server's.
         server_now=listed.served_at if isinstance(listed, Listed) else None,
+        foreign_children=foreign,
+    )
+
+
+def _foreign_children(
+    kube: Kube, namespace: str, name: str, uid: str, dep: Mapping[str, Any] | None
+) -> frozenset[str]:
+    """The kinds of the task's serving children whose name an object that is not the task's
+    holds (:attr:`Observed.foreign_children`); ``dep``: the Deployment of that name, as read.
+
+    Why the Service is read on every pass (one GET), before anything is applied: server-side
+    apply with force takes over whatever holds the name (a user's ``kubectl create service
+    clusterip``, a Helm chart's Service: selector replaced, ports added) and adds this task's
+    ownerReference, after which the object reads as the task's and the garbage collector
+    deletes it with the task. Whose it is can only be told before the first apply.
+    One a deleted task of this name left (:func:`earlier_incarnation`) is the task's to take
+    over, as server-side apply does.
+    """
+    svc = kube.get("v1", "services", namespace, n.serving_name(name))
+    live = {"Deployment": dep, "Service": svc}
+    return frozenset(
+        kind
+        for kind, obj in live.items()
+        if obj is not None
+        and not task_child(obj, name, uid)
+        and not earlier_incarnation(obj, name, uid)
     )
 
 
@@ -279,7 +322,10 @@ def _with_failed_creates(
     podless = [
         v
         for v in jobs.values()
-        if v.state == PENDING and not any(pod_of_job(p, v.name, v.uid) for p in pods)
+        # (One being deleted waits for its finalizers, not for a pod: no Event says more.)
+        if v.state == PENDING
+        and not v.deleting
+        and not any(pod_of_job(p, v.name, v.uid) for p in pods)
     ]
     if not podless:
         return jobs
@@ -357,11 +403,28 @@ def _apply_children(kube: Kube, obs: Observed, p: Plan) -> _Writes:
     """
     writes = _Writes()
     for obj in p.apply:
+        if obj["kind"] in obs.foreign_children:
+            # Refused here, as the API server refuses a write for good: said in Ready
+            # (ApplyFailed), a Deployment not written is not promoted, and the rest goes on.
+            kind = obj["kind"]
+            writes.refused.append((kind, obj["metadata"]["name"], _foreign_refusal(kind)))
+            writes.deployment_unwritten |= kind == "Deployment"
+            continue
         try:
             _apply(kube, obs, obj)
         except KubeError as e:
             _note_refusal(kube, obs, obj, e, writes)
     return writes
+
+
+def _foreign_refusal(kind: str) -> str:
+    """Why a Deployment or Service of the task's serving name that is not the task's is not
+    applied: the platform engineer has to free the name, or give the task another."""
+    return (
+        f"a {kind} of this name exists and belongs to something else (no ownerReference to "
+        f"this AgentTask: made by hand or by another tool?); it is left as it is: rename this "
+        f"task or the {kind}"
+    )
 
 
 def _patch_job_limits(kube: Kube, job: Mapping[str, Any], writes: _Writes) -> None:
@@ -431,8 +494,9 @@ def _apply(kube: Kube, obs: Observed, obj: Mapping[str, Any]) -> None:
 def _ours(kube: Kube, obs: Observed, obj: Mapping[str, Any]) -> bool:
     """Whether the live Deployment or Service ``obj`` names is this task's.
 
-    The Deployment was read by :func:`observe`; the Service is read only now, after the API
-    server refused its apply, so that a healthy pass costs no extra request.
+    The Deployment was read by :func:`observe`; the Service is read again now, after the API
+    server refused its apply (:func:`observe` kept only whether it is someone else's, which
+    is then never applied; this says whether one exists to repair).
     """
     if obj["kind"] == "Deployment":
         return obs.deployment is not None
@@ -561,6 +625,22 @@ def _resource_version(answer: Any) -> str:
     return version if isinstance(version, str) else ""
 
 
+def _tell_crd_outdated(kube: Kube, task: Mapping[str, Any], answer: Any) -> None:
+    """Post one ``CRDOutdated`` Warning on ``task`` when the API server dropped fields of the
+    status just written, once per task and process.
+
+    Why an Event as well as the adapter's error log: the user who finds retraining never
+    starting looks at ``kubectl describe agenttask``, not at the operator's log; once,
+    because every later write loses the same fields.
+    """
+    dropped = answer.unknown_fields if isinstance(answer, Written) else ()
+    meta = task["metadata"]
+    key = (meta["namespace"], meta["name"], str(meta.get("uid") or ""))
+    if dropped and _first_time(_crd_outdated_told, key):
+        said = f"the API server dropped status fields this operator wrote ({', '.join(dropped)})"
+        kube.event(task, "Warning", c.CRD_OUTDATED, f"{said}: {CRD_ADVICE}")
+
+
 def _write_status(
     kube: Kube,
     obs: Observed,
@@ -596,6 +676,7 @@ def _write_status(
         version = _resource_version(answer)
         if written is not None and version:
             written(version)
+        _tell_crd_outdated(kube, obs.task, answer)
         for type_, reason, message in p.events:
             kube.event(obs.task, type_, reason, message)
         if refused:

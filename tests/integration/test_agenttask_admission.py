@@ -144,6 +144,31 @@ INVALID = [
         {"spec.dataset.maxExamples": 100},  # minExamples defaults to 200
         "dataset.maxExamples must be at least dataset.minExamples",
     ),
+    # without a zone the cutoff would depend on the data-prep pod's clock zone
+    *(
+        case(
+            f"not-before-{name}",
+            {"spec.dataset.notBefore": bad},
+            "spec.dataset.notBefore in body must be of type date-time",
+        )
+        for name, bad in (
+            ("without-a-zone", "2026-03-01T00:00:00"),
+            ("a-date-alone", "2026-03-01"),
+            ("in-words", "last tuesday"),
+        )
+    ),
+    # date-times format: date-time admits that the data-prep Job could not read (it exited 2)
+    *(
+        case(
+            f"not-before-{name}",
+            {"spec.dataset.notBefore": bad},
+            "spec.dataset.notBefore in body should match",
+        )
+        for name, bad in (
+            ("comma-fraction", "2026-03-01T00:00:00,5Z"),
+            ("zone-past-a-day", "2026-03-01T00:00:00+99:59"),
+        )
+    ),
     case(
         "empty-gate",
         {"spec.evaluation.gate": {}},
@@ -699,3 +724,19 @@ def test_examples_cover_every_task_type() -> None:
     task_types = {yaml.safe_load(p.read_text())["spec"]["taskType"] for p in EXAMPLES}
 
     assert task_types == {"tool-call", "classification", "extraction", "generation"}
+
+
+@pytest.mark.parametrize(
+    "cutoff", ["2026-03-01T00:00:00Z", "2026-03-01T01:00:00.000+01:00", "2026-03-01t00:00:00z"]
+)
+def test_a_not_before_the_data_prep_job_reads_is_admitted(
+    cluster: Any, namespace: str, cutoff: str
+) -> None:
+    """Every RFC 3339 date-time the apiserver admits, curate reads (the same cutoff)."""
+    from slm_trainer.curate import Args
+
+    result = apply(
+        cluster, namespace, mutated(BASE, {"spec.dataset.notBefore": cutoff}), "--dry-run=server"
+    )
+    assert result.returncode == 0, result.stderr
+    assert Args(input="x", output_dir=Path("y"), not_before=cutoff).cutoff == 1_772_323_200.0

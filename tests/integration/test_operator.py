@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from slm_contract import TrainerResult
 from slm_e2e.cluster import free_port
@@ -552,6 +553,38 @@ def test_a_triton_replica_that_no_node_can_take_is_named_in_serving(
     assert "Insufficient nvidia.com/gpu" in replacement["message"]
 
 
+def test_triton_pods_a_limit_range_refuses_say_why_in_serving(
+    cluster: ClusterHandle, namespace: str, storage: str, operator: OperatorProcess
+) -> None:
+    """A LimitRange whose maximum is below serving.resources.limits: admission refuses every
+    Triton pod, so no pod says why, and Serving said "waiting for Triton replicas ... (0/2)"
+    for good. The ReplicaSet controller's reason (the Deployment's ReplicaFailure) is named,
+    without the refused pod's generated name."""
+    ns = namespace
+    limits = {"type": "Container", "max": {"cpu": "2", "memory": "4Gi"}}
+    limit_range = {
+        "apiVersion": "v1",
+        "kind": "LimitRange",
+        "metadata": {"name": "small"},
+        "spec": {"limits": [limits]},
+    }
+    cluster.apply(limit_range, ns)
+    small = {"limits": {"cpu": "1", "memory": "1Gi"}}
+    big = {"limits": {"cpu": "4", "memory": "8Gi"}}
+    task = agenttask(
+        training={"gpus": 1, "backoffLimit": 0, "resources": small},
+        serving={"minReplicas": 2, "maxReplicas": 4, "gpus": 1, "resources": big},
+    )
+    cluster.apply(task, ns)
+    run_revision(cluster, ns, revision(cluster, ns))
+
+    serving = condition_saying(cluster, ns, "Serving", "cannot create its pods: pods ", 90)
+    assert (serving["status"], serving["reason"]) == ("False", "DeploymentProgressing")
+    assert "maximum cpu usage per Container is 2, but limit is 4" in serving["message"]
+    assert "weather-slm-" not in serving["message"]
+    assert "maximum cpu usage" in condition(get_task(cluster, ns), "Ready")["message"]
+
+
 def test_a_trainer_pod_that_admission_refuses_says_why_in_data_ready(
     cluster: ClusterHandle, namespace: str, storage: str, operator: OperatorProcess
 ) -> None:
@@ -878,6 +911,40 @@ def test_a_triton_service_deleted_by_hand_is_back_at_once_and_nothing_flaps(
     assert after["status"]["phase"] == before["status"]["phase"] == "Serving"
 
 
+def test_a_service_of_the_tasks_serving_name_made_by_a_user_is_left_alone(
+    cluster: ClusterHandle, namespace: str, storage: str, operator: OperatorProcess
+) -> None:
+    """`kubectl create service clusterip weather-slm`, then the task: server-side apply with
+    force took the user's Service over (selector replaced, Triton ports and this task's
+    ownerReference added), and the garbage collector deleted it with the task. It is not
+    applied now, Ready says why, no call is routed to it, and it outlives the task."""
+    ns = namespace
+    cluster.kubectl("create", "service", "clusterip", "weather-slm", "--tcp=80:80", "-n", ns)
+    cluster.apply(agenttask(), ns)
+    run_revision(cluster, ns, revision(cluster, ns))
+
+    ready = condition_saying(cluster, ns, "Ready", "Service weather-slm was refused", 90)
+    assert (ready["status"], ready["reason"]) == ("False", "ApplyFailed")
+    assert "belongs to something else" in ready["message"]
+    status = get_task(cluster, ns)["status"]
+    assert status["route"]["mode"] == "llm" and "slmEndpoint" not in status["route"]
+    assert condition({"status": status}, "Serving")["reason"] == "ServiceNameTaken"
+    assert status["phase"] != "Serving"
+    svc = cluster.get_json("service", "weather-slm", "-n", ns)
+    assert svc["spec"]["selector"] == {"app": "weather-slm"}
+    assert [p["port"] for p in svc["spec"]["ports"]] == [80]
+    assert not svc["metadata"].get("ownerReferences")
+
+    cluster.kubectl("delete", "agenttask", "weather", "-n", ns, "--timeout=60s")
+    wait_for(
+        lambda: not cluster.get_json("deployments", "-n", ns)["items"],
+        timeout=60,
+        what="garbage collection of the task's Deployment",
+    )
+    kept = cluster.get_json("service", "weather-slm", "-n", ns)
+    assert kept["metadata"]["uid"] == svc["metadata"]["uid"]
+
+
 def test_a_child_the_api_server_refuses_says_why_in_ready(
     cluster: ClusterHandle, namespace: str, storage: str, operator: OperatorProcess
 ) -> None:
@@ -1024,3 +1091,92 @@ def test_an_operator_whose_metrics_port_was_taken_starts_again_on_another(
     finally:
         squat.close()
     assert "Address already in use" in log.read_text()  # the first start met the clash
+
+
+@pytest.fixture
+def outdated_crd(cluster: ClusterHandle, agenttask_crd: Path, tmp_path: Path) -> Iterator[None]:
+    """The AgentTask CRD as an older release left it, which ``helm upgrade`` never updates:
+    without ``status.retraining.newRecords`` (the finding's field, written only once live
+    control reads Prometheus) nor ``status.message`` (written at every pass); the real CRD
+    again afterwards, for the session's other tests."""
+    crd = yaml.safe_load((agenttask_crd / "slmfleet.dev_agenttasks.yaml").read_text())
+    status = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    del status["properties"]["retraining"]["properties"]["newRecords"]
+    del status["properties"]["message"]
+    old = tmp_path / "old-crd.yaml"
+    old.write_text(yaml.safe_dump(crd))
+    cluster.kubectl("apply", "--server-side", "--field-manager=slm-fleet-tests", "-f", str(old))
+    try:
+        yield
+    finally:
+        cluster.kubectl(
+            "apply", "--server-side", "--field-manager=slm-fleet-tests", "-f", str(agenttask_crd)
+        )
+        cluster.wait_crd_established("agenttasks.slmfleet.dev")
+
+
+def test_status_fields_an_outdated_crd_drops_are_an_error_and_an_event(
+    cluster: ClusterHandle,
+    namespace: str,
+    outdated_crd: None,
+    operator: OperatorProcess,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The API server takes a status write whose fields the task's CRD lacks, prunes them,
+    and says so only in a Warning header: retraining on new data never started and nothing
+    said why. Now the operator logs an error with what to apply, posts a CRDOutdated Warning
+    on the task once, and counts it in slm_operator_api_warnings_total."""
+    import logging
+
+    from kubernetes import config
+
+    from slm_operator import conditions as c
+    from slm_operator.kube import Kube
+
+    ns = namespace
+    # The finding's repro, through the operator's adapter: the real API server's header.
+    kube = Kube(config.new_client_from_config(config_file=cluster.kubeconfig))
+    cluster.apply(agenttask("hp"), ns)
+
+    def dropped() -> tuple[str, ...]:
+        answer = kube.patch_status(ns, "hp", {"retraining": {"newRecords": 900}})
+        return answer.unknown_fields
+
+    with caplog.at_level(logging.ERROR, logger="slm_operator"):
+        wait_for(lambda: dropped(), timeout=30, what="the API server to serve the old CRD")
+    assert dropped() == ("status.retraining.newRecords",)
+    assert "newRecords" not in (get_task(cluster, ns, "hp")["status"].get("retraining") or {})
+    assert any(
+        "AgentTask CRD is older than this operator" in r.getMessage() for r in caplog.records
+    )
+
+    # The operator itself, on a task whose every status write loses status.message.
+    cluster.apply(agenttask(), ns)
+
+    def crd_outdated() -> list[dict[str, Any]]:
+        items = cluster.get_json("events", "-n", ns, "--field-selector", "type=Warning")["items"]
+        return [
+            e
+            for e in items
+            if e["reason"] == c.CRD_OUTDATED and e["involvedObject"]["name"] == "weather"
+        ]
+
+    wait_for(lambda: crd_outdated(), timeout=60, what="the CRDOutdated Warning")
+    revision(cluster, ns)  # the rest of the status is written
+    time.sleep(5)  # passes go on (resync every 2 s): still one Event, one error line
+    (event,) = crd_outdated()
+    assert "status.message" in event["message"]
+    assert "kubectl apply --server-side" in event["message"]
+    errors = [
+        line
+        for line in operator.log().splitlines()
+        if "dropped status.message" in line and "AgentTask CRD is older" in line
+    ]
+    assert len(errors) == 1, errors
+    with urllib.request.urlopen(operator.metrics_url, timeout=5) as r:
+        metrics = r.read().decode()
+    counted = re.search(
+        r'slm_operator_api_warnings_total\{kind="AgentTask",warning="unknown_field"\} (\S+)',
+        metrics,
+    )
+    assert counted and float(counted.group(1)) >= 1, metrics[-2000:]

@@ -22,6 +22,7 @@ from slm_operator.observe import (
     SUCCEEDED,
     failed_creates,
     job_view,
+    replica_failure,
     serving_waiting,
 )
 from slm_operator.plan import Observed, plan
@@ -914,6 +915,32 @@ def test_a_stuck_triton_pod_is_named_with_its_reason() -> None:
     assert serving_waiting([clean]) == ""
 
 
+def test_a_deployments_replica_failure_says_why_its_pods_are_not_created() -> None:
+    """Admission refusing every Triton pod (a LimitRange's maximum, a quota) leaves no pod to
+    read a reason from; the Deployment's ReplicaFailure condition has it. Only while True,
+    and without the refused pod's generated name, which changes on every retry."""
+
+    def dep(status: str, pod: str) -> dict[str, Any]:
+        message = f'pods "{pod}" is forbidden: exceeded quota: gpus, requested: pods=1'
+        cond = {"type": "ReplicaFailure", "status": status, "reason": "FailedCreate"}
+        return {
+            "status": {
+                "conditions": [
+                    {"type": "Available", "status": "False"},
+                    cond | {"message": message},
+                ]
+            }
+        }
+
+    said = replica_failure(dep("True", "weather-slm-6f859965cb-zgtrn"))
+    assert (
+        said == "cannot create its pods: pods is forbidden: exceeded quota: gpus, requested: pods=1"
+    )
+    assert replica_failure(dep("True", "weather-slm-6f859965cb-4jr4v")) == said
+    assert replica_failure(dep("False", "weather-slm-6f859965cb-zgtrn")) == ""
+    assert replica_failure({"status": {}}) == replica_failure(None) == ""
+
+
 def test_failed_creates_keeps_the_newest_reason_per_job() -> None:
     """A Job whose pod admission refuses (quota, Pod Security) has only Events to say so."""
 
@@ -1138,3 +1165,25 @@ def test_an_unknown_flag_before_the_namespace_is_named_by_kopf(
     err = capsys.readouterr().err
     assert "No such option" in err and flag in err
     assert "pass --namespace" not in err
+
+
+def test_the_data_prep_job_passes_not_before_and_a_new_cutoff_trains_again() -> None:
+    """spec.dataset.notBefore leaves out the calls captured before it (an older gateway's,
+    whose LLM-only calls are unmarked). Unset, no flag: a trainer image older than it would
+    refuse the command line. Set or moved, it is a dataset field like maxExamples, so the
+    revision changes and the task is curated and trained again without those calls."""
+    from slm_trainer import cli
+
+    task = make_task()
+    revision = n.revision_of(task["spec"])
+    for cutoff in (None, "2026-03-01T00:00:00Z"):
+        if cutoff is not None:
+            task["spec"]["dataset"]["notBefore"] = cutoff
+        ctr = b.data_prep_job(task, "r")["spec"]["template"]["spec"]["containers"][0]
+        flags = [a for a in ctr["args"] if a.startswith("--not-before")]
+        assert flags == ([] if cutoff is None else [f"--not-before={cutoff}"])
+        parsed = cli.build_parser().parse_args(ctr["command"][1:] + ctr["args"])
+        assert parsed.not_before == (cutoff or "")
+    cut = n.revision_of(task["spec"])
+    task["spec"]["dataset"]["notBefore"] = "2026-04-01T00:00:00Z"  # moved: the agent changed
+    assert len({revision, cut, n.revision_of(task["spec"])}) == 3

@@ -536,7 +536,9 @@ def test_calls_with_a_strict_tool_or_an_earlier_custom_call_are_never_curated(
     result, report, out = curate(tmp_path, tool_calls() + odd, scrub_pii=False)
     assert result.ok, result.message
     assert report["llm_only_tools"] == 7
-    assert "7 with custom tools, strict functions or marked llm_only" in result.message
+    assert "7 with custom tools, strict functions, non-text content or marked llm_only" in (
+        result.message
+    )
     assert report["examples"] == len(tool_calls())
     written = read(out / "train.jsonl") + read(out / "eval.jsonl")
     assert not any(t["function"].get("strict") for r in written for t in r.tools)
@@ -560,12 +562,41 @@ def test_calls_the_gateway_marked_llm_only_are_never_curated(tmp_path: Path) -> 
     assert distinct_count(CallRecord.from_dict(r) for r in forced) == 0  # what discover proposes
 
 
+def image_audio_and_file_calls() -> list[dict[str, Any]]:
+    """Calls with an image, audio or file part in the request: the gateway took them for
+    the text-only SLM, and curate trained on the answers to pictures it never sees."""
+    parts = [
+        {"type": "image_url", "image_url": {"url": "https://x.example/sky.png"}},
+        {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
+        {"type": "file", "file": {"file_id": "file-abc"}},
+    ]
+    out = []
+    for i, (c, part) in enumerate(zip(tool_calls(3, 0, 0), parts, strict=True)):
+        text = {"type": "text", "text": f"Is it raining where this was taken, take {i}?"}
+        user = {"role": "user", "content": [text, part]}
+        out.append({**c, "messages": [c["messages"][0], user]})
+    return out
+
+
+def test_calls_with_image_audio_or_file_parts_are_counted_and_never_curated(
+    tmp_path: Path,
+) -> None:
+    """The SLM reads text only, so the gateway sends such a call to the LLM; trained on, the
+    SLM learnt to answer a photo's question from the words alone."""
+    odd = image_audio_and_file_calls()
+    result, report, out = curate(tmp_path, tool_calls() + odd, scrub_pii=False)
+    assert result.ok, result.message
+    assert (report["llm_only_tools"], report["examples"]) == (3, len(tool_calls()))
+    written = read(out / "train.jsonl") + read(out / "eval.jsonl")
+    assert all(isinstance(m.get("content"), str | None) for r in written for m in r.messages)
+
+
 def test_curate_leaves_out_exactly_what_the_gateway_never_sends_to_an_slm() -> None:
     """Both sides read the same request fields the same way: a call is curated when, and
     only when, the gateway could send its request to an SLM (tools and history alike)."""
     from slm_gateway.decide import slm_can_serve
 
-    for c in tool_calls(2, 0, 0) + strict_and_custom_history_calls():
+    for c in tool_calls(2, 0, 0) + strict_and_custom_history_calls() + image_audio_and_file_calls():
         record = CallRecord.from_dict(c)
         body = {"model": "m", "messages": record.messages, "tools": record.tools}
         assert slm_can_serve(body) is not llm_only_tools(record), c["messages"]
@@ -1520,3 +1551,71 @@ def test_a_local_folder_the_trainer_may_not_list_fails_instead_of_waiting_for_da
     assert (result.ok, result.examples) == (False, None)
     assert "cannot list the call log folder" in result.message
     assert str(directory) in result.message and "uid 1000" in result.message
+
+
+#: 2026-03-01T00:00:00Z: when the upgraded gateway rolled out, in the tests below.
+UPGRADE = 1_772_323_200.0
+
+
+def calls_across_an_upgrade() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(captured before the upgrade, after it). Before it the gateway did not mark the calls
+    only the LLM may answer (tool_choice "none" forced these text answers), and nothing in
+    such a record tells it apart; one record carries no capture time at all."""
+    after = [{**c, "timestamp": UPGRADE + 60 * i} for i, c in enumerate(tool_calls())]
+    # the epoch's first second, an hour and a second before the upgrade, a clock set wrong
+    times = (1.0, UPGRADE - 3600, UPGRADE - 1, -5.0)
+    forced = [
+        {**call(f"In words: is {c} warm in spring? ({i})", content="Mild"), "timestamp": t}
+        for i, (c, t) in enumerate(zip(CITIES, times, strict=False))
+    ]
+    undated = call("Mail the caterer that lunch moves to noon", "send_email", {"to": "c@x.org"})
+    return [*forced, undated], after
+
+
+@pytest.mark.parametrize("not_before", ["2026-03-01T00:00:00Z", "2026-03-01T01:00:00+01:00"])
+def test_calls_captured_before_not_before_are_counted_never_curated(
+    tmp_path: Path, not_before: str
+) -> None:
+    """After a gateway upgrade retraining re-read the whole log, and the unmarked calls of
+    the old gateway were trained on for good: spec.dataset.notBefore (--not-before) leaves
+    out every call captured before it, and any without a capture time, counted and said."""
+    before, after = calls_across_an_upgrade()
+    everything, _, _ = curate(tmp_path, before + after, scrub_pii=False, out="all")
+    assert everything.examples == len(after) + len(before)  # the problem: all trained on
+
+    result, report, out = curate(tmp_path, before + after, scrub_pii=False, not_before=not_before)
+    assert result.ok, result.message
+    assert (report["before_not_before"], report["examples"]) == (len(before), len(after))
+    assert report["settings"]["not_before"] == not_before
+    assert f"{len(before)} captured before not_before {not_before}" in result.message
+    written = read(out / "train.jsonl") + read(out / "eval.jsonl")
+    assert all(r.timestamp >= UPGRADE for r in written)
+    left_out = ("malformed_total", "other_task", "before_not_before", "not_llm_answer")
+    left_out += ("llm_only_tools", "exact_duplicates", "near_duplicates", "beyond_max_examples")
+    assert report["read"] == sum(report[k] for k in left_out) + report["examples"]
+
+
+def test_without_not_before_no_call_is_left_out_for_its_time(tmp_path: Path) -> None:
+    before, after = calls_across_an_upgrade()
+    result, report, _ = curate(tmp_path, before + after, scrub_pii=False)
+    assert result.ok, result.message
+    assert report["before_not_before"] == 0 and report["settings"]["not_before"] == ""
+    assert "not_before" not in result.message
+
+
+def test_a_log_captured_wholly_before_not_before_waits_for_data_and_says_why(
+    tmp_path: Path,
+) -> None:
+    before, _ = calls_across_an_upgrade()
+    result, report, _ = curate(tmp_path, before, not_before="2026-03-01T00:00:00Z")
+    assert (result.ok, result.examples, report["before_not_before"]) == (False, 0, len(before))
+    assert f"{len(before)} captured before not_before" in result.message
+
+
+@pytest.mark.parametrize(
+    "bad", ["yesterday", "2026-03-01", "2026-03-01T00:00:00", "2026-02-30T00:00:00Z"]
+)
+def test_a_not_before_that_is_not_an_rfc3339_time_is_refused(tmp_path: Path, bad: str) -> None:
+    """Without an offset the time would depend on the pod's clock zone; refused, not guessed."""
+    with pytest.raises(ValueError, match="not_before"):
+        Args(input=tmp_path, output_dir=tmp_path, not_before=bad)

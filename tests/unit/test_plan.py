@@ -377,6 +377,67 @@ def test_too_few_examples_waits_for_data_and_curates_again_after_the_recheck() -
     assert again.events == []
 
 
+def test_a_job_another_controllers_finalizer_holds_after_its_deletion_is_waited_for() -> None:
+    """The recheck deletes the data-prep Job, and another controller's finalizer keeps it
+    (Terminating): every pass read its old result again and sent DELETE again, and DataReady
+    said "curating again at" a time long past. The Job being deleted is waited for, in its
+    finalizers' name, its result is not read, and it is neither deleted nor applied again."""
+    task = make_task()
+    rev = n.revision_of(task["spec"])
+    dn = n.data_job_name("weather", rev)
+    short = result("prepare", ok=False, examples=37, message="too few examples after curation")
+    # Too few examples: the stage exits 3 and the Job's podFailurePolicy fails it at once.
+    failed = {"type": "Failed", "status": "True", "reason": "PodFailurePolicy"}
+    job = {
+        "metadata": {
+            "name": dn,
+            "uid": "job-uid",
+            "labels": n.labels("weather", n.STAGE_PREPARE, rev),
+        },
+        "status": {
+            "conditions": [failed],
+            "startTime": "2026-11-23T11:57:00Z",
+            "completionTime": "2026-11-23T11:58:00Z",
+            "failed": 1,
+        },
+    }
+    ended = {"exitCode": 3, "message": short.to_json()}
+    pod = {
+        "metadata": {"name": f"{dn}-x", "labels": {"job-name": dn}},
+        "status": {
+            "phase": "Failed",
+            "containerStatuses": [{"name": "trainer", "state": {"terminated": ended}}],
+        },
+    }
+    recheck = dt.timedelta(minutes=5)
+    at = NOW + dt.timedelta(minutes=3)
+    p = plan(Observed(task, {dn: job_view(job, [pod])}, None, at, data_recheck=recheck))
+    assert p.delete_jobs == [dn]
+    task["status"] = p.status
+
+    job["metadata"].update(
+        deletionTimestamp="2026-11-23T12:03:00Z", finalizers=["example.com/hold"]
+    )
+    held = job_view(job, [pod])
+    for later in (at + dt.timedelta(minutes=1), at + dt.timedelta(hours=1)):
+        again = plan(Observed(task, {dn: held}, None, later, data_recheck=recheck))
+        assert again.delete_jobs == [] and kinds(again) == []
+        data = c.find(again.status["conditions"], c.DATA_READY)
+        assert data is not None and (data["status"], data["reason"]) == (
+            c.FALSE,
+            c.WAITING_FOR_DATA,
+        )
+        assert (
+            f"waiting for Job {dn} to be deleted (finalizers: example.com/hold)" in data["message"]
+        )
+        assert "curating again at" not in data["message"]
+        assert not any(e[0] == "Warning" for e in again.events)
+        task["status"] = again.status
+    assert held.result is None and held.finalizers == ("example.com/hold",)
+    # Gone at last: created again, under the same name.
+    assert kinds(plan(Observed(task, {}, None, at, data_recheck=recheck))) == [("Job", dn)]
+
+
 def test_waiting_for_data_says_what_the_data_prep_job_found() -> None:
     """A dataset.uri with a typo finds no call log, and a log of another schema version has
     only rejected records: curate says which, and the condition said "0 of 200 curated
@@ -681,6 +742,58 @@ def test_a_raised_limit_runs_the_jobs_that_failed_on_it_again(
     assert set(fts) <= set(made) and again.delete_jobs == []
     key = "activeDeadlineSeconds" if "activeDeadlineSeconds" in change else "backoffLimit"
     assert made[fts[0]]["spec"][key] == change[key]
+
+
+def _held(name: str, stage: str, rev: str, candidate: str | None = None) -> JobView:
+    """``name`` as :func:`job_view` reads it once deleted, while a finalizer keeps it."""
+    job = {
+        "metadata": {
+            "name": name,
+            "labels": n.labels("weather", stage, rev, candidate),
+            "deletionTimestamp": "2026-11-23T11:59:00Z",
+            "finalizers": ["example.com/hold"],
+        },
+        "status": {"conditions": [{"type": "Complete", "status": "True"}], "succeeded": 1},
+    }
+    return job_view(job, [])
+
+
+def test_fine_tunes_held_by_a_finalizer_are_waited_for_or_stand_for_their_recorded_result() -> None:
+    """A fine-tune deleted to run again under a raised limit and kept by another controller's
+    finalizer is waited for, in the finalizers' name, not deleted again nor applied; one
+    that had succeeded (deleted by hand) counts as gone: its recorded result stands."""
+    task = make_task(training={"gpus": 1, "backoffLimit": 2})
+    rev = n.revision_of(task["spec"])
+    small, big = (n.finetune_job_name("weather", cd, rev) for cd in ("small", "big"))
+    trained = jobs_through(task, "train")
+    task["status"] = plan(Observed(task, trained, None, NOW)).status
+    held = {**trained, big: _held(big, n.STAGE_FINETUNE, rev, "big")}
+    p = plan(Observed(task, held, None, NOW))
+    assert big not in p.delete_jobs and ("Job", big) not in kinds(p)
+    entry = next(x for x in p.status["candidates"] if x["name"] == "big")
+    assert entry["state"] == SUCCEEDED and entry["score"] == 0.95  # recorded: as if gone
+
+    failed = dataclasses.replace(
+        view(small, "finetune", rev, FAILED, candidate="small", message="BackoffLimitExceeded"),
+        failure_reason="BackoffLimitExceeded",
+        failed_pods=3,
+    )
+    task["spec"]["training"]["backoffLimit"] = 4  # raised: small runs again
+    rerun = plan(Observed(task, {**trained, small: failed}, None, NOW))
+    assert small in rerun.delete_jobs
+    task["status"] = rerun.status
+    waiting = plan(
+        Observed(task, {**trained, small: _held(small, n.STAGE_FINETUNE, rev, "small")}, None, NOW)
+    )
+    assert small not in waiting.delete_jobs and ("Job", small) not in kinds(waiting)
+    trained_c = c.find(waiting.status["conditions"], c.TRAINED)
+    assert trained_c is not None and trained_c["status"] == c.UNKNOWN
+    assert (
+        f"small: waiting for Job {small} to be deleted (finalizers: example.com/hold)"
+        in (trained_c["message"])
+    )
+    entry = next(x for x in waiting.status["candidates"] if x["name"] == "small")
+    assert entry["state"] == PENDING and "score" not in entry
 
 
 def test_a_raised_limit_leaves_the_failed_jobs_of_a_served_revision_alone() -> None:
@@ -1031,6 +1144,51 @@ def test_the_rollout_holds_while_fallback_is_on() -> None:
     _step(task, jobs, dep, t, HEALTHY)
     assert conds(task["status"])[c.FALLBACK_ACTIVE][0] == c.FALSE
     assert task["status"]["route"]["mode"] == "canary"  # the canary runs now, not skipped
+
+
+def test_no_call_goes_to_a_service_of_the_serving_name_that_is_someone_elses() -> None:
+    """A Service named ``<task>-slm`` that a user or a Helm chart made is not applied (it
+    would be taken over), but the route still named ``http://<task>-slm.<ns>.svc:8000``:
+    the gateway sent shadow copies of the agents' calls (prompts, tool arguments) to whatever
+    pods that Service selects, judged its answers, and walked the rollout on to canary and
+    slm. The route stays llm, without an endpoint, Serving says whose the name is, the phase
+    does not claim Serving, and the rollout waits; freed, the name serves from where it was."""
+    task, jobs, dep = _serving_task()
+    taken = frozenset({"Service"})
+    t = NOW
+    for _ in range(3):
+        t += dt.timedelta(seconds=10)
+        p = plan(Observed(task, jobs, dep, t, HEALTHY, foreign_children=taken))
+        task["status"] = _stored(p.status)
+        route = task["status"]["route"]
+        assert route["mode"] == lv.MODE_LLM and "slmEndpoint" not in route, route
+        assert "Service weather-slm" in route["reason"]
+        assert conds(task["status"])[c.SERVING] == (c.FALSE, c.SERVICE_NAME_TAKEN)
+        assert conds(task["status"])[c.FALLBACK_ACTIVE] == (c.TRUE, c.SERVICE_NAME_TAKEN)
+        assert task["status"]["phase"] != "Serving"
+        assert task["status"]["live"]["rolloutMode"] == "shadow"  # not judged on its answers
+        assert not task["status"]["live"]["fallback"]  # no fallback to recover from, once freed
+    serving = c.find(task["status"]["conditions"], c.SERVING)
+    assert serving is not None and "Service weather-slm" in serving["message"]
+    assert "belongs to something else" in serving["message"]
+    # The name freed (the other Service deleted): the task's Service is applied, and the
+    # rollout goes on from shadow at once, with no fallback to wait out.
+    t += dt.timedelta(seconds=10)
+    _step(task, jobs, dep, t, HEALTHY)
+    assert task["status"]["phase"] == "Serving"
+    assert task["status"]["route"]["mode"] == "canary"
+    assert task["status"]["route"]["slmEndpoint"] == "http://weather-slm.agents.svc:8000"
+
+
+def test_a_serving_endpoint_annotation_routes_past_a_service_that_is_someone_elses() -> None:
+    """The task points the gateway at its own endpoint (an external Triton): whose the
+    Service of the serving name is does not matter to its calls."""
+    task, jobs, dep = _serving_task()
+    task["metadata"]["annotations"] = {n.ANNOTATION_ENDPOINT: "http://triton.ext:8000"}
+    p = plan(Observed(task, jobs, dep, NOW, HEALTHY, foreign_children=frozenset({"Service"})))
+    assert p.status["phase"] == "Serving"
+    assert p.status["route"]["mode"] == "canary"
+    assert p.status["route"]["slmEndpoint"] == "http://triton.ext:8000"
 
 
 def test_a_new_revision_is_not_rolled_out_on_the_previous_pods_answers() -> None:

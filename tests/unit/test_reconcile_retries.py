@@ -8,16 +8,27 @@ takes milliseconds; only the reconcile itself is faked.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import selectors
+import socket
+import threading
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, cast
 
 import pytest
+from kubernetes import client
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    MaxRetryError,
+    NameResolutionError,
+    NewConnectionError,
+    ReadTimeoutError,
+)
 
 from slm_operator import main
-from slm_operator.kube import KubeError
+from slm_operator.kube import Kube, KubeError
 
 KEY = ("agents", "weather")
 
@@ -296,6 +307,319 @@ def test_a_task_gone_without_a_deleted_event_is_forgotten(
 
 def test_backoff_doubles_from_one_second_up_to_five_minutes() -> None:
     assert [main.backoff(n) for n in (1, 2, 3, 9, 10, 50)] == [1, 2, 4, 256, 300, 300]
+
+
+def test_backoff_after_a_connection_error_stops_at_fifteen_seconds() -> None:
+    """An API server that cannot be reached is back soon or not at all: once it is back, a
+    long wait is only lag. Once it has answered (409, 429, 5xx, a timeout: overloaded) since
+    the last pass that worked, its back-off holds, up to five minutes, whatever failed since."""
+    assert [main.retry_delay(n, 0) for n in (1, 2, 3, 4, 5, 50)] == [1, 2, 4, 8, 15, 15]
+    assert [main.retry_delay(0, n) for n in (5, 50)] == [16, 300]
+    assert [main.retry_delay(50, n) for n in (1, 5, 50)] == [1, 16, 300]
+
+
+def _adapted(exc: Exception) -> KubeError:
+    """The error :class:`Kube` raises when the client's request raises ``exc`` (as urllib3
+    raises it): what a reconcile fails with."""
+    api = client.ApiClient(client.Configuration())
+
+    def call_api(*_: Any, **__: Any) -> Any:
+        raise exc
+
+    api.call_api = call_api  # type: ignore[method-assign]
+    with pytest.raises(KubeError) as caught:
+        Kube(api).request("PATCH", "/apis/slmfleet.dev/v1alpha1/namespaces/agents/agenttasks")
+    return caught.value
+
+
+def _refused() -> KubeError:
+    """A connection refused, after urllib3's retries: the API server is down."""
+    cause = NewConnectionError(
+        cast(Any, None), "Failed to establish a new connection: [Errno 111] Connection refused"
+    )
+    return _adapted(MaxRetryError(cast(Any, None), "/apis", cause))
+
+
+def _timed_out() -> KubeError:
+    """A PATCH (never retried by urllib3) that got no answer in the client's 30 s: the API
+    server is overloaded."""
+    return _adapted(ReadTimeoutError(cast(Any, None), "/apis", "Read timed out. (read timeout=30)"))
+
+
+@contextlib.contextmanager
+def _api_server(behaviour: str) -> Iterator[str]:
+    """The URL of an API server on 127.0.0.1 that is ``down`` (nothing listens), ``hung``
+    (takes connections, never answers) or ``hangs up`` (reads each request, then closes)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    if behaviour == "down":
+        sock.close()
+        yield url
+        return
+    sock.listen(16)  # the kernel takes connections nobody accepts: a hung server
+    stop = threading.Event()
+
+    def hang_up() -> None:
+        sock.settimeout(0.05)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                conn, _ = sock.accept()
+                with conn:
+                    conn.recv(65536)
+
+    thread = threading.Thread(target=hang_up) if behaviour == "hangs up" else None
+    if thread:
+        thread.start()
+    try:
+        yield url
+    finally:
+        stop.set()
+        if thread:
+            thread.join()
+        sock.close()
+
+
+@pytest.mark.parametrize("method", ["GET", "PATCH"])
+@pytest.mark.parametrize(
+    ("behaviour", "status", "reason"),
+    [("down", 0, "Unreachable"), ("hung", 504, "Timeout"), ("hangs up", 502, "NoAnswer")],
+)
+def test_only_an_api_server_that_cannot_be_reached_fails_with_status_0(
+    method: str, behaviour: str, status: int, reason: str
+) -> None:
+    """Status 0 (retried at most 15 s apart, events and resyncs not held back) is only for
+    an API server nothing reached. A request it took and never answered (the read timeout of
+    an overloaded server) or whose connection it closed is retried like its 5xx: both were
+    status 0, and a server overloaded into timeouts got a pass per task about every second.
+    GETs come through urllib3's retries (MaxRetryError), PATCHes straight (not idempotent)."""
+    with _api_server(behaviour) as url:
+        kube = Kube(client.ApiClient(client.Configuration(host=url)))
+        with pytest.raises(KubeError) as caught:
+            kube.request(method, "/api/v1/namespaces/agents/pods", timeout=0.2)
+    assert (caught.value.status, caught.value.reason) == (status, reason), caught.value
+    assert caught.value.retryable
+
+
+@pytest.mark.parametrize(
+    "cause",
+    [
+        NameResolutionError("api.cluster.invalid", cast(Any, None), socket.gaierror(-2, "no")),
+        ConnectTimeoutError(None, "Connection to 10.0.0.1 timed out. (connect timeout=30)"),
+    ],
+)
+def test_no_such_host_and_a_connect_timeout_are_unreachable_too(cause: Exception) -> None:
+    """Nothing was sent: no API server was reached, none is loaded by trying again soon."""
+    assert _adapted(MaxRetryError(cast(Any, None), "/apis", cause)).status == 0
+
+
+def _api_server_down_until(
+    back_at: float, loop: VirtualClockLoop
+) -> Callable[[int], Exception | None]:
+    """The reconcile's outcome while the API server refuses connections until ``back_at``."""
+
+    def outcome(_: int) -> Exception | None:
+        return _refused() if loop.now < back_at else None
+
+    return outcome
+
+
+def test_a_child_event_after_an_api_server_outage_is_reconciled_at_once(
+    loop: VirtualClockLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API server is stopped for 90 s: the task's retries back off through the outage
+    (1, 2, 4 ... 32 s apart). When it is back, the watches list again and the task's Job
+    event (it completed meanwhile) runs a pass at once. Before, every event and resync was
+    left to the pending retry, due at 127 s, and DataReady came 32 s late (minutes, after a
+    longer outage)."""
+    fake = FakeReconcile(loop, _api_server_down_until(90.0, loop))
+    monkeypatch.setattr(main, "reconcile", fake)
+
+    async def scenario(rt: main.Runtime) -> None:
+        await main.on_task(type="ADDED", namespace=KEY[0], name=KEY[1])
+        await asyncio.sleep(92.5)
+        await main._on_child({main.n.LABEL_TASK: KEY[1]}, KEY[0])  # at 92.5 s
+        await asyncio.sleep(0.5)
+
+    run(loop, monkeypatch, scenario)
+    assert 92.5 in fake.calls, fake.calls
+
+
+def test_a_resync_after_an_api_server_outage_reconciles_the_task_at_once(
+    loop: VirtualClockLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No event at all after the outage (the watches listed nothing new): the first resync
+    once the API server is back reconciles the task, instead of leaving it to the retry."""
+    monkeypatch.setattr(main, "RESYNC_SECONDS", 10.0)
+    fake = FakeReconcile(loop, _api_server_down_until(9.5, loop))
+    monkeypatch.setattr(main, "reconcile", fake)
+
+    async def scenario(rt: main.Runtime) -> None:
+        await main.on_task(type="ADDED", namespace=KEY[0], name=KEY[1])
+        await asyncio.sleep(12)
+
+    run(loop, monkeypatch, scenario)
+    assert fake.calls == [0.0, 1.0, 3.0, 7.0, 10.0]  # the retry was due at 15 s
+
+
+def test_a_long_outage_is_retried_at_most_fifteen_seconds_apart(
+    loop: VirtualClockLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connection refused for an hour: one try at least every 15 s (its retries; resyncs
+    may add one), never the five-minute back-off of an overloaded API server."""
+    fake = FakeReconcile(loop, lambda _: _refused())
+    monkeypatch.setattr(main, "reconcile", fake)
+
+    async def scenario(rt: main.Runtime) -> None:
+        await main.on_task(type="ADDED", namespace=KEY[0], name=KEY[1])
+        await asyncio.sleep(3595)  # between a resync and a retry
+        assert len(rt.tasks) == 1  # the resync loop, no pile of retry tasks
+
+    run(loop, monkeypatch, scenario)
+    assert max(b - a for a, b in itertools.pairwise(fake.calls)) <= 15
+    assert max(fake.per_minute(5, 60)) <= 6  # four retries and two resyncs a minute at most
+
+
+def test_a_503_from_the_api_server_starting_again_does_not_inherit_the_outage_s_backoff(
+    loop: VirtualClockLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kube-apiserver that starts again answers 503 until it is ready. The twenty
+    connection errors of the outage before it are not 503s: the first one is retried after
+    1 s, as any first 503, not after five minutes (with events and resyncs left to it)."""
+
+    def outcome(_: int) -> Exception | None:
+        if loop.now < 300:
+            return _refused()
+        if loop.now < 301:
+            return KubeError(503, "apiserver not ready", "ServiceUnavailable")
+        return None
+
+    fake = FakeReconcile(loop, outcome)
+    monkeypatch.setattr(main, "reconcile", fake)
+
+    async def scenario(rt: main.Runtime) -> None:
+        await main.on_task(type="ADDED", namespace=KEY[0], name=KEY[1])
+        await asyncio.sleep(310)
+
+    run(loop, monkeypatch, scenario)
+    assert 300.0 in fake.calls  # the 503
+    assert [t for t in fake.calls if t > 300] == [301.0], fake.calls
+
+
+def test_a_connection_error_after_503s_keeps_their_back_off(
+    loop: VirtualClockLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """503s for two minutes (the next retry 128 s away), then the task is edited and its pass
+    cannot connect: the retry stays when the 503s' back-off has it. Why not sooner: the 503s
+    showed an overloaded API server, and a refused connection after them does not show that
+    it recovered (a load balancer shedding load refuses some connections and answers others
+    429 or 503); retried as a first failure, every such flap let a pass through about every
+    second. Only a pass that works starts the count over."""
+
+    def outcome(_: int) -> Exception | None:
+        if loop.now < 129:
+            return KubeError(503, "overloaded", "ServiceUnavailable")
+        if loop.now < 140:
+            return _refused()
+        return None
+
+    fake = FakeReconcile(loop, outcome)
+    monkeypatch.setattr(main, "reconcile", fake)
+
+    async def scenario(rt: main.Runtime) -> None:
+        await main.on_task(type="ADDED", namespace=KEY[0], name=KEY[1])
+        await asyncio.sleep(130)
+        await main.on_task(type="MODIFIED", namespace=KEY[0], name=KEY[1])
+        await asyncio.sleep(130)
+
+    run(loop, monkeypatch, scenario)
+    # the resyncs (every 30 s) and the refused pass's own retry wait for the 503s' one
+    assert fake.calls[7:] == [127.0, 130.0, 255.0]
+
+
+def test_events_still_wait_for_the_retry_of_a_task_failing_with_503(
+    loop: VirtualClockLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An API server that answers 503 is overloaded: its child events and resyncs do not
+    add passes to the task's back-off (only the task's own change does)."""
+    fake = FakeReconcile(loop, lambda _: KubeError(503, "overloaded", "ServiceUnavailable"))
+    monkeypatch.setattr(main, "reconcile", fake)
+
+    async def scenario(rt: main.Runtime) -> None:
+        await main.on_task(type="ADDED", namespace=KEY[0], name=KEY[1])
+        await asyncio.sleep(40)  # tries at 0, 1, 3, 7, 15, 31; the next at 63
+        await main._on_child({main.n.LABEL_TASK: KEY[1]}, KEY[0])
+        await asyncio.sleep(22)
+
+    run(loop, monkeypatch, scenario)
+    assert fake.calls == [0.0, 1.0, 3.0, 7.0, 15.0, 31.0]
+
+
+def _flapping(
+    loop: VirtualClockLoop,
+    monkeypatch: pytest.MonkeyPatch,
+    outcome: Callable[[int], Exception | None],
+    child_every: float | None = None,
+) -> FakeReconcile:
+    """An hour of a task whose passes fail as ``outcome`` says, with a child event every
+    ``child_every`` seconds (a pod's, a Job's) if set."""
+    fake = FakeReconcile(loop, outcome)
+    monkeypatch.setattr(main, "reconcile", fake)
+
+    async def scenario(rt: main.Runtime) -> None:
+        await main.on_task(type="ADDED", namespace=KEY[0], name=KEY[1])
+        if child_every is None:
+            await asyncio.sleep(3600)
+            return
+        while loop.now < 3600:
+            await asyncio.sleep(child_every)
+            await main._on_child({main.n.LABEL_TASK: KEY[1]}, KEY[0])
+
+    run(loop, monkeypatch, scenario)
+    return fake
+
+
+def test_an_api_server_refusing_connections_and_answering_429_in_turn_is_retried_slowly(
+    loop: VirtualClockLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An overloaded API server behind a load balancer, for an hour: one pass's connection
+    is refused, the next one is answered 429, and so on. The 429s set the pace: one pass in
+    five minutes once the back-off has grown, as with 429s alone. Before, each change of
+    kind started the count over and each refused connection let the next resync through:
+    a pass about every second, per task (100 tasks: 6,000 a minute)."""
+    busy = KubeError(429, "too many requests", "TooManyRequests")
+    fake = _flapping(loop, monkeypatch, lambda i: _refused() if i % 2 else busy)
+    assert max(fake.per_minute(20, 60)) == 1
+    assert sum(fake.per_minute(30, 60)) <= 30 / 5 + 1
+
+
+def test_an_api_server_timing_out_and_answering_429_in_turn_is_retried_slowly(
+    loop: VirtualClockLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An overloaded API server: one pass waits out the client's 30 s read timeout, the
+    next is answered 429, and so on. One pass in five minutes once the back-off has grown;
+    before, the timeouts counted as connection errors: 4 passes a minute per task."""
+    busy = KubeError(429, "too many requests", "TooManyRequests")
+
+    def outcome(i: int) -> Exception | None:
+        if i % 2:
+            loop.now += 30  # the pass's request waited out the read timeout
+            return _timed_out()
+        return busy
+
+    fake = _flapping(loop, monkeypatch, outcome)
+    assert sum(fake.per_minute(30, 60)) <= 30 / 5 + 1
+
+
+def test_a_hung_api_server_is_not_retried_at_the_pace_of_child_events(
+    loop: VirtualClockLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every request times out for an hour while the watch still delivers a pod event of the
+    task every 5 s: the events wait for the back-off (one pass in five minutes), as for a
+    503. Before, a timeout counted as a connection error and each event ran a pass: 14 a
+    minute per task."""
+    fake = _flapping(loop, monkeypatch, lambda _: _timed_out(), child_every=5)
+    assert sum(fake.per_minute(30, 60)) <= 30 / 5 + 1
 
 
 def test_a_served_task_is_judged_at_its_own_window_not_the_resyncs(

@@ -101,8 +101,15 @@ def _ready(task: dict[str, Any]) -> dict[str, Any]:
         (403, "Forbidden", QUOTA),
         (400, "BadRequest", 'admission webhook "policy.example.com" denied the request: no GPUs'),
         (422, "Invalid", 'Job.batch "weather-data-0123456789" is invalid: spec.x: Forbidden'),
+        # Server-side apply of a field an older Kubernetes lacks: a 500 no retry can help.
+        (
+            500,
+            "InternalError",
+            "failed to create typed patch object (agents/weather-data-0123456789; batch/v1, "
+            "Kind=Job): .spec.podFailurePolicy.rules[0].bogus: field not declared in schema",
+        ),
     ],
-    ids=["quota", "webhook", "invalid"],
+    ids=["quota", "webhook", "invalid", "field-not-in-schema"],
 )
 def test_a_child_the_api_server_refuses_is_named_in_ready_and_status_is_still_written(
     status: int, reason: str, message: str
@@ -471,6 +478,175 @@ def test_someone_elses_service_is_not_patched(monkeypatch: pytest.MonkeyPatch) -
     foreign["spec"]["ports"][0]["port"] = 9999
     rc.reconcile(kube, "agents", "weather")  # type: ignore[arg-type]
     assert _ready(kube.task)["reason"] == c.APPLY_FAILED and not kube.patches
+
+
+def _foreign(kind: str) -> dict[str, Any]:
+    """A ``kind`` named like the task's serving children that a user (``kubectl create service
+    clusterip weather-slm``) or a Helm chart made: no ownerReferences, not the operator's
+    labels."""
+    spec: dict[str, Any] = (
+        {"selector": {"app": "weather-slm"}, "ports": [{"name": "80-80", "port": 80}]}
+        if kind == "Service"
+        else {"selector": {"matchLabels": {"app": "weather-slm"}}, "replicas": 1}
+    )
+    return {
+        "apiVersion": "v1" if kind == "Service" else "apps/v1",
+        "kind": kind,
+        "metadata": {"name": "weather-slm", "uid": "users-uid", "labels": {"app": "weather-slm"}},
+        "spec": spec,
+        "status": {},
+    }
+
+
+@pytest.mark.parametrize("kind", ["Service", "Deployment"])
+def test_a_serving_child_name_someone_else_holds_is_never_applied(kind: str) -> None:
+    """A Service (or Deployment) of the task's serving name made by a user or a Helm chart,
+    with no ownerReferences: server-side apply with force took it over (its selector replaced,
+    the Triton ports added, this task's ownerReference added), and the garbage collector then
+    deleted it with the AgentTask. Ready said only the Deployment's immutable-selector
+    refusal, if anything. It is left alone now, and Ready says whose name it is."""
+    import test_plan as tp
+
+    task, _, dep = tp._serving_task()
+    task["metadata"]["resourceVersion"] = "42"
+    kube = Cluster(task)
+    kube.objects = {"deployments": _served(task, dep), "services": b.triton_service(task)}
+    kube.objects[f"{kind.lower()}s"] = _foreign(kind)
+    for _ in range(2):  # and again at the next pass, which sees the refusal in the status
+        rc.reconcile(kube, "agents", "weather", tp.NOW)  # type: ignore[arg-type]
+        assert f"{kind}/weather-slm" not in kube.applied
+        assert not kube.patches
+    other = "Deployment" if kind == "Service" else "Service"
+    assert f"{other}/weather-slm" in kube.applied  # the rest is applied as usual
+    ready = _ready(kube.task)
+    assert (ready["status"], ready["reason"]) == (c.FALSE, c.APPLY_FAILED)
+    assert ready["message"].startswith(f"{kind} weather-slm was refused: ")
+    assert "belongs to something else" in ready["message"]
+    assert f"rename this task or the {kind}" in ready["message"]
+
+
+def test_the_gateway_is_not_sent_to_a_service_that_is_someone_elses() -> None:
+    """The Service of the serving name was refused, but status.route still named it
+    (``slmEndpoint: http://weather-slm.agents.svc:8000``, phase Serving, route shadow): the
+    gateway sent shadow copies of the agents' calls to whatever pods that Service selects."""
+    import test_plan as tp
+
+    task, _, dep = tp._serving_task()
+    task["metadata"]["resourceVersion"] = "42"
+    kube = Cluster(task)
+    kube.objects = {"deployments": _served(task, dep), "services": _foreign("Service")}
+    for _ in range(2):
+        rc.reconcile(kube, "agents", "weather", tp.NOW)  # type: ignore[arg-type]
+        status = kube.task["status"]
+        assert status["route"]["mode"] == "llm" and "slmEndpoint" not in status["route"]
+        assert "Service weather-slm" in status["route"]["reason"]
+        assert status["phase"] != "Serving"
+        serving = c.find(status["conditions"], c.SERVING)
+        assert serving is not None and serving["status"] == c.FALSE
+        assert "Service weather-slm" in serving["message"]
+        assert _ready(kube.task)["reason"] == c.APPLY_FAILED
+    assert "Deployment/weather-slm" in kube.applied  # the model's replicas are kept
+
+
+def _left_by_a_deleted_task(task: dict[str, Any]) -> Cluster:
+    """A cluster where ``task`` was deleted and created again under its name before the
+    garbage collector removed its Deployment and Service: they are the operator's, built for
+    ``weather``, but owned by the deleted task's uid."""
+    import test_plan as tp
+
+    _, _, dep = tp._serving_task()
+    deleted = copy.deepcopy(task)
+    deleted["metadata"]["uid"] = "uid-of-the-deleted-weather"
+    kube = Cluster(task)
+    kube.objects = {"deployments": _served(deleted, dep), "services": b.triton_service(deleted)}
+    return kube
+
+
+def test_the_children_a_deleted_task_of_the_same_name_left_are_taken_over() -> None:
+    """``kubectl delete agenttask weather`` then ``kubectl apply`` again, faster than the
+    garbage collector: the old Deployment and Service still name the old uid. Server-side
+    apply takes them over (the ownerReference replaced), as it always did; they were called
+    someone else's instead, never applied, and Ready said ApplyFailed "belongs to something
+    else (made by hand or by another tool?)"."""
+    import test_plan as tp
+
+    task, _, _ = tp._serving_task()
+    task["metadata"]["resourceVersion"] = "42"
+    kube = _left_by_a_deleted_task(task)
+    rc.reconcile(kube, "agents", "weather", tp.NOW)  # type: ignore[arg-type]
+    assert {"Deployment/weather-slm", "Service/weather-slm"} <= set(kube.applied)
+    ready = _ready(kube.task)
+    assert ready["reason"] != c.APPLY_FAILED, ready
+    assert "belongs to something else" not in kube.task["status"]["route"]["reason"]
+
+
+@pytest.mark.parametrize(
+    "made_by",
+    ["another-kind-owns-it", "another-task-owns-it", "a-second-owner", "not-the-operators"],
+)
+def test_a_child_that_only_looks_like_a_deleted_tasks_stays_someone_elses(made_by: str) -> None:
+    """Only the operator's labels for this task name and AgentTask owners of this name make
+    an object the task's earlier incarnation: anything else is someone else's, left alone."""
+    import test_plan as tp
+
+    task, _, _ = tp._serving_task()
+    task["metadata"]["resourceVersion"] = "42"
+    kube = _left_by_a_deleted_task(task)
+    svc = kube.objects["services"]
+    refs = svc["metadata"]["ownerReferences"]
+    if made_by == "another-kind-owns-it":
+        refs[0].update(apiVersion="argoproj.io/v1alpha1", kind="Application")
+    elif made_by == "another-task-owns-it":
+        refs[0]["name"] = "forecast"
+    elif made_by == "a-second-owner":
+        refs.append({"apiVersion": "v1", "kind": "ConfigMap", "name": "x", "uid": "cm-uid"})
+    else:
+        svc["metadata"]["labels"] = {"app": "weather-slm"}
+    rc.reconcile(kube, "agents", "weather", tp.NOW)  # type: ignore[arg-type]
+    assert "Service/weather-slm" not in kube.applied
+    assert "Deployment/weather-slm" in kube.applied  # the deleted task's, taken over
+    ready = _ready(kube.task)
+    assert ready["reason"] == c.APPLY_FAILED and ready["message"].startswith("Service ")
+
+
+LIMIT_RANGE = (
+    'pods "weather-slm-6f859965cb-zgtrn" is forbidden: [maximum cpu usage per Container is 2, '
+    "but limit is 4, maximum memory usage per Container is 4Gi, but limit is 8Gi]"
+)
+
+
+def test_triton_pods_admission_refuses_say_why_in_serving_and_ready() -> None:
+    """A LimitRange whose max is below serving.resources.limits (or a quota) refuses every
+    Triton pod: there is no pod to read a reason from, and Serving and Ready said only
+    "waiting for Triton replicas of revision X to become ready (0/1)" for good. The
+    ReplicaSet controller's reason is on the Deployment (ReplicaFailure), without the
+    refused pod's generated name, new on every retry."""
+    import test_plan as tp
+
+    task, _, dep = tp._serving_task()
+    task["metadata"]["resourceVersion"] = "42"
+    live = _served(task, tp._with_replicas(dep, 1, 0))
+    live["status"]["conditions"] = [
+        {"type": "Available", "status": "False", "reason": "MinimumReplicasUnavailable"},
+        {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": ""},
+    ]
+    kube = Cluster(task)
+    kube.objects = {"deployments": live, "services": b.triton_service(task)}
+    said = []
+    for pod in ("weather-slm-6f859965cb-zgtrn", "weather-slm-6f859965cb-4jr4v"):
+        live["status"]["conditions"][1]["message"] = LIMIT_RANGE.replace(
+            "weather-slm-6f859965cb-zgtrn", pod
+        )
+        rc.reconcile(kube, "agents", "weather", tp.NOW)  # type: ignore[arg-type]
+        serving = c.find(kube.task["status"]["conditions"], c.SERVING)
+        assert serving is not None and serving["status"] == c.FALSE
+        said.append(serving["message"])
+    assert said[0] == said[1]  # the same reason, whatever pod was refused last
+    assert said[0].endswith(
+        "(0/1); cannot create its pods: pods is forbidden: [maximum cpu usage per Container "
+        "is 2, but limit is 4, maximum memory usage per Container is 4Gi, but limit is 8Gi]"
+    ), said[0]
+    assert "maximum cpu usage per Container is 2" in _ready(kube.task)["message"]
 
 
 GPU_QUOTA = (

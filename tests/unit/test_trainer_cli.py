@@ -770,3 +770,86 @@ def test_a_selector_on_calls_that_offer_no_tools_is_a_reported_failure(tmp_path:
     assert not result.ok and result.candidate == "c"
     assert result.message.startswith(f"no trainable examples in {data / 'train.jsonl'}")
     assert "4 offer no tools to choose from" in result.message
+
+
+#: 2026-03-01T00:00:00Z, the cutoff of the tests below.
+CUTOFF = "2026-03-01T00:00:00Z"
+CUTOFF_EPOCH = 1_772_323_200.0
+
+
+@pytest.mark.parametrize("bad", ["2026-03-01", "2026-03-01T00:00:00", "March 1st"])
+@pytest.mark.parametrize("stage", ["curate", "discover"])
+def test_a_not_before_that_is_not_an_rfc3339_time_exits_2(
+    stage: str, bad: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main([stage, "--input", "x", "--output-dir", "y", f"--not-before={bad}"])
+    assert exc.value.code == 2
+    assert "not_before" in capsys.readouterr().err
+
+
+def test_curate_leaves_out_the_calls_captured_before_not_before(tmp_path: Path) -> None:
+    """What the operator passes for spec.dataset.notBefore: the calls an older gateway
+    captured (unmarked llm_only calls among them) are counted, never curated."""
+    log = write_log(tmp_path / "calls.jsonl")
+    lines = log.read_text().splitlines()
+    stamped = [
+        json.dumps({**json.loads(line), "timestamp": CUTOFF_EPOCH + (i - 4) * 60})
+        for i, line in enumerate(lines[:-1])
+    ]
+    log.write_text("\n".join([*stamped, lines[-1]]) + "\n")
+    out = tmp_path / "out"
+    argv = ["curate", f"--input={log}", f"--output-dir={out}", "--min-examples=5"]
+    assert cli.main([*argv, f"--not-before={CUTOFF}", f"--result-path={tmp_path / 'r'}"]) == 0
+    result = TrainerResult.from_json((tmp_path / "r").read_text())
+    assert result.examples == 8 and "4 captured before not_before" in result.message
+    assert json.loads((out / "curate_report.json").read_text())["before_not_before"] == 4
+
+
+def test_discover_leaves_out_the_calls_captured_before_not_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """discover reads a call log as curate does: a task it proposes from calls an older
+    gateway captured would count (and write out) calls its curate then leaves out."""
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("sklearn")
+    from slm_trainer import discover
+
+    def embed(texts: list[str], model: str, batch_size: int) -> Any:
+        return np.array([[float("weather" in t), float("alarm" in t)] for t in texts])
+
+    monkeypatch.setattr(discover, "embed_texts", embed)
+
+    def call(i: int, tool: str, when: float) -> str:
+        words = "weather tomorrow" if tool == "get_weather" else "alarm at dawn"
+        return json.dumps(
+            {
+                "task": "t",
+                "backend": "llm",
+                "timestamp": when,
+                "messages": [{"role": "user", "content": f"{words}, number {i} of {tool}"}],
+                "tools": [{"type": "function", "function": {"name": tool}}],
+                "response": {
+                    "tool_calls": [
+                        {"type": "function", "function": {"name": tool, "arguments": "{}"}}
+                    ]
+                },
+            }
+        )
+
+    old = [call(i, "get_weather", CUTOFF_EPOCH - 1 - i) for i in range(5)] + [call(99, "x", 0)]
+    new = [call(i, t, CUTOFF_EPOCH + i) for i in range(10) for t in ("get_weather", "set_alarm")]
+    log = tmp_path / "calls.jsonl"
+    log.write_text("\n".join(old + new) + "\n")
+    out = tmp_path / "out"
+    argv = ["discover", f"--input={log}", f"--output-dir={out}", "--min-cluster-size=2"]
+    argv += ["--max-clusters=2", "--no-scrub-pii", f"--not-before={CUTOFF}"]
+    assert cli.main([*argv, f"--result-path={tmp_path / 'r'}"]) == 0
+    result = TrainerResult.from_json((tmp_path / "r").read_text())
+    assert "6 captured before not_before" in result.message
+    report = json.loads((out / "discover_report.json").read_text())
+    assert (report["before_not_before"], report["valid_records"]) == (6, 20)
+    assert report["left_out_by_sample"] == 0
+    assert report["lines"] == report["blank"] + report["malformed_total"] + 6 + 20
+    written = [json.loads(x) for f in (out / "clusters").glob("*.jsonl") for x in f.open()]
+    assert len(written) == 20 and all(r["timestamp"] >= CUTOFF_EPOCH for r in written)

@@ -12,7 +12,11 @@ repeat most. This stage, in order:
    calls the gateway never sends to an SLM (``llm_only_tools``): a custom (free-form) tool
    offered or called, a strict function offered, or a record the gateway marked
    ``llm_only`` (``n`` > 1, ``logprobs``, a non-text ``response_format``, ``tool_choice:
-   "none"``: fields the record does not hold);
+   "none"``: fields the record does not hold); with ``not_before``, so are the calls
+   captured before it (``before_not_before``), and those with no capture time: a gateway
+   older than the ``llm_only`` mark logged such calls unmarked, and nothing else in the
+   record tells them apart, so a cutoff at the upgrade is the only way to leave them out
+   (it serves as well after an agent's prompts or tools changed);
 2. scrubs PII and secrets (:mod:`slm_trainer.redact`; on by default);
 3. drops exact duplicates (same normalised messages, tools and response; tool-call ids and
    whitespace don't count) and near duplicates (MinHash LSH over the word 3-grams of the
@@ -66,6 +70,7 @@ from array import array
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 from urllib.parse import urlsplit
@@ -94,6 +99,14 @@ TRAINED_BACKEND = "llm"
 #: custom tool offered or called, a strict function offered, a record marked ``llm_only``;
 #: see :func:`llm_only_tools`).
 LLM_ONLY_TOOLS = "llm_only_tools"
+#: How the report counts the calls captured before ``not_before`` (or with no capture time).
+BEFORE_NOT_BEFORE = "before_not_before"
+
+#: RFC 3339's date-time, as the CRD's ``format: date-time`` admits it (a zone is required):
+#: every spec.dataset.notBefore the apiserver stores is one curate reads.
+_RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})", re.ASCII
+)
 
 #: What an error sample says of a record refused after parsing; never its content, which
 #: may hold what redaction would have removed.
@@ -158,10 +171,19 @@ class Args:
     max_error_samples: int = field(
         default=5, metadata={"help": "malformed lines quoted in the report"}
     )
+    not_before: str = field(
+        default="",
+        metadata={
+            "help": "leave out the calls captured before this RFC 3339 date-time (such as "
+            "2026-03-01T00:00:00Z), and those with no capture time; counted as "
+            "before_not_before (default: none left out)"
+        },
+    )
 
     def __post_init__(self) -> None:
         self.input = as_location(self.input)
         self.output_dir = Path(self.output_dir)
+        parse_not_before(self.not_before)  # refused here, not when the log is read
         if not 0.0 < self.near_dup_threshold <= 1.0:
             raise ValueError("near_dup_threshold must be in (0, 1]")
         if not 0.0 <= self.eval_fraction < 1.0:
@@ -176,6 +198,37 @@ class Args:
             raise ValueError("seed must be in [0, 2**32)")
         if self.stratify_by not in ("auto", "tool", "content", "none"):
             raise ValueError("stratify_by must be auto, tool, content or none")
+
+    @property
+    def cutoff(self) -> float | None:
+        """``not_before`` in epoch seconds, as call records hold their capture time."""
+        return parse_not_before(self.not_before)
+
+
+def parse_not_before(text: str) -> float | None:
+    """An RFC 3339 date-time in epoch seconds; None for "" (no cutoff).
+
+    Why a zone is required: without one the cutoff would move with the clock zone of the
+    pod that reads it. A ValueError names the flag, for a command line that exits 2.
+    """
+    if not text:
+        return None
+    if _RFC3339.fullmatch(text):
+        try:
+            return datetime.fromisoformat(text.upper()).timestamp()
+        except ValueError:
+            pass  # a day or an hour that does not exist: 2026-02-30, 25:00
+    raise ValueError(
+        f"not_before must be an RFC 3339 date-time with a zone, such as "
+        f"2026-03-01T00:00:00Z; got {text!r}"
+    )
+
+
+def before_cutoff(record: CallRecord, cutoff: float | None) -> bool:
+    """Whether ``record`` was captured before ``cutoff`` (None: no cutoff). A record with no
+    capture time (0) counts as before: nothing shows it came from the gateway it is meant
+    to leave out the calls of."""
+    return cutoff is not None and (not record.timestamp or record.timestamp < cutoff)
 
 
 @dataclass
@@ -1229,11 +1282,15 @@ def llm_only_tools(record: CallRecord) -> bool:
 def _llm_answers(
     args: Args, files: Sequence[Shard], stats: ParseStats, left_out: Counter[str]
 ) -> Iterator[CallRecord]:
-    """The task's valid records that the LLM answered with function tools at most; the others
-    are counted in ``left_out``, by backend or as ``llm_only_tools`` (the report says how
-    many, never silently)."""
+    """The task's valid records, captured from ``not_before`` on, that the LLM answered with
+    function tools at most; the others are counted in ``left_out``, as
+    ``before_not_before``, by backend or as ``llm_only_tools`` (the report says how many,
+    never silently)."""
+    cutoff = args.cutoff
     for record in parse_lines(read_lines(files), stats, args.task, args.max_error_samples):
-        if record.backend != TRAINED_BACKEND:
+        if before_cutoff(record, cutoff):
+            left_out[BEFORE_NOT_BEFORE] += 1
+        elif record.backend != TRAINED_BACKEND:
             left_out[record.backend] += 1
         elif llm_only_tools(record):
             left_out[LLM_ONLY_TOOLS] += 1
@@ -1431,6 +1488,7 @@ def _curate(
         per_stratum[s]["eval" if e else "train"] += 1
 
     llm_only = found.not_llm.pop(LLM_ONLY_TOOLS, 0)
+    early = found.not_llm.pop(BEFORE_NOT_BEFORE, 0)
     not_llm = sum(found.not_llm.values())
     report = {
         "input": printable_name(redact_uri(str(args.input))),
@@ -1447,18 +1505,23 @@ def _curate(
             "min_examples": args.min_examples,
             "num_perm": args.num_perm,
             "max_examples": args.max_examples,
+            "not_before": args.not_before,
         },
         "lines": stats.lines,
         "blank": stats.blank,
-        # read == malformed_total + other_task + not_llm_answer + llm_only_tools
-        #         + exact_duplicates + near_duplicates + beyond_max_examples + examples
+        # read == malformed_total + other_task + before_not_before + not_llm_answer
+        #         + llm_only_tools + exact_duplicates + near_duplicates + beyond_max_examples
+        #         + examples
         "read": stats.lines - stats.blank,
         "other_task": stats.other_task,
+        # captured before not_before, or with no capture time: never trained or evaluated on
+        "before_not_before": early,
         # answered by the served SLM (or another backend), never trained or evaluated on
         "not_llm_answer": not_llm,
         "not_llm_answer_by_backend": dict(sorted(found.not_llm.items())),
         # answered by the LLM, but with a custom tool offered or called, a strict function
-        # offered or a record marked llm_only: no SLM is asked those
+        # offered, an image, audio or file part, or a record marked llm_only: no SLM is asked
+        # those
         "llm_only_tools": llm_only,
         "malformed": dict(sorted(stats.malformed.items())),
         "malformed_total": sum(stats.malformed.values()),
@@ -1484,6 +1547,7 @@ def _curate(
         f"{len(kept)} examples ({len(train)} train / {len(evals)} eval, {len(per_stratum)} strata) "
         f"from {report['read']} records: {report['malformed_total']} malformed, "
         + (f"{stats.other_task} of other tasks (--task {args.task}), " if stats.other_task else "")
+        + (f"{early} captured before not_before {args.not_before}, " if early else "")
         + (
             f"{not_llm} not answered by the LLM "
             f"({', '.join(f'{n} {b}' for b, n in sorted(found.not_llm.items()))}), "
@@ -1491,7 +1555,8 @@ def _curate(
             else ""
         )
         + (
-            f"{llm_only} with custom tools, strict functions or marked llm_only (the LLM's alone), "
+            f"{llm_only} with custom tools, strict functions, non-text content or marked "
+            "llm_only (the LLM's alone), "
             if llm_only
             else ""
         )

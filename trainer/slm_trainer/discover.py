@@ -6,7 +6,10 @@ manifest a platform engineer can review and ``kubectl apply``.
 
 How:
 
-0. a seeded sample of at most ``max_records`` calls is drawn while the log streams by (only
+0. with ``not_before``, the calls captured before it (and those with no capture time) are
+   left out, counted as ``before_not_before``, as curate leaves them out: a task proposed
+   from them would count, and train on, calls its own curate would not read; then a seeded
+   sample of at most ``max_records`` calls is drawn while the log streams by (only
    the sample is held in memory; the report counts the valid calls read and those the sample
    left out, and the result message says how many were) and scrubbed by curate's redactor
    (``--no-scrub-pii`` to skip; a call the redactor refuses, over its length limit, is
@@ -59,16 +62,19 @@ from typing import Any, Literal
 from slm_contract import CallRecord, TrainerResult, http_url_problem, redact_uri
 from slm_trainer import metrics
 from slm_trainer.curate import (
+    BEFORE_NOT_BEFORE,
     TRAINED_BACKEND,
     CallLogUnreadable,
     ParseStats,
     as_location,
+    before_cutoff,
     distinct_count,
     exact_key,
     has_answer,
     list_input,
     llm_only_tools,
     parse_lines,
+    parse_not_before,
     printable_name,
     read_lines,
     skipped_note,
@@ -199,10 +205,19 @@ class Args:
         default=5, metadata={"help": "malformed lines quoted in the report"}
     )
     num_threads: int = field(default=0, metadata={"help": "torch CPU threads (0: default)"})
+    not_before: str = field(
+        default="",
+        metadata={
+            "help": "leave out the calls captured before this RFC 3339 date-time (such as "
+            "2026-03-01T00:00:00Z), and those with no capture time, as curate does "
+            "(default: none left out)"
+        },
+    )
 
     def __post_init__(self) -> None:
         self.input = as_location(self.input)
         self.output_dir = Path(self.output_dir)
+        parse_not_before(self.not_before)  # refused here, not when the log is read
         if not 2 <= self.min_clusters <= self.max_clusters:
             raise ValueError("need 2 <= min_clusters <= max_clusters")
         if self.min_cluster_size < 1 or self.max_records < 2:
@@ -667,22 +682,33 @@ def agent_task_manifest(
 
 
 def read_records(
-    path: str | Path, stats: ParseStats | None = None, max_error_samples: int = 5
+    path: str | Path,
+    stats: ParseStats | None = None,
+    max_error_samples: int = 5,
+    not_before: str = "",
+    early: Counter[str] | None = None,
 ) -> Iterator[CallRecord]:
     """The call log's valid records, read by curate's parser: a malformed line is counted in
     ``stats`` by the same reason curate gives it (and the first few quoted), never fatal.
 
-    Calls with an empty answer are kept: they still show which tasks recur. ``path`` may be
-    an fsspec URI; an unreadable one raises :class:`CallLogUnreadable`.
+    Calls with an empty answer are kept: they still show which tasks recur. Those captured
+    before ``not_before`` (or with no capture time) are not, as curate leaves them out:
+    counted in ``early`` under ``before_not_before``. ``path`` may be an fsspec URI; an
+    unreadable one raises :class:`CallLogUnreadable`.
     """
     stats = stats if stats is not None else ParseStats()
+    cutoff = parse_not_before(not_before)
     files, stats.not_files = list_input(path)
-    yield from parse_lines(
+    for record in parse_lines(
         read_lines(files),
         stats,
         max_error_samples=max_error_samples,
         require_answer=False,
-    )
+    ):
+        if not before_cutoff(record, cutoff):
+            yield record
+        elif early is not None:
+            early[BEFORE_NOT_BEFORE] += 1
 
 
 def _sample(records: Iterable[CallRecord], limit: int, seed: int) -> list[CallRecord]:
@@ -748,13 +774,17 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
 
         torch.set_num_threads(args.num_threads)
     stats = ParseStats()
+    counted: Counter[str] = Counter()
     try:
         sample = _sample(
-            read_records(args.input, stats, args.max_error_samples), args.max_records, args.seed
+            read_records(args.input, stats, args.max_error_samples, args.not_before, counted),
+            args.max_records,
+            args.seed,
         )
     except CallLogUnreadable as exc:  # say why, rather than "too few calls to cluster: 0"
         return TrainerResult(stage=CONTRACT_STAGE, ok=False, message=str(exc))
-    left_out = stats.lines - stats.blank - sum(stats.malformed.values()) - len(sample)
+    early = counted[BEFORE_NOT_BEFORE]
+    left_out = stats.lines - stats.blank - sum(stats.malformed.values()) - early - len(sample)
     # Checked on the sample only (writing it back is the costly part of the check): a record
     # too deep to write would crash the stage when its cluster's file is written.
     records = [r for r in sample if writable(r)]
@@ -765,10 +795,11 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
         # training data: none of them may carry what curate would have redacted.
         _emit(emit, phase="redact", records=len(records))
         records = _redacted(records, stats)
-    # Every line read is blank, malformed or a valid record, so this is every valid record:
-    # taken after the checks above, as a call they drop is counted malformed, not valid
-    # (lines == blank + malformed_total + valid_records; records + left_out == valid_records).
-    valid = stats.lines - stats.blank - sum(stats.malformed.values())
+    # Every line read is blank, malformed, captured before not_before or a valid record, so
+    # this is every valid record: taken after the checks above, as a call they drop is
+    # counted malformed, not valid (lines == blank + malformed_total + before_not_before +
+    # valid_records; records + left_out == valid_records).
+    valid = stats.lines - stats.blank - sum(stats.malformed.values()) - early
     sample_note = (
         f"; {left_out} of {valid} valid calls left out of the --max-records sample of "
         f"{args.max_records}"
@@ -776,6 +807,8 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
         else ""
     )
     skipped = stats.skipped_note() + sample_note
+    if early:
+        skipped += f"; {early} captured before not_before {args.not_before} left out"
     if stats.not_files:  # a dangling link, a FIFO: never read, said rather than dropped
         skipped += f"; {skipped_note(stats.not_files)}"
     if len(records) < 3:
@@ -916,6 +949,8 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
         "malformed_total": sum(stats.malformed.values()),
         "error_samples": stats.errors,
         "skipped_entries": stats.not_files,
+        "before_not_before": early,
+        "not_before": args.not_before,
         "valid_records": valid,
         "max_records": args.max_records,
         "left_out_by_sample": left_out,
