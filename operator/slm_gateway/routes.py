@@ -273,7 +273,8 @@ def secret_ref(task: Mapping[str, Any]) -> tuple[str, str, str] | None:
 def parse_llm_hosts(value: object) -> frozenset[LLMHost]:
     """The hosts a Secret's :data:`LLM_HOSTS_ANNOTATION` lets its key go to.
 
-    Each comma-separated entry is ``host`` or ``host:port`` (an IPv6 literal in brackets,
+    Each entry, separated by commas or white space (a YAML block of one host per line
+    reads as such), is ``host`` or ``host:port`` (an IPv6 literal in brackets,
     ``[::1]:8000``); a leading ``*.`` matches any subdomain (``*.openai.azure.com``: not
     ``openai.azure.com`` itself). Hosts are compared without case and without a trailing dot,
     IP literals in their canonical form. An entry without a port allows https on 443 only; one
@@ -286,8 +287,8 @@ def parse_llm_hosts(value: object) -> frozenset[LLMHost]:
     if not isinstance(value, str):
         return frozenset()
     hosts = set()
-    for entry in value.split(","):
-        parsed = _host_entry(entry.strip())
+    for entry in re.split(r"[,\s]+", value):
+        parsed = _host_entry(entry)
         if parsed is not None:
             hosts.add(parsed)
     return frozenset(hosts)
@@ -331,7 +332,7 @@ def _host_name(host: str) -> str:
     """``host`` as compared: lower case, no trailing dot, an IP literal in canonical form;
     "" for one that holds what no host name may (a space, a slash, a bracket, user info)."""
     host = host.lower().rstrip(".")
-    if not host or any(c in host for c in " \t/\\@[]?#%") or not host.isascii():
+    if not host or any(c in host for c in " \t\r\n/\\@[]?#%") or not host.isascii():
         return ""
     try:
         return ipaddress.ip_address(host).compressed

@@ -176,6 +176,8 @@ class _Step:
     terminal_failure: bool = False
     selected: Obj | None = None
     exported_uri: str | None = None
+    #: Why the export has not started: its Job of the same name is still being deleted.
+    export_waiting: str = ""
     #: Jobs of this revision to delete: finished ones so that the next pass creates them
     #: again, and exports of a candidate no longer chosen.
     rerun_jobs: list[str] = field(default_factory=list)
@@ -868,6 +870,9 @@ def _pipeline(
     if apply is not None and ev is not None and limit_raised(ev, task):
         step.rerun_jobs.append(ev.name)
         ev = None
+    if ev is None:  # an export Job of the name another controller's finalizer holds
+        held_export = held.get(n.export_job_name(name, cand["name"], rev))
+        step.export_waiting = held_export.waiting if held_export is not None else ""
     if apply is not None:
         problem = (
             f"{cand['name']} reported no artifactURI"
@@ -1802,14 +1807,15 @@ def _service_taken(obs: Observed) -> str:
     gateway elsewhere, the model is not served until the name is freed.
     """
     meta = obs.task["metadata"]
-    if "Service" not in obs.foreign_children or (meta.get("annotations") or {}).get(
-        n.ANNOTATION_ENDPOINT
-    ):
+    # A Deployment of the name that is someone else's is not applied either: no Triton pod
+    # of this task runs, and saying so beats "no ready replica", an outage without end.
+    taken = [k for k in ("Service", "Deployment") if k in obs.foreign_children]
+    if not taken or (meta.get("annotations") or {}).get(n.ANNOTATION_ENDPOINT):
         return ""
     return (
-        f"Service {n.serving_name(meta['name'])} belongs to something else (no ownerReference "
-        "to this AgentTask: made by hand or by another tool?), so the SLM gets none of this "
-        "task's calls: rename this task or the Service"
+        f"{taken[0]} {n.serving_name(meta['name'])} belongs to something else (no "
+        "ownerReference to this AgentTask: made by hand or by another tool?), so the SLM gets "
+        f"none of this task's calls: rename this task or the {taken[0]}"
     )
 
 
@@ -2132,7 +2138,8 @@ def plan(obs: Observed) -> Plan:
         serving = (
             c.FALSE,
             c.EXPORTING,
-            f"exporting {step.selected['candidate']} as a Triton model repository",
+            f"exporting {step.selected['candidate']} as a Triton model repository"
+            + (f": {step.export_waiting}" if step.export_waiting else ""),
         )
     else:
         serving = (c.FALSE, c.NO_MODEL, "no model has passed the evaluation gate yet")

@@ -658,6 +658,10 @@ def test_a_tasks_key_is_left_out_of_a_route_to_a_host_its_secret_does_not_list()
     says why, naming the Secret, the host and the fix. A routes file's key (the gateway's own
     configuration) is not restricted."""
     openai = parse_llm_hosts("api.openai.com, llm.example:8000")
+    # white space separates entries too (a YAML block, one host per line), and a newline is
+    # never part of a host
+    for spaced in ("api.openai.com llm.example:8000", "api.openai.com\nllm.example:8000\n"):
+        assert parse_llm_hosts(spaced) == openai
     allowed = route_from_task(TASK, api_key="sk-platform", key_hosts=openai)
     assert allowed.llm_headers == {"Authorization": "Bearer sk-platform"}
     assert allowed.llm_blocked == ""

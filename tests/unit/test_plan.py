@@ -796,6 +796,24 @@ def test_fine_tunes_held_by_a_finalizer_are_waited_for_or_stand_for_their_record
     assert entry["state"] == PENDING and "score" not in entry
 
 
+def test_an_export_held_by_a_finalizer_says_so_in_ready() -> None:
+    """An export Job deleted (to run again, or by hand) and kept by another controller's
+    finalizer: Ready said "exporting small as a Triton model repository" for as long as the
+    finalizer held it, and nothing said why the export never finished."""
+    task = make_task()
+    rev = n.revision_of(task["spec"])
+    jobs = jobs_through(task, "train")
+    task["status"] = plan(Observed(task, jobs, None, NOW)).status
+    en = n.export_job_name("weather", "small", rev)
+    p = plan(Observed(task, {**jobs, en: _held(en, n.STAGE_EXPORT, rev, "small")}, None, NOW))
+    assert ("Job", en) not in kinds(p) and en not in p.delete_jobs
+    ready = c.find(p.status["conditions"], c.READY)
+    assert ready is not None and ready["reason"] == c.EXPORTING
+    assert (
+        f"waiting for Job {en} to be deleted (finalizers: example.com/hold)" in (ready["message"])
+    )
+
+
 def test_a_raised_limit_leaves_the_failed_jobs_of_a_served_revision_alone() -> None:
     """A served revision's Jobs never run again: its candidate that ran out of time stays
     Failed when the deadline is raised (it used to read as pending for good, its Job never

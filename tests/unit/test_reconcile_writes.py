@@ -523,6 +523,13 @@ def test_a_serving_child_name_someone_else_holds_is_never_applied(kind: str) -> 
     assert ready["message"].startswith(f"{kind} weather-slm was refused: ")
     assert "belongs to something else" in ready["message"]
     assert f"rename this task or the {kind}" in ready["message"]
+    # Serving names the clash too, not "waiting for replicas" (a foreign Deployment runs no
+    # Triton pod of this task: it read as an outage that never ends), and nothing is routed.
+    serving = c.find(kube.task["status"]["conditions"], c.SERVING)
+    assert serving is not None and serving["reason"] == c.SERVICE_NAME_TAKEN, serving
+    assert f"{kind} weather-slm belongs to something else" in serving["message"]
+    route = kube.task["status"]["route"]
+    assert route["mode"] == "llm" and "slmEndpoint" not in route
 
 
 def test_the_gateway_is_not_sent_to_a_service_that_is_someone_elses() -> None:
