@@ -1110,12 +1110,7 @@ class Gateway:
         if verdict:
             return verdict
         message = _served_message(answer, req, self._next_id())
-        # The model's own count, else an estimate from the text: a selector's label is held
-        # to no limit (over_limit), so its estimate is capped at the agent's, as served.
-        ctok = slm_completion_tokens(answer)
-        limit = answer_limit(req.body)
-        if limit is not None:
-            ctok = min(ctok, limit)
+        ctok = slm_completion_tokens(answer, answer_limit(req.body))
         ptok = estimate_tokens(len(raw))
         doc = {
             "id": f"chatcmpl-{rid}",

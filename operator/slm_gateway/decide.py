@@ -196,13 +196,15 @@ def answer_limit(body: Mapping[str, Any]) -> int | None:
     return min(limits) if limits else None
 
 
-def slm_completion_tokens(answer: Mapping[str, Any]) -> int:
+def slm_completion_tokens(answer: Mapping[str, Any], limit: int | None = None) -> int:
     """The completion tokens of a usable SLM answer, as the agent is served them.
 
     The count the model reported (``usage.completion_tokens``: a generated answer of a
     repository exported with the token limit), else an estimate of the text it wrote: its
-    content and each call's name and arguments. A selector's label comes with no count, nor
-    does any answer of an older repository. Why the text and not the message's JSON, as
+    content and each call's name and arguments, served no higher than the request's
+    ``limit`` (a selector's label, which comes with no count, is held to no limit by
+    :func:`over_limit`; the agent must not read more tokens than it allowed). An answer of
+    an older repository has no count either. Why the text and not the message's JSON, as
     before: the wrapping (role, ids, keys) was counted as about ten tokens more, and a
     classification agent's ``max_tokens`` of 3 would have sent a one-word label to the LLM
     (:func:`over_limit`).
@@ -217,7 +219,8 @@ def slm_completion_tokens(answer: Mapping[str, Any]) -> int:
         args = fn.get("arguments", "{}")
         text = args if isinstance(args, str) else orjson.dumps(args).decode()
         size += len(str(fn["name"]).encode()) + len(text.encode())
-    return estimate_tokens(size)
+    estimate = estimate_tokens(size)
+    return estimate if limit is None else min(estimate, limit)
 
 
 def over_limit(answer: Mapping[str, Any], limit: int | None) -> bool:

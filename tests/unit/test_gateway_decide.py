@@ -554,6 +554,9 @@ def test_an_slm_answers_tokens_are_its_own_count_else_its_texts_estimate() -> No
         assert slm_completion_tokens({**sunny, "usage": {"completion_tokens": bad}}) == 2
     label = {"role": "assistant", "content": "billing", "label": "billing"}
     assert slm_completion_tokens(label) == 2  # 7 bytes, not the message's JSON around them
+    # an estimate is served no higher than the agent's limit; a reported count is the count
+    assert slm_completion_tokens(label, 1) == 1 and slm_completion_tokens(label, 5) == 2
+    assert slm_completion_tokens(sunny, 1) == 3
     call = {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "now"}}]}
     assert slm_completion_tokens(call) == estimate_tokens(len("now{}"))
     args = {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
