@@ -47,6 +47,7 @@ from slm_gateway.routes import (
     parse_llm_hosts,
     route_from_task,
     secret_ref,
+    unread_llm_hosts,
 )
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,9 @@ class AgentTaskWatcher:
         self._keys: dict[SecretRef, LLMKey] = {}
         # What is wrong with each Secret's key: (reason code, message), see :meth:`problems`.
         self._key_problems: dict[SecretRef, tuple[str, str]] = {}
+        # Each Secret's llm-hosts annotation value whose unreadable entries were last logged:
+        # a warning when the value changes, not at every refresh.
+        self._hosts_logged: dict[SecretRef, str] = {}
         # The tasks whose route was refused (an unusable LLM URL or status), by task key.
         self._refused: set[str] = set()
         # The tasks whose key may not go to their LLM's host (the Secret does not allow it),
@@ -271,6 +275,8 @@ class AgentTaskWatcher:
         for ref in (set(self._keys) | set(self._key_problems)) - set(keys):
             self._keys.pop(ref, None)
             self._key_problems.pop(ref, None)
+        for ref in set(self._hosts_logged) - set(keys):
+            del self._hosts_logged[ref]
         self._changed()
         log.info("routes listed: %d task(s)", len(routes))
         return str(listing.get("metadata", {}).get("resourceVersion", ""))
@@ -553,10 +559,32 @@ class AgentTaskWatcher:
             self._problem(ref, "llm_key_unusable", f"key {field!r} is unusable ({unsendable})")
             return NO_KEY
         annotations = getattr(getattr(secret, "metadata", None), "annotations", None) or {}
-        read = (value, parse_llm_hosts(annotations.get(LLM_HOSTS_ANNOTATION)))
+        hosts = annotations.get(LLM_HOSTS_ANNOTATION)
+        self._log_unread_hosts(ref, hosts)
+        read = (value, parse_llm_hosts(hosts))
         self._keys[ref] = read
         self._problem(ref, "", None)
         return read
+
+    def _log_unread_hosts(self, ref: SecretRef, value: object) -> None:
+        """Warn, once per annotation value, about llm-hosts entries that allow nothing
+        (``https://api.openai.com``): the owner meant to allow a host, and the 502 each call
+        then gets names the host to add without saying that the entry written is unreadable."""
+        text = value if isinstance(value, str) else ""
+        if self._hosts_logged.get(ref) == text:
+            return
+        self._hosts_logged[ref] = text
+        unread = unread_llm_hosts(text)
+        if unread:
+            ns, name, _ = ref
+            log.warning(
+                "Secret %s/%s: %s entries %s are not host or host:port and allow nothing "
+                "(write api.openai.com, not https://api.openai.com/v1)",
+                ns,
+                name,
+                LLM_HOSTS_ANNOTATION,
+                ", ".join(repr(e) for e in unread),
+            )
 
     def _problem(self, ref: SecretRef, reason: str, problem: str | None) -> None:
         """Note a Secret's problem (``reason``: a code for :meth:`problems`) and log it when it

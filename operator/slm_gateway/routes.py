@@ -287,11 +287,27 @@ def parse_llm_hosts(value: object) -> frozenset[LLMHost]:
     if not isinstance(value, str):
         return frozenset()
     hosts = set()
-    for entry in re.split(r"[,\s]+", value):
+    for entry in _host_entries(value):
         parsed = _host_entry(entry)
         if parsed is not None:
             hosts.add(parsed)
     return frozenset(hosts)
+
+
+def unread_llm_hosts(value: object) -> list[str]:
+    """The entries of a :data:`LLM_HOSTS_ANNOTATION` value that :func:`parse_llm_hosts`
+    cannot read and so ignores (``https://api.openai.com``, ``api.openai.com/v1``), in order.
+
+    Why: such an entry allows nothing, by design, and the only sign was a 502 naming the host
+    to add, which the Secret's owner believed they had added. The gateway logs these once.
+    """
+    if not isinstance(value, str):
+        return []
+    return [entry for entry in _host_entries(value) if _host_entry(entry) is None]
+
+
+def _host_entries(value: str) -> list[str]:
+    return [entry for entry in re.split(r"[,\s]+", value) if entry]
 
 
 def _host_entry(entry: str) -> LLMHost | None:
@@ -413,7 +429,8 @@ def key_withheld(task: str, secret: str, url: str) -> str:
         f"The gateway did not call the LLM of task {task!r}: its LLM key (Secret {secret}) may "
         f"not be sent to {host}, which the Secret's {LLM_HOSTS_ANNOTATION} annotation does not "
         f"list. The Secret's owner must add {host} to the Secret's {LLM_HOSTS_ANNOTATION} "
-        "annotation (or the task must use an LLM URL the Secret allows)."
+        f"annotation, as host or host:port without a scheme or path (or the task must use an "
+        "LLM URL the Secret allows)."
     )
 
 

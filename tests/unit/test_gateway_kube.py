@@ -428,6 +428,30 @@ def test_a_key_goes_only_to_the_hosts_its_secret_allows(caplog: pytest.LogCaptur
     assert KEY not in caplog.text
 
 
+def test_host_entries_that_allow_nothing_are_logged_once_per_value(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The owner wrote the LLM's URL, not its host: the entry allows nothing and every call is
+    a 502 naming the host to add, which the owner believes is there. The gateway says which
+    entry it could not read, once per annotation value (the Secrets are read every few
+    seconds), and the refusal says how an entry is written."""
+    caplog.set_level(logging.WARNING, logger="slm_gateway")
+    core = FakeCore({"llm-key": KEY}, hosts={"llm-key": f"http://{LLM_HOST}/v1"})
+    watcher = listed(core, task("weather"))
+    watcher.refresh_keys(core)
+    watcher.refresh_keys(core)
+    assert auth(watcher, "weather") is None
+    unread = [r.getMessage() for r in caplog.records if "allow nothing" in r.getMessage()]
+    assert len(unread) == 1, unread
+    assert f"'http://{LLM_HOST}/v1'" in unread[0] and "agents/llm-key" in unread[0]
+    blocked = [r.getMessage() for r in caplog.records if "LLM calls refused" in r.getMessage()]
+    assert "without a scheme or path" in blocked[0]
+    core.hosts["llm-key"] = LLM_HOST  # fixed: nothing more to say, and the key goes again
+    watcher.refresh_keys(core)
+    assert auth(watcher, "weather") == f"Bearer {KEY}"
+    assert len([r for r in caplog.records if "allow nothing" in r.getMessage()]) == 1
+
+
 # ---- several namespaces -------------------------------------------------------------------
 
 

@@ -24,6 +24,7 @@ from slm_gateway.routes import (
     route_from_entry,
     route_from_task,
     secret_ref,
+    unread_llm_hosts,
 )
 
 TASK: dict[str, Any] = {
@@ -650,6 +651,21 @@ def test_the_host_to_allow_is_named_as_the_annotation_takes_it(url: str, host: s
     """What the error tells the Secret's owner to add, and exactly what then allows it."""
     assert llm_host(url) == host
     assert key_may_go_to(url, parse_llm_hosts(host))
+
+
+def test_entries_that_allow_nothing_are_named_for_the_secrets_owner() -> None:
+    """An owner who writes the URL (a scheme, a path) instead of the host allows nothing, by
+    design; these entries are what the gateway warns about, in the order written."""
+    value = "https://api.openai.com/v1,\n  llm.example:8000 api.openai.com/v1 *  [::1]:x"
+    assert unread_llm_hosts(value) == [
+        "https://api.openai.com/v1",
+        "api.openai.com/v1",
+        "*",
+        "[::1]:x",
+    ]
+    assert parse_llm_hosts(value) == parse_llm_hosts("llm.example:8000")
+    assert unread_llm_hosts("api.openai.com, *.openai.azure.com") == []
+    assert unread_llm_hosts(None) == [] and unread_llm_hosts("") == []
 
 
 def test_a_tasks_key_is_left_out_of_a_route_to_a_host_its_secret_does_not_list() -> None:
