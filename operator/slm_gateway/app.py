@@ -25,10 +25,17 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Mapping,
+    MutableMapping,
+)
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard, TypeVar
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -76,16 +83,13 @@ from slm_gateway.decide import (
     agree,
     answer_limit,
     canary_bucket,
-    cut_at_stop,
     estimate_tokens,
-    fits_request,
+    judge_answer,
     normalize_message,
-    over_limit,
     plan_request,
     reported_usage,
     slm_can_serve,
     slm_completion_tokens,
-    slm_verdict,
 )
 from slm_gateway.errors import GatewayError
 from slm_gateway.httpclient import OutOfFileDescriptors
@@ -113,6 +117,7 @@ Send = Callable[[Message], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
 #: An answer to send whole: status, headers, body. None from a path that streamed it itself.
 Answer = tuple[int, Headers, bytes]
+_T = TypeVar("_T")
 #: What :meth:`Gateway._pump` returns when the agent hung up.
 _GONE = ("gone", "", "")
 
@@ -154,7 +159,8 @@ _RESULT_CLIENT_DISCONNECTED = "client_disconnected"
 
 
 class _ClientGone(Exception):
-    """The agent disconnected before its body arrived; there is no one to answer."""
+    """The agent disconnected (before its body arrived, or while its LLM stream was awaited:
+    :func:`_unless_gone`); there is no one to answer."""
 
 
 class _StreamCancelled(asyncio.CancelledError):
@@ -306,6 +312,10 @@ class Gateway:
                 # Two are refused: which one counts would depend on the path (Starlette's
                 # headers take the first).
                 authorization = v.decode("latin-1") if authorization is None else _TWO_AUTH
+        # Settled before anything can fail: every answer names it, errors too, as OpenAI's
+        # do (its SDKs show it as the error's request_id): the id an agent's developer has
+        # to find the call by is the one it most needs when the call failed.
+        request_id = request_id if _usable_request_id(request_id) else self._next_id()
         try:
             # Before the body and the task: a caller without a valid token learns nothing
             # here, not even whether a task exists (/metrics still names them, see README).
@@ -325,19 +335,17 @@ class Gateway:
                 raise self._unknown_model(name, agent)
             if agent is not None:
                 self._authorize(agent, route)
-            if (
-                not request_id
-                or len(request_id) > _MAX_REQUEST_ID
-                or not (request_id.isascii() and request_id.isprintable())
-            ):
-                request_id = self._next_id()
             answer = await self._serve(route, req, raw, request_id, t0, send, receive)
             if answer is None:
                 return  # a streamed answer, sent as it came
             status, headers, body = answer
         except GatewayError as err:
             status, body = err.status, err.body()
-            headers = [_CT_JSON, *((k.encode(), v.encode()) for k, v in err.headers.items())]
+            headers = [
+                _CT_JSON,
+                (b"x-request-id", request_id.encode()),
+                *((k.encode(), v.encode()) for k, v in err.headers.items()),
+            ]
             if status < 500:
                 self.metrics.invalid.labels(err.code or str(status)).inc()
             elif route is not None and _counted_when_answered(err):
@@ -351,20 +359,20 @@ class Gateway:
             # the agent gets an error its SDK retries (on another replica) rather than
             # uvicorn's plain-text 500; the cancel itself goes on, as a cancel must.
             if not isinstance(cancel, _StreamCancelled):
-                await _send_whole(send, *self._shutting_down(route))
+                await _send_whole(send, *self._shutting_down(route, request_id))
             raise
         except Exception:
-            log.exception("internal error while serving a chat completion")
+            log.exception("internal error while serving chat completion %s", request_id)
             status = 500
             body = e.error_body(
                 "The gateway failed to handle the request.",
                 type=e.SERVER_ERROR,
                 code=e.CODE_INTERNAL,
             )
-            headers = [_CT_JSON]
+            headers = [_CT_JSON, (b"x-request-id", request_id.encode())]
         await _send_whole(send, status, headers, body)
 
-    def _shutting_down(self, route: Route | None) -> Answer:
+    def _shutting_down(self, route: Route | None, request_id: str) -> Answer:
         """The 503 of a call cancelled at the end of the graceful shutdown, counted and logged
         (one line, no request data). Counted under the LLM, the backend every error of a
         routed call is counted under; one cancelled before it was routed has no task to count
@@ -378,7 +386,8 @@ class Gateway:
             _CODE_SHUTTING_DOWN,
         )
         body = e.error_body(_SHUTTING_DOWN_MESSAGE, type=e.SERVER_ERROR, code=_CODE_SHUTTING_DOWN)
-        return 503, [_CT_JSON, (b"retry-after", b"1")], body
+        headers = [_CT_JSON, (b"x-request-id", request_id.encode()), (b"retry-after", b"1")]
+        return 503, headers, body
 
     def _next_id(self) -> str:
         return f"{self._id_prefix}{next(self._id_counter):012x}"
@@ -682,43 +691,64 @@ class Gateway:
         self._llm_allowed(call)
         t = time.perf_counter()
         retried = False
-        while True:
-            try:
-                async with self.upstreams.llm_stream(route, payload) as upstream:
-                    if 200 <= upstream.status < 300:
-                        if retried:
-                            self._no_stream_options.add(route.llm_url)
-                            log.warning(
-                                "LLM backend %s refused stream_options and answered without "
-                                "it; its streamed answers are asked for without usage from now "
-                                "on, and their tokens estimated",
-                                route.llm_log_url,
-                            )
-                        await self._relay(call, upstream, t, send, receive)
-                        return None
-                    try:
-                        text = await upstream.read_all()
-                    except UpstreamError as err:
-                        raise self._llm_unreachable(call, err, time.perf_counter() - t) from None
-            except UpstreamError as err:  # before the status came: nothing was sent yet
-                raise self._llm_unreachable(call, err, time.perf_counter() - t) from None
-            if asked is None and not bare and _refuses_stream_options(upstream.status, text):
-                # The gateway added the field, not the agent: ask again without it.
-                bare = retried = True
-                del body["stream_options"]
-                payload = orjson.dumps(body)  # written once already, with more in it
-                continue
-            return self._llm_failure(
-                route,
-                upstream.status,
-                text,
-                upstream.retry_after,
-                time.perf_counter() - t,
-                call,
-            )
+        # Watched from before the LLM is asked: an agent whose SDK gives up waiting for the
+        # first token (a read timeout, then a retry) is seen at once (:func:`_unless_gone`).
+        gone = asyncio.ensure_future(receive())  # completes when the agent disconnects
+        try:
+            while True:
+                try:
+                    async with contextlib.AsyncExitStack() as stack:
+                        upstream = await _unless_gone(
+                            stack.enter_async_context(self.upstreams.llm_stream(route, payload)),
+                            gone,
+                        )
+                        if 200 <= upstream.status < 300:
+                            if retried:
+                                self._no_stream_options.add(route.llm_url)
+                                log.warning(
+                                    "LLM backend %s refused stream_options and answered "
+                                    "without it; its streamed answers are asked for without "
+                                    "usage from now on, and their tokens estimated",
+                                    route.llm_log_url,
+                                )
+                            await self._relay(call, upstream, t, send, gone)
+                            return None
+                        try:
+                            text = await upstream.read_all()
+                        except UpstreamError as err:
+                            spent = time.perf_counter() - t
+                            raise self._llm_unreachable(call, err, spent) from None
+                except UpstreamError as err:  # before the status came: nothing was sent yet
+                    raise self._llm_unreachable(call, err, time.perf_counter() - t) from None
+                except _ClientGone:  # before the status came: the LLM's call is cut off
+                    self._llm_hung_up(call, StreamAssembler(), time.perf_counter() - t)
+                    return None
+                if asked is None and not bare and _refuses_stream_options(upstream.status, text):
+                    # The gateway added the field, not the agent: ask again without it.
+                    bare = retried = True
+                    del body["stream_options"]
+                    payload = orjson.dumps(body)  # written once already, with more in it
+                    continue
+                return self._llm_failure(
+                    route,
+                    upstream.status,
+                    text,
+                    upstream.retry_after,
+                    time.perf_counter() - t,
+                    call,
+                )
+        finally:
+            gone.cancel()
+            if gone.done() and not gone.cancelled():
+                gone.exception()  # a receive() that failed: no one left to tell
 
     async def _relay(
-        self, call: _LLMCall, upstream: LLMStream, t: float, send: Send, receive: Receive
+        self,
+        call: _LLMCall,
+        upstream: LLMStream,
+        t: float,
+        send: Send,
+        gone: asyncio.Future[Message],
     ) -> None:
         """Pass the LLM's events on as they come; then count, shadow and capture the answer.
 
@@ -729,7 +759,7 @@ class Gateway:
             {"type": "http.response.start", "status": 200, "headers": self._sse_headers(call)}
         )
         try:
-            await self._relay_events(call, upstream, t, send, receive)
+            await self._relay_events(call, upstream, t, send, gone)
         except asyncio.CancelledError:
             try:
                 await self._stream_cancelled(call, send)
@@ -737,19 +767,21 @@ class Gateway:
                 raise _StreamCancelled() from None
 
     async def _relay_events(
-        self, call: _LLMCall, upstream: LLMStream, t: float, send: Send, receive: Receive
+        self,
+        call: _LLMCall,
+        upstream: LLMStream,
+        t: float,
+        send: Send,
+        gone: asyncio.Future[Message],
     ) -> None:
         route = call.route
         assembled = StreamAssembler()
-        gone = asyncio.ensure_future(receive())  # completes when the agent disconnects
         try:
             failure = await self._pump(call, upstream, assembled, send, gone)
         except Exception:
             # A bug here must not become a second response start on a started response.
             log.exception("internal error while relaying a streamed answer")
             failure = ("error", e.CODE_INTERNAL, "The gateway failed while streaming the answer.")
-        finally:
-            gone.cancel()
         spent = time.perf_counter() - t
         if failure == _GONE:
             self._llm_hung_up(call, assembled, spent)
@@ -847,7 +879,12 @@ class Gateway:
             if gone.done():
                 return _GONE
             try:
-                chunk = await upstream.next_chunk()
+                if first:  # no token yet: an agent that gives up waiting is seen at once
+                    chunk = await _unless_gone(upstream.next_chunk(), gone)
+                else:  # after it, at the next event (a task per event would cost the hot path)
+                    chunk = await upstream.next_chunk()
+            except _ClientGone:
+                return _GONE
             except UpstreamError as err:
                 if done or assembled.finished:  # the answer is whole; only its end was not
                     chunk = None
@@ -1025,7 +1062,7 @@ class Gateway:
         self.breakers.record(LLM, route.llm_log_url, call.llm_b, True, call.admitted)
         self.metrics.errors.labels(route.namespace, route.task, LLM, "llm_4xx").inc()
         body = e.upstream_4xx_body(status, body, route.llm_api_key)
-        headers = [_CT_JSON, _BACKEND_LLM]
+        headers = [_CT_JSON, _BACKEND_LLM, (b"x-request-id", call.rid.encode())]
         if retry_after:
             headers.append((b"retry-after", retry_after.encode("latin-1", "replace")))
         return status, headers, body
@@ -1051,8 +1088,9 @@ class Gateway:
     ) -> tuple[Any, str]:
         """One SLM call: its answer and the fallback reason ("" when the answer is usable).
 
-        Served and shadow calls both come here, so an SLM attempt is counted and fed to the
-        breaker the same way whichever path made it.
+        The answer comes back cut at the request's ``stop`` sequences, as it was judged
+        (:func:`judge_answer`). Served and shadow calls both come here, so an SLM attempt is
+        counted and fed to the breaker the same way whichever path made it.
         """
         assert self.upstreams is not None
         t = time.perf_counter()
@@ -1084,12 +1122,10 @@ class Gateway:
                 return None, REASON_TIMEOUT
             return None, REASON_BAD_OUTPUT if kind == BAD_OUTPUT else REASON_ERROR
         spent = time.perf_counter() - t
-        limit = answer_limit(req.body)
-        verdict = slm_verdict(answer, confidence, route.confidence_threshold, limit)
-        if not verdict and not fits_request(answer, req.body, req.tool_names):
-            verdict = REASON_BAD_OUTPUT
-        if not verdict and over_limit(answer, limit):  # a model that ignores the limit
-            verdict = REASON_DEFER
+        # cut at the request's stop sequences, then judged as the agent would get it
+        answer, verdict = judge_answer(
+            answer, confidence, route.confidence_threshold, req.body, req.tool_names
+        )
         bad = verdict == REASON_BAD_OUTPUT
         self.breakers.record(SLM, route.slm_log_url, slm_b, not bad, admitted)
         result = BAD_OUTPUT if bad else verdict or "ok"
@@ -1109,7 +1145,7 @@ class Gateway:
         answer, verdict = await self._ask_slm(route, req, slm_b, payload)
         if verdict:
             return verdict
-        message = _served_message(answer, req, self._next_id())
+        message = _served_message(answer, self._next_id())
         ctok = slm_completion_tokens(answer, answer_limit(req.body))
         ptok = estimate_tokens(len(raw))
         doc = {
@@ -1181,7 +1217,7 @@ class Gateway:
             else:
                 # Judged as it would be served (stop sequences cut, arguments as JSON text):
                 # the raw answer disagreed where the agent would have read the LLM's answer.
-                served = _served_message(answer, req, self._next_id())
+                served = _served_message(answer, self._next_id())
                 same = agree(served, llm_message, route.metric, req.tools, route.task_type)
                 result = "agree" if same else "disagree"
         except Exception:
@@ -1254,16 +1290,11 @@ class Gateway:
         """
         if self.auth is not None:
             try:
-                sent = request.headers.getlist("authorization")
-                agent = await self._authenticate(
-                    _TWO_AUTH if len(sent) > 1 else (sent[0] if sent else None)
-                )
+                agent = await self._authenticate(_authorization(request))
             except GatewayError as err:
-                return Response(
-                    err.body(), err.status, headers=err.headers, media_type="application/json"
-                )
+                return _error_response(err)
             data = [
-                _model_entry(r, r.task if self._route(r.task, agent) is r else r.key)
+                _model_entry(r, self._model_id(r, agent))
                 for r in self.table.routes()
                 if may_call(agent, r.namespace)
             ]
@@ -1273,13 +1304,36 @@ class Gateway:
         version, cached = self._models_cache
         current = self.table.version
         if version != current:
-            data = [
-                _model_entry(r, r.task if self.table.get(r.task) is r else r.key)
-                for r in self.table.routes()
-            ]
+            data = [_model_entry(r, self._model_id(r, None)) for r in self.table.routes()]
             cached = orjson.dumps({"object": "list", "data": data})
             self._models_cache = (current, cached)
         return Response(cached, media_type="application/json")
+
+    async def model(self, request: Request) -> Response:
+        """One routed task as OpenAI's model object (``GET /v1/models/{model}``, the SDKs'
+        ``models.retrieve``): the entry :meth:`models` lists for it, by the same rules (with
+        agent authentication, a token, and only the tasks the agent may call), else the 404
+        (or the ambiguous name's 400) a chat completion naming it gets. Another namespace's
+        task is a 404 here, not a chat completion's 403: the list does not show it either."""
+        name: str = request.path_params["model"]
+        if not name:  # /v1/models/: a trailing slash is an unknown path, as anywhere else
+            raise HTTPException(404)
+        agent = None
+        if self.auth is not None:
+            try:
+                agent = await self._authenticate(_authorization(request))
+            except GatewayError as err:
+                return _error_response(err)
+        route = self._route(name, agent)
+        if route is None or (agent is not None and not may_call(agent, route.namespace)):
+            return _error_response(self._unknown_model(name, agent))
+        entry = _model_entry(route, self._model_id(route, agent))
+        return Response(orjson.dumps(entry), media_type="application/json")
+
+    def _model_id(self, route: Route, agent: Identity | None) -> str:
+        """The id a task is listed under: its bare name where that name alone reaches it (for
+        ``agent``), else ``namespace/task``."""
+        return route.task if self._route(route.task, agent) is route else route.key
 
     async def healthz(self, request: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")
@@ -1340,6 +1394,28 @@ def _model_entry(route: Route, model_id: str) -> dict[str, Any]:
     }
 
 
+def _usable_request_id(sent: str | None) -> TypeGuard[str]:
+    """Whether an agent's ``X-Request-ID`` can be the call's id: echoed in a header and
+    written to the call log, so short, printable ASCII; else the gateway makes its own."""
+    return (
+        sent is not None
+        and 0 < len(sent) <= _MAX_REQUEST_ID
+        and sent.isascii()
+        and sent.isprintable()
+    )
+
+
+def _authorization(request: Request) -> str | None:
+    """The Authorization header of a request to a Starlette route (:data:`_TWO_AUTH` for two,
+    refused as on the chat path)."""
+    sent = request.headers.getlist("authorization")
+    return _TWO_AUTH if len(sent) > 1 else (sent[0] if sent else None)
+
+
+def _error_response(err: GatewayError) -> Response:
+    return Response(err.body(), err.status, headers=err.headers, media_type="application/json")
+
+
 #: Stands for "two Authorization headers came" (no header value can hold a NUL byte).
 _TWO_AUTH = "\x00two"
 
@@ -1381,6 +1457,32 @@ async def _send_whole(send: Send, status: int, headers: Headers, body: bytes) ->
     await send({"type": "http.response.body", "body": body})
 
 
+async def _unless_gone(work: Coroutine[Any, Any, _T], gone: asyncio.Future[Message]) -> _T:
+    """What ``work`` returns or raises, unless the agent hangs up first (``gone`` completes):
+    then ``work`` is cancelled, and its cleanup done, before :class:`_ClientGone` is raised.
+
+    Why: the waits for an LLM's status and first event are the long ones (a slow model's
+    first token), and an agent's SDK gives up on them with a read timeout, then retries. A
+    hang-up seen only when the LLM next sent something let the LLM answer in full for nobody,
+    counted as a complete stream and captured, once per retry.
+    """
+    if gone.done():
+        work.close()
+        raise _ClientGone()
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():  # the agent went, or this call was cancelled (a shutdown)
+            task.cancel()
+            await asyncio.wait((task,))  # e.g. the LLM's connection closed before going on
+    if gone.done():
+        if not task.cancelled():
+            task.exception()  # retrieved: there is no one left to tell of a failure
+        raise _ClientGone()
+    return task.result()
+
+
 def _error_event(message: str, code: str) -> bytes:
     """An ``error`` event as OpenAI ends a stream that failed after it began (its SDKs raise
     an APIError on an event holding "error")."""
@@ -1407,23 +1509,33 @@ def _llm_tokens(
     return ptok or estimate_tokens(len(call.raw)), ctok
 
 
-def _served_message(answer: Mapping[str, Any], req: ChatRequest, call_id: str) -> dict[str, Any]:
-    """A usable SLM answer as the assistant message an agent is served: normalised, and its
-    text cut at the request's ``stop`` sequences.
+def _served_message(answer: Mapping[str, Any], call_id: str) -> dict[str, Any]:
+    """A usable SLM answer, as :meth:`Gateway._ask_slm` returns it (its text already cut at
+    the request's ``stop`` sequences, :func:`judge_answer`), as the assistant message an
+    agent is served: normalised.
 
     Why one helper: the shadow comparison must judge what the SLM would serve, so that live
     agreement, which moves the rollout, measures the answer agents would get.
     """
-    message = normalize_message(answer, call_id)
-    if isinstance(message.get("content"), str) and req.body.get("stop"):
-        message["content"] = cut_at_stop(message["content"], req.body["stop"])
-    return message
+    return normalize_message(answer, call_id)
 
 
 def _infer_payload(req: ChatRequest, route: Route) -> bytes:
-    """The SLM's infer request for a call; a 400 if the call is too deep to write."""
+    """The SLM's infer request for a call; a 400 if the call is too deep to write.
+
+    The request's ``tool_choice``, ``parallel_tool_calls`` and ``stop`` go along: the
+    answer is judged against them (:func:`judge_answer`)."""
+    body = req.body
     try:
-        return infer_body(req.messages, req.tools, route.slm_timeout_s, answer_limit(req.body))
+        return infer_body(
+            req.messages,
+            req.tools,
+            route.slm_timeout_s,
+            answer_limit(body),
+            tool_choice=body.get("tool_choice"),
+            parallel_tool_calls=body.get("parallel_tool_calls"),
+            stop=body.get("stop"),
+        )
     except orjson.JSONEncodeError:
         raise too_deep() from None
 
@@ -1655,6 +1767,9 @@ def create_app(
         HTTPRoute("/chat/completions", gw, methods=["POST"]),
         HTTPRoute("/v1/models", gw.models, methods=["GET"]),
         HTTPRoute("/models", gw.models, methods=["GET"]),
+        # {model:path}: a ``namespace/task`` id has a slash (the SDKs send it as %2F)
+        HTTPRoute("/v1/models/{model:path}", gw.model, methods=["GET"]),
+        HTTPRoute("/models/{model:path}", gw.model, methods=["GET"]),
         HTTPRoute("/healthz", gw.healthz, methods=["GET"]),
         HTTPRoute("/readyz", gw.readyz, methods=["GET"]),
         HTTPRoute("/metrics", gw.metrics_endpoint, methods=["GET"]),

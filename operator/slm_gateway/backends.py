@@ -74,6 +74,10 @@ def infer_body(
     tools: list[dict[str, Any]],
     timeout_s: float = 0.0,
     max_tokens: int | None = None,
+    *,
+    tool_choice: Any = None,
+    parallel_tool_calls: bool | None = None,
+    stop: str | list[str] | None = None,
 ) -> bytes:
     """A KServe v2 infer request with one BYTES tensor holding ``{"messages", "tools"}``.
 
@@ -86,10 +90,24 @@ def infer_body(
     the tensor next to them: the model generates at most that many tokens. A repository
     exported before it was sent ignores the field (the model reads only the keys it knows),
     and the gateway holds that answer to the limit itself.
+
+    ``tool_choice``, ``parallel_tool_calls`` and ``stop`` go along as the request set them
+    (each left out when it set none): the gateway judges the answer against them
+    (:func:`slm_gateway.decide.judge_answer`), so a model that can honour them must be told
+    of them. The exported model reads none of them (its ``chatformat.parse_request`` ignores
+    every key it does not know), so an answer that breaks only ``tool_choice`` or
+    ``parallel_tool_calls`` is handed back to the LLM, not counted as the SLM's failure, and
+    its text is cut at ``stop`` by the gateway.
     """
     doc: dict[str, Any] = {"messages": messages, "tools": tools}
     if max_tokens is not None:
         doc["max_tokens"] = max_tokens
+    if tool_choice is not None:
+        doc["tool_choice"] = tool_choice
+    if parallel_tool_calls is not None:
+        doc["parallel_tool_calls"] = parallel_tool_calls
+    if stop is not None:
+        doc["stop"] = stop
     inner = orjson.dumps(doc)
     head = _INFER_PREFIX
     if timeout_s > 0:

@@ -304,6 +304,37 @@ def cut_at_stop(text: str, stop: Any) -> str:
     return text[: min(found)] if found else text
 
 
+def stop_cut(answer: Any, stop: Any) -> Any:
+    """An SLM answer with its text cut at the request's ``stop`` sequences
+    (:func:`cut_at_stop`); the answer itself when nothing is cut.
+
+    A cut answer is a finished one (``finish_reason: "stop"``), as OpenAI serves a stop
+    sequence: whatever the model wrote past it, even up to a limit that cut it, is none
+    of the answer. Its usage is then the cut text's: the estimate of what is left
+    (:func:`slm_completion_tokens`), no more than the count the model reported for the
+    whole; uncut, the model's count stands.
+    """
+    if not stop or not isinstance(answer, dict) or answer.get("defer") is True:
+        return answer
+    content = answer.get("content")
+    if not isinstance(content, str):
+        return answer
+    text = cut_at_stop(content, stop)
+    if len(text) == len(content):
+        return answer
+    served = {k: v for k, v in answer.items() if k != "usage"}
+    served["content"] = text
+    served["finish_reason"] = "stop"
+    reported = reported_usage(answer.get("usage"))[1]
+    if reported:
+        try:
+            estimate = slm_completion_tokens(served)
+        except (KeyError, TypeError, AttributeError):  # malformed calls: judged bad next
+            return served
+        served["usage"] = {"completion_tokens": min(reported, estimate)}
+    return served
+
+
 @dataclass(frozen=True, slots=True)
 class _Schema:
     """What :func:`_fits` judges of one JSON Schema, the rest of it dropped: ``types`` (None:
@@ -509,33 +540,86 @@ def arguments_fit(answer: Mapping[str, Any], tools: Any) -> bool:
     return True
 
 
-def fits_request(
+def tool_contract_verdict(
     answer: Mapping[str, Any], body: Mapping[str, Any], tool_names: frozenset[str]
-) -> bool:
-    """Whether a usable SLM answer keeps the request's tool contract.
+) -> str:
+    """Empty when a usable SLM answer keeps the request's tool contract, else the fallback
+    reason.
 
     Every call must name one of the request's tools (an agent cannot run any other), with
     arguments that tool's schema accepts (:func:`arguments_fit`: the agent's tool would fail
-    on others); ``tool_choice: "required"`` needs at least one call, and a named
-    ``tool_choice`` needs every call to name that function, and ``parallel_tool_calls:
-    false`` allows at most one call. An answer that breaks it is bad output, and the LLM
-    answers instead.
+    on others); an answer that breaks that is bad output: no request lets the SLM call a
+    tool the agent cannot run.
+
+    ``tool_choice: "required"`` needs at least one call, a named ``tool_choice`` needs
+    every call to name that function, and ``parallel_tool_calls: false`` allows at most
+    one call. An answer right but for those is a hand-back (``defer``), as one cut at the
+    agent's own token limit: the exported model is told of them
+    (:func:`slm_gateway.backends.infer_body`) but reads neither, so such an answer is the
+    request's demand, not the SLM failing. As bad output five of them opened the SLM's
+    circuit for every agent of the task and raised its error rate.
     """
     calls = answer.get("tool_calls") or []
     names = [c["function"]["name"] for c in calls]
     if names and not tool_names.issuperset(names):
-        return False
-    if len(names) > 1 and body.get("parallel_tool_calls") is False:
-        return False  # the agent asked for at most one call per turn
+        return REASON_BAD_OUTPUT
     if names and not arguments_fit(answer, body.get("tools")):
-        return False
+        return REASON_BAD_OUTPUT
+    if len(names) > 1 and body.get("parallel_tool_calls") is False:
+        return REASON_DEFER  # the agent asked for at most one call per turn
     choice = body.get("tool_choice")
-    if choice == "required":
-        return bool(names)
+    if choice == "required" and not names:
+        return REASON_DEFER
     if isinstance(choice, dict):
         want = (choice.get("function") or {}).get("name")
-        return bool(names) and all(name == want for name in names)
-    return True
+        if not names or any(name != want for name in names):
+            return REASON_DEFER
+    return ""
+
+
+def fits_request(
+    answer: Mapping[str, Any], body: Mapping[str, Any], tool_names: frozenset[str]
+) -> bool:
+    """Whether a usable SLM answer keeps the request's tool contract, ``tool_choice`` and
+    ``parallel_tool_calls`` included (:func:`tool_contract_verdict`)."""
+    return not tool_contract_verdict(answer, body, tool_names)
+
+
+def judge_answer(
+    answer: Any,
+    confidence: Any,
+    threshold: float,
+    body: Mapping[str, Any],
+    tool_names: frozenset[str],
+) -> tuple[Any, str]:
+    """(the SLM's answer as the agent would get it, the fallback reason: "" to serve it).
+
+    The answer is cut at the request's ``stop`` sequences first (:func:`stop_cut`), then
+    judged: :func:`slm_verdict`, :func:`tool_contract_verdict`, :func:`over_limit`. Why
+    that order: the agent gets only the text before the stop, so that text is what must be
+    within its limit. Judged whole, an answer whose stop fell within the limit but whose
+    text ran on past it went to the LLM, and a served one counted the cut-away text as its
+    usage.
+
+    One exception: an answer the model cut at the agent's own limit, with the stop inside,
+    and a confidence below ``threshold`` stays a hand-back (``defer``) rather than
+    ``low_confidence``: the exported model serves every answer its limit cut with
+    confidence 0, a mark of the cut, not its judgement of the text.
+    """
+    limit = answer_limit(body)
+    served = stop_cut(answer, body.get("stop"))
+    verdict = slm_verdict(served, confidence, threshold, limit)
+    if (
+        verdict == REASON_LOW_CONFIDENCE
+        and served is not answer
+        and slm_verdict(answer, confidence, threshold, limit) == REASON_DEFER
+    ):
+        verdict = REASON_DEFER  # its 0 marks the cut at the agent's limit
+    if not verdict:
+        verdict = tool_contract_verdict(served, body, tool_names)
+    if not verdict and over_limit(served, limit):  # a model that ignores the limit
+        verdict = REASON_DEFER
+    return served, verdict
 
 
 def normalize_message(answer: Mapping[str, Any], call_id: str) -> dict[str, Any]:

@@ -23,12 +23,15 @@ from slm_gateway.decide import (
     cut_at_stop,
     estimate_tokens,
     fits_request,
+    judge_answer,
     normalize_message,
     over_limit,
     plan_request,
     slm_can_serve,
     slm_completion_tokens,
     slm_verdict,
+    stop_cut,
+    tool_contract_verdict,
 )
 
 
@@ -349,7 +352,7 @@ class TestToolContract:
 
     def test_parallel_tool_calls_false_allows_one_call(self) -> None:
         """An agent that turned parallel calls off runs one call per turn: an SLM answer with
-        two is bad output, and the LLM answers instead."""
+        two does not keep the request, and the LLM answers instead."""
         off = {"parallel_tool_calls": False}
         assert fits_request(self.answer("a"), off, self.TOOLS)
         assert not fits_request(self.answer("a", "b"), off, self.TOOLS)
@@ -365,6 +368,38 @@ class TestToolContract:
         assert not fits_request(self.answer(), {"tool_choice": "required"}, self.TOOLS)
         assert fits_request(self.answer("a"), {"tool_choice": "required"}, self.TOOLS)
         assert fits_request(self.answer(), {"tool_choice": "auto"}, self.TOOLS)
+
+    def test_breaking_only_tool_choice_or_parallel_calls_is_a_hand_back(self) -> None:
+        """The exported model reads neither field: an answer right but for them is handed
+        back (defer), not bad output, which counted against the SLM's circuit for every
+        agent of the task and in its error rate."""
+        named = {"tool_choice": {"type": "function", "function": {"name": "b"}}}
+        off = {"parallel_tool_calls": False}
+        for answer, body in (
+            (self.answer("a"), named),
+            (self.answer(), named),
+            (self.answer("b", "a"), named),
+            (self.answer(), {"tool_choice": "required"}),
+            (self.answer("a", "b"), off),
+        ):
+            assert tool_contract_verdict(answer, body, self.TOOLS) == REASON_DEFER, body
+        assert tool_contract_verdict(self.answer("b"), {**named, **off}, self.TOOLS) == ""
+
+    def test_an_unoffered_tool_or_bad_arguments_stay_bad_output_whatever_tool_choice(
+        self,
+    ) -> None:
+        body = {"tool_choice": "required", "parallel_tool_calls": False}
+        verdict = tool_contract_verdict(self.answer("a", "c"), body, self.TOOLS)
+        assert verdict == REASON_BAD_OUTPUT
+        tools = [
+            {
+                "type": "function",
+                "function": {"name": "a", "parameters": {"type": "object", "required": ["x"]}},
+            }
+        ]
+        two_bad = self.answer("a", "a")  # two calls, each without its required "x"
+        verdict = tool_contract_verdict(two_bad, {**body, "tools": tools}, self.TOOLS)
+        assert verdict == REASON_BAD_OUTPUT
 
     @pytest.mark.parametrize(
         ("body", "ok"),
@@ -627,6 +662,77 @@ def test_an_slm_answer_ends_before_the_first_stop_sequence(stop: Any, served: st
     it was served, and the agent read an observation no tool made."""
     text = "Thought: look it up\nObservation: sunny\nFinal Answer: sunny"
     assert cut_at_stop(text, stop) == served
+
+
+REACT = "Thought: call the tool\nAction: lookup\nObservation: the tool said"
+CUT = "Thought: call the tool\nAction: lookup\n"  # 38 bytes: 10 tokens by the estimate
+
+
+def test_a_stop_cut_answer_is_finished_and_counts_only_its_text() -> None:
+    """What follows the stop sequence is none of the answer: cut, it is finished ("stop")
+    even where the limit cut the model, and its usage is the cut text's (no more than the
+    model's count), not the model's count of everything it wrote."""
+    cut_at_limit = {"content": REACT, "finish_reason": "length", "usage": {"completion_tokens": 16}}
+    served = stop_cut(cut_at_limit, ["Observation:"])
+    assert served == {"content": CUT, "finish_reason": "stop", "usage": {"completion_tokens": 10}}
+    assert cut_at_limit["content"] == REACT  # the model's answer itself is left alone
+    few = {"content": REACT, "usage": {"completion_tokens": 4}}  # a dense tokenizer's count
+    assert stop_cut(few, "Observation:")["usage"] == {"completion_tokens": 4}
+    assert stop_cut({"content": REACT}, "Observation:") == {"content": CUT, "finish_reason": "stop"}
+    for unchanged, stop in (
+        ({"content": CUT, "usage": {"completion_tokens": 9}}, "Observation:"),  # nothing cut
+        ({"content": REACT}, None),
+        ({"defer": True, "content": REACT}, "Observation:"),
+        ({"content": None, "tool_calls": []}, "Observation:"),
+        ("not a message", "Observation:"),
+    ):
+        assert stop_cut(unchanged, stop) is unchanged
+
+
+@pytest.mark.parametrize(
+    ("answer", "confidence", "body", "verdict"),
+    [
+        # over the limit whole, within it up to the stop sequence: served
+        ({"content": REACT}, 0.9, {"max_tokens": 12, "stop": ["Observation:"]}, ""),
+        ({"content": REACT}, 0.9, {"max_tokens": 12}, REASON_DEFER),
+        ({"content": REACT}, 0.9, {"max_tokens": 9, "stop": ["Observation:"]}, REASON_DEFER),
+        # the model cut at the agent's limit after the stop: a finished answer
+        (
+            {"content": REACT, "finish_reason": "length", "usage": {"completion_tokens": 16}},
+            0.9,
+            {"max_tokens": 16, "stop": "Observation:"},
+            "",
+        ),
+        # ... but served with confidence 0, the exported model's mark of the cut: a hand-back
+        (
+            {"content": REACT, "finish_reason": "length", "usage": {"completion_tokens": 16}},
+            0.0,
+            {"max_tokens": 16, "stop": "Observation:"},
+            REASON_DEFER,
+        ),
+        # a finished answer the model is unsure of stays low confidence
+        ({"content": REACT}, 0.1, {"stop": "Observation:"}, REASON_LOW_CONFIDENCE),
+        # cut at the model's own max_new_tokens after the stop: finished, judged on its own
+        ({"content": REACT, "finish_reason": "length"}, 0.9, {"stop": "Observation:"}, ""),
+        ({"content": REACT, "finish_reason": "length"}, 0.9, {}, REASON_BAD_OUTPUT),
+    ],
+)
+def test_an_slm_answer_is_judged_as_cut_at_its_stop_sequence(
+    answer: dict[str, Any], confidence: float, body: dict[str, Any], verdict: str
+) -> None:
+    served, got = judge_answer(answer, confidence, 0.5, body, frozenset())
+    assert got == verdict
+    if body.get("stop"):
+        assert served["content"] == CUT
+
+
+def test_judging_an_answer_applies_its_tool_contract() -> None:
+    names = frozenset({"get_weather"})
+    calls = [{"function": {"name": "get_weather", "arguments": "{}"}}] * 2
+    two = {"role": "assistant", "content": None, "tool_calls": calls}
+    assert judge_answer(two, 0.9, 0.5, {}, names) == (two, "")
+    assert judge_answer(two, 0.9, 0.5, {"parallel_tool_calls": False}, names)[1] == REASON_DEFER
+    assert judge_answer(two, 0.9, 0.5, {}, frozenset({"other"}))[1] == REASON_BAD_OUTPUT
 
 
 def test_identical_answers_with_an_empty_string_argument_agree() -> None:

@@ -122,3 +122,92 @@ def test_gateway_errors_are_the_sdks_exception_types(
     standin.control(llm_error_every=1, llm_error_status=500)
     with pytest.raises(openai.InternalServerError):
         sdk.chat.completions.create(model="weather", messages=ASK, stream=True)
+
+
+def test_the_sdk_retrieves_a_listed_model_and_only_those(sdk: Any) -> None:
+    """``client.models.retrieve`` (GET /v1/models/{model}) was an "Unknown path" 404 though
+    /v1/models listed the task: it gets the entry the list has, and an unknown name the
+    model_not_found 404 a chat completion gets."""
+    listed = {m.id: m for m in sdk.models.list()}
+    for task in ("weather", "extract"):
+        got = sdk.models.retrieve(task)
+        assert got.model_dump() == listed[task].model_dump()
+    with pytest.raises(openai.NotFoundError, match="no AgentTask of that name") as caught:
+        sdk.models.retrieve("nope")
+    assert caught.value.code == "model_not_found"
+
+
+def sa_token(namespace: str) -> str:
+    """A token shaped like a ServiceAccount's, for the fake review of :func:`authed_sdk`."""
+    import base64
+
+    import orjson
+
+    claims = {
+        "aud": ["slm-fleet-gateway"],
+        "exp": 4_000_000_000,
+        "sub": f"system:serviceaccount:{namespace}:agent",
+    }
+
+    def part(d: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(orjson.dumps(d)).rstrip(b"=").decode()
+
+    return f"{part({'alg': 'RS256'})}.{part(claims)}.c2ln"
+
+
+def test_an_agent_retrieves_only_the_models_its_list_shows(
+    standin: llm_standin.StandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --agent-auth serviceaccount, retrieve follows /v1/models: an agent gets its own
+    namespace's tasks and the routes file's, by the id its list shows them under, and
+    another namespace's task is not found (not a 403 that would tell it exists); no token
+    is a 401 as for the list."""
+    from starlette.testclient import TestClient
+
+    from slm_gateway import app as app_module
+    from slm_gateway.app import create_app
+    from slm_gateway.auth import TokenReviewer, token_claims
+    from slm_gateway.config import GatewayConfig
+    from slm_gateway.routes import Route, RouteTable
+
+    def review(api: Any, token: str, audience: str) -> dict[str, Any]:
+        username = (token_claims(token) or {})["sub"]
+        return {"authenticated": True, "audiences": [audience], "user": {"username": username}}
+
+    monkeypatch.setattr(
+        app_module,
+        "token_reviewer",
+        lambda kubeconfig, audience, ttl_s, **kw: TokenReviewer(None, audience, review=review),
+    )
+    llm = {"mode": "llm", "llm_base_url": standin.llm_base_url, "llm_model": "gpt-4o"}
+    table = RouteTable()
+    table.replace_all(
+        [
+            Route(task="weather", namespace="team-a", **llm),
+            Route(task="weather", namespace="team-b", **llm),
+            Route(task="payroll", namespace="team-b", **llm),
+            Route(task="search", **llm),  # from a routes file: any agent's
+        ]
+    )
+    app = create_app(GatewayConfig(agent_auth="serviceaccount"), table)
+    with TestClient(app) as http:
+        sdk = openai.OpenAI(
+            base_url="http://testserver/v1",
+            api_key=sa_token("team-a"),
+            http_client=http,
+            max_retries=0,
+        )
+        listed = {m.id: m.model_dump() for m in sdk.models.list()}
+        assert sorted(listed) == ["search", "weather"]
+        for name, shown in (("weather", "weather"), ("team-a/weather", "weather")):
+            assert sdk.models.retrieve(name).model_dump() == listed[shown]
+        assert sdk.models.retrieve("search").model_dump() == listed["search"]
+        for name in ("payroll", "team-b/payroll", "team-b/weather", "nope"):
+            with pytest.raises(openai.NotFoundError) as caught:
+                sdk.models.retrieve(name)
+            assert caught.value.code == "model_not_found"
+            if "/" not in name:  # a bare name: whether another namespace has it stays unsaid
+                assert "team-b" not in caught.value.message
+        anonymous = http.get("/v1/models/weather")
+        assert anonymous.status_code == 401
+        assert anonymous.json()["error"]["code"] == "invalid_api_key"

@@ -10,10 +10,14 @@ from __future__ import annotations
 import contextlib
 import http.client
 import re
+import select
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -204,3 +208,110 @@ def test_a_body_that_stalls_is_answered_408_not_waited_for_forever(
         conn.request("POST", "/v1/chat/completions", request(stream=False))
         assert conn.getresponse().status == 200
         conn.close()
+
+
+#: How long the slow LLM below holds an answer back unless the gateway hangs up on it first.
+HOLD_S = 6.0
+
+
+class _SlowLLM(BaseHTTPRequestHandler):
+    """An LLM that holds a streamed answer back: before its status line when the last user
+    message is "before status", after it and before the first event when it is "before
+    first event". It gives up and notes the call in ``server.cut`` as soon as the gateway
+    closes the connection (the call cut off), else answers after :data:`HOLD_S`."""
+
+    def do_POST(self) -> None:
+        req = orjson.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        when = req["messages"][-1]["content"]
+        if when != "before status":
+            self._head()
+        readable, _, _ = select.select([self.connection], [], [], HOLD_S)
+        if readable and not self.connection.recv(1, socket.MSG_PEEK):
+            self.server.cut.append(when)  # type: ignore[attr-defined]
+            return
+        if when == "before status":
+            self._head()
+        message = {"role": "assistant", "content": "Sunny."}
+        events = llm_standin.stream_events(
+            message, completion_id="chatcmpl-slow", created=0, model="gpt-4o", usage=None
+        )
+        self.wfile.write(b"".join(events))
+
+    def _head(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def slow_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowLLM)
+    server.cut = []  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    d: Path = tmp_path_factory.mktemp("slow")
+    routes = d / "routes.yaml"
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    task = {"mode": "llm", "llmBaseURL": url, "llmModel": "gpt-4o"}
+    routes.write_text(yaml.safe_dump({"tasks": {"weather": task}}))
+    with start_gateway(["--routes", str(routes)], log_path=d / "gw.log") as gw:
+        gw.llm = server  # type: ignore[attr-defined]
+        yield gw
+        log = gw.log()
+    server.shutdown()
+    assert "Traceback" not in log and "internal error" not in log
+
+
+@pytest.mark.parametrize("when", ["before status", "before first event"])
+def test_an_agent_that_gives_up_before_the_first_event_cuts_the_llm_call(
+    slow_gateway: GatewayProcess, when: str
+) -> None:
+    """An SDK's read timeout before the LLM's first token: the gateway noticed the hang-up
+    only between the LLM's events, so the call ran to its end, was counted complete and
+    captured, and the SDK's retries paid the LLM up to three times. Now the LLM's connection
+    is closed at the hang-up, the stream counted client_disconnected, nothing answered."""
+    gw = slow_gateway
+    llm = {"backend": "llm"}
+    counted = {  # the streams by how they ended, the LLM's attempts cut off, its answers
+        (name, tuple(labels.items())): metric(gw, name, **labels)
+        for name, labels in (
+            ("slm_gateway_streams_total", {"result": "complete"}),
+            ("slm_gateway_streams_total", {"result": "client_disconnected"}),
+            ("slm_gateway_backend_calls_total", {**llm, "result": "client_disconnected"}),
+            ("slm_gateway_requests_total", llm),
+        )
+    }
+    body = orjson.dumps(
+        {"model": "weather", "stream": True, "messages": [{"role": "user", "content": when}]}
+    )
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
+            + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        sock.settimeout(0.5)  # the agent's read timeout
+        got = b""
+        with contextlib.suppress(TimeoutError):
+            while chunk := sock.recv(65536):
+                got += chunk
+    if when == "before status":
+        assert got == b""
+    else:
+        assert got.startswith(b"HTTP/1.1 200") and b"data: " not in got, got
+    cut: list[str] = gw.llm.cut  # type: ignore[attr-defined]
+    deadline = time.monotonic() + HOLD_S / 2
+    while when not in cut and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert when in cut, "the LLM's call was not cut off when the agent hung up"
+    cut.remove(when)
+    hung_up = counted["slm_gateway_streams_total", (("result", "client_disconnected"),)] + 1
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if metric(gw, "slm_gateway_streams_total", result="client_disconnected") == hung_up:
+            break
+        time.sleep(0.05)
+    for (name, labels), before in counted.items():
+        more = labels[-1] == ("result", "client_disconnected")
+        assert metric(gw, name, **dict(labels)) == before + more, (name, labels)
