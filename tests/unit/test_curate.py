@@ -684,6 +684,40 @@ def test_retries_stamped_with_a_time_and_request_id_are_one_example(tmp_path: Pa
     assert (report["examples"], report["near_duplicates"]) == (24, 24)
 
 
+def test_retries_stamped_in_the_system_prompt_are_one_example(tmp_path: Path) -> None:
+    """Frameworks as often stamp the system prompt (current time, request id) as the user
+    turn. Near duplicates are only looked for among calls with the same instructions, and
+    the stamp put every call in a group of its own: 10 requests retried 3 times each gave 30
+    examples, 0 near duplicates dropped, and eval examples whose twin was in train (the gate
+    scored memorisation). Discover's distinct count, proposed as minExamples, follows."""
+    retries = []
+    for i in range(10):
+        for k in range(3):
+            system = (
+                f"You are a weather bot. Current time: 2026-03-0{k + 1}T10:{i:02d}:{k:02d}Z. "
+                f"Request id {uuid.UUID(int=i * 3 + k + 1)} ({0x9F8E7D6C0000 + i * 3 + k:x})."
+            )
+            retry = call(
+                f"What is the weather in {CITIES[i]} right now?",
+                "get_weather",
+                {"city": CITIES[i]},
+                call_id=f"r{i}-{k}",
+            )
+            retry["messages"][0]["content"] = system
+            retries.append({**retry, "timestamp": 1000.0 + 10 * i + k, "request_id": f"q{i}-{k}"})
+    result, report, out = curate(tmp_path, retries, min_examples=5, scrub_pii=False)
+    assert result.ok, result.message
+    assert (report["examples"], report["near_duplicates"]) == (10, 20)
+    train, evals = read(out / "train.jsonl"), read(out / "eval.jsonl")
+    asked = {r.messages[1]["content"] for r in train}
+    assert evals and not [r for r in evals if r.messages[1]["content"] in asked]
+    records = [CallRecord.from_json(json.dumps(r)) for r in retries]
+    assert distinct_count(records) == 10
+    # a stamp is no instruction, but the system prompt's words still are
+    other = json.loads(json.dumps(retries[0]).replace("weather bot", "travel bot"))
+    assert distinct_count([*records, CallRecord.from_json(json.dumps(other))]) == 11
+
+
 def test_near_duplicates_need_the_same_system_prompt_and_tools(tmp_path: Path) -> None:
     """The near-duplicate text leaves the system prompt out, and the tools offered were never
     looked at: a template that puts the ticket in the system prompt and asks a fixed question
@@ -1055,7 +1089,38 @@ def test_directory_of_shards_and_task_filter(tmp_path: Path) -> None:
     assert [Path(f).name for f in report["files"]] == ["000.jsonl", "001.jsonl"]
     # the records left to other tasks are in the message too: "0 examples from 30 records,
     # 0 malformed, 0 duplicates" said nothing of where they went
-    assert "1 of other tasks (--task assistant)" in result.message
+    assert '1 call of other tasks left out (--task assistant; most common: "billing" 1)' in (
+        result.message
+    )
+
+
+def test_a_task_waiting_for_data_says_whose_calls_its_log_holds(tmp_path: Path) -> None:
+    """A dataset.uri may be a log that holds several agents' calls (a shared file, an
+    export). The data-prep Job keeps its own task's calls; when too few are left, the
+    message says first how many calls of other tasks were left out and under which task
+    names (the 3 most common, a tie by name), so that a user whose exported log names the
+    task otherwise sees why, and the report counts them by name."""
+    mine = tool_calls(3, 0, 0)
+    names = ["support"] * 5 + ["billing"] * 3 + ["audit"] * 3 + ["x"]
+    others = [
+        call(f"Where is order {1000 + i}?", "lookup_order", {"id": i}, task=name)
+        for i, name in enumerate(names)
+    ]
+    said = (
+        "too few examples after curation: 3 < min_examples 10; 12 calls of other tasks left "
+        'out (--task assistant; most common: "support" 5, "audit" 3, "billing" 3); 3 examples'
+    )
+    for n, lines in enumerate((mine + others, others[::-1] + mine)):
+        result, report, _ = curate(
+            tmp_path, lines, task="assistant", min_examples=10, scrub_pii=False, out=f"o{n}"
+        )
+        assert not result.ok and result.examples == 3
+        assert result.message.startswith(said), result.message
+        assert report["other_task"] == 12
+        assert report["other_task_most_common"] == {"support": 5, "audit": 3, "billing": 3}
+    # every call its own: nothing to say
+    result, report, _ = curate(tmp_path, mine, task="assistant", min_examples=10, out="mine")
+    assert "other tasks" not in result.message and report["other_task_most_common"] == {}
 
 
 @pytest.mark.timeout(60)  # a FIFO opened for reading blocks for ever: never open one

@@ -493,6 +493,34 @@ def test_calls_with_an_empty_answer_neither_count_nor_vote_the_task_type(
     assert prepared.ok and prepared.examples == 5, prepared.message
 
 
+def test_a_proposed_task_finds_its_calls_under_its_own_name(tmp_path: Path, by_axis: None) -> None:
+    """The data-prep Job keeps the calls whose task is the AgentTask's name (a log may hold
+    several agents' calls). The cluster files kept the log's task names (one name for an
+    export of one agent, any names for a shared log), so an applied proposal found none of
+    its calls and waited for data for ever: each file's calls carry its AgentTask's name."""
+    from slm_trainer import curate
+
+    calls = [replace(weather(i), task="export") for i in range(10)]
+    calls += [replace(alarm(i), task=("export", "shared")[i % 2]) for i in range(10)]
+    result, _, manifests = discovered(
+        tmp_path, calls, max_clusters=2, min_cluster_size=2, scrub_pii=False, name_prefix="ops-"
+    )
+    assert result.ok, result.message
+    assert sorted(manifests) == ["ops-get-weather", "ops-set-alarm"]
+    for name, manifest in manifests.items():
+        cluster = tmp_path / "out" / "clusters" / f"{name}.jsonl"
+        assert {r.task for r in map(CallRecord.from_json, cluster.read_text().splitlines())} == {
+            manifest["metadata"]["name"]
+        }
+        need = manifest["spec"]["dataset"]["minExamples"]
+        prepared = curate.run(
+            curate.Args(
+                input=cluster, output_dir=tmp_path / "prep" / name, task=name, min_examples=need
+            )
+        )
+        assert prepared.ok and prepared.examples == need == 10, prepared.message
+
+
 def test_the_served_slms_calls_neither_name_the_fallback_model_nor_vote_the_task_type(
     tmp_path: Path, by_axis: None
 ) -> None:

@@ -64,7 +64,7 @@ SELECTOR = [
     evaluate.Prediction(label="get_weather", confidence=0.95, latency_ms=3.0),
     evaluate.Prediction(label="get_weather", confidence=0.70, latency_ms=5.0),
     evaluate.Prediction(label="get_weather", confidence=0.60, latency_ms=4.0),  # wrong
-    evaluate.Prediction(label=None, confidence=0.90, latency_ms=3.0),  # defers: right
+    evaluate.Prediction(label=None, confidence=0.90, latency_ms=3.0),  # defers: never right
 ]
 GENERATOR = [
     evaluate.Prediction(response=tool_call("get_weather", {"city": "oslo"}), confidence=0.9),
@@ -80,7 +80,7 @@ GENERATOR = [
 def test_a_selector_is_scored_by_its_labels_over_thresholds() -> None:
     s = evaluate.score_candidate("sel", records(), SELECTOR, "tool-call", "label-accuracy", 0.99)
     assert s.kind == "selector"
-    assert s.metrics["label_accuracy"] == 0.75  # 3 of 4 decisions, the deferral included
+    assert s.metrics["label_accuracy"] == 0.5  # 2 of 4: a deferral is never right
     assert s.metrics["exact_match"] is None and s.metrics["tool_call_ast"] is None
     # the lowest confidence answered is 0.7; the threshold sits halfway down to the next (0.6)
     assert s.threshold == pytest.approx(0.65) and s.score == 1.0 and s.coverage == 0.5
@@ -228,6 +228,27 @@ def test_a_candidate_without_confidences_that_defers_every_call_does_not_pass(me
     assert s.coverage == 0.0 and s.score == 0.0
     assert evaluate.apply_gate([s], 1.0, None, None, "smallest-passing") is None
     assert "answers no call" in s.reasons
+
+
+@pytest.mark.parametrize(
+    "defer",
+    [
+        evaluate.Prediction(response={"defer": True}, confidence=0.0),
+        evaluate.Prediction(label=None),
+    ],
+    ids=["generator", "selector"],
+)
+def test_a_candidate_that_defers_every_call_has_label_accuracy_0(
+    defer: evaluate.Prediction,
+) -> None:
+    """A deferral answers nothing, so it is never right (metrics.label_correct). Where the
+    LLM answered in text (one call of four here), label_accuracy counted it right: a
+    candidate that deferred every call showed label_accuracy 0.25 beside its score 0."""
+    s = evaluate.score_candidate(
+        "never", records(), [defer] * 4, "tool-call", "label-accuracy", 0.97
+    )
+    assert s.score == 0.0 and s.coverage == 0.0
+    assert s.metrics["label_accuracy"] == 0.0
 
 
 def test_a_generator_copying_the_llms_text_answers_is_right_under_label_accuracy() -> None:

@@ -20,23 +20,23 @@ repeat most. This stage, in order:
 2. scrubs PII and secrets (:mod:`slm_trainer.redact`; on by default);
 3. drops exact duplicates (same normalised messages, tools and response; tool-call ids and
    whitespace don't count) and near duplicates (MinHash LSH over the word 3-grams of the
-   conversation before the answer: user turns, earlier tool calls with their arguments and
-   tool results, not the system prompt; Jaccard >= ``near_dup_threshold``) among calls with
-   the same system and developer turns and the same tools offered, that the LLM answered
-   with the same tool calls or JSON (any text answer counts as the same), or that use the
-   very same words in the very same request (one request answered two ways: one label is
-   noise). A near duplicate with another structured answer (a templated request that
-   differs in an order number, in the request and the tool call's arguments alike) is an
-   example of its own: it teaches filling that slot, and an eval split of such calls tests
-   exactly that. Of identical calls the earliest captured is kept (timestamp, then request
-   id); near duplicates are compared in the order of their content hash. So the same calls
-   give the same output, byte for byte, whatever order the log holds them in: gateway
+   conversation before the answer: user turns, earlier tool calls with their arguments and tool
+   results, not the system prompt; Jaccard >= ``near_dup_threshold``) among calls with the same
+   system and developer turns (a time or request id stamped on them aside) and the same tools
+   offered, that the LLM answered with the same tool calls or JSON (any text answer counts as
+   the same), or that use the very same words in the very same request (one request answered
+   two ways: one label is noise). A near duplicate with another structured answer (a templated
+   request that differs in an order number, in the request and the tool call's arguments alike)
+   is an example of its own: it teaches filling that slot, and an eval split of such calls
+   tests exactly that. Of identical calls the earliest captured is kept (timestamp, then
+   request id); near duplicates are compared in the order of their content hash. So the same
+   calls give the same output, byte for byte, whatever order the log holds them in: gateway
    replicas write shards in an order that depends on timing, and a model must not change
    because of that; with ``max_examples`` the examples are the first ``max_examples`` in
-   content-hash order once near duplicates are out. Curate holds a sample of the distinct
-   calls with the smallest hash, a quarter above ``max_examples`` (:class:`_Sample`), since
-   a log only grows and curate holds each call it keeps (about 9 KB); where near duplicates
-   leave fewer, the log is read again for the next calls;
+   content-hash order once near duplicates are out. Curate holds a sample of the distinct calls
+   with the smallest hash, a quarter above ``max_examples`` (:class:`_Sample`), since a log
+   only grows and curate holds each call it keeps (about 9 KB); where near duplicates leave
+   fewer, the log is read again for the next calls;
 4. splits train/eval, stratified by label (the first tool call's name, a short classification
    answer, or one stratum for free text): ``eval_fraction`` of all examples, spread over the
    strata in proportion to their size (:func:`eval_counts`), so a stratum with few examples
@@ -135,7 +135,12 @@ class Args:
     )
     output_dir: Path = field(metadata={"help": "where train.jsonl, eval.jsonl and the report go"})
     task: str = field(
-        default="", metadata={"help": "keep only records of this task (default: all)"}
+        default="",
+        metadata={
+            "help": "keep only the records whose task is this (the data-prep Job passes the "
+            "AgentTask's name); the others are counted as other_task, with the most common "
+            "task names (default: all)"
+        },
     )
     scrub_pii: bool = field(default=True, metadata={"help": "redact PII and secrets"})
     near_dup_threshold: float = field(
@@ -239,6 +244,10 @@ class ParseStats:
     blank: int = 0
     malformed: Counter[str] = field(default_factory=Counter)
     other_task: int = 0
+    #: How many of ``other_task`` each task name holds, so that a task waiting for data says
+    #: whose calls its log holds (:func:`other_tasks_note`); at most
+    #: :data:`OTHER_TASK_NAMES_HELD` names, so that a log with a name per call stays bounded.
+    other_tasks: Counter[str] = field(default_factory=Counter)
     errors: list[dict[str, Any]] = field(default_factory=list)
     #: File and line number of the last line read: where a record that a later step
     #: refuses (too long to redact, too deep to write) came from.
@@ -248,6 +257,12 @@ class ParseStats:
     #: (:func:`list_input`): for a stage that reads through :func:`read_records`-style
     #: helpers and reports them beside the malformed lines.
     not_files: list[dict[str, str]] = field(default_factory=list)
+
+    def left_to(self, task: str) -> None:
+        """Count a record of another ``task``, left out."""
+        self.other_task += 1
+        if task in self.other_tasks or len(self.other_tasks) < OTHER_TASK_NAMES_HELD:
+            self.other_tasks[task] += 1
 
     def skip(self, reason: str, error: str, max_error_samples: int = 5) -> None:
         """Count the current line as malformed for ``reason``; keep it among the first few.
@@ -277,6 +292,44 @@ class ParseStats:
             first = self.errors[0]
             reasons += f"; first: {first['file']} line {first['line']}"
         return f"; {total} malformed {what}{'s' if total > 1 else ''} skipped ({reasons})"
+
+
+#: The most task names :class:`ParseStats` counts the calls of other tasks by.
+OTHER_TASK_NAMES_HELD = 1000
+#: A longer task name is cut to this in a message: three of them fit in what the operator
+#: quotes of it (plan.CURATE_SAID_MAX).
+_TASK_NAME_SHOWN = 40
+
+
+def most_common_tasks(counts: Mapping[str, int], n: int = 3) -> list[tuple[str, int]]:
+    """The ``n`` task names with the most calls, most first; a tie goes by name, so that the
+    same log says the same whatever order its shards hold the calls in."""
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:n]
+
+
+def other_tasks_note(count: int, task: str, counts: Mapping[str, int]) -> str:
+    """``'180 calls of other tasks left out (--task travel; most common: "support" 120,
+    "billing" 60)'``, or "" when none were.
+
+    Why the names: a dataset.uri may be a log that holds several agents' calls, and the
+    data-prep Job keeps the calls whose task is the AgentTask's name; a log exported from
+    elsewhere (or an AgentTask named otherwise than the gateway's route) holds none of
+    them, and "0 examples" alone read as calls still to come. Each name is quoted and cut
+    short: the message reaches the task's conditions.
+    """
+    if not count:
+        return ""
+
+    def shown(name: str) -> str:
+        cut = name if len(name) <= _TASK_NAME_SHOWN else name[: _TASK_NAME_SHOWN - 3] + "..."
+        return json.dumps(cut, ensure_ascii=False)
+
+    names = ", ".join(f"{shown(name)} {n}" for name, n in most_common_tasks(counts))
+    return (
+        f"{count} call{'' if count == 1 else 's'} of other tasks left out (--task {task}"
+        + (f"; most common: {names}" if names else "")
+        + ")"
+    )
 
 
 # ------------------------------------------------------------------------------ parsing
@@ -481,6 +534,59 @@ def list_input(path: str | Path) -> tuple[list[Shard], list[dict[str, str]]]:
     return [path], []
 
 
+#: How many of the subfolders holding a call log :func:`nested_call_logs` looks for: one more
+#: than the result message names, so that it can say there are more.
+NESTED_NAMED = 3
+
+
+def nested_call_logs(path: str | Path, limit: int = NESTED_NAMED + 1) -> list[str]:
+    """The first ``limit`` subfolders of ``path``, one or two levels down, that hold a
+    ``*.jsonl`` file, as ``"agents/weather/"`` relative to it, depth first in name order; []
+    when there are none, or ``path`` is no folder.
+
+    Why: the gateway captures each task's calls to ``<target>/<namespace>/<task>/``, and
+    curate reads the shards directly in the folder it is given. Given the capture root (or a
+    namespace's folder), it found none and said "no call log yet", which the operator waits
+    on for good while the subfolders hold every call; :func:`run` fails with these names
+    instead. Best effort: a subfolder that cannot be listed is passed over.
+    """
+    found: list[str] = []
+
+    def walk(entries: Callable[[Any], Iterable[tuple[Any, str, bool]]], top: Any) -> None:
+        """Depth first from ``top``; ``entries(folder)`` yields (handle, name, is_folder)."""
+        pending: list[tuple[Any, str, int]] = [(top, "", 0)]
+        while pending and len(found) < limit:
+            folder, rel, depth = pending.pop()
+            try:
+                listed = sorted(entries(folder), key=lambda e: e[1])
+            except OSError:
+                continue
+            if depth and any(not is_dir and name.endswith(".jsonl") for _, name, is_dir in listed):
+                found.append(rel)
+            if depth < 2:
+                subs = [(h, f"{rel}{name}/", depth + 1) for h, name, is_dir in listed if is_dir]
+                pending.extend(reversed(subs))
+
+    if is_uri(path):
+        fs, root = _filesystem(str(path))
+
+        def remote(folder: str) -> Iterable[tuple[Any, str, bool]]:
+            for e in fs.ls(folder, detail=True):
+                name = str(e["name"]).rstrip("/")
+                kind = e.get("type")
+                if kind in ("directory", "file") and name != folder.rstrip("/"):
+                    yield name, name.rsplit("/", 1)[-1], kind == "directory"
+
+        walk(remote, root)
+    elif Path(path).is_dir():
+
+        def local(folder: Path) -> Iterable[tuple[Any, str, bool]]:
+            return [(p, p.name, p.is_dir()) for p in folder.iterdir()]
+
+        walk(local, Path(path))
+    return [printable_name(rel) for rel in found]
+
+
 def skipped_note(skipped: Sequence[Mapping[str, str]], named: int = 3) -> str:
     """``"2 *.jsonl entries skipped, not files (a.jsonl: fifo, b.jsonl: directory)"``, the
     first ``named`` of them by name, or "" when none: for the result message, which the
@@ -565,7 +671,7 @@ def parse_lines(
             reason, error = "invalid_json", f"{type(exc).__name__}: {exc}"
         else:
             if task and record.task != task:
-                stats.other_task += 1
+                stats.left_to(record.task)
                 continue
             if require_answer and not has_answer(record.response):
                 reason, error = "empty_response", "response has no content and no tool_calls"
@@ -800,9 +906,20 @@ def _blake(doc: Any) -> str:
 
 
 def _instructions(record: CallRecord) -> list[str]:
-    """The system and developer turns, whitespace normalised."""
+    """The system and developer turns, whitespace normalised, the stamps an agent framework
+    puts on every call read as one placeholder (:data:`_VOLATILE_RE`, as in
+    :func:`dedupe_text`).
+
+    Why the stamps: a system prompt often carries the current time or a request id, and the
+    instructions decide which calls may be near duplicates (:func:`near_group`): every call,
+    retries included, was in a group of its own, none was dropped, and the eval split held
+    the twins of train examples. :func:`exact_key` keeps them: only near duplicates ignore
+    them, as they ignore a stamp in the user turn.
+    """
     return [
-        _normal_message(m)["content"] for m in record.messages if m.get("role") in _NOT_CONVERSATION
+        _VOLATILE_RE.sub("<id>", _normal_message(m)["content"])
+        for m in record.messages
+        if m.get("role") in _NOT_CONVERSATION
     ]
 
 
@@ -1087,6 +1204,19 @@ def run(args: Args, progress: Progress | None = None) -> TrainerResult:
     started = time.monotonic()
     try:
         files, skipped = list_input(args.input)
+        nested = [] if files else nested_call_logs(args.input)
+        if nested:
+            # No example count: a failure, not "wait for data" (waiting would never end).
+            named = ", ".join(nested[:NESTED_NAMED])
+            more = " and more" if len(nested) > NESTED_NAMED else ""
+            return TrainerResult(
+                stage=CONTRACT_STAGE,
+                ok=False,
+                message=f"no call log directly at {printable_name(redact_uri(str(args.input)))}"
+                f", but its subfolders hold some ({named}{more}); curate reads the *.jsonl of "
+                "one folder, and the gateway captures each task's calls to a folder of its "
+                "own: point dataset.uri at one task's folder (calls/<namespace>/<task>/)",
+            )
         missing = [printable_name(str(p)) for p in files if isinstance(p, Path) and not p.is_file()]
         if not files or missing:
             # Zero examples rather than an error: a task's log directory appears with its
@@ -1514,6 +1644,8 @@ def _curate(
         #         + examples
         "read": stats.lines - stats.blank,
         "other_task": stats.other_task,
+        # the task names of those calls with the most of them (at most 3), most first
+        "other_task_most_common": dict(most_common_tasks(stats.other_tasks)),
         # captured before not_before, or with no capture time: never trained or evaluated on
         "before_not_before": early,
         # answered by the served SLM (or another backend), never trained or evaluated on
@@ -1543,10 +1675,14 @@ def _curate(
     }
     _write_outputs(args.output_dir, train, evals, report)
 
+    too_few = len(kept) < args.min_examples
+    # Said first when the task waits for data: whose calls the log holds is then the news,
+    # and the operator quotes only the start of a long message.
+    others = other_tasks_note(stats.other_task, args.task, stats.other_tasks)
     summary = (
         f"{len(kept)} examples ({len(train)} train / {len(evals)} eval, {len(per_stratum)} strata) "
         f"from {report['read']} records: {report['malformed_total']} malformed, "
-        + (f"{stats.other_task} of other tasks (--task {args.task}), " if stats.other_task else "")
+        + (f"{others}, " if others and not too_few else "")
         + (f"{early} captured before not_before {args.not_before}, " if early else "")
         + (
             f"{not_llm} not answered by the LLM "
@@ -1569,7 +1705,7 @@ def _curate(
         )
         + (f", {skipped_note(skipped)}" if skipped else "")
     )
-    if len(kept) < args.min_examples:
+    if too_few:
         return TrainerResult(
             stage=CONTRACT_STAGE,
             ok=False,
@@ -1577,7 +1713,7 @@ def _curate(
             train_examples=len(train),
             eval_examples=len(evals),
             message=f"too few examples after curation: {len(kept)} < min_examples "
-            f"{args.min_examples}; {summary}",
+            f"{args.min_examples}; " + (f"{others}; " if others else "") + summary,
         )
     return TrainerResult(
         stage=CONTRACT_STAGE,

@@ -38,11 +38,12 @@ How:
 5. for every cluster with at least ``min_cluster_size`` distinct calls (what curate keeps of
    it: calls with an empty answer out, by curate's own :func:`~slm_trainer.curate.has_answer`,
    exact and near duplicates out: agents retry), the cluster's answered records go to
-   ``clusters/<name>.jsonl`` and an AgentTask manifest (``slmfleet.dev/v1alpha1``) to
-   ``manifests/<name>.yaml``. The manifest's dataset URI points at that file, and its
-   ``minExamples`` is the distinct count (at most 200), so the task trains at once. Earlier
-   runs' ``*.jsonl`` and ``*.yaml`` in those two folders are removed first: ``kubectl apply
-   -f manifests/`` applies this run's proposals only.
+   ``clusters/<name>.jsonl``, each with ``task`` set to ``<name>`` (the task's data-prep Job
+   keeps only the calls of its AgentTask's name), and an AgentTask manifest
+   (``slmfleet.dev/v1alpha1``) to ``manifests/<name>.yaml``. The manifest's dataset URI
+   points at that file, and its ``minExamples`` is the distinct count (at most 200), so the
+   task trains at once. Earlier runs' ``*.jsonl`` and ``*.yaml`` in those two folders are
+   removed first: ``kubectl apply -f manifests/`` applies this run's proposals only.
 
 Heavy imports (sentence-transformers, scikit-learn) happen inside :func:`run`.
 """
@@ -55,7 +56,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -921,11 +922,13 @@ def run(args: Args, emit: Emit | None = None) -> TrainerResult:
         if task_type is not None and distinct >= args.min_cluster_size:
             # Only the answered calls: the file is the task's training data, and curate would
             # drop the others again, counted as malformed (empty_response), which reads as a
-            # broken log. The report counts them (empty_answers).
+            # broken log. The report counts them (empty_answers). Each under the AgentTask's
+            # name: its data-prep Job keeps only the calls of that task (curate --task), and
+            # the log's names (an export's, a shared log's several) would leave it none.
             file = out / "clusters" / f"{name}.jsonl"
             with file.open("w", encoding="utf-8") as fh:
                 for i in answered:
-                    fh.write(records[i].to_json() + "\n")
+                    fh.write(replace(records[i], task=name).to_json() + "\n")
             uri = dataset_uri(args, out / "clusters", name)
             desc = (
                 f"Discovered from {len(members)} logged calls ({distinct} distinct with an "

@@ -195,9 +195,16 @@ def score_candidate(
     generative = any(p.response is not None for p in preds)
     out = CandidateScore(name=name, kind="generative" if generative else "selector", path="")
     answer_labels = [answer_label(p, lab) for p, lab in zip(preds, labels, strict=True)]
+    # label-accuracy judges a generated message as the finetune stage does (a text answer
+    # where the LLM called no tool is right) and a selector's choice by its label (None is
+    # its deferral, never right). The reported label_accuracy is the mean of these very
+    # verdicts: it had counted a deferral right wherever the LLM answered in text, so a
+    # candidate that deferred every call showed a label accuracy beside its score of 0.
     label_ok = [
-        metrics.label_correct(p, r) or (p is None and r is None)
-        for p, r in zip(labels, refs, strict=True)
+        metrics.answer_label_correct(p.response, r.response, task_type)
+        if p.response is not None
+        else metrics.label_correct(lab, ref)
+        for p, r, lab, ref in zip(preds, records, labels, refs, strict=True)
     ]
     m: dict[str, Any] = {
         "examples": len(records),
@@ -207,15 +214,7 @@ def score_candidate(
         "tool_call_ast": None,
         "ast_checker": None,
     }
-    # label-accuracy judges a generated message as the finetune stage does (a text answer
-    # where the LLM called no tool is right) and a selector's choice by its label (None is
-    # its deferral, never right).
-    verdict = [
-        metrics.answer_label_correct(p.response, r.response, task_type)
-        if p.response is not None
-        else metrics.label_correct(lab, ref)
-        for p, r, lab, ref in zip(preds, records, labels, refs, strict=True)
-    ]
+    verdict = list(label_ok)
     # What is served for each call: the generated message, or for a selector gated on a metric
     # of whole answers, the answer it serves (the chosen tool with "{}" arguments), so that
     # it passes only where that answer is right. label-accuracy scores a selector's choice.

@@ -10,6 +10,8 @@ light.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import signal
 import threading
@@ -211,20 +213,90 @@ def save_atomically(payload: Any, path: Path) -> Path:
     The file's data is synced before the rename and the directory after it: without that, a
     node that loses power (or is hard-stopped) can come back with the rename on disk but not
     the data, i.e. a truncated checkpoint under the trusted name.
+
+    Saved through a Python file object, not by path: torch's own writer turns a full disk
+    into "unexpected pos 175936 vs 175828" and drops the OS's error, while a write of ours
+    raises ENOSPC, which torch keeps in the exception's chain. A save that fails removes its
+    temporary file (a torn one is of no use, and it held the very space the next save
+    lacks); on a full disk it raises ``OSError(ENOSPC)`` saying so (:func:`no_space_message`),
+    which the CLI reports as the result's message.
     """
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)  # by path: torch's own fast writer, not a Python file object
-    fd = os.open(tmp, os.O_RDONLY)  # fsync flushes the file's data whatever fd it is given
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        with open(tmp, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())  # the data on disk before the rename makes it trusted
+        os.replace(tmp, path)
+    except Exception as exc:
+        # Asked while the temporary file still holds what the save got down.
+        full = out_of_space(exc) or _free_bytes(path.parent) == 0
+        _remove(tmp)
+        if full:
+            previous = path.stat().st_size if path.is_file() else None
+            message = no_space_message(path, _free_bytes(path.parent), previous)
+            raise OSError(errno.ENOSPC, message) from exc
+        raise
+    except BaseException:  # Terminated (SIGTERM outside a loop), KeyboardInterrupt
+        _remove(tmp)
+        raise
     _fsync_directory(path.parent)
     return path
+
+
+#: What a filesystem says when a write finds no room: ENOSPC, or EDQUOT where the volume
+#: has a quota (a network filesystem's export, a project quota on a local one).
+_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """Whether ``exc`` or an exception it was raised from or while handling says the disk
+    is full (torch wraps the write's ``OSError`` in a ``RuntimeError`` of its own)."""
+    return any(isinstance(link, OSError) and link.errno in _NO_SPACE_ERRNOS for link in _chain(exc))
+
+
+def no_space_message(path: Path, free: int | None, previous: int | None) -> str:
+    """What a save that ran out of disk says (the result's message, through the CLI).
+
+    Why it names the size: an atomic save writes the new checkpoint beside the previous one
+    and removes the old one only by the rename, so the volume needs room for about one more
+    checkpoint than it holds; the previous one's size is the best guess of that.
+    """
+    room = "free space unknown" if free is None else f"{free} bytes free"
+    size = "" if previous is None else f"; the last one saved is {previous} bytes"
+    return (
+        f"cannot save checkpoint {path}: no space left on {path.parent} ({room}; a save "
+        f"needs about the checkpoint's size again while the previous one is kept{size})"
+    )
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling, outermost first."""
+    links: list[BaseException] = []
+    link: BaseException | None = exc
+    while link is not None and all(link is not seen for seen in links):
+        links.append(link)
+        link = link.__cause__ or link.__context__
+    return links
+
+
+def _free_bytes(directory: Path) -> int | None:
+    """Bytes an unprivileged writer may still use in ``directory``'s filesystem (None where
+    the filesystem does not say)."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _remove(path: Path) -> None:
+    """Remove a temporary file, if it is there and the filesystem lets us."""
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -249,6 +321,12 @@ def load_or_set_aside(path: Path, **load_kwargs: Any) -> tuple[Any, str | None]:
     ``<name>.corrupt-<unix time>`` next to it, so that the run starts fresh instead of every
     retried pod crashing on the same file, and the file is kept for a look. ``why`` says
     what failed and where the file went; the caller logs it. A missing file is (None, None).
+
+    A load that fails for want of the storage or the memory, not because of the file
+    (:func:`storage_failure`: EIO or ESTALE from a network volume during a failover, no
+    memory), raises instead, and the file stays where it is: setting a sound checkpoint
+    aside restarted training from step 0, while the crash is retried by the Job and the
+    next pod reads the file again.
     """
     import torch
 
@@ -257,6 +335,15 @@ def load_or_set_aside(path: Path, **load_kwargs: Any) -> tuple[Any, str | None]:
     try:
         return torch.load(path, map_location="cpu", **load_kwargs), None
     except Exception as exc:
+        failure = storage_failure(exc)
+        if isinstance(failure, OSError) and failure.errno is not None:
+            raise OSError(
+                failure.errno,
+                f"cannot read checkpoint {path} ({failure.strerror}); it is left in place "
+                "for the next pod to read again",
+            ) from exc
+        if failure is not None:
+            raise
         aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
         try:
             os.replace(path, aside)
@@ -265,3 +352,23 @@ def load_or_set_aside(path: Path, **load_kwargs: Any) -> tuple[Any, str | None]:
             where = f"could not be moved aside ({move_error})"
         error = f"{type(exc).__name__}: {exc}"[:300]
         return None, f"unreadable checkpoint {path} ({error}); {where}"
+
+
+#: How torch's CPU allocator says it got no memory (a plain RuntimeError).
+_CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"
+
+
+def storage_failure(exc: BaseException) -> BaseException | None:
+    """The exception in ``exc``'s chain that says reading failed for want of the storage or
+    the memory, not because of what the file holds; None for a file that is not a checkpoint.
+
+    An ``OSError`` is the storage's except EINVAL: torch's zip reader, looking for the
+    archive's directory, seeks before the start of a file cut short and gets EINVAL, the
+    commonest form of a torn checkpoint. An ``OSError`` without an errno is no OS's either.
+    """
+    for link in _chain(exc):
+        if isinstance(link, MemoryError) or _CPU_OUT_OF_MEMORY in str(link):
+            return link
+        if isinstance(link, OSError) and link.errno not in (None, errno.EINVAL):
+            return link
+    return None
