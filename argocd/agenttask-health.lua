@@ -11,7 +11,9 @@
 --      serving); its state is in the message.
 --   3. Degraded when the spec is invalid (InvalidSpec), a Job failed (JobFailed,
 --      ResultMissing), no candidate passed the gate (GateNotMet), the API server refused
---      a child the operator applies (ApplyFailed: a quota, a webhook), or phase is Failed.
+--      a child the operator applies (ApplyFailed: a quota, a webhook), a promoted model's
+--      rollout made no progress (RolloutStuck: its Triton pods never got ready), or phase is
+--      Failed.
 --   4. Degraded while fallback to the LLM is active past its window: FallbackActive=True with
 --      reason SLOBreached, NoReadyReplicas or MetricsUnavailable. The operator turns fallback
 --      on only after spec.fallback.policy.breachWindows consecutive breached SLO windows, so
@@ -47,6 +49,7 @@ end
 
 local FAILURE_REASONS = {
   InvalidSpec = true, JobFailed = true, ResultMissing = true, GateNotMet = true, ApplyFailed = true,
+  RolloutStuck = true,
 }
 local FALLBACK_DEGRADED = { SLOBreached = true, NoReadyReplicas = true, MetricsUnavailable = true }
 local PROGRESSING_PHASES = {

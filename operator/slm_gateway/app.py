@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import itertools
 import logging
+import math
 import re
 import time
 import uuid
@@ -67,7 +68,13 @@ from slm_gateway.backends import (
     infer_body,
     new_client,
 )
-from slm_gateway.breaker import STATE_VALUES, CircuitBreaker
+from slm_gateway.breaker import (
+    CLOSED,
+    STATE_VALUES,
+    CircuitBreaker,
+    failure_text,
+    probe_line_due,
+)
 from slm_gateway.capture import DROP_ENCODE, Captured, CaptureSink, llm_only_call
 from slm_gateway.config import GatewayConfig
 from slm_gateway.decide import (
@@ -194,13 +201,29 @@ class Breakers:
     as the key is also the gauge's ``endpoint`` label and goes into log lines, and a query may
     hold a provider's key. Two routes differing only in their query share one breaker, which
     is right: a breaker judges whether the endpoint answers, whatever the query says.
+
+    An opening is logged with its cause (how many failures, and the last one); a half-open
+    probe that fails is "still open", logged once per :data:`PROBE_LOG_INTERVAL_S` at most
+    (``clock`` is when, monotonic): an hour-long outage was a fresh "is now open" line per
+    cooldown, 720 of them, none saying why.
     """
 
-    def __init__(self, failures: int, cooldown_s: float, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self,
+        failures: int,
+        cooldown_s: float,
+        metrics: GatewayMetrics,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.failures = failures
         self.cooldown_s = cooldown_s
         self.metrics = metrics
+        self.clock = clock
         self._by_url: dict[str, CircuitBreaker] = {}
+        #: Per endpoint whose probes are failing: when that was last logged, and the failed
+        #: probes since (this outage only: forgotten when the circuit closes).
+        self._probes: dict[str, tuple[float, int]] = {}
 
     def get(self, backend: str, url: str) -> CircuitBreaker:
         found = self._by_url.get(url)
@@ -216,6 +239,7 @@ class Breakers:
         SlmFleetSlmCircuitOpen alert would fire until the gateway restarts."""
         for url in [u for u in self._by_url if u not in used]:
             del self._by_url[url]
+            self._probes.pop(url, None)
             for backend in (SLM, LLM):
                 with contextlib.suppress(KeyError):
                     self.metrics.circuit.remove(backend, url)
@@ -235,22 +259,62 @@ class Breakers:
         return ok
 
     def record(
-        self, backend: str, url: str, b: CircuitBreaker, ok: bool, admitted_at: float
+        self,
+        backend: str,
+        url: str,
+        b: CircuitBreaker,
+        ok: bool,
+        admitted_at: float,
+        why: str = "",
     ) -> None:
-        """The outcome of a call that ``allow`` let through at ``admitted_at`` (monotonic)."""
+        """The outcome of a call that ``allow`` let through at ``admitted_at`` (monotonic);
+        ``why`` says how a failed one failed (:func:`~slm_gateway.breaker.failure_text`)."""
         before = b.state
-        now = time.monotonic()
+        now = self.clock()
         if ok:
             b.success(now, admitted_at)
         else:
             b.failure(now, admitted_at)
-        if b.state != before:
-            if self._current(url, b):
-                self.metrics.circuit.labels(backend, url).set(STATE_VALUES[b.state])
-            if not ok:
-                log.warning("circuit for %s backend %s is now %s", backend, url, b.state)
+        if b.state == before:
+            return
+        if self._current(url, b):
+            self.metrics.circuit.labels(backend, url).set(STATE_VALUES[b.state])
+        why = why or "unknown"
+        if ok:
+            self._probes.pop(url, None)
+            log.info("circuit for %s backend %s is now %s", backend, url, b.state)
+        elif before == CLOSED:
+            self._probes.pop(url, None)
+            log.warning(
+                "circuit for %s backend %s is now open after %d failures in a row (last: %s)",
+                backend,
+                url,
+                b.failure_threshold,
+                why,
+            )
+        else:  # its half-open probe failed: the same outage, not a new one
+            said_at, unsaid = self._probes.get(url, (-math.inf, 0))
+            if not probe_line_due(said_at, now):
+                self._probes[url] = (said_at, unsaid + 1)
+                return
+            self._probes[url] = (now, 0)
+            if said_at == -math.inf:
+                log.warning(
+                    "circuit for %s backend %s still open (probe failed: %s); failed probes "
+                    "are logged at most once a minute",
+                    backend,
+                    url,
+                    why,
+                )
             else:
-                log.info("circuit for %s backend %s is now %s", backend, url, b.state)
+                log.warning(
+                    "circuit for %s backend %s still open (probe failed: %s; %d since the "
+                    "last line)",
+                    backend,
+                    url,
+                    why,
+                    unsaid + 1,
+                )
 
 
 class Gateway:
@@ -652,7 +716,7 @@ class Gateway:
             ValueError,
             AttributeError,
         ):
-            self._llm_broken(call, BAD_OUTPUT, e.CODE_UPSTREAM, spent)
+            self._llm_broken(call, BAD_OUTPUT, e.CODE_UPSTREAM, spent, "an unreadable answer")
             raise GatewayError(
                 502,
                 "The LLM backend answered with an unreadable chat completion.",
@@ -791,7 +855,8 @@ class Gateway:
             if code == e.CODE_INTERNAL:  # the gateway's fault, not the LLM's: no breaker
                 self.metrics.errors.labels(route.namespace, route.task, LLM, code).inc()
             else:
-                self._llm_broken(call, result, code, spent)
+                why = text.rstrip(".") or "an error event in its stream"
+                self._llm_broken(call, result, code, spent, why)
             self.metrics.streams.labels(route.namespace, route.task, LLM, "failed").inc()
             tail = _error_event(text, code) if text else b""
             await send({"type": "http.response.body", "body": tail, "more_body": False})
@@ -955,17 +1020,18 @@ class Gateway:
             headers={"Retry-After": str(max(1, round(self.cfg.breaker_cooldown_s)))},
         )
 
-    def _llm_broken(self, call: _LLMCall, result: str, code: str, spent: float) -> None:
-        """Count an LLM attempt that failed, against its breaker too."""
+    def _llm_broken(self, call: _LLMCall, result: str, code: str, spent: float, why: str) -> None:
+        """Count an LLM attempt that failed (``why``: how, for the circuit's log line),
+        against its breaker too."""
         route = call.route
         self.metrics.attempt(route.namespace, route.task, LLM, result, spent)
-        self.breakers.record(LLM, route.llm_log_url, call.llm_b, False, call.admitted)
+        self.breakers.record(LLM, route.llm_log_url, call.llm_b, False, call.admitted, why)
         self.metrics.errors.labels(route.namespace, route.task, LLM, code).inc()
 
     def _llm_unreachable(self, call: _LLMCall, err: UpstreamError, spent: float) -> GatewayError:
         """The 502 or 504 for an LLM that did not answer (counted here)."""
         code = _error_code(err)
-        self._llm_broken(call, err.kind, code, spent)
+        self._llm_broken(call, err.kind, code, spent, failure_text(err.kind, err.detail))
         return GatewayError(
             504 if err.kind == TIMEOUT else 502,
             f"The LLM backend did not answer ({err.detail}).",
@@ -1038,7 +1104,9 @@ class Gateway:
         auth = status in _LLM_AUTH_STATUSES
         if auth or not 400 <= status < 500:
             self.metrics.attempt(route.namespace, route.task, LLM, "error", spent)
-            self.breakers.record(LLM, route.llm_log_url, call.llm_b, auth, call.admitted)
+            self.breakers.record(
+                LLM, route.llm_log_url, call.llm_b, auth, call.admitted, f"HTTP {status}"
+            )
             if auth:
                 self._auth_rejected(route, status)
                 message = (
@@ -1110,14 +1178,16 @@ class Gateway:
             # at shutdown) is logged by type only, as its message may quote the request.
             if isinstance(exc, UpstreamError):
                 kind = exc.kind
+                why = failure_text(kind, exc.detail)
             else:
                 kind = "error"
+                why = f"unexpected {type(exc).__name__}"
                 log.error(
                     "SLM call for task %s failed unexpectedly: %s", route.task, type(exc).__name__
                 )
             result = kind if kind in (TIMEOUT, BAD_OUTPUT) else "error"
             self.metrics.attempt(route.namespace, route.task, SLM, result, time.perf_counter() - t)
-            self.breakers.record(SLM, route.slm_log_url, slm_b, False, admitted)
+            self.breakers.record(SLM, route.slm_log_url, slm_b, False, admitted, why)
             if kind == TIMEOUT:
                 return None, REASON_TIMEOUT
             return None, REASON_BAD_OUTPUT if kind == BAD_OUTPUT else REASON_ERROR
@@ -1127,7 +1197,9 @@ class Gateway:
             answer, confidence, route.confidence_threshold, req.body, req.tool_names
         )
         bad = verdict == REASON_BAD_OUTPUT
-        self.breakers.record(SLM, route.slm_log_url, slm_b, not bad, admitted)
+        self.breakers.record(
+            SLM, route.slm_log_url, slm_b, not bad, admitted, "bad output (an unusable answer)"
+        )
         result = BAD_OUTPUT if bad else verdict or "ok"
         self.metrics.attempt(route.namespace, route.task, SLM, result, spent)
         return answer, verdict

@@ -11,11 +11,35 @@ unit-tested without sleeping.
 
 from __future__ import annotations
 
+from slm_gateway.backends import BAD_OUTPUT, TIMEOUT
+
 CLOSED = "closed"
 OPEN = "open"
 HALF_OPEN = "half_open"
 #: Gauge values for the state, in the order a failing backend goes through them.
 STATE_VALUES = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
+#: A circuit whose half-open probes keep failing says so at most once per this many seconds:
+#: with the default 5 s cooldown an hour-long outage was 720 "is now open" lines.
+PROBE_LOG_INTERVAL_S = 60.0
+
+
+def failure_text(kind: str, detail: str) -> str:
+    """A failed call as the circuit's log lines say it: ``HTTP 500``, ``timeout (no answer
+    within 30s)``, ``cannot connect (Connection refused)``, ``bad output (...)``; ``kind`` and
+    ``detail`` as an :class:`~slm_gateway.backends.UpstreamError` has them (its detail is the
+    client's own words, safe to log: no body, no key)."""
+    if kind == TIMEOUT:
+        return f"timeout ({detail})"
+    if kind == BAD_OUTPUT:
+        return f"bad output ({detail})"
+    return detail
+
+
+def probe_line_due(said_at: float, now: float) -> bool:
+    """Whether a failed half-open probe is logged at ``now``, the last such line of this
+    outage having been at ``said_at`` (``-inf``: none yet): the first one is, then one per
+    :data:`PROBE_LOG_INTERVAL_S`."""
+    return now - said_at >= PROBE_LOG_INTERVAL_S
 
 
 class CircuitBreaker:

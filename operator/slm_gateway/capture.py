@@ -193,6 +193,11 @@ class CaptureConfig:
     #: How long one upload may hold up a worker before it writes records again; the upload
     #: goes on in the background, and the shard is tried again later (ShardWriter).
     upload_timeout_s: float = 60.0
+    #: The gateway's ``--log-level`` and ``--log-format``: a worker is a process of its own,
+    #: and without them its lines went through Python's bare fallback handler (no time, no
+    #: level, nothing below WARNING), unlike every other line of the gateway's stream.
+    log_level: str = "info"
+    log_format: str = "text"
 
 
 @dataclass
@@ -1226,6 +1231,14 @@ class _WriteFailures:
 
 def _worker_main(inbox: Connection, outbox: Connection, cfg: CaptureConfig, index: int) -> None:
     """Redact and write batches until the parent sends None or goes away."""
+    # Here, not at the top: the entry point imports this module.
+    from slm_gateway.main import configure_logging
+
+    configure_logging(cfg.log_level, cfg.log_format, worker=f"slm-capture-{index}")
+    if cfg.log_level != "debug":
+        # Its INFO lines at every worker start ("Loaded recognizer: ...", 16 of them) say
+        # nothing an operator acts on; its warnings still come through.
+        logging.getLogger("presidio-analyzer").setLevel(logging.WARNING)
     # The parent decides when to stop: a SIGTERM or Ctrl-C sent to the process group must
     # not kill a worker that still holds unflushed records.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -35,6 +35,9 @@ DEFAULT_KEY_ENV = "SLM_GATEWAY_LLM_API_KEY"
 #: the agents' ``Authorization`` among them, and the project never logs a secret; anything
 #: else (a typo) used to end the start in a ``ValueError: Unknown level`` traceback.
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+#: The layouts ``--log-format`` takes: ``text`` (time, level, logger, message) or ``json`` (one
+#: object a line, for log shippers); uvicorn's lines and the capture workers' follow it too.
+LOG_FORMATS = ("text", "json")
 
 #: A bad variable's value is shown only when it looks like a mistyped number: at most 24
 #: characters, a digit among them, nothing but digits, sign, dot, comma, ``e``, ``_`` and
@@ -78,6 +81,7 @@ class GatewayConfig:
     port: int = 8080
     port_file: str = ""
     log_level: str = "info"
+    log_format: str = "text"
     graceful_timeout_s: float = 30.0
     pool_size: int = 1024
     # how long a removed task's metric series are still exported (slm_gateway.metrics)
@@ -347,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default=_env("LOG_LEVEL", "info"), help=f"one of {', '.join(LOG_LEVELS)}"
     )
     srv.add_argument(
+        "--log-format",
+        default=_env("LOG_FORMAT", "text"),
+        help="text (time, level, logger, message) or json (one object a line: timestamp, "
+        "level, logger, message, exception); uvicorn's and the capture workers' lines too",
+    )
+    srv.add_argument(
         "--graceful-timeout-s", type=float, default=_env_float("GRACEFUL_TIMEOUT_S", 30)
     )
     srv.add_argument(
@@ -478,6 +488,12 @@ def config_from_args(argv: Sequence[str] | None = None) -> GatewayConfig:
             f"--log-level must be one of {', '.join(LOG_LEVELS)} "
             f"({ENV_PREFIX}LOG_LEVEL sets its default)"
         )
+    if args.log_format.lower() not in LOG_FORMATS:
+        # The value is not shown, as for --log-level.
+        build_parser().error(
+            f"--log-format must be one of {', '.join(LOG_FORMATS)} "
+            f"({ENV_PREFIX}LOG_FORMAT sets its default)"
+        )
     if args.agent_auth not in AUTH_MODES:
         # The value is not shown: it may come from SLM_GATEWAY_AGENT_AUTH, a misplaced key.
         build_parser().error(
@@ -509,6 +525,8 @@ def config_from_args(argv: Sequence[str] | None = None) -> GatewayConfig:
             workers=args.capture_workers,
             linger_s=args.capture_linger_ms / 1000.0,
             spool=args.capture_spool,
+            log_level=args.log_level.lower(),
+            log_format=args.log_format.lower(),
         )
     prices = dict(DEFAULT_PRICES)
     prices.update(dict(args.price))
@@ -538,6 +556,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> GatewayConfig:
         port=args.port,
         port_file=args.port_file,
         log_level=args.log_level.lower(),
+        log_format=args.log_format.lower(),
         graceful_timeout_s=args.graceful_timeout_s,
         removed_task_metrics_s=args.removed_task_metrics_s,
         agent_auth=args.agent_auth,

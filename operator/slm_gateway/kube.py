@@ -414,7 +414,11 @@ class AgentTaskWatcher:
             )
         except RouteError as exc:
             if key not in self._refused:  # once per refusal, not at every refresh or resync
-                log.warning("AgentTask skipped: %s", exc)
+                # Named with its namespace: with several namespaces, "task weather" alone
+                # could be anyone's. The message's own "task <name>: " would repeat it.
+                name = str((obj.get("metadata") or {}).get("name") or "")
+                why = str(exc).removeprefix(f"task {name}: ")
+                log.warning("AgentTask %s skipped: %s", key, why)
             self._refused.add(key)
             self._blocked.pop(key, None)
             return None
@@ -519,8 +523,12 @@ class AgentTaskWatcher:
         except Exception as exc:
             if getattr(exc, "status", None) == 404:
                 self._keys.pop(ref, None)
+                # Not "the task is served without a key": a task naming it may be skipped
+                # for another reason (logged next), and several tasks may name it.
                 self._problem(
-                    ref, "llm_key_missing", "does not exist; the task is served without a key"
+                    ref,
+                    "llm_key_missing",
+                    "does not exist: no LLM key to send for the tasks that name it",
                 )
                 return NO_KEY
             last = self._keys.get(ref, NO_KEY)

@@ -6,18 +6,21 @@ server starts, so a caller never guesses a free port and races another process f
 uvicorn runs with uvloop and httptools (its protocol wrapped so that each answer is one
 write, see :mod:`slm_gateway.wire`), without websockets, and without its access log (one log
 line per call costs more than the rest of the request path, and would be a place for request
-data to leak).
+data to leak). uvicorn's own lines go through the gateway's handler (:func:`configure_logging`),
+so that one stream has one layout, text or JSON.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import os
 import socket
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 from slm_gateway.auth import AuthNotConfigured
 from slm_gateway.config import GatewayConfig, build_parser, config_from_args
@@ -40,11 +43,7 @@ def serve(cfg: GatewayConfig) -> None:
     from slm_gateway.app import create_app
     from slm_gateway.wire import OneWriteHttpToolsProtocol
 
-    logging.basicConfig(
-        level=cfg.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(cfg.log_level, cfg.log_format)
     open_files_limit()
     try:
         app = create_app(cfg)
@@ -72,6 +71,8 @@ def serve(cfg: GatewayConfig) -> None:
         ws="none",
         lifespan="on",
         access_log=False,
+        # No handlers of uvicorn's own: its loggers propagate to the root's (configure_logging).
+        log_config=None,
         log_level=cfg.log_level.lower(),
         server_header=False,
         proxy_headers=False,
@@ -84,6 +85,67 @@ def serve(cfg: GatewayConfig) -> None:
     logging.getLogger("uvicorn.error").addFilter(_no_cancel_traceback)
     tune_gc()
     uvicorn.Server(config).run(sockets=[sock])
+
+
+#: The text layout: local time with milliseconds, level, logger (and the worker), message.
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s{worker}: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: ``timestamp`` (UTC, ISO 8601), ``level``, ``logger``,
+    ``message``, and ``exception`` (its traceback) or ``stack`` when the record has one;
+    ``process`` names a capture worker.
+
+    Why these fields only: a log shipper needs no more to index a line, and a record's other
+    attributes (its ``args``, or extras a library adds) are never written, so a JSON line
+    says no more than the text line would: what the gateway keeps out of its messages (keys,
+    request bodies) stays out."""
+
+    def __init__(self, worker: str = "") -> None:
+        super().__init__()
+        self.worker = worker
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, str] = {
+            "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if self.worker:
+            doc["process"] = self.worker
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            doc["exception"] = record.exc_text
+        if record.stack_info:
+            doc["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(doc, ensure_ascii=False)
+
+
+def log_formatter(fmt: str, worker: str = "") -> logging.Formatter:
+    """The formatter of ``--log-format`` ``fmt`` (``text`` or ``json``); ``worker`` names the
+    process in each line (a capture worker), as its lines share the gateway's stream."""
+    if fmt == "json":
+        return JsonFormatter(worker)
+    return logging.Formatter(TEXT_FORMAT.format(worker=f" [{worker}]" if worker else ""))
+
+
+def configure_logging(level: str, fmt: str, *, worker: str = "") -> None:
+    """Send every record of this process at ``level`` or above to stderr, in ``fmt``.
+
+    The root logger's handler is the only one: uvicorn runs with ``log_config=None``, so its
+    loggers have no handler and propagate here (its default configuration gave them a handler
+    of their own, ``INFO:     Started server process``, without time or logger), and each
+    capture worker calls this at its start (it used to log through Python's bare fallback
+    handler: no time, no level, nothing below WARNING)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(log_formatter(fmt, worker))
+    # Not forced: where the root logger has a handler already (a test running a worker on a
+    # thread, under pytest's log capture) that one stays, as with logging.basicConfig.
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 def open_files_limit() -> int:

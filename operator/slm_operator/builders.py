@@ -59,6 +59,7 @@ TRAINER_COMMANDS: Final = {
     n.STAGE_PREPARE: "curate",
     n.STAGE_FINETUNE: "finetune",
     n.STAGE_EXPORT: "export",
+    n.STAGE_PRUNE: "prune",
 }
 
 
@@ -332,6 +333,11 @@ def data_prep_job(
     args = [
         f"--input={path}",
         f"--output-dir={revision_dir(task, revision)}/data",
+        # Only this task's calls: a dataset.uri may be a log holding several agents' calls (a
+        # shared file, an export), and each task trained on all of them. The gateway names a
+        # call by the AgentTask it was sent to, and discover names its cluster files' calls
+        # after the AgentTasks it proposes; curate counts the others by name, and says so.
+        f"--task={task['metadata']['name']}",
         f"--eval-fraction={ds.get('evalFraction', 0.2)}",
         f"--min-examples={min_examples(task['spec'])}",
         # Unset, curate's own default bounds it (slm_contract.DEFAULT_MAX_EXAMPLES): a trainer
@@ -357,6 +363,51 @@ def data_prep_job(
         service_account=service_account,
         images=images,
     )
+
+
+def prune_job(
+    task: Mapping[str, Any],
+    revision: str,
+    keep: Sequence[str],
+    service_account: str = "",
+    images: Images = DEFAULT_IMAGES,
+) -> Obj:
+    """Remove the task's revision folders on the storage claim except ``keep``. CPU only.
+
+    Why: every revision writes ``<task>/<revision>/`` on the claim (data, candidates, their
+    checkpoints with optimizer state, model repositories) and nothing else removes one once
+    it is superseded: after enough retrainings the claim was full and the next Job failed.
+    ``revision`` is the served one: the Job carries its label, so it is kept with that
+    revision's Jobs and deleted with them once another is promoted (:func:`plan.plan`).
+    The pod is the data-prep pod's, less the dataset: same claim, mounts, security context
+    and resources.
+    """
+    task_name = task["metadata"]["name"]
+    args = [
+        f"--root={WORKSPACE}",
+        f"--task={task_name}",
+        f"--keep={','.join(dict.fromkeys(r for r in keep if r))}",
+    ]
+    job = _trainer_job(
+        task,
+        revision,
+        n.STAGE_PRUNE,
+        n.prune_job_name(task_name, revision),
+        args,
+        gpus=0,
+        service_account=service_account,
+        images=images,
+    )
+    # A new revision's Jobs wait while a prune may still remove folders (plan.py): a prune
+    # pod that never starts (a quota, an image that cannot be pulled) must not hold the next
+    # training for the trainer Jobs' hours. Removing folders takes seconds.
+    job["spec"]["activeDeadlineSeconds"] = min(PRUNE_DEADLINE_S, job_limits(task)[0])
+    return job
+
+
+#: The prune Job's time limit, pending time included (activeDeadlineSeconds counts from the
+#: Job's start): how long at most it can hold a new revision's Jobs.
+PRUNE_DEADLINE_S = 300
 
 
 #: Seconds a fine-tune pod gets between SIGTERM and SIGKILL, by the candidate's method.

@@ -74,6 +74,11 @@ WAKING_FROM_ZERO: Final = "WakingFromZero"
 #: by hand or by another tool): it is not applied, and the route does not name it, so every
 #: call goes to the LLM (Serving False, FallbackActive True). Someone has to free the name.
 SERVICE_NAME_TAKEN: Final = "ServiceNameTaken"
+#: A promoted model's Deployment does not finish rolling out: its new pods are not ready past
+#: the Deployment's progress deadline (ProgressDeadlineExceeded) or the Triton pod's start-up
+#: budget. The pods of its previous template still take the calls the route gives the SLM
+#: (or, in shadow, their copies), with no end in sight: someone has to look at the new pods.
+ROLLOUT_STUCK: Final = "RolloutStuck"
 NOT_SERVING: Final = "NotServing"
 SLM_SERVING: Final = "SLMServing"
 NO_SERVING_MODEL: Final = "NoServingModel"
@@ -98,6 +103,7 @@ WARNING_REASONS: Final = frozenset(
         SERVED_BELOW_GATE,
         SLO_BREACHED,
         NO_READY_REPLICAS,
+        ROLLOUT_STUCK,
         SERVICE_NAME_TAKEN,
         APPLY_FAILED,
     }

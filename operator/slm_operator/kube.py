@@ -485,8 +485,23 @@ class Kube:
         )
 
     def event(self, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
-        """Post a core/v1 Event about ``obj``; failures are logged, never raised."""
+        """Post a core/v1 Event about ``obj`` and log it; failures are logged, never raised.
+
+        Why logged too: an Event expires after an hour, so what the operator decided during
+        a night's incident was gone by morning, and its log held only kopf's per-handler
+        "succeeded" lines. A Warning Event logs at WARNING, any other at INFO. The callers
+        post an Event only when a condition changes, so a steady task logs nothing per pass.
+        """
         meta = obj["metadata"]
+        log.log(
+            logging.WARNING if type_ == "Warning" else logging.INFO,
+            "%s %s/%s: %s: %s",
+            obj["kind"],
+            meta["namespace"],
+            meta["name"],
+            reason,
+            message,
+        )
         now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         body = {
             "apiVersion": "v1",

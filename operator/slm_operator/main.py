@@ -35,6 +35,7 @@ import ipaddress
 import logging
 import math
 import os
+import re
 import socket
 import sys
 import threading
@@ -594,8 +595,40 @@ async def _resync_loop() -> None:
             rt.spawn(trigger(key))
 
 
+#: kopf's line after each handler that returned: "Handler 'on_pod' succeeded.".
+_HANDLER_SUCCEEDED = re.compile(r"Handler '[^']*' succeeded\.")
+
+
+def is_handler_noise(record: logging.LogRecord, root_level: int) -> bool:
+    """Whether ``record`` is kopf's "Handler '...' succeeded." below --verbose.
+
+    Why dropped: kopf logs it at INFO once per watch event of every task and child (each
+    pod's status change, each status write of the operator's own), so at the default level
+    the log was mostly such lines, which say nothing, and what the operator decided (its
+    Events, :meth:`slm_operator.kube.Kube.event`) was lost among them. --verbose and
+    --debug set kopf's root logger to DEBUG: there they stay, to follow every pass.
+    """
+    return (
+        root_level > logging.DEBUG
+        and record.levelno <= logging.INFO
+        and _HANDLER_SUCCEEDED.fullmatch(record.getMessage()) is not None
+    )
+
+
+class _HandlerNoiseFilter(logging.Filter):
+    """Drops :func:`is_handler_noise` records, judged by the root level when logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not is_handler_noise(record, logging.getLogger().getEffectiveLevel())
+
+
+#: One instance: ``addFilter`` adds an instance once, however often kopf starts up.
+_HANDLER_NOISE_FILTER = _HandlerNoiseFilter()
+
+
 def configure(settings: kopf.OperatorSettings) -> None:
-    """kopf's settings: no state on the AgentTask, and server-side selected child watches.
+    """kopf's settings: no state on the AgentTask, and server-side selected child watches;
+    kopf's per-handler "succeeded" lines dropped below --verbose (:func:`is_handler_noise`).
 
     Why server-side: a ``labels=`` filter on a handler is applied by kopf after it received
     the object, so without a selector on the watch itself the operator would LIST and WATCH
@@ -603,6 +636,7 @@ def configure(settings: kopf.OperatorSettings) -> None:
     cluster): tens of thousands of pods are a GiB of memory. Only the children it builds
     carry these labels.
     """
+    logging.getLogger("kopf.objects").addFilter(_HANDLER_NOISE_FILTER)
     settings.persistence.finalizer = f"{n.GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=n.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(

@@ -35,6 +35,8 @@ MANAGED_BY: Final = "app.kubernetes.io/managed-by"
 STAGE_PREPARE: Final = "prepare"
 STAGE_FINETUNE: Final = "finetune"
 STAGE_EXPORT: Final = "export"
+#: Removes the storage claim's folders of the task's superseded revisions.
+STAGE_PRUNE: Final = "prune"
 STAGE_SERVING: Final = "serving"
 
 #: Spec fields whose change means "train again". Serving, fallback and retraining settings
@@ -132,6 +134,13 @@ def export_job_name(task: str, candidate: str, revision: str) -> str:
     candidate's name and threshold.
     """
     return child_name(task, "export", candidate, revision)
+
+
+def prune_job_name(task: str, revision: str) -> str:
+    """One prune Job per served revision: promoted, it makes the earlier ones superseded once,
+    and the Job carries the served revision's label so that it goes with that revision's Jobs
+    when another is promoted."""
+    return child_name(task, "prune", revision)
 
 
 def serving_name(task: str) -> str:

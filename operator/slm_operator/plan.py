@@ -1189,8 +1189,146 @@ def _earlier_pods_answer(dep: Mapping[str, Any] | None, revision: str) -> bool:
     )
 
 
+def _pruning(jobs: Mapping[str, JobView]) -> JobView | None:
+    """The task's prune Job while it may still remove folders (pending, running, or being
+    deleted with its pod perhaps still running); None when there is none.
+
+    A view without a uid is a Job the API server refused to create
+    (:func:`slm_operator.observe.refused_job`): it removes nothing.
+    """
+    return next(
+        (
+            v
+            for _, v in sorted(jobs.items())
+            if v.stage == n.STAGE_PRUNE and v.uid and (v.deleting or v.state in (PENDING, RUNNING))
+        ),
+        None,
+    )
+
+
+def _held_for_prune(
+    task: Mapping[str, Any], rev: str, jobs: Mapping[str, JobView]
+) -> dict[str, JobView]:
+    """The Jobs of revision ``rev`` not created yet, held while a prune Job runs, as views
+    that wait for it (read as Jobs being deleted are: pending, not applied, its words).
+
+    Why: a prune removes every revision folder it was not told to keep, and a revision whose
+    training starts after its Job was made (a retraining triggered, a spec edit) is not among
+    them; its data-prep Job would write into a folder being removed. A prune takes seconds to
+    minutes, and one that failed holds nothing.
+    """
+    prune = _pruning(jobs)
+    if prune is None:
+        return {}
+    name = task["metadata"]["name"]
+    why = f"waiting for Job {prune.name} to finish removing the files of earlier revisions"
+    planned = [(n.data_job_name(name, rev), n.STAGE_PREPARE, None)]
+    for cand in task["spec"]["candidates"]:
+        c_name = cand["name"]
+        planned.append((n.finetune_job_name(name, c_name, rev), n.STAGE_FINETUNE, c_name))
+        planned.append((n.export_job_name(name, c_name, rev), n.STAGE_EXPORT, c_name))
+    return {
+        job: JobView(job, stage, rev, cand, PENDING, waiting=why, deleting=True)
+        for job, stage, cand in planned
+        if job not in jobs
+    }
+
+
+def _prune_due(obs: Observed, active_rev: str, active_uri: str, planned: Sequence[Obj]) -> bool:
+    """Whether the served revision's prune Job is to be created now.
+
+    Once: the Deployment serves ``active_rev`` and no pod of an earlier template is left
+    (none reads an earlier revision's model repository any more), no Job of the task is
+    pending, running or being deleted, and none is created in this pass (none writes into
+    a folder meanwhile). Not while a Deployment built in this pass was refused: what is
+    served may not be what the Deployment found says. A Job of its name already there is
+    never applied again: its ``--keep`` was fixed when it was made, and Jobs are immutable.
+    Deleted (by hand, after it failed), it is made again: that is how it is run again.
+    """
+    dep = obs.deployment
+    if not (active_rev and active_uri) or dep is None or obs.deployment_refused:
+        return False
+    if _deployment_facts(dep)[0] != active_rev or _earlier_pods_answer(dep, active_rev):
+        return False
+    if n.prune_job_name(obs.task["metadata"]["name"], active_rev) in obs.jobs:
+        return False
+    if any(v.deleting or v.state in (PENDING, RUNNING) for v in obs.jobs.values()):
+        return False
+    return not any(o["kind"] == "Job" and o["metadata"]["name"] not in obs.jobs for o in planned)
+
+
+def _prune_failed(view: JobView) -> str:
+    """What the Serving condition adds while the served revision's prune Job has failed.
+
+    Why there: a prune that failed stops nothing (serving, retraining), so it is neither a
+    Ready False nor a Warning on every pass; its message changes once, and the condition
+    says what is left on the claim and how to run it again.
+    """
+    said = view.message or "no reason given"
+    return (
+        f"removing the files of earlier revisions failed (Job {view.name}: {said}); they stay "
+        "on the storage claim until the Job is deleted, which runs it again"
+    )
+
+
 #: ``status.live.rolloutReason`` while the rollout step holds for the Deployment's rollout.
 ROLLOUT_WAITS_FOR_REPLICAS = "WaitingForNewReplicas"
+
+#: The Deployment controller's reason (Progressing=False) for a rollout that made no progress
+#: for the Deployment's ``progressDeadlineSeconds`` (600 unless set).
+PROGRESS_DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"
+#: Its reason (Progressing=True) once the rollout is complete: the condition's
+#: ``lastUpdateTime`` then dates the end of that rollout, not the last progress of one.
+_ROLLOUT_COMPLETE = "NewReplicaSetAvailable"
+
+
+def _rollout_stuck(dep: Mapping[str, Any] | None, revision: str, now: dt.datetime) -> str:
+    """Why the rollout of ``revision``'s Deployment template is stuck, or "" while it makes
+    progress (or the controller has not seen the template yet: its conditions are then the
+    previous rollout's).
+
+    Why: while a promoted revision's new pods are not ready, the previous template's keep
+    taking the calls (:func:`_earlier_pods_answer`) and the rollout holds. A new pod that
+    never becomes ready (a crash loop, an image that cannot be pulled, no GPU node) held it
+    for good under Ready=True, "is rolling out", with no Warning. Stuck: the Deployment
+    controller gave up (Progressing=False, ProgressDeadlineExceeded), or the condition's
+    ``lastUpdateTime``, the rollout's last progress, is older than the Triton pod's start-up
+    budget (:data:`WAKE_GRACE_S`), which a raised ``progressDeadlineSeconds`` would outlast.
+    ``now``: the API server's clock where known, the controller's times being its.
+    """
+    if not dep:
+        return ""
+    meta = dep["metadata"]
+    st = dep.get("status") or {}
+    if (meta.get("annotations") or {}).get(n.LABEL_REVISION, "") != revision or int(
+        st.get("observedGeneration") or 0
+    ) < int(meta.get("generation") or 0):
+        return ""
+    progressing = next(
+        (x for x in st.get("conditions") or [] if x.get("type") == "Progressing"), None
+    )
+    if progressing is None:
+        return ""
+    if progressing.get("status") == "False" and (
+        progressing.get("reason") == PROGRESS_DEADLINE_EXCEEDED
+    ):
+        return (
+            "the Deployment reports ProgressDeadlineExceeded (no new pod became ready within "
+            "its progressDeadlineSeconds)"
+        )
+    last = parse_time(progressing.get("lastUpdateTime"))
+    if (
+        progressing.get("status") == "True"
+        and progressing.get("reason") != _ROLLOUT_COMPLETE
+        and last is not None
+        and (now - last).total_seconds() > WAKE_GRACE_S
+    ):
+        return (
+            "no new pod became ready within the Triton pod's start-up budget "
+            f"({WAKE_GRACE_S / 60:.0f} minutes)"
+        )
+    return ""
+
 
 #: The rollout step of the served model in ``status.live``; a newly promoted revision starts
 #: without them.
@@ -1437,6 +1575,7 @@ def _live_control(
     blind: str = "",
     quiet_before: bool = False,
     service_taken: str = "",
+    unscraped_before: bool = False,
 ) -> tuple[tuple[str, str, str], tuple[str, str, str], str, int]:
     """SLOMet and FallbackActive conditions plus the route mode; fills ``live`` (status.live).
 
@@ -1457,6 +1596,8 @@ def _live_control(
     says so until the next window.
     ``service_taken``: why the model is not served although it may have ready replicas
     (:func:`_service_taken`), or "".
+    ``unscraped_before``: the last judged window found no gateway series of the task
+    (:func:`_unscraped_before`): SLOMet says so until the next window.
 
     Streaks only advance once per window (``due``), so re-running the reconcile within a
     window changes nothing: the decision stays level-triggered and restart-safe.
@@ -1603,8 +1744,17 @@ def _live_control(
     obs_m = live.get("observed") or {}
     detail = _slo_detail(obs_m, slo_spec)
     unanswered = m is None and not not_due
+    # A judged window tells whether Prometheus has the gateway's series of the task; a pass
+    # between windows says what the last one said (one Prometheus did not answer, nothing).
+    unscraped = (
+        _no_gateway_series(m) if due and m is not None else unscraped_before and not unanswered
+    )
     if breached is None or (unanswered and not obs_m):
-        slo = (c.UNKNOWN, c.METRICS_UNAVAILABLE, "no live metrics for this task's SLM yet")
+        slo = (
+            c.UNKNOWN,
+            c.METRICS_UNAVAILABLE,
+            NO_GATEWAY_SERIES if unscraped else "no live metrics for this task's SLM yet",
+        )
     elif breached:
         slo = (c.FALSE, c.SLO_BREACHED, f"SLO breached: {detail}")
     else:
@@ -1646,6 +1796,36 @@ _SLM_MEASURED = ("p95LatencyMs", "errorRate")
 
 #: How SLOMet's message starts after a window with no SLM call (it keeps the last verdict).
 QUIET_WINDOW = "no SLM call in the last window; last verdict: "
+
+
+#: SLOMet's message while Prometheus answers but has no series of the task's gateway.
+NO_GATEWAY_SERIES = (
+    "Prometheus has no slm_gateway series for this task: is the gateway scraped? (the "
+    "chart's ServiceMonitor needs the labels of the Prometheus's serviceMonitorSelector)"
+)
+
+
+def _no_gateway_series(m: Metrics) -> bool:
+    """Whether Prometheus answered a window without a single slm_gateway series of the task.
+
+    Why no other query is needed: a gateway that routes the task exports
+    ``slm_gateway_route_mode`` for it from its first scrape on, which the request-rate query
+    reads as 0 until a call comes (:func:`slm_operator.prom.queries`), and the counts of
+    LLM answers and captured records are instant reads of its counters. With none of them
+    Prometheus scrapes no gateway that routes the task: most likely the monitors' labels do
+    not match its selector, the quickstart's likeliest mistake. SLOMet said "no live metrics
+    for this task's SLM yet", the words for a scraped gateway no call has reached yet.
+    """
+    return m.empty and all(
+        v is None for v in (m.request_rate, m.llm_answers, m.captured_records, m.shadow_samples)
+    )
+
+
+def _unscraped_before(prev_conds: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether the last judged window found no gateway series of the task, as SLOMet said
+    (reconciles until the next window say the same: see :func:`_quiet_before`)."""
+    slo = c.find(prev_conds, c.SLO_MET) or {}
+    return slo.get("message") == NO_GATEWAY_SERIES
 
 
 def _quiet_before(prev_conds: Sequence[Mapping[str, Any]]) -> bool:
@@ -1720,6 +1900,38 @@ def _canary_windows(healthy: int, spec: Mapping[str, Any]) -> str:
     return f"{healthy} of {windows} healthy windows before promotion"
 
 
+#: The pods that take the SLM's calls while a promoted model's own are not ready.
+_EARLIER_PODS = "the pods of the model served before (the Deployment's previous template)"
+
+
+def _who_answers(mode: str, live: Mapping[str, Any]) -> str:
+    """Who answers the task's calls in route ``mode`` while the pods of the Deployment's
+    previous template stand in for the promoted model's (:func:`_earlier_pods_answer`).
+
+    Why: a newly promoted revision starts its rollout in shadow, where the LLM answers every
+    call and those pods only get shadow copies; Ready said that they answered the calls.
+    They do take the route's SLM share (a canary's, ``rollout.strategy: direct``'s all).
+    """
+    if mode == lv.MODE_SHADOW:
+        return f"the LLM answers the task's calls and {_EARLIER_PODS} get shadow copies of them"
+    if mode == lv.MODE_CANARY:
+        return (
+            f"{_EARLIER_PODS} answer {live.get('canaryPercent', 0)}% of the task's calls in a "
+            "canary and the LLM the rest"
+        )
+    if mode == lv.MODE_SLM:
+        return f"{_EARLIER_PODS} answer the task's calls"
+    return "the LLM answers the task's calls"
+
+
+def _stuck_message(model: str, why: str, waiting: str, mode: str, live: Mapping[str, Any]) -> str:
+    """Ready's message (RolloutStuck) for a ``model`` whose rollout is stuck (``why``:
+    :func:`_rollout_stuck`), naming the stuck pod and its reason (``waiting``, the kubelet's
+    or the scheduler's words) where one is known, and who answers meanwhile."""
+    pod = waiting or "its new pods are not ready (kubectl describe pods of the Deployment)"
+    return f"the rollout of {model} is stuck: {why}; {pod}; meanwhile {_who_answers(mode, live)}"
+
+
 def _ready_message(
     model: str,
     earlier_pods: bool,
@@ -1735,10 +1947,7 @@ def _ready_message(
     it says so, and what serves the model without them.
     """
     if earlier_pods:
-        return (
-            f"{model} is rolling out; until its replicas are ready, those of the Deployment's "
-            "previous template answer"
-        )
+        return f"{model} is rolling out; until its replicas are ready, {_who_answers(mode, live)}"
     if mode == lv.MODE_SHADOW and blind:
         return (
             f"{model} is in shadow: the LLM answers the task's calls and the model gets copies "
@@ -1848,9 +2057,16 @@ def _route(
     canary: int = 0,
     endpoint: str = "",
     selected: Mapping[str, Any] | None = None,
+    earlier_pods: bool = False,
 ) -> Obj:
-    """``status.route``: how the gateway routes the task's calls."""
+    """``status.route``: how the gateway routes the task's calls.
+
+    ``earlier_pods``: pods of the Deployment's previous template may still answer
+    (:func:`_earlier_pods_answer`); the confidence threshold is then the stricter of the
+    last route's and ``selected``'s (:func:`_route_threshold`).
+    """
     budget = ((spec.get("serving") or {}).get("slo") or {}).get("slmTimeoutMs")
+    threshold = _route_threshold(prev, selected, earlier_pods)
     return {
         "mode": mode,
         **({"canaryPercent": canary} if mode == lv.MODE_CANARY else {}),
@@ -1860,11 +2076,47 @@ def _route(
         "reason": reason,
         **({"slmEndpoint": endpoint} if mode != lv.MODE_LLM else {}),
         **(
-            {"confidenceThreshold": selected["threshold"]}
-            if mode != lv.MODE_LLM and selected and "threshold" in selected
+            {"confidenceThreshold": threshold}
+            if mode != lv.MODE_LLM and threshold is not None
             else {}
         ),
     }
+
+
+def _route_threshold(
+    prev: Mapping[str, Any], selected: Mapping[str, Any] | None, earlier_pods: bool
+) -> float | None:
+    """The route's ``confidenceThreshold``: ``selected``'s, or, while pods of the Deployment's
+    previous template may still answer (``earlier_pods``), the higher of it and the last
+    route's, which that previous model was served with.
+
+    Why: a threshold is calibrated on its own model's held-out calls (the lowest confidence
+    at which it reaches ``targetPrecision``). The route took the promoted model's at once,
+    while the previous model's pods still answered until the new ones were ready, for good
+    if they never were: answers of the old model were accepted at a confidence calibrated
+    for another, below ``targetPrecision``. The higher of the two holds that precision for
+    either; once only the new pods answer, the new threshold alone applies.
+    """
+    new = (selected or {}).get("threshold")
+    before = (prev.get("route") or {}).get("confidenceThreshold")
+    if not earlier_pods or not isinstance(before, int | float) or isinstance(before, bool):
+        return new
+    return before if new is None else max(before, new)
+
+
+def _stuck_event(
+    prev_conds: Sequence[Mapping[str, Any]], conds: Sequence[Mapping[str, Any]]
+) -> list[tuple[str, str, str]]:
+    """The Warning for a rollout that became stuck while Ready was already False (a
+    fallback's reason), which Ready's transitions do not post (only its flips are news);
+    when Ready flips to RolloutStuck, that transition's Warning is the one. Once: not while
+    Ready already said RolloutStuck."""
+    ready, before = c.find(conds, c.READY) or {}, c.find(prev_conds, c.READY) or {}
+    if ready.get("reason") != c.ROLLOUT_STUCK or before.get("reason") == c.ROLLOUT_STUCK:
+        return []
+    if before.get("status") != c.FALSE:
+        return []  # a flip: c.transitions posts it
+    return [("Warning", c.ROLLOUT_STUCK, f"{c.READY}={c.FALSE}: {ready.get('message', '')}")]
 
 
 def _events(prev: Mapping[str, Any], status: Mapping[str, Any]) -> list[tuple[str, str, str]]:
@@ -1983,6 +2235,8 @@ def plan(obs: Observed) -> Plan:
         in {f(spec, e) for e in range(epoch) for f in (n.revision_of, n.legacy_revision_of)}
     )
     must_beat = prev_selected.get("score") if retraining_beside else None
+    if training_needed:  # while a prune runs, this revision's new Jobs wait for it
+        deleting = {**deleting, **_held_for_prune(task, rev, obs.jobs)}
     step = (
         _invalid_spec_step(prev, invalid_step, active_rev)
         if problem
@@ -2051,6 +2305,7 @@ def plan(obs: Observed) -> Plan:
     )
     serving_status: Obj = {}
     earlier_pods = False  # (only with ready replicas: see _earlier_pods_answer)
+    stuck_rollout = ""  # why the rollout those earlier pods stand in for is stuck
     live_prev: Mapping[str, Any] = prev.get("live") or {}
     prev_active = (prev.get("revision") or {}).get("active") or ""
     if prev_active and active_rev != prev_active:
@@ -2100,6 +2355,10 @@ def plan(obs: Observed) -> Plan:
         if ready > 0:
             rolling = _rolling_out(obs.deployment)
             earlier_pods = _earlier_pods_answer(obs.deployment, active_rev)
+            if earlier_pods:
+                stuck_rollout = _rollout_stuck(
+                    obs.deployment, active_rev, obs.server_now or obs.now
+                )
             serving = (
                 c.TRUE,
                 c.DEPLOYMENT_AVAILABLE,
@@ -2143,6 +2402,9 @@ def plan(obs: Observed) -> Plan:
         )
     else:
         serving = (c.FALSE, c.NO_MODEL, "no model has passed the evaluation gate yet")
+    pruned = jobs.get(n.prune_job_name(meta["name"], active_rev)) if active_rev else None
+    if serving[0] == c.TRUE and pruned is not None and pruned.state == FAILED:
+        serving = (serving[0], serving[1], f"{serving[2]}; {_prune_failed(pruned)}")
     service_taken = _service_taken(obs) if active_rev and active_uri else ""
     if service_taken:
         # Its replicas are kept (the Deployment is the task's), but no call reaches them:
@@ -2180,6 +2442,7 @@ def plan(obs: Observed) -> Plan:
         blind=blind,
         quiet_before=_quiet_before(prev_conds),
         service_taken=service_taken,
+        unscraped_before=_unscraped_before(prev_conds),
     )
     pipeline = [(c.DATA_READY, step.data), (c.TRAINED, step.trained), (c.EVALUATED, step.evaluated)]
     # A model that served has no ready replica (a crash loop, a drain): an outage, not a
@@ -2187,6 +2450,20 @@ def plan(obs: Observed) -> Plan:
     outage = not is_serving and fallback[1] == c.NO_READY_REPLICAS
     if problem:
         ready_c = (c.FALSE, c.INVALID_SPEC, problem)
+    elif is_serving and stuck_rollout:
+        # Ahead of a fallback's reason: the calls are answered either way (the message says
+        # by whom), but only someone looking at the new pods ends this.
+        ready_c = (
+            c.FALSE,
+            c.ROLLOUT_STUCK,
+            _stuck_message(
+                f"{active_cand} (revision {active_rev})",
+                stuck_rollout,
+                obs.serving_waiting,
+                route_mode,
+                live,
+            ),
+        )
     elif is_serving and fallback[0] == c.FALSE:
         model = f"{active_cand} (revision {active_rev})"
         ready_c = (
@@ -2251,7 +2528,9 @@ def plan(obs: Observed) -> Plan:
             "training": rev if training_needed and not retrain_over else "",
         },
         "candidates": step.candidates,
-        "route": _route(spec, prev, route_mode, fallback[2], canary, endpoint, selected),
+        "route": _route(
+            spec, prev, route_mode, fallback[2], canary, endpoint, selected, earlier_pods
+        ),
     }
     if selected:
         status["selectedModel"] = selected
@@ -2357,7 +2636,7 @@ def plan(obs: Observed) -> Plan:
         if usage:
             status["usage"] = usage
     out.status = status
-    out.events = _events(prev, status)
+    out.events = _events(prev, status) + _stuck_event(prev_conds, status["conditions"])
     if active_rev and active_uri:
         evaluated = parse_time((status.get("live") or {}).get("lastEvaluated"))
         out.next_window_s = next_window_s(window, evaluated, due, obs.now)
@@ -2371,6 +2650,14 @@ def plan(obs: Observed) -> Plan:
     out.apply = [
         o for o in out.apply if not (o["kind"] == "Job" and o["metadata"]["name"] in deleting)
     ]
+    if not problem and _prune_due(obs, active_rev, active_uri, out.apply):
+        # The files of every revision whose Jobs are deleted go too (the keep set is the
+        # same): the served revision's and the one in training (a lost retraining's too,
+        # whose Jobs are kept for their results) stay.
+        kept = [active_rev, *([rev] if training_needed else [])]
+        out.apply.append(
+            b.prune_job(task, active_rev, kept, obs.trainer_service_account, obs.images)
+        )
     return out
 
 

@@ -62,6 +62,8 @@ _missing_account_logged: set[tuple[str, str]] = set()
 _events_forbidden_logged: set[str] = set()
 #: Tasks (namespace, name, uid) already told, in an Event, that their CRD is outdated.
 _crd_outdated_told: set[tuple[str, str, str]] = set()
+#: Jobs (namespace, name, uid) already logged as kept though their pod template differs.
+_kept_jobs_logged: set[tuple[str, str, str]] = set()
 #: Guards the sets above: reconciles run in threads, several at once.
 _logged_lock = threading.Lock()
 #: The Event reason that says a hand edit of the task's Deployment or Service was replaced
@@ -454,9 +456,16 @@ def _note_refusal(
         # own words are left out: they dump the whole new pod template, the dataset URI
         # (credentials and all) among the data-prep Job's args.
         if child in obs.jobs:
-            log.info(
-                "keeping existing Job %s: its pod template differs and Jobs are immutable", child
-            )
+            # Once per Job: every pass (each resync) applies it again and is refused again.
+            meta = obs.task["metadata"]
+            if _first_time(_kept_jobs_logged, (meta["namespace"], child, obs.jobs[child].uid)):
+                log.info(
+                    "AgentTask %s/%s: keeping existing Job %s: its pod template differs and "
+                    "Jobs are immutable",
+                    meta["namespace"],
+                    meta["name"],
+                    child,
+                )
             _patch_job_limits(kube, obj, writes)
             return
         # Not this task's: another task's child has the name (task "a" with candidate "b-data"
@@ -543,10 +552,7 @@ def replace_hand_edits(kube: Kube, task: Mapping[str, Any], obj: Mapping[str, An
         "cannot merge (the API server refused it as invalid); its spec was set back to what "
         "the operator builds"
     )
-    log.warning(
-        "AgentTask %s/%s: %s", task["metadata"]["namespace"], task["metadata"]["name"], said
-    )
-    kube.event(task, "Warning", HAND_EDIT_REPLACED, said)
+    kube.event(task, "Warning", HAND_EDIT_REPLACED, said)  # and logged, as every Event is
     try:
         kube.apply(obj)
     except KubeError as e:

@@ -2159,3 +2159,26 @@ def test_the_capture_claim_the_chart_created_grows_only_where_the_api_server_let
             helm("uninstall", release, *kc, "--wait", "--timeout", "120s", check=False)
             cluster.kubectl("delete", "pvc", f"{release}-gateway-capture", "-n", ns, check=False)
             cluster.kubectl("delete", "pv,storageclass", name, "--wait=false", check=False)
+
+
+def test_operator_log_format_comes_from_values() -> None:
+    """kopf's --log-format (plain, full or json) was not settable from the chart, so a log
+    shipper that parses JSON got the operator's text lines. full is kopf's own default."""
+    assert not any(
+        a.startswith("--log-format") for a in container(render(), "slm-operator")["args"]
+    )
+    op = container(render("operator.logFormat=json"), "slm-operator")
+    assert "--log-format=json" in op["args"]
+    err = helm_fails(CAPTURE_CLAIM, "operator.logFormat=yaml")
+    assert "at '/operator/logFormat': value must be one of" in err, err
+
+
+def test_gateway_log_format_comes_from_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway had no structured log option: a log shipper that parses JSON got text
+    lines, and uvicorn's in a layout of their own. text is the gateway's default."""
+    assert "--log-format=text" in container(render(), "slm-gateway")["args"]
+    cfg = _gateway_config(render("gateway.logFormat=json"), monkeypatch)
+    assert cfg.log_format == "json"
+    assert cfg.capture is not None and cfg.capture.log_format == "json"  # the workers too
+    err = helm_fails(CAPTURE_CLAIM, "gateway.logFormat=yaml")
+    assert "at '/gateway/logFormat': value must be one of" in err, err

@@ -86,8 +86,21 @@ def test_get_shows_printer_columns(cluster: Any, namespace: str) -> None:
     header = cluster.kubectl("get", "agenttasks", "-n", namespace).stdout.splitlines()[0]
     wide = cluster.kubectl("get", "at", "-n", namespace, "-o", "wide").stdout.splitlines()[0]
 
-    assert header.split() == ["NAME", "PHASE", "MODEL", "SCORE", "REPLICAS", "FALLBACK", "AGE"]
-    assert wide.split()[-2:] == ["REVISION", "MODE"]
+    # MODE by default, beside FALLBACK: in shadow and canary FALLBACK is False while the LLM
+    # answers every call or most of them, which only MODE tells (reviewer C). SCORE went to
+    # -o wide to keep the default row as narrow as it was.
+    assert header.split() == ["NAME", "PHASE", "MODEL", "REPLICAS", "FALLBACK", "MODE", "AGE"]
+    assert wide.split() == [
+        "NAME",
+        "PHASE",
+        "MODEL",
+        "SCORE",
+        "REPLICAS",
+        "FALLBACK",
+        "MODE",
+        "AGE",
+        "REVISION",
+    ]
 
 
 def test_columns_show_status_written_through_the_status_subresource(
@@ -100,7 +113,7 @@ def test_columns_show_status_written_through_the_status_subresource(
             "revision": {"active": "r3", "training": ""},
             "selectedModel": {"candidate": "smollm2-135m", "score": 0.93},
             "serving": {"readyReplicas": 2},
-            "route": {"mode": "slm"},
+            "route": {"mode": "shadow"},
             "conditions": [
                 {
                     "type": "FallbackActive",
@@ -124,11 +137,22 @@ def test_columns_show_status_written_through_the_status_subresource(
         json.dumps(status),
     )
 
-    row = cluster.kubectl("get", "at", "tool-selection", "-n", namespace, "-o", "wide").stdout
-    values = row.splitlines()[1].split()
+    row = cluster.kubectl("get", "at", "tool-selection", "-n", namespace).stdout
+    wide = cluster.kubectl("get", "at", "tool-selection", "-n", namespace, "-o", "wide").stdout
+    values, wide_values = row.splitlines()[1].split(), wide.splitlines()[1].split()
 
-    assert values[:6] == ["tool-selection", "Serving", "smollm2-135m", "0.93", "2", "False"]
-    assert values[-2:] == ["r3", "slm"]
+    # A promoted model in shadow: not on fallback, yet the LLM answers: the row says both.
+    assert values[:6] == ["tool-selection", "Serving", "smollm2-135m", "2", "False", "shadow"]
+    assert wide_values[:7] == [
+        "tool-selection",
+        "Serving",
+        "smollm2-135m",
+        "0.93",
+        "2",
+        "False",
+        "shadow",
+    ]
+    assert wide_values[-1] == "r3"
 
 
 def test_category_lists_agenttasks(cluster: Any, namespace: str) -> None:

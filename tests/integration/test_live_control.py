@@ -214,6 +214,12 @@ def finish_revision(
     """Play one revision's trainer pods: data, candidate ``small`` scoring ``score`` (the
     LLM scores 0.96, so the gate passes from 0.91), and, when asked, the export."""
     ok = lambda stage, **kw: TrainerResult(stage=stage, ok=True, **kw).to_json()  # noqa: E731
+    # The served revision's prune Job, made once it serves alone, holds a new revision's Jobs
+    # while it runs (a real one takes seconds): play it first.
+    pruning = cluster.get_json("jobs", "-n", s.ns, "-l", f"{n.LABEL_STAGE}={n.STAGE_PRUNE}")
+    for job in pruning["items"]:
+        if not (job.get("status") or {}).get("succeeded"):
+            complete_job(cluster, s.ns, job["metadata"]["name"], ok("prune"))
     complete_job(
         cluster,
         s.ns,

@@ -334,8 +334,9 @@ def test_agenttask_trains_selects_serves_updates_and_cleans_up(
 
     table = cluster.kubectl("get", "agenttasks", "-n", ns).stdout
     header = table.splitlines()[0].split()
-    assert header == ["NAME", "PHASE", "MODEL", "SCORE", "REPLICAS", "FALLBACK", "AGE"]
-    assert table.splitlines()[1].split()[:6] == ["weather", "Serving", "big", "0.93", "2", "False"]
+    assert header == ["NAME", "PHASE", "MODEL", "REPLICAS", "FALLBACK", "MODE", "AGE"]
+    row = table.splitlines()[1].split()
+    assert row[:6] == ["weather", "Serving", "big", "2", "False", "shadow"]
     events = cluster.get_json(
         "events", "-n", ns, "--field-selector", "involvedObject.name=weather"
     )["items"]
@@ -348,6 +349,13 @@ def test_agenttask_trains_selects_serves_updates_and_cleans_up(
 
     time.sleep(5)  # > 2 resync periods of the operator under test
     assert get_task(cluster, ns)["metadata"]["resourceVersion"] == rv
+
+    # Serving alone, the revision's prune Job removes earlier revisions' files (none here);
+    # a new revision's Jobs would wait for it while it runs.
+    prune = n.prune_job_name("weather", rev)
+    pod = complete_job(cluster, ns, prune, ok("prune"))
+    assert pod["spec"]["containers"][0]["command"] == ["slm-trainer", "prune"]
+    assert f"--keep={rev}" in pod["spec"]["containers"][0]["args"]
 
     # A spec change trains a new revision while the old one keeps serving.
     changed = agenttask()
@@ -752,6 +760,13 @@ def test_operator_killed_mid_flow_converges_without_duplicates(
         ok("export", candidate="big", artifact_uri=f"pvc://{CLAIM}/weather/{rev}/model_repository"),
     )
     cluster.kubectl("wait", "-n", ns, "--for=condition=Ready", "--timeout=60s", "agenttask/weather")
+    # Served alone, the revision gets its one prune Job.
+    complete_job(cluster, ns, n.prune_job_name("weather", rev), ok("prune"))
+    wait_for(
+        lambda: all(j["status"].get("succeeded") == 1 for j in jobs(cluster, ns)),
+        timeout=30,
+        what="every Job succeeded",
+    )
     names = sorted(j["metadata"]["name"] for j in jobs(cluster, ns))
     assert names == sorted(
         [
@@ -759,6 +774,7 @@ def test_operator_killed_mid_flow_converges_without_duplicates(
             n.export_job_name("weather", "big", rev),
             n.finetune_job_name("weather", "small", rev),
             n.finetune_job_name("weather", "big", rev),
+            n.prune_job_name("weather", rev),
         ]
     )
     assert all(j["status"].get("succeeded") == 1 for j in jobs(cluster, ns))

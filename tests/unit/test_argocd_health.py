@@ -155,3 +155,18 @@ def test_argocd_cm_embeds_the_script_verbatim() -> None:
     assert cm["kind"] == "ConfigMap" and cm["metadata"]["name"] == "argocd-cm"
     embedded = cm["data"]["resource.customizations.health.slmfleet.dev_AgentTask"]
     assert embedded.strip() == SCRIPT.read_text().strip()
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_promoted_model_whose_rollout_is_stuck_is_degraded(version: str) -> None:
+    """The serving sample as the operator writes it when a promoted revision's Triton pods
+    never get ready (plan.py's RolloutStuck): the LLM answers the calls the model should, so
+    Argo CD shows it Degraded, not Healthy."""
+    obj = sample("serving-ready")["object"]
+    message = "small (revision 6185452057) made no progress: pod weather-slm-new CrashLoopBackOff"
+    for cond in obj["status"]["conditions"]:
+        if cond["type"] == "Ready":
+            cond.update(status="False", reason="RolloutStuck", message=message)
+    got = health(version, obj)
+    assert got["status"] == "Degraded", got
+    assert "CrashLoopBackOff" in got["message"], got

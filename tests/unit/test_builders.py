@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 from test_plan import make_task
 
-from slm_contract import ContractError, TrainerResult
+from slm_contract import CallRecord, ContractError, TrainerResult
 from slm_operator import builders as b
 from slm_operator import conditions as c
 from slm_operator import naming as n
@@ -1187,3 +1189,83 @@ def test_the_data_prep_job_passes_not_before_and_a_new_cutoff_trains_again() -> 
     cut = n.revision_of(task["spec"])
     task["spec"]["dataset"]["notBefore"] = "2026-04-01T00:00:00Z"  # moved: the agent changed
     assert len({revision, cut, n.revision_of(task["spec"])}) == 3
+
+
+def test_the_data_prep_job_curates_its_own_tasks_calls_and_says_whose_it_left_out(
+    tmp_path: Path,
+) -> None:
+    """A dataset.uri may be a log holding several agents' calls (a shared file, an export).
+    The data-prep Job passed no --task, so each task trained on every task's calls and
+    curate_report.json said other_task: 0. It passes the AgentTask's name, as the gateway
+    names the calls it captures; with too few calls of its own, WaitingForData says how many
+    of other tasks were left out and under which names, for a log that names it otherwise."""
+    from test_plan import NOW, view
+
+    from slm_trainer import cli
+
+    task = make_task()  # metadata.name: weather
+    rev = n.revision_of(task["spec"])
+    ctr = b.data_prep_job(task, rev)["spec"]["template"]["spec"]["containers"][0]
+    assert "--task=weather" in ctr["args"]
+
+    def record(name: str, i: int) -> str:
+        return CallRecord(
+            task=name,
+            backend="llm",
+            messages=[{"role": "user", "content": f"{name} question number {i} of {i * 7}"}],
+            response={"role": "assistant", "content": f"answer {i}"},
+            timestamp=1000.0 + i,
+        ).to_json()
+
+    log = tmp_path / "calls.jsonl"
+    names = ["weather"] * 3 + ["support"] * 30 + ["billing"] * 10
+    log.write_text("".join(record(name, i) + "\n" for i, name in enumerate(names)))
+    out, said = tmp_path / "data", tmp_path / "result.json"
+    moved = {"--input": f"--input={log}", "--output-dir": f"--output-dir={out}"}
+    moved["--result-path"] = f"--result-path={said}"
+    args = [moved.get(a.split("=", 1)[0], a) for a in ctr["args"]]
+    assert cli.main([*ctr["command"][1:], *args]) == 3  # too few: a reported failure
+    res = TrainerResult.from_json(said.read_text())
+    report = json.loads((out / "curate_report.json").read_text())
+    assert (report["examples"], report["other_task"]) == (3, 40)
+
+    dn = n.data_job_name("weather", rev)
+    jobs = {dn: view(dn, "prepare", rev, FAILED, res, finished=NOW)}
+    status = plan(Observed(task, jobs, None, NOW)).status
+    data = next(x for x in status["conditions"] if x["type"] == c.DATA_READY)
+    assert data["reason"] == c.WAITING_FOR_DATA
+    assert (
+        "3 < min_examples 200; 40 calls of other tasks left out (--task weather; most common: "
+        '"support" 30, "billing" 10)'
+    ) in data["message"], data["message"]
+
+
+def test_the_prune_job_runs_the_trainers_prune_stage_in_the_data_prep_pod() -> None:
+    """The Job that removes a task's superseded revision folders from the storage claim: its
+    command line parses with the real trainer CLI, it carries the served revision's label (it
+    goes with that revision's Jobs), and its pod is the data-prep pod less the dataset."""
+    from slm_trainer.cli import build_parser
+
+    task = make_task(training={"gpus": 1, "resources": {"limits": {"cpu": "2", "memory": "4Gi"}}})
+    task["spec"]["training"]["nodeSelector"] = {"pool": "gpu"}
+    prune = b.prune_job(task, "0123456789", ["0123456789", "abcdef0123"], "slm-trainer")
+    data = b.data_prep_job(task, "0123456789", "slm-trainer")
+    assert prune["metadata"]["name"] == n.prune_job_name("weather", "0123456789")
+    assert prune["metadata"]["labels"][n.LABEL_REVISION] == "0123456789"
+    assert prune["metadata"]["labels"][n.LABEL_STAGE] == n.STAGE_PRUNE
+    ctr = prune["spec"]["template"]["spec"]["containers"][0]
+    ns = build_parser().parse_args([*ctr["command"][1:], *ctr["args"]])
+    assert (ns.stage, ns.task, ns.keep) == ("prune", "weather", "0123456789,abcdef0123")
+    assert str(ns.root) == b.WORKSPACE and ns.result_path == "/dev/termination-log"
+
+    pp, dp = prune["spec"]["template"]["spec"], data["spec"]["template"]["spec"]
+    for key in ("securityContext", "serviceAccountName", "nodeSelector", "tolerations"):
+        assert pp[key] == dp[key], key
+    assert pp["volumes"] == [v for v in dp["volumes"] if v["name"] != "dataset"]
+    dc = dp["containers"][0]
+    for key in ("image", "resources", "securityContext", "env", "terminationMessagePath"):
+        assert ctr[key] == dc[key], key
+    assert ctr["volumeMounts"] == [m for m in dc["volumeMounts"] if m["name"] != "dataset"]
+    assert "nvidia.com/gpu" not in ctr["resources"].get("limits", {})
+    for key in ("backoffLimit", "activeDeadlineSeconds", "podFailurePolicy"):
+        assert prune["spec"][key] == data["spec"][key], key

@@ -18,6 +18,7 @@ from test_plan import (
     HEALTHY,
     NOW,
     _serving_task,
+    _settled,
     _step,
     _stored,
     _with_replicas,
@@ -30,6 +31,7 @@ from slm_operator import conditions as c
 from slm_operator import naming as n
 from slm_operator import reconcile as rc
 from slm_operator.kube import KubeError
+from slm_operator.live import Metrics
 from slm_operator.observe import FAILED, PENDING, RUNNING, JobView, job_view, pod_waiting
 from slm_operator.plan import Observed, plan
 
@@ -220,6 +222,31 @@ def test_without_any_live_metrics_slo_met_and_ready_say_live_control_is_off(
         assert says in slo["message"] and "live control is off" in slo["message"]
         assert says in ready["message"] and "rollout.strategy: direct" in ready["message"]
         assert "until its agreement" not in ready["message"]
+
+
+#: What a Prometheus that answers, but scrapes no gateway, returns for a task: every
+#: slm_gateway query empty (Triton's PodMonitor may still be matched: a queue time).
+UNSCRAPED = Metrics(queue_ms=2.0)
+
+
+def test_a_prometheus_that_scrapes_no_gateway_says_the_gateway_is_not_scraped() -> None:
+    """Reviewer C: monitors whose labels the Prometheus selector does not match (the
+    quickstart's likeliest mistake) left SLOMet at "no live metrics for this task's SLM yet",
+    the words for a scraped gateway that had no call for the task yet, for good."""
+    task, jobs, dep = _serving_task()
+    p = _step(task, jobs, dep, NOW, UNSCRAPED)
+    slo = _cond(p.status, c.SLO_MET)
+    assert (slo["status"], slo["reason"]) == (c.UNKNOWN, c.METRICS_UNAVAILABLE)
+    assert "Prometheus has no slm_gateway series for this task" in slo["message"]
+    assert "is the gateway scraped?" in slo["message"]
+    # Reconciles until the next window say the same (no message flapping, no Event).
+    later = Observed(task, jobs, dep, NOW + dt.timedelta(seconds=1), metrics_not_due=True)
+    assert _cond(_settled(later).status, c.SLO_MET) == slo
+    # Once scraped, with no call yet (the route-mode series reads a request rate of 0),
+    # SLOMet says that no SLM call has been measured.
+    p = _step(task, jobs, dep, NOW + dt.timedelta(seconds=10), Metrics(request_rate=0.0))
+    slo = _cond(p.status, c.SLO_MET)
+    assert slo["message"] == "no live metrics for this task's SLM yet"
 
 
 def test_a_prometheus_that_answered_before_and_not_now_keeps_the_last_decision() -> None:

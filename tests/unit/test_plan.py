@@ -182,6 +182,20 @@ def kinds(p: Any) -> list[tuple[str, str]]:
     return [(o["kind"], o["metadata"]["name"]) for o in p.apply]
 
 
+def training_jobs(p: Any) -> list[dict[str, Any]]:
+    """The Jobs a pass applies, less the prune Job of a served revision (test_plan_prune.py):
+    what "nothing to re-run" means."""
+    return [
+        o
+        for o in p.apply
+        if o["kind"] == "Job" and o["metadata"]["labels"].get(n.LABEL_STAGE) != n.STAGE_PRUNE
+    ]
+
+
+def kinds_but_prune(p: Any) -> list[tuple[str, str]]:
+    return [k for k in kinds(p) if not k[1].startswith("weather-prune-")]
+
+
 def test_fresh_task_starts_data_prep_and_sets_every_condition() -> None:
     task = make_task()
     p = plan(Observed(task, {}, None, NOW))
@@ -526,7 +540,7 @@ def test_export_done_deploys_then_ready_when_available() -> None:
     assert p2.status["route"]["mode"] == "shadow"  # progressive rollout starts in shadow
     assert p2.status["route"]["slmEndpoint"] == "http://weather-slm.agents.svc:8000"
     assert p2.status["selectedModel"]["artifactURI"].endswith("model_repository")
-    assert not [o for o in p2.apply if o["kind"] == "Job"]  # nothing to re-run
+    assert not training_jobs(p2)  # nothing to re-run
 
     # Level-triggered and stable: the same observation yields the same status, no events.
     task["status"] = p2.status
@@ -638,7 +652,7 @@ def test_a_gate_raised_past_the_served_model_keeps_it_and_its_threshold() -> Non
     assert p.status["selectedModel"]["candidate"] == "small"
     assert p.status["selectedModel"]["threshold"] == threshold != 0.2
     assert p.status["route"]["confidenceThreshold"] == threshold
-    assert p.delete_jobs == [] and not [o for o in p.apply if o["kind"] == "Job"]
+    assert p.delete_jobs == [] and not training_jobs(p)
     evaluated = c.find(p.status["conditions"], c.EVALUATED)
     assert evaluated is not None and evaluated["reason"] == c.SERVED_BELOW_GATE
     assert (
@@ -835,7 +849,7 @@ def test_a_raised_limit_leaves_the_failed_jobs_of_a_served_revision_alone() -> N
     assert before[c.TRAINED][0] == c.TRUE
     task["spec"]["training"]["activeDeadlineSeconds"] = 43200
     p = plan(Observed(task, jobs, deployment(rev), NOW))
-    assert p.delete_jobs == [] and not [o for o in p.apply if o["kind"] == "Job"]
+    assert p.delete_jobs == [] and not training_jobs(p)
     assert conds(p.status)[c.TRAINED] == before[c.TRAINED]
     states = {x["name"]: x["state"] for x in p.status["candidates"]}
     assert states["big"] == FAILED
@@ -854,7 +868,7 @@ def test_a_retraining_an_earlier_operator_concluded_is_not_trained_again() -> No
         for k, v in jobs_through(task, "train", scores=(0.1, 0.2)).items()
     }
     p = plan(Observed(task, {**jobs, **lost_jobs}, dep, NOW))
-    assert not [o for o in p.apply if o["kind"] == "Job"]
+    assert not training_jobs(p)
     assert p.delete_jobs == []
     assert p.status["revision"]["training"] == ""
 
@@ -872,7 +886,7 @@ def test_a_revision_named_by_an_earlier_operator_is_not_trained_again(served: bo
         task["status"] = {"revision": {"active": old, "training": ""}}
         p = plan(Observed(task, {}, deployment(old), NOW))
         assert p.status["revision"] == {"active": old, "training": ""}
-        assert not [o for o in p.apply if o["kind"] == "Job"]
+        assert not training_jobs(p)
     else:
         task["status"] = {"revision": {"active": "", "training": old}}
         dn = n.data_job_name(name, old)
@@ -901,7 +915,7 @@ def test_the_trainer_image_the_old_crd_wrote_in_is_the_same_revision_as_none() -
     assert n.legacy_revision_of(replaced["spec"]) == n.legacy_revision_of(stored["spec"])
     p = plan(Observed(replaced, jobs, deployment(rev), NOW))
     assert p.status["revision"] == {"active": rev, "training": ""}
-    assert not [o for o in p.apply if o["kind"] == "Job"]
+    assert not training_jobs(p)
 
     own = copy.deepcopy(stored)
     own["spec"]["training"]["image"] = "reg.local/slm/trainer:0.2.0"
@@ -1744,7 +1758,7 @@ def test_a_lost_retraining_keeps_counting_and_the_next_must_still_beat_the_serve
     t += dt.timedelta(seconds=20)
     p = _step(task, lost, dep, t, captured(1150))
     assert conds(task["status"])[c.EVALUATED] == (c.FALSE, c.NOT_BETTER)
-    assert not [o for o in p.apply if o["kind"] == "Job"]
+    assert not training_jobs(p)
     assert not p.delete_jobs  # kept, with their results, until the next retraining
     assert task["status"]["retraining"]["concludedRevision"] == rev1
 
@@ -1752,7 +1766,7 @@ def test_a_lost_retraining_keeps_counting_and_the_next_must_still_beat_the_serve
     # says why the served model stays.
     for i in range(1, 3):
         p = _step(task, jobs, dep, t + dt.timedelta(seconds=i), captured(1150))
-        assert not [o for o in p.apply if o["kind"] == "Job"], i
+        assert not training_jobs(p), i
         assert task["status"]["revision"] == {"active": rev0, "training": ""}
         assert conds(task["status"])[c.EVALUATED] == (c.FALSE, c.NOT_BETTER)
         assert conds(task["status"])[c.DATA_READY] == (c.TRUE, c.DATA_PREPARED)
@@ -1813,7 +1827,7 @@ def test_deleting_the_deployment_after_a_lost_retraining_keeps_the_served_model(
     p = _step(task, lost, dep, t + dt.timedelta(seconds=30), captured(1100))
     assert conds(task["status"])[c.READY] == (c.TRUE, c.READY_REASON)
     assert task["status"]["revision"] == {"active": rev0, "training": ""}
-    assert not [o for o in p.apply if o["kind"] == "Job"]
+    assert not training_jobs(p)
 
 
 def test_a_new_storage_claim_keeps_the_served_model_on_its_own_claim() -> None:
@@ -1934,7 +1948,7 @@ def test_a_reverted_invalid_edit_leaves_a_served_revision_without_jobs_as_it_was
     task["spec"]["candidates"][0]["model"] = "pvc://other-claim/models/x"
     p = _step(task, {}, dep, NOW, HEALTHY)
     assert p.invalid and conds(p.status)[c.READY] == (c.FALSE, c.INVALID_SPEC)
-    assert p.apply and not [o for o in p.apply if o["kind"] == "Job"]
+    assert p.apply and not training_jobs(p)
     task["spec"] = good
     for at in (NOW + dt.timedelta(seconds=10), NOW + dt.timedelta(minutes=5)):
         p = _step(task, {}, dep, at, HEALTHY)
@@ -1942,7 +1956,7 @@ def test_a_reverted_invalid_edit_leaves_a_served_revision_without_jobs_as_it_was
         for type_ in (c.DATA_READY, c.TRAINED, c.EVALUATED):
             assert cs[type_] == before[type_], type_
         assert cs[c.READY][0] == c.TRUE and p.status["phase"] == "Serving"
-        assert not [o for o in p.apply if o["kind"] == "Job"] and not p.delete_jobs
+        assert not training_jobs(p) and not p.delete_jobs
     assert not [e for e in p.events if e[0] == "Warning"]
 
 
@@ -2453,7 +2467,7 @@ def test_an_export_job_named_by_an_older_operator_is_kept_and_served() -> None:
 
     task["status"] = json.loads(json.dumps(p.status))
     served = _settled(Observed(task, jobs, deployment(rev), NOW))
-    assert kinds(served) == [("Deployment", "weather-slm"), ("Service", "weather-slm")]
+    assert kinds_but_prune(served) == [("Deployment", "weather-slm"), ("Service", "weather-slm")]
     assert served.delete_jobs == []
     assert conds(served.status)[c.READY] == (c.TRUE, c.READY_REASON)
 
@@ -2563,7 +2577,7 @@ def test_the_served_revisions_jobs_or_pods_gone_keep_its_recorded_outcome(gone: 
     assert p.status["selectedModel"] == before["selectedModel"]
     assert p.status["route"] == before["route"]
     assert p.events == []
-    assert kinds(p) == [("Deployment", "weather-slm"), ("Service", "weather-slm")]
+    assert kinds_but_prune(p) == [("Deployment", "weather-slm"), ("Service", "weather-slm")]
     assert p.delete_jobs == []
 
 
@@ -3012,7 +3026,7 @@ def test_a_reverted_edit_leaves_a_served_revision_whose_pods_are_gone_as_it_pass
     small = next(x for x in p.status["candidates"] if x["name"] == "small")
     assert small["state"] == SUCCEEDED and small["passedGate"] is True and small["score"] == 0.9
     assert p.status["selectedModel"] == served["selectedModel"]
-    assert not [o for o in p.apply if o["kind"] == "Job"] and p.delete_jobs == []
+    assert not training_jobs(p) and p.delete_jobs == []
     task["status"] = json.loads(json.dumps(p.status))
     p = _settled(Observed(task, gone, dep, at + dt.timedelta(hours=5)))
     assert conds(p.status)[c.DATA_READY] == (c.TRUE, c.DATA_PREPARED)
@@ -3227,7 +3241,7 @@ def test_switching_a_served_task_to_the_direct_rollout_serves_the_slm_without_me
         "slm",
         "DirectRollout",
     )
-    assert not p.apply or all(o["kind"] != "Job" for o in p.apply)  # nothing retrained
+    assert not training_jobs(p)  # nothing retrained
 
 
 def test_calls_captured_while_a_retraining_trains_still_count_across_a_gateway_restart() -> None:

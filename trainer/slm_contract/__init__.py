@@ -48,8 +48,8 @@ DEFINITE_EXIT_CODES = (EXIT_BAD_ARGUMENTS, EXIT_REPORTED)
 DEFAULT_MAX_EXAMPLES = 100_000
 
 #: What `slm-trainer <stage>` reports: prepare is curate (S2), then discover (S3), finetune
-#: (S5), evaluate and export.
-STAGES = ("prepare", "discover", "finetune", "evaluate", "export")
+#: (S5), evaluate and export; prune removes a task's superseded revisions from the claim.
+STAGES = ("prepare", "discover", "finetune", "evaluate", "export", "prune")
 
 
 class ContractError(ValueError):

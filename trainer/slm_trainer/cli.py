@@ -63,6 +63,7 @@ STAGES: dict[str, str] = {
     "finetune": "slm_trainer.finetune",
     "evaluate": "slm_trainer.evaluate",
     "discover": "slm_trainer.discover",
+    "prune": "slm_trainer.prune",
 }
 
 TERMINATION_LOG = "/dev/termination-log"
