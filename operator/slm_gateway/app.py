@@ -755,17 +755,17 @@ class Gateway:
         self._llm_allowed(call)
         t = time.perf_counter()
         retried = False
-        # Watched from before the LLM is asked: an agent whose SDK gives up waiting for the
-        # first token (a read timeout, then a retry) is seen at once (:func:`_unless_gone`).
-        gone = asyncio.ensure_future(receive())  # completes when the agent disconnects
+        # Watched from before the LLM is asked (it completes when the agent disconnects), but
+        # not raced against the wait for the LLM's status: that ends with its answer, its
+        # timeout or a connect error, each learnt by the breaker (cut at a hang-up, an LLM
+        # that never answers, behind agents that give up sooner, failed no call and its
+        # circuit never opened). Once the status is in, a hang-up is seen at once
+        # (:meth:`_stream_unwanted`); the wait for the first event is raced (:meth:`_pump`).
+        gone = asyncio.ensure_future(receive())
         try:
             while True:
                 try:
-                    async with contextlib.AsyncExitStack() as stack:
-                        upstream = await _unless_gone(
-                            stack.enter_async_context(self.upstreams.llm_stream(route, payload)),
-                            gone,
-                        )
+                    async with self.upstreams.llm_stream(route, payload) as upstream:
                         if 200 <= upstream.status < 300:
                             if retried:
                                 self._no_stream_options.add(route.llm_url)
@@ -775,8 +775,9 @@ class Gateway:
                                     "usage from now on, and their tokens estimated",
                                     route.llm_log_url,
                                 )
-                            await self._relay(call, upstream, t, send, gone)
-                            return None
+                            if not self._stream_unwanted(call, gone, t):
+                                await self._relay(call, upstream, t, send, gone)
+                            return None  # leaving the context closes the LLM's connection
                         try:
                             text = await upstream.read_all()
                         except UpstreamError as err:
@@ -784,10 +785,9 @@ class Gateway:
                             raise self._llm_unreachable(call, err, spent) from None
                 except UpstreamError as err:  # before the status came: nothing was sent yet
                     raise self._llm_unreachable(call, err, time.perf_counter() - t) from None
-                except _ClientGone:  # before the status came: the LLM's call is cut off
-                    self._llm_hung_up(call, StreamAssembler(), time.perf_counter() - t)
-                    return None
                 if asked is None and not bare and _refuses_stream_options(upstream.status, text):
+                    if self._stream_unwanted(call, gone, t):
+                        return None  # not asked again for nobody
                     # The gateway added the field, not the agent: ask again without it.
                     bare = retried = True
                     del body["stream_options"]
@@ -805,6 +805,15 @@ class Gateway:
             gone.cancel()
             if gone.done() and not gone.cancelled():
                 gone.exception()  # a receive() that failed: no one left to tell
+
+    def _stream_unwanted(self, call: _LLMCall, gone: asyncio.Future[Message], t: float) -> bool:
+        """Whether the agent of a stream whose LLM status just came has hung up meanwhile;
+        if so, the LLM's attempt is counted as cut off (:meth:`_llm_hung_up`, nothing sent
+        yet), and the caller closes the LLM's connection without reading on."""
+        if not gone.done():
+            return False
+        self._llm_hung_up(call, StreamAssembler(), time.perf_counter() - t)
+        return True
 
     async def _relay(
         self,
@@ -1533,10 +1542,14 @@ async def _unless_gone(work: Coroutine[Any, Any, _T], gone: asyncio.Future[Messa
     """What ``work`` returns or raises, unless the agent hangs up first (``gone`` completes):
     then ``work`` is cancelled, and its cleanup done, before :class:`_ClientGone` is raised.
 
-    Why: the waits for an LLM's status and first event are the long ones (a slow model's
-    first token), and an agent's SDK gives up on them with a read timeout, then retries. A
-    hang-up seen only when the LLM next sent something let the LLM answer in full for nobody,
-    counted as a complete stream and captured, once per retry.
+    Why: the wait for an LLM's first event is the long one (a slow model's first token), and
+    an agent's SDK gives up on it with a read timeout, then retries. A hang-up seen only when
+    the LLM next sent something let the LLM answer in full for nobody, counted as a complete
+    stream and captured, once per retry.
+
+    A cancel of this call (uvicorn's, at the end of its graceful shutdown) cancels ``work``
+    and goes on at once: waiting for ``work`` to wind down first, uvicorn finished shutting
+    down meanwhile, and the agent got no 503 or error event, and the log no warning.
     """
     if gone.done():
         work.close()
@@ -1544,15 +1557,25 @@ async def _unless_gone(work: Coroutine[Any, Any, _T], gone: asyncio.Future[Messa
     task = asyncio.ensure_future(work)
     try:
         await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not task.done():  # the agent went, or this call was cancelled (a shutdown)
-            task.cancel()
-            await asyncio.wait((task,))  # e.g. the LLM's connection closed before going on
+    except asyncio.CancelledError:
+        task.cancel()
+        task.add_done_callback(_retrieved)  # ends on its own; no one is left to tell
+        raise
+    if not task.done():  # the agent went
+        task.cancel()
+        await asyncio.wait((task,))  # e.g. the LLM's connection closed before going on
     if gone.done():
         if not task.cancelled():
             task.exception()  # retrieved: there is no one left to tell of a failure
         raise _ClientGone()
     return task.result()
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Mark the outcome of a task no one awaits as seen: an exception it ended with (one
+    that came before its cancel) is not logged as never retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _error_event(message: str, code: str) -> bytes:

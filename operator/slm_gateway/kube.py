@@ -47,6 +47,7 @@ from slm_gateway.routes import (
     parse_llm_hosts,
     route_from_task,
     secret_ref,
+    unread_host_hint,
     unread_llm_hosts,
 )
 
@@ -577,21 +578,30 @@ class AgentTaskWatcher:
     def _log_unread_hosts(self, ref: SecretRef, value: object) -> None:
         """Warn, once per annotation value, about llm-hosts entries that allow nothing
         (``https://api.openai.com``): the owner meant to allow a host, and the 502 each call
-        then gets names the host to add without saying that the entry written is unreadable."""
+        then gets names the host to add without saying that the entry written is unreadable.
+        Each is shown without the credentials a pasted URL may hold, with the host it meant
+        (:func:`unread_host_hint`)."""
         text = value if isinstance(value, str) else ""
         if self._hosts_logged.get(ref) == text:
             return
         self._hosts_logged[ref] = text
-        unread = unread_llm_hosts(text)
+        unread = [unread_host_hint(entry) for entry in unread_llm_hosts(text)]
         if unread:
             ns, name, _ = ref
+            entries = ", ".join(
+                repr(shown) + (f" (write {meant})" if meant else "") for shown, meant in unread
+            )
+            # an entry with no host to name still gets how one is written
+            how = ""
+            if not all(meant for _, meant in unread):
+                how = " (write api.openai.com, not https://api.openai.com/v1)"
             log.warning(
-                "Secret %s/%s: %s entries %s are not host or host:port and allow nothing "
-                "(write api.openai.com, not https://api.openai.com/v1)",
+                "Secret %s/%s: %s entries %s are not host or host:port and allow nothing%s",
                 ns,
                 name,
                 LLM_HOSTS_ANNOTATION,
-                ", ".join(repr(e) for e in unread),
+                entries,
+                how,
             )
 
     def _problem(self, ref: SecretRef, reason: str, problem: str | None) -> None:

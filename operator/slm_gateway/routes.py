@@ -306,6 +306,30 @@ def unread_llm_hosts(value: object) -> list[str]:
     return [entry for entry in _host_entries(value) if _host_entry(entry) is None]
 
 
+def unread_host_hint(entry: str) -> tuple[str, str]:
+    """An entry of :func:`unread_llm_hosts` as a log may show it, and the host entry its
+    owner probably meant ("" when none reads as one): ``https://user:pw@api.example.com/v1``
+    is ``("https://api.example.com/v1", "api.example.com")``.
+
+    Why: an owner who pasted the provider's whole URL may have pasted its credentials with it
+    (user info, a ``?key=`` in the query), and the log is read by more people than the
+    Secret. Shown without user info, query or fragment: through :func:`safe_url` when it
+    splits with a host part; else (no ``//``: ``urlsplit`` would read ``user:pw@host`` as a
+    scheme and a path) cut after the last ``@`` and before the first ``?`` or ``#``.
+    """
+    try:
+        split = bool(urlsplit(entry).netloc)
+    except ValueError:
+        split = False
+    if split:
+        shown = safe_url(entry)
+        meant = llm_host(shown)
+    else:
+        shown = re.split(r"[?#]", entry.rpartition("@")[2], maxsplit=1)[0]
+        meant = "" if "//" in shown else llm_host("https://" + shown)
+    return shown, (meant if meant and _host_entry(meant) is not None else "")
+
+
 def _host_entries(value: str) -> list[str]:
     return [entry for entry in re.split(r"[,\s]+", value) if entry]
 

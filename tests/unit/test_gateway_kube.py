@@ -955,3 +955,42 @@ def test_an_empty_key_is_reported_as_missing(caplog: pytest.LogCaptureFixture, e
     watcher.refresh_keys(core)
     assert auth(watcher, "weather") == f"Bearer {KEY}"
     assert watcher.problems() == {}
+
+
+@pytest.mark.parametrize(
+    ("entry", "secrets", "meant"),
+    [
+        (
+            "https://llm-user:s3cr3t-pass@api.example.com/v1",
+            ("llm-user", "s3cr3t-pass"),
+            "api.example.com",
+        ),
+        (
+            "https://generativelanguage.googleapis.com/v1beta/openai?key=AIzaSyD-SECRET",
+            ("AIzaSyD-SECRET",),
+            "generativelanguage.googleapis.com",
+        ),
+        # without a scheme, urlsplit reads no user info: it is cut off at the '@'
+        (
+            "llm-user:s3cr3t-pass@llm.example:8000/v1#AIzaSyD-SECRET",
+            ("llm-user", "s3cr3t-pass", "AIzaSyD"),
+            LLM_HOST,
+        ),
+    ],
+    ids=["user-info", "query-key", "no-scheme"],
+)
+def test_an_unread_host_entry_is_logged_without_the_credentials_pasted_with_it(
+    caplog: pytest.LogCaptureFixture, entry: str, secrets: tuple[str, ...], meant: str
+) -> None:
+    """An owner who pasted the provider's whole URL may have pasted its credentials with it:
+    user info, or a key in the query (Gemini's ``?key=``). The warning named the entry as
+    written, so the log (read by more people than the Secret) held them. It shows the entry
+    without them, and names the host the owner meant to write."""
+    caplog.set_level(logging.WARNING, logger="slm_gateway")
+    core = FakeCore({"llm-key": KEY}, hosts={"llm-key": entry})
+    listed(core, task("weather"))
+    unread = [r.getMessage() for r in caplog.records if "allow nothing" in r.getMessage()]
+    assert len(unread) == 1, unread
+    for secret in secrets:
+        assert secret not in unread[0], unread[0]
+    assert f"write {meant}" in unread[0] and "agents/llm-key" in unread[0]

@@ -24,6 +24,7 @@ from slm_gateway.routes import (
     route_from_entry,
     route_from_task,
     secret_ref,
+    unread_host_hint,
     unread_llm_hosts,
 )
 
@@ -696,3 +697,33 @@ def test_a_tasks_key_is_left_out_of_a_route_to_a_host_its_secret_does_not_list()
     assert route_from_task(TASK, key_hosts=frozenset()).llm_blocked == ""
     anywhere = route_from_task(redirected, api_key="sk-platform")
     assert anywhere.llm_headers == {"Authorization": "Bearer sk-platform"}
+
+
+@pytest.mark.parametrize(
+    ("entry", "shown", "meant"),
+    [
+        ("https://user:pass@api.example.com/v1", "https://api.example.com/v1", "api.example.com"),
+        (
+            "https://generativelanguage.googleapis.com/v1beta/openai?key=AIza#x",
+            "https://generativelanguage.googleapis.com/v1beta/openai",
+            "generativelanguage.googleapis.com",
+        ),
+        ("http://127.0.0.1:19101/v1", "http://127.0.0.1:19101/v1", "127.0.0.1:19101"),
+        ("HTTP://llm.local./v1", "http://llm.local./v1", "llm.local:80"),
+        ("user:pass@api.example.com/v1?key=x", "api.example.com/v1", "api.example.com"),
+        ("api.openai.com/v1", "api.openai.com/v1", "api.openai.com"),
+        ("*.openai.azure.com/openai", "*.openai.azure.com/openai", "*.openai.azure.com"),
+        ("http://[::1", "http://[::1", ""),  # urlsplit refuses it
+        ("*", "*", ""),
+        ("[::1]:x", "[::1]:x", ""),
+    ],
+)
+def test_an_unread_entry_is_shown_without_credentials_with_the_host_it_meant(
+    entry: str, shown: str, meant: str
+) -> None:
+    """What the gateway's warning says of an entry that allows nothing: the entry without user
+    info, query or fragment (a pasted URL may carry a password or a key), and the host entry
+    the owner probably meant ("" when none reads as one)."""
+    assert unread_host_hint(entry) == (shown, meant)
+    if meant:
+        assert parse_llm_hosts(meant) and not unread_llm_hosts(meant)

@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
+import select
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -254,3 +256,75 @@ def test_a_cancelled_stream_ends_with_an_error_event_and_counts_as_failed(
         scrape["slm_gateway_streams_total{backend=llm,namespace=,result=failed,task=weather}"] == 1
     )
     assert scrape[SHUTTING_DOWN] == 1
+
+
+# ---- a stream still waiting for the LLM ----------------------------------------------------
+
+
+def stop_during_a_stream(gw: GatewayProcess, until: Callable[[], bool]) -> tuple[Any, str]:
+    """Post a streamed call and SIGTERM the gateway once ``until()``: the call's status,
+    Retry-After and the body read to its end, and the gateway's log."""
+
+    def call() -> tuple[int, str | None, bytes]:
+        resp = post(gw, stream=True)
+        return resp.status, resp.getheader("retry-after"), read_to_the_end(resp)
+
+    result = in_background(call)
+    wait_for(until)
+    log = stopped(gw)
+    return result(), log
+
+
+def test_a_stream_waiting_for_the_llms_status_at_the_graceful_timeout_gets_a_503(
+    standin: llm_standin.StandIn, tmp_path: Path
+) -> None:
+    """The wait for the LLM's status line is cancelled like any call: a 503 the agent's SDK
+    retries. It got an empty reply, no warning: the cancel waited for the LLM's connection
+    to be dropped, and uvicorn finished shutting down meanwhile."""
+    standin.control(llm_latency_ms=10_000)
+    with gateway(standin, tmp_path, "0.3") as gw:
+        (status, retry_after, raw), log = stop_during_a_stream(gw, llm_has_calls(standin))
+    assert (status, retry_after) == (503, "1"), raw
+    assert orjson.loads(raw)["error"]["code"] == "shutting_down"
+    assert "answered 503 shutting_down" in log and "Traceback" not in log
+
+
+class _HeadOnlyLLM(BaseHTTPRequestHandler):
+    """An LLM that answers a streamed call's status line and headers, then nothing until the
+    gateway closes the connection (a slow model's first token)."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        self.server.called.set()  # type: ignore[attr-defined]
+        select.select([self.connection], [], [], 30)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+def test_a_stream_waiting_for_its_first_event_at_the_graceful_timeout_ends_with_an_error_event(
+    tmp_path: Path,
+) -> None:
+    """Its 200 went out: the stream ends with an error event the agent's SDK raises. It went
+    on with no event and no end until the gateway's process exited, and nothing was logged."""
+    llm = ThreadingHTTPServer(("127.0.0.1", 0), _HeadOnlyLLM)
+    llm.called = threading.Event()  # type: ignore[attr-defined]
+    threading.Thread(target=llm.serve_forever, daemon=True).start()
+    routes = tmp_path / "routes.yaml"
+    url = f"http://127.0.0.1:{llm.server_address[1]}/v1"
+    task = {"mode": "llm", "llmBaseURL": url, "llmModel": "gpt-4o"}
+    routes.write_text(yaml.safe_dump({"tasks": {"weather": task}}))
+    args = ["--routes", str(routes), "--graceful-timeout-s", "0.3"]
+    try:
+        with start_gateway(args, log_path=tmp_path / "gw.log") as gw:
+            called = llm.called.is_set  # type: ignore[attr-defined]
+            (status, _, raw), log = stop_during_a_stream(gw, called)
+    finally:
+        llm.shutdown()
+    assert status == 200
+    events = [line[6:] for line in raw.splitlines() if line.startswith(b"data: ")]
+    assert events and orjson.loads(events[-1])["error"]["code"] == "shutting_down", raw
+    assert "ended with an error event shutting_down" in log and "Traceback" not in log

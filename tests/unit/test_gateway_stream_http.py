@@ -212,25 +212,27 @@ def test_a_body_that_stalls_is_answered_408_not_waited_for_forever(
 
 #: How long the slow LLM below holds an answer back unless the gateway hangs up on it first.
 HOLD_S = 6.0
+#: How long it takes to send its status line when told "before status": longer than the
+#: agent's read timeout in the test below.
+STATUS_AFTER_S = 1.0
 
 
 class _SlowLLM(BaseHTTPRequestHandler):
-    """An LLM that holds a streamed answer back: before its status line when the last user
-    message is "before status", after it and before the first event when it is "before
-    first event". It gives up and notes the call in ``server.cut`` as soon as the gateway
-    closes the connection (the call cut off), else answers after :data:`HOLD_S`."""
+    """An LLM that holds a streamed answer back after its status line, which it sends at once,
+    or after :data:`STATUS_AFTER_S` when the last user message is "before status". It gives
+    up and notes the call in ``server.cut`` as soon as the gateway closes the connection (the
+    call cut off), else answers after :data:`HOLD_S`."""
 
     def do_POST(self) -> None:
         req = orjson.loads(self.rfile.read(int(self.headers["Content-Length"])))
         when = req["messages"][-1]["content"]
-        if when != "before status":
-            self._head()
+        if when == "before status":
+            time.sleep(STATUS_AFTER_S)
+        self._head()
         readable, _, _ = select.select([self.connection], [], [], HOLD_S)
         if readable and not self.connection.recv(1, socket.MSG_PEEK):
             self.server.cut.append(when)  # type: ignore[attr-defined]
             return
-        if when == "before status":
-            self._head()
         message = {"role": "assistant", "content": "Sunny."}
         events = llm_standin.stream_events(
             message, completion_id="chatcmpl-slow", created=0, model="gpt-4o", usage=None
@@ -271,7 +273,9 @@ def test_an_agent_that_gives_up_before_the_first_event_cuts_the_llm_call(
     """An SDK's read timeout before the LLM's first token: the gateway noticed the hang-up
     only between the LLM's events, so the call ran to its end, was counted complete and
     captured, and the SDK's retries paid the LLM up to three times. Now the LLM's connection
-    is closed at the hang-up, the stream counted client_disconnected, nothing answered."""
+    is closed at the hang-up, or, before the LLM's status, as soon as the status comes (the
+    wait for it is not cut short: its timeout is the breaker's to learn); the stream is
+    counted client_disconnected, nothing answered."""
     gw = slow_gateway
     llm = {"backend": "llm"}
     counted = {  # the streams by how they ended, the LLM's attempts cut off, its answers
@@ -315,3 +319,61 @@ def test_an_agent_that_gives_up_before_the_first_event_cuts_the_llm_call(
     for (name, labels), before in counted.items():
         more = labels[-1] == ("result", "client_disconnected")
         assert metric(gw, name, **dict(labels)) == before + more, (name, labels)
+
+
+def test_an_llm_that_never_answers_opens_its_circuit_though_every_agent_gives_up_first(
+    tmp_path: Path,
+) -> None:
+    """An LLM that takes calls and never answers, behind agents whose read timeout is shorter
+    than --llm-timeout-s: every streamed call was cut at the agent's hang-up and counted
+    client_disconnected only, so no error was counted and the circuit never opened, and each
+    retry waited on the hung LLM again. The wait for the LLM's status is not cut short by a
+    hang-up: it ends with the LLM's timeout, counted and learnt by the breaker as before."""
+    llm = socket.create_server(("127.0.0.1", 0))
+    taken: list[socket.socket] = []  # accepted, never answered
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):  # closed at the end
+            while True:
+                taken.append(llm.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    routes = tmp_path / "routes.yaml"
+    url = f"http://127.0.0.1:{llm.getsockname()[1]}/v1"
+    routes.write_text(
+        yaml.safe_dump({"tasks": {"weather": {"mode": "llm", "llmBaseURL": url, "llmModel": "m"}}})
+    )
+    args = ["--routes", str(routes), "--llm-timeout-s", "1", "--breaker-failures", "2"]
+    args += ["--breaker-cooldown-s", "60"]
+    with start_gateway(args, log_path=tmp_path / "gw.log") as gw:
+        raw = request()
+        for _ in range(2):
+            with socket.create_connection(("127.0.0.1", gw.port), timeout=30) as sock:
+                sock.sendall(
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
+                    + b"Content-Length: %d\r\n\r\n%s" % (len(raw), raw)
+                )
+                sock.settimeout(0.3)  # the agent's read timeout
+                with pytest.raises(TimeoutError):
+                    sock.recv(65536)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if metric(gw, "slm_gateway_errors_total", code="upstream_timeout") >= 2:
+                break
+            time.sleep(0.05)
+        assert metric(gw, "slm_gateway_errors_total", code="upstream_timeout") == 2
+        assert metric(gw, "slm_gateway_backend_calls_total", backend="llm", result="timeout") == 2
+        cut = metric(gw, "slm_gateway_backend_calls_total", result="client_disconnected")
+        assert cut == 0
+        # The circuit is open: the next call is answered at once, without the hung LLM.
+        t = time.monotonic()
+        conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
+        conn.request("POST", "/v1/chat/completions", body=raw)
+        resp = conn.getresponse()
+        assert resp.status == 503 and time.monotonic() - t < 0.5
+        assert orjson.loads(resp.read())["error"]["code"] == "upstream_unavailable"
+        conn.close()
+        assert len(taken) == 2
+    llm.close()
+    for conn in taken:
+        conn.close()
