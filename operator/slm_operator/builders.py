@@ -380,7 +380,11 @@ def prune_job(
     ``revision`` is the served one: the Job carries its label, so it is kept with that
     revision's Jobs and deleted with them once another is promoted (:func:`plan.plan`).
     The pod is the data-prep pod's, less the dataset: same claim, mounts, security context
-    and resources.
+    and resources; but its image is the operator's trainer (``images.trainer``, pulled with
+    the same secrets), not ``spec.training.image``: a task pinned to a trainer built before
+    the prune stage got a Job that failed ("invalid choice: 'prune'") at every promotion,
+    and deleting it to run it again could not help. Removing folders needs nothing of the
+    task's trainer, and the operator's own is the one that knows the stage.
     """
     task_name = task["metadata"]["name"]
     args = [
@@ -402,6 +406,7 @@ def prune_job(
     # pod that never starts (a quota, an image that cannot be pulled) must not hold the next
     # training for the trainer Jobs' hours. Removing folders takes seconds.
     job["spec"]["activeDeadlineSeconds"] = min(PRUNE_DEADLINE_S, job_limits(task)[0])
+    job["spec"]["template"]["spec"]["containers"][0]["image"] = images.trainer
     return job
 
 

@@ -102,6 +102,10 @@ class JobView:
     #: said belongs to the run being deleted (:func:`job_view`).
     deleting: bool = False
     finalizers: tuple[str, ...] = ()
+    #: A Job being deleted had finished (its Complete or Failed condition): its pods are
+    #: over and write nothing more. Its view reads pending whatever it did, and a finished
+    #: prune Job held by a finalizer held every new revision's Jobs for good (plan._pruning).
+    finished: bool = False
 
 
 def owned(obj: Mapping[str, Any] | None, uid: str) -> bool:
@@ -653,6 +657,8 @@ def job_view(
         # again at" a time long past); the plan waits for it to go instead.
         finalizers = tuple(str(f) for f in meta.get("finalizers") or ())
         held = f" (finalizers: {', '.join(finalizers)})" if finalizers else ""
+        # Not FailureTarget or SuccessCriteriaMet alone: its pods may still be ending.
+        conds = _conditions(job)
         return JobView(
             name=meta["name"],
             stage=labels.get(n.LABEL_STAGE, ""),
@@ -663,6 +669,7 @@ def job_view(
             uid=str(meta.get("uid", "")),
             deleting=True,
             finalizers=finalizers,
+            finished="Complete" in conds or "Failed" in conds,
         )
     status = job.get("status") or {}
     conds = _conditions(job)

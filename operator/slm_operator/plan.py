@@ -1189,9 +1189,23 @@ def _earlier_pods_answer(dep: Mapping[str, Any] | None, revision: str) -> bool:
     )
 
 
+def _may_write(view: JobView) -> bool:
+    """Whether a pod of the Job may still write to (or remove from) the claim: it is pending
+    or running, or it is being deleted before it finished (its pod perhaps still running).
+
+    Why the last: a Job being deleted reads pending whatever it did, and one that had
+    finished, held by another controller's finalizer (at the next promotion, or deleted by
+    hand), was waited for as long as the finalizer stayed: a finished prune Job held every
+    new revision's Jobs, and any such Job the next prune, for good.
+    """
+    if view.deleting:
+        return not view.finished
+    return view.state in (PENDING, RUNNING)
+
+
 def _pruning(jobs: Mapping[str, JobView]) -> JobView | None:
-    """The task's prune Job while it may still remove folders (pending, running, or being
-    deleted with its pod perhaps still running); None when there is none.
+    """The task's prune Job while it may still remove folders (:func:`_may_write`); None
+    when there is none.
 
     A view without a uid is a Job the API server refused to create
     (:func:`slm_operator.observe.refused_job`): it removes nothing.
@@ -1200,7 +1214,7 @@ def _pruning(jobs: Mapping[str, JobView]) -> JobView | None:
         (
             v
             for _, v in sorted(jobs.items())
-            if v.stage == n.STAGE_PRUNE and v.uid and (v.deleting or v.state in (PENDING, RUNNING))
+            if v.stage == n.STAGE_PRUNE and v.uid and _may_write(v)
         ),
         None,
     )
@@ -1238,11 +1252,12 @@ def _prune_due(obs: Observed, active_rev: str, active_uri: str, planned: Sequenc
     """Whether the served revision's prune Job is to be created now.
 
     Once: the Deployment serves ``active_rev`` and no pod of an earlier template is left
-    (none reads an earlier revision's model repository any more), no Job of the task is
-    pending, running or being deleted, and none is created in this pass (none writes into
-    a folder meanwhile). Not while a Deployment built in this pass was refused: what is
-    served may not be what the Deployment found says. A Job of its name already there is
-    never applied again: its ``--keep`` was fixed when it was made, and Jobs are immutable.
+    (none reads an earlier revision's model repository any more), no Job of the task may
+    still write (:func:`_may_write`: pending, running, or being deleted before it finished),
+    and none is created in this pass (none writes into a folder meanwhile). Not while a
+    Deployment built in this pass was refused: what is served may not be what the
+    Deployment found says. A Job of its name already there is never applied again: its
+    ``--keep`` was fixed when it was made, and Jobs are immutable.
     Deleted (by hand, after it failed), it is made again: that is how it is run again.
     """
     dep = obs.deployment
@@ -1252,7 +1267,7 @@ def _prune_due(obs: Observed, active_rev: str, active_uri: str, planned: Sequenc
         return False
     if n.prune_job_name(obs.task["metadata"]["name"], active_rev) in obs.jobs:
         return False
-    if any(v.deleting or v.state in (PENDING, RUNNING) for v in obs.jobs.values()):
+    if any(map(_may_write, obs.jobs.values())):
         return False
     return not any(o["kind"] == "Job" and o["metadata"]["name"] not in obs.jobs for o in planned)
 
@@ -1312,10 +1327,7 @@ def _rollout_stuck(dep: Mapping[str, Any] | None, revision: str, now: dt.datetim
     if progressing.get("status") == "False" and (
         progressing.get("reason") == PROGRESS_DEADLINE_EXCEEDED
     ):
-        return (
-            "the Deployment reports ProgressDeadlineExceeded (no new pod became ready within "
-            "its progressDeadlineSeconds)"
-        )
+        return _STUCK_PAST_DEADLINE
     last = parse_time(progressing.get("lastUpdateTime"))
     if (
         progressing.get("status") == "True"
@@ -1323,11 +1335,51 @@ def _rollout_stuck(dep: Mapping[str, Any] | None, revision: str, now: dt.datetim
         and last is not None
         and (now - last).total_seconds() > WAKE_GRACE_S
     ):
-        return (
-            "no new pod became ready within the Triton pod's start-up budget "
-            f"({WAKE_GRACE_S / 60:.0f} minutes)"
-        )
+        return _stuck_past_budget()
     return ""
+
+
+#: :func:`_rollout_stuck`'s reasons, in the past tense: they stay true while the verdict is
+#: kept (:func:`_stuck_verdict`), after the Deployment's condition has moved on.
+_STUCK_PAST_DEADLINE = (
+    "the Deployment reported ProgressDeadlineExceeded (no new pod became ready within its "
+    "progressDeadlineSeconds)"
+)
+_STUCK_UNSAID = "its new pods did not become ready"
+
+
+def _stuck_past_budget() -> str:
+    return (
+        "no new pod became ready within the Triton pod's start-up budget "
+        f"({WAKE_GRACE_S / 60:.0f} minutes)"
+    )
+
+
+def _stuck_verdict(
+    prev_conds: Sequence[Mapping[str, Any]], prev_active: str, revision: str, found: str
+) -> str:
+    """Why the rollout of ``revision`` is stuck, or "": ``found`` (:func:`_rollout_stuck`'s
+    verdict on the Deployment now), unless the previous pass already found it stuck (Ready
+    said RolloutStuck, the revision status then active being ``revision``): that verdict
+    is kept, with the reason it gave.
+
+    Why kept: the plan asks only while pods of an earlier template still answer
+    (:func:`_earlier_pods_answer`), that is, while the same revision's new pods are not all
+    ready. A scale-up of the stuck Deployment (the operator's own autoscaler, a minReplicas
+    edit) makes the Deployment controller reset Progressing to True with a fresh
+    lastUpdateTime, and in a pass before its controller sees the new generation the
+    Deployment says nothing: Ready went True ("is rolling out", a Normal Event) and came
+    back RolloutStuck with a second Warning ten minutes later, at every scale-up, while the
+    same pod stayed broken. The verdict ends when the rollout completes or another revision
+    is promoted. A reason this version did not write (an earlier operator's words) gives
+    way to ``found``, or to general words.
+    """
+    before = c.find(prev_conds, c.READY) or {}
+    if before.get("reason") != c.ROLLOUT_STUCK or not revision or prev_active != revision:
+        return found
+    said = str(before.get("message") or "")
+    known = (_STUCK_PAST_DEADLINE, _stuck_past_budget())
+    return next((why for why in known if why in said), found or _STUCK_UNSAID)
 
 
 #: The rollout step of the served model in ``status.live``; a newly promoted revision starts
@@ -2355,9 +2407,12 @@ def plan(obs: Observed) -> Plan:
         if ready > 0:
             rolling = _rolling_out(obs.deployment)
             earlier_pods = _earlier_pods_answer(obs.deployment, active_rev)
-            if earlier_pods:
-                stuck_rollout = _rollout_stuck(
-                    obs.deployment, active_rev, obs.server_now or obs.now
+            if earlier_pods:  # once stuck, until the rollout completes (_stuck_verdict)
+                stuck_rollout = _stuck_verdict(
+                    prev_conds,
+                    prev_active,
+                    active_rev,
+                    _rollout_stuck(obs.deployment, active_rev, obs.server_now or obs.now),
                 )
             serving = (
                 c.TRUE,

@@ -1267,5 +1267,23 @@ def test_the_prune_job_runs_the_trainers_prune_stage_in_the_data_prep_pod() -> N
         assert ctr[key] == dc[key], key
     assert ctr["volumeMounts"] == [m for m in dc["volumeMounts"] if m["name"] != "dataset"]
     assert "nvidia.com/gpu" not in ctr["resources"].get("limits", {})
-    for key in ("backoffLimit", "activeDeadlineSeconds", "podFailurePolicy"):
+    for key in ("backoffLimit", "podFailurePolicy"):
         assert prune["spec"][key] == data["spec"][key], key
+    # Its own short limit: a prune pod that never starts holds a new revision's Jobs.
+    assert prune["spec"]["activeDeadlineSeconds"] == b.PRUNE_DEADLINE_S
+
+
+def test_the_prune_job_runs_the_operators_trainer_image_not_the_tasks_pin() -> None:
+    """A task pinned to an older trainer image (spec.training.image), built before the
+    prune stage: its prune Job failed ("invalid choice: 'prune'", exit 2) at every
+    promotion, and deleting it to run it again, as Serving advised, could never help.
+    Housekeeping needs nothing of the task's trainer: it runs the operator's own, pulled
+    with the same secrets."""
+    task = make_task(training={"image": "registry.local/slm-trainer:2026-10"})
+    images = b.Images(trainer="reg.local/slm/trainer:8", pull_secrets=("reg",))
+    prune = b.prune_job(task, "0123456789", ["0123456789"], "slm-trainer", images)
+    data = b.data_prep_job(task, "0123456789", "slm-trainer", images)
+    pp, dp = prune["spec"]["template"]["spec"], data["spec"]["template"]["spec"]
+    assert dp["containers"][0]["image"] == "registry.local/slm-trainer:2026-10"
+    assert pp["containers"][0]["image"] == "reg.local/slm/trainer:8"
+    assert pp["imagePullSecrets"] == dp["imagePullSecrets"] == [{"name": "reg"}]

@@ -718,6 +718,50 @@ def test_retries_stamped_in_the_system_prompt_are_one_example(tmp_path: Path) ->
     assert distinct_count([*records, CallRecord.from_json(json.dumps(other))]) == 11
 
 
+def test_calls_whose_answer_follows_a_stamp_in_the_system_prompt_are_all_kept(
+    tmp_path: Path,
+) -> None:
+    """A stamp in the system prompt is masked to find retries, but it can be what the answer
+    is computed from: a reminder set two hours after the current time, a lookup for the
+    tenant the prompt names. The same words with the stamp masked read as one request
+    answered 40 ways (noise), and 38 of 40 calls were dropped. Such calls differ in the
+    request itself, so they stay; retries, answered alike, are still one example."""
+    calls = []
+    for d in range(1, 21):
+        reminder = call(
+            "Remind me to call the landlord in two hours",
+            "set_reminder",
+            {"at": f"2026-03-{d:02d}T11:00:00Z", "text": "call the landlord"},
+            call_id=f"c{d}",
+        )
+        reminder["messages"][0]["content"] = (
+            f"You are a scheduling assistant. Current time: 2026-03-{d:02d}T09:00:00Z."
+        )
+        calls.append(reminder)
+    for t in range(20):
+        tenant = f"{0x7C1E4A920 + t * 977:x}b"
+        lookup = call(
+            "Show my open invoices",
+            "lookup",
+            {"tenant": tenant, "what": "open invoices"},
+            call_id=f"t{t}",
+        )
+        lookup["messages"][0]["content"] = (
+            f"You act for tenant {tenant}. Only look up this tenant's data."
+        )
+        calls.append(lookup)
+    for c in calls:
+        c["tools"] = [
+            {"type": "function", "function": {"name": n}} for n in ("set_reminder", "lookup")
+        ]
+    calls = [{**c, "timestamp": 1000.0 + i, "request_id": f"r{i}"} for i, c in enumerate(calls)]
+    result, report, _ = curate(tmp_path, calls, min_examples=5, scrub_pii=False)
+    assert result.ok, result.message
+    assert (report["examples"], report["near_duplicates"]) == (40, 0)
+    records = [CallRecord.from_json(json.dumps(c)) for c in calls]
+    assert distinct_count(records) == 40
+
+
 def test_near_duplicates_need_the_same_system_prompt_and_tools(tmp_path: Path) -> None:
     """The near-duplicate text leaves the system prompt out, and the tools offered were never
     looked at: a template that puts the ticket in the system prompt and asks a fixed question

@@ -11,6 +11,7 @@ import dataclasses
 import datetime as dt
 from typing import Any
 
+import pytest
 from test_plan import (
     NOW,
     _serving_task,
@@ -25,7 +26,7 @@ from test_plan import (
 
 from slm_operator import conditions as c
 from slm_operator import naming as n
-from slm_operator.observe import FAILED, PENDING, RUNNING, SUCCEEDED, JobView
+from slm_operator.observe import FAILED, PENDING, RUNNING, SUCCEEDED, JobView, job_view
 from slm_operator.plan import Observed, plan
 
 
@@ -186,6 +187,77 @@ def test_a_prune_job_the_api_server_refused_holds_nothing() -> None:
     jobs2 = {**jobs, job["metadata"]["name"]: refused}
     training, p = _retrain(task, jobs2, dep, NOW + dt.timedelta(seconds=5))
     assert n.data_job_name("weather", training) in [o["metadata"]["name"] for o in p.apply]
+
+
+def _deleted(job: dict[str, Any], conditions: list[dict[str, Any]]) -> JobView:
+    """The view of ``job`` being deleted (at the next promotion, or by hand) while another
+    controller's finalizer holds it, as the Job watch reports it."""
+    meta = job["metadata"]
+    raw = {
+        "metadata": {
+            "name": meta["name"],
+            "uid": f"uid-{meta['name']}",
+            "labels": meta["labels"],
+            "deletionTimestamp": "2026-11-23T12:03:00Z",
+            "finalizers": ["example.com/hold"],
+        },
+        "status": {"conditions": conditions},
+    }
+    return job_view(raw, [])
+
+
+@pytest.mark.parametrize("ended", ["Complete", "Failed"])
+def test_a_finished_prune_job_held_by_a_finalizer_holds_no_training(ended: str) -> None:
+    """A prune Job that finished and is being deleted, kept by another controller's
+    finalizer, removes nothing any more: every new revision's Jobs waited for it for good."""
+    task, jobs, _, new = _promoted()
+    dep = deployment(new)
+    [job] = _prunes(_step(task, jobs, dep, NOW + dt.timedelta(seconds=2), None))
+    held = _deleted(job, [{"type": ended, "status": "True"}])
+    assert (held.deleting, held.finished) == (True, True)
+    jobs2 = {**jobs, job["metadata"]["name"]: held}
+    t = NOW + dt.timedelta(minutes=30)
+    training, p = _retrain(task, jobs2, dep, t)
+    assert n.data_job_name("weather", training) in [o["metadata"]["name"] for o in p.apply]
+    data = c.find(task["status"]["conditions"], c.DATA_READY)
+    assert data is not None and "removing the files" not in data["message"]
+    # Nor does it hold the next prune: the revision in training is kept by it.
+    prep = n.data_job_name("weather", training)
+    too_few = dataclasses.replace(
+        view(prep, n.STAGE_PREPARE, training, FAILED, res=None), message="too few"
+    )
+    p = plan(Observed(task, {**jobs2, prep: too_few}, dep, t + dt.timedelta(seconds=12)))
+    assert not _prunes(p)  # its name is still taken: never applied again
+
+
+def test_a_finished_job_of_the_old_revision_held_by_a_finalizer_holds_no_prune() -> None:
+    """The old revision's Jobs are deleted at the promotion; one another controller's
+    finalizer keeps writes nothing once it finished, and the prune no longer waits for it
+    (one that had not finished still may write: the prune waits)."""
+    task, jobs, old, new = _promoted()
+    dep = deployment(new)
+    name = n.data_job_name("weather", old)
+    job = {"metadata": {"name": name, "labels": n.labels("weather", n.STAGE_PREPARE, old)}}
+    for ended, pruned in (([{"type": "Complete", "status": "True"}], True), ([], False)):
+        held = {**jobs, name: _deleted(job, ended)}
+        p = plan(Observed(task, held, dep, NOW + dt.timedelta(seconds=2)))
+        assert bool(_prunes(p)) is pruned, ended
+
+
+def test_a_prune_job_being_deleted_before_it_finished_still_holds_training() -> None:
+    """Deleted while its pod may still run (no Complete or Failed condition yet), it may
+    still remove folders: a new revision's Jobs wait for it to go."""
+    task, jobs, _, new = _promoted()
+    dep = deployment(new)
+    [job] = _prunes(_step(task, jobs, dep, NOW + dt.timedelta(seconds=2), None))
+    held = _deleted(job, [])
+    assert (held.deleting, held.finished) == (True, False)
+    t = NOW + dt.timedelta(minutes=30)
+    _, p = _retrain(task, {**jobs, job["metadata"]["name"]: held}, dep, t)
+    assert not [o for o in p.apply if o["kind"] == "Job"]
+    data = c.find(task["status"]["conditions"], c.DATA_READY)
+    assert data is not None
+    assert f"waiting for Job {job['metadata']['name']} to finish removing" in data["message"]
 
 
 def test_the_prune_job_goes_with_its_revisions_jobs_when_another_is_promoted() -> None:

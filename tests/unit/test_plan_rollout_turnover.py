@@ -239,3 +239,73 @@ def test_a_higher_new_threshold_applies_at_once() -> None:
     task, jobs, new_rev, t = _promoted("direct", threshold=0.9)
     p = _pass(task, jobs, _rolling(new_rev), t + dt.timedelta(seconds=10))
     assert p.status["route"]["confidenceThreshold"] == 0.9
+
+
+def test_a_stuck_rollout_stays_stuck_through_a_scale_up_until_its_new_pods_are_ready() -> None:
+    """A scale-up of a stuck Deployment (the operator's own autoscaler, a minReplicas edit)
+    makes the Deployment controller reset Progressing to True, ReplicaSetUpdated, with a
+    fresh lastUpdateTime, and for one pass its controller has not seen the new generation.
+    Ready went True ("is rolling out", a Normal Event) and RolloutStuck came back with a
+    second Warning ten minutes later, at every scale-up, while the same pod crash-looped.
+    The verdict stays until the rollout completes."""
+    task, jobs, new_rev, t = _promoted()
+    stuck = _rolling(new_rev, {"status": "False", "reason": "ProgressDeadlineExceeded"})
+    events = []
+    for _ in range(2):
+        t += dt.timedelta(seconds=10)
+        events += _pass(task, jobs, stuck, t, CRASH_LOOP).events
+    message = _ready(task["status"])["message"]
+    assert conds(task["status"])[c.READY] == (c.FALSE, "RolloutStuck")
+
+    unseen = _rolling(new_rev, {"status": "False", "reason": "ProgressDeadlineExceeded"})
+    unseen["metadata"]["generation"] = 3  # scaled; observedGeneration still 2
+    unseen["spec"]["replicas"] = 2
+    t += dt.timedelta(seconds=10)
+    events += _pass(task, jobs, unseen, t, CRASH_LOOP).events
+    assert conds(task["status"])[c.READY] == (c.FALSE, "RolloutStuck")
+
+    scaled = _rolling(
+        new_rev, {"status": "True", "reason": "ReplicaSetUpdated", "lastUpdateTime": t.isoformat()}
+    )
+    scaled["metadata"]["generation"] = scaled["status"]["observedGeneration"] = 3
+    scaled["spec"]["replicas"] = 2
+    scaled["status"].update(replicas=3, updatedReplicas=2, readyReplicas=1)
+    for s in (10, 300, 590, 610, 1300):
+        p = _pass(task, jobs, scaled, t + dt.timedelta(seconds=s), CRASH_LOOP)
+        events += p.events
+        ready = _ready(p.status)
+        assert (ready["status"], ready["reason"]) == (c.FALSE, "RolloutStuck"), s
+        assert ready["message"] == message, s  # no status write either
+    assert [e[1] for e in events if e[0] == "Warning"] == ["RolloutStuck"]
+    assert not [e for e in events if e[1] == c.READY_REASON]
+
+    # The new pods are ready: the rollout is complete, and Ready is True.
+    done = deployment(new_rev)
+    done["spec"]["replicas"] = 2
+    done["status"].update(replicas=2, updatedReplicas=2, readyReplicas=2)
+    p = _pass(task, jobs, done, t + dt.timedelta(seconds=1310))
+    assert conds(p.status)[c.READY] == (c.TRUE, c.READY_REASON)
+    assert "is rolling out" not in _ready(p.status)["message"]
+
+
+def test_a_stuck_verdict_is_the_revisions_a_newly_promoted_one_starts_afresh() -> None:
+    """RolloutStuck is kept for the revision it was found for: another promoted revision
+    rolls out under Ready True until its own rollout is stuck."""
+    task, jobs, new_rev, t = _promoted()
+    stuck = _rolling(new_rev, {"status": "False", "reason": "ProgressDeadlineExceeded"})
+    t += dt.timedelta(seconds=10)
+    _pass(task, jobs, stuck, t, CRASH_LOOP)
+    assert conds(task["status"])[c.READY] == (c.FALSE, "RolloutStuck")
+    task["metadata"]["generation"] = 3
+    task["spec"]["candidates"][0]["epochs"] = 6  # fixed by another edit
+    third = n.revision_of(task["spec"])
+    jobs = {**jobs, **jobs_through(task, "export")}
+    t += dt.timedelta(seconds=10)
+    _pass(task, jobs, stuck, t, CRASH_LOOP)  # promoted: its Deployment is applied now
+    assert task["status"]["revision"]["active"] == third
+    fresh = _rolling(
+        third, {"status": "True", "reason": "ReplicaSetUpdated", "lastUpdateTime": t.isoformat()}
+    )
+    p = _pass(task, jobs, fresh, t + dt.timedelta(seconds=10), CRASH_LOOP)
+    assert conds(p.status)[c.READY] == (c.TRUE, c.READY_REASON)
+    assert "is rolling out" in _ready(p.status)["message"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,8 +64,10 @@ def test_it_removes_every_revision_folder_but_the_kept_ones_and_says_what_it_fre
     assert (root / "other-task" / OLD1 / "data" / "x").is_file()
     assert (root / ".cache" / "huggingface" / "x").is_file()
     freed = 4 * 1000 + 4 * 24
-    assert f"removed 2 earlier revision folder(s) of weather ({OLD1}, {OLD2})" in result.message
-    assert f"{freed} bytes freed" in result.message
+    assert result.message == (
+        f"removed 2 earlier revision folder(s) of weather: {freed} bytes freed (0.00 GiB); "
+        f"kept {KEPT}, {TRAINING}; removed {OLD1}, {OLD2}"
+    )
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     removed = [x for x in lines if x.get("event") == "progress"]
     assert [(x["revision"], x["bytes"]) for x in removed] == [(OLD1, 4000), (OLD2, 96)]
@@ -131,8 +134,11 @@ def test_a_folder_it_cannot_remove_is_a_reported_failure(
     monkeypatch.setattr(shutil, "rmtree", rmtree)
     code, result = _prune(root, f"--keep={KEPT}")
     assert code == cli.EXIT_REPORTED and not result.ok
-    assert f"could not remove {OLD2}: " in result.message and "Permission denied" in result.message
-    assert f"removed 1 earlier revision folder(s) of weather ({OLD1})" in result.message
+    assert result.message == (
+        "could not remove 1 of 2 earlier revision folder(s) of weather: removed 1, 4 bytes "
+        f"freed (0.00 GiB); kept {KEPT}; could not remove {OLD2}: Permission denied; "
+        f"removed {OLD1}"
+    )
     assert not (root / "weather" / OLD1).exists() and (root / "weather" / OLD2).is_dir()
 
 
@@ -184,3 +190,90 @@ def test_prune_help_imports_nothing_heavy() -> None:
     )
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"code": 0, "heavy": []}
     assert "--keep" in proc.stdout
+
+
+def test_a_file_renamed_while_its_folder_is_removed_does_not_pass_for_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pod of a deleted Job still ending renames its checkpoint's temporary file into place
+    just after the removal listed the folder: unlinking the listed name finds nothing. That
+    was taken for "already removed", and the folder was reported removed with most of it
+    left on the claim; it is removed again, as when a file appears meanwhile."""
+    from slm_trainer import prune
+
+    root = tmp_path / "workspace"
+    _revision(root, KEPT, 1)
+    old = root / "weather" / OLD1 / "candidates" / "small"
+    for i in range(5):
+        _write(old / f"shard{i}.bin", 100)
+    _write(old / "checkpoints" / ".last.pt.tmp", 200)
+    real = os.unlink
+
+    def unlink(path: str, *args: object, dir_fd: int | None = None, **kwargs: object) -> None:
+        if path == ".last.pt.tmp":
+            os.rename(path, "last.pt", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        real(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    monkeypatch.setattr(prune, "REMOVE_PAUSE_S", 0.0)
+    code, result = _prune(root, f"--keep={KEPT}")
+
+    assert not (root / "weather" / OLD1).exists()
+    assert code == 0 and result.ok, result.message
+    assert "700 bytes freed" in result.message
+
+
+def test_the_totals_come_first_however_many_revisions_were_removed(tmp_path: Path) -> None:
+    """The result's message is cut to fit the kubelet's 4 KiB: with hundreds of revisions it
+    listed every name before the totals, and the cut took the bytes freed and what was kept.
+    The totals come first, then ten names at most."""
+    root = tmp_path / "workspace"
+    _revision(root, KEPT, 1)
+    removed = [f"{i:010x}" for i in range(1, 401)]
+    for rev in removed:
+        (root / "weather" / rev).mkdir(parents=True)
+    _write(root / "weather" / removed[0] / "x.bin", 30)
+
+    code, result = _prune(root, f"--keep={KEPT}")
+
+    assert code == 0 and result.ok
+    assert len(result.to_json().encode()) <= 4096 and "[truncated]" not in result.to_json()
+    assert result.message.startswith(
+        f"removed 400 earlier revision folder(s) of weather: 30 bytes freed (0.00 GiB); "
+        f"kept {KEPT}; "
+    )
+    assert f"{', '.join(removed[:10])} and 390 more" in result.message
+    assert removed[10] not in result.message
+    assert not [p for p in (root / "weather").iterdir() if p.name != KEPT]
+
+
+def test_a_failure_names_the_path_that_stayed_and_counts_what_went_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure named the file by its bare name ("Permission denied: 'checkpoint.pt'"), not
+    where it is, and the bytes removed before it did not count as freed."""
+    root = tmp_path / "workspace"
+    _revision(root, KEPT, 1)
+    _revision(root, OLD1, 24)
+    real = os.unlink
+    unlinked: list[str] = []
+
+    def unlink(path: str, *args: object, dir_fd: int | None = None, **kwargs: object) -> None:
+        if len(unlinked) == 2:  # two files of the folder went, the third stays
+            raise PermissionError(13, "Permission denied", path)
+        real(path, dir_fd=dir_fd)
+        unlinked.append(path)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    code, result = _prune(root, f"--keep={KEPT}")
+
+    assert code == cli.EXIT_REPORTED and not result.ok
+    assert result.message.startswith(
+        "could not remove 1 of 1 earlier revision folder(s) of weather: "
+        f"removed 0, 48 bytes freed (0.00 GiB); kept {KEPT}; "
+    ), result.message
+    named = re.search(rf"could not remove ({OLD1}/\S+): Permission denied", result.message)
+    assert named, result.message
+    assert (root / "weather" / named.group(1)).is_file()
+    left = [p for p in (root / "weather" / OLD1).rglob("*") if p.is_file()]
+    assert len(left) == 2

@@ -905,28 +905,28 @@ def _blake(doc: Any) -> str:
     return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
 
 
-def _instructions(record: CallRecord) -> list[str]:
-    """The system and developer turns, whitespace normalised, the stamps an agent framework
-    puts on every call read as one placeholder (:data:`_VOLATILE_RE`, as in
-    :func:`dedupe_text`).
+def _instructions(record: CallRecord, *, mask_stamps: bool = True) -> list[str]:
+    """The system and developer turns, whitespace normalised; with ``mask_stamps`` the stamps
+    an agent framework puts on every call read as one placeholder (:data:`_VOLATILE_RE`, as
+    in :func:`dedupe_text`).
 
     Why the stamps: a system prompt often carries the current time or a request id, and the
     instructions decide which calls may be near duplicates (:func:`near_group`): every call,
     retries included, was in a group of its own, none was dropped, and the eval split held
     the twins of train examples. :func:`exact_key` keeps them: only near duplicates ignore
-    them, as they ignore a stamp in the user turn.
+    them, as they ignore a stamp in the user turn. :func:`request_digest` keeps them too: a
+    stamp can be what the answer is computed from.
     """
-    return [
-        _VOLATILE_RE.sub("<id>", _normal_message(m)["content"])
-        for m in record.messages
-        if m.get("role") in _NOT_CONVERSATION
+    contents = [
+        _normal_message(m)["content"] for m in record.messages if m.get("role") in _NOT_CONVERSATION
     ]
+    return [_VOLATILE_RE.sub("<id>", c) for c in contents] if mask_stamps else contents
 
 
 def near_group(record: CallRecord) -> str:
     """Which calls may be near duplicates of each other: those at the same step of the agent
-    loop (:func:`conversation_shape`) with the same system and developer turns and the same
-    tools offered (by name, in any order).
+    loop (:func:`conversation_shape`) with the same system and developer turns (stamps
+    masked) and the same tools offered (by name, in any order).
 
     Why: the near-duplicate text leaves the instructions out (an agent's long system prompt
     would make all its calls look alike), but they are part of the request. A template that
@@ -940,12 +940,18 @@ def near_group(record: CallRecord) -> str:
 
 
 def request_digest(record: CallRecord) -> str:
-    """A digest of the instructions and the tools offered, schemas included (in any order):
-    with :func:`near_group` equal, the rest of the request a "same words" duplicate must
-    also share. Tools of the same names may be described apart (an enum of today's items),
-    and then the same words may well be answered otherwise."""
+    """A digest of the instructions, stamps and all, and the tools offered, schemas included
+    (in any order): with :func:`near_group` equal, the rest of the request a "same words"
+    duplicate must also share. Tools of the same names may be described apart (an enum of
+    today's items), and then the same words may well be answered otherwise.
+
+    Why the stamps count here: a time or a tenant id in the system prompt can be what the
+    answer is computed from (a reminder two hours from now, that tenant's invoices). Masked,
+    20 such calls read as one request answered 20 ways, noise, and all but one were dropped.
+    Retries of one call still meet, by their equal answer (:func:`answer_signature`).
+    """
     tools = sorted(json.dumps(t, sort_keys=True, ensure_ascii=False) for t in record.tools)
-    return _blake([_instructions(record), tools])
+    return _blake([_instructions(record, mask_stamps=False), tools])
 
 
 #: What :meth:`_NearDuplicateFilter.is_duplicate` compares of a call, after its key: the

@@ -19,9 +19,13 @@ as a link (``shutil.rmtree`` works on file descriptors, so a link swapped in mea
 not followed either).
 
 It reports on stdout one progress line per removed folder (its revision and bytes) and in its
-result's message what it removed and the bytes freed. A folder it cannot remove is a
-reported failure (exit 3: the Job fails at once, and the operator says so without stopping
-anything); the others are still removed. Run again, it removes what is left.
+result's message how many folders it removed, the bytes freed (those of a folder it removed
+in part included) and the kept revisions, then ten names at most of each list (what failed,
+with the path relative to the task folder, and what went), so that the totals survive the
+kubelet's 4 KiB cut. A folder it cannot remove is a reported failure (exit 3: the Job fails
+at once, and the operator says so without stopping anything); the others are still removed.
+A folder that changed while it was removed (a pod still ending wrote or renamed a file in
+it) is removed again. Run again, it removes what is left.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -109,22 +114,97 @@ def folder_bytes(path: Path) -> int:
     return total
 
 
+def _rmtree(path: Path) -> None:
+    """``shutil.rmtree(path)``, an error naming the entry's path, not its bare name.
+
+    Why: ``rmtree`` works on file descriptors and names in its errors only what it passed
+    to the call (``Permission denied: 'checkpoint.pt'``), which does not say which revision
+    or folder holds the file that stayed. The error handler knows the entry's path.
+    """
+
+    def named(exc: BaseException, entry: str) -> None:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            # OSError(errno, ...) is the subclass for errno: FileNotFoundError stays one
+            raise OSError(exc.errno, exc.strerror, entry) from exc
+        raise exc
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=lambda _func, entry, exc: named(exc, entry))
+    else:
+        shutil.rmtree(path, onerror=lambda _func, entry, info: named(info[1], entry))
+
+
 def _remove(path: Path) -> None:
-    """``shutil.rmtree(path)``, tried again when a file appeared in it meanwhile."""
+    """``shutil.rmtree(path)``, tried again when the folder changed while it was removed.
+
+    Why again: a pod of a deleted Job that is still ending may write into the folder (its
+    last ``rmdir`` finds it not empty) or rename a file in it after ``rmtree`` listed it (the
+    listed name is gone). Only a folder that no longer exists is removed; ``rmtree`` stops at
+    the first error, so a vanished entry alone left most of the folder on the claim.
+    """
     for attempt in range(REMOVE_TRIES):
         try:
-            shutil.rmtree(path)
+            _rmtree(path)
             return
         except FileNotFoundError:
-            return
+            if not os.path.lexists(path):
+                return
+            if attempt + 1 == REMOVE_TRIES:
+                raise
         except OSError as exc:
             if exc.errno != errno.ENOTEMPTY or attempt + 1 == REMOVE_TRIES:
                 raise
-            time.sleep(REMOVE_PAUSE_S)
+        time.sleep(REMOVE_PAUSE_S)
+
+
+#: How many revisions the result's message names of those removed, and of those that failed:
+#: it must fit the kubelet's 4 KiB with the totals, which come first.
+NAMED = 10
 
 
 def _freed(n: int) -> str:
     return f"{n} bytes freed ({n / 2**30:.2f} GiB)"
+
+
+def _some(items: list[str], sep: str = ", ") -> str:
+    """The first :data:`NAMED` of ``items``, and how many more there are."""
+    more = f" and {len(items) - NAMED} more" if len(items) > NAMED else ""
+    return sep.join(items[:NAMED]) + more
+
+
+def failure(exc: OSError, task_dir: Path, rev: str) -> str:
+    """What could not be removed and why, the path relative to the task folder."""
+    where = rev
+    if isinstance(exc.filename, str | bytes | os.PathLike):
+        try:
+            where = str(Path(os.fsdecode(exc.filename)).relative_to(task_dir))
+        except ValueError:  # not under the task folder: an error raised elsewhere
+            where = f"{rev} ({os.fsdecode(exc.filename)})"
+    return f"could not remove {where}: {exc.strerror or exc}"
+
+
+def summary(
+    task: str, task_dir: Path, removed: list[str], failed: list[str], freed: int, kept: str
+) -> str:
+    """The result's message: the counts, the bytes freed and the kept revisions first, then
+    the failures and the removed revisions, :data:`NAMED` of each at most.
+
+    Why in that order: the message is cut to fit the kubelet's 4 KiB, and with hundreds of
+    revisions the names listed first took the totals with them.
+    """
+    if failed:
+        head = (
+            f"could not remove {len(failed)} of {len(removed) + len(failed)} earlier revision "
+            f"folder(s) of {task}: removed {len(removed)}, {_freed(freed)}; kept {kept}; "
+            f"{_some(failed, '; ')}"
+        )
+        return f"{head}; removed {_some(removed)}" if removed else head
+    if not removed:
+        return f"nothing to remove under {task_dir}; kept {kept}"
+    return (
+        f"removed {len(removed)} earlier revision folder(s) of {task}: {_freed(freed)}; "
+        f"kept {kept}; removed {_some(removed)}"
+    )
 
 
 def run(args: Args, emit: Emit) -> TrainerResult:
@@ -151,8 +231,11 @@ def run(args: Args, emit: Emit) -> TrainerResult:
         try:
             _remove(path)
         except OSError as exc:
-            failed.append(f"could not remove {rev}: {exc}")
-            emit({"event": "warning", "stage": "prune", "revision": rev, "message": str(exc)})
+            # rmtree stops at the first error: what it removed before is freed all the same
+            freed += max(0, size - (folder_bytes(path) if os.path.lexists(path) else 0))
+            said = failure(exc, task_dir, rev)
+            failed.append(said)
+            emit({"event": "warning", "stage": "prune", "revision": rev, "message": said})
             continue
         removed.append(rev)
         freed += size
@@ -168,17 +251,5 @@ def run(args: Args, emit: Emit) -> TrainerResult:
             }
         )
     kept_here = ", ".join(r for r in keep if r in found) or "none of them has a folder"
-    said = (
-        f"removed {len(removed)} earlier revision folder(s) of {args.task} "
-        f"({', '.join(removed)}): {_freed(freed)}"
-        if removed
-        else f"nothing to remove under {task_dir}"
-        if not failed
-        else f"removed nothing under {task_dir}"
-    )
-    message = f"{said}; kept {kept_here}"
-    if failed:
-        return TrainerResult(
-            stage=CONTRACT_STAGE, ok=False, message=f"{'; '.join(failed)}; {message}"
-        )
-    return TrainerResult(stage=CONTRACT_STAGE, ok=True, message=message)
+    message = summary(args.task, task_dir, removed, failed, freed, kept_here)
+    return TrainerResult(stage=CONTRACT_STAGE, ok=not failed, message=message)
