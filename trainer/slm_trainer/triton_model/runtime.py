@@ -139,6 +139,23 @@ def placement(device: str) -> dict[str, Any]:
     return {"device_map": {"": device}} if device.startswith("cuda") else {}
 
 
+def missing_base(base: str, named_by: str) -> str | None:
+    """Why the base model ``base`` cannot be read (None when it may be): an absolute path that
+    is no directory. ``named_by`` names what gave it (the ``base_model`` parameter, as
+    ``config.pbtxt`` writes it, or the adapter's own ``base_model_name_or_path``).
+
+    Why: transformers reads a name that is no local directory as a hub id, and an absolute
+    path failed with "Repo id must be in the form 'repo_name' or 'namespace/repo_name'",
+    which says nothing of the volume the base model was meant to be on not being mounted.
+    """
+    if not os.path.isabs(base) or os.path.isdir(base):
+        return None
+    return (
+        f"{named_by} {base!r} is not a directory: the volume holding the base model must be "
+        "mounted at that path where the model loads"
+    )
+
+
 def load_model(
     model_dir: str | os.PathLike[str],
     base_model: str | None = None,
@@ -149,8 +166,9 @@ def load_model(
 
     ``model_dir`` holds the tokenizer and either full weights or ``adapter_config.json``; for
     an adapter the base comes from ``base_model`` (a local path or hub id), else from the
-    adapter's own ``base_model_name_or_path``. Weights in ``dtype`` (the adapter merged in
-    it), by default :func:`serving_dtype`, placed on a GPU as they are read
+    adapter's own ``base_model_name_or_path``; an absolute path there that is no directory
+    raises FileNotFoundError (:func:`missing_base`). Weights in ``dtype`` (the adapter merged
+    in it), by default :func:`serving_dtype`, placed on a GPU as they are read
     (:func:`placement`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -165,6 +183,10 @@ def load_model(
         from peft import PeftModel
 
         base = base_model or json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
+        named_by = "parameter base_model" if base_model else "the adapter's base_model_name_or_path"
+        missing = missing_base(base, named_by)
+        if missing:
+            raise FileNotFoundError(missing)
         model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
         # peft reads the adapter onto the first GPU whenever one is visible, unless told
         model = PeftModel.from_pretrained(model, str(path), torch_device=device)
@@ -210,7 +232,9 @@ def generate(
     a device-side assert that breaks every later request of the Triton instance, and a rotary
     one answers from positions it never trained on, or runs out of memory on a prompt the
     size of a document. Checked against the whole budget, as a shorter answer is not known
-    in advance.
+    in advance. A batch runs for the longest run of its rows, so rows that fit alone but not
+    together are split into batches that fit (:func:`batches`), not deferred: an answer must
+    not depend on the calls it happens to share a batch with.
     """
     import torch
     from transformers import LogitsProcessorList
@@ -234,8 +258,7 @@ def generate(
             answers[i] = Answer(text="", confidence=0.0, finish_reason=TOO_LONG, tokens=0)
     runnable = [i for i in range(len(prompts)) if answers[i] is None]
     order = sorted(runnable, key=lambda i: len(encoded[i]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    for idx in batches(order, [len(s) for s in encoded], runs, batch_size, limit):
         width = max(len(encoded[i]) for i in idx)
         ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
@@ -274,6 +297,40 @@ def generate(
                 tokens=len(body),  # the end token is none of the answer's
             )
     return [a for a in answers if a is not None]
+
+
+def batches(
+    order: Sequence[int],
+    lengths: Sequence[int],
+    runs: Sequence[int],
+    batch_size: int,
+    limit: int | None,
+) -> list[list[int]]:
+    """``order`` (prompt indices, shortest prompt first) cut into batches of at most
+    ``batch_size``, each of which fits the model's context when run as one.
+
+    Why: a padded batch is generated for the longest of its rows' runs (``runs``, in tokens),
+    so a prompt that fits with its own small limit, batched with one that may write many
+    tokens, was run past the model's positions (a tiny GPT-2: an IndexError; on a GPU a
+    device-side assert that breaks the Triton instance). A batch fits when its widest prompt
+    (``lengths``), padded, and its run do: the last token generated is not fed back, so
+    ``width + run - 1 <= limit``. The padded width is the cautious measure (models number a
+    left-padded row's positions from its first token or from the padding's). Every prompt
+    passed its own check (:func:`generate`) and so fits alone: a row that does not fit the
+    batch being built starts the next one.
+    """
+    out: list[list[int]] = []
+    width = run = 0
+    for i in order:
+        grown_width, grown_run = max(width, lengths[i]), max(run, runs[i])
+        fits = limit is None or grown_width + grown_run - 1 <= limit
+        if out and len(out[-1]) < batch_size and fits:
+            out[-1].append(i)
+            width, run = grown_width, grown_run
+        else:
+            out.append([i])
+            width, run = lengths[i], runs[i]
+    return out
 
 
 def context_limit(model: Any) -> int | None:
