@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import itertools
 import logging
@@ -36,7 +37,7 @@ from collections.abc import (
 )
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeGuard, TypeVar
+from typing import Any, NamedTuple, TypeGuard, TypeVar
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -99,7 +100,7 @@ from slm_gateway.decide import (
     slm_completion_tokens,
 )
 from slm_gateway.errors import GatewayError
-from slm_gateway.httpclient import OutOfFileDescriptors
+from slm_gateway.httpclient import GatewayBusy, OutOfFileDescriptors
 from slm_gateway.metrics import GatewayMetrics
 from slm_gateway.routes import MODE_CANARY, Route, RouteTable, load_routes_file
 from slm_gateway.sse import (
@@ -194,13 +195,61 @@ class _LLMCall:
     admitted: float = 0.0
 
 
-class Breakers:
-    """One circuit breaker per upstream endpoint, with its state mirrored to a gauge.
+class CircuitKey(NamedTuple):
+    """Whose circuit: one task's calls to one upstream endpoint (the route's ``*_log_url``).
 
-    Keyed by the route's ``*_log_url`` (scheme, host, port and path: no user info, no query),
-    as the key is also the gauge's ``endpoint`` label and goes into log lines, and a query may
-    hold a provider's key. Two routes differing only in their query share one breaker, which
-    is right: a breaker judges whether the endpoint answers, whatever the query says.
+    Per task, not per URL: tasks of any team may share one LLM URL, each with its own model
+    and key, and one whose model fails or times out (or whose agent's prompts make it time
+    out) opened a circuit per URL for every task on it, other namespaces included: their
+    agents got 503 ``upstream_unavailable`` while their own model answered. A provider that
+    is down opens each task's circuit after that task's own failures. An SLM endpoint is its
+    task's own (its Service, ``/v2/models/<model>/infer``), so its circuit is unchanged."""
+
+    namespace: str
+    task: str
+    endpoint: str
+
+    def __str__(self) -> str:  # in log lines
+        where = f"{self.namespace}/{self.task}" if self.namespace else self.task
+        return f"{self.endpoint} (task {where})"
+
+
+def llm_circuit(route: Route) -> CircuitKey:
+    return CircuitKey(route.namespace, route.task, route.llm_log_url)
+
+
+def slm_circuit(route: Route) -> CircuitKey:
+    return CircuitKey(route.namespace, route.task, route.slm_log_url)
+
+
+#: One task may hold this fraction of ``--max-shadow-inflight`` at most (:func:`shadow_slot_free`).
+SHADOW_TASK_SHARE = 4
+
+
+def shadow_slot_free(in_flight: int, of_task: int, limit: int) -> bool:
+    """Whether a task with ``of_task`` shadow copies in flight, of ``in_flight`` in all, may
+    start one more under the gateway's budget ``limit`` (``--max-shadow-inflight``).
+
+    One task holds a quarter of the budget at most (one copy at least). The budget shared
+    first come, first served let a task whose SLM is slow hold every slot (each copy lasts
+    the SLM's latency, and its calls keep coming): another task's copies were all but all
+    skipped (39 of 40), so it never reached ``shadowMinSamples`` and stayed in shadow with
+    no sign why. A share of the tasks holding slots now (``limit // holders``) would not do:
+    copies are not taken back, so the slow task, alone when it filled the budget, keeps it
+    full. A quarter leaves three quarters to the others whatever came first; only four slow
+    tasks at once fill it."""
+    return in_flight < limit and of_task < max(1, limit // SHADOW_TASK_SHARE)
+
+
+class Breakers:
+    """One circuit breaker per task and upstream endpoint (:class:`CircuitKey`), with its
+    state mirrored to a gauge.
+
+    The endpoint is the route's ``*_log_url`` (scheme, host, port and path: no user info, no
+    query), as it is also the gauge's ``endpoint`` label and goes into log lines, and a query
+    may hold a provider's key. A task's two routes differing only in their query share one
+    breaker, which is right: a breaker judges whether the endpoint answers, whatever the query
+    says.
 
     An opening is logged with its cause (how many failures, and the last one); a half-open
     probe that fails is "still open", logged once per :data:`PROBE_LOG_INTERVAL_S` at most
@@ -220,48 +269,53 @@ class Breakers:
         self.cooldown_s = cooldown_s
         self.metrics = metrics
         self.clock = clock
-        self._by_url: dict[str, CircuitBreaker] = {}
-        #: Per endpoint whose probes are failing: when that was last logged, and the failed
+        self._by_key: dict[CircuitKey, CircuitBreaker] = {}
+        #: Per circuit whose probes are failing: when that was last logged, and the failed
         #: probes since (this outage only: forgotten when the circuit closes).
-        self._probes: dict[str, tuple[float, int]] = {}
+        self._probes: dict[CircuitKey, tuple[float, int]] = {}
 
-    def get(self, backend: str, url: str) -> CircuitBreaker:
-        found = self._by_url.get(url)
+    def _gauge(self, backend: str, key: CircuitKey, state: str) -> None:
+        self.metrics.circuit.labels(key.namespace, key.task, backend, key.endpoint).set(
+            STATE_VALUES[state]
+        )
+
+    def get(self, backend: str, key: CircuitKey) -> CircuitBreaker:
+        found = self._by_key.get(key)
         if found is None:
             found = CircuitBreaker(self.failures, self.cooldown_s)
-            self._by_url[url] = found
-            self.metrics.circuit.labels(backend, url).set(0)
+            self._by_key[key] = found
+            self._gauge(backend, key, CLOSED)
         return found
 
-    def prune(self, used: set[str]) -> None:
-        """Forget the breakers and gauges of endpoints no route uses any more (a deleted task,
+    def prune(self, used: set[CircuitKey]) -> None:
+        """Forget the breakers and gauges of circuits no route uses any more (a deleted task,
         a changed URL). Why: a circuit left open reads 2 on /metrics for ever, and the chart's
         SlmFleetSlmCircuitOpen alert would fire until the gateway restarts."""
-        for url in [u for u in self._by_url if u not in used]:
-            del self._by_url[url]
-            self._probes.pop(url, None)
+        for key in [k for k in self._by_key if k not in used]:
+            del self._by_key[key]
+            self._probes.pop(key, None)
             for backend in (SLM, LLM):
                 with contextlib.suppress(KeyError):
-                    self.metrics.circuit.remove(backend, url)
+                    self.metrics.circuit.remove(key.namespace, key.task, backend, key.endpoint)
 
-    def _current(self, url: str, b: CircuitBreaker) -> bool:
-        """Whether ``b`` is still the breaker of ``url``. A call that began before
+    def _current(self, key: CircuitKey, b: CircuitBreaker) -> bool:
+        """Whether ``b`` is still the breaker of ``key``. A call that began before
         :meth:`prune` forgot it ends with the old breaker: its gauge series must not come
         back, as nothing would remove it again and a circuit it left open would read 2 for
         ever (the same stuck alert that pruning prevents)."""
-        return self._by_url.get(url) is b
+        return self._by_key.get(key) is b
 
-    def allow(self, backend: str, url: str, b: CircuitBreaker, now: float) -> bool:
+    def allow(self, backend: str, key: CircuitKey, b: CircuitBreaker, now: float) -> bool:
         before = b.state
         ok = b.allow(now)
-        if b.state != before and self._current(url, b):
-            self.metrics.circuit.labels(backend, url).set(STATE_VALUES[b.state])
+        if b.state != before and self._current(key, b):
+            self._gauge(backend, key, b.state)
         return ok
 
     def record(
         self,
         backend: str,
-        url: str,
+        key: CircuitKey,
         b: CircuitBreaker,
         ok: bool,
         admitted_at: float,
@@ -277,33 +331,33 @@ class Breakers:
             b.failure(now, admitted_at)
         if b.state == before:
             return
-        if self._current(url, b):
-            self.metrics.circuit.labels(backend, url).set(STATE_VALUES[b.state])
+        if self._current(key, b):
+            self._gauge(backend, key, b.state)
         why = why or "unknown"
         if ok:
-            self._probes.pop(url, None)
-            log.info("circuit for %s backend %s is now %s", backend, url, b.state)
+            self._probes.pop(key, None)
+            log.info("circuit for %s backend %s is now %s", backend, key, b.state)
         elif before == CLOSED:
-            self._probes.pop(url, None)
+            self._probes.pop(key, None)
             log.warning(
                 "circuit for %s backend %s is now open after %d failures in a row (last: %s)",
                 backend,
-                url,
+                key,
                 b.failure_threshold,
                 why,
             )
         else:  # its half-open probe failed: the same outage, not a new one
-            said_at, unsaid = self._probes.get(url, (-math.inf, 0))
+            said_at, unsaid = self._probes.get(key, (-math.inf, 0))
             if not probe_line_due(said_at, now):
-                self._probes[url] = (said_at, unsaid + 1)
+                self._probes[key] = (said_at, unsaid + 1)
                 return
-            self._probes[url] = (now, 0)
+            self._probes[key] = (now, 0)
             if said_at == -math.inf:
                 log.warning(
                     "circuit for %s backend %s still open (probe failed: %s); failed probes "
                     "are logged at most once a minute",
                     backend,
-                    url,
+                    key,
                     why,
                 )
             else:
@@ -311,7 +365,7 @@ class Breakers:
                     "circuit for %s backend %s still open (probe failed: %s; %d since the "
                     "last line)",
                     backend,
-                    url,
+                    key,
                     why,
                     unsaid + 1,
                 )
@@ -345,6 +399,9 @@ class Gateway:
         self.prices = cfg.prices
         self._llm_price = cfg.prices[LLM]
         self._shadows: set[asyncio.Task[None]] = set()
+        #: Shadow copies in flight per task (namespace, task): its share of the budget
+        #: (:func:`shadow_slot_free`); a task with none has no entry.
+        self._shadows_of: dict[tuple[str, str], int] = {}
         self._models_cache: tuple[int, bytes] = (-1, b"")
         self._auth_logged: dict[str, float] = {}
         #: LLM base URLs that refused ``stream_options`` (servers that predate the field):
@@ -628,8 +685,8 @@ class Gateway:
     ) -> Answer | None:
         now = time.monotonic()
         breakers = self.breakers
-        slm_b = breakers.get(SLM, route.slm_log_url) if route.has_slm else None
-        llm_b = breakers.get(LLM, route.llm_log_url)
+        slm_b = breakers.get(SLM, slm_circuit(route)) if route.has_slm else None
+        llm_b = breakers.get(LLM, llm_circuit(route))
         plan = plan_request(
             route.mode,
             route.canary_percent,
@@ -648,7 +705,7 @@ class Gateway:
             # written before the breaker's claim: a body too deep to write is a 400 that
             # must not hold a half-open circuit's probe
             payload = _infer_payload(req, route)
-            if breakers.allow(SLM, route.slm_log_url, slm_b, now):
+            if breakers.allow(SLM, slm_circuit(route), slm_b, now):
                 answer = await self._slm(route, req, rid, raw, slm_b, payload)
                 if isinstance(answer, tuple):
                     doc, ptok, ctok = answer
@@ -937,7 +994,7 @@ class Gateway:
         OpenAI would have sent). Once it has either, a connection that then ends untidily
         (reset, no closing chunk, a last line without its blank line) takes nothing from the
         answer: it is served, counted and captured as complete, and never an error for the
-        LLM's breaker, shared by every task on its URL. One that stops short of both broke
+        task's LLM circuit. One that stops short of both broke
         off, even when its end looked clean to HTTP: an answer delimited by the connection's
         close (no ``Content-Length``, not chunked) reads the same whether the LLM finished
         or its process died mid-answer. Passed on as complete, the agent would act on half
@@ -1015,7 +1072,7 @@ class Gateway:
         # After an SLM attempt, the time now: a cooldown may have ended while the SLM was
         # tried, and the call then probes the LLM instead of getting a 503.
         now = time.monotonic() if call.reason else call.now
-        if self.breakers.allow(LLM, route.llm_log_url, call.llm_b, now):
+        if self.breakers.allow(LLM, llm_circuit(route), call.llm_b, now):
             call.admitted = now
             return
         self.metrics.errors.labels(
@@ -1034,7 +1091,7 @@ class Gateway:
         against its breaker too."""
         route = call.route
         self.metrics.attempt(route.namespace, route.task, LLM, result, spent)
-        self.breakers.record(LLM, route.llm_log_url, call.llm_b, False, call.admitted, why)
+        self.breakers.record(LLM, llm_circuit(route), call.llm_b, False, call.admitted, why)
         self.metrics.errors.labels(route.namespace, route.task, LLM, code).inc()
 
     def _llm_unreachable(self, call: _LLMCall, err: UpstreamError, spent: float) -> GatewayError:
@@ -1062,7 +1119,7 @@ class Gateway:
         route = call.route
         self.metrics.attempt(route.namespace, route.task, LLM, "ok", spent)
         if call.llm_b.state != "closed":
-            self.breakers.record(LLM, route.llm_log_url, call.llm_b, True, call.admitted)
+            self.breakers.record(LLM, llm_circuit(route), call.llm_b, True, call.admitted)
         else:
             call.llm_b.success(call.now, call.admitted)
         if call.shadow and call.slm_b is not None:
@@ -1108,13 +1165,13 @@ class Gateway:
 
         A 401 or 403 is a 502 too: the LLM was called with the task's key, not the agent's, so
         the agent's SDK must not read it as its own credentials being rejected. The endpoint
-        did answer, so the breaker (shared by every task on that URL) records no failure: one
-        task's wrong key must not cut off the others."""
+        did answer, so the task's breaker records no failure: an open circuit would answer
+        503 in place of the message that says what to fix."""
         auth = status in _LLM_AUTH_STATUSES
         if auth or not 400 <= status < 500:
             self.metrics.attempt(route.namespace, route.task, LLM, "error", spent)
             self.breakers.record(
-                LLM, route.llm_log_url, call.llm_b, auth, call.admitted, f"HTTP {status}"
+                LLM, llm_circuit(route), call.llm_b, auth, call.admitted, f"HTTP {status}"
             )
             if auth:
                 self._auth_rejected(route, status)
@@ -1136,7 +1193,7 @@ class Gateway:
                 502, message, type=e.SERVER_ERROR, code=e.CODE_UPSTREAM, headers=come_back
             )
         self.metrics.attempt(route.namespace, route.task, LLM, "status_4xx", spent)
-        self.breakers.record(LLM, route.llm_log_url, call.llm_b, True, call.admitted)
+        self.breakers.record(LLM, llm_circuit(route), call.llm_b, True, call.admitted)
         self.metrics.errors.labels(route.namespace, route.task, LLM, "llm_4xx").inc()
         body = e.upstream_4xx_body(status, body, route.llm_api_key)
         headers = [_CT_JSON, _BACKEND_LLM, (b"x-request-id", call.rid.encode())]
@@ -1174,11 +1231,12 @@ class Gateway:
         admitted = time.monotonic()  # just after the caller's breakers.allow
         try:
             answer, confidence = await self.upstreams.slm(route, body)
-        except OutOfFileDescriptors:
-            # The gateway's shortage, not the SLM's failure: no breaker outcome (a half-open
-            # probe's claim expires after the cooldown), or a burst of calls opened the SLM's
-            # circuit for its cooldown after the descriptors were free again; and no line per
-            # call, as the client already says it once per 10 s. The LLM can still answer.
+        except (OutOfFileDescriptors, GatewayBusy):
+            # The gateway's shortage (no file descriptor, or no pooled connection free in
+            # time), not the SLM's failure: no breaker outcome (a half-open probe's claim
+            # expires after the cooldown), or a burst of calls opened the SLM's circuit for its
+            # cooldown after the shortage was over; and no line per call, as the client already
+            # says it once per 10 s. The LLM can still answer.
             self.metrics.attempt(route.namespace, route.task, SLM, "error", time.perf_counter() - t)
             return None, REASON_ERROR
         except Exception as exc:
@@ -1196,7 +1254,7 @@ class Gateway:
                 )
             result = kind if kind in (TIMEOUT, BAD_OUTPUT) else "error"
             self.metrics.attempt(route.namespace, route.task, SLM, result, time.perf_counter() - t)
-            self.breakers.record(SLM, route.slm_log_url, slm_b, False, admitted, why)
+            self.breakers.record(SLM, slm_circuit(route), slm_b, False, admitted, why)
             if kind == TIMEOUT:
                 return None, REASON_TIMEOUT
             return None, REASON_BAD_OUTPUT if kind == BAD_OUTPUT else REASON_ERROR
@@ -1207,7 +1265,7 @@ class Gateway:
         )
         bad = verdict == REASON_BAD_OUTPUT
         self.breakers.record(
-            SLM, route.slm_log_url, slm_b, not bad, admitted, "bad output (an unusable answer)"
+            SLM, slm_circuit(route), slm_b, not bad, admitted, "bad output (an unusable answer)"
         )
         result = BAD_OUTPUT if bad else verdict or "ok"
         self.metrics.attempt(route.namespace, route.task, SLM, result, spent)
@@ -1258,7 +1316,11 @@ class Gateway:
         rid: str,
         slm_b: CircuitBreaker,
     ) -> None:
-        if len(self._shadows) >= self.cfg.max_shadow_inflight or not slm_can_serve(req.body):
+        owner = (route.namespace, route.task)
+        free = shadow_slot_free(
+            len(self._shadows), self._shadows_of.get(owner, 0), self.cfg.max_shadow_inflight
+        )
+        if not free or not slm_can_serve(req.body):
             # (A request only the LLM can answer, such as tool_choice "none" or n > 1, is
             # never the SLM's in any mode: compared anyway, its copy counted as a
             # disagreement against the SLM's agreement, which gates its rollout.)
@@ -1269,12 +1331,19 @@ class Gateway:
         except GatewayError:  # too deep to write: the LLM answered it as it came
             self.metrics.shadow.labels(route.namespace, route.task, "skipped").inc()
             return
-        if not self.breakers.allow(SLM, route.slm_log_url, slm_b, time.monotonic()):
+        if not self.breakers.allow(SLM, slm_circuit(route), slm_b, time.monotonic()):
             self.metrics.shadow.labels(route.namespace, route.task, "skipped").inc()
             return
         task = asyncio.create_task(self._shadow(route, req, llm_message, slm_b, payload))
         self._shadows.add(task)
-        task.add_done_callback(self._shadows.discard)
+        self._shadows_of[owner] = self._shadows_of.get(owner, 0) + 1
+        task.add_done_callback(functools.partial(self._shadow_done, owner))
+
+    def _shadow_done(self, owner: tuple[str, str], task: asyncio.Task[None]) -> None:
+        self._shadows.discard(task)
+        left = self._shadows_of.pop(owner, 1) - 1
+        if left:
+            self._shadows_of[owner] = left
 
     async def _shadow(
         self,
@@ -1434,7 +1503,7 @@ class Gateway:
     async def metrics_endpoint(self, request: Request) -> Response:
         m = self.metrics
         m.routes.set(len(self.table))
-        used: set[str] = set()
+        used: set[CircuitKey] = set()
         known: set[tuple[str, str]] = set()
         modes: set[tuple[str, str, str]] = set()
         for r in self.table.routes():
@@ -1443,7 +1512,7 @@ class Gateway:
                 # At 0 from this scrape on, so the operator's first window after the SLM's
                 # first failure or disagreement reads it (slm_gateway.metrics).
                 m.expect_slm(r.namespace, r.task)
-            used.update((r.llm_log_url, r.slm_log_url))
+            used.update((llm_circuit(r), slm_circuit(r)))
             known.add((r.namespace, r.task))
         # Replaced, not cleared and set again: an earlier scrape's text may be being written
         # in a thread meanwhile (slm_gateway.metrics.GatewayMetrics.exposition).

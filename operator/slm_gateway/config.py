@@ -83,6 +83,8 @@ class GatewayConfig:
     log_level: str = "info"
     log_format: str = "text"
     graceful_timeout_s: float = 30.0
+    #: Connections per upstream origin (scheme, host, port), shared by every task whose LLM or
+    #: SLM is there; calls past it wait for a free one, then get a 503 ``gateway_busy``.
     pool_size: int = 1024
     # how long a removed task's metric series are still exported (slm_gateway.metrics)
     removed_task_metrics_s: float = REMOVED_TASK_GRACE_S
@@ -284,6 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--breaker-cooldown-s", type=float, default=_env_float("BREAKER_COOLDOWN_S", 5))
     up.add_argument("--max-shadow-inflight", type=int, default=_env_int("MAX_SHADOW_INFLIGHT", 64))
     up.add_argument(
+        "--upstream-pool-size",
+        type=int,
+        default=_env_int("UPSTREAM_POOL_SIZE", 1024),
+        help="connections per upstream origin, shared by all tasks; calls past it wait (up to "
+        "their timeout), then 503 gateway_busy (default %(default)s)",
+    )
+    up.add_argument(
         "--llm-api-key-env",
         default=_env("LLM_API_KEY_ENV", DEFAULT_KEY_ENV),
         help="name of the env var holding the LLM key for routes without a Secret",
@@ -392,6 +401,8 @@ _LOWER_BOUNDS: tuple[tuple[str, str, float, bool], ...] = (
     # 0 skipped every shadow comparison: a shadow task never gathered the agreement its
     # promotion needs, without a word.
     ("--max-shadow-inflight", "max_shadow_inflight", 1, True),
+    # 0 would leave every call waiting for a connection that can never be opened.
+    ("--upstream-pool-size", "upstream_pool_size", 1, True),
 )
 
 
@@ -558,6 +569,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> GatewayConfig:
         log_level=args.log_level.lower(),
         log_format=args.log_format.lower(),
         graceful_timeout_s=args.graceful_timeout_s,
+        pool_size=args.upstream_pool_size,
         removed_task_metrics_s=args.removed_task_metrics_s,
         agent_auth=args.agent_auth,
         agent_auth_audience=args.agent_auth_audience.strip(),

@@ -17,13 +17,17 @@ What it does:
 - **Requests** are a precomputed byte prefix per route (:class:`Target`: request line,
   ``Host``, the JSON headers, the route's ``Authorization``) plus ``Content-Length`` and the
   body, written in one ``transport.write``.
-- **Connections** are pooled per origin, at most ``limit_per_origin`` at once (callers wait
-  for a free one beyond that), reused while the server keeps them alive, and closed after
-  ``idle_timeout`` seconds unused. TLS uses the system trust store
+- **Connections** are pooled per origin, at most ``limit_per_origin`` at once, shared by all
+  routes on that origin (callers wait for a free one beyond that, for at most the call's own
+  timeout, then get :class:`GatewayBusy`), reused while the server keeps them alive, and
+  closed after ``idle_timeout`` seconds unused. TLS uses the system trust store
   (``ssl.create_default_context``) with the URL's host name checked.
-- **Deadlines**: one deadline per call covers connecting, sending and the whole answer. A
-  call that times out, is cancelled, or fails midway closes its connection, so a late answer
-  can never be read as the next call's.
+- **Deadlines**: one deadline per call covers connecting, sending and the whole answer; it
+  starts once the call holds a place in the pool, so time spent queued behind other calls
+  is not taken from the upstream (a queued call used to time out as the upstream's failure
+  though the upstream answered every call it got in time). A call that times out, is
+  cancelled, or fails midway closes its connection, so a late answer can never be read as
+  the next call's.
 - **Stale keep-alive connections**: a server may close an idle connection just as a request
   is written to it. When a *reused* connection closes before a single byte of the answer
   arrived, and within :data:`STALE_CLOSE_WINDOW_S` of the write, the request is sent once
@@ -40,8 +44,9 @@ What it does:
   connection goes back to the pool only if the answer was read to its end.
 
 Errors: :class:`TimeoutError` when the deadline passes, :class:`OutOfFileDescriptors` when
-this process has no file descriptor left for a new connection (the gateway's shortage, not the
-upstream's failure), :class:`HTTPClientError` for everything else (refused, reset, malformed
+this process has no file descriptor left for a new connection and :class:`GatewayBusy` when no
+place in the pool came free in time (both the gateway's shortage, not the upstream's failure),
+:class:`HTTPClientError` for everything else (refused, reset, malformed
 answer, answer over ``max_body`` bytes), with a message that never contains request headers,
 so never an API key.
 """
@@ -110,6 +115,33 @@ class OutOfFileDescriptors(GatewayError):
             "open files); retry shortly.",
             type=SERVER_ERROR,
             code=CODE_OUT_OF_FILES,
+            headers={"Retry-After": "1"},
+        )
+
+
+#: The ``code`` of the 503 an agent gets when no pooled connection came free in time.
+CODE_GATEWAY_BUSY = "gateway_busy"
+
+
+class GatewayBusy(GatewayError):
+    """No connection to the upstream's origin came free within the call's timeout: the pool
+    (``--upstream-pool-size`` connections per origin, shared by every task on it) is full of
+    other calls. A 503 in OpenAI's error body with ``Retry-After: 1``.
+
+    Why not a :class:`TimeoutError`: the caller takes those for the upstream failing to
+    answer, so a burst of calls past the pool was answered 504 ``upstream_timeout`` and opened
+    the LLM's circuit for every task on it, though the LLM answered every call it got in time.
+    As with :class:`OutOfFileDescriptors`, the shortage is the gateway's: no breaker sees it.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            503,
+            f"The gateway is busy: all {limit} of its connections to this backend are in use "
+            "by other calls (--upstream-pool-size, shared by all tasks on the backend) and none "
+            "came free in time; retry shortly.",
+            type=SERVER_ERROR,
+            code=CODE_GATEWAY_BUSY,
             headers={"Retry-After": "1"},
         )
 
@@ -583,6 +615,8 @@ class Client:
         self._closed = False
         self._out_of_files_said_at = float("-inf")
         self._out_of_files_unsaid = 0
+        self._busy_said_at = float("-inf")
+        self._busy_unsaid = 0
 
     def _ssl_context(self) -> ssl_module.SSLContext:
         if self._ssl is None:
@@ -590,10 +624,11 @@ class Client:
         return self._ssl
 
     async def post(self, target: Target, body: bytes, timeout: float) -> Response:
-        """POST ``body`` to ``target``; the whole call must finish within ``timeout`` s."""
+        """POST ``body`` to ``target``; the whole call must finish within ``timeout`` s of
+        getting a place in the pool, and that place must come within ``timeout`` s too."""
         loop = asyncio.get_running_loop()
+        origin = await self._acquire(target, loop, loop.time() + timeout)
         deadline = loop.time() + timeout
-        origin = await self._acquire(target, loop, deadline)
         try:
             conn = await self._connection(origin, target, loop, deadline)
             try:
@@ -614,13 +649,14 @@ class Client:
         """POST ``body`` and read the answer as it streams in (see :class:`StreamedResponse`).
 
         The context is entered once the status and headers are in; the whole call, body
-        included, must finish within ``timeout`` s. On exit the connection is pooled again if
+        included, must finish within ``timeout`` s of getting a place in the pool (which must
+        come within ``timeout`` s too). On exit the connection is pooled again if
         the body was read to its end, and closed otherwise (an agent that went away, a
         deadline, an error), so an unread rest can never be taken for the next answer.
         """
         loop = asyncio.get_running_loop()
+        origin = await self._acquire(target, loop, loop.time() + timeout)
         deadline = loop.time() + timeout
-        origin = await self._acquire(target, loop, deadline)
         conn: _Connection | None = None
         try:
             conn = await self._connection(origin, target, loop, deadline)
@@ -666,14 +702,19 @@ class Client:
     async def _acquire(
         self, target: Target, loop: asyncio.AbstractEventLoop, deadline: float
     ) -> _Origin:
-        """A slot on the target's origin (waiting for one beyond the limit)."""
+        """A slot on the target's origin, waiting for one beyond the limit until ``deadline``,
+        then :class:`GatewayBusy`."""
         if self._closed:
             raise HTTPClientError("the client is closed")
         origin = self._origins.get(target.origin)
         if origin is None:
             origin = self._origins[target.origin] = _Origin()
         if origin.active >= self.limit:
-            await self._wait_for_slot(origin, loop, deadline)
+            try:
+                await self._wait_for_slot(origin, loop, deadline)
+            except TimeoutError:
+                self._say_busy(target)
+                raise GatewayBusy(self.limit) from None
         origin.active += 1
         return origin
 
@@ -791,6 +832,27 @@ class Client:
         )
         self._out_of_files_said_at, self._out_of_files_unsaid = now, 0
 
+    def _say_busy(self, target: Target) -> None:
+        """Log that calls found no free connection, at most once per
+        :data:`OUT_OF_FILES_LOG_INTERVAL_S`, with the count since the last line (as
+        :meth:`_say_out_of_files`, and for the same reason: the operator must raise
+        ``--upstream-pool-size`` or add replicas). Names the origin by host and port only."""
+        self._busy_unsaid += 1
+        now = time.monotonic()
+        if now - self._busy_said_at < OUT_OF_FILES_LOG_INTERVAL_S:
+            return
+        log.warning(
+            "%d call(s) to %s:%d found none of its %d pooled connections (--upstream-pool-size, "
+            "shared by all tasks on it) free in time; LLM calls are answered 503 %s, SLM calls "
+            "fall back to the LLM",
+            self._busy_unsaid,
+            target.host,
+            target.port,
+            self.limit,
+            CODE_GATEWAY_BUSY,
+        )
+        self._busy_said_at, self._busy_unsaid = now, 0
+
     async def _exchange(
         self,
         conn: _Connection,
@@ -865,6 +927,7 @@ def _expire(waiter: asyncio.Future[Any], what: str) -> None:
 __all__ = [
     "JSON_HEADERS",
     "Client",
+    "GatewayBusy",
     "HTTPClientError",
     "OutOfFileDescriptors",
     "Response",

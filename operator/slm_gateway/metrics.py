@@ -42,7 +42,8 @@ namespace empty for routes from a static file; ``backend`` is ``slm`` or ``llm``
   ``disagree``, ``defer`` (the SLM handed the call back), ``error`` (SLM failed) or
   ``skipped`` (too many in flight, the SLM's circuit open, or a request only the LLM can
   answer); agreement rate = agree / (agree + disagree).
-- ``slm_gateway_circuit_state{backend,endpoint}``: 0 closed, 1 half-open, 2 open.
+- ``slm_gateway_circuit_state{namespace,task,backend,endpoint}``: 0 closed, 1 half-open, 2
+  open; one circuit per task and endpoint (tasks sharing an LLM URL each have their own).
 - ``slm_gateway_routes``: tasks known; ``slm_gateway_route_mode{namespace,task,mode}``: 1 for
   the current mode of each task.
 - ``slm_gateway_route_problem{namespace,task,reason}``: 1 for each AgentTask the gateway cannot
@@ -497,8 +498,8 @@ class GatewayMetrics:
         )
         self.circuit = Gauge(
             p + "circuit_state",
-            "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
-            ["backend", "endpoint"],
+            "Circuit breaker state per task and upstream: 0 closed, 1 half-open, 2 open.",
+            ["namespace", "task", "backend", "endpoint"],
             registry=r,
         )
         self.routes = Gauge(p + "routes", "Tasks known to the gateway.", registry=r)
@@ -577,8 +578,8 @@ class GatewayMetrics:
         Returns the tasks removed. A task seen again before its grace ends keeps its series.
         """
         # Every task with a series, not only those with answered calls or attempts: a task
-        # whose every call got a 503 (the LLM's circuit, shared by URL, opened by another
-        # task) has nothing but slm_gateway_errors_total, and kept it for ever.
+        # whose every call got a 503 (its LLM's circuit open) has nothing but
+        # slm_gateway_errors_total, and kept it for ever.
         seen = {k[:2] for k in self._served} | {k[:2] for k in self._attempts}
         seen |= set(self._llm_equivalent)
         for metric in self._task_metrics():

@@ -2182,3 +2182,14 @@ def test_gateway_log_format_comes_from_values(monkeypatch: pytest.MonkeyPatch) -
     assert cfg.capture is not None and cfg.capture.log_format == "json"  # the workers too
     err = helm_fails(CAPTURE_CLAIM, "gateway.logFormat=yaml")
     assert "at '/gateway/logFormat': value must be one of" in err, err
+
+
+def test_gateway_upstream_pool_size_comes_from_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool (connections per upstream origin, shared by all tasks) had no value, flag or
+    variable: 1024, fixed. It renders as --upstream-pool-size, and the schema refuses 0."""
+    assert "--upstream-pool-size=1024" in container(render(), "slm-gateway")["args"]
+    assert _gateway_config(render(), monkeypatch).pool_size == 1024
+    cfg = _gateway_config(render("gateway.upstreamPoolSize=64"), monkeypatch)
+    assert cfg.pool_size == 64
+    err = helm_fails(CAPTURE_CLAIM, "gateway.upstreamPoolSize=0")
+    assert "at '/gateway/upstreamPoolSize'" in err, err

@@ -246,7 +246,8 @@ def test_a_fallback_after_a_slow_slm_sees_the_llm_cooldown_end(
 def test_a_deleted_tasks_open_circuit_leaves_the_metrics(standin: llm_standin.StandIn) -> None:
     """The circuit of an SLM no route uses any more (its task was deleted while the SLM was
     failing) must not stay at 2 on /metrics: SlmFleetSlmCircuitOpen would fire until the
-    gateway restarts. A route that still uses it keeps it."""
+    gateway restarts. Circuits are per task: the deleted task's go, a task still routed keeps
+    its own."""
     standin.control(slm_fail=True)
     table = RouteTable()
     kept = route(standin, "other", mode="llm")
@@ -255,11 +256,13 @@ def test_a_deleted_tasks_open_circuit_leaves_the_metrics(standin: llm_standin.St
     with TestClient(create_app(config, table), raise_server_exceptions=False) as c:
         for _ in range(3):
             chat(c)
+        assert chat(c, "other").status_code == 200
         assert metric(c, "slm_gateway_circuit_state", backend="slm") == 2
         table.replace_all([kept])
         text = c.get("/metrics").text
-        assert 'slm_gateway_circuit_state{backend="slm"' not in text
-        assert 'slm_gateway_circuit_state{backend="llm"' in text
+        circuits = [s for s in text.splitlines() if s.startswith("slm_gateway_circuit_state{")]
+        assert [s for s in circuits if 'task="weather"' in s] == []
+        assert [s for s in circuits if 'backend="llm"' in s and 'task="other"' in s] != []
 
 
 def test_a_removed_tasks_series_leave_metrics_after_a_grace(standin: llm_standin.StandIn) -> None:

@@ -134,6 +134,7 @@ ENV_NUMBERS = [
     ("SLM_GATEWAY_BREAKER_FAILURES", "--breaker-failures", "an integer"),
     ("SLM_GATEWAY_BREAKER_COOLDOWN_S", "--breaker-cooldown-s", "a number"),
     ("SLM_GATEWAY_MAX_SHADOW_INFLIGHT", "--max-shadow-inflight", "an integer"),
+    ("SLM_GATEWAY_UPSTREAM_POOL_SIZE", "--upstream-pool-size", "an integer"),
     ("SLM_GATEWAY_PORT", "--port", "an integer"),
     ("SLM_GATEWAY_MAX_BODY_BYTES", "--max-body-bytes", "an integer"),
     ("SLM_GATEWAY_GRACEFUL_TIMEOUT_S", "--graceful-timeout-s", "a number"),

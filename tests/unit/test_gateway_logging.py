@@ -22,7 +22,7 @@ import yaml
 from kubernetes.client.exceptions import ApiException
 
 from slm_e2e import llm_standin
-from slm_gateway.app import Breakers
+from slm_gateway.app import Breakers, CircuitKey
 from slm_gateway.config import config_from_args
 from slm_gateway.kube import AgentTaskWatcher
 from slm_gateway.metrics import GatewayMetrics
@@ -152,24 +152,26 @@ def test_a_circuit_says_why_it_opened_and_a_long_outage_is_not_a_line_per_cooldo
     clock = Clock()
     breakers = Breakers(3, 5.0, GatewayMetrics(), clock=clock)
     url = "http://llm.example/v1/chat/completions"
-    b = breakers.get("llm", url)
+    key = CircuitKey("team-a", "weather", url)
+    where = f"{url} (task team-a/weather)"  # whose circuit: the task's, on that URL
+    b = breakers.get("llm", key)
     caplog.set_level(logging.INFO, logger="slm_gateway")
     for _ in range(3):
-        assert breakers.allow("llm", url, b, clock.now)
-        breakers.record("llm", url, b, False, clock.now, "HTTP 500")
+        assert breakers.allow("llm", key, b, clock.now)
+        breakers.record("llm", key, b, False, clock.now, "HTTP 500")
     # An hour of outage: a failed probe every cooldown.
     for _ in range(720):
         clock.now += 5.0
-        assert breakers.allow("llm", url, b, clock.now)
-        breakers.record("llm", url, b, False, clock.now, "timeout (no answer within 30s)")
+        assert breakers.allow("llm", key, b, clock.now)
+        breakers.record("llm", key, b, False, clock.now, "timeout (no answer within 30s)")
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0] == (
-        f"circuit for llm backend {url} is now open after 3 failures in a row (last: HTTP 500)"
+        f"circuit for llm backend {where} is now open after 3 failures in a row (last: HTTP 500)"
     )
     assert all(r.levelno == logging.WARNING for r in caplog.records)
     assert 55 <= len(lines) <= 62, len(lines)  # once a minute, not once per cooldown
     assert lines[1] == (
-        f"circuit for llm backend {url} still open (probe failed: timeout (no answer within "
+        f"circuit for llm backend {where} still open (probe failed: timeout (no answer within "
         "30s)); failed probes are logged at most once a minute"
     )
     assert lines[2].endswith(
@@ -178,19 +180,19 @@ def test_a_circuit_says_why_it_opened_and_a_long_outage_is_not_a_line_per_cooldo
     # It closes, and the next outage is told as new at once.
     caplog.clear()
     clock.now += 5.0
-    assert breakers.allow("llm", url, b, clock.now)
-    breakers.record("llm", url, b, True, clock.now)
+    assert breakers.allow("llm", key, b, clock.now)
+    breakers.record("llm", key, b, True, clock.now)
     for _ in range(3):
-        assert breakers.allow("llm", url, b, clock.now)
-        breakers.record("llm", url, b, False, clock.now, "cannot connect (Connection refused)")
+        assert breakers.allow("llm", key, b, clock.now)
+        breakers.record("llm", key, b, False, clock.now, "cannot connect (Connection refused)")
     clock.now += 5.0
-    assert breakers.allow("llm", url, b, clock.now)
-    breakers.record("llm", url, b, False, clock.now, "cannot connect (Connection refused)")
+    assert breakers.allow("llm", key, b, clock.now)
+    breakers.record("llm", key, b, False, clock.now, "cannot connect (Connection refused)")
     assert [r.getMessage() for r in caplog.records] == [
-        f"circuit for llm backend {url} is now closed",
-        f"circuit for llm backend {url} is now open after 3 failures in a row "
+        f"circuit for llm backend {where} is now closed",
+        f"circuit for llm backend {where} is now open after 3 failures in a row "
         "(last: cannot connect (Connection refused))",
-        f"circuit for llm backend {url} still open (probe failed: cannot connect (Connection "
+        f"circuit for llm backend {where} still open (probe failed: cannot connect (Connection "
         "refused)); failed probes are logged at most once a minute",
     ]
 

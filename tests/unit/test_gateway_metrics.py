@@ -390,7 +390,7 @@ def test_the_exposition_built_off_the_event_loop_is_the_registrys_own() -> None:
         every_task_series(m, namespace, task)
         m.served(namespace, task, "slm").observe(2.5, 3, 4, 0.001, 0.02)
         m.attempt(namespace, task, "slm", "timeout", 30.0)
-    m.circuit.labels("llm", "http://llm/v1").set(2)
+    m.circuit.labels("agents", "weather", "llm", "http://llm/v1").set(2)
     m.invalid.labels("bad_json").inc()
     assert m.exposition()() == generate_latest(m.registry)
 

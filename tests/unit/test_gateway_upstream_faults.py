@@ -24,7 +24,7 @@ from prometheus_client import generate_latest
 from starlette.testclient import TestClient
 
 from slm_contract import TRITON_CONFIDENCE, TRITON_OUTPUT
-from slm_gateway.app import Breakers, _refuses_stream_options, create_app
+from slm_gateway.app import Breakers, CircuitKey, _refuses_stream_options, create_app
 from slm_gateway.capture import Captured
 from slm_gateway.config import GatewayConfig
 from slm_gateway.metrics import GatewayMetrics
@@ -530,15 +530,17 @@ def test_a_call_ending_after_its_breaker_was_pruned_leaves_no_circuit_series() -
     metrics = GatewayMetrics()
     breakers = Breakers(failures=1, cooldown_s=5.0, metrics=metrics)
     url = "http://old-slm:8000/v2/models/t/infer"
-    b = breakers.get("slm", url)  # a call is in flight with this breaker
+    key = CircuitKey("team-a", "t", url)
+    b = breakers.get("slm", key)  # a call is in flight with this breaker
     breakers.prune(set())  # the task goes, a scrape prunes
-    breakers.record("slm", url, b, False, 0.0)  # the call fails: its breaker opens
-    breakers.allow("slm", url, b, 1e9)
+    breakers.record("slm", key, b, False, 0.0)  # the call fails: its breaker opens
+    breakers.allow("slm", key, b, 1e9)
     assert "slm_gateway_circuit_state{" not in generate_latest(metrics.registry).decode()
-    fresh = breakers.get("slm", url)  # a route that uses the URL again gets its own
-    breakers.record("slm", url, fresh, False, 0.0)
+    fresh = breakers.get("slm", key)  # a route that uses the URL again gets its own
+    breakers.record("slm", key, fresh, False, 0.0)
     text = generate_latest(metrics.registry).decode()
-    assert f'slm_gateway_circuit_state{{backend="slm",endpoint="{url}"}} 2.0' in text
+    labels = f'backend="slm",endpoint="{url}",namespace="team-a",task="t"'
+    assert f"slm_gateway_circuit_state{{{labels}}} 2.0" in text
 
 
 def test_models_built_while_a_task_was_added_are_not_cached_as_current(
