@@ -222,7 +222,7 @@ def slm_circuit(route: Route) -> CircuitKey:
     return CircuitKey(route.namespace, route.task, route.slm_log_url)
 
 
-#: One task may hold this fraction of ``--max-shadow-inflight`` at most (:func:`shadow_slot_free`).
+#: The share of ``--max-shadow-inflight`` kept for tasks below it (:func:`shadow_slot_free`).
 SHADOW_TASK_SHARE = 4
 
 
@@ -230,15 +230,18 @@ def shadow_slot_free(in_flight: int, of_task: int, limit: int) -> bool:
     """Whether a task with ``of_task`` shadow copies in flight, of ``in_flight`` in all, may
     start one more under the gateway's budget ``limit`` (``--max-shadow-inflight``).
 
-    One task holds a quarter of the budget at most (one copy at least). The budget shared
+    A task below its share (a quarter of the budget, one copy at least) may take any free
+    slot; one at or past it only while more than a share stays free. The budget shared
     first come, first served let a task whose SLM is slow hold every slot (each copy lasts
     the SLM's latency, and its calls keep coming): another task's copies were all but all
     skipped (39 of 40), so it never reached ``shadowMinSamples`` and stayed in shadow with
     no sign why. A share of the tasks holding slots now (``limit // holders``) would not do:
     copies are not taken back, so the slow task, alone when it filled the budget, keeps it
-    full. A quarter leaves three quarters to the others whatever came first; only four slow
-    tasks at once fill it."""
-    return in_flight < limit and of_task < max(1, limit // SHADOW_TASK_SHARE)
+    full. A hard quarter per task throttled a task alone in shadow (the usual first rollout)
+    to 16 of 64 with three quarters idle; now it gets three quarters, and the last quarter
+    is always there for the others. Only four slow tasks at once fill it."""
+    share = max(1, limit // SHADOW_TASK_SHARE)
+    return in_flight < limit and (of_task < share or in_flight < limit - share)
 
 
 class Breakers:

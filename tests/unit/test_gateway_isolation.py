@@ -21,7 +21,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from slm_e2e import llm_standin
-from slm_gateway.app import create_app
+from slm_gateway.app import create_app, shadow_slot_free
 from slm_gateway.config import GatewayConfig
 from slm_gateway.routes import Route, RouteTable
 
@@ -208,4 +208,18 @@ def test_a_task_with_a_slow_slm_leaves_other_tasks_their_shadow_copies(
             time.sleep(0.05)
     assert skipped_b == 0
     assert judged == 5
-    assert skipped_a == 12 - 2  # its quarter of 8: the first two copies, the rest skipped
+    # Alone at first, A took 6 slots of 8: all but the quarter kept for the others.
+    assert skipped_a == 12 - 6
+
+
+@pytest.mark.parametrize(("limit", "alone"), [(1, 1), (2, 1), (4, 3), (8, 6), (64, 48)])
+def test_a_task_alone_in_shadow_uses_all_but_the_others_share(limit: int, alone: int) -> None:
+    """A hard quarter per task throttled the usual first rollout, one task in shadow, to 16
+    copies of 64 with the rest idle. It now takes every slot but the quarter kept for the
+    others, and a task below its quarter still gets one while any is free."""
+    held = 0
+    while shadow_slot_free(held, held, limit):
+        held += 1
+    assert held == alone
+    share = max(1, limit // 4)
+    assert all(shadow_slot_free(held + k, k, limit) for k in range(limit - held) if k < share)
